@@ -1,0 +1,34 @@
+# The only commands a newcomer needs: make run, make test, make bench, make lint.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>/dev/null || true
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/bucketmesh run
+
+test: install
+	@scripts/ensure-debian-packages.sh redis-server
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install
+	@scripts/ensure-debian-packages.sh nginx wrk redis-server
+	$(PY) benchmarks/run_all.py
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy --strict src/bucketmesh/bucket.py src/bucketmesh/limiter.py src/bucketmesh/rules.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
