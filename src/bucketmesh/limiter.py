@@ -1,0 +1,439 @@
+"""The in-process limiter: rules, the live buckets of one replica, and their deltas.
+
+``Limiter`` is the surface the server, the sync mesh, the ASGI middleware and
+embedding applications call. It owns the map of live buckets, finds the rule
+that gives an ad-hoc key its limits, keeps the dirty set the sync mesh drains
+(``collect_deltas``), merges what peers send (``merge``), expires idle
+buckets, enforces the cap on live buckets, and snapshots its state. All the
+bucket math lives in ``bucket.py``.
+
+Time comes from an injected clock (``clock``, integer ns; ``time.time_ns`` by
+default: refill follows the wall clock, so nodes need NTP) or as an explicit
+``now`` argument; the simulator drives it with simulated clocks.
+
+Modes: ``shared`` replicates; ``local`` keeps one independent bucket per
+replica; ``strict`` gives each of the ``regions`` replicas a fixed, equal
+share of capacity and refill and never replicates, so the sum of all regions
+can never exceed the limit however long a partition lasts. (Moving idle share
+toward demand — escrow rebalancing, DESIGN.md section 3 — is not built yet.)
+
+At the cap on live buckets (``max_buckets``), expired buckets are swept
+first; if none can go, a request for a *new* key raises ``BucketCapReached``
+(the server answers 503 with Retry-After). Existing keys keep being served and
+no live bucket is ever evicted early, because evicting a bucket that is not
+full would hand its spent tokens back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final
+
+import msgspec
+
+from bucketmesh.bucket import (
+    LOCAL,
+    MODES,
+    NS_PER_S,
+    SHARED,
+    STRICT,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    Decision,
+    Hlc,
+    interval_for,
+)
+from bucketmesh.rules import Rule
+
+SNAPSHOT_FORMAT: Final = 1
+
+
+class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
+    """One message's worth of replication: bucket deltas and rule-level config."""
+
+    origin: str
+    deltas: list[BucketDelta]
+    rules: dict[str, BucketConfig] = {}
+
+
+class Snapshot(msgspec.Struct, array_like=True):
+    format: int
+    replica_id: str
+    hlc: int
+    rules: dict[str, BucketConfig]
+    buckets: list[BucketDelta]
+
+
+class LimiterError(Exception):
+    """Base of the errors a caller can act on."""
+
+
+class NoRuleError(LimiterError):
+    """No rule gives limits to this key (and none was named)."""
+
+
+class BucketCapReached(LimiterError):
+    """The live-bucket cap is reached and nothing could be reclaimed."""
+
+
+class InvalidTokens(LimiterError):
+    """``tokens`` is negative or larger than the bucket's capacity."""
+
+    def __init__(self, message: str, capacity: int) -> None:
+        super().__init__(message)
+        self.capacity = capacity
+
+
+def rule_config(rule: Rule, regions: int = 1) -> BucketConfig:
+    """The version-0 config a rule gives its buckets; the digest breaks ties between
+    regions whose files disagree, so they still converge on one of them."""
+    digest = hashlib.sha256(
+        f"{rule.capacity}|{rule.refill_rate!r}|{rule.ttl!r}|{rule.mode}".encode()
+    ).hexdigest()[:12]
+    return BucketConfig(
+        capacity=rule.capacity,
+        interval_ns=interval_for(rule.refill_rate),
+        ttl_ns=max(1, round(rule.ttl * NS_PER_S)),
+        mode=rule.mode,
+        version=(0, f"rule:{rule.name}:{digest}"),
+    )
+
+
+def _share(config: BucketConfig, regions: int) -> BucketConfig:
+    """Strict mode's per-region share: 1/regions of capacity and of refill."""
+    if config.mode != STRICT or regions == 1:
+        return config
+    return msgspec.structs.replace(
+        config, capacity=config.capacity // regions, interval_ns=config.interval_ns * regions
+    )
+
+
+class Limiter:
+    """Token buckets for one replica (region/node/incarnation), replicated by deltas."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule] = (),
+        *,
+        replica_id: str,
+        clock: Callable[[], int] = time.time_ns,
+        max_buckets: int = 1_000_000,
+        regions: int = 1,
+    ) -> None:
+        if regions < 1:
+            raise ValueError("regions must be >= 1")
+        self.replica_id = replica_id
+        self.clock = clock
+        self.max_buckets = max_buckets
+        self.regions = regions
+        self.hlc = Hlc()
+        self.rules: list[Rule] = list(rules)
+        self.rules_by_name: dict[str, Rule] = {}
+        self.rule_configs: dict[str, BucketConfig] = {}
+        for rule in self.rules:
+            if rule.name in self.rules_by_name:
+                raise ValueError(f"duplicate rule name {rule.name!r}")
+            if rule.mode == STRICT and rule.capacity < regions:
+                raise ValueError(
+                    f"rule {rule.name!r}: strict mode needs capacity >= regions ({regions})"
+                )
+            self.rules_by_name[rule.name] = rule
+            self.rule_configs[rule.name] = rule_config(rule)
+        self.buckets: dict[str, Bucket] = {}
+        self.dirty: set[str] = set()
+        self.dirty_rules: set[str] = set()
+        self.expired_total = 0
+        self.cap_rejections = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str,
+        *,
+        replica_id: str,
+        clock: Callable[[], int] = time.time_ns,
+        regions: int | None = None,
+    ) -> Limiter:
+        """A limiter with the rules (and bucket cap) of a bucketmesh.yaml or buckets.yaml."""
+        from bucketmesh.config import ConfigError, load_buckets, load_config
+
+        try:
+            config = load_config(path)
+        except ConfigError:
+            rules = load_buckets(path)
+            return cls(rules, replica_id=replica_id, clock=clock, regions=regions or 1)
+        return cls(
+            config.buckets,
+            replica_id=replica_id,
+            clock=clock,
+            max_buckets=config.limits.max_buckets,
+            regions=regions or max(1, len(config.sync.regions)) if config.sync.enabled else 1,
+        )
+
+    # -- decisions -----------------------------------------------------------
+
+    def acquire(
+        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
+    ) -> Decision:
+        """Consume ``tokens`` from ``key``'s bucket if it holds them; ``tokens=0`` peeks."""
+        bucket = self.buckets.get(key)
+        if now is None:
+            now = self.clock()
+        if bucket is None:
+            bucket = self._create(key, rule, now)
+        cfg = bucket.config
+        if tokens > cfg.capacity or tokens < 0:
+            raise InvalidTokens(
+                f"tokens must be between 0 and the capacity {cfg.capacity}, got {tokens}",
+                cfg.capacity,
+            )
+        decision = bucket.acquire(key, tokens, now)
+        if tokens and decision.allowed and cfg.mode == SHARED:
+            self.dirty.add(key)
+        return decision
+
+    def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
+        return self.acquire(key, 0, rule=rule, now=now)
+
+    def rule_for(self, key: str) -> Rule:
+        """The first rule whose key template could have produced ``key``."""
+        for rule in self.rules:
+            if rule.template.matches(key):
+                return rule
+        raise NoRuleError(f"no rule matches key {key!r}; name one with rule=")
+
+    def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
+        if rule_name is None:
+            rule = self.rule_for(key)
+        else:
+            found = self.rules_by_name.get(rule_name)
+            if found is None:
+                raise NoRuleError(f"unknown rule {rule_name!r}")
+            rule = found
+        if len(self.buckets) >= self.max_buckets:
+            self.expire(now)
+            if len(self.buckets) >= self.max_buckets:
+                self.cap_rejections += 1
+                raise BucketCapReached(
+                    f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
+                )
+        config = _share(self.rule_configs[rule.name], self.regions)
+        bucket = Bucket(config, now, rule.name)
+        self.buckets[key] = bucket
+        return bucket
+
+    # -- configuration -------------------------------------------------------
+
+    def configure(
+        self,
+        key_or_rule: str,
+        *,
+        capacity: int | None = None,
+        refill_rate: float | None = None,
+        ttl: float | None = None,
+        mode: str | None = None,
+        now: int | None = None,
+    ) -> BucketConfig:
+        """Change limits at runtime, keeping each bucket's level at this instant.
+
+        A rule name applies to the rule (every existing and future key of it);
+        any other string is a concrete key, which must match a rule or exist.
+        The new config carries a fresh HLC version, so it wins everywhere.
+        """
+        if now is None:
+            now = self.clock()
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"ttl must be > 0, got {ttl}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        rule = self.rules_by_name.get(key_or_rule)
+        if rule is not None:
+            current = self.rule_configs[rule.name]
+        else:
+            bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
+            current = bucket.config
+            if current.mode == STRICT:
+                current = self.rule_configs[bucket.rule]
+        new = BucketConfig(
+            capacity=current.capacity if capacity is None else capacity,
+            interval_ns=current.interval_ns if refill_rate is None else interval_for(refill_rate),
+            ttl_ns=current.ttl_ns if ttl is None else max(1, round(ttl * NS_PER_S)),
+            mode=current.mode if mode is None else mode,
+            version=(self.hlc.tick(now), self.replica_id),
+        )
+        if new.mode == STRICT and new.capacity < self.regions:
+            raise ValueError(f"strict mode needs capacity >= regions ({self.regions})")
+        if rule is not None:
+            self.rule_configs[rule.name] = new
+            self.dirty_rules.add(rule.name)
+            for key, bucket in self.buckets.items():
+                if bucket.rule == rule.name:
+                    self._adopt(key, bucket, new, now)
+        else:
+            self._adopt(key_or_rule, self.buckets[key_or_rule], new, now)
+        return new
+
+    def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
+        was_shared = bucket.config.mode == SHARED
+        bucket.reconfigure(_share(config, self.regions), now)
+        if was_shared or config.mode == SHARED:
+            self.dirty.add(key)
+
+    # -- replication ---------------------------------------------------------
+
+    def collect_deltas(self) -> DeltaBatch:
+        """The deltas of every bucket changed since the last call (and clears the set)."""
+        deltas = []
+        buckets = self.buckets
+        rid = self.replica_id
+        for key in self.dirty:
+            bucket = buckets.get(key)
+            if bucket is not None:
+                deltas.append(bucket.delta(key, rid))
+        self.dirty.clear()
+        rules = {name: self.rule_configs[name] for name in self.dirty_rules}
+        self.dirty_rules.clear()
+        return DeltaBatch(rid, deltas, rules)
+
+    def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
+        """Every shared bucket with every entry known here: for repair and new peers."""
+        rid = self.replica_id
+        buckets = self.buckets
+        chosen = buckets.keys() if keys is None else keys
+        deltas = []
+        for key in chosen:
+            bucket = buckets.get(key)
+            if bucket is not None and bucket.config.mode == SHARED:
+                deltas.append(bucket.full_state(key, rid))
+        return DeltaBatch(rid, deltas, dict(self.rule_configs))
+
+    def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
+        """Join a peer's batch into this replica; returns how many buckets changed."""
+        if now is None:
+            now = self.clock()
+        rid = self.replica_id
+        for name, config in batch.rules.items():
+            self._merge_rule(name, config, now)
+        changed = 0
+        buckets = self.buckets
+        for delta in batch.deltas:
+            self.hlc.observe(delta.config.version[0])
+            if delta.config.mode != SHARED:
+                continue
+            bucket = buckets.get(delta.key)
+            if bucket is None:
+                if len(buckets) >= self.max_buckets:
+                    self.expire(now)
+                    if len(buckets) >= self.max_buckets:
+                        self.cap_rejections += 1
+                        continue
+                bucket = buckets[delta.key] = Bucket.from_delta(delta, rid)
+                changed += 1
+            elif bucket.merge(delta, rid):
+                changed += 1
+            else:
+                continue
+            # A bucket that learned of data older than its rule's runtime config
+            # takes the rule's config (the newest version wins everywhere).
+            rule_cfg = self.rule_configs.get(bucket.rule)
+            if rule_cfg is not None and rule_cfg.version > bucket.config.version:
+                self._adopt(delta.key, bucket, rule_cfg, now)
+        return changed
+
+    def _merge_rule(self, name: str, config: BucketConfig, now: int) -> None:
+        current = self.rule_configs.get(name)
+        if current is None or config.version <= current.version:
+            return
+        self.hlc.observe(config.version[0])
+        self.rule_configs[name] = config
+        for key, bucket in self.buckets.items():
+            if bucket.rule == name and bucket.config.version < config.version:
+                self._adopt(key, bucket, config, now)
+
+    # -- garbage and inspection ---------------------------------------------
+
+    def expire(self, now: int | None = None) -> int:
+        """Drop buckets full for longer than their ttl; returns how many went."""
+        if now is None:
+            now = self.clock()
+        dead = [key for key, bucket in self.buckets.items() if bucket.expired(now)]
+        for key in dead:
+            del self.buckets[key]
+            self.dirty.discard(key)
+        self.expired_total += len(dead)
+        return len(dead)
+
+    def bucket(self, key: str) -> Bucket | None:
+        return self.buckets.get(key)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    # -- persistence -----------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Every bucket (all modes) with every known entry, as msgpack."""
+        rid = self.replica_id
+        state = Snapshot(
+            SNAPSHOT_FORMAT,
+            rid,
+            self.hlc.last,
+            dict(self.rule_configs),
+            [bucket.full_state(key, rid) for key, bucket in self.buckets.items()],
+        )
+        return msgspec.msgpack.encode(state)
+
+    @classmethod
+    def restore(
+        cls,
+        data: bytes,
+        rules: Sequence[Rule] = (),
+        *,
+        replica_id: str | None = None,
+        clock: Callable[[], int] = time.time_ns,
+        max_buckets: int = 1_000_000,
+        regions: int = 1,
+    ) -> Limiter:
+        """A limiter resuming a snapshot.
+
+        With ``replica_id`` None the snapshot's own id is resumed: its entries
+        continue from where they stopped. A different id (a new incarnation)
+        keeps the old id's entries as a peer's, so nothing spent is re-granted.
+        """
+        snap = msgspec.msgpack.decode(data, type=Snapshot)
+        if snap.format != SNAPSHOT_FORMAT:
+            raise ValueError(f"unsupported snapshot format {snap.format}")
+        limiter = cls(
+            rules,
+            replica_id=replica_id or snap.replica_id,
+            clock=clock,
+            max_buckets=max_buckets,
+            regions=regions,
+        )
+        limiter.hlc.observe(snap.hlc)
+        rid = limiter.replica_id
+        for name, config in snap.rules.items():
+            if name in limiter.rule_configs and config.version[0] > 0:
+                limiter.rule_configs[name] = config
+        for delta in snap.buckets:
+            limiter.buckets[delta.key] = Bucket.from_delta(delta, rid)
+        return limiter
+
+
+__all__ = [
+    "LOCAL",
+    "SHARED",
+    "STRICT",
+    "BucketCapReached",
+    "Decision",
+    "DeltaBatch",
+    "InvalidTokens",
+    "Limiter",
+    "LimiterError",
+    "NoRuleError",
+]
