@@ -147,6 +147,7 @@ class Limiter:
         self.dirty_rules: set[str] = set()
         self.expired_total = 0
         self.cap_rejections = 0
+        self._sweep: list[str] = []
 
     @classmethod
     def from_config(
@@ -183,6 +184,10 @@ class Limiter:
         if now is None:
             now = self.clock()
         if bucket is None:
+            if not tokens:
+                # A peek at an unknown key sees a full bucket and creates nothing,
+                # so reads cannot fill the bucket cap.
+                return self._fresh(key, rule, now).acquire(key, 0, now)
             bucket = self._create(key, rule, now)
         cfg = bucket.config
         if tokens > cfg.capacity or tokens < 0:
@@ -205,14 +210,20 @@ class Limiter:
                 return rule
         raise NoRuleError(f"no rule matches key {key!r}; name one with rule=")
 
-    def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
+    def _rule(self, key: str, rule_name: str | None) -> Rule:
         if rule_name is None:
-            rule = self.rule_for(key)
-        else:
-            found = self.rules_by_name.get(rule_name)
-            if found is None:
-                raise NoRuleError(f"unknown rule {rule_name!r}")
-            rule = found
+            return self.rule_for(key)
+        found = self.rules_by_name.get(rule_name)
+        if found is None:
+            raise NoRuleError(f"unknown rule {rule_name!r}")
+        return found
+
+    def _fresh(self, key: str, rule_name: str | None, now: int) -> Bucket:
+        """A full bucket for ``key`` under its rule, not (yet) stored."""
+        rule = self._rule(key, rule_name)
+        return Bucket(_share(self.rule_configs[rule.name], self.regions), now, rule.name)
+
+    def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
         if len(self.buckets) >= self.max_buckets:
             self.expire(now)
             if len(self.buckets) >= self.max_buckets:
@@ -220,9 +231,7 @@ class Limiter:
                 raise BucketCapReached(
                     f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
                 )
-        config = _share(self.rule_configs[rule.name], self.regions)
-        bucket = Bucket(config, now, rule.name)
-        self.buckets[key] = bucket
+        bucket = self.buckets[key] = self._fresh(key, rule_name, now)
         return bucket
 
     # -- configuration -------------------------------------------------------
@@ -368,8 +377,35 @@ class Limiter:
         self.expired_total += len(dead)
         return len(dead)
 
+    def expire_step(self, now: int | None = None, budget: int = 10_000) -> int:
+        """Look at up to ``budget`` buckets for expiry, resuming where the last call
+        stopped, so a server can sweep a million buckets without stalling its loop."""
+        if now is None:
+            now = self.clock()
+        if not self._sweep:
+            self._sweep = list(self.buckets)
+        chunk = self._sweep[-budget:]
+        del self._sweep[-budget:]
+        buckets = self.buckets
+        dropped = 0
+        for key in chunk:
+            bucket = buckets.get(key)
+            if bucket is not None and bucket.expired(now):
+                del buckets[key]
+                self.dirty.discard(key)
+                dropped += 1
+        self.expired_total += dropped
+        return dropped
+
     def bucket(self, key: str) -> Bucket | None:
         return self.buckets.get(key)
+
+    def inspect(self, key: str, *, rule: str | None = None, now: int | None = None) -> Bucket:
+        """The live bucket for ``key``, or the full one it would start as (not stored)."""
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            return bucket
+        return self._fresh(key, rule, self.clock() if now is None else now)
 
     def __len__(self) -> int:
         return len(self.buckets)

@@ -1,0 +1,591 @@
+"""The Rating API: from an HTTP request to a decision, and the operator endpoints.
+
+``RatingApp`` is the handler ``http11.HttpServer`` calls for every request. It
+resolves the bucket key (body ``key``, else the first rule whose template the
+request satisfies), asks the ``Limiter``, and answers per API.md: the decision
+JSON, 429 problem+json with ``Retry-After``, the IETF ``RateLimit-Policy`` /
+``RateLimit`` headers, and problem+json naming the field for anything
+malformed. It never raises for bad input and never answers 5xx for it.
+
+Process concerns (sockets, signals, snapshots, the sync loop) live in
+``serve.py``; this module only maps requests to responses.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from bucketmesh import api
+from bucketmesh.bucket import NS_PER_S, Bucket, BucketConfig, Decision
+from bucketmesh.http11 import Request, Response, problem
+from bucketmesh.limiter import BucketCapReached, InvalidTokens, Limiter, NoRuleError
+from bucketmesh.metrics import NodeMetrics
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+MAX_BATCH = 1000
+IDEMPOTENCY_TTL_S = 600.0
+IDEMPOTENCY_MAX = 100_000
+MAX_IDEMPOTENCY_KEY = 256
+
+
+class ApiError(Exception):
+    """A request the API refuses, carried to one place that renders problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        type_: str = "about:blank",
+        headers: list[tuple[str, str]] | None = None,
+        reason: str = "invalid",
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.field = field
+        self.type_ = type_
+        self.headers = headers
+        self.reason = reason
+
+    def response(self) -> Response:
+        return problem(
+            self.status,
+            self.title,
+            self.detail,
+            type_=self.type_,
+            field=self.field,
+            headers=self.headers,
+        )
+
+
+def bad_request(detail: str, field: str | None = None) -> ApiError:
+    return ApiError(400, "Bad Request", detail, field=field)
+
+
+class SyncView:
+    """What the status endpoint knows about replication; the sync mesh replaces it."""
+
+    enabled = False
+
+    def status(self) -> api.SyncStatus:
+        return api.SyncStatus(enabled=False, local_only=False, peers={})
+
+
+class IdempotencyCache:
+    """First decisions by Idempotency-Key: bounded in size, each kept for a while."""
+
+    def __init__(self, ttl_s: float = IDEMPOTENCY_TTL_S, max_entries: int = IDEMPOTENCY_MAX):
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.entries: OrderedDict[tuple[str, str], tuple[float, Response]] = OrderedDict()
+
+    def get(self, key: tuple[str, str], now: float) -> Response | None:
+        found = self.entries.get(key)
+        if found is None:
+            return None
+        if found[0] < now:
+            del self.entries[key]
+            return None
+        return found[1]
+
+    def put(self, key: tuple[str, str], response: Response, now: float) -> None:
+        entries = self.entries
+        entries[key] = (now + self.ttl_s, response)
+        entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+        # expire from the old end while it is stale, so idle memory drains
+        while entries:
+            oldest = next(iter(entries.values()))
+            if oldest[0] >= now:
+                break
+            entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class RatingApp:
+    """Maps HTTP requests onto a ``Limiter``; one instance per node."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        *,
+        region: str,
+        node: str,
+        cluster_id: str = "",
+        admin_token: str | None = None,
+        metrics: NodeMetrics | None = None,
+        sync: SyncView | None = None,
+        version: str = "0",
+        ready: Callable[[], dict[str, str]] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limiter = limiter
+        self.region = region
+        self.node = node
+        self.cluster_id = cluster_id
+        self.admin_token = admin_token or None
+        self.metrics = metrics or NodeMetrics()
+        self.sync = sync or SyncView()
+        self.version = version
+        self.ready_checks = ready
+        self.monotonic = monotonic
+        self.started = monotonic()
+        self.idempotency = IdempotencyCache()
+        self.region_suffix = b',"region":' + msgspec.json.encode(region) + b"}"
+        self.policies: dict[tuple[str, int, int], str] = {}
+        self.rate_decoder = msgspec.json.Decoder(api.RateRequest)
+        self.batch_decoder = msgspec.json.Decoder(api.BatchRequest)
+        self.patch_decoder = msgspec.json.Decoder(api.PatchRequest)
+        self.encoder = msgspec.json.Encoder()
+        self.openapi = msgspec.json.encode(api.openapi_document(version))
+        self.routes: dict[tuple[str, str], tuple[str, Callable[[Request], Response]]] = {
+            ("POST", "/v1/rate"): ("rate", self.rate_post),
+            ("POST", "/rate"): ("rate", self.rate_post),
+            ("GET", "/v1/rate"): ("rate", self.rate_get),
+            ("POST", "/v1/rate/batch"): ("batch", self.rate_batch),
+            ("GET", "/v1/bucket/state"): ("state", self.bucket_state),
+            ("GET", "/v1/status"): ("status", self.status),
+            ("GET", "/status"): ("status", self.status),
+            ("GET", "/healthz"): ("healthz", self.healthz),
+            ("GET", "/readyz"): ("readyz", self.readyz),
+            ("GET", "/metrics"): ("metrics", self.metrics_text),
+            ("GET", "/openapi.json"): ("openapi", self.openapi_json),
+        }
+        self.prefix_routes: list[tuple[str, str, str, Callable[[Request, str], Response]]] = [
+            ("GET", "/v1/buckets/", "buckets", self.bucket_get),
+            ("PATCH", "/v1/buckets/", "buckets", self.bucket_patch),
+            ("PATCH", "/buckets/", "buckets", self.bucket_patch),
+        ]
+        self.metrics.gauge("bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter))
+        self.metrics.gauge(
+            "bucketmesh_bucket_cap", "Configured cap on live buckets", lambda: limiter.max_buckets
+        )
+        self.metrics.gauge(
+            "bucketmesh_idempotency_cache_entries",
+            "Decisions kept for Idempotency-Key replays",
+            lambda: len(self.idempotency),
+        )
+        self.metrics.counter(
+            "bucketmesh_expired_buckets",
+            "Idle buckets dropped after their ttl",
+            lambda: limiter.expired_total,
+        )
+        self.metrics.counter(
+            "bucketmesh_bucket_cap_rejections",
+            "New keys refused because the live-bucket cap was reached",
+            lambda: limiter.cap_rejections,
+        )
+
+    # -- dispatch ------------------------------------------------------------
+
+    def __call__(self, request: Request) -> Response:
+        started = time.perf_counter()
+        route, response = self.dispatch(request)
+        self.metrics.count_response(route, response.status, time.perf_counter() - started)
+        return response
+
+    def dispatch(self, request: Request) -> tuple[str, Response]:
+        found = self.routes.get((request.method, request.path))
+        try:
+            if found is not None:
+                return found[0], found[1](request)
+            for method, prefix, route, handler in self.prefix_routes:
+                if request.path.startswith(prefix) and len(request.path) > len(prefix):
+                    if request.method != method:
+                        continue
+                    return route, handler(request, request.path[len(prefix) :])
+            return "other", self.not_found_or_method(request)
+        except ApiError as error:
+            self.metrics.count_rejection(error.reason)
+            return (found[0] if found else "other"), error.response()
+
+    def not_found_or_method(self, request: Request) -> Response:
+        path = request.path
+        allowed = sorted(m for (m, p) in self.routes if p == path)
+        allowed += sorted({m for m, prefix, _, _ in self.prefix_routes if path.startswith(prefix)})
+        if allowed:
+            return problem(
+                405,
+                "Method Not Allowed",
+                f"{request.method} is not allowed on {path}; use {', '.join(allowed)}",
+                headers=[("Allow", ", ".join(allowed))],
+            )
+        return problem(404, "Not Found", f"no endpoint at {path}")
+
+    # -- decisions -----------------------------------------------------------
+
+    def rate_post(self, request: Request) -> Response:
+        cache_key = self._idempotency_key(request)
+        if cache_key is not None:
+            replay = self.idempotency.get(cache_key, self.monotonic())
+            if replay is not None:
+                return replay
+        body = request.body
+        if body.strip():
+            self._require_json(request)
+            try:
+                rate = self.rate_decoder.decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError) as error:
+                raise self._body_error(error, body) from None
+        else:
+            rate = api.RateRequest()
+        response = self._decide(request, rate.key, rate.rule, rate.tokens)
+        if cache_key is not None:
+            self.idempotency.put(cache_key, response.with_header("Idempotent-Replayed", "true"),
+                                 self.monotonic())
+        return response
+
+    def rate_get(self, request: Request) -> Response:
+        query = request.query
+        raw_tokens = query.get("tokens")
+        tokens = 1
+        if raw_tokens is not None:
+            try:
+                tokens = int(raw_tokens)
+            except ValueError:
+                raise bad_request(f"tokens must be an integer, got {raw_tokens!r}", "tokens") from None
+        return self._decide(request, query.get("key") or None, query.get("rule") or None, tokens)
+
+    def _decide(self, request: Request, key: str | None, rule: str | None, tokens: int) -> Response:
+        if tokens < 0:
+            raise bad_request(f"tokens must be >= 0, got {tokens}", "tokens")
+        if key is None:
+            key, rule = self._render_key(request)
+        elif rule is not None and rule not in self.limiter.rules_by_name:
+            raise bad_request(f"unknown rule {rule!r}", "rule")
+        decision = self._acquire(key, rule, tokens)
+        self.metrics.count_decision(decision.rule, decision.allowed)
+        return self._decision_response(decision)
+
+    def _acquire(self, key: str, rule: str | None, tokens: int) -> Decision:
+        try:
+            return self.limiter.acquire(key, tokens, rule=rule)
+        except InvalidTokens as error:
+            raise bad_request(str(error), "tokens") from None
+        except NoRuleError as error:
+            raise bad_request(f"{error}", "rule" if rule else "key") from None
+        except BucketCapReached as error:
+            raise ApiError(
+                503,
+                "Service Unavailable",
+                f"{error}; new keys are refused until idle buckets expire",
+                headers=[("Retry-After", "1")],
+                reason="bucket_cap",
+            ) from None
+
+    def _render_key(self, request: Request) -> tuple[str, str]:
+        rules = self.limiter.rules
+        headers, query, client_ip = request.headers, request.query, request.client_ip
+        for rule in rules:
+            key = rule.template.render(headers, query, client_ip)
+            if key is not None:
+                return key, rule.name
+        if not rules:
+            raise bad_request("no bucket rules are configured; give \"key\" and \"rule\"", "key")
+        first = rules[0]
+        missing = first.template.missing(headers, query, client_ip)
+        field = missing.split(" ")[1] if missing.startswith(("header ", "query ")) else "key"
+        raise bad_request(
+            f"no rule matches this request: {missing} (rule {first.name!r} needs it), "
+            "and no \"key\" was given",
+            field,
+        )
+
+    def _decision_response(self, decision: Decision) -> Response:
+        encoded = self.encoder.encode(decision)
+        headers = self._ratelimit_headers(decision)
+        if decision.allowed:
+            return Response(200, encoded[:-1] + self.region_suffix, JSON, headers)
+        headers.append(("Retry-After", str(math.ceil(decision.retry_after))))
+        detail = (
+            f"bucket {decision.key!r} holds {max(decision.tokens_remaining, 0)} tokens; "
+            f"retry after {decision.retry_after:.3f}s"
+        )
+        head = (
+            b'{"type":"quota-exceeded","title":"Too Many Requests","status":429,"detail":'
+            + self.encoder.encode(detail)
+            + b","
+        )
+        return Response(429, head + encoded[1:-1] + self.region_suffix, PROBLEM, headers)
+
+    def _ratelimit_headers(self, decision: Decision) -> list[tuple[str, str]]:
+        """draft-ietf-httpapi-ratelimit-headers: the policy (q quota, w window = time
+        to refill from empty) and the current state (r remaining, t seconds to wait)."""
+        rule = decision.rule or "bucket"
+        signature = (rule, decision.capacity, round(decision.refill_rate * 1000))
+        policy = self.policies.get(signature)
+        if policy is None:
+            window = max(1, math.ceil(decision.capacity / decision.refill_rate))
+            policy = f'"{rule}";q={decision.capacity};w={window}'
+            if len(self.policies) < 10_000:
+                self.policies[signature] = policy
+        remaining = decision.tokens_remaining if decision.tokens_remaining > 0 else 0
+        wait = math.ceil(decision.retry_after)
+        return [("RateLimit-Policy", policy), ("RateLimit", f'"{rule}";r={remaining};t={wait}')]
+
+    def rate_batch(self, request: Request) -> Response:
+        cache_key = self._idempotency_key(request)
+        if cache_key is not None:
+            replay = self.idempotency.get(cache_key, self.monotonic())
+            if replay is not None:
+                return replay
+        self._require_json(request)
+        if not request.body.strip():
+            raise bad_request("a JSON body {\"requests\": [...]} is required", "requests")
+        try:
+            batch = self.batch_decoder.decode(request.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise self._body_error(error, request.body) from None
+        items = batch.requests
+        if len(items) > MAX_BATCH:
+            raise bad_request(f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests")
+        resolved: list[tuple[str, str | None, int]] = []
+        for index, item in enumerate(items):
+            if item.tokens < 0:
+                raise bad_request(f"tokens must be >= 0, got {item.tokens}", f"requests[{index}].tokens")
+            if item.key is None:
+                try:
+                    key, rule = self._render_key(request)
+                except ApiError as error:
+                    error.field = f"requests[{index}].key"
+                    raise
+            else:
+                key, rule = item.key, item.rule
+                if rule is not None and rule not in self.limiter.rules_by_name:
+                    raise bad_request(f"unknown rule {rule!r}", f"requests[{index}].rule")
+            resolved.append((key, rule, item.tokens))
+        decisions = (
+            self._batch_atomic(resolved) if batch.atomic else [self._acquire(*r) for r in resolved]
+        )
+        allowed = 0
+        results = []
+        region = self.region
+        for decision in decisions:
+            allowed += decision.allowed
+            self.metrics.count_decision(decision.rule, decision.allowed)
+            results.append(api.DecisionBody(*msgspec.structs.astuple(decision), region=region))
+        body = self.encoder.encode(api.BatchResponse(results, allowed, len(results) - allowed))
+        response = Response(200, body, JSON)
+        if cache_key is not None:
+            self.idempotency.put(cache_key, response.with_header("Idempotent-Replayed", "true"),
+                                 self.monotonic())
+        return response
+
+    def _batch_atomic(self, resolved: list[tuple[str, str | None, int]]) -> list[Decision]:
+        """All or nothing: every key must hold the sum asked of it, or nothing is charged."""
+        wanted: dict[str, tuple[str | None, int]] = {}
+        for key, rule, tokens in resolved:
+            previous = wanted.get(key)
+            wanted[key] = (rule, tokens + (previous[1] if previous else 0))
+        now = self.limiter.clock()
+        short = {}
+        for key, (rule, total) in wanted.items():
+            bucket = self._inspect(key, rule)
+            if total > bucket.config.capacity or bucket.level(now) < total:
+                short[key] = bucket.retry_after_ns(min(total, bucket.config.capacity), now)
+        if not short:
+            return [self._acquire(key, rule, tokens) for key, rule, tokens in resolved]
+        out = []
+        for key, rule, _ in resolved:
+            peek = self._acquire(key, rule, 0)
+            wait = short.get(key, 0) / NS_PER_S
+            out.append(msgspec.structs.replace(peek, allowed=False, retry_after=wait))
+        return out
+
+    def _inspect(self, key: str, rule: str | None) -> Bucket:
+        try:
+            return self.limiter.inspect(key, rule=rule)
+        except NoRuleError as error:
+            raise bad_request(str(error), "key") from None
+
+    # -- inspection ------------------------------------------------------------
+
+    def _bucket_body(self, key: str, rule: str | None = None) -> api.BucketStateBody:
+        try:
+            bucket = self.limiter.inspect(key, rule=rule)
+        except NoRuleError as error:
+            raise ApiError(404, "Not Found", str(error), field="key") from None
+        return self._state_of(key, bucket)
+
+    def _state_of(self, key: str, bucket: Bucket) -> api.BucketStateBody:
+        now = self.limiter.clock()
+        cfg = bucket.config
+        used = bucket.used(self.limiter.replica_id) if key in self.limiter.buckets else {}
+        return api.BucketStateBody(
+            key=key,
+            rule=bucket.rule,
+            tokens_remaining=bucket.level(now),
+            capacity=cfg.capacity,
+            refill_rate=cfg.refill_rate,
+            ttl=cfg.ttl_ns / NS_PER_S,
+            mode=cfg.mode,
+            config_version=api.version_text(cfg.version),
+            reset_after=bucket.reset_after_ns(now) / NS_PER_S,
+            epoch=bucket.epoch,
+            replicas={rid: api.ReplicaEntry(n) for rid, n in sorted(used.items())},
+            live=key in self.limiter.buckets,
+        )
+
+    def bucket_state(self, request: Request) -> Response:
+        key = request.query.get("key")
+        if not key:
+            raise bad_request("query parameter key is required", "key")
+        rule = request.query.get("rule") or None
+        return self._json(self._bucket_body(key, rule))
+
+    def bucket_get(self, request: Request, key: str) -> Response:
+        rule = self.limiter.rules_by_name.get(key)
+        if rule is not None:
+            return self._json(self._config_body(key, rule.name, self.limiter.rule_configs[key], "rule"))
+        return self._json(self._bucket_body(key))
+
+    def _config_body(self, key: str, rule: str, cfg: BucketConfig, applies_to: Any) -> api.BucketConfigBody:
+        return api.BucketConfigBody(
+            key=key,
+            rule=rule,
+            capacity=cfg.capacity,
+            refill_rate=cfg.refill_rate,
+            ttl=cfg.ttl_ns / NS_PER_S,
+            mode=cfg.mode,
+            version=api.version_text(cfg.version),
+            applies_to=applies_to,
+        )
+
+    def bucket_patch(self, request: Request, key: str) -> Response:
+        self._require_admin(request)
+        self._require_json(request)
+        if not request.body.strip():
+            raise bad_request("a JSON body with capacity, refillRate, ttl or mode is required")
+        try:
+            patch = self.patch_decoder.decode(request.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise self._body_error(error, request.body) from None
+        if patch.refillRate is not None and patch.refill_rate is not None:
+            raise bad_request("give refillRate or refill_rate, not both", "refillRate")
+        rate = patch.refillRate if patch.refillRate is not None else patch.refill_rate
+        if patch.capacity is None and rate is None and patch.ttl is None and patch.mode is None:
+            raise bad_request("nothing to change: give capacity, refillRate, ttl or mode")
+        checks = (
+            ("capacity", patch.capacity, lambda v: v >= 1 and v <= 10**15, "an integer >= 1"),
+            ("refillRate", rate, lambda v: math.isfinite(v) and 1e-9 <= v <= 1e9, "in [1e-9, 1e9]"),
+            ("ttl", patch.ttl, lambda v: math.isfinite(v) and 0.001 <= v <= 10**8, "in [0.001, 1e8]"),
+        )
+        for name, value, valid, expectation in checks:
+            if value is not None and not valid(value):
+                raise bad_request(f"{name} must be {expectation}, got {value}", name)
+        is_rule = key in self.limiter.rules_by_name
+        try:
+            config = self.limiter.configure(
+                key, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
+            )
+        except NoRuleError as error:
+            raise ApiError(404, "Not Found", f"{key!r} is neither a rule nor a key of one: {error}",
+                           field="key") from None
+        except BucketCapReached as error:
+            raise ApiError(503, "Service Unavailable", str(error), headers=[("Retry-After", "1")],
+                           reason="bucket_cap") from None
+        except ValueError as error:
+            raise bad_request(str(error), "mode" if "mode" in str(error) else "capacity") from None
+        rule = key if is_rule else self.limiter.buckets[key].rule
+        return self._json(self._config_body(key, rule, config, "rule" if is_rule else "key"))
+
+    # -- node ------------------------------------------------------------------
+
+    def status(self, request: Request) -> Response:
+        key = request.query.get("key")
+        body = api.StatusBody(
+            region=self.region,
+            node=self.node,
+            replica_id=self.limiter.replica_id,
+            cluster_id=self.cluster_id,
+            sync=self.sync.status(),
+            buckets=len(self.limiter),
+            version=self.version,
+            uptime_s=round(self.monotonic() - self.started, 3),
+            bucket=self._bucket_body(key) if key else None,
+        )
+        return self._json(body)
+
+    def healthz(self, request: Request) -> Response:
+        return self._json(api.Health("ok"))
+
+    def readyz(self, request: Request) -> Response:
+        checks = self.ready_checks() if self.ready_checks else {"config": "ok"}
+        ok = all(v == "ok" for v in checks.values())
+        return Response(200 if ok else 503, self.encoder.encode(api.Health(
+            "ready" if ok else "not ready", checks)), JSON)
+
+    def metrics_text(self, request: Request) -> Response:
+        return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi_json(self, request: Request) -> Response:
+        return Response(200, self.openapi, JSON)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _json(self, value: object) -> Response:
+        return Response(200, self.encoder.encode(value), JSON)
+
+    def _idempotency_key(self, request: Request) -> tuple[str, str] | None:
+        value = request.headers.get("idempotency-key")
+        if value is None:
+            return None
+        if not value or len(value) > MAX_IDEMPOTENCY_KEY:
+            raise bad_request(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key"
+            )
+        return (request.path, value)
+
+    def _require_json(self, request: Request) -> None:
+        ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media and media != "application/x-www-form-urlencoded" and not (
+            media == "application/json" or media.endswith("+json")
+        ):
+            raise ApiError(
+                415,
+                "Unsupported Media Type",
+                f"the body must be JSON (Content-Type: application/json), got {media}",
+                field="Content-Type",
+            )
+
+    def _body_error(self, error: msgspec.ValidationError | msgspec.DecodeError, body: bytes) -> ApiError:
+        if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
+            if body.lstrip()[:1] not in (b"{", b"[", b'"') and not body.lstrip()[:1].isdigit():
+                return ApiError(415, "Unsupported Media Type", "the body is not JSON", field="body")
+            return bad_request(f"malformed JSON: {error}", "body")
+        message = str(error)
+        return bad_request(message, api.error_field(error))
+
+    def _require_admin(self, request: Request) -> None:
+        token = self.admin_token
+        if token is None:
+            return
+        supplied = request.headers.get("authorization", "")
+        if not supplied.lower().startswith("bearer "):
+            raise ApiError(
+                401,
+                "Unauthorized",
+                "this endpoint needs Authorization: Bearer <admin token>",
+                field="Authorization",
+                headers=[("WWW-Authenticate", 'Bearer realm="bucketmesh"')],
+                reason="unauthenticated",
+            )
+        if not hmac.compare_digest(supplied[7:].strip().encode(), token.encode()):
+            raise ApiError(403, "Forbidden", "the admin token is wrong", field="Authorization",
+                           reason="forbidden")
