@@ -70,6 +70,12 @@ class ApiError(Exception):
         )
 
 
+def replayed(response: Response) -> Response:
+    """The copy of a first decision that an Idempotency-Key retry gets back."""
+    headers = [*(response.headers or ()), ("Idempotent-Replayed", "true")]
+    return Response(response.status, response.body, response.content_type, headers)
+
+
 def bad_request(detail: str, field: str | None = None) -> ApiError:
     return ApiError(400, "Bad Request", detail, field=field)
 
@@ -246,7 +252,7 @@ class RatingApp:
             rate = api.RateRequest()
         response = self._decide(request, rate.key, rate.rule, rate.tokens)
         if cache_key is not None:
-            self.idempotency.put(cache_key, response.with_header("Idempotent-Replayed", "true"),
+            self.idempotency.put(cache_key, replayed(response),
                                  self.monotonic())
         return response
 
@@ -382,7 +388,7 @@ class RatingApp:
         body = self.encoder.encode(api.BatchResponse(results, allowed, len(results) - allowed))
         response = Response(200, body, JSON)
         if cache_key is not None:
-            self.idempotency.put(cache_key, response.with_header("Idempotent-Replayed", "true"),
+            self.idempotency.put(cache_key, replayed(response),
                                  self.monotonic())
         return response
 

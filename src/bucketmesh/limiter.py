@@ -171,7 +171,7 @@ class Limiter:
             replica_id=replica_id,
             clock=clock,
             max_buckets=config.limits.max_buckets,
-            regions=regions or max(1, len(config.sync.regions)) if config.sync.enabled else 1,
+            regions=regions or len(config.regions),
         )
 
     # -- decisions -----------------------------------------------------------
