@@ -197,6 +197,15 @@ class RatingApp:
             lambda: limiter.cap_rejections,
         )
 
+    def add_route(
+        self, method: str, path: str, route: str, handler: Callable[[Request], Response]
+    ) -> None:
+        """Serve ``method path`` with ``handler`` (how the sync mesh adds /v1/sync/...).
+
+        ``route`` is the bounded metrics label. A handler may raise ``ApiError``.
+        """
+        self.routes[(method, path)] = (route, handler)
+
     # -- dispatch ------------------------------------------------------------
 
     def __call__(self, request: Request) -> Response:
