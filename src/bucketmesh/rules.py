@@ -1,0 +1,444 @@
+"""What a bucket rule is: its key template, its limits and the rate shorthand.
+
+A rule says which requests share a bucket (the key template, e.g.
+``agent-api-key-{{ .Request.Header.X-API-Key }}``) and how that bucket behaves
+(capacity, refill rate, ttl, replication mode). This module parses and validates
+rules and renders bucket keys on the request hot path; it does no I/O and reads
+no clock. Loading rules from YAML lives in ``config``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Final, Literal, Protocol, get_args
+
+import msgspec
+
+__all__ = [
+    "DEFAULT_TTL",
+    "MODES",
+    "STORE_FAILURE_POLICIES",
+    "KeyTemplate",
+    "Mode",
+    "Rule",
+    "RuleError",
+    "StoreFailurePolicy",
+    "parse_rate",
+]
+
+Mode = Literal["shared", "strict", "local"]
+StoreFailurePolicy = Literal["allow", "deny", "local"]
+MODES: Final[tuple[str, ...]] = get_args(Mode)
+STORE_FAILURE_POLICIES: Final[tuple[str, ...]] = get_args(StoreFailurePolicy)
+DEFAULT_TTL: Final = 3600.0
+
+_UNIT_SECONDS: Final[Mapping[str, int]] = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+}
+_RATE = re.compile(
+    r"\s*(?P<count>\d+)\s*(?:/|\bper\b)\s*(?:(?P<every>\d+)\s*)?(?P<unit>[A-Za-z]+)\s*",
+    re.IGNORECASE,
+)
+_RATE_EXAMPLES: Final = "e.g. '100/minute', '10 per second' or '100/5 minutes'"
+
+# Rule names appear in URLs (PATCH /v1/buckets/{name}) and in the quoted
+# RateLimit-Policy header, so they stay within a conservative alphabet.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+_NAME_TRIM: Final = "-_:./ "
+
+_PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_HEADER = re.compile(r"\.Request\.Header\.([!#$%&'*+\-.^_`|~0-9A-Za-z]+)")
+_QUERY = re.compile(r"\.Request\.Query\.([^\s{}]+)")
+_CLIENT_IP: Final = ".Request.ClientIP"
+_PLACEHOLDER_FORMS: Final = (
+    "{{ .Request.Header.NAME }}, {{ .Request.Query.NAME }} or {{ .Request.ClientIP }}"
+)
+
+
+class RuleError(ValueError):
+    """An invalid rule field; ``str()`` reads ``"<field> <problem>"``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """``"100/minute"`` → ``(100, 100/60)``: the capacity and the refill in tokens per second.
+
+    Accepts ``N/unit``, ``N per unit`` and ``N/M units`` (``"100/5 minutes"`` is a
+    capacity of 100 refilled over 300 s); units are second, minute, hour and day,
+    singular or plural, or s/sec, m/min, h/hr, d.
+    """
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"invalid rate {text!r}: expected {_RATE_EXAMPLES}")
+    unit = match["unit"].lower()
+    seconds = _UNIT_SECONDS.get(unit)
+    if seconds is None:
+        raise ValueError(
+            f"invalid rate {text!r}: unknown unit {match['unit']!r}; "
+            "use second, minute, hour or day"
+        )
+    count = int(match["count"])
+    every = int(match["every"]) if match["every"] is not None else 1
+    if count < 1:
+        raise ValueError(f"invalid rate {text!r}: the count must be at least 1")
+    if every < 1:
+        singular = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[seconds]
+        raise ValueError(f"invalid rate {text!r}: the period must be at least 1 {singular}")
+    return count, count / (every * seconds)
+
+
+def _sanitized_name(text: str) -> str:
+    """``text`` as a rule name: disallowed characters become ``-``, ends trimmed."""
+    name = re.sub(r"[^A-Za-z0-9_.:-]+", "-", text).strip(_NAME_TRIM)
+    return name[:128].rstrip(_NAME_TRIM)
+
+
+class _Lookup(msgspec.Struct, frozen=True):
+    """One placeholder: where its value comes from and under which name."""
+
+    source: str  # "header" | "query" | "client_ip"
+    name: str  # header names lower-cased; query names as written
+    display: str  # as written in the template, for messages
+
+
+class RenderFn(Protocol):
+    """``render(headers, query, client_ip)``: the bucket key, or None."""
+
+    def __call__(
+        self, headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+    ) -> str | None: ...
+
+
+def _parse_template(text: str) -> list[str | _Lookup]:
+    parts: list[str | _Lookup] = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(text):
+        parts.append(text[position : match.start()])
+        parts.append(_parse_placeholder(match.group(0), match.group(1).strip(), text))
+        position = match.end()
+    parts.append(text[position:])
+    for literal in parts:
+        if isinstance(literal, str) and ("{{" in literal or "}}" in literal):
+            brace = "{{" if "{{" in literal else "}}"
+            raise ValueError(f"unbalanced {brace!r} in key template {text!r}")
+    return [part for part in parts if part != ""]
+
+
+def _parse_placeholder(whole: str, inner: str, text: str) -> _Lookup:
+    if inner == _CLIENT_IP:
+        return _Lookup("client_ip", "", "client IP")
+    header = _HEADER.fullmatch(inner)
+    if header is not None:
+        return _Lookup("header", header[1].lower(), header[1])
+    query = _QUERY.fullmatch(inner)
+    if query is not None:
+        return _Lookup("query", query[1], query[1])
+    hint = _placeholder_hint(inner)
+    raise ValueError(
+        f"unknown placeholder {whole} in key template {text!r}; use {_PLACEHOLDER_FORMS}"
+        + (f" (did you mean {hint}?)" if hint else "")
+    )
+
+
+def _placeholder_hint(inner: str) -> str:
+    """The placeholder a near miss (wrong case, plural, missing dot) probably meant."""
+    folded = inner.lstrip(".").lower()
+    for prefix, form in (
+        ("request.headers.", "Header"),
+        ("request.header.", "Header"),
+        ("request.query.", "Query"),
+    ):
+        if folded.startswith(prefix) and len(folded) > len(prefix):
+            name = inner.lstrip(".")[len(prefix) :]
+            return f"{{{{ .Request.{form}.{name} }}}}"
+    if folded.replace("_", "") in ("request.clientip", "request.remoteaddr", "clientip"):
+        return "{{ .Request.ClientIP }}"
+    return ""
+
+
+def _compile(parts: list[str | _Lookup]) -> RenderFn:
+    """A render function specialised for the common shapes of template."""
+    lookups = [part for part in parts if isinstance(part, _Lookup)]
+    if not lookups:
+        constant = "".join(part for part in parts if isinstance(part, str))
+
+        def render_constant(
+            headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+        ) -> str | None:
+            return constant
+
+        return render_constant
+
+    if len(lookups) == 1:
+        index = parts.index(lookups[0])
+        prefix = "".join(p for p in parts[:index] if isinstance(p, str))
+        suffix = "".join(p for p in parts[index + 1 :] if isinstance(p, str))
+        return _compile_single(lookups[0], prefix, suffix)
+
+    def render_general(
+        headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+    ) -> str | None:
+        pieces: list[str] = []
+        for part in parts:
+            if isinstance(part, str):
+                pieces.append(part)
+                continue
+            value = _value_of(part, headers, query, client_ip)
+            if not value:
+                return None
+            pieces.append(value)
+        return "".join(pieces)
+
+    return render_general
+
+
+def _compile_single(lookup: _Lookup, prefix: str, suffix: str) -> RenderFn:
+    name = lookup.name
+    if lookup.source == "client_ip":
+
+        def render_client_ip(
+            headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+        ) -> str | None:
+            return prefix + client_ip + suffix if client_ip else None
+
+        return render_client_ip
+
+    from_query = lookup.source == "query"
+    if suffix:
+
+        def render_affixed(
+            headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+        ) -> str | None:
+            value = (query if from_query else headers).get(name)
+            return prefix + value + suffix if value else None
+
+        return render_affixed
+
+    def render_prefixed(
+        headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+    ) -> str | None:
+        value = (query if from_query else headers).get(name)
+        return prefix + value if value else None
+
+    return render_prefixed
+
+
+def _value_of(
+    lookup: _Lookup, headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+) -> str | None:
+    if lookup.source == "header":
+        return headers.get(lookup.name)
+    if lookup.source == "query":
+        return query.get(lookup.name)
+    return client_ip
+
+
+class KeyTemplate:
+    """A parsed bucket-key template such as ``agent-api-key-{{ .Request.Header.X-API-Key }}``.
+
+    ``render(headers, query, client_ip)`` gives the bucket key, or None when a
+    referenced header, query parameter or the client IP is missing or empty.
+    ``headers`` must have lower-cased names (header names match case-insensitively);
+    query parameter names match exactly. Raises ValueError for an unknown or
+    malformed placeholder.
+    """
+
+    __slots__ = ("_lookups", "_pattern", "literal_prefix", "render", "text")
+
+    render: RenderFn
+    text: str
+    literal_prefix: str
+    """The literal text before the first placeholder (all of it if there is none)."""
+
+    def __init__(self, text: str) -> None:
+        if not text:
+            raise ValueError("key template is empty")
+        parts = _parse_template(text)
+        self.text = text
+        self._lookups: tuple[_Lookup, ...] = tuple(
+            part for part in parts if isinstance(part, _Lookup)
+        )
+        first = next((i for i, part in enumerate(parts) if isinstance(part, _Lookup)), len(parts))
+        self.literal_prefix = "".join(p for p in parts[:first] if isinstance(p, str))
+        self._pattern = re.compile(
+            "".join(re.escape(p) if isinstance(p, str) else "(?:.+?)" for p in parts),
+            re.DOTALL,
+        )
+        self.render = _compile(parts)
+
+    @property
+    def default_name(self) -> str:
+        """A rule name from the literal prefix: ``agent-api-key-{{…}}`` → ``agent-api-key``.
+
+        Trailing ``-_:./`` and spaces are stripped and characters a rule name may
+        not hold become ``-``; empty when the template starts with a placeholder.
+        """
+        return _sanitized_name(self.literal_prefix)
+
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """Lower-cased names of the headers the template reads."""
+        return tuple(lk.name for lk in self._lookups if lk.source == "header")
+
+    @property
+    def query_names(self) -> tuple[str, ...]:
+        """Names of the query parameters the template reads."""
+        return tuple(lk.name for lk in self._lookups if lk.source == "query")
+
+    @property
+    def uses_client_ip(self) -> bool:
+        return any(lk.source == "client_ip" for lk in self._lookups)
+
+    def missing(self, headers: Mapping[str, str], query: Mapping[str, str], client_ip: str) -> str:
+        """What stops ``render`` from producing a key, e.g. ``header X-API-Key is missing``.
+
+        Empty when nothing is missing.
+        """
+        problems: list[str] = []
+        for lookup in dict.fromkeys(self._lookups):
+            value = _value_of(lookup, headers, query, client_ip)
+            if lookup.source == "client_ip":
+                if not value:
+                    problems.append("client IP is unknown")
+                continue
+            what = "header" if lookup.source == "header" else "query parameter"
+            if value is None:
+                problems.append(f"{what} {lookup.display} is missing")
+            elif not value:
+                problems.append(f"{what} {lookup.display} is empty")
+        return " and ".join(problems)
+
+    def matches(self, key: str) -> bool:
+        """Whether ``render`` could have produced ``key``."""
+        return self._pattern.fullmatch(key) is not None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyTemplate) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __repr__(self) -> str:
+        return f"KeyTemplate({self.text!r})"
+
+
+class Rule(msgspec.Struct, frozen=True, kw_only=True):
+    """One bucket rule: which requests share a bucket and how the bucket behaves.
+
+    ``refill_rate`` is in tokens per second; ``ttl`` is how long (seconds) a full,
+    idle bucket is kept; ``mode`` is shared (one bucket across regions), strict
+    (each region holds a share) or local (per region, not replicated);
+    ``on_store_failure`` says what to decide when the state store is unreachable.
+    Construction validates and raises RuleError (a ValueError); ``Rule.create``
+    builds the template from the key text.
+    """
+
+    name: str
+    key: str
+    template: KeyTemplate
+    capacity: int
+    refill_rate: float
+    ttl: float = DEFAULT_TTL
+    mode: str = "shared"
+    on_store_failure: str = "local"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or _NAME.fullmatch(self.name) is None:
+            raise RuleError(
+                "name",
+                "must be 1-128 letters, digits, '_', '-', '.' or ':' "
+                f"starting with a letter, digit or '_', got {self.name!r}",
+            )
+        if self.template.text != self.key:
+            raise RuleError("key", f"is {self.key!r} but the template is {self.template.text!r}")
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int):
+            raise RuleError("capacity", f"must be an integer, got {self.capacity!r}")
+        if self.capacity < 1:
+            raise RuleError("capacity", f"must be >= 1, got {self.capacity!r}")
+        _check_positive("refill_rate", self.refill_rate)
+        _check_positive("ttl", self.ttl)
+        if self.mode not in MODES:
+            raise RuleError("mode", f"must be shared, strict or local, got {self.mode!r}")
+        if self.on_store_failure not in STORE_FAILURE_POLICIES:
+            raise RuleError(
+                "on_store_failure", f"must be allow, deny or local, got {self.on_store_failure!r}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        key: str,
+        capacity: int,
+        refill_rate: float,
+        *,
+        name: str | None = None,
+        ttl: float = DEFAULT_TTL,
+        mode: str = "shared",
+        on_store_failure: str = "local",
+    ) -> Rule:
+        """A validated rule; ``name`` defaults to the template's ``default_name`` (or "rule")."""
+        template = KeyTemplate(key)
+        return cls(
+            name=(template.default_name or "rule") if name is None else name,
+            key=key,
+            template=template,
+            capacity=capacity,
+            refill_rate=_as_float("refill_rate", refill_rate),
+            ttl=_as_float("ttl", ttl),
+            mode=mode,
+            on_store_failure=on_store_failure,
+        )
+
+    def with_changes(
+        self,
+        *,
+        capacity: int | None = None,
+        refill_rate: float | None = None,
+        ttl: float | None = None,
+        mode: str | None = None,
+        on_store_failure: str | None = None,
+    ) -> Rule:
+        """A validated copy with the given limits changed (None keeps the current value)."""
+        if refill_rate is not None:
+            refill_rate = _as_float("refill_rate", refill_rate)
+        if ttl is not None:
+            ttl = _as_float("ttl", ttl)
+        policy = self.on_store_failure if on_store_failure is None else on_store_failure
+        return Rule(
+            name=self.name,
+            key=self.key,
+            template=self.template,
+            capacity=self.capacity if capacity is None else capacity,
+            refill_rate=self.refill_rate if refill_rate is None else refill_rate,
+            ttl=self.ttl if ttl is None else ttl,
+            mode=self.mode if mode is None else mode,
+            on_store_failure=policy,
+        )
+
+    @property
+    def window(self) -> float:
+        """Seconds for an empty bucket to refill completely (the RateLimit-Policy ``w``)."""
+        return self.capacity / self.refill_rate
+
+
+def _as_float(field: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RuleError(field, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_positive(field: str, value: float) -> None:
+    _as_float(field, value)
+    if not value > 0:
+        raise RuleError(field, f"must be > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise RuleError(field, f"must be finite, got {value!r}")
