@@ -232,21 +232,21 @@ class Bucket:
         interval = cfg.interval_ns
         capacity = cfg.capacity
         spent = self.total * interval
-        backlog = self.base_time + spent - now_ns  # TAT − t
+        backlog = self.base_time + spent - now_ns  # TAT − t; negative: full since then
         need = tokens * interval
-        if backlog + need > capacity * interval:
+        if (backlog if backlog > 0 else 0) + need > capacity * interval:
             return Decision(
                 False,
                 key,
                 capacity - (-(-backlog // interval)) if backlog > 0 else capacity,
                 capacity,
                 NS_PER_S / interval,
-                (backlog + need - capacity * interval) / NS_PER_S,
+                ((backlog if backlog > 0 else 0) + need - capacity * interval) / NS_PER_S,
                 backlog / NS_PER_S if backlog > 0 else 0.0,
                 cfg.mode,
                 self.rule,
             )
-        if tokens:
+        if tokens > 0:
             if backlog < 0:
                 self.base_time = now_ns - spent
                 backlog = 0

@@ -179,26 +179,44 @@ class Limiter:
     def acquire(
         self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
     ) -> Decision:
-        """Consume ``tokens`` from ``key``'s bucket if it holds them; ``tokens=0`` peeks."""
+        """Consume ``tokens`` from ``key``'s bucket if it holds them; ``tokens=0`` peeks.
+
+        The hot path: one dict lookup, one call into the bucket; everything rare
+        (a new key, a bad ``tokens``) is checked off it.
+        """
         bucket = self.buckets.get(key)
+        if bucket is None or tokens < 0:
+            return self._acquire_cold(key, tokens, rule, now)
+        decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
+        if decision.allowed:
+            if tokens and bucket.config.mode == SHARED:
+                self.dirty.add(key)
+        elif tokens > decision.capacity:
+            raise InvalidTokens(
+                f"tokens must be between 0 and the capacity {decision.capacity}, got {tokens}",
+                decision.capacity,
+            )
+        return decision
+
+    def _acquire_cold(self, key: str, tokens: int, rule: str | None, now: int | None) -> Decision:
         if now is None:
             now = self.clock()
-        if bucket is None:
-            if not tokens:
-                # A peek at an unknown key sees a full bucket and creates nothing,
-                # so reads cannot fill the bucket cap.
-                return self._fresh(key, rule, now).acquire(key, 0, now)
-            bucket = self._create(key, rule, now)
-        cfg = bucket.config
-        if tokens > cfg.capacity or tokens < 0:
+        if tokens < 0:
+            capacity = self.inspect(key, rule=rule, now=now).config.capacity
             raise InvalidTokens(
-                f"tokens must be between 0 and the capacity {cfg.capacity}, got {tokens}",
-                cfg.capacity,
+                f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
             )
-        decision = bucket.acquire(key, tokens, now)
-        if tokens and decision.allowed and cfg.mode == SHARED:
-            self.dirty.add(key)
-        return decision
+        if not tokens:
+            # A peek at an unknown key sees a full bucket and creates nothing,
+            # so reads cannot fill the bucket cap.
+            return self._fresh(key, rule, now).acquire(key, 0, now)
+        capacity = self._fresh(key, rule, now).config.capacity
+        if tokens > capacity:
+            raise InvalidTokens(
+                f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
+            )
+        self._create(key, rule, now)
+        return self.acquire(key, tokens, now=now)
 
     def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
         return self.acquire(key, 0, rule=rule, now=now)
