@@ -152,7 +152,9 @@ def error_field(error: msgspec.ValidationError | msgspec.DecodeError) -> str | N
 def _problem_response(description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
     }
 
 

@@ -177,7 +177,9 @@ class RatingApp:
             ("PATCH", "/v1/buckets/", "buckets", self.bucket_patch),
             ("PATCH", "/buckets/", "buckets", self.bucket_patch),
         ]
-        self.metrics.gauge("bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter))
+        self.metrics.gauge(
+            "bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter)
+        )
         self.metrics.gauge(
             "bucketmesh_bucket_cap", "Configured cap on live buckets", lambda: limiter.max_buckets
         )
@@ -261,8 +263,7 @@ class RatingApp:
             rate = api.RateRequest()
         response = self._decide(request, rate.key, rate.rule, rate.tokens)
         if cache_key is not None:
-            self.idempotency.put(cache_key, replayed(response),
-                                 self.monotonic())
+            self.idempotency.put(cache_key, replayed(response), self.monotonic())
         return response
 
     def rate_get(self, request: Request) -> Response:
@@ -273,7 +274,9 @@ class RatingApp:
             try:
                 tokens = int(raw_tokens)
             except ValueError:
-                raise bad_request(f"tokens must be an integer, got {raw_tokens!r}", "tokens") from None
+                raise bad_request(
+                    f"tokens must be an integer, got {raw_tokens!r}", "tokens"
+                ) from None
         return self._decide(request, query.get("key") or None, query.get("rule") or None, tokens)
 
     def _decide(self, request: Request, key: str | None, rule: str | None, tokens: int) -> Response:
@@ -311,13 +314,13 @@ class RatingApp:
             if key is not None:
                 return key, rule.name
         if not rules:
-            raise bad_request("no bucket rules are configured; give \"key\" and \"rule\"", "key")
+            raise bad_request('no bucket rules are configured; give "key" and "rule"', "key")
         first = rules[0]
         missing = first.template.missing(headers, query, client_ip)
         field = missing.split(" ")[1] if missing.startswith(("header ", "query ")) else "key"
         raise bad_request(
             f"no rule matches this request: {missing} (rule {first.name!r} needs it), "
-            "and no \"key\" was given",
+            'and no "key" was given',
             field,
         )
 
@@ -361,18 +364,22 @@ class RatingApp:
                 return replay
         self._require_json(request)
         if not request.body.strip():
-            raise bad_request("a JSON body {\"requests\": [...]} is required", "requests")
+            raise bad_request('a JSON body {"requests": [...]} is required', "requests")
         try:
             batch = self.batch_decoder.decode(request.body)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             raise self._body_error(error, request.body) from None
         items = batch.requests
         if len(items) > MAX_BATCH:
-            raise bad_request(f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests")
+            raise bad_request(
+                f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
+            )
         resolved: list[tuple[str, str | None, int]] = []
         for index, item in enumerate(items):
             if item.tokens < 0:
-                raise bad_request(f"tokens must be >= 0, got {item.tokens}", f"requests[{index}].tokens")
+                raise bad_request(
+                    f"tokens must be >= 0, got {item.tokens}", f"requests[{index}].tokens"
+                )
             if item.key is None:
                 try:
                     key, rule = self._render_key(request)
@@ -397,8 +404,7 @@ class RatingApp:
         body = self.encoder.encode(api.BatchResponse(results, allowed, len(results) - allowed))
         response = Response(200, body, JSON)
         if cache_key is not None:
-            self.idempotency.put(cache_key, replayed(response),
-                                 self.monotonic())
+            self.idempotency.put(cache_key, replayed(response), self.monotonic())
         return response
 
     def _batch_atomic(self, resolved: list[tuple[str, str | None, int]]) -> list[Decision]:
@@ -466,10 +472,14 @@ class RatingApp:
     def bucket_get(self, request: Request, key: str) -> Response:
         rule = self.limiter.rules_by_name.get(key)
         if rule is not None:
-            return self._json(self._config_body(key, rule.name, self.limiter.rule_configs[key], "rule"))
+            return self._json(
+                self._config_body(key, rule.name, self.limiter.rule_configs[key], "rule")
+            )
         return self._json(self._bucket_body(key))
 
-    def _config_body(self, key: str, rule: str, cfg: BucketConfig, applies_to: Any) -> api.BucketConfigBody:
+    def _config_body(
+        self, key: str, rule: str, cfg: BucketConfig, applies_to: Any
+    ) -> api.BucketConfigBody:
         return api.BucketConfigBody(
             key=key,
             rule=rule,
@@ -498,7 +508,12 @@ class RatingApp:
         checks = (
             ("capacity", patch.capacity, lambda v: v >= 1 and v <= 10**15, "an integer >= 1"),
             ("refillRate", rate, lambda v: math.isfinite(v) and 1e-9 <= v <= 1e9, "in [1e-9, 1e9]"),
-            ("ttl", patch.ttl, lambda v: math.isfinite(v) and 0.001 <= v <= 10**8, "in [0.001, 1e8]"),
+            (
+                "ttl",
+                patch.ttl,
+                lambda v: math.isfinite(v) and 0.001 <= v <= 10**8,
+                "in [0.001, 1e8]",
+            ),
         )
         for name, value, valid, expectation in checks:
             if value is not None and not valid(value):
@@ -509,11 +524,20 @@ class RatingApp:
                 key, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
             )
         except NoRuleError as error:
-            raise ApiError(404, "Not Found", f"{key!r} is neither a rule nor a key of one: {error}",
-                           field="key") from None
+            raise ApiError(
+                404,
+                "Not Found",
+                f"{key!r} is neither a rule nor a key of one: {error}",
+                field="key",
+            ) from None
         except BucketCapReached as error:
-            raise ApiError(503, "Service Unavailable", str(error), headers=[("Retry-After", "1")],
-                           reason="bucket_cap") from None
+            raise ApiError(
+                503,
+                "Service Unavailable",
+                str(error),
+                headers=[("Retry-After", "1")],
+                reason="bucket_cap",
+            ) from None
         except ValueError as error:
             raise bad_request(str(error), "mode" if "mode" in str(error) else "capacity") from None
         rule = key if is_rule else self.limiter.buckets[key].rule
@@ -542,8 +566,11 @@ class RatingApp:
     def readyz(self, request: Request) -> Response:
         checks = self.ready_checks() if self.ready_checks else {"config": "ok"}
         ok = all(v == "ok" for v in checks.values())
-        return Response(200 if ok else 503, self.encoder.encode(api.Health(
-            "ready" if ok else "not ready", checks)), JSON)
+        return Response(
+            200 if ok else 503,
+            self.encoder.encode(api.Health("ready" if ok else "not ready", checks)),
+            JSON,
+        )
 
     def metrics_text(self, request: Request) -> Response:
         return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
@@ -569,8 +596,10 @@ class RatingApp:
     def _require_json(self, request: Request) -> None:
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()
-        if media and media != "application/x-www-form-urlencoded" and not (
-            media == "application/json" or media.endswith("+json")
+        if (
+            media
+            and media != "application/x-www-form-urlencoded"
+            and not (media == "application/json" or media.endswith("+json"))
         ):
             raise ApiError(
                 415,
@@ -579,8 +608,12 @@ class RatingApp:
                 field="Content-Type",
             )
 
-    def _body_error(self, error: msgspec.ValidationError | msgspec.DecodeError, body: bytes) -> ApiError:
-        if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
+    def _body_error(
+        self, error: msgspec.ValidationError | msgspec.DecodeError, body: bytes
+    ) -> ApiError:
+        if isinstance(error, msgspec.DecodeError) and not isinstance(
+            error, msgspec.ValidationError
+        ):
             if body.lstrip()[:1] not in (b"{", b"[", b'"') and not body.lstrip()[:1].isdigit():
                 return ApiError(415, "Unsupported Media Type", "the body is not JSON", field="body")
             return bad_request(f"malformed JSON: {error}", "body")
@@ -602,5 +635,10 @@ class RatingApp:
                 reason="unauthenticated",
             )
         if not hmac.compare_digest(supplied[7:].strip().encode(), token.encode()):
-            raise ApiError(403, "Forbidden", "the admin token is wrong", field="Authorization",
-                           reason="forbidden")
+            raise ApiError(
+                403,
+                "Forbidden",
+                "the admin token is wrong",
+                field="Authorization",
+                reason="forbidden",
+            )

@@ -27,8 +27,10 @@ def demonstrate(print_line: object = print) -> list[int]:
     for replica, region in zip(replicas, regions, strict=True):
         for _ in range(spend[region]):
             replica.acquire(key, now=T0)
-        say(f"  {region:15} spends {spend[region]:3} tokens locally -> sees "
-            f"{replica.peek(key, now=T0).tokens_remaining} remaining")
+        say(
+            f"  {region:15} spends {spend[region]:3} tokens locally -> sees "
+            f"{replica.peek(key, now=T0).tokens_remaining} remaining"
+        )
     say("They exchange deltas (absolute counters, merged by max) ...")
     batches = [replica.collect_deltas() for replica in replicas]
     for replica in replicas:
@@ -39,6 +41,8 @@ def demonstrate(print_line: object = print) -> list[int]:
     for region, level in zip(regions, levels, strict=True):
         say(f"  {region:15} now sees {level} remaining (5000 - 240 spent everywhere)")
     later = [replica.peek(key, now=T0 + 2000 * MS).tokens_remaining for replica in replicas]
-    say(f"Two seconds later every region sees {later[0]} (refill 50/s, same math everywhere): "
-        f"{'identical' if len(set(later)) == 1 else 'DIVERGED'}.")
+    say(
+        f"Two seconds later every region sees {later[0]} (refill 50/s, same math everywhere): "
+        f"{'identical' if len(set(later)) == 1 else 'DIVERGED'}."
+    )
     return levels

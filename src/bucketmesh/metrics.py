@@ -121,13 +121,17 @@ class NodeMetrics(Collector):
 
     def collect(self) -> Iterator[Metric]:
         decisions = CounterMetricFamily(
-            "bucketmesh_decisions", "Rate-limit decisions by rule and result", labels=["rule", "result"]
+            "bucketmesh_decisions",
+            "Rate-limit decisions by rule and result",
+            labels=["rule", "result"],
         )
         for (rule, result), n in sorted(self.decisions.items()):
             decisions.add_metric([rule, result], n)
         yield decisions
         responses = CounterMetricFamily(
-            "bucketmesh_http_responses", "HTTP responses by route and status", labels=["route", "status"]
+            "bucketmesh_http_responses",
+            "HTTP responses by route and status",
+            labels=["route", "status"],
         )
         for (route, status), n in sorted(self.responses.items()):
             responses.add_metric([route, str(status)], n)

@@ -1,0 +1,190 @@
+"""The Limiter's own behaviour: bucket lifecycle, the cap, validation, snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from bucketmesh import BucketCapReached, InvalidTokens, Limiter, NoRuleError, Rule
+from bucketmesh.bucket import Bucket, BucketConfig
+from bucketmesh.demo import demonstrate
+
+S = 1_000_000_000
+T0 = 1_700_000_000 * S
+
+
+def rules(ttl: float = 3600.0) -> list[Rule]:
+    return [
+        Rule.create("api-{{ .Request.Header.X-API-Key }}", 10, 1.0, ttl=ttl),
+        Rule.create("ip-{{ .Request.ClientIP }}", 100, 10.0, name="per-ip", mode="local"),
+    ]
+
+
+def test_peek_at_unknown_key_creates_no_bucket() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    decision = limiter.peek("api-k", now=T0)
+    assert (decision.allowed, decision.tokens_remaining, decision.capacity) == (True, 10, 10)
+    assert len(limiter) == 0
+
+
+def test_key_without_rule_is_refused_with_a_clear_error() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    with pytest.raises(NoRuleError, match="no rule matches key 'zzz'"):
+        limiter.acquire("zzz", now=T0)
+    assert limiter.acquire("zzz", rule="per-ip", now=T0).capacity == 100
+
+
+@pytest.mark.parametrize("tokens", [-1, 11])
+def test_tokens_outside_zero_to_capacity_are_invalid(tokens: int) -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    limiter.acquire("api-k", now=T0)
+    for key in ("api-k", "api-new"):
+        with pytest.raises(InvalidTokens) as caught:
+            limiter.acquire(key, tokens, now=T0)
+        assert caught.value.capacity == 10
+    assert limiter.bucket("api-k").total == 1  # type: ignore[union-attr]
+
+
+def test_a_long_full_bucket_still_holds_only_its_capacity() -> None:
+    config = BucketConfig(10, S, 3600 * S, "shared", (0, "r"))
+    bucket = Bucket(config, T0, "r")
+    decision = bucket.acquire("k", 11, T0 + 10_000 * S)
+    assert not decision.allowed and decision.tokens_remaining == 10
+    assert bucket.total == 0
+
+
+def test_denied_request_and_peek_do_not_mark_the_bucket_dirty() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    for _ in range(10):
+        assert limiter.acquire("api-k", now=T0).allowed
+    limiter.collect_deltas()
+    assert not limiter.acquire("api-k", now=T0).allowed
+    limiter.peek("api-k", now=T0)
+    assert limiter.collect_deltas().deltas == []
+
+
+def test_local_mode_never_produces_deltas() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    limiter.acquire("ip-1.2.3.4", now=T0)
+    assert limiter.collect_deltas().deltas == []
+    assert limiter.full_state().deltas == []
+
+
+def test_cap_refuses_new_keys_but_serves_existing_ones() -> None:
+    limiter = Limiter(rules(), replica_id="a", max_buckets=2)
+    limiter.acquire("api-1", now=T0)
+    limiter.acquire("api-2", now=T0)
+    with pytest.raises(BucketCapReached):
+        limiter.acquire("api-3", now=T0)
+    assert limiter.acquire("api-1", now=T0).allowed
+    assert limiter.cap_rejections == 1
+
+
+def test_cap_reclaims_expired_buckets_first() -> None:
+    limiter = Limiter(rules(ttl=5), replica_id="a", max_buckets=2)
+    limiter.acquire("api-1", now=T0)
+    limiter.acquire("api-2", now=T0)
+    # full again after 1 s, expired 5 s after that
+    assert limiter.acquire("api-3", now=T0 + 7 * S).allowed
+    assert sorted(limiter.buckets) == ["api-3"]
+    assert limiter.expired_total == 2
+
+
+def test_incremental_sweep_drops_only_expired_buckets() -> None:
+    limiter = Limiter(rules(ttl=5), replica_id="a")
+    for i in range(50):
+        limiter.acquire(f"api-{i}", 10 if i % 2 else 1, now=T0)
+    dropped = sum(limiter.expire_step(now=T0 + 7 * S, budget=7) for _ in range(8))
+    assert dropped == 25  # one token refills in 1 s; ten take 10 s
+    assert all(int(k.split("-")[1]) % 2 for k in limiter.buckets)
+
+
+def test_recreated_bucket_starts_a_new_epoch_and_ignores_its_old_life() -> None:
+    a = Limiter(rules(ttl=5), replica_id="a")
+    b = Limiter(rules(ttl=5), replica_id="b")
+    a.acquire("api-k", 10, now=T0)
+    stale = a.full_state()
+    a.expire(now=T0 + 20 * S)
+    assert len(a) == 0
+    a.acquire("api-k", 3, now=T0 + 20 * S)
+    b.merge(stale, now=T0 + 20 * S)
+    b.merge(a.full_state(), now=T0 + 20 * S)
+    a.merge(stale, now=T0 + 20 * S)  # a stale copy of the old life changes nothing
+    for replica in (a, b):
+        assert replica.peek("api-k", now=T0 + 20 * S).tokens_remaining == 7
+
+
+def test_configure_rule_applies_to_existing_and_future_keys() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    for _ in range(4):
+        limiter.acquire("api-old", now=T0)
+    config = limiter.configure("api", capacity=20, refill_rate=2.0, now=T0)
+    assert config.version[1] == "a" and config.version[0] >= T0
+    old = limiter.peek("api-old", now=T0)
+    assert (old.capacity, old.tokens_remaining, old.refill_rate) == (20, 6, 2.0)
+    assert limiter.peek("api-new", now=T0).tokens_remaining == 20
+
+
+def test_configure_lowering_capacity_clamps_the_level() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    limiter.acquire("api-k", 2, now=T0)
+    limiter.configure("api-k", capacity=5, now=T0)
+    assert limiter.peek("api-k", now=T0).tokens_remaining == 5
+    assert limiter.peek("api-other", now=T0).capacity == 10  # only that key changed
+
+
+def test_rule_config_change_reaches_a_replica_through_merge() -> None:
+    a = Limiter(rules(), replica_id="a")
+    b = Limiter(rules(), replica_id="b")
+    b.acquire("api-k", now=T0)
+    a.configure("api", capacity=50, now=T0)
+    b.merge(a.collect_deltas(), now=T0 + 1)
+    assert b.peek("api-k", now=T0 + 1).capacity == 50
+    assert b.peek("api-fresh", now=T0 + 1).capacity == 50
+
+
+def test_restore_under_new_incarnation_keeps_what_the_old_one_spent() -> None:
+    old = Limiter(rules(), replica_id="r/n/1")
+    for _ in range(10):
+        old.acquire("api-k", now=T0)
+    snapshot = old.snapshot()
+    new = Limiter.restore(snapshot, rules(), replica_id="r/n/2")
+    assert not new.acquire("api-k", now=T0).allowed
+    assert new.bucket("api-k").used("r/n/2") == {"r/n/1": 10}  # type: ignore[union-attr]
+    assert new.acquire("api-k", now=T0 + S).allowed
+
+
+def test_restore_keeps_runtime_rule_config() -> None:
+    limiter = Limiter(rules(), replica_id="a")
+    limiter.configure("api", capacity=42, now=T0)
+    restored = Limiter.restore(limiter.snapshot(), rules(), replica_id="a2")
+    assert restored.peek("api-x", now=T0).capacity == 42
+
+
+def test_strict_mode_gives_each_region_an_equal_share() -> None:
+    rule = Rule.create("s-{{ .Request.ClientIP }}", 90, 9.0, name="s", mode="strict")
+    limiter = Limiter([rule], replica_id="a", regions=3)
+    decision = limiter.peek("s-1", now=T0)
+    assert decision.capacity == 30
+    # three shares refill exactly as fast as the rule's integer emission interval
+    assert limiter.bucket("s-1") is None
+    full = Limiter([rule], replica_id="b").peek("s-1", now=T0)
+    assert decision.refill_rate * 3 == pytest.approx(full.refill_rate, rel=1e-15)
+    with pytest.raises(ValueError, match="strict mode needs capacity >= regions"):
+        Limiter(
+            [Rule.create("t-{{ .Request.ClientIP }}", 2, 1.0, mode="strict")],
+            replica_id="a",
+            regions=3,
+        )
+
+
+def test_from_config_loads_the_example(tmp_path: object) -> None:
+    limiter = Limiter.from_config("examples/bucketmesh.yaml", replica_id="us-east-1/a/1")
+    assert [r.name for r in limiter.rules] == ["agent-api-key", "small", "per-ip"]
+    assert limiter.acquire("agent-api-key-k1").capacity == 5000
+
+
+def test_demo_shows_three_regions_converging() -> None:
+    lines: list[str] = []
+    levels = demonstrate(lines.append)
+    assert levels == [4760, 4760, 4760]
+    assert "identical" in lines[-1]
