@@ -1,0 +1,1017 @@
+"""The HTTP/1.1 server of the Rating API's hot path: bytes in, handler calls, bytes out.
+
+It owns the wire and nothing else: one ``asyncio.Protocol`` per connection,
+driven by httptools (llhttp), turns bytes into :class:`Request` objects, calls
+one handler, and writes :class:`Response` objects back strictly in request
+order. Routing, JSON bodies and rate-limit decisions belong to the handler.
+
+Theory of operation
+-------------------
+Ordering
+    A synchronous handler's response is encoded at once into the connection's
+    output list, and the whole list goes out in one ``transport.write`` at the
+    end of ``data_received``: one write per batch of pipelined requests and no
+    task per request. A handler that returns an awaitable gets a task and a
+    slot at the tail of the ``pending`` queue; while that queue is not empty,
+    later responses (even synchronous ones) wait in it as ready slots, and the
+    queue is written out from the front as its head slots complete.
+
+Backpressure
+    A connection is *blocked* while the transport's write buffer is above its
+    high-water mark (``pause_writing``) or ``max_pipelined`` responses are
+    pending. A blocked connection stops reading (``pause_reading``); requests
+    already parsed from the chunk at hand are kept, unhandled, in a ``deferred``
+    queue and handled once it unblocks, so a client that does not read its
+    responses holds at most one read chunk of requests, not their answers.
+    Large output is flushed mid-chunk so that ``pause_writing`` can fire.
+
+Deadlines
+    One timer per connection, checked lazily: the deadline is recomputed from
+    the state after every read and every written response (idle:
+    ``keepalive_timeout`` from now; receiving a head: ``header_timeout`` from its
+    first byte; receiving a body: ``body_timeout`` from the end of the head;
+    write buffer full: ``body_timeout`` from the pause), and the timer is
+    re-armed only when it fires early or the deadline moves earlier. A
+    connection with pending handler work has no deadline: that time is ours.
+
+Closing
+    A connection closes after the response to a request that asked for it
+    (``Connection: close``, HTTP/1.0 without keep-alive), after an error
+    response (400, 408, 413, 431), or on shutdown. It then half-closes
+    (``write_eof``) and reads and discards input until the client closes or
+    ``_LINGER_SECONDS`` pass, so that a client still sending is not answered
+    with a TCP reset that would destroy the response before it is read.
+
+Connection cap
+    Beyond ``max_connections`` open connections, a new connection is
+    accepted, answered at once with ``503`` problem+json and ``Retry-After: 1``
+    without reading its request, half-closed and dropped after at most
+    ``_LINGER_SECONDS``. Refusing visibly beats leaving clients in the listen
+    backlog until they time out. Refused connections are not counted in
+    ``open_connections``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Final, TypeAlias, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import httptools
+import msgspec
+
+__all__ = ["Handler", "HttpServer", "Request", "Response", "ServerLimits", "problem"]
+
+_log = logging.getLogger(__name__)
+
+_LINGER_SECONDS: Final = 2.0
+_FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
+_BACKLOG: Final = 2048
+# Headers that frame the message: the server writes them itself and drops the handler's.
+_FRAMING_HEADERS: Final = frozenset(
+    {"content-length", "transfer-encoding", "connection", "date", "server"}
+)
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_METHODS: Final = {
+    m.encode(): m
+    for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+}
+_STATUS_LINES: Final = {
+    s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus if s.value >= 200
+}
+_content_type_lines: dict[str, bytes] = {}
+_json_encode = msgspec.json.Encoder().encode
+
+
+class Request:
+    """One parsed request, as the handler sees it."""
+
+    __slots__ = ("body", "client_ip", "headers", "http_version", "method", "path", "query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str],
+        headers: dict[str, str],
+        body: bytes,
+        client_ip: str,
+        http_version: str,
+    ) -> None:
+        self.method = method
+        #: Percent-decoded path without the query string.
+        self.path = path
+        #: Percent-decoded query parameters; the last of repeated names wins.
+        self.query = query
+        #: Lower-cased names; repeated headers joined with ", ".
+        self.headers = headers
+        self.body = body
+        #: The TCP peer; no X-Forwarded-For processing here.
+        self.client_ip = client_ip
+        self.http_version = http_version
+
+
+class Response:
+    """What a handler answers. ``headers`` are written as given, except the framing
+    headers (Content-Length, Transfer-Encoding, Connection, Date, Server) which the
+    server writes itself; a handler's ``Connection: close`` closes the connection."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+Handler: TypeAlias = Callable[[Request], Response | Awaitable[Response]]
+
+
+class ServerLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """Resource limits of one server; sizes in bytes, times in seconds."""
+
+    max_body_bytes: int = 65536
+    max_header_bytes: int = 16384  # request target plus all header lines
+    max_headers: int = 100
+    header_timeout: float = 10.0  # to receive a complete request head (slowloris)
+    body_timeout: float = 30.0  # to receive a body; also to drain a full write buffer
+    keepalive_timeout: float = 5.0  # an idle connection is closed after this
+    max_connections: int = 10000  # beyond: answered 503 + Retry-After and closed
+    max_pipelined: int = 64  # pending responses per connection before reading stops
+
+    def __post_init__(self) -> None:
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"ServerLimits.{name} must be positive, got {value!r}")
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    type_: str = "about:blank",
+    field: str | None = None,
+    extra: dict[str, object] | None = None,
+    headers: list[tuple[str, str]] | None = None,
+) -> Response:
+    """An RFC 9457 ``application/problem+json`` response."""
+    document: dict[str, object] = {
+        "type": type_,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if field is not None:
+        document["field"] = field
+    if extra:
+        document.update(extra)
+    return Response(status, _json_encode(document), "application/problem+json", headers)
+
+
+def _internal_error() -> Response:
+    return problem(500, "Internal Server Error", "the request handler failed; this is a bug")
+
+
+def _content_type_line(content_type: str) -> bytes:
+    line = _content_type_lines.get(content_type)
+    if line is None:
+        if "\r" in content_type or "\n" in content_type:
+            raise ValueError("CR or LF in Content-Type")
+        line = f"Content-Type: {content_type}\r\n".encode("latin-1")
+        if len(_content_type_lines) < 64:
+            _content_type_lines[content_type] = line
+    return line
+
+
+def _encode_response(
+    response: Response, date_server: bytes, keep_alive: bool, head: bool, http10: bool
+) -> tuple[bytes, bool]:
+    """The response's bytes, and whether the connection must close after it.
+
+    Raises (TypeError, ValueError, ...) for a response no client should see: a bad
+    status, a body that is not bytes, CR or LF smuggled into a header.
+    """
+    body = response.body
+    if body.__class__ is not bytes:
+        body = bytes(body)
+    status = response.status
+    status_line = _STATUS_LINES.get(status) or _status_line(status)
+    extra = b""
+    content_type = b""
+    if response.headers:
+        extra, has_content_type, asks_close = _encode_headers(response.headers)
+        keep_alive = keep_alive and not asks_close
+        if not has_content_type and body:
+            content_type = _content_type_line(response.content_type)
+    elif body:
+        content_type = _content_type_line(response.content_type)
+    if status == 204 or status == 304:
+        body = content_type = b""
+        length = b""
+    else:
+        length = b"Content-Length: %d\r\n" % len(body)
+    if not keep_alive:
+        connection = b"Connection: close\r\n"
+    elif http10:
+        connection = b"Connection: keep-alive\r\n"
+    else:
+        connection = b""
+    if head:
+        body = b""
+    return b"%s%s%s%s%s%s\r\n%s" % (
+        status_line,
+        date_server,
+        extra,
+        content_type,
+        length,
+        connection,
+        body,
+    ), not keep_alive
+
+
+def _encode_headers(headers: list[tuple[str, str]]) -> tuple[bytes, bool, bool]:
+    """A handler's header lines, whether they set Content-Type, whether they ask to close."""
+    lines = []
+    has_content_type = asks_close = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _FRAMING_HEADERS:
+            asks_close = asks_close or (lowered == "connection" and "close" in value.lower())
+            continue
+        has_content_type = has_content_type or lowered == "content-type"
+        lines.append(f"{name}: {value}\r\n")
+    block = "".join(lines)
+    if block.count("\n") != len(lines) or block.count("\r") != len(lines):
+        raise ValueError("CR or LF in a response header")
+    return block.encode("latin-1"), has_content_type, asks_close
+
+
+def _status_line(status: int) -> bytes:
+    if not 200 <= status <= 999:
+        raise ValueError(f"invalid response status {status!r}")
+    return b"HTTP/1.1 %d \r\n" % status
+
+
+def _split_target(url: bytes) -> tuple[str, dict[str, str]]:
+    """Path and query of a request target. Raises ValueError for an unparsable one."""
+    target = url.decode("latin-1")
+    if target[:1] != "/" or "#" in target:
+        if target == "*":
+            return "*", {}
+        parts = urlsplit(target)  # absolute-form (as sent to proxies), or a fragment
+        path, query = parts.path or "/", parts.query
+    else:
+        path, _, query = target.partition("?")
+    if "%" in path:
+        path = unquote(path, errors="replace")
+    if not query:
+        return path, {}
+    return path, dict(parse_qsl(query, keep_blank_values=True, errors="replace"))
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing the rest of the input."""
+
+
+_Deferred: TypeAlias = tuple[Request | Response | bytes, bool]
+
+
+class _Slot:
+    """A place in a connection's response order: a response or interim bytes once ready."""
+
+    __slots__ = ("head", "http10", "keep_alive", "ready", "task")
+
+    def __init__(
+        self,
+        ready: Response | bytes | None,
+        keep_alive: bool,
+        head: bool,
+        http10: bool,
+    ) -> None:
+        self.ready = ready
+        self.keep_alive = keep_alive
+        self.head = head
+        self.http10 = http10
+        self.task: asyncio.Future[Response] | None = None
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parser callbacks, response order, deadlines, closing."""
+
+    __slots__ = (
+        "_body",
+        "_body_started",
+        "_client_ip",
+        "_closing",
+        "_deadline",
+        "_deferred",
+        "_failed",
+        "_handler",
+        "_head_bytes",
+        "_head_done",
+        "_head_raw",
+        "_head_started",
+        "_header_count",
+        "_headers",
+        "_http_version",
+        "_in_message",
+        "_keep_alive",
+        "_limits",
+        "_linger_until",
+        "_lingering",
+        "_loop",
+        "_lost",
+        "_max_pipelined",
+        "_method",
+        "_now",
+        "_out",
+        "_out_size",
+        "_parser",
+        "_paused_at",
+        "_peer_eof",
+        "_pending",
+        "_reading_paused",
+        "_server",
+        "_timer",
+        "_timer_at",
+        "_transport",
+        "_url",
+        "_write_paused",
+    )
+
+    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._limits = server._limits
+        self._max_pipelined = server._limits.max_pipelined
+        self._handler = server._handler
+        self._transport: asyncio.Transport  # set by connection_made
+        self._parser = httptools.HttpRequestParser(self)
+        self._client_ip = ""
+        self._now = 0.0
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._pending: deque[_Slot] = deque()
+        self._deferred: deque[_Deferred] = deque()
+        # the message being received
+        self._in_message = False
+        self._head_done = False
+        self._head_raw = 0
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_started = 0.0
+        self._body_started = 0.0
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body: bytes | bytearray = b""
+        self._method = "GET"
+        self._http_version = "1.1"
+        self._keep_alive = True
+        # the connection
+        self._closing = False  # no more requests are read; close once answered
+        self._failed = False
+        self._lingering = False
+        self._linger_until = 0.0
+        self._lost = False
+        self._peer_eof = False
+        self._write_paused = False
+        self._reading_paused = False
+        self._paused_at = 0.0
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    # --- transport callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self._client_ip = str(peer[0])
+        self._server._connections.add(self)
+        if self._server._shutting_down:
+            self._lost = True  # accepted as the listener closed: nothing to answer
+            self._transport.close()
+            return
+        self._refresh_deadline(self._loop.time())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for slot in self._pending:
+            if slot.task is not None:
+                slot.task.cancel()
+        self._pending.clear()
+        self._deferred.clear()
+        self._server._forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # lingering, or answering what was already read: input is discarded
+        self._now = now = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            self._parser_stopped(error, data)
+        if self._in_message and not self._head_done and not self._closing:
+            # A head that never ends must not grow in httptools' buffers: count the
+            # chunks it spans (not the one it began in, which may hold other requests).
+            if self._head_raw < 0:
+                self._head_raw = 0
+            else:
+                self._head_raw += len(data)
+                if self._head_raw > self._limits.max_header_bytes:
+                    self._fail(self._head_too_large())
+        if self._out:
+            self._write_out()
+        if self._closing:
+            self._flush()
+        self._refresh_deadline(now)
+
+    def eof_received(self) -> bool:
+        self._peer_eof = True
+        if self._lingering or self._lost:
+            return False
+        self._in_message = False
+        self._closing = True
+        # keep the write side open to answer requests already read
+        return bool(self._pending or self._deferred)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._paused_at = self._loop.time()
+        self._update_reading()
+        self._refresh_deadline(self._paused_at)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._run_deferred()
+        self._flush()
+        self._update_reading()
+        self._refresh_deadline(self._loop.time())
+
+    # --- parser callbacks ----------------------------------------------------
+
+    def _parser_stopped(
+        self, error: httptools.HttpParserError | httptools.HttpParserUpgrade, data: bytes
+    ) -> None:
+        while isinstance(error, httptools.HttpParserUpgrade):
+            # Upgrades are ignored (RFC 9110 §7.8): the request was answered as a plain
+            # one, and the bytes after its head are parsed as the next request.
+            self._parser = httptools.HttpRequestParser(self)
+            data = data[error.args[0] :]
+            if not data or self._closing:
+                return
+            try:
+                self._parser.feed_data(data)
+                return
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as again:
+                error = again
+        if isinstance(error, httptools.HttpParserCallbackError):
+            cause = error.__context__
+            if cause is not None and not isinstance(cause, Exception):
+                raise cause  # KeyboardInterrupt, SystemExit: not ours to swallow
+            if not isinstance(cause, _Stop):
+                self._server._report(cause if cause is not None else error)
+                self._fail(_internal_error())
+        else:
+            self._fail(problem(400, "Bad Request", f"malformed HTTP request: {error}"))
+
+    def on_message_begin(self) -> None:
+        if self._server._shutting_down:
+            self._closing = True
+            raise _Stop
+        self._in_message = True
+        self._head_done = False
+        self._head_raw = -1  # the head began in the chunk at hand
+        self._head_bytes = 0
+        self._header_count = 0
+        self._head_started = self._now
+        self._url = b""
+        self._headers = {}
+        self._body = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._limits.max_header_bytes:
+            self._fail(self._head_too_large())
+            raise _Stop
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        self._header_count += 1
+        if (
+            self._head_bytes > self._limits.max_header_bytes
+            or self._header_count > self._limits.max_headers
+        ):
+            self._fail(self._head_too_large())
+            raise _Stop
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").rstrip(" \t")
+        headers = self._headers
+        previous = headers.get(key)
+        headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self._body_started = self._now
+        parser = self._parser
+        headers = self._headers
+        method = parser.get_method()
+        self._method = _METHODS.get(method) or method.decode("latin-1")
+        self._keep_alive = parser.should_keep_alive()
+        if self._keep_alive and "connection" not in headers:
+            self._http_version = "1.1"  # implied, and get_http_version() is slow
+        else:
+            self._http_version = parser.get_http_version()
+            if self._http_version != "1.1" and self._http_version != "1.0":
+                self._fail(problem(505, "HTTP Version Not Supported", "use HTTP/1.1"))
+                raise _Stop
+        if method == b"CONNECT":
+            self._fail(problem(400, "Bad Request", "CONNECT is not supported"))
+            raise _Stop
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                self._fail(problem(400, "Bad Request", "malformed Content-Length"))
+                raise _Stop from None
+            if length > self._limits.max_body_bytes:
+                self._fail(self._body_too_large())
+                raise _Stop
+        else:
+            length = 0
+        if "expect" in headers:
+            self._expect(headers, length)
+
+    def _expect(self, headers: dict[str, str], length: int) -> None:
+        if (
+            self._http_version == "1.1"
+            and headers["expect"].lower() == "100-continue"
+            and (length > 0 or "transfer-encoding" in headers)
+        ):
+            self._answer_ready(_CONTINUE, True)
+
+    def on_body(self, body: bytes) -> None:
+        received = self._body
+        if len(received) + len(body) > self._limits.max_body_bytes:
+            self._fail(self._body_too_large())
+            raise _Stop
+        if not received:
+            self._body = body
+        elif received.__class__ is bytes:
+            self._body = bytearray(received) + body
+        else:
+            received += body
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        body = self._body
+        if body.__class__ is not bytes:
+            body = bytes(body)
+        try:
+            path, query = _split_target(self._url)
+        except ValueError:
+            self._fail(problem(400, "Bad Request", "malformed request target"))
+            raise _Stop from None
+        request = Request(
+            self._method, path, query, self._headers, body, self._client_ip, self._http_version
+        )
+        keep_alive = self._keep_alive and not self._server._shutting_down
+        if not keep_alive:
+            self._closing = True
+        if not (self._pending or self._deferred or self._write_paused):
+            self._dispatch(request, keep_alive)
+        elif self._deferred or self._write_paused or len(self._pending) >= self._max_pipelined:
+            self._deferred.append((request, keep_alive))
+            self._update_reading()
+        else:
+            self._dispatch(request, keep_alive)
+        if self._closing:
+            raise _Stop
+
+    # --- responses, in order -------------------------------------------------
+
+    def _dispatch(self, request: Request, keep_alive: bool) -> None:
+        head = request.method == "HEAD"
+        http10 = request.http_version == "1.0"
+        try:
+            result = self._handler(request)
+        except Exception as exc:
+            self._server._report(exc)
+            result = _internal_error()
+        if not isinstance(result, Response):
+            if inspect.isawaitable(result):
+                self._await_response(result, keep_alive, head, http10)
+                return
+            self._server._report(TypeError(f"handler returned {type(result).__name__}"))
+            result = _internal_error()
+        if self._pending:
+            self._pending.append(_Slot(result, keep_alive, head, http10))
+        else:
+            self._write_response(result, keep_alive, head, http10)
+
+    def _await_response(
+        self, result: Awaitable[Response], keep_alive: bool, head: bool, http10: bool
+    ) -> None:
+        slot = _Slot(None, keep_alive, head, http10)
+        task = asyncio.ensure_future(result, loop=self._loop)
+        slot.task = task
+        self._pending.append(slot)
+        task.add_done_callback(lambda done: self._on_response_done(slot, done))
+        if len(self._pending) >= self._limits.max_pipelined:
+            self._update_reading()
+
+    def _on_response_done(self, slot: _Slot, task: asyncio.Future[Response]) -> None:
+        slot.task = None
+        if self._lost:
+            return
+        if task.cancelled():
+            slot.ready = _internal_error()
+        elif (exc := task.exception()) is not None:
+            self._server._report(exc)
+            slot.ready = _internal_error()
+        else:
+            result: object = task.result()
+            if isinstance(result, Response):
+                slot.ready = result
+            else:
+                self._server._report(TypeError(f"handler returned {type(result).__name__}"))
+                slot.ready = _internal_error()
+        if self._pending and self._pending[0] is slot:
+            self._drain()
+
+    def _answer_ready(self, answer: Response | bytes, keep_alive: bool) -> None:
+        """Queue a response (or interim bytes) that needs no handler, behind all others."""
+        if self._deferred:
+            self._deferred.append((answer, keep_alive))
+        elif self._pending:
+            self._pending.append(_Slot(answer, keep_alive, False, False))
+        elif isinstance(answer, Response):
+            self._write_response(answer, keep_alive, False, False)
+        else:
+            self._out.append(answer)
+
+    def _drain(self) -> None:
+        """Write the ready slots at the front of the queue, then what was deferred."""
+        pending = self._pending
+        while pending and pending[0].ready is not None:
+            slot = pending.popleft()
+            ready = slot.ready
+            if isinstance(ready, Response):
+                self._write_response(ready, slot.keep_alive, slot.head, slot.http10)
+            elif ready is not None:
+                self._out.append(ready)
+        self._run_deferred()
+        self._flush()
+        self._update_reading()
+        self._refresh_deadline(self._loop.time())
+
+    def _run_deferred(self) -> None:
+        deferred = self._deferred
+        limit = self._limits.max_pipelined
+        while deferred and not self._write_paused and len(self._pending) < limit:
+            item, keep_alive = deferred.popleft()
+            if isinstance(item, Request):
+                self._dispatch(item, keep_alive)
+            else:
+                self._answer_ready(item, keep_alive)
+
+    def _write_response(
+        self, response: Response, keep_alive: bool, head: bool, http10: bool
+    ) -> None:
+        if self._closing and not self._pending and not self._deferred:
+            keep_alive = False  # the last answer before closing says so
+        try:
+            data, close = _encode_response(
+                response, self._server._date_server, keep_alive, head, http10
+            )
+        except Exception as exc:  # a malformed Response must not break the connection
+            self._server._report(exc)
+            data, close = _encode_response(
+                _internal_error(), self._server._date_server, keep_alive, False, http10
+            )
+        self._out.append(data)
+        self._out_size += len(data)
+        if close:
+            self._closing = True
+            if self._pending or self._deferred:
+                # The handler asked to close: requests read after this one go unanswered.
+                for slot in self._pending:
+                    if slot.task is not None:
+                        slot.task.cancel()
+                self._pending.clear()
+                self._deferred.clear()
+        if self._out_size >= _FLUSH_AT:
+            self._write_out()
+
+    def _fail(self, response: Response) -> None:
+        """Answer an unreadable request after those before it, then close."""
+        if self._failed:
+            return
+        self._failed = True
+        self._closing = True
+        self._in_message = False
+        self._answer_ready(response, False)
+
+    def _head_too_large(self) -> Response:
+        limits = self._limits
+        return problem(
+            431,
+            "Request Header Fields Too Large",
+            f"the request head exceeds {limits.max_header_bytes} bytes "
+            f"or {limits.max_headers} header fields",
+        )
+
+    def _body_too_large(self) -> Response:
+        return problem(
+            413,
+            "Content Too Large",
+            f"the request body exceeds {self._limits.max_body_bytes} bytes",
+        )
+
+    # --- writing and closing -------------------------------------------------
+
+    def _write_out(self) -> None:
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._out_size = 0
+            if not self._lost:
+                self._transport.write(data)
+
+    def _flush(self) -> None:
+        self._write_out()
+        if self._closing and not self._pending and not self._deferred and not self._lingering:
+            self._begin_close()
+
+    def _begin_close(self) -> None:
+        transport = self._transport
+        if self._lost or transport.is_closing():
+            return
+        if self._peer_eof or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._lingering = True
+        now = self._loop.time()
+        self._linger_until = now + _LINGER_SECONDS
+        if self._reading_paused:  # read, to see the client's EOF
+            self._reading_paused = False
+            transport.resume_reading()
+        self._refresh_deadline(now)
+
+    def _update_reading(self) -> None:
+        blocked = (
+            self._write_paused
+            or bool(self._deferred)
+            or len(self._pending) >= self._limits.max_pipelined
+        )
+        if blocked == self._reading_paused or self._lost or self._lingering:
+            return
+        self._reading_paused = blocked
+        if blocked:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
+            # the client was not slow while we were not reading
+            self._head_started = self._body_started = self._loop.time()
+
+    def begin_shutdown(self) -> None:
+        """Answer what was read (the last answer with ``Connection: close``), then close."""
+        if self._lost or self._closing or self._in_message:
+            return  # a message being received is answered with Connection: close
+        self._closing = True
+        if not self._pending and not self._deferred:
+            self._transport.close()  # idle
+
+    def abort(self) -> None:
+        if not self._lost:
+            self._transport.abort()
+
+    # --- deadlines -----------------------------------------------------------
+
+    def _refresh_deadline(self, now: float) -> None:
+        limits = self._limits
+        if not (self._in_message or self._pending or self._closing or self._reading_paused):
+            deadline = now + limits.keepalive_timeout  # idle
+        elif self._lingering:
+            deadline = self._linger_until
+        elif self._write_paused:
+            deadline = self._paused_at + limits.body_timeout
+        elif self._reading_paused or self._closing or not self._in_message:
+            deadline = 0.0  # handlers are at work: that time is ours, not the client's
+        elif self._head_done:
+            deadline = self._body_started + limits.body_timeout
+        else:
+            deadline = self._head_started + limits.header_timeout
+        self._deadline = deadline
+        if deadline and not self._lost and (self._timer is None or deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if self._lost or not deadline:
+            return
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = deadline
+            return
+        if self._lingering:
+            self._transport.close()
+        elif self._write_paused:
+            self._transport.abort()  # the client stopped reading
+        elif self._in_message:
+            what = "body" if self._head_done else "request head"
+            self._fail(problem(408, "Request Timeout", f"the {what} was not received in time"))
+            self._flush()
+        else:
+            self._transport.close()  # idle keep-alive
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond ``max_connections``: answered 503 without reading, then closed."""
+
+    __slots__ = ("_server", "_timer", "_transport")
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.Transport  # set by connection_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._server._refused.add(self)
+        overloaded = problem(
+            503,
+            "Service Unavailable",
+            "the server has too many open connections; retry shortly",
+            headers=[("Retry-After", "1")],
+        )
+        data, _ = _encode_response(overloaded, self._server._date_server, False, False, False)
+        self._transport.write(data)
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(_LINGER_SECONDS, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # discarded: the request is refused unread
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._server._forget(self)
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+
+class HttpServer:
+    """Serves one handler over HTTP/1.1 on one event loop (uvloop recommended)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        *,
+        on_error: Callable[[BaseException], None] | None = None,
+        server_header: str = "bucketmesh",
+    ) -> None:
+        if "\r" in server_header or "\n" in server_header:
+            raise ValueError("CR or LF in server_header")
+        self._handler = handler
+        self._limits = limits if limits is not None else ServerLimits()
+        self._on_error = on_error
+        self._server_header = server_header.encode("latin-1")
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._refused: set[_Refused] = set()
+        self._shutting_down = False
+        self._all_closed: asyncio.Event | None = None
+        self._date_timer: asyncio.TimerHandle | None = None
+        self._date_server = b""
+        self._stamp_date()
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Listen on ``host:port`` (port 0: any free port), or on an already bound ``sock``."""
+        if self._server is not None:
+            raise RuntimeError("HttpServer already started")
+        loop = asyncio.get_running_loop()
+
+        def make_protocol() -> asyncio.Protocol:
+            if len(self._connections) >= self._limits.max_connections:
+                return _Refused(self)
+            return _Connection(self, loop)
+
+        if sock is not None:
+            self._server = await loop.create_server(make_protocol, sock=sock, backlog=_BACKLOG)
+        else:
+            self._server = await loop.create_server(
+                make_protocol, host, port, reuse_port=reuse_port or None, backlog=_BACKLOG
+            )
+        self._tick_date()
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("HttpServer is not listening")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop accepting; answer requests already read (the last one on each connection
+        with ``Connection: close``); close idle connections; abort what remains after
+        ``grace`` seconds. On return no connection is left open."""
+        if self._server is None:
+            return
+        self._shutting_down = True
+        self._server.close()
+        for connection in list(self._connections):
+            connection.begin_shutdown()
+        for refused in list(self._refused):
+            refused.abort()
+        if self._connections or self._refused:
+            if self._all_closed is None:
+                self._all_closed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), grace)
+            except asyncio.TimeoutError:
+                for connection in list(self._connections):
+                    connection.abort()
+                for refused in list(self._refused):
+                    refused.abort()
+                await self._all_closed.wait()  # abort() reports connection_lost next iteration
+        await self._server.wait_closed()
+        if self._date_timer is not None:
+            self._date_timer.cancel()
+            self._date_timer = None
+
+    def _forget(self, connection: _Connection | _Refused) -> None:
+        if isinstance(connection, _Connection):
+            self._connections.discard(connection)
+        else:
+            self._refused.discard(connection)
+        if self._all_closed is not None and not self._connections and not self._refused:
+            self._all_closed.set()
+
+    def _report(self, exc: BaseException) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(exc)
+                return
+            except Exception:
+                _log.exception("on_error callback failed")
+        _log.error("request handler failed", exc_info=exc)
+
+    def _stamp_date(self) -> None:
+        now = time.time()
+        self._date_server = b"Date: %s\r\nServer: %s\r\n" % (
+            formatdate(now, usegmt=True).encode("ascii"),
+            self._server_header,
+        )
+
+    def _tick_date(self) -> None:
+        self._stamp_date()
+        if not self._shutting_down:
+            # wake just after the next whole second
+            delay = 1.0005 - time.time() % 1.0
+            self._date_timer = asyncio.get_running_loop().call_later(delay, self._tick_date)

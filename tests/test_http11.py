@@ -1,0 +1,639 @@
+"""The HTTP/1.1 layer over real sockets: a server on its own uvloop thread, raw clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Iterator
+
+import pytest
+import uvloop
+
+from bucketmesh.http11 import (
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+    ServerLimits,
+    problem,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class Running:
+    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self.server = server
+        self.loop = loop
+        self.errors: list[BaseException] = []
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def call(self, coroutine: Awaitable[object], timeout: float = 10.0) -> object:
+        async def wrapped() -> object:
+            return await coroutine
+
+        return asyncio.run_coroutine_threadsafe(wrapped(), self.loop).result(timeout)
+
+    def open_connections(self) -> int:
+        async def count() -> int:
+            return self.server.open_connections
+
+        return int(asyncio.run_coroutine_threadsafe(count(), self.loop).result(5))  # type: ignore[call-overload]
+
+
+@contextlib.contextmanager
+def serving(handler: Handler, **limits: float) -> Iterator[Running]:
+    loop = uvloop.new_event_loop()
+    errors: list[BaseException] = []
+    server = HttpServer(
+        handler,
+        ServerLimits(**limits),  # type: ignore[arg-type]
+        on_error=errors.append,
+    )
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start("127.0.0.1", 0))
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    running = Running(server, loop)
+    running.errors = errors
+    try:
+        yield running
+    finally:
+        asyncio.run_coroutine_threadsafe(server.shutdown(grace=1.0), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+class Client:
+    """A raw HTTP/1.1 client: send bytes, read exact responses."""
+
+    def __init__(self, port: int, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
+        self.buffer = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(65536)
+        self.buffer += chunk
+        return bool(chunk)
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            if not self._fill():
+                raise ConnectionError(f"EOF before {marker!r}; got {self.buffer!r}")
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head + marker
+
+    def read_exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            if not self._fill():
+                raise ConnectionError(f"EOF after {len(self.buffer)} of {size} bytes")
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def response(self, head_only: bool = False) -> tuple[str, dict[str, str], bytes]:
+        """Status line, headers (lower-cased names), body."""
+        lines = self.read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines[1:-2]:
+            name, _, value = line.partition(":")
+            assert name.lower() not in headers, f"duplicate header {name}"
+            headers[name.lower()] = value.strip()
+        size = 0 if head_only else int(headers.get("content-length", "0"))
+        return lines[0], headers, self.read_exactly(size)
+
+    def at_eof(self, timeout: float = 3.0) -> bool:
+        """True when the server closed (FIN or reset) within timeout and sent nothing more;
+        then closes this side too."""
+        self.sock.settimeout(timeout)
+        try:
+            while not self.buffer:
+                if not self._fill():
+                    self.close()
+                    return True
+        except ConnectionResetError:
+            self.close()
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def echo(request: Request) -> Response:
+    document = {
+        "method": request.method,
+        "path": request.path,
+        "query": request.query,
+        "headers": request.headers,
+        "body": request.body.decode("latin-1"),
+        "client_ip": request.client_ip,
+        "http_version": request.http_version,
+    }
+    return Response(200, json.dumps(document, sort_keys=True).encode())
+
+
+def path_echo(request: Request) -> Response:
+    return Response(200, request.path.encode(), "text/plain")
+
+
+def get(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: test", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_keep_alive_reuses_one_connection_and_every_response_is_framed() -> None:
+    with serving(path_echo) as running:
+        client = Client(running.port)
+        for path in ("/one", "/two"):
+            client.send(get(path))
+            status, headers, body = client.response()
+            assert status == "HTTP/1.1 200 OK"
+            assert body == path.encode()
+            assert headers["content-length"] == str(len(path))
+            assert headers["content-type"] == "text/plain"
+            assert headers["server"] == "bucketmesh"
+            assert headers["date"].endswith(" GMT")
+            assert "connection" not in headers
+        assert running.open_connections() == 1
+        client.close()
+
+
+def test_request_fields_are_decoded() -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        client.send(
+            b"POST /v1/buckets/a%2Fb%20c?key=x%2Fy&tokens=1&tokens=2&empty= HTTP/1.1\r\n"
+            b"Host: test\r\nX-API-Key: k1  \r\nX-Api-Key: k2\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 200 OK"
+        assert json.loads(body) == {
+            "method": "POST",
+            "path": "/v1/buckets/a/b c",
+            "query": {"key": "x/y", "tokens": "2", "empty": ""},
+            "headers": {"host": "test", "x-api-key": "k1, k2", "content-length": "5"},
+            "body": "hello",
+            "client_ip": "127.0.0.1",
+            "http_version": "1.1",
+        }
+        client.close()
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    with serving(path_echo) as running:
+        client = Client(running.port)
+        client.send(get("/a") + get("/b") + get("/c"))
+        assert [client.response()[2] for _ in range(3)] == [b"/a", b"/b", b"/c"]
+        client.close()
+
+
+def test_slow_async_response_is_not_overtaken_by_later_sync_ones() -> None:
+    def handler(request: Request) -> Response | Awaitable[Response]:
+        if request.path == "/slow":
+
+            async def slow() -> Response:
+                await asyncio.sleep(0.3)
+                return Response(200, b"/slow", "text/plain")
+
+            return slow()
+        return path_echo(request)
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(get("/slow") + get("/b") + get("/c"))
+        assert [client.response()[2] for _ in range(3)] == [b"/slow", b"/b", b"/c"]
+        client.close()
+
+
+def test_async_handler_sleeping_on_first_request_only_keeps_order() -> None:
+    async def handler(request: Request) -> Response:
+        if request.path == "/first":
+            await asyncio.sleep(0.3)
+        return Response(200, request.path.encode(), "text/plain")
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(get("/first") + get("/second") + get("/third"))
+        assert [client.response()[2] for _ in range(3)] == [b"/first", b"/second", b"/third"]
+        client.send(get("/again"))
+        assert client.response()[2] == b"/again"
+        client.close()
+
+
+def test_chunked_body_is_reassembled() -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        client.send(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n"
+        )
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 200 OK"
+        assert json.loads(body)["body"] == "hello world"
+        client.close()
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        client.send(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert client.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        client.send(b"data")
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 200 OK"
+        assert json.loads(body)["body"] == "data"
+        client.close()
+
+
+def test_expect_100_continue_with_oversized_length_gets_413_instead() -> None:
+    with serving(echo, max_body_bytes=10) as running:
+        client = Client(running.port)
+        client.send(
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+        )
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 413 Request Entity Too Large"
+        assert headers["content-type"] == "application/problem+json"
+        assert headers["connection"] == "close"
+        assert json.loads(body) == {
+            "type": "about:blank",
+            "title": "Content Too Large",
+            "status": 413,
+            "detail": "the request body exceeds 10 bytes",
+        }
+        assert client.at_eof()
+
+
+def test_http10_closes_after_the_response() -> None:
+    with serving(path_echo) as running:
+        client = Client(running.port)
+        client.send(b"GET /old HTTP/1.0\r\n\r\n")
+        status, headers, body = client.response()
+        assert (status, headers["connection"], body) == ("HTTP/1.1 200 OK", "close", b"/old")
+        assert client.at_eof()
+
+
+def test_http10_keep_alive_is_honoured() -> None:
+    with serving(path_echo) as running:
+        client = Client(running.port)
+        for path in ("/a", "/b"):
+            client.send(f"GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+            status, headers, body = client.response()
+            assert (status, headers["connection"], body) == (
+                "HTTP/1.1 200 OK",
+                "keep-alive",
+                path.encode(),
+            )
+        client.close()
+
+
+def test_connection_close_is_honoured_and_later_pipelined_requests_ignored() -> None:
+    calls: list[str] = []
+
+    def handler(request: Request) -> Response:
+        calls.append(request.path)
+        return path_echo(request)
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(get("/a", "Connection: close") + get("/b"))
+        status, headers, body = client.response()
+        assert (status, headers["connection"], body) == ("HTTP/1.1 200 OK", "close", b"/a")
+        assert client.at_eof()
+        assert calls == ["/a"]
+
+
+def test_oversized_head_gets_431() -> None:
+    with serving(echo, max_header_bytes=1024) as running:
+        client = Client(running.port)
+        client.send(get("/", "X-Big: " + "x" * 2000))
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+        assert headers["connection"] == "close"
+        assert json.loads(body)["status"] == 431
+        assert client.at_eof()
+
+
+def test_oversized_head_sent_in_pieces_gets_431() -> None:
+    with serving(echo, max_header_bytes=1024) as running:
+        client = Client(running.port)
+        client.send(b"GET / HTTP/1.1\r\nX-Endless: ")
+        for _ in range(10):
+            client.send(b"x" * 400)
+            if select.select([client.sock], [], [], 0.02)[0]:
+                break  # the server answered
+        status, _, _ = client.response()
+        assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+        assert client.at_eof()
+
+
+def test_too_many_headers_gets_431() -> None:
+    with serving(echo, max_headers=10) as running:
+        ok = Client(running.port)
+        ok.send(get("/", *(f"X-H{i}: v" for i in range(9))))
+        assert ok.response()[0] == "HTTP/1.1 200 OK"
+        client = Client(running.port)
+        client.send(get("/", *(f"X-H{i}: v" for i in range(10))))
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 431 Request Header Fields Too Large"
+        assert json.loads(body)["title"] == "Request Header Fields Too Large"
+        assert client.at_eof()
+
+
+def test_oversized_declared_body_gets_413() -> None:
+    with serving(echo, max_body_bytes=10) as running:
+        client = Client(running.port)
+        client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\n" + b"x" * 11)
+        status, headers, _ = client.response()
+        assert status == "HTTP/1.1 413 Request Entity Too Large"
+        assert headers["connection"] == "close"
+        assert client.at_eof()
+
+
+def test_oversized_chunked_body_gets_413() -> None:
+    with serving(echo, max_body_bytes=10) as running:
+        client = Client(running.port)
+        client.send(
+            b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"6\r\nxxxxxx\r\n6\r\nxxxxxx\r\n0\r\n\r\n"
+        )
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 413 Request Entity Too Large"
+        assert json.loads(body)["detail"] == "the request body exceeds 10 bytes"
+        assert client.at_eof()
+
+
+def test_garbage_gets_400_problem() -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        client.send(b"HELLO THERE\r\n\r\n")
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 400 Bad Request"
+        assert headers["content-type"] == "application/problem+json"
+        assert headers["connection"] == "close"
+        assert json.loads(body) == {
+            "type": "about:blank",
+            "title": "Bad Request",
+            "status": 400,
+            "detail": "malformed HTTP request: Invalid method encountered",
+        }
+        assert client.at_eof()
+
+
+def test_upgrade_is_ignored_and_the_request_answered() -> None:
+    with serving(path_echo) as running:
+        client = Client(running.port)
+        client.send(get("/up", "Connection: Upgrade", "Upgrade: h2c") + get("/next"))
+        assert client.response()[2] == b"/up"
+        assert client.response()[2] == b"/next"
+        client.close()
+
+
+def test_slowloris_head_is_closed_with_408_after_header_timeout() -> None:
+    with serving(echo, header_timeout=0.3) as running:
+        client = Client(running.port)
+        started = time.monotonic()
+        for byte in b"GET / HTTP/1.1\r\nHost: test\r\nX-Slow: abcdefghijklmnop":
+            client.send(bytes([byte]))
+            if select.select([client.sock], [], [], 0.05)[0]:
+                break  # the server answered
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 408 Request Timeout"
+        assert headers["connection"] == "close"
+        assert json.loads(body)["detail"] == "the request head was not received in time"
+        assert 0.3 <= time.monotonic() - started < 1.5
+        assert client.at_eof()
+
+
+def test_lying_content_length_is_closed_after_body_timeout() -> None:
+    with serving(echo, body_timeout=0.3) as running:
+        client = Client(running.port)
+        client.send(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc")
+        started = time.monotonic()
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 408 Request Timeout"
+        assert json.loads(body)["detail"] == "the body was not received in time"
+        assert 0.25 <= time.monotonic() - started < 1.5
+        assert client.at_eof()
+
+
+def test_idle_keep_alive_connection_is_closed() -> None:
+    with serving(path_echo, keepalive_timeout=0.3) as running:
+        client = Client(running.port)
+        client.send(get("/a"))
+        assert client.response()[0] == "HTTP/1.1 200 OK"
+        started = time.monotonic()
+        assert client.at_eof()
+        assert 0.25 <= time.monotonic() - started < 1.5
+        deadline = time.monotonic() + 2
+        while running.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.open_connections() == 0
+
+
+def test_connections_beyond_the_cap_get_503() -> None:
+    with serving(path_echo, max_connections=2) as running:
+        kept = [Client(running.port) for _ in range(2)]
+        for client in kept:
+            client.send(get("/kept"))
+            assert client.response()[2] == b"/kept"
+        refused = Client(running.port)
+        status, headers, body = refused.response()
+        assert status == "HTTP/1.1 503 Service Unavailable"
+        assert headers["retry-after"] == "1"
+        assert headers["connection"] == "close"
+        assert json.loads(body)["status"] == 503
+        assert refused.at_eof()
+        assert running.open_connections() == 2
+        kept[0].close()
+        deadline = time.monotonic() + 2
+        while running.open_connections() > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        again = Client(running.port)
+        again.send(get("/again"))
+        assert again.response()[2] == b"/again"
+
+
+def test_head_strips_the_body_and_keeps_its_length() -> None:
+    calls: list[str] = []
+
+    def handler(request: Request) -> Response:
+        calls.append(request.method)
+        return Response(200, b"0123456789", "text/plain")
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(b"HEAD /x HTTP/1.1\r\nHost: t\r\n\r\n" + get("/y"))
+        status, headers, body = client.response(head_only=True)
+        assert (status, headers["content-length"], body) == ("HTTP/1.1 200 OK", "10", b"")
+        assert client.response()[2] == b"0123456789"  # the next response starts right after
+        assert calls == ["HEAD", "GET"]
+        client.close()
+
+
+def test_handler_exception_gets_500_and_the_connection_survives() -> None:
+    def handler(request: Request) -> Response | Awaitable[Response]:
+        if request.path == "/boom":
+            raise RuntimeError("boom")
+        if request.path == "/async-boom":
+
+            async def fail() -> Response:
+                raise RuntimeError("async boom")
+
+            return fail()
+        return path_echo(request)
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        for path in ("/boom", "/async-boom"):
+            client.send(get(path))
+            status, headers, body = client.response()
+            assert status == "HTTP/1.1 500 Internal Server Error"
+            assert headers["content-type"] == "application/problem+json"
+            assert json.loads(body)["title"] == "Internal Server Error"
+        client.send(get("/fine"))
+        assert client.response()[2] == b"/fine"
+        assert [str(error) for error in running.errors] == ["boom", "async boom"]
+        client.close()
+
+
+def test_client_that_does_not_read_stops_being_read() -> None:
+    calls: list[str] = []
+    big = b"x" * (1 << 20)
+
+    def handler(request: Request) -> Response:
+        calls.append(request.path)
+        return Response(200, big, "text/plain")
+
+    with serving(handler) as running:
+        client = Client(running.port, rcvbuf=4096)
+        client.send(b"".join(get(f"/{i}") for i in range(40)))
+        time.sleep(0.5)
+        assert len(calls) < 10  # the rest waits, unparsed or unhandled, until the client reads
+        for i in range(40):
+            assert client.response()[1]["content-length"] == str(len(big))
+        assert calls == [f"/{i}" for i in range(40)]
+        client.close()
+
+
+def test_shutdown_answers_the_in_flight_request_and_closes_everything() -> None:
+    started = threading.Event()
+
+    def handler(request: Request) -> Response | Awaitable[Response]:
+        if request.path == "/slow":
+
+            async def slow() -> Response:
+                started.set()
+                await asyncio.sleep(0.5)
+                return Response(200, b"done", "text/plain")
+
+            return slow()
+        return path_echo(request)
+
+    with serving(handler) as running:
+        port = running.port
+        idle = Client(port)
+        idle.send(get("/idle"))
+        assert idle.response()[2] == b"/idle"
+        busy = Client(port)
+        busy.send(get("/slow"))
+        assert started.wait(5)
+        began = time.monotonic()
+        shutdown = asyncio.run_coroutine_threadsafe(running.server.shutdown(grace=5), running.loop)
+        assert idle.at_eof(timeout=1)
+        status, headers, body = busy.response()
+        assert (status, headers["connection"], body) == ("HTTP/1.1 200 OK", "close", b"done")
+        assert busy.at_eof()
+        shutdown.result(5)
+        assert time.monotonic() - began < 2
+        assert running.open_connections() == 0
+        with pytest.raises(OSError):
+            Client(port).send(get("/late"))
+
+
+def test_shutdown_aborts_what_remains_after_grace() -> None:
+    async def never(request: Request) -> Response:
+        await asyncio.sleep(30)
+        return Response(200)
+
+    with serving(never) as running:
+        client = Client(running.port)
+        client.send(get("/never"))
+        time.sleep(0.1)
+        began = time.monotonic()
+        running.call(running.server.shutdown(grace=0.3))
+        assert 0.25 <= time.monotonic() - began < 2
+        assert running.open_connections() == 0
+        assert client.at_eof()
+
+
+def test_problem_document_shape() -> None:
+    response = problem(
+        429,
+        "Too Many Requests",
+        "bucket k is empty",
+        type_="quota-exceeded",
+        field="tokens",
+        extra={"retry_after": 1.5},
+        headers=[("Retry-After", "2")],
+    )
+    assert response.status == 429
+    assert response.content_type == "application/problem+json"
+    assert response.headers == [("Retry-After", "2")]
+    assert json.loads(response.body) == {
+        "type": "quota-exceeded",
+        "title": "Too Many Requests",
+        "status": 429,
+        "detail": "bucket k is empty",
+        "field": "tokens",
+        "retry_after": 1.5,
+    }
+
+
+def test_handler_headers_are_written_and_framing_stays_the_servers() -> None:
+    def handler(request: Request) -> Response:
+        return Response(
+            429,
+            b"{}",
+            headers=[("RateLimit", '"k";r=0;t=2'), ("Content-Length", "999")],
+        )
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(get("/"))
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 429 Too Many Requests"
+        assert headers["ratelimit"] == '"k";r=0;t=2'
+        assert headers["content-length"] == "2"
+        assert body == b"{}"
+        client.close()
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"ServerLimits\.max_headers must be positive"):
+        ServerLimits(max_headers=0)
