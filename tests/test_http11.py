@@ -46,7 +46,7 @@ class Running:
         async def count() -> int:
             return self.server.open_connections
 
-        return int(asyncio.run_coroutine_threadsafe(count(), self.loop).result(5))  # type: ignore[call-overload]
+        return asyncio.run_coroutine_threadsafe(count(), self.loop).result(5)
 
 
 @contextlib.contextmanager
@@ -243,6 +243,87 @@ def test_async_handler_sleeping_on_first_request_only_keeps_order() -> None:
         client.close()
 
 
+@pytest.mark.parametrize(
+    ("request_line", "connection", "version", "closes"),
+    [
+        ("GET / HTTP/1.1", "", "1.1", False),
+        ("GET / HTTP/1.1", "Connection: keep-alive", "1.1", False),
+        ("GET / HTTP/1.1", "Connection: close", "1.1", True),
+        ("GET / HTTP/1.0", "", "1.0", True),
+        ("GET / HTTP/1.0", "Connection: keep-alive", "1.0", False),
+    ],
+)
+def test_http_version_and_persistence(
+    request_line: str, connection: str, version: str, closes: bool
+) -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        extra = f"{connection}\r\n" if connection else ""
+        client.send(f"{request_line}\r\nHost: t\r\n{extra}\r\n".encode())
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 200 OK"
+        assert json.loads(body)["http_version"] == version
+        assert (headers.get("connection") == "close") == closes
+        if closes:
+            assert client.at_eof()
+        else:
+            client.send(get("/again"))
+            assert client.response()[0] == "HTTP/1.1 200 OK"
+            client.close()
+
+
+def test_unsupported_http_version_gets_505() -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        client.send(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n")
+        status, _, body = client.response()
+        assert status == "HTTP/1.1 505 HTTP Version Not Supported"
+        assert json.loads(body)["detail"] == "use HTTP/1.1"
+        assert client.at_eof()
+
+
+def test_more_pipelined_async_requests_than_the_limit_are_all_answered_in_order() -> None:
+    in_flight: list[int] = []
+    most = 0
+
+    async def handler(request: Request) -> Response:
+        nonlocal most
+        in_flight.append(1)
+        most = max(most, len(in_flight))
+        await asyncio.sleep(0.01)
+        in_flight.pop()
+        return Response(200, request.path.encode(), "text/plain")
+
+    with serving(handler, max_pipelined=2) as running:
+        client = Client(running.port)
+        client.send(b"".join(get(f"/{i}") for i in range(20)))
+        assert [client.response()[2] for _ in range(20)] == [f"/{i}".encode() for i in range(20)]
+        assert most == 2
+        client.close()
+
+
+def test_interim_100_continue_keeps_its_place_among_deferred_requests() -> None:
+    async def handler(request: Request) -> Response:
+        await asyncio.sleep(0.05)
+        return Response(200, request.path.encode() + request.body, "text/plain")
+
+    with serving(handler, max_pipelined=1) as running:
+        client = Client(running.port)
+        client.send(
+            get("/slow")
+            + get("/b")
+            + b"POST /post HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n"
+            + b"Expect: 100-continue\r\n\r\ndata"
+            + get("/c")
+        )
+        assert client.response()[2] == b"/slow"
+        assert client.response()[2] == b"/b"
+        assert client.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert client.response()[2] == b"/postdata"
+        assert client.response()[2] == b"/c"
+        client.close()
+
+
 def test_chunked_body_is_reassembled() -> None:
     with serving(echo) as running:
         client = Client(running.port)
@@ -260,7 +341,8 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
     with serving(echo) as running:
         client = Client(running.port)
         client.send(
-            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 4\r\n"
+            b"Expect: 100-continue\r\n\r\n"
         )
         assert client.read_until(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
         client.send(b"data")
@@ -274,7 +356,8 @@ def test_expect_100_continue_with_oversized_length_gets_413_instead() -> None:
     with serving(echo, max_body_bytes=10) as running:
         client = Client(running.port)
         client.send(
-            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: 11\r\n"
+            b"Expect: 100-continue\r\n\r\n"
         )
         status, headers, body = client.response()
         assert status == "HTTP/1.1 413 Request Entity Too Large"
@@ -535,7 +618,7 @@ def test_client_that_does_not_read_stops_being_read() -> None:
         client.send(b"".join(get(f"/{i}") for i in range(40)))
         time.sleep(0.5)
         assert len(calls) < 10  # the rest waits, unparsed or unhandled, until the client reads
-        for i in range(40):
+        for _ in range(40):
             assert client.response()[1]["content-length"] == str(len(big))
         assert calls == [f"/{i}" for i in range(40)]
         client.close()
@@ -632,6 +715,25 @@ def test_handler_headers_are_written_and_framing_stays_the_servers() -> None:
         assert headers["content-length"] == "2"
         assert body == b"{}"
         client.close()
+
+
+def test_handler_asking_to_close_closes_and_a_broken_response_gets_500() -> None:
+    def handler(request: Request) -> Response:
+        if request.path == "/bye":
+            return Response(200, b"bye", "text/plain", [("Connection", "close")])
+        return Response(200, b"x", "text/plain", [("X-Injected", "a\r\nSet-Cookie: evil=1")])
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(get("/injected"))
+        status, headers, _ = client.response()
+        assert status == "HTTP/1.1 500 Internal Server Error"
+        assert "set-cookie" not in headers
+        assert [type(error) for error in running.errors] == [ValueError]
+        client.send(get("/bye"))
+        status, headers, body = client.response()
+        assert (status, headers["connection"], body) == ("HTTP/1.1 200 OK", "close", b"bye")
+        assert client.at_eof()
 
 
 def test_limits_must_be_positive() -> None:

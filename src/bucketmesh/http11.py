@@ -37,7 +37,7 @@ Deadlines
 Closing
     A connection closes after the response to a request that asked for it
     (``Connection: close``, HTTP/1.0 without keep-alive), after an error
-    response (400, 408, 413, 431), or on shutdown. It then half-closes
+    response (400, 408, 413, 431, 505), or on shutdown. It then half-closes
     (``write_eof``) and reads and discards input until the client closes or
     ``_LINGER_SECONDS`` pass, so that a client still sending is not answered
     with a TCP reset that would destroy the response before it is read.
@@ -221,7 +221,8 @@ def _encode_response(
         if not has_content_type and body:
             content_type = _content_type_line(response.content_type)
     elif body:
-        content_type = _content_type_line(response.content_type)
+        ct = response.content_type
+        content_type = _content_type_lines.get(ct) or _content_type_line(ct)
     if status == 204 or status == 304:
         body = content_type = b""
         length = b""
@@ -666,7 +667,11 @@ class _Connection(asyncio.Protocol):
         """Queue a response (or interim bytes) that needs no handler, behind all others."""
         if self._deferred:
             self._deferred.append((answer, keep_alive))
-        elif self._pending:
+        else:
+            self._answer_after_pending(answer, keep_alive)
+
+    def _answer_after_pending(self, answer: Response | bytes, keep_alive: bool) -> None:
+        if self._pending:
             self._pending.append(_Slot(answer, keep_alive, False, False))
         elif isinstance(answer, Response):
             self._write_response(answer, keep_alive, False, False)
@@ -696,7 +701,7 @@ class _Connection(asyncio.Protocol):
             if isinstance(item, Request):
                 self._dispatch(item, keep_alive)
             else:
-                self._answer_ready(item, keep_alive)
+                self._answer_after_pending(item, keep_alive)
 
     def _write_response(
         self, response: Response, keep_alive: bool, head: bool, http10: bool
