@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
+import re
 import select
 import socket
 import threading
@@ -272,14 +274,48 @@ def test_http_version_and_persistence(
             client.close()
 
 
-def test_unsupported_http_version_gets_505() -> None:
+def test_unsupported_http_version_gets_400() -> None:
     with serving(echo) as running:
         client = Client(running.port)
         client.send(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n")
         status, _, body = client.response()
-        assert status == "HTTP/1.1 505 HTTP Version Not Supported"
-        assert json.loads(body)["detail"] == "use HTTP/1.1"
+        assert status == "HTTP/1.1 400 Bad Request"
+        assert json.loads(body)["detail"] == "HTTP/2.0 is not supported; use HTTP/1.1"
         assert client.at_eof()
+
+
+def test_mangled_requests_never_get_a_5xx_and_the_server_keeps_serving() -> None:
+    valid = [
+        get("/v1/rate?key=a%2Fb", "X-API-Key: k"),
+        b'POST /v1/rate HTTP/1.1\r\nHost: t\r\nContent-Length: 13\r\n\r\n{"tokens": 1}',
+        b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    ]
+    rng = random.Random(7)
+    cases = [rng.randbytes(rng.randrange(1, 200)) for _ in range(40)]
+    for _ in range(120):
+        mangled = bytearray(rng.choice(valid))
+        for _ in range(rng.randrange(1, 4)):
+            mangled[rng.randrange(len(mangled))] = rng.randrange(256)
+        cases.append(bytes(mangled))
+
+    with serving(path_echo) as running:
+        clients = [Client(running.port) for _ in cases]
+        for client, case in zip(clients, cases, strict=True):
+            client.send(case)
+            client.sock.shutdown(socket.SHUT_WR)  # so an incomplete request ends at once
+        for client, case in zip(clients, cases, strict=True):
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := client.sock.recv(65536):
+                    received += chunk
+            client.close()
+            statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", received)
+            assert all(not status.startswith(b"5") for status in statuses), (case, received)
+        assert running.errors == []
+        client = Client(running.port)
+        client.send(get("/still-here"))
+        assert client.response()[2] == b"/still-here"
+        client.close()
 
 
 def test_more_pipelined_async_requests_than_the_limit_are_all_answered_in_order() -> None:
@@ -615,12 +651,12 @@ def test_client_that_does_not_read_stops_being_read() -> None:
 
     with serving(handler) as running:
         client = Client(running.port, rcvbuf=4096)
-        client.send(b"".join(get(f"/{i}") for i in range(40)))
+        client.send(b"".join(get(f"/{i}") for i in range(20)))
         time.sleep(0.5)
         assert len(calls) < 10  # the rest waits, unparsed or unhandled, until the client reads
-        for _ in range(40):
+        for _ in range(20):
             assert client.response()[1]["content-length"] == str(len(big))
-        assert calls == [f"/{i}" for i in range(40)]
+        assert calls == [f"/{i}" for i in range(20)]
         client.close()
 
 
@@ -673,6 +709,27 @@ def test_shutdown_aborts_what_remains_after_grace() -> None:
         assert 0.25 <= time.monotonic() - began < 2
         assert running.open_connections() == 0
         assert client.at_eof()
+
+
+def test_client_gone_while_its_async_response_is_pending_is_forgotten() -> None:
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.3)
+        return Response(200, b"late", "text/plain")
+
+    with serving(slow) as running:
+        client = Client(running.port)
+        client.send(get("/slow"))
+        time.sleep(0.05)
+        client.sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+        client.close()  # a reset
+        deadline = time.monotonic() + 2
+        while running.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert running.open_connections() == 0
+        time.sleep(0.4)
+        assert running.errors == []
 
 
 def test_problem_document_shape() -> None:

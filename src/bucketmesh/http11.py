@@ -37,7 +37,7 @@ Deadlines
 Closing
     A connection closes after the response to a request that asked for it
     (``Connection: close``, HTTP/1.0 without keep-alive), after an error
-    response (400, 408, 413, 431, 505), or on shutdown. It then half-closes
+    response (400, 408, 413, 431), or on shutdown. It then half-closes
     (``write_eof``) and reads and discards input until the client closes or
     ``_LINGER_SECONDS`` pass, so that a client still sending is not answered
     with a TCP reset that would destroy the response before it is read.
@@ -546,7 +546,8 @@ class _Connection(asyncio.Protocol):
         else:
             self._http_version = parser.get_http_version()
             if self._http_version != "1.1" and self._http_version != "1.0":
-                self._fail(problem(505, "HTTP Version Not Supported", "use HTTP/1.1"))
+                detail = f"HTTP/{self._http_version} is not supported; use HTTP/1.1"
+                self._fail(problem(400, "Bad Request", detail))  # the API answers no 5xx
                 raise _Stop
         if method == b"CONNECT":
             self._fail(problem(400, "Bad Request", "CONNECT is not supported"))
@@ -764,7 +765,7 @@ class _Connection(asyncio.Protocol):
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             self._out_size = 0
-            if not self._lost:
+            if not self._lost and not self._transport.is_closing():
                 self._transport.write(data)
 
     def _flush(self) -> None:
@@ -794,7 +795,12 @@ class _Connection(asyncio.Protocol):
             or bool(self._deferred)
             or len(self._pending) >= self._limits.max_pipelined
         )
-        if blocked == self._reading_paused or self._lost or self._lingering:
+        if (
+            blocked == self._reading_paused
+            or self._lost
+            or self._lingering
+            or self._transport.is_closing()
+        ):
             return
         self._reading_paused = blocked
         if blocked:
