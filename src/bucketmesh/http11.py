@@ -122,7 +122,8 @@ class Request:
 class Response:
     """What a handler answers. ``headers`` are written as given, except the framing
     headers (Content-Length, Transfer-Encoding, Connection, Date, Server) which the
-    server writes itself; a handler's ``Connection: close`` closes the connection."""
+    server writes itself; a handler's ``Connection: close`` closes the connection, and
+    a ``Content-Type`` among ``headers`` is written instead of ``content_type``."""
 
     __slots__ = ("body", "content_type", "headers", "status")
 
@@ -221,8 +222,7 @@ def _encode_response(
         if not has_content_type and body:
             content_type = _content_type_line(response.content_type)
     elif body:
-        ct = response.content_type
-        content_type = _content_type_lines.get(ct) or _content_type_line(ct)
+        content_type = _content_type_line(response.content_type)
     if status == 204 or status == 304:
         body = content_type = b""
         length = b""
@@ -265,7 +265,7 @@ def _encode_headers(headers: list[tuple[str, str]]) -> tuple[bytes, bool, bool]:
 
 
 def _status_line(status: int) -> bytes:
-    if not 200 <= status <= 999:
+    if not 200 <= status <= 599:
         raise ValueError(f"invalid response status {status!r}")
     return b"HTTP/1.1 %d \r\n" % status
 
