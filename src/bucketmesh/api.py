@@ -298,7 +298,19 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "summary": "A bucket's (or a rule's) config and state",
                 "parameters": [bucket_key],
                 "responses": {
-                    "200": _json("BucketStateBody", "The bucket or rule"),
+                    "200": {
+                        "description": "A rule's config (when {key} is a rule name) or a bucket",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/BucketConfigBody"},
+                                        {"$ref": "#/components/schemas/BucketStateBody"},
+                                    ]
+                                }
+                            }
+                        },
+                    },
                     "404": _problem_response("Neither a rule nor a key of a rule"),
                 },
             },

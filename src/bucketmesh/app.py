@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -33,6 +34,8 @@ PROBLEM = "application/problem+json"
 MAX_BATCH = 1000
 IDEMPOTENCY_TTL_S = 600.0
 IDEMPOTENCY_MAX = 100_000
+_MISSING = re.compile(r"(?:header|query parameter) (\S+) is (?:missing|empty)")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 MAX_IDEMPOTENCY_KEY = 256
 
 
@@ -152,6 +155,9 @@ class RatingApp:
         self.monotonic = monotonic
         self.started = monotonic()
         self.idempotency = IdempotencyCache()
+        self.scope_headers = sorted(
+            {name for rule in limiter.rules for name in rule.template.header_names}
+        )
         self.region_suffix = b',"region":' + msgspec.json.encode(region) + b"}"
         self.policies: dict[tuple[str, int, int], str] = {}
         self.rate_decoder = msgspec.json.Decoder(api.RateRequest)
@@ -217,24 +223,34 @@ class RatingApp:
         return response
 
     def dispatch(self, request: Request) -> tuple[str, Response]:
-        found = self.routes.get((request.method, request.path))
+        method = "GET" if request.method == "HEAD" else request.method  # http11 drops the body
+        path = request.path
+        route = "other"
         try:
+            found = self.routes.get((method, path))
             if found is not None:
-                return found[0], found[1](request)
-            for method, prefix, route, handler in self.prefix_routes:
-                if request.path.startswith(prefix) and len(request.path) > len(prefix):
-                    if request.method != method:
-                        continue
-                    return route, handler(request, request.path[len(prefix) :])
-            return "other", self.not_found_or_method(request)
+                route = found[0]
+                return route, found[1](request)
+            for route_method, prefix, prefix_route, handler in self.prefix_routes:
+                if route_method == method and path.startswith(prefix) and len(path) > len(prefix):
+                    route = prefix_route
+                    return route, handler(request, path[len(prefix) :])
+            return route, self.not_found_or_method(request)
         except ApiError as error:
             self.metrics.count_rejection(error.reason)
-            return (found[0] if found else "other"), error.response()
+            return route, error.response()
 
     def not_found_or_method(self, request: Request) -> Response:
         path = request.path
         allowed = sorted(m for (m, p) in self.routes if p == path)
-        allowed += sorted({m for m, prefix, _, _ in self.prefix_routes if path.startswith(prefix)})
+        allowed += sorted(
+            {m for m, prefix, _, _ in self.prefix_routes if path.startswith(prefix)}
+            if any(
+                len(path) > len(prefix) and path.startswith(prefix)
+                for _, prefix, _, _ in self.prefix_routes
+            )
+            else set()
+        )
         if allowed:
             return problem(
                 405,
@@ -317,7 +333,8 @@ class RatingApp:
             raise bad_request('no bucket rules are configured; give "key" and "rule"', "key")
         first = rules[0]
         missing = first.template.missing(headers, query, client_ip)
-        field = missing.split(" ")[1] if missing.startswith(("header ", "query ")) else "key"
+        named = _MISSING.match(missing)
+        field = named.group(1) if named else "key"
         raise bad_request(
             f"no rule matches this request: {missing} (rule {first.name!r} needs it), "
             'and no "key" was given',
@@ -390,6 +407,17 @@ class RatingApp:
                 key, rule = item.key, item.rule
                 if rule is not None and rule not in self.limiter.rules_by_name:
                     raise bad_request(f"unknown rule {rule!r}", f"requests[{index}].rule")
+            # Validate every item before charging any: a bad item fails the whole
+            # batch with nothing spent, atomic or not.
+            try:
+                capacity = self.limiter.inspect(key, rule=rule).config.capacity
+            except NoRuleError as error:
+                raise bad_request(str(error), f"requests[{index}].key") from None
+            if item.tokens > capacity:
+                raise bad_request(
+                    f"tokens must be between 0 and the capacity {capacity}, got {item.tokens}",
+                    f"requests[{index}].tokens",
+                )
             resolved.append((key, rule, item.tokens))
         decisions = (
             self._batch_atomic(resolved) if batch.atomic else [self._acquire(*r) for r in resolved]
@@ -591,7 +619,15 @@ class RatingApp:
             raise bad_request(
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters", "Idempotency-Key"
             )
-        return (request.path, value)
+        # Scoped to the caller and the request: the same Idempotency-Key sent by
+        # another client (another API key or address) or with another body is a
+        # different request, never a replay of someone else's decision.
+        headers = request.headers
+        scope = "\x00".join(
+            [request.client_ip, request.body.decode("latin-1"), repr(sorted(request.query.items()))]
+            + [headers.get(name, "") for name in self.scope_headers]
+        )
+        return (request.path, value + "\x00" + scope)
 
     def _require_json(self, request: Request) -> None:
         ctype = request.headers.get("content-type", "")
@@ -618,7 +654,11 @@ class RatingApp:
                 return ApiError(415, "Unsupported Media Type", "the body is not JSON", field="body")
             return bad_request(f"malformed JSON: {error}", "body")
         message = str(error)
-        return bad_request(message, api.error_field(error))
+        path = api.error_field(error)
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:
+            path = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return bad_request(message, path or "body")
 
     def _require_admin(self, request: Request) -> None:
         token = self.admin_token
