@@ -1,0 +1,379 @@
+"""The replicated bucket is a join-semilattice (DESIGN.md sections 2 and 8).
+
+Bucket states are grown the way replicas grow them: random sequences of local
+acquires, config changes (fresh HLC versions), merges of deltas and of full
+states between three replicas, and re-creation in a later epoch. On the
+states so reached, merge must be commutative, associative, idempotent and
+inflationary; a delta must carry a local mutation exactly; the wire structs
+must survive msgpack and JSON; two replicas holding the same state must give
+the same answers; and at the Limiter level, the order and repetition of the
+batches a replica merges must not matter. States are compared "replica
+neutrally": through a replica that holds no entry of its own, with zero
+entries of ``used`` dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bucketmesh.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta
+from bucketmesh.limiter import DeltaBatch, InvalidTokens, Limiter, Snapshot
+from bucketmesh.rules import Rule
+
+KEY = "k"
+NEUTRAL = "~neutral"
+REPLICAS = ("a/n/1", "b/n/1", "c/n/1")
+START = 1_000 * NS_PER_S
+TTL_NS = 3_600 * NS_PER_S
+
+Neutral = tuple[Any, ...]
+
+
+def neutral(delta: BucketDelta) -> Neutral:
+    used = tuple(sorted((rid, n) for rid, n in delta.used.items() if n))
+    return (delta.epoch, delta.config, delta.base_version, delta.base_time, used, delta.rule)
+
+
+def join(x: BucketDelta, y: BucketDelta) -> BucketDelta:
+    bucket = Bucket.from_delta(x, NEUTRAL)
+    bucket.merge(y, NEUTRAL)
+    return bucket.full_state(KEY, NEUTRAL)
+
+
+def at_least(bigger: BucketDelta, smaller: BucketDelta) -> bool:
+    """``bigger`` is above ``smaller`` in the lattice order."""
+    if bigger.epoch != smaller.epoch:
+        return bigger.epoch > smaller.epoch
+    return (
+        all(bigger.used.get(rid, 0) >= n for rid, n in smaller.used.items())
+        and (bigger.base_version, bigger.base_time) >= (smaller.base_version, smaller.base_time)
+        and bigger.config.version >= smaller.config.version
+    )
+
+
+# -- growing states ------------------------------------------------------------------
+
+replica = st.integers(0, len(REPLICAS) - 1)
+intervals = st.one_of(st.integers(1, 50), st.integers(10**6, 10**9))
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), replica, st.integers(1, 4), st.integers(0, 3 * 10**9)),
+        st.tuples(st.just("acquire"), replica, st.integers(1, 4), st.integers(0, 5)),
+        st.tuples(st.just("configure"), replica, st.integers(1, 12), intervals),
+        st.tuples(st.just("merge_full"), replica, replica, st.just(0)),
+        st.tuples(st.just("merge_delta"), replica, replica, st.just(0)),
+        st.tuples(st.just("recreate"), replica, st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@dataclass
+class World:
+    """Three replicas of one bucket, one shared true clock (skew does not matter here)."""
+
+    now: int = START
+    hlc: int = 0
+    buckets: list[Bucket] = field(default_factory=list)
+    seen: list[BucketDelta] = field(default_factory=list)
+
+    def state(self, index: int) -> BucketDelta:
+        return self.buckets[index].full_state(KEY, REPLICAS[index])
+
+    def apply(self, op: tuple[str, int, int, int]) -> None:
+        kind, r, x, y = op
+        bucket = self.buckets[r]
+        if kind == "acquire":
+            self.now += y
+            if x <= bucket.config.capacity:
+                bucket.acquire(KEY, x, self.now)
+        elif kind == "configure":
+            self.hlc += 1
+            config = BucketConfig(x, y, TTL_NS, SHARED, (self.hlc, REPLICAS[r]))
+            bucket.reconfigure(config, self.now)
+        elif kind == "merge_full":
+            bucket.merge(self.state(x), REPLICAS[r])
+        elif kind == "merge_delta":
+            bucket.merge(self.buckets[x].delta(KEY, REPLICAS[x]), REPLICAS[r])
+        else:  # dropped after its ttl, re-created in a later epoch
+            self.now += TTL_NS
+            self.buckets[r] = Bucket(bucket.config, self.now, bucket.rule)
+        self.seen.append(self.state(r))
+
+
+def grow(program: list[tuple[str, int, int, int]]) -> World:
+    config = BucketConfig(5, 200_000_000, TTL_NS, SHARED, (0, "rule:r:0"))
+    world = World()
+    world.buckets = [Bucket(config, START, "r") for _ in REPLICAS]
+    world.seen = [world.state(i) for i in range(len(REPLICAS))]
+    for op in program:
+        world.apply(op)
+    return world
+
+
+def three_states(world: World, data: st.DataObject) -> tuple[BucketDelta, ...]:
+    pick = st.sampled_from(world.seen)
+    return (data.draw(pick), data.draw(pick), data.draw(pick))
+
+
+# -- the lattice laws ----------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=ops, data=st.data())
+def test_merge_is_commutative_associative_idempotent(
+    program: list[tuple[str, int, int, int]], data: st.DataObject
+) -> None:
+    x, y, z = three_states(grow(program), data)
+    assert neutral(join(x, y)) == neutral(join(y, x))
+    assert neutral(join(join(x, y), z)) == neutral(join(x, join(y, z)))
+    assert neutral(join(x, x)) == neutral(x)
+    assert neutral(join(join(x, y), y)) == neutral(join(x, y))
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=ops, data=st.data())
+def test_merge_is_inflationary(
+    program: list[tuple[str, int, int, int]], data: st.DataObject
+) -> None:
+    x, y, _ = three_states(grow(program), data)
+    merged = join(x, y)
+    assert at_least(merged, x)
+    assert at_least(merged, y)
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=ops, data=st.data())
+def test_a_replica_never_moves_down_the_lattice(
+    program: list[tuple[str, int, int, int]], data: st.DataObject
+) -> None:
+    """Every op (acquire, configure, merge, re-create) only ever inflates a replica."""
+    world = grow([])
+    for op in program:
+        before = world.state(op[1])
+        world.apply(op)
+        assert at_least(world.state(op[1]), before)
+
+
+local_mutations = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(1, 4), st.integers(0, 3 * 10**9)),
+        st.tuples(st.just("configure"), st.integers(1, 12), intervals),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=ops, owner=replica, mutations=local_mutations)
+def test_state_joined_with_its_delta_is_the_mutated_state(
+    program: list[tuple[str, int, int, int]],
+    owner: int,
+    mutations: list[tuple[str, int, int]],
+) -> None:
+    """s ⊔ delta(s') == s' when s' is s mutated by its owner (acquires, config changes)."""
+    world = grow(program)
+    before = world.state(owner)
+    for kind, x, y in mutations:
+        world.apply((kind, owner, x, y))
+    after = world.state(owner)
+    delta = world.buckets[owner].delta(KEY, REPLICAS[owner])
+    assert neutral(join(before, delta)) == neutral(after)
+    # and a replica that already knew s' learns nothing from the delta again
+    assert neutral(join(after, delta)) == neutral(after)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    program=ops,
+    data=st.data(),
+    offsets=st.lists(st.integers(-(10**10), 10**11), min_size=1, max_size=5),
+    tokens=st.integers(0, 12),
+)
+def test_replicas_holding_the_same_state_answer_alike(
+    program: list[tuple[str, int, int, int]],
+    data: st.DataObject,
+    offsets: list[int],
+    tokens: int,
+) -> None:
+    world = grow(program)
+    state = data.draw(st.sampled_from(world.seen))
+    one, other = Bucket.from_delta(state, "p/n/1"), Bucket.from_delta(state, "q/n/1")
+    for offset in offsets:
+        t = world.now + offset
+        assert one.level(t) == other.level(t)
+        assert one.retry_after_ns(tokens, t) == other.retry_after_ns(tokens, t)
+        assert one.reset_after_ns(t) == other.reset_after_ns(t)
+        assert one.expired(t) == other.expired(t)
+        assert one.acquire(KEY, 0, t) == other.acquire(KEY, 0, t)
+    # two live replicas that exchanged full state hold the same state, bit for bit
+    a, b = world.buckets[0], world.buckets[1]
+    a.merge(world.state(1), REPLICAS[0])
+    b.merge(world.state(0), REPLICAS[1])
+    assert neutral(world.state(0)) == neutral(world.state(1))
+    t = world.now + offsets[0]
+    assert a.acquire(KEY, tokens, t) == b.acquire(KEY, tokens, t)
+
+
+# -- the wire ------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(program=ops)
+def test_wire_structs_round_trip_through_msgpack_and_json(
+    program: list[tuple[str, int, int, int]],
+) -> None:
+    world = grow(program)
+    batch = DeltaBatch(REPLICAS[0], world.seen, {"r": world.seen[-1].config})
+    for encode, decode in (
+        (msgspec.msgpack.encode, msgspec.msgpack.decode),
+        (msgspec.json.encode, msgspec.json.decode),
+    ):
+        for delta in world.seen:
+            assert decode(encode(delta), type=BucketDelta) == delta
+        assert decode(encode(batch), type=DeltaBatch) == batch
+
+
+# -- the Limiter: order and repetition of batches ------------------------------------
+
+RULES = [
+    Rule.create("x-{{ .Request.Header.X-Key }}", 6, 4.0, name="x"),
+    Rule.create("y-{{ .Request.Header.X-Key }}", 3, 0.5, name="y"),
+]
+LIMITER_KEYS = ("x-1", "x-2", "y-1")
+
+limiter_ops = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("acquire"),
+            replica,
+            st.sampled_from(LIMITER_KEYS),
+            st.integers(1, 3),
+            st.integers(0, 2 * 10**9),
+        ),
+        st.tuples(
+            st.just("configure"),
+            replica,
+            st.sampled_from(LIMITER_KEYS),
+            st.integers(1, 9),
+            st.integers(1, 20),
+        ),
+        st.tuples(st.just("deltas"), replica, replica, st.just(0), st.just(0)),
+        st.tuples(st.just("full"), replica, replica, st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+def limiter_states(limiter: Limiter) -> dict[str, Neutral]:
+    return {
+        key: neutral(bucket.full_state(key, limiter.replica_id))
+        for key, bucket in limiter.buckets.items()
+    }
+
+
+def sent_batches(
+    program: list[tuple[str, int, str | int, int, int]], rule_level_configs: bool
+) -> tuple[list[bytes], int]:
+    """Run ``program`` on three limiters; every batch sent, msgpack-encoded, and the time."""
+    limiters = [Limiter(RULES, replica_id=rid, clock=lambda: 0) for rid in REPLICAS]
+    now = START
+    sent: list[bytes] = []
+    for kind, r, x, y, z in program:
+        limiter = limiters[r]
+        if kind == "acquire":
+            now += z
+            with contextlib.suppress(InvalidTokens):
+                limiter.acquire(str(x), y, now=now)
+        elif kind == "configure":
+            target = str(x)
+            if rule_level_configs and y % 2:
+                target = limiter.rule_for(target).name
+            limiter.configure(target, capacity=y, refill_rate=float(z), now=now)
+        else:
+            batch = limiter.collect_deltas() if kind == "deltas" else limiter.full_state()
+            data = msgspec.msgpack.encode(batch)
+            sent.append(data)
+            dst = limiters[int(x)]
+            if dst is not limiter:
+                dst.merge(msgspec.msgpack.decode(data, type=DeltaBatch), now=now)
+    for limiter in limiters:
+        sent.append(msgspec.msgpack.encode(limiter.collect_deltas()))
+    return sent, now
+
+
+def observe(batches: list[bytes], now: int) -> Limiter:
+    observer = Limiter(RULES, replica_id="observer/n/1", clock=lambda: 0)
+    for data in batches:
+        observer.merge(msgspec.msgpack.decode(data, type=DeltaBatch), now=now)
+    return observer
+
+
+@settings(max_examples=150, deadline=None)
+@given(program=limiter_ops, data=st.data())
+def test_merge_order_and_duplicates_do_not_matter(
+    program: list[tuple[str, int, str | int, int, int]], data: st.DataObject
+) -> None:
+    batches, now = sent_batches(program, rule_level_configs=False)
+    reference = observe(batches, now)
+    for _ in range(3):
+        shuffled = data.draw(st.permutations(batches))
+        repeated = data.draw(st.lists(st.sampled_from(batches), max_size=6)) if batches else []
+        other = observe(shuffled + repeated + shuffled[: len(shuffled) // 2], now)
+        assert limiter_states(other) == limiter_states(reference)
+        assert other.rule_configs == reference.rule_configs
+
+
+@settings(max_examples=150, deadline=None)
+@given(program=limiter_ops, data=st.data())
+def test_rule_config_adoption_depends_on_order_only_until_replicas_exchange(
+    program: list[tuple[str, int, str | int, int, int]], data: st.DataObject
+) -> None:
+    """A newer *rule* config is adopted on merge by re-basing at the receiver (a local
+    write, keeping the level it sees then), so the base a receiver proposes depends on
+    what it had merged before. Configs and counters never depend on order, and
+    receivers that exchange full state agree exactly."""
+    batches, now = sent_batches(program, rule_level_configs=True)
+    observers = [observe(batches, now)]
+    for _ in range(2):
+        observers.append(observe(data.draw(st.permutations(batches)), now))
+    pure = [{key: (s[0], s[1], s[4]) for key, s in limiter_states(o).items()} for o in observers]
+    assert pure[1] == pure[0] and pure[2] == pure[0]
+    assert all(o.rule_configs == observers[0].rule_configs for o in observers)
+    for _ in range(2):
+        for one in observers:
+            for other in observers:
+                if one is not other:
+                    other.merge(one.full_state(), now=now)
+    assert limiter_states(observers[1]) == limiter_states(observers[0])
+    assert limiter_states(observers[2]) == limiter_states(observers[0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(program=limiter_ops)
+def test_snapshot_round_trips_through_msgpack_and_json(
+    program: list[tuple[str, int, str | int, int, int]],
+) -> None:
+    limiters = [Limiter(RULES, replica_id=rid, clock=lambda: 0) for rid in REPLICAS]
+    now = START
+    for kind, r, x, y, z in program:
+        if kind == "acquire":
+            now += z
+            with contextlib.suppress(InvalidTokens):
+                limiters[r].acquire(str(x), y, now=now)
+        elif kind == "full":
+            limiters[int(x)].merge(limiters[r].full_state(), now=now)
+    for limiter in limiters:
+        data = limiter.snapshot()
+        snapshot = msgspec.msgpack.decode(data, type=Snapshot)
+        assert msgspec.json.decode(msgspec.json.encode(snapshot), type=Snapshot) == snapshot
+        restored = Limiter.restore(data, RULES, clock=lambda: 0)
+        assert limiter_states(restored) == limiter_states(limiter)
+        assert msgspec.msgpack.decode(restored.snapshot(), type=Snapshot) == snapshot

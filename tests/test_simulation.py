@@ -1,0 +1,493 @@
+"""Deterministic simulation of the sync mesh (DESIGN.md section 8), via ``bucketmesh.sim``.
+
+Ten thousand seeded random schedules (2–5 replicas, skewed clocks, a network
+that drops, duplicates, reorders, delays and partitions, configure calls, all
+three modes) must each hold every invariant the simulator checks; then named
+scenarios pin down the behaviours one at a time, and mutants of the core prove
+that the checker can fail.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+
+import msgspec
+import pytest
+
+from bucketmesh.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
+from bucketmesh.limiter import DeltaBatch, Limiter
+from bucketmesh.rules import Rule
+from bucketmesh.sim import MS, InvariantViolation, Network, SimResult, Simulation, main, run
+
+SCHEDULES = 10_000
+
+
+def make_rule(
+    capacity: int, rate: float, *, name: str = "api", mode: str = "shared", ttl: float = 3600.0
+) -> Rule:
+    return Rule.create(
+        f"{name}-{{{{ .Request.Header.X-Key }}}}", capacity, rate, name=name, mode=mode, ttl=ttl
+    )
+
+
+def steady(sim: Simulation, start: int, end: int, every: int, key: str = "api-1") -> None:
+    """Every replica asks for one token of ``key`` every ``every`` ns, staggered."""
+    for replica in range(sim.n):
+        at = start + replica * every // sim.n
+        while at < end:
+            sim.acquire(at, replica, key)
+            at += every
+
+
+def used_entries(limiter: Limiter, key: str) -> tuple[tuple[str, int], ...]:
+    """A bucket's ``used`` map, whoever holds it."""
+    bucket = limiter.bucket(key)
+    assert bucket is not None
+    return tuple(sorted((rid, n) for rid, n in bucket.used(limiter.replica_id).items() if n))
+
+
+def finish(sim: Simulation, until: int) -> SimResult:
+    sim.run(until)
+    sim.quiesce()
+    return sim.check()
+
+
+# -- many random schedules -------------------------------------------------------------
+
+
+def run_seeds(seeds: range) -> tuple[list[str], SimResult]:
+    """Run ``seeds``; the violations (as text) and a result summing the counters."""
+    failures: list[str] = []
+    total = SimResult(seed=-1, replicas=0, keys=0)
+    for seed in seeds:
+        try:
+            result = run(seed)
+        except InvariantViolation as violation:
+            failures.append(str(violation))
+            continue
+        for name in ("granted", "denied", "messages", "dropped", "duplicated", "reordered"):
+            setattr(total, name, getattr(total, name) + getattr(result, name))
+        total.partitions += result.partitions
+        total.configures += result.configures
+        total.events += result.events
+        total.worst_excess = max(total.worst_excess, result.worst_excess)
+        total.worst_ratio = max(total.worst_ratio, result.worst_ratio)
+        total.max_lag_ns = max(total.max_lag_ns, result.max_lag_ns)
+    return failures, total
+
+
+def test_ten_thousand_random_schedules_hold_every_invariant() -> None:
+    workers = max(1, min(2, os.cpu_count() or 1))
+    chunks = [range(first, SCHEDULES, workers) for first in range(workers)]
+    if workers == 1:
+        outcomes = [run_seeds(chunks[0])]
+    else:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            outcomes = list(pool.map(run_seeds, chunks))
+    failures = [failure for found, _ in outcomes for failure in found]
+    assert not failures, f"{len(failures)} of {SCHEDULES} schedules failed:\n" + "\n".join(
+        failures[:10]
+    )
+    # not vacuous: the faults happened and the error budget was actually used
+    totals = [total for _, total in outcomes]
+    assert sum(t.dropped for t in totals) > 1000
+    assert sum(t.duplicated for t in totals) > 1000
+    assert sum(t.reordered for t in totals) > 1000
+    assert sum(t.partitions for t in totals) > 1000
+    assert sum(t.configures for t in totals) > 1000
+    assert max(t.worst_excess for t in totals) > 0.5
+    assert max(t.worst_ratio for t in totals) > 2
+
+
+def test_a_schedule_replays_identically() -> None:
+    assert run(1234) == run(1234)
+    assert run(1234) != run(1235)
+
+
+# -- named scenarios -------------------------------------------------------------------
+
+
+def test_partitioned_replicas_converge_after_heal() -> None:
+    """Both sides of a partition keep serving (local-only mode) and over-admit by at
+    most one side's C + r·P; after healing, the merged counters put the bucket in
+    debt, refill repays it, and over the whole run the total matches the limit."""
+    capacity, rate = 10, 10.0  # T = 100 ms
+    sim = Simulation(
+        1,
+        3,
+        [make_rule(capacity, rate)],
+        {"api-1": "api"},
+        skews_ns=[0, 0, 0],
+        network=Network(1 * MS, 5 * MS),
+        sync_interval_ns=10 * MS,
+        anti_entropy_interval_ns=50 * MS,
+    )
+    t0, partition = sim.start_ns, 500 * MS
+    sim.partition(t0, t0 + partition, [[0], [1, 2]])
+    steady(sim, t0, t0 + partition - 10 * MS, 5 * MS)
+    sim.run(t0 + partition - 1)
+    alone, pair = sim.limiters[0].bucket("api-1"), sim.limiters[1].bucket("api-1")
+    assert alone is not None and pair is not None
+    assert alone.others is None  # r0 heard nothing from the other side
+    assert set(pair.used("r1/n/1")) == {"r1/n/1", "r2/n/1"}
+    ledger = next(iter(sim.ledgers.values()))
+    one_side = capacity + rate * partition / NS_PER_S
+    assert ledger.own["r0/n/1"] >= one_side - 1
+    assert ledger.own["r1/n/1"] + ledger.own["r2/n/1"] >= one_side - 1
+
+    sim.run(t0 + partition + 200 * MS)  # healed: anti-entropy repairs what was lost
+    assert len({used_entries(limiter, "api-1") for limiter in sim.limiters}) == 1
+    debt = sim.limiters[0].peek("api-1", rule="api", now=sim.now)
+    excess = ledger.granted - (capacity + rate * (sim.now - t0) / NS_PER_S)
+    assert debt.tokens_remaining < 0
+    assert abs(debt.tokens_remaining + excess) <= 2
+    assert excess <= one_side + 2 * (capacity + rate * 0.015)  # (k−1)(C+rP) + (n−1)(C+rd)
+
+    # traffic resumes long enough to repay the debt: the long-run total matches the limit
+    steady(sim, t0 + partition + 200 * MS, t0 + 5 * NS_PER_S, 5 * MS)
+    result = finish(sim, t0 + 5 * NS_PER_S)
+    duration = (sim.now - t0) / NS_PER_S
+    assert result.granted <= capacity + rate * duration + 2 * (capacity + rate * 0.015)
+    assert result.granted >= rate * duration - capacity
+
+
+def test_duplicated_and_reordered_deltas_are_harmless() -> None:
+    sim = Simulation(
+        2,
+        4,
+        [make_rule(8, 20.0)],
+        {"api-1": "api", "api-2": "api"},
+        network=Network(0, 60 * MS, duplicate=0.5),
+        sync_interval_ns=5 * MS,
+        record=True,
+    )
+    t0 = sim.start_ns
+    steady(sim, t0, t0 + 600 * MS, 7 * MS, "api-1")
+    steady(sim, t0, t0 + 600 * MS, 11 * MS, "api-2")
+    result = finish(sim, t0 + 700 * MS)
+    assert result.duplicated > 20 and result.reordered > 20
+    # every message once more, newest first: nothing changes anywhere
+    assert sim.delivered is not None
+    before = [limiter.snapshot() for limiter in sim.limiters]
+    for dst, data in reversed(sim.delivered):
+        batch = msgspec.msgpack.decode(data, type=DeltaBatch)
+        assert sim.limiters[dst].merge(batch, now=sim.local_time(dst)) == 0
+    assert [limiter.snapshot() for limiter in sim.limiters] == before
+
+
+def test_config_change_wins_everywhere() -> None:
+    """Concurrent configure calls on both sides of a partition: the highest HLC version
+    wins on every replica, for the rule and for every bucket of it; a later per-key
+    change beats the rule for that key only."""
+    sim = Simulation(
+        3,
+        3,
+        [make_rule(10, 10.0)],
+        {"api-1": "api", "api-2": "api"},
+        skews_ns=[4 * MS, -5 * MS, 0],
+        network=Network(1 * MS, 10 * MS, drop=0.2),
+    )
+    t0 = sim.start_ns
+    steady(sim, t0, t0 + 1_200 * MS, 9 * MS, "api-1")
+    steady(sim, t0, t0 + 1_200 * MS, 13 * MS, "api-2")
+    sim.partition(t0 + 250 * MS, t0 + 600 * MS, [[0, 2], [1]])
+    sim.configure(t0 + 100 * MS, 2, "api-1", capacity=20)
+    sim.configure(t0 + 300 * MS, 0, "api", capacity=4, refill_rate=2.0)
+    sim.configure(t0 + 320 * MS, 1, "api", capacity=30, refill_rate=50.0)
+    sim.configure(t0 + 900 * MS, 2, "api-2", refill_rate=5.0)
+    finish(sim, t0 + 1_300 * MS)
+    key_config, rule_a, rule_b, late_key_config = sim.configs
+    winner = max(rule_a, rule_b, key=lambda config: config.version)
+    assert winner is rule_b  # r1 configured later, on a clock 5 ms behind: HLC still orders
+    assert winner.version > key_config.version
+    for limiter in sim.limiters:
+        assert limiter.rule_configs["api"] == winner
+        assert bucket_config(limiter, "api-1") == winner
+        assert bucket_config(limiter, "api-2") == late_key_config
+    assert late_key_config.capacity == winner.capacity  # built on the rule's winning config
+
+
+def bucket_config(limiter: Limiter, key: str) -> BucketConfig:
+    bucket = limiter.bucket(key)
+    assert bucket is not None
+    return bucket.config
+
+
+def restart_scenario(seed: int) -> tuple[Simulation, dict[str, bytes]]:
+    """r0 spends 4 tokens, is snapshotted, spends 6 more (the bucket is empty and
+    refills one token per 100 s); the peers hear of all 10."""
+    sim = Simulation(
+        seed,
+        3,
+        [make_rule(10, 0.01)],
+        {"api-1": "api"},
+        skews_ns=[0, 0, 0],
+        network=Network(1 * MS, 2 * MS),
+        sync_interval_ns=10 * MS,
+    )
+    t0 = sim.start_ns
+    snapshots: dict[str, bytes] = {}
+    for i in range(4):
+        sim.acquire(t0 + i * MS, 0, "api-1")
+    sim.at(t0 + 50 * MS, lambda s: snapshots.setdefault("old", s.limiters[0].snapshot()))
+    for i in range(6):
+        sim.acquire(t0 + 100 * MS + i * MS, 0, "api-1")
+    sim.run(t0 + 300 * MS)
+    for peer in sim.limiters[1:]:
+        assert peer.bucket("api-1") is not None
+        assert peer.peek("api-1", now=sim.now).tokens_remaining == 0
+    return sim, snapshots
+
+
+def test_restart_with_new_incarnation_never_regrants() -> None:
+    sim, snapshots = restart_scenario(4)
+    sim.restart(0, snapshots["old"])
+    restored = sim.limiters[0]
+    assert restored.replica_id == "r0/n/2"
+    assert restored.peek("api-1", now=sim.local_time(0)).tokens_remaining == 6  # stale view
+    # a restarted peer gets a full-state transfer before it serves (DESIGN.md section 5)
+    sim.inject(0, sim.limiters[1].full_state())
+    t = sim.now
+    for i in range(5):
+        sim.acquire(t + i * MS, 0, "api-1")
+        sim.acquire(t + i * MS, 1, "api-1")
+    result = finish(sim, t + 200 * MS)
+    assert result.granted == 10  # C + r·D: nothing re-granted
+    bucket = restored.bucket("api-1")
+    assert bucket is not None
+    assert bucket.used(restored.replica_id) == {"r0/n/1": 10}
+
+
+def test_restart_serving_before_catch_up_loses_no_consumption() -> None:
+    """Serving from a stale snapshot before hearing from peers over-admits like a
+    partition would (the view misses 6 tokens), but the new incarnation's counter
+    starts fresh, so nothing is hidden by max-merge: after convergence the bucket
+    owes every token (debt) and Σ used equals what was granted."""
+    sim, snapshots = restart_scenario(5)
+    sim.restart(0, snapshots["old"])
+    t = sim.now
+    for i in range(8):
+        sim.acquire(t + i * 100, 0, "api-1")
+    result = finish(sim, t + 200 * MS)
+    assert result.granted == 16
+    debt = sim.limiters[1].peek("api-1", now=sim.now)
+    assert debt.tokens_remaining == -6
+
+
+def test_restart_reusing_the_replica_id_is_caught() -> None:
+    """The hazard incarnations exist for (DESIGN.md section 4): an old snapshot resumed
+    under the same id restarts its counter below what peers hold, and max-merge
+    would hide what it spends next. The simulator must flag it."""
+    sim, snapshots = restart_scenario(6)
+    sim.restart(0, snapshots["old"], new_incarnation=False)
+    sim.acquire(sim.now, 0, "api-1")
+    with pytest.raises(InvariantViolation, match="no lost consumption"):
+        finish(sim, sim.now + 200 * MS)
+
+
+def test_expired_bucket_recreated_in_new_epoch() -> None:
+    """Idle longer than its ttl, a bucket is dropped everywhere; new traffic re-creates
+    it in a later epoch, which replaces any stale copy of the old one wholesale."""
+    sim = Simulation(
+        7,
+        3,
+        [make_rule(5, 10.0, ttl=1.0)],
+        {"api-1": "api"},
+        skews_ns=[0, 1 * MS, -1 * MS],
+        network=Network(1 * MS, 5 * MS),
+        sync_interval_ns=10 * MS,
+        anti_entropy_interval_ns=100 * MS,
+        expire_interval_ns=100 * MS,
+    )
+    t0 = sim.start_ns
+    stale: list[DeltaBatch] = []
+    steady(sim, t0, t0 + 200 * MS, 10 * MS)
+    sim.at(t0 + 250 * MS, lambda s: stale.append(s.limiters[1].full_state()))
+    sim.run(t0 + 2_900 * MS)
+    assert all(limiter.bucket("api-1") is None for limiter in sim.limiters)
+    steady(sim, t0 + 3_000 * MS, t0 + 3_200 * MS, 10 * MS)
+    sim.run(t0 + 3_300 * MS)
+    (old,) = stale[0].deltas
+    assert sim.inject(0, stale[0]) == 0  # the old generation is ignored
+    result = finish(sim, t0 + 3_400 * MS)
+    epochs = sorted({epoch for _, epoch in sim.ledgers})
+    assert len(epochs) == 2 and epochs[0] == old.epoch
+    for limiter in sim.limiters:
+        bucket = limiter.bucket("api-1")
+        assert bucket is not None and bucket.epoch == epochs[1]
+    assert result.granted == sum(ledger.granted for ledger in sim.ledgers.values())
+
+
+def test_strict_mode_never_over_admits_whatever_the_partitions() -> None:
+    capacity, rate = 12, 6.0
+    sim = Simulation(
+        8,
+        3,
+        [make_rule(capacity, rate, mode="strict")],
+        {"api-1": "api"},
+        network=Network(1 * MS, 5 * MS, drop=0.1),
+        record=True,
+    )
+    t0 = sim.start_ns
+    sim.partition(t0, t0 + 2 * NS_PER_S, [[0], [1], [2]])
+    steady(sim, t0, t0 + 2 * NS_PER_S, 4 * MS)
+    result = finish(sim, t0 + 2 * NS_PER_S)
+    ledger = next(iter(sim.ledgers.values()))
+    duration = (max(max(times) for times, _ in ledger.log.values()) - ledger.first_ns) / NS_PER_S
+    assert result.granted <= capacity + rate * duration
+    assert result.granted >= capacity + rate * duration - 3 * 2  # each share used, minus rounding
+    assert sim.delivered is not None
+    for _, data in sim.delivered:
+        assert not msgspec.msgpack.decode(data, type=DeltaBatch).deltas
+
+
+def test_local_mode_never_replicates() -> None:
+    sim = Simulation(
+        9,
+        3,
+        [make_rule(5, 1.0, mode="local")],
+        {"api-1": "api"},
+        network=Network(1 * MS, 5 * MS),
+        record=True,
+    )
+    t0 = sim.start_ns
+    steady(sim, t0, t0 + NS_PER_S, 10 * MS)
+    finish(sim, t0 + NS_PER_S)
+    assert sim.delivered is not None
+    for _, data in sim.delivered:
+        assert not msgspec.msgpack.decode(data, type=DeltaBatch).deltas
+    ledger = next(iter(sim.ledgers.values()))
+    assert all(own >= 5 for own in ledger.own.values())  # three independent buckets
+    for limiter in sim.limiters:
+        bucket = limiter.bucket("api-1")
+        assert bucket is not None and bucket.others is None
+
+
+def test_steady_traffic_without_faults_stays_tight() -> None:
+    """Connected, no loss, steady demand: over-admission is bounded by what the other
+    replicas are asked for within one information lag, far below (n−1)·(C + r·d)."""
+    capacity, rate, every = 20, 50.0, 10 * MS  # each replica asks 100 tokens/s
+    sim = Simulation(
+        10,
+        3,
+        [make_rule(capacity, rate)],
+        {"api-1": "api"},
+        max_skew_ns=1 * MS,
+        network=Network(1 * MS, 3 * MS),
+        sync_interval_ns=5 * MS,
+    )
+    t0 = sim.start_ns
+    steady(sim, t0, t0 + 2 * NS_PER_S, every)
+    result = finish(sim, t0 + 2 * NS_PER_S)
+    lag = result.max_lag_ns
+    assert 0 < lag <= 10 * MS
+    per_lag = math.ceil(lag / every) + 1  # what one replica can be asked for in a lag
+    skew = rate * sim.skew_spread / NS_PER_S
+    assert result.excess_tokens <= 2 * per_lag + skew
+    assert result.excess_tokens < (capacity + rate * lag / NS_PER_S) / 4
+
+
+# -- the checker is not vacuous ----------------------------------------------------------
+
+original_merge = Bucket.merge
+original_reconfigure = Bucket.reconfigure
+original_acquire = Bucket.acquire
+
+
+def merge_dropping_used(self: Bucket, delta: BucketDelta, replica_id: str) -> bool:
+    forgetful = msgspec.structs.replace(delta, used={})
+    return original_merge(self, forgetful, replica_id)
+
+
+def reconfigure_refilling(self: Bucket, config: BucketConfig, now_ns: int) -> None:
+    original_reconfigure(self, config, now_ns)
+    self.base_time = now_ns - self.total * config.interval_ns  # full again: free tokens
+
+
+def acquire_one_too_many(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
+    honest = self.config
+    self.config = msgspec.structs.replace(honest, capacity=honest.capacity + 1)
+    try:
+        return original_acquire(self, key, tokens, now_ns)
+    finally:
+        self.config = honest
+
+
+@pytest.mark.parametrize(
+    ("method", "broken", "invariant"),
+    [
+        ("merge", merge_dropping_used, "merge is the join of everything delivered"),
+        ("reconfigure", reconfigure_refilling, "admission bound"),
+        ("acquire", acquire_one_too_many, "admission bound"),
+    ],
+    ids=["merge-drops-used", "config-change-refills", "one-token-over-capacity"],
+)
+def test_simulator_detects_a_broken_core(
+    monkeypatch: pytest.MonkeyPatch, method: str, broken: Callable[..., object], invariant: str
+) -> None:
+    monkeypatch.setattr(Bucket, method, broken)
+    found: list[InvariantViolation] = []
+    for seed in range(200):
+        try:
+            run(seed)
+        except InvariantViolation as violation:
+            found.append(violation)
+    assert found, "the simulator did not notice a broken core"
+    assert any(v.invariant == invariant for v in found), {v.invariant for v in found}
+    assert f"--seed {found[0].seed}" in str(found[0])
+
+
+def test_simulator_detects_a_broken_merge_in_one_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Bucket, "merge", merge_dropping_used)
+    with pytest.raises(InvariantViolation, match="seed 3"):
+        run(3)
+
+
+def test_command_line_summarises_a_run(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--seeds", "20", "--replicas", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("20 schedules in ") and "0 violations" in out
+
+
+# -- known bugs in the core (strict xfail: they start failing loudly once fixed) ---------
+
+RESURRECTION_BUG = (
+    "BUG (limiter.merge / expire): a replica that dropped an idle bucket and then re-learns "
+    "the same epoch from a peer (a delta of a peer that spent on it before sweeping, or a "
+    "full state holding a stale copy of its entry) restarts its own used entry below what "
+    "it already spent; max-merge then hides its next grants from peers that knew more"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RESURRECTION_BUG)
+def test_bucket_resurrected_after_expiry_keeps_its_own_count() -> None:
+    rule = make_rule(5, 1.0, ttl=10.0)
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
+    b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0)
+    t = 1_000 * NS_PER_S
+    granted = sum(a.acquire("api-1", now=t).allowed for _ in range(5))
+    b.merge(a.collect_deltas(), now=t)
+    t += 30 * NS_PER_S  # idle, full for longer than the ttl
+    assert a.expire(t) == 1  # a sweeps; b has not swept yet...
+    granted += b.acquire("api-1", now=t).allowed  # ...and spends on the same epoch
+    a.merge(b.collect_deltas(), now=t)  # a re-creates the bucket from b's delta: a = 0
+    granted += sum(a.acquire("api-1", now=t).allowed for _ in range(3))  # a = 1, 2, 3
+    for _ in range(2):
+        b.merge(a.full_state(), now=t)
+        a.merge(b.full_state(), now=t)
+    for limiter in (a, b):
+        bucket = limiter.bucket("api-1")
+        assert bucket is not None
+        # expected 9 (5 + 1 + 3); actual 6: a's 3 new tokens hide under its old 5
+        assert sum(bucket.used(limiter.replica_id).values()) == granted
+
+
+@pytest.mark.xfail(strict=True, raises=InvariantViolation, reason=RESURRECTION_BUG)
+def test_random_schedules_with_expiry_hold_every_invariant() -> None:
+    for seed in range(300):
+        run(seed, expiry=True)
