@@ -4,7 +4,9 @@ Ten thousand seeded random schedules (2–5 replicas, skewed clocks, a network
 that drops, duplicates, reorders, delays and partitions, configure calls, all
 three modes) must each hold every invariant the simulator checks; then named
 scenarios pin down the behaviours one at a time, and mutants of the core prove
-that the checker can fail.
+that the checker can fail. Bugs found in the core are pinned by strict-xfail
+tests at the end: they pass (and so fail the run) once fixed, so the marker
+goes with the fix.
 """
 
 from __future__ import annotations
@@ -409,6 +411,13 @@ def reconfigure_refilling(self: Bucket, config: BucketConfig, now_ns: int) -> No
     self.base_time = now_ns - self.total * config.interval_ns  # full again: free tokens
 
 
+def acquire_never_rebasing(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
+    base = self.base_time
+    decision = original_acquire(self, key, tokens, now_ns)
+    self.base_time = base  # the refill a full bucket could not hold is not forgotten
+    return decision
+
+
 def acquire_one_too_many(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
     honest = self.config
     self.config = msgspec.structs.replace(honest, capacity=honest.capacity + 1)
@@ -424,8 +433,9 @@ def acquire_one_too_many(self: Bucket, key: str, tokens: int, now_ns: int) -> De
         ("merge", merge_dropping_used, "merge is the join of everything delivered"),
         ("reconfigure", reconfigure_refilling, "admission bound"),
         ("acquire", acquire_one_too_many, "admission bound"),
+        ("acquire", acquire_never_rebasing, "admission bound"),
     ],
-    ids=["merge-drops-used", "config-change-refills", "one-token-over-capacity"],
+    ids=["merge-drops-used", "config-change-refills", "one-token-over-capacity", "no-rebase"],
 )
 def test_simulator_detects_a_broken_core(
     monkeypatch: pytest.MonkeyPatch, method: str, broken: Callable[..., object], invariant: str
@@ -439,7 +449,7 @@ def test_simulator_detects_a_broken_core(
             found.append(violation)
     assert found, "the simulator did not notice a broken core"
     assert any(v.invariant == invariant for v in found), {v.invariant for v in found}
-    assert f"--seed {found[0].seed}" in str(found[0])
+    assert f"python -m bucketmesh.sim --seed {found[0].seed})" in str(found[0])
 
 
 def test_simulator_detects_a_broken_merge_in_one_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,3 +501,42 @@ def test_bucket_resurrected_after_expiry_keeps_its_own_count() -> None:
 def test_random_schedules_with_expiry_hold_every_invariant() -> None:
     for seed in range(300):
         run(seed, expiry=True)
+
+
+STRICT_KEY_CONFIG_BUG = (
+    "BUG (limiter.configure/_adopt): a per-key configure() of a strict-mode key changes only "
+    "the configuring replica's share (strict buckets are never dirty, and no rule-level "
+    "config carries it), so the other regions keep their old shares and the sum of shares "
+    "exceeds a lowered capacity"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STRICT_KEY_CONFIG_BUG)
+def test_strict_key_config_change_reaches_every_region() -> None:
+    sim = Simulation(
+        11,
+        3,
+        [make_rule(12, 6.0, mode="strict")],
+        {"api-1": "api"},
+        network=Network(1 * MS, 5 * MS),
+    )
+    t0 = sim.start_ns
+    steady(sim, t0, t0 + 500 * MS, 10 * MS)
+    sim.configure(t0 + 100 * MS, 0, "api-1", capacity=3)
+    finish(sim, t0 + 500 * MS)
+    shares = [bucket_config(limiter, "api-1") for limiter in sim.limiters]
+    # expected: every region holds a third of the new capacity; actual: [1, 4, 4]
+    assert [share.capacity for share in shares] == [1, 1, 1]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG (limiter.configure)")
+def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
+    """A second PATCH of a strict key starts from the rule's config, not the key's:
+    changing only the refill rate reverts an earlier capacity change."""
+    for mode in ("shared", "strict"):
+        limiter = Limiter([make_rule(12, 6.0, mode=mode)], replica_id="a/n/1", clock=lambda: 0)
+        t = 1_000 * NS_PER_S
+        limiter.acquire("api-1", now=t)
+        limiter.configure("api-1", capacity=30, now=t)
+        config = limiter.configure("api-1", refill_rate=3.0, now=t + 1)
+        assert config.capacity == 30, mode  # shared: 30; strict: back to the rule's 12

@@ -42,19 +42,25 @@ Invariants
 
       G(t) ≤ C + (t − t0 + Δε·(1 + v)) / T + U(t)                        (A)
 
-  Proof sketch. Let Φ = C + (τ − base)/T for a view at local time τ; a
-  replica grants only while its level stays ≥ 0, so its view total S ≤ Φ,
-  and G = S + U. Base proposals only raise Φ's base (merge takes the max,
-  a grant on a full bucket re-bases at τ − S·T); the first proposal is made
-  at or after t0; a config change keeps the level (rounding down), so Φ
-  after it is at most Φ before it plus the new rate since, except that the
-  adopter's clock may be Δε off from the evaluator's, costing Δε/T per
-  config version. Each replica's own grants also conform to GCRA(C, T) on
-  its own clock, i.e. ≤ C + W/T in any window of length W (checked too, for
-  schedules without configure calls, where it is a theorem), so the tokens
-  of replica j that e has not heard of, all granted within the last λ_j
-  (j's information lag to e: the age of j's oldest grant e has not received),
-  number at most C + λ_j/T. Hence the form of DESIGN.md section 2::
+  Why. Take a replica's view (config C', T', base B, Σ used S) at its local
+  time τ and let Φ(τ) = C' + (τ − B)/T'. Its level is min(C', Φ − S) rounded
+  down, and it grants only while the level stays ≥ 0, so after a grant
+  S ≤ Φ(τ); by the join invariant S is e's own grants plus what was
+  delivered to e, so G(t) = S + U(t). Φ is bounded by the right side of (A)
+  minus U: within one config version B only rises (merge takes the max; a
+  grant on a full bucket re-bases at τ − S·T' > B), the first base of an
+  epoch is set at a first grant, on a clock at most Δε from any other, and
+  Φ then grows at 1/T' ≤ 1/T; a config change keeps the level (rounding
+  down), so Φ just after it is at most Φ just before it, except that the
+  adopter re-bases on its own clock, which can cost Δε/T once per version.
+
+  Each replica's own grants also conform to GCRA(C, T) on its own clock,
+  i.e. ≤ C + W/T in any window of length W (checked, for keys no configure
+  call touched, where it follows from the same argument with B ≥ the base at
+  the window's start). The tokens of replica j that e has not received were
+  all granted within the last λ_j (j's information lag to e: the age of j's
+  oldest grant not yet delivered to e), so they number at most C + λ_j/T,
+  which gives the form of DESIGN.md section 2::
 
       G ≤ C + r·D + r·Δε·(1 + v) + Σ_{j≠e} (C + r·λ_j)                    (B)
 
@@ -64,6 +70,11 @@ Invariants
   (n−1)·(C + r·d) and (k−1)·(C + r·P) of the design, counted per replica.
   (A) is checked exactly (integer ns); (B) is reported as the error budget,
   and ``SimResult.worst_excess`` is the largest fraction of it a schedule used.
+  On a lossless network without partitions (or restarts, or expiry) a grant
+  reaches every peer within d = sync interval + maximum delay, so (B) holds
+  with λ_j ≤ d and is checked in that form, the design's connected bound::
+
+      G ≤ C + r·D + r·Δε·(1 + v) + (n−1)·(C + r·d)                          (C)
 """
 
 from __future__ import annotations
@@ -105,10 +116,9 @@ _decode_batch = msgspec.msgpack.Decoder(DeltaBatch).decode
 class InvariantViolation(AssertionError):
     """An invariant broken by a schedule; the message names the seed to replay."""
 
-    def __init__(self, seed: int, invariant: str, detail: str) -> None:
-        super().__init__(
-            f"seed {seed}: {invariant}: {detail} (replay: python -m bucketmesh.sim --seed {seed})"
-        )
+    def __init__(self, seed: int, invariant: str, detail: str, replay: str = "") -> None:
+        replay = replay or f"python -m bucketmesh.sim --seed {seed}"
+        super().__init__(f"seed {seed}: {invariant}: {detail} (replay: {replay})")
         self.seed = seed
         self.invariant = invariant
         self.detail = detail
@@ -149,7 +159,8 @@ class SimResult:
 
 
 class _Limits:
-    """The loosest limits a key had during the run (what the bounds are computed with)."""
+    """The loosest limits a key had during the run (what the bounds are computed with),
+    and for strict keys every grant, whatever the granting replica's epoch."""
 
     __slots__ = ("capacity", "changes", "first_ns", "granted", "interval_ns", "mode")
 
@@ -158,7 +169,6 @@ class _Limits:
         self.capacity = config.capacity
         self.interval_ns = config.interval_ns
         self.changes = 0
-        # strict mode: every grant of the key, whatever the replica's epoch
         self.granted = 0
         self.first_ns = 0
 
@@ -210,6 +220,8 @@ class Simulation:
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         self.seed = seed
+        #: how to reproduce this run, for violation messages
+        self.replay = f"Simulation(seed={seed}, ...)"
         self.rng = random.Random(seed)
         self.n = replicas
         self.rules = list(rules)
@@ -224,6 +236,8 @@ class Simulation:
             raise ValueError("one clock offset per replica")
         self.skews = list(skews_ns)
         self.skew_spread = max(self.skews) - min(self.skews)
+        # every grant reaches every peer within this, while nothing is lost (bound C)
+        self.lossless = not self.network.drop and not expire_interval_ns
         self.now = start_ns
         self.start_ns = start_ns
         self.incarnations = [1] * replicas
@@ -305,6 +319,7 @@ class Simulation:
         if -1 in group_of:
             raise ValueError("every replica must be in a group")
         self.result.partitions += 1
+        self.lossless = False
         self._push(start, self._on_partition, (tuple(group_of),))
         self._push(end, self._on_heal, (tuple(group_of),))
 
@@ -323,6 +338,7 @@ class Simulation:
         DESIGN.md section 4, which the join check must catch). Messages in flight to
         the old process reach the new one; the old one's dirty set is lost."""
         old = self.limiters[replica].replica_id
+        self.lossless = False
         if new_incarnation:
             self.incarnations[replica] += 1
         replica_id = f"r{replica}/n/{self.incarnations[replica]}"
@@ -385,9 +401,7 @@ class Simulation:
             if not changed and not any(lim.dirty or lim.dirty_rules for lim in self.limiters):
                 self._check_join_all()
                 return
-        raise InvariantViolation(
-            self.seed, "convergence", f"still changing after {QUIESCENCE_ROUNDS} rounds"
-        )
+        self._fail("convergence", f"still changing after {QUIESCENCE_ROUNDS} rounds")
 
     # -- event handlers ------------------------------------------------------------
 
@@ -507,6 +521,16 @@ class Simulation:
         ratio = granted_ns / ideal_ns
         if ratio > result.worst_ratio:
             result.worst_ratio = ratio
+        if self.lossless:
+            reach_ns = self.sync_interval_ns + self.network.delay_max_ns
+            connected_ns = ideal_ns + skew_ns + (self.n - 1) * (capacity_ns + reach_ns)
+            if granted_ns > connected_ns:
+                self._fail(
+                    "admission bound, connected",
+                    f"{ledger.granted} tokens of {key!r} granted by true time {now} on a "
+                    f"lossless network (d = {reach_ns}ns): bound (C) is "
+                    f"{connected_ns / interval:.3f}",
+                )
         allowance = skew_ns + budget_ns
         if granted_ns > ideal_ns and allowance:
             excess = (granted_ns - ideal_ns) / allowance
@@ -643,7 +667,7 @@ class Simulation:
     # -- checks ----------------------------------------------------------------------
 
     def _fail(self, invariant: str, detail: str) -> NoReturn:
-        raise InvariantViolation(self.seed, invariant, detail)
+        raise InvariantViolation(self.seed, invariant, detail, self.replay)
 
     def _check_join(self, i: int, key: str, entries: Iterable[str] | None = None) -> None:
         """Replica ``i``'s ``used`` for ``key`` is the max of what it was delivered (only
@@ -799,6 +823,11 @@ def random_simulation(
         anti_entropy_interval_ns=anti_entropy,
         expire_interval_ns=rng.randint(30 * MS, 150 * MS) if expiry else None,
     )
+    flags = [f"--seed {seed}"]
+    flags += [f"--replicas {replicas}"] if replicas is not None else []
+    flags += [f"--events {events}"] if events is not None else []
+    flags += ["--expiry"] if expiry else []
+    sim.replay = "python -m bucketmesh.sim " + " ".join(flags)
     start = sim.start_ns
     gap = rng.randint(1_500 * MS, 2_500 * MS) if expiry else 0
     if expiry:
