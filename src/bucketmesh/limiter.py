@@ -354,12 +354,18 @@ class Limiter:
                 continue
             bucket = buckets.get(delta.key)
             if bucket is None:
+                fresh = Bucket.from_delta(delta, rid)
+                if fresh.expired(now):
+                    # A stale copy of a bucket that is full for longer than its ttl:
+                    # the same as no bucket. Re-creating it would restore our own
+                    # entry from a peer's possibly older copy (below what we spent).
+                    continue
                 if len(buckets) >= self.max_buckets:
                     self.expire(now)
                     if len(buckets) >= self.max_buckets:
                         self.cap_rejections += 1
                         continue
-                bucket = buckets[delta.key] = Bucket.from_delta(delta, rid)
+                bucket = buckets[delta.key] = fresh
                 changed += 1
             elif bucket.merge(delta, rid):
                 changed += 1
