@@ -467,15 +467,16 @@ def test_command_line_summarises_a_run(capsys: pytest.CaptureFixture[str]) -> No
 # -- known bugs in the core (strict xfail: they start failing loudly once fixed) ---------
 
 RESURRECTION_BUG = (
-    "BUG (limiter.merge / expire): a replica that dropped an idle bucket and then re-learns "
-    "the same epoch from a peer (a delta of a peer that spent on it before sweeping, or a "
-    "full state holding a stale copy of its entry) restarts its own used entry below what "
-    "it already spent; max-merge then hides its next grants from peers that knew more"
+    "BUG (limiter.expire/merge): a replica that dropped an idle bucket and then re-learns the "
+    "same epoch from a peer (the delta of a peer that spent on it before sweeping, or the full "
+    "state of a peer whose copy is not expired because it knows later spending) restarts its "
+    "own used entry at what that peer knew, below what it spent; max-merge then hides its next "
+    "grants from replicas that knew more (random schedules: --expiry --seed 1878, 2337)"
 )
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=RESURRECTION_BUG)
-def test_bucket_resurrected_after_expiry_keeps_its_own_count() -> None:
+def test_bucket_resurrected_by_a_peer_delta_keeps_its_own_count() -> None:
     rule = make_rule(5, 1.0, ttl=10.0)
     a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
     b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0)
@@ -495,6 +496,30 @@ def test_bucket_resurrected_after_expiry_keeps_its_own_count() -> None:
         assert bucket is not None
         # expected 9 (5 + 1 + 3); actual 6: a's 3 new tokens hide under its old 5
         assert sum(bucket.used(limiter.replica_id).values()) == granted
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RESURRECTION_BUG)
+def test_bucket_resurrected_from_a_fresher_full_state_keeps_its_own_count() -> None:
+    rule = make_rule(5, 10.0, ttl=1.0)  # T = 100 ms
+    a, b, c = (Limiter([rule], replica_id=f"{x}/n/1", clock=lambda: 0) for x in "abc")
+    t = 1_000 * NS_PER_S + 100 * MS
+    granted = a.acquire("api-1", now=t).allowed
+    first = a.collect_deltas()
+    granted += a.acquire("api-1", now=t + 1 * MS).allowed
+    second = a.collect_deltas()
+    for peer in (b, c):
+        peer.merge(first, now=t + 2 * MS)
+    c.merge(second, now=t + 2 * MS)  # b never gets a's second delta
+    granted += b.acquire("api-1", now=t + 600 * MS).allowed  # c hears of it, a does not
+    c.merge(b.collect_deltas(), now=t + 601 * MS)
+    assert a.expire(t + 1_300 * MS) == 1  # a's copy expired; b's (fresher) is not
+    a.merge(b.full_state(), now=t + 1_300 * MS)  # a re-learns it with a = 1 (it spent 2)
+    granted += a.acquire("api-1", now=t + 1_301 * MS).allowed
+    c.merge(a.collect_deltas(), now=t + 1_302 * MS)
+    bucket = c.bucket("api-1")
+    assert bucket is not None
+    # expected 4; actual 3: a's new token hides under the 2 c already knew
+    assert sum(bucket.used("c/n/1").values()) == granted
 
 
 @pytest.mark.xfail(strict=True, raises=InvariantViolation, reason=RESURRECTION_BUG)
@@ -540,3 +565,27 @@ def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
         limiter.configure("api-1", capacity=30, now=t)
         config = limiter.configure("api-1", refill_rate=3.0, now=t + 1)
         assert config.capacity == 30, mode  # shared: 30; strict: back to the rule's 12
+
+
+LATE_CONFIG_BUG = (
+    "BUG (bucket.merge): a per-key config change that reaches a replica late carries a base "
+    "proposed before that replica drained its bucket (a grant on a full bucket re-bases it, "
+    "forgetting the refill it could not hold); the higher version's older base wins the max "
+    "and un-forgets that refill, so the replica gets up to C more tokens"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_CONFIG_BUG)
+def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
+    """Found by the simulator as seed 58670 (python -m bucketmesh.sim --seed 58670)."""
+    rule = make_rule(5, 10.0)  # T = 100 ms
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
+    b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0)
+    t = 1_000 * NS_PER_S
+    b.configure("api-1", capacity=5, now=t)  # same limits, new version; b's copy is full
+    late = b.collect_deltas()  # ...and this message is delayed (loss, partition)
+    assert sum(a.acquire("api-1", now=t + 500 * MS).allowed for _ in range(5)) == 5
+    a.merge(late, now=t + 510 * MS)
+    second = sum(a.acquire("api-1", now=t + 510 * MS).allowed for _ in range(5))
+    # expected 0 (0.1 token refilled since the bucket was drained); actual 5
+    assert second == 0
