@@ -51,8 +51,10 @@ Invariants
   grant on a full bucket re-bases at τ − S·T' > B), the first base of an
   epoch is set at a first grant, on a clock at most Δε from any other, and
   Φ then grows at 1/T' ≤ 1/T; a config change keeps the level (rounding
-  down), so Φ just after it is at most Φ just before it, except that the
-  adopter re-bases on its own clock, which can cost Δε/T once per version.
+  down), and every replica adopting a version proposes its own level-keeping
+  base (DESIGN.md section 2), so Φ just after it is at most Φ just before it,
+  except that the adopter re-bases on its own clock, which can cost Δε/T
+  once per version.
 
   Each replica's own grants also conform to GCRA(C, T) on its own clock,
   i.e. ≤ C + W/T in any window of length W (checked, for keys no configure
