@@ -2,17 +2,21 @@
 
 Owns everything with a side effect around the pure core: the event loop
 (uvloop), the HTTP server, the replica's identity and its snapshot file, the
-background sweeps, and the signals. Start-up order: restore the snapshot (under
-a new incarnation, see below), start listening, then serve until SIGTERM or
-SIGINT; shutdown stops accepting, lets in-flight requests finish, and writes
-a final snapshot.
+background sweeps, the sync mesh (``mesh.py``) and the signals. Start-up
+order: restore the snapshot (under a new incarnation, see below), pull the
+full state of every reachable peer region, start listening, start the mesh,
+then serve until SIGTERM or SIGINT; shutdown stops accepting, lets in-flight
+requests finish, sends what the mesh still has queued, and writes a final
+snapshot.
 
 Replica identity is ``region/node/incarnation``. Every start takes a new
 incarnation (one above the snapshot's, or the start time in ms when there is
 no snapshot), so a restarted node can never reuse a ``used`` counter that its
 previous life advanced past what the snapshot recorded: the old incarnation's
 entries stay in the state as a peer's would, and nothing spent is granted
-again (DESIGN.md section 4).
+again (DESIGN.md section 4). Pulling the peers' state before listening is the
+other half: what the previous incarnation spent and sent before a crash is
+known again before the new one decides anything.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import msgspec
 from bucketmesh.app import RatingApp, SyncView
 from bucketmesh.http11 import HttpServer, ServerLimits
 from bucketmesh.limiter import Limiter, Snapshot
+from bucketmesh.mesh import Mesh, MeshSettings
 from bucketmesh.rules import Rule
 
 SWEEP_INTERVAL_S = 0.25
@@ -55,6 +60,8 @@ class NodeSettings:
     max_buckets: int = 1_000_000
     limits: ServerLimits = field(default_factory=ServerLimits)
     version: str = "0"
+    regions: int = 1
+    sync: MeshSettings | None = None
 
 
 class SnapshotFile:
@@ -127,7 +134,10 @@ class Node:
     def __init__(self, settings: NodeSettings, *, sync: SyncView | None = None) -> None:
         self.settings = settings
         self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
-        self.limiter = open_limiter(settings, self.store)
+        self.limiter = open_limiter(settings, self.store, settings.regions)
+        self.mesh = Mesh(self.limiter, settings.sync) if settings.sync is not None else None
+        if sync is None:
+            sync = self.mesh
         self.app = RatingApp(
             self.limiter,
             region=settings.region,
@@ -138,6 +148,8 @@ class Node:
             version=settings.version,
             ready=self.readiness,
         )
+        if self.mesh is not None:
+            self.mesh.install(self.app)
         self.server = HttpServer(self.app, settings.limits, on_error=self._log_error)
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
@@ -155,8 +167,12 @@ class Node:
         print(f"bucketmesh: internal error: {error!r}", file=sys.stderr, flush=True)
 
     async def start(self) -> None:
+        if self.mesh is not None:
+            await self.mesh.pull_at_start()
         await self.server.start(self.settings.host, self.settings.port)
         self.serving = True
+        if self.mesh is not None:
+            self.mesh.start()
         self.tasks.append(asyncio.create_task(self._sweep()))
         if self.store is not None:
             self.tasks.append(asyncio.create_task(self._snapshots()))
@@ -185,6 +201,8 @@ class Node:
                 await task
         await self.server.shutdown(grace)
         self.serving = False
+        if self.mesh is not None:
+            await self.mesh.stop()
         if self.store is not None:
             self.store.save(self.limiter.snapshot())
 
