@@ -937,6 +937,12 @@ _PEER_METRICS: Final[tuple[tuple[bool, str, str, Callable[[Peer], float]], ...]]
     ),
     (
         False,
+        "bucketmesh_sync_oversized_deltas",
+        "Deltas for this peer region dropped because one alone exceeds a message",
+        lambda p: p.oversized,
+    ),
+    (
+        False,
         "bucketmesh_sync_repaired_ranges",
         "Key ranges a digest exchange with this peer region found different and repaired",
         lambda p: p.repaired_ranges,
