@@ -542,6 +542,29 @@ def test_a_partitioned_region_keeps_serving_and_converges_after_healing(mesh: Cl
     assert state["tokens_remaining"] == 4900
 
 
+def test_a_frozen_node_is_marked_down_and_catches_up_when_it_resumes(mesh: Cluster) -> None:
+    frozen, other = mesh[1], mesh[0]
+    assert frozen.process is not None
+    frozen.process.send_signal(signal.SIGSTOP)
+    try:
+
+        def marked_down() -> None:
+            for node in (mesh[0], mesh[2]):
+                peers = node.status()["sync"]["peers"]
+                assert peers[frozen.region]["state"] == "down", (node.region, peers)
+                assert node.status()["sync"]["local_only"] is False
+
+        eventually(marked_down, "the frozen region is marked down")
+        codes = hammer(other, "/v1/rate", 20, {"X-API-Key": "frozen"})
+        codes += hammer(mesh[2], "/v1/rate", 20, {"X-API-Key": "frozen"})
+        assert codes == [200] * 40
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+    eventually(mesh.all_connected, "every region reconnects")
+    state = eventually(lambda: mesh.converged("agent-api-key-frozen", total=40), "converge")
+    assert state["tokens_remaining"] == 4960
+
+
 # -- restarts -----------------------------------------------------------------------------------
 
 
