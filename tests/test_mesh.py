@@ -867,3 +867,23 @@ def test_insecure_sync_starts_without_a_secret_and_says_so(tmp_path: Path) -> No
         process.terminate()
         _, err = process.communicate(timeout=30)
     assert b"WARNING: --insecure-sync" in err
+
+
+def test_a_peer_url_that_reaches_this_node_itself_is_reported_not_synced_with() -> None:
+    async def scenario() -> None:
+        port = free_port()
+        node = in_process_node("us-east-1", port, {"eu-central-1": f"http://127.0.0.1:{port}"})
+        await node.start()
+        try:
+            assert node.mesh is not None
+            peer = node.mesh.peers["eu-central-1"]
+            deadline = time.monotonic() + DEADLINE_S
+            while peer.state != "down":
+                assert time.monotonic() < deadline, (peer.state, peer.last_error)
+                await asyncio.sleep(0.05)
+            assert "this very node" in peer.last_error
+            assert node.mesh.local_only
+        finally:
+            await node.stop(grace=1.0)
+
+    asyncio.run(scenario())

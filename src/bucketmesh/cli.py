@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import yaml
@@ -38,7 +39,12 @@ FLAG_OVERRIDES = {
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "bucketmesh.yaml"
 
 
-def _mesh_settings(config: Config) -> object:
+if TYPE_CHECKING:
+    from bucketmesh.mesh import MeshSettings
+    from bucketmesh.serve import Node, NodeSettings
+
+
+def _mesh_settings(config: Config) -> MeshSettings | None:
     from bucketmesh.mesh import MeshSettings
 
     if not config.sync.enabled:
@@ -54,7 +60,7 @@ def _mesh_settings(config: Config) -> object:
     )
 
 
-def _settings(config: Config) -> object:
+def _settings(config: Config) -> NodeSettings:
     from bucketmesh.http11 import ServerLimits
     from bucketmesh.serve import NodeSettings
 
@@ -166,11 +172,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.quick_start:
         text = _quick_start_text(config)
 
-        def on_ready(_node: object) -> None:
+        def on_ready(_node: Node) -> None:
             print(text, flush=True)
     else:
 
-        def on_ready(_node: object) -> None:
+        def on_ready(_node: Node) -> None:
             print(
                 f"bucketmesh: region {config.region} listening on "
                 f"{config.listen_host}:{config.listen_port}",
@@ -178,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
 
     try:
-        run_node(settings, on_ready)  # type: ignore[arg-type]
+        run_node(settings, on_ready)
     except OSError as error:
         print(f"bucketmesh: cannot listen on {config.listen}: {error.strerror}", file=sys.stderr)
         return 1

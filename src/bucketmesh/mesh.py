@@ -519,6 +519,8 @@ class Mesh(SyncView):
         started = self.monotonic()
         try:
             ack = await self._request(peer, peer.link, sync.DELTAS, body, sync.Ack, timeout_s)
+            if ack.replica_id == self.replica_id:
+                raise LinkError(f"{peer.url} is this very node; check sync.peerUrls")
         except LinkError as error:
             self._failed(peer, error, started)
             return False
