@@ -285,25 +285,16 @@ class Bucket:
         self.base_time = now_ns + backlog - self.total * config.interval_ns
 
     def delta(self, key: str, replica_id: str) -> BucketDelta:
-        return BucketDelta(
-            key,
-            self.epoch,
-            self.config,
-            self.base_version,
-            self.base_time,
-            {replica_id: self.mine},
-            self.rule,
-        )
+        """This replica's own entry, with ``base`` and ``config``: what a sync push carries."""
+        return self._encoded(key, {replica_id: self.mine})
 
     def full_state(self, key: str, replica_id: str) -> BucketDelta:
+        """Every entry known here: for repair, new peers and snapshots."""
+        return self._encoded(key, self.used(replica_id))
+
+    def _encoded(self, key: str, used: dict[str, int]) -> BucketDelta:
         return BucketDelta(
-            key,
-            self.epoch,
-            self.config,
-            self.base_version,
-            self.base_time,
-            self.used(replica_id),
-            self.rule,
+            key, self.epoch, self.config, self.base_version, self.base_time, used, self.rule
         )
 
     def merge(self, delta: BucketDelta, replica_id: str) -> bool:
