@@ -18,8 +18,8 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
 
 import msgspec
 
@@ -28,6 +28,10 @@ from bucketmesh.bucket import NS_PER_S, Bucket, BucketConfig, Decision
 from bucketmesh.http11 import Request, Response, problem
 from bucketmesh.limiter import BucketCapReached, InvalidTokens, Limiter, NoRuleError
 from bucketmesh.metrics import NodeMetrics
+
+# What a route handler answers: a Response at once, or an awaitable of one (a handler
+# that must wait for I/O, such as a Redis-backed decision or a sync digest).
+Answer: TypeAlias = Response | Awaitable[Response]
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -165,7 +169,7 @@ class RatingApp:
         self.patch_decoder = msgspec.json.Decoder(api.PatchRequest)
         self.encoder = msgspec.json.Encoder()
         self.openapi = msgspec.json.encode(api.openapi_document(version))
-        self.routes: dict[tuple[str, str], tuple[str, Callable[[Request], Response]]] = {
+        self.routes: dict[tuple[str, str], tuple[str, Callable[[Request], Answer]]] = {
             ("POST", "/v1/rate"): ("rate", self.rate_post),
             ("POST", "/rate"): ("rate", self.rate_post),
             ("GET", "/v1/rate"): ("rate", self.rate_get),
@@ -178,7 +182,7 @@ class RatingApp:
             ("GET", "/metrics"): ("metrics", self.metrics_text),
             ("GET", "/openapi.json"): ("openapi", self.openapi_json),
         }
-        self.prefix_routes: list[tuple[str, str, str, Callable[[Request, str], Response]]] = [
+        self.prefix_routes: list[tuple[str, str, str, Callable[[Request, str], Answer]]] = [
             ("GET", "/v1/buckets/", "buckets", self.bucket_get),
             ("PATCH", "/v1/buckets/", "buckets", self.bucket_patch),
             ("PATCH", "/buckets/", "buckets", self.bucket_patch),
@@ -206,23 +210,36 @@ class RatingApp:
         )
 
     def add_route(
-        self, method: str, path: str, route: str, handler: Callable[[Request], Response]
+        self, method: str, path: str, route: str, handler: Callable[[Request], Answer]
     ) -> None:
         """Serve ``method path`` with ``handler`` (how the sync mesh adds /v1/sync/...).
 
-        ``route`` is the bounded metrics label. A handler may raise ``ApiError``.
+        ``route`` is the bounded metrics label. A handler may raise ``ApiError``
+        (at once, or from the awaitable it returns) and may be a coroutine function.
         """
         self.routes[(method, path)] = (route, handler)
 
     # -- dispatch ------------------------------------------------------------
 
-    def __call__(self, request: Request) -> Response:
+    def __call__(self, request: Request) -> Answer:
         started = time.perf_counter()
         route, response = self.dispatch(request)
+        if type(response) is not Response:
+            return self._finish(route, response, started)  # type: ignore[arg-type]
         self.metrics.count_response(route, response.status, time.perf_counter() - started)
         return response
 
-    def dispatch(self, request: Request) -> tuple[str, Response]:
+    async def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Response:
+        """Await an async handler's answer; its ApiError renders like a sync one's."""
+        try:
+            response = await pending
+        except ApiError as error:
+            self.metrics.count_rejection(error.reason)
+            response = error.response()
+        self.metrics.count_response(route, response.status, time.perf_counter() - started)
+        return response
+
+    def dispatch(self, request: Request) -> tuple[str, Answer]:
         method = "GET" if request.method == "HEAD" else request.method  # http11 drops the body
         path = request.path
         route = "other"
