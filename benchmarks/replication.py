@@ -14,8 +14,9 @@ backend, default sync interval, one generated secret) and measures:
   Target: p99 ≤ sync interval + 10 ms.
 * **P5, accuracy**: all three regions saturate one shared key (open loop,
   each region at 1.5× the refill rate) for the whole window, with 0 ms and
-  with 50 ms one-way delay injected on every inter-region link (a
-  ``bucketmesh.netproxy`` TCP proxy per directed link). Admitted = the 200s
+  with 50 ms one-way delay injected on every inter-region link (the mesh is
+  ``bucketmesh.cluster.LocalMesh``, with a ``bucketmesh.netproxy`` proxy per
+  directed link when there is a delay). Admitted = the 200s
   counted by the clients, checked against Σ used in every region's state;
   theoretical = capacity + refill_rate × (last request − first request).
   Target: admitted within ±2 % of the theoretical limit.
@@ -30,28 +31,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import secrets
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import _report
 import httpx
 import msgspec
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bucketmesh.cluster import region_config
+from bucketmesh.cluster import LocalMesh
+from bucketmesh.netproxy import Faults
 
 HOST = "127.0.0.1"
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
@@ -117,8 +114,6 @@ class Connection:
 class Region:
     name: str
     port: int
-    process: subprocess.Popen[bytes] | None = None
-    proxies: list[object] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -128,88 +123,21 @@ class Region:
 @contextlib.contextmanager
 def mesh(workdir: Path, delay_ms: float) -> Iterator[list[Region]]:
     """Three regions; with ``delay_ms`` > 0 every peer link goes through a delaying proxy."""
-    ports = {name: free_port() for name in REGIONS}
     buckets = workdir / "buckets.yaml"
     buckets.write_text(BUCKETS_YAML)
-    env = {**os.environ, "BUCKETMESH_SYNC_SECRET": secrets.token_urlsafe(32)}
-    regions = [Region(name, ports[name]) for name in REGIONS]
-    proxies: list[object] = []
-    loop_thread = None
+    faults = Faults(latency_s=delay_ms / 1000) if delay_ms > 0 else None
+    local = LocalMesh(
+        REGIONS, directory=str(workdir), buckets=str(buckets), cluster_id="bench", faults=faults
+    )
     try:
-        if delay_ms > 0:
-            loop_thread, peer_urls = start_delay_proxies(ports, delay_ms, proxies)
-        else:
-            peer_urls = {a: {b: f"http://{HOST}:{ports[b]}" for b in REGIONS} for a in REGIONS}
-        for region in regions:
-            config = region_config(region.name, ports, cluster_id="bench", buckets=str(buckets))
-            config["sync"]["peerUrls"] = {
-                peer: url for peer, url in peer_urls[region.name].items() if peer != region.name
-            }
-            path = workdir / f"{region.name}.yaml"
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
-            log = (workdir / f"{region.name}.log").open("wb")
-            region.process = subprocess.Popen(
-                [sys.executable, "-m", "bucketmesh.cli", "serve", "--config", str(path)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        wait_ready(regions, workdir)
+        if not local.start():
+            logs = "\n".join(p.read_text(errors="replace") for p in workdir.glob("*.log"))
+            raise SystemExit(f"the mesh did not start:\n{logs}")
+        regions = [Region(name, node.port) for name, node in local.nodes.items()]
         wait_peers_up(regions)
         yield regions
     finally:
-        for region in regions:
-            if region.process is not None and region.process.poll() is None:
-                region.process.send_signal(signal.SIGTERM)
-        for region in regions:
-            if region.process is not None:
-                try:
-                    region.process.wait(15)
-                except subprocess.TimeoutExpired:
-                    region.process.kill()
-                    region.process.wait()
-        if loop_thread is not None:
-            loop_thread.stop()
-
-
-def start_delay_proxies(
-    ports: dict[str, int], delay_ms: float, keep: list[object]
-) -> tuple[object, dict[str, dict[str, str]]]:
-    """One proxy per directed link (a → b), each delaying both directions by ``delay_ms``."""
-    from bucketmesh.netproxy import LinkProxy, ProxyThread  # the xr framework's proxy
-
-    thread = ProxyThread()
-    thread.start()
-    urls: dict[str, dict[str, str]] = {a: {} for a in ports}
-    for a in ports:
-        for b in ports:
-            if a == b:
-                continue
-            proxy = thread.run(LinkProxy.start(HOST, 0, HOST, ports[b], latency_ms=delay_ms))
-            keep.append(proxy)
-            urls[a][b] = f"http://{HOST}:{proxy.port}"
-    return thread, urls
-
-
-def wait_ready(regions: Sequence[Region], workdir: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    for region in regions:
-        while True:
-            assert region.process is not None
-            if region.process.poll() is not None:
-                log = (workdir / f"{region.name}.log").read_text(errors="replace")
-                raise SystemExit(f"{region.name} exited at start:\n{log}")
-            try:
-                with urllib.request.urlopen(region.url + "/readyz", timeout=1.0) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{region.name} not ready after {READY_TIMEOUT_S:g} s")
-            time.sleep(0.05)
+        local.stop()
 
 
 def wait_peers_up(regions: Sequence[Region]) -> None:
