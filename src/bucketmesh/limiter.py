@@ -17,6 +17,19 @@ share of capacity and refill and never replicates, so the sum of all regions
 can never exceed the limit however long a partition lasts. (Moving idle share
 toward demand — escrow rebalancing, DESIGN.md section 3 — is not built yet.)
 
+Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
+may still hold that generation (it knows later spending, or has not swept
+it yet) and send it back. Re-created from the peer's copy, our entry would
+restart at what the peer knew of it, below what we spent, and max-merge would
+hide our next grants from replicas that knew more. So a dropped bucket in
+which we spent leaves a *tombstone* (epoch, own count) for
+``max(2·ttl, tombstone_ns)``; when that generation comes back, our entry in
+it starts from the tombstone's count. A
+copy of the same generation returning after the tombstone is gone can still
+restart our entry low; that needs a peer to keep the key busy without hearing
+from us for that whole time (a partition longer than the horizon) — see
+docs/sync.md for the bound.
+
 At the cap on live buckets (``max_buckets``), expired buckets are swept
 first; if none can go, a request for a *new* key raises ``BucketCapReached``
 (the server answers 503 with Retry-After). Existing keys keep being served and
@@ -49,6 +62,7 @@ from bucketmesh.bucket import (
 from bucketmesh.rules import Rule
 
 SNAPSHOT_FORMAT: Final = 1
+TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
 
 
 class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
@@ -122,6 +136,7 @@ class Limiter:
         clock: Callable[[], int] = time.time_ns,
         max_buckets: int = 1_000_000,
         regions: int = 1,
+        tombstone_ns: int = TOMBSTONE_NS,
     ) -> None:
         if regions < 1:
             raise ValueError("regions must be >= 1")
@@ -148,6 +163,9 @@ class Limiter:
         self.expired_total = 0
         self.cap_rejections = 0
         self._sweep: list[str] = []
+        self.tombstone_ns = tombstone_ns
+        # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
+        self.tombstones: dict[str, tuple[int, int, int]] = {}
 
     @classmethod
     def from_config(
@@ -250,6 +268,8 @@ class Limiter:
                     f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
                 )
         bucket = self.buckets[key] = self._fresh(key, rule_name, now)
+        if self.tombstones and key in self.tombstones:
+            self._settle_tombstone(key, bucket)  # a newer epoch, unless the ttl grew meanwhile
         return bucket
 
     # -- configuration -------------------------------------------------------
@@ -371,6 +391,8 @@ class Limiter:
                 changed += 1
             else:
                 continue
+            if self.tombstones and delta.key in self.tombstones:
+                self._settle_tombstone(delta.key, bucket)
             # A bucket that learned of data older than its rule's runtime config
             # takes the rule's config (the newest version wins everywhere).
             rule_cfg = self.rule_configs.get(bucket.rule)
@@ -396,10 +418,41 @@ class Limiter:
             now = self.clock()
         dead = [key for key, bucket in self.buckets.items() if bucket.expired(now)]
         for key in dead:
-            del self.buckets[key]
-            self.dirty.discard(key)
-        self.expired_total += len(dead)
+            self._drop(key, now)
+        self._forget_tombstones(now, len(self.tombstones))
         return len(dead)
+
+    def _drop(self, key: str, now: int) -> None:
+        """Drop an expired bucket, keeping its own count as a tombstone if we spent."""
+        bucket = self.buckets.pop(key)
+        self.dirty.discard(key)
+        self.expired_total += 1
+        if bucket.mine and bucket.config.mode == SHARED:
+            tombstones = self.tombstones
+            tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
+            forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
+            tombstones[key] = (bucket.epoch, bucket.mine, forget)
+            if len(tombstones) > self.max_buckets:
+                del tombstones[next(iter(tombstones))]
+
+    def _settle_tombstone(self, key: str, bucket: Bucket) -> None:
+        """A generation we dropped came back: our own count in it is what we spent."""
+        epoch, mine, _ = self.tombstones[key]
+        if epoch == bucket.epoch:
+            bucket.raise_own(mine)
+        if epoch <= bucket.epoch:
+            del self.tombstones[key]
+        # An older generation (a peer kept it while ours expired unseen) is kept
+        # as peers hold it, so that every replica converges; the tombstone waits.
+
+    def _forget_tombstones(self, now: int, budget: int) -> None:
+        tombstones = self.tombstones
+        while budget > 0 and tombstones:
+            key = next(iter(tombstones))
+            if tombstones[key][2] > now:
+                return
+            del tombstones[key]
+            budget -= 1
 
     def expire_step(self, now: int | None = None, budget: int = 10_000) -> int:
         """Look at up to ``budget`` buckets for expiry, resuming where the last call
@@ -415,10 +468,9 @@ class Limiter:
         for key in chunk:
             bucket = buckets.get(key)
             if bucket is not None and bucket.expired(now):
-                del buckets[key]
-                self.dirty.discard(key)
+                self._drop(key, now)
                 dropped += 1
-        self.expired_total += dropped
+        self._forget_tombstones(now, budget)
         return dropped
 
     def bucket(self, key: str) -> Bucket | None:

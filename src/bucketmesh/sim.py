@@ -742,6 +742,20 @@ class Simulation:
             }
         )
         for key in shared:
+            copies = [limiter.buckets.get(key) for limiter in self.limiters]
+            if None in copies:
+                # Dropping a bucket full for longer than its ttl is the same as keeping
+                # it: a replica that swept one need not learn it back from the others,
+                # as long as every copy still held is expired too.
+                missing = self.limiters[copies.index(None)].replica_id
+                for i, copy in enumerate(copies):
+                    if copy is not None and not copy.expired(now + self.skews[i]):
+                        self._fail(
+                            "convergence",
+                            f"{missing} never learned {key!r}, which "
+                            f"{self.limiters[i].replica_id} holds unexpired",
+                        )
+                continue
             states = []
             for limiter in self.limiters:
                 held = limiter.buckets.get(key)
