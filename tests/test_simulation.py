@@ -559,18 +559,9 @@ def test_tombstones_are_forgotten_after_their_horizon() -> None:
     assert not a.tombstones
 
 
-# -- known bugs in the core (strict xfail: they start failing loudly once fixed) ---------
+# -- strict mode: per-key config changes reach every region, counters never do --------
 
 
-STRICT_KEY_CONFIG_BUG = (
-    "BUG (limiter.configure/_adopt): a per-key configure() of a strict-mode key changes only "
-    "the configuring replica's share (strict buckets are never dirty, and no rule-level "
-    "config carries it), so the other regions keep their old shares and the sum of shares "
-    "exceeds a lowered capacity"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STRICT_KEY_CONFIG_BUG)
 def test_strict_key_config_change_reaches_every_region() -> None:
     sim = Simulation(
         11,
@@ -584,11 +575,10 @@ def test_strict_key_config_change_reaches_every_region() -> None:
     sim.configure(t0 + 100 * MS, 0, "api-1", capacity=3)
     finish(sim, t0 + 500 * MS)
     shares = [bucket_config(limiter, "api-1") for limiter in sim.limiters]
-    # expected: every region holds a third of the new capacity; actual: [1, 4, 4]
+    # every region holds a third of the new capacity (not [1, 4, 4]: only the changer's)
     assert [share.capacity for share in shares] == [1, 1, 1]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG (limiter.configure)")
 def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
     """A second PATCH of a strict key starts from the rule's config, not the key's:
     changing only the refill rate reverts an earlier capacity change."""
@@ -598,7 +588,25 @@ def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
         limiter.acquire("api-1", now=t)
         limiter.configure("api-1", capacity=30, now=t)
         config = limiter.configure("api-1", refill_rate=3.0, now=t + 1)
-        assert config.capacity == 30, mode  # shared: 30; strict: back to the rule's 12
+        assert config.capacity == 30, mode  # not back to the rule's 12
+
+
+def test_a_new_region_learns_strict_key_configs_from_full_state() -> None:
+    rule = make_rule(12, 6.0, mode="strict")
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0, regions=3)
+    b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0, regions=3)
+    t = 1_000 * NS_PER_S
+    a.acquire("api-1", now=t)
+    a.configure("api-1", capacity=30, now=t)
+    assert a.merge(b.full_state(), now=t) == 0
+    b.merge(a.full_state(), now=t)  # before b has the key at all
+    b.acquire("api-1", now=t + 1)
+    assert bucket_config(b, "api-1").capacity == 10  # a third of 30, not of 12
+    bucket = b.bucket("api-1")
+    assert bucket is not None and not bucket.others  # counters never travel
+
+
+# -- known bugs in the core (strict xfail: they start failing loudly once fixed) ---------
 
 
 LATE_CONFIG_BUG = (

@@ -13,8 +13,11 @@ default: refill follows the wall clock, so nodes need NTP) or as an explicit
 
 Modes: ``shared`` replicates; ``local`` keeps one independent bucket per
 replica; ``strict`` gives each of the ``regions`` replicas a fixed, equal
-share of capacity and refill and never replicates, so the sum of all regions
-can never exceed the limit however long a partition lasts. (Moving idle share
+share of capacity and refill and never replicates its counters, so the sum
+of all regions can never exceed the limit however long a partition lasts.
+A per-key config change of a strict key does replicate: it travels as a
+config-only delta (``strict_config_delta``; no counters, epoch 0) and every
+region takes its share of the new limits, newest version winning. (Moving idle share
 toward demand — escrow rebalancing, DESIGN.md section 3 — is not built yet.)
 
 Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
@@ -164,6 +167,8 @@ class Limiter:
         self.cap_rejections = 0
         self._sweep: list[str] = []
         self.tombstone_ns = tombstone_ns
+        # Per-key configs of strict keys, whole (a strict bucket holds only its share).
+        self.key_configs: dict[str, BucketConfig] = {}
         # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
         self.tombstones: dict[str, tuple[int, int, int]] = {}
 
@@ -257,7 +262,12 @@ class Limiter:
     def _fresh(self, key: str, rule_name: str | None, now: int) -> Bucket:
         """A full bucket for ``key`` under its rule, not (yet) stored."""
         rule = self._rule(key, rule_name)
-        return Bucket(_share(self.rule_configs[rule.name], self.regions), now, rule.name)
+        config = self.rule_configs[rule.name]
+        if self.key_configs:
+            own = self.key_configs.get(key)
+            if own is not None and own.version > config.version:
+                config = own
+        return Bucket(_share(config, self.regions), now, rule.name)
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
         if len(self.buckets) >= self.max_buckets:
@@ -304,8 +314,8 @@ class Limiter:
         else:
             bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
             current = bucket.config
-            if current.mode == STRICT:
-                current = self.rule_configs[bucket.rule]
+            if current.mode == STRICT:  # the bucket holds a share: start from the whole
+                current = self.key_configs.get(key_or_rule) or self.rule_configs[bucket.rule]
         new = BucketConfig(
             capacity=current.capacity if capacity is None else capacity,
             interval_ns=current.interval_ns if refill_rate is None else interval_for(refill_rate),
@@ -322,7 +332,12 @@ class Limiter:
                 if bucket.rule == rule.name:
                     self._adopt(key, bucket, new, now)
         else:
-            self._adopt(key_or_rule, self.buckets[key_or_rule], new, now)
+            bucket = self.buckets[key_or_rule]
+            if new.mode == STRICT or bucket.config.mode == STRICT:
+                self.key_configs[key_or_rule] = new  # replicated by collect_deltas
+            self._adopt(key_or_rule, bucket, new, now)
+            if new.mode == STRICT:
+                self.dirty.add(key_or_rule)
         return new
 
     def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
@@ -341,7 +356,10 @@ class Limiter:
         for key in self.dirty:
             bucket = buckets.get(key)
             if bucket is not None:
-                deltas.append(bucket.delta(key, rid))
+                if bucket.config.mode == STRICT:
+                    deltas.append(self.strict_config_delta(key, bucket.rule))
+                else:
+                    deltas.append(bucket.delta(key, rid))
         self.dirty.clear()
         rules = {name: self.rule_configs[name] for name in self.dirty_rules}
         self.dirty_rules.clear()
@@ -357,7 +375,32 @@ class Limiter:
             bucket = buckets.get(key)
             if bucket is not None and bucket.config.mode == SHARED:
                 deltas.append(bucket.full_state(key, rid))
+        strict = self.key_configs if keys is None else set(keys) & self.key_configs.keys()
+        for key in strict:
+            held = buckets.get(key)
+            deltas.append(self.strict_config_delta(key, held.rule if held else ""))
         return DeltaBatch(rid, deltas, dict(self.rule_configs))
+
+    def strict_config_delta(self, key: str, rule: str) -> BucketDelta:
+        """A strict key's per-key config, whole, without counters (they never leave)."""
+        config = self.key_configs.get(key)
+        if config is None:  # a strict bucket under its rule's config: nothing per key
+            config = self.rule_configs[rule]
+        return BucketDelta(key, 0, config, config.version, 0, {}, rule)
+
+    def _merge_strict_config(self, delta: BucketDelta, now: int) -> bool:
+        """Adopt a peer's per-key config of a strict key if it is newer than ours."""
+        key, config = delta.key, delta.config
+        bucket = self.buckets.get(key)
+        known = self.key_configs.get(key)
+        if known is not None and known.version >= config.version:
+            return False
+        if bucket is not None and bucket.config.version >= config.version:
+            return False
+        self.key_configs[key] = config
+        if bucket is not None:
+            self._adopt(key, bucket, config, now)
+        return True
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
         """Join a peer's batch into this replica; returns how many buckets changed."""
@@ -371,6 +414,8 @@ class Limiter:
         for delta in batch.deltas:
             self.hlc.observe(delta.config.version[0])
             if delta.config.mode != SHARED:
+                if delta.config.mode == STRICT and self._merge_strict_config(delta, now):
+                    changed += 1
                 continue
             bucket = buckets.get(delta.key)
             if bucket is None:
@@ -427,6 +472,8 @@ class Limiter:
         bucket = self.buckets.pop(key)
         self.dirty.discard(key)
         self.expired_total += 1
+        if self.key_configs:
+            self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
         if bucket.mine and bucket.config.mode == SHARED:
             tombstones = self.tombstones
             tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
