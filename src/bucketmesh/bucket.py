@@ -43,7 +43,11 @@ version v proposes ``base = (v, t)`` such that L(t) under the new config
 equals min(L(t) under the old one, new C) — raising capacity never refills
 the bucket for free. ``base`` of a higher version dominates, so replicas
 converge in whatever order they learn things; ``used`` that arrives late from
-the old version is charged at the new rate, never lost.
+the old version is charged at the new rate, never lost. A replica that learns
+a newer config from a peer adopts it the same way before merging (the
+limiter does it: a local write keeping the level it sees then), so the
+proposer's older base cannot hand back refill that this replica forgot when
+it re-based a full bucket meanwhile; the later of the two proposals wins.
 
 Error terms (documented, measured in the simulator and benchmarks, not hidden)
 -----------------------------------------------------------------------------

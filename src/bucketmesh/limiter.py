@@ -432,10 +432,20 @@ class Limiter:
                         continue
                 bucket = buckets[delta.key] = fresh
                 changed += 1
-            elif bucket.merge(delta, rid):
-                changed += 1
             else:
-                continue
+                if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
+                    # A newer per-key config: adopt it here first, as a local write
+                    # keeping the level we see now, so that a base proposed before we
+                    # drained the bucket cannot hand back refill we already forgot
+                    # (the max of both proposals wins). Like a rule config's adoption,
+                    # this makes the base depend on merge order until replicas exchange.
+                    self._adopt(delta.key, bucket, delta.config, now)
+                    bucket.merge(delta, rid)
+                    changed += 1
+                elif bucket.merge(delta, rid):
+                    changed += 1
+                else:
+                    continue
             if self.tombstones and delta.key in self.tombstones:
                 self._settle_tombstone(delta.key, bucket)
             # A bucket that learned of data older than its rule's runtime config
