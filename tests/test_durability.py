@@ -21,10 +21,10 @@ import msgspec
 import pytest
 from conftest import make_config
 
-from bucketmesh.limiter import DeltaBatch, Limiter, Snapshot
+from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.rules import Rule
-from bucketmesh.serve import NodeSettings, SnapshotFile, open_limiter
-from bucketmesh.wal import frame, read_frames, recover
+from bucketmesh.serve import SNAPSHOT_MAGIC, NodeSettings, SnapshotFile, open_limiter
+from bucketmesh.wal import frame, pack, read_frames, recover
 
 CAPACITY = 2500
 REFILL = 5.0
@@ -223,14 +223,26 @@ def test_restart_takes_an_incarnation_above_every_writer_of_the_log(tmp_path: Pa
     assert recover(path).torn_bytes == 0
 
 
-def test_a_snapshot_written_in_slices_restores_like_a_whole_one() -> None:
+def test_a_snapshot_file_written_in_slices_restores_like_a_whole_one(tmp_path: Path) -> None:
     limiter = Limiter(_rules(), replica_id="r/n/1")
     for i in range(25):
         limiter.acquire(f"k-{i}", 1 + i % 9)
     keys = [*limiter.buckets, "k-gone"]
-    parts = [limiter.snapshot_part(keys[i : i + 7]) for i in range(0, len(keys), 7)]
-    count = sum(found for _, found in parts)
-    data = limiter.snapshot_head(count) + b"".join(part for part, _ in parts)
-    assert msgspec.msgpack.decode(data, type=Snapshot) == msgspec.msgpack.decode(
-        limiter.snapshot(), type=Snapshot
+    encoder = msgspec.msgpack.Encoder()
+    path = tmp_path / "state.snap"
+    path.write_bytes(
+        SNAPSHOT_MAGIC
+        + pack(limiter.snapshot_head())
+        + b"".join(
+            pack(encoder.encode(limiter.snapshot_part(keys[i : i + 7])))
+            for i in range(0, len(keys), 7)
+        )
     )
+    settings = NodeSettings("r", "n", "127.0.0.1", 0, _rules(), snapshot=str(path))
+    from_slices, _ = open_limiter(settings, SnapshotFile(str(path)))
+    whole = Limiter.restore(limiter.snapshot(), _rules(), replica_id=from_slices.replica_id)
+    assert from_slices.replica_id == "r/n/2"
+    assert from_slices.snapshot() == whole.snapshot()
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(SystemExit, match="unreadable snapshot"):
+        open_limiter(settings, SnapshotFile(str(path)))

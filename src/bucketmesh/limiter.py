@@ -7,13 +7,13 @@ that gives an ad-hoc key its limits, keeps the dirty set the sync mesh drains
 buckets, enforces the cap on live buckets, and snapshots its state. All the
 bucket math lives in ``bucket.py``.
 
-Durability hooks (the files themselves are ``wal.py``'s): with ``journal``
-set (``enable_journal``), every grant and every config change records its key
-(rule) in ``journal.keys`` (``journal.rules``) until ``collect_journal`` turns
-them into one DeltaBatch of this replica's own entries — the write-ahead log's
-group. ``replay`` max-merges such batches back at start-up, every mode
-included, and ``snapshot_head`` / ``snapshot_part`` let a server write a
-snapshot in slices without stalling its event loop.
+Durability hooks (the files themselves are ``wal.py``'s and ``serve.py``'s):
+with ``journal`` set (``enable_journal``), every grant and every config change
+records its key (rule) in ``journal.keys`` (``journal.rules``) until
+``collect_journal`` turns them into one DeltaBatch of this replica's own
+entries — the write-ahead log's group. ``replay`` max-merges such batches back
+at start-up, every mode included, and ``snapshot_head`` / ``snapshot_part``
+let a server write and read a snapshot in slices.
 
 Time comes from an injected clock (``clock``, integer ns; ``time.time_ns`` by
 default: refill follows the wall clock, so nodes need NTP) or as an explicit
@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -173,6 +173,8 @@ class Limiter:
         # Buckets created in the same ttl window share one epoch int object
         # (32 bytes each otherwise, a tenth of a bucket's footprint).
         self._epochs: dict[int, int] = {}
+        # values decoded buckets share (see _compact); keys and values are equal
+        self._shared: dict[Any, Any] = {}
 
     @classmethod
     def from_config(
@@ -395,7 +397,7 @@ class Limiter:
                 continue
             bucket = buckets.get(delta.key)
             if bucket is None:
-                fresh = Bucket.from_delta(delta, rid)
+                fresh = self._compact(Bucket.from_delta(delta, rid))
                 if fresh.expired(now):
                     # A stale copy of a bucket that is full for longer than its ttl:
                     # the same as no bucket. Re-creating it would restore our own
@@ -410,6 +412,8 @@ class Limiter:
                 changed += 1
             elif bucket.merge(delta, rid):
                 changed += 1
+                if bucket.config is delta.config:
+                    self._compact(bucket)
             else:
                 continue
             # A bucket that learned of data older than its rule's runtime config
@@ -428,6 +432,36 @@ class Limiter:
         for key, bucket in self.buckets.items():
             if bucket.rule == name and bucket.config.version < config.version:
                 self._adopt(key, bucket, config, now)
+
+    def _compact(self, bucket: Bucket) -> Bucket:
+        """Make a decoded bucket share what equal buckets hold alike.
+
+        A bucket decoded from a snapshot, a log or a peer's message owns fresh
+        copies of its config, versions, rule name, replica ids and epoch —
+        about 600 bytes that a million buckets would hold a million times over.
+        Values are interned in one table, cleared when it grows past 100,000
+        (only sharing is lost, never state).
+        """
+        shared = self._shared
+        if len(shared) > 100_000:
+            shared.clear()
+        config = shared.setdefault(bucket.config, bucket.config)
+        bucket.config = config
+        base_version = bucket.base_version
+        bucket.base_version = (
+            config.version
+            if base_version == config.version
+            else shared.setdefault(base_version, base_version)
+        )
+        bucket.rule = shared.setdefault(bucket.rule, bucket.rule)
+        epoch = shared.setdefault(bucket.epoch, bucket.epoch)
+        if bucket.base_time == epoch:
+            bucket.base_time = epoch
+        bucket.epoch = epoch
+        others = bucket.others
+        if others:
+            bucket.others = {shared.setdefault(rid, rid): used for rid, used in others.items()}
+        return bucket
 
     # -- write-ahead log ---------------------------------------------------------
 
@@ -472,9 +506,9 @@ class Limiter:
             self.hlc.observe(delta.config.version[0])
             bucket = buckets.get(delta.key)
             if bucket is None:
-                buckets[delta.key] = Bucket.from_delta(delta, rid)
-            else:
-                bucket.merge(delta, rid)
+                buckets[delta.key] = self._compact(Bucket.from_delta(delta, rid))
+            elif bucket.merge(delta, rid):
+                self._compact(bucket)
 
     # -- garbage and inspection ---------------------------------------------
 
@@ -524,37 +558,29 @@ class Limiter:
 
     # -- persistence -----------------------------------------------------------
 
-    def snapshot_head(self, count: int) -> bytes:
-        """The start of a snapshot whose bucket list holds ``count`` entries.
+    def snapshot_head(self) -> bytes:
+        """A snapshot without buckets: this replica's id, hlc and rules.
 
-        ``snapshot_head(n) + snapshot_part(keys)...`` (parts holding n buckets
-        in all) is a snapshot ``restore`` reads: a server encodes it in slices
-        between which its event loop runs, and writes the true count last.
+        ``restore(snapshot_head())`` followed by ``replay(snapshot_part(keys))``
+        for every slice of the keys rebuilds what ``restore(snapshot())`` would,
+        a slice at a time: a server writes and reads its snapshot file so, with
+        its event loop running in between and never the whole decoded state in
+        memory at once.
         """
-        encode = msgspec.msgpack.encode
-        return b"".join(
-            (
-                b"\x95",  # the Snapshot struct: an array of its 5 fields
-                encode(SNAPSHOT_FORMAT),
-                encode(self.replica_id),
-                encode(self.hlc.last),
-                encode(dict(self.rule_configs)),
-                b"\xdd" + count.to_bytes(4, "big"),  # array32: patchable in place
-            )
+        return msgspec.msgpack.encode(
+            Snapshot(SNAPSHOT_FORMAT, self.replica_id, self.hlc.last, dict(self.rule_configs), [])
         )
 
-    def snapshot_part(self, keys: Iterable[str]) -> tuple[bytes, int]:
-        """The buckets of ``keys`` still live (all modes, every known entry), msgpack
-        items to follow ``snapshot_head``; and how many there are."""
+    def snapshot_part(self, keys: Iterable[str]) -> DeltaBatch:
+        """The buckets of ``keys`` still live, all modes, with every known entry."""
         rid = self.replica_id
         buckets = self.buckets
-        encode = msgspec.msgpack.encode
-        parts = []
+        deltas = []
         for key in keys:
             bucket = buckets.get(key)
             if bucket is not None:
-                parts.append(encode(bucket.full_state(key, rid)))
-        return b"".join(parts), len(parts)
+                deltas.append(bucket.full_state(key, rid))
+        return DeltaBatch(rid, deltas)
 
     def snapshot(self) -> bytes:
         """Every bucket (all modes) with every known entry, as msgpack."""
@@ -603,7 +629,7 @@ class Limiter:
         for delta in snap.buckets:
             # a snapshot written in slices may hold configs newer than its head's hlc
             limiter.hlc.observe(delta.config.version[0])
-            limiter.buckets[delta.key] = Bucket.from_delta(delta, rid)
+            limiter.buckets[delta.key] = limiter._compact(Bucket.from_delta(delta, rid))
         return limiter
 
 

@@ -38,7 +38,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -47,14 +47,17 @@ import msgspec
 
 from bucketmesh.app import RatingApp, SyncView
 from bucketmesh.http11 import HttpServer, ServerLimits
-from bucketmesh.limiter import Limiter, Snapshot
+from bucketmesh.limiter import DeltaBatch, Limiter, Snapshot
 from bucketmesh.mesh import Mesh, MeshSettings
 from bucketmesh.rules import Rule
-from bucketmesh.wal import Recovered, WriteAheadLog, recover, replay_into
+from bucketmesh.wal import Recovered, WriteAheadLog, pack, recover, replay_into, unpack_stream
 
 SWEEP_INTERVAL_S = 0.25
 SWEEP_BUDGET = 20_000
 SNAPSHOT_SLICE = 5_000
+SNAPSHOT_MAGIC = b"bucketmesh-snapshot-2\n"
+_SLICE_ENCODER = msgspec.msgpack.Encoder()
+_SLICE_DECODER = msgspec.msgpack.Decoder(DeltaBatch)
 
 
 @dataclass
@@ -79,16 +82,41 @@ class NodeSettings:
 
 
 class SnapshotFile:
-    """The embedded store's snapshot: written whole, fsynced, atomically replaced."""
+    """The embedded store's snapshot: written whole, fsynced, atomically replaced.
+
+    Format: ``SNAPSHOT_MAGIC``, then frames (``wal.pack``): the first holds
+    ``Limiter.snapshot_head()``, each other one a ``DeltaBatch`` slice of
+    buckets, so that neither writing nor reading ever holds every bucket's
+    encoding at once. A file without the magic is a whole ``Limiter.snapshot()``
+    (what ``save`` writes, and what earlier versions wrote).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
-    def load(self) -> bytes | None:
+    def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
+        """The head and the bucket slices, read lazily; None if there is no file.
+        Raises ValueError (or msgspec's errors) for a damaged file."""
         try:
-            return self.path.read_bytes()
+            stream = self.path.open("rb")
         except FileNotFoundError:
             return None
+        if stream.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+            stream.close()
+            data = self.path.read_bytes()
+            return data, iter(())
+        frames = unpack_stream(stream)
+        head = next(frames, None)
+        if head is None:
+            stream.close()
+            raise ValueError("no head frame")
+
+        def slices() -> Iterator[DeltaBatch]:
+            with stream:
+                for payload in frames:
+                    yield _SLICE_DECODER.decode(payload)
+
+        return head, slices()
 
     def begin(self) -> SnapshotWriter:
         """A snapshot written piece by piece; ``commit`` replaces the file atomically."""
@@ -97,23 +125,10 @@ class SnapshotFile:
         return SnapshotWriter(self.path, Path(tmp), os.fdopen(fd, "wb"))
 
     def save(self, data: bytes) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        """Write a whole ``Limiter.snapshot()``."""
+        writer = self.begin()
+        writer.write(data)
+        writer.commit()
 
 
 class SnapshotWriter:
@@ -126,11 +141,6 @@ class SnapshotWriter:
 
     def write(self, data: bytes) -> None:
         self.out.write(data)
-
-    def patch(self, offset: int, data: bytes) -> None:
-        self.out.seek(offset)
-        self.out.write(data)
-        self.out.seek(0, os.SEEK_END)
 
     def commit(self) -> None:
         try:
@@ -171,12 +181,14 @@ def open_limiter(
 ) -> tuple[Limiter, Recovered | None]:
     """The node's limiter: its snapshot and write-ahead log replayed under a new
     incarnation, or fresh; and what the log held (None without a snapshot file)."""
-    data = store.load() if store else None
+    snapshot = None
     previous = None
-    if data:
+    if store is not None:
         try:
-            previous = msgspec.msgpack.decode(data, type=Snapshot).replica_id
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            snapshot = store.read()
+            if snapshot is not None:
+                previous = msgspec.msgpack.decode(snapshot[0], type=Snapshot).replica_id
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
             raise SystemExit(f"{settings.snapshot}: unreadable snapshot: {error}") from None
     recovered = recover(store.path) if store else None
     if recovered is not None and recovered.torn_bytes:
@@ -188,14 +200,20 @@ def open_limiter(
         )
     writers = sorted(recovered.writers) if recovered else []
     replica_id = f"{settings.region}/{settings.node}/{next_incarnation(previous, *writers)}"
-    if data:
+    if snapshot is not None:
+        head, slices = snapshot
         limiter = Limiter.restore(
-            data,
+            head,
             settings.rules,
             replica_id=replica_id,
             max_buckets=settings.max_buckets,
             regions=regions,
         )
+        try:
+            for part in slices:
+                limiter.replay(part)
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise SystemExit(f"{settings.snapshot}: unreadable snapshot: {error}") from None
     else:
         limiter = Limiter(
             settings.rules,
@@ -287,17 +305,13 @@ class Node:
             limiter = self.limiter
             retiring = self.wal.rotate() if self.wal is not None else []
             keys = list(limiter.buckets)
-            head = limiter.snapshot_head(0)
             writer = await loop.run_in_executor(None, self.store.begin)
             try:
-                await loop.run_in_executor(None, writer.write, head)
-                count = 0
+                writer.write(SNAPSHOT_MAGIC + pack(limiter.snapshot_head()))
                 for start in range(0, len(keys), SNAPSHOT_SLICE):
-                    part, found = limiter.snapshot_part(keys[start : start + SNAPSHOT_SLICE])
-                    count += found
-                    await loop.run_in_executor(None, writer.write, part)
-                # the bucket count is the last 4 bytes of the head (an array32 header)
-                writer.patch(len(head) - 4, count.to_bytes(4, "big"))
+                    part = limiter.snapshot_part(keys[start : start + SNAPSHOT_SLICE])
+                    data = pack(_SLICE_ENCODER.encode(part))
+                    await loop.run_in_executor(None, writer.write, data)
                 await loop.run_in_executor(None, writer.commit)
             except BaseException:
                 writer.abandon()

@@ -43,10 +43,10 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import msgspec
 
@@ -59,9 +59,26 @@ _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(DeltaBatch)
 
 
-def frame(batch: DeltaBatch) -> bytes:
-    payload = _ENCODER.encode(batch)
+def pack(payload: bytes) -> bytes:
+    """One frame: length, crc32, payload."""
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def frame(batch: DeltaBatch) -> bytes:
+    return pack(_ENCODER.encode(batch))
+
+
+def unpack_stream(stream: BinaryIO) -> Iterator[bytes]:
+    """The payloads of the frames in ``stream``, read one at a time; ValueError on a
+    torn or corrupt frame (for files replaced atomically, where that means damage)."""
+    while head := stream.read(_FRAME.size):
+        if len(head) < _FRAME.size:
+            raise ValueError("truncated frame header")
+        length, crc = _FRAME.unpack(head)
+        payload = stream.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            raise ValueError("torn or corrupt frame")
+        yield payload
 
 
 def read_frames(data: bytes) -> tuple[list[DeltaBatch], int]:
@@ -334,7 +351,9 @@ __all__ = [
     "Recovered",
     "WriteAheadLog",
     "frame",
+    "pack",
     "read_frames",
     "recover",
     "replay_into",
+    "unpack_stream",
 ]
