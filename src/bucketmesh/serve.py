@@ -254,6 +254,8 @@ class Node:
         )
         if self.mesh is not None:
             self.mesh.install(self.app)
+        if self.wal is not None:
+            self.wal.install(self.app.metrics)
         handler = self.wal.guard(self.app) if self.wal is not None else self.app
         self.server = HttpServer(handler, settings.limits, on_error=self._log_error)
         self.tasks: list[asyncio.Task[None]] = []
