@@ -458,9 +458,12 @@ class Limiter:
         if bucket.base_time == epoch:
             bucket.base_time = epoch
         bucket.epoch = epoch
-        others = bucket.others
-        if others:
-            bucket.others = {shared.setdefault(rid, rid): used for rid, used in others.items()}
+        entries = bucket.entries
+        if type(entries) is tuple:
+            bucket.entries = (shared.setdefault(entries[0], entries[0]), entries[1])
+        elif entries:
+            assert isinstance(entries, dict)
+            bucket.entries = {shared.setdefault(rid, rid): used for rid, used in entries.items()}
         return bucket
 
     # -- write-ahead log ---------------------------------------------------------
