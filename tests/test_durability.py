@@ -21,6 +21,7 @@ import msgspec
 import pytest
 from conftest import make_config
 
+from bucketmesh.config import ConfigError, parse_config
 from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.rules import Rule
 from bucketmesh.serve import SNAPSHOT_MAGIC, NodeSettings, SnapshotFile, open_limiter
@@ -254,3 +255,16 @@ def test_a_snapshot_file_written_in_slices_restores_like_a_whole_one(tmp_path: P
     path.write_bytes(path.read_bytes()[:-5])
     with pytest.raises(SystemExit, match="unreadable snapshot"):
         open_limiter(settings, SnapshotFile(str(path)))
+
+
+def test_storage_settings_parse_and_a_bad_one_names_its_field() -> None:
+    config = parse_config("storage:\n  durability: strict\n  snapshotInterval: 250\n", environ={})
+    assert config.storage.durability == "strict"
+    assert config.storage.snapshot_interval_ms == 250
+    for text, field in (
+        ("storage:\n  durability: sometimes\n", "storage.durability"),
+        ("storage:\n  snapshotInterval: 0\n", "storage.snapshotInterval"),
+    ):
+        with pytest.raises(ConfigError) as raised:
+            parse_config(text, environ={})
+        assert field in str(raised.value), str(raised.value)
