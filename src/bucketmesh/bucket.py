@@ -377,20 +377,29 @@ class Bucket:
         self.config = delta.config
         self.base_version = delta.base_version
         self.base_time = delta.base_time
-        self.mine = delta.used.get(replica_id, 0)
-        others = {rid: v for rid, v in delta.used.items() if rid != replica_id}
-        if not others:
+        used = delta.used
+        mine = self.mine = used.get(replica_id, 0)
+        # Restoring a million buckets goes through here: the usual shapes (no
+        # other entry, or one) take no intermediate dict.
+        size = len(used) - (replica_id in used)
+        if size == 0:
             self.entries = None
-        elif len(others) == 1:
-            self.entries = next(iter(others.items()))
+            self.total = mine
+        elif size == 1:
+            for rid, value in used.items():
+                if rid != replica_id:
+                    self.entries = (rid, value)
+                    self.total = mine + value
         else:
+            others = {rid: v for rid, v in used.items() if rid != replica_id}
             self.entries = others
-        self.total = self.mine + sum(others.values())
+            self.total = mine + sum(others.values())
         if delta.rule:
             self.rule = delta.rule
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
-        bucket = cls(delta.config, delta.epoch, delta.rule)
+        bucket = cls.__new__(cls)
+        bucket.rule = delta.rule
         bucket._replace(delta, replica_id)
         return bucket

@@ -175,6 +175,7 @@ class Limiter:
         self._epochs: dict[int, int] = {}
         # values decoded buckets share (see _compact); keys and values are equal
         self._shared: dict[Any, Any] = {}
+        self._last_config: BucketConfig | None = None
 
     @classmethod
     def from_config(
@@ -445,7 +446,15 @@ class Limiter:
         shared = self._shared
         if len(shared) > 100_000:
             shared.clear()
-        config = shared.setdefault(bucket.config, bucket.config)
+        config = bucket.config
+        # Slices decode runs of buckets with equal configs: compare with the last
+        # one before hashing (a struct's hash walks all its fields).
+        last = self._last_config
+        if config is not last:
+            if config == last:
+                config = last
+            else:
+                config = self._last_config = shared.setdefault(config, config)
         bucket.config = config
         base_version = bucket.base_version
         bucket.base_version = (
