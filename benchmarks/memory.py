@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = _report.machine()
     columns = ["measurement", "MB", "bytes/bucket", "note"]
     # long enough that no bucket expires while the others are still being created
-    ttl_s = 30.0 if args.quick else 90.0
+    ttl_s = 30.0 if args.quick else 180.0
     rows = in_process(n)
     with tempfile.TemporaryDirectory(prefix="bucketmesh-memory-") as tmp:
         served, figures = serve(n, Path(tmp), ttl_s)

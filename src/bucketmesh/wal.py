@@ -283,9 +283,11 @@ class WriteAheadLog:
         def durable(request: Request) -> Response | Awaitable[Response]:
             answer = handler(request)
             # Uncommitted grants (this request's or an earlier one's in this tick):
-            # the answer waits for the group. Only the rate routes grant, and they
-            # answer synchronously; an async answer is left as it is.
-            if journal and type(answer) is Response:
+            # the answer waits for the group. While an fsync is in flight, a 200
+            # waits too: it may be an Idempotency-Key replay of a grant in that
+            # group. Only the rate routes grant, and they answer synchronously;
+            # an async answer is left as it is.
+            if type(answer) is Response and (journal or (self._syncing and answer.status == 200)):
                 return self._after_commit(answer)
             return answer
 
