@@ -181,6 +181,8 @@ class StorageConfig(_Section, frozen=True):
     snapshot: str | None = None
     redis_url: str = "redis://localhost:6379/0"
     durability: Literal["relaxed", "strict"] = "relaxed"
+    # How long a decision waits on Redis before the rule's onStoreFailure decides.
+    redis_timeout_ms: _Count = 100
 
 
 class AdminConfig(_Section, frozen=True):
@@ -759,6 +761,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_STORAGE_SNAPSHOT": "storage.snapshot",
     "BUCKETMESH_STORAGE_REDIS_URL": "storage.redis_url",
     "BUCKETMESH_STORAGE_DURABILITY": "storage.durability",
+    "BUCKETMESH_STORAGE_REDIS_TIMEOUT": "storage.redis_timeout_ms",
     "BUCKETMESH_ADMIN_TOKEN": "admin.token",
     "BUCKETMESH_LIMITS_MAX_BUCKETS": "limits.max_buckets",
     "BUCKETMESH_LIMITS_MAX_BODY_BYTES": "limits.max_body_bytes",

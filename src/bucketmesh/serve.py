@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -39,6 +40,9 @@ from bucketmesh.http11 import HttpServer, ServerLimits
 from bucketmesh.limiter import Limiter, Snapshot
 from bucketmesh.mesh import Mesh, MeshSettings
 from bucketmesh.rules import Rule
+
+if TYPE_CHECKING:
+    from bucketmesh.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
 SWEEP_BUDGET = 20_000
@@ -62,6 +66,11 @@ class NodeSettings:
     version: str = "0"
     regions: int = 1
     sync: MeshSettings | None = None
+    # storage.backend: redis (redis_backend.py); the snapshot file is not used then
+    storage: str = "memory"
+    redis_url: str = "redis://localhost:6379/0"
+    redis_timeout_s: float = 0.1
+    redis_connections: int = 4
 
 
 class SnapshotFile:
@@ -133,20 +142,33 @@ class Node:
 
     def __init__(self, settings: NodeSettings, *, sync: SyncView | None = None) -> None:
         self.settings = settings
-        self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
-        self.limiter = open_limiter(settings, self.store, settings.regions)
+        self.backend: RedisBackend | None = None
+        if settings.storage == "redis":
+            from bucketmesh.redis_backend import RedisBackend
+
+            # The region's state lives in Redis; the limiter is this node's mirror of it.
+            self.backend = RedisBackend(settings)
+            self.store = None
+            self.limiter: Limiter = self.backend.mirror
+        else:
+            self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
+            self.limiter = open_limiter(settings, self.store, settings.regions)
         self.mesh = Mesh(self.limiter, settings.sync) if settings.sync is not None else None
         if sync is None:
             sync = self.mesh
-        self.app = RatingApp(
-            self.limiter,
-            region=settings.region,
-            node=settings.node,
-            cluster_id=settings.cluster_id,
-            admin_token=settings.admin_token,
-            sync=sync,
-            version=settings.version,
-            ready=self.readiness,
+        app_settings = {
+            "region": settings.region,
+            "node": settings.node,
+            "cluster_id": settings.cluster_id,
+            "admin_token": settings.admin_token,
+            "sync": sync,
+            "version": settings.version,
+            "ready": self.readiness,
+        }
+        self.app = (
+            RatingApp(self.limiter, **app_settings)  # type: ignore[arg-type]
+            if self.backend is None
+            else self.backend.rating_app(**app_settings)
         )
         if self.mesh is not None:
             self.mesh.install(self.app)
@@ -158,7 +180,7 @@ class Node:
     def readiness(self) -> dict[str, str]:
         return {
             "config": "ok",
-            "store": "ok",
+            "store": "ok" if self.backend is None else self.backend.readiness(),
             "listener": "ok" if self.serving else "not listening",
         }
 
@@ -167,6 +189,8 @@ class Node:
         print(f"bucketmesh: internal error: {error!r}", file=sys.stderr, flush=True)
 
     async def start(self) -> None:
+        if self.backend is not None:
+            await self.backend.start(self.app)
         if self.mesh is not None:
             await self.mesh.pull_at_start()
         await self.server.start(self.settings.host, self.settings.port)
@@ -203,6 +227,8 @@ class Node:
         self.serving = False
         if self.mesh is not None:
             await self.mesh.stop()
+        if self.backend is not None:
+            await self.backend.stop()
         if self.store is not None:
             self.store.save(self.limiter.snapshot())
 
