@@ -92,6 +92,9 @@ MAX_QUEUED_MERGES: Final = 100_000
 MERGE_CHUNK: Final = 200
 DENY_RETRY_S: Final = 1.0
 
+# A queued decision and what to call with its Decision (or its error) once known.
+Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
+
 
 class RegionMirror(Limiter):
     """This node's copy of the region's Redis state: what the sync mesh reads and merges.
@@ -172,7 +175,7 @@ class RedisBackend:
         )
         self.up = False
         self.last_error = "not connected yet"
-        self.pending: list[list[tuple[Ask, asyncio.Future[Decision]]]] = []
+        self.pending: list[list[Waiter]] = []
         self.pending_count = 0
         self.inflight = 0
         self.flush_scheduled = False
@@ -236,14 +239,14 @@ class RedisBackend:
 
     # -- decisions -----------------------------------------------------------------
 
-    def _ask(self, key: str, rule_name: str | None, tokens: int, group: int = 0) -> Ask:
+    def ask(self, key: str, rule_name: str | None, tokens: int, group: int = 0) -> Ask:
         rule = self.mirror._rule(key, rule_name)
         config = _share(self.mirror.rule_configs[rule.name], self.regions)
         return Ask(key, rule.name, config, tokens, group)
 
     async def acquire(self, key: str, rule_name: str | None, tokens: int) -> Decision:
         """One decision, made in Redis with the others of this turn, or by the policy."""
-        ask = self._ask(key, rule_name, tokens)
+        ask = self.ask(key, rule_name, tokens)
         if not self.up:
             return self._fallback(ask)
         return (await self._submit([ask]))[0]
@@ -253,18 +256,23 @@ class RedisBackend:
     ) -> list[Decision]:
         """A batch's decisions in one script call; ``atomic``: all or nothing."""
         group = next(self.groups) if atomic else 0
-        asks = [self._ask(key, rule, tokens, group) for key, rule, tokens in resolved]
+        asks = [self.ask(key, rule, tokens, group) for key, rule, tokens in resolved]
         if not self.up:
             return self._fallback_many(asks, atomic)
         return await self._submit(asks)
 
     async def _submit(self, asks: list[Ask]) -> list[Decision]:
         loop = asyncio.get_running_loop()
-        unit = [(ask, loop.create_future()) for ask in asks]
+        futures: list[asyncio.Future[Decision]] = [loop.create_future() for _ in asks]
+        self.enqueue([(ask, _settle(future)) for ask, future in zip(asks, futures, strict=True)])
+        return [await future for future in futures]
+
+    def enqueue(self, unit: list[Waiter]) -> None:
+        """Queue decisions for the next script call; each ``outcome`` is called with the
+        Decision or the error (InvalidTokens, ...) once it is known. A unit never splits."""
         self.pending.append(unit)
         self.pending_count += len(unit)
         self._schedule()
-        return [await future for _, future in unit]
 
     def _schedule(self) -> None:
         if not self.flush_scheduled and self.inflight < self.max_inflight and self.pending:
@@ -276,7 +284,7 @@ class RedisBackend:
         self.flush_scheduled = False
         if not self.pending or self.inflight >= self.max_inflight:
             return
-        batch: list[tuple[Ask, asyncio.Future[Decision]]] = []
+        batch: list[Waiter] = []
         while self.pending and (not batch or len(batch) < MAX_DECISIONS_PER_CALL):
             unit = self.pending.pop(0)
             self.pending_count -= len(unit)
@@ -286,22 +294,21 @@ class RedisBackend:
         self.running.add(task)
         task.add_done_callback(self.running.discard)
 
-    async def _decide(self, batch: list[tuple[Ask, asyncio.Future[Decision]]]) -> None:
+    async def _decide(self, batch: list[Waiter]) -> None:
         try:
             await self._decide_in_store(batch)
         except (StoreUnavailable, StaleIncarnation) as error:
             self._mark_down(error)
             self._resolve_by_policy(batch)
         except BaseException as error:  # never leave a request hanging
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            for _, outcome in batch:
+                outcome(error)
             raise
         finally:
             self.inflight -= 1
             self._schedule()
 
-    async def _decide_in_store(self, batch: list[tuple[Ask, asyncio.Future[Decision]]]) -> None:
+    async def _decide_in_store(self, batch: list[Waiter]) -> None:
         rejoined = False
         for _ in range(4):
             if not self.up:
@@ -317,20 +324,18 @@ class RedisBackend:
                 await self._rejoin()
                 continue
             self.calls += 1
-            redo: list[tuple[Ask, asyncio.Future[Decision]]] = []
-            for (ask, future), verdict in zip(batch, verdicts, strict=True):
+            redo: list[Waiter] = []
+            for (ask, outcome), verdict in zip(batch, verdicts, strict=True):
                 if verdict.status == RECONFIGURE:
-                    redo.append((ask, future))
+                    redo.append((ask, outcome))
                     continue
                 self.decided += 1
-                if future.done():
-                    continue
                 if verdict.status == INVALID_TOKENS:
-                    future.set_exception(_invalid(ask.tokens, verdict.capacity))
+                    outcome(_invalid(ask.tokens, verdict.capacity))
                     continue
                 if verdict.status == ALLOWED and ask.tokens and verdict.mode == SHARED:
                     self.touched.add(ask.key)
-                future.set_result(verdict.decision(ask.key))
+                outcome(verdict.decision(ask.key))
             if not redo:
                 return
             await self._reconfigure({ask.key: ask for ask, _ in redo}.values(), now)
@@ -359,23 +364,20 @@ class RedisBackend:
     def _policy(self, ask: Ask) -> str:
         return self.rules[ask.rule].on_store_failure
 
-    def _resolve_by_policy(self, batch: list[tuple[Ask, asyncio.Future[Decision]]]) -> None:
-        groups: dict[int, list[tuple[Ask, asyncio.Future[Decision]]]] = {}
-        for ask, future in batch:
+    def _resolve_by_policy(self, batch: list[Waiter]) -> None:
+        groups: dict[int, list[Waiter]] = {}
+        for ask, outcome in batch:
             if ask.group:
-                groups.setdefault(ask.group, []).append((ask, future))
-                continue
-            if future.done():
+                groups.setdefault(ask.group, []).append((ask, outcome))
                 continue
             try:
-                future.set_result(self._fallback(ask))
+                outcome(self._fallback(ask))
             except (InvalidTokens, BucketCapReached) as error:
-                future.set_exception(error)
+                outcome(error)
         for items in groups.values():
             decisions = self._fallback_many([ask for ask, _ in items], atomic=True)
-            for (_, future), decision in zip(items, decisions, strict=True):
-                if not future.done():
-                    future.set_result(decision)
+            for (_, outcome), decision in zip(items, decisions, strict=True):
+                outcome(decision)
 
     def _fallback(self, ask: Ask) -> Decision:
         """The decision ``onStoreFailure`` gives while Redis is unavailable."""
@@ -628,6 +630,26 @@ class RedisBackend:
         return RedisRatingApp(self, self.mirror, **kwargs)
 
 
+class _Answer(asyncio.Future):  # type: ignore[type-arg]
+    """The HTTP answer of one store decision: a bare future (no task per request) that
+    knows its route and start time, so it is counted where it is resolved."""
+
+    route = "rate"
+    started = 0.0
+
+
+def _settle(future: asyncio.Future[Decision]) -> Callable[[Decision | BaseException], None]:
+    def outcome(result: Decision | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    return outcome
+
+
 def _invalid(tokens: int, capacity: int) -> InvalidTokens:
     return InvalidTokens(
         f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
@@ -649,15 +671,47 @@ class RedisRatingApp(RatingApp):
             key, rule = self._render_key(request)
         elif rule is not None and rule not in self.limiter.rules_by_name:
             raise ApiError(400, "Bad Request", f"unknown rule {rule!r}", field="rule")
-        return self._decide_in_store(key, rule, tokens)
-
-    async def _decide_in_store(self, key: str, rule: str | None, tokens: int) -> Response:
         try:
-            decision = await self.backend.acquire(key, rule, tokens)
+            ask = self.backend.ask(key, rule, tokens)
+            if not self.backend.up:
+                decision = self.backend._fallback(ask)
+                self.metrics.count_decision(decision.rule, decision.allowed)
+                return self._decision_response(decision)
         except (InvalidTokens, NoRuleError, BucketCapReached) as error:
             raise self._acquire_error(error, rule) from None
-        self.metrics.count_decision(decision.rule, decision.allowed)
-        return self._decision_response(decision)
+        # The hot path: a bare future resolved straight from the script's answer (no
+        # task or coroutine per request); http11 awaits it like any awaitable answer.
+        answer = _Answer(loop=asyncio.get_running_loop())
+        metrics = self.metrics
+
+        def outcome(result: Decision | BaseException) -> None:
+            if answer.done():
+                return
+            if isinstance(result, Decision):
+                metrics.count_decision(result.rule, result.allowed)
+                response = self._decision_response(result)
+            elif isinstance(result, (InvalidTokens, NoRuleError, BucketCapReached)):
+                error = self._acquire_error(result, rule)
+                metrics.count_rejection(error.reason)
+                response = error.response()
+            else:
+                answer.set_exception(result)
+                return
+            # counted here rather than in a done-callback: one loop hop less per request
+            metrics.count_response(
+                answer.route, response.status, time.perf_counter() - answer.started
+            )
+            answer.set_result(response)
+
+        self.backend.enqueue([(ask, outcome)])
+        return answer
+
+    def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Any:
+        if type(pending) is _Answer:
+            pending.route = route
+            pending.started = started
+            return pending
+        return super()._finish(route, pending, started)
 
     def _batch_decisions(
         self, resolved: list[tuple[str, str | None, int]], atomic: bool

@@ -40,8 +40,10 @@ take a new incarnation and a wiped counter is never reused under the old id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -107,13 +109,14 @@ local function save_all(key, b)
 end
 """
 
-# KEYS[1] incarnation key, KEYS[2..] one bucket per decision (repeats allowed).
+# KEYS[1] incarnation key, KEYS[2..] the distinct buckets of the call.
 # ARGV: now_s, now_n, replica id, incarnation, rule count, then per rule
 # (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
-# epoch_n: the epoch a bucket created now gets), then per decision
-# (rule index, tokens, group). Decisions of one group > 0 are all or nothing.
-# Answer: 8 values per decision: status, level, retry_after ns, reset_after ns,
-# capacity, interval, mode, rule.
+# epoch_n: the epoch a bucket created now gets), then ONE string holding every
+# decision as "key index, rule index, tokens, group;" (few arguments to pack and
+# parse: that is most of the cost of a call). Decisions of one group > 0 are all
+# or nothing. Answer: 4 values per decision (status, level, retry_after ns,
+# reset_after ns), then 4 per key (capacity, interval, mode, rule).
 ACQUIRE_LUA: Final = (
     _LUA_COMMON
     + r"""
@@ -128,19 +131,21 @@ for k = 1, nrules do
               l = tonumber(ARGV[o + 4]), m = ARGV[o + 5], vh = ARGV[o + 6], vo = ARGV[o + 7],
               es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9])}
 end
-local base = 5 + nrules * 9
-local n = #KEYS - 1
-local cache, dirty, fresh = {}, {}, {}
-local function bucket(key, rule)
-  local b = cache[key]
+local asks = {}
+for ki, ri, tok, g in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+);') do
+  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g)}
+end
+local cache, dirty, fresh, shown = {}, {}, {}, {}
+local function bucket(k, rule)
+  local b = cache[k]
   if b == nil then
-    b = load(key)
+    b = load(KEYS[k])
     if b then
-      b.mine = tonumber(redis.call('HGET', key, ufield) or '0')
+      b.mine = tonumber(redis.call('HGET', KEYS[k], ufield) or '0')
     else
       b = false
     end
-    cache[key] = b
+    cache[k] = b
   end
   if not b then
     -- a full bucket under the rule's config, stored only when something is taken
@@ -152,73 +157,59 @@ local function bucket(key, rule)
 end
 -- the outcome of taking `tokens` at now from b, without changing it
 local function judge(b, tokens, now_rel)
-  local iv, cap = b.i, b.c
-  local spent = b.t * iv
-  local backlog = b.bt + spent - now_rel
+  local backlog = b.bt + b.t * b.i - now_rel
   local pos = backlog
   if pos < 0 then pos = 0 end
-  local ok = pos + tokens * iv <= cap * iv
-  return ok, backlog, pos
+  return pos + tokens * b.i <= b.c * b.i, backlog, pos
 end
 local function level(b, backlog)
   if backlog > 0 then return b.c - cdiv(backlog, b.i) end
   return b.c
 end
 local out = {}
-local function answer(status, b, lvl, retry, reset)
-  local k = #out
-  out[k + 1] = status; out[k + 2] = lvl; out[k + 3] = retry; out[k + 4] = reset
-  out[k + 5] = b.c; out[k + 6] = b.i; out[k + 7] = b.m; out[k + 8] = b.r
+local function answer(k, status, b, lvl, retry, reset)
+  local n = #out
+  out[n + 1] = status; out[n + 2] = lvl; out[n + 3] = retry; out[n + 4] = reset
+  shown[k] = b
 end
--- groups that cannot be served whole: group -> true
-local short = {}
-local group_need = {}
-for d = 1, n do
-  local o = base + (d - 1) * 3
-  local g = tonumber(ARGV[o + 3])
+-- atomic groups that cannot be served whole: group -> key index -> tokens asked
+local short, need = {}, {}
+for _, a in ipairs(asks) do
+  local g = a[4]
   if g > 0 then
-    local key = KEYS[d + 1]
-    group_need[g] = group_need[g] or {}
-    group_need[g][key] = (group_need[g][key] or 0) + tonumber(ARGV[o + 2])
+    need[g] = need[g] or {}
+    local e = need[g][a[1]]
+    if e then e[2] = e[2] + a[3] else need[g][a[1]] = {a[2], a[3]} end
   end
 end
-for g, needs in pairs(group_need) do
-  for key, total in pairs(needs) do
-    local d0
-    for d = 1, n do
-      if KEYS[d + 1] == key and tonumber(ARGV[base + (d - 1) * 3 + 3]) == g then d0 = d; break end
-    end
-    local b = bucket(key, rules[tonumber(ARGV[base + (d0 - 1) * 3 + 1])])
-    local ok = judge(b, total, rel(b, now_s, now_n))
-    if total > b.c or not ok then short[g] = short[g] or {}; short[g][key] = total end
+for g, keys in pairs(need) do
+  for k, e in pairs(keys) do
+    local b = bucket(k, e[1])
+    local ok = judge(b, e[2], rel(b, now_s, now_n))
+    if e[2] > b.c or not ok then short[g] = short[g] or {}; short[g][k] = e[2] end
   end
 end
-for d = 1, n do
-  local o = base + (d - 1) * 3
-  local key = KEYS[d + 1]
-  local rule = rules[tonumber(ARGV[o + 1])]
-  local tokens = tonumber(ARGV[o + 2])
-  local g = tonumber(ARGV[o + 3])
-  local b = bucket(key, rule)
+for _, a in ipairs(asks) do
+  local k, rule, tokens, g = a[1], a[2], a[3], a[4]
+  local b = bucket(k, rule)
   if not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0 then
-    answer(2, b, 0, 0, 0)
+    answer(k, 2, b, 0, 0, 0)
   else
     local now_rel = rel(b, now_s, now_n)
     local ok, backlog, pos = judge(b, tokens, now_rel)
     if g > 0 and short[g] then
       -- an atomic group that cannot be served whole: every item is a peek
-      local want = short[g][key]
+      local want = short[g][k]
       local retry = 0
       if want then
-        local w = math.min(want, b.c)
-        retry = pos + w * b.i - b.c * b.i
+        retry = pos + math.min(want, b.c) * b.i - b.c * b.i
         if retry < 0 then retry = 0 end
       end
-      answer(0, b, level(b, backlog), retry, pos)
+      answer(k, 0, b, level(b, backlog), retry, pos)
     elseif not ok then
       local status = 0
       if tokens > b.c then status = 3 end
-      answer(status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
+      answer(k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
     else
       if tokens > 0 then
         if backlog < 0 then
@@ -230,26 +221,35 @@ for d = 1, n do
         backlog = backlog + tokens * b.i
         if b.new then
           b.new = nil
-          cache[key] = b
-          fresh[key] = true
+          cache[k] = b
+          fresh[k] = true
         end
-        dirty[key] = now_rel
+        dirty[k] = now_rel
       end
       local reset = backlog
       if reset < 0 then reset = 0 end
-      answer(1, b, level(b, backlog), 0, reset)
+      answer(k, 1, b, level(b, backlog), 0, reset)
     end
   end
 end
-for key, now_rel in pairs(dirty) do
-  local b = cache[key]
-  if fresh[key] then
-    save_all(key, b)
+for k, now_rel in pairs(dirty) do
+  local b = cache[k]
+  if fresh[k] then
+    save_all(KEYS[k], b)
   else
-    redis.call('HSET', key, 'bt', fmt(b.bt), 't', fmt(b.t))
+    redis.call('HSET', KEYS[k], 'bt', fmt(b.bt), 't', fmt(b.t))
   end
-  redis.call('HSET', key, ufield, fmt(b.mine))
-  expire(key, b, now_rel)
+  redis.call('HSET', KEYS[k], ufield, fmt(b.mine))
+  expire(KEYS[k], b, now_rel)
+end
+for k = 2, #KEYS do
+  local b = shown[k]
+  local n = #out
+  if b then
+    out[n + 1] = b.c; out[n + 2] = b.i; out[n + 3] = b.m; out[n + 4] = b.r
+  else
+    out[n + 1] = 0; out[n + 2] = 1; out[n + 3] = ''; out[n + 4] = ''
+  end
 end
 return out
 """
@@ -343,6 +343,23 @@ return 1
 )
 
 
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout  # no task per call, unlike wait_for before 3.12
+else:  # pragma: no cover - Python 3.10
+
+    @contextlib.asynccontextmanager
+    async def _timeout(seconds: float) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        handle = asyncio.get_running_loop().call_later(seconds, task.cancel)
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise asyncio.TimeoutError from None
+        finally:
+            handle.cancel()
+
+
 class StoreUnavailable(Exception):
     """Redis did not answer in time, refused, or failed: the failure policy decides."""
 
@@ -351,18 +368,39 @@ class StaleIncarnation(Exception):
     """The incarnation in Redis is not the one this node runs under (Redis lost its data)."""
 
 
-@dataclass(frozen=True)
 class Verdict:
     """One decision as the acquire script answered it."""
 
-    status: int
-    level: int
-    retry_ns: int
-    reset_ns: int
-    capacity: int
-    interval_ns: int
-    mode: str
-    rule: str
+    __slots__ = (
+        "capacity",
+        "interval_ns",
+        "level",
+        "mode",
+        "reset_ns",
+        "retry_ns",
+        "rule",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        level: int,
+        retry_ns: int,
+        reset_ns: int,
+        capacity: int,
+        interval_ns: int,
+        mode: str,
+        rule: str,
+    ) -> None:
+        self.status = status
+        self.level = level
+        self.retry_ns = retry_ns
+        self.reset_ns = reset_ns
+        self.capacity = capacity
+        self.interval_ns = interval_ns
+        self.mode = mode
+        self.rule = rule
 
     def decision(self, key: str) -> Decision:
         return Decision(
@@ -440,7 +478,8 @@ class RedisStore:
         """Await one Redis call within the timeout; any failure is StoreUnavailable."""
         self.calls += 1
         try:
-            return await asyncio.wait_for(awaitable, timeout_s or self.timeout_s)
+            async with _timeout(timeout_s or self.timeout_s):
+                return await awaitable
         except (RedisError, OSError, asyncio.TimeoutError) as error:
             self.failures += 1
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
@@ -479,11 +518,13 @@ class RedisStore:
         if self.incarnation is None:
             raise StaleIncarnation("no incarnation taken yet")
         rules: dict[tuple[str, BucketConfig], int] = {}
+        keys: dict[str, int] = {}
         args: list[Any] = []
+        wanted = []
         for ask in asks:
-            index = rules.get((ask.rule, ask.config))
-            if index is None:
-                index = rules[(ask.rule, ask.config)] = len(rules) + 1
+            rule_index = rules.get((ask.rule, ask.config))
+            if rule_index is None:
+                rule_index = rules[(ask.rule, ask.config)] = len(rules) + 1
                 cfg = ask.config
                 epoch_s, epoch_n = _split(now_ns - now_ns % cfg.ttl_ns)
                 args += [
@@ -497,28 +538,35 @@ class RedisStore:
                     epoch_s,
                     epoch_n,
                 ]
-        decisions: list[Any] = []
-        for ask in asks:
-            decisions += [rules[(ask.rule, ask.config)], ask.tokens, ask.group]
+            key_index = keys.get(ask.key)
+            if key_index is None:
+                key_index = keys[ask.key] = len(keys) + 1
+            wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group};")
         now_s, now_n = _split(now_ns)
         head = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
-        keys = [self.incarnation_key, *(self.bucket_key(ask.key) for ask in asks)]
-        raw = await self._call(self._acquire(keys=keys, args=head + args + decisions))
-        if raw and raw[0] == STALE_INCARNATION and len(raw) == 1:
+        prefix = self.prefix
+        names = [self.incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
+        raw = await self._call(self._acquire(keys=names, args=[*head, *args, "".join(wanted)]))
+        if len(raw) == 1 and raw[0] == STALE_INCARNATION:
             raise StaleIncarnation("Redis holds another incarnation (it lost its data?)")
-        return [
-            Verdict(
-                int(raw[j]),
-                int(raw[j + 1]),
-                int(raw[j + 2]),
-                int(raw[j + 3]),
-                int(raw[j + 4]),
-                int(raw[j + 5]),
-                str(raw[j + 6]),
-                str(raw[j + 7]),
+        base = 4 * len(asks)
+        out = []
+        for j, ask in enumerate(asks):
+            c = base + 4 * (keys[ask.key] - 1)
+            at = 4 * j
+            out.append(
+                Verdict(
+                    raw[at],
+                    raw[at + 1],
+                    raw[at + 2],
+                    raw[at + 3],
+                    raw[c],
+                    raw[c + 1],
+                    raw[c + 2],
+                    raw[c + 3],
+                )
             )
-            for j in range(0, len(raw), 8)
-        ]
+        return out
 
     # -- replication ---------------------------------------------------------------
 
