@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -365,3 +366,59 @@ def test_a_redis_region_and_a_memory_region_converge_through_the_mesh(
     for node in (a, b, mem):
         body = node.client.get("/v1/buckets/g-shared").json()
         assert body["tokens_remaining"] == 1000 - 23
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "storage.redisTimeoutMs must be >= 1, got 0"),
+        ("soon", "storage.redisTimeoutMs: expected an integer, got 'soon'"),
+    ],
+)
+def test_a_bad_redis_timeout_names_file_and_field(tmp_path: Path, value: str, message: str) -> None:
+    from bucketmesh.config import ConfigError, load_config
+
+    path = tmp_path / "bucketmesh.yaml"
+    path.write_text(f"storage:\n  backend: redis\n  redisTimeoutMs: {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{path}: {message}"
+    assert caught.value.field == "storage.redisTimeoutMs"
+
+
+def test_a_frozen_redis_times_out_and_the_node_recovers_when_it_thaws(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    """SIGSTOP: connections stay open and nothing answers, the slow-Redis case."""
+    buckets = [
+        {
+            "name": "closed",
+            "key": "c-{{ .Request.Query.u }}",
+            "capacity": 100,
+            "refillRate": 0.001,
+            "onStoreFailure": "deny",
+        },
+    ]
+    config = make_config(
+        buckets,
+        storage={"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 300},
+    )
+    node = serve(config)
+    with node.client() as client:
+        assert client.post("/v1/rate?u=1").status_code == 200
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            # the first decision waits at most the timeout, then the policy answers
+            first = client.post("/v1/rate?u=1")
+            assert first.status_code == 429, first.text
+            eventually(lambda: _assert_status(client, "/readyz", 503), "readyz reports it")
+            assert "TimeoutError" in client.get("/readyz").json()["checks"]["store"]
+            assert metric(client, "bucketmesh_store_failures_total") >= 1
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        eventually(lambda: _assert_status(client, "/readyz", 200), "readyz after SIGCONT")
+        assert client.post("/v1/rate?u=1").status_code == 200
+        used = replicas(client, "c-1")
+        # The call that timed out was still in Redis's socket buffer and ran on SIGCONT:
+        # a decision refused by the policy may still have been charged (the safe way).
+        assert sum(used.values()) in (2, 3), used
