@@ -422,3 +422,40 @@ def test_a_frozen_redis_times_out_and_the_node_recovers_when_it_thaws(
         # The call that timed out was still in Redis's socket buffer and ran on SIGCONT:
         # a decision refused by the policy may still have been charged (the safe way).
         assert sum(used.values()) in (2, 3), used
+
+
+def test_batches_on_redis_are_one_call_and_atomic_ones_all_or_nothing(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    buckets = [{"name": "b", "key": "b-{{ .Request.Query.u }}", "capacity": 5, "refillRate": 0.001}]
+    node = serve(redis_config(redis_server.url, buckets))
+    with node.client() as client:
+
+        def batch(atomic: bool, *items: tuple[str, int]) -> dict[str, Any]:
+            body = {
+                "atomic": atomic,
+                "requests": [{"key": k, "rule": "b", "tokens": t} for k, t in items],
+            }
+            response = client.post("/v1/rate/batch", json=body)
+            assert response.status_code == 200, response.text
+            return dict(response.json())
+
+        # x holds 5, y holds 5: 3 + 3 of x cannot be served whole, so nothing is spent
+        refused = batch(True, ("b-x", 3), ("b-y", 1), ("b-x", 3))
+        assert refused["allowed"] == 0 and refused["denied"] == 3
+        assert client.get("/v1/buckets/b-x").json()["tokens_remaining"] == 5
+        assert client.get("/v1/buckets/b-y").json()["tokens_remaining"] == 5
+        served = batch(True, ("b-x", 2), ("b-y", 1), ("b-x", 3))
+        assert served["allowed"] == 3
+        assert client.get("/v1/buckets/b-x").json()["tokens_remaining"] == 0
+        empty = batch(True, ("b-x", 1), ("b-y", 1))
+        assert empty["allowed"] == 0 and empty["results"][0]["retry_after"] > 0
+        # not atomic: item by item, in order
+        mixed = batch(False, ("b-y", 3), ("b-y", 3), ("b-y", 1))
+        assert [r["allowed"] for r in mixed["results"]] == [True, False, True]
+        assert replicas(client, "b-y") == {next(iter(replicas(client, "b-x"))): 1 + 3 + 1}
+        # a bad item fails the whole batch with nothing spent
+        bad = client.post(
+            "/v1/rate/batch", json={"requests": [{"key": "b-z", "rule": "b", "tokens": 9}]}
+        )
+        assert bad.status_code == 400 and bad.json()["field"] == "requests[0].tokens"

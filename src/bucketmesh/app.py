@@ -540,14 +540,14 @@ class RatingApp:
             live=key in self.limiter.buckets,
         )
 
-    def bucket_state(self, request: Request) -> Response:
+    def bucket_state(self, request: Request) -> Answer:
         key = request.query.get("key")
         if not key:
             raise bad_request("query parameter key is required", "key")
         rule = request.query.get("rule") or None
         return self._json(self._bucket_body(key, rule))
 
-    def bucket_get(self, request: Request, key: str) -> Response:
+    def bucket_get(self, request: Request, key: str) -> Answer:
         rule = self.limiter.rules_by_name.get(key)
         if rule is not None:
             return self._json(
@@ -569,7 +569,7 @@ class RatingApp:
             applies_to=applies_to,
         )
 
-    def bucket_patch(self, request: Request, key: str) -> Response:
+    def bucket_patch(self, request: Request, key: str) -> Answer:
         self._require_admin(request)
         self._require_json(request)
         if not request.body.strip():
@@ -623,7 +623,7 @@ class RatingApp:
 
     # -- node ------------------------------------------------------------------
 
-    def status(self, request: Request) -> Response:
+    def status(self, request: Request) -> Answer:
         key = request.query.get("key")
         body = api.StatusBody(
             region=self.region,

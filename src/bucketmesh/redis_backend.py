@@ -170,6 +170,13 @@ class RedisBackend:
             max_buckets=settings.max_buckets,
             regions=settings.regions,
         )
+        # Keys read back into the mirror after a grant: every rule's for the mesh;
+        # without one, only those of `local` rules (to seed the fallback buckets).
+        self.tracked = {
+            rule.name
+            for rule in settings.rules
+            if settings.sync is not None or rule.on_store_failure == "local"
+        }
         self.refresh_interval_s = (
             settings.sync.interval_s if settings.sync is not None else REFRESH_INTERVAL_S
         )
@@ -333,7 +340,7 @@ class RedisBackend:
                 if verdict.status == INVALID_TOKENS:
                     outcome(_invalid(ask.tokens, verdict.capacity))
                     continue
-                if verdict.status == ALLOWED and ask.tokens and verdict.mode == SHARED:
+                if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
                     self.touched.add(ask.key)
                 outcome(verdict.decision(ask.key))
             if not redo:
@@ -455,20 +462,26 @@ class RedisBackend:
         current = await self.store.current_incarnation()
         if current is None or current != self.store.incarnation:
             await self._rejoin()
-        now = time.time_ns()
-        spent = list(self.local_spent)
-        states = []
-        for key in spent:
-            bucket = self.local.bucket(key)
-            if bucket is not None:
-                states.append(bucket.full_state(key, self.local.replica_id))
-        for start in range(0, len(states), MERGE_CHUNK):
-            await self.store.merge(states[start : start + MERGE_CHUNK], now)
         for name, config in self.mirror.rule_configs.items():
             if config.version[0] > 0:
                 await self.store.save_rule(name, config)
-        self.local_spent.difference_update(spent)
-        self.touched.update(spent)
+        # Local decisions go on while this runs: repeat until nothing is left, then
+        # switch back without an await in between, so no local spending is stranded.
+        while self.local_spent:
+            spent = list(self.local_spent)
+            self.local_spent.clear()
+            states = []
+            for key in spent:
+                bucket = self.local.bucket(key)
+                if bucket is not None:
+                    states.append(bucket.full_state(key, self.local.replica_id))
+            try:
+                for start in range(0, len(states), MERGE_CHUNK):
+                    await self.store.merge(states[start : start + MERGE_CHUNK], time.time_ns())
+            except BaseException:
+                self.local_spent.update(spent)
+                raise
+            self.touched.update(spent)
         self.up = True
         self.recoveries += 1
         self.remote_wake.set()
@@ -726,13 +739,15 @@ class RedisRatingApp(RatingApp):
         except (InvalidTokens, NoRuleError, BucketCapReached) as error:
             raise self._acquire_error(error, None) from None
 
-    async def _refreshed(self, key: str | None, answer: Callable[[], Response]) -> Response:
+    async def _refreshed(self, key: str | None, answer: Callable[[], Answer]) -> Response:
         # A read answers from the mirror after joining Redis's state into it; with
         # Redis down it answers from the mirror as it stands (the last known state).
         if key and self.backend.up:
             with contextlib.suppress(StoreUnavailable, StaleIncarnation):
                 await self.backend.refresh([key])
-        return answer()
+        response = answer()
+        assert isinstance(response, Response)  # the base class answers these at once
+        return response
 
     def bucket_state(self, request: Request) -> Answer:
         return self._refreshed(
@@ -756,6 +771,7 @@ class RedisRatingApp(RatingApp):
             with contextlib.suppress(StoreUnavailable, StaleIncarnation):
                 await self.backend.refresh([key])
         response = super().bucket_patch(request, key)
+        assert isinstance(response, Response)  # the base class answers at once
         if self.backend.up:
             try:
                 await self.backend.publish(key, is_rule)

@@ -543,7 +543,7 @@ class RedisStore:
                 key_index = keys[ask.key] = len(keys) + 1
             wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group};")
         now_s, now_n = _split(now_ns)
-        head = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
+        head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
         names = [self.incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
         raw = await self._call(self._acquire(keys=names, args=[*head, *args, "".join(wanted)]))
