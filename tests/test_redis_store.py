@@ -143,3 +143,14 @@ def test_a_stale_incarnation_is_refused(store: RedisStore, loop: asyncio.Abstrac
     finally:
         store.incarnation = real
     assert run(store.acquire([Ask("inc-key", "r", config, 1)], T0))[0].status == ALLOWED
+
+
+def test_a_flushed_script_cache_is_reloaded(
+    store: RedisStore, loop: asyncio.AbstractEventLoop, redis_server_module: Any
+) -> None:
+    run = loop.run_until_complete
+    config = Limiter([_rule(3, 1.0, 60.0)], replica_id="x").rule_configs["r"]
+    assert run(store.acquire([Ask("flushed", "r", config, 1)], T0))[0].status == ALLOWED
+    redis_server_module.client().script_flush()
+    assert run(store.acquire([Ask("flushed", "r", config, 1)], T0))[0].status == ALLOWED
+    assert run(store.read(["flushed"]))[0].used == {store.replica_id: 2}
