@@ -54,11 +54,13 @@ operation = st.one_of(
         st.integers(-2_000_000_000, 2_000_000_000),
     ),
     st.tuples(st.just("configure"), st.integers(1, 15), st.sampled_from([0.5, 3.0, 7.0, 1000.0])),
+    # a peer's copy of a later generation of the bucket (re-created after expiry there)
+    st.tuples(st.just("epoch"), st.integers(1, 3), st.integers(0, 9)),
 )
 
 
 @settings(
-    max_examples=60,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
@@ -112,6 +114,17 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
                 "r",
             )
             memory.merge(DeltaBatch(rid, [delta]), now=now)
+            run(store.merge([delta], now))
+        elif op[0] == "epoch":
+            _, generations, spent = op
+            bucket = memory.bucket(key)
+            if bucket is None:
+                continue
+            epoch = bucket.epoch + generations * bucket.config.ttl_ns
+            delta = BucketDelta(
+                key, epoch, bucket.config, bucket.config.version, epoch, {"eu/n/9": spent}, "r"
+            )
+            memory.merge(DeltaBatch("eu/n/9", [delta]), now=now)
             run(store.merge([delta], now))
         else:
             _, new_capacity, new_rate = op
