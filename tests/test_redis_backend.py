@@ -459,3 +459,37 @@ def test_batches_on_redis_are_one_call_and_atomic_ones_all_or_nothing(
             "/v1/rate/batch", json={"requests": [{"key": "b-z", "rule": "b", "tokens": 9}]}
         )
         assert bad.status_code == 400 and bad.json()["field"] == "requests[0].tokens"
+
+
+def test_a_node_started_without_redis_serves_by_policy_and_joins_when_it_appears(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    from redis_server import RedisServer
+
+    later = RedisServer(tmp_path)  # its port is chosen; nothing listens there yet
+    node = serve(redis_config(later.url, POLICY_BUCKETS), wait_ready=False)
+    try:
+        with node.client() as client:
+            eventually(lambda: _assert_status(client, "/healthz", 200), "node listening")
+            assert client.get("/readyz").status_code == 503
+            assert (
+                client.post("/v1/rate", json={"key": "open-9", "rule": "open"}).status_code == 200
+            )
+            assert (
+                client.post("/v1/rate", json={"key": "closed-9", "rule": "closed"}).status_code
+                == 429
+            )
+            assert client.post("/v1/rate", json={"key": "own-9", "rule": "own"}).status_code == 200
+            later.start()
+            eventually(lambda: _assert_status(client, "/readyz", 200), "joined the store")
+            # the local grant made before Redis existed is in Redis now
+            assert sum(replicas(client, "own-9").values()) == 1
+            assert (
+                client.post("/v1/rate", json={"key": "closed-9", "rule": "closed"}).status_code
+                == 200
+            )
+            assert replicas(client, "closed-9") == {
+                rid: 1 for rid in replicas(client, "closed-9") if "/redis/" in rid
+            }
+    finally:
+        later.stop()
