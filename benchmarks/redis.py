@@ -45,14 +45,13 @@ from pathlib import Path
 
 # This file is named redis.py: run as a script, its folder is sys.path[0] and the file
 # would shadow the redis client package (which limits and bucketmesh import). Look in
-# the folder last instead (as benchmarks/http.py does for the standard library's http).
+# the folder last instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -62,12 +61,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import _report  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("bench_http", Path(__file__).with_name("http.py"))
-assert _spec is not None and _spec.loader is not None
-bench_http = importlib.util.module_from_spec(_spec)
-sys.modules["bench_http"] = bench_http
-_spec.loader.exec_module(bench_http)
+import http_rate as bench_http  # noqa: E402
 
 HOST = bench_http.HOST
 CONNECTIONS = 50
@@ -182,6 +176,9 @@ def node(workdir: Path, name: str, redis_url: str, capacity: int, rate: float) -
     config.write_text(
         f"region: bench\nnode: {name}\nlisten: {HOST}:{port}\n"
         f"storage:\n  backend: redis\n  redisUrl: {redis_url}\n"
+        # generous: a loaded machine must not look like a store failure (then the
+        # failure policy would decide, and a timed-out call may still be charged)
+        "  redisTimeoutMs: 2000\n"
         f"buckets:\n  - name: {RULE}\n    key: 'hot-{{{{ .Request.Header.X-K }}}}'\n"
         f"    capacity: {capacity}\n    refillRate: {rate}\n",
         encoding="utf-8",
@@ -227,6 +224,16 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def store_failures(services: list[object]) -> int:
+    total = 0
+    for service in services:
+        _, body = bench_http.http_request(service.port, "GET", "/metrics")  # type: ignore[attr-defined]
+        for name, _, value in bench_http.parse_metrics(body.decode()):
+            if name == "bucketmesh_store_failures_total":
+                total += int(value)
+    return total
 
 
 def grants(services: list[object]) -> tuple[int, int]:
@@ -322,6 +329,9 @@ def main() -> int:
                         problems.append(f"{name}: {errors} socket errors or non-2xx answers")
             total_grants = grants(services)[0]
             used = used_in_redis(a)
+            failures = store_failures(services)
+            if failures:
+                problems.append(f"admit: {failures} Redis calls failed (the policy decided)")
             if used != total_grants:
                 problems.append(f"admit: Σ used in Redis {used} != grants {total_grants}")
 
@@ -344,6 +354,9 @@ def main() -> int:
                 )
             if used != allowed:
                 problems.append(f"deny: Σ used in Redis {used} != grants {allowed}")
+            failures = store_failures(services)
+            if failures:
+                problems.append(f"deny: {failures} Redis calls failed (the policy decided)")
         finally:
             for service in services:
                 with contextlib.suppress(Exception):

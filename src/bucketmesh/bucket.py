@@ -71,6 +71,9 @@ the rare race where a region still spends on the old generation after
 another region re-created the key, or creations straddle an epoch boundary
 under clock skew, the losing generation's spending within one sync delay is
 forgotten (≤ C + r·d, inside the connected bound above).
+A replica that dropped a generation it spent in and then learns that same
+generation back from a peer restores its own entry from a tombstone the
+limiter keeps (``limiter.py``), not from the peer's possibly older view.
 
 This module does no I/O and reads no clock: time is always an argument.
 """
@@ -296,6 +299,13 @@ class Bucket:
         return BucketDelta(
             key, self.epoch, self.config, self.base_version, self.base_time, used, self.rule
         )
+
+    def raise_own(self, value: int) -> None:
+        """Our own entry is at least ``value`` (what we spent in this epoch before
+        dropping the bucket; see Limiter's tombstones)."""
+        if value > self.mine:
+            self.total += value - self.mine
+            self.mine = value
 
     def merge(self, delta: BucketDelta, replica_id: str) -> bool:
         """Join ``delta`` into this state; returns whether anything changed."""

@@ -78,6 +78,7 @@ from prometheus_client.core import (
 from bucketmesh import api, sync
 from bucketmesh.app import ApiError, SyncView
 from bucketmesh.bucket import NS_PER_S, SHARED, BucketConfig
+from bucketmesh.faults import FaultEndpoint, SyncFaults
 from bucketmesh.http11 import Request, Response
 from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.metrics import Histogram
@@ -404,6 +405,8 @@ class Mesh(SyncView):
             if region != settings.region
         }
         self.rejected: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
+        # Partitions rehearsed on a real deployment: POST /v1/admin/faults (faults.py).
+        self.faults = SyncFaults(self.peers, monotonic=monotonic)
         self.merged = 0
         self.received = 0
         self.tasks: list[asyncio.Task[None]] = []
@@ -430,6 +433,7 @@ class Mesh(SyncView):
             lambda: float(self.local_only),
         )
         app.metrics.labelled.append(self._metric_families)
+        FaultEndpoint(app, self.faults).install()
 
     def status(self) -> api.SyncStatus:
         return api.SyncStatus(
@@ -584,6 +588,8 @@ class Mesh(SyncView):
         timeout_s: float | None = None,
     ) -> _T:
         """Seal, post, and open the reply; any failure is a ``LinkError``."""
+        if self.faults.blocks(peer.region, "outbound"):
+            raise LinkError(f"{kind} to {peer.region} dropped by an injected fault")
         nonce = os.urandom(sync.NONCE_BYTES)
         message = self.auth.seal(
             kind,
@@ -795,6 +801,13 @@ class Mesh(SyncView):
                 headers=headers,
                 reason="sync_" + rejected.reason,
             ) from None
+        if self.faults.blocks(env.region, "inbound"):
+            raise ApiError(
+                503,
+                "Service Unavailable",
+                f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
+                reason="sync_fault_injected",
+            )
         self.received += 1
         peer = self.peers.get(env.region)
         if peer is not None:

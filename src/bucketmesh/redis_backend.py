@@ -135,6 +135,8 @@ class RegionMirror(Limiter):
             state.used = {rid: n for rid, n in state.used.items() if n}
             self.buckets[key] = Bucket.from_delta(state, replica_id)
         self.replica_id = replica_id
+        # a tombstone's count was the old id's: the old id's entry carries it now
+        self.tombstones.clear()
 
 
 class RedisBackend:

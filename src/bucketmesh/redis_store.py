@@ -684,6 +684,8 @@ class RedisStore:
         keys: list[str] = []
         args: list[Any] = list(_split(now_ns))
         for delta in deltas:
+            if delta.epoch == 0:
+                continue  # a strict key's config-only delta (limiter.py): no bucket state
             cfg = delta.config
             tat = delta.base_time + sum(delta.used.values()) * cfg.interval_ns
             expired = tat + cfg.ttl_ns <= now_ns
