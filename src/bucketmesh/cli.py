@@ -84,6 +84,9 @@ def _settings(config: Config) -> NodeSettings:
         version=__version__,
         regions=len(config.regions),
         sync=_mesh_settings(config),
+        storage=config.storage.backend,
+        redis_url=config.storage.redis_url,
+        redis_timeout_s=config.storage.redis_timeout_ms / 1000,
     )
 
 
