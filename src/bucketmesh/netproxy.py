@@ -198,6 +198,8 @@ class Link:
                     step_task.cancel()
         except OSError:
             pass  # the target refused: the client sees its connection closed
+        except asyncio.CancelledError:
+            pass  # healed or closed: this connection ends here, on purpose
         finally:
             self.connections.discard(task)
             for stream in (writer, upstream):
