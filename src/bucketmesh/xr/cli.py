@@ -149,6 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         admin_token=args.admin_token,
         key_template=args.key_template,
         live=not args.no_live,
+        metrics_port=args.metrics_port,
     )
     try:
         result = _run_loop(runner.run())
@@ -226,6 +227,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="append",
         metavar="NAME=VALUE",
         help="override one SLO threshold of the scenario, e.g. latency_p95_ms=50 (repeatable)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve the runner's own series (tokens per region, outcomes, faults) for "
+        "Prometheus on 127.0.0.1:PORT during the run (deploy/grafana/)",
     )
     run.add_argument("--no-live", action="store_true", help="no live table, log lines instead")
     run.set_defaults(func=cmd_run)

@@ -174,23 +174,26 @@ def plot_decisions(result: RunResult, path: Path) -> Path:
 
 
 def plot_tokens(result: RunResult, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(10, 4))
+    """Two views of the one bucket per region: the level, and what the region knows
+    was spent. A saturated bucket reads ~0 on both sides of a partition, so the
+    divergence shows in the second: each side stops learning the other's spend,
+    and the lines snap together when the partition heals (the level then drops
+    into the debt the refill repays)."""
+    fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for region in result.urls:
         points = [p for p in result.watcher.points if p.region == region]
-        ax.plot(
-            [p.t for p in points],
-            [p.tokens_remaining for p in points],
-            marker=".",
-            markersize=2,
-            linewidth=1,
-            label=region,
-        )
-    _shade(ax, result)
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xlabel("seconds since start")
-    ax.set_ylabel("tokens_remaining (this region's view)")
-    ax.set_title(f"The shared bucket {result.key} as each region sees it")
-    _legend(ax)
+        t = [p.t for p in points]
+        style = {"marker": ".", "markersize": 2, "linewidth": 1, "label": region}
+        axes[0].plot(t, [p.tokens_remaining for p in points], **style)
+        axes[1].plot(t, [p.used_total for p in points], **style)
+    for ax in axes:
+        _shade(ax, result)
+        _legend(ax)
+    axes[0].axhline(0, color="black", linewidth=0.6)
+    axes[0].set_ylabel("tokens_remaining")
+    axes[0].set_title(f"The shared bucket {result.key} as each region sees it")
+    axes[1].set_ylabel("tokens spent, all replicas\n(as this region knows)")
+    axes[1].set_xlabel("seconds since start")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

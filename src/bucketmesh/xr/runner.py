@@ -122,6 +122,7 @@ class Runner:
         key_template: str = DEFAULT_KEY_TEMPLATE,
         console: IO[str] = sys.stderr,
         live: bool = True,
+        metrics_port: int | None = None,
     ) -> None:
         self.scenario = scenario
         self.out_dir = out_dir
@@ -135,6 +136,9 @@ class Runner:
         self.background: list[asyncio.Task[Any]] = []
         self.load_tasks: list[asyncio.Task[None]] = []
         self.active_rates: dict[str, float] = {}
+        #: (kind, region) of the faults held now, for the exporter
+        self.active_faults: set[tuple[str, str]] = set()
+        self.metrics_port = metrics_port
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -197,6 +201,11 @@ class Runner:
         )
         self.result = result
         self.api_key = api_key
+        if self.metrics_port is not None:
+            from bucketmesh.xr.exporter import serve
+
+            port = serve(self, self.metrics_port)
+            self.say(f"runner metrics for Prometheus on http://127.0.0.1:{port}/metrics")
         stop = asyncio.Event()
         watchers = [
             asyncio.create_task(result.scraper.run(stop)),
@@ -293,11 +302,13 @@ class Runner:
         start = self.now()
         self.result.events.append(Event(start, "partition", region, f"{duration:g} s"))
         self.say(f"partition: {region} cut off from {', '.join(others)} for {duration:g} s")
+        self.active_faults.add(("partition", region))
         if self.mesh is not None and self.mesh.proxy is not None:
             await asyncio.to_thread(self.mesh.cut, [region])
         else:
             await self._admin_fault(region, others, duration)
         await asyncio.sleep(duration)
+        self.active_faults.discard(("partition", region))
         healed = await self._heal(region)
         self.result.partitions.append(duration)
         self.result.windows.append(
@@ -362,12 +373,14 @@ class Runner:
         start = self.now()
         self.result.events.append(Event(start, "kill", region, "SIGKILL"))
         self.say(f"crash: kill -9 {region}, restart after {spec.down:g} s")
+        self.active_faults.add(("crash", region))
         await asyncio.to_thread(self.mesh.kill, region)
         await asyncio.sleep(spec.down)
         restart = self.now()
         self.result.events.append(Event(restart, "restart", region))
         ok = await asyncio.to_thread(self.mesh.restart, region)
         ready = self.now()
+        self.active_faults.discard(("crash", region))
         self.result.restarts.append((region, ready - restart if ok else None))
         self.result.events.append(Event(ready, "ready", region, f"{ready - restart:.2f} s"))
         self.say(f"{region} serving again {ready - restart:.2f} s after its restart")
