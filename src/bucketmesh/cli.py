@@ -330,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
         help="every node's admin token (PATCH, fault injection); default $BUCKETMESH_ADMIN_TOKEN",
     )
     cluster_up.set_defaults(func=cmd_cluster_up)
+    from bucketmesh.xr.cli import add_parser as add_xr_parser
+
+    add_xr_parser(sub)
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo)
     return top
