@@ -232,9 +232,9 @@ class Node:
     def __init__(self, settings: NodeSettings, *, sync: SyncView | None = None) -> None:
         self.settings = settings
         self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
-        self.limiter, recovered = open_limiter(settings, self.store, settings.regions)
+        self.limiter, _ = open_limiter(settings, self.store, settings.regions)
         self.wal = (
-            WriteAheadLog(self.store.path, self.limiter, settings.durability, recovered=recovered)
+            WriteAheadLog(self.store.path, self.limiter, settings.durability)
             if self.store is not None
             else None
         )
