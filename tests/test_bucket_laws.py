@@ -321,6 +321,8 @@ def observe(batches: list[bytes], now: int) -> Limiter:
 def test_merge_order_and_duplicates_do_not_matter(
     program: list[tuple[str, int, str | int, int, int]], data: st.DataObject
 ) -> None:
+    """Without config changes, merge is a join: order and duplicates change nothing."""
+    program = [op for op in program if op[0] != "configure"]
     batches, now = sent_batches(program, rule_level_configs=False)
     reference = observe(batches, now)
     for _ in range(3):
@@ -329,6 +331,32 @@ def test_merge_order_and_duplicates_do_not_matter(
         other = observe(shuffled + repeated + shuffled[: len(shuffled) // 2], now)
         assert limiter_states(other) == limiter_states(reference)
         assert other.rule_configs == reference.rule_configs
+
+
+@settings(max_examples=150, deadline=None)
+@given(program=limiter_ops, data=st.data())
+def test_key_config_adoption_depends_on_order_only_until_replicas_exchange(
+    program: list[tuple[str, int, str | int, int, int]], data: st.DataObject
+) -> None:
+    """A newer *per-key* config is adopted on merge like a rule config: re-based at the
+    receiver, keeping the level it sees then (so a late change cannot refill a bucket
+    the receiver drained meanwhile). Configs and counters never depend on order or
+    duplicates; receivers that exchange full state agree exactly."""
+    batches, now = sent_batches(program, rule_level_configs=False)
+    observers = [observe(batches, now)]
+    for _ in range(2):
+        shuffled = data.draw(st.permutations(batches))
+        repeated = data.draw(st.lists(st.sampled_from(batches), max_size=6)) if batches else []
+        observers.append(observe(shuffled + repeated, now))
+    pure = [{key: (s[0], s[1], s[4]) for key, s in limiter_states(o).items()} for o in observers]
+    assert pure[1] == pure[0] and pure[2] == pure[0]
+    for _ in range(2):
+        for one in observers:
+            for other in observers:
+                if one is not other:
+                    other.merge(one.full_state(), now=now)
+    assert limiter_states(observers[1]) == limiter_states(observers[0])
+    assert limiter_states(observers[2]) == limiter_states(observers[0])
 
 
 @settings(max_examples=150, deadline=None)

@@ -43,7 +43,11 @@ version v proposes ``base = (v, t)`` such that L(t) under the new config
 equals min(L(t) under the old one, new C) — raising capacity never refills
 the bucket for free. ``base`` of a higher version dominates, so replicas
 converge in whatever order they learn things; ``used`` that arrives late from
-the old version is charged at the new rate, never lost.
+the old version is charged at the new rate, never lost. A replica that learns
+a newer config from a peer adopts it the same way before merging (the
+limiter does it: a local write keeping the level it sees then), so the
+proposer's older base cannot hand back refill that this replica forgot when
+it re-based a full bucket meanwhile; the later of the two proposals wins.
 
 Error terms (documented, measured in the simulator and benchmarks, not hidden)
 -----------------------------------------------------------------------------
@@ -71,6 +75,9 @@ the rare race where a region still spends on the old generation after
 another region re-created the key, or creations straddle an epoch boundary
 under clock skew, the losing generation's spending within one sync delay is
 forgotten (≤ C + r·d, inside the connected bound above).
+A replica that dropped a generation it spent in and then learns that same
+generation back from a peer restores its own entry from a tombstone the
+limiter keeps (``limiter.py``), not from the peer's possibly older view.
 
 This module does no I/O and reads no clock: time is always an argument.
 """
@@ -321,6 +328,13 @@ class Bucket:
         return BucketDelta(
             key, self.epoch, self.config, self.base_version, self.base_time, used, self.rule
         )
+
+    def raise_own(self, value: int) -> None:
+        """Our own entry is at least ``value`` (what we spent in this epoch before
+        dropping the bucket; see Limiter's tombstones)."""
+        if value > self.mine:
+            self.total += value - self.mine
+            self.mine = value
 
     def merge(self, delta: BucketDelta, replica_id: str) -> bool:
         """Join ``delta`` into this state; returns whether anything changed."""

@@ -84,6 +84,9 @@ def _settings(config: Config) -> NodeSettings:
         version=__version__,
         regions=len(config.regions),
         sync=_mesh_settings(config),
+        storage=config.storage.backend,
+        redis_url=config.storage.redis_url,
+        redis_timeout_s=config.storage.redis_timeout_ms / 1000,
     )
 
 
@@ -213,9 +216,31 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from bucketmesh.cluster import up
+    from bucketmesh.netproxy import Faults
 
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    return up(regions, base_port=args.base_port, buckets=args.buckets)
+    faults = None
+    if args.latency_ms or args.jitter_ms or args.loss or args.proxy:
+        try:
+            faults = Faults(args.latency_ms / 1000, args.jitter_ms / 1000, args.loss)
+        except ValueError as error:
+            print(f"bucketmesh cluster: {error}", file=sys.stderr)
+            return 2
+    return up(
+        regions,
+        base_port=args.base_port,
+        buckets=args.buckets,
+        faults=faults,
+        admin_token=getattr(args, "admin_token", None) or os.environ.get("BUCKETMESH_ADMIN_TOKEN"),
+    )
+
+
+def _fraction(text: str) -> float:
+    """A loss rate: ``0.01`` or ``1%``."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
 
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -234,6 +259,27 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
         help="port of the first region; the others follow (default: %(default)s)",
     )
     p.add_argument("--buckets", help="buckets.yaml with the rules (default: the example's)")
+    faults = p.add_argument_group(
+        "injected network faults",
+        "with any of these, sync traffic between every pair of regions goes through a TCP "
+        "proxy (bucketmesh.netproxy) that delays, jitters and loses it",
+    )
+    faults.add_argument(
+        "--latency-ms", dest="latency_ms", type=float, default=0.0, help="one-way delay"
+    )
+    faults.add_argument(
+        "--jitter-ms", dest="jitter_ms", type=float, default=0.0, help="± uniform jitter"
+    )
+    faults.add_argument(
+        "--loss",
+        type=_fraction,
+        default=0.0,
+        help="segment loss rate (0.01 or 1%%): a lost segment costs a TCP retransmission "
+        "timeout (max(200 ms, one RTT)), as on a real network",
+    )
+    faults.add_argument(
+        "--proxy", action="store_true", help="proxies between regions even without faults"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -278,7 +324,15 @@ def parser() -> argparse.ArgumentParser:
         "up", help="one `bucketmesh serve` per region on loopback, with a generated secret"
     )
     _cluster_flags(cluster_up)
+    cluster_up.add_argument(
+        "--admin-token",
+        dest="admin_token",
+        help="every node's admin token (PATCH, fault injection); default $BUCKETMESH_ADMIN_TOKEN",
+    )
     cluster_up.set_defaults(func=cmd_cluster_up)
+    from bucketmesh.xr.cli import add_parser as add_xr_parser
+
+    add_xr_parser(sub)
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo)
     return top

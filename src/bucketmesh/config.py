@@ -184,6 +184,8 @@ class StorageConfig(_Section, frozen=True):
     # relaxed: the write-ahead log survives kill -9; strict: also power loss (docs/storage.md)
     durability: Literal["relaxed", "strict"] = "relaxed"
     snapshot_interval_ms: _Count = 5000
+    # How long a decision waits on Redis before the rule's onStoreFailure decides.
+    redis_timeout_ms: _Count = 100
 
 
 class AdminConfig(_Section, frozen=True):
@@ -763,6 +765,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_STORAGE_REDIS_URL": "storage.redis_url",
     "BUCKETMESH_STORAGE_DURABILITY": "storage.durability",
     "BUCKETMESH_STORAGE_SNAPSHOT_INTERVAL": "storage.snapshot_interval_ms",
+    "BUCKETMESH_STORAGE_REDIS_TIMEOUT": "storage.redis_timeout_ms",
     "BUCKETMESH_ADMIN_TOKEN": "admin.token",
     "BUCKETMESH_LIMITS_MAX_BUCKETS": "limits.max_buckets",
     "BUCKETMESH_LIMITS_MAX_BODY_BYTES": "limits.max_body_bytes",

@@ -21,9 +21,25 @@ default: refill follows the wall clock, so nodes need NTP) or as an explicit
 
 Modes: ``shared`` replicates; ``local`` keeps one independent bucket per
 replica; ``strict`` gives each of the ``regions`` replicas a fixed, equal
-share of capacity and refill and never replicates, so the sum of all regions
-can never exceed the limit however long a partition lasts. (Moving idle share
+share of capacity and refill and never replicates its counters, so the sum
+of all regions can never exceed the limit however long a partition lasts.
+A per-key config change of a strict key does replicate: it travels as a
+config-only delta (``strict_config_delta``; no counters, epoch 0) and every
+region takes its share of the new limits, newest version winning. (Moving idle share
 toward demand — escrow rebalancing, DESIGN.md section 3 — is not built yet.)
+
+Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
+may still hold that generation (it knows later spending, or has not swept
+it yet) and send it back. Re-created from the peer's copy, our entry would
+restart at what the peer knew of it, below what we spent, and max-merge would
+hide our next grants from replicas that knew more. So a dropped bucket in
+which we spent leaves a *tombstone* (epoch, own count) for
+``max(2·ttl, tombstone_ns)``; when that generation comes back, our entry in
+it starts from the tombstone's count. A
+copy of the same generation returning after the tombstone is gone can still
+restart our entry low; that needs a peer to keep the key busy without hearing
+from us for that whole time (a partition longer than the horizon) — see
+docs/sync.md for the bound.
 
 At the cap on live buckets (``max_buckets``), expired buckets are swept
 first; if none can go, a request for a *new* key raises ``BucketCapReached``
@@ -57,6 +73,7 @@ from bucketmesh.bucket import (
 from bucketmesh.rules import Rule
 
 SNAPSHOT_FORMAT: Final = 1
+TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
 
 
 class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
@@ -143,6 +160,7 @@ class Limiter:
         clock: Callable[[], int] = time.time_ns,
         max_buckets: int = 1_000_000,
         regions: int = 1,
+        tombstone_ns: int = TOMBSTONE_NS,
     ) -> None:
         if regions < 1:
             raise ValueError("regions must be >= 1")
@@ -169,6 +187,11 @@ class Limiter:
         self.expired_total = 0
         self.cap_rejections = 0
         self._sweep: list[str] = []
+        self.tombstone_ns = tombstone_ns
+        # Per-key configs of strict keys, whole (a strict bucket holds only its share).
+        self.key_configs: dict[str, BucketConfig] = {}
+        # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
+        self.tombstones: dict[str, tuple[int, int, int]] = {}
         self.journal: Journal | None = None
         # Buckets created in the same ttl window share one epoch int object
         # (32 bytes each otherwise, a tenth of a bucket's footprint).
@@ -271,7 +294,12 @@ class Limiter:
     def _fresh(self, key: str, rule_name: str | None, now: int) -> Bucket:
         """A full bucket for ``key`` under its rule, not (yet) stored."""
         rule = self._rule(key, rule_name)
-        bucket = Bucket(_share(self.rule_configs[rule.name], self.regions), now, rule.name)
+        config = self.rule_configs[rule.name]
+        if self.key_configs:
+            own = self.key_configs.get(key)
+            if own is not None and own.version > config.version:
+                config = own
+        bucket = Bucket(_share(config, self.regions), now, rule.name)
         epochs = self._epochs
         shared = epochs.get(bucket.epoch)
         if shared is None:
@@ -290,6 +318,8 @@ class Limiter:
                     f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
                 )
         bucket = self.buckets[key] = self._fresh(key, rule_name, now)
+        if self.tombstones and key in self.tombstones:
+            self._settle_tombstone(key, bucket)  # a newer epoch, unless the ttl grew meanwhile
         return bucket
 
     # -- configuration -------------------------------------------------------
@@ -324,8 +354,8 @@ class Limiter:
         else:
             bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
             current = bucket.config
-            if current.mode == STRICT:
-                current = self.rule_configs[bucket.rule]
+            if current.mode == STRICT:  # the bucket holds a share: start from the whole
+                current = self.key_configs.get(key_or_rule) or self.rule_configs[bucket.rule]
         new = BucketConfig(
             capacity=current.capacity if capacity is None else capacity,
             interval_ns=current.interval_ns if refill_rate is None else interval_for(refill_rate),
@@ -344,7 +374,12 @@ class Limiter:
                 if bucket.rule == rule.name:
                     self._adopt(key, bucket, new, now)
         else:
-            self._adopt(key_or_rule, self.buckets[key_or_rule], new, now)
+            bucket = self.buckets[key_or_rule]
+            if new.mode == STRICT or bucket.config.mode == STRICT:
+                self.key_configs[key_or_rule] = new  # replicated by collect_deltas
+            self._adopt(key_or_rule, bucket, new, now)
+            if new.mode == STRICT:
+                self.dirty.add(key_or_rule)
         return new
 
     def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
@@ -365,7 +400,10 @@ class Limiter:
         for key in self.dirty:
             bucket = buckets.get(key)
             if bucket is not None:
-                deltas.append(bucket.delta(key, rid))
+                if bucket.config.mode == STRICT:
+                    deltas.append(self.strict_config_delta(key, bucket.rule))
+                else:
+                    deltas.append(bucket.delta(key, rid))
         self.dirty.clear()
         rules = {name: self.rule_configs[name] for name in self.dirty_rules}
         self.dirty_rules.clear()
@@ -381,7 +419,32 @@ class Limiter:
             bucket = buckets.get(key)
             if bucket is not None and bucket.config.mode == SHARED:
                 deltas.append(bucket.full_state(key, rid))
+        strict = self.key_configs if keys is None else set(keys) & self.key_configs.keys()
+        for key in strict:
+            held = buckets.get(key)
+            deltas.append(self.strict_config_delta(key, held.rule if held else ""))
         return DeltaBatch(rid, deltas, dict(self.rule_configs))
+
+    def strict_config_delta(self, key: str, rule: str) -> BucketDelta:
+        """A strict key's per-key config, whole, without counters (they never leave)."""
+        config = self.key_configs.get(key)
+        if config is None:  # a strict bucket under its rule's config: nothing per key
+            config = self.rule_configs[rule]
+        return BucketDelta(key, 0, config, config.version, 0, {}, rule)
+
+    def _merge_strict_config(self, delta: BucketDelta, now: int) -> bool:
+        """Adopt a peer's per-key config of a strict key if it is newer than ours."""
+        key, config = delta.key, delta.config
+        bucket = self.buckets.get(key)
+        known = self.key_configs.get(key)
+        if known is not None and known.version >= config.version:
+            return False
+        if bucket is not None and bucket.config.version >= config.version:
+            return False
+        self.key_configs[key] = config
+        if bucket is not None:
+            self._adopt(key, bucket, config, now)
+        return True
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
         """Join a peer's batch into this replica; returns how many buckets changed."""
@@ -395,6 +458,8 @@ class Limiter:
         for delta in batch.deltas:
             self.hlc.observe(delta.config.version[0])
             if delta.config.mode != SHARED:
+                if delta.config.mode == STRICT and self._merge_strict_config(delta, now):
+                    changed += 1
                 continue
             bucket = buckets.get(delta.key)
             if bucket is None:
@@ -411,12 +476,24 @@ class Limiter:
                         continue
                 bucket = buckets[delta.key] = fresh
                 changed += 1
-            elif bucket.merge(delta, rid):
-                changed += 1
+            else:
+                if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
+                    # A newer per-key config: adopt it here first, as a local write
+                    # keeping the level we see now, so that a base proposed before we
+                    # drained the bucket cannot hand back refill we already forgot
+                    # (the max of both proposals wins). Like a rule config's adoption,
+                    # this makes the base depend on merge order until replicas exchange.
+                    self._adopt(delta.key, bucket, delta.config, now)
+                    bucket.merge(delta, rid)
+                    changed += 1
+                elif bucket.merge(delta, rid):
+                    changed += 1
+                else:
+                    continue
                 if bucket.config is delta.config:
                     self._compact(bucket)
-            else:
-                continue
+            if self.tombstones and delta.key in self.tombstones:
+                self._settle_tombstone(delta.key, bucket)
             # A bucket that learned of data older than its rule's runtime config
             # takes the rule's config (the newest version wins everywhere).
             rule_cfg = self.rule_configs.get(bucket.rule)
@@ -530,10 +607,43 @@ class Limiter:
             now = self.clock()
         dead = [key for key, bucket in self.buckets.items() if bucket.expired(now)]
         for key in dead:
-            del self.buckets[key]
-            self.dirty.discard(key)
-        self.expired_total += len(dead)
+            self._drop(key, now)
+        self._forget_tombstones(now, len(self.tombstones))
         return len(dead)
+
+    def _drop(self, key: str, now: int) -> None:
+        """Drop an expired bucket, keeping its own count as a tombstone if we spent."""
+        bucket = self.buckets.pop(key)
+        self.dirty.discard(key)
+        self.expired_total += 1
+        if self.key_configs:
+            self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
+        if bucket.mine and bucket.config.mode == SHARED:
+            tombstones = self.tombstones
+            tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
+            forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
+            tombstones[key] = (bucket.epoch, bucket.mine, forget)
+            if len(tombstones) > self.max_buckets:
+                del tombstones[next(iter(tombstones))]
+
+    def _settle_tombstone(self, key: str, bucket: Bucket) -> None:
+        """A generation we dropped came back: our own count in it is what we spent."""
+        epoch, mine, _ = self.tombstones[key]
+        if epoch == bucket.epoch:
+            bucket.raise_own(mine)
+        if epoch <= bucket.epoch:
+            del self.tombstones[key]
+        # An older generation (a peer kept it while ours expired unseen) is kept
+        # as peers hold it, so that every replica converges; the tombstone waits.
+
+    def _forget_tombstones(self, now: int, budget: int) -> None:
+        tombstones = self.tombstones
+        while budget > 0 and tombstones:
+            key = next(iter(tombstones))
+            if tombstones[key][2] > now:
+                return
+            del tombstones[key]
+            budget -= 1
 
     def expire_step(self, now: int | None = None, budget: int = 10_000) -> int:
         """Look at up to ``budget`` buckets for expiry, resuming where the last call
@@ -549,10 +659,9 @@ class Limiter:
         for key in chunk:
             bucket = buckets.get(key)
             if bucket is not None and bucket.expired(now):
-                del buckets[key]
-                self.dirty.discard(key)
+                self._drop(key, now)
                 dropped += 1
-        self.expired_total += dropped
+        self._forget_tombstones(now, budget)
         return dropped
 
     def bucket(self, key: str) -> Bucket | None:

@@ -78,6 +78,7 @@ from prometheus_client.core import (
 from bucketmesh import api, sync
 from bucketmesh.app import ApiError, SyncView
 from bucketmesh.bucket import NS_PER_S, SHARED, BucketConfig
+from bucketmesh.faults import FaultEndpoint, SyncFaults
 from bucketmesh.http11 import Request, Response
 from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.metrics import Histogram
@@ -284,6 +285,8 @@ class Peer:
         self.link = HttpLink(url, timeout_s=settings.peer_timeout_s)
         self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
         self.outbox: dict[str, tuple[bytes, int]] = {}
+        # key -> (delta, collect time) of what the message in flight carries
+        self.inflight: dict[str, tuple[bytes, int]] = {}
         self.rules: dict[str, BucketConfig] = {}
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
@@ -311,11 +314,22 @@ class Peer:
         max_pending: int,
     ) -> bool:
         """Queue deltas (a newer one replaces a queued one of the same key, keeping the
-        older collect time for the lag); False if the backlog overflowed and was dropped."""
+        older collect time for the lag); False if the backlog overflowed and was dropped.
+
+        A delta that replaces one already in flight starts its own clock: the message
+        in flight carries everything up to its delta, so keeping its collect time
+        would make the lag of a key updated faster than the round trip grow without
+        bound (``unsent`` restores the older time if that message fails)."""
         outbox = self.outbox
+        inflight = self.inflight
         for key, data in encoded:
             queued = outbox.get(key)
-            outbox[key] = (data, collected_ns if queued is None else queued[1])
+            if queued is None:
+                outbox[key] = (data, collected_ns)
+            else:
+                sent = inflight.get(key)
+                fresh = sent is not None and sent[0] is queued[0]
+                outbox[key] = (data, collected_ns if fresh else queued[1])
         self.rules.update(rules)
         self.wake.set()
         if len(outbox) > max_pending:
@@ -343,13 +357,24 @@ class Peer:
             chunks.append(data)
             size += len(data)
             origin = collected if origin is None or collected < origin else origin
+            self.inflight[key] = (data, collected)
         return keys, chunks, origin
+
+    def unsent(self, keys: Sequence[str]) -> None:
+        """The message carrying ``keys`` failed: what is queued for them is now as old
+        as the oldest change it must deliver."""
+        for key in keys:
+            sent = self.inflight.pop(key, None)
+            queued = self.outbox.get(key)
+            if sent is not None and queued is not None and sent[1] < queued[1]:
+                self.outbox[key] = (queued[0], sent[1])
 
     def acknowledge(
         self, keys: Sequence[str], chunks: Sequence[bytes], rules: Mapping[str, BucketConfig]
     ) -> None:
         outbox = self.outbox
         for key, data in zip(keys, chunks, strict=True):
+            self.inflight.pop(key, None)
             queued = outbox.get(key)
             if queued is not None and queued[0] is data:
                 del outbox[key]
@@ -404,6 +429,8 @@ class Mesh(SyncView):
             if region != settings.region
         }
         self.rejected: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
+        # Partitions rehearsed on a real deployment: POST /v1/admin/faults (faults.py).
+        self.faults = SyncFaults(self.peers, monotonic=monotonic)
         self.merged = 0
         self.received = 0
         self.tasks: list[asyncio.Task[None]] = []
@@ -430,6 +457,7 @@ class Mesh(SyncView):
             lambda: float(self.local_only),
         )
         app.metrics.labelled.append(self._metric_families)
+        FaultEndpoint(app, self.faults).install()
 
     def status(self) -> api.SyncStatus:
         return api.SyncStatus(
@@ -522,6 +550,7 @@ class Mesh(SyncView):
             if ack.replica_id == self.replica_id:
                 raise LinkError(f"{peer.url} is this very node; check sync.peerUrls")
         except LinkError as error:
+            peer.unsent(keys)
             self._failed(peer, error, started)
             return False
         peer.acknowledge(keys, chunks, rules)
@@ -584,6 +613,8 @@ class Mesh(SyncView):
         timeout_s: float | None = None,
     ) -> _T:
         """Seal, post, and open the reply; any failure is a ``LinkError``."""
+        if self.faults.blocks(peer.region, "outbound"):
+            raise LinkError(f"{kind} to {peer.region} dropped by an injected fault")
         nonce = os.urandom(sync.NONCE_BYTES)
         message = self.auth.seal(
             kind,
@@ -795,6 +826,13 @@ class Mesh(SyncView):
                 headers=headers,
                 reason="sync_" + rejected.reason,
             ) from None
+        if self.faults.blocks(env.region, "inbound"):
+            raise ApiError(
+                503,
+                "Service Unavailable",
+                f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
+                reason="sync_fault_injected",
+            )
         self.received += 1
         peer = self.peers.get(env.region)
         if peer is not None:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgspec
 
@@ -51,6 +51,9 @@ from bucketmesh.limiter import DeltaBatch, Limiter, Snapshot
 from bucketmesh.mesh import Mesh, MeshSettings
 from bucketmesh.rules import Rule
 from bucketmesh.wal import Recovered, WriteAheadLog, pack, recover, replay_into, unpack_stream
+
+if TYPE_CHECKING:
+    from bucketmesh.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
 SWEEP_BUDGET = 20_000
@@ -79,6 +82,11 @@ class NodeSettings:
     version: str = "0"
     regions: int = 1
     sync: MeshSettings | None = None
+    # storage.backend: redis (redis_backend.py); the snapshot file is not used then
+    storage: str = "memory"
+    redis_url: str = "redis://localhost:6379/0"
+    redis_timeout_s: float = 0.1
+    redis_connections: int = 4
 
 
 class SnapshotFile:
@@ -231,26 +239,37 @@ class Node:
 
     def __init__(self, settings: NodeSettings, *, sync: SyncView | None = None) -> None:
         self.settings = settings
-        self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
-        self.limiter, _ = open_limiter(settings, self.store, settings.regions)
-        self.wal = (
-            WriteAheadLog(self.store.path, self.limiter, settings.durability)
-            if self.store is not None
-            else None
-        )
+        self.backend: RedisBackend | None = None
+        self.wal: WriteAheadLog | None = None
         self._snapshot_lock = asyncio.Lock()
+        if settings.storage == "redis":
+            from bucketmesh.redis_backend import RedisBackend
+
+            # The region's state lives in Redis; the limiter is this node's mirror of it.
+            self.backend = RedisBackend(settings)
+            self.store = None
+            self.limiter: Limiter = self.backend.mirror
+        else:
+            self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
+            self.limiter, _ = open_limiter(settings, self.store, settings.regions)
+            if self.store is not None:
+                self.wal = WriteAheadLog(self.store.path, self.limiter, settings.durability)
         self.mesh = Mesh(self.limiter, settings.sync) if settings.sync is not None else None
         if sync is None:
             sync = self.mesh
-        self.app = RatingApp(
-            self.limiter,
-            region=settings.region,
-            node=settings.node,
-            cluster_id=settings.cluster_id,
-            admin_token=settings.admin_token,
-            sync=sync,
-            version=settings.version,
-            ready=self.readiness,
+        app_settings = {
+            "region": settings.region,
+            "node": settings.node,
+            "cluster_id": settings.cluster_id,
+            "admin_token": settings.admin_token,
+            "sync": sync,
+            "version": settings.version,
+            "ready": self.readiness,
+        }
+        self.app = (
+            RatingApp(self.limiter, **app_settings)  # type: ignore[arg-type]
+            if self.backend is None
+            else self.backend.rating_app(**app_settings)
         )
         if self.mesh is not None:
             self.mesh.install(self.app)
@@ -265,7 +284,7 @@ class Node:
     def readiness(self) -> dict[str, str]:
         return {
             "config": "ok",
-            "store": "ok",
+            "store": "ok" if self.backend is None else self.backend.readiness(),
             "listener": "ok" if self.serving else "not listening",
         }
 
@@ -274,6 +293,8 @@ class Node:
         print(f"bucketmesh: internal error: {error!r}", file=sys.stderr, flush=True)
 
     async def start(self) -> None:
+        if self.backend is not None:
+            await self.backend.start(self.app)
         if self.mesh is not None:
             await self.mesh.pull_at_start()
         await self.server.start(self.settings.host, self.settings.port)
@@ -338,6 +359,8 @@ class Node:
         self.serving = False
         if self.mesh is not None:
             await self.mesh.stop()
+        if self.backend is not None:
+            await self.backend.stop()
         if self.store is not None:
             await self.save_snapshot()
         if self.wal is not None:
