@@ -255,6 +255,8 @@ class Node:
             if self.store is not None:
                 self.wal = WriteAheadLog(self.store.path, self.limiter, settings.durability)
         self.mesh = Mesh(self.limiter, settings.sync) if settings.sync is not None else None
+        if self.mesh is None and self.backend is None:
+            self.limiter.keep_tombstones = False  # nothing will ever merge into it
         if sync is None:
             sync = self.mesh
         app_settings = {
