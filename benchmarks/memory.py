@@ -28,29 +28,23 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/memory.py [--quick]``
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
+import http.client
+import json
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# benchmarks/http.py shadows the standard library's ``http`` when this folder is first
-# on sys.path (as it is for a script): look in the folder last.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+import _report
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import gc  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import _report  # noqa: E402
-
-from bucketmesh.limiter import Limiter  # noqa: E402
-from bucketmesh.rules import Rule  # noqa: E402
+from bucketmesh.limiter import Limiter
+from bucketmesh.rules import Rule
 
 HOST = "127.0.0.1"
 BATCH = 500
