@@ -192,6 +192,10 @@ class Limiter:
         self.key_configs: dict[str, BucketConfig] = {}
         # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
         self.tombstones: dict[str, tuple[int, int, int]] = {}
+        # Only a peer can send a dropped generation back: a replica that never
+        # merges (a node without a mesh) turns this off and frees the memory
+        # (a tombstone costs about two thirds of a bucket).
+        self.keep_tombstones = True
         self.journal: Journal | None = None
         # Buckets created in the same ttl window share one epoch int object
         # (32 bytes each otherwise, a tenth of a bucket's footprint).
@@ -618,7 +622,7 @@ class Limiter:
         self.expired_total += 1
         if self.key_configs:
             self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
-        if bucket.mine and bucket.config.mode == SHARED:
+        if bucket.mine and bucket.config.mode == SHARED and self.keep_tombstones:
             tombstones = self.tombstones
             tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
             forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
