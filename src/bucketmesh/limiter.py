@@ -36,7 +36,8 @@ hide our next grants from replicas that knew more. So a dropped bucket in
 which we spent leaves a *tombstone* (epoch, own count) for
 ``max(2·ttl, tombstone_ns)``; when that generation comes back, our entry in
 it starts from the tombstone's count. A
-copy of the same generation returning after the tombstone is gone can still
+copy of the same generation returning after the tombstone is gone (past the
+horizon, or evicted: at most ``max_buckets // 4`` are kept) can still
 restart our entry low; that needs a peer to keep the key busy without hearing
 from us for that whole time (a partition longer than the horizon) — see
 docs/sync.md for the bound.
@@ -196,6 +197,9 @@ class Limiter:
         # merges (a node without a mesh) turns this off and frees the memory
         # (a tombstone costs about two thirds of a bucket).
         self.keep_tombstones = True
+        # A tombstone costs about what a bucket does: at most a quarter of the cap's
+        # worth, the oldest forgotten first (they are the least likely to come back).
+        self.max_tombstones = max(1_000, max_buckets // 4)
         self.journal: Journal | None = None
         # Buckets created in the same ttl window share one epoch int object
         # (32 bytes each otherwise, a tenth of a bucket's footprint).
@@ -627,7 +631,7 @@ class Limiter:
             tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
             forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
             tombstones[key] = (bucket.epoch, bucket.mine, forget)
-            if len(tombstones) > self.max_buckets:
+            if len(tombstones) > self.max_tombstones:
                 del tombstones[next(iter(tombstones))]
 
     def _settle_tombstone(self, key: str, bucket: Bucket) -> None:
