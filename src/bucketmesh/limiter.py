@@ -362,7 +362,7 @@ class Limiter:
         else:
             bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
             current = bucket.config
-            if current.mode == STRICT:  # the bucket holds a share: start from the whole
+            if current.mode == STRICT and self.regions > 1:  # a share: start from the whole
                 current = self.key_configs.get(key_or_rule) or self.rule_configs[bucket.rule]
         new = BucketConfig(
             capacity=current.capacity if capacity is None else capacity,
@@ -447,10 +447,12 @@ class Limiter:
         known = self.key_configs.get(key)
         if known is not None and known.version >= config.version:
             return False
-        if bucket is not None and bucket.config.version >= config.version:
+        if bucket is not None and bucket.config.version > config.version:
             return False
+        # Same version as our bucket's share: we restarted and lost the whole config
+        # (snapshots keep only the share); peers send it back at start-up.
         self.key_configs[key] = config
-        if bucket is not None:
+        if bucket is not None and bucket.config.version < config.version:
             self._adopt(key, bucket, config, now)
         return True
 
