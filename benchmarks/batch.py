@@ -12,7 +12,7 @@ Contenders
     The rule ``bulk`` holds 10^12 tokens and refills 10^9/s: every item is allowed
     and, in shared mode, marks its key dirty for the sync loop.
     For scale: ``POST /v1/rate`` (one decision, ``X-API-Key``) on the same server,
-    and nginx ``limit_req`` answering a small JSON body (as in benchmarks/http.py).
+    and nginx ``limit_req`` answering a small JSON body (as in benchmarks/http_rate.py).
 
 Method
     wrk, 1 thread, 50 connections, 10 s per round (5 s with --quick), with a Lua
@@ -34,40 +34,20 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/batch.py [--quick]`` (needs ng
 
 from __future__ import annotations
 
+import argparse
+import json
+import linecache
+import os
+import subprocess
 import sys
+import tempfile
+import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
-# benchmarks/http.py shadows the standard library's ``http`` when this folder is first
-# on sys.path (as it is for a script): look in the folder last.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import linecache  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from types import ModuleType  # noqa: E402
-from typing import Any  # noqa: E402
-
-import _report  # noqa: E402
-
-
-def _load_http_bench() -> ModuleType:
-    """benchmarks/http.py, imported under another name (``http`` is the stdlib's)."""
-    spec = importlib.util.spec_from_file_location("bench_http", _HERE / "http.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_http"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hb = _load_http_bench()
+import _report
+import http_rate as hb
 
 BATCH = 100
 P3_TARGET = 1_000_000

@@ -383,3 +383,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for server in _servers_of(item):
             report.sections.append((f"bucketmesh {server.name}", server.describe()))
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server on a free loopback port (no persistence), killed at teardown."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_server_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Like ``redis_server``, shared by every test of a module (keys of their own)."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

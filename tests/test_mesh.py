@@ -49,6 +49,14 @@ BUCKETS: list[dict[str, Any]] = [
     {"name": "patchable", "key": "patch-{{ .Request.Query.who }}", "capacity": 10, "refillRate": 1},
     # small and refilling: a restarted node would visibly re-grant what it spent
     {"name": "small", "key": "small-{{ .Request.Query.user }}", "capacity": 30, "refillRate": 1},
+    # strict: each of the 3 regions holds a fixed third; only per-key configs travel
+    {
+        "name": "fixed",
+        "key": "fixed-{{ .Request.Query.tenant }}",
+        "capacity": 30,
+        "refillRate": 0.01,
+        "mode": "strict",
+    },
 ]
 
 T = TypeVar("T")
@@ -508,6 +516,27 @@ def test_a_patch_in_one_region_reaches_every_region(mesh: Cluster) -> None:
     assert response.status_code == 200, response.text
     state = eventually(lambda: mesh.converged("patch-kp", total=3), "key PATCH converges")
     assert state["capacity"] == 5
+
+
+def test_a_patch_of_a_strict_key_gives_every_region_its_share(mesh: Cluster) -> None:
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    hammer(mesh[0], "/v1/rate?tenant=s1", 2)
+    response = mesh[1].client.patch("/v1/buckets/fixed-s1", json={"capacity": 9}, headers=admin)
+    assert response.status_code == 200, response.text
+
+    def shares() -> list[int]:
+        capacities = [
+            node.client.get("/v1/bucket/state", params={"key": "fixed-s1"}).json()["capacity"]
+            for node in mesh.nodes.values()
+        ]
+        assert capacities == [3, 3, 3], capacities
+        return capacities
+
+    eventually(shares, "every region takes a third of the new capacity")
+    # each region grants its own new share (a change keeps the level, capped at the new
+    # capacity: region 0's 8 of 10 left become 3 of 3) and no more, whatever the others do
+    granted = [hammer(node, "/v1/rate?tenant=s1", 5).count(200) for node in mesh.nodes.values()]
+    assert granted == [3, 3, 3]
 
 
 # -- partitions -------------------------------------------------------------------------------

@@ -464,18 +464,9 @@ def test_command_line_summarises_a_run(capsys: pytest.CaptureFixture[str]) -> No
     assert out.startswith("20 schedules in ") and "0 violations" in out
 
 
-# -- known bugs in the core (strict xfail: they start failing loudly once fixed) ---------
-
-RESURRECTION_BUG = (
-    "BUG (limiter.expire/merge): a replica that dropped an idle bucket and then re-learns the "
-    "same epoch from a peer (the delta of a peer that spent on it before sweeping, or the full "
-    "state of a peer whose copy is not expired because it knows later spending) restarts its "
-    "own used entry at what that peer knew, below what it spent; max-merge then hides its next "
-    "grants from replicas that knew more (random schedules: --expiry --seed 1878, 2337)"
-)
+# -- expiry and resurrection: a dropped bucket's own count survives as a tombstone -------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RESURRECTION_BUG)
 def test_bucket_resurrected_by_a_peer_delta_keeps_its_own_count() -> None:
     rule = make_rule(5, 1.0, ttl=10.0)
     a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
@@ -494,11 +485,10 @@ def test_bucket_resurrected_by_a_peer_delta_keeps_its_own_count() -> None:
     for limiter in (a, b):
         bucket = limiter.bucket("api-1")
         assert bucket is not None
-        # expected 9 (5 + 1 + 3); actual 6: a's 3 new tokens hide under its old 5
+        # 9 (5 + 1 + 3): a's tombstone restores its 5, so its 3 new tokens show above it
         assert sum(bucket.used(limiter.replica_id).values()) == granted
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RESURRECTION_BUG)
 def test_bucket_resurrected_from_a_fresher_full_state_keeps_its_own_count() -> None:
     rule = make_rule(5, 10.0, ttl=1.0)  # T = 100 ms
     a, b, c = (Limiter([rule], replica_id=f"{x}/n/1", clock=lambda: 0) for x in "abc")
@@ -518,25 +508,60 @@ def test_bucket_resurrected_from_a_fresher_full_state_keeps_its_own_count() -> N
     c.merge(a.collect_deltas(), now=t + 1_302 * MS)
     bucket = c.bucket("api-1")
     assert bucket is not None
-    # expected 4; actual 3: a's new token hides under the 2 c already knew
+    # 4: without a's tombstone its new token would hide under the 2 c already knew
     assert sum(bucket.used("c/n/1").values()) == granted
 
 
-@pytest.mark.xfail(strict=True, raises=InvariantViolation, reason=RESURRECTION_BUG)
 def test_random_schedules_with_expiry_hold_every_invariant() -> None:
-    for seed in range(300):
+    for seed in range(1000):
         run(seed, expiry=True)
 
 
-STRICT_KEY_CONFIG_BUG = (
-    "BUG (limiter.configure/_adopt): a per-key configure() of a strict-mode key changes only "
-    "the configuring replica's share (strict buckets are never dirty, and no rule-level "
-    "config carries it), so the other regions keep their old shares and the sum of shares "
-    "exceeds a lowered capacity"
-)
+def test_an_older_generation_kept_by_a_peer_is_adopted_and_the_tombstone_waits() -> None:
+    # a dropped generation E1 that no peer ever heard of; the peers still hold E0, not
+    # expired: a must converge on E0 with them (seed 3331 with --expiry)
+    rule = make_rule(5, 1.0, ttl=10.0)
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
+    b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0)
+    t = 1_000 * NS_PER_S
+    b.acquire("api-1", now=t)
+    t += 30 * NS_PER_S
+    a.acquire("api-1", now=t)  # a's own bucket, a later epoch, never sent
+    t += 30 * NS_PER_S
+    assert a.expire(t) == 1 and a.tombstones["api-1"][1] == 1
+    b_bucket = b.bucket("api-1")
+    assert b_bucket is not None
+    for _ in range(5):  # b's copy of the old epoch is kept busy
+        b.acquire("api-1", now=t)
+    assert a.merge(b.full_state(), now=t) == 1
+    bucket = a.bucket("api-1")
+    assert bucket is not None and bucket.epoch == b_bucket.epoch
+    assert "api-1" in a.tombstones
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=STRICT_KEY_CONFIG_BUG)
+def test_tombstones_are_forgotten_after_their_horizon() -> None:
+    rule = make_rule(5, 1.0, ttl=10.0)
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0, tombstone_ns=60 * NS_PER_S)
+    t = 1_000 * NS_PER_S
+    for i in range(3):
+        a.acquire(f"api-{i}", now=t)
+    a.acquire("api-idle", tokens=0, now=t)  # a peek creates nothing, leaves nothing
+    t += 30 * NS_PER_S
+    assert a.expire_step(t) == 3
+    assert sorted(a.tombstones) == ["api-0", "api-1", "api-2"]
+    a.acquire("api-0", now=t)  # a new local bucket (a newer epoch) needs no tombstone
+    assert sorted(a.tombstones) == ["api-1", "api-2"]
+    a.expire_step(t + 59 * NS_PER_S)  # api-0 is idle again: a tombstone for its new epoch
+    assert sorted(a.tombstones) == ["api-0", "api-1", "api-2"]
+    a.expire_step(t + 61 * NS_PER_S)
+    assert sorted(a.tombstones) == ["api-0"]
+    a.expire_step(t + 200 * NS_PER_S)
+    assert not a.tombstones
+
+
+# -- strict mode: per-key config changes reach every region, counters never do --------
+
+
 def test_strict_key_config_change_reaches_every_region() -> None:
     sim = Simulation(
         11,
@@ -550,11 +575,10 @@ def test_strict_key_config_change_reaches_every_region() -> None:
     sim.configure(t0 + 100 * MS, 0, "api-1", capacity=3)
     finish(sim, t0 + 500 * MS)
     shares = [bucket_config(limiter, "api-1") for limiter in sim.limiters]
-    # expected: every region holds a third of the new capacity; actual: [1, 4, 4]
+    # every region holds a third of the new capacity (not [1, 4, 4]: only the changer's)
     assert [share.capacity for share in shares] == [1, 1, 1]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG (limiter.configure)")
 def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
     """A second PATCH of a strict key starts from the rule's config, not the key's:
     changing only the refill rate reverts an earlier capacity change."""
@@ -564,18 +588,27 @@ def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
         limiter.acquire("api-1", now=t)
         limiter.configure("api-1", capacity=30, now=t)
         config = limiter.configure("api-1", refill_rate=3.0, now=t + 1)
-        assert config.capacity == 30, mode  # shared: 30; strict: back to the rule's 12
+        assert config.capacity == 30, mode  # not back to the rule's 12
 
 
-LATE_CONFIG_BUG = (
-    "BUG (bucket.merge): a per-key config change that reaches a replica late carries a base "
-    "proposed before that replica drained its bucket (a grant on a full bucket re-bases it, "
-    "forgetting the refill it could not hold); the higher version's older base wins the max "
-    "and un-forgets that refill, so the replica gets up to C more tokens"
-)
+def test_a_new_region_learns_strict_key_configs_from_full_state() -> None:
+    rule = make_rule(12, 6.0, mode="strict")
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0, regions=3)
+    b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0, regions=3)
+    t = 1_000 * NS_PER_S
+    a.acquire("api-1", now=t)
+    a.configure("api-1", capacity=30, now=t)
+    assert a.merge(b.full_state(), now=t) == 0
+    b.merge(a.full_state(), now=t)  # before b has the key at all
+    b.acquire("api-1", now=t + 1)
+    assert bucket_config(b, "api-1").capacity == 10  # a third of 30, not of 12
+    bucket = b.bucket("api-1")
+    assert bucket is not None and not bucket.others  # counters never travel
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=LATE_CONFIG_BUG)
+# -- a late per-key config change never hands back refill a replica already forgot -----
+
+
 def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
     """Found by the simulator as seed 58670 (python -m bucketmesh.sim --seed 58670)."""
     rule = make_rule(5, 10.0)  # T = 100 ms
@@ -587,5 +620,6 @@ def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
     assert sum(a.acquire("api-1", now=t + 500 * MS).allowed for _ in range(5)) == 5
     a.merge(late, now=t + 510 * MS)
     second = sum(a.acquire("api-1", now=t + 510 * MS).allowed for _ in range(5))
-    # expected 0 (0.1 token refilled since the bucket was drained); actual 5
+    # 0.1 token refilled since the bucket was drained, not 5: a adopts the new version
+    # keeping the level it sees, and that proposal outranks b's older one
     assert second == 0

@@ -279,7 +279,7 @@ class RatingApp:
 
     # -- decisions -----------------------------------------------------------
 
-    def rate_post(self, request: Request) -> Response:
+    def rate_post(self, request: Request) -> Answer:
         cache_key = self._idempotency_key(request)
         if cache_key is not None:
             replay = self.idempotency.get(cache_key, self.monotonic())
@@ -296,10 +296,20 @@ class RatingApp:
             rate = api.RateRequest()
         response = self._decide(request, rate.key, rate.rule, rate.tokens)
         if cache_key is not None:
+            if type(response) is not Response:
+                return self._remember_later(cache_key, response)  # type: ignore[arg-type]
             self.idempotency.put(cache_key, replayed(response), self.monotonic())
         return response
 
-    def rate_get(self, request: Request) -> Response:
+    async def _remember_later(
+        self, cache_key: tuple[str, str], pending: Awaitable[Response]
+    ) -> Response:
+        """An async decision (a store-backed node) is cached once it is known."""
+        response = await pending
+        self.idempotency.put(cache_key, replayed(response), self.monotonic())
+        return response
+
+    def rate_get(self, request: Request) -> Answer:
         query = request.query
         raw_tokens = query.get("tokens")
         tokens = 1
@@ -312,7 +322,7 @@ class RatingApp:
                 ) from None
         return self._decide(request, query.get("key") or None, query.get("rule") or None, tokens)
 
-    def _decide(self, request: Request, key: str | None, rule: str | None, tokens: int) -> Response:
+    def _decide(self, request: Request, key: str | None, rule: str | None, tokens: int) -> Answer:
         if tokens < 0:
             raise bad_request(f"tokens must be >= 0, got {tokens}", "tokens")
         if key is None:
@@ -326,18 +336,25 @@ class RatingApp:
     def _acquire(self, key: str, rule: str | None, tokens: int) -> Decision:
         try:
             return self.limiter.acquire(key, tokens, rule=rule)
-        except InvalidTokens as error:
-            raise bad_request(str(error), "tokens") from None
-        except NoRuleError as error:
-            raise bad_request(f"{error}", "rule" if rule else "key") from None
-        except BucketCapReached as error:
-            raise ApiError(
-                503,
-                "Service Unavailable",
-                f"{error}; new keys are refused until idle buckets expire",
-                headers=[("Retry-After", "1")],
-                reason="bucket_cap",
-            ) from None
+        except (InvalidTokens, NoRuleError, BucketCapReached) as error:
+            raise self._acquire_error(error, rule) from None
+
+    @staticmethod
+    def _acquire_error(
+        error: InvalidTokens | NoRuleError | BucketCapReached, rule: str | None
+    ) -> ApiError:
+        """The API's answer to what an acquire raised (shared with store-backed nodes)."""
+        if isinstance(error, InvalidTokens):
+            return bad_request(str(error), "tokens")
+        if isinstance(error, NoRuleError):
+            return bad_request(f"{error}", "rule" if rule else "key")
+        return ApiError(
+            503,
+            "Service Unavailable",
+            f"{error}; new keys are refused until idle buckets expire",
+            headers=[("Retry-After", "1")],
+            reason="bucket_cap",
+        )
 
     def _render_key(self, request: Request) -> tuple[str, str]:
         rules = self.limiter.rules
@@ -390,7 +407,7 @@ class RatingApp:
         wait = math.ceil(decision.retry_after)
         return [("RateLimit-Policy", policy), ("RateLimit", f'"{rule}";r={remaining};t={wait}')]
 
-    def rate_batch(self, request: Request) -> Response:
+    def rate_batch(self, request: Request) -> Answer:
         cache_key = self._idempotency_key(request)
         if cache_key is not None:
             replay = self.idempotency.get(cache_key, self.monotonic())
@@ -409,6 +426,7 @@ class RatingApp:
                 f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
             )
         resolved: list[tuple[str, str | None, int]] = []
+        rule: str | None
         for index, item in enumerate(items):
             if item.tokens < 0:
                 raise bad_request(
@@ -436,17 +454,40 @@ class RatingApp:
                     f"requests[{index}].tokens",
                 )
             resolved.append((key, rule, item.tokens))
-        decisions = (
-            self._batch_atomic(resolved) if batch.atomic else [self._acquire(*r) for r in resolved]
-        )
+        decisions = self._batch_decisions(resolved, batch.atomic)
+        if not isinstance(decisions, list):
+            return self._batch_later(decisions, cache_key)
+        return self._batch_response(decisions, cache_key)
+
+    def _batch_decisions(
+        self, resolved: list[tuple[str, str | None, int]], atomic: bool
+    ) -> list[Decision] | Awaitable[list[Decision]]:
+        """The batch's decisions in order: at once here, awaitable on a store-backed node."""
+        return self._batch_atomic(resolved) if atomic else [self._acquire(*r) for r in resolved]
+
+    async def _batch_later(
+        self, pending: Awaitable[list[Decision]], cache_key: tuple[str, str] | None
+    ) -> Response:
+        return self._batch_response(await pending, cache_key)
+
+    def _batch_response(
+        self, decisions: list[Decision], cache_key: tuple[str, str] | None
+    ) -> Response:
+        # Each result is an api.DecisionBody: the Decision's JSON with the region
+        # spliced in (as rate_post does), which skips a struct copy per item.
         allowed = 0
         results = []
-        region = self.region
+        encode = self.encoder.encode
+        suffix = self.region_suffix
         for decision in decisions:
             allowed += decision.allowed
             self.metrics.count_decision(decision.rule, decision.allowed)
-            results.append(api.DecisionBody(*msgspec.structs.astuple(decision), region=region))
-        body = self.encoder.encode(api.BatchResponse(results, allowed, len(results) - allowed))
+            results.append(encode(decision)[:-1] + suffix)
+        body = b'{"results":[%s],"allowed":%d,"denied":%d}' % (
+            b",".join(results),
+            allowed,
+            len(results) - allowed,
+        )
         response = Response(200, body, JSON)
         if cache_key is not None:
             self.idempotency.put(cache_key, replayed(response), self.monotonic())
@@ -507,14 +548,14 @@ class RatingApp:
             live=key in self.limiter.buckets,
         )
 
-    def bucket_state(self, request: Request) -> Response:
+    def bucket_state(self, request: Request) -> Answer:
         key = request.query.get("key")
         if not key:
             raise bad_request("query parameter key is required", "key")
         rule = request.query.get("rule") or None
         return self._json(self._bucket_body(key, rule))
 
-    def bucket_get(self, request: Request, key: str) -> Response:
+    def bucket_get(self, request: Request, key: str) -> Answer:
         rule = self.limiter.rules_by_name.get(key)
         if rule is not None:
             return self._json(
@@ -536,7 +577,7 @@ class RatingApp:
             applies_to=applies_to,
         )
 
-    def bucket_patch(self, request: Request, key: str) -> Response:
+    def bucket_patch(self, request: Request, key: str) -> Answer:
         self._require_admin(request)
         self._require_json(request)
         if not request.body.strip():
@@ -550,7 +591,7 @@ class RatingApp:
         rate = patch.refillRate if patch.refillRate is not None else patch.refill_rate
         if patch.capacity is None and rate is None and patch.ttl is None and patch.mode is None:
             raise bad_request("nothing to change: give capacity, refillRate, ttl or mode")
-        checks = (
+        checks: tuple[tuple[str, float | None, Callable[[float], bool], str], ...] = (
             ("capacity", patch.capacity, lambda v: v >= 1 and v <= 10**15, "an integer >= 1"),
             ("refillRate", rate, lambda v: math.isfinite(v) and 1e-9 <= v <= 1e9, "in [1e-9, 1e9]"),
             (
@@ -590,7 +631,7 @@ class RatingApp:
 
     # -- node ------------------------------------------------------------------
 
-    def status(self, request: Request) -> Response:
+    def status(self, request: Request) -> Answer:
         key = request.query.get("key")
         body = api.StatusBody(
             region=self.region,

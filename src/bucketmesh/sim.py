@@ -28,8 +28,9 @@ Invariants
   epoch equals the tokens the simulator saw granted in that epoch, entry by
   entry.
 * **Local never replicates, strict never over-admits.** No sent batch holds
-  a delta of a local or strict bucket, and no replica holds another's entry
-  for one. Strict mode admits at most ``C + r·D`` in total across replicas
+  a delta of a local bucket, nor a strict one with counters (a strict key's
+  per-key config travels alone: epoch 0, no ``used``), and no replica holds
+  another's entry for one. Strict mode admits at most ``C + r·D`` in total across replicas
   (D = true time since the key's first grant), whatever the partitions.
 * **Admission bound** (shared mode), checked at every grant. Notation: C, T
   are the largest capacity and smallest emission interval (T = 1e9/r ns) any
@@ -604,7 +605,8 @@ class Simulation:
 
     def _broadcast(self, src: int, batch: DeltaBatch, peers: Sequence[int] | range) -> None:
         for delta in batch.deltas:
-            if delta.config.mode != SHARED:
+            config_only = delta.config.mode == STRICT and not delta.used and not delta.epoch
+            if delta.config.mode != SHARED and not config_only:
                 self._fail(
                     "local and strict buckets never replicate",
                     f"r{src} sent a {delta.config.mode} delta of {delta.key!r}",
@@ -742,6 +744,20 @@ class Simulation:
             }
         )
         for key in shared:
+            copies = [limiter.buckets.get(key) for limiter in self.limiters]
+            if None in copies:
+                # Dropping a bucket full for longer than its ttl is the same as keeping
+                # it: a replica that swept one need not learn it back from the others,
+                # as long as every copy still held is expired too.
+                missing = self.limiters[copies.index(None)].replica_id
+                for i, copy in enumerate(copies):
+                    if copy is not None and not copy.expired(now + self.skews[i]):
+                        self._fail(
+                            "convergence",
+                            f"{missing} never learned {key!r}, which "
+                            f"{self.limiters[i].replica_id} holds unexpired",
+                        )
+                continue
             states = []
             for limiter in self.limiters:
                 held = limiter.buckets.get(key)

@@ -41,39 +41,32 @@ Method
 Everything listens on 127.0.0.1, every wait is bounded, and every process this
 script starts is stopped in ``finally``.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/http.py [--quick]`` (needs nginx, wrk).
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/http_rate.py [--quick]`` (needs nginx, wrk).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import http.client
+import json
+import linecache
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# This file is named http.py: run as a script, its folder is sys.path[0] and the file
-# would shadow the standard library's ``http`` package for every import below
-# (urllib, prometheus_client, bucketmesh.http11). Look in the folder last instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
-import linecache  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import _report  # noqa: E402
+import _report
 
 HOST = "127.0.0.1"
 CONNECTIONS = 50
@@ -1040,7 +1033,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(profile_lines))
 
     if not args.no_record:
-        command = " ".join(["benchmarks/http.py", *(argv if argv is not None else sys.argv[1:])])
+        command = " ".join(
+            ["benchmarks/http_rate.py", *(argv if argv is not None else sys.argv[1:])]
+        )
         body = [
             f"Command: `{command}` — wrk -t1 -c{CONNECTIONS} --latency, {rounds} rounds × "
             f"{seconds:g} s per contender after a 1 s warm-up, interleaved (order flipped each "

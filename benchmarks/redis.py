@@ -1,0 +1,430 @@
+"""P6: the redis backend — ``bucketmesh serve`` on Redis (1 and 2 nodes) vs ``limits``.
+
+Target P6 (TARGETS.md): one region on one Redis with 2 API nodes; no
+over-admission inside the region; throughput ≥ 3× ``limits`` RedisStorage with
+a fixed window at the same client concurrency, measured in the same run.
+
+Contenders (one redis-server started by this script, no persistence, shared)
+    limits: ``limits`` (aio) ``RedisStorage`` on redis-py, ``FixedWindowRateLimiter``,
+    ``hit()`` on one key from 50 concurrent asyncio tasks in one process on uvloop
+    (its own process, like a client of Redis would be) — the library's fastest
+    way to make 50 concurrent decisions; it never goes through HTTP.
+    bucketmesh ×1: one ``bucketmesh serve`` (storage.backend: redis) under wrk,
+    1 thread, 50 connections, POST /v1/rate on one key.
+    bucketmesh ×2: two such nodes of one region on the same Redis, each under its
+    own wrk with 25 connections (50 in all), at the same time; requests/s summed.
+    Scenario "admit" (judged): limits that are never reached (every decision is
+    a grant, so every one writes to Redis on both sides).
+
+Method
+    Rounds alternate the three contenders (the order rotates) so noise hits them
+    alike; 8 s each (3 s with --quick), after a warm-up. The ratio of medians
+    decides. Counts noise cannot move, checked every round: every decision
+    bucketmesh counted is a grant, and Σ used of the key in Redis (read through
+    GET /v1/bucket/state) equals the grants of both nodes together.
+    Context, not judged: CPU time per decision of the deciding processes (the
+    limits client; the bucketmesh node(s), HTTP included) and of redis-server,
+    from /proc — on an oversubscribed machine throughput follows the scheduler's
+    share of each contender (wrk + nodes vs one client process), CPU per decision
+    much less.
+    Scenario "deny" (over-admission, counted): capacity 1000, refill 1000/s, both
+    nodes under wrk; grants must stay within capacity + refill × elapsed (elapsed
+    measured around the whole run, so the bound is generous only by the time the
+    processes take to start and stop sending) and equal Σ used in Redis.
+
+Everything listens on 127.0.0.1, every wait is bounded, and every process this
+script starts is stopped in ``finally``.
+
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/redis.py [--quick]`` (needs redis-server, wrk).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is named redis.py: run as a script, its folder is sys.path[0] and the file
+# would shadow the redis client package (which limits and bucketmesh import). Look in
+# the folder last instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import _report  # noqa: E402
+import http_rate as bench_http  # noqa: E402
+
+HOST = bench_http.HOST
+CONNECTIONS = 50
+P6_RATIO = 3.0
+KEY = "hot"
+RULE = "bench"
+
+
+# -- the limits client (run as: redis.py --limits-client URL SECONDS CONCURRENCY) --------
+
+
+async def limits_client(url: str, seconds: float, concurrency: int) -> dict[str, float]:
+    from limits import parse
+    from limits.aio.storage import RedisStorage
+    from limits.aio.strategies import FixedWindowRateLimiter
+
+    storage = RedisStorage(url.replace("redis://", "async+redis://"), implementation="redispy")
+    limiter = FixedWindowRateLimiter(storage)
+    item = parse("1000000000/hour")
+    await limiter.hit(item, "bench")
+    count = 0
+    allowed = 0
+    stop = time.monotonic() + seconds
+
+    async def worker() -> None:
+        nonlocal count, allowed
+        while time.monotonic() < stop:
+            allowed += await limiter.hit(item, "bench")
+            count += 1
+
+    started = time.monotonic()
+    cpu = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.monotonic() - started
+    cpu = time.process_time() - cpu
+    return {
+        "hits": count,
+        "allowed": allowed,
+        "seconds": elapsed,
+        "rps": count / elapsed,
+        "cpu_us": cpu / count * 1e6,
+    }
+
+
+def run_limits(url: str, seconds: float) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--limits-client", url, str(seconds), str(CONNECTIONS)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"limits client failed: {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout))
+
+
+# -- redis-server and the bucketmesh nodes -------------------------------------------------
+
+
+class RedisProcess:
+    def __init__(self, workdir: Path) -> None:
+        self.port = bench_http.free_port()
+        self.url = f"redis://{HOST}:{self.port}/0"
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                HOST,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(workdir / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        self.client = client
+
+    def flush(self) -> None:
+        self.client.flushall()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def node(workdir: Path, name: str, redis_url: str, capacity: int, rate: float) -> object:
+    port = bench_http.free_port()
+    config = workdir / f"{name}.yaml"
+    config.write_text(
+        f"region: bench\nnode: {name}\nlisten: {HOST}:{port}\n"
+        f"storage:\n  backend: redis\n  redisUrl: {redis_url}\n"
+        # generous: a loaded machine must not look like a store failure (then the
+        # failure policy would decide, and a timed-out call may still be charged)
+        "  redisTimeoutMs: 2000\n"
+        f"buckets:\n  - name: {RULE}\n    key: 'hot-{{{{ .Request.Header.X-K }}}}'\n"
+        f"    capacity: {capacity}\n    refillRate: {rate}\n",
+        encoding="utf-8",
+    )
+    executable = bench_http.VENV_BIN / "bucketmesh"
+    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh.cli"]
+    argv += ["serve", "--config", str(config), "--listen", f"{HOST}:{port}"]
+    service = bench_http.Service(name, argv, workdir, port)
+    service.start("/healthz")
+    return service
+
+
+def wrk_together(services: list[object], lua: Path, seconds: float) -> list[object]:
+    """One wrk per service, all at once, CONNECTIONS split between them."""
+    per = CONNECTIONS // len(services)
+    procs = []
+    for service in services:
+        argv = [
+            "wrk",
+            "-t1",
+            f"-c{per}",
+            f"-d{seconds:g}s",
+            "--timeout",
+            "5s",
+            "--latency",
+            "-s",
+            str(lua),
+            f"http://{HOST}:{service.port}/v1/rate",
+        ]  # type: ignore[attr-defined]
+        procs.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=seconds + 60)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wrk failed: {err or out}")
+        results.append(bench_http.parse_wrk(out))
+    return results
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def store_failures(services: list[object]) -> int:
+    total = 0
+    for service in services:
+        _, body = bench_http.http_request(service.port, "GET", "/metrics")  # type: ignore[attr-defined]
+        for name, _, value in bench_http.parse_metrics(body.decode()):
+            if name == "bucketmesh_store_failures_total":
+                total += int(value)
+    return total
+
+
+def grants(services: list[object]) -> tuple[int, int]:
+    allowed = denied = 0
+    for service in services:
+        counts = bench_http.settled_counts(service.port, "rate", RULE)  # type: ignore[attr-defined]
+        allowed += counts.allowed
+        denied += counts.denied
+    return allowed, denied
+
+
+def used_in_redis(service: object) -> int:
+    return int(bench_http.used_of(service.port, f"hot-{KEY}")[0])  # type: ignore[attr-defined]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--limits-client", nargs=3, metavar=("URL", "SECONDS", "CONCURRENCY"))
+    args = parser.parse_args()
+    if args.limits_client:
+        url, seconds, concurrency = args.limits_client
+        import uvloop
+
+        print(json.dumps(uvloop.run(limits_client(url, float(seconds), int(concurrency)))))
+        return 0
+    for tool in ("redis-server", "wrk"):
+        if shutil.which(tool) is None and not Path(f"/usr/bin/{tool}").exists():
+            print(
+                f"missing {tool}: scripts/ensure-debian-packages.sh redis-server wrk",
+                file=sys.stderr,
+            )
+            return 2
+
+    machine = _report.machine()
+    seconds = 3.0 if args.quick else 8.0
+    rounds = 2 if args.quick else 3
+    problems: list[str] = []
+    results: dict[str, list[float]] = {"limits": [], "bucketmesh x1": [], "bucketmesh x2": []}
+    p99: dict[str, list[float]] = {"bucketmesh x1": [], "bucketmesh x2": []}
+    # CPU per decision of the deciding process(es) and of redis-server: a figure that
+    # an oversubscribed machine moves far less than throughput (context, not judged)
+    cpu_us: dict[str, list[float]] = {name: [] for name in results}
+    redis_us: dict[str, list[float]] = {name: [] for name in results}
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        workdir = Path(tmp)
+        lua = bench_http.wrk_lua(
+            workdir / "post.lua",
+            body='{"tokens":1}',
+            headers={"X-K": KEY, "Content-Type": "application/json"},
+        )
+        redis_proc = RedisProcess(workdir)
+        services: list[object] = []
+        try:
+            a = node(workdir, "node-a", redis_proc.url, 10**12, 1e9)
+            b = node(workdir, "node-b", redis_proc.url, 10**12, 1e9)
+            services = [a, b]
+            # warm-up
+            run_limits(redis_proc.url, 1.0)
+            wrk_together([a], lua, 1.0)
+            contenders = ["limits", "bucketmesh x1", "bucketmesh x2"]
+            for index in range(rounds):
+                order = contenders[index % 3 :] + contenders[: index % 3]
+                for name in order:
+                    before = grants(services)
+                    redis_cpu = cpu_seconds(redis_proc.proc.pid)
+                    if name == "limits":
+                        figures = run_limits(redis_proc.url, seconds)
+                        results[name].append(figures["rps"])
+                        cpu_us[name].append(figures["cpu_us"])
+                        redis_us[name].append(
+                            (cpu_seconds(redis_proc.proc.pid) - redis_cpu) / figures["hits"] * 1e6
+                        )
+                        continue
+                    chosen = [a] if name == "bucketmesh x1" else [a, b]
+                    node_cpu = sum(cpu_seconds(s.pid) for s in chosen)  # type: ignore[attr-defined]
+                    runs = wrk_together(chosen, lua, seconds)
+                    node_cpu = sum(cpu_seconds(s.pid) for s in chosen) - node_cpu  # type: ignore[attr-defined]
+                    decided = grants(services)[0] - before[0]
+                    cpu_us[name].append(node_cpu / max(decided, 1) * 1e6)
+                    redis_us[name].append(
+                        (cpu_seconds(redis_proc.proc.pid) - redis_cpu) / max(decided, 1) * 1e6
+                    )
+                    results[name].append(sum(r.rps for r in runs))
+                    p99[name].append(max(r.p99_ms for r in runs))
+                    after = grants(services)
+                    if after[1] != before[1]:
+                        problems.append(
+                            f"{name}: {after[1] - before[1]} denials in the admit scenario"
+                        )
+                    errors = sum(r.socket_error_count for r in runs) + sum(r.non2xx for r in runs)
+                    if errors:
+                        problems.append(f"{name}: {errors} socket errors or non-2xx answers")
+            total_grants = grants(services)[0]
+            used = used_in_redis(a)
+            failures = store_failures(services)
+            if failures:
+                problems.append(f"admit: {failures} Redis calls failed (the policy decided)")
+            if used != total_grants:
+                problems.append(f"admit: Σ used in Redis {used} != grants {total_grants}")
+
+            # deny scenario: over-admission inside the region
+            for service in services:
+                service.stop()  # type: ignore[attr-defined]
+            redis_proc.flush()
+            a = node(workdir, "deny-a", redis_proc.url, 1000, 1000)
+            b = node(workdir, "deny-b", redis_proc.url, 1000, 1000)
+            services = [a, b]
+            started = time.monotonic()
+            deny_runs = wrk_together([a, b], lua, seconds)
+            elapsed = time.monotonic() - started
+            allowed, denied = grants(services)
+            bound = 1000 + 1000 * elapsed
+            used = used_in_redis(a)
+            if allowed > bound:
+                problems.append(
+                    f"deny: {allowed} grants > capacity + refill × elapsed = {bound:.0f}"
+                )
+            if used != allowed:
+                problems.append(f"deny: Σ used in Redis {used} != grants {allowed}")
+            failures = store_failures(services)
+            if failures:
+                problems.append(f"deny: {failures} Redis calls failed (the policy decided)")
+        finally:
+            for service in services:
+                with contextlib.suppress(Exception):
+                    service.stop()  # type: ignore[attr-defined]
+            redis_proc.stop()
+
+    limits_median = statistics.median(results["limits"])
+    rows = []
+    for name, values in results.items():
+        median = statistics.median(values)
+        ratio = median / limits_median
+        rows.append(
+            [
+                name,
+                f"{median:,.0f}",
+                f"{max(values):,.0f}",
+                f"{statistics.median(p99[name]):.1f}" if name in p99 else "-",
+                f"{ratio:.2f}×",
+                f"{statistics.median(cpu_us[name]):.0f}",
+                f"{statistics.median(redis_us[name]):.1f}",
+            ]
+        )
+    ratio_2 = statistics.median(results["bucketmesh x2"]) / limits_median
+    ratio_1 = statistics.median(results["bucketmesh x1"]) / limits_median
+    met = ratio_2 >= P6_RATIO and not problems
+    columns = [
+        "contender",
+        "median decisions/s",
+        "best",
+        "p99 ms",
+        "vs limits",
+        "client/node CPU µs per decision",
+        "redis CPU µs per decision",
+    ]
+    title = (
+        f"P6 redis backend, admit, {CONNECTIONS} concurrent clients, "
+        f"{rounds} rounds × {seconds:g} s"
+    )
+    _report.print_table(title, columns, rows)
+    deny_line = (
+        f"deny scenario (capacity 1000, refill 1000/s, 2 nodes, {elapsed:.1f} s): "
+        f"{allowed:,} granted, {denied:,} denied, bound {bound:,.0f}, Σ used in Redis {used:,}; "
+        f"wrk {sum(r.rps for r in deny_runs):,.0f} requests/s"
+    )
+    verdict = (
+        f"P6 {'MET' if met else 'MISSED'}: 2 nodes at {ratio_2:.2f}× limits "
+        f"(1 node {ratio_1:.2f}×), target ≥ {P6_RATIO:g}×; "
+        f"over-admission checks {'passed' if not problems else 'FAILED'}"
+    )
+    print(deny_line)
+    print(verdict)
+    for problem in problems:
+        print("PROBLEM:", problem)
+    body = "\n\n".join(
+        [
+            _report.markdown_table(columns, rows),
+            deny_line,
+            verdict + ("\n\n" + "\n".join(f"- {p}" for p in problems) if problems else ""),
+            f"limits: {_report.versions('limits', 'redis')}, aio RedisStorage (redis-py), "
+            f"FixedWindowRateLimiter, {CONNECTIONS} asyncio tasks on uvloop; bucketmesh: wrk -t1, "
+            f"POST /v1/rate, {CONNECTIONS} connections in all; one redis-server for everything. "
+            "Command: `PYTHONPATH=src .venv/bin/python benchmarks/redis.py"
+            + (" --quick`" if args.quick else "`"),
+        ]
+    )
+    _report.append_section(title, body, machine=machine)
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The Redis scripts do exactly what ``bucket.py`` does, on a real redis-server.
+
+Hypothesis drives one bucket through acquires, peeks, merges of other replicas'
+entries and config changes, on the store and on an in-memory ``Limiter`` that
+runs under the store's replica id; every decision and the final state must be
+equal, bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bucketmesh.bucket import BucketDelta
+from bucketmesh.limiter import DeltaBatch, Limiter
+from bucketmesh.redis_store import ALLOWED, INVALID_TOKENS, Ask, RedisStore, check_exact
+from bucketmesh.rules import Rule
+
+T0 = 1_763_900_000_123_456_789  # an absolute ns time well above 2^53
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def store(redis_server_module: Any, loop: asyncio.AbstractEventLoop) -> Iterator[RedisStore]:
+    store = RedisStore(redis_server_module.url, "equiv", timeout_s=5.0)
+    loop.run_until_complete(store.join())
+    yield store
+    loop.run_until_complete(store.close())
+
+
+def _rule(capacity: int, rate: float, ttl: float) -> Rule:
+    return Rule.create("k-{{ .Request.Query.user }}", capacity, rate, name="r", ttl=ttl)
+
+
+operation = st.one_of(
+    st.tuples(st.just("acquire"), st.integers(0, 12), st.integers(0, 3_000_000_000)),
+    st.tuples(
+        st.just("merge"),
+        st.sampled_from(["eu/n/1", "ap/n/7"]),
+        st.integers(0, 20),
+        st.integers(-2_000_000_000, 2_000_000_000),
+    ),
+    st.tuples(st.just("configure"), st.integers(1, 15), st.sampled_from([0.5, 3.0, 7.0, 1000.0])),
+    # a peer's copy of a later generation of the bucket (re-created after expiry there)
+    st.tuples(st.just("epoch"), st.integers(1, 3), st.integers(0, 9)),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    capacity=st.integers(1, 10),
+    rate=st.sampled_from([0.3, 1.0, 2.5, 10.0, 333.0]),
+    ttl=st.sampled_from([0.5, 5.0, 3600.0]),
+    ops=st.lists(operation, min_size=1, max_size=25),
+)
+def test_scripts_decide_and_merge_exactly_like_bucket_py(
+    store: RedisStore,
+    loop: asyncio.AbstractEventLoop,
+    capacity: int,
+    rate: float,
+    ttl: float,
+    ops: list[tuple[Any, ...]],
+) -> None:
+    run = loop.run_until_complete
+    key = f"key-{next(_names)}"
+    rule = _rule(capacity, rate, ttl)
+    assert store.replica_id is not None
+    memory = Limiter([rule], replica_id=store.replica_id)
+    now = T0
+    others: dict[str, int] = {}
+    for op in ops:
+        if op[0] == "acquire":
+            _, tokens, dt = op
+            now += dt
+            config = memory.rule_configs["r"]
+            ask = Ask(key, "r", config, tokens)
+            verdict = run(store.acquire([ask], now))[0]
+            if tokens > memory.inspect(key, rule="r", now=now).config.capacity:
+                assert verdict.status == INVALID_TOKENS
+                continue
+            expected = memory.acquire(key, tokens, rule="r", now=now)
+            assert verdict.status in (0, ALLOWED)
+            assert verdict.decision(key) == expected
+        elif op[0] == "merge":
+            _, rid, more, base_shift = op
+            bucket = memory.bucket(key)
+            if bucket is None:
+                continue
+            others[rid] = others.get(rid, 0) + more
+            delta = BucketDelta(
+                key,
+                bucket.epoch,
+                bucket.config,
+                bucket.base_version,
+                bucket.base_time + base_shift,
+                {rid: others[rid]},
+                "r",
+            )
+            memory.merge(DeltaBatch(rid, [delta]), now=now)
+            run(store.merge([delta], now))
+        elif op[0] == "epoch":
+            _, generations, spent = op
+            bucket = memory.bucket(key)
+            if bucket is None:
+                continue
+            epoch = bucket.epoch + generations * bucket.config.ttl_ns
+            delta = BucketDelta(
+                key, epoch, bucket.config, bucket.config.version, epoch, {"eu/n/9": spent}, "r"
+            )
+            memory.merge(DeltaBatch("eu/n/9", [delta]), now=now)
+            run(store.merge([delta], now))
+        else:
+            _, new_capacity, new_rate = op
+            bucket = memory.bucket(key)
+            config = memory.configure("r", capacity=new_capacity, refill_rate=new_rate, now=now)
+            if check_exact(config) is not None:
+                return
+            if bucket is not None:
+                # the node's reconfigure path: bucket.py proposes, the store merges
+                run(store.merge([bucket.full_state(key, store.replica_id)], now))
+        stored = run(store.read([key]))
+        bucket = memory.bucket(key)
+        if bucket is None:
+            assert stored == []
+        else:
+            assert stored == [bucket.full_state(key, store.replica_id)]
+
+
+def test_a_stale_incarnation_is_refused(store: RedisStore, loop: asyncio.AbstractEventLoop) -> None:
+    from bucketmesh.redis_store import StaleIncarnation
+
+    run = loop.run_until_complete
+    config = Limiter([_rule(3, 1.0, 60.0)], replica_id="x").rule_configs["r"]
+    real = store.incarnation
+    store.incarnation = "1"
+    try:
+        with pytest.raises(StaleIncarnation):
+            run(store.acquire([Ask("inc-key", "r", config, 1)], T0))
+    finally:
+        store.incarnation = real
+    assert run(store.acquire([Ask("inc-key", "r", config, 1)], T0))[0].status == ALLOWED
+
+
+def test_a_flushed_script_cache_is_reloaded(
+    store: RedisStore, loop: asyncio.AbstractEventLoop, redis_server_module: Any
+) -> None:
+    run = loop.run_until_complete
+    config = Limiter([_rule(3, 1.0, 60.0)], replica_id="x").rule_configs["r"]
+    assert run(store.acquire([Ask("flushed", "r", config, 1)], T0))[0].status == ALLOWED
+    redis_server_module.client().script_flush()
+    assert run(store.acquire([Ask("flushed", "r", config, 1)], T0))[0].status == ALLOWED
+    assert run(store.read(["flushed"]))[0].used == {store.replica_id: 2}
