@@ -154,6 +154,10 @@ class MeshSettings:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 1.0
     bulk_timeout_s: float = 10.0
+    #: delta messages in flight per peer, each on its own keep-alive connection: with
+    #: one, a delta collected while a message is in flight waits for its ack, so the
+    #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
+    pipeline: int = 2
 
     @property
     def heartbeat_s(self) -> float:
@@ -287,11 +291,16 @@ class Peer:
     def __init__(self, region: str, url: str, settings: MeshSettings) -> None:
         self.region = region
         self.url = url
-        self.link = HttpLink(url, timeout_s=settings.peer_timeout_s)
+        self.links = [
+            HttpLink(url, timeout_s=settings.peer_timeout_s)
+            for _ in range(max(1, settings.pipeline))
+        ]
+        self.link = self.links[0]
+        self.wakes = [asyncio.Event() for _ in self.links]
         self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
         self.outbox: dict[str, tuple[bytes, int]] = {}
-        # key -> (delta, collect time) of what the message in flight carries
-        self.inflight: dict[str, tuple[bytes, int]] = {}
+        # key -> (delta, collect time) of each message in flight that carries the key
+        self.inflight: dict[str, list[tuple[bytes, int]]] = {}
         self.rules: dict[str, BucketConfig] = {}
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
@@ -332,11 +341,12 @@ class Peer:
             if queued is None:
                 outbox[key] = (data, collected_ns)
             else:
-                sent = inflight.get(key)
-                fresh = sent is not None and sent[0] is queued[0]
+                fresh = any(sent[0] is queued[0] for sent in inflight.get(key, ()))
                 outbox[key] = (data, collected_ns if fresh else queued[1])
         self.rules.update(rules)
         self.wake.set()
+        for wake in self.wakes:
+            wake.set()
         if len(outbox) > max_pending:
             outbox.clear()
             self.backlogs_dropped += 1
@@ -346,12 +356,16 @@ class Peer:
 
     def take(self, budget: int) -> tuple[list[str], list[bytes], int | None]:
         """The oldest queued deltas that fit in ``budget`` bytes (at least one), without
-        removing them; a delta that could never fit is dropped (and counted)."""
+        removing them; a delta that could never fit is dropped (and counted). A delta
+        already in flight in another message is not taken again."""
         keys: list[str] = []
         chunks: list[bytes] = []
         size = 0
         origin: int | None = None
+        inflight = self.inflight
         for key, (data, collected) in list(self.outbox.items()):
+            if any(sent[0] is data for sent in inflight.get(key, ())):
+                continue
             if len(data) > budget:
                 del self.outbox[key]
                 self.oversized += 1
@@ -362,24 +376,48 @@ class Peer:
             chunks.append(data)
             size += len(data)
             origin = collected if origin is None or collected < origin else origin
-            self.inflight[key] = (data, collected)
+            inflight.setdefault(key, []).append((data, collected))
         return keys, chunks, origin
 
-    def unsent(self, keys: Sequence[str]) -> None:
+    def takeable(self) -> bool:
+        """Whether a queued delta is not in flight yet."""
+        inflight = self.inflight
+        return any(
+            not any(sent[0] is data for sent in inflight.get(key, ()))
+            for key, (data, _) in self.outbox.items()
+        )
+
+    def _landed(self, key: str, data: bytes) -> tuple[bytes, int] | None:
+        """Forget ``data`` of ``key`` as in flight; returns its entry."""
+        sent = self.inflight.get(key)
+        if not sent:
+            return None
+        for i, entry in enumerate(sent):
+            if entry[0] is data:
+                del sent[i]
+                if not sent:
+                    del self.inflight[key]
+                return entry
+        return None
+
+    def unsent(self, keys: Sequence[str], chunks: Sequence[bytes]) -> None:
         """The message carrying ``keys`` failed: what is queued for them is now as old
         as the oldest change it must deliver."""
-        for key in keys:
-            sent = self.inflight.pop(key, None)
+        for key, data in zip(keys, chunks, strict=True):
+            sent = self._landed(key, data)
             queued = self.outbox.get(key)
             if sent is not None and queued is not None and sent[1] < queued[1]:
                 self.outbox[key] = (queued[0], sent[1])
+        self.wake.set()
+        for wake in self.wakes:
+            wake.set()
 
     def acknowledge(
         self, keys: Sequence[str], chunks: Sequence[bytes], rules: Mapping[str, BucketConfig]
     ) -> None:
         outbox = self.outbox
         for key, data in zip(keys, chunks, strict=True):
-            self.inflight.pop(key, None)
+            self._landed(key, data)
             queued = outbox.get(key)
             if queued is not None and queued[0] is data:
                 del outbox[key]
@@ -483,6 +521,8 @@ class Mesh(SyncView):
         self.tasks.append(asyncio.create_task(self._collect_loop()))
         for peer in self.peers.values():
             self.tasks.append(asyncio.create_task(self._send_loop(peer)))
+            for index in range(1, len(peer.links)):
+                self.tasks.append(asyncio.create_task(self._pipeline_loop(peer, index)))
             self.tasks.append(asyncio.create_task(self._bulk_loop(peer)))
 
     async def stop(self, flush_s: float = 1.0) -> None:
@@ -505,7 +545,8 @@ class Mesh(SyncView):
         if flushes:
             await asyncio.gather(*flushes, return_exceptions=True)
         for peer in self.peers.values():
-            peer.link.close()
+            for link in peer.links:
+                link.close()
             peer.bulk.close()
 
     async def _flush(self, peer: Peer, timeout_s: float) -> None:
@@ -542,20 +583,31 @@ class Mesh(SyncView):
         rules_size = len(sync.encode_push(0, False, "", [], dict(rules))) if rules else 0
         return max(1024, self.settings.max_message_bytes - overhead - rules_size)
 
-    async def _push_outbox(self, peer: Peer, timeout_s: float | None = None) -> bool:
-        """One message from the outbox (or a heartbeat when it is empty)."""
-        rules = dict(peer.rules)
+    async def _push_outbox(
+        self,
+        peer: Peer,
+        timeout_s: float | None = None,
+        link: HttpLink | None = None,
+        require_deltas: bool = False,
+    ) -> bool | None:
+        """One message from the outbox (or a heartbeat when it is empty); None when
+        ``require_deltas`` and nothing is left to send that is not in flight."""
+        rules = {} if require_deltas else dict(peer.rules)
         keys, chunks, origin = peer.take(self._budget(rules))
+        if require_deltas and not keys:
+            return None
         body = sync.encode_push(
             self.clock() if origin is None else origin, False, self.replica_id, chunks, rules
         )
         started = self.monotonic()
         try:
-            ack = await self._request(peer, peer.link, sync.DELTAS, body, sync.Ack, timeout_s)
+            ack = await self._request(
+                peer, link or peer.link, sync.DELTAS, body, sync.Ack, timeout_s
+            )
             if ack.replica_id == self.replica_id:
                 raise LinkError(f"{peer.url} is this very node; check sync.peerUrls")
         except LinkError as error:
-            peer.unsent(keys)
+            peer.unsent(keys, chunks)
             self._failed(peer, error, started)
             return False
         peer.acknowledge(keys, chunks, rules)
@@ -567,7 +619,8 @@ class Mesh(SyncView):
         heartbeat = self.settings.heartbeat_s
         last_sent = -math.inf
         while self.running:
-            if not peer.outbox and not peer.rules:
+            # (everything queued may be in flight on the pipeline's other connections)
+            if not peer.rules and (not peer.outbox or not peer.takeable()):
                 wait = heartbeat - (self.monotonic() - last_sent)
                 if wait > 0:
                     peer.wake.clear()
@@ -577,6 +630,19 @@ class Mesh(SyncView):
             if await self._push_outbox(peer):
                 last_sent = self.monotonic()
             else:
+                await asyncio.sleep(self._backoff(peer))
+
+    async def _pipeline_loop(self, peer: Peer, index: int) -> None:
+        """A further sender on its own connection: only deltas not in flight yet, only
+        while the peer is up (the first sender alone probes a failing peer)."""
+        link, wake = peer.links[index], peer.wakes[index]
+        while self.running:
+            if peer.state != UP or not peer.takeable():
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.settings.heartbeat_s)
+                continue
+            if await self._push_outbox(peer, link=link, require_deltas=True) is False:
                 await asyncio.sleep(self._backoff(peer))
 
     def _backoff(self, peer: Peer) -> float:
