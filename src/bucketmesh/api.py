@@ -56,6 +56,28 @@ class BatchResponse(msgspec.Struct):
     denied: int
 
 
+FaultDirection = Literal["both", "outbound", "inbound"]
+
+
+class FaultRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/admin/faults``: drop sync traffic with ``peers`` for ``seconds``."""
+
+    peers: list[str]
+    seconds: float
+    direction: FaultDirection = "both"
+
+
+class ActiveFault(msgspec.Struct):
+    peer: str
+    direction: FaultDirection
+    remaining_s: float
+
+
+class FaultList(msgspec.Struct):
+    region: str
+    faults: list[ActiveFault]
+
+
 class PatchRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """Body of ``PATCH /v1/buckets/{key}``: any of these; ``refill_rate`` is an alias."""
 
@@ -165,6 +187,36 @@ def _json(ref: str, description: str) -> dict[str, Any]:
     }
 
 
+def _faults_path() -> dict[str, Any]:
+    """``/v1/admin/faults``: served by nodes with a sync mesh (404 elsewhere)."""
+    refused = {
+        "200": _json("FaultList", "The faults now active on this node"),
+        "401": _problem_response("Admin token required"),
+        "403": _problem_response("Wrong admin token, or no admin token configured"),
+        "404": _problem_response("This node has no sync mesh"),
+    }
+    return {
+        "post": {
+            "summary": "Drop this node's sync traffic with named peers for N seconds",
+            "security": [{"admin": []}],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/FaultRequest"}}
+                },
+            },
+            "responses": {
+                **refused,
+                "400": _problem_response("Invalid field (unknown peer, seconds out of range)"),
+                "413": _problem_response("Body too large"),
+                "415": _problem_response("Body is not JSON"),
+            },
+        },
+        "get": {"summary": "The active faults", "security": [{"admin": []}], "responses": refused},
+        "delete": {"summary": "Heal now", "security": [{"admin": []}], "responses": refused},
+    }
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of the Rating API, schemas generated from the structs."""
     (_, components) = msgspec.json.schema_components(
@@ -180,6 +232,8 @@ def openapi_document(version: str) -> dict[str, Any]:
             StatusBody,
             Health,
             Problem,
+            FaultRequest,
+            FaultList,
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -336,6 +390,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 },
             },
         },
+        "/v1/admin/faults": _faults_path(),
         "/healthz": {"get": {"summary": "Liveness", "responses": {"200": _json("Health", "Up")}}},
         "/readyz": {
             "get": {

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from bucketmesh.api import ActiveFault, FaultList, FaultRequest
+from bucketmesh.api import FaultDirection as Direction
 from bucketmesh.app import JSON, ApiError, bad_request
 from bucketmesh.http11 import Request, Response
 
@@ -42,26 +44,6 @@ if TYPE_CHECKING:
 PATH = "/v1/admin/faults"
 _MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 MAX_FAULT_S = 24 * 3600.0
-Direction = Literal["both", "outbound", "inbound"]
-
-
-class FaultRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """Body of ``POST /v1/admin/faults``."""
-
-    peers: list[str]
-    seconds: float
-    direction: Direction = "both"
-
-
-class ActiveFault(msgspec.Struct):
-    peer: str
-    direction: Direction
-    remaining_s: float
-
-
-class FaultList(msgspec.Struct):
-    region: str
-    faults: list[ActiveFault]
 
 
 class SyncFaults:
