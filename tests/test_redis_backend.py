@@ -503,3 +503,31 @@ def test_a_node_started_without_redis_serves_by_policy_and_joins_when_it_appears
             }
     finally:
         later.stop()
+
+
+def test_a_patch_on_one_node_reaches_the_regions_other_nodes_through_redis(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    buckets = [
+        {"name": "p", "key": "p-{{ .Request.Query.u }}", "capacity": 10, "refillRate": 0.001}
+    ]
+    config = redis_config(redis_server.url, buckets)
+    a, b = serve(config, node="node-a"), serve(config, node="node-b")
+    with a.client() as ca, b.client() as cb:
+        for _ in range(4):
+            assert ca.post("/v1/rate?u=1").status_code == 200
+        # a per-key change keeps the level (raising capacity never refills): 10 − 4 = 6 left
+        patched = ca.patch("/v1/buckets/p-1", json={"capacity": 20})
+        assert patched.status_code == 200, patched.text
+        assert cb.get("/v1/buckets/p-1").json()["capacity"] == 20
+        granted = [cb.post("/v1/rate?u=1").status_code for _ in range(7)]
+        assert granted == [200] * 6 + [429]
+        # a rule change reaches node b's new buckets (it polls the rules every 0.5 s)
+        assert ca.patch("/v1/buckets/p", json={"capacity": 3}).status_code == 200
+
+        def b_uses_the_new_rule() -> None:
+            assert cb.get("/v1/buckets/p").json()["capacity"] == 3
+
+        eventually(b_uses_the_new_rule, "node b learns the rule config")
+        fresh = [cb.post("/v1/rate?u=2").status_code for _ in range(4)]
+        assert fresh == [200, 200, 200, 429]
