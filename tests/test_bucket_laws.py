@@ -321,6 +321,8 @@ def observe(batches: list[bytes], now: int) -> Limiter:
 def test_merge_order_and_duplicates_do_not_matter(
     program: list[tuple[str, int, str | int, int, int]], data: st.DataObject
 ) -> None:
+    """Without config changes, merge is a join: order and duplicates change nothing."""
+    program = [op for op in program if op[0] != "configure"]
     batches, now = sent_batches(program, rule_level_configs=False)
     reference = observe(batches, now)
     for _ in range(3):
@@ -329,6 +331,42 @@ def test_merge_order_and_duplicates_do_not_matter(
         other = observe(shuffled + repeated + shuffled[: len(shuffled) // 2], now)
         assert limiter_states(other) == limiter_states(reference)
         assert other.rule_configs == reference.rule_configs
+
+
+def assert_order_matters_only_until_exchange(
+    batches: list[bytes], now: int, data: st.DataObject, *, duplicates: bool
+) -> None:
+    """Observers merging ``batches`` in different orders (and with duplicates) agree on
+    configs and counters at once, and on everything once they exchange full state."""
+    observers = [observe(batches, now)]
+    for _ in range(2):
+        order = data.draw(st.permutations(batches))
+        if duplicates and batches:
+            order += data.draw(st.lists(st.sampled_from(batches), max_size=6))
+        observers.append(observe(order, now))
+    pure = [{key: (s[0], s[1], s[4]) for key, s in limiter_states(o).items()} for o in observers]
+    assert pure[1] == pure[0] and pure[2] == pure[0]
+    assert all(o.rule_configs == observers[0].rule_configs for o in observers)
+    for _ in range(2):
+        for one in observers:
+            for other in observers:
+                if one is not other:
+                    other.merge(one.full_state(), now=now)
+    assert limiter_states(observers[1]) == limiter_states(observers[0])
+    assert limiter_states(observers[2]) == limiter_states(observers[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(program=limiter_ops, data=st.data())
+def test_key_config_adoption_depends_on_order_only_until_replicas_exchange(
+    program: list[tuple[str, int, str | int, int, int]], data: st.DataObject
+) -> None:
+    """A newer *per-key* config is adopted on merge like a rule config: re-based at the
+    receiver, keeping the level it sees then (so a late change cannot refill a bucket
+    the receiver drained meanwhile). Configs and counters never depend on order or
+    duplicates; receivers that exchange full state agree exactly."""
+    batches, now = sent_batches(program, rule_level_configs=False)
+    assert_order_matters_only_until_exchange(batches, now, data, duplicates=True)
 
 
 @settings(max_examples=150, deadline=None)
@@ -341,19 +379,7 @@ def test_rule_config_adoption_depends_on_order_only_until_replicas_exchange(
     what it had merged before. Configs and counters never depend on order, and
     receivers that exchange full state agree exactly."""
     batches, now = sent_batches(program, rule_level_configs=True)
-    observers = [observe(batches, now)]
-    for _ in range(2):
-        observers.append(observe(data.draw(st.permutations(batches)), now))
-    pure = [{key: (s[0], s[1], s[4]) for key, s in limiter_states(o).items()} for o in observers]
-    assert pure[1] == pure[0] and pure[2] == pure[0]
-    assert all(o.rule_configs == observers[0].rule_configs for o in observers)
-    for _ in range(2):
-        for one in observers:
-            for other in observers:
-                if one is not other:
-                    other.merge(one.full_state(), now=now)
-    assert limiter_states(observers[1]) == limiter_states(observers[0])
-    assert limiter_states(observers[2]) == limiter_states(observers[0])
+    assert_order_matters_only_until_exchange(batches, now, data, duplicates=False)
 
 
 @settings(max_examples=100, deadline=None)

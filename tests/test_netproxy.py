@@ -110,9 +110,7 @@ def wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-untyp
 
 
 def test_partitioned_region_serves_alone_and_converges_after_heal(tmp_path: Path) -> None:
-    mesh = LocalMesh(
-        ["r1", "r2", "r3"], directory=str(tmp_path), faults=Faults(latency_s=0.02)
-    )
+    mesh = LocalMesh(["r1", "r2", "r3"], directory=str(tmp_path), faults=Faults(latency_s=0.02))
     try:
         assert mesh.start()
         urls = mesh.urls
@@ -137,8 +135,10 @@ def test_partitioned_region_serves_alone_and_converges_after_heal(tmp_path: Path
         assert all(rid.startswith("r3/") for rid in r3_view)  # type: ignore[union-attr]
         mesh.heal()
         assert wait_for(
-            lambda: len({str(state(u, key)["replicas"]) for u in urls.values()}) == 1
-            and len(state(urls["r1"], key)["replicas"]) == 2  # type: ignore[arg-type]
+            lambda: (
+                len({str(state(u, key)["replicas"]) for u in urls.values()}) == 1
+                and len(state(urls["r1"], key)["replicas"]) == 2
+            )  # type: ignore[arg-type]
         )
     finally:
         mesh.stop()

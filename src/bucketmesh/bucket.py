@@ -43,7 +43,11 @@ version v proposes ``base = (v, t)`` such that L(t) under the new config
 equals min(L(t) under the old one, new C) — raising capacity never refills
 the bucket for free. ``base`` of a higher version dominates, so replicas
 converge in whatever order they learn things; ``used`` that arrives late from
-the old version is charged at the new rate, never lost.
+the old version is charged at the new rate, never lost. A replica that learns
+a newer config from a peer adopts it the same way before merging (the
+limiter does it: a local write keeping the level it sees then), so the
+proposer's older base cannot hand back refill that this replica forgot when
+it re-based a full bucket meanwhile; the later of the two proposals wins.
 
 Error terms (documented, measured in the simulator and benchmarks, not hidden)
 -----------------------------------------------------------------------------
@@ -176,9 +180,24 @@ class Bucket:
 
     ``total`` caches Σ used so that a decision is O(1); ``others`` is None until
     another replica's entry is merged (most buckets never leave one region).
+
+    Memory: other replicas' entries are held in ``entries``: None, then one
+    ``(replica, used)`` tuple — the usual case: one other region, or this
+    node's previous incarnation after a restart — and a dict only from the
+    second on. A one-entry dict costs about three times the tuple, and a
+    million buckets are the target (TARGETS.md P7).
     """
 
-    __slots__ = ("base_time", "base_version", "config", "epoch", "mine", "others", "rule", "total")
+    __slots__ = (
+        "base_time",
+        "base_version",
+        "config",
+        "entries",
+        "epoch",
+        "mine",
+        "rule",
+        "total",
+    )
 
     def __init__(self, config: BucketConfig, now_ns: int, rule: str = "") -> None:
         self.config = config
@@ -186,11 +205,21 @@ class Bucket:
         self.base_version = config.version
         self.base_time = self.epoch  # TAT = epoch ≤ now: a new bucket is full
         self.mine = 0
-        self.others: dict[str, int] | None = None
+        self.entries: tuple[str, int] | dict[str, int] | None = None
         self.total = 0
         self.rule = rule
 
     # -- reading -------------------------------------------------------------
+
+    @property
+    def others(self) -> dict[str, int] | None:
+        """The other replicas' entries of ``used`` (a copy), or None if none is known."""
+        entries = self.entries
+        if entries is None:
+            return None
+        if isinstance(entries, tuple):
+            return {entries[0]: entries[1]}
+        return dict(entries)
 
     def tat(self) -> int:
         return self.base_time + self.total * self.config.interval_ns
@@ -217,7 +246,7 @@ class Bucket:
         return self.tat() + self.config.ttl_ns <= now_ns
 
     def used(self, replica_id: str) -> dict[str, int]:
-        entries = dict(self.others) if self.others else {}
+        entries = self.others or {}
         if self.mine or not entries:
             entries[replica_id] = self.mine
         return entries
@@ -330,14 +359,29 @@ class Bucket:
                     self.mine = value
                     changed = True
                 continue
-            others = self.others
-            if others is None:
-                others = self.others = {}
-            current = others.get(rid, 0)
-            if value > current:
-                others[rid] = value
-                self.total += value - current
-                changed = True
+            entries = self.entries
+            if entries is None:
+                if value > 0:
+                    self.entries = (rid, value)
+                    self.total += value
+                    changed = True
+            elif type(entries) is tuple:
+                if entries[0] == rid:
+                    if value > entries[1]:
+                        self.entries = (entries[0], value)
+                        self.total += value - entries[1]
+                        changed = True
+                elif value > 0:
+                    self.entries = {entries[0]: entries[1], rid: value}
+                    self.total += value
+                    changed = True
+            else:
+                assert isinstance(entries, dict)
+                current = entries.get(rid, 0)
+                if value > current:
+                    entries[rid] = value
+                    self.total += value - current
+                    changed = True
         if not self.rule and delta.rule:
             self.rule = delta.rule
         return changed
@@ -347,15 +391,29 @@ class Bucket:
         self.config = delta.config
         self.base_version = delta.base_version
         self.base_time = delta.base_time
-        self.mine = delta.used.get(replica_id, 0)
-        others = {rid: v for rid, v in delta.used.items() if rid != replica_id}
-        self.others = others or None
-        self.total = self.mine + sum(others.values())
+        used = delta.used
+        mine = self.mine = used.get(replica_id, 0)
+        # Restoring a million buckets goes through here: the usual shapes (no
+        # other entry, or one) take no intermediate dict.
+        size = len(used) - (replica_id in used)
+        if size == 0:
+            self.entries = None
+            self.total = mine
+        elif size == 1:
+            for rid, value in used.items():
+                if rid != replica_id:
+                    self.entries = (rid, value)
+                    self.total = mine + value
+        else:
+            others = {rid: v for rid, v in used.items() if rid != replica_id}
+            self.entries = others
+            self.total = mine + sum(others.values())
         if delta.rule:
             self.rule = delta.rule
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
-        bucket = cls(delta.config, delta.epoch, delta.rule)
+        bucket = cls.__new__(cls)
+        bucket.rule = delta.rule
         bucket._replace(delta, replica_id)
         return bucket

@@ -34,6 +34,7 @@ FLAG_OVERRIDES = {
     "node": "node",
     "admin_token": "admin.token",
     "snapshot": "storage.snapshot",
+    "durability": "storage.durability",
     "max_buckets": "limits.max_buckets",
 }
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "bucketmesh.yaml"
@@ -73,6 +74,8 @@ def _settings(config: Config) -> NodeSettings:
         cluster_id=config.sync.sync_cluster_id if config.sync.enabled else "",
         admin_token=config.admin.token,
         snapshot=config.storage.snapshot,
+        snapshot_interval_s=config.storage.snapshot_interval_ms / 1000,
+        durability=config.storage.durability,
         max_buckets=config.limits.max_buckets,
         limits=ServerLimits(
             max_body_bytes=config.limits.max_body_bytes,
@@ -294,6 +297,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--node")
         p.add_argument("--admin-token", dest="admin_token")
         p.add_argument("--snapshot", help="snapshot file of the embedded store")
+        p.add_argument(
+            "--durability",
+            choices=("relaxed", "strict"),
+            help="write-ahead log: relaxed survives kill -9, strict also power loss",
+        )
         p.add_argument("--max-buckets", dest="max_buckets", type=int)
         p.add_argument(
             "--insecure-sync",
@@ -322,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
         help="every node's admin token (PATCH, fault injection); default $BUCKETMESH_ADMIN_TOKEN",
     )
     cluster_up.set_defaults(func=cmd_cluster_up)
+    from bucketmesh.xr.cli import add_parser as add_xr_parser
+
+    add_xr_parser(sub)
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo)
     return top

@@ -175,6 +175,7 @@ class LocalMesh:
             raise ValueError(f"no buckets file at {self.buckets}; give --buckets FILE")
         self.regions = list(regions)
         self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.cluster_id = cluster_id
         self.out = out
         self.admin_token = admin_token

@@ -111,6 +111,7 @@ class _Problem(Exception):
 _FILE_NAMES: Final[Mapping[str, str]] = {
     "interval_ms": "interval",
     "peer_timeout_ms": "peerTimeout",
+    "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
     "on_store_failure_alias": "on_store_failure",
 }
@@ -180,7 +181,9 @@ class StorageConfig(_Section, frozen=True):
     backend: Literal["memory", "redis"] = "memory"
     snapshot: str | None = None
     redis_url: str = "redis://localhost:6379/0"
+    # relaxed: the write-ahead log survives kill -9; strict: also power loss (docs/storage.md)
     durability: Literal["relaxed", "strict"] = "relaxed"
+    snapshot_interval_ms: _Count = 5000
     # How long a decision waits on Redis before the rule's onStoreFailure decides.
     redis_timeout_ms: _Count = 100
 
@@ -761,6 +764,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_STORAGE_SNAPSHOT": "storage.snapshot",
     "BUCKETMESH_STORAGE_REDIS_URL": "storage.redis_url",
     "BUCKETMESH_STORAGE_DURABILITY": "storage.durability",
+    "BUCKETMESH_STORAGE_SNAPSHOT_INTERVAL": "storage.snapshot_interval_ms",
     "BUCKETMESH_STORAGE_REDIS_TIMEOUT": "storage.redis_timeout_ms",
     "BUCKETMESH_ADMIN_TOKEN": "admin.token",
     "BUCKETMESH_LIMITS_MAX_BUCKETS": "limits.max_buckets",

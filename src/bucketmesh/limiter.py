@@ -7,6 +7,14 @@ that gives an ad-hoc key its limits, keeps the dirty set the sync mesh drains
 buckets, enforces the cap on live buckets, and snapshots its state. All the
 bucket math lives in ``bucket.py``.
 
+Durability hooks (the files themselves are ``wal.py``'s and ``serve.py``'s):
+with ``journal`` set (``enable_journal``), every grant and every config change
+records its key (rule) in ``journal.keys`` (``journal.rules``) until
+``collect_journal`` turns them into one DeltaBatch of this replica's own
+entries — the write-ahead log's group. ``replay`` max-merges such batches back
+at start-up, every mode included, and ``snapshot_head`` / ``snapshot_part``
+let a server write and read a snapshot in slices.
+
 Time comes from an injected clock (``clock``, integer ns; ``time.time_ns`` by
 default: refill follows the wall clock, so nodes need NTP) or as an explicit
 ``now`` argument; the simulator drives it with simulated clocks.
@@ -45,7 +53,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -82,6 +90,19 @@ class Snapshot(msgspec.Struct, array_like=True):
     hlc: int
     rules: dict[str, BucketConfig]
     buckets: list[BucketDelta]
+
+
+class Journal:
+    """What changed since the last write-ahead-log group: granted keys, changed rules."""
+
+    __slots__ = ("keys", "rules")
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.rules: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.rules)
 
 
 class LimiterError(Exception):
@@ -171,6 +192,13 @@ class Limiter:
         self.key_configs: dict[str, BucketConfig] = {}
         # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
         self.tombstones: dict[str, tuple[int, int, int]] = {}
+        self.journal: Journal | None = None
+        # Buckets created in the same ttl window share one epoch int object
+        # (32 bytes each otherwise, a tenth of a bucket's footprint).
+        self._epochs: dict[int, int] = {}
+        # values decoded buckets share (see _compact); keys and values are equal
+        self._shared: dict[Any, Any] = {}
+        self._last_config: BucketConfig | None = None
 
     @classmethod
     def from_config(
@@ -212,8 +240,12 @@ class Limiter:
             return self._acquire_cold(key, tokens, rule, now)
         decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
         if decision.allowed:
-            if tokens and bucket.config.mode == SHARED:
-                self.dirty.add(key)
+            if tokens:
+                if bucket.config.mode == SHARED:
+                    self.dirty.add(key)
+                journal = self.journal
+                if journal is not None:
+                    journal.keys.add(key)
         elif tokens > decision.capacity:
             raise InvalidTokens(
                 f"tokens must be between 0 and the capacity {decision.capacity}, got {tokens}",
@@ -267,7 +299,15 @@ class Limiter:
             own = self.key_configs.get(key)
             if own is not None and own.version > config.version:
                 config = own
-        return Bucket(_share(config, self.regions), now, rule.name)
+        bucket = Bucket(_share(config, self.regions), now, rule.name)
+        epochs = self._epochs
+        shared = epochs.get(bucket.epoch)
+        if shared is None:
+            if len(epochs) > 64:
+                epochs.clear()
+            shared = epochs[bucket.epoch] = bucket.epoch
+        bucket.epoch = bucket.base_time = shared
+        return bucket
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
         if len(self.buckets) >= self.max_buckets:
@@ -328,6 +368,8 @@ class Limiter:
         if rule is not None:
             self.rule_configs[rule.name] = new
             self.dirty_rules.add(rule.name)
+            if self.journal is not None:
+                self.journal.rules.add(rule.name)
             for key, bucket in self.buckets.items():
                 if bucket.rule == rule.name:
                     self._adopt(key, bucket, new, now)
@@ -345,6 +387,8 @@ class Limiter:
         bucket.reconfigure(_share(config, self.regions), now)
         if was_shared or config.mode == SHARED:
             self.dirty.add(key)
+        if self.journal is not None:
+            self.journal.keys.add(key)
 
     # -- replication ---------------------------------------------------------
 
@@ -419,7 +463,7 @@ class Limiter:
                 continue
             bucket = buckets.get(delta.key)
             if bucket is None:
-                fresh = Bucket.from_delta(delta, rid)
+                fresh = self._compact(Bucket.from_delta(delta, rid))
                 if fresh.expired(now):
                     # A stale copy of a bucket that is full for longer than its ttl:
                     # the same as no bucket. Re-creating it would restore our own
@@ -432,10 +476,22 @@ class Limiter:
                         continue
                 bucket = buckets[delta.key] = fresh
                 changed += 1
-            elif bucket.merge(delta, rid):
-                changed += 1
             else:
-                continue
+                if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
+                    # A newer per-key config: adopt it here first, as a local write
+                    # keeping the level we see now, so that a base proposed before we
+                    # drained the bucket cannot hand back refill we already forgot
+                    # (the max of both proposals wins). Like a rule config's adoption,
+                    # this makes the base depend on merge order until replicas exchange.
+                    self._adopt(delta.key, bucket, delta.config, now)
+                    bucket.merge(delta, rid)
+                    changed += 1
+                elif bucket.merge(delta, rid):
+                    changed += 1
+                else:
+                    continue
+                if bucket.config is delta.config:
+                    self._compact(bucket)
             if self.tombstones and delta.key in self.tombstones:
                 self._settle_tombstone(delta.key, bucket)
             # A bucket that learned of data older than its rule's runtime config
@@ -454,6 +510,94 @@ class Limiter:
         for key, bucket in self.buckets.items():
             if bucket.rule == name and bucket.config.version < config.version:
                 self._adopt(key, bucket, config, now)
+
+    def _compact(self, bucket: Bucket) -> Bucket:
+        """Make a decoded bucket share what equal buckets hold alike.
+
+        A bucket decoded from a snapshot, a log or a peer's message owns fresh
+        copies of its config, versions, rule name, replica ids and epoch —
+        about 600 bytes that a million buckets would hold a million times over.
+        Values are interned in one table, cleared when it grows past 100,000
+        (only sharing is lost, never state).
+        """
+        shared = self._shared
+        if len(shared) > 100_000:
+            shared.clear()
+        config = bucket.config
+        # Slices decode runs of buckets with equal configs: compare with the last
+        # one before hashing (a struct's hash walks all its fields).
+        last = self._last_config
+        if config is not last:
+            if config == last:
+                config = last
+            else:
+                config = self._last_config = shared.setdefault(config, config)
+        bucket.config = config
+        base_version = bucket.base_version
+        bucket.base_version = (
+            config.version
+            if base_version == config.version
+            else shared.setdefault(base_version, base_version)
+        )
+        bucket.rule = shared.setdefault(bucket.rule, bucket.rule)
+        epoch = shared.setdefault(bucket.epoch, bucket.epoch)
+        if bucket.base_time == epoch:
+            bucket.base_time = epoch
+        bucket.epoch = epoch
+        entries = bucket.entries
+        if type(entries) is tuple:
+            bucket.entries = (shared.setdefault(entries[0], entries[0]), entries[1])
+        elif entries:
+            assert isinstance(entries, dict)
+            bucket.entries = {shared.setdefault(rid, rid): used for rid, used in entries.items()}
+        return bucket
+
+    # -- write-ahead log ---------------------------------------------------------
+
+    def enable_journal(self) -> Journal:
+        """Start recording grants and config changes for a write-ahead log."""
+        if self.journal is None:
+            self.journal = Journal()
+        return self.journal
+
+    def collect_journal(self) -> DeltaBatch | None:
+        """This replica's own entry of every bucket granted (or reconfigured) since the
+        last call, every mode, and the rules changed: one log group. None if nothing."""
+        journal = self.journal
+        if not journal:
+            return None
+        rid = self.replica_id
+        buckets = self.buckets
+        deltas = []
+        for key in journal.keys:
+            bucket = buckets.get(key)
+            if bucket is not None:
+                deltas.append(bucket.delta(key, rid))
+        rules = {name: self.rule_configs[name] for name in journal.rules}
+        journal.keys.clear()
+        journal.rules.clear()
+        return DeltaBatch(rid, deltas, rules)
+
+    def replay(self, batch: DeltaBatch, *, now: int | None = None) -> None:
+        """Max-merge a write-ahead-log group (or any batch) at start-up.
+
+        Unlike ``merge``: every mode, no cap, and nothing skipped as expired —
+        a log entry holds only one replica's entry, so it may look full when the
+        whole bucket is not; the sweep drops what really is idle.
+        """
+        if now is None:
+            now = self.clock()
+        rid = self.replica_id
+        for name, config in batch.rules.items():
+            self._merge_rule(name, config, now)
+        buckets = self.buckets
+        for delta in batch.deltas:
+            self.hlc.observe(delta.config.version[0])
+            bucket = buckets.get(delta.key)
+            if bucket is None:
+                buckets[delta.key] = self._compact(Bucket.from_delta(delta, rid))
+            elif bucket.merge(delta, rid):
+                self._compact(bucket)
 
     # -- garbage and inspection ---------------------------------------------
 
@@ -535,6 +679,30 @@ class Limiter:
 
     # -- persistence -----------------------------------------------------------
 
+    def snapshot_head(self) -> bytes:
+        """A snapshot without buckets: this replica's id, hlc and rules.
+
+        ``restore(snapshot_head())`` followed by ``replay(snapshot_part(keys))``
+        for every slice of the keys rebuilds what ``restore(snapshot())`` would,
+        a slice at a time: a server writes and reads its snapshot file so, with
+        its event loop running in between and never the whole decoded state in
+        memory at once.
+        """
+        return msgspec.msgpack.encode(
+            Snapshot(SNAPSHOT_FORMAT, self.replica_id, self.hlc.last, dict(self.rule_configs), [])
+        )
+
+    def snapshot_part(self, keys: Iterable[str]) -> DeltaBatch:
+        """The buckets of ``keys`` still live, all modes, with every known entry."""
+        rid = self.replica_id
+        buckets = self.buckets
+        deltas = []
+        for key in keys:
+            bucket = buckets.get(key)
+            if bucket is not None:
+                deltas.append(bucket.full_state(key, rid))
+        return DeltaBatch(rid, deltas)
+
     def snapshot(self) -> bytes:
         """Every bucket (all modes) with every known entry, as msgpack."""
         rid = self.replica_id
@@ -580,7 +748,9 @@ class Limiter:
             if name in limiter.rule_configs and config.version[0] > 0:
                 limiter.rule_configs[name] = config
         for delta in snap.buckets:
-            limiter.buckets[delta.key] = Bucket.from_delta(delta, rid)
+            # a snapshot written in slices may hold configs newer than its head's hlc
+            limiter.hlc.observe(delta.config.version[0])
+            limiter.buckets[delta.key] = limiter._compact(Bucket.from_delta(delta, rid))
         return limiter
 
 
@@ -592,6 +762,7 @@ __all__ = [
     "Decision",
     "DeltaBatch",
     "InvalidTokens",
+    "Journal",
     "Limiter",
     "LimiterError",
     "NoRuleError",

@@ -285,6 +285,8 @@ class Peer:
         self.link = HttpLink(url, timeout_s=settings.peer_timeout_s)
         self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
         self.outbox: dict[str, tuple[bytes, int]] = {}
+        # key -> (delta, collect time) of what the message in flight carries
+        self.inflight: dict[str, tuple[bytes, int]] = {}
         self.rules: dict[str, BucketConfig] = {}
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
@@ -312,11 +314,22 @@ class Peer:
         max_pending: int,
     ) -> bool:
         """Queue deltas (a newer one replaces a queued one of the same key, keeping the
-        older collect time for the lag); False if the backlog overflowed and was dropped."""
+        older collect time for the lag); False if the backlog overflowed and was dropped.
+
+        A delta that replaces one already in flight starts its own clock: the message
+        in flight carries everything up to its delta, so keeping its collect time
+        would make the lag of a key updated faster than the round trip grow without
+        bound (``unsent`` restores the older time if that message fails)."""
         outbox = self.outbox
+        inflight = self.inflight
         for key, data in encoded:
             queued = outbox.get(key)
-            outbox[key] = (data, collected_ns if queued is None else queued[1])
+            if queued is None:
+                outbox[key] = (data, collected_ns)
+            else:
+                sent = inflight.get(key)
+                fresh = sent is not None and sent[0] is queued[0]
+                outbox[key] = (data, collected_ns if fresh else queued[1])
         self.rules.update(rules)
         self.wake.set()
         if len(outbox) > max_pending:
@@ -344,13 +357,24 @@ class Peer:
             chunks.append(data)
             size += len(data)
             origin = collected if origin is None or collected < origin else origin
+            self.inflight[key] = (data, collected)
         return keys, chunks, origin
+
+    def unsent(self, keys: Sequence[str]) -> None:
+        """The message carrying ``keys`` failed: what is queued for them is now as old
+        as the oldest change it must deliver."""
+        for key in keys:
+            sent = self.inflight.pop(key, None)
+            queued = self.outbox.get(key)
+            if sent is not None and queued is not None and sent[1] < queued[1]:
+                self.outbox[key] = (queued[0], sent[1])
 
     def acknowledge(
         self, keys: Sequence[str], chunks: Sequence[bytes], rules: Mapping[str, BucketConfig]
     ) -> None:
         outbox = self.outbox
         for key, data in zip(keys, chunks, strict=True):
+            self.inflight.pop(key, None)
             queued = outbox.get(key)
             if queued is not None and queued[0] is data:
                 del outbox[key]
@@ -526,6 +550,7 @@ class Mesh(SyncView):
             if ack.replica_id == self.replica_id:
                 raise LinkError(f"{peer.url} is this very node; check sync.peerUrls")
         except LinkError as error:
+            peer.unsent(keys)
             self._failed(peer, error, started)
             return False
         peer.acknowledge(keys, chunks, rules)

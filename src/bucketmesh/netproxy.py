@@ -30,25 +30,26 @@ Cut
     they would across a WAN — their requests time out. Healing closes the
     black-holed connections, so clients reconnect, and forwarding resumes.
 
-The proxy is plain asyncio. :class:`NetProxy` runs its links on an event loop
-of its own in a background thread, so synchronous code (``cluster up``, the
-scenario runner) can cut and heal links from outside it.
+The proxy is plain asyncio. :class:`NetProxy` runs its links in a process of
+their own (so the owner's own work never delays forwarding) and takes
+commands over a pipe, so synchronous code (``cluster up``, the scenario
+runner) can cut and heal links from outside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import random
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from multiprocessing.connection import Connection
+from typing import Any
 
 MIN_RTO_S = 0.2  # Linux TCP_RTO_MIN: the least a lost segment costs
 CHUNK_BYTES = 65536
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,8 @@ class Link:
                     step_task.cancel()
         except OSError:
             pass  # the target refused: the client sees its connection closed
+        except asyncio.CancelledError:
+            pass  # healed or closed: this connection ends here, on purpose
         finally:
             self.connections.discard(task)
             for stream in (writer, upstream):
@@ -210,93 +213,154 @@ def link_name(source: str, destination: str) -> str:
     return f"{source}→{destination}"
 
 
-class NetProxy:
-    """A set of :class:`Link`s on an event loop of their own (a daemon thread).
+@dataclass(frozen=True)
+class LinkInfo:
+    """What the owner of a :class:`NetProxy` knows of one of its links."""
 
-    Every method is safe to call from any thread.
-    """
+    name: str
+    port: int
+    target: tuple[str, int]
 
-    def __init__(self, *, seed: int | None = None) -> None:
+
+class _Links:
+    """The links of one proxy process and the commands it obeys."""
+
+    def __init__(self, seed: int | None) -> None:
         self.links: dict[str, Link] = {}
-        self._seed = seed
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="netproxy")
-        self._thread.start()
+        self.seed = seed
 
-    def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
-
-    def add(
-        self, source: str, destination: str, target: tuple[str, int], faults: Faults | None = None
-    ) -> Link:
-        """A new link source→destination forwarding to ``target``, listening on a free port."""
-
-        async def make() -> Link:
-            seed = None if self._seed is None else hash((self._seed, source, destination))
-            link = Link(link_name(source, destination), target, faults, seed=seed)
-            await link.start()
-            return link
-
-        link = self._call(make())
-        self.links[link.name] = link
-        return link
-
-    def _touching(self, regions: Iterable[str]) -> list[Link]:
+    def touching(self, regions: Iterable[str] | None) -> list[Link]:
+        if regions is None:
+            return list(self.links.values())
         names = set(regions)
         return [link for name, link in self.links.items() if set(name.split("→")) & names]
 
+    async def run(self, command: str, args: tuple[Any, ...]) -> Any:
+        if command == "add":
+            source, destination, target, faults = args
+            seed = None if self.seed is None else hash((self.seed, source, destination))
+            link = Link(link_name(source, destination), tuple(target), faults, seed=seed)
+            await link.start()
+            self.links[link.name] = link
+            return link.port
+        if command == "faults":
+            faults, regions = args
+            for link in self.touching(regions):
+                link.faults = faults
+            return None
+        if command == "cut":
+            (regions,) = args
+            cut = self.touching(regions)
+            for link in cut:
+                link.set_cut(True)
+            return [link.name for link in cut]
+        if command == "heal":
+            (regions,) = args
+            for link in self.touching(regions):
+                link.set_cut(False)
+            return None
+        if command == "close":
+            for link in self.links.values():
+                await link.close()
+            return None
+        raise ValueError(f"unknown proxy command {command!r}")
+
+
+def _serve(control: Connection, seed: int | None) -> None:
+    """The proxy process: obey commands from ``control`` until "close" or EOF."""
+
+    async def main() -> None:
+        links = _Links(seed)
+        loop = asyncio.get_running_loop()
+        commands: asyncio.Queue[tuple[str, tuple[Any, ...]] | None] = asyncio.Queue()
+
+        def readable() -> None:
+            try:
+                commands.put_nowait(control.recv())
+            except (EOFError, OSError):
+                loop.remove_reader(control.fileno())
+                commands.put_nowait(None)  # the owner is gone: stop
+
+        loop.add_reader(control.fileno(), readable)
+        while True:
+            item = await commands.get()
+            if item is None:
+                await links.run("close", ())
+                return
+            command, args = item
+            try:
+                result = await links.run(command, args)
+            except Exception as error:  # reported to the owner, who raises it
+                control.send(("error", repr(error)))
+            else:
+                control.send(("ok", result))
+            if command == "close":
+                return
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+class NetProxy:
+    """A set of :class:`Link`s served by a process of their own.
+
+    A process, not a thread: the owner (``cluster up``, or the scenario runner,
+    which also generates load) must not hold the GIL while sync traffic waits
+    to be forwarded, or the proxy would add delay nobody asked for. Every
+    method is safe to call from any thread of the owner.
+    """
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self.links: dict[str, LinkInfo] = {}
+        context = multiprocessing.get_context("spawn")
+        self._control, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve, args=(child, seed), daemon=True, name="bucketmesh-netproxy"
+        )
+        self._process.start()
+        child.close()
+        self._lock = threading.Lock()
+
+    def _call(self, command: str, *args: Any) -> Any:
+        with self._lock:
+            self._control.send((command, args))
+            if not self._control.poll(30):
+                raise RuntimeError(f"the proxy process did not answer {command!r}")
+            status, value = self._control.recv()
+        if status != "ok":
+            raise RuntimeError(f"proxy {command}: {value}")
+        return value
+
+    def add(
+        self, source: str, destination: str, target: tuple[str, int], faults: Faults | None = None
+    ) -> LinkInfo:
+        """A new link source→destination forwarding to ``target``, listening on a free port."""
+        port = self._call("add", source, destination, target, faults)
+        info = LinkInfo(link_name(source, destination), int(port), target)
+        self.links[info.name] = info
+        return info
+
     def set_faults(self, faults: Faults, regions: Iterable[str] | None = None) -> None:
         """Apply ``faults`` to every link (or every link touching ``regions``)."""
-        links = self.links.values() if regions is None else self._touching(regions)
-
-        async def apply() -> None:
-            for link in links:
-                link.faults = faults
-
-        self._call(apply())
+        self._call("faults", faults, None if regions is None else list(regions))
 
     def cut(self, regions: Iterable[str]) -> list[str]:
         """Cut every link to and from ``regions``; the names of the links cut."""
-        links = self._touching(regions)
-
-        async def apply() -> None:
-            for link in links:
-                link.set_cut(True)
-
-        self._call(apply())
-        return [link.name for link in links]
+        return list(self._call("cut", list(regions)))
 
     def heal(self, regions: Iterable[str] | None = None) -> None:
         """Restore every cut link (or those touching ``regions``)."""
-        links = list(self.links.values()) if regions is None else self._touching(regions)
-
-        async def apply() -> None:
-            for link in links:
-                link.set_cut(False)
-
-        self._call(apply())
-
-    def describe(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "port": link.port,
-                "target": f"{link.target[0]}:{link.target[1]}",
-                "cut": link.cut,
-                **{
-                    "latency_ms": link.faults.latency_s * 1000,
-                    "jitter_ms": link.faults.jitter_s * 1000,
-                    "loss": link.faults.loss,
-                },
-            }
-            for name, link in self.links.items()
-        }
+        self._call("heal", None if regions is None else list(regions))
 
     def close(self) -> None:
-        async def close_all() -> None:
-            for link in self.links.values():
-                await link.close()
-
         with contextlib.suppress(Exception):
-            self._call(close_all())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+            self._call("close")
+        self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5)
+        self._control.close()

@@ -9,6 +9,16 @@ then serve until SIGTERM or SIGINT; shutdown stops accepting, lets in-flight
 requests finish, sends what the mesh still has queued, and writes a final
 snapshot.
 
+With a snapshot file, the node also keeps a write-ahead log of its own grants
+(``wal.py``; ``durability: relaxed`` survives kill -9, ``strict`` power loss):
+start-up replays it over the snapshot, and every snapshot rotates it. A
+snapshot is encoded in slices of ``SNAPSHOT_SLICE`` buckets with the event
+loop running between them, so a million buckets neither stall decisions for
+seconds nor need their whole encoding in memory at once. Such a snapshot is
+"fuzzy" (buckets are captured at slightly different instants), which is sound
+because the log segment started before the first slice holds every grant the
+slices may have missed, and replay is a max-merge.
+
 Replica identity is ``region/node/incarnation``. Every start takes a new
 incarnation (one above the snapshot's, or the start time in ms when there is
 no snapshot), so a restarted node can never reuse a ``used`` counter that its
@@ -28,24 +38,29 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import msgspec
 
 from bucketmesh.app import RatingApp, SyncView
 from bucketmesh.http11 import HttpServer, ServerLimits
-from bucketmesh.limiter import Limiter, Snapshot
+from bucketmesh.limiter import DeltaBatch, Limiter, Snapshot
 from bucketmesh.mesh import Mesh, MeshSettings
 from bucketmesh.rules import Rule
+from bucketmesh.wal import Recovered, WriteAheadLog, pack, recover, replay_into, unpack_stream
 
 if TYPE_CHECKING:
     from bucketmesh.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
 SWEEP_BUDGET = 20_000
+SNAPSHOT_SLICE = 5_000
+SNAPSHOT_MAGIC = b"bucketmesh-snapshot-2\n"
+_SLICE_ENCODER = msgspec.msgpack.Encoder()
+_SLICE_DECODER = msgspec.msgpack.Decoder(DeltaBatch)
 
 
 @dataclass
@@ -61,6 +76,7 @@ class NodeSettings:
     admin_token: str | None = None
     snapshot: str | None = None
     snapshot_interval_s: float = 5.0
+    durability: str = "relaxed"
     max_buckets: int = 1_000_000
     limits: ServerLimits = field(default_factory=ServerLimits)
     version: str = "0"
@@ -74,29 +90,74 @@ class NodeSettings:
 
 
 class SnapshotFile:
-    """The embedded store's snapshot: written whole, fsynced, atomically replaced."""
+    """The embedded store's snapshot: written whole, fsynced, atomically replaced.
+
+    Format: ``SNAPSHOT_MAGIC``, then frames (``wal.pack``): the first holds
+    ``Limiter.snapshot_head()``, each other one a ``DeltaBatch`` slice of
+    buckets, so that neither writing nor reading ever holds every bucket's
+    encoding at once. A file without the magic is a whole ``Limiter.snapshot()``
+    (what ``save`` writes, and what earlier versions wrote).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
 
-    def load(self) -> bytes | None:
+    def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
+        """The head and the bucket slices, read lazily; None if there is no file.
+        Raises ValueError (or msgspec's errors) for a damaged file."""
         try:
-            return self.path.read_bytes()
+            stream = self.path.open("rb")
         except FileNotFoundError:
             return None
+        if stream.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+            stream.close()
+            data = self.path.read_bytes()
+            return data, iter(())
+        frames = unpack_stream(stream)
+        head = next(frames, None)
+        if head is None:
+            stream.close()
+            raise ValueError("no head frame")
 
-    def save(self, data: bytes) -> None:
+        def slices() -> Iterator[DeltaBatch]:
+            with stream:
+                for payload in frames:
+                    yield _SLICE_DECODER.decode(payload)
+
+        return head, slices()
+
+    def begin(self) -> SnapshotWriter:
+        """A snapshot written piece by piece; ``commit`` replaces the file atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=self.path.parent)
+        return SnapshotWriter(self.path, Path(tmp), os.fdopen(fd, "wb"))
+
+    def save(self, data: bytes) -> None:
+        """Write a whole ``Limiter.snapshot()``."""
+        writer = self.begin()
+        writer.write(data)
+        writer.commit()
+
+
+class SnapshotWriter:
+    """A snapshot file being written (to a temporary name) in pieces."""
+
+    def __init__(self, path: Path, tmp: Path, out: BinaryIO) -> None:
+        self.path = path
+        self.tmp = tmp
+        self.out = out
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+
+    def commit(self) -> None:
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
+            self.out.flush()
+            os.fsync(self.out.fileno())
+            self.out.close()
+            os.replace(self.tmp, self.path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            self.abandon()
             raise
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
@@ -104,37 +165,73 @@ class SnapshotFile:
         finally:
             os.close(dir_fd)
 
+    def abandon(self) -> None:
+        self.out.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
 
-def next_incarnation(previous_replica_id: str | None) -> str:
-    """One above the previous incarnation, or the start time (ms) when unknown."""
-    if previous_replica_id:
-        last = previous_replica_id.rsplit("/", 1)[-1]
-        if last.isdigit():
-            return str(int(last) + 1)
+
+def next_incarnation(previous_replica_id: str | None, *others: str) -> str:
+    """One above the highest incarnation named (the snapshot's, the log's writers'),
+    or the start time (ms) when none is known."""
+    numbers = [
+        int(last)
+        for rid in (previous_replica_id, *others)
+        if rid and (last := rid.rsplit("/", 1)[-1]).isdigit()
+    ]
+    if numbers:
+        return str(max(numbers) + 1)
     return str(time.time_ns() // 1_000_000)
 
 
-def open_limiter(settings: NodeSettings, store: SnapshotFile | None, regions: int = 1) -> Limiter:
-    """The node's limiter: restored from its snapshot under a new incarnation, or fresh."""
-    data = store.load() if store else None
+def open_limiter(
+    settings: NodeSettings, store: SnapshotFile | None, regions: int = 1
+) -> tuple[Limiter, Recovered | None]:
+    """The node's limiter: its snapshot and write-ahead log replayed under a new
+    incarnation, or fresh; and what the log held (None without a snapshot file)."""
+    snapshot = None
     previous = None
-    if data:
+    if store is not None:
         try:
-            previous = msgspec.msgpack.decode(data, type=Snapshot).replica_id
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            snapshot = store.read()
+            if snapshot is not None:
+                previous = msgspec.msgpack.decode(snapshot[0], type=Snapshot).replica_id
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
             raise SystemExit(f"{settings.snapshot}: unreadable snapshot: {error}") from None
-    replica_id = f"{settings.region}/{settings.node}/{next_incarnation(previous)}"
-    if data:
-        return Limiter.restore(
-            data,
+    recovered = recover(store.path) if store else None
+    if recovered is not None and recovered.torn_bytes:
+        print(
+            f"bucketmesh: {settings.snapshot}: ignored a torn write-ahead log tail "
+            f"({recovered.torn_bytes} bytes)",
+            file=sys.stderr,
+            flush=True,
+        )
+    writers = sorted(recovered.writers) if recovered else []
+    replica_id = f"{settings.region}/{settings.node}/{next_incarnation(previous, *writers)}"
+    if snapshot is not None:
+        head, slices = snapshot
+        limiter = Limiter.restore(
+            head,
             settings.rules,
             replica_id=replica_id,
             max_buckets=settings.max_buckets,
             regions=regions,
         )
-    return Limiter(
-        settings.rules, replica_id=replica_id, max_buckets=settings.max_buckets, regions=regions
-    )
+        try:
+            for part in slices:
+                limiter.replay(part)
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise SystemExit(f"{settings.snapshot}: unreadable snapshot: {error}") from None
+    else:
+        limiter = Limiter(
+            settings.rules,
+            replica_id=replica_id,
+            max_buckets=settings.max_buckets,
+            regions=regions,
+        )
+    if recovered is not None:
+        replay_into(limiter, recovered)
+    return limiter, recovered
 
 
 class Node:
@@ -143,6 +240,8 @@ class Node:
     def __init__(self, settings: NodeSettings, *, sync: SyncView | None = None) -> None:
         self.settings = settings
         self.backend: RedisBackend | None = None
+        self.wal: WriteAheadLog | None = None
+        self._snapshot_lock = asyncio.Lock()
         if settings.storage == "redis":
             from bucketmesh.redis_backend import RedisBackend
 
@@ -152,7 +251,11 @@ class Node:
             self.limiter: Limiter = self.backend.mirror
         else:
             self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
-            self.limiter = open_limiter(settings, self.store, settings.regions)
+            self.limiter, recovered = open_limiter(settings, self.store, settings.regions)
+            if self.store is not None:
+                self.wal = WriteAheadLog(
+                    self.store.path, self.limiter, settings.durability, recovered=recovered
+                )
         self.mesh = Mesh(self.limiter, settings.sync) if settings.sync is not None else None
         if sync is None:
             sync = self.mesh
@@ -172,7 +275,10 @@ class Node:
         )
         if self.mesh is not None:
             self.mesh.install(self.app)
-        self.server = HttpServer(self.app, settings.limits, on_error=self._log_error)
+        if self.wal is not None:
+            self.wal.install(self.app.metrics)
+        handler = self.wal.guard(self.app) if self.wal is not None else self.app
+        self.server = HttpServer(handler, settings.limits, on_error=self._log_error)
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
         self.serving = False
@@ -205,17 +311,45 @@ class Node:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.limiter.expire_step(budget=SWEEP_BUDGET)
+            if self.mesh is None:
+                # No mesh drains the dirty set: left alone it would grow to one
+                # entry per live bucket (about 36 bytes each at a million).
+                self.limiter.dirty.clear()
+                self.limiter.dirty_rules.clear()
 
     async def _snapshots(self) -> None:
         while True:
             await asyncio.sleep(self.settings.snapshot_interval_s)
-            await self.save_snapshot()
+            try:
+                await self.save_snapshot()
+            except OSError as error:
+                # the log keeps every grant meanwhile; the next interval tries again
+                print(f"bucketmesh: snapshot failed: {error}", file=sys.stderr, flush=True)
 
     async def save_snapshot(self) -> None:
+        """Rotate the log, write the snapshot in slices, then drop the log it covers."""
         if self.store is None:
             return
-        data = self.limiter.snapshot()
-        await asyncio.get_running_loop().run_in_executor(None, self.store.save, data)
+        async with self._snapshot_lock:
+            loop = asyncio.get_running_loop()
+            limiter = self.limiter
+            retiring = self.wal.rotate() if self.wal is not None else []
+            keys = list(limiter.buckets)
+            writer = await loop.run_in_executor(None, self.store.begin)
+            try:
+                writer.write(SNAPSHOT_MAGIC + pack(limiter.snapshot_head()))
+                for start in range(0, len(keys), SNAPSHOT_SLICE):
+                    part = limiter.snapshot_part(keys[start : start + SNAPSHOT_SLICE])
+                    data = pack(_SLICE_ENCODER.encode(part))
+                    await loop.run_in_executor(None, writer.write, data)
+                await loop.run_in_executor(None, writer.commit)
+            except BaseException:
+                writer.abandon()
+                if self.wal is not None:
+                    self.wal.keep(retiring)
+                raise
+            if self.wal is not None:
+                self.wal.retire(retiring)
 
     async def stop(self, grace: float = 10.0) -> None:
         for task in self.tasks:
@@ -230,7 +364,9 @@ class Node:
         if self.backend is not None:
             await self.backend.stop()
         if self.store is not None:
-            self.store.save(self.limiter.snapshot())
+            await self.save_snapshot()
+        if self.wal is not None:
+            self.wal.close()
 
     async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
