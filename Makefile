@@ -28,7 +28,7 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/mypy --strict src/bucketmesh/bucket.py src/bucketmesh/limiter.py src/bucketmesh/rules.py
+	$(VENV)/bin/mypy --strict src/bucketmesh
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -29,36 +29,16 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/durability.py [--quick]`` (nee
 
 from __future__ import annotations
 
+import argparse
+import os
+import shutil
+import statistics
 import sys
+import tempfile
 from pathlib import Path
 
-# benchmarks/http.py shadows the standard library's ``http`` when this folder is first
-# on sys.path (as it is for a script): look in the folder last.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-from types import ModuleType  # noqa: E402
-
-import _report  # noqa: E402
-
-
-def _load_http_bench() -> ModuleType:
-    """benchmarks/http.py, imported under another name (``http`` is the stdlib's)."""
-    spec = importlib.util.spec_from_file_location("bench_http", _HERE / "http.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_http"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hb = _load_http_bench()
+import _report
+import http_rate as hb
 
 API_KEY = "durable"
 RULES = (

@@ -33,7 +33,7 @@ def test_a_failed_message_keeps_the_older_collect_time() -> None:
     p.offer([("k", b"v1")], {}, 0, 1000)
     keys, _chunks, _ = p.take(65536)
     p.offer([("k", b"v2")], {}, 20 * MS, 1000)
-    p.unsent(keys)  # v1 never arrived: v2 must deliver changes from time 0
+    p.unsent(keys, _chunks)  # v1 never arrived: v2 must deliver changes from time 0
     assert p.take(65536)[2] == 0
 
 

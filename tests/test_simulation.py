@@ -591,6 +591,22 @@ def test_strict_key_config_changes_accumulate_like_shared_ones() -> None:
         assert config.capacity == 30, mode  # not back to the rule's 12
 
 
+def test_a_restarted_region_recovers_a_strict_key_config_from_its_peers() -> None:
+    rule = make_rule(12, 6.0, mode="strict")
+    a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0, regions=3)
+    t = 1_000 * NS_PER_S
+    a.acquire("api-1", now=t)
+    a.configure("api-1", capacity=30, now=t)
+    b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0, regions=3)
+    b.merge(a.full_state(), now=t)
+    # a restarts from its snapshot: the bucket (its share) survives, the whole config not
+    restarted = Limiter.restore(a.snapshot(), [rule], replica_id="a/n/2", regions=3)
+    assert not restarted.key_configs
+    restarted.merge(b.full_state(), now=t + 1)  # the start-up pull
+    config = restarted.configure("api-1", refill_rate=3.0, now=t + 2)
+    assert config.capacity == 30  # not the rule's 12
+
+
 def test_a_new_region_learns_strict_key_configs_from_full_state() -> None:
     rule = make_rule(12, 6.0, mode="strict")
     a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0, regions=3)

@@ -304,5 +304,17 @@ def test_replicas_that_merged_each_other_have_equal_digests() -> None:
     assert da == db and any(da)
 
 
+def test_a_digest_hashed_in_slices_equals_the_digest_hashed_at_once() -> None:
+    # the mesh hashes a million buckets a slice at a time between event-loop turns
+    states = [delta(key) for r in (3, 7, 200) for key in keys_in(r, 5)]
+    ranges = [3, 7, 200, 9]
+    whole = sync.digest(states, ranges, NOW, SETTLE)
+    combined = [0] * len(ranges)
+    for start in range(0, len(states), 4):
+        part = sync.digest(states[start : start + 4], ranges, NOW, SETTLE)
+        combined = [a ^ b for a, b in zip(combined, part, strict=True)]
+    assert combined == whole and all(whole[:3]) and whole[3] == 0
+
+
 def test_mismatched_digest_lengths_are_malformed() -> None:
     assert rejection(lambda: sync.differing([1, 2], [0], [0, 0])).reason == "malformed"

@@ -103,21 +103,18 @@ def test_report_renders_and_shows_divergence_then_convergence(
         rows = list(csv.reader(path.open()))
         assert rows and all(len(row) == len(rows[0]) for row in rows), path
     assert (out / "csv/metrics/crdt_sync_duration_seconds.csv").stat().st_size > 0
-    # what each region knew was spent: apart during the partition, one again after
+    # spend each region had not seen: some during the partition, none at the end
     events = {
         row["event"]: float(row["t_s"]) for row in csv.DictReader((out / "csv/events.csv").open())
     }
-    points: dict[float, dict[str, float]] = {}
+    unseen: dict[float, dict[str, float]] = {}
     for row in csv.DictReader((out / "csv/bucket_state.csv").open()):
-        points.setdefault(float(row["t_s"]), {})[row["region"]] = float(row["used_total"])
-
-    def spread(used: dict[str, float]) -> float:
-        return max(used.values()) - min(used.values())
-
-    during = [spread(v) for t, v in points.items() if events["partition"] + 1 < t < events["heal"]]
-    assert max(during) > 50, output  # each side spent without hearing of the other
-    last = points[max(points)]
-    assert len(last) == 3 and spread(last) == 0
+        unseen.setdefault(float(row["t_s"]), {})[row["region"]] = float(row["unseen"])
+    partitioned = events["partition"] + 1, events["heal"]
+    during = [max(v.values()) for t, v in unseen.items() if partitioned[0] < t < partitioned[1]]
+    assert max(during) > 20, output  # each side spent without hearing of the other
+    last = unseen[max(unseen)]
+    assert len(last) == 3 and set(last.values()) == {0}
 
 
 def test_impossible_threshold_fails_and_names_the_slo(tmp_path: Path) -> None:

@@ -426,6 +426,7 @@ class RatingApp:
                 f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
             )
         resolved: list[tuple[str, str | None, int]] = []
+        rule: str | None
         for index, item in enumerate(items):
             if item.tokens < 0:
                 raise bad_request(
@@ -472,14 +473,21 @@ class RatingApp:
     def _batch_response(
         self, decisions: list[Decision], cache_key: tuple[str, str] | None
     ) -> Response:
+        # Each result is an api.DecisionBody: the Decision's JSON with the region
+        # spliced in (as rate_post does), which skips a struct copy per item.
         allowed = 0
         results = []
-        region = self.region
+        encode = self.encoder.encode
+        suffix = self.region_suffix
         for decision in decisions:
             allowed += decision.allowed
             self.metrics.count_decision(decision.rule, decision.allowed)
-            results.append(api.DecisionBody(*msgspec.structs.astuple(decision), region=region))
-        body = self.encoder.encode(api.BatchResponse(results, allowed, len(results) - allowed))
+            results.append(encode(decision)[:-1] + suffix)
+        body = b'{"results":[%s],"allowed":%d,"denied":%d}' % (
+            b",".join(results),
+            allowed,
+            len(results) - allowed,
+        )
         response = Response(200, body, JSON)
         if cache_key is not None:
             self.idempotency.put(cache_key, replayed(response), self.monotonic())
@@ -583,7 +591,7 @@ class RatingApp:
         rate = patch.refillRate if patch.refillRate is not None else patch.refill_rate
         if patch.capacity is None and rate is None and patch.ttl is None and patch.mode is None:
             raise bad_request("nothing to change: give capacity, refillRate, ttl or mode")
-        checks = (
+        checks: tuple[tuple[str, float | None, Callable[[float], bool], str], ...] = (
             ("capacity", patch.capacity, lambda v: v >= 1 and v <= 10**15, "an integer >= 1"),
             ("refillRate", rate, lambda v: math.isfinite(v) and 1e-9 <= v <= 1e9, "in [1e-9, 1e9]"),
             (

@@ -36,7 +36,8 @@ hide our next grants from replicas that knew more. So a dropped bucket in
 which we spent leaves a *tombstone* (epoch, own count) for
 ``max(2·ttl, tombstone_ns)``; when that generation comes back, our entry in
 it starts from the tombstone's count. A
-copy of the same generation returning after the tombstone is gone can still
+copy of the same generation returning after the tombstone is gone (past the
+horizon, or evicted: at most ``max_buckets // 4`` are kept) can still
 restart our entry low; that needs a peer to keep the key busy without hearing
 from us for that whole time (a partition longer than the horizon) — see
 docs/sync.md for the bound.
@@ -192,6 +193,13 @@ class Limiter:
         self.key_configs: dict[str, BucketConfig] = {}
         # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
         self.tombstones: dict[str, tuple[int, int, int]] = {}
+        # Only a peer can send a dropped generation back: a replica that never
+        # merges (a node without a mesh) turns this off and frees the memory
+        # (a tombstone costs about two thirds of a bucket).
+        self.keep_tombstones = True
+        # A tombstone costs about what a bucket does: at most a quarter of the cap's
+        # worth, the oldest forgotten first (they are the least likely to come back).
+        self.max_tombstones = max(1_000, max_buckets // 4)
         self.journal: Journal | None = None
         # Buckets created in the same ttl window share one epoch int object
         # (32 bytes each otherwise, a tenth of a bucket's footprint).
@@ -354,7 +362,7 @@ class Limiter:
         else:
             bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
             current = bucket.config
-            if current.mode == STRICT:  # the bucket holds a share: start from the whole
+            if current.mode == STRICT and self.regions > 1:  # a share: start from the whole
                 current = self.key_configs.get(key_or_rule) or self.rule_configs[bucket.rule]
         new = BucketConfig(
             capacity=current.capacity if capacity is None else capacity,
@@ -439,10 +447,12 @@ class Limiter:
         known = self.key_configs.get(key)
         if known is not None and known.version >= config.version:
             return False
-        if bucket is not None and bucket.config.version >= config.version:
+        if bucket is not None and bucket.config.version > config.version:
             return False
+        # Same version as our bucket's share: we restarted and lost the whole config
+        # (snapshots keep only the share); peers send it back at start-up.
         self.key_configs[key] = config
-        if bucket is not None:
+        if bucket is not None and bucket.config.version < config.version:
             self._adopt(key, bucket, config, now)
         return True
 
@@ -618,12 +628,12 @@ class Limiter:
         self.expired_total += 1
         if self.key_configs:
             self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
-        if bucket.mine and bucket.config.mode == SHARED:
+        if bucket.mine and bucket.config.mode == SHARED and self.keep_tombstones:
             tombstones = self.tombstones
             tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
             forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
             tombstones[key] = (bucket.epoch, bucket.mine, forget)
-            if len(tombstones) > self.max_buckets:
+            if len(tombstones) > self.max_tombstones:
                 del tombstones[next(iter(tombstones))]
 
     def _settle_tombstone(self, key: str, bucket: Bucket) -> None:

@@ -122,6 +122,11 @@ _ENVELOPE_OVERHEAD: Final = 512  # bytes around the body: framing, nonces, MAC, 
 _FULL_CHUNK_KEYS: Final = 2000  # buckets read per step of a full-state transfer
 _PULL_GROUP: Final = 32  # ranges per pull request
 _DIGEST_GROUP: Final = 64  # ranges per digest request
+# Anti-entropy reads every bucket: it yields to the event loop after this many
+# buckets scanned (~0.5 µs each) or hashed (~4 µs each: encode + blake2b), so a
+# million buckets cost decisions a few ms at a time, never a second at once.
+_SCAN_SLICE: Final = 5000
+_HASH_SLICE: Final = 1000
 _IDLE_REUSE_S: Final = 2.0  # reconnect rather than reuse a connection idle this long
 _MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
 
@@ -149,6 +154,10 @@ class MeshSettings:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 1.0
     bulk_timeout_s: float = 10.0
+    #: delta messages in flight per peer, each on its own keep-alive connection: with
+    #: one, a delta collected while a message is in flight waits for its ack, so the
+    #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
+    pipeline: int = 2
 
     @property
     def heartbeat_s(self) -> float:
@@ -282,11 +291,16 @@ class Peer:
     def __init__(self, region: str, url: str, settings: MeshSettings) -> None:
         self.region = region
         self.url = url
-        self.link = HttpLink(url, timeout_s=settings.peer_timeout_s)
+        self.links = [
+            HttpLink(url, timeout_s=settings.peer_timeout_s)
+            for _ in range(max(1, settings.pipeline))
+        ]
+        self.link = self.links[0]
+        self.wakes = [asyncio.Event() for _ in self.links]
         self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
         self.outbox: dict[str, tuple[bytes, int]] = {}
-        # key -> (delta, collect time) of what the message in flight carries
-        self.inflight: dict[str, tuple[bytes, int]] = {}
+        # key -> (delta, collect time) of each message in flight that carries the key
+        self.inflight: dict[str, list[tuple[bytes, int]]] = {}
         self.rules: dict[str, BucketConfig] = {}
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
@@ -327,11 +341,12 @@ class Peer:
             if queued is None:
                 outbox[key] = (data, collected_ns)
             else:
-                sent = inflight.get(key)
-                fresh = sent is not None and sent[0] is queued[0]
+                fresh = any(sent[0] is queued[0] for sent in inflight.get(key, ()))
                 outbox[key] = (data, collected_ns if fresh else queued[1])
         self.rules.update(rules)
         self.wake.set()
+        for wake in self.wakes:
+            wake.set()
         if len(outbox) > max_pending:
             outbox.clear()
             self.backlogs_dropped += 1
@@ -341,12 +356,16 @@ class Peer:
 
     def take(self, budget: int) -> tuple[list[str], list[bytes], int | None]:
         """The oldest queued deltas that fit in ``budget`` bytes (at least one), without
-        removing them; a delta that could never fit is dropped (and counted)."""
+        removing them; a delta that could never fit is dropped (and counted). A delta
+        already in flight in another message is not taken again."""
         keys: list[str] = []
         chunks: list[bytes] = []
         size = 0
         origin: int | None = None
+        inflight = self.inflight
         for key, (data, collected) in list(self.outbox.items()):
+            if any(sent[0] is data for sent in inflight.get(key, ())):
+                continue
             if len(data) > budget:
                 del self.outbox[key]
                 self.oversized += 1
@@ -357,24 +376,48 @@ class Peer:
             chunks.append(data)
             size += len(data)
             origin = collected if origin is None or collected < origin else origin
-            self.inflight[key] = (data, collected)
+            inflight.setdefault(key, []).append((data, collected))
         return keys, chunks, origin
 
-    def unsent(self, keys: Sequence[str]) -> None:
+    def takeable(self) -> bool:
+        """Whether a queued delta is not in flight yet."""
+        inflight = self.inflight
+        return any(
+            not any(sent[0] is data for sent in inflight.get(key, ()))
+            for key, (data, _) in self.outbox.items()
+        )
+
+    def _landed(self, key: str, data: bytes) -> tuple[bytes, int] | None:
+        """Forget ``data`` of ``key`` as in flight; returns its entry."""
+        sent = self.inflight.get(key)
+        if not sent:
+            return None
+        for i, entry in enumerate(sent):
+            if entry[0] is data:
+                del sent[i]
+                if not sent:
+                    del self.inflight[key]
+                return entry
+        return None
+
+    def unsent(self, keys: Sequence[str], chunks: Sequence[bytes]) -> None:
         """The message carrying ``keys`` failed: what is queued for them is now as old
         as the oldest change it must deliver."""
-        for key in keys:
-            sent = self.inflight.pop(key, None)
+        for key, data in zip(keys, chunks, strict=True):
+            sent = self._landed(key, data)
             queued = self.outbox.get(key)
             if sent is not None and queued is not None and sent[1] < queued[1]:
                 self.outbox[key] = (queued[0], sent[1])
+        self.wake.set()
+        for wake in self.wakes:
+            wake.set()
 
     def acknowledge(
         self, keys: Sequence[str], chunks: Sequence[bytes], rules: Mapping[str, BucketConfig]
     ) -> None:
         outbox = self.outbox
         for key, data in zip(keys, chunks, strict=True):
-            self.inflight.pop(key, None)
+            self._landed(key, data)
             queued = outbox.get(key)
             if queued is not None and queued[0] is data:
                 del outbox[key]
@@ -478,6 +521,8 @@ class Mesh(SyncView):
         self.tasks.append(asyncio.create_task(self._collect_loop()))
         for peer in self.peers.values():
             self.tasks.append(asyncio.create_task(self._send_loop(peer)))
+            for index in range(1, len(peer.links)):
+                self.tasks.append(asyncio.create_task(self._pipeline_loop(peer, index)))
             self.tasks.append(asyncio.create_task(self._bulk_loop(peer)))
 
     async def stop(self, flush_s: float = 1.0) -> None:
@@ -500,7 +545,8 @@ class Mesh(SyncView):
         if flushes:
             await asyncio.gather(*flushes, return_exceptions=True)
         for peer in self.peers.values():
-            peer.link.close()
+            for link in peer.links:
+                link.close()
             peer.bulk.close()
 
     async def _flush(self, peer: Peer, timeout_s: float) -> None:
@@ -537,20 +583,31 @@ class Mesh(SyncView):
         rules_size = len(sync.encode_push(0, False, "", [], dict(rules))) if rules else 0
         return max(1024, self.settings.max_message_bytes - overhead - rules_size)
 
-    async def _push_outbox(self, peer: Peer, timeout_s: float | None = None) -> bool:
-        """One message from the outbox (or a heartbeat when it is empty)."""
-        rules = dict(peer.rules)
+    async def _push_outbox(
+        self,
+        peer: Peer,
+        timeout_s: float | None = None,
+        link: HttpLink | None = None,
+        require_deltas: bool = False,
+    ) -> bool | None:
+        """One message from the outbox (or a heartbeat when it is empty); None when
+        ``require_deltas`` and nothing is left to send that is not in flight."""
+        rules = {} if require_deltas else dict(peer.rules)
         keys, chunks, origin = peer.take(self._budget(rules))
+        if require_deltas and not keys:
+            return None
         body = sync.encode_push(
             self.clock() if origin is None else origin, False, self.replica_id, chunks, rules
         )
         started = self.monotonic()
         try:
-            ack = await self._request(peer, peer.link, sync.DELTAS, body, sync.Ack, timeout_s)
+            ack = await self._request(
+                peer, link or peer.link, sync.DELTAS, body, sync.Ack, timeout_s
+            )
             if ack.replica_id == self.replica_id:
                 raise LinkError(f"{peer.url} is this very node; check sync.peerUrls")
         except LinkError as error:
-            peer.unsent(keys)
+            peer.unsent(keys, chunks)
             self._failed(peer, error, started)
             return False
         peer.acknowledge(keys, chunks, rules)
@@ -562,7 +619,8 @@ class Mesh(SyncView):
         heartbeat = self.settings.heartbeat_s
         last_sent = -math.inf
         while self.running:
-            if not peer.outbox and not peer.rules:
+            # (everything queued may be in flight on the pipeline's other connections)
+            if not peer.rules and (not peer.outbox or not peer.takeable()):
                 wait = heartbeat - (self.monotonic() - last_sent)
                 if wait > 0:
                     peer.wake.clear()
@@ -572,6 +630,19 @@ class Mesh(SyncView):
             if await self._push_outbox(peer):
                 last_sent = self.monotonic()
             else:
+                await asyncio.sleep(self._backoff(peer))
+
+    async def _pipeline_loop(self, peer: Peer, index: int) -> None:
+        """A further sender on its own connection: only deltas not in flight yet, only
+        while the peer is up (the first sender alone probes a failing peer)."""
+        link, wake = peer.links[index], peer.wakes[index]
+        while self.running:
+            if peer.state != UP or not peer.takeable():
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.settings.heartbeat_s)
+                continue
+            if await self._push_outbox(peer, link=link, require_deltas=True) is False:
                 await asyncio.sleep(self._backoff(peer))
 
     def _backoff(self, peer: Peer) -> float:
@@ -682,7 +753,7 @@ class Mesh(SyncView):
         peer.outbox.clear()
         peer.rules.clear()
         peer.full_transfers += 1
-        keys = self._live_keys()
+        keys = await self._live_keys()
         try:
             if not keys:
                 await self._push_state(peer, self.limiter.full_state([]))
@@ -722,36 +793,58 @@ class Mesh(SyncView):
         body = sync.encode_push(self.clock(), True, self.replica_id, chunk, rules)
         await self._request(peer, peer.bulk, sync.DELTAS, body, sync.Ack)
 
-    def _live_keys(self, ranges: Collection[int] | None = None) -> list[str]:
+    async def _live_keys(self, ranges: Collection[int] | None = None) -> list[str]:
         """Shared buckets not yet expired (in ``ranges``, if given): what state transfers
         carry. An expired bucket is as good as gone, and resending one that a peer
-        already dropped would only resurrect it there."""
+        already dropped would only resurrect it there. Scanned in slices."""
         now = self.clock()
         range_of = sync.range_of
-        return [
-            key
-            for key, bucket in self.limiter.buckets.items()
-            if bucket.config.mode == SHARED
-            and not bucket.expired(now)
-            and (ranges is None or range_of(key) in ranges)
-        ]
+        buckets = self.limiter.buckets
+        keys = list(buckets)
+        live: list[str] = []
+        for start in range(0, len(keys), _SCAN_SLICE):
+            for key in keys[start : start + _SCAN_SLICE]:
+                bucket = buckets.get(key)
+                if (
+                    bucket is not None
+                    and bucket.config.mode == SHARED
+                    and not bucket.expired(now)
+                    and (ranges is None or range_of(key) in ranges)
+                ):
+                    live.append(key)
+            if len(keys) > _SCAN_SLICE:
+                await asyncio.sleep(0)
+        return live
 
-    def _keys_by_range(self) -> list[list[str]]:
+    async def _keys_by_range(self) -> list[list[str]]:
         ranges: list[list[str]] = [[] for _ in range(sync.RANGES)]
         range_of = sync.range_of
-        for key in self._live_keys():
+        for key in await self._live_keys():
             ranges[range_of(key)].append(key)
         return ranges
+
+    async def _digest_of(
+        self, keys: Sequence[str], ranges: Sequence[int], now_ns: int, settle_ns: int
+    ) -> list[int]:
+        """``sync.digest`` of these buckets' full state, hashed in slices (range hashes
+        are XORs, so slices combine)."""
+        hashes = [0] * len(ranges)
+        for start in range(0, len(keys), _HASH_SLICE):
+            states = self.limiter.full_state(keys[start : start + _HASH_SLICE]).deltas
+            part = sync.digest(states, ranges, now_ns, settle_ns)
+            hashes = [a ^ b for a, b in zip(hashes, part, strict=True)]
+            if len(keys) > _HASH_SLICE:
+                await asyncio.sleep(0)
+        return hashes
 
     async def _digest_round(self, peer: Peer) -> None:
         """Compare range hashes with ``peer``; swap full state of the ranges that differ."""
         settle_ns = int(self.settings.settle_s * NS_PER_S)
-        by_range = self._keys_by_range()
+        by_range = await self._keys_by_range()
         for start in range(0, sync.RANGES, _DIGEST_GROUP):
             group = list(range(start, min(sync.RANGES, start + _DIGEST_GROUP)))
             keys = [key for r in group for key in by_range[r]]
-            states = self.limiter.full_state(keys).deltas
-            hashes = sync.digest(states, group, self.clock(), settle_ns)
+            hashes = await self._digest_of(keys, group, self.clock(), settle_ns)
             request = sync.DigestRequest(settle_ns, group, hashes)
             reply = await self._request(
                 peer, peer.bulk, sync.DIGEST, sync.encode(request), sync.DigestReply
@@ -880,28 +973,29 @@ class Mesh(SyncView):
             )
         return list(ranges)
 
-    def _state_of_ranges(self, ranges: Sequence[int]) -> DeltaBatch:
-        return self.limiter.full_state(self._live_keys(set(ranges)))
+    async def _state_of_ranges(self, ranges: Sequence[int]) -> DeltaBatch:
+        return self.limiter.full_state(await self._live_keys(set(ranges)))
 
-    def receive_digest(self, request: Request) -> Response:
+    async def receive_digest(self, request: Request) -> Response:
         env, payload = self._open(request, sync.DIGEST)
         assert isinstance(payload, sync.DigestRequest)
         ranges = self._ranges(payload.ranges)
+        now = self.clock()
+        keys = await self._live_keys(set(ranges))
+        mine = await self._digest_of(keys, ranges, now, payload.settle_ns)
         try:
-            states = self._state_of_ranges(ranges).deltas
-            mine = sync.digest(states, ranges, self.clock(), payload.settle_ns)
             differ = sync.differing(ranges, mine, payload.hashes)
         except sync.Rejected as rejected:
             raise ApiError(
                 400, "Bad Request", rejected.detail, field="hashes", reason="sync_malformed"
             ) from None
-        state = self._state_of_ranges(differ) if differ else DeltaBatch(self.replica_id, [])
+        state = await self._state_of_ranges(differ) if differ else DeltaBatch(self.replica_id, [])
         return self._reply(env, sync.DIGEST_REPLY, sync.DigestReply(self.replica_id, differ, state))
 
-    def receive_pull(self, request: Request) -> Response:
+    async def receive_pull(self, request: Request) -> Response:
         env, payload = self._open(request, sync.PULL)
         assert isinstance(payload, sync.PullRequest)
-        state = self._state_of_ranges(self._ranges(payload.ranges))
+        state = await self._state_of_ranges(self._ranges(payload.ranges))
         return self._reply(env, sync.STATE, sync.PullReply(self.replica_id, state))
 
     # -- metrics -------------------------------------------------------------------

@@ -251,12 +251,12 @@ class Node:
             self.limiter: Limiter = self.backend.mirror
         else:
             self.store = SnapshotFile(settings.snapshot) if settings.snapshot else None
-            self.limiter, recovered = open_limiter(settings, self.store, settings.regions)
+            self.limiter, _ = open_limiter(settings, self.store, settings.regions)
             if self.store is not None:
-                self.wal = WriteAheadLog(
-                    self.store.path, self.limiter, settings.durability, recovered=recovered
-                )
+                self.wal = WriteAheadLog(self.store.path, self.limiter, settings.durability)
         self.mesh = Mesh(self.limiter, settings.sync) if settings.sync is not None else None
+        if self.mesh is None and self.backend is None:
+            self.limiter.keep_tombstones = False  # nothing will ever merge into it
         if sync is None:
             sync = self.mesh
         app_settings = {

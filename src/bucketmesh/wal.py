@@ -126,20 +126,17 @@ class Recovered:
 
     batches: list[DeltaBatch]
     writers: set[str]
-    last_seq: int
     torn_bytes: int
 
 
 def recover(snapshot: str | Path) -> Recovered:
     batches: list[DeltaBatch] = []
     torn = 0
-    last_seq = 0
-    for seq, path in segments(snapshot):
+    for _, path in segments(snapshot):
         found, tail = read_frames(path.read_bytes())
         batches.extend(found)
         torn += tail
-        last_seq = seq
-    return Recovered(batches, {batch.origin for batch in batches}, last_seq, torn)
+    return Recovered(batches, {batch.origin for batch in batches}, torn)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -176,22 +173,21 @@ class WriteAheadLog:
         snapshot: str | Path,
         limiter: Limiter,
         durability: str = "relaxed",
-        *,
-        recovered: Recovered | None = None,
     ) -> None:
-        """Open a new segment after those ``recovered`` (replayed already), which are
-        deleted by the first snapshot's ``retire``."""
+        """Open a new segment after those on disk (replayed already: ``recover``),
+        which the first snapshot's ``retire`` deletes."""
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be relaxed or strict, got {durability!r}")
         self.snapshot = Path(snapshot)
         self.limiter = limiter
         self.journal = limiter.enable_journal()
         self.strict = durability == "strict"
-        self.seq = (recovered.last_seq if recovered else 0) + 1
+        existing = segments(self.snapshot)
+        self.seq = existing[-1][0] + 1 if existing else 1
         self.groups = 0
         self.syncs = 0
         self.write_errors = 0
-        self._retiring = [_Segment(path, -1) for _, path in segments(self.snapshot)]
+        self._retiring = [_Segment(path, -1) for _, path in existing]
         self._segment = self._open(self.seq)
         self._waiters: list[tuple[asyncio.Future[Response], Response]] = []
         self._scheduled = False

@@ -10,10 +10,14 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Coroutine
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 from bucketmesh.xr import DEFAULT_KEY_TEMPLATE
+
+T = TypeVar("T")
 
 
 def _urls(values: list[str] | None) -> dict[str, str]:
@@ -36,7 +40,7 @@ def _rates(value: str, regions: list[str]) -> dict[str, float]:
     return rates
 
 
-def _run_loop(coroutine):  # type: ignore[no-untyped-def]
+def _run_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # pragma: no cover

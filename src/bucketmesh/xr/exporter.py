@@ -7,6 +7,7 @@ fault is on — is served here during a run, so the Grafana dashboard
 
 - ``bucketmesh_xr_tokens_remaining{region,key}`` — the key as each region sees it
 - ``bucketmesh_xr_used{region,key}`` — what each region knows was spent on it
+- ``bucketmesh_xr_unseen{region,key}`` — spend elsewhere this region has not seen yet
 - ``bucketmesh_xr_requests_total{region,outcome}`` — allowed, denied, error, failed_over
 - ``bucketmesh_xr_fault_active{kind,region}`` — 1 during a partition or a crash
 """
@@ -50,12 +51,20 @@ class RunCollector(Collector):
             "Tokens spent on the key under test, all replicas, as each region knows it",
             labels=["region", "key"],
         )
+        unseen = GaugeMetricFamily(
+            "bucketmesh_xr_unseen",
+            "Tokens other regions spent on the key under test that this region has not seen",
+            labels=["region", "key"],
+        )
         for view in result.watcher.latest:
             if view.tokens_remaining is not None:
                 tokens.add_metric([view.region, result.key], view.tokens_remaining)
                 used.add_metric([view.region, result.key], view.used_total)
+        for point in result.watcher.points[-len(result.urls) :]:
+            unseen.add_metric([point.region, result.key], point.unseen)
         yield tokens
         yield used
+        yield unseen
         requests = CounterMetricFamily(
             "bucketmesh_xr_requests",
             "Requests of the load generator by the region they were aimed at, by outcome",

@@ -174,10 +174,11 @@ def plot_decisions(result: RunResult, path: Path) -> Path:
 
 
 def plot_tokens(result: RunResult, path: Path) -> Path:
-    """Two views of the one bucket per region: the level, and what the region knows
-    was spent. A saturated bucket reads ~0 on both sides of a partition, so the
-    divergence shows in the second: each side stops learning the other's spend,
-    and the lines snap together when the partition heals (the level then drops
+    """Two views of the one bucket per region: the level, and the spend the region
+    has not heard of yet. A saturated bucket reads ~0 on both sides of a
+    partition, and both sides spend the refill at the same rate, so the level
+    hides the divergence; the unseen spend shows it growing during the
+    partition and dropping to 0 when the regions converge (the level then dips
     into the debt the refill repays)."""
     fig, axes = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for region in result.urls:
@@ -185,14 +186,14 @@ def plot_tokens(result: RunResult, path: Path) -> Path:
         t = [p.t for p in points]
         style = {"marker": ".", "markersize": 2, "linewidth": 1, "label": region}
         axes[0].plot(t, [p.tokens_remaining for p in points], **style)
-        axes[1].plot(t, [p.used_total for p in points], **style)
+        axes[1].plot(t, [p.unseen for p in points], **style)
     for ax in axes:
         _shade(ax, result)
         _legend(ax)
     axes[0].axhline(0, color="black", linewidth=0.6)
     axes[0].set_ylabel("tokens_remaining")
     axes[0].set_title(f"The shared bucket {result.key} as each region sees it")
-    axes[1].set_ylabel("tokens spent, all replicas\n(as this region knows)")
+    axes[1].set_ylabel("tokens spent elsewhere,\nnot yet seen here")
     axes[1].set_xlabel("seconds since start")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

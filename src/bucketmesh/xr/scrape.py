@@ -108,6 +108,9 @@ class StatePoint:
     tokens_remaining: float
     used_total: int
     replicas: int
+    #: tokens other regions have spent that this region has not heard of yet (what
+    #: the freshest view of every replica knows, minus this view): 0 when converged
+    unseen: int = 0
 
 
 @dataclass
@@ -128,16 +131,16 @@ class StateWatcher:
                 views = await read_views(client, self.urls, self.key)
                 self.latest = views
                 t = round(time.monotonic() - self.t0, 3)
+                freshest: dict[str, int] = {}
+                for view in views:
+                    for rid, n in view.used.items():
+                        freshest[rid] = max(freshest.get(rid, 0), n)
                 for view in views:
                     if view.tokens_remaining is not None:
+                        level, used = view.tokens_remaining, view.used_total
+                        unseen = sum(n - view.used.get(rid, 0) for rid, n in freshest.items())
                         self.points.append(
-                            StatePoint(
-                                t,
-                                view.region,
-                                view.tokens_remaining,
-                                view.used_total,
-                                len(view.used),
-                            )
+                            StatePoint(t, view.region, level, used, len(view.used), unseen)
                         )
                 wait = self.interval_s - (time.monotonic() - started)
                 if wait > 0:
@@ -147,7 +150,11 @@ class StateWatcher:
     def write_csv(self, path: Path) -> Path:
         with path.open("w", newline="") as out:
             writer = csv.writer(out)
-            writer.writerow(["t_s", "region", "tokens_remaining", "used_total", "replicas"])
+            writer.writerow(
+                ["t_s", "region", "tokens_remaining", "used_total", "replicas", "unseen"]
+            )
             for p in self.points:
-                writer.writerow([p.t, p.region, p.tokens_remaining, p.used_total, p.replicas])
+                writer.writerow(
+                    [p.t, p.region, p.tokens_remaining, p.used_total, p.replicas, p.unseen]
+                )
         return path
