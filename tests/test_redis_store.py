@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.bucket import BucketDelta
+from bucketmesh.bucket import BucketConfig, BucketDelta, interval_for
 from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.redis_store import ALLOWED, INVALID_TOKENS, Ask, RedisStore, check_exact
 from bucketmesh.rules import Rule
@@ -54,6 +54,13 @@ operation = st.one_of(
         st.integers(-2_000_000_000, 2_000_000_000),
     ),
     st.tuples(st.just("configure"), st.integers(1, 15), st.sampled_from([0.5, 3.0, 7.0, 1000.0])),
+    # a peer's per-key config change, with the base it proposed there
+    st.tuples(
+        st.just("peerconfig"),
+        st.integers(1, 15),
+        st.sampled_from([0.5, 3.0, 1000.0]),
+        st.integers(-3_000_000_000, 3_000_000_000),
+    ),
     # a peer's copy of a later generation of the bucket (re-created after expiry there)
     st.tuples(st.just("epoch"), st.integers(1, 3), st.integers(0, 9)),
 )
@@ -84,6 +91,7 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
     assert store.replica_id is not None
     memory = Limiter([rule], replica_id=store.replica_id)
     now = T0
+    hlc = T0
     others: dict[str, int] = {}
     for op in ops:
         if op[0] == "acquire":
@@ -115,12 +123,36 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
             )
             memory.merge(DeltaBatch(rid, [delta]), now=now)
             run(store.merge([delta], now))
+        elif op[0] == "peerconfig":
+            _, new_capacity, new_rate, base_shift = op
+            bucket = memory.bucket(key)
+            if bucket is None:
+                continue
+            hlc += 1
+            config = BucketConfig(
+                new_capacity,
+                interval_for(new_rate),
+                bucket.config.ttl_ns,
+                "shared",
+                (hlc, "eu/n/1"),
+            )
+            if check_exact(config) is not None:
+                return
+            delta = BucketDelta(
+                key, bucket.epoch, config, config.version, now + base_shift, {}, "r"
+            )
+            memory.merge(DeltaBatch("eu/n/1", [delta]), now=now)
+            run(store.merge_remote([delta], now, store.replica_id))
         elif op[0] == "epoch":
             _, generations, spent = op
             bucket = memory.bucket(key)
             if bucket is None:
                 continue
             epoch = bucket.epoch + generations * bucket.config.ttl_ns
+            # the peer re-created the key after it expired there: not before its epoch
+            # (a generation far in our future would be clock skew beyond anything real,
+            # and its debt at a slow rate leaves the scripts' exact range, see the docs)
+            now = max(now, epoch)
             delta = BucketDelta(
                 key, epoch, bucket.config, bucket.config.version, epoch, {"eu/n/9": spent}, "r"
             )

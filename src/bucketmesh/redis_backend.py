@@ -554,7 +554,7 @@ class RedisBackend:
                 raise
         while self.remote:
             chunk = self.remote[:MERGE_CHUNK]
-            await self.store.merge(chunk, now)
+            await self.store.merge_remote(chunk, now, self.mirror.replica_id)
             del self.remote[: len(chunk)]
 
     async def _remote_loop(self) -> None:

@@ -53,7 +53,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from bucketmesh.bucket import NS_PER_S, BucketConfig, BucketDelta, Decision
+from bucketmesh.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
 
 # The largest integer every intermediate value of the scripts must stay below.
 EXACT_LIMIT: Final = 2**53
@@ -710,6 +710,30 @@ class RedisStore:
         if not keys:
             return 0
         return int(await self._call(self._merge(keys=keys, args=args)))
+
+    async def merge_remote(
+        self, deltas: Sequence[BucketDelta], now_ns: int, replica_id: str
+    ) -> int:
+        """Join a peer's deltas as ``Limiter.merge`` does: a delta of the same epoch
+        with a newer per-key config is adopted here first, keeping the level Redis
+        holds now (``Bucket.reconfigure``), so a base proposed elsewhere before this
+        region drained the bucket cannot hand back refill it already forgot."""
+        newer = [d for d in deltas if d.epoch and d.config.version[0] > 0]
+        proposals: list[BucketDelta] = []
+        if newer:
+            stored = {state.key: state for state in await self.read([d.key for d in newer])}
+            for delta in newer:
+                state = stored.get(delta.key)
+                if (
+                    state is not None
+                    and state.epoch == delta.epoch
+                    and delta.config.version > state.config.version
+                ):
+                    bucket = Bucket.from_delta(state, replica_id)
+                    bucket.reconfigure(delta.config, now_ns)
+                    stored[delta.key] = bucket.full_state(delta.key, replica_id)
+                    proposals.append(stored[delta.key])
+        return await self.merge([*proposals, *deltas], now_ns)
 
     async def read(self, keys: Sequence[str]) -> list[BucketDelta]:
         """The full state of ``keys`` as stored (missing ones left out), in one pipeline."""
