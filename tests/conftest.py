@@ -90,6 +90,21 @@ def make_config(buckets: list[dict[str, Any]] | None = None, **settings: Any) ->
     return config
 
 
+def spawn_serve(config_path: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
+    """``bucketmesh serve --config config_path``, output appended to ``log_path``, with
+    no BUCKETMESH_* variable of ours leaking in (``env`` adds the ones it needs)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
+    clean.update(env, PYTHONUNBUFFERED="1")
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bucketmesh.cli", "serve", "--config", str(config_path)],
+            env=clean,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -26,6 +26,7 @@ import httpx
 import msgspec
 import pytest
 import yaml
+from conftest import spawn_serve
 
 from bucketmesh import sync
 from bucketmesh.bucket import NS_PER_S, BucketConfig, BucketDelta
@@ -181,23 +182,7 @@ class Node:
         self.client = httpx.Client(base_url=self.base_url, timeout=10.0)
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
-        env.update(BUCKETMESH_SYNC_SECRET=SECRET, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bucketmesh.cli",
-                    "serve",
-                    "--config",
-                    str(self.config_path),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = spawn_serve(self.config_path, self.log_path, BUCKETMESH_SYNC_SECRET=SECRET)
 
     def wait_ready(self) -> None:
         def ready() -> None:

@@ -9,11 +9,9 @@ until they hold or a generous deadline passes, and counts are exact.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +21,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import yaml
-from conftest import ServerFactory, free_port, make_config
+from conftest import ServerFactory, free_port, make_config, spawn_serve
 
 DEADLINE_S = 30.0
 SECRET = "redis-test-secret-0123456789abcdef"
@@ -269,23 +267,7 @@ class MeshNode:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.log_path = directory / f"{name}.log"
         self.base_url = "http://" + config["listen"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
-        env.update(BUCKETMESH_SYNC_SECRET=SECRET, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bucketmesh.cli",
-                    "serve",
-                    "--config",
-                    str(self.config_path),
-                ],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.process = spawn_serve(self.config_path, self.log_path, BUCKETMESH_SYNC_SECRET=SECRET)
         self.client = httpx.Client(base_url=self.base_url, timeout=10.0)
 
     def ready(self) -> None:
