@@ -28,6 +28,7 @@ from bucketmesh.bucket import NS_PER_S, Bucket, BucketConfig, Decision
 from bucketmesh.http11 import Request, Response, problem
 from bucketmesh.limiter import BucketCapReached, InvalidTokens, Limiter, NoRuleError
 from bucketmesh.metrics import NodeMetrics
+from bucketmesh.rules import first_match
 
 # What a route handler answers: a Response at once, or an awaitable of one (a handler
 # that must wait for I/O, such as a Redis-backed decision or a sync digest).
@@ -130,6 +131,51 @@ class IdempotencyCache:
         return len(self.entries)
 
 
+class DecisionRenderer:
+    """A Decision as the API answers it: the JSON body (200, or 429 problem+json) and
+    the IETF RateLimit headers. Shared by the server and the ASGI middleware."""
+
+    def __init__(self, region: str) -> None:
+        self.encoder = msgspec.json.Encoder()
+        self.region_suffix = b',"region":' + msgspec.json.encode(region) + b"}"
+        self.policies: dict[tuple[str, int, int], str] = {}
+
+    def allowed_body(self, decision: Decision) -> bytes:
+        return self.encoder.encode(decision)[:-1] + self.region_suffix
+
+    def denied_body(self, decision: Decision) -> bytes:
+        """The 429 problem+json of type quota-exceeded, with the decision's fields."""
+        detail = (
+            f"bucket {decision.key!r} holds {max(decision.tokens_remaining, 0)} tokens; "
+            f"retry after {decision.retry_after:.3f}s"
+        )
+        head = (
+            b'{"type":"quota-exceeded","title":"Too Many Requests","status":429,"detail":'
+            + self.encoder.encode(detail)
+            + b","
+        )
+        return head + self.encoder.encode(decision)[1:-1] + self.region_suffix
+
+    def headers(self, decision: Decision) -> list[tuple[str, str]]:
+        """draft-ietf-httpapi-ratelimit-headers: the policy (q quota, w window = time
+        to refill from empty) and the current state (r remaining, t seconds to wait);
+        with Retry-After on a denial."""
+        rule = decision.rule or "bucket"
+        signature = (rule, decision.capacity, round(decision.refill_rate * 1000))
+        policy = self.policies.get(signature)
+        if policy is None:
+            window = max(1, math.ceil(decision.capacity / decision.refill_rate))
+            policy = f'"{rule}";q={decision.capacity};w={window}'
+            if len(self.policies) < 10_000:
+                self.policies[signature] = policy
+        remaining = decision.tokens_remaining if decision.tokens_remaining > 0 else 0
+        wait = math.ceil(decision.retry_after)
+        headers = [("RateLimit-Policy", policy), ("RateLimit", f'"{rule}";r={remaining};t={wait}')]
+        if not decision.allowed:
+            headers.append(("Retry-After", str(wait)))
+        return headers
+
+
 class RatingApp:
     """Maps HTTP requests onto a ``Limiter``; one instance per node."""
 
@@ -162,8 +208,8 @@ class RatingApp:
         self.scope_headers = sorted(
             {name for rule in limiter.rules for name in rule.template.header_names}
         )
-        self.region_suffix = b',"region":' + msgspec.json.encode(region) + b"}"
-        self.policies: dict[tuple[str, int, int], str] = {}
+        self.renderer = DecisionRenderer(region)
+        self.region_suffix = self.renderer.region_suffix
         self.rate_decoder = msgspec.json.Decoder(api.RateRequest)
         self.batch_decoder = msgspec.json.Decoder(api.BatchRequest)
         self.patch_decoder = msgspec.json.Decoder(api.PatchRequest)
@@ -359,10 +405,9 @@ class RatingApp:
     def _render_key(self, request: Request) -> tuple[str, str]:
         rules = self.limiter.rules
         headers, query, client_ip = request.headers, request.query, request.client_ip
-        for rule in rules:
-            key = rule.template.render(headers, query, client_ip)
-            if key is not None:
-                return key, rule.name
+        found = first_match(rules, headers, query, client_ip)
+        if found is not None:
+            return found
         if not rules:
             raise bad_request('no bucket rules are configured; give "key" and "rule"', "key")
         first = rules[0]
@@ -376,36 +421,11 @@ class RatingApp:
         )
 
     def _decision_response(self, decision: Decision) -> Response:
-        encoded = self.encoder.encode(decision)
-        headers = self._ratelimit_headers(decision)
+        renderer = self.renderer
+        headers = renderer.headers(decision)
         if decision.allowed:
-            return Response(200, encoded[:-1] + self.region_suffix, JSON, headers)
-        headers.append(("Retry-After", str(math.ceil(decision.retry_after))))
-        detail = (
-            f"bucket {decision.key!r} holds {max(decision.tokens_remaining, 0)} tokens; "
-            f"retry after {decision.retry_after:.3f}s"
-        )
-        head = (
-            b'{"type":"quota-exceeded","title":"Too Many Requests","status":429,"detail":'
-            + self.encoder.encode(detail)
-            + b","
-        )
-        return Response(429, head + encoded[1:-1] + self.region_suffix, PROBLEM, headers)
-
-    def _ratelimit_headers(self, decision: Decision) -> list[tuple[str, str]]:
-        """draft-ietf-httpapi-ratelimit-headers: the policy (q quota, w window = time
-        to refill from empty) and the current state (r remaining, t seconds to wait)."""
-        rule = decision.rule or "bucket"
-        signature = (rule, decision.capacity, round(decision.refill_rate * 1000))
-        policy = self.policies.get(signature)
-        if policy is None:
-            window = max(1, math.ceil(decision.capacity / decision.refill_rate))
-            policy = f'"{rule}";q={decision.capacity};w={window}'
-            if len(self.policies) < 10_000:
-                self.policies[signature] = policy
-        remaining = decision.tokens_remaining if decision.tokens_remaining > 0 else 0
-        wait = math.ceil(decision.retry_after)
-        return [("RateLimit-Policy", policy), ("RateLimit", f'"{rule}";r={remaining};t={wait}')]
+            return Response(200, renderer.allowed_body(decision), JSON, headers)
+        return Response(429, renderer.denied_body(decision), PROBLEM, headers)
 
     def rate_batch(self, request: Request) -> Answer:
         cache_key = self._idempotency_key(request)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final, Literal, Protocol, get_args
 
 import msgspec
@@ -442,3 +442,15 @@ def _check_positive(field: str, value: float) -> None:
         raise RuleError(field, f"must be > 0, got {value!r}")
     if not math.isfinite(value):
         raise RuleError(field, f"must be finite, got {value!r}")
+
+
+def first_match(
+    rules: Sequence[Rule], headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+) -> tuple[str, str] | None:
+    """The key rendered by the first rule whose template this request satisfies, and
+    that rule's name; None when none does."""
+    for rule in rules:
+        key = rule.template.render(headers, query, client_ip)
+        if key is not None:
+            return key, rule.name
+    return None
