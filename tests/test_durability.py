@@ -11,7 +11,11 @@ grant again the hundreds of tokens spent since then.
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
 import math
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +25,13 @@ import msgspec
 import pytest
 from conftest import make_config
 
+from bucketmesh import wal as wal_module
 from bucketmesh.config import ConfigError, parse_config
+from bucketmesh.http11 import Request
 from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.rules import Rule
-from bucketmesh.serve import SNAPSHOT_MAGIC, NodeSettings, SnapshotFile, open_limiter
-from bucketmesh.wal import frame, pack, read_frames, recover
+from bucketmesh.serve import SNAPSHOT_MAGIC, Node, NodeSettings, SnapshotFile, open_limiter
+from bucketmesh.wal import frame, pack, read_frames, recover, segments
 
 CAPACITY = 2500
 REFILL = 5.0
@@ -312,3 +318,189 @@ def test_a_key_flood_stops_at_the_cap_and_idle_buckets_are_reclaimed_after_ttl(
         assert client.get("/v1/status").json()["buckets"] == 0
         assert f"bucketmesh_expired_buckets_total {float(cap)}" in client.get("/metrics").text
         assert rate("after-the-flood").status_code == 200
+
+
+# -- the log under a slow or failing disk (found in review) -----------------------------
+#
+# These drive a Node's handler directly (the same guard the server calls) so that
+# the instant of an fsync or a write error can be chosen: fsyncs in the log's own
+# thread are held at a gate (time, not behaviour), and disk errors are raised by
+# the write that would have hit a full disk.
+
+
+def _grant(key: str, idempotency: str | None = None) -> Request:
+    headers = {"content-type": "application/json"}
+    if idempotency:
+        headers["idempotency-key"] = idempotency
+    body = b'{"key":"%s","rule":"k","tokens":3}' % key.encode()
+    return Request("POST", "/v1/rate", {}, headers, body, "127.0.0.1", "1.1")
+
+
+def _node(tmp_path: Path, durability: str) -> Node:
+    rules = [Rule.create("k-{{ .Request.Header.X }}", 10, 0.001, name="k")]
+    settings = NodeSettings(
+        "r",
+        "n",
+        "127.0.0.1",
+        0,
+        rules,
+        snapshot=str(tmp_path / "state.snap"),
+        durability=durability,
+        snapshot_interval_s=3600,
+    )
+    return Node(settings)
+
+
+def _logged(tmp_path: Path) -> dict[str, list[tuple[str, int]]]:
+    """Segment name -> the (key, own used) of every whole frame in it."""
+    out: dict[str, list[tuple[str, int]]] = {}
+    for _, path in segments(tmp_path / "state.snap"):
+        batches, _torn = read_frames(path.read_bytes())
+        out[path.name] = [(d.key, max(d.used.values())) for b in batches for d in b.deltas]
+    return out
+
+
+def test_strict_grants_queued_behind_an_fsync_are_fsynced_before_their_200_when_the_log_rotates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = threading.Event()
+    synced: list[tuple[str, int]] = []  # (segment, size) each log fsync made durable
+    real_fsync = os.fsync
+
+    def gated_fsync(fd: int) -> None:
+        if threading.current_thread().name.startswith("bucketmesh-wal"):
+            gate.wait(10)
+            synced.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", gated_fsync)
+
+    async def scenario() -> tuple[int, int]:
+        node = _node(tmp_path, "strict")
+        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        first = handler(_grant("k-a"))
+        await asyncio.sleep(0.05)  # k-a's group is written; its fsync waits at the gate
+        second = handler(_grant("k-b"))  # the next group, formed behind that fsync
+        snapshot = asyncio.ensure_future(node.save_snapshot())
+        await asyncio.sleep(0.05)  # the snapshot rotates the log meanwhile
+        gate.set()
+        a, b = await first, await second  # type: ignore[misc]
+        await snapshot
+        return a.status, b.status
+
+    assert scenario_result(scenario) == (200, 200)
+    where = {key: name for name, entries in _logged(tmp_path).items() for key, _ in entries}
+    # the snapshot retired k-a's segment; k-b's group went to the new one and was
+    # fsynced there (up to at least its end) before k-b was answered
+    segment = where["k-b"]
+    size = (tmp_path / segment).stat().st_size
+    assert any(name == segment and at >= size for name, at in synced), (synced, segment, size)
+
+
+def scenario_result(scenario: Any) -> Any:
+    return asyncio.run(scenario())
+
+
+def _failing_writes(monkeypatch: pytest.MonkeyPatch, partial: bool) -> list[int]:
+    """The next group write fails with ENOSPC (after writing half its bytes if
+    ``partial``); returns a list to append to for more failures."""
+    failures = [1]
+    real = wal_module._write_all
+
+    def write_all(fd: int, data: bytes) -> None:
+        if failures and len(data) > 40:  # a group, not a segment header
+            failures.pop()
+            if partial:
+                os.write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(wal_module, "_write_all", write_all)
+    return failures
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["nothing-written", "half-a-frame"])
+def test_a_failed_log_write_answers_503_and_the_next_group_carries_it_readably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partial: bool
+) -> None:
+    _failing_writes(monkeypatch, partial)
+
+    async def scenario() -> list[int]:
+        node = _node(tmp_path, "relaxed")
+        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        failed = await handler(_grant("k-a"))  # type: ignore[misc]
+        later = await handler(_grant("k-b"))  # type: ignore[misc]
+        return [failed.status, later.status]
+
+    assert scenario_result(scenario) == [503, 200]
+    recovered = recover(tmp_path / "state.snap")
+    assert recovered.torn_bytes == 0  # the half frame was cut off, not written behind
+    used = {d.key: d.used for b in recovered.batches for d in b.deltas}
+    # k-a's tokens stay spent (the 503 said "not durable", not "not granted") and
+    # reached the log with k-b's group: a restart cannot grant them again
+    assert set(used) == {"k-a", "k-b"} and all(max(u.values()) == 3 for u in used.values())
+
+
+def test_an_idempotent_retry_of_a_grant_that_was_not_made_durable_is_decided_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_writes(monkeypatch, partial=False)
+
+    async def scenario() -> list[tuple[int, int]]:
+        node = _node(tmp_path, "relaxed")
+        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        out = []
+        for _ in range(2):
+            answer = await handler(_grant("k-a", idempotency="retry-1"))  # type: ignore[misc]
+            remaining = json.loads(answer.body).get("tokens_remaining", -1)
+            out.append((answer.status, remaining))
+        return out
+
+    first, retry = scenario_result(scenario)
+    assert first == (503, -1)
+    # not the cached 200 of the first decision (which was never logged): decided
+    # again, so it spends again (10 - 3 - 3), and this time it is logged
+    assert retry == (200, 4)
+    logged = {key: n for entries in _logged(tmp_path).values() for key, n in entries}
+    assert logged == {"k-a": 6}
+
+
+def test_snapshots_that_keep_failing_add_no_segments_and_leak_no_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(self: SnapshotFile) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SnapshotFile, "begin", full_disk)
+
+    def wal_fds() -> int:
+        fds = Path("/proc/self/fd").iterdir()
+        mine = str(tmp_path / "state.snap.wal.")
+        return sum(os.readlink(str(fd)).startswith(mine) for fd in fds if fd.exists())
+
+    async def scenario() -> tuple[int, int]:
+        node = _node(tmp_path, "relaxed")
+        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        for i in range(8):
+            await handler(_grant(f"k-{i}"))  # type: ignore[misc]
+            with pytest.raises(OSError):
+                await node.save_snapshot()
+        counts = len(segments(tmp_path / "state.snap")), wal_fds()
+        node.wal.close()  # type: ignore[union-attr]
+        return counts
+
+    files, fds = scenario_result(scenario)
+    assert files <= 2 and fds <= 1
+    logged = {key for entries in _logged(tmp_path).values() for key, _ in entries}
+    assert logged == {f"k-{i}" for i in range(8)}
+
+
+def test_a_snapshot_a_crash_left_half_written_is_removed_at_start(tmp_path: Path) -> None:
+    store = SnapshotFile(str(tmp_path / "state.snap"))
+    writer = store.begin()
+    writer.write(b"x" * 1000)  # kill -9 here: never committed, never abandoned
+    other = tmp_path / ".other.snap.tmp-1"  # another node's temporary: not ours
+    other.write_bytes(b"y")
+    settings = NodeSettings("r", "n", "127.0.0.1", 0, _rules(), snapshot=str(store.path))
+    open_limiter(settings, store)
+    assert not writer.tmp.exists() and other.exists()

@@ -130,6 +130,9 @@ class IdempotencyCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def clear(self) -> None:
+        self.entries.clear()
+
 
 class DecisionRenderer:
     """A Decision as the API answers it: the JSON body (200, or 429 problem+json) and

@@ -101,6 +101,18 @@ class SnapshotFile:
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+        self._tmp_prefix = f".{self.path.name}.tmp-"
+
+    def remove_stale(self) -> int:
+        """Delete snapshots left half-written by a crash (each as large as a whole
+        one); returns how many. Only this file's own temporaries are touched."""
+        removed = 0
+        if self.path.parent.is_dir():
+            for stale in self.path.parent.glob(self._tmp_prefix + "*"):
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+                    removed += 1
+        return removed
 
     def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
         """The head and the bucket slices, read lazily; None if there is no file.
@@ -129,7 +141,7 @@ class SnapshotFile:
     def begin(self) -> SnapshotWriter:
         """A snapshot written piece by piece; ``commit`` replaces the file atomically."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".snap-", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=self._tmp_prefix, dir=self.path.parent)
         return SnapshotWriter(self.path, Path(tmp), os.fdopen(fd, "wb"))
 
     def save(self, data: bytes) -> None:
@@ -189,15 +201,31 @@ def open_limiter(
 ) -> tuple[Limiter, Recovered | None]:
     """The node's limiter: its snapshot and write-ahead log replayed under a new
     incarnation, or fresh; and what the log held (None without a snapshot file)."""
+    try:
+        return _read_state(settings, store, regions)
+    except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
+        raise SystemExit(
+            f"{settings.snapshot}: unreadable snapshot or write-ahead log: {error}"
+        ) from None
+
+
+def _read_state(
+    settings: NodeSettings, store: SnapshotFile | None, regions: int
+) -> tuple[Limiter, Recovered | None]:
     snapshot = None
     previous = None
     if store is not None:
-        try:
-            snapshot = store.read()
-            if snapshot is not None:
-                previous = msgspec.msgpack.decode(snapshot[0], type=Snapshot).replica_id
-        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
-            raise SystemExit(f"{settings.snapshot}: unreadable snapshot: {error}") from None
+        removed = store.remove_stale()
+        if removed:
+            print(
+                f"bucketmesh: {settings.snapshot}: removed {removed} snapshot(s) a crash "
+                "left half-written",
+                file=sys.stderr,
+                flush=True,
+            )
+        snapshot = store.read()
+        if snapshot is not None:
+            previous = msgspec.msgpack.decode(snapshot[0], type=Snapshot).replica_id
     recovered = recover(store.path) if store else None
     if recovered is not None and recovered.torn_bytes:
         print(
@@ -217,11 +245,8 @@ def open_limiter(
             max_buckets=settings.max_buckets,
             regions=regions,
         )
-        try:
-            for part in slices:
-                limiter.replay(part)
-        except (ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
-            raise SystemExit(f"{settings.snapshot}: unreadable snapshot: {error}") from None
+        for part in slices:
+            limiter.replay(part)
     else:
         limiter = Limiter(
             settings.rules,
@@ -335,8 +360,9 @@ class Node:
             limiter = self.limiter
             retiring = self.wal.rotate() if self.wal is not None else []
             keys = list(limiter.buckets)
-            writer = await loop.run_in_executor(None, self.store.begin)
+            writer: SnapshotWriter | None = None
             try:
+                writer = await loop.run_in_executor(None, self.store.begin)
                 writer.write(SNAPSHOT_MAGIC + pack(limiter.snapshot_head()))
                 for start in range(0, len(keys), SNAPSHOT_SLICE):
                     part = limiter.snapshot_part(keys[start : start + SNAPSHOT_SLICE])
@@ -344,7 +370,8 @@ class Node:
                     await loop.run_in_executor(None, writer.write, data)
                 await loop.run_in_executor(None, writer.commit)
             except BaseException:
-                writer.abandon()
+                if writer is not None:
+                    writer.abandon()
                 if self.wal is not None:
                     self.wal.keep(retiring)
                 raise

@@ -55,6 +55,7 @@ from typing import BinaryIO, Final
 
 import msgspec
 
+from bucketmesh.app import IdempotencyCache
 from bucketmesh.http11 import Handler, Request, Response, problem
 from bucketmesh.limiter import DeltaBatch, Limiter
 from bucketmesh.metrics import NodeMetrics
@@ -154,15 +155,22 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class _Segment:
-    """One segment file; ``fd`` is -1 for a previous life's segment (only deleted)."""
+    """One segment file; ``fd`` is -1 for a previous life's segment (only deleted) and
+    once closed. ``size`` is the end of its last whole frame."""
 
-    __slots__ = ("fd", "path", "retired", "syncing")
+    __slots__ = ("broken", "fd", "path", "size", "syncing")
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, size: int = 0) -> None:
         self.path = path
         self.fd = fd
+        self.size = size
         self.syncing = False
-        self.retired = False
+        self.broken = False  # a partial frame could not be cut off: write no more here
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class WriteAheadLog:
@@ -194,41 +202,62 @@ class WriteAheadLog:
         self._syncing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fsync_pool = concurrent.futures.ThreadPoolExecutor(1, "bucketmesh-wal")
+        self._cache: IdempotencyCache | None = None
 
     # -- segments --------------------------------------------------------------
 
     def _open(self, seq: int) -> _Segment:
+        """Segment ``seq``, created with its header; on error nothing is left behind."""
         path = self.snapshot.with_name(f"{self.snapshot.name}.wal.{seq}")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        # The header names the incarnation before it can grant anything; fsynced
-        # (file and directory) even when relaxed: once per rotation, and it is what
-        # stops a later start from reusing this incarnation.
-        _write_all(fd, frame(DeltaBatch(self.limiter.replica_id, [])))
-        os.fsync(fd)
-        _fsync_dir(path.parent)
-        return _Segment(path, fd)
+        header = frame(DeltaBatch(self.limiter.replica_id, []))
+        try:
+            # The header names the incarnation before it can grant anything; fsynced
+            # (file and directory) even when relaxed: once per rotation, and it is
+            # what stops a later start from reusing this incarnation.
+            _write_all(fd, header)
+            os.fsync(fd)
+            _fsync_dir(path.parent)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return _Segment(path, fd, len(header))
+
+    def _switch(self) -> _Segment:
+        """Write to a new segment from now on; returns the one written so far, which
+        is closed (at once, or when its fsync in flight ends)."""
+        segment = self._open(self.seq + 1)
+        self.seq += 1
+        old, self._segment = self._segment, segment
+        if not old.syncing:
+            old.close()
+        return old
 
     def rotate(self) -> list[_Segment]:
         """Start a new segment; returns the older ones, to ``retire`` once a snapshot
-        taken after this call is durable."""
-        self.write_pending()
-        old = self._segment
-        self.seq += 1
-        self._segment = self._open(self.seq)
-        self._retiring.append(old)
+        taken after this call is durable.
+
+        The group being formed is *not* written here: it goes to the new segment
+        with the next commit, which is the one that fsyncs it (strict). Segments
+        kept from a snapshot that failed are handed out again without a new
+        rotation, so a failing disk does not add a segment per interval.
+        """
+        if self._retiring:
+            retiring, self._retiring = self._retiring, []
+            return retiring
+        self._retiring.append(self._switch())
         retiring, self._retiring = self._retiring, []
         return retiring
 
     def retire(self, old: list[_Segment]) -> None:
-        """Delete segments a durable snapshot now covers."""
+        """Delete segments a durable snapshot now covers (already closed, or closed
+        by the fsync in flight when it ends: see ``_synced``)."""
         for segment in old:
             with contextlib.suppress(FileNotFoundError):
                 segment.path.unlink()
-            segment.retired = True
-            if segment.fd >= 0 and not segment.syncing:
-                os.close(segment.fd)
-            # else the fsync in flight closes it when done (see _synced)
 
     def install(self, metrics: NodeMetrics) -> None:
         """Expose the log's counters on /metrics."""
@@ -253,21 +282,40 @@ class WriteAheadLog:
     def close(self) -> None:
         self.write_pending()
         self._fsync_pool.shutdown(wait=True)
-        os.close(self._segment.fd)
+        self._segment.close()
 
     # -- writing ---------------------------------------------------------------
 
     def write_pending(self) -> bool:
-        """Write the group formed so far (write(2), no fsync); False if that failed."""
+        """Write the group formed so far (write(2), no fsync); False if that failed.
+
+        A failed write leaves the segment as it was (a partial frame is cut off,
+        or, if even that fails, later groups go to a new segment) and puts the
+        group back, so the next write carries it: no later group is ever
+        written behind a torn frame, where recovery would not read it.
+        """
         batch = self.limiter.collect_journal()
         if batch is None:
             return True
+        data = frame(batch)
+        segment = self._segment
         try:
-            _write_all(self._segment.fd, frame(batch))
+            if segment.broken:
+                self._retiring.append(self._switch())  # its whole frames stay readable
+                segment = self._segment
+            _write_all(segment.fd, data)
         except OSError as error:
             self.write_errors += 1
             print(f"bucketmesh: write-ahead log: {error}", file=sys.stderr, flush=True)
+            self.journal.keys.update(d.key for d in batch.deltas)
+            self.journal.rules.update(batch.rules)
+            if not segment.broken:
+                try:
+                    os.ftruncate(segment.fd, segment.size)
+                except OSError:
+                    segment.broken = True
             return False
+        segment.size += len(data)
         self.groups += 1
         return True
 
@@ -275,6 +323,10 @@ class WriteAheadLog:
         """``handler`` whose responses never leave before the grants they report
         are durable (per ``durability``; see the module docstring)."""
         journal = self.journal
+        # Answers cached by Idempotency-Key before their group was durable: a group
+        # that fails must not leave a cached 200 for the client's retry to get.
+        cache = getattr(handler, "idempotency", None)
+        self._cache = cache if isinstance(cache, IdempotencyCache) else None
 
         def durable(request: Request) -> Response | Awaitable[Response]:
             answer = handler(request)
@@ -310,7 +362,7 @@ class WriteAheadLog:
         if not waiters:
             return
         if not written:
-            _answer(waiters, _not_durable())
+            self._failed(waiters)
             return
         if not self.strict:
             _answer(waiters, None)
@@ -320,6 +372,11 @@ class WriteAheadLog:
         segment.syncing = self._syncing = True
         done = self._loop.run_in_executor(self._fsync_pool, os.fsync, segment.fd)
         done.add_done_callback(lambda future: self._synced(waiters, segment, future))
+
+    def _failed(self, waiters: list[tuple[asyncio.Future[Response], Response]]) -> None:
+        _answer(waiters, _not_durable())
+        if self._cache is not None:
+            self._cache.clear()  # a retry is decided again: at worst under-admits
 
     def _synced(
         self,
@@ -332,12 +389,12 @@ class WriteAheadLog:
         if error is not None:
             self.write_errors += 1
             print(f"bucketmesh: write-ahead log fsync: {error}", file=sys.stderr, flush=True)
-            _answer(waiters, _not_durable())
+            self._failed(waiters)
         else:
             self.syncs += 1
             _answer(waiters, None)
-        if segment.retired:
-            os.close(segment.fd)  # retired while this fsync ran
+        if segment is not self._segment:
+            segment.close()  # rotated away while this fsync ran
         if self._waiters and not self._scheduled:
             self._commit()  # what queued up during the fsync is the next group
 
