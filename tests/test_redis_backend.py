@@ -513,3 +513,225 @@ def test_a_patch_on_one_node_reaches_the_regions_other_nodes_through_redis(
         eventually(b_uses_the_new_rule, "node b learns the rule config")
         fresh = [cb.post("/v1/rate?u=2").status_code for _ in range(4)]
         assert fresh == [200, 200, 200, 429]
+
+
+# -- review findings: one node's backend in process, on a real redis-server ----------
+
+
+def _backend(url: str, *, region: str = "eu", node: str = "n1", **rule: Any) -> Any:
+    from bucketmesh.redis_backend import RedisBackend
+    from bucketmesh.rules import Rule
+    from bucketmesh.serve import NodeSettings
+
+    options = {"capacity": 10, "refill_rate": 0.01, "ttl": 3600.0, **rule}
+    made = Rule.create(
+        "k-{{ .Request.Query.user }}",
+        options.pop("capacity"),
+        options.pop("refill_rate"),
+        name="r",
+        **options,
+    )
+    settings = NodeSettings(
+        region=region,
+        node=node,
+        host="127.0.0.1",
+        port=0,
+        rules=[made],
+        storage="redis",
+        redis_url=url,
+        redis_timeout_s=options.get("timeout_s", 2.0),
+    )
+    return RedisBackend(settings)
+
+
+async def _joined(backend: Any) -> Any:
+    await backend._rejoin()
+    backend.up = True
+    return backend
+
+
+def _used(states: list[Any]) -> dict[str, int]:
+    return {state.key: sum(state.used.values()) for state in states}
+
+
+def test_a_redis_failure_under_atomic_batches_answers_every_request(redis_server: Any) -> None:
+    """A3: the fallback of one atomic group raising (tokens above the rule's capacity
+    but within the key's PATCHed one) must not leave that group or later ones hanging."""
+
+    async def run() -> list[list[tuple[str, bool]]]:
+        backend = await _joined(_backend(redis_server.url, on_store_failure="allow"))
+        backend.store.timeout_s = 0.3
+        try:
+            await backend.acquire("A", "r", 1)
+            await backend.refresh(["A"])
+            backend.mirror.configure("A", capacity=100)
+            await backend.publish("A", False)
+            # Redis stops running scripts (as under a long pause): the script call times out
+            redis_server.client().execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+            first = asyncio.ensure_future(backend.acquire_many([("A", "r", 50)], atomic=True))
+            second = asyncio.ensure_future(backend.acquire_many([("B", "r", 1)], atomic=True))
+            _, hanging = await asyncio.wait([first, second], timeout=10)
+            for task in hanging:
+                task.cancel()
+            assert not hanging, "requests left unanswered"
+            assert not backend.up
+            return [[(d.key, d.allowed) for d in task.result()] for task in (first, second)]
+        finally:
+            redis_server.client().execute_command("CLIENT", "UNPAUSE")
+            await backend.store.close()
+
+    # `allow` under the key's own capacity (100): both granted by the policy
+    assert asyncio.run(run()) == [[("A", True)], [("B", True)]]
+
+
+def test_atomic_groups_in_one_script_call_are_judged_in_order(redis_server: Any) -> None:
+    """A1: two atomic batches on one key in the same call: the first takes 6 of 10,
+    so the second ([A:6, C:1]) must be refused whole, C included."""
+
+    async def run() -> tuple[list[Any], list[Any], dict[str, int]]:
+        backend = await _joined(_backend(redis_server.url))
+        try:
+            one = asyncio.ensure_future(backend.acquire_many([("A", "r", 6), ("B", "r", 1)], True))
+            two = asyncio.ensure_future(backend.acquire_many([("A", "r", 6), ("C", "r", 1)], True))
+            d1, d2 = await asyncio.wait_for(asyncio.gather(one, two), 10)
+            assert backend.calls == 1  # both in one script call
+            return d1, d2, _used(await backend.store.read(["A", "B", "C"]))
+        finally:
+            await backend.store.close()
+
+    d1, d2, used = asyncio.run(run())
+    assert [d.allowed for d in d1] == [True, True]
+    assert [d.allowed for d in d2] == [False, False]
+    assert used == {"A": 6, "B": 1}
+
+
+def test_an_atomic_batch_with_a_key_to_reconfigure_is_redone_whole(redis_server: Any) -> None:
+    """A2: the rule's capacity drops to 5 while A holds 8: [B:1, A:3, A:3] needs 6 of
+    A after the reconfigure, so nothing of the batch may be granted (B included)."""
+
+    async def run() -> tuple[list[bool], dict[str, int]]:
+        backend = await _joined(_backend(redis_server.url))
+        try:
+            assert (await backend.acquire("A", "r", 2)).allowed
+            backend.mirror.configure("r", capacity=5)
+            batch = [("B", "r", 1), ("A", "r", 3), ("A", "r", 3)]
+            decisions = await asyncio.wait_for(backend.acquire_many(batch, True), 10)
+            return [d.allowed for d in decisions], _used(await backend.store.read(["A", "B"]))
+        finally:
+            await backend.store.close()
+
+    allowed, used = asyncio.run(run())
+    assert allowed == [False, False, False]
+    assert used == {"A": 2}
+
+
+def test_a_failure_while_redoing_sends_only_the_unanswered_to_the_policy(
+    redis_server: Any,
+) -> None:
+    """B7: B is granted by Redis, A must be reconfigured and the read for that fails:
+    only A goes to the `local` policy; B is not charged a second time locally."""
+    admin = redis_server.client()
+    # a user that may run the scripts but not read buckets back: the reconfigure read fails
+    admin.execute_command("ACL", "SETUSER", "noread", "on", ">pw", "~*", "+@all", "-hgetall")
+    url = redis_server.url.replace("redis://", "redis://noread:pw@")
+
+    async def run() -> tuple[list[bool], dict[str, int], dict[str, int]]:
+        backend = await _joined(_backend(url, on_store_failure="local"))
+        try:
+            assert (await backend.acquire("A", "r", 2)).allowed
+            backend.mirror.configure("r", capacity=5)
+            decisions = await asyncio.wait_for(
+                backend.acquire_many([("B", "r", 1), ("A", "r", 1)], False), 10
+            )
+            assert not backend.up
+            fallbacks = dict(backend.fallbacks)
+            admin.execute_command("ACL", "SETUSER", "noread", "+hgetall")
+            await backend._recover()
+            return [d.allowed for d in decisions], fallbacks, _used(await backend.store.read(["B"]))
+        finally:
+            await backend.store.close()
+
+    allowed, fallbacks, used = asyncio.run(run())
+    assert allowed == [True, True]
+    assert fallbacks == {"allow": 0, "deny": 0, "local": 1}  # A only
+    assert used == {"B": 1}  # one grant, counted once
+
+
+def test_a_batch_refused_for_tokens_above_a_lowered_capacity_charges_nothing(
+    redis_server: Any,
+) -> None:
+    """A6: node 2 lowers A's capacity to 5; node 1 (still knowing 10) sends [B:1, A:8]:
+    the batch is refused (400) and B must not have been charged."""
+    from bucketmesh.limiter import InvalidTokens
+
+    async def run() -> dict[str, int]:
+        one = await _joined(_backend(redis_server.url, node="n1"))
+        two = await _joined(_backend(redis_server.url, node="n2"))
+        try:
+            await two.acquire("A", "r", 1)
+            await two.refresh(["A"])
+            two.mirror.configure("A", capacity=5)
+            await two.publish("A", False)
+            for atomic in (False, True):
+                with pytest.raises(InvalidTokens):
+                    await asyncio.wait_for(
+                        one.acquire_many([("B", "r", 1), ("A", "r", 8)], atomic), 10
+                    )
+            return _used(await one.store.read(["A", "B"]))
+        finally:
+            await one.store.close()
+            await two.store.close()
+
+    assert asyncio.run(run()) == {"A": 1}
+
+
+def test_the_mirror_sends_every_entry_of_its_region_to_the_mesh() -> None:
+    """A5: what `local` fallbacks spent (merged into Redis under node-local ids) and
+    an old incarnation's counts reach the mesh, not only the store's own entry."""
+    from bucketmesh.bucket import BucketDelta
+    from bucketmesh.redis_backend import RegionMirror
+    from bucketmesh.rules import Rule
+
+    rule = Rule.create("k-{{ .Request.Query.user }}", 100, 1.0, name="r", ttl=3600)
+    mirror = RegionMirror([rule], forward=lambda batch: None, replica_id="eu/redis/2")
+    config = mirror.rule_configs["r"]
+    now = time.time_ns()
+    epoch = now - now % config.ttl_ns
+    used = {"eu/redis/2": 50, "eu/n1-local/111": 60, "eu/redis/1": 7, "ap/redis/9": 3}
+    state = BucketDelta("A", epoch, config, config.version, now - 150 * config.interval_ns, used)
+    mirror.absorb([state], now)
+    (delta,) = mirror.collect_deltas().deltas
+    # every entry of this region; a peer region's entry is its own to send
+    assert delta.used == {"eu/redis/2": 50, "eu/n1-local/111": 60, "eu/redis/1": 7}
+
+
+def test_after_redis_lost_its_data_a_drained_bucket_stays_drained(redis_server: Any) -> None:
+    """A4: Redis restarts empty in a later epoch window: the node must merge its mirror
+    back (older epoch) before deciding again, or A would be re-created full."""
+    admin = redis_server.client()
+
+    async def run() -> tuple[int, int, int, int]:
+        backend = await _joined(
+            _backend(redis_server.url, refill_rate=0.1, ttl=2.0, on_store_failure="deny")
+        )
+        backend.tracked = {"r"}
+        try:
+            granted = sum([(await backend.acquire("A", "r", 1)).allowed for _ in range(12)])
+            await backend.refresh(["A"])
+            old_epoch = backend.mirror.buckets["A"].epoch
+            # into the next epoch window of the 2 s ttl (A stays live: ~100 s of backlog)
+            ttl = 2_000_000_000
+            await asyncio.sleep((ttl - time.time_ns() % ttl) / 1e9 + 0.05)
+            admin.flushall()
+            after = (await backend.acquire("A", "r", 1)).allowed  # stale: the policy
+            await backend._recover()
+            after += sum([(await backend.acquire("A", "r", 1)).allowed for _ in range(5)])
+            (state,) = await backend.store.read(["A"])
+            return granted, after, old_epoch, state.epoch
+        finally:
+            await backend.store.close()
+
+    granted, after, old_epoch, epoch = asyncio.run(run())
+    assert granted == 10
+    assert after == 0
+    assert epoch == old_epoch

@@ -37,9 +37,11 @@ Store failures
     down; ``bucketmesh_store_*`` metrics count it all.
 Lost data
     If Redis comes back empty, the incarnation key is gone: the next
-    acquire is refused by the script, the node takes a new incarnation (SET
-    NX, so all nodes agree) and merges its mirror back into Redis, so the old
-    incarnation's counts are known again (peers hold them too).
+    acquire is refused by the script and the store is marked down (the
+    policy decides); the recovery takes a new incarnation (SET NX, so all
+    nodes agree) and merges the mirror back into Redis BEFORE deciding there
+    again, so the old incarnation's counts are known again (peers hold them
+    too) and no fresh bucket of a newer epoch shadows them.
 """
 
 from __future__ import annotations
@@ -121,6 +123,21 @@ class RegionMirror(Limiter):
         self.forward(batch)
         return changed
 
+    def collect_deltas(self) -> DeltaBatch:
+        """Like ``Limiter.collect_deltas``, but each delta carries every entry of this
+        region (``<region>/...``): besides the store's own, what ``local`` fallbacks
+        spent (merged into Redis under node-local ids) and an older incarnation's
+        counts. Only this region can send them, and max-merge makes resending them
+        harmless; a peer region's entries stay that region's to send."""
+        batch = super().collect_deltas()
+        prefix = self.replica_id.split("/", 1)[0] + "/"
+        for delta in batch.deltas:
+            bucket = self.buckets.get(delta.key)
+            if delta.epoch and bucket is not None:
+                used = bucket.used(self.replica_id)
+                delta.used = {rid: n for rid, n in used.items() if rid.startswith(prefix)}
+        return batch
+
     def absorb(self, deltas: Iterable[BucketDelta], now: int) -> None:
         for delta in deltas:
             changed = Limiter.merge(self, DeltaBatch(self.replica_id, [delta]), now=now)
@@ -194,6 +211,7 @@ class RedisBackend:
         self.remote: list[BucketDelta] = []
         self.remote_rules: dict[str, BucketConfig] = {}
         self.resync = False
+        self.merge_back = False
         self.remote_wake = asyncio.Event()
         self.health_wake = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
@@ -248,10 +266,12 @@ class RedisBackend:
 
     # -- decisions -----------------------------------------------------------------
 
-    def ask(self, key: str, rule_name: str | None, tokens: int, group: int = 0) -> Ask:
+    def ask(
+        self, key: str, rule_name: str | None, tokens: int, group: int = 0, request: int = 0
+    ) -> Ask:
         rule = self.mirror._rule(key, rule_name)
         config = _share(self.mirror.rule_configs[rule.name], self.regions)
-        return Ask(key, rule.name, config, tokens, group)
+        return Ask(key, rule.name, config, tokens, group, request)
 
     async def acquire(self, key: str, rule_name: str | None, tokens: int) -> Decision:
         """One decision, made in Redis with the others of this turn, or by the policy."""
@@ -264,8 +284,9 @@ class RedisBackend:
         self, resolved: list[tuple[str, str | None, int]], atomic: bool
     ) -> list[Decision]:
         """A batch's decisions in one script call; ``atomic``: all or nothing."""
-        group = next(self.groups) if atomic else 0
-        asks = [self.ask(key, rule, tokens, group) for key, rule, tokens in resolved]
+        request = next(self.groups)
+        group = request if atomic else 0
+        asks = [self.ask(key, rule, tokens, group, request) for key, rule, tokens in resolved]
         if not self.up:
             return self._fallback_many(asks, atomic)
         return await self._submit(asks)
@@ -304,34 +325,39 @@ class RedisBackend:
         task.add_done_callback(self.running.discard)
 
     async def _decide(self, batch: list[Waiter]) -> None:
+        # `left`: the decisions not answered yet (the store answers some, then may
+        # fail while redoing the others: only those go to the policy, no double charge)
+        left = list(batch)
         try:
-            await self._decide_in_store(batch)
+            await self._decide_in_store(left)
         except (StoreUnavailable, StaleIncarnation) as error:
             self._mark_down(error)
-            self._resolve_by_policy(batch)
+            self._resolve_by_policy(left)
         except BaseException as error:  # never leave a request hanging
-            for _, outcome in batch:
+            for _, outcome in left:
                 outcome(error)
             raise
         finally:
             self.inflight -= 1
+            # Whatever went wrong above, nothing stays unanswered: a refusal for
+            # anything left (an outcome called twice keeps its first answer).
+            for ask, outcome in left:
+                outcome(self._refusal(ask))
             self._schedule()
 
-    async def _decide_in_store(self, batch: list[Waiter]) -> None:
-        rejoined = False
+    async def _decide_in_store(self, left: list[Waiter]) -> None:
+        """Decide ``left`` in the store; what is answered is removed from it."""
+        batch = list(left)
         for _ in range(4):
             if not self.up:
                 raise StoreUnavailable(self.last_error)
             now = time.time_ns()
             asks = [ask for ask, _ in batch]
-            try:
-                verdicts = await self.store.acquire(asks, now)
-            except StaleIncarnation:
-                if rejoined:
-                    raise
-                rejoined = True
-                await self._rejoin()
-                continue
+            # StaleIncarnation (Redis lost its data) goes to the policy: the store
+            # stays down until the mirror has been merged back under the new
+            # incarnation (_recover), or a fresh bucket would be created here and
+            # the merge-back of the older epoch ignored.
+            verdicts = await self.store.acquire(asks, now)
             self.calls += 1
             redo: list[Waiter] = []
             for (ask, outcome), verdict in zip(batch, verdicts, strict=True):
@@ -345,6 +371,7 @@ class RedisBackend:
                 if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
                     self.touched.add(ask.key)
                 outcome(verdict.decision(ask.key))
+            left[:] = redo
             if not redo:
                 return
             await self._reconfigure({ask.key: ask for ask, _ in redo}.values(), now)
@@ -383,16 +410,38 @@ class RedisBackend:
                 outcome(self._fallback(ask))
             except (InvalidTokens, BucketCapReached) as error:
                 outcome(error)
+        # Each group on its own: one group's error must not leave the next unanswered.
         for items in groups.values():
-            decisions = self._fallback_many([ask for ask, _ in items], atomic=True)
+            try:
+                decisions = self._fallback_many([ask for ask, _ in items], atomic=True)
+            except (InvalidTokens, BucketCapReached) as error:
+                for _, outcome in items:
+                    outcome(error)
+                continue
             for (_, outcome), decision in zip(items, decisions, strict=True):
                 outcome(decision)
+
+    def _refusal(self, ask: Ask) -> Decision:
+        """A plain refusal, for a decision nothing else could answer."""
+        cfg = ask.config
+        rate = NS_PER_S / cfg.interval_ns
+        return Decision(
+            False, ask.key, 0, cfg.capacity, rate, DENY_RETRY_S, 0.0, cfg.mode, ask.rule
+        )
+
+    def _key_config(self, ask: Ask) -> BucketConfig:
+        """The key's own config as the mirror knows it (a PATCH may have changed it),
+        else the rule's: what the fallback checks tokens against."""
+        bucket = self.mirror.buckets.get(ask.key)
+        if bucket is not None and bucket.rule == ask.rule:
+            return bucket.config
+        return ask.config
 
     def _fallback(self, ask: Ask) -> Decision:
         """The decision ``onStoreFailure`` gives while Redis is unavailable."""
         policy = self._policy(ask)
         self.fallbacks[policy] += 1
-        config = ask.config
+        config = self._key_config(ask)
         if ask.tokens > config.capacity:
             raise _invalid(ask.tokens, config.capacity)
         if policy == "local":
@@ -450,20 +499,33 @@ class RedisBackend:
         if rid != self.mirror.replica_id:
             self.mirror.rename(rid)
             if previous is not None:
+                # Merged back before any decision under the new incarnation (callers
+                # keep the store down until this returns): a decision first would
+                # create a fresh bucket with a newer epoch, and the merge of the
+                # older epoch would then be ignored (a drained bucket refilled).
+                self.merge_back = True
+                await self._merge_back()
                 print(
                     f"bucketmesh: redis store incarnation changed ({previous} -> "
                     f"{self.store.incarnation}): Redis lost its data, state merged back",
                     file=sys.stderr,
                     flush=True,
                 )
-                self.resync = True
-                self.remote_wake.set()
+
+    async def _merge_back(self) -> None:
+        """Put the mirror's copy of the region state into Redis (after it lost it)."""
+        state = self.mirror.full_state().deltas
+        for start in range(0, len(state), MERGE_CHUNK):
+            await self.store.merge(state[start : start + MERGE_CHUNK], time.time_ns())
+        self.merge_back = False
 
     async def _recover(self) -> None:
         await self.store.ping()
         current = await self.store.current_incarnation()
         if current is None or current != self.store.incarnation:
             await self._rejoin()
+        if self.merge_back:  # a merge-back an earlier attempt did not finish
+            await self._merge_back()
         for name, config in self.mirror.rule_configs.items():
             if config.version[0] > 0:
                 await self.store.save_rule(name, config)
@@ -511,7 +573,8 @@ class RedisBackend:
         """While up: notice a wiped Redis, and learn rule configs other nodes changed."""
         current = await self.store.current_incarnation()
         if current != self.store.incarnation:
-            await self._rejoin()
+            # down until _recover has taken the new incarnation and merged back
+            raise StaleIncarnation(f"Redis holds incarnation {current}, not ours")
         now = time.time_ns()
         for name, config in (await self.store.load_rules()).items():
             if name in self.mirror.rule_configs:

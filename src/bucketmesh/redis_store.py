@@ -115,10 +115,14 @@ end
 # ARGV: now_s, now_n, replica id, incarnation, rule count, then per rule
 # (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
 # epoch_n: the epoch a bucket created now gets), then ONE string holding every
-# decision as "key index, rule index, tokens, group;" (few arguments to pack and
-# parse: that is most of the cost of a call). Decisions of one group > 0 are all
-# or nothing. Answer: 4 values per decision (status, level, retry_after ns,
-# reset_after ns), then 4 per key (capacity, interval, mode, rule).
+# decision as "key index, rule index, tokens, group, request;" (few arguments to
+# pack and parse: that is most of the cost of a call). Decisions of one group > 0
+# are all or nothing: the group is judged and settled whole when the loop reaches
+# its first item, against the state the decisions before it left. Decisions of
+# one request > 0 (a batch) are charged nothing if any of them asks more than its
+# bucket's capacity (the batch is refused whole). Answer: 4 values per decision
+# (status, level, retry_after ns, reset_after ns), then 4 per key (capacity,
+# interval, mode, rule).
 ACQUIRE_LUA: Final = (
     _LUA_COMMON
     + r"""
@@ -134,8 +138,8 @@ for k = 1, nrules do
               es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9])}
 end
 local asks = {}
-for ki, ri, tok, g in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+);') do
-  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g)}
+for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
+  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
 end
 local cache, dirty, fresh, shown = {}, {}, {}, {}
 local function bucket(k, rule)
@@ -157,6 +161,10 @@ local function bucket(k, rule)
   end
   return b
 end
+-- the bucket's config is older than the rule's: it must adopt the rule's first
+local function stale(b, rule)
+  return not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
+end
 -- the outcome of taking `tokens` at now from b, without changing it
 local function judge(b, tokens, now_rel)
   local backlog = b.bt + b.t * b.i - now_rel
@@ -168,69 +176,130 @@ local function level(b, backlog)
   if backlog > 0 then return b.c - cdiv(backlog, b.i) end
   return b.c
 end
+-- answers are by position: a group is settled when the loop reaches its first item
 local out = {}
-local function answer(k, status, b, lvl, retry, reset)
-  local n = #out
+local function answer(j, k, status, b, lvl, retry, reset)
+  local n = 4 * (j - 1)
   out[n + 1] = status; out[n + 2] = lvl; out[n + 3] = retry; out[n + 4] = reset
   shown[k] = b
 end
--- atomic groups that cannot be served whole: group -> key index -> tokens asked
-local short, need = {}, {}
-for _, a in ipairs(asks) do
-  local g = a[4]
-  if g > 0 then
-    need[g] = need[g] or {}
-    local e = need[g][a[1]]
-    if e then e[2] = e[2] + a[3] else need[g][a[1]] = {a[2], a[3]} end
+-- take `tokens` (known to fit) and answer ALLOWED
+local function take(j, k, b, tokens)
+  local now_rel = rel(b, now_s, now_n)
+  local _, backlog = judge(b, tokens, now_rel)
+  if tokens > 0 then
+    if backlog < 0 then
+      b.bt = now_rel - b.t * b.i
+      backlog = 0
+    end
+    b.mine = b.mine + tokens
+    b.t = b.t + tokens
+    backlog = backlog + tokens * b.i
+    if b.new then
+      b.new = nil
+      cache[k] = b
+      fresh[k] = true
+    end
+    dirty[k] = now_rel
+  end
+  local reset = backlog
+  if reset < 0 then reset = 0 end
+  answer(j, k, 1, b, level(b, backlog), 0, reset)
+end
+-- answer without taking: status 3 when tokens exceed the capacity, else `status`;
+-- `want` (if any) is what the caller needed from this bucket, for retry_after
+local function peek(j, k, b, tokens, status, want)
+  local _, backlog, pos = judge(b, 0, rel(b, now_s, now_n))
+  local retry = 0
+  if tokens > b.c then
+    status = 3
+    retry = pos + tokens * b.i - b.c * b.i
+  elseif want then
+    retry = pos + math.min(want, b.c) * b.i - b.c * b.i
+    if retry < 0 then retry = 0 end
+  end
+  answer(j, k, status, b, level(b, backlog), retry, pos)
+end
+local members, reqs = {}, {}
+for j, a in ipairs(asks) do
+  if a[4] > 0 then members[a[4]] = members[a[4]] or {}; table.insert(members[a[4]], j) end
+  if a[5] > 0 then reqs[a[5]] = reqs[a[5]] or {}; table.insert(reqs[a[5]], j) end
+end
+-- A request (a batch) with an item asking more than its bucket holds is refused
+-- whole (400), so none of its items may be charged: checked before any is.
+local void = {}
+for q, js in pairs(reqs) do
+  for _, j in ipairs(js) do
+    local a = asks[j]
+    local b = bucket(a[1], a[2])
+    local cap = b.c
+    if stale(b, a[2]) then cap = a[2].c end
+    if a[3] > cap then void[q] = true end
   end
 end
-for g, keys in pairs(need) do
-  for k, e in pairs(keys) do
-    local b = bucket(k, e[1])
-    local ok = judge(b, e[2], rel(b, now_s, now_n))
-    if e[2] > b.c or not ok then short[g] = short[g] or {}; short[g][k] = e[2] end
-  end
-end
-for _, a in ipairs(asks) do
-  local k, rule, tokens, g = a[1], a[2], a[3], a[4]
-  local b = bucket(k, rule)
-  if not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0 then
-    answer(k, 2, b, 0, 0, 0)
-  else
-    local now_rel = rel(b, now_s, now_n)
-    local ok, backlog, pos = judge(b, tokens, now_rel)
-    if g > 0 and short[g] then
-      -- an atomic group that cannot be served whole: every item is a peek
-      local want = short[g][k]
-      local retry = 0
-      if want then
-        retry = pos + math.min(want, b.c) * b.i - b.c * b.i
-        if retry < 0 then retry = 0 end
+local settled = {}
+for j, a in ipairs(asks) do
+  if not settled[j] then
+    local k, rule, tokens, g, q = a[1], a[2], a[3], a[4], a[5]
+    if q > 0 and void[q] then
+      -- charged nothing: the items that fit are peeks
+      peek(j, k, bucket(k, rule), tokens, 0, nil)
+    elseif g > 0 then
+      -- an all-or-nothing group, judged and settled whole here, against the
+      -- state as the items before it left it
+      local js = members[g]
+      local redo = false
+      for _, i in ipairs(js) do
+        if stale(bucket(asks[i][1], asks[i][2]), asks[i][2]) then redo = true end
       end
-      answer(k, 0, b, level(b, backlog), retry, pos)
-    elseif not ok then
-      local status = 0
-      if tokens > b.c then status = 3 end
-      answer(k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
+      if redo then
+        -- adopting the newer config changes what the group may take: redo it whole
+        for _, i in ipairs(js) do
+          answer(i, asks[i][1], 2, bucket(asks[i][1], asks[i][2]), 0, 0, 0)
+        end
+      else
+        local want, order = {}, {}
+        for _, i in ipairs(js) do
+          local x = asks[i]
+          if want[x[1]] == nil then want[x[1]] = 0; order[#order + 1] = i end
+          want[x[1]] = want[x[1]] + x[3]
+        end
+        local short = false
+        for _, i in ipairs(order) do
+          local x = asks[i]
+          local b = bucket(x[1], x[2])
+          local ok = judge(b, want[x[1]], rel(b, now_s, now_n))
+          if want[x[1]] > b.c or not ok then short = true end
+        end
+        for _, i in ipairs(js) do
+          local x = asks[i]
+          if short then
+            local b = bucket(x[1], x[2])
+            local w = want[x[1]]
+            local ok = judge(b, w, rel(b, now_s, now_n))
+            if w <= b.c and ok then w = nil end
+            peek(i, x[1], b, 0, 0, w)
+          else
+            take(i, x[1], bucket(x[1], x[2]), x[3])
+          end
+        end
+      end
+      for _, i in ipairs(js) do settled[i] = true end
     else
-      if tokens > 0 then
-        if backlog < 0 then
-          b.bt = now_rel - b.t * b.i
-          backlog = 0
+      local b = bucket(k, rule)
+      if stale(b, rule) then
+        answer(j, k, 2, b, 0, 0, 0)
+      else
+        local ok = judge(b, tokens, rel(b, now_s, now_n))
+        if ok then
+          take(j, k, b, tokens)
+        else
+          local _, backlog, pos = judge(b, tokens, rel(b, now_s, now_n))
+          local status = 0
+          if tokens > b.c then status = 3 end
+          answer(j, k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
         end
-        b.mine = b.mine + tokens
-        b.t = b.t + tokens
-        backlog = backlog + tokens * b.i
-        if b.new then
-          b.new = nil
-          cache[k] = b
-          fresh[k] = true
-        end
-        dirty[k] = now_rel
       end
-      local reset = backlog
-      if reset < 0 then reset = 0 end
-      answer(k, 1, b, level(b, backlog), 0, reset)
     end
   end
 end
@@ -421,13 +490,16 @@ class Verdict:
 @dataclass(frozen=True)
 class Ask:
     """One decision to make: ``tokens`` from ``key`` under ``config`` (the rule's, as
-    this node knows it). ``group`` > 0 joins an all-or-nothing group of one call."""
+    this node knows it). ``group`` > 0 joins an all-or-nothing group of one call;
+    ``request`` > 0 names the batch it belongs to (charged nothing if one of its items
+    asks more than its bucket's capacity)."""
 
     key: str
     rule: str
     config: BucketConfig
     tokens: int
     group: int = 0
+    request: int = 0
 
 
 def _split(ns: int) -> tuple[int, int]:
@@ -648,7 +720,7 @@ class RedisStore:
             key_index = keys.get(ask.key)
             if key_index is None:
                 key_index = keys[ask.key] = len(keys) + 1
-            wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group};")
+            wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};")
         now_s, now_n = _split(now_ns)
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
