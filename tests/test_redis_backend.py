@@ -735,3 +735,48 @@ def test_after_redis_lost_its_data_a_drained_bucket_stays_drained(redis_server: 
     assert granted == 10
     assert after == 0
     assert epoch == old_epoch
+
+
+def test_a_patch_outside_the_exact_range_is_refused_naming_the_field(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    """B8: the exactness check of the start applies to runtime PATCHes too."""
+    buckets = [{"name": "x", "key": "x-{{ .Request.Query.u }}", "capacity": 10, "refillRate": 1}]
+    node = serve(redis_config(redis_server.url, buckets))
+    with node.client() as client:
+        assert client.post("/v1/rate?u=1").status_code == 200
+        for target in ("x", "x-1"):
+            # 1e12 tokens at 1/s: capacity × interval ≈ 1e21 ns, far above 2^51
+            refused = client.patch(f"/v1/buckets/{target}", json={"capacity": 10**12})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["field"] == "capacity"
+            slow = client.patch(f"/v1/buckets/{target}", json={"refillRate": 1e-9})
+            assert slow.status_code == 400, slow.text
+            assert slow.json()["field"] == "refillRate"
+            assert client.get(f"/v1/buckets/{target}").json()["capacity"] == 10
+        # within the range: accepted
+        assert client.patch("/v1/buckets/x-1", json={"capacity": 1000}).status_code == 200
+
+
+def test_a_peer_config_outside_the_exact_range_is_skipped() -> None:
+    """B8: a region on the memory backend may accept such a config; the mirror of a
+    Redis region skips it, so it never reaches Redis."""
+    from bucketmesh.bucket import BucketConfig, BucketDelta
+    from bucketmesh.limiter import DeltaBatch
+    from bucketmesh.redis_backend import RegionMirror
+    from bucketmesh.rules import Rule
+
+    forwarded: list[Any] = []
+    rule = Rule.create("k-{{ .Request.Query.user }}", 10, 1.0, name="r", ttl=3600)
+    mirror = RegionMirror([rule], forward=forwarded.append, replica_id="eu/redis/1")
+    config = mirror.rule_configs["r"]
+    huge = BucketConfig(10**12, 10**9, config.ttl_ns, config.mode, (10**15, "ap/n1"))
+    now = time.time_ns()
+    epoch = now - now % config.ttl_ns
+    inexact = BucketDelta("A", epoch, huge, huge.version, now, {"ap/n1": 1}, "r")
+    fine = BucketDelta("B", epoch, config, config.version, now, {"ap/n1": 1}, "r")
+    mirror.merge(DeltaBatch("ap/n1", [inexact, fine], {"r": huge}), now=now)
+    assert mirror.rule_configs["r"] == config
+    assert "A" not in mirror.buckets and "B" in mirror.buckets
+    (batch,) = forwarded
+    assert [d.key for d in batch.deltas] == ["B"] and batch.rules == {}

@@ -648,7 +648,11 @@ class RatingApp:
                 reason="bucket_cap",
             ) from None
         except ValueError as error:
-            raise bad_request(str(error), "mode" if "mode" in str(error) else "capacity") from None
+            # a limiter may name the field (the redis mirror's exactness check does)
+            field = getattr(error, "field", None)
+            if field is None:
+                field = "mode" if "mode" in str(error) else "capacity"
+            raise bad_request(str(error), field) from None
         rule = key if is_rule else self.limiter.buckets[key].rule
         return self._json(self._config_body(key, rule, config, "rule" if is_rule else "key"))
 

@@ -57,7 +57,15 @@ from typing import TYPE_CHECKING, Any, Final
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from bucketmesh.app import Answer, ApiError, RatingApp
-from bucketmesh.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta, Decision
+from bucketmesh.bucket import (
+    NS_PER_S,
+    SHARED,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    Decision,
+    interval_for,
+)
 from bucketmesh.http11 import Request, Response
 from bucketmesh.limiter import (
     BucketCapReached,
@@ -98,6 +106,14 @@ DENY_RETRY_S: Final = 1.0
 Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
 
 
+class InexactConfig(ValueError):
+    """A runtime config outside the range the Redis scripts compute exactly."""
+
+    def __init__(self, detail: str, field: str) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
 class RegionMirror(Limiter):
     """This node's copy of the region's Redis state: what the sync mesh reads and merges.
 
@@ -112,6 +128,7 @@ class RegionMirror(Limiter):
     ) -> None:
         super().__init__(list(rules), **kwargs)
         self.forward = forward
+        self.inexact_skipped = 0  # configs from peers outside the exact range
 
     def acquire(
         self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
@@ -119,9 +136,61 @@ class RegionMirror(Limiter):
         raise RuntimeError("the region mirror never decides: decisions are made in Redis")
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
+        # A config outside the range the scripts compute exactly (a peer region on
+        # the memory backend accepts it) is skipped here, and so never reaches Redis.
+        deltas = [d for d in batch.deltas if check_exact(d.config) is None]
+        rules = {name: c for name, c in batch.rules.items() if check_exact(c) is None}
+        if len(deltas) != len(batch.deltas) or len(rules) != len(batch.rules):
+            self.inexact_skipped += len(batch.deltas) - len(deltas) + len(batch.rules) - len(rules)
+            batch = DeltaBatch(batch.origin, deltas, rules)
         changed = super().merge(batch, now=now)
         self.forward(batch)
         return changed
+
+    def configure(
+        self,
+        key_or_rule: str,
+        *,
+        capacity: int | None = None,
+        refill_rate: float | None = None,
+        ttl: float | None = None,
+        mode: str | None = None,
+        now: int | None = None,
+    ) -> BucketConfig:
+        """``Limiter.configure``, refusing a config the scripts cannot compute exactly
+        (the check the node runs on its rules at start)."""
+        rule = self.rules_by_name.get(key_or_rule)
+        if rule is not None:
+            current = self.rule_configs[rule.name]
+        else:
+            bucket = self.buckets.get(key_or_rule)
+            if bucket is not None:
+                current = self.key_configs.get(key_or_rule) or bucket.config
+            else:
+                current = self.rule_configs[self._rule(key_or_rule, None).name]
+        if capacity is not None or refill_rate is not None or ttl is not None:
+            candidate = BucketConfig(
+                current.capacity if capacity is None else capacity,
+                current.interval_ns if refill_rate is None else interval_for(refill_rate),
+                current.ttl_ns if ttl is None else max(1, round(ttl * NS_PER_S)),
+                current.mode,
+                current.version,
+            )
+            problem = check_exact(candidate)
+            if problem is not None:
+                given = [
+                    name
+                    for name, value in (
+                        ("capacity", capacity),
+                        ("refillRate", refill_rate),
+                        ("ttl", ttl),
+                    )
+                    if value is not None
+                ]
+                raise InexactConfig(problem, given[0])
+        return super().configure(
+            key_or_rule, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode, now=now
+        )
 
     def collect_deltas(self) -> DeltaBatch:
         """Like ``Limiter.collect_deltas``, but each delta carries every entry of this
