@@ -780,3 +780,28 @@ def test_a_peer_config_outside_the_exact_range_is_skipped() -> None:
     assert "A" not in mirror.buckets and "B" in mirror.buckets
     (batch,) = forwarded
     assert [d.key for d in batch.deltas] == ["B"] and batch.rules == {}
+
+
+def test_at_max_buckets_a_new_key_is_refused_rather_than_never_replicated(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    """B9: the mirror holds at most maxBuckets keys; a key granted in Redis beyond that
+    would be dropped when read back (never replicated), so it is refused: 503."""
+    buckets = [{"name": "c", "key": "c-{{ .Request.Query.u }}", "capacity": 5, "refillRate": 1}]
+    node = serve(redis_config(redis_server.url, buckets, limits={"maxBuckets": 3}))
+    with node.client() as client:
+        for user in ("1", "2", "3"):
+            assert client.post(f"/v1/rate?u={user}").status_code == 200
+        refused = client.post("/v1/rate?u=4")
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"]
+        batch = client.post(
+            "/v1/rate/batch", json={"requests": [{"key": "c-5", "rule": "c", "tokens": 1}]}
+        )
+        assert batch.status_code == 503, batch.text
+        # known keys go on; every granted key is in the node's mirror
+        assert client.post("/v1/rate?u=1").status_code == 200
+        for user in ("1", "2", "3"):
+            assert client.get(f"/v1/buckets/c-{user}").status_code == 200
+        assert client.get("/v1/status").json()["buckets"] == 3
+    assert redis_server.client().exists("bm:us-east-1:{c-4}", "bm:us-east-1:{c-5}") == 0

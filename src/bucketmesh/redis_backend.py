@@ -275,6 +275,9 @@ class RedisBackend:
         self.inflight = 0
         self.flush_scheduled = False
         self.touched: set[str] = set()
+        # keys granted in Redis, not in the mirror until the next read-back: they
+        # count against max_buckets, so the mirror has room for them then
+        self.unmirrored: set[str] = set()
         self.local_spent: set[str] = set()
         self.seeded: set[str] = set()
         self.remote: list[BucketDelta] = []
@@ -338,9 +341,30 @@ class RedisBackend:
     def ask(
         self, key: str, rule_name: str | None, tokens: int, group: int = 0, request: int = 0
     ) -> Ask:
-        rule = self.mirror._rule(key, rule_name)
-        config = _share(self.mirror.rule_configs[rule.name], self.regions)
+        mirror = self.mirror
+        rule = mirror._rule(key, rule_name)
+        if (
+            rule.name in self.tracked
+            and key not in mirror.buckets
+            and key not in self.unmirrored
+            and len(mirror.buckets) + len(self.unmirrored) >= mirror.max_buckets
+        ):
+            self._refuse_at_cap()
+        config = _share(mirror.rule_configs[rule.name], self.regions)
         return Ask(key, rule.name, config, tokens, group, request)
+
+    def _refuse_at_cap(self) -> None:
+        """A new key while the mirror is full: refused (503 + Retry-After, as the memory
+        backend does), since the mirror could not hold it when it is read back from
+        Redis and the key would never be replicated."""
+        mirror = self.mirror
+        mirror.expire()
+        if len(mirror.buckets) + len(self.unmirrored) >= mirror.max_buckets:
+            mirror.cap_rejections += 1
+            raise BucketCapReached(
+                f"{len(mirror.buckets)} live buckets (+{len(self.unmirrored)} being read "
+                "back from Redis): the cap (max_buckets) is reached"
+            )
 
     async def acquire(self, key: str, rule_name: str | None, tokens: int) -> Decision:
         """One decision, made in Redis with the others of this turn, or by the policy."""
@@ -439,6 +463,8 @@ class RedisBackend:
                     continue
                 if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
                     self.touched.add(ask.key)
+                    if ask.key not in self.mirror.buckets:
+                        self.unmirrored.add(ask.key)
                 outcome(verdict.decision(ask.key))
             left[:] = redo
             if not redo:
@@ -718,6 +744,7 @@ class RedisBackend:
         """Join Redis's state of ``keys`` into the mirror."""
         states = await self.store.read(keys)
         self.mirror.absorb(states, time.time_ns())
+        self.unmirrored.difference_update(keys)
 
     async def publish(self, key: str, is_rule: bool) -> None:
         """Put a runtime config change (PATCH) into Redis for the region's other nodes."""
