@@ -26,6 +26,7 @@ from bucketmesh.config import (
     env_overrides,
     load_config,
     parse_config,
+    parse_listen,
 )
 
 FLAG_OVERRIDES = {
@@ -87,6 +88,7 @@ def _settings(config: Config) -> NodeSettings:
         storage=config.storage.backend,
         redis_url=config.storage.redis_url,
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
+        envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
     )
 
 

@@ -515,6 +515,10 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
                 parse_listen(listen)
             except ValueError as error:
                 raise _Problem(field, str(error)) from None
+    if settings.envoy_listen is not None and settings.storage.backend == "redis":
+        # the Envoy service decides on the node's own limiter, which under redis is
+        # only a mirror of the region's state
+        raise _Problem("envoyListen", "is not supported with storage.backend: redis")
     return msgspec.structs.replace(
         settings,
         sync=_checked_sync(settings.sync, settings.region, template_field),

@@ -46,13 +46,14 @@ from typing import TYPE_CHECKING, BinaryIO
 import msgspec
 
 from bucketmesh.app import RatingApp, SyncView
-from bucketmesh.http11 import HttpServer, ServerLimits
+from bucketmesh.http11 import HttpServer, Response, ServerLimits
 from bucketmesh.limiter import DeltaBatch, Limiter, Snapshot
 from bucketmesh.mesh import Mesh, MeshSettings
 from bucketmesh.rules import Rule
 from bucketmesh.wal import Recovered, WriteAheadLog, pack, recover, replay_into, unpack_stream
 
 if TYPE_CHECKING:
+    from bucketmesh.envoy_rls import EnvoyServer
     from bucketmesh.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
@@ -87,6 +88,8 @@ class NodeSettings:
     redis_url: str = "redis://localhost:6379/0"
     redis_timeout_s: float = 0.1
     redis_connections: int = 4
+    # envoyListen: the Envoy rate limit service's gRPC (host, port); off when None
+    envoy_listen: tuple[str, int] | None = None
 
 
 class SnapshotFile:
@@ -304,6 +307,7 @@ class Node:
             self.wal.install(self.app.metrics)
         handler = self.wal.guard(self.app) if self.wal is not None else self.app
         self.server = HttpServer(handler, settings.limits, on_error=self._log_error)
+        self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
         self.serving = False
@@ -325,12 +329,34 @@ class Node:
         if self.mesh is not None:
             await self.mesh.pull_at_start()
         await self.server.start(self.settings.host, self.settings.port)
+        if self.settings.envoy_listen is not None:
+            await self._start_envoy(*self.settings.envoy_listen)
         self.serving = True
         if self.mesh is not None:
             self.mesh.start()
         self.tasks.append(asyncio.create_task(self._sweep()))
         if self.store is not None:
             self.tasks.append(asyncio.create_task(self._snapshots()))
+
+    async def _start_envoy(self, host: str, port: int) -> None:
+        # imported here: grpc is only loaded by nodes that serve Envoy
+        from bucketmesh.envoy_rls import EnvoyServer, RateLimitServicer
+
+        self.envoy = EnvoyServer(
+            RateLimitServicer(self.limiter, self._durable if self.wal is not None else None),
+            host,
+            port,
+        )
+        await self.envoy.start()
+
+    async def _durable(self) -> bool:
+        """Wait for the write-ahead log group holding this tick's grants (gRPC answers
+        wait like HTTP ones do); False if it could not be written."""
+        wal = self.wal
+        if wal is None or not wal.journal:
+            return True
+        mark = Response(200)
+        return await wal._after_commit(mark) is mark
 
     async def _sweep(self) -> None:
         while True:
@@ -384,6 +410,8 @@ class Node:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.envoy is not None:
+            await self.envoy.stop(grace)
         await self.server.shutdown(grace)
         self.serving = False
         if self.mesh is not None:

