@@ -385,3 +385,31 @@ def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_p
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_grants_answered_over_grpc_survive_kill_9(serve: Any, tmp_path: Path) -> None:
+    port = free_port()
+    config = make_config(
+        RULES,
+        envoyListen=f"127.0.0.1:{port}",
+        # a long snapshot interval: what survives must come from the write-ahead log
+        storage={
+            "backend": "memory",
+            "snapshot": str(tmp_path / "state.snap"),
+            "snapshotInterval": 600_000,
+        },
+    )
+    first = serve(config)
+    request = _request("api", [("remote_address", "10.1.1.1")])
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        codes = [stub.ShouldRateLimit(request, timeout=5).overall_code for _ in range(3)]
+    assert codes == [RESPONSE.OK] * 3
+    first.kill()
+    second = serve(config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        assert stub.ShouldRateLimit(request, timeout=5).overall_code == RESPONSE.OVER_LIMIT
+    assert second.alive()
