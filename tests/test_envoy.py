@@ -25,6 +25,7 @@ import pytest
 import yaml
 from conftest import free_port, make_config
 
+from bucketmesh.envoy_rls import envoy_bootstrap
 from bucketmesh.proto import rls_pb2, rls_pb2_grpc
 
 RESPONSE = rls_pb2.RateLimitResponse
@@ -197,125 +198,6 @@ class _Upstream(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def envoy_config(listen_port: int, upstream_port: int, rls_port: int, admin_port: int) -> str:
-    """Envoy: one listener, the ratelimit filter (domain "edge", one descriptor per
-    request from its x-user header) to bucketmesh over gRPC, one upstream."""
-
-    def cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
-        c: dict[str, Any] = {
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": {
-                                        "socket_address": {
-                                            "address": "127.0.0.1",
-                                            "port_value": port,
-                                        }
-                                    }
-                                }
-                            }
-                        ]
-                    }
-                ],
-            },
-        }
-        if http2:
-            c["typed_extension_protocol_options"] = {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            }
-        return c
-
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-        "http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "ingress",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-                    "rate_limits": [
-                        {
-                            "actions": [
-                                {
-                                    "request_headers": {
-                                        "header_name": "x-user",
-                                        "descriptor_key": "user",
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ratelimit",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                    "domain": "edge",
-                    "failure_mode_deny": True,
-                    "timeout": "2s",
-                    "rate_limit_service": {
-                        "transport_api_version": "V3",
-                        "grpc_service": {"envoy_grpc": {"cluster_name": "bucketmesh"}},
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
-    }
-    config = {
-        "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}
-        },
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": {
-                        "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
-                    },
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                cluster("upstream", upstream_port),
-                cluster("bucketmesh", rls_port, http2=True),
-            ],
-        },
-    }
-    return yaml.safe_dump(config, sort_keys=False)
-
-
 @pytest.fixture
 def upstream() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
@@ -365,7 +247,9 @@ def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_p
     serve(make_config(RULES, envoyListen=f"127.0.0.1:{rls_port}"))
     listen_port, admin_port = free_port(), free_port()
     config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(envoy_config(listen_port, upstream, rls_port, admin_port))
+    config_path.write_text(
+        envoy_bootstrap(listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user")
+    )
     log = tmp_path / "envoy.log"
     binary = _envoy_binary()
     assert binary is not None
