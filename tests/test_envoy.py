@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.server
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -297,3 +298,13 @@ def test_grants_answered_over_grpc_survive_kill_9(serve: Any, tmp_path: Path) ->
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         assert stub.ShouldRateLimit(request, timeout=5).overall_code == RESPONSE.OVER_LIMIT
     assert second.alive()
+
+
+def test_a_taken_envoy_port_exits_with_a_message(serve: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = serve(make_config(RULES, envoyListen=f"127.0.0.1:{port}"), wait_ready=False)
+        assert server.wait(timeout=20) == 1
+    assert f"cannot listen on 127.0.0.1:{port} (envoyListen)" in server.stderr()

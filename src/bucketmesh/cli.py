@@ -194,7 +194,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         run_node(settings, on_ready)
     except OSError as error:
-        print(f"bucketmesh: cannot listen on {config.listen}: {error.strerror}", file=sys.stderr)
+        if error.strerror is None:  # the Envoy gRPC port (envoy_rls.py): the message says
+            print(f"bucketmesh: {error}", file=sys.stderr)
+        else:
+            print(
+                f"bucketmesh: cannot listen on {config.listen}: {error.strerror}", file=sys.stderr
+            )
         return 1
     return 0
 

@@ -176,12 +176,14 @@ class EnvoyServer:
         )
         rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
         host = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
+        # grpc reports a failed bind as RuntimeError or port 0; the CLI prints an OSError
+        problem = OSError(f"cannot listen on {host}:{self.port} (envoyListen): address in use?")
         try:
             bound = server.add_insecure_port(f"{host}:{self.port}")
-        except RuntimeError as error:
-            raise OSError(f"cannot listen on {host}:{self.port} (envoyListen)") from error
+        except RuntimeError:
+            raise problem from None
         if not bound:
-            raise OSError(f"cannot listen on {host}:{self.port} (envoyListen)")
+            raise problem
         self.port = bound
         await server.start()
         self.server = server
