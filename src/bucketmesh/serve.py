@@ -356,7 +356,7 @@ class Node:
         if wal is None or not wal.journal:
             return True
         mark = Response(200)
-        return await wal._after_commit(mark) is mark
+        return await wal.after_commit(mark) is mark
 
     async def _sweep(self) -> None:
         while True:

@@ -336,12 +336,14 @@ class WriteAheadLog:
             # group. Only the rate routes grant, and they answer synchronously;
             # an async answer is left as it is.
             if type(answer) is Response and (journal or (self._syncing and answer.status == 200)):
-                return self._after_commit(answer)
+                return self.after_commit(answer)
             return answer
 
         return durable
 
-    def _after_commit(self, answer: Response) -> asyncio.Future[Response]:
+    def after_commit(self, answer: Response) -> asyncio.Future[Response]:
+        """``answer``, once the grants formed so far are durable (or a 503 if they
+        could not be made so): what a handler outside the HTTP guard awaits."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
