@@ -393,7 +393,11 @@ class Runner:
             await asyncio.sleep(spec.settle)
         started = self.now()
         verdict = await verify(self.result.urls, self.result.key, spec.tolerance)
-        while not verdict.passed and self.now() - started < spec.within:
+        # Within the window, wait for identical replicas too (what a quiet mesh shows),
+        # not only for levels that happen to agree while a delta is still in flight.
+        while not (verdict.passed and verdict.replicas_identical) and (
+            self.now() - started < spec.within
+        ):
             await asyncio.sleep(0.05)
             verdict = await verify(self.result.urls, self.result.key, spec.tolerance)
         self.result.verdicts.append(verdict)
