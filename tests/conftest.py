@@ -21,13 +21,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 import yaml
+
+T = TypeVar("T")
 
 SEED_KEY_TEMPLATE = "agent-api-key-{{ .Request.Header.X-API-Key }}"
 
@@ -103,6 +105,18 @@ def spawn_serve(config_path: Path, log_path: Path, **env: str) -> subprocess.Pop
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def eventually(check: Callable[[], T], what: str, timeout: float = 30.0) -> T:
+    """``check()``'s result once it stops raising AssertionError / HTTP errors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except (AssertionError, httpx.HTTPError) as error:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout}s: {what}: {error}") from error
+        time.sleep(0.05)
 
 
 def free_port() -> int:

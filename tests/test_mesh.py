@@ -17,16 +17,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 import yaml
-from conftest import spawn_serve
+from conftest import eventually, free_port, spawn_serve
 
 from bucketmesh import sync
 from bucketmesh.bucket import NS_PER_S, BucketConfig, BucketDelta
@@ -59,26 +59,6 @@ BUCKETS: list[dict[str, Any]] = [
         "mode": "strict",
     },
 ]
-
-T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def eventually(check: Callable[[], T], what: str, timeout: float = DEADLINE_S) -> T:
-    """``check()``'s result once it stops raising AssertionError / HTTP errors."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, httpx.HTTPError) as error:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout}s: {what}: {error}") from error
-        time.sleep(0.05)
 
 
 # -- a cuttable link between regions ------------------------------------------------

@@ -14,29 +14,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 import yaml
-from conftest import ServerFactory, free_port, make_config, spawn_serve
+from conftest import ServerFactory, eventually, free_port, make_config, spawn_serve
 
-DEADLINE_S = 30.0
 SECRET = "redis-test-secret-0123456789abcdef"
-T = TypeVar("T")
-
-
-def eventually(check: Callable[[], T], what: str, timeout: float = DEADLINE_S) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except (AssertionError, httpx.HTTPError) as error:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout}s: {what}: {error}") from error
-        time.sleep(0.05)
 
 
 def redis_config(url: str, buckets: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:

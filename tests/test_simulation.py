@@ -4,9 +4,9 @@ Ten thousand seeded random schedules (2–5 replicas, skewed clocks, a network
 that drops, duplicates, reorders, delays and partitions, configure calls, all
 three modes) must each hold every invariant the simulator checks; then named
 scenarios pin down the behaviours one at a time, and mutants of the core prove
-that the checker can fail. Bugs found in the core are pinned by strict-xfail
-tests at the end: they pass (and so fail the run) once fixed, so the marker
-goes with the fix.
+that the checker can fail. Bugs the simulator found in the core are pinned by
+the named tests at the end (resurrection after expiry, strict-mode config
+changes, a late config change), each with the seed that found it.
 """
 
 from __future__ import annotations
