@@ -58,7 +58,7 @@ def service(workdir: Path, name: str, durability: str | None) -> hb.Service:
         encoding="utf-8",
     )
     executable = hb.VENV_BIN / "bucketmesh"
-    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh.cli"]
+    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh"]
     argv += ["serve", "--config", str(config)]
     return hb.Service(name, argv, workdir, port)
 

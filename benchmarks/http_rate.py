@@ -184,7 +184,7 @@ def bucketmesh_service(workdir: Path, name: str, rules_yaml: str) -> Service:
         encoding="utf-8",
     )
     executable = VENV_BIN / "bucketmesh"
-    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh.cli"]
+    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh"]
     argv += ["serve", "--config", str(config), "--listen", f"{HOST}:{port}"]
     return Service(name, argv, workdir, port)
 

@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 
 import _report
 
-from bucketmesh.limiter import Limiter
-from bucketmesh.rules import Rule
+from bucketmesh.core.limiter import Limiter
+from bucketmesh.core.rules import Rule
 
 DISTINCT_KEYS = 100_000
 SYNC_EVERY_CALLS = 10_000  # collect_deltas at least every N calls...

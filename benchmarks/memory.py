@@ -43,8 +43,8 @@ from pathlib import Path
 
 import _report
 
-from bucketmesh.limiter import Limiter
-from bucketmesh.rules import Rule
+from bucketmesh.core.limiter import Limiter
+from bucketmesh.core.rules import Rule
 
 HOST = "127.0.0.1"
 BATCH = 500
@@ -122,7 +122,7 @@ class Node:
     def __init__(self, config: Path, port: int, log: Path) -> None:
         executable = VENV_BIN / "bucketmesh"
         argv = (
-            [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh.cli"]
+            [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh"]
         )
         self.port = port
         self.started = time.monotonic()

@@ -184,7 +184,7 @@ def node(workdir: Path, name: str, redis_url: str, capacity: int, rate: float) -
         encoding="utf-8",
     )
     executable = bench_http.VENV_BIN / "bucketmesh"
-    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh.cli"]
+    argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh"]
     argv += ["serve", "--config", str(config), "--listen", f"{HOST}:{port}"]
     service = bench_http.Service(name, argv, workdir, port)
     service.start("/healthz")

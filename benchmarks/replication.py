@@ -15,7 +15,7 @@ backend, default sync interval, one generated secret) and measures:
 * **P5, accuracy**: all three regions saturate one shared key (open loop,
   each region at 1.5× the refill rate) for the whole window, with 0 ms and
   with 50 ms one-way delay injected on every inter-region link (the mesh is
-  ``bucketmesh.cluster.LocalMesh``, with a ``bucketmesh.netproxy`` proxy per
+  ``bucketmesh.tooling.cluster.LocalMesh``, with a ``bucketmesh.tooling.netproxy`` proxy per
   directed link when there is a delay). Admitted = the 200s
   counted by the clients, checked against Σ used in every region's state;
   theoretical = capacity + refill_rate × (last request − first request).
@@ -47,8 +47,8 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from bucketmesh.cluster import LocalMesh
-from bucketmesh.netproxy import Faults
+from bucketmesh.tooling.cluster import LocalMesh
+from bucketmesh.tooling.netproxy import Faults
 
 HOST = "127.0.0.1"
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")

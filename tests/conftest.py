@@ -1,7 +1,7 @@
 """Shared fixtures: real ``bucketmesh serve`` processes on loopback ports.
 
 ``serve(config)`` writes the config as YAML into the test's temporary directory,
-starts ``python -m bucketmesh.cli serve --config FILE --listen 127.0.0.1:PORT``
+starts ``python -m bucketmesh serve --config FILE --listen 127.0.0.1:PORT``
 (plus any flags asked for), waits until ``/readyz`` answers 200 and returns a
 :class:`Server`. Every process a factory started is stopped at teardown
 (SIGTERM, then SIGKILL). When a test fails, the stderr of its servers is
@@ -74,7 +74,7 @@ STOP_TIMEOUT_S = 30.0
 
 def configurable_timeouts() -> set[str]:
     """The connection timeouts the config file accepts under ``limits`` (maybe none yet)."""
-    from bucketmesh.config import LimitsConfig
+    from bucketmesh.node.config import LimitsConfig
 
     return set(LimitsConfig.__struct_fields__) & set(DEFAULT_TIMEOUTS)
 
@@ -99,7 +99,7 @@ def spawn_serve(config_path: Path, log_path: Path, **env: str) -> subprocess.Pop
     clean.update(env, PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "bucketmesh.cli", "serve", "--config", str(config_path)],
+            [sys.executable, "-m", "bucketmesh", "serve", "--config", str(config_path)],
             env=clean,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -317,7 +317,7 @@ class ServerFactory:
             config = yaml.safe_load(raw_config)
         else:
             config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        args = [sys.executable, "-m", "bucketmesh.cli", "serve", "--config", str(config_path)]
+        args = [sys.executable, "-m", "bucketmesh", "serve", "--config", str(config_path)]
         for flag, value in (
             ("--admin-token", admin_token),
             ("--snapshot", snapshot),

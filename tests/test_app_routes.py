@@ -13,10 +13,10 @@ import asyncio
 import httpx
 import pytest
 
-from bucketmesh.app import ApiError, RatingApp
-from bucketmesh.http11 import HttpServer, Request, Response, ServerLimits
-from bucketmesh.limiter import Limiter
-from bucketmesh.rules import Rule
+from bucketmesh.http.routes import ApiError, RatingApp
+from bucketmesh.http.server import HttpServer, Request, Response, ServerLimits
+from bucketmesh.core.limiter import Limiter
+from bucketmesh.core.rules import Rule
 
 
 def _app() -> RatingApp:

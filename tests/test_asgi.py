@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from bucketmesh import Limiter, Rule
-from bucketmesh.asgi import Message, RateLimitMiddleware, Receive, Scope, Send
+from bucketmesh.integrations.asgi import Message, RateLimitMiddleware, Receive, Scope, Send
 
 NOW_CLOCK = 1_000 * 10**9
 

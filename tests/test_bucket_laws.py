@@ -22,9 +22,9 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta
-from bucketmesh.limiter import DeltaBatch, InvalidTokens, Limiter, Snapshot
-from bucketmesh.rules import Rule
+from bucketmesh.core.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta
+from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, Snapshot
+from bucketmesh.core.rules import Rule
 
 KEY = "k"
 NEUTRAL = "~neutral"

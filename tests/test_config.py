@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketmesh.config import (
+from bucketmesh.node.config import (
     ENV_OVERRIDES,
     Config,
     ConfigError,
@@ -18,7 +18,7 @@ from bucketmesh.config import (
     parse_config,
     parse_listen,
 )
-from bucketmesh.rules import KeyTemplate
+from bucketmesh.core.rules import KeyTemplate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

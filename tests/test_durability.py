@@ -25,13 +25,13 @@ import msgspec
 import pytest
 from conftest import make_config
 
-from bucketmesh import wal as wal_module
-from bucketmesh.config import ConfigError, parse_config
-from bucketmesh.http11 import Request
-from bucketmesh.limiter import DeltaBatch, Limiter
-from bucketmesh.rules import Rule
-from bucketmesh.serve import SNAPSHOT_MAGIC, Node, NodeSettings, SnapshotFile, open_limiter
-from bucketmesh.wal import frame, pack, read_frames, recover, segments
+from bucketmesh.storage import wal as wal_module
+from bucketmesh.node.config import ConfigError, parse_config
+from bucketmesh.http.server import Request
+from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.core.rules import Rule
+from bucketmesh.node.serve import SNAPSHOT_MAGIC, Node, NodeSettings, SnapshotFile, open_limiter
+from bucketmesh.storage.wal import frame, pack, read_frames, recover, segments
 
 CAPACITY = 2500
 REFILL = 5.0

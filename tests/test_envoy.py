@@ -26,8 +26,8 @@ import pytest
 import yaml
 from conftest import free_port, make_config
 
-from bucketmesh.envoy_rls import envoy_bootstrap
-from bucketmesh.proto import rls_pb2, rls_pb2_grpc
+from bucketmesh.integrations.envoy import envoy_bootstrap
+from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
 
 RESPONSE = rls_pb2.RateLimitResponse
 RULES: list[dict[str, Any]] = [
@@ -160,7 +160,7 @@ def test_garbage_bytes_are_a_grpc_error_not_a_crash(node: tuple[Any, str], stub:
 
 
 def test_bad_envoy_listen_is_a_config_error(tmp_path: Path) -> None:
-    from bucketmesh.config import ConfigError, parse_config
+    from bucketmesh.node.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError) as caught:
         parse_config(yaml.safe_dump(make_config(envoyListen="nowhere")), file="x.yaml")

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bucketmesh.cluster import LocalMesh
+from bucketmesh.tooling.cluster import LocalMesh
 
 TOKEN = "test-admin-token"
 KEY = "faults"

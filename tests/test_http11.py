@@ -25,7 +25,7 @@ import pytest
 import uvloop
 from conftest import eventually
 
-from bucketmesh.http11 import (
+from bucketmesh.http.server import (
     Handler,
     HttpServer,
     Request,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bucketmesh import BucketCapReached, InvalidTokens, Limiter, NoRuleError, Rule
-from bucketmesh.bucket import Bucket, BucketConfig
-from bucketmesh.demo import demonstrate
+from bucketmesh.core.bucket import Bucket, BucketConfig
+from bucketmesh.tooling.demo import demonstrate
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S

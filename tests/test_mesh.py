@@ -28,9 +28,9 @@ import pytest
 import yaml
 from conftest import eventually, free_port, spawn_serve
 
-from bucketmesh import sync
-from bucketmesh.bucket import NS_PER_S, BucketConfig, BucketDelta
-from bucketmesh.limiter import DeltaBatch
+from bucketmesh.replication import protocol as sync
+from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta
+from bucketmesh.core.limiter import DeltaBatch
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
 CLUSTER_ID = "global-rate-limit-cluster"
@@ -626,9 +626,9 @@ def test_a_node_killed_mid_traffic_never_regrants_spent_tokens(tmp_path: Path) -
 
 
 def in_process_node(region: str, port: int, peers: dict[str, str], **mesh: Any) -> Any:
-    from bucketmesh.config import parse_config
-    from bucketmesh.mesh import MeshSettings
-    from bucketmesh.serve import Node, NodeSettings
+    from bucketmesh.node.config import parse_config
+    from bucketmesh.replication.mesh import MeshSettings
+    from bucketmesh.node.serve import Node, NodeSettings
 
     rules = parse_config(yaml.safe_dump({"buckets": BUCKETS})).buckets
     settings = MeshSettings(
@@ -693,7 +693,7 @@ def test_a_newer_delta_replaces_the_queued_one_and_survives_a_stale_ack() -> Non
 
 
 def test_the_digest_exchange_repairs_state_that_no_delta_carried() -> None:
-    from bucketmesh.bucket import epoch_for
+    from bucketmesh.core.bucket import epoch_for
 
     async def scenario() -> None:
         ports = {"us-east-1": free_port(), "eu-central-1": free_port()}
@@ -774,7 +774,7 @@ def test_cluster_up_runs_one_mesh_and_ctrl_c_stops_it(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
     with open(output, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bucketmesh.cli", "cluster", "up", "--base-port", str(base)],
+            [sys.executable, "-m", "bucketmesh", "cluster", "up", "--base-port", str(base)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -833,7 +833,7 @@ def serve_once(
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "bucketmesh.cli", "serve", "--config", str(path), *flags],
+        [sys.executable, "-m", "bucketmesh", "serve", "--config", str(path), *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

@@ -5,7 +5,7 @@ where the lag of one hot key grew by a second per second)."""
 
 from __future__ import annotations
 
-from bucketmesh.mesh import MeshSettings, Peer
+from bucketmesh.replication.mesh import MeshSettings, Peer
 
 MS = 1_000_000
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bucketmesh.cluster import LocalMesh
-from bucketmesh.netproxy import Faults, NetProxy
+from bucketmesh.tooling.cluster import LocalMesh
+from bucketmesh.tooling.netproxy import Faults, NetProxy
 
 
 @pytest.fixture

@@ -355,7 +355,7 @@ def test_a_redis_region_and_a_memory_region_converge_through_the_mesh(
     ],
 )
 def test_a_bad_redis_timeout_names_file_and_field(tmp_path: Path, value: str, message: str) -> None:
-    from bucketmesh.config import ConfigError, load_config
+    from bucketmesh.node.config import ConfigError, load_config
 
     path = tmp_path / "bucketmesh.yaml"
     path.write_text(f"storage:\n  backend: redis\n  redisTimeoutMs: {value}\n")
@@ -506,9 +506,9 @@ def test_a_patch_on_one_node_reaches_the_regions_other_nodes_through_redis(
 
 
 def _backend(url: str, *, region: str = "eu", node: str = "n1", **rule: Any) -> Any:
-    from bucketmesh.redis_backend import RedisBackend
-    from bucketmesh.rules import Rule
-    from bucketmesh.serve import NodeSettings
+    from bucketmesh.storage.redis_backend import RedisBackend
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.node.serve import NodeSettings
 
     options = {"capacity": 10, "refill_rate": 0.01, "ttl": 3600.0, **rule}
     made = Rule.create(
@@ -649,7 +649,7 @@ def test_a_batch_refused_for_tokens_above_a_lowered_capacity_charges_nothing(
 ) -> None:
     """A6: node 2 lowers A's capacity to 5; node 1 (still knowing 10) sends [B:1, A:8]:
     the batch is refused (400) and B must not have been charged."""
-    from bucketmesh.limiter import InvalidTokens
+    from bucketmesh.core.limiter import InvalidTokens
 
     async def run() -> dict[str, int]:
         one = await _joined(_backend(redis_server.url, node="n1"))
@@ -675,9 +675,9 @@ def test_a_batch_refused_for_tokens_above_a_lowered_capacity_charges_nothing(
 def test_the_mirror_sends_every_entry_of_its_region_to_the_mesh() -> None:
     """A5: what `local` fallbacks spent (merged into Redis under node-local ids) and
     an old incarnation's counts reach the mesh, not only the store's own entry."""
-    from bucketmesh.bucket import BucketDelta
-    from bucketmesh.redis_backend import RegionMirror
-    from bucketmesh.rules import Rule
+    from bucketmesh.core.bucket import BucketDelta
+    from bucketmesh.storage.redis_backend import RegionMirror
+    from bucketmesh.core.rules import Rule
 
     rule = Rule.create("k-{{ .Request.Query.user }}", 100, 1.0, name="r", ttl=3600)
     mirror = RegionMirror([rule], forward=lambda batch: None, replica_id="eu/redis/2")
@@ -748,10 +748,10 @@ def test_a_patch_outside_the_exact_range_is_refused_naming_the_field(
 def test_a_peer_config_outside_the_exact_range_is_skipped() -> None:
     """B8: a region on the memory backend may accept such a config; the mirror of a
     Redis region skips it, so it never reaches Redis."""
-    from bucketmesh.bucket import BucketConfig, BucketDelta
-    from bucketmesh.limiter import DeltaBatch
-    from bucketmesh.redis_backend import RegionMirror
-    from bucketmesh.rules import Rule
+    from bucketmesh.core.bucket import BucketConfig, BucketDelta
+    from bucketmesh.core.limiter import DeltaBatch
+    from bucketmesh.storage.redis_backend import RegionMirror
+    from bucketmesh.core.rules import Rule
 
     forwarded: list[Any] = []
     rule = Rule.create("k-{{ .Request.Query.user }}", 10, 1.0, name="r", ttl=3600)

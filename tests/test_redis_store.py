@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.bucket import BucketConfig, BucketDelta, interval_for
-from bucketmesh.limiter import DeltaBatch, Limiter
-from bucketmesh.redis_store import ALLOWED, INVALID_TOKENS, Ask, RedisStore, check_exact
-from bucketmesh.rules import Rule
+from bucketmesh.core.bucket import BucketConfig, BucketDelta, interval_for
+from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.storage.redis_store import ALLOWED, INVALID_TOKENS, Ask, RedisStore, check_exact
+from bucketmesh.core.rules import Rule
 
 T0 = 1_763_900_000_123_456_789  # an absolute ns time well above 2^53
 _names = itertools.count()
@@ -176,7 +176,7 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
 
 
 def test_a_stale_incarnation_is_refused(store: RedisStore, loop: asyncio.AbstractEventLoop) -> None:
-    from bucketmesh.redis_store import StaleIncarnation
+    from bucketmesh.storage.redis_store import StaleIncarnation
 
     run = loop.run_until_complete
     config = Limiter([_rule(3, 1.0, 60.0)], replica_id="x").rule_configs["r"]

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.bucket import NS_PER_S, interval_for
-from bucketmesh.limiter import InvalidTokens, Limiter
-from bucketmesh.rules import Rule
+from bucketmesh.core.bucket import NS_PER_S, interval_for
+from bucketmesh.core.limiter import InvalidTokens, Limiter
+from bucketmesh.core.rules import Rule
 
 START = 1_000 * NS_PER_S + 7  # well inside the first epoch of a one-hour ttl
 KEY = "ref-1"

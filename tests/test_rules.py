@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bucketmesh.rules import KeyTemplate, Rule, RuleError, parse_rate
+from bucketmesh.core.rules import KeyTemplate, Rule, RuleError, parse_rate
 
 AGENT = "agent-api-key-{{ .Request.Header.X-API-Key }}"
 PER_IP = "ip-{{ .Request.ClientIP }}"

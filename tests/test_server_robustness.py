@@ -48,7 +48,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from bucketmesh import __version__
-from bucketmesh.api import openapi_document
+from bucketmesh.http.wire import openapi_document
 
 pytestmark = pytest.mark.timeout(120)
 

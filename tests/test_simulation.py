@@ -1,4 +1,4 @@
-"""Deterministic simulation of the sync mesh (DESIGN.md section 8), via ``bucketmesh.sim``.
+"""Deterministic simulation of the sync mesh (DESIGN.md section 8), via ``bucketmesh.tooling.sim``.
 
 Ten thousand seeded random schedules (2–5 replicas, skewed clocks, a network
 that drops, duplicates, reorders, delays and partitions, configure calls, all
@@ -20,10 +20,10 @@ from concurrent.futures import ProcessPoolExecutor
 import msgspec
 import pytest
 
-from bucketmesh.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
-from bucketmesh.limiter import DeltaBatch, Limiter
-from bucketmesh.rules import Rule
-from bucketmesh.sim import MS, InvariantViolation, Network, SimResult, Simulation, main, run
+from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
+from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.core.rules import Rule
+from bucketmesh.tooling.sim import MS, InvariantViolation, Network, SimResult, Simulation, main, run
 
 SCHEDULES = 10_000
 
@@ -449,7 +449,7 @@ def test_simulator_detects_a_broken_core(
             found.append(violation)
     assert found, "the simulator did not notice a broken core"
     assert any(v.invariant == invariant for v in found), {v.invariant for v in found}
-    assert f"python -m bucketmesh.sim --seed {found[0].seed})" in str(found[0])
+    assert f"python -m bucketmesh.tooling.sim --seed {found[0].seed})" in str(found[0])
 
 
 def test_simulator_detects_a_broken_merge_in_one_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -626,7 +626,7 @@ def test_a_new_region_learns_strict_key_configs_from_full_state() -> None:
 
 
 def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
-    """Found by the simulator as seed 58670 (python -m bucketmesh.sim --seed 58670)."""
+    """Found by the simulator as seed 58670 (python -m bucketmesh.tooling.sim --seed 58670)."""
     rule = make_rule(5, 10.0)  # T = 100 ms
     a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
     b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0)

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from bucketmesh.cluster import LocalMesh
+from bucketmesh.tooling.cluster import LocalMesh
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
@@ -41,7 +41,7 @@ RUN_TIMEOUT_S = 120
 
 def xr(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bucketmesh.cli", "xr", *args],
+        [sys.executable, "-m", "bucketmesh", "xr", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -5,9 +5,9 @@ per key by exchanging CRDT deltas. The public surface is re-exported here;
 everything else is private and free to change.
 """
 
-from bucketmesh.bucket import Decision
-from bucketmesh.config import Config, ConfigError, load_buckets, load_config
-from bucketmesh.limiter import (
+from bucketmesh.core.bucket import Decision
+from bucketmesh.node.config import Config, ConfigError, load_buckets, load_config
+from bucketmesh.core.limiter import (
     BucketCapReached,
     DeltaBatch,
     InvalidTokens,
@@ -15,7 +15,7 @@ from bucketmesh.limiter import (
     LimiterError,
     NoRuleError,
 )
-from bucketmesh.rules import Rule, parse_rate
+from bucketmesh.core.rules import Rule, parse_rate
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,779 @@
+"""The in-process limiter: rules, the live buckets of one replica, and their deltas.
+
+``Limiter`` is the surface the server, the sync mesh, the ASGI middleware and
+embedding applications call. It owns the map of live buckets, finds the rule
+that gives an ad-hoc key its limits, keeps the dirty set the sync mesh drains
+(``collect_deltas``), merges what peers send (``merge``), expires idle
+buckets, enforces the cap on live buckets, and snapshots its state. All the
+bucket math lives in ``bucket.py``.
+
+Durability hooks (the files themselves are ``wal.py``'s and ``serve.py``'s):
+with ``journal`` set (``enable_journal``), every grant and every config change
+records its key (rule) in ``journal.keys`` (``journal.rules``) until
+``collect_journal`` turns them into one DeltaBatch of this replica's own
+entries — the write-ahead log's group. ``replay`` max-merges such batches back
+at start-up, every mode included, and ``snapshot_head`` / ``snapshot_part``
+let a server write and read a snapshot in slices.
+
+Time comes from an injected clock (``clock``, integer ns; ``time.time_ns`` by
+default: refill follows the wall clock, so nodes need NTP) or as an explicit
+``now`` argument; the simulator drives it with simulated clocks.
+
+Modes: ``shared`` replicates; ``local`` keeps one independent bucket per
+replica; ``strict`` gives each of the ``regions`` replicas a fixed, equal
+share of capacity and refill and never replicates its counters, so the sum
+of all regions can never exceed the limit however long a partition lasts.
+A per-key config change of a strict key does replicate: it travels as a
+config-only delta (``strict_config_delta``; no counters, epoch 0) and every
+region takes its share of the new limits, newest version winning. (Moving idle share
+toward demand — escrow rebalancing, DESIGN.md section 3 — is not built yet.)
+
+Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
+may still hold that generation (it knows later spending, or has not swept
+it yet) and send it back. Re-created from the peer's copy, our entry would
+restart at what the peer knew of it, below what we spent, and max-merge would
+hide our next grants from replicas that knew more. So a dropped bucket in
+which we spent leaves a *tombstone* (epoch, own count) for
+``max(2·ttl, tombstone_ns)``; when that generation comes back, our entry in
+it starts from the tombstone's count. A
+copy of the same generation returning after the tombstone is gone (past the
+horizon, or evicted: at most ``max_buckets // 4`` are kept) can still
+restart our entry low; that needs a peer to keep the key busy without hearing
+from us for that whole time (a partition longer than the horizon) — see
+docs/sync.md for the bound.
+
+At the cap on live buckets (``max_buckets``), expired buckets are swept
+first; if none can go, a request for a *new* key raises ``BucketCapReached``
+(the server answers 503 with Retry-After). Existing keys keep being served and
+no live bucket is ever evicted early, because evicting a bucket that is not
+full would hand its spent tokens back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from bucketmesh.core.bucket import (
+    LOCAL,
+    MODES,
+    NS_PER_S,
+    SHARED,
+    STRICT,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    Decision,
+    Hlc,
+    interval_for,
+)
+from bucketmesh.core.rules import Rule
+
+SNAPSHOT_FORMAT: Final = 1
+TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
+
+
+class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
+    """One message's worth of replication: bucket deltas and rule-level config."""
+
+    origin: str
+    deltas: list[BucketDelta]
+    rules: dict[str, BucketConfig] = {}
+
+
+class Snapshot(msgspec.Struct, array_like=True):
+    format: int
+    replica_id: str
+    hlc: int
+    rules: dict[str, BucketConfig]
+    buckets: list[BucketDelta]
+
+
+class Journal:
+    """What changed since the last write-ahead-log group: granted keys, changed rules."""
+
+    __slots__ = ("keys", "rules")
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.rules: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.rules)
+
+
+class LimiterError(Exception):
+    """Base of the errors a caller can act on."""
+
+
+class NoRuleError(LimiterError):
+    """No rule gives limits to this key (and none was named)."""
+
+
+class BucketCapReached(LimiterError):
+    """The live-bucket cap is reached and nothing could be reclaimed."""
+
+
+class InvalidTokens(LimiterError):
+    """``tokens`` is negative or larger than the bucket's capacity."""
+
+    def __init__(self, message: str, capacity: int) -> None:
+        super().__init__(message)
+        self.capacity = capacity
+
+
+def rule_config(rule: Rule, regions: int = 1) -> BucketConfig:
+    """The version-0 config a rule gives its buckets; the digest breaks ties between
+    regions whose files disagree, so they still converge on one of them."""
+    digest = hashlib.sha256(
+        f"{rule.capacity}|{rule.refill_rate!r}|{rule.ttl!r}|{rule.mode}".encode()
+    ).hexdigest()[:12]
+    return BucketConfig(
+        capacity=rule.capacity,
+        interval_ns=interval_for(rule.refill_rate),
+        ttl_ns=max(1, round(rule.ttl * NS_PER_S)),
+        mode=rule.mode,
+        version=(0, f"rule:{rule.name}:{digest}"),
+    )
+
+
+def _share(config: BucketConfig, regions: int) -> BucketConfig:
+    """Strict mode's per-region share: 1/regions of capacity and of refill."""
+    if config.mode != STRICT or regions == 1:
+        return config
+    return msgspec.structs.replace(
+        config, capacity=config.capacity // regions, interval_ns=config.interval_ns * regions
+    )
+
+
+class Limiter:
+    """Token buckets for one replica (region/node/incarnation), replicated by deltas."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule] = (),
+        *,
+        replica_id: str,
+        clock: Callable[[], int] = time.time_ns,
+        max_buckets: int = 1_000_000,
+        regions: int = 1,
+        tombstone_ns: int = TOMBSTONE_NS,
+    ) -> None:
+        if regions < 1:
+            raise ValueError("regions must be >= 1")
+        self.replica_id = replica_id
+        self.clock = clock
+        self.max_buckets = max_buckets
+        self.regions = regions
+        self.hlc = Hlc()
+        self.rules: list[Rule] = list(rules)
+        self.rules_by_name: dict[str, Rule] = {}
+        self.rule_configs: dict[str, BucketConfig] = {}
+        for rule in self.rules:
+            if rule.name in self.rules_by_name:
+                raise ValueError(f"duplicate rule name {rule.name!r}")
+            if rule.mode == STRICT and rule.capacity < regions:
+                raise ValueError(
+                    f"rule {rule.name!r}: strict mode needs capacity >= regions ({regions})"
+                )
+            self.rules_by_name[rule.name] = rule
+            self.rule_configs[rule.name] = rule_config(rule)
+        self.buckets: dict[str, Bucket] = {}
+        self.dirty: set[str] = set()
+        self.dirty_rules: set[str] = set()
+        self.expired_total = 0
+        self.cap_rejections = 0
+        self._sweep: list[str] = []
+        self.tombstone_ns = tombstone_ns
+        # Per-key configs of strict keys, whole (a strict bucket holds only its share).
+        self.key_configs: dict[str, BucketConfig] = {}
+        # key -> (epoch, own used, forget after): dropped buckets we spent in, oldest first
+        self.tombstones: dict[str, tuple[int, int, int]] = {}
+        # Only a peer can send a dropped generation back: a replica that never
+        # merges (a node without a mesh) turns this off and frees the memory
+        # (a tombstone costs about two thirds of a bucket).
+        self.keep_tombstones = True
+        # A tombstone costs about what a bucket does: at most a quarter of the cap's
+        # worth, the oldest forgotten first (they are the least likely to come back).
+        self.max_tombstones = max(1_000, max_buckets // 4)
+        self.journal: Journal | None = None
+        # Buckets created in the same ttl window share one epoch int object
+        # (32 bytes each otherwise, a tenth of a bucket's footprint).
+        self._epochs: dict[int, int] = {}
+        # values decoded buckets share (see _compact); keys and values are equal
+        self._shared: dict[Any, Any] = {}
+        self._last_config: BucketConfig | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str,
+        *,
+        replica_id: str,
+        clock: Callable[[], int] = time.time_ns,
+        regions: int | None = None,
+    ) -> Limiter:
+        """A limiter with the rules (and bucket cap) of a bucketmesh.yaml or buckets.yaml."""
+        from bucketmesh.node.config import ConfigError, load_buckets, load_config
+
+        try:
+            config = load_config(path)
+        except ConfigError:
+            rules = load_buckets(path)
+            return cls(rules, replica_id=replica_id, clock=clock, regions=regions or 1)
+        return cls(
+            config.buckets,
+            replica_id=replica_id,
+            clock=clock,
+            max_buckets=config.limits.max_buckets,
+            regions=regions or len(config.regions),
+        )
+
+    # -- decisions -----------------------------------------------------------
+
+    def acquire(
+        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
+    ) -> Decision:
+        """Consume ``tokens`` from ``key``'s bucket if it holds them; ``tokens=0`` peeks.
+
+        The hot path: one dict lookup, one call into the bucket; everything rare
+        (a new key, a bad ``tokens``) is checked off it.
+        """
+        bucket = self.buckets.get(key)
+        if bucket is None or tokens < 0:
+            return self._acquire_cold(key, tokens, rule, now)
+        decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
+        if decision.allowed:
+            if tokens:
+                if bucket.config.mode == SHARED:
+                    self.dirty.add(key)
+                journal = self.journal
+                if journal is not None:
+                    journal.keys.add(key)
+        elif tokens > decision.capacity:
+            raise InvalidTokens(
+                f"tokens must be between 0 and the capacity {decision.capacity}, got {tokens}",
+                decision.capacity,
+            )
+        return decision
+
+    def _acquire_cold(self, key: str, tokens: int, rule: str | None, now: int | None) -> Decision:
+        if now is None:
+            now = self.clock()
+        if tokens < 0:
+            capacity = self.inspect(key, rule=rule, now=now).config.capacity
+            raise InvalidTokens(
+                f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
+            )
+        if not tokens:
+            # A peek at an unknown key sees a full bucket and creates nothing,
+            # so reads cannot fill the bucket cap.
+            return self._fresh(key, rule, now).acquire(key, 0, now)
+        capacity = self._fresh(key, rule, now).config.capacity
+        if tokens > capacity:
+            raise InvalidTokens(
+                f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
+            )
+        self._create(key, rule, now)
+        return self.acquire(key, tokens, now=now)
+
+    def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
+        return self.acquire(key, 0, rule=rule, now=now)
+
+    def rule_for(self, key: str) -> Rule:
+        """The first rule whose key template could have produced ``key``."""
+        for rule in self.rules:
+            if rule.template.matches(key):
+                return rule
+        raise NoRuleError(f"no rule matches key {key!r}; name one with rule=")
+
+    def _rule(self, key: str, rule_name: str | None) -> Rule:
+        if rule_name is None:
+            return self.rule_for(key)
+        found = self.rules_by_name.get(rule_name)
+        if found is None:
+            raise NoRuleError(f"unknown rule {rule_name!r}")
+        return found
+
+    def _fresh(self, key: str, rule_name: str | None, now: int) -> Bucket:
+        """A full bucket for ``key`` under its rule, not (yet) stored."""
+        rule = self._rule(key, rule_name)
+        config = self.rule_configs[rule.name]
+        if self.key_configs:
+            own = self.key_configs.get(key)
+            if own is not None and own.version > config.version:
+                config = own
+        bucket = Bucket(_share(config, self.regions), now, rule.name)
+        epochs = self._epochs
+        shared = epochs.get(bucket.epoch)
+        if shared is None:
+            if len(epochs) > 64:
+                epochs.clear()
+            shared = epochs[bucket.epoch] = bucket.epoch
+        bucket.epoch = bucket.base_time = shared
+        return bucket
+
+    def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
+        if len(self.buckets) >= self.max_buckets:
+            self.expire(now)
+            if len(self.buckets) >= self.max_buckets:
+                self.cap_rejections += 1
+                raise BucketCapReached(
+                    f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
+                )
+        bucket = self.buckets[key] = self._fresh(key, rule_name, now)
+        if self.tombstones and key in self.tombstones:
+            self._settle_tombstone(key, bucket)  # a newer epoch, unless the ttl grew meanwhile
+        return bucket
+
+    # -- configuration -------------------------------------------------------
+
+    def configure(
+        self,
+        key_or_rule: str,
+        *,
+        capacity: int | None = None,
+        refill_rate: float | None = None,
+        ttl: float | None = None,
+        mode: str | None = None,
+        now: int | None = None,
+    ) -> BucketConfig:
+        """Change limits at runtime, keeping each bucket's level at this instant.
+
+        A rule name applies to the rule (every existing and future key of it);
+        any other string is a concrete key, which must match a rule or exist.
+        The new config carries a fresh HLC version, so it wins everywhere.
+        """
+        if now is None:
+            now = self.clock()
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if ttl is not None and not ttl > 0:
+            raise ValueError(f"ttl must be > 0, got {ttl}")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        rule = self.rules_by_name.get(key_or_rule)
+        if rule is not None:
+            current = self.rule_configs[rule.name]
+        else:
+            bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
+            current = bucket.config
+            if current.mode == STRICT and self.regions > 1:  # a share: start from the whole
+                current = self.key_configs.get(key_or_rule) or self.rule_configs[bucket.rule]
+        new = BucketConfig(
+            capacity=current.capacity if capacity is None else capacity,
+            interval_ns=current.interval_ns if refill_rate is None else interval_for(refill_rate),
+            ttl_ns=current.ttl_ns if ttl is None else max(1, round(ttl * NS_PER_S)),
+            mode=current.mode if mode is None else mode,
+            version=(self.hlc.tick(now), self.replica_id),
+        )
+        if new.mode == STRICT and new.capacity < self.regions:
+            raise ValueError(f"strict mode needs capacity >= regions ({self.regions})")
+        if rule is not None:
+            self.rule_configs[rule.name] = new
+            self.dirty_rules.add(rule.name)
+            if self.journal is not None:
+                self.journal.rules.add(rule.name)
+            for key, bucket in self.buckets.items():
+                if bucket.rule == rule.name:
+                    self._adopt(key, bucket, new, now)
+        else:
+            bucket = self.buckets[key_or_rule]
+            if new.mode == STRICT or bucket.config.mode == STRICT:
+                self.key_configs[key_or_rule] = new  # replicated by collect_deltas
+            self._adopt(key_or_rule, bucket, new, now)
+            if new.mode == STRICT:
+                self.dirty.add(key_or_rule)
+        return new
+
+    def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
+        was_shared = bucket.config.mode == SHARED
+        bucket.reconfigure(_share(config, self.regions), now)
+        if was_shared or config.mode == SHARED:
+            self.dirty.add(key)
+        if self.journal is not None:
+            self.journal.keys.add(key)
+
+    # -- replication ---------------------------------------------------------
+
+    def collect_deltas(self) -> DeltaBatch:
+        """The deltas of every bucket changed since the last call (and clears the set)."""
+        deltas = []
+        buckets = self.buckets
+        rid = self.replica_id
+        for key in self.dirty:
+            bucket = buckets.get(key)
+            if bucket is not None:
+                if bucket.config.mode == STRICT:
+                    deltas.append(self.strict_config_delta(key, bucket.rule))
+                else:
+                    deltas.append(bucket.delta(key, rid))
+        self.dirty.clear()
+        rules = {name: self.rule_configs[name] for name in self.dirty_rules}
+        self.dirty_rules.clear()
+        return DeltaBatch(rid, deltas, rules)
+
+    def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
+        """Every shared bucket with every entry known here: for repair and new peers."""
+        rid = self.replica_id
+        buckets = self.buckets
+        chosen = buckets.keys() if keys is None else keys
+        deltas = []
+        for key in chosen:
+            bucket = buckets.get(key)
+            if bucket is not None and bucket.config.mode == SHARED:
+                deltas.append(bucket.full_state(key, rid))
+        strict = self.key_configs if keys is None else set(keys) & self.key_configs.keys()
+        for key in strict:
+            held = buckets.get(key)
+            deltas.append(self.strict_config_delta(key, held.rule if held else ""))
+        return DeltaBatch(rid, deltas, dict(self.rule_configs))
+
+    def strict_config_delta(self, key: str, rule: str) -> BucketDelta:
+        """A strict key's per-key config, whole, without counters (they never leave)."""
+        config = self.key_configs.get(key)
+        if config is None:  # a strict bucket under its rule's config: nothing per key
+            config = self.rule_configs[rule]
+        return BucketDelta(key, 0, config, config.version, 0, {}, rule)
+
+    def _merge_strict_config(self, delta: BucketDelta, now: int) -> bool:
+        """Adopt a peer's per-key config of a strict key if it is newer than ours."""
+        key, config = delta.key, delta.config
+        bucket = self.buckets.get(key)
+        known = self.key_configs.get(key)
+        if known is not None and known.version >= config.version:
+            return False
+        if bucket is not None and bucket.config.version > config.version:
+            return False
+        # Same version as our bucket's share: we restarted and lost the whole config
+        # (snapshots keep only the share); peers send it back at start-up.
+        self.key_configs[key] = config
+        if bucket is not None and bucket.config.version < config.version:
+            self._adopt(key, bucket, config, now)
+        return True
+
+    def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
+        """Join a peer's batch into this replica; returns how many buckets changed."""
+        if now is None:
+            now = self.clock()
+        rid = self.replica_id
+        for name, config in batch.rules.items():
+            self._merge_rule(name, config, now)
+        changed = 0
+        buckets = self.buckets
+        for delta in batch.deltas:
+            self.hlc.observe(delta.config.version[0])
+            if delta.config.mode != SHARED:
+                if delta.config.mode == STRICT and self._merge_strict_config(delta, now):
+                    changed += 1
+                continue
+            bucket = buckets.get(delta.key)
+            if bucket is None:
+                fresh = self._compact(Bucket.from_delta(delta, rid))
+                if fresh.expired(now):
+                    # A stale copy of a bucket that is full for longer than its ttl:
+                    # the same as no bucket. Re-creating it would restore our own
+                    # entry from a peer's possibly older copy (below what we spent).
+                    continue
+                if len(buckets) >= self.max_buckets:
+                    self.expire(now)
+                    if len(buckets) >= self.max_buckets:
+                        self.cap_rejections += 1
+                        continue
+                bucket = buckets[delta.key] = fresh
+                changed += 1
+            else:
+                if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
+                    # A newer per-key config: adopt it here first, as a local write
+                    # keeping the level we see now, so that a base proposed before we
+                    # drained the bucket cannot hand back refill we already forgot
+                    # (the max of both proposals wins). Like a rule config's adoption,
+                    # this makes the base depend on merge order until replicas exchange.
+                    self._adopt(delta.key, bucket, delta.config, now)
+                    bucket.merge(delta, rid)
+                    changed += 1
+                elif bucket.merge(delta, rid):
+                    changed += 1
+                else:
+                    continue
+                if bucket.config is delta.config:
+                    self._compact(bucket)
+            if self.tombstones and delta.key in self.tombstones:
+                self._settle_tombstone(delta.key, bucket)
+            # A bucket that learned of data older than its rule's runtime config
+            # takes the rule's config (the newest version wins everywhere).
+            rule_cfg = self.rule_configs.get(bucket.rule)
+            if rule_cfg is not None and rule_cfg.version > bucket.config.version:
+                self._adopt(delta.key, bucket, rule_cfg, now)
+        return changed
+
+    def _merge_rule(self, name: str, config: BucketConfig, now: int) -> None:
+        current = self.rule_configs.get(name)
+        if current is None or config.version <= current.version:
+            return
+        self.hlc.observe(config.version[0])
+        self.rule_configs[name] = config
+        for key, bucket in self.buckets.items():
+            if bucket.rule == name and bucket.config.version < config.version:
+                self._adopt(key, bucket, config, now)
+
+    def _compact(self, bucket: Bucket) -> Bucket:
+        """Make a decoded bucket share what equal buckets hold alike.
+
+        A bucket decoded from a snapshot, a log or a peer's message owns fresh
+        copies of its config, versions, rule name, replica ids and epoch —
+        about 600 bytes that a million buckets would hold a million times over.
+        Values are interned in one table, cleared when it grows past 100,000
+        (only sharing is lost, never state).
+        """
+        shared = self._shared
+        if len(shared) > 100_000:
+            shared.clear()
+        config = bucket.config
+        # Slices decode runs of buckets with equal configs: compare with the last
+        # one before hashing (a struct's hash walks all its fields).
+        last = self._last_config
+        if config is not last:
+            if config == last:
+                config = last
+            else:
+                config = self._last_config = shared.setdefault(config, config)
+        bucket.config = config
+        base_version = bucket.base_version
+        bucket.base_version = (
+            config.version
+            if base_version == config.version
+            else shared.setdefault(base_version, base_version)
+        )
+        bucket.rule = shared.setdefault(bucket.rule, bucket.rule)
+        epoch = shared.setdefault(bucket.epoch, bucket.epoch)
+        if bucket.base_time == epoch:
+            bucket.base_time = epoch
+        bucket.epoch = epoch
+        entries = bucket.entries
+        if type(entries) is tuple:
+            bucket.entries = (shared.setdefault(entries[0], entries[0]), entries[1])
+        elif entries:
+            assert isinstance(entries, dict)
+            bucket.entries = {shared.setdefault(rid, rid): used for rid, used in entries.items()}
+        return bucket
+
+    # -- write-ahead log ---------------------------------------------------------
+
+    def enable_journal(self) -> Journal:
+        """Start recording grants and config changes for a write-ahead log."""
+        if self.journal is None:
+            self.journal = Journal()
+        return self.journal
+
+    def collect_journal(self) -> DeltaBatch | None:
+        """This replica's own entry of every bucket granted (or reconfigured) since the
+        last call, every mode, and the rules changed: one log group. None if nothing."""
+        journal = self.journal
+        if not journal:
+            return None
+        rid = self.replica_id
+        buckets = self.buckets
+        deltas = []
+        for key in journal.keys:
+            bucket = buckets.get(key)
+            if bucket is not None:
+                deltas.append(bucket.delta(key, rid))
+        rules = {name: self.rule_configs[name] for name in journal.rules}
+        journal.keys.clear()
+        journal.rules.clear()
+        return DeltaBatch(rid, deltas, rules)
+
+    def replay(self, batch: DeltaBatch, *, now: int | None = None) -> None:
+        """Max-merge a write-ahead-log group (or any batch) at start-up.
+
+        Unlike ``merge``: every mode, no cap, and nothing skipped as expired —
+        a log entry holds only one replica's entry, so it may look full when the
+        whole bucket is not; the sweep drops what really is idle.
+        """
+        if now is None:
+            now = self.clock()
+        rid = self.replica_id
+        for name, config in batch.rules.items():
+            self._merge_rule(name, config, now)
+        buckets = self.buckets
+        for delta in batch.deltas:
+            self.hlc.observe(delta.config.version[0])
+            bucket = buckets.get(delta.key)
+            if bucket is None:
+                buckets[delta.key] = self._compact(Bucket.from_delta(delta, rid))
+            elif bucket.merge(delta, rid):
+                self._compact(bucket)
+
+    # -- garbage and inspection ---------------------------------------------
+
+    def expire(self, now: int | None = None) -> int:
+        """Drop buckets full for longer than their ttl; returns how many went."""
+        if now is None:
+            now = self.clock()
+        dead = [key for key, bucket in self.buckets.items() if bucket.expired(now)]
+        for key in dead:
+            self._drop(key, now)
+        self._forget_tombstones(now, len(self.tombstones))
+        return len(dead)
+
+    def _drop(self, key: str, now: int) -> None:
+        """Drop an expired bucket, keeping its own count as a tombstone if we spent."""
+        bucket = self.buckets.pop(key)
+        self.dirty.discard(key)
+        self.expired_total += 1
+        if self.key_configs:
+            self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
+        if bucket.mine and bucket.config.mode == SHARED and self.keep_tombstones:
+            tombstones = self.tombstones
+            tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
+            forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
+            tombstones[key] = (bucket.epoch, bucket.mine, forget)
+            if len(tombstones) > self.max_tombstones:
+                del tombstones[next(iter(tombstones))]
+
+    def _settle_tombstone(self, key: str, bucket: Bucket) -> None:
+        """A generation we dropped came back: our own count in it is what we spent."""
+        epoch, mine, _ = self.tombstones[key]
+        if epoch == bucket.epoch:
+            bucket.raise_own(mine)
+        if epoch <= bucket.epoch:
+            del self.tombstones[key]
+        # An older generation (a peer kept it while ours expired unseen) is kept
+        # as peers hold it, so that every replica converges; the tombstone waits.
+
+    def _forget_tombstones(self, now: int, budget: int) -> None:
+        tombstones = self.tombstones
+        while budget > 0 and tombstones:
+            key = next(iter(tombstones))
+            if tombstones[key][2] > now:
+                return
+            del tombstones[key]
+            budget -= 1
+
+    def expire_step(self, now: int | None = None, budget: int = 10_000) -> int:
+        """Look at up to ``budget`` buckets for expiry, resuming where the last call
+        stopped, so a server can sweep a million buckets without stalling its loop."""
+        if now is None:
+            now = self.clock()
+        if not self._sweep:
+            self._sweep = list(self.buckets)
+        chunk = self._sweep[-budget:]
+        del self._sweep[-budget:]
+        buckets = self.buckets
+        dropped = 0
+        for key in chunk:
+            bucket = buckets.get(key)
+            if bucket is not None and bucket.expired(now):
+                self._drop(key, now)
+                dropped += 1
+        self._forget_tombstones(now, budget)
+        return dropped
+
+    def bucket(self, key: str) -> Bucket | None:
+        return self.buckets.get(key)
+
+    def inspect(self, key: str, *, rule: str | None = None, now: int | None = None) -> Bucket:
+        """The live bucket for ``key``, or the full one it would start as (not stored)."""
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            return bucket
+        return self._fresh(key, rule, self.clock() if now is None else now)
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    # -- persistence -----------------------------------------------------------
+
+    def snapshot_head(self) -> bytes:
+        """A snapshot without buckets: this replica's id, hlc and rules.
+
+        ``restore(snapshot_head())`` followed by ``replay(snapshot_part(keys))``
+        for every slice of the keys rebuilds what ``restore(snapshot())`` would,
+        a slice at a time: a server writes and reads its snapshot file so, with
+        its event loop running in between and never the whole decoded state in
+        memory at once.
+        """
+        return msgspec.msgpack.encode(
+            Snapshot(SNAPSHOT_FORMAT, self.replica_id, self.hlc.last, dict(self.rule_configs), [])
+        )
+
+    def snapshot_part(self, keys: Iterable[str]) -> DeltaBatch:
+        """The buckets of ``keys`` still live, all modes, with every known entry."""
+        rid = self.replica_id
+        buckets = self.buckets
+        deltas = []
+        for key in keys:
+            bucket = buckets.get(key)
+            if bucket is not None:
+                deltas.append(bucket.full_state(key, rid))
+        return DeltaBatch(rid, deltas)
+
+    def snapshot(self) -> bytes:
+        """Every bucket (all modes) with every known entry, as msgpack."""
+        rid = self.replica_id
+        state = Snapshot(
+            SNAPSHOT_FORMAT,
+            rid,
+            self.hlc.last,
+            dict(self.rule_configs),
+            [bucket.full_state(key, rid) for key, bucket in self.buckets.items()],
+        )
+        return msgspec.msgpack.encode(state)
+
+    @classmethod
+    def restore(
+        cls,
+        data: bytes,
+        rules: Sequence[Rule] = (),
+        *,
+        replica_id: str | None = None,
+        clock: Callable[[], int] = time.time_ns,
+        max_buckets: int = 1_000_000,
+        regions: int = 1,
+    ) -> Limiter:
+        """A limiter resuming a snapshot.
+
+        With ``replica_id`` None the snapshot's own id is resumed: its entries
+        continue from where they stopped. A different id (a new incarnation)
+        keeps the old id's entries as a peer's, so nothing spent is re-granted.
+        """
+        snap = msgspec.msgpack.decode(data, type=Snapshot)
+        if snap.format != SNAPSHOT_FORMAT:
+            raise ValueError(f"unsupported snapshot format {snap.format}")
+        limiter = cls(
+            rules,
+            replica_id=replica_id or snap.replica_id,
+            clock=clock,
+            max_buckets=max_buckets,
+            regions=regions,
+        )
+        limiter.hlc.observe(snap.hlc)
+        rid = limiter.replica_id
+        for name, config in snap.rules.items():
+            if name in limiter.rule_configs and config.version[0] > 0:
+                limiter.rule_configs[name] = config
+        for delta in snap.buckets:
+            # a snapshot written in slices may hold configs newer than its head's hlc
+            limiter.hlc.observe(delta.config.version[0])
+            limiter.buckets[delta.key] = limiter._compact(Bucket.from_delta(delta, rid))
+        return limiter
+
+
+__all__ = [
+    "LOCAL",
+    "SHARED",
+    "STRICT",
+    "BucketCapReached",
+    "Decision",
+    "DeltaBatch",
+    "InvalidTokens",
+    "Journal",
+    "Limiter",
+    "LimiterError",
+    "NoRuleError",
+]

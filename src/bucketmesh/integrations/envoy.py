@@ -1,0 +1,308 @@
+"""Envoy's rate limit service (gRPC ``envoy.service.ratelimit.v3.RateLimitService``).
+
+Owns the mapping from an Envoy ``RateLimitRequest`` onto the node's Limiter and
+the grpc.aio server that answers it on its own port (``envoyListen``), on the
+node's event loop but apart from the HTTP server's hot path. Decisions go
+through the same Limiter as the Rating API, so they replicate like any other.
+
+Mapping (README section "Envoy"): a descriptor with entries ``(k1, v1), (k2, v2)``
+in domain ``d`` is the bucket key ``d:k1=v1,k2=v2``; its limits come from the
+rule named ``d.k1.k2`` (the descriptor's keys), else from the rule named ``d``.
+A descriptor no rule names is answered OK with no limit and charges nothing
+(as Envoy's reference service does for descriptors without a configured
+limit). Each limited descriptor is charged ``hits_addend`` (0 means 1); the
+overall code is OVER_LIMIT if any descriptor is denied. Descriptors are
+charged independently, as in the reference service: one denied descriptor
+does not refund the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, Limiter
+from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
+
+if TYPE_CHECKING:
+    from bucketmesh.core.bucket import Decision
+
+OK = rls_pb2.RateLimitResponse.OK
+OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
+_Limit = rls_pb2.RateLimitResponse.RateLimit
+# Envoy's units, largest first: a limit is reported in the smallest unit in
+# which the refill rate is a whole number of tokens (else rounded, in days).
+_UNITS = ((_Limit.SECOND, 1), (_Limit.MINUTE, 60), (_Limit.HOUR, 3600), (_Limit.DAY, 86400))
+# Envoy sends short requests; anything larger is not a rate-limit request.
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_DESCRIPTORS = 64
+
+
+class BadRequest(ValueError):
+    """A request Envoy would never send; answered INVALID_ARGUMENT naming the field."""
+
+
+def descriptor_key(domain: str, entries: list[tuple[str, str]]) -> str:
+    """The bucket key of one descriptor: ``domain:k1=v1,k2=v2``."""
+    return domain + ":" + ",".join(f"{k}={v}" for k, v in entries)
+
+
+def rule_names(domain: str, entries: list[tuple[str, str]]) -> tuple[str, str]:
+    """The rule names that give a descriptor its limits, most specific first."""
+    return domain + "." + ".".join(k for k, _ in entries), domain
+
+
+def _current_limit(decision: Decision) -> Any:
+    rate = decision.refill_rate
+    unit, per_unit = _Limit.DAY, rate * 86400
+    for candidate, seconds in _UNITS:
+        if rate * seconds >= 1 and math.isclose(
+            rate * seconds, round(rate * seconds), rel_tol=1e-9
+        ):
+            unit, per_unit = candidate, rate * seconds
+            break
+    return _Limit(name=decision.rule, requests_per_unit=round(per_unit), unit=unit)
+
+
+def _status(decision: Decision) -> Any:
+    # Until reset: when denied, how long until the request could pass; when
+    # allowed, how long until the bucket is full again.
+    wait = decision.retry_after if not decision.allowed else decision.reset_after
+    whole = math.floor(wait)
+    return rls_pb2.RateLimitResponse.DescriptorStatus(
+        code=OK if decision.allowed else OVER_LIMIT,
+        current_limit=_current_limit(decision),
+        limit_remaining=max(0, decision.tokens_remaining),
+        duration_until_reset=Duration(seconds=whole, nanos=round((wait - whole) * 1e9) % 10**9),
+    )
+
+
+def decide(limiter: Limiter, request: Any) -> Any:
+    """The RateLimitResponse for ``request`` (synchronous: decisions never wait).
+
+    Raises BadRequest for an empty domain, no descriptors or an empty entry list.
+    """
+    domain: str = request.domain
+    if not domain:
+        raise BadRequest("domain must not be empty")
+    if not request.descriptors:
+        raise BadRequest("descriptors must not be empty")
+    if len(request.descriptors) > MAX_DESCRIPTORS:
+        raise BadRequest(f"descriptors: at most {MAX_DESCRIPTORS}")
+    hits = request.hits_addend or 1
+    parsed: list[tuple[str, str | None]] = []
+    for index, descriptor in enumerate(request.descriptors):
+        entries = [(e.key, e.value) for e in descriptor.entries]
+        if not entries:
+            raise BadRequest(f"descriptors[{index}].entries must not be empty")
+        if any(not k for k, _ in entries):
+            raise BadRequest(f"descriptors[{index}].entries: a key must not be empty")
+        rule = next((n for n in rule_names(domain, entries) if n in limiter.rules_by_name), None)
+        parsed.append((descriptor_key(domain, entries), rule))
+    statuses = []
+    overall = OK
+    for key, rule in parsed:
+        if rule is None:
+            statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=OK))
+            continue
+        try:
+            decision = limiter.acquire(key, hits, rule=rule)
+        except InvalidTokens:
+            # more hits than the bucket can ever hold: never allowed
+            decision = limiter.peek(key, rule=rule)
+            decision.allowed = False
+            decision.retry_after = math.inf
+        if not decision.allowed:
+            overall = OVER_LIMIT
+        status = _status(decision) if math.isfinite(decision.retry_after) else None
+        if status is None:
+            status = rls_pb2.RateLimitResponse.DescriptorStatus(
+                code=OVER_LIMIT,
+                current_limit=_current_limit(decision),
+                limit_remaining=max(0, decision.tokens_remaining),
+            )
+        statuses.append(status)
+    return rls_pb2.RateLimitResponse(overall_code=overall, statuses=statuses)
+
+
+class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+    """Answers ShouldRateLimit from the limiter; ``durable`` (the write-ahead log's
+    commit, when there is one) is awaited before answering: False means the grants
+    could not be made durable."""
+
+    def __init__(
+        self, limiter: Limiter, durable: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        self.limiter = limiter
+        self.durable = durable
+
+    async def ShouldRateLimit(self, request: Any, context: Any) -> Any:  # the gRPC method's name
+        try:
+            response = decide(self.limiter, request)
+        except BadRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except BucketCapReached as error:
+            # Envoy's failure_mode_deny decides what an unavailable service means
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        if self.durable is not None and not await self.durable():
+            # the tokens stay spent in memory (erring toward safety); Envoy is told no
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the decision could not be made durable; retry"
+            )
+        return response
+
+
+class EnvoyServer:
+    """The grpc.aio server on ``host:port``; ``port`` is the bound port after start."""
+
+    def __init__(self, servicer: RateLimitServicer, host: str, port: int) -> None:
+        self.servicer = servicer
+        self.host = host
+        self.port = port
+        self.server: Any = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),  # a busy port is an error, not a shared one
+            ]
+        )
+        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
+        host = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
+        # grpc reports a failed bind as RuntimeError or port 0; the CLI prints an OSError
+        problem = OSError(f"cannot listen on {host}:{self.port} (envoyListen): address in use?")
+        try:
+            bound = server.add_insecure_port(f"{host}:{self.port}")
+        except RuntimeError:
+            raise problem from None
+        if not bound:
+            raise problem
+        self.port = bound
+        await server.start()
+        self.server = server
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            await asyncio.shield(self.server.stop(grace))
+            self.server = None
+
+
+def envoy_bootstrap(
+    listen_port: int,
+    upstream_port: int,
+    rls_port: int,
+    admin_port: int,
+    *,
+    domain: str,
+    header: str,
+    host: str = "127.0.0.1",
+) -> str:
+    """A complete Envoy bootstrap (YAML) limited by bucketmesh: a listener on
+    ``listen_port`` proxying to ``upstream_port``, the ratelimit HTTP filter
+    (``domain``, one descriptor ``(header, value)`` per request carrying
+    ``header``) calling the service on ``rls_port``, the admin on ``admin_port``.
+    Used by the tests and benchmarks/envoy.py; README "Envoy" shows its core."""
+
+    def cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
+        address = {"socket_address": {"address": host, "port_value": port}}
+        found: dict[str, Any] = {
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": name,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+            },
+        }
+        if http2:  # gRPC
+            options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            found["typed_extension_protocol_options"] = {
+                options: {
+                    "@type": f"type.googleapis.com/{options}",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            }
+        return found
+
+    manager = "envoy.extensions.filters.network.http_connection_manager.v3"
+    connection_manager = {
+        "@type": f"type.googleapis.com/{manager}.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
+                    "rate_limits": [
+                        {
+                            "actions": [
+                                {
+                                    "request_headers": {
+                                        "header_name": header,
+                                        "descriptor_key": header,
+                                    }
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.ratelimit",
+                "typed_config": {
+                    "@type": "type.googleapis.com/"
+                    "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+                    "domain": domain,
+                    # no answer from bucketmesh: deny (a test then sees it)
+                    "failure_mode_deny": True,
+                    "timeout": "2s",
+                    "rate_limit_service": {
+                        "transport_api_version": "V3",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "bucketmesh"}},
+                    },
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                },
+            },
+        ],
+    }
+    config = {
+        "admin": {"address": {"socket_address": {"address": host, "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "ingress",
+                    "address": {"socket_address": {"address": host, "port_value": listen_port}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": connection_manager,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                cluster("upstream", upstream_port),
+                cluster("bucketmesh", rls_port, http2=True),
+            ],
+        },
+    }
+    return json.dumps(config, indent=1)  # JSON is YAML; no yaml dependency here

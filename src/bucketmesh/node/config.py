@@ -1,0 +1,1048 @@
+"""The bucketmesh.yaml file: its typed settings, how they are loaded and overridden.
+
+This module owns the configuration schema (msgspec structs, camelCase in the file,
+snake_case in code), ``${VAR}`` substitution, the rule list (inline or in a separate
+buckets.yaml), overrides from flags and ``BUCKETMESH_*`` variables, and the wording
+of every config error, each of which names the file, the field and the value.
+It reads files and the environment it is handed, and nothing else.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+from msgspec import Meta
+
+from bucketmesh.core.rules import (
+    DEFAULT_TTL,
+    KeyTemplate,
+    Mode,
+    Rule,
+    RuleError,
+    StoreFailurePolicy,
+    parse_rate,
+)
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "StorageConfig",
+    "SyncConfig",
+    "apply_overrides",
+    "env_overrides",
+    "load_buckets",
+    "load_config",
+    "parse_config",
+    "parse_listen",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, naming where it is and what is wrong.
+
+    ``file`` is the path as the user gave it (or the flag / environment variable
+    an override came from), ``field`` the dotted field in the file's spelling
+    (``sync.syncClusterId``; within a rule just ``refillRate``), ``rule`` the
+    1-based rule number, ``line`` the YAML line for syntax errors.
+    """
+
+    def __init__(
+        self,
+        file: str,
+        field: str,
+        message: str,
+        *,
+        rule: int | None = None,
+        rule_name: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.file = file
+        self.field = field
+        self.message = message
+        self.rule = rule
+        self.rule_name = rule_name
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.rule is not None:
+            where.append(f"rule {self.rule}" + (f" ({self.rule_name})" if self.rule_name else ""))
+        if not self.field:
+            detail = self.message
+        elif self.message.startswith(_PREDICATES):
+            detail = f"{self.field} {self.message}"
+        else:
+            detail = f"{self.field}: {self.message}"
+        return ": ".join([*where, detail])
+
+
+# Messages that read as a predicate of the field ("refillRate must be > 0") follow
+# it with a space; the others ("syncClusterId: expected a string") with a colon.
+_PREDICATES: Final = ("must ", "is ", "cannot ", "needs ", "has ", "lists ")
+
+
+class _Problem(Exception):
+    """A problem at ``field``; turned into a ConfigError where the file is known."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+# -- the schema -------------------------------------------------------------
+
+_FILE_NAMES: Final[Mapping[str, str]] = {
+    "interval_ms": "interval",
+    "peer_timeout_ms": "peerTimeout",
+    "snapshot_interval_ms": "snapshotInterval",
+    "refill_rate_alias": "refill_rate",
+    "on_store_failure_alias": "on_store_failure",
+}
+
+
+def _file_name(name: str) -> str:
+    """The file's spelling of a field: camelCase, with a few fields named differently."""
+    if name in _FILE_NAMES:
+        return _FILE_NAMES[name]
+    head, *rest = name.split("_")
+    return head + "".join(word.capitalize() for word in rest)
+
+
+_Count = Annotated[int, Meta(ge=1)]
+_Positive = Annotated[float, Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename=_file_name):
+    """A part of the file: immutable, camelCase in YAML, no field it does not know."""
+
+
+def _repr_hiding(struct: msgspec.Struct, secret: str) -> str:
+    """The usual repr with the ``secret`` field masked, so logging a config leaks nothing."""
+    shown = []
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        shown.append(f"{name}={'***' if name == secret and value else repr(value)}")
+    return f"{type(struct).__name__}({', '.join(shown)})"
+
+
+class SyncConfig(_Section, frozen=True):
+    """The mesh: which regions exist, how to reach them, how often to send deltas.
+
+    ``peers`` lists region names (this node's own region may be among them);
+    ``peer_urls`` holds explicit URLs and ``peer_url_template`` (``peerUrls`` given
+    as one string, e.g. ``http://bucketmesh-{region}:8080``) covers the rest.
+    """
+
+    enabled: bool = False
+    sync_cluster_id: str = "bucketmesh"
+    peers: tuple[str, ...] = ()
+    peer_urls: dict[str, str] = msgspec.field(default_factory=dict)
+    peer_url_template: str | None = None
+    secret: str | None = None
+    interval_ms: _Count = 20
+    peer_timeout_ms: _Count = 1000
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The regions listed in ``peers`` (see ``Config.regions`` for the whole mesh)."""
+        return self.peers
+
+    def url_for(self, region: str) -> str | None:
+        """How to reach ``region``: its explicit URL, else the template's, else None."""
+        url = self.peer_urls.get(region)
+        if url is None and self.peer_url_template is not None:
+            url = self.peer_url_template.replace("{region}", region)
+        return url
+
+    def __repr__(self) -> str:
+        return _repr_hiding(self, "secret")
+
+
+class StorageConfig(_Section, frozen=True):
+    """Where bucket state lives: memory (optionally snapshotted to a file) or Redis."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    snapshot: str | None = None
+    redis_url: str = "redis://localhost:6379/0"
+    # relaxed: the write-ahead log survives kill -9; strict: also power loss (docs/storage.md)
+    durability: Literal["relaxed", "strict"] = "relaxed"
+    snapshot_interval_ms: _Count = 5000
+    # How long a decision waits on Redis before the rule's onStoreFailure decides.
+    redis_timeout_ms: _Count = 100
+
+
+class AdminConfig(_Section, frozen=True):
+    """The bearer token PATCH requires; None (or empty in the file) means no token."""
+
+    token: str | None = None
+
+    def __repr__(self) -> str:
+        return _repr_hiding(self, "token")
+
+
+class LimitsConfig(_Section, frozen=True):
+    """Resource caps: live buckets per node and request sizes in bytes."""
+
+    max_buckets: _Count = 1_000_000
+    max_body_bytes: _Count = 65536
+    max_header_bytes: _Count = 16384
+
+
+class _Settings(_Section, frozen=True):
+    """Every setting of the file except the rules."""
+
+    region: str = "local"
+    node: str = "node-a"
+    listen: str = "127.0.0.1:8080"
+    envoy_listen: str | None = None
+    sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+
+
+class Config(_Settings, frozen=True):
+    """A loaded, validated configuration.
+
+    ``listen`` is ``host:port`` (``listen_host`` / ``listen_port`` split it);
+    ``envoy_listen`` is where the Envoy RateLimitService gRPC endpoint listens
+    (off when None). ``buckets`` are the rules in order; ``path`` is the file
+    loaded and ``buckets_path`` the separate buckets file, if any.
+    """
+
+    buckets: tuple[Rule, ...] = ()
+    path: str | None = None
+    buckets_path: str | None = None
+
+    @property
+    def listen_host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Every region of the mesh, this one first; just this one when sync is off."""
+        if not self.sync.enabled:
+            return (self.region,)
+        return tuple(dict.fromkeys((self.region, *self.sync.peers)))
+
+    @property
+    def remote_peers(self) -> dict[str, str]:
+        """Region → URL for every other region this node sends deltas to."""
+        if not self.sync.enabled:
+            return {}
+        peers: dict[str, str] = {}
+        for region in self.sync.peers:
+            url = self.sync.url_for(region)
+            if region != self.region and url is not None:
+                peers[region] = url
+        return peers
+
+
+class _BucketEntry(_Section, frozen=True):
+    """One entry of ``buckets:`` as written."""
+
+    key: str
+    name: str | None = None
+    capacity: _Count | None = None
+    refill_rate: _Positive | None = None
+    refill_rate_alias: _Positive | None = None
+    rate: str | None = None
+    ttl: _Positive = DEFAULT_TTL
+    mode: Mode = "shared"
+    on_store_failure: StoreFailurePolicy = "local"
+    on_store_failure_alias: StoreFailurePolicy | None = None
+
+
+# -- loading ----------------------------------------------------------------
+
+
+def load_config(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate a bucketmesh.yaml; raise ConfigError naming file and field.
+
+    ``${VAR}`` and ``${VAR:-default}`` in string values are replaced from
+    ``environ`` (default ``os.environ``); ``$${`` is a literal ``${``. A
+    ``buckets:`` path is relative to the config file's directory.
+    """
+    file = os.fspath(path)
+    config = parse_config(_read(file), file=file, environ=environ, base_dir=os.path.dirname(file))
+    return msgspec.structs.replace(config, path=file)
+
+
+def parse_config(
+    text: str,
+    *,
+    file: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    base_dir: str | None = None,
+) -> Config:
+    """Validate the YAML ``text`` of a config file; ``file`` names it in errors."""
+    env = os.environ if environ is None else environ
+    document = _parse_yaml(text, file)
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(file, "", f"expected a mapping of settings, got {_show(document)}")
+    try:
+        settings = _settings_from_document(
+            _substituted({k: v for k, v in document.items() if k != "buckets"}, "", env)
+        )
+    except _Problem as problem:
+        raise ConfigError(file, problem.field, problem.message) from None
+
+    buckets = document.get("buckets")
+    buckets_path: str | None = None
+    rules: list[Rule] = []
+    if isinstance(buckets, str):
+        try:
+            relative = _substituted(buckets, "buckets", env)
+        except _Problem as problem:
+            raise ConfigError(file, problem.field, problem.message) from None
+        buckets_path = os.path.join(base_dir or "", relative)
+        rules = load_buckets(buckets_path, environ=env)
+    elif isinstance(buckets, list):
+        rules = _build_rules(buckets, file, env)
+    elif buckets is not None:
+        raise ConfigError(
+            file,
+            "buckets",
+            f"expected a list of rules or the path of a buckets file, got {_show(buckets)}",
+        )
+    return Config(
+        **msgspec.structs.asdict(settings), buckets=tuple(rules), buckets_path=buckets_path
+    )
+
+
+def load_buckets(
+    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+) -> list[Rule]:
+    """Load a buckets.yaml: a list of rules, or a mapping whose only key is ``buckets``."""
+    file = os.fspath(path)
+    env = os.environ if environ is None else environ
+    document = _parse_yaml(_read(file), file)
+    if isinstance(document, dict):
+        for field in document:
+            if field != "buckets":
+                raise ConfigError(
+                    file,
+                    str(field),
+                    "is not a known field; a buckets file is a list of rules "
+                    "or a mapping with just buckets:",
+                )
+        document = document.get("buckets")
+    if document is None:
+        return []
+    if not isinstance(document, list):
+        raise ConfigError(file, "buckets", f"expected a list of rules, got {_show(document)}")
+    return _build_rules(document, file, env)
+
+
+def _read(file: str) -> str:
+    try:
+        with open(file, encoding="utf-8") as stream:
+            return stream.read()
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "is not UTF-8 text") from None
+    except OSError as error:
+        raise ConfigError(file, "", f"cannot read the file: {error.strerror or error}") from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+        self.line = line
+        self.first_line = first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in from an anchor may be overridden
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            first = seen.setdefault(key, line)
+        except TypeError:
+            continue  # an unhashable key; construct_mapping reports it
+        if first != line:
+            raise _DuplicateKey(key, line, first)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, file: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as duplicate:
+        raise ConfigError(
+            file,
+            "",
+            f"duplicate key {duplicate.key!r} (first given on line {duplicate.first_line})",
+            line=duplicate.line,
+        ) from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        problem = error.problem or error.context or "invalid YAML"
+        raise ConfigError(
+            file,
+            "",
+            f"YAML syntax error: {problem}",
+            line=None if mark is None else mark.line + 1,
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(file, "", f"YAML syntax error: {error}") from None
+
+
+# -- ${VAR} substitution ----------------------------------------------------
+
+_SUBSTITUTION = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")
+_REFERENCE = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL)
+
+
+def _substituted(value: Any, field: str, environ: Mapping[str, str]) -> Any:
+    """``value`` with ``${VAR}`` replaced in every string inside it."""
+    if isinstance(value, str):
+        return _substitute(value, field, environ) if "${" in value else value
+    if isinstance(value, dict):
+        return {k: _substituted(v, _join(field, str(k)), environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substituted(v, f"{field}[{i}]", environ) for i, v in enumerate(value)]
+    return value
+
+
+def _substitute(text: str, field: str, environ: Mapping[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        body = match.group(1)
+        if body is None:
+            raise _Problem(field, f"unclosed '${{' in {text!r}")
+        reference = _REFERENCE.fullmatch(body)
+        if reference is None:
+            raise _Problem(
+                field, f"bad substitution '${{{body}}}'; use ${{NAME}} or ${{NAME:-default}}"
+            )
+        name, default = reference["name"], reference["default"]
+        value = environ.get(name)
+        if default is not None and not value:
+            return default
+        if value is None:
+            raise _Problem(
+                field,
+                f"environment variable {name} is not set "
+                f"(set it, or give a default: ${{{name}:-default}})",
+            )
+        return value
+
+    return _SUBSTITUTION.sub(replace, text)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _without_nulls(value: Any) -> Any:
+    """Drop null values from mappings: an empty field means its default."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+# -- settings ---------------------------------------------------------------
+
+_REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_REGION_RULE: Final = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def _settings_from_document(document: dict[str, Any]) -> _Settings:
+    """Convert and check everything but the rules; raises _Problem."""
+    document = _without_nulls(document)
+    for field in ("listen", "envoyListen"):
+        if isinstance(document.get(field), int) and not isinstance(document[field], bool):
+            document[field] = f":{document[field]}"  # a bare port
+    sync = document.get("sync")
+    template_field = "sync.peerUrlTemplate"
+    if isinstance(sync, dict) and isinstance(sync.get("peerUrls"), str):
+        if "peerUrlTemplate" in sync:
+            raise _Problem(
+                "sync.peerUrls", "is a template and so is sync.peerUrlTemplate; keep one"
+            )
+        sync = dict(sync)
+        sync["peerUrlTemplate"] = sync.pop("peerUrls")
+        document["sync"] = sync
+        template_field = "sync.peerUrls"
+    settings = _convert(document, _Settings, extra_fields=("buckets",))
+
+    for field in ("region", "node"):
+        value = getattr(settings, field)
+        if _REGION.fullmatch(value) is None:
+            raise _Problem(field, f"must be {_REGION_RULE}, got {value!r}")
+    for field, listen in (("listen", settings.listen), ("envoyListen", settings.envoy_listen)):
+        if listen is not None:
+            try:
+                parse_listen(listen)
+            except ValueError as error:
+                raise _Problem(field, str(error)) from None
+    if settings.envoy_listen is not None and settings.storage.backend == "redis":
+        # the Envoy service decides on the node's own limiter, which under redis is
+        # only a mirror of the region's state
+        raise _Problem("envoyListen", "is not supported with storage.backend: redis")
+    return msgspec.structs.replace(
+        settings,
+        sync=_checked_sync(settings.sync, settings.region, template_field),
+        storage=_checked_storage(settings.storage),
+        admin=AdminConfig(token=settings.admin.token or None),
+    )
+
+
+def _checked_sync(sync: SyncConfig, region: str, template_field: str) -> SyncConfig:
+    if not sync.sync_cluster_id:
+        raise _Problem("sync.syncClusterId", "must not be empty")
+    listed: dict[str, int] = {}
+    for index, peer in enumerate(sync.peers):
+        if _REGION.fullmatch(peer) is None:
+            raise _Problem(f"sync.peers[{index}]", f"must be {_REGION_RULE}, got {peer!r}")
+        if peer in listed:
+            raise _Problem("sync.peers", f"lists {peer!r} twice")
+        listed[peer] = index
+    peers = sync.peers or tuple(sync.peer_urls)
+    for peer, url in sync.peer_urls.items():
+        field = f"sync.peerUrls.{peer}"
+        if peer not in peers:
+            hint = difflib.get_close_matches(peer, peers, n=1)
+            raise _Problem(
+                field,
+                "is not a region listed in sync.peers"
+                + (f" (did you mean {hint[0]}?)" if hint else ""),
+            )
+        _check_url(field, url)
+    template = sync.peer_url_template
+    if template is not None:
+        if "{region}" not in template:
+            raise _Problem(template_field, f"must contain {{region}}, got {template!r}")
+        _check_url(template_field, template.replace("{region}", "region"))
+    secret = sync.secret or None
+    if sync.enabled:
+        if secret is None:
+            raise _Problem("sync.secret", "is required when sync.enabled is true")
+        for peer in peers:
+            if peer != region and peer not in sync.peer_urls and template is None:
+                raise _Problem(
+                    "sync.peerUrls",
+                    f"has no URL for region {peer!r}, which sync.peers lists; add one "
+                    'or give a template such as "http://bucketmesh-{region}:8080"',
+                )
+    return msgspec.structs.replace(sync, peers=peers, secret=secret)
+
+
+def _check_url(field: str, url: str) -> None:
+    problem = f"must be an http:// or https:// URL, got {url!r}"
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # parsing the port validates it
+    except ValueError:
+        raise _Problem(field, problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise _Problem(field, problem)
+
+
+def _checked_storage(storage: StorageConfig) -> StorageConfig:
+    if storage.backend == "redis":
+        scheme = urlsplit(storage.redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise _Problem(
+                "storage.redisUrl",
+                f"must be a redis://, rediss:// or unix:// URL, got {storage.redis_url!r}",
+            )
+    return msgspec.structs.replace(storage, snapshot=storage.snapshot or None)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"0.0.0.0:8080"`` → ``("0.0.0.0", 8080)``; ``":8080"`` means every interface
+    (``0.0.0.0``), ``"[::1]:8080"`` an IPv6 address. Port 0 picks a free port."""
+    usage = f"expected host:port such as 0.0.0.0:8080, :8080 or [::1]:8080, got {text!r}"
+    if text.startswith("["):
+        host, separator, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(usage) from None
+    else:
+        host, separator, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{usage} (an IPv6 address goes in brackets)")
+        if host and re.fullmatch(r"[A-Za-z0-9._-]+", host) is None:
+            raise ValueError(usage)
+        host = host or "0.0.0.0"
+    if not separator or not (port.isascii() and port.isdigit()):
+        raise ValueError(usage)
+    if int(port) > 65535:
+        raise ValueError(f"port must be 0-65535, got {text!r}")
+    return host, int(port)
+
+
+# -- rules ------------------------------------------------------------------
+
+
+def _build_rules(entries: list[Any], file: str, environ: Mapping[str, str]) -> list[Rule]:
+    substituted: list[Any] = []
+    for number, entry in enumerate(entries, 1):
+        try:
+            substituted.append(_without_nulls(_substituted(entry, "", environ)))
+        except _Problem as problem:
+            raise ConfigError(
+                file, problem.field, problem.message, rule=number, rule_name=_explicit_name(entry)
+            ) from None
+    names = _rule_names(substituted, file)
+    rules: list[Rule] = []
+    first_with_key: dict[str, int] = {}
+    for number, (entry, name) in enumerate(zip(substituted, names, strict=True), 1):
+        try:
+            rule = _rule_from_entry(entry, name)
+            if rule.key in first_with_key:
+                other = first_with_key[rule.key]
+                raise _Problem(
+                    "key",
+                    f"is the same template as rule {other} ({names[other - 1]}); "
+                    "their bucket keys would collide",
+                )
+        except _Problem as problem:
+            raise ConfigError(
+                file, problem.field, problem.message, rule=number, rule_name=name
+            ) from None
+        first_with_key[rule.key] = number
+        rules.append(rule)
+    return rules
+
+
+def _explicit_name(entry: Any) -> str | None:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def _rule_names(entries: list[Any], file: str) -> list[str]:
+    """Each rule's name: its own, else one derived from its key, made unique."""
+    explicit = [_explicit_name(entry) for entry in entries]
+    first_with_name: dict[str, int] = {}
+    for number, name in enumerate(explicit, 1):
+        if name is None:
+            continue
+        if name in first_with_name:
+            raise ConfigError(
+                file,
+                "name",
+                f"{name!r} is already the name of rule {first_with_name[name]}",
+                rule=number,
+                rule_name=name,
+            )
+        first_with_name[name] = number
+    taken = set(first_with_name)
+    names: list[str] = []
+    for number, (entry, given) in enumerate(zip(entries, explicit, strict=True), 1):
+        if given is not None:
+            names.append(given)
+            continue
+        base = _derived_name(entry) or f"rule-{number}"
+        name, suffix = base, 2
+        while name in taken:
+            name, suffix = f"{base}-{suffix}", suffix + 1
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _derived_name(entry: Any) -> str:
+    key = entry.get("key") if isinstance(entry, dict) else None
+    if not isinstance(key, str):
+        return ""
+    try:
+        return KeyTemplate(key).default_name
+    except ValueError:
+        return ""
+
+
+def _rule_from_entry(entry: Any, name: str) -> Rule:
+    if not isinstance(entry, dict):
+        raise _Problem(
+            "", f"expected a mapping with key and capacity/refillRate or rate, got {_show(entry)}"
+        )
+    spec = _convert(entry, _BucketEntry)
+    try:
+        template = KeyTemplate(spec.key)
+    except ValueError as error:
+        raise _Problem("key", str(error)) from None
+
+    refill_field, refill = "refillRate", spec.refill_rate
+    if spec.refill_rate_alias is not None:
+        if refill is not None:
+            raise _Problem("refill_rate", "cannot be given with refillRate; they are the same")
+        refill_field, refill = "refill_rate", spec.refill_rate_alias
+    capacity = spec.capacity
+    if spec.rate is not None:
+        if refill is not None:
+            raise _Problem("rate", f"cannot be combined with {refill_field}; give one of them")
+        try:
+            rate_capacity, refill = parse_rate(spec.rate)
+        except ValueError as error:
+            raise _Problem("rate", str(error)) from None
+        if capacity is None:
+            capacity = rate_capacity
+    elif capacity is None and refill is None:
+        raise _Problem("", 'needs capacity and refillRate, or a rate such as "100/minute"')
+    elif capacity is None:
+        raise _Problem("capacity", f"is required with {refill_field} (or give a rate instead)")
+    elif refill is None:
+        raise _Problem(
+            "refillRate", "is required with capacity (tokens per second), or give a rate instead"
+        )
+    on_store_failure = spec.on_store_failure
+    if spec.on_store_failure_alias is not None:
+        if "onStoreFailure" in entry:
+            raise _Problem(
+                "on_store_failure", "cannot be given with onStoreFailure; they are the same"
+            )
+        on_store_failure = spec.on_store_failure_alias
+    fields = {"refill_rate": refill_field, "ttl": "ttl"}
+    try:
+        return Rule(
+            name=name,
+            key=spec.key,
+            template=template,
+            capacity=capacity,
+            refill_rate=float(refill),
+            ttl=float(spec.ttl),
+            mode=spec.mode,
+            on_store_failure=on_store_failure,
+        )
+    except RuleError as error:
+        raise _Problem(fields.get(error.field, error.field), error.problem) from None
+
+
+# -- overrides --------------------------------------------------------------
+
+ENV_OVERRIDES: Final[Mapping[str, str]] = {
+    "BUCKETMESH_REGION": "region",
+    "BUCKETMESH_NODE": "node",
+    "BUCKETMESH_LISTEN": "listen",
+    "BUCKETMESH_ENVOY_LISTEN": "envoy_listen",
+    "BUCKETMESH_SYNC_ENABLED": "sync.enabled",
+    "BUCKETMESH_SYNC_CLUSTER_ID": "sync.sync_cluster_id",
+    "BUCKETMESH_SYNC_PEERS": "sync.peers",
+    "BUCKETMESH_SYNC_PEER_URLS": "sync.peer_urls",
+    "BUCKETMESH_SYNC_SECRET": "sync.secret",
+    "BUCKETMESH_SYNC_INTERVAL": "sync.interval_ms",
+    "BUCKETMESH_SYNC_PEER_TIMEOUT": "sync.peer_timeout_ms",
+    "BUCKETMESH_STORAGE_BACKEND": "storage.backend",
+    "BUCKETMESH_STORAGE_SNAPSHOT": "storage.snapshot",
+    "BUCKETMESH_STORAGE_REDIS_URL": "storage.redis_url",
+    "BUCKETMESH_STORAGE_DURABILITY": "storage.durability",
+    "BUCKETMESH_STORAGE_SNAPSHOT_INTERVAL": "storage.snapshot_interval_ms",
+    "BUCKETMESH_STORAGE_REDIS_TIMEOUT": "storage.redis_timeout_ms",
+    "BUCKETMESH_ADMIN_TOKEN": "admin.token",
+    "BUCKETMESH_LIMITS_MAX_BUCKETS": "limits.max_buckets",
+    "BUCKETMESH_LIMITS_MAX_BODY_BYTES": "limits.max_body_bytes",
+    "BUCKETMESH_LIMITS_MAX_HEADER_BYTES": "limits.max_header_bytes",
+    "BUCKETMESH_BUCKETS": "buckets",
+}
+"""Environment variable → the dotted setting it overrides."""
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    """The overrides the ``BUCKETMESH_*`` variables in ``environ`` ask for, by dotted key."""
+    return {key: environ[var] for var, key in ENV_OVERRIDES.items() if var in environ}
+
+
+def apply_overrides(
+    config: Config, overrides: Mapping[str, str], *, origin: Mapping[str, str] | None = None
+) -> Config:
+    """``config`` with settings replaced, converted and validated as the file's are.
+
+    Keys are dotted, snake_case or the file's camelCase (``sync.secret``,
+    ``storage.redisUrl``); values are text as flags and variables give them:
+    booleans true/false/yes/no/on/off/1/0, lists comma-separated, ``sync.peer_urls``
+    either ``region=url,...`` or a ``{region}`` template, an empty value clears an
+    optional setting, and ``buckets`` is the path of a buckets file. ``origin``
+    maps a key to what errors call it (``--listen``, ``BUCKETMESH_LISTEN``).
+    """
+    labels: dict[str, str] = {}
+    document = {
+        field.encode_name: msgspec.to_builtins(getattr(config, field.name))
+        for field in msgspec.structs.fields(_Settings)
+    }
+    buckets_path = config.buckets_path
+    rules = config.buckets
+    for key, value in overrides.items():
+        label = (origin or {}).get(key, f"override {key}")
+        if key == "buckets":
+            buckets_path, rules = value, tuple(load_buckets(value))
+            continue
+        try:
+            section, field, kind = _setting(key)
+            setting = _override_value(kind, value, key)
+        except _Problem as problem:
+            raise ConfigError(label, problem.field, problem.message) from None
+        target = document if section is None else document.setdefault(section, {})
+        if field == "peerUrls":
+            # Given here, the URLs replace both the file's map and its template.
+            target["peerUrls"], target["peerUrlTemplate"] = {}, None
+            labels["sync.peerUrlTemplate"] = label
+        target[field] = setting
+        labels[_join(section or "", field)] = label
+    try:
+        settings = _settings_from_document(document)
+    except _Problem as problem:
+        label = next(
+            (
+                label
+                for key, label in labels.items()
+                if problem.field == key or problem.field.startswith((key + ".", key + "["))
+            ),
+            config.path or "<config>",
+        )
+        raise ConfigError(label, problem.field, problem.message) from None
+    return Config(
+        **msgspec.structs.asdict(settings),
+        buckets=rules,
+        path=config.path,
+        buckets_path=buckets_path,
+    )
+
+
+def _setting(key: str) -> tuple[str | None, str, Any]:
+    """The section and field (file spelling) a dotted key names, and the field's type."""
+    names = key.split(".")
+    schema: type[msgspec.Struct] = _Settings
+    section: str | None = None
+    if len(names) == 2:
+        info = _field_info(_Settings, names[0])
+        nested = _struct_in(info.type) if info is not None else None
+        if info is None or nested is None:
+            raise _Problem(key, f"is not a known setting{_suggestion(key, _SETTING_KEYS)}")
+        schema, section = nested, info.encode_name
+    elif len(names) != 1:
+        raise _Problem(key, f"is not a known setting{_suggestion(key, _SETTING_KEYS)}")
+    info = _field_info(schema, names[-1])
+    if info is None or (section is None and _struct_in(info.type) is not None):
+        raise _Problem(key, f"is not a known setting{_suggestion(key, _SETTING_KEYS)}")
+    return section, info.encode_name, info.type
+
+
+def _override_value(kind: Any, value: str, key: str) -> Any:
+    kinds = _type_args(kind)
+    if value == "" and type(None) in kinds:
+        return None
+    if bool in kinds:
+        truth = {"true": True, "yes": True, "on": True, "1": True}
+        truth |= {"false": False, "no": False, "off": False, "0": False}
+        return truth.get(value.strip().lower(), value)
+    if tuple in kinds:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    if dict in kinds and "=" in value:
+        urls: dict[str, str] = {}
+        for pair in value.split(","):
+            region, separator, url = pair.partition("=")
+            if not separator or not region.strip():
+                raise _Problem(key, f"expected region=url pairs separated by commas, got {value!r}")
+            urls[region.strip()] = url.strip()
+        return urls
+    return value
+
+
+def _field_info(schema: type[msgspec.Struct], name: str) -> msgspec.structs.FieldInfo | None:
+    for info in msgspec.structs.fields(schema):
+        if name in (info.name, info.encode_name):
+            return info
+    return None
+
+
+def _struct_in(kind: Any) -> type[msgspec.Struct] | None:
+    for arg in _type_args(kind):
+        if isinstance(arg, type) and issubclass(arg, msgspec.Struct):
+            return arg
+    return None
+
+
+def _type_args(kind: Any) -> list[Any]:
+    """The plain types in an annotation: ``Annotated[int, …] | None`` → ``[int, None]``."""
+    origin = typing.get_origin(kind)
+    if origin is Annotated:
+        return _type_args(typing.get_args(kind)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [t for arg in typing.get_args(kind) for t in _type_args(arg)]
+    if origin is Literal:
+        return list(typing.get_args(kind))
+    return [origin or kind]
+
+
+def _setting_keys() -> list[str]:
+    keys: list[str] = []
+    for info in msgspec.structs.fields(_Settings):
+        section = _struct_in(info.type)
+        if section is None:
+            keys.append(info.name)
+        else:
+            keys += [f"{info.name}.{field.name}" for field in msgspec.structs.fields(section)]
+    return [*keys, "buckets"]
+
+
+_SETTING_KEYS: Final = _setting_keys()
+
+
+# -- validation messages ----------------------------------------------------
+
+_PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
+_TYPE_NAMES: Final[Mapping[str, str]] = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "object": "a mapping",
+    "array": "a list",
+    "null": "nothing",
+}
+# Fields whose file form is looser than their type (normalized before conversion).
+_EXPECTED: Final[Mapping[str, str]] = {
+    "sync.peerUrls": "a mapping of region to URL or a {region} template string",
+}
+
+
+_T = typing.TypeVar("_T", bound=msgspec.Struct)
+
+
+def _convert(raw: dict[str, Any], schema: type[_T], extra_fields: tuple[str, ...] = ()) -> _T:
+    """``msgspec.convert`` that raises a _Problem worded for people.
+
+    Lax mode lets numbers and booleans arrive as strings, which is how ``${VAR}``
+    substitution and overrides deliver them.
+    """
+    try:
+        return msgspec.convert(raw, schema, strict=False)
+    except msgspec.ValidationError as error:
+        raise _explain(str(error), raw, schema, extra_fields) from None
+
+
+def _explain(
+    message: str, raw: Any, schema: type[msgspec.Struct], extra_fields: tuple[str, ...]
+) -> _Problem:
+    key_error = re.fullmatch(r"Expected `str` - at `key` in `\$(.*)`", message)
+    if key_error is not None:
+        return _Problem(_dotted(key_error[1]), "has a field name that is not a string")
+    found = re.fullmatch(r"(.*?)(?: - at `\$(.*)`)?", message, re.DOTALL)
+    assert found is not None  # the pattern matches any text
+    text, path = found[1], found[2] or ""
+
+    value: Any = raw
+    kind: Any = schema
+    names: list[str] = []
+    for name, index in _PATH_STEP.findall(path):
+        if name:
+            names.append(name)
+            struct = _struct_in(kind)
+            info = _field_info(struct, name) if struct is not None else None
+            kind = info.type if info is not None else None
+            value = value.get(name) if isinstance(value, dict) else None
+        elif index == "...":
+            # msgspec does not say which value of a mapping is wrong: the first non-string.
+            entries = value if isinstance(value, dict) else {}
+            bad = next((k for k, v in entries.items() if not isinstance(v, str)), "...")
+            names.append(str(bad))
+            value, kind = entries.get(bad), None
+        else:
+            if names:
+                names[-1] += f"[{index}]"
+            else:
+                names.append(f"[{index}]")
+            value = value[int(index)] if isinstance(value, list) else None
+            kind = None
+    field = ".".join(names)
+
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", text)
+    if unknown is not None:
+        struct = _struct_in(kind)
+        known = [info.encode_name for info in msgspec.structs.fields(struct)] if struct else []
+        if not names:
+            known += extra_fields
+        return _Problem(
+            _join(field, unknown[1]), f"is not a known field{_suggestion(unknown[1], known)}"
+        )
+    missing = re.fullmatch(r"Object missing required field `(.*)`", text)
+    if missing is not None:
+        return _Problem(_join(field, missing[1]), "is required")
+    mismatch = re.fullmatch(r"Expected `([^`]*)`, got `[^`]*`", text)
+    if mismatch is not None:
+        expected = _EXPECTED.get(field) or _describe(mismatch[1])
+        return _Problem(field, f"expected {expected}, got {_show(value)}")
+    bound = re.fullmatch(r"Expected `\w+` (>=|>|<=|<) (\S+)", text)
+    if bound is not None:
+        limit = bound[2].removesuffix(".0")
+        return _Problem(field, f"must be {bound[1]} {limit}, got {_show(value)}")
+    if text.startswith("Invalid enum value"):
+        choices = [str(choice) for choice in _type_args(kind) if isinstance(choice, str)]
+        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if choices else "a known value"
+        return _Problem(field, f"must be {listed}, got {_show(value)}")
+    return _Problem(field, text)
+
+
+def _dotted(path: str) -> str:
+    return path.lstrip(".")
+
+
+def _describe(types: str) -> str:
+    names = [name.strip() for name in types.split("|")]
+    if len(names) > 1:
+        names = [name for name in names if name != "null"]
+    return " or ".join(_TYPE_NAMES.get(name, name) for name in names)
+
+
+def _suggestion(name: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    return f"; known: {', '.join(known)}" if known else ""
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return str(value)

@@ -1,0 +1,1104 @@
+"""The sync mesh: this node's side of replication, over HTTP to the other regions.
+
+This is the asyncio half of DESIGN.md section 5; ``sync.py`` is the protocol
+(envelopes, signatures, digests) and the core merges. The mesh owns the
+clock reads, the sockets and the tasks, and never sits on the hot path: a
+decision only marks its key dirty, and everything below runs beside it on
+the event loop.
+
+Theory of operation
+-------------------
+Outboxes
+    Every ``interval`` the collector drains ``Limiter.collect_deltas()``,
+    encodes each delta once and offers it to every peer's outbox: key →
+    (encoded delta, collect time). A delta holds absolute values, so a newer
+    delta of a key replaces the queued one and subsumes it. A sender task per
+    peer sends the outbox in messages of at most ``max_message_bytes`` over one
+    long-lived keep-alive connection and removes what the peer acknowledged
+    (unless a newer delta of that key arrived meanwhile); what failed stays
+    queued and goes again. With nothing to send it sends an empty batch every
+    ``heartbeat`` so that liveness is known.
+Bounded memory
+    An outbox holding more than ``max_pending`` keys (a peer down for long)
+    is dropped whole, and the peer is marked for a full-state transfer, which
+    subsumes everything dropped: a dead peer costs at most ``max_pending``
+    encoded deltas.
+Bulk work
+    A second connection per peer carries what is large or slow: full-state
+    transfers (first contact with a replica id — so a new or restarted peer —
+    and dropped backlogs) and the periodic digest exchange, which compares
+    range hashes of settled buckets and swaps the full state of the ranges
+    that differ in both directions.
+Start-up
+    Before it listens, a node pulls the full state of every reachable peer
+    (``pull_at_start``), so a restarted node — a new incarnation, see
+    ``serve.py`` — learns what its previous incarnation spent before it decides
+    anything. A peer that refuses the connection is skipped at once; one that
+    does not answer is waited for at most ``startup_pull``.
+Liveness
+    A peer is ``up`` after a successful exchange and ``down`` once sends have
+    been failing for ``peer_timeout``; retries back off exponentially with
+    jitter. With no peer up, the node is ``local_only``: it keeps deciding on
+    its own view (DESIGN.md section 2 bounds the cost) and catches up when a
+    peer answers again.
+Receiving
+    ``/v1/sync/deltas``, ``/digest`` and ``/pull`` verify the envelope (401/403
+    otherwise, counted by reason, nothing changed), merge, and answer with a
+    signed reply bound to the request's nonce. Replication lag is measured
+    as receive time minus the sender's collect time of the oldest delta in
+    the batch (wall clocks: skew between regions shows in it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import ssl
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Final, TypeVar
+from urllib.parse import urlsplit
+
+import httptools
+import msgspec
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from bucketmesh.http import wire as api
+from bucketmesh.replication import protocol as sync
+from bucketmesh.http.routes import ApiError, SyncView
+from bucketmesh.core.bucket import NS_PER_S, SHARED, BucketConfig
+from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
+from bucketmesh.http.server import Request, Response
+from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.telemetry.metrics import Histogram
+
+if TYPE_CHECKING:
+    from bucketmesh.http.routes import RatingApp
+
+UP: Final = "up"
+DOWN: Final = "down"
+CONNECTING: Final = "connecting"
+
+LAG_BOUNDS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+REJECTION_REASONS: Final = (
+    "malformed",
+    "wrong_cluster",
+    "unsigned",
+    "bad_signature",
+    "wrong_kind",
+    "stale",
+    "replay",
+    "replay_cache_full",
+)
+_ENVELOPE_OVERHEAD: Final = 512  # bytes around the body: framing, nonces, MAC, ids
+_FULL_CHUNK_KEYS: Final = 2000  # buckets read per step of a full-state transfer
+_PULL_GROUP: Final = 32  # ranges per pull request
+_DIGEST_GROUP: Final = 64  # ranges per digest request
+# Anti-entropy reads every bucket: it yields to the event loop after this many
+# buckets scanned (~0.5 µs each) or hashed (~4 µs each: encode + blake2b), so a
+# million buckets cost decisions a few ms at a time, never a second at once.
+_SCAN_SLICE: Final = 5000
+_HASH_SLICE: Final = 1000
+_IDLE_REUSE_S: Final = 2.0  # reconnect rather than reuse a connection idle this long
+_MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """What the mesh needs from the config; times in seconds.
+
+    ``peers`` maps region → base URL of every *other* region. ``secret`` None is
+    insecure mode (``--insecure-sync``). ``max_message_bytes`` must not exceed
+    the peers' request body limit (``limits.maxBodyBytes``, the same everywhere).
+    """
+
+    region: str
+    cluster_id: str
+    peers: Mapping[str, str]
+    secret: str | None
+    interval_s: float = 0.02
+    peer_timeout_s: float = 1.0
+    max_message_bytes: int = 65536
+    max_pending: int = 100_000
+    digest_interval_s: float = 2.0
+    settle_s: float = 2.0
+    window_s: float = 30.0
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 1.0
+    bulk_timeout_s: float = 10.0
+    #: delta messages in flight per peer, each on its own keep-alive connection: with
+    #: one, a delta collected while a message is in flight waits for its ack, so the
+    #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
+    pipeline: int = 2
+
+    @property
+    def heartbeat_s(self) -> float:
+        return max(0.05, min(1.0, self.peer_timeout_s / 4))
+
+    @property
+    def startup_pull_s(self) -> float:
+        return self.peer_timeout_s
+
+
+# -- the client side of one connection ------------------------------------------
+
+
+class LinkError(Exception):
+    """A request to a peer that did not produce an authentic reply."""
+
+    def __init__(self, message: str, *, refused: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
+        self.status = status
+
+
+class _Reply:
+    """httptools callbacks collecting one response."""
+
+    __slots__ = ("body", "complete", "size")
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.size = 0
+        self.complete = False
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class HttpLink:
+    """One keep-alive HTTP/1.1 connection to a peer, one request at a time.
+
+    Any failure closes the connection; the next request opens a new one. A
+    connection idle for a while is replaced before use rather than risk the
+    server's keep-alive timeout closing it under a request.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"a peer URL is http(s)://host[:port], got {url!r}")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.authority = parts.netloc.rsplit("@", 1)[-1]
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._last_used = 0.0
+        self._lock = asyncio.Lock()
+
+    async def post(
+        self, path: str, body: bytes, timeout_s: float | None = None
+    ) -> tuple[int, bytes]:
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(
+                    self._exchange(path, body), self.timeout_s if timeout_s is None else timeout_s
+                )
+            except asyncio.TimeoutError:
+                self.close()
+                raise LinkError("no answer within the peer timeout") from None
+            except ConnectionRefusedError as error:
+                self.close()
+                raise LinkError(f"connection refused ({error.strerror})", refused=True) from None
+            except (OSError, httptools.HttpParserError, LinkError) as error:
+                self.close()
+                if isinstance(error, LinkError):
+                    raise
+                raise LinkError(f"{type(error).__name__}: {error}") from None
+            except BaseException:
+                self.close()
+                raise
+
+    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        if self._writer is None or loop.time() - self._last_used > _IDLE_REUSE_S:
+            self.close()
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl
+            )
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        head = (
+            f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.authority}\r\n"
+            f"Content-Type: {sync.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+            "User-Agent: bucketmesh-sync\r\n\r\n"
+        ).encode("latin-1")
+        writer.writelines((head, body))
+        await writer.drain()
+        reply = _Reply()
+        parser = httptools.HttpResponseParser(reply)
+        while not reply.complete:
+            data = await reader.read(262144)
+            if not data:
+                raise LinkError("the peer closed the connection")
+            parser.feed_data(data)
+            if reply.size > _MAX_REPLY_BYTES:
+                raise LinkError("reply too large")
+        status = parser.get_status_code()
+        if not parser.should_keep_alive():
+            self.close()
+        self._last_used = loop.time()
+        return status, b"".join(reply.body)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+# -- one peer ------------------------------------------------------------------
+
+
+class Peer:
+    """Another region as this node sees it: outbox, connections, liveness, lag."""
+
+    def __init__(self, region: str, url: str, settings: MeshSettings) -> None:
+        self.region = region
+        self.url = url
+        self.links = [
+            HttpLink(url, timeout_s=settings.peer_timeout_s)
+            for _ in range(max(1, settings.pipeline))
+        ]
+        self.link = self.links[0]
+        self.wakes = [asyncio.Event() for _ in self.links]
+        self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
+        self.outbox: dict[str, tuple[bytes, int]] = {}
+        # key -> (delta, collect time) of each message in flight that carries the key
+        self.inflight: dict[str, list[tuple[bytes, int]]] = {}
+        self.rules: dict[str, BucketConfig] = {}
+        self.wake = asyncio.Event()
+        self.bulk_wake = asyncio.Event()
+        self.full_wanted = False
+        self.state = CONNECTING
+        self.remote_replica: str | None = None
+        self.failing_since: float | None = None
+        self.attempts = 0
+        self.last_error = ""
+        self.last_seen_ns: int | None = None
+        self.lags_ms: deque[float] = deque(maxlen=1000)
+        self.lag = Histogram(LAG_BOUNDS)
+        self.sent = 0
+        self.failures = 0
+        self.full_transfers = 0
+        self.backlogs_dropped = 0
+        self.oversized = 0
+        self.repaired_ranges = 0
+
+    def offer(
+        self,
+        encoded: Sequence[tuple[str, bytes]],
+        rules: Mapping[str, BucketConfig],
+        collected_ns: int,
+        max_pending: int,
+    ) -> bool:
+        """Queue deltas (a newer one replaces a queued one of the same key, keeping the
+        older collect time for the lag); False if the backlog overflowed and was dropped.
+
+        A delta that replaces one already in flight starts its own clock: the message
+        in flight carries everything up to its delta, so keeping its collect time
+        would make the lag of a key updated faster than the round trip grow without
+        bound (``unsent`` restores the older time if that message fails)."""
+        outbox = self.outbox
+        inflight = self.inflight
+        for key, data in encoded:
+            queued = outbox.get(key)
+            if queued is None:
+                outbox[key] = (data, collected_ns)
+            else:
+                fresh = any(sent[0] is queued[0] for sent in inflight.get(key, ()))
+                outbox[key] = (data, collected_ns if fresh else queued[1])
+        self.rules.update(rules)
+        self.wake.set()
+        for wake in self.wakes:
+            wake.set()
+        if len(outbox) > max_pending:
+            outbox.clear()
+            self.backlogs_dropped += 1
+            self.want_full()
+            return False
+        return True
+
+    def take(self, budget: int) -> tuple[list[str], list[bytes], int | None]:
+        """The oldest queued deltas that fit in ``budget`` bytes (at least one), without
+        removing them; a delta that could never fit is dropped (and counted). A delta
+        already in flight in another message is not taken again."""
+        keys: list[str] = []
+        chunks: list[bytes] = []
+        size = 0
+        origin: int | None = None
+        inflight = self.inflight
+        for key, (data, collected) in list(self.outbox.items()):
+            if any(sent[0] is data for sent in inflight.get(key, ())):
+                continue
+            if len(data) > budget:
+                del self.outbox[key]
+                self.oversized += 1
+                continue
+            if size + len(data) > budget:
+                break
+            keys.append(key)
+            chunks.append(data)
+            size += len(data)
+            origin = collected if origin is None or collected < origin else origin
+            inflight.setdefault(key, []).append((data, collected))
+        return keys, chunks, origin
+
+    def takeable(self) -> bool:
+        """Whether a queued delta is not in flight yet."""
+        inflight = self.inflight
+        return any(
+            not any(sent[0] is data for sent in inflight.get(key, ()))
+            for key, (data, _) in self.outbox.items()
+        )
+
+    def _landed(self, key: str, data: bytes) -> tuple[bytes, int] | None:
+        """Forget ``data`` of ``key`` as in flight; returns its entry."""
+        sent = self.inflight.get(key)
+        if not sent:
+            return None
+        for i, entry in enumerate(sent):
+            if entry[0] is data:
+                del sent[i]
+                if not sent:
+                    del self.inflight[key]
+                return entry
+        return None
+
+    def unsent(self, keys: Sequence[str], chunks: Sequence[bytes]) -> None:
+        """The message carrying ``keys`` failed: what is queued for them is now as old
+        as the oldest change it must deliver."""
+        for key, data in zip(keys, chunks, strict=True):
+            sent = self._landed(key, data)
+            queued = self.outbox.get(key)
+            if sent is not None and queued is not None and sent[1] < queued[1]:
+                self.outbox[key] = (queued[0], sent[1])
+        self.wake.set()
+        for wake in self.wakes:
+            wake.set()
+
+    def acknowledge(
+        self, keys: Sequence[str], chunks: Sequence[bytes], rules: Mapping[str, BucketConfig]
+    ) -> None:
+        outbox = self.outbox
+        for key, data in zip(keys, chunks, strict=True):
+            self._landed(key, data)
+            queued = outbox.get(key)
+            if queued is not None and queued[0] is data:
+                del outbox[key]
+        for name, config in rules.items():
+            if self.rules.get(name) is config:
+                del self.rules[name]
+
+    def want_full(self) -> None:
+        self.full_wanted = True
+        self.bulk_wake.set()
+
+    def lag_p99_ms(self) -> float | None:
+        if not self.lags_ms:
+            return None
+        ordered = sorted(self.lags_ms)
+        return round(ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)], 1)
+
+
+_T = TypeVar("_T", bound=msgspec.Struct)
+
+
+# -- the mesh -------------------------------------------------------------------
+
+
+class Mesh(SyncView):
+    """Replication for one node: senders and bulk work per peer, and the receiving side."""
+
+    enabled = True
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        settings: MeshSettings,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.limiter = limiter
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        self.rng = rng or random.Random()
+        self.log = log or _log
+        window_ns = int(settings.window_s * NS_PER_S)
+        self.auth = sync.SyncAuth(settings.cluster_id, settings.secret, window_ns=window_ns)
+        self.replay = sync.ReplayGuard(window_ns)
+        self.peers = {
+            region: Peer(region, url, settings)
+            for region, url in settings.peers.items()
+            if region != settings.region
+        }
+        self.rejected: dict[str, int] = dict.fromkeys(REJECTION_REASONS, 0)
+        # Partitions rehearsed on a real deployment: POST /v1/admin/faults (faults.py).
+        self.faults = SyncFaults(self.peers, monotonic=monotonic)
+        self.merged = 0
+        self.received = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.running = False
+
+    @property
+    def replica_id(self) -> str:
+        return self.limiter.replica_id
+
+    @property
+    def local_only(self) -> bool:
+        return not any(peer.state == UP for peer in self.peers.values())
+
+    # -- wiring ----------------------------------------------------------------
+
+    def install(self, app: RatingApp) -> None:
+        """Serve the sync endpoints on ``app`` and export the mesh's metrics."""
+        app.add_route("POST", sync.PATHS[sync.DELTAS], "sync", self.receive_deltas)
+        app.add_route("POST", sync.PATHS[sync.DIGEST], "sync", self.receive_digest)
+        app.add_route("POST", sync.PATHS[sync.PULL], "sync", self.receive_pull)
+        app.metrics.gauge(
+            "bucketmesh_sync_local_only",
+            "1 while no peer region is reachable and this node decides on its own",
+            lambda: float(self.local_only),
+        )
+        app.metrics.labelled.append(self._metric_families)
+        FaultEndpoint(app, self.faults).install()
+
+    def status(self) -> api.SyncStatus:
+        return api.SyncStatus(
+            enabled=True,
+            local_only=self.local_only,
+            peers={
+                region: api.PeerStatus(
+                    state=peer.state,
+                    lag_ms_p99=peer.lag_p99_ms(),
+                    last_seen=_iso(peer.last_seen_ns),
+                )
+                for region, peer in self.peers.items()
+            },
+        )
+
+    def start(self) -> None:
+        self.running = True
+        self.tasks.append(asyncio.create_task(self._collect_loop()))
+        for peer in self.peers.values():
+            self.tasks.append(asyncio.create_task(self._send_loop(peer)))
+            for index in range(1, len(peer.links)):
+                self.tasks.append(asyncio.create_task(self._pipeline_loop(peer, index)))
+            self.tasks.append(asyncio.create_task(self._bulk_loop(peer)))
+
+    async def stop(self, flush_s: float = 1.0) -> None:
+        """Send what is still queued to the peers that are up (for at most ``flush_s``),
+        then stop every task and close every connection."""
+        # The loops also check ``running``: asyncio.wait_for may swallow a cancellation
+        # that races with the completion of what it waits for (Python < 3.12).
+        self.running = False
+        pending = set(self.tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            done, pending = await asyncio.wait(pending, timeout=0.5)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    self.log(f"sync: a mesh task had failed: {task.exception()!r}")
+        self.tasks.clear()
+        self.collect()
+        flushes = [self._flush(peer, flush_s) for peer in self.peers.values() if peer.state == UP]
+        if flushes:
+            await asyncio.gather(*flushes, return_exceptions=True)
+        for peer in self.peers.values():
+            for link in peer.links:
+                link.close()
+            peer.bulk.close()
+
+    async def _flush(self, peer: Peer, timeout_s: float) -> None:
+        deadline = self.monotonic() + timeout_s
+        while (peer.outbox or peer.rules) and self.monotonic() < deadline:
+            remaining = max(0.01, deadline - self.monotonic())
+            await self._push_outbox(peer, timeout_s=remaining)
+
+    # -- sending -----------------------------------------------------------------
+
+    def collect(self) -> int:
+        """Move the limiter's dirty deltas into every peer's outbox; returns how many."""
+        batch = self.limiter.collect_deltas()
+        if not batch.deltas and not batch.rules:
+            return 0
+        now = self.clock()
+        encoded = [(delta.key, sync.encode_delta(delta)) for delta in batch.deltas]
+        for peer in self.peers.values():
+            if not peer.offer(encoded, batch.rules, now, self.settings.max_pending):
+                self.log(
+                    f"sync: backlog for {peer.region} exceeded {self.settings.max_pending} "
+                    "buckets; dropped it, a full-state transfer follows when it is back"
+                )
+        return len(encoded)
+
+    async def _collect_loop(self) -> None:
+        interval = self.settings.interval_s
+        while self.running:
+            await asyncio.sleep(interval)
+            self.collect()
+
+    def _budget(self, rules: Mapping[str, BucketConfig]) -> int:
+        overhead = _ENVELOPE_OVERHEAD + len(self.settings.cluster_id) + len(self.replica_id) * 2
+        rules_size = len(sync.encode_push(0, False, "", [], dict(rules))) if rules else 0
+        return max(1024, self.settings.max_message_bytes - overhead - rules_size)
+
+    async def _push_outbox(
+        self,
+        peer: Peer,
+        timeout_s: float | None = None,
+        link: HttpLink | None = None,
+        require_deltas: bool = False,
+    ) -> bool | None:
+        """One message from the outbox (or a heartbeat when it is empty); None when
+        ``require_deltas`` and nothing is left to send that is not in flight."""
+        rules = {} if require_deltas else dict(peer.rules)
+        keys, chunks, origin = peer.take(self._budget(rules))
+        if require_deltas and not keys:
+            return None
+        body = sync.encode_push(
+            self.clock() if origin is None else origin, False, self.replica_id, chunks, rules
+        )
+        started = self.monotonic()
+        try:
+            ack = await self._request(
+                peer, link or peer.link, sync.DELTAS, body, sync.Ack, timeout_s
+            )
+            if ack.replica_id == self.replica_id:
+                raise LinkError(f"{peer.url} is this very node; check sync.peerUrls")
+        except LinkError as error:
+            peer.unsent(keys, chunks)
+            self._failed(peer, error, started)
+            return False
+        peer.acknowledge(keys, chunks, rules)
+        peer.sent += 1
+        self._reached(peer, ack.replica_id)
+        return True
+
+    async def _send_loop(self, peer: Peer) -> None:
+        heartbeat = self.settings.heartbeat_s
+        last_sent = -math.inf
+        while self.running:
+            # (everything queued may be in flight on the pipeline's other connections)
+            if not peer.rules and (not peer.outbox or not peer.takeable()):
+                wait = heartbeat - (self.monotonic() - last_sent)
+                if wait > 0:
+                    peer.wake.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(peer.wake.wait(), wait)
+                    continue
+            if await self._push_outbox(peer):
+                last_sent = self.monotonic()
+            else:
+                await asyncio.sleep(self._backoff(peer))
+
+    async def _pipeline_loop(self, peer: Peer, index: int) -> None:
+        """A further sender on its own connection: only deltas not in flight yet, only
+        while the peer is up (the first sender alone probes a failing peer)."""
+        link, wake = peer.links[index], peer.wakes[index]
+        while self.running:
+            if peer.state != UP or not peer.takeable():
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(wake.wait(), self.settings.heartbeat_s)
+                continue
+            if await self._push_outbox(peer, link=link, require_deltas=True) is False:
+                await asyncio.sleep(self._backoff(peer))
+
+    def _backoff(self, peer: Peer) -> float:
+        s = self.settings
+        ceiling = min(s.backoff_max_s, s.backoff_initial_s * 2 ** min(peer.attempts - 1, 30))
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def _reached(self, peer: Peer, replica_id: str) -> None:
+        if peer.state != UP:
+            self.log(f"sync: peer {peer.region} is up ({peer.url}, replica {replica_id})")
+            peer.state = UP
+        peer.failing_since = None
+        peer.attempts = 0
+        if replica_id != peer.remote_replica:
+            # First contact with this replica id: a new peer, or a restarted one that
+            # knows nothing of what it missed. Give it everything.
+            peer.remote_replica = replica_id
+            peer.want_full()
+
+    def _failed(self, peer: Peer, error: LinkError, started: float) -> None:
+        peer.failures += 1
+        peer.attempts += 1
+        peer.last_error = str(error)
+        if peer.failing_since is None:
+            peer.failing_since = started
+        if peer.state != DOWN and (
+            self.monotonic() - peer.failing_since >= self.settings.peer_timeout_s
+        ):
+            peer.state = DOWN
+            self.log(f"sync: peer {peer.region} is down ({peer.url}): {error}")
+
+    async def _request(
+        self,
+        peer: Peer,
+        link: HttpLink,
+        kind: str,
+        body: bytes,
+        reply_type: type[_T],
+        timeout_s: float | None = None,
+    ) -> _T:
+        """Seal, post, and open the reply; any failure is a ``LinkError``."""
+        if self.faults.blocks(peer.region, "outbound"):
+            raise LinkError(f"{kind} to {peer.region} dropped by an injected fault")
+        nonce = os.urandom(sync.NONCE_BYTES)
+        message = self.auth.seal(
+            kind,
+            body,
+            sender=self.replica_id,
+            region=self.settings.region,
+            now_ns=self.clock(),
+            nonce=nonce,
+        )
+        status, data = await link.post(sync.PATHS[kind], message, timeout_s)
+        if status != 200:
+            detail = data[:300].decode("utf-8", "replace")
+            raise LinkError(f"{kind} answered HTTP {status}: {detail}", status=status)
+        try:
+            env = self.auth.open(
+                data, kinds=(sync.REPLY_KIND[kind],), now_ns=self.clock(), reply_to=nonce
+            )
+            payload = sync.decode_body(env)
+        except sync.Rejected as rejected:
+            raise LinkError(f"{kind}: unacceptable reply ({rejected.reason}: {rejected})") from None
+        if not isinstance(payload, reply_type):
+            raise LinkError(f"{kind}: unexpected reply {type(payload).__name__}")
+        peer.last_seen_ns = self.clock()
+        return payload
+
+    # -- bulk: full state and digests ------------------------------------------
+
+    async def _bulk_loop(self, peer: Peer) -> None:
+        interval = self.settings.digest_interval_s
+        next_digest = self.monotonic() + self.rng.uniform(0.5, 1.0) * interval
+        while self.running:
+            if peer.state != UP:
+                await asyncio.sleep(self.settings.heartbeat_s)
+                continue
+            try:
+                if peer.full_wanted:
+                    await self._transfer_full(peer)
+                    continue
+                if self.monotonic() >= next_digest:
+                    await self._digest_round(peer)
+                    next_digest = self.monotonic() + self._digest_interval()
+            except LinkError as error:
+                peer.last_error = str(error)
+                await asyncio.sleep(self.rng.uniform(0.5, 1.0) * self.settings.backoff_max_s)
+                continue
+            peer.bulk_wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    peer.bulk_wake.wait(), max(0.0, next_digest - self.monotonic())
+                )
+
+    def _digest_interval(self) -> float:
+        # Hashing costs about a microsecond or two per bucket: stretch the interval
+        # with the bucket count so that digests stay a small share of one core.
+        floor = self.settings.digest_interval_s
+        return self.rng.uniform(0.8, 1.2) * max(floor, len(self.limiter) * 50e-6)
+
+    async def _transfer_full(self, peer: Peer) -> None:
+        """Send every shared bucket with every entry known here, in chunks.
+
+        The outbox is dropped first: the full state read afterwards subsumes it.
+        A failure leaves ``full_wanted`` set, so the transfer starts over later.
+        """
+        peer.full_wanted = False
+        peer.outbox.clear()
+        peer.rules.clear()
+        peer.full_transfers += 1
+        keys = await self._live_keys()
+        try:
+            if not keys:
+                await self._push_state(peer, self.limiter.full_state([]))
+            for start in range(0, len(keys), _FULL_CHUNK_KEYS):
+                if peer.full_wanted:
+                    return
+                await self._push_state(
+                    peer, self.limiter.full_state(keys[start : start + _FULL_CHUNK_KEYS])
+                )
+                await asyncio.sleep(0)
+        except LinkError:
+            peer.full_wanted = True
+            raise
+
+    async def _push_state(self, peer: Peer, batch: DeltaBatch) -> None:
+        """Full-state deltas to ``peer`` over the bulk connection, split to fit messages
+        (always at least one message, so rule configs travel even without buckets)."""
+        rules = batch.rules
+        budget = self._budget(rules)
+        chunk: list[bytes] = []
+        size = 0
+        for delta in batch.deltas:
+            data = sync.encode_delta(delta)
+            if len(data) > budget:
+                peer.oversized += 1
+                continue
+            if chunk and size + len(data) > budget:
+                await self._send_state(peer, chunk, rules)
+                chunk, size = [], 0
+            chunk.append(data)
+            size += len(data)
+        await self._send_state(peer, chunk, rules)
+
+    async def _send_state(
+        self, peer: Peer, chunk: list[bytes], rules: dict[str, BucketConfig]
+    ) -> None:
+        body = sync.encode_push(self.clock(), True, self.replica_id, chunk, rules)
+        await self._request(peer, peer.bulk, sync.DELTAS, body, sync.Ack)
+
+    async def _live_keys(self, ranges: Collection[int] | None = None) -> list[str]:
+        """Shared buckets not yet expired (in ``ranges``, if given): what state transfers
+        carry. An expired bucket is as good as gone, and resending one that a peer
+        already dropped would only resurrect it there. Scanned in slices."""
+        now = self.clock()
+        range_of = sync.range_of
+        buckets = self.limiter.buckets
+        keys = list(buckets)
+        live: list[str] = []
+        for start in range(0, len(keys), _SCAN_SLICE):
+            for key in keys[start : start + _SCAN_SLICE]:
+                bucket = buckets.get(key)
+                if (
+                    bucket is not None
+                    and bucket.config.mode == SHARED
+                    and not bucket.expired(now)
+                    and (ranges is None or range_of(key) in ranges)
+                ):
+                    live.append(key)
+            if len(keys) > _SCAN_SLICE:
+                await asyncio.sleep(0)
+        return live
+
+    async def _keys_by_range(self) -> list[list[str]]:
+        ranges: list[list[str]] = [[] for _ in range(sync.RANGES)]
+        range_of = sync.range_of
+        for key in await self._live_keys():
+            ranges[range_of(key)].append(key)
+        return ranges
+
+    async def _digest_of(
+        self, keys: Sequence[str], ranges: Sequence[int], now_ns: int, settle_ns: int
+    ) -> list[int]:
+        """``sync.digest`` of these buckets' full state, hashed in slices (range hashes
+        are XORs, so slices combine)."""
+        hashes = [0] * len(ranges)
+        for start in range(0, len(keys), _HASH_SLICE):
+            states = self.limiter.full_state(keys[start : start + _HASH_SLICE]).deltas
+            part = sync.digest(states, ranges, now_ns, settle_ns)
+            hashes = [a ^ b for a, b in zip(hashes, part, strict=True)]
+            if len(keys) > _HASH_SLICE:
+                await asyncio.sleep(0)
+        return hashes
+
+    async def _digest_round(self, peer: Peer) -> None:
+        """Compare range hashes with ``peer``; swap full state of the ranges that differ."""
+        settle_ns = int(self.settings.settle_s * NS_PER_S)
+        by_range = await self._keys_by_range()
+        for start in range(0, sync.RANGES, _DIGEST_GROUP):
+            group = list(range(start, min(sync.RANGES, start + _DIGEST_GROUP)))
+            keys = [key for r in group for key in by_range[r]]
+            hashes = await self._digest_of(keys, group, self.clock(), settle_ns)
+            request = sync.DigestRequest(settle_ns, group, hashes)
+            reply = await self._request(
+                peer, peer.bulk, sync.DIGEST, sync.encode(request), sync.DigestReply
+            )
+            if reply.differing:
+                self._merge(reply.state)
+                peer.repaired_ranges += len(reply.differing)
+                mine = [key for r in reply.differing if 0 <= r < sync.RANGES for key in by_range[r]]
+                await self._push_state(peer, self.limiter.full_state(mine))
+            await asyncio.sleep(0)
+
+    # -- start-up ------------------------------------------------------------------
+
+    async def pull_at_start(self) -> None:
+        """Merge the full state of every reachable peer before this node decides anything."""
+        deadline = self.monotonic() + self.settings.startup_pull_s
+        results = await asyncio.gather(
+            *(self._pull_from(peer, deadline) for peer in self.peers.values())
+        )
+        pulled = [region for region, ok in zip(self.peers, results, strict=True) if ok]
+        if self.peers:
+            self.log(
+                f"sync: start-up state pulled from {', '.join(pulled) or 'no peer'}"
+                f" ({len(self.limiter)} buckets)"
+            )
+
+    async def _pull_from(self, peer: Peer, deadline: float) -> bool:
+        groups = [
+            list(range(start, min(sync.RANGES, start + _PULL_GROUP)))
+            for start in range(0, sync.RANGES, _PULL_GROUP)
+        ]
+        for group in groups:
+            while True:
+                remaining = deadline - self.monotonic()
+                if remaining <= 0:
+                    return False
+                body = sync.encode(sync.PullRequest(group))
+                try:
+                    reply = await self._request(
+                        peer, peer.bulk, sync.PULL, body, sync.PullReply, timeout_s=remaining
+                    )
+                except LinkError as error:
+                    peer.last_error = str(error)
+                    if error.refused or error.status is not None:
+                        return False
+                    await asyncio.sleep(min(self.settings.backoff_initial_s, remaining))
+                    continue
+                self._merge(reply.state)
+                break
+        return True
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _open(self, request: Request, kind: str) -> tuple[sync.Envelope, msgspec.Struct]:
+        try:
+            env = self.auth.open(
+                request.body, kinds=(kind,), now_ns=self.clock(), replay=self.replay
+            )
+            payload = sync.decode_body(env)
+        except sync.Rejected as rejected:
+            self.rejected[rejected.reason] = self.rejected.get(rejected.reason, 0) + 1
+            headers = (
+                [("WWW-Authenticate", 'HMAC realm="bucketmesh-sync"')]
+                if rejected.status == 401
+                else None
+            )
+            raise ApiError(
+                rejected.status,
+                _TITLES.get(rejected.status, "Bad Request"),
+                rejected.detail,
+                field="body",
+                headers=headers,
+                reason="sync_" + rejected.reason,
+            ) from None
+        if self.faults.blocks(env.region, "inbound"):
+            raise ApiError(
+                503,
+                "Service Unavailable",
+                f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
+                reason="sync_fault_injected",
+            )
+        self.received += 1
+        peer = self.peers.get(env.region)
+        if peer is not None:
+            peer.last_seen_ns = self.clock()
+        return env, payload
+
+    def _reply(self, request: sync.Envelope, kind: str, payload: msgspec.Struct) -> Response:
+        body = self.auth.seal(
+            kind,
+            sync.encode(payload),
+            sender=self.replica_id,
+            region=self.settings.region,
+            now_ns=self.clock(),
+            nonce=os.urandom(sync.NONCE_BYTES),
+            reply_to=request.nonce,
+        )
+        return Response(200, body, sync.CONTENT_TYPE)
+
+    def _merge(self, batch: DeltaBatch) -> int:
+        changed = self.limiter.merge(batch, now=self.clock())
+        self.merged += changed
+        return changed
+
+    def receive_deltas(self, request: Request) -> Response:
+        env, payload = self._open(request, sync.DELTAS)
+        assert isinstance(payload, sync.DeltaPush)
+        changed = self._merge(payload.batch)
+        if payload.batch.deltas and not payload.full:
+            peer = self.peers.get(env.region)
+            if peer is not None:
+                lag_s = max(0.0, (self.clock() - payload.origin_ns) / NS_PER_S)
+                peer.lag.observe(lag_s)
+                peer.lags_ms.append(lag_s * 1000)
+        return self._reply(env, sync.ACK, sync.Ack(self.replica_id, changed))
+
+    def _ranges(self, ranges: Sequence[int]) -> list[int]:
+        bad = [r for r in ranges if not 0 <= r < sync.RANGES]
+        if bad:
+            raise ApiError(
+                400,
+                "Bad Request",
+                f"ranges are 0..{sync.RANGES - 1}, got {bad[:5]}",
+                field="ranges",
+                reason="sync_malformed",
+            )
+        return list(ranges)
+
+    async def _state_of_ranges(self, ranges: Sequence[int]) -> DeltaBatch:
+        return self.limiter.full_state(await self._live_keys(set(ranges)))
+
+    async def receive_digest(self, request: Request) -> Response:
+        env, payload = self._open(request, sync.DIGEST)
+        assert isinstance(payload, sync.DigestRequest)
+        ranges = self._ranges(payload.ranges)
+        now = self.clock()
+        keys = await self._live_keys(set(ranges))
+        mine = await self._digest_of(keys, ranges, now, payload.settle_ns)
+        try:
+            differ = sync.differing(ranges, mine, payload.hashes)
+        except sync.Rejected as rejected:
+            raise ApiError(
+                400, "Bad Request", rejected.detail, field="hashes", reason="sync_malformed"
+            ) from None
+        state = await self._state_of_ranges(differ) if differ else DeltaBatch(self.replica_id, [])
+        return self._reply(env, sync.DIGEST_REPLY, sync.DigestReply(self.replica_id, differ, state))
+
+    async def receive_pull(self, request: Request) -> Response:
+        env, payload = self._open(request, sync.PULL)
+        assert isinstance(payload, sync.PullRequest)
+        state = await self._state_of_ranges(self._ranges(payload.ranges))
+        return self._reply(env, sync.STATE, sync.PullReply(self.replica_id, state))
+
+    # -- metrics -------------------------------------------------------------------
+
+    def _metric_families(self) -> Iterator[Metric]:
+        for gauge, name, doc, read in _PEER_METRICS:
+            family: GaugeMetricFamily | CounterMetricFamily = (
+                GaugeMetricFamily if gauge else CounterMetricFamily
+            )(name, doc, labels=["peer"])
+            for region, peer in sorted(self.peers.items()):
+                family.add_metric([region], float(read(peer)))
+            yield family
+        lag = HistogramMetricFamily(
+            "crdt_sync_duration_seconds",
+            "Replication lag of received delta batches: receive time minus the sender's "
+            "collect time, by sending peer region",
+            labels=["peer"],
+        )
+        for region, peer in sorted(self.peers.items()):
+            lag.add_metric([region], peer.lag.buckets(), peer.lag.total)
+        yield lag
+        rejected = CounterMetricFamily(
+            "bucketmesh_sync_rejected",
+            "Sync messages refused (nothing merged), by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield CounterMetricFamily(
+            "bucketmesh_sync_merged_buckets",
+            "Buckets changed by merging peers' messages",
+            value=self.merged,
+        )
+
+
+_PEER_METRICS: Final[tuple[tuple[bool, str, str, Callable[[Peer], float]], ...]] = (
+    (
+        True,
+        "bucketmesh_sync_peer_up",
+        "1 while sends to this peer region succeed",
+        lambda p: p.state == UP,
+    ),
+    (
+        True,
+        "bucketmesh_sync_pending_deltas",
+        "Bucket deltas queued for this peer region, not yet acknowledged",
+        lambda p: len(p.outbox),
+    ),
+    (
+        False,
+        "bucketmesh_sync_messages_sent",
+        "Delta messages (and heartbeats) this peer region acknowledged",
+        lambda p: p.sent,
+    ),
+    (
+        False,
+        "bucketmesh_sync_send_failures",
+        "Delta sends to this peer region that failed (timeout, refused, rejected)",
+        lambda p: p.failures,
+    ),
+    (
+        False,
+        "bucketmesh_sync_full_transfers",
+        "Full-state transfers started to this peer region",
+        lambda p: p.full_transfers,
+    ),
+    (
+        False,
+        "bucketmesh_sync_backlogs_dropped",
+        "Times this peer region's backlog overflowed and was replaced by a full transfer",
+        lambda p: p.backlogs_dropped,
+    ),
+    (
+        False,
+        "bucketmesh_sync_oversized_deltas",
+        "Deltas for this peer region dropped because one alone exceeds a message",
+        lambda p: p.oversized,
+    ),
+    (
+        False,
+        "bucketmesh_sync_repaired_ranges",
+        "Key ranges a digest exchange with this peer region found different and repaired",
+        lambda p: p.repaired_ranges,
+    ),
+)
+
+
+_TITLES: Final = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    503: "Service Unavailable",
+}
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    moment = datetime.fromtimestamp(ns / NS_PER_S, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _log(message: str) -> None:
+    print(f"bucketmesh: {message}", file=sys.stderr, flush=True)

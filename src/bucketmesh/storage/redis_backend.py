@@ -1,0 +1,947 @@
+"""The redis backend of one API node: decisions in Redis, failure policies, replication.
+
+Several stateless ``bucketmesh serve`` nodes of one region share one Redis
+(``storage.backend: redis``). This module is the node's side of it; the
+scripts and the wire to Redis are in ``redis_store.py``.
+
+Theory of operation
+-------------------
+Decisions
+    A request's decision is queued; one flush per event-loop turn sends every
+    queued decision of this node in ONE script call (``RedisStore.acquire``),
+    which decides them in order, atomically. While ``connections`` calls are
+    in flight, new decisions wait and go together in the next call, so 50
+    concurrent connections cost a handful of round trips, not 50.
+The region's replica
+    Every node of the region writes the same ``used`` entry, the store's
+    replica id ``<region>/redis/<incarnation>``; Redis serialises them.
+Replication (the mesh is unchanged)
+    The mesh talks to a ``Limiter``: here a ``RegionMirror``, this node's copy
+    of the region state of the keys it decided on or heard of. Every sync
+    interval the node reads the keys it decided on since the last round from
+    Redis in one pipeline and joins them into the mirror, which marks them
+    dirty for the mesh. What peers send is joined into the mirror and queued
+    for the merge script. Two nodes of a region that both decided on a key
+    both send its delta: absolute values of one replica id, so the second is
+    a no-op at the receiver (max-merge); only nodes that decided on a key send
+    it, so a key hot on one node is sent by that node alone.
+Store failures
+    Every call has a tight timeout (``storage.redisTimeoutMs``). A failed call
+    marks the store down; while it is down nothing waits on Redis: each
+    rule's ``onStoreFailure`` decides (``allow``, ``deny``, or ``local``: an
+    in-memory ``Limiter`` under this node's own replica id, seeded with the
+    mirror's copy of the region state). A probe runs every 100 ms; when Redis
+    answers, what the local buckets spent is merged into Redis under that
+    replica id (nothing spent is forgotten), queued remote deltas are merged,
+    and decisions go to Redis again. ``/readyz`` says ``store: ...`` while
+    down; ``bucketmesh_store_*`` metrics count it all.
+Lost data
+    If Redis comes back empty, the incarnation key is gone: the next
+    acquire is refused by the script and the store is marked down (the
+    policy decides); the recovery takes a new incarnation (SET NX, so all
+    nodes agree) and merges the mirror back into Redis BEFORE deciding there
+    again, so the old incarnation's counts are known again (peers hold them
+    too) and no fresh bucket of a newer epoch shadows them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from bucketmesh.http.routes import Answer, ApiError, RatingApp
+from bucketmesh.core.bucket import (
+    NS_PER_S,
+    SHARED,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    Decision,
+    interval_for,
+)
+from bucketmesh.http.server import Request, Response
+from bucketmesh.core.limiter import (
+    BucketCapReached,
+    DeltaBatch,
+    InvalidTokens,
+    Limiter,
+    NoRuleError,
+    _share,
+)
+from bucketmesh.storage.redis_store import (
+    ALLOWED,
+    INVALID_TOKENS,
+    RECONFIGURE,
+    Ask,
+    RedisStore,
+    StaleIncarnation,
+    StoreUnavailable,
+    check_exact,
+)
+from bucketmesh.core.rules import Rule
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from bucketmesh.node.serve import NodeSettings
+
+POLICIES: Final = ("allow", "deny", "local")
+MAX_DECISIONS_PER_CALL: Final = 500
+PROBE_INTERVAL_S: Final = 0.1
+CHECK_INTERVAL_S: Final = 0.5
+REFRESH_INTERVAL_S: Final = 0.25  # without a mesh: keeps the mirror fresh for `local`
+MAX_REFRESH_KEYS: Final = 5000
+MAX_QUEUED_MERGES: Final = 100_000
+MERGE_CHUNK: Final = 200
+DENY_RETRY_S: Final = 1.0
+
+# A queued decision and what to call with its Decision (or its error) once known.
+Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
+
+
+class InexactConfig(ValueError):
+    """A runtime config outside the range the Redis scripts compute exactly."""
+
+    def __init__(self, detail: str, field: str) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+class RegionMirror(Limiter):
+    """This node's copy of the region's Redis state: what the sync mesh reads and merges.
+
+    It never decides (``acquire`` raises): decisions are made in Redis. What a
+    peer sends (``merge``) is joined here and handed to ``forward``, which
+    queues it for the store; what this node reads back from Redis is joined
+    with ``absorb``, which marks changed shared buckets dirty for the mesh.
+    """
+
+    def __init__(
+        self, rules: Iterable[Rule], *, forward: Callable[[DeltaBatch], None], **kwargs: Any
+    ) -> None:
+        super().__init__(list(rules), **kwargs)
+        self.forward = forward
+        self.inexact_skipped = 0  # configs from peers outside the exact range
+
+    def acquire(
+        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
+    ) -> Decision:
+        raise RuntimeError("the region mirror never decides: decisions are made in Redis")
+
+    def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
+        # A config outside the range the scripts compute exactly (a peer region on
+        # the memory backend accepts it) is skipped here, and so never reaches Redis.
+        deltas = [d for d in batch.deltas if check_exact(d.config) is None]
+        rules = {name: c for name, c in batch.rules.items() if check_exact(c) is None}
+        if len(deltas) != len(batch.deltas) or len(rules) != len(batch.rules):
+            self.inexact_skipped += len(batch.deltas) - len(deltas) + len(batch.rules) - len(rules)
+            batch = DeltaBatch(batch.origin, deltas, rules)
+        changed = super().merge(batch, now=now)
+        self.forward(batch)
+        return changed
+
+    def configure(
+        self,
+        key_or_rule: str,
+        *,
+        capacity: int | None = None,
+        refill_rate: float | None = None,
+        ttl: float | None = None,
+        mode: str | None = None,
+        now: int | None = None,
+    ) -> BucketConfig:
+        """``Limiter.configure``, refusing a config the scripts cannot compute exactly
+        (the check the node runs on its rules at start)."""
+        rule = self.rules_by_name.get(key_or_rule)
+        if rule is not None:
+            current = self.rule_configs[rule.name]
+        else:
+            bucket = self.buckets.get(key_or_rule)
+            if bucket is not None:
+                current = self.key_configs.get(key_or_rule) or bucket.config
+            else:
+                current = self.rule_configs[self._rule(key_or_rule, None).name]
+        if capacity is not None or refill_rate is not None or ttl is not None:
+            candidate = BucketConfig(
+                current.capacity if capacity is None else capacity,
+                current.interval_ns if refill_rate is None else interval_for(refill_rate),
+                current.ttl_ns if ttl is None else max(1, round(ttl * NS_PER_S)),
+                current.mode,
+                current.version,
+            )
+            problem = check_exact(candidate)
+            if problem is not None:
+                given = [
+                    name
+                    for name, value in (
+                        ("capacity", capacity),
+                        ("refillRate", refill_rate),
+                        ("ttl", ttl),
+                    )
+                    if value is not None
+                ]
+                raise InexactConfig(problem, given[0])
+        return super().configure(
+            key_or_rule, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode, now=now
+        )
+
+    def collect_deltas(self) -> DeltaBatch:
+        """Like ``Limiter.collect_deltas``, but each delta carries every entry of this
+        region (``<region>/...``): besides the store's own, what ``local`` fallbacks
+        spent (merged into Redis under node-local ids) and an older incarnation's
+        counts. Only this region can send them, and max-merge makes resending them
+        harmless; a peer region's entries stay that region's to send."""
+        batch = super().collect_deltas()
+        prefix = self.replica_id.split("/", 1)[0] + "/"
+        for delta in batch.deltas:
+            bucket = self.buckets.get(delta.key)
+            if delta.epoch and bucket is not None:
+                used = bucket.used(self.replica_id)
+                delta.used = {rid: n for rid, n in used.items() if rid.startswith(prefix)}
+        return batch
+
+    def absorb(self, deltas: Iterable[BucketDelta], now: int) -> None:
+        for delta in deltas:
+            changed = Limiter.merge(self, DeltaBatch(self.replica_id, [delta]), now=now)
+            if changed and delta.config.mode == SHARED:
+                self.dirty.add(delta.key)
+
+    def rename(self, replica_id: str) -> None:
+        """Run under a new store incarnation; the old id's entries stay, as a peer's."""
+        old = self.replica_id
+        for key, bucket in list(self.buckets.items()):
+            state = bucket.full_state(key, old)
+            state.used = {rid: n for rid, n in state.used.items() if n}
+            self.buckets[key] = Bucket.from_delta(state, replica_id)
+        self.replica_id = replica_id
+        # a tombstone's count was the old id's: the old id's entry carries it now
+        self.tombstones.clear()
+
+
+class RedisBackend:
+    """Decides through Redis, falls back per rule, and keeps the mirror and Redis joined."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.region = settings.region
+        self.regions = settings.regions
+        self.store = RedisStore(
+            settings.redis_url,
+            settings.region,
+            timeout_s=settings.redis_timeout_s,
+            connections=settings.redis_connections,
+        )
+        self.max_inflight = settings.redis_connections
+        self.rules = {rule.name: rule for rule in settings.rules}
+        started_ms = time.time_ns() // 1_000_000
+        self.mirror = RegionMirror(
+            settings.rules,
+            forward=self._queue_remote,
+            replica_id=f"{settings.region}/redis/unknown",
+            max_buckets=settings.max_buckets,
+            regions=settings.regions,
+        )
+        for name, config in self.mirror.rule_configs.items():
+            problem = check_exact(config)
+            if problem is not None:
+                raise SystemExit(f"rule {name!r}: {problem}")
+        # The `local` policy's buckets: this node's own replica id, new every start.
+        self.local = Limiter(
+            settings.rules,
+            replica_id=f"{settings.region}/{settings.node}-local/{started_ms}",
+            max_buckets=settings.max_buckets,
+            regions=settings.regions,
+        )
+        # Keys read back into the mirror after a grant: every rule's for the mesh;
+        # without one, only those of `local` rules (to seed the fallback buckets).
+        self.tracked = {
+            rule.name
+            for rule in settings.rules
+            if settings.sync is not None or rule.on_store_failure == "local"
+        }
+        self.refresh_interval_s = (
+            settings.sync.interval_s if settings.sync is not None else REFRESH_INTERVAL_S
+        )
+        self.up = False
+        self.last_error = "not connected yet"
+        self.pending: list[list[Waiter]] = []
+        self.pending_count = 0
+        self.inflight = 0
+        self.flush_scheduled = False
+        self.touched: set[str] = set()
+        # keys granted in Redis, not in the mirror until the next read-back: they
+        # count against max_buckets, so the mirror has room for them then
+        self.unmirrored: set[str] = set()
+        self.local_spent: set[str] = set()
+        self.seeded: set[str] = set()
+        self.remote: list[BucketDelta] = []
+        self.remote_rules: dict[str, BucketConfig] = {}
+        self.resync = False
+        self.merge_back = False
+        self.remote_wake = asyncio.Event()
+        self.health_wake = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.running: set[asyncio.Task[None]] = set()
+        self.groups = itertools.count(1)
+        # metrics
+        self.fallbacks: dict[str, int] = dict.fromkeys(POLICIES, 0)
+        self.outages = 0
+        self.recoveries = 0
+        self.calls = 0
+        self.decided = 0
+        self.reconfigured = 0
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self, app: RatingApp) -> None:
+        """Take the store's incarnation if Redis answers (else start down and retry)."""
+        self._install_metrics(app)
+        try:
+            await self._rejoin(timeout_s=max(1.0, self.store.timeout_s))
+            self.up = True
+        except (StoreUnavailable, StaleIncarnation) as error:
+            self._mark_down(error)
+        self.tasks = [
+            asyncio.create_task(self._health_loop()),
+            asyncio.create_task(self._remote_loop()),
+            asyncio.create_task(self._refresh_loop()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.up and (self.remote or self.resync):
+            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
+                await self._merge_remote()
+        await self.store.close()
+
+    def readiness(self) -> str:
+        return "ok" if self.up else f"redis unavailable: {self.last_error}"
+
+    def _mark_down(self, error: BaseException) -> None:
+        self.last_error = str(error) or type(error).__name__
+        if self.up:
+            self.outages += 1
+            print(f"bucketmesh: redis store down: {self.last_error}", file=sys.stderr, flush=True)
+        self.up = False
+        self.seeded.clear()
+        self.health_wake.set()
+
+    # -- decisions -----------------------------------------------------------------
+
+    def ask(
+        self, key: str, rule_name: str | None, tokens: int, group: int = 0, request: int = 0
+    ) -> Ask:
+        mirror = self.mirror
+        rule = mirror._rule(key, rule_name)
+        if (
+            rule.name in self.tracked
+            and key not in mirror.buckets
+            and key not in self.unmirrored
+            and len(mirror.buckets) + len(self.unmirrored) >= mirror.max_buckets
+        ):
+            self._refuse_at_cap()
+        config = _share(mirror.rule_configs[rule.name], self.regions)
+        return Ask(key, rule.name, config, tokens, group, request)
+
+    def _refuse_at_cap(self) -> None:
+        """A new key while the mirror is full: refused (503 + Retry-After, as the memory
+        backend does), since the mirror could not hold it when it is read back from
+        Redis and the key would never be replicated."""
+        mirror = self.mirror
+        mirror.expire()
+        if len(mirror.buckets) + len(self.unmirrored) >= mirror.max_buckets:
+            mirror.cap_rejections += 1
+            raise BucketCapReached(
+                f"{len(mirror.buckets)} live buckets (+{len(self.unmirrored)} being read "
+                "back from Redis): the cap (max_buckets) is reached"
+            )
+
+    async def acquire(self, key: str, rule_name: str | None, tokens: int) -> Decision:
+        """One decision, made in Redis with the others of this turn, or by the policy."""
+        ask = self.ask(key, rule_name, tokens)
+        if not self.up:
+            return self._fallback(ask)
+        return (await self._submit([ask]))[0]
+
+    async def acquire_many(
+        self, resolved: list[tuple[str, str | None, int]], atomic: bool
+    ) -> list[Decision]:
+        """A batch's decisions in one script call; ``atomic``: all or nothing."""
+        request = next(self.groups)
+        group = request if atomic else 0
+        asks = [self.ask(key, rule, tokens, group, request) for key, rule, tokens in resolved]
+        if not self.up:
+            return self._fallback_many(asks, atomic)
+        return await self._submit(asks)
+
+    async def _submit(self, asks: list[Ask]) -> list[Decision]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Decision]] = [loop.create_future() for _ in asks]
+        self.enqueue([(ask, _settle(future)) for ask, future in zip(asks, futures, strict=True)])
+        return [await future for future in futures]
+
+    def enqueue(self, unit: list[Waiter]) -> None:
+        """Queue decisions for the next script call; each ``outcome`` is called with the
+        Decision or the error (InvalidTokens, ...) once it is known. A unit never splits."""
+        self.pending.append(unit)
+        self.pending_count += len(unit)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self.flush_scheduled and self.inflight < self.max_inflight and self.pending:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what is queued, as one script call (a group never splits across two)."""
+        self.flush_scheduled = False
+        if not self.pending or self.inflight >= self.max_inflight:
+            return
+        batch: list[Waiter] = []
+        while self.pending and (not batch or len(batch) < MAX_DECISIONS_PER_CALL):
+            unit = self.pending.pop(0)
+            self.pending_count -= len(unit)
+            batch.extend(unit)
+        self.inflight += 1
+        task = asyncio.get_running_loop().create_task(self._decide(batch))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def _decide(self, batch: list[Waiter]) -> None:
+        # `left`: the decisions not answered yet (the store answers some, then may
+        # fail while redoing the others: only those go to the policy, no double charge)
+        left = list(batch)
+        try:
+            await self._decide_in_store(left)
+        except (StoreUnavailable, StaleIncarnation) as error:
+            self._mark_down(error)
+            self._resolve_by_policy(left)
+        except BaseException as error:  # never leave a request hanging
+            for _, outcome in left:
+                outcome(error)
+            raise
+        finally:
+            self.inflight -= 1
+            # Whatever went wrong above, nothing stays unanswered: a refusal for
+            # anything left (an outcome called twice keeps its first answer).
+            for ask, outcome in left:
+                outcome(self._refusal(ask))
+            self._schedule()
+
+    async def _decide_in_store(self, left: list[Waiter]) -> None:
+        """Decide ``left`` in the store; what is answered is removed from it."""
+        batch = list(left)
+        for _ in range(4):
+            if not self.up:
+                raise StoreUnavailable(self.last_error)
+            now = time.time_ns()
+            asks = [ask for ask, _ in batch]
+            # StaleIncarnation (Redis lost its data) goes to the policy: the store
+            # stays down until the mirror has been merged back under the new
+            # incarnation (_recover), or a fresh bucket would be created here and
+            # the merge-back of the older epoch ignored.
+            verdicts = await self.store.acquire(asks, now)
+            self.calls += 1
+            redo: list[Waiter] = []
+            for (ask, outcome), verdict in zip(batch, verdicts, strict=True):
+                if verdict.status == RECONFIGURE:
+                    redo.append((ask, outcome))
+                    continue
+                self.decided += 1
+                if verdict.status == INVALID_TOKENS:
+                    outcome(_invalid(ask.tokens, verdict.capacity))
+                    continue
+                if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
+                    self.touched.add(ask.key)
+                    if ask.key not in self.mirror.buckets:
+                        self.unmirrored.add(ask.key)
+                outcome(verdict.decision(ask.key))
+            left[:] = redo
+            if not redo:
+                return
+            await self._reconfigure({ask.key: ask for ask, _ in redo}.values(), now)
+            batch = redo
+        raise StoreUnavailable("a bucket kept changing its config under this node")
+
+    async def _reconfigure(self, asks: Iterable[Ask], now: int) -> None:
+        """Adopt the rule's newer config in Redis: ``bucket.py`` computes the base that
+        keeps the level at this instant, the merge script joins it in (a proposal like
+        any other replica's: concurrent ones from other nodes join harmlessly)."""
+        asks = list(asks)
+        by_key = {ask.key: ask for ask in asks}
+        rid = self.store.replica_id or self.mirror.replica_id
+        proposals = []
+        for state in await self.store.read(list(by_key)):
+            bucket = Bucket.from_delta(state, rid)
+            config = by_key[state.key].config
+            if config.version > bucket.config.version:
+                bucket.reconfigure(config, now)
+                proposals.append(bucket.full_state(state.key, rid))
+        self.reconfigured += len(proposals)
+        await self.store.merge(proposals, now)
+
+    # -- failure policies ------------------------------------------------------------
+
+    def _policy(self, ask: Ask) -> str:
+        return self.rules[ask.rule].on_store_failure
+
+    def _resolve_by_policy(self, batch: list[Waiter]) -> None:
+        groups: dict[int, list[Waiter]] = {}
+        for ask, outcome in batch:
+            if ask.group:
+                groups.setdefault(ask.group, []).append((ask, outcome))
+                continue
+            try:
+                outcome(self._fallback(ask))
+            except (InvalidTokens, BucketCapReached) as error:
+                outcome(error)
+        # Each group on its own: one group's error must not leave the next unanswered.
+        for items in groups.values():
+            try:
+                decisions = self._fallback_many([ask for ask, _ in items], atomic=True)
+            except (InvalidTokens, BucketCapReached) as error:
+                for _, outcome in items:
+                    outcome(error)
+                continue
+            for (_, outcome), decision in zip(items, decisions, strict=True):
+                outcome(decision)
+
+    def _refusal(self, ask: Ask) -> Decision:
+        """A plain refusal, for a decision nothing else could answer."""
+        cfg = ask.config
+        rate = NS_PER_S / cfg.interval_ns
+        return Decision(
+            False, ask.key, 0, cfg.capacity, rate, DENY_RETRY_S, 0.0, cfg.mode, ask.rule
+        )
+
+    def _key_config(self, ask: Ask) -> BucketConfig:
+        """The key's own config as the mirror knows it (a PATCH may have changed it),
+        else the rule's: what the fallback checks tokens against."""
+        bucket = self.mirror.buckets.get(ask.key)
+        if bucket is not None and bucket.rule == ask.rule:
+            return bucket.config
+        return ask.config
+
+    def _fallback(self, ask: Ask) -> Decision:
+        """The decision ``onStoreFailure`` gives while Redis is unavailable."""
+        policy = self._policy(ask)
+        self.fallbacks[policy] += 1
+        config = self._key_config(ask)
+        if ask.tokens > config.capacity:
+            raise _invalid(ask.tokens, config.capacity)
+        if policy == "local":
+            return self._local(ask)
+        rate = NS_PER_S / config.interval_ns
+        if policy == "allow":
+            remaining = config.capacity - ask.tokens
+            return Decision(
+                True, ask.key, remaining, config.capacity, rate, 0.0, 0.0, config.mode, ask.rule
+            )
+        return Decision(
+            False, ask.key, 0, config.capacity, rate, DENY_RETRY_S, 0.0, config.mode, ask.rule
+        )
+
+    def _local(self, ask: Ask) -> Decision:
+        key = ask.key
+        if key not in self.seeded:
+            # Start from the region's state as this node last saw it, not from full.
+            self.seeded.add(key)
+            if key in self.mirror.buckets:
+                self.local.merge(self.mirror.full_state([key]))
+        decision = self.local.acquire(key, ask.tokens, rule=ask.rule)
+        if decision.allowed and ask.tokens:
+            self.local_spent.add(key)
+        return decision
+
+    def _fallback_many(self, asks: list[Ask], atomic: bool) -> list[Decision]:
+        if not atomic:
+            return [self._fallback(ask) for ask in asks]
+        # All or nothing without the store: granted whole only when every item's
+        # policy is `allow`; anything else is refused whole (the safe side).
+        if all(self._policy(ask) == "allow" for ask in asks):
+            return [self._fallback(ask) for ask in asks]
+        out = []
+        for ask in asks:
+            self.fallbacks[self._policy(ask)] += 1
+            cfg = ask.config
+            rate = NS_PER_S / cfg.interval_ns
+            out.append(
+                Decision(
+                    False, ask.key, 0, cfg.capacity, rate, DENY_RETRY_S, 0.0, cfg.mode, ask.rule
+                )
+            )
+        return out
+
+    # -- health and recovery ----------------------------------------------------------
+
+    async def _rejoin(self, timeout_s: float | None = None) -> None:
+        """Take the store's incarnation; if it changed, run the mirror under it and put
+        the mirror's copy of the region state back into Redis."""
+        previous = self.store.incarnation
+        await self.store.join(timeout_s)
+        rid = self.store.replica_id
+        assert rid is not None
+        if rid != self.mirror.replica_id:
+            self.mirror.rename(rid)
+            if previous is not None:
+                # Merged back before any decision under the new incarnation (callers
+                # keep the store down until this returns): a decision first would
+                # create a fresh bucket with a newer epoch, and the merge of the
+                # older epoch would then be ignored (a drained bucket refilled).
+                self.merge_back = True
+                await self._merge_back()
+                print(
+                    f"bucketmesh: redis store incarnation changed ({previous} -> "
+                    f"{self.store.incarnation}): Redis lost its data, state merged back",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    async def _merge_back(self) -> None:
+        """Put the mirror's copy of the region state into Redis (after it lost it)."""
+        state = self.mirror.full_state().deltas
+        for start in range(0, len(state), MERGE_CHUNK):
+            await self.store.merge(state[start : start + MERGE_CHUNK], time.time_ns())
+        self.merge_back = False
+
+    async def _recover(self) -> None:
+        await self.store.ping()
+        current = await self.store.current_incarnation()
+        if current is None or current != self.store.incarnation:
+            await self._rejoin()
+        if self.merge_back:  # a merge-back an earlier attempt did not finish
+            await self._merge_back()
+        for name, config in self.mirror.rule_configs.items():
+            if config.version[0] > 0:
+                await self.store.save_rule(name, config)
+        # Local decisions go on while this runs: repeat until nothing is left, then
+        # switch back without an await in between, so no local spending is stranded.
+        while self.local_spent:
+            spent = list(self.local_spent)
+            self.local_spent.clear()
+            states = []
+            for key in spent:
+                bucket = self.local.bucket(key)
+                if bucket is not None:
+                    states.append(bucket.full_state(key, self.local.replica_id))
+            try:
+                for start in range(0, len(states), MERGE_CHUNK):
+                    await self.store.merge(states[start : start + MERGE_CHUNK], time.time_ns())
+            except BaseException:
+                self.local_spent.update(spent)
+                raise
+            self.touched.update(spent)
+        self.up = True
+        self.recoveries += 1
+        self.remote_wake.set()
+        print("bucketmesh: redis store back", file=sys.stderr, flush=True)
+
+    async def _health_loop(self) -> None:
+        while True:
+            if self.up:
+                self.health_wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.health_wake.wait(), CHECK_INTERVAL_S)
+                if not self.up:
+                    continue
+                try:
+                    await self._check()
+                except (StoreUnavailable, StaleIncarnation) as error:
+                    self._mark_down(error)
+            else:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                with contextlib.suppress(StoreUnavailable, StaleIncarnation):
+                    await self._recover()
+            self.local.expire_step(budget=20_000)
+
+    async def _check(self) -> None:
+        """While up: notice a wiped Redis, and learn rule configs other nodes changed."""
+        current = await self.store.current_incarnation()
+        if current != self.store.incarnation:
+            # down until _recover has taken the new incarnation and merged back
+            raise StaleIncarnation(f"Redis holds incarnation {current}, not ours")
+        now = time.time_ns()
+        for name, config in (await self.store.load_rules()).items():
+            if name in self.mirror.rule_configs:
+                self.mirror._merge_rule(name, config, now)
+                self.local._merge_rule(name, config, now)
+
+    # -- replication -------------------------------------------------------------------
+
+    def _queue_remote(self, batch: DeltaBatch) -> None:
+        """What a peer sent, for the merge script (the mirror has joined it already)."""
+        for name, config in batch.rules.items():
+            known = self.remote_rules.get(name)
+            if known is None or config.version > known.version:
+                self.remote_rules[name] = config
+        shared = [delta for delta in batch.deltas if delta.config.mode == SHARED]
+        if len(self.remote) + len(shared) > MAX_QUEUED_MERGES:
+            # The mirror holds all of it: merge the mirror whole instead.
+            self.remote.clear()
+            self.resync = True
+        else:
+            self.remote.extend(shared)
+        self.remote_wake.set()
+
+    async def _merge_remote(self) -> None:
+        now = time.time_ns()
+        while self.remote_rules:
+            name, config = next(iter(self.remote_rules.items()))
+            await self.store.save_rule(name, config)
+            if self.remote_rules.get(name) is config:
+                del self.remote_rules[name]
+        if self.resync:
+            self.resync = False
+            self.remote.clear()
+            try:
+                state = self.mirror.full_state().deltas
+                for start in range(0, len(state), MERGE_CHUNK):
+                    await self.store.merge(state[start : start + MERGE_CHUNK], now)
+            except BaseException:
+                self.resync = True
+                raise
+        while self.remote:
+            chunk = self.remote[:MERGE_CHUNK]
+            await self.store.merge_remote(chunk, now, self.mirror.replica_id)
+            del self.remote[: len(chunk)]
+
+    async def _remote_loop(self) -> None:
+        while True:
+            await self.remote_wake.wait()
+            self.remote_wake.clear()
+            if not self.up:
+                continue
+            try:
+                await self._merge_remote()
+            except (StoreUnavailable, StaleIncarnation) as error:
+                self._mark_down(error)
+
+    async def _refresh_loop(self) -> None:
+        """Read back the keys this node decided on, for the mesh and for `local`."""
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            if not self.up or not self.touched:
+                continue
+            keys = list(itertools.islice(self.touched, MAX_REFRESH_KEYS))
+            self.touched.difference_update(keys)
+            try:
+                await self.refresh(keys)
+            except (StoreUnavailable, StaleIncarnation) as error:
+                self.touched.update(keys)
+                self._mark_down(error)
+
+    async def refresh(self, keys: list[str]) -> None:
+        """Join Redis's state of ``keys`` into the mirror."""
+        states = await self.store.read(keys)
+        self.mirror.absorb(states, time.time_ns())
+        self.unmirrored.difference_update(keys)
+
+    async def publish(self, key: str, is_rule: bool) -> None:
+        """Put a runtime config change (PATCH) into Redis for the region's other nodes."""
+        if is_rule:
+            await self.store.save_rule(key, self.mirror.rule_configs[key])
+        else:
+            await self.store.merge(self.mirror.full_state([key]).deltas, time.time_ns())
+
+    # -- metrics ---------------------------------------------------------------------------
+
+    def _install_metrics(self, app: RatingApp) -> None:
+        metrics = app.metrics
+        metrics.gauge(
+            "bucketmesh_store_up", "1 while the Redis store answers", lambda: float(self.up)
+        )
+        metrics.counter(
+            "bucketmesh_store_failures",
+            "Redis calls that failed or timed out",
+            lambda: self.store.failures,
+        )
+        metrics.counter(
+            "bucketmesh_store_outages",
+            "Times the Redis store was marked down",
+            lambda: self.outages,
+        )
+        metrics.counter(
+            "bucketmesh_store_recoveries",
+            "Times the Redis store came back (local spending merged into it)",
+            lambda: self.recoveries,
+        )
+        metrics.counter(
+            "bucketmesh_store_script_calls",
+            "Acquire script calls (each decides a batch of requests)",
+            lambda: self.calls,
+        )
+        metrics.counter(
+            "bucketmesh_store_decisions", "Decisions made in Redis", lambda: self.decided
+        )
+        metrics.gauge(
+            "bucketmesh_store_queued_merges",
+            "Remote deltas waiting for the merge script",
+            lambda: len(self.remote),
+        )
+        metrics.labelled.append(self._fallback_family)
+
+    def _fallback_family(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "bucketmesh_store_fallback_decisions",
+            "Decisions made by a rule's onStoreFailure policy while Redis was unavailable",
+            labels=["policy"],
+        )
+        for policy, count in self.fallbacks.items():
+            family.add_metric([policy], count)
+        yield family
+
+    def rating_app(self, **kwargs: Any) -> RedisRatingApp:
+        return RedisRatingApp(self, self.mirror, **kwargs)
+
+
+class _Answer(asyncio.Future):  # type: ignore[type-arg]
+    """The HTTP answer of one store decision: a bare future (no task per request) that
+    knows its route and start time, so it is counted where it is resolved."""
+
+    route = "rate"
+    started = 0.0
+
+
+def _settle(future: asyncio.Future[Decision]) -> Callable[[Decision | BaseException], None]:
+    def outcome(result: Decision | BaseException) -> None:
+        if future.done():
+            return
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+    return outcome
+
+
+def _invalid(tokens: int, capacity: int) -> InvalidTokens:
+    return InvalidTokens(
+        f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
+    )
+
+
+class RedisRatingApp(RatingApp):
+    """The Rating API on a redis-backed node: the same validation and answers, with
+    decisions awaited from the store and bucket reads refreshed from it first."""
+
+    def __init__(self, backend: RedisBackend, limiter: Limiter, **kwargs: Any) -> None:
+        super().__init__(limiter, **kwargs)
+        self.backend = backend
+
+    def _decide(self, request: Request, key: str | None, rule: str | None, tokens: int) -> Answer:
+        if tokens < 0:
+            raise ApiError(400, "Bad Request", f"tokens must be >= 0, got {tokens}", field="tokens")
+        if key is None:
+            key, rule = self._render_key(request)
+        elif rule is not None and rule not in self.limiter.rules_by_name:
+            raise ApiError(400, "Bad Request", f"unknown rule {rule!r}", field="rule")
+        try:
+            ask = self.backend.ask(key, rule, tokens)
+            if not self.backend.up:
+                decision = self.backend._fallback(ask)
+                self.metrics.count_decision(decision.rule, decision.allowed)
+                return self._decision_response(decision)
+        except (InvalidTokens, NoRuleError, BucketCapReached) as error:
+            raise self._acquire_error(error, rule) from None
+        # The hot path: a bare future resolved straight from the script's answer (no
+        # task or coroutine per request); http11 awaits it like any awaitable answer.
+        answer = _Answer(loop=asyncio.get_running_loop())
+        metrics = self.metrics
+
+        def outcome(result: Decision | BaseException) -> None:
+            if answer.done():
+                return
+            if isinstance(result, Decision):
+                metrics.count_decision(result.rule, result.allowed)
+                response = self._decision_response(result)
+            elif isinstance(result, (InvalidTokens, NoRuleError, BucketCapReached)):
+                error = self._acquire_error(result, rule)
+                metrics.count_rejection(error.reason)
+                response = error.response()
+            else:
+                answer.set_exception(result)
+                return
+            # counted here rather than in a done-callback: one loop hop less per request
+            metrics.count_response(
+                answer.route, response.status, time.perf_counter() - answer.started
+            )
+            answer.set_result(response)
+
+        self.backend.enqueue([(ask, outcome)])
+        return answer
+
+    def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Any:
+        if type(pending) is _Answer:
+            pending.route = route
+            pending.started = started
+            return pending
+        return super()._finish(route, pending, started)
+
+    def _batch_decisions(
+        self, resolved: list[tuple[str, str | None, int]], atomic: bool
+    ) -> Awaitable[list[Decision]]:
+        return self._batch_in_store(resolved, atomic)
+
+    async def _batch_in_store(
+        self, resolved: list[tuple[str, str | None, int]], atomic: bool
+    ) -> list[Decision]:
+        try:
+            return await self.backend.acquire_many(resolved, atomic)
+        except (InvalidTokens, NoRuleError, BucketCapReached) as error:
+            raise self._acquire_error(error, None) from None
+
+    async def _refreshed(self, key: str | None, answer: Callable[[], Answer]) -> Response:
+        # A read answers from the mirror after joining Redis's state into it; with
+        # Redis down it answers from the mirror as it stands (the last known state).
+        if key and self.backend.up:
+            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
+                await self.backend.refresh([key])
+        response = answer()
+        assert isinstance(response, Response)  # the base class answers these at once
+        return response
+
+    def bucket_state(self, request: Request) -> Answer:
+        return self._refreshed(
+            request.query.get("key"), lambda: super(RedisRatingApp, self).bucket_state(request)
+        )
+
+    def bucket_get(self, request: Request, key: str) -> Answer:
+        return self._refreshed(key, lambda: super(RedisRatingApp, self).bucket_get(request, key))
+
+    def status(self, request: Request) -> Answer:
+        return self._refreshed(
+            request.query.get("key"), lambda: super(RedisRatingApp, self).status(request)
+        )
+
+    def bucket_patch(self, request: Request, key: str) -> Answer:
+        return self._patch(request, key)
+
+    async def _patch(self, request: Request, key: str) -> Response:
+        is_rule = key in self.limiter.rules_by_name
+        if not is_rule and self.backend.up:
+            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
+                await self.backend.refresh([key])
+        response = super().bucket_patch(request, key)
+        assert isinstance(response, Response)  # the base class answers at once
+        if self.backend.up:
+            try:
+                await self.backend.publish(key, is_rule)
+                return response
+            except (StoreUnavailable, StaleIncarnation) as error:
+                self.backend._mark_down(error)
+        # Accepted and replicated by the mesh; Redis gets it when it is back.
+        if is_rule:
+            self.backend.remote_rules[key] = self.limiter.rule_configs[key]
+        else:
+            self.backend.resync = True
+        return response

@@ -1,0 +1,861 @@
+"""The Redis store: one region's bucket state in Redis, changed only by atomic scripts.
+
+This module owns the Lua scripts and the asyncio client that calls them. The
+scripts implement exactly the math of ``bucket.py`` (GCRA in the replicated
+form: config last-writer-wins by (hlc, origin), epoch, the ``base`` (version,
+time) max-register, ``used`` per replica); ``tests/test_redis_store.py`` checks
+them against ``bucket.py`` with Hypothesis on a real redis-server.
+
+Layout, one Redis hash per bucket, ``bm:<region>:{<key>}`` (hash-tagged so one
+bucket lives in one Cluster slot):
+
+``es`` ``en``  epoch, split into whole seconds and nanoseconds
+``c`` ``i`` ``l`` ``m``  capacity, emission interval (ns), ttl (ns), mode
+``vh`` ``vo``  config version: HLC (decimal string) and origin
+``bh`` ``bo`` ``bt``  base version, and base time in ns *relative to the epoch*
+``t``  Σ used;  ``u:<replica id>``  used per replica;  ``r``  rule name
+
+Lua numbers are doubles: an absolute nanosecond time (~1.8e18) does not fit
+in 53 bits, so every time inside a script is relative to the bucket's epoch
+and the epoch itself only ever travels as (seconds, nanoseconds). Relative
+values stay exact while they are below 2^53 ns (104 days since the epoch of a
+bucket that never went idle for its ttl) and while capacity × interval is
+(the config check bounds that). Divisions are floor divisions corrected by
+their remainder, so no rounding of ``a / b`` can flip a result. Strings are
+compared byte by byte (Redis sets LC_COLLATE from the environment, and Lua's
+``<`` on strings follows it).
+
+Time is an argument (the API node's clock, as with the memory backend). Redis
+drops a bucket (PEXPIRE) one second after it has been full for its ttl: that
+is what ``Limiter.expire`` does with an idle bucket, and dropping a full
+bucket is the same as keeping it.
+
+The store's replica id is ``<region>/redis/<incarnation>``, shared by every
+API node of the region. The incarnation lives in Redis (``bm:<region>:
+incarnation``, taken with SET NX); the acquire script refuses to run under
+another incarnation than the stored one, so after Redis lost its data nodes
+take a new incarnation and a wiped counter is never reused under the old id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import hiredis
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
+
+# The largest integer every intermediate value of the scripts must stay below.
+EXACT_LIMIT: Final = 2**53
+
+# Statuses of one decision in the acquire script's answer.
+DENIED: Final = 0
+ALLOWED: Final = 1
+RECONFIGURE: Final = 2  # the bucket's config is older than the rule's: adopt it first
+INVALID_TOKENS: Final = 3  # tokens > capacity
+STALE_INCARNATION: Final = -1
+
+_LUA_COMMON = r"""
+local function fmt(x) return string.format('%d', x) end
+local function fdiv(a, b)
+  local q = math.floor(a / b)
+  local r = a - q * b
+  if r < 0 then q = q - 1 elseif r >= b then q = q + 1 end
+  return q
+end
+local function cdiv(a, b) return -fdiv(-a, b) end
+local function scmp(a, b)
+  if a == b then return 0 end
+  local n = math.min(#a, #b)
+  for k = 1, n do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then if x < y then return -1 else return 1 end end
+  end
+  if #a < #b then return -1 else return 1 end
+end
+local function vcmp(h1, o1, h2, o2)
+  if #h1 ~= #h2 then if #h1 < #h2 then return -1 else return 1 end end
+  local c = scmp(h1, h2)
+  if c ~= 0 then return c end
+  return scmp(o1, o2)
+end
+local FIELDS = {'es', 'en', 'c', 'i', 'l', 'm', 'vh', 'vo', 'bh', 'bo', 'bt', 't', 'r'}
+local function load(key)
+  local v = redis.call('HMGET', key, unpack(FIELDS))
+  if not v[1] then return nil end
+  return {es = tonumber(v[1]), en = tonumber(v[2]), c = tonumber(v[3]), i = tonumber(v[4]),
+          l = tonumber(v[5]), m = v[6], vh = v[7], vo = v[8], bh = v[9], bo = v[10],
+          bt = tonumber(v[11]), t = tonumber(v[12]), r = v[13]}
+end
+local function rel(b, now_s, now_n) return (now_s - b.es) * 1000000000 + (now_n - b.en) end
+-- Redis drops the bucket one second after it has been full for its ttl.
+local function expire(key, b, now_rel)
+  local left = b.bt + b.t * b.i + b.l - now_rel
+  local ms = cdiv(math.max(left, 0), 1000000) + 1000
+  redis.call('PEXPIRE', key, fmt(ms))
+end
+local function save_all(key, b)
+  redis.call('HSET', key, 'es', fmt(b.es), 'en', fmt(b.en), 'c', fmt(b.c), 'i', fmt(b.i),
+    'l', fmt(b.l), 'm', b.m, 'vh', b.vh, 'vo', b.vo, 'bh', b.bh, 'bo', b.bo,
+    'bt', fmt(b.bt), 't', fmt(b.t), 'r', b.r)
+end
+"""
+
+# KEYS[1] incarnation key, KEYS[2..] the distinct buckets of the call.
+# ARGV: now_s, now_n, replica id, incarnation, rule count, then per rule
+# (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
+# epoch_n: the epoch a bucket created now gets), then ONE string holding every
+# decision as "key index, rule index, tokens, group, request;" (few arguments to
+# pack and parse: that is most of the cost of a call). Decisions of one group > 0
+# are all or nothing: the group is judged and settled whole when the loop reaches
+# its first item, against the state the decisions before it left. Decisions of
+# one request > 0 (a batch) are charged nothing if any of them asks more than its
+# bucket's capacity (the batch is refused whole). Answer: 4 values per decision
+# (status, level, retry_after ns, reset_after ns), then 4 per key (capacity,
+# interval, mode, rule).
+ACQUIRE_LUA: Final = (
+    _LUA_COMMON
+    + r"""
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return {-1} end
+local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ufield = 'u:' .. ARGV[3]
+local nrules = tonumber(ARGV[5])
+local rules = {}
+for k = 1, nrules do
+  local o = 5 + (k - 1) * 9
+  rules[k] = {name = ARGV[o + 1], c = tonumber(ARGV[o + 2]), i = tonumber(ARGV[o + 3]),
+              l = tonumber(ARGV[o + 4]), m = ARGV[o + 5], vh = ARGV[o + 6], vo = ARGV[o + 7],
+              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9])}
+end
+local asks = {}
+for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
+  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
+end
+local cache, dirty, fresh, shown = {}, {}, {}, {}
+local function bucket(k, rule)
+  local b = cache[k]
+  if b == nil then
+    b = load(KEYS[k])
+    if b then
+      b.mine = tonumber(redis.call('HGET', KEYS[k], ufield) or '0')
+    else
+      b = false
+    end
+    cache[k] = b
+  end
+  if not b then
+    -- a full bucket under the rule's config, stored only when something is taken
+    return {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
+            vh = rule.vh, vo = rule.vo, bh = rule.vh, bo = rule.vo, bt = 0, t = 0,
+            r = rule.name, mine = 0, new = true}
+  end
+  return b
+end
+-- the bucket's config is older than the rule's: it must adopt the rule's first
+local function stale(b, rule)
+  return not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
+end
+-- the outcome of taking `tokens` at now from b, without changing it
+local function judge(b, tokens, now_rel)
+  local backlog = b.bt + b.t * b.i - now_rel
+  local pos = backlog
+  if pos < 0 then pos = 0 end
+  return pos + tokens * b.i <= b.c * b.i, backlog, pos
+end
+local function level(b, backlog)
+  if backlog > 0 then return b.c - cdiv(backlog, b.i) end
+  return b.c
+end
+-- answers are by position: a group is settled when the loop reaches its first item
+local out = {}
+local function answer(j, k, status, b, lvl, retry, reset)
+  local n = 4 * (j - 1)
+  out[n + 1] = status; out[n + 2] = lvl; out[n + 3] = retry; out[n + 4] = reset
+  shown[k] = b
+end
+-- take `tokens` (known to fit) and answer ALLOWED
+local function take(j, k, b, tokens)
+  local now_rel = rel(b, now_s, now_n)
+  local _, backlog = judge(b, tokens, now_rel)
+  if tokens > 0 then
+    if backlog < 0 then
+      b.bt = now_rel - b.t * b.i
+      backlog = 0
+    end
+    b.mine = b.mine + tokens
+    b.t = b.t + tokens
+    backlog = backlog + tokens * b.i
+    if b.new then
+      b.new = nil
+      cache[k] = b
+      fresh[k] = true
+    end
+    dirty[k] = now_rel
+  end
+  local reset = backlog
+  if reset < 0 then reset = 0 end
+  answer(j, k, 1, b, level(b, backlog), 0, reset)
+end
+-- answer without taking: status 3 when tokens exceed the capacity, else `status`;
+-- `want` (if any) is what the caller needed from this bucket, for retry_after
+local function peek(j, k, b, tokens, status, want)
+  local _, backlog, pos = judge(b, 0, rel(b, now_s, now_n))
+  local retry = 0
+  if tokens > b.c then
+    status = 3
+    retry = pos + tokens * b.i - b.c * b.i
+  elseif want then
+    retry = pos + math.min(want, b.c) * b.i - b.c * b.i
+    if retry < 0 then retry = 0 end
+  end
+  answer(j, k, status, b, level(b, backlog), retry, pos)
+end
+local members, reqs = {}, {}
+for j, a in ipairs(asks) do
+  if a[4] > 0 then members[a[4]] = members[a[4]] or {}; table.insert(members[a[4]], j) end
+  if a[5] > 0 then reqs[a[5]] = reqs[a[5]] or {}; table.insert(reqs[a[5]], j) end
+end
+-- A request (a batch) with an item asking more than its bucket holds is refused
+-- whole (400), so none of its items may be charged: checked before any is.
+local void = {}
+for q, js in pairs(reqs) do
+  for _, j in ipairs(js) do
+    local a = asks[j]
+    local b = bucket(a[1], a[2])
+    local cap = b.c
+    if stale(b, a[2]) then cap = a[2].c end
+    if a[3] > cap then void[q] = true end
+  end
+end
+local settled = {}
+for j, a in ipairs(asks) do
+  if not settled[j] then
+    local k, rule, tokens, g, q = a[1], a[2], a[3], a[4], a[5]
+    if q > 0 and void[q] then
+      -- charged nothing: the items that fit are peeks
+      peek(j, k, bucket(k, rule), tokens, 0, nil)
+    elseif g > 0 then
+      -- an all-or-nothing group, judged and settled whole here, against the
+      -- state as the items before it left it
+      local js = members[g]
+      local redo = false
+      for _, i in ipairs(js) do
+        if stale(bucket(asks[i][1], asks[i][2]), asks[i][2]) then redo = true end
+      end
+      if redo then
+        -- adopting the newer config changes what the group may take: redo it whole
+        for _, i in ipairs(js) do
+          answer(i, asks[i][1], 2, bucket(asks[i][1], asks[i][2]), 0, 0, 0)
+        end
+      else
+        local want, order = {}, {}
+        for _, i in ipairs(js) do
+          local x = asks[i]
+          if want[x[1]] == nil then want[x[1]] = 0; order[#order + 1] = i end
+          want[x[1]] = want[x[1]] + x[3]
+        end
+        local short = false
+        for _, i in ipairs(order) do
+          local x = asks[i]
+          local b = bucket(x[1], x[2])
+          local ok = judge(b, want[x[1]], rel(b, now_s, now_n))
+          if want[x[1]] > b.c or not ok then short = true end
+        end
+        for _, i in ipairs(js) do
+          local x = asks[i]
+          if short then
+            local b = bucket(x[1], x[2])
+            local w = want[x[1]]
+            local ok = judge(b, w, rel(b, now_s, now_n))
+            if w <= b.c and ok then w = nil end
+            peek(i, x[1], b, 0, 0, w)
+          else
+            take(i, x[1], bucket(x[1], x[2]), x[3])
+          end
+        end
+      end
+      for _, i in ipairs(js) do settled[i] = true end
+    else
+      local b = bucket(k, rule)
+      if stale(b, rule) then
+        answer(j, k, 2, b, 0, 0, 0)
+      else
+        local ok = judge(b, tokens, rel(b, now_s, now_n))
+        if ok then
+          take(j, k, b, tokens)
+        else
+          local _, backlog, pos = judge(b, tokens, rel(b, now_s, now_n))
+          local status = 0
+          if tokens > b.c then status = 3 end
+          answer(j, k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
+        end
+      end
+    end
+  end
+end
+for k, now_rel in pairs(dirty) do
+  local b = cache[k]
+  if fresh[k] then
+    save_all(KEYS[k], b)
+  else
+    redis.call('HSET', KEYS[k], 'bt', fmt(b.bt), 't', fmt(b.t))
+  end
+  redis.call('HSET', KEYS[k], ufield, fmt(b.mine))
+  expire(KEYS[k], b, now_rel)
+end
+for k = 2, #KEYS do
+  local b = shown[k]
+  local n = #out
+  if b then
+    out[n + 1] = b.c; out[n + 2] = b.i; out[n + 3] = b.m; out[n + 4] = b.r
+  else
+    out[n + 1] = 0; out[n + 2] = 1; out[n + 3] = ''; out[n + 4] = ''
+  end
+end
+return out
+"""
+)
+
+# KEYS: one bucket per delta. ARGV: now_s, now_n, then per delta: es, en, c, i, l, m,
+# vh, vo, bh, bo, bt (relative to the delta's epoch), r, expired (1/0), n, then n
+# (replica id, used) pairs. Answer: how many buckets changed.
+MERGE_LUA: Final = (
+    _LUA_COMMON
+    + r"""
+local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local o = 2
+local changed = 0
+for d = 1, #KEYS do
+  local key = KEYS[d]
+  local x = {es = tonumber(ARGV[o + 1]), en = tonumber(ARGV[o + 2]), c = tonumber(ARGV[o + 3]),
+             i = tonumber(ARGV[o + 4]), l = tonumber(ARGV[o + 5]), m = ARGV[o + 6],
+             vh = ARGV[o + 7], vo = ARGV[o + 8], bh = ARGV[o + 9], bo = ARGV[o + 10],
+             bt = tonumber(ARGV[o + 11]), r = ARGV[o + 12]}
+  local expired = ARGV[o + 13] == '1'
+  local nused = tonumber(ARGV[o + 14])
+  local used = {}
+  for k = 1, nused do
+    used[k] = {ARGV[o + 14 + 2 * k - 1], tonumber(ARGV[o + 14 + 2 * k])}
+  end
+  o = o + 14 + 2 * nused
+  local b = load(key)
+  local replace = false
+  if not b then
+    replace = not expired
+  elseif x.es > b.es or (x.es == b.es and x.en > b.en) then
+    replace = true
+  end
+  if replace then
+    redis.call('DEL', key)
+    x.t = 0
+    for k = 1, nused do
+      redis.call('HSET', key, 'u:' .. used[k][1], fmt(used[k][2]))
+      x.t = x.t + used[k][2]
+    end
+    save_all(key, x)
+    expire(key, x, rel(x, now_s, now_n))
+    changed = changed + 1
+  elseif b and x.es == b.es and x.en == b.en then
+    local moved = false
+    if vcmp(x.vh, x.vo, b.vh, b.vo) > 0 then
+      b.c, b.i, b.l, b.m, b.vh, b.vo = x.c, x.i, x.l, x.m, x.vh, x.vo
+      redis.call('HSET', key, 'c', fmt(b.c), 'i', fmt(b.i), 'l', fmt(b.l), 'm', b.m,
+        'vh', b.vh, 'vo', b.vo)
+      moved = true
+    end
+    local bc = vcmp(x.bh, x.bo, b.bh, b.bo)
+    if bc > 0 or (bc == 0 and x.bt > b.bt) then
+      b.bh, b.bo, b.bt = x.bh, x.bo, x.bt
+      redis.call('HSET', key, 'bh', b.bh, 'bo', b.bo, 'bt', fmt(b.bt))
+      moved = true
+    end
+    for k = 1, nused do
+      local f = 'u:' .. used[k][1]
+      local cur = tonumber(redis.call('HGET', key, f) or '0')
+      if used[k][2] > cur then
+        redis.call('HSET', key, f, fmt(used[k][2]))
+        b.t = b.t + used[k][2] - cur
+        moved = true
+      end
+    end
+    if b.r == '' and x.r ~= '' then redis.call('HSET', key, 'r', x.r) end
+    if moved then
+      redis.call('HSET', key, 't', fmt(b.t))
+      expire(key, b, rel(b, now_s, now_n))
+      changed = changed + 1
+    end
+  end
+end
+return changed
+"""
+)
+
+# KEYS[1] the rules hash. ARGV: name, version hlc, version origin, encoded config.
+# Last writer wins by version; answers 1 when the stored config changed.
+RULE_LUA: Final = (
+    _LUA_COMMON
+    + r"""
+local name = ARGV[1]
+local v = redis.call('HMGET', KEYS[1], 'v:' .. name, 'o:' .. name)
+if v[1] and vcmp(ARGV[2], ARGV[3], v[1], v[2]) <= 0 then return 0 end
+redis.call('HSET', KEYS[1], 'v:' .. name, ARGV[2], 'o:' .. name, ARGV[3], 'c:' .. name, ARGV[4])
+return 1
+"""
+)
+
+
+if sys.version_info >= (3, 11):
+    _timeout = asyncio.timeout  # no task per call, unlike wait_for before 3.12
+else:  # pragma: no cover - Python 3.10
+
+    @contextlib.asynccontextmanager
+    async def _timeout(seconds: float) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        assert task is not None
+        handle = asyncio.get_running_loop().call_later(seconds, task.cancel)
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise asyncio.TimeoutError from None
+        finally:
+            handle.cancel()
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time, refused, or failed: the failure policy decides."""
+
+
+class StaleIncarnation(Exception):
+    """The incarnation in Redis is not the one this node runs under (Redis lost its data)."""
+
+
+class Verdict:
+    """One decision as the acquire script answered it."""
+
+    __slots__ = (
+        "capacity",
+        "interval_ns",
+        "level",
+        "mode",
+        "reset_ns",
+        "retry_ns",
+        "rule",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        level: int,
+        retry_ns: int,
+        reset_ns: int,
+        capacity: int,
+        interval_ns: int,
+        mode: str,
+        rule: str,
+    ) -> None:
+        self.status = status
+        self.level = level
+        self.retry_ns = retry_ns
+        self.reset_ns = reset_ns
+        self.capacity = capacity
+        self.interval_ns = interval_ns
+        self.mode = mode
+        self.rule = rule
+
+    def decision(self, key: str) -> Decision:
+        return Decision(
+            self.status == ALLOWED,
+            key,
+            self.level,
+            self.capacity,
+            NS_PER_S / self.interval_ns,
+            self.retry_ns / NS_PER_S,
+            self.reset_ns / NS_PER_S,
+            self.mode,
+            self.rule,
+        )
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One decision to make: ``tokens`` from ``key`` under ``config`` (the rule's, as
+    this node knows it). ``group`` > 0 joins an all-or-nothing group of one call;
+    ``request`` > 0 names the batch it belongs to (charged nothing if one of its items
+    asks more than its bucket's capacity)."""
+
+    key: str
+    rule: str
+    config: BucketConfig
+    tokens: int
+    group: int = 0
+    request: int = 0
+
+
+def _split(ns: int) -> tuple[int, int]:
+    return ns // NS_PER_S, ns % NS_PER_S
+
+
+def check_exact(config: BucketConfig) -> str | None:
+    """Why ``config`` is out of the range the scripts compute exactly, or None."""
+    if config.capacity * config.interval_ns + config.ttl_ns >= EXACT_LIMIT // 4:
+        return (
+            "capacity × (1/refillRate) + ttl must stay below 2^51 ns (~26 days) "
+            "for the redis backend's exact arithmetic"
+        )
+    return None
+
+
+def _pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class _Link(asyncio.Protocol):
+    """One raw connection for the decision script: commands pipelined, replies in order.
+
+    redis-py costs ~150 µs of CPU per command in its asyncio client (pool, locks,
+    retries); the hot path needs one write and one hiredis parse per call."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.waiters: deque[asyncio.Future[Any]] = deque()
+        self.transport: Any = None  # an asyncio or uvloop transport
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(f"connection to Redis lost ({exc})"))
+
+    def send(self, args: Sequence[Any]) -> asyncio.Future[Any]:
+        if self.lost or self.transport is None:
+            raise ConnectionError("connection to Redis lost")
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        self.transport.write(_pack(args))
+        return waiter
+
+    def close(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+
+class RedisStore:
+    """The scripts of one region's store: the decision script on a raw pipelined
+    connection, everything else through redis-py's small connection pool."""
+
+    def __init__(
+        self, url: str, region: str, *, timeout_s: float = 0.05, connections: int = 4
+    ) -> None:
+        self.region = region
+        self.timeout_s = timeout_s
+        self.prefix = f"bm:{region}:"
+        self.incarnation_key = f"bm:{region}:incarnation"
+        self.rules_key = f"bm:{region}:rules"
+        self.redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=max(timeout_s * 4, 0.5),
+            socket_connect_timeout=max(timeout_s * 4, 0.5),
+            max_connections=connections + 2,
+        )
+        self._acquire = self.redis.register_script(ACQUIRE_LUA)
+        self._merge = self.redis.register_script(MERGE_LUA)
+        self._rule = self.redis.register_script(RULE_LUA)
+        self.incarnation: str | None = None
+        self.calls = 0
+        self.failures = 0
+        params = self.redis.connection_pool.connection_kwargs
+        # TLS (rediss://) stays on redis-py; plain TCP and unix sockets get the raw link.
+        self.raw = self.redis.connection_pool.connection_class in (
+            aioredis.Connection,
+            aioredis.UnixDomainSocketConnection,
+        )
+        self.params = params
+        self.link: _Link | None = None
+        self.link_lock = asyncio.Lock()
+
+    @property
+    def replica_id(self) -> str | None:
+        return None if self.incarnation is None else f"{self.region}/redis/{self.incarnation}"
+
+    def bucket_key(self, key: str) -> str:
+        return f"{self.prefix}{{{key}}}"
+
+    async def _call(self, awaitable: Any, timeout_s: float | None = None) -> Any:
+        """Await one Redis call within the timeout; any failure is StoreUnavailable."""
+        self.calls += 1
+        try:
+            async with _timeout(timeout_s or self.timeout_s):
+                return await awaitable
+        except (RedisError, OSError, asyncio.TimeoutError) as error:
+            self.failures += 1
+            self.drop_link()
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+
+    async def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        await self.redis.aclose()
+
+    def drop_link(self) -> None:
+        """Forget the raw connection (after a timeout: its replies may never come)."""
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+    async def _open_link(self) -> _Link:
+        link = self.link
+        if link is not None and not link.lost:
+            return link
+        async with self.link_lock:
+            if self.link is not None and not self.link.lost:
+                return self.link
+            loop = asyncio.get_running_loop()
+            params = self.params
+            if "path" in params:
+                _, link = await loop.create_unix_connection(_Link, params["path"])
+            else:
+                _, link = await loop.create_connection(
+                    _Link, params.get("host", "localhost"), params.get("port", 6379)
+                )
+            if params.get("password"):
+                auth = [params["password"]]
+                if params.get("username"):
+                    auth.insert(0, params["username"])
+                _check(await link.send(["AUTH", *auth]))
+            if params.get("db"):
+                _check(await link.send(["SELECT", params["db"]]))
+            self.link = link
+            return link
+
+    async def _run_script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on the raw link; EVAL (which loads it) when Redis answers NOSCRIPT."""
+        if not self.raw:
+            return await script(keys=keys, args=args)
+        link = await self._open_link()
+        reply = await link.send(["EVALSHA", script.sha, len(keys), *keys, *args])
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            reply = await link.send(["EVAL", script.script, len(keys), *keys, *args])
+        return _check(reply)
+
+    # -- incarnation -------------------------------------------------------------
+
+    async def join(self, timeout_s: float | None = None) -> str:
+        """The store's incarnation: the stored one, or a new one (SET NX) if none is.
+
+        A new one is the time in ms, and above any this node ran under before, so
+        an id whose counters Redis lost is never taken again."""
+        candidate = time.time_ns() // 1_000_000
+        if self.incarnation is not None and self.incarnation.isdigit():
+            candidate = max(candidate, int(self.incarnation) + 1)
+        await self._call(self.redis.set(self.incarnation_key, str(candidate), nx=True), timeout_s)
+        value = await self._call(self.redis.get(self.incarnation_key), timeout_s)
+        if value is None:
+            raise StoreUnavailable("the incarnation key vanished while it was being taken")
+        self.incarnation = str(value)
+        return self.incarnation
+
+    async def current_incarnation(self) -> str | None:
+        value = await self._call(self.redis.get(self.incarnation_key))
+        return None if value is None else str(value)
+
+    async def ping(self, timeout_s: float | None = None) -> None:
+        await self._call(self.redis.ping(), timeout_s)
+
+    # -- decisions ---------------------------------------------------------------
+
+    async def acquire(self, asks: Sequence[Ask], now_ns: int) -> list[Verdict]:
+        """Decide ``asks`` in order, in one atomic script call."""
+        if self.incarnation is None:
+            raise StaleIncarnation("no incarnation taken yet")
+        rules: dict[tuple[str, BucketConfig], int] = {}
+        keys: dict[str, int] = {}
+        args: list[Any] = []
+        wanted = []
+        for ask in asks:
+            rule_index = rules.get((ask.rule, ask.config))
+            if rule_index is None:
+                rule_index = rules[(ask.rule, ask.config)] = len(rules) + 1
+                cfg = ask.config
+                epoch_s, epoch_n = _split(now_ns - now_ns % cfg.ttl_ns)
+                args += [
+                    ask.rule,
+                    cfg.capacity,
+                    cfg.interval_ns,
+                    cfg.ttl_ns,
+                    cfg.mode,
+                    str(cfg.version[0]),
+                    cfg.version[1],
+                    epoch_s,
+                    epoch_n,
+                ]
+            key_index = keys.get(ask.key)
+            if key_index is None:
+                key_index = keys[ask.key] = len(keys) + 1
+            wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};")
+        now_s, now_n = _split(now_ns)
+        head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
+        prefix = self.prefix
+        names = [self.incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
+        raw = await self._call(
+            self._run_script(self._acquire, names, [*head, *args, "".join(wanted)])
+        )
+        if len(raw) == 1 and raw[0] == STALE_INCARNATION:
+            raise StaleIncarnation("Redis holds another incarnation (it lost its data?)")
+        base = 4 * len(asks)
+        out = []
+        for j, ask in enumerate(asks):
+            c = base + 4 * (keys[ask.key] - 1)
+            at = 4 * j
+            out.append(
+                Verdict(
+                    raw[at],
+                    raw[at + 1],
+                    raw[at + 2],
+                    raw[at + 3],
+                    raw[c],
+                    raw[c + 1],
+                    raw[c + 2],
+                    raw[c + 3],
+                )
+            )
+        return out
+
+    # -- replication ---------------------------------------------------------------
+
+    async def merge(self, deltas: Iterable[BucketDelta], now_ns: int) -> int:
+        """Join ``deltas`` into the store (absolute values: repeating one is harmless)."""
+        keys: list[str] = []
+        args: list[Any] = list(_split(now_ns))
+        for delta in deltas:
+            if delta.epoch == 0:
+                continue  # a strict key's config-only delta (limiter.py): no bucket state
+            cfg = delta.config
+            tat = delta.base_time + sum(delta.used.values()) * cfg.interval_ns
+            expired = tat + cfg.ttl_ns <= now_ns
+            keys.append(self.bucket_key(delta.key))
+            args += [
+                *_split(delta.epoch),
+                cfg.capacity,
+                cfg.interval_ns,
+                cfg.ttl_ns,
+                cfg.mode,
+                str(cfg.version[0]),
+                cfg.version[1],
+                str(delta.base_version[0]),
+                delta.base_version[1],
+                delta.base_time - delta.epoch,
+                delta.rule,
+                1 if expired else 0,
+                len(delta.used),
+            ]
+            for rid, value in delta.used.items():
+                args += [rid, value]
+        if not keys:
+            return 0
+        return int(await self._call(self._merge(keys=keys, args=args)))
+
+    async def merge_remote(
+        self, deltas: Sequence[BucketDelta], now_ns: int, replica_id: str
+    ) -> int:
+        """Join a peer's deltas as ``Limiter.merge`` does: a delta of the same epoch
+        with a newer per-key config is adopted here first, keeping the level Redis
+        holds now (``Bucket.reconfigure``), so a base proposed elsewhere before this
+        region drained the bucket cannot hand back refill it already forgot."""
+        newer = [d for d in deltas if d.epoch and d.config.version[0] > 0]
+        proposals: list[BucketDelta] = []
+        if newer:
+            stored = {state.key: state for state in await self.read([d.key for d in newer])}
+            for delta in newer:
+                state = stored.get(delta.key)
+                if (
+                    state is not None
+                    and state.epoch == delta.epoch
+                    and delta.config.version > state.config.version
+                ):
+                    bucket = Bucket.from_delta(state, replica_id)
+                    bucket.reconfigure(delta.config, now_ns)
+                    stored[delta.key] = bucket.full_state(delta.key, replica_id)
+                    proposals.append(stored[delta.key])
+        return await self.merge([*proposals, *deltas], now_ns)
+
+    async def read(self, keys: Sequence[str]) -> list[BucketDelta]:
+        """The full state of ``keys`` as stored (missing ones left out), in one pipeline."""
+        if not keys:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(self.bucket_key(key))
+        rows = await self._call(pipe.execute())
+        return [d for d in (parse_bucket(k, row) for k, row in zip(keys, rows, strict=True)) if d]
+
+    async def save_rule(self, name: str, config: BucketConfig) -> bool:
+        encoded = msgspec.json.encode(config).decode()
+        args = [name, str(config.version[0]), config.version[1], encoded]
+        return bool(await self._call(self._rule(keys=[self.rules_key], args=args)))
+
+    async def load_rules(self) -> dict[str, BucketConfig]:
+        raw = await self._call(self.redis.hgetall(self.rules_key))
+        out = {}
+        for field, value in raw.items():
+            if field.startswith("c:"):
+                out[field[2:]] = msgspec.json.decode(value, type=BucketConfig)
+        return out
+
+
+def _check(reply: Any) -> Any:
+    if isinstance(reply, hiredis.ReplyError):
+        raise RedisError(str(reply))
+    return reply
+
+
+def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
+    """A stored hash as the full-state delta ``bucket.py`` would hold for it."""
+    if not row or "es" not in row:
+        return None
+    epoch = int(row["es"]) * NS_PER_S + int(row["en"])
+    config = BucketConfig(
+        int(row["c"]),
+        int(row["i"]),
+        int(row["l"]),
+        row["m"],
+        (int(row["vh"]), row["vo"]),
+    )
+    used = {field[2:]: int(value) for field, value in row.items() if field.startswith("u:")}
+    return BucketDelta(
+        key,
+        epoch,
+        config,
+        (int(row["bh"]), row["bo"]),
+        epoch + int(row["bt"]),
+        used,
+        row.get("r", ""),
+    )

@@ -1,0 +1,437 @@
+"""The memory backend's write-ahead log: segments on disk, group commit, replay.
+
+A snapshot alone loses every grant made after it when the process dies; the
+log closes that gap for this node's *own* consumption (peers hold, and send
+back at start-up, what they were told). Files sit beside the snapshot:
+``<snapshot>.wal.<seq>``. Each segment is a sequence of frames
+``[length u32][crc32 u32][msgpack DeltaBatch]``; a frame holds one group —
+this replica's own ``used`` entry, ``base`` and ``config`` of every bucket
+granted (or reconfigured) since the previous group, and the rules changed.
+These are absolute values, so replay is a max-merge (``Limiter.replay``):
+order, duplicates and groups already inside the snapshot do no harm. The
+first frame of a segment names the incarnation that writes it, so the next
+start never reuses an incarnation that may have spent tokens.
+
+Group commit, per ``durability``:
+
+A request that grants (or that is answered while grants are uncommitted) is
+answered with a future instead of its response; at the end of the event-loop
+tick (``call_soon``) every grant of the tick is written in one frame, then:
+
+``relaxed``
+    the futures resolve as soon as write(2) returns: no response leaves the
+    process before its grant is in the OS page cache, so a kill -9 (or any
+    crash of the process) loses no granted token. Power loss or a kernel crash
+    can lose what the OS had not yet written back.
+``strict``
+    the frame is fsynced in a helper thread and the futures resolve when the
+    fsync returns. Grants made while an fsync is in flight form the next
+    group. Survives power loss.
+
+A bare future per request (no task) and one write per tick cost less than a
+write(2) per request did (``benchmarks/durability.py``).
+
+Rotation: a snapshot first starts a new segment (``rotate``), then encodes the
+buckets; once the snapshot file is durably replaced, the older segments are
+deleted (``retire``). Every grant is thus in the snapshot or in a segment
+still on disk. Recovery reads segments until the first torn or corrupt frame
+(the tail of a write interrupted by power loss, whose responses were never
+sent in strict mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import msgspec
+
+from bucketmesh.http.routes import IdempotencyCache
+from bucketmesh.http.server import Handler, Request, Response, problem
+from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.telemetry.metrics import NodeMetrics
+
+DURABILITIES: Final = ("relaxed", "strict")
+_FRAME: Final = struct.Struct("<II")
+_ENCODER: Final = msgspec.msgpack.Encoder()
+_DECODER: Final = msgspec.msgpack.Decoder(DeltaBatch)
+
+
+def pack(payload: bytes) -> bytes:
+    """One frame: length, crc32, payload."""
+    return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def frame(batch: DeltaBatch) -> bytes:
+    return pack(_ENCODER.encode(batch))
+
+
+def unpack_stream(stream: BinaryIO) -> Iterator[bytes]:
+    """The payloads of the frames in ``stream``, read one at a time; ValueError on a
+    torn or corrupt frame (for files replaced atomically, where that means damage)."""
+    while head := stream.read(_FRAME.size):
+        if len(head) < _FRAME.size:
+            raise ValueError("truncated frame header")
+        length, crc = _FRAME.unpack(head)
+        payload = stream.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            raise ValueError("torn or corrupt frame")
+        yield payload
+
+
+def read_frames(data: bytes) -> tuple[list[DeltaBatch], int]:
+    """The whole frames at the start of ``data``, and how many bytes follow them
+    that are not one (a torn or corrupt tail: everything after it is ignored)."""
+    batches = []
+    offset = 0
+    size = len(data)
+    while offset + _FRAME.size <= size:
+        length, crc = _FRAME.unpack_from(data, offset)
+        start = offset + _FRAME.size
+        payload = data[start : start + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            break
+        try:
+            batches.append(_DECODER.decode(payload))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            break
+        offset = start + length
+    return batches, size - offset
+
+
+def segments(snapshot: str | Path) -> list[tuple[int, Path]]:
+    """The log segments of ``snapshot``, oldest first."""
+    snapshot = Path(snapshot)
+    prefix = snapshot.name + ".wal."
+    found = []
+    if snapshot.parent.is_dir():
+        for path in snapshot.parent.iterdir():
+            suffix = path.name[len(prefix) :]
+            if path.name.startswith(prefix) and suffix.isdigit():
+                found.append((int(suffix), path))
+    return sorted(found)
+
+
+@dataclass
+class Recovered:
+    """What the segments on disk hold: their groups and the incarnations that wrote them."""
+
+    batches: list[DeltaBatch]
+    writers: set[str]
+    torn_bytes: int
+
+
+def recover(snapshot: str | Path) -> Recovered:
+    batches: list[DeltaBatch] = []
+    torn = 0
+    for _, path in segments(snapshot):
+        found, tail = read_frames(path.read_bytes())
+        batches.extend(found)
+        torn += tail
+    return Recovered(batches, {batch.origin for batch in batches}, torn)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Segment:
+    """One segment file; ``fd`` is -1 for a previous life's segment (only deleted) and
+    once closed. ``size`` is the end of its last whole frame."""
+
+    __slots__ = ("broken", "fd", "path", "size", "syncing")
+
+    def __init__(self, path: Path, fd: int, size: int = 0) -> None:
+        self.path = path
+        self.fd = fd
+        self.size = size
+        self.syncing = False
+        self.broken = False  # a partial frame could not be cut off: write no more here
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class WriteAheadLog:
+    """This node's log: the open segment, the group being formed, the fsync thread."""
+
+    def __init__(
+        self,
+        snapshot: str | Path,
+        limiter: Limiter,
+        durability: str = "relaxed",
+    ) -> None:
+        """Open a new segment after those on disk (replayed already: ``recover``),
+        which the first snapshot's ``retire`` deletes."""
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be relaxed or strict, got {durability!r}")
+        self.snapshot = Path(snapshot)
+        self.limiter = limiter
+        self.journal = limiter.enable_journal()
+        self.strict = durability == "strict"
+        existing = segments(self.snapshot)
+        self.seq = existing[-1][0] + 1 if existing else 1
+        self.groups = 0
+        self.syncs = 0
+        self.write_errors = 0
+        self._retiring = [_Segment(path, -1) for _, path in existing]
+        self._segment = self._open(self.seq)
+        self._waiters: list[tuple[asyncio.Future[Response], Response]] = []
+        self._scheduled = False
+        self._syncing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fsync_pool = concurrent.futures.ThreadPoolExecutor(1, "bucketmesh-wal")
+        self._cache: IdempotencyCache | None = None
+
+    # -- segments --------------------------------------------------------------
+
+    def _open(self, seq: int) -> _Segment:
+        """Segment ``seq``, created with its header; on error nothing is left behind."""
+        path = self.snapshot.with_name(f"{self.snapshot.name}.wal.{seq}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        header = frame(DeltaBatch(self.limiter.replica_id, []))
+        try:
+            # The header names the incarnation before it can grant anything; fsynced
+            # (file and directory) even when relaxed: once per rotation, and it is
+            # what stops a later start from reusing this incarnation.
+            _write_all(fd, header)
+            os.fsync(fd)
+            _fsync_dir(path.parent)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return _Segment(path, fd, len(header))
+
+    def _switch(self) -> _Segment:
+        """Write to a new segment from now on; returns the one written so far, which
+        is closed (at once, or when its fsync in flight ends)."""
+        segment = self._open(self.seq + 1)
+        self.seq += 1
+        old, self._segment = self._segment, segment
+        if not old.syncing:
+            old.close()
+        return old
+
+    def rotate(self) -> list[_Segment]:
+        """Start a new segment; returns the older ones, to ``retire`` once a snapshot
+        taken after this call is durable.
+
+        The group being formed is *not* written here: it goes to the new segment
+        with the next commit, which is the one that fsyncs it (strict). Segments
+        kept from a snapshot that failed are handed out again without a new
+        rotation, so a failing disk does not add a segment per interval.
+        """
+        if self._retiring:
+            retiring, self._retiring = self._retiring, []
+            return retiring
+        self._retiring.append(self._switch())
+        retiring, self._retiring = self._retiring, []
+        return retiring
+
+    def retire(self, old: list[_Segment]) -> None:
+        """Delete segments a durable snapshot now covers (already closed, or closed
+        by the fsync in flight when it ends: see ``_synced``)."""
+        for segment in old:
+            with contextlib.suppress(FileNotFoundError):
+                segment.path.unlink()
+
+    def install(self, metrics: NodeMetrics) -> None:
+        """Expose the log's counters on /metrics."""
+        metrics.counter(
+            "bucketmesh_wal_groups", "Write-ahead log groups written", lambda: self.groups
+        )
+        metrics.counter(
+            "bucketmesh_wal_fsyncs",
+            "Write-ahead log fsyncs (durability: strict)",
+            lambda: self.syncs,
+        )
+        metrics.counter(
+            "bucketmesh_wal_errors",
+            "Write-ahead log writes or fsyncs that failed (their requests got 503)",
+            lambda: self.write_errors,
+        )
+
+    def keep(self, old: list[_Segment]) -> None:
+        """Segments ``rotate`` handed out whose snapshot failed: retire them next time."""
+        self._retiring[:0] = old
+
+    def close(self) -> None:
+        self.write_pending()
+        self._fsync_pool.shutdown(wait=True)
+        self._segment.close()
+
+    # -- writing ---------------------------------------------------------------
+
+    def write_pending(self) -> bool:
+        """Write the group formed so far (write(2), no fsync); False if that failed.
+
+        A failed write leaves the segment as it was (a partial frame is cut off,
+        or, if even that fails, later groups go to a new segment) and puts the
+        group back, so the next write carries it: no later group is ever
+        written behind a torn frame, where recovery would not read it.
+        """
+        batch = self.limiter.collect_journal()
+        if batch is None:
+            return True
+        data = frame(batch)
+        segment = self._segment
+        try:
+            if segment.broken:
+                self._retiring.append(self._switch())  # its whole frames stay readable
+                segment = self._segment
+            _write_all(segment.fd, data)
+        except OSError as error:
+            self.write_errors += 1
+            print(f"bucketmesh: write-ahead log: {error}", file=sys.stderr, flush=True)
+            self.journal.keys.update(d.key for d in batch.deltas)
+            self.journal.rules.update(batch.rules)
+            if not segment.broken:
+                try:
+                    os.ftruncate(segment.fd, segment.size)
+                except OSError:
+                    segment.broken = True
+            return False
+        segment.size += len(data)
+        self.groups += 1
+        return True
+
+    def guard(self, handler: Handler) -> Handler:
+        """``handler`` whose responses never leave before the grants they report
+        are durable (per ``durability``; see the module docstring)."""
+        journal = self.journal
+        # Answers cached by Idempotency-Key before their group was durable: a group
+        # that fails must not leave a cached 200 for the client's retry to get.
+        cache = getattr(handler, "idempotency", None)
+        self._cache = cache if isinstance(cache, IdempotencyCache) else None
+
+        def durable(request: Request) -> Response | Awaitable[Response]:
+            answer = handler(request)
+            # Uncommitted grants (this request's or an earlier one's in this tick):
+            # the answer waits for the group. While an fsync is in flight, a 200
+            # waits too: it may be an Idempotency-Key replay of a grant in that
+            # group. Only the rate routes grant, and they answer synchronously;
+            # an async answer is left as it is.
+            if type(answer) is Response and (journal or (self._syncing and answer.status == 200)):
+                return self.after_commit(answer)
+            return answer
+
+        return durable
+
+    def after_commit(self, answer: Response) -> asyncio.Future[Response]:
+        """``answer``, once the grants formed so far are durable (or a 503 if they
+        could not be made so): what a handler outside the HTTP guard awaits."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        # A bare future, not a task: the HTTP server awaits it at no per-request cost
+        # beyond the future itself.
+        waiter: asyncio.Future[Response] = loop.create_future()
+        self._waiters.append((waiter, answer))
+        if not self._scheduled and not self._syncing:
+            self._scheduled = True
+            loop.call_soon(self._commit)
+        return waiter
+
+    def _commit(self) -> None:
+        """End of tick: write this tick's group; strict: fsync it in the helper thread."""
+        self._scheduled = False
+        written = self.write_pending()
+        waiters, self._waiters = self._waiters, []
+        if not waiters:
+            return
+        if not written:
+            self._failed(waiters)
+            return
+        if not self.strict:
+            _answer(waiters, None)
+            return
+        assert self._loop is not None
+        segment = self._segment
+        segment.syncing = self._syncing = True
+        done = self._loop.run_in_executor(self._fsync_pool, os.fsync, segment.fd)
+        done.add_done_callback(lambda future: self._synced(waiters, segment, future))
+
+    def _failed(self, waiters: list[tuple[asyncio.Future[Response], Response]]) -> None:
+        _answer(waiters, _not_durable())
+        if self._cache is not None:
+            self._cache.clear()  # a retry is decided again: at worst under-admits
+
+    def _synced(
+        self,
+        waiters: list[tuple[asyncio.Future[Response], Response]],
+        segment: _Segment,
+        future: asyncio.Future[None],
+    ) -> None:
+        segment.syncing = self._syncing = False
+        error = future.exception()
+        if error is not None:
+            self.write_errors += 1
+            print(f"bucketmesh: write-ahead log fsync: {error}", file=sys.stderr, flush=True)
+            self._failed(waiters)
+        else:
+            self.syncs += 1
+            _answer(waiters, None)
+        if segment is not self._segment:
+            segment.close()  # rotated away while this fsync ran
+        if self._waiters and not self._scheduled:
+            self._commit()  # what queued up during the fsync is the next group
+
+
+def _answer(
+    waiters: list[tuple[asyncio.Future[Response], Response]], instead: Response | None
+) -> None:
+    for waiter, answer in waiters:
+        if not waiter.done():
+            waiter.set_result(answer if instead is None else instead)
+
+
+def _not_durable() -> Response:
+    # The tokens stay spent in memory (erring toward safety); the client is told no.
+    return problem(
+        503,
+        "Service Unavailable",
+        "the decision could not be made durable (write-ahead log error); retry",
+        headers=[("Retry-After", "1")],
+    )
+
+
+def replay_into(limiter: Limiter, recovered: Recovered) -> None:
+    for batch in recovered.batches:
+        limiter.replay(batch)
+
+
+__all__ = [
+    "DURABILITIES",
+    "Recovered",
+    "WriteAheadLog",
+    "frame",
+    "pack",
+    "read_frames",
+    "recover",
+    "replay_into",
+    "unpack_stream",
+]

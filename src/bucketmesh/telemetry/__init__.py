@@ -1,0 +1,1 @@
+"""Metrics (Prometheus) and logging, shared by every layer above the core."""
