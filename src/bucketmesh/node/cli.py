@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,12 +39,14 @@ FLAG_OVERRIDES = {
     "durability": "storage.durability",
     "max_buckets": "limits.max_buckets",
 }
-EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "bucketmesh.yaml"
+#: The config ``run --single`` serves: package data (src/bucketmesh/examples/), so it
+#: is there in a wheel too; examples/ at the top of a checkout links to it.
+EXAMPLE_CONFIG = resources.files("bucketmesh") / "examples" / "bucketmesh.yaml"
 
 
 if TYPE_CHECKING:
-    from bucketmesh.replication.mesh import MeshSettings
     from bucketmesh.node.serve import Node, NodeSettings
+    from bucketmesh.replication.mesh import MeshSettings
 
 
 def _mesh_settings(config: Config) -> MeshSettings | None:
@@ -129,10 +132,12 @@ def _parse_with_sync_off(path: str) -> Config:
     return msgspec.structs.replace(config, path=path)
 
 
-def _quick_start_text(config: Config) -> str:
-    base = f"http://{config.listen_host}:{config.listen_port}"
+def _quick_start_text(config: Config, port: int) -> str:
+    """What ``run --single`` prints once it listens; ``port`` is the one it got (the
+    config's, or the free one the kernel chose for port 0)."""
+    base = f"http://{config.listen_host}:{port}"
     if config.listen_host in ("0.0.0.0", "::", ""):
-        base = f"http://127.0.0.1:{config.listen_port}"
+        base = f"http://127.0.0.1:{port}"
     json_post = "-H 'Content-Type: application/json'"
     return f"""
 bucketmesh {__version__} serving region {config.region} on {base} ({len(config.buckets)} rules)
@@ -178,16 +183,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     settings = _settings(config)
     if args.quick_start:
-        text = _quick_start_text(config)
 
-        def on_ready(_node: Node) -> None:
-            print(text, flush=True)
+        def on_ready(node: Node) -> None:
+            print(_quick_start_text(config, node.server.port), flush=True)
     else:
 
-        def on_ready(_node: Node) -> None:
+        def on_ready(node: Node) -> None:
             print(
                 f"bucketmesh: region {config.region} listening on "
-                f"{config.listen_host}:{config.listen_port}",
+                f"{config.listen_host}:{node.server.port}",
                 flush=True,
             )
 
@@ -213,11 +217,16 @@ def cmd_demo(_args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The quick start: a three-region mesh on loopback (``cluster up``), or with
-    ``--single`` (or ``--config``) one node serving examples/bucketmesh.yaml."""
-    if args.single or args.config:
-        args.config = args.config or str(EXAMPLE_CONFIG)
+    ``--single`` (or ``--config``) one node serving the example config. Its
+    snapshot (``./data/state.snap``) is relative to the working directory."""
+    if args.config:
         args.quick_start = True
         return cmd_serve(args)
+    if args.single:
+        args.quick_start = True
+        with resources.as_file(EXAMPLE_CONFIG) as path:
+            args.config = str(path)
+            return cmd_serve(args)
     return cmd_cluster_up(args)
 
 
@@ -263,7 +272,8 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
         dest="base_port",
         type=int,
         default=DEFAULT_BASE_PORT,
-        help="port of the first region; the others follow (default: %(default)s)",
+        help="port of the first region; the others follow; 0: free ports the kernel "
+        "chooses, printed once ready (default: %(default)s)",
     )
     p.add_argument("--buckets", help="buckets.yaml with the rules (default: the example's)")
     faults = p.add_argument_group(
@@ -299,7 +309,11 @@ def parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", "-c", required=name == "serve", help="bucketmesh.yaml")
-        p.add_argument("--listen", help="host:port (overrides the file)")
+        p.add_argument(
+            "--listen",
+            help=("with --single: " if name == "run" else "")
+            + "host:port (overrides the file); port 0: a free port, printed once ready",
+        )
         p.add_argument("--region")
         p.add_argument("--node")
         p.add_argument("--admin-token", dest="admin_token")
@@ -321,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--single",
                 action="store_true",
-                help="one node serving examples/bucketmesh.yaml (implied by --config)",
+                help="one node serving the example config, bucketmesh/examples/bucketmesh.yaml "
+                "in the package (implied by --config)",
             )
             _cluster_flags(p)
         p.set_defaults(func=func)

@@ -1,7 +1,8 @@
 """The Redis store: one region's bucket state in Redis, changed only by atomic scripts.
 
-This module owns the Lua scripts and the asyncio client that calls them. The
-scripts implement exactly the math of ``bucket.py`` (GCRA in the replicated
+This module owns the Lua scripts (package data: ``lua/*.lua`` beside it, read
+with importlib.resources) and the asyncio client that calls them. The scripts
+implement exactly the math of ``bucket.py`` (GCRA in the replicated
 form: config last-writer-wins by (hlc, origin), epoch, the ``base`` (version,
 time) max-register, ``used`` per replica); ``tests/test_redis_store.py`` checks
 them against ``bucket.py`` with Hypothesis on a real redis-server.
@@ -46,6 +47,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Final
 
 import hiredis
@@ -65,53 +67,19 @@ RECONFIGURE: Final = 2  # the bucket's config is older than the rule's: adopt it
 INVALID_TOKENS: Final = 3  # tokens > capacity
 STALE_INCARNATION: Final = -1
 
-_LUA_COMMON = r"""
-local function fmt(x) return string.format('%d', x) end
-local function fdiv(a, b)
-  local q = math.floor(a / b)
-  local r = a - q * b
-  if r < 0 then q = q - 1 elseif r >= b then q = q + 1 end
-  return q
-end
-local function cdiv(a, b) return -fdiv(-a, b) end
-local function scmp(a, b)
-  if a == b then return 0 end
-  local n = math.min(#a, #b)
-  for k = 1, n do
-    local x, y = string.byte(a, k), string.byte(b, k)
-    if x ~= y then if x < y then return -1 else return 1 end end
-  end
-  if #a < #b then return -1 else return 1 end
-end
-local function vcmp(h1, o1, h2, o2)
-  if #h1 ~= #h2 then if #h1 < #h2 then return -1 else return 1 end end
-  local c = scmp(h1, h2)
-  if c ~= 0 then return c end
-  return scmp(o1, o2)
-end
-local FIELDS = {'es', 'en', 'c', 'i', 'l', 'm', 'vh', 'vo', 'bh', 'bo', 'bt', 't', 'r'}
-local function load(key)
-  local v = redis.call('HMGET', key, unpack(FIELDS))
-  if not v[1] then return nil end
-  return {es = tonumber(v[1]), en = tonumber(v[2]), c = tonumber(v[3]), i = tonumber(v[4]),
-          l = tonumber(v[5]), m = v[6], vh = v[7], vo = v[8], bh = v[9], bo = v[10],
-          bt = tonumber(v[11]), t = tonumber(v[12]), r = v[13]}
-end
-local function rel(b, now_s, now_n) return (now_s - b.es) * 1000000000 + (now_n - b.en) end
--- Redis drops the bucket one second after it has been full for its ttl.
-local function expire(key, b, now_rel)
-  local left = b.bt + b.t * b.i + b.l - now_rel
-  local ms = cdiv(math.max(left, 0), 1000000) + 1000
-  redis.call('PEXPIRE', key, fmt(ms))
-end
-local function save_all(key, b)
-  redis.call('HSET', key, 'es', fmt(b.es), 'en', fmt(b.en), 'c', fmt(b.c), 'i', fmt(b.i),
-    'l', fmt(b.l), 'm', b.m, 'vh', b.vh, 'vo', b.vo, 'bh', b.bh, 'bo', b.bo,
-    'bt', fmt(b.bt), 't', fmt(b.t), 'r', b.r)
-end
-"""
 
-# KEYS[1] incarnation key, KEYS[2..] the distinct buckets of the call.
+def _script(name: str) -> str:
+    """The script ``lua/<name>.lua`` (package data) after ``lua/common.lua``, whose
+    helpers (``fdiv``, ``vcmp``, ``load``, ``expire`` ...) are local functions: every
+    script carries its own copy. The newline before each part is part of the text
+    Redis hashes (SHA1, for EVALSHA): it keeps every script's SHA1 what it was before
+    the scripts moved into files, so nodes of both versions share Redis's script cache."""
+    lua = resources.files("bucketmesh.storage") / "lua"
+    common = (lua / "common.lua").read_text(encoding="utf-8")
+    return "\n" + common + "\n" + (lua / f"{name}.lua").read_text(encoding="utf-8")
+
+
+# acquire.lua. KEYS[1] incarnation key, KEYS[2..] the distinct buckets of the call.
 # ARGV: now_s, now_n, replica id, incarnation, rule count, then per rule
 # (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
 # epoch_n: the epoch a bucket created now gets), then ONE string holding every
@@ -123,295 +91,16 @@ end
 # bucket's capacity (the batch is refused whole). Answer: 4 values per decision
 # (status, level, retry_after ns, reset_after ns), then 4 per key (capacity,
 # interval, mode, rule).
-ACQUIRE_LUA: Final = (
-    _LUA_COMMON
-    + r"""
-if redis.call('GET', KEYS[1]) ~= ARGV[4] then return {-1} end
-local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local ufield = 'u:' .. ARGV[3]
-local nrules = tonumber(ARGV[5])
-local rules = {}
-for k = 1, nrules do
-  local o = 5 + (k - 1) * 9
-  rules[k] = {name = ARGV[o + 1], c = tonumber(ARGV[o + 2]), i = tonumber(ARGV[o + 3]),
-              l = tonumber(ARGV[o + 4]), m = ARGV[o + 5], vh = ARGV[o + 6], vo = ARGV[o + 7],
-              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9])}
-end
-local asks = {}
-for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
-  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
-end
-local cache, dirty, fresh, shown = {}, {}, {}, {}
-local function bucket(k, rule)
-  local b = cache[k]
-  if b == nil then
-    b = load(KEYS[k])
-    if b then
-      b.mine = tonumber(redis.call('HGET', KEYS[k], ufield) or '0')
-    else
-      b = false
-    end
-    cache[k] = b
-  end
-  if not b then
-    -- a full bucket under the rule's config, stored only when something is taken
-    return {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
-            vh = rule.vh, vo = rule.vo, bh = rule.vh, bo = rule.vo, bt = 0, t = 0,
-            r = rule.name, mine = 0, new = true}
-  end
-  return b
-end
--- the bucket's config is older than the rule's: it must adopt the rule's first
-local function stale(b, rule)
-  return not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
-end
--- the outcome of taking `tokens` at now from b, without changing it
-local function judge(b, tokens, now_rel)
-  local backlog = b.bt + b.t * b.i - now_rel
-  local pos = backlog
-  if pos < 0 then pos = 0 end
-  return pos + tokens * b.i <= b.c * b.i, backlog, pos
-end
-local function level(b, backlog)
-  if backlog > 0 then return b.c - cdiv(backlog, b.i) end
-  return b.c
-end
--- answers are by position: a group is settled when the loop reaches its first item
-local out = {}
-local function answer(j, k, status, b, lvl, retry, reset)
-  local n = 4 * (j - 1)
-  out[n + 1] = status; out[n + 2] = lvl; out[n + 3] = retry; out[n + 4] = reset
-  shown[k] = b
-end
--- take `tokens` (known to fit) and answer ALLOWED
-local function take(j, k, b, tokens)
-  local now_rel = rel(b, now_s, now_n)
-  local _, backlog = judge(b, tokens, now_rel)
-  if tokens > 0 then
-    if backlog < 0 then
-      b.bt = now_rel - b.t * b.i
-      backlog = 0
-    end
-    b.mine = b.mine + tokens
-    b.t = b.t + tokens
-    backlog = backlog + tokens * b.i
-    if b.new then
-      b.new = nil
-      cache[k] = b
-      fresh[k] = true
-    end
-    dirty[k] = now_rel
-  end
-  local reset = backlog
-  if reset < 0 then reset = 0 end
-  answer(j, k, 1, b, level(b, backlog), 0, reset)
-end
--- answer without taking: status 3 when tokens exceed the capacity, else `status`;
--- `want` (if any) is what the caller needed from this bucket, for retry_after
-local function peek(j, k, b, tokens, status, want)
-  local _, backlog, pos = judge(b, 0, rel(b, now_s, now_n))
-  local retry = 0
-  if tokens > b.c then
-    status = 3
-    retry = pos + tokens * b.i - b.c * b.i
-  elseif want then
-    retry = pos + math.min(want, b.c) * b.i - b.c * b.i
-    if retry < 0 then retry = 0 end
-  end
-  answer(j, k, status, b, level(b, backlog), retry, pos)
-end
-local members, reqs = {}, {}
-for j, a in ipairs(asks) do
-  if a[4] > 0 then members[a[4]] = members[a[4]] or {}; table.insert(members[a[4]], j) end
-  if a[5] > 0 then reqs[a[5]] = reqs[a[5]] or {}; table.insert(reqs[a[5]], j) end
-end
--- A request (a batch) with an item asking more than its bucket holds is refused
--- whole (400), so none of its items may be charged: checked before any is.
-local void = {}
-for q, js in pairs(reqs) do
-  for _, j in ipairs(js) do
-    local a = asks[j]
-    local b = bucket(a[1], a[2])
-    local cap = b.c
-    if stale(b, a[2]) then cap = a[2].c end
-    if a[3] > cap then void[q] = true end
-  end
-end
-local settled = {}
-for j, a in ipairs(asks) do
-  if not settled[j] then
-    local k, rule, tokens, g, q = a[1], a[2], a[3], a[4], a[5]
-    if q > 0 and void[q] then
-      -- charged nothing: the items that fit are peeks
-      peek(j, k, bucket(k, rule), tokens, 0, nil)
-    elseif g > 0 then
-      -- an all-or-nothing group, judged and settled whole here, against the
-      -- state as the items before it left it
-      local js = members[g]
-      local redo = false
-      for _, i in ipairs(js) do
-        if stale(bucket(asks[i][1], asks[i][2]), asks[i][2]) then redo = true end
-      end
-      if redo then
-        -- adopting the newer config changes what the group may take: redo it whole
-        for _, i in ipairs(js) do
-          answer(i, asks[i][1], 2, bucket(asks[i][1], asks[i][2]), 0, 0, 0)
-        end
-      else
-        local want, order = {}, {}
-        for _, i in ipairs(js) do
-          local x = asks[i]
-          if want[x[1]] == nil then want[x[1]] = 0; order[#order + 1] = i end
-          want[x[1]] = want[x[1]] + x[3]
-        end
-        local short = false
-        for _, i in ipairs(order) do
-          local x = asks[i]
-          local b = bucket(x[1], x[2])
-          local ok = judge(b, want[x[1]], rel(b, now_s, now_n))
-          if want[x[1]] > b.c or not ok then short = true end
-        end
-        for _, i in ipairs(js) do
-          local x = asks[i]
-          if short then
-            local b = bucket(x[1], x[2])
-            local w = want[x[1]]
-            local ok = judge(b, w, rel(b, now_s, now_n))
-            if w <= b.c and ok then w = nil end
-            peek(i, x[1], b, 0, 0, w)
-          else
-            take(i, x[1], bucket(x[1], x[2]), x[3])
-          end
-        end
-      end
-      for _, i in ipairs(js) do settled[i] = true end
-    else
-      local b = bucket(k, rule)
-      if stale(b, rule) then
-        answer(j, k, 2, b, 0, 0, 0)
-      else
-        local ok = judge(b, tokens, rel(b, now_s, now_n))
-        if ok then
-          take(j, k, b, tokens)
-        else
-          local _, backlog, pos = judge(b, tokens, rel(b, now_s, now_n))
-          local status = 0
-          if tokens > b.c then status = 3 end
-          answer(j, k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
-        end
-      end
-    end
-  end
-end
-for k, now_rel in pairs(dirty) do
-  local b = cache[k]
-  if fresh[k] then
-    save_all(KEYS[k], b)
-  else
-    redis.call('HSET', KEYS[k], 'bt', fmt(b.bt), 't', fmt(b.t))
-  end
-  redis.call('HSET', KEYS[k], ufield, fmt(b.mine))
-  expire(KEYS[k], b, now_rel)
-end
-for k = 2, #KEYS do
-  local b = shown[k]
-  local n = #out
-  if b then
-    out[n + 1] = b.c; out[n + 2] = b.i; out[n + 3] = b.m; out[n + 4] = b.r
-  else
-    out[n + 1] = 0; out[n + 2] = 1; out[n + 3] = ''; out[n + 4] = ''
-  end
-end
-return out
-"""
-)
+ACQUIRE_LUA: Final = _script("acquire")
 
-# KEYS: one bucket per delta. ARGV: now_s, now_n, then per delta: es, en, c, i, l, m,
-# vh, vo, bh, bo, bt (relative to the delta's epoch), r, expired (1/0), n, then n
-# (replica id, used) pairs. Answer: how many buckets changed.
-MERGE_LUA: Final = (
-    _LUA_COMMON
-    + r"""
-local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local o = 2
-local changed = 0
-for d = 1, #KEYS do
-  local key = KEYS[d]
-  local x = {es = tonumber(ARGV[o + 1]), en = tonumber(ARGV[o + 2]), c = tonumber(ARGV[o + 3]),
-             i = tonumber(ARGV[o + 4]), l = tonumber(ARGV[o + 5]), m = ARGV[o + 6],
-             vh = ARGV[o + 7], vo = ARGV[o + 8], bh = ARGV[o + 9], bo = ARGV[o + 10],
-             bt = tonumber(ARGV[o + 11]), r = ARGV[o + 12]}
-  local expired = ARGV[o + 13] == '1'
-  local nused = tonumber(ARGV[o + 14])
-  local used = {}
-  for k = 1, nused do
-    used[k] = {ARGV[o + 14 + 2 * k - 1], tonumber(ARGV[o + 14 + 2 * k])}
-  end
-  o = o + 14 + 2 * nused
-  local b = load(key)
-  local replace = false
-  if not b then
-    replace = not expired
-  elseif x.es > b.es or (x.es == b.es and x.en > b.en) then
-    replace = true
-  end
-  if replace then
-    redis.call('DEL', key)
-    x.t = 0
-    for k = 1, nused do
-      redis.call('HSET', key, 'u:' .. used[k][1], fmt(used[k][2]))
-      x.t = x.t + used[k][2]
-    end
-    save_all(key, x)
-    expire(key, x, rel(x, now_s, now_n))
-    changed = changed + 1
-  elseif b and x.es == b.es and x.en == b.en then
-    local moved = false
-    if vcmp(x.vh, x.vo, b.vh, b.vo) > 0 then
-      b.c, b.i, b.l, b.m, b.vh, b.vo = x.c, x.i, x.l, x.m, x.vh, x.vo
-      redis.call('HSET', key, 'c', fmt(b.c), 'i', fmt(b.i), 'l', fmt(b.l), 'm', b.m,
-        'vh', b.vh, 'vo', b.vo)
-      moved = true
-    end
-    local bc = vcmp(x.bh, x.bo, b.bh, b.bo)
-    if bc > 0 or (bc == 0 and x.bt > b.bt) then
-      b.bh, b.bo, b.bt = x.bh, x.bo, x.bt
-      redis.call('HSET', key, 'bh', b.bh, 'bo', b.bo, 'bt', fmt(b.bt))
-      moved = true
-    end
-    for k = 1, nused do
-      local f = 'u:' .. used[k][1]
-      local cur = tonumber(redis.call('HGET', key, f) or '0')
-      if used[k][2] > cur then
-        redis.call('HSET', key, f, fmt(used[k][2]))
-        b.t = b.t + used[k][2] - cur
-        moved = true
-      end
-    end
-    if b.r == '' and x.r ~= '' then redis.call('HSET', key, 'r', x.r) end
-    if moved then
-      redis.call('HSET', key, 't', fmt(b.t))
-      expire(key, b, rel(b, now_s, now_n))
-      changed = changed + 1
-    end
-  end
-end
-return changed
-"""
-)
+# merge.lua. KEYS: one bucket per delta. ARGV: now_s, now_n, then per delta: es, en,
+# c, i, l, m, vh, vo, bh, bo, bt (relative to the delta's epoch), r, expired (1/0),
+# n, then n (replica id, used) pairs. Answer: how many buckets changed.
+MERGE_LUA: Final = _script("merge")
 
-# KEYS[1] the rules hash. ARGV: name, version hlc, version origin, encoded config.
-# Last writer wins by version; answers 1 when the stored config changed.
-RULE_LUA: Final = (
-    _LUA_COMMON
-    + r"""
-local name = ARGV[1]
-local v = redis.call('HMGET', KEYS[1], 'v:' .. name, 'o:' .. name)
-if v[1] and vcmp(ARGV[2], ARGV[3], v[1], v[2]) <= 0 then return 0 end
-redis.call('HSET', KEYS[1], 'v:' .. name, ARGV[2], 'o:' .. name, ARGV[3], 'c:' .. name, ARGV[4])
-return 1
-"""
-)
+# rule.lua. KEYS[1] the rules hash. ARGV: name, version hlc, version origin, encoded
+# config. Last writer wins by version; answers 1 when the stored config changed.
+RULE_LUA: Final = _script("rule")
 
 
 if sys.version_info >= (3, 11):

@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,7 +33,9 @@ from bucketmesh.tooling.netproxy import Faults, NetProxy, link_name
 DEFAULT_REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
 DEFAULT_BASE_PORT = 8081
 DEFAULT_CLUSTER_ID = "bucketmesh-local"
-EXAMPLE_BUCKETS = Path(__file__).resolve().parents[2] / "examples" / "buckets.yaml"
+#: The rules a mesh gets without ``--buckets``: package data (src/bucketmesh/examples/),
+#: so a wheel has them too; each mesh copies them into its directory.
+EXAMPLE_BUCKETS = resources.files("bucketmesh") / "examples" / "buckets.yaml"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
 
@@ -170,12 +173,16 @@ class LocalMesh:
     ) -> None:
         if not regions or len(set(regions)) != len(regions):
             raise ValueError("--regions must name distinct regions")
-        self.buckets = Path(buckets) if buckets else EXAMPLE_BUCKETS
-        if not self.buckets.is_file():
-            raise ValueError(f"no buckets file at {self.buckets}; give --buckets FILE")
+        if buckets and not Path(buckets).is_file():
+            raise ValueError(f"no buckets file at {buckets}; give --buckets FILE")
         self.regions = list(regions)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        if buckets:
+            self.buckets = Path(buckets)
+        else:
+            self.buckets = self.directory / "example-buckets.yaml"
+            self.buckets.write_text(EXAMPLE_BUCKETS.read_text(encoding="utf-8"), encoding="utf-8")
         self.cluster_id = cluster_id
         self.out = out
         self.admin_token = admin_token

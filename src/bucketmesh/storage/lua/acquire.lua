@@ -1,0 +1,197 @@
+if redis.call('GET', KEYS[1]) ~= ARGV[4] then return {-1} end
+local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ufield = 'u:' .. ARGV[3]
+local nrules = tonumber(ARGV[5])
+local rules = {}
+for k = 1, nrules do
+  local o = 5 + (k - 1) * 9
+  rules[k] = {name = ARGV[o + 1], c = tonumber(ARGV[o + 2]), i = tonumber(ARGV[o + 3]),
+              l = tonumber(ARGV[o + 4]), m = ARGV[o + 5], vh = ARGV[o + 6], vo = ARGV[o + 7],
+              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9])}
+end
+local asks = {}
+for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
+  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
+end
+local cache, dirty, fresh, shown = {}, {}, {}, {}
+local function bucket(k, rule)
+  local b = cache[k]
+  if b == nil then
+    b = load(KEYS[k])
+    if b then
+      b.mine = tonumber(redis.call('HGET', KEYS[k], ufield) or '0')
+    else
+      b = false
+    end
+    cache[k] = b
+  end
+  if not b then
+    -- a full bucket under the rule's config, stored only when something is taken
+    return {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
+            vh = rule.vh, vo = rule.vo, bh = rule.vh, bo = rule.vo, bt = 0, t = 0,
+            r = rule.name, mine = 0, new = true}
+  end
+  return b
+end
+-- the bucket's config is older than the rule's: it must adopt the rule's first
+local function stale(b, rule)
+  return not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
+end
+-- the outcome of taking `tokens` at now from b, without changing it
+local function judge(b, tokens, now_rel)
+  local backlog = b.bt + b.t * b.i - now_rel
+  local pos = backlog
+  if pos < 0 then pos = 0 end
+  return pos + tokens * b.i <= b.c * b.i, backlog, pos
+end
+local function level(b, backlog)
+  if backlog > 0 then return b.c - cdiv(backlog, b.i) end
+  return b.c
+end
+-- answers are by position: a group is settled when the loop reaches its first item
+local out = {}
+local function answer(j, k, status, b, lvl, retry, reset)
+  local n = 4 * (j - 1)
+  out[n + 1] = status; out[n + 2] = lvl; out[n + 3] = retry; out[n + 4] = reset
+  shown[k] = b
+end
+-- take `tokens` (known to fit) and answer ALLOWED
+local function take(j, k, b, tokens)
+  local now_rel = rel(b, now_s, now_n)
+  local _, backlog = judge(b, tokens, now_rel)
+  if tokens > 0 then
+    if backlog < 0 then
+      b.bt = now_rel - b.t * b.i
+      backlog = 0
+    end
+    b.mine = b.mine + tokens
+    b.t = b.t + tokens
+    backlog = backlog + tokens * b.i
+    if b.new then
+      b.new = nil
+      cache[k] = b
+      fresh[k] = true
+    end
+    dirty[k] = now_rel
+  end
+  local reset = backlog
+  if reset < 0 then reset = 0 end
+  answer(j, k, 1, b, level(b, backlog), 0, reset)
+end
+-- answer without taking: status 3 when tokens exceed the capacity, else `status`;
+-- `want` (if any) is what the caller needed from this bucket, for retry_after
+local function peek(j, k, b, tokens, status, want)
+  local _, backlog, pos = judge(b, 0, rel(b, now_s, now_n))
+  local retry = 0
+  if tokens > b.c then
+    status = 3
+    retry = pos + tokens * b.i - b.c * b.i
+  elseif want then
+    retry = pos + math.min(want, b.c) * b.i - b.c * b.i
+    if retry < 0 then retry = 0 end
+  end
+  answer(j, k, status, b, level(b, backlog), retry, pos)
+end
+local members, reqs = {}, {}
+for j, a in ipairs(asks) do
+  if a[4] > 0 then members[a[4]] = members[a[4]] or {}; table.insert(members[a[4]], j) end
+  if a[5] > 0 then reqs[a[5]] = reqs[a[5]] or {}; table.insert(reqs[a[5]], j) end
+end
+-- A request (a batch) with an item asking more than its bucket holds is refused
+-- whole (400), so none of its items may be charged: checked before any is.
+local void = {}
+for q, js in pairs(reqs) do
+  for _, j in ipairs(js) do
+    local a = asks[j]
+    local b = bucket(a[1], a[2])
+    local cap = b.c
+    if stale(b, a[2]) then cap = a[2].c end
+    if a[3] > cap then void[q] = true end
+  end
+end
+local settled = {}
+for j, a in ipairs(asks) do
+  if not settled[j] then
+    local k, rule, tokens, g, q = a[1], a[2], a[3], a[4], a[5]
+    if q > 0 and void[q] then
+      -- charged nothing: the items that fit are peeks
+      peek(j, k, bucket(k, rule), tokens, 0, nil)
+    elseif g > 0 then
+      -- an all-or-nothing group, judged and settled whole here, against the
+      -- state as the items before it left it
+      local js = members[g]
+      local redo = false
+      for _, i in ipairs(js) do
+        if stale(bucket(asks[i][1], asks[i][2]), asks[i][2]) then redo = true end
+      end
+      if redo then
+        -- adopting the newer config changes what the group may take: redo it whole
+        for _, i in ipairs(js) do
+          answer(i, asks[i][1], 2, bucket(asks[i][1], asks[i][2]), 0, 0, 0)
+        end
+      else
+        local want, order = {}, {}
+        for _, i in ipairs(js) do
+          local x = asks[i]
+          if want[x[1]] == nil then want[x[1]] = 0; order[#order + 1] = i end
+          want[x[1]] = want[x[1]] + x[3]
+        end
+        local short = false
+        for _, i in ipairs(order) do
+          local x = asks[i]
+          local b = bucket(x[1], x[2])
+          local ok = judge(b, want[x[1]], rel(b, now_s, now_n))
+          if want[x[1]] > b.c or not ok then short = true end
+        end
+        for _, i in ipairs(js) do
+          local x = asks[i]
+          if short then
+            local b = bucket(x[1], x[2])
+            local w = want[x[1]]
+            local ok = judge(b, w, rel(b, now_s, now_n))
+            if w <= b.c and ok then w = nil end
+            peek(i, x[1], b, 0, 0, w)
+          else
+            take(i, x[1], bucket(x[1], x[2]), x[3])
+          end
+        end
+      end
+      for _, i in ipairs(js) do settled[i] = true end
+    else
+      local b = bucket(k, rule)
+      if stale(b, rule) then
+        answer(j, k, 2, b, 0, 0, 0)
+      else
+        local ok = judge(b, tokens, rel(b, now_s, now_n))
+        if ok then
+          take(j, k, b, tokens)
+        else
+          local _, backlog, pos = judge(b, tokens, rel(b, now_s, now_n))
+          local status = 0
+          if tokens > b.c then status = 3 end
+          answer(j, k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
+        end
+      end
+    end
+  end
+end
+for k, now_rel in pairs(dirty) do
+  local b = cache[k]
+  if fresh[k] then
+    save_all(KEYS[k], b)
+  else
+    redis.call('HSET', KEYS[k], 'bt', fmt(b.bt), 't', fmt(b.t))
+  end
+  redis.call('HSET', KEYS[k], ufield, fmt(b.mine))
+  expire(KEYS[k], b, now_rel)
+end
+for k = 2, #KEYS do
+  local b = shown[k]
+  local n = #out
+  if b then
+    out[n + 1] = b.c; out[n + 2] = b.i; out[n + 3] = b.m; out[n + 4] = b.r
+  else
+    out[n + 1] = 0; out[n + 2] = 1; out[n + 3] = ''; out[n + 4] = ''
+  end
+end
+return out
