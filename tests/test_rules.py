@@ -119,19 +119,31 @@ def test_missing_or_empty_header_renders_nothing() -> None:
 
 def test_missing_names_the_header_as_written_in_the_template() -> None:
     template = KeyTemplate(AGENT)
-    assert template.missing({}, {}, "10.0.0.1") == "header X-API-Key is missing"
-    assert template.missing({"x-api-key": ""}, {}, "") == "header X-API-Key is empty"
-    assert template.missing({"x-api-key": "k"}, {}, "") == ""
+    absent = template.missing({}, {}, "10.0.0.1")
+    assert (absent.field, absent.detail, str(absent)) == (
+        "X-API-Key",
+        "header X-API-Key is missing",
+        "header X-API-Key is missing",
+    )
+    assert absent
+    empty = template.missing({"x-api-key": ""}, {}, "")
+    assert (empty.field, empty.detail) == ("X-API-Key", "header X-API-Key is empty")
+    present = template.missing({"x-api-key": "k"}, {}, "")
+    assert (present.field, present.fields, present.detail, bool(present)) == (None, (), "", False)
 
 
 def test_missing_lists_every_absent_value() -> None:
     template = KeyTemplate(
         "{{ .Request.Header.X-Tenant }}/{{ .Request.Query.user }}/{{ .Request.ClientIP }}"
     )
-    assert template.missing({}, {"user": ""}, "") == (
+    absent = template.missing({}, {"user": ""}, "")
+    assert absent.detail == (
         "header X-Tenant is missing and query parameter user is empty and client IP is unknown"
     )
-    assert template.missing({"x-tenant": "t"}, {"user": "u"}, "1.2.3.4") == ""
+    assert (absent.field, absent.fields) == ("X-Tenant", ("X-Tenant", "user"))
+    assert not template.missing({"x-tenant": "t"}, {"user": "u"}, "1.2.3.4")
+    only_query = template.missing({"x-tenant": "t"}, {}, "1.2.3.4")
+    assert (only_query.field, only_query.detail) == ("user", "query parameter user is missing")
 
 
 def test_query_names_match_exactly() -> None:
@@ -139,7 +151,8 @@ def test_query_names_match_exactly() -> None:
     assert template.render({}, {"user": "bob"}, "") == "small-bob"
     assert template.render({}, {"User": "bob"}, "") is None
     assert template.query_names == ("user",)
-    assert template.missing({}, {}, "") == "query parameter user is missing"
+    assert template.missing({}, {}, "").detail == "query parameter user is missing"
+    assert template.missing({}, {}, "").field == "user"
 
 
 def test_client_ip_template() -> None:
@@ -147,7 +160,8 @@ def test_client_ip_template() -> None:
     assert template.render({}, {}, "203.0.113.9") == "ip-203.0.113.9"
     assert template.render({}, {}, "") is None
     assert template.uses_client_ip
-    assert template.missing({}, {}, "") == "client IP is unknown"
+    unknown_ip = template.missing({}, {}, "")
+    assert (unknown_ip.detail, unknown_ip.field) == ("client IP is unknown", None)
 
 
 def test_whitespace_inside_braces_is_optional() -> None:

@@ -9,18 +9,21 @@ no clock. Loading rules from YAML lives in ``config``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal, Protocol, get_args
+from typing import Final, Literal, Protocol, TypeAlias, get_args
 
 import msgspec
+
+from bucketmesh.core.bucket import MODES, SHARED
+from bucketmesh.core.limits import LimitError, check_limits
 
 __all__ = [
     "DEFAULT_TTL",
     "MODES",
     "STORE_FAILURE_POLICIES",
     "KeyTemplate",
+    "Missing",
     "Mode",
     "Rule",
     "RuleError",
@@ -28,9 +31,9 @@ __all__ = [
     "parse_rate",
 ]
 
-Mode = Literal["shared", "strict", "local"]
+Mode: TypeAlias = str
+"""One of ``MODES`` (defined once, in ``core.bucket``; ``core.limits`` checks it)."""
 StoreFailurePolicy = Literal["allow", "deny", "local"]
-MODES: Final[tuple[str, ...]] = get_args(Mode)
 STORE_FAILURE_POLICIES: Final[tuple[str, ...]] = get_args(StoreFailurePolicy)
 DEFAULT_TTL: Final = 3600.0
 
@@ -61,12 +64,25 @@ _PLACEHOLDER_FORMS: Final = (
 
 
 class RuleError(ValueError):
-    """An invalid rule field; ``str()`` reads ``"<field> <problem>"``."""
+    """An invalid rule field: ``field`` (as ``Rule`` spells it: ``refill_rate``, or
+    ``key`` for a template, ``rate`` for the rate shorthand) and ``problem``.
 
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field} {problem}")
+    ``str()`` reads ``"<field> <problem>"``, or ``message`` when given (a template
+    or rate error, whose problem is a sentence of its own).
+    """
+
+    def __init__(self, field: str, problem: str, message: str | None = None) -> None:
+        super().__init__(f"{field} {problem}" if message is None else message)
         self.field = field
         self.problem = problem
+
+
+def _standalone(field: str, problem: str) -> RuleError:
+    return RuleError(field, problem, problem)
+
+
+# Rule spells its fields in snake_case; the limits validator uses the user-facing names.
+_RULE_FIELDS: Final[Mapping[str, str]] = {"refillRate": "refill_rate"}
 
 
 def parse_rate(text: str) -> tuple[int, float]:
@@ -74,25 +90,30 @@ def parse_rate(text: str) -> tuple[int, float]:
 
     Accepts ``N/unit``, ``N per unit`` and ``N/M units`` (``"100/5 minutes"`` is a
     capacity of 100 refilled over 300 s); units are second, minute, hour and day,
-    singular or plural, or s/sec, m/min, h/hr, d.
+    singular or plural, or s/sec, m/min, h/hr, d. Raises RuleError (a ValueError)
+    with field ``rate`` and the sentence as ``str()``. The result is not range-checked:
+    ``check_limits`` (or ``Rule``) does that.
     """
     match = _RATE.fullmatch(text)
     if match is None:
-        raise ValueError(f"invalid rate {text!r}: expected {_RATE_EXAMPLES}")
+        raise _standalone("rate", f"invalid rate {text!r}: expected {_RATE_EXAMPLES}")
     unit = match["unit"].lower()
     seconds = _UNIT_SECONDS.get(unit)
     if seconds is None:
-        raise ValueError(
+        raise _standalone(
+            "rate",
             f"invalid rate {text!r}: unknown unit {match['unit']!r}; "
-            "use second, minute, hour or day"
+            "use second, minute, hour or day",
         )
     count = int(match["count"])
     every = int(match["every"]) if match["every"] is not None else 1
     if count < 1:
-        raise ValueError(f"invalid rate {text!r}: the count must be at least 1")
+        raise _standalone("rate", f"invalid rate {text!r}: the count must be at least 1")
     if every < 1:
         singular = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}[seconds]
-        raise ValueError(f"invalid rate {text!r}: the period must be at least 1 {singular}")
+        raise _standalone(
+            "rate", f"invalid rate {text!r}: the period must be at least 1 {singular}"
+        )
     return count, count / (every * seconds)
 
 
@@ -108,6 +129,31 @@ class _Lookup(msgspec.Struct, frozen=True):
     source: str  # "header" | "query" | "client_ip"
     name: str  # header names lower-cased; query names as written
     display: str  # as written in the template, for messages
+
+
+class Missing(msgspec.Struct, frozen=True):
+    """What keeps a template from rendering a key, as data (``KeyTemplate.missing``).
+
+    ``fields`` are the absent or empty headers and query parameters, each named as
+    the template writes it (``X-API-Key``, ``user``), in template order; ``field``
+    is the first of them, or None when none is (nothing missing, or only the
+    client IP unknown). ``detail`` is the sentence, e.g. ``header X-API-Key is
+    missing and client IP is unknown`` (empty when nothing is missing), which is
+    also ``str()``. False when nothing is missing.
+    """
+
+    fields: tuple[str, ...] = ()
+    detail: str = ""
+
+    @property
+    def field(self) -> str | None:
+        return self.fields[0] if self.fields else None
+
+    def __bool__(self) -> bool:
+        return bool(self.detail)
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class RenderFn(Protocol):
@@ -129,7 +175,7 @@ def _parse_template(text: str) -> list[str | _Lookup]:
     for literal in parts:
         if isinstance(literal, str) and ("{{" in literal or "}}" in literal):
             brace = "{{" if "{{" in literal else "}}"
-            raise ValueError(f"unbalanced {brace!r} in key template {text!r}")
+            raise _standalone("key", f"unbalanced {brace!r} in key template {text!r}")
     return [part for part in parts if part != ""]
 
 
@@ -143,9 +189,10 @@ def _parse_placeholder(whole: str, inner: str, text: str) -> _Lookup:
     if query is not None:
         return _Lookup("query", query[1], query[1])
     hint = _placeholder_hint(inner)
-    raise ValueError(
+    raise _standalone(
+        "key",
         f"unknown placeholder {whole} in key template {text!r}; use {_PLACEHOLDER_FORMS}"
-        + (f" (did you mean {hint}?)" if hint else "")
+        + (f" (did you mean {hint}?)" if hint else ""),
     )
 
 
@@ -248,8 +295,8 @@ class KeyTemplate:
     ``render(headers, query, client_ip)`` gives the bucket key, or None when a
     referenced header, query parameter or the client IP is missing or empty.
     ``headers`` must have lower-cased names (header names match case-insensitively);
-    query parameter names match exactly. Raises ValueError for an unknown or
-    malformed placeholder.
+    query parameter names match exactly. Raises RuleError (a ValueError, field
+    ``key``) for an unknown or malformed placeholder.
     """
 
     __slots__ = ("_lookups", "_pattern", "literal_prefix", "render", "text")
@@ -261,7 +308,7 @@ class KeyTemplate:
 
     def __init__(self, text: str) -> None:
         if not text:
-            raise ValueError("key template is empty")
+            raise _standalone("key", "key template is empty")
         parts = _parse_template(text)
         self.text = text
         self._lookups: tuple[_Lookup, ...] = tuple(
@@ -298,11 +345,15 @@ class KeyTemplate:
     def uses_client_ip(self) -> bool:
         return any(lk.source == "client_ip" for lk in self._lookups)
 
-    def missing(self, headers: Mapping[str, str], query: Mapping[str, str], client_ip: str) -> str:
-        """What stops ``render`` from producing a key, e.g. ``header X-API-Key is missing``.
-
-        Empty when nothing is missing.
+    def missing(
+        self, headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
+    ) -> Missing:
+        """What stops ``render`` from producing a key: ``.field`` names the first absent
+        header or query parameter as written in the template (``X-API-Key``),
+        ``.detail`` says it in words (``header X-API-Key is missing``). False when
+        nothing is missing.
         """
+        fields: list[str] = []
         problems: list[str] = []
         for lookup in dict.fromkeys(self._lookups):
             value = _value_of(lookup, headers, query, client_ip)
@@ -310,12 +361,12 @@ class KeyTemplate:
                 if not value:
                     problems.append("client IP is unknown")
                 continue
+            if value:
+                continue
             what = "header" if lookup.source == "header" else "query parameter"
-            if value is None:
-                problems.append(f"{what} {lookup.display} is missing")
-            elif not value:
-                problems.append(f"{what} {lookup.display} is empty")
-        return " and ".join(problems)
+            fields.append(lookup.display)
+            problems.append(f"{what} {lookup.display} is {'missing' if value is None else 'empty'}")
+        return Missing(tuple(fields), " and ".join(problems))
 
     def matches(self, key: str) -> bool:
         """Whether ``render`` could have produced ``key``."""
@@ -338,8 +389,10 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     idle bucket is kept; ``mode`` is shared (one bucket across regions), strict
     (each region holds a share) or local (per region, not replicated);
     ``on_store_failure`` says what to decide when the state store is unreachable.
-    Construction validates and raises RuleError (a ValueError); ``Rule.create``
-    builds the template from the key text.
+    Construction validates (the limits with ``core.limits.check_limits``, the same
+    check config loading and the runtime PATCH make) and raises RuleError (a
+    ValueError) naming the field as Rule spells it (``refill_rate``);
+    ``Rule.create`` builds the template from the key text.
     """
 
     name: str
@@ -348,7 +401,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     capacity: int
     refill_rate: float
     ttl: float = DEFAULT_TTL
-    mode: str = "shared"
+    mode: str = SHARED
     on_store_failure: str = "local"
 
     def __post_init__(self) -> None:
@@ -360,14 +413,12 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.template.text != self.key:
             raise RuleError("key", f"is {self.key!r} but the template is {self.template.text!r}")
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int):
-            raise RuleError("capacity", f"must be an integer, got {self.capacity!r}")
-        if self.capacity < 1:
-            raise RuleError("capacity", f"must be >= 1, got {self.capacity!r}")
-        _check_positive("refill_rate", self.refill_rate)
-        _check_positive("ttl", self.ttl)
-        if self.mode not in MODES:
-            raise RuleError("mode", f"must be shared, strict or local, got {self.mode!r}")
+        try:
+            check_limits(
+                capacity=self.capacity, refill_rate=self.refill_rate, ttl=self.ttl, mode=self.mode
+            )
+        except LimitError as error:
+            raise RuleError(_RULE_FIELDS.get(error.field, error.field), error.problem) from None
         if self.on_store_failure not in STORE_FAILURE_POLICIES:
             raise RuleError(
                 "on_store_failure", f"must be allow, deny or local, got {self.on_store_failure!r}"
@@ -382,10 +433,13 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
         *,
         name: str | None = None,
         ttl: float = DEFAULT_TTL,
-        mode: str = "shared",
+        mode: str = SHARED,
         on_store_failure: str = "local",
     ) -> Rule:
-        """A validated rule; ``name`` defaults to the template's ``default_name`` (or "rule")."""
+        """A validated rule; ``name`` defaults to the template's ``default_name`` (or "rule").
+
+        Raises RuleError, whose ``field`` is ``key`` for a malformed template.
+        """
         template = KeyTemplate(key)
         return cls(
             name=(template.default_name or "rule") if name is None else name,
@@ -434,14 +488,6 @@ def _as_float(field: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RuleError(field, f"must be a number, got {value!r}")
     return float(value)
-
-
-def _check_positive(field: str, value: float) -> None:
-    _as_float(field, value)
-    if not value > 0:
-        raise RuleError(field, f"must be > 0, got {value!r}")
-    if not math.isfinite(value):
-        raise RuleError(field, f"must be finite, got {value!r}")
 
 
 def first_match(

@@ -23,10 +23,11 @@ import msgspec
 import yaml
 from msgspec import Meta
 
+from bucketmesh.core.bucket import SHARED
+from bucketmesh.core.limits import ErrorLocation, LimitError, check_limits, error_location
 from bucketmesh.core.rules import (
     DEFAULT_TTL,
     KeyTemplate,
-    Mode,
     Rule,
     RuleError,
     StoreFailurePolicy,
@@ -126,7 +127,6 @@ def _file_name(name: str) -> str:
 
 
 _Count = Annotated[int, Meta(ge=1)]
-_Positive = Annotated[float, Meta(gt=0)]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename=_file_name):
@@ -260,16 +260,17 @@ class Config(_Settings, frozen=True):
 
 
 class _BucketEntry(_Section, frozen=True):
-    """One entry of ``buckets:`` as written."""
+    """One entry of ``buckets:`` as written: types only; the limits' ranges and the
+    modes are checked by ``core.limits.check_limits``, as everywhere else."""
 
     key: str
     name: str | None = None
-    capacity: _Count | None = None
-    refill_rate: _Positive | None = None
-    refill_rate_alias: _Positive | None = None
+    capacity: int | None = None
+    refill_rate: float | None = None
+    refill_rate_alias: float | None = None
     rate: str | None = None
-    ttl: _Positive = DEFAULT_TTL
-    mode: Mode = "shared"
+    ttl: float = DEFAULT_TTL
+    mode: str = SHARED
     on_store_failure: StoreFailurePolicy = "local"
     on_store_failure_alias: StoreFailurePolicy | None = None
 
@@ -701,8 +702,8 @@ def _rule_from_entry(entry: Any, name: str) -> Rule:
     spec = _convert(entry, _BucketEntry)
     try:
         template = KeyTemplate(spec.key)
-    except ValueError as error:
-        raise _Problem("key", str(error)) from None
+    except RuleError as error:
+        raise _Problem(error.field, error.problem) from None
 
     refill_field, refill = "refillRate", spec.refill_rate
     if spec.refill_rate_alias is not None:
@@ -710,15 +711,18 @@ def _rule_from_entry(entry: Any, name: str) -> Rule:
             raise _Problem("refill_rate", "cannot be given with refillRate; they are the same")
         refill_field, refill = "refill_rate", spec.refill_rate_alias
     capacity = spec.capacity
+    # The file's field each limit came from: "rate" when the shorthand gave it.
+    sources = {"capacity": "capacity", "refillRate": refill_field, "ttl": "ttl", "mode": "mode"}
     if spec.rate is not None:
         if refill is not None:
             raise _Problem("rate", f"cannot be combined with {refill_field}; give one of them")
         try:
             rate_capacity, refill = parse_rate(spec.rate)
-        except ValueError as error:
-            raise _Problem("rate", str(error)) from None
+        except RuleError as error:
+            raise _Problem(error.field, error.problem) from None
+        sources["refillRate"] = "rate"
         if capacity is None:
-            capacity = rate_capacity
+            capacity, sources["capacity"] = rate_capacity, "rate"
     elif capacity is None and refill is None:
         raise _Problem("", 'needs capacity and refillRate, or a rate such as "100/minute"')
     elif capacity is None:
@@ -734,6 +738,10 @@ def _rule_from_entry(entry: Any, name: str) -> Rule:
                 "on_store_failure", "cannot be given with onStoreFailure; they are the same"
             )
         on_store_failure = spec.on_store_failure_alias
+    try:
+        check_limits(capacity=capacity, refill_rate=refill, ttl=spec.ttl, mode=spec.mode)
+    except LimitError as error:
+        raise _limit_problem(error, sources.get(error.field, error.field), entry) from None
     fields = {"refill_rate": refill_field, "ttl": "ttl"}
     try:
         return Rule(
@@ -748,6 +756,18 @@ def _rule_from_entry(entry: Any, name: str) -> Rule:
         )
     except RuleError as error:
         raise _Problem(fields.get(error.field, error.field), error.problem) from None
+
+
+def _limit_problem(error: LimitError, source: str, entry: dict[str, Any]) -> _Problem:
+    """A limit out of range, named by the file's field it came from, shown as written."""
+    if source == "rate":
+        return _Problem(
+            "rate",
+            f"{_show(entry.get('rate'))} gives {error.field} {error.value!r}, "
+            f"which {error.requirement}",
+        )
+    shown = _show(entry[source]) if source in entry else repr(error.value)
+    return _Problem(source, f"{error.requirement}, got {shown}")
 
 
 # -- overrides --------------------------------------------------------------
@@ -922,20 +942,22 @@ _SETTING_KEYS: Final = _setting_keys()
 
 # -- validation messages ----------------------------------------------------
 
-_PATH_STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
-_TYPE_NAMES: Final[Mapping[str, str]] = {
-    "int": "an integer",
-    "float": "a number",
-    "str": "a string",
-    "bool": "true or false",
-    "object": "a mapping",
-    "array": "a list",
-    "null": "nothing",
+# What a value of each type is called in messages.
+_TYPE_NAMES: Final[Mapping[Any, str]] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    dict: "a mapping",
+    tuple: "a list",
+    list: "a list",
+    type(None): "nothing",
 }
 # Fields whose file form is looser than their type (normalized before conversion).
 _EXPECTED: Final[Mapping[str, str]] = {
     "sync.peerUrls": "a mapping of region to URL or a {region} template string",
 }
+_BOUNDS: Final = ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
 
 
 _T = typing.TypeVar("_T", bound=msgspec.Struct)
@@ -950,80 +972,149 @@ def _convert(raw: dict[str, Any], schema: type[_T], extra_fields: tuple[str, ...
     try:
         return msgspec.convert(raw, schema, strict=False)
     except msgspec.ValidationError as error:
-        raise _explain(str(error), raw, schema, extra_fields) from None
+        raise _explain(error_location(error), raw, schema, extra_fields) from None
 
 
 def _explain(
-    message: str, raw: Any, schema: type[msgspec.Struct], extra_fields: tuple[str, ...]
+    location: ErrorLocation, raw: Any, schema: type[msgspec.Struct], extra_fields: tuple[str, ...]
 ) -> _Problem:
-    key_error = re.fullmatch(r"Expected `str` - at `key` in `\$(.*)`", message)
-    if key_error is not None:
-        return _Problem(_dotted(key_error[1]), "has a field name that is not a string")
-    found = re.fullmatch(r"(.*?)(?: - at `\$(.*)`)?", message, re.DOTALL)
-    assert found is not None  # the pattern matches any text
-    text, path = found[1], found[2] or ""
-
+    """The problem msgspec found at ``location``, worded from our schema and the value
+    there; only the location comes from msgspec (``core.limits.error_location``)."""
     value: Any = raw
     kind: Any = schema
     names: list[str] = []
-    for name, index in _PATH_STEP.findall(path):
-        if name:
-            names.append(name)
+    for step in location.path:
+        if isinstance(step, str):
+            names.append(step)
             struct = _struct_in(kind)
-            info = _field_info(struct, name) if struct is not None else None
+            info = _field_info(struct, step) if struct is not None else None
             kind = info.type if info is not None else None
-            value = value.get(name) if isinstance(value, dict) else None
-        elif index == "...":
-            # msgspec does not say which value of a mapping is wrong: the first non-string.
+            value = value.get(step) if isinstance(value, dict) else None
+        elif step is ...:
+            # msgspec does not say which value of a mapping is wrong: the first that is.
             entries = value if isinstance(value, dict) else {}
-            bad = next((k for k, v in entries.items() if not isinstance(v, str)), "...")
+            kind = _item_type(kind, dict)
+            bad = next((k for k, v in entries.items() if not _fits(v, kind)), "...")
             names.append(str(bad))
-            value, kind = entries.get(bad), None
+            value = entries.get(bad)
         else:
-            if names:
-                names[-1] += f"[{index}]"
-            else:
-                names.append(f"[{index}]")
-            value = value[int(index)] if isinstance(value, list) else None
-            kind = None
+            names.append(f"{names.pop()}[{step}]" if names else f"[{step}]")
+            value = value[step] if isinstance(value, list) and step < len(value) else None
+            kind = _item_type(kind, tuple)
     field = ".".join(names)
 
-    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", text)
-    if unknown is not None:
+    if location.in_key:
+        return _Problem(field, "has a field name that is not a string")
+    if location.name is not None:
         struct = _struct_in(kind)
         known = [info.encode_name for info in msgspec.structs.fields(struct)] if struct else []
+        if location.name in known:
+            return _Problem(_join(field, location.name), "is required")
         if not names:
             known += extra_fields
         return _Problem(
-            _join(field, unknown[1]), f"is not a known field{_suggestion(unknown[1], known)}"
+            _join(field, location.name),
+            f"is not a known field{_suggestion(location.name, known)}",
         )
-    missing = re.fullmatch(r"Object missing required field `(.*)`", text)
-    if missing is not None:
-        return _Problem(_join(field, missing[1]), "is required")
-    mismatch = re.fullmatch(r"Expected `([^`]*)`, got `[^`]*`", text)
-    if mismatch is not None:
-        expected = _EXPECTED.get(field) or _describe(mismatch[1])
+    if kind is None:
+        return _Problem(field, location.detail)
+    choices = [choice for choice in _type_args(kind) if isinstance(choice, str)]
+    if choices and isinstance(value, str):
+        return _Problem(field, f"must be {_one_of(choices)}, got {_show(value)}")
+    if not _fits(value, _unconstrained(kind)):
+        expected = _EXPECTED.get(field) or _describe(kind)
         return _Problem(field, f"expected {expected}, got {_show(value)}")
-    bound = re.fullmatch(r"Expected `\w+` (>=|>|<=|<) (\S+)", text)
-    if bound is not None:
-        limit = bound[2].removesuffix(".0")
-        return _Problem(field, f"must be {bound[1]} {limit}, got {_show(value)}")
-    if text.startswith("Invalid enum value"):
-        choices = [str(choice) for choice in _type_args(kind) if isinstance(choice, str)]
-        listed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if choices else "a known value"
-        return _Problem(field, f"must be {listed}, got {_show(value)}")
-    return _Problem(field, text)
+    converted = msgspec.convert(value, _unconstrained(kind), strict=False)
+    for meta in _metas(kind):
+        for operator, attribute in _BOUNDS:
+            limit = getattr(meta, attribute)
+            if limit is not None and not _holds(converted, operator, limit):
+                shown = str(limit).removesuffix(".0")
+                return _Problem(field, f"must be {operator} {shown}, got {_show(value)}")
+    return _Problem(field, location.detail)
 
 
-def _dotted(path: str) -> str:
-    return path.lstrip(".")
+def _members(kind: Any) -> list[Any]:
+    """A union's members without ``Annotated``: ``Annotated[int, …] | None`` → ``[int, None]``."""
+    origin = typing.get_origin(kind)
+    if origin is Annotated:
+        return _members(typing.get_args(kind)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return [member for arg in typing.get_args(kind) for member in _members(arg)]
+    return [kind]
 
 
-def _describe(types: str) -> str:
-    names = [name.strip() for name in types.split("|")]
+def _unconstrained(kind: Any) -> Any:
+    """``kind`` without its ``Annotated`` constraints."""
+    members = _members(kind)
+    return members[0] if len(members) == 1 else typing.Union[tuple(members)]  # noqa: UP007
+
+
+def _metas(kind: Any) -> list[msgspec.Meta]:
+    """The ``msgspec.Meta`` constraints anywhere in ``kind``."""
+    origin = typing.get_origin(kind)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(kind)
+        return [extra for extra in extras if isinstance(extra, msgspec.Meta)] + _metas(inner)
+    if origin is typing.Union or origin is types.UnionType:
+        return [meta for arg in typing.get_args(kind) for meta in _metas(arg)]
+    return []
+
+
+def _item_type(kind: Any, container: type) -> Any:
+    """The type of a value in the mapping (``dict``) or list (``tuple``) ``kind`` allows."""
+    for member in _members(kind):
+        origin = typing.get_origin(member)
+        if origin is dict and container is dict:
+            return typing.get_args(member)[1]
+        if origin in (tuple, list) and container is tuple:
+            return typing.get_args(member)[0]
+    return None
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether ``value`` converts to ``kind`` as ``_convert`` would (lax); True when
+    ``kind`` is unknown."""
+    if kind is None:
+        return True
+    try:
+        msgspec.convert(value, kind, strict=False)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _holds(value: Any, operator: str, limit: float) -> bool:
+    if operator == ">=":
+        return bool(value >= limit)
+    if operator == ">":
+        return bool(value > limit)
+    if operator == "<=":
+        return bool(value <= limit)
+    return bool(value < limit)
+
+
+def _describe(kind: Any) -> str:
+    """What a value of ``kind`` is called: ``str | None`` → ``a string``."""
+    names: list[str] = []
+    for member in _members(kind):
+        if typing.get_origin(member) is Literal:
+            plain = [type(choice) for choice in typing.get_args(member)]
+        elif isinstance(member, type) and issubclass(member, msgspec.Struct):
+            plain = [dict]
+        else:
+            plain = [typing.get_origin(member) or member]
+        for each in plain:
+            name = _TYPE_NAMES.get(each, getattr(each, "__name__", str(each)))
+            if name not in names:
+                names.append(name)
     if len(names) > 1:
-        names = [name for name in names if name != "null"]
-    return " or ".join(_TYPE_NAMES.get(name, name) for name in names)
+        names = [name for name in names if name != "nothing"]
+    return " or ".join(names)
+
+
+def _one_of(choices: list[str]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 def _suggestion(name: str, known: list[str] | tuple[str, ...]) -> str:
