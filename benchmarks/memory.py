@@ -121,9 +121,7 @@ class Node:
 
     def __init__(self, config: Path, port: int, log: Path) -> None:
         executable = VENV_BIN / "bucketmesh"
-        argv = (
-            [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh"]
-        )
+        argv = [str(executable)] if executable.exists() else [sys.executable, "-m", "bucketmesh"]
         self.port = port
         self.started = time.monotonic()
         with log.open("ab") as out:

@@ -13,10 +13,11 @@ import asyncio
 import httpx
 import pytest
 
-from bucketmesh.http.routes import ApiError, RatingApp
-from bucketmesh.http.server import HttpServer, Request, Response, ServerLimits
+from bucketmesh.api.routes import RatingApp
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Rule
+from bucketmesh.http.errors import ApiError
+from bucketmesh.http.server import HttpServer, Request, Response, ServerLimits
 
 
 def _app() -> RatingApp:
@@ -43,7 +44,7 @@ def test_async_handlers_answer_and_their_errors_render_as_problem_json() -> None
 
     async def slow_refusal(request: Request) -> Response:
         await asyncio.sleep(0.01)
-        raise ApiError(409, "Conflict", "the store said no", reason="conflict")
+        raise ApiError(409, "the store said no", reason="conflict")
 
     app.add_route("GET", "/x/ok", "x", slow_ok)
     app.add_route("GET", "/x/no", "x", slow_refusal)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from bucketmesh.core.rules import KeyTemplate
 from bucketmesh.node.config import (
     ENV_OVERRIDES,
     Config,
@@ -18,7 +19,6 @@ from bucketmesh.node.config import (
     parse_config,
     parse_listen,
 )
-from bucketmesh.core.rules import KeyTemplate
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

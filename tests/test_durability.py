@@ -25,12 +25,14 @@ import msgspec
 import pytest
 from conftest import make_config
 
-from bucketmesh.storage import wal as wal_module
-from bucketmesh.node.config import ConfigError, parse_config
-from bucketmesh.http.server import Request
 from bucketmesh.core.limiter import DeltaBatch, Limiter
 from bucketmesh.core.rules import Rule
-from bucketmesh.node.serve import SNAPSHOT_MAGIC, Node, NodeSettings, SnapshotFile, open_limiter
+from bucketmesh.http.server import Request
+from bucketmesh.node.config import ConfigError, parse_config
+from bucketmesh.node.serve import Node, NodeSettings
+from bucketmesh.storage import wal as wal_module
+from bucketmesh.storage.memory import UnreadableState, open_limiter
+from bucketmesh.storage.snapshot import SNAPSHOT_MAGIC, SnapshotFile
 from bucketmesh.storage.wal import frame, pack, read_frames, recover, segments
 
 CAPACITY = 2500
@@ -283,8 +285,9 @@ def test_restart_takes_an_incarnation_above_every_writer_of_the_log(tmp_path: Pa
     assert batch is not None
     (tmp_path / "state.snap.wal.1").write_bytes(frame(DeltaBatch("r/n/6", [])) + frame(batch))
 
-    settings = NodeSettings("r", "n", "127.0.0.1", 0, _rules(), snapshot=str(path))
-    limiter, recovered = open_limiter(settings, SnapshotFile(str(path)))
+    limiter, recovered = open_limiter(
+        _rules(), region="r", node="n", snapshot=SnapshotFile(str(path))
+    )
     assert limiter.replica_id == "r/n/7"
     assert recovered is not None and recovered.writers == {"r/n/6"}
     assert limiter.bucket("k-a") is not None
@@ -307,14 +310,13 @@ def test_a_snapshot_file_written_in_slices_restores_like_a_whole_one(tmp_path: P
             for i in range(0, len(keys), 7)
         )
     )
-    settings = NodeSettings("r", "n", "127.0.0.1", 0, _rules(), snapshot=str(path))
-    from_slices, _ = open_limiter(settings, SnapshotFile(str(path)))
+    from_slices, _ = open_limiter(_rules(), region="r", node="n", snapshot=SnapshotFile(str(path)))
     whole = Limiter.restore(limiter.snapshot(), _rules(), replica_id=from_slices.replica_id)
     assert from_slices.replica_id == "r/n/2"
     assert from_slices.snapshot() == whole.snapshot()
     path.write_bytes(path.read_bytes()[:-5])
-    with pytest.raises(SystemExit, match="unreadable snapshot"):
-        open_limiter(settings, SnapshotFile(str(path)))
+    with pytest.raises(UnreadableState, match="unreadable snapshot"):
+        open_limiter(_rules(), region="r", node="n", snapshot=SnapshotFile(str(path)))
 
 
 def test_storage_settings_parse_and_a_bad_one_names_its_field() -> None:
@@ -433,7 +435,7 @@ def test_strict_grants_queued_behind_an_fsync_are_fsynced_before_their_200_when_
 
     async def scenario() -> tuple[int, int]:
         node = _node(tmp_path, "strict")
-        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        handler = node.app
         first = handler(_grant("k-a"))
         await _until(waiting.is_set)  # k-a's group is written; its fsync waits at the gate
         second = handler(_grant("k-b"))  # the next group, formed behind that fsync
@@ -492,7 +494,7 @@ def test_a_failed_log_write_answers_503_and_the_next_group_carries_it_readably(
 
     async def scenario() -> list[int]:
         node = _node(tmp_path, "relaxed")
-        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        handler = node.app
         failed = await handler(_grant("k-a"))  # type: ignore[misc]
         later = await handler(_grant("k-b"))  # type: ignore[misc]
         return [failed.status, later.status]
@@ -513,7 +515,7 @@ def test_an_idempotent_retry_of_a_grant_that_was_not_made_durable_is_decided_aga
 
     async def scenario() -> list[tuple[int, int]]:
         node = _node(tmp_path, "relaxed")
-        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        handler = node.app
         out = []
         for _ in range(2):
             answer = await handler(_grant("k-a", idempotency="retry-1"))  # type: ignore[misc]
@@ -545,13 +547,13 @@ def test_snapshots_that_keep_failing_add_no_segments_and_leak_no_descriptors(
 
     async def scenario() -> tuple[int, int]:
         node = _node(tmp_path, "relaxed")
-        handler = node.wal.guard(node.app)  # type: ignore[union-attr]
+        handler = node.app
         for i in range(8):
             await handler(_grant(f"k-{i}"))  # type: ignore[misc]
             with pytest.raises(OSError):
                 await node.save_snapshot()
         counts = len(segments(tmp_path / "state.snap")), wal_fds()
-        node.wal.close()  # type: ignore[union-attr]
+        node.memory.close()  # type: ignore[union-attr]
         return counts
 
     files, fds = scenario_result(scenario)
@@ -566,6 +568,5 @@ def test_a_snapshot_a_crash_left_half_written_is_removed_at_start(tmp_path: Path
     writer.write(b"x" * 1000)  # kill -9 here: never committed, never abandoned
     other = tmp_path / ".other.snap.tmp-1"  # another node's temporary: not ours
     other.write_bytes(b"y")
-    settings = NodeSettings("r", "n", "127.0.0.1", 0, _rules(), snapshot=str(store.path))
-    open_limiter(settings, store)
+    open_limiter(_rules(), region="r", node="n", snapshot=store)
     assert not writer.tmp.exists() and other.exists()

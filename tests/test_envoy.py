@@ -26,8 +26,8 @@ import pytest
 import yaml
 from conftest import free_port, make_config
 
-from bucketmesh.integrations.envoy import envoy_bootstrap
 from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
+from bucketmesh.tooling.envoy_bootstrap import envoy_bootstrap
 
 RESPONSE = rls_pb2.RateLimitResponse
 RULES: list[dict[str, Any]] = [

@@ -28,9 +28,9 @@ import pytest
 import yaml
 from conftest import eventually, free_port, spawn_serve
 
-from bucketmesh.replication import protocol as sync
 from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta
 from bucketmesh.core.limiter import DeltaBatch
+from bucketmesh.replication import protocol as sync
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
 CLUSTER_ID = "global-rate-limit-cluster"
@@ -627,8 +627,8 @@ def test_a_node_killed_mid_traffic_never_regrants_spent_tokens(tmp_path: Path) -
 
 def in_process_node(region: str, port: int, peers: dict[str, str], **mesh: Any) -> Any:
     from bucketmesh.node.config import parse_config
-    from bucketmesh.replication.mesh import MeshSettings
     from bucketmesh.node.serve import Node, NodeSettings
+    from bucketmesh.replication.mesh import MeshSettings
 
     rules = parse_config(yaml.safe_dump({"buckets": BUCKETS})).buckets
     settings = MeshSettings(

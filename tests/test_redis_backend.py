@@ -23,6 +23,8 @@ import pytest
 import yaml
 from conftest import ServerFactory, eventually, free_port, make_config, spawn_serve
 
+from bucketmesh.core.decisions import Ask
+
 SECRET = "redis-test-secret-0123456789abcdef"
 
 
@@ -506,9 +508,8 @@ def test_a_patch_on_one_node_reaches_the_regions_other_nodes_through_redis(
 
 
 def _backend(url: str, *, region: str = "eu", node: str = "n1", **rule: Any) -> Any:
-    from bucketmesh.storage.redis_backend import RedisBackend
     from bucketmesh.core.rules import Rule
-    from bucketmesh.node.serve import NodeSettings
+    from bucketmesh.storage.redis_backend import RedisBackend
 
     options = {"capacity": 10, "refill_rate": 0.01, "ttl": 3600.0, **rule}
     made = Rule.create(
@@ -518,17 +519,14 @@ def _backend(url: str, *, region: str = "eu", node: str = "n1", **rule: Any) -> 
         name="r",
         **options,
     )
-    settings = NodeSettings(
-        region=region,
-        node=node,
-        host="127.0.0.1",
-        port=0,
-        rules=[made],
-        storage="redis",
-        redis_url=url,
-        redis_timeout_s=options.get("timeout_s", 2.0),
+    return RedisBackend(
+        [made], region=region, node=node, url=url, timeout_s=options.get("timeout_s", 2.0)
     )
-    return RedisBackend(settings)
+
+
+async def settle(answer: Any) -> Any:
+    """A decision-seam answer, now or later."""
+    return await answer if hasattr(answer, "__await__") else answer
 
 
 async def _joined(backend: Any) -> Any:
@@ -549,14 +547,14 @@ def test_a_redis_failure_under_atomic_batches_answers_every_request(redis_server
         backend = await _joined(_backend(redis_server.url, on_store_failure="allow"))
         backend.store.timeout_s = 0.3
         try:
-            await backend.acquire("A", "r", 1)
+            await settle(backend.acquire("A", 1, rule="r"))
             await backend.refresh(["A"])
             backend.mirror.configure("A", capacity=100)
             await backend.publish("A", False)
             # Redis stops running scripts (as under a long pause): the script call times out
             redis_server.client().execute_command("CLIENT", "PAUSE", "3000", "WRITE")
-            first = asyncio.ensure_future(backend.acquire_many([("A", "r", 50)], atomic=True))
-            second = asyncio.ensure_future(backend.acquire_many([("B", "r", 1)], atomic=True))
+            first = asyncio.ensure_future(backend.acquire_many([Ask("A", 50, "r")], atomic=True))
+            second = asyncio.ensure_future(backend.acquire_many([Ask("B", 1, "r")], atomic=True))
             _, hanging = await asyncio.wait([first, second], timeout=10)
             for task in hanging:
                 task.cancel()
@@ -578,8 +576,12 @@ def test_atomic_groups_in_one_script_call_are_judged_in_order(redis_server: Any)
     async def run() -> tuple[list[Any], list[Any], dict[str, int]]:
         backend = await _joined(_backend(redis_server.url))
         try:
-            one = asyncio.ensure_future(backend.acquire_many([("A", "r", 6), ("B", "r", 1)], True))
-            two = asyncio.ensure_future(backend.acquire_many([("A", "r", 6), ("C", "r", 1)], True))
+            one = asyncio.ensure_future(
+                backend.acquire_many([Ask("A", 6, "r"), Ask("B", 1, "r")], atomic=True)
+            )
+            two = asyncio.ensure_future(
+                backend.acquire_many([Ask("A", 6, "r"), Ask("C", 1, "r")], atomic=True)
+            )
             d1, d2 = await asyncio.wait_for(asyncio.gather(one, two), 10)
             assert backend.calls == 1  # both in one script call
             return d1, d2, _used(await backend.store.read(["A", "B", "C"]))
@@ -599,10 +601,10 @@ def test_an_atomic_batch_with_a_key_to_reconfigure_is_redone_whole(redis_server:
     async def run() -> tuple[list[bool], dict[str, int]]:
         backend = await _joined(_backend(redis_server.url))
         try:
-            assert (await backend.acquire("A", "r", 2)).allowed
+            assert (await settle(backend.acquire("A", 2, rule="r"))).allowed
             backend.mirror.configure("r", capacity=5)
-            batch = [("B", "r", 1), ("A", "r", 3), ("A", "r", 3)]
-            decisions = await asyncio.wait_for(backend.acquire_many(batch, True), 10)
+            batch = [Ask("B", 1, "r"), Ask("A", 3, "r"), Ask("A", 3, "r")]
+            decisions = await asyncio.wait_for(settle(backend.acquire_many(batch, atomic=True)), 10)
             return [d.allowed for d in decisions], _used(await backend.store.read(["A", "B"]))
         finally:
             await backend.store.close()
@@ -625,10 +627,10 @@ def test_a_failure_while_redoing_sends_only_the_unanswered_to_the_policy(
     async def run() -> tuple[list[bool], dict[str, int], dict[str, int]]:
         backend = await _joined(_backend(url, on_store_failure="local"))
         try:
-            assert (await backend.acquire("A", "r", 2)).allowed
+            assert (await settle(backend.acquire("A", 2, rule="r"))).allowed
             backend.mirror.configure("r", capacity=5)
             decisions = await asyncio.wait_for(
-                backend.acquire_many([("B", "r", 1), ("A", "r", 1)], False), 10
+                backend.acquire_many([Ask("B", 1, "r"), Ask("A", 1, "r")], atomic=False), 10
             )
             assert not backend.up
             fallbacks = dict(backend.fallbacks)
@@ -655,14 +657,14 @@ def test_a_batch_refused_for_tokens_above_a_lowered_capacity_charges_nothing(
         one = await _joined(_backend(redis_server.url, node="n1"))
         two = await _joined(_backend(redis_server.url, node="n2"))
         try:
-            await two.acquire("A", "r", 1)
+            await settle(two.acquire("A", 1, rule="r"))
             await two.refresh(["A"])
             two.mirror.configure("A", capacity=5)
             await two.publish("A", False)
             for atomic in (False, True):
                 with pytest.raises(InvalidTokens):
                     await asyncio.wait_for(
-                        one.acquire_many([("B", "r", 1), ("A", "r", 8)], atomic), 10
+                        one.acquire_many([Ask("B", 1, "r"), Ask("A", 8, "r")], atomic=atomic), 10
                     )
             return _used(await one.store.read(["A", "B"]))
         finally:
@@ -676,12 +678,12 @@ def test_the_mirror_sends_every_entry_of_its_region_to_the_mesh() -> None:
     """A5: what `local` fallbacks spent (merged into Redis under node-local ids) and
     an old incarnation's counts reach the mesh, not only the store's own entry."""
     from bucketmesh.core.bucket import BucketDelta
-    from bucketmesh.storage.redis_backend import RegionMirror
     from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RegionMirror
 
     rule = Rule.create("k-{{ .Request.Query.user }}", 100, 1.0, name="r", ttl=3600)
     mirror = RegionMirror([rule], forward=lambda batch: None, replica_id="eu/redis/2")
-    config = mirror.rule_configs["r"]
+    config = mirror.limiter.rule_configs["r"]
     now = time.time_ns()
     epoch = now - now % config.ttl_ns
     used = {"eu/redis/2": 50, "eu/n1-local/111": 60, "eu/redis/1": 7, "ap/redis/9": 3}
@@ -703,16 +705,20 @@ def test_after_redis_lost_its_data_a_drained_bucket_stays_drained(redis_server: 
         )
         backend.tracked = {"r"}
         try:
-            granted = sum([(await backend.acquire("A", "r", 1)).allowed for _ in range(12)])
+            granted = sum(
+                [(await settle(backend.acquire("A", 1, rule="r"))).allowed for _ in range(12)]
+            )
             await backend.refresh(["A"])
             old_epoch = backend.mirror.buckets["A"].epoch
             # into the next epoch window of the 2 s ttl (A stays live: ~100 s of backlog)
             ttl = 2_000_000_000
             await asyncio.sleep((ttl - time.time_ns() % ttl) / 1e9 + 0.05)
             admin.flushall()
-            after = (await backend.acquire("A", "r", 1)).allowed  # stale: the policy
+            after = (await settle(backend.acquire("A", 1, rule="r"))).allowed  # stale: the policy
             await backend._recover()
-            after += sum([(await backend.acquire("A", "r", 1)).allowed for _ in range(5)])
+            after += sum(
+                [(await settle(backend.acquire("A", 1, rule="r"))).allowed for _ in range(5)]
+            )
             (state,) = await backend.store.read(["A"])
             return granted, after, old_epoch, state.epoch
         finally:
@@ -750,20 +756,22 @@ def test_a_peer_config_outside_the_exact_range_is_skipped() -> None:
     Redis region skips it, so it never reaches Redis."""
     from bucketmesh.core.bucket import BucketConfig, BucketDelta
     from bucketmesh.core.limiter import DeltaBatch
-    from bucketmesh.storage.redis_backend import RegionMirror
     from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RegionMirror
 
     forwarded: list[Any] = []
     rule = Rule.create("k-{{ .Request.Query.user }}", 10, 1.0, name="r", ttl=3600)
-    mirror = RegionMirror([rule], forward=forwarded.append, replica_id="eu/redis/1")
-    config = mirror.rule_configs["r"]
+    mirror = RegionMirror(
+        [rule], forward=forwarded.append, replica_id="eu/redis/1", max_buckets=1000, regions=1
+    )
+    config = mirror.limiter.rule_configs["r"]
     huge = BucketConfig(10**12, 10**9, config.ttl_ns, config.mode, (10**15, "ap/n1"))
     now = time.time_ns()
     epoch = now - now % config.ttl_ns
     inexact = BucketDelta("A", epoch, huge, huge.version, now, {"ap/n1": 1}, "r")
     fine = BucketDelta("B", epoch, config, config.version, now, {"ap/n1": 1}, "r")
     mirror.merge(DeltaBatch("ap/n1", [inexact, fine], {"r": huge}), now=now)
-    assert mirror.rule_configs["r"] == config
+    assert mirror.limiter.rule_configs["r"] == config
     assert "A" not in mirror.buckets and "B" in mirror.buckets
     (batch,) = forwarded
     assert [d.key for d in batch.deltas] == ["B"] and batch.rules == {}

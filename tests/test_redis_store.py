@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from bucketmesh.core.bucket import BucketConfig, BucketDelta, interval_for
 from bucketmesh.core.limiter import DeltaBatch, Limiter
-from bucketmesh.storage.redis_store import ALLOWED, INVALID_TOKENS, Ask, RedisStore, check_exact
 from bucketmesh.core.rules import Rule
+from bucketmesh.storage.redis_store import ALLOWED, INVALID_TOKENS, Ask, RedisStore, check_exact
 
 T0 = 1_763_900_000_123_456_789  # an absolute ns time well above 2^53
 _names = itertools.count()

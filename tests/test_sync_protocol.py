@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bucketmesh.replication import protocol as sync
 from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta
 from bucketmesh.core.limiter import DeltaBatch, Limiter
 from bucketmesh.core.rules import Rule
+from bucketmesh.replication import protocol as sync
 
 NOW = 1_700_000_000 * NS_PER_S
 SECRET = "correct horse battery staple"

@@ -6,7 +6,6 @@ everything else is private and free to change.
 """
 
 from bucketmesh.core.bucket import Decision
-from bucketmesh.node.config import Config, ConfigError, load_buckets, load_config
 from bucketmesh.core.limiter import (
     BucketCapReached,
     DeltaBatch,
@@ -16,6 +15,7 @@ from bucketmesh.core.limiter import (
     NoRuleError,
 )
 from bucketmesh.core.rules import Rule, parse_rate
+from bucketmesh.node.config import Config, ConfigError, load_buckets, load_config
 
 __version__ = "0.1.0"
 

@@ -124,7 +124,7 @@ def interval_for(refill_rate: float) -> int:
     return max(1, round(NS_PER_S / refill_rate))
 
 
-class Decision(msgspec.Struct, gc=False):
+class Decision(msgspec.Struct, frozen=True, gc=False):
     """The answer to one acquire or peek; times in seconds (floats, ns precision)."""
 
     allowed: bool

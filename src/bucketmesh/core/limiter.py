@@ -71,6 +71,7 @@ from bucketmesh.core.bucket import (
     Hlc,
     interval_for,
 )
+from bucketmesh.core.decisions import Ask
 from bucketmesh.core.rules import Rule
 
 SNAPSHOT_FORMAT: Final = 1
@@ -107,7 +108,14 @@ class Journal:
 
 
 class LimiterError(Exception):
-    """Base of the errors a caller can act on."""
+    """Base of the errors a caller can act on. ``index`` is the position of the ask
+    at fault in an ``acquire_many`` call (None for a single acquire)."""
+
+    index: int | None = None
+
+    def at(self, index: int) -> LimiterError:
+        self.index = index
+        return self
 
 
 class NoRuleError(LimiterError):
@@ -141,7 +149,7 @@ def rule_config(rule: Rule, regions: int = 1) -> BucketConfig:
     )
 
 
-def _share(config: BucketConfig, regions: int) -> BucketConfig:
+def share_of(config: BucketConfig, regions: int) -> BucketConfig:
     """Strict mode's per-region share: 1/regions of capacity and of refill."""
     if config.mode != STRICT or regions == 1:
         return config
@@ -284,6 +292,81 @@ class Limiter:
     def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
         return self.acquire(key, 0, rule=rule, now=now)
 
+    def acquire_many(
+        self, asks: Sequence[Ask], *, atomic: bool = False, now: int | None = None
+    ) -> list[Decision]:
+        """The asks' decisions in order, at one instant. Every ask is checked first (its
+        rule, its tokens against the capacity, room for its new key under the cap), so a
+        bad one raises (``error.index`` names it) with nothing charged. ``atomic``: every
+        key must hold the sum asked of it, or nothing is charged and each decision is a
+        denial saying when the whole batch would fit."""
+        if now is None:
+            now = self.clock()
+        new_keys: set[str] = set()
+        wanted: dict[str, tuple[str | None, int]] = {}
+        for index, (key, tokens, rule) in enumerate(asks):
+            try:
+                bucket = self.buckets.get(key)
+                if bucket is None:
+                    bucket = self._fresh(key, rule, now)
+                    if tokens:
+                        new_keys.add(key)
+                elif rule is not None:
+                    self.resolve_rule(key, rule)  # an unknown rule name is refused even so
+                capacity = bucket.config.capacity
+                if tokens < 0 or tokens > capacity:
+                    raise InvalidTokens(
+                        f"tokens must be between 0 and the capacity {capacity}, got {tokens}",
+                        capacity,
+                    )
+            except LimiterError as error:
+                raise error.at(index) from None
+            previous = wanted.get(key)
+            wanted[key] = (rule, tokens + (previous[1] if previous else 0))
+        if new_keys and len(self.buckets) + len(new_keys) > self.max_buckets:
+            self.expire(now)
+            if len(self.buckets) + len(new_keys) > self.max_buckets:
+                self.cap_rejections += 1
+                first = next(i for i, ask in enumerate(asks) if ask.key in new_keys)
+                raise BucketCapReached(
+                    f"{len(self.buckets)} live buckets: the cap (max_buckets) has no room "
+                    f"for this batch's {len(new_keys)} new keys"
+                ).at(first)
+        if atomic:
+            short: dict[str, int] = {}
+            for key, (rule, total) in wanted.items():
+                bucket = self.inspect(key, rule=rule, now=now)
+                if total > bucket.config.capacity or bucket.level(now) < total:
+                    short[key] = bucket.retry_after_ns(min(total, bucket.config.capacity), now)
+            if short:
+                out = []
+                for key, _, rule in asks:
+                    peek = self.acquire(key, 0, rule=rule, now=now)
+                    wait = short.get(key, 0) / NS_PER_S
+                    out.append(msgspec.structs.replace(peek, allowed=False, retry_after=wait))
+                return out
+        return [self.acquire(key, tokens, rule=rule, now=now) for key, tokens, rule in asks]
+
+    # -- the decision seam (core/decisions.py) ----------------------------------
+
+    def rule_config(self, name: str) -> BucketConfig:
+        return self.rule_configs[name]
+
+    def live_buckets(self) -> int:
+        return len(self.buckets)
+
+    def rule_of(self, key: str) -> str:
+        bucket = self.buckets.get(key)
+        return bucket.rule if bucket is not None else self.rule_for(key).name
+
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` has a live bucket here (not only its rule's defaults)."""
+        return key in self.buckets
+
+    def commit(self) -> None:
+        """Memory alone promises no durability: nothing to wait for."""
+        return None
+
     def rule_for(self, key: str) -> Rule:
         """The first rule whose key template could have produced ``key``."""
         for rule in self.rules:
@@ -291,7 +374,7 @@ class Limiter:
                 return rule
         raise NoRuleError(f"no rule matches key {key!r}; name one with rule=")
 
-    def _rule(self, key: str, rule_name: str | None) -> Rule:
+    def resolve_rule(self, key: str, rule_name: str | None) -> Rule:
         if rule_name is None:
             return self.rule_for(key)
         found = self.rules_by_name.get(rule_name)
@@ -301,13 +384,13 @@ class Limiter:
 
     def _fresh(self, key: str, rule_name: str | None, now: int) -> Bucket:
         """A full bucket for ``key`` under its rule, not (yet) stored."""
-        rule = self._rule(key, rule_name)
+        rule = self.resolve_rule(key, rule_name)
         config = self.rule_configs[rule.name]
         if self.key_configs:
             own = self.key_configs.get(key)
             if own is not None and own.version > config.version:
                 config = own
-        bucket = Bucket(_share(config, self.regions), now, rule.name)
+        bucket = Bucket(share_of(config, self.regions), now, rule.name)
         epochs = self._epochs
         shared = epochs.get(bucket.epoch)
         if shared is None:
@@ -392,7 +475,7 @@ class Limiter:
 
     def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
         was_shared = bucket.config.mode == SHARED
-        bucket.reconfigure(_share(config, self.regions), now)
+        bucket.reconfigure(share_of(config, self.regions), now)
         if was_shared or config.mode == SHARED:
             self.dirty.add(key)
         if self.journal is not None:
@@ -462,7 +545,7 @@ class Limiter:
             now = self.clock()
         rid = self.replica_id
         for name, config in batch.rules.items():
-            self._merge_rule(name, config, now)
+            self.merge_rule(name, config, now)
         changed = 0
         buckets = self.buckets
         for delta in batch.deltas:
@@ -511,7 +594,7 @@ class Limiter:
                 self._adopt(delta.key, bucket, rule_cfg, now)
         return changed
 
-    def _merge_rule(self, name: str, config: BucketConfig, now: int) -> None:
+    def merge_rule(self, name: str, config: BucketConfig, now: int) -> None:
         current = self.rule_configs.get(name)
         if current is None or config.version <= current.version:
             return
@@ -599,7 +682,7 @@ class Limiter:
             now = self.clock()
         rid = self.replica_id
         for name, config in batch.rules.items():
-            self._merge_rule(name, config, now)
+            self.merge_rule(name, config, now)
         buckets = self.buckets
         for delta in batch.deltas:
             self.hlc.observe(delta.config.version[0])

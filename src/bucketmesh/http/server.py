@@ -164,7 +164,7 @@ class ServerLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 def problem(
     status: int,
-    title: str,
+    title: str | None,
     detail: str,
     *,
     type_: str = "about:blank",
@@ -172,10 +172,11 @@ def problem(
     extra: dict[str, object] | None = None,
     headers: list[tuple[str, str]] | None = None,
 ) -> Response:
-    """An RFC 9457 ``application/problem+json`` response."""
+    """An RFC 9457 ``application/problem+json`` response; ``title`` defaults to the
+    status's reason phrase."""
     document: dict[str, object] = {
         "type": type_,
-        "title": title,
+        "title": title or HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
     }

@@ -35,13 +35,13 @@ class BatchRequest(msgspec.Struct, forbid_unknown_fields=True):
     atomic: bool = False
 
 
-class DecisionBody(Decision):
+class DecisionBody(Decision, frozen=True):
     """A decision as the API returns it: the limiter's Decision plus the region."""
 
     region: str
 
 
-class QuotaExceeded(DecisionBody):
+class QuotaExceeded(DecisionBody, frozen=True):
     """The 429 body: problem+json of type ``quota-exceeded`` with the decision's fields."""
 
     type: str
@@ -161,14 +161,22 @@ def version_text(version: tuple[int, str]) -> str:
 
 
 _FIELD = re.compile(r"at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`")
+_NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 
 def error_field(error: msgspec.ValidationError | msgspec.DecodeError) -> str | None:
-    """The JSON path msgspec names in a validation error, as ``requests[2].tokens``."""
-    match = _FIELD.search(str(error))
-    if match is None or not match.group(1):
-        return None
-    return match.group(1).lstrip(".")
+    """The JSON path of the field a msgspec validation error is about, as
+    ``requests[2].tokens`` (an unknown or missing field included).
+
+    msgspec reports the path only inside its English message, so this is the one
+    place that reads it back; every endpoint gets the field from here."""
+    message = str(error)
+    match = _FIELD.search(message)
+    path = match.group(1).lstrip(".") if match is not None else ""
+    named = _NAMED.search(message)
+    if named is not None:
+        path = f"{path}.{named.group(1)}" if path else named.group(1)
+    return path or None
 
 
 def _problem_response(description: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""ASGI middleware: rate-limit any ASGI application with an in-process ``Limiter``.
+"""ASGI middleware: rate-limit any ASGI application with an in-process ``Limiter``
+(or any store behind the decision seam, ``core/decisions.py``).
 
 The limiter is the same one ``bucketmesh serve`` runs (same rules, same key
 templates, same replicated buckets), decided in the application's own
@@ -17,7 +18,7 @@ Replication is the embedding application's choice: call
 or run ``bucketmesh serve`` instead and call it over HTTP.
 
     from bucketmesh import Limiter, load_buckets
-    from bucketmesh.integrations.asgi import RateLimitMiddleware
+    from bucketmesh.asgi import RateLimitMiddleware
 
     limiter = Limiter(load_buckets("buckets.yaml"), replica_id="eu-west-1/web-1/1")
     app = RateLimitMiddleware(app, limiter)
@@ -29,10 +30,13 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
-from bucketmesh.http.routes import PROBLEM, DecisionRenderer
-from bucketmesh.http.server import problem
-from bucketmesh.core.limiter import BucketCapReached, Limiter
+from bucketmesh.core.bucket import Decision
+from bucketmesh.core.decisions import Decider
+from bucketmesh.core.limiter import BucketCapReached
 from bucketmesh.core.rules import first_match
+from bucketmesh.http.errors import PROBLEM
+from bucketmesh.http.render import DecisionRenderer
+from bucketmesh.http.server import problem
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,7 +51,7 @@ class RateLimitMiddleware:
     def __init__(
         self,
         app: ASGIApp,
-        limiter: Limiter,
+        limiter: Decider,
         *,
         tokens: int = 1,
         unmatched: Literal["allow", "deny"] = "allow",
@@ -77,7 +81,8 @@ class RateLimitMiddleware:
             return
         key, rule = found
         try:
-            decision = self.limiter.acquire(key, self.tokens, rule=rule)
+            answer = self.limiter.acquire(key, self.tokens, rule=rule)
+            decision: Decision = await answer if hasattr(answer, "__await__") else answer
         except BucketCapReached as error:
             await _answer(send, 503, str(error), [(b"retry-after", b"1")])
             return

@@ -1,9 +1,12 @@
 """Envoy's rate limit service (gRPC ``envoy.service.ratelimit.v3.RateLimitService``).
 
-Owns the mapping from an Envoy ``RateLimitRequest`` onto the node's Limiter and
-the grpc.aio server that answers it on its own port (``envoyListen``), on the
-node's event loop but apart from the HTTP server's hot path. Decisions go
-through the same Limiter as the Rating API, so they replicate like any other.
+Owns the mapping from an Envoy ``RateLimitRequest`` onto the decision seam
+(``core/decisions.py``: the in-memory limiter or the Redis backend) and the
+grpc.aio server that answers it on its own port (``envoyListen``), on the node's
+event loop but apart from the HTTP server's hot path. Decisions go through the
+same store as the Rating API's, so they replicate like any other, are counted in
+``bucketmesh_decisions_total`` like any other, and wait for the store's commit
+barrier (the write-ahead log) before the answer leaves.
 
 Mapping (README section "Envoy"): a descriptor with entries ``(k1, v1), (k2, v2)``
 in domain ``d`` is the bucket key ``d:k1=v1,k2=v2``; its limits come from the
@@ -19,19 +22,18 @@ does not refund the others.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
+import msgspec
 from google.protobuf.duration_pb2 import Duration
 
-from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, Limiter
+from bucketmesh.core.bucket import Decision
+from bucketmesh.core.decisions import Decider
+from bucketmesh.core.limiter import BucketCapReached, InvalidTokens
 from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
-
-if TYPE_CHECKING:
-    from bucketmesh.core.bucket import Decision
+from bucketmesh.telemetry.metrics import NodeMetrics
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -83,8 +85,8 @@ def _status(decision: Decision) -> Any:
     )
 
 
-def decide(limiter: Limiter, request: Any) -> Any:
-    """The RateLimitResponse for ``request`` (synchronous: decisions never wait).
+def parse(request: Any, rules_by_name: Any) -> list[tuple[str, str | None]]:
+    """Each descriptor's bucket key and the rule that limits it (None: unlimited).
 
     Raises BadRequest for an empty domain, no descriptors or an empty entry list.
     """
@@ -95,7 +97,6 @@ def decide(limiter: Limiter, request: Any) -> Any:
         raise BadRequest("descriptors must not be empty")
     if len(request.descriptors) > MAX_DESCRIPTORS:
         raise BadRequest(f"descriptors: at most {MAX_DESCRIPTORS}")
-    hits = request.hits_addend or 1
     parsed: list[tuple[str, str | None]] = []
     for index, descriptor in enumerate(request.descriptors):
         entries = [(e.key, e.value) for e in descriptor.entries]
@@ -103,21 +104,34 @@ def decide(limiter: Limiter, request: Any) -> Any:
             raise BadRequest(f"descriptors[{index}].entries must not be empty")
         if any(not k for k, _ in entries):
             raise BadRequest(f"descriptors[{index}].entries: a key must not be empty")
-        rule = next((n for n in rule_names(domain, entries) if n in limiter.rules_by_name), None)
+        rule = next((n for n in rule_names(domain, entries) if n in rules_by_name), None)
         parsed.append((descriptor_key(domain, entries), rule))
+    return parsed
+
+
+async def _settled(answer: Any) -> Any:
+    """A decider's answer, now or later."""
+    return await answer if hasattr(answer, "__await__") else answer
+
+
+async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = None) -> Any:
+    """The RateLimitResponse for ``request``: each limited descriptor charged on its
+    own, as Envoy's reference service does. Raises BadRequest (see ``parse``)."""
+    hits = request.hits_addend or 1
     statuses = []
     overall = OK
-    for key, rule in parsed:
+    for key, rule in parse(request, decider.rules_by_name):
         if rule is None:
             statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=OK))
             continue
         try:
-            decision = limiter.acquire(key, hits, rule=rule)
+            decision: Decision = await _settled(decider.acquire(key, hits, rule=rule))
         except InvalidTokens:
             # more hits than the bucket can ever hold: never allowed
-            decision = limiter.peek(key, rule=rule)
-            decision.allowed = False
-            decision.retry_after = math.inf
+            peek: Decision = await _settled(decider.acquire(key, 0, rule=rule))
+            decision = msgspec.structs.replace(peek, allowed=False, retry_after=math.inf)
+        if metrics is not None:
+            metrics.count_decision(decision.rule, decision.allowed)
         if not decision.allowed:
             overall = OVER_LIMIT
         status = _status(decision) if math.isfinite(decision.retry_after) else None
@@ -132,25 +146,23 @@ def decide(limiter: Limiter, request: Any) -> Any:
 
 
 class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
-    """Answers ShouldRateLimit from the limiter; ``durable`` (the write-ahead log's
-    commit, when there is one) is awaited before answering: False means the grants
-    could not be made durable."""
+    """Answers ShouldRateLimit from the decision seam, once the store's commit barrier
+    says the grants are durable (else UNAVAILABLE: the tokens stay spent)."""
 
-    def __init__(
-        self, limiter: Limiter, durable: Callable[[], Awaitable[bool]] | None = None
-    ) -> None:
-        self.limiter = limiter
-        self.durable = durable
+    def __init__(self, decider: Decider, metrics: NodeMetrics | None = None) -> None:
+        self.decider = decider
+        self.metrics = metrics
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:  # the gRPC method's name
         try:
-            response = decide(self.limiter, request)
+            response = await decide(self.decider, request, self.metrics)
         except BadRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except BucketCapReached as error:
             # Envoy's failure_mode_deny decides what an unavailable service means
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        if self.durable is not None and not await self.durable():
+        barrier = self.decider.commit()
+        if barrier is not None and not await barrier:
             # the tokens stay spent in memory (erring toward safety); Envoy is told no
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, "the decision could not be made durable; retry"
@@ -192,117 +204,3 @@ class EnvoyServer:
         if self.server is not None:
             await asyncio.shield(self.server.stop(grace))
             self.server = None
-
-
-def envoy_bootstrap(
-    listen_port: int,
-    upstream_port: int,
-    rls_port: int,
-    admin_port: int,
-    *,
-    domain: str,
-    header: str,
-    host: str = "127.0.0.1",
-) -> str:
-    """A complete Envoy bootstrap (YAML) limited by bucketmesh: a listener on
-    ``listen_port`` proxying to ``upstream_port``, the ratelimit HTTP filter
-    (``domain``, one descriptor ``(header, value)`` per request carrying
-    ``header``) calling the service on ``rls_port``, the admin on ``admin_port``.
-    Used by the tests and benchmarks/envoy.py; README "Envoy" shows its core."""
-
-    def cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
-        address = {"socket_address": {"address": host, "port_value": port}}
-        found: dict[str, Any] = {
-            "name": name,
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
-            },
-        }
-        if http2:  # gRPC
-            options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-            found["typed_extension_protocol_options"] = {
-                options: {
-                    "@type": f"type.googleapis.com/{options}",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            }
-        return found
-
-    manager = "envoy.extensions.filters.network.http_connection_manager.v3"
-    connection_manager = {
-        "@type": f"type.googleapis.com/{manager}.HttpConnectionManager",
-        "stat_prefix": "ingress",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}],
-                    "rate_limits": [
-                        {
-                            "actions": [
-                                {
-                                    "request_headers": {
-                                        "header_name": header,
-                                        "descriptor_key": header,
-                                    }
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ]
-        },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ratelimit",
-                "typed_config": {
-                    "@type": "type.googleapis.com/"
-                    "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                    "domain": domain,
-                    # no answer from bucketmesh: deny (a test then sees it)
-                    "failure_mode_deny": True,
-                    "timeout": "2s",
-                    "rate_limit_service": {
-                        "transport_api_version": "V3",
-                        "grpc_service": {"envoy_grpc": {"cluster_name": "bucketmesh"}},
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                },
-            },
-        ],
-    }
-    config = {
-        "admin": {"address": {"socket_address": {"address": host, "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": {"socket_address": {"address": host, "port_value": listen_port}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": connection_manager,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                cluster("upstream", upstream_port),
-                cluster("bucketmesh", rls_port, http2=True),
-            ],
-        },
-    }
-    return json.dumps(config, indent=1)  # JSON is YAML; no yaml dependency here

@@ -25,24 +25,21 @@ peer's traffic) and ``bucketmesh_sync_fault_dropped_total{peer,direction}``.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from bucketmesh.http.auth import AdminAuth
+from bucketmesh.http.errors import JSON, bad_request, body_error, require_json
+from bucketmesh.http.router import Router
+from bucketmesh.http.server import Request, Response
 from bucketmesh.http.wire import ActiveFault, FaultList, FaultRequest
 from bucketmesh.http.wire import FaultDirection as Direction
-from bucketmesh.http.routes import JSON, ApiError, bad_request
-from bucketmesh.http.server import Request, Response
-
-if TYPE_CHECKING:
-    from bucketmesh.http.routes import RatingApp
 
 PATH = "/v1/admin/faults"
-_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
 MAX_FAULT_S = 24 * 3600.0
 
 
@@ -124,43 +121,33 @@ class SyncFaults:
 class FaultEndpoint:
     """The ``/v1/admin/faults`` handlers of one node."""
 
-    def __init__(self, app: RatingApp, faults: SyncFaults) -> None:
-        self.app = app
+    def __init__(self, router: Router, admin: AdminAuth, faults: SyncFaults, region: str) -> None:
+        self.router = router
+        self.admin = admin
         self.faults = faults
+        self.region = region
         self.decoder = msgspec.json.Decoder(FaultRequest)
 
     def install(self) -> None:
-        self.app.add_route("POST", PATH, "admin_faults", self.post)
-        self.app.add_route("GET", PATH, "admin_faults", self.get)
-        self.app.add_route("DELETE", PATH, "admin_faults", self.delete)
-        self.app.metrics.labelled.append(self.faults.metric_families)
+        self.router.add_route("POST", PATH, "admin_faults", self.post)
+        self.router.add_route("GET", PATH, "admin_faults", self.get)
+        self.router.add_route("DELETE", PATH, "admin_faults", self.delete)
+        self.router.metrics.labelled.append(self.faults.metric_families)
 
     def _authorize(self, request: Request) -> None:
-        if self.app.admin_token is None:
-            raise ApiError(
-                403,
-                "Forbidden",
-                "fault injection needs an admin token: set admin.token on this node",
-                field="Authorization",
-                reason="forbidden",
-            )
-        self.app._require_admin(request)
+        self.admin.require(request, always="fault injection")
 
     def _list(self) -> Response:
-        body = FaultList(self.app.region, self.faults.active())
+        body = FaultList(self.region, self.faults.active())
         return Response(200, msgspec.json.encode(body), JSON)
 
     def post(self, request: Request) -> Response:
         self._authorize(request)
-        self.app._require_json(request)
+        require_json(request)
         try:
             fault = self.decoder.decode(request.body)
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
-            refused = self.app._body_error(error, request.body)
-            missing = _MISSING_FIELD.search(str(error))
-            if missing and refused.field == "body":
-                refused.field = missing.group(1)
-            raise refused from None
+            raise body_error(error, request.body) from None
         if not fault.peers:
             raise bad_request("name at least one peer region", "peers")
         for i, peer in enumerate(fault.peers):

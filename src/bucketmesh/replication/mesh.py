@@ -57,13 +57,12 @@ import math
 import os
 import random
 import ssl
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import httptools
@@ -75,17 +74,37 @@ from prometheus_client.core import (
     Metric,
 )
 
+from bucketmesh.core.bucket import NS_PER_S, SHARED, Bucket, BucketConfig
+from bucketmesh.core.limiter import DeltaBatch
 from bucketmesh.http import wire as api
-from bucketmesh.replication import protocol as sync
-from bucketmesh.http.routes import ApiError, SyncView
-from bucketmesh.core.bucket import NS_PER_S, SHARED, BucketConfig
-from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
+from bucketmesh.http.auth import AdminAuth
+from bucketmesh.http.errors import ApiError
+from bucketmesh.http.router import Router
 from bucketmesh.http.server import Request, Response
-from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.replication import protocol as sync
+from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
+from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import Histogram
 
-if TYPE_CHECKING:
-    from bucketmesh.http.routes import RatingApp
+log = logger("mesh")
+
+
+class Replica(Protocol):
+    """What the mesh replicates: the node's in-memory replica (its ``Limiter``, or on
+    a Redis node the region mirror). Deltas out, merges in, keys for anti-entropy."""
+
+    @property
+    def replica_id(self) -> str: ...
+
+    @property
+    def buckets(self) -> Mapping[str, Bucket]: ...
+
+    def collect_deltas(self) -> DeltaBatch: ...
+
+    def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch: ...
+
+    def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int: ...
+
 
 UP: Final = "up"
 DOWN: Final = "down"
@@ -443,14 +462,14 @@ _T = TypeVar("_T", bound=msgspec.Struct)
 # -- the mesh -------------------------------------------------------------------
 
 
-class Mesh(SyncView):
+class Mesh:
     """Replication for one node: senders and bulk work per peer, and the receiving side."""
 
     enabled = True
 
     def __init__(
         self,
-        limiter: Limiter,
+        limiter: Replica,
         settings: MeshSettings,
         *,
         clock: Callable[[], int] = time.time_ns,
@@ -490,18 +509,19 @@ class Mesh(SyncView):
 
     # -- wiring ----------------------------------------------------------------
 
-    def install(self, app: RatingApp) -> None:
-        """Serve the sync endpoints on ``app`` and export the mesh's metrics."""
-        app.add_route("POST", sync.PATHS[sync.DELTAS], "sync", self.receive_deltas)
-        app.add_route("POST", sync.PATHS[sync.DIGEST], "sync", self.receive_digest)
-        app.add_route("POST", sync.PATHS[sync.PULL], "sync", self.receive_pull)
-        app.metrics.gauge(
+    def install(self, router: Router, admin: AdminAuth) -> None:
+        """Serve the sync (and fault) endpoints on ``router`` and export the mesh's
+        metrics."""
+        router.add_route("POST", sync.PATHS[sync.DELTAS], "sync", self.receive_deltas)
+        router.add_route("POST", sync.PATHS[sync.DIGEST], "sync", self.receive_digest)
+        router.add_route("POST", sync.PATHS[sync.PULL], "sync", self.receive_pull)
+        router.metrics.gauge(
             "bucketmesh_sync_local_only",
             "1 while no peer region is reachable and this node decides on its own",
             lambda: float(self.local_only),
         )
-        app.metrics.labelled.append(self._metric_families)
-        FaultEndpoint(app, self.faults).install()
+        router.metrics.labelled.append(self._metric_families)
+        FaultEndpoint(router, admin, self.faults, self.settings.region).install()
 
     def status(self) -> api.SyncStatus:
         return api.SyncStatus(
@@ -742,7 +762,7 @@ class Mesh(SyncView):
         # Hashing costs about a microsecond or two per bucket: stretch the interval
         # with the bucket count so that digests stay a small share of one core.
         floor = self.settings.digest_interval_s
-        return self.rng.uniform(0.8, 1.2) * max(floor, len(self.limiter) * 50e-6)
+        return self.rng.uniform(0.8, 1.2) * max(floor, len(self.limiter.buckets) * 50e-6)
 
     async def _transfer_full(self, peer: Peer) -> None:
         """Send every shared bucket with every entry known here, in chunks.
@@ -869,7 +889,7 @@ class Mesh(SyncView):
         if self.peers:
             self.log(
                 f"sync: start-up state pulled from {', '.join(pulled) or 'no peer'}"
-                f" ({len(self.limiter)} buckets)"
+                f" ({len(self.limiter.buckets)} buckets)"
             )
 
     async def _pull_from(self, peer: Peer, deadline: float) -> bool:
@@ -914,7 +934,6 @@ class Mesh(SyncView):
             )
             raise ApiError(
                 rejected.status,
-                _TITLES.get(rejected.status, "Bad Request"),
                 rejected.detail,
                 field="body",
                 headers=headers,
@@ -923,7 +942,6 @@ class Mesh(SyncView):
         if self.faults.blocks(env.region, "inbound"):
             raise ApiError(
                 503,
-                "Service Unavailable",
                 f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
                 reason="sync_fault_injected",
             )
@@ -967,7 +985,6 @@ class Mesh(SyncView):
         if bad:
             raise ApiError(
                 400,
-                "Bad Request",
                 f"ranges are 0..{sync.RANGES - 1}, got {bad[:5]}",
                 field="ranges",
                 reason="sync_malformed",
@@ -987,9 +1004,7 @@ class Mesh(SyncView):
         try:
             differ = sync.differing(ranges, mine, payload.hashes)
         except sync.Rejected as rejected:
-            raise ApiError(
-                400, "Bad Request", rejected.detail, field="hashes", reason="sync_malformed"
-            ) from None
+            raise ApiError(400, rejected.detail, field="hashes", reason="sync_malformed") from None
         state = await self._state_of_ranges(differ) if differ else DeltaBatch(self.replica_id, [])
         return self._reply(env, sync.DIGEST_REPLY, sync.DigestReply(self.replica_id, differ, state))
 
@@ -1085,14 +1100,6 @@ _PEER_METRICS: Final[tuple[tuple[bool, str, str, Callable[[Peer], float]], ...]]
 )
 
 
-_TITLES: Final = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    503: "Service Unavailable",
-}
-
-
 def _iso(ns: int | None) -> str | None:
     if ns is None:
         return None
@@ -1101,4 +1108,4 @@ def _iso(ns: int | None) -> str | None:
 
 
 def _log(message: str) -> None:
-    print(f"bucketmesh: {message}", file=sys.stderr, flush=True)
+    log.warning("%s", message)

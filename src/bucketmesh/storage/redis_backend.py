@@ -49,14 +49,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from bucketmesh.http.routes import Answer, ApiError, RatingApp
 from bucketmesh.core.bucket import (
     NS_PER_S,
     SHARED,
@@ -66,15 +64,16 @@ from bucketmesh.core.bucket import (
     Decision,
     interval_for,
 )
-from bucketmesh.http.server import Request, Response
+from bucketmesh.core.decisions import Ask as Wanted
 from bucketmesh.core.limiter import (
     BucketCapReached,
     DeltaBatch,
     InvalidTokens,
     Limiter,
-    NoRuleError,
-    _share,
+    LimiterError,
+    share_of,
 )
+from bucketmesh.core.rules import Rule
 from bucketmesh.storage.redis_store import (
     ALLOWED,
     INVALID_TOKENS,
@@ -85,12 +84,10 @@ from bucketmesh.storage.redis_store import (
     StoreUnavailable,
     check_exact,
 )
-from bucketmesh.core.rules import Rule
+from bucketmesh.telemetry.log import logger
+from bucketmesh.telemetry.metrics import NodeMetrics
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from bucketmesh.node.serve import NodeSettings
+log = logger("redis")
 
 POLICIES: Final = ("allow", "deny", "local")
 MAX_DECISIONS_PER_CALL: Final = 500
@@ -114,26 +111,43 @@ class InexactConfig(ValueError):
         self.field = field
 
 
-class RegionMirror(Limiter):
+class RegionMirror:
     """This node's copy of the region's Redis state: what the sync mesh reads and merges.
 
-    It never decides (``acquire`` raises): decisions are made in Redis. What a
-    peer sends (``merge``) is joined here and handed to ``forward``, which
-    queues it for the store; what this node reads back from Redis is joined
-    with ``absorb``, which marks changed shared buckets dirty for the mesh.
+    It never decides (decisions are made in Redis): it holds a ``Limiter`` only as
+    the replica the mesh replicates. What a peer sends (``merge``) is joined here
+    and handed to ``forward``, which queues it for the store; what this node reads
+    back from Redis is joined with ``absorb``, which marks changed shared buckets
+    dirty for the mesh.
     """
 
     def __init__(
-        self, rules: Iterable[Rule], *, forward: Callable[[DeltaBatch], None], **kwargs: Any
+        self,
+        rules: Iterable[Rule],
+        *,
+        forward: Callable[[DeltaBatch], None],
+        replica_id: str,
+        max_buckets: int = 1_000_000,
+        regions: int = 1,
     ) -> None:
-        super().__init__(list(rules), **kwargs)
+        self.limiter = Limiter(
+            list(rules), replica_id=replica_id, max_buckets=max_buckets, regions=regions
+        )
         self.forward = forward
         self.inexact_skipped = 0  # configs from peers outside the exact range
 
-    def acquire(
-        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
-    ) -> Decision:
-        raise RuntimeError("the region mirror never decides: decisions are made in Redis")
+    # -- what the mesh replicates (replication.mesh.Replica) ----------------------------
+
+    @property
+    def replica_id(self) -> str:
+        return self.limiter.replica_id
+
+    @property
+    def buckets(self) -> dict[str, Bucket]:
+        return self.limiter.buckets
+
+    def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
+        return self.limiter.full_state(keys)
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
         # A config outside the range the scripts compute exactly (a peer region on
@@ -143,9 +157,26 @@ class RegionMirror(Limiter):
         if len(deltas) != len(batch.deltas) or len(rules) != len(batch.rules):
             self.inexact_skipped += len(batch.deltas) - len(deltas) + len(batch.rules) - len(rules)
             batch = DeltaBatch(batch.origin, deltas, rules)
-        changed = super().merge(batch, now=now)
+        changed = self.limiter.merge(batch, now=now)
         self.forward(batch)
         return changed
+
+    def collect_deltas(self) -> DeltaBatch:
+        """Like ``Limiter.collect_deltas``, but each delta carries every entry of this
+        region (``<region>/...``): besides the store's own, what ``local`` fallbacks
+        spent (merged into Redis under node-local ids) and an older incarnation's
+        counts. Only this region can send them, and max-merge makes resending them
+        harmless; a peer region's entries stay that region's to send."""
+        batch = self.limiter.collect_deltas()
+        prefix = self.replica_id.split("/", 1)[0] + "/"
+        for delta in batch.deltas:
+            bucket = self.limiter.buckets.get(delta.key)
+            if delta.epoch and bucket is not None:
+                used = bucket.used(self.replica_id)
+                delta.used = {rid: n for rid, n in used.items() if rid.startswith(prefix)}
+        return batch
+
+    # -- what the backend does with it ----------------------------------------------------
 
     def configure(
         self,
@@ -159,15 +190,16 @@ class RegionMirror(Limiter):
     ) -> BucketConfig:
         """``Limiter.configure``, refusing a config the scripts cannot compute exactly
         (the check the node runs on its rules at start)."""
-        rule = self.rules_by_name.get(key_or_rule)
+        limiter = self.limiter
+        rule = limiter.rules_by_name.get(key_or_rule)
         if rule is not None:
-            current = self.rule_configs[rule.name]
+            current = limiter.rule_configs[rule.name]
         else:
-            bucket = self.buckets.get(key_or_rule)
+            bucket = limiter.buckets.get(key_or_rule)
             if bucket is not None:
-                current = self.key_configs.get(key_or_rule) or bucket.config
+                current = limiter.key_configs.get(key_or_rule) or bucket.config
             else:
-                current = self.rule_configs[self._rule(key_or_rule, None).name]
+                current = limiter.rule_configs[limiter.resolve_rule(key_or_rule, None).name]
         if capacity is not None or refill_rate is not None or ttl is not None:
             candidate = BucketConfig(
                 current.capacity if capacity is None else capacity,
@@ -188,86 +220,78 @@ class RegionMirror(Limiter):
                     if value is not None
                 ]
                 raise InexactConfig(problem, given[0])
-        return super().configure(
+        return limiter.configure(
             key_or_rule, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode, now=now
         )
 
-    def collect_deltas(self) -> DeltaBatch:
-        """Like ``Limiter.collect_deltas``, but each delta carries every entry of this
-        region (``<region>/...``): besides the store's own, what ``local`` fallbacks
-        spent (merged into Redis under node-local ids) and an older incarnation's
-        counts. Only this region can send them, and max-merge makes resending them
-        harmless; a peer region's entries stay that region's to send."""
-        batch = super().collect_deltas()
-        prefix = self.replica_id.split("/", 1)[0] + "/"
-        for delta in batch.deltas:
-            bucket = self.buckets.get(delta.key)
-            if delta.epoch and bucket is not None:
-                used = bucket.used(self.replica_id)
-                delta.used = {rid: n for rid, n in used.items() if rid.startswith(prefix)}
-        return batch
-
     def absorb(self, deltas: Iterable[BucketDelta], now: int) -> None:
+        limiter = self.limiter
         for delta in deltas:
-            changed = Limiter.merge(self, DeltaBatch(self.replica_id, [delta]), now=now)
+            changed = limiter.merge(DeltaBatch(limiter.replica_id, [delta]), now=now)
             if changed and delta.config.mode == SHARED:
-                self.dirty.add(delta.key)
+                limiter.dirty.add(delta.key)
 
     def rename(self, replica_id: str) -> None:
         """Run under a new store incarnation; the old id's entries stay, as a peer's."""
-        old = self.replica_id
-        for key, bucket in list(self.buckets.items()):
+        limiter = self.limiter
+        old = limiter.replica_id
+        for key, bucket in list(limiter.buckets.items()):
             state = bucket.full_state(key, old)
             state.used = {rid: n for rid, n in state.used.items() if n}
-            self.buckets[key] = Bucket.from_delta(state, replica_id)
-        self.replica_id = replica_id
+            limiter.buckets[key] = Bucket.from_delta(state, replica_id)
+        limiter.replica_id = replica_id
         # a tombstone's count was the old id's: the old id's entry carries it now
-        self.tombstones.clear()
+        limiter.tombstones.clear()
 
 
 class RedisBackend:
-    """Decides through Redis, falls back per rule, and keeps the mirror and Redis joined."""
+    """The decision seam (core/decisions.py) on Redis: decides through Redis, falls
+    back per rule, and keeps the mirror and Redis joined."""
 
-    def __init__(self, settings: NodeSettings) -> None:
-        self.region = settings.region
-        self.regions = settings.regions
-        self.store = RedisStore(
-            settings.redis_url,
-            settings.region,
-            timeout_s=settings.redis_timeout_s,
-            connections=settings.redis_connections,
-        )
-        self.max_inflight = settings.redis_connections
-        self.rules = {rule.name: rule for rule in settings.rules}
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        region: str,
+        node: str,
+        url: str,
+        timeout_s: float = 0.1,
+        connections: int = 4,
+        max_buckets: int = 1_000_000,
+        regions: int = 1,
+        sync_interval_s: float | None = None,
+    ) -> None:
+        self.region = region
+        self.regions = regions
+        self.store = RedisStore(url, region, timeout_s=timeout_s, connections=connections)
+        self.max_inflight = connections
+        self.rules_named = {rule.name: rule for rule in rules}
         started_ms = time.time_ns() // 1_000_000
         self.mirror = RegionMirror(
-            settings.rules,
+            rules,
             forward=self._queue_remote,
-            replica_id=f"{settings.region}/redis/unknown",
-            max_buckets=settings.max_buckets,
-            regions=settings.regions,
+            replica_id=f"{region}/redis/unknown",
+            max_buckets=max_buckets,
+            regions=regions,
         )
-        for name, config in self.mirror.rule_configs.items():
+        self.synced = sync_interval_s is not None
+        for name, config in self.mirror.limiter.rule_configs.items():
             problem = check_exact(config)
             if problem is not None:
                 raise SystemExit(f"rule {name!r}: {problem}")
         # The `local` policy's buckets: this node's own replica id, new every start.
         self.local = Limiter(
-            settings.rules,
-            replica_id=f"{settings.region}/{settings.node}-local/{started_ms}",
-            max_buckets=settings.max_buckets,
-            regions=settings.regions,
+            rules,
+            replica_id=f"{region}/{node}-local/{started_ms}",
+            max_buckets=max_buckets,
+            regions=regions,
         )
         # Keys read back into the mirror after a grant: every rule's for the mesh;
         # without one, only those of `local` rules (to seed the fallback buckets).
         self.tracked = {
-            rule.name
-            for rule in settings.rules
-            if settings.sync is not None or rule.on_store_failure == "local"
+            rule.name for rule in rules if self.synced or rule.on_store_failure == "local"
         }
-        self.refresh_interval_s = (
-            settings.sync.interval_s if settings.sync is not None else REFRESH_INTERVAL_S
-        )
+        self.refresh_interval_s = sync_interval_s or REFRESH_INTERVAL_S
         self.up = False
         self.last_error = "not connected yet"
         self.pending: list[list[Waiter]] = []
@@ -297,11 +321,149 @@ class RedisBackend:
         self.decided = 0
         self.reconfigured = 0
 
+    # -- the decision seam: what the front doors see -----------------------------------
+
+    @property
+    def replica_id(self) -> str:
+        return self.mirror.replica_id
+
+    @property
+    def rules(self) -> list[Rule]:
+        return self.mirror.limiter.rules
+
+    @property
+    def rules_by_name(self) -> dict[str, Rule]:
+        return self.mirror.limiter.rules_by_name
+
+    clock = staticmethod(time.time_ns)
+
+    def rule_config(self, name: str) -> BucketConfig:
+        return self.mirror.limiter.rule_configs[name]
+
+    def rule_of(self, key: str) -> str:
+        return self.mirror.limiter.rule_of(key)
+
+    def holds(self, key: str) -> bool:
+        return key in self.mirror.buckets
+
+    def live_buckets(self) -> int:
+        return len(self.mirror.buckets)
+
+    def commit(self) -> None:
+        """Decisions are as durable as Redis makes them once its script has answered."""
+        return None
+
+    def acquire(
+        self, key: str, tokens: int = 1, *, rule: str | None = None
+    ) -> Decision | asyncio.Future[Decision]:
+        """One decision, made in Redis with the others of this loop turn (a future), or
+        at once by the rule's ``onStoreFailure`` policy while Redis is down."""
+        if tokens < 0:
+            raise self._invalid_ask(key, rule, tokens)
+        ask = self.ask(key, rule, tokens)
+        if not self.up:
+            return self._fallback(ask)
+        # The hot path: a bare future resolved straight from the script's answer.
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self.enqueue([(ask, _settle(future))])
+        return future
+
+    def acquire_many(
+        self, asks: Sequence[Wanted], *, atomic: bool = False
+    ) -> list[Decision] | asyncio.Future[list[Decision]]:
+        """A batch's decisions in one script call; every item is checked against the
+        mirror's view first (its rule, its tokens, room under the cap)."""
+        request = next(self.groups)
+        group = request if atomic else 0
+        out: list[Ask] = []
+        for index, (key, tokens, rule) in enumerate(asks):
+            try:
+                if tokens < 0:
+                    raise self._invalid_ask(key, rule, tokens)
+                ask = self.ask(key, rule, tokens, group, request)
+                capacity = self._key_config(ask).capacity
+                if tokens > capacity:
+                    raise _invalid(tokens, capacity)
+            except LimiterError as error:
+                raise error.at(index) from None
+            out.append(ask)
+        if not self.up:
+            return self._fallback_many(out, atomic)
+        return asyncio.ensure_future(self._submit(out))
+
+    def _invalid_ask(self, key: str, rule: str | None, tokens: int) -> InvalidTokens:
+        limiter = self.mirror.limiter
+        config = limiter.rule_configs[limiter.resolve_rule(key, rule).name]
+        return _invalid(tokens, config.capacity)
+
+    async def inspect_now(self, key: str, rule: str | None = None) -> Bucket:
+        # A read answers from the mirror after joining Redis's state into it; with
+        # Redis down it answers from the mirror as it stands (the last known state).
+        if self.up:
+            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
+                await self.refresh([key])
+        return self.mirror.limiter.inspect(key, rule=rule)
+
+    def inspect(self, key: str, *, rule: str | None = None) -> Bucket | asyncio.Future[Bucket]:
+        limiter = self.mirror.limiter
+        limiter.resolve_rule(key, rule) if key not in limiter.buckets else None  # NoRuleError now
+        if not self.up:
+            return limiter.inspect(key, rule=rule)
+        return asyncio.ensure_future(self.inspect_now(key, rule))
+
+    def configure(
+        self,
+        key_or_rule: str,
+        *,
+        capacity: int | None = None,
+        refill_rate: float | None = None,
+        ttl: float | None = None,
+        mode: str | None = None,
+    ) -> asyncio.Future[BucketConfig]:
+        """A runtime change: joined into the mirror (the mesh replicates it) and put into
+        Redis for the region's other nodes (when Redis is back, if it is down)."""
+        return asyncio.ensure_future(self._configure(key_or_rule, capacity, refill_rate, ttl, mode))
+
+    async def _configure(
+        self,
+        key: str,
+        capacity: int | None,
+        refill_rate: float | None,
+        ttl: float | None,
+        mode: str | None,
+    ) -> BucketConfig:
+        is_rule = key in self.mirror.limiter.rules_by_name
+        if not is_rule and self.up:
+            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
+                await self.refresh([key])
+        config = self.mirror.configure(
+            key, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode
+        )
+        if self.up:
+            try:
+                await self.publish(key, is_rule)
+                return config
+            except (StoreUnavailable, StaleIncarnation) as error:
+                self._mark_down(error)
+        # Accepted and replicated by the mesh; Redis gets it when it is back.
+        if is_rule:
+            self.remote_rules[key] = self.mirror.limiter.rule_configs[key]
+        else:
+            self.resync = True
+        return config
+
+    def sweep(self, budget: int) -> None:
+        """The node's periodic sweep of idle buckets in the mirror."""
+        limiter = self.mirror.limiter
+        limiter.expire_step(budget=budget)
+        if not self.synced:
+            limiter.dirty.clear()
+            limiter.dirty_rules.clear()
+
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self, app: RatingApp) -> None:
+    async def start(self) -> None:
         """Take the store's incarnation if Redis answers (else start down and retry)."""
-        self._install_metrics(app)
         try:
             await self._rejoin(timeout_s=max(1.0, self.store.timeout_s))
             self.up = True
@@ -331,7 +493,7 @@ class RedisBackend:
         self.last_error = str(error) or type(error).__name__
         if self.up:
             self.outages += 1
-            print(f"bucketmesh: redis store down: {self.last_error}", file=sys.stderr, flush=True)
+            log.warning("redis store down: %s", self.last_error)
         self.up = False
         self.seeded.clear()
         self.health_wake.set()
@@ -341,23 +503,23 @@ class RedisBackend:
     def ask(
         self, key: str, rule_name: str | None, tokens: int, group: int = 0, request: int = 0
     ) -> Ask:
-        mirror = self.mirror
-        rule = mirror._rule(key, rule_name)
+        limiter = self.mirror.limiter
+        rule = limiter.resolve_rule(key, rule_name)
         if (
             rule.name in self.tracked
-            and key not in mirror.buckets
+            and key not in limiter.buckets
             and key not in self.unmirrored
-            and len(mirror.buckets) + len(self.unmirrored) >= mirror.max_buckets
+            and len(limiter.buckets) + len(self.unmirrored) >= limiter.max_buckets
         ):
             self._refuse_at_cap()
-        config = _share(mirror.rule_configs[rule.name], self.regions)
+        config = share_of(limiter.rule_configs[rule.name], self.regions)
         return Ask(key, rule.name, config, tokens, group, request)
 
     def _refuse_at_cap(self) -> None:
         """A new key while the mirror is full: refused (503 + Retry-After, as the memory
         backend does), since the mirror could not hold it when it is read back from
         Redis and the key would never be replicated."""
-        mirror = self.mirror
+        mirror = self.mirror.limiter
         mirror.expire()
         if len(mirror.buckets) + len(self.unmirrored) >= mirror.max_buckets:
             mirror.cap_rejections += 1
@@ -365,24 +527,6 @@ class RedisBackend:
                 f"{len(mirror.buckets)} live buckets (+{len(self.unmirrored)} being read "
                 "back from Redis): the cap (max_buckets) is reached"
             )
-
-    async def acquire(self, key: str, rule_name: str | None, tokens: int) -> Decision:
-        """One decision, made in Redis with the others of this turn, or by the policy."""
-        ask = self.ask(key, rule_name, tokens)
-        if not self.up:
-            return self._fallback(ask)
-        return (await self._submit([ask]))[0]
-
-    async def acquire_many(
-        self, resolved: list[tuple[str, str | None, int]], atomic: bool
-    ) -> list[Decision]:
-        """A batch's decisions in one script call; ``atomic``: all or nothing."""
-        request = next(self.groups)
-        group = request if atomic else 0
-        asks = [self.ask(key, rule, tokens, group, request) for key, rule, tokens in resolved]
-        if not self.up:
-            return self._fallback_many(asks, atomic)
-        return await self._submit(asks)
 
     async def _submit(self, asks: list[Ask]) -> list[Decision]:
         loop = asyncio.get_running_loop()
@@ -493,7 +637,7 @@ class RedisBackend:
     # -- failure policies ------------------------------------------------------------
 
     def _policy(self, ask: Ask) -> str:
-        return self.rules[ask.rule].on_store_failure
+        return self.rules_named[ask.rule].on_store_failure
 
     def _resolve_by_policy(self, batch: list[Waiter]) -> None:
         groups: dict[int, list[Waiter]] = {}
@@ -600,11 +744,11 @@ class RedisBackend:
                 # older epoch would then be ignored (a drained bucket refilled).
                 self.merge_back = True
                 await self._merge_back()
-                print(
-                    f"bucketmesh: redis store incarnation changed ({previous} -> "
-                    f"{self.store.incarnation}): Redis lost its data, state merged back",
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    "redis store incarnation changed (%s -> %s): Redis lost its data, "
+                    "state merged back",
+                    previous,
+                    self.store.incarnation,
                 )
 
     async def _merge_back(self) -> None:
@@ -621,7 +765,7 @@ class RedisBackend:
             await self._rejoin()
         if self.merge_back:  # a merge-back an earlier attempt did not finish
             await self._merge_back()
-        for name, config in self.mirror.rule_configs.items():
+        for name, config in self.mirror.limiter.rule_configs.items():
             if config.version[0] > 0:
                 await self.store.save_rule(name, config)
         # Local decisions go on while this runs: repeat until nothing is left, then
@@ -644,7 +788,7 @@ class RedisBackend:
         self.up = True
         self.recoveries += 1
         self.remote_wake.set()
-        print("bucketmesh: redis store back", file=sys.stderr, flush=True)
+        log.warning("redis store back")
 
     async def _health_loop(self) -> None:
         while True:
@@ -672,9 +816,9 @@ class RedisBackend:
             raise StaleIncarnation(f"Redis holds incarnation {current}, not ours")
         now = time.time_ns()
         for name, config in (await self.store.load_rules()).items():
-            if name in self.mirror.rule_configs:
-                self.mirror._merge_rule(name, config, now)
-                self.local._merge_rule(name, config, now)
+            if name in self.mirror.limiter.rule_configs:
+                self.mirror.limiter.merge_rule(name, config, now)
+                self.local.merge_rule(name, config, now)
 
     # -- replication -------------------------------------------------------------------
 
@@ -749,14 +893,29 @@ class RedisBackend:
     async def publish(self, key: str, is_rule: bool) -> None:
         """Put a runtime config change (PATCH) into Redis for the region's other nodes."""
         if is_rule:
-            await self.store.save_rule(key, self.mirror.rule_configs[key])
+            await self.store.save_rule(key, self.mirror.limiter.rule_configs[key])
         else:
             await self.store.merge(self.mirror.full_state([key]).deltas, time.time_ns())
 
     # -- metrics ---------------------------------------------------------------------------
 
-    def _install_metrics(self, app: RatingApp) -> None:
-        metrics = app.metrics
+    def install(self, metrics: NodeMetrics) -> None:
+        """Expose the store's gauges and counters on /metrics."""
+        limiter = self.mirror.limiter
+        metrics.gauge("bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter))
+        metrics.gauge(
+            "bucketmesh_bucket_cap", "Configured cap on live buckets", lambda: limiter.max_buckets
+        )
+        metrics.counter(
+            "bucketmesh_expired_buckets",
+            "Idle buckets dropped after their ttl",
+            lambda: limiter.expired_total,
+        )
+        metrics.counter(
+            "bucketmesh_bucket_cap_rejections",
+            "New keys refused because the live-bucket cap was reached",
+            lambda: limiter.cap_rejections,
+        )
         metrics.gauge(
             "bucketmesh_store_up", "1 while the Redis store answers", lambda: float(self.up)
         )
@@ -800,17 +959,6 @@ class RedisBackend:
             family.add_metric([policy], count)
         yield family
 
-    def rating_app(self, **kwargs: Any) -> RedisRatingApp:
-        return RedisRatingApp(self, self.mirror, **kwargs)
-
-
-class _Answer(asyncio.Future):  # type: ignore[type-arg]
-    """The HTTP answer of one store decision: a bare future (no task per request) that
-    knows its route and start time, so it is counted where it is resolved."""
-
-    route = "rate"
-    started = 0.0
-
 
 def _settle(future: asyncio.Future[Decision]) -> Callable[[Decision | BaseException], None]:
     def outcome(result: Decision | BaseException) -> None:
@@ -828,120 +976,3 @@ def _invalid(tokens: int, capacity: int) -> InvalidTokens:
     return InvalidTokens(
         f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
     )
-
-
-class RedisRatingApp(RatingApp):
-    """The Rating API on a redis-backed node: the same validation and answers, with
-    decisions awaited from the store and bucket reads refreshed from it first."""
-
-    def __init__(self, backend: RedisBackend, limiter: Limiter, **kwargs: Any) -> None:
-        super().__init__(limiter, **kwargs)
-        self.backend = backend
-
-    def _decide(self, request: Request, key: str | None, rule: str | None, tokens: int) -> Answer:
-        if tokens < 0:
-            raise ApiError(400, "Bad Request", f"tokens must be >= 0, got {tokens}", field="tokens")
-        if key is None:
-            key, rule = self._render_key(request)
-        elif rule is not None and rule not in self.limiter.rules_by_name:
-            raise ApiError(400, "Bad Request", f"unknown rule {rule!r}", field="rule")
-        try:
-            ask = self.backend.ask(key, rule, tokens)
-            if not self.backend.up:
-                decision = self.backend._fallback(ask)
-                self.metrics.count_decision(decision.rule, decision.allowed)
-                return self._decision_response(decision)
-        except (InvalidTokens, NoRuleError, BucketCapReached) as error:
-            raise self._acquire_error(error, rule) from None
-        # The hot path: a bare future resolved straight from the script's answer (no
-        # task or coroutine per request); http11 awaits it like any awaitable answer.
-        answer = _Answer(loop=asyncio.get_running_loop())
-        metrics = self.metrics
-
-        def outcome(result: Decision | BaseException) -> None:
-            if answer.done():
-                return
-            if isinstance(result, Decision):
-                metrics.count_decision(result.rule, result.allowed)
-                response = self._decision_response(result)
-            elif isinstance(result, (InvalidTokens, NoRuleError, BucketCapReached)):
-                error = self._acquire_error(result, rule)
-                metrics.count_rejection(error.reason)
-                response = error.response()
-            else:
-                answer.set_exception(result)
-                return
-            # counted here rather than in a done-callback: one loop hop less per request
-            metrics.count_response(
-                answer.route, response.status, time.perf_counter() - answer.started
-            )
-            answer.set_result(response)
-
-        self.backend.enqueue([(ask, outcome)])
-        return answer
-
-    def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Any:
-        if type(pending) is _Answer:
-            pending.route = route
-            pending.started = started
-            return pending
-        return super()._finish(route, pending, started)
-
-    def _batch_decisions(
-        self, resolved: list[tuple[str, str | None, int]], atomic: bool
-    ) -> Awaitable[list[Decision]]:
-        return self._batch_in_store(resolved, atomic)
-
-    async def _batch_in_store(
-        self, resolved: list[tuple[str, str | None, int]], atomic: bool
-    ) -> list[Decision]:
-        try:
-            return await self.backend.acquire_many(resolved, atomic)
-        except (InvalidTokens, NoRuleError, BucketCapReached) as error:
-            raise self._acquire_error(error, None) from None
-
-    async def _refreshed(self, key: str | None, answer: Callable[[], Answer]) -> Response:
-        # A read answers from the mirror after joining Redis's state into it; with
-        # Redis down it answers from the mirror as it stands (the last known state).
-        if key and self.backend.up:
-            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
-                await self.backend.refresh([key])
-        response = answer()
-        assert isinstance(response, Response)  # the base class answers these at once
-        return response
-
-    def bucket_state(self, request: Request) -> Answer:
-        return self._refreshed(
-            request.query.get("key"), lambda: super(RedisRatingApp, self).bucket_state(request)
-        )
-
-    def bucket_get(self, request: Request, key: str) -> Answer:
-        return self._refreshed(key, lambda: super(RedisRatingApp, self).bucket_get(request, key))
-
-    def status(self, request: Request) -> Answer:
-        return self._refreshed(
-            request.query.get("key"), lambda: super(RedisRatingApp, self).status(request)
-        )
-
-    def bucket_patch(self, request: Request, key: str) -> Answer:
-        return self._patch(request, key)
-
-    async def _patch(self, request: Request, key: str) -> Response:
-        is_rule = key in self.limiter.rules_by_name
-        if not is_rule and self.backend.up:
-            with contextlib.suppress(StoreUnavailable, StaleIncarnation):
-                await self.backend.refresh([key])
-        response = super().bucket_patch(request, key)
-        assert isinstance(response, Response)  # the base class answers at once
-        if self.backend.up:
-            try:
-                await self.backend.publish(key, is_rule)
-                return response
-            except (StoreUnavailable, StaleIncarnation) as error:
-                self.backend._mark_down(error)
-        # Accepted and replicated by the mesh; Redis gets it when it is back.
-        if is_rule:
-            self.backend.remote_rules[key] = self.limiter.rule_configs[key]
-        else:
-            self.backend.resync = True
-        return response

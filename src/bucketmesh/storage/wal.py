@@ -14,12 +14,13 @@ start never reuses an incarnation that may have spent tokens.
 
 Group commit, per ``durability``:
 
-A request that grants (or that is answered while grants are uncommitted) is
-answered with a future instead of its response; at the end of the event-loop
-tick (``call_soon``) every grant of the tick is written in one frame, then:
+The log is a commit barrier (``barrier``): a front door that answered a grant (or
+that is about to replay one while grants are uncommitted) awaits the barrier's
+future before its response leaves; at the end of the event-loop tick
+(``call_soon``) every grant of the tick is written in one frame, then:
 
 ``relaxed``
-    the futures resolve as soon as write(2) returns: no response leaves the
+    the futures resolve True as soon as write(2) returns: no response leaves the
     process before its grant is in the OS page cache, so a kill -9 (or any
     crash of the process) loses no granted token. Power loss or a kernel crash
     can lose what the OS had not yet written back.
@@ -27,6 +28,10 @@ tick (``call_soon``) every grant of the tick is written in one frame, then:
     the frame is fsynced in a helper thread and the futures resolve when the
     fsync returns. Grants made while an fsync is in flight form the next
     group. Survives power loss.
+
+A group that cannot be written (or fsynced) resolves its futures False: the
+front door withdraws the answer (503, "not durable") and forgets any answer it
+cached for an Idempotency-Key retry; the tokens stay spent in memory.
 
 A bare future per request (no task) and one write per tick cost less than a
 write(2) per request did (``benchmarks/durability.py``).
@@ -46,19 +51,19 @@ import concurrent.futures
 import contextlib
 import os
 import struct
-import sys
 import zlib
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
 import msgspec
 
-from bucketmesh.http.routes import IdempotencyCache
-from bucketmesh.http.server import Handler, Request, Response, problem
 from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+
+log = logger("wal")
 
 DURABILITIES: Final = ("relaxed", "strict")
 _FRAME: Final = struct.Struct("<II")
@@ -197,12 +202,11 @@ class WriteAheadLog:
         self.write_errors = 0
         self._retiring = [_Segment(path, -1) for _, path in existing]
         self._segment = self._open(self.seq)
-        self._waiters: list[tuple[asyncio.Future[Response], Response]] = []
+        self._waiters: list[asyncio.Future[bool]] = []
         self._scheduled = False
         self._syncing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fsync_pool = concurrent.futures.ThreadPoolExecutor(1, "bucketmesh-wal")
-        self._cache: IdempotencyCache | None = None
 
     # -- segments --------------------------------------------------------------
 
@@ -306,7 +310,7 @@ class WriteAheadLog:
             _write_all(segment.fd, data)
         except OSError as error:
             self.write_errors += 1
-            print(f"bucketmesh: write-ahead log: {error}", file=sys.stderr, flush=True)
+            log.error("write-ahead log: %s", error)
             self.journal.keys.update(d.key for d in batch.deltas)
             self.journal.rules.update(batch.rules)
             if not segment.broken:
@@ -319,38 +323,21 @@ class WriteAheadLog:
         self.groups += 1
         return True
 
-    def guard(self, handler: Handler) -> Handler:
-        """``handler`` whose responses never leave before the grants they report
-        are durable (per ``durability``; see the module docstring)."""
-        journal = self.journal
-        # Answers cached by Idempotency-Key before their group was durable: a group
-        # that fails must not leave a cached 200 for the client's retry to get.
-        cache = getattr(handler, "idempotency", None)
-        self._cache = cache if isinstance(cache, IdempotencyCache) else None
+    def barrier(self) -> asyncio.Future[bool] | None:
+        """None when every grant made so far is as durable as promised; else a future
+        that resolves True once it is, or False if its group could not be written.
 
-        def durable(request: Request) -> Response | Awaitable[Response]:
-            answer = handler(request)
-            # Uncommitted grants (this request's or an earlier one's in this tick):
-            # the answer waits for the group. While an fsync is in flight, a 200
-            # waits too: it may be an Idempotency-Key replay of a grant in that
-            # group. Only the rate routes grant, and they answer synchronously;
-            # an async answer is left as it is.
-            if type(answer) is Response and (journal or (self._syncing and answer.status == 200)):
-                return self.after_commit(answer)
-            return answer
-
-        return durable
-
-    def after_commit(self, answer: Response) -> asyncio.Future[Response]:
-        """``answer``, once the grants formed so far are durable (or a 503 if they
-        could not be made so): what a handler outside the HTTP guard awaits."""
+        While an fsync is in flight a barrier is needed even with nothing new to
+        write: the caller may be about to replay an answer granted in that group."""
+        if not self.journal and not self._syncing:
+            return None
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         # A bare future, not a task: the HTTP server awaits it at no per-request cost
         # beyond the future itself.
-        waiter: asyncio.Future[Response] = loop.create_future()
-        self._waiters.append((waiter, answer))
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiters.append(waiter)
         if not self._scheduled and not self._syncing:
             self._scheduled = True
             loop.call_soon(self._commit)
@@ -364,10 +351,10 @@ class WriteAheadLog:
         if not waiters:
             return
         if not written:
-            self._failed(waiters)
+            _resolve(waiters, False)
             return
         if not self.strict:
-            _answer(waiters, None)
+            _resolve(waiters, True)
             return
         assert self._loop is not None
         segment = self._segment
@@ -375,14 +362,9 @@ class WriteAheadLog:
         done = self._loop.run_in_executor(self._fsync_pool, os.fsync, segment.fd)
         done.add_done_callback(lambda future: self._synced(waiters, segment, future))
 
-    def _failed(self, waiters: list[tuple[asyncio.Future[Response], Response]]) -> None:
-        _answer(waiters, _not_durable())
-        if self._cache is not None:
-            self._cache.clear()  # a retry is decided again: at worst under-admits
-
     def _synced(
         self,
-        waiters: list[tuple[asyncio.Future[Response], Response]],
+        waiters: list[asyncio.Future[bool]],
         segment: _Segment,
         future: asyncio.Future[None],
     ) -> None:
@@ -390,33 +372,21 @@ class WriteAheadLog:
         error = future.exception()
         if error is not None:
             self.write_errors += 1
-            print(f"bucketmesh: write-ahead log fsync: {error}", file=sys.stderr, flush=True)
-            self._failed(waiters)
+            log.error("write-ahead log fsync: %s", error)
+            _resolve(waiters, False)
         else:
             self.syncs += 1
-            _answer(waiters, None)
+            _resolve(waiters, True)
         if segment is not self._segment:
             segment.close()  # rotated away while this fsync ran
         if self._waiters and not self._scheduled:
             self._commit()  # what queued up during the fsync is the next group
 
 
-def _answer(
-    waiters: list[tuple[asyncio.Future[Response], Response]], instead: Response | None
-) -> None:
-    for waiter, answer in waiters:
+def _resolve(waiters: list[asyncio.Future[bool]], durable: bool) -> None:
+    for waiter in waiters:
         if not waiter.done():
-            waiter.set_result(answer if instead is None else instead)
-
-
-def _not_durable() -> Response:
-    # The tokens stay spent in memory (erring toward safety); the client is told no.
-    return problem(
-        503,
-        "Service Unavailable",
-        "the decision could not be made durable (write-ahead log error); retry",
-        headers=[("Retry-After", "1")],
-    )
+            waiter.set_result(durable)
 
 
 def replay_into(limiter: Limiter, recovered: Recovered) -> None:

@@ -1,0 +1,523 @@
+"""The Rating API (docs/api.md): from an HTTP request to a decision, and the
+operator endpoints.
+
+``RatingApp`` registers its routes on a ``Router`` and answers them from a
+``Decider`` (core/decisions.py) — the in-memory limiter or the Redis backend,
+answering now or later; it knows neither. It resolves the bucket key (body
+``key``, else the first rule whose template the request satisfies), asks the
+decider, awaits the store's commit barrier before a grant's answer leaves, and
+answers per docs/api.md: the decision JSON, 429 problem+json with
+``Retry-After``, the IETF ``RateLimit-Policy`` / ``RateLimit`` headers, and
+problem+json naming the field for anything malformed. It never raises for bad
+input and never answers 5xx for it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+
+from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, Decision
+from bucketmesh.core.decisions import Ask, Decider
+from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
+from bucketmesh.core.rules import first_match
+from bucketmesh.http import wire
+from bucketmesh.http.auth import AdminAuth
+from bucketmesh.http.errors import JSON, ApiError, bad_request, body_error, require_json
+from bucketmesh.http.idempotency import CacheKey, IdempotencyCache, idempotency_key, replayed
+from bucketmesh.http.render import DecisionRenderer
+from bucketmesh.http.router import Answer, Router
+from bucketmesh.http.server import Request, Response, problem
+from bucketmesh.telemetry.metrics import NodeMetrics
+
+MAX_BATCH = 1000
+
+
+class SyncView(Protocol):
+    """What the status endpoint knows about replication (the mesh, when there is one)."""
+
+    def status(self) -> wire.SyncStatus: ...
+
+
+class NoSync:
+    """A node without a sync mesh."""
+
+    def status(self) -> wire.SyncStatus:
+        return wire.SyncStatus(enabled=False, local_only=False, peers={})
+
+
+def not_durable() -> Response:
+    """A grant whose store could not make it durable: the tokens stay spent (erring
+    toward safety), the client is told to retry."""
+    return problem(
+        503,
+        None,
+        "the decision could not be made durable (write-ahead log error); retry",
+        headers=[("Retry-After", "1")],
+    )
+
+
+def limiter_error(error: LimiterError, field: str | None = None) -> ApiError:
+    """The API's answer to what a decider raised; ``field`` overrides the field."""
+    if isinstance(error, InvalidTokens):
+        return bad_request(str(error), field or "tokens")
+    if isinstance(error, NoRuleError):
+        return bad_request(str(error), field or "key")
+    assert isinstance(error, BucketCapReached), error
+    return ApiError(
+        503,
+        f"{error}; new keys are refused until idle buckets expire",
+        headers=[("Retry-After", "1")],
+        reason="bucket_cap",
+    )
+
+
+class RatingApp:
+    """Maps HTTP requests onto a ``Decider``; one instance per node."""
+
+    def __init__(
+        self,
+        decider: Decider,
+        *,
+        region: str,
+        node: str,
+        cluster_id: str = "",
+        admin_token: str | None = None,
+        metrics: NodeMetrics | None = None,
+        router: Router | None = None,
+        sync: SyncView | None = None,
+        version: str = "0",
+        ready: Callable[[], dict[str, str]] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.decider = decider
+        self.region = region
+        self.node = node
+        self.cluster_id = cluster_id
+        self.admin = AdminAuth(admin_token)
+        self.router = router or Router(metrics)
+        self.metrics = self.router.metrics
+        self.sync: SyncView = sync or NoSync()
+        self.version = version
+        self.ready_checks = ready
+        self.monotonic = monotonic
+        self.started = monotonic()
+        self.idempotency = IdempotencyCache()
+        self.scope_headers = sorted(
+            {name for rule in decider.rules for name in rule.template.header_names}
+        )
+        self.renderer = DecisionRenderer(region)
+        self.rate_decoder = msgspec.json.Decoder(wire.RateRequest)
+        self.batch_decoder = msgspec.json.Decoder(wire.BatchRequest)
+        self.patch_decoder = msgspec.json.Decoder(wire.PatchRequest)
+        self.encoder = msgspec.json.Encoder()
+        self.openapi = msgspec.json.encode(wire.openapi_document(version))
+        add = self.router.add_route
+        add("POST", "/v1/rate", "rate", self.rate_post)
+        add("POST", "/rate", "rate", self.rate_post)
+        add("GET", "/v1/rate", "rate", self.rate_get)
+        add("POST", "/v1/rate/batch", "batch", self.rate_batch)
+        add("GET", "/v1/bucket/state", "state", self.bucket_state)
+        add("GET", "/v1/status", "status", self.status)
+        add("GET", "/status", "status", self.status)
+        add("GET", "/healthz", "healthz", self.healthz)
+        add("GET", "/readyz", "readyz", self.readyz)
+        add("GET", "/metrics", "metrics", self.metrics_text)
+        add("GET", "/openapi.json", "openapi", self.openapi_json)
+        self.router.add_prefix_route("GET", "/v1/buckets/", "buckets", self.bucket_get)
+        self.router.add_prefix_route("PATCH", "/v1/buckets/", "buckets", self.bucket_patch)
+        self.router.add_prefix_route("PATCH", "/buckets/", "buckets", self.bucket_patch)
+        self.metrics.gauge(
+            "bucketmesh_idempotency_cache_entries",
+            "Decisions kept for Idempotency-Key replays",
+            lambda: len(self.idempotency),
+        )
+
+    def add_route(
+        self, method: str, path: str, route: str, handler: Callable[[Request], Answer]
+    ) -> None:
+        """Serve another endpoint beside the Rating API's (see ``Router.add_route``)."""
+        self.router.add_route(method, path, route, handler)
+
+    def __call__(self, request: Request) -> Answer:
+        return self.router(request)
+
+    # -- answers that wait: the store's decision, then its commit barrier -------
+
+    def _answer(
+        self,
+        pending: Any,
+        render: Callable[[Any], Response],
+        cache_key: CacheKey | None,
+    ) -> Answer:
+        """The response to ``pending`` (a value or an awaitable of one) rendered by
+        ``render``, once the store's commit barrier lets it leave; cached for an
+        Idempotency-Key retry. The hot path (a value, no barrier) allocates nothing."""
+        if not hasattr(pending, "__await__"):  # answered now: the hot path
+            response = render(pending)
+            barrier = self.decider.commit()
+            if cache_key is not None:
+                self.idempotency.put(cache_key, replayed(response), self.monotonic())
+            if barrier is None:
+                return response
+            return self._after_barrier(barrier, response, cache_key)
+        return self._later(pending, render, cache_key)
+
+    async def _later(
+        self, pending: Awaitable[Any], render: Callable[[Any], Response], cache_key: CacheKey | None
+    ) -> Response:
+        try:
+            value = await pending
+        except LimiterError as error:
+            raise limiter_error(error) from None
+        answer = self._answer(value, render, cache_key)
+        return await answer if isinstance(answer, Awaitable) else answer
+
+    async def _after_barrier(
+        self, barrier: Awaitable[bool], response: Response, cache_key: CacheKey | None
+    ) -> Response:
+        if await barrier:
+            return response
+        if cache_key is not None:
+            self.idempotency.forget(cache_key)  # a retry is decided again: at worst under-admits
+        return not_durable()
+
+    def _replay(self, cache_key: CacheKey | None) -> Answer | None:
+        """The cached answer of an Idempotency-Key retry (after the barrier: the first
+        answer may belong to a group whose fsync is still in flight)."""
+        if cache_key is None:
+            return None
+        replay = self.idempotency.get(cache_key, self.monotonic())
+        if replay is None:
+            return None
+        barrier = self.decider.commit()
+        if barrier is None:
+            return replay
+        return self._after_barrier(barrier, replay, cache_key)
+
+    # -- decisions ---------------------------------------------------------------
+
+    def rate_post(self, request: Request) -> Answer:
+        cache_key = idempotency_key(request, self.scope_headers)
+        replay = self._replay(cache_key)
+        if replay is not None:
+            return replay
+        body = request.body
+        if body.strip():
+            require_json(request)
+            try:
+                rate = self.rate_decoder.decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError) as error:
+                raise body_error(error, body) from None
+        else:
+            rate = wire.RateRequest()
+        return self._decide(request, rate.key, rate.rule, rate.tokens, cache_key)
+
+    def rate_get(self, request: Request) -> Answer:
+        query = request.query
+        raw_tokens = query.get("tokens")
+        tokens = 1
+        if raw_tokens is not None:
+            try:
+                tokens = int(raw_tokens)
+            except ValueError:
+                raise bad_request(
+                    f"tokens must be an integer, got {raw_tokens!r}", "tokens"
+                ) from None
+        key = query.get("key") or None
+        return self._decide(request, key, query.get("rule") or None, tokens, None)
+
+    def _decide(
+        self,
+        request: Request,
+        key: str | None,
+        rule: str | None,
+        tokens: int,
+        cache_key: CacheKey | None,
+    ) -> Answer:
+        if tokens < 0:
+            raise bad_request(f"tokens must be >= 0, got {tokens}", "tokens")
+        if key is None:
+            key, rule = self._render_key(request)
+        elif rule is not None and rule not in self.decider.rules_by_name:
+            raise bad_request(f"unknown rule {rule!r}", "rule")
+        try:
+            decision = self.decider.acquire(key, tokens, rule=rule)
+        except LimiterError as error:
+            raise limiter_error(
+                error, "rule" if rule and isinstance(error, NoRuleError) else None
+            ) from None
+        return self._answer(decision, self._decision_response, cache_key)
+
+    def _decision_response(self, decision: Decision) -> Response:
+        self.metrics.count_decision(decision.rule, decision.allowed)
+        return self.renderer.response(decision)
+
+    def _render_key(self, request: Request) -> tuple[str, str]:
+        rules = self.decider.rules
+        headers, query, client_ip = request.headers, request.query, request.client_ip
+        found = first_match(rules, headers, query, client_ip)
+        if found is not None:
+            return found
+        if not rules:
+            raise bad_request('no bucket rules are configured; give "key" and "rule"', "key")
+        first = rules[0]
+        missing = first.template.missing(headers, query, client_ip)
+        raise bad_request(
+            f"no rule matches this request: {missing.detail} (rule {first.name!r} needs it), "
+            'and no "key" was given',
+            missing.field or "key",
+        )
+
+    def rate_batch(self, request: Request) -> Answer:
+        cache_key = idempotency_key(request, self.scope_headers)
+        replay = self._replay(cache_key)
+        if replay is not None:
+            return replay
+        require_json(request)
+        if not request.body.strip():
+            raise bad_request('a JSON body {"requests": [...]} is required', "requests")
+        try:
+            batch = self.batch_decoder.decode(request.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise body_error(error, request.body) from None
+        items = batch.requests
+        if len(items) > MAX_BATCH:
+            raise bad_request(
+                f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
+            )
+        asks: list[Ask] = []
+        rule: str | None
+        rules_by_name = self.decider.rules_by_name
+        for index, item in enumerate(items):
+            if item.tokens < 0:
+                raise bad_request(
+                    f"tokens must be >= 0, got {item.tokens}", f"requests[{index}].tokens"
+                )
+            if item.key is None:
+                try:
+                    key, rule = self._render_key(request)
+                except ApiError as error:
+                    error.field = f"requests[{index}].key"
+                    raise
+            else:
+                key, rule = item.key, item.rule
+                if rule is not None and rule not in rules_by_name:
+                    raise bad_request(f"unknown rule {rule!r}", f"requests[{index}].rule")
+            asks.append(Ask(key, item.tokens, rule))
+        # The decider checks every item before charging any: a bad item fails the
+        # whole batch with nothing spent, atomic or not.
+        try:
+            decisions = self.decider.acquire_many(asks, atomic=batch.atomic)
+        except LimiterError as error:
+            raise self._batch_error(error) from None
+        if isinstance(decisions, Awaitable):
+            return self._answer(self._batch_later(decisions), self._batch_response, cache_key)
+        return self._answer(decisions, self._batch_response, cache_key)
+
+    @staticmethod
+    def _batch_error(error: LimiterError) -> ApiError:
+        if error.index is None:
+            return limiter_error(error)
+        part = "tokens" if isinstance(error, InvalidTokens) else "key"
+        return limiter_error(error, f"requests[{error.index}].{part}")
+
+    async def _batch_later(self, pending: Awaitable[list[Decision]]) -> list[Decision]:
+        try:
+            return await pending
+        except LimiterError as error:
+            raise self._batch_error(error) from None
+
+    def _batch_response(self, decisions: list[Decision]) -> Response:
+        # Each result is a wire.DecisionBody: the Decision's JSON with the region
+        # spliced in (as a single decision's body is), which skips a struct copy per item.
+        allowed = 0
+        results = []
+        encode = self.encoder.encode
+        suffix = self.renderer.region_suffix
+        count = self.metrics.count_decision
+        for decision in decisions:
+            allowed += decision.allowed
+            count(decision.rule, decision.allowed)
+            results.append(encode(decision)[:-1] + suffix)
+        body = b'{"results":[%s],"allowed":%d,"denied":%d}' % (
+            b",".join(results),
+            allowed,
+            len(results) - allowed,
+        )
+        return Response(200, body, JSON)
+
+    # -- inspection ------------------------------------------------------------
+
+    def _bucket_answer(self, key: str, rule: str | None = None) -> Answer:
+        try:
+            found = self.decider.inspect(key, rule=rule)
+        except NoRuleError as error:
+            raise ApiError(404, str(error), field="key") from None
+        return self._answer(found, lambda bucket: self._json(self._state_of(key, bucket)), None)
+
+    def _state_of(self, key: str, bucket: Bucket) -> wire.BucketStateBody:
+        decider = self.decider
+        now = decider.clock()
+        cfg = bucket.config
+        live = decider.holds(key)
+        used = bucket.used(decider.replica_id) if live else {}
+        return wire.BucketStateBody(
+            key=key,
+            rule=bucket.rule,
+            tokens_remaining=bucket.level(now),
+            capacity=cfg.capacity,
+            refill_rate=cfg.refill_rate,
+            ttl=cfg.ttl_ns / NS_PER_S,
+            mode=cfg.mode,
+            config_version=wire.version_text(cfg.version),
+            reset_after=bucket.reset_after_ns(now) / NS_PER_S,
+            epoch=bucket.epoch,
+            replicas={rid: wire.ReplicaEntry(n) for rid, n in sorted(used.items())},
+            live=live,
+        )
+
+    def bucket_state(self, request: Request) -> Answer:
+        key = request.query.get("key")
+        if not key:
+            raise bad_request("query parameter key is required", "key")
+        return self._bucket_answer(key, request.query.get("rule") or None)
+
+    def bucket_get(self, request: Request, key: str) -> Answer:
+        rule = self.decider.rules_by_name.get(key)
+        if rule is not None:
+            config = self.decider.rule_config(key)
+            return self._json(self._config_body(key, rule.name, config, "rule"))
+        return self._bucket_answer(key)
+
+    def _config_body(
+        self, key: str, rule: str, cfg: BucketConfig, applies_to: Any
+    ) -> wire.BucketConfigBody:
+        return wire.BucketConfigBody(
+            key=key,
+            rule=rule,
+            capacity=cfg.capacity,
+            refill_rate=cfg.refill_rate,
+            ttl=cfg.ttl_ns / NS_PER_S,
+            mode=cfg.mode,
+            version=wire.version_text(cfg.version),
+            applies_to=applies_to,
+        )
+
+    def bucket_patch(self, request: Request, key: str) -> Answer:
+        self.admin.require(request)
+        require_json(request)
+        if not request.body.strip():
+            raise bad_request("a JSON body with capacity, refillRate, ttl or mode is required")
+        try:
+            patch = self.patch_decoder.decode(request.body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as error:
+            raise body_error(error, request.body) from None
+        if patch.refillRate is not None and patch.refill_rate is not None:
+            raise bad_request("give refillRate or refill_rate, not both", "refillRate")
+        rate = patch.refillRate if patch.refillRate is not None else patch.refill_rate
+        if patch.capacity is None and rate is None and patch.ttl is None and patch.mode is None:
+            raise bad_request("nothing to change: give capacity, refillRate, ttl or mode")
+        checks: tuple[tuple[str, float | None, Callable[[float], bool], str], ...] = (
+            ("capacity", patch.capacity, lambda v: v >= 1 and v <= 10**15, "an integer >= 1"),
+            ("refillRate", rate, lambda v: math.isfinite(v) and 1e-9 <= v <= 1e9, "in [1e-9, 1e9]"),
+            (
+                "ttl",
+                patch.ttl,
+                lambda v: math.isfinite(v) and 0.001 <= v <= 10**8,
+                "in [0.001, 1e8]",
+            ),
+        )
+        for name, value, valid, expectation in checks:
+            if value is not None and not valid(value):
+                raise bad_request(f"{name} must be {expectation}, got {value}", name)
+        is_rule = key in self.decider.rules_by_name
+        try:
+            changed = self.decider.configure(
+                key, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
+            )
+        except Exception as error:
+            raise self._patch_error(key, error) from None
+        if isinstance(changed, Awaitable):
+            changed = self._patch_later(key, changed)
+
+        def body(config: BucketConfig) -> Response:
+            rule = key if is_rule else self.decider.rule_of(key)
+            return self._json(self._config_body(key, rule, config, "rule" if is_rule else "key"))
+
+        return self._answer(changed, body, None)
+
+    async def _patch_later(self, key: str, pending: Awaitable[BucketConfig]) -> BucketConfig:
+        try:
+            return await pending
+        except Exception as error:
+            raise self._patch_error(key, error) from None
+
+    @staticmethod
+    def _patch_error(key: str, error: Exception) -> Exception:
+        if isinstance(error, NoRuleError):
+            return ApiError(
+                404, f"{key!r} is neither a rule nor a key of one: {error}", field="key"
+            )
+        if isinstance(error, BucketCapReached):
+            return ApiError(503, str(error), headers=[("Retry-After", "1")], reason="bucket_cap")
+        if isinstance(error, ValueError):
+            return bad_request(str(error), getattr(error, "field", None) or "body")
+        return error
+
+    # -- node ------------------------------------------------------------------
+
+    def status(self, request: Request) -> Answer:
+        key = request.query.get("key")
+        decider = self.decider
+
+        def body(bucket: Bucket | None) -> Response:
+            return self._json(
+                wire.StatusBody(
+                    region=self.region,
+                    node=self.node,
+                    replica_id=decider.replica_id,
+                    cluster_id=self.cluster_id,
+                    sync=self.sync.status(),
+                    buckets=decider.live_buckets(),
+                    version=self.version,
+                    uptime_s=round(self.monotonic() - self.started, 3),
+                    bucket=self._state_of(key, bucket) if key and bucket is not None else None,
+                )
+            )
+
+        if not key:
+            return body(None)
+        try:
+            found = decider.inspect(key)
+        except NoRuleError as error:
+            raise ApiError(404, str(error), field="key") from None
+        return self._answer(found, body, None)
+
+    def healthz(self, request: Request) -> Response:
+        return self._json(wire.Health("ok"))
+
+    def readyz(self, request: Request) -> Response:
+        checks = self.ready_checks() if self.ready_checks else {"config": "ok"}
+        ok = all(v == "ok" for v in checks.values())
+        return Response(
+            200 if ok else 503,
+            self.encoder.encode(wire.Health("ready" if ok else "not ready", checks)),
+            JSON,
+        )
+
+    def metrics_text(self, request: Request) -> Response:
+        return Response(200, self.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi_json(self, request: Request) -> Response:
+        return Response(200, self.openapi, JSON)
+
+    def _json(self, value: object) -> Response:
+        return Response(200, self.encoder.encode(value), JSON)
+
+
+__all__ = ["NoSync", "RatingApp", "SyncView", "limiter_error", "not_durable"]

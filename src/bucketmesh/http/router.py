@@ -1,0 +1,98 @@
+"""Which handler answers a request: exact and prefix routes, 404/405, and the one
+place where an ``ApiError`` (raised at once or from an awaitable answer) becomes
+problem+json and every answer is counted in the node's metrics.
+
+The Rating API, the sync endpoints and the fault endpoints all register here; none
+of them needs to know about the others."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeAlias
+
+from bucketmesh.http.errors import ApiError
+from bucketmesh.http.server import Request, Response, problem
+from bucketmesh.telemetry.metrics import NodeMetrics
+
+# What a route handler answers: a Response at once, or an awaitable of one (a handler
+# that must wait, such as a Redis-backed decision or a durable grant).
+Answer: TypeAlias = Response | Awaitable[Response]
+Handler: TypeAlias = Callable[[Request], Answer]
+PrefixHandler: TypeAlias = Callable[[Request, str], Answer]
+
+
+class Router:
+    """The handler ``http.server.HttpServer`` calls for every request."""
+
+    def __init__(self, metrics: NodeMetrics | None = None) -> None:
+        self.metrics = metrics or NodeMetrics()
+        self.routes: dict[tuple[str, str], tuple[str, Handler]] = {}
+        self.prefix_routes: list[tuple[str, str, str, PrefixHandler]] = []
+
+    def add_route(self, method: str, path: str, route: str, handler: Handler) -> None:
+        """Serve ``method path`` with ``handler``; ``route`` is the bounded metrics
+        label. A handler may raise ``ApiError`` (at once, or from the awaitable it
+        returns) and may be a coroutine function."""
+        self.routes[(method, path)] = (route, handler)
+
+    def add_prefix_route(
+        self, method: str, prefix: str, route: str, handler: PrefixHandler
+    ) -> None:
+        """Serve ``method prefix<rest>`` with ``handler(request, rest)``."""
+        self.prefix_routes.append((method, prefix, route, handler))
+
+    def __call__(self, request: Request) -> Answer:
+        started = time.perf_counter()
+        route, response = self.dispatch(request)
+        if type(response) is not Response:
+            return self._finish(route, response, started)  # type: ignore[arg-type]
+        self.metrics.count_response(route, response.status, time.perf_counter() - started)
+        return response
+
+    async def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Response:
+        """Await an async handler's answer; its ApiError renders like a sync one's."""
+        try:
+            response = await pending
+        except ApiError as error:
+            self.metrics.count_rejection(error.reason)
+            response = error.response()
+        self.metrics.count_response(route, response.status, time.perf_counter() - started)
+        return response
+
+    def dispatch(self, request: Request) -> tuple[str, Answer]:
+        method = "GET" if request.method == "HEAD" else request.method  # the server drops the body
+        path = request.path
+        route = "other"
+        try:
+            found = self.routes.get((method, path))
+            if found is not None:
+                route = found[0]
+                return route, found[1](request)
+            for route_method, prefix, prefix_route, handler in self.prefix_routes:
+                if route_method == method and path.startswith(prefix) and len(path) > len(prefix):
+                    route = prefix_route
+                    return route, handler(request, path[len(prefix) :])
+            return route, self.not_found_or_method(request)
+        except ApiError as error:
+            self.metrics.count_rejection(error.reason)
+            return route, error.response()
+
+    def not_found_or_method(self, request: Request) -> Response:
+        path = request.path
+        allowed = sorted(m for (m, p) in self.routes if p == path)
+        allowed += sorted(
+            {
+                m
+                for m, prefix, _, _ in self.prefix_routes
+                if len(path) > len(prefix) and path.startswith(prefix)
+            }
+        )
+        if allowed:
+            return problem(
+                405,
+                None,
+                f"{request.method} is not allowed on {path}; use {', '.join(allowed)}",
+                headers=[("Allow", ", ".join(allowed))],
+            )
+        return problem(404, None, f"no endpoint at {path}")

@@ -1,0 +1,39 @@
+"""What one node needs to run, built from the config file, flags and environment
+(``cli.py``) and handed to ``serve.Node``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from bucketmesh.core.rules import Rule
+from bucketmesh.http.server import ServerLimits
+from bucketmesh.replication.mesh import MeshSettings
+
+
+@dataclass
+class NodeSettings:
+    """What one node needs to run; built from the config file, flags and env."""
+
+    region: str
+    node: str
+    host: str
+    port: int
+    rules: Sequence[Rule]
+    cluster_id: str = ""
+    admin_token: str | None = None
+    snapshot: str | None = None
+    snapshot_interval_s: float = 5.0
+    durability: str = "relaxed"
+    max_buckets: int = 1_000_000
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    version: str = "0"
+    regions: int = 1
+    sync: MeshSettings | None = None
+    # storage.backend: redis (storage/redis_backend.py); the snapshot file is not used then
+    storage: str = "memory"
+    redis_url: str = "redis://localhost:6379/0"
+    redis_timeout_s: float = 0.1
+    redis_connections: int = 4
+    # envoyListen: the Envoy rate limit service's gRPC (host, port); off when None
+    envoy_listen: tuple[str, int] | None = None
