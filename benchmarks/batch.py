@@ -1,6 +1,6 @@
 """P3: decisions per second through ``POST /v1/rate/batch``, 100 decisions per request.
 
-Target P3 (TARGETS.md): ≥ 1,000,000 decisions/s from one ``bucketmesh serve``
+Target P3 (docs/targets.md): ≥ 1,000,000 decisions/s from one ``bucketmesh serve``
 process. That target is absolute, so the same run also measures, for scale, the
 same server answering one decision per ``POST /v1/rate`` and nginx
 ``limit_req`` (1 worker) on this machine — on the 2-core reference machine
@@ -51,7 +51,7 @@ import http_rate as hb
 
 BATCH = 100
 P3_TARGET = 1_000_000
-NGINX_REFERENCE = 116_000  # requests/s, TARGETS.md reference machine
+NGINX_REFERENCE = 116_000  # requests/s, docs/targets.md reference machine
 CONNECTIONS = hb.CONNECTIONS
 HOST = hb.HOST
 BULK = "bulk"

@@ -1,6 +1,6 @@
 """P8: a real Envoy in front of a trivial upstream, limited by bucketmesh over gRPC.
 
-Target (TARGETS.md P8): ≥ 5k requests/s through Envoy with correct 429s.
+Target (docs/targets.md P8): ≥ 5k requests/s through Envoy with correct 429s.
 
 Setup, all on loopback, each process started by this script:
     upstream: nginx, 1 worker, ``return 200``;

@@ -1,6 +1,6 @@
 """P2: ``bucketmesh serve`` under wrk, POST /v1/rate, against nginx ``limit_req``.
 
-Target P2 (TARGETS.md): one ``bucketmesh serve`` process answering
+Target P2 (docs/targets.md): one ``bucketmesh serve`` process answering
 ``POST /v1/rate`` at ≥ 0.6× the requests/s of nginx ``limit_req`` (1 worker)
 started by this script in the same run, with p99 ≤ 5 ms at 50 connections.
 

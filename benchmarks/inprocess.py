@@ -1,6 +1,6 @@
 """P1: decisions per second in one process — bucketmesh against limits and pyrate-limiter.
 
-Target P1 (TARGETS.md): ``Limiter.acquire`` on one hot key, shared mode,
+Target P1 (docs/targets.md): ``Limiter.acquire`` on one hot key, shared mode,
 replication bookkeeping on, at ≥ 10× ``limits`` MemoryStorage fixed window and
 ≥ 20× ``pyrate-limiter``'s in-memory limiter, same process, same run.
 

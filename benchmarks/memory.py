@@ -1,6 +1,6 @@
 """P7: resident memory for 1,000,000 live buckets, and its reclaim after the ttl.
 
-Target P7 (TARGETS.md): 1,000,000 live buckets in ≤ 400 MB RSS; idle ones
+Target P7 (docs/targets.md): 1,000,000 live buckets in ≤ 400 MB RSS; idle ones
 reclaimed after their ttl. RSS is a count of pages the kernel reports
 (``/proc/PID/status``), not a timing, so it is judged as measured.
 

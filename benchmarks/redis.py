@@ -1,6 +1,6 @@
 """P6: the redis backend — ``bucketmesh serve`` on Redis (1 and 2 nodes) vs ``limits``.
 
-Target P6 (TARGETS.md): one region on one Redis with 2 API nodes; no
+Target P6 (docs/targets.md): one region on one Redis with 2 API nodes; no
 over-admission inside the region; throughput ≥ 3× ``limits`` RedisStorage with
 a fixed window at the same client concurrency, measured in the same run.
 

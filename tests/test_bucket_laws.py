@@ -1,4 +1,4 @@
-"""The replicated bucket is a join-semilattice (DESIGN.md sections 2 and 8).
+"""The replicated bucket is a join-semilattice (docs/design.md sections 2 and 8).
 
 Bucket states are grown the way replicas grow them: random sequences of local
 acquires, config changes (fresh HLC versions), merges of deltas and of full

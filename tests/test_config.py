@@ -20,7 +20,7 @@ from bucketmesh.node.config import (
     parse_listen,
 )
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "bucketmesh" / "examples"
 
 SEED_CONFIG = """\
 region: us-east-1
@@ -51,7 +51,7 @@ buckets:                      # may also be a separate buckets.yaml holding just
     key: "ip-{{ .Request.ClientIP }}"
     rate: "100/minute"        # shorthand: capacity 100, refill 100 per 60 s
     mode: strict              # shared (default) | strict | local
-"""  # copied verbatim from API.md
+"""  # copied verbatim from docs/api.md
 
 
 def write(directory: Path, name: str, text: str) -> str:

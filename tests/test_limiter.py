@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bucketmesh import BucketCapReached, InvalidTokens, Limiter, NoRuleError, Rule
+from bucketmesh import BucketCapReached, InvalidTokens, Limiter, NoRuleError, Rule, load_limiter
 from bucketmesh.core.bucket import Bucket, BucketConfig
 from bucketmesh.tooling.demo import demonstrate
 
@@ -177,8 +177,8 @@ def test_strict_mode_gives_each_region_an_equal_share() -> None:
         )
 
 
-def test_from_config_loads_the_example(tmp_path: object) -> None:
-    limiter = Limiter.from_config("examples/bucketmesh.yaml", replica_id="us-east-1/a/1")
+def test_load_limiter_loads_the_example(tmp_path: object) -> None:
+    limiter = load_limiter("src/bucketmesh/examples/bucketmesh.yaml", replica_id="us-east-1/a/1")
     assert [r.name for r in limiter.rules] == ["agent-api-key", "small", "per-ip"]
     assert limiter.acquire("agent-api-key-k1").capacity == 5000
 

@@ -1,4 +1,4 @@
-"""A single replica behaves exactly like a textbook token bucket (DESIGN.md section 8).
+"""A single replica behaves exactly like a textbook token bucket (docs/design.md section 12).
 
 The reference below is written independently of ``bucket.py``: it tracks the
 level as an exact fraction of tokens, refilled continuously at 1/T token per

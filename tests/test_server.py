@@ -1,4 +1,4 @@
-"""The Rating API of API.md, through a real ``bucketmesh serve`` process and httpx.
+"""The Rating API of docs/api.md, through a real ``bucketmesh serve`` process and httpx.
 
 Most tests share one server (``server``) and use keys of their own; a test that
 changes rules, needs flags, counts metrics or restarts the process gets its own
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 PROBLEM = "application/problem+json"
 SEED_API_KEY = "my-agent-key"
 SEED_BUCKET = "agent-api-key-my-agent-key"
-#: The decision fields API.md shows for 200 (and, with allowed false, for 429).
+#: The decision fields docs/api.md shows for 200 (and, with allowed false, for 429).
 DECISION_FIELDS = {
     "allowed": bool,
     "key": str,
@@ -134,7 +134,7 @@ def slow(client: httpx.Client, user: str, tokens: int = 1) -> httpx.Response:
 
 # -- configuration ---------------------------------------------------------------
 
-#: The seed config of API.md, as written (only the peer URLs point at closed loopback ports).
+#: The seed config of docs/api.md, as written (only the peer URLs point at closed loopback ports).
 SEED_CONFIG_YAML = """\
 region: us-east-1
 listen: 0.0.0.0:8080

@@ -1,4 +1,4 @@
-"""Deterministic simulation of the sync mesh (DESIGN.md section 8), via ``bucketmesh.tooling.sim``.
+"""Deterministic simulation of the sync mesh (docs/design.md section 12), via ``bucketmesh.tooling.sim``.
 
 Ten thousand seeded random schedules (2–5 replicas, skewed clocks, a network
 that drops, duplicates, reorders, delays and partitions, configure calls, all
@@ -252,7 +252,7 @@ def test_restart_with_new_incarnation_never_regrants() -> None:
     restored = sim.limiters[0]
     assert restored.replica_id == "r0/n/2"
     assert restored.peek("api-1", now=sim.local_time(0)).tokens_remaining == 6  # stale view
-    # a restarted peer gets a full-state transfer before it serves (DESIGN.md section 5)
+    # a restarted peer gets a full-state transfer before it serves (docs/design.md section 9)
     sim.inject(0, sim.limiters[1].full_state())
     t = sim.now
     for i in range(5):
@@ -282,7 +282,7 @@ def test_restart_serving_before_catch_up_loses_no_consumption() -> None:
 
 
 def test_restart_reusing_the_replica_id_is_caught() -> None:
-    """The hazard incarnations exist for (DESIGN.md section 4): an old snapshot resumed
+    """The hazard incarnations exist for (docs/design.md section 6): an old snapshot resumed
     under the same id restarts its counter below what peers hold, and max-merge
     would hide what it spends next. The simulator must flag it."""
     sim, snapshots = restart_scenario(6)
@@ -449,7 +449,7 @@ def test_simulator_detects_a_broken_core(
             found.append(violation)
     assert found, "the simulator did not notice a broken core"
     assert any(v.invariant == invariant for v in found), {v.invariant for v in found}
-    assert f"python -m bucketmesh.tooling.sim --seed {found[0].seed})" in str(found[0])
+    assert f"bucketmesh sim --seed {found[0].seed})" in str(found[0])
 
 
 def test_simulator_detects_a_broken_merge_in_one_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -626,7 +626,7 @@ def test_a_new_region_learns_strict_key_configs_from_full_state() -> None:
 
 
 def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
-    """Found by the simulator as seed 58670 (python -m bucketmesh.tooling.sim --seed 58670)."""
+    """Found by the simulator as seed 58670 (bucketmesh sim --seed 58670)."""
     rule = make_rule(5, 10.0)  # T = 100 ms
     a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0)
     b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0)

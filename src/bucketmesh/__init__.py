@@ -15,7 +15,7 @@ from bucketmesh.core.limiter import (
     NoRuleError,
 )
 from bucketmesh.core.rules import Rule, parse_rate
-from bucketmesh.node.config import Config, ConfigError, load_buckets, load_config
+from bucketmesh.node.config import Config, ConfigError, load_buckets, load_config, load_limiter
 
 __version__ = "0.1.0"
 
@@ -33,5 +33,6 @@ __all__ = [
     "__version__",
     "load_buckets",
     "load_config",
+    "load_limiter",
     "parse_rate",
 ]

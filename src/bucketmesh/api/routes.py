@@ -14,7 +14,6 @@ input and never answers 5xx for it.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -24,6 +23,7 @@ import msgspec
 from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, Decision
 from bucketmesh.core.decisions import Ask, Decider
 from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
+from bucketmesh.core.limits import LimitError, check_limits
 from bucketmesh.core.rules import first_match
 from bucketmesh.http import wire
 from bucketmesh.http.auth import AdminAuth
@@ -422,19 +422,10 @@ class RatingApp:
         rate = patch.refillRate if patch.refillRate is not None else patch.refill_rate
         if patch.capacity is None and rate is None and patch.ttl is None and patch.mode is None:
             raise bad_request("nothing to change: give capacity, refillRate, ttl or mode")
-        checks: tuple[tuple[str, float | None, Callable[[float], bool], str], ...] = (
-            ("capacity", patch.capacity, lambda v: v >= 1 and v <= 10**15, "an integer >= 1"),
-            ("refillRate", rate, lambda v: math.isfinite(v) and 1e-9 <= v <= 1e9, "in [1e-9, 1e9]"),
-            (
-                "ttl",
-                patch.ttl,
-                lambda v: math.isfinite(v) and 0.001 <= v <= 10**8,
-                "in [0.001, 1e8]",
-            ),
-        )
-        for name, value, valid, expectation in checks:
-            if value is not None and not valid(value):
-                raise bad_request(f"{name} must be {expectation}, got {value}", name)
+        try:
+            check_limits(capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode)
+        except LimitError as error:
+            raise bad_request(str(error), error.field) from None
         is_rule = key in self.decider.rules_by_name
         try:
             changed = self.decider.configure(

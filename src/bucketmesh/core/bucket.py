@@ -84,14 +84,17 @@ This module does no I/O and reads no clock: time is always an argument.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal, get_args
 
 import msgspec
 
+# The modes, defined once: the wire structs' type (and the OpenAPI enum), the
+# validator (core.limits) and the code all read them from here.
+ModeName = Literal["shared", "strict", "local"]
+MODES: Final[tuple[str, ...]] = get_args(ModeName)
 SHARED: Final = "shared"
 STRICT: Final = "strict"
 LOCAL: Final = "local"
-MODES: Final = (SHARED, STRICT, LOCAL)
 
 NS_PER_S: Final = 1_000_000_000
 
@@ -111,10 +114,6 @@ class BucketConfig(msgspec.Struct, frozen=True, array_like=True, gc=False):
     @property
     def refill_rate(self) -> float:
         return NS_PER_S / self.interval_ns
-
-    @property
-    def burst_ns(self) -> int:
-        return self.capacity * self.interval_ns
 
 
 def interval_for(refill_rate: float) -> int:
@@ -185,7 +184,7 @@ class Bucket:
     ``(replica, used)`` tuple — the usual case: one other region, or this
     node's previous incarnation after a restart — and a dict only from the
     second on. A one-entry dict costs about three times the tuple, and a
-    million buckets are the target (TARGETS.md P7).
+    million buckets are the target (docs/targets.md P7).
     """
 
     __slots__ = (

@@ -26,7 +26,7 @@ of all regions can never exceed the limit however long a partition lasts.
 A per-key config change of a strict key does replicate: it travels as a
 config-only delta (``strict_config_delta``; no counters, epoch 0) and every
 region takes its share of the new limits, newest version winning. (Moving idle share
-toward demand — escrow rebalancing, DESIGN.md section 3 — is not built yet.)
+toward demand — escrow rebalancing, docs/design.md section 5 — is not built yet.)
 
 Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
 may still hold that generation (it knows later spending, or has not swept
@@ -60,7 +60,6 @@ import msgspec
 
 from bucketmesh.core.bucket import (
     LOCAL,
-    MODES,
     NS_PER_S,
     SHARED,
     STRICT,
@@ -72,6 +71,7 @@ from bucketmesh.core.bucket import (
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
+from bucketmesh.core.limits import LimitError, check_limits
 from bucketmesh.core.rules import Rule
 
 SNAPSHOT_FORMAT: Final = 1
@@ -215,31 +215,6 @@ class Limiter:
         # values decoded buckets share (see _compact); keys and values are equal
         self._shared: dict[Any, Any] = {}
         self._last_config: BucketConfig | None = None
-
-    @classmethod
-    def from_config(
-        cls,
-        path: str,
-        *,
-        replica_id: str,
-        clock: Callable[[], int] = time.time_ns,
-        regions: int | None = None,
-    ) -> Limiter:
-        """A limiter with the rules (and bucket cap) of a bucketmesh.yaml or buckets.yaml."""
-        from bucketmesh.node.config import ConfigError, load_buckets, load_config
-
-        try:
-            config = load_config(path)
-        except ConfigError:
-            rules = load_buckets(path)
-            return cls(rules, replica_id=replica_id, clock=clock, regions=regions or 1)
-        return cls(
-            config.buckets,
-            replica_id=replica_id,
-            clock=clock,
-            max_buckets=config.limits.max_buckets,
-            regions=regions or len(config.regions),
-        )
 
     # -- decisions -----------------------------------------------------------
 
@@ -433,12 +408,7 @@ class Limiter:
         """
         if now is None:
             now = self.clock()
-        if capacity is not None and capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
-        if ttl is not None and not ttl > 0:
-            raise ValueError(f"ttl must be > 0, got {ttl}")
-        if mode is not None and mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_limits(capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode)
         rule = self.rules_by_name.get(key_or_rule)
         if rule is not None:
             current = self.rule_configs[rule.name]
@@ -455,7 +425,11 @@ class Limiter:
             version=(self.hlc.tick(now), self.replica_id),
         )
         if new.mode == STRICT and new.capacity < self.regions:
-            raise ValueError(f"strict mode needs capacity >= regions ({self.regions})")
+            raise LimitError(
+                "capacity",
+                f"must be >= the number of regions ({self.regions}) in strict mode",
+                new.capacity,
+            )
         if rule is not None:
             self.rule_configs[rule.name] = new
             self.dirty_rules.add(rule.name)

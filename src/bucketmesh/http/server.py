@@ -188,7 +188,7 @@ def problem(
 
 
 def _internal_error() -> Response:
-    return problem(500, "Internal Server Error", "the request handler failed; this is a bug")
+    return problem(500, None, "the request handler failed; this is a bug")
 
 
 def _content_type_line(content_type: str) -> bytes:
@@ -496,7 +496,7 @@ class _Connection(asyncio.Protocol):
                 self._server._report(cause if cause is not None else error)
                 self._fail(_internal_error())
         else:
-            self._fail(problem(400, "Bad Request", f"malformed HTTP request: {error}"))
+            self._fail(problem(400, None, f"malformed HTTP request: {error}"))
 
     def on_message_begin(self) -> None:
         if self._server._shutting_down:
@@ -548,17 +548,17 @@ class _Connection(asyncio.Protocol):
             self._http_version = parser.get_http_version()
             if self._http_version != "1.1" and self._http_version != "1.0":
                 detail = f"HTTP/{self._http_version} is not supported; use HTTP/1.1"
-                self._fail(problem(400, "Bad Request", detail))  # the API answers no 5xx
+                self._fail(problem(400, None, detail))  # the API answers no 5xx
                 raise _Stop
         if method == b"CONNECT":
-            self._fail(problem(400, "Bad Request", "CONNECT is not supported"))
+            self._fail(problem(400, None, "CONNECT is not supported"))
             raise _Stop
         declared = headers.get("content-length")
         if declared is not None:
             try:
                 length = int(declared)
             except ValueError:
-                self._fail(problem(400, "Bad Request", "malformed Content-Length"))
+                self._fail(problem(400, None, "malformed Content-Length"))
                 raise _Stop from None
             if length > self._limits.max_body_bytes:
                 self._fail(self._body_too_large())
@@ -596,7 +596,7 @@ class _Connection(asyncio.Protocol):
         try:
             path, query = _split_target(self._url)
         except ValueError:
-            self._fail(problem(400, "Bad Request", "malformed request target"))
+            self._fail(problem(400, None, "malformed request target"))
             raise _Stop from None
         request = Request(
             self._method, path, query, self._headers, body, self._client_ip, self._http_version
@@ -746,7 +746,7 @@ class _Connection(asyncio.Protocol):
         limits = self._limits
         return problem(
             431,
-            "Request Header Fields Too Large",
+            None,
             f"the request head exceeds {limits.max_header_bytes} bytes "
             f"or {limits.max_headers} header fields",
         )
@@ -861,7 +861,7 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()  # the client stopped reading
         elif self._in_message:
             what = "body" if self._head_done else "request head"
-            self._fail(problem(408, "Request Timeout", f"the {what} was not received in time"))
+            self._fail(problem(408, None, f"the {what} was not received in time"))
             self._flush()
         else:
             self._transport.close()  # idle keep-alive
@@ -882,7 +882,7 @@ class _Refused(asyncio.Protocol):
         self._server._refused.add(self)
         overloaded = problem(
             503,
-            "Service Unavailable",
+            None,
             "the server has too many open connections; retry shortly",
             headers=[("Retry-After", "1")],
         )

@@ -1,19 +1,18 @@
 """The Rating API's wire structs, declared once: request validation, response
 encoding and the OpenAPI document (``openapi_document``) all come from here.
 
-API.md is the contract; this module is its machine-readable form.
+docs/api.md is the contract; this module is its machine-readable form.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 import msgspec
 
 from bucketmesh.core.bucket import Decision
-
-Mode = Literal["shared", "strict", "local"]
+from bucketmesh.core.bucket import ModeName as Mode
+from bucketmesh.core.limits import error_location
 
 
 class RateRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -160,23 +159,12 @@ def version_text(version: tuple[int, str]) -> str:
     return f"{version[0]}@{version[1]}"
 
 
-_FIELD = re.compile(r"at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`")
-_NAMED = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
-
-
 def error_field(error: msgspec.ValidationError | msgspec.DecodeError) -> str | None:
     """The JSON path of the field a msgspec validation error is about, as
-    ``requests[2].tokens`` (an unknown or missing field included).
-
-    msgspec reports the path only inside its English message, so this is the one
-    place that reads it back; every endpoint gets the field from here."""
-    message = str(error)
-    match = _FIELD.search(message)
-    path = match.group(1).lstrip(".") if match is not None else ""
-    named = _NAMED.search(message)
-    if named is not None:
-        path = f"{path}.{named.group(1)}" if path else named.group(1)
-    return path or None
+    ``requests[2].tokens`` (an unknown or missing field included)."""
+    if not isinstance(error, msgspec.ValidationError):
+        return None
+    return error_location(error).field or None
 
 
 def _problem_response(description: str) -> dict[str, Any]:

@@ -1,1 +1,3 @@
-"""The process: config, settings, the node that wires the layers together, and the command line."""
+"""The process: config file and environment (``config``), what a node runs with
+(``settings``), the node that wires store, front doors and mesh together (``serve``)
+and the command line (``cli``)."""

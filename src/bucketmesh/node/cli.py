@@ -29,6 +29,7 @@ from bucketmesh.node.config import (
     parse_config,
     parse_listen,
 )
+from bucketmesh.storage.wal import DURABILITIES
 
 FLAG_OVERRIDES = {
     "listen": "listen",
@@ -320,7 +321,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--snapshot", help="snapshot file of the embedded store")
         p.add_argument(
             "--durability",
-            choices=("relaxed", "strict"),
+            choices=DURABILITIES,
             help="write-ahead log: relaxed survives kill -9, strict also power loss",
         )
         p.add_argument("--max-buckets", dest="max_buckets", type=int)
@@ -357,6 +358,13 @@ def parser() -> argparse.ArgumentParser:
     add_xr_parser(sub)
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo)
+    from bucketmesh.tooling import sim
+
+    simulate = sub.add_parser(
+        "sim", help="the deterministic simulator", description=sim.DESCRIPTION
+    )
+    sim.add_arguments(simulate)
+    simulate.set_defaults(func=sim.run_schedules)
     return top
 
 

@@ -13,9 +13,10 @@ import difflib
 import ipaddress
 import os
 import re
+import time
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ import yaml
 from msgspec import Meta
 
 from bucketmesh.core.bucket import SHARED
+from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.limits import ErrorLocation, LimitError, check_limits, error_location
 from bucketmesh.core.rules import (
     DEFAULT_TTL,
@@ -33,6 +35,7 @@ from bucketmesh.core.rules import (
     StoreFailurePolicy,
     parse_rate,
 )
+from bucketmesh.storage.wal import Durability
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -182,7 +185,7 @@ class StorageConfig(_Section, frozen=True):
     snapshot: str | None = None
     redis_url: str = "redis://localhost:6379/0"
     # relaxed: the write-ahead log survives kill -9; strict: also power loss (docs/storage.md)
-    durability: Literal["relaxed", "strict"] = "relaxed"
+    durability: Durability = "relaxed"
     snapshot_interval_ms: _Count = 5000
     # How long a decision waits on Redis before the rule's onStoreFailure decides.
     redis_timeout_ms: _Count = 100
@@ -516,10 +519,6 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
                 parse_listen(listen)
             except ValueError as error:
                 raise _Problem(field, str(error)) from None
-    if settings.envoy_listen is not None and settings.storage.backend == "redis":
-        # the Envoy service decides on the node's own limiter, which under redis is
-        # only a mirror of the region's state
-        raise _Problem("envoyListen", "is not supported with storage.backend: redis")
     return msgspec.structs.replace(
         settings,
         sync=_checked_sync(settings.sync, settings.region, template_field),
@@ -1137,3 +1136,26 @@ def _show(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     return str(value)
+
+
+def load_limiter(
+    path: str,
+    *,
+    replica_id: str,
+    clock: Callable[[], int] = time.time_ns,
+    regions: int | None = None,
+) -> Limiter:
+    """An in-process limiter with the rules (and bucket cap) of a bucketmesh.yaml or
+    a buckets.yaml; ``regions`` defaults to the config's (strict mode's shares)."""
+    try:
+        config = load_config(path)
+    except ConfigError:
+        rules = load_buckets(path)
+        return Limiter(rules, replica_id=replica_id, clock=clock, regions=regions or 1)
+    return Limiter(
+        config.buckets,
+        replica_id=replica_id,
+        clock=clock,
+        max_buckets=config.limits.max_buckets,
+        regions=regions or len(config.regions),
+    )

@@ -1,1 +1,3 @@
-"""The sync mesh: the pure sync protocol, the peer outbox, the HTTP link and the loops, and injected sync faults."""
+"""The sync mesh: the pure sync protocol (``protocol``: envelopes, HMAC, digests),
+the mesh of one node (``mesh``: the HTTP link, peer outboxes, the push, digest and
+pull loops, the sync endpoints) and injected sync faults (``faults``)."""

@@ -1,7 +1,8 @@
 """The sync mesh: this node's side of replication, over HTTP to the other regions.
 
-This is the asyncio half of DESIGN.md section 5; ``sync.py`` is the protocol
-(envelopes, signatures, digests) and the core merges. The mesh owns the
+This is the asyncio half of docs/design.md section 9; ``protocol.py`` is the wire
+protocol (envelopes, signatures, digests), ``outbox.py`` a peer's pure outbox,
+``link.py`` the HTTP client, and the core merges. The mesh owns the
 clock reads, the sockets and the tasks, and never sits on the hot path: a
 decision only marks its key dirty, and everything below runs beside it on
 the event loop.
@@ -39,7 +40,7 @@ Liveness
     A peer is ``up`` after a successful exchange and ``down`` once sends have
     been failing for ``peer_timeout``; retries back off exponentially with
     jitter. With no peer up, the node is ``local_only``: it keeps deciding on
-    its own view (DESIGN.md section 2 bounds the cost) and catches up when a
+    its own view (docs/design.md section 3 bounds the cost) and catches up when a
     peer answers again.
 Receiving
     ``/v1/sync/deltas``, ``/digest`` and ``/pull`` verify the envelope (401/403
@@ -56,16 +57,13 @@ import contextlib
 import math
 import os
 import random
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Final, Protocol, TypeVar
-from urllib.parse import urlsplit
 
-import httptools
 import msgspec
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -83,6 +81,8 @@ from bucketmesh.http.router import Router
 from bucketmesh.http.server import Request, Response
 from bucketmesh.replication import protocol as sync
 from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
+from bucketmesh.replication.link import HttpLink, LinkError
+from bucketmesh.replication.outbox import Outbox
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import Histogram
 
@@ -147,8 +147,6 @@ _DIGEST_GROUP: Final = 64  # ranges per digest request
 # million buckets cost decisions a few ms at a time, never a second at once.
 _SCAN_SLICE: Final = 5000
 _HASH_SLICE: Final = 1000
-_IDLE_REUSE_S: Final = 2.0  # reconnect rather than reuse a connection idle this long
-_MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -191,122 +189,8 @@ class MeshSettings:
 # -- the client side of one connection ------------------------------------------
 
 
-class LinkError(Exception):
-    """A request to a peer that did not produce an authentic reply."""
-
-    def __init__(self, message: str, *, refused: bool = False, status: int | None = None) -> None:
-        super().__init__(message)
-        self.refused = refused
-        self.status = status
-
-
-class _Reply:
-    """httptools callbacks collecting one response."""
-
-    __slots__ = ("body", "complete", "size")
-
-    def __init__(self) -> None:
-        self.body: list[bytes] = []
-        self.size = 0
-        self.complete = False
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self.size += len(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-
-class HttpLink:
-    """One keep-alive HTTP/1.1 connection to a peer, one request at a time.
-
-    Any failure closes the connection; the next request opens a new one. A
-    connection idle for a while is replaced before use rather than risk the
-    server's keep-alive timeout closing it under a request.
-    """
-
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"a peer URL is http(s)://host[:port], got {url!r}")
-        self.url = url
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.prefix = parts.path.rstrip("/")
-        self.authority = parts.netloc.rsplit("@", 1)[-1]
-        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
-        self.timeout_s = timeout_s
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._last_used = 0.0
-        self._lock = asyncio.Lock()
-
-    async def post(
-        self, path: str, body: bytes, timeout_s: float | None = None
-    ) -> tuple[int, bytes]:
-        async with self._lock:
-            try:
-                return await asyncio.wait_for(
-                    self._exchange(path, body), self.timeout_s if timeout_s is None else timeout_s
-                )
-            except asyncio.TimeoutError:
-                self.close()
-                raise LinkError("no answer within the peer timeout") from None
-            except ConnectionRefusedError as error:
-                self.close()
-                raise LinkError(f"connection refused ({error.strerror})", refused=True) from None
-            except (OSError, httptools.HttpParserError, LinkError) as error:
-                self.close()
-                if isinstance(error, LinkError):
-                    raise
-                raise LinkError(f"{type(error).__name__}: {error}") from None
-            except BaseException:
-                self.close()
-                raise
-
-    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
-        loop = asyncio.get_running_loop()
-        if self._writer is None or loop.time() - self._last_used > _IDLE_REUSE_S:
-            self.close()
-            self._reader, self._writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl
-            )
-        reader, writer = self._reader, self._writer
-        assert reader is not None
-        head = (
-            f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.authority}\r\n"
-            f"Content-Type: {sync.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
-            "User-Agent: bucketmesh-sync\r\n\r\n"
-        ).encode("latin-1")
-        writer.writelines((head, body))
-        await writer.drain()
-        reply = _Reply()
-        parser = httptools.HttpResponseParser(reply)
-        while not reply.complete:
-            data = await reader.read(262144)
-            if not data:
-                raise LinkError("the peer closed the connection")
-            parser.feed_data(data)
-            if reply.size > _MAX_REPLY_BYTES:
-                raise LinkError("reply too large")
-        status = parser.get_status_code()
-        if not parser.should_keep_alive():
-            self.close()
-        self._last_used = loop.time()
-        return status, b"".join(reply.body)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
-
-
-# -- one peer ------------------------------------------------------------------
-
-
 class Peer:
-    """Another region as this node sees it: outbox, connections, liveness, lag."""
+    """Another region as this node sees it: its outbox, connections, liveness, lag."""
 
     def __init__(self, region: str, url: str, settings: MeshSettings) -> None:
         self.region = region
@@ -318,10 +202,7 @@ class Peer:
         self.link = self.links[0]
         self.wakes = [asyncio.Event() for _ in self.links]
         self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
-        self.outbox: dict[str, tuple[bytes, int]] = {}
-        # key -> (delta, collect time) of each message in flight that carries the key
-        self.inflight: dict[str, list[tuple[bytes, int]]] = {}
-        self.rules: dict[str, BucketConfig] = {}
+        self.box = Outbox()
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
         self.full_wanted = False
@@ -336,9 +217,29 @@ class Peer:
         self.sent = 0
         self.failures = 0
         self.full_transfers = 0
-        self.backlogs_dropped = 0
-        self.oversized = 0
         self.repaired_ranges = 0
+
+    # the outbox, as the mesh and its metrics read it
+    @property
+    def outbox(self) -> dict[str, tuple[bytes, int]]:
+        return self.box.queued
+
+    @property
+    def rules(self) -> dict[str, BucketConfig]:
+        return self.box.rules
+
+    @property
+    def backlogs_dropped(self) -> int:
+        return self.box.backlogs_dropped
+
+    @property
+    def oversized(self) -> int:
+        return self.box.oversized
+
+    def _wake_senders(self) -> None:
+        self.wake.set()
+        for wake in self.wakes:
+            wake.set()
 
     def offer(
         self,
@@ -347,103 +248,27 @@ class Peer:
         collected_ns: int,
         max_pending: int,
     ) -> bool:
-        """Queue deltas (a newer one replaces a queued one of the same key, keeping the
-        older collect time for the lag); False if the backlog overflowed and was dropped.
-
-        A delta that replaces one already in flight starts its own clock: the message
-        in flight carries everything up to its delta, so keeping its collect time
-        would make the lag of a key updated faster than the round trip grow without
-        bound (``unsent`` restores the older time if that message fails)."""
-        outbox = self.outbox
-        inflight = self.inflight
-        for key, data in encoded:
-            queued = outbox.get(key)
-            if queued is None:
-                outbox[key] = (data, collected_ns)
-            else:
-                fresh = any(sent[0] is queued[0] for sent in inflight.get(key, ()))
-                outbox[key] = (data, collected_ns if fresh else queued[1])
-        self.rules.update(rules)
-        self.wake.set()
-        for wake in self.wakes:
-            wake.set()
-        if len(outbox) > max_pending:
-            outbox.clear()
-            self.backlogs_dropped += 1
+        """``Outbox.offer``, waking the senders; an overflow wants a full transfer."""
+        kept = self.box.offer(encoded, rules, collected_ns, max_pending)
+        self._wake_senders()
+        if not kept:
             self.want_full()
-            return False
-        return True
+        return kept
 
     def take(self, budget: int) -> tuple[list[str], list[bytes], int | None]:
-        """The oldest queued deltas that fit in ``budget`` bytes (at least one), without
-        removing them; a delta that could never fit is dropped (and counted). A delta
-        already in flight in another message is not taken again."""
-        keys: list[str] = []
-        chunks: list[bytes] = []
-        size = 0
-        origin: int | None = None
-        inflight = self.inflight
-        for key, (data, collected) in list(self.outbox.items()):
-            if any(sent[0] is data for sent in inflight.get(key, ())):
-                continue
-            if len(data) > budget:
-                del self.outbox[key]
-                self.oversized += 1
-                continue
-            if size + len(data) > budget:
-                break
-            keys.append(key)
-            chunks.append(data)
-            size += len(data)
-            origin = collected if origin is None or collected < origin else origin
-            inflight.setdefault(key, []).append((data, collected))
-        return keys, chunks, origin
+        return self.box.take(budget)
 
     def takeable(self) -> bool:
-        """Whether a queued delta is not in flight yet."""
-        inflight = self.inflight
-        return any(
-            not any(sent[0] is data for sent in inflight.get(key, ()))
-            for key, (data, _) in self.outbox.items()
-        )
-
-    def _landed(self, key: str, data: bytes) -> tuple[bytes, int] | None:
-        """Forget ``data`` of ``key`` as in flight; returns its entry."""
-        sent = self.inflight.get(key)
-        if not sent:
-            return None
-        for i, entry in enumerate(sent):
-            if entry[0] is data:
-                del sent[i]
-                if not sent:
-                    del self.inflight[key]
-                return entry
-        return None
+        return self.box.takeable()
 
     def unsent(self, keys: Sequence[str], chunks: Sequence[bytes]) -> None:
-        """The message carrying ``keys`` failed: what is queued for them is now as old
-        as the oldest change it must deliver."""
-        for key, data in zip(keys, chunks, strict=True):
-            sent = self._landed(key, data)
-            queued = self.outbox.get(key)
-            if sent is not None and queued is not None and sent[1] < queued[1]:
-                self.outbox[key] = (queued[0], sent[1])
-        self.wake.set()
-        for wake in self.wakes:
-            wake.set()
+        self.box.unsent(keys, chunks)
+        self._wake_senders()
 
     def acknowledge(
         self, keys: Sequence[str], chunks: Sequence[bytes], rules: Mapping[str, BucketConfig]
     ) -> None:
-        outbox = self.outbox
-        for key, data in zip(keys, chunks, strict=True):
-            self._landed(key, data)
-            queued = outbox.get(key)
-            if queued is not None and queued[0] is data:
-                del outbox[key]
-        for name, config in rules.items():
-            if self.rules.get(name) is config:
-                del self.rules[name]
+        self.box.acknowledge(keys, chunks, rules)
 
     def want_full(self) -> None:
         self.full_wanted = True
@@ -771,8 +596,7 @@ class Mesh:
         A failure leaves ``full_wanted`` set, so the transfer starts over later.
         """
         peer.full_wanted = False
-        peer.outbox.clear()
-        peer.rules.clear()
+        peer.box.clear()
         peer.full_transfers += 1
         keys = await self._live_keys()
         try:
@@ -799,7 +623,7 @@ class Mesh:
         for delta in batch.deltas:
             data = sync.encode_delta(delta)
             if len(data) > budget:
-                peer.oversized += 1
+                peer.box.oversized += 1
                 continue
             if chunk and size + len(data) > budget:
                 await self._send_state(peer, chunk, rules)

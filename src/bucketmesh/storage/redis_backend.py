@@ -73,7 +73,7 @@ from bucketmesh.core.limiter import (
     LimiterError,
     share_of,
 )
-from bucketmesh.core.rules import Rule
+from bucketmesh.core.rules import STORE_FAILURE_POLICIES, Rule
 from bucketmesh.storage.redis_store import (
     ALLOWED,
     INVALID_TOKENS,
@@ -89,7 +89,7 @@ from bucketmesh.telemetry.metrics import NodeMetrics
 
 log = logger("redis")
 
-POLICIES: Final = ("allow", "deny", "local")
+POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
@@ -660,9 +660,11 @@ class RedisBackend:
             for (_, outcome), decision in zip(items, decisions, strict=True):
                 outcome(decision)
 
-    def _refusal(self, ask: Ask) -> Decision:
-        """A plain refusal, for a decision nothing else could answer."""
-        cfg = ask.config
+    @staticmethod
+    def _refusal(ask: Ask, config: BucketConfig | None = None) -> Decision:
+        """A plain refusal (``Retry-After: 1``), for a decision nothing else could answer
+        and for the ``deny`` policy; ``config`` defaults to the ask's."""
+        cfg = config or ask.config
         rate = NS_PER_S / cfg.interval_ns
         return Decision(
             False, ask.key, 0, cfg.capacity, rate, DENY_RETRY_S, 0.0, cfg.mode, ask.rule
@@ -691,9 +693,7 @@ class RedisBackend:
             return Decision(
                 True, ask.key, remaining, config.capacity, rate, 0.0, 0.0, config.mode, ask.rule
             )
-        return Decision(
-            False, ask.key, 0, config.capacity, rate, DENY_RETRY_S, 0.0, config.mode, ask.rule
-        )
+        return self._refusal(ask, config)
 
     def _local(self, ask: Ask) -> Decision:
         key = ask.key
@@ -714,17 +714,9 @@ class RedisBackend:
         # policy is `allow`; anything else is refused whole (the safe side).
         if all(self._policy(ask) == "allow" for ask in asks):
             return [self._fallback(ask) for ask in asks]
-        out = []
         for ask in asks:
             self.fallbacks[self._policy(ask)] += 1
-            cfg = ask.config
-            rate = NS_PER_S / cfg.interval_ns
-            out.append(
-                Decision(
-                    False, ask.key, 0, cfg.capacity, rate, DENY_RETRY_S, 0.0, cfg.mode, ask.rule
-                )
-            )
-        return out
+        return [self._refusal(ask) for ask in asks]
 
     # -- health and recovery ----------------------------------------------------------
 

@@ -60,8 +60,7 @@ from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, 
 # The largest integer every intermediate value of the scripts must stay below.
 EXACT_LIMIT: Final = 2**53
 
-# Statuses of one decision in the acquire script's answer.
-DENIED: Final = 0
+# Statuses of one decision in the acquire script's answer (0: denied).
 ALLOWED: Final = 1
 RECONFIGURE: Final = 2  # the bucket's config is older than the rule's: adopt it first
 INVALID_TOKENS: Final = 3  # tokens > capacity

@@ -55,7 +55,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, Literal, get_args
 
 import msgspec
 
@@ -65,7 +65,9 @@ from bucketmesh.telemetry.metrics import NodeMetrics
 
 log = logger("wal")
 
-DURABILITIES: Final = ("relaxed", "strict")
+# The durability levels, defined once (config, flags and the log read them here).
+Durability = Literal["relaxed", "strict"]
+DURABILITIES: Final[tuple[str, ...]] = get_args(Durability)
 _FRAME: Final = struct.Struct("<II")
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(DeltaBatch)

@@ -1,1 +1,2 @@
-"""Metrics (Prometheus) and logging, shared by every layer above the core."""
+"""Metrics (Prometheus, ``metrics``) and the one logging setup (``log``), shared by
+every layer above the core."""

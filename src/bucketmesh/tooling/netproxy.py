@@ -243,11 +243,6 @@ class _Links:
             await link.start()
             self.links[link.name] = link
             return link.port
-        if command == "faults":
-            faults, regions = args
-            for link in self.touching(regions):
-                link.faults = faults
-            return None
         if command == "cut":
             (regions,) = args
             cut = self.touching(regions)
@@ -343,10 +338,6 @@ class NetProxy:
         info = LinkInfo(link_name(source, destination), int(port), target)
         self.links[info.name] = info
         return info
-
-    def set_faults(self, faults: Faults, regions: Iterable[str] | None = None) -> None:
-        """Apply ``faults`` to every link (or every link touching ``regions``)."""
-        self._call("faults", faults, None if regions is None else list(regions))
 
     def cut(self, regions: Iterable[str]) -> list[str]:
         """Cut every link to and from ``regions``; the names of the links cut."""

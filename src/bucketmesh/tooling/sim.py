@@ -1,6 +1,6 @@
 """The deterministic simulator: many Limiter replicas on a faulty, simulated network.
 
-This module owns the simulation harness of DESIGN.md section 8: N replicas
+This module owns the simulation harness of docs/design.md section 12: N replicas
 (``r0/n/1`` ...), each on its own skewed simulated clock, exchanging
 ``DeltaBatch`` messages over a network that drops, duplicates, reorders,
 delays and partitions them, driven by one event queue in integer-ns simulated
@@ -9,7 +9,7 @@ acquires and ``configure`` calls runs on it; a run ends with quiescence (heal,
 stop traffic, deliver everything, exchange full state until nothing changes)
 and checks the invariants below, raising :class:`InvariantViolation` (naming
 the seed) on the first one broken. ``run(seed)`` is one random schedule;
-:class:`Simulation` builds hand-written scenarios; ``python -m bucketmesh.tooling.sim``
+:class:`Simulation` builds hand-written scenarios; ``bucketmesh sim``
 runs thousands of seeds (``--expiry``: short ttls and idle gaps, so buckets
 expire and are re-created in new epochs; accounting is then per epoch).
 Clock offsets are constant per replica, so clocks are monotone and durations
@@ -53,7 +53,7 @@ Invariants
   epoch is set at a first grant, on a clock at most Δε from any other, and
   Φ then grows at 1/T' ≤ 1/T; a config change keeps the level (rounding
   down), and every replica adopting a version proposes its own level-keeping
-  base (DESIGN.md section 2), so Φ just after it is at most Φ just before it,
+  base (docs/design.md section 3), so Φ just after it is at most Φ just before it,
   except that the adopter re-bases on its own clock, which can cost Δε/T
   once per version.
 
@@ -63,7 +63,7 @@ Invariants
   the window's start). The tokens of replica j that e has not received were
   all granted within the last λ_j (j's information lag to e: the age of j's
   oldest grant not yet delivered to e), so they number at most C + λ_j/T,
-  which gives the form of DESIGN.md section 2::
+  which gives the form of docs/design.md section 3::
 
       G ≤ C + r·D + r·Δε·(1 + v) + Σ_{j≠e} (C + r·λ_j)                    (B)
 
@@ -120,7 +120,7 @@ class InvariantViolation(AssertionError):
     """An invariant broken by a schedule; the message names the seed to replay."""
 
     def __init__(self, seed: int, invariant: str, detail: str, replay: str = "") -> None:
-        replay = replay or f"python -m bucketmesh.tooling.sim --seed {seed}"
+        replay = replay or f"bucketmesh sim --seed {seed}"
         super().__init__(f"seed {seed}: {invariant}: {detail} (replay: {replay})")
         self.seed = seed
         self.invariant = invariant
@@ -338,7 +338,7 @@ class Simulation:
     ) -> None:
         """Replace ``replica``'s process now: restored from ``snapshot`` (or empty), under
         the next incarnation id unless ``new_incarnation`` is False (the hazard of
-        DESIGN.md section 4, which the join check must catch). Messages in flight to
+        docs/design.md section 6, which the join check must catch). Messages in flight to
         the old process reach the new one; the old one's dirty set is lost."""
         old = self.limiters[replica].replica_id
         self.lossless = False
@@ -845,7 +845,7 @@ def random_simulation(
     flags += [f"--replicas {replicas}"] if replicas is not None else []
     flags += [f"--events {events}"] if events is not None else []
     flags += ["--expiry"] if expiry else []
-    sim.replay = "python -m bucketmesh.tooling.sim " + " ".join(flags)
+    sim.replay = "bucketmesh sim " + " ".join(flags)
     start = sim.start_ns
     gap = rng.randint(1_500 * MS, 2_500 * MS) if expiry else 0
     if expiry:
@@ -899,11 +899,11 @@ def run(
     return sim.check()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bucketmesh.tooling.sim",
-        description="Run seeded random schedules of the replicated limiter and check invariants.",
-    )
+DESCRIPTION = "Run seeded random schedules of the replicated limiter and check invariants."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``bucketmesh sim``."""
     parser.add_argument("--seeds", type=int, default=1000, help="how many schedules (seeds 0..)")
     parser.add_argument("--first", type=int, default=0, help="first seed")
     parser.add_argument("--seed", type=int, help="replay this one seed, verbosely")
@@ -912,7 +912,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--expiry", action="store_true", help="short ttls and idle gaps: buckets expire"
     )
-    args = parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bucketmesh sim", description=DESCRIPTION)
+    add_arguments(parser)
+    return run_schedules(parser.parse_args(argv))
+
+
+def run_schedules(args: argparse.Namespace) -> int:
+    """``bucketmesh sim``: run the schedules ``args`` name; 1 if any violated an invariant."""
     seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
     started = time.perf_counter()
     violations: list[InvariantViolation] = []
@@ -941,5 +950,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if violations else 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # also reachable as `bucketmesh sim`
     sys.exit(main())

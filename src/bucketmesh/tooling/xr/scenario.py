@@ -25,13 +25,14 @@ scenario in a tenth of its time. A malformed scenario raises
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 import yaml
+
+from bucketmesh.core.limits import error_location
 
 
 class ScenarioError(Exception):
@@ -89,7 +90,7 @@ class Heal(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class SLO(msgspec.Struct, forbid_unknown_fields=True):
-    """Thresholds; the seed's first, then ours (TARGETS.md R2, R3, R7)."""
+    """Thresholds; the seed's first, then ours (docs/targets.md R2, R3, R7)."""
 
     latency_p50_ms: float = 100.0
     latency_p95_ms: float = 200.0
@@ -203,16 +204,9 @@ class Scenario:
 
 
 def _where(error: msgspec.ValidationError) -> tuple[str, str]:
-    message = str(error)
-    field = ""
-    if " - at `$" in message:
-        message, at = message.rsplit(" - at `$", 1)
-        field = at.rstrip("`").lstrip(".")
-    for pattern in (r"unknown field `([^`]+)`", r"missing required field `([^`]+)`"):
-        named = re.search(pattern, message)
-        if named:
-            field = f"{field}.{named.group(1)}" if field else named.group(1)
-    return field, message
+    """(field, what is wrong) of a scenario file's validation error."""
+    location = error_location(error)
+    return location.field, location.detail
 
 
 def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:

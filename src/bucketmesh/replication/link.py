@@ -1,0 +1,131 @@
+"""The sync mesh's HTTP client: one keep-alive connection to a peer, a POST at a time,
+with httptools parsing the reply. Every failure is a ``LinkError``; what to do about
+it (retry, back off, mark the peer down) is the mesh's business."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Final
+from urllib.parse import urlsplit
+
+import httptools
+
+from bucketmesh.replication import protocol as sync
+
+_MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
+_IDLE_REUSE_S: Final = 2.0  # reconnect rather than reuse a connection idle this long
+
+
+class LinkError(Exception):
+    """A request to a peer that did not produce an authentic reply."""
+
+    def __init__(self, message: str, *, refused: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.refused = refused
+        self.status = status
+
+
+class _Reply:
+    """httptools callbacks collecting one response."""
+
+    __slots__ = ("body", "complete", "size")
+
+    def __init__(self) -> None:
+        self.body: list[bytes] = []
+        self.size = 0
+        self.complete = False
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class HttpLink:
+    """One keep-alive HTTP/1.1 connection to a peer, one request at a time.
+
+    Any failure closes the connection; the next request opens a new one. A
+    connection idle for a while is replaced before use rather than risk the
+    server's keep-alive timeout closing it under a request.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"a peer URL is http(s)://host[:port], got {url!r}")
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.authority = parts.netloc.rsplit("@", 1)[-1]
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.timeout_s = timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._last_used = 0.0
+        self._lock = asyncio.Lock()
+
+    async def post(
+        self, path: str, body: bytes, timeout_s: float | None = None
+    ) -> tuple[int, bytes]:
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(
+                    self._exchange(path, body), self.timeout_s if timeout_s is None else timeout_s
+                )
+            except asyncio.TimeoutError:
+                self.close()
+                raise LinkError("no answer within the peer timeout") from None
+            except ConnectionRefusedError as error:
+                self.close()
+                raise LinkError(f"connection refused ({error.strerror})", refused=True) from None
+            except (OSError, httptools.HttpParserError, LinkError) as error:
+                self.close()
+                if isinstance(error, LinkError):
+                    raise
+                raise LinkError(f"{type(error).__name__}: {error}") from None
+            except BaseException:
+                self.close()
+                raise
+
+    async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        if self._writer is None or loop.time() - self._last_used > _IDLE_REUSE_S:
+            self.close()
+            self._reader, self._writer = await asyncio.open_connection(
+                self.host, self.port, ssl=self.ssl
+            )
+        reader, writer = self._reader, self._writer
+        assert reader is not None
+        head = (
+            f"POST {self.prefix}{path} HTTP/1.1\r\nHost: {self.authority}\r\n"
+            f"Content-Type: {sync.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+            "User-Agent: bucketmesh-sync\r\n\r\n"
+        ).encode("latin-1")
+        writer.writelines((head, body))
+        await writer.drain()
+        reply = _Reply()
+        parser = httptools.HttpResponseParser(reply)
+        while not reply.complete:
+            data = await reader.read(262144)
+            if not data:
+                raise LinkError("the peer closed the connection")
+            parser.feed_data(data)
+            if reply.size > _MAX_REPLY_BYTES:
+                raise LinkError("reply too large")
+        status = parser.get_status_code()
+        if not parser.should_keep_alive():
+            self.close()
+        self._last_used = loop.time()
+        return status, b"".join(reply.body)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+# -- one peer ------------------------------------------------------------------
