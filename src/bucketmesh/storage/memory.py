@@ -108,6 +108,25 @@ def _read_state(
     return limiter, recovered
 
 
+def install_limiter_metrics(metrics: NodeMetrics, limiter: Limiter) -> None:
+    """The live buckets of a node's in-memory replica (its limiter, or a Redis node's
+    mirror) on /metrics: count, cap, expiries, refusals at the cap."""
+    metrics.gauge("bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter))
+    metrics.gauge(
+        "bucketmesh_bucket_cap", "Configured cap on live buckets", lambda: limiter.max_buckets
+    )
+    metrics.counter(
+        "bucketmesh_expired_buckets",
+        "Idle buckets dropped after their ttl",
+        lambda: limiter.expired_total,
+    )
+    metrics.counter(
+        "bucketmesh_bucket_cap_rejections",
+        "New keys refused because the live-bucket cap was reached",
+        lambda: limiter.cap_rejections,
+    )
+
+
 class MemoryStore:
     """The embedded store: a ``Limiter`` (the decision seam, answering at once), and,
     with a snapshot path, its snapshot file and write-ahead log."""
@@ -176,21 +195,7 @@ class MemoryStore:
 
     def install(self, metrics: NodeMetrics) -> None:
         """Expose the store's gauges and counters on /metrics."""
-        limiter = self.limiter
-        metrics.gauge("bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter))
-        metrics.gauge(
-            "bucketmesh_bucket_cap", "Configured cap on live buckets", lambda: limiter.max_buckets
-        )
-        metrics.counter(
-            "bucketmesh_expired_buckets",
-            "Idle buckets dropped after their ttl",
-            lambda: limiter.expired_total,
-        )
-        metrics.counter(
-            "bucketmesh_bucket_cap_rejections",
-            "New keys refused because the live-bucket cap was reached",
-            lambda: limiter.cap_rejections,
-        )
+        install_limiter_metrics(metrics, self.limiter)
         if self.wal is not None:
             self.wal.install(metrics)
 

@@ -74,6 +74,7 @@ from bucketmesh.core.limiter import (
     share_of,
 )
 from bucketmesh.core.rules import STORE_FAILURE_POLICIES, Rule
+from bucketmesh.storage.memory import install_limiter_metrics
 from bucketmesh.storage.redis_store import (
     ALLOWED,
     INVALID_TOKENS,
@@ -893,21 +894,7 @@ class RedisBackend:
 
     def install(self, metrics: NodeMetrics) -> None:
         """Expose the store's gauges and counters on /metrics."""
-        limiter = self.mirror.limiter
-        metrics.gauge("bucketmesh_live_buckets", "Buckets held in memory", lambda: len(limiter))
-        metrics.gauge(
-            "bucketmesh_bucket_cap", "Configured cap on live buckets", lambda: limiter.max_buckets
-        )
-        metrics.counter(
-            "bucketmesh_expired_buckets",
-            "Idle buckets dropped after their ttl",
-            lambda: limiter.expired_total,
-        )
-        metrics.counter(
-            "bucketmesh_bucket_cap_rejections",
-            "New keys refused because the live-bucket cap was reached",
-            lambda: limiter.cap_rejections,
-        )
+        install_limiter_metrics(metrics, self.mirror.limiter)
         metrics.gauge(
             "bucketmesh_store_up", "1 while the Redis store answers", lambda: float(self.up)
         )

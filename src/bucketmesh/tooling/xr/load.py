@@ -84,6 +84,10 @@ class Recorder:
         self.regions: dict[str, RegionRecord] = {}
         #: per key: allowed decisions (for consumption checks)
         self.allowed_by_key: dict[str, int] = {}
+        #: when the first answered request was due, and when the last answer came
+        #: (monotonic s): the span in which the bucket could grant anything
+        self.first_due: float | None = None
+        self.last_answer: float | None = None
 
     def region(self, name: str) -> RegionRecord:
         record = self.regions.get(name)
@@ -103,6 +107,10 @@ class Recorder:
     ) -> None:
         record = self.region(region)
         second = self._second(record, due)
+        if self.first_due is None or due < self.first_due:
+            self.first_due = due
+        if self.last_answer is None or now > self.last_answer:
+            self.last_answer = now
         latency_us = min(MAX_LATENCY_US, max(1, int((now - due) * 1e6)))
         if failed_over:
             record.failed_over += 1

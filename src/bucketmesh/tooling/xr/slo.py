@@ -107,12 +107,21 @@ def steady_lag_p99(result: RunResult) -> tuple[float | None, int]:
 
 
 def consumption(result: RunResult) -> tuple[int, float, float, float]:
-    """(admitted, expected, window W, over-admission vs C + r·W)."""
+    """(admitted, expected, window W, over-admission vs C + r·W).
+
+    W runs from the first request's due time to the last answer: the span in which
+    the bucket could grant anything. (The load phases' own start and end also count
+    opening connections and draining answers, which on a saturated machine adds
+    refill no request could take.)"""
     loads = [load for load in result.loads if load.end > load.start]
-    admitted = result.recorder.allowed_by_key and sum(result.recorder.allowed_by_key.values())
+    recorder = result.recorder
+    admitted = recorder.allowed_by_key and sum(recorder.allowed_by_key.values())
     if not loads:
         return int(admitted or 0), 0.0, 0.0, 0.0
-    window = max(load.end for load in loads) - min(load.start for load in loads)
+    if recorder.first_due is not None and recorder.last_answer is not None:
+        window = max(0.0, recorder.last_answer - recorder.first_due)
+    else:
+        window = max(load.end for load in loads) - min(load.start for load in loads)
     limit = result.capacity + result.refill_rate * window
     totals = result.recorder.totals()
     expected = min(limit, float(totals.allowed + totals.denied))
