@@ -10,18 +10,31 @@ fails its test at teardown, so a crash inside the server cannot pass unnoticed.
 
 ``serve`` is per test; ``serve_module`` starts servers shared by a whole module
 (tests on them use keys of their own).
+
+``Mesh(serve, ...)`` is the one way tests start several nodes that sync: every node
+is a ``serve`` process (so its output is reported and checked like any other), its
+config is ``cluster up``'s (``tooling.cluster.region_config``), and with
+``proxied`` every node reaches each peer through a ``tooling.netproxy`` link, so a
+test can cut a node off, heal it, or delay its traffic.
+
+``eventually`` / ``eventually_async`` are the only polling loops: a check is retried
+until it holds (the deadline only stops a hang). ``small_disk`` is a real tmpfs of
+a few pages that a test can fill (ENOSPC) and free again (``small_disk.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,27 +97,18 @@ def make_config(buckets: list[dict[str, Any]] | None = None, **settings: Any) ->
     config = copy.deepcopy(DEFAULT_CONFIG)
     if buckets is not None:
         config["buckets"] = copy.deepcopy(buckets)
+    return merge_config(config, settings)
+
+
+def merge_config(config: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with each top-level section of ``settings`` merged into it (a mapping
+    updates the section, anything else replaces it)."""
     for name, value in settings.items():
         if isinstance(value, dict) and isinstance(config.get(name), dict):
             config[name].update(copy.deepcopy(value))
         else:
             config[name] = copy.deepcopy(value)
     return config
-
-
-def spawn_serve(config_path: Path, log_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    """``bucketmesh serve --config config_path``, output appended to ``log_path``, with
-    no BUCKETMESH_* variable of ours leaking in (``env`` adds the ones it needs)."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
-    clean.update(env, PYTHONUNBUFFERED="1")
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "bucketmesh", "serve", "--config", str(config_path)],
-            env=clean,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def eventually(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
@@ -119,6 +123,24 @@ def eventually(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
         time.sleep(0.05)
 
 
+async def eventually_async(
+    check: Callable[[], T | Awaitable[T]], what: str, timeout: float = 60.0
+) -> T:
+    """``eventually`` inside an event loop (for nodes run in this process): the loop
+    keeps running between tries."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                result = await result
+            return result  # type: ignore[return-value]
+        except (AssertionError, httpx.HTTPError) as error:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout}s: {what}: {error}") from error
+        await asyncio.sleep(0.005)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -127,6 +149,10 @@ def free_port() -> int:
 
 class ServerFailedToStart(RuntimeError):
     pass
+
+
+class PortTaken(ServerFailedToStart):
+    """The port asked for was taken by another process before the server bound it."""
 
 
 class Server:
@@ -141,6 +167,7 @@ class Server:
         config: dict[str, Any],
         timeouts: dict[str, float],
         env: dict[str, str],
+        port: int | None = None,
     ) -> None:
         self.name = name
         self.directory = directory
@@ -150,7 +177,7 @@ class Server:
         self.timeouts = timeouts
         self.stdout_path = directory / f"{name}.stdout"
         self.stderr_path = directory / f"{name}.stderr"
-        self.port = free_port()
+        self.port = port or free_port()
         self.host = "127.0.0.1"
         self.base_url = f"http://{self.host}:{self.port}"
         self.args = [*args, "--listen", f"{self.host}:{self.port}"]
@@ -203,6 +230,10 @@ class Server:
             f"--- stdout ---\n{self.stdout()}--- stderr ---\n{self.stderr()}"
         )
 
+    def listening(self) -> bool:
+        """This very process says it listens on its port (not another one that took it)."""
+        return re.search(rf"\b{re.escape(self.host)}:{self.port}\b", self.stdout()) is not None
+
     def internal_errors(self) -> list[str]:
         """Lines of stderr that say the server hit a bug (never expected)."""
         return [
@@ -222,7 +253,7 @@ class Server:
                     raise ServerFailedToStart(f"server {self.name} exited before ready")
                 try:
                     response = client.get(self.url("/readyz"))
-                    if response.status_code == 200:
+                    if response.status_code == 200 and self.listening():
                         return
                     last_error = f"/readyz answered {response.status_code}: {response.text}"
                 except httpx.HTTPError as error:
@@ -274,6 +305,11 @@ class ServerFactory:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.servers: list[Server] = []
+        self._cleanups: list[Callable[[], None]] = []
+
+    def on_close(self, cleanup: Callable[[], None]) -> None:
+        """Call ``cleanup`` at ``close``, once every server is stopped."""
+        self._cleanups.append(cleanup)
 
     def __call__(
         self,
@@ -289,10 +325,16 @@ class ServerFactory:
         env: dict[str, str] | None = None,
         config_name: str | None = None,
         wait_ready: bool = True,
+        name: str | None = None,
+        port: int | None = None,
+        flags: Sequence[str] = (),
     ) -> Server:
         """Start a server with ``config`` (default: ``make_config()``) and wait for /readyz.
 
-        ``raw_config`` is YAML text written as it is, instead of ``config``.
+        ``raw_config`` is YAML text written as it is, instead of ``config``. ``flags``
+        are more command-line flags. ``port`` is the one to listen on (default: a free
+        one, and another if it is taken before the server binds it; a port asked for
+        is not replaced: ``PortTaken``). ``name`` names its output files (made unique).
 
         ``timeouts`` (header_timeout, body_timeout, keepalive_timeout in seconds) are
         written into ``limits`` only for those the config file supports; the rest
@@ -309,8 +351,7 @@ class ServerFactory:
                     effective[name] = seconds
             if not limits:
                 del config["limits"]
-        index = len(self.servers) + 1
-        name = f"server-{index}"
+        name = self._unique(name or f"server-{len(self.servers) + 1}")
         config_path = self.directory / (config_name or f"{name}.yaml")
         if raw_config is not None:
             config_path.write_text(raw_config)
@@ -327,6 +368,7 @@ class ServerFactory:
         ):
             if value is not None:
                 args += [flag, str(value)]
+        args += flags
         environment = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
         environment["PYTHONUNBUFFERED"] = "1"
         environment.update(env or {})
@@ -339,6 +381,7 @@ class ServerFactory:
                 config,
                 effective,
                 environment,
+                port,
             )
             self.servers.append(server)
             if not wait_ready:
@@ -348,11 +391,21 @@ class ServerFactory:
                 return server
             except ServerFailedToStart:
                 server.kill()
-                # the free port was taken between probing and binding: try another
-                if "cannot listen" in server.stderr() and attempt < 2:
-                    continue
+                if "cannot listen" in server.stderr():
+                    if port is not None:
+                        raise PortTaken(server.describe()) from None
+                    if attempt < 2:
+                        continue  # taken between probing and binding: try another
                 raise ServerFailedToStart(server.describe()) from None
         raise AssertionError("unreachable")
+
+    def _unique(self, name: str) -> str:
+        taken = {server.name for server in self.servers}
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        return unique
 
     def close(self) -> list[str]:
         """Stop every server; returns the internal errors any of them logged."""
@@ -370,7 +423,248 @@ class ServerFactory:
             errors = server.internal_errors()
             if errors:
                 problems.append(f"{server.name} logged:\n" + "\n".join(errors[:20]))
+        cleanups, self._cleanups = self._cleanups, []
+        for cleanup in cleanups:
+            try:
+                cleanup()
+            except Exception as error:  # reported, and the other cleanups still run
+                problems.append(f"cleanup {cleanup!r} failed: {error!r}")
         return problems
+
+
+# -- a mesh of nodes ----------------------------------------------------------------------
+
+MESH_CLUSTER_ID = "global-rate-limit-cluster"
+
+
+class MeshNode:
+    """One node of a :class:`Mesh`: its name, region, port and config, the ``serve``
+    process running it now (a new one after ``Mesh.restart``) and a client."""
+
+    def __init__(self, name: str, region: str, port: int, config: dict[str, Any]) -> None:
+        self.name = name
+        self.region = region
+        self.port = port
+        self.config = config
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.base_url, timeout=10.0)
+        self.server: Server | None = None
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.server is not None, f"{self.name} was never started"
+        return self.server.process
+
+    def log(self) -> str:
+        """The output of the process running the node now."""
+        return "" if self.server is None else self.server.stdout() + self.server.stderr()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash (nothing flushed, no goodbye to the peers)."""
+        assert self.server is not None
+        self.server.kill()
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.client.get("/v1/status").json())
+
+    def state(self, key: str) -> dict[str, Any]:
+        response = self.client.get("/v1/bucket/state", params={"key": key})
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def metric(self, name: str, labels: str = "", *, required: bool = False) -> float:
+        """The sample's value; 0 if /metrics has no such sample (unless ``required``)."""
+        text = self.client.get("/metrics").text
+        selector = re.escape(name) + (rf"\{{{re.escape(labels)}\}}" if labels else "")
+        match = re.search(rf"^{selector} (\S+)$", text, re.M)
+        assert match or not required, f"{self.name} exports no {name}{{{labels}}}"
+        return float(match.group(1)) if match else 0.0
+
+    def __repr__(self) -> str:
+        return f"MeshNode({self.name}, {self.region}, {self.base_url})"
+
+
+class Mesh:
+    """Real nodes syncing with each other on loopback, each a ``serve`` process.
+
+    ``layout`` names the nodes: regions (one node each, named after its region) or a
+    mapping node name → region. A node sends to every other region through that
+    region's first node. With ``proxied``, each of those routes goes through a
+    ``NetProxy`` link named "source→target" (node names), so ``cut``, ``heal`` and
+    ``set_faults`` act on real TCP traffic (a cut is a black hole, as a lost route
+    is); without, a peer URL is the peer's own port.
+
+    Every config is ``cluster up``'s (``region_config``) with these ``buckets``, a
+    sync ``interval_ms`` and ``peer_timeout_ms`` short enough for tests, and the
+    node's ``overrides`` (top-level sections merged, as ``make_config`` does); the
+    sync secret (``secret``) and the admin token reach the nodes through the
+    environment, as ``cluster up`` hands them over. The factory stops the nodes at
+    its teardown, then the proxy; their output is reported like any server's.
+    """
+
+    def __init__(
+        self,
+        factory: ServerFactory,
+        layout: Sequence[str] | Mapping[str, str],
+        *,
+        buckets: list[dict[str, Any]],
+        proxied: bool = False,
+        faults: Any = None,
+        cluster_id: str = MESH_CLUSTER_ID,
+        admin_token: str | None = None,
+        interval_ms: int = 20,
+        peer_timeout_ms: int = 500,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.factory = factory
+        self.layout = dict(layout) if isinstance(layout, Mapping) else {r: r for r in layout}
+        self.buckets = copy.deepcopy(buckets)
+        self.proxied = proxied or faults is not None
+        self.faults = faults
+        self.cluster_id = cluster_id
+        self.admin_token = admin_token
+        self.interval_ms = interval_ms
+        self.peer_timeout_ms = peer_timeout_ms
+        self.overrides = dict(overrides or {})
+        self.secret = secrets.token_urlsafe(32)
+        self.env = {
+            "BUCKETMESH_SYNC_SECRET": self.secret,
+            "BUCKETMESH_ADMIN_TOKEN": admin_token or "",
+        }
+        self.proxy: Any = None  # a NetProxy when proxied
+        self.nodes: dict[str, MeshNode] = {}
+        factory.on_close(self._close)
+
+    def __getitem__(self, index: int) -> MeshNode:
+        return list(self.nodes.values())[index]
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> Mesh:
+        """Start every node at once; wait until each is ready and sees every peer up."""
+        for attempt in range(3):
+            self._configure()
+            nodes = list(self.nodes.values())
+            for node in nodes:
+                node.server = self._spawn(node, wait_ready=False)
+            try:
+                for node in nodes:
+                    assert node.server is not None
+                    node.server.wait_ready()
+                break
+            except ServerFailedToStart:
+                taken = any(
+                    n.server is not None and "cannot listen" in n.server.stderr() for n in nodes
+                )
+                for node in nodes:
+                    assert node.server is not None
+                    node.server.kill()
+                if not taken or attempt == 2:
+                    raise
+                # a port chosen as free was taken before a node bound it: new ports
+        eventually(self.connected, "every node sees every peer region up")
+        return self
+
+    def restart(self, node: MeshNode) -> None:
+        """Start ``node`` again on its port (after ``kill``) and wait until it is ready."""
+        assert node.server is None or not node.server.alive(), f"{node.name} is running"
+        node.server = self._spawn(node, wait_ready=True)
+
+    def _spawn(self, node: MeshNode, *, wait_ready: bool) -> Server:
+        return self.factory(
+            node.config,
+            name=node.name,
+            port=node.port,
+            env=self.env,
+            config_name=f"{node.name}.yaml",
+            wait_ready=wait_ready,
+        )
+
+    def _configure(self) -> None:
+        from bucketmesh.tooling.cluster import free_ports, region_config
+        from bucketmesh.tooling.netproxy import NetProxy
+
+        self._close()
+        ports = dict(zip(self.layout, free_ports(len(self.layout)), strict=True))
+        first: dict[str, str] = {}  # region -> the node its peers send to
+        for name, region in self.layout.items():
+            first.setdefault(region, name)
+        self.proxy = NetProxy() if self.proxied else None
+        self.nodes = {}
+        for name, region in self.layout.items():
+            urls = {}
+            for peer_region, target in first.items():
+                if peer_region != region:
+                    port = ports[target]
+                    if self.proxy is not None:
+                        route = ("127.0.0.1", ports[target])
+                        port = self.proxy.add(name, target, route, self.faults).port
+                    urls[peer_region] = f"http://127.0.0.1:{port}"
+            region_ports = {r: ports[target] for r, target in first.items()}
+            region_ports[region] = ports[name]
+            config = region_config(
+                region, region_ports, cluster_id=self.cluster_id, buckets="", peer_urls=urls
+            )
+            config["buckets"] = copy.deepcopy(self.buckets)
+            config["sync"].update(interval=self.interval_ms, peerTimeout=self.peer_timeout_ms)
+            merge_config(config, self.overrides.get(name, {}))
+            self.nodes[name] = MeshNode(name, region, ports[name], config)
+
+    def _close(self) -> None:
+        for node in self.nodes.values():
+            node.client.close()
+        if self.proxy is not None:
+            self.proxy.close()
+            self.proxy = None
+
+    # -- the network ----------------------------------------------------------------
+
+    def cut(self, *names: str) -> list[str]:
+        """Cut every link to and from these nodes; the names of the links cut."""
+        assert self.proxy is not None, "this mesh has no links to cut (proxied=False)"
+        return list(self.proxy.cut(names))
+
+    def heal(self, *names: str) -> None:
+        """Restore the links of these nodes (of every node, given none)."""
+        assert self.proxy is not None, "this mesh has no links to heal (proxied=False)"
+        self.proxy.heal(names or None)
+
+    def set_faults(self, faults: Any, *names: str) -> None:
+        """Latency, jitter and loss (a ``netproxy.Faults``) on the links of these nodes
+        (of every node, given none)."""
+        assert self.proxy is not None, "this mesh has no links (proxied=False)"
+        self.proxy.set_faults(faults, names or None)
+
+    # -- checks (for ``eventually``) ----------------------------------------------------
+
+    def connected(self) -> None:
+        """Every node reaches every peer region."""
+        for node in self.nodes.values():
+            sync_status = node.status()["sync"]
+            assert not sync_status["local_only"], (node.name, sync_status)
+            states = {peer: s["state"] for peer, s in sync_status["peers"].items()}
+            assert set(states.values()) == {"up"}, (node.name, states)
+
+    def quiescent(self) -> None:
+        """Nothing queued or in flight between nodes: every delta collected so far has
+        been acknowledged, so merged, by every peer."""
+        for node in self.nodes.values():
+            for peer_region in {n.region for n in self.nodes.values()} - {node.region}:
+                labels = f'peer="{peer_region}"'
+                pending = node.metric("bucketmesh_sync_pending_deltas", labels, required=True)
+                assert pending == 0, (node.name, peer_region, pending)
+
+    def converged(self, key: str, total: int | None = None) -> dict[str, Any]:
+        """The state every node reports for ``key``, once all agree (and Σ used = total)."""
+        states = [node.state(key) for node in self.nodes.values()]
+        for state in states:  # a replica that never spent here may be listed with 0 or not
+            state["replicas"] = {r: e for r, e in state["replicas"].items() if e["used"]}
+        views = [(s["tokens_remaining"], s["capacity"], s["replicas"]) for s in states]
+        assert all(view == views[0] for view in views), views
+        if total is not None:
+            used = sum(entry["used"] for entry in states[0]["replicas"].values())
+            assert used == total, (used, total)
+        return states[0]
 
 
 def _finish(factory: ServerFactory) -> None:
@@ -400,6 +694,8 @@ def _servers_of(item: pytest.Item) -> list[Server]:
     for value in getattr(item, "funcargs", {}).values():
         if isinstance(value, ServerFactory):
             found.extend(value.servers)
+        elif isinstance(value, Mesh):
+            found.extend(value.factory.servers)
         elif isinstance(value, Server):
             found.append(value)
     return list(dict.fromkeys(found))
@@ -434,3 +730,19 @@ def redis_server_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[An
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Any]:
+    """A tmpfs of 64 pages mounted for this test (``small_disk.SmallDisk``): fill it and
+    the next write that needs a page fails with ENOSPC, for real. Skipped, naming the
+    capability, where this process may not mount."""
+    from small_disk import MountRefused, SmallDisk
+
+    disk = SmallDisk(tmp_path / "disk")
+    try:
+        disk.mount()
+    except MountRefused as refused:
+        pytest.skip(f"needs to mount a tmpfs (root with CAP_SYS_ADMIN): {refused}")
+    yield disk
+    disk.unmount()

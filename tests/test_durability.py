@@ -23,14 +23,13 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-from conftest import make_config
+from conftest import eventually, eventually_async, make_config
 
 from bucketmesh.core.limiter import DeltaBatch, Limiter
 from bucketmesh.core.rules import Rule
 from bucketmesh.http.server import Request
 from bucketmesh.node.config import ConfigError, parse_config
 from bucketmesh.node.serve import Node, NodeSettings
-from bucketmesh.storage import wal as wal_module
 from bucketmesh.storage.memory import UnreadableState, open_limiter
 from bucketmesh.storage.snapshot import SNAPSHOT_MAGIC, SnapshotFile
 from bucketmesh.storage.wal import frame, pack, read_frames, recover, segments
@@ -140,14 +139,16 @@ async def _load_until(
     stops a broken run from hanging."""
     stop = asyncio.Event()
     task = asyncio.create_task(load.run(port, stop))
+
+    def completed(done: Any) -> None:
+        if task.done():  # not retried: the load has failed
+            raise RuntimeError(f"the load stopped before its phase completed: {task!r}")
+        assert done(), ("phase not completed", load.__dict__)
+
     try:
         for start, done in phases:
             start()
-            limit = time.monotonic() + 120.0
-            while not done():
-                assert time.monotonic() < limit, ("phase never completed", load.__dict__)
-                assert not task.done(), task
-                await asyncio.sleep(0.005)
+            await eventually_async(lambda done=done: completed(done), "the phase", 120.0)
         if finish is not None:
             finish()
     finally:
@@ -368,20 +369,24 @@ def test_a_key_flood_stops_at_the_cap_and_idle_buckets_are_reclaimed_after_ttl(
         assert "bucketmesh_bucket_cap_rejections_total 16.0" in metrics
 
         # Full after 50 ms, idle for 4 s: the sweep drops them (bounded wait, not timed).
-        deadline = time.monotonic() + 60
-        while client.get("/v1/status").json()["buckets"] and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.get("/v1/status").json()["buckets"] == 0
+        def reclaimed() -> None:
+            assert client.get("/v1/status").json()["buckets"] == 0
+
+        eventually(reclaimed, "the idle buckets are reclaimed")
         assert f"bucketmesh_expired_buckets_total {float(cap)}" in client.get("/metrics").text
         assert rate("after-the-flood").status_code == 200
 
 
 # -- the log under a slow or failing disk (found in review) -----------------------------
 #
-# These drive a Node's handler directly (the same guard the server calls) so that
-# the instant of an fsync or a write error can be chosen: fsyncs in the log's own
-# thread are held at a gate (time, not behaviour), and disk errors are raised by
-# the write that would have hit a full disk.
+# These drive a Node's handler in this process (``node.app``: the Rating API, which
+# awaits the log's commit barrier before it answers) so that the instant of an fsync
+# or of a full disk can be chosen. An fsync of the log's own thread is held at a gate
+# (time, not behaviour). A full disk is a real one: the node keeps its files on a tiny
+# tmpfs (conftest's ``small_disk``) that the test fills, so the next write that needs a
+# page fails with ENOSPC from the kernel, and frees again.
+
+PAD = "k-pad"  # the keys granted only to fill the log's last page to a chosen point
 
 
 def _grant(key: str, idempotency: str | None = None) -> Request:
@@ -392,28 +397,64 @@ def _grant(key: str, idempotency: str | None = None) -> Request:
     return Request("POST", "/v1/rate", {}, headers, body, "127.0.0.1", "1.1")
 
 
-def _node(tmp_path: Path, durability: str) -> Node:
-    rules = [Rule.create("k-{{ .Request.Header.X }}", 10, 0.001, name="k")]
+def _node(directory: Path, durability: str) -> Node:
     settings = NodeSettings(
         "r",
         "n",
         "127.0.0.1",
         0,
-        rules,
-        snapshot=str(tmp_path / "state.snap"),
+        _rules(),
+        snapshot=str(directory / "state.snap"),
         durability=durability,
         snapshot_interval_s=3600,
     )
     return Node(settings)
 
 
-def _logged(tmp_path: Path) -> dict[str, list[tuple[str, int]]]:
-    """Segment name -> the (key, own used) of every whole frame in it."""
+def _logged(directory: Path) -> dict[str, list[tuple[str, int]]]:
+    """Segment name -> the (key, own used) of every whole frame in it, but the padding."""
     out: dict[str, list[tuple[str, int]]] = {}
-    for _, path in segments(tmp_path / "state.snap"):
+    for _, path in segments(directory / "state.snap"):
         batches, _torn = read_frames(path.read_bytes())
-        out[path.name] = [(d.key, max(d.used.values())) for b in batches for d in b.deltas]
+        out[path.name] = [
+            (d.key, max(d.used.values()))
+            for b in batches
+            for d in b.deltas
+            if not d.key.startswith(PAD)
+        ]
     return out
+
+
+def _frame_size(replica_id: str, key: str) -> int:
+    """The bytes the log takes for a group of one grant (3 tokens) of a fresh ``key``."""
+    limiter = Limiter(_rules(), replica_id=replica_id)
+    limiter.enable_journal()
+    limiter.acquire(key, 3)
+    batch = limiter.collect_journal()
+    assert batch is not None
+    return len(frame(batch))
+
+
+async def _pad_log(node: Node, room: int, page: int) -> None:
+    """Grant fresh keys, each as long as it takes, until the open log segment's last page
+    has exactly ``room`` bytes free (each group's size is checked as it is written)."""
+    assert node.memory is not None
+    ((_, segment),) = segments(Path(node.settings.snapshot or ""))
+    replica = node.memory.replica_id
+    sizes = {_frame_size(replica, PAD + "x" * n): n for n in range(4, 600)}  # frame: n
+    for turn in range(100):
+        need = (-segment.stat().st_size - room) % page  # bytes to write still
+        if need == 0:
+            return
+        # one step lands on it exactly, or two do, or a large one comes closer (or wraps)
+        steps = (s for s in sizes if s == need or need - s in sizes)
+        size = next(steps, max(sizes))
+        key = f"{PAD}{turn:02d}" + "x" * (sizes[size] - 2)  # as long as PAD + n x's
+        before = segment.stat().st_size
+        answer = await node.app(_grant(key))  # type: ignore[misc]
+        assert answer.status == 200, answer.body
+        assert segment.stat().st_size - before == size, (key, size)
+    raise AssertionError(f"could not leave {room} bytes in the log's last page")
 
 
 def test_strict_grants_queued_behind_an_fsync_are_fsynced_before_their_200_when_the_log_rotates(
@@ -437,17 +478,24 @@ def test_strict_grants_queued_behind_an_fsync_are_fsynced_before_their_200_when_
         node = _node(tmp_path, "strict")
         handler = node.app
         first = handler(_grant("k-a"))
-        await _until(waiting.is_set)  # k-a's group is written; its fsync waits at the gate
+
+        def held() -> None:
+            assert waiting.is_set()
+
+        await eventually_async(held, "k-a's group is written, its fsync held at the gate")
         second = handler(_grant("k-b"))  # the next group, formed behind that fsync
         snapshot = asyncio.ensure_future(node.save_snapshot())
-        # the snapshot rotates the log meanwhile
-        await _until(lambda: len(segments(tmp_path / "state.snap")) >= 2)
+
+        def rotated() -> None:  # the snapshot rotates the log meanwhile (and may be done)
+            assert segments(tmp_path / "state.snap")[-1][0] >= 2
+
+        await eventually_async(rotated, "the snapshot starts a new segment")
         gate.set()
         a, b = await first, await second  # type: ignore[misc]
         await snapshot
         return a.status, b.status
 
-    assert scenario_result(scenario) == (200, 200)
+    assert asyncio.run(scenario()) == (200, 200)
     where = {key: name for name, entries in _logged(tmp_path).items() for key, _ in entries}
     # the snapshot retired k-a's segment; k-b's group went to the new one and was
     # fsynced there (up to at least its end) before k-b was answered
@@ -456,110 +504,111 @@ def test_strict_grants_queued_behind_an_fsync_are_fsynced_before_their_200_when_
     assert any(name == segment and at >= size for name, at in synced), (synced, segment, size)
 
 
-async def _until(condition: Any) -> None:
-    """Yield to the loop until ``condition()`` holds (the deadline only stops a hang)."""
-    limit = time.monotonic() + 60.0
-    while not condition():
-        assert time.monotonic() < limit, condition
-        await asyncio.sleep(0.001)
-
-
-def scenario_result(scenario: Any) -> Any:
-    return asyncio.run(scenario())
-
-
-def _failing_writes(monkeypatch: pytest.MonkeyPatch, partial: bool) -> list[int]:
-    """The next group write fails with ENOSPC (after writing half its bytes if
-    ``partial``); returns a list to append to for more failures."""
-    failures = [1]
-    real = wal_module._write_all
-
-    def write_all(fd: int, data: bytes) -> None:
-        if failures and len(data) > 40:  # a group, not a segment header
-            failures.pop()
-            if partial:
-                os.write(fd, data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data)
-
-    monkeypatch.setattr(wal_module, "_write_all", write_all)
-    return failures
-
-
-@pytest.mark.parametrize("partial", [False, True], ids=["nothing-written", "half-a-frame"])
+@pytest.mark.parametrize("written", ["nothing", "half"], ids=["nothing-written", "half-a-frame"])
 def test_a_failed_log_write_answers_503_and_the_next_group_carries_it_readably(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partial: bool
+    small_disk: Any, written: str
 ) -> None:
-    _failing_writes(monkeypatch, partial)
+    async def scenario() -> tuple[list[int], int]:
+        node = _node(small_disk.path, "relaxed")
+        assert node.memory is not None and node.memory.wal is not None
+        try:
+            # The disk fills up with k-a's frame the next to be written: either no byte
+            # of it fits, or the half that fits in the page the log has begun.
+            half = _frame_size(node.memory.replica_id, "k-a") // 2
+            await _pad_log(node, half if written == "half" else 0, small_disk.page)
+            small_disk.fill()
+            failed = await node.app(_grant("k-a"))  # type: ignore[misc]
+            small_disk.free()
+            later = await node.app(_grant("k-b"))  # type: ignore[misc]
+            return [failed.status, later.status], node.memory.wal.write_errors
+        finally:
+            node.memory.close()
 
-    async def scenario() -> list[int]:
-        node = _node(tmp_path, "relaxed")
-        handler = node.app
-        failed = await handler(_grant("k-a"))  # type: ignore[misc]
-        later = await handler(_grant("k-b"))  # type: ignore[misc]
-        return [failed.status, later.status]
-
-    assert scenario_result(scenario) == [503, 200]
-    recovered = recover(tmp_path / "state.snap")
+    assert asyncio.run(scenario()) == ([503, 200], 1)
+    recovered = recover(small_disk.path / "state.snap")
     assert recovered.torn_bytes == 0  # the half frame was cut off, not written behind
-    used = {d.key: d.used for b in recovered.batches for d in b.deltas}
+    used = {d.key: d.used for b in recovered.batches for d in b.deltas if not d.key.startswith(PAD)}
     # k-a's tokens stay spent (the 503 said "not durable", not "not granted") and
     # reached the log with k-b's group: a restart cannot grant them again
     assert set(used) == {"k-a", "k-b"} and all(max(u.values()) == 3 for u in used.values())
 
 
 def test_an_idempotent_retry_of_a_grant_that_was_not_made_durable_is_decided_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_disk: Any,
 ) -> None:
-    _failing_writes(monkeypatch, partial=False)
-
     async def scenario() -> list[tuple[int, int]]:
-        node = _node(tmp_path, "relaxed")
-        handler = node.app
-        out = []
-        for _ in range(2):
-            answer = await handler(_grant("k-a", idempotency="retry-1"))  # type: ignore[misc]
-            remaining = json.loads(answer.body).get("tokens_remaining", -1)
-            out.append((answer.status, remaining))
-        return out
+        node = _node(small_disk.path, "relaxed")
+        assert node.memory is not None
+        try:
+            await _pad_log(node, 0, small_disk.page)
+            small_disk.fill()
+            out = []
+            for _ in range(2):
+                answer = await node.app(_grant("k-a", idempotency="retry-1"))  # type: ignore[misc]
+                remaining = json.loads(answer.body).get("tokens_remaining", -1)
+                out.append((answer.status, remaining))
+                small_disk.free()  # the disk has room again for the retry
+            return out
+        finally:
+            node.memory.close()
 
-    first, retry = scenario_result(scenario)
+    first, retry = asyncio.run(scenario())
     assert first == (503, -1)
     # not the cached 200 of the first decision (which was never logged): decided
     # again, so it spends again (10 - 3 - 3), and this time it is logged
     assert retry == (200, 4)
-    logged = {key: n for entries in _logged(tmp_path).values() for key, n in entries}
+    logged = {key: n for entries in _logged(small_disk.path).values() for key, n in entries}
     assert logged == {"k-a": 6}
 
 
 def test_snapshots_that_keep_failing_add_no_segments_and_leak_no_descriptors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_disk: Any,
 ) -> None:
-    def full_disk(self: SnapshotFile) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(SnapshotFile, "begin", full_disk)
+    snapshot = small_disk.path / "state.snap"
 
     def wal_fds() -> int:
         fds = Path("/proc/self/fd").iterdir()
-        mine = str(tmp_path / "state.snap.wal.")
+        mine = str(snapshot) + ".wal."
         return sum(os.readlink(str(fd)).startswith(mine) for fd in fds if fd.exists())
 
-    async def scenario() -> tuple[int, int]:
-        node = _node(tmp_path, "relaxed")
-        handler = node.app
-        for i in range(8):
-            await handler(_grant(f"k-{i}"))  # type: ignore[misc]
-            with pytest.raises(OSError):
-                await node.save_snapshot()
-        counts = len(segments(tmp_path / "state.snap")), wal_fds()
-        node.memory.close()  # type: ignore[union-attr]
-        return counts
+    def leftovers() -> list[str]:  # snapshots begun and never finished
+        return [p.name for p in small_disk.path.iterdir() if ".tmp-" in p.name]
 
-    files, fds = scenario_result(scenario)
-    assert files <= 2 and fds <= 1
-    logged = {key for entries in _logged(tmp_path).values() for key, _ in entries}
-    assert logged == {f"k-{i}" for i in range(8)}
+    async def scenario() -> tuple[list[int], list[tuple[int, int]], set[str]]:
+        node = _node(small_disk.path, "relaxed")
+        assert node.memory is not None
+        try:
+            # One free page: the first snapshot's rotation takes it for the new log
+            # segment (whose first page then holds every later grant), and the snapshot
+            # file itself finds no room, then or at any later interval.
+            small_disk.fill(leave_pages=1)
+            statuses, counts = [], []
+            for i in range(8):
+                statuses.append((await node.app(_grant(f"k-{i}"))).status)  # type: ignore[misc]
+                with pytest.raises(OSError) as full:
+                    await node.save_snapshot()
+                assert full.value.errno == errno.ENOSPC, full.value
+                counts.append((len(segments(snapshot)), wal_fds()))
+            assert leftovers() == []
+            logged = {key for entries in _logged(small_disk.path).values() for key, _ in entries}
+            # Room again: the next snapshot succeeds and retires every segment before it.
+            small_disk.free()
+            await node.save_snapshot()
+            counts.append((len(segments(snapshot)), wal_fds()))
+            return statuses, counts, logged
+        finally:
+            node.memory.close()
+
+    statuses, counts, logged = asyncio.run(scenario())
+    assert statuses == [200] * 8
+    assert counts == [(2, 1)] * 8 + [(1, 1)], counts
+    assert logged == {f"k-{i}" for i in range(8)}  # while no snapshot could be written
+    assert leftovers() == []
+    # and every grant is in the snapshot or the log: a restart holds all of them
+    limiter, _ = open_limiter(_rules(), region="r", node="n", snapshot=SnapshotFile(str(snapshot)))
+    for i in range(8):
+        bucket = limiter.bucket(f"k-{i}")
+        assert bucket is not None and sum(bucket.used(limiter.replica_id).values()) == 3, i
 
 
 def test_a_snapshot_a_crash_left_half_written_is_removed_at_start(tmp_path: Path) -> None:

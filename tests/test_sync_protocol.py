@@ -125,11 +125,21 @@ def test_a_message_outside_the_window_is_stale(offset_s: int) -> None:
 
 
 def test_a_message_inside_the_window_is_fresh() -> None:
+    """Sealed up to 30 s either side of the receiver's clock, edges included: opened
+    whole, and its nonce remembered for the replay check."""
     auth = sync.SyncAuth(CLUSTER, SECRET)
-    for offset_s in (-29, 0, 29):
-        auth.open(
-            sealed(auth, push_body(), now=NOW + offset_s * NS_PER_S), kinds=("deltas",), now_ns=NOW
-        )
+    guard = sync.ReplayGuard()
+    body = push_body(delta())
+    offsets = (-30, -29, 0, 29, 30)
+    for n, offset_s in enumerate(offsets, start=1):
+        sent = NOW + offset_s * NS_PER_S
+        message = sealed(auth, body, n=n, now=sent)
+        env = auth.open(message, kinds=("deltas",), now_ns=NOW, replay=guard)
+        assert (env.kind, env.sender, env.region) == ("deltas", "a/n/1", "a")
+        assert (env.sent_ns, env.nonce, env.body) == (sent, nonce(n), body)
+        payload = sync.decode_body(env)
+        assert isinstance(payload, sync.DeltaPush) and payload.batch.deltas == [delta()]
+    assert len(guard) == len(offsets)
 
 
 def test_a_replayed_message_is_refused_and_a_new_nonce_is_not() -> None:
@@ -141,7 +151,9 @@ def test_a_replayed_message_is_refused_and_a_new_nonce_is_not() -> None:
         lambda: auth.open(message, kinds=("deltas",), now_ns=NOW + NS_PER_S, replay=guard)
     )
     assert (error.reason, error.status) == ("replay", 401)
-    auth.open(sealed(auth, push_body(delta()), n=2), kinds=("deltas",), now_ns=NOW, replay=guard)
+    fresh = sealed(auth, push_body(delta()), n=2)
+    assert auth.open(fresh, kinds=("deltas",), now_ns=NOW, replay=guard).nonce == nonce(2)
+    assert len(guard) == 2
 
 
 def test_a_replay_after_the_window_is_stale_and_its_nonce_is_forgotten() -> None:
