@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import eventually
 
 from bucketmesh.cluster import LocalMesh
 from bucketmesh.netproxy import Faults, NetProxy
@@ -100,45 +101,44 @@ def state(url: str, key: str) -> dict[str, object]:
     return dict(response.json())
 
 
-def wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_partitioned_region_serves_alone_and_converges_after_heal(tmp_path: Path) -> None:
     mesh = LocalMesh(["r1", "r2", "r3"], directory=str(tmp_path), faults=Faults(latency_s=0.02))
     try:
         assert mesh.start()
         urls = mesh.urls
         key = "agent-api-key-netproxy"
-        assert wait_for(
-            lambda: all(
-                httpx.get(f"{u}/v1/status", timeout=5).json()["sync"]["local_only"] is False
-                for u in urls.values()
-            )
-        )
+
+        def local_only(region: str) -> bool:
+            reply = httpx.get(f"{urls[region]}/v1/status", timeout=5)
+            return bool(reply.json()["sync"]["local_only"])
+
+        def connected() -> None:
+            assert not any(local_only(region) for region in urls)
+
+        eventually(connected, "every region reaches a peer")
         mesh.cut(["r3"])
-        assert wait_for(
-            lambda: httpx.get(f"{urls['r3']}/v1/status", timeout=5).json()["sync"]["local_only"]
-        )
+        eventually(lambda: _assert(local_only("r3")), "the cut region goes local-only")
         for region in ("r1", "r3"):
             for _ in range(10):
-                reply = httpx.get(f"{urls[region]}/v1/rate", headers={"X-API-Key": "netproxy"})
+                reply = httpx.get(
+                    f"{urls[region]}/v1/rate", headers={"X-API-Key": "netproxy"}, timeout=5
+                )
                 assert reply.status_code == 200
-        # r3 does not see r1's spending while cut off
-        assert wait_for(lambda: state(urls["r2"], key)["replicas"] and True)
+        # r3 does not see r1's spending while cut off, though r2 has heard of it
+        eventually(lambda: _assert(state(urls["r2"], key)["replicas"]), "r2 hears of r1")
         r3_view = state(urls["r3"], key)["replicas"]
         assert all(rid.startswith("r3/") for rid in r3_view)  # type: ignore[union-attr]
         mesh.heal()
-        assert wait_for(
-            lambda: (
-                len({str(state(u, key)["replicas"]) for u in urls.values()}) == 1
-                and len(state(urls["r1"], key)["replicas"]) == 2
-            )  # type: ignore[arg-type]
-        )
+
+        def converged() -> None:
+            views = [state(url, key)["replicas"] for url in urls.values()]
+            assert all(view == views[0] for view in views), views
+            assert len(views[0]) == 2, views  # type: ignore[arg-type]
+
+        eventually(converged, "every region holds r1's and r3's spending")
     finally:
         mesh.stop()
+
+
+def _assert(value: object) -> None:
+    assert value
