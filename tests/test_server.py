@@ -7,6 +7,13 @@ changes rules, needs flags, counts metrics or restarts the process gets its own
 (``tiny-{{ .Request.Query.user }}``, 2 tokens, one per 4 s) and ``slow``
 (``slow-{{ .Request.Header.X-User }}``, 5 tokens, one per 100 s), and no
 catch-all, so a request carrying none of those matches no rule.
+
+No outcome here may depend on the machine's speed. A test that needs a bucket
+to stay empty while it makes several requests uses ``slow``: a test lives at
+most 60 s (its timeout), too short for ``slow`` to refill one token. ``tiny``
+refills within 4 s, so a test that needs its refill to be precise measures the
+time around its requests and, should the box be too slow for tiny's window,
+tries again with a fresh key rather than asserting on a token that came back.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import SEED_RULE, Server, ServerFactory, make_config
+from conftest import SEED_RULE, Server, ServerFactory, eventually, make_config
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(60)
@@ -260,12 +267,20 @@ def test_header_name_is_matched_case_insensitively(client: httpx.Client) -> None
 
 
 def test_denied_decision_is_problem_json_of_type_quota_exceeded(client: httpx.Client) -> None:
-    user = fresh("u")
-    started = time.monotonic()
-    assert tiny(client, user).status_code == 200
-    assert tiny(client, user).status_code == 200
-    denied = tiny(client, user)
-    elapsed = time.monotonic() - started
+    def two_grants_then_a_third() -> tuple[str, httpx.Response, float]:
+        user = fresh("u")
+        started = time.monotonic()
+        assert tiny(client, user).status_code == 200
+        assert tiny(client, user).status_code == 200
+        third = tiny(client, user)
+        elapsed = time.monotonic() - started
+        if third.status_code != 429 and elapsed >= 4.0:
+            # tiny gives a token back 4 s after the first grant: a box this slow may
+            # grant the third, so again with a fresh user (under 4 s it must deny it)
+            raise AssertionError(f"the three requests took {elapsed:.1f} s")
+        return user, third, elapsed
+
+    user, denied, elapsed = eventually(two_grants_then_a_third, "three requests within 4 s")
     problem = assert_problem(denied, 429)
     assert problem["type"] == "quota-exceeded"
     assert problem["title"]
@@ -298,8 +313,20 @@ def test_retry_after_header_rounds_a_fraction_of_a_second_up(serve: ServerFactor
         )
     )
     with server.client() as c:
-        assert c.post("/v1/rate", params={"u": "a"}).status_code == 200
-        denied = c.post("/v1/rate", params={"u": "a"})
+
+        def grant_then_deny() -> httpx.Response:
+            user = fresh("f")
+            started = time.monotonic()
+            assert c.post("/v1/rate", params={"u": user}).status_code == 200
+            second = c.post("/v1/rate", params={"u": user})
+            elapsed = time.monotonic() - started
+            if second.status_code != 429 and elapsed >= 0.4:
+                # the token is back 0.4 s after the grant: a box this slow may grant the
+                # second, so again with a fresh user (under 0.4 s it must deny it)
+                raise AssertionError(f"the two requests took {elapsed:.2f} s")
+            return second
+
+        denied = eventually(grant_then_deny, "two requests within 0.4 s")
     problem = assert_problem(denied, 429)
     assert 0.0 < problem["retry_after"] <= 0.4
     assert denied.headers["Retry-After"] == "1"
@@ -307,11 +334,11 @@ def test_retry_after_header_rounds_a_fraction_of_a_second_up(serve: ServerFactor
 
 def test_denied_request_charges_nothing(client: httpx.Client) -> None:
     user = fresh("u")
-    tiny(client, user)
-    tiny(client, user)
+    assert slow(client, user, 4).status_code == 200
+    assert slow(client, user).status_code == 200
     for _ in range(3):
-        assert tiny(client, user).status_code == 429
-    assert used(state(client, f"tiny-{user}")) == 2
+        assert slow(client, user).status_code == 429
+    assert used(state(client, f"slow-{user}")) == 5
 
 
 def test_tokens_zero_peeks_without_consuming(client: httpx.Client) -> None:
@@ -328,12 +355,11 @@ def test_tokens_zero_peeks_without_consuming(client: httpx.Client) -> None:
 
 def test_peek_at_an_empty_bucket_reports_its_level_without_charging(client: httpx.Client) -> None:
     user = fresh("u")
-    tiny(client, user)
-    tiny(client, user)
-    peek = tiny(client, user, tokens=0)
+    assert slow(client, user, 5).status_code == 200
+    peek = slow(client, user, 0)
     assert peek.status_code == 200
     assert peek.json()["tokens_remaining"] == 0
-    assert used(state(client, f"tiny-{user}")) == 2
+    assert used(state(client, f"slow-{user}")) == 5
 
 
 def test_peek_at_an_unknown_key_creates_no_bucket(client: httpx.Client) -> None:
@@ -369,8 +395,8 @@ def test_get_rate_renders_the_key_from_headers_and_defaults_to_one_token(
 
 def test_get_rate_denies_with_429_like_post(client: httpx.Client) -> None:
     user = fresh("u")
-    statuses = [client.get("/v1/rate", params={"user": user}).status_code for _ in range(3)]
-    assert statuses == [200, 200, 429]
+    statuses = [client.get("/v1/rate", headers={"X-User": user}).status_code for _ in range(6)]
+    assert statuses == [200] * 5 + [429]
 
 
 def test_key_is_rendered_from_the_x_api_key_header(client: httpx.Client) -> None:
@@ -583,26 +609,26 @@ def test_new_keys_beyond_max_buckets_get_503_and_existing_keys_keep_being_served
 
 
 def test_batch_decides_each_item_in_order_with_mixed_results(client: httpx.Client) -> None:
-    tiny_key = f"tiny-{fresh('u')}"
+    slow_key = f"slow-{fresh('u')}"
     agent_key = f"agent-api-key-{fresh('b')}"
     items = [
-        {"key": tiny_key},
-        {"key": tiny_key},
-        {"key": tiny_key},
+        {"key": slow_key, "tokens": 3},
+        {"key": slow_key, "tokens": 2},
+        {"key": slow_key},
         {"key": agent_key, "tokens": 7},
     ]
     response = client.post("/v1/rate/batch", json={"requests": items})
     assert response.status_code == 200, response.text
     body = response.json()
     assert [r["allowed"] for r in body["results"]] == [True, True, False, True]
-    assert [r["key"] for r in body["results"]] == [tiny_key] * 3 + [agent_key]
+    assert [r["key"] for r in body["results"]] == [slow_key] * 3 + [agent_key]
     assert body["allowed"] == 3
     assert body["denied"] == 1
     for result in body["results"]:
         assert_decision(result)
         assert result["region"] == "us-east-1"
     assert body["results"][2]["retry_after"] > 0
-    assert used(state(client, tiny_key)) == 2
+    assert used(state(client, slow_key)) == 5
     assert used(state(client, agent_key)) == 7
 
 
@@ -621,11 +647,12 @@ def test_batch_items_without_key_are_rendered_from_the_request_headers(
 
 
 def test_atomic_batch_charges_nothing_when_any_item_is_denied(client: httpx.Client) -> None:
-    tiny_key = f"tiny-{fresh('u')}"
+    slow_key = f"slow-{fresh('u')}"
     agent_key = f"agent-api-key-{fresh('b')}"
-    assert client.post("/v1/rate", json={"key": tiny_key}).status_code == 200  # 1 of 2 left
-    before_tiny = state(client, tiny_key)
-    items = [{"key": agent_key, "tokens": 10}, {"key": tiny_key, "tokens": 2}]
+    first = client.post("/v1/rate", json={"key": slow_key, "tokens": 4})
+    assert first.status_code == 200  # 1 of 5 left
+    before_slow = state(client, slow_key)
+    items = [{"key": agent_key, "tokens": 10}, {"key": slow_key, "tokens": 2}]
     response = client.post("/v1/rate/batch", json={"requests": items, "atomic": True})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -634,8 +661,8 @@ def test_atomic_batch_charges_nothing_when_any_item_is_denied(client: httpx.Clie
     assert body["denied"] == 2
     assert body["results"][1]["retry_after"] > 0
     assert used(state(client, agent_key)) == 0
-    after_tiny = state(client, tiny_key)
-    assert after_tiny["replicas"] == before_tiny["replicas"]
+    after_slow = state(client, slow_key)
+    assert after_slow["replicas"] == before_slow["replicas"]
 
 
 def test_atomic_batch_sums_what_it_asks_of_one_key(client: httpx.Client) -> None:
@@ -952,24 +979,24 @@ def test_patch_without_a_configured_admin_token_is_open(serve: ServerFactory) ->
 
 
 def test_idempotent_retry_returns_the_first_decision_and_charges_once(client: httpx.Client) -> None:
-    api_key = fresh("agent")
-    headers = {"Idempotency-Key": fresh("idem-")}
-    first = rate(client, api_key, {"tokens": 5}, headers=headers)
-    time.sleep(0.05)  # the bucket refills meanwhile: a fresh decision would differ
-    retry = rate(client, api_key, {"tokens": 5}, headers=headers)
+    # slow: a fresh decision would differ however long the retry takes (1 token left,
+    # not 3), since no token comes back within a test
+    headers = {"X-User": fresh("idem"), "Idempotency-Key": fresh("idem-")}
+    first = rate(client, body={"tokens": 2}, headers=headers)
+    retry = rate(client, body={"tokens": 2}, headers=headers)
     assert first.status_code == retry.status_code == 200
+    assert first.json()["tokens_remaining"] == 3
     assert retry.json() == first.json()
     assert retry.headers["RateLimit"] == first.headers["RateLimit"]
-    assert used(state(client, f"agent-api-key-{api_key}")) == 5
+    assert used(state(client, f"slow-{headers['X-User']}")) == 2
 
 
 def test_idempotent_retry_of_a_denial_is_the_same_denial(client: httpx.Client) -> None:
     user = fresh("u")
-    tiny(client, user)
-    tiny(client, user)
-    headers = {"Idempotency-Key": fresh("idem-")}
-    first = rate(client, params={"user": user}, headers=headers)
-    retry = rate(client, params={"user": user}, headers=headers)
+    assert slow(client, user, 5).status_code == 200
+    headers = {"X-User": user, "Idempotency-Key": fresh("idem-")}
+    first = rate(client, body={"tokens": 1}, headers=headers)
+    retry = rate(client, body={"tokens": 1}, headers=headers)
     assert first.status_code == retry.status_code == 429
     assert retry.json() == first.json()
     assert retry.headers["Retry-After"] == first.headers["Retry-After"]
@@ -1114,14 +1141,14 @@ def test_get_bucket_by_rule_name_shows_the_rule_config(client: httpx.Client) -> 
 
 def test_get_bucket_by_key_shows_config_and_state(client: httpx.Client) -> None:
     user = fresh("u")
-    tiny(client, user)
-    response = client.get(f"/v1/buckets/tiny-{user}")
+    assert slow(client, user).status_code == 200
+    response = client.get(f"/v1/buckets/slow-{user}")
     assert response.status_code == 200
     body = response.json()
-    assert body["key"] == f"tiny-{user}"
-    assert body["rule"] == "tiny"
-    assert body["capacity"] == 2
-    assert body["tokens_remaining"] == 1
+    assert body["key"] == f"slow-{user}"
+    assert body["rule"] == "slow"
+    assert body["capacity"] == 5
+    assert body["tokens_remaining"] == 4
     assert used(body) == 1
 
 
@@ -1231,7 +1258,7 @@ def test_metrics_decision_counters_match_the_requests_made(serve: ServerFactory)
     with server.client() as c:
         for _ in range(3):
             assert rate(c, "m").status_code == 200
-        assert [tiny(c, "m").status_code for _ in range(3)] == [200, 200, 429]
+        assert [slow(c, "m").status_code for _ in range(6)] == [200] * 5 + [429]
         batch = c.post("/v1/rate/batch", json={"requests": [{"key": "agent-api-key-m2"}] * 4})
         assert batch.status_code == 200
         assert rate(c, "m", {"tokens": -1}).status_code == 400
@@ -1251,9 +1278,9 @@ def test_metrics_decision_counters_match_the_requests_made(serve: ServerFactory)
 
     assert decisions("agent-api-key", "allowed") == 3 + 4 + 1
     assert decisions("agent-api-key", "denied") == 0
-    assert decisions("tiny", "allowed") == 2
-    assert decisions("tiny", "denied") == 1
-    assert responses("rate", 200) == 3 + 2 + 1
+    assert decisions("slow", "allowed") == 5
+    assert decisions("slow", "denied") == 1
+    assert responses("rate", 200) == 3 + 5 + 1
     assert responses("rate", 429) == 1
     assert responses("rate", 400) == 1
     assert responses("batch", 200) == 1
@@ -1272,8 +1299,8 @@ def test_snapshot_keeps_spent_tokens_across_a_graceful_restart(
     first = serve(snapshot=snapshot)
     with first.client() as c:
         assert [slow(c, "saver").status_code for _ in range(6)] == [200] * 5 + [429]
+        spent_at = time.monotonic()  # before the charge: the refill since is at most 50/s since
         assert rate(c, "saver", {"tokens": 1000}).status_code == 200
-        spent_at = time.monotonic()
         old_replica = c.get("/v1/status").json()["replica_id"]
     assert first.stop() == 0
     assert snapshot.exists()
@@ -1338,6 +1365,16 @@ def _read_one_response(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
+def _listener_closed(server: Server) -> None:
+    """Raises AssertionError while ``server`` still accepts connections."""
+    try:
+        with socket.create_connection(server.address, timeout=2):
+            pass
+    except OSError:
+        return
+    raise AssertionError(f"{server.name} still accepts connections")
+
+
 def test_sigterm_answers_the_request_in_flight_then_exits(serve: ServerFactory) -> None:
     server = serve()
     body = json.dumps({"tokens": 1}).encode()
@@ -1349,9 +1386,14 @@ def test_sigterm_answers_the_request_in_flight_then_exits(serve: ServerFactory) 
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
         assert _read_one_response(sock).startswith(b"HTTP/1.1 200")  # being read
         sock.sendall(head + body[:5])
-        time.sleep(0.3)  # the server has read the head and part of the body
+        # A request answered on another connection, sent after those bytes were in
+        # the server's socket buffer: the event loop has polled since they arrived,
+        # and one poll reads every readable connection, so the server has read the
+        # head and part of the body (the request is in flight, not an idle socket).
+        assert httpx.get(server.url("/healthz"), timeout=10).status_code == 200
         server.send_signal(15)
-        time.sleep(0.5)
+        # shutdown has begun (the listener is closed) with the request half received
+        eventually(lambda: _listener_closed(server), "the server closes its listener")
         assert server.alive(), "the server quit with a request half received"
         sock.sendall(body[5:])
         raw = _read_response(sock)
@@ -1367,8 +1409,8 @@ def test_sigterm_closes_idle_connections_and_exits_cleanly(serve: ServerFactory)
     server = serve()
     with socket.create_connection(server.address, timeout=10) as idle:
         idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-        time.sleep(0.2)
+        # answered, the keep-alive connection is idle: SIGTERM closes it (EOF, nothing more)
+        assert _read_one_response(idle).startswith(b"HTTP/1.1 200")
         server.send_signal(15)
-        raw = _read_response(idle)  # the answer, then EOF
-        assert raw.startswith(b"HTTP/1.1 200")
+        assert _read_response(idle) == b""
     assert server.wait(15) == 0

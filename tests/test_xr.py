@@ -5,10 +5,15 @@ the report renders, and ``load`` / ``verify`` / ``run --url`` work against a
 mesh the test started itself, as they would against a real deployment.
 
 Timing SLOs (latency, replication lag, convergence and restart time) are
-relaxed here by ``--slo`` overrides: the box is shared and noisy, and the
-house rule is no asserted timings. Every count the scenario checks —
-consumption within ±5 %, over-admission within the documented bound, error
-rate during failover, regions agreeing ±0 — stays as shipped.
+set here by ``--slo`` overrides to the runner's own hang limits (a load
+request times out after 5 s, convergence is given up after 60 s, a restart
+after 30 s): the box may be shared and saturated, and the house rule is no
+asserted timings, so they fail only on "never". Likewise every verify phase
+waits up to :data:`VERIFY_WITHIN_S` for the mesh to be quiet instead of its
+shipped few seconds (or one read after a settle sleep). Every count the
+scenario checks — consumption within ±5 %, over-admission within the
+documented bound, error rate during failover, regions agreeing ±0 with
+identical replicas — stays as shipped.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
 SHORT = "0.1"
 RELAXED_TIMING = [
-    "latency_p50_ms=2000",
-    "latency_p95_ms=5000",
-    "replication_lag_ms=5000",
-    "convergence_s=20",
-    "restart_s=20",
+    "latency_p50_ms=60000",
+    "latency_p95_ms=60000",
+    "replication_lag_ms=60000",
+    "convergence_s=60",
+    "restart_s=60",
 ]
+#: how long a verify phase may wait for identical replicas (a hang guard)
+VERIFY_WITHIN_S = 30.0
 RUN_TIMEOUT_S = 120
 
 
@@ -49,17 +56,38 @@ def xr(*args: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProces
     )
 
 
-def run_short(scenario: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def patient(scenario: Path, directory: Path, linger_s: float = 0.0) -> Path:
+    """A copy of ``scenario`` in ``directory`` whose verify phases wait up to
+    :data:`VERIFY_WITHIN_S` for agreement (still ±tolerance, identical replicas),
+    and which idles ``linger_s`` (after scaling) at the end, so that the runner's
+    state polls, which stop with the run, see the quiet mesh the last verify saw."""
+    data = yaml.safe_load(scenario.read_text())
+    for phase in data["phases"]:
+        if "verify" in phase:
+            spec = phase["verify"] or {}
+            spec["within"] = max(float(spec.get("within", 0)), VERIFY_WITHIN_S)
+            phase["verify"] = spec
+    if linger_s:
+        data["phases"].append({"wait": linger_s / float(SHORT)})
+    copy = directory / scenario.name
+    copy.write_text(yaml.safe_dump(data, sort_keys=False))
+    return copy
+
+
+def run_short(
+    scenario: Path, out: Path, *extra: str, linger_s: float = 0.0
+) -> subprocess.CompletedProcess[str]:
     overrides = [arg for item in RELAXED_TIMING for arg in ("--slo", item)]
+    copy = patient(scenario, out.parent, linger_s)
     return xr(
-        "run", str(scenario), "--scale", SHORT, "--out", str(out), "--no-live", *overrides, *extra
+        "run", str(copy), "--scale", SHORT, "--out", str(out), "--no-live", *overrides, *extra
     )
 
 
 @pytest.fixture(scope="module")
 def partition_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
     out = tmp_path_factory.mktemp("partition") / "report"
-    done = run_short(SCENARIOS / "partition-30s.yaml", out)
+    done = run_short(SCENARIOS / "partition-30s.yaml", out, linger_s=3.0)
     return out, done.stdout + done.stderr, done.returncode
 
 
@@ -112,9 +140,12 @@ def test_report_renders_and_shows_divergence_then_convergence(
         unseen.setdefault(float(row["t_s"]), {})[row["region"]] = float(row["unseen"])
     partitioned = events["partition"] + 1, events["heal"]
     during = [max(v.values()) for t, v in unseen.items() if partitioned[0] < t < partitioned[1]]
+    assert during, output
     assert max(during) > 20, output  # each side spent without hearing of the other
-    last = unseen[max(unseen)]
-    assert len(last) == 3 and set(last.values()) == {0}
+    # the last poll that read all three regions (one may time out on a busy box)
+    complete = [t for t, v in unseen.items() if len(v) == 3]
+    assert max(complete) > events["verify"], output  # polled after the verify, lingering
+    assert set(unseen[max(complete)].values()) == {0}
 
 
 def test_impossible_threshold_fails_and_names_the_slo(tmp_path: Path) -> None:
@@ -159,9 +190,30 @@ def test_scenario_errors_name_file_and_field(
     assert str(scenario) in done.stderr and field in done.stderr, done.stderr
 
 
+#: The example rules, except that per-ip (100 tokens) refills one token per 1000 s:
+#: a test sees no refill of it, however slowly it runs.
+MESH_BUCKETS = """\
+- key: "agent-api-key-{{ .Request.Header.X-API-Key }}"
+  capacity: 5000
+  refillRate: 50
+  ttl: 3600
+- name: per-ip
+  key: "ip-{{ .Request.ClientIP }}"
+  capacity: 100
+  refillRate: 0.001
+"""
+
+
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[LocalMesh]:
-    mesh = LocalMesh(["r1", "r2"], directory=str(tmp_path / "mesh"), admin_token="xr-test")
+    buckets = tmp_path / "buckets.yaml"
+    buckets.write_text(MESH_BUCKETS)
+    mesh = LocalMesh(
+        ["r1", "r2"],
+        directory=str(tmp_path / "mesh"),
+        buckets=str(buckets),
+        admin_token="xr-test",
+    )
     try:
         assert mesh.start()
         yield mesh
@@ -177,7 +229,7 @@ def test_load_then_verify_against_given_urls(mesh: LocalMesh) -> None:
     done = xr("load", *url_args(mesh), "--rate", "r1=300,r2=100", "--duration", "1", "--key", "lv")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 errors" in done.stdout
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + VERIFY_WITHIN_S
     while True:
         check = xr("verify", *url_args(mesh), "--key", "agent-api-key-lv", "--tolerance", "0")
         if check.returncode == 0 or time.monotonic() > deadline:
@@ -191,11 +243,12 @@ def test_verify_fails_when_regions_disagree(mesh: LocalMesh) -> None:
     r1 = mesh.urls["r1"]
     reply = httpx.post(
         f"{r1}/v1/admin/faults",
-        json={"peers": ["r2"], "seconds": 30},
+        json={"peers": ["r2"], "seconds": 600},  # outlasts the test: no heal during verify
         headers={"Authorization": "Bearer xr-test"},
     )
     assert reply.status_code == 200
-    # the example's per-ip rule: 100 tokens, refilling 100 per minute
+    # per-ip: 100 tokens, no refill within the test, so r1 (80 left) and r2 (99 left)
+    # stay 19 apart however long verify takes to start
     for _ in range(20):
         assert httpx.get(f"{r1}/v1/rate").status_code == 200
     assert httpx.get(f"{mesh.urls['r2']}/v1/rate").status_code == 200
@@ -218,7 +271,7 @@ def test_run_against_urls_partitions_through_the_fault_endpoint(
                     {"wait": 1},
                     {"partition": {"region": "r2", "duration": 2}},
                     {"wait_load": {}},
-                    {"verify": {"tolerance": 0, "within": 10}},
+                    {"verify": {"tolerance": 0, "within": VERIFY_WITHIN_S}},
                 ],
             }
         )
