@@ -1,4 +1,4 @@
-"""The Envoy rate limit service (envoy_rls.py) of a real ``bucketmesh serve``.
+"""The Envoy rate limit service (integrations/envoy.py) of a real ``bucketmesh serve``.
 
 A gRPC client (the generated stub, the messages Envoy sends) against a real node:
 OK until the rule's capacity, then OVER_LIMIT with correct statuses; bad requests

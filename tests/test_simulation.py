@@ -1,4 +1,4 @@
-"""Deterministic simulation of the sync mesh (docs/design.md section 12), via ``bucketmesh.tooling.sim``.
+"""Deterministic simulation of the sync mesh (docs/design.md section 12): ``bucketmesh sim``.
 
 Ten thousand seeded random schedules (2–5 replicas, skewed clocks, a network
 that drops, duplicates, reorders, delays and partitions, configure calls, all
