@@ -826,3 +826,31 @@ def test_at_max_buckets_a_new_key_is_refused_rather_than_never_replicated(
             assert client.get(f"/v1/buckets/c-{user}").status_code == 200
         assert client.get("/v1/status").json()["buckets"] == 3
     assert redis_server.client().exists("bm:us-east-1:{c-4}", "bm:us-east-1:{c-5}") == 0
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "noeviction"])
+def test_an_evicting_maxmemory_policy_is_warned_about_at_start_and_in_readyz(
+    serve: ServerFactory, redis_server: Any, policy: str
+) -> None:
+    """docs/storage-redis.md: an evicting policy silently drops bucket hashes (spent
+    tokens come back). The node says so when it starts and in /readyz, and stays ready."""
+    admin = redis_server.client()
+    admin.config_set("maxmemory-policy", policy)
+    try:
+        config = redis_config(
+            redis_server.url, [{"key": "w-{{ .Request.Query.k }}", "rate": "5/s"}]
+        )
+        node = serve(config)
+        with node.client() as client:
+            ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        store = ready.json()["checks"]["store"]
+        if policy == "noeviction":
+            assert store == "ok"
+            assert "maxmemory-policy" not in node.stderr()
+        else:
+            assert store.startswith("ok; warning: ") and policy in store, store
+            assert "noeviction" in store
+            eventually(lambda: "maxmemory-policy is allkeys-lru" in node.stderr(), "a warning")
+    finally:
+        admin.config_set("maxmemory-policy", "noeviction")

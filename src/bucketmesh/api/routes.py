@@ -494,7 +494,8 @@ class RatingApp:
 
     def readyz(self, request: Request) -> Response:
         checks = self.ready_checks() if self.ready_checks else {"config": "ok"}
-        ok = all(v == "ok" for v in checks.values())
+        # "ok; warning: ..." is ready, with something the operator should know
+        ok = all(v.split(";", 1)[0] == "ok" for v in checks.values())
         return Response(
             200 if ok else 503,
             self.encoder.encode(wire.Health("ready" if ok else "not ready", checks)),

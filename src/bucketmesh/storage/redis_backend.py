@@ -94,6 +94,7 @@ POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
+EVICTION_CHECK_EVERY: Final = 20  # health checks between reads of maxmemory-policy (10 s)
 REFRESH_INTERVAL_S: Final = 0.25  # without a mesh: keeps the mirror fresh for `local`
 MAX_REFRESH_KEYS: Final = 5000
 MAX_QUEUED_MERGES: Final = 100_000
@@ -295,6 +296,8 @@ class RedisBackend:
         self.refresh_interval_s = sync_interval_s or REFRESH_INTERVAL_S
         self.up = False
         self.last_error = "not connected yet"
+        self.eviction_warning: str | None = None
+        self.checks = 0
         self.pending: list[list[Waiter]] = []
         self.pending_count = 0
         self.inflight = 0
@@ -468,6 +471,7 @@ class RedisBackend:
         try:
             await self._rejoin(timeout_s=max(1.0, self.store.timeout_s))
             self.up = True
+            await self._check_eviction(timeout_s=max(1.0, self.store.timeout_s))
         except (StoreUnavailable, StaleIncarnation) as error:
             self._mark_down(error)
         self.tasks = [
@@ -488,7 +492,25 @@ class RedisBackend:
         await self.store.close()
 
     def readiness(self) -> str:
-        return "ok" if self.up else f"redis unavailable: {self.last_error}"
+        """``ok`` (with a warning after ``;`` when Redis would evict bucket state), or
+        why the store is unavailable."""
+        if not self.up:
+            return f"redis unavailable: {self.last_error}"
+        return "ok" if self.eviction_warning is None else f"ok; warning: {self.eviction_warning}"
+
+    async def _check_eviction(self, timeout_s: float | None = None) -> None:
+        """Warn (log, /readyz) when Redis's maxmemory-policy may evict bucket hashes or
+        the incarnation key: docs/storage-redis.md says it must be noeviction."""
+        policy = await self.store.eviction_policy(timeout_s)
+        warning = None
+        if policy is not None and policy != "noeviction":
+            warning = (
+                f"Redis maxmemory-policy is {policy}: it may evict bucket state (spent tokens "
+                "come back); run Redis with maxmemory-policy noeviction"
+            )
+        if warning is not None and warning != self.eviction_warning:
+            log.warning("%s", warning)
+        self.eviction_warning = warning
 
     def _mark_down(self, error: BaseException) -> None:
         self.last_error = str(error) or type(error).__name__
@@ -807,6 +829,9 @@ class RedisBackend:
         if current != self.store.incarnation:
             # down until _recover has taken the new incarnation and merged back
             raise StaleIncarnation(f"Redis holds incarnation {current}, not ours")
+        self.checks += 1
+        if self.checks % EVICTION_CHECK_EVERY == 0:
+            await self._check_eviction()
         now = time.time_ns()
         for name, config in (await self.store.load_rules()).items():
             if name in self.mirror.limiter.rule_configs:

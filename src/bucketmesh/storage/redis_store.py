@@ -53,7 +53,7 @@ from typing import Any, Final
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
 
@@ -377,6 +377,19 @@ class RedisStore:
 
     async def ping(self, timeout_s: float | None = None) -> None:
         await self._call(self.redis.ping(), timeout_s)
+
+    async def eviction_policy(self, timeout_s: float | None = None) -> str | None:
+        """Redis's ``maxmemory-policy``, or None where CONFIG is refused (a managed Redis,
+        an ACL without it): that refusal is not a store failure."""
+        try:
+            async with _timeout(timeout_s or self.timeout_s):
+                found = await self.redis.config_get("maxmemory-policy")
+        except ResponseError:
+            return None
+        except (RedisError, OSError, asyncio.TimeoutError) as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+        value = found.get("maxmemory-policy") if isinstance(found, dict) else None
+        return None if value is None else str(value)
 
     # -- decisions ---------------------------------------------------------------
 
