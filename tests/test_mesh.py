@@ -151,10 +151,15 @@ def push(
     delta = BucketDelta(
         key, now - now % (3600 * NS_PER_S), config, config.version, now - NS_PER_S, used, "global"
     )
-    body = sync.encode(sync.DeltaPush(now, False, DeltaBatch("tester/x/1", [delta])))
+    body = sync.encode(sync.DeltaPush(now, False, DeltaBatch("ap-southeast-2/tester/1", [delta])))
     nonce = nonce or os.urandom(sync.NONCE_BYTES)
     return auth.seal(
-        "deltas", body, sender="tester/x/1", region="tester", now_ns=now, nonce=nonce
+        "deltas",
+        body,
+        sender="ap-southeast-2/tester/1",
+        region="ap-southeast-2",
+        now_ns=now,
+        nonce=nonce,
     ), nonce
 
 
@@ -171,7 +176,7 @@ def test_forged_unsigned_replayed_and_wrong_cluster_messages_change_nothing(
         )
 
     genuine = sync.SyncAuth(CLUSTER_ID, mesh.secret)
-    message, nonce = push(genuine, "agent-api-key-sec-genuine", {"tester/x/1": 7})
+    message, nonce = push(genuine, "agent-api-key-sec-genuine", {"ap-southeast-2/tester/1": 7})
     accepted = post(message)
     assert accepted.status_code == 200
     reply = genuine.open(accepted.content, kinds=("ack",), now_ns=time.time_ns(), reply_to=nonce)
@@ -183,26 +188,28 @@ def test_forged_unsigned_replayed_and_wrong_cluster_messages_change_nothing(
             push(
                 sync.SyncAuth(CLUSTER_ID, "guessed"),
                 "agent-api-key-sec-forged",
-                {"tester/x/1": 4000},
+                {"ap-southeast-2/tester/1": 4000},
             )[0]
         ),
         "unsigned": post(
-            push(sync.SyncAuth(CLUSTER_ID, None), "agent-api-key-sec-forged", {"tester/x/1": 4000})[
-                0
-            ]
+            push(
+                sync.SyncAuth(CLUSTER_ID, None),
+                "agent-api-key-sec-forged",
+                {"ap-southeast-2/tester/1": 4000},
+            )[0]
         ),
         "wrong_cluster": post(
             push(
                 sync.SyncAuth("another-cluster", mesh.secret),
                 "agent-api-key-sec-forged",
-                {"tester/x/1": 4000},
+                {"ap-southeast-2/tester/1": 4000},
             )[0]
         ),
         "stale": post(
             push(
                 genuine,
                 "agent-api-key-sec-forged",
-                {"tester/x/1": 4000},
+                {"ap-southeast-2/tester/1": 4000},
                 sent_ns=time.time_ns() - 120 * NS_PER_S,
             )[0]
         ),
@@ -222,9 +229,28 @@ def test_forged_unsigned_replayed_and_wrong_cluster_messages_change_nothing(
 
     assert node.state("agent-api-key-sec-forged")["replicas"] == {}
     assert node.state("agent-api-key-sec-forged")["live"] is False
-    assert node.state("agent-api-key-sec-genuine")["replicas"] == {"tester/x/1": {"used": 7}}
+    assert node.state("agent-api-key-sec-genuine")["replicas"] == {
+        "ap-southeast-2/tester/1": {"used": 7}
+    }
     after = {r: node.metric("bucketmesh_sync_rejected_total", f'reason="{r}"') for r in reasons}
     assert {r: after[r] - before[r] for r in reasons} == dict.fromkeys(reasons, 1.0)
+
+
+def test_a_peer_cannot_add_a_replica_entry_for_a_region_outside_sync_peers(mesh: Mesh) -> None:
+    """Issue 12, case 13: an authenticated peer relays its own region's and the other
+    peers' entries; an entry of a region nobody configured is refused and counted."""
+    node = mesh[0]
+    key = "agent-api-key-sec-foreign"
+    genuine = sync.SyncAuth(CLUSTER_ID, mesh.secret)
+    before = node.metric("bucketmesh_sync_foreign_entries_total")
+    message, _ = push(genuine, key, {"ap-southeast-2/tester/1": 3, "zz/evil/1": 1_000_000})
+    answer = node.client.post(
+        "/v1/sync/deltas", content=message, headers={"Content-Type": sync.CONTENT_TYPE}
+    )
+    assert answer.status_code == 200, answer.text
+    assert node.state(key)["replicas"] == {"ap-southeast-2/tester/1": {"used": 3}}
+    assert node.state(key)["tokens_remaining"] == 5000 - 3
+    assert node.metric("bucketmesh_sync_foreign_entries_total") == before + 1
 
 
 def test_a_wrong_kind_on_an_endpoint_is_refused(mesh: Mesh) -> None:
@@ -232,8 +258,8 @@ def test_a_wrong_kind_on_an_endpoint_is_refused(mesh: Mesh) -> None:
     message = auth.seal(
         "pull",
         sync.encode(sync.PullRequest([0])),
-        sender="tester/x/1",
-        region="tester",
+        sender="ap-southeast-2/tester/1",
+        region="ap-southeast-2",
         now_ns=time.time_ns(),
         nonce=os.urandom(16),
     )

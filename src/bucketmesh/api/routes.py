@@ -14,6 +14,7 @@ input and never answers 5xx for it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -22,7 +23,14 @@ import msgspec
 
 from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, Decision
 from bucketmesh.core.decisions import Ask, Decider
-from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
+from bucketmesh.core.limiter import (
+    BucketCapReached,
+    InvalidTokens,
+    KeyTooLong,
+    LimiterError,
+    NoRuleError,
+    RuleMismatch,
+)
 from bucketmesh.core.limits import LimitError, check_limits
 from bucketmesh.core.rules import first_match
 from bucketmesh.http import wire
@@ -35,6 +43,7 @@ from bucketmesh.http.server import Request, Response, problem
 from bucketmesh.telemetry.metrics import NodeMetrics
 
 MAX_BATCH = 1000
+_INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 
 class SyncView(Protocol):
@@ -65,8 +74,10 @@ def limiter_error(error: LimiterError, field: str | None = None) -> ApiError:
     """The API's answer to what a decider raised; ``field`` overrides the field."""
     if isinstance(error, InvalidTokens):
         return bad_request(str(error), field or "tokens")
-    if isinstance(error, NoRuleError):
+    if isinstance(error, (NoRuleError, KeyTooLong)):
         return bad_request(str(error), field or "key")
+    if isinstance(error, RuleMismatch):
+        return bad_request(str(error), field or "rule")
     assert isinstance(error, BucketCapReached), error
     return ApiError(
         503,
@@ -222,12 +233,10 @@ class RatingApp:
         raw_tokens = query.get("tokens")
         tokens = 1
         if raw_tokens is not None:
-            try:
-                tokens = int(raw_tokens)
-            except ValueError:
-                raise bad_request(
-                    f"tokens must be an integer, got {raw_tokens!r}", "tokens"
-                ) from None
+            # ASCII digits only: int() would also take "٣" (Arabic-Indic three) or "1_0"
+            if not _INTEGER.fullmatch(raw_tokens):
+                raise bad_request(f"tokens must be an integer, got {raw_tokens!r}", "tokens")
+            tokens = int(raw_tokens)
         key = query.get("key") or None
         return self._decide(request, key, query.get("rule") or None, tokens, None)
 
@@ -323,7 +332,7 @@ class RatingApp:
     def _batch_error(error: LimiterError) -> ApiError:
         if error.index is None:
             return limiter_error(error)
-        part = "tokens" if isinstance(error, InvalidTokens) else "key"
+        part = {InvalidTokens: "tokens", RuleMismatch: "rule"}.get(type(error), "key")
         return limiter_error(error, f"requests[{error.index}].{part}")
 
     async def _batch_later(self, pending: Awaitable[list[Decision]]) -> list[Decision]:

@@ -71,7 +71,7 @@ from bucketmesh.core.bucket import (
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
-from bucketmesh.core.limits import LimitError, check_limits
+from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_limits
 from bucketmesh.core.rules import Rule
 
 SNAPSHOT_FORMAT: Final = 1
@@ -132,6 +132,23 @@ class InvalidTokens(LimiterError):
     def __init__(self, message: str, capacity: int) -> None:
         super().__init__(message)
         self.capacity = capacity
+
+
+class KeyTooLong(LimiterError):
+    """A new key longer than ``MAX_KEY_BYTES``: it could never be replicated."""
+
+
+class RuleMismatch(LimiterError):
+    """One key asked for under two rules (or under another rule than its bucket's)."""
+
+
+def check_key(key: str) -> None:
+    """KeyTooLong unless ``key`` fits in ``MAX_KEY_BYTES`` (checked when a bucket is
+    created: an existing key was checked then)."""
+    if len(key) * 4 > MAX_KEY_BYTES and len(key.encode()) > MAX_KEY_BYTES:
+        raise KeyTooLong(
+            f"the key is {len(key.encode())} bytes; at most {MAX_KEY_BYTES} can be replicated"
+        )
 
 
 def rule_config(rule: Rule, regions: int = 1) -> BucketConfig:
@@ -279,15 +296,23 @@ class Limiter:
             now = self.clock()
         new_keys: set[str] = set()
         wanted: dict[str, tuple[str | None, int]] = {}
+        rule_of: dict[str, str] = {}
         for index, (key, tokens, rule) in enumerate(asks):
             try:
                 bucket = self.buckets.get(key)
                 if bucket is None:
                     bucket = self._fresh(key, rule, now)
                     if tokens:
+                        check_key(key)
                         new_keys.add(key)
                 elif rule is not None:
                     self.resolve_rule(key, rule)  # an unknown rule name is refused even so
+                named = rule_of.setdefault(key, bucket.rule)
+                if bucket.rule != named:
+                    raise RuleMismatch(
+                        f"key {key!r} is asked for under rules {named!r} and {bucket.rule!r}; "
+                        "a key has one bucket, under one rule"
+                    )
                 capacity = bucket.config.capacity
                 if tokens < 0 or tokens > capacity:
                     raise InvalidTokens(
@@ -376,6 +401,7 @@ class Limiter:
         return bucket
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
+        check_key(key)
         if len(self.buckets) >= self.max_buckets:
             self.expire(now)
             if len(self.buckets) >= self.max_buckets:

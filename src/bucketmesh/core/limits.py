@@ -29,6 +29,7 @@ from bucketmesh.core.bucket import MODES, NS_PER_S
 __all__ = [
     "INT64_MAX",
     "MAX_CAPACITY",
+    "MAX_KEY_BYTES",
     "MAX_REFILL_RATE",
     "MAX_SPAN_NS",
     "MAX_TTL",
@@ -78,6 +79,12 @@ MAX_REFILL_RATE: Final = float(NS_PER_S)  # 1e9/s: T is a whole number of ns, at
 
 MIN_TTL: Final = 1 / NS_PER_S  # 1 ns: the state's resolution
 MAX_TTL: Final = MAX_SPAN_NS / NS_PER_S  # 1e9 s
+
+MAX_KEY_BYTES: Final = 8192
+"""The longest bucket key (UTF-8 bytes). Every key that can be decided must replicate,
+and a delta (key, config, one entry per replica) must fit one sync message (64 KiB by
+default) with room for hundreds of replica entries: a longer key is refused at the
+door, never granted in every region on its own."""
 
 
 class LimitError(ValueError):

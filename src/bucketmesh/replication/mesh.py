@@ -320,6 +320,10 @@ class Mesh:
         # Partitions rehearsed on a real deployment: POST /v1/admin/faults (faults.py).
         self.faults = SyncFaults(self.peers, monotonic=monotonic)
         self.merged = 0
+        # replica ids are region/node/incarnation: the prefixes this mesh accepts
+        self._regions = tuple(f"{region}/" for region in {*settings.peers, settings.region})
+        self.foreign_entries = 0
+        self._warned_foreign = False
         self.received = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.running = False
@@ -788,6 +792,20 @@ class Mesh:
         return Response(200, body, sync.CONTENT_TYPE)
 
     def _merge(self, batch: DeltaBatch) -> int:
+        """Join what a peer sent, less any replica entry of a region that is neither a
+        configured peer nor this node's: an authenticated peer may speak for its own
+        region and relay the others', never invent one (those entries are counted)."""
+        regions = self._regions
+        for delta in batch.deltas:
+            used = delta.used
+            if not all(rid.startswith(regions) for rid in used):
+                kept = {rid: n for rid, n in used.items() if rid.startswith(regions)}
+                self.foreign_entries += len(used) - len(kept)
+                if not self._warned_foreign:
+                    self._warned_foreign = True
+                    stranger = next(rid for rid in used if not rid.startswith(regions))
+                    self.log(f"refused replica entries of regions not in sync.peers ({stranger})")
+                delta.used = kept
         changed = self.limiter.merge(batch, now=self.clock())
         self.merged += changed
         return changed
@@ -865,6 +883,11 @@ class Mesh:
         for reason, n in sorted(self.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+        yield CounterMetricFamily(
+            "bucketmesh_sync_foreign_entries",
+            "Replica entries refused from peers: their region is not in sync.peers",
+            value=self.foreign_entries,
+        )
         yield CounterMetricFamily(
             "bucketmesh_sync_merged_buckets",
             "Buckets changed by merging peers' messages",

@@ -71,6 +71,8 @@ from bucketmesh.core.limiter import (
     InvalidTokens,
     Limiter,
     LimiterError,
+    RuleMismatch,
+    check_key,
     share_of,
 )
 from bucketmesh.core.rules import STORE_FAILURE_POLICIES, Rule
@@ -380,11 +382,18 @@ class RedisBackend:
         request = next(self.groups)
         group = request if atomic else 0
         out: list[Ask] = []
+        rule_of: dict[str, str] = {}
         for index, (key, tokens, rule) in enumerate(asks):
             try:
                 if tokens < 0:
                     raise self._invalid_ask(key, rule, tokens)
                 ask = self.ask(key, rule, tokens, group, request)
+                named = rule_of.setdefault(key, ask.rule)
+                if ask.rule != named:
+                    raise RuleMismatch(
+                        f"key {key!r} is asked for under rules {named!r} and {ask.rule!r}; "
+                        "a key has one bucket, under one rule"
+                    )
                 capacity = self._key_config(ask).capacity
                 if tokens > capacity:
                     raise _invalid(tokens, capacity)
@@ -528,6 +537,8 @@ class RedisBackend:
     ) -> Ask:
         limiter = self.mirror.limiter
         rule = limiter.resolve_rule(key, rule_name)
+        if key not in limiter.buckets:
+            check_key(key)
         if (
             rule.name in self.tracked
             and key not in limiter.buckets
