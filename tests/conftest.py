@@ -490,9 +490,10 @@ class Mesh:
     ``layout`` names the nodes: regions (one node each, named after its region) or a
     mapping node name → region. A node sends to every other region through that
     region's first node. With ``proxied``, each of those routes goes through a
-    ``NetProxy`` link named "source→target" (node names), so ``cut``, ``heal`` and
-    ``set_faults`` act on real TCP traffic (a cut is a black hole, as a lost route
-    is); without, a peer URL is the peer's own port.
+    ``NetProxy`` link named "source→target" (node names), so ``cut`` and ``heal`` act
+    on real TCP traffic (a cut is a black hole, as a lost route is), and ``faults``
+    (latency, jitter, loss) applies to every link; without, a peer URL is the peer's
+    own port.
 
     Every config is ``cluster up``'s (``region_config``) with these ``buckets``, a
     sync ``interval_ms`` and ``peer_timeout_ms`` short enough for tests, and the
@@ -628,12 +629,6 @@ class Mesh:
         """Restore the links of these nodes (of every node, given none)."""
         assert self.proxy is not None, "this mesh has no links to heal (proxied=False)"
         self.proxy.heal(names or None)
-
-    def set_faults(self, faults: Any, *names: str) -> None:
-        """Latency, jitter and loss (a ``netproxy.Faults``) on the links of these nodes
-        (of every node, given none)."""
-        assert self.proxy is not None, "this mesh has no links (proxied=False)"
-        self.proxy.set_faults(faults, names or None)
 
     # -- checks (for ``eventually``) ----------------------------------------------------
 

@@ -691,3 +691,43 @@ def test_a_peer_url_that_reaches_this_node_itself_is_reported_not_synced_with() 
             await node.stop(grace=1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_restart_pulls_the_whole_state_however_long_the_pull_takes(serve: ServerFactory) -> None:
+    """Issue 12, case 2: the start-up pull had one deadline (peerTimeout) for all its
+    requests together, so a large state over a slow link was pulled in part and the
+    restarted node granted again what its previous life had spent. Over a link with
+    150 ms of one-way latency each of the pull's 8 requests takes 300 ms or more,
+    against a 500 ms peer timeout, on any machine."""
+    from bucketmesh.tooling.netproxy import Faults
+
+    regions = ["us-east-1", "eu-central-1"]
+    rules = [
+        {
+            "name": "small",
+            "key": "small-{{ .Request.Query.user }}",
+            "capacity": 2,
+            "refillRate": 0.001,
+        }
+    ]
+    mesh = Mesh(
+        serve, regions, buckets=rules, faults=Faults(latency_s=0.15), peer_timeout_ms=500
+    ).start()
+    a, b = mesh[0], mesh[1]
+    users = [f"u{n}" for n in range(400)]  # keys in every one of the 256 hash ranges
+    batch = {"requests": [{"key": f"small-{u}", "rule": "small", "tokens": 2} for u in users]}
+    granted = a.client.post("/v1/rate/batch", json=batch).json()
+    assert granted["allowed"] == len(users), granted
+
+    def replicated() -> None:
+        assert b.status()["buckets"] == len(users)
+        mesh.quiescent()
+
+    eventually(replicated, "every grant has reached the other region")
+    assert b.state("small-u0")["tokens_remaining"] == 0
+
+    a.kill()  # no snapshot: everything it spent is known only to its peer
+    mesh.restart(a)
+    assert "start-up state pulled from eu-central-1" in a.log(), a.log()
+    again = a.client.post("/v1/rate/batch", json={**batch, "atomic": False}).json()
+    assert again["allowed"] == 0, f"{again['allowed']} drained keys granted again"

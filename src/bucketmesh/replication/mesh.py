@@ -141,6 +141,7 @@ REJECTION_REASONS: Final = (
 _ENVELOPE_OVERHEAD: Final = 512  # bytes around the body: framing, nonces, MAC, ids
 _FULL_CHUNK_KEYS: Final = 2000  # buckets read per step of a full-state transfer
 _PULL_GROUP: Final = 32  # ranges per pull request
+_PULL_RETRIES: Final = 5  # failed requests in a row before a start-up pull gives up
 _DIGEST_GROUP: Final = 64  # ranges per digest request
 # Anti-entropy reads every bucket: it yields to the event loop after this many
 # buckets scanned (~0.5 µs each) or hashed (~4 µs each: encode + blake2b), so a
@@ -708,7 +709,13 @@ class Mesh:
     # -- start-up ------------------------------------------------------------------
 
     async def pull_at_start(self) -> None:
-        """Merge the full state of every reachable peer before this node decides anything."""
+        """Merge the full state of every reachable peer before this node decides anything.
+
+        ``startup_pull`` bounds only the wait for a peer's *first* answer (a peer that
+        is down must not hold the start up); a peer that answers is pulled to the end,
+        however large its state, each request with the bulk timeout: a node that
+        stopped half-way would serve keys it has not recovered and grant again what
+        its previous life spent."""
         deadline = self.monotonic() + self.settings.startup_pull_s
         results = await asyncio.gather(
             *(self._pull_from(peer, deadline) for peer in self.peers.values())
@@ -725,11 +732,16 @@ class Mesh:
             list(range(start, min(sync.RANGES, start + _PULL_GROUP)))
             for start in range(0, sync.RANGES, _PULL_GROUP)
         ]
+        answered = False
+        failures = 0
         for group in groups:
             while True:
-                remaining = deadline - self.monotonic()
-                if remaining <= 0:
-                    return False
+                if answered:  # reached: each request gets the bulk timeout
+                    remaining = self.settings.bulk_timeout_s
+                else:
+                    remaining = deadline - self.monotonic()
+                    if remaining <= 0:
+                        return False
                 body = sync.encode(sync.PullRequest(group))
                 try:
                     reply = await self._request(
@@ -737,10 +749,20 @@ class Mesh:
                     )
                 except LinkError as error:
                     peer.last_error = str(error)
-                    if error.refused or error.status is not None:
+                    failures += 1
+                    gave_up = answered and failures > _PULL_RETRIES
+                    if error.refused or error.status is not None or gave_up:
+                        if answered:
+                            self.log(
+                                f"sync: start-up pull from {peer.region} broke off after "
+                                f"{failures} failures ({error}); the digest exchange repairs "
+                                "the rest"
+                            )
                         return False
                     await asyncio.sleep(min(self.settings.backoff_initial_s, remaining))
                     continue
+                answered = True
+                failures = 0
                 self._merge(reply.state)
                 break
         return True
