@@ -112,11 +112,15 @@ def merge_config(config: dict[str, Any], settings: Mapping[str, Any]) -> dict[st
 
 
 def eventually(check: Callable[[], T], what: str, timeout: float = 60.0) -> T:
-    """``check()``'s result once it stops raising AssertionError / HTTP errors."""
+    """``check()``'s result once it stops raising AssertionError / HTTP errors (and,
+    for a check that answers a bool, once it answers True: ``lambda: x == y`` works)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return check()
+            result = check()
+            if result is False:
+                raise AssertionError(f"{what}: not yet")
+            return result
         except (AssertionError, httpx.HTTPError) as error:
             if time.monotonic() > deadline:
                 raise AssertionError(f"not within {timeout}s: {what}: {error}") from error
@@ -134,6 +138,8 @@ async def eventually_async(
             result = check()
             if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
                 result = await result
+            if result is False:
+                raise AssertionError(f"{what}: not yet")
             return result  # type: ignore[return-value]
         except (AssertionError, httpx.HTTPError) as error:
             if time.monotonic() > deadline:

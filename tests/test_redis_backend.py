@@ -729,7 +729,6 @@ def test_after_redis_lost_its_data_a_drained_bucket_stays_drained(redis_server: 
         backend = await _joined(
             _backend(redis_server.url, refill_rate=0.01, ttl=2.0, on_store_failure="deny")
         )
-        backend.tracked = {"r"}
         try:
             granted = sum(
                 [(await settle(backend.acquire("A", 1, rule="r"))).allowed for _ in range(12)]
@@ -854,3 +853,30 @@ def test_an_evicting_maxmemory_policy_is_warned_about_at_start_and_in_readyz(
             eventually(lambda: "maxmemory-policy is allkeys-lru" in node.stderr(), "a warning")
     finally:
         admin.config_set("maxmemory-policy", "noeviction")
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow", "local"])
+def test_redis_losing_its_data_hands_no_spent_token_back_under_any_policy(
+    serve: ServerFactory, redis_server: Any, policy: str
+) -> None:
+    """Issue 12, case 9: without a mesh, only `local` rules were read back into the
+    node's mirror, so after FLUSHALL a drained `deny`/`allow` bucket came back full."""
+    rule = {"name": "w", "key": "w-{{ .Request.Query.k }}", "capacity": 10}
+    config = redis_config(
+        redis_server.url, [{**rule, "refillRate": 0.001, "onStoreFailure": policy}]
+    )
+    node = serve(config)
+    with node.client() as client:
+        granted = [client.post("/v1/rate?k=a").status_code for _ in range(12)]
+        assert granted == [200] * 10 + [429] * 2
+        # the grants are read back into the node's mirror of the region's state
+        eventually(lambda: client.get("/v1/status").json()["buckets"] == 1, "read back")
+        recoveries = metric(client, "bucketmesh_store_recoveries_total")
+        redis_server.client().flushall()
+        eventually(
+            lambda: metric(client, "bucketmesh_store_recoveries_total") > recoveries,
+            "the node noticed the lost data and merged its mirror back",
+        )
+        state = client.get("/v1/bucket/state", params={"key": "w-a"}).json()
+        assert state["tokens_remaining"] == 0, state
+        assert client.post("/v1/rate?k=a").status_code == 429

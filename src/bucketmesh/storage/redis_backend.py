@@ -290,11 +290,10 @@ class RedisBackend:
             max_buckets=max_buckets,
             regions=regions,
         )
-        # Keys read back into the mirror after a grant: every rule's for the mesh;
-        # without one, only those of `local` rules (to seed the fallback buckets).
-        self.tracked = {
-            rule.name for rule in rules if self.synced or rule.on_store_failure == "local"
-        }
+        # Keys read back into the mirror after a grant, for every rule: the mesh
+        # replicates them, `local` seeds its fallback buckets from them, and if Redis
+        # loses its data the mirror is merged back, so no policy hands spent tokens back.
+        self.tracked = {rule.name for rule in rules}
         self.refresh_interval_s = sync_interval_s or REFRESH_INTERVAL_S
         self.up = False
         self.last_error = "not connected yet"
