@@ -32,7 +32,7 @@ from bucketmesh.node.config import ConfigError, parse_config
 from bucketmesh.node.serve import Node, NodeSettings
 from bucketmesh.storage.memory import UnreadableState, open_limiter
 from bucketmesh.storage.snapshot import SNAPSHOT_MAGIC, SnapshotFile
-from bucketmesh.storage.wal import frame, pack, read_frames, recover, segments
+from bucketmesh.storage.wal import frame, pack, read_segment, recover, segments
 
 CAPACITY = 2500
 REFILL = 5.0
@@ -259,15 +259,19 @@ def test_a_torn_log_tail_is_ignored_and_whole_frames_replay(tmp_path: Path) -> N
     second = limiter.collect_journal()
     assert first is not None and second is not None and not journal
     data = frame(first) + frame(second)
-    batches, tail = read_frames(data + frame(second)[:-3])
-    assert batches == [first, second] and tail > 0
+    read = read_segment(data + frame(second)[:-3])
+    assert read.batches == [first, second] and read.tail == (len(data), len(frame(second)) - 3)
+    assert read.tail_torn
+    # a whole last frame that fails its check is damage, not a torn write
+    # (tests/test_state_files.py: the node refuses to start on it)
     corrupt = bytearray(data)
     corrupt[-1] ^= 0xFF
-    batches, tail = read_frames(bytes(corrupt))
-    assert batches == [first] and tail == len(frame(second))
+    read = read_segment(bytes(corrupt))
+    assert read.batches == [first] and read.tail == (len(frame(first)), len(frame(second)))
+    assert not read.tail_torn
 
     restored = Limiter(_rules(), replica_id="r/n/2")
-    for batch in reversed([*batches, second]):  # any order: a max-merge
+    for batch in reversed([*read.batches, second]):  # any order: a max-merge
         restored.replay(batch)
     assert restored.acquire("k-a", 4).allowed is False
     assert restored.acquire("k-a", 3).allowed is True
@@ -415,10 +419,9 @@ def _logged(directory: Path) -> dict[str, list[tuple[str, int]]]:
     """Segment name -> the (key, own used) of every whole frame in it, but the padding."""
     out: dict[str, list[tuple[str, int]]] = {}
     for _, path in segments(directory / "state.snap"):
-        batches, _torn = read_frames(path.read_bytes())
         out[path.name] = [
             (d.key, max(d.used.values()))
-            for b in batches
+            for b in read_segment(path.read_bytes()).batches
             for d in b.deltas
             if not d.key.startswith(PAD)
         ]
@@ -493,6 +496,8 @@ def test_strict_grants_queued_behind_an_fsync_are_fsynced_before_their_200_when_
         gate.set()
         a, b = await first, await second  # type: ignore[misc]
         await snapshot
+        assert node.memory is not None
+        node.memory.close()
         return a.status, b.status
 
     assert asyncio.run(scenario()) == (200, 200)

@@ -7,11 +7,20 @@ snapshot or the log names, so a restarted node never reuses a ``used`` counter
 its previous life advanced past what was recorded. Decisions are the limiter's,
 answered at once; ``commit`` is the log's barrier (see ``wal.py``), which every
 front door awaits before a grant's answer leaves the process.
+
+The state files belong to one process: ``StateLock`` holds an exclusive ``flock``
+on ``<snapshot>.lock`` from before the files are read until the store is closed
+(or the process dies), and a second process on the same path refuses to start,
+naming the holder the lock file records. Two nodes on one path would each delete
+the other's log segments at their next snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +36,14 @@ from bucketmesh.storage.snapshot import (
     SnapshotWriter,
     slice_frame,
 )
-from bucketmesh.storage.wal import Recovered, WriteAheadLog, pack, recover, replay_into
+from bucketmesh.storage.wal import (
+    DamagedLog,
+    Recovered,
+    WriteAheadLog,
+    pack,
+    recover,
+    replay_into,
+)
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
 
@@ -36,6 +52,48 @@ log = logger("storage")
 
 class UnreadableState(Exception):
     """The snapshot or the write-ahead log cannot be read: the node must not start."""
+
+
+class StateLocked(UnreadableState):
+    """Another process holds the state files: the node must not start."""
+
+
+class StateLock:
+    """An exclusive, non-blocking ``flock`` on ``<snapshot>.lock``, which names its holder.
+
+    Held while the store is open; the kernel drops it when the process dies, however
+    it dies, so a crash leaves nothing to clean up (the file stays, unlocked).
+    """
+
+    def __init__(self, snapshot: Path, holder: str) -> None:
+        self.path = snapshot.with_name(snapshot.name + ".lock")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            said = os.pread(fd, 512, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StateLocked(
+                f"{snapshot}: in use by {said or 'another process (not named yet)'}, which "
+                f"holds {self.path}: two nodes must not share a storage.snapshot path "
+                "(each would delete the other's write-ahead log); give this node a path "
+                "of its own, or stop the other one"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # who holds it, for the next process that finds it taken
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{holder}\n".encode(), 0)
+        except OSError as error:  # a full disk: the lock holds all the same, unnamed
+            log.warning("%s: could not name the holder: %s", self.path, error)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the file drops the lock
+            self.fd = -1
 
 
 def next_incarnation(previous_replica_id: str | None, *others: str) -> str:
@@ -65,6 +123,8 @@ def open_limiter(
     Raises UnreadableState for a damaged snapshot or log."""
     try:
         return _read_state(rules, region, node, snapshot, max_buckets, regions)
+    except DamagedLog as error:
+        raise UnreadableState(str(error)) from None
     except (OSError, ValueError, msgspec.DecodeError, msgspec.ValidationError) as error:
         where = snapshot.path if snapshot is not None else "state"
         raise UnreadableState(f"{where}: unreadable snapshot or write-ahead log: {error}") from None
@@ -88,10 +148,22 @@ def _read_state(
         if snapshot is not None:
             previous = msgspec.msgpack.decode(snapshot[0], type=Snapshot).replica_id
     recovered = recover(store.path) if store else None
-    if store is not None and recovered is not None and recovered.torn_bytes:
-        log.warning(
-            "%s: ignored a torn write-ahead log tail (%d bytes)", store.path, recovered.torn_bytes
-        )
+    if recovered is not None:
+        for damage in recovered.skipped:
+            log.warning(
+                "%s: skipped %d damaged bytes of the write-ahead log at offset %d and read "
+                "on from the next whole frame (what only the damaged group held is lost)",
+                damage.path,
+                damage.length,
+                damage.offset,
+            )
+        for tail in recovered.torn:
+            log.warning(
+                "%s: ignored a torn write-ahead log tail (%d bytes at offset %d)",
+                tail.path,
+                tail.length,
+                tail.offset,
+            )
     writers = sorted(recovered.writers) if recovered else []
     replica_id = f"{region}/{node}/{next_incarnation(previous, *writers)}"
     if snapshot is not None:
@@ -136,9 +208,11 @@ class MemoryStore:
         limiter: Limiter,
         snapshot: SnapshotFile | None = None,
         durability: str = "relaxed",
+        lock: StateLock | None = None,
     ) -> None:
         self.limiter = limiter
         self.snapshot = snapshot
+        self.lock = lock
         self.wal = (
             WriteAheadLog(snapshot.path, limiter, durability) if snapshot is not None else None
         )
@@ -166,12 +240,43 @@ class MemoryStore:
         max_buckets: int = 1_000_000,
         regions: int = 1,
     ) -> MemoryStore:
-        """The store as the last life of this node left it (see the module docstring)."""
-        file = SnapshotFile(str(snapshot)) if snapshot else None
-        limiter, _ = open_limiter(
-            rules, region=region, node=node, snapshot=file, max_buckets=max_buckets, regions=regions
-        )
-        return cls(limiter, file, durability)
+        """The store as the last life of this node left it (see the module docstring).
+        Raises UnreadableState for damaged state files, StateLocked if another process
+        holds them."""
+        if not snapshot:
+            limiter, _ = open_limiter(
+                rules,
+                region=region,
+                node=node,
+                snapshot=None,
+                max_buckets=max_buckets,
+                regions=regions,
+            )
+            return cls(limiter)
+        file = SnapshotFile(str(snapshot))
+        holder = f"pid {os.getpid()} ({region}/{node} on host {socket.gethostname()})"
+        try:
+            lock = StateLock(file.path, holder)
+        except OSError as error:
+            raise UnreadableState(f"{file.path}: cannot lock the state files: {error}") from None
+        try:
+            limiter, _ = open_limiter(
+                rules,
+                region=region,
+                node=node,
+                snapshot=file,
+                max_buckets=max_buckets,
+                regions=regions,
+            )
+            try:
+                return cls(limiter, file, durability, lock)
+            except OSError as error:
+                raise UnreadableState(
+                    f"{file.path}: cannot open a write-ahead log segment: {error}"
+                ) from None
+        except BaseException:
+            lock.release()
+            raise
 
     # -- the decision seam's read-only parts ----------------------------------------
 
@@ -226,5 +331,9 @@ class MemoryStore:
                 self.wal.retire(retiring)
 
     def close(self) -> None:
-        if self.wal is not None:
-            self.wal.close()
+        try:
+            if self.wal is not None:
+                self.wal.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()

@@ -120,6 +120,16 @@ class SnapshotWriter:
             os.close(dir_fd)
 
     def abandon(self) -> None:
-        self.out.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        """Close and delete the temporary file; never raises for a failed close.
+
+        Closing flushes what is still buffered, which fails on a full disk (ENOSPC),
+        after the descriptor is closed all the same; that data is being thrown away.
+        The caller is already unwinding an error (or a cancellation, which an OSError
+        raised here would replace): the file is deleted whatever the close said.
+        """
+        try:
+            with contextlib.suppress(OSError):
+                self.out.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)

@@ -39,9 +39,17 @@ write(2) per request did (``benchmarks/durability.py``).
 Rotation: a snapshot first starts a new segment (``rotate``), then encodes the
 buckets; once the snapshot file is durably replaced, the older segments are
 deleted (``retire``). Every grant is thus in the snapshot or in a segment
-still on disk. Recovery reads segments until the first torn or corrupt frame
-(the tail of a write interrupted by power loss, whose responses were never
-sent in strict mode).
+still on disk.
+
+Recovery (``recover``) reads every frame of every segment. A damaged frame that
+valid frames follow is skipped: the reader finds the next frame (where the
+damaged one says it ends, else where a payload's first bytes next appear) and
+reads on, and the skipped bytes are reported; since frames hold absolute values,
+what is lost is only what that one group alone held. Bytes at the end of a
+segment that hold no frame are ignored when they are shaped like a write cut
+short (by a crash, a power loss, or a full disk: in strict mode nobody was
+answered for them); a whole frame that fails its check with nothing readable
+after it is damage, and stops the node (``DamagedLog``).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final, Literal, get_args
 
@@ -95,24 +103,109 @@ def unpack_stream(stream: BinaryIO) -> Iterator[bytes]:
         yield payload
 
 
-def read_frames(data: bytes) -> tuple[list[DeltaBatch], int]:
-    """The whole frames at the start of ``data``, and how many bytes follow them
-    that are not one (a torn or corrupt tail: everything after it is ignored)."""
-    batches = []
+class DamagedLog(ValueError):
+    """A segment holds damage that nothing readable follows and that is not shaped
+    like a write a crash cut short: what it held cannot be counted."""
+
+
+@dataclass
+class SegmentRead:
+    """What one segment's bytes hold: the groups of its valid frames, the damaged
+    stretches read past (offset, length: valid frames follow each), and the tail
+    (offset, length) if the segment ends in bytes that hold no frame, with whether
+    that tail is shaped like a write cut short (``tail_torn``)."""
+
+    batches: list[DeltaBatch]
+    skipped: list[tuple[int, int]]
+    tail: tuple[int, int] | None = None
+    tail_torn: bool = True
+
+
+def _frame_at(data: bytes, offset: int) -> tuple[DeltaBatch, int] | None:
+    """The group of the whole, valid frame that starts at ``offset``, and where that
+    frame ends; None if none starts there."""
+    start = offset + _FRAME.size
+    if start > len(data):
+        return None
+    length, crc = _FRAME.unpack_from(data, offset)
+    end = start + length
+    payload = memoryview(data)[start:end]
+    if end > len(data) or zlib.crc32(payload) != crc:
+        return None
+    try:
+        return _DECODER.decode(payload), end
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def _payload_head(origin: str) -> bytes:
+    """The bytes a group's payload starts with: its array header and its origin."""
+    whole = _ENCODER.encode(DeltaBatch(origin, []))
+    return whole[: len(whole) - len(_ENCODER.encode([])) - len(_ENCODER.encode({}))]
+
+
+_ARRAY_HEAD: Final = _payload_head("")[:1]
+
+
+def _resync(data: bytes, offset: int, origin: str | None) -> int | None:
+    """Where the first whole, valid frame after the bad one at ``offset`` starts, or
+    None if no frame follows it.
+
+    Tried first where the bad frame's header says it ends (the damage was inside its
+    payload, and nothing in that payload is taken for a frame); then, the length
+    itself being damaged, at every later place a payload's first bytes appear: the
+    segment's writer's name (one writer per segment) where it is known, else the
+    array header of any group.
+    """
+    size = len(data)
+    if offset + _FRAME.size <= size:
+        length: int = _FRAME.unpack_from(data, offset)[0]
+        end = offset + _FRAME.size + length
+        if end < size and _frame_at(data, end) is not None:
+            return end
+    heads = [_payload_head(origin), _ARRAY_HEAD] if origin is not None else [_ARRAY_HEAD]
+    for head in heads:
+        at = data.find(head, offset + 1 + _FRAME.size)
+        while at >= 0:
+            if _frame_at(data, at - _FRAME.size) is not None:
+                return at - _FRAME.size
+            at = data.find(head, at + 1)
+    return None
+
+
+def _cut_short(data: bytes, offset: int) -> bool:
+    """Whether the bytes from ``offset`` to the end are shaped like a write cut short:
+    less than a header, a frame that claims more bytes than there are, or bytes that
+    end in zeros (a file grown by a write whose data never reached the disk). A whole
+    frame that fails its check is not: a valid frame's payload never ends in 0."""
+    if len(data) - offset < _FRAME.size:
+        return True
+    length, _ = _FRAME.unpack_from(data, offset)
+    return offset + _FRAME.size + length > len(data) or data[-1] == 0
+
+
+def read_segment(data: bytes) -> SegmentRead:
+    """Every whole, valid frame in a segment's bytes, reading on past damage: frames
+    hold absolute values, so what follows a damaged frame is as good as ever."""
+    read = SegmentRead([], [])
     offset = 0
     size = len(data)
-    while offset + _FRAME.size <= size:
-        length, crc = _FRAME.unpack_from(data, offset)
-        start = offset + _FRAME.size
-        payload = data[start : start + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
+    origin: str | None = None
+    while offset < size:
+        found = _frame_at(data, offset)
+        if found is not None:
+            batch, offset = found
+            read.batches.append(batch)
+            origin = batch.origin
+            continue
+        resumed = _resync(data, offset, origin)
+        if resumed is None:
+            read.tail = (offset, size - offset)
+            read.tail_torn = _cut_short(data, offset)
             break
-        try:
-            batches.append(_DECODER.decode(payload))
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            break
-        offset = start + length
-    return batches, size - offset
+        read.skipped.append((offset, resumed - offset))
+        offset = resumed
+    return read
 
 
 def segments(snapshot: str | Path) -> list[tuple[int, Path]]:
@@ -129,22 +222,62 @@ def segments(snapshot: str | Path) -> list[tuple[int, Path]]:
 
 
 @dataclass
+class Unread:
+    """Bytes of a segment file that hold no readable frame."""
+
+    path: Path
+    offset: int
+    length: int
+
+
+@dataclass
 class Recovered:
-    """What the segments on disk hold: their groups and the incarnations that wrote them."""
+    """What the segments on disk hold: their groups, the incarnations that wrote them,
+    the damaged stretches read past (``skipped``) and the torn tails ignored."""
 
     batches: list[DeltaBatch]
     writers: set[str]
-    torn_bytes: int
+    skipped: list[Unread] = field(default_factory=list)
+    torn: list[Unread] = field(default_factory=list)
+
+    @property
+    def torn_bytes(self) -> int:
+        return sum(tail.length for tail in self.torn)
+
+    @property
+    def skipped_bytes(self) -> int:
+        return sum(stretch.length for stretch in self.skipped)
 
 
 def recover(snapshot: str | Path) -> Recovered:
-    batches: list[DeltaBatch] = []
-    torn = 0
+    """Every group in the log segments of ``snapshot``, oldest segment first.
+
+    Damage that valid frames follow is read past and reported (``skipped``). Bytes at
+    the end of a segment that hold no frame are ignored (``torn``) if they are shaped
+    like a write cut short, which a crash, a power loss or a full disk can leave at
+    the end of any segment. A whole frame that fails its check with nothing readable
+    after it is damage, not a torn write: DamagedLog names the file and the offset,
+    and the node must not start on a state that forgot what that frame held.
+    """
+    recovered = Recovered([], set())
     for _, path in segments(snapshot):
-        found, tail = read_frames(path.read_bytes())
-        batches.extend(found)
-        torn += tail
-    return Recovered(batches, {batch.origin for batch in batches}, torn)
+        read = read_segment(path.read_bytes())
+        recovered.batches.extend(read.batches)
+        recovered.skipped.extend(Unread(path, at, n) for at, n in read.skipped)
+        if read.tail is None:
+            continue
+        at, n = read.tail
+        if not read.tail_torn:
+            raise DamagedLog(
+                f"{path}: damaged write-ahead log frame at offset {at} ({n} bytes to "
+                "the end of the file, no readable frame after it): the grants it holds "
+                "cannot be counted, so the node will not start. If the machine lost "
+                "power, or you accept that those grants may be made again, cut the "
+                f"damage off (truncate -s {at} {path}) and start again"
+            )
+        recovered.torn.append(Unread(path, at, n))
+    recovered.writers = {batch.origin for batch in recovered.batches}
+    return recovered
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -398,11 +531,14 @@ def replay_into(limiter: Limiter, recovered: Recovered) -> None:
 
 __all__ = [
     "DURABILITIES",
+    "DamagedLog",
     "Recovered",
+    "SegmentRead",
+    "Unread",
     "WriteAheadLog",
     "frame",
     "pack",
-    "read_frames",
+    "read_segment",
     "recover",
     "replay_into",
     "unpack_stream",
