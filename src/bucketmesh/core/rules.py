@@ -5,12 +5,21 @@ A rule says which requests share a bucket (the key template, e.g.
 (capacity, refill rate, ttl, replication mode). This module parses and validates
 rules and renders bucket keys on the request hot path; it does no I/O and reads
 no clock. Loading rules from YAML lives in ``config``.
+
+Keys built from request text are injective (docs/api.md "Bucket keys"): a
+substituted value is percent-escaped (``%`` always, and the first character of the
+literal text after each placeholder that another placeholder follows), so one
+template never renders two sets of values as one key; and a rule uses a rendered
+key as it reads only when it is the first rule whose template could have produced
+it (the rule the API resolves that key to), else with ``%@<rule name>`` appended
+(``QUALIFIER``), so two rules never share a bucket. ``own_key`` applies the same
+to keys built elsewhere (Envoy descriptors).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal, Protocol, TypeAlias, get_args
 
 import msgspec
@@ -21,6 +30,7 @@ from bucketmesh.core.limits import LimitError, check_limits
 __all__ = [
     "DEFAULT_TTL",
     "MODES",
+    "QUALIFIER",
     "STORE_FAILURE_POLICIES",
     "KeyTemplate",
     "Missing",
@@ -28,6 +38,9 @@ __all__ = [
     "Rule",
     "RuleError",
     "StoreFailurePolicy",
+    "escaper",
+    "first_match",
+    "own_key",
     "parse_rate",
 ]
 
@@ -61,6 +74,32 @@ _CLIENT_IP: Final = ".Request.ClientIP"
 _PLACEHOLDER_FORMS: Final = (
     "{{ .Request.Header.NAME }}, {{ .Request.Query.NAME }} or {{ .Request.ClientIP }}"
 )
+
+QUALIFIER: Final = "%@"
+"""Joins a key to the name of the rule it belongs to when another rule's template
+claims the key's text (``first_match``, ``own_key``). No rendered or escaped text
+holds it: values carry ``%`` only as ``%XX`` escapes and literal text holds no ``%``."""
+
+
+def escaper(characters: str) -> Callable[[str], str]:
+    """A function that percent-escapes ``%`` and ``characters`` in a value (their
+    UTF-8 bytes, ``%XX`` in upper-case hex); any other character is kept as it is,
+    so the result is injective and a plain value reads as it is."""
+    table = {
+        ord(c): "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in dict.fromkeys("%" + characters)
+    }
+    if len(table) == 1:
+
+        def escape_percent(value: str) -> str:
+            return value.replace("%", "%25") if "%" in value else value
+
+        return escape_percent
+
+    def escape(value: str) -> str:
+        return value.translate(table)
+
+    return escape
 
 
 class RuleError(ValueError):
@@ -172,10 +211,24 @@ def _parse_template(text: str) -> list[str | _Lookup]:
         parts.append(_parse_placeholder(match.group(0), match.group(1).strip(), text))
         position = match.end()
     parts.append(text[position:])
-    for literal in parts:
-        if isinstance(literal, str) and ("{{" in literal or "}}" in literal):
+    for index, literal in enumerate(parts):
+        if not isinstance(literal, str):
+            continue
+        if "{{" in literal or "}}" in literal:
             brace = "{{" if "{{" in literal else "}}"
             raise _standalone("key", f"unbalanced {brace!r} in key template {text!r}")
+        if "%" in literal:
+            raise _standalone(
+                "key",
+                f"'%' in the literal text of key template {text!r}: bucket keys use it "
+                "to escape substituted values",
+            )
+        if not literal and 0 < index < len(parts) - 1:
+            raise _standalone(
+                "key",
+                f"placeholders in key template {text!r} must be separated by literal text "
+                "(e.g. '-' or ':'), or two values could spell the same key",
+            )
     return [part for part in parts if part != ""]
 
 
@@ -212,8 +265,19 @@ def _placeholder_hint(inner: str) -> str:
     return ""
 
 
+def _separators(parts: list[str | _Lookup]) -> str:
+    """The first character of each literal text between two placeholders: what a value
+    must not hold raw for the template to be injective."""
+    return "".join(
+        part[0]
+        for before, part, after in zip(parts, parts[1:], parts[2:], strict=False)
+        if isinstance(part, str) and isinstance(before, _Lookup) and isinstance(after, _Lookup)
+    )
+
+
 def _compile(parts: list[str | _Lookup]) -> RenderFn:
-    """A render function specialised for the common shapes of template."""
+    """A render function specialised for the common shapes of template. Every value is
+    escaped (``escaper``): ``%``, and with several placeholders the separators."""
     lookups = [part for part in parts if isinstance(part, _Lookup)]
     if not lookups:
         constant = "".join(part for part in parts if isinstance(part, str))
@@ -231,6 +295,8 @@ def _compile(parts: list[str | _Lookup]) -> RenderFn:
         suffix = "".join(p for p in parts[index + 1 :] if isinstance(p, str))
         return _compile_single(lookups[0], prefix, suffix)
 
+    escape = escaper(_separators(parts))
+
     def render_general(
         headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
     ) -> str | None:
@@ -242,20 +308,26 @@ def _compile(parts: list[str | _Lookup]) -> RenderFn:
             value = _value_of(part, headers, query, client_ip)
             if not value:
                 return None
-            pieces.append(value)
+            pieces.append(escape(value))
         return "".join(pieces)
 
     return render_general
 
 
 def _compile_single(lookup: _Lookup, prefix: str, suffix: str) -> RenderFn:
+    # One value between fixed text is injective as it is; ``%`` is escaped all the same
+    # so that no rendered key holds QUALIFIER. Hot path: ``in`` before ``replace``.
     name = lookup.name
     if lookup.source == "client_ip":
 
         def render_client_ip(
             headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
         ) -> str | None:
-            return prefix + client_ip + suffix if client_ip else None
+            if not client_ip:
+                return None
+            if "%" in client_ip:
+                client_ip = client_ip.replace("%", "%25")
+            return prefix + client_ip + suffix
 
         return render_client_ip
 
@@ -266,7 +338,11 @@ def _compile_single(lookup: _Lookup, prefix: str, suffix: str) -> RenderFn:
             headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
         ) -> str | None:
             value = (query if from_query else headers).get(name)
-            return prefix + value + suffix if value else None
+            if not value:
+                return None
+            if "%" in value:
+                value = value.replace("%", "%25")
+            return prefix + value + suffix
 
         return render_affixed
 
@@ -274,7 +350,11 @@ def _compile_single(lookup: _Lookup, prefix: str, suffix: str) -> RenderFn:
         headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
     ) -> str | None:
         value = (query if from_query else headers).get(name)
-        return prefix + value if value else None
+        if not value:
+            return None
+        if "%" in value:
+            value = value.replace("%", "%25")
+        return prefix + value
 
     return render_prefixed
 
@@ -293,7 +373,11 @@ class KeyTemplate:
     """A parsed bucket-key template such as ``agent-api-key-{{ .Request.Header.X-API-Key }}``.
 
     ``render(headers, query, client_ip)`` gives the bucket key, or None when a
-    referenced header, query parameter or the client IP is missing or empty.
+    referenced header, query parameter or the client IP is missing or empty. Values
+    are percent-escaped so that the template is injective (see the module docstring):
+    ``%`` always, and the first character of each literal text between two
+    placeholders; two placeholders with no literal text between them, and a ``%`` in
+    literal text, are refused.
     ``headers`` must have lower-cased names (header names match case-insensitively);
     query parameter names match exactly. Raises RuleError (a ValueError, field
     ``key``) for an unknown or malformed placeholder.
@@ -369,8 +453,9 @@ class KeyTemplate:
         return Missing(tuple(fields), " and ".join(problems))
 
     def matches(self, key: str) -> bool:
-        """Whether ``render`` could have produced ``key``."""
-        return self._pattern.fullmatch(key) is not None
+        """Whether ``render`` could have produced ``key`` (a key holding QUALIFIER
+        never: it belongs to the rule it names)."""
+        return self._pattern.fullmatch(key) is not None and QUALIFIER not in key
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, KeyTemplate) and other.text == self.text
@@ -490,13 +575,41 @@ def _as_float(field: str, value: float) -> float:
     return float(value)
 
 
+def _claims(template: KeyTemplate, key: str) -> bool:
+    """Whether ``template`` could have produced ``key`` (its literal prefix first: cheap)."""
+    return key.startswith(template.literal_prefix) and template.matches(key)
+
+
 def first_match(
     rules: Sequence[Rule], headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
 ) -> tuple[str, str] | None:
-    """The key rendered by the first rule whose template this request satisfies, and
-    that rule's name; None when none does."""
+    """The bucket key of the first rule whose template this request satisfies, and that
+    rule's name; None when none does.
+
+    The key is the rendered one when no earlier rule's template could have produced
+    that text (then it is the key's rule for ``Limiter.rule_for`` too), else the
+    rendered one + QUALIFIER + the rule's name: two rules never share a bucket.
+    """
+    index = 0  # hot path: no enumerate, no work past the first rule
     for rule in rules:
         key = rule.template.render(headers, query, client_ip)
         if key is not None:
+            if index:
+                for earlier in rules[:index]:
+                    template = earlier.template
+                    if key.startswith(template.literal_prefix) and template.matches(key):
+                        return key + QUALIFIER + rule.name, rule.name
             return key, rule.name
+        index += 1  # noqa: SIM113 - enumerate costs more on the hot path
     return None
+
+
+def own_key(rules: Sequence[Rule], key: str, rule: str) -> str:
+    """``key`` as the bucket key of rule ``rule`` when the key was built elsewhere (an
+    Envoy descriptor): as it is, unless the template of another rule could have
+    produced it (the first such rule owns that text), then key + QUALIFIER + ``rule``.
+    ``key`` must hold no QUALIFIER (escape ``%`` in what it is built from)."""
+    for candidate in rules:
+        if _claims(candidate.template, key):
+            return key if candidate.name == rule else key + QUALIFIER + rule
+    return key

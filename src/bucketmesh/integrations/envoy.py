@@ -9,8 +9,14 @@ same store as the Rating API's, so they replicate like any other, are counted in
 barrier (the write-ahead log) before the answer leaves.
 
 Mapping (README section "Envoy"): a descriptor with entries ``(k1, v1), (k2, v2)``
-in domain ``d`` is the bucket key ``d:k1=v1,k2=v2``; its limits come from the
-rule named ``d.k1.k2`` (the descriptor's keys), else from the rule named ``d``.
+in domain ``d`` is the bucket key ``d:k1=v1,k2=v2``, with ``%``, ``,`` and ``=``
+percent-escaped in each entry's key and value (``%`` and ``:`` in the domain), so
+one entry can never spell two (``(user, "bob,plan=gold")`` is
+``d:user=bob%2Cplan%3Dgold``); its limits come from the rule named ``d.k1.k2``
+(the descriptor's keys), else from the rule named ``d``. When a rule's key
+template could have produced that text, the key belongs to that rule: any other
+rule uses it with ``%@<rule name>`` appended (``core.rules.own_key``), so a client
+of the HTTP door cannot reach a descriptor's bucket, nor the other way round.
 A descriptor no rule names is answered OK with no limit and charges nothing
 (as Envoy's reference service does for descriptors without a configured
 limit). Each limited descriptor is charged ``hits_addend`` (0 means 1); the
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -32,6 +39,7 @@ from google.protobuf.duration_pb2 import Duration
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import BucketCapReached, InvalidTokens
+from bucketmesh.core.rules import Rule, escaper, own_key
 from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
 from bucketmesh.telemetry.metrics import NodeMetrics
 
@@ -50,9 +58,18 @@ class BadRequest(ValueError):
     """A request Envoy would never send; answered INVALID_ARGUMENT naming the field."""
 
 
+_escape_domain = escaper(":")
+_escape_entry = escaper(",=")
+
+
 def descriptor_key(domain: str, entries: list[tuple[str, str]]) -> str:
-    """The bucket key of one descriptor: ``domain:k1=v1,k2=v2``."""
-    return domain + ":" + ",".join(f"{k}={v}" for k, v in entries)
+    """The bucket text of one descriptor: ``domain:k1=v1,k2=v2``, injective: ``%``
+    and the separators are percent-escaped where they occur in the parts."""
+    return (
+        _escape_domain(domain)
+        + ":"
+        + ",".join(f"{_escape_entry(k)}={_escape_entry(v)}" for k, v in entries)
+    )
 
 
 def rule_names(domain: str, entries: list[tuple[str, str]]) -> tuple[str, str]:
@@ -85,7 +102,9 @@ def _status(decision: Decision) -> Any:
     )
 
 
-def parse(request: Any, rules_by_name: Any) -> list[tuple[str, str | None]]:
+def parse(
+    request: Any, rules: Sequence[Rule], rules_by_name: Mapping[str, Rule]
+) -> list[tuple[str, str | None]]:
     """Each descriptor's bucket key and the rule that limits it (None: unlimited).
 
     Raises BadRequest for an empty domain, no descriptors or an empty entry list.
@@ -105,7 +124,8 @@ def parse(request: Any, rules_by_name: Any) -> list[tuple[str, str | None]]:
         if any(not k for k, _ in entries):
             raise BadRequest(f"descriptors[{index}].entries: a key must not be empty")
         rule = next((n for n in rule_names(domain, entries) if n in rules_by_name), None)
-        parsed.append((descriptor_key(domain, entries), rule))
+        key = descriptor_key(domain, entries)
+        parsed.append((key if rule is None else own_key(rules, key, rule), rule))
     return parsed
 
 
@@ -120,7 +140,7 @@ async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = N
     hits = request.hits_addend or 1
     statuses = []
     overall = OK
-    for key, rule in parse(request, decider.rules_by_name):
+    for key, rule in parse(request, decider.rules, decider.rules_by_name):
         if rule is None:
             statuses.append(rls_pb2.RateLimitResponse.DescriptorStatus(code=OK))
             continue
