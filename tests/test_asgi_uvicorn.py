@@ -32,9 +32,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ServerFactory, eventually, free_port, make_config
-
 import uvicorn  # noqa: F401  (the dev extra: a missing uvicorn fails here, never skips)
+from conftest import ServerFactory, eventually, free_port, make_config
 
 TESTS = Path(__file__).resolve().parent
 SLOW = 0.001  # one token per 1000 s: no refill while a test runs
