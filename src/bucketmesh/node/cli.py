@@ -4,32 +4,42 @@ Configuration precedence for ``serve``: the YAML file, then ``BUCKETMESH_*``
 environment variables, then flags. A config error names file and field and
 exits with status 2 before anything listens. Sync needs ``sync.secret``; only
 ``--insecure-sync`` lets a node sync without one (unsigned messages).
+
+Every command checks its arguments before it does anything: a bad value exits
+with status 2 and a message naming the argument (argparse's ``error``, or a
+config error naming the flag, variable or file), never with a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 import yaml
 
 from bucketmesh import __version__
 from bucketmesh.node.config import (
+    ENV_OVERRIDES,
     Config,
     ConfigError,
     apply_overrides,
     env_overrides,
+    load_buckets,
     load_config,
     parse_config,
     parse_listen,
 )
 from bucketmesh.storage.wal import DURABILITIES
+from bucketmesh.telemetry.log import configure as configure_logging
+from bucketmesh.telemetry.log import logger
 
 FLAG_OVERRIDES = {
     "listen": "listen",
@@ -40,9 +50,28 @@ FLAG_OVERRIDES = {
     "durability": "storage.durability",
     "max_buckets": "limits.max_buckets",
 }
+#: The flag each override above comes from, for error messages.
+FLAG_NAMES = {key: "--" + name.replace("_", "-") for name, key in FLAG_OVERRIDES.items()}
 #: The config ``run --single`` serves: package data (src/bucketmesh/examples/), so it
 #: is there in a wheel too; examples/ at the top of a checkout links to it.
 EXAMPLE_CONFIG = resources.files("bucketmesh") / "examples" / "bucketmesh.yaml"
+#: Room the state files beside a snapshot need in a file name: ``.<name>.tmp-XXXXXXXX``
+#: (a snapshot being written), ``<name>.wal.<seq>`` (log segments), ``<name>.lock``.
+STATE_NAME_ROOM = 26
+#: Bounds of ``bucketmesh sim``'s flags: more replicas than this make a schedule
+#: quadratic for nothing (the default is 2-5), and a run of more schedules or
+#: events than these would not end in a working day.
+SIM_MAX_REPLICAS = 64
+SIM_MAX_EVENTS = 1_000_000
+SIM_MAX_SEEDS = 10_000_000
+#: ``--max-buckets`` ends where a count stops fitting the int64 the state and the
+#: metrics carry (a million buckets take about 300 MB; this is "no cap").
+MAX_BUCKETS_FLAG = 2**63 - 1
+#: A local mesh runs one process per region: more than this is not a mesh to try on
+#: one machine.
+MAX_LOCAL_REGIONS = 16
+
+log = logger("cli")
 
 
 if TYPE_CHECKING:
@@ -100,16 +129,20 @@ def load(path: str, flags: dict[str, str], *, insecure_sync: bool = False) -> Co
     """The config of ``path`` with env and flag overrides applied. ``insecure_sync``
     accepts an enabled mesh without ``sync.secret``; everything else is checked."""
     overrides = env_overrides(os.environ)
+    origin = {key: var for var, key in ENV_OVERRIDES.items() if var in os.environ}
     overrides.update(flags)
+    origin.update({key: FLAG_NAMES.get(key, f"override {key}") for key in flags})
     try:
         config = load_config(path)
-        return apply_overrides(config, overrides) if overrides else config
+        return apply_overrides(config, overrides, origin=origin) if overrides else config
     except ConfigError as error:
         if not (insecure_sync and error.field == "sync.secret"):
             raise
     # Load with sync off, which skips the secret check, then switch it back on and
     # check what the skipped validation would also have checked: the peer URLs.
-    config = apply_overrides(_parse_with_sync_off(path), {**overrides, "sync.enabled": "false"})
+    config = apply_overrides(
+        _parse_with_sync_off(path), {**overrides, "sync.enabled": "false"}, origin=origin
+    )
     config = msgspec.structs.replace(
         config, sync=msgspec.structs.replace(config.sync, enabled=True, secret=None)
     )
@@ -156,8 +189,60 @@ Also: {base}/v1/status  {base}/metrics  {base}/openapi.json   (Ctrl-C stops)
 """
 
 
+def _usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    """Exit 2 with ``message`` and the usage of the command ``args`` came from."""
+    error: Callable[[str], NoReturn] = args.usage_error
+    error(message)
+
+
+def _snapshot_problem(path: str) -> str | None:
+    """Why a snapshot file (and the log, lock and temporary files beside it) cannot
+    live at ``path``; None when it can. Checked before anything is opened, so a
+    path that cannot exist is a usage error, not a failure to start. Makes the
+    directory, as the store would a moment later: that is the test that it can."""
+    target = Path(path)
+    directory = target.parent
+    if target.name in ("", ".", ".."):
+        return f"must name a file, got {path!r}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        longest = os.pathconf(directory, "PC_NAME_MAX")
+    except OSError as error:
+        return f"cannot be created: directory {str(directory)!r}: {error.strerror or error}"
+    except ValueError:  # no such limit on this system
+        longest = 255
+    length = len(os.fsencode(target.name))
+    if length + STATE_NAME_ROOM > longest:
+        return (
+            f"has a file name too long for the log and lock files beside it "
+            f"({length} bytes, at most {longest - STATE_NAME_ROOM})"
+        )
+    if target.exists() and not target.is_file():
+        return f"must be a regular file, got {path!r}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot be created: directory {str(directory)!r} is not writable"
+    return None
+
+
+def _check_snapshot(config: Config, flags: dict[str, str]) -> None:
+    """A ConfigError naming where the snapshot path came from, if it cannot work."""
+    path = config.storage.snapshot
+    if path is None or config.storage.backend != "memory":
+        return
+    problem = _snapshot_problem(path)
+    if problem is None:
+        return
+    if "storage.snapshot" in flags:
+        where = FLAG_NAMES["storage.snapshot"]
+    elif "BUCKETMESH_STORAGE_SNAPSHOT" in os.environ:
+        where = "BUCKETMESH_STORAGE_SNAPSHOT"
+    else:
+        where = config.path or "<config>"
+    raise ConfigError(where, "storage.snapshot", problem)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bucketmesh.node.serve import run_node
+    from bucketmesh.node.serve import StartError, run_node
 
     flags = {
         FLAG_OVERRIDES[name]: str(value)
@@ -167,20 +252,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     insecure = bool(getattr(args, "insecure_sync", False))
     try:
         config = load(args.config, flags, insecure_sync=insecure)
+        _check_snapshot(config, flags)
     except ConfigError as error:
-        print(f"bucketmesh: config error: {error}", file=sys.stderr)
+        log.error("config error: %s", error)
         if error.field == "sync.secret":
-            print(
-                "bucketmesh: set sync.secret (e.g. secret: ${BUCKETMESH_SYNC_SECRET}), or pass "
-                "--insecure-sync to sync unsigned on a trusted network",
-                file=sys.stderr,
+            log.error(
+                "set sync.secret (e.g. secret: ${BUCKETMESH_SYNC_SECRET}), or pass "
+                "--insecure-sync to sync unsigned on a trusted network"
             )
         return 2
     if config.sync.enabled and config.sync.secret is None:
-        print(
-            "bucketmesh: WARNING: --insecure-sync: sync messages are neither signed nor "
-            "verified; anyone who can reach this port can change bucket state",
-            file=sys.stderr,
+        log.warning(
+            "WARNING: --insecure-sync: sync messages are neither signed nor "
+            "verified; anyone who can reach this port can change bucket state"
         )
     settings = _settings(config)
     if args.quick_start:
@@ -197,14 +281,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
 
     try:
-        run_node(settings, on_ready)
-    except OSError as error:
-        if error.strerror is None:  # the Envoy gRPC port (envoy_rls.py): the message says
-            print(f"bucketmesh: {error}", file=sys.stderr)
-        else:
-            print(
-                f"bucketmesh: cannot listen on {config.listen}: {error.strerror}", file=sys.stderr
-            )
+        run_node(settings, on_ready, lifeline=args.lifeline_fd)
+    except StartError as error:
+        log.error("%s", error)
+        return 1
+    except OSError as error:  # a failure of the machine (disk, descriptors), not a bug
+        log.error("stopped: %s", error)
         return 1
     return 0
 
@@ -232,17 +314,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from bucketmesh.tooling.cluster import up
+    from bucketmesh.tooling.cluster import MAX_ONE_WAY_DELAY_MS, up
     from bucketmesh.tooling.netproxy import Faults
 
-    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    regions: list[str] = args.regions
+    if args.base_port and args.base_port + len(regions) - 1 > 65535:
+        _usage_error(
+            args,
+            f"argument --base-port: {args.base_port} leaves no room for {len(regions)} "
+            f"regions (ports {args.base_port}-{args.base_port + len(regions) - 1}); "
+            f"give at most {65536 - len(regions)}, or 0 for free ports",
+        )
+    if args.latency_ms + args.jitter_ms >= MAX_ONE_WAY_DELAY_MS:
+        _usage_error(
+            args,
+            f"argument --latency-ms/--jitter-ms: {args.latency_ms:g} + {args.jitter_ms:g} ms "
+            f"one way must stay below {MAX_ONE_WAY_DELAY_MS:g} ms (half the nodes' peer "
+            "timeout), or every sync round trip would time out",
+        )
     faults = None
     if args.latency_ms or args.jitter_ms or args.loss or args.proxy:
-        try:
-            faults = Faults(args.latency_ms / 1000, args.jitter_ms / 1000, args.loss)
-        except ValueError as error:
-            print(f"bucketmesh cluster: {error}", file=sys.stderr)
-            return 2
+        faults = Faults(args.latency_ms / 1000, args.jitter_ms / 1000, args.loss)
     return up(
         regions,
         base_port=args.base_port,
@@ -252,41 +344,151 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    """``bucketmesh sim``, its integer flags (defined in ``tooling/sim.py``) checked first."""
+    from bucketmesh.tooling import sim
+
+    bounds = {
+        "seeds": (1, SIM_MAX_SEEDS),
+        "first": (0, None),
+        "seed": (0, None),
+        "replicas": (1, SIM_MAX_REPLICAS),
+        "events": (1, SIM_MAX_EVENTS),
+    }
+    for name, (low, high) in bounds.items():
+        value = getattr(args, name, None)
+        if value is not None and (value < low or (high is not None and value > high)):
+            limits = f"between {low} and {high}" if high is not None else f">= {low}"
+            _usage_error(args, f"argument --{name}: must be {limits}, got {value}")
+    return sim.run_schedules(args)
+
+
+# -- argument types: each raises ArgumentTypeError, which argparse reports as
+# -- "argument --flag: message" with exit status 2 --------------------------------------
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An integer type in ``[low, high]``."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+
+    return convert
+
+
+def _number(low: float, high: float) -> Callable[[str], float]:
+    """A finite number in ``[low, high]``."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number from {low:g} to {high:g}, got {text}"
+            )
+        return value
+
+    return convert
+
+
 def _fraction(text: str) -> float:
-    """A loss rate: ``0.01`` or ``1%``."""
+    """A loss rate: ``0.01`` or ``1%``, in [0, 1)."""
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction in [0, 1) such as 0.01 or 1%, got {text!r}"
+        )
+    return value
+
+
+def _regions(text: str) -> list[str]:
+    """Comma-separated region names, each valid as a region and a file name, distinct."""
+    from bucketmesh.tooling.cluster import region_problem
+
+    regions = [r.strip() for r in text.split(",") if r.strip()]
+    if not regions:
+        raise argparse.ArgumentTypeError(f"name at least one region, got {text!r}")
+    if len(regions) > MAX_LOCAL_REGIONS:
+        raise argparse.ArgumentTypeError(
+            f"names {len(regions)} regions; a local mesh has at most {MAX_LOCAL_REGIONS}"
+        )
+    for region in regions:
+        problem = region_problem(region)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+    if len(set(regions)) != len(regions):
+        raise argparse.ArgumentTypeError(f"names a region twice: {text!r}")
+    return regions
+
+
+def _buckets_file(text: str) -> str:
+    """A readable buckets.yaml whose rules are valid (the nodes would refuse it)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no buckets file at {text!r}")
+    try:
+        load_buckets(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _lifeline(text: str) -> int:
+    """An inherited descriptor of a pipe or socket (its end is the stop signal)."""
+    fd = _integer(0)(text)
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise argparse.ArgumentTypeError(f"{fd} is not an open file descriptor") from None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        raise argparse.ArgumentTypeError(f"{fd} is not a pipe or a socket")
+    return fd
 
 
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
-    from bucketmesh.tooling.cluster import DEFAULT_BASE_PORT, DEFAULT_REGIONS
+    from bucketmesh.tooling.cluster import DEFAULT_BASE_PORT, DEFAULT_REGIONS, MAX_ONE_WAY_DELAY_MS
 
     p.add_argument(
         "--regions",
+        type=_regions,
         default=",".join(DEFAULT_REGIONS),
-        help="comma-separated region names (default: %(default)s)",
+        help="comma-separated region names, 1-63 letters, digits, '.', '_' or '-' "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--base-port",
         dest="base_port",
-        type=int,
+        type=_integer(0, 65535),
         default=DEFAULT_BASE_PORT,
         help="port of the first region; the others follow; 0: free ports the kernel "
         "chooses, printed once ready (default: %(default)s)",
     )
-    p.add_argument("--buckets", help="buckets.yaml with the rules (default: the example's)")
+    p.add_argument(
+        "--buckets", type=_buckets_file, help="buckets.yaml with the rules (default: the example's)"
+    )
     faults = p.add_argument_group(
         "injected network faults",
         "with any of these, sync traffic between every pair of regions goes through a TCP "
-        "proxy (bucketmesh.tooling.netproxy) that delays, jitters and loses it",
+        "proxy (bucketmesh.tooling.netproxy) that delays, jitters and loses it; latency + "
+        f"jitter must stay below {MAX_ONE_WAY_DELAY_MS:g} ms (half the nodes' peer timeout)",
+    )
+    delay = _number(0.0, MAX_ONE_WAY_DELAY_MS)
+    faults.add_argument(
+        "--latency-ms", dest="latency_ms", type=delay, default=0.0, help="one-way delay"
     )
     faults.add_argument(
-        "--latency-ms", dest="latency_ms", type=float, default=0.0, help="one-way delay"
-    )
-    faults.add_argument(
-        "--jitter-ms", dest="jitter_ms", type=float, default=0.0, help="± uniform jitter"
+        "--jitter-ms", dest="jitter_ms", type=delay, default=0.0, help="± uniform jitter"
     )
     faults.add_argument(
         "--loss",
@@ -300,6 +502,19 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+SERVE_DESCRIPTION = """\
+Run one node of the Rating API until it is told to stop.
+
+Signals: SIGTERM, SIGINT and SIGHUP all stop the node gracefully: it stops
+accepting, finishes the requests in flight, sends what the sync mesh still has
+queued and writes a final snapshot, then exits 0. SIGHUP does not reload the
+configuration: rules from a file have version 0, so an edited file would lose
+to every runtime PATCH and change only new keys, differently per region;
+restart the node to apply a new file, and change limits at runtime with
+PATCH /v1/buckets/{key}, which replicates (docs/design.md, "The server").
+"""
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="bucketmesh", description=__doc__.splitlines()[0])
     top.add_argument("--version", action="version", version=f"bucketmesh {__version__}")
@@ -308,7 +523,12 @@ def parser() -> argparse.ArgumentParser:
         ("serve", cmd_serve, "run one node of the Rating API"),
         ("run", cmd_run, "quick start: a 3-region mesh on loopback (--single: one node)"),
     ):
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=SERVE_DESCRIPTION if name == "serve" else help_text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--config", "-c", required=name == "serve", help="bucketmesh.yaml")
         p.add_argument(
             "--listen",
@@ -318,18 +538,29 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--region")
         p.add_argument("--node")
         p.add_argument("--admin-token", dest="admin_token")
-        p.add_argument("--snapshot", help="snapshot file of the embedded store")
+        p.add_argument(
+            "--snapshot",
+            help="snapshot file of the embedded store (its directory is created if need be)",
+        )
         p.add_argument(
             "--durability",
             choices=DURABILITIES,
             help="write-ahead log: relaxed survives kill -9, strict also power loss",
         )
-        p.add_argument("--max-buckets", dest="max_buckets", type=int)
+        p.add_argument("--max-buckets", dest="max_buckets", type=_integer(1, MAX_BUCKETS_FLAG))
         p.add_argument(
             "--insecure-sync",
             dest="insecure_sync",
             action="store_true",
             help="allow sync without sync.secret: messages unsigned and unverified",
+        )
+        p.add_argument(
+            "--lifeline-fd",
+            dest="lifeline_fd",
+            type=_lifeline,
+            metavar="FD",
+            help="an inherited pipe whose write end a supervisor holds: when it closes "
+            "(the supervisor is gone, however it died) the node stops gracefully",
         )
         p.add_argument("--quick-start", action="store_true", help=argparse.SUPPRESS)
         if name == "run":
@@ -340,11 +571,16 @@ def parser() -> argparse.ArgumentParser:
                 "in the package (implied by --config)",
             )
             _cluster_flags(p)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, usage_error=p.error)
     cluster = sub.add_parser("cluster", help="a whole mesh on this machine")
     cluster_sub = cluster.add_subparsers(dest="cluster_command", required=True)
     cluster_up = cluster_sub.add_parser(
-        "up", help="one `bucketmesh serve` per region on loopback, with a generated secret"
+        "up",
+        help="one `bucketmesh serve` per region on loopback, with a generated secret",
+        description="One `bucketmesh serve` per region on loopback, with a generated "
+        "secret. Ctrl-C, SIGTERM or SIGHUP stops every node gracefully; the nodes also "
+        "stop if this process dies (even by kill -9), and their temporary directory goes "
+        "with them.",
     )
     _cluster_flags(cluster_up)
     cluster_up.add_argument(
@@ -352,23 +588,24 @@ def parser() -> argparse.ArgumentParser:
         dest="admin_token",
         help="every node's admin token (PATCH, fault injection); default $BUCKETMESH_ADMIN_TOKEN",
     )
-    cluster_up.set_defaults(func=cmd_cluster_up)
+    cluster_up.set_defaults(func=cmd_cluster_up, usage_error=cluster_up.error)
     from bucketmesh.tooling.xr.cli import add_parser as add_xr_parser
 
     add_xr_parser(sub)
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, usage_error=demo.error)
     from bucketmesh.tooling import sim
 
     simulate = sub.add_parser(
         "sim", help="the deterministic simulator", description=sim.DESCRIPTION
     )
     sim.add_arguments(simulate)
-    simulate.set_defaults(func=sim.run_schedules)
+    simulate.set_defaults(func=cmd_sim, usage_error=simulate.error)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    configure_logging()
     args = parser().parse_args(argv)
     return int(args.func(args))
 

@@ -5,9 +5,23 @@ Owns everything with a side effect around the pure core: the event loop
 background sweeps, the sync mesh (``replication/mesh.py``) and the signals. Start-up
 order: restore the snapshot (under a new incarnation, see below), pull the
 full state of every reachable peer region, start listening, start the mesh,
-then serve until SIGTERM or SIGINT; shutdown stops accepting, lets in-flight
+then serve until SIGTERM, SIGINT or SIGHUP (or until the supervisor's lifeline,
+see :meth:`Node.run`, closes); shutdown stops accepting, lets in-flight
 requests finish, sends what the mesh still has queued, and writes a final
 snapshot.
+
+SIGHUP is a graceful stop, not a reload. What a reload could change safely
+is almost nothing: the rules loaded from a file carry version 0 with a digest
+of their limits (docs/design.md, "Config changes"), so an edited file loses to
+every runtime PATCH, wins or loses against the other regions' files by digest
+order rather than by age, and leaves every live bucket on the config it was
+created with. Re-reading it in a running node would look like a config change
+while changing only new keys, differently in each region. A restart makes the
+same change explicit (and takes a new incarnation, which the design reasons
+about); runtime changes go through ``PATCH /v1/buckets/{key}``, which
+replicates. Stopping gracefully is also what a hang-up means when the terminal
+that started the node goes away: nothing granted is lost, a final snapshot is
+written.
 
 With a snapshot file, the node also keeps a write-ahead log of its own grants
 (``storage/wal.py``; ``durability: relaxed`` survives kill -9, ``strict`` power loss):
@@ -33,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -57,6 +72,22 @@ SWEEP_INTERVAL_S = 0.25
 SWEEP_BUDGET = 20_000
 
 log = logger("node")
+
+#: The signals that stop a node gracefully, and what the log says about each.
+STOP_SIGNALS: dict[signal.Signals, str] = {
+    signal.SIGTERM: "SIGTERM: stopping gracefully",
+    signal.SIGINT: "SIGINT: stopping gracefully",
+    signal.SIGHUP: (
+        "SIGHUP: stopping gracefully (a hang-up does not reload the configuration: "
+        "restart the node to apply an edited file, PATCH /v1/buckets to change limits "
+        "at runtime)"
+    ),
+}
+
+
+class StartError(Exception):
+    """The node cannot start (its state files cannot be opened, its port cannot be
+    bound): the message says why, for the operator; not a bug."""
 
 
 class Node:
@@ -100,7 +131,9 @@ class Node:
                     regions=settings.regions,
                 )
             except UnreadableState as error:
-                raise SystemExit(str(error)) from None
+                raise StartError(str(error)) from None
+            except OSError as error:
+                raise StartError(f"{settings.snapshot}: {error.strerror or error}") from None
             self.memory.install(self.metrics)
             decider = self.memory
             replica = self.memory.limiter
@@ -126,6 +159,8 @@ class Node:
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
+        #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
+        self.stop_reason: str | None = None
         self.serving = False
 
     @property
@@ -153,9 +188,20 @@ class Node:
             await self.backend.start()
         if self.mesh is not None:
             await self.mesh.pull_at_start()
-        await self.server.start(self.settings.host, self.settings.port)
+        host, port = self.settings.host, self.settings.port
+        try:
+            await self.server.start(host, port)
+        except OSError as error:
+            shown = f"[{host}]" if ":" in host else host
+            raise StartError(
+                f"cannot listen on {shown}:{port}: {error.strerror or error}"
+            ) from None
         if self.settings.envoy_listen is not None:
-            await self._start_envoy(*self.settings.envoy_listen)
+            try:
+                await self._start_envoy(*self.settings.envoy_listen)
+            except OSError as error:
+                # the Envoy server's own message names the address and envoyListen
+                raise StartError(str(error)) from None
         self.serving = True
         if self.mesh is not None:
             self.mesh.start()
@@ -216,10 +262,44 @@ class Node:
             await self.memory.save_snapshot()
             self.memory.close()
 
-    async def run(self, on_ready: Callable[[Node], None] | None = None) -> None:
+    def request_stop(self, reason: str) -> None:
+        """Stop gracefully (once): what SIGTERM, SIGINT, SIGHUP and the lifeline do."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.info("%s", reason)
+        self.stopping.set()
+
+    def _watch_lifeline(self, fd: int) -> None:
+        """Stop once ``fd`` (the read end of a pipe whose write end only the supervisor
+        holds) reaches end of file: the supervisor is gone, however it died."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        os.set_blocking(fd, False)
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # anything written is ignored; only the end matters
+                loop.remove_reader(fd)
+                self.request_stop(
+                    "the supervising process is gone (its lifeline closed): stopping gracefully"
+                )
+
+        loop.add_reader(fd, readable)
+
+    async def run(
+        self, on_ready: Callable[[Node], None] | None = None, *, lifeline: int | None = None
+    ) -> None:
+        """Serve until SIGTERM, SIGINT or SIGHUP, or until ``lifeline`` (an inherited
+        pipe's read end) reaches end of file; then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig, reason in STOP_SIGNALS.items():
+            loop.add_signal_handler(sig, self.request_stop, reason)
+        if lifeline is not None:
+            self._watch_lifeline(lifeline)
         await self.start()
         if on_ready is not None:
             on_ready(self)
@@ -227,12 +307,18 @@ class Node:
         await self.stop()
 
 
-def run_node(settings: NodeSettings, on_ready: Callable[[Node], None] | None = None) -> None:
-    """Run a node until SIGTERM/SIGINT, on uvloop when available."""
+def run_node(
+    settings: NodeSettings,
+    on_ready: Callable[[Node], None] | None = None,
+    *,
+    lifeline: int | None = None,
+) -> None:
+    """Run a node until SIGTERM, SIGINT or SIGHUP (or the end of ``lifeline``), on
+    uvloop when available. Raises StartError when it cannot start."""
     configure_logging()
 
     async def main() -> None:
-        await Node(settings).run(on_ready)
+        await Node(settings).run(on_ready, lifeline=lifeline)
 
     try:
         import uvloop
@@ -242,4 +328,4 @@ def run_node(settings: NodeSettings, on_ready: Callable[[Node], None] | None = N
         uvloop.run(main())
 
 
-__all__ = ["Node", "NodeSettings", "run_node"]
+__all__ = ["STOP_SIGNALS", "Node", "NodeSettings", "StartError", "run_node"]

@@ -4,19 +4,42 @@ For trying the mesh and for demos. Every region listens on loopback, from
 ``--base-port`` up; the regions share one generated secret, handed to the
 nodes through the environment and never written to disk; their configs live
 in a temporary directory removed on exit. Node output is prefixed with its
-region. Ctrl-C (or SIGTERM) stops every node; if one node dies, the others
-are stopped too.
+region. Ctrl-C (or SIGTERM, or SIGHUP) stops every node; if one node dies, the
+others are stopped too.
+
+Nothing outlives the process that started the mesh, however it ends (kill -9
+included):
+
+- **The nodes** inherit the read end of a *lifeline* pipe whose write end only
+  the owner holds (``serve --lifeline-fd``). When the owner is gone the kernel
+  closes it, each node reads end of file and stops gracefully (final
+  snapshot, as on SIGTERM). A pipe, not ``prctl(PR_SET_PDEATHSIG)``: that
+  fires when the *thread* that forked exits (the scenario runner starts nodes
+  from worker threads) and exists on Linux only.
+- **The proxy process** (``netproxy.NetProxy``) stops when its command pipe
+  from the owner reaches end of file, for the same reason.
+- **The temporary directory** of ``cluster up`` (configs, snapshots, logs) is
+  made and removed by a small *janitor* process (:class:`JanitorDirectory`).
+  The owner and every node hold the write end of a second pipe; the janitor
+  blocks on its read end and removes the directory once the last holder is
+  gone, whichever of them outlives the others. The janitor makes the directory
+  itself, so there is no moment at which it exists without someone to remove it.
+- **The sync secret** is never on disk: the configs say
+  ``${BUCKETMESH_SYNC_SECRET}`` and the nodes get the value in their
+  environment, which dies with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -28,8 +51,10 @@ from typing import IO, Any
 
 import yaml
 
+from bucketmesh.telemetry.log import logger
 from bucketmesh.tooling.netproxy import Faults, NetProxy, link_name
 
+log = logger("cluster")
 DEFAULT_REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
 DEFAULT_BASE_PORT = 8081
 DEFAULT_CLUSTER_ID = "bucketmesh-local"
@@ -38,6 +63,26 @@ DEFAULT_CLUSTER_ID = "bucketmesh-local"
 EXAMPLE_BUCKETS = resources.files("bucketmesh") / "examples" / "buckets.yaml"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
+#: The nodes' ``sync.peerTimeout`` (the config's default, which ``region_config``
+#: keeps): a sync request that takes longer has failed.
+PEER_TIMEOUT_MS = 1000.0
+#: The most one-way delay (latency + jitter) a proxy link may add: from half the
+#: peer timeout on, every sync round trip times out and the regions never meet.
+MAX_ONE_WAY_DELAY_MS = PEER_TIMEOUT_MS / 2
+#: A region name: what ``node/config.py`` accepts for ``region``, and so also a
+#: safe file name for the region's config, snapshot and log.
+REGION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def region_problem(region: str) -> str | None:
+    """Why ``region`` cannot name a region of a local mesh; None when it can."""
+    if REGION_NAME.fullmatch(region) is None:
+        shown = region if len(region) <= 40 else region[:37] + "..."
+        return (
+            f"{shown!r} is not a region name (1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit)"
+        )
+    return None
 
 
 @dataclass
@@ -170,9 +215,14 @@ class LocalMesh:
         proxy: bool = False,
         admin_token: str | None = None,
         out: IO[str] | None = None,
+        inherit_fds: Sequence[int] = (),
     ) -> None:
         if not regions or len(set(regions)) != len(regions):
             raise ValueError("--regions must name distinct regions")
+        for region in regions:
+            problem = region_problem(region)
+            if problem is not None:
+                raise ValueError(f"--regions: {problem}")
         if buckets and not Path(buckets).is_file():
             raise ValueError(f"no buckets file at {buckets}; give --buckets FILE")
         self.regions = list(regions)
@@ -186,6 +236,10 @@ class LocalMesh:
         self.cluster_id = cluster_id
         self.out = out
         self.admin_token = admin_token
+        #: Descriptors every node inherits, and so holds open while it runs.
+        self.inherit_fds = tuple(inherit_fds)
+        #: The lifeline pipe (read end, write end): made by the first spawn.
+        self._lifeline: tuple[int, int] | None = None
         ports = (
             free_ports(len(regions))
             if base_port == 0
@@ -238,17 +292,35 @@ class LocalMesh:
     def urls(self) -> dict[str, str]:
         return {region: node.url for region, node in self.nodes.items()}
 
+    def _lifeline_fd(self) -> int:
+        """The read end of the lifeline every node watches (``serve --lifeline-fd``).
+        Only this process holds the write end (os.pipe's descriptors are not
+        inherited, and every child is started with close_fds), so the nodes read
+        end of file exactly when this process is gone or :meth:`stop` closes it."""
+        if self._lifeline is None:
+            self._lifeline = os.pipe()
+        return self._lifeline[0]
+
+    def _close_lifeline(self) -> None:
+        if self._lifeline is not None:
+            for fd in self._lifeline:
+                os.close(fd)
+            self._lifeline = None
+
     def _spawn(self, node: RegionNode) -> None:
         # Without an output stream the node's output goes to <region>.log in the
         # mesh's directory (the child keeps its own copy of the descriptor).
-        with open(self.directory / f"{node.region}.log", "ab") as log:
+        lifeline = self._lifeline_fd()
+        command = [sys.executable, "-m", "bucketmesh", "serve", "--config", str(node.config)]
+        with open(self.directory / f"{node.region}.log", "ab") as output:
             node.process = subprocess.Popen(
-                [sys.executable, "-m", "bucketmesh", "serve", "--config", str(node.config)],
+                [*command, "--lifeline-fd", str(lifeline)],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self.out is not None else log,
+                stdout=subprocess.PIPE if self.out is not None else output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us; we stop the nodes in order
+                pass_fds=(lifeline, *self.inherit_fds),
             )
         if self.out is not None:
             assert node.process.stdout is not None
@@ -303,6 +375,72 @@ class LocalMesh:
         _stop(list(self.nodes.values()))
         if self.proxy is not None:
             self.proxy.close()
+        self._close_lifeline()
+
+
+#: The janitor's whole program (``python -c``; argv: the holders pipe's read end, the
+#: directory's prefix). It makes the directory and says its path on stdout, then
+#: blocks until every holder of the pipe's write end is gone, then removes it.
+#: Terminal signals are not for it: it ends when its holders do.
+_JANITOR = """\
+import os, shutil, signal, sys, tempfile
+for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTSTP):
+    signal.signal(sig, signal.SIG_IGN)
+holders = int(sys.argv[1])
+directory = tempfile.mkdtemp(prefix=sys.argv[2])
+try:
+    print(directory, flush=True)
+    sys.stdout.close()
+    while os.read(holders, 65536):
+        pass
+finally:
+    shutil.rmtree(directory, ignore_errors=True)
+"""
+
+
+class JanitorDirectory:
+    """A temporary directory that cannot outlive the processes using it.
+
+    A janitor process makes the directory and removes it once every holder of
+    :attr:`hold_fd` is gone: this process, and every child that inherits the
+    descriptor (pass it to them: ``LocalMesh(inherit_fds=...)``). Whichever of
+    them ends last, and however (kill -9 included), the kernel closes its copy
+    and the janitor, blocked reading the pipe, sees end of file only when the
+    last copy is closed. :meth:`close` removes the directory at once.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        read_end, self.hold_fd = os.pipe()
+        try:
+            self._janitor = subprocess.Popen(
+                [sys.executable, "-c", _JANITOR, str(read_end), prefix],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                pass_fds=(read_end,),
+                start_new_session=True,  # Ctrl-C in the terminal is not for it
+            )
+        except BaseException:
+            os.close(self.hold_fd)
+            raise
+        finally:
+            os.close(read_end)
+        assert self._janitor.stdout is not None
+        self.path = self._janitor.stdout.readline().decode().strip()
+        self._janitor.stdout.close()
+        if not self.path:
+            self.close()
+            raise OSError("the janitor process could not make a temporary directory")
+
+    def close(self) -> None:
+        """Remove the directory now; the janitor ends once the other holders have."""
+        if self.path:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self.hold_fd >= 0:
+            os.close(self.hold_fd)
+            self.hold_fd = -1
+        # If a node still holds it, the janitor removes what that node leaves once it ends.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._janitor.wait(STOP_TIMEOUT_S)
 
 
 def up(
@@ -315,62 +453,71 @@ def up(
     admin_token: str | None = None,
     out: IO[str] = sys.stdout,
 ) -> int:
-    """Run the mesh until interrupted; returns the exit status."""
+    """Run the mesh until interrupted (SIGINT, SIGTERM, SIGHUP); returns the exit status."""
     stopping = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stopping.set())
-        for sig in (signal.SIGINT, signal.SIGTERM)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }
-    with tempfile.TemporaryDirectory(prefix="bucketmesh-cluster-") as directory:
+    directory: JanitorDirectory | None = None
+    mesh: LocalMesh | None = None
+    try:
+        try:
+            directory = JanitorDirectory("bucketmesh-cluster-")
+        except OSError as error:
+            log.error("cluster: no temporary directory for the mesh: %s", error)
+            return 1
         try:
             mesh = LocalMesh(
                 regions,
-                directory=directory,
+                directory=directory.path,
                 base_port=base_port,
                 buckets=buckets,
                 cluster_id=cluster_id,
                 faults=faults,
                 admin_token=admin_token,
                 out=out,
+                inherit_fds=(directory.hold_fd,),
             )
         except ValueError as error:
-            print(f"bucketmesh cluster: {error}", file=sys.stderr)
+            log.error("cluster: %s", error)
             return 2
-        try:
-            if not mesh.start(stopping):
-                return 0 if stopping.is_set() else 1
-            nodes = list(mesh.nodes.values())
+        if not mesh.start(stopping):
+            return 0 if stopping.is_set() else 1
+        nodes = list(mesh.nodes.values())
+        out.write(
+            f"\nbucketmesh cluster: one mesh of {len(nodes)} regions, cluster id {cluster_id!r}\n"
+        )
+        for node in nodes:
+            out.write(f"  {node.region:<16} {node.url}\n")
+        if mesh.proxy is not None and faults is not None:
             out.write(
-                f"\nbucketmesh cluster: one mesh of {len(nodes)} regions, "
-                f"cluster id {cluster_id!r}\n"
+                f"\nsync traffic goes through a proxy per pair of regions: "
+                f"{faults.latency_s * 1000:g} ms one way, "
+                f"jitter ±{faults.jitter_s * 1000:g} ms, loss {faults.loss:.1%}\n"
             )
-            for node in nodes:
-                out.write(f"  {node.region:<16} {node.url}\n")
-            if mesh.proxy is not None and faults is not None:
-                out.write(
-                    f"\nsync traffic goes through a proxy per pair of regions: "
-                    f"{faults.latency_s * 1000:g} ms one way, "
-                    f"jitter ±{faults.jitter_s * 1000:g} ms, loss {faults.loss:.1%}\n"
+            for name, link in mesh.proxy.links.items():
+                out.write(f"  {name:<36} 127.0.0.1:{link.port} -> {link.target[1]}\n")
+        out.write("\n" + burst_example(nodes))
+        out.flush()
+        while not stopping.wait(0.2):
+            dead = mesh.dead()
+            if dead:
+                process = dead[0].process
+                log.error(
+                    "cluster: %s exited (%s); stopping the others",
+                    dead[0].region,
+                    process.returncode if process else "?",
                 )
-                for name, link in mesh.proxy.links.items():
-                    out.write(f"  {name:<36} 127.0.0.1:{link.port} -> {link.target[1]}\n")
-            out.write("\n" + burst_example(nodes))
-            out.flush()
-            while not stopping.wait(0.2):
-                dead = mesh.dead()
-                if dead:
-                    process = dead[0].process
-                    print(
-                        f"bucketmesh cluster: {dead[0].region} exited "
-                        f"({process.returncode if process else '?'}); stopping the others",
-                        file=sys.stderr,
-                    )
-                    return 1
-            return 0
-        finally:
+                return 1
+        return 0
+    finally:
+        if mesh is not None:
             mesh.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        if directory is not None:
+            directory.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait_ready(nodes: Sequence[RegionNode], stopping: threading.Event) -> bool:
@@ -381,19 +528,19 @@ def _wait_ready(nodes: Sequence[RegionNode], stopping: threading.Event) -> bool:
             return False
         for node in list(waiting):
             if node.process is not None and node.process.poll() is not None:
-                print(
-                    f"bucketmesh cluster: {node.region} exited before it was ready "
-                    f"(port {node.port} taken? try --base-port)",
-                    file=sys.stderr,
+                log.error(
+                    "cluster: %s exited with status %s before it was ready (its output says "
+                    "why; port %d taken? try --base-port 0)",
+                    node.region,
+                    node.process.returncode,
+                    node.port,
                 )
                 return False
             if _ready(node):
                 waiting.remove(node)
         if time.monotonic() > deadline:
             names = ", ".join(n.region for n in waiting)
-            print(
-                f"bucketmesh cluster: {names} not ready after {READY_TIMEOUT_S:g}s", file=sys.stderr
-            )
+            log.error("cluster: %s not ready after %gs", names, READY_TIMEOUT_S)
             return False
         time.sleep(0.05)
     return True

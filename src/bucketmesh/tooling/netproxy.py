@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import multiprocessing
 import random
+import signal
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,9 +63,10 @@ class Faults:
     loss: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.latency_s < 0 or self.jitter_s < 0:
-            raise ValueError("latency and jitter must be >= 0")
-        if not 0.0 <= self.loss < 1.0:
+        for value in (self.latency_s, self.jitter_s):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError("latency and jitter must be finite numbers >= 0")
+        if not (math.isfinite(self.loss) and 0.0 <= self.loss < 1.0):
             raise ValueError("loss must be a fraction in [0, 1)")
 
     def delay(self, rng: random.Random) -> float:
@@ -262,7 +265,15 @@ class _Links:
 
 
 def _serve(control: Connection, seed: int | None) -> None:
-    """The proxy process: obey commands from ``control`` until "close" or EOF."""
+    """The proxy process: obey commands from ``control`` until "close" or EOF.
+
+    End of file means the owner is gone, however it ended (kill -9 included): the
+    proxy then closes its links and exits, so it never outlives its owner. The
+    terminal's signals (Ctrl-C, a hang-up) are for the owner, which stops the proxy
+    in its own time: the proxy shares the owner's process group, so it ignores them.
+    """
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
     async def main() -> None:
         links = _Links(seed)
