@@ -557,10 +557,10 @@ def test_the_digest_exchange_repairs_state_that_no_delta_carried() -> None:
                 config,
                 config.version,
                 now - 600 * NS_PER_S,
-                {"ghost/x/1": 5},
+                {"us-east-1/ghost/1": 5},
                 "global",
             )
-            source.limiter.merge(DeltaBatch("ghost/x/1", [ghost]))
+            source.limiter.merge(DeltaBatch("us-east-1/ghost/1", [ghost]))
 
             def repaired() -> Any:
                 bucket = target.limiter.bucket("agent-api-key-ghost")
@@ -568,7 +568,7 @@ def test_the_digest_exchange_repairs_state_that_no_delta_carried() -> None:
                 return bucket
 
             bucket = await eventually_async(repaired, "the digest repairs the bucket")
-            assert bucket.used(target.limiter.replica_id) == {"ghost/x/1": 5}
+            assert bucket.used(target.limiter.replica_id) == {"us-east-1/ghost/1": 5}
             assert sum(p.repaired_ranges for p in links) >= 1
             assert [p.full_transfers for p in links] == [1, 1]
         finally:
