@@ -188,3 +188,20 @@ def test_demo_shows_three_regions_converging() -> None:
     levels = demonstrate(lines.append)
     assert levels == [4760, 4760, 4760]
     assert "identical" in lines[-1]
+
+
+def test_a_key_qualified_with_its_rule_resolves_to_that_rule_without_naming_it() -> None:
+    """A key another rule's template also claims carries ``%@<rule>``; reading or
+    configuring it needs no ``rule=`` (before, rule_for picked the claiming rule)."""
+    from bucketmesh.core.rules import QUALIFIER
+
+    wide = Rule.create("k-{{ .Request.Header.X }}", 10, 1.0, name="wide")
+    narrow = Rule.create("k-{{ .Request.Header.X }}-{{ .Request.Header.Y }}", 3, 1.0, name="nar")
+    limiter = Limiter([wide, narrow], replica_id="r/n/1")
+    qualified = "k-a-b" + QUALIFIER + "nar"
+    assert limiter.rule_for("k-a-b").name == "wide"
+    assert limiter.rule_for(qualified).name == "nar"
+    assert limiter.inspect(qualified).config.capacity == 3
+    assert limiter.configure(qualified, capacity=5).capacity == 5
+    assert limiter.acquire(qualified, 3).allowed  # raising capacity never refills for free
+    assert limiter.bucket(qualified) is not None and limiter.bucket("k-a-b") is None

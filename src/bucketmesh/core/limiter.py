@@ -72,7 +72,7 @@ from bucketmesh.core.bucket import (
 )
 from bucketmesh.core.decisions import Ask
 from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_limits
-from bucketmesh.core.rules import Rule
+from bucketmesh.core.rules import QUALIFIER, Rule
 
 SNAPSHOT_FORMAT: Final = 1
 TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
@@ -368,7 +368,13 @@ class Limiter:
         return None
 
     def rule_for(self, key: str) -> Rule:
-        """The first rule whose key template could have produced ``key``."""
+        """The rule a ``key%@<rule>`` key names (``rules.QUALIFIER``: another rule's
+        template claims its text), else the first rule whose template could have
+        produced ``key``."""
+        if QUALIFIER in key:
+            named = self.rules_by_name.get(key.rpartition(QUALIFIER)[2])
+            if named is not None:
+                return named
         for rule in self.rules:
             if rule.template.matches(key):
                 return rule
