@@ -31,6 +31,7 @@ from conftest import ServerFactory, free_port, make_config
 from test_envoy import (
     RESPONSE,
     _envoy_binary,
+    _generous_deadlines,
     _request,
     start_envoy,
     upstream,  # noqa: F401 - a fixture, used by name
@@ -271,8 +272,12 @@ def test_real_envoy_on_redis_gives_exactly_capacity_200s(
     node = serve(redis_config(redis_server.url, rls_port))
     listen_port, admin_port = free_port(), free_port()
     config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(
-        envoy_bootstrap(listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user")
+    config_path.write_text(  # deadlines that a saturated box cannot miss (a miss is a 429)
+        _generous_deadlines(
+            envoy_bootstrap(
+                listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user"
+            )
+        )
     )
     log = tmp_path / "envoy.log"
     binary = _envoy_binary()
