@@ -95,3 +95,20 @@ def test_tokens_in_a_query_are_ascii_digits(serve: ServerFactory, tokens: str) -
             ]
             == 7
         )
+
+
+def test_the_unversioned_aliases_answer_like_their_v1_paths_and_are_documented(
+    serve: ServerFactory,
+) -> None:
+    """Issue 13, part of case 6 (and the path case 1's prose names): GET /rate was 405
+    while GET /v1/rate worked; /bucket/state was 404; /openapi.json lacked the aliases."""
+    node = serve(make_config(RULES))
+    with node.client() as client:
+        assert client.get("/rate", headers={"X-A": "alias"}).json()["tokens_remaining"] == 9
+        assert client.get("/v1/rate", headers={"X-A": "alias"}).json()["tokens_remaining"] == 8
+        state = client.get("/bucket/state", params={"key": "a-alias"})
+        assert state.status_code == 200 and state.json()["tokens_remaining"] == 8
+        assert client.get("/bucket/state").json()["field"] == "key"
+        paths = client.get("/openapi.json").json()["paths"]
+        assert {"get", "post"} <= set(paths["/rate"])
+        assert "get" in paths["/bucket/state"] and "patch" in paths["/buckets/{key}"]

@@ -291,7 +291,6 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "responses": decision_responses,
             },
         },
-        "/rate": {"post": rate_post},
         "/v1/rate/batch": {
             "post": {
                 "summary": "Up to 1000 decisions in one request",
@@ -409,6 +408,10 @@ def openapi_document(version: str) -> dict[str, Any]:
             }
         },
     }
+    # the unversioned aliases the seed's articles use, answered exactly as their /v1 paths
+    paths["/rate"] = {**paths["/v1/rate"]}
+    paths["/bucket/state"] = {**paths["/v1/bucket/state"]}
+    paths["/buckets/{key}"] = {"patch": paths["/v1/buckets/{key}"]["patch"]}
     return {
         "openapi": "3.1.0",
         "info": {"title": "bucketmesh Rating API", "version": version},
