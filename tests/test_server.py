@@ -1207,7 +1207,8 @@ def test_empty_bucket_key_in_path_is_404(client: httpx.Client) -> None:
         ("POST", "/v1/status", {"GET"}),
         ("POST", "/healthz", {"GET"}),
         ("DELETE", "/v1/buckets/tiny", {"GET", "PATCH"}),
-        ("GET", "/rate", {"POST"}),
+        ("DELETE", "/rate", {"GET", "POST"}),  # GET /rate is served, as GET /v1/rate is
+        ("POST", "/bucket/state", {"GET"}),
     ],
 )
 def test_wrong_method_is_405_problem_json_with_allow(
