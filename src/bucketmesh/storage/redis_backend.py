@@ -418,7 +418,8 @@ class RedisBackend:
 
     def inspect(self, key: str, *, rule: str | None = None) -> Bucket | asyncio.Future[Bucket]:
         limiter = self.mirror.limiter
-        limiter.resolve_rule(key, rule) if key not in limiter.buckets else None  # NoRuleError now
+        if key not in limiter.buckets:
+            limiter.resolve_rule(key, rule)  # NoRuleError now, not from the future
         if not self.up:
             return limiter.inspect(key, rule=rule)
         return asyncio.ensure_future(self.inspect_now(key, rule))
