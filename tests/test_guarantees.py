@@ -112,3 +112,14 @@ def test_the_unversioned_aliases_answer_like_their_v1_paths_and_are_documented(
         paths = client.get("/openapi.json").json()["paths"]
         assert {"get", "post"} <= set(paths["/rate"])
         assert "get" in paths["/bucket/state"] and "patch" in paths["/buckets/{key}"]
+
+
+def test_a_patch_of_a_key_too_long_to_replicate_is_a_400_not_a_500(serve: ServerFactory) -> None:
+    """A per-key PATCH creates the bucket; a key over the limit must be refused like a
+    decision for it is (the limiter's refusal escaped the PATCH handler as a 500)."""
+    node = serve(make_config(RULES))
+    with node.client() as client:
+        refused = client.patch("/v1/buckets/a-" + "k" * MAX_KEY_BYTES, json={"capacity": 5})
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["field"] == "key"
+        assert client.get("/v1/status").json()["buckets"] == 0

@@ -442,7 +442,7 @@ class RatingApp:
             changed = self.decider.configure(
                 key, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
             )
-        except Exception as error:
+        except (LimiterError, ValueError) as error:
             raise self._patch_error(key, error) from None
         if isinstance(changed, Awaitable):
             changed = self._patch_later(key, changed)
@@ -456,20 +456,18 @@ class RatingApp:
     async def _patch_later(self, key: str, pending: Awaitable[BucketConfig]) -> BucketConfig:
         try:
             return await pending
-        except Exception as error:
+        except (LimiterError, ValueError) as error:
             raise self._patch_error(key, error) from None
 
     @staticmethod
-    def _patch_error(key: str, error: Exception) -> Exception:
+    def _patch_error(key: str, error: LimiterError | ValueError) -> ApiError:
         if isinstance(error, NoRuleError):
             return ApiError(
                 404, f"{key!r} is neither a rule nor a key of one: {error}", field="key"
             )
-        if isinstance(error, BucketCapReached):
-            return ApiError(503, str(error), headers=[("Retry-After", "1")], reason="bucket_cap")
-        if isinstance(error, ValueError):
-            return bad_request(str(error), getattr(error, "field", None) or "body")
-        return error
+        if isinstance(error, LimiterError):  # the cap, a key too long to replicate, ...
+            return limiter_error(error)
+        return bad_request(str(error), getattr(error, "field", None) or "body")
 
     # -- node ------------------------------------------------------------------
 
