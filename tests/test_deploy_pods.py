@@ -33,7 +33,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from conftest import eventually, free_port
 from test_deploy_chart import (
     ADMIN_TOKEN,
