@@ -335,12 +335,17 @@ def container_env(rendering: Rendering, pod_name: str) -> dict[str, str]:
 
 
 def start_pod(
-    rendering: Rendering, image: Stage, venv: Venv, directory: Path, region: str = ""
+    rendering: Rendering,
+    image: Stage,
+    venv: Venv,
+    directory: Path,
+    region: str = "",
+    ordinal: int = 0,
 ) -> Pod:
-    """The rendering's pod (the StatefulSet's first, or the Deployment's) on this machine,
-    the wheel's venv standing where the image installs it."""
+    """A pod of the rendering (the StatefulSet's first, or one of the Deployment's) on
+    this machine, the wheel's venv standing where the image installs it."""
     workload = rendering.workload
-    name = f"{workload['metadata']['name']}-0"
+    name = f"{workload['metadata']['name']}-{ordinal}"
     volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
     table: dict[str, Path] = {"/opt/bucketmesh": venv.path}
     config_dir: Path | None = None
@@ -469,6 +474,9 @@ def test_the_rendering_of_three_regions_boots_a_mesh_that_shares_one_bucket(
     assert state["capacity"] == 5000
     assert state["tokens_remaining"] < 5000
 
+    metrics = httpx.get(central.url("/metrics"), timeout=10.0)
+    assert 'bucketmesh_sync_peer_up{peer="us-east-1"} 1.0' in metrics.text
+
     # the admin token of the Secret guards PATCH
     refused = httpx.patch(central.url("/v1/buckets/per-ip"), json={"capacity": 200}, timeout=10.0)
     assert refused.status_code == 401, refused.text
@@ -505,3 +513,36 @@ def test_a_config_the_binary_rejects_fails_the_boot(
     assert pod.process.wait(READY_TIMEOUT_S) == 2
     stderr = pod.stderr_path.read_text()
     assert "buckets.yaml: rule 1" in stderr and "refillRate must be > 0" in stderr, stderr
+
+
+def test_the_redis_rendering_boots_pods_that_share_one_bucket_in_redis(
+    venv: Venv, tmp_path: Path, pods: list[Pod], redis_server: Any
+) -> None:
+    """storage.backend=redis: two pods of one region share the Redis the Secret names.
+    Each is rendered with a port of its own (on a cluster each pod has its own IP)."""
+    _, image = dockerfile_stages()
+    started = []
+    for ordinal in range(2):
+        values = values_from_sets(
+            "region=us-east-1",
+            "storage.backend=redis",
+            f"storage.redisUrl={redis_server.url}",
+            "replicaCount=2",
+            f"containerPorts.http={free_port()}",
+        )
+        rendering = render(values)
+        assert rendering.workload["kind"] == "Deployment"
+        assert rendering.workload["spec"]["replicas"] == 2
+        pod = start_pod(rendering, image, venv, tmp_path / f"pod-{ordinal}", ordinal=ordinal)
+        pods.append(pod)
+        started.append(pod)
+    for pod in started:
+        pod.wait_ready()
+    for pod in started:
+        assert burst(pod, 3, "redis-shared") == [200] * 3
+    for pod in started:
+        state = state_of(pod, "agent-api-key-redis-shared")
+        used = sum(entry["used"] for entry in state["replicas"].values())
+        assert used == 6, state  # one region store: both pods' grants in one bucket
+    for pod in started:
+        assert pod.stop(60) == 0, pod.describe()
