@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import socket
 import time
 from collections import deque
@@ -81,6 +82,7 @@ __all__ = ["Handler", "HttpServer", "Request", "Response", "ServerLimits", "prob
 _log = logging.getLogger(__name__)
 
 _LINGER_SECONDS: Final = 2.0
+_NON_ASCII: Final = re.compile(rb"[\x80-\xff]")
 _FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
 _BACKLOG: Final = 2048
 # Headers that frame the message: the server writes them itself and drops the handler's.
@@ -373,6 +375,7 @@ class _Connection(asyncio.Protocol):
         "_headers",
         "_http_version",
         "_in_message",
+        "_in_target",
         "_keep_alive",
         "_limits",
         "_linger_until",
@@ -413,6 +416,7 @@ class _Connection(asyncio.Protocol):
         self._deferred: deque[_Deferred] = deque()
         # the message being received
         self._in_message = False
+        self._in_target = False  # a request line with raw non-ASCII bytes goes on
         self._head_done = False
         self._head_raw = 0
         self._head_bytes = 0
@@ -469,6 +473,8 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return  # lingering, or answering what was already read: input is discarded
         self._now = now = self._loop.time()
+        if not data.isascii() and (self._in_target or not self._in_message):
+            data = self._escaped_target(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
@@ -487,6 +493,17 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             self._flush()
         self._refresh_deadline(now)
+
+    def _escaped_target(self, data: bytes) -> bytes:
+        """``data`` with the raw non-ASCII bytes of the request line it begins with
+        percent-escaped. curl sends a typed ``?key=my‑agent`` (U+2011) as raw UTF-8,
+        which llhttp refuses in a URL; escaped, it reads as the same key a header
+        gives. Only a request line at the start of a read is seen here: one pipelined
+        behind another request in the same read still gets llhttp's 400."""
+        end = data.find(b"\n")
+        self._in_target = end < 0  # the line goes on in the next read
+        line, rest = (data, b"") if end < 0 else (data[:end], data[end:])
+        return _NON_ASCII.sub(lambda byte: b"%%%02X" % byte.group()[0], line) + rest
 
     def eof_received(self) -> bool:
         self._peer_eof = True
