@@ -294,6 +294,13 @@ def test_a_patch_of_no_rule_names_the_rule_that_exists(openclaw: Server) -> None
     assert "rules: agent-api-key" in answer.json()["detail"]
 
 
+def test_only_a_name_made_ascii_is_an_alias(serve: ServerFactory) -> None:
+    # per-ip is named by its author: "ip", its template's prefix, does not name it
+    server = serve(raw_config=example_config())
+    assert httpx.get(server.url("/v1/buckets/per-ip")).json()["applies_to"] == "rule"
+    assert httpx.get(server.url("/v1/buckets/ip")).status_code == 404
+
+
 def test_a_header_that_is_not_utf8_is_refused_naming_it(openclaw: Server) -> None:
     answer = httpx.post(
         openclaw.url("/v1/rate"), headers={"X-API-Key": b"my\xe9agent"}, json={"tokens": 1}

@@ -118,13 +118,15 @@ class RatingApp:
         self.cluster_id = cluster_id
         # what GET /v1/bucket/state without ?key= reads (config defaultStateKey)
         self.default_state_key = KeyTemplate(default_state_key) if default_state_key else None
-        # a rule by the name its template shows, where that is not its name:
-        # "agent\u2011api\u2011key" for the rule agent-api-key of "agent\u2011api\u2011key-{{…}}"
+        # an unnamed rule by the name its template shows, where making that ASCII changed
+        # it: "agent\u2011api\u2011key" for agent-api-key of "agent\u2011api\u2011key-{{…}}"
         names = decider.rules_by_name
         self.rule_aliases = {
             rule.template.shown_name: rule.name
             for rule in decider.rules
-            if rule.template.shown_name and rule.template.shown_name not in names
+            if rule.name == rule.template.default_name
+            and rule.template.shown_name not in (rule.name, "")
+            and rule.template.shown_name not in names
         }
         self.admin = AdminAuth(admin_token)
         self.router = router or Router(metrics)
