@@ -202,3 +202,11 @@ def test_a_bad_argument_exits_2_naming_it(
     assert "Traceback" not in out + err, err
     assert status == 2, f"status {status}\n{out}\n{err}"
     assert name in err, err
+
+
+def test_run_single_keeps_its_state_in_a_documented_directory(tmp_path: Path) -> None:
+    from bucketmesh.node.cli import state_dir
+
+    assert state_dir({"BUCKETMESH_STATE_DIR": str(tmp_path)}) == tmp_path
+    assert state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "bucketmesh"
+    assert state_dir({}) == Path.home() / ".local" / "state" / "bucketmesh"

@@ -9,6 +9,7 @@ import pytest
 
 from bucketmesh.core.rules import KeyTemplate
 from bucketmesh.node.config import (
+    DEFAULT_PEER_URL_TEMPLATE,
     ENV_OVERRIDES,
     Config,
     ConfigError,
@@ -270,7 +271,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
             "sync:\n  zzz: 1\n",
             "sync.zzz",
             "bucketmesh.yaml: sync.zzz is not a known field; known: enabled, syncClusterId, "
-            "peers, peerUrls, peerUrlTemplate, secret, interval, peerTimeout",
+            "peers, peerUrls, peerUrlTemplate, secret, secretFile, interval, peerTimeout",
         ),
         ("sync: 5\n", "sync", "bucketmesh.yaml: sync: expected a mapping, got 5"),
         (
@@ -335,13 +336,35 @@ def test_unreadable_file(tmp_path: Path) -> None:
         (
             "sync:\n  enabled: true\n  peers: [a]\n  peerUrls: {a: 'http://a'}\n",
             "sync.secret",
-            "bucketmesh.yaml: sync.secret is required when sync.enabled is true",
+            "bucketmesh.yaml: sync.secret is required when sync.enabled is true: set "
+            "sync.secret (e.g. secret: ${BUCKETMESH_SYNC_SECRET}) or the environment variable "
+            "BUCKETMESH_SYNC_SECRET, or point sync.secretFile or BUCKETMESH_SYNC_SECRET_FILE "
+            "at a file holding it (a mounted Kubernetes Secret)",
         ),
         (
-            "region: a\nsync:\n  enabled: true\n  secret: s\n  peers: [a, b]\n",
+            "region: a\nsync:\n  enabled: true\n  secret: s\n  peers: [a, b, c]\n"
+            "  peerUrls: {c: 'http://c:8080'}\n",
             "sync.peerUrls",
             "bucketmesh.yaml: sync.peerUrls has no URL for region 'b', which sync.peers lists; "
-            'add one or give a template such as "http://bucketmesh-{region}:8080"',
+            "add sync.peerUrls.b (or BUCKETMESH_SYNC_PEER_URLS=region=url,...), or give a "
+            'template such as "http://bucketmesh-{region}:8080" instead of a map',
+        ),
+        (
+            "sync:\n  secret: s\n  secretFile: /run/secrets/sync\n",
+            "sync.secretFile",
+            "bucketmesh.yaml: sync.secretFile cannot be given with sync.secret; keep one",
+        ),
+        (
+            "sync:\n  enabled: true\n  secretFile: /nonexistent/secret\n",
+            "sync.secretFile",
+            "bucketmesh.yaml: sync.secretFile cannot read '/nonexistent/secret': "
+            "No such file or directory",
+        ),
+        (
+            'defaultStateKey: "x-{{ .Request.Nope }}"\n',
+            "defaultStateKey",
+            "bucketmesh.yaml: defaultStateKey: unknown placeholder {{ .Request.Nope }} in key "
+            "template 'x-{{ .Request.Nope }}'",
         ),
         (
             "sync:\n  syncClusterId: ''\n",
@@ -941,7 +964,11 @@ def test_unknown_override_key_is_named_with_a_suggestion() -> None:
 
 
 def test_a_combination_error_after_overrides_names_the_config_file(tmp_path: Path) -> None:
-    path = write(tmp_path, "bucketmesh.yaml", "region: a\nsync:\n  peers: [a, b]\n")
+    path = write(
+        tmp_path,
+        "bucketmesh.yaml",
+        "region: a\nsync:\n  peers: [a, b]\n  peerUrls: {a: 'http://a'}\n",
+    )
     base = load_config(path, environ={})
     with pytest.raises(ConfigError) as raised:
         apply_overrides(base, {"sync.enabled": "true", "sync.secret": "s"})
@@ -954,3 +981,115 @@ def test_buckets_override_loads_a_buckets_file(tmp_path: Path) -> None:
     config = apply_overrides(Config(), {"buckets": path})
     assert config.buckets_path == path
     assert [(rule.name, rule.capacity) for rule in config.buckets] == [("z", 2)]
+
+
+# -- what a Kubernetes operator keeps outside the file (issue 13) -------------------
+
+SYNC_SNIPPET = """\
+region: us-east-1
+listen: 127.0.0.1:8080
+sync:
+  enabled: true
+  syncClusterId: "global-rate-limit-cluster"
+  peers:
+    - "us-east-1"
+    - "us-west-2"
+    - "eu-central-1"
+"""
+
+
+def test_the_environment_gives_the_secret_a_file_with_sync_enabled_lacks(tmp_path: Path) -> None:
+    # The file sets sync.enabled without a secret: BUCKETMESH_SYNC_SECRET still counts
+    # (the environment beats the file), it is not refused before the variable is read.
+    path = write(tmp_path, "bucketmesh.yaml", SYNC_SNIPPET)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={})
+    assert raised.value.field == "sync.secret"
+    assert "BUCKETMESH_SYNC_SECRET" in str(raised.value)
+    base = load_config(path, environ={}, complete=False)
+    config = apply_overrides(base, env_overrides({"BUCKETMESH_SYNC_SECRET": "from-env"}))
+    assert config.sync.secret == "from-env"
+
+
+def test_the_secret_comes_from_a_mounted_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("mounted-secret\n")
+    path = write(tmp_path, "bucketmesh.yaml", SYNC_SNIPPET + f"  secretFile: {secret}\n")
+    assert load_config(path, environ={}).sync.secret == "mounted-secret"
+    # ... or from BUCKETMESH_SYNC_SECRET_FILE; and BUCKETMESH_SYNC_SECRET beats the file's
+    base = load_config(write(tmp_path, "b.yaml", SYNC_SNIPPET), environ={}, complete=False)
+    by_env = env_overrides({"BUCKETMESH_SYNC_SECRET_FILE": str(secret)})
+    assert apply_overrides(base, by_env).sync.secret == "mounted-secret"
+    with_file = load_config(path, environ={}, complete=False)
+    by_var = env_overrides({"BUCKETMESH_SYNC_SECRET": "from-env"})
+    assert apply_overrides(with_file, by_var).sync.secret == "from-env"
+    secret.write_text("")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, environ={})
+    assert (raised.value.field, raised.value.file) == ("sync.secretFile", path)
+
+
+def test_peer_urls_default_to_one_service_per_region_on_this_nodes_port(tmp_path: Path) -> None:
+    path = write(tmp_path, "bucketmesh.yaml", SYNC_SNIPPET + "  secret: s\n")
+    config = load_config(path, environ={})
+    assert config.sync.peer_url_template == DEFAULT_PEER_URL_TEMPLATE.replace("{port}", "8080")
+    assert config.remote_peers == {
+        "us-west-2": "http://bucketmesh-us-west-2:8080",
+        "eu-central-1": "http://bucketmesh-eu-central-1:8080",
+    }
+
+
+CONFIG_MAP = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: openclaw-config
+data:
+  buckets.yaml: |
+    buckets:
+      - key: "agent\u2011api\u2011key-{{ .Request.Header.X-API-Key }}"
+        capacity: 5000
+        refillRate: 50
+        ttl: 3600
+"""
+
+
+def test_rules_are_read_from_a_config_maps_buckets_yaml(tmp_path: Path) -> None:
+    write(tmp_path, "openclaw-config.yaml", CONFIG_MAP)
+    path = write(tmp_path, "bucketmesh.yaml", "buckets: openclaw-config.yaml\n")
+    (rule,) = load_config(path, environ={}).buckets
+    assert (rule.key, rule.capacity, rule.refill_rate) == (
+        "agent\u2011api\u2011key-{{ .Request.Header.X-API-Key }}",
+        5000,
+        50.0,
+    )
+    assert rule.template.shown_name == "agent\u2011api\u2011key"
+
+
+def test_a_config_map_without_buckets_yaml_or_given_as_the_config_is_named(
+    tmp_path: Path,
+) -> None:
+    cm = write(tmp_path, "cm.yaml", CONFIG_MAP.replace("buckets.yaml: |", "other.yaml: |"))
+    with pytest.raises(ConfigError) as raised:
+        load_buckets(cm)
+    assert str(raised.value) == (
+        f'{cm}: data."buckets.yaml" is required: this ConfigMap holds no rules there '
+        '(its data has "other.yaml")'
+    )
+    bad = write(tmp_path, "bad.yaml", CONFIG_MAP.replace("capacity: 5000", "capacity: -1"))
+    with pytest.raises(ConfigError) as raised:
+        load_buckets(bad)
+    assert str(raised.value).startswith(f'{bad}: data."buckets.yaml": rule 1 (agent-api-key): ')
+    with pytest.raises(ConfigError) as raised:
+        load_config(write(tmp_path, "c.yaml", CONFIG_MAP), environ={})
+    assert raised.value.field == "kind"
+    assert "give its file as buckets:" in str(raised.value)
+
+
+def test_default_state_key_is_a_setting_with_a_variable() -> None:
+    config = parse_config('defaultStateKey: "ip-{{ .Request.ClientIP }}"\n', environ={})
+    assert config.default_state_key == "ip-{{ .Request.ClientIP }}"
+    overridden = apply_overrides(
+        config, env_overrides({"BUCKETMESH_DEFAULT_STATE_KEY": "anonymous"})
+    )
+    assert overridden.default_state_key == "anonymous"

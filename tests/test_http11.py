@@ -884,3 +884,94 @@ def test_handler_asking_to_close_closes_and_a_broken_response_gets_500() -> None
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match=r"ServerLimits\.max_headers must be positive"):
         ServerLimits(max_headers=0)
+
+
+def test_header_values_and_the_target_are_decoded_as_utf8_alike() -> None:
+    # U+2011 (non-breaking hyphen) typed in a header, percent-escaped in the path (as
+    # curl sends a path) and raw in the query (as curl sends a query): one string
+    # everywhere, never Latin-1 mojibake (the header read "my\xe2\x80\x91agent") and
+    # never llhttp's 400 "Invalid char in url query".
+    typed = "my\u2011agent"
+    with serving(echo) as running:
+        client = Client(running.port)
+        for target in (
+            f"/v1/buckets/my%e2%80%91agent?key={typed}",
+            f"/v1/buckets/{typed}?key={typed}",
+        ):
+            client.send(
+                f"GET {target} HTTP/1.1\r\nHost: test\r\nX-API-Key: {typed}\r\n\r\n".encode()
+            )
+            status, _, body = client.response()
+            assert status == "HTTP/1.1 200 OK", body
+            document = json.loads(body)
+            assert document["headers"]["x-api-key"] == typed
+            assert document["path"] == f"/v1/buckets/{typed}"
+            assert document["query"] == {"key": typed}
+        # a request line split across reads, raw bytes after the split too
+        raw = f"GET /v1/buckets/{typed}?key={typed} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+        client.send(raw[:20])
+        running.settle()
+        client.send(raw[20:])
+        status, _, body = client.response()
+        assert json.loads(body)["query"] == {"key": typed}
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("request_head", "field", "detail"),
+    [
+        (
+            b"GET / HTTP/1.1\r\nHost: t\r\nX-API-Key: my\xe2agent\r\n\r\n",
+            "X-API-Key",
+            "header X-API-Key is not UTF-8 text; send its value encoded as UTF-8",
+        ),
+        (
+            b"GET /?key=my%E2agent HTTP/1.1\r\nHost: t\r\n\r\n",
+            "key",
+            "query parameter key has percent-escapes that are not UTF-8",
+        ),
+        (
+            b"GET /my%FF HTTP/1.1\r\nHost: t\r\n\r\n",
+            None,
+            "the request path has percent-escapes that are not UTF-8",
+        ),
+        (
+            b"GET /my\xff HTTP/1.1\r\nHost: t\r\n\r\n",
+            None,
+            "the request path has percent-escapes that are not UTF-8",
+        ),
+    ],
+)
+def test_bytes_that_are_not_utf8_get_a_400_naming_where(
+    request_head: bytes, field: str | None, detail: str
+) -> None:
+    with serving(echo) as running:
+        client = Client(running.port)
+        client.send(request_head)
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 400 Bad Request"
+        assert headers["content-type"] == "application/problem+json"
+        document = json.loads(body)
+        assert document["detail"] == detail
+        assert document.get("field") == field
+        assert client.at_eof()
+        assert running.errors == []
+
+
+def test_shutdown_does_not_wait_for_a_client_that_keeps_a_closed_connection_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After a Connection: close answer the server lingers, reading what the client
+    # still sends; a shutdown must not wait for that (run --single took 1.6 s to
+    # exit on Ctrl-C). A linger longer than any test shows the difference without
+    # measuring time: shutdown returns only if it does not wait for it.
+    monkeypatch.setattr("bucketmesh.http.server._LINGER_SECONDS", 3600.0)
+    with serving(path_echo) as running:
+        lingering = Client(running.port)
+        lingering.send(get("/bye", "Connection: close"))
+        status, headers, body = lingering.response()
+        assert (status, headers["connection"], body) == ("HTTP/1.1 200 OK", "close", b"/bye")
+        assert running.open_connections() == 1
+        running.call(running.server.shutdown(grace=3600))
+        assert running.open_connections() == 0
+        assert lingering.at_eof()  # the client never closed its end

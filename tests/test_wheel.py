@@ -224,7 +224,10 @@ def test_the_wheel_carries_its_data_and_imports_from_the_venv(venv: Venv, outsid
     assert int(length) > 0
 
 
-def test_run_single_serves_the_packaged_example(venv: Venv, outside: Path) -> None:
+def test_run_single_serves_the_packaged_example(
+    venv: Venv, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(outside / "state"))  # not the real home
     before = venv.package_files()
     node = Process(venv, ["run", "--single", "--listen", "127.0.0.1:0"], outside)
     try:
@@ -239,9 +242,11 @@ def test_run_single_serves_the_packaged_example(venv: Venv, outside: Path) -> No
         assert node.stop(signal.SIGINT) == 0, node.describe()
     finally:
         node.kill()
-    # the example's snapshot (./data/state.snap) is relative to the working directory,
-    # written there on the way out; nothing is written into the installed package
-    assert (outside / "data" / "state.snap").is_file()
+    # the snapshot goes to the state directory ($XDG_STATE_HOME/bucketmesh), written
+    # there on the way out, not into the working directory; nothing is written into
+    # the installed package
+    assert (outside / "state" / "bucketmesh" / "state.snap").is_file()
+    assert not (outside / "data").exists()
     assert venv.package_files() == before
     assert _running(venv) == []
 

@@ -30,6 +30,12 @@ import pytest
 import yaml
 
 from bucketmesh.tooling.cluster import LocalMesh
+from bucketmesh.tooling.xr.load import Recorder
+from bucketmesh.tooling.xr.runner import LoadRun, RunResult
+from bucketmesh.tooling.xr.scenario import parse_scenario
+from bucketmesh.tooling.xr.scrape import MetricsScraper, StatePoint, StateWatcher
+from bucketmesh.tooling.xr.slo import evaluate
+from bucketmesh.tooling.xr.verify import RegionView, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "scenarios"
@@ -293,3 +299,125 @@ def test_run_against_urls_partitions_through_the_fault_endpoint(
     assert "partition: r2 cut off from r1" in output
     metrics = httpx.get(f"{mesh.urls['r2']}/metrics").text
     assert 'bucketmesh_sync_fault_dropped_total{direction="outbound",peer="r1"}' in metrics
+
+
+# -- against a real deployment whose names are not the scenario's (issue 13) --------
+
+
+def test_run_against_urls_maps_scenario_regions_onto_the_deployments(
+    mesh: LocalMesh, tmp_path: Path
+) -> None:
+    # The scenario names regions the deployment does not have; the runner maps them
+    # (a name both have stays itself, the rest pair up in --url order) before anything
+    # runs, instead of a KeyError seconds in.
+    scenario = tmp_path / "renamed.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "renamed",
+                "regions": ["us-east-1", "ap-southeast-2"],
+                "phases": [
+                    {"load": {"duration": 3, "rate": {"us-east-1": 50, "ap-southeast-2": 50}}},
+                    {"partition": {"region": "ap-southeast-2", "duration": 1}},
+                    {"verify": {"tolerance": 0, "within": VERIFY_WITHIN_S}},
+                ],
+            }
+        )
+    )
+    overrides = [arg for item in RELAXED_TIMING for arg in ("--slo", item)]
+    done = xr(
+        "run",
+        str(scenario),
+        *url_args(mesh),
+        "--admin-token",
+        "xr-test",
+        "--out",
+        str(tmp_path / "report"),
+        "--no-live",
+        *overrides,
+    )
+    output = done.stdout + done.stderr
+    assert "KeyError" not in output
+    assert "us-east-1 → r1, ap-southeast-2 → r2" in output
+    assert "partition: r2 cut off from r1" in output
+    assert done.returncode == 0, output
+
+
+def test_run_with_fewer_urls_than_scenario_regions_is_refused_up_front(tmp_path: Path) -> None:
+    done = xr(
+        "run",
+        str(SCENARIOS / "partition-30s.yaml"),
+        "--url",
+        "us-west-2=http://127.0.0.1:9",
+        "--url",
+        "eu-west-1=http://127.0.0.1:9",
+        "--out",
+        str(tmp_path / "report"),
+        "--no-live",
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert (
+        "argument --url: the scenario partition-30s has 3 regions (us-east-1, eu-central-1, "
+        "ap-southeast-2) and --url gives 2 (us-west-2, eu-west-1)"
+    ) in done.stderr
+
+
+def scaled_partition_result(level_after: float, admitted: int) -> RunResult:
+    """A run as the runner records it: one key, 900 req/s for W = 19 s on a bucket of
+    5000 at 50/s, one 6 s partition, and a state poll 0.25 s after the last answer at
+    which every region has heard every spend and reads ``level_after``."""
+    scenario = parse_scenario(
+        yaml.safe_dump(
+            {
+                "name": "scaled",
+                "regions": ["a", "b", "c"],
+                "phases": [{"load": {"duration": 19}}],
+            }
+        )
+    )
+    urls = {r: f"http://{r}" for r in scenario.regions}
+    recorder = Recorder(t0=100.0)
+    requests = 900 * 19
+    for i in range(requests):
+        due = 100.0 + 19.0 * i / (requests - 1)
+        recorder.answered("a", "k", due, due, 200 if i < admitted else 429, False)
+    watcher = StateWatcher(urls, "k", 100.0)
+    for region in urls:
+        watcher.points.append(StatePoint(19.25, region, level_after, admitted, 3, 0))
+    result = RunResult(
+        scenario, urls, "k", 5000.0, 50.0, recorder, MetricsScraper(urls, 100.0), watcher
+    )
+    result.loads.append(LoadRun("k", dict.fromkeys(urls, 300.0), 0.0, 19.0))
+    result.partitions.append(6.0)
+    return result
+
+
+def test_consumption_counts_the_partition_debt_a_shortened_run_has_not_repaid() -> None:
+    # xr run --scale 0.2 against a 3-region mesh: the partition admitted 1600 tokens
+    # more, which at 50/s takes 32 s to repay and the shortened load ends first (the
+    # bucket reads −1588 just after): +26.89 % against C + r·W, 0 % once the debt
+    # still owed is in the expected figure. Over-admission is judged as before.
+    result = scaled_partition_result(level_after=-1588, admitted=7550)
+    consumption, *_ = [s for s in evaluate(result) if s.name == "token consumption vs expected"]
+    assert consumption.passed, consumption
+    assert consumption.measured == "+0.00 %"
+    assert "+ unrepaid partition debt 1600" in consumption.note
+    over = next(s for s in evaluate(result) if s.name == "over-admission vs documented bound")
+    assert over.measured == "+1600 tokens"
+    # a full-scale run repaid its debt: the bucket reads about its refill since the end
+    repaid = scaled_partition_result(level_after=12, admitted=5950)
+    consumption, *_ = [s for s in evaluate(repaid) if s.name == "token consumption vs expected"]
+    assert consumption.passed and "debt" not in consumption.note, consumption
+
+
+def test_the_verify_slo_shows_the_figure_it_judged() -> None:
+    same = {"a/n/1": 40, "b/n/1": 60}
+    verdict = Verdict("k", 0, [RegionView("a", 4899, same), RegionView("b", 4900, same)])
+    assert verdict.passed
+    assert verdict.judged == "replicas identical (levels read 1 apart: refill between reads)"
+    assert verdict.lines()[-1] == (
+        "replicas identical (levels read 1 apart: refill between reads): PASS"
+    )
+    differ = Verdict("k", 0, [RegionView("a", 4899, same), RegionView("b", 4900, {"b/n/1": 1})])
+    assert (differ.passed, differ.judged) == (False, "spread 1, replicas differ")

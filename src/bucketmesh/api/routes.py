@@ -14,6 +14,7 @@ input and never answers 5xx for it.
 
 from __future__ import annotations
 
+import difflib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from bucketmesh.core.limiter import (
     RuleMismatch,
 )
 from bucketmesh.core.limits import LimitError, check_limits
-from bucketmesh.core.rules import first_match
+from bucketmesh.core.rules import KeyTemplate, first_match
 from bucketmesh.http import wire
 from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import JSON, ApiError, bad_request, body_error, require_json
@@ -44,6 +45,11 @@ from bucketmesh.telemetry.metrics import NodeMetrics
 
 MAX_BATCH = 1000
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
+#: How a 400 for a request no rule matches says to answer such requests anyway.
+CATCH_ALL_HINT = (
+    'to answer requests without it, add a catch-all rule last, e.g. key: "ip-{{ '
+    '.Request.ClientIP }}" (one bucket per client) or key: "anonymous" (one shared bucket)'
+)
 
 
 class SyncView(Protocol):
@@ -97,6 +103,7 @@ class RatingApp:
         region: str,
         node: str,
         cluster_id: str = "",
+        default_state_key: str | None = None,
         admin_token: str | None = None,
         metrics: NodeMetrics | None = None,
         router: Router | None = None,
@@ -109,6 +116,18 @@ class RatingApp:
         self.region = region
         self.node = node
         self.cluster_id = cluster_id
+        # what GET /v1/bucket/state without ?key= reads (config defaultStateKey)
+        self.default_state_key = KeyTemplate(default_state_key) if default_state_key else None
+        # an unnamed rule by the name its template shows, where making that ASCII changed
+        # it: "agent\u2011api\u2011key" for agent-api-key of "agent\u2011api\u2011key-{{…}}"
+        names = decider.rules_by_name
+        self.rule_aliases = {
+            rule.template.shown_name: rule.name
+            for rule in decider.rules
+            if rule.name == rule.template.default_name
+            and rule.template.shown_name not in (rule.name, "")
+            and rule.template.shown_name not in names
+        }
         self.admin = AdminAuth(admin_token)
         self.router = router or Router(metrics)
         self.metrics = self.router.metrics
@@ -280,7 +299,7 @@ class RatingApp:
         missing = first.template.missing(headers, query, client_ip)
         raise bad_request(
             f"no rule matches this request: {missing.detail} (rule {first.name!r} needs it), "
-            'and no "key" was given',
+            f'and no "key" was given; {CATCH_ALL_HINT}',
             missing.field or "key",
         )
 
@@ -393,16 +412,40 @@ class RatingApp:
         )
 
     def bucket_state(self, request: Request) -> Answer:
-        key = request.query.get("key")
-        if not key:
-            raise bad_request("query parameter key is required", "key")
+        key = request.query.get("key") or self._default_state_key(request)
         return self._bucket_answer(key, request.query.get("rule") or None)
 
+    def _default_state_key(self, request: Request) -> str:
+        """The key a bare GET /v1/bucket/state reads: defaultStateKey rendered from it."""
+        template = self.default_state_key
+        if template is None:
+            raise bad_request(
+                "query parameter key is required; to let a request without it read one "
+                "bucket, set defaultStateKey in the config (or BUCKETMESH_DEFAULT_STATE_KEY)",
+                "key",
+            )
+        headers, query, client_ip = request.headers, request.query, request.client_ip
+        key = template.render(headers, query, client_ip)
+        if key is None:
+            missing = template.missing(headers, query, client_ip)
+            raise bad_request(
+                f"query parameter key is required: {missing.detail}, which the config's "
+                f"defaultStateKey {template.text!r} needs",
+                missing.field or "key",
+            )
+        return key
+
+    def _rule_named(self, name: str) -> str | None:
+        """The rule ``name`` is, by its name or by the name its template shows."""
+        if name in self.decider.rules_by_name:
+            return name
+        return self.rule_aliases.get(name)
+
     def bucket_get(self, request: Request, key: str) -> Answer:
-        rule = self.decider.rules_by_name.get(key)
-        if rule is not None:
-            config = self.decider.rule_config(key)
-            return self._json(self._config_body(key, rule.name, config, "rule"))
+        name = self._rule_named(key)
+        if name is not None:
+            config = self.decider.rule_config(name)
+            return self._json(self._config_body(key, name, config, "rule"))
         return self._bucket_answer(key)
 
     def _config_body(
@@ -437,10 +480,11 @@ class RatingApp:
             check_limits(capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode)
         except LimitError as error:
             raise bad_request(str(error), error.field) from None
-        is_rule = key in self.decider.rules_by_name
+        rule_name = self._rule_named(key)
+        target = key if rule_name is None else rule_name
         try:
             changed = self.decider.configure(
-                key, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
+                target, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
             )
         except (LimiterError, ValueError) as error:
             raise self._patch_error(key, error) from None
@@ -448,8 +492,9 @@ class RatingApp:
             changed = self._patch_later(key, changed)
 
         def body(config: BucketConfig) -> Response:
-            rule = key if is_rule else self.decider.rule_of(key)
-            return self._json(self._config_body(key, rule, config, "rule" if is_rule else "key"))
+            rule = rule_name if rule_name is not None else self.decider.rule_of(key)
+            applies_to = "key" if rule_name is None else "rule"
+            return self._json(self._config_body(key, rule, config, applies_to))
 
         return self._answer(changed, body, None)
 
@@ -459,11 +504,16 @@ class RatingApp:
         except (LimiterError, ValueError) as error:
             raise self._patch_error(key, error) from None
 
-    @staticmethod
-    def _patch_error(key: str, error: LimiterError | ValueError) -> ApiError:
+    def _patch_error(self, key: str, error: LimiterError | ValueError) -> ApiError:
         if isinstance(error, NoRuleError):
+            names = [*self.decider.rules_by_name, *self.rule_aliases]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean the rule {close[0]!r}?)" if close else ""
+            rules = ", ".join(self.decider.rules_by_name) or "none"
             return ApiError(
-                404, f"{key!r} is neither a rule nor a key of one: {error}", field="key"
+                404,
+                f"{key!r} is neither a rule nor a key of one: {error}{hint}; rules: {rules}",
+                field="key",
             )
         if isinstance(error, LimiterError):  # the cap, a key too long to replicate, ...
             return limiter_error(error)

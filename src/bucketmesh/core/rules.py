@@ -416,6 +416,13 @@ class KeyTemplate:
         return _sanitized_name(self.literal_prefix)
 
     @property
+    def shown_name(self) -> str:
+        """The literal prefix as written, ends trimmed as in ``default_name`` but not
+        made ASCII: ``agent\u2011api\u2011key-{{…}}`` → ``agent\u2011api\u2011key``
+        (what a reader of the template calls the rule)."""
+        return self.literal_prefix.strip(_NAME_TRIM)
+
+    @property
     def header_names(self) -> tuple[str, ...]:
         """Lower-cased names of the headers the template reads."""
         return tuple(lk.name for lk in self._lookups if lk.source == "header")

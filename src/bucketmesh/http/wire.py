@@ -247,7 +247,6 @@ def openapi_document(version: str) -> dict[str, Any]:
         "schema": {"type": "string", "maxLength": 256},
     }
     key_q = {"name": "key", "in": "query", "required": False, "schema": {"type": "string"}}
-    key_required = {"name": "key", "in": "query", "required": True, "schema": {"type": "string"}}
     tokens_q = {
         "name": "tokens",
         "in": "query",
@@ -314,10 +313,12 @@ def openapi_document(version: str) -> dict[str, Any]:
         "/v1/bucket/state": {
             "get": {
                 "summary": "One bucket's replicated state",
-                "parameters": [key_required, rule_q],
+                "description": "Without key: the bucket the config's defaultStateKey "
+                "template renders from this request (400 naming the setting when unset).",
+                "parameters": [key_q, rule_q],
                 "responses": {
                     "200": _json("BucketStateBody", "The bucket"),
-                    "400": _problem_response("Missing key"),
+                    "400": _problem_response("Missing key and no defaultStateKey"),
                     "404": _problem_response("No rule matches the key"),
                 },
             }

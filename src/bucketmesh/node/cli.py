@@ -17,13 +17,10 @@ import math
 import os
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
-
-import msgspec
-import yaml
 
 from bucketmesh import __version__
 from bucketmesh.node.config import (
@@ -34,7 +31,6 @@ from bucketmesh.node.config import (
     env_overrides,
     load_buckets,
     load_config,
-    parse_config,
     parse_listen,
 )
 from bucketmesh.storage.wal import DURABILITIES
@@ -105,7 +101,8 @@ def _settings(config: Config) -> NodeSettings:
         host=config.listen_host,
         port=config.listen_port,
         rules=config.buckets,
-        cluster_id=config.sync.sync_cluster_id if config.sync.enabled else "",
+        default_state_key=config.default_state_key,
+        cluster_id=config.sync.sync_cluster_id,
         admin_token=config.admin.token,
         snapshot=config.storage.snapshot,
         snapshot_interval_s=config.storage.snapshot_interval_ms / 1000,
@@ -126,44 +123,16 @@ def _settings(config: Config) -> NodeSettings:
 
 
 def load(path: str, flags: dict[str, str], *, insecure_sync: bool = False) -> Config:
-    """The config of ``path`` with env and flag overrides applied. ``insecure_sync``
-    accepts an enabled mesh without ``sync.secret``; everything else is checked."""
+    """The config of ``path`` with env and flag overrides applied, then completed: what
+    an enabled mesh needs (its secret, peer URLs) may come from any of them, and the
+    environment beats the file. ``insecure_sync`` accepts an enabled mesh without a
+    secret; everything else is checked."""
     overrides = env_overrides(os.environ)
     origin = {key: var for var, key in ENV_OVERRIDES.items() if var in os.environ}
     overrides.update(flags)
     origin.update({key: FLAG_NAMES.get(key, f"override {key}") for key in flags})
-    try:
-        config = load_config(path)
-        return apply_overrides(config, overrides, origin=origin) if overrides else config
-    except ConfigError as error:
-        if not (insecure_sync and error.field == "sync.secret"):
-            raise
-    # Load with sync off, which skips the secret check, then switch it back on and
-    # check what the skipped validation would also have checked: the peer URLs.
-    config = apply_overrides(
-        _parse_with_sync_off(path), {**overrides, "sync.enabled": "false"}, origin=origin
-    )
-    config = msgspec.structs.replace(
-        config, sync=msgspec.structs.replace(config.sync, enabled=True, secret=None)
-    )
-    for region in config.sync.peers:
-        if region != config.region and config.sync.url_for(region) is None:
-            raise ConfigError(
-                config.path or path,
-                "sync.peerUrls",
-                f"has no URL for region {region!r}, which sync.peers lists",
-            )
-    return config
-
-
-def _parse_with_sync_off(path: str) -> Config:
-    document = yaml.safe_load(Path(path).read_text())
-    if not isinstance(document, dict):
-        raise ConfigError(path, "", "expected a mapping of settings")
-    sync = document.get("sync")
-    document["sync"] = {**(sync if isinstance(sync, dict) else {}), "enabled": False}
-    config = parse_config(yaml.safe_dump(document), file=path, base_dir=os.path.dirname(path))
-    return msgspec.structs.replace(config, path=path)
+    config = load_config(path, complete=False)
+    return apply_overrides(config, overrides, origin=origin, require_secret=not insecure_sync)
 
 
 def _quick_start_text(config: Config, port: int) -> str:
@@ -173,9 +142,11 @@ def _quick_start_text(config: Config, port: int) -> str:
     if config.listen_host in ("0.0.0.0", "::", ""):
         base = f"http://127.0.0.1:{port}"
     json_post = "-H 'Content-Type: application/json'"
+    state = config.storage.snapshot or "memory only (no snapshot)"
     return f"""
 bucketmesh {__version__} serving region {config.region} on {base} ({len(config.buckets)} rules)
-Try:
+State: {state}
+Try these four commands:
   # consume one token from the seed bucket (capacity 5000, 50/s)
   curl -s -X POST {base}/v1/rate -H 'X-API-Key: my-agent-key' {json_post} -d '{{"tokens":1}}'
   # a small bucket (5 tokens, 1/s): the sixth call in a row gets 429 with Retry-After
@@ -184,6 +155,7 @@ Try:
   # raise its capacity at runtime for every key of the rule 'small' (the level is kept:
   # raising capacity never refills for free; it refills at 1/s up to 50 from now on)
   curl -s -X PATCH {base}/v1/buckets/small {json_post} -d '{{"capacity":50}}'
+  # read that bucket: its level, its new capacity, what each replica has spent
   curl -s '{base}/v1/bucket/state?key=small-alice'
 Also: {base}/v1/status  {base}/metrics  {base}/openapi.json   (Ctrl-C stops)
 """
@@ -256,10 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         log.error("config error: %s", error)
         if error.field == "sync.secret":
-            log.error(
-                "set sync.secret (e.g. secret: ${BUCKETMESH_SYNC_SECRET}), or pass "
-                "--insecure-sync to sync unsigned on a trusted network"
-            )
+            log.error("or pass --insecure-sync to sync unsigned on a trusted network")
         return 2
     if config.sync.enabled and config.sync.secret is None:
         log.warning(
@@ -298,15 +267,29 @@ def cmd_demo(_args: argparse.Namespace) -> int:
     return 0
 
 
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where ``run --single`` keeps its state: ``$BUCKETMESH_STATE_DIR``, else
+    ``$XDG_STATE_HOME/bucketmesh``, else ``~/.local/state/bucketmesh`` — never the
+    directory it happens to be started from."""
+    env = os.environ if environ is None else environ
+    if env.get("BUCKETMESH_STATE_DIR"):
+        return Path(env["BUCKETMESH_STATE_DIR"])
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "bucketmesh"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The quick start: a three-region mesh on loopback (``cluster up``), or with
-    ``--single`` (or ``--config``) one node serving the example config. Its
-    snapshot (``./data/state.snap``) is relative to the working directory."""
+    ``--single`` (or ``--config``) one node serving the example config. The
+    example's snapshot goes to ``state_dir()`` unless ``--snapshot`` or
+    ``BUCKETMESH_STORAGE_SNAPSHOT`` says where."""
     if args.config:
         args.quick_start = True
         return cmd_serve(args)
     if args.single:
         args.quick_start = True
+        if args.snapshot is None and "BUCKETMESH_STORAGE_SNAPSHOT" not in os.environ:
+            args.snapshot = str(state_dir() / "state.snap")
         with resources.as_file(EXAMPLE_CONFIG) as path:
             args.config = str(path)
             return cmd_serve(args)

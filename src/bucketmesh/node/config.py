@@ -159,6 +159,8 @@ class SyncConfig(_Section, frozen=True):
     peer_urls: dict[str, str] = msgspec.field(default_factory=dict)
     peer_url_template: str | None = None
     secret: str | None = None
+    # A file holding the secret (a mounted Kubernetes Secret); read when secret is not given.
+    secret_file: str | None = None
     interval_ms: _Count = 20
     peer_timeout_ms: _Count = 1000
 
@@ -215,6 +217,9 @@ class _Settings(_Section, frozen=True):
     node: str = "node-a"
     listen: str = "127.0.0.1:8080"
     envoy_listen: str | None = None
+    # The bucket a GET /v1/bucket/state without ?key= reads: a key template, rendered
+    # from that request like a rule's (literal text is one fixed key).
+    default_state_key: str | None = None
     sync: SyncConfig = msgspec.field(default_factory=SyncConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
@@ -282,16 +287,27 @@ class _BucketEntry(_Section, frozen=True):
 
 
 def load_config(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    complete: bool = True,
 ) -> Config:
     """Load and validate a bucketmesh.yaml; raise ConfigError naming file and field.
 
     ``${VAR}`` and ``${VAR:-default}`` in string values are replaced from
     ``environ`` (default ``os.environ``); ``$${`` is a literal ``${``. A
-    ``buckets:`` path is relative to the config file's directory.
+    ``buckets:`` path is relative to the config file's directory. With
+    ``complete=False`` what an enabled mesh still needs (its secret, peer URLs)
+    is left for ``apply_overrides`` to complete: the environment beats the file.
     """
     file = os.fspath(path)
-    config = parse_config(_read(file), file=file, environ=environ, base_dir=os.path.dirname(file))
+    config = parse_config(
+        _read(file),
+        file=file,
+        environ=environ,
+        base_dir=os.path.dirname(file),
+        complete=complete,
+    )
     return msgspec.structs.replace(config, path=file)
 
 
@@ -301,18 +317,28 @@ def parse_config(
     file: str = "<config>",
     environ: Mapping[str, str] | None = None,
     base_dir: str | None = None,
+    complete: bool = True,
 ) -> Config:
     """Validate the YAML ``text`` of a config file; ``file`` names it in errors."""
     env = os.environ if environ is None else environ
     document = _parse_yaml(text, file)
     if document is None:
         document = {}
+    if _is_config_map(document):
+        raise ConfigError(
+            file,
+            "kind",
+            "is ConfigMap: a Kubernetes manifest is not a bucketmesh.yaml; give its file "
+            f'as buckets: (the rules are read from data."{CONFIG_MAP_BUCKETS}")',
+        )
     if not isinstance(document, dict):
         raise ConfigError(file, "", f"expected a mapping of settings, got {_show(document)}")
     try:
         settings = _settings_from_document(
             _substituted({k: v for k, v in document.items() if k != "buckets"}, "", env)
         )
+        if complete:
+            settings = _completed(settings)
     except _Problem as problem:
         raise ConfigError(file, problem.field, problem.message) from None
 
@@ -346,6 +372,9 @@ def load_buckets(
     file = os.fspath(path)
     env = os.environ if environ is None else environ
     document = _parse_yaml(_read(file), file)
+    if _is_config_map(document):
+        # a Kubernetes ConfigMap manifest: the rules are the text of data."buckets.yaml"
+        file, document = _config_map_entry(document, file, CONFIG_MAP_BUCKETS)
     if isinstance(document, dict):
         for field in document:
             if field != "buckets":
@@ -361,6 +390,34 @@ def load_buckets(
     if not isinstance(document, list):
         raise ConfigError(file, "buckets", f"expected a list of rules, got {_show(document)}")
     return _build_rules(document, file, env)
+
+
+CONFIG_MAP_BUCKETS: Final = "buckets.yaml"
+"""The entry of a ConfigMap's ``data`` that holds the rules (``buckets: cm.yaml``)."""
+
+
+def _is_config_map(document: Any) -> bool:
+    return (
+        isinstance(document, dict)
+        and document.get("kind") == "ConfigMap"
+        and "apiVersion" in document
+    )
+
+
+def _config_map_entry(document: dict[str, Any], file: str, entry: str) -> tuple[str, Any]:
+    """The parsed YAML text of ``data.<entry>`` of a ConfigMap manifest, and how errors
+    name it (``cm.yaml: data."buckets.yaml"``)."""
+    data = document.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get(entry), str):
+        entries = ", ".join(f'"{name}"' for name in data) if isinstance(data, dict) else ""
+        raise ConfigError(
+            file,
+            f'data."{entry}"',
+            "is required: this ConfigMap holds no rules there"
+            + (f" (its data has {entries})" if entries else " (it has no data)"),
+        )
+    where = f'{file}: data."{entry}"'
+    return where, _parse_yaml(data[entry], where)
 
 
 def _read(file: str) -> str:
@@ -519,15 +576,23 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
                 parse_listen(listen)
             except ValueError as error:
                 raise _Problem(field, str(error)) from None
+    if settings.default_state_key:
+        try:
+            KeyTemplate(settings.default_state_key)
+        except RuleError as error:
+            raise _Problem("defaultStateKey", error.problem) from None
     return msgspec.structs.replace(
         settings,
-        sync=_checked_sync(settings.sync, settings.region, template_field),
+        default_state_key=settings.default_state_key or None,
+        sync=_checked_sync(settings.sync, template_field),
         storage=_checked_storage(settings.storage),
         admin=AdminConfig(token=settings.admin.token or None),
     )
 
 
-def _checked_sync(sync: SyncConfig, region: str, template_field: str) -> SyncConfig:
+def _checked_sync(sync: SyncConfig, template_field: str) -> SyncConfig:
+    """The sync section checked on its own; what it needs once enabled (a secret, a
+    URL per peer) may still come from overrides: ``_completed`` checks that."""
     if not sync.sync_cluster_id:
         raise _Problem("sync.syncClusterId", "must not be empty")
     listed: dict[str, int] = {}
@@ -554,17 +619,73 @@ def _checked_sync(sync: SyncConfig, region: str, template_field: str) -> SyncCon
             raise _Problem(template_field, f"must contain {{region}}, got {template!r}")
         _check_url(template_field, template.replace("{region}", "region"))
     secret = sync.secret or None
-    if sync.enabled:
-        if secret is None:
-            raise _Problem("sync.secret", "is required when sync.enabled is true")
-        for peer in peers:
-            if peer != region and peer not in sync.peer_urls and template is None:
-                raise _Problem(
-                    "sync.peerUrls",
-                    f"has no URL for region {peer!r}, which sync.peers lists; add one "
-                    'or give a template such as "http://bucketmesh-{region}:8080"',
-                )
-    return msgspec.structs.replace(sync, peers=peers, secret=secret)
+    secret_file = sync.secret_file or None
+    if secret is not None and secret_file is not None:
+        raise _Problem("sync.secretFile", "cannot be given with sync.secret; keep one")
+    return msgspec.structs.replace(sync, peers=peers, secret=secret, secret_file=secret_file)
+
+
+DEFAULT_PEER_URL_TEMPLATE: Final = "http://bucketmesh-{region}:{port}"
+"""The peer URLs of an enabled mesh that gives none (neither a map nor a template):
+one Kubernetes Service per region, named ``bucketmesh-<region>``, on the port this
+node listens on (8080 when it listens on port 0)."""
+
+_SECRET_HELP: Final = (
+    "is required when sync.enabled is true: set sync.secret "
+    "(e.g. secret: ${BUCKETMESH_SYNC_SECRET}) or the environment variable "
+    "BUCKETMESH_SYNC_SECRET, or point sync.secretFile or BUCKETMESH_SYNC_SECRET_FILE "
+    "at a file holding it (a mounted Kubernetes Secret)"
+)
+
+
+def _completed(settings: _Settings, *, require_secret: bool = True) -> _Settings:
+    """``settings`` once every source has spoken: an enabled mesh gets its secret
+    (``sync.secret``, else the file ``sync.secretFile`` names) and a URL for every
+    peer (``sync.peerUrls``, else ``DEFAULT_PEER_URL_TEMPLATE``). Raises _Problem
+    naming the field, and the variable that can also give it, for what is missing."""
+    sync = settings.sync
+    if not sync.enabled:
+        return settings
+    secret, secret_file = sync.secret, sync.secret_file
+    if secret is None and secret_file is not None:
+        # read once: the completed config holds the secret, as if the file had given it
+        secret, secret_file = _read_secret(secret_file), None
+    if secret is None and require_secret:
+        raise _Problem("sync.secret", _SECRET_HELP)
+    template = sync.peer_url_template
+    if not sync.peer_urls and template is None:
+        port = parse_listen(settings.listen)[1] or 8080
+        template = DEFAULT_PEER_URL_TEMPLATE.replace("{port}", str(port))
+    for peer in sync.peers:
+        if peer != settings.region and peer not in sync.peer_urls and template is None:
+            raise _Problem(
+                "sync.peerUrls",
+                f"has no URL for region {peer!r}, which sync.peers lists; add "
+                f"sync.peerUrls.{peer} (or BUCKETMESH_SYNC_PEER_URLS=region=url,...), "
+                'or give a template such as "http://bucketmesh-{region}:8080" instead of a map',
+            )
+    return msgspec.structs.replace(
+        settings,
+        sync=msgspec.structs.replace(
+            sync, secret=secret, secret_file=secret_file, peer_url_template=template
+        ),
+    )
+
+
+def _read_secret(path: str) -> str:
+    """The secret in the file at ``path``, without the line break a file often ends with."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            secret = stream.read().strip("\r\n")
+    except UnicodeDecodeError:
+        raise _Problem("sync.secretFile", f"{path!r} is not UTF-8 text") from None
+    except OSError as error:
+        raise _Problem(
+            "sync.secretFile", f"cannot read {path!r}: {error.strerror or error}"
+        ) from None
+    if not secret:
+        raise _Problem("sync.secretFile", f"names an empty file, {path!r}")
+    return secret
 
 
 def _check_url(field: str, url: str) -> None:
@@ -776,11 +897,13 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_NODE": "node",
     "BUCKETMESH_LISTEN": "listen",
     "BUCKETMESH_ENVOY_LISTEN": "envoy_listen",
+    "BUCKETMESH_DEFAULT_STATE_KEY": "default_state_key",
     "BUCKETMESH_SYNC_ENABLED": "sync.enabled",
     "BUCKETMESH_SYNC_CLUSTER_ID": "sync.sync_cluster_id",
     "BUCKETMESH_SYNC_PEERS": "sync.peers",
     "BUCKETMESH_SYNC_PEER_URLS": "sync.peer_urls",
     "BUCKETMESH_SYNC_SECRET": "sync.secret",
+    "BUCKETMESH_SYNC_SECRET_FILE": "sync.secret_file",
     "BUCKETMESH_SYNC_INTERVAL": "sync.interval_ms",
     "BUCKETMESH_SYNC_PEER_TIMEOUT": "sync.peer_timeout_ms",
     "BUCKETMESH_STORAGE_BACKEND": "storage.backend",
@@ -804,7 +927,11 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def apply_overrides(
-    config: Config, overrides: Mapping[str, str], *, origin: Mapping[str, str] | None = None
+    config: Config,
+    overrides: Mapping[str, str],
+    *,
+    origin: Mapping[str, str] | None = None,
+    require_secret: bool = True,
 ) -> Config:
     """``config`` with settings replaced, converted and validated as the file's are.
 
@@ -814,6 +941,9 @@ def apply_overrides(
     either ``region=url,...`` or a ``{region}`` template, an empty value clears an
     optional setting, and ``buckets`` is the path of a buckets file. ``origin``
     maps a key to what errors call it (``--listen``, ``BUCKETMESH_LISTEN``).
+    ``sync.secret`` and ``sync.secret_file`` replace each other. The result is
+    complete (see ``load_config``); ``require_secret=False`` lets an enabled mesh
+    go without a secret (``--insecure-sync``).
     """
     labels: dict[str, str] = {}
     document = {
@@ -837,10 +967,13 @@ def apply_overrides(
             # Given here, the URLs replace both the file's map and its template.
             target["peerUrls"], target["peerUrlTemplate"] = {}, None
             labels["sync.peerUrlTemplate"] = label
+        if field in ("secret", "secretFile") and section == "sync":
+            # Given here, one replaces the file's other: the environment beats the file.
+            target["secret"] = target["secretFile"] = None
         target[field] = setting
         labels[_join(section or "", field)] = label
     try:
-        settings = _settings_from_document(document)
+        settings = _completed(_settings_from_document(document), require_secret=require_secret)
     except _Problem as problem:
         label = next(
             (

@@ -147,6 +147,7 @@ class Node:
             region=settings.region,
             node=settings.node,
             cluster_id=settings.cluster_id,
+            default_state_key=settings.default_state_key,
             admin_token=settings.admin_token,
             router=self.router,
             sync=sync if sync is not None else self.mesh,

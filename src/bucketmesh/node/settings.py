@@ -20,6 +20,8 @@ class NodeSettings:
     host: str
     port: int
     rules: Sequence[Rule]
+    # defaultStateKey: the key template a GET /v1/bucket/state without ?key= reads
+    default_state_key: str | None = None
     cluster_id: str = ""
     admin_token: str | None = None
     snapshot: str | None = None

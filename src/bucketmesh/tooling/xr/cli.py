@@ -253,6 +253,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if verdict.passed else 1
 
 
+def region_mapping(scenario: list[str], deployment: list[str]) -> dict[str, str] | None:
+    """How a scenario's regions map onto a deployment's (``--url`` order): a name
+    both have stays itself, the others pair up in order. None when the counts
+    differ: a phase could name a region the deployment does not have."""
+    if len(scenario) != len(deployment):
+        return None
+    spare = iter([region for region in deployment if region not in scenario])
+    return {region: region if region in deployment else next(spare) for region in scenario}
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bucketmesh.tooling.cluster import region_problem
     from bucketmesh.tooling.xr.report import write_report
@@ -273,7 +283,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         except (ScenarioError, ValueError) as error:
             _usage_error(args, f"argument --slo: {str(error).removeprefix('--slo: ')}")
     if urls and set(urls) != set(scenario.regions):
-        scenario.regions = list(urls)
+        names = region_mapping(scenario.regions, list(urls))
+        if names is None:
+            _usage_error(
+                args,
+                f"argument --url: the scenario {scenario.name} has {len(scenario.regions)} "
+                f"regions ({', '.join(scenario.regions)}) and --url gives {len(urls)} "
+                f"({', '.join(urls)}); give one --url per scenario region (its phases "
+                "name them), e.g. --url "
+                + " --url ".join(f"{region}=URL" for region in scenario.regions),
+            )
+        scenario = scenario.renamed(names)
+        print(
+            "scenario regions → deployment regions: "
+            + ", ".join(f"{old} → {new}" for old, new in names.items() if old != new),
+            file=sys.stderr,
+        )
     if not urls:  # the runner starts a local mesh: the names become its files
         for region in scenario.regions:
             problem = region_problem(region)

@@ -184,6 +184,28 @@ class Scenario:
         copy = Scenario(**{**self.__dict__, "phases": [scale(p) for p in self.phases]})
         return copy
 
+    def renamed(self, names: dict[str, str]) -> Scenario:
+        """The same scenario with its regions renamed (``names``: scenario name →
+        deployment name) everywhere a phase names one: ``regions``, a load's
+        per-region rates, a partition's and a crash's region."""
+
+        def rename(phase: Phase) -> Phase:
+            spec = phase.spec
+            if phase.kind == "load" and isinstance(spec.rate, dict):
+                rates = {names.get(r, r): rate for r, rate in spec.rate.items()}
+                spec = msgspec.structs.replace(spec, rate=rates)
+            elif phase.kind in ("partition", "crash") and spec.region in names:
+                spec = msgspec.structs.replace(spec, region=names[spec.region])
+            return Phase(phase.kind, spec, phase.field)
+
+        return Scenario(
+            **{
+                **self.__dict__,
+                "regions": [names.get(r, r) for r in self.regions],
+                "phases": [rename(p) for p in self.phases],
+            }
+        )
+
     @property
     def nominal_duration(self) -> float:
         """How long the scenario takes: its blocking phases, or its longest load."""

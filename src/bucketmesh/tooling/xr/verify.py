@@ -65,6 +65,20 @@ class Verdict:
         spread = self.spread
         return spread is not None and (spread <= self.tolerance or self.replicas_identical)
 
+    @property
+    def judged(self) -> str:
+        """The figure ``passed`` went by: the spread when it is within the tolerance,
+        else whether the replicas are identical (levels read a few ms apart differ by
+        the refill between the reads, and ``spread 1`` beside PASS read as a contradiction)."""
+        spread = self.spread
+        if spread is None:
+            return "unreadable"
+        if spread <= self.tolerance:
+            return f"spread {spread:g}"
+        if self.replicas_identical:
+            return f"replicas identical (levels read {spread:g} apart: refill between reads)"
+        return f"spread {spread:g}, replicas differ"
+
     def lines(self) -> list[str]:
         out = [f"key {self.key}: tolerance ±{self.tolerance:g} token(s)"]
         for view in self.views:
@@ -75,12 +89,10 @@ class Verdict:
                     f"  {view.region:<18} tokens_remaining {view.tokens_remaining:>10g}"
                     f"   used {view.used_total:>8} over {len(view.used)} replica(s)"
                 )
-        spread = self.spread
-        out.append(
-            f"spread {'n/a' if spread is None else f'{spread:g}'}; replicas "
-            f"{'identical' if self.replicas_identical else 'differ'}: "
-            f"{'PASS' if self.passed else 'FAIL'}"
-        )
+        judged = self.judged
+        if "replicas" not in judged:
+            judged += f"; replicas {'identical' if self.replicas_identical else 'differ'}"
+        out.append(f"{judged}: {'PASS' if self.passed else 'FAIL'}")
         return out
 
 
