@@ -174,14 +174,14 @@ def new_idempotency_key() -> str:
     return "bm-" + uuid.uuid4().hex
 
 
-class _Item(msgspec.Struct, omit_defaults=True):
+class Item(msgspec.Struct, omit_defaults=True):
     key: str | None = None
     rule: str | None = None
     tokens: int = 1
 
 
 class _Batch(msgspec.Struct):
-    requests: list[_Item]
+    requests: list[Item]
     atomic: bool
 
 
@@ -213,7 +213,7 @@ def _json_headers(
     return headers
 
 
-def _tokens(tokens: int) -> int:
+def checked_tokens(tokens: int) -> int:
     if isinstance(tokens, bool) or not isinstance(tokens, int):
         raise TypeError(f"tokens must be an integer, got {tokens!r}")
     return tokens
@@ -222,39 +222,39 @@ def _tokens(tokens: int) -> int:
 def rate_call(key: KeyOrHeaders, tokens: int, rule: str | None, idempotency_key: str) -> Call:
     """``POST /v1/rate``: a bucket key (with its rule), or the request headers the
     node's rules render the key from."""
-    tokens = _tokens(tokens)
+    tokens = checked_tokens(tokens)
     if isinstance(key, str):
-        body = _encode(_Item(key=key, rule=rule, tokens=tokens))
+        body = _encode(Item(key=key, rule=rule, tokens=tokens))
         return Call("POST", "/v1/rate", content=body, headers=_json_headers(idempotency_key))
     if not isinstance(key, Mapping):
         raise TypeError(f"rate() takes a bucket key (str) or request headers, got {key!r}")
     if rule is not None:
         raise TypeError("rule= goes with a bucket key; with headers the node's rules choose")
-    body = _encode(_Item(tokens=tokens))
+    body = _encode(Item(tokens=tokens))
     return Call("POST", "/v1/rate", content=body, headers=_json_headers(idempotency_key, key))
 
 
 BatchItem = str | tuple[str, int] | tuple[str, int, str | None] | Mapping[str, Any]
 
 
-def batch_items(items: Iterable[BatchItem]) -> list[_Item]:
+def batch_items(items: Iterable[BatchItem]) -> list[Item]:
     """Batch items from keys, ``(key, tokens)``, ``(key, tokens, rule)`` or mappings."""
-    found: list[_Item] = []
+    found: list[Item] = []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            found.append(_Item(key=item))
+            found.append(Item(key=item))
         elif isinstance(item, tuple) and 2 <= len(item) <= 3:
             rule = item[2] if len(item) == 3 else None
-            found.append(_Item(key=item[0], tokens=_tokens(item[1]), rule=rule))
+            found.append(Item(key=item[0], tokens=checked_tokens(item[1]), rule=rule))
         elif isinstance(item, Mapping):
             unknown = set(item) - {"key", "rule", "tokens"}
             if unknown:
                 raise TypeError(f"items[{index}]: unknown fields {sorted(unknown)}")
             found.append(
-                _Item(
+                Item(
                     key=item.get("key"),
                     rule=item.get("rule"),
-                    tokens=_tokens(item.get("tokens", 1)),
+                    tokens=checked_tokens(item.get("tokens", 1)),
                 )
             )
         else:
@@ -264,7 +264,7 @@ def batch_items(items: Iterable[BatchItem]) -> list[_Item]:
     return found
 
 
-def batch_call(items: list[_Item], atomic: bool, idempotency_key: str) -> Call:
+def batch_call(items: list[Item], atomic: bool, idempotency_key: str) -> Call:
     body = _encode(_Batch(items, bool(atomic)))
     return Call("POST", "/v1/rate/batch", content=body, headers=_json_headers(idempotency_key))
 
@@ -424,7 +424,7 @@ def fallback(
 
 
 def batch_fallback(
-    settings: Settings, error: Unavailable, items: list[_Item], attempts: int
+    settings: Settings, error: Unavailable, items: list[Item], attempts: int
 ) -> BatchResult:
     mode = settings.on_unavailable
     if mode == "raise":

@@ -143,6 +143,11 @@ class AsyncClient:
         idempotency_key: str | None = None,
     ) -> Decision:
         """As ``Client.rate``; concurrent calls with a key are coalesced into batches."""
+        coalescer = self._coalescer
+        if coalescer is not None and not wait and type(key) is str and not idempotency_key:
+            # the hot path: one item into the next batch, its decision back
+            item = _calls.Item(key=key, rule=rule, tokens=_calls.checked_tokens(tokens))
+            return await coalescer.submit(item)
         s = self._settings
         deadline = s.clock() + _calls.wait_budget(s, timeout)
         waited = 0.0
@@ -190,7 +195,7 @@ class AsyncClient:
     ) -> BatchResult:
         return await self._batch(_calls.batch_items(items), atomic)
 
-    async def _batch(self, found: list[_calls._Item], atomic: bool) -> BatchResult:
+    async def _batch(self, found: list[_calls.Item], atomic: bool) -> BatchResult:
         s = self._settings
         call = _calls.batch_call(found, atomic, _calls.new_idempotency_key())
         try:
@@ -265,11 +270,11 @@ class _Coalescer:
         self.client = client
         self.window = window
         self.max_batch = max_batch
-        self.pending: list[tuple[_calls._Item, asyncio.Future[Decision]]] = []
+        self.pending: list[tuple[_calls.Item, asyncio.Future[Decision]]] = []
         self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.sending: set[asyncio.Task[None]] = set()
 
-    def submit(self, item: _calls._Item) -> asyncio.Future[Decision]:
+    def submit(self, item: _calls.Item) -> asyncio.Future[Decision]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
         self.pending.append((item, future))
@@ -293,7 +298,7 @@ class _Coalescer:
         self.sending.add(task)
         task.add_done_callback(self.sending.discard)
 
-    async def send(self, batch: list[tuple[_calls._Item, asyncio.Future[Decision]]]) -> None:
+    async def send(self, batch: list[tuple[_calls.Item, asyncio.Future[Decision]]]) -> None:
         stats = self.client.stats
         while batch:
             try:
