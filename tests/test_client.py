@@ -466,3 +466,21 @@ def test_cli_exit_status_when_no_region_answers(serve: ServerFactory) -> None:
     assert down.returncode == 3 and "no region answered" in down.stderr
     opened = bucketmesh(*args, "--fail", "open")
     assert opened.returncode == 0 and msgspec.json.decode(opened.stdout)["fallback"] == "open"
+
+
+def test_limit_refuses_the_other_kind_of_function(node: Server) -> None:
+    async def coroutine_function() -> None:
+        return None
+
+    def plain_function() -> None:
+        return None
+
+    with Client(node.base_url) as c, pytest.raises(TypeError, match=r"AsyncClient\.limit"):
+        c.limit("slow-kinds")(coroutine_function)
+
+    async def main() -> None:
+        async with AsyncClient(node.base_url) as ac:
+            with pytest.raises(TypeError, match=r"Client\.limit"):
+                ac.limit("slow-kinds")(plain_function)  # type: ignore[arg-type]
+
+    asyncio.run(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import random
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
@@ -378,6 +379,9 @@ class AsyncLimit:
     def __call__(
         self, func: Callable[P, Coroutine[Any, Any, R]]
     ) -> Callable[P, Coroutine[Any, Any, R]]:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(f"{func.__qualname__} is not async: decorate it with Client.limit")
+
         @functools.wraps(func)
         async def limited(*args: P.args, **kwargs: P.kwargs) -> R:
             key = self.key(*args, **kwargs) if callable(self.key) else self.key

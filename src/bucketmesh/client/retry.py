@@ -58,6 +58,8 @@ from bucketmesh.client.errors import Unavailable
 
 #: Statuses that mean "not answered, try again" (from a proxy or a node that could not decide).
 RETRY_STATUSES = frozenset({502, 503, 504})
+#: The least time left in a call's budget that is worth an attempt.
+MIN_ATTEMPT_S = 0.001
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -287,7 +289,9 @@ def attempts(
             tried.clear()
             continue
         remaining = deadline - now
-        if made >= policy.max_attempts or remaining <= 0:
+        # an attempt with next to no time left would only time out and count against
+        # a healthy endpoint's breaker
+        if made >= policy.max_attempts or remaining < MIN_ATTEMPT_S:
             raise unavailable("no region answered")
         endpoint.take(now)
         made += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -293,6 +294,9 @@ class Limit:
         return None
 
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]:
+        if inspect.iscoroutinefunction(func):
+            raise TypeError(f"{func.__qualname__} is async: decorate it with AsyncClient.limit")
+
         @functools.wraps(func)
         def limited(*args: P.args, **kwargs: P.kwargs) -> R:
             key = self.key(*args, **kwargs) if callable(self.key) else self.key
