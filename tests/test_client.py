@@ -484,3 +484,18 @@ def test_limit_refuses_the_other_kind_of_function(node: Server) -> None:
                 ac.limit("slow-kinds")(plain_function)  # type: ignore[arg-type]
 
     asyncio.run(main())
+
+
+def test_urls_from_the_environment_in_preference_order() -> None:
+    from bucketmesh.client._calls import named_urls
+
+    env = {"BUCKETMESH_URL": "us-east-1=http://10.0.0.1:8080, http://10.0.0.2:8080/"}
+    assert named_urls(None, env) == [
+        ("us-east-1", "http://10.0.0.1:8080"),
+        ("10.0.0.2:8080", "http://10.0.0.2:8080"),
+    ]
+    assert named_urls(None, {}) == [("127.0.0.1:8080", "http://127.0.0.1:8080")]
+    with pytest.raises(ValueError, match="BUCKETMESH_URL"):
+        named_urls(None, {"BUCKETMESH_URL": "eu=10.0.0.3:8080"})
+    with pytest.raises(ValueError, match=r"url\[1\]"):
+        named_urls(["http://a:1", "http://b:notaport"])
