@@ -2,17 +2,15 @@
 ``uvicorn --workers N embed_app:app --app-dir tests``: every worker process claims a
 slot of the mesh in the config named by ``EMBED_CONFIG`` and decides in-process
 (``bucketmesh.embed.Member``); the sync secret comes from ``BUCKETMESH_SYNC_SECRET``.
+docs/client.md shows this file as its example (tests/test_embed.py checks they match).
 """
 
-from __future__ import annotations
-
 import os
-from typing import Any
 
 from bucketmesh.embed import Member
 
 
-async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def hello(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"hello"})
 

@@ -26,8 +26,25 @@ BLOCK = re.compile(r"^```(python|sh)\n(.*?)^```$", re.M | re.S)
 README_PART = re.compile(r"<!-- readme:start -->\n(.*?)<!-- readme:end -->", re.S)
 
 
+#: The first line of an example that is a file of the test suite, run by its own test
+#: (tests/test_embed.py serves tests/embed_app.py with uvicorn --workers 4).
+SERVED_ELSEWHERE = "# app.py: uvicorn --workers 4 app:app (tests/embed_app.py"
+
+
 def blocks(language: str) -> list[str]:
-    return [code for lang, code in BLOCK.findall(DOC.read_text()) if lang == language]
+    return [
+        code
+        for lang, code in BLOCK.findall(DOC.read_text())
+        if lang == language and not code.startswith(SERVED_ELSEWHERE)
+    ]
+
+
+def test_the_embedded_example_is_the_served_app() -> None:
+    served = (ROOT / "tests" / "embed_app.py").read_text()
+    examples = [c for _, c in BLOCK.findall(DOC.read_text()) if c.startswith(SERVED_ELSEWHERE)]
+    assert len(examples) == 1
+    code = examples[0].split("\n", 1)[1]
+    assert code.strip() in served
 
 
 def test_the_page_has_examples_to_run() -> None:
