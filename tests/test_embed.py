@@ -1,9 +1,10 @@
 """Embedded members of the mesh (``bucketmesh.embed``): an ASGI app served by
 ``uvicorn --workers 4`` whose workers each decide in-process on a replica of their
-own, plus one ``bucketmesh serve`` node, all syncing over the mesh with the shared
-HMAC secret. Hammered through HTTP, the total admitted stays within the mesh's
-documented bound, every replica converges to the same state, and a worker that
-stops flushes its last grants to the node before it exits.
+own, plus a ``bucketmesh serve`` node in their region and one in another, all
+syncing over the mesh with the shared HMAC secret. Hammered through HTTP, the
+total admitted stays within the mesh's documented bound, every replica converges
+to the same state, and a worker that stops flushes its last grants to the node
+before it exits.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ BUCKETS = [
 ]
 
 
-def mesh_config(node_port: int, slot_ports: list[int], interval_ms: int) -> dict[str, Any]:
-    urls = {"us-east-1": f"http://127.0.0.1:{node_port}"}
+def mesh_config(
+    node_port: int, remote_port: int, slot_ports: list[int], interval_ms: int
+) -> dict[str, Any]:
+    urls = {
+        "us-east-1": f"http://127.0.0.1:{node_port}",
+        "eu-central-1": f"http://127.0.0.1:{remote_port}",
+    }
     urls.update(
         {slot: f"http://127.0.0.1:{port}" for slot, port in zip(SLOTS, slot_ports, strict=True)}
     )
@@ -50,7 +56,7 @@ def mesh_config(node_port: int, slot_ports: list[int], interval_ms: int) -> dict
         sync={
             "enabled": True,
             "syncClusterId": "embed-test",
-            "peers": ["us-east-1", *SLOTS],
+            "peers": ["us-east-1", "eu-central-1", *SLOTS],
             "peerUrls": urls,
             "interval": interval_ms,
             "peerTimeout": 500,
@@ -90,15 +96,19 @@ class Uvicorn:
 
 @pytest.fixture
 def mesh(serve: ServerFactory, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
-    """A node and a uvicorn of 4 embedded workers: yields (node, uvicorn, slot URLs)."""
+    """Nodes of us-east-1 and eu-central-1, and a uvicorn of 4 embedded workers in
+    us-east-1: yields (node, remote node, uvicorn, slot URLs)."""
     interval_ms = getattr(request, "param", 20)
     secret = secrets.token_urlsafe(32)
     for attempt in range(3):
-        node_port, *slot_ports = (free_port() for _ in range(1 + WORKERS))
-        config = mesh_config(node_port, slot_ports, interval_ms)
+        node_port, remote_port, *slot_ports = (free_port() for _ in range(2 + WORKERS))
+        config = mesh_config(node_port, remote_port, slot_ports, interval_ms)
         config_path = tmp_path / f"mesh-{attempt}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         node = serve(config, port=node_port, env={"BUCKETMESH_SYNC_SECRET": secret})
+        remote = serve(
+            config, port=remote_port, region="eu-central-1", env={"BUCKETMESH_SYNC_SECRET": secret}
+        )
         app = Uvicorn(tmp_path, config_path, secret, WORKERS)
 
         def every_slot_up(app: Uvicorn = app, node: Any = node) -> bool:
@@ -111,10 +121,11 @@ def mesh(serve: ServerFactory, tmp_path: Path, request: pytest.FixtureRequest) -
         if app.process.poll() is None:
             break
         node.kill()
+        remote.kill()
         # a port chosen as free was taken by another process before a worker bound it
         assert "no free member slot" in app.log() and attempt < 2, app.log()
     try:
-        yield node, app, [f"http://127.0.0.1:{port}" for port in slot_ports]
+        yield node, remote, app, [f"http://127.0.0.1:{port}" for port in slot_ports]
     finally:
         app.stop()
 
@@ -141,36 +152,43 @@ def states(urls: list[str], key: str) -> list[dict[str, Any]]:
     return found
 
 
-def test_workers_share_one_limit_with_the_node_and_converge(mesh: Any) -> None:
-    node, app, slot_urls = mesh
+def test_workers_share_one_limit_with_the_regions_and_converge(mesh: Any) -> None:
+    node, remote, app, slot_urls = mesh
     key = "agent-api-key-shared"
-    admitted = hammer(app.url + "/work", "shared", 6 * CAPACITY)
-    # the node spends from the same bucket
-    node_grants = sum(
-        httpx.post(node.url("/v1/rate"), json={"key": key}, timeout=10).status_code == 200
-        for _ in range(5)
+
+    def rate(server: Any) -> bool:
+        response = httpx.post(server.url("/v1/rate"), json={"key": key}, timeout=10)
+        return response.status_code == 200
+
+    remote_grants = sum(rate(remote) for _ in range(10))  # another region spends first
+    assert remote_grants == 10
+    eventually(
+        lambda: all(s["tokens_remaining"] <= CAPACITY - 10 for s in states(slot_urls, key)),
+        "every worker sees what eu-central-1 spent",
     )
-    replicas = 1 + WORKERS
+    admitted = hammer(app.url + "/work", "shared", 6 * CAPACITY)
+    node_grants = sum(rate(node) for _ in range(5))  # the region's node, same bucket
+    replicas = 2 + WORKERS
     bound = CAPACITY + (replicas - 1) * CAPACITY  # docs: (n − 1)·(capacity + refill·d) over
-    total = admitted + node_grants
-    assert CAPACITY <= total <= bound, (admitted, node_grants)
+    total = remote_grants + admitted + node_grants
+    assert CAPACITY <= total <= bound, (remote_grants, admitted, node_grants)
 
     def converged() -> dict[str, Any]:
-        views = states([node.base_url, *slot_urls], key)
+        views = states([node.base_url, remote.base_url, *slot_urls], key)
         shape = [(s["tokens_remaining"], s["replicas"]) for s in views]
         assert all(view == shape[0] for view in shape), shape
         return views[0]
 
-    state = eventually(converged, "the node and every worker agree", timeout=60)
+    state = eventually(converged, "both regions and every worker agree", timeout=60)
     assert sum(e["used"] for e in state["replicas"].values()) == total  # each grant once
-    print(f"admitted {admitted} + {node_grants} at the node; spent by {state['replicas']}")
+    print(f"eu {remote_grants} + workers {admitted} + us {node_grants}: {state['replicas']}")
     spenders = {rid.split("/", 1)[0] for rid in state["replicas"]}
     assert len(spenders & set(SLOTS)) >= 2, state["replicas"]  # several workers decided
 
 
 @pytest.mark.parametrize("mesh", [60_000], indirect=True)  # deltas every 60 s: only a flush
 def test_a_stopping_worker_flushes_its_grants(mesh: Any) -> None:
-    node, app, _ = mesh
+    node, _, app, _ = mesh
     key = "agent-api-key-flushed"
     admitted = hammer(app.url + "/work", "flushed", CAPACITY // 2)
     assert admitted == CAPACITY // 2
