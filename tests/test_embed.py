@@ -9,6 +9,7 @@ before it exits.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -24,7 +25,7 @@ import pytest
 import yaml
 from conftest import ServerFactory, eventually, free_port, make_config
 
-from bucketmesh.embed import Member
+from bucketmesh.embed import Member, NoFreeSlot
 from bucketmesh.node.config import ConfigError
 
 TESTS = Path(__file__).resolve().parent
@@ -214,3 +215,42 @@ def test_a_member_needs_slots_in_the_config(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(make_config(BUCKETS)))
     with pytest.raises(ConfigError, match=r"sync\.enabled"):
         Member(str(path))
+
+
+def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> None:
+    slot_port = free_port()
+    config = make_config(
+        BUCKETS,
+        sync={
+            "enabled": True,
+            "peers": ["us-east-1", "us-east-1.w0"],
+            "peerUrls": {
+                "us-east-1": f"http://127.0.0.1:{free_port()}",  # no node running: no peer up
+                "us-east-1.w0": f"http://127.0.0.1:{slot_port}",
+            },
+            "secret": "s",
+        },
+    )
+    path = tmp_path / "one-slot.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    async def main() -> None:
+        first, second = Member(str(path)), Member(str(path))
+        await first.start()
+        try:
+            assert first.slot == "us-east-1.w0"
+            assert first.replica_id.startswith("us-east-1.w0/embedded-")
+            decision = first.decider.acquire("agent-api-key-inproc", 3)
+            assert decision.allowed and decision.tokens_remaining == CAPACITY - 3
+            with pytest.raises(NoFreeSlot, match=r"us-east-1\.w0"):
+                await second.start()
+            state = await asyncio.to_thread(
+                httpx.get,
+                f"http://127.0.0.1:{slot_port}/v1/bucket/state",
+                params={"key": "agent-api-key-inproc"},
+            )
+            assert state.json()["tokens_remaining"] == CAPACITY - 3
+        finally:
+            await first.stop()
+
+    asyncio.run(main())
