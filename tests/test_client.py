@@ -499,3 +499,16 @@ def test_urls_from_the_environment_in_preference_order() -> None:
         named_urls(None, {"BUCKETMESH_URL": "eu=10.0.0.3:8080"})
     with pytest.raises(ValueError, match=r"url\[1\]"):
         named_urls(["http://a:1", "http://b:notaport"])
+
+
+def test_coalesced_batches_stay_under_the_nodes_body_limit(node: Server) -> None:
+    # 300 keys of ~1 KB: one batch would be ~300 KB, far over limits.maxBodyBytes (64 KiB)
+    keys = [f"slow-{'x' * 1000}-{i}" for i in range(300)]
+
+    async def main() -> tuple[list[Decision], AsyncClient]:
+        async with AsyncClient(node.base_url, retry=FAST) as c:
+            return list(await asyncio.gather(*(c.rate(key) for key in keys))), c
+
+    decisions, c = asyncio.run(main())
+    assert [d.key for d in decisions] == keys and all(d.allowed for d in decisions)
+    assert c.stats.coalesced == 300 and c.stats.batches >= 5

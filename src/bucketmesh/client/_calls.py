@@ -185,7 +185,7 @@ class _Batch(msgspec.Struct):
     atomic: bool
 
 
-_encode = msgspec.json.Encoder().encode
+encode = msgspec.json.Encoder().encode
 
 
 @dataclass(frozen=True)
@@ -224,13 +224,13 @@ def rate_call(key: KeyOrHeaders, tokens: int, rule: str | None, idempotency_key:
     node's rules render the key from."""
     tokens = checked_tokens(tokens)
     if isinstance(key, str):
-        body = _encode(Item(key=key, rule=rule, tokens=tokens))
+        body = encode(Item(key=key, rule=rule, tokens=tokens))
         return Call("POST", "/v1/rate", content=body, headers=_json_headers(idempotency_key))
     if not isinstance(key, Mapping):
         raise TypeError(f"rate() takes a bucket key (str) or request headers, got {key!r}")
     if rule is not None:
         raise TypeError("rule= goes with a bucket key; with headers the node's rules choose")
-    body = _encode(Item(tokens=tokens))
+    body = encode(Item(tokens=tokens))
     return Call("POST", "/v1/rate", content=body, headers=_json_headers(idempotency_key, key))
 
 
@@ -265,7 +265,7 @@ def batch_items(items: Iterable[BatchItem]) -> list[Item]:
 
 
 def batch_call(items: list[Item], atomic: bool, idempotency_key: str) -> Call:
-    body = _encode(_Batch(items, bool(atomic)))
+    body = encode(_Batch(items, bool(atomic)))
     return Call("POST", "/v1/rate/batch", content=body, headers=_json_headers(idempotency_key))
 
 
@@ -300,7 +300,7 @@ def configure_call(
     return Call(
         "PATCH",
         "/v1/buckets/" + quote(key_or_rule, safe=""),
-        content=_encode(fields),
+        content=encode(fields),
         headers=_json_headers(None),
     )
 

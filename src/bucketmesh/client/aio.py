@@ -3,14 +3,15 @@ coalescing: concurrent ``rate()`` calls made within a short window go to the nod
 one ``POST /v1/rate/batch`` and each caller gets its own decision back.
 
 Coalescing, in detail: the first ``rate(key)`` of a window starts a timer of
-``coalesce_window`` seconds (0: the next turn of the event loop); every ``rate(key)``
-made before it fires joins the same batch, which is sent at once when it reaches
-``max_batch`` items. A batch is one logical call (one Idempotency-Key, retried
-like any other) and never atomic, so every item is decided as if alone. One bad
-item fails a whole batch on the server (nothing charged): its caller gets that
-400 as its own (``field`` ``tokens``, ``rule`` or ``key``) and the rest are sent
-again without it. Calls with request headers instead of a key, or with an
-``idempotency_key`` of the caller's, are sent on their own.
+``coalesce_window`` seconds (0: the next turn of the event loop); every
+``rate(key)`` made before it fires joins the same batch, which is sent at once when
+it reaches ``max_batch`` items or ``max_batch_bytes`` of body. A batch is one
+logical call (one Idempotency-Key, retried like any other) and never atomic, so
+every item is decided as if alone. One bad item fails a whole batch on the server
+(nothing charged): its caller gets that 400 as its own (``field`` ``tokens``,
+``rule`` or ``key``) and the rest are sent again without it. Calls with request
+headers instead of a key, or with an ``idempotency_key`` of the caller's, are sent
+on their own.
 """
 
 from __future__ import annotations
@@ -44,12 +45,16 @@ R = TypeVar("R")
 
 #: Default coalescing window: well under a millisecond, so a lone call barely waits.
 COALESCE_WINDOW = 0.0002
+#: Default cap on a coalesced batch's body: under the nodes' default
+#: ``limits.maxBodyBytes`` (65536), which answers a larger body with 413.
+MAX_BATCH_BYTES = 60_000
 
 
 class AsyncClient:
     """The asyncio twin of ``Client`` (same arguments, same methods, awaited), plus
-    ``coalesce`` (default on), ``coalesce_window`` (seconds) and ``max_batch``
-    (at most 1000, the server's limit)."""
+    ``coalesce`` (default on), ``coalesce_window`` (seconds), ``max_batch`` (at most
+    1000, the server's limit) and ``max_batch_bytes`` (keep it under the nodes'
+    ``limits.maxBodyBytes``)."""
 
     def __init__(
         self,
@@ -65,6 +70,7 @@ class AsyncClient:
         coalesce: bool = True,
         coalesce_window: float = COALESCE_WINDOW,
         max_batch: int = _calls.MAX_BATCH,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
@@ -73,6 +79,8 @@ class AsyncClient:
             raise ValueError(
                 f"max_batch must be an integer in 1..{_calls.MAX_BATCH}, got {max_batch!r}"
             )
+        if not (isinstance(max_batch_bytes, int) and max_batch_bytes >= 1024):
+            raise ValueError(f"max_batch_bytes must be an integer >= 1024, got {max_batch_bytes!r}")
         if not (isinstance(coalesce_window, (int, float)) and 0 <= coalesce_window <= 1):
             raise ValueError(f"coalesce_window must be 0 to 1 seconds, got {coalesce_window!r}")
         self._settings = _calls.settings(
@@ -92,7 +100,9 @@ class AsyncClient:
             timeout=timeout,
             limits=_calls.pool_limits(max_connections),
         )
-        self._coalescer = _Coalescer(self, coalesce_window, max_batch) if coalesce else None
+        self._coalescer = (
+            _Coalescer(self, coalesce_window, max_batch, max_batch_bytes) if coalesce else None
+        )
 
     @property
     def stats(self) -> ClientStats:
@@ -267,10 +277,12 @@ class AsyncClient:
 class _Coalescer:
     """Gathers concurrent ``rate()`` calls into batches (see the module's docstring)."""
 
-    def __init__(self, client: AsyncClient, window: float, max_batch: int) -> None:
+    def __init__(self, client: AsyncClient, window: float, max_batch: int, max_bytes: int) -> None:
         self.client = client
         self.window = window
         self.max_batch = max_batch
+        self.max_bytes = max_bytes
+        self.size = 0  # the pending items' bytes in a batch body
         self.pending: list[tuple[_calls.Item, asyncio.Future[Decision]]] = []
         self.timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.sending: set[asyncio.Task[None]] = set()
@@ -278,7 +290,11 @@ class _Coalescer:
     def submit(self, item: _calls.Item) -> asyncio.Future[Decision]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
+        size = len(_calls.encode(item)) + 1  # and its comma
+        if self.pending and self.size + size > self.max_bytes:
+            self.flush()  # the node would refuse a larger body (413)
         self.pending.append((item, future))
+        self.size += size
         if len(self.pending) >= self.max_batch:
             self.flush()
         elif self.timer is None:
@@ -294,7 +310,7 @@ class _Coalescer:
             self.timer = None
         if not self.pending:
             return
-        batch, self.pending = self.pending, []
+        batch, self.pending, self.size = self.pending, [], 0
         task = asyncio.get_running_loop().create_task(self.send(batch))
         self.sending.add(task)
         task.add_done_callback(self.sending.discard)
