@@ -575,6 +575,9 @@ def parser() -> argparse.ArgumentParser:
     from bucketmesh.tooling.xr.cli import add_parser as add_xr_parser
 
     add_xr_parser(sub)
+    from bucketmesh.client.cli import add_parsers as add_client_parsers
+
+    add_client_parsers(sub)  # rate, state, configure: the client's operator commands
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo, usage_error=demo.error)
     from bucketmesh.tooling import sim
