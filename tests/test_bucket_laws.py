@@ -37,7 +37,19 @@ Neutral = tuple[Any, ...]
 
 def neutral(delta: BucketDelta) -> Neutral:
     used = tuple(sorted((rid, n) for rid, n in delta.used.items() if n))
-    return (delta.epoch, delta.config, delta.base_version, delta.base_time, used, delta.rule)
+    anchors = tuple(sorted(delta.anchors.items()))
+    marks = tuple(sorted((rid, tuple(m)) for rid, m in delta.marks.items() if m))
+    return (
+        delta.epoch,
+        delta.config,
+        delta.base_version,
+        delta.base_time,
+        delta.base_used,
+        used,
+        anchors,
+        marks,
+        delta.rule,
+    )
 
 
 def join(x: BucketDelta, y: BucketDelta) -> BucketDelta:
@@ -52,9 +64,19 @@ def at_least(bigger: BucketDelta, smaller: BucketDelta) -> bool:
         return bigger.epoch > smaller.epoch
     return (
         all(bigger.used.get(rid, 0) >= n for rid, n in smaller.used.items())
-        and (bigger.base_version, bigger.base_time) >= (smaller.base_version, smaller.base_time)
+        and base_key(bigger) >= base_key(smaller)
         and bigger.config.version >= smaller.config.version
+        and all(
+            rid in bigger.anchors and bigger.anchors[rid][0] >= anchor[0]
+            for rid, anchor in smaller.anchors.items()
+        )
     )
+
+
+def base_key(delta: BucketDelta) -> tuple[Any, ...]:
+    """The base's place in its max-register: (version, time − used·T, time)."""
+    g = delta.base_time - delta.base_used * delta.config.interval_ns
+    return (delta.base_version, g, delta.base_time)
 
 
 # -- growing states ------------------------------------------------------------------
@@ -344,7 +366,7 @@ def assert_order_matters_only_until_exchange(
         if duplicates and batches:
             order += data.draw(st.lists(st.sampled_from(batches), max_size=6))
         observers.append(observe(order, now))
-    pure = [{key: (s[0], s[1], s[4]) for key, s in limiter_states(o).items()} for o in observers]
+    pure = [{key: (s[0], s[1], s[5]) for key, s in limiter_states(o).items()} for o in observers]
     assert pure[1] == pure[0] and pure[2] == pure[0]
     assert all(o.rule_configs == observers[0].rule_configs for o in observers)
     for _ in range(2):

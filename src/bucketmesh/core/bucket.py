@@ -84,7 +84,8 @@ This module does no I/O and reads no clock: time is always an argument.
 
 from __future__ import annotations
 
-from typing import Final, Literal, get_args
+from collections.abc import Sequence
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
@@ -141,7 +142,11 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     """What replicas exchange: absolute values, so merging one twice is harmless.
 
     ``used`` carries the sender's own entry (a delta) or every entry it knows
-    (a full-state transfer); merge treats both alike.
+    (a full-state transfer); merge treats both alike. ``anchors`` and ``marks``
+    hold, per replica, its records (see "History" in the module docstring):
+    ``anchors[r] = (time, used then)``, ``marks[r] = [slice start, used before
+    it, ...]`` sorted by slice start. ``base_time``/``base_used`` are the base
+    (version ``base_version``): full at ``base_time`` with ``base_used`` spent.
     """
 
     key: str
@@ -151,6 +156,9 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     base_time: int
     used: dict[str, int]
     rule: str = ""
+    base_used: int = 0
+    anchors: dict[str, tuple[int, int]] = {}
+    marks: dict[str, list[int]] = {}
 
 
 class Hlc:
@@ -174,28 +182,111 @@ def epoch_for(now_ns: int, ttl_ns: int) -> int:
     return now_ns - now_ns % ttl_ns
 
 
+MARKS_KEPT: Final = 64
+"""Marks (per replica) a bucket keeps: the newest 64 slices that replica granted in."""
+
+MIN_SLICE_NS: Final = 10_000_000
+"""The shortest slice (10 ms): marks are written at most once per slice per replica."""
+
+MAX_BACKLOG_NS: Final = 10**18
+"""The longest backlog (TAT − now) a config change carries over: ~31.7 years. Every
+time the state stores is now + at most this, so it stays inside int64 (msgpack)."""
+
+
+def slice_ns(config: BucketConfig) -> int:
+    """The slice length S of ``config``: an eighth of the time a drained bucket takes
+    to refill (C·T/8), at least 10 ms. Slices are aligned to the epoch, so every
+    replica cuts time at the same instants."""
+    span = config.capacity * config.interval_ns // 8
+    return span if span > MIN_SLICE_NS else MIN_SLICE_NS
+
+
+def _join_marks(
+    a: Sequence[int] | None, b: Sequence[int] | None, epoch: int, slice_len: int
+) -> tuple[int, ...] | None:
+    """topK(a ∪ b): the union of two copies of one replica's marks, the newest
+    MARKS_KEPT kept, so the join is commutative, associative and idempotent. Two
+    marks at one point keep the smaller count (they are equal when both are
+    exact). ``epoch`` and ``slice_len`` are unused today; they let the kept set
+    depend on slice positions (thinning) without changing callers."""
+    pairs: dict[int, int] = {}
+    for marks in (a, b):
+        if marks:
+            for i in range(0, len(marks) - 1, 2):
+                point, before = marks[i], marks[i + 1]
+                known = pairs.get(point)
+                if known is None or before < known:
+                    pairs[point] = before
+    if not pairs:
+        return None
+    out: list[int] = []
+    for point in sorted(pairs)[-MARKS_KEPT:]:
+        out.append(point)
+        out.append(pairs[point])
+    return tuple(out)
+
+
+Entry = list[Any]
+"""Another replica's entry: [used, anchor time or None, used at the anchor, marks or None]."""
+
+
+def _records(
+    epoch: int, slice_len: int, anchor: int | None, anchor_used: int, marks: Sequence[int] | None,
+    floor: int,
+) -> dict[int, int]:
+    """One replica's records as point -> used before it: its marks, its anchor, and the
+    start of the anchor's slice (implied: the anchor was its first grant there, or a
+    mark for that slice says less). Only points after ``floor`` (the base) count."""
+    out: dict[int, int] = {}
+    if marks:
+        for i in range(0, len(marks) - 1, 2):
+            point = marks[i]
+            if point > floor:
+                before = marks[i + 1]
+                known = out.get(point)
+                if known is None or before < known:
+                    out[point] = before
+    if anchor is not None and anchor > floor:
+        for point in (anchor, anchor - (anchor - epoch) % slice_len):
+            if point > floor:
+                known = out.get(point)
+                if known is None or anchor_used < known:
+                    out[point] = anchor_used
+    return out
+
+
 class Bucket:
     """One replica's view of one bucket. ``mine`` is this replica's entry of ``used``.
 
-    ``total`` caches Σ used so that a decision is O(1); ``others`` is None until
-    another replica's entry is merged (most buckets never leave one region).
+    ``total`` caches Σ used. The merged TAT is cached as ``g`` (the largest term
+    this replica's own grants still raise, minus T·Σused) and ``unc`` (the largest
+    term they no longer raise, absolute; None when none), so a decision is O(1):
+    TAT = max(g + T·total, unc). Both are recomputed (``_recompute``) when the
+    records change: on a merge, a config change, and a grant that re-bases or
+    opens a slice while another replica's records are held. A bucket no other
+    replica touched keeps exact GCRA with no sweep at all.
 
-    Memory: other replicas' entries are held in ``entries``: None, then one
-    ``(replica, used)`` tuple — the usual case: one other region, or this
-    node's previous incarnation after a restart — and a dict only from the
-    second on. A one-entry dict costs about three times the tuple, and a
-    million buckets are the target (docs/targets.md P7).
+    Memory: other replicas' entries are held in ``entries``: None, or a dict of
+    ``[used, anchor, anchor used, marks]`` lists. A bucket that never leaves its
+    region holds only its anchor (two ints) beyond what it held before.
     """
 
     __slots__ = (
+        "anchor",
+        "anchor_used",
         "base_time",
+        "base_used",
         "base_version",
         "config",
+        "edge",
         "entries",
         "epoch",
+        "g",
+        "marks",
         "mine",
         "rule",
         "total",
+        "unc",
     )
 
     def __init__(self, config: BucketConfig, now_ns: int, rule: str = "") -> None:
@@ -203,10 +294,17 @@ class Bucket:
         self.epoch = epoch_for(now_ns, config.ttl_ns)
         self.base_version = config.version
         self.base_time = self.epoch  # TAT = epoch ≤ now: a new bucket is full
+        self.base_used = 0
         self.mine = 0
-        self.entries: tuple[str, int] | dict[str, int] | None = None
+        self.entries: dict[str, Entry] | None = None
         self.total = 0
         self.rule = rule
+        self.anchor: int | None = None
+        self.anchor_used = 0
+        self.marks: tuple[int, ...] | None = None
+        self.edge = 0
+        self.g = self.epoch
+        self.unc: int | None = None
 
     # -- reading -------------------------------------------------------------
 
@@ -216,17 +314,17 @@ class Bucket:
         entries = self.entries
         if entries is None:
             return None
-        if isinstance(entries, tuple):
-            return {entries[0]: entries[1]}
-        return dict(entries)
+        return {rid: entry[0] for rid, entry in entries.items()}
 
     def tat(self) -> int:
-        return self.base_time + self.total * self.config.interval_ns
+        tat = self.g + self.total * self.config.interval_ns
+        unc = self.unc
+        return unc if unc is not None and unc > tat else tat
 
     def level(self, now_ns: int) -> int:
         """Whole tokens available at ``now_ns``; negative while in debt after a partition."""
         interval = self.config.interval_ns
-        backlog = self.base_time + self.total * interval - now_ns
+        backlog = self.tat() - now_ns
         if backlog <= 0:
             return self.config.capacity
         return self.config.capacity - (-(-backlog // interval))
@@ -250,20 +348,95 @@ class Bucket:
             entries[replica_id] = self.mine
         return entries
 
+    # -- the merged TAT --------------------------------------------------------
+
+    def _recompute(self) -> None:
+        """TAT = max(base term, max over record points s of s + T·Σ_q Û_q(≥s)), where
+        Û_q(≥s) = used_q − (used before q's first record at or after s), or 0 if q
+        has none: a sweep over every replica's records, newest first."""
+        cfg = self.config
+        interval = cfg.interval_ns
+        floor = self.base_time
+        epoch = self.epoch
+        slice_len = slice_ns(cfg)
+        total = self.total
+        g = floor - self.base_used * interval
+        own = _records(epoch, slice_len, self.anchor, self.anchor_used, self.marks, floor)
+        entries = self.entries
+        if not entries:
+            for point, before in own.items():
+                term = point - before * interval
+                if term > g:
+                    g = term
+            self.g = g
+            self.unc = None
+            return
+        last = max(own) if own else None
+        events: list[tuple[int, int, int]] = [(p, 0, b) for p, b in own.items()]
+        current = [self.mine]
+        for index, entry in enumerate(entries.values(), 1):
+            current.append(entry[0])
+            for p, b in _records(epoch, slice_len, entry[1], entry[2], entry[3], floor).items():
+                events.append((p, index, b))
+        events.sort(reverse=True)
+        spent_before = total  # Σ_q (used before q's next record), none passed yet
+        unc: int | None = None
+        n = len(events)
+        i = 0
+        while i < n:
+            point = events[i][0]
+            while i < n and events[i][0] == point:
+                _, q, before = events[i]
+                spent_before += before - current[q]
+                current[q] = before
+                i += 1
+            if last is not None and point <= last:
+                term = point - spent_before * interval
+                if term > g:
+                    g = term
+            else:
+                term = point + (total - spent_before) * interval
+                if unc is None or term > unc:
+                    unc = term
+        self.g = g
+        self.unc = unc
+
+    def _note(self, now_ns: int, rebase: bool) -> None:
+        """Record a grant that re-bases (the bucket was full) or opens a new slice."""
+        slice_len = slice_ns(self.config)
+        epoch = self.epoch
+        start = now_ns - (now_ns - epoch) % slice_len
+        if rebase:
+            anchor = self.anchor
+            if anchor is not None:
+                # The old anchor stood for its slice's mark too: keep that mark.
+                begun = anchor - (anchor - epoch) % slice_len
+                marks = self.marks
+                if not marks or begun not in marks[0::2]:
+                    self.marks = _join_marks(marks, (begun, self.anchor_used), epoch, slice_len)
+            self.anchor = now_ns
+            self.anchor_used = self.mine
+        else:
+            self.marks = _join_marks(self.marks, (start, self.mine), epoch, slice_len)
+        self.edge = start + slice_len
+
     # -- writing -------------------------------------------------------------
 
     def acquire(self, key: str, tokens: int, now_ns: int) -> Decision:
         """Take ``tokens`` if the level allows (``tokens == 0`` only peeks) and say so.
 
-        ``base`` moves only when a grant is made on a full bucket, so a denied
-        request or a peek never changes the replicated state. This is the hot
-        path: one pass, integer math, one allocation (the Decision).
+        The records move only when a grant is made on a full bucket or in a new
+        slice, so a denied request or a peek never changes the replicated state.
+        This is the hot path: integer math, one allocation (the Decision).
         """
         cfg = self.config
         interval = cfg.interval_ns
         capacity = cfg.capacity
-        spent = self.total * interval
-        backlog = self.base_time + spent - now_ns  # TAT − t; negative: full since then
+        tat = self.g + self.total * interval
+        unc = self.unc
+        if unc is not None and unc > tat:
+            tat = unc
+        backlog = tat - now_ns  # TAT − t; negative: full since then
         need = tokens * interval
         if (backlog if backlog > 0 else 0) + need > capacity * interval:
             return Decision(
@@ -278,12 +451,24 @@ class Bucket:
                 self.rule,
             )
         if tokens > 0:
-            if backlog < 0:
-                self.base_time = now_ns - spent
-                backlog = 0
-            self.mine += tokens
-            self.total += tokens
-            backlog += need
+            if backlog < 0 or now_ns >= self.edge:
+                rebase = backlog < 0
+                self._note(now_ns, rebase)
+                self.mine += tokens
+                self.total += tokens
+                if self.entries is None:
+                    # Alone: a re-base is exact GCRA (TAT := now + n·T); a new slice's
+                    # mark lies below the TAT already held (docs/design.md section 3).
+                    if rebase:
+                        self.g = now_ns - (self.total - tokens) * interval
+                else:
+                    self._recompute()
+            else:
+                self.mine += tokens
+                self.total += tokens
+            # The answer is the level as GCRA takes it (the same whichever replica
+            # grants); the merged TAT may be below it when others' records are later.
+            backlog = (backlog if backlog > 0 else 0) + need
         return Decision(
             True,
             key,
@@ -300,7 +485,8 @@ class Bucket:
         """Adopt a newer config, proposing the ``base`` that keeps the level at ``now_ns``.
 
         The backlog (time until full) is carried over in tokens, with the
-        capacity delta added; ceil keeps the rounding on the safe side.
+        capacity delta added; ceil keeps the rounding on the safe side. It is
+        clamped to [0, MAX_BACKLOG_NS], so the base stays a time near now.
         """
         old = self.config
         backlog_old = self.tat() - now_ns
@@ -311,29 +497,68 @@ class Bucket:
         backlog += (config.capacity - old.capacity) * config.interval_ns
         if backlog < 0:
             backlog = 0
+        elif backlog > MAX_BACKLOG_NS:
+            backlog = MAX_BACKLOG_NS
         self.config = config
         self.base_version = config.version
-        self.base_time = now_ns + backlog - self.total * config.interval_ns
+        self.base_time = now_ns + backlog
+        self.base_used = self.total
+        self.edge = 0
+        self._recompute()
 
     def delta(self, key: str, replica_id: str) -> BucketDelta:
         """This replica's own entry, with ``base`` and ``config``: what a sync push carries."""
-        return self._encoded(key, {replica_id: self.mine})
+        anchors = {} if self.anchor is None else {replica_id: (self.anchor, self.anchor_used)}
+        marks = {replica_id: list(self.marks)} if self.marks else {}
+        return self._encoded(key, {replica_id: self.mine}, anchors, marks)
 
     def full_state(self, key: str, replica_id: str) -> BucketDelta:
         """Every entry known here: for repair, new peers and snapshots."""
-        return self._encoded(key, self.used(replica_id))
+        anchors: dict[str, tuple[int, int]] = {}
+        marks: dict[str, list[int]] = {}
+        if self.anchor is not None:
+            anchors[replica_id] = (self.anchor, self.anchor_used)
+        if self.marks:
+            marks[replica_id] = list(self.marks)
+        entries = self.entries
+        if entries is not None:
+            for rid, entry in entries.items():
+                if entry[1] is not None:
+                    anchors[rid] = (entry[1], entry[2])
+                if entry[3]:
+                    marks[rid] = list(entry[3])
+        return self._encoded(key, self.used(replica_id), anchors, marks)
 
-    def _encoded(self, key: str, used: dict[str, int]) -> BucketDelta:
+    def _encoded(
+        self,
+        key: str,
+        used: dict[str, int],
+        anchors: dict[str, tuple[int, int]],
+        marks: dict[str, list[int]],
+    ) -> BucketDelta:
         return BucketDelta(
-            key, self.epoch, self.config, self.base_version, self.base_time, used, self.rule
+            key,
+            self.epoch,
+            self.config,
+            self.base_version,
+            self.base_time,
+            used,
+            self.rule,
+            self.base_used,
+            anchors,
+            marks,
         )
 
     def raise_own(self, value: int) -> None:
         """Our own entry is at least ``value`` (what we spent in this epoch before
-        dropping the bucket; see Limiter's tombstones)."""
+        dropping the bucket; see Limiter's tombstones). Without records: only the
+        base term charges it, the safe side."""
         if value > self.mine:
             self.total += value - self.mine
             self.mine = value
+
+    def _base_key(self, version: Version, time: int, used: int) -> tuple[Version, int, int]:
+        return (version, time - used * self.config.interval_ns, time)
 
     def merge(self, delta: BucketDelta, replica_id: str) -> bool:
         """Join ``delta`` into this state; returns whether anything changed."""
@@ -346,43 +571,61 @@ class Bucket:
         if delta.config.version > self.config.version:
             self.config = delta.config
             changed = True
-        if (delta.base_version, delta.base_time) > (self.base_version, self.base_time):
+        if self._base_key(delta.base_version, delta.base_time, delta.base_used) > self._base_key(
+            self.base_version, self.base_time, self.base_used
+        ):
             self.base_version = delta.base_version
             self.base_time = delta.base_time
+            self.base_used = delta.base_used
             changed = True
-        for rid, value in delta.used.items():
+        anchors = delta.anchors
+        marks = delta.marks
+        rids = delta.used.keys() | anchors.keys() | marks.keys() if anchors or marks else delta.used
+        for rid in rids:
+            value = delta.used.get(rid, 0)
+            anchor = anchors.get(rid)
+            got = marks.get(rid)
             if rid == replica_id:
                 # Only an echo of our own past, or our snapshot restored elsewhere.
                 if value > self.mine:
                     self.total += value - self.mine
                     self.mine = value
                     changed = True
+                if anchor is not None and (self.anchor is None or anchor[0] > self.anchor):
+                    self.anchor, self.anchor_used = anchor[0], anchor[1]
+                    changed = True
+                if got:
+                    joined = _join_marks(self.marks, got, self.epoch, slice_ns(self.config))
+                    if joined != self.marks:
+                        self.marks = joined
+                        changed = True
                 continue
             entries = self.entries
-            if entries is None:
-                if value > 0:
-                    self.entries = (rid, value)
-                    self.total += value
-                    changed = True
-            elif type(entries) is tuple:
-                if entries[0] == rid:
-                    if value > entries[1]:
-                        self.entries = (entries[0], value)
-                        self.total += value - entries[1]
-                        changed = True
-                elif value > 0:
-                    self.entries = {entries[0]: entries[1], rid: value}
-                    self.total += value
-                    changed = True
-            else:
-                assert isinstance(entries, dict)
-                current = entries.get(rid, 0)
-                if value > current:
-                    entries[rid] = value
-                    self.total += value - current
+            entry = None if entries is None else entries.get(rid)
+            if entry is None:
+                if value <= 0 and anchor is None and not got:
+                    continue
+                entry = [0, None, 0, None]
+                if entries is None:
+                    entries = self.entries = {}
+                entries[rid] = entry
+                changed = True
+            if value > entry[0]:
+                self.total += value - entry[0]
+                entry[0] = value
+                changed = True
+            if anchor is not None and (entry[1] is None or anchor[0] > entry[1]):
+                entry[1], entry[2] = anchor[0], anchor[1]
+                changed = True
+            if got:
+                joined = _join_marks(entry[3], got, self.epoch, slice_ns(self.config))
+                if joined != entry[3]:
+                    entry[3] = joined
                     changed = True
         if not self.rule and delta.rule:
             self.rule = delta.rule
+        if changed:
+            self._recompute()
         return changed
 
     def _replace(self, delta: BucketDelta, replica_id: str) -> None:
@@ -390,25 +633,39 @@ class Bucket:
         self.config = delta.config
         self.base_version = delta.base_version
         self.base_time = delta.base_time
+        self.base_used = delta.base_used
         used = delta.used
         mine = self.mine = used.get(replica_id, 0)
-        # Restoring a million buckets goes through here: the usual shapes (no
-        # other entry, or one) take no intermediate dict.
-        size = len(used) - (replica_id in used)
-        if size == 0:
-            self.entries = None
-            self.total = mine
-        elif size == 1:
-            for rid, value in used.items():
-                if rid != replica_id:
-                    self.entries = (rid, value)
-                    self.total = mine + value
-        else:
-            others = {rid: v for rid, v in used.items() if rid != replica_id}
-            self.entries = others
-            self.total = mine + sum(others.values())
+        own_anchor = delta.anchors.get(replica_id)
+        self.anchor, self.anchor_used = own_anchor if own_anchor is not None else (None, 0)
+        own_marks = delta.marks.get(replica_id)
+        slice_len = slice_ns(self.config)
+        self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
+        self.edge = 0
+        total = mine
+        entries: dict[str, Entry] | None = None
+        for rid in used.keys() | delta.anchors.keys() | delta.marks.keys():
+            if rid == replica_id:
+                continue
+            value = used.get(rid, 0)
+            anchor = delta.anchors.get(rid)
+            got = delta.marks.get(rid)
+            if value <= 0 and anchor is None and not got:
+                continue
+            if entries is None:
+                entries = {}
+            entries[rid] = [
+                value,
+                None if anchor is None else anchor[0],
+                0 if anchor is None else anchor[1],
+                _join_marks(None, got, self.epoch, slice_len),
+            ]
+            total += value
+        self.entries = entries
+        self.total = total
         if delta.rule:
             self.rule = delta.rule
+        self._recompute()
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
@@ -416,3 +673,8 @@ class Bucket:
         bucket.rule = delta.rule
         bucket._replace(delta, replica_id)
         return bucket
+
+
+def delta_tat(delta: BucketDelta) -> int:
+    """The TAT a replica holding exactly ``delta`` computes (digests, expiry checks)."""
+    return Bucket.from_delta(delta, "").tat()

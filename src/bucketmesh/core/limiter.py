@@ -403,7 +403,7 @@ class Limiter:
             if len(epochs) > 64:
                 epochs.clear()
             shared = epochs[bucket.epoch] = bucket.epoch
-        bucket.epoch = bucket.base_time = shared
+        bucket.epoch = bucket.base_time = bucket.g = shared
         return bucket
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
@@ -642,13 +642,12 @@ class Limiter:
         epoch = shared.setdefault(bucket.epoch, bucket.epoch)
         if bucket.base_time == epoch:
             bucket.base_time = epoch
+        if bucket.g == epoch:
+            bucket.g = epoch
         bucket.epoch = epoch
         entries = bucket.entries
-        if type(entries) is tuple:
-            bucket.entries = (shared.setdefault(entries[0], entries[0]), entries[1])
-        elif entries:
-            assert isinstance(entries, dict)
-            bucket.entries = {shared.setdefault(rid, rid): used for rid, used in entries.items()}
+        if entries:
+            bucket.entries = {shared.setdefault(rid, rid): entry for rid, entry in entries.items()}
         return bucket
 
     # -- write-ahead log ---------------------------------------------------------

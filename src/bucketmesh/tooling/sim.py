@@ -87,7 +87,7 @@ import heapq
 import random
 import sys
 import time
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -102,6 +102,7 @@ from bucketmesh.core.bucket import (
     BucketConfig,
     BucketDelta,
     interval_for,
+    slice_ns,
 )
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, rule_config
 from bucketmesh.core.rules import Rule
@@ -165,12 +166,23 @@ class _Limits:
     """The loosest limits a key had during the run (what the bounds are computed with),
     and for strict keys every grant, whatever the granting replica's epoch."""
 
-    __slots__ = ("capacity", "changes", "first_ns", "granted", "interval_ns", "mode")
+    __slots__ = (
+        "capacity",
+        "changes",
+        "first_ns",
+        "granted",
+        "interval_ns",
+        "longest_ns",
+        "mode",
+        "slice_ns",
+    )
 
     def __init__(self, config: BucketConfig) -> None:
         self.mode = config.mode
         self.capacity = config.capacity
         self.interval_ns = config.interval_ns
+        self.longest_ns = config.interval_ns
+        self.slice_ns = slice_ns(config)
         self.changes = 0
         self.granted = 0
         self.first_ns = 0
@@ -179,11 +191,16 @@ class _Limits:
 class _Ledger:
     """What the simulator saw granted for one (key, epoch)."""
 
-    __slots__ = ("conform", "first_ns", "granted", "log", "own")
+    __slots__ = ("arrivals", "conform", "epoch", "first_ns", "granted", "log", "own", "peak")
 
-    def __init__(self, first_ns: int) -> None:
+    def __init__(self, first_ns: int, epoch: int = 0) -> None:
         self.first_ns = first_ns
+        self.epoch = epoch
         self.granted = 0
+        # every grant anywhere as (granting replica's local time, sequence, tokens), sorted:
+        # the merged arrival sequence whose GCRA (Lindley) TAT no view may exceed
+        self.arrivals: list[tuple[int, int, int]] = []
+        self.peak: int | None = None  # max_i (τ_i − T·tokens before τ_i), None: stale
         self.own: dict[str, int] = {}
         # rid -> (true times, cumulative own grants) for information lags
         self.log: dict[str, tuple[list[int], list[int]]] = {}
@@ -310,6 +327,9 @@ class Simulation:
                 limits.capacity = max(limits.capacity, capacity)
             if refill_rate is not None:
                 limits.interval_ns = min(limits.interval_ns, interval_for(refill_rate))
+                limits.longest_ns = max(limits.longest_ns, interval_for(refill_rate))
+            span = limits.capacity * limits.longest_ns // 8
+            limits.slice_ns = max(limits.slice_ns, span)
         self.result.configures += 1
         self._push(at, self._on_configure, (replica, target, capacity, refill_rate))
 
@@ -419,6 +439,7 @@ class Simulation:
         result.acquires += 1
         if not decision.allowed:
             result.denied += 1
+            self._check_denial(i, key, tokens, local)
             return
         if not tokens:
             return
@@ -427,8 +448,11 @@ class Simulation:
         rid = limiter.replica_id
         ledger = self.ledgers.get((key, bucket.epoch))
         if ledger is None:
-            ledger = self.ledgers[(key, bucket.epoch)] = _Ledger(self.now)
+            ledger = self.ledgers[(key, bucket.epoch)] = _Ledger(self.now, bucket.epoch)
         ledger.granted += tokens
+        self.seq += 1
+        insort(ledger.arrivals, (local, self.seq, tokens))
+        ledger.peak = None
         own = ledger.own[rid] = ledger.own.get(rid, 0) + tokens
         times, cumulative = ledger.log.setdefault(rid, ([], []))
         times.append(self.now)
@@ -462,8 +486,56 @@ class Simulation:
             self._check_conformance(ledger, rid, key, local, tokens, limits.capacity, interval)
             return
         if not limits.changes:
-            self._check_conformance(ledger, rid, key, local, tokens, limits.capacity, interval)
+            # a view resolves even this replica's own older grants to slice starts
+            self._check_conformance(
+                ledger, rid, key, local, tokens, limits.capacity, interval, limits.slice_ns
+            )
         self._check_bound(i, rid, key, bucket.epoch, ledger, limits)
+
+    def _check_denial(self, i: int, key: str, tokens: int, local: int) -> None:
+        """No under-admission: a denial must be justified by the real history.
+
+        The merged TAT of any view is at most the GCRA (Lindley) TAT of the merged
+        arrival sequence of every grant made anywhere so far, stamped with the
+        granting replica's clock (docs/design.md section 3, "History"): a view can
+        only be missing grants or resolve them to an earlier point, never charge one
+        twice or against refill that paid for it. So a request the exact merged
+        bucket would grant must not be denied. Checked for shared keys whose
+        config never changed, without expiry (a tombstone's count is charged
+        conservatively) — where the bound is exact, with no allowance.
+        """
+        limits = self.limits[key]
+        if limits.mode != SHARED or limits.changes or self.expire_interval_ns:
+            return
+        bucket = self.limiters[i].buckets.get(key)
+        if bucket is None:
+            return
+        ledger = self.ledgers.get((key, bucket.epoch))
+        interval = bucket.config.interval_ns
+        total = ledger.granted if ledger else 0
+        tat = bucket.epoch + total * interval
+        if ledger is not None and ledger.arrivals:
+            peak = ledger.peak
+            if peak is None:
+                before = 0
+                for stamp, _, n in ledger.arrivals:
+                    term = stamp - before * interval
+                    if peak is None or term > peak:
+                        peak = term
+                    before += n
+                ledger.peak = peak
+            assert peak is not None
+            if peak + total * interval > tat:
+                tat = peak + total * interval
+        backlog = tat - local
+        if (backlog if backlog > 0 else 0) + tokens * interval <= bucket.config.capacity * interval:
+            view = bucket.tat() - local
+            self._fail(
+                "no under-admission",
+                f"r{i} denied {tokens} of {key!r} at local {local} (its TAT is {view}ns "
+                f"ahead) but every grant made anywhere leaves a GCRA TAT only {backlog}ns "
+                f"ahead (C={bucket.config.capacity}, T={interval}ns, {total} granted)",
+            )
 
     def _check_conformance(
         self,
@@ -474,11 +546,12 @@ class Simulation:
         tokens: int,
         capacity: int,
         interval: int,
+        slack_ns: int = 0,
     ) -> None:
         tat = ledger.conform.get(rid, local)
         tat = (tat if tat > local else local) + tokens * interval
         ledger.conform[rid] = tat
-        if tat - local > capacity * interval:
+        if tat - local > capacity * interval + slack_ns:
             self._fail(
                 "one replica never admits more than one bucket's worth",
                 f"{rid}'s own grants of {key!r} do not conform to GCRA(C={capacity}, "
@@ -506,7 +579,8 @@ class Simulation:
                 if lag > self.result.max_lag_ns:
                     self.result.max_lag_ns = lag
         ideal_ns = capacity_ns + (now - ledger.first_ns)
-        skew_ns = self.skew_spread * (1 + limits.changes)
+        # the views resolve others' grants to slice starts: up to one slice S of refill
+        skew_ns = self.skew_spread * (1 + limits.changes) + limits.slice_ns
         granted_ns = ledger.granted * interval
         if granted_ns > ideal_ns + skew_ns + unknown * interval:
             self._fail(
