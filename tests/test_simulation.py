@@ -639,3 +639,127 @@ def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
     # 0.1 token refilled since the bucket was drained, not 5: a adopts the new version
     # keeping the level it sees, and that proposal outranks b's older one
     assert second == 0
+
+
+# -- issue 23: a busy side and a quiet side of a partition -----------------------------
+
+
+def busy_quiet(partition_ns: int, *, jump_ns: int = 0) -> tuple[Simulation, int, int, int]:
+    """The issue's schedule: capacity 10, refill 10/s, two regions; region 0 asks 30 times
+    a second for 46 s, region 1 once every 2 s; a partition of ``partition_ns`` from 3 s
+    (or, with ``jump_ns``, no partition and region 1's clock stepped back by ``jump_ns``
+    at 3 s and corrected 20 s later). Returns (sim, t0, heal, end)."""
+    capacity, rate = 10, 10.0
+    sim = Simulation(
+        1,
+        2,
+        [make_rule(capacity, rate)],
+        {"api-1": "api"},
+        skews_ns=[0, 0],
+        network=Network(1 * MS, 5 * MS),
+        sync_interval_ns=20 * MS,
+        anti_entropy_interval_ns=2 * NS_PER_S,
+    )
+    t0 = sim.start_ns
+    begin, end = t0 + 3 * NS_PER_S, t0 + 46 * NS_PER_S
+    heal = begin + (partition_ns if partition_ns else 20 * NS_PER_S)
+    if partition_ns:
+        sim.partition(begin, heal, [[0], [1]])
+    if jump_ns:
+        sim.jump(begin, 1, -jump_ns)
+        sim.jump(heal, 1, jump_ns)
+    at = t0
+    while at < end:
+        sim.acquire(at, 0, "api-1")
+        at += NS_PER_S // 30
+    at = t0 + 7 * MS
+    while at < end:
+        sim.acquire(at, 1, "api-1")
+        at += 2 * NS_PER_S
+    return sim, t0, heal, end
+
+
+def test_a_quiet_side_of_a_partition_does_not_erase_the_refill_that_paid_the_busy_side() -> None:
+    """Issue 23: after the heal the debt is the real over-admission (about 9 tokens), not
+    the busy side's whole spend (−163 before the fix), and over the run the regions admit
+    the limit from below too (299 of 470 before the fix)."""
+    sim, t0, heal, end = busy_quiet(20 * NS_PER_S)
+    sim.run(heal)
+    ledger = next(iter(sim.ledgers.values()))
+    excess = ledger.granted - (10 + 10 * (sim.now - t0) / NS_PER_S)
+    assert 5 <= excess <= 12  # B's ~10 grants unseen by A, less what B's gaps refilled
+    # the two sides' states merged, as every replica holds them once the deltas are in
+    states = [
+        limiter.buckets["api-1"].full_state("api-1", limiter.replica_id) for limiter in sim.limiters
+    ]
+    merged = Bucket.from_delta(states[0], "observer")
+    merged.merge(states[1], "observer")
+    level = merged.acquire("api-1", 0, sim.now)
+    # debt ≈ over-admission, within one slice of refill (S = C·T/8: 1.25 tokens)
+    assert -excess - 2 <= level.tokens_remaining <= -excess + 2, (level, excess)
+    assert level.reset_after < 3.0  # repaid within ~2 s, not 17 s
+    result = finish(sim, end)
+    limit = 10 + 10 * (end - t0) / NS_PER_S
+    assert limit - 3 <= result.granted <= limit + excess + 2
+
+
+def test_both_sides_busy_leave_the_same_debt_as_before() -> None:
+    """The control: both sides loaded; the debt equals the excess (as documented)."""
+    sim, t0, _, end = busy_quiet(20 * NS_PER_S)
+    at = t0 + 11 * MS
+    while at < end:
+        sim.acquire(at, 1, "api-1")
+        at += NS_PER_S // 30
+    result = finish(sim, end)
+    limit = 10 + 10 * (end - t0) / NS_PER_S
+    assert limit - 3 <= result.granted <= limit + 10 + 10 * 20 + 3
+
+
+def test_a_clock_stepped_back_and_corrected_leaves_no_debt() -> None:
+    """Issue 23: region 1's clock steps back a minute and is corrected 20 s later; no
+    token was over-admitted, so after the correction nothing is owed."""
+    sim, t0, heal, end = busy_quiet(0, jump_ns=60 * NS_PER_S)
+    sim.run(heal + NS_PER_S)
+    ledger = next(iter(sim.ledgers.values()))
+    assert ledger.granted <= 10 + 10 * (sim.now - t0) / NS_PER_S + 2
+    for replica in (0, 1):
+        level = sim.limiters[replica].peek("api-1", rule="api", now=sim.local_time(replica))
+        assert level.tokens_remaining >= -3, level
+    result = finish(sim, end)
+    assert result.granted >= 10 + 10 * (end - t0) / NS_PER_S - 3
+
+
+def test_a_partition_straddling_an_epoch_boundary_keeps_its_debt() -> None:
+    """Issue 12 case 10: region 0 spends in the old generation during a partition, region 1
+    first uses the key after the epoch boundary; the later generation wins, and region 0
+    carries its share of the backlog into it, so the excess is still repaid."""
+    capacity, rate = 10, 10.0
+    sim = Simulation(
+        1,
+        2,
+        [make_rule(capacity, rate, ttl=60.0)],
+        {"api-1": "api"},
+        skews_ns=[0, 0],
+        network=Network(1 * MS, 5 * MS),
+        sync_interval_ns=20 * MS,
+    )
+    t0 = sim.start_ns
+    boundary = t0 - t0 % (60 * NS_PER_S) + 60 * NS_PER_S
+    begin, heal = boundary - 30 * NS_PER_S, boundary + 5 * NS_PER_S
+    sim.partition(begin, heal, [[0], [1]])
+    at = begin
+    while at < heal + 10 * NS_PER_S:
+        sim.acquire(at, 0, "api-1")
+        at += NS_PER_S // 30
+    at = boundary + 100 * MS
+    while at < heal + 10 * NS_PER_S:
+        sim.acquire(at, 1, "api-1")
+        at += NS_PER_S // 30
+    sim.run(heal + NS_PER_S)
+    held = [limiter.bucket("api-1") for limiter in sim.limiters]
+    assert all(bucket is not None and bucket.epoch == boundary for bucket in held)
+    # both regions spent their fill in the 5 s after the boundary: ~C + r·5 excess
+    assert sim.result.carried > 0
+    level = sim.limiters[1].peek("api-1", rule="api", now=sim.local_time(1))
+    assert level.tokens_remaining <= -(capacity + 10 * 5) + 15, level
+    finish(sim, heal + 10 * NS_PER_S)

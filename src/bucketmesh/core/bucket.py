@@ -183,7 +183,8 @@ def epoch_for(now_ns: int, ttl_ns: int) -> int:
 
 
 MARKS_KEPT: Final = 64
-"""Marks (per replica) a bucket keeps: the newest 64 slices that replica granted in."""
+"""Marks (per replica) a bucket keeps: the oldest (where its history in this
+generation begins) and the newest 63 slices that replica granted in."""
 
 MIN_SLICE_NS: Final = 10_000_000
 """The shortest slice (10 ms): marks are written at most once per slice per replica."""
@@ -204,8 +205,9 @@ def slice_ns(config: BucketConfig) -> int:
 def _join_marks(
     a: Sequence[int] | None, b: Sequence[int] | None, epoch: int, slice_len: int
 ) -> tuple[int, ...] | None:
-    """topK(a ∪ b): the union of two copies of one replica's marks, the newest
-    MARKS_KEPT kept, so the join is commutative, associative and idempotent. Two
+    """keep(a ∪ b): the union of two copies of one replica's marks, of which the
+    oldest and the newest MARKS_KEPT − 1 are kept — a function of the union alone,
+    so the join is commutative, associative and idempotent. Two
     marks at one point keep the smaller count (they are equal when both are
     exact). ``epoch`` and ``slice_len`` are unused today; they let the kept set
     depend on slice positions (thinning) without changing callers."""
@@ -219,8 +221,12 @@ def _join_marks(
                     pairs[point] = before
     if not pairs:
         return None
+    points = sorted(pairs)
+    if len(points) > MARKS_KEPT:
+        # the oldest stays (where a long busy period began), then the newest
+        points = [points[0], *points[len(points) - MARKS_KEPT + 1 :]]
     out: list[int] = []
-    for point in sorted(pairs)[-MARKS_KEPT:]:
+    for point in points:
         out.append(point)
         out.append(pairs[point])
     return tuple(out)
@@ -231,7 +237,11 @@ Entry = list[Any]
 
 
 def _records(
-    epoch: int, slice_len: int, anchor: int | None, anchor_used: int, marks: Sequence[int] | None,
+    epoch: int,
+    slice_len: int,
+    anchor: int | None,
+    anchor_used: int,
+    marks: Sequence[int] | None,
     floor: int,
 ) -> dict[int, int]:
     """One replica's records as point -> used before it: its marks, its anchor, and the
@@ -418,7 +428,21 @@ class Bucket:
             self.anchor_used = self.mine
         else:
             self.marks = _join_marks(self.marks, (start, self.mine), epoch, slice_len)
-        self.edge = start + slice_len
+        if start + slice_len > self.edge:
+            self.edge = start + slice_len
+
+    def _derive_edge(self) -> None:
+        """``edge``: the end of the slice of this replica's newest record (0 if none);
+        a grant at or past it opens a slice. A function of the state alone."""
+        newest = self.anchor
+        marks = self.marks
+        if marks and (newest is None or marks[-2] > newest):
+            newest = marks[-2]
+        if newest is None:
+            self.edge = 0
+            return
+        slice_len = slice_ns(self.config)
+        self.edge = newest - (newest - self.epoch) % slice_len + slice_len
 
     # -- writing -------------------------------------------------------------
 
@@ -503,7 +527,7 @@ class Bucket:
         self.base_version = config.version
         self.base_time = now_ns + backlog
         self.base_used = self.total
-        self.edge = 0
+        self._derive_edge()
         self._recompute()
 
     def delta(self, key: str, replica_id: str) -> BucketDelta:
@@ -557,15 +581,48 @@ class Bucket:
             self.total += value - self.mine
             self.mine = value
 
+    def charge(self, tokens: int, at_ns: int) -> None:
+        """Record ``tokens`` as spent here at ``at_ns`` (a mark exactly there), without a
+        level check: a replaced generation's carried debt."""
+        slice_len = slice_ns(self.config)
+        self.marks = _join_marks(self.marks, (at_ns, self.mine), self.epoch, slice_len)
+        edge = at_ns - (at_ns - self.epoch) % slice_len + slice_len
+        if edge > self.edge:
+            self.edge = edge
+        self.mine += tokens
+        self.total += tokens
+        self._recompute()
+
     def _base_key(self, version: Version, time: int, used: int) -> tuple[Version, int, int]:
         return (version, time - used * self.config.interval_ns, time)
 
-    def merge(self, delta: BucketDelta, replica_id: str) -> bool:
-        """Join ``delta`` into this state; returns whether anything changed."""
+    def carry(self, since_ns: int) -> int:
+        """The tokens this replica carries into a later generation (epoch ``since_ns``)
+        replacing this one: its share (mine / Σused, rounded up) of this generation's
+        TAT beyond the new epoch's start — the backlog standing then plus what was
+        spent here after it, which the new generation never saw."""
+        backlog = self.tat() - since_ns
+        if backlog <= 0 or not self.mine:
+            return 0
+        tokens = -(-backlog // self.config.interval_ns)
+        return -(-tokens * self.mine // self.total)
+
+    def merge(self, delta: BucketDelta, replica_id: str, now_ns: int | None = None) -> bool:
+        """Join ``delta`` into this state; returns whether anything changed.
+
+        A delta of a later generation replaces this one. With ``now_ns`` (a live
+        replica merging, not a replay), this replica's share of the backlog the
+        replaced generation held beyond the new epoch is charged in the new one
+        at the new epoch's start (``carry``), so a partition that straddles an epoch
+        boundary keeps its debt (docs/design.md, "Epochs").
+        """
         if delta.epoch != self.epoch:
             if delta.epoch < self.epoch:
                 return False
+            carried = 0 if now_ns is None else self.carry(delta.epoch)
             self._replace(delta, replica_id)
+            if carried:
+                self.charge(carried, delta.epoch + 1)
             return True
         changed = False
         if delta.config.version > self.config.version:
@@ -599,6 +656,7 @@ class Bucket:
                     if joined != self.marks:
                         self.marks = joined
                         changed = True
+                self._derive_edge()
                 continue
             entries = self.entries
             entry = None if entries is None else entries.get(rid)
@@ -641,7 +699,6 @@ class Bucket:
         own_marks = delta.marks.get(replica_id)
         slice_len = slice_ns(self.config)
         self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
-        self.edge = 0
         total = mine
         entries: dict[str, Entry] | None = None
         for rid in used.keys() | delta.anchors.keys() | delta.marks.keys():
@@ -665,6 +722,7 @@ class Bucket:
         self.total = total
         if delta.rule:
             self.rule = delta.rule
+        self._derive_edge()
         self._recompute()
 
     @classmethod

@@ -583,9 +583,9 @@ class Limiter:
                     # (the max of both proposals wins). Like a rule config's adoption,
                     # this makes the base depend on merge order until replicas exchange.
                     self._adopt(delta.key, bucket, delta.config, now)
-                    bucket.merge(delta, rid)
+                    bucket.merge(delta, rid, now)
                     changed += 1
-                elif bucket.merge(delta, rid):
+                elif bucket.merge(delta, rid, now):
                     changed += 1
                 else:
                     continue

@@ -153,6 +153,8 @@ class SimResult:
     partitions: int = 0
     configures: int = 0
     max_lag_ns: int = 0
+    #: tokens a replica carried from a replaced generation into the next (not grants)
+    carried: int = 0
     #: the most tokens granted beyond C + r·D at any grant (over-admission, in tokens)
     excess_tokens: float = 0.0
     #: the largest G / (C + r·D) seen: how far admission went beyond one bucket's worth
@@ -333,6 +335,17 @@ class Simulation:
         self.result.configures += 1
         self._push(at, self._on_configure, (replica, target, capacity, refill_rate))
 
+    def jump(self, at: int, replica: int, offset_ns: int) -> None:
+        """``replica``'s clock jumps by ``offset_ns`` at true time ``at`` (NTP stepping it,
+        a VM resumed); a later jump back by the opposite amount is the correction."""
+        self._push(at, self._on_jump, (replica, offset_ns))
+
+    def _on_jump(self, replica: int, offset_ns: int) -> None:
+        self.skews[replica] += offset_ns
+        spread = max(self.skews) - min(self.skews)
+        if spread > self.skew_spread:
+            self.skew_spread = spread
+
     def partition(self, start: int, end: int, groups: Sequence[Sequence[int]]) -> None:
         """Cut the network into ``groups`` (replica indexes) from ``start`` to ``end``."""
         group_of = [-1] * self.n
@@ -512,7 +525,7 @@ class Simulation:
             return
         ledger = self.ledgers.get((key, bucket.epoch))
         interval = bucket.config.interval_ns
-        total = ledger.granted if ledger else 0
+        total = sum(ledger.own.values()) if ledger else 0  # grants and carried charges
         tat = bucket.epoch + total * interval
         if ledger is not None and ledger.arrivals:
             peak = ledger.peak
@@ -724,12 +737,19 @@ class Simulation:
             None if bucket is None else bucket.epoch
             for bucket in (buckets.get(delta.key) for delta in batch.deltas)
         ]
-        changed = limiter.merge(batch, now=self.now + self.skews[dst])
+        local = self.now + self.skews[dst]
+        changed = limiter.merge(batch, now=local)
         known = self.knowledge[dst]
+        me = limiter.replica_id
         for delta, epoch in zip(batch.deltas, epochs, strict=True):
             bucket = buckets.get(delta.key)
             if bucket is None or bucket.epoch != delta.epoch:
                 continue  # a stale generation, ignored
+            if epoch is not None and epoch < delta.epoch:
+                # a later generation replaced ours: we carried our share of its backlog
+                carried = bucket.mine - delta.used.get(me, 0)
+                if carried > 0:
+                    self._charge(delta.key, bucket.epoch, me, bucket.epoch + 1, carried)
             if epoch != delta.epoch:
                 # (re)created from this delta: whatever it knew of the key is gone
                 if epoch is not None:
@@ -741,6 +761,20 @@ class Simulation:
                     entry[rid] = value
             self._check_join(dst, delta.key, delta.used)
         return changed
+
+    def _charge(self, key: str, epoch: int, rid: str, local: int, tokens: int) -> None:
+        """Tokens charged without a grant (a generation's backlog carried into the next)."""
+        ledger = self.ledgers.get((key, epoch))
+        if ledger is None:
+            ledger = self.ledgers[(key, epoch)] = _Ledger(self.now, epoch)
+        own = ledger.own[rid] = ledger.own.get(rid, 0) + tokens
+        times, cumulative = ledger.log.setdefault(rid, ([], []))
+        times.append(self.now)
+        cumulative.append(own)
+        self.seq += 1
+        insort(ledger.arrivals, (local, self.seq, tokens))
+        ledger.peak = None
+        self.result.carried += tokens
 
     # -- checks ----------------------------------------------------------------------
 
@@ -884,6 +918,10 @@ def random_simulation(
     acquires = events if events is not None else rng.randint(80, 200)
     rules: list[Rule] = []
     keys: dict[str, str] = {}
+    # issue 23: one side of a partition busy, the other quiet; issue 12 case 10: a
+    # partition straddling an epoch boundary, the key first used on the far side after it
+    busy_quiet = not expiry and n >= 2 and rng.random() < 0.3
+    straddle = not expiry and n >= 2 and rng.random() < 0.2
     for number in range(rng.randint(1, 3)):
         name = "abc"[number]
         roll = rng.random()
@@ -902,7 +940,17 @@ def random_simulation(
         drop=0.0 if rng.random() < 0.3 else rng.uniform(0.0, 0.3),
         duplicate=0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.2),
     )
+    if straddle:
+        capacity = rng.randint(1, 20)
+        rate = round(10 ** rng.uniform(1.0, 2.3), 3)
+        # ttl 1 s: epochs begin on whole seconds, the first at START + 877 ms
+        rules.append(
+            Rule.create("s-{{ .Request.Header.X-Key }}", capacity, rate, name="s", ttl=1.0)
+        )
+        keys["s-0"] = "s"
     duration = rng.randint(200 * MS, 1_000 * MS)
+    if straddle:
+        duration = max(duration, 1_100 * MS)
     sync = max(rng.randint(5 * MS, 50 * MS), duration // 25)
     anti_entropy = max(rng.randint(50 * MS, 200 * MS), duration // 5)
     sim = Simulation(
@@ -924,7 +972,8 @@ def random_simulation(
     gap = rng.randint(1_500 * MS, 2_500 * MS) if expiry else 0
     if expiry:
         duration //= 2
-    key_names = sorted(keys)
+    key_names = sorted(key for key in keys if keys[key] != "s")
+    by_name = {rule.name: rule for rule in rules}
     hot = rng.randrange(n)
     draw = rng.random
     for _ in range(acquires):
@@ -956,6 +1005,46 @@ def random_simulation(
         for position, replica in enumerate(members):
             groups[position if position < k else rng.randrange(k)].append(replica)
         sim.partition(begin, begin + length, groups)
+    if busy_quiet:
+        shared = [
+            key for key in key_names if keys[key] != "s" and by_name[keys[key]].mode == SHARED
+        ]
+        if shared:
+            key = rng.choice(shared)
+            rule = by_name[keys[key]]
+            interval = interval_for(rule.refill_rate)
+            begin = start + rng.randrange(duration // 2)
+            length = rng.randint(duration // 4, duration // 2)
+            busy = rng.randrange(n)
+            sim.partition(begin, begin + length, [[busy], [r for r in range(n) if r != busy]])
+            quiet = rng.choice([r for r in range(n) if r != busy])
+            every = max(MS, interval // 3)
+            at = begin
+            while at < begin + length and at < begin + 400 * every:
+                sim.acquire(at, busy, key)
+                at += every
+            every = max(MS, interval * rule.capacity * 3 // 2)
+            at = begin + rng.randrange(every)
+            while at < begin + length:
+                sim.acquire(at, quiet, key)
+                at += every
+    if straddle:
+        boundary = start - start % NS_PER_S + NS_PER_S  # START + 877 ms
+        begin = boundary - rng.randint(100 * MS, 500 * MS)
+        end = boundary + rng.randint(50 * MS, 200 * MS)
+        side = rng.randrange(n)
+        sim.partition(begin, end, [[side], [r for r in range(n) if r != side]])
+        far = rng.choice([r for r in range(n) if r != side])
+        interval = interval_for(rules[-1].refill_rate)
+        every = max(MS, interval // 2)
+        at = begin + 5 * MS
+        while at < end:
+            sim.acquire(at, side, "s-0")
+            at += every
+        at = boundary + rng.randint(MS, 40 * MS)
+        while at < end + 200 * MS:
+            sim.acquire(at, far, "s-0")
+            at += every
     return sim, start + 2 * duration + gap if gap else start + duration
 
 
