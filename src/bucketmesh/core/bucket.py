@@ -707,8 +707,6 @@ class Bucket:
             value = used.get(rid, 0)
             anchor = delta.anchors.get(rid)
             got = delta.marks.get(rid)
-            if value <= 0 and anchor is None and not got:
-                continue
             if entries is None:
                 entries = {}
             entries[rid] = [

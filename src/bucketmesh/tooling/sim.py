@@ -258,6 +258,7 @@ class Simulation:
             raise ValueError("one clock offset per replica")
         self.skews = list(skews_ns)
         self.skew_spread = max(self.skews) - min(self.skews)
+        self.jumped_ns = 0  # Σ |clock jumps| so far
         # every grant reaches every peer within this, while nothing is lost (bound C)
         self.lossless = not self.network.drop and not expire_interval_ns
         self.now = start_ns
@@ -342,6 +343,8 @@ class Simulation:
 
     def _on_jump(self, replica: int, offset_ns: int) -> None:
         self.skews[replica] += offset_ns
+        # refill follows each replica's clock: every bound below widens by the jumps
+        self.jumped_ns += abs(offset_ns)
         spread = max(self.skews) - min(self.skews)
         if spread > self.skew_spread:
             self.skew_spread = spread
@@ -483,7 +486,8 @@ class Simulation:
             if not limits.granted:
                 limits.first_ns = self.now
             limits.granted += tokens
-            if limits.granted * interval > capacity_ns + (self.now - limits.first_ns):
+            elapsed = self.now - limits.first_ns + self.jumped_ns * self.n
+            if limits.granted * interval > capacity_ns + elapsed:
                 self._fail(
                     "strict mode never over-admits",
                     f"{limits.granted} tokens of {key!r} granted within "
@@ -492,16 +496,32 @@ class Simulation:
                 )
             share_interval = interval * self.n
             self._check_conformance(
-                ledger, rid, key, local, tokens, limits.capacity // self.n, share_interval
+                ledger,
+                rid,
+                key,
+                local,
+                tokens,
+                limits.capacity // self.n,
+                share_interval,
+                self.jumped_ns,
             )
             return
         if limits.mode == LOCAL:
-            self._check_conformance(ledger, rid, key, local, tokens, limits.capacity, interval)
+            self._check_conformance(
+                ledger, rid, key, local, tokens, limits.capacity, interval, self.jumped_ns
+            )
             return
         if not limits.changes:
             # a view resolves even this replica's own older grants to slice starts
             self._check_conformance(
-                ledger, rid, key, local, tokens, limits.capacity, interval, limits.slice_ns
+                ledger,
+                rid,
+                key,
+                local,
+                tokens,
+                limits.capacity,
+                interval,
+                limits.slice_ns + self.jumped_ns,
             )
         self._check_bound(i, rid, key, bucket.epoch, ledger, limits)
 
@@ -540,7 +560,7 @@ class Simulation:
             assert peak is not None
             if peak + total * interval > tat:
                 tat = peak + total * interval
-        backlog = tat - local
+        backlog = tat - local + self.jumped_ns
         if (backlog if backlog > 0 else 0) + tokens * interval <= bucket.config.capacity * interval:
             view = bucket.tat() - local
             self._fail(
@@ -593,7 +613,9 @@ class Simulation:
                     self.result.max_lag_ns = lag
         ideal_ns = capacity_ns + (now - ledger.first_ns)
         # the views resolve others' grants to slice starts: up to one slice S of refill
-        skew_ns = self.skew_spread * (1 + limits.changes) + limits.slice_ns
+        skew_ns = (
+            self.skew_spread * (1 + limits.changes) + limits.slice_ns + self.jumped_ns * self.n
+        )
         granted_ns = ledger.granted * interval
         if granted_ns > ideal_ns + skew_ns + unknown * interval:
             self._fail(
@@ -922,6 +944,7 @@ def random_simulation(
     # partition straddling an epoch boundary, the key first used on the far side after it
     busy_quiet = not expiry and n >= 2 and rng.random() < 0.3
     straddle = not expiry and n >= 2 and rng.random() < 0.2
+    jumps = rng.choice((0, 0, 0, 1, 2))
     for number in range(rng.randint(1, 3)):
         name = "abc"[number]
         roll = rng.random()
@@ -1045,6 +1068,13 @@ def random_simulation(
         while at < end + 200 * MS:
             sim.acquire(at, far, "s-0")
             at += every
+    for _ in range(jumps):
+        # a clock stepped back (or forward) and corrected later
+        begin = start + rng.randrange(duration)
+        offset = rng.choice((-1, 1)) * rng.randint(MS, 100 * MS)
+        replica = rng.randrange(n)
+        sim.jump(begin, replica, offset)
+        sim.jump(begin + rng.randint(10 * MS, duration // 2), replica, -offset)
     return sim, start + 2 * duration + gap if gap else start + duration
 
 
