@@ -246,19 +246,19 @@ def _records(
 ) -> dict[int, int]:
     """One replica's records as point -> used before it: its marks, its anchor, and the
     start of the anchor's slice (implied: the anchor was its first grant there, or a
-    mark for that slice says less). Only points after ``floor`` (the base) count."""
+    mark for that slice says less). Only points at or after ``floor`` (the base) count."""
     out: dict[int, int] = {}
     if marks:
         for i in range(0, len(marks) - 1, 2):
             point = marks[i]
-            if point > floor:
+            if point >= floor:
                 before = marks[i + 1]
                 known = out.get(point)
                 if known is None or before < known:
                     out[point] = before
-    if anchor is not None and anchor > floor:
+    if anchor is not None and anchor >= floor:
         for point in (anchor, anchor - (anchor - epoch) % slice_len):
-            if point > floor:
+            if point >= floor:
                 known = out.get(point)
                 if known is None or anchor_used < known:
                     out[point] = anchor_used
@@ -366,11 +366,14 @@ class Bucket:
         has none: a sweep over every replica's records, newest first."""
         cfg = self.config
         interval = cfg.interval_ns
-        floor = self.base_time
         epoch = self.epoch
+        # Records count from the base on: from the epoch itself for a generation's
+        # first base, strictly after a config change's (a grant at that very instant
+        # is already in the backlog the change carried over).
+        floor = self.base_time if self.base_time == epoch else self.base_time + 1
         slice_len = slice_ns(cfg)
         total = self.total
-        g = floor - self.base_used * interval
+        g = self.base_time - self.base_used * interval
         own = _records(epoch, slice_len, self.anchor, self.anchor_used, self.marks, floor)
         entries = self.entries
         if not entries:

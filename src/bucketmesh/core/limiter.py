@@ -71,7 +71,7 @@ from bucketmesh.core.bucket import (
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
-from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_limits
+from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_burst, check_limits
 from bucketmesh.core.rules import QUALIFIER, Rule
 
 SNAPSHOT_FORMAT: Final = 1
@@ -456,6 +456,10 @@ class Limiter:
             mode=current.mode if mode is None else mode,
             version=(self.hlc.tick(now), self.replica_id),
         )
+        changed = None
+        if (capacity is None) != (refill_rate is None):
+            changed = "capacity" if refill_rate is None else "refillRate"
+        check_burst(new.capacity, new.interval_ns, changed=changed)
         if new.mode == STRICT and new.capacity < self.regions:
             raise LimitError(
                 "capacity",

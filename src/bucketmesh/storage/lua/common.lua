@@ -44,11 +44,12 @@ local function rep_of(b, rid)
 end
 local SCALARS = {es = 1, en = 1, c = 1, i = 1, l = 1, bt = 1, t = 1, bu = 1}
 local function load(key)
-  local v = redis.call('HGETALL', key)
-  if #v == 0 then return nil end
+  local names = redis.call('HKEYS', key)
+  if #names == 0 then return nil end
+  local v = redis.call('HMGET', key, unpack(names))
   local b = {reps = {}, bu = 0}
-  for j = 1, #v, 2 do
-    local f, x = v[j], v[j + 1]
+  for j = 1, #names do
+    local f, x = names[j], v[j]
     local kind = string.sub(f, 1, 2)
     if kind == 'u:' then
       rep_of(b, string.sub(f, 3)).u = tonumber(x)
@@ -104,13 +105,13 @@ end
 local function records(rep, floor, s)
   local out = {}
   local function put(p, x)
-    if p > floor then
+    if p >= floor then
       local known = out[p]
       if known == nil or x < known then out[p] = x end
     end
   end
   for j = 1, #rep.k - 1, 2 do put(rep.k[j], rep.k[j + 1]) end
-  if rep.a ~= nil and rep.a > floor then
+  if rep.a ~= nil and rep.a >= floor then
     put(rep.a, rep.au)
     put(rep.a - smod(rep.a, s), rep.au)
   end
@@ -120,7 +121,8 @@ end
 local function tat_of(b, me)
   local s = slice(b)
   local floor = b.bt
-  local g = floor - b.bu * b.i
+  if floor ~= 0 then floor = floor + 1 end
+  local g = b.bt - b.bu * b.i
   local own = b.reps[me]
   local mine = {}
   if own ~= nil then mine = records(own, floor, s) end
