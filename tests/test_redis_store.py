@@ -132,8 +132,10 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
                 {rid: others[rid]},
                 "r",
                 bucket.base_used,
-                {} if anchor is None else {rid: (now + anchor[0], min(anchor[1], others[rid]))},
-                {rid: flat} if flat else {},
+                {} if anchor is None else {rid: now + anchor[0]},
+                {} if anchor is None else {rid: min(anchor[1], others[rid])},
+                {} if anchor is None else {rid: anchor[1] // 2},
+                {rid: tuple(flat)} if flat else {},
             )
             memory.merge(DeltaBatch(rid, [delta]), now=now)
             run(store.merge([delta], now))

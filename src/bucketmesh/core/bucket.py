@@ -142,9 +142,11 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     """What replicas exchange: absolute values, so merging one twice is harmless.
 
     ``used`` carries the sender's own entry (a delta) or every entry it knows
-    (a full-state transfer); merge treats both alike. ``anchors`` and ``marks``
-    hold, per replica, its records (see "History" in the module docstring):
-    ``anchors[r] = (time, used then)``, ``marks[r] = [slice start, used before
+    (a full-state transfer); merge treats both alike. ``anchor_*`` and ``marks``
+    hold, per replica, its records (see "History" in the module docstring): its
+    anchor ``anchor_at[r]`` with ``anchor_used[r]`` used then and
+    ``anchor_begun[r]`` used when that slice began (three flat maps of integers:
+    no container the garbage collector must track), ``marks[r] = [slice start, used before
     it, ...]`` sorted by slice start. ``base_time``/``base_used`` are the base
     (version ``base_version``): full at ``base_time`` with ``base_used`` spent.
     """
@@ -157,8 +159,18 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     used: dict[str, int]
     rule: str = ""
     base_used: int = 0
-    anchors: dict[str, tuple[int, int]] = {}
-    marks: dict[str, list[int]] = {}
+    anchor_at: dict[str, int] = {}
+    anchor_used: dict[str, int] = {}
+    anchor_begun: dict[str, int] = {}
+    marks: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def anchors(self) -> dict[str, tuple[int, int, int]]:
+        """Each replica's anchor as (time, used then, used when its slice began)."""
+        used, begun = self.anchor_used, self.anchor_begun
+        return {
+            rid: (at, used.get(rid, 0), begun.get(rid, 0)) for rid, at in self.anchor_at.items()
+        }
 
 
 class Hlc:
@@ -233,7 +245,8 @@ def _join_marks(
 
 
 Entry = list[Any]
-"""Another replica's entry: [used, anchor time or None, used at the anchor, marks or None]."""
+"""Another replica's entry: [used, anchor time or None, used at the anchor, marks or None,
+used at the start of the anchor's slice]."""
 
 
 def _records(
@@ -241,12 +254,13 @@ def _records(
     slice_len: int,
     anchor: int | None,
     anchor_used: int,
+    anchor_slice: int,
     marks: Sequence[int] | None,
     floor: int,
 ) -> dict[int, int]:
     """One replica's records as point -> used before it: its marks, its anchor, and the
-    start of the anchor's slice (implied: the anchor was its first grant there, or a
-    mark for that slice says less). Only points at or after ``floor`` (the base) count."""
+    start of the anchor's slice (``anchor_slice``: what it had used when that slice
+    began, or more if a mark for that slice says less). Only points at or after ``floor`` (the base) count."""
     out: dict[int, int] = {}
     if marks:
         for i in range(0, len(marks) - 1, 2):
@@ -257,11 +271,14 @@ def _records(
                 if known is None or before < known:
                     out[point] = before
     if anchor is not None and anchor >= floor:
-        for point in (anchor, anchor - (anchor - epoch) % slice_len):
+        for point, before in (
+            (anchor, anchor_used),
+            (anchor - (anchor - epoch) % slice_len, anchor_slice),
+        ):
             if point >= floor:
                 known = out.get(point)
-                if known is None or anchor_used < known:
-                    out[point] = anchor_used
+                if known is None or before < known:
+                    out[point] = before
     return out
 
 
@@ -283,6 +300,7 @@ class Bucket:
 
     __slots__ = (
         "anchor",
+        "anchor_slice",
         "anchor_used",
         "base_time",
         "base_used",
@@ -311,6 +329,7 @@ class Bucket:
         self.rule = rule
         self.anchor: int | None = None
         self.anchor_used = 0
+        self.anchor_slice = 0
         self.marks: tuple[int, ...] | None = None
         self.edge = 0
         self.g = self.epoch
@@ -374,7 +393,9 @@ class Bucket:
         slice_len = slice_ns(cfg)
         total = self.total
         g = self.base_time - self.base_used * interval
-        own = _records(epoch, slice_len, self.anchor, self.anchor_used, self.marks, floor)
+        own = _records(
+            epoch, slice_len, self.anchor, self.anchor_used, self.anchor_slice, self.marks, floor
+        )
         entries = self.entries
         if not entries:
             for point, before in own.items():
@@ -389,7 +410,8 @@ class Bucket:
         current = [self.mine]
         for index, entry in enumerate(entries.values(), 1):
             current.append(entry[0])
-            for p, b in _records(epoch, slice_len, entry[1], entry[2], entry[3], floor).items():
+            records = _records(epoch, slice_len, entry[1], entry[2], entry[4], entry[3], floor)
+            for p, b in records.items():
                 events.append((p, index, b))
         events.sort(reverse=True)
         spent_before = total  # Σ_q (used before q's next record), none passed yet
@@ -421,14 +443,21 @@ class Bucket:
         start = now_ns - (now_ns - epoch) % slice_len
         if rebase:
             anchor = self.anchor
+            begun_with = self.mine
             if anchor is not None:
-                # The old anchor stood for its slice's mark too: keep that mark.
                 begun = anchor - (anchor - epoch) % slice_len
-                marks = self.marks
-                if not marks or begun not in marks[0::2]:
-                    self.marks = _join_marks(marks, (begun, self.anchor_used), epoch, slice_len)
+                if begun == start:
+                    begun_with = self.anchor_slice  # the same slice: its start stays
+                else:
+                    # The old anchor stood for its slice's mark too: keep that mark.
+                    marks = self.marks
+                    if not marks or begun not in marks[0::2]:
+                        self.marks = _join_marks(
+                            marks, (begun, self.anchor_slice), epoch, slice_len
+                        )
             self.anchor = now_ns
             self.anchor_used = self.mine
+            self.anchor_slice = begun_with
         else:
             self.marks = _join_marks(self.marks, (start, self.mine), epoch, slice_len)
         if start + slice_len > self.edge:
@@ -480,7 +509,20 @@ class Bucket:
         if tokens > 0:
             if backlog < 0 or now_ns >= self.edge:
                 rebase = backlog < 0
-                self._note(now_ns, rebase)
+                anchor = self.anchor
+                marks = self.marks
+                if (
+                    rebase
+                    and now_ns < self.edge
+                    and anchor is not None
+                    and (not marks or marks[-2] <= anchor)
+                ):
+                    # a re-base in the slice of our newest record, the anchor: the
+                    # slice's start count stays (the common case of a lightly used key)
+                    self.anchor = now_ns
+                    self.anchor_used = self.mine
+                else:
+                    self._note(now_ns, rebase)
                 self.mine += tokens
                 self.total += tokens
                 if self.entries is None:
@@ -535,33 +577,51 @@ class Bucket:
 
     def delta(self, key: str, replica_id: str) -> BucketDelta:
         """This replica's own entry, with ``base`` and ``config``: what a sync push carries."""
-        anchors = {} if self.anchor is None else {replica_id: (self.anchor, self.anchor_used)}
-        marks = {replica_id: list(self.marks)} if self.marks else {}
-        return self._encoded(key, {replica_id: self.mine}, anchors, marks)
+        anchor = self.anchor
+        return BucketDelta(
+            key,
+            self.epoch,
+            self.config,
+            self.base_version,
+            self.base_time,
+            {replica_id: self.mine},
+            self.rule,
+            self.base_used,
+            {} if anchor is None else {replica_id: anchor},
+            {} if anchor is None else {replica_id: self.anchor_used},
+            {} if anchor is None else {replica_id: self.anchor_slice},
+            {replica_id: self.marks} if self.marks else {},
+        )
 
     def full_state(self, key: str, replica_id: str) -> BucketDelta:
         """Every entry known here: for repair, new peers and snapshots."""
-        anchors: dict[str, tuple[int, int]] = {}
-        marks: dict[str, list[int]] = {}
+        at: dict[str, int] = {}
+        used: dict[str, int] = {}
+        begun: dict[str, int] = {}
+        marks: dict[str, tuple[int, ...]] = {}
         if self.anchor is not None:
-            anchors[replica_id] = (self.anchor, self.anchor_used)
+            at[replica_id] = self.anchor
+            used[replica_id] = self.anchor_used
+            begun[replica_id] = self.anchor_slice
         if self.marks:
-            marks[replica_id] = list(self.marks)
+            marks[replica_id] = self.marks
         entries = self.entries
         if entries is not None:
             for rid, entry in entries.items():
                 if entry[1] is not None:
-                    anchors[rid] = (entry[1], entry[2])
+                    at[rid], used[rid], begun[rid] = entry[1], entry[2], entry[4]
                 if entry[3]:
-                    marks[rid] = list(entry[3])
-        return self._encoded(key, self.used(replica_id), anchors, marks)
+                    marks[rid] = entry[3]
+        return self._encoded(key, self.used(replica_id), at, used, begun, marks)
 
     def _encoded(
         self,
         key: str,
         used: dict[str, int],
-        anchors: dict[str, tuple[int, int]],
-        marks: dict[str, list[int]],
+        anchor_at: dict[str, int],
+        anchor_used: dict[str, int],
+        anchor_begun: dict[str, int],
+        marks: dict[str, tuple[int, ...]],
     ) -> BucketDelta:
         return BucketDelta(
             key,
@@ -572,7 +632,9 @@ class Bucket:
             used,
             self.rule,
             self.base_used,
-            anchors,
+            anchor_at,
+            anchor_used,
+            anchor_begun,
             marks,
         )
 
@@ -638,7 +700,7 @@ class Bucket:
             self.base_time = delta.base_time
             self.base_used = delta.base_used
             changed = True
-        anchors = delta.anchors
+        anchors = delta.anchors if delta.anchor_at else {}
         marks = delta.marks
         rids = delta.used.keys() | anchors.keys() | marks.keys() if anchors or marks else delta.used
         for rid in rids:
@@ -652,7 +714,7 @@ class Bucket:
                     self.mine = value
                     changed = True
                 if anchor is not None and (self.anchor is None or anchor[0] > self.anchor):
-                    self.anchor, self.anchor_used = anchor[0], anchor[1]
+                    self.anchor, self.anchor_used, self.anchor_slice = anchor
                     changed = True
                 if got:
                     joined = _join_marks(self.marks, got, self.epoch, slice_ns(self.config))
@@ -666,7 +728,7 @@ class Bucket:
             if entry is None:
                 if value <= 0 and anchor is None and not got:
                     continue
-                entry = [0, None, 0, None]
+                entry = [0, None, 0, None, 0]
                 if entries is None:
                     entries = self.entries = {}
                 entries[rid] = entry
@@ -676,7 +738,7 @@ class Bucket:
                 entry[0] = value
                 changed = True
             if anchor is not None and (entry[1] is None or anchor[0] > entry[1]):
-                entry[1], entry[2] = anchor[0], anchor[1]
+                entry[1], entry[2], entry[4] = anchor
                 changed = True
             if got:
                 joined = _join_marks(entry[3], got, self.epoch, slice_ns(self.config))
@@ -697,18 +759,22 @@ class Bucket:
         self.base_used = delta.base_used
         used = delta.used
         mine = self.mine = used.get(replica_id, 0)
-        own_anchor = delta.anchors.get(replica_id)
-        self.anchor, self.anchor_used = own_anchor if own_anchor is not None else (None, 0)
+        anchors = delta.anchors
+        own_anchor = anchors.get(replica_id)
+        if own_anchor is None:
+            self.anchor, self.anchor_used, self.anchor_slice = None, 0, 0
+        else:
+            self.anchor, self.anchor_used, self.anchor_slice = own_anchor
         own_marks = delta.marks.get(replica_id)
         slice_len = slice_ns(self.config)
         self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
         total = mine
         entries: dict[str, Entry] | None = None
-        for rid in used.keys() | delta.anchors.keys() | delta.marks.keys():
+        for rid in used.keys() | anchors.keys() | delta.marks.keys():
             if rid == replica_id:
                 continue
             value = used.get(rid, 0)
-            anchor = delta.anchors.get(rid)
+            anchor = anchors.get(rid)
             got = delta.marks.get(rid)
             if entries is None:
                 entries = {}
@@ -717,6 +783,7 @@ class Bucket:
                 None if anchor is None else anchor[0],
                 0 if anchor is None else anchor[1],
                 _join_marks(None, got, self.epoch, slice_len),
+                0 if anchor is None else anchor[2],
             ]
             total += value
         self.entries = entries

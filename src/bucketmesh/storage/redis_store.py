@@ -102,7 +102,8 @@ ACQUIRE_LUA: Final = _script("acquire")
 # merge.lua. KEYS: one bucket per delta. ARGV: now_s, now_n, the store's replica id,
 # then per delta: es, en, c, i, l, m, vh, vo, bh, bo, bt (relative to the delta's
 # epoch), bu, r, expired (1/0), n, n (replica id, used) pairs, n, n (replica id,
-# anchor time, anchor used) triples, n, n (replica id, "point,before,...") pairs
+# anchor time, anchor used, used when its slice began), n, n (replica id,
+# "point,before,...") pairs
 # (times relative to the epoch). Answer: how many buckets changed.
 MERGE_LUA: Final = _script("merge")
 
@@ -491,8 +492,8 @@ class RedisStore:
             for rid, value in delta.used.items():
                 args += [rid, value]
             args.append(len(delta.anchors))
-            for rid, (point, before) in delta.anchors.items():
-                args += [rid, point - epoch, before]
+            for rid, (point, before, begun) in delta.anchors.items():
+                args += [rid, point - epoch, before, begun]
             marks = {rid: m for rid, m in delta.marks.items() if m}
             args.append(len(marks))
             for rid, flat in marks.items():
@@ -569,15 +570,18 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         (int(row["vh"]), row["vo"]),
     )
     used = {field[2:]: int(value) for field, value in row.items() if field.startswith("u:")}
-    anchors: dict[str, tuple[int, int]] = {}
-    marks: dict[str, list[int]] = {}
+    anchor_at: dict[str, int] = {}
+    anchor_used: dict[str, int] = {}
+    anchor_begun: dict[str, int] = {}
+    marks: dict[str, tuple[int, ...]] = {}
     for field, value in row.items():
         if field.startswith("a:"):
-            point, before = (int(x) for x in value.split(","))
-            anchors[field[2:]] = (epoch + point, before)
+            point, before, begun = (int(x) for x in value.split(","))
+            rid = field[2:]
+            anchor_at[rid], anchor_used[rid], anchor_begun[rid] = epoch + point, before, begun
         elif field.startswith("k:"):
             flat = [int(x) for x in value.split(",")]
-            marks[field[2:]] = [epoch + x if j % 2 == 0 else x for j, x in enumerate(flat)]
+            marks[field[2:]] = tuple(epoch + x if j % 2 == 0 else x for j, x in enumerate(flat))
     return BucketDelta(
         key,
         epoch,
@@ -587,6 +591,8 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         used,
         row.get("r", ""),
         int(row.get("bu", "0")),
-        anchors,
+        anchor_at,
+        anchor_used,
+        anchor_begun,
         marks,
     )

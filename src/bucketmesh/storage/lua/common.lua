@@ -37,7 +37,7 @@ end
 local function rep_of(b, rid)
   local rep = b.reps[rid]
   if rep == nil then
-    rep = {u = 0, au = 0, k = {}}
+    rep = {u = 0, au = 0, as = 0, k = {}}
     b.reps[rid] = rep
   end
   return rep
@@ -54,9 +54,9 @@ local function load(key)
     if kind == 'u:' then
       rep_of(b, string.sub(f, 3)).u = tonumber(x)
     elseif kind == 'a:' then
-      local pair = nums(x)
+      local triple = nums(x)
       local rep = rep_of(b, string.sub(f, 3))
-      rep.a, rep.au = pair[1], pair[2]
+      rep.a, rep.au, rep.as = triple[1], triple[2], triple[3]
     elseif kind == 'k:' then
       rep_of(b, string.sub(f, 3)).k = nums(x)
     elseif SCALARS[f] then
@@ -113,7 +113,7 @@ local function records(rep, floor, s)
   for j = 1, #rep.k - 1, 2 do put(rep.k[j], rep.k[j + 1]) end
   if rep.a ~= nil and rep.a >= floor then
     put(rep.a, rep.au)
-    put(rep.a - smod(rep.a, s), rep.au)
+    put(rep.a - smod(rep.a, s), rep.as)
   end
   return out
 end
@@ -193,17 +193,24 @@ end
 local function note(b, me, now_rel, rebase)
   local s = slice(b)
   local own = rep_of(b, me)
+  local start = now_rel - smod(now_rel, s)
   if rebase then
+    local begun_with = own.u
     if own.a ~= nil then
       local begun = own.a - smod(own.a, s)
-      local found = false
-      for j = 1, #own.k - 1, 2 do if own.k[j] == begun then found = true end end
-      if not found then own.k = join_marks(own.k, {begun, own.au}) end
+      if begun == start then
+        begun_with = own.as
+      else
+        local found = false
+        for j = 1, #own.k - 1, 2 do if own.k[j] == begun then found = true end end
+        if not found then own.k = join_marks(own.k, {begun, own.as}) end
+      end
     end
     own.a = now_rel
     own.au = own.u
+    own.as = begun_with
   else
-    own.k = join_marks(own.k, {now_rel - smod(now_rel, s), own.u})
+    own.k = join_marks(own.k, {start, own.u})
   end
 end
 -- Redis drops the bucket one second after it has been full for its ttl.
@@ -214,7 +221,9 @@ local function expire(key, b, now_rel, me)
 end
 local function save_rep(key, rid, rep)
   redis.call('HSET', key, 'u:' .. rid, fmt(rep.u))
-  if rep.a ~= nil then redis.call('HSET', key, 'a:' .. rid, fmt(rep.a) .. ',' .. fmt(rep.au)) end
+  if rep.a ~= nil then
+    redis.call('HSET', key, 'a:' .. rid, fmt(rep.a) .. ',' .. fmt(rep.au) .. ',' .. fmt(rep.as))
+  end
   if #rep.k > 0 then redis.call('HSET', key, 'k:' .. rid, joined(rep.k)) end
 end
 local function save_all(key, b)

@@ -2,7 +2,7 @@ local now_s, now_n, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local o = 3
 local changed = 0
 -- ARGV per delta: es en c i l m vh vo bh bo bt bu r expired, n (rid used) pairs,
--- n (rid anchor-point anchor-used) triples, n (rid "point,before,...") pairs
+-- n (rid anchor-point anchor-used slice-start-used) quadruples, n (rid "point,before,...") pairs
 local function incoming()
   local x = {es = tonumber(ARGV[o + 1]), en = tonumber(ARGV[o + 2]), c = tonumber(ARGV[o + 3]),
              i = tonumber(ARGV[o + 4]), l = tonumber(ARGV[o + 5]), m = ARGV[o + 6],
@@ -21,8 +21,8 @@ local function incoming()
   n = tonumber(ARGV[o + 1]); o = o + 1
   for _ = 1, n do
     local rep = rep_of(x, ARGV[o + 1])
-    rep.a, rep.au = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
-    o = o + 3
+    rep.a, rep.au, rep.as = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
+    o = o + 4
   end
   n = tonumber(ARGV[o + 1]); o = o + 1
   for _ = 1, n do
@@ -103,7 +103,7 @@ for d = 1, #KEYS do
           dirty = true
         end
         if got.a ~= nil and (rep.a == nil or got.a > rep.a) then
-          rep.a, rep.au = got.a, got.au
+          rep.a, rep.au, rep.as = got.a, got.au, got.as
           dirty = true
         end
         if #got.k > 0 then
