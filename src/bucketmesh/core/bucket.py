@@ -260,7 +260,8 @@ def _records(
 ) -> dict[int, int]:
     """One replica's records as point -> used before it: its marks, its anchor, and the
     start of the anchor's slice (``anchor_slice``: what it had used when that slice
-    began, or more if a mark for that slice says less). Only points at or after ``floor`` (the base) count."""
+    began, or more if a mark for that slice says less). Only points at or after
+    ``floor`` (the base) count."""
     out: dict[int, int] = {}
     if marks:
         for i in range(0, len(marks) - 1, 2):
