@@ -19,46 +19,83 @@ harm:
 ``used[replica]``
     Tokens ever consumed at that replica in this epoch: a grow-only counter,
     merged by per-entry max. Only the owner writes its entry.
-``base`` = (version, time)
-    A max-register ordered by (config version, time): the instant from which
-    the bucket refills, as proposed by whoever last saw it full.
+``base`` = (version, time f, used u)
+    A max-register ordered by (version, f − u·T, f): "full at f when u tokens
+    had been spent". A generation starts with (file version, epoch, 0); a
+    config change proposes a new one (below). Grants never move it.
+``records[replica]`` (History)
+    Exact samples of the owner's monotone function before_q(s) = tokens q spent
+    before s: its **anchor** (the instant of its latest grant on a bucket that
+    was full in its view, the count then, and the count when that slice
+    began) and its **marks** (slice start σ, count before σ) for the slices it
+    granted in. Slices have length S = max(C·T/8, 10 ms) and are aligned to the
+    epoch, so every replica cuts time at the same instants. A mark is written
+    at the owner's first grant of a slice (never changed afterwards), except
+    where the anchor already says it. Joined per replica: anchor by latest
+    instant, marks by union keeping the oldest and the newest 63
+    (commutative, associative, idempotent).
 
-GCRA form, in integer nanoseconds and integer tokens::
+GCRA form, in integer nanoseconds and integer tokens. GCRA over a merged
+arrival sequence is Lindley's recursion: TAT = max over arrivals i of
+(t_i + T·U(≥t_i)), U(≥s) the tokens spent at or after s by every replica.
+The maximum is reached where a busy period began, and every busy period
+begins where some replica found the bucket full in its own view — its
+anchor. The state evaluates the same max over the points it holds::
 
-    TAT  = base.time + (Σ used) · T                  theoretical arrival time
+    Û_q(≥s) = used_q − before_q(q's first record at or after s)   (0 if none)
+    TAT  = max( f + T·(Σused − u),
+                max over record points s ≥ f of  s + T·Σ_q Û_q(≥s) )
     L(t) = C − ceil(max(0, TAT − t) / T)             level; never above C
-    acquire n at t:  allowed  ⇔  L(t) ≥ n  ⇔  TAT + n·T − t ≤ C·T
-                     if TAT < t: base := max(base, t − (Σ used)·T)   (was full)
+    acquire n at t:  allowed  ⇔  L(t) ≥ n  ⇔  max(0, TAT − t) + n·T ≤ C·T
+                     if TAT < t: anchor := (t, used_self, ...)      (was full)
+                     if t opens a slice: mark := (σ(t), used_self)
                      then used[self] += n
     retry_after(n) = max(0, TAT + n·T − C·T − t)
     reset_after    = max(0, TAT − t)                 until the bucket is full
 
+Û never exceeds the true U (a later sample only says more was spent before
+it), so TAT never exceeds the GCRA TAT of the real merged history: no grant is
+charged twice and refill that paid for a grant is never forgotten (the
+single max-register ``base`` of earlier versions charged every token the busy
+side of a partition spent before the quiet side's last re-base again — a
+debt of the busy side's whole spend). At a slice start σ every replica's
+first record at or after σ is exact, so TAT ≥ TAT_true − S: over-admission
+of at most one slice of refill (S/T ≤ max(C/8, r·10 ms) tokens) beyond the
+connected bound. A bucket only one replica touched has only its own records,
+its anchor is GCRA's re-base, and decisions are exact GCRA. The TAT is
+cached (``g``/``unc``) and recomputed only when records change, so a
+decision stays O(1).
+
 Because ``T`` is an integer carried inside ``config``, two replicas holding
 the same state compute the same level at the same instant, bit for bit. A
-delta is "my entry of ``used`` is now N, ``base`` is B, ``config`` is K":
-absolute values, never increments, so a later delta subsumes an earlier one.
+delta is "my entry of ``used`` is now N, my records are R, ``base`` is B,
+``config`` is K": absolute values, never increments, so a later delta
+subsumes an earlier one.
 
 Config changes keep the level at the change instant: the replica adopting
-version v proposes ``base = (v, t)`` such that L(t) under the new config
-equals min(L(t) under the old one, new C) — raising capacity never refills
-the bucket for free. ``base`` of a higher version dominates, so replicas
-converge in whatever order they learn things; ``used`` that arrives late from
-the old version is charged at the new rate, never lost. A replica that learns
-a newer config from a peer adopts it the same way before merging (the
-limiter does it: a local write keeping the level it sees then), so the
-proposer's older base cannot hand back refill that this replica forgot when
-it re-based a full bucket meanwhile; the later of the two proposals wins.
+version v proposes ``base = (v, t + backlog, Σused)`` such that L(t) under the
+new config equals min(L(t) under the old one, new C) — raising capacity never
+refills the bucket for free — with the backlog clamped to 1e18 ns, so every
+stored time stays within int64. Records before the base no longer count;
+tokens spent but unknown at the change are charged after it (the safe side).
+``base`` of a higher version dominates, so replicas converge in whatever
+order they learn things. A replica that learns a newer config from a peer
+adopts it the same way before merging (the limiter does it).
 
 Error terms (documented, measured in the simulator and benchmarks, not hidden)
 -----------------------------------------------------------------------------
 * Connected, one-way delay d, n regions: over-admission is at most about
-  (n−1)·(C + r·d) in the worst case (each region may spend what it has not
-  yet heard the others spend) and far less under steady traffic. A lagging
-  replica can only over-raise ``base``, which under-admits briefly (safe).
+  (n−1)·(C + r·d) + S/T in the worst case (each region may spend what it has
+  not yet heard the others spend; S/T from the slice resolution) and far less
+  under steady traffic.
 * A partition of k groups lasting P admits up to (k−1)·(C + r·P) extra
-  (local-only mode). After healing, the merged ``used`` puts the bucket into
-  debt (L < 0), which refill repays, so the long-run total matches the limit.
-* Clock skew ε between regions shifts ``base`` proposals: about r·ε tokens.
+  (local-only mode). After healing, the merged state puts the bucket into
+  debt equal to that over-admission, within one slice of refill, which refill
+  repays, so the long-run total matches the limit from above and below.
+  History older than a replica's 64 kept marks resolves liberally (only the
+  oldest mark and the anchors stay exact).
+* Clock skew ε between regions: about r·ε tokens. A clock that ran ahead by ε
+  and is corrected leaves its records ε in the future: up to r·ε of debt.
 
 Garbage
 -------
@@ -70,11 +107,12 @@ others still hold, hiding new consumption). Hence ``epoch``: a bucket
 created at t gets epoch ``t − t mod ttl``. Replicas that create a key at
 about the same time agree on the epoch; a bucket can only be dropped at
 least one ttl after its epoch began, so its re-creation always has a higher
-epoch and replaces any stale copy instead of merging with it. The price: in
-the rare race where a region still spends on the old generation after
-another region re-created the key, or creations straddle an epoch boundary
-under clock skew, the losing generation's spending within one sync delay is
-forgotten (≤ C + r·d, inside the connected bound above).
+epoch and replaces any stale copy instead of merging with it. A replica
+still holding the older generation when the later one arrives carries its
+share (mine / Σused) of the older generation's TAT beyond the new epoch's
+start into the new one, as tokens spent at that start (``carry``): a
+partition that straddles an epoch boundary keeps its debt, and the race is
+bounded by one sync delay in every case.
 A replica that dropped a generation it spent in and then learns that same
 generation back from a peer restores its own entry from a tombstone the
 limiter keeps (``limiter.py``), not from the peer's possibly older view.

@@ -13,8 +13,15 @@ bucket lives in one Cluster slot):
 ``es`` ``en``  epoch, split into whole seconds and nanoseconds
 ``c`` ``i`` ``l`` ``m``  capacity, emission interval (ns), ttl (ns), mode
 ``vh`` ``vo``  config version: HLC (decimal string) and origin
-``bh`` ``bo`` ``bt``  base version, and base time in ns *relative to the epoch*
+``bh`` ``bo`` ``bt`` ``bu``  base version, base time in ns *relative to the epoch*,
+    and the tokens used at it (bucket.py: "full at bt with bu spent")
 ``t``  Σ used;  ``u:<replica id>``  used per replica;  ``r``  rule name
+``a:<replica id>``  its anchor: "time,used then,used when its slice began"
+``k:<replica id>``  its marks: "slice start,used before,..." (times relative to the epoch)
+
+The scripts compute the merged TAT from every replica's records exactly as
+``Bucket._recompute`` does (a sweep over the record points), on every call: no
+cached value is stored, so there is nothing to keep consistent.
 
 Lua numbers are doubles: an absolute nanosecond time (~1.8e18) does not fit
 in 53 bits, so every time inside a script is relative to the bucket's epoch
