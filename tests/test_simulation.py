@@ -401,20 +401,42 @@ original_reconfigure = Bucket.reconfigure
 original_acquire = Bucket.acquire
 
 
-def merge_dropping_used(self: Bucket, delta: BucketDelta, replica_id: str) -> bool:
+def merge_dropping_used(
+    self: Bucket, delta: BucketDelta, replica_id: str, now_ns: int | None = None
+) -> bool:
     forgetful = msgspec.structs.replace(delta, used={})
-    return original_merge(self, forgetful, replica_id)
+    return original_merge(self, forgetful, replica_id, now_ns)
 
 
 def reconfigure_refilling(self: Bucket, config: BucketConfig, now_ns: int) -> None:
     original_reconfigure(self, config, now_ns)
-    self.base_time = now_ns - self.total * config.interval_ns  # full again: free tokens
+    self.base_time, self.base_used = now_ns, self.total  # full again: free tokens
+    self._recompute()
 
 
 def acquire_never_rebasing(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
-    base = self.base_time
+    kept = (self.anchor, self.anchor_used, self.anchor_slice, self.marks)
     decision = original_acquire(self, key, tokens, now_ns)
-    self.base_time = base  # the refill a full bucket could not hold is not forgotten
+    # the refill a full bucket could not hold is not forgotten
+    self.anchor, self.anchor_used, self.anchor_slice, self.marks = kept
+    self._recompute()
+    return decision
+
+
+def acquire_rebasing_the_shared_base(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
+    """Issue 23's defect: a grant on a bucket full in this view raises one shared
+    max-register to "full now, given what I know", charging every token spent
+    elsewhere and not yet heard of again on top of it."""
+    full = self.tat() < now_ns
+    before = self.total
+    decision = original_acquire(self, key, tokens, now_ns)
+    if decision.allowed and tokens and full:
+        candidate = (now_ns, before)
+        current = (self.base_time, self.base_used)
+        key_of = self._base_key
+        if key_of(self.base_version, *candidate) > key_of(self.base_version, *current):
+            self.base_time, self.base_used = candidate
+            self._recompute()
     return decision
 
 
@@ -434,8 +456,15 @@ def acquire_one_too_many(self: Bucket, key: str, tokens: int, now_ns: int) -> De
         ("reconfigure", reconfigure_refilling, "admission bound"),
         ("acquire", acquire_one_too_many, "admission bound"),
         ("acquire", acquire_never_rebasing, "admission bound"),
+        ("acquire", acquire_rebasing_the_shared_base, "no under-admission"),
     ],
-    ids=["merge-drops-used", "config-change-refills", "one-token-over-capacity", "no-rebase"],
+    ids=[
+        "merge-drops-used",
+        "config-change-refills",
+        "one-token-over-capacity",
+        "no-rebase",
+        "shared-base-register",
+    ],
 )
 def test_simulator_detects_a_broken_core(
     monkeypatch: pytest.MonkeyPatch, method: str, broken: Callable[..., object], invariant: str
