@@ -22,7 +22,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.core.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta
+from bucketmesh.core.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta, delta_tat
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, Snapshot
 from bucketmesh.core.rules import Rule
 
@@ -425,3 +425,13 @@ def test_snapshot_round_trips_through_msgpack_and_json(
         restored = Limiter.restore(data, RULES, clock=lambda: 0)
         assert limiter_states(restored) == limiter_states(limiter)
         assert msgspec.msgpack.decode(restored.snapshot(), type=Snapshot) == snapshot
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=ops, data=st.data())
+def test_the_tat_of_a_delta_is_the_tat_of_the_bucket_holding_it(
+    program: list[tuple[str, int, int, int]], data: st.DataObject
+) -> None:
+    """``delta_tat`` (digests, the Redis store's expiry flag) agrees with a Bucket."""
+    state = data.draw(st.sampled_from(grow(program).seen))
+    assert delta_tat(state) == Bucket.from_delta(state, NEUTRAL).tat()

@@ -841,5 +841,34 @@ class Bucket:
 
 
 def delta_tat(delta: BucketDelta) -> int:
-    """The TAT a replica holding exactly ``delta`` computes (digests, expiry checks)."""
-    return Bucket.from_delta(delta, "").tat()
+    """The TAT a replica holding exactly ``delta`` computes (digests, expiry checks).
+
+    The usual shapes — no records, or one replica's — are evaluated directly (the
+    sweep of ``Bucket._recompute`` reduces to them); anything else goes through a
+    Bucket."""
+    interval = delta.config.interval_ns
+    total = sum(delta.used.values())
+    tat = delta.base_time + (total - delta.base_used) * interval
+    holders = delta.anchor_at.keys() | delta.marks.keys()
+    if not holders:
+        return tat
+    if len(holders) > 1:
+        return Bucket.from_delta(delta, "").tat()
+    (rid,) = holders
+    epoch = delta.epoch
+    floor = delta.base_time if delta.base_time == epoch else delta.base_time + 1
+    records = _records(
+        epoch,
+        slice_ns(delta.config),
+        delta.anchor_at.get(rid),
+        delta.anchor_used.get(rid, 0),
+        delta.anchor_begun.get(rid, 0),
+        delta.marks.get(rid),
+        floor,
+    )
+    used = delta.used.get(rid, 0)
+    for point, before in records.items():
+        term = point + (used - before) * interval
+        if term > tat:
+            tat = term
+    return tat
