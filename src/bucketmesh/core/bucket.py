@@ -282,6 +282,20 @@ def _join_marks(
     return tuple(out)
 
 
+_EDGES: dict[int, int] = {}
+
+
+def _shared_edge(edge: int) -> int:
+    """One int object per slice end: buckets granted in the same slice share it (a
+    bucket is ~300 bytes; an int is 32)."""
+    shared = _EDGES.get(edge)
+    if shared is None:
+        if len(_EDGES) > 256:
+            _EDGES.clear()
+        shared = _EDGES[edge] = edge
+    return shared
+
+
 Entry = list[Any]
 """Another replica's entry: [used, anchor time or None, used at the anchor, marks or None,
 used at the start of the anchor's slice]."""
@@ -500,7 +514,7 @@ class Bucket:
         else:
             self.marks = _join_marks(self.marks, (start, self.mine), epoch, slice_len)
         if start + slice_len > self.edge:
-            self.edge = start + slice_len
+            self.edge = _shared_edge(start + slice_len)
 
     def _derive_edge(self) -> None:
         """``edge``: the end of the slice of this replica's newest record (0 if none);
@@ -513,7 +527,7 @@ class Bucket:
             self.edge = 0
             return
         slice_len = slice_ns(self.config)
-        self.edge = newest - (newest - self.epoch) % slice_len + slice_len
+        self.edge = _shared_edge(newest - (newest - self.epoch) % slice_len + slice_len)
 
     # -- writing -------------------------------------------------------------
 
@@ -568,7 +582,9 @@ class Bucket:
                     # Alone: a re-base is exact GCRA (TAT := now + n·T); a new slice's
                     # mark lies below the TAT already held (docs/design.md section 3).
                     if rebase:
-                        self.g = now_ns - (self.total - tokens) * interval
+                        spent = self.total - tokens
+                        # (the anchor's own int object when nothing was spent before)
+                        self.g = now_ns - spent * interval if spent else now_ns
                 else:
                     self._recompute()
             else:
