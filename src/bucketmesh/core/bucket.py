@@ -27,8 +27,8 @@ harm:
     Exact samples of the owner's monotone function before_q(s) = tokens q spent
     before s: its **anchor** (the instant of its latest grant on a bucket that
     was full in its view, the count then, and the count when that slice
-    began) and its **marks** (slice start σ, count before σ) for the slices it
-    granted in. Slices have length S = max(C·T/8, 10 ms) and are aligned to the
+    began) and its **marks** (instant m of its first grant in a slice, count
+    before m) for the slices it granted in. Slices have length S = max(C·T/8, 10 ms) and are aligned to the
     epoch, so every replica cuts time at the same instants. A mark is written
     at the owner's first grant of a slice (never changed afterwards), except
     where the anchor already says it. Joined per replica: anchor by latest
@@ -48,7 +48,7 @@ anchor. The state evaluates the same max over the points it holds::
     L(t) = C − ceil(max(0, TAT − t) / T)             level; never above C
     acquire n at t:  allowed  ⇔  L(t) ≥ n  ⇔  max(0, TAT − t) + n·T ≤ C·T
                      if TAT < t: anchor := (t, used_self, ...)      (was full)
-                     if t opens a slice: mark := (σ(t), used_self)
+                     if t opens a slice: mark := (t, used_self)
                      then used[self] += n
     retry_after(n) = max(0, TAT + n·T − C·T − t)
     reset_after    = max(0, TAT − t)                 until the bucket is full
@@ -58,8 +58,10 @@ it), so TAT never exceeds the GCRA TAT of the real merged history: no grant is
 charged twice and refill that paid for a grant is never forgotten (the
 single max-register ``base`` of earlier versions charged every token the busy
 side of a partition spent before the quiet side's last re-base again — a
-debt of the busy side's whole spend). At a slice start σ every replica's
-first record at or after σ is exact, so TAT ≥ TAT_true − S: over-admission
+debt of the busy side's whole spend). At the earliest first grant m of any
+replica in a slice, every replica's first record at or after m is exact
+(each marked its own first grant there; one that did not grant there spent
+nothing before its next record), so TAT ≥ TAT_true − S: over-admission
 of at most one slice of refill (S/T ≤ max(C/8, r·10 ms) tokens) beyond the
 connected bound. A bucket only one replica touched has only its own records,
 its anchor is GCRA's re-base, and decisions are exact GCRA. The TAT is
@@ -184,8 +186,8 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     hold, per replica, its records (see "History" in the module docstring): its
     anchor ``anchor_at[r]`` with ``anchor_used[r]`` used then and
     ``anchor_begun[r]`` used when that slice began (three flat maps of integers:
-    no container the garbage collector must track), ``marks[r] = [slice start, used before
-    it, ...]`` sorted by slice start. ``base_time``/``base_used`` are the base
+    no container the garbage collector must track), ``marks[r] = [first grant's instant in a
+    slice, used before it, ...]`` sorted by instant. ``base_time``/``base_used`` are the base
     (version ``base_version``): full at ``base_time`` with ``base_used`` spent.
     """
 
@@ -504,7 +506,9 @@ class Bucket:
                 else:
                     # The old anchor stood for its slice's mark too: keep that mark.
                     marks = self.marks
-                    if not marks or begun not in marks[0::2]:
+                    if not marks or not any(
+                        begun <= point < begun + slice_len for point in marks[0::2]
+                    ):
                         self.marks = _join_marks(
                             marks, (begun, self.anchor_slice), epoch, slice_len
                         )
@@ -512,7 +516,8 @@ class Bucket:
             self.anchor_used = self.mine
             self.anchor_slice = begun_with
         else:
-            self.marks = _join_marks(self.marks, (start, self.mine), epoch, slice_len)
+            # at the grant's own instant: exact, and tighter than the slice's start
+            self.marks = _join_marks(self.marks, (now_ns, self.mine), epoch, slice_len)
         if start + slice_len > self.edge:
             self.edge = _shared_edge(start + slice_len)
 

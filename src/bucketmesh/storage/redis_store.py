@@ -17,7 +17,8 @@ bucket lives in one Cluster slot):
     and the tokens used at it (bucket.py: "full at bt with bu spent")
 ``t``  Σ used;  ``u:<replica id>``  used per replica;  ``r``  rule name
 ``a:<replica id>``  its anchor: "time,used then,used when its slice began"
-``k:<replica id>``  its marks: "slice start,used before,..." (times relative to the epoch)
+``k:<replica id>``  its marks: "first grant in a slice,used before,..." (times relative
+    to the epoch)
 
 The scripts compute the merged TAT from every replica's records exactly as
 ``Bucket._recompute`` does (a sweep over the record points), on every call: no

@@ -202,7 +202,9 @@ local function note(b, me, now_rel, rebase)
         begun_with = own.as
       else
         local found = false
-        for j = 1, #own.k - 1, 2 do if own.k[j] == begun then found = true end end
+        for j = 1, #own.k - 1, 2 do
+          if own.k[j] >= begun and own.k[j] < begun + s then found = true end
+        end
         if not found then own.k = join_marks(own.k, {begun, own.as}) end
       end
     end
@@ -210,7 +212,7 @@ local function note(b, me, now_rel, rebase)
     own.au = own.u
     own.as = begun_with
   else
-    own.k = join_marks(own.k, {start, own.u})
+    own.k = join_marks(own.k, {now_rel, own.u})
   end
 end
 -- Redis drops the bucket one second after it has been full for its ttl.
