@@ -28,8 +28,9 @@ harm:
     before s: its **anchor** (the instant of its latest grant on a bucket that
     was full in its view, the count then, and the count when that slice
     began) and its **marks** (instant m of its first grant in a slice, count
-    before m) for the slices it granted in. Slices have length S = max(C·T/8, 10 ms) and are aligned to the
-    epoch, so every replica cuts time at the same instants. A mark is written
+    before m) for the slices it granted in. Slices have length
+    S = max(C·T/8, 10 ms) and are aligned to the epoch, so every replica cuts
+    time at the same instants. A mark is written
     at the owner's first grant of a slice (never changed afterwards), except
     where the anchor already says it. Joined per replica: anchor by latest
     instant, marks by union keeping the oldest and the newest 63
