@@ -22,7 +22,15 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.core.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta, delta_tat
+from bucketmesh.core.bucket import (
+    NS_PER_S,
+    SHARED,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    delta_tat,
+    slice_ns,
+)
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, Snapshot
 from bucketmesh.core.rules import Rule
 
@@ -435,3 +443,59 @@ def test_the_tat_of_a_delta_is_the_tat_of_the_bucket_holding_it(
     """``delta_tat`` (digests, the Redis store's expiry flag) agrees with a Bucket."""
     state = data.draw(st.sampled_from(grow(program).seen))
     assert delta_tat(state) == Bucket.from_delta(state, NEUTRAL).tat()
+
+
+# -- the merged TAT and the real history (issue 23) -----------------------------------
+
+history_ops = st.lists(
+    st.one_of(
+        # replica r asks for n tokens after dt ns of its own clock
+        st.tuples(st.just("ask"), replica, st.integers(1, 3), st.integers(0, 400_000_000)),
+        st.tuples(st.just("merge"), replica, replica, st.booleans()),
+    ),
+    max_size=60,
+)
+
+
+def lindley(grants: list[tuple[int, int]], epoch: int, interval: int) -> int:
+    """GCRA's TAT over one merged arrival sequence: max(epoch + T·N, max over arrivals
+    of t_i + T·(tokens granted at or after t_i))."""
+    total = sum(n for _, n in grants)
+    tat = epoch + total * interval
+    after = total
+    for stamp, n in sorted(grants):
+        tat = max(tat, stamp + after * interval)
+        after -= n
+    return tat
+
+
+@settings(max_examples=400, deadline=None)
+@given(program=history_ops, skews=st.lists(st.integers(0, 50_000_000), min_size=3, max_size=3))
+def test_the_merged_tat_is_the_real_history_within_one_slice(
+    program: list[tuple[str, int, int, Any]], skews: list[int]
+) -> None:
+    """Three replicas grant on their own (skewed, monotone) clocks and exchange deltas
+    or full states in any pattern — partitions included. Once they exchange everything,
+    the merged TAT is the GCRA TAT of every grant made anywhere (Lindley's recursion over
+    the merged arrivals), never above it and at most one slice S below it."""
+    config = BucketConfig(5, 200_000_000, TTL_NS, SHARED, (0, "rule:r:0"))
+    buckets = [Bucket(config, START, "r") for _ in REPLICAS]
+    clocks = [START + skew for skew in skews]
+    grants: list[tuple[int, int]] = []
+    for kind, r, x, y in program:
+        if kind == "ask":
+            clocks[r] += y
+            if buckets[r].acquire(KEY, x, clocks[r]).allowed:
+                grants.append((clocks[r], x))
+        elif y:
+            buckets[r].merge(buckets[x].full_state(KEY, REPLICAS[x]), REPLICAS[r])
+        else:
+            buckets[r].merge(buckets[x].delta(KEY, REPLICAS[x]), REPLICAS[r])
+    for one in range(3):
+        for other in range(3):
+            buckets[one].merge(buckets[other].full_state(KEY, REPLICAS[other]), REPLICAS[one])
+    tats = {bucket.tat() for bucket in buckets}
+    assert len(tats) == 1
+    (merged,) = tats
+    real = lindley(grants, buckets[0].epoch, config.interval_ns)
+    assert real - slice_ns(config) <= merged <= real
