@@ -117,8 +117,16 @@ local function records(rep, floor, s)
   end
   return out
 end
--- the merged TAT (bucket.py, Bucket._recompute), relative to the epoch
+-- the merged TAT (bucket.py, Bucket._recompute), relative to the epoch. Cached as
+-- bucket.py caches it: g (terms this replica's grants still raise, minus T·Σused)
+-- and unc (terms they no longer raise); a grant that writes no record keeps both.
+local function cached_tat(b)
+  local tat = b.tg + b.t * b.i
+  if b.tu ~= nil and b.tu > tat then tat = b.tu end
+  return tat
+end
 local function tat_of(b, me)
+  if b.tc then return cached_tat(b) end
   local s = slice(b)
   local floor = b.bt
   if floor ~= 0 then floor = floor + 1 end
@@ -133,7 +141,8 @@ local function tat_of(b, me)
       local term = p - x * b.i
       if term > g then g = term end
     end
-    return g + b.t * b.i
+    b.tg, b.tu, b.tc = g, nil, true
+    return cached_tat(b)
   end
   local last = nil
   local ev = {}
@@ -172,9 +181,8 @@ local function tat_of(b, me)
       if unc == nil or term > unc then unc = term end
     end
   end
-  local tat = g + b.t * b.i
-  if unc ~= nil and unc > tat then tat = unc end
-  return tat
+  b.tg, b.tu, b.tc = g, unc, true
+  return cached_tat(b)
 end
 -- the end of the slice of this replica's newest record (0: none): a grant at or
 -- past it opens a slice (bucket.py, Bucket._derive_edge)
@@ -191,6 +199,7 @@ local function edge_of(b, me)
 end
 -- a grant that re-bases (the bucket was full) or opens a slice (bucket.py, _note)
 local function note(b, me, now_rel, rebase)
+  b.tc = nil
   local s = slice(b)
   local own = rep_of(b, me)
   local start = now_rel - smod(now_rel, s)
