@@ -21,8 +21,9 @@ bucket lives in one Cluster slot):
     to the epoch)
 
 The scripts compute the merged TAT from every replica's records exactly as
-``Bucket._recompute`` does (a sweep over the record points), on every call: no
-cached value is stored, so there is nothing to keep consistent.
+``Bucket._recompute`` does (a sweep over the record points), once per bucket and
+call, and keep it as bucket.py does while a grant writes no record: no cached
+value is stored in Redis, so there is nothing to keep consistent.
 
 Lua numbers are doubles: an absolute nanosecond time (~1.8e18) does not fit
 in 53 bits, so every time inside a script is relative to the bucket's epoch
