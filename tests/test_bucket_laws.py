@@ -22,7 +22,15 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.core.bucket import NS_PER_S, SHARED, Bucket, BucketConfig, BucketDelta
+from bucketmesh.core.bucket import (
+    NS_PER_S,
+    SHARED,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    delta_tat,
+    slice_ns,
+)
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, Snapshot
 from bucketmesh.core.rules import Rule
 
@@ -37,7 +45,19 @@ Neutral = tuple[Any, ...]
 
 def neutral(delta: BucketDelta) -> Neutral:
     used = tuple(sorted((rid, n) for rid, n in delta.used.items() if n))
-    return (delta.epoch, delta.config, delta.base_version, delta.base_time, used, delta.rule)
+    anchors = tuple(sorted(delta.anchors.items()))
+    marks = tuple(sorted((rid, tuple(m)) for rid, m in delta.marks.items() if m))
+    return (
+        delta.epoch,
+        delta.config,
+        delta.base_version,
+        delta.base_time,
+        delta.base_used,
+        used,
+        anchors,
+        marks,
+        delta.rule,
+    )
 
 
 def join(x: BucketDelta, y: BucketDelta) -> BucketDelta:
@@ -52,9 +72,19 @@ def at_least(bigger: BucketDelta, smaller: BucketDelta) -> bool:
         return bigger.epoch > smaller.epoch
     return (
         all(bigger.used.get(rid, 0) >= n for rid, n in smaller.used.items())
-        and (bigger.base_version, bigger.base_time) >= (smaller.base_version, smaller.base_time)
+        and base_key(bigger) >= base_key(smaller)
         and bigger.config.version >= smaller.config.version
+        and all(
+            rid in bigger.anchors and bigger.anchors[rid][0] >= anchor[0]
+            for rid, anchor in smaller.anchors.items()
+        )
     )
+
+
+def base_key(delta: BucketDelta) -> tuple[Any, ...]:
+    """The base's place in its max-register: (version, time − used·T, time)."""
+    g = delta.base_time - delta.base_used * delta.config.interval_ns
+    return (delta.base_version, g, delta.base_time)
 
 
 # -- growing states ------------------------------------------------------------------
@@ -344,7 +374,7 @@ def assert_order_matters_only_until_exchange(
         if duplicates and batches:
             order += data.draw(st.lists(st.sampled_from(batches), max_size=6))
         observers.append(observe(order, now))
-    pure = [{key: (s[0], s[1], s[4]) for key, s in limiter_states(o).items()} for o in observers]
+    pure = [{key: (s[0], s[1], s[5]) for key, s in limiter_states(o).items()} for o in observers]
     assert pure[1] == pure[0] and pure[2] == pure[0]
     assert all(o.rule_configs == observers[0].rule_configs for o in observers)
     for _ in range(2):
@@ -403,3 +433,69 @@ def test_snapshot_round_trips_through_msgpack_and_json(
         restored = Limiter.restore(data, RULES, clock=lambda: 0)
         assert limiter_states(restored) == limiter_states(limiter)
         assert msgspec.msgpack.decode(restored.snapshot(), type=Snapshot) == snapshot
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=ops, data=st.data())
+def test_the_tat_of_a_delta_is_the_tat_of_the_bucket_holding_it(
+    program: list[tuple[str, int, int, int]], data: st.DataObject
+) -> None:
+    """``delta_tat`` (digests, the Redis store's expiry flag) agrees with a Bucket."""
+    state = data.draw(st.sampled_from(grow(program).seen))
+    assert delta_tat(state) == Bucket.from_delta(state, NEUTRAL).tat()
+
+
+# -- the merged TAT and the real history (issue 23) -----------------------------------
+
+history_ops = st.lists(
+    st.one_of(
+        # replica r asks for n tokens after dt ns of its own clock
+        st.tuples(st.just("ask"), replica, st.integers(1, 3), st.integers(0, 400_000_000)),
+        st.tuples(st.just("merge"), replica, replica, st.booleans()),
+    ),
+    max_size=60,
+)
+
+
+def lindley(grants: list[tuple[int, int]], epoch: int, interval: int) -> int:
+    """GCRA's TAT over one merged arrival sequence: max(epoch + T·N, max over arrivals
+    of t_i + T·(tokens granted at or after t_i))."""
+    total = sum(n for _, n in grants)
+    tat = epoch + total * interval
+    after = total
+    for stamp, n in sorted(grants):
+        tat = max(tat, stamp + after * interval)
+        after -= n
+    return tat
+
+
+@settings(max_examples=400, deadline=None)
+@given(program=history_ops, skews=st.lists(st.integers(0, 50_000_000), min_size=3, max_size=3))
+def test_the_merged_tat_is_the_real_history_within_one_slice(
+    program: list[tuple[str, int, int, Any]], skews: list[int]
+) -> None:
+    """Three replicas grant on their own (skewed, monotone) clocks and exchange deltas
+    or full states in any pattern — partitions included. Once they exchange everything,
+    the merged TAT is the GCRA TAT of every grant made anywhere (Lindley's recursion over
+    the merged arrivals), never above it and at most one slice S below it."""
+    config = BucketConfig(5, 200_000_000, TTL_NS, SHARED, (0, "rule:r:0"))
+    buckets = [Bucket(config, START, "r") for _ in REPLICAS]
+    clocks = [START + skew for skew in skews]
+    grants: list[tuple[int, int]] = []
+    for kind, r, x, y in program:
+        if kind == "ask":
+            clocks[r] += y
+            if buckets[r].acquire(KEY, x, clocks[r]).allowed:
+                grants.append((clocks[r], x))
+        elif y:
+            buckets[r].merge(buckets[x].full_state(KEY, REPLICAS[x]), REPLICAS[r])
+        else:
+            buckets[r].merge(buckets[x].delta(KEY, REPLICAS[x]), REPLICAS[r])
+    for one in range(3):
+        for other in range(3):
+            buckets[one].merge(buckets[other].full_state(KEY, REPLICAS[other]), REPLICAS[one])
+    tats = {bucket.tat() for bucket in buckets}
+    assert len(tats) == 1
+    (merged,) = tats
+    real = lindley(grants, buckets[0].epoch, config.interval_ns)
+    assert real - slice_ns(config) <= merged <= real

@@ -205,3 +205,40 @@ def test_a_key_qualified_with_its_rule_resolves_to_that_rule_without_naming_it()
     assert limiter.configure(qualified, capacity=5).capacity == 5
     assert limiter.acquire(qualified, 3).allowed  # raising capacity never refills for free
     assert limiter.bucket(qualified) is not None and limiter.bucket("k-a-b") is None
+
+
+def test_an_evicted_tombstone_never_hides_grants_and_replicas_converge() -> None:
+    """Issue 23 item 4: with limits.maxBuckets 2000 the tombstone cap (1000) is exhausted
+    within seconds by 1,100 short-lived keys. The generation a peer sends back must
+    still restore this region's whole count (13), not the peer's older echo (3), so the
+    grants made after it reach the peer and both converge."""
+    NS = 1_000_000_000
+    rule = Rule.create("api-{{ .Request.Header.X-API-Key }}", 20, 1.0, ttl=2.0)
+    a = Limiter([rule], replica_id="a/n/1", max_buckets=2000)
+    b = Limiter([rule], replica_id="b/n/1", max_buckets=2000)
+    now = 1_000 * NS + 123
+    for _ in range(3):
+        assert a.acquire("api-k", now=now).allowed
+    b.merge(a.collect_deltas(), now=now)  # b knows a:3; then the partition begins
+    for _ in range(10):
+        assert a.acquire("api-k", now=now).allowed
+    assert b.acquire("api-k", now=now).allowed
+    later = now + 30 * NS  # k is full again on a, and expires there
+    a.expire(later)
+    assert "api-k" not in a.buckets and "api-k" in a.tombstones
+    for i in range(1_100):  # short-lived keys exhaust the tombstone cap
+        assert a.acquire(f"api-{i}", now=later).allowed
+    a.expire(later + 30 * NS)
+    assert "api-k" not in a.tombstones  # evicted within seconds, before its horizon
+    # the partition heals: b sends its copy of k's generation (it still holds a:3)
+    heal = later + 31 * NS
+    b.buckets["api-k"].acquire("api-k", 1, heal - NS)  # b kept k busy
+    a.merge(b.full_state(["api-k"]), now=heal)
+    bucket = a.bucket("api-k")
+    assert bucket is not None and bucket.mine >= 13  # not the echo's 3
+    assert a.acquire("api-k", now=heal).allowed
+    b.merge(a.collect_deltas(), now=heal)
+    a.merge(b.full_state(["api-k"]), now=heal)
+    b.merge(a.full_state(["api-k"]), now=heal)
+    assert a.buckets["api-k"].used("a/n/1") == b.buckets["api-k"].used("b/n/1")
+    assert b.buckets["api-k"].used("b/n/1")["a/n/1"] >= 14

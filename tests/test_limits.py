@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Annotated, Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bucketmesh.core import bucket, rules
 from bucketmesh.core.bucket import NS_PER_S, BucketConfig, interval_for
+from bucketmesh.core.limiter import DeltaBatch, Limiter
 from bucketmesh.core.limits import (
     INT64_MAX,
     MAX_CAPACITY,
@@ -106,9 +110,9 @@ def test_check_limits_names_the_field_as_data(
 def test_check_limits_accepts_the_bounds_themselves_and_ignores_what_is_not_given() -> None:
     check_limits()
     check_limits(
-        capacity=MAX_CAPACITY, refill_rate=MIN_REFILL_RATE, ttl=MAX_TTL, mode=bucket.STRICT
+        capacity=MIN_CAPACITY, refill_rate=MIN_REFILL_RATE, ttl=MAX_TTL, mode=bucket.STRICT
     )
-    check_limits(capacity=MIN_CAPACITY, refill_rate=MAX_REFILL_RATE, ttl=MIN_TTL)
+    check_limits(capacity=MAX_CAPACITY, refill_rate=MAX_REFILL_RATE, ttl=MIN_TTL)
     check_limits(refill_rate=1, ttl=3600)  # integers are numbers
 
 
@@ -213,11 +217,24 @@ def test_a_value_the_validator_refuses_is_refused_everywhere_naming_the_same_fie
     assert config.value.message.startswith(limit.value.requirement + ", got ")
 
 
+def _partners(name: str, value: object) -> dict[str, Any]:
+    """The other limits beside an extreme one: capacity × (1/refillRate) stays ≤ 1e18 ns."""
+    if name == "capacity" and value == MAX_CAPACITY:
+        return {"refill_rate": MAX_REFILL_RATE}
+    if name == "refill_rate" and value == MIN_REFILL_RATE:
+        return {"capacity": 1}
+    return {}
+
+
 @pytest.mark.parametrize(("name", "value"), ACCEPTED)
 def test_a_value_the_validator_accepts_loads_everywhere(name: str, value: object) -> None:
     check_limits(**{name: value})
-    built = Rule.create("k", **{**BASE, name: value})
-    loaded = parse_config(_config_with(name, value), environ={}).buckets[0]
+    partners = _partners(name, value)
+    built = Rule.create("k", **{**BASE, **partners, name: value})
+    limits = {**BASE, **partners, name: value}
+    fields = ", ".join(f"{FILE_NAMES[k]}: {_yaml_value(v)}" for k, v in limits.items())
+    text = f"buckets:\n  - {{key: 'k-{{{{ .Request.ClientIP }}}}', {fields}}}\n"
+    loaded = parse_config(text, environ={}).buckets[0]
     assert getattr(loaded, name) == getattr(built, name) == value
 
 
@@ -304,3 +321,107 @@ def test_error_location_reads_the_path_once_into_data(
 def test_error_location_keeps_the_sentence_as_detail() -> None:
     location = _location({"required": 1, "inner": {"count": 0}})
     assert location.detail == "Expected `int` >= 1"
+
+
+# -- issue 12 case 1(a): the state never leaves int64 ------------------------------------
+
+
+def test_a_burst_longer_than_the_state_can_carry_is_refused_naming_the_field() -> None:
+    """capacity × (1/refillRate) is a span of the state: at most 1e18 ns. A file names
+    the field, and so does a PATCH of one field (the one it changed)."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(
+            "buckets:\n  - {key: k, capacity: 20, refillRate: 1e-9}\n", file="b.yaml", environ={}
+        )
+    assert raised.value.field == "refillRate"
+    assert "must be >= 2e-8 for capacity 20" in raised.value.message
+    limiter = Limiter(
+        [Rule.create("k-{{ .Request.ClientIP }}", 5000, 50.0, name="k")], replica_id="a"
+    )
+    now = 1_800_000_000 * NS_PER_S
+    for _ in range(20):
+        assert limiter.acquire("k-1", now=now).allowed
+    with pytest.raises(LimitError) as refused:
+        limiter.configure("k-1", refill_rate=1e-9, now=now)
+    assert refused.value.field == "refillRate"
+    slow = Limiter([Rule.create("s-{{ .Request.ClientIP }}", 10, 0.05, name="s")], replica_id="a")
+    with pytest.raises(LimitError) as refused:
+        slow.configure("s", capacity=10**9, now=now)
+    assert refused.value.field == "capacity"
+    assert refused.value.requirement.startswith("must be <= 50000000 at refillRate 0.05")
+    # the largest burst the state carries is accepted
+    slow.configure("s", capacity=50_000_000, now=now)
+
+
+_extreme_capacity = st.sampled_from([1, 2, 10, 1_000, 10**6, 2**40, MAX_CAPACITY])
+_extreme_rate = st.sampled_from([MIN_REFILL_RATE, 1e-6, 0.05, 1.0, 333.0, 1e6, MAX_REFILL_RATE])
+_extreme_ttl = st.sampled_from([MIN_TTL, 0.5, 3600.0, 1e6, MAX_TTL])
+_history = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 1), st.integers(0, 10**6), st.integers(0, 4)),
+        st.tuples(
+            st.just("configure"),
+            st.integers(0, 1),
+            st.one_of(st.none(), _extreme_capacity),
+            st.one_of(st.none(), _extreme_rate),
+            st.one_of(st.none(), _extreme_ttl),
+        ),
+        st.tuples(st.just("merge"), st.integers(0, 1), st.booleans()),
+        st.tuples(st.just("expire"), st.integers(0, 1)),
+    ),
+    max_size=60,
+)
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(DeltaBatch).decode
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    capacity=_extreme_capacity,
+    rate=_extreme_rate,
+    ttl=_extreme_ttl,
+    history=_history,
+    steps=st.lists(st.sampled_from([0, 1, 10**3, 10**9, 10**12, 10**15, 10**17]), min_size=1),
+)
+def test_no_sequence_of_acquires_patches_and_merges_leaves_the_wire_format(
+    capacity: int,
+    rate: float,
+    ttl: float,
+    history: list[tuple[Any, ...]],
+    steps: list[int],
+) -> None:
+    """Extreme limits the validator accepts, long histories (time steps up to ~3 years,
+    grants of whole buckets, PATCHes of any field, merges both ways, expiry): every delta,
+    full state and snapshot is encoded with the real msgpack encoder, which refuses any
+    integer outside int64 (OverflowError), and decodes back to the same state."""
+    try:
+        rule = Rule.create("k-{{ .Request.ClientIP }}", capacity, rate, name="k", ttl=ttl)
+    except RuleError:
+        return  # refused at the door: nothing to carry
+    limiters = [Limiter([rule], replica_id=f"r{i}/n/1") for i in range(2)]
+    now = 1_800_000_000 * NS_PER_S
+    for step, op in enumerate(history):
+        now += steps[step % len(steps)]
+        limiter = limiters[op[1]]
+        if op[0] == "acquire":
+            size = limiter.inspect("k-1", now=now).config.capacity
+            tokens = min(size, op[3] if op[2] % 2 else size)
+            limiter.acquire("k-1", tokens, now=now)
+        elif op[0] == "configure":
+            target = "k" if op[1] else "k-1"
+            with contextlib.suppress(LimitError):  # refused, naming a field: no change
+                limiter.configure(target, capacity=op[2], refill_rate=op[3], ttl=op[4], now=now)
+        elif op[0] == "merge":
+            source = limiters[1 - op[1]]
+            batch = source.full_state() if op[2] else source.collect_deltas()
+            limiter.merge(_decode(_encode(batch)), now=now)
+        else:
+            limiter.expire(now)
+        for each in limiters:
+            for batch in (each.full_state(), each.collect_journal() or DeltaBatch("x", [])):
+                data = _encode(batch)  # OverflowError here is the defect
+                assert _decode(data) == batch
+            Limiter.restore(each.snapshot(), [rule], replica_id=each.replica_id)
+            for held in each.buckets.values():
+                for value in (held.base_time, held.base_used, held.total):
+                    assert -INT64_MAX <= value <= INT64_MAX

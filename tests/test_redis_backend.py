@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import Mesh, ServerFactory, eventually, make_config
 
+from bucketmesh.core.bucket import delta_tat
 from bucketmesh.core.decisions import Ask
 
 
@@ -113,7 +114,9 @@ def test_two_nodes_on_one_redis_grant_exactly_capacity_plus_refill(
     # nodes read the same clock as the test), so these hold at any speed.
     stored = parse_bucket("hot-one", redis_server.client().hgetall("bm:us-east-1:{hot-one}"))
     assert stored is not None
-    interval, base = stored.config.interval_ns, stored.base_time
+    interval = stored.config.interval_ns
+    # GCRA's base B = TAT − U·T (docs/design.md section 3: the bucket's own anchor)
+    base = delta_tat(stored) - sum(stored.used.values()) * interval
     assert sum(stored.used.values()) == allowed
     # the bucket's base is an instant of this test (its first decision, unless it filled up)
     assert min(answer.sent_ns for answer in answers) <= base <= ended_ns

@@ -52,6 +52,14 @@ operation = st.one_of(
         st.sampled_from(["eu/n/1", "ap/n/7"]),
         st.integers(0, 20),
         st.integers(-2_000_000_000, 2_000_000_000),
+        # the peer's records (docs/design.md section 3, "History"): an anchor, and
+        # marks at slice-like points, as (shift from now, tokens before it)
+        st.one_of(
+            st.none(), st.tuples(st.integers(-3_000_000_000, 500_000_000), st.integers(0, 20))
+        ),
+        st.lists(
+            st.tuples(st.integers(-4_000_000_000, 500_000_000), st.integers(0, 20)), max_size=4
+        ),
     ),
     st.tuples(st.just("configure"), st.integers(1, 15), st.sampled_from([0.5, 3.0, 7.0, 1000.0])),
     # a peer's per-key config change, with the base it proposed there
@@ -107,11 +115,14 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
             assert verdict.status in (0, ALLOWED)
             assert verdict.decision(key) == expected
         elif op[0] == "merge":
-            _, rid, more, base_shift = op
+            _, rid, more, base_shift, anchor, marks = op
             bucket = memory.bucket(key)
             if bucket is None:
                 continue
             others[rid] = others.get(rid, 0) + more
+            flat: list[int] = []
+            for shift, before in sorted(set(marks)):
+                flat += [now + shift, min(before, others[rid])]
             delta = BucketDelta(
                 key,
                 bucket.epoch,
@@ -120,6 +131,11 @@ def test_scripts_decide_and_merge_exactly_like_bucket_py(
                 bucket.base_time + base_shift,
                 {rid: others[rid]},
                 "r",
+                bucket.base_used,
+                {} if anchor is None else {rid: now + anchor[0]},
+                {} if anchor is None else {rid: min(anchor[1], others[rid])},
+                {} if anchor is None else {rid: anchor[1] // 2},
+                {rid: tuple(flat)} if flat else {},
             )
             memory.merge(DeltaBatch(rid, [delta]), now=now)
             run(store.merge([delta], now))

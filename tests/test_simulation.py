@@ -401,20 +401,42 @@ original_reconfigure = Bucket.reconfigure
 original_acquire = Bucket.acquire
 
 
-def merge_dropping_used(self: Bucket, delta: BucketDelta, replica_id: str) -> bool:
+def merge_dropping_used(
+    self: Bucket, delta: BucketDelta, replica_id: str, now_ns: int | None = None
+) -> bool:
     forgetful = msgspec.structs.replace(delta, used={})
-    return original_merge(self, forgetful, replica_id)
+    return original_merge(self, forgetful, replica_id, now_ns)
 
 
 def reconfigure_refilling(self: Bucket, config: BucketConfig, now_ns: int) -> None:
     original_reconfigure(self, config, now_ns)
-    self.base_time = now_ns - self.total * config.interval_ns  # full again: free tokens
+    self.base_time, self.base_used = now_ns, self.total  # full again: free tokens
+    self._recompute()
 
 
 def acquire_never_rebasing(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
-    base = self.base_time
+    kept = (self.anchor, self.anchor_used, self.anchor_slice, self.marks)
     decision = original_acquire(self, key, tokens, now_ns)
-    self.base_time = base  # the refill a full bucket could not hold is not forgotten
+    # the refill a full bucket could not hold is not forgotten
+    self.anchor, self.anchor_used, self.anchor_slice, self.marks = kept
+    self._recompute()
+    return decision
+
+
+def acquire_rebasing_the_shared_base(self: Bucket, key: str, tokens: int, now_ns: int) -> Decision:
+    """Issue 23's defect: a grant on a bucket full in this view raises one shared
+    max-register to "full now, given what I know", charging every token spent
+    elsewhere and not yet heard of again on top of it."""
+    full = self.tat() < now_ns
+    before = self.total
+    decision = original_acquire(self, key, tokens, now_ns)
+    if decision.allowed and tokens and full:
+        candidate = (now_ns, before)
+        current = (self.base_time, self.base_used)
+        key_of = self._base_key
+        if key_of(self.base_version, *candidate) > key_of(self.base_version, *current):
+            self.base_time, self.base_used = candidate
+            self._recompute()
     return decision
 
 
@@ -434,8 +456,15 @@ def acquire_one_too_many(self: Bucket, key: str, tokens: int, now_ns: int) -> De
         ("reconfigure", reconfigure_refilling, "admission bound"),
         ("acquire", acquire_one_too_many, "admission bound"),
         ("acquire", acquire_never_rebasing, "admission bound"),
+        ("acquire", acquire_rebasing_the_shared_base, "no under-admission"),
     ],
-    ids=["merge-drops-used", "config-change-refills", "one-token-over-capacity", "no-rebase"],
+    ids=[
+        "merge-drops-used",
+        "config-change-refills",
+        "one-token-over-capacity",
+        "no-rebase",
+        "shared-base-register",
+    ],
 )
 def test_simulator_detects_a_broken_core(
     monkeypatch: pytest.MonkeyPatch, method: str, broken: Callable[..., object], invariant: str
@@ -639,3 +668,127 @@ def test_late_config_change_does_not_refill_a_drained_bucket() -> None:
     # 0.1 token refilled since the bucket was drained, not 5: a adopts the new version
     # keeping the level it sees, and that proposal outranks b's older one
     assert second == 0
+
+
+# -- issue 23: a busy side and a quiet side of a partition -----------------------------
+
+
+def busy_quiet(partition_ns: int, *, jump_ns: int = 0) -> tuple[Simulation, int, int, int]:
+    """The issue's schedule: capacity 10, refill 10/s, two regions; region 0 asks 30 times
+    a second for 46 s, region 1 once every 2 s; a partition of ``partition_ns`` from 3 s
+    (or, with ``jump_ns``, no partition and region 1's clock stepped back by ``jump_ns``
+    at 3 s and corrected 20 s later). Returns (sim, t0, heal, end)."""
+    capacity, rate = 10, 10.0
+    sim = Simulation(
+        1,
+        2,
+        [make_rule(capacity, rate)],
+        {"api-1": "api"},
+        skews_ns=[0, 0],
+        network=Network(1 * MS, 5 * MS),
+        sync_interval_ns=20 * MS,
+        anti_entropy_interval_ns=2 * NS_PER_S,
+    )
+    t0 = sim.start_ns
+    begin, end = t0 + 3 * NS_PER_S, t0 + 46 * NS_PER_S
+    heal = begin + (partition_ns if partition_ns else 20 * NS_PER_S)
+    if partition_ns:
+        sim.partition(begin, heal, [[0], [1]])
+    if jump_ns:
+        sim.jump(begin, 1, -jump_ns)
+        sim.jump(heal, 1, jump_ns)
+    at = t0
+    while at < end:
+        sim.acquire(at, 0, "api-1")
+        at += NS_PER_S // 30
+    at = t0 + 7 * MS
+    while at < end:
+        sim.acquire(at, 1, "api-1")
+        at += 2 * NS_PER_S
+    return sim, t0, heal, end
+
+
+def test_a_quiet_side_of_a_partition_does_not_erase_the_refill_that_paid_the_busy_side() -> None:
+    """Issue 23: after the heal the debt is the real over-admission (about 9 tokens), not
+    the busy side's whole spend (−163 before the fix), and over the run the regions admit
+    the limit from below too (299 of 470 before the fix)."""
+    sim, t0, heal, end = busy_quiet(20 * NS_PER_S)
+    sim.run(heal)
+    ledger = next(iter(sim.ledgers.values()))
+    excess = ledger.granted - (10 + 10 * (sim.now - t0) / NS_PER_S)
+    assert 5 <= excess <= 12  # B's ~10 grants unseen by A, less what B's gaps refilled
+    # the two sides' states merged, as every replica holds them once the deltas are in
+    states = [
+        limiter.buckets["api-1"].full_state("api-1", limiter.replica_id) for limiter in sim.limiters
+    ]
+    merged = Bucket.from_delta(states[0], "observer")
+    merged.merge(states[1], "observer")
+    level = merged.acquire("api-1", 0, sim.now)
+    # debt ≈ over-admission, within one slice of refill (S = C·T/8: 1.25 tokens)
+    assert -excess - 2 <= level.tokens_remaining <= -excess + 2, (level, excess)
+    assert level.reset_after < 3.0  # repaid within ~2 s, not 17 s
+    result = finish(sim, end)
+    limit = 10 + 10 * (end - t0) / NS_PER_S
+    assert limit - 3 <= result.granted <= limit + excess + 2
+
+
+def test_both_sides_busy_leave_the_same_debt_as_before() -> None:
+    """The control: both sides loaded; the debt equals the excess (as documented)."""
+    sim, t0, _, end = busy_quiet(20 * NS_PER_S)
+    at = t0 + 11 * MS
+    while at < end:
+        sim.acquire(at, 1, "api-1")
+        at += NS_PER_S // 30
+    result = finish(sim, end)
+    limit = 10 + 10 * (end - t0) / NS_PER_S
+    assert limit - 3 <= result.granted <= limit + 10 + 10 * 20 + 3
+
+
+def test_a_clock_stepped_back_and_corrected_leaves_no_debt() -> None:
+    """Issue 23: region 1's clock steps back a minute and is corrected 20 s later; no
+    token was over-admitted, so after the correction nothing is owed."""
+    sim, t0, heal, end = busy_quiet(0, jump_ns=60 * NS_PER_S)
+    sim.run(heal + NS_PER_S)
+    ledger = next(iter(sim.ledgers.values()))
+    assert ledger.granted <= 10 + 10 * (sim.now - t0) / NS_PER_S + 2
+    for replica in (0, 1):
+        level = sim.limiters[replica].peek("api-1", rule="api", now=sim.local_time(replica))
+        assert level.tokens_remaining >= -3, level
+    result = finish(sim, end)
+    assert result.granted >= 10 + 10 * (end - t0) / NS_PER_S - 3
+
+
+def test_a_partition_straddling_an_epoch_boundary_keeps_its_debt() -> None:
+    """Issue 12 case 10: region 0 spends in the old generation during a partition, region 1
+    first uses the key after the epoch boundary; the later generation wins, and region 0
+    carries its share of the backlog into it, so the excess is still repaid."""
+    capacity, rate = 10, 10.0
+    sim = Simulation(
+        1,
+        2,
+        [make_rule(capacity, rate, ttl=60.0)],
+        {"api-1": "api"},
+        skews_ns=[0, 0],
+        network=Network(1 * MS, 5 * MS),
+        sync_interval_ns=20 * MS,
+    )
+    t0 = sim.start_ns
+    boundary = t0 - t0 % (60 * NS_PER_S) + 60 * NS_PER_S
+    begin, heal = boundary - 30 * NS_PER_S, boundary + 5 * NS_PER_S
+    sim.partition(begin, heal, [[0], [1]])
+    at = begin
+    while at < heal + 10 * NS_PER_S:
+        sim.acquire(at, 0, "api-1")
+        at += NS_PER_S // 30
+    at = boundary + 100 * MS
+    while at < heal + 10 * NS_PER_S:
+        sim.acquire(at, 1, "api-1")
+        at += NS_PER_S // 30
+    sim.run(heal + NS_PER_S)
+    held = [limiter.bucket("api-1") for limiter in sim.limiters]
+    assert all(bucket is not None and bucket.epoch == boundary for bucket in held)
+    # both regions spent their fill in the 5 s after the boundary: ~C + r·5 excess
+    assert sim.result.carried > 0
+    level = sim.limiters[1].peek("api-1", rule="api", now=sim.local_time(1))
+    assert level.tokens_remaining <= -(capacity + 10 * 5) + 15, level
+    finish(sim, heal + 10 * NS_PER_S)

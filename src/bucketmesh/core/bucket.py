@@ -19,46 +19,86 @@ harm:
 ``used[replica]``
     Tokens ever consumed at that replica in this epoch: a grow-only counter,
     merged by per-entry max. Only the owner writes its entry.
-``base`` = (version, time)
-    A max-register ordered by (config version, time): the instant from which
-    the bucket refills, as proposed by whoever last saw it full.
+``base`` = (version, time f, used u)
+    A max-register ordered by (version, f − u·T, f): "full at f when u tokens
+    had been spent". A generation starts with (file version, epoch, 0); a
+    config change proposes a new one (below). Grants never move it.
+``records[replica]`` (History)
+    Exact samples of the owner's monotone function before_q(s) = tokens q spent
+    before s: its **anchor** (the instant of its latest grant on a bucket that
+    was full in its view, the count then, and the count when that slice
+    began) and its **marks** (instant m of its first grant in a slice, count
+    before m) for the slices it granted in. Slices have length
+    S = max(C·T/8, 10 ms) and are aligned to the epoch, so every replica cuts
+    time at the same instants. A mark is written
+    at the owner's first grant of a slice (never changed afterwards), except
+    where the anchor already says it. Joined per replica: anchor by latest
+    instant, marks by union keeping the oldest and the newest 63
+    (commutative, associative, idempotent).
 
-GCRA form, in integer nanoseconds and integer tokens::
+GCRA form, in integer nanoseconds and integer tokens. GCRA over a merged
+arrival sequence is Lindley's recursion: TAT = max over arrivals i of
+(t_i + T·U(≥t_i)), U(≥s) the tokens spent at or after s by every replica.
+The maximum is reached where a busy period began, and every busy period
+begins where some replica found the bucket full in its own view — its
+anchor. The state evaluates the same max over the points it holds::
 
-    TAT  = base.time + (Σ used) · T                  theoretical arrival time
+    Û_q(≥s) = used_q − before_q(q's first record at or after s)   (0 if none)
+    TAT  = max( f + T·(Σused − u),
+                max over record points s ≥ f of  s + T·Σ_q Û_q(≥s) )
     L(t) = C − ceil(max(0, TAT − t) / T)             level; never above C
-    acquire n at t:  allowed  ⇔  L(t) ≥ n  ⇔  TAT + n·T − t ≤ C·T
-                     if TAT < t: base := max(base, t − (Σ used)·T)   (was full)
+    acquire n at t:  allowed  ⇔  L(t) ≥ n  ⇔  max(0, TAT − t) + n·T ≤ C·T
+                     if TAT < t: anchor := (t, used_self, ...)      (was full)
+                     if t opens a slice: mark := (t, used_self)
                      then used[self] += n
     retry_after(n) = max(0, TAT + n·T − C·T − t)
     reset_after    = max(0, TAT − t)                 until the bucket is full
 
+Û never exceeds the true U (a later sample only says more was spent before
+it), so TAT never exceeds the GCRA TAT of the real merged history: no grant is
+charged twice and refill that paid for a grant is never forgotten (the
+single max-register ``base`` of earlier versions charged every token the busy
+side of a partition spent before the quiet side's last re-base again — a
+debt of the busy side's whole spend). At the earliest first grant m of any
+replica in a slice, every replica's first record at or after m is exact
+(each marked its own first grant there; one that did not grant there spent
+nothing before its next record), so TAT ≥ TAT_true − S: over-admission
+of at most one slice of refill (S/T ≤ max(C/8, r·10 ms) tokens) beyond the
+connected bound. A bucket only one replica touched has only its own records,
+its anchor is GCRA's re-base, and decisions are exact GCRA. The TAT is
+cached (``g``/``unc``) and recomputed only when records change, so a
+decision stays O(1).
+
 Because ``T`` is an integer carried inside ``config``, two replicas holding
 the same state compute the same level at the same instant, bit for bit. A
-delta is "my entry of ``used`` is now N, ``base`` is B, ``config`` is K":
-absolute values, never increments, so a later delta subsumes an earlier one.
+delta is "my entry of ``used`` is now N, my records are R, ``base`` is B,
+``config`` is K": absolute values, never increments, so a later delta
+subsumes an earlier one.
 
 Config changes keep the level at the change instant: the replica adopting
-version v proposes ``base = (v, t)`` such that L(t) under the new config
-equals min(L(t) under the old one, new C) — raising capacity never refills
-the bucket for free. ``base`` of a higher version dominates, so replicas
-converge in whatever order they learn things; ``used`` that arrives late from
-the old version is charged at the new rate, never lost. A replica that learns
-a newer config from a peer adopts it the same way before merging (the
-limiter does it: a local write keeping the level it sees then), so the
-proposer's older base cannot hand back refill that this replica forgot when
-it re-based a full bucket meanwhile; the later of the two proposals wins.
+version v proposes ``base = (v, t + backlog, Σused)`` such that L(t) under the
+new config equals min(L(t) under the old one, new C) — raising capacity never
+refills the bucket for free — with the backlog clamped to 1e18 ns, so every
+stored time stays within int64. Records before the base no longer count;
+tokens spent but unknown at the change are charged after it (the safe side).
+``base`` of a higher version dominates, so replicas converge in whatever
+order they learn things. A replica that learns a newer config from a peer
+adopts it the same way before merging (the limiter does it).
 
 Error terms (documented, measured in the simulator and benchmarks, not hidden)
 -----------------------------------------------------------------------------
 * Connected, one-way delay d, n regions: over-admission is at most about
-  (n−1)·(C + r·d) in the worst case (each region may spend what it has not
-  yet heard the others spend) and far less under steady traffic. A lagging
-  replica can only over-raise ``base``, which under-admits briefly (safe).
+  (n−1)·(C + r·d) + S/T in the worst case (each region may spend what it has
+  not yet heard the others spend; S/T from the slice resolution) and far less
+  under steady traffic.
 * A partition of k groups lasting P admits up to (k−1)·(C + r·P) extra
-  (local-only mode). After healing, the merged ``used`` puts the bucket into
-  debt (L < 0), which refill repays, so the long-run total matches the limit.
-* Clock skew ε between regions shifts ``base`` proposals: about r·ε tokens.
+  (local-only mode). After healing, the merged state puts the bucket into
+  debt equal to that over-admission, within one slice of refill, which refill
+  repays, so the long-run total matches the limit from above and below.
+  History older than a replica's 64 kept marks resolves liberally (only the
+  oldest mark and the anchors stay exact).
+* Clock skew ε between regions: about r·ε tokens. A clock that ran ahead by ε
+  and is corrected leaves its records ε in the future: up to r·ε of debt.
 
 Garbage
 -------
@@ -70,11 +110,12 @@ others still hold, hiding new consumption). Hence ``epoch``: a bucket
 created at t gets epoch ``t − t mod ttl``. Replicas that create a key at
 about the same time agree on the epoch; a bucket can only be dropped at
 least one ttl after its epoch began, so its re-creation always has a higher
-epoch and replaces any stale copy instead of merging with it. The price: in
-the rare race where a region still spends on the old generation after
-another region re-created the key, or creations straddle an epoch boundary
-under clock skew, the losing generation's spending within one sync delay is
-forgotten (≤ C + r·d, inside the connected bound above).
+epoch and replaces any stale copy instead of merging with it. A replica
+still holding the older generation when the later one arrives carries its
+share (mine / Σused) of the older generation's TAT beyond the new epoch's
+start into the new one, as tokens spent at that start (``carry``): a
+partition that straddles an epoch boundary keeps its debt, and the race is
+bounded by one sync delay in every case.
 A replica that dropped a generation it spent in and then learns that same
 generation back from a peer restores its own entry from a tombstone the
 limiter keeps (``limiter.py``), not from the peer's possibly older view.
@@ -84,7 +125,8 @@ This module does no I/O and reads no clock: time is always an argument.
 
 from __future__ import annotations
 
-from typing import Final, Literal, get_args
+from collections.abc import Sequence
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
@@ -141,7 +183,13 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     """What replicas exchange: absolute values, so merging one twice is harmless.
 
     ``used`` carries the sender's own entry (a delta) or every entry it knows
-    (a full-state transfer); merge treats both alike.
+    (a full-state transfer); merge treats both alike. ``anchor_*`` and ``marks``
+    hold, per replica, its records (see "History" in the module docstring): its
+    anchor ``anchor_at[r]`` with ``anchor_used[r]`` used then and
+    ``anchor_begun[r]`` used when that slice began (three flat maps of integers:
+    no container the garbage collector must track), ``marks[r] = [first grant's instant in a
+    slice, used before it, ...]`` sorted by instant. ``base_time``/``base_used`` are the base
+    (version ``base_version``): full at ``base_time`` with ``base_used`` spent.
     """
 
     key: str
@@ -151,6 +199,19 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     base_time: int
     used: dict[str, int]
     rule: str = ""
+    base_used: int = 0
+    anchor_at: dict[str, int] = {}
+    anchor_used: dict[str, int] = {}
+    anchor_begun: dict[str, int] = {}
+    marks: dict[str, tuple[int, ...]] = {}
+
+    @property
+    def anchors(self) -> dict[str, tuple[int, int, int]]:
+        """Each replica's anchor as (time, used then, used when its slice began)."""
+        used, begun = self.anchor_used, self.anchor_begun
+        return {
+            rid: (at, used.get(rid, 0), begun.get(rid, 0)) for rid, at in self.anchor_at.items()
+        }
 
 
 class Hlc:
@@ -174,28 +235,142 @@ def epoch_for(now_ns: int, ttl_ns: int) -> int:
     return now_ns - now_ns % ttl_ns
 
 
+MARKS_KEPT: Final = 64
+"""Marks (per replica) a bucket keeps: the oldest (where its history in this
+generation begins) and the newest 63 slices that replica granted in."""
+
+MIN_SLICE_NS: Final = 10_000_000
+"""The shortest slice (10 ms): marks are written at most once per slice per replica."""
+
+MAX_BACKLOG_NS: Final = 10**18
+"""The longest backlog (TAT − now) a config change carries over: ~31.7 years. Every
+time the state stores is now + at most this, so it stays inside int64 (msgpack)."""
+
+
+def slice_ns(config: BucketConfig) -> int:
+    """The slice length S of ``config``: an eighth of the time a drained bucket takes
+    to refill (C·T/8), at least 10 ms. Slices are aligned to the epoch, so every
+    replica cuts time at the same instants."""
+    span = config.capacity * config.interval_ns // 8
+    return span if span > MIN_SLICE_NS else MIN_SLICE_NS
+
+
+def _join_marks(
+    a: Sequence[int] | None, b: Sequence[int] | None, epoch: int, slice_len: int
+) -> tuple[int, ...] | None:
+    """keep(a ∪ b): the union of two copies of one replica's marks, of which the
+    oldest and the newest MARKS_KEPT − 1 are kept — a function of the union alone,
+    so the join is commutative, associative and idempotent. Two
+    marks at one point keep the smaller count (they are equal when both are
+    exact). ``epoch`` and ``slice_len`` are unused today; they let the kept set
+    depend on slice positions (thinning) without changing callers."""
+    pairs: dict[int, int] = {}
+    for marks in (a, b):
+        if marks:
+            for i in range(0, len(marks) - 1, 2):
+                point, before = marks[i], marks[i + 1]
+                known = pairs.get(point)
+                if known is None or before < known:
+                    pairs[point] = before
+    if not pairs:
+        return None
+    points = sorted(pairs)
+    if len(points) > MARKS_KEPT:
+        # the oldest stays (where a long busy period began), then the newest
+        points = [points[0], *points[len(points) - MARKS_KEPT + 1 :]]
+    out: list[int] = []
+    for point in points:
+        out.append(point)
+        out.append(pairs[point])
+    return tuple(out)
+
+
+_EDGES: dict[int, int] = {}
+
+
+def _shared_edge(edge: int) -> int:
+    """One int object per slice end: buckets granted in the same slice share it (a
+    bucket is ~300 bytes; an int is 32)."""
+    shared = _EDGES.get(edge)
+    if shared is None:
+        if len(_EDGES) > 256:
+            _EDGES.clear()
+        shared = _EDGES[edge] = edge
+    return shared
+
+
+Entry = list[Any]
+"""Another replica's entry: [used, anchor time or None, used at the anchor, marks or None,
+used at the start of the anchor's slice]."""
+
+
+def _records(
+    epoch: int,
+    slice_len: int,
+    anchor: int | None,
+    anchor_used: int,
+    anchor_slice: int,
+    marks: Sequence[int] | None,
+    floor: int,
+) -> dict[int, int]:
+    """One replica's records as point -> used before it: its marks, its anchor, and the
+    start of the anchor's slice (``anchor_slice``: what it had used when that slice
+    began, or more if a mark for that slice says less). Only points at or after
+    ``floor`` (the base) count."""
+    out: dict[int, int] = {}
+    if marks:
+        for i in range(0, len(marks) - 1, 2):
+            point = marks[i]
+            if point >= floor:
+                before = marks[i + 1]
+                known = out.get(point)
+                if known is None or before < known:
+                    out[point] = before
+    if anchor is not None and anchor >= floor:
+        for point, before in (
+            (anchor, anchor_used),
+            (anchor - (anchor - epoch) % slice_len, anchor_slice),
+        ):
+            if point >= floor:
+                known = out.get(point)
+                if known is None or before < known:
+                    out[point] = before
+    return out
+
+
 class Bucket:
     """One replica's view of one bucket. ``mine`` is this replica's entry of ``used``.
 
-    ``total`` caches Σ used so that a decision is O(1); ``others`` is None until
-    another replica's entry is merged (most buckets never leave one region).
+    ``total`` caches Σ used. The merged TAT is cached as ``g`` (the largest term
+    this replica's own grants still raise, minus T·Σused) and ``unc`` (the largest
+    term they no longer raise, absolute; None when none), so a decision is O(1):
+    TAT = max(g + T·total, unc). Both are recomputed (``_recompute``) when the
+    records change: on a merge, a config change, and a grant that re-bases or
+    opens a slice while another replica's records are held. A bucket no other
+    replica touched keeps exact GCRA with no sweep at all.
 
-    Memory: other replicas' entries are held in ``entries``: None, then one
-    ``(replica, used)`` tuple — the usual case: one other region, or this
-    node's previous incarnation after a restart — and a dict only from the
-    second on. A one-entry dict costs about three times the tuple, and a
-    million buckets are the target (docs/targets.md P7).
+    Memory: other replicas' entries are held in ``entries``: None, or a dict of
+    ``[used, anchor, anchor used, marks]`` lists. A bucket that never leaves its
+    region holds only its anchor (two ints) beyond what it held before.
     """
 
     __slots__ = (
+        "anchor",
+        "anchor_slice",
+        "anchor_used",
         "base_time",
+        "base_used",
         "base_version",
         "config",
+        "edge",
         "entries",
         "epoch",
+        "g",
+        "marks",
         "mine",
         "rule",
         "total",
+        "unc",
     )
 
     def __init__(self, config: BucketConfig, now_ns: int, rule: str = "") -> None:
@@ -203,10 +378,18 @@ class Bucket:
         self.epoch = epoch_for(now_ns, config.ttl_ns)
         self.base_version = config.version
         self.base_time = self.epoch  # TAT = epoch ≤ now: a new bucket is full
+        self.base_used = 0
         self.mine = 0
-        self.entries: tuple[str, int] | dict[str, int] | None = None
+        self.entries: dict[str, Entry] | None = None
         self.total = 0
         self.rule = rule
+        self.anchor: int | None = None
+        self.anchor_used = 0
+        self.anchor_slice = 0
+        self.marks: tuple[int, ...] | None = None
+        self.edge = 0
+        self.g = self.epoch
+        self.unc: int | None = None
 
     # -- reading -------------------------------------------------------------
 
@@ -216,17 +399,17 @@ class Bucket:
         entries = self.entries
         if entries is None:
             return None
-        if isinstance(entries, tuple):
-            return {entries[0]: entries[1]}
-        return dict(entries)
+        return {rid: entry[0] for rid, entry in entries.items()}
 
     def tat(self) -> int:
-        return self.base_time + self.total * self.config.interval_ns
+        tat = self.g + self.total * self.config.interval_ns
+        unc = self.unc
+        return unc if unc is not None and unc > tat else tat
 
     def level(self, now_ns: int) -> int:
         """Whole tokens available at ``now_ns``; negative while in debt after a partition."""
         interval = self.config.interval_ns
-        backlog = self.base_time + self.total * interval - now_ns
+        backlog = self.tat() - now_ns
         if backlog <= 0:
             return self.config.capacity
         return self.config.capacity - (-(-backlog // interval))
@@ -250,20 +433,125 @@ class Bucket:
             entries[replica_id] = self.mine
         return entries
 
+    # -- the merged TAT --------------------------------------------------------
+
+    def _recompute(self) -> None:
+        """TAT = max(base term, max over record points s of s + T·Σ_q Û_q(≥s)), where
+        Û_q(≥s) = used_q − (used before q's first record at or after s), or 0 if q
+        has none: a sweep over every replica's records, newest first."""
+        cfg = self.config
+        interval = cfg.interval_ns
+        epoch = self.epoch
+        # Records count from the base on: from the epoch itself for a generation's
+        # first base, strictly after a config change's (a grant at that very instant
+        # is already in the backlog the change carried over).
+        floor = self.base_time if self.base_time == epoch else self.base_time + 1
+        slice_len = slice_ns(cfg)
+        total = self.total
+        g = self.base_time - self.base_used * interval
+        own = _records(
+            epoch, slice_len, self.anchor, self.anchor_used, self.anchor_slice, self.marks, floor
+        )
+        entries = self.entries
+        if not entries:
+            for point, before in own.items():
+                term = point - before * interval
+                if term > g:
+                    g = term
+            self.g = g
+            self.unc = None
+            return
+        last = max(own) if own else None
+        events: list[tuple[int, int, int]] = [(p, 0, b) for p, b in own.items()]
+        current = [self.mine]
+        for index, entry in enumerate(entries.values(), 1):
+            current.append(entry[0])
+            records = _records(epoch, slice_len, entry[1], entry[2], entry[4], entry[3], floor)
+            for p, b in records.items():
+                events.append((p, index, b))
+        events.sort(reverse=True)
+        spent_before = total  # Σ_q (used before q's next record), none passed yet
+        unc: int | None = None
+        n = len(events)
+        i = 0
+        while i < n:
+            point = events[i][0]
+            while i < n and events[i][0] == point:
+                _, q, before = events[i]
+                spent_before += before - current[q]
+                current[q] = before
+                i += 1
+            if last is not None and point <= last:
+                term = point - spent_before * interval
+                if term > g:
+                    g = term
+            else:
+                term = point + (total - spent_before) * interval
+                if unc is None or term > unc:
+                    unc = term
+        self.g = g
+        self.unc = unc
+
+    def _note(self, now_ns: int, rebase: bool) -> None:
+        """Record a grant that re-bases (the bucket was full) or opens a new slice."""
+        slice_len = slice_ns(self.config)
+        epoch = self.epoch
+        start = now_ns - (now_ns - epoch) % slice_len
+        if rebase:
+            anchor = self.anchor
+            begun_with = self.mine
+            if anchor is not None:
+                begun = anchor - (anchor - epoch) % slice_len
+                if begun == start:
+                    begun_with = self.anchor_slice  # the same slice: its start stays
+                else:
+                    # The old anchor stood for its slice's mark too: keep that mark.
+                    marks = self.marks
+                    if not marks or not any(
+                        begun <= point < begun + slice_len for point in marks[0::2]
+                    ):
+                        self.marks = _join_marks(
+                            marks, (begun, self.anchor_slice), epoch, slice_len
+                        )
+            self.anchor = now_ns
+            self.anchor_used = self.mine
+            self.anchor_slice = begun_with
+        else:
+            # at the grant's own instant: exact, and tighter than the slice's start
+            self.marks = _join_marks(self.marks, (now_ns, self.mine), epoch, slice_len)
+        if start + slice_len > self.edge:
+            self.edge = _shared_edge(start + slice_len)
+
+    def _derive_edge(self) -> None:
+        """``edge``: the end of the slice of this replica's newest record (0 if none);
+        a grant at or past it opens a slice. A function of the state alone."""
+        newest = self.anchor
+        marks = self.marks
+        if marks and (newest is None or marks[-2] > newest):
+            newest = marks[-2]
+        if newest is None:
+            self.edge = 0
+            return
+        slice_len = slice_ns(self.config)
+        self.edge = _shared_edge(newest - (newest - self.epoch) % slice_len + slice_len)
+
     # -- writing -------------------------------------------------------------
 
     def acquire(self, key: str, tokens: int, now_ns: int) -> Decision:
         """Take ``tokens`` if the level allows (``tokens == 0`` only peeks) and say so.
 
-        ``base`` moves only when a grant is made on a full bucket, so a denied
-        request or a peek never changes the replicated state. This is the hot
-        path: one pass, integer math, one allocation (the Decision).
+        The records move only when a grant is made on a full bucket or in a new
+        slice, so a denied request or a peek never changes the replicated state.
+        This is the hot path: integer math, one allocation (the Decision).
         """
         cfg = self.config
         interval = cfg.interval_ns
         capacity = cfg.capacity
-        spent = self.total * interval
-        backlog = self.base_time + spent - now_ns  # TAT − t; negative: full since then
+        tat = self.g + self.total * interval
+        unc = self.unc
+        if unc is not None and unc > tat:
+            tat = unc
+        backlog = tat - now_ns  # TAT − t; negative: full since then
         need = tokens * interval
         if (backlog if backlog > 0 else 0) + need > capacity * interval:
             return Decision(
@@ -278,12 +566,39 @@ class Bucket:
                 self.rule,
             )
         if tokens > 0:
-            if backlog < 0:
-                self.base_time = now_ns - spent
-                backlog = 0
-            self.mine += tokens
-            self.total += tokens
-            backlog += need
+            if backlog < 0 or now_ns >= self.edge:
+                rebase = backlog < 0
+                anchor = self.anchor
+                marks = self.marks
+                if (
+                    rebase
+                    and now_ns < self.edge
+                    and anchor is not None
+                    and (not marks or marks[-2] <= anchor)
+                ):
+                    # a re-base in the slice of our newest record, the anchor: the
+                    # slice's start count stays (the common case of a lightly used key)
+                    self.anchor = now_ns
+                    self.anchor_used = self.mine
+                else:
+                    self._note(now_ns, rebase)
+                self.mine += tokens
+                self.total += tokens
+                if self.entries is None:
+                    # Alone: a re-base is exact GCRA (TAT := now + n·T); a new slice's
+                    # mark lies below the TAT already held (docs/design.md section 3).
+                    if rebase:
+                        spent = self.total - tokens
+                        # (the anchor's own int object when nothing was spent before)
+                        self.g = now_ns - spent * interval if spent else now_ns
+                else:
+                    self._recompute()
+            else:
+                self.mine += tokens
+                self.total += tokens
+            # The answer is the level as GCRA takes it (the same whichever replica
+            # grants); the merged TAT may be below it when others' records are later.
+            backlog = (backlog if backlog > 0 else 0) + need
         return Decision(
             True,
             key,
@@ -300,7 +615,8 @@ class Bucket:
         """Adopt a newer config, proposing the ``base`` that keeps the level at ``now_ns``.
 
         The backlog (time until full) is carried over in tokens, with the
-        capacity delta added; ceil keeps the rounding on the safe side.
+        capacity delta added; ceil keeps the rounding on the safe side. It is
+        clamped to [0, MAX_BACKLOG_NS], so the base stays a time near now.
         """
         old = self.config
         backlog_old = self.tat() - now_ns
@@ -311,78 +627,189 @@ class Bucket:
         backlog += (config.capacity - old.capacity) * config.interval_ns
         if backlog < 0:
             backlog = 0
+        elif backlog > MAX_BACKLOG_NS:
+            backlog = MAX_BACKLOG_NS
         self.config = config
         self.base_version = config.version
-        self.base_time = now_ns + backlog - self.total * config.interval_ns
+        self.base_time = now_ns + backlog
+        self.base_used = self.total
+        self._derive_edge()
+        self._recompute()
 
     def delta(self, key: str, replica_id: str) -> BucketDelta:
         """This replica's own entry, with ``base`` and ``config``: what a sync push carries."""
-        return self._encoded(key, {replica_id: self.mine})
+        anchor = self.anchor
+        return BucketDelta(
+            key,
+            self.epoch,
+            self.config,
+            self.base_version,
+            self.base_time,
+            {replica_id: self.mine},
+            self.rule,
+            self.base_used,
+            {} if anchor is None else {replica_id: anchor},
+            {} if anchor is None else {replica_id: self.anchor_used},
+            {} if anchor is None else {replica_id: self.anchor_slice},
+            {replica_id: self.marks} if self.marks else {},
+        )
 
     def full_state(self, key: str, replica_id: str) -> BucketDelta:
         """Every entry known here: for repair, new peers and snapshots."""
-        return self._encoded(key, self.used(replica_id))
+        at: dict[str, int] = {}
+        used: dict[str, int] = {}
+        begun: dict[str, int] = {}
+        marks: dict[str, tuple[int, ...]] = {}
+        if self.anchor is not None:
+            at[replica_id] = self.anchor
+            used[replica_id] = self.anchor_used
+            begun[replica_id] = self.anchor_slice
+        if self.marks:
+            marks[replica_id] = self.marks
+        entries = self.entries
+        if entries is not None:
+            for rid, entry in entries.items():
+                if entry[1] is not None:
+                    at[rid], used[rid], begun[rid] = entry[1], entry[2], entry[4]
+                if entry[3]:
+                    marks[rid] = entry[3]
+        return self._encoded(key, self.used(replica_id), at, used, begun, marks)
 
-    def _encoded(self, key: str, used: dict[str, int]) -> BucketDelta:
+    def _encoded(
+        self,
+        key: str,
+        used: dict[str, int],
+        anchor_at: dict[str, int],
+        anchor_used: dict[str, int],
+        anchor_begun: dict[str, int],
+        marks: dict[str, tuple[int, ...]],
+    ) -> BucketDelta:
         return BucketDelta(
-            key, self.epoch, self.config, self.base_version, self.base_time, used, self.rule
+            key,
+            self.epoch,
+            self.config,
+            self.base_version,
+            self.base_time,
+            used,
+            self.rule,
+            self.base_used,
+            anchor_at,
+            anchor_used,
+            anchor_begun,
+            marks,
         )
 
     def raise_own(self, value: int) -> None:
         """Our own entry is at least ``value`` (what we spent in this epoch before
-        dropping the bucket; see Limiter's tombstones)."""
+        dropping the bucket; see Limiter's tombstones). Without records: only the
+        base term charges it, the safe side."""
         if value > self.mine:
             self.total += value - self.mine
             self.mine = value
 
-    def merge(self, delta: BucketDelta, replica_id: str) -> bool:
-        """Join ``delta`` into this state; returns whether anything changed."""
+    def charge(self, tokens: int, at_ns: int) -> None:
+        """Record ``tokens`` as spent here at ``at_ns`` (a mark exactly there), without a
+        level check: a replaced generation's carried debt."""
+        slice_len = slice_ns(self.config)
+        self.marks = _join_marks(self.marks, (at_ns, self.mine), self.epoch, slice_len)
+        edge = at_ns - (at_ns - self.epoch) % slice_len + slice_len
+        if edge > self.edge:
+            self.edge = edge
+        self.mine += tokens
+        self.total += tokens
+        self._recompute()
+
+    def _base_key(self, version: Version, time: int, used: int) -> tuple[Version, int, int]:
+        return (version, time - used * self.config.interval_ns, time)
+
+    def carry(self, since_ns: int) -> int:
+        """The tokens this replica carries into a later generation (epoch ``since_ns``)
+        replacing this one: its share (mine / Σused, rounded up) of this generation's
+        TAT beyond the new epoch's start — the backlog standing then plus what was
+        spent here after it, which the new generation never saw."""
+        backlog = self.tat() - since_ns
+        if backlog <= 0 or not self.mine:
+            return 0
+        tokens = -(-backlog // self.config.interval_ns)
+        return -(-tokens * self.mine // self.total)
+
+    def merge(self, delta: BucketDelta, replica_id: str, now_ns: int | None = None) -> bool:
+        """Join ``delta`` into this state; returns whether anything changed.
+
+        A delta of a later generation replaces this one. With ``now_ns`` (a live
+        replica merging, not a replay), this replica's share of the backlog the
+        replaced generation held beyond the new epoch is charged in the new one
+        at the new epoch's start (``carry``), so a partition that straddles an epoch
+        boundary keeps its debt (docs/design.md, "Epochs").
+        """
         if delta.epoch != self.epoch:
             if delta.epoch < self.epoch:
                 return False
+            carried = 0 if now_ns is None else self.carry(delta.epoch)
             self._replace(delta, replica_id)
+            if carried:
+                self.charge(carried, delta.epoch + 1)
             return True
         changed = False
         if delta.config.version > self.config.version:
             self.config = delta.config
             changed = True
-        if (delta.base_version, delta.base_time) > (self.base_version, self.base_time):
+        if self._base_key(delta.base_version, delta.base_time, delta.base_used) > self._base_key(
+            self.base_version, self.base_time, self.base_used
+        ):
             self.base_version = delta.base_version
             self.base_time = delta.base_time
+            self.base_used = delta.base_used
             changed = True
-        for rid, value in delta.used.items():
+        anchors = delta.anchors if delta.anchor_at else {}
+        marks = delta.marks
+        rids = delta.used.keys() | anchors.keys() | marks.keys() if anchors or marks else delta.used
+        for rid in rids:
+            value = delta.used.get(rid, 0)
+            anchor = anchors.get(rid)
+            got = marks.get(rid)
             if rid == replica_id:
                 # Only an echo of our own past, or our snapshot restored elsewhere.
                 if value > self.mine:
                     self.total += value - self.mine
                     self.mine = value
                     changed = True
+                if anchor is not None and (self.anchor is None or anchor[0] > self.anchor):
+                    self.anchor, self.anchor_used, self.anchor_slice = anchor
+                    changed = True
+                if got:
+                    joined = _join_marks(self.marks, got, self.epoch, slice_ns(self.config))
+                    if joined != self.marks:
+                        self.marks = joined
+                        changed = True
+                self._derive_edge()
                 continue
             entries = self.entries
-            if entries is None:
-                if value > 0:
-                    self.entries = (rid, value)
-                    self.total += value
-                    changed = True
-            elif type(entries) is tuple:
-                if entries[0] == rid:
-                    if value > entries[1]:
-                        self.entries = (entries[0], value)
-                        self.total += value - entries[1]
-                        changed = True
-                elif value > 0:
-                    self.entries = {entries[0]: entries[1], rid: value}
-                    self.total += value
-                    changed = True
-            else:
-                assert isinstance(entries, dict)
-                current = entries.get(rid, 0)
-                if value > current:
-                    entries[rid] = value
-                    self.total += value - current
+            entry = None if entries is None else entries.get(rid)
+            if entry is None:
+                if value <= 0 and anchor is None and not got:
+                    continue
+                entry = [0, None, 0, None, 0]
+                if entries is None:
+                    entries = self.entries = {}
+                entries[rid] = entry
+                changed = True
+            if value > entry[0]:
+                self.total += value - entry[0]
+                entry[0] = value
+                changed = True
+            if anchor is not None and (entry[1] is None or anchor[0] > entry[1]):
+                entry[1], entry[2], entry[4] = anchor
+                changed = True
+            if got:
+                joined = _join_marks(entry[3], got, self.epoch, slice_ns(self.config))
+                if joined != entry[3]:
+                    entry[3] = joined
                     changed = True
         if not self.rule and delta.rule:
             self.rule = delta.rule
+        if changed:
+            self._recompute()
         return changed
 
     def _replace(self, delta: BucketDelta, replica_id: str) -> None:
@@ -390,25 +817,42 @@ class Bucket:
         self.config = delta.config
         self.base_version = delta.base_version
         self.base_time = delta.base_time
+        self.base_used = delta.base_used
         used = delta.used
         mine = self.mine = used.get(replica_id, 0)
-        # Restoring a million buckets goes through here: the usual shapes (no
-        # other entry, or one) take no intermediate dict.
-        size = len(used) - (replica_id in used)
-        if size == 0:
-            self.entries = None
-            self.total = mine
-        elif size == 1:
-            for rid, value in used.items():
-                if rid != replica_id:
-                    self.entries = (rid, value)
-                    self.total = mine + value
+        anchors = delta.anchors
+        own_anchor = anchors.get(replica_id)
+        if own_anchor is None:
+            self.anchor, self.anchor_used, self.anchor_slice = None, 0, 0
         else:
-            others = {rid: v for rid, v in used.items() if rid != replica_id}
-            self.entries = others
-            self.total = mine + sum(others.values())
+            self.anchor, self.anchor_used, self.anchor_slice = own_anchor
+        own_marks = delta.marks.get(replica_id)
+        slice_len = slice_ns(self.config)
+        self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
+        total = mine
+        entries: dict[str, Entry] | None = None
+        for rid in used.keys() | anchors.keys() | delta.marks.keys():
+            if rid == replica_id:
+                continue
+            value = used.get(rid, 0)
+            anchor = anchors.get(rid)
+            got = delta.marks.get(rid)
+            if entries is None:
+                entries = {}
+            entries[rid] = [
+                value,
+                None if anchor is None else anchor[0],
+                0 if anchor is None else anchor[1],
+                _join_marks(None, got, self.epoch, slice_len),
+                0 if anchor is None else anchor[2],
+            ]
+            total += value
+        self.entries = entries
+        self.total = total
         if delta.rule:
             self.rule = delta.rule
+        self._derive_edge()
+        self._recompute()
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
@@ -416,3 +860,37 @@ class Bucket:
         bucket.rule = delta.rule
         bucket._replace(delta, replica_id)
         return bucket
+
+
+def delta_tat(delta: BucketDelta) -> int:
+    """The TAT a replica holding exactly ``delta`` computes (digests, expiry checks).
+
+    The usual shapes — no records, or one replica's — are evaluated directly (the
+    sweep of ``Bucket._recompute`` reduces to them); anything else goes through a
+    Bucket."""
+    interval = delta.config.interval_ns
+    total = sum(delta.used.values())
+    tat = delta.base_time + (total - delta.base_used) * interval
+    holders = delta.anchor_at.keys() | delta.marks.keys()
+    if not holders:
+        return tat
+    if len(holders) > 1:
+        return Bucket.from_delta(delta, "").tat()
+    (rid,) = holders
+    epoch = delta.epoch
+    floor = delta.base_time if delta.base_time == epoch else delta.base_time + 1
+    records = _records(
+        epoch,
+        slice_ns(delta.config),
+        delta.anchor_at.get(rid),
+        delta.anchor_used.get(rid, 0),
+        delta.anchor_begun.get(rid, 0),
+        delta.marks.get(rid),
+        floor,
+    )
+    used = delta.used.get(rid, 0)
+    for point, before in records.items():
+        term = point + (used - before) * interval
+        if term > tat:
+            tat = term
+    return tat

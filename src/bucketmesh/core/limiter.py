@@ -35,12 +35,16 @@ restart at what the peer knew of it, below what we spent, and max-merge would
 hide our next grants from replicas that knew more. So a dropped bucket in
 which we spent leaves a *tombstone* (epoch, own count) for
 ``max(2·ttl, tombstone_ns)``; when that generation comes back, our entry in
-it starts from the tombstone's count. A
-copy of the same generation returning after the tombstone is gone (past the
-horizon, or evicted: at most ``max_buckets // 4`` are kept) can still
-restart our entry low; that needs a peer to keep the key busy without hearing
-from us for that whole time (a partition longer than the horizon) — see
-docs/sync.md for the bound.
+it starts from the tombstone's count. At
+most ``max(1000, max_buckets // 4)`` tombstones are kept; one evicted before its
+horizon (a small cap, or many short-lived keys) folds its count into
+``evicted`` — per epoch and slot of the key's hash (4096 slots), the largest
+count forgotten — and a generation that comes back for a key without a
+tombstone restores our entry from its slot: at least what we spent, perhaps
+more (another key's count in the same slot), never less, so no grant is
+hidden and replicas converge. A copy returning after the horizon itself (a
+partition longer than ``max(2·ttl, 10 min)`` with a peer keeping the key
+busy) can still restart our entry low — see docs/sync.md for the bound.
 
 At the cap on live buckets (``max_buckets``), expired buckets are swept
 first; if none can go, a request for a *new* key raises ``BucketCapReached``
@@ -53,6 +57,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
@@ -71,10 +76,11 @@ from bucketmesh.core.bucket import (
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
-from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_limits
+from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_burst, check_limits
 from bucketmesh.core.rules import QUALIFIER, Rule
 
 SNAPSHOT_FORMAT: Final = 1
+EVICTED_SLOTS: Final = 4096  # slots per epoch for the counts of tombstones evicted early
 TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
 
 
@@ -225,6 +231,10 @@ class Limiter:
         # A tombstone costs about what a bucket does: at most a quarter of the cap's
         # worth, the oldest forgotten first (they are the least likely to come back).
         self.max_tombstones = max(1_000, max_buckets // 4)
+        # (epoch, crc32(key) % EVICTED_SLOTS) -> (largest own count, forget after) of
+        # tombstones evicted before their horizon: a returning generation restores our
+        # entry from here, so an exhausted cap costs over-charging, never hidden grants.
+        self.evicted: dict[tuple[int, int], tuple[int, int]] = {}
         self.journal: Journal | None = None
         # Buckets created in the same ttl window share one epoch int object
         # (32 bytes each otherwise, a tenth of a bucket's footprint).
@@ -403,7 +413,7 @@ class Limiter:
             if len(epochs) > 64:
                 epochs.clear()
             shared = epochs[bucket.epoch] = bucket.epoch
-        bucket.epoch = bucket.base_time = shared
+        bucket.epoch = bucket.base_time = bucket.g = shared
         return bucket
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
@@ -456,6 +466,10 @@ class Limiter:
             mode=current.mode if mode is None else mode,
             version=(self.hlc.tick(now), self.replica_id),
         )
+        changed = None
+        if (capacity is None) != (refill_rate is None):
+            changed = "capacity" if refill_rate is None else "refillRate"
+        check_burst(new.capacity, new.interval_ns, changed=changed)
         if new.mode == STRICT and new.capacity < self.regions:
             raise LimitError(
                 "capacity",
@@ -575,6 +589,8 @@ class Limiter:
                         continue
                 bucket = buckets[delta.key] = fresh
                 changed += 1
+                if self.evicted and delta.key not in self.tombstones:
+                    self._settle_evicted(delta.key, bucket)
             else:
                 if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
                     # A newer per-key config: adopt it here first, as a local write
@@ -583,9 +599,9 @@ class Limiter:
                     # (the max of both proposals wins). Like a rule config's adoption,
                     # this makes the base depend on merge order until replicas exchange.
                     self._adopt(delta.key, bucket, delta.config, now)
-                    bucket.merge(delta, rid)
+                    bucket.merge(delta, rid, now)
                     changed += 1
-                elif bucket.merge(delta, rid):
+                elif bucket.merge(delta, rid, now):
                     changed += 1
                 else:
                     continue
@@ -642,13 +658,12 @@ class Limiter:
         epoch = shared.setdefault(bucket.epoch, bucket.epoch)
         if bucket.base_time == epoch:
             bucket.base_time = epoch
+        if bucket.g == epoch:
+            bucket.g = epoch
         bucket.epoch = epoch
         entries = bucket.entries
-        if type(entries) is tuple:
-            bucket.entries = (shared.setdefault(entries[0], entries[0]), entries[1])
-        elif entries:
-            assert isinstance(entries, dict)
-            bucket.entries = {shared.setdefault(rid, rid): used for rid, used in entries.items()}
+        if entries:
+            bucket.entries = {shared.setdefault(rid, rid): entry for rid, entry in entries.items()}
         return bucket
 
     # -- write-ahead log ---------------------------------------------------------
@@ -723,7 +738,27 @@ class Limiter:
             forget = now + max(2 * bucket.config.ttl_ns, self.tombstone_ns)
             tombstones[key] = (bucket.epoch, bucket.mine, forget)
             if len(tombstones) > self.max_tombstones:
-                del tombstones[next(iter(tombstones))]
+                self._evict_tombstone(next(iter(tombstones)))
+
+    def _evict_tombstone(self, key: str) -> None:
+        """Forget a tombstone before its horizon (the cap is full), folding its count into
+        ``evicted``: per (epoch, slot of the key's hash) the largest count forgotten, kept
+        until the horizon. A generation that comes back for a key with no tombstone then
+        restores our entry from its slot (at least what we spent: never hidden)."""
+        epoch, mine, forget = self.tombstones.pop(key)
+        slot = (epoch, zlib.crc32(key.encode()) % EVICTED_SLOTS)
+        known = self.evicted.get(slot)
+        if known is None or known[0] < mine or known[1] < forget:
+            self.evicted[slot] = (
+                mine if known is None or mine > known[0] else known[0],
+                forget if known is None or forget > known[1] else known[1],
+            )
+
+    def _settle_evicted(self, key: str, bucket: Bucket) -> None:
+        """A generation came back for a key whose tombstone may have been evicted."""
+        found = self.evicted.get((bucket.epoch, zlib.crc32(key.encode()) % EVICTED_SLOTS))
+        if found is not None:
+            bucket.raise_own(found[0])
 
     def _settle_tombstone(self, key: str, bucket: Bucket) -> None:
         """A generation we dropped came back: our own count in it is what we spent."""
@@ -736,6 +771,8 @@ class Limiter:
         # as peers hold it, so that every replica converges; the tombstone waits.
 
     def _forget_tombstones(self, now: int, budget: int) -> None:
+        if self.evicted and budget >= len(self.evicted):
+            self.evicted = {slot: v for slot, v in self.evicted.items() if v[1] > now}
         tombstones = self.tombstones
         while budget > 0 and tombstones:
             key = next(iter(tombstones))

@@ -24,7 +24,7 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from bucketmesh.core.bucket import MODES, NS_PER_S
+from bucketmesh.core.bucket import MODES, NS_PER_S, interval_for
 
 __all__ = [
     "INT64_MAX",
@@ -39,6 +39,7 @@ __all__ = [
     "MODES",
     "ErrorLocation",
     "LimitError",
+    "check_burst",
     "check_limits",
     "check_tokens",
     "error_location",
@@ -58,10 +59,15 @@ __all__ = [
 # These are the ranges the runtime PATCH accepted (capacity 1..1e15, refillRate
 # 1e-9..1e9, ttl 0.001..1e8), widened where config accepted more and the state
 # can still carry it: ttl up to 1e9 s and down to 1 ns, capacity up to 2^53 − 1.
-# They bound each limit alone; the product capacity × T (the burst, also a span
-# of the state) is not bounded yet — a later issue tightens that, and the Redis
-# backend's exact-arithmetic range (``storage.redis_store.check_exact``) is
-# narrower still.
+# They bound each limit alone; ``check_burst`` bounds the product capacity × T
+# (the time a drained bucket takes to refill, also a span of the state) by
+# MAX_SPAN_NS, whichever way a config is reached (a file, a PATCH of one field).
+# With that, every integer the state stores is a count of tokens or a time within
+# MAX_SPAN_NS of now: ``Bucket.reconfigure`` also clamps the backlog it carries to
+# MAX_SPAN_NS, so no sequence of acquires, PATCHes and merges leaves int64
+# (tests/test_limits.py proves it with Hypothesis, through the msgpack encoder).
+# The Redis backend's exact-arithmetic range (``storage.redis_store.check_exact``)
+# is narrower still.
 
 INT64_MAX: Final = 2**63 - 1
 """The largest integer msgpack's int64 carries (the sync wire format)."""
@@ -128,6 +134,40 @@ def check_limits(
         _check_span("ttl", ttl, MIN_TTL, MAX_TTL)
     if mode is not None and mode not in MODES:
         raise LimitError("mode", f"must be {_one_of(MODES)}", mode)
+    if capacity is not None and refill_rate is not None:
+        check_burst(capacity, interval_for(refill_rate), refill_rate=refill_rate)
+
+
+def check_burst(
+    capacity: int,
+    interval_ns: int,
+    *,
+    refill_rate: float | None = None,
+    changed: str | None = None,
+) -> None:
+    """Raise LimitError unless a drained bucket of ``capacity`` tokens at ``interval_ns``
+    per token refills within MAX_SPAN_NS (~31.7 years): capacity × T is a span the
+    state stores. ``changed`` names the field the caller changed (a PATCH of one
+    field); else the refill rate is blamed when it is below 1/s, the capacity otherwise.
+    """
+    if capacity * interval_ns <= MAX_SPAN_NS:
+        return
+    rate = NS_PER_S / interval_ns if refill_rate is None else refill_rate
+    field = changed or ("refillRate" if rate < 1 else "capacity")
+    if field == "capacity":
+        most = MAX_SPAN_NS // interval_ns
+        raise LimitError(
+            "capacity",
+            f"must be <= {most} at refillRate {_number(rate)} "
+            "(a drained bucket must refill within 1e9 s)",
+            capacity,
+        )
+    raise LimitError(
+        "refillRate",
+        f"must be >= {_number(capacity * NS_PER_S / MAX_SPAN_NS)} for capacity {capacity} "
+        "(a drained bucket must refill within 1e9 s)",
+        rate,
+    )
 
 
 def check_tokens(tokens: int, capacity: int) -> None:

@@ -58,7 +58,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta
+from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta, delta_tat
 from bucketmesh.core.limiter import DeltaBatch
 
 WIRE_VERSION: Final = 1
@@ -359,8 +359,20 @@ def canonical(delta: BucketDelta) -> bytes:
     zero entries dropped (a replica lists its own zero entry, others do not), and
     the ``rule`` name left out (it is a label, not part of the replicated state)."""
     used = sorted((rid, n) for rid, n in delta.used.items() if n > 0)
+    anchors = sorted(delta.anchors.items())
+    marks = sorted((rid, m) for rid, m in delta.marks.items() if m)
     return _encode(
-        (delta.key, delta.epoch, delta.config, delta.base_version, delta.base_time, used)
+        (
+            delta.key,
+            delta.epoch,
+            delta.config,
+            delta.base_version,
+            delta.base_time,
+            used,
+            delta.base_used,
+            anchors,
+            marks,
+        )
     )
 
 
@@ -370,7 +382,7 @@ def entry_hash(delta: BucketDelta) -> int:
 
 def settled(delta: BucketDelta, now_ns: int, settle_ns: int) -> bool:
     """At rest for ``settle_ns`` (full since then) and not yet expired: in the digest."""
-    tat = delta.base_time + sum(delta.used.values()) * delta.config.interval_ns
+    tat = delta_tat(delta)
     return tat + settle_ns <= now_ns < tat + delta.config.ttl_ns
 
 

@@ -13,8 +13,17 @@ bucket lives in one Cluster slot):
 ``es`` ``en``  epoch, split into whole seconds and nanoseconds
 ``c`` ``i`` ``l`` ``m``  capacity, emission interval (ns), ttl (ns), mode
 ``vh`` ``vo``  config version: HLC (decimal string) and origin
-``bh`` ``bo`` ``bt``  base version, and base time in ns *relative to the epoch*
+``bh`` ``bo`` ``bt`` ``bu``  base version, base time in ns *relative to the epoch*,
+    and the tokens used at it (bucket.py: "full at bt with bu spent")
 ``t``  Σ used;  ``u:<replica id>``  used per replica;  ``r``  rule name
+``a:<replica id>``  its anchor: "time,used then,used when its slice began"
+``k:<replica id>``  its marks: "first grant in a slice,used before,..." (times relative
+    to the epoch)
+
+The scripts compute the merged TAT from every replica's records exactly as
+``Bucket._recompute`` does (a sweep over the record points), once per bucket and
+call, and keep it as bucket.py does while a grant writes no record: no cached
+value is stored in Redis, so there is nothing to keep consistent.
 
 Lua numbers are doubles: an absolute nanosecond time (~1.8e18) does not fit
 in 53 bits, so every time inside a script is relative to the bucket's epoch
@@ -55,7 +64,14 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, BucketDelta, Decision
+from bucketmesh.core.bucket import (
+    NS_PER_S,
+    Bucket,
+    BucketConfig,
+    BucketDelta,
+    Decision,
+    delta_tat,
+)
 
 # The largest integer every intermediate value of the scripts must stay below.
 EXACT_LIMIT: Final = 2**53
@@ -92,9 +108,12 @@ def _script(name: str) -> str:
 # interval, mode, rule).
 ACQUIRE_LUA: Final = _script("acquire")
 
-# merge.lua. KEYS: one bucket per delta. ARGV: now_s, now_n, then per delta: es, en,
-# c, i, l, m, vh, vo, bh, bo, bt (relative to the delta's epoch), r, expired (1/0),
-# n, then n (replica id, used) pairs. Answer: how many buckets changed.
+# merge.lua. KEYS: one bucket per delta. ARGV: now_s, now_n, the store's replica id,
+# then per delta: es, en, c, i, l, m, vh, vo, bh, bo, bt (relative to the delta's
+# epoch), bu, r, expired (1/0), n, n (replica id, used) pairs, n, n (replica id,
+# anchor time, anchor used, used when its slice began), n, n (replica id,
+# "point,before,...") pairs
+# (times relative to the epoch). Answer: how many buckets changed.
 MERGE_LUA: Final = _script("merge")
 
 # rule.lua. KEYS[1] the rules hash. ARGV: name, version hlc, version origin, encoded
@@ -455,16 +474,16 @@ class RedisStore:
     async def merge(self, deltas: Iterable[BucketDelta], now_ns: int) -> int:
         """Join ``deltas`` into the store (absolute values: repeating one is harmless)."""
         keys: list[str] = []
-        args: list[Any] = list(_split(now_ns))
+        args: list[Any] = [*_split(now_ns), self.replica_id or ""]
         for delta in deltas:
             if delta.epoch == 0:
                 continue  # a strict key's config-only delta (limiter.py): no bucket state
             cfg = delta.config
-            tat = delta.base_time + sum(delta.used.values()) * cfg.interval_ns
-            expired = tat + cfg.ttl_ns <= now_ns
+            expired = delta_tat(delta) + cfg.ttl_ns <= now_ns
+            epoch = delta.epoch
             keys.append(self.bucket_key(delta.key))
             args += [
-                *_split(delta.epoch),
+                *_split(epoch),
                 cfg.capacity,
                 cfg.interval_ns,
                 cfg.ttl_ns,
@@ -473,13 +492,22 @@ class RedisStore:
                 cfg.version[1],
                 str(delta.base_version[0]),
                 delta.base_version[1],
-                delta.base_time - delta.epoch,
+                delta.base_time - epoch,
+                delta.base_used,
                 delta.rule,
                 1 if expired else 0,
                 len(delta.used),
             ]
             for rid, value in delta.used.items():
                 args += [rid, value]
+            args.append(len(delta.anchors))
+            for rid, (point, before, begun) in delta.anchors.items():
+                args += [rid, point - epoch, before, begun]
+            marks = {rid: m for rid, m in delta.marks.items() if m}
+            args.append(len(marks))
+            for rid, flat in marks.items():
+                shifted = [value - epoch if j % 2 == 0 else value for j, value in enumerate(flat)]
+                args += [rid, ",".join(map(str, shifted))]
         if not keys:
             return 0
         return int(await self._call(self._merge(keys=keys, args=args)))
@@ -551,6 +579,18 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         (int(row["vh"]), row["vo"]),
     )
     used = {field[2:]: int(value) for field, value in row.items() if field.startswith("u:")}
+    anchor_at: dict[str, int] = {}
+    anchor_used: dict[str, int] = {}
+    anchor_begun: dict[str, int] = {}
+    marks: dict[str, tuple[int, ...]] = {}
+    for field, value in row.items():
+        if field.startswith("a:"):
+            point, before, begun = (int(x) for x in value.split(","))
+            rid = field[2:]
+            anchor_at[rid], anchor_used[rid], anchor_begun[rid] = epoch + point, before, begun
+        elif field.startswith("k:"):
+            flat = [int(x) for x in value.split(",")]
+            marks[field[2:]] = tuple(epoch + x if j % 2 == 0 else x for j, x in enumerate(flat))
     return BucketDelta(
         key,
         epoch,
@@ -559,4 +599,9 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         epoch + int(row["bt"]),
         used,
         row.get("r", ""),
+        int(row.get("bu", "0")),
+        anchor_at,
+        anchor_used,
+        anchor_begun,
+        marks,
     )

@@ -87,7 +87,7 @@ import heapq
 import random
 import sys
 import time
-from bisect import bisect_right
+from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -102,6 +102,7 @@ from bucketmesh.core.bucket import (
     BucketConfig,
     BucketDelta,
     interval_for,
+    slice_ns,
 )
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, rule_config
 from bucketmesh.core.rules import Rule
@@ -152,6 +153,8 @@ class SimResult:
     partitions: int = 0
     configures: int = 0
     max_lag_ns: int = 0
+    #: tokens a replica carried from a replaced generation into the next (not grants)
+    carried: int = 0
     #: the most tokens granted beyond C + r·D at any grant (over-admission, in tokens)
     excess_tokens: float = 0.0
     #: the largest G / (C + r·D) seen: how far admission went beyond one bucket's worth
@@ -165,12 +168,23 @@ class _Limits:
     """The loosest limits a key had during the run (what the bounds are computed with),
     and for strict keys every grant, whatever the granting replica's epoch."""
 
-    __slots__ = ("capacity", "changes", "first_ns", "granted", "interval_ns", "mode")
+    __slots__ = (
+        "capacity",
+        "changes",
+        "first_ns",
+        "granted",
+        "interval_ns",
+        "longest_ns",
+        "mode",
+        "slice_ns",
+    )
 
     def __init__(self, config: BucketConfig) -> None:
         self.mode = config.mode
         self.capacity = config.capacity
         self.interval_ns = config.interval_ns
+        self.longest_ns = config.interval_ns
+        self.slice_ns = slice_ns(config)
         self.changes = 0
         self.granted = 0
         self.first_ns = 0
@@ -179,11 +193,16 @@ class _Limits:
 class _Ledger:
     """What the simulator saw granted for one (key, epoch)."""
 
-    __slots__ = ("conform", "first_ns", "granted", "log", "own")
+    __slots__ = ("arrivals", "conform", "epoch", "first_ns", "granted", "log", "own", "peak")
 
-    def __init__(self, first_ns: int) -> None:
+    def __init__(self, first_ns: int, epoch: int = 0) -> None:
         self.first_ns = first_ns
+        self.epoch = epoch
         self.granted = 0
+        # every grant anywhere as (granting replica's local time, sequence, tokens), sorted:
+        # the merged arrival sequence whose GCRA (Lindley) TAT no view may exceed
+        self.arrivals: list[tuple[int, int, int]] = []
+        self.peak: int | None = None  # max_i (τ_i − T·tokens before τ_i), None: stale
         self.own: dict[str, int] = {}
         # rid -> (true times, cumulative own grants) for information lags
         self.log: dict[str, tuple[list[int], list[int]]] = {}
@@ -239,6 +258,7 @@ class Simulation:
             raise ValueError("one clock offset per replica")
         self.skews = list(skews_ns)
         self.skew_spread = max(self.skews) - min(self.skews)
+        self.jumped_ns = 0  # Σ |clock jumps| so far
         # every grant reaches every peer within this, while nothing is lost (bound C)
         self.lossless = not self.network.drop and not expire_interval_ns
         self.now = start_ns
@@ -310,8 +330,24 @@ class Simulation:
                 limits.capacity = max(limits.capacity, capacity)
             if refill_rate is not None:
                 limits.interval_ns = min(limits.interval_ns, interval_for(refill_rate))
+                limits.longest_ns = max(limits.longest_ns, interval_for(refill_rate))
+            span = limits.capacity * limits.longest_ns // 8
+            limits.slice_ns = max(limits.slice_ns, span)
         self.result.configures += 1
         self._push(at, self._on_configure, (replica, target, capacity, refill_rate))
+
+    def jump(self, at: int, replica: int, offset_ns: int) -> None:
+        """``replica``'s clock jumps by ``offset_ns`` at true time ``at`` (NTP stepping it,
+        a VM resumed); a later jump back by the opposite amount is the correction."""
+        self._push(at, self._on_jump, (replica, offset_ns))
+
+    def _on_jump(self, replica: int, offset_ns: int) -> None:
+        self.skews[replica] += offset_ns
+        # refill follows each replica's clock: every bound below widens by the jumps
+        self.jumped_ns += abs(offset_ns)
+        spread = max(self.skews) - min(self.skews)
+        if spread > self.skew_spread:
+            self.skew_spread = spread
 
     def partition(self, start: int, end: int, groups: Sequence[Sequence[int]]) -> None:
         """Cut the network into ``groups`` (replica indexes) from ``start`` to ``end``."""
@@ -419,6 +455,7 @@ class Simulation:
         result.acquires += 1
         if not decision.allowed:
             result.denied += 1
+            self._check_denial(i, key, tokens, local)
             return
         if not tokens:
             return
@@ -427,8 +464,11 @@ class Simulation:
         rid = limiter.replica_id
         ledger = self.ledgers.get((key, bucket.epoch))
         if ledger is None:
-            ledger = self.ledgers[(key, bucket.epoch)] = _Ledger(self.now)
+            ledger = self.ledgers[(key, bucket.epoch)] = _Ledger(self.now, bucket.epoch)
         ledger.granted += tokens
+        self.seq += 1
+        insort(ledger.arrivals, (local, self.seq, tokens))
+        ledger.peak = None
         own = ledger.own[rid] = ledger.own.get(rid, 0) + tokens
         times, cumulative = ledger.log.setdefault(rid, ([], []))
         times.append(self.now)
@@ -446,7 +486,8 @@ class Simulation:
             if not limits.granted:
                 limits.first_ns = self.now
             limits.granted += tokens
-            if limits.granted * interval > capacity_ns + (self.now - limits.first_ns):
+            elapsed = self.now - limits.first_ns + self.jumped_ns * self.n
+            if limits.granted * interval > capacity_ns + elapsed:
                 self._fail(
                     "strict mode never over-admits",
                     f"{limits.granted} tokens of {key!r} granted within "
@@ -455,15 +496,79 @@ class Simulation:
                 )
             share_interval = interval * self.n
             self._check_conformance(
-                ledger, rid, key, local, tokens, limits.capacity // self.n, share_interval
+                ledger,
+                rid,
+                key,
+                local,
+                tokens,
+                limits.capacity // self.n,
+                share_interval,
+                self.jumped_ns,
             )
             return
         if limits.mode == LOCAL:
-            self._check_conformance(ledger, rid, key, local, tokens, limits.capacity, interval)
+            self._check_conformance(
+                ledger, rid, key, local, tokens, limits.capacity, interval, self.jumped_ns
+            )
             return
         if not limits.changes:
-            self._check_conformance(ledger, rid, key, local, tokens, limits.capacity, interval)
+            # a view resolves even this replica's own older grants to slice starts
+            self._check_conformance(
+                ledger,
+                rid,
+                key,
+                local,
+                tokens,
+                limits.capacity,
+                interval,
+                limits.slice_ns + self.jumped_ns,
+            )
         self._check_bound(i, rid, key, bucket.epoch, ledger, limits)
+
+    def _check_denial(self, i: int, key: str, tokens: int, local: int) -> None:
+        """No under-admission: a denial must be justified by the real history.
+
+        The merged TAT of any view is at most the GCRA (Lindley) TAT of the merged
+        arrival sequence of every grant made anywhere so far, stamped with the
+        granting replica's clock (docs/design.md section 3, "History"): a view can
+        only be missing grants or resolve them to an earlier point, never charge one
+        twice or against refill that paid for it. So a request the exact merged
+        bucket would grant must not be denied. Checked for shared keys whose
+        config never changed, without expiry (a tombstone's count is charged
+        conservatively) — where the bound is exact, with no allowance.
+        """
+        limits = self.limits[key]
+        if limits.mode != SHARED or limits.changes or self.expire_interval_ns:
+            return
+        bucket = self.limiters[i].buckets.get(key)
+        if bucket is None:
+            return
+        ledger = self.ledgers.get((key, bucket.epoch))
+        interval = bucket.config.interval_ns
+        total = sum(ledger.own.values()) if ledger else 0  # grants and carried charges
+        tat = bucket.epoch + total * interval
+        if ledger is not None and ledger.arrivals:
+            peak = ledger.peak
+            if peak is None:
+                before = 0
+                for stamp, _, n in ledger.arrivals:
+                    term = stamp - before * interval
+                    if peak is None or term > peak:
+                        peak = term
+                    before += n
+                ledger.peak = peak
+            assert peak is not None
+            if peak + total * interval > tat:
+                tat = peak + total * interval
+        backlog = tat - local + self.jumped_ns
+        if (backlog if backlog > 0 else 0) + tokens * interval <= bucket.config.capacity * interval:
+            view = bucket.tat() - local
+            self._fail(
+                "no under-admission",
+                f"r{i} denied {tokens} of {key!r} at local {local} (its TAT is {view}ns "
+                f"ahead) but every grant made anywhere leaves a GCRA TAT only {backlog}ns "
+                f"ahead (C={bucket.config.capacity}, T={interval}ns, {total} granted)",
+            )
 
     def _check_conformance(
         self,
@@ -474,11 +579,12 @@ class Simulation:
         tokens: int,
         capacity: int,
         interval: int,
+        slack_ns: int = 0,
     ) -> None:
         tat = ledger.conform.get(rid, local)
         tat = (tat if tat > local else local) + tokens * interval
         ledger.conform[rid] = tat
-        if tat - local > capacity * interval:
+        if tat - local > capacity * interval + slack_ns:
             self._fail(
                 "one replica never admits more than one bucket's worth",
                 f"{rid}'s own grants of {key!r} do not conform to GCRA(C={capacity}, "
@@ -506,7 +612,10 @@ class Simulation:
                 if lag > self.result.max_lag_ns:
                     self.result.max_lag_ns = lag
         ideal_ns = capacity_ns + (now - ledger.first_ns)
-        skew_ns = self.skew_spread * (1 + limits.changes)
+        # the views resolve others' grants to slice starts: up to one slice S of refill
+        skew_ns = (
+            self.skew_spread * (1 + limits.changes) + limits.slice_ns + self.jumped_ns * self.n
+        )
         granted_ns = ledger.granted * interval
         if granted_ns > ideal_ns + skew_ns + unknown * interval:
             self._fail(
@@ -650,12 +759,19 @@ class Simulation:
             None if bucket is None else bucket.epoch
             for bucket in (buckets.get(delta.key) for delta in batch.deltas)
         ]
-        changed = limiter.merge(batch, now=self.now + self.skews[dst])
+        local = self.now + self.skews[dst]
+        changed = limiter.merge(batch, now=local)
         known = self.knowledge[dst]
+        me = limiter.replica_id
         for delta, epoch in zip(batch.deltas, epochs, strict=True):
             bucket = buckets.get(delta.key)
             if bucket is None or bucket.epoch != delta.epoch:
                 continue  # a stale generation, ignored
+            if epoch is not None and epoch < delta.epoch:
+                # a later generation replaced ours: we carried our share of its backlog
+                carried = bucket.mine - delta.used.get(me, 0)
+                if carried > 0:
+                    self._charge(delta.key, bucket.epoch, me, bucket.epoch + 1, carried)
             if epoch != delta.epoch:
                 # (re)created from this delta: whatever it knew of the key is gone
                 if epoch is not None:
@@ -667,6 +783,20 @@ class Simulation:
                     entry[rid] = value
             self._check_join(dst, delta.key, delta.used)
         return changed
+
+    def _charge(self, key: str, epoch: int, rid: str, local: int, tokens: int) -> None:
+        """Tokens charged without a grant (a generation's backlog carried into the next)."""
+        ledger = self.ledgers.get((key, epoch))
+        if ledger is None:
+            ledger = self.ledgers[(key, epoch)] = _Ledger(self.now, epoch)
+        own = ledger.own[rid] = ledger.own.get(rid, 0) + tokens
+        times, cumulative = ledger.log.setdefault(rid, ([], []))
+        times.append(self.now)
+        cumulative.append(own)
+        self.seq += 1
+        insort(ledger.arrivals, (local, self.seq, tokens))
+        ledger.peak = None
+        self.result.carried += tokens
 
     # -- checks ----------------------------------------------------------------------
 
@@ -810,6 +940,11 @@ def random_simulation(
     acquires = events if events is not None else rng.randint(80, 200)
     rules: list[Rule] = []
     keys: dict[str, str] = {}
+    # issue 23: one side of a partition busy, the other quiet; issue 12 case 10: a
+    # partition straddling an epoch boundary, the key first used on the far side after it
+    busy_quiet = not expiry and n >= 2 and rng.random() < 0.3
+    straddle = not expiry and n >= 2 and rng.random() < 0.2
+    jumps = rng.choice((0, 0, 0, 1, 2))
     for number in range(rng.randint(1, 3)):
         name = "abc"[number]
         roll = rng.random()
@@ -828,7 +963,17 @@ def random_simulation(
         drop=0.0 if rng.random() < 0.3 else rng.uniform(0.0, 0.3),
         duplicate=0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.2),
     )
+    if straddle:
+        capacity = rng.randint(1, 20)
+        rate = round(10 ** rng.uniform(1.0, 2.3), 3)
+        # ttl 1 s: epochs begin on whole seconds, the first at START + 877 ms
+        rules.append(
+            Rule.create("s-{{ .Request.Header.X-Key }}", capacity, rate, name="s", ttl=1.0)
+        )
+        keys["s-0"] = "s"
     duration = rng.randint(200 * MS, 1_000 * MS)
+    if straddle:
+        duration = max(duration, 1_100 * MS)
     sync = max(rng.randint(5 * MS, 50 * MS), duration // 25)
     anti_entropy = max(rng.randint(50 * MS, 200 * MS), duration // 5)
     sim = Simulation(
@@ -850,7 +995,8 @@ def random_simulation(
     gap = rng.randint(1_500 * MS, 2_500 * MS) if expiry else 0
     if expiry:
         duration //= 2
-    key_names = sorted(keys)
+    key_names = sorted(key for key in keys if keys[key] != "s")
+    by_name = {rule.name: rule for rule in rules}
     hot = rng.randrange(n)
     draw = rng.random
     for _ in range(acquires):
@@ -882,6 +1028,53 @@ def random_simulation(
         for position, replica in enumerate(members):
             groups[position if position < k else rng.randrange(k)].append(replica)
         sim.partition(begin, begin + length, groups)
+    if busy_quiet:
+        shared = [
+            key for key in key_names if keys[key] != "s" and by_name[keys[key]].mode == SHARED
+        ]
+        if shared:
+            key = rng.choice(shared)
+            rule = by_name[keys[key]]
+            interval = interval_for(rule.refill_rate)
+            begin = start + rng.randrange(duration // 2)
+            length = rng.randint(duration // 4, duration // 2)
+            busy = rng.randrange(n)
+            sim.partition(begin, begin + length, [[busy], [r for r in range(n) if r != busy]])
+            quiet = rng.choice([r for r in range(n) if r != busy])
+            every = max(MS, interval // 3)
+            at = begin
+            while at < begin + length and at < begin + 400 * every:
+                sim.acquire(at, busy, key)
+                at += every
+            every = max(MS, interval * rule.capacity * 3 // 2)
+            at = begin + rng.randrange(every)
+            while at < begin + length:
+                sim.acquire(at, quiet, key)
+                at += every
+    if straddle:
+        boundary = start - start % NS_PER_S + NS_PER_S  # START + 877 ms
+        begin = boundary - rng.randint(100 * MS, 500 * MS)
+        end = boundary + rng.randint(50 * MS, 200 * MS)
+        side = rng.randrange(n)
+        sim.partition(begin, end, [[side], [r for r in range(n) if r != side]])
+        far = rng.choice([r for r in range(n) if r != side])
+        interval = interval_for(rules[-1].refill_rate)
+        every = max(MS, interval // 2)
+        at = begin + 5 * MS
+        while at < end:
+            sim.acquire(at, side, "s-0")
+            at += every
+        at = boundary + rng.randint(MS, 40 * MS)
+        while at < end + 200 * MS:
+            sim.acquire(at, far, "s-0")
+            at += every
+    for _ in range(jumps):
+        # a clock stepped back (or forward) and corrected later
+        begin = start + rng.randrange(duration)
+        offset = rng.choice((-1, 1)) * rng.randint(MS, 100 * MS)
+        replica = rng.randrange(n)
+        sim.jump(begin, replica, offset)
+        sim.jump(begin + rng.randint(10 * MS, duration // 2), replica, -offset)
     return sim, start + 2 * duration + gap if gap else start + duration
 
 

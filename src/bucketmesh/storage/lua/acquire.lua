@@ -1,6 +1,6 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[4] then return {-1} end
 local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local ufield = 'u:' .. ARGV[3]
+local me = ARGV[3]
 local nrules = tonumber(ARGV[5])
 local rules = {}
 for k = 1, nrules do
@@ -18,18 +18,14 @@ local function bucket(k, rule)
   local b = cache[k]
   if b == nil then
     b = load(KEYS[k])
-    if b then
-      b.mine = tonumber(redis.call('HGET', KEYS[k], ufield) or '0')
-    else
-      b = false
-    end
+    if not b then b = false end
     cache[k] = b
   end
   if not b then
     -- a full bucket under the rule's config, stored only when something is taken
     return {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
-            vh = rule.vh, vo = rule.vo, bh = rule.vh, bo = rule.vo, bt = 0, t = 0,
-            r = rule.name, mine = 0, new = true}
+            vh = rule.vh, vo = rule.vo, bh = rule.vh, bo = rule.vo, bt = 0, bu = 0, t = 0,
+            r = rule.name, reps = {}, new = true}
   end
   return b
 end
@@ -39,7 +35,7 @@ local function stale(b, rule)
 end
 -- the outcome of taking `tokens` at now from b, without changing it
 local function judge(b, tokens, now_rel)
-  local backlog = b.bt + b.t * b.i - now_rel
+  local backlog = tat_of(b, me) - now_rel
   local pos = backlog
   if pos < 0 then pos = 0 end
   return pos + tokens * b.i <= b.c * b.i, backlog, pos
@@ -60,12 +56,14 @@ local function take(j, k, b, tokens)
   local now_rel = rel(b, now_s, now_n)
   local _, backlog = judge(b, tokens, now_rel)
   if tokens > 0 then
-    if backlog < 0 then
-      b.bt = now_rel - b.t * b.i
-      backlog = 0
+    local edge = edge_of(b, me)
+    if backlog < 0 or edge == nil or now_rel >= edge then
+      note(b, me, now_rel, backlog < 0)
     end
-    b.mine = b.mine + tokens
+    local own = rep_of(b, me)
+    own.u = own.u + tokens
     b.t = b.t + tokens
+    if backlog < 0 then backlog = 0 end
     backlog = backlog + tokens * b.i
     if b.new then
       b.new = nil
@@ -180,10 +178,10 @@ for k, now_rel in pairs(dirty) do
   if fresh[k] then
     save_all(KEYS[k], b)
   else
-    redis.call('HSET', KEYS[k], 'bt', fmt(b.bt), 't', fmt(b.t))
+    redis.call('HSET', KEYS[k], 't', fmt(b.t))
   end
-  redis.call('HSET', KEYS[k], ufield, fmt(b.mine))
-  expire(KEYS[k], b, now_rel)
+  save_rep(KEYS[k], me, b.reps[me])
+  expire(KEYS[k], b, now_rel, me)
 end
 for k = 2, #KEYS do
   local b = shown[k]

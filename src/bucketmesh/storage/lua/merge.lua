@@ -1,37 +1,75 @@
-local now_s, now_n = tonumber(ARGV[1]), tonumber(ARGV[2])
-local o = 2
+local now_s, now_n, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local o = 3
 local changed = 0
-for d = 1, #KEYS do
-  local key = KEYS[d]
+-- ARGV per delta: es en c i l m vh vo bh bo bt bu r expired, n (rid used) pairs,
+-- n (rid anchor-point anchor-used slice-start-used) quadruples, n (rid "point,before,...") pairs
+local function incoming()
   local x = {es = tonumber(ARGV[o + 1]), en = tonumber(ARGV[o + 2]), c = tonumber(ARGV[o + 3]),
              i = tonumber(ARGV[o + 4]), l = tonumber(ARGV[o + 5]), m = ARGV[o + 6],
              vh = ARGV[o + 7], vo = ARGV[o + 8], bh = ARGV[o + 9], bo = ARGV[o + 10],
-             bt = tonumber(ARGV[o + 11]), r = ARGV[o + 12]}
-  local expired = ARGV[o + 13] == '1'
-  local nused = tonumber(ARGV[o + 14])
-  local used = {}
-  for k = 1, nused do
-    used[k] = {ARGV[o + 14 + 2 * k - 1], tonumber(ARGV[o + 14 + 2 * k])}
+             bt = tonumber(ARGV[o + 11]), bu = tonumber(ARGV[o + 12]), r = ARGV[o + 13],
+             t = 0, reps = {}}
+  local expired = ARGV[o + 14] == '1'
+  o = o + 14
+  local n = tonumber(ARGV[o + 1]); o = o + 1
+  for _ = 1, n do
+    local rep = rep_of(x, ARGV[o + 1])
+    rep.u = tonumber(ARGV[o + 2])
+    x.t = x.t + rep.u
+    o = o + 2
   end
-  o = o + 14 + 2 * nused
+  n = tonumber(ARGV[o + 1]); o = o + 1
+  for _ = 1, n do
+    local rep = rep_of(x, ARGV[o + 1])
+    rep.a, rep.au, rep.as = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
+    o = o + 4
+  end
+  n = tonumber(ARGV[o + 1]); o = o + 1
+  for _ = 1, n do
+    rep_of(x, ARGV[o + 1]).k = nums(ARGV[o + 2])
+    o = o + 2
+  end
+  return x, expired
+end
+local function replace(key, x)
+  redis.call('DEL', key)
+  for rid, rep in pairs(x.reps) do
+    if #rep.k > 0 then rep.k = join_marks({}, rep.k) end
+    save_rep(key, rid, rep)
+  end
+  save_all(key, x)
+end
+for d = 1, #KEYS do
+  local key = KEYS[d]
+  local x, expired = incoming()
   local b = load(key)
-  local replace = false
   if not b then
-    replace = not expired
-  elseif x.es > b.es or (x.es == b.es and x.en > b.en) then
-    replace = true
-  end
-  if replace then
-    redis.call('DEL', key)
-    x.t = 0
-    for k = 1, nused do
-      redis.call('HSET', key, 'u:' .. used[k][1], fmt(used[k][2]))
-      x.t = x.t + used[k][2]
+    if not expired then
+      replace(key, x)
+      expire(key, x, rel(x, now_s, now_n), me)
+      changed = changed + 1
     end
-    save_all(key, x)
-    expire(key, x, rel(x, now_s, now_n))
+  elseif x.es > b.es or (x.es == b.es and x.en > b.en) then
+    -- a later generation: carry our share of this one's TAT beyond its start
+    local carried = 0
+    local own = b.reps[me]
+    if own ~= nil and own.u > 0 then
+      local since = (x.es - b.es) * 1000000000 + (x.en - b.en)
+      local backlog = tat_of(b, me) - since
+      if backlog > 0 then carried = cdiv(cdiv(backlog, b.i) * own.u, b.t) end
+    end
+    replace(key, x)
+    if carried > 0 then
+      local mine = rep_of(x, me)
+      mine.k = join_marks(mine.k, {1, mine.u})
+      mine.u = mine.u + carried
+      x.t = x.t + carried
+      save_rep(key, me, mine)
+      redis.call('HSET', key, 't', fmt(x.t))
+    end
+    expire(key, x, rel(x, now_s, now_n), me)
     changed = changed + 1
-  elseif b and x.es == b.es and x.en == b.en then
+  elseif x.es == b.es and x.en == b.en then
     local moved = false
     if vcmp(x.vh, x.vo, b.vh, b.vo) > 0 then
       b.c, b.i, b.l, b.m, b.vh, b.vo = x.c, x.i, x.l, x.m, x.vh, x.vo
@@ -39,25 +77,52 @@ for d = 1, #KEYS do
         'vh', b.vh, 'vo', b.vo)
       moved = true
     end
+    -- base: a max-register ordered by (version, time − used·T, time)
     local bc = vcmp(x.bh, x.bo, b.bh, b.bo)
-    if bc > 0 or (bc == 0 and x.bt > b.bt) then
-      b.bh, b.bo, b.bt = x.bh, x.bo, x.bt
-      redis.call('HSET', key, 'bh', b.bh, 'bo', b.bo, 'bt', fmt(b.bt))
+    if bc == 0 then
+      local gx, gb = x.bt - x.bu * b.i, b.bt - b.bu * b.i
+      if gx > gb then bc = 1 elseif gx < gb then bc = -1
+      elseif x.bt > b.bt then bc = 1 end
+    end
+    if bc > 0 then
+      b.bh, b.bo, b.bt, b.bu = x.bh, x.bo, x.bt, x.bu
+      redis.call('HSET', key, 'bh', b.bh, 'bo', b.bo, 'bt', fmt(b.bt), 'bu', fmt(b.bu))
       moved = true
     end
-    for k = 1, nused do
-      local f = 'u:' .. used[k][1]
-      local cur = tonumber(redis.call('HGET', key, f) or '0')
-      if used[k][2] > cur then
-        redis.call('HSET', key, f, fmt(used[k][2]))
-        b.t = b.t + used[k][2] - cur
-        moved = true
+    for rid, got in pairs(x.reps) do
+      local rep = b.reps[rid]
+      local fresh = rep == nil
+      if fresh and rid ~= me and got.u <= 0 and got.a == nil and #got.k == 0 then
+        -- nothing to hold
+      else
+        rep = rep_of(b, rid)
+        local dirty = fresh and rid ~= me
+        if got.u > rep.u then
+          b.t = b.t + got.u - rep.u
+          rep.u = got.u
+          dirty = true
+        end
+        if got.a ~= nil and (rep.a == nil or got.a > rep.a) then
+          rep.a, rep.au, rep.as = got.a, got.au, got.as
+          dirty = true
+        end
+        if #got.k > 0 then
+          local k = join_marks(rep.k, got.k)
+          if not same_list(k, rep.k) then
+            rep.k = k
+            dirty = true
+          end
+        end
+        if dirty then
+          save_rep(key, rid, rep)
+          moved = true
+        end
       end
     end
     if b.r == '' and x.r ~= '' then redis.call('HSET', key, 'r', x.r) end
     if moved then
       redis.call('HSET', key, 't', fmt(b.t))
-      expire(key, b, rel(b, now_s, now_n))
+      expire(key, b, rel(b, now_s, now_n), me)
       changed = changed + 1
     end
   end
