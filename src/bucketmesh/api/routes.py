@@ -103,6 +103,7 @@ class RatingApp:
         sync: SyncView | None = None,
         version: str = "0",
         ready: Callable[[], dict[str, str]] | None = None,
+        tasks: Callable[[], dict[str, wire.TaskStatus]] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.decider = decider
@@ -115,6 +116,7 @@ class RatingApp:
         self.sync: SyncView = sync or NoSync()
         self.version = version
         self.ready_checks = ready
+        self.tasks = tasks
         self.monotonic = monotonic
         self.started = monotonic()
         self.idempotency = IdempotencyCache()
@@ -487,6 +489,7 @@ class RatingApp:
                     version=self.version,
                     uptime_s=round(self.monotonic() - self.started, 3),
                     bucket=self._state_of(key, bucket) if key and bucket is not None else None,
+                    tasks=self.tasks() if self.tasks is not None else {},
                 )
             )
 

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING
 from bucketmesh.api.routes import RatingApp, SyncView
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
+from bucketmesh.http import wire
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import HttpServer
 from bucketmesh.node.settings import NodeSettings
@@ -63,6 +64,7 @@ from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.tasks import Supervisor
 
 if TYPE_CHECKING:
     from bucketmesh.integrations.envoy import EnvoyServer
@@ -99,6 +101,9 @@ class Node:
         self.backend: RedisBackend | None = None
         self.memory: MemoryStore | None = None
         self.metrics = NodeMetrics()
+        # Every background task runs under it: none can die silently (telemetry/tasks.py).
+        self.supervisor = Supervisor(log)
+        self.metrics.labelled.append(self.supervisor.metric_families)
         decider: Decider
         replica: Replica
         if settings.storage == "redis":
@@ -152,6 +157,7 @@ class Node:
             sync=sync if sync is not None else self.mesh,
             version=settings.version,
             ready=self.readiness,
+            tasks=self.task_status,
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
@@ -173,10 +179,24 @@ class Node:
         return self.backend.mirror.limiter
 
     def readiness(self) -> dict[str, str]:
+        store = "ok"
+        if self.backend is not None:
+            store = self.backend.readiness()
+        elif self.memory is not None and self.memory.wal is not None:
+            store = self.memory.wal.readiness()
         return {
             "config": "ok",
-            "store": "ok" if self.backend is None else self.backend.readiness(),
+            "store": store,
             "listener": "ok" if self.serving else "not listening",
+            "tasks": self.supervisor.readiness(),
+        }
+
+    def task_status(self) -> dict[str, wire.TaskStatus]:
+        """Every background task's state, for /v1/status."""
+        supervisor = self.supervisor
+        return {
+            name: wire.TaskStatus(supervisor.state_of(name), state.failures, state.last_error)
+            for name, state in sorted(supervisor.tasks.items())
         }
 
     @staticmethod
@@ -203,11 +223,14 @@ class Node:
                 # the Envoy server's own message names the address and envoyListen
                 raise StartError(str(error)) from None
         self.serving = True
+        supervisor = self.supervisor
         if self.mesh is not None:
-            self.mesh.start()
-        self.tasks.append(asyncio.create_task(self._sweep()))
+            self.mesh.start(supervisor)
+        self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
         if self.memory is not None and self.memory.snapshot is not None:
-            self.tasks.append(asyncio.create_task(self._snapshots()))
+            # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
+            interval = self.settings.snapshot_interval_s
+            self.tasks.append(supervisor.every("snapshot", interval, self.save_snapshot))
 
     async def _start_envoy(self, host: str, port: int) -> None:
         # imported here: grpc is only loaded by nodes that serve Envoy
@@ -216,29 +239,18 @@ class Node:
         self.envoy = EnvoyServer(RateLimitServicer(self.decider, self.metrics), host, port)
         await self.envoy.start()
 
-    async def _sweep(self) -> None:
-        limiter = self.memory.limiter if self.memory is not None else None
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            if self.backend is not None:
-                self.backend.sweep(SWEEP_BUDGET)
-            if limiter is None:
-                continue
-            limiter.expire_step(budget=SWEEP_BUDGET)
-            if self.mesh is None:
-                # No mesh drains the dirty set: left alone it would grow to one
-                # entry per live bucket (about 36 bytes each at a million).
-                limiter.dirty.clear()
-                limiter.dirty_rules.clear()
-
-    async def _snapshots(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.snapshot_interval_s)
-            try:
-                await self.save_snapshot()
-            except OSError as error:
-                # the log keeps every grant meanwhile; the next interval tries again
-                log.error("snapshot failed: %s", error)
+    def _sweep(self) -> None:
+        if self.backend is not None:
+            self.backend.sweep(SWEEP_BUDGET)
+        if self.memory is None:
+            return
+        limiter = self.memory.limiter
+        limiter.expire_step(budget=SWEEP_BUDGET)
+        if self.mesh is None:
+            # No mesh drains the dirty set: left alone it would grow to one
+            # entry per live bucket (about 36 bytes each at a million).
+            limiter.dirty.clear()
+            limiter.dirty_rules.clear()
 
     async def save_snapshot(self) -> None:
         if self.memory is not None:
@@ -259,7 +271,12 @@ class Node:
         if self.backend is not None:
             await self.backend.stop()
         if self.memory is not None:
-            await self.memory.save_snapshot()
+            try:
+                await self.memory.save_snapshot()
+            except OSError as error:
+                # Nothing granted is lost: the write-ahead log still holds what the
+                # last snapshot does not, and the next start replays it.
+                log.error("final snapshot failed: %s; the write-ahead log keeps every grant", error)
             self.memory.close()
 
     def request_stop(self, reason: str) -> None:

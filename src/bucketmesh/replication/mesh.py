@@ -62,6 +62,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from typing import Final, Protocol, TypeVar
 
 import msgspec
@@ -85,6 +86,7 @@ from bucketmesh.replication.link import HttpLink, LinkError
 from bucketmesh.replication.outbox import Outbox
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import Histogram
+from bucketmesh.telemetry.tasks import Supervisor
 
 log = logger("mesh")
 
@@ -104,6 +106,10 @@ class Replica(Protocol):
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch: ...
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int: ...
+
+
+class UnencodableDeltas(Exception):
+    """Deltas the wire format cannot carry were left out of a collect."""
 
 
 UP: Final = "up"
@@ -326,6 +332,7 @@ class Mesh:
         self.foreign_entries = 0
         self._warned_foreign = False
         self.received = 0
+        self.unencodable = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.running = False
 
@@ -367,14 +374,22 @@ class Mesh:
             },
         )
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Start the collector and every peer's senders and bulk loop under
+        ``supervisor`` (the node's: a task that fails is logged, counted, shown in
+        /readyz and /v1/status, and restarted; never silently gone)."""
         self.running = True
-        self.tasks.append(asyncio.create_task(self._collect_loop()))
-        for peer in self.peers.values():
-            self.tasks.append(asyncio.create_task(self._send_loop(peer)))
+        tasks = supervisor or Supervisor(log)
+        self.tasks.append(tasks.every("sync-collect", self.settings.interval_s, self.collect))
+        for region, peer in self.peers.items():
+            self.tasks.append(tasks.run(f"sync-send:{region}", partial(self._send_loop, peer)))
             for index in range(1, len(peer.links)):
-                self.tasks.append(asyncio.create_task(self._pipeline_loop(peer, index)))
-            self.tasks.append(asyncio.create_task(self._bulk_loop(peer)))
+                self.tasks.append(
+                    tasks.run(
+                        f"sync-send:{region}:{index}", partial(self._pipeline_loop, peer, index)
+                    )
+                )
+            self.tasks.append(tasks.run(f"sync-bulk:{region}", partial(self._bulk_loop, peer)))
 
     async def stop(self, flush_s: float = 1.0) -> None:
         """Send what is still queued to the peers that are up (for at most ``flush_s``),
@@ -409,25 +424,36 @@ class Mesh:
     # -- sending -----------------------------------------------------------------
 
     def collect(self) -> int:
-        """Move the limiter's dirty deltas into every peer's outbox; returns how many."""
+        """Move the limiter's dirty deltas into every peer's outbox; returns how many.
+
+        A delta that cannot be encoded does not hold up the others: they are queued,
+        then ``UnencodableDeltas`` names the keys left out (the supervisor logs and
+        counts it, and /readyz shows it)."""
         batch = self.limiter.collect_deltas()
         if not batch.deltas and not batch.rules:
             return 0
         now = self.clock()
-        encoded = [(delta.key, sync.encode_delta(delta)) for delta in batch.deltas]
+        encoded = []
+        refused: list[tuple[str, Exception]] = []
+        for delta in batch.deltas:
+            try:
+                encoded.append((delta.key, sync.encode_delta(delta)))
+            except (msgspec.EncodeError, OverflowError, ValueError) as error:
+                refused.append((delta.key, error))
+        self.unencodable += len(refused)
         for peer in self.peers.values():
             if not peer.offer(encoded, batch.rules, now, self.settings.max_pending):
                 self.log(
                     f"sync: backlog for {peer.region} exceeded {self.settings.max_pending} "
                     "buckets; dropped it, a full-state transfer follows when it is back"
                 )
+        if refused:
+            key, reason = refused[0]
+            raise UnencodableDeltas(
+                f"{len(refused)} delta(s) could not be encoded and were not replicated "
+                f"(first: key {key[:80]!r}: {reason!r})"
+            )
         return len(encoded)
-
-    async def _collect_loop(self) -> None:
-        interval = self.settings.interval_s
-        while self.running:
-            await asyncio.sleep(interval)
-            self.collect()
 
     def _budget(self, rules: Mapping[str, BucketConfig]) -> int:
         overhead = _ENVELOPE_OVERHEAD + len(self.settings.cluster_id) + len(self.replica_id) * 2
@@ -909,6 +935,11 @@ class Mesh:
             "bucketmesh_sync_foreign_entries",
             "Replica entries refused from peers: their region is not in sync.peers",
             value=self.foreign_entries,
+        )
+        yield CounterMetricFamily(
+            "bucketmesh_sync_unencodable_deltas",
+            "Deltas left unreplicated because the wire format cannot encode them",
+            value=self.unencodable,
         )
         yield CounterMetricFamily(
             "bucketmesh_sync_merged_buckets",
