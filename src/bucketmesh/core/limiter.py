@@ -52,6 +52,7 @@ full would hand its spent tokens back.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
@@ -68,6 +69,7 @@ from bucketmesh.core.bucket import (
     BucketDelta,
     Decision,
     Hlc,
+    Version,
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
@@ -92,6 +94,8 @@ class Snapshot(msgspec.Struct, array_like=True):
     hlc: int
     rules: dict[str, BucketConfig]
     buckets: list[BucketDelta]
+    #: rule name -> the version this node gave its file's limits (``stamp_file_rules``)
+    files: dict[str, Version] = {}
 
 
 class Journal:
@@ -151,18 +155,38 @@ def check_key(key: str) -> None:
         )
 
 
-def rule_config(rule: Rule, regions: int = 1) -> BucketConfig:
-    """The version-0 config a rule gives its buckets; the digest breaks ties between
-    regions whose files disagree, so they still converge on one of them."""
-    digest = hashlib.sha256(
+def rule_digest(rule: Rule) -> str:
+    """What identifies a rule's limits in a file version: capacity, refill, ttl, mode."""
+    return hashlib.sha256(
         f"{rule.capacity}|{rule.refill_rate!r}|{rule.ttl!r}|{rule.mode}".encode()
     ).hexdigest()[:12]
+
+
+def file_version(rule: Rule, stamp: int = 0) -> Version:
+    """``(0, "rule:<name>:<stamp>:<digest>")``: clock 0, so any runtime change (PATCH)
+    beats any file; among file versions of one rule the stamp (the HLC at which a node
+    first loaded these limits, zero-padded so that strings sort as numbers) orders
+    them by age, and the digest breaks the remaining ties."""
+    return (0, f"rule:{rule.name}:{stamp:020d}:{rule_digest(rule)}")
+
+
+_STAMPED: Final = re.compile(r":[0-9]{20}:[0-9a-f]{12}\Z")
+
+
+def legacy_file_version(version: Version) -> bool:
+    """A file version written before file versions carried a stamp
+    (``rule:<name>:<digest>``): older than any stamped one, whatever its digest."""
+    return version[0] == 0 and version[1].startswith("rule:") and not _STAMPED.search(version[1])
+
+
+def rule_config(rule: Rule, regions: int = 1, stamp: int = 0) -> BucketConfig:
+    """The file config a rule gives its buckets (``file_version`` says how it orders)."""
     return BucketConfig(
         capacity=rule.capacity,
         interval_ns=interval_for(rule.refill_rate),
         ttl_ns=max(1, round(rule.ttl * NS_PER_S)),
         mode=rule.mode,
-        version=(0, f"rule:{rule.name}:{digest}"),
+        version=file_version(rule, stamp),
     )
 
 
@@ -207,6 +231,9 @@ class Limiter:
                 )
             self.rules_by_name[rule.name] = rule
             self.rule_configs[rule.name] = rule_config(rule)
+        # rule name -> the file version this node gave the limits its file holds for it
+        # (stamp_file_rules); persisted in snapshots so an unchanged file keeps its age
+        self.file_versions: dict[str, Version] = {}
         self.buckets: dict[str, Bucket] = {}
         self.dirty: set[str] = set()
         self.dirty_rules: set[str] = set()
@@ -486,6 +513,42 @@ class Limiter:
             self.dirty.add(key)
         if self.journal is not None:
             self.journal.keys.add(key)
+
+    def stamp_file_rules(self, now: int | None = None) -> list[str]:
+        """Give every rule of the file the version of this node's first load of its
+        limits, and move live buckets on an older file version of their rule to it.
+
+        A rule whose limits (``rule_digest``) are those this node loaded before
+        (``file_versions``, restored from the snapshot) keeps that version; changed
+        limits, or no record, get a fresh HLC stamp, so an edited file wins over the
+        old one in every region once it is loaded, whatever order restarts come in,
+        while an unchanged file never overrides a newer one a peer loaded. Runtime
+        configs (PATCH, clock > 0) still win over every file. Buckets keep their
+        level (``Bucket.reconfigure``). Returns the names of the rules restamped."""
+        if now is None:
+            now = self.clock()
+        restamped = []
+        for rule in self.rules:
+            known = self.file_versions.get(rule.name)
+            if known is None or not known[1].endswith(":" + rule_digest(rule)):
+                known = file_version(rule, self.hlc.tick(now))
+                self.file_versions[rule.name] = known
+                restamped.append(rule.name)
+            config = msgspec.structs.replace(rule_config(rule), version=known)
+            if config.version > self.rule_configs[rule.name].version:
+                self.rule_configs[rule.name] = config
+                self.dirty_rules.add(rule.name)
+                if self.journal is not None:
+                    self.journal.rules.add(rule.name)
+        rule_configs = self.rule_configs
+        for key, bucket in self.buckets.items():
+            current = rule_configs.get(bucket.rule)
+            if current is not None and (
+                current.version > bucket.config.version
+                or legacy_file_version(bucket.config.version)
+            ):
+                self._adopt(key, bucket, current, now)
+        return restamped
 
     # -- replication ---------------------------------------------------------
 
@@ -788,7 +851,14 @@ class Limiter:
         memory at once.
         """
         return msgspec.msgpack.encode(
-            Snapshot(SNAPSHOT_FORMAT, self.replica_id, self.hlc.last, dict(self.rule_configs), [])
+            Snapshot(
+                SNAPSHOT_FORMAT,
+                self.replica_id,
+                self.hlc.last,
+                dict(self.rule_configs),
+                [],
+                dict(self.file_versions),
+            )
         )
 
     def snapshot_part(self, keys: Iterable[str]) -> DeltaBatch:
@@ -811,6 +881,7 @@ class Limiter:
             self.hlc.last,
             dict(self.rule_configs),
             [bucket.full_state(key, rid) for key, bucket in self.buckets.items()],
+            dict(self.file_versions),
         )
         return msgspec.msgpack.encode(state)
 
@@ -843,8 +914,17 @@ class Limiter:
         )
         limiter.hlc.observe(snap.hlc)
         rid = limiter.replica_id
+        limiter.file_versions = {
+            name: (version[0], version[1]) for name, version in snap.files.items()
+        }
         for name, config in snap.rules.items():
-            if name in limiter.rule_configs and config.version[0] > 0:
+            # a runtime config, or another (stamped) file version this replica had adopted
+            current = limiter.rule_configs.get(name)
+            if (
+                current is not None
+                and config.version > current.version
+                and not legacy_file_version(config.version)
+            ):
                 limiter.rule_configs[name] = config
         for delta in snap.buckets:
             # a snapshot written in slices may hold configs newer than its head's hlc

@@ -10,15 +10,12 @@ see :meth:`Node.run`, closes); shutdown stops accepting, lets in-flight
 requests finish, sends what the mesh still has queued, and writes a final
 snapshot.
 
-SIGHUP is a graceful stop, not a reload. What a reload could change safely
-is almost nothing: the rules loaded from a file carry version 0 with a digest
-of their limits (docs/design.md, "Config changes"), so an edited file loses to
-every runtime PATCH, wins or loses against the other regions' files by digest
-order rather than by age, and leaves every live bucket on the config it was
-created with. Re-reading it in a running node would look like a config change
-while changing only new keys, differently in each region. A restart makes the
-same change explicit (and takes a new incarnation, which the design reasons
-about); runtime changes go through ``PATCH /v1/buckets/{key}``, which
+SIGHUP is a graceful stop, not a reload. The rules loaded from a file carry
+clock 0 and the stamp of this node's first load of their limits
+(docs/design.md, "Config changes"): a restart with an edited file stamps it
+anew, so it wins over the old file in every region and moves the restored
+buckets to it. A restart is the explicit way to apply a file (and takes a new
+incarnation, which the design reasons about); runtime changes go through ``PATCH /v1/buckets/{key}``, which
 replicates. Stopping gracefully is also what a hang-up means when the terminal
 that started the node goes away: nothing granted is lost, a final snapshot is
 written.

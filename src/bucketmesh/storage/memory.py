@@ -177,6 +177,11 @@ def _read_state(
         limiter = Limiter(rules, replica_id=replica_id, max_buckets=max_buckets, regions=regions)
     if recovered is not None:
         replay_into(limiter, recovered)
+    # The file's rules: an unchanged one keeps the version this node gave it before,
+    # a changed one gets a fresh one, and restored buckets follow (docs/design.md).
+    changed = limiter.stamp_file_rules()
+    if changed and snapshot is not None:
+        log.info("rules changed in the file since the last start: %s", ", ".join(changed))
     return limiter, recovered
 
 
