@@ -15,10 +15,10 @@ clock 0 and the stamp of this node's first load of their limits
 (docs/design.md, "Config changes"): a restart with an edited file stamps it
 anew, so it wins over the old file in every region and moves the restored
 buckets to it. A restart is the explicit way to apply a file (and takes a new
-incarnation, which the design reasons about); runtime changes go through ``PATCH /v1/buckets/{key}``, which
-replicates. Stopping gracefully is also what a hang-up means when the terminal
-that started the node goes away: nothing granted is lost, a final snapshot is
-written.
+incarnation, which the design reasons about); runtime changes go through
+``PATCH /v1/buckets/{key}``, which replicates. Stopping gracefully is also
+what a hang-up means when the terminal that started the node goes away:
+nothing granted is lost, a final snapshot is written.
 
 With a snapshot file, the node also keeps a write-ahead log of its own grants
 (``storage/wal.py``; ``durability: relaxed`` survives kill -9, ``strict`` power loss):
@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ from bucketmesh.api.routes import RatingApp, SyncView
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.http import wire
+from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import HttpServer
 from bucketmesh.node.settings import NodeSettings
@@ -140,6 +142,18 @@ class Node:
             decider = self.memory
             replica = self.memory.limiter
         self.decider = decider
+        # Idempotency-Key answers: in Redis for every node of the region, or beside the
+        # snapshot so that a retry after a crash is not charged again (http/idempotency.py).
+        if self.backend is not None:
+            idempotency = IdempotencyCache(shared=self.backend.idempotency)
+        elif self.memory is not None and self.memory.snapshot is not None:
+            path = self.memory.snapshot.path
+            idempotency = IdempotencyCache(
+                log=IdempotencyLog(path.with_name(path.name + ".idempotency"))
+            )
+            idempotency.restore(time.monotonic())
+        else:
+            idempotency = IdempotencyCache()
         self.mesh = Mesh(replica, settings.sync) if settings.sync is not None else None
         if self.mesh is None and self.memory is not None:
             self.memory.limiter.keep_tombstones = False  # nothing will ever merge into it
@@ -155,6 +169,7 @@ class Node:
             version=settings.version,
             ready=self.readiness,
             tasks=self.task_status,
+            idempotency=idempotency,
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
@@ -202,7 +217,7 @@ class Node:
 
     async def start(self) -> None:
         if self.backend is not None:
-            await self.backend.start()
+            await self.backend.start(self.supervisor)
         if self.mesh is not None:
             await self.mesh.pull_at_start()
         host, port = self.settings.host, self.settings.port
@@ -227,7 +242,7 @@ class Node:
         if self.memory is not None and self.memory.snapshot is not None:
             # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
             interval = self.settings.snapshot_interval_s
-            self.tasks.append(supervisor.every("snapshot", interval, self.save_snapshot))
+            self.tasks.append(supervisor.every("snapshot", interval, self._snapshot_step))
 
     async def _start_envoy(self, host: str, port: int) -> None:
         # imported here: grpc is only loaded by nodes that serve Envoy
@@ -248,6 +263,11 @@ class Node:
             # entry per live bucket (about 36 bytes each at a million).
             limiter.dirty.clear()
             limiter.dirty_rules.clear()
+
+    async def _snapshot_step(self) -> None:
+        await self.save_snapshot()
+        # the Idempotency-Key answers' file keeps only those still live
+        self.app.idempotency.compact(self.app.monotonic())
 
     async def save_snapshot(self) -> None:
         if self.memory is not None:
