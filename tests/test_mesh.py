@@ -75,7 +75,11 @@ BUCKETS: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def mesh(serve_module: ServerFactory) -> Mesh:
-    """The three regions, every link through a proxy; shared by the module's tests."""
+    """The three regions, every link through a proxy; shared by the module's tests.
+    Each has a snapshot path of its own (a first start: without one, its strict buckets
+    would start empty, docs/storage.md)."""
+    snapshots = {r: {"storage": {"snapshot": str(serve_module.directory / f"{r}.snap")}}
+                 for r in REGIONS}  # fmt: skip
     return Mesh(
         serve_module,
         REGIONS,
@@ -83,6 +87,7 @@ def mesh(serve_module: ServerFactory) -> Mesh:
         proxied=True,
         cluster_id=CLUSTER_ID,
         admin_token=ADMIN_TOKEN,
+        overrides=snapshots,
     ).start()
 
 

@@ -96,6 +96,8 @@ class Snapshot(msgspec.Struct, array_like=True):
     buckets: list[BucketDelta]
     #: rule name -> the version this node gave its file's limits (``stamp_file_rules``)
     files: dict[str, Version] = {}
+    #: per-key configs of strict keys, whole (``Limiter.key_configs``)
+    keys: dict[str, BucketConfig] = {}
 
 
 class Journal:
@@ -259,6 +261,15 @@ class Limiter:
         # values decoded buckets share (see _compact); keys and values are equal
         self._shared: dict[Any, Any] = {}
         self._last_config: BucketConfig | None = None
+        # Recovery (``begin_recovery``): a replica that started without its previous
+        # life's state treats every bucket it creates as empty at ``unknown_since``
+        # until ``recovery_until`` (strict and local buckets by their base, shared ones
+        # through ``gates`` while ``gates`` is not None).
+        self.unknown_since: int | None = None
+        self.recovery_until = 0
+        self.gates: dict[str, Bucket] | None = None
+        #: called when ``acquire`` starts or stops being gated (a store rebinds it)
+        self.on_acquire_changed: Callable[[], None] | None = None
 
     # -- decisions -----------------------------------------------------------
 
@@ -431,7 +442,81 @@ class Limiter:
                 epochs.clear()
             shared = epochs[bucket.epoch] = bucket.epoch
         bucket.epoch = bucket.base_time = shared
+        # a strict or local bucket is never replicated: its base is its own to set
+        if (
+            self.unknown_since is not None
+            and now < self.recovery_until
+            and bucket.config.mode != SHARED
+        ):
+            bucket.base_time = max(bucket.epoch, self._empty_at_start(bucket.config))
         return bucket
+
+    # -- recovery: a start without the previous life's state ---------------------
+
+    def _empty_at_start(self, config: BucketConfig) -> int:
+        """The base of a bucket that was empty at ``unknown_since``: it refills from
+        zero at the share's rate from then on."""
+        assert self.unknown_since is not None
+        return self.unknown_since + config.capacity * config.interval_ns
+
+    def begin_recovery(self, since: int, *, shared: bool) -> None:
+        """This replica starts without what its previous life spent (no snapshot): it
+        cannot know it, but that life ended before ``since``, and whatever it spent has
+        refilled one full bucket later. Until then every bucket this replica creates
+        counts as empty at ``since``: strict and local ones (their counters never leave
+        this region, so nothing can bring them back) by their base, and, with ``shared``
+        (no peer could be pulled yet), shared ones through a gate beside the bucket, so
+        that nothing is replicated from it (``end_shared_recovery`` lifts it once a
+        peer's state is merged)."""
+        self.unknown_since = since
+        horizon = max((c.capacity * c.interval_ns for c in self.rule_configs.values()), default=0)
+        self.recovery_until = since + horizon
+        if shared and horizon:
+            self.gates = {}
+            self.acquire = self._acquire_gated  # type: ignore[method-assign]
+            if self.on_acquire_changed is not None:
+                self.on_acquire_changed()
+
+    def end_shared_recovery(self) -> None:
+        """A peer's state is merged (or a bucket's time has passed): shared buckets
+        decide on their own again."""
+        if self.gates is None:
+            return
+        self.gates = None
+        del self.acquire
+        if self.on_acquire_changed is not None:
+            self.on_acquire_changed()
+
+    def _acquire_gated(
+        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
+    ) -> Decision:
+        """``acquire`` while shared buckets are gated: a grant needs the bucket and the
+        key's gate (the same limits, empty at ``unknown_since``, never replicated)."""
+        if now is None:
+            now = self.clock()
+        gates = self.gates
+        if gates is None or now >= self.recovery_until:
+            self.end_shared_recovery()
+            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        if tokens <= 0:
+            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        peek = Limiter.acquire(self, key, 0, rule=rule, now=now)
+        if peek.mode != SHARED or tokens > peek.capacity or peek.tokens_remaining < tokens:
+            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        config = self.inspect(key, rule=rule, now=now).config
+        gate = gates.get(key)
+        if gate is None:
+            gate = gates[key] = Bucket(config, now, peek.rule)
+            gate.base_time = max(gate.epoch, self._empty_at_start(config))
+        elif gate.config is not config:
+            gate.reconfigure(config, now)
+        gated = gate.acquire(key, tokens, now)
+        if not gated.allowed:
+            return gated
+        decision = Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        if gated.tokens_remaining < decision.tokens_remaining:
+            decision = msgspec.structs.replace(decision, tokens_remaining=gated.tokens_remaining)
+        return decision
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
         check_key(key)
@@ -549,6 +634,31 @@ class Limiter:
             ):
                 self._adopt(key, bucket, current, now)
         return restamped
+
+    def rescale_shares(self, now: int | None = None) -> int:
+        """Give restored strict buckets this replica's share of their whole config for
+        the number of regions it runs with now (a region joined or left since the
+        snapshot), keeping what they spent: the level becomes min(level, new share).
+        Returns how many changed."""
+        if now is None:
+            now = self.clock()
+        changed = 0
+        for key, bucket in self.buckets.items():
+            config = bucket.config
+            if config.mode != STRICT:
+                continue
+            whole = self.key_configs.get(key)
+            if whole is None or whole.version != config.version:
+                whole = self.rule_configs.get(bucket.rule)
+            if whole is None or whole.version != config.version:
+                continue  # its whole config is a peer's to send back
+            share = share_of(whole, self.regions)
+            if (share.capacity, share.interval_ns) != (config.capacity, config.interval_ns):
+                bucket.reconfigure(share, now)
+                if self.journal is not None:
+                    self.journal.keys.add(key)
+                changed += 1
+        return changed
 
     # -- replication ---------------------------------------------------------
 
@@ -778,8 +888,9 @@ class Limiter:
         bucket = self.buckets.pop(key)
         self.dirty.discard(key)
         self.expired_total += 1
-        if self.key_configs:
-            self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
+        # A strict key's per-key config outlives its bucket (kept in key_configs, applied
+        # when the key comes back): its region would otherwise revert to the rule's share
+        # while the others keep the patched one.
         if bucket.mine and bucket.config.mode == SHARED and self.keep_tombstones:
             tombstones = self.tombstones
             tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
@@ -858,6 +969,7 @@ class Limiter:
                 dict(self.rule_configs),
                 [],
                 dict(self.file_versions),
+                dict(self.key_configs),
             )
         )
 
@@ -882,6 +994,7 @@ class Limiter:
             dict(self.rule_configs),
             [bucket.full_state(key, rid) for key, bucket in self.buckets.items()],
             dict(self.file_versions),
+            dict(self.key_configs),
         )
         return msgspec.msgpack.encode(state)
 
@@ -917,6 +1030,7 @@ class Limiter:
         limiter.file_versions = {
             name: (version[0], version[1]) for name, version in snap.files.items()
         }
+        limiter.key_configs = dict(snap.keys)
         for name, config in snap.rules.items():
             # a runtime config, or another (stamped) file version this replica had adopted
             current = limiter.rule_configs.get(name)

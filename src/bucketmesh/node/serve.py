@@ -177,6 +177,7 @@ class Node:
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
+        self.started_ns = time.time_ns()  # this life began no later than this
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
@@ -218,8 +219,7 @@ class Node:
     async def start(self) -> None:
         if self.backend is not None:
             await self.backend.start(self.supervisor)
-        if self.mesh is not None:
-            await self.mesh.pull_at_start()
+        await self._recover_state()
         host, port = self.settings.host, self.settings.port
         try:
             await self.server.start(host, port)
@@ -243,6 +243,55 @@ class Node:
             # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
             interval = self.settings.snapshot_interval_s
             self.tasks.append(supervisor.every("snapshot", interval, self._snapshot_step))
+
+    async def _recover_state(self) -> None:
+        """Pull the peers' state; on a node that restored nothing (no snapshot), decide
+        how its shared buckets start (docs/storage.md, "Starting without a snapshot")."""
+        limiter = self.memory.limiter if self.memory is not None else None
+        if limiter is not None and self.settings.snapshot is None:
+            # Nothing says what a previous life of this node spent: every bucket counts
+            # as empty at this start until a full bucket has refilled (strict and local
+            # ones always; shared ones until the start-up pull reaches a peer; without a
+            # mesh, memory only is a choice). docs/storage.md, "Starting without a snapshot".
+            limiter.begin_recovery(self.started_ns, shared=self.mesh is not None)
+        if self.mesh is None:
+            return
+        wait = None
+        if limiter is not None and limiter.unknown_since is not None:
+            # nothing restored: a silent peer is worth waiting for (a partition, or a peer
+            # slow to answer), one that refuses is not (docs/sync.md, start-up)
+            wait = max(self.mesh.settings.startup_pull_s, self.mesh.settings.unrecovered_wait_s)
+            log.warning(
+                "sync is enabled without storage.snapshot: what this node spent before a "
+                "restart is known only to the peers it reached; strict and local buckets "
+                "start empty and refill, and so do shared ones if no peer can be pulled"
+            )
+        outcome = await self.mesh.pull_at_start(wait)
+        if limiter is None or limiter.gates is None:
+            return
+        if outcome.pulled or not outcome.silent or self.settings.sync is None:
+            # a peer's state is merged, or every peer is down (nobody else holds what
+            # this node's previous life sent: docs/sync.md)
+            limiter.end_shared_recovery()
+            return
+        if self.settings.sync.unrecovered_start == "full":
+            log.warning(
+                "no peer answered the start-up pull (%s silent): serving full buckets "
+                "(sync.unrecoveredStart: full)",
+                ", ".join(outcome.silent),
+            )
+            limiter.end_shared_recovery()
+            return
+        # What its previous life spent behind the same silence is known to nobody, and a
+        # peer pulled later knows only what it acknowledged: the gate stays until a full
+        # bucket has refilled since this start.
+        log.warning(
+            "no peer answered the start-up pull (%s silent): for up to %.0f s, shared "
+            "buckets this node creates refill from zero at its start "
+            "(sync.unrecoveredStart: refill)",
+            ", ".join(outcome.silent),
+            (limiter.recovery_until - limiter.clock()) / 1e9,
+        )
 
     async def _start_envoy(self, host: str, port: int) -> None:
         # imported here: grpc is only loaded by nodes that serve Envoy

@@ -60,7 +60,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from typing import Final, Protocol, TypeVar
@@ -106,6 +106,20 @@ class Replica(Protocol):
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch: ...
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int: ...
+
+
+PULLED: Final = "pulled"
+SILENT: Final = "silent"  # (DOWN, as a peer state, is the third outcome)
+
+
+@dataclass
+class PullOutcome:
+    """What a start-up pull reached: regions pulled, down, and silent (see
+    ``Mesh.pull_at_start``)."""
+
+    pulled: list[str] = field(default_factory=list)
+    down: list[str] = field(default_factory=list)
+    silent: list[str] = field(default_factory=list)
 
 
 class UnencodableDeltas(Exception):
@@ -179,6 +193,13 @@ class MeshSettings:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 1.0
     bulk_timeout_s: float = 10.0
+    #: a node that starts without a snapshot and reaches no peer: ``refill`` (shared
+    #: buckets it creates refill from zero at its start until a peer is pulled) or
+    #: ``full`` (they start full: whatever its previous life spent may be granted again)
+    unrecovered_start: str = "refill"
+    #: how long such a node waits for a silent peer's answer at start (one that
+    #: refuses the connection is not waited for)
+    unrecovered_wait_s: float = 10.0
     #: delta messages in flight per peer, each on its own keep-alive connection: with
     #: one, a delta collected while a message is in flight waits for its ack, so the
     #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
@@ -734,32 +755,44 @@ class Mesh:
 
     # -- start-up ------------------------------------------------------------------
 
-    async def pull_at_start(self) -> None:
+    async def pull_at_start(self, wait_s: float | None = None) -> PullOutcome:
         """Merge the full state of every reachable peer before this node decides anything.
 
         ``startup_pull`` bounds only the wait for a peer's *first* answer (a peer that
         is down must not hold the start up); a peer that answers is pulled to the end,
         however large its state, each request with the bulk timeout: a node that
         stopped half-way would serve keys it has not recovered and grant again what
-        its previous life spent."""
-        deadline = self.monotonic() + self.settings.startup_pull_s
+        its previous life spent. Says which peers were pulled, which were down (refused
+        the connection, closed it, answered an error) and which stayed silent (no
+        answer in time: alive, maybe, behind a partition). ``wait_s`` (default
+        ``startup_pull``) is how long a silent peer is waited for."""
+        deadline = self.monotonic() + (self.settings.startup_pull_s if wait_s is None else wait_s)
         results = await asyncio.gather(
-            *(self._pull_from(peer, deadline) for peer in self.peers.values())
+            *(self._pull_from(peer, deadline) for peer in self.peers.values()),
+            return_exceptions=True,
         )
-        pulled = [region for region, ok in zip(self.peers, results, strict=True) if ok]
+        outcome = PullOutcome()
+        for region, result in zip(self.peers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("sync: start-up pull from %s failed", region, exc_info=result)
+                outcome.down.append(region)
+            else:
+                getattr(outcome, result).append(region)
         if self.peers:
             self.log(
-                f"sync: start-up state pulled from {', '.join(pulled) or 'no peer'}"
+                f"sync: start-up state pulled from {', '.join(outcome.pulled) or 'no peer'}"
                 f" ({len(self.limiter.buckets)} buckets)"
             )
+        return outcome
 
-    async def _pull_from(self, peer: Peer, deadline: float) -> bool:
+    async def _pull_from(self, peer: Peer, deadline: float) -> str:
         groups = [
             list(range(start, min(sync.RANGES, start + _PULL_GROUP)))
             for start in range(0, sync.RANGES, _PULL_GROUP)
         ]
         answered = False
         failures = 0
+        silent = True
         for group in groups:
             while True:
                 if answered:  # reached: each request gets the bulk timeout
@@ -767,7 +800,7 @@ class Mesh:
                 else:
                     remaining = deadline - self.monotonic()
                     if remaining <= 0:
-                        return False
+                        return SILENT if silent else DOWN
                 body = sync.encode(sync.PullRequest(group))
                 try:
                     reply = await self._request(
@@ -776,6 +809,7 @@ class Mesh:
                 except LinkError as error:
                     peer.last_error = str(error)
                     failures += 1
+                    silent = silent and error.timed_out  # only ever timeouts: a black hole
                     gave_up = answered and failures > _PULL_RETRIES
                     if error.refused or error.status is not None or gave_up:
                         if answered:
@@ -784,14 +818,14 @@ class Mesh:
                                 f"{failures} failures ({error}); the digest exchange repairs "
                                 "the rest"
                             )
-                        return False
+                        return DOWN
                     await asyncio.sleep(min(self.settings.backoff_initial_s, remaining))
                     continue
                 answered = True
                 failures = 0
                 self._merge(reply.state)
                 break
-        return True
+        return PULLED
 
     # -- receiving -----------------------------------------------------------------
 
