@@ -119,3 +119,40 @@ def test_a_strict_keys_patch_outlives_its_bucket_going_idle(serve: ServerFactory
     eventually(lambda: not b.state("s-p")["live"], "the key goes idle and is dropped")
     assert granted(b, "/v1/rate?k=p", 1) == 1  # re-created
     assert b.state("s-p")["capacity"] == 5
+
+
+def test_a_patch_of_mode_reaches_every_region_whatever_its_epoch(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """Issue 12, case 12: ``mode=local`` was ignored by the peer, and the patched region
+    kept merging the peer's spending; a change back to shared was ignored by a region
+    whose own bucket had been re-created in a later epoch."""
+    # 10 tokens, one every 2 s; a full bucket idles out after 1 s
+    rule = {"name": "m", "key": "m-{{ .Request.Query.k }}", "capacity": 10,
+            "refillRate": 0.5, "ttl": 1}  # fmt: skip
+    regions = ["us-east-1", "eu-central-1"]
+    snap = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in regions}
+    mesh = Mesh(serve, regions, buckets=[rule], admin_token=ADMIN_TOKEN, overrides=snap).start()
+    a, b = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    assert granted(a, "/v1/rate?k=x", 1) == 1
+    eventually(lambda: b.state("m-x")["tokens_remaining"] == 9, "b sees a's grant")
+    patched = a.client.patch("/v1/buckets/m-x", json={"mode": "local"}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    eventually(lambda: b.state("m-x")["mode"] == "local", "the peer takes mode=local")
+
+    # what each region spends now is its own: a drains its bucket (in debt ~20 s), b
+    # keeps its level, idles out and comes back in a later epoch than a's bucket
+    assert granted(a, "/v1/rate?k=x", 12) == 9
+    eventually(lambda: not b.state("m-x")["live"], "b's bucket idles out")
+    assert granted(b, "/v1/rate?k=x", 3) == 3
+    state_a, state_b = a.state("m-x"), b.state("m-x")
+    assert state_a["live"] and state_b["mode"] == "local"
+    assert state_b["epoch"] > state_a["epoch"]
+    assert all(rid.startswith("us-east-1/") for rid in state_a["replicas"]), state_a
+
+    # back to shared, from the region whose bucket has the lower epoch
+    patched = a.client.patch("/v1/buckets/m-x", json={"mode": "shared"}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    eventually(lambda: b.state("m-x")["mode"] == "shared", "the change wins over b's epoch")

@@ -584,10 +584,10 @@ class Limiter:
                     self._adopt(key, bucket, new, now)
         else:
             bucket = self.buckets[key_or_rule]
-            if new.mode == STRICT or bucket.config.mode == STRICT:
+            if new.mode != SHARED or bucket.config.mode != SHARED:
                 self.key_configs[key_or_rule] = new  # replicated by collect_deltas
             self._adopt(key_or_rule, bucket, new, now)
-            if new.mode == STRICT:
+            if new.mode != SHARED:
                 self.dirty.add(key_or_rule)
         return new
 
@@ -670,7 +670,7 @@ class Limiter:
         for key in self.dirty:
             bucket = buckets.get(key)
             if bucket is not None:
-                if bucket.config.mode == STRICT:
+                if bucket.config.mode != SHARED:
                     deltas.append(self.strict_config_delta(key, bucket.rule))
                 else:
                     deltas.append(bucket.delta(key, rid))
@@ -703,7 +703,8 @@ class Limiter:
         return BucketDelta(key, 0, config, config.version, 0, {}, rule)
 
     def _merge_strict_config(self, delta: BucketDelta, now: int) -> bool:
-        """Adopt a peer's per-key config of a strict key if it is newer than ours."""
+        """Adopt a peer's per-key config of a strict or local key if it is newer than
+        ours (its counters never travel)."""
         key, config = delta.key, delta.config
         bucket = self.buckets.get(key)
         known = self.key_configs.get(key)
@@ -730,10 +731,17 @@ class Limiter:
         for delta in batch.deltas:
             self.hlc.observe(delta.config.version[0])
             if delta.config.mode != SHARED:
-                if delta.config.mode == STRICT and self._merge_strict_config(delta, now):
+                # strict and local counters never travel: only their per-key config
+                if self._merge_strict_config(delta, now):
                     changed += 1
                 continue
             bucket = buckets.get(delta.key)
+            if (
+                bucket is not None
+                and bucket.config.mode != SHARED
+                and bucket.config.version >= delta.config.version
+            ):
+                continue  # a strict or local bucket here (the newer config): never merged
             if bucket is None:
                 fresh = self._compact(Bucket.from_delta(delta, rid))
                 if fresh.expired(now):
@@ -749,13 +757,17 @@ class Limiter:
                 bucket = buckets[delta.key] = fresh
                 changed += 1
             else:
-                if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
-                    # A newer per-key config: adopt it here first, as a local write
+                if delta.config.version > bucket.config.version:
+                    # A newer config orders by its version alone, whatever the epochs (a
+                    # mode change back to shared must reach a region whose own bucket
+                    # was re-created in a later epoch). Adopt it here first, as a local write
                     # keeping the level we see now, so that a base proposed before we
                     # drained the bucket cannot hand back refill we already forgot
                     # (the max of both proposals wins). Like a rule config's adoption,
                     # this makes the base depend on merge order until replicas exchange.
                     self._adopt(delta.key, bucket, delta.config, now)
+                    if delta.key in self.key_configs:  # the per-key record follows
+                        self.key_configs[delta.key] = delta.config
                     bucket.merge(delta, rid)
                     changed += 1
                 elif bucket.merge(delta, rid):
