@@ -17,9 +17,9 @@ Two shapes of task:
     a step run every ``interval``: a step that succeeds marks the task ``ok``, one
     that raises marks it ``failing`` until a later step succeeds.
 ``run(name, loop)``
-    a loop that should run until cancelled: one that raises (or returns) is
-    ``failing`` and restarted after the backoff; it is ``ok`` again once it has run
-    for ``settle_s`` without failing.
+    a loop that runs until its owner stops it: one that raises is ``failing`` and
+    restarted after the backoff; it is ``ok`` again once it has run for
+    ``settle_s`` without failing.
 
 A failing task's log line is written for the first failure of a streak and then
 at most once per ``log_every_s`` (a step failing every 20 ms must not flood the
@@ -109,8 +109,8 @@ class Supervisor:
         return self._spawn(name, body)
 
     def run(self, name: str, loop: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-        """Run ``loop()`` until cancelled, restarting it (after a backoff) whenever it
-        raises or returns."""
+        """Run ``loop()`` until it returns (its owner stopped it) or is cancelled,
+        restarting it (after a backoff) whenever it raises."""
         state = self._state(name)
 
         async def body() -> None:
@@ -118,7 +118,7 @@ class Supervisor:
                 state.running_since = self.monotonic()
                 try:
                     await loop()
-                    raise RuntimeError("the task returned while it should run on")
+                    return
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:
