@@ -156,3 +156,23 @@ def test_a_patch_of_mode_reaches_every_region_whatever_its_epoch(
     patched = a.client.patch("/v1/buckets/m-x", json={"mode": "shared"}, headers=admin)
     assert patched.status_code == 200, patched.text
     eventually(lambda: b.state("m-x")["mode"] == "shared", "the change wins over b's epoch")
+
+
+def test_a_region_restarted_without_a_snapshot_pulls_back_a_strict_keys_patch(
+    serve: ServerFactory,
+) -> None:
+    """Strict counters never travel, but a strict key's per-key config does: the
+    start-up pull brings it back to a region that lost it with its memory."""
+    rule = {**strict_rule(100), "refillRate": 1000.0}
+    mesh = Mesh(serve, ["us-east-1", "eu-central-1"], buckets=[rule], admin_token=ADMIN_TOKEN)
+    mesh.start()
+    a, b = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    patched = a.client.patch("/v1/buckets/s-q", json={"capacity": 10}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    eventually(lambda: b.state("s-q")["capacity"] == 5, "the patch reaches the other region")
+
+    b.kill()
+    mesh.restart(b)
+    assert "start-up state pulled from us-east-1" in b.log(), b.log()
+    assert b.state("s-q")["capacity"] == 5  # not the rule's share of 50

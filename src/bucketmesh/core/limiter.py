@@ -712,8 +712,8 @@ class Limiter:
             return False
         if bucket is not None and bucket.config.version > config.version:
             return False
-        # Same version as our bucket's share: we restarted and lost the whole config
-        # (snapshots keep only the share); peers send it back at start-up.
+        # Same version as our bucket's share: we restarted without a snapshot and lost
+        # the whole config; peers send it back in the start-up pull.
         self.key_configs[key] = config
         if bucket is not None and bucket.config.version < config.version:
             self._adopt(key, bucket, config, now)

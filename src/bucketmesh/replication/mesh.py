@@ -101,6 +101,9 @@ class Replica(Protocol):
     @property
     def buckets(self) -> Mapping[str, Bucket]: ...
 
+    @property
+    def key_configs(self) -> Mapping[str, BucketConfig]: ...
+
     def collect_deltas(self) -> DeltaBatch: ...
 
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch: ...
@@ -650,7 +653,7 @@ class Mesh:
         peer.full_wanted = False
         peer.box.clear()
         peer.full_transfers += 1
-        keys = await self._live_keys()
+        keys = self._with_key_configs(await self._live_keys())
         try:
             if not keys:
                 await self._push_state(peer, self.limiter.full_state([]))
@@ -916,7 +919,28 @@ class Mesh:
         return list(ranges)
 
     async def _state_of_ranges(self, ranges: Sequence[int]) -> DeltaBatch:
-        return self.limiter.full_state(await self._live_keys(set(ranges)))
+        chosen = set(ranges)
+        return self.limiter.full_state(
+            self._with_key_configs(await self._live_keys(chosen), chosen)
+        )
+
+    def _with_key_configs(
+        self, keys: list[str], ranges: Collection[int] | None = None
+    ) -> list[str]:
+        """``keys`` and the keys (in ``ranges``) with a per-key config of a strict or
+        local key: their configs travel alone in state transfers and pulls, so that a
+        region restarted without a snapshot gets them back (the digest leaves them out)."""
+        configs = self.limiter.key_configs
+        if not configs:
+            return keys
+        present = set(keys)
+        range_of = sync.range_of
+        extra = [
+            key
+            for key in configs
+            if key not in present and (ranges is None or range_of(key) in ranges)
+        ]
+        return keys + extra if extra else keys
 
     async def receive_digest(self, request: Request) -> Response:
         env, payload = self._open(request, sync.DIGEST)

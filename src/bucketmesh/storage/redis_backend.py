@@ -205,6 +205,10 @@ class RegionMirror:
         return self.limiter.replica_id
 
     @property
+    def key_configs(self) -> dict[str, BucketConfig]:
+        return self.limiter.key_configs
+
+    @property
     def buckets(self) -> dict[str, Bucket]:
         return self.limiter.buckets
 
