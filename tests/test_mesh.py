@@ -496,6 +496,31 @@ def test_a_dead_peers_backlog_is_bounded_and_replaced_by_a_full_transfer() -> No
     asyncio.run(scenario())
 
 
+def test_a_delta_that_cannot_be_encoded_holds_up_no_other_key() -> None:
+    """Issue 12, case 1: one bucket outside the wire format's range made every collect
+    raise, the collector task died, and no key replicated any more. Now the others are
+    queued, and the one left out is named, counted, and shown by the supervisor."""
+    from bucketmesh.replication.mesh import UnencodableDeltas
+
+    async def scenario() -> None:
+        node = in_process_node(
+            "us-east-1", free_port(), {"eu-central-1": f"http://127.0.0.1:{free_port()}"}
+        )
+        assert node.mesh is not None
+        peer = node.mesh.peers["eu-central-1"]
+        node.limiter.acquire("agent-api-key-bad", 1)
+        node.limiter.buckets["agent-api-key-bad"].epoch = 2**70  # beyond msgpack's ints
+        node.limiter.acquire("agent-api-key-good", 1)
+        with pytest.raises(UnencodableDeltas, match="agent-api-key-bad"):
+            node.mesh.collect()
+        assert list(peer.outbox) == ["agent-api-key-good"]
+        assert node.mesh.unencodable == 1
+        node.supervisor.failed("sync-collect", UnencodableDeltas("x"))
+        assert node.readiness()["tasks"].startswith("failing: sync-collect")
+
+    asyncio.run(scenario())
+
+
 def test_a_newer_delta_replaces_the_queued_one_and_survives_a_stale_ack() -> None:
     async def scenario() -> None:
         node = in_process_node(
