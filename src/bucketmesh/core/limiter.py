@@ -317,7 +317,8 @@ class Limiter:
                 f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
             )
         self._create(key, rule, now)
-        return self.acquire(key, tokens, now=now)
+        # the plain acquire, also while ``acquire`` is the recovery gate's (which called it)
+        return Limiter.acquire(self, key, tokens, now=now)
 
     def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
         return self.acquire(key, 0, rule=rule, now=now)
@@ -374,6 +375,10 @@ class Limiter:
             short: dict[str, int] = {}
             for key, (rule, total) in wanted.items():
                 bucket = self.inspect(key, rule=rule, now=now)
+                if self.gates is not None and bucket.config.mode == SHARED:
+                    gate = self._gate(key, bucket, now)  # recovering: the tighter of both
+                    if gate.level(now) < bucket.level(now):
+                        bucket = gate
                 if total > bucket.config.capacity or bucket.level(now) < total:
                     short[key] = bucket.retry_after_ns(min(total, bucket.config.capacity), now)
             if short:
@@ -487,6 +492,19 @@ class Limiter:
         if self.on_acquire_changed is not None:
             self.on_acquire_changed()
 
+    def _gate(self, key: str, bucket: Bucket, now: int) -> Bucket:
+        """The recovery gate of a shared key: its bucket's limits, empty at
+        ``unknown_since`` (created on first use, following the bucket's config)."""
+        assert self.gates is not None
+        config = bucket.config
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = Bucket(config, now, bucket.rule)
+            gate.base_time = max(gate.epoch, self._empty_at_start(config))
+        elif gate.config is not config:
+            gate.reconfigure(config, now)
+        return gate
+
     def _acquire_gated(
         self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
     ) -> Decision:
@@ -503,13 +521,7 @@ class Limiter:
         peek = Limiter.acquire(self, key, 0, rule=rule, now=now)
         if peek.mode != SHARED or tokens > peek.capacity or peek.tokens_remaining < tokens:
             return Limiter.acquire(self, key, tokens, rule=rule, now=now)
-        config = self.inspect(key, rule=rule, now=now).config
-        gate = gates.get(key)
-        if gate is None:
-            gate = gates[key] = Bucket(config, now, peek.rule)
-            gate.base_time = max(gate.epoch, self._empty_at_start(config))
-        elif gate.config is not config:
-            gate.reconfigure(config, now)
+        gate = self._gate(key, self.inspect(key, rule=rule, now=now), now)
         gated = gate.acquire(key, tokens, now)
         if not gated.allowed:
             return gated
