@@ -302,6 +302,7 @@ def test_restart_takes_an_incarnation_above_every_writer_of_the_log(tmp_path: Pa
 
 def test_a_snapshot_file_written_in_slices_restores_like_a_whole_one(tmp_path: Path) -> None:
     limiter = Limiter(_rules(), replica_id="r/n/1")
+    limiter.stamp_file_rules()  # as a node does at start: the file's versions are kept
     for i in range(25):
         limiter.acquire(f"k-{i}", 1 + i % 9)
     keys = [*limiter.buckets, "k-gone"]
@@ -624,3 +625,30 @@ def test_a_snapshot_a_crash_left_half_written_is_removed_at_start(tmp_path: Path
     other.write_bytes(b"y")
     open_limiter(_rules(), region="r", node="n", snapshot=store)
     assert not writer.tmp.exists() and other.exists()
+
+
+def test_a_log_group_that_cannot_be_encoded_answers_503_and_never_hangs(tmp_path: Path) -> None:
+    """A bug that leaves a bucket outside the wire format (issue 12, case 1) must not
+    leave the grant or PATCH waiting on the log's barrier for ever: its group's waiters
+    get "not durable" (503), the failure is counted and /readyz names the log."""
+
+    async def scenario() -> tuple[int, int, str, int]:
+        node = _node(tmp_path, "relaxed")
+        assert node.memory is not None and node.memory.wal is not None
+        try:
+            first = await node.app(_grant("k-a"))  # type: ignore[misc]
+            assert first.status == 200, first.body
+            bucket = node.memory.limiter.buckets["k-a"]
+            bucket.epoch = 2**70  # beyond msgpack's 64-bit integers
+            # hang guard only: before the fix the barrier's future never resolved
+            broken = await asyncio.wait_for(node.app(_grant("k-a")), 60)  # type: ignore[arg-type]
+            ready = node.readiness()["store"]
+            del node.memory.limiter.buckets["k-a"]
+            later = await asyncio.wait_for(node.app(_grant("k-b")), 60)  # type: ignore[arg-type]
+            return broken.status, later.status, ready, node.memory.wal.write_errors
+        finally:
+            node.memory.close()
+
+    broken, later, ready, errors = asyncio.run(scenario())
+    assert (broken, later, errors) == (503, 200, 1)
+    assert ready.startswith("write-ahead log failing"), ready

@@ -75,7 +75,11 @@ BUCKETS: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module")
 def mesh(serve_module: ServerFactory) -> Mesh:
-    """The three regions, every link through a proxy; shared by the module's tests."""
+    """The three regions, every link through a proxy; shared by the module's tests.
+    Each has a snapshot path of its own (a first start: without one, its strict buckets
+    would start empty, docs/storage.md)."""
+    snapshots = {r: {"storage": {"snapshot": str(serve_module.directory / f"{r}.snap")}}
+                 for r in REGIONS}  # fmt: skip
     return Mesh(
         serve_module,
         REGIONS,
@@ -83,6 +87,7 @@ def mesh(serve_module: ServerFactory) -> Mesh:
         proxied=True,
         cluster_id=CLUSTER_ID,
         admin_token=ADMIN_TOKEN,
+        overrides=snapshots,
     ).start()
 
 
@@ -487,6 +492,31 @@ def test_a_dead_peers_backlog_is_bounded_and_replaced_by_a_full_transfer() -> No
             assert len(peer.outbox) <= 100
         assert peer.backlogs_dropped == 2
         assert peer.full_wanted
+
+    asyncio.run(scenario())
+
+
+def test_a_delta_that_cannot_be_encoded_holds_up_no_other_key() -> None:
+    """Issue 12, case 1: one bucket outside the wire format's range made every collect
+    raise, the collector task died, and no key replicated any more. Now the others are
+    queued, and the one left out is named, counted, and shown by the supervisor."""
+    from bucketmesh.replication.mesh import UnencodableDeltas
+
+    async def scenario() -> None:
+        node = in_process_node(
+            "us-east-1", free_port(), {"eu-central-1": f"http://127.0.0.1:{free_port()}"}
+        )
+        assert node.mesh is not None
+        peer = node.mesh.peers["eu-central-1"]
+        node.limiter.acquire("agent-api-key-bad", 1)
+        node.limiter.buckets["agent-api-key-bad"].epoch = 2**70  # beyond msgpack's ints
+        node.limiter.acquire("agent-api-key-good", 1)
+        with pytest.raises(UnencodableDeltas, match="agent-api-key-bad"):
+            node.mesh.collect()
+        assert list(peer.outbox) == ["agent-api-key-good"]
+        assert node.mesh.unencodable == 1
+        node.supervisor.failed("sync-collect", UnencodableDeltas("x"))
+        assert node.readiness()["tasks"].startswith("failing: sync-collect")
 
     asyncio.run(scenario())
 

@@ -628,9 +628,10 @@ def test_a_restarted_region_recovers_a_strict_key_config_from_its_peers() -> Non
     a.configure("api-1", capacity=30, now=t)
     b = Limiter([rule], replica_id="b/n/1", clock=lambda: 0, regions=3)
     b.merge(a.full_state(), now=t)
-    # a restarts from its snapshot: the bucket (its share) survives, the whole config not
+    # a restarts from its snapshot: the bucket (its share) and the whole config survive
+    # (issue 12, case 11); the peers' copy changes nothing then
     restarted = Limiter.restore(a.snapshot(), [rule], replica_id="a/n/2", regions=3)
-    assert not restarted.key_configs
+    assert restarted.key_configs["api-1"].capacity == 30
     restarted.merge(b.full_state(), now=t + 1)  # the start-up pull
     config = restarted.configure("api-1", refill_rate=3.0, now=t + 2)
     assert config.capacity == 30  # not the rule's 12

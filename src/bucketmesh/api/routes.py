@@ -14,6 +14,7 @@ input and never answers 5xx for it.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import re
 import time
@@ -37,13 +38,21 @@ from bucketmesh.core.rules import KeyTemplate, first_match
 from bucketmesh.http import wire
 from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import JSON, ApiError, bad_request, body_error, require_json
-from bucketmesh.http.idempotency import CacheKey, IdempotencyCache, idempotency_key, replayed
+from bucketmesh.http.idempotency import (
+    CacheKey,
+    IdempotencyCache,
+    SharedIdempotency,
+    idempotency_key,
+    replayed,
+)
 from bucketmesh.http.render import DecisionRenderer
 from bucketmesh.http.router import Answer, Router
 from bucketmesh.http.server import Request, Response, problem
 from bucketmesh.telemetry.metrics import NodeMetrics
 
 MAX_BATCH = 1000
+#: How long a retry waits for another node of the region to answer the first copy.
+IDEMPOTENCY_WAIT_S = 10.0
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 #: How a 400 for a request no rule matches says to answer such requests anyway.
 CATCH_ALL_HINT = (
@@ -110,6 +119,8 @@ class RatingApp:
         sync: SyncView | None = None,
         version: str = "0",
         ready: Callable[[], dict[str, str]] | None = None,
+        tasks: Callable[[], dict[str, wire.TaskStatus]] | None = None,
+        idempotency: IdempotencyCache | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.decider = decider
@@ -134,9 +145,10 @@ class RatingApp:
         self.sync: SyncView = sync or NoSync()
         self.version = version
         self.ready_checks = ready
+        self.tasks = tasks
         self.monotonic = monotonic
         self.started = monotonic()
-        self.idempotency = IdempotencyCache()
+        self.idempotency = idempotency if idempotency is not None else IdempotencyCache()
         self.scope_headers = sorted(
             {name for rule in decider.rules for name in rule.template.header_names}
         )
@@ -193,7 +205,10 @@ class RatingApp:
             response = render(pending)
             barrier = self.decider.commit()
             if cache_key is not None:
-                self.idempotency.put(cache_key, replayed(response), self.monotonic())
+                now = self.monotonic()
+                self.idempotency.put(cache_key, replayed(response), now)
+                if barrier is None:
+                    self.idempotency.persist(cache_key, now)
             if barrier is None:
                 return response
             return self._after_barrier(barrier, response, cache_key)
@@ -213,6 +228,8 @@ class RatingApp:
         self, barrier: Awaitable[bool], response: Response, cache_key: CacheKey | None
     ) -> Response:
         if await barrier:
+            if cache_key is not None:  # the grant is durable: so is its answer
+                self.idempotency.persist(cache_key, self.monotonic())
             return response
         if cache_key is not None:
             self.idempotency.forget(cache_key)  # a retry is decided again: at worst under-admits
@@ -231,10 +248,77 @@ class RatingApp:
             return replay
         return self._after_barrier(barrier, replay, cache_key)
 
+    async def _idempotent(self, cache_key: CacheKey, decide: Callable[[], Answer]) -> Response:
+        """Decide a request carrying Idempotency-Key once, however many copies of it
+        arrive on this node at once or on the region's other nodes (see
+        ``http/idempotency.py``): the others get the first one's answer."""
+        cache = self.idempotency
+        while True:
+            replay = self._replay(cache_key)
+            if replay is not None:
+                return await replay if isinstance(replay, Awaitable) else replay
+            inflight = cache.inflight.get(cache_key)
+            if inflight is None:
+                break
+            await asyncio.shield(inflight)  # the first copy's decision, then its answer
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        cache.inflight[cache_key] = done
+        claimed = False
+        try:
+            if cache.shared is not None:
+                found = await self._claim(cache.shared, cache_key)
+                if isinstance(found, Response):
+                    cache.put(cache_key, found, self.monotonic())
+                    return found
+                claimed = found
+            answer = decide()
+            response = await answer if isinstance(answer, Awaitable) else answer
+            if claimed and cache.shared is not None:
+                kept = cache.get(cache_key, self.monotonic())
+                claimed = False
+                if kept is not None:
+                    await cache.shared.record(cache_key, kept)
+                else:  # not kept (not durable): a retry is decided again
+                    await cache.shared.release(cache_key)
+            return response
+        finally:
+            if claimed and cache.shared is not None:
+                await cache.shared.release(cache_key)
+            cache.inflight.pop(cache_key, None)
+            done.set_result(None)
+
+    async def _claim(self, shared: SharedIdempotency, cache_key: CacheKey) -> Response | bool:
+        """Claim the request region-wide, or the first answer; while another node is
+        still deciding it, wait (at most ``IDEMPOTENCY_WAIT_S``, then 409)."""
+        deadline = self.monotonic() + IDEMPOTENCY_WAIT_S
+        pause = 0.005
+        while True:
+            found = await shared.claim(cache_key)
+            if found is None:  # the store cannot say: decide as this node alone would
+                return False
+            if found is not False:
+                return found
+            if self.monotonic() >= deadline:
+                raise ApiError(
+                    409,
+                    "a request with this Idempotency-Key is still being decided on another "
+                    "node of the region; retry later",
+                    field="Idempotency-Key",
+                    headers=[("Retry-After", "1")],
+                    reason="idempotency_in_progress",
+                )
+            await asyncio.sleep(pause)
+            pause = min(0.2, pause * 2)
+
     # -- decisions ---------------------------------------------------------------
 
     def rate_post(self, request: Request) -> Answer:
         cache_key = idempotency_key(request, self.scope_headers)
+        if cache_key is not None and self.idempotency.shared is not None:
+            return self._idempotent(cache_key, lambda: self._rate_post(request, cache_key))
+        return self._rate_post(request, cache_key)
+
+    def _rate_post(self, request: Request, cache_key: CacheKey | None) -> Answer:
         replay = self._replay(cache_key)
         if replay is not None:
             return replay
@@ -305,6 +389,11 @@ class RatingApp:
 
     def rate_batch(self, request: Request) -> Answer:
         cache_key = idempotency_key(request, self.scope_headers)
+        if cache_key is not None and self.idempotency.shared is not None:
+            return self._idempotent(cache_key, lambda: self._rate_batch(request, cache_key))
+        return self._rate_batch(request, cache_key)
+
+    def _rate_batch(self, request: Request, cache_key: CacheKey | None) -> Answer:
         replay = self._replay(cache_key)
         if replay is not None:
             return replay
@@ -537,6 +626,7 @@ class RatingApp:
                     version=self.version,
                     uptime_s=round(self.monotonic() - self.started, 3),
                     bucket=self._state_of(key, bucket) if key and bucket is not None else None,
+                    tasks=self.tasks() if self.tasks is not None else {},
                 )
             )
 

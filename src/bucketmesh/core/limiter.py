@@ -56,6 +56,7 @@ full would hand its spent tokens back.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -73,6 +74,7 @@ from bucketmesh.core.bucket import (
     BucketDelta,
     Decision,
     Hlc,
+    Version,
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
@@ -98,6 +100,10 @@ class Snapshot(msgspec.Struct, array_like=True):
     hlc: int
     rules: dict[str, BucketConfig]
     buckets: list[BucketDelta]
+    #: rule name -> the version this node gave its file's limits (``stamp_file_rules``)
+    files: dict[str, Version] = {}
+    #: per-key configs of strict keys, whole (``Limiter.key_configs``)
+    keys: dict[str, BucketConfig] = {}
 
 
 class Journal:
@@ -157,18 +163,38 @@ def check_key(key: str) -> None:
         )
 
 
-def rule_config(rule: Rule, regions: int = 1) -> BucketConfig:
-    """The version-0 config a rule gives its buckets; the digest breaks ties between
-    regions whose files disagree, so they still converge on one of them."""
-    digest = hashlib.sha256(
+def rule_digest(rule: Rule) -> str:
+    """What identifies a rule's limits in a file version: capacity, refill, ttl, mode."""
+    return hashlib.sha256(
         f"{rule.capacity}|{rule.refill_rate!r}|{rule.ttl!r}|{rule.mode}".encode()
     ).hexdigest()[:12]
+
+
+def file_version(rule: Rule, stamp: int = 0) -> Version:
+    """``(0, "rule:<name>:<stamp>:<digest>")``: clock 0, so any runtime change (PATCH)
+    beats any file; among file versions of one rule the stamp (the HLC at which a node
+    first loaded these limits, zero-padded so that strings sort as numbers) orders
+    them by age, and the digest breaks the remaining ties."""
+    return (0, f"rule:{rule.name}:{stamp:020d}:{rule_digest(rule)}")
+
+
+_STAMPED: Final = re.compile(r":[0-9]{20}:[0-9a-f]{12}\Z")
+
+
+def legacy_file_version(version: Version) -> bool:
+    """A file version written before file versions carried a stamp
+    (``rule:<name>:<digest>``): older than any stamped one, whatever its digest."""
+    return version[0] == 0 and version[1].startswith("rule:") and not _STAMPED.search(version[1])
+
+
+def rule_config(rule: Rule, regions: int = 1, stamp: int = 0) -> BucketConfig:
+    """The file config a rule gives its buckets (``file_version`` says how it orders)."""
     return BucketConfig(
         capacity=rule.capacity,
         interval_ns=interval_for(rule.refill_rate),
         ttl_ns=max(1, round(rule.ttl * NS_PER_S)),
         mode=rule.mode,
-        version=(0, f"rule:{rule.name}:{digest}"),
+        version=file_version(rule, stamp),
     )
 
 
@@ -213,6 +239,9 @@ class Limiter:
                 )
             self.rules_by_name[rule.name] = rule
             self.rule_configs[rule.name] = rule_config(rule)
+        # rule name -> the file version this node gave the limits its file holds for it
+        # (stamp_file_rules); persisted in snapshots so an unchanged file keeps its age
+        self.file_versions: dict[str, Version] = {}
         self.buckets: dict[str, Bucket] = {}
         self.dirty: set[str] = set()
         self.dirty_rules: set[str] = set()
@@ -242,6 +271,15 @@ class Limiter:
         # values decoded buckets share (see _compact); keys and values are equal
         self._shared: dict[Any, Any] = {}
         self._last_config: BucketConfig | None = None
+        # Recovery (``begin_recovery``): a replica that started without its previous
+        # life's state treats every bucket it creates as empty at ``unknown_since``
+        # until ``recovery_until`` (strict and local buckets by their base, shared ones
+        # through ``gates`` while ``gates`` is not None).
+        self.unknown_since: int | None = None
+        self.recovery_until = 0
+        self.gates: dict[str, Bucket] | None = None
+        #: called when ``acquire`` starts or stops being gated (a store rebinds it)
+        self.on_acquire_changed: Callable[[], None] | None = None
 
     # -- decisions -----------------------------------------------------------
 
@@ -289,7 +327,8 @@ class Limiter:
                 f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
             )
         self._create(key, rule, now)
-        return self.acquire(key, tokens, now=now)
+        # the plain acquire, also while ``acquire`` is the recovery gate's (which called it)
+        return Limiter.acquire(self, key, tokens, now=now)
 
     def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
         return self.acquire(key, 0, rule=rule, now=now)
@@ -346,6 +385,10 @@ class Limiter:
             short: dict[str, int] = {}
             for key, (rule, total) in wanted.items():
                 bucket = self.inspect(key, rule=rule, now=now)
+                if self.gates is not None and bucket.config.mode == SHARED:
+                    gate = self._gate(key, bucket, now)  # recovering: the tighter of both
+                    if gate.level(now) < bucket.level(now):
+                        bucket = gate
                 if total > bucket.config.capacity or bucket.level(now) < total:
                     short[key] = bucket.retry_after_ns(min(total, bucket.config.capacity), now)
             if short:
@@ -414,7 +457,88 @@ class Limiter:
                 epochs.clear()
             shared = epochs[bucket.epoch] = bucket.epoch
         bucket.epoch = bucket.base_time = bucket.g = shared
+        # a strict or local bucket is never replicated: its base is its own to set
+        if (
+            self.unknown_since is not None
+            and now < self.recovery_until
+            and bucket.config.mode != SHARED
+        ):
+            bucket.base_time = bucket.g = max(bucket.epoch, self._empty_at_start(bucket.config))
         return bucket
+
+    # -- recovery: a start without the previous life's state ---------------------
+
+    def _empty_at_start(self, config: BucketConfig) -> int:
+        """The base of a bucket that was empty at ``unknown_since``: it refills from
+        zero at the share's rate from then on."""
+        assert self.unknown_since is not None
+        return self.unknown_since + config.capacity * config.interval_ns
+
+    def begin_recovery(self, since: int, *, shared: bool) -> None:
+        """This replica starts without what its previous life spent (no snapshot): it
+        cannot know it, but that life ended before ``since``, and whatever it spent has
+        refilled one full bucket later. Until then every bucket this replica creates
+        counts as empty at ``since``: strict and local ones (their counters never leave
+        this region, so nothing can bring them back) by their base, and, with ``shared``
+        (no peer could be pulled yet), shared ones through a gate beside the bucket, so
+        that nothing is replicated from it (``end_shared_recovery`` lifts it once a
+        peer's state is merged)."""
+        self.unknown_since = since
+        horizon = max((c.capacity * c.interval_ns for c in self.rule_configs.values()), default=0)
+        self.recovery_until = since + horizon
+        if shared and horizon:
+            self.gates = {}
+            self.acquire = self._acquire_gated  # type: ignore[method-assign]
+            if self.on_acquire_changed is not None:
+                self.on_acquire_changed()
+
+    def end_shared_recovery(self) -> None:
+        """A peer's state is merged (or a bucket's time has passed): shared buckets
+        decide on their own again."""
+        if self.gates is None:
+            return
+        self.gates = None
+        del self.acquire
+        if self.on_acquire_changed is not None:
+            self.on_acquire_changed()
+
+    def _gate(self, key: str, bucket: Bucket, now: int) -> Bucket:
+        """The recovery gate of a shared key: its bucket's limits, empty at
+        ``unknown_since`` (created on first use, following the bucket's config)."""
+        assert self.gates is not None
+        config = bucket.config
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = Bucket(config, now, bucket.rule)
+            gate.base_time = gate.g = max(gate.epoch, self._empty_at_start(config))
+        elif gate.config is not config:
+            gate.reconfigure(config, now)
+        return gate
+
+    def _acquire_gated(
+        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
+    ) -> Decision:
+        """``acquire`` while shared buckets are gated: a grant needs the bucket and the
+        key's gate (the same limits, empty at ``unknown_since``, never replicated)."""
+        if now is None:
+            now = self.clock()
+        gates = self.gates
+        if gates is None or now >= self.recovery_until:
+            self.end_shared_recovery()
+            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        if tokens <= 0:
+            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        peek = Limiter.acquire(self, key, 0, rule=rule, now=now)
+        if peek.mode != SHARED or tokens > peek.capacity or peek.tokens_remaining < tokens:
+            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        gate = self._gate(key, self.inspect(key, rule=rule, now=now), now)
+        gated = gate.acquire(key, tokens, now)
+        if not gated.allowed:
+            return gated
+        decision = Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        if gated.tokens_remaining < decision.tokens_remaining:
+            decision = msgspec.structs.replace(decision, tokens_remaining=gated.tokens_remaining)
+        return decision
 
     def _create(self, key: str, rule_name: str | None, now: int) -> Bucket:
         check_key(key)
@@ -486,10 +610,10 @@ class Limiter:
                     self._adopt(key, bucket, new, now)
         else:
             bucket = self.buckets[key_or_rule]
-            if new.mode == STRICT or bucket.config.mode == STRICT:
+            if new.mode != SHARED or bucket.config.mode != SHARED:
                 self.key_configs[key_or_rule] = new  # replicated by collect_deltas
             self._adopt(key_or_rule, bucket, new, now)
-            if new.mode == STRICT:
+            if new.mode != SHARED:
                 self.dirty.add(key_or_rule)
         return new
 
@@ -501,6 +625,67 @@ class Limiter:
         if self.journal is not None:
             self.journal.keys.add(key)
 
+    def stamp_file_rules(self, now: int | None = None) -> list[str]:
+        """Give every rule of the file the version of this node's first load of its
+        limits, and move live buckets on an older file version of their rule to it.
+
+        A rule whose limits (``rule_digest``) are those this node loaded before
+        (``file_versions``, restored from the snapshot) keeps that version; changed
+        limits, or no record, get a fresh HLC stamp, so an edited file wins over the
+        old one in every region once it is loaded, whatever order restarts come in,
+        while an unchanged file never overrides a newer one a peer loaded. Runtime
+        configs (PATCH, clock > 0) still win over every file. Buckets keep their
+        level (``Bucket.reconfigure``). Returns the names of the rules restamped."""
+        if now is None:
+            now = self.clock()
+        restamped = []
+        for rule in self.rules:
+            known = self.file_versions.get(rule.name)
+            if known is None or not known[1].endswith(":" + rule_digest(rule)):
+                known = file_version(rule, self.hlc.tick(now))
+                self.file_versions[rule.name] = known
+                restamped.append(rule.name)
+            config = msgspec.structs.replace(rule_config(rule), version=known)
+            if config.version > self.rule_configs[rule.name].version:
+                self.rule_configs[rule.name] = config
+                self.dirty_rules.add(rule.name)
+                if self.journal is not None:
+                    self.journal.rules.add(rule.name)
+        rule_configs = self.rule_configs
+        for key, bucket in self.buckets.items():
+            current = rule_configs.get(bucket.rule)
+            if current is not None and (
+                current.version > bucket.config.version
+                or legacy_file_version(bucket.config.version)
+            ):
+                self._adopt(key, bucket, current, now)
+        return restamped
+
+    def rescale_shares(self, now: int | None = None) -> int:
+        """Give restored strict buckets this replica's share of their whole config for
+        the number of regions it runs with now (a region joined or left since the
+        snapshot), keeping what they spent: the level becomes min(level, new share).
+        Returns how many changed."""
+        if now is None:
+            now = self.clock()
+        changed = 0
+        for key, bucket in self.buckets.items():
+            config = bucket.config
+            if config.mode != STRICT:
+                continue
+            whole = self.key_configs.get(key)
+            if whole is None or whole.version != config.version:
+                whole = self.rule_configs.get(bucket.rule)
+            if whole is None or whole.version != config.version:
+                continue  # its whole config is a peer's to send back
+            share = share_of(whole, self.regions)
+            if (share.capacity, share.interval_ns) != (config.capacity, config.interval_ns):
+                bucket.reconfigure(share, now)
+                if self.journal is not None:
+                    self.journal.keys.add(key)
+                changed += 1
+        return changed
+
     # -- replication ---------------------------------------------------------
 
     def collect_deltas(self) -> DeltaBatch:
@@ -511,7 +696,7 @@ class Limiter:
         for key in self.dirty:
             bucket = buckets.get(key)
             if bucket is not None:
-                if bucket.config.mode == STRICT:
+                if bucket.config.mode != SHARED:
                     deltas.append(self.strict_config_delta(key, bucket.rule))
                 else:
                     deltas.append(bucket.delta(key, rid))
@@ -544,7 +729,8 @@ class Limiter:
         return BucketDelta(key, 0, config, config.version, 0, {}, rule)
 
     def _merge_strict_config(self, delta: BucketDelta, now: int) -> bool:
-        """Adopt a peer's per-key config of a strict key if it is newer than ours."""
+        """Adopt a peer's per-key config of a strict or local key if it is newer than
+        ours (its counters never travel)."""
         key, config = delta.key, delta.config
         bucket = self.buckets.get(key)
         known = self.key_configs.get(key)
@@ -552,8 +738,8 @@ class Limiter:
             return False
         if bucket is not None and bucket.config.version > config.version:
             return False
-        # Same version as our bucket's share: we restarted and lost the whole config
-        # (snapshots keep only the share); peers send it back at start-up.
+        # Same version as our bucket's share: we restarted without a snapshot and lost
+        # the whole config; peers send it back in the start-up pull.
         self.key_configs[key] = config
         if bucket is not None and bucket.config.version < config.version:
             self._adopt(key, bucket, config, now)
@@ -571,10 +757,17 @@ class Limiter:
         for delta in batch.deltas:
             self.hlc.observe(delta.config.version[0])
             if delta.config.mode != SHARED:
-                if delta.config.mode == STRICT and self._merge_strict_config(delta, now):
+                # strict and local counters never travel: only their per-key config
+                if self._merge_strict_config(delta, now):
                     changed += 1
                 continue
             bucket = buckets.get(delta.key)
+            if (
+                bucket is not None
+                and bucket.config.mode != SHARED
+                and bucket.config.version >= delta.config.version
+            ):
+                continue  # a strict or local bucket here (the newer config): never merged
             if bucket is None:
                 fresh = self._compact(Bucket.from_delta(delta, rid))
                 if fresh.expired(now):
@@ -592,13 +785,17 @@ class Limiter:
                 if self.evicted and delta.key not in self.tombstones:
                     self._settle_evicted(delta.key, bucket)
             else:
-                if delta.config.version > bucket.config.version and delta.epoch == bucket.epoch:
-                    # A newer per-key config: adopt it here first, as a local write
+                if delta.config.version > bucket.config.version:
+                    # A newer config orders by its version alone, whatever the epochs (a
+                    # mode change back to shared must reach a region whose own bucket
+                    # was re-created in a later epoch). Adopt it here first, as a local write
                     # keeping the level we see now, so that a base proposed before we
                     # drained the bucket cannot hand back refill we already forgot
                     # (the max of both proposals wins). Like a rule config's adoption,
                     # this makes the base depend on merge order until replicas exchange.
                     self._adopt(delta.key, bucket, delta.config, now)
+                    if delta.key in self.key_configs:  # the per-key record follows
+                        self.key_configs[delta.key] = delta.config
                     bucket.merge(delta, rid, now)
                     changed += 1
                 elif bucket.merge(delta, rid, now):
@@ -730,8 +927,9 @@ class Limiter:
         bucket = self.buckets.pop(key)
         self.dirty.discard(key)
         self.expired_total += 1
-        if self.key_configs:
-            self.key_configs.pop(key, None)  # per-key limits go with the bucket, as shared
+        # A strict key's per-key config outlives its bucket (kept in key_configs, applied
+        # when the key comes back): its region would otherwise revert to the rule's share
+        # while the others keep the patched one.
         if bucket.mine and bucket.config.mode == SHARED and self.keep_tombstones:
             tombstones = self.tombstones
             tombstones.pop(key, None)  # re-inserted last: the dict stays oldest-first
@@ -825,7 +1023,15 @@ class Limiter:
         memory at once.
         """
         return msgspec.msgpack.encode(
-            Snapshot(SNAPSHOT_FORMAT, self.replica_id, self.hlc.last, dict(self.rule_configs), [])
+            Snapshot(
+                SNAPSHOT_FORMAT,
+                self.replica_id,
+                self.hlc.last,
+                dict(self.rule_configs),
+                [],
+                dict(self.file_versions),
+                dict(self.key_configs),
+            )
         )
 
     def snapshot_part(self, keys: Iterable[str]) -> DeltaBatch:
@@ -848,6 +1054,8 @@ class Limiter:
             self.hlc.last,
             dict(self.rule_configs),
             [bucket.full_state(key, rid) for key, bucket in self.buckets.items()],
+            dict(self.file_versions),
+            dict(self.key_configs),
         )
         return msgspec.msgpack.encode(state)
 
@@ -880,8 +1088,18 @@ class Limiter:
         )
         limiter.hlc.observe(snap.hlc)
         rid = limiter.replica_id
+        limiter.file_versions = {
+            name: (version[0], version[1]) for name, version in snap.files.items()
+        }
+        limiter.key_configs = dict(snap.keys)
         for name, config in snap.rules.items():
-            if name in limiter.rule_configs and config.version[0] > 0:
+            # a runtime config, or another (stamped) file version this replica had adopted
+            current = limiter.rule_configs.get(name)
+            if (
+                current is not None
+                and config.version > current.version
+                and not legacy_file_version(config.version)
+            ):
                 limiter.rule_configs[name] = config
         for delta in snap.buckets:
             # a snapshot written in slices may hold configs newer than its head's hlc

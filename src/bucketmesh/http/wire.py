@@ -129,6 +129,15 @@ class SyncStatus(msgspec.Struct):
     peers: dict[str, PeerStatus]
 
 
+class TaskStatus(msgspec.Struct):
+    """A background task of the node: ``ok``, ``failing`` (retried with backoff) or
+    ``stopped``; its failures so far and the last one's error."""
+
+    state: str
+    failures: int
+    last_error: str | None = None
+
+
 class StatusBody(msgspec.Struct):
     region: str
     node: str
@@ -139,6 +148,7 @@ class StatusBody(msgspec.Struct):
     version: str
     uptime_s: float
     bucket: BucketStateBody | None = None
+    tasks: dict[str, TaskStatus] = {}
 
 
 class Health(msgspec.Struct):

@@ -88,6 +88,7 @@ def _mesh_settings(config: Config) -> MeshSettings | None:
         interval_s=config.sync.interval_ms / 1000,
         peer_timeout_s=config.sync.peer_timeout_ms / 1000,
         max_message_bytes=config.limits.max_body_bytes,
+        unrecovered_start=config.sync.unrecovered_start,
     )
 
 

@@ -163,6 +163,9 @@ class SyncConfig(_Section, frozen=True):
     secret_file: str | None = None
     interval_ms: _Count = 20
     peer_timeout_ms: _Count = 1000
+    # a node without a snapshot whose start-up pull reaches no peer: shared buckets it
+    # creates refill from zero at its start (refill), or start full (full); docs/sync.md
+    unrecovered_start: Literal["refill", "full"] = "refill"
 
     @property
     def regions(self) -> tuple[str, ...]:

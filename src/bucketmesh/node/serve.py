@@ -10,18 +10,15 @@ see :meth:`Node.run`, closes); shutdown stops accepting, lets in-flight
 requests finish, sends what the mesh still has queued, and writes a final
 snapshot.
 
-SIGHUP is a graceful stop, not a reload. What a reload could change safely
-is almost nothing: the rules loaded from a file carry version 0 with a digest
-of their limits (docs/design.md, "Config changes"), so an edited file loses to
-every runtime PATCH, wins or loses against the other regions' files by digest
-order rather than by age, and leaves every live bucket on the config it was
-created with. Re-reading it in a running node would look like a config change
-while changing only new keys, differently in each region. A restart makes the
-same change explicit (and takes a new incarnation, which the design reasons
-about); runtime changes go through ``PATCH /v1/buckets/{key}``, which
-replicates. Stopping gracefully is also what a hang-up means when the terminal
-that started the node goes away: nothing granted is lost, a final snapshot is
-written.
+SIGHUP is a graceful stop, not a reload. The rules loaded from a file carry
+clock 0 and the stamp of this node's first load of their limits
+(docs/design.md, "Config changes"): a restart with an edited file stamps it
+anew, so it wins over the old file in every region and moves the restored
+buckets to it. A restart is the explicit way to apply a file (and takes a new
+incarnation, which the design reasons about); runtime changes go through
+``PATCH /v1/buckets/{key}``, which replicates. Stopping gracefully is also
+what a hang-up means when the terminal that started the node goes away:
+nothing granted is lost, a final snapshot is written.
 
 With a snapshot file, the node also keeps a write-ahead log of its own grants
 (``storage/wal.py``; ``durability: relaxed`` survives kill -9, ``strict`` power loss):
@@ -49,12 +46,15 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bucketmesh.api.routes import RatingApp, SyncView
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
+from bucketmesh.http import wire
+from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import HttpServer
 from bucketmesh.node.settings import NodeSettings
@@ -63,6 +63,7 @@ from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.tasks import Supervisor
 
 if TYPE_CHECKING:
     from bucketmesh.integrations.envoy import EnvoyServer
@@ -99,6 +100,9 @@ class Node:
         self.backend: RedisBackend | None = None
         self.memory: MemoryStore | None = None
         self.metrics = NodeMetrics()
+        # Every background task runs under it: none can die silently (telemetry/tasks.py).
+        self.supervisor = Supervisor(log)
+        self.metrics.labelled.append(self.supervisor.metric_families)
         decider: Decider
         replica: Replica
         if settings.storage == "redis":
@@ -138,6 +142,18 @@ class Node:
             decider = self.memory
             replica = self.memory.limiter
         self.decider = decider
+        # Idempotency-Key answers: in Redis for every node of the region, or beside the
+        # snapshot so that a retry after a crash is not charged again (http/idempotency.py).
+        if self.backend is not None:
+            idempotency = IdempotencyCache(shared=self.backend.idempotency)
+        elif self.memory is not None and self.memory.snapshot is not None:
+            path = self.memory.snapshot.path
+            idempotency = IdempotencyCache(
+                log=IdempotencyLog(path.with_name(path.name + ".idempotency"))
+            )
+            idempotency.restore(time.monotonic())
+        else:
+            idempotency = IdempotencyCache()
         self.mesh = Mesh(replica, settings.sync) if settings.sync is not None else None
         if self.mesh is None and self.memory is not None:
             self.memory.limiter.keep_tombstones = False  # nothing will ever merge into it
@@ -153,6 +169,8 @@ class Node:
             sync=sync if sync is not None else self.mesh,
             version=settings.version,
             ready=self.readiness,
+            tasks=self.task_status,
+            idempotency=idempotency,
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
@@ -160,6 +178,7 @@ class Node:
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
+        self.started_ns = time.time_ns()  # this life began no later than this
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
@@ -174,10 +193,24 @@ class Node:
         return self.backend.mirror.limiter
 
     def readiness(self) -> dict[str, str]:
+        store = "ok"
+        if self.backend is not None:
+            store = self.backend.readiness()
+        elif self.memory is not None and self.memory.wal is not None:
+            store = self.memory.wal.readiness()
         return {
             "config": "ok",
-            "store": "ok" if self.backend is None else self.backend.readiness(),
+            "store": store,
             "listener": "ok" if self.serving else "not listening",
+            "tasks": self.supervisor.readiness(),
+        }
+
+    def task_status(self) -> dict[str, wire.TaskStatus]:
+        """Every background task's state, for /v1/status."""
+        supervisor = self.supervisor
+        return {
+            name: wire.TaskStatus(supervisor.state_of(name), state.failures, state.last_error)
+            for name, state in sorted(supervisor.tasks.items())
         }
 
     @staticmethod
@@ -186,9 +219,8 @@ class Node:
 
     async def start(self) -> None:
         if self.backend is not None:
-            await self.backend.start()
-        if self.mesh is not None:
-            await self.mesh.pull_at_start()
+            await self.backend.start(self.supervisor)
+        await self._recover_state()
         host, port = self.settings.host, self.settings.port
         try:
             await self.server.start(host, port)
@@ -204,11 +236,63 @@ class Node:
                 # the Envoy server's own message names the address and envoyListen
                 raise StartError(str(error)) from None
         self.serving = True
+        supervisor = self.supervisor
         if self.mesh is not None:
-            self.mesh.start()
-        self.tasks.append(asyncio.create_task(self._sweep()))
+            self.mesh.start(supervisor)
+        self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
         if self.memory is not None and self.memory.snapshot is not None:
-            self.tasks.append(asyncio.create_task(self._snapshots()))
+            # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
+            interval = self.settings.snapshot_interval_s
+            self.tasks.append(supervisor.every("snapshot", interval, self._snapshot_step))
+
+    async def _recover_state(self) -> None:
+        """Pull the peers' state; on a node that restored nothing (no snapshot), decide
+        how its shared buckets start (docs/storage.md, "Starting without a snapshot")."""
+        limiter = self.memory.limiter if self.memory is not None else None
+        if limiter is not None and self.settings.snapshot is None:
+            # Nothing says what a previous life of this node spent: every bucket counts
+            # as empty at this start until a full bucket has refilled (strict and local
+            # ones always; shared ones until the start-up pull reaches a peer; without a
+            # mesh, memory only is a choice). docs/storage.md, "Starting without a snapshot".
+            limiter.begin_recovery(self.started_ns, shared=self.mesh is not None)
+        if self.mesh is None:
+            return
+        wait = None
+        if limiter is not None and limiter.unknown_since is not None:
+            # nothing restored: a silent peer is worth waiting for (a partition, or a peer
+            # slow to answer), one that refuses is not (docs/sync.md, start-up)
+            wait = max(self.mesh.settings.startup_pull_s, self.mesh.settings.unrecovered_wait_s)
+            log.warning(
+                "sync is enabled without storage.snapshot: what this node spent before a "
+                "restart is known only to the peers it reached; strict and local buckets "
+                "start empty and refill, and so do shared ones if no peer can be pulled"
+            )
+        outcome = await self.mesh.pull_at_start(wait)
+        if limiter is None or limiter.gates is None:
+            return
+        if outcome.pulled or not outcome.silent or self.settings.sync is None:
+            # a peer's state is merged, or every peer is down (nobody else holds what
+            # this node's previous life sent: docs/sync.md)
+            limiter.end_shared_recovery()
+            return
+        if self.settings.sync.unrecovered_start == "full":
+            log.warning(
+                "no peer answered the start-up pull (%s silent): serving full buckets "
+                "(sync.unrecoveredStart: full)",
+                ", ".join(outcome.silent),
+            )
+            limiter.end_shared_recovery()
+            return
+        # What its previous life spent behind the same silence is known to nobody, and a
+        # peer pulled later knows only what it acknowledged: the gate stays until a full
+        # bucket has refilled since this start.
+        log.warning(
+            "no peer answered the start-up pull (%s silent): for up to %.0f s, shared "
+            "buckets this node creates refill from zero at its start "
+            "(sync.unrecoveredStart: refill)",
+            ", ".join(outcome.silent),
+            (limiter.recovery_until - limiter.clock()) / 1e9,
+        )
 
     async def _start_envoy(self, host: str, port: int) -> None:
         # imported here: grpc is only loaded by nodes that serve Envoy
@@ -217,29 +301,23 @@ class Node:
         self.envoy = EnvoyServer(RateLimitServicer(self.decider, self.metrics), host, port)
         await self.envoy.start()
 
-    async def _sweep(self) -> None:
-        limiter = self.memory.limiter if self.memory is not None else None
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            if self.backend is not None:
-                self.backend.sweep(SWEEP_BUDGET)
-            if limiter is None:
-                continue
-            limiter.expire_step(budget=SWEEP_BUDGET)
-            if self.mesh is None:
-                # No mesh drains the dirty set: left alone it would grow to one
-                # entry per live bucket (about 36 bytes each at a million).
-                limiter.dirty.clear()
-                limiter.dirty_rules.clear()
+    def _sweep(self) -> None:
+        if self.backend is not None:
+            self.backend.sweep(SWEEP_BUDGET)
+        if self.memory is None:
+            return
+        limiter = self.memory.limiter
+        limiter.expire_step(budget=SWEEP_BUDGET)
+        if self.mesh is None:
+            # No mesh drains the dirty set: left alone it would grow to one
+            # entry per live bucket (about 36 bytes each at a million).
+            limiter.dirty.clear()
+            limiter.dirty_rules.clear()
 
-    async def _snapshots(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.snapshot_interval_s)
-            try:
-                await self.save_snapshot()
-            except OSError as error:
-                # the log keeps every grant meanwhile; the next interval tries again
-                log.error("snapshot failed: %s", error)
+    async def _snapshot_step(self) -> None:
+        await self.save_snapshot()
+        # the Idempotency-Key answers' file keeps only those still live
+        self.app.idempotency.compact(self.app.monotonic())
 
     async def save_snapshot(self) -> None:
         if self.memory is not None:
@@ -260,7 +338,12 @@ class Node:
         if self.backend is not None:
             await self.backend.stop()
         if self.memory is not None:
-            await self.memory.save_snapshot()
+            try:
+                await self.memory.save_snapshot()
+            except OSError as error:
+                # Nothing granted is lost: the write-ahead log still holds what the
+                # last snapshot does not, and the next start replays it.
+                log.error("final snapshot failed: %s; the write-ahead log keeps every grant", error)
             self.memory.close()
 
     def request_stop(self, reason: str) -> None:

@@ -20,10 +20,19 @@ _IDLE_REUSE_S: Final = 2.0  # reconnect rather than reuse a connection idle this
 class LinkError(Exception):
     """A request to a peer that did not produce an authentic reply."""
 
-    def __init__(self, message: str, *, refused: bool = False, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        refused: bool = False,
+        status: int | None = None,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(message)
         self.refused = refused
         self.status = status
+        #: no answer in time: the peer may be alive behind a partition
+        self.timed_out = timed_out
 
 
 class _Reply:
@@ -78,7 +87,7 @@ class HttpLink:
                 )
             except asyncio.TimeoutError:
                 self.close()
-                raise LinkError("no answer within the peer timeout") from None
+                raise LinkError("no answer within the peer timeout", timed_out=True) from None
             except ConnectionRefusedError as error:
                 self.close()
                 raise LinkError(f"connection refused ({error.strerror})", refused=True) from None

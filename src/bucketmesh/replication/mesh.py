@@ -60,8 +60,9 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from typing import Final, Protocol, TypeVar
 
 import msgspec
@@ -85,6 +86,7 @@ from bucketmesh.replication.link import HttpLink, LinkError
 from bucketmesh.replication.outbox import Outbox
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import Histogram
+from bucketmesh.telemetry.tasks import Supervisor
 
 log = logger("mesh")
 
@@ -99,11 +101,32 @@ class Replica(Protocol):
     @property
     def buckets(self) -> Mapping[str, Bucket]: ...
 
+    @property
+    def key_configs(self) -> Mapping[str, BucketConfig]: ...
+
     def collect_deltas(self) -> DeltaBatch: ...
 
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch: ...
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int: ...
+
+
+PULLED: Final = "pulled"
+SILENT: Final = "silent"  # (DOWN, as a peer state, is the third outcome)
+
+
+@dataclass
+class PullOutcome:
+    """What a start-up pull reached: regions pulled, down, and silent (see
+    ``Mesh.pull_at_start``)."""
+
+    pulled: list[str] = field(default_factory=list)
+    down: list[str] = field(default_factory=list)
+    silent: list[str] = field(default_factory=list)
+
+
+class UnencodableDeltas(Exception):
+    """Deltas the wire format cannot carry were left out of a collect."""
 
 
 UP: Final = "up"
@@ -173,6 +196,13 @@ class MeshSettings:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 1.0
     bulk_timeout_s: float = 10.0
+    #: a node that starts without a snapshot and reaches no peer: ``refill`` (shared
+    #: buckets it creates refill from zero at its start until a peer is pulled) or
+    #: ``full`` (they start full: whatever its previous life spent may be granted again)
+    unrecovered_start: str = "refill"
+    #: how long such a node waits for a silent peer's answer at start (one that
+    #: refuses the connection is not waited for)
+    unrecovered_wait_s: float = 10.0
     #: delta messages in flight per peer, each on its own keep-alive connection: with
     #: one, a delta collected while a message is in flight waits for its ack, so the
     #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
@@ -326,6 +356,7 @@ class Mesh:
         self.foreign_entries = 0
         self._warned_foreign = False
         self.received = 0
+        self.unencodable = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.running = False
 
@@ -367,14 +398,22 @@ class Mesh:
             },
         )
 
-    def start(self) -> None:
+    def start(self, supervisor: Supervisor | None = None) -> None:
+        """Start the collector and every peer's senders and bulk loop under
+        ``supervisor`` (the node's: a task that fails is logged, counted, shown in
+        /readyz and /v1/status, and restarted; never silently gone)."""
         self.running = True
-        self.tasks.append(asyncio.create_task(self._collect_loop()))
-        for peer in self.peers.values():
-            self.tasks.append(asyncio.create_task(self._send_loop(peer)))
+        tasks = supervisor or Supervisor(log)
+        self.tasks.append(tasks.every("sync-collect", self.settings.interval_s, self.collect))
+        for region, peer in self.peers.items():
+            self.tasks.append(tasks.run(f"sync-send:{region}", partial(self._send_loop, peer)))
             for index in range(1, len(peer.links)):
-                self.tasks.append(asyncio.create_task(self._pipeline_loop(peer, index)))
-            self.tasks.append(asyncio.create_task(self._bulk_loop(peer)))
+                self.tasks.append(
+                    tasks.run(
+                        f"sync-send:{region}:{index}", partial(self._pipeline_loop, peer, index)
+                    )
+                )
+            self.tasks.append(tasks.run(f"sync-bulk:{region}", partial(self._bulk_loop, peer)))
 
     async def stop(self, flush_s: float = 1.0) -> None:
         """Send what is still queued to the peers that are up (for at most ``flush_s``),
@@ -409,25 +448,36 @@ class Mesh:
     # -- sending -----------------------------------------------------------------
 
     def collect(self) -> int:
-        """Move the limiter's dirty deltas into every peer's outbox; returns how many."""
+        """Move the limiter's dirty deltas into every peer's outbox; returns how many.
+
+        A delta that cannot be encoded does not hold up the others: they are queued,
+        then ``UnencodableDeltas`` names the keys left out (the supervisor logs and
+        counts it, and /readyz shows it)."""
         batch = self.limiter.collect_deltas()
         if not batch.deltas and not batch.rules:
             return 0
         now = self.clock()
-        encoded = [(delta.key, sync.encode_delta(delta)) for delta in batch.deltas]
+        encoded = []
+        refused: list[tuple[str, Exception]] = []
+        for delta in batch.deltas:
+            try:
+                encoded.append((delta.key, sync.encode_delta(delta)))
+            except (msgspec.EncodeError, OverflowError, ValueError) as error:
+                refused.append((delta.key, error))
+        self.unencodable += len(refused)
         for peer in self.peers.values():
             if not peer.offer(encoded, batch.rules, now, self.settings.max_pending):
                 self.log(
                     f"sync: backlog for {peer.region} exceeded {self.settings.max_pending} "
                     "buckets; dropped it, a full-state transfer follows when it is back"
                 )
+        if refused:
+            key, reason = refused[0]
+            raise UnencodableDeltas(
+                f"{len(refused)} delta(s) could not be encoded and were not replicated "
+                f"(first: key {key[:80]!r}: {reason!r})"
+            )
         return len(encoded)
-
-    async def _collect_loop(self) -> None:
-        interval = self.settings.interval_s
-        while self.running:
-            await asyncio.sleep(interval)
-            self.collect()
 
     def _budget(self, rules: Mapping[str, BucketConfig]) -> int:
         overhead = _ENVELOPE_OVERHEAD + len(self.settings.cluster_id) + len(self.replica_id) * 2
@@ -603,7 +653,7 @@ class Mesh:
         peer.full_wanted = False
         peer.box.clear()
         peer.full_transfers += 1
-        keys = await self._live_keys()
+        keys = self._with_key_configs(await self._live_keys())
         try:
             if not keys:
                 await self._push_state(peer, self.limiter.full_state([]))
@@ -708,32 +758,44 @@ class Mesh:
 
     # -- start-up ------------------------------------------------------------------
 
-    async def pull_at_start(self) -> None:
+    async def pull_at_start(self, wait_s: float | None = None) -> PullOutcome:
         """Merge the full state of every reachable peer before this node decides anything.
 
         ``startup_pull`` bounds only the wait for a peer's *first* answer (a peer that
         is down must not hold the start up); a peer that answers is pulled to the end,
         however large its state, each request with the bulk timeout: a node that
         stopped half-way would serve keys it has not recovered and grant again what
-        its previous life spent."""
-        deadline = self.monotonic() + self.settings.startup_pull_s
+        its previous life spent. Says which peers were pulled, which were down (refused
+        the connection, closed it, answered an error) and which stayed silent (no
+        answer in time: alive, maybe, behind a partition). ``wait_s`` (default
+        ``startup_pull``) is how long a silent peer is waited for."""
+        deadline = self.monotonic() + (self.settings.startup_pull_s if wait_s is None else wait_s)
         results = await asyncio.gather(
-            *(self._pull_from(peer, deadline) for peer in self.peers.values())
+            *(self._pull_from(peer, deadline) for peer in self.peers.values()),
+            return_exceptions=True,
         )
-        pulled = [region for region, ok in zip(self.peers, results, strict=True) if ok]
+        outcome = PullOutcome()
+        for region, result in zip(self.peers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("sync: start-up pull from %s failed", region, exc_info=result)
+                outcome.down.append(region)
+            else:
+                getattr(outcome, result).append(region)
         if self.peers:
             self.log(
-                f"sync: start-up state pulled from {', '.join(pulled) or 'no peer'}"
+                f"sync: start-up state pulled from {', '.join(outcome.pulled) or 'no peer'}"
                 f" ({len(self.limiter.buckets)} buckets)"
             )
+        return outcome
 
-    async def _pull_from(self, peer: Peer, deadline: float) -> bool:
+    async def _pull_from(self, peer: Peer, deadline: float) -> str:
         groups = [
             list(range(start, min(sync.RANGES, start + _PULL_GROUP)))
             for start in range(0, sync.RANGES, _PULL_GROUP)
         ]
         answered = False
         failures = 0
+        silent = True
         for group in groups:
             while True:
                 if answered:  # reached: each request gets the bulk timeout
@@ -741,7 +803,7 @@ class Mesh:
                 else:
                     remaining = deadline - self.monotonic()
                     if remaining <= 0:
-                        return False
+                        return SILENT if silent else DOWN
                 body = sync.encode(sync.PullRequest(group))
                 try:
                     reply = await self._request(
@@ -750,6 +812,7 @@ class Mesh:
                 except LinkError as error:
                     peer.last_error = str(error)
                     failures += 1
+                    silent = silent and error.timed_out  # only ever timeouts: a black hole
                     gave_up = answered and failures > _PULL_RETRIES
                     if error.refused or error.status is not None or gave_up:
                         if answered:
@@ -758,14 +821,14 @@ class Mesh:
                                 f"{failures} failures ({error}); the digest exchange repairs "
                                 "the rest"
                             )
-                        return False
+                        return DOWN
                     await asyncio.sleep(min(self.settings.backoff_initial_s, remaining))
                     continue
                 answered = True
                 failures = 0
                 self._merge(reply.state)
                 break
-        return True
+        return PULLED
 
     # -- receiving -----------------------------------------------------------------
 
@@ -856,7 +919,28 @@ class Mesh:
         return list(ranges)
 
     async def _state_of_ranges(self, ranges: Sequence[int]) -> DeltaBatch:
-        return self.limiter.full_state(await self._live_keys(set(ranges)))
+        chosen = set(ranges)
+        return self.limiter.full_state(
+            self._with_key_configs(await self._live_keys(chosen), chosen)
+        )
+
+    def _with_key_configs(
+        self, keys: list[str], ranges: Collection[int] | None = None
+    ) -> list[str]:
+        """``keys`` and the keys (in ``ranges``) with a per-key config of a strict or
+        local key: their configs travel alone in state transfers and pulls, so that a
+        region restarted without a snapshot gets them back (the digest leaves them out)."""
+        configs = self.limiter.key_configs
+        if not configs:
+            return keys
+        present = set(keys)
+        range_of = sync.range_of
+        extra = [
+            key
+            for key in configs
+            if key not in present and (ranges is None or range_of(key) in ranges)
+        ]
+        return keys + extra if extra else keys
 
     async def receive_digest(self, request: Request) -> Response:
         env, payload = self._open(request, sync.DIGEST)
@@ -909,6 +993,11 @@ class Mesh:
             "bucketmesh_sync_foreign_entries",
             "Replica entries refused from peers: their region is not in sync.peers",
             value=self.foreign_entries,
+        )
+        yield CounterMetricFamily(
+            "bucketmesh_sync_unencodable_deltas",
+            "Deltas left unreplicated because the wire format cannot encode them",
+            value=self.unencodable,
         )
         yield CounterMetricFamily(
             "bucketmesh_sync_merged_buckets",

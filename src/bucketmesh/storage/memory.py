@@ -177,6 +177,12 @@ def _read_state(
         limiter = Limiter(rules, replica_id=replica_id, max_buckets=max_buckets, regions=regions)
     if recovered is not None:
         replay_into(limiter, recovered)
+    # The file's rules: an unchanged one keeps the version this node gave it before,
+    # a changed one gets a fresh one, and restored buckets follow (docs/design.md).
+    changed = limiter.stamp_file_rules()
+    limiter.rescale_shares()  # strict shares follow the number of regions
+    if changed and snapshot is not None:
+        log.info("rules changed in the file since the last start: %s", ", ".join(changed))
     return limiter, recovered
 
 
@@ -227,6 +233,11 @@ class MemoryStore:
         self.rule_of = limiter.rule_of
         self.live_buckets = limiter.live_buckets
         self.commit = self.wal.barrier if self.wal is not None else limiter.commit
+        limiter.on_acquire_changed = self._rebind
+
+    def _rebind(self) -> None:
+        """The limiter's recovery gate was set or lifted (``Limiter.begin_recovery``)."""
+        self.acquire = self.limiter.acquire
 
     @classmethod
     def open(

@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
+import msgspec
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from bucketmesh.core.bucket import (
@@ -76,6 +77,8 @@ from bucketmesh.core.limiter import (
     share_of,
 )
 from bucketmesh.core.rules import STORE_FAILURE_POLICIES, Rule
+from bucketmesh.http.idempotency import IDEMPOTENCY_TTL_S, CacheKey, Record, record_of
+from bucketmesh.http.server import Response
 from bucketmesh.storage.memory import install_limiter_metrics
 from bucketmesh.storage.redis_store import (
     ALLOWED,
@@ -89,6 +92,7 @@ from bucketmesh.storage.redis_store import (
 )
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.tasks import Supervisor
 
 log = logger("redis")
 
@@ -105,6 +109,60 @@ DENY_RETRY_S: Final = 1.0
 
 # A queued decision and what to call with its Decision (or its error) once known.
 Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
+
+
+#: A claim's lifetime before its answer is recorded: a node that dies while deciding
+#: holds the key no longer than this (a retry then decides again).
+IDEMPOTENCY_CLAIM_S: Final = 10.0
+_PENDING: Final = "pending"
+
+
+class RegionIdempotency:
+    """Idempotency records in the region's Redis (``http.idempotency.SharedIdempotency``):
+    ``SET NX`` claims a request before it is decided, the answer replaces the claim for
+    ``IDEMPOTENCY_TTL_S``; every node of the region sees both."""
+
+    def __init__(self, store: RedisStore, ttl_s: float = IDEMPOTENCY_TTL_S) -> None:
+        self.store = store
+        self.ttl_ms = int(ttl_s * 1000)
+        self.claim_ms = int(IDEMPOTENCY_CLAIM_S * 1000)
+        self.prefix = f"bm:{store.region}:idem:"
+        self.unavailable = 0
+
+    def _key(self, key: CacheKey) -> str:
+        return self.prefix + key.hex()
+
+    async def claim(self, key: CacheKey) -> Response | bool | None:
+        redis, name = self.store.redis, self._key(key)
+        try:
+            if await self.store._call(redis.set(name, _PENDING, nx=True, px=self.claim_ms)):
+                return True
+            value = await self.store._call(redis.get(name))
+        except StoreUnavailable:
+            self.unavailable += 1
+            return None
+        if value is None:  # the claim expired in between: try again
+            return False
+        if value == _PENDING:
+            return False
+        try:
+            return msgspec.json.decode(value, type=Record).response()
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    async def record(self, key: CacheKey, response: Response) -> None:
+        expires_ns = time.time_ns() + self.ttl_ms * 1_000_000
+        value = msgspec.json.encode(record_of(key, response, expires_ns)).decode()
+        try:
+            await self.store._call(self.store.redis.set(self._key(key), value, px=self.ttl_ms))
+        except StoreUnavailable:
+            self.unavailable += 1
+
+    async def release(self, key: CacheKey) -> None:
+        name = self._key(key)
+        with contextlib.suppress(StoreUnavailable):
+            if await self.store._call(self.store.redis.get(name)) == _PENDING:
+                await self.store._call(self.store.redis.delete(name))
 
 
 class InexactConfig(ValueError):
@@ -145,6 +203,10 @@ class RegionMirror:
     @property
     def replica_id(self) -> str:
         return self.limiter.replica_id
+
+    @property
+    def key_configs(self) -> dict[str, BucketConfig]:
+        return self.limiter.key_configs
 
     @property
     def buckets(self) -> dict[str, Bucket]:
@@ -268,6 +330,7 @@ class RedisBackend:
         self.region = region
         self.regions = regions
         self.store = RedisStore(url, region, timeout_s=timeout_s, connections=connections)
+        self.idempotency = RegionIdempotency(self.store)
         self.max_inflight = connections
         self.rules_named = {rule.name: rule for rule in rules}
         started_ms = time.time_ns() // 1_000_000
@@ -475,18 +538,21 @@ class RedisBackend:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Take the store's incarnation if Redis answers (else start down and retry)."""
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Take the store's incarnation if Redis answers (else start down and retry),
+        then run the health, merge and read-back loops under ``supervisor`` (a loop that
+        fails is logged, counted, shown and restarted: ``telemetry/tasks.py``)."""
         try:
             await self._rejoin(timeout_s=max(1.0, self.store.timeout_s))
             self.up = True
             await self._check_eviction(timeout_s=max(1.0, self.store.timeout_s))
         except (StoreUnavailable, StaleIncarnation) as error:
             self._mark_down(error)
+        tasks = supervisor or Supervisor(log)
         self.tasks = [
-            asyncio.create_task(self._health_loop()),
-            asyncio.create_task(self._remote_loop()),
-            asyncio.create_task(self._refresh_loop()),
+            tasks.run("redis-health", self._health_loop),
+            tasks.run("redis-merge", self._remote_loop),
+            tasks.run("redis-refresh", self._refresh_loop),
         ]
 
     async def stop(self) -> None:

@@ -335,6 +335,8 @@ class WriteAheadLog:
         self.groups = 0
         self.syncs = 0
         self.write_errors = 0
+        #: the last write's error while writes fail (None once one succeeds again)
+        self.failing: str | None = None
         self._retiring = [_Segment(path, -1) for _, path in existing]
         self._segment = self._open(self.seq)
         self._waiters: list[asyncio.Future[bool]] = []
@@ -436,7 +438,16 @@ class WriteAheadLog:
         batch = self.limiter.collect_journal()
         if batch is None:
             return True
-        data = frame(batch)
+        try:
+            data = frame(batch)
+        except (msgspec.EncodeError, OverflowError, ValueError) as error:
+            # A bug, not the disk: the group cannot be encoded. Its waiters get False
+            # (503, nothing hangs), it is counted and shown in /readyz; putting it back
+            # would fail the same way at every later write.
+            self.write_errors += 1
+            self.failing = f"a group could not be encoded: {error!r}"
+            log.error("write-ahead log: %s", self.failing, exc_info=error)
+            return False
         segment = self._segment
         try:
             if segment.broken:
@@ -445,6 +456,7 @@ class WriteAheadLog:
             _write_all(segment.fd, data)
         except OSError as error:
             self.write_errors += 1
+            self.failing = str(error)
             log.error("write-ahead log: %s", error)
             self.journal.keys.update(d.key for d in batch.deltas)
             self.journal.rules.update(batch.rules)
@@ -456,7 +468,13 @@ class WriteAheadLog:
             return False
         segment.size += len(data)
         self.groups += 1
+        self.failing = None
         return True
+
+    def readiness(self) -> str:
+        """``ok``, or why the last write failed (its requests got 503): not ready
+        until a write succeeds again."""
+        return "ok" if self.failing is None else f"write-ahead log failing: {self.failing}"
 
     def barrier(self) -> asyncio.Future[bool] | None:
         """None when every grant made so far is as durable as promised; else a future
@@ -481,7 +499,13 @@ class WriteAheadLog:
     def _commit(self) -> None:
         """End of tick: write this tick's group; strict: fsync it in the helper thread."""
         self._scheduled = False
-        written = self.write_pending()
+        try:
+            written = self.write_pending()
+        except Exception as error:  # never leave a waiter (a PATCH, a grant) hanging
+            self.write_errors += 1
+            self.failing = repr(error)
+            log.error("write-ahead log: a group could not be written", exc_info=error)
+            written = False
         waiters, self._waiters = self._waiters, []
         if not waiters:
             return
@@ -507,6 +531,7 @@ class WriteAheadLog:
         error = future.exception()
         if error is not None:
             self.write_errors += 1
+            self.failing = str(error)
             log.error("write-ahead log fsync: %s", error)
             _resolve(waiters, False)
         else:

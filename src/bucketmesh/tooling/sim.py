@@ -714,7 +714,7 @@ class Simulation:
 
     def _broadcast(self, src: int, batch: DeltaBatch, peers: Sequence[int] | range) -> None:
         for delta in batch.deltas:
-            config_only = delta.config.mode == STRICT and not delta.used and not delta.epoch
+            config_only = delta.config.mode != SHARED and not delta.used and not delta.epoch
             if delta.config.mode != SHARED and not config_only:
                 self._fail(
                     "local and strict buckets never replicate",

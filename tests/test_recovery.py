@@ -1,0 +1,185 @@
+"""A node that restarts without the state of its previous life never grants that life's
+tokens again (issue 12, cases 3, 4 and 11; issue 23, case 5). Real ``bucketmesh serve``
+processes, killed with kill -9 and restarted, in meshes of two and three regions.
+
+- strict mode (its counters never leave the region): a node restarted without a
+  snapshot starts its strict buckets empty and lets them refill from its start;
+- a node restarted without a snapshot while every peer is silent (a partition) does
+  the same for its shared buckets;
+- strict shares follow a change in the number of regions (restored buckets are
+  rescaled keeping what they spent, a joining region starts empty);
+- a strict key's per-key PATCH outlives the key's bucket going idle in one region.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import Mesh, MeshNode, ServerFactory, eventually
+
+ADMIN_TOKEN = "admin-token"
+
+
+def strict_rule(capacity: int) -> dict[str, Any]:
+    # one token per 1000 s over the whole mesh: no refill within a test
+    return {"name": "s", "key": "s-{{ .Request.Query.k }}", "capacity": capacity,
+            "refillRate": 0.001, "ttl": 3600, "mode": "strict"}  # fmt: skip
+
+
+def granted(node: MeshNode, path: str, count: int) -> int:
+    with httpx.Client(base_url=node.base_url, timeout=10.0) as client:
+        return sum(client.post(path).status_code == 200 for _ in range(count))
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["no-snapshot", "snapshot"])
+def test_a_strict_region_killed_and_restarted_grants_nothing_twice(
+    serve: ServerFactory, tmp_path: Path, snapshot: bool
+) -> None:
+    """Issue 12, case 3: limit 10 over two regions, each spends its 5, one is killed
+    and restarted: it granted its 5 again. The first lives start with snapshot paths of
+    their own that do not exist yet (a first start: full shares); the restart keeps its
+    snapshot (restored exactly) or runs without one (its strict buckets start empty)."""
+    regions = ["us-east-1", "eu-central-1"]
+    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in regions}
+    mesh = Mesh(serve, regions, buckets=[strict_rule(10)], overrides=overrides).start()
+    a, b = mesh[0], mesh[1]
+    total = granted(a, "/v1/rate?k=x", 8) + granted(b, "/v1/rate?k=x", 8)
+    assert total == 10  # each region its share of 5
+
+    a.kill()
+    if not snapshot:
+        del a.config["storage"]["snapshot"]
+    mesh.restart(a)
+    total += granted(a, "/v1/rate?k=x", 8) + granted(b, "/v1/rate?k=x", 8)
+    assert total <= 10, f"{total} granted against a strict limit of 10"
+
+
+@pytest.mark.parametrize("policy", ["refill", "full"])
+def test_a_node_restarted_without_a_snapshot_behind_a_partition_regrants_nothing(
+    serve: ServerFactory, policy: str
+) -> None:
+    """Issue 23, case 5: killed and restarted while cut off from every peer, the node's
+    start-up pull reaches nobody; it used to start with full buckets, which is now
+    what ``sync.unrecoveredStart: full`` asks for (the default is ``refill``)."""
+    rule = {"name": "g", "key": "g-{{ .Request.Query.k }}", "capacity": 100,
+            "refillRate": 0.001, "ttl": 3600}  # fmt: skip
+    regions = ["us-east-1", "eu-central-1"]
+    overrides = {r: {"sync": {"unrecoveredStart": policy}} for r in regions}
+    mesh = Mesh(serve, regions, buckets=[rule], proxied=True, overrides=overrides).start()
+    a, b = mesh[0], mesh[1]
+    assert granted(b, "/v1/rate?k=x", 30) == 30
+    eventually(lambda: a.state("g-x")["tokens_remaining"] == 70, "the grants reached a")
+    mesh.cut(b.name)
+    assert granted(b, "/v1/rate?k=x", 20) == 20  # never acknowledged by anyone
+
+    b.kill()
+    mesh.restart(b)  # still cut off: the pull times out
+    again = granted(b, "/v1/rate?k=x", 100)
+    assert "sync is enabled without storage.snapshot" in b.log()
+    assert "no peer answered the start-up pull" in b.log(), b.log()
+    if policy == "full":
+        assert again == 100  # as asked: the previous life's 50 are granted again
+        return
+    assert again == 0, f"{again} tokens of its previous life granted again"
+    # the other region, which knows the 30, still serves what is left
+    assert granted(a, "/v1/rate?k=x", 100) == 70
+
+
+def test_strict_shares_follow_a_region_joining(serve: ServerFactory, tmp_path: Path) -> None:
+    """Issue 12, case 4: adding region c and restarting everyone left the restored
+    buckets on the old half shares (6 + 6 + 4 for a limit of 12)."""
+    two = ["us-east-1", "eu-central-1"]
+    snap = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in two}
+    mesh = Mesh(serve, two, buckets=[strict_rule(12)], overrides=snap).start()
+    total = sum(granted(node, "/v1/rate?k=x", 8) for node in mesh.nodes.values())
+    assert total == 12
+    for node in mesh.nodes.values():
+        assert node.server is not None and node.server.stop(signal.SIGTERM) == 0
+
+    three = Mesh(serve, [*two, "ap-southeast-2"], buckets=[strict_rule(12)], overrides=snap)
+    three.start()
+    for node in three.nodes.values():
+        state = node.state("s-x")
+        assert state["capacity"] == 4, (node, state)
+    total += sum(granted(node, "/v1/rate?k=x", 8) for node in three.nodes.values())
+    assert total <= 12, f"{total} granted against a strict limit of 12"
+
+
+def test_a_strict_keys_patch_outlives_its_bucket_going_idle(serve: ServerFactory) -> None:
+    """Issue 12, case 11: the region where the key went idle for its ttl reverted to
+    the rule's share (50) while the other kept the patched share (5)."""
+    rule = {**strict_rule(100), "refillRate": 1000.0, "ttl": 1}  # refills at once, idles fast
+    mesh = Mesh(serve, ["us-east-1", "eu-central-1"], buckets=[rule], admin_token=ADMIN_TOKEN)
+    mesh.start()
+    a, b = mesh[0], mesh[1]
+    assert granted(a, "/v1/rate?k=p", 1) == 1
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    patched = a.client.patch("/v1/buckets/s-p", json={"capacity": 10}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    assert granted(b, "/v1/rate?k=p", 1) == 1
+    eventually(lambda: b.state("s-p")["capacity"] == 5, "the patch reaches the other region")
+
+    eventually(lambda: not b.state("s-p")["live"], "the key goes idle and is dropped")
+    assert granted(b, "/v1/rate?k=p", 1) == 1  # re-created
+    assert b.state("s-p")["capacity"] == 5
+
+
+def test_a_patch_of_mode_reaches_every_region_whatever_its_epoch(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """Issue 12, case 12: ``mode=local`` was ignored by the peer, and the patched region
+    kept merging the peer's spending; a change back to shared was ignored by a region
+    whose own bucket had been re-created in a later epoch."""
+    # 10 tokens, one every 2 s; a full bucket idles out after 1 s
+    rule = {"name": "m", "key": "m-{{ .Request.Query.k }}", "capacity": 10,
+            "refillRate": 0.5, "ttl": 1}  # fmt: skip
+    regions = ["us-east-1", "eu-central-1"]
+    snap = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in regions}
+    mesh = Mesh(serve, regions, buckets=[rule], admin_token=ADMIN_TOKEN, overrides=snap).start()
+    a, b = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    assert granted(a, "/v1/rate?k=x", 1) == 1
+    eventually(lambda: b.state("m-x")["tokens_remaining"] == 9, "b sees a's grant")
+    patched = a.client.patch("/v1/buckets/m-x", json={"mode": "local"}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    eventually(lambda: b.state("m-x")["mode"] == "local", "the peer takes mode=local")
+
+    # what each region spends now is its own: a drains its bucket (in debt ~20 s), b
+    # keeps its level, idles out and comes back in a later epoch than a's bucket
+    assert granted(a, "/v1/rate?k=x", 12) == 9
+    eventually(lambda: not b.state("m-x")["live"], "b's bucket idles out")
+    assert granted(b, "/v1/rate?k=x", 3) == 3
+    state_a, state_b = a.state("m-x"), b.state("m-x")
+    assert state_a["live"] and state_b["mode"] == "local"
+    assert state_b["epoch"] > state_a["epoch"]
+    assert all(rid.startswith("us-east-1/") for rid in state_a["replicas"]), state_a
+
+    # back to shared, from the region whose bucket has the lower epoch
+    patched = a.client.patch("/v1/buckets/m-x", json={"mode": "shared"}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    eventually(lambda: b.state("m-x")["mode"] == "shared", "the change wins over b's epoch")
+
+
+def test_a_region_restarted_without_a_snapshot_pulls_back_a_strict_keys_patch(
+    serve: ServerFactory,
+) -> None:
+    """Strict counters never travel, but a strict key's per-key config does: the
+    start-up pull brings it back to a region that lost it with its memory."""
+    rule = {**strict_rule(100), "refillRate": 1000.0}
+    mesh = Mesh(serve, ["us-east-1", "eu-central-1"], buckets=[rule], admin_token=ADMIN_TOKEN)
+    mesh.start()
+    a, b = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    patched = a.client.patch("/v1/buckets/s-q", json={"capacity": 10}, headers=admin)
+    assert patched.status_code == 200, patched.text
+    eventually(lambda: b.state("s-q")["capacity"] == 5, "the patch reaches the other region")
+
+    b.kill()
+    mesh.restart(b)
+    assert "start-up state pulled from us-east-1" in b.log(), b.log()
+    assert b.state("s-q")["capacity"] == 5  # not the rule's share of 50
