@@ -24,9 +24,6 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yaml"
 #: Series that are not a node's: Prometheus' own.
 PROMETHEUS_SERIES = {"up"}
-#: Series another change adds to the node (issue: background tasks count their
-#: failures). Allowed to be missing from the scrape until it lands.
-PENDING_SERIES = {"bucketmesh_background_task_failures_total"}
 #: The alerts the issue asks for, by what they watch.
 REQUIRED_ALERTS = {
     "BucketmeshSyncLagHigh",  # sync lag above 200 ms
@@ -162,5 +159,5 @@ def test_every_series_the_alerts_read_is_exported_by_a_real_node(
         return names
 
     names = eventually(exported, "the peers exchanged deltas")
-    missing = read - names - PROMETHEUS_SERIES - PENDING_SERIES
+    missing = read - names - PROMETHEUS_SERIES
     assert not missing, f"alerts.yaml reads series no node exports: {sorted(missing)}"
