@@ -133,6 +133,15 @@ class SyncStatus(msgspec.Struct, kw_only=True):
     peers: dict[str, PeerStatus]
 
 
+class TaskStatus(msgspec.Struct, kw_only=True):
+    """A background task of the node: ``ok``, ``failing`` (retried with backoff) or
+    ``stopped``; its failures so far and the last one's error."""
+
+    state: str
+    failures: int
+    last_error: str | None = None
+
+
 class Status(msgspec.Struct, kw_only=True):
     """``GET /v1/status``: the node that answered (and a bucket with ``key``)."""
 
@@ -145,6 +154,8 @@ class Status(msgspec.Struct, kw_only=True):
     version: str
     uptime_s: float
     bucket: BucketState | None = None
+    #: the node's background tasks by name (snapshot, sync collector, ...)
+    tasks: dict[str, TaskStatus] = {}
     endpoint: str = ""
 
 
