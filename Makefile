@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# checkov scans the Helm rendering and the Terraform (tests/test_deploy_*.py) from a venv
+# of its own: its pinned dependencies would hold the project's dev tools back.
+CHECKOV := $(VENV)/checkov/bin/checkov
 
 .PHONY: install run test bench lint clean
 
@@ -12,13 +15,14 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[dev]'
+	@test -x $(CHECKOV) || ($(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/pip install -q 'checkov>=3.2,<4')
 	@touch $(STAMP)
 
 run: install
 	$(VENV)/bin/bucketmesh run
 
 test: install
-	@scripts/ensure-debian-packages.sh redis-server
+	@scripts/ensure-debian-packages.sh redis-server prometheus
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider
 

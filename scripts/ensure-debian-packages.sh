@@ -8,6 +8,8 @@ for pkg in "$@"; do
     redis-server) cmd=redis-server ;;
     nginx) cmd=nginx ;;
     wrk) cmd=wrk ;;
+    # Debian's prometheus package ships promtool (checks and unit-tests deploy/prometheus)
+    prometheus) cmd=promtool ;;
     *) cmd="$pkg" ;;
   esac
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
@@ -19,5 +21,5 @@ $SUDO apt-get update -qq >/dev/null
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts the daemons it installs; the tests and benchmarks start their own.
 for pkg in "${missing[@]}"; do
-  case "$pkg" in redis-server|nginx) (service "$pkg" stop || true) >/dev/null 2>&1 ;; esac
+  case "$pkg" in redis-server|nginx|prometheus) (service "$pkg" stop || true) >/dev/null 2>&1 ;; esac
 done

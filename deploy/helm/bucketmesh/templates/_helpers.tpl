@@ -1,0 +1,123 @@
+{{/* Names and labels, as in Bitnami's and the Prometheus community charts. */}}
+
+{{- define "bucketmesh.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "bucketmesh.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bucketmesh.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "bucketmesh.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "bucketmesh.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "bucketmesh.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: bucketmesh
+bucketmesh.io/region: {{ include "bucketmesh.region" . }}
+{{- end -}}
+
+{{- define "bucketmesh.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "bucketmesh.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bucketmesh.secretName" -}}
+{{- default (include "bucketmesh.fullname" .) .Values.secret.existingSecret -}}
+{{- end -}}
+
+{{- define "bucketmesh.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The region, checked: the binary would refuse anything else, later and less clearly. */}}
+{{- define "bucketmesh.region" -}}
+{{- $region := required "region is required: the region this release serves (e.g. --set region=us-east-1)" .Values.region -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]{1,63}$" $region) -}}
+{{- fail (printf "region %q: use 1-63 letters, digits, '.', '_' or '-'" $region) -}}
+{{- end -}}
+{{- $region -}}
+{{- end -}}
+
+{{/* sync.peers as a list: a YAML list, or one comma-separated string
+     (`--set sync.peers=a\,b`, or a values file that says `peers: "a,b"`). */}}
+{{- define "bucketmesh.peers" -}}
+{{- $peers := .Values.sync.peers -}}
+{{- if kindIs "string" $peers -}}
+{{- $peers = splitList "," $peers -}}
+{{- end -}}
+{{- $clean := list -}}
+{{- range $peers -}}
+{{- $peer := trim (toString .) -}}
+{{- if $peer -}}
+{{- $clean = append $clean $peer -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $clean -}}
+{{- end -}}
+
+{{/* Fails unless the values make a config the binary accepts (with a message
+     naming the value to set). */}}
+{{- define "bucketmesh.validate" -}}
+{{- $region := include "bucketmesh.region" . -}}
+{{- if not (has .Values.storage.backend (list "memory" "redis")) -}}
+{{- fail (printf "storage.backend %q: use memory or redis" .Values.storage.backend) -}}
+{{- end -}}
+{{- if and (eq .Values.storage.backend "memory") (gt (int .Values.replicaCount) 1) -}}
+{{- fail (printf "replicaCount %d needs storage.backend=redis: memory-backed nodes of one region would each be a separate replica; several nodes of one region share Redis, not the mesh (set storage.backend=redis and storage.redisUrl, or replicaCount=1)" (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- if lt (int .Values.replicaCount) 1 -}}
+{{- fail "replicaCount must be at least 1" -}}
+{{- end -}}
+{{- if and (eq .Values.storage.backend "redis") (not .Values.storage.redisUrl) (not .Values.secret.existingSecret) -}}
+{{- fail "storage.backend=redis needs storage.redisUrl (or secret.existingSecret holding it under secret.redisUrlKey)" -}}
+{{- end -}}
+{{- if .Values.sync.enabled -}}
+{{- if not .Values.sync.syncClusterId -}}
+{{- fail "sync.syncClusterId must not be empty: every region of the mesh uses the same one" -}}
+{{- end -}}
+{{- if and (not .Values.secret.syncSecret) (not .Values.secret.existingSecret) -}}
+{{- fail "sync.enabled needs a sync secret, the same in every region: set secret.syncSecret, or secret.existingSecret holding it under secret.syncSecretKey" -}}
+{{- end -}}
+{{- $peers := include "bucketmesh.peers" . | fromJsonArray -}}
+{{- if not $peers -}}
+{{- fail "sync.enabled needs sync.peers: the regions of the mesh (e.g. --set 'sync.peers={us-east-1,us-west-2,eu-central-1}')" -}}
+{{- end -}}
+{{- range $peers -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]{1,63}$" .) -}}
+{{- fail (printf "sync.peers: %q is not a region name (1-63 letters, digits, '.', '_' or '-')" .) -}}
+{{- end -}}
+{{- if and (ne . $region) (not (hasKey $.Values.sync.peerUrls .)) (not $.Values.sync.peerUrlTemplate) -}}
+{{- fail (printf "sync.peers lists %q but neither sync.peerUrls nor sync.peerUrlTemplate says how to reach it" .) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.sync.peerUrlTemplate (not (contains "{region}" .Values.sync.peerUrlTemplate)) -}}
+{{- fail (printf "sync.peerUrlTemplate %q must contain {region}" .Values.sync.peerUrlTemplate) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bucketmesh.configDir" -}}/etc/bucketmesh{{- end -}}
+{{- define "bucketmesh.stateDir" -}}/var/lib/bucketmesh{{- end -}}
