@@ -56,6 +56,7 @@ class Forecaster:
     seasonal: list[float] = field(default_factory=list)
     samples: int = 0
     variance: float = 0.0
+    first_season: list[float] = field(default_factory=list)
 
     def _season_term(self, steps_ahead: int) -> float:
         m = self.settings.season
@@ -81,16 +82,20 @@ class Forecaster:
         if self.level is None:
             self.level = value
             self.seasonal = [0.0] * s.season
+            self.first_season = [value] if s.season > 0 else []
             self.samples = 1
             return
         error = value - self.point(1)
-        # the residual variance starts from the first error rather than from zero
-        if self.samples == 1:
+        # The second sample's error only says the trend was unknown; the variance
+        # starts from the third's (the first forecast with a trend), not from zero.
+        if self.samples == 2:
             self.variance = error * error
-        else:
+        elif self.samples > 2:
             self.variance += s.error_weight * (error * error - self.variance)
         season_index = self.samples % s.season if s.season > 0 else 0
         season_old = self.seasonal[season_index] if s.season > 0 else 0.0
+        if s.season > 0 and self.samples < s.season:
+            self.first_season.append(value)
         previous_level = self.level
         damped_trend = s.phi * self.trend
         if self.samples == 1:
@@ -102,11 +107,20 @@ class Forecaster:
                 previous_level + damped_trend
             )
             self.trend = s.beta * (self.level - previous_level) + (1 - s.beta) * damped_trend
-        if s.season > 0:
+        if s.season > 0 and self.samples >= s.season:
             self.seasonal[season_index] = s.gamma * (value - self.level) + (1 - s.gamma) * (
                 season_old
             )
         self.samples += 1
+        if s.season > 0 and self.samples == s.season:
+            # The first season seen whole sets the seasonal indices (each value's
+            # distance from the season's mean) and the level; the trend restarts at 0.
+            # Until then the forecaster is Holt's alone.
+            mean = sum(self.first_season) / s.season
+            self.seasonal = [v - mean for v in self.first_season]
+            self.level = mean
+            self.trend = 0.0
+            self.first_season = []
 
     def forecast(self, steps: int) -> Forecast:
         s = self.settings

@@ -271,6 +271,10 @@ def _policy(reader: _Reader, signals: Mapping[str, Signal]) -> Policy:
         raise reader.fail("min.capacity", "must be ≤ max.capacity")
     if minimum.refill_rate > maximum.refill_rate:
         raise reader.fail("min.refillRate", "must be ≤ max.refillRate")
+    if not minimum.capacity <= baseline.capacity <= maximum.capacity:
+        raise reader.fail("baseline.capacity", "must be within [min.capacity, max.capacity]")
+    if not minimum.refill_rate <= baseline.refill_rate <= maximum.refill_rate:
+        raise reader.fail("baseline.refillRate", "must be within [min.refillRate, max.refillRate]")
 
     def known(block: _Reader) -> str:
         signal = block.string("signal", required=True)
