@@ -7,6 +7,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -58,7 +59,10 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
         return explain(config.decisions, config.file, args.last)
     from bucketmesh.autoscale.runner import Runner
 
-    runner = Runner(config, dry_run=args.dry_run or None)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    runner = Runner(config, dry_run=args.dry_run or None, stop=stop)
     try:
         address = runner.serve_metrics()
     except OSError as error:
@@ -74,8 +78,6 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
         len(config.policies),
         config.interval,
     )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: runner.stop.set())
     try:
         runner.run(args.ticks)
     finally:
@@ -100,8 +102,13 @@ def explain(path: str | None, config_file: str, last: int) -> int:
         return 2
     if record.get("dry_run"):
         print("dry run: nothing below was applied")
+    changes = record.get("changes", {})
     for policy, decisions in record.get("policies", {}).items():
         print(f"policy {policy}:")
+        print(" last changes:" if changes.get(policy) else " no change made yet")
+        for decision in changes.get(policy, []):
+            print("\n".join(describe(decision)))
+        print(f" last {min(last, len(decisions))} decisions:")
         for decision in decisions[-last:]:
             print("\n".join(describe(decision)))
     return 0
@@ -112,7 +119,9 @@ def describe(d: dict[str, Any]) -> list[str]:
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d["at"]))
     before = d["previous"]
     if d["action"] == "set":
-        verb = "SET "
+        verb = {"set": "SET ", "would-set": "WOULD SET", "failed": "FAILED"}.get(
+            d.get("outcome", "set"), "SET "
+        )
         limits = (
             f"capacity {before['capacity']} → {d['capacity']}, "
             f"refill {before['refill_rate']:g} → {d['refill_rate']:g}/s"

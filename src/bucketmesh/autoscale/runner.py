@@ -34,6 +34,7 @@ from bucketmesh.telemetry.log import logger
 log = logger("autoscale")
 
 KEEP_DECISIONS = 20  # per policy, in the decisions file
+KEEP_CHANGES = 5  # the last changes per policy, however long ago
 
 
 class ControllerMetrics:
@@ -132,6 +133,7 @@ class Runner:
         dry_run: bool | None = None,
         clock: Callable[[], float] = time.time,
         out: IO[str] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.config = config
         self.dry_run = config.dry_run if dry_run is None else dry_run
@@ -147,12 +149,15 @@ class Runner:
             for name, signal in config.signals.items()
         }
         self.metrics = ControllerMetrics()
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self._out = out or sys.stdout
         self._audit: IO[str] | None = None
         self._written: dict[str, int] = {}  # policy → HLC of our last PATCH
         self._recent: dict[str, deque[dict[str, Any]]] = {
             p.name: deque(maxlen=KEEP_DECISIONS) for p in config.policies
+        }
+        self._changes: dict[str, deque[dict[str, Any]]] = {
+            p.name: deque(maxlen=KEEP_CHANGES) for p in config.policies
         }
         self.controller = Controller(config, self._current_limits())
 
@@ -216,23 +221,22 @@ class Runner:
         self._notice_changes(now)
         decisions = self.controller.tick(now, readings)
         for decision in decisions:
+            record = {
+                **decision.as_dict(),
+                "problems": {
+                    n: self.readers[n].problem for n in decision.signals if self.readers[n].problem
+                },
+            }
             if decision.changed:
-                self._apply(decision, now)
-            self._recent[decision.policy].append(
-                {
-                    **decision.as_dict(),
-                    "problems": {
-                        n: self.readers[n].problem
-                        for n in decision.signals
-                        if self.readers[n].problem
-                    },
-                }
-            )
+                record["outcome"] = self._apply(decision, now)
+                self._changes[decision.policy].append(record)
+            self._recent[decision.policy].append(record)
         self.metrics.record(decisions)
         self._write_decisions()
         return decisions
 
-    def _apply(self, decision: Decision, now: float) -> None:
+    def _apply(self, decision: Decision, now: float) -> str:
+        """Make the change (unless dry run); audit it; answer the audit event's kind."""
         event: dict[str, Any] = {
             "event": "would-set" if self.dry_run else "set",
             **decision.as_dict(),
@@ -253,6 +257,7 @@ class Runner:
                 # the mesh kept the old limits: believe that, and retry after a cooldown
                 self.controller.adopt(decision.policy, decision.previous, now)
         self._event(event)
+        return str(event["event"])
 
     def _event(self, event: dict[str, Any]) -> None:
         event.setdefault("at", self.clock())
@@ -270,7 +275,11 @@ class Runner:
     def _write_decisions(self) -> None:
         if not self.config.decisions:
             return
-        body = {"dry_run": self.dry_run, "policies": {k: list(v) for k, v in self._recent.items()}}
+        body = {
+            "dry_run": self.dry_run,
+            "policies": {k: list(v) for k, v in self._recent.items()},
+            "changes": {k: list(v) for k, v in self._changes.items()},
+        }
         temporary = f"{self.config.decisions}.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(body, handle, indent=1, sort_keys=True)
