@@ -20,8 +20,9 @@ current limits and clamped to ``[min, max]``; a change smaller than
 
 Target: ``expand`` sets refill = headroom × max(demand now, forecast demand),
 capacity = refill × burstSeconds; without expand, the baseline. ``protect``
-caps the refill at its ``refillRate`` from when the downstream signal's upper
-band crosses ``threshold`` until it is back below ``restoreBelow``.
+caps the refill at its ``refillRate`` from when the downstream signal, now or
+as forecast (the point forecast, or with ``on: band`` the band's upper edge),
+crosses ``threshold`` until both are back below ``restoreBelow``.
 
 Everything here is a deterministic function of the readings, the policy and
 ``now``: no clock, no I/O, no randomness, so a recorded trace replays to the
@@ -214,17 +215,21 @@ class Controller:
         protecting = state.protecting
         if policy.protect is not None:
             view = seen[policy.protect.signal]
-            assert view.high is not None and view.forecast is not None
-            if not protecting and view.high > policy.protect.threshold:
+            assert view.value is not None and view.high is not None and view.forecast is not None
+            ahead = view.high if policy.protect.on == "band" else view.forecast
+            pressure = max(view.value, ahead)
+            if not protecting and pressure > policy.protect.threshold:
                 protecting = True
-            elif protecting and view.high < policy.protect.restore_below:
+            elif protecting and pressure < policy.protect.restore_below:
                 protecting = False
             if protecting:
                 refill = min(refill, policy.protect.refill_rate)
+                if policy.protect.capacity is not None:
+                    capacity = min(capacity, float(policy.protect.capacity))
                 why += (
-                    f"; {policy.protect.signal} forecast {view.forecast:.4g} "
-                    f"(band up to {view.high:.4g}) vs threshold {policy.protect.threshold:g}: "
-                    f"refill capped at {policy.protect.refill_rate:g}"
+                    f"; {policy.protect.signal} now {view.value:.4g}, forecast "
+                    f"{view.forecast:.4g} (band up to {view.high:.4g}), threshold "
+                    f"{policy.protect.threshold:g}: refill capped at {policy.protect.refill_rate:g}"
                 )
         reason = (
             "protect"

@@ -70,13 +70,17 @@ class Expand:
 
 @dataclass(frozen=True)
 class Protect:
-    """Lower the refill rate to ``refill_rate`` while the signal's forecast (upper band)
-    is above ``threshold``; restore once it is below ``restore_below``."""
+    """Lower the refill rate to ``refill_rate`` while the signal (now, or as forecast)
+    is above ``threshold``; restore once both are below ``restore_below``. ``on``:
+    ``forecast`` compares the point forecast, ``band`` its upper edge (earlier, and
+    more often: a noisy signal's band is wide)."""
 
     signal: str
     threshold: float
     restore_below: float
     refill_rate: float
+    on: Literal["forecast", "band"] = "forecast"
+    capacity: int | None = None  # also cap the burst while protecting
 
 
 @dataclass(frozen=True)
@@ -297,8 +301,16 @@ def _policy(reader: _Reader, signals: Mapping[str, Signal]) -> Policy:
         restore_below = block.number("restoreBelow", threshold)
         if restore_below > threshold:
             raise block.fail("restoreBelow", "must be ≤ threshold")
+        on = block.string("on", "forecast")
+        if on not in ("forecast", "band"):
+            raise block.fail("on", f"expected forecast or band, got {on!r}")
         protect = Protect(
-            signal, threshold, restore_below, block.number("refillRate", low=1e-9, high=1e9)
+            signal,
+            threshold,
+            restore_below,
+            block.number("refillRate", low=1e-9, high=1e9),
+            "band" if on == "band" else "forecast",
+            None if block.raw("capacity") is None else int(block.number("capacity", low=1, high=1e15)),
         )
         block.done()
     if expand is None and protect is None:
