@@ -399,3 +399,13 @@ def test_a_good_config_loads(tmp_path: Path) -> None:
     loaded = load(write(tmp_path, good()))
     assert loaded.interval == 5.0 and loaded.horizon_steps == 12
     assert loaded.policies[0].expand is not None
+
+
+def test_the_config_in_the_docs_loads(tmp_path: Path) -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "autoscale.md").read_text()
+    example = docs.split("```yaml\n", 1)[1].split("```", 1)[0]
+    loaded = load(write(tmp_path, example))
+    assert [s.kind for s in loaded.signals.values()] == ["demand", "prometheus", "json"]
+    [policy] = loaded.policies
+    assert policy.expand is not None and policy.protect is not None
+    assert loaded.interval == 15 and loaded.horizon_steps == 8
