@@ -47,13 +47,26 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/autoscale.py [--quick] [--no-r
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import math
 import random
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import _report
+import httpx
+import yaml
 
 from bucketmesh.autoscale import (
     Config,
@@ -63,7 +76,9 @@ from bucketmesh.autoscale import (
     Reading,
     parse,
 )
+from bucketmesh.client import AsyncClient, Client
 from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, interval_for
+from bucketmesh.tooling.cluster import LocalMesh, free_ports
 
 DAY_S = 7200  # one compressed day
 SUBSTEP_S = 0.1
@@ -304,10 +319,389 @@ def pct(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f} %" if whole else "-"
 
 
+# -- the end-to-end run -------------------------------------------------------------------
+
+E2E_REGIONS = ("us-east-1", "eu-central-1", "ap-south-1")
+E2E_TOKEN = "bench-autoscale-admin"
+E2E_CAPACITY_RPS = 100.0  # the simulated inference service
+E2E_THRESHOLD = 60.0
+E2E_PROTECT_RPS = 15.0
+
+
+def e2e_rate(t: float, scale: float) -> tuple[float, str]:
+    """Requests/s at ``t`` and the phase: base, a ramp to 90/s, a plateau, a 250/s
+    spike, base again (durations × ``scale``)."""
+    edges = [15 * scale, 45 * scale, 60 * scale, 70 * scale]
+    if t < edges[0]:
+        return 15.0, "base"
+    if t < edges[1]:
+        return 15 + 75 * (t - edges[0]) / (edges[1] - edges[0]), "ramp"
+    if t < edges[2]:
+        return 90.0, "ramp"
+    if t < edges[3]:
+        return 250.0, "spike"
+    return 15.0, "base"
+
+
+class Downstream:
+    """The inference service: admitted calls join a queue served at a fixed rate,
+    whose length it exports on /metrics for Prometheus."""
+
+    def __init__(self) -> None:
+        self.queue = 0.0
+        self.arrived = 0
+        self.lock = threading.Lock()
+        self.above_s = 0.0
+        self.peak = 0.0
+        self.stop = threading.Event()
+        downstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = (
+                    "# TYPE inference_queue_length gauge\n"
+                    f"inference_queue_length {downstream.queue}\n"
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._serve_queue, daemon=True).start()
+
+    def admit(self) -> None:
+        with self.lock:
+            self.arrived += 1
+
+    def reset(self) -> None:
+        with self.lock:
+            self.queue, self.arrived, self.above_s, self.peak = 0.0, 0, 0.0, 0.0
+
+    def _serve_queue(self) -> None:
+        step = 0.1
+        while not self.stop.wait(step):
+            with self.lock:
+                self.queue = max(0.0, self.queue + self.arrived - E2E_CAPACITY_RPS * step)
+                self.arrived = 0
+                self.peak = max(self.peak, self.queue)
+                if self.queue > E2E_THRESHOLD:
+                    self.above_s += step
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class E2eOutcome:
+    name: str
+    offered: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    above_s: float = 0.0
+    peak: float = 0.0
+    changes: int = 0
+    first_expand_s: float | None = None
+    first_protect_s: float | None = None
+
+
+async def drive(
+    urls: dict[str, str], key: str, scale: float, downstream: Downstream, out: E2eOutcome
+) -> None:
+    """Open-loop arrivals (Poisson per 100 ms) spread over the regions' clients."""
+    rng = random.Random(SEED + 2)
+    clients = [AsyncClient(url, timeout=2.0) for url in urls.values()]
+    pending: set[asyncio.Task[None]] = set()
+
+    async def call(client: AsyncClient, phase: str) -> None:
+        decision = await client.rate(key)
+        out.offered[phase] = out.offered.get(phase, 0) + 1
+        if decision.allowed:
+            downstream.admit()
+        else:
+            out.refused[phase] = out.refused.get(phase, 0) + 1
+
+    start = time.monotonic()
+    tick = 0
+    end = 85 * scale
+    while (now := time.monotonic() - start) < end:
+        rate, phase = e2e_rate(now, scale)
+        for _ in range(poisson(rng, rate * SUBSTEP_S)):
+            task = asyncio.create_task(call(clients[tick % len(clients)], phase))
+            tick += 1
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.sleep(
+            max(0.0, start + (math.floor(now / SUBSTEP_S) + 1) * SUBSTEP_S - time.monotonic())
+        )
+    await asyncio.gather(*pending)
+    for client in clients:
+        await client.aclose()
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, ValueError, KeyError, IndexError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"end-to-end run: {what}: not within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def end_to_end(scale: float) -> tuple[list[str], list[list[str]], str]:
+    """Three real regions, a real Prometheus scraping them and the downstream, the
+    controller acting through the client; static limits against autoscaled."""
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        raise SystemExit("the end-to-end run needs Debian's prometheus (or pass --no-e2e)")
+    work = Path(tempfile.mkdtemp(prefix="bucketmesh-autoscale-bench-"))
+    buckets = work / "buckets.yaml"
+    buckets.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "agents",
+                    "key": "agents-{{ .Request.Header.X-API-Key }}",
+                    "capacity": 40,
+                    "refillRate": 20,
+                }
+            ]
+        )
+    )
+    mesh = LocalMesh(
+        E2E_REGIONS,
+        directory=str(work),
+        buckets=str(buckets),
+        cluster_id="bench-autoscale",
+        admin_token=E2E_TOKEN,
+        out=open(work / "mesh.log", "w"),  # noqa: SIM115
+    )
+    downstream = Downstream()
+    processes: list[subprocess.Popen[bytes]] = []
+    outcomes: list[E2eOutcome] = []
+    try:
+        if not mesh.start():
+            raise SystemExit(f"end-to-end run: the mesh did not start (logs in {work})")
+        [prometheus_port] = free_ports(1)
+        scrape = {
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [
+                {"job_name": "inference", "static_configs": [{"targets": [downstream.address]}]},
+                {
+                    "job_name": "bucketmesh",
+                    "static_configs": [
+                        {"targets": [u.removeprefix("http://") for u in mesh.urls.values()]}
+                    ],
+                },
+            ],
+        }
+        (work / "prometheus.yml").write_text(yaml.safe_dump(scrape))
+        processes.append(
+            subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={work / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={work / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                ],
+                stdout=open(work / "prometheus.log", "w"),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+            )
+        )
+        prometheus_url = f"http://127.0.0.1:{prometheus_port}"
+        wait_for(
+            lambda: (
+                httpx.get(
+                    f"{prometheus_url}/api/v1/query", params={"query": "count(up == 1)"}
+                ).json()["data"]["result"][0]["value"][1]
+                == "4"
+            ),
+            "Prometheus scraping the three nodes and the downstream",
+        )
+        runs = [
+            ("static (40, 20/s)", (40, 20.0), False),
+            ("static, generous (600, 300/s)", (600, 300.0), False),
+            ("autoscaled from (40, 20/s)", (40, 20.0), True),
+        ]
+        for index, (name, (capacity, refill), autoscaled) in enumerate(runs):
+            with Client(mesh.urls, admin_token=E2E_TOKEN) as admin:
+                admin.configure("agents", capacity=capacity, refill_rate=refill)
+            downstream.reset()
+            out = E2eOutcome(name)
+            controller = None
+            audit = work / f"audit-{index}.jsonl"
+            if autoscaled:
+                config = {
+                    "interval": 1,
+                    "horizon": 5,
+                    "audit": str(audit),
+                    "listen": f"127.0.0.1:{free_ports(1)[0]}",
+                    "mesh": {"regions": mesh.urls, "adminToken": E2E_TOKEN},
+                    "forecast": {"alpha": ALPHA, "beta": BETA, "phi": PHI},
+                    "signals": {
+                        "demand": {"type": "demand", "rule": "agents", "staleAfter": 3},
+                        "queue": {
+                            "type": "prometheus",
+                            "url": prometheus_url,
+                            "query": 'max(inference_queue_length{job="inference"})',
+                            "staleAfter": 3,
+                        },
+                    },
+                    "policies": [
+                        {
+                            "name": "agents",
+                            "target": "agents",
+                            "baseline": {"capacity": capacity, "refillRate": refill},
+                            "min": {"capacity": 10, "refillRate": 10},
+                            "max": {"capacity": 600, "refillRate": 300},
+                            "expand": {"signal": "demand", "headroom": 1.2, "burstSeconds": 2},
+                            "protect": {
+                                "signal": "queue",
+                                "threshold": E2E_THRESHOLD,
+                                "restoreBelow": E2E_THRESHOLD / 2,
+                                "refillRate": E2E_PROTECT_RPS,
+                                "capacity": int(E2E_PROTECT_RPS),
+                            },
+                            "cooldown": 2,
+                            "maxStep": 3,
+                            "hysteresis": 0.1,
+                        }
+                    ],
+                }
+                (work / "autoscale.yaml").write_text(yaml.safe_dump(config))
+                controller = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "bucketmesh",
+                        "autoscale",
+                        "--config",
+                        str(work / "autoscale.yaml"),
+                    ],
+                    stdout=open(work / "autoscale.log", "w"),  # noqa: SIM115
+                    stderr=subprocess.STDOUT,
+                )
+                processes.append(controller)
+                # ready once both signals are fresh (demand is a rate: two reads)
+                metrics_url = f"http://{config['listen']}/metrics"
+
+                def ready(
+                    process: subprocess.Popen[bytes] = controller, url: str = metrics_url
+                ) -> bool:
+                    if process.poll() is not None:
+                        return True
+                    text = httpx.get(url).text
+                    return all(
+                        f'bucketmesh_autoscale_signal_stale{{signal="{name}"}} 0.0' in text
+                        for name in ("demand", "queue")
+                    )
+
+                wait_for(ready, "the controller reading both signals", 30)
+                if controller.poll() is not None:
+                    raise SystemExit(f"end-to-end run: the controller exited (log in {work})")
+            started = time.time()
+            asyncio.run(drive(mesh.urls, f"agents-run-{index}", scale, downstream, out))
+            if controller is not None:
+                controller.send_signal(signal.SIGTERM)
+                controller.wait(timeout=30)
+                events = [json.loads(line) for line in audit.read_text().splitlines() if line]
+                sets = [e for e in events if e["event"] == "set" and e["at"] >= started]
+                out.changes = len(sets)
+                ramp_at = started + 15 * scale
+                spike_at = started + 60 * scale
+                expands = [
+                    e["at"] - ramp_at
+                    for e in sets
+                    if e["reason"] == "expand" and e["at"] >= ramp_at
+                ]
+                protects = [
+                    e["at"] - spike_at
+                    for e in sets
+                    if e["reason"] == "protect" and e["at"] >= spike_at
+                ]
+                out.first_expand_s = expands[0] if expands else None
+                out.first_protect_s = protects[0] if protects else None
+            out.above_s, out.peak = downstream.above_s, downstream.peak
+            outcomes.append(out)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=30)
+        downstream.close()
+        mesh.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    columns = [
+        "limits",
+        "refused in ramp",
+        "refused in spike",
+        f"s queue > {E2E_THRESHOLD:g}",
+        "peak queue",
+        "changes",
+        "first expand after ramp start",
+        "first protect after spike start",
+    ]
+
+    def share(out: E2eOutcome, phase: str) -> str:
+        offered, refused = out.offered.get(phase, 0), out.refused.get(phase, 0)
+        return f"{refused:,} of {offered:,} ({pct(refused, offered)})"
+
+    def seconds(value: float | None, autoscaled: bool) -> str:
+        return "-" if not autoscaled else ("none" if value is None else f"{value:.1f} s")
+
+    rows = [
+        [
+            o.name,
+            share(o, "ramp"),
+            share(o, "spike"),
+            f"{o.above_s:.1f}",
+            f"{o.peak:,.0f}",
+            str(o.changes),
+            seconds(o.first_expand_s, i == 2),
+            seconds(o.first_protect_s, i == 2),
+        ]
+        for i, o in enumerate(outcomes)
+    ]
+    note = (
+        f"Three `bucketmesh serve` regions on loopback, a real Prometheus "
+        f"(`prometheus` {_prometheus_version(prometheus)}) scraping them and a simulated "
+        f"inference service ({E2E_CAPACITY_RPS:g} req/s, queue threshold {E2E_THRESHOLD:g}) "
+        f"every second, agents calling the three regions through `AsyncClient` "
+        f"(Poisson, 15 req/s, a ramp to 90 req/s over {30 * scale:g} s, a "
+        f"{15 * scale:g} s plateau, a {10 * scale:g} s spike of 250 req/s); the controller "
+        "(`bucketmesh autoscale`, every 1 s, horizon 5 s, demand from the three nodes' "
+        "/metrics, the queue through Prometheus' HTTP API, protect at "
+        f"{E2E_PROTECT_RPS:g}/s) acting through the client's PATCH. One run each, "
+        "so timings here are indicative (a shared machine)."
+    )
+    return columns, rows, note
+
+
+def _prometheus_version(binary: str) -> str:
+    done = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    text = (done.stdout or done.stderr).split()
+    return text[2] if len(text) > 2 else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one compressed day, not three")
     parser.add_argument("--no-record", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument(
+        "--no-e2e", action="store_true", help="skip the end-to-end run on a real mesh"
+    )
     args = parser.parse_args(argv)
     days = 1 if args.quick else 3
     machine = _report.machine()
@@ -410,6 +804,10 @@ def main(argv: list[str] | None = None) -> int:
         "these ramps; tests/test_autoscale_controller.py shows the case where it does matter."
     )
     print(verdict)
+    e2e: tuple[list[str], list[list[str]], str] | None = None
+    if not args.no_e2e:
+        e2e = end_to_end(0.5 if args.quick else 1.0)
+        _report.print_table("P11: end to end, a real mesh and Prometheus", e2e[0], e2e[1])
     if not args.no_record:
         body = "\n\n".join(
             [
@@ -433,6 +831,11 @@ def main(argv: list[str] | None = None) -> int:
                 "within 30 s: at this horizon the damped trend alone does better, so the "
                 "controller's default is Holt (a season is opt-in). On the spiky demand no "
                 "model beats the naive forecast by MAE; on the queue Holt does.",
+                *(
+                    []
+                    if e2e is None
+                    else ["End to end:", e2e[2], _report.markdown_table(e2e[0], e2e[1])]
+                ),
                 "Command: `PYTHONPATH=src .venv/bin/python benchmarks/autoscale.py"
                 + (" --quick`" if args.quick else "`"),
             ]

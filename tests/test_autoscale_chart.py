@@ -14,8 +14,8 @@ import pytest
 import yaml
 from test_deploy_chart import (
     KUBE_VERSIONS,
-    deep_merge,
     OPERATOR_KINDS,
+    deep_merge,
     kubernetes_validate,
     render,
     render_error,

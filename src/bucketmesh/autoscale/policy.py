@@ -265,6 +265,15 @@ def _url(reader: _Reader, name: str) -> str:
     return url
 
 
+def _optional_capacity(block: _Reader) -> int | None:
+    if block.raw("capacity") is None:
+        return None
+    capacity = block.number("capacity", low=1, high=1e15)
+    if capacity != int(capacity):
+        raise block.fail("capacity", f"expected an integer, got {capacity:g}")
+    return int(capacity)
+
+
 def _policy(reader: _Reader, signals: Mapping[str, Signal]) -> Policy:
     name = reader.string("name", required=True)
     target = reader.string("target", required=True)
@@ -310,7 +319,7 @@ def _policy(reader: _Reader, signals: Mapping[str, Signal]) -> Policy:
             restore_below,
             block.number("refillRate", low=1e-9, high=1e9),
             "band" if on == "band" else "forecast",
-            None if block.raw("capacity") is None else int(block.number("capacity", low=1, high=1e15)),
+            _optional_capacity(block),
         )
         block.done()
     if expand is None and protect is None:
@@ -384,8 +393,10 @@ def parse(data: Any, file: str) -> Config:
         if admin_token is not None and not isinstance(admin_token, str):
             raise mesh.fail("adminToken", "expected a string")
         mesh.done()
-    if not regions and any(s.kind == "demand" for s in signals.values()):
-        raise top.fail("mesh", "demand signals read every region's /metrics: list mesh.regions")
+    if not regions:
+        raise top.fail(
+            "mesh", "the controller reads and changes limits through the mesh: list mesh.regions"
+        )
     listen = top.raw("listen")
     if listen is not None and not (isinstance(listen, str) and re.match(r"^[^:]*:\d+$", listen)):
         raise top.fail("listen", f"expected host:port, got {listen!r}")

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -139,11 +140,7 @@ class Runner:
         self.dry_run = config.dry_run if dry_run is None else dry_run
         self.clock = clock
         self.http = httpx.Client(timeout=max(0.5, min(5.0, config.interval / 2)))
-        self.client = (
-            Client(config.regions or None, admin_token=config.admin_token, timeout=2.0)
-            if config.regions
-            else None
-        )
+        self.client = Client(config.regions, admin_token=config.admin_token, timeout=2.0)
         self.readers: dict[str, SignalReader] = {
             name: reader_for(signal, config.regions, self.http)
             for name, signal in config.signals.items()
@@ -167,7 +164,7 @@ class Runner:
         """The target's limits and config version, from the first region that answers."""
         for url in self.config.regions.values():
             try:
-                response = self.http.get(f"{url}/v1/buckets/{policy.target}")
+                response = self.http.get(f"{url}/v1/buckets/{quote(policy.target, safe='')}")
             except httpx.HTTPError:
                 continue
             if response.status_code != 200:
@@ -242,7 +239,6 @@ class Runner:
             **decision.as_dict(),
         }
         if not self.dry_run:
-            assert self.client is not None, "a change needs mesh.regions"
             try:
                 answer = self.client.configure(
                     decision.target, capacity=decision.capacity, refill_rate=decision.refill_rate
@@ -308,7 +304,6 @@ class Runner:
 
     def close(self) -> None:
         self.http.close()
-        if self.client is not None:
-            self.client.close()
+        self.client.close()
         if self._audit is not None:
             self._audit.close()
