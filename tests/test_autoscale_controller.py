@@ -8,6 +8,8 @@ argument of every tick.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -409,3 +411,29 @@ def test_the_config_in_the_docs_loads(tmp_path: Path) -> None:
     [policy] = loaded.policies
     assert policy.expand is not None and policy.protect is not None
     assert loaded.interval == 15 and loaded.horizon_steps == 8
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bucketmesh", "autoscale", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_command_refuses_a_bad_config_naming_file_and_field(tmp_path: Path) -> None:
+    data = good()
+    data["policies"][0]["cooldown"] = "a while"
+    path = write(tmp_path, data)
+    done = run_cli("--config", str(path))
+    assert done.returncode == 2
+    assert f"{path}: policies[0].cooldown: expected a duration" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_explain_without_a_decisions_file_says_so(tmp_path: Path) -> None:
+    path = write(tmp_path, good())
+    done = run_cli("explain", "--config", str(path))
+    assert done.returncode == 2
+    assert "decisions: not set" in done.stderr and "Traceback" not in done.stderr
