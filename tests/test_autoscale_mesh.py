@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,13 +45,15 @@ class Feed:
 
     def __init__(self) -> None:
         self.forecast: float | None = 100.0
+        self.stamp: str | None = None  # when the forecast was made; None: now, in Unix seconds
         self.queue = 0.0
         feed = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/forecast.json" and feed.forecast is not None:
-                    body = json.dumps({"agents": {"rps": feed.forecast}}).encode()
+                    stamp = time.time() if feed.stamp is None else feed.stamp
+                    body = json.dumps({"agents": {"rps": feed.forecast, "at": stamp}}).encode()
                     kind = "application/json"
                 elif self.path == "/metrics":
                     body = (
@@ -380,3 +383,20 @@ def test_a_real_prometheus_query_protects_and_restores(
         prometheus.terminate()
         prometheus.wait(timeout=30)
         log.close()
+
+
+def test_an_external_forecast_made_long_ago_is_stale(
+    mesh: Mesh, feed: Feed, controllers: list[Controller], tmp_path: Path
+) -> None:
+    signals = json_signal(feed)
+    signals["external"]["timestampField"] = "agents.at"
+    policy = {"expand": {"signal": "external", "headroom": 1.0, "burstSeconds": 2}}
+    controller = Controller(tmp_path, mesh_config(mesh, signals, policy))
+    controllers.append(controller)
+    eventually(lambda: limits_everywhere(mesh) == {(200, 100.0)}, "a fresh forecast applied")
+    # The feed still answers, but its forecast was made months ago (ISO 8601).
+    feed.stamp = "2026-01-01T00:00:00Z"
+    feed.forecast = 5000.0
+    eventually(lambda: "STALE" in controller.explain(), "the old forecast reported stale")
+    assert limits_everywhere(mesh) == {(200, 100.0)}
+    assert [e for e in controller.events() if e["event"] == "set"][-1]["refill_rate"] == 100.0

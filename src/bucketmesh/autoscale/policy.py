@@ -51,6 +51,9 @@ class Signal:
     url: str = ""  # prometheus: the server; json: the document
     query: str = ""  # prometheus: an instant query answering one sample
     field: str = ""  # json: the dotted path of the number in the document
+    # json: the dotted path of when the document's value was produced (Unix seconds
+    # or ISO 8601); staleness counts from it rather than from the fetch
+    timestamp_field: str = ""
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,7 @@ def _signal(reader: _Reader, name: str) -> Signal:
             forecast,
             url=_url(reader, "url"),
             field=reader.string("field", required=True),
+            timestamp_field=reader.string("timestampField", ""),
         )
     reader.done()
     return signal

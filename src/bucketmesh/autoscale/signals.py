@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -144,20 +145,56 @@ class JsonReader(SignalReader):
         except (httpx.HTTPError, ValueError) as error:
             self.problem = f"{type(error).__name__}: {error}"
             return None
-        for part in self.signal.field.split("."):
-            if isinstance(document, Mapping) and part in document:
-                document = document[part]
-            elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
-                document = document[int(part)]
-            else:
-                self.problem = f"no {self.signal.field!r} in the document"
-                return None
-        value = None if isinstance(document, bool) else _number(document)
+        found = _at_path(document, self.signal.field)
+        value = None if isinstance(found, bool) else _number(found)
         if value is None:
-            self.problem = f"{self.signal.field!r} is not a number: {document!r}"
+            self.problem = (
+                f"no {self.signal.field!r} in the document"
+                if found is _MISSING
+                else f"{self.signal.field!r} is not a number: {found!r}"
+            )
             return None
+        at = now
+        if self.signal.timestamp_field:
+            stamp = _timestamp(_at_path(document, self.signal.timestamp_field))
+            if stamp is None:
+                self.problem = f"{self.signal.timestamp_field!r} is not a timestamp"
+                return None
+            at = min(stamp, now)  # a clock ahead of ours makes it no fresher than now
         self.problem = ""
-        return Reading(value, now)
+        return Reading(value, at)
+
+
+_MISSING = object()
+
+
+def _at_path(document: Any, path: str) -> Any:
+    """The value at a dotted path (list indexes are numbers), or ``_MISSING``."""
+    for part in path.split("."):
+        if isinstance(document, Mapping) and part in document:
+            document = document[part]
+        elif isinstance(document, list) and part.isdigit() and int(part) < len(document):
+            document = document[int(part)]
+        else:
+            return _MISSING
+    return document
+
+
+def _timestamp(value: Any) -> float | None:
+    """Unix seconds, or an ISO 8601 instant with its offset (``Z`` accepted)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            return None
+        return parsed.timestamp()
+    return None
 
 
 def reader_for(signal: Signal, regions: Mapping[str, str], http: httpx.Client) -> SignalReader:
