@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install
-	@scripts/ensure-debian-packages.sh nginx wrk redis-server
+	@scripts/ensure-debian-packages.sh nginx wrk redis-server prometheus
 	$(PY) benchmarks/run_all.py
 
 lint: install

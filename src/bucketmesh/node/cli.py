@@ -579,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
     from bucketmesh.client.cli import add_parsers as add_client_parsers
 
     add_client_parsers(sub)  # rate, state, configure: the client's operator commands
+    from bucketmesh.autoscale.cli import add_parser as add_autoscale_parser
+
+    add_autoscale_parser(sub)  # the controller beside the mesh (docs/autoscale.md)
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo, usage_error=demo.error)
     from bucketmesh.tooling import sim
