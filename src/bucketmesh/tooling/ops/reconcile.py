@@ -52,7 +52,7 @@ from bucketmesh.tooling.ops.syncclient import RegionClient, RegionError, tool_re
 
 #: The replica id the tool's views hold as their own: no region's (see syncclient).
 VIEW_ID: Final = "@reconcile/view/0"
-DEFAULT_PAGE_KEYS: Final = 20000
+DEFAULT_PAGE_KEYS: Final = 5000
 FIRST_GROUP: Final = 8
 MAX_GROUP: Final = 64
 DEFAULT_TIMEOUT_S: Final = 30.0
@@ -591,8 +591,8 @@ def render_table(report: Report, out: TextIO) -> None:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-        out.write("\n")
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
     out.write(
         f"\nkeys compared {data['keys_compared']}, differing {data['keys_differing']}, "
         f"rules differing {data['rules_differing']}, "
