@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,7 +118,9 @@ def test_a_clean_mesh_exits_0(mesh: Mesh) -> None:
     assert "UNREACHABLE" not in out
 
 
-def test_divergence_is_reported_exactly_and_repaired_to_the_join(mesh: Mesh) -> None:
+def test_divergence_is_reported_exactly_and_repaired_to_the_join(
+    mesh: Mesh, tmp_path: Path
+) -> None:
     east, west, central = list(mesh.nodes.values())
     ids = replica_ids(mesh)
     spend(east, "rc-same", 5)
@@ -150,7 +153,8 @@ def test_divergence_is_reported_exactly_and_repaired_to_the_join(mesh: Mesh) -> 
     assert dry["regions"]["us-east-1"]["max_tokens_behind"] == 50
     assert levels(mesh, "rc-split") == [90, 80, 70]  # a dry run changes nothing
 
-    status, repaired = report(mesh)
+    trail = tmp_path / "audit.jsonl"
+    status, repaired = report(mesh, "--audit", str(trail))
     assert status == 1, repaired  # found (and repaired): a CronJob alerts on it
     assert repaired["mode"] == "repair"
     assert repaired["keys_differing"] == 2
@@ -163,6 +167,12 @@ def test_divergence_is_reported_exactly_and_repaired_to_the_join(mesh: Mesh) -> 
     mesh.converged("rc-split", total=60)
     for node in mesh.nodes.values():
         assert node.metric("bucketmesh_sync_foreign_entries") == 0  # the tool adds no entry
+    repairs = [json.loads(line) for line in trail.read_text().splitlines()]
+    assert len(repairs) == 5 and {e["event"] for e in repairs} == {"reconcile-repair"}
+    east_split = next(e for e in repairs if e["region"] == "us-east-1" and e["key"] == "rc-split")
+    assert east_split["old"] == {"tokens_remaining": 90}
+    assert east_split["new"] == {"tokens_remaining": 40}
+    assert east_split["who"].startswith("@reconcile/")
 
     status, again = report(mesh)
     assert status == 0, again

@@ -589,7 +589,7 @@ def parser() -> argparse.ArgumentParser:
     add_client_parsers(sub)  # rate, state, configure: the client's operator commands
     from bucketmesh.tooling.ops import add_parsers as add_ops_parsers
 
-    add_ops_parsers(sub, _ops_config)  # reconcile, metrics export
+    add_ops_parsers(sub, _ops_config)  # reconcile, metrics export, audit duplicates
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo, usage_error=demo.error)
     from bucketmesh.tooling import sim

@@ -48,6 +48,7 @@ from typing import Any, Final, Protocol, TextIO
 from bucketmesh.core.bucket import Bucket, BucketConfig, BucketDelta
 from bucketmesh.core.limiter import DeltaBatch
 from bucketmesh.replication import protocol as sync
+from bucketmesh.telemetry.audit import AuditLog
 from bucketmesh.tooling.ops.syncclient import RegionClient, RegionError, tool_replica_id
 
 #: The replica id the tool's views hold as their own: no region's (see syncclient).
@@ -247,6 +248,8 @@ class KeyDivergence:
     regions: dict[str, int]
     #: replica ids whose entries of ``used`` differ between the views and the join
     replicas: list[str]
+    #: the join's level now: what every region holds once repaired
+    level: int = 0
 
     @property
     def tokens(self) -> int:
@@ -284,7 +287,7 @@ def compare_key(
         )
     if not behind:
         return joined, None
-    return joined, KeyDivergence(key, behind, sorted(replicas))
+    return joined, KeyDivergence(key, behind, sorted(replicas), level)
 
 
 def join_rules(batches: Mapping[str, DeltaBatch]) -> dict[str, BucketConfig]:
@@ -410,6 +413,7 @@ class Reconciler:
         page_keys: int = DEFAULT_PAGE_KEYS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         progress: Callable[[int, int], None] | None = None,
+        audit: AuditLog | None = None,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self.targets = targets
@@ -417,6 +421,7 @@ class Reconciler:
         self.page_keys = page_keys
         self.timeout_s = timeout_s
         self.progress = progress
+        self.audit = audit
         self.clock = clock
         self.sender = tool_replica_id()
         self.report = Report(
@@ -484,17 +489,43 @@ class Reconciler:
         return None
 
     async def _push(
-        self, region: str, states: list[BucketDelta], rules: dict[str, BucketConfig]
+        self,
+        region: str,
+        repairs: list[tuple[BucketDelta, KeyDivergence]],
+        rules: dict[str, BucketConfig],
     ) -> None:
         client = self.clients.get(region)
         if client is None:
             return
         try:
-            changed = await client.push(states, rules, self.targets.max_message)
+            changed = await client.push(
+                [joined for joined, _ in repairs], rules, self.targets.max_message
+            )
         except RegionError as error:
             self._fail(region, error)
             return
         self.report.regions[region].buckets_changed += changed
+        if self.audit is not None:
+            for joined, divergence in repairs:
+                tokens = divergence.regions[region]
+                self.audit.change(
+                    "reconcile-repair",
+                    who=self.sender,
+                    old={"tokens_remaining": divergence.level + tokens},
+                    new={"tokens_remaining": divergence.level},
+                    region=region,
+                    key=joined.key,
+                    replicas=divergence.replicas,
+                )
+            for name, config in rules.items():
+                self.audit.change(
+                    "reconcile-repair",
+                    who=self.sender,
+                    old=None,
+                    new={"capacity": config.capacity, "refill_rate": config.refill_rate},
+                    region=region,
+                    rule=name,
+                )
 
     async def run(self) -> Report:
         started = time.monotonic()
@@ -532,7 +563,7 @@ class Reconciler:
             for delta in batch.deltas:
                 views.setdefault(delta.key, {})[region] = delta
         now = self.clock()
-        repairs: dict[str, list[BucketDelta]] = {region: [] for region in batches}
+        repairs: dict[str, list[tuple[BucketDelta, KeyDivergence]]] = {r: [] for r in batches}
         for key, held in views.items():
             joined, divergence = compare_key(key, {r: held.get(r) for r in batches}, now)
             self.report.keys_compared += 1
@@ -544,7 +575,7 @@ class Reconciler:
                 rep = self.report.regions[region]
                 rep.keys_behind += 1
                 rep.max_tokens_behind = max(rep.max_tokens_behind, tokens)
-                repairs[region].append(joined)
+                repairs[region].append((joined, divergence))
         rules = join_rules(batches)
         rule_repairs: dict[str, dict[str, BucketConfig]] = {}
         for region, batch in batches.items():
@@ -704,6 +735,12 @@ def add_parser(sub: Any, load_config: ConfigLoader | None) -> None:
         help=f"seconds one request may take (default {DEFAULT_TIMEOUT_S:g})",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--audit",
+        metavar="FILE",
+        help="append each repair to this audit trail (JSON lines; - for stdout): "
+        "who, region, key, tokens_remaining old -> new",
+    )
     p.set_defaults(func=lambda args: cmd_reconcile(args, load_config), usage_error=p.error)
 
 
@@ -720,6 +757,7 @@ def cmd_reconcile(
     except UsageError as error:
         sys.stderr.write(f"bucketmesh reconcile: error: {error}\n")
         return FAILED
+    audit = AuditLog(args.audit) if args.audit else None
     progress, stop = _progress_printer(not args.quiet and sys.stderr.isatty())
     try:
         report = asyncio.run(
@@ -729,10 +767,18 @@ def cmd_reconcile(
                 page_keys=args.page_keys,
                 timeout_s=args.timeout,
                 progress=progress,
+                audit=audit,
             ).run()
         )
     finally:
         stop()
+        if audit is not None:
+            audit.close()
+            if audit.write_errors or audit.dropped:
+                sys.stderr.write(
+                    f"bucketmesh reconcile: the audit trail {args.audit} missed "
+                    f"{audit.dropped + audit.write_errors} write(s)\n"
+                )
     if args.format == "json":
         out.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     else:
