@@ -23,9 +23,12 @@ import yaml
 from conftest import eventually, free_port
 from test_deploy_chart import (
     ADMIN_TOKEN,
+    CHART,
     KUBE_VERSIONS,
     REGIONS,
     Rendering,
+    everything_on,
+    helm,
     kubernetes_validate,
     redis_region,
     region_sets,
@@ -68,6 +71,13 @@ def job_container(job: dict[str, Any]) -> dict[str, Any]:
 
 def test_no_cronjob_unless_enabled() -> None:
     assert render(seed_region("us-east-1")).of_kind("CronJob") == []
+
+
+def test_helm_lint_is_clean_with_the_cronjob() -> None:
+    values = with_reconcile(everything_on(seed_region("eu-central-1")), timeZone="Etc/UTC")
+    report = helm.lint(CHART, values, strict=True)
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
 def test_reconcile_without_sync_fails_naming_the_value() -> None:

@@ -650,10 +650,11 @@ def _progress_printer(
     if not enabled:
         return None, lambda: None
     try:
+        from rich.console import Console
         from rich.progress import Progress  # optional: a dev dependency
     except ImportError:
         return None, lambda: None
-    bar = Progress(transient=True)
+    bar = Progress(console=Console(stderr=True), transient=True)  # stdout is the report
     task = bar.add_task("reconciling key ranges", total=sync.RANGES)
     bar.start()
 
