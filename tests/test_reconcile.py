@@ -39,10 +39,7 @@ SEED_CLUSTER = "global\u2011rate\u2011limit\u2011cluster"  # as the articles pri
 
 @pytest.fixture(scope="module")
 def mesh(serve_module: ServerFactory) -> Iterator[Mesh]:
-    mesh = Mesh(serve_module, REGIONS, buckets=[RULE], admin_token=TOKEN).start()
-    yield mesh
-    for node in mesh.nodes.values():
-        node.client.delete("/v1/admin/faults", headers={"Authorization": f"Bearer {TOKEN}"})
+    yield Mesh(serve_module, REGIONS, buckets=[RULE], admin_token=TOKEN).start()
 
 
 def spend(node: MeshNode, key: str, tokens: int) -> None:
@@ -242,3 +239,23 @@ def test_usage_errors_exit_2_naming_the_argument(mesh: Mesh) -> None:
         mesh, *urls(mesh), "--cluster", MESH_CLUSTER_ID, env={"BUCKETMESH_SYNC_SECRET": ""}
     )
     assert status == 2 and "no sync secret" in err
+
+
+def test_a_region_that_is_down_exits_2(mesh: Mesh) -> None:
+    """Last in this module: it kills eu-central-1."""
+    east, _, central = list(mesh.nodes.values())
+    assert east.server is not None
+    central.kill()
+    status, out, err = reconcile(
+        mesh,
+        "--cluster",
+        SEED_CLUSTER,
+        "--format",
+        "json",
+        env={"BUCKETMESH_CONFIG": str(east.server.config_path)},
+    )
+    assert status == 2, out + err
+    found = json.loads(out)
+    assert found["unreachable"] == ["eu-central-1"]
+    assert found["regions"]["us-east-1"]["reachable"] and found["regions"]["us-west-2"]["reachable"]
+    assert found["keys_compared"] >= 4  # the two regions that answered were still compared
