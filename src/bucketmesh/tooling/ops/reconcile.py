@@ -53,7 +53,7 @@ from bucketmesh.tooling.ops.syncclient import RegionClient, RegionError, tool_re
 
 #: The replica id the tool's views hold as their own: no region's (see syncclient).
 VIEW_ID: Final = "@reconcile/view/0"
-DEFAULT_PAGE_KEYS: Final = 5000
+DEFAULT_PAGE_KEYS: Final = 20000
 FIRST_GROUP: Final = 8
 MAX_GROUP: Final = 64
 DEFAULT_TIMEOUT_S: Final = 30.0
