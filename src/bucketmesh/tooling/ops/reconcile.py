@@ -5,7 +5,7 @@ The regions are read through the sync protocol (``syncclient.py``): the tool
 holds the mesh's secret and pulls the full state of a few key ranges at a time
 from every region at once, compares that page, pushes the repairs for it and
 moves on, so its memory is one page per region whatever the bucket count. A
-page is sized to about ``--page-keys`` buckets (the first one, 8 of the 256
+page is sized to about ``--page-keys`` buckets (the first one, 4 of the 256
 ranges, measures how many keys a range holds): a region builds one page's
 reply in one go, so the page bounds how long it stops deciding for it.
 
@@ -54,7 +54,7 @@ from bucketmesh.tooling.ops.syncclient import RegionClient, RegionError, tool_re
 #: The replica id the tool's views hold as their own: no region's (see syncclient).
 VIEW_ID: Final = "@reconcile/view/0"
 DEFAULT_PAGE_KEYS: Final = 20000
-FIRST_GROUP: Final = 8
+FIRST_GROUP: Final = 4
 MAX_GROUP: Final = 64
 DEFAULT_TIMEOUT_S: Final = 30.0
 DEFAULT_MAX_MESSAGE: Final = 65536
