@@ -136,6 +136,15 @@ def load(path: str, flags: dict[str, str], *, insecure_sync: bool = False) -> Co
     return apply_overrides(config, overrides, origin=origin, require_secret=not insecure_sync)
 
 
+def _ops_config(path: str) -> Config:
+    """A node's config as ``reconcile`` reads it (its mesh, cluster id and secret); a
+    config error becomes a ValueError, which the tool reports and exits 2 on."""
+    try:
+        return load(path, {}, insecure_sync=True)
+    except ConfigError as error:
+        raise ValueError(str(error)) from None
+
+
 def _quick_start_text(config: Config, port: int) -> str:
     """What ``run --single`` prints once it listens; ``port`` is the one it got (the
     config's, or the free one the kernel chose for port 0)."""
@@ -582,6 +591,9 @@ def parser() -> argparse.ArgumentParser:
     from bucketmesh.autoscale.cli import add_parser as add_autoscale_parser
 
     add_autoscale_parser(sub)  # the controller beside the mesh (docs/autoscale.md)
+    from bucketmesh.tooling.ops import add_parsers as add_ops_parsers
+
+    add_ops_parsers(sub, _ops_config)  # reconcile, metrics export, audit duplicates
     demo = sub.add_parser("demo", help="in-process: three replicas of one bucket converging")
     demo.set_defaults(func=cmd_demo, usage_error=demo.error)
     from bucketmesh.tooling import sim

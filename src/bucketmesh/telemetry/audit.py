@@ -1,0 +1,243 @@
+"""The audit trail's writer: JSON lines off the hot path, bounded, never blocking.
+
+A caller ``record``s an event (a dict) and returns at once: the event goes into a
+bounded buffer, and a writer thread of its own drains it to a file (rotated by
+size: ``audit.jsonl`` → ``audit.jsonl.1`` … ``.N``) or to stdout. A full buffer
+drops the event and counts it (``dropped``): a decision never waits for a disk.
+
+Two kinds of events:
+
+- ``consume``: one decision (time, region, replica, rule, key — or its
+  SHA-256 with ``hash_keys`` —, tokens, allowed, Idempotency-Key, request id,
+  caller). Sampled: with ``sample`` < 1 only that share is kept (by a hash of
+  the request id, so every event of one request is kept or none is).
+- anything else (``patch``, ``fault``, ``reconcile-repair`` …): always kept
+  whatever the sampling, with who did it and old → new, as the caller gives them.
+
+This module reads the clock only to stamp events that carry no ``time``.
+``tooling/ops/audit.py`` (``bucketmesh audit duplicates``) reads what it writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import IO, Any, Final
+
+CONSUME: Final = "consume"
+DEFAULT_BUFFER: Final = 10_000
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_BACKUPS: Final = 5
+
+
+def key_hash(key: str) -> str:
+    """What a hashed key is written as: ``sha256:`` and the first 32 hex digits."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class AuditLog:
+    """A bounded buffer of events and the thread that writes them (see the module doc).
+
+    ``path`` None or ``"-"`` writes to stdout. ``start`` (or the first ``record``
+    after it) runs the writer; ``close`` writes what is buffered and stops it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        *,
+        buffer: int = DEFAULT_BUFFER,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        backups: int = DEFAULT_BACKUPS,
+        sample: float = 1.0,
+        hash_keys: bool = False,
+    ) -> None:
+        if buffer < 1:
+            raise ValueError(f"the audit buffer holds at least 1 event, got {buffer}")
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError(f"the audit sample is a share in [0, 1], got {sample}")
+        if max_bytes < 1 or backups < 0:
+            raise ValueError("audit rotation needs max_bytes >= 1 and backups >= 0")
+        self.path = None if path is None or str(path) == "-" else os.fspath(path)
+        self.capacity = buffer
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.sample = sample
+        self.hash_keys = hash_keys
+        self.dropped = 0
+        self.sampled_out = 0
+        self.written = 0
+        self.write_errors = 0
+        self._events: deque[Mapping[str, Any]] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._stream: IO[str] | None = None
+        self._size = 0
+
+    # -- the caller's side: never blocks on I/O --------------------------------------
+
+    def record(self, event: Mapping[str, Any]) -> bool:
+        """Buffer ``event``; False if it was sampled out or dropped (buffer full)."""
+        if event.get("event") == CONSUME and self.sample < 1.0 and not self._kept(event):
+            self.sampled_out += 1
+            return False
+        with self._lock:
+            if len(self._events) >= self.capacity or self._closing:
+                self.dropped += 1
+                return False
+            self._events.append(event)
+            self._wake.notify()
+        return True
+
+    def consume(
+        self,
+        *,
+        region: str,
+        replica: str,
+        rule: str,
+        key: str,
+        tokens: int,
+        allowed: bool,
+        idempotency_key: str | None = None,
+        request_id: str | None = None,
+        caller: str | None = None,
+        at: str | None = None,
+    ) -> bool:
+        """Record one decision."""
+        return self.record(
+            {
+                "event": CONSUME,
+                "time": at or clock_iso(),
+                "region": region,
+                "replica": replica,
+                "rule": rule,
+                "key": key_hash(key) if self.hash_keys else key,
+                "tokens": tokens,
+                "allowed": allowed,
+                "idempotency_key": idempotency_key,
+                "request_id": request_id,
+                "caller": caller,
+            }
+        )
+
+    def change(self, event: str, *, who: str, old: Any, new: Any, **fields: Any) -> bool:
+        """Record an administrative change (PATCH, fault, repair): always kept."""
+        return self.record(
+            {
+                "event": event,
+                "time": fields.pop("at", None) or clock_iso(),
+                "who": who,
+                "old": old,
+                "new": new,
+                **fields,
+            }
+        )
+
+    def _kept(self, event: Mapping[str, Any]) -> bool:
+        ident = str(event.get("request_id") or event.get("idempotency_key") or event.get("key"))
+        digest = hashlib.blake2b(ident.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") < self.sample * 2**64
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._closing = False
+            self._thread = threading.Thread(target=self._run, name="bucketmesh-audit", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write what is buffered (for at most ``timeout_s``), then stop."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+            thread = self._thread
+        if thread is None:  # never started: write the buffer here
+            self._drain()
+        else:
+            thread.join(timeout_s)
+            self._thread = None
+        if self._stream is not None and self._stream is not sys.stdout:
+            self._stream.close()
+        self._stream = None
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._events and not self._closing:
+                    self._wake.wait()
+                if not self._events and self._closing:
+                    return
+            self._drain()
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = list(self._events)
+            self._events.clear()
+        if not batch:
+            return
+        try:
+            stream = self._open()
+            for event in batch:
+                line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
+                size = len(line.encode())
+                if self.path is not None and self._size and self._size + size > self.max_bytes:
+                    stream = self._rotate()
+                stream.write(line)
+                self._size += size
+                self.written += 1
+            stream.flush()
+        except OSError:
+            self.write_errors += 1
+            self._stream = None
+
+    def _open(self) -> IO[str]:
+        if self._stream is None:
+            if self.path is None:
+                self._stream = sys.stdout
+            else:
+                self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                self._size = self._stream.tell()
+        return self._stream
+
+    def _rotate(self) -> IO[str]:
+        assert self.path is not None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self.backups == 0:
+            os.remove(self.path)
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = f"{self.path}.{n}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        self._size = 0
+        return self._open()
+
+
+def clock_iso(ns: int | None = None) -> str:
+    """``ns`` (default: now) as the audit trail writes times."""
+    seconds = time.time() if ns is None else ns / 1e9
+    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+__all__ = ["CONSUME", "AuditLog", "clock_iso", "key_hash"]
