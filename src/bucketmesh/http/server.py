@@ -50,6 +50,14 @@ Text
     too, so a key typed in a header and the same key in ``?key=`` are one
     string; bytes that are not UTF-8 get a 400 naming the header or parameter.
 
+TLS
+    With a ``TlsContexts`` (``http/tls.py``), a new connection first completes a
+    TLS handshake (``loop.start_tls`` with the context of the moment, so renewed
+    certificate files apply from the next connection on; at most
+    ``header_timeout``); a refused handshake is counted by reason and the
+    connection dropped. The verified client certificate's names reach the
+    handler as ``Request.peer_names``.
+
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
     accepted, answered at once with ``503`` problem+json and ``Retry-After: 1``
@@ -66,16 +74,20 @@ import inspect
 import logging
 import re
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Final, TypeAlias, cast
+from typing import TYPE_CHECKING, Final, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httptools
 import msgspec
+
+if TYPE_CHECKING:
+    from bucketmesh.http.tls import TlsContexts
 
 __all__ = ["Handler", "HttpServer", "Request", "Response", "ServerLimits", "problem"]
 
@@ -104,7 +116,16 @@ _json_encode = msgspec.json.Encoder().encode
 class Request:
     """One parsed request, as the handler sees it."""
 
-    __slots__ = ("body", "client_ip", "headers", "http_version", "method", "path", "query")
+    __slots__ = (
+        "body",
+        "client_ip",
+        "headers",
+        "http_version",
+        "method",
+        "path",
+        "peer_names",
+        "query",
+    )
 
     def __init__(
         self,
@@ -115,6 +136,7 @@ class Request:
         body: bytes,
         client_ip: str,
         http_version: str,
+        peer_names: frozenset[str] | None = None,
     ) -> None:
         self.method = method
         #: Percent-decoded path without the query string.
@@ -127,6 +149,9 @@ class Request:
         #: The TCP peer; no X-Forwarded-For processing here.
         self.client_ip = client_ip
         self.http_version = http_version
+        #: The names (subject CN, DNS and URI SANs) of the client certificate the
+        #: listener verified; None without TLS or without a client certificate.
+        self.peer_names = peer_names
 
 
 class Response:
@@ -390,6 +415,7 @@ class _Connection(asyncio.Protocol):
         "_parser",
         "_paused_at",
         "_peer_eof",
+        "_peer_names",
         "_pending",
         "_reading_paused",
         "_server",
@@ -409,6 +435,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport  # set by connection_made
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
+        self._peer_names: frozenset[str] | None = None
         self._now = 0.0
         self._out: list[bytes] = []
         self._out_size = 0
@@ -450,6 +477,10 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client_ip = str(peer[0])
+        tls = self._server._tls
+        if tls is not None:
+            names = tls.peer_names(transport.get_extra_info("peercert"))
+            self._peer_names = names or None
         self._server._connections.add(self)
         if self._server._shutting_down:
             self._lost = True  # accepted as the listener closed: nothing to answer
@@ -665,7 +696,14 @@ class _Connection(asyncio.Protocol):
             self._fail(problem(400, None, "malformed request target"))
             raise _Stop from None
         request = Request(
-            self._method, path, query, self._headers, body, self._client_ip, self._http_version
+            self._method,
+            path,
+            query,
+            self._headers,
+            body,
+            self._client_ip,
+            self._http_version,
+            self._peer_names,
         )
         keep_alive = self._keep_alive and not self._server._shutting_down
         if not keep_alive:
@@ -979,6 +1017,83 @@ class _Refused(asyncio.Protocol):
         self._transport.abort()
 
 
+class _TlsGate(asyncio.Protocol):
+    """What a TLS connection's plaintext goes to until its ``_Connection`` has seen
+    ``connection_made``: the TLS layer may deliver the first request in the same
+    step that completes the handshake, before ``start_tls`` returns."""
+
+    __slots__ = ("eof", "received")
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+
+class _Handshake(asyncio.Protocol):
+    """A TCP connection to a TLS listener until its handshake is done: then its
+    ``_Connection`` takes over; a refused handshake is counted and dropped."""
+
+    __slots__ = ("_loop", "_server", "_task", "_transport")
+
+    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._transport: asyncio.Transport
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.pause_reading()  # the ClientHello is start_tls's to read
+        self._server._handshaking.add(self)
+        self._task = self._loop.create_task(self._handshake())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # the handshake task sees it fail
+
+    def abort(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._transport.abort()
+
+    async def _handshake(self) -> None:
+        server = self._server
+        tls = server._tls
+        assert tls is not None
+        gate = _TlsGate()
+        try:
+            secured = await self._loop.start_tls(
+                self._transport,
+                gate,
+                tls.server_context(),
+                server_side=True,
+                ssl_handshake_timeout=server._limits.header_timeout,
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as error:
+            tls.count_error("server", error)
+            self._transport.abort()
+            return
+        finally:
+            server._handshaking.discard(self)
+            server._check_all_closed()
+        if secured is None or server._shutting_down:
+            self._transport.abort()
+            return
+        connection = _Connection(server, self._loop)
+        secured.set_protocol(connection)
+        connection.connection_made(secured)
+        for data in gate.received:
+            connection.data_received(data)
+        if gate.eof and not connection.eof_received():
+            secured.close()
+
+
 class HttpServer:
     """Serves one handler over HTTP/1.1 on one event loop (uvloop recommended)."""
 
@@ -989,7 +1104,10 @@ class HttpServer:
         *,
         on_error: Callable[[BaseException], None] | None = None,
         server_header: str = "bucketmesh",
+        tls: TlsContexts | None = None,
     ) -> None:
+        if tls is not None and not tls.files.serves:
+            raise ValueError("a TLS listener needs a certificate (tls.certFile)")
         if "\r" in server_header or "\n" in server_header:
             raise ValueError("CR or LF in server_header")
         self._handler = handler
@@ -999,6 +1117,8 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._refused: set[_Refused] = set()
+        self._tls = tls
+        self._handshaking: set[_Handshake] = set()
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1019,8 +1139,10 @@ class HttpServer:
         loop = asyncio.get_running_loop()
 
         def make_protocol() -> asyncio.Protocol:
-            if len(self._connections) >= self._limits.max_connections:
+            if len(self._connections) + len(self._handshaking) >= self._limits.max_connections:
                 return _Refused(self)
+            if self._tls is not None:
+                return _Handshake(self, loop)
             return _Connection(self, loop)
 
         if sock is not None:
@@ -1053,7 +1175,9 @@ class HttpServer:
             connection.begin_shutdown()
         for refused in list(self._refused):
             refused.abort()
-        if self._connections or self._refused:
+        for handshaking in list(self._handshaking):
+            handshaking.abort()
+        if self._connections or self._refused or self._handshaking:
             if self._all_closed is None:
                 self._all_closed = asyncio.Event()
             try:
@@ -1074,7 +1198,15 @@ class HttpServer:
             self._connections.discard(connection)
         else:
             self._refused.discard(connection)
-        if self._all_closed is not None and not self._connections and not self._refused:
+        self._check_all_closed()
+
+    def _check_all_closed(self) -> None:
+        if (
+            self._all_closed is not None
+            and not self._connections
+            and not self._refused
+            and not self._handshaking
+        ):
             self._all_closed.set()
 
     def _report(self, exc: BaseException) -> None:

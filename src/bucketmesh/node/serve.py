@@ -57,6 +57,8 @@ from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import HttpServer
+from bucketmesh.http.tls import sync_guard
+from bucketmesh.node.reload import SecretFiles
 from bucketmesh.node.settings import NodeSettings
 from bucketmesh.replication.mesh import Mesh, Replica
 from bucketmesh.storage.memory import MemoryStore, UnreadableState
@@ -156,13 +158,39 @@ class Node:
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
-        self.server = HttpServer(self.router, settings.limits, on_error=self._log_error)
+        self.secret_files = self._secret_files(settings)
+        tls = settings.tls
+        if tls is not None:
+            self.router.metrics.labelled.append(tls.metric_families)
+            if tls.files.client_auth != "none":
+                self.router.guard(
+                    "sync", sync_guard(tls, settings.sync.peers if settings.sync else ())
+                )
+        self.server = HttpServer(
+            self.router,
+            settings.limits,
+            on_error=self._log_error,
+            tls=tls if tls is not None and tls.files.serves else None,
+        )
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
+
+    def _secret_files(self, settings: NodeSettings) -> SecretFiles:
+        """Rotation: admin tokens and sync secrets, and the files read again on change."""
+        files = SecretFiles()
+        if settings.admin_tokens:
+            self.app.admin.set_tokens(settings.admin_tokens)
+        if settings.admin_token_file is not None:
+            files.add("admin.tokenFile", settings.admin_token_file, self.app.admin.set_tokens)
+        if self.mesh is not None and settings.sync_secret_file is not None:
+            files.add("sync.secretFile", settings.sync_secret_file, self.mesh.auth.set_secrets)
+        if files.watched:
+            self.router.metrics.labelled.append(files.metric_families)
+        return files
 
     @property
     def limiter(self) -> Limiter:
@@ -207,6 +235,8 @@ class Node:
         if self.mesh is not None:
             self.mesh.start()
         self.tasks.append(asyncio.create_task(self._sweep()))
+        if self.secret_files.watched:
+            self.tasks.append(asyncio.create_task(self.secret_files.watch()))
         if self.memory is not None and self.memory.snapshot is not None:
             self.tasks.append(asyncio.create_task(self._snapshots()))
 

@@ -1,6 +1,12 @@
 """The sync mesh's HTTP client: one keep-alive connection to a peer, a POST at a time,
 with httptools parsing the reply. Every failure is a ``LinkError``; what to do about
-it (retry, back off, mark the peer down) is the mesh's business."""
+it (retry, back off, mark the peer down) is the mesh's business.
+
+An ``https://`` peer is reached over TLS with the node's client context
+(``http/tls.py``: the mesh CA, and the node's certificate for mTLS), taken afresh
+for each new connection so that renewed files apply; a handshake the peer or this
+side refuses is counted there (side ``client``). Without a ``TlsContexts`` an
+``https://`` peer is verified against the system's CAs."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 
 _MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
@@ -52,7 +59,7 @@ class HttpLink:
     server's keep-alive timeout closing it under a request.
     """
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(self, url: str, *, timeout_s: float, tls: TlsContexts | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"a peer URL is http(s)://host[:port], got {url!r}")
@@ -61,7 +68,9 @@ class HttpLink:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
         self.authority = parts.netloc.rsplit("@", 1)[-1]
-        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.https = parts.scheme == "https"
+        self.tls = tls
+        self._default_ssl = ssl.create_default_context() if self.https and tls is None else None
         self.timeout_s = timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -82,6 +91,10 @@ class HttpLink:
             except ConnectionRefusedError as error:
                 self.close()
                 raise LinkError(f"connection refused ({error.strerror})", refused=True) from None
+            except ssl.SSLError as error:
+                self.close()
+                reason = self.tls.count_error("client", error) if self.tls else "handshake"
+                raise LinkError(f"TLS with the peer failed ({reason}): {error}") from None
             except (OSError, httptools.HttpParserError, LinkError) as error:
                 self.close()
                 if isinstance(error, LinkError):
@@ -95,8 +108,11 @@ class HttpLink:
         loop = asyncio.get_running_loop()
         if self._writer is None or loop.time() - self._last_used > _IDLE_REUSE_S:
             self.close()
+            context = self._default_ssl
+            if self.https and self.tls is not None:
+                context = self.tls.client_context()
             self._reader, self._writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl
+                self.host, self.port, ssl=context
             )
         reader, writer = self._reader, self._writer
         assert reader is not None

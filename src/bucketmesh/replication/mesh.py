@@ -79,6 +79,7 @@ from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import ApiError
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import Request, Response
+from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
 from bucketmesh.replication.link import HttpLink, LinkError
@@ -162,7 +163,8 @@ class MeshSettings:
     region: str
     cluster_id: str
     peers: Mapping[str, str]
-    secret: str | None
+    #: signs with the first, accepts any (rotation: docs/security.md)
+    secret: str | Sequence[str] | None
     interval_s: float = 0.02
     peer_timeout_s: float = 1.0
     max_message_bytes: int = 65536
@@ -177,6 +179,8 @@ class MeshSettings:
     #: one, a delta collected while a message is in flight waits for its ack, so the
     #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
     pipeline: int = 2
+    #: the client side of TLS to https:// peers (http/tls.py); None: system CAs
+    tls: TlsContexts | None = None
 
     @property
     def heartbeat_s(self) -> float:
@@ -197,12 +201,14 @@ class Peer:
         self.region = region
         self.url = url
         self.links = [
-            HttpLink(url, timeout_s=settings.peer_timeout_s)
+            HttpLink(url, timeout_s=settings.peer_timeout_s, tls=settings.tls)
             for _ in range(max(1, settings.pipeline))
         ]
         self.link = self.links[0]
         self.wakes = [asyncio.Event() for _ in self.links]
-        self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
+        self.bulk = HttpLink(
+            url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s), tls=settings.tls
+        )
         self.box = Outbox()
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
