@@ -51,12 +51,11 @@ Text
     string; bytes that are not UTF-8 get a 400 naming the header or parameter.
 
 TLS
-    With a ``TlsContexts`` (``http/tls.py``), a new connection first completes a
-    TLS handshake (``loop.start_tls`` with the context of the moment, so renewed
-    certificate files apply from the next connection on; at most
-    ``header_timeout``); a refused handshake is counted by reason and the
-    connection dropped. The verified client certificate's names reach the
-    handler as ``Request.peer_names``.
+    With a ``TlsContexts`` (``http/tls.py``), the listener speaks TLS; a handshake
+    may take ``header_timeout``. Renewed certificate files apply from the next
+    handshake on, and refused handshakes are counted by reason: both happen inside
+    the context ``TlsContexts.listener_context`` gives. The verified client
+    certificate's names reach the handler as ``Request.peer_names``.
 
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
@@ -74,7 +73,6 @@ import inspect
 import logging
 import re
 import socket
-import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -1017,83 +1015,6 @@ class _Refused(asyncio.Protocol):
         self._transport.abort()
 
 
-class _TlsGate(asyncio.Protocol):
-    """What a TLS connection's plaintext goes to until its ``_Connection`` has seen
-    ``connection_made``: the TLS layer may deliver the first request in the same
-    step that completes the handshake, before ``start_tls`` returns."""
-
-    __slots__ = ("eof", "received")
-
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-        self.eof = False
-
-    def data_received(self, data: bytes) -> None:
-        self.received.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
-
-
-class _Handshake(asyncio.Protocol):
-    """A TCP connection to a TLS listener until its handshake is done: then its
-    ``_Connection`` takes over; a refused handshake is counted and dropped."""
-
-    __slots__ = ("_loop", "_server", "_task", "_transport")
-
-    def __init__(self, server: HttpServer, loop: asyncio.AbstractEventLoop) -> None:
-        self._server = server
-        self._loop = loop
-        self._transport: asyncio.Transport
-        self._task: asyncio.Task[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._transport.pause_reading()  # the ClientHello is start_tls's to read
-        self._server._handshaking.add(self)
-        self._task = self._loop.create_task(self._handshake())
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass  # the handshake task sees it fail
-
-    def abort(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._transport.abort()
-
-    async def _handshake(self) -> None:
-        server = self._server
-        tls = server._tls
-        assert tls is not None
-        gate = _TlsGate()
-        try:
-            secured = await self._loop.start_tls(
-                self._transport,
-                gate,
-                tls.server_context(),
-                server_side=True,
-                ssl_handshake_timeout=server._limits.header_timeout,
-            )
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as error:
-            tls.count_error("server", error)
-            self._transport.abort()
-            return
-        finally:
-            server._handshaking.discard(self)
-            server._check_all_closed()
-        if secured is None or server._shutting_down:
-            self._transport.abort()
-            return
-        connection = _Connection(server, self._loop)
-        secured.set_protocol(connection)
-        connection.connection_made(secured)
-        for data in gate.received:
-            connection.data_received(data)
-        if gate.eof and not connection.eof_received():
-            secured.close()
-
-
 class HttpServer:
     """Serves one handler over HTTP/1.1 on one event loop (uvloop recommended)."""
 
@@ -1118,7 +1039,6 @@ class HttpServer:
         self._connections: set[_Connection] = set()
         self._refused: set[_Refused] = set()
         self._tls = tls
-        self._handshaking: set[_Handshake] = set()
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1139,17 +1059,29 @@ class HttpServer:
         loop = asyncio.get_running_loop()
 
         def make_protocol() -> asyncio.Protocol:
-            if len(self._connections) + len(self._handshaking) >= self._limits.max_connections:
+            if len(self._connections) >= self._limits.max_connections:
                 return _Refused(self)
-            if self._tls is not None:
-                return _Handshake(self, loop)
             return _Connection(self, loop)
 
+        context = self._tls.listener_context() if self._tls is not None else None
+        handshake_timeout = self._limits.header_timeout if context is not None else None
         if sock is not None:
-            self._server = await loop.create_server(make_protocol, sock=sock, backlog=_BACKLOG)
+            self._server = await loop.create_server(
+                make_protocol,
+                sock=sock,
+                backlog=_BACKLOG,
+                ssl=context,
+                ssl_handshake_timeout=handshake_timeout,
+            )
         else:
             self._server = await loop.create_server(
-                make_protocol, host, port, reuse_port=reuse_port or None, backlog=_BACKLOG
+                make_protocol,
+                host,
+                port,
+                reuse_port=reuse_port or None,
+                backlog=_BACKLOG,
+                ssl=context,
+                ssl_handshake_timeout=handshake_timeout,
             )
         self._tick_date()
 
@@ -1175,9 +1107,7 @@ class HttpServer:
             connection.begin_shutdown()
         for refused in list(self._refused):
             refused.abort()
-        for handshaking in list(self._handshaking):
-            handshaking.abort()
-        if self._connections or self._refused or self._handshaking:
+        if self._connections or self._refused:
             if self._all_closed is None:
                 self._all_closed = asyncio.Event()
             try:
@@ -1201,12 +1131,7 @@ class HttpServer:
         self._check_all_closed()
 
     def _check_all_closed(self) -> None:
-        if (
-            self._all_closed is not None
-            and not self._connections
-            and not self._refused
-            and not self._handshaking
-        ):
+        if self._all_closed is not None and not self._connections and not self._refused:
             self._all_closed.set()
 
     def _report(self, exc: BaseException) -> None:

@@ -21,7 +21,15 @@ subjectAltName equals the region's name).
 Reloading: the files are looked at (``stat``) at most once per ``check_every_s``
 when a context is asked for, that is on a new connection; a changed file (mtime,
 size or inode) rebuilds both contexts, so a renewed certificate is served from
-the next handshake on without a restart. A rebuild that fails (a key that does
+the next handshake on without a restart. The listener keeps the context it was
+started with (``listener_context``); its ``sni_callback``, which OpenSSL calls
+for every ClientHello (with or without a server name), moves the connection to
+the newest server context.
+
+Counting: the listener's handshakes run in ``SSLObject``s of a class whose
+``do_handshake`` counts a failure by reason before it propagates; that is the one
+place where both asyncio's and uvloop's TLS layers let a refusal be seen (they
+drop the error silently otherwise). A rebuild that fails (a key that does
 not match its certificate, a file half written) keeps the previous contexts, logs
 why and is counted; it is tried again once the files change again.
 """
@@ -145,9 +153,36 @@ class TlsContexts:
         self._paths = tuple(p for p in (files.cert_file, files.key_file, files.ca_file) if p)
         self._stamp = _fingerprint(self._paths)
         self._checked_at = monotonic()
+        self._listener: ssl.SSLContext | None = None
         self._server, self._client = self._build()  # TlsError at start-up: the node stops
 
     # -- contexts -------------------------------------------------------------------
+
+    def listener_context(self) -> ssl.SSLContext:
+        """The context a TLS listener is created with: handshakes move to the newest
+        server context, and refused ones are counted."""
+        if self._listener is None:
+            context = self.server_context()
+            contexts = self
+
+            class CountingSSLObject(ssl.SSLObject):
+                def do_handshake(self) -> None:
+                    try:
+                        super().do_handshake()
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        raise
+                    except ssl.SSLError as error:
+                        contexts.count_error("server", error)
+                        raise
+
+            context.sslobject_class = CountingSSLObject
+            self._listener = context
+        return self._listener
+
+    def _choose(self, tls: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        current = self.server_context()
+        if tls.context is not current:
+            tls.context = current
 
     def server_context(self) -> ssl.SSLContext:
         """The listener's context for a new connection (rebuilt if the files changed)."""
@@ -175,6 +210,7 @@ class TlsContexts:
                 "sync": ssl.CERT_OPTIONAL,
                 "all": ssl.CERT_REQUIRED,
             }[files.client_auth]
+            server.sni_callback = self._choose
         if files.ca_file is not None:
             # verifies hostnames and certificates, trusting the mesh CA only
             client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
