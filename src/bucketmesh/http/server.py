@@ -87,7 +87,17 @@ import msgspec
 if TYPE_CHECKING:
     from bucketmesh.http.tls import TlsContexts
 
-__all__ = ["Handler", "HttpServer", "Request", "Response", "ServerLimits", "problem"]
+__all__ = [
+    "Handler",
+    "HttpServer",
+    "NotText",
+    "Request",
+    "Response",
+    "ServerLimits",
+    "decode_header",
+    "decode_query",
+    "problem",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -304,13 +314,17 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d \r\n" % status
 
 
-class _NotText(ValueError):
-    """Bytes of the request that are not UTF-8: ``field`` names where they are."""
+class NotText(ValueError):
+    """Bytes of the request that are not UTF-8: ``field`` names where they are (a
+    header or a query parameter), ``detail`` says it for a 400."""
 
     def __init__(self, field: str | None, detail: str) -> None:
         super().__init__(detail)
         self.field = field
         self.detail = detail
+
+
+_NotText = NotText
 
 
 def _split_target(url: bytes) -> tuple[str, dict[str, str]]:
@@ -341,6 +355,33 @@ def _split_target(url: bytes) -> tuple[str, dict[str, str]]:
         if not (value.isascii() or _is_text(value)):
             raise _NotText(name, f"query parameter {name} has percent-escapes that are not UTF-8")
     return path, dict(pairs)
+
+
+def decode_query(raw: bytes) -> dict[str, str]:
+    """The parameters of a raw query string, decoded as this server decodes a request
+    target's (UTF-8, raw bytes and percent-escapes alike; the last of repeated names
+    wins), for other front ends (the ASGI middleware). Raises ``NotText`` naming the
+    parameter whose bytes are not UTF-8."""
+    if not raw:
+        return {}
+    try:
+        return _split_target(b"/?" + raw.replace(b"#", b"%23"))[1]
+    except _NotText as error:
+        if error.field is None:
+            raise NotText(None, "the query string is not UTF-8 text") from None
+        raise
+
+
+def decode_header(name: bytes, value: bytes) -> tuple[str, str]:
+    """A header's lower-cased name and its value decoded as this server decodes them
+    (UTF-8, trailing blanks dropped). Raises ``NotText`` naming the header."""
+    try:
+        text = value.decode("utf-8").rstrip(" \t")
+    except UnicodeDecodeError:
+        shown = name.decode("latin-1")
+        detail = f"header {shown} is not UTF-8 text; send its value encoded as UTF-8"
+        raise NotText(shown, detail) from None
+    return name.decode("latin-1").lower(), text
 
 
 def _is_text(decoded: str) -> bool:
@@ -613,14 +654,11 @@ class _Connection(asyncio.Protocol):
         ):
             self._fail(self._head_too_large())
             raise _Stop
-        key = name.decode("latin-1").lower()
         try:
             # UTF-8, as the request target is: one spelling of a key on every path
-            text = value.decode("utf-8").rstrip(" \t")
-        except UnicodeDecodeError:
-            shown = name.decode("latin-1")
-            detail = f"header {shown} is not UTF-8 text; send its value encoded as UTF-8"
-            self._fail(problem(400, None, detail, field=shown))
+            key, text = decode_header(name, value)
+        except NotText as error:
+            self._fail(problem(400, None, error.detail, field=error.field))
             raise _Stop from None
         headers = self._headers
         previous = headers.get(key)
