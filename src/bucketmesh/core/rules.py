@@ -250,6 +250,12 @@ def _parse_placeholder(whole: str, inner: str, text: str) -> _Lookup:
     if bar and last.strip() == _HASH_FILTER:
         lookup = _parse_placeholder(whole, source.strip(), text)
         return msgspec.structs.replace(lookup, hashed=True)
+    if bar and source.endswith((" ", "\t")):
+        raise _standalone(
+            "key",
+            f"unknown filter {last.strip()!r} in {whole} of key template {text!r}; "
+            f"the one filter is {_HASH_FILTER} ({{{{ .Request.Header.X-API-Key | sha256 }}}})",
+        )
     if inner == _CLIENT_IP:
         return _Lookup("client_ip", "", "client IP")
     header = _HEADER.fullmatch(inner)
