@@ -57,6 +57,19 @@ TLS
     the context ``TlsContexts.listener_context`` gives. The verified client
     certificate's names reach the handler as ``Request.peer_names``.
 
+Shedding (docs/targets.md R6)
+    Overload is answered early and cheaply, ``503`` problem+json with
+    ``Retry-After: 1`` and no handler call, in two cases. The event loop lags:
+    a timer due every ``_LAG_TICK_S`` measures how late it runs; while it runs
+    more than ``shed_lag`` late, the share of requests admitted halves on each
+    tick (to at least ``_MIN_ADMIT``) and grows back by a tenth on each punctual
+    one, so a node at several times its capacity answers most requests at once
+    rather than letting every one wait behind the others. Or ``max_in_flight``
+    handler answers (a Redis decision, a durable grant) are already awaited.
+    Reserved traffic is never shed: the sync endpoints, the admin and fault
+    endpoints, ``PATCH`` and the probes and metrics (``_RESERVED``), so a
+    flooded node still replicates, reports and can be reconfigured.
+
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
     accepted, answered at once with ``503`` problem+json and ``Retry-After: 1``
@@ -71,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import re
 import socket
 import time
@@ -102,6 +116,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _LINGER_SECONDS: Final = 2.0
+_LAG_TICK_S: Final = 0.01
+_MIN_ADMIT: Final = 0.05
+# Paths never shed (a prefix each); PATCH is never shed either.
+_RESERVED: Final = ("/v1/sync/", "/v1/admin/", "/healthz", "/readyz", "/metrics", "/v1/status")
 _NON_ASCII: Final = re.compile(rb"[\x80-\xff]")
 _FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
 _BACKLOG: Final = 2048
@@ -197,6 +215,8 @@ class ServerLimits(msgspec.Struct, frozen=True, kw_only=True):
     keepalive_timeout: float = 5.0  # an idle connection is closed after this
     max_connections: int = 10000  # beyond: answered 503 + Retry-After and closed
     max_pipelined: int = 64  # pending responses per connection before reading stops
+    max_in_flight: int = 4096  # awaited handler answers, all connections; beyond: 503
+    shed_lag: float = 0.5  # event loop lag beyond which requests are shed (503)
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -228,6 +248,15 @@ def problem(
     if extra:
         document.update(extra)
     return Response(status, _json_encode(document), "application/problem+json", headers)
+
+
+def _overloaded() -> Response:
+    return problem(
+        503,
+        None,
+        "the server is overloaded; retry shortly",
+        headers=[("Retry-After", "1")],
+    )
 
 
 def _internal_error() -> Response:
@@ -759,11 +788,17 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: Request, keep_alive: bool) -> None:
         head = request.method == "HEAD"
         http10 = request.http_version == "1.0"
-        try:
-            result = self._handler(request)
-        except Exception as exc:
-            self._server._report(exc)
-            result = _internal_error()
+        server = self._server
+        if (server._admit < 1.0 or server._in_flight >= server._max_in_flight) and server._sheds(
+            request
+        ):
+            result: object = _overloaded()
+        else:
+            try:
+                result = self._handler(request)
+            except Exception as exc:
+                server._report(exc)
+                result = _internal_error()
         if not isinstance(result, Response):
             if inspect.isawaitable(result):
                 self._await_response(result, keep_alive, head, http10)
@@ -780,6 +815,7 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         slot = _Slot(None, keep_alive, head, http10)
         task = asyncio.ensure_future(result, loop=self._loop)
+        self._server._in_flight += 1
         slot.task = task
         self._pending.append(slot)
         task.add_done_callback(lambda done: self._on_response_done(slot, done))
@@ -788,6 +824,7 @@ class _Connection(asyncio.Protocol):
 
     def _on_response_done(self, slot: _Slot, task: asyncio.Future[Response]) -> None:
         slot.task = None
+        self._server._in_flight -= 1
         if self._lost:
             return
         if task.cancelled():
@@ -1077,6 +1114,14 @@ class HttpServer:
         self._connections: set[_Connection] = set()
         self._refused: set[_Refused] = set()
         self._tls = tls
+        self._max_in_flight = self._limits.max_in_flight
+        self._in_flight = 0  # awaited handler answers, all connections
+        self._admit = 1.0  # the share of requests admitted (below 1 while the loop lags)
+        self._lag_timer: asyncio.TimerHandle | None = None
+        self._lag_due = 0.0
+        self._random = random.Random()
+        #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
+        self.shed = {"lag": 0, "in_flight": 0}
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1122,6 +1167,8 @@ class HttpServer:
                 ssl_handshake_timeout=handshake_timeout,
             )
         self._tick_date()
+        self._lag_due = loop.time() + _LAG_TICK_S
+        self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
 
     @property
     def port(self) -> int:
@@ -1160,6 +1207,9 @@ class HttpServer:
         if self._date_timer is not None:
             self._date_timer.cancel()
             self._date_timer = None
+        if self._lag_timer is not None:
+            self._lag_timer.cancel()
+            self._lag_timer = None
 
     def _forget(self, connection: _Connection | _Refused) -> None:
         if isinstance(connection, _Connection):
@@ -1180,6 +1230,34 @@ class HttpServer:
             except Exception:
                 _log.exception("on_error callback failed")
         _log.error("request handler failed", exc_info=exc)
+
+    def _tick_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._lag_due > self._limits.shed_lag:
+            self._admit = max(_MIN_ADMIT, self._admit * 0.5)
+        elif self._admit < 1.0:
+            self._admit = min(1.0, self._admit + 0.1)
+        if not self._shutting_down:
+            self._lag_due = now + _LAG_TICK_S
+            self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
+
+    def _sheds(self, request: Request) -> bool:
+        """Whether to answer ``request`` 503 now (called only while overloaded)."""
+        if request.method == "PATCH" or request.path.startswith(_RESERVED):
+            return False
+        if self._in_flight >= self._max_in_flight:
+            self.shed["in_flight"] += 1
+            return True
+        if self._random.random() >= self._admit:
+            self.shed["lag"] += 1
+            return True
+        return False
+
+    @property
+    def admitted_share(self) -> float:
+        """The share of requests admitted now (1.0: no shedding)."""
+        return self._admit
 
     def _stamp_date(self) -> None:
         now = time.time()

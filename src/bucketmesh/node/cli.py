@@ -141,6 +141,8 @@ def _settings(config: Config) -> NodeSettings:
         limits=ServerLimits(
             max_body_bytes=config.limits.max_body_bytes,
             max_header_bytes=config.limits.max_header_bytes,
+            max_in_flight=config.limits.max_in_flight,
+            shed_lag=config.limits.shed_lag_ms / 1000,
         ),
         version=__version__,
         regions=len(config.regions),

@@ -115,6 +115,7 @@ class _Problem(Exception):
 
 _FILE_NAMES: Final[Mapping[str, str]] = {
     "interval_ms": "interval",
+    "shed_lag_ms": "shedLag",
     "peer_timeout_ms": "peerTimeout",
     "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
@@ -247,6 +248,10 @@ class LimitsConfig(_Section, frozen=True):
     max_buckets: _Count = 1_000_000
     max_body_bytes: _Count = 65536
     max_header_bytes: _Count = 16384
+    # overload shedding (http/server.py): awaited answers in flight, and the event
+    # loop lag in ms beyond which requests get 503 + Retry-After
+    max_in_flight: _Count = 4096
+    shed_lag_ms: _Count = 500
 
 
 class _Settings(_Section, frozen=True):
@@ -1015,6 +1020,8 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_LIMITS_MAX_BUCKETS": "limits.max_buckets",
     "BUCKETMESH_LIMITS_MAX_BODY_BYTES": "limits.max_body_bytes",
     "BUCKETMESH_LIMITS_MAX_HEADER_BYTES": "limits.max_header_bytes",
+    "BUCKETMESH_LIMITS_MAX_IN_FLIGHT": "limits.max_in_flight",
+    "BUCKETMESH_LIMITS_SHED_LAG": "limits.shed_lag_ms",
     "BUCKETMESH_BUCKETS": "buckets",
 }
 """Environment variable → the dotted setting it overrides."""

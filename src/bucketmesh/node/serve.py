@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 from collections.abc import Callable
@@ -172,6 +173,12 @@ class Node:
             on_error=self._log_error,
             tls=tls if tls is not None and tls.files.serves else None,
         )
+        for cause in self.server.shed:
+            self.metrics.counter(
+                f"bucketmesh_http_shed_{cause}_requests",
+                f"Requests answered 503 + Retry-After by overload shedding ({cause})",
+                functools.partial(self.server.shed.__getitem__, cause),
+            )
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
