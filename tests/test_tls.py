@@ -294,3 +294,54 @@ def test_three_regions_sync_over_mutual_tls_and_reload_certificates(
         assert (
             metric(server, context, 'bucketmesh_sync_rejected_total{reason="bad_signature"}') == 0
         )
+
+
+def test_the_envoy_grpc_service_serves_tls_and_requires_client_certificates(
+    serve: ServerFactory, pki: Pki
+) -> None:
+    import grpc
+
+    from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
+
+    cert = pki.leaf("node", *HOSTS)
+    client = pki.leaf("envoy", "envoy")
+    envoy_port = free_port()
+    rules = [{"name": "api", "key": "api-{{ .Request.Query.a }}", "capacity": 5, "refillRate": 1}]
+    config = make_config(
+        rules,
+        envoyListen=f"127.0.0.1:{envoy_port}",
+        tls={"certFile": cert[0], "keyFile": cert[1], "caFile": pki.ca_file, "clientAuth": "all"},
+    )
+    server = serve(config, wait_ready=False)
+    wait_https_ready(server, pki.client_context(client))
+    request = rls_pb2.RateLimitRequest(
+        domain="api",
+        descriptors=[
+            rls_pb2.RateLimitDescriptor(
+                entries=[rls_pb2.RateLimitDescriptor.Entry(key="user", value="u1")]
+            )
+        ],
+    )
+    ca = Path(pki.ca_file).read_bytes()
+
+    def call(credentials: grpc.ChannelCredentials | None) -> Any:
+        target = f"127.0.0.1:{envoy_port}"
+        channel = (
+            grpc.secure_channel(target, credentials)
+            if credentials is not None
+            else grpc.insecure_channel(target)
+        )
+        with channel:
+            stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+            return stub.ShouldRateLimit(request, timeout=5)
+
+    mutual = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=Path(client[1]).read_bytes(),
+        certificate_chain=Path(client[0]).read_bytes(),
+    )
+    assert call(mutual).overall_code == rls_pb2.RateLimitResponse.OK
+    for refused_credentials in (None, grpc.ssl_channel_credentials(root_certificates=ca)):
+        with pytest.raises(grpc.RpcError) as failed:
+            call(refused_credentials)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE

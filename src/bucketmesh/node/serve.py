@@ -251,7 +251,9 @@ class Node:
         # imported here: grpc is only loaded by nodes that serve Envoy
         from bucketmesh.integrations.envoy import EnvoyServer, RateLimitServicer
 
-        self.envoy = EnvoyServer(RateLimitServicer(self.decider, self.metrics), host, port)
+        self.envoy = EnvoyServer(
+            RateLimitServicer(self.decider, self.metrics), host, port, tls=self.settings.tls
+        )
         await self.envoy.start()
 
     async def _sweep(self) -> None:
