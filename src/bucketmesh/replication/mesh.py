@@ -842,7 +842,9 @@ class Mesh:
         env, payload = self._open(request, sync.DELTAS)
         assert isinstance(payload, sync.DeltaPush)
         changed = self._merge(payload.batch)
-        if payload.batch.deltas and not payload.full:
+        # An overtaken batch (every delta already delivered by a newer one, e.g. held
+        # up by a retransmission) changed nothing: its age is no lag (docs/sync.md).
+        if payload.batch.deltas and not payload.full and changed:
             peer = self.peers.get(env.region)
             if peer is not None:
                 lag_s = max(0.0, (self.clock() - payload.origin_ns) / NS_PER_S)
@@ -896,8 +898,8 @@ class Mesh:
             yield family
         lag = HistogramMetricFamily(
             "crdt_sync_duration_seconds",
-            "Replication lag of received delta batches: receive time minus the sender's "
-            "collect time, by sending peer region",
+            "Replication lag of received delta batches that changed a bucket: receive time "
+            "minus the sender's collect time, by sending peer region",
             labels=["peer"],
         )
         for region, peer in sorted(self.peers.items()):
