@@ -164,9 +164,8 @@ class Node:
         if tls is not None:
             self.router.metrics.labelled.append(tls.metric_families)
             if tls.files.client_auth != "none":
-                self.router.guard(
-                    "sync", sync_guard(tls, settings.sync.peers if settings.sync else ())
-                )
+                regions = [settings.region, *(settings.sync.peers if settings.sync else ())]
+                self.router.guard("sync", sync_guard(tls, regions))
         self.server = HttpServer(
             self.router,
             settings.limits,
