@@ -12,13 +12,17 @@ import os
 import re
 import secrets
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trustme
+from conftest import MESH_CLUSTER_ID as CLUSTER_ID
 from conftest import SEED_RULE, Server, ServerFactory, eventually, free_port, make_config
+
+from bucketmesh.replication import protocol as sync
 
 HOSTS = ("127.0.0.1", "localhost")
 
@@ -240,7 +244,8 @@ def metric(server: Server, context: ssl.SSLContext, sample: str) -> float:
 def test_three_regions_sync_over_mutual_tls_and_reload_certificates(
     serve: ServerFactory, pki: Pki
 ) -> None:
-    nodes = start_mesh(serve, pki, secrets.token_urlsafe(32))
+    secret = secrets.token_urlsafe(32)
+    nodes = start_mesh(serve, pki, secret)
     context = pki.client_context()
     servers = {region: server for region, (server, _) in nodes.items()}
     for server in servers.values():
@@ -269,6 +274,22 @@ def test_three_regions_sync_over_mutual_tls_and_reload_certificates(
     pinned = httpx.post(https(us, "/v1/sync/deltas"), content=b"x", verify=stranger)
     assert pinned.status_code == 403, pinned.text
     assert refused(us, context, "server", "wrong_region") == 1
+
+    # ... and a region's certificate speaks for that region only: eu-west-1's own
+    # certificate cannot carry a message that says it comes from ap-south-1
+    eu_cert = pki.client_context(nodes["eu-west-1"][1])
+    forged = sync.SyncAuth(CLUSTER_ID, secret).seal(
+        sync.DELTAS,
+        sync.encode_push(time.time_ns(), False, "ap-south-1/node-a/1", [], {}),  # a heartbeat
+        sender="ap-south-1/node-a/1",
+        region="ap-south-1",
+        now_ns=time.time_ns(),
+        nonce=os.urandom(sync.NONCE_BYTES),
+    )
+    posing = httpx.post(https(us, "/v1/sync/deltas"), content=forged, verify=eu_cert)
+    assert posing.status_code == 403, posing.text
+    assert "does not name region 'ap-south-1'" in posing.json()["detail"]
+    assert refused(us, context, "server", "wrong_region") == 2
 
     # ap-south-1's certificate expires: its files are replaced, it serves the expired
     # one from the next handshake on, and its peers refuse it (counted as clients)

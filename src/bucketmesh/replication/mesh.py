@@ -801,6 +801,20 @@ class Mesh:
                 f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
                 reason="sync_fault_injected",
             )
+        tls = self.settings.tls
+        if (
+            tls is not None
+            and tls.files.pin_regions
+            and env.region not in (request.peer_names or ())
+        ):
+            # tls.pinRegions: a region's certificate speaks for that region only
+            tls.count_refusal("server", "wrong_region")
+            raise ApiError(
+                403,
+                f"the client certificate does not name region {env.region!r}, which this "
+                "message comes from (tls.pinRegions)",
+                reason="sync_wrong_region",
+            )
         self.received += 1
         peer = self.peers.get(env.region)
         if peer is not None:
