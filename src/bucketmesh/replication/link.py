@@ -34,14 +34,22 @@ class LinkError(Exception):
 
 
 class _Reply:
-    """httptools callbacks collecting one response."""
+    """httptools callbacks collecting one response, and whether its connection stays
+    open: read when the head is complete, since llhttp resets that state (and
+    ``should_keep_alive()`` answers False) once the message is complete."""
 
-    __slots__ = ("body", "complete", "size")
+    __slots__ = ("body", "complete", "keep_alive", "parser", "size")
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
         self.size = 0
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -121,10 +129,10 @@ class HttpLink:
             f"Content-Type: {sync.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
             "User-Agent: bucketmesh-sync\r\n\r\n"
         ).encode("latin-1")
-        writer.writelines((head, body))
+        writer.write(head + body)  # one write: one TLS record, not two
         await writer.drain()
         reply = _Reply()
-        parser = httptools.HttpResponseParser(reply)
+        parser = reply.parser = httptools.HttpResponseParser(reply)
         while not reply.complete:
             data = await reader.read(262144)
             if not data:
@@ -133,7 +141,7 @@ class HttpLink:
             if reply.size > _MAX_REPLY_BYTES:
                 raise LinkError("reply too large")
         status = parser.get_status_code()
-        if not parser.should_keep_alive():
+        if not reply.keep_alive:
             self.close()
         self._last_used = loop.time()
         return status, b"".join(reply.body)
