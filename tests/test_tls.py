@@ -214,6 +214,7 @@ def start_mesh(
                 "caFile": pki.ca_file,
                 "clientAuth": "sync",
                 "pinRegions": pin,
+                "maxConnectionAge": 500,  # ms: certificate changes reach the links soon
             },
         )
         server = serve(

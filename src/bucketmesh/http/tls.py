@@ -26,6 +26,11 @@ started with (``listener_context``); its ``sni_callback``, which OpenSSL calls
 for every ClientHello (with or without a server name), moves the connection to
 the newest server context.
 
+Keep-alive: the sync client keeps a connection to a peer open, so a certificate
+replaced on either side would only be seen by new connections; it therefore
+replaces a TLS connection once it is ``max_connection_age_s`` old (before the
+next message, never under one).
+
 Counting: the listener's handshakes run in ``SSLObject``s of a class whose
 ``do_handshake`` counts a failure by reason before it propagates; that is the one
 place where both asyncio's and uvloop's TLS layers let a refusal be seen (they
@@ -99,6 +104,9 @@ class TlsFiles:
     ca_file: str | None = None
     client_auth: ClientAuth = "none"
     pin_regions: bool = False
+    #: the sync client replaces a TLS connection this old before its next message, so
+    #: that renewed (or expired) certificates, its own and the peer's, take effect
+    max_connection_age_s: float = 30.0
 
     @property
     def serves(self) -> bool:

@@ -93,6 +93,7 @@ def _tls_contexts(config: Config) -> TlsContexts | None:
                 ca_file=tls.ca_file,
                 client_auth=tls.client_auth,
                 pin_regions=tls.pin_regions,
+                max_connection_age_s=tls.max_connection_age_ms / 1000,
             )
         )
     except TlsError as error:

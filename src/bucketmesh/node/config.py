@@ -116,6 +116,7 @@ class _Problem(Exception):
 _FILE_NAMES: Final[Mapping[str, str]] = {
     "interval_ms": "interval",
     "shed_lag_ms": "shedLag",
+    "max_connection_age_ms": "maxConnectionAge",
     "peer_timeout_ms": "peerTimeout",
     "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
@@ -230,6 +231,8 @@ class TlsConfig(_Section, frozen=True):
     ca_file: str | None = None
     client_auth: ClientAuth = "none"
     pin_regions: bool = False
+    # ms: the sync client replaces a TLS connection this old (renewed certificates apply)
+    max_connection_age_ms: _Count = 30000
 
     @property
     def enabled(self) -> bool:

@@ -83,6 +83,7 @@ class HttpLink:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_used = 0.0
+        self._connected_at = 0.0
         self._lock = asyncio.Lock()
 
     async def post(
@@ -114,8 +115,18 @@ class HttpLink:
 
     async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
-        if self._writer is None or loop.time() - self._last_used > _IDLE_REUSE_S:
+        now = loop.time()
+        if (
+            self._writer is None
+            or now - self._last_used > _IDLE_REUSE_S
+            or (
+                self.tls is not None
+                and self.https
+                and now - self._connected_at > self.tls.files.max_connection_age_s
+            )
+        ):
             self.close()
+            self._connected_at = now
             context = self._default_ssl
             if self.https and self.tls is not None:
                 context = self.tls.client_context()
