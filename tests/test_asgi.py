@@ -216,3 +216,106 @@ def test_a_bad_trusted_proxy_entry_is_refused_by_name() -> None:
         RateLimitMiddleware(Upstream(), limiter(), trusted_proxies="10.0.0.1")
     with pytest.raises(ValueError, match="forwarded_header"):
         RateLimitMiddleware(Upstream(), limiter(), forwarded_header="X-Real-IP")
+
+
+# -- text: decoded as `bucketmesh serve` decodes it -------------------------------------
+
+AGENT = "my\u2011agent"  # a non-breaking hyphen, as a typed key often carries
+
+
+async def _call(app: RateLimitMiddleware, headers: list[tuple[bytes, bytes]], query: bytes) -> Any:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/things",
+        "query_string": query,
+        "headers": headers,
+        "client": ("203.0.113.7", 40000),
+    }
+    await app(scope, receive, send)
+    start, body = sent[0], sent[-1]
+    return start["status"], body["body"]
+
+
+def text_limiter() -> Limiter:
+    rules = [
+        Rule.create("api-{{ .Request.Header.X-API-Key }}", 10, 0.001, name="per-key"),
+        Rule.create("user-{{ .Request.Query.user }}", 10, 0.001, name="per-user"),
+    ]
+    return Limiter(rules, replica_id="eu-west-1/web-1/1", clock=lambda: NOW_CLOCK)
+
+
+def test_a_non_ascii_key_reaches_the_same_bucket_as_through_serve(serve: Any) -> None:
+    limits = text_limiter()
+    app = RateLimitMiddleware(Upstream(), limits)
+    utf8 = AGENT.encode()
+
+    async def scenario() -> list[Any]:
+        return [
+            await _call(app, [(b"x-api-key", utf8)], b""),
+            await _call(app, [], b"user=" + utf8),  # raw bytes, as curl sends a typed key
+            await _call(app, [], b"user=my%E2%80%91agent"),  # percent-escaped
+        ]
+
+    assert [status for status, _ in asyncio.run(scenario())] == [200, 200, 200]
+    header_bucket, query_bucket = limits.bucket(f"api-{AGENT}"), limits.bucket(f"user-{AGENT}")
+    assert header_bucket is not None and query_bucket is not None
+    assert limits.peek(f"user-{AGENT}").tokens_remaining == 8
+
+    # serve builds the very same keys from the same bytes
+    from conftest import make_config
+
+    server = serve(
+        make_config(
+            [
+                {
+                    "name": "per-key",
+                    "key": "api-{{ .Request.Header.X-API-Key }}",
+                    "capacity": 10,
+                    "refillRate": 0.001,
+                },
+                {
+                    "name": "per-user",
+                    "key": "user-{{ .Request.Query.user }}",
+                    "capacity": 10,
+                    "refillRate": 0.001,
+                },
+            ]
+        )
+    )
+    with server.client() as http:
+        assert http.post("/v1/rate", headers={"X-API-Key": utf8}, json={}).status_code == 200
+        assert http.post("/v1/rate?user=my%E2%80%91agent", json={}).status_code == 200
+        for key in (f"api-{AGENT}", f"user-{AGENT}"):
+            state = http.get("/v1/bucket/state", params={"key": key})
+            assert state.status_code == 200, state.text
+            assert state.json()["tokens_remaining"] == 9
+
+
+def test_bytes_that_are_not_utf8_get_a_400_naming_the_header_or_parameter() -> None:
+    upstream = Upstream()
+    app = RateLimitMiddleware(upstream, text_limiter())
+
+    async def scenario() -> list[Any]:
+        return [
+            await _call(app, [(b"x-api-key", b"caf\xe9")], b""),
+            await _call(app, [], b"user=caf%E9"),
+            await _call(app, [], b"user=caf\xe9"),
+        ]
+
+    answers = asyncio.run(scenario())
+    assert [status for status, _ in answers] == [400, 400, 400]
+    import json
+
+    fields = [json.loads(body).get("field") for _, body in answers]
+    assert fields == ["x-api-key", "user", None]
+    assert "not UTF-8" in json.loads(answers[0][1])["detail"]
+    assert upstream.calls == 0

@@ -105,7 +105,7 @@ def test_partition_scenario_passes_its_slos(partition_run: tuple[Path, str, int]
     assert "converged" in output
 
 
-@pytest.mark.parametrize("name", ["burst-consistency", "node-crash", "latency-sla"])
+@pytest.mark.parametrize("name", ["burst-consistency", "node-crash", "latency-sla", "lossy-links"])
 def test_shipped_scenario_passes_its_slos(name: str, tmp_path: Path) -> None:
     done = run_short(SCENARIOS / f"{name}.yaml", tmp_path / "report")
     output = done.stdout + done.stderr

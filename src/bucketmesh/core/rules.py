@@ -18,6 +18,7 @@ to keys built elsewhere (Envoy descriptors).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal, Protocol, TypeAlias, get_args
@@ -40,6 +41,7 @@ __all__ = [
     "StoreFailurePolicy",
     "escaper",
     "first_match",
+    "hashed_value",
     "own_key",
     "parse_rate",
 ]
@@ -74,6 +76,16 @@ _CLIENT_IP: Final = ".Request.ClientIP"
 _PLACEHOLDER_FORMS: Final = (
     "{{ .Request.Header.NAME }}, {{ .Request.Query.NAME }} or {{ .Request.ClientIP }}"
 )
+_HASH_FILTER: Final = "sha256"
+HASH_HEX_CHARS: Final = 32
+"""``{{ … | sha256 }}`` puts the first 32 hex digits (128 bits) of the value's
+SHA-256 in the key instead of the value (docs/security.md)."""
+
+
+def hashed_value(value: str) -> str:
+    """What ``| sha256`` puts in a key for ``value``."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_HEX_CHARS]
+
 
 QUALIFIER: Final = "%@"
 """Joins a key to the name of the rule it belongs to when another rule's template
@@ -168,6 +180,7 @@ class _Lookup(msgspec.Struct, frozen=True):
     source: str  # "header" | "query" | "client_ip"
     name: str  # header names lower-cased; query names as written
     display: str  # as written in the template, for messages
+    hashed: bool = False  # ``| sha256``: the key holds a hash of the value, not the value
 
 
 class Missing(msgspec.Struct, frozen=True):
@@ -233,6 +246,16 @@ def _parse_template(text: str) -> list[str | _Lookup]:
 
 
 def _parse_placeholder(whole: str, inner: str, text: str) -> _Lookup:
+    source, bar, last = inner.rpartition("|")
+    if bar and last.strip() == _HASH_FILTER:
+        lookup = _parse_placeholder(whole, source.strip(), text)
+        return msgspec.structs.replace(lookup, hashed=True)
+    if bar and source.endswith((" ", "\t")):
+        raise _standalone(
+            "key",
+            f"unknown filter {last.strip()!r} in {whole} of key template {text!r}; "
+            f"the one filter is {_HASH_FILTER} ({{{{ .Request.Header.X-API-Key | sha256 }}}})",
+        )
     if inner == _CLIENT_IP:
         return _Lookup("client_ip", "", "client IP")
     header = _HEADER.fullmatch(inner)
@@ -279,6 +302,7 @@ def _compile(parts: list[str | _Lookup]) -> RenderFn:
     """A render function specialised for the common shapes of template. Every value is
     escaped (``escaper``): ``%``, and with several placeholders the separators."""
     lookups = [part for part in parts if isinstance(part, _Lookup)]
+    hashed = any(lookup.hashed for lookup in lookups)
     if not lookups:
         constant = "".join(part for part in parts if isinstance(part, str))
 
@@ -289,7 +313,7 @@ def _compile(parts: list[str | _Lookup]) -> RenderFn:
 
         return render_constant
 
-    if len(lookups) == 1:
+    if len(lookups) == 1 and not hashed:
         index = parts.index(lookups[0])
         prefix = "".join(p for p in parts[:index] if isinstance(p, str))
         suffix = "".join(p for p in parts[index + 1 :] if isinstance(p, str))
@@ -363,10 +387,14 @@ def _value_of(
     lookup: _Lookup, headers: Mapping[str, str], query: Mapping[str, str], client_ip: str
 ) -> str | None:
     if lookup.source == "header":
-        return headers.get(lookup.name)
-    if lookup.source == "query":
-        return query.get(lookup.name)
-    return client_ip
+        value = headers.get(lookup.name)
+    elif lookup.source == "query":
+        value = query.get(lookup.name)
+    else:
+        value = client_ip
+    if lookup.hashed and value:
+        return hashed_value(value)
+    return value
 
 
 class KeyTemplate:
@@ -426,6 +454,12 @@ class KeyTemplate:
     def header_names(self) -> tuple[str, ...]:
         """Lower-cased names of the headers the template reads."""
         return tuple(lk.name for lk in self._lookups if lk.source == "header")
+
+    @property
+    def raw_header_names(self) -> tuple[str, ...]:
+        """Lower-cased names of the headers whose values the key holds as they are
+        (not through ``| sha256``)."""
+        return tuple(lk.name for lk in self._lookups if lk.source == "header" and not lk.hashed)
 
     @property
     def query_names(self) -> tuple[str, ...]:

@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
 from bucketmesh.http.errors import ApiError
 from bucketmesh.http.server import Request
 
 
 class AdminAuth:
-    """``Authorization: Bearer <token>`` when a token is configured (else open)."""
+    """``Authorization: Bearer <token>`` when a token is configured (else open).
 
-    def __init__(self, token: str | None) -> None:
-        self.token = token or None
+    Several tokens may be valid at once (rotation, docs/security.md): any of them
+    is accepted; ``set_tokens`` replaces them on a running node."""
+
+    def __init__(self, token: str | Sequence[str] | None) -> None:
+        self.tokens: tuple[bytes, ...] = ()
+        self.set_tokens(token)
+
+    @property
+    def token(self) -> str | None:
+        """The first token (None: no token, the endpoints are open)."""
+        return self.tokens[0].decode() if self.tokens else None
+
+    def set_tokens(self, token: str | Sequence[str] | None) -> None:
+        tokens = (token,) if isinstance(token, str) else tuple(token or ())
+        self.tokens = tuple(t.encode() for t in tokens if t)
 
     def require(self, request: Request, *, always: str | None = None) -> None:
         """401 without a bearer token, 403 with a wrong one. ``always`` names an
         action that is refused (403) when this node has no admin token at all."""
-        token = self.token
-        if token is None:
+        if not self.tokens:
             if always is not None:
                 raise ApiError(
                     403,
@@ -36,7 +49,11 @@ class AdminAuth:
                 headers=[("WWW-Authenticate", 'Bearer realm="bucketmesh"')],
                 reason="unauthenticated",
             )
-        if not hmac.compare_digest(supplied[7:].strip().encode(), token.encode()):
+        given = supplied[7:].strip().encode()
+        accepted = False
+        for token in self.tokens:  # every token is compared: the time taken tells nothing
+            accepted = hmac.compare_digest(given, token) or accepted
+        if not accepted:
             raise ApiError(
                 403, "the admin token is wrong", field="Authorization", reason="forbidden"
             )

@@ -29,12 +29,19 @@ class Router:
         self.metrics = metrics or NodeMetrics()
         self.routes: dict[tuple[str, str], tuple[str, Handler]] = {}
         self.prefix_routes: list[tuple[str, str, str, PrefixHandler]] = []
+        #: route label -> a check run before each handler of that route (raises ApiError)
+        self.guards: dict[str, Callable[[Request], None]] = {}
 
     def add_route(self, method: str, path: str, route: str, handler: Handler) -> None:
         """Serve ``method path`` with ``handler``; ``route`` is the bounded metrics
         label. A handler may raise ``ApiError`` (at once, or from the awaitable it
         returns) and may be a coroutine function."""
         self.routes[(method, path)] = (route, handler)
+
+    def guard(self, route: str, check: Callable[[Request], None]) -> None:
+        """Run ``check(request)`` before every handler whose route label is ``route``
+        (the sync endpoints' client certificate check, ``http/tls.py``)."""
+        self.guards[route] = check
 
     def add_prefix_route(
         self, method: str, prefix: str, route: str, handler: PrefixHandler
@@ -68,6 +75,10 @@ class Router:
             found = self.routes.get((method, path))
             if found is not None:
                 route = found[0]
+                if self.guards:
+                    check = self.guards.get(route)
+                    if check is not None:
+                        check(request)
                 return route, found[1](request)
             for route_method, prefix, prefix_route, handler in self.prefix_routes:
                 if route_method == method and path.startswith(prefix) and len(path) > len(prefix):

@@ -50,6 +50,26 @@ Text
     too, so a key typed in a header and the same key in ``?key=`` are one
     string; bytes that are not UTF-8 get a 400 naming the header or parameter.
 
+TLS
+    With a ``TlsContexts`` (``http/tls.py``), the listener speaks TLS; a handshake
+    may take ``header_timeout``. Renewed certificate files apply from the next
+    handshake on, and refused handshakes are counted by reason: both happen inside
+    the context ``TlsContexts.listener_context`` gives. The verified client
+    certificate's names reach the handler as ``Request.peer_names``.
+
+Shedding (docs/targets.md R6)
+    Overload is answered early and cheaply, ``503`` problem+json with
+    ``Retry-After: 1`` and no handler call, in two cases. The event loop lags:
+    a timer due every ``_LAG_TICK_S`` measures how late it runs; while it runs
+    more than ``shed_lag`` late, the share of requests admitted halves on each
+    tick (to at least ``_MIN_ADMIT``) and grows back by a tenth on each punctual
+    one, so a node at several times its capacity answers most requests at once
+    rather than letting every one wait behind the others. Or ``max_in_flight``
+    handler answers (a Redis decision, a durable grant) are already awaited.
+    Reserved traffic is never shed: the sync endpoints, the admin and fault
+    endpoints, ``PATCH`` and the probes and metrics (``_RESERVED``), so a
+    flooded node still replicates, reports and can be reconfigured.
+
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
     accepted, answered at once with ``503`` problem+json and ``Retry-After: 1``
@@ -64,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import random
 import re
 import socket
 import time
@@ -71,17 +92,34 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Final, TypeAlias, cast
+from typing import TYPE_CHECKING, Final, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import httptools
 import msgspec
 
-__all__ = ["Handler", "HttpServer", "Request", "Response", "ServerLimits", "problem"]
+if TYPE_CHECKING:
+    from bucketmesh.http.tls import TlsContexts
+
+__all__ = [
+    "Handler",
+    "HttpServer",
+    "NotText",
+    "Request",
+    "Response",
+    "ServerLimits",
+    "decode_header",
+    "decode_query",
+    "problem",
+]
 
 _log = logging.getLogger(__name__)
 
 _LINGER_SECONDS: Final = 2.0
+_LAG_TICK_S: Final = 0.01
+_MIN_ADMIT: Final = 0.05
+# Paths never shed (a prefix each); PATCH is never shed either.
+_RESERVED: Final = ("/v1/sync/", "/v1/admin/", "/healthz", "/readyz", "/metrics", "/v1/status")
 _NON_ASCII: Final = re.compile(rb"[\x80-\xff]")
 _FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
 _BACKLOG: Final = 2048
@@ -104,7 +142,16 @@ _json_encode = msgspec.json.Encoder().encode
 class Request:
     """One parsed request, as the handler sees it."""
 
-    __slots__ = ("body", "client_ip", "headers", "http_version", "method", "path", "query")
+    __slots__ = (
+        "body",
+        "client_ip",
+        "headers",
+        "http_version",
+        "method",
+        "path",
+        "peer_names",
+        "query",
+    )
 
     def __init__(
         self,
@@ -115,6 +162,7 @@ class Request:
         body: bytes,
         client_ip: str,
         http_version: str,
+        peer_names: frozenset[str] | None = None,
     ) -> None:
         self.method = method
         #: Percent-decoded path without the query string.
@@ -127,6 +175,9 @@ class Request:
         #: The TCP peer; no X-Forwarded-For processing here.
         self.client_ip = client_ip
         self.http_version = http_version
+        #: The names (subject CN, DNS and URI SANs) of the client certificate the
+        #: listener verified; None without TLS or without a client certificate.
+        self.peer_names = peer_names
 
 
 class Response:
@@ -164,6 +215,8 @@ class ServerLimits(msgspec.Struct, frozen=True, kw_only=True):
     keepalive_timeout: float = 5.0  # an idle connection is closed after this
     max_connections: int = 10000  # beyond: answered 503 + Retry-After and closed
     max_pipelined: int = 64  # pending responses per connection before reading stops
+    max_in_flight: int = 4096  # awaited handler answers, all connections; beyond: 503
+    shed_lag: float = 0.5  # event loop lag beyond which requests are shed (503)
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
@@ -195,6 +248,15 @@ def problem(
     if extra:
         document.update(extra)
     return Response(status, _json_encode(document), "application/problem+json", headers)
+
+
+def _overloaded() -> Response:
+    return problem(
+        503,
+        None,
+        "the server is overloaded; retry shortly",
+        headers=[("Retry-After", "1")],
+    )
 
 
 def _internal_error() -> Response:
@@ -281,13 +343,17 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d \r\n" % status
 
 
-class _NotText(ValueError):
-    """Bytes of the request that are not UTF-8: ``field`` names where they are."""
+class NotText(ValueError):
+    """Bytes of the request that are not UTF-8: ``field`` names where they are (a
+    header or a query parameter), ``detail`` says it for a 400."""
 
     def __init__(self, field: str | None, detail: str) -> None:
         super().__init__(detail)
         self.field = field
         self.detail = detail
+
+
+_NotText = NotText
 
 
 def _split_target(url: bytes) -> tuple[str, dict[str, str]]:
@@ -318,6 +384,33 @@ def _split_target(url: bytes) -> tuple[str, dict[str, str]]:
         if not (value.isascii() or _is_text(value)):
             raise _NotText(name, f"query parameter {name} has percent-escapes that are not UTF-8")
     return path, dict(pairs)
+
+
+def decode_query(raw: bytes) -> dict[str, str]:
+    """The parameters of a raw query string, decoded as this server decodes a request
+    target's (UTF-8, raw bytes and percent-escapes alike; the last of repeated names
+    wins), for other front ends (the ASGI middleware). Raises ``NotText`` naming the
+    parameter whose bytes are not UTF-8."""
+    if not raw:
+        return {}
+    try:
+        return _split_target(b"/?" + raw.replace(b"#", b"%23"))[1]
+    except _NotText as error:
+        if error.field is None:
+            raise NotText(None, "the query string is not UTF-8 text") from None
+        raise
+
+
+def decode_header(name: bytes, value: bytes) -> tuple[str, str]:
+    """A header's lower-cased name and its value decoded as this server decodes them
+    (UTF-8, trailing blanks dropped). Raises ``NotText`` naming the header."""
+    try:
+        text = value.decode("utf-8").rstrip(" \t")
+    except UnicodeDecodeError:
+        shown = name.decode("latin-1")
+        detail = f"header {shown} is not UTF-8 text; send its value encoded as UTF-8"
+        raise NotText(shown, detail) from None
+    return name.decode("latin-1").lower(), text
 
 
 def _is_text(decoded: str) -> bool:
@@ -390,6 +483,7 @@ class _Connection(asyncio.Protocol):
         "_parser",
         "_paused_at",
         "_peer_eof",
+        "_peer_names",
         "_pending",
         "_reading_paused",
         "_server",
@@ -409,6 +503,7 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport  # set by connection_made
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
+        self._peer_names: frozenset[str] | None = None
         self._now = 0.0
         self._out: list[bytes] = []
         self._out_size = 0
@@ -450,6 +545,10 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self._client_ip = str(peer[0])
+        tls = self._server._tls
+        if tls is not None:
+            names = tls.peer_names(transport.get_extra_info("peercert"))
+            self._peer_names = names or None
         self._server._connections.add(self)
         if self._server._shutting_down:
             self._lost = True  # accepted as the listener closed: nothing to answer
@@ -584,14 +683,11 @@ class _Connection(asyncio.Protocol):
         ):
             self._fail(self._head_too_large())
             raise _Stop
-        key = name.decode("latin-1").lower()
         try:
             # UTF-8, as the request target is: one spelling of a key on every path
-            text = value.decode("utf-8").rstrip(" \t")
-        except UnicodeDecodeError:
-            shown = name.decode("latin-1")
-            detail = f"header {shown} is not UTF-8 text; send its value encoded as UTF-8"
-            self._fail(problem(400, None, detail, field=shown))
+            key, text = decode_header(name, value)
+        except NotText as error:
+            self._fail(problem(400, None, error.detail, field=error.field))
             raise _Stop from None
         headers = self._headers
         previous = headers.get(key)
@@ -665,7 +761,14 @@ class _Connection(asyncio.Protocol):
             self._fail(problem(400, None, "malformed request target"))
             raise _Stop from None
         request = Request(
-            self._method, path, query, self._headers, body, self._client_ip, self._http_version
+            self._method,
+            path,
+            query,
+            self._headers,
+            body,
+            self._client_ip,
+            self._http_version,
+            self._peer_names,
         )
         keep_alive = self._keep_alive and not self._server._shutting_down
         if not keep_alive:
@@ -685,11 +788,17 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, request: Request, keep_alive: bool) -> None:
         head = request.method == "HEAD"
         http10 = request.http_version == "1.0"
-        try:
-            result = self._handler(request)
-        except Exception as exc:
-            self._server._report(exc)
-            result = _internal_error()
+        server = self._server
+        if (server._admit < 1.0 or server._in_flight >= server._max_in_flight) and server._sheds(
+            request
+        ):
+            result: object = _overloaded()
+        else:
+            try:
+                result = self._handler(request)
+            except Exception as exc:
+                server._report(exc)
+                result = _internal_error()
         if not isinstance(result, Response):
             if inspect.isawaitable(result):
                 self._await_response(result, keep_alive, head, http10)
@@ -706,6 +815,7 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         slot = _Slot(None, keep_alive, head, http10)
         task = asyncio.ensure_future(result, loop=self._loop)
+        self._server._in_flight += 1
         slot.task = task
         self._pending.append(slot)
         task.add_done_callback(lambda done: self._on_response_done(slot, done))
@@ -714,6 +824,7 @@ class _Connection(asyncio.Protocol):
 
     def _on_response_done(self, slot: _Slot, task: asyncio.Future[Response]) -> None:
         slot.task = None
+        self._server._in_flight -= 1
         if self._lost:
             return
         if task.cancelled():
@@ -989,7 +1100,10 @@ class HttpServer:
         *,
         on_error: Callable[[BaseException], None] | None = None,
         server_header: str = "bucketmesh",
+        tls: TlsContexts | None = None,
     ) -> None:
+        if tls is not None and not tls.files.serves:
+            raise ValueError("a TLS listener needs a certificate (tls.certFile)")
         if "\r" in server_header or "\n" in server_header:
             raise ValueError("CR or LF in server_header")
         self._handler = handler
@@ -999,6 +1113,15 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
         self._refused: set[_Refused] = set()
+        self._tls = tls
+        self._max_in_flight = self._limits.max_in_flight
+        self._in_flight = 0  # awaited handler answers, all connections
+        self._admit = 1.0  # the share of requests admitted (below 1 while the loop lags)
+        self._lag_timer: asyncio.TimerHandle | None = None
+        self._lag_due = 0.0
+        self._random = random.Random()
+        #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
+        self.shed = {"lag": 0, "in_flight": 0}
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1023,13 +1146,29 @@ class HttpServer:
                 return _Refused(self)
             return _Connection(self, loop)
 
+        context = self._tls.listener_context() if self._tls is not None else None
+        handshake_timeout = self._limits.header_timeout if context is not None else None
         if sock is not None:
-            self._server = await loop.create_server(make_protocol, sock=sock, backlog=_BACKLOG)
+            self._server = await loop.create_server(
+                make_protocol,
+                sock=sock,
+                backlog=_BACKLOG,
+                ssl=context,
+                ssl_handshake_timeout=handshake_timeout,
+            )
         else:
             self._server = await loop.create_server(
-                make_protocol, host, port, reuse_port=reuse_port or None, backlog=_BACKLOG
+                make_protocol,
+                host,
+                port,
+                reuse_port=reuse_port or None,
+                backlog=_BACKLOG,
+                ssl=context,
+                ssl_handshake_timeout=handshake_timeout,
             )
         self._tick_date()
+        self._lag_due = loop.time() + _LAG_TICK_S
+        self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
 
     @property
     def port(self) -> int:
@@ -1068,12 +1207,18 @@ class HttpServer:
         if self._date_timer is not None:
             self._date_timer.cancel()
             self._date_timer = None
+        if self._lag_timer is not None:
+            self._lag_timer.cancel()
+            self._lag_timer = None
 
     def _forget(self, connection: _Connection | _Refused) -> None:
         if isinstance(connection, _Connection):
             self._connections.discard(connection)
         else:
             self._refused.discard(connection)
+        self._check_all_closed()
+
+    def _check_all_closed(self) -> None:
         if self._all_closed is not None and not self._connections and not self._refused:
             self._all_closed.set()
 
@@ -1085,6 +1230,34 @@ class HttpServer:
             except Exception:
                 _log.exception("on_error callback failed")
         _log.error("request handler failed", exc_info=exc)
+
+    def _tick_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._lag_due > self._limits.shed_lag:
+            self._admit = max(_MIN_ADMIT, self._admit * 0.5)
+        elif self._admit < 1.0:
+            self._admit = min(1.0, self._admit + 0.1)
+        if not self._shutting_down:
+            self._lag_due = now + _LAG_TICK_S
+            self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
+
+    def _sheds(self, request: Request) -> bool:
+        """Whether to answer ``request`` 503 now (called only while overloaded)."""
+        if request.method == "PATCH" or request.path.startswith(_RESERVED):
+            return False
+        if self._in_flight >= self._max_in_flight:
+            self.shed["in_flight"] += 1
+            return True
+        if self._random.random() >= self._admit:
+            self.shed["lag"] += 1
+            return True
+        return False
+
+    @property
+    def admitted_share(self) -> float:
+        """The share of requests admitted now (1.0: no shedding)."""
+        return self._admit
 
     def _stamp_date(self) -> None:
         now = time.time()

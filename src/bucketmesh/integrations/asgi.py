@@ -15,6 +15,11 @@ Whatever the limiter raises is answered as the Rating API answers it, never a
 runtime) is ``400`` naming ``tokens``, a new key at the live-bucket cap ``503``
 with ``Retry-After: 1``. WebSocket and lifespan scopes pass through.
 
+Header values and the query string are decoded as ``bucketmesh serve`` decodes
+them: UTF-8, raw bytes and percent-escapes alike, so a key typed with a non-ASCII
+character (``my‑agent``, U+2011) reaches the same bucket through either; bytes
+that are not UTF-8 get a ``400`` naming the header or parameter.
+
 The client IP is the ASGI scope's client address. Behind a reverse proxy it is
 the proxy's, or none at all (``uvicorn --uds``): ``trusted_proxies`` lists the
 peers (addresses, networks, ``"unix"`` for a unix-socket peer, which has no
@@ -42,7 +47,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Literal, TypeAlias
-from urllib.parse import parse_qsl
 
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
@@ -50,7 +54,7 @@ from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterErro
 from bucketmesh.core.rules import first_match
 from bucketmesh.http.errors import PROBLEM, ApiError, bad_request
 from bucketmesh.http.render import DecisionRenderer
-from bucketmesh.http.server import Response, problem
+from bucketmesh.http.server import NotText, Response, decode_header, decode_query, problem
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
 
@@ -265,8 +269,12 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        try:
+            headers = _headers(scope)
+            query = decode_query(scope.get("query_string", b""))
+        except NotText as error:
+            await _answer(send, problem(400, None, error.detail, field=error.field))
+            return
         client_ip = self._client_ip(scope, headers)
         found = first_match(self.limiter.rules, headers, query, client_ip)
         if not client_ip and self._first_ip_rule is not None:
@@ -335,11 +343,11 @@ class RateLimitMiddleware:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    """Lower-cased names, repeated headers joined with ", " (as the server does)."""
+    """Lower-cased names, values decoded as UTF-8, repeated headers joined with ", "
+    (as the server does); raises NotText naming a header that is not UTF-8."""
     out: dict[str, str] = {}
     for raw_name, raw_value in scope.get("headers", ()):
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
+        name, value = decode_header(raw_name, raw_value)
         previous = out.get(name)
         out[name] = value if previous is None else f"{previous}, {value}"
     return out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +41,9 @@ from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import BucketCapReached, InvalidTokens
 from bucketmesh.core.rules import Rule, escaper, own_key
+from bucketmesh.http.tls import TlsContexts, TlsFiles
 from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
+from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
 
 OK = rls_pb2.RateLimitResponse.OK
@@ -190,13 +193,73 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         return response
 
 
+_log = logger("envoy")
+
+
+def _server_credentials(files: TlsFiles) -> Any:
+    """gRPC's TLS credentials from the node's certificate files (``tls:``), re-read
+    when they change: gRPC asks before each handshake. With ``clientAuth: all`` a
+    client certificate the CA signed is required (Envoy's own, in its cluster's
+    ``transport_socket``); ``sync`` asks for none here, there being no sync on
+    this port."""
+    assert files.cert_file is not None
+    paths = [p for p in (files.cert_file, files.key_file, files.ca_file) if p]
+
+    def stamp() -> list[tuple[int, int, int]]:
+        stamps = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((-1, -1, -1))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return stamps
+
+    def configuration() -> Any:
+        with open(files.cert_file or "", "rb") as chain_file:
+            chain = chain_file.read()
+        with open(files.key_file or files.cert_file or "", "rb") as key_file:
+            key = key_file.read()
+        ca = None
+        if files.ca_file is not None:
+            with open(files.ca_file, "rb") as ca_file:
+                ca = ca_file.read()
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
+
+    seen = [stamp()]
+
+    def fetch() -> Any:
+        now = stamp()
+        if now == seen[0]:
+            return None  # unchanged: gRPC keeps what it has
+        seen[0] = now
+        try:
+            return configuration()
+        except OSError as error:
+            _log.error("envoyListen: TLS files changed but cannot be read: %s", error)
+            return None
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=files.client_auth == "all"
+    )
+
+
 class EnvoyServer:
     """The grpc.aio server on ``host:port``; ``port`` is the bound port after start."""
 
-    def __init__(self, servicer: RateLimitServicer, host: str, port: int) -> None:
+    def __init__(
+        self,
+        servicer: RateLimitServicer,
+        host: str,
+        port: int,
+        *,
+        tls: TlsContexts | None = None,
+    ) -> None:
         self.servicer = servicer
         self.host = host
         self.port = port
+        self.tls = tls if tls is not None and tls.files.serves else None
         self.server: Any = None
 
     async def start(self) -> None:
@@ -211,7 +274,12 @@ class EnvoyServer:
         # grpc reports a failed bind as RuntimeError or port 0; the CLI prints an OSError
         problem = OSError(f"cannot listen on {host}:{self.port} (envoyListen): address in use?")
         try:
-            bound = server.add_insecure_port(f"{host}:{self.port}")
+            if self.tls is not None:
+                bound = server.add_secure_port(
+                    f"{host}:{self.port}", _server_credentials(self.tls.files)
+                )
+            else:
+                bound = server.add_insecure_port(f"{host}:{self.port}")
         except RuntimeError:
             raise problem from None
         if not bound:

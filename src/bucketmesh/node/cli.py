@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -71,11 +72,35 @@ log = logger("cli")
 
 
 if TYPE_CHECKING:
+    from bucketmesh.http.tls import TlsContexts
     from bucketmesh.node.serve import Node, NodeSettings
     from bucketmesh.replication.mesh import MeshSettings
 
 
-def _mesh_settings(config: Config) -> MeshSettings | None:
+def _tls_contexts(config: Config) -> TlsContexts | None:
+    """The node's TLS contexts, the certificate files loaded; a ConfigError naming
+    the file and field when they cannot be."""
+    from bucketmesh.http.tls import TlsContexts, TlsError, TlsFiles
+
+    tls = config.tls
+    if not tls.enabled:
+        return None
+    try:
+        return TlsContexts(
+            TlsFiles(
+                cert_file=tls.cert_file,
+                key_file=tls.key_file,
+                ca_file=tls.ca_file,
+                client_auth=tls.client_auth,
+                pin_regions=tls.pin_regions,
+                max_connection_age_s=tls.max_connection_age_ms / 1000,
+            )
+        )
+    except TlsError as error:
+        raise ConfigError(config.path or "<config>", error.field, error.message) from None
+
+
+def _mesh_settings(config: Config, tls: TlsContexts | None = None) -> MeshSettings | None:
     from bucketmesh.replication.mesh import MeshSettings
 
     if not config.sync.enabled:
@@ -89,6 +114,7 @@ def _mesh_settings(config: Config) -> MeshSettings | None:
         peer_timeout_s=config.sync.peer_timeout_ms / 1000,
         max_message_bytes=config.limits.max_body_bytes,
         unrecovered_start=config.sync.unrecovered_start,
+        tls=tls,
     )
 
 
@@ -96,6 +122,7 @@ def _settings(config: Config) -> NodeSettings:
     from bucketmesh.http.server import ServerLimits
     from bucketmesh.node.serve import NodeSettings
 
+    tls = _tls_contexts(config)
     return NodeSettings(
         region=config.region,
         node=config.node,
@@ -104,7 +131,11 @@ def _settings(config: Config) -> NodeSettings:
         rules=config.buckets,
         default_state_key=config.default_state_key,
         cluster_id=config.sync.sync_cluster_id,
-        admin_token=config.admin.token,
+        admin_token=config.admin.tokens[0] if config.admin.tokens else None,
+        admin_tokens=config.admin.tokens,
+        admin_token_file=config.admin.token_file,
+        sync_secret_file=config.sync.secret_file if config.sync.enabled else None,
+        tls=tls,
         snapshot=config.storage.snapshot,
         snapshot_interval_s=config.storage.snapshot_interval_ms / 1000,
         durability=config.storage.durability,
@@ -112,10 +143,12 @@ def _settings(config: Config) -> NodeSettings:
         limits=ServerLimits(
             max_body_bytes=config.limits.max_body_bytes,
             max_header_bytes=config.limits.max_header_bytes,
+            max_in_flight=config.limits.max_in_flight,
+            shed_lag=config.limits.shed_lag_ms / 1000,
         ),
         version=__version__,
         regions=len(config.regions),
-        sync=_mesh_settings(config),
+        sync=_mesh_settings(config, tls),
         storage=config.storage.backend,
         redis_url=config.storage.redis_url,
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
@@ -143,6 +176,32 @@ def _ops_config(path: str) -> Config:
         return load(path, {}, insecure_sync=True)
     except ConfigError as error:
         raise ValueError(str(error)) from None
+
+
+#: Header names that carry credentials: a key built from one as it is puts the
+#: credential in state, snapshots, sync messages, logs and metrics' key listings.
+_CREDENTIAL_HEADER = re.compile(
+    r"(?:.*[-_])?(?:api[-_]?key|token|secret|password)|authorization|proxy-authorization|cookie",
+    re.IGNORECASE,
+)
+
+
+def credential_key_warnings(config: Config) -> list[str]:
+    """A warning for each rule whose bucket key holds the raw value of a header
+    named like a credential (``*-API-Key``, ``Authorization``, ...): the fix is
+    ``| sha256`` in the placeholder (docs/security.md)."""
+    warnings = []
+    for rule in config.buckets:
+        for header in rule.template.raw_header_names:
+            if _CREDENTIAL_HEADER.fullmatch(header):
+                warnings.append(
+                    f"WARNING: rule {rule.name!r} builds its bucket keys from the raw value "
+                    f"of header {header!r}, which looks like a credential: it would be kept "
+                    "in bucket state and snapshots and sent to every region. Write "
+                    f"{{{{ .Request.Header.{header} | sha256 }}}} in its key to keep a hash "
+                    "instead (docs/security.md)"
+                )
+    return warnings
 
 
 def _quick_start_text(config: Config, port: int) -> str:
@@ -245,7 +304,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "WARNING: --insecure-sync: sync messages are neither signed nor "
             "verified; anyone who can reach this port can change bucket state"
         )
-    settings = _settings(config)
+    try:
+        settings = _settings(config)
+    except ConfigError as error:
+        log.error("config error: %s", error)
+        return 2
+    for warning in credential_key_warnings(config):
+        log.warning("%s", warning)
     if args.quick_start:
 
         def on_ready(node: Node) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "LimitsConfig",
     "StorageConfig",
     "SyncConfig",
+    "TlsConfig",
     "apply_overrides",
     "env_overrides",
     "load_buckets",
@@ -114,6 +115,8 @@ class _Problem(Exception):
 
 _FILE_NAMES: Final[Mapping[str, str]] = {
     "interval_ms": "interval",
+    "shed_lag_ms": "shedLag",
+    "max_connection_age_ms": "maxConnectionAge",
     "peer_timeout_ms": "peerTimeout",
     "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
@@ -158,8 +161,10 @@ class SyncConfig(_Section, frozen=True):
     peers: tuple[str, ...] = ()
     peer_urls: dict[str, str] = msgspec.field(default_factory=dict)
     peer_url_template: str | None = None
-    secret: str | None = None
-    # A file holding the secret (a mounted Kubernetes Secret); read when secret is not given.
+    # One secret, or a list for rotation: sign with the first, accept any (docs/security.md).
+    secret: str | tuple[str, ...] | None = None
+    # A file holding the secret, one per line (a mounted Kubernetes Secret); read when
+    # secret is not given, and again whenever it changes.
     secret_file: str | None = None
     interval_ms: _Count = 20
     peer_timeout_ms: _Count = 1000
@@ -197,12 +202,50 @@ class StorageConfig(_Section, frozen=True):
 
 
 class AdminConfig(_Section, frozen=True):
-    """The bearer token PATCH requires; None (or empty in the file) means no token."""
+    """The bearer token PATCH requires; None (or empty in the file) means no token.
+    A list is accepted for rotation (any of them is accepted); ``token_file`` holds
+    them one per line and is read again whenever it changes."""
 
-    token: str | None = None
+    token: str | tuple[str, ...] | None = None
+    token_file: str | None = None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return _as_tuple(self.token)
 
     def __repr__(self) -> str:
         return _repr_hiding(self, "token")
+
+
+ClientAuth = Literal["none", "sync", "all"]
+
+
+class TlsConfig(_Section, frozen=True):
+    """TLS for the listener (API and sync) and for the sync client (http/tls.py).
+
+    ``cert_file``/``key_file``: this node's certificate chain and key (PEM), served
+    and presented to peers; ``ca_file``: the CA peers are verified against;
+    ``client_auth``: none, sync (the sync endpoints need a client certificate the
+    CA signed) or all (every connection needs one); ``pin_regions``: a sync client's
+    certificate must also name a region of the mesh."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    client_auth: ClientAuth = "none"
+    pin_regions: bool = False
+    # ms: the sync client replaces a TLS connection this old (renewed certificates apply)
+    max_connection_age_ms: _Count = 30000
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None or self.ca_file is not None
+
+
+def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -211,6 +254,10 @@ class LimitsConfig(_Section, frozen=True):
     max_buckets: _Count = 1_000_000
     max_body_bytes: _Count = 65536
     max_header_bytes: _Count = 16384
+    # overload shedding (http/server.py): awaited answers in flight, and the event
+    # loop lag in ms beyond which requests get 503 + Retry-After
+    max_in_flight: _Count = 4096
+    shed_lag_ms: _Count = 500
 
 
 class _Settings(_Section, frozen=True):
@@ -227,6 +274,7 @@ class _Settings(_Section, frozen=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 
 
 class Config(_Settings, frozen=True):
@@ -589,8 +637,56 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
         default_state_key=settings.default_state_key or None,
         sync=_checked_sync(settings.sync, template_field),
         storage=_checked_storage(settings.storage),
-        admin=AdminConfig(token=settings.admin.token or None),
+        admin=_checked_admin(settings.admin),
+        tls=_checked_tls(settings.tls),
     )
+
+
+def _checked_secrets(
+    field: str, value: str | tuple[str, ...] | None
+) -> str | tuple[str, ...] | None:
+    """One secret or a list of them; an empty one, or an empty list, is none at all."""
+    if value is None or isinstance(value, str):
+        return value or None
+    for index, item in enumerate(value):
+        if not item:
+            raise _Problem(f"{field}[{index}]", "must not be empty")
+    if len(set(value)) != len(value):
+        raise _Problem(field, "lists a secret twice")
+    return (value[0] if len(value) == 1 else value) if value else None
+
+
+def _checked_admin(admin: AdminConfig) -> AdminConfig:
+    token = _checked_secrets("admin.token", admin.token)
+    token_file = admin.token_file or None
+    if token is not None and token_file is not None:
+        raise _Problem("admin.tokenFile", "cannot be given with admin.token; keep one")
+    if token_file is not None:
+        token = _read_secret(token_file, "admin.tokenFile")
+    return AdminConfig(token=token, token_file=token_file)
+
+
+def _checked_tls(tls: TlsConfig) -> TlsConfig:
+    if (tls.cert_file is None) != (tls.key_file is None) and tls.key_file is not None:
+        raise _Problem("tls.certFile", "is required with tls.keyFile")
+    if tls.client_auth != "none" and tls.ca_file is None:
+        raise _Problem(
+            "tls.caFile",
+            f"is required with tls.clientAuth: {tls.client_auth} (the CA that signs the "
+            "client certificates)",
+        )
+    if tls.client_auth != "none" and tls.cert_file is None:
+        raise _Problem("tls.certFile", f"is required with tls.clientAuth: {tls.client_auth}")
+    if tls.pin_regions and tls.client_auth == "none":
+        raise _Problem("tls.pinRegions", "needs tls.clientAuth sync or all")
+    for field, path in (
+        ("tls.certFile", tls.cert_file),
+        ("tls.keyFile", tls.key_file),
+        ("tls.caFile", tls.ca_file),
+    ):
+        if path is not None and not os.path.isfile(path):
+            raise _Problem(field, f"names no readable file, {path!r}")
+    return tls
 
 
 def _checked_sync(sync: SyncConfig, template_field: str) -> SyncConfig:
@@ -621,7 +717,7 @@ def _checked_sync(sync: SyncConfig, template_field: str) -> SyncConfig:
         if "{region}" not in template:
             raise _Problem(template_field, f"must contain {{region}}, got {template!r}")
         _check_url(template_field, template.replace("{region}", "region"))
-    secret = sync.secret or None
+    secret = _checked_secrets("sync.secret", sync.secret)
     secret_file = sync.secret_file or None
     if secret is not None and secret_file is not None:
         raise _Problem("sync.secretFile", "cannot be given with sync.secret; keep one")
@@ -651,8 +747,8 @@ def _completed(settings: _Settings, *, require_secret: bool = True) -> _Settings
         return settings
     secret, secret_file = sync.secret, sync.secret_file
     if secret is None and secret_file is not None:
-        # read once: the completed config holds the secret, as if the file had given it
-        secret, secret_file = _read_secret(secret_file), None
+        # the completed config holds the secrets; the node reads the file again on change
+        secret = _read_secret(secret_file, "sync.secretFile")
     if secret is None and require_secret:
         raise _Problem("sync.secret", _SECRET_HELP)
     template = sync.peer_url_template
@@ -675,20 +771,26 @@ def _completed(settings: _Settings, *, require_secret: bool = True) -> _Settings
     )
 
 
-def _read_secret(path: str) -> str:
-    """The secret in the file at ``path``, without the line break a file often ends with."""
+def _read_secret(path: str, field: str) -> str | tuple[str, ...]:
+    """The secrets in the file at ``path``, one per line (the first signs); a single
+    one as a string."""
     try:
-        with open(path, encoding="utf-8") as stream:
-            secret = stream.read().strip("\r\n")
+        secrets = read_secret_file(path)
     except UnicodeDecodeError:
-        raise _Problem("sync.secretFile", f"{path!r} is not UTF-8 text") from None
+        raise _Problem(field, f"{path!r} is not UTF-8 text") from None
     except OSError as error:
-        raise _Problem(
-            "sync.secretFile", f"cannot read {path!r}: {error.strerror or error}"
-        ) from None
-    if not secret:
-        raise _Problem("sync.secretFile", f"names an empty file, {path!r}")
-    return secret
+        raise _Problem(field, f"cannot read {path!r}: {error.strerror or error}") from None
+    if not secrets:
+        raise _Problem(field, f"names an empty file, {path!r}")
+    return secrets[0] if len(secrets) == 1 else secrets
+
+
+def read_secret_file(path: str) -> tuple[str, ...]:
+    """The non-empty lines of a secret file, without their line breaks; raises
+    OSError or UnicodeDecodeError (``node/reload.py`` reads it again on change)."""
+    with open(path, encoding="utf-8") as stream:
+        lines = stream.read().splitlines()
+    return tuple(dict.fromkeys(line.strip("\r") for line in lines if line.strip()))
 
 
 def _check_url(field: str, url: str) -> None:
@@ -916,9 +1018,16 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_STORAGE_SNAPSHOT_INTERVAL": "storage.snapshot_interval_ms",
     "BUCKETMESH_STORAGE_REDIS_TIMEOUT": "storage.redis_timeout_ms",
     "BUCKETMESH_ADMIN_TOKEN": "admin.token",
+    "BUCKETMESH_ADMIN_TOKEN_FILE": "admin.token_file",
+    "BUCKETMESH_TLS_CERT_FILE": "tls.cert_file",
+    "BUCKETMESH_TLS_KEY_FILE": "tls.key_file",
+    "BUCKETMESH_TLS_CA_FILE": "tls.ca_file",
+    "BUCKETMESH_TLS_CLIENT_AUTH": "tls.client_auth",
     "BUCKETMESH_LIMITS_MAX_BUCKETS": "limits.max_buckets",
     "BUCKETMESH_LIMITS_MAX_BODY_BYTES": "limits.max_body_bytes",
     "BUCKETMESH_LIMITS_MAX_HEADER_BYTES": "limits.max_header_bytes",
+    "BUCKETMESH_LIMITS_MAX_IN_FLIGHT": "limits.max_in_flight",
+    "BUCKETMESH_LIMITS_SHED_LAG": "limits.shed_lag_ms",
     "BUCKETMESH_BUCKETS": "buckets",
 }
 """Environment variable → the dotted setting it overrides."""
@@ -953,6 +1062,12 @@ def apply_overrides(
         field.encode_name: msgspec.to_builtins(getattr(config, field.name))
         for field in msgspec.structs.fields(_Settings)
     }
+    for part, value_field, file_field in (
+        ("sync", "secret", "secretFile"),
+        ("admin", "token", "tokenFile"),
+    ):
+        if document[part].get(file_field):
+            document[part][value_field] = None  # read from the file: read again
     buckets_path = config.buckets_path
     rules = config.buckets
     for key, value in overrides.items():
@@ -973,6 +1088,8 @@ def apply_overrides(
         if field in ("secret", "secretFile") and section == "sync":
             # Given here, one replaces the file's other: the environment beats the file.
             target["secret"] = target["secretFile"] = None
+        if field in ("token", "tokenFile") and section == "admin":
+            target["token"] = target["tokenFile"] = None
         target[field] = setting
         labels[_join(section or "", field)] = label
     try:
@@ -1022,6 +1139,8 @@ def _override_value(kind: Any, value: str, key: str) -> Any:
         truth = {"true": True, "yes": True, "on": True, "1": True}
         truth |= {"false": False, "no": False, "off": False, "0": False}
         return truth.get(value.strip().lower(), value)
+    if str in kinds and tuple in kinds:
+        return value  # one secret or token: a list of them comes from the file
     if tuple in kinds:
         return [item.strip() for item in value.split(",") if item.strip()]
     if dict in kinds and "=" in value:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -57,6 +58,8 @@ from bucketmesh.http import wire
 from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import HttpServer
+from bucketmesh.http.tls import sync_guard
+from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
 from bucketmesh.replication.mesh import Mesh, Replica
 from bucketmesh.storage.memory import MemoryStore, UnreadableState
@@ -174,7 +177,25 @@ class Node:
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
-        self.server = HttpServer(self.router, settings.limits, on_error=self._log_error)
+        self.secret_files = self._secret_files(settings)
+        tls = settings.tls
+        if tls is not None:
+            self.router.metrics.labelled.append(tls.metric_families)
+            if tls.files.client_auth != "none":
+                regions = [settings.region, *(settings.sync.peers if settings.sync else ())]
+                self.router.guard("sync", sync_guard(tls, regions))
+        self.server = HttpServer(
+            self.router,
+            settings.limits,
+            on_error=self._log_error,
+            tls=tls if tls is not None and tls.files.serves else None,
+        )
+        for cause in self.server.shed:
+            self.metrics.counter(
+                f"bucketmesh_http_shed_{cause}_requests",
+                f"Requests answered 503 + Retry-After by overload shedding ({cause})",
+                functools.partial(self.server.shed.__getitem__, cause),
+            )
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
@@ -182,6 +203,19 @@ class Node:
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
+
+    def _secret_files(self, settings: NodeSettings) -> SecretFiles:
+        """Rotation: admin tokens and sync secrets, and the files read again on change."""
+        files = SecretFiles()
+        if settings.admin_tokens:
+            self.app.admin.set_tokens(settings.admin_tokens)
+        if settings.admin_token_file is not None:
+            files.add("admin.tokenFile", settings.admin_token_file, self.app.admin.set_tokens)
+        if self.mesh is not None and settings.sync_secret_file is not None:
+            files.add("sync.secretFile", settings.sync_secret_file, self.mesh.auth.set_secrets)
+        if files.watched:
+            self.router.metrics.labelled.append(files.metric_families)
+        return files
 
     @property
     def limiter(self) -> Limiter:
@@ -240,6 +274,10 @@ class Node:
         if self.mesh is not None:
             self.mesh.start(supervisor)
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
+        if self.secret_files.watched:
+            self.tasks.append(
+                supervisor.every("secret-files", CHECK_EVERY_S, self.secret_files.check)
+            )
         if self.memory is not None and self.memory.snapshot is not None:
             # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
             interval = self.settings.snapshot_interval_s
@@ -298,7 +336,9 @@ class Node:
         # imported here: grpc is only loaded by nodes that serve Envoy
         from bucketmesh.integrations.envoy import EnvoyServer, RateLimitServicer
 
-        self.envoy = EnvoyServer(RateLimitServicer(self.decider, self.metrics), host, port)
+        self.envoy = EnvoyServer(
+            RateLimitServicer(self.decider, self.metrics), host, port, tls=self.settings.tls
+        )
         await self.envoy.start()
 
     def _sweep(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from bucketmesh.core.rules import Rule
 from bucketmesh.http.server import ServerLimits
+from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication.mesh import MeshSettings
 
 
@@ -39,3 +40,10 @@ class NodeSettings:
     redis_connections: int = 4
     # envoyListen: the Envoy rate limit service's gRPC (host, port); off when None
     envoy_listen: tuple[str, int] | None = None
+    # tls: the listener's and the sync client's contexts (http/tls.py); off when None
+    tls: TlsContexts | None = None
+    # every admin token accepted (rotation); admin_token is the first
+    admin_tokens: tuple[str, ...] = ()
+    # files read again on change (node/reload.py): sync.secretFile, admin.tokenFile
+    sync_secret_file: str | None = None
+    admin_token_file: str | None = None

@@ -1,6 +1,12 @@
 """The sync mesh's HTTP client: one keep-alive connection to a peer, a POST at a time,
 with httptools parsing the reply. Every failure is a ``LinkError``; what to do about
-it (retry, back off, mark the peer down) is the mesh's business."""
+it (retry, back off, mark the peer down) is the mesh's business.
+
+An ``https://`` peer is reached over TLS with the node's client context
+(``http/tls.py``: the mesh CA, and the node's certificate for mTLS), taken afresh
+for each new connection so that renewed files apply; a handshake the peer or this
+side refuses is counted there (side ``client``). Without a ``TlsContexts`` an
+``https://`` peer is verified against the system's CAs."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 
 _MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
@@ -36,14 +43,22 @@ class LinkError(Exception):
 
 
 class _Reply:
-    """httptools callbacks collecting one response."""
+    """httptools callbacks collecting one response, and whether its connection stays
+    open: read when the head is complete, since llhttp resets that state (and
+    ``should_keep_alive()`` answers False) once the message is complete."""
 
-    __slots__ = ("body", "complete", "size")
+    __slots__ = ("body", "complete", "keep_alive", "parser", "size")
 
     def __init__(self) -> None:
         self.body: list[bytes] = []
         self.size = 0
         self.complete = False
+        self.keep_alive = False
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def on_headers_complete(self) -> None:
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -61,7 +76,7 @@ class HttpLink:
     server's keep-alive timeout closing it under a request.
     """
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
+    def __init__(self, url: str, *, timeout_s: float, tls: TlsContexts | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"a peer URL is http(s)://host[:port], got {url!r}")
@@ -70,11 +85,14 @@ class HttpLink:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
         self.authority = parts.netloc.rsplit("@", 1)[-1]
-        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.https = parts.scheme == "https"
+        self.tls = tls
+        self._default_ssl = ssl.create_default_context() if self.https and tls is None else None
         self.timeout_s = timeout_s
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._last_used = 0.0
+        self._connected_at = 0.0
         self._lock = asyncio.Lock()
 
     async def post(
@@ -91,6 +109,10 @@ class HttpLink:
             except ConnectionRefusedError as error:
                 self.close()
                 raise LinkError(f"connection refused ({error.strerror})", refused=True) from None
+            except ssl.SSLError as error:
+                self.close()
+                reason = self.tls.count_error("client", error) if self.tls else "handshake"
+                raise LinkError(f"TLS with the peer failed ({reason}): {error}") from None
             except (OSError, httptools.HttpParserError, LinkError) as error:
                 self.close()
                 if isinstance(error, LinkError):
@@ -102,10 +124,23 @@ class HttpLink:
 
     async def _exchange(self, path: str, body: bytes) -> tuple[int, bytes]:
         loop = asyncio.get_running_loop()
-        if self._writer is None or loop.time() - self._last_used > _IDLE_REUSE_S:
+        now = loop.time()
+        if (
+            self._writer is None
+            or now - self._last_used > _IDLE_REUSE_S
+            or (
+                self.tls is not None
+                and self.https
+                and now - self._connected_at > self.tls.files.max_connection_age_s
+            )
+        ):
             self.close()
+            self._connected_at = now
+            context = self._default_ssl
+            if self.https and self.tls is not None:
+                context = self.tls.client_context()
             self._reader, self._writer = await asyncio.open_connection(
-                self.host, self.port, ssl=self.ssl
+                self.host, self.port, ssl=context
             )
         reader, writer = self._reader, self._writer
         assert reader is not None
@@ -114,10 +149,10 @@ class HttpLink:
             f"Content-Type: {sync.CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
             "User-Agent: bucketmesh-sync\r\n\r\n"
         ).encode("latin-1")
-        writer.writelines((head, body))
+        writer.write(head + body)  # one write: one TLS record, not two
         await writer.drain()
         reply = _Reply()
-        parser = httptools.HttpResponseParser(reply)
+        parser = reply.parser = httptools.HttpResponseParser(reply)
         while not reply.complete:
             data = await reader.read(262144)
             if not data:
@@ -126,7 +161,7 @@ class HttpLink:
             if reply.size > _MAX_REPLY_BYTES:
                 raise LinkError("reply too large")
         status = parser.get_status_code()
-        if not parser.should_keep_alive():
+        if not reply.keep_alive:
             self.close()
         self._last_used = loop.time()
         return status, b"".join(reply.body)

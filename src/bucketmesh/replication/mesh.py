@@ -80,6 +80,7 @@ from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import ApiError
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import Request, Response
+from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
 from bucketmesh.replication.link import HttpLink, LinkError
@@ -185,7 +186,8 @@ class MeshSettings:
     region: str
     cluster_id: str
     peers: Mapping[str, str]
-    secret: str | None
+    #: signs with the first, accepts any (rotation: docs/security.md)
+    secret: str | Sequence[str] | None
     interval_s: float = 0.02
     peer_timeout_s: float = 1.0
     max_message_bytes: int = 65536
@@ -207,6 +209,8 @@ class MeshSettings:
     #: one, a delta collected while a message is in flight waits for its ack, so the
     #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
     pipeline: int = 2
+    #: the client side of TLS to https:// peers (http/tls.py); None: system CAs
+    tls: TlsContexts | None = None
 
     @property
     def heartbeat_s(self) -> float:
@@ -227,12 +231,14 @@ class Peer:
         self.region = region
         self.url = url
         self.links = [
-            HttpLink(url, timeout_s=settings.peer_timeout_s)
+            HttpLink(url, timeout_s=settings.peer_timeout_s, tls=settings.tls)
             for _ in range(max(1, settings.pipeline))
         ]
         self.link = self.links[0]
         self.wakes = [asyncio.Event() for _ in self.links]
-        self.bulk = HttpLink(url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s))
+        self.bulk = HttpLink(
+            url, timeout_s=max(settings.bulk_timeout_s, settings.peer_timeout_s), tls=settings.tls
+        )
         self.box = Outbox()
         self.wake = asyncio.Event()
         self.bulk_wake = asyncio.Event()
@@ -858,6 +864,20 @@ class Mesh:
                 f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
                 reason="sync_fault_injected",
             )
+        tls = self.settings.tls
+        if (
+            tls is not None
+            and tls.files.pin_regions
+            and env.region not in (request.peer_names or ())
+        ):
+            # tls.pinRegions: a region's certificate speaks for that region only
+            tls.count_refusal("server", "wrong_region")
+            raise ApiError(
+                403,
+                f"the client certificate does not name region {env.region!r}, which this "
+                "message comes from (tls.pinRegions)",
+                reason="sync_wrong_region",
+            )
         self.received += 1
         peer = self.peers.get(env.region)
         if peer is not None:
@@ -899,7 +919,9 @@ class Mesh:
         env, payload = self._open(request, sync.DELTAS)
         assert isinstance(payload, sync.DeltaPush)
         changed = self._merge(payload.batch)
-        if payload.batch.deltas and not payload.full:
+        # An overtaken batch (every delta already delivered by a newer one, e.g. held
+        # up by a retransmission) changed nothing: its age is no lag (docs/sync.md).
+        if payload.batch.deltas and not payload.full and changed:
             peer = self.peers.get(env.region)
             if peer is not None:
                 lag_s = max(0.0, (self.clock() - payload.origin_ns) / NS_PER_S)
@@ -974,8 +996,8 @@ class Mesh:
             yield family
         lag = HistogramMetricFamily(
             "crdt_sync_duration_seconds",
-            "Replication lag of received delta batches: receive time minus the sender's "
-            "collect time, by sending peer region",
+            "Replication lag of received delta batches that changed a bucket: receive time "
+            "minus the sender's collect time, by sending peer region",
             labels=["peer"],
         )
         for region, peer in sorted(self.peers.items()):

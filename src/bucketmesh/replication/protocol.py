@@ -236,14 +236,28 @@ class ReplayGuard:
 
 class SyncAuth:
     """Seals and opens envelopes for one cluster. ``secret`` None is insecure mode:
-    messages are neither signed nor verified (cluster, freshness and nonces still are)."""
+    messages are neither signed nor verified (cluster, freshness and nonces still are).
+    Several secrets (rotation, docs/security.md): messages are signed with the first
+    and accepted when any of them verifies."""
 
     def __init__(
-        self, cluster_id: str, secret: str | None, *, window_ns: int = DEFAULT_WINDOW_NS
+        self,
+        cluster_id: str,
+        secret: str | Sequence[str] | None,
+        *,
+        window_ns: int = DEFAULT_WINDOW_NS,
     ) -> None:
         self.cluster_id = cluster_id
         self.window_ns = window_ns
-        self._key = secret.encode() if secret else None
+        self._keys: tuple[bytes, ...] = ()
+        self._key: bytes | None = None
+        self.set_secrets(secret)
+
+    def set_secrets(self, secret: str | Sequence[str] | None) -> None:
+        """Sign with the first of ``secret`` from now on, accept any of them."""
+        secrets = (secret,) if isinstance(secret, str) else tuple(secret or ())
+        self._keys = tuple(s.encode() for s in secrets if s)
+        self._key = self._keys[0] if self._keys else None
 
     @property
     def insecure(self) -> bool:
@@ -252,6 +266,14 @@ class SyncAuth:
     def _mac(self, fields: tuple[object, ...]) -> bytes:
         assert self._key is not None
         return hmac.new(self._key, _MAC_CONTEXT + _encode(fields), hashlib.sha256).digest()
+
+    def _verifies(self, mac: bytes, fields: tuple[object, ...]) -> bool:
+        encoded = _MAC_CONTEXT + _encode(fields)
+        verified = False
+        for key in self._keys:  # every key is tried: the time taken tells nothing
+            expected = hmac.new(key, encoded, hashlib.sha256).digest()
+            verified = hmac.compare_digest(mac, expected) or verified
+        return verified
 
     def seal(
         self,
@@ -319,7 +341,7 @@ class SyncAuth:
                 env.reply_to,
                 env.body,
             )
-            if not hmac.compare_digest(env.mac, self._mac(fields)):
+            if not self._verifies(env.mac, fields):
                 raise Rejected("bad_signature", 401, "the signature does not verify")
         if env.kind not in kinds:
             raise Rejected("wrong_kind", 400, f"expected {' or '.join(kinds)}, got {env.kind!r}")

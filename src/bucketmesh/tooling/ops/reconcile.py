@@ -78,7 +78,7 @@ class _SyncSection(Protocol):
     @property
     def sync_cluster_id(self) -> str: ...
     @property
-    def secret(self) -> str | None: ...
+    def secret(self) -> str | tuple[str, ...] | None: ...
     @property
     def peer_urls(self) -> dict[str, str]: ...
     def url_for(self, region: str) -> str | None: ...
@@ -121,7 +121,7 @@ class Targets:
 
     urls: dict[str, str]
     cluster_id: str
-    secret: str | None
+    secret: str | tuple[str, ...] | None
     max_message: int = DEFAULT_MAX_MESSAGE
 
 
@@ -142,6 +142,11 @@ def parse_urls(text: str, source: str) -> dict[str, str]:
             raise UsageError(f"{source}: {region}'s URL must be http(s)://host[:port], got {url!r}")
         urls[region] = url
     return urls
+
+
+def _secrets(text: str) -> tuple[str, ...]:
+    """A secret file's secrets, one per line (during a rotation: the new one first)."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _own_url(config: NodeConfig) -> str:
@@ -165,7 +170,7 @@ def resolve(
     node's config file (``--config`` or ``BUCKETMESH_CONFIG``)."""
     urls: dict[str, str] = {}
     cluster: str | None = None
-    secret: str | None = None
+    secret: str | tuple[str, ...] | None = None
     max_message = DEFAULT_MAX_MESSAGE
     config_path = args.config or environ.get("BUCKETMESH_CONFIG") or None
     if config_path:
@@ -191,7 +196,7 @@ def resolve(
     if args.secret_file:
         try:
             with open(args.secret_file, encoding="utf-8") as stream:
-                secret = stream.read().strip("\r\n")
+                secret = _secrets(stream.read())
         except (OSError, UnicodeDecodeError) as error:
             raise UsageError(f"--secret-file: cannot read {args.secret_file}: {error}") from None
     elif not config_path:
@@ -200,7 +205,7 @@ def resolve(
         elif environ.get("BUCKETMESH_SYNC_SECRET_FILE"):
             try:
                 with open(environ["BUCKETMESH_SYNC_SECRET_FILE"], encoding="utf-8") as stream:
-                    secret = stream.read().strip("\r\n")
+                    secret = _secrets(stream.read())
             except (OSError, UnicodeDecodeError) as error:
                 raise UsageError(f"BUCKETMESH_SYNC_SECRET_FILE: {error}") from None
     if args.cluster is not None:

@@ -1,0 +1,126 @@
+"""Overload shedding (docs/targets.md R6) on real processes: a node whose event loop
+lags answers decision requests 503 + Retry-After at once instead of queueing them,
+while the reserved traffic (sync, admin PATCH, status, metrics) is never shed: a
+flooded node still replicates and can be reconfigured, and it lives.
+
+The flood is pipelined bursts on raw sockets, each burst decided in one read: with
+``limits.shedLag`` at 1 ms (the default is 500 ms) every burst makes the loop late
+enough to shed, whatever the speed of the machine."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections import Counter
+
+from conftest import Mesh, MeshNode, ServerFactory, eventually
+
+ADMIN_TOKEN = "shed-admin-token"
+RULES = [
+    {
+        "name": "flood",
+        "key": "flood-{{ .Request.Query.user }}",
+        "capacity": 1_000_000,
+        "refillRate": 1,
+    },
+    {"name": "small", "key": "small-{{ .Request.Query.user }}", "capacity": 100, "refillRate": 1},
+]
+BURST = 300
+STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
+
+
+class Flood:
+    """Threads that send pipelined bursts of decision requests and read the answers."""
+
+    def __init__(self, node: MeshNode, connections: int = 6) -> None:
+        self.address = ("127.0.0.1", node.port)
+        self.statuses: Counter[int] = Counter()
+        self.retry_after: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(connections)
+        ]
+
+    def __enter__(self) -> Flood:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _run(self, n: int) -> None:
+        burst = b"".join(
+            b"GET /v1/rate?user=u%d-%d HTTP/1.1\r\nHost: flood\r\n\r\n" % (n, i)
+            for i in range(BURST)
+        )
+        try:
+            with socket.create_connection(self.address, timeout=30) as sock:
+                while not self._stop.is_set():
+                    sock.sendall(burst)
+                    received, answered = b"", 0
+                    while answered < BURST:
+                        chunk = sock.recv(1 << 20)
+                        if not chunk:
+                            raise ConnectionError("the server closed the connection")
+                        received += chunk
+                        answered = received.count(b"HTTP/1.1 ")
+                    statuses = Counter(int(code) for code in STATUS.findall(received))
+                    retry = Counter(re.findall(rb"Retry-After: (\S+)", received))
+                    with self._lock:
+                        self.statuses.update(statuses)
+                        self.retry_after.update({k.decode(): c for k, c in retry.items()})
+        except OSError as error:
+            with self._lock:
+                self.errors.append(repr(error))
+
+
+def test_a_flooded_node_sheds_decisions_but_still_replicates_and_takes_admin_changes(
+    serve: ServerFactory,
+) -> None:
+    mesh = Mesh(
+        serve,
+        ["us-east-1", "eu-west-1"],
+        buckets=RULES,
+        admin_token=ADMIN_TOKEN,
+        overrides={"us-east-1": {"limits": {"shedLag": 1}}},
+    ).start()
+    flooded, peer = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with Flood(flooded) as flood:
+        eventually(
+            lambda: flooded.metric("bucketmesh_http_shed_lag_requests_total") > 0,
+            "the flooded node sheds",
+        )
+        # reserved traffic while it sheds: admin changes, status, and replication
+        patched = flooded.client.patch("/v1/buckets/small", json={"capacity": 50}, headers=admin)
+        assert patched.status_code == 200, patched.text
+        assert flooded.client.get("/v1/status").status_code == 200
+        eventually(
+            lambda: peer.client.get("/v1/buckets/small").json()["capacity"] == 50,
+            "the PATCH made on the flooded node reached the other region",
+        )
+        # what it does admit is decided and replicated as usual
+        granted = 0
+        while granted == 0:
+            answer = flooded.client.post("/v1/rate", json={"key": "small-probe", "tokens": 3})
+            assert answer.status_code in (200, 503), answer.text
+            if answer.status_code == 503:
+                assert answer.headers["retry-after"] == "1"
+                assert answer.headers["content-type"] == "application/problem+json"
+            granted = answer.status_code == 200
+        eventually(
+            lambda: sum(e["used"] for e in peer.state("small-probe")["replicas"].values()) == 3,
+            "a grant made while shedding replicated",
+        )
+    assert flood.errors == [], flood.errors
+    assert set(flood.statuses) <= {200, 503}, flood.statuses
+    assert flood.statuses[503] > 0 and flood.statuses[200] > 0, flood.statuses
+    assert flood.retry_after == Counter({"1": flood.statuses[503]})
+    assert flooded.process.poll() is None
+    assert peer.metric("bucketmesh_http_shed_lag_requests_total") == 0
