@@ -40,8 +40,7 @@ import msgspec
 
 from bucketmesh.core.decisions import Decider
 from bucketmesh.integrations.asgi import RateLimitMiddleware
-from bucketmesh.node.cli import _settings as node_settings
-from bucketmesh.node.cli import load
+from bucketmesh.node.assemble import load, node_settings
 from bucketmesh.node.config import Config, ConfigError
 from bucketmesh.node.serve import Node, StartError
 from bucketmesh.telemetry.log import logger

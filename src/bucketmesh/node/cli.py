@@ -1,4 +1,5 @@
-"""The ``bucketmesh`` command: ``serve``, ``run`` (the quick start), ``cluster`` and ``demo``.
+"""The ``bucketmesh`` command: ``serve``, ``run`` (the quick start), and the subcommands
+of the client, the tooling and the operator (each dispatched to its package).
 
 Configuration precedence for ``serve``: the YAML file, then ``BUCKETMESH_*``
 environment variables, then flags. A config error names file and field and
@@ -24,31 +25,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from bucketmesh import __version__
+from bucketmesh.node.assemble import FLAG_NAMES, FLAG_OVERRIDES, load, node_settings
 from bucketmesh.node.config import (
-    ENV_OVERRIDES,
     Config,
     ConfigError,
-    apply_overrides,
-    env_overrides,
     load_buckets,
-    load_config,
-    parse_listen,
 )
 from bucketmesh.storage.wal import DURABILITIES
 from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
 
-FLAG_OVERRIDES = {
-    "listen": "listen",
-    "region": "region",
-    "node": "node",
-    "admin_token": "admin.token",
-    "snapshot": "storage.snapshot",
-    "durability": "storage.durability",
-    "max_buckets": "limits.max_buckets",
-}
-#: The flag each override above comes from, for error messages.
-FLAG_NAMES = {key: "--" + name.replace("_", "-") for name, key in FLAG_OVERRIDES.items()}
 #: The config ``run --single`` serves: package data (src/bucketmesh/examples/), so it
 #: is there in a wheel too; examples/ at the top of a checkout links to it.
 EXAMPLE_CONFIG = resources.files("bucketmesh") / "examples" / "bucketmesh.yaml"
@@ -70,103 +56,8 @@ MAX_LOCAL_REGIONS = 16
 
 log = logger("cli")
 
-
 if TYPE_CHECKING:
-    from bucketmesh.http.tls import TlsContexts
-    from bucketmesh.node.serve import Node, NodeSettings
-    from bucketmesh.replication.mesh import MeshSettings
-
-
-def _tls_contexts(config: Config) -> TlsContexts | None:
-    """The node's TLS contexts, the certificate files loaded; a ConfigError naming
-    the file and field when they cannot be."""
-    from bucketmesh.http.tls import TlsContexts, TlsError, TlsFiles
-
-    tls = config.tls
-    if not tls.enabled:
-        return None
-    try:
-        return TlsContexts(
-            TlsFiles(
-                cert_file=tls.cert_file,
-                key_file=tls.key_file,
-                ca_file=tls.ca_file,
-                client_auth=tls.client_auth,
-                pin_regions=tls.pin_regions,
-                max_connection_age_s=tls.max_connection_age_ms / 1000,
-            )
-        )
-    except TlsError as error:
-        raise ConfigError(config.path or "<config>", error.field, error.message) from None
-
-
-def _mesh_settings(config: Config, tls: TlsContexts | None = None) -> MeshSettings | None:
-    from bucketmesh.replication.mesh import MeshSettings
-
-    if not config.sync.enabled:
-        return None
-    return MeshSettings(
-        region=config.region,
-        cluster_id=config.sync.sync_cluster_id,
-        peers=config.remote_peers,
-        secret=config.sync.secret,
-        interval_s=config.sync.interval_ms / 1000,
-        peer_timeout_s=config.sync.peer_timeout_ms / 1000,
-        max_message_bytes=config.limits.max_body_bytes,
-        unrecovered_start=config.sync.unrecovered_start,
-        tls=tls,
-    )
-
-
-def _settings(config: Config) -> NodeSettings:
-    from bucketmesh.http.server import ServerLimits
-    from bucketmesh.node.serve import NodeSettings
-
-    tls = _tls_contexts(config)
-    return NodeSettings(
-        region=config.region,
-        node=config.node,
-        host=config.listen_host,
-        port=config.listen_port,
-        rules=config.buckets,
-        default_state_key=config.default_state_key,
-        cluster_id=config.sync.sync_cluster_id,
-        admin_token=config.admin.tokens[0] if config.admin.tokens else None,
-        admin_tokens=config.admin.tokens,
-        admin_token_file=config.admin.token_file,
-        sync_secret_file=config.sync.secret_file if config.sync.enabled else None,
-        tls=tls,
-        snapshot=config.storage.snapshot,
-        snapshot_interval_s=config.storage.snapshot_interval_ms / 1000,
-        durability=config.storage.durability,
-        max_buckets=config.limits.max_buckets,
-        limits=ServerLimits(
-            max_body_bytes=config.limits.max_body_bytes,
-            max_header_bytes=config.limits.max_header_bytes,
-            max_in_flight=config.limits.max_in_flight,
-            shed_lag=config.limits.shed_lag_ms / 1000,
-        ),
-        version=__version__,
-        regions=len(config.regions),
-        sync=_mesh_settings(config, tls),
-        storage=config.storage.backend,
-        redis_url=config.storage.redis_url,
-        redis_timeout_s=config.storage.redis_timeout_ms / 1000,
-        envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
-    )
-
-
-def load(path: str, flags: dict[str, str], *, insecure_sync: bool = False) -> Config:
-    """The config of ``path`` with env and flag overrides applied, then completed: what
-    an enabled mesh needs (its secret, peer URLs) may come from any of them, and the
-    environment beats the file. ``insecure_sync`` accepts an enabled mesh without a
-    secret; everything else is checked."""
-    overrides = env_overrides(os.environ)
-    origin = {key: var for var, key in ENV_OVERRIDES.items() if var in os.environ}
-    overrides.update(flags)
-    origin.update({key: FLAG_NAMES.get(key, f"override {key}") for key in flags})
-    config = load_config(path, complete=False)
-    return apply_overrides(config, overrides, origin=origin, require_secret=not insecure_sync)
+    from bucketmesh.node.serve import Node
 
 
 def _ops_config(path: str) -> Config:
@@ -305,7 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "verified; anyone who can reach this port can change bucket state"
         )
     try:
-        settings = _settings(config)
+        settings = node_settings(config)
     except ConfigError as error:
         log.error("config error: %s", error)
         return 2
