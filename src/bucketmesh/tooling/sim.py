@@ -15,6 +15,20 @@ expire and are re-created in new epochs; accounting is then per epoch).
 Clock offsets are constant per replica, so clocks are monotone and durations
 agree; a scenario can also restart a replica from a snapshot.
 
+Generators (``--kind``; by default every seed runs the random schedule and one
+of the three case generators):
+
+* ``random`` (and ``expiry``): the general schedule, with busy/quiet partitions
+  (issue 23), partitions straddling an epoch boundary (issue 12, case 10) and
+  clock jumps;
+* ``extreme`` (case 1): limits at the ends of every accepted range, acquires of
+  up to 1e12 tokens, PATCHes the limiter must refuse, on a 2027 wall clock;
+* ``files`` (case 5): an edited rules file reached by rolling restarts in a
+  random order, with and without snapshots, through the node's start-up path
+  (``Simulation.reload``);
+* ``strict-idle`` (case 11): a PATCHed strict key idle past its ttl in some
+  regions, swept, and used again.
+
 Invariants
 ----------
 * **Join.** After every delivery, a replica's ``used`` entries for a key are
@@ -32,6 +46,18 @@ Invariants
   per-key config travels alone: epoch 0, no ``used``), and no replica holds
   another's entry for one. Strict mode admits at most ``C + r·D`` in total across replicas
   (D = true time since the key's first grant), whatever the partitions.
+* **Wire range** (``extreme``). Every batch, full state and snapshot encodes with
+  the real msgpack encoder, every integer in it within int64; a refused PATCH
+  (``LimitError``) changes nothing the replica holds.
+* **Newest file** (``files``). After quiescence every replica holds the newest
+  rules file's limits for each rule (a PATCH of the rule wins over any file), and
+  every live bucket of it obeys them. A restart without a snapshot forgets what
+  no reachable peer held (counted in ``SimResult.forgotten``, and a PATCH only it
+  held may be lost): conservation is then checked down to what survived.
+* **Strict per-key configs** (``strict-idle``, and everywhere). A region never
+  holds an older config of a strict key than it held before (a PATCH outlives
+  the bucket's expiry); after quiescence every region holds the newest one and
+  uses its share, and the shares' capacities sum to at most the patched limit.
 * **Admission bound** (shared mode), checked at every grant. Notation: C, T
   are the largest capacity and smallest emission interval (T = 1e9/r ns) any
   config of the key had during the run, v the number of configure calls
@@ -1738,7 +1764,7 @@ def run_schedules(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     violations: list[InvariantViolation] = []
     worst_excess = worst_ratio = 0.0
-    granted = lag = 0
+    granted = lag = refused = restarts = forgotten = 0
     kind = "expiry" if args.expiry and args.kind in ("all", "random") else args.kind
     schedules = 0
     by_kind: dict[str, int] = {}
@@ -1760,6 +1786,9 @@ def run_schedules(args: argparse.Namespace) -> int:
                 worst_ratio = max(worst_ratio, result.worst_ratio)
                 lag = max(lag, result.max_lag_ns)
                 granted += result.granted
+            refused += result.refused
+            restarts += result.restarts
+            forgotten += result.forgotten
     elapsed = time.perf_counter() - started
     kinds_run = ", ".join(f"{count} {name}" for name, count in by_kind.items())
     print(
@@ -1767,6 +1796,12 @@ def run_schedules(args: argparse.Namespace) -> int:
         f"{granted} tokens granted; worst admitted / (C + r·D) = {worst_ratio:.3f}; "
         f"worst share of the error budget (B) used = {worst_excess:.3f}; "
         f"largest information lag {lag / MS:.1f} ms"
+        + (
+            f"; {refused} PATCHes refused, {restarts} restarts, {forgotten} tokens forgotten "
+            "by restarts without a snapshot"
+            if refused or restarts
+            else ""
+        )
     )
     return 1 if violations else 0
 
