@@ -3,6 +3,9 @@ sim --kind extreme|files|strict-idle``; case 10's straddling partition is part o
 random schedule), every generated schedule holds every invariant, and each generator
 finds the old defect when a mutant puts it back into the core:
 
+* case 10 (``random``): a later generation that does not carry the earlier one's
+  debt (no ``Bucket.carry``) converges below the GCRA of every grant;
+
 * case 1 (``extreme``): a config change that carries an unclamped backlog and no
   capacity × interval check (the core before the fix) ships a delta outside int64;
   a PATCH applied before it is refused leaves state behind;
@@ -167,6 +170,22 @@ def test_case_11_generator_finds_a_strict_key_config_lost_on_expiry(
     monkeypatch.setattr(Limiter, "_drop", drop_with_key_config)
     found = {violation.invariant for violation in violations("strict-idle")}
     assert "a strict key's per-key config outlives its bucket" in found, found
+
+
+def test_case_10_random_schedules_find_a_generation_that_drops_its_debt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Case 10's straddling partitions are part of the random schedule: without the
+    carry (the core before the fix), the later generation forgets the earlier one's
+    debt, and the converged TAT falls below the GCRA of every grant."""
+    monkeypatch.setattr(Bucket, "carry", lambda self, since_ns: 0)
+    found = set()
+    for seed in range(400):
+        try:
+            run(seed)
+        except InvariantViolation as violation:
+            found.add(violation.invariant)
+    assert found == {"a generation's debt survives the epoch boundary"}
 
 
 # -- the issue's own schedules, written out ------------------------------------------

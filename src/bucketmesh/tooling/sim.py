@@ -54,6 +54,10 @@ Invariants
   every live bucket of it obeys them. A restart without a snapshot forgets what
   no reachable peer held (counted in ``SimResult.forgotten``, and a PATCH only it
   held may be lost): conservation is then checked down to what survived.
+* **Generations keep their debt** (case 10). Where a key's generation was
+  replaced by a later one (a partition straddling an epoch boundary), the
+  converged TAT is at most C + one slice + one sync round + skew below the GCRA
+  (Lindley) TAT of every grant of the key, in any generation.
 * **Strict per-key configs** (``strict-idle``, and everywhere). A region never
   holds an older config of a strict key than it held before (a PATCH outlives
   the bucket's expiry); after quiescence every region holds the newest one and
@@ -341,6 +345,8 @@ class Simulation:
         self.forgotten: dict[tuple[str, int, str], int] = {}
         #: versions of PATCHes no replica but one restarted without a snapshot held
         self.lost_configs: set[tuple[int, str]] = set()
+        #: key -> every grant of it, any generation, as (granting replica's clock, tokens)
+        self.key_arrivals: dict[str, list[tuple[int, int]]] = {}
         #: (replica, key) -> the newest config version the replica held for a strict key
         self.strict_seen: dict[tuple[int, str], tuple[int, str]] = {}
         #: with ``record``: every message delivered, as (destination, msgpack bytes)
@@ -620,6 +626,7 @@ class Simulation:
         if not tokens:
             return
         result.granted += tokens
+        self.key_arrivals.setdefault(key, []).append((local, tokens))
         bucket = limiter.buckets[key]
         rid = limiter.replica_id
         ledger = self.ledgers.get((key, bucket.epoch))
@@ -1147,8 +1154,51 @@ class Simulation:
         if self.check_int64:
             for i, limiter in enumerate(self.limiters):
                 self._encodable(i, "snapshot", limiter.snapshot)
+        self._check_generations(shared)
         self._check_configs()
         return self.result
+
+    def _check_generations(self, shared: Sequence[str]) -> None:
+        """Issue 12, case 10: a key whose generation was replaced by a later one (a
+        partition straddling an epoch boundary) keeps the older one's debt. The
+        converged TAT is at most a bucket's worth, one slice, one sync round and the
+        skew below the GCRA (Lindley) TAT of every grant of the key in any generation:
+        what a replica spent after its last carry within one sync delay is all that can
+        be forgotten. Checked where no bucket expires, nothing restarted and the
+        key's config never changed."""
+        if self.expire_interval_ns or self.result.restarts or max(self.incarnations) > 1:
+            return
+        for key in shared:
+            limits = self.limits[key]
+            epochs = {epoch for name, epoch in self.ledgers if name == key}
+            arrivals = self.key_arrivals.get(key)
+            if len(epochs) < 2 or limits.changes or not arrivals:
+                continue
+            interval = limits.interval_ns
+            true_tat = None
+            for stamp, tokens in sorted(arrivals):
+                start = stamp if true_tat is None or true_tat < stamp else true_tat
+                true_tat = start + tokens * interval
+            assert true_tat is not None
+            bucket = self.limiters[0].buckets.get(key)
+            if bucket is None:
+                continue
+            slack = (
+                limits.capacity * interval
+                + limits.slice_ns
+                + self.sync_interval_ns
+                + self.network.delay_max_ns
+                + self.skew_spread
+                + self.jumped_ns * self.n
+            )
+            if bucket.tat() < true_tat - slack:
+                self._fail(
+                    "a generation's debt survives the epoch boundary",
+                    f"{key!r} converged on epoch {bucket.epoch} with TAT {bucket.tat()}, "
+                    f"{(true_tat - bucket.tat()) / interval:.1f} tokens below the GCRA TAT "
+                    f"of its {sum(n for _, n in arrivals)} grants in epochs {sorted(epochs)} "
+                    f"(allowance {slack / interval:.1f})",
+                )
 
     def _winner(
         self, target: str, base: BucketConfig | None, lost: bool = True
