@@ -1377,7 +1377,7 @@ def random_simulation(
         name = "abc"[number]
         roll = rng.random()
         mode = SHARED if roll < 0.7 else (LOCAL if roll < 0.85 else STRICT)
-        capacity = rng.randint(n if mode == STRICT else 1, 10 if expiry else 20)
+        capacity = rng.randint(n if mode == STRICT else 1, max(n, 10 if expiry else 20))
         rate = round(10 ** rng.uniform(low_rate, 2.3), 3)
         ttl = round(rng.uniform(0.2, 0.5), 3) if expiry else 3600.0
         template = f"{name}-{{{{ .Request.Header.X-Key }}}}"
@@ -1441,7 +1441,7 @@ def random_simulation(
             start + rng.randrange(duration),
             rng.randrange(n),
             target,
-            capacity=rng.randint(floor, 25) if rng.random() < 0.7 else None,
+            capacity=rng.randint(floor, max(floor, 25)) if rng.random() < 0.7 else None,
             refill_rate=round(10 ** rng.uniform(low_rate, 2.3), 3) if rng.random() < 0.7 else None,
         )
     for _ in range(rng.choice((0, 0, 1, 1, 2))):
@@ -1627,12 +1627,12 @@ def files_simulation(seed: int, *, replicas: int | None = None) -> tuple[Simulat
         name = "fg"[number]
         mode = SHARED if rng.random() < 0.7 else rng.choice((LOCAL, STRICT))
         template = f"{name}-{{{{ .Request.Header.X-Key }}}}"
-        capacity = rng.randint(n, 30)
+        capacity = rng.randint(n, n + 30)
         rate = round(10 ** rng.uniform(0.3, 2.0), 3)
         old = Rule.create(template, capacity, rate, name=name, mode=mode, ttl=3600.0)
         edited = rng.random() < 0.8 or not number
         if edited:
-            capacity = rng.choice([c for c in range(n, 31) if c != capacity])
+            capacity = rng.choice([c for c in range(n, n + 31) if c != capacity])
             if rng.random() < 0.5:
                 rate = round(10 ** rng.uniform(0.3, 2.0), 3)
         new = Rule.create(template, capacity, rate, name=name, mode=mode, ttl=3600.0)
@@ -1670,7 +1670,7 @@ def files_simulation(seed: int, *, replicas: int | None = None) -> tuple[Simulat
             start + rng.randrange(duration),
             rng.randrange(n),
             target,
-            capacity=rng.randint(n, 30),
+            capacity=rng.randint(n, n + 30),
         )
     _random_partitions(sim, rng, start, duration, rng.choice((0, 0, 1)))
     return sim, start + duration
@@ -1685,7 +1685,7 @@ def strict_idle_simulation(seed: int, *, replicas: int | None = None) -> tuple[S
     regions' capacities sum to at most the patched limit."""
     rng = random.Random(seed)
     n = replicas if replicas is not None else rng.randint(2, 4)
-    capacity = rng.randint(2 * n, 60)
+    capacity = rng.randint(2 * n, 2 * n + 60)
     rate = round(10 ** rng.uniform(0.5, 2.0), 3)
     ttl = round(rng.uniform(0.2, 0.4), 3)
     rule = Rule.create(
