@@ -15,6 +15,20 @@ expire and are re-created in new epochs; accounting is then per epoch).
 Clock offsets are constant per replica, so clocks are monotone and durations
 agree; a scenario can also restart a replica from a snapshot.
 
+Generators (``--kind``; by default every seed runs the random schedule and one
+of the three case generators):
+
+* ``random`` (and ``expiry``): the general schedule, with busy/quiet partitions
+  (issue 23), partitions straddling an epoch boundary (issue 12, case 10) and
+  clock jumps;
+* ``extreme`` (case 1): limits at the ends of every accepted range, acquires of
+  up to 1e12 tokens, PATCHes the limiter must refuse, on a 2027 wall clock;
+* ``files`` (case 5): an edited rules file reached by rolling restarts in a
+  random order, with and without snapshots, through the node's start-up path
+  (``Simulation.reload``);
+* ``strict-idle`` (case 11): a PATCHed strict key idle past its ttl in some
+  regions, swept, and used again.
+
 Invariants
 ----------
 * **Join.** After every delivery, a replica's ``used`` entries for a key are
@@ -32,6 +46,22 @@ Invariants
   per-key config travels alone: epoch 0, no ``used``), and no replica holds
   another's entry for one. Strict mode admits at most ``C + r·D`` in total across replicas
   (D = true time since the key's first grant), whatever the partitions.
+* **Wire range** (``extreme``). Every batch, full state and snapshot encodes with
+  the real msgpack encoder, every integer in it within int64; a refused PATCH
+  (``LimitError``) changes nothing the replica holds.
+* **Newest file** (``files``). After quiescence every replica holds the newest
+  rules file's limits for each rule (a PATCH of the rule wins over any file), and
+  every live bucket of it obeys them. A restart without a snapshot forgets what
+  no reachable peer held (counted in ``SimResult.forgotten``, and a PATCH only it
+  held may be lost): conservation is then checked down to what survived.
+* **Generations keep their debt** (case 10). Where a key's generation was
+  replaced by a later one (a partition straddling an epoch boundary), the
+  converged TAT is at most C + one slice + one sync round + skew below the GCRA
+  (Lindley) TAT of every grant of the key, in any generation.
+* **Strict per-key configs** (``strict-idle``, and everywhere). A region never
+  holds an older config of a strict key than it held before (a PATCH outlives
+  the bucket's expiry); after quiescence every region holds the newest one and
+  uses its share, and the shares' capacities sum to at most the patched limit.
 * **Admission bound** (shared mode), checked at every grant. Notation: C, T
   are the largest capacity and smallest emission interval (T = 1e9/r ns) any
   config of the key had during the run, v the number of configure calls
@@ -90,6 +120,7 @@ import time
 from bisect import bisect_right, insort
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, NoReturn
 
 import msgspec
@@ -104,13 +135,24 @@ from bucketmesh.core.bucket import (
     interval_for,
     slice_ns,
 )
-from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter, rule_config
+from bucketmesh.core.limiter import (
+    DeltaBatch,
+    InvalidTokens,
+    Limiter,
+    rule_config,
+    rule_digest,
+    share_of,
+)
+from bucketmesh.core.limits import LimitError, check_burst
 from bucketmesh.core.rules import Rule
 
 MS: Final = 1_000_000
 #: Simulated true time starts here: far from a multiple of the default ttl, so
 #: replicas creating a key agree on its epoch despite clock skew.
 START_NS: Final = 1_000 * NS_PER_S + 123 * MS
+#: A wall clock of 2027 (about 1.8e18 ns since 1970), where int64 overflow is near:
+#: the extreme-limits schedules (issue 12, case 1) run here.
+WALL_START_NS: Final = 1_800_000_000 * NS_PER_S + 123 * MS
 QUIESCENCE_ROUNDS: Final = 8
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -152,6 +194,12 @@ class SimResult:
     reordered: int = 0
     partitions: int = 0
     configures: int = 0
+    #: configure calls the limiter refused (LimitError): state checked untouched
+    refused: int = 0
+    #: replicas restarted (with the rules file of that moment, with or without snapshot)
+    restarts: int = 0
+    #: tokens a restart without a snapshot forgot (no reachable peer had heard of them)
+    forgotten: int = 0
     max_lag_ns: int = 0
     #: tokens a replica carried from a replaced generation into the next (not grants)
     carried: int = 0
@@ -247,6 +295,8 @@ class Simulation:
         self.rng = random.Random(seed)
         self.n = replicas
         self.rules = list(rules)
+        #: the rules file each replica runs with (``reload`` gives one a new file)
+        self.replica_rules = [self.rules] * replicas
         self.rule_of = dict(keys)
         self.network = network or Network()
         self.sync_interval_ns = sync_interval_ns
@@ -282,8 +332,23 @@ class Simulation:
         self.sent_seq = 0
         self.last_delivered: dict[tuple[int, int], int] = {}
         self.result = SimResult(seed, replicas, len(self.rule_of))
+        #: check every integer shipped is within int64 (extreme-limits schedules)
+        self.check_int64 = False
         #: every config a ``configure`` event created, in order
         self.configs: list[BucketConfig] = []
+        #: (target, config) of every configure event the limiter accepted
+        self.configured: list[tuple[str, BucketConfig]] = []
+        #: rule name -> the newest rules file's Rule, once ``reload`` gave one (case 5)
+        self.newest_file: dict[str, Rule] = {}
+        #: (key, epoch, replica id) -> the least of its count any replica still held when
+        #: a restart without a snapshot lost the rest (``_forget``)
+        self.forgotten: dict[tuple[str, int, str], int] = {}
+        #: versions of PATCHes no replica but one restarted without a snapshot held
+        self.lost_configs: set[tuple[int, str]] = set()
+        #: key -> every grant of it, any generation, as (granting replica's clock, tokens)
+        self.key_arrivals: dict[str, list[tuple[int, int]]] = {}
+        #: (replica, key) -> the newest config version the replica held for a strict key
+        self.strict_seen: dict[tuple[int, str], tuple[int, str]] = {}
         #: with ``record``: every message delivered, as (destination, msgpack bytes)
         self.delivered: list[tuple[int, bytes]] | None = [] if record else None
         for i in range(replicas):
@@ -296,7 +361,7 @@ class Simulation:
 
     def _limiter(self, i: int, replica_id: str) -> Limiter:
         return Limiter(
-            self.rules,
+            self.replica_rules[i],
             replica_id=replica_id,
             clock=lambda: self.now + self.skews[i],
             regions=self.n,
@@ -386,17 +451,117 @@ class Simulation:
             limiter = self._limiter(replica, replica_id)
         else:
             limiter = Limiter.restore(
-                snapshot, self.rules, replica_id=replica_id, clock=clock, regions=self.n
+                snapshot,
+                self.replica_rules[replica],
+                replica_id=replica_id,
+                clock=clock,
+                regions=self.n,
             )
         self.limiters[replica] = limiter
         known: Knowledge = {}
         for key, bucket in limiter.buckets.items():
             if bucket.config.mode == SHARED:
-                used = bucket.used(replica_id)
+                # heard values are non-zero (a snapshot may hold a peer's zero entry)
+                used = {rid: n for rid, n in bucket.used(replica_id).items() if n}
                 if replica_id == old:
                     used.pop(replica_id, None)
                 known[(key, bucket.epoch)] = used
         self.knowledge[replica] = known
+        if snapshot is None:
+            for key in self.rule_of:
+                self.strict_seen.pop((replica, key), None)
+
+    def reload(self, at: int, replica: int, rules: Sequence[Rule], *, snapshot: bool) -> None:
+        """At true time ``at``, ``replica`` is restarted (SIGTERM, then a new process)
+        with the rules file ``rules``: its last deltas are pushed, then the new process
+        resumes its snapshot or starts empty, and follows the node's start-up path
+        (storage/memory.py, node/serve.py): ``stamp_file_rules``, ``rescale_shares``;
+        without a snapshot ``begin_recovery`` and the start-up pull from every peer
+        it can reach. The invariant (checked by ``check``): after quiescence every
+        replica holds the newest file's limits for each rule, unless a PATCH of the
+        rule is newer, and its live buckets obey them."""
+        for rule in rules:
+            limits = self._limits_of_rule(rule.name)
+            for key_limits in limits:
+                key_limits.changes += 1
+                key_limits.capacity = max(key_limits.capacity, rule.capacity)
+                interval = interval_for(rule.refill_rate)
+                key_limits.interval_ns = min(key_limits.interval_ns, interval)
+                key_limits.longest_ns = max(key_limits.longest_ns, interval)
+                span = key_limits.capacity * key_limits.longest_ns // 8
+                key_limits.slice_ns = max(key_limits.slice_ns, span)
+        self._push(at, self._on_reload, (replica, tuple(rules), snapshot))
+
+    def _forget(self, replica: int) -> None:
+        """A restart without a snapshot: what the old process knew and no other replica
+        holds is gone (a peer cut off from it never heard of it). Conservation then holds
+        only down to what survives elsewhere (docs/storage.md: a restart without a
+        snapshot); recorded as floors per (key, epoch, replica id)."""
+        old = self.limiters[replica]
+        for target, config in self.configured:
+            held_elsewhere = False
+            for peer, limiter in enumerate(self.limiters):
+                if peer == replica:
+                    continue
+                known = [limiter.rule_configs.get(target), limiter.key_configs.get(target)]
+                bucket = limiter.buckets.get(target)
+                known.append(bucket.config if bucket is not None else None)
+                if any(c is not None and c.version >= config.version for c in known):
+                    held_elsewhere = True
+            if not held_elsewhere:
+                self.lost_configs.add(config.version)
+        for key, bucket in old.buckets.items():
+            if bucket.config.mode != SHARED:
+                continue
+            for rid, value in bucket.used(old.replica_id).items():
+                best = 0
+                for peer, limiter in enumerate(self.limiters):
+                    held = limiter.buckets.get(key) if peer != replica else None
+                    if held is not None and held.epoch == bucket.epoch:
+                        best = max(best, held.used(limiter.replica_id).get(rid, 0))
+                if best < value:
+                    slot = (key, bucket.epoch, rid)
+                    floor = self.forgotten.get(slot)
+                    self.forgotten[slot] = best if floor is None else min(floor, best)
+
+    def _limits_of_rule(self, name: str) -> list[_Limits]:
+        return [self.limits[key] for key in self.keys_of_rule.get(name, [])]
+
+    def _on_reload(self, replica: int, rules: tuple[Rule, ...], snapshot: bool) -> None:
+        old = self.limiters[replica]
+        self.result.restarts += 1
+        # SIGTERM: the node flushes what no peer acknowledged yet to the peers it can
+        # reach (the mesh's outbox keeps a delta until acknowledged: its full state
+        # here, since the simulated network forgets what it drops)
+        final = old.collect_deltas()
+        full = old.full_state()
+        full.rules.update(final.rules)
+        data = self._encodable(replica, "full state", lambda: _encode(full))
+        for peer in range(self.n):
+            if peer != replica and not self._cut(peer, replica):
+                self.sent_seq += 1
+                self._deliver(peer, replica, data, self.sent_seq)
+        if not snapshot:
+            self._forget(replica)
+        saved = self._encodable(replica, "snapshot", old.snapshot) if snapshot else None
+        self.replica_rules[replica] = list(rules)
+        self.restart(replica, saved)
+        limiter = self.limiters[replica]
+        local = self.local_time(replica)
+        limiter.stamp_file_rules(local)
+        limiter.rescale_shares(local)
+        if saved is None:
+            limiter.begin_recovery(local, shared=True)
+        pulled = False
+        for peer in range(self.n):
+            if peer != replica and not self._cut(peer, replica):
+                pulled = True
+                self.sent_seq += 1
+                state = self.limiters[peer].full_state()
+                data = self._encodable(peer, "full state", partial(_encode, state))
+                self._deliver(replica, peer, data, self.sent_seq)
+        if saved is None and pulled:
+            limiter.end_shared_recovery()
 
     # -- running -----------------------------------------------------------------
 
@@ -435,7 +600,8 @@ class Simulation:
                 for j in range(self.n):
                     if j != i:
                         for batch in (deltas, full):
-                            changed += self._deliver(j, i, _encode(batch), self.sent_seq)
+                            data = self._encodable(i, "batch", partial(_encode, batch))
+                            changed += self._deliver(j, i, data, self.sent_seq)
             # adopting a newer rule config is not counted by merge(): it shows as dirty
             if not changed and not any(lim.dirty or lim.dirty_rules for lim in self.limiters):
                 self._check_join_all()
@@ -460,6 +626,7 @@ class Simulation:
         if not tokens:
             return
         result.granted += tokens
+        self.key_arrivals.setdefault(key, []).append((local, tokens))
         bucket = limiter.buckets[key]
         rid = limiter.replica_id
         ledger = self.ledgers.get((key, bucket.epoch))
@@ -483,6 +650,7 @@ class Simulation:
         interval = limits.interval_ns
         capacity_ns = limits.capacity * interval
         if limits.mode == STRICT:
+            self._observe_strict(i, key)
             if not limits.granted:
                 limits.first_ns = self.now
             limits.granted += tokens
@@ -652,10 +820,68 @@ class Simulation:
     def _on_configure(
         self, i: int, target: str, capacity: int | None, refill_rate: float | None
     ) -> None:
-        config = self.limiters[i].configure(
-            target, capacity=capacity, refill_rate=refill_rate, now=self.now + self.skews[i]
-        )
+        limiter = self.limiters[i]
+        before = _state_of(limiter)
+        try:
+            config = limiter.configure(
+                target, capacity=capacity, refill_rate=refill_rate, now=self.now + self.skews[i]
+            )
+        except LimitError as error:
+            # refused (a 400 naming the field): nothing this replica holds may change
+            self.result.refused += 1
+            after = _state_of(limiter)
+            changed = _changed_state(before, after)
+            if changed:
+                self._fail(
+                    "a refused PATCH leaves the state untouched",
+                    f"r{i} refused capacity={capacity} refillRate={refill_rate} of "
+                    f"{target!r} ({error}) but changed {changed}",
+                )
+            return
         self.configs.append(config)
+        self.configured.append((target, config))
+        if self.check_int64:
+            self._encodable(i, "snapshot", lambda: limiter.snapshot())
+        if target in self.rule_of:
+            self._observe_strict(i, target)
+
+    def _encodable(self, i: int, what: str, encode: Callable[[], bytes]) -> bytes:
+        """``encode()``, checked: the real msgpack encoder takes it, and (extreme
+        schedules) every integer in it is within int64, the wire format's range."""
+        try:
+            data = encode()
+        except (OverflowError, msgspec.EncodeError) as error:
+            self._fail("every delta encodes", f"r{i}'s {what} cannot be encoded: {error}")
+        if self.check_int64:
+            outside = _outside_int64(msgspec.msgpack.decode(data))
+            if outside is not None:
+                self._fail(
+                    "every delta encodes",
+                    f"r{i}'s {what} holds {outside}, outside int64 (the wire format)",
+                )
+        return data
+
+    def _observe_strict(self, i: int, key: str) -> None:
+        """Issue 12, case 11: a region never goes back to an older config of a strict
+        key once it held a newer one (a per-key PATCH outlives the bucket's expiry)."""
+        limiter = self.limiters[i]
+        bucket = limiter.buckets.get(key)
+        whole = limiter.key_configs.get(key)
+        if (bucket is None or bucket.config.mode != STRICT) and whole is None:
+            return
+        seen = self.strict_seen.get((i, key))
+        held = bucket.config.version if bucket is not None else None
+        if bucket is not None and seen is not None and held is not None and held < seen:
+            self._fail(
+                "a strict key's per-key config outlives its bucket",
+                f"{limiter.replica_id} holds {key!r} under config {held} (capacity "
+                f"{bucket.config.capacity}) after it had held the newer {seen}",
+            )
+        for version in (held, whole.version if whole is not None else None):
+            if version is not None and (seen is None or version > seen):
+                seen = version
+        if seen is not None:
+            self.strict_seen[(i, key)] = seen
 
     def _on_sync(self, i: int) -> None:
         if not self.ticking:
@@ -720,7 +946,7 @@ class Simulation:
                     "local and strict buckets never replicate",
                     f"r{src} sent a {delta.config.mode} delta of {delta.key!r}",
                 )
-        data = _encode(batch)
+        data = self._encodable(src, "batch", lambda: _encode(batch))
         network = self.network
         rng = self.rng
         result = self.result
@@ -764,6 +990,8 @@ class Simulation:
         known = self.knowledge[dst]
         me = limiter.replica_id
         for delta, epoch in zip(batch.deltas, epochs, strict=True):
+            if delta.config.mode == STRICT and delta.key in self.rule_of:
+                self._observe_strict(dst, delta.key)
             bucket = buckets.get(delta.key)
             if bucket is None or bucket.epoch != delta.epoch:
                 continue  # a stale generation, ignored
@@ -842,7 +1070,11 @@ class Simulation:
         now = self.now
         for i, limiter in enumerate(self.limiters):
             for key, bucket in limiter.buckets.items():
-                if bucket.config.mode != SHARED and bucket.others:
+                if bucket.config.mode != SHARED and any(
+                    # a restored snapshot keeps an earlier incarnation's count as a peer's
+                    not rid.startswith(f"r{i}/n/")
+                    for rid in bucket.others or ()
+                ):
                     self._fail(
                         "local and strict buckets never replicate",
                         f"{limiter.replica_id} holds entries {bucket.others} of "
@@ -906,14 +1138,210 @@ class Simulation:
             epoch, _, _, _, used, _ = states[0]
             ledger = self.ledgers.get((key, epoch))
             granted = dict(sorted(ledger.own.items())) if ledger else {}
-            if dict(used) != {rid: n for rid, n in granted.items() if n}:
+            converged: dict[str, int] = dict(used)
+            for rid in list(granted):
+                floor = self.forgotten.get((key, epoch, rid))
+                if floor is not None and floor <= converged.get(rid, 0) <= granted[rid]:
+                    self.result.forgotten += granted[rid] - converged.get(rid, 0)
+                    granted[rid] = converged.get(rid, 0)
+            if converged != {rid: n for rid, n in granted.items() if n}:
                 self._fail(
                     "no lost consumption",
                     f"{key!r} epoch {epoch}: converged used {dict(used)} "
                     f"(Σ {sum(n for _, n in used)}) but granted {granted} "
                     f"(Σ {sum(granted.values())})",
                 )
+        if self.check_int64:
+            for i, limiter in enumerate(self.limiters):
+                self._encodable(i, "snapshot", limiter.snapshot)
+        self._check_generations(shared)
+        self._check_configs()
         return self.result
+
+    def _check_generations(self, shared: Sequence[str]) -> None:
+        """Issue 12, case 10: a key whose generation was replaced by a later one (a
+        partition straddling an epoch boundary) keeps the older one's debt. The
+        converged TAT is at most a bucket's worth, one slice, one sync round and the
+        skew below the GCRA (Lindley) TAT of every grant of the key in any generation:
+        what a replica spent after its last carry within one sync delay is all that can
+        be forgotten. Checked where no bucket expires, nothing restarted and the
+        key's config never changed."""
+        if self.expire_interval_ns or self.result.restarts or max(self.incarnations) > 1:
+            return
+        for key in shared:
+            limits = self.limits[key]
+            epochs = {epoch for name, epoch in self.ledgers if name == key}
+            arrivals = self.key_arrivals.get(key)
+            if len(epochs) < 2 or limits.changes or not arrivals:
+                continue
+            interval = limits.interval_ns
+            true_tat = None
+            for stamp, tokens in sorted(arrivals):
+                start = stamp if true_tat is None or true_tat < stamp else true_tat
+                true_tat = start + tokens * interval
+            assert true_tat is not None
+            bucket = self.limiters[0].buckets.get(key)
+            if bucket is None:
+                continue
+            slack = (
+                limits.capacity * interval
+                + limits.slice_ns
+                + self.sync_interval_ns
+                + self.network.delay_max_ns
+                + self.skew_spread
+                + self.jumped_ns * self.n
+            )
+            if bucket.tat() < true_tat - slack:
+                self._fail(
+                    "a generation's debt survives the epoch boundary",
+                    f"{key!r} converged on epoch {bucket.epoch} with TAT {bucket.tat()}, "
+                    f"{(true_tat - bucket.tat()) / interval:.1f} tokens below the GCRA TAT "
+                    f"of its {sum(n for _, n in arrivals)} grants in epochs {sorted(epochs)} "
+                    f"(allowance {slack / interval:.1f})",
+                )
+
+    def _winner(
+        self, target: str, base: BucketConfig | None, lost: bool = True
+    ) -> BucketConfig | None:
+        """The newest of ``base`` and every accepted configure call of ``target``
+        (without ``lost``: but those only a replica restarted without a snapshot held)."""
+        for name, config in self.configured:
+            if name != target or (not lost and config.version in self.lost_configs):
+                continue
+            if base is None or config.version > base.version:
+                base = config
+        return base
+
+    def _check_configs(self) -> None:
+        """Cases 5 and 11 after quiescence. A PATCH only a replica restarted without a
+        snapshot held, cut off from every peer, may be lost (docs/storage.md): each
+        check passes if it holds with that PATCH or without it."""
+        for check in (self._files_broken, self._strict_configs_broken):
+            broken = check(True)
+            if broken and check(False):
+                self._fail(*broken)
+
+    def _files_broken(self, lost: bool) -> tuple[str, str] | None:
+        """Issue 12, case 5: after rolling restarts onto an edited rules file, every
+        replica holds the newest file's limits (a PATCH of the rule wins over any file),
+        and so does every live bucket of the rule without a newer per-key config."""
+        for name, rule in sorted(self.newest_file.items()):
+            patched = self._winner(name, None, lost)
+            want = rule_config(rule)
+            for i, limiter in enumerate(self.limiters):
+                held = limiter.rule_configs[name]
+                if patched is not None:
+                    ok = held == patched
+                else:
+                    ok = _limits(held) == _limits(want) and held.version[1].endswith(
+                        ":" + rule_digest(rule)
+                    )
+                if not ok:
+                    return (
+                        "the newest rules file wins",
+                        f"r{i} holds rule {name!r} as {held} after every replica loaded "
+                        f"{_limits(want)} (newest PATCH: {patched})",
+                    )
+                for key, bucket in limiter.buckets.items():
+                    if bucket.rule != name:
+                        continue
+                    whole = self._winner(key, held, lost)
+                    assert whole is not None
+                    if _limits(bucket.config) != _limits(share_of(whole, self.n)):
+                        return (
+                            "live buckets obey the newest rules file",
+                            f"r{i}'s bucket {key!r} has {_limits(bucket.config)} but its "
+                            f"rule's config is {_limits(whole)}",
+                        )
+        return None
+
+    def _strict_configs_broken(self, lost: bool) -> tuple[str, str] | None:
+        """Issue 12, case 11: after quiescence every region holds a strict key's newest
+        per-key config (also where the key expired) and uses its share: the regions'
+        capacities sum to at most the patched limit."""
+        for key, name in sorted(self.rule_of.items()):
+            patched = self._winner(key, None, lost)
+            if patched is None or patched.mode != STRICT:
+                continue
+            rule_newest = self.limiters[0].rule_configs[name]
+            whole = patched if patched.version > rule_newest.version else rule_newest
+            share = share_of(whole, self.n)
+            total = 0
+            for i, limiter in enumerate(self.limiters):
+                bucket = limiter.buckets.get(key)
+                kept = limiter.key_configs.get(key)
+                if whole is patched and kept != patched:
+                    return (
+                        "a strict key's per-key config outlives its bucket",
+                        f"r{i} holds {kept} for {key!r}, not the newest PATCH {patched}",
+                    )
+                if bucket is not None:
+                    if _limits(bucket.config) != _limits(share):
+                        return (
+                            "each region uses the patched share",
+                            f"r{i}'s {key!r} has {_limits(bucket.config)}, the share of "
+                            f"{_limits(whole)} is {_limits(share)}",
+                        )
+                    total += bucket.config.capacity
+                else:
+                    total += share.capacity
+            if total > whole.capacity:
+                return (
+                    "strict shares sum to at most the limit",
+                    f"{key!r}: the regions' capacities sum to {total} > {whole.capacity}",
+                )
+        return None
+
+
+def _state_of(limiter: Limiter) -> tuple[Any, ...]:
+    """What a replica holds, to compare before and after a refused PATCH."""
+    rid = limiter.replica_id
+    buckets = {key: bucket.full_state(key, rid) for key, bucket in limiter.buckets.items()}
+    return (
+        dict(limiter.rule_configs),
+        dict(limiter.key_configs),
+        buckets,
+        set(limiter.dirty),
+        set(limiter.dirty_rules),
+    )
+
+
+def _changed_state(before: tuple[Any, ...], after: tuple[Any, ...]) -> str:
+    """What differs (empty if nothing). A key the refused PATCH named and nobody had
+    used yet may now hold a fresh, full bucket: the same as none."""
+    names = ("rule configs", "per-key configs", "buckets", "dirty keys", "dirty rules")
+    for name, old, new in zip(names, before, after, strict=True):
+        if name == "buckets":
+            for key, delta in new.items():
+                if key not in old and not any(delta.used.values()):
+                    continue
+                if old.get(key) != delta:
+                    return f"bucket {key!r}: {old.get(key)} -> {delta}"
+            if set(old) - set(new):
+                return f"buckets {sorted(set(old) - set(new))} dropped"
+        elif old != new:
+            return f"{name}: {old} -> {new}"
+    return ""
+
+
+def _outside_int64(value: Any) -> int | None:
+    """The first integer in decoded msgpack ``value`` outside int64, or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int):
+            if not -(2**63) <= item < 2**63:
+                return item
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return None
+
+
+def _limits(config: BucketConfig) -> tuple[int, int, int, str]:
+    return (config.capacity, config.interval_ns, config.ttl_ns, config.mode)
 
 
 def _neutral(delta: BucketDelta) -> tuple[Any, ...]:
@@ -949,7 +1377,7 @@ def random_simulation(
         name = "abc"[number]
         roll = rng.random()
         mode = SHARED if roll < 0.7 else (LOCAL if roll < 0.85 else STRICT)
-        capacity = rng.randint(n if mode == STRICT else 1, 10 if expiry else 20)
+        capacity = rng.randint(n if mode == STRICT else 1, max(n, 10 if expiry else 20))
         rate = round(10 ** rng.uniform(low_rate, 2.3), 3)
         ttl = round(rng.uniform(0.2, 0.5), 3) if expiry else 3600.0
         template = f"{name}-{{{{ .Request.Header.X-Key }}}}"
@@ -1013,7 +1441,7 @@ def random_simulation(
             start + rng.randrange(duration),
             rng.randrange(n),
             target,
-            capacity=rng.randint(floor, 25) if rng.random() < 0.7 else None,
+            capacity=rng.randint(floor, max(floor, 25)) if rng.random() < 0.7 else None,
             refill_rate=round(10 ** rng.uniform(low_rate, 2.3), 3) if rng.random() < 0.7 else None,
         )
     for _ in range(rng.choice((0, 0, 1, 1, 2))):
@@ -1078,15 +1506,273 @@ def random_simulation(
     return sim, start + 2 * duration + gap if gap else start + duration
 
 
+#: extreme limits (issue 12, case 1): the ends of every accepted range and realistic
+#: throttles (one token a day, the seed rule's 50/s, a capacity raised to 1e9)
+EXTREME_CAPACITIES: Final = (1, 2, 5, 20, 5_000, 10**9, 10**15, 2**53 - 1)
+EXTREME_RATES: Final = (1e-9, 1 / 86_400, 0.05, 1.0, 50.0, 1e6, 1e9)
+EXTREME_TTLS: Final = (3600.0, 86_400.0, 1e8, 1e9)
+
+
+def _burst_ok(capacity: int, rate: float) -> bool:
+    try:
+        check_burst(capacity, interval_for(rate))
+    except LimitError:
+        return False
+    return True
+
+
+def _base_network(rng: random.Random) -> Network:
+    delay_min = rng.randint(0, 2 * MS)
+    return Network(
+        delay_min_ns=delay_min,
+        delay_max_ns=delay_min + rng.randint(0, 40 * MS),
+        drop=0.0 if rng.random() < 0.3 else rng.uniform(0.0, 0.3),
+        duplicate=0.0 if rng.random() < 0.5 else rng.uniform(0.0, 0.2),
+    )
+
+
+def _random_partitions(
+    sim: Simulation, rng: random.Random, start: int, duration: int, count: int
+) -> None:
+    n = sim.n
+    for _ in range(count if n >= 2 else 0):
+        begin = start + rng.randrange(duration)
+        groups: list[list[int]] = [[], []]
+        members = list(range(n))
+        rng.shuffle(members)
+        for position, replica in enumerate(members):
+            groups[position if position < 2 else rng.randrange(2)].append(replica)
+        sim.partition(begin, begin + rng.randint(10 * MS, duration // 2), groups)
+
+
+def extreme_simulation(seed: int, *, replicas: int | None = None) -> tuple[Simulation, int]:
+    """Issue 12, case 1: rules and PATCHes at the ends of every accepted range (tiny
+    refill rates, huge capacities and ttls) after long spending histories (acquires
+    of up to 1e12 tokens at once), mixed with acquires, merges and partitions, on a
+    2027 wall clock. Also PATCHes the limiter must refuse (capacity × interval beyond
+    a span the state can store). Checked besides the usual invariants: every batch,
+    snapshot and full state encodes with the real msgpack encoder, every integer in
+    it within int64; a refused PATCH changes nothing; every replica keeps replicating
+    (convergence after quiescence)."""
+    rng = random.Random(seed)
+    n = replicas if replicas is not None else rng.randint(2, 4)
+    rules: list[Rule] = []
+    keys: dict[str, str] = {}
+    for number in range(rng.randint(1, 2)):
+        name = "xy"[number]
+        mode = SHARED if rng.random() < 0.7 else rng.choice((LOCAL, STRICT))
+        while True:
+            capacity = rng.choice(EXTREME_CAPACITIES)
+            rate = rng.choice(EXTREME_RATES)
+            if _burst_ok(capacity, rate) and (mode != STRICT or capacity >= n):
+                break
+        ttl = rng.choice(EXTREME_TTLS)
+        template = f"{name}-{{{{ .Request.Header.X-Key }}}}"
+        rules.append(Rule.create(template, capacity, rate, name=name, mode=mode, ttl=ttl))
+        for index in range(rng.randint(1, 2)):
+            keys[f"{name}-{index}"] = name
+    duration = rng.randint(200 * MS, 800 * MS)
+    sim = Simulation(
+        seed,
+        n,
+        rules,
+        keys,
+        network=_base_network(rng),
+        sync_interval_ns=rng.randint(5 * MS, 50 * MS),
+        anti_entropy_interval_ns=rng.randint(50 * MS, 200 * MS),
+        start_ns=WALL_START_NS,
+    )
+    sim.check_int64 = True
+    flags = f"--seed {seed} --kind extreme" + (f" --replicas {replicas}" if replicas else "")
+    sim.replay = "bucketmesh sim " + flags
+    start = sim.start_ns
+    names = sorted(keys)
+    for _ in range(rng.randint(20, 80)):
+        roll = rng.random()
+        tokens = 1 if roll < 0.5 else rng.choice((2, 20, 5_000, 10**9, 10**12))
+        sim.acquire(start + rng.randrange(duration), rng.randrange(n), rng.choice(names), tokens)
+    for _ in range(rng.randint(1, 4)):
+        rule = rng.choice(rules)
+        target = rule.name if rng.random() < 0.5 else rng.choice(keys_of(keys, rule))
+        patched: int | None = rng.choice(EXTREME_CAPACITIES) if rng.random() < 0.6 else None
+        throttle: float | None = None
+        if rng.random() < 0.7 or patched is None:
+            throttle = rng.choice(EXTREME_RATES)
+        if rule.mode == STRICT and patched is not None and patched < n:
+            patched = n
+        sim.configure(
+            start + rng.randrange(duration),
+            rng.randrange(n),
+            target,
+            capacity=patched,
+            refill_rate=throttle,
+        )
+    _random_partitions(sim, rng, start, duration, rng.choice((0, 1)))
+    return sim, start + duration
+
+
+def files_simulation(seed: int, *, replicas: int | None = None) -> tuple[Simulation, int]:
+    """Issue 12, case 5: a rule's limits are edited in the rules file, and the nodes
+    are restarted onto it one by one in a random order (some twice), each with or
+    without a snapshot, under traffic, drops and partitions, sometimes with a PATCH
+    of the rule or a key in between. After quiescence every replica must hold the
+    newest file's limits (unless a PATCH of the rule is newer: runtime changes win
+    over any file) and its live buckets must obey them."""
+    rng = random.Random(seed)
+    n = replicas if replicas is not None else rng.randint(2, 4)
+    old_rules: list[Rule] = []
+    new_rules: list[Rule] = []
+    keys: dict[str, str] = {}
+    for number in range(rng.randint(1, 2)):
+        name = "fg"[number]
+        mode = SHARED if rng.random() < 0.7 else rng.choice((LOCAL, STRICT))
+        template = f"{name}-{{{{ .Request.Header.X-Key }}}}"
+        capacity = rng.randint(n, n + 30)
+        rate = round(10 ** rng.uniform(0.3, 2.0), 3)
+        old = Rule.create(template, capacity, rate, name=name, mode=mode, ttl=3600.0)
+        edited = rng.random() < 0.8 or not number
+        if edited:
+            capacity = rng.choice([c for c in range(n, n + 31) if c != capacity])
+            if rng.random() < 0.5:
+                rate = round(10 ** rng.uniform(0.3, 2.0), 3)
+        new = Rule.create(template, capacity, rate, name=name, mode=mode, ttl=3600.0)
+        old_rules.append(old)
+        new_rules.append(new)
+        for index in range(rng.randint(1, 2)):
+            keys[f"{name}-{index}"] = name
+    duration = rng.randint(400 * MS, 1_000 * MS)
+    sim = Simulation(
+        seed,
+        n,
+        old_rules,
+        keys,
+        network=_base_network(rng),
+        sync_interval_ns=rng.randint(5 * MS, 50 * MS),
+        anti_entropy_interval_ns=rng.randint(50 * MS, 200 * MS),
+    )
+    flags = f"--seed {seed} --kind files" + (f" --replicas {replicas}" if replicas else "")
+    sim.replay = "bucketmesh sim " + flags
+    sim.newest_file = {rule.name: rule for rule in new_rules}
+    start = sim.start_ns
+    names = sorted(keys)
+    for _ in range(rng.randint(40, 120)):
+        sim.acquire(start + rng.randrange(duration), rng.randrange(n), rng.choice(names))
+    order = list(range(n))
+    rng.shuffle(order)
+    order += [rng.randrange(n) for _ in range(rng.choice((0, 0, 1)))]  # one restarted twice
+    times = sorted(start + rng.randrange(duration) for _ in order)
+    for at, replica in zip(times, order, strict=True):
+        sim.reload(at, replica, new_rules, snapshot=rng.random() < 0.6)
+    for _ in range(rng.choice((0, 0, 0, 1))):
+        rule = rng.choice(new_rules)
+        target = rule.name if rng.random() < 0.5 else rng.choice(keys_of(keys, rule))
+        sim.configure(
+            start + rng.randrange(duration),
+            rng.randrange(n),
+            target,
+            capacity=rng.randint(n, n + 30),
+        )
+    _random_partitions(sim, rng, start, duration, rng.choice((0, 0, 1)))
+    return sim, start + duration
+
+
+def strict_idle_simulation(seed: int, *, replicas: int | None = None) -> tuple[Simulation, int]:
+    """Issue 12, case 11: a strict key is PATCHed (capacity, refill or both) in one
+    region, then goes idle past its ttl in some regions, whose buckets expire and are
+    swept, and is used again there, under drops and partitions. At every grant a
+    region holds no older config of the key than it held before; after quiescence
+    every region holds the newest per-key config and uses its share, and the
+    regions' capacities sum to at most the patched limit."""
+    rng = random.Random(seed)
+    n = replicas if replicas is not None else rng.randint(2, 4)
+    capacity = rng.randint(2 * n, 2 * n + 60)
+    rate = round(10 ** rng.uniform(0.5, 2.0), 3)
+    ttl = round(rng.uniform(0.2, 0.4), 3)
+    rule = Rule.create(
+        "k-{{ .Request.Header.X-Key }}", capacity, rate, name="k", mode=STRICT, ttl=ttl
+    )
+    keys = {f"k-{index}": "k" for index in range(rng.randint(1, 2))}
+    sim = Simulation(
+        seed,
+        n,
+        [rule],
+        keys,
+        network=_base_network(rng),
+        sync_interval_ns=rng.randint(5 * MS, 30 * MS),
+        anti_entropy_interval_ns=rng.randint(50 * MS, 150 * MS),
+        expire_interval_ns=rng.randint(30 * MS, 100 * MS),
+    )
+    flags = f"--seed {seed} --kind strict-idle" + (f" --replicas {replicas}" if replicas else "")
+    sim.replay = "bucketmesh sim " + flags
+    start = sim.start_ns
+    busy = start + rng.randint(200 * MS, 400 * MS)
+    ttl_ns = round(ttl * NS_PER_S)
+    # idle past the ttl and the refill of a drained share (at most C/r ≈ 60/3 s... bounded
+    # below by the generator's rates: C·n/r ≤ 2 s), so the idlers' buckets are swept
+    idle = busy + rng.randint(ttl_ns + 2_000 * MS, 2 * ttl_ns + 2_500 * MS)
+    again = idle + rng.randint(300 * MS, 600 * MS)
+    names = sorted(keys)
+    idlers = set(rng.sample(range(n), rng.randint(1, n)))
+    for _ in range(rng.randint(40, 120)):
+        replica = rng.randrange(n)
+        at = start + rng.randrange(busy - start)
+        sim.acquire(at, replica, rng.choice(names))
+    for replica in range(n):
+        # the regions that do not idle keep using the key through the gap
+        if replica not in idlers:
+            at = busy
+            while at < idle:
+                sim.acquire(at, replica, rng.choice(names))
+                at += rng.randint(20 * MS, ttl_ns // 2)
+    for _ in range(rng.randint(20, 80)):
+        sim.acquire(idle + rng.randrange(again - idle), rng.randrange(n), rng.choice(names))
+    for _ in range(rng.randint(1, 2)):
+        new_capacity = rng.randint(n, 2 * capacity) if rng.random() < 0.8 else None
+        new_rate = round(10 ** rng.uniform(0.5, 2.0), 3) if rng.random() < 0.5 else None
+        if new_capacity is None and new_rate is None:
+            new_capacity = n
+        sim.configure(
+            start + rng.randrange(busy - start),
+            rng.randrange(n),
+            rng.choice(names),
+            capacity=new_capacity,
+            refill_rate=new_rate,
+        )
+    _random_partitions(sim, rng, start, busy - start, rng.choice((0, 1)))
+    return sim, again
+
+
+KINDS: Final = ("random", "expiry", "extreme", "files", "strict-idle")
+#: the generators of issue 12's cases 1, 5 and 11 (case 10 is in the random schedule)
+CASE_KINDS: Final = ("extreme", "files", "strict-idle")
+GENERATORS: Final = {
+    "extreme": extreme_simulation,
+    "files": files_simulation,
+    "strict-idle": strict_idle_simulation,
+}
+
+
 def keys_of(keys: Mapping[str, str], rule: Rule) -> list[str]:
     return [key for key, name in keys.items() if name == rule.name]
 
 
 def run(
-    seed: int, *, replicas: int | None = None, events: int | None = None, expiry: bool = False
+    seed: int,
+    *,
+    replicas: int | None = None,
+    events: int | None = None,
+    expiry: bool = False,
+    kind: str = "random",
 ) -> SimResult:
-    """One random schedule, run to quiescence and checked; raises InvariantViolation."""
-    sim, traffic_end = random_simulation(seed, replicas=replicas, events=events, expiry=expiry)
+    """One schedule of ``kind`` (``KINDS``), run to quiescence and checked; raises
+    InvariantViolation. ``random`` (or ``expiry``) is the general random schedule;
+    the others generate the schedules of issue 12's cases 1, 5 and 11."""
+    generator = GENERATORS.get(kind)
+    if generator is not None:
+        sim, traffic_end = generator(seed, replicas=replicas)
+    else:
+        expiry = expiry or kind == "expiry"
+        sim, traffic_end = random_simulation(seed, replicas=replicas, events=events, expiry=expiry)
     sim.run(traffic_end)
     sim.quiesce()
     return sim.check()
@@ -1105,6 +1791,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--expiry", action="store_true", help="short ttls and idle gaps: buckets expire"
     )
+    parser.add_argument(
+        "--kind",
+        choices=(*KINDS, "all"),
+        default="all",
+        help="which generator: random (the general schedule), expiry, extreme (issue 12 "
+        "case 1: extreme limits), files (case 5: an edited rules file, rolling restarts), "
+        "strict-idle (case 11: a PATCHed strict key idle past its ttl); all (default): "
+        "every seed runs the random schedule and one of extreme, files, strict-idle",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1119,26 +1814,44 @@ def run_schedules(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     violations: list[InvariantViolation] = []
     worst_excess = worst_ratio = 0.0
-    granted = lag = 0
+    granted = lag = refused = restarts = forgotten = 0
+    kind = "expiry" if args.expiry and args.kind in ("all", "random") else args.kind
+    schedules = 0
+    by_kind: dict[str, int] = {}
     for seed in seeds:
-        try:
-            result = run(seed, replicas=args.replicas, events=args.events, expiry=args.expiry)
-        except InvariantViolation as violation:
-            violations.append(violation)
-            print(violation, file=sys.stderr)
-            continue
-        if args.seed is not None:
-            print(result)
-        worst_excess = max(worst_excess, result.worst_excess)
-        worst_ratio = max(worst_ratio, result.worst_ratio)
-        granted += result.granted
-        lag = max(lag, result.max_lag_ns)
+        kinds = [kind] if kind != "all" else ["random", CASE_KINDS[seed % len(CASE_KINDS)]]
+        for one in kinds:
+            schedules += 1
+            by_kind[one] = by_kind.get(one, 0) + 1
+            try:
+                result = run(seed, replicas=args.replicas, events=args.events, kind=one)
+            except InvariantViolation as violation:
+                violations.append(violation)
+                print(violation, file=sys.stderr)
+                continue
+            if args.seed is not None:
+                print(one, result)
+            if one in ("random", "expiry"):
+                worst_excess = max(worst_excess, result.worst_excess)
+                worst_ratio = max(worst_ratio, result.worst_ratio)
+                lag = max(lag, result.max_lag_ns)
+                granted += result.granted
+            refused += result.refused
+            restarts += result.restarts
+            forgotten += result.forgotten
     elapsed = time.perf_counter() - started
+    kinds_run = ", ".join(f"{count} {name}" for name, count in by_kind.items())
     print(
-        f"{len(seeds)} schedules in {elapsed:.1f}s, {len(violations)} violations; "
+        f"{schedules} schedules ({kinds_run}) in {elapsed:.1f}s, {len(violations)} violations; "
         f"{granted} tokens granted; worst admitted / (C + r·D) = {worst_ratio:.3f}; "
         f"worst share of the error budget (B) used = {worst_excess:.3f}; "
         f"largest information lag {lag / MS:.1f} ms"
+        + (
+            f"; {refused} PATCHes refused, {restarts} restarts, {forgotten} tokens forgotten "
+            "by restarts without a snapshot"
+            if refused or restarts
+            else ""
+        )
     )
     return 1 if violations else 0
 
