@@ -874,6 +874,11 @@ def test_redis_losing_its_data_hands_no_spent_token_back_under_any_policy(
         assert granted == [200] * 10 + [429] * 2
         # the grants are read back into the node's mirror of the region's state
         eventually(lambda: client.get("/v1/status").json()["buckets"] == 1, "read back")
+        # ... all of them (until then a wipe forgets them: the documented window)
+        eventually(
+            lambda: metric(client, "bucketmesh_store_keys_awaiting_readback") == 0,
+            "every grant read back into the mirror",
+        )
         recoveries = metric(client, "bucketmesh_store_recoveries_total")
         redis_server.client().flushall()
         eventually(

@@ -370,6 +370,8 @@ class RedisBackend:
         # keys granted in Redis, not in the mirror until the next read-back: they
         # count against max_buckets, so the mirror has room for them then
         self.unmirrored: set[str] = set()
+        # keys being read back right now (out of ``touched``, not yet in the mirror)
+        self.reading = 0
         self.local_spent: set[str] = set()
         self.seeded: set[str] = set()
         self.remote: list[BucketDelta] = []
@@ -973,11 +975,14 @@ class RedisBackend:
                 continue
             keys = list(itertools.islice(self.touched, MAX_REFRESH_KEYS))
             self.touched.difference_update(keys)
+            self.reading = len(keys)
             try:
                 await self.refresh(keys)
             except (StoreUnavailable, StaleIncarnation) as error:
                 self.touched.update(keys)
                 self._mark_down(error)
+            finally:
+                self.reading = 0
 
     async def refresh(self, keys: list[str]) -> None:
         """Join Redis's state of ``keys`` into the mirror."""
@@ -1022,6 +1027,12 @@ class RedisBackend:
         )
         metrics.counter(
             "bucketmesh_store_decisions", "Decisions made in Redis", lambda: self.decided
+        )
+        metrics.gauge(
+            "bucketmesh_store_keys_awaiting_readback",
+            "Keys granted on in Redis since they were last read back into the node's mirror: "
+            "what a loss of Redis's data now would forget (docs/storage-redis.md)",
+            lambda: float(len(self.touched) + self.reading),
         )
         metrics.gauge(
             "bucketmesh_store_queued_merges",
