@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # of its own: its pinned dependencies would hold the project's dev tools back.
 CHECKOV := $(VENV)/checkov/bin/checkov
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench lint clean fuzz
 
 install: $(STAMP)
 
@@ -29,6 +29,14 @@ test: install
 bench: install
 	@scripts/ensure-debian-packages.sh nginx wrk redis-server prometheus
 	$(PY) benchmarks/run_all.py
+
+# Coverage-guided fuzzing (atheris, tests/fuzz/): each target for FUZZ_SECONDS from its seed
+# corpus; new inputs land in $(VENV)/fuzz/<target>, a failing input in $(VENV)/fuzz/crash-*.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	@mkdir -p $(VENV)/fuzz/http $(VENV)/fuzz/sync
+	$(PY) tests/fuzz/fuzz_http.py -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=$(VENV)/fuzz/ $(VENV)/fuzz/http tests/fuzz/corpus/http
+	$(PY) tests/fuzz/fuzz_sync.py -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=$(VENV)/fuzz/ $(VENV)/fuzz/sync tests/fuzz/corpus/sync
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

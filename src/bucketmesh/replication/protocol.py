@@ -60,6 +60,7 @@ import msgspec
 
 from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta, delta_tat
 from bucketmesh.core.limiter import DeltaBatch
+from bucketmesh.core.limits import MAX_SPAN_NS, LimitError, check_burst, check_limits
 
 WIRE_VERSION: Final = 1
 CONTENT_TYPE: Final = "application/vnd.bucketmesh.replication.protocol+msgpack"
@@ -366,7 +367,28 @@ def decode_body(env: Envelope) -> msgspec.Struct:
         payload: msgspec.Struct = DECODERS[env.kind].decode(env.body)
     except (msgspec.DecodeError, msgspec.ValidationError, KeyError) as error:
         raise Rejected("malformed", 400, f"bad {env.kind} payload: {error}") from None
+    batch = getattr(payload, "batch", None) or getattr(payload, "state", None)
+    if isinstance(batch, DeltaBatch):
+        _check_configs(env.kind, batch)
     return payload
+
+
+def _check_configs(kind: str, batch: DeltaBatch) -> None:
+    """Raise ``Rejected`` for a config no rule could have: merged, a zero interval or
+    capacity would divide by zero or stall the bucket (found by tests/fuzz/fuzz_sync.py)."""
+    configs = [*(delta.config for delta in batch.deltas), *batch.rules.values()]
+    for config in configs:
+        try:
+            check_limits(capacity=config.capacity, mode=config.mode)
+            if not 1 <= config.interval_ns <= MAX_SPAN_NS:
+                raise LimitError(
+                    "interval_ns", f"must be in [1, {MAX_SPAN_NS}]", config.interval_ns
+                )
+            if not 1 <= config.ttl_ns <= MAX_SPAN_NS:
+                raise LimitError("ttl_ns", f"must be in [1, {MAX_SPAN_NS}]", config.ttl_ns)
+            check_burst(config.capacity, config.interval_ns)
+        except LimitError as error:
+            raise Rejected("malformed", 400, f"bad {kind} payload: a config's {error}") from None
 
 
 # -- anti-entropy -------------------------------------------------------------
