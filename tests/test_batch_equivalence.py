@@ -1,8 +1,9 @@
 """The batch fast paths decide and answer bit for bit as the general paths do.
 
 ``Limiter.acquire_many`` answers a batch whose asks all name live buckets in one
-pass (``_acquire_live``): each bucket's acquire in order, the dirty set and the
-journal updated once per granted key. The general path (every ask validated,
+pass (``_acquire_live``): each bucket's acquire in order (a run of one ask
+repeated in one ``Bucket.acquire_run``), the dirty set and the journal updated
+once per granted key. The general path (every ask validated,
 then ``Limiter.acquire`` one at a time) is the reference: over random programs
 of batches (hot keys repeated, new keys, peeks, tokens above the capacity, rules
 named or not, shared / local / strict buckets, a peer's deltas merged in between,
@@ -22,6 +23,7 @@ from typing import Any
 import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_bucket_laws import KEY, grow, ops
 
 from bucketmesh.api.routes import RatingApp
 from bucketmesh.core.bucket import NS_PER_S, Decision
@@ -38,15 +40,17 @@ RULES = [
 ]
 KEYS = ["s-a", "s-b", "l-a", "t-a", "s-c"]
 
-asks = st.lists(
-    st.builds(
-        Ask,
-        st.sampled_from(KEYS),
-        st.integers(min_value=0, max_value=3) | st.integers(min_value=-1, max_value=7),
-        st.sampled_from([None] * 8 + ["s", "l", "t", "nope"]),
-    ),
-    max_size=12,
+ask = st.builds(
+    Ask,
+    st.sampled_from(KEYS),
+    st.integers(min_value=0, max_value=3) | st.integers(min_value=-1, max_value=7),
+    st.sampled_from([None] * 8 + ["s", "l", "t", "nope"]),
 )
+# runs of one ask repeated (a hot key: Bucket.acquire_run) among single asks
+asks = st.lists(
+    st.tuples(ask, st.integers(min_value=1, max_value=4) | st.integers(min_value=5, max_value=40)),
+    max_size=8,
+).map(lambda runs: [one for one, times in runs for _ in range(times)])
 steps = st.lists(
     st.tuples(
         st.sampled_from(["batch", "batch", "batch", "peer"]),
@@ -153,3 +157,32 @@ def test_the_single_encode_gives_the_bytes_of_one_encode_per_decision(
             expected = sum(1 for d in batch if d.rule == rule and d.allowed == allowed)
             label = (rule, "allowed" if allowed else "denied")
             assert counted.get(label, 0) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    ops,
+    st.integers(min_value=0, max_value=2),
+    st.integers(min_value=0, max_value=5),
+    st.integers(min_value=1, max_value=12),
+    st.integers(min_value=0, max_value=3 * NS_PER_S),
+)
+def test_a_run_decides_as_one_acquire_after_another(
+    program: list[tuple[str, int, int, int]], replica: int, tokens: int, count: int, step: int
+) -> None:
+    """``Bucket.acquire_run`` against ``acquire`` in a loop, on buckets three replicas
+    built by granting, reconfiguring, merging and re-creating (test_bucket_laws)."""
+    runs, loops = grow(program), grow(program)
+    now = runs.now + step
+    bucket, twin = runs.buckets[replica], loops.buckets[replica]
+    tokens = min(tokens, bucket.config.capacity)
+    assert bucket.acquire_run(KEY, tokens, count, now) == [
+        twin.acquire(KEY, tokens, now) for _ in range(count)
+    ]
+    assert runs.state(replica) == loops.state(replica)
+    assert (bucket.g, bucket.unc, bucket.total, bucket.mine) == (
+        twin.g,
+        twin.unc,
+        twin.total,
+        twin.mine,
+    )

@@ -410,7 +410,8 @@ class Limiter:
         When every ask names a live bucket (under its own rule, or none named) with
         tokens within its capacity, nothing can raise, no key is created and the cap
         is not involved: each ask's decision is its bucket's ``acquire`` in order —
-        what ``Limiter.acquire`` would answer — and the dirty set and the journal
+        what ``Limiter.acquire`` would answer; a run of one ask repeated is one
+        ``Bucket.acquire_run``, decided alike — and the dirty set and the journal
         take each granted key once, after the loop. Not while shared buckets are
         gated (``begin_recovery``): the caller checks ``gates``.
         """
@@ -431,11 +432,27 @@ class Limiter:
         out: list[Decision] = []
         keep = out.append
         granted: dict[str, Bucket] = {}
-        for (key, tokens, _), bucket in zip(asks, found, strict=True):
-            decision = bucket.acquire(key, tokens, now)
-            keep(decision)
-            if tokens and decision.allowed:
-                granted[key] = bucket
+        extend = out.extend
+        count = len(asks)
+        index = 0
+        while index < count:
+            key, tokens, _ = asks[index]
+            bucket = found[index]
+            end = index + 1
+            # a run of the same ask (a hot key): one call decides it
+            while end < count and asks[end][1] == tokens and asks[end][0] == key:
+                end += 1
+            if end - index == 1:
+                decision = bucket.acquire(key, tokens, now)
+                keep(decision)
+                if tokens and decision.allowed:
+                    granted[key] = bucket
+            else:
+                run = bucket.acquire_run(key, tokens, end - index, now)
+                extend(run)
+                if tokens and run[0].allowed:
+                    granted[key] = bucket
+            index = end
         if granted:
             dirty = self.dirty
             for key, bucket in granted.items():
