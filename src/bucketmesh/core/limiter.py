@@ -415,11 +415,18 @@ class Limiter:
         take each granted key once, after the loop. Not while shared buckets are
         gated (``begin_recovery``): the caller checks ``gates``.
         """
-        buckets = self.buckets
-        get = buckets.get
-        found: list[Bucket] = []
-        append = found.append
+        get = self.buckets.get
+        # runs of one ask repeated (a hot key): the key, tokens and bucket of each run,
+        # and how many asks it holds
+        runs: list[tuple[str, int, Bucket]] = []
+        counts: list[int] = []
+        last_key: str | None = None
+        last_tokens = -1
+        last_rule = ""
         for key, tokens, rule in asks:
+            if tokens == last_tokens and key == last_key and (rule is None or rule == last_rule):
+                counts[-1] += 1
+                continue
             bucket = get(key)
             if (
                 bucket is None
@@ -428,31 +435,24 @@ class Limiter:
                 or (rule is not None and rule != bucket.rule)
             ):
                 return None
-            append(bucket)
+            runs.append((key, tokens, bucket))
+            counts.append(1)
+            last_key, last_tokens, last_rule = key, tokens, bucket.rule
         out: list[Decision] = []
         keep = out.append
-        granted: dict[str, Bucket] = {}
         extend = out.extend
-        count = len(asks)
-        index = 0
-        while index < count:
-            key, tokens, _ = asks[index]
-            bucket = found[index]
-            end = index + 1
-            # a run of the same ask (a hot key): one call decides it
-            while end < count and asks[end][1] == tokens and asks[end][0] == key:
-                end += 1
-            if end - index == 1:
+        granted: dict[str, Bucket] = {}
+        for (key, tokens, bucket), count in zip(runs, counts, strict=True):
+            if count == 1:
                 decision = bucket.acquire(key, tokens, now)
                 keep(decision)
                 if tokens and decision.allowed:
                     granted[key] = bucket
             else:
-                run = bucket.acquire_run(key, tokens, end - index, now)
+                run = bucket.acquire_run(key, tokens, count, now)
                 extend(run)
                 if tokens and run[0].allowed:
                     granted[key] = bucket
-            index = end
         if granted:
             dirty = self.dirty
             for key, bucket in granted.items():
