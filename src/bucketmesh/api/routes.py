@@ -463,17 +463,18 @@ class RatingApp:
         # once and the region spliced in after every object: each one ends with its
         # last field, the rule (a string), so '"},{"allowed":' occurs only between
         # two objects (inside a string a quote is escaped), as does '{"allowed":true,'
-        # only at an allowed decision's start.
+        # only at an allowed decision's start and '"rule":"<rule>"}' only at the end of
+        # a decision under that rule.
         if not decisions:
             return Response(200, b'{"results":[],"allowed":0,"denied":0}', JSON)
         suffix = self.renderer.region_suffix
         listed = self.encoder.encode(decisions)
         allowed = listed.count(b'{"allowed":true,')
         results = listed[1:-2].replace(b'"},{"allowed":', b'"' + suffix + b',{"allowed":')
-        rules = {decision.rule for decision in decisions}
         count = self.metrics.count_decision
-        if len(rules) == 1:
-            rule = rules.pop()
+        rule = decisions[0].rule
+        # one rule throughout (as usual): the rule field closes every object alike
+        if listed.count(b'"rule":%s}' % self.encoder.encode(rule)) == len(decisions):
             if allowed:
                 count(rule, True, allowed)
             if allowed < len(decisions):
