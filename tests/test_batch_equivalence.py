@@ -186,3 +186,19 @@ def test_a_run_decides_as_one_acquire_after_another(
         twin.total,
         twin.mine,
     )
+
+
+class Tagged(Decision, frozen=True):
+    """A decision whose JSON does not end with the rule (a layout the splice must notice)."""
+
+    tag: int = 7
+
+
+@settings(max_examples=100, deadline=None)
+@given(decisions)
+def test_a_layout_the_splice_does_not_know_is_encoded_one_object_at_a_time(
+    batch: list[Decision],
+) -> None:
+    app = RatingApp(MemoryStore(Limiter(RULES, replica_id="r1")), region="eu", node="n")
+    tagged = [Tagged(*msgspec.structs.astuple(decision)) for decision in batch]
+    assert app._batch_response(tagged).body == spliced_one_at_a_time(app, tagged)

@@ -468,13 +468,18 @@ class RatingApp:
         if not decisions:
             return Response(200, b'{"results":[],"allowed":0,"denied":0}', JSON)
         suffix = self.renderer.region_suffix
-        listed = self.encoder.encode(decisions)
+        encode = self.encoder.encode
+        listed = encode(decisions)
+        boundary = b'"},{"allowed":'
+        if listed.count(boundary) == len(decisions) - 1 and listed.endswith(b'"}]'):
+            results = listed[1:-2].replace(boundary, b'"' + suffix + b',{"allowed":') + suffix
+        else:  # not the Decision layout assumed above: one object at a time
+            results = b",".join([encode(decision)[:-1] + suffix for decision in decisions])
         allowed = listed.count(b'{"allowed":true,')
-        results = listed[1:-2].replace(b'"},{"allowed":', b'"' + suffix + b',{"allowed":')
         count = self.metrics.count_decision
         rule = decisions[0].rule
         # one rule throughout (as usual): the rule field closes every object alike
-        if listed.count(b'"rule":%s}' % self.encoder.encode(rule)) == len(decisions):
+        if listed.count(b'"rule":%s}' % encode(rule)) == len(decisions):
             if allowed:
                 count(rule, True, allowed)
             if allowed < len(decisions):
@@ -482,9 +487,8 @@ class RatingApp:
         else:
             for decision in decisions:
                 count(decision.rule, decision.allowed)
-        body = b'{"results":[%s%s],"allowed":%d,"denied":%d}' % (
+        body = b'{"results":[%s],"allowed":%d,"denied":%d}' % (
             results,
-            suffix,
             allowed,
             len(decisions) - allowed,
         )
