@@ -30,6 +30,17 @@ Method
     encoding, and the HTTP layer around it.
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/batch.py [--quick]`` (needs nginx, wrk).
+
+The handler alone (``--handler``; no HTTP, no nginx, no wrk): the route's own work
+for one 100-item batch — decode the body, validate, ``acquire_many``, encode the
+results — called in a loop in this process on a real ``RatingApp`` over a
+``MemoryStore`` (journal on, as with a snapshot file), against ``limits``
+MemoryStorage fixed-window ``hit`` called 100 times (one key) in the same
+alternating rounds; ns per decision, medians, and their ratio. With
+``--callgrind`` (valgrind installed) it also counts the instructions per decision
+of each handler contender — (Ir of 300 batches − Ir of 100 batches) / 20,000,
+valgrind's own counts, which the machine's load does not move.
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/batch.py --handler [--callgrind]``.
 """
 
 from __future__ import annotations
@@ -173,7 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-record", action="store_true", help="do not append BENCHMARKS.md")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit 1 when P3 is missed")
     parser.add_argument("--verbose", action="store_true", help="print every wrk output too")
+    parser.add_argument("--handler", action="store_true", help="the route alone, in-process")
+    parser.add_argument("--callgrind", action="store_true", help="with --handler: Ir/decision")
+    parser.add_argument("--loop", nargs=2, metavar=("KEYS", "BATCHES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.loop:
+        handler_loop(args.loop[0], int(args.loop[1]))
+        return 0
+    if args.handler:
+        return handler_main(args)
     rounds = args.rounds or (2 if args.quick else 3)
     seconds = args.seconds or (5.0 if args.quick else 10.0)
     if (missing := hb.require_tools()) is not None:
@@ -482,6 +501,150 @@ def final_checks(port: int) -> tuple[list[list[str]], list[str]]:
     if others:
         problems.append(f"batch responses other than 200: {others}")
     return rows, problems
+
+
+# -- the handler alone, in-process (--handler) -------------------------------------------
+
+
+def handler_app() -> tuple[Any, Any]:
+    """A real RatingApp on a MemoryStore whose limiter journals (as with a snapshot)."""
+    from bucketmesh.api.routes import RatingApp
+    from bucketmesh.core.limiter import Limiter
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.http.server import Request
+    from bucketmesh.storage.memory import MemoryStore
+
+    rule = Rule.create(
+        "bulk-{{ .Request.Header.X-Bulk-Key }}", 10**12, 1e9, name=BULK, mode="shared"
+    )
+    limiter = Limiter([rule], replica_id="bench-1")
+    limiter.enable_journal()
+    app = RatingApp(MemoryStore(limiter), region="bench", node="bench-1")
+
+    def request(keys: list[str]) -> Any:
+        return Request(
+            "POST",
+            "/v1/rate/batch",
+            {},
+            {"content-type": "application/json"},
+            batch_body(keys).encode(),
+            "127.0.0.1",
+            "1.1",
+        )
+
+    return app, request
+
+
+HANDLER_KEYS = {"hot": [HOT_KEY] * BATCH, "many": MANY_KEYS}
+
+
+def handler_loop(which: str, batches: int) -> None:
+    """``batches`` calls of the batch handler (after 20 to warm up): what callgrind counts."""
+    app, request = handler_app()
+    req = request(HANDLER_KEYS[which])
+    handle = app.rate_batch
+    for _ in range(20 + batches):
+        handle(req)
+
+
+def _instructions(which: str, batches: int) -> int:
+    out = subprocess.run(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            sys.executable,
+            __file__,
+            "--loop",
+            which,
+            str(batches),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stderr.split("Collected : ")[1].split()[0])
+
+
+def handler_main(args: argparse.Namespace) -> int:
+    import statistics
+    import timeit
+
+    from limits import RateLimitItemPerSecond
+    from limits.storage import MemoryStorage
+    from limits.strategies import FixedWindowRateLimiter
+
+    rounds = args.rounds or (3 if args.quick else 7)
+    machine = _report.machine()
+    app, request = handler_app()
+    limiter = FixedWindowRateLimiter(MemoryStorage())
+    item = RateLimitItemPerSecond(10**9)
+
+    def limits_batch() -> None:
+        hit = limiter.hit
+        for _ in range(BATCH):
+            hit(item, HOT_KEY)
+
+    contenders: dict[str, Any] = {
+        "bucketmesh batch handler, 1 hot key": (app.rate_batch, request(HANDLER_KEYS["hot"])),
+        "bucketmesh batch handler, 100 keys": (app.rate_batch, request(HANDLER_KEYS["many"])),
+        "limits fixed window hit × 100, 1 key": (lambda _: limits_batch(), None),
+    }
+    per: dict[str, list[float]] = {name: [] for name in contenders}
+    number = 100 if args.quick else 300
+    for call, req in contenders.values():
+        for _ in range(20):
+            call(req)
+    for r in range(rounds):
+        names = list(contenders)
+        names = names[r % len(names) :] + names[: r % len(names)]
+        for name in names:
+            call, req = contenders[name]
+            seconds = timeit.timeit(lambda c=call, q=req: c(q), number=number)
+            per[name].append(seconds / number / BATCH * 1e9)
+    medians = {name: statistics.median(values) for name, values in per.items()}
+    comparator = medians["limits fixed window hit × 100, 1 key"]
+    rows = [
+        [
+            name,
+            f"{medians[name]:,.0f}",
+            f"{min(per[name]):,.0f}",
+            f"{comparator / medians[name]:.2f}×",
+        ]
+        for name in contenders
+    ]
+    columns = ["contender", "ns/decision (median)", "best", "limits ÷ this"]
+    _report.print_table("batch handler in-process, ns per decision", columns, rows)
+    body = [
+        f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/batch.py --handler"
+        f"{' --callgrind' if args.callgrind else ''}{' --quick' if args.quick else ''}`",
+        "",
+        f"The batch route's handler alone (decode, validate, acquire_many, encode; no HTTP), "
+        f"{rounds} alternating rounds of {number} batches of {BATCH}, against `limits` "
+        f"MemoryStorage fixed window `hit` × {BATCH} in the same rounds. "
+        f"{_report.versions('limits')}.",
+        "",
+        _report.markdown_table(columns, rows),
+    ]
+    if args.callgrind:
+        ir_rows = []
+        for which, name in (("hot", "1 hot key"), ("many", "100 keys")):
+            ir = (_instructions(which, 300) - _instructions(which, 100)) / (200 * BATCH)
+            ir_rows.append([f"batch handler, {name}", f"{ir:,.0f}"])
+        _report.print_table("callgrind", ["contender", "instructions/decision"], ir_rows)
+        body += [
+            "",
+            "Instructions per decision (callgrind: Ir of 300 batches − Ir of 100, ÷ 20,000):",
+            "",
+            _report.markdown_table(["contender", "instructions/decision"], ir_rows),
+        ]
+    if not args.no_record:
+        _report.append_section(
+            "P3 batch handler in-process (benchmarks/batch.py --handler)",
+            "\n".join(body),
+            machine=machine,
+        )
+    return 0
 
 
 if __name__ == "__main__":

@@ -611,6 +611,62 @@ class Bucket:
             self.rule,
         )
 
+    def acquire_run(self, key: str, tokens: int, count: int, now_ns: int) -> list[Decision]:
+        """``[self.acquire(key, tokens, now_ns) for _ in range(count)]``, decided alike.
+
+        A batch asking one key again and again (``Limiter.acquire_many``): after
+        the first ask, a grant that neither re-bases nor starts a slice only adds
+        to ``mine`` and ``total``, so it is decided here without the call; a
+        denial or a peek changes nothing, so every later ask gets the same
+        (frozen) answer; anything else goes through ``acquire``.
+        """
+        first = self.acquire(key, tokens, now_ns)
+        out = [first]
+        if count < 2:
+            return out
+        if not first.allowed or tokens <= 0:
+            out *= count
+            return out
+        cfg = self.config
+        interval = cfg.interval_ns
+        capacity = cfg.capacity
+        limit = capacity * interval
+        need = tokens * interval
+        rate = NS_PER_S / interval
+        mode = cfg.mode
+        rule = self.rule
+        keep = out.append
+        for _ in range(count - 1):
+            tat = self.g + self.total * interval
+            unc = self.unc
+            if unc is not None and unc > tat:
+                tat = unc
+            backlog = tat - now_ns
+            if backlog < 0 or now_ns >= self.edge:
+                keep(self.acquire(key, tokens, now_ns))
+                continue
+            backlog += need
+            if backlog > limit:
+                denied = self.acquire(key, tokens, now_ns)
+                out.extend([denied] * (count - len(out)))
+                return out
+            self.mine += tokens
+            self.total += tokens
+            keep(
+                Decision(
+                    True,
+                    key,
+                    capacity - (-(-backlog // interval)),
+                    capacity,
+                    rate,
+                    0.0,
+                    backlog / NS_PER_S,
+                    mode,
+                    rule,
+                )
+            )
+        return out
+
     def reconfigure(self, config: BucketConfig, now_ns: int) -> None:
         """Adopt a newer config, proposing the ``base`` that keeps the level at ``now_ns``.
 

@@ -343,6 +343,10 @@ class Limiter:
         denial saying when the whole batch would fit."""
         if now is None:
             now = self.clock()
+        if not atomic and self.gates is None:
+            decided = self._acquire_live(asks, now)
+            if decided is not None:
+                return decided
         new_keys: set[str] = set()
         wanted: dict[str, tuple[str | None, int]] = {}
         rule_of: dict[str, str] = {}
@@ -399,6 +403,65 @@ class Limiter:
                     out.append(msgspec.structs.replace(peek, allowed=False, retry_after=wait))
                 return out
         return [self.acquire(key, tokens, rule=rule, now=now) for key, tokens, rule in asks]
+
+    def _acquire_live(self, asks: Sequence[Ask], now: int) -> list[Decision] | None:
+        """``acquire_many``'s common case in one pass, or None to take the general path.
+
+        When every ask names a live bucket (under its own rule, or none named) with
+        tokens within its capacity, nothing can raise, no key is created and the cap
+        is not involved: each ask's decision is its bucket's ``acquire`` in order —
+        what ``Limiter.acquire`` would answer; a run of one ask repeated is one
+        ``Bucket.acquire_run``, decided alike — and the dirty set and the journal
+        take each granted key once, after the loop. Not while shared buckets are
+        gated (``begin_recovery``): the caller checks ``gates``.
+        """
+        get = self.buckets.get
+        # runs of one ask repeated (a hot key): the key, tokens and bucket of each run,
+        # and how many asks it holds
+        runs: list[tuple[str, int, Bucket]] = []
+        counts: list[int] = []
+        last_key: str | None = None
+        last_tokens = -1
+        last_rule = ""
+        for key, tokens, rule in asks:
+            if tokens == last_tokens and key == last_key and (rule is None or rule == last_rule):
+                counts[-1] += 1
+                continue
+            bucket = get(key)
+            if (
+                bucket is None
+                or tokens < 0
+                or tokens > bucket.config.capacity
+                or (rule is not None and rule != bucket.rule)
+            ):
+                return None
+            runs.append((key, tokens, bucket))
+            counts.append(1)
+            last_key, last_tokens, last_rule = key, tokens, bucket.rule
+        out: list[Decision] = []
+        keep = out.append
+        extend = out.extend
+        granted: dict[str, Bucket] = {}
+        for (key, tokens, bucket), count in zip(runs, counts, strict=True):
+            if count == 1:
+                decision = bucket.acquire(key, tokens, now)
+                keep(decision)
+                if tokens and decision.allowed:
+                    granted[key] = bucket
+            else:
+                run = bucket.acquire_run(key, tokens, count, now)
+                extend(run)
+                if tokens and run[0].allowed:
+                    granted[key] = bucket
+        if granted:
+            dirty = self.dirty
+            for key, bucket in granted.items():
+                if bucket.config.mode == SHARED:
+                    dirty.add(key)
+            journal = self.journal
+            if journal is not None:
+                journal.keys.update(granted)
+        return out
 
     # -- the decision seam (core/decisions.py) ----------------------------------
 

@@ -98,9 +98,9 @@ class NodeMetrics(Collector):
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
 
-    def count_decision(self, rule: str, allowed: bool) -> None:
+    def count_decision(self, rule: str, allowed: bool, n: int = 1) -> None:
         label = (rule, "allowed" if allowed else "denied")
-        self.decisions[label] = self.decisions.get(label, 0) + 1
+        self.decisions[label] = self.decisions.get(label, 0) + n
 
     def count_response(self, route: str, status: int, seconds: float) -> None:
         label = (route, status)
