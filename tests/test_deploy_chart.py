@@ -238,9 +238,65 @@ def test_memory_without_persistence_keeps_the_state_in_an_empty_dir() -> None:
     assert "emptyDir" in volumes["state"]
 
 
-def test_more_than_one_replica_on_memory_fails_and_says_to_use_redis() -> None:
-    message = render_error(seed_region("us-east-1", replicaCount=2))
-    assert "replicaCount 2 needs storage.backend=redis" in message, message
+def memory_region_of_pods(region: str, pods: int) -> dict[str, Any]:
+    return seed_region(region, replicaCount=pods)
+
+
+def test_memory_with_several_pods_is_a_statefulset_each_pod_a_slot_of_the_mesh() -> None:
+    rendering = render(memory_region_of_pods("us-east-1", 3))
+    workload = rendering.workload
+    assert workload["kind"] == "StatefulSet"
+    assert workload["spec"]["replicas"] == 3
+    (claim,) = workload["spec"]["volumeClaimTemplates"]  # a volume per pod
+    assert claim["metadata"]["name"] == "state"
+    env = [e["name"] for e in rendering.container["env"]]
+    region_env = next(e for e in rendering.container["env"] if e["name"] == "BUCKETMESH_REGION")
+    assert region_env["value"] == "us-east-1.$(BUCKETMESH_NODE)"
+    # Kubernetes expands $(VAR) only from variables defined earlier in the list
+    assert env.index("BUCKETMESH_NODE") < env.index("BUCKETMESH_REGION")
+    config = yaml.safe_load(rendering.config_files()["bucketmesh.yaml"])
+    slots = [f"us-east-1.bucketmesh-{i}" for i in range(3)]
+    assert config["sync"]["peers"] == [*slots, "us-west-2", "eu-central-1"]
+    for i, slot in enumerate(slots):
+        assert (
+            config["sync"]["peerUrls"][slot]
+            == f"http://bucketmesh-{i}.bucketmesh-headless.bm.svc:8080"
+        )
+    assert "{region}" in config["sync"]["peerUrlTemplate"]  # the other regions
+
+
+def test_each_pod_loads_the_rendered_config_as_its_own_slot(tmp_path: Path) -> None:
+    from bucketmesh.node.config import apply_overrides, env_overrides, load_config
+
+    rendering = render(memory_region_of_pods("us-east-1", 3))
+    for name, text in rendering.config_files().items():
+        (tmp_path / name).write_text(text)
+    secrets = rendering.secret_data()
+    for pod in ("bucketmesh-0", "bucketmesh-2"):
+        environ = {"BUCKETMESH_NODE": pod, "BUCKETMESH_REGION": f"us-east-1.{pod}"}
+        for entry in rendering.container["env"]:
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            if ref and ref["key"] in secrets:
+                environ[entry["name"]] = secrets[ref["key"]]
+        config = load_config(tmp_path / "bucketmesh.yaml", environ=environ)
+        config = apply_overrides(config, env_overrides(environ))
+        assert config.region == f"us-east-1.{pod}"
+        slots = {f"us-east-1.bucketmesh-{i}" for i in range(3)}
+        assert set(config.remote_peers) == (slots - {config.region}) | {"us-west-2", "eu-central-1"}
+
+
+def test_several_pods_on_memory_without_sync_fail_naming_sync_enabled() -> None:
+    values = seed_region("us-east-1", replicaCount=2, sync={"enabled": False})
+    message = render_error(values)
+    assert "replicaCount 2 on storage.backend=memory needs sync.enabled" in message, message
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_a_memory_region_of_several_pods_is_valid_kubernetes(kube_version: str) -> None:
+    rendering = render(everything_on(memory_region_of_pods("eu-central-1", 3)))
+    for manifest in rendering.manifests:
+        if manifest["kind"] not in OPERATOR_KINDS:
+            kubernetes_validate.validate(manifest, kube_version, strict=True)
 
 
 def test_redis_is_a_deployment_of_replica_count_pods_with_the_url_from_the_secret() -> None:

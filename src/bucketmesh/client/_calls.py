@@ -10,7 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
@@ -37,6 +37,7 @@ from bucketmesh.client.retry import (
     RetryPolicy,
     retry_after_seconds,
 )
+from bucketmesh.core.affinity import Ring
 
 #: Where a client goes when given no URL and ``BUCKETMESH_URL`` is unset.
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -59,6 +60,9 @@ MAX_BATCH = 1000
 
 OnUnavailable = Literal["raise", "open", "closed"]
 UrlSpec = str | Sequence[str] | Mapping[str, str] | None
+#: ``nodes=``: region → its nodes' URLs, a mapping node name → URL, or a list (the
+#: i-th URL of every region is ring member ``i``) — see ``node_rings``.
+NodesSpec = Mapping[str, Sequence[str] | Mapping[str, str]] | None
 KeyOrHeaders = str | Mapping[str, str]
 
 
@@ -112,6 +116,32 @@ def named_urls(spec: UrlSpec, environ: Mapping[str, str] = os.environ) -> list[t
 # -- configuration shared by both clients ---------------------------------------------------
 
 
+def node_rings(nodes: NodesSpec, regions: Sequence[str]) -> dict[str, tuple[Ring, dict[str, str]]]:
+    """Key affinity (docs/scale.md): for each region given in ``nodes``, a MurmurHash3
+    ring over its node names (``core/affinity.py``) and each node's URL. Node names
+    are the mapping's keys, or positions (``"0"``, ``"1"``, ...) for a list, so
+    regions that name (or list) their nodes alike route a key to the same node name
+    in every region."""
+    if nodes is None:
+        return {}
+    if not isinstance(nodes, Mapping):
+        raise TypeError(f"nodes must map a region to its nodes' URLs, got {nodes!r}")
+    rings: dict[str, tuple[Ring, dict[str, str]]] = {}
+    for region, spec in nodes.items():
+        if region not in regions:
+            raise ValueError(
+                f"nodes[{region!r}]: not a region of url= (regions: {', '.join(regions)})"
+            )
+        if isinstance(spec, str) or not isinstance(spec, (Mapping, Sequence)):
+            raise TypeError(f"nodes[{region!r}] must be a list or mapping of URLs, got {spec!r}")
+        named = spec.items() if isinstance(spec, Mapping) else enumerate(spec)
+        urls = {str(name): _checked_url(url, f"nodes[{region!r}][{name!r}]") for name, url in named}
+        if not urls:
+            raise ValueError(f"nodes[{region!r}]: at least one node URL is needed")
+        rings[region] = (Ring(urls), urls)
+    return rings
+
+
 @dataclass
 class Settings:
     endpoints: Endpoints
@@ -122,6 +152,17 @@ class Settings:
     clock: Callable[[], float]
     rng: random.Random
     stats: ClientStats
+    #: region name → (its nodes' ring, node name → URL): see ``node_rings``
+    rings: dict[str, tuple[Ring, dict[str, str]]] = field(default_factory=dict)
+
+    def url_for(self, call: Call, endpoint: Endpoint) -> str:
+        """Where ``call`` goes in ``endpoint``'s region: the key's owner node when the
+        call names one bucket key and the region's nodes are known, else the region."""
+        found = self.rings.get(endpoint.name) if call.route_key is not None else None
+        if found is None or call.route_key is None:
+            return call.url(endpoint)
+        ring, urls = found
+        return urls[ring.owner(call.route_key)] + call.path
 
 
 def settings(
@@ -135,6 +176,7 @@ def settings(
     headers: Mapping[str, str] | None,
     clock: Callable[[], float] | None,
     rng: random.Random | None,
+    nodes: NodesSpec = None,
 ) -> Settings:
     if on_unavailable not in ("raise", "open", "closed"):
         raise ValueError(
@@ -147,8 +189,9 @@ def settings(
     if token:
         all_headers["Authorization"] = f"Bearer {token}"
     all_headers.update(headers or {})
+    endpoints = Endpoints(named_urls(url), breaker or BreakerPolicy())
     return Settings(
-        endpoints=Endpoints(named_urls(url), breaker or BreakerPolicy()),
+        endpoints=endpoints,
         timeout=float(timeout),
         retry=retry or RetryPolicy(),
         on_unavailable=on_unavailable,
@@ -156,6 +199,7 @@ def settings(
         clock=clock or time.monotonic,
         rng=rng or random.Random(),
         stats=ClientStats(),
+        rings=node_rings(nodes, [endpoint.name for endpoint in endpoints]),
     )
 
 
@@ -197,6 +241,8 @@ class Call:
     params: dict[str, str] | None = None
     content: bytes | None = None
     headers: dict[str, str] | None = None
+    #: the one bucket key the call decides, for key affinity (``Settings.url_for``)
+    route_key: str | None = None
 
     def url(self, endpoint: Endpoint) -> str:
         return endpoint.url + self.path
@@ -225,7 +271,13 @@ def rate_call(key: KeyOrHeaders, tokens: int, rule: str | None, idempotency_key:
     tokens = checked_tokens(tokens)
     if isinstance(key, str):
         body = encode(Item(key=key, rule=rule, tokens=tokens))
-        return Call("POST", "/v1/rate", content=body, headers=_json_headers(idempotency_key))
+        return Call(
+            "POST",
+            "/v1/rate",
+            content=body,
+            headers=_json_headers(idempotency_key),
+            route_key=key,
+        )
     if not isinstance(key, Mapping):
         raise TypeError(f"rate() takes a bucket key (str) or request headers, got {key!r}")
     if rule is not None:
@@ -480,6 +532,7 @@ __all__ = [
     "MAX_BATCH",
     "Call",
     "KeyOrHeaders",
+    "NodesSpec",
     "OnUnavailable",
     "Settings",
     "UrlSpec",

@@ -27,7 +27,7 @@ from typing import Any, ParamSpec, TypeVar
 import httpx
 
 from bucketmesh.client import _calls
-from bucketmesh.client._calls import KeyOrHeaders, OnUnavailable, UrlSpec
+from bucketmesh.client._calls import KeyOrHeaders, NodesSpec, OnUnavailable, UrlSpec
 from bucketmesh.client.errors import BadRequest, RateLimited, Unavailable
 from bucketmesh.client.results import BatchResult, BucketState, Decision, RuleConfig, Status
 from bucketmesh.client.retry import (
@@ -54,7 +54,8 @@ class AsyncClient:
     """The asyncio twin of ``Client`` (same arguments, same methods, awaited), plus
     ``coalesce`` (default on), ``coalesce_window`` (seconds), ``max_batch`` (at most
     1000, the server's limit) and ``max_batch_bytes`` (keep it under the nodes'
-    ``limits.maxBodyBytes``)."""
+    ``limits.maxBodyBytes``). With ``nodes`` (key affinity) calls are not coalesced:
+    a batch would span keys that different nodes own."""
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class AsyncClient:
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        nodes: NodesSpec = None,
     ) -> None:
         if not (isinstance(max_batch, int) and 1 <= max_batch <= _calls.MAX_BATCH):
             raise ValueError(
@@ -93,6 +95,7 @@ class AsyncClient:
             headers=headers,
             clock=clock,
             rng=rng,
+            nodes=nodes,
         )
         self._sleep = sleep
         self._http = httpx.AsyncClient(
@@ -101,7 +104,9 @@ class AsyncClient:
             limits=_calls.pool_limits(max_connections),
         )
         self._coalescer = (
-            _Coalescer(self, coalesce_window, max_batch, max_batch_bytes) if coalesce else None
+            _Coalescer(self, coalesce_window, max_batch, max_batch_bytes)
+            if coalesce and not self._settings.rings  # a batch would span keys' owners
+            else None
         )
 
     @property
@@ -126,7 +131,7 @@ class AsyncClient:
                 try:
                     response = await self._http.request(
                         call.method,
-                        call.url(step.endpoint),
+                        s.url_for(call, step.endpoint),
                         params=call.params,
                         content=call.content,
                         headers=call.headers,

@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 import httpx
 
 from bucketmesh.client import _calls
-from bucketmesh.client._calls import KeyOrHeaders, OnUnavailable, UrlSpec
+from bucketmesh.client._calls import KeyOrHeaders, NodesSpec, OnUnavailable, UrlSpec
 from bucketmesh.client.errors import RateLimited, Unavailable
 from bucketmesh.client.results import BatchResult, BucketState, Decision, RuleConfig, Status
 from bucketmesh.client.retry import (
@@ -41,6 +41,10 @@ class Client:
     ``on_unavailable`` decides: ``"raise"`` (``Unavailable``), ``"open"`` (allow) or
     ``"closed"`` (deny); the decision says so (``fallback``) and ``stats`` counts it.
     ``admin_token`` (default ``$BUCKETMESH_ADMIN_TOKEN``) is sent for ``configure``.
+    ``nodes`` (region → its nodes' URLs, a list or a mapping name → URL) turns on key
+    affinity: ``rate(key)`` goes to the key's owner on a MurmurHash3 ring over the
+    region's nodes (``core/affinity.py``, docs/scale.md), the same node name in every
+    region; other calls, and regions not in ``nodes``, use the region's URL.
 
     Use it as a context manager, or call ``close()``: it holds pooled keep-alive
     connections.
@@ -60,6 +64,7 @@ class Client:
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         rng: random.Random | None = None,
+        nodes: NodesSpec = None,
     ) -> None:
         self._settings = _calls.settings(
             url,
@@ -71,6 +76,7 @@ class Client:
             headers=headers,
             clock=clock,
             rng=rng,
+            nodes=nodes,
         )
         self._sleep = sleep
         self._http = httpx.Client(
@@ -110,7 +116,7 @@ class Client:
                 try:
                     response = self._http.request(
                         call.method,
-                        call.url(step.endpoint),
+                        s.url_for(call, step.endpoint),
                         params=call.params,
                         content=call.content,
                         headers=call.headers,

@@ -85,8 +85,13 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- if not (has .Values.storage.backend (list "memory" "redis")) -}}
 {{- fail (printf "storage.backend %q: use memory or redis" .Values.storage.backend) -}}
 {{- end -}}
-{{- if and (eq .Values.storage.backend "memory") (gt (int .Values.replicaCount) 1) -}}
-{{- fail (printf "replicaCount %d needs storage.backend=redis: memory-backed nodes of one region would each be a separate replica; several nodes of one region share Redis, not the mesh (set storage.backend=redis and storage.redisUrl, or replicaCount=1)" (int .Values.replicaCount)) -}}
+{{- if and (eq .Values.storage.backend "memory") (gt (int .Values.replicaCount) 1) (not .Values.sync.enabled) -}}
+{{- fail (printf "replicaCount %d on storage.backend=memory needs sync.enabled: each pod is its own replica of the mesh, slot <region>.<pod> (docs/scale.md); or use storage.backend=redis, or replicaCount=1" (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- range (include "bucketmesh.slots" . | fromJsonArray) -}}
+{{- if gt (len .) 63 -}}
+{{- fail (printf "the pod slot %q is longer than 63 characters: shorten region or fullnameOverride" .) -}}
+{{- end -}}
 {{- end -}}
 {{- if lt (int .Values.replicaCount) 1 -}}
 {{- fail "replicaCount must be at least 1" -}}
@@ -117,6 +122,22 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- fail (printf "sync.peerUrlTemplate %q must contain {region}" .Values.sync.peerUrlTemplate) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* Several pods of one region on the memory backend: each pod is its own replica
+     of the mesh, a slot named <region>.<pod name> (as an embedded member's,
+     docs/scale.md). The slots of this release's pods, as a JSON list (empty with
+     one pod, which keeps the region's own name). */}}
+{{- define "bucketmesh.slots" -}}
+{{- $slots := list -}}
+{{- if and (eq .Values.storage.backend "memory") (gt (int .Values.replicaCount) 1) -}}
+{{- $region := .Values.region -}}
+{{- $fullname := include "bucketmesh.fullname" . -}}
+{{- range $i := until (int .Values.replicaCount) -}}
+{{- $slots = append $slots (printf "%s.%s-%d" $region $fullname $i) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $slots -}}
 {{- end -}}
 
 {{- define "bucketmesh.configDir" -}}/etc/bucketmesh{{- end -}}
