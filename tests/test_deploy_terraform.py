@@ -20,11 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import hcl2
 import pytest
 import yaml
 from test_deploy_chart import CHART, REGIONS, run_checkov
-
-hcl2 = pytest.importorskip("hcl2", reason="python-hcl2 is a dev dependency")
 
 ROOT = Path(__file__).resolve().parent.parent
 TERRAFORM = ROOT / "deploy" / "terraform"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("atheris")
+pytest.importorskip("atheris", reason="atheris ships wheels for Linux only")
 
 FUZZ = Path(__file__).parent / "fuzz"
 RUNS = {"fuzz_http": 5000, "fuzz_sync": 30000}

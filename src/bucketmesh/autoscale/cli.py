@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -53,7 +52,7 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
     except PolicyError as error:
-        print(f"bucketmesh autoscale: {error}", file=sys.stderr)
+        log.error("autoscale: %s", error)
         return 2
     if args.what == "explain":
         return explain(config.decisions, config.file, args.last)
@@ -66,7 +65,7 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
     try:
         address = runner.serve_metrics()
     except OSError as error:
-        print(f"bucketmesh autoscale: listen {config.listen}: {error}", file=sys.stderr)
+        log.error("autoscale: listen %s: %s", config.listen, error)
         runner.close()
         return 2
     if address is not None:
@@ -88,17 +87,17 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
 
 def explain(path: str | None, config_file: str, last: int) -> int:
     if not path:
-        print(
-            f"bucketmesh autoscale explain: {config_file}: decisions: not set, so the "
-            "controller keeps no record to explain",
-            file=sys.stderr,
+        log.error(
+            "autoscale explain: %s: decisions: not set, so the controller keeps no "
+            "record to explain",
+            config_file,
         )
         return 2
     try:
         with open(path, encoding="utf-8") as handle:
             record = json.load(handle)
     except (OSError, ValueError) as error:
-        print(f"bucketmesh autoscale explain: {path}: {error}", file=sys.stderr)
+        log.error("autoscale explain: %s: %s", path, error)
         return 2
     if record.get("dry_run"):
         print("dry run: nothing below was applied")

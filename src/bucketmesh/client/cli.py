@@ -13,10 +13,14 @@ does not pay for it.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
+
+#: the project's logger tree (bucketmesh.telemetry.log, which the client may not import)
+log = logging.getLogger("bucketmesh.client")
 
 if TYPE_CHECKING:
     from bucketmesh.client.sync import Client
@@ -162,10 +166,10 @@ def _run(args: argparse.Namespace, call: Callable[[Client], Any]) -> int:
         with _client(args, **getattr(args, "client_options", {})) as client:
             result = call(client)
     except ApiError as error:
-        print(f"bucketmesh {args.command}: {error}", file=sys.stderr)
+        log.error("%s: %s", args.command, error)
         return EXIT_REFUSED
     except Unavailable as error:
-        print(f"bucketmesh {args.command}: {error}", file=sys.stderr)
+        log.error("%s: %s", args.command, error)
         return EXIT_UNAVAILABLE
     _print(result)
     allowed = getattr(result, "allowed", True)

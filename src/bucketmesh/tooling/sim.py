@@ -145,6 +145,9 @@ from bucketmesh.core.limiter import (
 )
 from bucketmesh.core.limits import LimitError, check_burst
 from bucketmesh.core.rules import Rule
+from bucketmesh.telemetry.log import logger
+
+log = logger("sim")
 
 MS: Final = 1_000_000
 #: Simulated true time starts here: far from a multiple of the default ttl, so
@@ -1827,7 +1830,7 @@ def run_schedules(args: argparse.Namespace) -> int:
                 result = run(seed, replicas=args.replicas, events=args.events, kind=one)
             except InvariantViolation as violation:
                 violations.append(violation)
-                print(violation, file=sys.stderr)
+                log.error("%s", violation)
                 continue
             if args.seed is not None:
                 print(one, result)

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TextIO
 
 from bucketmesh.telemetry.audit import CONSUME
+from bucketmesh.telemetry.log import logger
+
+log = logger("audit")
 
 
 @dataclass
@@ -142,7 +145,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     try:
         found = find_duplicates(args.files)
     except (OSError, UnicodeDecodeError, EOFError) as error:
-        sys.stderr.write(f"bucketmesh audit duplicates: error: {error}\n")
+        log.error("audit duplicates: error: %s", error)
         return 2
     if args.format == "json":
         sys.stdout.write(json.dumps(found.to_json(), indent=2, ensure_ascii=False) + "\n")

@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bucketmesh.telemetry.log import logger
 from bucketmesh.tooling.ops.reconcile import UsageError, parse_urls
 from bucketmesh.tooling.xr.scrape import MetricsScraper
+
+log = logger("metrics-export")
 
 MAX_DURATION_S = 7 * 86_400.0
 
@@ -63,22 +65,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         for text in args.url:
             urls.update(parse_urls(text, "--url"))
     except UsageError as error:
-        sys.stderr.write(f"bucketmesh metrics export: error: {error}\n")
+        log.error("metrics export: error: %s", error)
         return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        sys.stderr.write(f"bucketmesh metrics export: error: --out {out} is not a directory\n")
+        log.error("metrics export: error: --out %s is not a directory", out)
         return 2
     scraper = asyncio.run(export(urls, out, interval_s=args.interval, duration_s=args.duration))
     for region, failures in sorted(scraper.failures.items()):
-        sys.stderr.write(f"bucketmesh metrics export: {region} did not answer {failures} time(s)\n")
+        log.warning("metrics export: %s did not answer %d time(s)", region, failures)
     if not scraper.families:
-        sys.stderr.write("bucketmesh metrics export: no node answered; nothing written\n")
+        log.error("metrics export: no node answered; nothing written")
         return 1
     try:
         written = scraper.write_csv(out)
     except OSError as error:
-        sys.stderr.write(f"bucketmesh metrics export: error: cannot write {out}: {error}\n")
+        log.error("metrics export: error: cannot write %s: %s", out, error)
         return 2
     samples = sum(len(rows) for rows in scraper.families.values())
     print(f"{len(written)} families, {samples} samples from {len(urls)} node(s) → {out}")

@@ -49,7 +49,10 @@ from bucketmesh.core.bucket import Bucket, BucketConfig, BucketDelta
 from bucketmesh.core.limiter import DeltaBatch
 from bucketmesh.replication import protocol as sync
 from bucketmesh.telemetry.audit import AuditLog
+from bucketmesh.telemetry.log import logger
 from bucketmesh.tooling.ops.syncclient import RegionClient, RegionError, tool_replica_id
+
+log = logger("reconcile")
 
 #: The replica id the tool's views hold as their own: no region's (see syncclient).
 VIEW_ID: Final = "@reconcile/view/0"
@@ -761,7 +764,7 @@ def cmd_reconcile(
     try:
         targets = resolve(args, os.environ if environ is None else environ, load_config)
     except UsageError as error:
-        sys.stderr.write(f"bucketmesh reconcile: error: {error}\n")
+        log.error("reconcile: error: %s", error)
         return FAILED
     audit = AuditLog(args.audit) if args.audit else None
     progress, stop = _progress_printer(not args.quiet and sys.stderr.isatty())
@@ -781,9 +784,10 @@ def cmd_reconcile(
         if audit is not None:
             audit.close()
             if audit.write_errors or audit.dropped:
-                sys.stderr.write(
-                    f"bucketmesh reconcile: the audit trail {args.audit} missed "
-                    f"{audit.dropped + audit.write_errors} write(s)\n"
+                log.warning(
+                    "reconcile: the audit trail %s missed %d write(s)",
+                    args.audit,
+                    audit.dropped + audit.write_errors,
                 )
     if args.format == "json":
         out.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")

@@ -294,10 +294,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 + " --url ".join(f"{region}=URL" for region in scenario.regions),
             )
         scenario = scenario.renamed(names)
-        print(
-            "scenario regions → deployment regions: "
-            + ", ".join(f"{old} → {new}" for old, new in names.items() if old != new),
-            file=sys.stderr,
+        log.info(
+            "scenario regions → deployment regions: %s",
+            ", ".join(f"{old} → {new}" for old, new in names.items() if old != new),
         )
     if not urls:  # the runner starts a local mesh: the names become its files
         for region in scenario.regions:
@@ -345,7 +344,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = _run_loop(runner.run())
     except RunError as error:
-        print(f"bucketmesh xr: {error}", file=sys.stderr)
+        log.error("xr: %s", error)
         return 1
     except OSError as error:  # the machine failed the run (a port, the disk): no traceback
         log.error("xr: the run failed: %s", error)
