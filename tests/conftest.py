@@ -747,3 +747,17 @@ def small_disk(tmp_path: Path) -> Iterator[Any]:
         pytest.skip(f"needs to mount a tmpfs (root with CAP_SYS_ADMIN): {refused}")
     yield disk
     disk.unmount()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Any]:
+    """A real Redis Cluster: 6 redis-server processes on loopback (3 masters, 3
+    replicas, ``redis-cli --cluster create``), all killed at teardown."""
+    from redis_cluster import RedisClusterProcesses
+
+    cluster = RedisClusterProcesses(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

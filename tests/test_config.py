@@ -384,8 +384,20 @@ def test_unreadable_file(tmp_path: Path) -> None:
         (
             "storage:\n  backend: redis\n  redisUrl: 'http://localhost'\n",
             "storage.redisUrl",
-            "bucketmesh.yaml: storage.redisUrl must be a redis://, rediss:// or unix:// URL, "
-            "got 'http://localhost'",
+            "bucketmesh.yaml: storage.redisUrl must be a redis://, rediss://, unix://, "
+            "redis-cluster:// or rediss-cluster:// URL, got 'http://localhost'",
+        ),
+        (
+            "storage:\n  backend: redis\n  redisUrl: 'redis-cluster://10.0.0.1:7000,10.0.0.2'\n",
+            "storage.redisUrl",
+            "bucketmesh.yaml: storage.redisUrl must list the cluster's nodes as "
+            "host:port[,host:port...], got '10.0.0.2'",
+        ),
+        (
+            "storage:\n  backend: redis\n  redisUrl: 'redis-cluster://10.0.0.1:7000/2'\n",
+            "storage.redisUrl",
+            "bucketmesh.yaml: storage.redisUrl must name no database (Redis Cluster has "
+            "database 0 only), got '/2'",
         ),
         (
             "limits:\n  maxBuckets: 0\n",

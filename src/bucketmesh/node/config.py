@@ -807,10 +807,19 @@ def _check_url(field: str, url: str) -> None:
 def _checked_storage(storage: StorageConfig) -> StorageConfig:
     if storage.backend == "redis":
         scheme = urlsplit(storage.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        if scheme in ("redis-cluster", "rediss-cluster"):
+            # Redis Cluster: startup nodes host:port[,host:port...] (storage-redis.md)
+            from bucketmesh.storage.redis_store import parse_cluster_url
+
+            try:
+                parse_cluster_url(storage.redis_url)
+            except ValueError as error:
+                raise _Problem("storage.redisUrl", str(error)) from None
+        elif scheme not in ("redis", "rediss", "unix"):
             raise _Problem(
                 "storage.redisUrl",
-                f"must be a redis://, rediss:// or unix:// URL, got {storage.redis_url!r}",
+                "must be a redis://, rediss://, unix://, redis-cluster:// or "
+                f"rediss-cluster:// URL, got {storage.redis_url!r}",
             )
     return msgspec.structs.replace(storage, snapshot=storage.snapshot or None)
 

@@ -70,6 +70,7 @@ from bucketmesh.core.limiter import (
     BucketCapReached,
     DeltaBatch,
     InvalidTokens,
+    KeyTooLong,
     Limiter,
     LimiterError,
     RuleMismatch,
@@ -88,6 +89,7 @@ from bucketmesh.storage.redis_store import (
     RedisStore,
     StaleIncarnation,
     StoreUnavailable,
+    Verdict,
     check_exact,
 )
 from bucketmesh.telemetry.log import logger
@@ -163,6 +165,11 @@ class RegionIdempotency:
         with contextlib.suppress(StoreUnavailable):
             if await self.store._call(self.store.redis.get(name)) == _PENDING:
                 await self.store._call(self.store.redis.delete(name))
+
+
+class CrossSlotBatch(KeyTooLong):
+    """An atomic batch whose keys are in several Redis Cluster slots (a 400 naming the
+    key, as the API answers a key it cannot take)."""
 
 
 class InexactConfig(ValueError):
@@ -464,6 +471,16 @@ class RedisBackend:
             except LimiterError as error:
                 raise error.at(index) from None
             out.append(ask)
+        if atomic and self.store.cluster and len({self.store.slot_of(a.key) for a in out}) > 1:
+            # one script call decides a group atomically, and a script's keys must
+            # share one Cluster slot
+            slot = self.store.slot_of(out[0].key)
+            index = next(j for j, a in enumerate(out) if self.store.slot_of(a.key) != slot)
+            raise CrossSlotBatch(
+                "on Redis Cluster the keys of an atomic batch must share one hash slot: "
+                f"{out[index].key!r} is not in the slot of {out[0].key!r} "
+                "(docs/storage-redis.md, Redis Cluster)"
+            ).at(index)
         if not self.up:
             return self._fallback_many(out, atomic)
         return asyncio.ensure_future(self._submit(out))
@@ -696,28 +713,47 @@ class RedisBackend:
             # stays down until the mirror has been merged back under the new
             # incarnation (_recover), or a fresh bucket would be created here and
             # the merge-back of the older epoch ignored.
-            verdicts = await self.store.acquire(asks, now)
+            try:
+                verdicts: Sequence[Verdict | None] = await self.store.acquire(asks, now)
+            except (StoreUnavailable, StaleIncarnation) as error:
+                if error.verdicts is None:
+                    raise
+                # Redis Cluster: some slots answered, others failed. The answered
+                # decisions keep their answer; the rest (and any redo) go to the policy.
+                unanswered: list[Waiter] = []
+                for waiter, verdict in zip(batch, error.verdicts, strict=True):
+                    if verdict is None or verdict.status == RECONFIGURE:
+                        unanswered.append(waiter)
+                    else:
+                        self._answer(waiter, verdict)
+                left[:] = unanswered
+                raise
             self.calls += 1
             redo: list[Waiter] = []
             for (ask, outcome), verdict in zip(batch, verdicts, strict=True):
+                assert verdict is not None
                 if verdict.status == RECONFIGURE:
                     redo.append((ask, outcome))
                     continue
-                self.decided += 1
-                if verdict.status == INVALID_TOKENS:
-                    outcome(_invalid(ask.tokens, verdict.capacity))
-                    continue
-                if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
-                    self.touched.add(ask.key)
-                    if ask.key not in self.mirror.buckets:
-                        self.unmirrored.add(ask.key)
-                outcome(verdict.decision(ask.key))
+                self._answer((ask, outcome), verdict)
             left[:] = redo
             if not redo:
                 return
             await self._reconfigure({ask.key: ask for ask, _ in redo}.values(), now)
             batch = redo
         raise StoreUnavailable("a bucket kept changing its config under this node")
+
+    def _answer(self, waiter: Waiter, verdict: Verdict) -> None:
+        ask, outcome = waiter
+        self.decided += 1
+        if verdict.status == INVALID_TOKENS:
+            outcome(_invalid(ask.tokens, verdict.capacity))
+            return
+        if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
+            self.touched.add(ask.key)
+            if ask.key not in self.mirror.buckets:
+                self.unmirrored.add(ask.key)
+        outcome(verdict.decision(ask.key))
 
     async def _reconfigure(self, asks: Iterable[Ask], now: int) -> None:
         """Adopt the rule's newer config in Redis: ``bucket.py`` computes the base that
@@ -855,8 +891,13 @@ class RedisBackend:
     async def _recover(self) -> None:
         await self.store.ping()
         current = await self.store.current_incarnation()
-        if current is None or current != self.store.incarnation:
+        if current is None or current != self.store.incarnation or self.store.slot_lost:
             await self._rejoin()
+        elif self.store.cluster and self.mirror.buckets:
+            # A Cluster failover (a replica promoted) forgets the writes the master
+            # acknowledged but had not replicated yet: what the mirror read back
+            # before goes back in (max-merge: harmless where nothing was lost).
+            self.merge_back = True
         if self.merge_back:  # a merge-back an earlier attempt did not finish
             await self._merge_back()
         for name, config in self.mirror.limiter.rule_configs.items():

@@ -58,11 +58,14 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from bucketmesh.core.bucket import (
     NS_PER_S,
@@ -116,6 +119,11 @@ ACQUIRE_LUA: Final = _script("acquire")
 # (times relative to the epoch). Answer: how many buckets changed.
 MERGE_LUA: Final = _script("merge")
 
+# bump.lua and slot.lua (Redis Cluster, plain scripts): take a new incarnation in
+# place of a given one, and copy the incarnation into one slot's key.
+BUMP_LUA: Final = (resources.files("bucketmesh.storage") / "lua" / "bump.lua").read_text("utf-8")
+SLOT_LUA: Final = (resources.files("bucketmesh.storage") / "lua" / "slot.lua").read_text("utf-8")
+
 # rule.lua. KEYS[1] the rules hash. ARGV: name, version hlc, version origin, encoded
 # config. Last writer wins by version; answers 1 when the stored config changed.
 RULE_LUA: Final = _script("rule")
@@ -138,12 +146,85 @@ else:  # pragma: no cover - Python 3.10
             handle.cancel()
 
 
-class StoreUnavailable(Exception):
+class _StoreError(Exception):
+    """``verdicts``: on Redis Cluster, an acquire split into one call per slot may fail
+    in some slots only; the verdicts the others answered (None where a slot failed)
+    keep their answer, so nothing is decided (or charged) twice."""
+
+    def __init__(self, message: str, verdicts: list[Verdict | None] | None = None) -> None:
+        super().__init__(message)
+        self.verdicts = verdicts
+
+
+class StoreUnavailable(_StoreError):
     """Redis did not answer in time, refused, or failed: the failure policy decides."""
 
 
-class StaleIncarnation(Exception):
+class StaleIncarnation(_StoreError):
     """The incarnation in Redis is not the one this node runs under (Redis lost its data)."""
+
+
+CLUSTER_SCHEMES: Final = ("redis-cluster", "rediss-cluster")
+CLUSTER_CALLS: Final = 16  # script calls of one batch in flight at once (one per slot)
+SLOTS: Final = 16384
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """``redis-cluster://[user:password@]host:port[,host:port...]`` (``rediss-cluster``:
+    TLS): the startup nodes of a Redis Cluster; the client learns the rest from them."""
+
+    nodes: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """The parts of a cluster URL; ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"must start with redis-cluster:// or rediss-cluster://, got {url!r}")
+    netloc = parts.netloc
+    username = password = None
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        user, _, secret = auth.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) or None
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(
+            f"must name no database (Redis Cluster has database 0 only), got {parts.path!r}"
+        )
+    nodes = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"must list the cluster's nodes as host:port[,host:port...], got {item!r}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    return ClusterUrl(tuple(nodes), username, password, parts.scheme == "rediss-cluster")
+
+
+_slot_tags: list[str] = []
+
+
+def slot_tag(slot: int) -> str:
+    """A short string whose Redis Cluster hash slot is ``slot`` (a hash tag for it)."""
+    if not _slot_tags:
+        tags: list[str | None] = [None] * SLOTS
+        left = SLOTS
+        n = 0
+        while left:
+            text = str(n)
+            s = key_slot(text.encode())
+            if tags[s] is None:
+                tags[s] = text
+                left -= 1
+            n += 1
+        _slot_tags.extend(t for t in tags if t is not None)
+    return _slot_tags[slot]
 
 
 class Verdict:
@@ -286,26 +367,50 @@ class RedisStore:
         self.prefix = f"bm:{region}:"
         self.incarnation_key = f"bm:{region}:incarnation"
         self.rules_key = f"bm:{region}:rules"
-        self.redis = aioredis.Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=max(timeout_s * 4, 0.5),
-            socket_connect_timeout=max(timeout_s * 4, 0.5),
-            max_connections=connections + 2,
-        )
+        # Redis Cluster: the incarnation is copied into one key per slot (hash-tagged
+        # into it), so each per-slot script call checks its own slot's copy; the
+        # "filled" marker says every slot had it (a missing one then means lost data).
+        self.filled_key = f"bm:{region}:incarnation:filled"
+        self.cluster = urlsplit(url).scheme in CLUSTER_SCHEMES
+        # a slot answered with another incarnation (or none): the next join takes a new one
+        self.slot_lost = False
+        self.redis: Any
+        if self.cluster:
+            parsed = parse_cluster_url(url)
+            self.redis = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes],
+                username=parsed.username,
+                password=parsed.password,
+                ssl=parsed.tls,
+                decode_responses=True,
+                socket_timeout=max(timeout_s * 4, 0.5),
+                socket_connect_timeout=max(timeout_s * 4, 0.5),
+                # per node; a call's slots run concurrently, at most CLUSTER_CALLS
+                max_connections=CLUSTER_CALLS + connections + 2,
+            )
+        else:
+            self.redis = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=max(timeout_s * 4, 0.5),
+                socket_connect_timeout=max(timeout_s * 4, 0.5),
+                max_connections=connections + 2,
+            )
         self._acquire = self.redis.register_script(ACQUIRE_LUA)
         self._merge = self.redis.register_script(MERGE_LUA)
         self._rule = self.redis.register_script(RULE_LUA)
+        self._bump = self.redis.register_script(BUMP_LUA)
+        self.slot_calls = asyncio.Semaphore(CLUSTER_CALLS)
         self.incarnation: str | None = None
         self.calls = 0
         self.failures = 0
-        params = self.redis.connection_pool.connection_kwargs
-        # TLS (rediss://) stays on redis-py; plain TCP and unix sockets get the raw link.
-        self.raw = self.redis.connection_pool.connection_class in (
+        # TLS (rediss://) and Cluster stay on redis-py (which follows MOVED/ASK and
+        # failovers); plain TCP and unix sockets get the raw link.
+        self.raw = not self.cluster and self.redis.connection_pool.connection_class in (
             aioredis.Connection,
             aioredis.UnixDomainSocketConnection,
         )
-        self.params = params
+        self.params = {} if self.cluster else self.redis.connection_pool.connection_kwargs
         self.link: _Link | None = None
         self.link_lock = asyncio.Lock()
 
@@ -316,13 +421,20 @@ class RedisStore:
     def bucket_key(self, key: str) -> str:
         return f"{self.prefix}{{{key}}}"
 
+    def slot_of(self, key: str) -> int:
+        """The Cluster slot of ``key``'s bucket (all its state is in that one hash)."""
+        return int(key_slot(self.bucket_key(key).encode()))
+
+    def slot_incarnation_key(self, slot: int) -> str:
+        return f"{self.prefix}inc:{{{slot_tag(slot)}}}"
+
     async def _call(self, awaitable: Any, timeout_s: float | None = None) -> Any:
         """Await one Redis call within the timeout; any failure is StoreUnavailable."""
         self.calls += 1
         try:
             async with _timeout(timeout_s or self.timeout_s):
                 return await awaitable
-        except (RedisError, OSError, asyncio.TimeoutError) as error:
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as error:
             self.failures += 1
             self.drop_link()
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
@@ -383,39 +495,125 @@ class RedisStore:
         candidate = time.time_ns() // 1_000_000
         if self.incarnation is not None and self.incarnation.isdigit():
             candidate = max(candidate, int(self.incarnation) + 1)
-        await self._call(self.redis.set(self.incarnation_key, str(candidate), nx=True), timeout_s)
+        lost = self.slot_lost and self.incarnation is not None
+        if lost:
+            # one slot lost its data (Cluster): a new incarnation for all, unless
+            # another node already took one
+            bump = self._bump(keys=[self.incarnation_key], args=[self.incarnation, candidate])
+            created = bool(await self._call(bump, timeout_s))
+        else:
+            created = bool(
+                await self._call(
+                    self.redis.set(self.incarnation_key, str(candidate), nx=True), timeout_s
+                )
+            )
         value = await self._call(self.redis.get(self.incarnation_key), timeout_s)
         if value is None:
             raise StoreUnavailable("the incarnation key vanished while it was being taken")
         self.incarnation = str(value)
+        if self.cluster:
+            wait = max(10.0, timeout_s or 0.0)
+            marker = await self._call(self.redis.get(self.filled_key), wait)
+            filled = await self._fill_slots(self.incarnation, wait)
+            if filled and not created and marker == self.incarnation:
+                # every slot had it once and one has it no longer: that slot lost its
+                # data (a shard wiped while no node ran): never reuse the id there
+                self.slot_lost = True
+                return await self.join(timeout_s)
+            await self._call(self.redis.set(self.filled_key, self.incarnation), wait)
+            self.slot_lost = False
         return self.incarnation
+
+    async def _fill_slots(self, incarnation: str, timeout_s: float) -> int:
+        """Copy the incarnation into every slot's key (where missing or older), in one
+        cluster pipeline; how many were set."""
+        pipe = self.redis.pipeline(transaction=False)
+        for slot in range(SLOTS):
+            pipe.eval(SLOT_LUA, 1, self.slot_incarnation_key(slot), incarnation)
+        results = await self._call(pipe.execute(), timeout_s)
+        return sum(int(x) for x in results)
 
     async def current_incarnation(self) -> str | None:
         value = await self._call(self.redis.get(self.incarnation_key))
         return None if value is None else str(value)
 
     async def ping(self, timeout_s: float | None = None) -> None:
-        await self._call(self.redis.ping(), timeout_s)
+        if self.cluster:
+            # every master answers (the client refreshes its map of the cluster
+            # after a failed one, so a promoted replica is found)
+            await self._call(self.redis.ping(target_nodes=RedisCluster.PRIMARIES), timeout_s)
+        else:
+            await self._call(self.redis.ping(), timeout_s)
 
     async def eviction_policy(self, timeout_s: float | None = None) -> str | None:
         """Redis's ``maxmemory-policy``, or None where CONFIG is refused (a managed Redis,
         an ACL without it): that refusal is not a store failure."""
         try:
             async with _timeout(timeout_s or self.timeout_s):
-                found = await self.redis.config_get("maxmemory-policy")
+                if self.cluster:
+                    found = await self.redis.config_get(
+                        "maxmemory-policy", target_nodes=RedisCluster.PRIMARIES
+                    )
+                else:
+                    found = await self.redis.config_get("maxmemory-policy")
         except ResponseError:
             return None
-        except (RedisError, OSError, asyncio.TimeoutError) as error:
+        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as error:
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+        if isinstance(found, dict) and found and all(isinstance(v, dict) for v in found.values()):
+            # one answer per master (Cluster): the first one that is not noeviction
+            policies = [str(v.get("maxmemory-policy")) for v in found.values()]
+            return next((p for p in policies if p != "noeviction"), policies[0])
         value = found.get("maxmemory-policy") if isinstance(found, dict) else None
         return None if value is None else str(value)
 
     # -- decisions ---------------------------------------------------------------
 
     async def acquire(self, asks: Sequence[Ask], now_ns: int) -> list[Verdict]:
-        """Decide ``asks`` in order, in one atomic script call."""
+        """Decide ``asks`` in order, in one atomic script call (on Redis Cluster: one
+        per slot, all sent at once; each key's asks keep their order, and an atomic
+        group must be in one slot)."""
         if self.incarnation is None:
             raise StaleIncarnation("no incarnation taken yet")
+        if not self.cluster:
+            return await self._acquire_call(asks, now_ns, self.incarnation_key)
+        by_slot: dict[int, list[int]] = {}
+        for j, ask in enumerate(asks):
+            by_slot.setdefault(self.slot_of(ask.key), []).append(j)
+        if len(by_slot) == 1:
+            slot = next(iter(by_slot))
+            return await self._acquire_call(asks, now_ns, self.slot_incarnation_key(slot))
+        slots = list(by_slot.items())
+
+        async def one(slot: int, js: list[int]) -> list[Verdict]:
+            async with self.slot_calls:
+                return await self._acquire_call(
+                    [asks[j] for j in js], now_ns, self.slot_incarnation_key(slot)
+                )
+
+        results = await asyncio.gather(
+            *(one(slot, js) for slot, js in slots), return_exceptions=True
+        )
+        out: list[Verdict | None] = [None] * len(asks)
+        failure: BaseException | None = None
+        for (_, js), result in zip(slots, results, strict=True):
+            if isinstance(result, BaseException):
+                if failure is None or isinstance(result, StaleIncarnation):
+                    failure = result
+                continue
+            for j, verdict in zip(js, result, strict=True):
+                out[j] = verdict
+        if failure is not None:
+            if isinstance(failure, _StoreError):
+                raise type(failure)(str(failure), out)
+            raise failure
+        return [v for v in out if v is not None]
+
+    async def _acquire_call(
+        self, asks: Sequence[Ask], now_ns: int, incarnation_key: str
+    ) -> list[Verdict]:
+        """One acquire script call; ``incarnation_key``: the store's, or on Cluster the
+        copy in the slot of every key of the call."""
         rules: dict[tuple[str, BucketConfig], int] = {}
         keys: dict[str, int] = {}
         args: list[Any] = []
@@ -444,11 +642,13 @@ class RedisStore:
         now_s, now_n = _split(now_ns)
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
-        names = [self.incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
+        names = [incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
         raw = await self._call(
             self._run_script(self._acquire, names, [*head, *args, "".join(wanted)])
         )
         if len(raw) == 1 and raw[0] == STALE_INCARNATION:
+            if self.cluster:
+                self.slot_lost = True
             raise StaleIncarnation("Redis holds another incarnation (it lost its data?)")
         base = 4 * len(asks)
         out = []
@@ -474,13 +674,18 @@ class RedisStore:
     async def merge(self, deltas: Iterable[BucketDelta], now_ns: int) -> int:
         """Join ``deltas`` into the store (absolute values: repeating one is harmless)."""
         keys: list[str] = []
-        args: list[Any] = [*_split(now_ns), self.replica_id or ""]
+        head: list[Any] = [*_split(now_ns), self.replica_id or ""]
+        args: list[Any] = []
+        slots: dict[int, tuple[list[str], list[Any]]] = {}
         for delta in deltas:
             if delta.epoch == 0:
                 continue  # a strict key's config-only delta (limiter.py): no bucket state
             cfg = delta.config
             expired = delta_tat(delta) + cfg.ttl_ns <= now_ns
             epoch = delta.epoch
+            if self.cluster:
+                # one call per slot (a script's keys must share one)
+                keys, args = slots.setdefault(self.slot_of(delta.key), ([], []))
             keys.append(self.bucket_key(delta.key))
             args += [
                 *_split(epoch),
@@ -508,9 +713,24 @@ class RedisStore:
             for rid, flat in marks.items():
                 shifted = [value - epoch if j % 2 == 0 else value for j, value in enumerate(flat)]
                 args += [rid, ",".join(map(str, shifted))]
+        if self.cluster:
+
+            async def one(keys: list[str], args: list[Any]) -> Any:
+                async with self.slot_calls:
+                    return await self._call(self._merge(keys=keys, args=[*head, *args]))
+
+            counts = await asyncio.gather(
+                *(one(k, a) for k, a in slots.values()), return_exceptions=True
+            )
+            total = 0
+            for count in counts:
+                if isinstance(count, BaseException):
+                    raise count
+                total += int(count)
+            return total
         if not keys:
             return 0
-        return int(await self._call(self._merge(keys=keys, args=args)))
+        return int(await self._call(self._merge(keys=keys, args=[*head, *args])))
 
     async def merge_remote(
         self, deltas: Sequence[BucketDelta], now_ns: int, replica_id: str

@@ -1,0 +1,169 @@
+"""A real Redis Cluster on loopback for the redis backend's tests: six ``redis-server``
+processes in cluster mode (3 masters, 3 replicas) joined with ``redis-cli --cluster
+create``. No persistence; a short ``cluster-node-timeout`` so a killed master's replica
+is promoted within a couple of seconds. Every wait is bounded; ``stop()`` kills every
+process this module started (by its own Popen handle).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+from redis_server import redis_server_binary
+
+START_TIMEOUT_S = 60.0
+NODE_TIMEOUT_MS = 1000
+
+
+def _cli() -> str:
+    found = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    if not Path(found).exists():
+        raise RuntimeError("redis-cli is not installed (it comes with redis-server)")
+    return found
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class ClusterNodeProcess:
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_cluster_port()
+        self.directory = directory / f"node-{self.port}"
+        self.directory.mkdir(parents=True)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.directory / "nodes.conf"),
+                "--cluster-node-timeout",
+                str(NODE_TIMEOUT_MS),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=10.0
+        )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+class RedisClusterProcesses:
+    """Six cluster nodes; ``url`` is the bucketmesh form (redis-cluster://h:p,h:p)."""
+
+    def __init__(self, directory: Path, size: int = 6) -> None:
+        self.nodes = [ClusterNodeProcess(directory) for _ in range(size)]
+        self.url = "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for node in self.nodes:
+            while True:
+                with contextlib.suppress(redis.RedisError):
+                    if node.client().ping():
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node {node.port} not answering")
+                time.sleep(0.02)
+        created = subprocess.run(
+            [
+                _cli(),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(
+                f"redis-cli --cluster create failed: {created.stdout}{created.stderr}"
+            )
+        self.wait_ok()
+
+    def wait_ok(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until every live node says cluster_state:ok and every slot has a master."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                live = [n for n in self.nodes if n.process is not None]
+                if all(n.client().cluster("info")["cluster_state"] == "ok" for n in live):
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not reach cluster_state:ok")
+            time.sleep(0.05)
+
+    def client(self) -> redis.RedisCluster:
+        live = next(n for n in self.nodes if n.process is not None)
+        return redis.RedisCluster(
+            host="127.0.0.1", port=live.port, decode_responses=True, socket_timeout=10.0
+        )
+
+    def master_of(self, slot: int) -> ClusterNodeProcess:
+        """The node that serves ``slot`` now."""
+        live = next(n for n in self.nodes if n.process is not None)
+        for start, end, master, *_ in live.client().execute_command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                port = int(master[1])
+                return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"slot {slot} has no master")
+
+    def node_id(self, node: ClusterNodeProcess) -> str:
+        return str(node.client().execute_command("CLUSTER", "MYID"))
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
