@@ -59,6 +59,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import _report  # noqa: E402
 import http_rate as bench_http  # noqa: E402
@@ -78,7 +79,14 @@ async def limits_client(url: str, seconds: float, concurrency: int) -> dict[str,
     from limits.aio.storage import RedisStorage
     from limits.aio.strategies import FixedWindowRateLimiter
 
-    storage = RedisStorage(url.replace("redis://", "async+redis://"), implementation="redispy")
+    if url.startswith("redis-cluster://"):
+        from limits.aio.storage import RedisClusterStorage
+
+        storage: Any = RedisClusterStorage(
+            url.replace("redis-cluster://", "async+redis+cluster://"), implementation="redispy"
+        )
+    else:
+        storage = RedisStorage(url.replace("redis://", "async+redis://"), implementation="redispy")
     limiter = FixedWindowRateLimiter(storage)
     item = parse("1000000000/hour")
     await limiter.hit(item, "bench")
@@ -164,10 +172,38 @@ class RedisProcess:
     def flush(self) -> None:
         self.client.flushall()
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.proc.pid)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+class ClusterProcesses:
+    """--cluster: a Redis Cluster of 6 redis-server processes (3 masters, 3 replicas),
+    the one tests/test_redis_cluster.py runs; both contenders use it."""
+
+    def __init__(self, workdir: Path) -> None:
+        sys.path.append(str(_HERE.parent / "tests"))
+        from redis_cluster import RedisClusterProcesses
+
+        self.cluster = RedisClusterProcesses(workdir / "cluster")
+        self.cluster.start()
+        self.url = self.cluster.url
+
+    def flush(self) -> None:
+        for node in self.cluster.nodes:
+            client = node.client()
+            if client.execute_command("ROLE")[0] == "master":
+                client.flushall()
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(n.process.pid) for n in self.cluster.nodes if n.process)
+
+    def stop(self) -> None:
+        self.cluster.stop()
 
 
 def node(workdir: Path, name: str, redis_url: str, capacity: int, rate: float) -> object:
@@ -252,6 +288,9 @@ def used_in_redis(service: object) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--cluster", action="store_true", help="on a Redis Cluster (6 processes) instead"
+    )
     parser.add_argument("--limits-client", nargs=3, metavar=("URL", "SECONDS", "CONCURRENCY"))
     args = parser.parse_args()
     if args.limits_client:
@@ -285,7 +324,7 @@ def main() -> int:
             body='{"tokens":1}',
             headers={"X-K": KEY, "Content-Type": "application/json"},
         )
-        redis_proc = RedisProcess(workdir)
+        redis_proc: Any = ClusterProcesses(workdir) if args.cluster else RedisProcess(workdir)
         services: list[object] = []
         try:
             a = node(workdir, "node-a", redis_proc.url, 10**12, 1e9)
@@ -299,13 +338,13 @@ def main() -> int:
                 order = contenders[index % 3 :] + contenders[: index % 3]
                 for name in order:
                     before = grants(services)
-                    redis_cpu = cpu_seconds(redis_proc.proc.pid)
+                    redis_cpu = redis_proc.cpu()
                     if name == "limits":
                         figures = run_limits(redis_proc.url, seconds)
                         results[name].append(figures["rps"])
                         cpu_us[name].append(figures["cpu_us"])
                         redis_us[name].append(
-                            (cpu_seconds(redis_proc.proc.pid) - redis_cpu) / figures["hits"] * 1e6
+                            (redis_proc.cpu() - redis_cpu) / figures["hits"] * 1e6
                         )
                         continue
                     chosen = [a] if name == "bucketmesh x1" else [a, b]
@@ -314,9 +353,7 @@ def main() -> int:
                     node_cpu = sum(cpu_seconds(s.pid) for s in chosen) - node_cpu  # type: ignore[attr-defined]
                     decided = grants(services)[0] - before[0]
                     cpu_us[name].append(node_cpu / max(decided, 1) * 1e6)
-                    redis_us[name].append(
-                        (cpu_seconds(redis_proc.proc.pid) - redis_cpu) / max(decided, 1) * 1e6
-                    )
+                    redis_us[name].append((redis_proc.cpu() - redis_cpu) / max(decided, 1) * 1e6)
                     results[name].append(sum(r.rps for r in runs))
                     p99[name].append(max(r.p99_ms for r in runs))
                     after = grants(services)
@@ -392,7 +429,8 @@ def main() -> int:
         "redis CPU µs per decision",
     ]
     title = (
-        f"P6 redis backend, admit, {CONNECTIONS} concurrent clients, "
+        f"P6 redis backend{' on Redis Cluster (3 masters, 3 replicas)' if args.cluster else ''}, "
+        f"admit, {CONNECTIONS} concurrent clients, "
         f"{rounds} rounds × {seconds:g} s"
     )
     _report.print_table(title, columns, rows)
@@ -417,8 +455,15 @@ def main() -> int:
             verdict + ("\n\n" + "\n".join(f"- {p}" for p in problems) if problems else ""),
             f"limits: {_report.versions('limits', 'redis')}, aio RedisStorage (redis-py), "
             f"FixedWindowRateLimiter, {CONNECTIONS} asyncio tasks on uvloop; bucketmesh: wrk -t1, "
-            f"POST /v1/rate, {CONNECTIONS} connections in all; one redis-server for everything. "
-            "Command: `PYTHONPATH=src .venv/bin/python benchmarks/redis.py"
+            f"POST /v1/rate, {CONNECTIONS} connections in all; "
+            + (
+                "one Redis Cluster (6 redis-server processes) for everything, limits on its "
+                "RedisClusterStorage. "
+                if args.cluster
+                else "one redis-server for everything. "
+            )
+            + "Command: `PYTHONPATH=src .venv/bin/python benchmarks/redis.py"
+            + (" --cluster" if args.cluster else "")
             + (" --quick`" if args.quick else "`"),
         ]
     )

@@ -95,9 +95,9 @@ def test_decisions_on_a_cluster_are_exact_across_slots(
     with nodes[0].client() as client:
         assert metric(client, "bucketmesh_store_failures_total") == 0
         state = client.get("/v1/buckets/k-3").json()
-        assert list(state["replicas"]) == [
-            f"{REGION}/redis/" + state["replicas"].__iter__().__next__().rsplit("/", 1)[1]
-        ]
+        # one replica id for the whole region, whatever the slot
+        (rid,) = state["replicas"]
+        assert rid.startswith(f"{REGION}/redis/")
 
 
 def test_an_atomic_batch_must_stay_in_one_slot(serve: ServerFactory, redis_cluster: Any) -> None:
@@ -231,14 +231,6 @@ def test_a_master_killed_under_load_fails_over_to_its_replica(
             eventually(
                 lambda c=client: metric(c, "bucketmesh_store_up") == 1.0,
                 "the store is up after the failover",
-            )
-            print(
-                "outages",
-                metric(client, "bucketmesh_store_outages_total"),
-                "recoveries",
-                metric(client, "bucketmesh_store_recoveries_total"),
-                "failures",
-                metric(client, "bucketmesh_store_failures_total"),
             )
     assert deny_fallbacks >= len(denied)  # no denial came from the bucket itself
     assert resumed > killed_at
