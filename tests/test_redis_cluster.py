@@ -312,6 +312,13 @@ def test_a_slot_resharded_while_serving_keeps_decisions_exact(
             pass
         assert answer.status_code == 429
     assert target.client().execute_command("CLUSTER", "COUNTKEYSINSLOT", slot(hot)) >= 1
+    # the direct connection to the old master was answered MOVED (or ASK) and the call
+    # finished through the cluster client, which learned the new owner
+    redirected = 0.0
+    for node in nodes:
+        with node.client() as client:
+            redirected += metric(client, "bucketmesh_store_redirections_total")
+    assert redirected >= 1
     assert used_in_redis(redis_cluster, hot) == capacity
 
 

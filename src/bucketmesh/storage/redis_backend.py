@@ -1069,6 +1069,12 @@ class RedisBackend:
         metrics.counter(
             "bucketmesh_store_decisions", "Decisions made in Redis", lambda: self.decided
         )
+        metrics.counter(
+            "bucketmesh_store_redirections",
+            "Redis Cluster script calls answered MOVED/ASK/TRYAGAIN on the direct connection "
+            "and finished through the cluster client (a slot moved or a failover)",
+            lambda: self.store.redirected,
+        )
         metrics.gauge(
             "bucketmesh_store_keys_awaiting_readback",
             "Keys granted on in Redis since they were last read back into the node's mirror: "

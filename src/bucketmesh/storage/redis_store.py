@@ -411,6 +411,17 @@ class RedisStore:
             aioredis.UnixDomainSocketConnection,
         )
         self.params = {} if self.cluster else self.redis.connection_pool.connection_kwargs
+        # Cluster without TLS: decisions on raw connections to the masters (one each)
+        self.cluster_raw = self.cluster and not parse_cluster_url(url).tls
+        self.node_links: dict[str, _Link] = {}
+        self.auth: list[str] = []
+        self.redirected = 0  # cluster calls redis-py had to finish (redirections)
+        if self.cluster:
+            parsed = parse_cluster_url(url)
+            if parsed.password:
+                self.auth = [parsed.password]
+                if parsed.username:
+                    self.auth.insert(0, parsed.username)
         self.link: _Link | None = None
         self.link_lock = asyncio.Lock()
 
@@ -440,15 +451,54 @@ class RedisStore:
             raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
 
     async def close(self) -> None:
-        if self.link is not None:
-            self.link.close()
+        self.drop_link()
         await self.redis.aclose()
 
     def drop_link(self) -> None:
-        """Forget the raw connection (after a timeout: its replies may never come)."""
+        """Forget the raw connection(s) (after a timeout: their replies may never come)."""
         if self.link is not None:
             self.link.close()
             self.link = None
+        for link in self.node_links.values():
+            link.close()
+        self.node_links.clear()
+
+    async def _node_link(self, host: str, port: int) -> _Link:
+        """Cluster: the raw connection to one master (opened on first use)."""
+        name = f"{host}:{port}"
+        link = self.node_links.get(name)
+        if link is not None and not link.lost:
+            return link
+        _, link = await asyncio.get_running_loop().create_connection(_Link, host, port)
+        if self.auth:
+            _check(await link.send(["AUTH", *self.auth]))
+        old = self.node_links.get(name)
+        if old is not None and not old.lost:
+            link.close()  # another call opened one meanwhile
+            return old
+        self.node_links[name] = link
+        return link
+
+    async def _run_in_slot(self, script: Any, slot: int, keys: list[str], args: list[Any]) -> Any:
+        """Cluster: EVALSHA on a raw connection to the slot's master as the client's map
+        knows it; any error reply (MOVED, ASK, TRYAGAIN, CLUSTERDOWN: the script did not
+        run) sends the call through redis-py's cluster client instead, which follows the
+        redirection and refreshes its map."""
+        if self.cluster_raw:
+            try:
+                node = self.redis.nodes_manager.get_node_from_slot(slot)
+            except (RedisClusterException, AttributeError):
+                node = None
+            if node is not None:
+                link = await self._node_link(node.host, node.port)
+                command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+                reply = await link.send(command)
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    reply = await link.send(["EVAL", script.script, len(keys), *keys, *args])
+                if not isinstance(reply, hiredis.ReplyError):
+                    return reply
+                self.redirected += 1
+        return await script(keys=keys, args=args)
 
     async def _open_link(self) -> _Link:
         link = self.link
@@ -643,9 +693,12 @@ class RedisStore:
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
         names = [incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
-        raw = await self._call(
-            self._run_script(self._acquire, names, [*head, *args, "".join(wanted)])
-        )
+        argv = [*head, *args, "".join(wanted)]
+        if self.cluster:
+            slot = int(key_slot(incarnation_key.encode()))
+            raw = await self._call(self._run_in_slot(self._acquire, slot, names, argv))
+        else:
+            raw = await self._call(self._run_script(self._acquire, names, argv))
         if len(raw) == 1 and raw[0] == STALE_INCARNATION:
             if self.cluster:
                 self.slot_lost = True
