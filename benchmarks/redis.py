@@ -453,7 +453,8 @@ def main() -> int:
             _report.markdown_table(columns, rows),
             deny_line,
             verdict + ("\n\n" + "\n".join(f"- {p}" for p in problems) if problems else ""),
-            f"limits: {_report.versions('limits', 'redis')}, aio RedisStorage (redis-py), "
+            f"limits: {_report.versions('limits', 'redis')}, "
+            f"aio {'RedisClusterStorage' if args.cluster else 'RedisStorage'} (redis-py), "
             f"FixedWindowRateLimiter, {CONNECTIONS} asyncio tasks on uvloop; bucketmesh: wrk -t1, "
             f"POST /v1/rate, {CONNECTIONS} connections in all; "
             + (
