@@ -362,3 +362,49 @@ def test_a_cluster_region_and_a_memory_region_converge_across_slots(
         return True
 
     eventually(converged, "both regions hold every grant of every key")
+
+
+def test_a_shard_that_lost_its_data_takes_a_new_incarnation_and_stays_drained(
+    serve: ServerFactory, redis_cluster: Any
+) -> None:
+    """FLUSHALL on the master of a drained key's slot (its replica follows): the next
+    decision there finds no incarnation in that slot, the node takes a new one for the
+    region and merges its mirror back before deciding in Redis again, so the drained
+    bucket stays drained (nothing spent is handed back) and the old id is never reused."""
+    buckets = [
+        {
+            "name": "d",
+            "key": "d-{{ .Request.Query.k }}",
+            "capacity": 5,
+            "refillRate": 0.0001,
+            "onStoreFailure": "deny",
+        }
+    ]
+    node = serve(cluster_config(redis_cluster.url, buckets))
+    with node.client() as client:
+        assert [client.post("/v1/rate?k=x").status_code for _ in range(6)] == [200] * 5 + [429]
+        before = client.get("/v1/buckets/d-x").json()["replicas"]  # read back into the mirror
+        assert sum(entry["used"] for entry in before.values()) == 5
+        (old_id,) = before
+        master = redis_cluster.master_of(slot("d-x"))
+        master.client().flushall()
+        assert used_in_redis(redis_cluster, "d-x") == 0
+        # the wiped slot is noticed at its next decision; the policy (deny) answers
+        # until the node has taken a new incarnation and merged its mirror back
+        assert client.post("/v1/rate?k=x").status_code == 429
+        eventually(
+            lambda: (
+                metric(client, "bucketmesh_store_recoveries_total") >= 1
+                and metric(client, "bucketmesh_store_up") == 1.0
+            ),
+            "the node recovers under a new incarnation",
+        )
+        after = client.get("/v1/buckets/d-x").json()["replicas"]
+        assert old_id in after and after[old_id]["used"] == 5, after
+        # decided in Redis again, under a new id, and still drained
+        assert client.post("/v1/rate?k=x").status_code == 429
+        assert client.post("/v1/rate?k=y").status_code == 200
+        y = client.get("/v1/buckets/d-y").json()["replicas"]
+        (new_id,) = y
+        assert new_id != old_id and int(new_id.rsplit("/", 1)[1]) > int(old_id.rsplit("/", 1)[1])
+    assert used_in_redis(redis_cluster, "d-x") == 5
