@@ -896,8 +896,11 @@ class RedisBackend:
         elif self.store.cluster and self.mirror.buckets:
             # A Cluster failover (a replica promoted) forgets the writes the master
             # acknowledged but had not replicated yet: what the mirror read back
-            # before goes back in (max-merge: harmless where nothing was lost).
-            self.merge_back = True
+            # before goes back in (max-merge: harmless where nothing was lost), in the
+            # background while decisions go to Redis again. The buckets are still
+            # there (same epoch, a little behind), so the merge joins whenever it
+            # lands; meanwhile at most the unreplicated grants can be granted again.
+            self.resync = True
         if self.merge_back:  # a merge-back an earlier attempt did not finish
             await self._merge_back()
         for name, config in self.mirror.limiter.rule_configs.items():
