@@ -45,6 +45,12 @@ API node of the region. The incarnation lives in Redis (``bm:<region>:
 incarnation``, taken with SET NX); the acquire script refuses to run under
 another incarnation than the stored one, so after Redis lost its data nodes
 take a new incarnation and a wiped counter is never reused under the old id.
+
+Redis Cluster (``redis-cluster://host:port,...``): a call's decisions are split
+by slot, one script call per slot, each checking the incarnation's copy in its
+own slot (``bm:<region>:inc:{<tag>}``); decisions go over raw connections to the
+masters, and an error reply (MOVED/ASK/TRYAGAIN) is finished by redis-py's
+cluster client, which follows it. docs/storage-redis.md, "Redis Cluster".
 """
 
 from __future__ import annotations
