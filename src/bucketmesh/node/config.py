@@ -812,6 +812,14 @@ def _checked_storage(storage: StorageConfig) -> StorageConfig:
                 "storage.redisUrl",
                 f"must be a redis://, rediss:// or unix:// URL, got {storage.redis_url!r}",
             )
+    if storage.snapshot and storage.snapshot.startswith("dynamodb://"):
+        # a node without a volume: the state files mirrored in DynamoDB (storage/dynamodb.py)
+        from bucketmesh.storage.dynamodb import parse_uri
+
+        try:
+            parse_uri(storage.snapshot)
+        except ValueError as error:
+            raise _Problem("storage.snapshot", str(error)) from None
     return msgspec.structs.replace(storage, snapshot=storage.snapshot or None)
 
 

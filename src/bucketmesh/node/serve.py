@@ -70,6 +70,7 @@ from bucketmesh.telemetry.tasks import Supervisor
 
 if TYPE_CHECKING:
     from bucketmesh.integrations.envoy import EnvoyServer
+    from bucketmesh.storage.dynamodb import DynamoState
     from bucketmesh.storage.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
@@ -102,6 +103,8 @@ class Node:
         self.settings = settings
         self.backend: RedisBackend | None = None
         self.memory: MemoryStore | None = None
+        # storage.snapshot: dynamodb://...: the state files mirrored in DynamoDB
+        self.dynamo: DynamoState | None = None
         self.metrics = NodeMetrics()
         # Every background task runs under it: none can die silently (telemetry/tasks.py).
         self.supervisor = Supervisor(log)
@@ -127,12 +130,13 @@ class Node:
             decider = self.backend
             replica = self.backend.mirror
         else:
+            snapshot = self._restore_from_dynamodb(settings)
             try:
                 self.memory = MemoryStore.open(
                     settings.rules,
                     region=settings.region,
                     node=settings.node,
-                    snapshot=settings.snapshot,
+                    snapshot=snapshot,
                     durability=settings.durability,
                     max_buckets=settings.max_buckets,
                     regions=settings.regions,
@@ -141,6 +145,7 @@ class Node:
                 raise StartError(str(error)) from None
             except OSError as error:
                 raise StartError(f"{settings.snapshot}: {error.strerror or error}") from None
+            self._claim_in_dynamodb()
             self.memory.install(self.metrics)
             decider = self.memory
             replica = self.memory.limiter
@@ -203,6 +208,35 @@ class Node:
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
+
+    def _restore_from_dynamodb(self, settings: NodeSettings) -> str | None:
+        """The snapshot path the store opens: the table's copy of the state files in a
+        scratch directory when ``storage.snapshot`` is a dynamodb:// URI
+        (storage/dynamodb.py; blocking, before the node serves anything)."""
+        from bucketmesh.storage import dynamodb
+
+        if not dynamodb.is_uri(settings.snapshot):
+            return settings.snapshot
+        assert settings.snapshot is not None
+        try:
+            self.dynamo = dynamodb.DynamoState.open(
+                settings.snapshot, region=settings.region, node=settings.node
+            )
+            return str(self.dynamo.restore())
+        except (dynamodb.DynamoError, OSError) as error:
+            raise StartError(str(error)) from None
+
+    def _claim_in_dynamodb(self) -> None:
+        if self.dynamo is None or self.memory is None:
+            return
+        from bucketmesh.storage.dynamodb import DynamoError
+
+        try:
+            self.dynamo.claim(self.memory.limiter.replica_id)
+        except DynamoError as error:
+            self.memory.close()
+            raise StartError(str(error)) from None
+        self.dynamo.install(self.metrics)
 
     def _secret_files(self, settings: NodeSettings) -> SecretFiles:
         """Rotation: admin tokens and sync secrets, and the files read again on change."""
@@ -282,6 +316,11 @@ class Node:
             # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
             interval = self.settings.snapshot_interval_s
             self.tasks.append(supervisor.every("snapshot", interval, self._snapshot_step))
+        if self.dynamo is not None:
+            # off every request's path: the table gets the log's new bytes and new snapshots
+            self.tasks.append(
+                supervisor.every("dynamodb", self.dynamo.interval_s, self.dynamo.checkpoint)
+            )
 
     async def _recover_state(self) -> None:
         """Pull the peers' state; on a node that restored nothing (no snapshot), decide
@@ -384,6 +423,11 @@ class Node:
                 # Nothing granted is lost: the write-ahead log still holds what the
                 # last snapshot does not, and the next start replays it.
                 log.error("final snapshot failed: %s; the write-ahead log keeps every grant", error)
+            if self.dynamo is not None:
+                try:
+                    await self.dynamo.checkpoint()
+                except Exception as error:  # logged: the table keeps its last checkpoint
+                    log.error("final DynamoDB checkpoint failed: %s", error)
             self.memory.close()
 
     def request_stop(self, reason: str) -> None:
