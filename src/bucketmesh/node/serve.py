@@ -61,6 +61,7 @@ from bucketmesh.http.server import HttpServer
 from bucketmesh.http.tls import sync_guard
 from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
+from bucketmesh.replication.discovery import Discovery
 from bucketmesh.replication.mesh import Mesh, Replica
 from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.log import configure as configure_logging
@@ -163,6 +164,17 @@ class Node:
         else:
             idempotency = IdempotencyCache()
         self.mesh = Mesh(replica, settings.sync) if settings.sync is not None else None
+        self.discovery: Discovery | None = None
+        if self.mesh is not None and settings.discovery is not None:
+            # this region's other nodes from a headless Service's DNS (docs/scale.md)
+            self.discovery = Discovery(
+                self.mesh,
+                settings.discovery,
+                region=settings.region,
+                node=settings.node,
+                static=tuple(settings.static_peers),
+            )
+            self.discovery.install(self.metrics)
         if self.mesh is None and self.memory is not None:
             self.memory.limiter.keep_tombstones = False  # nothing will ever merge into it
         self.router = Router(self.metrics)
@@ -288,6 +300,8 @@ class Node:
     async def start(self) -> None:
         if self.backend is not None:
             await self.backend.start(self.supervisor)
+        if self.discovery is not None:
+            await self.discovery.step()  # the region's nodes, before the start-up pull
         await self._recover_state()
         host, port = self.settings.host, self.settings.port
         try:
@@ -307,6 +321,11 @@ class Node:
         supervisor = self.supervisor
         if self.mesh is not None:
             self.mesh.start(supervisor)
+        if self.discovery is not None:
+            discovery = self.discovery
+            self.tasks.append(
+                supervisor.every("sync-discovery", discovery.settings.interval_s, discovery.step)
+            )
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
         if self.secret_files.watched:
             self.tasks.append(
