@@ -129,6 +129,8 @@ def node_settings(config: Config) -> NodeSettings:
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
         envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
         discovery=discovery_settings(config),
+        forward=config.affinity.forward,
+        forward_timeout_s=config.affinity.forward_timeout_ms / 1000,
         static_peers=config.sync.peers if config.sync.enabled else (),
     )
 

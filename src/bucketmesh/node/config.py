@@ -118,6 +118,7 @@ _FILE_NAMES: Final[Mapping[str, str]] = {
     "shed_lag_ms": "shedLag",
     "max_connection_age_ms": "maxConnectionAge",
     "peer_timeout_ms": "peerTimeout",
+    "forward_timeout_ms": "forwardTimeout",
     "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
     "on_store_failure_alias": "on_store_failure",
@@ -277,6 +278,16 @@ class LimitsConfig(_Section, frozen=True):
     shed_lag_ms: _Count = 500
 
 
+class AffinityConfig(_Section, frozen=True):
+    """``affinity``: what a node of a region of several does with a key another node
+    of its region owns on the MurmurHash3 ring (core/affinity.py, api/forward.py):
+    decide it (``forward: false``, the default) or forward it to the owner, deciding
+    it here if the owner does not answer within ``forward_timeout`` ms."""
+
+    forward: bool = False
+    forward_timeout_ms: _Count = 200
+
+
 class _Settings(_Section, frozen=True):
     """Every setting of the file except the rules."""
 
@@ -292,6 +303,7 @@ class _Settings(_Section, frozen=True):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
 
 
 class Config(_Settings, frozen=True):

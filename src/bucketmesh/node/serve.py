@@ -194,6 +194,18 @@ class Node:
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
+        if settings.forward and self.mesh is not None:
+            from bucketmesh.api.forward import Forwarder
+
+            # affinity.forward: keys another node of the region owns go to it
+            self.app.forwarder = Forwarder(
+                self.app,
+                self.mesh,
+                region=settings.region,
+                node=settings.node,
+                timeout_s=settings.forward_timeout_s,
+            )
+            self.app.forwarder.install()
         self.secret_files = self._secret_files(settings)
         tls = settings.tls
         if tls is not None:
@@ -431,6 +443,8 @@ class Node:
             await self.envoy.stop(grace)
         await self.server.shutdown(grace)
         self.serving = False
+        if self.app.forwarder is not None:
+            await self.app.forwarder.close()
         if self.mesh is not None:
             await self.mesh.stop()
         if self.backend is not None:

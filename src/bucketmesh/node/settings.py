@@ -52,3 +52,6 @@ class NodeSettings:
     discovery: DiscoverySettings | None = None
     # the regions and slots sync.peers lists (discovery never touches them)
     static_peers: tuple[str, ...] = ()
+    # affinity.forward: keys another node of the region owns go to it (api/forward.py)
+    forward: bool = False
+    forward_timeout_s: float = 0.2
