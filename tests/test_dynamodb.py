@@ -217,3 +217,21 @@ def test_a_bad_dynamodb_uri_is_a_config_error_naming_the_field(snapshot: str, pr
         parse_config(text, file="bucketmesh.yaml")
     assert "storage.snapshot" in str(error.value)
     assert problem in str(error.value)
+
+
+def test_a_second_node_on_the_same_scratch_directory_wipes_nothing(
+    serve: ServerFactory, table: str, endpoint: str, tmp_path: Path
+) -> None:
+    env = dict(CREDENTIALS)
+    scratch = tmp_path / "shared"
+    first = serve(node_config(table, endpoint, scratch), env=env, name="first")
+    with first.client() as client:
+        assert charge(client, "s")
+    second = serve(node_config(table, endpoint, scratch), env=env, name="second", wait_ready=False)
+    assert second.wait() != 0
+    assert "in use by" in second.stderr()
+    assert "Traceback" not in second.stderr()
+    with first.client() as client:  # its files are intact: it goes on checkpointing
+        assert charge(client, "s")
+        eventually(lambda: metric(client, "bucketmesh_dynamodb_unsaved_bytes") == 0, "checkpointed")
+        assert client.get("/readyz").status_code == 200

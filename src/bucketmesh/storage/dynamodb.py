@@ -74,6 +74,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
 from bucketmesh.core.limiter import DeltaBatch
+from bucketmesh.storage.memory import StateLock, StateLocked
 from bucketmesh.storage.wal import frame, segments
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
@@ -277,6 +278,20 @@ class DynamoState:
         """Replace the scratch directory's state files with the table's copy; returns
         the snapshot path the store opens. Raises DynamoError."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        # The files are another process's while it holds their lock (memory.py): never
+        # wipe those. The store takes the lock again when it opens them, a moment later.
+        holder = f"pid {os.getpid()} ({self.identity}, restoring from DynamoDB)"
+        try:
+            lock = StateLock(self.snapshot, holder)
+        except StateLocked as error:
+            raise DynamoError(str(error)) from None
+        try:
+            self._restore_files()
+        finally:
+            lock.release()
+        return self.snapshot
+
+    def _restore_files(self) -> None:
         for stale in self.directory.glob(STATE_FILE + "*"):
             if not stale.name.endswith(".lock"):
                 stale.unlink()
@@ -331,7 +346,6 @@ class DynamoState:
             f"snapshot {self._snap_ref}" if self._snap_ref else "no snapshot",
             len(pieces),
         )
-        return self.snapshot
 
     def claim(self, replica_id: str) -> None:
         """Record this life's incarnation, on condition that the owner item is what
