@@ -239,8 +239,10 @@ def test_memory_without_persistence_keeps_the_state_in_an_empty_dir() -> None:
     assert "emptyDir" in volumes["state"]
 
 
-def memory_region_of_pods(region: str, pods: int) -> dict[str, Any]:
-    return seed_region(region, replicaCount=pods)
+def memory_region_of_pods(region: str, pods: int, *, discovery: bool = False) -> dict[str, Any]:
+    """Several memory pods; with the static list of slots unless ``discovery`` (the
+    default of the chart: tests/test_discovery.py renders and boots that one)."""
+    return seed_region(region, replicaCount=pods, sync={"discovery": {"enabled": discovery}})
 
 
 def test_memory_with_several_pods_is_a_statefulset_each_pod_a_slot_of_the_mesh() -> None:

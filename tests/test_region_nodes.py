@@ -115,6 +115,7 @@ def test_the_charts_memory_rendering_of_two_pods_per_region_boots_one_mesh(
             f"sync.peers={{{','.join(others)}}}",
             f"secret.syncSecret={SYNC_SECRET}",
             "replicaCount=2",
+            "sync.discovery.enabled=false",  # the static list (DNS: tests/test_discovery.py)
             "sync.interval=20",
             "sync.peerTimeout=500",
             # a slot's dots are escaped: --set would read them as nesting

@@ -19,7 +19,7 @@ import difflib
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -49,6 +49,9 @@ from bucketmesh.http.render import DecisionRenderer
 from bucketmesh.http.router import Answer, Router
 from bucketmesh.http.server import Request, Response, problem
 from bucketmesh.telemetry.metrics import NodeMetrics
+
+if TYPE_CHECKING:
+    from bucketmesh.api.forward import Forwarder
 
 MAX_BATCH = 1000
 #: How long a retry waits for another node of the region to answer the first copy.
@@ -149,6 +152,8 @@ class RatingApp:
         self.monotonic = monotonic
         self.started = monotonic()
         self.idempotency = idempotency if idempotency is not None else IdempotencyCache()
+        # affinity.forward: keys another node of the region owns go to it (api/forward.py)
+        self.forwarder: Forwarder | None = None
         self.scope_headers = sorted(
             {name for rule in decider.rules for name in rule.template.header_names}
         )
@@ -314,6 +319,8 @@ class RatingApp:
 
     def rate_post(self, request: Request) -> Answer:
         cache_key = idempotency_key(request, self.scope_headers)
+        if self.forwarder is not None:  # a forwarded request: the forwarding node's key
+            cache_key = self.forwarder.received_key(request, cache_key)
         if cache_key is not None and self.idempotency.shared is not None:
             return self._idempotent(cache_key, lambda: self._rate_post(request, cache_key))
         return self._rate_post(request, cache_key)
@@ -352,6 +359,7 @@ class RatingApp:
         rule: str | None,
         tokens: int,
         cache_key: CacheKey | None,
+        forward: bool = True,
     ) -> Answer:
         if tokens < 0:
             raise bad_request(f"tokens must be >= 0, got {tokens}", "tokens")
@@ -359,6 +367,10 @@ class RatingApp:
             key, rule = self._render_key(request)
         elif rule is not None and rule not in self.decider.rules_by_name:
             raise bad_request(f"unknown rule {rule!r}", "rule")
+        if forward and self.forwarder is not None:  # to the key's owner, if another node
+            owners_answer = self.forwarder.forward(request, key, rule, tokens, cache_key)
+            if owners_answer is not None:
+                return owners_answer
         try:
             decision = self.decider.acquire(key, tokens, rule=rule)
         except LimiterError as error:
@@ -366,6 +378,12 @@ class RatingApp:
                 error, "rule" if rule and isinstance(error, NoRuleError) else None
             ) from None
         return self._answer(decision, self._decision_response, cache_key)
+
+    def decide_here(
+        self, request: Request, key: str, rule: str | None, tokens: int, cache_key: CacheKey | None
+    ) -> Answer:
+        """Decide on this node, not forwarding (api/forward.py's fallback)."""
+        return self._decide(request, key, rule, tokens, cache_key, forward=False)
 
     def _decision_response(self, decision: Decision) -> Response:
         self.metrics.count_decision(decision.rule, decision.allowed)

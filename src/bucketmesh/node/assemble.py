@@ -33,6 +33,7 @@ FLAG_NAMES = {key: "--" + name.replace("_", "-") for name, key in FLAG_OVERRIDES
 if TYPE_CHECKING:
     from bucketmesh.http.tls import TlsContexts
     from bucketmesh.node.serve import NodeSettings
+    from bucketmesh.replication.discovery import DiscoverySettings
     from bucketmesh.replication.mesh import MeshSettings
 
 
@@ -77,6 +78,21 @@ def mesh_settings(config: Config, tls: TlsContexts | None = None) -> MeshSetting
     )
 
 
+def discovery_settings(config: Config) -> DiscoverySettings | None:
+    from bucketmesh.replication.discovery import DiscoverySettings
+
+    discovery = config.sync.discovery
+    if not config.sync.enabled or discovery is None:
+        return None
+    return DiscoverySettings(
+        dns=discovery.dns,
+        port_name=discovery.port_name,
+        interval_s=discovery.interval_ms / 1000,
+        resolver=parse_listen(discovery.resolver) if discovery.resolver else None,
+        scheme=discovery.scheme,
+    )
+
+
 def node_settings(config: Config) -> NodeSettings:
     from bucketmesh.http.server import ServerLimits
     from bucketmesh.node.serve import NodeSettings
@@ -112,6 +128,10 @@ def node_settings(config: Config) -> NodeSettings:
         redis_url=config.storage.redis_url,
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
         envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
+        discovery=discovery_settings(config),
+        forward=config.affinity.forward,
+        forward_timeout_s=config.affinity.forward_timeout_ms / 1000,
+        static_peers=config.sync.peers if config.sync.enabled else (),
     )
 
 

@@ -159,8 +159,8 @@ def _snapshot_problem(path: str) -> str | None:
 def _check_snapshot(config: Config, flags: dict[str, str]) -> None:
     """A ConfigError naming where the snapshot path came from, if it cannot work."""
     path = config.storage.snapshot
-    if path is None or config.storage.backend != "memory":
-        return
+    if path is None or config.storage.backend != "memory" or path.startswith("dynamodb://"):
+        return  # (a dynamodb:// URI is checked by the config, its table at start-up)
     problem = _snapshot_problem(path)
     if problem is None:
         return

@@ -118,6 +118,7 @@ _FILE_NAMES: Final[Mapping[str, str]] = {
     "shed_lag_ms": "shedLag",
     "max_connection_age_ms": "maxConnectionAge",
     "peer_timeout_ms": "peerTimeout",
+    "forward_timeout_ms": "forwardTimeout",
     "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
     "on_store_failure_alias": "on_store_failure",
@@ -148,6 +149,21 @@ def _repr_hiding(struct: msgspec.Struct, secret: str) -> str:
     return f"{type(struct).__name__}({', '.join(shown)})"
 
 
+class DiscoveryConfig(_Section, frozen=True):
+    """``sync.discovery``: this region's other nodes from the DNS of a Kubernetes
+    headless Service (replication/discovery.py): the SRV records
+    ``_<portName>._tcp.<dns>`` name each pod (``<pod>.<service>...``, a slot
+    ``<region>.<pod>``) and its port, its A record the address; re-resolved every
+    ``interval`` ms. ``resolver`` (``host:port``) asks that DNS server instead of the
+    system's (/etc/resolv.conf)."""
+
+    dns: str
+    port_name: str = "http"
+    interval_ms: _Count = 5000
+    resolver: str | None = None
+    scheme: Literal["http", "https"] = "http"
+
+
 class SyncConfig(_Section, frozen=True):
     """The mesh: which regions exist, how to reach them, how often to send deltas.
 
@@ -171,6 +187,8 @@ class SyncConfig(_Section, frozen=True):
     # a node without a snapshot whose start-up pull reaches no peer: shared buckets it
     # creates refill from zero at its start (refill), or start full (full); docs/sync.md
     unrecovered_start: Literal["refill", "full"] = "refill"
+    # this region's other nodes from a headless Service's DNS (docs/scale.md)
+    discovery: DiscoveryConfig | None = None
 
     @property
     def regions(self) -> tuple[str, ...]:
@@ -260,6 +278,16 @@ class LimitsConfig(_Section, frozen=True):
     shed_lag_ms: _Count = 500
 
 
+class AffinityConfig(_Section, frozen=True):
+    """``affinity``: what a node of a region of several does with a key another node
+    of its region owns on the MurmurHash3 ring (core/affinity.py, api/forward.py):
+    decide it (``forward: false``, the default) or forward it to the owner, deciding
+    it here if the owner does not answer within ``forward_timeout`` ms."""
+
+    forward: bool = False
+    forward_timeout_ms: _Count = 200
+
+
 class _Settings(_Section, frozen=True):
     """Every setting of the file except the rules."""
 
@@ -275,6 +303,7 @@ class _Settings(_Section, frozen=True):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
 
 
 class Config(_Settings, frozen=True):
@@ -717,12 +746,43 @@ def _checked_sync(sync: SyncConfig, template_field: str) -> SyncConfig:
         if "{region}" not in template:
             raise _Problem(template_field, f"must contain {{region}}, got {template!r}")
         _check_url(template_field, template.replace("{region}", "region"))
+    if sync.discovery is not None:
+        _checked_discovery(sync.discovery)
     secret = _checked_secrets("sync.secret", sync.secret)
     secret_file = sync.secret_file or None
     if secret is not None and secret_file is not None:
         raise _Problem("sync.secretFile", "cannot be given with sync.secret; keep one")
     return msgspec.structs.replace(sync, peers=peers, secret=secret, secret_file=secret_file)
 
+
+def _checked_discovery(discovery: DiscoveryConfig) -> None:
+    name = discovery.dns.rstrip(".")
+    labels = name.split(".")
+    if not name or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise _Problem(
+            "sync.discovery.dns",
+            f"must be a DNS name such as bucketmesh-headless.ns.svc.cluster.local, got "
+            f"{discovery.dns!r}",
+        )
+    if not _DNS_LABEL.fullmatch(discovery.port_name):
+        raise _Problem(
+            "sync.discovery.portName",
+            f"must be a Service port's name such as http, got {discovery.port_name!r}",
+        )
+    if discovery.resolver is not None:
+        try:
+            host, port = parse_listen(discovery.resolver)
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise _Problem(
+                "sync.discovery.resolver",
+                f"must be a DNS server's ip:port such as 10.96.0.10:53, got {discovery.resolver!r}",
+            ) from None
+        if not port:
+            raise _Problem("sync.discovery.resolver", "needs a port other than 0")
+
+
+_DNS_LABEL: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
 
 DEFAULT_PEER_URL_TEMPLATE: Final = "http://bucketmesh-{region}:{port}"
 """The peer URLs of an enabled mesh that gives none (neither a map nor a template):
@@ -751,6 +811,13 @@ def _completed(settings: _Settings, *, require_secret: bool = True) -> _Settings
         secret = _read_secret(secret_file, "sync.secretFile")
     if secret is None and require_secret:
         raise _Problem("sync.secret", _SECRET_HELP)
+    if sync.discovery is not None and not settings.region.endswith("." + settings.node):
+        raise _Problem(
+            "sync.discovery",
+            f"needs this node's region to be its slot, <region>.<node> (here "
+            f"<region>.{settings.node}), got region {settings.region!r}: the nodes found "
+            "are slots of the same region (docs/scale.md)",
+        )
     template = sync.peer_url_template
     if not sync.peer_urls and template is None:
         port = parse_listen(settings.listen)[1] or 8080
@@ -821,6 +888,14 @@ def _checked_storage(storage: StorageConfig) -> StorageConfig:
                 "must be a redis://, rediss://, unix://, redis-cluster:// or "
                 f"rediss-cluster:// URL, got {storage.redis_url!r}",
             )
+    if storage.snapshot and storage.snapshot.startswith("dynamodb://"):
+        # a node without a volume: the state files mirrored in DynamoDB (storage/dynamodb.py)
+        from bucketmesh.storage.dynamodb import parse_uri
+
+        try:
+            parse_uri(storage.snapshot)
+        except ValueError as error:
+            raise _Problem("storage.snapshot", str(error)) from None
     return msgspec.structs.replace(storage, snapshot=storage.snapshot or None)
 
 

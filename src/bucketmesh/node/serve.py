@@ -61,6 +61,7 @@ from bucketmesh.http.server import HttpServer
 from bucketmesh.http.tls import sync_guard
 from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
+from bucketmesh.replication.discovery import Discovery
 from bucketmesh.replication.mesh import Mesh, Replica
 from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.log import configure as configure_logging
@@ -70,6 +71,7 @@ from bucketmesh.telemetry.tasks import Supervisor
 
 if TYPE_CHECKING:
     from bucketmesh.integrations.envoy import EnvoyServer
+    from bucketmesh.storage.dynamodb import DynamoState
     from bucketmesh.storage.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
@@ -102,6 +104,8 @@ class Node:
         self.settings = settings
         self.backend: RedisBackend | None = None
         self.memory: MemoryStore | None = None
+        # storage.snapshot: dynamodb://...: the state files mirrored in DynamoDB
+        self.dynamo: DynamoState | None = None
         self.metrics = NodeMetrics()
         # Every background task runs under it: none can die silently (telemetry/tasks.py).
         self.supervisor = Supervisor(log)
@@ -127,12 +131,13 @@ class Node:
             decider = self.backend
             replica = self.backend.mirror
         else:
+            snapshot = self._restore_from_dynamodb(settings)
             try:
                 self.memory = MemoryStore.open(
                     settings.rules,
                     region=settings.region,
                     node=settings.node,
-                    snapshot=settings.snapshot,
+                    snapshot=snapshot,
                     durability=settings.durability,
                     max_buckets=settings.max_buckets,
                     regions=settings.regions,
@@ -141,6 +146,7 @@ class Node:
                 raise StartError(str(error)) from None
             except OSError as error:
                 raise StartError(f"{settings.snapshot}: {error.strerror or error}") from None
+            self._claim_in_dynamodb()
             self.memory.install(self.metrics)
             decider = self.memory
             replica = self.memory.limiter
@@ -158,6 +164,17 @@ class Node:
         else:
             idempotency = IdempotencyCache()
         self.mesh = Mesh(replica, settings.sync) if settings.sync is not None else None
+        self.discovery: Discovery | None = None
+        if self.mesh is not None and settings.discovery is not None:
+            # this region's other nodes from a headless Service's DNS (docs/scale.md)
+            self.discovery = Discovery(
+                self.mesh,
+                settings.discovery,
+                region=settings.region,
+                node=settings.node,
+                static=tuple(settings.static_peers),
+            )
+            self.discovery.install(self.metrics)
         if self.mesh is None and self.memory is not None:
             self.memory.limiter.keep_tombstones = False  # nothing will ever merge into it
         self.router = Router(self.metrics)
@@ -177,6 +194,18 @@ class Node:
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
+        if settings.forward and self.mesh is not None:
+            from bucketmesh.api.forward import Forwarder
+
+            # affinity.forward: keys another node of the region owns go to it
+            self.app.forwarder = Forwarder(
+                self.app,
+                self.mesh,
+                region=settings.region,
+                node=settings.node,
+                timeout_s=settings.forward_timeout_s,
+            )
+            self.app.forwarder.install()
         self.secret_files = self._secret_files(settings)
         tls = settings.tls
         if tls is not None:
@@ -203,6 +232,35 @@ class Node:
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
+
+    def _restore_from_dynamodb(self, settings: NodeSettings) -> str | None:
+        """The snapshot path the store opens: the table's copy of the state files in a
+        scratch directory when ``storage.snapshot`` is a dynamodb:// URI
+        (storage/dynamodb.py; blocking, before the node serves anything)."""
+        from bucketmesh.storage import dynamodb
+
+        if not dynamodb.is_uri(settings.snapshot):
+            return settings.snapshot
+        assert settings.snapshot is not None
+        try:
+            self.dynamo = dynamodb.DynamoState.open(
+                settings.snapshot, region=settings.region, node=settings.node
+            )
+            return str(self.dynamo.restore())
+        except (dynamodb.DynamoError, OSError) as error:
+            raise StartError(str(error)) from None
+
+    def _claim_in_dynamodb(self) -> None:
+        if self.dynamo is None or self.memory is None:
+            return
+        from bucketmesh.storage.dynamodb import DynamoError
+
+        try:
+            self.dynamo.claim(self.memory.limiter.replica_id)
+        except DynamoError as error:
+            self.memory.close()
+            raise StartError(str(error)) from None
+        self.dynamo.install(self.metrics)
 
     def _secret_files(self, settings: NodeSettings) -> SecretFiles:
         """Rotation: admin tokens and sync secrets, and the files read again on change."""
@@ -254,6 +312,8 @@ class Node:
     async def start(self) -> None:
         if self.backend is not None:
             await self.backend.start(self.supervisor)
+        if self.discovery is not None:
+            await self.discovery.step()  # the region's nodes, before the start-up pull
         await self._recover_state()
         host, port = self.settings.host, self.settings.port
         try:
@@ -273,6 +333,11 @@ class Node:
         supervisor = self.supervisor
         if self.mesh is not None:
             self.mesh.start(supervisor)
+        if self.discovery is not None:
+            discovery = self.discovery
+            self.tasks.append(
+                supervisor.every("sync-discovery", discovery.settings.interval_s, discovery.step)
+            )
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
         if self.secret_files.watched:
             self.tasks.append(
@@ -282,6 +347,11 @@ class Node:
             # A failed snapshot (a full disk) is retried; the log keeps every grant meanwhile.
             interval = self.settings.snapshot_interval_s
             self.tasks.append(supervisor.every("snapshot", interval, self._snapshot_step))
+        if self.dynamo is not None:
+            # off every request's path: the table gets the log's new bytes and new snapshots
+            self.tasks.append(
+                supervisor.every("dynamodb", self.dynamo.interval_s, self.dynamo.checkpoint)
+            )
 
     async def _recover_state(self) -> None:
         """Pull the peers' state; on a node that restored nothing (no snapshot), decide
@@ -373,6 +443,8 @@ class Node:
             await self.envoy.stop(grace)
         await self.server.shutdown(grace)
         self.serving = False
+        if self.app.forwarder is not None:
+            await self.app.forwarder.close()
         if self.mesh is not None:
             await self.mesh.stop()
         if self.backend is not None:
@@ -384,6 +456,11 @@ class Node:
                 # Nothing granted is lost: the write-ahead log still holds what the
                 # last snapshot does not, and the next start replays it.
                 log.error("final snapshot failed: %s; the write-ahead log keeps every grant", error)
+            if self.dynamo is not None:
+                try:
+                    await self.dynamo.checkpoint()
+                except Exception as error:  # logged: the table keeps its last checkpoint
+                    log.error("final DynamoDB checkpoint failed: %s", error)
             self.memory.close()
 
     def request_stop(self, reason: str) -> None:

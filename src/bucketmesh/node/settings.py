@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from bucketmesh.core.rules import Rule
 from bucketmesh.http.server import ServerLimits
 from bucketmesh.http.tls import TlsContexts
+from bucketmesh.replication.discovery import DiscoverySettings
 from bucketmesh.replication.mesh import MeshSettings
 
 
@@ -47,3 +48,10 @@ class NodeSettings:
     # files read again on change (node/reload.py): sync.secretFile, admin.tokenFile
     sync_secret_file: str | None = None
     admin_token_file: str | None = None
+    # sync.discovery: this region's other nodes from a headless Service's DNS
+    discovery: DiscoverySettings | None = None
+    # the regions and slots sync.peers lists (discovery never touches them)
+    static_peers: tuple[str, ...] = ()
+    # affinity.forward: keys another node of the region owns go to it (api/forward.py)
+    forward: bool = False
+    forward_timeout_s: float = 0.2

@@ -364,6 +364,9 @@ class Mesh:
         self.received = 0
         self.unencodable = 0
         self.tasks: list[asyncio.Task[None]] = []
+        # the tasks of each peer added at runtime (add_peer), for remove_peer
+        self._peer_tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self.supervisor: Supervisor | None = None
         self.running = False
 
     @property
@@ -410,6 +413,7 @@ class Mesh:
         /readyz and /v1/status, and restarted; never silently gone)."""
         self.running = True
         tasks = supervisor or Supervisor(log)
+        self.supervisor = tasks  # peers added later (add_peer) run under it too
         self.tasks.append(tasks.every("sync-collect", self.settings.interval_s, self.collect))
         for region, peer in self.peers.items():
             self.tasks.append(tasks.run(f"sync-send:{region}", partial(self._send_loop, peer)))
@@ -420,6 +424,55 @@ class Mesh:
                     )
                 )
             self.tasks.append(tasks.run(f"sync-bulk:{region}", partial(self._bulk_loop, peer)))
+
+    # -- peers found at runtime (replication/discovery.py) ------------------------
+
+    def add_peer(self, region: str, url: str) -> None:
+        """Sync with ``region`` at ``url`` from now on (a slot found by discovery): its
+        senders and bulk loop start under the supervisor if the mesh runs, else at
+        ``start``. Its first contact gets this node's full state (``_reached``)."""
+        if region == self.settings.region or region in self.peers:
+            return
+        peer = Peer(region, url, self.settings)
+        self.peers[region] = peer
+        self._regions = tuple({*self._regions, f"{region}/"})
+        supervisor = self.supervisor
+        if not self.running or supervisor is None:
+            return
+        started = [supervisor.run(f"sync-send:{region}", partial(self._send_loop, peer))]
+        for index in range(1, len(peer.links)):
+            started.append(
+                supervisor.run(
+                    f"sync-send:{region}:{index}", partial(self._pipeline_loop, peer, index)
+                )
+            )
+        started.append(supervisor.run(f"sync-bulk:{region}", partial(self._bulk_loop, peer)))
+        self.tasks.extend(started)
+        self._peer_tasks[region] = started
+
+    async def remove_peer(self, region: str) -> None:
+        """Stop syncing with ``region`` (a slot discovery no longer finds): its tasks
+        end, its connections close, its outbox is dropped (the state stays: entries of
+        its replicas are still merged and relayed, and a peer added again gets a full
+        transfer)."""
+        peer = self.peers.pop(region, None)
+        if peer is None:
+            return
+        started = self._peer_tasks.pop(region, [])
+        for task in started:
+            task.cancel()
+        for task in started:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if task in self.tasks:
+                self.tasks.remove(task)
+        supervisor = self.supervisor
+        if supervisor is not None:
+            for name in [n for n in supervisor.tasks if n.split(":")[1:2] == [region]]:
+                supervisor.forget(name)
+        for link in peer.links:
+            link.close()
+        peer.bulk.close()
 
     async def stop(self, flush_s: float = 1.0) -> None:
         """Send what is still queued to the peers that are up (for at most ``flush_s``),

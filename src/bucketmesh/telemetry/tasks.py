@@ -244,6 +244,12 @@ class Supervisor:
         yield failures
         yield up
 
+    def forget(self, name: str) -> None:
+        """Drop a stopped task from the status, readiness and metrics (a sync peer that
+        discovery no longer finds); a running one is left alone."""
+        if name not in self._running:
+            self.tasks.pop(name, None)
+
     async def stop(self) -> None:
         """Cancel every task and wait for them."""
         tasks = list(self._running.values())

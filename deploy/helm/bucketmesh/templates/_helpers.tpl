@@ -107,7 +107,8 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- fail "sync.enabled needs a sync secret, the same in every region: set secret.syncSecret, or secret.existingSecret holding it under secret.syncSecretKey" -}}
 {{- end -}}
 {{- $peers := include "bucketmesh.peers" . | fromJsonArray -}}
-{{- if not $peers -}}
+{{- $discovers := and (eq .Values.storage.backend "memory") (gt (int .Values.replicaCount) 1) .Values.sync.discovery.enabled -}}
+{{- if and (not $peers) (not $discovers) -}}
 {{- fail "sync.enabled needs sync.peers: the regions of the mesh (e.g. --set 'sync.peers={us-east-1,us-west-2,eu-central-1}')" -}}
 {{- end -}}
 {{- range $peers -}}
