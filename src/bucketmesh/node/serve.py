@@ -274,6 +274,9 @@ class Node:
         if self.mesh is not None:
             self.mesh.start(supervisor)
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
+        if self.memory is not None and self.memory.restoring is not None:
+            # the snapshot's partitions no request has asked for yet (storage/memory.py)
+            self.tasks.append(supervisor.run("restore", self.memory.finish_restore))
         if self.secret_files.watched:
             self.tasks.append(
                 supervisor.every("secret-files", CHECK_EVERY_S, self.secret_files.check)

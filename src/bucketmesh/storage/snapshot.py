@@ -1,9 +1,17 @@
 """The embedded store's snapshot file: its format, and writing it whole and atomically.
 
-Format: ``SNAPSHOT_MAGIC``, then frames (``wal.pack``: length, crc32, payload): the
-first holds ``Limiter.snapshot_head()``, each other one a ``DeltaBatch`` slice of
-buckets, so that neither writing nor reading ever holds every bucket's encoding at
-once. A file without the magic is a whole ``Limiter.snapshot()``.
+Format 3 (written since issue 19): ``PARTITIONED_MAGIC``, then frames (``wal.pack``:
+length, crc32, payload): ``Limiter.snapshot_head()``, then ``[count]`` (msgpack),
+then ``count`` frames, frame ``p`` a ``DeltaBatch`` of the buckets whose key is in
+partition ``p`` (``partition_of``: crc32 of the key's UTF-8 modulo ``count``). A
+reader can so restore one key's partition without decoding the others: the node
+starts serving after reading the head and checking the frames, and builds each
+partition's buckets when a key of it is first asked for, or in the background
+(``storage/memory.py``, docs/storage.md "Restart").
+
+Read as before: format 2, ``SNAPSHOT_MAGIC`` then the head and ``DeltaBatch``
+slices in any order (restored whole before serving), and a file without either
+magic, a whole ``Limiter.snapshot()``.
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -22,8 +32,34 @@ from bucketmesh.storage.wal import pack, unpack_stream
 
 SNAPSHOT_MAGIC: Final = b"bucketmesh-snapshot-2\n"
 SNAPSHOT_SLICE: Final = 5_000
+PARTITIONED_MAGIC: Final = b"bucketmesh-snapshot-3\n"
+#: about this many buckets per partition: restoring one on a key's first touch
+#: costs a few milliseconds
+PARTITION_BUCKETS: Final = 2_000
 _SLICE_ENCODER: Final = msgspec.msgpack.Encoder()
 _SLICE_DECODER: Final = msgspec.msgpack.Decoder(DeltaBatch)
+
+
+def partition_of(key: str, count: int) -> int:
+    """The partition of ``key`` in a format-3 snapshot of ``count`` partitions."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % count
+
+
+def partition_count(buckets: int) -> int:
+    return max(1, -(-buckets // PARTITION_BUCKETS))
+
+
+def decode_part(payload: bytes) -> DeltaBatch:
+    return _SLICE_DECODER.decode(payload)
+
+
+@dataclass
+class Partitioned:
+    """A format-3 snapshot as read: the head and each partition's frame, checked
+    (crc32) but not decoded."""
+
+    head: bytes
+    parts: list[bytes]
 
 
 def slice_frame(part: DeltaBatch) -> bytes:
@@ -56,6 +92,27 @@ class SnapshotFile:
                     removed += 1
         return removed
 
+    def read_partitioned(self) -> Partitioned | tuple[bytes, Iterator[DeltaBatch]] | None:
+        """A format-3 file as ``Partitioned``; an older one as ``read`` gives it; None
+        if there is no file. Raises ValueError (or msgspec's errors) for damage."""
+        try:
+            stream = self.path.open("rb")
+        except FileNotFoundError:
+            return None
+        with stream:
+            if stream.read(len(PARTITIONED_MAGIC)) != PARTITIONED_MAGIC:
+                return self.read()
+            frames = unpack_stream(stream)
+            head = next(frames, None)
+            index = next(frames, None)
+            if head is None or index is None:
+                raise ValueError("no head or partition index frame")
+            (count,) = msgspec.msgpack.decode(index, type=tuple[int])
+            parts = list(frames)
+        if count < 1 or len(parts) != count:
+            raise ValueError(f"{len(parts)} partition frames where the index says {count}")
+        return Partitioned(head, parts)
+
     def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
         """The head and the bucket slices, read lazily; None if there is no file.
         Raises ValueError (or msgspec's errors) for a damaged file."""
@@ -63,7 +120,21 @@ class SnapshotFile:
             stream = self.path.open("rb")
         except FileNotFoundError:
             return None
-        if stream.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+        magic = stream.read(len(SNAPSHOT_MAGIC))  # as long as PARTITIONED_MAGIC
+        if magic == PARTITIONED_MAGIC:  # the partitions, as slices
+            frames = unpack_stream(stream)
+            first = next(frames, None)
+            if first is None or next(frames, None) is None:
+                stream.close()
+                raise ValueError("no head or partition index frame")
+
+            def partitions() -> Iterator[DeltaBatch]:
+                with stream:
+                    for payload in frames:
+                        yield _SLICE_DECODER.decode(payload)
+
+            return first, partitions()
+        if magic != SNAPSHOT_MAGIC:
             stream.close()
             data = self.path.read_bytes()
             return data, iter(())
