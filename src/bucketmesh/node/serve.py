@@ -143,7 +143,7 @@ class Node:
                 raise StartError(f"{settings.snapshot}: {error.strerror or error}") from None
             self.memory.install(self.metrics)
             decider = self.memory
-            replica = self.memory.limiter
+            replica = self.memory.replica()  # restores what the mesh reads first
         self.decider = decider
         # Idempotency-Key answers: in Redis for every node of the region, or beside the
         # snapshot so that a retry after a crash is not charged again (http/idempotency.py).

@@ -31,7 +31,7 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +349,62 @@ def install_limiter_metrics(metrics: NodeMetrics, limiter: Limiter) -> None:
     )
 
 
+class _RestoringBuckets(Mapping[str, Bucket]):
+    """``limiter.buckets`` as the mesh must see it while partitions are left: a key
+    read restores its partition; a walk restores every partition first. Its length
+    is what is built (a digest's pacing), not a walk."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def __getitem__(self, key: str) -> Bucket:
+        self.store._ensure(key)
+        return self.store.limiter.buckets[key]
+
+    def __iter__(self) -> Iterator[str]:
+        self.store.finish_restore_now()
+        return iter(self.store.limiter.buckets)
+
+    def __len__(self) -> int:
+        return len(self.store.limiter.buckets)
+
+
+class RestoringReplica:
+    """The mesh's ``Replica`` while a format-3 snapshot's partitions are left to
+    restore: what it sends (the state a peer pulls, full transfers, digests) is never
+    a partial state; what it merges joins partitions already restored."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.limiter = store.limiter
+
+    @property
+    def replica_id(self) -> str:
+        return self.limiter.replica_id
+
+    @property
+    def buckets(self) -> Mapping[str, Bucket]:
+        if self.store.restoring is None:
+            return self.limiter.buckets
+        return _RestoringBuckets(self.store)
+
+    @property
+    def key_configs(self) -> Mapping[str, BucketConfig]:
+        return self.limiter.key_configs
+
+    def collect_deltas(self) -> DeltaBatch:
+        return self.limiter.collect_deltas()
+
+    def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
+        self.store.finish_restore_now()
+        return self.limiter.full_state(keys)
+
+    def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
+        for delta in batch.deltas:
+            self.store._ensure(delta.key)
+        return self.limiter.merge(batch, now=now)
+
+
 class MemoryStore:
     """The embedded store: a ``Limiter`` (the decision seam, answering at once), and,
     with a snapshot path, its snapshot file and write-ahead log."""
@@ -391,7 +447,6 @@ class MemoryStore:
             self.configure = self._configure_restoring
             self.holds = self._holds_restoring
             self.rule_of = self._rule_of_restoring
-            limiter.full_state = self._full_state_restoring  # type: ignore[method-assign]
 
     def _rebind(self) -> None:
         """The limiter's recovery gate was set or lifted (``Limiter.begin_recovery``)."""
@@ -413,7 +468,6 @@ class MemoryStore:
         self.configure = limiter.configure
         self.holds = limiter.holds
         self.rule_of = limiter.rule_of
-        vars(limiter).pop("full_state", None)
         log.info("restore finished: %d buckets", len(limiter))
 
     def _ensure(self, key: str) -> None:
@@ -451,9 +505,10 @@ class MemoryStore:
         self._ensure(key)
         return self.limiter.rule_of(key)
 
-    def _full_state_restoring(self, keys: Iterable[str] | None = None) -> DeltaBatch:
-        self.finish_restore_now()
-        return self.limiter.full_state(keys)
+    def replica(self) -> Limiter | RestoringReplica:
+        """What the mesh replicates: the limiter, or while partitions are left to
+        restore, a view of it that restores what the mesh reads first."""
+        return RestoringReplica(self) if self.restoring is not None else self.limiter
 
     def finish_restore_now(self) -> None:
         """Build every partition still left, now (blocking the loop meanwhile)."""
