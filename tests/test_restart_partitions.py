@@ -64,3 +64,48 @@ def test_a_partitioned_snapshot_and_its_log_grant_no_token_twice(
             state = client.get("/v1/bucket/state", params={"key": key}).json()
             assert sum(entry["used"] for entry in state["replicas"].values()) == 2, state
     assert third.alive()
+
+
+def test_what_walks_every_bucket_sees_the_partitions_not_built_yet(tmp_path: Path) -> None:
+    """In one process, on real files: a store reopened from a format-3 snapshot has
+    built nothing; a key's decision builds its partition only; what the mesh reads
+    (its replica's buckets, full state) and a rule-wide change see every bucket."""
+    import asyncio
+
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.memory import MemoryStore
+
+    rule = Rule.create("k-{{ .Request.Query.k }}", 2, 0.0001, name="r3", ttl=86400)
+    path = tmp_path / "state.snap"
+
+    def reopen() -> MemoryStore:
+        return MemoryStore.open([rule], region="r", node="n", snapshot=path)
+
+    store = reopen()
+    for key in KEYS:
+        assert store.acquire(key, 2, rule="r3").allowed
+    asyncio.run(store.save_snapshot())
+    store.close()
+
+    store = reopen()
+    assert store.restoring is not None and len(store.limiter) == 0
+    assert not store.acquire(KEYS[0], 1, rule="r3").allowed  # spent before: still spent
+    assert 0 < len(store.limiter) < len(KEYS)  # only that key's partition
+    replica = store.replica()
+    assert set(replica.buckets) == set(KEYS)  # a walk builds everything first
+    assert store.restoring is None
+    store.close()
+
+    store = reopen()
+    state = store.replica().full_state()
+    assert {delta.key for delta in state.deltas} == set(KEYS)
+    store.close()
+
+    store = reopen()
+    store.configure("r3", capacity=5)  # a rule-wide change: every bucket moves to it
+    assert store.restoring is None
+    assert all(store.limiter.buckets[key].config.capacity == 5 for key in KEYS)
+    # a bucket keeps its level across a change (Bucket.reconfigure): still empty
+    decision = store.acquire(KEYS[-1], 1, rule="r3")
+    assert (decision.allowed, decision.capacity) == (False, 5)
+    store.close()
