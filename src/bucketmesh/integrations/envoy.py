@@ -2,7 +2,7 @@
 
 Owns the mapping from an Envoy ``RateLimitRequest`` onto the decision seam
 (``core/decisions.py``: the in-memory limiter or the Redis backend) and the
-grpc.aio server that answers it on its own port (``envoyListen``), on the node's
+gRPC server (HTTP/2 on ``h2``, below) that answers it on its own port (``envoyListen``), on the node's
 event loop but apart from the HTTP server's hot path. Decisions go through the
 same store as the Rating API's, so they replicate like any other, are counted in
 ``bucketmesh_decisions_total`` like any other, and wait for the store's commit
@@ -184,8 +184,8 @@ async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = N
 # directions of flow control; this module does gRPC's part: the request's
 # ``:method``/``content-type``/``:path``, the length-prefixed message, the deadline
 # (``grpc-timeout``), the answer (headers, one message, trailers with
-# ``grpc-status``) and errors as status trailers. grpcio's server costs about
-# 300 µs of Python and C per call here; this one about a third of that
+# ``grpc-status``) and errors as status trailers. grpc.aio's server cost about
+# twice this one's CPU per call behind a real Envoy, grpclib's about 1.7 times
 # (BENCHMARKS.md, "P8 gRPC servers compared").
 
 SERVICE_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
@@ -613,12 +613,17 @@ MAX_HEADER_BYTES = 16 * 1024
 
 class _GrpcTls(TlsContexts):
     """The node's certificates for the gRPC port: ALPN offers ``h2`` (gRPC clients and
-    Envoy require it), also in the contexts rebuilt when the files change."""
+    Envoy require it), also in the contexts rebuilt when the files change (checked
+    at most once a second). With ``clientAuth: all`` a client certificate the CA
+    signed is required (Envoy's own, in its cluster's ``transport_socket``); with
+    ``sync`` none is asked for, there being no sync on this port."""
 
     def _build(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
         server, client = super()._build()
         if server is not None:
             server.set_alpn_protocols(["h2"])
+            if self.files.client_auth != "all":
+                server.verify_mode = ssl.CERT_NONE  # no sync on this port: ask for none
         return server, client
 
 

@@ -517,7 +517,7 @@ class MemoryStore:
 
     async def finish_restore(self) -> None:
         """Build the partitions left, a few at a time, letting requests in between."""
-        while self.restoring is not None and not self.restoring.step():
+        while self.restoring is not None and not self.restoring.step(budget=1):
             await asyncio.sleep(0)
 
     @classmethod
