@@ -109,3 +109,29 @@ def test_what_walks_every_bucket_sees_the_partitions_not_built_yet(tmp_path: Pat
     decision = store.acquire(KEYS[-1], 1, rule="r3")
     assert (decision.allowed, decision.capacity) == (False, 5)
     store.close()
+
+
+def test_a_partitioned_snapshot_reads_as_slices_too(tmp_path: Path) -> None:
+    """``SnapshotFile.read`` (the whole restore, and tools reading the file) gives a
+    format-3 file's head and partitions as slices: every bucket, nothing else."""
+    import asyncio
+
+    from bucketmesh.core.limiter import Limiter
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.memory import MemoryStore
+    from bucketmesh.storage.snapshot import SnapshotFile
+
+    rule = Rule.create("k-{{ .Request.Query.k }}", 2, 0.0001, name="r3", ttl=86400)
+    path = tmp_path / "state.snap"
+    store = MemoryStore.open([rule], region="r", node="n", snapshot=path)
+    for key in KEYS[:1200]:
+        store.acquire(key, 1, rule="r3")
+    asyncio.run(store.save_snapshot())
+    store.close()
+    read = SnapshotFile(str(path)).read()
+    assert read is not None
+    head, slices = read
+    limiter = Limiter.restore(head, [rule], replica_id="r/n/9")
+    for part in slices:
+        limiter.replay(part)
+    assert set(limiter.buckets) == set(KEYS[:1200])

@@ -336,7 +336,7 @@ class Node:
         )
 
     async def _start_envoy(self, host: str, port: int) -> None:
-        # imported here: grpc is only loaded by nodes that serve Envoy
+        # imported here: h2 and protobuf are only loaded by nodes that serve Envoy
         from bucketmesh.integrations.envoy import EnvoyServer, RateLimitServicer
 
         self.envoy = EnvoyServer(

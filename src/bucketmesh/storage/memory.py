@@ -294,6 +294,7 @@ def _read_state(
             max_buckets=max_buckets,
             regions=regions,
         )
+        limiter.hlc.observe(partitioned.hlc)  # versions in partitions not built yet
         count = len(partitioned.parts)
         logged: list[list[DeltaBatch]] = [[] for _ in range(count)]
         for batch in recovered.batches if recovered is not None else []:
@@ -620,6 +621,8 @@ class MemoryStore:
                 for part in parts:
                     data = slice_frame(limiter.snapshot_part(part))
                     await loop.run_in_executor(None, writer.write, data)
+                # what a version in the partitions may be up to (written after the head)
+                writer.write(pack(msgspec.msgpack.encode((limiter.hlc.last,))))
                 await loop.run_in_executor(None, writer.commit)
             except BaseException:
                 if writer is not None:

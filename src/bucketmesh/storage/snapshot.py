@@ -3,7 +3,8 @@
 Format 3 (written since issue 19): ``PARTITIONED_MAGIC``, then frames (``wal.pack``:
 length, crc32, payload): ``Limiter.snapshot_head()``, then ``[count]`` (msgpack),
 then ``count`` frames, frame ``p`` a ``DeltaBatch`` of the buckets whose key is in
-partition ``p`` (``partition_of``: crc32 of the key's UTF-8 modulo ``count``). A
+partition ``p`` (``partition_of``: crc32 of the key's UTF-8 modulo ``count``), then
+``[hlc]``, the writer's clock after the last partition. A
 reader can so restore one key's partition without decoding the others: the node
 starts serving after reading the head and checking the frames, and builds each
 partition's buckets when a key of it is first asked for, or in the background
@@ -60,6 +61,9 @@ class Partitioned:
 
     head: bytes
     parts: list[bytes]
+    #: the writer's clock after the last partition: every version in the file is at
+    #: most this (the head's clock is read before the partitions are)
+    hlc: int
 
 
 def slice_frame(part: DeltaBatch) -> bytes:
@@ -109,9 +113,10 @@ class SnapshotFile:
                 raise ValueError("no head or partition index frame")
             (count,) = msgspec.msgpack.decode(index, type=tuple[int])
             parts = list(frames)
-        if count < 1 or len(parts) != count:
-            raise ValueError(f"{len(parts)} partition frames where the index says {count}")
-        return Partitioned(head, parts)
+        if count < 1 or len(parts) != count + 1:
+            raise ValueError(f"{len(parts)} frames after the index, which says {count} + 1")
+        (hlc,) = msgspec.msgpack.decode(parts.pop(), type=tuple[int])
+        return Partitioned(head, parts, hlc)
 
     def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
         """The head and the bucket slices, read lazily; None if there is no file.
@@ -124,13 +129,15 @@ class SnapshotFile:
         if magic == PARTITIONED_MAGIC:  # the partitions, as slices
             frames = unpack_stream(stream)
             first = next(frames, None)
-            if first is None or next(frames, None) is None:
+            index = next(frames, None)
+            if first is None or index is None:
                 stream.close()
                 raise ValueError("no head or partition index frame")
+            (count,) = msgspec.msgpack.decode(index, type=tuple[int])
 
             def partitions() -> Iterator[DeltaBatch]:
                 with stream:
-                    for payload in frames:
+                    for _, payload in zip(range(count), frames, strict=False):
                         yield _SLICE_DECODER.decode(payload)
 
             return first, partitions()
