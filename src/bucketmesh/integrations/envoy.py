@@ -2,8 +2,9 @@
 
 Owns the mapping from an Envoy ``RateLimitRequest`` onto the decision seam
 (``core/decisions.py``: the in-memory limiter or the Redis backend) and the
-gRPC server (HTTP/2 on ``h2``, below) that answers it on its own port (``envoyListen``), on the node's
-event loop but apart from the HTTP server's hot path. Decisions go through the
+gRPC server (HTTP/2 on ``h2``, below) that answers it on its own port
+(``envoyListen``), on the node's event loop but apart from the HTTP server's hot
+path. Decisions go through the
 same store as the Rating API's, so they replicate like any other, are counted in
 ``bucketmesh_decisions_total`` like any other, and wait for the store's commit
 barrier (the write-ahead log) before the answer leaves.
