@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
+import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -25,6 +28,7 @@ import time
 from pathlib import Path
 
 import _report
+from http_rate import HOST, Service, free_port, http_request
 
 from bucketmesh.core.rules import Rule
 from bucketmesh.storage.memory import MemoryStore
@@ -78,6 +82,51 @@ def reopen(path: Path, buckets: int) -> tuple[float, float, int]:
     return opened, first, granted
 
 
+def serve_from(path: Path, buckets: int) -> tuple[float, float, int]:
+    """``bucketmesh serve`` on the snapshot at ``path``: seconds from the process's
+    start until /readyz answers 200, then 200 random keys charged over HTTP (the
+    mean seconds each, and how many were granted: none should be)."""
+    port = free_port()
+    config = path.parent / "serve.yaml"
+    config.write_text(
+        f"region: r\nnode: n\nlisten: {HOST}:{port}\n"
+        f"storage:\n  backend: memory\n  snapshot: {path}\n  snapshotInterval: 600000\n"
+        f"limits:\n  maxBuckets: {buckets + 1000}\n"
+        'buckets:\n  - name: r3\n    key: "k-{{ .Request.Query.k }}"\n'
+        "    capacity: 3\n    refillRate: 0.0001\n    ttl: 86400\n",
+        encoding="utf-8",
+    )
+    node = Service(
+        "serve",
+        [sys.executable, "-m", "bucketmesh", "serve", "--config", str(config)],
+        path.parent,
+        port,
+    )
+    started = time.monotonic()
+    node.start("/readyz")
+    ready = time.monotonic() - started
+    rng = random.Random(11)
+    granted = 0
+    started = time.monotonic()
+    try:
+        for _ in range(200):
+            body = json.dumps({"key": f"k-{rng.randrange(buckets)}", "rule": "r3"})
+            status, _ = http_request(
+                port,
+                "POST",
+                "/v1/rate",
+                body=body.encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            granted += status == 200
+        first = (time.monotonic() - started) / 200
+    finally:
+        assert node.proc is not None
+        os.killpg(node.proc.pid, signal.SIGKILL)  # no final snapshot: not measured here
+        node.proc.wait()
+    return ready, first, granted
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--buckets", type=int, default=1_000_000)
@@ -106,7 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in paths.items():
                 results[name].append(reopen(path, args.buckets))
                 print(name, results[name][-1], flush=True)
-    columns = ["snapshot", "open (s), median", "first 1,000 decisions (µs each)", "granted again"]
+        served = serve_from(paths["format 3 (lazy)"], args.buckets)
+        print("bucketmesh serve, format 3:", served, flush=True)
+    columns = [
+        "snapshot",
+        "open (s), median",
+        "first decisions, mean µs (1,000 in-process; 200 over HTTP)",
+        "granted again",
+    ]
     rows = [
         [
             name,
@@ -116,14 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, runs in results.items()
     ]
+    rows.append(
+        [
+            "format 3, `bucketmesh serve` (process start → /readyz 200; 200 random keys over HTTP)",
+            f"{served[0]:.2f}",
+            f"{served[1] * 1e6:.0f}",
+            str(served[2]),
+        ]
+    )
     _report.print_table("R3: reopening the store", columns, rows)
     lazy = statistics.median(r[0] for r in results["format 3 (lazy)"])
-    regranted = sum(r[2] for runs in results.values() for r in runs)
+    regranted = sum(r[2] for runs in results.values() for r in runs) + served[2]
     verdict = (
-        f"format 3 opens in {lazy:.2f} s with {args.buckets:,} buckets (target ≤ 2 s before "
-        f"serving), {regranted} tokens granted again: R3 "
-        f"{'met' if lazy <= 2 and regranted == 0 else 'missed'} (in-process open; a "
-        "process start adds its imports)"
+        f"format 3: the store opens in {lazy:.2f} s with {args.buckets:,} buckets, "
+        f"`bucketmesh serve` is ready {served[0]:.2f} s after its start (target ≤ 2 s), "
+        f"{regranted} tokens granted again: R3 "
+        f"{'met' if served[0] <= 2 and regranted == 0 else 'missed'}"
     )
     print(verdict)
     if not args.no_record:

@@ -36,7 +36,7 @@ SNAPSHOT_SLICE: Final = 5_000
 PARTITIONED_MAGIC: Final = b"bucketmesh-snapshot-3\n"
 #: about this many buckets per partition: restoring one on a key's first touch
 #: costs a few milliseconds
-PARTITION_BUCKETS: Final = 500
+PARTITION_BUCKETS: Final = 200
 _SLICE_ENCODER: Final = msgspec.msgpack.Encoder()
 _SLICE_DECODER: Final = msgspec.msgpack.Decoder(DeltaBatch)
 
