@@ -129,17 +129,17 @@ class Restoring:
     for their keys: ``ensure(key)`` builds the key's partition's buckets if it is one
     of them; ``restore_all`` builds the rest."""
 
-    def __init__(self, limiter: Limiter, parts: list[bytes], log: list[list[DeltaBatch]]) -> None:
+    def __init__(
+        self, limiter: Limiter, parts: list[memoryview], log: list[list[DeltaBatch]]
+    ) -> None:
         self.limiter = limiter
         self.count = len(parts)
-        self.parts: list[bytes | None] = list(parts)
+        # views of the mapped snapshot file (unmapped once the last is released)
+        self.parts: list[memoryview | None] = list(parts)
         self.log = log  # per partition: its keys' log entries, in log order
-        self.left = sum(1 for part in parts if part)
+        self.left = self.count
         self.next = 0  # the background restore's place
         self.on_done: Callable[[], None] | None = None
-        for index, part in enumerate(parts):
-            if not part and not log[index]:
-                self.parts[index] = None  # nothing to build
 
     @property
     def done(self) -> bool:
@@ -159,7 +159,8 @@ class Restoring:
             return
         self.parts[index] = None
         limiter = self.limiter
-        batch = decode_part(payload) if payload else DeltaBatch(limiter.replica_id, [])
+        batch = decode_part(payload)
+        payload.release()
         limiter.replay(batch)
         keys = [delta.key for delta in batch.deltas]
         for logged in self.log[index]:
@@ -176,8 +177,7 @@ class Restoring:
             limiter.rescale_shares()
         finally:
             limiter.buckets = everything
-        if payload:
-            self.left -= 1
+        self.left -= 1
         if self.done and self.on_done is not None:
             self.on_done()
 

@@ -18,6 +18,7 @@ magic, a whole ``Limiter.snapshot()``.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import tempfile
 import zlib
@@ -29,7 +30,7 @@ from typing import BinaryIO, Final
 import msgspec
 
 from bucketmesh.core.limiter import DeltaBatch
-from bucketmesh.storage.wal import pack, unpack_stream
+from bucketmesh.storage.wal import _FRAME, pack, unpack_stream
 
 SNAPSHOT_MAGIC: Final = b"bucketmesh-snapshot-2\n"
 SNAPSHOT_SLICE: Final = 5_000
@@ -50,7 +51,7 @@ def partition_count(buckets: int) -> int:
     return max(1, -(-buckets // PARTITION_BUCKETS))
 
 
-def decode_part(payload: bytes) -> DeltaBatch:
+def decode_part(payload: bytes | memoryview) -> DeltaBatch:
     return _SLICE_DECODER.decode(payload)
 
 
@@ -60,10 +61,28 @@ class Partitioned:
     (crc32) but not decoded."""
 
     head: bytes
-    parts: list[bytes]
+    parts: list[memoryview]  # views of the mapped file
     #: the writer's clock after the last partition: every version in the file is at
     #: most this (the head's clock is read before the partitions are)
     hlc: int
+
+
+def _mapped_frames(data: memoryview, offset: int) -> list[memoryview]:
+    """The payloads of the frames in ``data`` from ``offset`` on, as views, each
+    checked; ValueError on a torn or corrupt frame (as ``wal.unpack_stream``)."""
+    frames = []
+    end = len(data)
+    header = _FRAME.size
+    while offset < end:
+        if end - offset < header:
+            raise ValueError("truncated frame header")
+        length, crc = _FRAME.unpack_from(data, offset)
+        payload = data[offset + header : offset + header + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            raise ValueError("torn or corrupt frame")
+        frames.append(payload)
+        offset += header + length
+    return frames
 
 
 def slice_frame(part: DeltaBatch) -> bytes:
@@ -98,7 +117,12 @@ class SnapshotFile:
 
     def read_partitioned(self) -> Partitioned | tuple[bytes, Iterator[DeltaBatch]] | None:
         """A format-3 file as ``Partitioned``; an older one as ``read`` gives it; None
-        if there is no file. Raises ValueError (or msgspec's errors) for damage."""
+        if there is no file. Raises ValueError (or msgspec's errors) for damage.
+
+        The file is mapped, not read: each partition is a view of its frame, checked
+        (crc32) here and decoded when it is built. The pages read for the check are
+        let go at once (``MADV_DONTNEED``: the page cache keeps them, the process's
+        resident memory does not), and the mapping closes with the last view."""
         try:
             stream = self.path.open("rb")
         except FileNotFoundError:
@@ -106,17 +130,22 @@ class SnapshotFile:
         with stream:
             if stream.read(len(PARTITIONED_MAGIC)) != PARTITIONED_MAGIC:
                 return self.read()
-            frames = unpack_stream(stream)
-            head = next(frames, None)
-            index = next(frames, None)
-            if head is None or index is None:
-                raise ValueError("no head or partition index frame")
-            (count,) = msgspec.msgpack.decode(index, type=tuple[int])
-            parts = list(frames)
+            mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            frames = _mapped_frames(memoryview(mapped), len(PARTITIONED_MAGIC))
+            with contextlib.suppress(AttributeError, OSError):  # not on every platform
+                mapped.madvise(mmap.MADV_DONTNEED)
+        except BaseException:
+            mapped.close()
+            raise
+        if len(frames) < 2:
+            raise ValueError("no head or partition index frame")
+        head, index, *parts = frames
+        (count,) = msgspec.msgpack.decode(index, type=tuple[int])
         if count < 1 or len(parts) != count + 1:
             raise ValueError(f"{len(parts)} frames after the index, which says {count} + 1")
         (hlc,) = msgspec.msgpack.decode(parts.pop(), type=tuple[int])
-        return Partitioned(head, parts, hlc)
+        return Partitioned(bytes(head), parts, hlc)
 
     def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
         """The head and the bucket slices, read lazily; None if there is no file.
