@@ -506,3 +506,83 @@ def test_a_taken_envoy_port_exits_with_a_message(serve: Any) -> None:
         server = serve(make_config(RULES, envoyListen=f"127.0.0.1:{port}"), wait_ready=False)
         assert server.wait(timeout=20) == 1
     assert f"cannot listen on 127.0.0.1:{port} (envoyListen)" in server.stderr()
+
+
+def _raw_call(address: str, headers: list[tuple[bytes, bytes]], body: bytes) -> dict[str, Any]:
+    """One gRPC call over a plain socket with the h2 client state machine: the response's
+    headers, data and trailers as the server sent them."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    host, port = address.rsplit(":", 1)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    answer: dict[str, Any] = {"headers": {}, "data": b"", "trailers": {}}
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, headers)
+        conn.send_data(stream, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        ended = False
+        while not ended:
+            data = sock.recv(65536)
+            assert data, "connection closed before the call ended"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    answer["headers"] = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    answer["data"] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    answer["trailers"] = dict(event.headers)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+            sock.sendall(conn.data_to_send())
+    return answer
+
+
+def _grpc_headers(
+    path: str = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit", **extra: str
+) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path.encode()),
+        (b":authority", b"bucketmesh"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    return headers + [(k.replace("_", "-").encode(), v.encode()) for k, v in extra.items()]
+
+
+def _framed(request: Any) -> bytes:
+    payload = request.SerializeToString()
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def test_status_trailers_deadlines_and_unknown_methods(node: tuple[Any, str], stub: Any) -> None:
+    address = node[1]
+    request = _request("api", [("remote_address", "10.3.3.3")])
+    # an answer: HTTP 200, one length-prefixed message, grpc-status 0 in the trailers
+    ok = _raw_call(address, _grpc_headers(grpc_timeout="5S"), _framed(request))
+    assert ok["headers"][b":status"] == b"200"
+    assert ok["headers"][b"content-type"] == b"application/grpc"
+    assert ok["trailers"] == {b"grpc-status": b"0"}
+    message = RESPONSE.FromString(ok["data"][5:])
+    assert message.statuses[0].limit_remaining == 2
+    # a call whose deadline has passed when it is read: DEADLINE_EXCEEDED, nothing charged
+    late = _raw_call(address, _grpc_headers(grpc_timeout="0n"), _framed(request))
+    assert late["headers"][b"grpc-status"] == b"4", late
+    again = stub.ShouldRateLimit(request, timeout=5)
+    assert again.statuses[0].limit_remaining == 1
+    # errors are trailers-only answers with grpc-status and a percent-encoded message
+    unknown = _raw_call(address, _grpc_headers("/nope.Service/Call"), _framed(request))
+    assert unknown["headers"][b"grpc-status"] == b"12", unknown
+    bad = _raw_call(address, _grpc_headers(), _framed(_request("", [("a", "b")])))
+    assert bad["headers"][b"grpc-status"] == b"3"
+    assert b"domain" in bad["headers"][b"grpc-message"]
+    compressed = _raw_call(address, _grpc_headers(grpc_encoding="gzip"), _framed(request))
+    assert compressed["headers"][b"grpc-status"] == b"12"
+    assert compressed["headers"][b"grpc-accept-encoding"] == b"identity"
+    assert node[0].alive()

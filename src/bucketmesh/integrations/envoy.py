@@ -2,8 +2,9 @@
 
 Owns the mapping from an Envoy ``RateLimitRequest`` onto the decision seam
 (``core/decisions.py``: the in-memory limiter or the Redis backend) and the
-grpc.aio server that answers it on its own port (``envoyListen``), on the node's
-event loop but apart from the HTTP server's hot path. Decisions go through the
+gRPC server (HTTP/2 on ``h2``, below) that answers it on its own port
+(``envoyListen``), on the node's event loop but apart from the HTTP server's hot
+path. Decisions go through the
 same store as the Rating API's, so they replicate like any other, are counted in
 ``bucketmesh_decisions_total`` like any other, and wait for the store's commit
 barrier (the write-ahead log) before the answer leaves.
@@ -28,21 +29,30 @@ does not refund the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-import os
-from collections.abc import Mapping, Sequence
+import socket
+import ssl
+import types
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from typing import Any
 
-import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
 import msgspec
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
 
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import BucketCapReached, InvalidTokens
 from bucketmesh.core.rules import Rule, escaper, own_key
-from bucketmesh.http.tls import TlsContexts, TlsFiles
-from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
+from bucketmesh.http.tls import TlsContexts
+from bucketmesh.integrations.proto import rls_pb2
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
 
@@ -168,7 +178,45 @@ async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = N
     return rls_pb2.RateLimitResponse(overall_code=overall, statuses=statuses)
 
 
-class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
+# -- the gRPC server ---------------------------------------------------------------
+#
+# A unary gRPC service on HTTP/2 (gRPC over HTTP/2: PROTOCOL-HTTP2.md of grpc/grpc),
+# on the sans-I/O ``h2`` state machine, which does the framing, HPACK and both
+# directions of flow control; this module does gRPC's part: the request's
+# ``:method``/``content-type``/``:path``, the length-prefixed message, the deadline
+# (``grpc-timeout``), the answer (headers, one message, trailers with
+# ``grpc-status``) and errors as status trailers. grpc.aio's server cost about
+# twice this one's CPU per call behind a real Envoy, grpclib's about 1.7 times
+# (BENCHMARKS.md, "P8 gRPC servers compared").
+
+SERVICE_PATH = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+_PATH = SERVICE_PATH.encode()
+
+
+class Status:
+    """gRPC status codes (the subset this service answers)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class CallError(Exception):
+    """A call answered with a gRPC status other than OK."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RateLimitServicer:
     """Answers ShouldRateLimit from the decision seam, once the store's commit barrier
     says the grants are durable (else UNAVAILABLE: the tokens stay spent)."""
 
@@ -176,77 +224,412 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
         self.decider = decider
         self.metrics = metrics
 
-    async def ShouldRateLimit(self, request: Any, context: Any) -> Any:  # the gRPC method's name
+    async def call(self, payload: bytes) -> bytes:
+        """One call: the request message's bytes in, the response's out (CallError)."""
+        try:
+            request = rls_pb2.RateLimitRequest.FromString(payload)
+        except DecodeError as error:
+            raise CallError(Status.INTERNAL, f"cannot parse the request: {error}") from None
         try:
             response = await decide(self.decider, request, self.metrics)
         except BadRequest as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise CallError(Status.INVALID_ARGUMENT, str(error)) from None
         except BucketCapReached as error:
             # Envoy's failure_mode_deny decides what an unavailable service means
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            raise CallError(Status.RESOURCE_EXHAUSTED, str(error)) from None
         barrier = self.decider.commit()
         if barrier is not None and not await barrier:
             # the tokens stay spent in memory (erring toward safety); Envoy is told no
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "the decision could not be made durable; retry"
-            )
-        return response
+            raise CallError(Status.UNAVAILABLE, "the decision could not be made durable; retry")
+        data: bytes = response.SerializeToString()
+        return data
 
 
 _log = logger("envoy")
 
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+_RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
+_OK_TRAILERS = ((b"grpc-status", b"0"),)
+# percent-encoding of grpc-message: printable ASCII but '%' passes as is
+_MESSAGE_SAFE = frozenset(range(0x20, 0x7F)) - {0x25}
 
-def _server_credentials(files: TlsFiles) -> Any:
-    """gRPC's TLS credentials from the node's certificate files (``tls:``), re-read
-    when they change: gRPC asks before each handshake. With ``clientAuth: all`` a
-    client certificate the CA signed is required (Envoy's own, in its cluster's
-    ``transport_socket``); ``sync`` asks for none here, there being no sync on
-    this port."""
-    assert files.cert_file is not None
-    paths = [p for p in (files.cert_file, files.key_file, files.ca_file) if p]
 
-    def stamp() -> list[tuple[int, int, int]]:
-        stamps = []
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamps.append((-1, -1, -1))
-            else:
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return stamps
+def parse_timeout(value: bytes) -> float | None:
+    """Seconds from a ``grpc-timeout`` value (1 to 8 digits and a unit), else None."""
+    digits, unit = value[:-1], value[-1:]
+    if not 1 <= len(digits) <= 8 or not digits.isdigit() or unit not in _TIMEOUT_UNITS:
+        return None
+    return int(digits) * _TIMEOUT_UNITS[unit]
 
-    def configuration() -> Any:
-        with open(files.cert_file or "", "rb") as chain_file:
-            chain = chain_file.read()
-        with open(files.key_file or files.cert_file or "", "rb") as key_file:
-            key = key_file.read()
-        ca = None
-        if files.ca_file is not None:
-            with open(files.ca_file, "rb") as ca_file:
-                ca = ca_file.read()
-        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca)
 
-    seen = [stamp()]
+def encode_message(message: str) -> bytes:
+    """``grpc-message``'s percent-encoding of UTF-8 text."""
+    return b"".join(bytes((b,)) if b in _MESSAGE_SAFE else b"%%%02X" % b for b in message.encode())
 
-    def fetch() -> Any:
-        now = stamp()
-        if now == seen[0]:
-            return None  # unchanged: gRPC keeps what it has
-        seen[0] = now
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, bytes], pending: Any) -> Generator[Any, Any, bytes]:
+    """Go on driving a coroutine that already ran until it first waited (``pending``
+    is what it yielded), inside a task: what ``await`` would have done from the start."""
+    while True:
         try:
-            return configuration()
-        except OSError as error:
-            _log.error("envoyListen: TLS files changed but cannot be read: %s", error)
-            return None
+            sent = yield pending
+        except BaseException as error:  # the task was cancelled: into the coroutine
+            try:
+                pending = coro.throw(error)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+        else:
+            try:
+                pending = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
 
-    return grpc.dynamic_ssl_server_credentials(
-        configuration(), fetch, require_client_authentication=files.client_auth == "all"
-    )
+
+class _Stream:
+    __slots__ = ("body", "deadline", "outbox", "task", "timer")
+
+    def __init__(self, deadline: float | None) -> None:
+        self.body = bytearray()
+        self.deadline = deadline
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        # what flow control holds back: data, then trailers (sent when the window opens)
+        self.outbox: tuple[bytes, Sequence[tuple[bytes, bytes]]] | None = None
+
+
+class GrpcConnection(asyncio.Protocol):
+    """One HTTP/2 connection (Envoy keeps one per worker and multiplexes its calls)."""
+
+    def __init__(self, server: EnvoyServer) -> None:
+        self.server = server
+        self.servicer = server.servicer
+        self.loop = asyncio.get_running_loop()
+        self.conn = h2.connection.H2Connection(
+            config=h2.config.H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                # ours are constant and valid: checking them on every call is wasted
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        self.conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self.streams: dict[int, _Stream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.closing = False
+
+    # -- the connection ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn.initiate_connection()
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+        for stream in self.streams.values():
+            self._cancel(stream)
+        self.streams.clear()
+        self.server.drained()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def go_away(self) -> None:
+        """No new calls (the server stops): GOAWAY, calls in flight still answered."""
+        if not self.closing and self.transport is not None:
+            self.closing = True
+            self.conn.close_connection()
+            self.flush()
+            if not self.streams:
+                self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events: list[Any] = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as error:
+            _log.debug("envoyListen: HTTP/2 protocol error, closing: %s", error)
+            self.flush()  # h2 queued the GOAWAY
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            kind = type(event)
+            if kind is h2.events.DataReceived:
+                self._data(event)
+            elif kind is h2.events.RequestReceived:
+                self._request(event)
+            elif kind is h2.events.StreamEnded:
+                self._ended(event.stream_id)
+            elif kind is h2.events.StreamReset:
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None:
+                    self._cancel(stream)  # the client gave up (its deadline, or Envoy's)
+            elif kind is h2.events.WindowUpdated:
+                self._window_opened(event.stream_id)
+            elif kind is h2.events.ConnectionTerminated:
+                self.closing = True
+                if self.transport is not None and not self.streams:
+                    self.flush()
+                    self.transport.close()
+                    return
+        self.flush()
+
+    # -- calls ------------------------------------------------------------------
+
+    def _request(self, event: Any) -> None:
+        stream_id = event.stream_id
+        headers = dict(event.headers)
+        if headers.get(b":method") != b"POST":
+            self._refuse_http(stream_id, b"405")
+            return
+        content_type = headers.get(b"content-type", b"")
+        if not (
+            content_type == b"application/grpc"
+            or content_type.startswith(b"application/grpc+")
+            or content_type.startswith(b"application/grpc;")
+        ):
+            self._refuse_http(stream_id, b"415")
+            return
+        if headers.get(b":path") != _PATH:
+            self._answer_error(stream_id, Status.UNIMPLEMENTED, "unknown method")
+            return
+        encoding = headers.get(b"grpc-encoding", b"identity")
+        if encoding != b"identity":
+            self._answer_error(
+                stream_id,
+                Status.UNIMPLEMENTED,
+                f"grpc-encoding {encoding.decode(errors='replace')} is not supported",
+                ((b"grpc-accept-encoding", b"identity"),),
+            )
+            return
+        deadline = None
+        timeout = headers.get(b"grpc-timeout")
+        if timeout is not None:
+            seconds = parse_timeout(timeout)
+            if seconds is None:
+                self._answer_error(stream_id, Status.INTERNAL, "malformed grpc-timeout")
+                return
+            deadline = self.loop.time() + seconds
+        self.streams[stream_id] = _Stream(deadline)
+
+    def _data(self, event: Any) -> None:
+        stream_id = event.stream_id
+        # flow control: what we read frees the window whatever becomes of it
+        self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.task is not None:
+            return
+        stream.body += event.data
+        if len(stream.body) > MAX_MESSAGE_BYTES + 5:
+            del self.streams[stream_id]
+            self._answer_error(
+                stream_id,
+                Status.RESOURCE_EXHAUSTED,
+                f"request larger than {MAX_MESSAGE_BYTES} bytes",
+            )
+            self._reset(stream_id)
+
+    def _ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.task is not None:
+            return
+        body = stream.body
+        if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+            self.streams.pop(stream_id)
+            self._answer_error(
+                stream_id, Status.INTERNAL, "a unary call needs exactly one whole request message"
+            )
+            return
+        if body[0] != 0:
+            self.streams.pop(stream_id)
+            self._answer_error(
+                stream_id,
+                Status.UNIMPLEMENTED,
+                "compressed messages are not supported",
+                ((b"grpc-accept-encoding", b"identity"),),
+            )
+            return
+        if stream.deadline is not None and self.loop.time() >= stream.deadline:
+            # nothing charged: the client has given up already
+            self.streams.pop(stream_id)
+            self._answer_error(stream_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+            return
+        coro = self.servicer.call(bytes(body[5:]))
+        try:
+            pending = coro.send(None)
+        except StopIteration as done:  # the memory store answers at once: no task
+            self.streams.pop(stream_id)
+            self._answer(stream_id, stream, done.value)
+            return
+        except CallError as error:
+            self.streams.pop(stream_id)
+            self._answer_error(stream_id, error.status, error.message)
+            return
+        except Exception as error:  # a bug: the caller is told, the node keeps serving
+            self.streams.pop(stream_id)
+            _log.exception("envoyListen: ShouldRateLimit failed")
+            self._answer_error(stream_id, Status.UNKNOWN, f"{type(error).__name__}: {error}")
+            return
+        # it waits (the write-ahead log's barrier, a Redis call): finish in a task
+        stream.task = self.loop.create_task(self._finish(stream_id, stream, coro, pending))
+        if stream.deadline is not None:
+            stream.timer = self.loop.call_at(stream.deadline, self._expired, stream_id)
+
+    async def _finish(
+        self, stream_id: int, stream: _Stream, coro: Coroutine[Any, Any, bytes], pending: Any
+    ) -> None:
+        try:
+            answer = await _resume(coro, pending)
+        except asyncio.CancelledError:
+            return  # reset by the client, or past its deadline (answered there)
+        except CallError as error:
+            if self.streams.pop(stream_id, None) is not None:
+                self._answer_error(stream_id, error.status, error.message)
+        except Exception as error:
+            _log.exception("envoyListen: ShouldRateLimit failed")
+            if self.streams.pop(stream_id, None) is not None:
+                self._answer_error(stream_id, Status.UNKNOWN, f"{type(error).__name__}: {error}")
+        else:
+            if self.streams.pop(stream_id, None) is not None:
+                self._answer(stream_id, stream, answer)
+        finally:
+            if stream.timer is not None:
+                stream.timer.cancel()
+        self.flush()
+        self._maybe_close()
+
+    def _expired(self, stream_id: int) -> None:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        stream.timer = None
+        self._cancel(stream)  # what it charged stays charged (erring toward safety)
+        self._answer_error(stream_id, Status.DEADLINE_EXCEEDED, "deadline exceeded")
+        self.flush()
+        self._maybe_close()
+
+    def _cancel(self, stream: _Stream) -> None:
+        if stream.task is not None:
+            stream.task.cancel()
+        if stream.timer is not None:
+            stream.timer.cancel()
+
+    def _maybe_close(self) -> None:
+        if self.closing and not self.streams and self.transport is not None:
+            self.transport.close()
+
+    # -- answers ----------------------------------------------------------------
+
+    def _answer(self, stream_id: int, stream: _Stream, message: bytes) -> None:
+        data = b"\x00" + len(message).to_bytes(4, "big") + message
+        conn = self.conn
+        try:
+            conn.send_headers(stream_id, _RESPONSE_HEADERS)
+            if len(data) <= min(
+                conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
+            ):
+                conn.send_data(stream_id, data)
+                conn.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
+            else:  # the client's window is shut: wait for its WINDOW_UPDATE
+                stream.outbox = (data, _OK_TRAILERS)
+                self.streams[stream_id] = stream
+        except h2.exceptions.StreamClosedError:
+            pass  # the client reset it meanwhile
+
+    def _window_opened(self, stream_id: int) -> None:
+        waiting = (
+            list(self.streams.items())
+            if stream_id == 0
+            else [(stream_id, self.streams[stream_id])]
+            if stream_id in self.streams
+            else []
+        )
+        conn = self.conn
+        for sid, stream in waiting:
+            if stream.outbox is None:
+                continue
+            data, trailers = stream.outbox
+            try:
+                room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if room <= 0:
+                    continue
+                conn.send_data(sid, data[:room])
+                data = data[room:]
+                if data:
+                    stream.outbox = (data, trailers)
+                    continue
+                conn.send_headers(sid, trailers, end_stream=True)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self.streams.pop(sid, None)
+        self._maybe_close()
+
+    def _answer_error(
+        self,
+        stream_id: int,
+        status: int,
+        message: str,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """A trailers-only answer: HTTP 200 with ``grpc-status`` and ``grpc-message``."""
+        headers = [
+            *_RESPONSE_HEADERS,
+            (b"grpc-status", str(status).encode()),
+            (b"grpc-message", encode_message(message)),
+            *extra,
+        ]
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.send_headers(stream_id, headers, end_stream=True)
+
+    def _refuse_http(self, stream_id: int, status: bytes) -> None:
+        """Not a gRPC request: an HTTP status (as gRPC servers answer them)."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.send_headers(stream_id, ((b":status", status),), end_stream=True)
+
+    def _reset(self, stream_id: int) -> None:
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+
+
+MAX_STREAMS = 1000
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class _GrpcTls(TlsContexts):
+    """The node's certificates for the gRPC port: ALPN offers ``h2`` (gRPC clients and
+    Envoy require it), also in the contexts rebuilt when the files change (checked
+    at most once a second). With ``clientAuth: all`` a client certificate the CA
+    signed is required (Envoy's own, in its cluster's ``transport_socket``); with
+    ``sync`` none is asked for, there being no sync on this port."""
+
+    def _build(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext]:
+        server, client = super()._build()
+        if server is not None:
+            server.set_alpn_protocols(["h2"])
+            if self.files.client_auth != "all":
+                server.verify_mode = ssl.CERT_NONE  # no sync on this port: ask for none
+        return server, client
 
 
 class EnvoyServer:
-    """The grpc.aio server on ``host:port``; ``port`` is the bound port after start."""
+    """The gRPC server on ``host:port``; ``port`` is the bound port after start."""
 
     def __init__(
         self,
@@ -259,36 +642,48 @@ class EnvoyServer:
         self.servicer = servicer
         self.host = host
         self.port = port
-        self.tls = tls if tls is not None and tls.files.serves else None
-        self.server: Any = None
+        # its own contexts (ALPN h2), re-read when the files change like the node's
+        self.tls = _GrpcTls(tls.files) if tls is not None and tls.files.serves else None
+        self.server: asyncio.base_events.Server | None = None
+        self.connections: set[GrpcConnection] = set()
+        self._drained: asyncio.Event | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),  # a busy port is an error, not a shared one
-            ]
-        )
-        rls_pb2_grpc.add_RateLimitServiceServicer_to_server(self.servicer, server)  # type: ignore[no-untyped-call]
-        host = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
-        # grpc reports a failed bind as RuntimeError or port 0; the CLI prints an OSError
-        problem = OSError(f"cannot listen on {host}:{self.port} (envoyListen): address in use?")
+        loop = asyncio.get_running_loop()
+        context = self.tls.listener_context() if self.tls is not None else None
         try:
-            if self.tls is not None:
-                bound = server.add_secure_port(
-                    f"{host}:{self.port}", _server_credentials(self.tls.files)
-                )
-            else:
-                bound = server.add_insecure_port(f"{host}:{self.port}")
-        except RuntimeError:
-            raise problem from None
-        if not bound:
-            raise problem
-        self.port = bound
-        await server.start()
-        self.server = server
+            self.server = await loop.create_server(
+                lambda: GrpcConnection(self),
+                self.host or None,
+                self.port,
+                ssl=context,
+                reuse_address=True,  # a busy port is an error, not a shared one (no SO_REUSEPORT)
+                backlog=1024,
+            )
+        except OSError as error:
+            host = f"[{self.host}]" if ":" in self.host else (self.host or "0.0.0.0")
+            raise OSError(
+                f"cannot listen on {host}:{self.port} (envoyListen): {error.strerror or error}"
+            ) from None
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def drained(self) -> None:
+        if self._drained is not None and not self.connections:
+            self._drained.set()
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self.server is not None:
-            await asyncio.shield(self.server.stop(grace))
-            self.server = None
+        """Stop accepting, let the calls in flight finish (up to ``grace`` s), close."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.close()
+        self._drained = asyncio.Event()
+        for connection in list(self.connections):
+            connection.go_away()
+        if self.connections:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drained.wait()), grace)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        await server.wait_closed()

@@ -149,7 +149,7 @@ class Node:
             self._claim_in_dynamodb()
             self.memory.install(self.metrics)
             decider = self.memory
-            replica = self.memory.limiter
+            replica = self.memory.replica()  # restores what the mesh reads first
         self.decider = decider
         # Idempotency-Key answers: in Redis for every node of the region, or beside the
         # snapshot so that a retry after a crash is not charged again (http/idempotency.py).
@@ -339,6 +339,9 @@ class Node:
                 supervisor.every("sync-discovery", discovery.settings.interval_s, discovery.step)
             )
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
+        if self.memory is not None and self.memory.restoring is not None:
+            # the snapshot's partitions no request has asked for yet (storage/memory.py)
+            self.tasks.append(supervisor.run("restore", self.memory.finish_restore))
         if self.secret_files.watched:
             self.tasks.append(
                 supervisor.every("secret-files", CHECK_EVERY_S, self.secret_files.check)
@@ -403,7 +406,7 @@ class Node:
         )
 
     async def _start_envoy(self, host: str, port: int) -> None:
-        # imported here: grpc is only loaded by nodes that serve Envoy
+        # imported here: h2 and protobuf are only loaded by nodes that serve Envoy
         from bucketmesh.integrations.envoy import EnvoyServer, RateLimitServicer
 
         self.envoy = EnvoyServer(
