@@ -70,6 +70,10 @@ class ClusterNodeProcess:
                 "",
                 "--appendonly",
                 "no",
+                # a replica's first full sync starts at once (the default waits 5 s for
+                # more replicas), so a test may kill a master soon after the cluster forms
+                "--repl-diskless-sync-delay",
+                "0",
                 "--dir",
                 str(self.directory),
                 "--logfile",
@@ -131,6 +135,28 @@ class RedisClusterProcesses:
                 f"redis-cli --cluster create failed: {created.stdout}{created.stderr}"
             )
         self.wait_ok()
+        self.wait_replicas_synced()
+
+    def wait_replicas_synced(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until every live replica has finished its sync with its master: a replica
+        that never synced holds no data and never stands for election, so a master
+        killed before that would have no one to fail over to."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                infos = [
+                    n.client().info("replication") for n in self.nodes if n.process is not None
+                ]
+                if all(
+                    info.get("role") != "slave" or info.get("master_link_status") == "up"
+                    for info in infos
+                ):
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster's replicas did not finish their first sync")
+            time.sleep(0.05)
 
     def wait_ok(self, timeout: float = START_TIMEOUT_S) -> None:
         """Until every live node says cluster_state:ok and every slot has a master."""
