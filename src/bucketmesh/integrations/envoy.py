@@ -45,6 +45,7 @@ from bucketmesh.http.tls import TlsContexts, TlsFiles
 from bucketmesh.integrations.proto import rls_pb2, rls_pb2_grpc
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.outcomes import Outcomes
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -137,9 +138,16 @@ async def _settled(answer: Any) -> Any:
     return await answer if hasattr(answer, "__await__") else answer
 
 
-async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = None) -> Any:
+async def decide(
+    decider: Decider,
+    request: Any,
+    metrics: NodeMetrics | None = None,
+    outcomes: Outcomes | None = None,
+) -> Any:
     """The RateLimitResponse for ``request``: each limited descriptor charged on its
-    own, as Envoy's reference service does. Raises BadRequest (see ``parse``)."""
+    own, as Envoy's reference service does. Raises BadRequest (see ``parse``).
+    ``outcomes`` (instead of ``metrics``) also counts near_limit, writes the audit
+    trail and answers a shadow rule's refusal OK (Envoy ratelimit's shadow_mode)."""
     hits = request.hits_addend or 1
     statuses = []
     overall = OK
@@ -153,14 +161,17 @@ async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = N
             # more hits than the bucket can ever hold: never allowed
             peek: Decision = await _settled(decider.acquire(key, 0, rule=rule))
             decision = msgspec.structs.replace(peek, allowed=False, retry_after=math.inf)
-        if metrics is not None:
+        if outcomes is not None:
+            if outcomes.observe(decision, hits):  # shadow: counted, answered OK
+                decision = msgspec.structs.replace(decision, allowed=True)
+        elif metrics is not None:
             metrics.count_decision(decision.rule, decision.allowed)
         if not decision.allowed:
             overall = OVER_LIMIT
         status = _status(decision) if math.isfinite(decision.retry_after) else None
         if status is None:
             status = rls_pb2.RateLimitResponse.DescriptorStatus(
-                code=OVER_LIMIT,
+                code=OK if decision.allowed else OVER_LIMIT,  # OK: shadow
                 current_limit=_current_limit(decision),
                 limit_remaining=max(0, decision.tokens_remaining),
             )
@@ -172,13 +183,20 @@ class RateLimitServicer(rls_pb2_grpc.RateLimitServiceServicer):
     """Answers ShouldRateLimit from the decision seam, once the store's commit barrier
     says the grants are durable (else UNAVAILABLE: the tokens stay spent)."""
 
-    def __init__(self, decider: Decider, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        decider: Decider,
+        metrics: NodeMetrics | None = None,
+        *,
+        outcomes: Outcomes | None = None,
+    ) -> None:
         self.decider = decider
         self.metrics = metrics
+        self.outcomes = outcomes
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:  # the gRPC method's name
         try:
-            response = await decide(self.decider, request, self.metrics)
+            response = await decide(self.decider, request, self.metrics, self.outcomes)
         except BadRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except BucketCapReached as error:

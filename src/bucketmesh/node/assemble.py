@@ -112,6 +112,13 @@ def node_settings(config: Config) -> NodeSettings:
         redis_url=config.storage.redis_url,
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
         envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
+        near_limit=config.near_limit,
+        audit_path=config.audit.path if config.audit.enabled else None,
+        audit_sample=config.audit.sample,
+        audit_hash_keys=config.audit.hash_keys,
+        audit_buffer=config.audit.buffer,
+        audit_max_bytes=config.audit.max_bytes,
+        audit_backups=config.audit.backups,
     )
 
 

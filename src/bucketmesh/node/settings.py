@@ -47,3 +47,12 @@ class NodeSettings:
     # files read again on change (node/reload.py): sync.secretFile, admin.tokenFile
     sync_secret_file: str | None = None
     admin_token_file: str | None = None
+    # near_limit: a grant leaving less than this share of capacity is counted as such
+    near_limit: float = 0.2
+    # audit: the trail's file (- for stdout); off when None (telemetry/audit.py)
+    audit_path: str | None = None
+    audit_sample: float = 1.0
+    audit_hash_keys: bool = False
+    audit_buffer: int = 10_000
+    audit_max_bytes: int = 64 * 1024 * 1024
+    audit_backups: int = 5

@@ -42,6 +42,32 @@ def key_hash(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+def token_identity(token: str | None) -> str:
+    """Who a bearer token (an admin token, a caller's API key) is in the trail: never
+    the secret itself, ``token:`` and the first 12 hex digits of its SHA-256 (stable,
+    so two events by one token say so); ``anonymous`` without one."""
+    if not token:
+        return "anonymous"
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def caller_of(headers: Mapping[str, str]) -> str | None:
+    """The caller of a request, when it says: its bearer token (``token:…``) or its
+    ``X-API-Key`` (``api-key:…``), hashed; None when it carries neither."""
+    authorization = headers.get("authorization")
+    if authorization and authorization[:7].lower() == "bearer ":
+        return token_identity(authorization[7:].strip())
+    api_key = headers.get("x-api-key")
+    if api_key:
+        return "api-key:" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    return None
+
+
+def new_request_id() -> str:
+    """A request id for a request that sent no ``X-Request-Id``: 32 random hex digits."""
+    return os.urandom(16).hex()
+
+
 class AuditLog:
     """A bounded buffer of events and the thread that writes them (see the module doc).
 
@@ -90,6 +116,9 @@ class AuditLog:
         if event.get("event") == CONSUME and self.sample < 1.0 and not self._kept(event):
             self.sampled_out += 1
             return False
+        return self._push(event)
+
+    def _push(self, event: Mapping[str, Any]) -> bool:
         with self._lock:
             if len(self._events) >= self.capacity or self._closing:
                 self.dropped += 1
@@ -111,23 +140,28 @@ class AuditLog:
         request_id: str | None = None,
         caller: str | None = None,
         at: str | None = None,
+        presampled: bool = False,
+        **extra: Any,
     ) -> bool:
-        """Record one decision."""
-        return self.record(
-            {
-                "event": CONSUME,
-                "time": at or clock_iso(),
-                "region": region,
-                "replica": replica,
-                "rule": rule,
-                "key": key_hash(key) if self.hash_keys else key,
-                "tokens": tokens,
-                "allowed": allowed,
-                "idempotency_key": idempotency_key,
-                "request_id": request_id,
-                "caller": caller,
-            }
-        )
+        """Record one decision. ``presampled``: the caller has asked ``keeps`` already
+        (the event is kept whatever its ids); ``extra`` fields are written as given."""
+        # the time stays an integer and the key as given until the writer thread
+        # formats the one and hashes the other (hash_keys): off the decision's path
+        event = {
+            "event": CONSUME,
+            "time": at or time.time_ns(),
+            "region": region,
+            "replica": replica,
+            "rule": rule,
+            "key": key,
+            "tokens": tokens,
+            "allowed": allowed,
+            "idempotency_key": idempotency_key,
+            "request_id": request_id,
+            "caller": caller,
+            **extra,
+        }
+        return self._push(event) if presampled else self.record(event)
 
     def change(self, event: str, *, who: str, old: Any, new: Any, **fields: Any) -> bool:
         """Record an administrative change (PATCH, fault, repair): always kept."""
@@ -143,7 +177,14 @@ class AuditLog:
         )
 
     def _kept(self, event: Mapping[str, Any]) -> bool:
-        ident = str(event.get("request_id") or event.get("idempotency_key") or event.get("key"))
+        ident = event.get("request_id") or event.get("idempotency_key") or event.get("key")
+        return self.keeps(str(ident))
+
+    def keeps(self, ident: str) -> bool:
+        """Whether the sampling keeps the events of the request ``ident`` (its request
+        id): a front door asks first, and builds no event for one it would not keep."""
+        if self.sample >= 1.0:
+            return True
         digest = hashlib.blake2b(ident.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") < self.sample * 2**64
 
@@ -195,6 +236,7 @@ class AuditLog:
         try:
             stream = self._open()
             for event in batch:
+                event = self._finished(event)
                 line = json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n"
                 size = len(line.encode())
                 if self.path is not None and self._size and self._size + size > self.max_bytes:
@@ -206,6 +248,20 @@ class AuditLog:
         except OSError:
             self.write_errors += 1
             self._stream = None
+
+    def _finished(self, event: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``event`` as written: an integer time (ns) in ISO 8601, a consumed key hashed
+        when ``hash_keys`` says so."""
+        stamp = event.get("time")
+        hashed = self.hash_keys and event.get("event") == CONSUME
+        if not isinstance(stamp, int) and not hashed:
+            return event
+        done = dict(event)
+        if isinstance(stamp, int):
+            done["time"] = clock_iso(stamp)
+        if hashed and isinstance(done.get("key"), str):
+            done["key"] = key_hash(done["key"])
+        return done
 
     def _open(self) -> IO[str]:
         if self._stream is None:
@@ -240,4 +296,12 @@ def clock_iso(ns: int | None = None) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-__all__ = ["CONSUME", "AuditLog", "clock_iso", "key_hash"]
+__all__ = [
+    "CONSUME",
+    "AuditLog",
+    "caller_of",
+    "clock_iso",
+    "key_hash",
+    "new_request_id",
+    "token_identity",
+]
