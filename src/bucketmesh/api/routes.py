@@ -419,13 +419,20 @@ class RatingApp:
         """The answer with the audit trail on: the decision recorded with the request's
         ids and caller (the writer thread does the rest), then answered as usual."""
         headers = request.headers
-        request_id = headers.get("x-request-id") or new_request_id()
-        shadowed = self.outcomes.observe(
+        request_id = headers.get("x-request-id")
+        outcomes = self.outcomes
+        if not outcomes.kept(request_id):  # sampled out: nothing more to do than usual
+            if self.audit is not None:
+                self.audit.sampled_out += 1
+            return self._decision_response(decision)
+        request_id = request_id or new_request_id()
+        shadowed = outcomes.observe(
             decision,
             tokens,
             request_id=request_id,
             idempotency_key=headers.get("idempotency-key"),
             caller=caller_of(headers),
+            sampled=True,
         )
         response = self._shadow_response(decision) if shadowed else self.renderer.response(decision)
         response.headers = [*(response.headers or ()), ("X-Request-Id", request_id)]
@@ -498,10 +505,15 @@ class RatingApp:
         the request with ``#<index>`` appended (a retry charged again shows as a
         duplicate of that item, never the items of one batch as duplicates)."""
         headers = request.headers
-        request_id = headers.get("x-request-id") or new_request_id()
+        request_id = headers.get("x-request-id")
+        if not self.outcomes.kept(request_id):
+            if self.audit is not None:
+                self.audit.sampled_out += len(decisions)
+            return self._batch_response(decisions)
+        request_id = request_id or new_request_id()
         key = headers.get("idempotency-key")
         caller = caller_of(headers)
-        if self.audit is not None and self.audit.keeps(request_id):
+        if self.audit is not None:
             write = self.outcomes.write
             shadows = self.shadows
             for index, (ask, decision) in enumerate(zip(asks, decisions, strict=False)):
@@ -517,10 +529,9 @@ class RatingApp:
                     None if key is None else f"{key}#{index}",
                     caller,
                     shadowed,
+                    sampled=True,
                     item=index,
                 )
-        elif self.audit is not None:
-            self.audit.sampled_out += len(decisions)
         response = self._batch_response(decisions)
         response.headers = [*(response.headers or ()), ("X-Request-Id", request_id)]
         return response

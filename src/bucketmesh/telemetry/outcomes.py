@@ -15,6 +15,7 @@ doors call ``observe`` for each decision.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Final
 
 from bucketmesh.core.bucket import Decision
@@ -58,10 +59,12 @@ class Outcomes:
         request_id: str | None = None,
         idempotency_key: str | None = None,
         caller: str | None = None,
+        sampled: bool = False,
         **extra: object,
     ) -> bool:
         """Count and audit ``decision`` (``tokens`` asked); True when it is a refusal
-        a shadow rule or key makes advisory: the door answers it as a grant."""
+        a shadow rule or key makes advisory: the door answers it as a grant.
+        ``sampled``: the door has asked ``kept`` already (and was told yes)."""
         rule = decision.rule
         metrics = self.metrics
         if metrics is not None:
@@ -85,9 +88,23 @@ class Outcomes:
                 idempotency_key,
                 caller,
                 shadowed,
+                sampled=sampled,
                 **extra,
             )
         return shadowed
+
+    def kept(self, request_id: str | None) -> bool:
+        """Whether the sampling keeps the request ``request_id`` (its ``X-Request-Id``;
+        None: a request without one, kept by chance at the sampled share, before any id
+        is made up for it)."""
+        audit = self.audit
+        if audit is None:
+            return False
+        if audit.sample >= 1.0:
+            return True
+        if request_id:
+            return audit.keeps(request_id)
+        return random.random() < audit.sample
 
     def write(
         self,
@@ -97,13 +114,17 @@ class Outcomes:
         idempotency_key: str | None,
         caller: str | None,
         shadowed: bool = False,
+        *,
+        sampled: bool = False,
         **extra: Any,
     ) -> None:
-        """Append ``decision`` to the audit trail (sampled by ``request_id``)."""
+        """Append ``decision`` to the audit trail (sampled by ``request_id`` unless
+        ``sampled`` says the door has done it)."""
         audit = self.audit
-        if audit is None or not audit.keeps(request_id):
-            if audit is not None:
-                audit.sampled_out += 1
+        if audit is None:
+            return
+        if not sampled and not audit.keeps(request_id):
+            audit.sampled_out += 1
             return
         if shadowed:
             extra["shadow"] = True
