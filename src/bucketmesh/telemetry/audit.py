@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TypeAlias
 
 import msgspec
 
@@ -40,6 +40,28 @@ DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_BACKUPS: Final = 5
 #: how often the writer thread writes what the buffer holds (sooner once it is half full)
 FLUSH_INTERVAL_S: Final = 0.1
+
+
+class Consumed(msgspec.Struct, gc=False, omit_defaults=True):
+    """A ``consume`` event as buffered and written (the fields in the order written;
+    ``item`` and ``shadow`` only when set)."""
+
+    event: str
+    time: int | str
+    region: str
+    replica: str
+    rule: str
+    key: str
+    tokens: int
+    allowed: bool
+    idempotency_key: str | None
+    request_id: str | None
+    caller: str | None
+    item: int | None = None
+    shadow: bool = False
+
+
+Event: TypeAlias = "Consumed | Mapping[str, Any]"
 
 
 def key_hash(key: str) -> str:
@@ -138,8 +160,10 @@ class AuditLog:
         self.sampled_out = 0
         self.written = 0
         self.write_errors = 0
-        self._events: deque[Mapping[str, Any]] = deque()
+        self._events: deque[Event] = deque()
         self._high_water = max(1, buffer // 2)
+        self._second = -1  # the writer's last whole second, and its ISO 8601 text
+        self._second_text = ""
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
@@ -156,7 +180,7 @@ class AuditLog:
             return False
         return self._push(event)
 
-    def _push(self, event: Mapping[str, Any]) -> bool:
+    def _push(self, event: Event) -> bool:
         # No lock and no wake-up per event (a deque's append is atomic): the writer
         # wakes every FLUSH_INTERVAL_S, or once the buffer is half full, and writes
         # what has gathered in one go. Waking it per event would hand the GIL back
@@ -185,27 +209,40 @@ class AuditLog:
         caller: str | None = None,
         at: str | None = None,
         presampled: bool = False,
+        item: int | None = None,
+        shadow: bool = False,
         **extra: Any,
     ) -> bool:
         """Record one decision. ``presampled``: the caller has asked ``keeps`` already
-        (the event is kept whatever its ids); ``extra`` fields are written as given."""
-        # the time stays an integer and the key as given until the writer thread
-        # formats the one and hashes the other (hash_keys): off the decision's path
-        event = {
-            "event": CONSUME,
-            "time": at or time.time_ns(),
-            "region": region,
-            "replica": replica,
-            "rule": rule,
-            "key": key,
-            "tokens": tokens,
-            "allowed": allowed,
-            "idempotency_key": idempotency_key,
-            "request_id": request_id,
-            "caller": caller,
-            **extra,
-        }
-        return self._push(event) if presampled else self.record(event)
+        (the event is kept whatever its ids); ``item``: a batch item's index,
+        ``shadow``: a shadow refusal; ``extra`` fields are written as given."""
+        # A Consumed (untracked by the garbage collector: thousands of them waiting
+        # in the buffer cost a collection nothing) whose time stays an integer and key
+        # as given until the writer thread formats the one and hashes the other.
+        consumed = Consumed(
+            CONSUME,
+            at or time.time_ns(),
+            region,
+            replica,
+            rule,
+            key,
+            tokens,
+            allowed,
+            idempotency_key,
+            request_id,
+            caller,
+            item,
+            shadow,
+        )
+        event: Event = consumed
+        if extra:
+            event = {**msgspec.structs.asdict(consumed), **extra}
+        if presampled:
+            return self._push(event)
+        if self.sample < 1.0 and not self.keeps(str(request_id or idempotency_key or key)):
+            self.sampled_out += 1
+            return False
+        return self._push(event)
 
     def change(self, event: str, *, who: str, old: Any, new: Any, **fields: Any) -> bool:
         """Record an administrative change (PATCH, fault, repair): always kept."""
@@ -292,19 +329,32 @@ class AuditLog:
             self.write_errors += 1
             self._stream = None
 
-    def _finished(self, event: Mapping[str, Any]) -> Mapping[str, Any]:
+    def _finished(self, event: Event) -> Event:
         """``event`` as written: an integer time (ns) in ISO 8601, a consumed key hashed
-        when ``hash_keys`` says so."""
+        when ``hash_keys`` says so (in place: the writer is the last to hold it)."""
+        if isinstance(event, Consumed):
+            if isinstance(event.time, int):
+                event.time = self._iso(event.time)
+            if self.hash_keys:
+                event.key = key_hash(event.key)
+            return event
         stamp = event.get("time")
         hashed = self.hash_keys and event.get("event") == CONSUME
         if not isinstance(stamp, int) and not hashed:
             return event
-        done = dict(event)
+        done = event if isinstance(event, dict) else dict(event)
         if isinstance(stamp, int):
-            done["time"] = clock_iso(stamp)
+            done["time"] = self._iso(stamp)
         if hashed and isinstance(done.get("key"), str):
             done["key"] = key_hash(done["key"])
         return done
+
+    def _iso(self, stamp: int) -> str:
+        seconds, ns = divmod(stamp, 1_000_000_000)
+        if seconds != self._second:
+            self._second = seconds
+            self._second_text = clock_iso(seconds * 1_000_000_000)[:19]
+        return f"{self._second_text}.{ns // 1000:06d}Z"
 
     def _open(self) -> IO[str]:
         if self._stream is None:
@@ -335,7 +385,7 @@ class AuditLog:
 _ENCODER = msgspec.json.Encoder()
 
 
-def _encode(event: Mapping[str, Any]) -> bytes:
+def _encode(event: Event) -> bytes:
     """One event's JSON (msgspec: a few times faster than json, in the writer thread);
     anything msgspec cannot encode is written as its ``str``."""
     try:
