@@ -168,7 +168,7 @@ class AuditLog:
         self._wake = threading.Condition(self._lock)
         self._closing = False
         self._thread: threading.Thread | None = None
-        self._stream: IO[str] | None = None
+        self._stream: IO[bytes] | _TextOut | None = None
         self._size = 0
 
     # -- the caller's side: never blocks on I/O --------------------------------------
@@ -290,7 +290,7 @@ class AuditLog:
         else:
             thread.join(timeout_s)
             self._thread = None
-        if self._stream is not None and self._stream is not sys.stdout:
+        if self._stream is not None and self.path is not None:
             self._stream.close()
         self._stream = None
 
@@ -316,14 +316,18 @@ class AuditLog:
             return
         try:
             stream = self._open()
+            lines: list[bytes] = []
             for event in batch:
-                encoded = _encode(self._finished(event))
-                size = len(encoded) + 1
+                line = _encode(self._finished(event)) + b"\n"
+                size = len(line)
                 if self.path is not None and self._size and self._size + size > self.max_bytes:
+                    stream.write(b"".join(lines))
+                    lines = []
                     stream = self._rotate()
-                stream.write(encoded.decode() + "\n")
+                lines.append(line)
                 self._size += size
                 self.written += 1
+            stream.write(b"".join(lines))  # one write per batch
             stream.flush()
         except OSError:
             self.write_errors += 1
@@ -356,16 +360,17 @@ class AuditLog:
             self._second_text = clock_iso(seconds * 1_000_000_000)[:19]
         return f"{self._second_text}.{ns // 1000:06d}Z"
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> IO[bytes] | _TextOut:
         if self._stream is None:
             if self.path is None:
-                self._stream = sys.stdout
+                buffer = getattr(sys.stdout, "buffer", None)
+                self._stream = buffer if buffer is not None else _TextOut()
             else:
-                self._stream = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+                self._stream = open(self.path, "ab")  # noqa: SIM115
                 self._size = self._stream.tell()
         return self._stream
 
-    def _rotate(self) -> IO[str]:
+    def _rotate(self) -> IO[bytes] | _TextOut:
         assert self.path is not None
         if self._stream is not None:
             self._stream.close()
@@ -383,6 +388,19 @@ class AuditLog:
 
 
 _ENCODER = msgspec.json.Encoder()
+
+
+class _TextOut:
+    """stdout when it has no binary buffer (replaced by a text stream)."""
+
+    def write(self, data: bytes) -> int:
+        return sys.stdout.write(data.decode())
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        """stdout is not this writer's to close."""
 
 
 def _encode(event: Event) -> bytes:
