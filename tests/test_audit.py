@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bucketmesh.telemetry.audit import AuditLog, key_hash
 
 
@@ -170,3 +172,14 @@ def test_the_planted_duplicates_are_found_and_only_them(tmp_path: Path) -> None:
 def test_an_unreadable_file_exits_2(tmp_path: Path) -> None:
     done = duplicates(str(tmp_path / "missing.jsonl"))
     assert done.returncode == 2 and "missing.jsonl" in done.stderr
+
+
+def test_dash_writes_json_lines_to_stdout(capfd: pytest.CaptureFixture[str]) -> None:
+    log = AuditLog("-")
+    log.start()
+    charge(log, "agent-api-key-out", 1, request_id="r-out")
+    log.change("patch", who="token:ops", old=None, new={"capacity": 3})
+    log.close()
+    out = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert [e["event"] for e in out] == ["consume", "patch"]
+    assert out[0]["request_id"] == "r-out" and out[0]["key"] == "agent-api-key-out"

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from conftest import ServerFactory, free_port, make_config
+import httpx
+import pytest
+import yaml
+from conftest import ServerFactory, eventually, free_port, make_config
 
 
 def export(*args: str) -> subprocess.CompletedProcess[str]:
@@ -88,7 +93,7 @@ def test_a_node_that_does_not_answer_is_named_and_no_answer_at_all_fails(
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
-    assert export("--out", str(tmp_path)).returncode == 2  # --url is required
+    assert export("--out", str(tmp_path)).returncode == 2  # --url (or --prometheus) is required
     bad = export("--url", "nourl", "--out", str(tmp_path))
     assert bad.returncode == 2 and "--url" in bad.stderr
     negative = export("--url", "a=http://127.0.0.1:1", "--out", str(tmp_path), "--duration", "-1")
@@ -97,3 +102,121 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     a_file.write_text("")
     not_dir = export("--url", "a=http://127.0.0.1:1", "--out", str(a_file))
     assert not_dir.returncode == 2 and "not a directory" in not_dir.stderr
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus (make test installs it)")
+def test_a_time_range_from_a_real_prometheus(serve: ServerFactory, tmp_path: Path) -> None:
+    """--prometheus reads the past from a Prometheus server that scraped two nodes:
+    every bucketmesh family, one CSV each, at every step of the range, in the shape
+    the interval mode writes (t_s from --start, region from the instance)."""
+    assert PROMETHEUS is not None
+    east = serve(make_config(region="us-east-1"))
+    west = serve(make_config(region="us-west-2"))
+    with east.client() as client:
+        for _ in range(3):
+            assert client.post("/v1/rate", headers={"X-API-Key": "range"}).status_code == 200
+    port = free_port()
+    targets = [server.base_url.removeprefix("http://") for server in (east, west)]
+    scrape = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "bucketmesh", "static_configs": [{"targets": targets}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape))
+    log = (tmp_path / "prometheus.log").open("w")
+    prometheus = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    started = time.time()
+    try:
+
+        def scraped_twice() -> bool:
+            answer = httpx.get(
+                f"{url}/api/v1/query",
+                params={
+                    "query": 'count_over_time(bucketmesh_decisions_total{rule="agent-api-key"}[1m])'
+                },
+            )
+            assert answer.status_code == 200, answer.text
+            result = answer.json()["data"]["result"]
+            return bool(result) and float(result[0]["value"][1]) >= 2
+
+        eventually(scraped_twice, "Prometheus has scraped the nodes twice")
+        out = tmp_path / "range"
+        done = export(
+            "--prometheus",
+            url,
+            "--start",
+            str(int(started) - 5),
+            "--end",
+            "now",
+            "--step",
+            "1s",
+            "--match",
+            '{job="bucketmesh"}',
+            "--out",
+            str(out),
+        )
+        assert done.returncode == 0, done.stderr
+        files = {p.name for p in out.glob("*.csv")}
+        assert "bucketmesh_decisions.csv" in files, files
+        assert "bucketmesh_http_request_duration_seconds.csv" in files, files
+        decisions = rows(out / "bucketmesh_decisions.csv")
+        assert list(decisions[0])[:3] == ["t_s", "region", "sample"]
+        assert {"instance", "job", "rule", "result"} <= set(decisions[0])
+        east_allowed = [
+            row
+            for row in decisions
+            if row["region"] == targets[0]
+            and row["rule"] == "agent-api-key"
+            and row["result"] == "allowed"
+        ]
+        assert len({row["t_s"] for row in east_allowed}) >= 2  # a series over time
+        assert {float(row["value"]) for row in east_allowed} == {3.0}
+        assert {row["sample"] for row in east_allowed} == {"bucketmesh_decisions_total"}
+        assert {row["region"] for row in rows(out / "process_cpu_seconds.csv")} == set(targets)
+
+        # a range before anything was scraped holds nothing: exit 1, nothing written
+        empty = export(
+            "--prometheus", url, "--start", "1000", "--end", "1100", "--out", str(tmp_path / "e")
+        )
+        assert empty.returncode == 1 and "no bucketmesh series" in empty.stderr
+        # a selector Prometheus cannot parse: its own words, exit 2
+        bad = export(
+            "--prometheus", url, "--start=-1m", "--match", "{job=", "--out", str(tmp_path / "b")
+        )
+        assert bad.returncode == 2 and "Prometheus refused the query" in bad.stderr
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+        log.close()
+
+
+def test_range_usage_errors_exit_2(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    url = f"http://127.0.0.1:{free_port()}"
+    no_start = export("--prometheus", url, "--out", out)
+    assert no_start.returncode == 2 and "--start" in no_start.stderr
+    both = export("--prometheus", url, "--url", f"a={url}", "--start=-1h", "--out", out)
+    assert both.returncode == 2 and "not both" in both.stderr
+    bad_time = export("--prometheus", url, "--start", "yesterday", "--out", out)
+    assert bad_time.returncode == 2 and "--start must be" in bad_time.stderr
+    backwards = export("--prometheus", url, "--start=-1m", "--end=-2h", "--out", out)
+    assert backwards.returncode == 2 and "before --start" in backwards.stderr
+    bad_step = export("--prometheus", url, "--start=-1m", "--step", "0", "--out", out)
+    assert bad_step.returncode == 2 and "--step" in bad_step.stderr
+    stray = export("--url", f"a={url}", "--start=-1h", "--out", out)
+    assert stray.returncode == 2 and "go with --prometheus" in stray.stderr
+    # nobody listens there: Prometheus did not answer (1), not a usage error
+    gone = export("--prometheus", url, "--start=-1m", "--out", out)
+    assert gone.returncode == 1 and url in gone.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from bucketmesh.core.limiter import (
     RuleMismatch,
 )
 from bucketmesh.core.limits import LimitError, check_limits
-from bucketmesh.core.rules import KeyTemplate, first_match
+from bucketmesh.core.rules import KeyTemplate, Shadows, first_match
 from bucketmesh.http import wire
 from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import JSON, ApiError, bad_request, body_error, require_json
@@ -48,7 +49,9 @@ from bucketmesh.http.idempotency import (
 from bucketmesh.http.render import DecisionRenderer
 from bucketmesh.http.router import Answer, Router
 from bucketmesh.http.server import Request, Response, problem
+from bucketmesh.telemetry.audit import caller_of, new_request_id, token_identity
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.outcomes import SHADOW_HEADER, SHADOW_VALUE, Outcomes
 
 if TYPE_CHECKING:
     from bucketmesh.api.forward import Forwarder
@@ -56,12 +59,20 @@ if TYPE_CHECKING:
 MAX_BATCH = 1000
 #: How long a retry waits for another node of the region to answer the first copy.
 IDEMPOTENCY_WAIT_S = 10.0
+_SHADOW_FIELD = b',"shadow":"' + SHADOW_VALUE.encode() + b'"'
 _INTEGER = re.compile(r"[+-]?[0-9]+", re.ASCII)
 #: How a 400 for a request no rule matches says to answer such requests anyway.
 CATCH_ALL_HINT = (
     'to answer requests without it, add a catch-all rule last, e.g. key: "ip-{{ '
     '.Request.ClientIP }}" (one bucket per client) or key: "anonymous" (one shared bucket)'
 )
+
+
+class ShadowPatch(wire.PatchRequest, forbid_unknown_fields=True, omit_defaults=True):
+    """``PATCH /v1/buckets/{key}`` with ``shadow``: true makes the rule's (or the key's)
+    refusals advisory on this node, false makes them refusals again."""
+
+    shadow: bool | None = None
 
 
 class SyncView(Protocol):
@@ -125,6 +136,7 @@ class RatingApp:
         tasks: Callable[[], dict[str, wire.TaskStatus]] | None = None,
         idempotency: IdempotencyCache | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self.decider = decider
         self.region = region
@@ -145,6 +157,17 @@ class RatingApp:
         self.admin = AdminAuth(admin_token)
         self.router = router or Router(metrics)
         self.metrics = self.router.metrics
+        # near-limit counts, shadow mode and the audit trail (telemetry/outcomes.py)
+        if outcomes is None:
+            outcomes = Outcomes(shadows=Shadows(decider.rules))
+        if outcomes.metrics is None:
+            outcomes.metrics = self.metrics
+        outcomes.region = outcomes.region or region
+        outcomes.replica = outcomes.replica or decider.replica_id
+        self.outcomes = outcomes
+        self.shadows = outcomes.shadows
+        self.near_limit = outcomes.near_limit
+        self.audit = outcomes.audit
         self.sync: SyncView = sync or NoSync()
         self.version = version
         self.ready_checks = ready
@@ -160,7 +183,7 @@ class RatingApp:
         self.renderer = DecisionRenderer(region)
         self.rate_decoder = msgspec.json.Decoder(wire.RateRequest)
         self.batch_decoder = msgspec.json.Decoder(wire.BatchRequest)
-        self.patch_decoder = msgspec.json.Decoder(wire.PatchRequest)
+        self.patch_decoder = msgspec.json.Decoder(ShadowPatch)
         self.encoder = msgspec.json.Encoder()
         self.openapi = msgspec.json.encode(wire.openapi_document(version))
         add = self.router.add_route
@@ -377,6 +400,9 @@ class RatingApp:
             raise limiter_error(
                 error, "rule" if rule and isinstance(error, NoRuleError) else None
             ) from None
+        if self.audit is not None:
+            render = functools.partial(self._audited_response, request, tokens)
+            return self._answer(decision, render, cache_key)
         return self._answer(decision, self._decision_response, cache_key)
 
     def decide_here(
@@ -386,8 +412,49 @@ class RatingApp:
         return self._decide(request, key, rule, tokens, cache_key, forward=False)
 
     def _decision_response(self, decision: Decision) -> Response:
-        self.metrics.count_decision(decision.rule, decision.allowed)
+        rule = decision.rule
+        self.metrics.count_decision(rule, decision.allowed)
+        if decision.allowed:
+            if decision.tokens_remaining < decision.capacity * self.near_limit:
+                self.metrics.count_near_limit(rule)
+        elif self.shadows and self.shadows.covers(rule, decision.key):
+            self.metrics.count_shadow_refused(rule)
+            return self._shadow_response(decision)
         return self.renderer.response(decision)
+
+    def _shadow_response(self, decision: Decision) -> Response:
+        """A refusal made advisory: 200 with the decision (``allowed`` true, the bucket
+        as it is), its RateLimit headers and ``Bucketmesh-Shadow: would-refuse``."""
+        renderer = self.renderer
+        headers = renderer.headers(decision)
+        del headers[2:]  # no Retry-After: the request goes through
+        headers.append((SHADOW_HEADER, SHADOW_VALUE))
+        let_through = msgspec.structs.replace(decision, allowed=True)
+        body = renderer.allowed_body(let_through)[:-1] + _SHADOW_FIELD + b"}"
+        return Response(200, body, JSON, headers)
+
+    def _audited_response(self, request: Request, tokens: int, decision: Decision) -> Response:
+        """The answer with the audit trail on: the decision recorded with the request's
+        ids and caller (the writer thread does the rest), then answered as usual."""
+        headers = request.headers
+        request_id = headers.get("x-request-id")
+        outcomes = self.outcomes
+        if not outcomes.kept(request_id):  # sampled out: nothing more to do than usual
+            if self.audit is not None:
+                self.audit.sampled_out += 1
+            return self._decision_response(decision)
+        request_id = request_id or new_request_id()
+        shadowed = outcomes.observe(
+            decision,
+            tokens,
+            request_id=request_id,
+            idempotency_key=headers.get("idempotency-key"),
+            caller=caller_of(headers),
+            sampled=True,
+        )
+        response = self._shadow_response(decision) if shadowed else self.renderer.response(decision)
+        response.headers = [*(response.headers or ()), ("X-Request-Id", request_id)]
+        return response
 
     def _render_key(self, request: Request) -> tuple[str, str]:
         rules = self.decider.rules
@@ -442,9 +509,50 @@ class RatingApp:
             decisions = self.decider.acquire_many(asks, atomic=batch.atomic)
         except LimiterError as error:
             raise self._batch_error(error) from None
+        render: Callable[[list[Decision]], Response] = self._batch_response
+        if self.audit is not None:
+            render = functools.partial(self._audited_batch, request, asks)
         if isinstance(decisions, Awaitable):
-            return self._answer(self._batch_later(decisions), self._batch_response, cache_key)
-        return self._answer(decisions, self._batch_response, cache_key)
+            return self._answer(self._batch_later(decisions), render, cache_key)
+        return self._answer(decisions, render, cache_key)
+
+    def _audited_batch(
+        self, request: Request, asks: list[Ask], decisions: list[Decision]
+    ) -> Response:
+        """A batch's answer with the audit trail on: one event per item, its ids those of
+        the request with ``#<index>`` appended (a retry charged again shows as a
+        duplicate of that item, never the items of one batch as duplicates)."""
+        headers = request.headers
+        request_id = headers.get("x-request-id")
+        if not self.outcomes.kept(request_id):
+            if self.audit is not None:
+                self.audit.sampled_out += len(decisions)
+            return self._batch_response(decisions)
+        request_id = request_id or new_request_id()
+        key = headers.get("idempotency-key")
+        caller = caller_of(headers)
+        if self.audit is not None:
+            write = self.outcomes.write
+            shadows = self.shadows
+            for index, (ask, decision) in enumerate(zip(asks, decisions, strict=False)):
+                shadowed = (
+                    not decision.allowed
+                    and bool(shadows)
+                    and shadows.covers(decision.rule, decision.key)
+                )
+                write(
+                    decision,
+                    ask[1],
+                    f"{request_id}#{index}",
+                    None if key is None else f"{key}#{index}",
+                    caller,
+                    shadowed,
+                    sampled=True,
+                    item=index,
+                )
+        response = self._batch_response(decisions)
+        response.headers = [*(response.headers or ()), ("X-Request-Id", request_id)]
+        return response
 
     def _batch_item(
         self, request: Request, index: int, item: wire.RateRequest
@@ -496,21 +604,64 @@ class RatingApp:
         allowed = listed.count(b'{"allowed":true,')
         count = self.metrics.count_decision
         rule = decisions[0].rule
+        share = self.near_limit
         # one rule throughout (as usual): the rule field closes every object alike
         if listed.count(b'"rule":%s}' % encode(rule)) == len(decisions):
             if allowed:
                 count(rule, True, allowed)
+                if share:
+                    near = sum(
+                        1
+                        for d in decisions
+                        if d.allowed and d.tokens_remaining < d.capacity * share
+                    )
+                    if near:
+                        self.metrics.count_near_limit(rule, near)
             if allowed < len(decisions):
                 count(rule, False, len(decisions) - allowed)
         else:
             for decision in decisions:
                 count(decision.rule, decision.allowed)
+                if decision.allowed and decision.tokens_remaining < decision.capacity * share:
+                    self.metrics.count_near_limit(decision.rule)
+        if allowed < len(decisions) and self.shadows:
+            shadowed = self._shadowed_batch(decisions, allowed)
+            if shadowed is not None:
+                return shadowed
         body = b'{"results":[%s],"allowed":%d,"denied":%d}' % (
             results,
             allowed,
             len(decisions) - allowed,
         )
         return Response(200, body, JSON)
+
+    def _shadowed_batch(self, decisions: list[Decision], allowed: int) -> Response | None:
+        """A batch some of whose refusals a shadow rule or key makes advisory: those
+        items answered as grants with ``"shadow":"would-refuse"``, counted, and
+        ``shadow_refused`` beside ``allowed`` / ``denied``; None when there are none."""
+        shadows = self.shadows
+        marks = [not d.allowed and shadows.covers(d.rule, d.key) for d in decisions]
+        refused = sum(marks)
+        if not refused:
+            return None
+        encode = self.encoder.encode
+        suffix = self.renderer.region_suffix
+        shadow_field = _SHADOW_FIELD
+        parts = []
+        for decision, mark in zip(decisions, marks, strict=True):
+            if mark:
+                self.metrics.count_shadow_refused(decision.rule)
+                let_through = msgspec.structs.replace(decision, allowed=True)
+                parts.append(encode(let_through)[:-1] + shadow_field + suffix)
+            else:
+                parts.append(encode(decision)[:-1] + suffix)
+        body = b'{"results":[%s],"allowed":%d,"denied":%d,"shadow_refused":%d}' % (
+            b",".join(parts),
+            allowed + refused,
+            len(decisions) - allowed - refused,
+            refused,
+        )
+        return Response(200, body, JSON, [(SHADOW_HEADER, SHADOW_VALUE)])
 
     # -- inspection ------------------------------------------------------------
 
@@ -576,7 +727,7 @@ class RatingApp:
         name = self._rule_named(key)
         if name is not None:
             config = self.decider.rule_config(name)
-            return self._json(self._config_body(key, name, config, "rule"))
+            return self._config_json(self._config_body(key, name, config, "rule"), name)
         return self._bucket_answer(key)
 
     def _config_body(
@@ -605,18 +756,38 @@ class RatingApp:
         if patch.refillRate is not None and patch.refill_rate is not None:
             raise bad_request("give refillRate or refill_rate, not both", "refillRate")
         rate = patch.refillRate if patch.refillRate is not None else patch.refill_rate
-        if patch.capacity is None and rate is None and patch.ttl is None and patch.mode is None:
-            raise bad_request("nothing to change: give capacity, refillRate, ttl or mode")
+        limits = (patch.capacity, rate, patch.ttl, patch.mode)
+        if all(value is None for value in limits) and patch.shadow is None:
+            raise bad_request("nothing to change: give capacity, refillRate, ttl, mode or shadow")
         try:
             check_limits(capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode)
         except LimitError as error:
             raise bad_request(str(error), error.field) from None
+        if self.audit is not None:
+            return self._patch_audited(request, key, patch, rate)
+        return self._patch(key, patch, rate)
+
+    def _patch(self, key: str, patch: ShadowPatch, rate: float | None) -> Answer:
         rule_name = self._rule_named(key)
         target = key if rule_name is None else rule_name
+        limits = (patch.capacity, rate, patch.ttl, patch.mode)
+        changed: Any
         try:
-            changed = self.decider.configure(
-                target, capacity=patch.capacity, refill_rate=rate, ttl=patch.ttl, mode=patch.mode
-            )
+            if all(value is None for value in limits):  # shadow alone: the limits as they are
+                assert patch.shadow is not None
+                if rule_name is not None:
+                    changed = self.decider.rule_config(rule_name)
+                else:
+                    self.decider.rule_of(key)  # NoRuleError: neither a rule nor a key of one
+                    changed = self._key_config(key)
+            else:
+                changed = self.decider.configure(
+                    target,
+                    capacity=patch.capacity,
+                    refill_rate=rate,
+                    ttl=patch.ttl,
+                    mode=patch.mode,
+                )
         except (LimiterError, ValueError) as error:
             raise self._patch_error(key, error) from None
         if isinstance(changed, Awaitable):
@@ -624,10 +795,68 @@ class RatingApp:
 
         def body(config: BucketConfig) -> Response:
             rule = rule_name if rule_name is not None else self.decider.rule_of(key)
+            if patch.shadow is not None:
+                self.shadows.mark(target, patch.shadow, rule=rule_name is not None)
             applies_to = "key" if rule_name is None else "rule"
-            return self._json(self._config_body(key, rule, config, applies_to))
+            return self._config_json(self._config_body(key, rule, config, applies_to), target)
 
         return self._answer(changed, body, None)
+
+    async def _key_config(self, key: str) -> BucketConfig:
+        found = self.decider.inspect(key)
+        bucket: Bucket = await found if isinstance(found, Awaitable) else found
+        return bucket.config
+
+    def _config_json(self, body: wire.BucketConfigBody, name: str) -> Response:
+        """The config body, with ``"shadow":true`` when ``name`` (rule or key) is shadow."""
+        response = self._json(body)
+        if name in self.shadows.rules or name in self.shadows.keys:
+            response.body = response.body[:-1] + b',"shadow":true}'
+        return response
+
+    async def _settings_of(self, key: str) -> dict[str, Any] | None:
+        """What a PATCH of ``key`` (a rule or a key) changes, as the audit trail writes
+        it; None when it is neither."""
+        rule_name = self._rule_named(key)
+        target = key if rule_name is None else rule_name
+        try:
+            if rule_name is not None:
+                config = self.decider.rule_config(rule_name)
+            else:
+                config = await self._key_config(key)
+        except LimiterError:
+            return None
+        return {
+            "capacity": config.capacity,
+            "refill_rate": config.refill_rate,
+            "ttl": config.ttl_ns / NS_PER_S,
+            "mode": config.mode,
+            "shadow": target in self.shadows.rules or target in self.shadows.keys,
+        }
+
+    async def _patch_audited(
+        self, request: Request, key: str, patch: ShadowPatch, rate: float | None
+    ) -> Response:
+        """A PATCH recorded in the audit trail (always, whatever the sampling): who
+        (the admin token's identity), the rule or key, old → new."""
+        old = await self._settings_of(key)
+        answer = self._patch(key, patch, rate)
+        response = await answer if isinstance(answer, Awaitable) else answer
+        if self.audit is not None and response.status == 200:
+            authorization = request.headers.get("authorization", "")
+            token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
+            self.audit.change(
+                "patch",
+                who=token_identity(token),
+                old=old,
+                new=await self._settings_of(key),
+                key=key,
+                applies_to="key" if self._rule_named(key) is None else "rule",
+                region=self.region,
+                node=self.node,
+                request_id=request.headers.get("x-request-id"),
+            )
+        return response
 
     async def _patch_later(self, key: str, pending: Awaitable[BucketConfig]) -> BucketConfig:
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "Mode",
     "Rule",
     "RuleError",
+    "Shadows",
     "StoreFailurePolicy",
     "escaper",
     "first_match",
@@ -514,7 +515,8 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     ``refill_rate`` is in tokens per second; ``ttl`` is how long (seconds) a full,
     idle bucket is kept; ``mode`` is shared (one bucket across regions), strict
     (each region holds a share) or local (per region, not replicated);
-    ``on_store_failure`` says what to decide when the state store is unreachable.
+    ``on_store_failure`` says what to decide when the state store is unreachable;
+    ``shadow`` makes the rule's refusals advisory (see ``Shadows``).
     Construction validates (the limits with ``core.limits.check_limits``, the same
     check config loading and the runtime PATCH make) and raises RuleError (a
     ValueError) naming the field as Rule spells it (``refill_rate``);
@@ -529,6 +531,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
     ttl: float = DEFAULT_TTL
     mode: str = SHARED
     on_store_failure: str = "local"
+    shadow: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or _NAME.fullmatch(self.name) is None:
@@ -561,6 +564,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
         ttl: float = DEFAULT_TTL,
         mode: str = SHARED,
         on_store_failure: str = "local",
+        shadow: bool = False,
     ) -> Rule:
         """A validated rule; ``name`` defaults to the template's ``default_name`` (or "rule").
 
@@ -576,6 +580,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
             ttl=_as_float("ttl", ttl),
             mode=mode,
             on_store_failure=on_store_failure,
+            shadow=shadow,
         )
 
     def with_changes(
@@ -602,6 +607,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True):
             ttl=self.ttl if ttl is None else ttl,
             mode=self.mode if mode is None else mode,
             on_store_failure=policy,
+            shadow=self.shadow,
         )
 
     @property
@@ -654,3 +660,38 @@ def own_key(rules: Sequence[Rule], key: str, rule: str) -> str:
         if _claims(candidate.template, key):
             return key if candidate.name == rule else key + QUALIFIER + rule
     return key
+
+
+class Shadows:
+    """Which decisions are advisory ("shadow mode"): those of a rule marked
+    ``shadow: true`` in the file or by PATCH, and those of a key PATCHed so.
+
+    A shadowed decision is computed, charged and counted as any other, but the
+    request is let through and told it would have been refused (docs/api.md,
+    "Shadow mode"): how a new limit is rolled out (Envoy ratelimit's
+    ``shadow_mode``, nginx's ``limit_req_dry_run``). Empty, it is false, so a
+    front door checks ``if shadows and shadows.covers(...)`` only on a refusal.
+    """
+
+    __slots__ = ("keys", "rules")
+
+    def __init__(self, rules: Sequence[Rule] = ()) -> None:
+        self.rules: set[str] = {rule.name for rule in rules if rule.shadow}
+        self.keys: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.rules) or bool(self.keys)
+
+    def covers(self, rule: str, key: str) -> bool:
+        """Whether a decision of ``key`` under ``rule`` is advisory."""
+        return rule in self.rules or key in self.keys
+
+    def mark(self, name: str, on: bool, *, rule: bool) -> bool:
+        """Mark rule (or key) ``name`` shadow or not; whether it was before."""
+        names = self.rules if rule else self.keys
+        was = name in names
+        if on:
+            names.add(name)
+        else:
+            names.discard(name)
+        return was

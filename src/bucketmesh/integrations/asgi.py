@@ -51,12 +51,19 @@ from typing import Any, Literal, TypeAlias
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
-from bucketmesh.core.rules import first_match
+from bucketmesh.core.rules import Shadows, first_match
 from bucketmesh.http.errors import PROBLEM, ApiError, bad_request
 from bucketmesh.http.render import DecisionRenderer
 from bucketmesh.http.server import NotText, Response, decode_header, decode_query, problem
+from bucketmesh.telemetry.audit import AuditLog, caller_of
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.outcomes import (
+    DEFAULT_NEAR_LIMIT,
+    SHADOW_HEADER,
+    SHADOW_VALUE,
+    Outcomes,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -230,6 +237,8 @@ class RateLimitMiddleware:
         trusted_proxies: Iterable[str] = (),
         forwarded_header: str = "X-Forwarded-For",
         metrics: NodeMetrics | None = None,
+        near_limit: float = DEFAULT_NEAR_LIMIT,
+        audit: AuditLog | None = None,
     ) -> None:
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
@@ -249,6 +258,15 @@ class RateLimitMiddleware:
         self.forwarded_header = header
         self._hops = forwarded_hops if header == "forwarded" else x_forwarded_for_hops
         self.metrics = metrics
+        # near_limit counts, shadow rules (shadow: true) and the audit trail, as a node's
+        self.outcomes = Outcomes(
+            metrics,
+            shadows=Shadows(limiter.rules),
+            near_limit=near_limit,
+            audit=audit,
+            region=region or limiter.replica_id.split("/", 1)[0],
+            replica=limiter.replica_id,
+        )
         self.no_client_address = 0
         self._warned = False
         rules = list(limiter.rules)
@@ -292,10 +310,21 @@ class RateLimitMiddleware:
         except LimiterError as error:
             await _answer(send, limiter_problem(error))
             return
-        if self.metrics is not None:
-            self.metrics.count_decision(decision.rule, decision.allowed)
+        outcomes = self.outcomes
+        if outcomes.audit is None:
+            shadowed = outcomes.observe(decision, self.tokens)
+        else:
+            shadowed = outcomes.observe(
+                decision,
+                self.tokens,
+                request_id=headers.get("x-request-id"),
+                idempotency_key=headers.get("idempotency-key"),
+                caller=caller_of(headers),
+            )
         extra = [(n.lower().encode(), v.encode()) for n, v in self.renderer.headers(decision)]
-        if not decision.allowed:
+        if shadowed:  # would have been refused: let through, and say so
+            extra = [*extra[:2], (SHADOW_HEADER.lower().encode(), SHADOW_VALUE.encode())]
+        elif not decision.allowed:
             body = self.renderer.denied_body(decision)
             await _send(send, 429, PROBLEM, body, extra)
             return

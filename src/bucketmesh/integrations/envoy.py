@@ -55,6 +55,7 @@ from bucketmesh.http.tls import TlsContexts
 from bucketmesh.integrations.proto import rls_pb2
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.outcomes import Outcomes
 
 OK = rls_pb2.RateLimitResponse.OK
 OVER_LIMIT = rls_pb2.RateLimitResponse.OVER_LIMIT
@@ -147,9 +148,16 @@ async def _settled(answer: Any) -> Any:
     return await answer if hasattr(answer, "__await__") else answer
 
 
-async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = None) -> Any:
+async def decide(
+    decider: Decider,
+    request: Any,
+    metrics: NodeMetrics | None = None,
+    outcomes: Outcomes | None = None,
+) -> Any:
     """The RateLimitResponse for ``request``: each limited descriptor charged on its
-    own, as Envoy's reference service does. Raises BadRequest (see ``parse``)."""
+    own, as Envoy's reference service does. Raises BadRequest (see ``parse``).
+    ``outcomes`` (instead of ``metrics``) also counts near_limit, writes the audit
+    trail and answers a shadow rule's refusal OK (Envoy ratelimit's shadow_mode)."""
     hits = request.hits_addend or 1
     statuses = []
     overall = OK
@@ -163,14 +171,17 @@ async def decide(decider: Decider, request: Any, metrics: NodeMetrics | None = N
             # more hits than the bucket can ever hold: never allowed
             peek: Decision = await _settled(decider.acquire(key, 0, rule=rule))
             decision = msgspec.structs.replace(peek, allowed=False, retry_after=math.inf)
-        if metrics is not None:
+        if outcomes is not None:
+            if outcomes.observe(decision, hits):  # shadow: counted, answered OK
+                decision = msgspec.structs.replace(decision, allowed=True)
+        elif metrics is not None:
             metrics.count_decision(decision.rule, decision.allowed)
         if not decision.allowed:
             overall = OVER_LIMIT
         status = _status(decision) if math.isfinite(decision.retry_after) else None
         if status is None:
             status = rls_pb2.RateLimitResponse.DescriptorStatus(
-                code=OVER_LIMIT,
+                code=OK if decision.allowed else OVER_LIMIT,  # OK: shadow
                 current_limit=_current_limit(decision),
                 limit_remaining=max(0, decision.tokens_remaining),
             )
@@ -220,9 +231,16 @@ class RateLimitServicer:
     """Answers ShouldRateLimit from the decision seam, once the store's commit barrier
     says the grants are durable (else UNAVAILABLE: the tokens stay spent)."""
 
-    def __init__(self, decider: Decider, metrics: NodeMetrics | None = None) -> None:
+    def __init__(
+        self,
+        decider: Decider,
+        metrics: NodeMetrics | None = None,
+        *,
+        outcomes: Outcomes | None = None,
+    ) -> None:
         self.decider = decider
         self.metrics = metrics
+        self.outcomes = outcomes
 
     async def call(self, payload: bytes) -> bytes:
         """One call: the request message's bytes in, the response's out (CallError)."""
@@ -231,7 +249,7 @@ class RateLimitServicer:
         except DecodeError as error:
             raise CallError(Status.INTERNAL, f"cannot parse the request: {error}") from None
         try:
-            response = await decide(self.decider, request, self.metrics)
+            response = await decide(self.decider, request, self.metrics, self.outcomes)
         except BadRequest as error:
             raise CallError(Status.INVALID_ARGUMENT, str(error)) from None
         except BucketCapReached as error:

@@ -132,6 +132,13 @@ def node_settings(config: Config) -> NodeSettings:
         forward=config.affinity.forward,
         forward_timeout_s=config.affinity.forward_timeout_ms / 1000,
         static_peers=config.sync.peers if config.sync.enabled else (),
+        near_limit=config.near_limit,
+        audit_path=config.audit.path if config.audit.enabled else None,
+        audit_sample=config.audit.sample,
+        audit_hash_keys=config.audit.hash_keys,
+        audit_buffer=config.audit.buffer,
+        audit_max_bytes=config.audit.max_bytes,
+        audit_backups=config.audit.backups,
     )
 
 

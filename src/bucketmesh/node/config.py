@@ -40,6 +40,7 @@ from bucketmesh.storage.wal import Durability
 __all__ = [
     "ENV_OVERRIDES",
     "AdminConfig",
+    "AuditConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -288,6 +289,24 @@ class AffinityConfig(_Section, frozen=True):
     forward_timeout_ms: _Count = 200
 
 
+class AuditConfig(_Section, frozen=True):
+    """The audit trail (telemetry/audit.py; docs/operations.md, "Audit trail").
+
+    ``path``: the file (rotated at ``max_bytes`` into ``.1`` … ``.<backups>``) or
+    ``-`` for stdout; ``sample``: the share of decisions written (by request id;
+    PATCH and fault injection are always written); ``hash_keys``: write a key's
+    SHA-256 instead of the key; ``buffer``: events held for the writer thread
+    (beyond it an event is dropped and counted, a decision never waits)."""
+
+    enabled: bool = False
+    path: str = "-"
+    sample: float = 1.0
+    hash_keys: bool = False
+    buffer: _Count = 10_000
+    max_bytes: _Count = 64 * 1024 * 1024
+    backups: Annotated[int, Meta(ge=0)] = 5
+
+
 class _Settings(_Section, frozen=True):
     """Every setting of the file except the rules."""
 
@@ -304,6 +323,9 @@ class _Settings(_Section, frozen=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     affinity: AffinityConfig = msgspec.field(default_factory=AffinityConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    # a grant that leaves less than this share of the capacity counts as near_limit
+    near_limit: float = 0.2
 
 
 class Config(_Settings, frozen=True):
@@ -361,6 +383,7 @@ class _BucketEntry(_Section, frozen=True):
     mode: str = SHARED
     on_store_failure: StoreFailurePolicy = "local"
     on_store_failure_alias: StoreFailurePolicy | None = None
+    shadow: bool = False
 
 
 # -- loading ----------------------------------------------------------------
@@ -661,9 +684,15 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
             KeyTemplate(settings.default_state_key)
         except RuleError as error:
             raise _Problem("defaultStateKey", error.problem) from None
+    if not 0.0 <= settings.near_limit <= 1.0:
+        raise _Problem(
+            "nearLimit",
+            f"must be a share of capacity from 0 to 1 (0.2 is 20 %), got {settings.near_limit!r}",
+        )
     return msgspec.structs.replace(
         settings,
         default_state_key=settings.default_state_key or None,
+        audit=_checked_audit(settings.audit),
         sync=_checked_sync(settings.sync, template_field),
         storage=_checked_storage(settings.storage),
         admin=_checked_admin(settings.admin),
@@ -693,6 +722,23 @@ def _checked_admin(admin: AdminConfig) -> AdminConfig:
     if token_file is not None:
         token = _read_secret(token_file, "admin.tokenFile")
     return AdminConfig(token=token, token_file=token_file)
+
+
+def _checked_audit(audit: AuditConfig) -> AuditConfig:
+    if not 0.0 <= audit.sample <= 1.0:
+        raise _Problem(
+            "audit.sample",
+            f"must be the share of decisions written, from 0 to 1, got {audit.sample!r}",
+        )
+    if not audit.path:
+        raise _Problem("audit.path", "must name a file, or - for stdout")
+    if audit.enabled and audit.path != "-":
+        directory = os.path.dirname(os.path.abspath(audit.path))
+        if not os.path.isdir(directory):
+            raise _Problem("audit.path", f"is in a directory that does not exist, {directory!r}")
+        if os.path.isdir(audit.path):
+            raise _Problem("audit.path", f"names a directory, {audit.path!r}; give a file")
+    return audit
 
 
 def _checked_tls(tls: TlsConfig) -> TlsConfig:
@@ -1062,6 +1108,7 @@ def _rule_from_entry(entry: Any, name: str) -> Rule:
             ttl=float(spec.ttl),
             mode=spec.mode,
             on_store_failure=on_store_failure,
+            shadow=spec.shadow,
         )
     except RuleError as error:
         raise _Problem(fields.get(error.field, error.field), error.problem) from None
@@ -1112,6 +1159,11 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_LIMITS_MAX_HEADER_BYTES": "limits.max_header_bytes",
     "BUCKETMESH_LIMITS_MAX_IN_FLIGHT": "limits.max_in_flight",
     "BUCKETMESH_LIMITS_SHED_LAG": "limits.shed_lag_ms",
+    "BUCKETMESH_AUDIT_ENABLED": "audit.enabled",
+    "BUCKETMESH_AUDIT_PATH": "audit.path",
+    "BUCKETMESH_AUDIT_SAMPLE": "audit.sample",
+    "BUCKETMESH_AUDIT_HASH_KEYS": "audit.hash_keys",
+    "BUCKETMESH_NEAR_LIMIT": "near_limit",
     "BUCKETMESH_BUCKETS": "buckets",
 }
 """Environment variable → the dotted setting it overrides."""

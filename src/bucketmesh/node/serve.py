@@ -54,19 +54,22 @@ from typing import TYPE_CHECKING
 from bucketmesh.api.routes import RatingApp, SyncView
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
+from bucketmesh.core.rules import Shadows
 from bucketmesh.http import wire
 from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
-from bucketmesh.http.server import HttpServer
+from bucketmesh.http.server import HttpServer, Request
 from bucketmesh.http.tls import sync_guard
 from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
 from bucketmesh.replication.discovery import Discovery
 from bucketmesh.replication.mesh import Mesh, Replica
 from bucketmesh.storage.memory import MemoryStore, UnreadableState
+from bucketmesh.telemetry.audit import AuditLog, token_identity
 from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.outcomes import Outcomes
 from bucketmesh.telemetry.tasks import Supervisor
 
 if TYPE_CHECKING:
@@ -178,6 +181,15 @@ class Node:
         if self.mesh is None and self.memory is not None:
             self.memory.limiter.keep_tombstones = False  # nothing will ever merge into it
         self.router = Router(self.metrics)
+        self.audit = self._audit_log(settings)
+        self.outcomes = Outcomes(
+            self.metrics,
+            shadows=Shadows(settings.rules),
+            near_limit=settings.near_limit,
+            audit=self.audit,
+            region=settings.region,
+            replica=decider.replica_id,
+        )
         self.app = RatingApp(
             decider,
             region=settings.region,
@@ -191,9 +203,12 @@ class Node:
             ready=self.readiness,
             tasks=self.task_status,
             idempotency=idempotency,
+            outcomes=self.outcomes,
         )
         if self.mesh is not None:
             self.mesh.install(self.router, self.app.admin)
+            if self.audit is not None:
+                self.mesh.faults.on_change = self._audit_fault
         if settings.forward and self.mesh is not None:
             from bucketmesh.api.forward import Forwarder
 
@@ -262,6 +277,47 @@ class Node:
             raise StartError(str(error)) from None
         self.dynamo.install(self.metrics)
 
+    def _audit_log(self, settings: NodeSettings) -> AuditLog | None:
+        """The audit trail (config ``audit:``), its counts exported; None when off."""
+        if settings.audit_path is None:
+            return None
+        audit = AuditLog(
+            settings.audit_path,
+            buffer=settings.audit_buffer,
+            max_bytes=settings.audit_max_bytes,
+            backups=settings.audit_backups,
+            sample=settings.audit_sample,
+            hash_keys=settings.audit_hash_keys,
+        )
+        for name, doc, read in (
+            ("written", "Audit events written", lambda: audit.written),
+            ("dropped", "Audit events dropped: the buffer was full", lambda: audit.dropped),
+            ("sampled_out", "Decisions the audit sampling left out", lambda: audit.sampled_out),
+            (
+                "write_errors",
+                "Audit writes that failed (a lost batch)",
+                lambda: audit.write_errors,
+            ),
+        ):
+            self.metrics.counter(f"bucketmesh_audit_{name}_events", doc, read)
+        return audit
+
+    def _audit_fault(self, action: str, request: Request, old: object, new: object) -> None:
+        """A fault injected or healed (``/v1/admin/faults``), recorded with who did it."""
+        if self.audit is None:
+            return
+        authorization = request.headers.get("authorization", "")
+        token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
+        self.audit.change(
+            action,
+            who=token_identity(token),
+            old=old,
+            new=new,
+            region=self.settings.region,
+            node=self.settings.node,
+            request_id=request.headers.get("x-request-id"),
+        )
+
     def _secret_files(self, settings: NodeSettings) -> SecretFiles:
         """Rotation: admin tokens and sync secrets, and the files read again on change."""
         files = SecretFiles()
@@ -310,6 +366,8 @@ class Node:
         log.error("internal error: %r", error)
 
     async def start(self) -> None:
+        if self.audit is not None:
+            self.audit.start()
         if self.backend is not None:
             await self.backend.start(self.supervisor)
         if self.discovery is not None:
@@ -410,7 +468,10 @@ class Node:
         from bucketmesh.integrations.envoy import EnvoyServer, RateLimitServicer
 
         self.envoy = EnvoyServer(
-            RateLimitServicer(self.decider, self.metrics), host, port, tls=self.settings.tls
+            RateLimitServicer(self.decider, self.metrics, outcomes=self.outcomes),
+            host,
+            port,
+            tls=self.settings.tls,
         )
         await self.envoy.start()
 
@@ -465,6 +526,8 @@ class Node:
                 except Exception as error:  # logged: the table keeps its last checkpoint
                     log.error("final DynamoDB checkpoint failed: %s", error)
             self.memory.close()
+        if self.audit is not None:
+            self.audit.close()  # what is buffered is written before the node is gone
 
     def request_stop(self, reason: str) -> None:
         """Stop gracefully (once): what SIGTERM, SIGINT, SIGHUP and the lifeline do."""

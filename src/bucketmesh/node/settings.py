@@ -55,3 +55,12 @@ class NodeSettings:
     # affinity.forward: keys another node of the region owns go to it (api/forward.py)
     forward: bool = False
     forward_timeout_s: float = 0.2
+    # near_limit: a grant leaving less than this share of capacity is counted as such
+    near_limit: float = 0.2
+    # audit: the trail's file (- for stdout); off when None (telemetry/audit.py)
+    audit_path: str | None = None
+    audit_sample: float = 1.0
+    audit_hash_keys: bool = False
+    audit_buffer: int = 10_000
+    audit_max_bytes: int = 64 * 1024 * 1024
+    audit_backups: int = 5

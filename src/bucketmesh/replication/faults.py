@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,6 +53,8 @@ class SyncFaults:
         self.monotonic = monotonic
         self.until: dict[tuple[str, str], float] = {}
         self.dropped: dict[tuple[str, str], int] = {}
+        #: told of every change by the endpoint: (action, request, old, new) (the audit trail)
+        self.on_change: Callable[[str, Request, Any, Any], None] | None = None
 
     def drop(self, peers: Collection[str], seconds: float, direction: Direction) -> None:
         until = self.monotonic() + seconds
@@ -158,8 +160,17 @@ class FaultEndpoint:
                 )
         if not 0 < fault.seconds <= MAX_FAULT_S:
             raise bad_request(f"seconds must be > 0 and <= {MAX_FAULT_S:g}", "seconds")
+        old = self.faults.active()
         self.faults.drop(fault.peers, fault.seconds, fault.direction)
+        self._changed("fault", request, old)
         return self._list()
+
+    def _changed(self, action: str, request: Request, old: list[ActiveFault]) -> None:
+        if self.faults.on_change is not None:
+            new = self.faults.active()
+            self.faults.on_change(
+                action, request, msgspec.to_builtins(old), msgspec.to_builtins(new)
+            )
 
     def get(self, request: Request) -> Response:
         self._authorize(request)
@@ -167,5 +178,7 @@ class FaultEndpoint:
 
     def delete(self, request: Request) -> Response:
         self._authorize(request)
+        old = self.faults.active()
         self.faults.heal()
+        self._changed("fault-heal", request, old)
         return self._list()

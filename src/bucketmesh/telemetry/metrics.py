@@ -90,6 +90,10 @@ class NodeMetrics(Collector):
         self.responses: dict[tuple[str, int], int] = {}
         self.durations: dict[str, Histogram] = {}
         self.rejected: dict[str, int] = {}
+        # per rule: grants that left less than the near-limit share of capacity, and
+        # refusals a shadow rule (or key) let through
+        self.near_limit: dict[str, int] = {}
+        self.shadow_refused: dict[str, int] = {}
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
         self.labelled: list[Callable[[], Iterator[Metric]]] = []
@@ -101,6 +105,12 @@ class NodeMetrics(Collector):
     def count_decision(self, rule: str, allowed: bool, n: int = 1) -> None:
         label = (rule, "allowed" if allowed else "denied")
         self.decisions[label] = self.decisions.get(label, 0) + n
+
+    def count_near_limit(self, rule: str, n: int = 1) -> None:
+        self.near_limit[rule] = self.near_limit.get(rule, 0) + n
+
+    def count_shadow_refused(self, rule: str, n: int = 1) -> None:
+        self.shadow_refused[rule] = self.shadow_refused.get(rule, 0) + n
 
     def count_response(self, route: str, status: int, seconds: float) -> None:
         label = (route, status)
@@ -128,6 +138,22 @@ class NodeMetrics(Collector):
         for (rule, result), n in sorted(self.decisions.items()):
             decisions.add_metric([rule, result], n)
         yield decisions
+        near = CounterMetricFamily(
+            "bucketmesh_near_limit",
+            "Grants that left less than the near-limit share of the bucket's capacity, by rule",
+            labels=["rule"],
+        )
+        for rule, n in sorted(self.near_limit.items()):
+            near.add_metric([rule], n)
+        yield near
+        shadow = CounterMetricFamily(
+            "bucketmesh_shadow_refused",
+            "Requests a shadow rule or key would have refused and let through, by rule",
+            labels=["rule"],
+        )
+        for rule, n in sorted(self.shadow_refused.items()):
+            shadow.add_metric([rule], n)
+        yield shadow
         responses = CounterMetricFamily(
             "bucketmesh_http_responses",
             "HTTP responses by route and status",
