@@ -925,7 +925,7 @@ class Bucket:
             recorded = False
             entries = self.entries
             if entries:
-                for rid in [r for r in entries if _below(r, node, watermark)]:
+                for rid in [r for r in entries if below_watermark(r, node, watermark)]:
                     entry = entries.pop(rid)
                     dropped += entry[0]
                     recorded = recorded or entry[1] is not None or bool(entry[3])
@@ -1007,7 +1007,7 @@ def incarnation_of(rid: str) -> tuple[str, int | None]:
     return rid, None
 
 
-def _below(rid: str, node: str, watermark: int) -> bool:
+def below_watermark(rid: str, node: str, watermark: int) -> bool:
     found, number = incarnation_of(rid)
     return found == node and number is not None and number < watermark
 
@@ -1040,9 +1040,16 @@ def plan_folds(
     * it is retired: a newer incarnation of the same node (``region/node/M``, M > k)
       is running (in ``live``) or appears in some view; and
     * it is final everywhere: every region holds the bucket, in the same epoch, and
-      holds exactly the same entry for it (count, anchor and marks). A retired
-      incarnation never writes again, so the value every region holds is the last
-      one any message can carry: a late or duplicated message then changes nothing.
+      holds exactly the same entry for it (count, anchor and marks).
+
+    The caller provides the third condition, which no single state can show: no
+    process of the mesh stopped within the last sync window (±30 s: a message
+    sealed earlier is refused on arrival). Then every message that can still be
+    accepted was sealed by a running process and carries at most what that
+    process holds now, so the value every region holds is the last one any
+    message can carry, and a late or duplicated message changes nothing.
+    ``bucketmesh reconcile`` shows it by seeing the same replica answer for every
+    region at the start of its run and again a sync window later.
 
     The watermark moves over a contiguous run of such incarnations from the lowest
     one up, and F is the joined record's F plus their counts. ``require_final`` False
@@ -1056,11 +1063,12 @@ def plan_folds(
     if require_final and any(view.epoch != epoch for view in present):
         return {}
     present = [view for view in present if view.epoch == epoch]
-    newest: dict[str, int] = {}
+    # node -> its newest incarnation known: every older one is retired
+    proven: dict[str, int] = {}
     for rid in live:
         node, number = incarnation_of(rid)
-        if number is not None and number > newest.get(node, -1):
-            newest[node] = number
+        if number is not None and number > proven.get(node, -1):
+            proven[node] = number
     joined: dict[str, tuple[int, int]] = {}
     ids: dict[str, dict[int, str]] = {}
     for view in present:
@@ -1071,9 +1079,9 @@ def plan_folds(
             node, number = incarnation_of(rid)
             if number is None:
                 continue
-            if number > newest.get(node, -1):
-                newest[node] = number
             ids.setdefault(node, {})[number] = rid
+            if number > proven.get(node, -1):
+                proven[node] = number
     plan: dict[str, tuple[int, int]] = {}
     for node, incarnations in ids.items():
         watermark, tokens = joined.get(node, (0, 0))
@@ -1081,13 +1089,13 @@ def plan_folds(
         for number in sorted(incarnations):
             if number < watermark:
                 continue
-            if number >= newest[node]:
-                break  # the running incarnation, or the newest known: not retired
+            if number >= proven[node]:
+                break  # the newest known: running, or about to be
             rid = incarnations[number]
             held = [_entry_of(view, rid) for view in present]
             if require_final and any(entry != held[0] for entry in held):
                 break
-            tokens += max(entry[0] for entry in held)
+            tokens += held[0][0]  # the same everywhere (or, unchecked, the first view's)
             moved = number + 1
         if moved > watermark:
             plan[node] = (moved, tokens)
