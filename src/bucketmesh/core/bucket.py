@@ -120,6 +120,19 @@ A replica that dropped a generation it spent in and then learns that same
 generation back from a peer restores its own entry from a tombstone the
 limiter keeps (``limiter.py``), not from the peer's possibly older view.
 
+Retired incarnations
+--------------------
+Every start of a node takes a new incarnation ``region/node/N``; the older ones'
+entries stay. ``folds[region/node] = (W, F)`` folds that node's incarnations
+below W into F tokens (counted in ``total``, without records): a record joins
+by (W, F) order, entries below W are dropped and ignored when a delta brings
+them back. A fold that drops records first re-bases at the TAT it finds
+(``base := (version, TAT, Σused)``, a legal step up the max-register), so the
+TAT is unchanged and never goes lower later. ``plan_folds`` decides what may be
+folded: a retired incarnation whose entry every region holds alike; the caller
+(``bucketmesh reconcile``) also makes sure no process stopped within the sync
+window. docs/design.md section 3, "Retired incarnations", has the argument.
+
 This module does no I/O and reads no clock: time is always an argument.
 """
 

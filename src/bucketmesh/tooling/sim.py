@@ -27,7 +27,11 @@ of the three case generators):
   random order, with and without snapshots, through the node's start-up path
   (``Simulation.reload``);
 * ``strict-idle`` (case 11): a PATCHed strict key idle past its ttl in some
-  regions, swept, and used again.
+  regions, swept, and used again;
+* ``retire`` (issue 16): regions restarting under load while a two-look
+  reconcile folds retired incarnations away (``RetireSimulation``: its own
+  harness and invariants — never a re-grant, never a double count, one entry per
+  live replica in the end).
 
 Invariants
 ----------
