@@ -846,10 +846,13 @@ class Limiter:
                         self.cap_rejections += 1
                         continue
                 bucket = buckets[delta.key] = fresh
+                folds_before = bucket.folds  # a bucket new here: its peers hold the fold
                 changed += 1
                 if self.evicted and delta.key not in self.tombstones:
                     self._settle_evicted(delta.key, bucket)
             else:
+                # a fold record this merge changes is logged (below); only then
+                folds_before = dict(bucket.folds) if delta.folds and bucket.folds else None
                 if delta.config.version > bucket.config.version:
                     # A newer config orders by its version alone, whatever the epochs (a
                     # mode change back to shared must reach a region whose own bucket
@@ -869,7 +872,7 @@ class Limiter:
                     continue
                 if bucket.config is delta.config:
                     self._compact(bucket)
-            if delta.folds and self.journal is not None:
+            if delta.folds and self.journal is not None and bucket.folds != folds_before:
                 self.journal.folds.add(delta.key)  # the fold is logged: it survives a crash
             if self.tombstones and delta.key in self.tombstones:
                 self._settle_tombstone(delta.key, bucket)
