@@ -212,6 +212,8 @@ class SimResult:
     #: tokens a restart without a snapshot forgot (no reachable peer had heard of them)
     forgotten: int = 0
     max_lag_ns: int = 0
+    #: entries of retired incarnations folded away (``retire`` schedules)
+    folded: int = 0
     #: tokens a replica carried from a replaced generation into the next (not grants)
     carried: int = 0
     #: the most tokens granted beyond C + r·D at any grant (over-admission, in tokens)
@@ -2221,7 +2223,9 @@ def run(
             len(retire.keys),
             granted=retire.grants,
             restarts=retire.restarts,
+            forgotten=sum(retire.forgotten.values()),
             events=retire.seq,
+            folded=retire.entries_folded,
         )
     generator = GENERATORS.get(kind)
     if generator is not None:
@@ -2271,7 +2275,7 @@ def run_schedules(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     violations: list[InvariantViolation] = []
     worst_excess = worst_ratio = 0.0
-    granted = lag = refused = restarts = forgotten = 0
+    granted = lag = refused = restarts = forgotten = folded = 0
     kind = "expiry" if args.expiry and args.kind in ("all", "random") else args.kind
     schedules = 0
     by_kind: dict[str, int] = {}
@@ -2296,6 +2300,7 @@ def run_schedules(args: argparse.Namespace) -> int:
             refused += result.refused
             restarts += result.restarts
             forgotten += result.forgotten
+            folded += result.folded
     elapsed = time.perf_counter() - started
     kinds_run = ", ".join(f"{count} {name}" for name, count in by_kind.items())
     print(
@@ -2309,6 +2314,7 @@ def run_schedules(args: argparse.Namespace) -> int:
             if refused or restarts
             else ""
         )
+        + (f"; {folded} entries of retired incarnations folded" if folded else "")
     )
     return 1 if violations else 0
 
