@@ -7,7 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bucketmesh.core.bucket import BucketDelta, plan_folds
+from bucketmesh.core.bucket import Bucket, BucketDelta, plan_folds
 from bucketmesh.core.limiter import DeltaBatch, Limiter
 from bucketmesh.core.rules import Rule
 from bucketmesh.replication import protocol
@@ -166,3 +166,45 @@ def test_the_simulator_catches_a_planner_without_its_safety_conditions(mutant: s
     with pytest.raises(InvariantViolation, match="never a re-grant"):
         for seed in range(40):
             retire_run(seed, mutant=mutant)
+
+
+def test_a_region_behind_on_a_folded_entry_charges_what_it_had_not_heard() -> None:
+    now = 1000 * S
+    a = Limiter([RULE], replica_id="a/n/1")
+    b = Limiter([RULE], replica_id="b/n/1")
+    a.acquire(KEY, 1, rule="k", now=now)
+    b.merge(a.collect_deltas(), now=now)  # b hears a/n/1's first grant only
+    for step in range(1, 6):
+        a.acquire(KEY, 1, rule="k", now=now + step * S // 4)
+    a = Limiter.restore(a.snapshot(), [RULE], replica_id="a/n/2")
+    view = a.full_state([KEY]).deltas[0]
+    plan = plan_folds([view], ["a/n/2"])
+    assert plan == {"a/n": (2, 6)}
+    # what reconcile pushes: the join (here a's view) with the fold applied, re-based
+    join = Bucket.from_delta(view, "@reconcile/view/0")
+    join.fold(plan, "@reconcile/view/0")
+    push = join.full_state(KEY, "@reconcile/view/0")
+    assert "a/n/1" not in push.used and push.folds == plan
+    heard = Limiter.restore(b.snapshot(), [RULE])
+    heard.merge(a.full_state(), now=now + 2 * S)  # b had it heard everything instead
+    b.merge(DeltaBatch("@reconcile/t/1", [push]), now=now + 2 * S)
+    assert b.buckets[KEY].total == heard.buckets[KEY].total == 6
+    assert b.buckets[KEY].tat() >= heard.buckets[KEY].tat()
+
+
+def test_a_replica_left_alone_by_a_fold_decides_as_its_state_says() -> None:
+    now = 1000 * S
+    a = Limiter([RULE], replica_id="a/n/1")
+    for step in range(4):
+        a.acquire(KEY, 1, rule="k", now=now + step * S)
+    a = Limiter.restore(a.snapshot(), [RULE], replica_id="a/n/2")
+    a.acquire(KEY, 1, rule="k", now=now + 10 * S)
+    state = a.full_state([KEY]).deltas[0]
+    state.folds = plan_folds([state], ["a/n/2"])
+    a.merge(DeltaBatch("@reconcile/t/1", [state]), now=now + 10 * S)
+    bucket = a.buckets[KEY]
+    assert bucket.entries is None and bucket.folds == {"a/n": (2, 4)}
+    # the folded tokens lie before a/n/2's records: one grant on a full bucket
+    assert bucket.level(now + 10 * S) == RULE.capacity - 1
+    again = Limiter.restore(a.snapshot(), [RULE])
+    assert again.buckets[KEY].tat() == bucket.tat()

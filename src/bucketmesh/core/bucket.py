@@ -473,8 +473,11 @@ class Bucket:
         )
         entries = self.entries
         if not entries:
+            # Σused − mine: what folded incarnations spent (0 without folds), before
+            # every record of ours, as they no longer run
+            others = total - self.mine
             for point, before in own.items():
-                term = point - before * interval
+                term = point - (before + others) * interval
                 if term > g:
                     g = term
             self.g = g
@@ -916,15 +919,17 @@ class Bucket:
 
         Where a record newer than ours arrives, the entries it covers are dropped
         and F takes their place in ``total``. If any of them held records, the base
-        is first re-based at the TAT as it stands (``base := (version, TAT, Σused)``,
-        a legal step up the max-register: the base term is never above the TAT):
-        every record at or before it becomes inert, so dropping theirs cannot lower
-        the TAT, and tokens spent after the fold are charged on top of it. A record
-        that would cover this replica's own (live) incarnation is ignored."""
+        is re-based at the TAT as it stood with the total as it stood (``base :=
+        (version, TAT, Σused)`` before the fold: a legal step up the max-register,
+        the base term never being above the TAT): every record at or before it
+        becomes inert, so dropping theirs cannot lower the TAT, and what the fold
+        adds to ``total`` (final counts this replica had not heard yet) and every
+        token spent later is charged on top of it. A record that would cover this
+        replica's own (live) incarnation is ignored."""
         own = self.folds
         mine = incarnation_of(replica_id)
-        tat_before: int | None = None
-        changed = False
+        tat_before = total_before = 0
+        changed = recorded = False
         for node, incoming in folds.items():
             watermark, tokens = incoming[0], incoming[1]
             known = None if own is None else own.get(node)
@@ -932,10 +937,9 @@ class Bucket:
                 continue
             if mine[0] == node and mine[1] is not None and mine[1] < watermark:
                 continue  # never fold the incarnation this replica runs as
-            if tat_before is None:
-                tat_before = self.tat()
+            if not changed:
+                tat_before, total_before = self.tat(), self.total
             dropped = 0
-            recorded = False
             entries = self.entries
             if entries:
                 for rid in [r for r in entries if below_watermark(r, node, watermark)]:
@@ -948,12 +952,12 @@ class Bucket:
                 own = self.folds = {}
             own[node] = (watermark, tokens)
             self.total += tokens - (0 if known is None else known[1]) - dropped
-            if recorded:
-                key = self._base_key(self.base_version, tat_before, self.total)
-                if key > self._base_key(self.base_version, self.base_time, self.base_used):
-                    self.base_time = tat_before
-                    self.base_used = self.total
             changed = True
+        if recorded:
+            key = self._base_key(self.base_version, tat_before, total_before)
+            if key > self._base_key(self.base_version, self.base_time, self.base_used):
+                self.base_time = tat_before
+                self.base_used = total_before
         if changed:
             self._recompute()
         return changed

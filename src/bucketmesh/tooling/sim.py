@@ -1905,12 +1905,23 @@ class RetireSimulation:
                             f"a fold counts {self.accounted.get(slot, 0)} tokens of {owner} on "
                             f"{delta.key!r}; {rid} held {value}: the rest would be granted again",
                         )
-                before = bucket.tat()
+                # the TAT a region that heard every folded entry's final count would hold
+                heard = bucket.full_state(delta.key, rid)
+                for (key, owner), counted in self.accounted.items():
+                    if (
+                        key == delta.key
+                        and counted > heard.used.get(owner, 0)
+                        and not bucket.folded(owner)
+                        and any(below_watermark(owner, n, f[0]) for n, f in delta.folds.items())
+                    ):
+                        heard.used[owner] = counted
+                before = Bucket.from_delta(heard, rid).tat()
                 bucket.fold(delta.folds, rid)
                 if bucket.tat() < before:
                     self._fail(
                         "never a re-grant",
-                        f"a fold lowered {rid}'s TAT of {delta.key!r} by {before - bucket.tat()}ns",
+                        f"a fold left {rid}'s TAT of {delta.key!r} {before - bucket.tat()}ns "
+                        "below what the counts it folds in make it",
                     )
         limiter.merge(batch, now=self.local(dst))
         for delta in batch.deltas:
