@@ -24,6 +24,13 @@ region already holds: it never grants tokens back, and running it twice, or
 while the mesh repairs itself, is harmless. Keys under live traffic may show a
 difference that is only a delta in flight; the repair of those is harmless too.
 
+Retired incarnations (an older ``region/node/N`` of a node that now runs a newer
+one) are folded away unless ``--no-fold``: a key where every region holds the
+same final entry for one is pulled again ``--fold-wait`` seconds (35: the sync
+window plus skew) after the first look, if every region is still answered by the
+same replica, and the join is pushed with the fold records (docs/operations.md).
+``--dry-run`` only counts them. Folding does not change the exit status.
+
 Exit status: 0 every region holds the same state; 1 differences found (and,
 unless ``--dry-run``, repaired); 2 a usage error, or a region unreachable or
 refusing (wrong cluster id, a secret that does not verify).
@@ -649,7 +656,8 @@ class Reconciler:
         return [rep.replica_id for rep in self.report.regions.values() if rep.replica_id]
 
     async def _fold_retired(self, first_look: float) -> None:
-        """Fold the entries of retired incarnations away (docs/design.md "History").
+        """Fold the entries of retired incarnations away (docs/design.md section 3,
+        "Retired incarnations").
 
         The first look (the pass above) found keys where an incarnation is retired
         (its node answers under a newer one) and every region holds its same final
