@@ -120,12 +120,25 @@ A replica that dropped a generation it spent in and then learns that same
 generation back from a peer restores its own entry from a tombstone the
 limiter keeps (``limiter.py``), not from the peer's possibly older view.
 
+Retired incarnations
+--------------------
+Every start of a node takes a new incarnation ``region/node/N``; the older ones'
+entries stay. ``folds[region/node] = (W, F)`` folds that node's incarnations
+below W into F tokens (counted in ``total``, without records): a record joins
+by (W, F) order, entries below W are dropped and ignored when a delta brings
+them back. A fold that drops records first re-bases at the TAT it finds
+(``base := (version, TAT, Σused)``, a legal step up the max-register), so the
+TAT is unchanged and never goes lower later. ``plan_folds`` decides what may be
+folded: a retired incarnation whose entry every region holds alike; the caller
+(``bucketmesh reconcile``) also makes sure no process stopped within the sync
+window. docs/design.md section 3, "Retired incarnations", has the argument.
+
 This module does no I/O and reads no clock: time is always an argument.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, get_args
 
 import msgspec
@@ -204,6 +217,10 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     anchor_used: dict[str, int] = {}
     anchor_begun: dict[str, int] = {}
     marks: dict[str, tuple[int, ...]] = {}
+    #: node (``region/node``) -> (W, F): its incarnations below W are folded into F
+    #: tokens (see "Retired incarnations" in the module docstring); older readers
+    #: ignore this trailing field
+    folds: dict[str, tuple[int, int]] = {}
 
     @property
     def anchors(self) -> dict[str, tuple[int, int, int]]:
@@ -365,6 +382,7 @@ class Bucket:
         "edge",
         "entries",
         "epoch",
+        "folds",
         "g",
         "marks",
         "mine",
@@ -390,6 +408,7 @@ class Bucket:
         self.edge = 0
         self.g = self.epoch
         self.unc: int | None = None
+        self.folds: dict[str, tuple[int, int]] | None = None
 
     # -- reading -------------------------------------------------------------
 
@@ -454,8 +473,11 @@ class Bucket:
         )
         entries = self.entries
         if not entries:
+            # Σused − mine: what folded incarnations spent (0 without folds), before
+            # every record of ours, as they no longer run
+            others = total - self.mine
             for point, before in own.items():
-                term = point - before * interval
+                term = point - (before + others) * interval
                 if term > g:
                     g = term
             self.g = g
@@ -753,6 +775,7 @@ class Bucket:
             anchor_used,
             anchor_begun,
             marks,
+            dict(self.folds) if self.folds else {},
         )
 
     def raise_own(self, value: int) -> None:
@@ -807,6 +830,8 @@ class Bucket:
                 self.charge(carried, delta.epoch + 1)
             return True
         changed = False
+        if delta.folds and self.fold(delta.folds, replica_id):
+            changed = True
         if delta.config.version > self.config.version:
             self.config = delta.config
             changed = True
@@ -845,6 +870,8 @@ class Bucket:
             if entry is None:
                 if value <= 0 and anchor is None and not got:
                     continue
+                if self.folds is not None and self.folded(rid):
+                    continue  # a late message of a folded incarnation: already counted
                 entry = [0, None, 0, None, 0]
                 if entries is None:
                     entries = self.entries = {}
@@ -868,6 +895,73 @@ class Bucket:
             self._recompute()
         return changed
 
+    # -- retired incarnations (see "Retired incarnations" above) ---------------------
+
+    def folded(self, rid: str) -> bool:
+        """Whether ``rid`` is an incarnation this state has folded away."""
+        folds = self.folds
+        if not folds:
+            return False
+        node, number = incarnation_of(rid)
+        fold = folds.get(node)
+        return fold is not None and number is not None and number < fold[0]
+
+    def folded_total(self) -> int:
+        """The tokens the folded incarnations spent (counted in ``total``)."""
+        folds = self.folds
+        return sum(fold[1] for fold in folds.values()) if folds else 0
+
+    def fold(self, folds: dict[str, tuple[int, int]], replica_id: str) -> bool:
+        """Join fold records ``node -> (W, F)``: each node's incarnations below W are
+        replaced by F tokens, the sum of their final entries. A record joins by
+        (W, F) order, so folds merge like the rest of the state. Returns whether
+        anything changed.
+
+        Where a record newer than ours arrives, the entries it covers are dropped
+        and F takes their place in ``total``. If any of them held records, the base
+        is re-based at the TAT as it stood with the total as it stood (``base :=
+        (version, TAT, Σused)`` before the fold: a legal step up the max-register,
+        the base term never being above the TAT): every record at or before it
+        becomes inert, so dropping theirs cannot lower the TAT, and what the fold
+        adds to ``total`` (final counts this replica had not heard yet) and every
+        token spent later is charged on top of it. A record that would cover this
+        replica's own (live) incarnation is ignored."""
+        own = self.folds
+        mine = incarnation_of(replica_id)
+        tat_before = total_before = 0
+        changed = recorded = False
+        for node, incoming in folds.items():
+            watermark, tokens = incoming[0], incoming[1]
+            known = None if own is None else own.get(node)
+            if known is not None and (watermark, tokens) <= (known[0], known[1]):
+                continue
+            if mine[0] == node and mine[1] is not None and mine[1] < watermark:
+                continue  # never fold the incarnation this replica runs as
+            if not changed:
+                tat_before, total_before = self.tat(), self.total
+            dropped = 0
+            entries = self.entries
+            if entries:
+                for rid in [r for r in entries if below_watermark(r, node, watermark)]:
+                    entry = entries.pop(rid)
+                    dropped += entry[0]
+                    recorded = recorded or entry[1] is not None or bool(entry[3])
+                if not entries:
+                    self.entries = None
+            if own is None:
+                own = self.folds = {}
+            own[node] = (watermark, tokens)
+            self.total += tokens - (0 if known is None else known[1]) - dropped
+            changed = True
+        if recorded:
+            key = self._base_key(self.base_version, tat_before, total_before)
+            if key > self._base_key(self.base_version, self.base_time, self.base_used):
+                self.base_time = tat_before
+                self.base_used = total_before
+        if changed:
+            self._recompute()
+        return changed
+
     def _replace(self, delta: BucketDelta, replica_id: str) -> None:
         self.epoch = delta.epoch
         self.config = delta.config
@@ -887,8 +981,11 @@ class Bucket:
         self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
         total = mine
         entries: dict[str, Entry] | None = None
+        folds = self.folds = _own_safe_folds(delta.folds, replica_id) if delta.folds else None
+        if folds:
+            total += sum(fold[1] for fold in folds.values())
         for rid in used.keys() | anchors.keys() | delta.marks.keys():
-            if rid == replica_id:
+            if rid == replica_id or (folds and self.folded(rid)):
                 continue
             value = used.get(rid, 0)
             anchor = anchors.get(rid)
@@ -918,6 +1015,122 @@ class Bucket:
         return bucket
 
 
+def incarnation_of(rid: str) -> tuple[str, int | None]:
+    """``region/node/N`` as (``region/node``, N); N is None when the last part is not
+    a decimal number (such an id is never folded)."""
+    node, _, last = rid.rpartition("/")
+    if last.isascii() and last.isdigit():
+        return node, int(last)
+    return rid, None
+
+
+def below_watermark(rid: str, node: str, watermark: int) -> bool:
+    found, number = incarnation_of(rid)
+    return found == node and number is not None and number < watermark
+
+
+def _own_safe_folds(
+    folds: dict[str, tuple[int, int]], replica_id: str
+) -> dict[str, tuple[int, int]] | None:
+    """``folds`` without a record that would cover ``replica_id`` itself (a copy)."""
+    node, number = incarnation_of(replica_id)
+    out = {
+        name: (fold[0], fold[1])
+        for name, fold in folds.items()
+        if name != node or number is None or number >= fold[0]
+    }
+    return out or None
+
+
+def plan_folds(
+    views: Sequence[BucketDelta | None],
+    live: Iterable[str] = (),
+    *,
+    require_final: bool = True,
+) -> dict[str, tuple[int, int]]:
+    """The fold records every region may take for one bucket, given every region's
+    view of it (None: a region without the bucket) and the replica ids known to be
+    running: node -> (W, F), only for nodes whose watermark moves.
+
+    An incarnation ``region/node/k`` is folded only when
+
+    * it is retired: a newer incarnation of the same node (``region/node/M``, M > k)
+      is running (in ``live``) or appears in some view; and
+    * it is final everywhere: every region holds the bucket, in the same epoch, and
+      holds exactly the same entry for it (count, anchor and marks).
+
+    The caller provides the third condition, which no single state can show: no
+    process of the mesh stopped within the last sync window (±30 s: a message
+    sealed earlier is refused on arrival). Then every message that can still be
+    accepted was sealed by a running process and carries at most what that
+    process holds now, so the value every region holds is the last one any
+    message can carry, and a late or duplicated message changes nothing.
+    ``bucketmesh reconcile`` shows it by seeing the same replica answer for every
+    region at the start of its run and again a sync window later.
+
+    The watermark moves over a contiguous run of such incarnations from the lowest
+    one up, and F is the joined record's F plus their counts. ``require_final`` False
+    skips the second condition (the simulator's mutant, which it must catch)."""
+    if require_final and (not views or any(view is None for view in views)):
+        return {}
+    present = [view for view in views if view is not None]
+    if not present:
+        return {}
+    epoch = max(view.epoch for view in present)
+    if require_final and any(view.epoch != epoch for view in present):
+        return {}
+    present = [view for view in present if view.epoch == epoch]
+    # node -> its newest incarnation known: every older one is retired
+    proven: dict[str, int] = {}
+    for rid in live:
+        node, number = incarnation_of(rid)
+        if number is not None and number > proven.get(node, -1):
+            proven[node] = number
+    joined: dict[str, tuple[int, int]] = {}
+    ids: dict[str, dict[int, str]] = {}
+    for view in present:
+        for node, fold in view.folds.items():
+            if node not in joined or (fold[0], fold[1]) > joined[node]:
+                joined[node] = (fold[0], fold[1])
+        for rid in view.used.keys() | view.anchor_at.keys() | view.marks.keys():
+            node, number = incarnation_of(rid)
+            if number is None:
+                continue
+            ids.setdefault(node, {})[number] = rid
+            if number > proven.get(node, -1):
+                proven[node] = number
+    plan: dict[str, tuple[int, int]] = {}
+    for node, incarnations in ids.items():
+        watermark, tokens = joined.get(node, (0, 0))
+        moved = watermark
+        for number in sorted(incarnations):
+            if number < watermark:
+                continue
+            if number >= proven[node]:
+                break  # the newest known: running, or about to be
+            rid = incarnations[number]
+            held = [_entry_of(view, rid) for view in present]
+            if require_final and any(entry != held[0] for entry in held):
+                break
+            tokens += held[0][0]  # the same everywhere (or, unchecked, the first view's)
+            moved = number + 1
+        if moved > watermark:
+            plan[node] = (moved, tokens)
+    return plan
+
+
+def _entry_of(view: BucketDelta, rid: str) -> tuple[int, int | None, int, int, tuple[int, ...]]:
+    """``rid``'s whole entry in ``view`` (count, anchor, marks); zero when absent."""
+    at = view.anchor_at.get(rid)
+    return (
+        view.used.get(rid, 0),
+        at,
+        view.anchor_used.get(rid, 0) if at is not None else 0,
+        view.anchor_begun.get(rid, 0) if at is not None else 0,
+        tuple(view.marks.get(rid, ())),
+    )
+
+
 def delta_tat(delta: BucketDelta) -> int:
     """The TAT a replica holding exactly ``delta`` computes (digests, expiry checks).
 
@@ -926,6 +1139,8 @@ def delta_tat(delta: BucketDelta) -> int:
     Bucket."""
     interval = delta.config.interval_ns
     total = sum(delta.used.values())
+    if delta.folds:
+        return Bucket.from_delta(delta, "").tat()
     tat = delta.base_time + (total - delta.base_used) * interval
     holders = delta.anchor_at.keys() | delta.marks.keys()
     if not holders:

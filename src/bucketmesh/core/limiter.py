@@ -107,16 +107,18 @@ class Snapshot(msgspec.Struct, array_like=True):
 
 
 class Journal:
-    """What changed since the last write-ahead-log group: granted keys, changed rules."""
+    """What changed since the last write-ahead-log group: granted keys, changed rules,
+    and keys where a merge folded retired incarnations away (logged whole)."""
 
-    __slots__ = ("keys", "rules")
+    __slots__ = ("folds", "keys", "rules")
 
     def __init__(self) -> None:
         self.keys: set[str] = set()
         self.rules: set[str] = set()
+        self.folds: set[str] = set()
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.rules)
+        return bool(self.keys or self.rules or self.folds)
 
 
 class LimiterError(Exception):
@@ -844,10 +846,13 @@ class Limiter:
                         self.cap_rejections += 1
                         continue
                 bucket = buckets[delta.key] = fresh
+                folds_before = bucket.folds  # a bucket new here: its peers hold the fold
                 changed += 1
                 if self.evicted and delta.key not in self.tombstones:
                     self._settle_evicted(delta.key, bucket)
             else:
+                # a fold record this merge changes is logged (below); only then
+                folds_before = dict(bucket.folds) if delta.folds and bucket.folds else None
                 if delta.config.version > bucket.config.version:
                     # A newer config orders by its version alone, whatever the epochs (a
                     # mode change back to shared must reach a region whose own bucket
@@ -867,6 +872,8 @@ class Limiter:
                     continue
                 if bucket.config is delta.config:
                     self._compact(bucket)
+            if delta.folds and self.journal is not None and bucket.folds != folds_before:
+                self.journal.folds.add(delta.key)  # the fold is logged: it survives a crash
             if self.tombstones and delta.key in self.tombstones:
                 self._settle_tombstone(delta.key, bucket)
             # A bucket that learned of data older than its rule's runtime config
@@ -943,13 +950,22 @@ class Limiter:
         rid = self.replica_id
         buckets = self.buckets
         deltas = []
-        for key in journal.keys:
+        for key in journal.keys - journal.folds:
             bucket = buckets.get(key)
             if bucket is not None:
+                deltas.append(bucket.delta(key, rid))
+        for key in journal.folds:
+            # a fold (retired incarnations, docs/design.md "History") is logged with the
+            # whole state it applies to: replay folds again, never below a peer's count
+            bucket = buckets.get(key)
+            if bucket is not None and bucket.folds:
+                deltas.append(bucket.full_state(key, rid))
+            elif bucket is not None and key in journal.keys:
                 deltas.append(bucket.delta(key, rid))
         rules = {name: self.rule_configs[name] for name in journal.rules}
         journal.keys.clear()
         journal.rules.clear()
+        journal.folds.clear()
         return DeltaBatch(rid, deltas, rules)
 
     def replay(self, batch: DeltaBatch, *, now: int | None = None) -> None:

@@ -405,19 +405,20 @@ def canonical(delta: BucketDelta) -> bytes:
     used = sorted((rid, n) for rid, n in delta.used.items() if n > 0)
     anchors = sorted(delta.anchors.items())
     marks = sorted((rid, m) for rid, m in delta.marks.items() if m)
-    return _encode(
-        (
-            delta.key,
-            delta.epoch,
-            delta.config,
-            delta.base_version,
-            delta.base_time,
-            used,
-            delta.base_used,
-            anchors,
-            marks,
-        )
+    fields: tuple[Any, ...] = (
+        delta.key,
+        delta.epoch,
+        delta.config,
+        delta.base_version,
+        delta.base_time,
+        used,
+        delta.base_used,
+        anchors,
+        marks,
     )
+    if delta.folds:  # retired incarnations folded away (only then: digests stay as they were)
+        fields += (sorted((node, tuple(fold)) for node, fold in delta.folds.items()),)
+    return _encode(fields)
 
 
 def entry_hash(delta: BucketDelta) -> int:

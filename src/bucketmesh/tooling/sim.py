@@ -27,7 +27,11 @@ of the three case generators):
   random order, with and without snapshots, through the node's start-up path
   (``Simulation.reload``);
 * ``strict-idle`` (case 11): a PATCHed strict key idle past its ttl in some
-  regions, swept, and used again.
+  regions, swept, and used again;
+* ``retire`` (issue 16): regions restarting under load while a two-look
+  reconcile folds retired incarnations away (``RetireSimulation``: its own
+  harness and invariants — never a re-grant, never a double count, one entry per
+  live replica in the end).
 
 Invariants
 ----------
@@ -130,9 +134,13 @@ from bucketmesh.core.bucket import (
     NS_PER_S,
     SHARED,
     STRICT,
+    Bucket,
     BucketConfig,
     BucketDelta,
+    below_watermark,
+    incarnation_of,
     interval_for,
+    plan_folds,
     slice_ns,
 )
 from bucketmesh.core.limiter import (
@@ -204,6 +212,8 @@ class SimResult:
     #: tokens a restart without a snapshot forgot (no reachable peer had heard of them)
     forgotten: int = 0
     max_lag_ns: int = 0
+    #: entries of retired incarnations folded away (``retire`` schedules)
+    folded: int = 0
     #: tokens a replica carried from a replaced generation into the next (not grants)
     carried: int = 0
     #: the most tokens granted beyond C + r·D at any grant (over-admission, in tokens)
@@ -1745,7 +1755,453 @@ def strict_idle_simulation(seed: int, *, replicas: int | None = None) -> tuple[S
     return sim, again
 
 
-KINDS: Final = ("random", "expiry", "extreme", "files", "strict-idle")
+# -- retiring incarnations (issue 16 item 2) ----------------------------------------
+
+#: The sync window of the simulated mesh: a message sealed longer ago than this is
+#: refused on arrival, as ``protocol.SyncAuth.open`` refuses one older than ±30 s
+#: (scaled down with every other duration of the simulation).
+RETIRE_WINDOW_NS: Final = 300 * MS
+RETIRE_MAX_SKEW_NS: Final = 2 * MS
+#: How long the simulated reconcile waits between its two looks: the window plus
+#: the clock skew either way (``bucketmesh reconcile --fold-wait``, 35 s by default).
+RETIRE_WAIT_NS: Final = RETIRE_WINDOW_NS + 2 * RETIRE_MAX_SKEW_NS + 1 * MS
+
+
+class RetireSimulation:
+    """Regions restarting again and again (gracefully from a snapshot, or crashing
+    without one) under load on two hot keys, while a simulated ``bucketmesh
+    reconcile`` reads every region's state (``plan_folds``) and pushes folds of the
+    retired incarnations; the network delays, reorders, duplicates and drops
+    messages, one region lags behind by up to the sync window, and partitions cut
+    regions off. Checked at every step:
+
+    * **Never a double count.** In every region's view, for every node, the folded
+      count plus the entries of its unfolded incarnations is at most what that node
+      granted, every entry at most what its incarnation granted, and the folded
+      count at most what the folded incarnations granted.
+    * **Never a re-grant.** A fold never lowers a region's TAT, and a message a
+      region accepts never carries, for an incarnation that region has folded, more
+      than the fold counted (which would be consumption forgotten: refill handed
+      out again).
+    * After quiescence: every region holds the same state, whose total is exactly
+      every token any region counted (no lost consumption); and after a last round
+      of grants and a reconcile, each hot bucket holds one entry per live replica.
+
+    ``mutant`` weakens the planner to show that the checks catch it: ``unfinal``
+    folds without the every-region-holds-the-final-value condition, ``young``
+    without the condition that the successor has run for a sync window.
+    """
+
+    def __init__(self, seed: int, *, regions: int | None = None, mutant: str = "") -> None:
+        self.seed = seed
+        self.rng = rng = random.Random(seed)
+        self.mutant = mutant
+        self.n = regions or rng.randint(2, 4)
+        capacity = rng.choice((4, 8, 20, 50))
+        rate = rng.choice((10.0, 40.0, 200.0))
+        self.rule = Rule.create(
+            "h-{{ .Request.Header.X-Key }}", max(capacity, self.n), rate, name="h", ttl=3600.0
+        )
+        self.keys = ("h-a", "h-b")
+        self.now = START_NS
+        self.skews = [rng.randint(-RETIRE_MAX_SKEW_NS, RETIRE_MAX_SKEW_NS) for _ in range(self.n)]
+        self.incarnation = [1] * self.n
+        self.limiters = [self._new(i, None) for i in range(self.n)]
+        self.lagging = rng.randrange(self.n)
+        self.drop = rng.choice((0.0, 0.05))
+        self.duplicate = rng.choice((0.0, 0.1, 0.3))
+        self.cut: set[int] = set()  # regions cut off from every other
+        self.queue: list[tuple[int, int, Callable[..., object], tuple[Any, ...]]] = []
+        self.seq = 0
+        #: (key, replica id) -> tokens that incarnation granted
+        self.granted: dict[tuple[str, str], int] = {}
+        #: (key, replica id) -> the most any accepted message, restored snapshot or live
+        #: owner held for it: what the converged state must count
+        self.held: dict[tuple[str, str], int] = {}
+        #: (key, replica id) -> what a planned fold counted for that incarnation
+        self.accounted: dict[tuple[str, str], int] = {}
+        #: key -> tokens a crash may have forgotten (held by no other region then)
+        self.forgotten: dict[str, int] = {}
+        self.folds = 0
+        self.entries_folded = 0
+        self.restarts = 0
+        self.refused = 0
+        self.grants = 0
+
+    # -- plumbing ----------------------------------------------------------------
+
+    def _new(self, i: int, snapshot: bytes | None) -> Limiter:
+        rid = f"r{i}/n/{self.incarnation[i]}"
+        clock = partial(self.local, i)
+        if snapshot is None:
+            return Limiter([self.rule], replica_id=rid, clock=clock, regions=self.n)
+        return Limiter.restore(snapshot, [self.rule], replica_id=rid, clock=clock, regions=self.n)
+
+    def local(self, i: int) -> int:
+        return self.now + self.skews[i]
+
+    def _push(self, at: int, handler: Callable[..., object], *args: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.queue, (at, self.seq, handler, args))
+
+    def _fail(self, invariant: str, detail: str) -> NoReturn:
+        raise InvariantViolation(
+            self.seed,
+            invariant,
+            detail,
+            f"bucketmesh sim --kind retire --seed {self.seed}"
+            + (f" (mutant {self.mutant})" if self.mutant else ""),
+        )
+
+    def _send(self, src: int, dst: int, batch: DeltaBatch, *, tool: bool = False) -> None:
+        """A message from region ``src`` (or the tool) to ``dst``: sealed now on the
+        sender's clock, delayed (a lagging region by up to the sync window), maybe
+        dropped or duplicated; a cut region's links carry nothing (the tool's do)."""
+        rng = self.rng
+        if not tool and (src in self.cut or dst in self.cut):
+            return
+        if rng.random() < self.drop:
+            return
+        data = _encode(batch)
+        sealed = self.now if tool else self.local(src)
+        slow = not tool and self.lagging in (src, dst)
+        for _ in range(2 if rng.random() < self.duplicate else 1):
+            top = RETIRE_WINDOW_NS + 50 * MS if slow else 30 * MS
+            self._push(self.now + rng.randint(1 * MS, top), self._deliver, dst, data, sealed)
+
+    def _deliver(self, dst: int, data: bytes, sealed: int) -> None:
+        if abs(self.local(dst) - sealed) > RETIRE_WINDOW_NS:
+            self.refused += 1  # stale: the receiver refuses it, as the real mesh does
+            return
+        batch = _decode_batch(data)
+        self._merge(dst, batch)
+
+    def _merge(self, dst: int, batch: DeltaBatch) -> None:
+        limiter = self.limiters[dst]
+        rid = limiter.replica_id
+        for delta in batch.deltas:
+            bucket = limiter.buckets.get(delta.key)
+            for owner, value in delta.used.items():
+                slot = (delta.key, owner)
+                if bucket is not None and bucket.folded(owner):
+                    counted = self.accounted.get(slot)
+                    if counted is None or value > counted:
+                        self._fail(
+                            "never a re-grant",
+                            f"{rid} accepted {value} tokens of {owner} on {delta.key!r} "
+                            f"after folding it with {counted}: the rest would be granted again",
+                        )
+                if value > self.held.get(slot, 0):
+                    self.held[slot] = value
+            if bucket is not None and delta.folds:
+                for owner, value in bucket.used(rid).items():
+                    slot = (delta.key, owner)
+                    covered = any(
+                        below_watermark(owner, node, fold[0]) for node, fold in delta.folds.items()
+                    )
+                    if covered and not bucket.folded(owner) and value > self.accounted.get(slot, 0):
+                        self._fail(
+                            "never a re-grant",
+                            f"a fold counts {self.accounted.get(slot, 0)} tokens of {owner} on "
+                            f"{delta.key!r}; {rid} held {value}: the rest would be granted again",
+                        )
+                # the TAT a region that heard every folded entry's final count would hold
+                heard = bucket.full_state(delta.key, rid)
+                for (key, owner), counted in self.accounted.items():
+                    if (
+                        key == delta.key
+                        and counted > heard.used.get(owner, 0)
+                        and not bucket.folded(owner)
+                        and any(below_watermark(owner, n, f[0]) for n, f in delta.folds.items())
+                    ):
+                        heard.used[owner] = counted
+                before = Bucket.from_delta(heard, rid).tat()
+                bucket.fold(delta.folds, rid)
+                if bucket.tat() < before:
+                    self._fail(
+                        "never a re-grant",
+                        f"a fold left {rid}'s TAT of {delta.key!r} {before - bucket.tat()}ns "
+                        "below what the counts it folds in make it",
+                    )
+        limiter.merge(batch, now=self.local(dst))
+        for delta in batch.deltas:
+            self._check_counts(dst, delta.key)
+
+    def _check_counts(self, i: int, key: str) -> None:
+        limiter = self.limiters[i]
+        bucket = limiter.buckets.get(key)
+        if bucket is None:
+            return
+        by_node: dict[str, int] = {}
+        for owner, value in bucket.used(limiter.replica_id).items():
+            truth = self.granted.get((key, owner), 0)
+            if value > truth:
+                self._fail(
+                    "never a double count",
+                    f"r{i} counts {value} tokens of {owner} on {key!r}; it granted {truth}",
+                )
+            node = incarnation_of(owner)[0]
+            by_node[node] = by_node.get(node, 0) + value
+        for node, (watermark, tokens) in (bucket.folds or {}).items():
+            folded = sum(
+                n
+                for (k, owner), n in self.granted.items()
+                if k == key and below_watermark(owner, node, watermark)
+            )
+            everything = sum(
+                n
+                for (k, owner), n in self.granted.items()
+                if k == key and incarnation_of(owner)[0] == node
+            )
+            if tokens > folded or tokens + by_node.get(node, 0) > everything:
+                self._fail(
+                    "never a double count",
+                    f"r{i} folds {tokens} tokens of {node}'s incarnations below {watermark} "
+                    f"on {key!r} and counts {by_node.get(node, 0)} more; they granted "
+                    f"{folded} and {node} {everything} in all",
+                )
+
+    # -- events ----------------------------------------------------------------------
+
+    def _acquire(self, i: int, key: str, tokens: int) -> None:
+        limiter = self.limiters[i]
+        decision = limiter.acquire(key, tokens, rule="h", now=self.local(i))
+        if decision.allowed:
+            slot = (key, limiter.replica_id)
+            self.granted[slot] = self.granted.get(slot, 0) + tokens
+            self.grants += tokens
+
+    def _sync(self, i: int) -> None:
+        batch = self.limiters[i].collect_deltas()
+        if batch.deltas:
+            for j in range(self.n):
+                if j != i:
+                    self._send(i, j, batch)
+
+    def _anti_entropy(self, i: int) -> None:
+        peers = [j for j in range(self.n) if j != i]
+        if peers:
+            self._send(i, self.rng.choice(peers), self.limiters[i].full_state())
+
+    def _restart(self, i: int, graceful: bool) -> None:
+        """SIGTERM (a last full-state push, then a snapshot) or a crash (nothing saved:
+        what no message carried yet is forgotten, as docs/storage.md says); the next
+        incarnation then pulls from every peer it can reach."""
+        old = self.limiters[i]
+        self.restarts += 1
+        snapshot = None
+        if not graceful:
+            # what no other region holds may be gone for good (in flight, it may return)
+            for key, bucket in old.buckets.items():
+                for owner, value in bucket.used(old.replica_id).items():
+                    elsewhere = 0
+                    for j, limiter in enumerate(self.limiters):
+                        other = limiter.buckets.get(key) if j != i else None
+                        if other is not None:
+                            elsewhere = max(elsewhere, other.used(limiter.replica_id).get(owner, 0))
+                    if value > elsewhere:
+                        self.forgotten[key] = self.forgotten.get(key, 0) + value - elsewhere
+        if graceful:
+            full = old.full_state()
+            for j in range(self.n):
+                if j != i:
+                    self._send(i, j, full)
+            snapshot = old.snapshot()
+        self.incarnation[i] += 1
+        limiter = self.limiters[i] = self._new(i, snapshot)
+        rid = limiter.replica_id
+        for key, bucket in limiter.buckets.items():
+            for owner, value in bucket.used(rid).items():
+                slot = (key, owner)
+                self.held[slot] = max(self.held.get(slot, 0), value)
+        for j in range(self.n):
+            if j != i and i not in self.cut and j not in self.cut:
+                self._merge(i, _decode_batch(_encode(self.limiters[j].full_state())))
+
+    def _reconcile(self) -> None:
+        """``bucketmesh reconcile``: say hello to every region (the replica that
+        answers), and a sync window later, if the same replicas answer, fold."""
+        live = [limiter.replica_id for limiter in self.limiters]
+        if self.mutant == "young":
+            self._fold(live)  # the mutant: no wait, no second look
+            return
+        self._push(self.now + RETIRE_WAIT_NS, self._fold, live)
+
+    def _fold(self, first: list[str], *, deliver: bool = True) -> int:
+        """Read every region's state, plan the folds of each key, push the join's full
+        state carrying them to every region; nothing if a region restarted since
+        ``first`` (a process that stopped within the window may have sealed a
+        message no running one can account for)."""
+        live = [limiter.replica_id for limiter in self.limiters]
+        if live != first:
+            return 0
+        pushed = 0
+        for key in self.keys:
+            views = [limiter.full_state([key]).deltas for limiter in self.limiters]
+            held = [found[0] if found else None for found in views]
+            plan = plan_folds(held, live, require_final=self.mutant != "unfinal")
+            if not plan:
+                continue
+            present = [view for view in held if view is not None]
+            join = Bucket.from_delta(present[0], "@reconcile/view/0")
+            for view in present[1:]:
+                join.merge(view, "@reconcile/view/0")
+            state = join.full_state(key, "@reconcile/view/0")
+            state.used.pop("@reconcile/view/0", None)
+            state.folds = dict(plan)
+            for node, (watermark, _) in plan.items():
+                for owner in list(state.used):
+                    if below_watermark(owner, node, watermark):
+                        slot = (key, owner)
+                        counted = present[0].used.get(owner, 0)  # what plan_folds counts
+                        self.accounted[slot] = max(self.accounted.get(slot, 0), counted)
+                        self.entries_folded += 1
+                        state.used.pop(owner)
+                        state.anchor_at.pop(owner, None)
+                        state.anchor_used.pop(owner, None)
+                        state.anchor_begun.pop(owner, None)
+                        state.marks.pop(owner, None)
+            self.folds += 1
+            pushed += 1
+            batch = DeltaBatch("@reconcile/sim/0", [state])
+            for j in range(self.n):
+                if deliver:
+                    self._send(-1, j, batch, tool=True)
+                else:
+                    self._merge(j, _decode_batch(_encode(batch)))
+        return pushed
+
+    def _partition(self, i: int, end: int) -> None:
+        self.cut.add(i)
+        self._push(end, self.cut.discard, i)
+
+    # -- the schedule ------------------------------------------------------------------
+
+    def schedule(self, duration_ns: int) -> None:
+        rng = self.rng
+        end = START_NS + duration_ns
+        at = START_NS
+        while at < end:
+            at += rng.randint(1 * MS, 8 * MS)
+            key = self.keys[0] if rng.random() < 0.8 else self.keys[1]
+            self._push(at, self._acquire, rng.randrange(self.n), key, rng.choice((1, 1, 2)))
+        for i in range(self.n):
+            tick = START_NS + rng.randrange(20 * MS)
+            while tick < end:
+                self._push(tick, self._sync, i)
+                tick += 20 * MS
+            tick = START_NS + rng.randrange(150 * MS)
+            while tick < end:
+                self._push(tick, self._anti_entropy, i)
+                tick += 150 * MS
+        at = START_NS
+        while True:
+            at += rng.randint(50 * MS, 250 * MS)
+            if at >= end:
+                break
+            self._push(at, self._restart, rng.randrange(self.n), rng.random() < 0.5)
+        at = START_NS
+        while True:
+            at += rng.randint(40 * MS, 200 * MS)
+            if at >= end:
+                break
+            self._push(at, self._reconcile)
+        for _ in range(rng.randint(0, 3)):
+            start = START_NS + rng.randrange(duration_ns)
+            self._push(
+                start, self._partition, rng.randrange(self.n), start + rng.randint(50, 600) * MS
+            )
+        self.end = end
+
+    def run_all(self) -> None:
+        queue = self.queue
+        while queue:
+            at, _, handler, args = heapq.heappop(queue)
+            self.now = at
+            handler(*args)
+
+    def settle(self) -> None:
+        """Heal, deliver what is in flight, exchange full state until nothing changes;
+        then check convergence and that the total is every token counted anywhere."""
+        self.run_all()
+        self.cut.clear()
+        for _ in range(QUIESCENCE_ROUNDS):
+            self.now += 1 * MS
+            states = before = [_encode(limiter.full_state()) for limiter in self.limiters]
+            for i in range(self.n):
+                for j in range(self.n):
+                    if i != j:
+                        self._merge(j, _decode_batch(states[i]))
+            after = [_encode(limiter.full_state()) for limiter in self.limiters]
+            if before == after:
+                break
+        for key in self.keys:
+            views = [limiter.buckets.get(key) for limiter in self.limiters]
+            if all(view is None for view in views):
+                continue
+            if any(view is None for view in views):
+                self._fail("convergence", f"{key!r} is missing in some region")
+            shapes = {
+                _encode(
+                    (
+                        *_neutral(view.full_state(key, limiter.replica_id)),
+                        sorted((view.folds or {}).items()),
+                    )
+                )
+                for view, limiter in zip(views, self.limiters, strict=True)
+                if view is not None
+            }
+            if len(shapes) != 1:
+                self._fail("convergence", f"regions hold {len(shapes)} states of {key!r}")
+            first = views[0]
+            assert first is not None
+            granted = sum(n for (k, _), n in self.granted.items() if k == key)
+            floor = granted - self.forgotten.get(key, 0)
+            if not floor <= first.total <= granted:
+                self._fail(
+                    "no lost consumption",
+                    f"{key!r} counts {first.total} tokens in every region; {granted} were "
+                    f"granted, of which crashes may have forgotten {granted - floor}",
+                )
+
+    def retire_everything(self) -> None:
+        """Every live replica grants once on each key once it refilled, a sync window
+        passes, reconcile runs: each hot bucket then holds one entry per live replica."""
+        self.now += 10 * NS_PER_S  # every bucket full again
+        for i in range(self.n):
+            for key in self.keys:
+                self._acquire(i, key, 1)
+        self.settle()
+        first = [limiter.replica_id for limiter in self.limiters]
+        self.now += RETIRE_WAIT_NS
+        self._fold(first, deliver=False)
+        self.settle()
+        live = {limiter.replica_id for limiter in self.limiters}
+        for key in self.keys:
+            for limiter in self.limiters:
+                bucket = limiter.buckets.get(key)
+                if bucket is None:
+                    continue
+                held = set(bucket.used(limiter.replica_id))
+                if held != live:
+                    self._fail(
+                        "bounded memory",
+                        f"{limiter.replica_id} holds {sorted(held)} for {key!r} after the "
+                        f"last reconcile; the live replicas are {sorted(live)}",
+                    )
+
+
+def retire_run(seed: int, *, regions: int | None = None, mutant: str = "") -> RetireSimulation:
+    """One ``retire`` schedule (1.5 s of simulated time), settled and checked."""
+    sim = RetireSimulation(seed, regions=regions, mutant=mutant)
+    sim.schedule(1500 * MS)
+    sim.run_all()
+    sim.settle()
+    sim.retire_everything()
+    return sim
+
+
+KINDS: Final = ("random", "expiry", "extreme", "files", "strict-idle", "retire")
 #: the generators of issue 12's cases 1, 5 and 11 (case 10 is in the random schedule)
 CASE_KINDS: Final = ("extreme", "files", "strict-idle")
 GENERATORS: Final = {
@@ -1770,6 +2226,18 @@ def run(
     """One schedule of ``kind`` (``KINDS``), run to quiescence and checked; raises
     InvariantViolation. ``random`` (or ``expiry``) is the general random schedule;
     the others generate the schedules of issue 12's cases 1, 5 and 11."""
+    if kind == "retire":
+        retire = retire_run(seed, regions=replicas)
+        return SimResult(
+            seed,
+            retire.n,
+            len(retire.keys),
+            granted=retire.grants,
+            restarts=retire.restarts,
+            forgotten=sum(retire.forgotten.values()),
+            events=retire.seq,
+            folded=retire.entries_folded,
+        )
     generator = GENERATORS.get(kind)
     if generator is not None:
         sim, traffic_end = generator(seed, replicas=replicas)
@@ -1800,7 +2268,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="which generator: random (the general schedule), expiry, extreme (issue 12 "
         "case 1: extreme limits), files (case 5: an edited rules file, rolling restarts), "
-        "strict-idle (case 11: a PATCHed strict key idle past its ttl); all (default): "
+        "strict-idle (case 11: a PATCHed strict key idle past its ttl), retire (issue 16: "
+        "restarts under load and reconcile folding the retired incarnations away); all (default): "
         "every seed runs the random schedule and one of extreme, files, strict-idle",
     )
 
@@ -1817,7 +2286,7 @@ def run_schedules(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     violations: list[InvariantViolation] = []
     worst_excess = worst_ratio = 0.0
-    granted = lag = refused = restarts = forgotten = 0
+    granted = lag = refused = restarts = forgotten = folded = 0
     kind = "expiry" if args.expiry and args.kind in ("all", "random") else args.kind
     schedules = 0
     by_kind: dict[str, int] = {}
@@ -1842,6 +2311,7 @@ def run_schedules(args: argparse.Namespace) -> int:
             refused += result.refused
             restarts += result.restarts
             forgotten += result.forgotten
+            folded += result.folded
     elapsed = time.perf_counter() - started
     kinds_run = ", ".join(f"{count} {name}" for name, count in by_kind.items())
     print(
@@ -1855,6 +2325,7 @@ def run_schedules(args: argparse.Namespace) -> int:
             if refused or restarts
             else ""
         )
+        + (f"; {folded} entries of retired incarnations folded" if folded else "")
     )
     return 1 if violations else 0
 

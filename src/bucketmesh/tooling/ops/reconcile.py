@@ -24,6 +24,13 @@ region already holds: it never grants tokens back, and running it twice, or
 while the mesh repairs itself, is harmless. Keys under live traffic may show a
 difference that is only a delta in flight; the repair of those is harmless too.
 
+Retired incarnations (an older ``region/node/N`` of a node that now runs a newer
+one) are folded away unless ``--no-fold``: a key where every region holds the
+same final entry for one is pulled again ``--fold-wait`` seconds (35: the sync
+window plus skew) after the first look, if every region is still answered by the
+same replica, and the join is pushed with the fold records (docs/operations.md).
+``--dry-run`` only counts them. Folding does not change the exit status.
+
 Exit status: 0 every region holds the same state; 1 differences found (and,
 unless ``--dry-run``, repaired); 2 a usage error, or a region unreachable or
 refusing (wrong cluster id, a secret that does not verify).
@@ -45,7 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TextIO
 
-from bucketmesh.core.bucket import Bucket, BucketConfig, BucketDelta
+from bucketmesh.core.bucket import Bucket, BucketConfig, BucketDelta, below_watermark, plan_folds
 from bucketmesh.core.limiter import DeltaBatch
 from bucketmesh.replication import protocol as sync
 from bucketmesh.telemetry.audit import AuditLog
@@ -60,6 +67,11 @@ DEFAULT_PAGE_KEYS: Final = 20000
 FIRST_GROUP: Final = 4
 MAX_GROUP: Final = 64
 DEFAULT_TIMEOUT_S: Final = 30.0
+#: How long folding waits between its two looks at the regions: the mesh's sync window
+#: (a message sealed more than 30 s ago is refused) plus 5 s of clock skew.
+DEFAULT_FOLD_WAIT_S: Final = 35.0
+#: Retired incarnations named in the report (the counts are always whole).
+LISTED_INCARNATIONS: Final = 100
 DEFAULT_MAX_MESSAGE: Final = 65536
 TOP_KEYS: Final = 20
 PULL_RETRIES: Final = 3
@@ -343,6 +355,16 @@ class Report:
     ranges_done: int = 0
     elapsed_s: float = 0.0
     top: list[tuple[int, str, KeyDivergence]] = field(default_factory=list)
+    #: folding retired incarnations: "folded", "dry-run", "skipped", "off" or "none"
+    fold_mode: str = "none"
+    #: entries of retired incarnations that were final everywhere in the first look
+    foldable_entries: int = 0
+    #: the key ranges holding them (what the second look pulls again)
+    fold_ranges: set[int] = field(default_factory=set)
+    folded_keys: int = 0
+    folded_entries: int = 0
+    folded_incarnations: set[str] = field(default_factory=set)
+    fold_skipped: str | None = None
 
     @property
     def unreachable(self) -> list[str]:
@@ -407,6 +429,14 @@ class Report:
             },
             "ranges": {"done": self.ranges_done, "total": sync.RANGES},
             "elapsed_s": round(self.elapsed_s, 3),
+            "folds": {
+                "mode": self.fold_mode,
+                "foldable_entries": self.foldable_entries,
+                "keys": self.folded_keys,
+                "entries": self.folded_entries,
+                "incarnations": sorted(self.folded_incarnations)[:LISTED_INCARNATIONS],
+                "skipped": self.fold_skipped,
+            },
         }
 
 
@@ -423,8 +453,12 @@ class Reconciler:
         progress: Callable[[int, int], None] | None = None,
         audit: AuditLog | None = None,
         clock: Callable[[], int] = time.time_ns,
+        fold: bool = True,
+        fold_wait_s: float = DEFAULT_FOLD_WAIT_S,
     ) -> None:
         self.targets = targets
+        self.fold = fold
+        self.fold_wait_s = fold_wait_s
         self.repair = repair
         self.page_keys = page_keys
         self.timeout_s = timeout_s
@@ -539,6 +573,7 @@ class Reconciler:
         started = time.monotonic()
         try:
             await asyncio.gather(*(self._connect(region) for region in self.targets.urls))
+            first_look = time.monotonic()
             start = 0
             group = FIRST_GROUP
             while start < sync.RANGES and self.clients:
@@ -549,6 +584,7 @@ class Reconciler:
                 if self.progress is not None:
                     self.progress(start, sync.RANGES)
                 group = max(1, min(MAX_GROUP, self.page_keys // max(1, math.ceil(per_range))))
+            await self._fold_retired(first_look)
         finally:
             for client in self.clients.values():
                 self.report.regions[client.region].requests = client.requests
@@ -584,6 +620,14 @@ class Reconciler:
                 rep.keys_behind += 1
                 rep.max_tokens_behind = max(rep.max_tokens_behind, tokens)
                 repairs[region].append((joined, divergence))
+        if self.fold and len(batches) == len(self.targets.urls):
+            live = self._live()
+            for key, held in views.items():
+                found = [held.get(r) for r in batches]
+                plan = plan_folds(found, live)
+                if plan:
+                    self.report.foldable_entries += len(folded_ids(found, plan))
+                    self.report.fold_ranges.add(sync.range_of(key))
         rules = join_rules(batches)
         rule_repairs: dict[str, dict[str, BucketConfig]] = {}
         for region, batch in batches.items():
@@ -606,6 +650,146 @@ class Reconciler:
                 )
             )
         return max(len(b.deltas) for b in batches.values()) / len(ranges)
+
+    def _live(self) -> list[str]:
+        """The replica that answered for each region: running incarnations."""
+        return [rep.replica_id for rep in self.report.regions.values() if rep.replica_id]
+
+    async def _fold_retired(self, first_look: float) -> None:
+        """Fold the entries of retired incarnations away (docs/design.md section 3,
+        "Retired incarnations").
+
+        The first look (the pass above) found keys where an incarnation is retired
+        (its node answers under a newer one) and every region holds its same final
+        entry. No single look shows the last condition: that no process of the mesh
+        stopped within the sync window, so no message a stopped process sealed (and
+        no running one can account for) can still be accepted. Hence a second look a
+        window later (``--fold-wait``): if every region is answered by the same
+        replica as at the first look, nobody restarted in between, every message
+        still acceptable comes from a running process, and the keys' ranges are
+        pulled again, planned again and the folds pushed, as full states carrying
+        them, to every region."""
+        report = self.report
+        if not self.fold:
+            report.fold_mode = "off"
+            return
+        if not report.foldable_entries:
+            return
+        stores = sorted(
+            region
+            for region, rep in report.regions.items()
+            if rep.replica_id and rep.replica_id.split("/")[1:2] == ["redis"]
+        )
+        if stores:
+            # its scripts keep no fold records: it would hold the entries and differ forever
+            report.fold_mode = "skipped"
+            report.fold_skipped = (
+                f"{', '.join(stores)} run(s) the Redis backend, which keeps no fold records"
+            )
+            return
+        if not self.repair:
+            report.fold_mode = "dry-run"
+            return
+        if report.unreachable or len(self.clients) != len(self.targets.urls):
+            report.fold_mode = "skipped"
+            report.fold_skipped = "a region was unreachable"
+            return
+        first = {region: rep.replica_id for region, rep in report.regions.items()}
+        wait = self.fold_wait_s - (time.monotonic() - first_look)
+        if wait > 0:
+            log.info("reconcile: folding retired incarnations in %.1fs (--fold-wait)", wait)
+            await asyncio.sleep(wait)
+        for region, client in list(self.clients.items()):
+            try:
+                answered = await client.hello()
+            except RegionError as error:
+                self._fail(region, error)
+                report.fold_mode = "skipped"
+                report.fold_skipped = f"{region} did not answer the second look"
+                return
+            if answered != first[region]:
+                report.fold_mode = "skipped"
+                report.fold_skipped = (
+                    f"{region} restarted during the run ({first[region]} -> {answered}): "
+                    "run reconcile again"
+                )
+                return
+        report.fold_mode = "folded"
+        live = self._live()
+        ranges = sorted(report.fold_ranges)
+        regions = list(self.clients)
+        for start in range(0, len(ranges), MAX_GROUP):
+            chunk = ranges[start : start + MAX_GROUP]
+            pulled = await asyncio.gather(*(self._pull(region, chunk) for region in regions))
+            batches = {r: b for r, b in zip(regions, pulled, strict=True) if b is not None}
+            if len(batches) != len(regions):
+                report.fold_mode = "skipped"
+                report.fold_skipped = "a region stopped answering during the second look"
+                return
+            views: dict[str, dict[str, BucketDelta]] = {}
+            for region, batch in batches.items():
+                for delta in batch.deltas:
+                    views.setdefault(delta.key, {})[region] = delta
+            pushes: list[BucketDelta] = []
+            for key, held in views.items():
+                found = [held.get(r) for r in regions]
+                plan = plan_folds(found, live)
+                if not plan:
+                    continue
+                state, folded = fold_state(key, found, plan)
+                pushes.append(state)
+                report.folded_keys += 1
+                report.folded_entries += len(folded)
+                report.folded_incarnations.update(folded)
+                if self.audit is not None:
+                    self.audit.change(
+                        "reconcile-fold",
+                        who=self.sender,
+                        old={"replicas": folded},
+                        new={"folds": {node: list(fold) for node, fold in plan.items()}},
+                        key=key,
+                    )
+            if pushes:
+                await asyncio.gather(*(self._push_folds(region, pushes) for region in regions))
+
+    async def _push_folds(self, region: str, pushes: list[BucketDelta]) -> None:
+        client = self.clients.get(region)
+        if client is None:
+            return
+        try:
+            changed = await client.push(pushes, {}, self.targets.max_message)
+        except RegionError as error:
+            self._fail(region, error)
+            return
+        self.report.regions[region].buckets_changed += changed
+
+
+def folded_ids(
+    views: Sequence[BucketDelta | None], plan: Mapping[str, tuple[int, int]]
+) -> list[str]:
+    """The replica ids whose entries ``plan`` folds away in ``views`` (sorted)."""
+    ids: set[str] = set()
+    for view in views:
+        if view is None:
+            continue
+        for rid in view.used.keys() | view.anchor_at.keys() | view.marks.keys():
+            for node, (watermark, _) in plan.items():
+                if below_watermark(rid, node, watermark):
+                    ids.add(rid)
+    return sorted(ids)
+
+
+def fold_state(
+    key: str, views: Sequence[BucketDelta | None], plan: Mapping[str, tuple[int, int]]
+) -> tuple[BucketDelta, list[str]]:
+    """The join of ``views`` with ``plan``'s folds applied (what every region is sent),
+    and the replica ids folded away."""
+    present = [view for view in views if view is not None]
+    join = Bucket.from_delta(present[0], VIEW_ID)
+    for view in present[1:]:
+        join.merge(view, VIEW_ID)
+    join.fold(dict(plan), VIEW_ID)
+    return joined_state(join, key), folded_ids(views, plan)
 
 
 # -- output ------------------------------------------------------------------------
@@ -647,6 +831,19 @@ def render_table(report: Report, out: TextIO) -> None:
         )
     for item in data["divergent_keys"][1:]:
         out.write(f"  {item['key']!r}: {item['tokens']} tokens ({', '.join(item['regions'])})\n")
+    folds = data["folds"]
+    if report.fold_mode == "folded":
+        out.write(
+            f"retired incarnations: folded {folds['entries']} entries in {folds['keys']} keys "
+            f"({', '.join(folds['incarnations']) or '-'})\n"
+        )
+    elif report.fold_mode == "dry-run":
+        out.write(
+            f"retired incarnations: {folds['foldable_entries']} entries foldable "
+            "(dry run, nothing folded)\n"
+        )
+    elif report.fold_mode == "skipped":
+        out.write(f"retired incarnations: not folded: {folds['skipped']}\n")
     for name in report.unreachable:
         out.write(f"error: {name}: {report.regions[name].error}\n")
 
@@ -689,6 +886,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not math.isfinite(value) or not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text}")
+    return value
+
+
+def _fold_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0 … 3600 seconds, got {text}")
     return value
 
 
@@ -743,6 +950,22 @@ def add_parser(sub: Any, load_config: ConfigLoader | None) -> None:
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds one request may take (default {DEFAULT_TIMEOUT_S:g})",
     )
+    p.add_argument(
+        "--no-fold",
+        dest="fold",
+        action="store_false",
+        help="do not fold the entries of retired incarnations away (folding is the default "
+        "with --repair; --dry-run reports how many could be folded)",
+    )
+    p.add_argument(
+        "--fold-wait",
+        type=_fold_seconds,
+        default=DEFAULT_FOLD_WAIT_S,
+        metavar="SECONDS",
+        help="seconds between the first look and the second one that folds (default "
+        f"{DEFAULT_FOLD_WAIT_S:g}: the mesh's 30 s sync window plus clock skew; lower is "
+        "safe only where no sync message can be in flight that long)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument(
         "--audit",
@@ -777,6 +1000,8 @@ def cmd_reconcile(
                 timeout_s=args.timeout,
                 progress=progress,
                 audit=audit,
+                fold=args.fold,
+                fold_wait_s=args.fold_wait,
             ).run()
         )
     finally:
