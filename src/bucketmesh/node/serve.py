@@ -38,6 +38,10 @@ entries stay in the state as a peer's would, and nothing spent is granted
 again (docs/design.md, replicas and restarts). Pulling the peers' state before listening is the
 other half: what the previous incarnation spent and sent before a crash is
 known again before the new one decides anything.
+
+What those two steps loaded lives as long as the node, so it is then moved out of
+the garbage collector's generations (``gc.freeze``): a full collection no longer
+walks a million restored buckets (0.4–0.6 s each at 1,000,000, docs/operations.md).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import signal
 import time
@@ -255,6 +260,7 @@ class Node:
         if self.backend is not None:
             await self.backend.start(self.supervisor)
         await self._recover_state()
+        gc.freeze()  # the bulk load is long-lived: full collections skip it (module doc)
         host, port = self.settings.host, self.settings.port
         try:
             await self.server.start(host, port)
