@@ -34,8 +34,9 @@ Start-up
     Before it listens, a node pulls the full state of every reachable peer
     (``pull_at_start``), so a restarted node — a new incarnation, see
     ``serve.py`` — learns what its previous incarnation spent before it decides
-    anything. A peer that refuses the connection is skipped at once; one that
-    does not answer is waited for at most ``startup_pull``.
+    anything. A peer that refuses the connection (or whose host name does not
+    exist: ``link.py``) is skipped at once; one that does not answer is waited
+    for at most ``startup_pull``.
 Liveness
     A peer is ``up`` after a successful exchange and ``down`` once sends have
     been failing for ``peer_timeout``; retries back off exponentially with
