@@ -4,7 +4,9 @@ and for a baseline tree (``--baseline REV``) in the same run.
 
 Method
     One node (region ``east``, sync enabled, a generated secret; its peer ``west`` is a
-    closed port), memory backend with a snapshot file. It is filled once with N buckets
+    closed port), memory backend with a snapshot file (written at stop only:
+    ``snapshotInterval`` a day, as the default 5 s would have the node snapshotting a
+    million buckets through the whole run). It is filled once with N buckets
     through ``POST /v1/rate/batch`` (500 keys per request, shaped like the seed's
     ``agent-api-key-<hex>``) and stopped (final snapshot). For each contender, a copy of
     that snapshot is restored by a fresh node started from the contender's ``src/``
@@ -78,8 +80,12 @@ def write_config(workdir: Path, port: int, snapshot: Path, n: int) -> Path:
         f"  syncClusterId: {CLUSTER}\n  peers: [east, west]\n"
         f"  peerUrls: {{west: 'http://{HOST}:{free_port()}'}}\n"
         "  secret: ${BUCKETMESH_SYNC_SECRET}\n"
+        # the snapshot is the bulk load; none is written during the run (one of a million
+        # buckets every 5 s, the default, would be most of the node's work)
         f"storage:\n  backend: memory\n  snapshot: {snapshot}\n  durability: relaxed\n"
-        f"limits:\n  maxBuckets: {n + 1000}\n"
+        "  snapshotInterval: 86400000\n"
+        # no shedding: the probe measures stalls, and a 503 would hide one
+        f"limits:\n  maxBuckets: {n + 1000}\n  shedLag: 3600000\n"
         "buckets:\n  - name: flood\n"
         '    key: "agent-api-key-{{ .Request.Header.X-API-Key }}"\n'
         "    capacity: 5000\n    refillRate: 50\n    ttl: 86400\n    mode: shared\n",
