@@ -273,6 +273,7 @@ class Row:
     reserved: Reserved
     sync_sent: float
     sync_failed: float
+    settle_s: float  # from the end of the flood until /metrics answered
 
 
 def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
@@ -295,7 +296,12 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
             span = float(result["span_s"])  # type: ignore[arg-type]
             cpu_pct = 100 * (east.cpu_s() - cpu0) / max(span, seconds)
             alive = east.alive()
-            after = east.metrics(client)
+            # the node may still be working off what the flood left (its sync outbox, a
+            # collection): how long it takes to answer again is a figure of its own
+            settled = time.monotonic()
+            with httpx.Client(timeout=300) as patient:
+                after = east.metrics(patient)
+            settle_s = time.monotonic() - settled
             buckets = int(east.status(client)["buckets"])  # type: ignore[call-overload]
             rss = east.peak_rss_mb()
     finally:
@@ -317,6 +323,7 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
         prober.seen,
         _delta(after, before, "bucketmesh_sync_messages_sent_total{peer=west}"),
         _delta(after, before, "bucketmesh_sync_send_failures_total{peer=west}"),
+        settle_s,
     )
 
 
@@ -380,10 +387,12 @@ def main(argv: list[str] | None = None) -> int:
             r.shedding, r.multiple, f"{s.patches_ok} / {s.patches}", f"{worst_patch:,.0f}",
             f"{s.status_ok} / {s.patches}", f"{r.sync_sent:,.0f}", f"{r.sync_failed:,.0f}",
             f"{s.lag_west_from_east_ms:,.1f}", f"{s.lag_east_from_west_ms:,.1f}",
+            f"{r.settle_s:,.1f}",
         ])  # fmt: skip
     reserved_columns = ["shedding", "load", "PATCH 200 / sent", "worst PATCH ms",
                         "status 200 / asked", "sync msgs east→west", "failed sends",
-                        "lag p99 east→west ms", "lag p99 west→east ms"]  # fmt: skip
+                        "lag p99 east→west ms", "lag p99 west→east ms",
+                        "/metrics after the flood s"]  # fmt: skip
     title = f"R6 overload, open-loop C client: capacity {cap:,.0f} requests/s"
     _report.print_table(title, columns, cells)
     _report.print_table("Reserved traffic during the flood", reserved_columns, reserved_cells)

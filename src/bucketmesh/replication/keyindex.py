@@ -15,7 +15,9 @@ Keys dropped from the limiter stay in their range until that range is read: ``li
 and forgets them. So the index may hold dead keys, never miss a live one, and a caller
 always looks each key up in ``buckets`` again (it does anyway: a bucket may have expired).
 A rebuild also happens when dead keys outnumber live ones, so the index stays within about
-twice the live key count.
+twice the live key count. It costs ~27 bytes per key (27 MB at a million buckets, next to
+~300 MB for the buckets themselves), and exists only on a node that has answered a pull or
+a digest.
 """
 
 from __future__ import annotations
