@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install
-	@scripts/ensure-debian-packages.sh nginx wrk redis-server prometheus
+	@scripts/ensure-debian-packages.sh nginx wrk redis-server prometheus gcc
 	$(PY) benchmarks/run_all.py
 
 # Coverage-guided fuzzing (atheris, tests/fuzz/): each target for FUZZ_SECONDS from its seed

@@ -11,6 +11,7 @@ side refuses is counted there (side ``client``). Without a ``TlsContexts`` an
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from typing import Final
 from urllib.parse import urlsplit
@@ -109,6 +110,15 @@ class HttpLink:
             except ConnectionRefusedError as error:
                 self.close()
                 raise LinkError(f"connection refused ({error.strerror})", refused=True) from None
+            except socket.gaierror as error:
+                self.close()
+                if error.errno == socket.EAI_AGAIN:  # the name service did not answer now
+                    raise LinkError(f"{self.host}: {error.strerror}") from None
+                # It answered: no such host. Nobody to wait for, as with a refused connection.
+                raise LinkError(
+                    f"the peer's host name {self.host} does not resolve ({error.strerror})",
+                    refused=True,
+                ) from None
             except ssl.SSLError as error:
                 self.close()
                 reason = self.tls.count_error("client", error) if self.tls else "handshake"

@@ -1,0 +1,422 @@
+"""R6: one ``bucketmesh serve`` flooded at 1×, 2× and 3× its capacity by an open-loop C client,
+with sync and admin traffic served meanwhile.
+
+Target R6 (docs/targets.md): under 3× the request rate the node can serve it sheds early
+with 503 + Retry-After; the p99 of the requests it does serve stays bounded; memory stays
+under the configured cap with 1,000,000 distinct keys arriving; the process lives; sync and
+admin traffic keep a reserved share.
+
+Method
+    The client is ``benchmarks/openloop.c`` (built here with gcc): one epoll thread, 256
+    keep-alive connections, constant rate (request *n* is due at t0 + n / rate whatever the
+    server does, and written when due: ``-P 0``, pipelined without limit, so the node sees
+    the offered rate as it would from that many more clients; with one request in flight
+    per connection, wrk2's way, the queue would sit in the client and the node could never
+    tell it is overloaded); latency counted from the due time. ``GET /v1/rate`` with a
+    distinct ``X-API-Key`` per request (every request creates a bucket, the costliest
+    decision). A few µs of client CPU per request, so the node, not the client, saturates
+    (the Python client of ``benchmarks/overload.py`` could not).
+
+    Two regions on loopback, ``east`` (flooded) and ``west``, syncing (20 ms interval, a
+    generated secret): every bucket the flood creates on ``east`` is replicated to ``west``,
+    and a prober grants on ``west`` 4 times a second, replicated to ``east``. The prober also
+    PATCHes a rule on ``east`` with the admin token and reads ``east``'s ``/v1/status`` 4
+    times a second. A fresh pair per row.
+
+    1. Capacity, measured in this run: ``east`` with shedding off is offered far more than
+       it can serve (``--probe`` requests/s) for a few seconds; capacity = answers / time
+       to the last answer.
+    2. Rows: shedding on (the defaults: ``limits.shedLag`` 500 ms, ``maxInFlight`` 4096) at
+       1×, 2×, 3× the capacity, and shedding off at 3× for contrast. The 3× shedding-on row
+       runs until 1,000,000 distinct keys have arrived (``limits.maxBuckets`` at its
+       default, 1,000,000: the configured cap). Per row: offered and served (200/429) per
+       second, shed (503 from shedding, from the node's counters), refused at the bucket
+       cap, p99 of served and of shed (from the due time), peak RSS (VmHWM), live buckets,
+       the node's CPU over the row, errors (another status, a reset, a timeout of 10 s, an
+       answer never received), alive; and the reserved traffic: PATCHes answered 200 of
+       those sent and their worst latency, sync messages ``east`` sent to ``west`` and
+       failed sends, and the replication lag p99 each way (the nodes' own ``/v1/status``
+       windows, worst seen during the row).
+
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/r6.py [--quick] [--append]`` (needs gcc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _report
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+HOST = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+RULE = {
+    "name": "flood",
+    "key": "agent-api-key-{{ .Request.Header.X-API-Key }}",
+    "capacity": 10**9,
+    "refillRate": 10**6,
+    "ttl": 3600,
+}
+PROBE_RULE = {"name": "probe", "key": "probe-{{ .Request.Header.X-Probe }}", "capacity": 10**9,
+              "refillRate": 10**6}  # fmt: skip
+NEVER_MS = 3_600_000
+CONNECTIONS = 256
+TIMEOUT_S = 10.0
+ADMIN_TOKEN = "r6-admin-" + secrets.token_hex(8)
+MILLION = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def build_client(workdir: Path) -> Path:
+    """Compile openloop.c; a clear message when there is no C compiler."""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise SystemExit("r6: needs gcc to build benchmarks/openloop.c (apt-get install gcc)")
+    binary = workdir / "openloop"
+    subprocess.run(
+        [compiler, "-O2", "-Wall", "-o", str(binary), str(HERE / "openloop.c")], check=True
+    )
+    return binary
+
+
+class Node:
+    def __init__(self, workdir: Path, region: str, port: int, peers: dict[str, int],
+                 limits: dict[str, int], secret: str) -> None:  # fmt: skip
+        self.region = region
+        self.port = port
+        config = {
+            "region": region,
+            "node": "n1",
+            "listen": f"{HOST}:{port}",
+            "sync": {
+                "enabled": True,
+                "syncClusterId": "r6",
+                "peers": [region, *peers],
+                "peerUrls": {r: f"http://{HOST}:{p}" for r, p in peers.items()},
+                "secret": secret,
+            },
+            "storage": {"backend": "memory"},
+            "admin": {"token": ADMIN_TOKEN},
+            "buckets": [RULE, PROBE_RULE],
+            "limits": limits,
+        }
+        path = workdir / f"{region}-{port}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log = open(workdir / f"{region}-{port}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bucketmesh", "serve", "--config", str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def status(self, client: httpx.Client) -> dict[str, object]:
+        return client.get(self.url + "/v1/status").json()  # type: ignore[no-any-return]
+
+    def metrics(self, client: httpx.Client) -> dict[str, float]:
+        """Every sample of /metrics by name and labels (``name{k=v}``)."""
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(client.get(self.url + "/metrics").text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+class Pair:
+    """``east`` (flooded) and ``west``, syncing with each other."""
+
+    def __init__(self, workdir: Path, shedding: bool) -> None:
+        ports = {"east": free_port(), "west": free_port()}
+        secret = secrets.token_urlsafe(32)
+        limits = {} if shedding else {"shedLag": NEVER_MS, "maxInFlight": 10**9}
+        self.east = Node(workdir, "east", ports["east"], {"west": ports["west"]}, limits, secret)
+        self.west = Node(workdir, "west", ports["west"], {"east": ports["east"]}, {}, secret)
+        deadline = time.monotonic() + 60
+        with httpx.Client(timeout=2) as client:
+            while True:
+                try:
+                    if all(
+                        all(p["state"] == "up" for p in n.status(client)["sync"]["peers"].values())  # type: ignore[index]
+                        for n in (self.east, self.west)
+                    ):
+                        return
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                if not (self.east.alive() and self.west.alive()) or time.monotonic() > deadline:
+                    self.stop()
+                    raise SystemExit(f"r6: the nodes did not start (logs in {workdir})")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.east.stop()
+        self.west.stop()
+
+
+@dataclass
+class Reserved:
+    """What the prober saw of the reserved traffic during a flood."""
+
+    patches: int = 0
+    patches_ok: int = 0
+    patch_ms: list[float] = field(default_factory=list)
+    status_ok: int = 0
+    grants_on_west: int = 0
+    lag_east_from_west_ms: float = 0.0  # worst p99 seen: deltas west → east (east receives)
+    lag_west_from_east_ms: float = 0.0  # deltas east → west (east sends)
+
+
+class Prober(threading.Thread):
+    """4 times a second: PATCH a rule on east (admin), read east's /v1/status, grant on west."""
+
+    def __init__(self, pair: Pair) -> None:
+        super().__init__(daemon=True)
+        self.pair = pair
+        self.seen = Reserved()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        i = 0
+        with httpx.Client(timeout=TIMEOUT_S) as client:
+            while not self.stopping.wait(0.25):
+                i += 1
+                seen = self.seen
+                try:
+                    started = time.perf_counter()
+                    seen.patches += 1
+                    reply = client.patch(
+                        self.pair.east.url + "/v1/buckets/probe",
+                        json={"capacity": 10**9 - i % 2},
+                        headers=admin,
+                    )
+                    seen.patch_ms.append((time.perf_counter() - started) * 1000)
+                    seen.patches_ok += reply.status_code == 200
+                    status = self.pair.east.status(client)
+                    seen.status_ok += 1
+                    lag = status["sync"]["peers"]["west"]["lag_ms_p99"]  # type: ignore[index]
+                    seen.lag_east_from_west_ms = max(seen.lag_east_from_west_ms, lag or 0.0)
+                    west = self.pair.west
+                    granted = client.get(west.url + "/v1/rate", headers={"X-Probe": f"p{i}"})
+                    seen.grants_on_west += granted.status_code == 200
+                    lag = west.status(client)["sync"]["peers"]["east"]["lag_ms_p99"]  # type: ignore[index]
+                    seen.lag_west_from_east_ms = max(seen.lag_west_from_east_ms, lag or 0.0)
+                except httpx.HTTPError:
+                    pass
+
+
+def offer(binary: Path, port: int, rate: float, seconds: float, offset: int) -> dict[str, object]:
+    argv = [str(binary), "-h", HOST, "-p", str(port), "-r", f"{rate:.0f}", "-d", f"{seconds:g}",
+            "-c", str(CONNECTIONS), "-P", "0", "-k", str(10**12), "-o", str(offset),
+            "-t", f"{TIMEOUT_S:g}"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Row:
+    shedding: str
+    multiple: str
+    seconds: float
+    client: dict[str, object]
+    shed: float
+    cap_refused: float
+    rss_mb: float
+    buckets: int
+    cpu_pct: float
+    alive: bool
+    reserved: Reserved
+    sync_sent: float
+    sync_failed: float
+    settle_s: float  # from the end of the flood until /metrics answered
+
+
+def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: float,
+            seconds: float) -> Row:  # fmt: skip
+    pair = Pair(workdir, shedding)
+    try:
+        east = pair.east
+        with httpx.Client(timeout=TIMEOUT_S) as client:
+            before = east.metrics(client)
+            cpu0 = east.cpu_s()
+            prober = Prober(pair)
+            prober.start()
+            result = offer(binary, east.port, rate, seconds, offset=secrets.randbelow(10**9))
+            prober.stopping.set()
+            prober.join()
+            span = float(result["span_s"])  # type: ignore[arg-type]
+            cpu_pct = 100 * (east.cpu_s() - cpu0) / max(span, seconds)
+            alive = east.alive()
+            # the node may still be working off what the flood left (its sync outbox, a
+            # collection): how long it takes to answer again is a figure of its own
+            settled = time.monotonic()
+            with httpx.Client(timeout=300) as patient:
+                after = east.metrics(patient)
+            settle_s = time.monotonic() - settled
+            buckets = int(east.status(client)["buckets"])  # type: ignore[call-overload]
+            rss = east.peak_rss_mb()
+    finally:
+        pair.stop()
+    shed = _delta(after, before, "bucketmesh_http_shed_lag_requests_total") + _delta(
+        after, before, "bucketmesh_http_shed_in_flight_requests_total"
+    )
+    return Row(
+        "on" if shedding else "off",
+        f"{multiple}×",
+        seconds,
+        result,
+        shed,
+        _delta(after, before, "bucketmesh_bucket_cap_rejections_total"),
+        rss,
+        buckets,
+        cpu_pct,
+        alive,
+        prober.seen,
+        _delta(after, before, "bucketmesh_sync_messages_sent_total{peer=west}"),
+        _delta(after, before, "bucketmesh_sync_send_failures_total{peer=west}"),
+        settle_s,
+    )
+
+
+def capacity(binary: Path, workdir: Path, probe: float, seconds: float) -> float:
+    pair = Pair(workdir, shedding=False)
+    try:
+        result = offer(binary, pair.east.port, probe, seconds, offset=0)
+    finally:
+        pair.stop()
+    served = int(result["ok"]) + int(result["denied"])  # type: ignore[call-overload]
+    return served / float(result["span_s"])  # type: ignore[arg-type]
+
+
+def _ms(value: object) -> str:
+    number = float(value)  # type: ignore[arg-type]
+    return "—" if number < 0 else f"{number:,.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="4 s rows; the 3× row 4 s too (no 1,000,000 keys)")  # fmt: skip
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per row (10)")
+    parser.add_argument("--probe", type=float, default=60000.0, help="requests/s to find capacity")
+    parser.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (4.0 if args.quick else 10.0)
+    with tempfile.TemporaryDirectory(prefix="bucketmesh-r6-") as tmp:
+        workdir = Path(tmp)
+        binary = build_client(workdir)
+        cap = capacity(binary, workdir, args.probe, min(seconds, 5.0))
+        print(f"capacity: {cap:,.0f} requests/s (shedding off, offered {args.probe:,.0f}/s)")
+        rows = []
+        for shedding, multiple in ((True, 1), (True, 2), (True, 3), (False, 3)):
+            rate = multiple * cap
+            length = seconds
+            if shedding and multiple == 3 and not args.quick:
+                length = max(seconds, MILLION / rate)  # 1,000,000 distinct keys arrive
+            rows.append(run_row(binary, workdir, shedding, multiple, rate, length))
+            print(f"row {rows[-1].shedding} {rows[-1].multiple}: {rows[-1].client}", flush=True)
+    columns = ["shedding", "load", "s", "offered/s", "served/s", "shed 503", "cap 503",
+               "p99 served ms", "p99 shed ms", "peak RSS MB", "buckets", "node CPU %",
+               "errors", "alive"]  # fmt: skip
+    cells = []
+    reserved_cells = []
+    for r in rows:
+        c = r.client
+        served = int(c["ok"]) + int(c["denied"])  # type: ignore[call-overload]
+        errors = int(c["other_status"]) + int(c["errors"]) + int(c["unanswered"])  # type: ignore[call-overload]
+        span = max(float(c["span_s"]), 1e-9)  # type: ignore[arg-type]
+        cells.append([
+            r.shedding, r.multiple, f"{r.seconds:.0f}", f"{int(c['offered']) / r.seconds:,.0f}",  # type: ignore[call-overload]
+            f"{served / span:,.0f}", f"{r.shed:,.0f}", f"{r.cap_refused:,.0f}",
+            _ms(c["served_ms"]["p99"]), _ms(c["shed_ms"]["p99"]),  # type: ignore[index]
+            f"{r.rss_mb:,.0f}", f"{r.buckets:,}", f"{r.cpu_pct:.0f}", f"{errors:,}",
+            "yes" if r.alive else "NO",
+        ])  # fmt: skip
+        s = r.reserved
+        worst_patch = max(s.patch_ms) if s.patch_ms else float("nan")
+        reserved_cells.append([
+            r.shedding, r.multiple, f"{s.patches_ok} / {s.patches}", f"{worst_patch:,.0f}",
+            f"{s.status_ok} / {s.patches}", f"{r.sync_sent:,.0f}", f"{r.sync_failed:,.0f}",
+            f"{s.lag_west_from_east_ms:,.1f}", f"{s.lag_east_from_west_ms:,.1f}",
+            f"{r.settle_s:,.1f}",
+        ])  # fmt: skip
+    reserved_columns = ["shedding", "load", "PATCH 200 / sent", "worst PATCH ms",
+                        "status 200 / asked", "sync msgs east→west", "failed sends",
+                        "lag p99 east→west ms", "lag p99 west→east ms",
+                        "/metrics after the flood s"]  # fmt: skip
+    title = f"R6 overload, open-loop C client: capacity {cap:,.0f} requests/s"
+    _report.print_table(title, columns, cells)
+    _report.print_table("Reserved traffic during the flood", reserved_columns, reserved_cells)
+    if args.append:
+        body = (
+            f"Capacity measured in the same run: {cap:,.0f} requests/s (`east` with shedding "
+            f"off offered {args.probe:,.0f}/s; answers / time to the last answer). Client "
+            f"`benchmarks/openloop.c`: one epoll thread, {CONNECTIONS} keep-alive "
+            "connections, constant rate, each request written when due (pipelined), latency "
+            "from the due time, a distinct key per "
+            "request; `east` syncs with `west` (every new bucket replicated) and is PATCHed "
+            '4 times a second meanwhile; a fresh pair per row. "shed 503" and "cap 503" '
+            "are the node's counters (shedding; new keys beyond `limits.maxBuckets`), the "
+            "p99s are the client's, from the due time.\n\n"
+            + _report.markdown_table(columns, cells)
+            + "\n\nReserved traffic (sync, admin, status) during the same rows:\n\n"
+            + _report.markdown_table(reserved_columns, reserved_cells)
+            + "\n\nCommand: `PYTHONPATH=src .venv/bin/python benchmarks/r6.py"
+            + (" --quick" if args.quick else "")
+            + " --append`\n"
+        )
+        _report.append_section(title, body, machine=_report.machine())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
