@@ -952,7 +952,10 @@ class Mesh:
         """``keys`` and the keys (in ``ranges``) with a per-key config of a strict or
         local key: their configs travel alone in state transfers and pulls, so that a
         region restarted without a snapshot gets them back (the digest leaves them out)."""
-        configs = self.limiter.key_configs
+        configs: Collection[str] = self.limiter.key_configs.keys()
+        ledgers = getattr(self.limiter, "ledgers", None)  # strict keys' rights (shares.py)
+        if ledgers:
+            configs = configs | ledgers.keys()
         if not configs:
             return keys
         present = set(keys)

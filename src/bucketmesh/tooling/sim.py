@@ -1745,7 +1745,7 @@ def strict_idle_simulation(seed: int, *, replicas: int | None = None) -> tuple[S
     return sim, again
 
 
-KINDS: Final = ("random", "expiry", "extreme", "files", "strict-idle")
+KINDS: Final = ("random", "expiry", "extreme", "files", "strict-idle", "strict-shares")
 #: the generators of issue 12's cases 1, 5 and 11 (case 10 is in the random schedule)
 CASE_KINDS: Final = ("extreme", "files", "strict-idle")
 GENERATORS: Final = {
@@ -1770,6 +1770,8 @@ def run(
     """One schedule of ``kind`` (``KINDS``), run to quiescence and checked; raises
     InvariantViolation. ``random`` (or ``expiry``) is the general random schedule;
     the others generate the schedules of issue 12's cases 1, 5 and 11."""
+    if kind == "strict-shares":
+        return _strict_shares(seed)
     generator = GENERATORS.get(kind)
     if generator is not None:
         sim, traffic_end = generator(seed, replicas=replicas)
@@ -1779,6 +1781,20 @@ def run(
     sim.run(traffic_end)
     sim.quiesce()
     return sim.check()
+
+
+def _strict_shares(seed: int) -> SimResult:
+    """Issue 18: strict mode's transferable shares (``tooling/sim_shares.py``), its
+    own generator (not among ``all``'s kinds, so their seeded schedules are unchanged)."""
+    from bucketmesh.tooling import sim_shares
+
+    try:
+        out = sim_shares.run(seed)
+    except sim_shares.Violation as error:
+        raise InvariantViolation(
+            seed, "strict total within the limit", str(error), f"--seed {seed} --kind strict-shares"
+        ) from None
+    return SimResult(seed, out.regions, 1, granted=out.granted)
 
 
 DESCRIPTION = "Run seeded random schedules of the replicated limiter and check invariants."
@@ -1800,7 +1816,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="which generator: random (the general schedule), expiry, extreme (issue 12 "
         "case 1: extreme limits), files (case 5: an edited rules file, rolling restarts), "
-        "strict-idle (case 11: a PATCHed strict key idle past its ttl); all (default): "
+        "strict-idle (case 11: a PATCHed strict key idle past its ttl), strict-shares "
+        "(issue 18: transferable strict shares under faults); all (default): "
         "every seed runs the random schedule and one of extreme, files, strict-idle",
     )
 
