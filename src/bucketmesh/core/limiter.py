@@ -319,6 +319,8 @@ class Limiter:
         self.share_founders: tuple[str, ...] = ()
         self.ledgers: dict[str, Ledger] = {}
         self.share_blind = False  # started without its previous life's state: shares.py
+        # region/node -> the newest incarnation seen: older ones' gifts are frozen here
+        self.share_newest: dict[str, int] = {}
         self.share_asked: dict[str, int] = {}
         self.share_denied: set[str] = set()  # strict keys that denied since the last round
         self.share_demand: dict[str, float] = {}
@@ -955,16 +957,49 @@ class Limiter:
                 _credit(bucket, credit, now)
                 self.share_received_tokens += credit
 
+    def observe_replica(self, replica_id: str) -> None:
+        """A message from ``replica_id`` (region/node/incarnation): older incarnations
+        of that node are superseded, their gift counters frozen here (shares.py)."""
+        node, _, incarnation = replica_id.rpartition("/")
+        if not incarnation.isdigit():
+            return
+        number = int(incarnation)
+        known = self.share_newest.get(node)
+        if known is None or number > known:
+            self.share_newest[node] = number
+
+    def _accepts_giver(self, giver: str) -> bool:
+        node, _, incarnation = giver.rpartition("/")
+        newest = self.share_newest.get(node)
+        if newest is None or not incarnation.isdigit():
+            return True
+        # our own node's past lives always count: they are what this life gave
+        return int(incarnation) >= newest or giver.startswith(self._own_node)
+
+    @property
+    def _own_node(self) -> str:
+        return self.replica_id.rpartition("/")[0] + "/"
+
+    def shares_pulled(self) -> None:
+        """Every other region's state is merged (each froze our previous lives' gifts
+        first): a blind replica spends its ledger holding again, forfeiting the tokens
+        handed to its region so far (its previous life may have credited them)."""
+        region = self.share_region
+        if not self.share_blind or region is None:
+            return
+        self.share_blind = False
+        for ledger in self.ledgers.values():
+            ledger.taken[region] = max(ledger.taken.get(region, 0), ledger.tokens_received(region))
+        self.rescale_shares()
+
     def _merge_ledger(self, key: str, state: ShareState, now: int) -> bool:
         if self.share_region is None:
             return False
         other = Ledger.from_state(state)
         ledger = self.ledgers.get(key)
         if ledger is None:
-            ledger = self.ledgers[key] = other if other.founders else Ledger(self.share_founders)
-            changed = True
-        else:
-            changed = ledger.merge(other)
+            ledger = self.ledgers[key] = Ledger(other.founders or self.share_founders)
+        changed = ledger.merge(other, self._accepts_giver)
         if changed:
             self._reshare(key, now)
             bucket = self.buckets.get(key)
@@ -1077,6 +1112,14 @@ class Limiter:
         self._report(key, ledger, whole, now)
         return len(gifts)
 
+    def share_utilisation(self) -> float:
+        """The mean part of their limits this region holds over its ledgers (0..1)."""
+        region = self.share_region
+        if region is None or not self.ledgers:
+            return 0.0
+        held = [max(0, ledger.holding(region)) / SCALE for ledger in self.ledgers.values()]
+        return sum(held) / len(held)
+
     def share_view(self, key: str) -> dict[str, dict[str, Any]] | None:
         """Each region's rights and demand for a strict key, as this replica knows
         them (``/v1/bucket/state``); None when shares are off or the key is not strict."""
@@ -1185,6 +1228,8 @@ class Limiter:
         if now is None:
             now = self.clock()
         rid = self.replica_id
+        if self.share_region is not None:
+            self.observe_replica(batch.origin)
         for name, config in batch.rules.items():
             self.merge_rule(name, config, now)
         changed = 0

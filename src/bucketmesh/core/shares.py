@@ -37,19 +37,26 @@ regions *use* sum to at most ``SCALE`` at every instant, under any partition:
 ``Σ initial ≤ SCALE`` and a gift counts at its receiver only after its giver
 counted it.
 
-A replica that starts without its previous life's state (no snapshot) cannot
-know what that life gave away, nor which gifts to its region that life already
-took (one may still be in flight to it): it is *blind* and spends only its floor
-(a region never gives below its floor, so it holds at least that) less what it
-gives itself, and credits no tokens. What its region held above the floor stays
-stranded (under-use, never over-admission) — see docs/sync.md.
+A replica that starts without its previous life's state (no snapshot) does not
+know what that life gave away: it is *blind* and spends only its floor (a region
+never gives below its floor, so it holds at least that) less what it gives
+itself, until it has pulled the state of every other region. A region that sees
+a newer incarnation of a node (any message from it, a pull first of all)
+*freezes* the older incarnations' gift counters: they no longer rise there, so a
+gift of the dead life still in flight can no longer be taken by anyone who
+answered the pull, and the pulled ledgers hold every gift that will ever count.
+Then the replica spends its ledger holding again, and forfeits the tokens handed
+to its region so far (its previous life may have credited them). See
+docs/sync.md.
 
 The rebalancer
 --------------
 ``plan`` is the policy, pure: from the reports (demand of every region), it
-computes target holdings with a floor per region (Doorman's FairShare: a region
-needing less than an equal split gets its need, the rest is divided in
-proportion to what is still wanted; idle rights go where demand is), and
+computes target holdings with a floor per region: every region its floor, then
+each its need when the needs fit (idle rights follow demand, in proportion),
+else in proportion to what each wants (Doorman's ProportionalShare; FairShare's
+max-min split would give a region with nine times the demand no more than a
+quiet one once both want more than an equal part), and
 returns what *this* region should give: a damped part (``damping``) of its
 excess over its target, to the regions below theirs, in proportion to their
 deficit. A region only ever gives; it takes nothing. The node runs it only
@@ -60,7 +67,7 @@ This module does no I/O and reads no clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -183,10 +190,12 @@ class Ledger:
 
     # -- the lattice -------------------------------------------------------------
 
-    def merge(self, other: Ledger) -> bool:
+    def merge(self, other: Ledger, accept: Callable[[str], bool] | None = None) -> bool:
         """Join ``other`` in; returns whether anything changed. Founders are set once:
         the first known wins (a conflict keeps the smaller tuple, so every replica
-        agrees — docs/sync.md says when two can differ)."""
+        agrees — docs/sync.md says when two can differ). ``accept(giver)`` False:
+        that giver's counters are frozen here (a superseded incarnation, see the
+        module docstring): they no longer rise."""
         changed = False
         if (
             other.founders != self.founders
@@ -197,7 +206,7 @@ class Ledger:
             changed = True
         for table, theirs in ((self.given, other.given), (self.tokens, other.tokens)):
             for pair, n in theirs.items():
-                if n > table.get(pair, 0):
+                if n > table.get(pair, 0) and (accept is None or accept(pair[0])):
                     table[pair] = n
                     changed = True
         for region, report in other.reports.items():
@@ -243,8 +252,9 @@ def floor_parts(regions: int, capacity: int, fraction: float = FLOOR_FRACTION) -
 def targets(
     members: Iterable[str], demand: Mapping[str, int], total: int, floor: int
 ) -> dict[str, int]:
-    """Target holdings (parts) summing to at most ``total``: Doorman's FairShare with
-    a floor. ``demand`` is each region's need in parts (missing: no demand)."""
+    """Target holdings (parts) summing to at most ``total``: a floor each, then the
+    needs if they fit (the rest in proportion to demand), else ProportionalShare.
+    ``demand`` is each region's need in parts (missing: no demand)."""
     names = sorted(members)
     if not names:
         return {}
@@ -252,20 +262,15 @@ def targets(
     out = {name: floor for name in names}
     remaining = total - floor * len(names)
     wants = {name: max(0, demand.get(name, 0) - floor) for name in names}
-    # water-filling: a region wanting less than an equal part of what remains gets it
-    open_ = [name for name in names if wants[name] > 0]
-    while open_ and remaining > 0:
-        each = remaining // len(open_)
-        small = [name for name in open_ if wants[name] <= each]
-        if not small:
-            for name in open_:
-                out[name] += each
-            remaining -= each * len(open_)
-            break
-        for name in small:
-            out[name] += wants[name]
-            remaining -= wants[name]
-        open_ = [name for name in open_ if name not in small]
+    wanted = sum(wants.values())
+    if wanted > remaining:
+        # oversubscribed: Doorman's ProportionalShare, in proportion to what is wanted
+        for name in names:
+            out[name] += remaining * wants[name] // wanted
+        return out
+    for name in names:
+        out[name] += wants[name]
+    remaining -= wanted
     if remaining > 0:
         # idle rights go where the demand is (in proportion), else equally
         weights = {name: demand.get(name, 0) for name in names}

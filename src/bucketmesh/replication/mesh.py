@@ -864,6 +864,11 @@ class Mesh:
                 f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
                 reason="sync_fault_injected",
             )
+        # a newer incarnation of a peer node freezes its older ones' strict gifts here
+        # (core/shares.py): before a pull is answered, so the puller sees them all
+        observe = getattr(self.limiter, "observe_replica", None)
+        if observe is not None and getattr(self.limiter, "share_region", None) is not None:
+            observe(env.sender)
         tls = self.settings.tls
         if (
             tls is not None

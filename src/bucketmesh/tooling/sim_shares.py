@@ -44,11 +44,6 @@ class Outcome:
     events: list[str] = field(default_factory=list)
 
 
-def _limiter(rules: list[Rule], rid: str, region: str, founders: list[str], now: int) -> Limiter:
-    limiter = Limiter(rules, replica_id=rid, clock=lambda: now, regions=len(founders))
-    return limiter
-
-
 def run(seed: int, *, steps: int | None = None) -> Outcome:
     """One seeded schedule; raises ``Violation`` at the first step over the limit."""
     rng = random.Random(seed)
@@ -66,10 +61,16 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
     incarnation: dict[str, int] = {}
     live: dict[str, Limiter] = {}
 
+    def clock() -> int:
+        return now
+
     def fresh(region: str, blind: bool) -> Limiter:
         incarnation[region] = incarnation.get(region, 0) + 1
         limiter = Limiter(
-            rules, replica_id=f"{region}/n/{incarnation[region]}", regions=len(founders)
+            rules,
+            replica_id=f"{region}/n/{incarnation[region]}",
+            regions=len(founders),
+            clock=clock,
         )
         if blind:
             limiter.begin_recovery(now, shared=False)
@@ -164,6 +165,7 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
                     rules,
                     replica_id=f"{region}/n/{incarnation[region] + 1}",
                     regions=len(founders),
+                    clock=clock,
                 )
                 incarnation[region] += 1
                 restored.enable_shares(region, founders)
@@ -201,11 +203,14 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
                 continue
             for other in live:
                 if other != region and other not in got and reachable(region, other):
+                    # the pull request reaches it first: it freezes our older lives' gifts
+                    live[other].observe_replica(live[region].replica_id)
                     live[region].merge(
                         _batch_decode(_batch_encode(live[other].full_state())), now=now
                     )
                     got.add(other)
             if got >= set(live) - {region}:
+                live[region].shares_pulled()
                 del pulled[region]
         # traffic
         for region, limiter in live.items():
