@@ -1037,9 +1037,14 @@ class Limiter:
         self.share_denied = set()
         keys = {k for k, b in self.buckets.items() if b.config.mode == STRICT}
         gifts = 0
-        for key in keys | asked.keys():
+        # a region without the key's bucket (no demand here) still gives from its ledger
+        for key in keys | asked.keys() | self.ledgers.keys():
             bucket = self.buckets.get(key)
-            if bucket is None:
+            rule = bucket.rule if bucket is not None else self._rule_name(key)
+            if rule is None:
+                continue
+            whole = self._whole(key, rule)
+            if whole.mode != STRICT:
                 continue
             rate = asked.get(key, 0) / period_s
             old = self.share_demand.get(key)
@@ -1053,7 +1058,6 @@ class Limiter:
             if ledger is None and demand == 0.0:
                 continue  # an idle key with nothing moved: the static split is its ledger
             ledger = self._ledger(key)
-            whole = self._whole(key, bucket.rule)
             changed = self._report(key, ledger, whole, now)
             # a region that had to deny is short itself: it gives nothing this round
             if connected and key not in denied:
@@ -1063,7 +1067,9 @@ class Limiter:
                 self.dirty.add(key)
         return gifts
 
-    def _give(self, key: str, bucket: Bucket, ledger: Ledger, whole: BucketConfig, now: int) -> int:
+    def _give(
+        self, key: str, bucket: Bucket | None, ledger: Ledger, whole: BucketConfig, now: int
+    ) -> int:
         region = self.share_region
         assert region is not None
         members = ledger.regions() | set(self.share_founders)
@@ -1096,9 +1102,10 @@ class Limiter:
         # never more tokens than the parts given are worth (rounded down): the tokens
         # in flight and the levels together stay within the capacities of the rights
         worth, _ = share_limits(capacity, interval, total)
-        surplus = max(0, min(bucket.level(now) - after, worth))
-        destroyed = max(0, bucket.level(now) - after - surplus)
-        if surplus + destroyed:
+        level = 0 if bucket is None else bucket.level(now)
+        surplus = max(0, min(level - after, worth))
+        destroyed = max(0, level - after - surplus)
+        if bucket is not None and surplus + destroyed:
             bucket.acquire(key, surplus + destroyed, now)  # out of this region's bucket
         handed = 0
         for index, (name, parts) in enumerate(sorted(gifts.items())):
@@ -1160,7 +1167,12 @@ class Limiter:
         rid = self.replica_id
         for key in self.dirty:
             bucket = buckets.get(key)
-            if bucket is not None:
+            if bucket is None and key in self.ledgers:
+                # a strict key's ledger changed where the key has no bucket
+                rule = self._rule_name(key)
+                if rule is not None:
+                    deltas.append(self.strict_config_delta(key, rule))
+            elif bucket is not None:
                 if bucket.config.mode != SHARED:
                     deltas.append(self.strict_config_delta(key, bucket.rule))
                 else:

@@ -77,9 +77,10 @@ SCALE: Final = 72_072_000
 """Parts of rights in a whole limit: divisible by every region count from 1 to 16,
 so that equal initial shares of a capacity C ≥ R are at least one token each."""
 
-FLOOR_FRACTION: Final = 0.04
-"""The default floor: each region keeps at least 4 % of the limit (a quiet region can
-still serve its first requests), never more than an equal share."""
+FLOOR_FRACTION: Final = 0.01
+"""The default floor: each region keeps at least 1 % of the limit and one token of
+capacity (a quiet region can still serve its first requests), never more than an
+equal share."""
 
 DAMPING: Final = 0.5
 """The part of its excess a region gives in one round: rights converge geometrically
