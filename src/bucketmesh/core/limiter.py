@@ -123,6 +123,8 @@ class Snapshot(msgspec.Struct, array_like=True):
     #: (unknown_since, recovery_until) of a replica that started without its previous
     #: life's state, while its strict buckets still start empty (``begin_recovery``)
     recovery: tuple[int, int] | None = None
+    #: region/node -> the newest incarnation seen (older ones' strict gifts are frozen)
+    newest: dict[str, int] = {}
 
 
 class Journal:
@@ -1535,6 +1537,7 @@ class Limiter:
                 {key: ledger.state() for key, ledger in self.ledgers.items()},
                 self.share_blind,
                 self._recovery_state(),
+                dict(self.share_newest),
             )
         )
 
@@ -1567,6 +1570,7 @@ class Limiter:
             {key: ledger.state() for key, ledger in self.ledgers.items()},
             self.share_blind,
             self._recovery_state(),
+            dict(self.share_newest),
         )
         return msgspec.msgpack.encode(state)
 
@@ -1605,6 +1609,7 @@ class Limiter:
         limiter.key_configs = dict(snap.keys)
         limiter.ledgers = {key: Ledger.from_state(state) for key, state in snap.shares.items()}
         limiter.share_blind = snap.blind
+        limiter.share_newest = dict(snap.newest)
         if snap.recovery is not None:
             # strict and local buckets created before its end still start empty
             limiter.unknown_since, limiter.recovery_until = snap.recovery
