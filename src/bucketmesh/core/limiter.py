@@ -1037,10 +1037,11 @@ class Limiter:
         self.share_asked = {}
         denied = self.share_denied
         self.share_denied = set()
-        keys = {k for k, b in self.buckets.items() if b.config.mode == STRICT}
         gifts = 0
-        # a region without the key's bucket (no demand here) still gives from its ledger
-        for key in keys | asked.keys() | self.ledgers.keys():
+        # the keys asked for in this round and those with a ledger (an idle strict key
+        # without one is on the initial split: nothing to do); a region without the
+        # key's bucket (no demand here) still gives from its ledger
+        for key in asked.keys() | self.ledgers.keys():
             bucket = self.buckets.get(key)
             rule = bucket.rule if bucket is not None else self._rule_name(key)
             if rule is None:
