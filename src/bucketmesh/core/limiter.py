@@ -20,13 +20,15 @@ default: refill follows the wall clock, so nodes need NTP) or as an explicit
 ``now`` argument; the simulator drives it with simulated clocks.
 
 Modes: ``shared`` replicates; ``local`` keeps one independent bucket per
-replica; ``strict`` gives each of the ``regions`` replicas a fixed, equal
-share of capacity and refill and never replicates its counters, so the sum
-of all regions can never exceed the limit however long a partition lasts.
+replica; ``strict`` gives each region a share of capacity and refill and never
+replicates its counters, so the sum of all regions can never exceed the limit
+however long a partition lasts. The share is a fixed, equal one, or, after
+``enable_shares``, the rights the region holds in the key's ledger
+(``core/shares.py``), which ``rebalance`` moves toward demand.
 A per-key config change of a strict key does replicate: it travels as a
-config-only delta (``strict_config_delta``; no counters, epoch 0) and every
-region takes its share of the new limits, newest version winning. (Moving idle share
-toward demand — escrow rebalancing, docs/design.md section 5 — is not built yet.)
+config-only delta (``strict_config_delta``; no counters, epoch 0, the key's
+ledger with it) and every region takes its share of the new limits, newest
+version winning.
 
 Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
 may still hold that generation (it knows later spending, or has not swept
