@@ -351,7 +351,7 @@ class Limiter:
         decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
         if self.share_region is not None and bucket.config.mode == STRICT:
             self.share_asked[key] = self.share_asked.get(key, 0) + tokens
-            if not decision.allowed:
+            if tokens and not decision.allowed:
                 self.share_denied.add(key)
         if decision.allowed:
             if tokens:
@@ -508,11 +508,16 @@ class Limiter:
                 keep(decision)
                 if tokens and decision.allowed:
                     granted[key] = bucket
-                elif self.share_region is not None and bucket.config.mode == STRICT:
+                elif tokens and self.share_region is not None and bucket.config.mode == STRICT:
                     self.share_denied.add(key)
             else:
                 run = bucket.acquire_run(key, tokens, count, now)
-                if self.share_region is not None and not run[-1].allowed:
+                if (
+                    tokens
+                    and self.share_region is not None
+                    and bucket.config.mode == STRICT
+                    and not run[-1].allowed
+                ):
                     self.share_denied.add(key)
                 extend(run)
                 if tokens and run[0].allowed:

@@ -308,10 +308,16 @@ class Node:
         up (during a partition every side keeps what it holds)."""
         assert self.memory is not None
         mesh = self.mesh
+        limiter = self.memory.limiter
         connected = mesh is not None and all(p.state == UP for p in mesh.peers.values())
-        self.memory.limiter.rebalance(
-            time.time_ns(), period_s=REBALANCE_INTERVAL_S, connected=connected
+        gifts = limiter.rebalance(
+            limiter.clock(), period_s=REBALANCE_INTERVAL_S, connected=connected
         )
+        wal = self.memory.wal
+        if gifts and wal is not None:
+            # written ahead of the collector's send: a restart from the snapshot and
+            # the log never spends rights it gave away
+            wal.write_pending()
 
     def _install_share_metrics(self, limiter: Limiter) -> None:
         """Strict shares on /metrics: transfers, tokens handed over, rights held."""
