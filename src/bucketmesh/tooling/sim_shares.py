@@ -5,7 +5,8 @@ simulated time over a network that drops, duplicates, delays and reorders
 messages and partitions regions; regions restart with a snapshot (exact, as the
 write-ahead log makes it) or without one (a new, blind incarnation that pulls its
 peers later), a region may be added (not a founder: it starts with no rights),
-and one strict key may be PATCHed. Demand is skewed and moves. At every step the
+a region may be removed (its node stops; its rights stay stranded), and one
+strict key may be PATCHed. Demand is skewed and moves. At every step the
 total admitted over every window [t1, t2] is checked against what the global
 limit allows: ``C + (t2 − t1) / T`` (during a PATCH, the old limit until every
 region runs on the new one; the larger capacity over a window that spans it).
@@ -96,6 +97,7 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
     limits: list[tuple[int, int, int]] = [(start, capacity, interval)]
     pending_patch: tuple[int, int] | None = None  # (capacity, interval) not yet settled
     patched = False
+    removed = ""
     events: list[str] = []
     sync_every = rng.choice((1, 2, 4))
     rebalance_every = rng.choice((2, 5, 10))
@@ -179,6 +181,12 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
             live["added"] = fresh("added", False)  # not a founder: starts with nothing
             weights["added"] = rng.random()
             events.append(f"add region@{step}")
+        elif roll < 0.057 and len(live) > 2 and not removed:
+            # a region leaves the list (its node stops): its rights stay stranded
+            removed = rng.choice(sorted(live))
+            del live[removed]
+            pulled.pop(removed, None)
+            events.append(f"remove {removed}@{step}")
         elif roll < 0.06 and not patched:
             patched = True
             region = rng.choice(sorted(live))
