@@ -279,11 +279,8 @@ def targets(
         if weight <= 0:
             weights = {name: 1 for name in names}
             weight = len(names)
-        given = 0
         for name in names:
-            extra = remaining * weights[name] // weight
-            out[name] += extra
-            given += extra
+            out[name] += remaining * weights[name] // weight
     return out
 
 
