@@ -159,3 +159,22 @@ def test_strict_shares_simulator_never_exceeds_the_global_limit() -> None:
     runs, violations = sim_shares.run_many(range(400))
     assert runs == 400
     assert not violations, violations[:3]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 2 * SCALE)),
+    st.integers(1, 100),
+)
+def test_targets_sum_to_the_limit_and_keep_every_floor(demand: dict, capacity: int) -> None:  # type: ignore[type-arg]
+    members = ["a", "b", "c", "d"]
+    floor = floor_parts(len(members), capacity)
+    goal = targets(members, demand, SCALE, floor)
+    assert sum(goal.values()) <= SCALE
+    assert all(goal[m] >= floor for m in members)
+    # and a region's plan never takes it below its floor, nor gives more than it holds
+    for me in members:
+        held = goal[me] + SCALE // 10
+        out = plan(me, held, members, goal, demand_parts=demand, floor=floor)
+        assert sum(out.values()) <= held - floor
+        assert me not in out
