@@ -102,9 +102,11 @@ def test_strict_shares_follow_a_region_joining(serve: ServerFactory, tmp_path: P
 
     three = Mesh(serve, [*two, "ap-southeast-2"], buckets=[strict_rule(12)], overrides=snap)
     three.start()
-    for node in three.nodes.values():
-        state = node.state("s-x")
-        assert state["capacity"] == 4, (node, state)
+    # issue 18: the key's rights ledger (founded by the two first regions) came back
+    # with their snapshots: the added region starts from what it is given (its floor),
+    # and the capacities together never exceed the limit
+    capacities = [node.state("s-x")["capacity"] for node in three.nodes.values()]
+    assert sum(capacities) <= 12, capacities
     total += sum(granted(node, "/v1/rate?k=x", 8) for node in three.nodes.values())
     assert total <= 12, f"{total} granted against a strict limit of 12"
 
@@ -121,11 +123,17 @@ def test_a_strict_keys_patch_outlives_its_bucket_going_idle(serve: ServerFactory
     patched = a.client.patch("/v1/buckets/s-p", json={"capacity": 10}, headers=admin)
     assert patched.status_code == 200, patched.text
     assert granted(b, "/v1/rate?k=p", 1) == 1
-    eventually(lambda: b.state("s-p")["capacity"] == 5, "the patch reaches the other region")
+    # (issue 18: a region's share of the patched 10 follows demand; the rule's would be
+    # a share of 100)
+    version = a.state("s-p")["config_version"]
+    eventually(
+        lambda: b.state("s-p")["config_version"] == version, "the patch reaches the other region"
+    )
+    assert 0 < b.state("s-p")["capacity"] <= 10
 
     eventually(lambda: not b.state("s-p")["live"], "the key goes idle and is dropped")
     assert granted(b, "/v1/rate?k=p", 1) == 1  # re-created
-    assert b.state("s-p")["capacity"] == 5
+    assert 0 < b.state("s-p")["capacity"] <= 10
 
 
 def test_a_patch_of_mode_reaches_every_region_whatever_its_epoch(
@@ -177,9 +185,14 @@ def test_a_region_restarted_without_a_snapshot_pulls_back_a_strict_keys_patch(
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     patched = a.client.patch("/v1/buckets/s-q", json={"capacity": 10}, headers=admin)
     assert patched.status_code == 200, patched.text
-    eventually(lambda: b.state("s-q")["capacity"] == 5, "the patch reaches the other region")
+    # (issue 18: a region's share of the patched 10 follows demand, at most 10)
+    version = a.state("s-q")["config_version"]
+    eventually(
+        lambda: b.state("s-q")["config_version"] == version, "the patch reaches the other region"
+    )
+    assert 0 < b.state("s-q")["capacity"] <= 10
 
     b.kill()
     mesh.restart(b)
     assert "start-up state pulled from us-east-1" in b.log(), b.log()
-    assert b.state("s-q")["capacity"] == 5  # not the rule's share of 50
+    assert 0 < b.state("s-q")["capacity"] <= 10  # not a share of the rule's 100

@@ -691,7 +691,22 @@ class RatingApp:
             epoch=bucket.epoch,
             replicas={rid: wire.ReplicaEntry(n) for rid, n in sorted(used.items())},
             live=live,
+            shares=self._shares_of(key, cfg.mode),
         )
+
+    def _shares_of(self, key: str, mode: str) -> dict[str, wire.ShareEntry] | None:
+        """Each region's rights and demand of a strict key (core/shares.py), when the
+        node's limiter moves strict shares (the embedded store with a mesh)."""
+        if mode != "strict":
+            return None
+        view = getattr(getattr(self.decider, "limiter", self.decider), "share_view", None)
+        found = view(key) if callable(view) else None
+        if not found:
+            return None
+        return {
+            region: wire.ShareEntry(e["rights"], e["demand"], e["reported"])
+            for region, e in found.items()
+        }
 
     def bucket_state(self, request: Request) -> Answer:
         key = request.query.get("key") or self._default_state_key(request)

@@ -84,6 +84,15 @@ class ReplicaUse(msgspec.Struct):
     used: int
 
 
+class ShareRights(msgspec.Struct):
+    """A region's rights over a strict key (a part of the global limit, 0..1), its
+    last reported demand (tokens/s) and whether it reported at all."""
+
+    rights: float
+    demand: float
+    reported: bool
+
+
 class BucketState(msgspec.Struct, kw_only=True):
     """``GET /v1/bucket/state``: one bucket's replicated state."""
 
@@ -99,6 +108,9 @@ class BucketState(msgspec.Struct, kw_only=True):
     epoch: int
     replicas: dict[str, ReplicaUse]
     live: bool
+    #: a strict key whose rights move (docs/sync.md, "Strict mode: transferable
+    #: shares"): region -> its rights and demand; None otherwise
+    shares: dict[str, ShareRights] | None = None
     endpoint: str = ""
 
     @property
@@ -188,6 +200,7 @@ __all__ = [
     "PeerStatus",
     "ReplicaUse",
     "RuleConfig",
+    "ShareRights",
     "Status",
     "SyncStatus",
     "fallback_decision",

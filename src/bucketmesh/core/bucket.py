@@ -143,6 +143,8 @@ from typing import Any, Final, Literal, get_args
 
 import msgspec
 
+from bucketmesh.core.shares import ShareState
+
 # The modes, defined once: the wire structs' type (and the OpenAPI enum), the
 # validator (core.limits) and the code all read them from here.
 ModeName = Literal["shared", "strict", "local"]
@@ -221,6 +223,8 @@ class BucketDelta(msgspec.Struct, array_like=True, gc=False):
     #: tokens (see "Retired incarnations" in the module docstring); older readers
     #: ignore this trailing field
     folds: dict[str, tuple[int, int]] = {}
+    #: a strict key's rights ledger (core/shares.py), on its config-only deltas
+    shares: ShareState | None = None
 
     @property
     def anchors(self) -> dict[str, tuple[int, int, int]]:

@@ -20,13 +20,15 @@ default: refill follows the wall clock, so nodes need NTP) or as an explicit
 ``now`` argument; the simulator drives it with simulated clocks.
 
 Modes: ``shared`` replicates; ``local`` keeps one independent bucket per
-replica; ``strict`` gives each of the ``regions`` replicas a fixed, equal
-share of capacity and refill and never replicates its counters, so the sum
-of all regions can never exceed the limit however long a partition lasts.
+replica; ``strict`` gives each region a share of capacity and refill and never
+replicates its counters, so the sum of all regions can never exceed the limit
+however long a partition lasts. The share is a fixed, equal one, or, after
+``enable_shares``, the rights the region holds in the key's ledger
+(``core/shares.py``), which ``rebalance`` moves toward demand.
 A per-key config change of a strict key does replicate: it travels as a
-config-only delta (``strict_config_delta``; no counters, epoch 0) and every
-region takes its share of the new limits, newest version winning. (Moving idle share
-toward demand — escrow rebalancing, docs/design.md section 5 — is not built yet.)
+config-only delta (``strict_config_delta``; no counters, epoch 0, the key's
+ledger with it) and every region takes its share of the new limits, newest
+version winning.
 
 Dropping an idle bucket forgets this replica's own ``used`` entry, but a peer
 may still hold that generation (it knows later spending, or has not swept
@@ -80,10 +82,21 @@ from bucketmesh.core.bucket import (
 from bucketmesh.core.decisions import Ask
 from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_burst, check_limits
 from bucketmesh.core.rules import QUALIFIER, Rule
+from bucketmesh.core.shares import (
+    SCALE,
+    Ledger,
+    ShareReport,
+    ShareState,
+    floor_parts,
+    plan,
+    share_limits,
+)
 
 SNAPSHOT_FORMAT: Final = 1
 EVICTED_SLOTS: Final = 4096  # slots per epoch for the counts of tombstones evicted early
 TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
+DEMAND_ALPHA: Final = 0.25  # the weight of the last period in a strict key's demand
+HEADROOM: Final = 1.05  # a strict region's need is its recent demand and 5 % (rebalancer)
 
 
 class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
@@ -104,6 +117,16 @@ class Snapshot(msgspec.Struct, array_like=True):
     files: dict[str, Version] = {}
     #: per-key configs of strict keys, whole (``Limiter.key_configs``)
     keys: dict[str, BucketConfig] = {}
+    #: strict keys' rights ledgers (core/shares.py)
+    shares: dict[str, ShareState] = {}
+    #: a blind replica (started without its previous life's state; core/shares.py)
+    #: stays blind across snapshots
+    blind: bool = False
+    #: (unknown_since, recovery_until) of a replica that started without its previous
+    #: life's state, while its strict buckets still start empty (``begin_recovery``)
+    recovery: tuple[int, int] | None = None
+    #: region/node -> the newest incarnation seen (older ones' strict gifts are frozen)
+    newest: dict[str, int] = {}
 
 
 class Journal:
@@ -200,6 +223,20 @@ def rule_config(rule: Rule, regions: int = 1, stamp: int = 0) -> BucketConfig:
     )
 
 
+def _credit(bucket: Bucket, tokens: int, now: int) -> None:
+    """Give a strict bucket ``tokens`` more (never above its capacity): its base moves
+    so that the level at ``now`` rises by them (strict buckets are never merged)."""
+    interval = bucket.config.interval_ns
+    backlog = bucket.tat() - now
+    backlog = max(0, (backlog if backlog > 0 else 0) - tokens * interval)
+    bucket.base_time = now + backlog
+    bucket.base_used = bucket.total
+    bucket.anchor = None
+    bucket.marks = None
+    bucket._derive_edge()
+    bucket._recompute()
+
+
 def share_of(config: BucketConfig, regions: int) -> BucketConfig:
     """Strict mode's per-region share: 1/regions of capacity and of refill."""
     if config.mode != STRICT or regions == 1:
@@ -282,6 +319,23 @@ class Limiter:
         self.gates: dict[str, Bucket] | None = None
         #: called when ``acquire`` starts or stops being gated (a store rebinds it)
         self.on_acquire_changed: Callable[[], None] | None = None
+        # Strict mode's transferable shares (``enable_shares``; core/shares.py): None
+        # keeps the static 1/regions split.
+        self.share_region: str | None = None
+        self.share_founders: tuple[str, ...] = ()
+        self.ledgers: dict[str, Ledger] = {}
+        self.share_blind = False  # started without its previous life's state: shares.py
+        # region/node -> the newest incarnation seen: older ones' gifts are frozen here
+        self.share_newest: dict[str, int] = {}
+        self.share_asked: dict[str, int] = {}
+        self.share_denied: set[str] = set()  # strict keys that denied since the last round
+        self.share_demand: dict[str, float] = {}
+        self.share_given_parts = 0
+        self.share_given_tokens = 0
+        self.share_gifts = 0
+        self.share_received_tokens = 0
+        # key -> the whole (capacity, interval) its strict bucket's share was cut from
+        self.share_running: dict[str, tuple[int, int]] = {}
 
     # -- decisions -----------------------------------------------------------
 
@@ -297,6 +351,10 @@ class Limiter:
         if bucket is None or tokens < 0:
             return self._acquire_cold(key, tokens, rule, now)
         decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
+        if self.share_region is not None and bucket.config.mode == STRICT:
+            self.share_asked[key] = self.share_asked.get(key, 0) + tokens
+            if tokens and not decision.allowed:
+                self.share_denied.add(key)
         if decision.allowed:
             if tokens:
                 if bucket.config.mode == SHARED:
@@ -304,7 +362,7 @@ class Limiter:
                 journal = self.journal
                 if journal is not None:
                     journal.keys.add(key)
-        elif tokens > decision.capacity:
+        elif tokens > decision.capacity and not self._within_whole(key, bucket, tokens):
             raise InvalidTokens(
                 f"tokens must be between 0 and the capacity {decision.capacity}, got {tokens}",
                 decision.capacity,
@@ -445,13 +503,24 @@ class Limiter:
         extend = out.extend
         granted: dict[str, Bucket] = {}
         for (key, tokens, bucket), count in zip(runs, counts, strict=True):
+            if self.share_region is not None and bucket.config.mode == STRICT:
+                self.share_asked[key] = self.share_asked.get(key, 0) + tokens * count
             if count == 1:
                 decision = bucket.acquire(key, tokens, now)
                 keep(decision)
                 if tokens and decision.allowed:
                     granted[key] = bucket
+                elif tokens and self.share_region is not None and bucket.config.mode == STRICT:
+                    self.share_denied.add(key)
             else:
                 run = bucket.acquire_run(key, tokens, count, now)
+                if (
+                    tokens
+                    and self.share_region is not None
+                    and bucket.config.mode == STRICT
+                    and not run[-1].allowed
+                ):
+                    self.share_denied.add(key)
                 extend(run)
                 if tokens and run[0].allowed:
                     granted[key] = bucket
@@ -514,7 +583,7 @@ class Limiter:
             own = self.key_configs.get(key)
             if own is not None and own.version > config.version:
                 config = own
-        bucket = Bucket(share_of(config, self.regions), now, rule.name)
+        bucket = Bucket(self._share(key, config), now, rule.name)
         epochs = self._epochs
         shared = epochs.get(bucket.epoch)
         if shared is None:
@@ -684,7 +753,15 @@ class Limiter:
 
     def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
         was_shared = bucket.config.mode == SHARED
-        bucket.reconfigure(share_of(config, self.regions), now)
+        # say which limit this region runs on now (and ran on before) first: a raise
+        # takes effect only once every region has said it adopted it
+        if (
+            self.share_region is not None
+            and config.mode == STRICT
+            and self._report(key, self._ledger(key), config, now)
+        ):
+            self.dirty.add(key)
+        bucket.reconfigure(self._share(key, config), now)
         if was_shared or config.mode == SHARED:
             self.dirty.add(key)
         if self.journal is not None:
@@ -743,13 +820,355 @@ class Limiter:
                 whole = self.rule_configs.get(bucket.rule)
             if whole is None or whole.version != config.version:
                 continue  # its whole config is a peer's to send back
-            share = share_of(whole, self.regions)
+            share = self._share(key, whole)
             if (share.capacity, share.interval_ns) != (config.capacity, config.interval_ns):
                 bucket.reconfigure(share, now)
                 if self.journal is not None:
                     self.journal.keys.add(key)
                 changed += 1
         return changed
+
+    # -- strict mode's transferable shares (core/shares.py) ------------------------
+
+    def enable_shares(self, region: str, founders: Sequence[str]) -> None:
+        """Strict buckets spend the rights this region holds in each key's ledger
+        instead of a fixed 1/regions (``founders``: the regions the limits are first
+        divided over; this region among them unless it joined later)."""
+        self.share_region = region
+        self.share_founders = tuple(sorted(set(founders)))
+        if self.unknown_since is not None:
+            self.share_blind = True
+        self.rescale_shares()
+
+    def _recovery_state(self) -> tuple[int, int] | None:
+        if self.unknown_since is None:
+            return None
+        return (self.unknown_since, self.recovery_until)
+
+    def _whole(self, key: str, rule: str) -> BucketConfig:
+        """A strict key's whole config: its per-key one if newer than its rule's."""
+        config = self.rule_configs[rule]
+        own = self.key_configs.get(key)
+        return own if own is not None and own.version > config.version else config
+
+    def _within_whole(self, key: str, bucket: Bucket, tokens: int) -> bool:
+        """A strict key's share is below ``tokens`` but its whole limit is not: a
+        denial (the share may grow), not a bad request."""
+        if self.share_region is None or bucket.config.mode != STRICT:
+            return False
+        return tokens <= self._whole(key, bucket.rule).capacity
+
+    def _floor(self, capacity: int) -> int:
+        return floor_parts(max(len(self.share_founders), self.regions), capacity)
+
+    def spendable(self, key: str, capacity: int) -> int:
+        """The parts of ``key``'s limit this region may spend now: its holding; a blind
+        replica (core/shares.py) its floor less what it gave itself."""
+        region = self.share_region
+        assert region is not None
+        ledger = self.ledgers.get(key)
+        held = (
+            ledger.holding(region)
+            if ledger is not None
+            else (SCALE // len(self.share_founders) if region in self.share_founders else 0)
+        )
+        if self.share_blind:
+            # what this life gave counts; what the region received does not (a gift
+            # its previous life took may still be in flight to it: docs/sync.md)
+            own = 0 if ledger is None else ledger.given_by(region, self.replica_id)
+            held = min(held, self._floor(capacity) - own)
+        return max(0, held)
+
+    def _effective(self, key: str, whole: BucketConfig) -> tuple[int, int]:
+        """The limit this region divides: the lowest any region runs on (or ran on
+        before, while one has not said which it runs on), so a raise takes effect
+        only once every region has adopted it."""
+        capacity, interval = whole.capacity, whole.interval_ns
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            return capacity, interval
+        reports = ledger.reports
+        missing = any(
+            region not in reports for region in ledger.founders if region != self.share_region
+        )
+        for region, report in reports.items():
+            if region != self.share_region:
+                capacity = min(capacity, report.capacity)
+                interval = max(interval, report.interval_ns)
+            if missing:
+                capacity = min(capacity, report.prev_capacity)
+                interval = max(interval, report.prev_interval_ns)
+        return capacity, interval
+
+    def _share(self, key: str, config: BucketConfig) -> BucketConfig:
+        """The config of this region's bucket for ``key`` under the whole ``config``."""
+        if self.share_region is None or config.mode != STRICT:
+            return share_of(config, self.regions)
+        self.share_running[key] = (config.capacity, config.interval_ns)
+        capacity, interval = self._effective(key, config)
+        parts = self.spendable(key, capacity)
+        capacity, interval = share_limits(capacity, interval, parts)
+        return msgspec.structs.replace(config, capacity=capacity, interval_ns=interval)
+
+    def _ledger(self, key: str) -> Ledger:
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            ledger = self.ledgers[key] = Ledger(self.share_founders)
+        return ledger
+
+    def _report(self, key: str, ledger: Ledger, whole: BucketConfig, now: int) -> bool:
+        """Say (again) what this region runs on, holds and wants for ``key``."""
+        region = self.share_region
+        assert region is not None
+        known = ledger.reports.get(region)
+        demand = round(self.share_demand.get(key, 0.0) * 1000)
+        held = self.spendable(key, whole.capacity)
+        prev = self.share_running.get(key, (whole.capacity, whole.interval_ns))
+        if known is not None:
+            prev = (known.capacity, known.interval_ns)
+            if (known.capacity, known.interval_ns) != (whole.capacity, whole.interval_ns):
+                pass
+            elif known.held == held and abs(known.demand_milli - demand) <= max(
+                50, known.demand_milli // 10
+            ):
+                return False  # nothing new worth a delta
+            else:
+                prev = (known.prev_capacity, known.prev_interval_ns)
+        ledger.report(
+            region,
+            ShareReport(self.hlc.tick(now), demand, held, whole.capacity, whole.interval_ns, *prev),
+        )
+        return True
+
+    def _reshare(self, key: str, now: int) -> None:
+        """Give ``key``'s strict bucket the share this region holds now, and credit the
+        tokens handed to it since the last time."""
+        bucket = self.buckets.get(key)
+        ledger = self.ledgers.get(key)
+        if bucket is None or bucket.config.mode != STRICT or self.share_region is None:
+            return
+        whole = self._whole(key, bucket.rule)
+        share = self._share(key, whole)
+        if (share.capacity, share.interval_ns) != (
+            bucket.config.capacity,
+            bucket.config.interval_ns,
+        ) or share.version != bucket.config.version:
+            bucket.reconfigure(share, now)
+        if self.journal is not None:
+            self.journal.keys.add(key)
+        if ledger is None or self.share_blind:
+            return  # a blind replica credits no tokens: it cannot tell which were taken
+        region = self.share_region
+        pending = ledger.tokens_received(region) - ledger.taken.get(region, 0)
+        if pending > 0:
+            ledger.taken[region] = ledger.taken.get(region, 0) + pending
+            room = bucket.config.capacity - bucket.level(now)
+            credit = min(pending, max(0, room))
+            if credit:
+                _credit(bucket, credit, now)
+                self.share_received_tokens += credit
+
+    def observe_replica(self, replica_id: str) -> None:
+        """A message from ``replica_id`` (region/node/incarnation): older incarnations
+        of that node are superseded, their gift counters frozen here (shares.py)."""
+        node, _, incarnation = replica_id.rpartition("/")
+        if not incarnation.isdigit():
+            return
+        number = int(incarnation)
+        known = self.share_newest.get(node)
+        if known is None or number > known:
+            self.share_newest[node] = number
+
+    def _accepts_giver(self, giver: str) -> bool:
+        node, _, incarnation = giver.rpartition("/")
+        newest = self.share_newest.get(node)
+        if newest is None or not incarnation.isdigit():
+            return True
+        # our own node's past lives always count: they are what this life gave
+        return int(incarnation) >= newest or giver.startswith(self._own_node)
+
+    @property
+    def _own_node(self) -> str:
+        return self.replica_id.rpartition("/")[0] + "/"
+
+    def shares_pulled(self) -> None:
+        """Every other region's state is merged (each froze our previous lives' gifts
+        first): a blind replica spends its ledger holding again, forfeiting the tokens
+        handed to its region so far (its previous life may have credited them)."""
+        region = self.share_region
+        if not self.share_blind or region is None:
+            return
+        self.share_blind = False
+        for ledger in self.ledgers.values():
+            ledger.taken[region] = max(ledger.taken.get(region, 0), ledger.tokens_received(region))
+        self.rescale_shares()
+
+    def _merge_ledger(self, key: str, state: ShareState, now: int) -> bool:
+        if self.share_region is None:
+            return False
+        other = Ledger.from_state(state)
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            ledger = self.ledgers[key] = Ledger(other.founders or self.share_founders)
+        changed = ledger.merge(other, self._accepts_giver)
+        if changed:
+            self._reshare(key, now)
+            bucket = self.buckets.get(key)
+            rule = bucket.rule if bucket is not None else self._rule_name(key)
+            if rule is not None and self._report(key, ledger, self._whole(key, rule), now):
+                self.dirty.add(key)
+        return changed
+
+    def _rule_name(self, key: str) -> str | None:
+        try:
+            return self.rule_for(key).name
+        except NoRuleError:
+            return None
+
+    def _replay_ledger(self, key: str, state: ShareState) -> None:
+        other = Ledger.from_state(state)
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            self.ledgers[key] = other
+        else:
+            ledger.merge(other)
+
+    def rebalance(self, now: int, *, period_s: float, connected: bool) -> int:
+        """One round of the rebalancer (core/shares.py ``plan``) for every strict key:
+        publish this region's demand (tokens asked over the last ``period_s``,
+        smoothed), and, when ``connected`` (every peer up: no transfer during a
+        partition), give a damped part of the excess over the target to the regions
+        short of theirs. Returns how many gifts were made."""
+        region = self.share_region
+        if region is None:
+            return 0
+        asked = self.share_asked
+        self.share_asked = {}
+        denied = self.share_denied
+        self.share_denied = set()
+        gifts = 0
+        # the keys asked for in this round and those with a ledger (an idle strict key
+        # without one is on the initial split: nothing to do); a region without the
+        # key's bucket (no demand here) still gives from its ledger
+        for key in asked.keys() | self.ledgers.keys():
+            bucket = self.buckets.get(key)
+            rule = bucket.rule if bucket is not None else self._rule_name(key)
+            if rule is None:
+                continue
+            whole = self._whole(key, rule)
+            if whole.mode != STRICT:
+                continue
+            rate = asked.get(key, 0) / period_s
+            old = self.share_demand.get(key)
+            demand = rate if old is None else DEMAND_ALPHA * rate + (1 - DEMAND_ALPHA) * old
+            if demand < 0.001:
+                self.share_demand.pop(key, None)
+                demand = 0.0
+            else:
+                self.share_demand[key] = demand
+            ledger = self.ledgers.get(key)
+            if ledger is None and demand == 0.0:
+                continue  # an idle key with nothing moved: the static split is its ledger
+            ledger = self._ledger(key)
+            changed = self._report(key, ledger, whole, now)
+            # a region that had to deny is short itself: it gives nothing this round
+            if connected and key not in denied:
+                gifts += self._give(key, bucket, ledger, whole, now)
+                changed = changed or gifts > 0
+            if changed:
+                self.dirty.add(key)
+        return gifts
+
+    def _give(
+        self, key: str, bucket: Bucket | None, ledger: Ledger, whole: BucketConfig, now: int
+    ) -> int:
+        region = self.share_region
+        assert region is not None
+        members = ledger.regions() | set(self.share_founders)
+        rate = NS_PER_S / whole.interval_ns
+        demand_parts = {
+            name: min(SCALE, int(report.demand_milli / 1000 / rate * SCALE * HEADROOM))
+            for name, report in ledger.reports.items()
+        }
+        demand_parts[region] = min(
+            SCALE, int(self.share_demand.get(key, 0.0) / rate * SCALE * HEADROOM)
+        )
+        held = self.spendable(key, whole.capacity)
+        # what the others hold as this ledger knows it: this region's own gifts count
+        # at once (a report would lag them, and rights would be sent twice)
+        holdings = {name: ledger.holding(name) for name in members}
+        gifts = plan(
+            region,
+            held,
+            members,
+            holdings,
+            demand_parts=demand_parts,
+            floor=self._floor(whole.capacity),
+        )
+        if not gifts:
+            return 0
+        total = sum(gifts.values())
+        # the tokens above the capacity left after the gift go with it
+        capacity, interval = self._effective(key, whole)
+        after, _ = share_limits(capacity, interval, held - total)
+        # never more tokens than the parts given are worth (rounded down): the tokens
+        # in flight and the levels together stay within the capacities of the rights
+        worth, _ = share_limits(capacity, interval, total)
+        level = 0 if bucket is None else bucket.level(now)
+        surplus = max(0, min(level - after, worth))
+        destroyed = max(0, level - after - surplus)
+        if bucket is not None and surplus + destroyed:
+            bucket.acquire(key, surplus + destroyed, now)  # out of this region's bucket
+        handed = 0
+        for index, (name, parts) in enumerate(sorted(gifts.items())):
+            tokens = surplus - handed if index == len(gifts) - 1 else surplus * parts // total
+            handed += tokens
+            ledger.give(self.replica_id, name, parts, tokens)
+            self.share_given_parts += parts
+            self.share_given_tokens += tokens
+        self.share_gifts += len(gifts)
+        self._reshare(key, now)
+        self._report(key, ledger, whole, now)
+        return len(gifts)
+
+    def share_utilisation(self) -> float:
+        """The mean part of their limits this region holds over its ledgers (0..1)."""
+        region = self.share_region
+        if region is None or not self.ledgers:
+            return 0.0
+        held = [max(0, ledger.holding(region)) / SCALE for ledger in self.ledgers.values()]
+        return sum(held) / len(held)
+
+    def share_view(self, key: str) -> dict[str, dict[str, Any]] | None:
+        """Each region's rights and demand for a strict key, as this replica knows
+        them (``/v1/bucket/state``); None when shares are off or the key is not strict."""
+        if self.share_region is None:
+            return None
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            names = set(self.share_founders)
+            return {
+                name: {
+                    "rights": SCALE // len(self.share_founders) / SCALE,
+                    "demand": 0.0,
+                    "reported": False,
+                }
+                for name in sorted(names)
+            }
+        out = {}
+        for name in sorted(ledger.regions() | set(self.share_founders)):
+            report = ledger.reports.get(name)
+            held = ledger.holding(name)
+            if name == self.share_region:
+                bucket = self.buckets.get(key)
+                capacity = bucket.config.capacity if bucket is not None else 0
+                held = self.spendable(key, max(1, capacity))
+            out[name] = {
+                "rights": held / SCALE,
+                "demand": (report.demand_milli / 1000) if report is not None else 0.0,
+                "reported": report is not None,
+            }
+        return out
 
     # -- replication ---------------------------------------------------------
 
@@ -760,7 +1179,12 @@ class Limiter:
         rid = self.replica_id
         for key in self.dirty:
             bucket = buckets.get(key)
-            if bucket is not None:
+            if bucket is None and key in self.ledgers:
+                # a strict key's ledger changed where the key has no bucket
+                rule = self._rule_name(key)
+                if rule is not None:
+                    deltas.append(self.strict_config_delta(key, rule))
+            elif bucket is not None:
                 if bucket.config.mode != SHARED:
                     deltas.append(self.strict_config_delta(key, bucket.rule))
                 else:
@@ -780,10 +1204,13 @@ class Limiter:
             bucket = buckets.get(key)
             if bucket is not None and bucket.config.mode == SHARED:
                 deltas.append(bucket.full_state(key, rid))
-        strict = self.key_configs if keys is None else set(keys) & self.key_configs.keys()
+        known = self.key_configs.keys() | self.ledgers.keys()
+        strict = known if keys is None else set(keys) & known
         for key in strict:
             held = buckets.get(key)
-            deltas.append(self.strict_config_delta(key, held.rule if held else ""))
+            rule = held.rule if held else self._rule_name(key)
+            if rule is not None or key in self.key_configs:
+                deltas.append(self.strict_config_delta(key, rule or ""))
         return DeltaBatch(rid, deltas, dict(self.rule_configs))
 
     def strict_config_delta(self, key: str, rule: str) -> BucketDelta:
@@ -791,7 +1218,17 @@ class Limiter:
         config = self.key_configs.get(key)
         if config is None:  # a strict bucket under its rule's config: nothing per key
             config = self.rule_configs[rule]
-        return BucketDelta(key, 0, config, config.version, 0, {}, rule)
+        ledger = self.ledgers.get(key)
+        return BucketDelta(
+            key,
+            0,
+            config,
+            config.version,
+            0,
+            {},
+            rule,
+            shares=None if ledger is None else ledger.state(),
+        )
 
     def _merge_strict_config(self, delta: BucketDelta, now: int) -> bool:
         """Adopt a peer's per-key config of a strict or local key if it is newer than
@@ -815,6 +1252,8 @@ class Limiter:
         if now is None:
             now = self.clock()
         rid = self.replica_id
+        if self.share_region is not None:
+            self.observe_replica(batch.origin)
         for name, config in batch.rules.items():
             self.merge_rule(name, config, now)
         changed = 0
@@ -823,7 +1262,10 @@ class Limiter:
             self.hlc.observe(delta.config.version[0])
             if delta.config.mode != SHARED:
                 # strict and local counters never travel: only their per-key config
+                # (and a strict key's rights ledger)
                 if self._merge_strict_config(delta, now):
+                    changed += 1
+                if delta.shares is not None and self._merge_ledger(delta.key, delta.shares, now):
                     changed += 1
                 continue
             bucket = buckets.get(delta.key)
@@ -953,7 +1395,11 @@ class Limiter:
         for key in journal.keys - journal.folds:
             bucket = buckets.get(key)
             if bucket is not None:
-                deltas.append(bucket.delta(key, rid))
+                delta = bucket.delta(key, rid)
+                ledger = self.ledgers.get(key)
+                if ledger is not None:
+                    delta.shares = ledger.state()
+                deltas.append(delta)
         for key in journal.folds:
             # a fold (retired incarnations, docs/design.md "History") is logged with the
             # whole state it applies to: replay folds again, never below a peer's count
@@ -983,6 +1429,8 @@ class Limiter:
         buckets = self.buckets
         for delta in batch.deltas:
             self.hlc.observe(delta.config.version[0])
+            if delta.shares is not None:
+                self._replay_ledger(delta.key, delta.shares)
             bucket = buckets.get(delta.key)
             if bucket is None:
                 buckets[delta.key] = self._compact(Bucket.from_delta(delta, rid))
@@ -1110,6 +1558,10 @@ class Limiter:
                 [],
                 dict(self.file_versions),
                 dict(self.key_configs),
+                {key: ledger.state() for key, ledger in self.ledgers.items()},
+                self.share_blind,
+                self._recovery_state(),
+                dict(self.share_newest),
             )
         )
 
@@ -1121,7 +1573,11 @@ class Limiter:
         for key in keys:
             bucket = buckets.get(key)
             if bucket is not None:
-                deltas.append(bucket.full_state(key, rid))
+                delta = bucket.full_state(key, rid)
+                ledger = self.ledgers.get(key)
+                if ledger is not None:
+                    delta.shares = ledger.state()
+                deltas.append(delta)
         return DeltaBatch(rid, deltas)
 
     def snapshot(self) -> bytes:
@@ -1135,6 +1591,10 @@ class Limiter:
             [bucket.full_state(key, rid) for key, bucket in self.buckets.items()],
             dict(self.file_versions),
             dict(self.key_configs),
+            {key: ledger.state() for key, ledger in self.ledgers.items()},
+            self.share_blind,
+            self._recovery_state(),
+            dict(self.share_newest),
         )
         return msgspec.msgpack.encode(state)
 
@@ -1171,6 +1631,12 @@ class Limiter:
             name: (version[0], version[1]) for name, version in snap.files.items()
         }
         limiter.key_configs = dict(snap.keys)
+        limiter.ledgers = {key: Ledger.from_state(state) for key, state in snap.shares.items()}
+        limiter.share_blind = snap.blind
+        limiter.share_newest = dict(snap.newest)
+        if snap.recovery is not None:
+            # strict and local buckets created before its end still start empty
+            limiter.unknown_since, limiter.recovery_until = snap.recovery
         for name, config in snap.rules.items():
             # a runtime config, or another (stamped) file version this replica had adopted
             current = limiter.rule_configs.get(name)

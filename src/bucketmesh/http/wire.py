@@ -102,6 +102,15 @@ class ReplicaEntry(msgspec.Struct):
     used: int
 
 
+class ShareEntry(msgspec.Struct):
+    """A region's rights over a strict key (a part of the global limit, 0..1) and its
+    last reported demand (tokens/s) as this node knows them."""
+
+    rights: float
+    demand: float
+    reported: bool
+
+
 class BucketStateBody(msgspec.Struct):
     key: str
     rule: str
@@ -115,6 +124,8 @@ class BucketStateBody(msgspec.Struct):
     epoch: int
     replicas: dict[str, ReplicaEntry]
     live: bool
+    #: strict keys with transferable shares: region -> rights and demand
+    shares: dict[str, ShareEntry] | None = None
 
 
 class PeerStatus(msgspec.Struct):

@@ -62,6 +62,7 @@ from bucketmesh.api.routes import RatingApp, SyncView
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Shadows
+from bucketmesh.core.shares import SCALE
 from bucketmesh.http import wire
 from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
@@ -70,7 +71,7 @@ from bucketmesh.http.tls import sync_guard
 from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
 from bucketmesh.replication.discovery import Discovery
-from bucketmesh.replication.mesh import Mesh, Replica
+from bucketmesh.replication.mesh import UP, Mesh, Replica
 from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.audit import AuditLog, token_identity
 from bucketmesh.telemetry.log import configure as configure_logging
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
     from bucketmesh.storage.redis_backend import RedisBackend
 
 SWEEP_INTERVAL_S = 0.25
+REBALANCE_INTERVAL_S = 0.25  # strict shares' rebalancer (core/shares.py, docs/sync.md)
 SWEEP_BUDGET = 20_000
 
 log = logger("node")
@@ -117,6 +119,7 @@ class Node:
         # storage.snapshot: dynamodb://...: the state files mirrored in DynamoDB
         self.dynamo: DynamoState | None = None
         self.metrics = NodeMetrics()
+        self.share_pull_wanted = False  # a blind node's strict rights wait for a pull
         # Every background task runs under it: none can die silently (telemetry/tasks.py).
         self.supervisor = Supervisor(log)
         self.metrics.labelled.append(self.supervisor.metric_families)
@@ -158,6 +161,7 @@ class Node:
                 raise StartError(f"{settings.snapshot}: {error.strerror or error}") from None
             self._claim_in_dynamodb()
             self.memory.install(self.metrics)
+            self._install_share_metrics(self.memory.limiter)
             decider = self.memory
             replica = self.memory.replica()  # restores what the mesh reads first
         self.decider = decider
@@ -407,6 +411,12 @@ class Node:
         if self.memory is not None and self.memory.restoring is not None:
             # the snapshot's partitions no request has asked for yet (storage/memory.py)
             self.tasks.append(supervisor.run("restore", self.memory.finish_restore))
+        if self.memory is not None and self.memory.limiter.share_region is not None:
+            self.tasks.append(
+                supervisor.every("rebalance", REBALANCE_INTERVAL_S, self._rebalance_step)
+            )
+            if self.share_pull_wanted:
+                self.tasks.append(supervisor.every("share-pull", 2.0, self._share_pull_step))
         if self.secret_files.watched:
             self.tasks.append(
                 supervisor.every("secret-files", CHECK_EVERY_S, self.secret_files.check)
@@ -421,6 +431,62 @@ class Node:
                 supervisor.every("dynamodb", self.dynamo.interval_s, self.dynamo.checkpoint)
             )
 
+    async def _share_pull_step(self) -> None:
+        """A blind node (no snapshot) that could not pull every region at start-up pulls
+        again until it has: then it spends its strict rights again (core/shares.py)."""
+        limiter = self.memory.limiter if self.memory is not None else None
+        if limiter is None or self.mesh is None or not limiter.share_blind:
+            return
+        outcome = await self.mesh.pull_at_start(1.0)
+        if set(outcome.pulled) >= set(self.mesh.peers):
+            limiter.shares_pulled()
+
+    def _rebalance_step(self) -> None:
+        """One round of strict mode's rebalancer; rights move only while every peer is
+        up (during a partition every side keeps what it holds)."""
+        assert self.memory is not None
+        mesh = self.mesh
+        limiter = self.memory.limiter
+        connected = mesh is not None and all(p.state == UP for p in mesh.peers.values())
+        gifts = limiter.rebalance(
+            limiter.clock(), period_s=REBALANCE_INTERVAL_S, connected=connected
+        )
+        wal = self.memory.wal
+        if gifts and wal is not None:
+            # written ahead of the collector's send: a restart from the snapshot and
+            # the log never spends rights it gave away
+            wal.write_pending()
+
+    def _install_share_metrics(self, limiter: Limiter) -> None:
+        """Strict shares on /metrics: transfers, tokens handed over, rights held."""
+        metrics = self.metrics
+        metrics.counter(
+            "bucketmesh_strict_share_transfers",
+            "Gifts of strict rights this node made to other regions",
+            lambda: limiter.share_gifts,
+        )
+        metrics.counter(
+            "bucketmesh_strict_share_parts_given",
+            "Strict rights given away, in parts of a limit (1.0 = one whole limit)",
+            lambda: limiter.share_given_parts / SCALE,
+        )
+        metrics.counter(
+            "bucketmesh_strict_share_tokens_given",
+            "Tokens handed over with strict rights",
+            lambda: limiter.share_given_tokens,
+        )
+        metrics.counter(
+            "bucketmesh_strict_share_tokens_received",
+            "Tokens handed over by other regions and credited here",
+            lambda: limiter.share_received_tokens,
+        )
+        metrics.gauge(
+            "bucketmesh_strict_share_utilisation",
+            "Rights this region holds over the strict keys it has ledgers for, as a part of "
+            "their global limits (mean over keys, 0..1)",
+            lambda: limiter.share_utilisation(),
+        )
+
     async def _recover_state(self) -> None:
         """Pull the peers' state; on a node that restored nothing (no snapshot), decide
         how its shared buckets start (docs/storage.md, "Starting without a snapshot")."""
@@ -431,6 +497,11 @@ class Node:
             # ones always; shared ones until the start-up pull reaches a peer; without a
             # mesh, memory only is a choice). docs/storage.md, "Starting without a snapshot".
             limiter.begin_recovery(self.started_ns, shared=self.mesh is not None)
+        sync = self.settings.sync
+        if limiter is not None and self.mesh is not None and sync is not None:
+            # strict buckets spend the rights their slot holds (after begin_recovery: a
+            # start without a snapshot is blind, core/shares.py); Redis keeps 1/regions
+            limiter.enable_shares(self.settings.region, (self.settings.region, *sync.peers))
         if self.mesh is None:
             return
         wait = None
@@ -444,6 +515,12 @@ class Node:
                 "start empty and refill, and so do shared ones if no peer can be pulled"
             )
         outcome = await self.mesh.pull_at_start(wait)
+        if limiter is not None and limiter.share_blind:
+            if set(outcome.pulled) >= set(self.mesh.peers):
+                limiter.shares_pulled()
+            else:
+                # strict rights stay at the floor until every region is pulled
+                self.share_pull_wanted = True
         if limiter is None or limiter.gates is None:
             return
         if outcome.pulled or not outcome.silent or self.settings.sync is None:

@@ -925,6 +925,11 @@ class Mesh:
                 f"sync from {env.region} is dropped by an injected fault (/v1/admin/faults)",
                 reason="sync_fault_injected",
             )
+        # a newer incarnation of a peer node freezes its older ones' strict gifts here
+        # (core/shares.py): before a pull is answered, so the puller sees them all
+        observe = getattr(self.limiter, "observe_replica", None)
+        if observe is not None and getattr(self.limiter, "share_region", None) is not None:
+            observe(env.sender)
         tls = self.settings.tls
         if (
             tls is not None
@@ -1029,7 +1034,10 @@ class Mesh:
         """``keys`` and the keys (in ``ranges``) with a per-key config of a strict or
         local key: their configs travel alone in state transfers and pulls, so that a
         region restarted without a snapshot gets them back (the digest leaves them out)."""
-        configs = self.limiter.key_configs
+        configs: Collection[str] = self.limiter.key_configs.keys()
+        ledgers = getattr(self.limiter, "ledgers", None)  # strict keys' rights (shares.py)
+        if ledgers:
+            configs = configs | ledgers.keys()
         if not configs:
             return keys
         present = set(keys)

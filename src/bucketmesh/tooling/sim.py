@@ -2201,7 +2201,15 @@ def retire_run(seed: int, *, regions: int | None = None, mutant: str = "") -> Re
     return sim
 
 
-KINDS: Final = ("random", "expiry", "extreme", "files", "strict-idle", "retire")
+KINDS: Final = (
+    "random",
+    "expiry",
+    "extreme",
+    "files",
+    "strict-idle",
+    "retire",
+    "strict-shares",
+)
 #: the generators of issue 12's cases 1, 5 and 11 (case 10 is in the random schedule)
 CASE_KINDS: Final = ("extreme", "files", "strict-idle")
 GENERATORS: Final = {
@@ -2238,6 +2246,8 @@ def run(
             events=retire.seq,
             folded=retire.entries_folded,
         )
+    if kind == "strict-shares":
+        return _strict_shares(seed)
     generator = GENERATORS.get(kind)
     if generator is not None:
         sim, traffic_end = generator(seed, replicas=replicas)
@@ -2247,6 +2257,20 @@ def run(
     sim.run(traffic_end)
     sim.quiesce()
     return sim.check()
+
+
+def _strict_shares(seed: int) -> SimResult:
+    """Issue 18: strict mode's transferable shares (``tooling/sim_shares.py``), its
+    own generator (not among ``all``'s kinds, so their seeded schedules are unchanged)."""
+    from bucketmesh.tooling import sim_shares
+
+    try:
+        out = sim_shares.run(seed)
+    except sim_shares.Violation as error:
+        raise InvariantViolation(
+            seed, "strict total within the limit", str(error), f"--seed {seed} --kind strict-shares"
+        ) from None
+    return SimResult(seed, out.regions, 1, granted=out.granted)
 
 
 DESCRIPTION = "Run seeded random schedules of the replicated limiter and check invariants."
@@ -2269,7 +2293,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which generator: random (the general schedule), expiry, extreme (issue 12 "
         "case 1: extreme limits), files (case 5: an edited rules file, rolling restarts), "
         "strict-idle (case 11: a PATCHed strict key idle past its ttl), retire (issue 16: "
-        "restarts under load and reconcile folding the retired incarnations away); all (default): "
+        "restarts under load and reconcile folding the retired incarnations away), "
+        "strict-shares (issue 18: transferable strict shares under faults); all (default): "
         "every seed runs the random schedule and one of extreme, files, strict-idle",
     )
 

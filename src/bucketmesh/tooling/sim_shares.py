@@ -1,0 +1,288 @@
+"""Strict mode's transferable shares under a faulty network: the ``strict-shares`` kind.
+
+Each schedule runs real ``Limiter`` replicas (one per region, shares enabled) in
+simulated time over a network that drops, duplicates, delays and reorders
+messages and partitions regions; regions restart with a snapshot (exact, as the
+write-ahead log makes it) or without one (a new, blind incarnation that pulls its
+peers later), a region may be added (not a founder: it starts with no rights),
+a region may be removed (its node stops; its rights stay stranded), and one
+strict key may be PATCHed. Demand is skewed and moves. At every step the
+total admitted over every window [t1, t2] is checked against what the global
+limit allows: ``C + (t2 − t1) / T`` (during a PATCH, the old limit until every
+region runs on the new one; the larger capacity over a window that spans it).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import msgspec
+
+from bucketmesh.core.bucket import NS_PER_S, STRICT, interval_for
+from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter
+from bucketmesh.core.rules import Rule
+
+MS = 1_000_000
+_batch_encode = msgspec.msgpack.Encoder().encode
+_batch_decode = msgspec.msgpack.Decoder(DeltaBatch).decode
+
+
+class Violation(AssertionError):
+    """The total admitted exceeded what the global limit allows."""
+
+
+@dataclass
+class Outcome:
+    seed: int
+    regions: int
+    granted: int
+    asked: int
+    capacity: int
+    rate: float
+    steps: int
+    gifts: int
+    events: list[str] = field(default_factory=list)
+
+
+def run(seed: int, *, steps: int | None = None) -> Outcome:
+    """One seeded schedule; raises ``Violation`` at the first step over the limit."""
+    rng = random.Random(seed)
+    n = rng.choice((2, 3, 3, 4))
+    founders = [f"r{i}" for i in range(n)]
+    capacity = rng.randint(n, 60)
+    rate = round(10 ** rng.uniform(0.3, 2.0), 2)
+    rule = Rule.create("k-{{ .Request.ClientIP }}", capacity, rate, name="s", mode=STRICT)
+    rules = [rule]
+    key = "k-1"
+    step_ns = rng.choice((5, 10, 20)) * MS
+    steps = steps or rng.randint(80, 200)
+    start = 1_700_000_000 * NS_PER_S
+    now = start
+    incarnation: dict[str, int] = {}
+    live: dict[str, Limiter] = {}
+
+    def clock() -> int:
+        return now
+
+    def fresh(region: str, blind: bool) -> Limiter:
+        incarnation[region] = incarnation.get(region, 0) + 1
+        limiter = Limiter(
+            rules,
+            replica_id=f"{region}/n/{incarnation[region]}",
+            regions=len(founders),
+            clock=clock,
+        )
+        if blind:
+            limiter.begin_recovery(now, shared=False)
+        limiter.enable_shares(region, founders)
+        return limiter
+
+    for region in founders:
+        live[region] = fresh(region, False)
+    pulled: dict[str, set[str]] = {}  # blind region -> regions pulled since its start
+    net: list[tuple[int, int, str, str, bytes]] = []  # (deliver at, seq, from, to, batch)
+    seq = 0
+    drop = rng.choice((0.0, 0.05, 0.2))
+    dup = rng.choice((0.0, 0.1))
+    delay_max = rng.choice((5, 30, 120)) * MS
+    cut: set[frozenset[str]] = set()
+    weights = {r: rng.random() ** 3 for r in founders}
+    weights[rng.choice(founders)] += 3.0
+    grants: list[tuple[int, int]] = []  # (time, tokens) admitted
+    asked = 0
+    interval = interval_for(rate)
+    # the limit's history: (from time, capacity, interval) bounds; during a PATCH the
+    # old bound holds until every region runs on the new limit
+    limits: list[tuple[int, int, int]] = [(start, capacity, interval)]
+    pending_patch: tuple[int, int] | None = None  # (capacity, interval) not yet settled
+    patched = False
+    removed = ""
+    events: list[str] = []
+    sync_every = rng.choice((1, 2, 4))
+    rebalance_every = rng.choice((2, 5, 10))
+    gifts = 0
+
+    def reachable(a: str, b: str) -> bool:
+        return frozenset((a, b)) not in cut
+
+    def send(src: str, batch: DeltaBatch) -> None:
+        nonlocal seq
+        if not batch.deltas and not batch.rules:
+            return
+        data = _batch_encode(batch)
+        for dst in live:
+            if dst == src or not reachable(src, dst) or rng.random() < drop:
+                continue
+            copies = 2 if rng.random() < dup else 1
+            for _ in range(copies):
+                seq += 1
+                net.append((now + rng.randint(0, delay_max), seq, src, dst, data))
+
+    def check(step: int = -1) -> None:
+        # every window ending now: admitted·T_bound ≤ C_bound·T + span (integers)
+        if not grants or grants[-1][0] != now:
+            return
+        total = 0
+        for at, tokens in reversed(grants):
+            total += tokens
+            cap = max(c for since, c, _ in limits if since <= now)
+            # the slowest emission interval in effect since ``at`` bounds the refill
+            bound_cap = max(
+                c
+                for i, (since, c, _) in enumerate(limits)
+                if i + 1 == len(limits) or limits[i + 1][0] > at
+            )
+            span_bound = _refill(limits, at, now)
+            if total * NS_PER_S > bound_cap * NS_PER_S + span_bound:
+                raise Violation(
+                    f"seed {seed}: {total} tokens admitted in [{(at - start) / MS:.0f} ms, "
+                    f"{(now - start) / MS:.0f} ms] over a limit of {cap} + refill "
+                    f"({span_bound / NS_PER_S:.2f}) at step {step}; events: {events}; "
+                    f"regions: {_describe(live, key)}"
+                )
+
+    for step in range(steps):
+        now += step_ns
+        # deliveries due
+        net.sort()
+        while net and net[0][0] <= now:
+            _, _, src, dst, data = net.pop(0)
+            if dst in live and reachable(src, dst):
+                live[dst].merge(_batch_decode(data), now=now)
+        # faults and changes
+        roll = rng.random()
+        if roll < 0.02 and len(founders) > 1:
+            a, b = rng.sample(sorted(live), 2)
+            cut.add(frozenset((a, b)))
+            events.append(f"cut {a}-{b}@{step}")
+        elif roll < 0.04 and cut:
+            cut.pop()
+            events.append(f"heal@{step}")
+        elif roll < 0.05:
+            region = rng.choice(sorted(live))
+            if rng.random() < 0.5:
+                restored = Limiter.restore(
+                    live[region].snapshot(),
+                    rules,
+                    replica_id=f"{region}/n/{incarnation[region] + 1}",
+                    regions=len(founders),
+                    clock=clock,
+                )
+                incarnation[region] += 1
+                restored.enable_shares(region, founders)
+                live[region] = restored
+                events.append(f"restart {region} snapshot@{step}")
+            else:
+                live[region] = fresh(region, True)
+                pulled[region] = set()
+                events.append(f"restart {region} blind@{step}")
+        elif roll < 0.055 and "added" not in live and step < steps // 2:
+            live["added"] = fresh("added", False)  # not a founder: starts with nothing
+            weights["added"] = rng.random()
+            events.append(f"add region@{step}")
+        elif roll < 0.057 and len(live) > 2 and not removed:
+            # a region leaves the list (its node stops): its rights stay stranded
+            removed = rng.choice(sorted(live))
+            del live[removed]
+            pulled.pop(removed, None)
+            events.append(f"remove {removed}@{step}")
+        elif roll < 0.06 and not patched:
+            patched = True
+            region = rng.choice(sorted(live))
+            new_cap = rng.randint(n + 1, 80)
+            new_rate = round(10 ** rng.uniform(0.3, 2.0), 2)
+            live[region].configure(key, capacity=new_cap, refill_rate=new_rate, now=now)
+            old_cap, old_int = limits[-1][1], limits[-1][2]
+            new_int = interval_for(new_rate)
+            # until settled: the old limit where it is lower (a raise waits), the new
+            # one where it is lower (a lowering applies at once in some regions, the
+            # old one elsewhere: the old one bounds)
+            limits.append((now, old_cap, old_int))
+            pending_patch = (new_cap, new_int)
+            events.append(f"patch {old_cap}/{old_int}->{new_cap}/{new_int}@{step}")
+        if rng.random() < 0.03:
+            hot = rng.choice(sorted(live))
+            weights = {r: 0.05 for r in live}
+            weights[hot] = 3.0
+        # blind regions pull every other region when they can reach it
+        for region, got in list(pulled.items()):
+            if region not in live:
+                continue
+            for other in live:
+                if other != region and other not in got and reachable(region, other):
+                    # the pull request reaches it first: it freezes our older lives' gifts
+                    live[other].observe_replica(live[region].replica_id)
+                    live[region].merge(
+                        _batch_decode(_batch_encode(live[other].full_state())), now=now
+                    )
+                    got.add(other)
+            if got >= set(live) - {region}:
+                live[region].shares_pulled()
+                del pulled[region]
+        # traffic
+        for region, limiter in live.items():
+            for _ in range(rng.randint(0, 3)):
+                if rng.random() < min(1.0, weights.get(region, 0.1)):
+                    tokens = rng.randint(1, max(1, capacity // 4))
+                    asked += tokens
+                    try:
+                        decision = limiter.acquire(key, tokens, rule="s", now=now)
+                    except InvalidTokens:
+                        continue
+                    if decision.allowed:
+                        grants.append((now, tokens))
+        if step % rebalance_every == 0:
+            for region, limiter in live.items():
+                connected = all(reachable(region, o) for o in live if o != region)
+                gifts += limiter.rebalance(
+                    now, period_s=rebalance_every * step_ns / NS_PER_S, connected=connected
+                )
+        if step % sync_every == 0:
+            for region, limiter in live.items():
+                send(region, limiter.collect_deltas())
+        if pending_patch is not None and all(
+            (lambda w: (w.capacity, w.interval_ns))(limiter._whole(key, "s")) == pending_patch
+            or limiter.spendable(key, 1) == 0  # holds nothing: spends nothing
+            for limiter in live.values()
+        ):
+            limits.append((now, *pending_patch))
+            pending_patch = None
+            events.append(f"settled@{step}")
+        check(step)
+    return Outcome(seed, n, sum(t for _, t in grants), asked, capacity, rate, steps, gifts, events)
+
+
+def _describe(live: dict[str, Limiter], key: str) -> str:
+    out = []
+    for region, limiter in sorted(live.items()):
+        bucket = limiter.buckets.get(key)
+        cfg = bucket.config if bucket is not None else None
+        ledger = limiter.ledgers.get(key)
+        out.append(
+            f"{region}: {cfg and (cfg.capacity, cfg.interval_ns)} "
+            f"held {ledger and ledger.holding(region)} blind {limiter.share_blind}"
+        )
+    return "; ".join(out)
+
+
+def _refill(limits: list[tuple[int, int, int]], since: int, until: int) -> int:
+    """NS_PER_S × the tokens the bound's refill allows over [since, until]."""
+    total = 0
+    for i, (start, _, interval) in enumerate(limits):
+        end = limits[i + 1][0] if i + 1 < len(limits) else until
+        lo, hi = max(start, since), min(end, until)
+        if hi > lo:
+            total += (hi - lo) * NS_PER_S // interval
+    return total
+
+
+def run_many(seeds: range) -> tuple[int, list[str]]:
+    """Run ``seeds``; returns (schedules run, violations)."""
+    failures = []
+    for seed in seeds:
+        try:
+            run(seed)
+        except Violation as error:
+            failures.append(str(error))
+    return len(seeds), failures

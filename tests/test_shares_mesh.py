@@ -1,0 +1,124 @@
+"""Strict shares between three real regions (issue 18): rights follow a 90/5/5 demand,
+stop moving while the busy region is cut off (and neither side goes over the limit),
+and flow again once it is back.
+
+Before this change a strict region held a fixed third whatever the demand: the busy
+region's rights stayed at 1/3 and the first ``eventually`` timed out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import Mesh, MeshNode, ServerFactory, eventually
+
+REGIONS = ["us-east-1", "eu-central-1", "ap-southeast-2"]
+CAPACITY, RATE = 40, 40.0
+RULE: dict[str, Any] = {
+    "name": "quota",
+    "key": "quota-{{ .Request.Query.t }}",
+    "capacity": CAPACITY,
+    "refillRate": RATE,
+    "ttl": 3600,
+    "mode": "strict",
+}
+KEY = "quota-x"
+
+
+class Driver(threading.Thread):
+    """Sends a paced demand (about the limit in all, ``weights`` of it per node) and
+    counts what each node granted, so that a window's total can be checked against
+    the limit (an upper bound: it holds however slow the machine is)."""
+
+    def __init__(self, nodes: list[MeshNode], weights: list[float]) -> None:
+        super().__init__(daemon=True)
+        self.nodes = nodes
+        self.weights = weights
+        self.granted = [0] * len(nodes)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        clients = [httpx.Client(base_url=n.base_url, timeout=10.0) for n in self.nodes]
+        credit = [0.0] * len(self.nodes)
+        step = 0.02  # ~ RATE requests per second in all
+        while not self.stop.is_set():
+            with self.lock:
+                weights = list(self.weights)
+            for i, client in enumerate(clients):
+                credit[i] += RATE * step * weights[i] * 1.1
+                while credit[i] >= 1:
+                    credit[i] -= 1
+                    response = client.get("/v1/rate", params={"t": "x"})
+                    assert response.status_code in (200, 429), response.text
+                    with self.lock:
+                        self.granted[i] += response.status_code == 200
+            self.stop.wait(step)
+        for client in clients:
+            client.close()
+
+    def counts(self) -> list[int]:
+        with self.lock:
+            return list(self.granted)
+
+    def shift(self, weights: list[float]) -> None:
+        with self.lock:
+            self.weights = weights
+
+
+def rights(node: MeshNode, region: str) -> float:
+    shares = node.state(KEY)["shares"]
+    assert shares is not None, "no shares in the state"
+    return float(shares[region]["rights"])
+
+
+def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
+    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, overrides=overrides).start()
+    hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05])
+    driver.start()
+    try:
+        # rebalanced: the busy region holds what its 90 % needs (the others about their
+        # 5 % each), so the key serves at least 95 % of its limit
+        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
+        state = hot.state(KEY)
+        assert sum(e["rights"] for e in state["shares"].values()) <= 1.0 + 1e-9
+        assert state["refill_rate"] >= 0.85 * RATE
+
+        # partition the busy region: no transfer, and neither side over the limit
+        assert len(mesh.cut(hot.name)) == 4
+        eventually(lambda: hot.status()["sync"]["local_only"] is True, "the cut is seen")
+        eventually(
+            lambda: cold1.status()["sync"]["peers"][hot.region]["state"] == "down",
+            "the others see it down",
+        )
+        transfers = [
+            n.metric("bucketmesh_strict_share_transfers_total", required=True)
+            for n in mesh.nodes.values()
+        ]
+        assert sum(transfers) > 0  # rights did move before the cut
+        held = rights(hot, hot.region)
+        before, started = driver.counts(), time.monotonic()
+        driver.shift([0.05, 0.9, 0.05])  # demand moves to the other side meanwhile
+        eventually(lambda: driver.counts()[1] - before[1] >= 20, "the other side serves")
+        after, elapsed = driver.counts(), time.monotonic() - started
+        assert rights(hot, hot.region) == held
+        assert [
+            n.metric("bucketmesh_strict_share_transfers_total") for n in mesh.nodes.values()
+        ] == transfers
+        # each side, and both together, within C + r·t (the whole limit, not a share)
+        window = [a - b for a, b in zip(after, before, strict=True)]
+        assert sum(window) <= CAPACITY + RATE * elapsed, (window, elapsed)
+
+        # heal: rights flow again, now toward the region where the demand moved
+        mesh.heal()
+        eventually(lambda: rights(cold1, cold1.region) >= 0.6, "rights flow after healing", 90)
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
