@@ -148,45 +148,24 @@ _NOT_PLAIN: Final = re.compile(rb"[?%#]")
 _json_encode = msgspec.json.Encoder().encode
 
 
-class Request:
-    """One parsed request, as the handler sees it."""
+class Request(msgspec.Struct, eq=False):
+    """One parsed request, as the handler sees it (a Struct: built in C, once per
+    request; compared and hashed by identity, as a plain object is)."""
 
-    __slots__ = (
-        "body",
-        "client_ip",
-        "headers",
-        "http_version",
-        "method",
-        "path",
-        "peer_names",
-        "query",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, str],
-        headers: dict[str, str],
-        body: bytes,
-        client_ip: str,
-        http_version: str,
-        peer_names: frozenset[str] | None = None,
-    ) -> None:
-        self.method = method
-        #: Percent-decoded path without the query string.
-        self.path = path
-        #: Percent-decoded query parameters; the last of repeated names wins.
-        self.query = query
-        #: Lower-cased names; repeated headers joined with ", ".
-        self.headers = headers
-        self.body = body
-        #: The TCP peer; no X-Forwarded-For processing here.
-        self.client_ip = client_ip
-        self.http_version = http_version
-        #: The names (subject CN, DNS and URI SANs) of the client certificate the
-        #: listener verified; None without TLS or without a client certificate.
-        self.peer_names = peer_names
+    method: str
+    #: Percent-decoded path without the query string.
+    path: str
+    #: Percent-decoded query parameters; the last of repeated names wins.
+    query: dict[str, str]
+    #: Lower-cased names; repeated headers joined with ", ".
+    headers: dict[str, str]
+    body: bytes
+    #: The TCP peer; no X-Forwarded-For processing here.
+    client_ip: str
+    http_version: str
+    #: The names (subject CN, DNS and URI SANs) of the client certificate the
+    #: listener verified; None without TLS or without a client certificate.
+    peer_names: frozenset[str] | None = None
 
 
 class Response:
