@@ -16,6 +16,15 @@ Ordering
     later responses (even synchronous ones) wait in it as ready slots, and the
     queue is written out from the front as its head slots complete.
 
+Hot path (docs/targets.md P2)
+    The usual request (one per read, keep-alive HTTP/1.1, a plain target, a
+    handler answering at once with ``Response.head``: header lines it encoded
+    itself) goes through straight-line code: header names lower-cased once
+    (``_NAMES``), the target's path from ``_PATHS``, the response assembled and
+    appended in ``_dispatch`` and written at the end of ``data_received``, the
+    idle deadline moved without re-arming the timer. Everything else takes the
+    general code below; both answer byte for byte alike.
+
 Backpressure
     A connection is *blocked* while the transport's write buffer is above its
     high-water mark (``pause_writing``) or ``max_pipelined`` responses are
