@@ -49,8 +49,29 @@ def test_an_encoded_head_is_written_as_given_on_every_kind_of_answer() -> None:
 def test_an_encoded_head_reads_back_as_pairs_without_the_content_type() -> None:
     response = Response(200, BODY, "application/json", None, HEAD)
     assert response.headers == [("X-Trace", "t1")]
+    assert response.head is None  # read as pairs: the pairs are what is written now
+    response = Response(200, BODY, "application/json", None, HEAD)
     response.headers = [("X-Other", "2")]  # setting pairs replaces the encoded lines
     assert response.head is None and response.headers == [("X-Other", "2")]
+
+
+def test_a_header_added_to_the_pairs_of_an_encoded_head_is_written() -> None:
+    def handler(request: Request) -> Response:
+        response = Response(200, BODY, "application/json", None, HEAD)
+        headers = response.headers
+        assert headers is not None
+        headers.append(("X-Added", "yes"))  # as an audit or replay hook might
+        return response
+
+    with serving(handler) as running:
+        client = Client(running.port)
+        client.send(get("/a"))
+        status, headers, body = client.response()
+        assert status == "HTTP/1.1 200 OK"
+        assert (headers["x-trace"], headers["x-added"]) == ("t1", "yes")
+        assert headers["content-type"] == "application/json" and body == BODY
+        client.close()
+        assert not running.errors
 
 
 def _decision(allowed: bool, rule: str = "per-key") -> Decision:
@@ -74,8 +95,8 @@ def test_the_renderers_encoded_head_says_what_its_header_pairs_say() -> None:
             decision = _decision(allowed)
             response = renderer.response(decision)
             assert response.head is not None
-            assert response.headers == renderer.headers(decision)
             assert response.head.endswith(b"Content-Type: %s\r\n" % response.content_type.encode())
+            assert response.headers == renderer.headers(decision)
             body = json.loads(response.body)
             assert body["region"] == "eu" and body["allowed"] is allowed
     assert renderer.response(_decision(False)).headers == [

@@ -187,7 +187,8 @@ class Response:
     (``Name: value\\r\\n`` each, Content-Type included when there is a body, no
     framing header, no CR or LF inside a value), written as they are: a hot path
     (``http/render.py``) encodes its constant parts once. ``headers`` still reads
-    them as pairs (parsed on first read), for an idempotency replay or a test."""
+    them as pairs (parsed on first read, which drops ``head``: the pairs, changed
+    or not, are then what the server writes)."""
 
     __slots__ = ("_headers", "body", "content_type", "head", "status")
 
@@ -214,6 +215,7 @@ class Response:
                 if name.lower() != "content-type":  # that is content_type
                     pairs.append((name, value))
             self._headers = pairs
+            self.head = None  # from now on the pairs are the answer's headers: a caller may add one
         return self._headers
 
     @headers.setter
