@@ -42,6 +42,13 @@ Everything listens on 127.0.0.1, every wait is bounded, and every process this
 script starts is stopped in ``finally``.
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/http_rate.py [--quick]`` (needs nginx, wrk).
+
+The Python work per request alone (``--wire``; no socket, no nginx, no wrk, needs
+valgrind): callgrind's instruction count of one ``POST /v1/rate`` fed to
+``_Connection.data_received`` in-process through the real Router and RatingApp, beside
+the same server answering a constant and a bare httptools protocol (the floor). The
+machine's load does not move these counts, so they show what a change saves.
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/http_rate.py --wire``.
 """
 
 from __future__ import annotations
@@ -886,6 +893,154 @@ def _ms(value: float) -> str:
     return f"{value:.2f}"
 
 
+# -- the per-request Python work, in-process (--wire) ------------------------------------
+
+WIRE_REQUEST = (
+    b"POST /v1/rate HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nX-API-Key: bench\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 12\r\n\r\n" + b'{"tokens":1}'
+)
+WIRE_CONTENDERS = {
+    "server": "bucketmesh: POST /v1/rate through _Connection, Router, RatingApp",
+    "constant": "bucketmesh server alone: _Connection, a handler answering a constant",
+    "bare": "floor: a bare httptools protocol answering a constant",
+}
+
+
+class _WireTransport:
+    """What _Connection writes to: counts the writes, keeps the last."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.last = b""
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.last = data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (HOST, 50000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def wire_feeder(which: str) -> tuple[Callable[[bytes], None], _WireTransport]:
+    """``data_received`` of one connection of ``which`` contender, and its transport;
+    call it from inside a running (uv)loop."""
+    import asyncio
+
+    import httptools
+
+    from bucketmesh.api.routes import RatingApp
+    from bucketmesh.core.limiter import Limiter
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.http.router import Router
+    from bucketmesh.http.server import HttpServer, Response, _Connection
+    from bucketmesh.storage.memory import MemoryStore
+    from bucketmesh.telemetry.metrics import NodeMetrics
+
+    transport = _WireTransport()
+    if which == "bare":
+        answer = b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"ok":true}'
+
+        class Bare:
+            def __init__(self) -> None:
+                self.parser = httptools.HttpRequestParser(self)
+                self.headers: dict[bytes, bytes] = {}
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                self.headers[name] = value
+
+            def on_message_complete(self) -> None:
+                transport.write(answer)
+
+        return Bare().parser.feed_data, transport
+    if which == "constant":
+        constant = Response(200, b'{"ok":true}', "application/json")
+        if "head" in Response.__slots__:  # header lines encoded once (issue 19)
+            constant.head = b"Content-Type: application/json\r\n"
+        server = HttpServer(lambda request: constant)
+    else:
+        rule = Rule.create(TEMPLATE, 10**12, 1e9, name=RULE, mode="shared")
+        router = Router(NodeMetrics())
+        RatingApp(
+            MemoryStore(Limiter([rule], replica_id="bench-1")),
+            region="bench",
+            node="bench-1",
+            router=router,
+        )
+        server = HttpServer(router)
+    connection = _Connection(server, asyncio.get_running_loop())
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    return connection.data_received, transport
+
+
+def wire_loop(which: str, requests: int) -> None:
+    """``requests`` requests, one per read, after 200 to warm up: what callgrind counts."""
+    import uvloop
+
+    async def run() -> None:
+        feed, transport = wire_feeder(which)
+        for _ in range(200 + requests):
+            feed(WIRE_REQUEST)
+        assert transport.writes == 200 + requests, transport.last[:200]
+
+    uvloop.run(run())
+
+
+def _wire_instructions(which: str, requests: int) -> int:
+    out = subprocess.run(
+        [
+            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+            *(sys.executable, __file__, "--wire-loop", which, str(requests)),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    return int(out.stderr.split("Collected : ")[1].split()[0])
+
+
+def wire_main(args: argparse.Namespace) -> int:
+    """Instructions per request of each wire contender (callgrind): the load of the
+    machine does not move them, so they show what a change to the hot path saves."""
+    if shutil.which("valgrind") is None:
+        print("P2 --wire: valgrind is not installed", file=sys.stderr)
+        return 2
+    machine = _report.machine()
+    rows = []
+    for which, label in WIRE_CONTENDERS.items():
+        ir = (_wire_instructions(which, 1500) - _wire_instructions(which, 500)) / 1000
+        rows.append([label, f"{ir:,.0f}"])
+    columns = ["contender", "instructions/request"]
+    _report.print_table("POST /v1/rate in-process, callgrind", columns, rows)
+    if not args.no_record:
+        body = [
+            "Command: `PYTHONPATH=src .venv/bin/python benchmarks/http_rate.py --wire`",
+            "",
+            "The Python work of one `POST /v1/rate` (the request wrk sends, one per read) fed "
+            "to `_Connection.data_received` in-process, no socket: callgrind's instruction "
+            "count (Ir of 1,500 requests − Ir of 500, ÷ 1,000; PYTHONHASHSEED=0), which the "
+            "machine's load does not move. The constant handler and the bare httptools "
+            "protocol bound what the server's structure and the parser cost.",
+            "",
+            _report.markdown_table(columns, rows),
+        ]
+        _report.append_section(
+            "P2 per-request work in-process (benchmarks/http_rate.py --wire)",
+            "\n".join(body),
+            machine=machine,
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds × 5 s (a smoke run)")
@@ -899,7 +1054,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenario", choices=[s.name for s in SCENARIOS], action="append", help="only these"
     )
+    parser.add_argument("--wire", action="store_true", help="callgrind Ir/request in-process")
+    parser.add_argument("--wire-loop", nargs=2, metavar=("WHICH", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.wire_loop:
+        wire_loop(args.wire_loop[0], int(args.wire_loop[1]))
+        return 0
+    if args.wire:
+        return wire_main(args)
     rounds = args.rounds or (2 if args.quick else 3)
     seconds = args.seconds or (5.0 if args.quick else 10.0)
     if (missing := require_tools()) is not None:

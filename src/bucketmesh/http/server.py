@@ -16,6 +16,15 @@ Ordering
     later responses (even synchronous ones) wait in it as ready slots, and the
     queue is written out from the front as its head slots complete.
 
+Hot path (docs/targets.md P2)
+    The usual request (one per read, keep-alive HTTP/1.1, a plain target, a
+    handler answering at once with ``Response.head``: header lines it encoded
+    itself) goes through straight-line code: header names lower-cased once
+    (``_NAMES``), the target's path from ``_PATHS``, the response assembled and
+    appended in ``_dispatch`` and written at the end of ``data_received``, the
+    idle deadline moved without re-arming the timer. Everything else takes the
+    general code below; both answer byte for byte alike.
+
 Backpressure
     A connection is *blocked* while the transport's write buffer is above its
     high-water mark (``pause_writing``) or ``max_pipelined`` responses are
@@ -135,58 +144,53 @@ _METHODS: Final = {
 _STATUS_LINES: Final = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus if s.value >= 200
 }
+# the status lines of answers that carry a body (not 204, 304)
+_BODY_STATUS_LINES: Final = {s: line for s, line in _STATUS_LINES.items() if s not in (204, 304)}
 _content_type_lines: dict[str, bytes] = {}
+# Header names as sent -> lower-cased text, for the names clients send (bounded).
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX: Final = 512
+# Request targets without a query, percent-escape or fragment -> their path (bounded).
+_PATHS: dict[bytes, str] = {}
+_PATHS_MAX: Final = 512
+_NOT_PLAIN: Final = re.compile(rb"[?%#]")
 _json_encode = msgspec.json.Encoder().encode
 
 
-class Request:
-    """One parsed request, as the handler sees it."""
+class Request(msgspec.Struct, eq=False):
+    """One parsed request, as the handler sees it (a Struct: built in C, once per
+    request; compared and hashed by identity, as a plain object is)."""
 
-    __slots__ = (
-        "body",
-        "client_ip",
-        "headers",
-        "http_version",
-        "method",
-        "path",
-        "peer_names",
-        "query",
-    )
-
-    def __init__(
-        self,
-        method: str,
-        path: str,
-        query: dict[str, str],
-        headers: dict[str, str],
-        body: bytes,
-        client_ip: str,
-        http_version: str,
-        peer_names: frozenset[str] | None = None,
-    ) -> None:
-        self.method = method
-        #: Percent-decoded path without the query string.
-        self.path = path
-        #: Percent-decoded query parameters; the last of repeated names wins.
-        self.query = query
-        #: Lower-cased names; repeated headers joined with ", ".
-        self.headers = headers
-        self.body = body
-        #: The TCP peer; no X-Forwarded-For processing here.
-        self.client_ip = client_ip
-        self.http_version = http_version
-        #: The names (subject CN, DNS and URI SANs) of the client certificate the
-        #: listener verified; None without TLS or without a client certificate.
-        self.peer_names = peer_names
+    method: str
+    #: Percent-decoded path without the query string.
+    path: str
+    #: Percent-decoded query parameters; the last of repeated names wins.
+    query: dict[str, str]
+    #: Lower-cased names; repeated headers joined with ", ".
+    headers: dict[str, str]
+    body: bytes
+    #: The TCP peer; no X-Forwarded-For processing here.
+    client_ip: str
+    http_version: str
+    #: The names (subject CN, DNS and URI SANs) of the client certificate the
+    #: listener verified; None without TLS or without a client certificate.
+    peer_names: frozenset[str] | None = None
 
 
 class Response:
     """What a handler answers. ``headers`` are written as given, except the framing
     headers (Content-Length, Transfer-Encoding, Connection, Date, Server) which the
     server writes itself; a handler's ``Connection: close`` closes the connection, and
-    a ``Content-Type`` among ``headers`` is written instead of ``content_type``."""
+    a ``Content-Type`` among ``headers`` is written instead of ``content_type``.
 
-    __slots__ = ("body", "content_type", "headers", "status")
+    ``head``, instead of ``headers``: the header lines already encoded
+    (``Name: value\\r\\n`` each, Content-Type included when there is a body, no
+    framing header, no CR or LF inside a value), written as they are: a hot path
+    (``http/render.py``) encodes its constant parts once. ``headers`` still reads
+    them as pairs (parsed on first read, which drops ``head``: the pairs, changed
+    or not, are then what the server writes)."""
+
+    __slots__ = ("_headers", "body", "content_type", "head", "status")
 
     def __init__(
         self,
@@ -194,11 +198,30 @@ class Response:
         body: bytes = b"",
         content_type: str = "application/json",
         headers: list[tuple[str, str]] | None = None,
+        head: bytes | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
-        self.headers = headers
+        self._headers = headers
+        self.head = head
+
+    @property
+    def headers(self) -> list[tuple[str, str]] | None:
+        if self._headers is None and self.head is not None:
+            pairs = []
+            for line in self.head.decode("latin-1").split("\r\n")[:-1]:
+                name, _, value = line.partition(": ")
+                if name.lower() != "content-type":  # that is content_type
+                    pairs.append((name, value))
+            self._headers = pairs
+            self.head = None  # from now on the pairs are the answer's headers: a caller may add one
+        return self._headers
+
+    @headers.setter
+    def headers(self, headers: list[tuple[str, str]] | None) -> None:
+        self._headers = headers
+        self.head = None
 
 
 Handler: TypeAlias = Callable[[Request], Response | Awaitable[Response]]
@@ -287,6 +310,23 @@ def _encode_response(
         body = bytes(body)
     status = response.status
     status_line = _STATUS_LINES.get(status) or _status_line(status)
+    head_lines = response.head
+    if (
+        head_lines is not None
+        and keep_alive
+        and not http10
+        and not head
+        and status != 204
+        and status != 304
+    ):
+        # the hot path: header lines encoded by the handler, a keep-alive HTTP/1.1 answer
+        return b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+            status_line,
+            date_server,
+            head_lines,
+            len(body),
+            body,
+        ), False
     extra = b""
     content_type = b""
     if response.headers:
@@ -407,10 +447,13 @@ def decode_header(name: bytes, value: bytes) -> tuple[str, str]:
     try:
         text = value.decode("utf-8").rstrip(" \t")
     except UnicodeDecodeError:
-        shown = name.decode("latin-1")
-        detail = f"header {shown} is not UTF-8 text; send its value encoded as UTF-8"
-        raise NotText(shown, detail) from None
+        raise _not_text_header(name) from None
     return name.decode("latin-1").lower(), text
+
+
+def _not_text_header(name: bytes) -> NotText:
+    shown = name.decode("latin-1")
+    return NotText(shown, f"header {shown} is not UTF-8 text; send its value encoded as UTF-8")
 
 
 def _is_text(decoded: str) -> bool:
@@ -470,6 +513,7 @@ class _Connection(asyncio.Protocol):
         "_in_message",
         "_in_target",
         "_keep_alive",
+        "_keepalive",
         "_limits",
         "_linger_until",
         "_lingering",
@@ -499,6 +543,7 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._limits = server._limits
         self._max_pipelined = server._limits.max_pipelined
+        self._keepalive = server._limits.keepalive_timeout
         self._handler = server._handler
         self._transport: asyncio.Transport  # set by connection_made
         self._parser = httptools.HttpRequestParser(self)
@@ -587,11 +632,21 @@ class _Connection(asyncio.Protocol):
                 self._head_raw += len(data)
                 if self._head_raw > self._limits.max_header_bytes:
                     self._fail(self._head_too_large())
-        if self._out:
-            self._write_out()
+        out = self._out
+        if out:  # _write_out, inlined: one write per read
+            written = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._out_size = 0
+            if not self._lost and not self._transport.is_closing():
+                self._transport.write(written)
         if self._closing:
             self._flush()
-        self._refresh_deadline(now)
+        if self._in_message or self._pending or self._closing or self._reading_paused:
+            self._refresh_deadline(now)
+        else:  # idle again, the usual case: _refresh_deadline's first branch, inlined
+            deadline = self._deadline = now + self._keepalive
+            if self._timer is None or deadline < self._timer_at:
+                self._refresh_deadline(now)
 
     def _escaped_target(self, data: bytes) -> bytes:
         """``data`` with the raw non-ASCII bytes of the request line it begins with
@@ -675,23 +730,31 @@ class _Connection(asyncio.Protocol):
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        self._header_count += 1
-        if (
-            self._head_bytes > self._limits.max_header_bytes
-            or self._header_count > self._limits.max_headers
-        ):
+        # the hot path: decode_header inlined, header names lower-cased once (_NAMES)
+        size = self._head_bytes + len(name) + len(value) + 4
+        self._head_bytes = size
+        count = self._header_count = self._header_count + 1
+        limits = self._limits
+        if size > limits.max_header_bytes or count > limits.max_headers:
             self._fail(self._head_too_large())
             raise _Stop
+        key = _NAMES.get(name)
+        if key is None:
+            key = name.decode("latin-1").lower()
+            if len(_NAMES) < _NAMES_MAX:
+                _NAMES[name] = key
         try:
             # UTF-8, as the request target is: one spelling of a key on every path
-            key, text = decode_header(name, value)
-        except NotText as error:
+            text = value.decode("utf-8").rstrip(" \t")
+        except UnicodeDecodeError:
+            error = _not_text_header(name)
             self._fail(problem(400, None, error.detail, field=error.field))
             raise _Stop from None
         headers = self._headers
-        previous = headers.get(key)
-        headers[key] = text if previous is None else f"{previous}, {text}"
+        if key in headers:
+            headers[key] = f"{headers[key]}, {text}"
+        else:
+            headers[key] = text
 
     def on_headers_complete(self) -> None:
         self._head_done = True
@@ -752,14 +815,12 @@ class _Connection(asyncio.Protocol):
         body = self._body
         if body.__class__ is not bytes:
             body = bytes(body)
-        try:
-            path, query = _split_target(self._url)
-        except _NotText as error:
-            self._fail(problem(400, None, error.detail, field=error.field))
-            raise _Stop from None
-        except ValueError:
-            self._fail(problem(400, None, "malformed request target"))
-            raise _Stop from None
+        url = self._url
+        path = _PATHS.get(url)
+        if path is not None:
+            query: dict[str, str] = {}
+        else:
+            path, query = self._target(url)
         request = Request(
             self._method,
             path,
@@ -782,6 +843,21 @@ class _Connection(asyncio.Protocol):
             self._dispatch(request, keep_alive)
         if self._closing:
             raise _Stop
+
+    def _target(self, url: bytes) -> tuple[str, dict[str, str]]:
+        """``_split_target``, a 400 for a target it refuses; a plain path is kept in _PATHS."""
+        try:
+            path, query = _split_target(url)
+        except _NotText as error:
+            self._fail(problem(400, None, error.detail, field=error.field))
+            raise _Stop from None
+        except ValueError:
+            self._fail(problem(400, None, "malformed request target"))
+            raise _Stop from None
+        plain = url[:1] == b"/" and url.isascii() and not _NOT_PLAIN.search(url)
+        if plain and len(_PATHS) < _PATHS_MAX:
+            _PATHS[url] = path
+        return path, query
 
     # --- responses, in order -------------------------------------------------
 
@@ -807,8 +883,27 @@ class _Connection(asyncio.Protocol):
             result = _internal_error()
         if self._pending:
             self._pending.append(_Slot(result, keep_alive, head, http10))
-        else:
-            self._write_response(result, keep_alive, head, http10)
+            return
+        lines = result.head
+        if lines is not None and keep_alive and not (self._closing or head or http10):
+            # the hot path, _write_response and _encode_response inlined: encoded header
+            # lines on a keep-alive HTTP/1.1 connection
+            status_line = _BODY_STATUS_LINES.get(result.status)
+            body = result.body
+            if status_line is not None and body.__class__ is bytes:
+                data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                    status_line,
+                    server._date_server,
+                    lines,
+                    len(body),
+                    body,
+                )
+                self._out.append(data)
+                self._out_size += len(data)
+                if self._out_size >= _FLUSH_AT:
+                    self._write_out()
+                return
+        self._write_response(result, keep_alive, head, http10)
 
     def _await_response(
         self, result: Awaitable[Response], keep_alive: bool, head: bool, http10: bool
