@@ -140,18 +140,23 @@ def test_a_time_range_from_a_real_prometheus(serve: ServerFactory, tmp_path: Pat
     started = time.time()
     try:
 
-        def scraped_twice() -> bool:
+        def scraped_enough() -> bool:
+            # both nodes scraped four times since east's decisions: east's samples then
+            # span about 3 s, so a 1 s range over them holds at least two steps (two
+            # samples 1 s apart may fall between the same two steps)
             answer = httpx.get(
                 f"{url}/api/v1/query",
                 params={
-                    "query": 'count_over_time(bucketmesh_decisions_total{rule="agent-api-key"}[1m])'
+                    "query": "count_over_time(bucketmesh_decisions_total"
+                    f'{{rule="agent-api-key",result="allowed",instance="{targets[0]}"}}[1m])'
+                    f' or count_over_time(process_cpu_seconds_total{{instance="{targets[1]}"}}[1m])'
                 },
             )
             assert answer.status_code == 200, answer.text
             result = answer.json()["data"]["result"]
-            return bool(result) and float(result[0]["value"][1]) >= 2
+            return len(result) == 2 and all(float(series["value"][1]) >= 4 for series in result)
 
-        eventually(scraped_twice, "Prometheus has scraped the nodes twice")
+        eventually(scraped_enough, "Prometheus has scraped both nodes four times")
         out = tmp_path / "range"
         done = export(
             "--prometheus",
