@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -19,6 +20,19 @@ from redis_server import redis_server_binary
 
 START_TIMEOUT_S = 60.0
 NODE_TIMEOUT_MS = 1000
+
+
+def _until(ready: Callable[[], bool], failure: str, timeout: float = START_TIMEOUT_S) -> None:
+    """Poll ``ready`` (a Redis error counts as not yet) until it answers True; raise
+    RuntimeError(``failure``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(redis.RedisError):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.02)
 
 
 def _cli() -> str:
@@ -108,13 +122,11 @@ class RedisClusterProcesses:
             node.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         for node in self.nodes:
-            while True:
-                with contextlib.suppress(redis.RedisError):
-                    if node.client().ping():
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"cluster node {node.port} not answering")
-                time.sleep(0.02)
+            _until(
+                lambda node=node: bool(node.client().ping()),
+                f"cluster node {node.port} not answering",
+                max(0.0, deadline - time.monotonic()),
+            )
         created = subprocess.run(
             [
                 _cli(),
@@ -141,36 +153,24 @@ class RedisClusterProcesses:
         """Until every live replica has finished its sync with its master: a replica
         that never synced holds no data and never stands for election, so a master
         killed before that would have no one to fail over to."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                infos = [
-                    n.client().info("replication") for n in self.nodes if n.process is not None
-                ]
-                if all(
-                    info.get("role") != "slave" or info.get("master_link_status") == "up"
-                    for info in infos
-                ):
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the cluster's replicas did not finish their first sync")
-            time.sleep(0.05)
+
+        def synced() -> bool:
+            infos = [n.client().info("replication") for n in self.nodes if n.process is not None]
+            return all(
+                info.get("role") != "slave" or info.get("master_link_status") == "up"
+                for info in infos
+            )
+
+        _until(synced, "the cluster's replicas did not finish their first sync", timeout)
 
     def wait_ok(self, timeout: float = START_TIMEOUT_S) -> None:
         """Until every live node says cluster_state:ok and every slot has a master."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                live = [n for n in self.nodes if n.process is not None]
-                if all(n.client().cluster("info")["cluster_state"] == "ok" for n in live):
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the cluster did not reach cluster_state:ok")
-            time.sleep(0.05)
+
+        def ok() -> bool:
+            live = [n for n in self.nodes if n.process is not None]
+            return all(n.client().cluster("info")["cluster_state"] == "ok" for n in live)
+
+        _until(ok, "the cluster did not reach cluster_state:ok", timeout)
 
     def client(self) -> redis.RedisCluster:
         live = next(n for n in self.nodes if n.process is not None)

@@ -310,11 +310,10 @@ def test_an_operators_change_is_adopted_not_fought(
 PROMETHEUS = shutil.which("prometheus")
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus (make test installs it)")
 def test_a_real_prometheus_query_protects_and_restores(
     mesh: Mesh, feed: Feed, controllers: list[Controller], tmp_path: Path
 ) -> None:
-    assert PROMETHEUS is not None
+    assert PROMETHEUS is not None, "prometheus is missing: make test installs it (Debian package)"
     port = free_port()
     scrape = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 from conftest import ServerFactory, eventually, free_port, make_config
 
@@ -107,12 +106,11 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
 PROMETHEUS = shutil.which("prometheus")
 
 
-@pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus (make test installs it)")
 def test_a_time_range_from_a_real_prometheus(serve: ServerFactory, tmp_path: Path) -> None:
     """--prometheus reads the past from a Prometheus server that scraped two nodes:
     every bucketmesh family, one CSV each, at every step of the range, in the shape
     the interval mode writes (t_s from --start, region from the instance)."""
-    assert PROMETHEUS is not None
+    assert PROMETHEUS is not None, "prometheus is missing: make test installs it (Debian package)"
     east = serve(make_config(region="us-east-1"))
     west = serve(make_config(region="us-west-2"))
     with east.client() as client:

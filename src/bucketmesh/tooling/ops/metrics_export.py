@@ -224,9 +224,8 @@ def cmd_export_range(args: argparse.Namespace) -> int:
     except UsageError as error:
         log.error("metrics export: error: %s", error)
         return 2
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        log.error("metrics export: error: --out %s is not a directory", out)
+    out = _out_dir(args.out)
+    if out is None:
         return 2
     try:
         scraper = export_range(
@@ -285,9 +284,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except UsageError as error:
         log.error("metrics export: error: %s", error)
         return 2
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        log.error("metrics export: error: --out %s is not a directory", out)
+    out = _out_dir(args.out)
+    if out is None:
         return 2
     scraper = asyncio.run(export(urls, out, interval_s=args.interval, duration_s=args.duration))
     for region, failures in sorted(scraper.failures.items()):
@@ -303,6 +301,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     samples = sum(len(rows) for rows in scraper.families.values())
     print(f"{len(written)} families, {samples} samples from {len(urls)} node(s) → {out}")
     return 0
+
+
+def _out_dir(given: str) -> Path | None:
+    """``--out`` as a directory to write into; None (the error logged) if it is a file."""
+    out = Path(given)
+    if out.exists() and not out.is_dir():
+        log.error("metrics export: error: --out %s is not a directory", out)
+        return None
+    return out
 
 
 def add_parser(sub: Any) -> None:
