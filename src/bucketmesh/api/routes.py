@@ -165,6 +165,8 @@ class RatingApp:
         outcomes.region = outcomes.region or region
         outcomes.replica = outcomes.replica or decider.replica_id
         self.outcomes = outcomes
+        if outcomes.shadows.source is None:  # the marks live in the replicated configs
+            outcomes.shadows.source = decider.shadowed
         self.shadows = outcomes.shadows
         self.near_limit = outcomes.near_limit
         self.audit = outcomes.audit
@@ -670,7 +672,11 @@ class RatingApp:
             found = self.decider.inspect(key, rule=rule)
         except NoRuleError as error:
             raise ApiError(404, str(error), field="key") from None
-        return self._answer(found, lambda bucket: self._json(self._state_of(key, bucket)), None)
+        return self._answer(
+            found,
+            lambda bucket: self._config_json(self._state_of(key, bucket), bucket.config),
+            None,
+        )
 
     def _state_of(self, key: str, bucket: Bucket) -> wire.BucketStateBody:
         decider = self.decider
@@ -742,7 +748,7 @@ class RatingApp:
         name = self._rule_named(key)
         if name is not None:
             config = self.decider.rule_config(name)
-            return self._config_json(self._config_body(key, name, config, "rule"), name)
+            return self._config_json(self._config_body(key, name, config, "rule"), config)
         return self._bucket_answer(key)
 
     def _config_body(
@@ -785,24 +791,17 @@ class RatingApp:
     def _patch(self, key: str, patch: ShadowPatch, rate: float | None) -> Answer:
         rule_name = self._rule_named(key)
         target = key if rule_name is None else rule_name
-        limits = (patch.capacity, rate, patch.ttl, patch.mode)
         changed: Any
         try:
-            if all(value is None for value in limits):  # shadow alone: the limits as they are
-                assert patch.shadow is not None
-                if rule_name is not None:
-                    changed = self.decider.rule_config(rule_name)
-                else:
-                    self.decider.rule_of(key)  # NoRuleError: neither a rule nor a key of one
-                    changed = self._key_config(key)
-            else:
-                changed = self.decider.configure(
-                    target,
-                    capacity=patch.capacity,
-                    refill_rate=rate,
-                    ttl=patch.ttl,
-                    mode=patch.mode,
-                )
+            # the shadow mark is a config field like the limits: versioned, replicated
+            changed = self.decider.configure(
+                target,
+                capacity=patch.capacity,
+                refill_rate=rate,
+                ttl=patch.ttl,
+                mode=patch.mode,
+                shadow=patch.shadow,
+            )
         except (LimiterError, ValueError) as error:
             raise self._patch_error(key, error) from None
         if isinstance(changed, Awaitable):
@@ -810,10 +809,8 @@ class RatingApp:
 
         def body(config: BucketConfig) -> Response:
             rule = rule_name if rule_name is not None else self.decider.rule_of(key)
-            if patch.shadow is not None:
-                self.shadows.mark(target, patch.shadow, rule=rule_name is not None)
             applies_to = "key" if rule_name is None else "rule"
-            return self._config_json(self._config_body(key, rule, config, applies_to), target)
+            return self._config_json(self._config_body(key, rule, config, applies_to), config)
 
         return self._answer(changed, body, None)
 
@@ -822,10 +819,12 @@ class RatingApp:
         bucket: Bucket = await found if isinstance(found, Awaitable) else found
         return bucket.config
 
-    def _config_json(self, body: wire.BucketConfigBody, name: str) -> Response:
-        """The config body, with ``"shadow":true`` when ``name`` (rule or key) is shadow."""
+    def _config_json(
+        self, body: wire.BucketConfigBody | wire.BucketStateBody, config: BucketConfig
+    ) -> Response:
+        """The config (or state) body, with ``"shadow":true`` when the config is shadow."""
         response = self._json(body)
-        if name in self.shadows.rules or name in self.shadows.keys:
+        if config.shadow:
             response.body = response.body[:-1] + b',"shadow":true}'
         return response
 
@@ -833,7 +832,6 @@ class RatingApp:
         """What a PATCH of ``key`` (a rule or a key) changes, as the audit trail writes
         it; None when it is neither."""
         rule_name = self._rule_named(key)
-        target = key if rule_name is None else rule_name
         try:
             if rule_name is not None:
                 config = self.decider.rule_config(rule_name)
@@ -846,7 +844,7 @@ class RatingApp:
             "refill_rate": config.refill_rate,
             "ttl": config.ttl_ns / NS_PER_S,
             "mode": config.mode,
-            "shadow": target in self.shadows.rules or target in self.shadows.keys,
+            "shadow": config.shadow,
         }
 
     async def _patch_audited(

@@ -160,13 +160,20 @@ Version = tuple[int, str]
 
 
 class BucketConfig(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """One generation of a bucket's limits. ``interval_ns`` is T = 1e9 / refill rate."""
+    """One generation of a bucket's limits. ``interval_ns`` is T = 1e9 / refill rate.
+
+    ``shadow``: the bucket's refusals are advisory (shadow mode, set in the file or by
+    PATCH). It rides in the config register like the limits (same version, same
+    last-writer-wins order, adopted the same way: ``reconfigure`` keeps the level).
+    Trailing with a default: an encoding without it (an older peer, WAL or snapshot)
+    decodes as False, and an older decoder ignores it."""
 
     capacity: int
     interval_ns: int
     ttl_ns: int
     mode: str
     version: Version
+    shadow: bool = False
 
     @property
     def refill_rate(self) -> float:

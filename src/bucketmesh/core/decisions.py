@@ -83,8 +83,15 @@ class Decider(Protocol):
         refill_rate: float | None = None,
         ttl: float | None = None,
         mode: str | None = None,
+        shadow: bool | None = None,
     ) -> Later[BucketConfig]:
-        """Change a rule's (or one key's) limits at runtime; the new config."""
+        """Change a rule's (or one key's) limits (or shadow mark) at runtime; the new
+        config."""
+        ...
+
+    def shadowed(self, rule: str, key: str) -> bool:
+        """Whether a decision of ``key`` under ``rule`` is advisory (shadow mode), as
+        the replicated configs say here; cheap (asked on a refusal)."""
         ...
 
     def rule_of(self, key: str) -> str:

@@ -189,10 +189,12 @@ def check_key(key: str) -> None:
 
 
 def rule_digest(rule: Rule) -> str:
-    """What identifies a rule's limits in a file version: capacity, refill, ttl, mode."""
-    return hashlib.sha256(
-        f"{rule.capacity}|{rule.refill_rate!r}|{rule.ttl!r}|{rule.mode}".encode()
-    ).hexdigest()[:12]
+    """What identifies a rule's limits in a file version: capacity, refill, ttl, mode
+    (and ``shadow`` when set: the digests of rules without it stay as they were)."""
+    text = f"{rule.capacity}|{rule.refill_rate!r}|{rule.ttl!r}|{rule.mode}"
+    if rule.shadow:
+        text += "|shadow"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def file_version(rule: Rule, stamp: int = 0) -> Version:
@@ -220,6 +222,7 @@ def rule_config(rule: Rule, regions: int = 1, stamp: int = 0) -> BucketConfig:
         ttl_ns=max(1, round(rule.ttl * NS_PER_S)),
         mode=rule.mode,
         version=file_version(rule, stamp),
+        shadow=rule.shadow,
     )
 
 
@@ -542,6 +545,20 @@ class Limiter:
     def live_buckets(self) -> int:
         return len(self.buckets)
 
+    def shadowed(self, rule: str, key: str) -> bool:
+        """Whether a decision of ``key`` under ``rule`` is advisory (shadow mode): the
+        key's bucket's config says so, or (no bucket here) its rule's. Two lookups:
+        front doors ask it only on a refusal."""
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            return bucket.config.shadow
+        config = self.rule_configs.get(rule)
+        if self.key_configs:  # a strict or local key's own config, kept without a bucket
+            own = self.key_configs.get(key)
+            if own is not None and (config is None or own.version > config.version):
+                return own.shadow
+        return config is not None and config.shadow
+
     def rule_of(self, key: str) -> str:
         bucket = self.buckets.get(key)
         return bucket.rule if bucket is not None else self.rule_for(key).name
@@ -699,12 +716,15 @@ class Limiter:
         ttl: float | None = None,
         mode: str | None = None,
         now: int | None = None,
+        shadow: bool | None = None,
     ) -> BucketConfig:
         """Change limits at runtime, keeping each bucket's level at this instant.
 
         A rule name applies to the rule (every existing and future key of it);
         any other string is a concrete key, which must match a rule or exist.
         The new config carries a fresh HLC version, so it wins everywhere.
+        ``shadow`` marks the rule or key shadow (or not) in the same register, adopted
+        like any change: each bucket keeps its level at this instant (a new base).
         """
         if now is None:
             now = self.clock()
@@ -723,6 +743,7 @@ class Limiter:
             ttl_ns=current.ttl_ns if ttl is None else max(1, round(ttl * NS_PER_S)),
             mode=current.mode if mode is None else mode,
             version=(self.hlc.tick(now), self.replica_id),
+            shadow=current.shadow if shadow is None else shadow,
         )
         changed = None
         if (capacity is None) != (refill_rate is None):

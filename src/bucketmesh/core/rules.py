@@ -671,23 +671,37 @@ class Shadows:
     "Shadow mode"): how a new limit is rolled out (Envoy ratelimit's
     ``shadow_mode``, nginx's ``limit_req_dry_run``). Empty, it is false, so a
     front door checks ``if shadows and shadows.covers(...)`` only on a refusal.
+
+    With ``source`` (a decider's ``shadowed(rule, key)``) the marks are read from
+    the replicated configs (``BucketConfig.shadow``, set by PATCH in any region and
+    kept in the WAL and snapshots); it is then always true, and ``covers`` asks the
+    source (two dictionary lookups, on a refusal only). Without one, the marks are
+    the file's rules and those ``mark`` sets here (an embedded limiter's own).
     """
 
-    __slots__ = ("keys", "rules")
+    __slots__ = ("keys", "rules", "source")
 
-    def __init__(self, rules: Sequence[Rule] = ()) -> None:
+    def __init__(
+        self,
+        rules: Sequence[Rule] = (),
+        source: Callable[[str, str], bool] | None = None,
+    ) -> None:
         self.rules: set[str] = {rule.name for rule in rules if rule.shadow}
         self.keys: set[str] = set()
+        self.source = source
 
     def __bool__(self) -> bool:
-        return bool(self.rules) or bool(self.keys)
+        return self.source is not None or bool(self.rules) or bool(self.keys)
 
     def covers(self, rule: str, key: str) -> bool:
         """Whether a decision of ``key`` under ``rule`` is advisory."""
+        if self.source is not None:
+            return self.source(rule, key)
         return rule in self.rules or key in self.keys
 
     def mark(self, name: str, on: bool, *, rule: bool) -> bool:
-        """Mark rule (or key) ``name`` shadow or not; whether it was before."""
+        """Mark rule (or key) ``name`` shadow or not here; whether it was before (a
+        set with a ``source`` reads the configs instead: PATCH changes those)."""
         names = self.rules if rule else self.keys
         was = name in names
         if on:

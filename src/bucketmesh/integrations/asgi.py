@@ -261,7 +261,7 @@ class RateLimitMiddleware:
         # near_limit counts, shadow rules (shadow: true) and the audit trail, as a node's
         self.outcomes = Outcomes(
             metrics,
-            shadows=Shadows(limiter.rules),
+            shadows=Shadows(limiter.rules, limiter.shadowed),
             near_limit=near_limit,
             audit=audit,
             region=region or limiter.replica_id.split("/", 1)[0],

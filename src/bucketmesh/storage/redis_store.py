@@ -13,6 +13,8 @@ bucket lives in one Cluster slot):
 ``es`` ``en``  epoch, split into whole seconds and nanoseconds
 ``c`` ``i`` ``l`` ``m``  capacity, emission interval (ns), ttl (ns), mode
 ``vh`` ``vo``  config version: HLC (decimal string) and origin
+``s``  ``1`` while the config is shadow (``BucketConfig.shadow``; absent: not shadow),
+    written with the config, in the same last-writer-wins register
 ``bh`` ``bo`` ``bt`` ``bu``  base version, base time in ns *relative to the epoch*,
     and the tokens used at it (bucket.py: "full at bt with bu spent")
 ``t``  Σ used;  ``u:<replica id>``  used per replica;  ``r``  rule name
@@ -106,20 +108,20 @@ def _script(name: str) -> str:
 # acquire.lua. KEYS[1] incarnation key, KEYS[2..] the distinct buckets of the call.
 # ARGV: now_s, now_n, replica id, incarnation, rule count, then per rule
 # (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
-# epoch_n: the epoch a bucket created now gets), then ONE string holding every
+# epoch_n: the epoch a bucket created now gets, shadow 1/0), then ONE string holding every
 # decision as "key index, rule index, tokens, group, request;" (few arguments to
 # pack and parse: that is most of the cost of a call). Decisions of one group > 0
 # are all or nothing: the group is judged and settled whole when the loop reaches
 # its first item, against the state the decisions before it left. Decisions of
 # one request > 0 (a batch) are charged nothing if any of them asks more than its
 # bucket's capacity (the batch is refused whole). Answer: 4 values per decision
-# (status, level, retry_after ns, reset_after ns), then 4 per key (capacity,
-# interval, mode, rule).
+# (status, level, retry_after ns, reset_after ns), then 5 per key (capacity,
+# interval, mode, rule, shadow 1/0).
 ACQUIRE_LUA: Final = _script("acquire")
 
 # merge.lua. KEYS: one bucket per delta. ARGV: now_s, now_n, the store's replica id,
 # then per delta: es, en, c, i, l, m, vh, vo, bh, bo, bt (relative to the delta's
-# epoch), bu, r, expired (1/0), n, n (replica id, used) pairs, n, n (replica id,
+# epoch), bu, r, expired (1/0), shadow (1/0), n, n (replica id, used) pairs, n, n (replica id,
 # anchor time, anchor used, used when its slice began), n, n (replica id,
 # "point,before,...") pairs
 # (times relative to the epoch). Answer: how many buckets changed.
@@ -244,6 +246,7 @@ class Verdict:
         "reset_ns",
         "retry_ns",
         "rule",
+        "shadow",
         "status",
     )
 
@@ -257,6 +260,7 @@ class Verdict:
         interval_ns: int,
         mode: str,
         rule: str,
+        shadow: bool = False,
     ) -> None:
         self.status = status
         self.level = level
@@ -266,6 +270,7 @@ class Verdict:
         self.interval_ns = interval_ns
         self.mode = mode
         self.rule = rule
+        self.shadow = shadow  # the bucket's config is shadow (its ``s`` field)
 
     def decision(self, key: str) -> Decision:
         return Decision(
@@ -690,6 +695,7 @@ class RedisStore:
                     cfg.version[1],
                     epoch_s,
                     epoch_n,
+                    1 if cfg.shadow else 0,
                 ]
             key_index = keys.get(ask.key)
             if key_index is None:
@@ -712,7 +718,7 @@ class RedisStore:
         base = 4 * len(asks)
         out = []
         for j, ask in enumerate(asks):
-            c = base + 4 * (keys[ask.key] - 1)
+            c = base + 5 * (keys[ask.key] - 1)
             at = 4 * j
             out.append(
                 Verdict(
@@ -724,6 +730,7 @@ class RedisStore:
                     raw[c + 1],
                     raw[c + 2],
                     raw[c + 3],
+                    raw[c + 4] == 1,
                 )
             )
         return out
@@ -760,6 +767,7 @@ class RedisStore:
                 delta.base_used,
                 delta.rule,
                 1 if expired else 0,
+                1 if cfg.shadow else 0,
                 len(delta.used),
             ]
             for rid, value in delta.used.items():
@@ -856,6 +864,7 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         int(row["l"]),
         row["m"],
         (int(row["vh"]), row["vo"]),
+        row.get("s") == "1",
     )
     used = {field[2:]: int(value) for field, value in row.items() if field.startswith("u:")}
     anchor_at: dict[str, int] = {}

@@ -4,13 +4,13 @@ local me = ARGV[3]
 local nrules = tonumber(ARGV[5])
 local rules = {}
 for k = 1, nrules do
-  local o = 5 + (k - 1) * 9
+  local o = 5 + (k - 1) * 10
   rules[k] = {name = ARGV[o + 1], c = tonumber(ARGV[o + 2]), i = tonumber(ARGV[o + 3]),
               l = tonumber(ARGV[o + 4]), m = ARGV[o + 5], vh = ARGV[o + 6], vo = ARGV[o + 7],
-              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9])}
+              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9]), s = ARGV[o + 10]}
 end
 local asks = {}
-for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 9], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
+for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 10], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
   asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
 end
 local cache, dirty, fresh, shown = {}, {}, {}, {}
@@ -24,7 +24,8 @@ local function bucket(k, rule)
   if not b then
     -- a full bucket under the rule's config, stored only when something is taken
     return {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
-            vh = rule.vh, vo = rule.vo, bh = rule.vh, bo = rule.vo, bt = 0, bu = 0, t = 0,
+            vh = rule.vh, vo = rule.vo, s = rule.s, bh = rule.vh, bo = rule.vo, bt = 0, bu = 0,
+            t = 0,
             r = rule.name, reps = {}, new = true}
   end
   return b
@@ -188,8 +189,9 @@ for k = 2, #KEYS do
   local n = #out
   if b then
     out[n + 1] = b.c; out[n + 2] = b.i; out[n + 3] = b.m; out[n + 4] = b.r
+    if b.s == '1' then out[n + 5] = 1 else out[n + 5] = 0 end
   else
-    out[n + 1] = 0; out[n + 2] = 1; out[n + 3] = ''; out[n + 4] = ''
+    out[n + 1] = 0; out[n + 2] = 1; out[n + 3] = ''; out[n + 4] = ''; out[n + 5] = 0
   end
 end
 return out

@@ -237,8 +237,13 @@ local function save_rep(key, rid, rep)
   end
   if #rep.k > 0 then redis.call('HSET', key, 'k:' .. rid, joined(rep.k)) end
 end
+-- the shadow mark rides in the config register: '1' stored as s, anything else none
+local function save_shadow(key, b)
+  if b.s == '1' then redis.call('HSET', key, 's', '1') else redis.call('HDEL', key, 's') end
+end
 local function save_all(key, b)
   redis.call('HSET', key, 'es', fmt(b.es), 'en', fmt(b.en), 'c', fmt(b.c), 'i', fmt(b.i),
     'l', fmt(b.l), 'm', b.m, 'vh', b.vh, 'vo', b.vo, 'bh', b.bh, 'bo', b.bo,
     'bt', fmt(b.bt), 'bu', fmt(b.bu), 't', fmt(b.t), 'r', b.r)
+  save_shadow(key, b)
 end

@@ -1,7 +1,7 @@
 local now_s, now_n, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local o = 3
 local changed = 0
--- ARGV per delta: es en c i l m vh vo bh bo bt bu r expired, n (rid used) pairs,
+-- ARGV per delta: es en c i l m vh vo bh bo bt bu r expired s, n (rid used) pairs,
 -- n (rid anchor-point anchor-used slice-start-used) quadruples, n (rid "point,before,...") pairs
 local function incoming()
   local x = {es = tonumber(ARGV[o + 1]), en = tonumber(ARGV[o + 2]), c = tonumber(ARGV[o + 3]),
@@ -10,7 +10,8 @@ local function incoming()
              bt = tonumber(ARGV[o + 11]), bu = tonumber(ARGV[o + 12]), r = ARGV[o + 13],
              t = 0, reps = {}}
   local expired = ARGV[o + 14] == '1'
-  o = o + 14
+  x.s = ARGV[o + 15]
+  o = o + 15
   local n = tonumber(ARGV[o + 1]); o = o + 1
   for _ = 1, n do
     local rep = rep_of(x, ARGV[o + 1])
@@ -72,9 +73,10 @@ for d = 1, #KEYS do
   elseif x.es == b.es and x.en == b.en then
     local moved = false
     if vcmp(x.vh, x.vo, b.vh, b.vo) > 0 then
-      b.c, b.i, b.l, b.m, b.vh, b.vo = x.c, x.i, x.l, x.m, x.vh, x.vo
+      b.c, b.i, b.l, b.m, b.vh, b.vo, b.s = x.c, x.i, x.l, x.m, x.vh, x.vo, x.s
       redis.call('HSET', key, 'c', fmt(b.c), 'i', fmt(b.i), 'l', fmt(b.l), 'm', b.m,
         'vh', b.vh, 'vo', b.vo)
+      save_shadow(key, b)
       moved = true
     end
     -- base: a max-register ordered by (version, time − used·T, time)
