@@ -195,7 +195,7 @@ class Node:
         self.audit = self._audit_log(settings)
         self.outcomes = Outcomes(
             self.metrics,
-            shadows=Shadows(settings.rules),
+            shadows=Shadows(settings.rules, decider.shadowed),
             near_limit=settings.near_limit,
             audit=self.audit,
             region=settings.region,
@@ -220,6 +220,7 @@ class Node:
             self.mesh.install(self.router, self.app.admin)
             if self.audit is not None:
                 self.mesh.faults.on_change = self._audit_fault
+                self.mesh.audit = self.audit  # reconcile repairs (Mesh._record_repair)
         if settings.forward and self.mesh is not None:
             from bucketmesh.api.forward import Forwarder
 

@@ -87,6 +87,7 @@ from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
 from bucketmesh.replication.keyindex import RangeIndex
 from bucketmesh.replication.link import HttpLink, LinkError
 from bucketmesh.replication.outbox import Outbox
+from bucketmesh.telemetry.audit import AuditLog
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import Histogram
 from bucketmesh.telemetry.tasks import Supervisor
@@ -107,12 +108,19 @@ class Replica(Protocol):
     @property
     def key_configs(self) -> Mapping[str, BucketConfig]: ...
 
+    @property
+    def rule_configs(self) -> Mapping[str, BucketConfig]: ...
+
     def collect_deltas(self) -> DeltaBatch: ...
 
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch: ...
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int: ...
 
+
+#: the region a tool's sync messages name (``bucketmesh reconcile``: ``@reconcile``);
+#: no region's name starts with it
+TOOL_REGION_PREFIX: Final = "@"
 
 PULLED: Final = "pulled"
 SILENT: Final = "silent"  # (DOWN, as a peer state, is the third outcome)
@@ -359,6 +367,9 @@ class Mesh:
         # Partitions rehearsed on a real deployment: POST /v1/admin/faults (faults.py).
         self.faults = SyncFaults(self.peers, monotonic=monotonic)
         self.merged = 0
+        #: the audit trail: a repair pushed by a tool (``bucketmesh reconcile --repair``,
+        #: a sender of region ``@...``) is recorded there, key by key, old -> new
+        self.audit: AuditLog | None = None
         # replica ids are region/node/incarnation: the prefixes this mesh accepts
         self._regions = tuple(f"{region}/" for region in {*settings.peers, settings.region})
         self.foreign_entries = 0
@@ -984,7 +995,16 @@ class Mesh:
     def receive_deltas(self, request: Request) -> Response:
         env, payload = self._open(request, sync.DELTAS)
         assert isinstance(payload, sync.DeltaPush)
-        changed = self._merge(payload.batch)
+        batch = payload.batch
+        repair = (
+            self.audit is not None
+            and env.region.startswith(TOOL_REGION_PREFIX)
+            and bool(batch.deltas or batch.rules)
+        )
+        before = self._repair_view(batch) if repair else None
+        changed = self._merge(batch)
+        if before is not None:
+            self._record_repair(env, batch, before)
         # An overtaken batch (every delta already delivered by a newer one, e.g. held
         # up by a retransmission) changed nothing: its age is no lag (docs/sync.md).
         if payload.batch.deltas and not payload.full and changed:
@@ -994,6 +1014,70 @@ class Mesh:
                 peer.lag.observe(lag_s)
                 peer.lags_ms.append(lag_s * 1000)
         return self._reply(env, sync.ACK, sync.Ack(self.replica_id, changed))
+
+    def _repair_view(self, batch: DeltaBatch) -> dict[str, object]:
+        """What a repair may change, as the audit trail writes it: each key's level and
+        replica entries (None: no bucket here), each rule's limits and shadow mark."""
+        now = self.clock()
+        buckets = self.limiter.buckets
+        rid = self.limiter.replica_id
+        view: dict[str, object] = {}
+        for delta in batch.deltas:
+            bucket = buckets.get(delta.key)
+            view["key:" + delta.key] = (
+                None
+                if bucket is None
+                else {
+                    "tokens_remaining": bucket.level(now),
+                    "entries": {r: n for r, n in sorted(bucket.used(rid).items()) if n},
+                }
+            )
+        configs = self.limiter.rule_configs
+        for name in batch.rules:
+            config = configs.get(name)
+            view["rule:" + name] = (
+                None
+                if config is None
+                else {
+                    "capacity": config.capacity,
+                    "refill_rate": config.refill_rate,
+                    "ttl": config.ttl_ns / NS_PER_S,
+                    "mode": config.mode,
+                    "shadow": config.shadow,
+                }
+            )
+        return view
+
+    def _record_repair(
+        self, env: sync.Envelope, batch: DeltaBatch, before: dict[str, object]
+    ) -> None:
+        """One ``repair`` event per key (or rule) the tool's push changed here, with who
+        sent it (the authenticated sender, and which sync secret signed it)."""
+        audit = self.audit
+        if audit is None:
+            return
+        after = self._repair_view(batch)
+        who = f"sync:{env.sender}"
+        signer = self.auth.signer(env)
+        rules = {delta.key: delta.rule for delta in batch.deltas}
+        for name, old in before.items():
+            new = after.get(name)
+            if new == old:
+                continue
+            kind, _, target = name.partition(":")
+            fields: dict[str, object] = {"key": target} if kind == "key" else {"rule": target}
+            if kind == "key" and rules.get(target):
+                fields["rule"] = rules[target]
+            audit.change(
+                "repair",
+                who=who,
+                old=old,
+                new=new,
+                signed_by=signer,
+                region=self.settings.region,
+                replica=self.limiter.replica_id,
+                **fields,
+            )
 
     def _ranges(self, ranges: Sequence[int]) -> list[int]:
         bad = [r for r in ranges if not 0 <= r < sync.RANGES]

@@ -276,6 +276,30 @@ class SyncAuth:
             verified = hmac.compare_digest(mac, expected) or verified
         return verified
 
+    def signer(self, env: Envelope) -> str:
+        """Which secret signed an accepted ``env``, as the audit trail names it:
+        ``secret:`` and the first 12 hex digits of its SHA-256 (never the secret);
+        ``unsigned`` in insecure mode."""
+        if self._key is None:
+            return "unsigned"
+        encoded = _MAC_CONTEXT + _encode(
+            (
+                env.version,
+                env.cluster_id,
+                env.kind,
+                env.sender,
+                env.region,
+                env.sent_ns,
+                env.nonce,
+                env.reply_to,
+                env.body,
+            )
+        )
+        for key in self._keys:
+            if hmac.compare_digest(env.mac, hmac.new(key, encoded, hashlib.sha256).digest()):
+                return "secret:" + hashlib.sha256(key).hexdigest()[:12]
+        return "unknown"
+
     def seal(
         self,
         kind: str,
@@ -405,10 +429,12 @@ def canonical(delta: BucketDelta) -> bytes:
     used = sorted((rid, n) for rid, n in delta.used.items() if n > 0)
     anchors = sorted(delta.anchors.items())
     marks = sorted((rid, m) for rid, m in delta.marks.items() if m)
+    config = delta.config
     fields: tuple[Any, ...] = (
         delta.key,
         delta.epoch,
-        delta.config,
+        # a config that is not shadow hashes as before the field existed (old peers agree)
+        config if config.shadow else (*msgspec.structs.astuple(config)[:5],),
         delta.base_version,
         delta.base_time,
         used,

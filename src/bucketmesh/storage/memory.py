@@ -390,6 +390,10 @@ class RestoringReplica:
         return _RestoringBuckets(self.store)
 
     @property
+    def rule_configs(self) -> Mapping[str, BucketConfig]:
+        return self.store.limiter.rule_configs
+
+    @property
     def key_configs(self) -> Mapping[str, BucketConfig]:
         return self.limiter.key_configs
 
@@ -497,6 +501,10 @@ class MemoryStore:
         else:
             self._ensure(key_or_rule)
         return self.limiter.configure(key_or_rule, **changes)
+
+    def shadowed(self, rule: str, key: str) -> bool:
+        """Shadow mode as the replicated configs say (``Limiter.shadowed``)."""
+        return self.limiter.shadowed(rule, key)
 
     def _holds_restoring(self, key: str) -> bool:
         self._ensure(key)

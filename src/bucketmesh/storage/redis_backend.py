@@ -108,6 +108,7 @@ MAX_REFRESH_KEYS: Final = 5000
 MAX_QUEUED_MERGES: Final = 100_000
 MERGE_CHUNK: Final = 200
 DENY_RETRY_S: Final = 1.0
+MAX_REFUSED_SHADOW: Final = 4096  # keys whose last refusal's shadow mark is kept
 
 # A queued decision and what to call with its Decision (or its error) once known.
 Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
@@ -219,6 +220,10 @@ class RegionMirror:
     def buckets(self) -> dict[str, Bucket]:
         return self.limiter.buckets
 
+    @property
+    def rule_configs(self) -> dict[str, BucketConfig]:
+        return self.limiter.rule_configs
+
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
         return self.limiter.full_state(keys)
 
@@ -260,6 +265,7 @@ class RegionMirror:
         ttl: float | None = None,
         mode: str | None = None,
         now: int | None = None,
+        shadow: bool | None = None,
     ) -> BucketConfig:
         """``Limiter.configure``, refusing a config the scripts cannot compute exactly
         (the check the node runs on its rules at start)."""
@@ -294,7 +300,13 @@ class RegionMirror:
                 ]
                 raise InexactConfig(problem, given[0])
         return limiter.configure(
-            key_or_rule, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode, now=now
+            key_or_rule,
+            capacity=capacity,
+            refill_rate=refill_rate,
+            ttl=ttl,
+            mode=mode,
+            now=now,
+            shadow=shadow,
         )
 
     def absorb(self, deltas: Iterable[BucketDelta], now: int) -> None:
@@ -377,6 +389,9 @@ class RedisBackend:
         # keys granted in Redis, not in the mirror until the next read-back: they
         # count against max_buckets, so the mirror has room for them then
         self.unmirrored: set[str] = set()
+        #: key -> the shadow mark Redis held with its config at the key's last refusal
+        #: (exact where the mirror may lag: a PATCH on another node of the region)
+        self.refused_shadow: dict[str, bool] = {}
         # keys being read back right now (out of ``touched``, not yet in the mirror)
         self.reading = 0
         self.local_spent: set[str] = set()
@@ -419,6 +434,15 @@ class RedisBackend:
 
     def rule_of(self, key: str) -> str:
         return self.mirror.limiter.rule_of(key)
+
+    def shadowed(self, rule: str, key: str) -> bool:
+        """Shadow mode of a refusal: as the config in Redis said when the script refused
+        it (front doors ask right after the refusal), else (a fallback decision) as the
+        mirror's configs say."""
+        found = self.refused_shadow.get(key)
+        if found is not None:
+            return found
+        return self.mirror.limiter.shadowed(rule, key)
 
     def holds(self, key: str) -> bool:
         return key in self.mirror.buckets
@@ -514,10 +538,13 @@ class RedisBackend:
         refill_rate: float | None = None,
         ttl: float | None = None,
         mode: str | None = None,
+        shadow: bool | None = None,
     ) -> asyncio.Future[BucketConfig]:
         """A runtime change: joined into the mirror (the mesh replicates it) and put into
         Redis for the region's other nodes (when Redis is back, if it is down)."""
-        return asyncio.ensure_future(self._configure(key_or_rule, capacity, refill_rate, ttl, mode))
+        return asyncio.ensure_future(
+            self._configure(key_or_rule, capacity, refill_rate, ttl, mode, shadow)
+        )
 
     async def _configure(
         self,
@@ -526,13 +553,14 @@ class RedisBackend:
         refill_rate: float | None,
         ttl: float | None,
         mode: str | None,
+        shadow: bool | None = None,
     ) -> BucketConfig:
         is_rule = key in self.mirror.limiter.rules_by_name
         if not is_rule and self.up:
             with contextlib.suppress(StoreUnavailable, StaleIncarnation):
                 await self.refresh([key])
         config = self.mirror.configure(
-            key, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode
+            key, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode, shadow=shadow
         )
         if self.up:
             try:
@@ -607,6 +635,7 @@ class RedisBackend:
         self.eviction_warning = warning
 
     def _mark_down(self, error: BaseException) -> None:
+        self.refused_shadow.clear()  # the policy decides now: the mirror's marks
         self.last_error = str(error) or type(error).__name__
         if self.up:
             self.outages += 1
@@ -749,10 +778,16 @@ class RedisBackend:
         if verdict.status == INVALID_TOKENS:
             outcome(_invalid(ask.tokens, verdict.capacity))
             return
-        if verdict.status == ALLOWED and ask.tokens and ask.rule in self.tracked:
-            self.touched.add(ask.key)
-            if ask.key not in self.mirror.buckets:
-                self.unmirrored.add(ask.key)
+        if verdict.status == ALLOWED:
+            if ask.tokens and ask.rule in self.tracked:
+                self.touched.add(ask.key)
+                if ask.key not in self.mirror.buckets:
+                    self.unmirrored.add(ask.key)
+        else:
+            shadows = self.refused_shadow
+            if len(shadows) >= MAX_REFUSED_SHADOW:
+                shadows.clear()
+            shadows[ask.key] = verdict.shadow
         outcome(verdict.decision(ask.key))
 
     async def _reconfigure(self, asks: Iterable[Ask], now: int) -> None:
