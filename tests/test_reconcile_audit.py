@@ -25,6 +25,13 @@ def repairs(trail: Path) -> list[dict[str, Any]]:
     return [event for event in events if event["event"] == "repair"]
 
 
+def recorded(trail: Path, key: str) -> list[dict[str, Any]]:
+    """The repair events of ``key`` in ``trail``, once there is one (for ``eventually``)."""
+    events = [event for event in repairs(trail) if event.get("key") == key]
+    assert events, f"no repair of {key} in {trail.name} yet"
+    return events
+
+
 def test_each_node_records_the_repairs_written_into_it(
     serve: ServerFactory, tmp_path: Path
 ) -> None:
@@ -48,7 +55,7 @@ def test_each_node_records_the_repairs_written_into_it(
     spent = {"us-east-1": 10, "us-west-2": 20, "eu-central-1": 30}
     for node in (east, west, central):
         events = eventually(
-            lambda n=node: [e for e in repairs(trails[n.region]) if e["key"] == "rc-split"],
+            lambda n=node: recorded(trails[n.region], "rc-split"),
             f"{node.name} recorded the repair of rc-split",
         )
         assert len(events) == 1, events
@@ -63,12 +70,11 @@ def test_each_node_records_the_repairs_written_into_it(
     # rc-one: new to east and central (no bucket there before), unchanged at west
     for node in (east, central):
         (event,) = eventually(
-            lambda n=node: [e for e in repairs(trails[n.region]) if e["key"] == "rc-one"],
-            f"{node.name} recorded rc-one",
+            lambda n=node: recorded(trails[n.region], "rc-one"), f"{node.name} recorded rc-one"
         )
         assert event["old"] is None
         assert event["new"] == {"tokens_remaining": 93, "entries": {ids["us-west-2"]: 7}}
-    assert not [e for e in repairs(trails["us-west-2"]) if e["key"] == "rc-one"]
+    assert not [e for e in repairs(trails["us-west-2"]) if e.get("key") == "rc-one"]
 
     # nothing left to repair (exit 0): reconcile pushes nothing, so nothing is recorded
     before = {region: len(repairs(trail)) for region, trail in trails.items()}
