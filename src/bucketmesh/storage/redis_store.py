@@ -21,6 +21,8 @@ bucket lives in one Cluster slot):
 ``a:<replica id>``  its anchor: "time,used then,used when its slice began"
 ``k:<replica id>``  its marks: "first grant in a slice,used before,..." (times relative
     to the epoch)
+``f:<region/node>``  a fold record "W,F": that node's incarnations below W folded into
+    F tokens, counted in ``t`` without entries (``Bucket.fold``; merge.lua joins them)
 
 The scripts compute the merged TAT from every replica's records exactly as
 ``Bucket._recompute`` does (a sweep over the record points), once per bucket and
@@ -123,7 +125,7 @@ ACQUIRE_LUA: Final = _script("acquire")
 # then per delta: es, en, c, i, l, m, vh, vo, bh, bo, bt (relative to the delta's
 # epoch), bu, r, expired (1/0), shadow (1/0), n, n (replica id, used) pairs, n, n (replica id,
 # anchor time, anchor used, used when its slice began), n, n (replica id,
-# "point,before,...") pairs
+# "point,before,...") pairs, n, n (region/node, watermark, folded tokens) fold records
 # (times relative to the epoch). Answer: how many buckets changed.
 MERGE_LUA: Final = _script("merge")
 
@@ -780,6 +782,9 @@ class RedisStore:
             for rid, flat in marks.items():
                 shifted = [value - epoch if j % 2 == 0 else value for j, value in enumerate(flat)]
                 args += [rid, ",".join(map(str, shifted))]
+            args.append(len(delta.folds))
+            for node, (watermark, tokens) in delta.folds.items():
+                args += [node, watermark, tokens]
         if self.cluster:
 
             async def one(keys: list[str], args: list[Any]) -> Any:
@@ -871,6 +876,7 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
     anchor_used: dict[str, int] = {}
     anchor_begun: dict[str, int] = {}
     marks: dict[str, tuple[int, ...]] = {}
+    folds: dict[str, tuple[int, int]] = {}
     for field, value in row.items():
         if field.startswith("a:"):
             point, before, begun = (int(x) for x in value.split(","))
@@ -879,6 +885,9 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         elif field.startswith("k:"):
             flat = [int(x) for x in value.split(",")]
             marks[field[2:]] = tuple(epoch + x if j % 2 == 0 else x for j, x in enumerate(flat))
+        elif field.startswith("f:"):
+            watermark, tokens = (int(x) for x in value.split(","))
+            folds[field[2:]] = (watermark, tokens)
     return BucketDelta(
         key,
         epoch,
@@ -892,4 +901,5 @@ def parse_bucket(key: str, row: dict[str, str]) -> BucketDelta | None:
         anchor_used,
         anchor_begun,
         marks,
+        folds=folds,
     )

@@ -59,6 +59,10 @@ local function load(key)
       rep.a, rep.au, rep.as = triple[1], triple[2], triple[3]
     elseif kind == 'k:' then
       rep_of(b, string.sub(f, 3)).k = nums(x)
+    elseif kind == 'f:' then
+      local wf = nums(x)
+      if b.folds == nil then b.folds = {} end
+      b.folds[string.sub(f, 3)] = {wf[1], wf[2]}
     elseif SCALARS[f] then
       b[f] = tonumber(x)
     else
@@ -237,6 +241,77 @@ local function save_rep(key, rid, rep)
   end
   if #rep.k > 0 then redis.call('HSET', key, 'k:' .. rid, joined(rep.k)) end
 end
+-- Retired incarnations (bucket.py, Bucket.fold): f:<region/node> = "W,F" folds that
+-- node's incarnations below W into F tokens (in t, without records).
+local function below(rid, node, w)
+  local n, num = string.match(rid, '^(.*)/(%d+)$')
+  return n == node and tonumber(num) < w
+end
+local function folded(b, rid)
+  if b.folds == nil then return false end
+  local n, num = string.match(rid, '^(.*)/(%d+)$')
+  if n == nil then return false end
+  local fold = b.folds[n]
+  return fold ~= nil and tonumber(num) < fold[1]
+end
+-- fold records that would cover `me` (the store's own, live incarnation) are ignored
+local function own_safe(folds, me)
+  local out = {}
+  local n, num = string.match(me, '^(.*)/(%d+)$')
+  for node, wf in pairs(folds) do
+    if not (n == node and tonumber(num) < wf[1]) then out[node] = wf end
+  end
+  return out
+end
+local function save_folds(key, b)
+  if b.folds == nil then return end
+  for node, wf in pairs(b.folds) do
+    redis.call('HSET', key, 'f:' .. node, fmt(wf[1]) .. ',' .. fmt(wf[2]))
+  end
+end
+-- join fold records into stored bucket b (Bucket.fold, line for line): a newer record
+-- drops the entries it covers and puts F in their place in t; if any of them held
+-- records, the base is first re-based at the TAT as it stood (a step up the register)
+local function fold_in(key, b, folds, me)
+  local changed, recorded = false, false
+  local tat_before, total_before = 0, 0
+  for node, wf in pairs(own_safe(folds, me)) do
+    local w, f = wf[1], wf[2]
+    local known = nil
+    if b.folds ~= nil then known = b.folds[node] end
+    if known == nil or w > known[1] or (w == known[1] and f > known[2]) then
+      if not changed then tat_before, total_before = tat_of(b, me), b.t end
+      local dropped = 0
+      for rid, rep in pairs(b.reps) do
+        if below(rid, node, w) then
+          dropped = dropped + rep.u
+          if rep.a ~= nil or #rep.k > 0 then recorded = true end
+          b.reps[rid] = nil
+          redis.call('HDEL', key, 'u:' .. rid, 'a:' .. rid, 'k:' .. rid)
+        end
+      end
+      if b.folds == nil then b.folds = {} end
+      b.folds[node] = {w, f}
+      local known_f = 0
+      if known ~= nil then known_f = known[2] end
+      b.t = b.t + f - known_f - dropped
+      redis.call('HSET', key, 'f:' .. node, fmt(w) .. ',' .. fmt(f))
+      changed = true
+    end
+  end
+  if recorded then
+    local gx, gb = tat_before - total_before * b.i, b.bt - b.bu * b.i
+    if gx > gb or (gx == gb and tat_before > b.bt) then
+      b.bt, b.bu = tat_before, total_before
+      redis.call('HSET', key, 'bt', fmt(b.bt), 'bu', fmt(b.bu))
+    end
+  end
+  if changed then
+    b.tc = nil
+    redis.call('HSET', key, 't', fmt(b.t))
+  end
+  return changed
+end
 -- the shadow mark rides in the config register: '1' stored as s, anything else none
 local function save_shadow(key, b)
   if b.s == '1' then redis.call('HSET', key, 's', '1') else redis.call('HDEL', key, 's') end
@@ -246,4 +321,5 @@ local function save_all(key, b)
     'l', fmt(b.l), 'm', b.m, 'vh', b.vh, 'vo', b.vo, 'bh', b.bh, 'bo', b.bo,
     'bt', fmt(b.bt), 'bu', fmt(b.bu), 't', fmt(b.t), 'r', b.r)
   save_shadow(key, b)
+  save_folds(key, b)
 end

@@ -2,7 +2,8 @@ local now_s, now_n, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local o = 3
 local changed = 0
 -- ARGV per delta: es en c i l m vh vo bh bo bt bu r expired s, n (rid used) pairs,
--- n (rid anchor-point anchor-used slice-start-used) quadruples, n (rid "point,before,...") pairs
+-- n (rid anchor-point anchor-used slice-start-used) quadruples, n (rid "point,before,...") pairs,
+-- n (region/node watermark folded-tokens) triples
 local function incoming()
   local x = {es = tonumber(ARGV[o + 1]), en = tonumber(ARGV[o + 2]), c = tonumber(ARGV[o + 3]),
              i = tonumber(ARGV[o + 4]), l = tonumber(ARGV[o + 5]), m = ARGV[o + 6],
@@ -30,9 +31,27 @@ local function incoming()
     rep_of(x, ARGV[o + 1]).k = nums(ARGV[o + 2])
     o = o + 2
   end
+  n = tonumber(ARGV[o + 1]); o = o + 1
+  if n > 0 then x.folds = {} end
+  for _ = 1, n do
+    x.folds[ARGV[o + 1]] = {tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])}
+    o = o + 3
+  end
   return x, expired
 end
 local function replace(key, x)
+  -- a state that arrives whole keeps its own-safe fold records, not the entries they
+  -- cover, and counts their F (Bucket._replace)
+  if x.folds ~= nil then
+    x.folds = own_safe(x.folds, me)
+    for rid, rep in pairs(x.reps) do
+      if folded(x, rid) then
+        x.t = x.t - rep.u
+        x.reps[rid] = nil
+      end
+    end
+    for _, wf in pairs(x.folds) do x.t = x.t + wf[2] end
+  end
   redis.call('DEL', key)
   for rid, rep in pairs(x.reps) do
     if #rep.k > 0 then rep.k = join_marks({}, rep.k) end
@@ -72,6 +91,7 @@ for d = 1, #KEYS do
     changed = changed + 1
   elseif x.es == b.es and x.en == b.en then
     local moved = false
+    if x.folds ~= nil and fold_in(key, b, x.folds, me) then moved = true end
     if vcmp(x.vh, x.vo, b.vh, b.vo) > 0 then
       b.c, b.i, b.l, b.m, b.vh, b.vo, b.s = x.c, x.i, x.l, x.m, x.vh, x.vo, x.s
       redis.call('HSET', key, 'c', fmt(b.c), 'i', fmt(b.i), 'l', fmt(b.l), 'm', b.m,
@@ -94,7 +114,9 @@ for d = 1, #KEYS do
     for rid, got in pairs(x.reps) do
       local rep = b.reps[rid]
       local fresh = rep == nil
-      if fresh and rid ~= me and got.u <= 0 and got.a == nil and #got.k == 0 then
+      if folded(b, rid) then
+        -- an entry folded away here: a late message brings it back for nothing
+      elseif fresh and rid ~= me and got.u <= 0 and got.a == nil and #got.k == 0 then
         -- nothing to hold
       else
         rep = rep_of(b, rid)

@@ -675,18 +675,8 @@ class Reconciler:
             return
         if not report.foldable_entries:
             return
-        stores = sorted(
-            region
-            for region, rep in report.regions.items()
-            if rep.replica_id and rep.replica_id.split("/")[1:2] == ["redis"]
-        )
-        if stores:
-            # its scripts keep no fold records: it would hold the entries and differ forever
-            report.fold_mode = "skipped"
-            report.fold_skipped = (
-                f"{', '.join(stores)} run(s) the Redis backend, which keeps no fold records"
-            )
-            return
+        # a Redis-backed region folds too: its merge script joins the fold records
+        # (storage/lua/common.lua, fold_in) as Bucket.fold does
         if not self.repair:
             report.fold_mode = "dry-run"
             return
