@@ -1013,10 +1013,14 @@ class Bucket:
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
-        bucket = cls.__new__(cls)
-        bucket.rule = delta.rule
+        bucket = cls(_BLANK, 0, delta.rule)  # every field is set again by _replace
         bucket._replace(delta, replica_id)
         return bucket
+
+
+_BLANK: Final = BucketConfig(1, 1, 1, SHARED, (0, ""))
+"""A placeholder config for ``from_delta``'s constructor call (a compiled class has
+no bare ``__new__``)."""
 
 
 def incarnation_of(rid: str) -> tuple[str, int | None]:

@@ -348,9 +348,13 @@ class Limiter:
         (a new key, a bad ``tokens``) is checked off it.
         """
         bucket = self.buckets.get(key)
-        if bucket is None or tokens < 0:
+        if bucket is None or tokens < 0 or self.gates is not None:
             return self._acquire_cold(key, tokens, rule, now)
-        decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
+        return self._decide(key, bucket, tokens, self.clock() if now is None else now)
+
+    def _decide(self, key: str, bucket: Bucket, tokens: int, now: int) -> Decision:
+        """``acquire`` on a live bucket, ``tokens`` ≥ 0: its decision and the bookkeeping."""
+        decision = bucket.acquire(key, tokens, now)
         if self.share_region is not None and bucket.config.mode == STRICT:
             self.share_asked[key] = self.share_asked.get(key, 0) + tokens
             if tokens and not decision.allowed:
@@ -369,9 +373,22 @@ class Limiter:
             )
         return decision
 
+    def _acquire_open(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
+        """``acquire`` past the recovery gate (what the gate itself decides with)."""
+        bucket = self.buckets.get(key)
+        if bucket is None or tokens < 0:
+            return self._acquire_new(key, tokens, rule, now)
+        return self._decide(key, bucket, tokens, now)
+
     def _acquire_cold(self, key: str, tokens: int, rule: str | None, now: int | None) -> Decision:
         if now is None:
             now = self.clock()
+        if self.gates is not None:
+            return self._acquire_gated(key, tokens, rule, now)
+        return self._acquire_new(key, tokens, rule, now)
+
+    def _acquire_new(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
+        """``acquire`` of a key without a live bucket, or of a bad ``tokens``."""
         if tokens < 0:
             capacity = self.inspect(key, rule=rule, now=now).config.capacity
             raise InvalidTokens(
@@ -387,8 +404,8 @@ class Limiter:
                 f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
             )
         self._create(key, rule, now)
-        # the plain acquire, also while ``acquire`` is the recovery gate's (which called it)
-        return Limiter.acquire(self, key, tokens, now=now)
+        # the plain acquire, also while the recovery gate is up (which called it)
+        return self._acquire_open(key, tokens, None, now)
 
     def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
         return self.acquire(key, 0, rule=rule, now=now)
@@ -621,8 +638,7 @@ class Limiter:
         horizon = max((c.capacity * c.interval_ns for c in self.rule_configs.values()), default=0)
         self.recovery_until = since + horizon
         if shared and horizon:
-            self.gates = {}
-            self.acquire = self._acquire_gated  # type: ignore[method-assign]
+            self.gates = {}  # ``acquire`` goes through ``_acquire_gated`` while set
             if self.on_acquire_changed is not None:
                 self.on_acquire_changed()
 
@@ -632,7 +648,6 @@ class Limiter:
         if self.gates is None:
             return
         self.gates = None
-        del self.acquire
         if self.on_acquire_changed is not None:
             self.on_acquire_changed()
 
@@ -650,26 +665,24 @@ class Limiter:
         return gate
 
     def _acquire_gated(
-        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
+        self, key: str, tokens: int, rule: str | None, now: int
     ) -> Decision:
         """``acquire`` while shared buckets are gated: a grant needs the bucket and the
         key's gate (the same limits, empty at ``unknown_since``, never replicated)."""
-        if now is None:
-            now = self.clock()
         gates = self.gates
         if gates is None or now >= self.recovery_until:
             self.end_shared_recovery()
-            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+            return self._acquire_open(key, tokens, rule, now)
         if tokens <= 0:
-            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
-        peek = Limiter.acquire(self, key, 0, rule=rule, now=now)
+            return self._acquire_open(key, tokens, rule, now)
+        peek = self._acquire_open(key, 0, rule, now)
         if peek.mode != SHARED or tokens > peek.capacity or peek.tokens_remaining < tokens:
-            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+            return self._acquire_open(key, tokens, rule, now)
         gate = self._gate(key, self.inspect(key, rule=rule, now=now), now)
         gated = gate.acquire(key, tokens, now)
         if not gated.allowed:
             return gated
-        decision = Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        decision = self._acquire_open(key, tokens, rule, now)
         if gated.tokens_remaining < decision.tokens_remaining:
             decision = msgspec.structs.replace(decision, tokens_remaining=gated.tokens_remaining)
         return decision
