@@ -20,7 +20,7 @@ install: $(STAMP)
 # The decision core is compiled with mypyc (setup.py; the list is src/bucketmesh/_native.py):
 # the dev dependencies (mypy among them) first, then the package again without build
 # isolation, so that setup.py finds mypyc. Without a compiler it installs the pure core.
-CORE_SOURCES := $(wildcard src/bucketmesh/core/*.py) src/bucketmesh/_native.py
+CORE_SOURCES := src/bucketmesh/core/bucket.py src/bucketmesh/core/limiter.py src/bucketmesh/_native.py
 
 $(STAMP): pyproject.toml setup.py $(CORE_SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ $(STAMP): pyproject.toml setup.py $(CORE_SOURCES)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q 'setuptools>=77' wheel
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(PY) -c "from bucketmesh import _native; print('bucketmesh: the decision core is', 'compiled (mypyc)' if _native.compiled() else 'pure Python (no compiler: docs/build.md)')"
 	@test -x $(CHECKOV) || ($(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/pip install -q 'checkov>=3.2,<4')
 	@touch $(STAMP)
 

@@ -27,13 +27,12 @@ from typing import Final
 
 #: the modules mypyc compiles together (one shared library: calls between them are
 #: native), as paths under src/; setup.py reads this list
+#: (what a decision runs). Not compiled: core/structs.py (mypyc would drop the msgspec
+#: class options), rules.py and shares.py (msgspec structs of their own; off the
+#: decision path), limits.py, decisions.py and affinity.py (nothing per decision).
 COMPILED: Final = (
     "bucketmesh/core/bucket.py",
-    "bucketmesh/core/decisions.py",
     "bucketmesh/core/limiter.py",
-    "bucketmesh/core/limits.py",
-    "bucketmesh/core/rules.py",
-    "bucketmesh/core/shares.py",
 )
 
 PURE_ENV: Final = "BUCKETMESH_PURE"

@@ -141,9 +141,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, get_args
 
-import msgspec
-
-from bucketmesh.core.shares import ShareState
+# The structs (config, decision, delta) live in ``structs.py``, which is never compiled:
+# mypyc would build them without their msgspec options (frozen, array_like, gc).
+from bucketmesh.core.structs import BucketConfig as BucketConfig
+from bucketmesh.core.structs import BucketDelta as BucketDelta
+from bucketmesh.core.structs import Decision as Decision
+from bucketmesh.core.structs import Version as Version
 
 # The modes, defined once: the wire structs' type (and the OpenAPI enum), the
 # validator (core.limits) and the code all read them from here.
@@ -155,84 +158,12 @@ LOCAL: Final = "local"
 
 NS_PER_S: Final = 1_000_000_000
 
-Version = tuple[int, str]
-"""(hybrid logical clock, origin): origin is a replica id, or ``rule:<digest>``."""
-
-
-class BucketConfig(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """One generation of a bucket's limits. ``interval_ns`` is T = 1e9 / refill rate."""
-
-    capacity: int
-    interval_ns: int
-    ttl_ns: int
-    mode: str
-    version: Version
-
-    @property
-    def refill_rate(self) -> float:
-        return NS_PER_S / self.interval_ns
-
 
 def interval_for(refill_rate: float) -> int:
     """The integer emission interval for a rate in tokens per second (at least 1 ns)."""
     if not refill_rate > 0:
         raise ValueError(f"refill rate must be > 0, got {refill_rate}")
     return max(1, round(NS_PER_S / refill_rate))
-
-
-class Decision(msgspec.Struct, frozen=True, gc=False):
-    """The answer to one acquire or peek; times in seconds (floats, ns precision)."""
-
-    allowed: bool
-    key: str
-    tokens_remaining: int
-    capacity: int
-    refill_rate: float
-    retry_after: float
-    reset_after: float
-    mode: str
-    rule: str
-
-
-class BucketDelta(msgspec.Struct, array_like=True, gc=False):
-    """What replicas exchange: absolute values, so merging one twice is harmless.
-
-    ``used`` carries the sender's own entry (a delta) or every entry it knows
-    (a full-state transfer); merge treats both alike. ``anchor_*`` and ``marks``
-    hold, per replica, its records (see "History" in the module docstring): its
-    anchor ``anchor_at[r]`` with ``anchor_used[r]`` used then and
-    ``anchor_begun[r]`` used when that slice began (three flat maps of integers:
-    no container the garbage collector must track), ``marks[r] = [first grant's instant in a
-    slice, used before it, ...]`` sorted by instant. ``base_time``/``base_used`` are the base
-    (version ``base_version``): full at ``base_time`` with ``base_used`` spent.
-    """
-
-    key: str
-    epoch: int
-    config: BucketConfig
-    base_version: Version
-    base_time: int
-    used: dict[str, int]
-    rule: str = ""
-    base_used: int = 0
-    anchor_at: dict[str, int] = {}
-    anchor_used: dict[str, int] = {}
-    anchor_begun: dict[str, int] = {}
-    marks: dict[str, tuple[int, ...]] = {}
-    #: node (``region/node``) -> (W, F): its incarnations below W are folded into F
-    #: tokens (see "Retired incarnations" in the module docstring); older readers
-    #: ignore this trailing field
-    folds: dict[str, tuple[int, int]] = {}
-    #: a strict key's rights ledger (core/shares.py), on its config-only deltas
-    shares: ShareState | None = None
-
-    @property
-    def anchors(self) -> dict[str, tuple[int, int, int]]:
-        """Each replica's anchor as (time, used then, used when its slice began)."""
-        used, begun = self.anchor_used, self.anchor_begun
-        return {
-            rid: (at, used.get(rid, 0), begun.get(rid, 0)) for rid, at in self.anchor_at.items()
-        }
 
 
 class Hlc:

@@ -91,42 +91,14 @@ from bucketmesh.core.shares import (
     plan,
     share_limits,
 )
+from bucketmesh.core.structs import DeltaBatch as DeltaBatch
+from bucketmesh.core.structs import Snapshot as Snapshot
 
 SNAPSHOT_FORMAT: Final = 1
 EVICTED_SLOTS: Final = 4096  # slots per epoch for the counts of tombstones evicted early
 TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
 DEMAND_ALPHA: Final = 0.25  # the weight of the last period in a strict key's demand
 HEADROOM: Final = 1.05  # a strict region's need is its recent demand and 5 % (rebalancer)
-
-
-class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
-    """One message's worth of replication: bucket deltas and rule-level config."""
-
-    origin: str
-    deltas: list[BucketDelta]
-    rules: dict[str, BucketConfig] = {}
-
-
-class Snapshot(msgspec.Struct, array_like=True):
-    format: int
-    replica_id: str
-    hlc: int
-    rules: dict[str, BucketConfig]
-    buckets: list[BucketDelta]
-    #: rule name -> the version this node gave its file's limits (``stamp_file_rules``)
-    files: dict[str, Version] = {}
-    #: per-key configs of strict keys, whole (``Limiter.key_configs``)
-    keys: dict[str, BucketConfig] = {}
-    #: strict keys' rights ledgers (core/shares.py)
-    shares: dict[str, ShareState] = {}
-    #: a blind replica (started without its previous life's state; core/shares.py)
-    #: stays blind across snapshots
-    blind: bool = False
-    #: (unknown_since, recovery_until) of a replica that started without its previous
-    #: life's state, while its strict buckets still start empty (``begin_recovery``)
-    recovery: tuple[int, int] | None = None
-    #: region/node -> the newest incarnation seen (older ones' strict gifts are frozen)
-    newest: dict[str, int] = {}
 
 
 class Journal:
@@ -664,9 +636,7 @@ class Limiter:
             gate.reconfigure(config, now)
         return gate
 
-    def _acquire_gated(
-        self, key: str, tokens: int, rule: str | None, now: int
-    ) -> Decision:
+    def _acquire_gated(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
         """``acquire`` while shared buckets are gated: a grant needs the bucket and the
         key's gate (the same limits, empty at ``unknown_since``, never replicated)."""
         gates = self.gates
