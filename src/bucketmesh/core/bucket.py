@@ -510,7 +510,9 @@ class Bucket:
             tat = unc
         backlog = tat - now_ns  # TAT − t; negative: full since then
         need = tokens * interval
-        if (backlog if backlog > 0 else 0) + need > capacity * interval:
+        # backlog⁺ + n·T > C·T, as a floor division (x > C·T ⇔ (x − 1) // T ≥ C): the
+        # compiled build multiplies ints of 2^30 and more, a large C, on a slow path
+        if ((backlog if backlog > 0 else 0) + need - 1) // interval >= capacity:
             return Decision(
                 False,
                 key,

@@ -61,7 +61,7 @@ import hashlib
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -216,6 +216,42 @@ def share_of(config: BucketConfig, regions: int) -> BucketConfig:
     return msgspec.structs.replace(
         config, capacity=config.capacity // regions, interval_ns=config.interval_ns * regions
     )
+
+
+# -- batches: the per-item work of a batch request, compiled with the core -------------
+
+
+def batch_asks(items: Sequence[Any], rules: Container[str]) -> list[Ask] | None:
+    """The asks of a batch's items (objects with ``key``, ``tokens`` and ``rule``), or
+    None when an item's key is missing, its tokens are negative or its rule is not in
+    ``rules``: the caller then takes each item in turn (and names the bad one)."""
+    out: list[Ask] = []
+    keep = out.append
+    make = tuple.__new__  # Ask(...) runs a Python-level __new__
+    for item in items:
+        key = item.key
+        tokens = item.tokens
+        rule = item.rule
+        if key is None or tokens < 0 or (rule is not None and rule not in rules):
+            return None
+        keep(make(Ask, (key, tokens, rule)))
+    return out
+
+
+def tally(decisions: Sequence[Decision], near_share: float) -> tuple[int, int, str | None]:
+    """(allowed, allowed with fewer than ``near_share`` × capacity tokens left, the rule
+    every decision is under or None if several): what a batch's metrics count."""
+    allowed = 0
+    near = 0
+    rule: str | None = decisions[0].rule if decisions else None
+    for decision in decisions:
+        if decision.allowed:
+            allowed += 1
+            if decision.tokens_remaining < decision.capacity * near_share:
+                near += 1
+        if rule is not None and decision.rule != rule:
+            rule = None
+    return allowed, near, rule
 
 
 class Limiter:
