@@ -307,20 +307,23 @@ class Bucket:
     """
 
     __slots__ = (
+        "_config",
         "anchor",
         "anchor_slice",
         "anchor_used",
         "base_time",
         "base_used",
         "base_version",
-        "config",
+        "capacity",
         "edge",
         "entries",
         "epoch",
         "folds",
         "g",
+        "interval",
         "marks",
         "mine",
+        "mode",
         "rule",
         "total",
         "unc",
@@ -344,6 +347,20 @@ class Bucket:
         self.g = self.epoch
         self.unc: int | None = None
         self.folds: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def config(self) -> BucketConfig:
+        """This generation's limits. Setting it also sets ``capacity``, ``interval`` and
+        ``mode``, its fields a decision reads (plain attributes: in the compiled build a
+        read of a msgspec field is a generic attribute lookup, ~200 instructions)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: BucketConfig) -> None:
+        self._config = config
+        self.capacity = config.capacity
+        self.interval = config.interval_ns
+        self.mode = config.mode
 
     # -- reading -------------------------------------------------------------
 
@@ -501,9 +518,8 @@ class Bucket:
         slice, so a denied request or a peek never changes the replicated state.
         This is the hot path: integer math, one allocation (the Decision).
         """
-        cfg = self.config
-        interval = cfg.interval_ns
-        capacity = cfg.capacity
+        interval = self.interval
+        capacity = self.capacity
         tat = self.g + self.total * interval
         unc = self.unc
         if unc is not None and unc > tat:
@@ -521,7 +537,7 @@ class Bucket:
                 NS_PER_S / interval,
                 ((backlog if backlog > 0 else 0) + need - capacity * interval) / NS_PER_S,
                 backlog / NS_PER_S if backlog > 0 else 0.0,
-                cfg.mode,
+                self.mode,
                 self.rule,
             )
         if tokens > 0:
@@ -566,7 +582,7 @@ class Bucket:
             NS_PER_S / interval,
             0.0,
             backlog / NS_PER_S if backlog > 0 else 0.0,
-            cfg.mode,
+            self.mode,
             self.rule,
         )
 
@@ -586,13 +602,12 @@ class Bucket:
         if not first.allowed or tokens <= 0:
             out *= count
             return out
-        cfg = self.config
-        interval = cfg.interval_ns
-        capacity = cfg.capacity
+        interval = self.interval
+        capacity = self.capacity
         limit = capacity * interval
         need = tokens * interval
         rate = NS_PER_S / interval
-        mode = cfg.mode
+        mode = self.mode
         rule = self.rule
         keep = out.append
         for _ in range(count - 1):

@@ -363,13 +363,13 @@ class Limiter:
     def _decide(self, key: str, bucket: Bucket, tokens: int, now: int) -> Decision:
         """``acquire`` on a live bucket, ``tokens`` ≥ 0: its decision and the bookkeeping."""
         decision = bucket.acquire(key, tokens, now)
-        if self.share_region is not None and bucket.config.mode == STRICT:
+        if self.share_region is not None and bucket.mode == STRICT:
             self.share_asked[key] = self.share_asked.get(key, 0) + tokens
             if tokens and not decision.allowed:
                 self.share_denied.add(key)
         if decision.allowed:
             if tokens:
-                if bucket.config.mode == SHARED:
+                if bucket.mode == SHARED:
                     self.dirty.add(key)
                 journal = self.journal
                 if journal is not None:
@@ -516,7 +516,7 @@ class Limiter:
             if (
                 bucket is None
                 or tokens < 0
-                or tokens > bucket.config.capacity
+                or tokens > bucket.capacity
                 or (rule is not None and rule != bucket.rule)
             ):
                 return None
@@ -528,21 +528,21 @@ class Limiter:
         extend = out.extend
         granted: dict[str, Bucket] = {}
         for (key, tokens, bucket), count in zip(runs, counts, strict=True):
-            if self.share_region is not None and bucket.config.mode == STRICT:
+            if self.share_region is not None and bucket.mode == STRICT:
                 self.share_asked[key] = self.share_asked.get(key, 0) + tokens * count
             if count == 1:
                 decision = bucket.acquire(key, tokens, now)
                 keep(decision)
                 if tokens and decision.allowed:
                     granted[key] = bucket
-                elif tokens and self.share_region is not None and bucket.config.mode == STRICT:
+                elif tokens and self.share_region is not None and bucket.mode == STRICT:
                     self.share_denied.add(key)
             else:
                 run = bucket.acquire_run(key, tokens, count, now)
                 if (
                     tokens
                     and self.share_region is not None
-                    and bucket.config.mode == STRICT
+                    and bucket.mode == STRICT
                     and not run[-1].allowed
                 ):
                     self.share_denied.add(key)
@@ -552,7 +552,7 @@ class Limiter:
         if granted:
             dirty = self.dirty
             for key, bucket in granted.items():
-                if bucket.config.mode == SHARED:
+                if bucket.mode == SHARED:
                     dirty.add(key)
             journal = self.journal
             if journal is not None:
