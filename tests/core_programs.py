@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import struct
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 
 from bucketmesh.core.bucket import NS_PER_S
 from bucketmesh.core.decisions import Ask
-from bucketmesh.core.limiter import Limiter, LimiterError
+from bucketmesh.core.limiter import Limiter, LimiterError, batch_asks, tally
 from bucketmesh.core.rules import Rule
 
 START = 1_000 * NS_PER_S + 7
@@ -59,7 +60,13 @@ def run(program: list[Any]) -> bytes:
         elif op == "many":
             asks, atomic = arg
             batch = [Ask(*one) for one in asks]
-            out.append(_answer(limiter.acquire_many, batch, atomic=atomic, now=now))
+            # the route's helpers: asks from decoded items, and the metrics' tally
+            items = [SimpleNamespace(key=k, tokens=t, rule=r) for k, t, r in asks]
+            out.append(batch_asks(items, {rule.name for rule in RULES}))
+            decided = _answer(limiter.acquire_many, batch, atomic=atomic, now=now)
+            out.append(decided)
+            if isinstance(decided, list) and decided and not isinstance(decided[0], str):
+                out.append(tally(decided, 0.4))
         elif op == "sync":
             deltas = limiter.collect_deltas()
             out.append(replicas[1 - who].merge(deltas, now=now))

@@ -144,3 +144,35 @@ def test_pure_env_loads_every_module_from_source() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+@needs_compiled
+def test_a_stale_build_is_never_used(tmp_path: Path) -> None:
+    """A compiled module older than its source (edited since the build) falls back to
+    the pure core, with a warning to rebuild: a stale build never decides."""
+    import shutil
+
+    src = Path(_native.__file__).resolve().parent.parent
+    copy = tmp_path / "src"
+    shutil.copytree(src / "bucketmesh", copy / "bucketmesh")
+    for shared in src.glob("*__mypyc*"):
+        shutil.copy2(shared, copy / shared.name)
+    code = (
+        "import warnings, sys; warnings.simplefilter('always'); import bucketmesh; "
+        "from bucketmesh import _native; print(_native.compiled())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    env.pop(_native.PURE_ENV, None)
+    fresh = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert fresh.stdout.split() == ["True"], fresh.stderr
+    source = copy / "bucketmesh" / "core" / "bucket.py"
+    later = max(path.stat().st_mtime for path in copy.rglob("*.so")) + 60
+    os.utime(source, (later, later))
+    stale = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert stale.stdout.split() == ["False"]
+    assert "older than bucketmesh/core/bucket.py" in stale.stderr
+    assert "make install" in stale.stderr
