@@ -9,12 +9,26 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 
 .PHONY: install run test bench lint clean fuzz
 
+# The tests of the core and the simulator, run a second time on the pure-Python core
+PURE_TESTS := tests/test_bucket_laws.py tests/test_batch_equivalence.py tests/test_limiter.py \
+	tests/test_limits.py tests/test_rules.py tests/test_shares.py tests/test_reference.py \
+	tests/test_guarantees.py tests/test_sim_cases.py tests/test_simulation.py \
+	tests/test_recovery_gate.py tests/test_compiled_core.py
+
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The decision core is compiled with mypyc (setup.py; the list is src/bucketmesh/_native.py):
+# the dev dependencies (mypy among them) first, then the package again without build
+# isolation, so that setup.py finds mypyc. Without a compiler it installs the pure core.
+CORE_SOURCES := src/bucketmesh/core/bucket.py src/bucketmesh/core/limiter.py src/bucketmesh/_native.py
+
+$(STAMP): pyproject.toml setup.py $(CORE_SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q 'setuptools>=77' wheel
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(PY) -c "from bucketmesh import _native; print('bucketmesh: the decision core is', 'compiled (mypyc)' if _native.compiled() else 'pure Python (no compiler: docs/build.md)')"
 	@test -x $(CHECKOV) || ($(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/pip install -q 'checkov>=3.2,<4')
 	@touch $(STAMP)
 
@@ -25,6 +39,9 @@ test: install
 	@scripts/ensure-debian-packages.sh redis-server prometheus
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -p no:cacheprovider
+	@# the pure-Python reference core (BUCKETMESH_PURE=1: no compiled module is loaded),
+	@# on the core and simulator tests (the full suite above ran the compiled build)
+	BUCKETMESH_PURE=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_TESTS)
 
 bench: install
 	@scripts/ensure-debian-packages.sh nginx wrk redis-server prometheus gcc
@@ -45,4 +62,4 @@ lint: install
 	$(VENV)/bin/lint-imports --no-cache
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build *.egg-info src/*.egg-info src/*.so src/bucketmesh/core/*.so

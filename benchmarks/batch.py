@@ -566,6 +566,13 @@ def _instructions(which: str, batches: int) -> int:
     return int(out.stderr.split("Collected : ")[1].split()[0])
 
 
+def _core() -> str:
+    """Which decision core this process runs (docs/build.md)."""
+    from bucketmesh import _native
+
+    return "compiled (mypyc)" if _native.compiled() else "pure-Python"
+
+
 def handler_main(args: argparse.Namespace) -> int:
     import statistics
     import timeit
@@ -622,7 +629,7 @@ def handler_main(args: argparse.Namespace) -> int:
         f"The batch route's handler alone (decode, validate, acquire_many, encode; no HTTP), "
         f"{rounds} alternating rounds of {number} batches of {BATCH}, against `limits` "
         f"MemoryStorage fixed window `hit` × {BATCH} in the same rounds. "
-        f"{_report.versions('limits')}.",
+        f"{_report.versions('limits')}. Decision core: {_core()}.",
         "",
         _report.markdown_table(columns, rows),
     ]

@@ -393,6 +393,13 @@ def ratio_rows(by_label: dict[str, Contender]) -> tuple[list[list[str]], bool]:
     return rows, met
 
 
+def _core() -> str:
+    """Which decision core this process runs (docs/build.md)."""
+    from bucketmesh import _native
+
+    return "compiled (mypyc)" if _native.compiled() else "pure-Python"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 short rounds (a smoke run)")
@@ -444,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         body = [
             f"Command: `{command}` — {rounds} rounds × {seconds:g} s per contender, "
             "interleaved; µs per decision, best and median over the rounds.",
-            f"Versions: bucketmesh at the commit above, "
+            f"Versions: bucketmesh at the commit above ({_core()} core), "
             f"{_report.versions('limits', 'pyrate-limiter')}.",
             f"bucketmesh: shared mode, {cadence} (over {DISTINCT_KEYS:,} keys each collect "
             f"builds one delta per key touched); limits and pyrate-limiter at "

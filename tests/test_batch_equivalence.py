@@ -21,10 +21,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_bucket_laws import KEY, grow, ops
 
+from bucketmesh import _native
 from bucketmesh.api.routes import RatingApp
 from bucketmesh.core.bucket import NS_PER_S, Decision
 from bucketmesh.core.decisions import Ask
@@ -77,6 +79,10 @@ def outcome(limiter: Limiter, batch: list[Ask], now: int) -> Any:
         return (type(error), error.index, str(error))
 
 
+@pytest.mark.skipif(
+    _native.compiled(),
+    reason="patches a method of the compiled Limiter: runs on the pure core (BUCKETMESH_PURE=1)",
+)
 @settings(max_examples=300, deadline=None)
 @given(steps, st.booleans(), st.booleans())
 def test_the_one_pass_batch_decides_as_the_general_path(

@@ -33,6 +33,8 @@ from bucketmesh.core.limiter import (
     LimiterError,
     NoRuleError,
     RuleMismatch,
+    batch_asks,
+    tally,
 )
 from bucketmesh.core.limits import LimitError, check_limits
 from bucketmesh.core.rules import KeyTemplate, Shadows, first_match
@@ -496,15 +498,18 @@ class RatingApp:
             raise bad_request(
                 f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
             )
-        asks: list[Ask] = []
-        append = asks.append
         rules_by_name = self.decider.rules_by_name
-        make = tuple.__new__  # Ask(...) runs a Python-level __new__: a third of an item's cost
-        for index, item in enumerate(items):
-            key, tokens, rule = item.key, item.tokens, item.rule
-            if key is None or tokens < 0 or (rule is not None and rule not in rules_by_name):
-                key, rule = self._batch_item(request, index, item)
-            append(make(Ask, (key, tokens, rule)))
+        # the common case in one call into the (compiled) core; else item by item
+        asks = batch_asks(items, rules_by_name)
+        if asks is None:
+            asks = []
+            append = asks.append
+            make = tuple.__new__  # Ask(...) runs a Python-level __new__
+            for index, item in enumerate(items):
+                key, tokens, rule = item.key, item.tokens, item.rule
+                if key is None or tokens < 0 or (rule is not None and rule not in rules_by_name):
+                    key, rule = self._batch_item(request, index, item)
+                append(make(Ask, (key, tokens, rule)))
         # The decider checks every item before charging any: a bad item fails the
         # whole batch with nothing spent, atomic or not.
         try:
@@ -590,9 +595,7 @@ class RatingApp:
         # spliced in (as a single decision's body is). The whole list is encoded at
         # once and the region spliced in after every object: each one ends with its
         # last field, the rule (a string), so '"},{"allowed":' occurs only between
-        # two objects (inside a string a quote is escaped), as does '{"allowed":true,'
-        # only at an allowed decision's start and '"rule":"<rule>"}' only at the end of
-        # a decision under that rule.
+        # two objects (inside a string a quote is escaped).
         if not decisions:
             return Response(200, b'{"results":[],"allowed":0,"denied":0}', JSON)
         suffix = self.renderer.region_suffix
@@ -603,22 +606,15 @@ class RatingApp:
             results = listed[1:-2].replace(boundary, b'"' + suffix + b',{"allowed":') + suffix
         else:  # not the Decision layout assumed above: one object at a time
             results = b",".join([encode(decision)[:-1] + suffix for decision in decisions])
-        allowed = listed.count(b'{"allowed":true,')
         count = self.metrics.count_decision
-        rule = decisions[0].rule
         share = self.near_limit
-        # one rule throughout (as usual): the rule field closes every object alike
-        if listed.count(b'"rule":%s}' % encode(rule)) == len(decisions):
+        # one pass in the (compiled) core: allowed, near the limit, the one rule (if so)
+        allowed, near, rule = tally(decisions, share)
+        if rule is not None:  # one rule throughout (as usual)
             if allowed:
                 count(rule, True, allowed)
-                if share:
-                    near = sum(
-                        1
-                        for d in decisions
-                        if d.allowed and d.tokens_remaining < d.capacity * share
-                    )
-                    if near:
-                        self.metrics.count_near_limit(rule, near)
+                if share and near:
+                    self.metrics.count_near_limit(rule, near)
             if allowed < len(decisions):
                 count(rule, False, len(decisions) - allowed)
         else:

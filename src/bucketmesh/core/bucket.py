@@ -141,9 +141,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Literal, get_args
 
-import msgspec
-
-from bucketmesh.core.shares import ShareState
+# The structs (config, decision, delta) live in ``structs.py``, which is never compiled:
+# mypyc would build them without their msgspec options (frozen, array_like, gc).
+from bucketmesh.core.structs import BucketConfig as BucketConfig
+from bucketmesh.core.structs import BucketDelta as BucketDelta
+from bucketmesh.core.structs import Decision as Decision
+from bucketmesh.core.structs import Version as Version
 
 # The modes, defined once: the wire structs' type (and the OpenAPI enum), the
 # validator (core.limits) and the code all read them from here.
@@ -155,91 +158,12 @@ LOCAL: Final = "local"
 
 NS_PER_S: Final = 1_000_000_000
 
-Version = tuple[int, str]
-"""(hybrid logical clock, origin): origin is a replica id, or ``rule:<digest>``."""
-
-
-class BucketConfig(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """One generation of a bucket's limits. ``interval_ns`` is T = 1e9 / refill rate.
-
-    ``shadow``: the bucket's refusals are advisory (shadow mode, set in the file or by
-    PATCH). It rides in the config register like the limits (same version, same
-    last-writer-wins order, adopted the same way: ``reconfigure`` keeps the level).
-    Trailing with a default: an encoding without it (an older peer, WAL or snapshot)
-    decodes as False, and an older decoder ignores it."""
-
-    capacity: int
-    interval_ns: int
-    ttl_ns: int
-    mode: str
-    version: Version
-    shadow: bool = False
-
-    @property
-    def refill_rate(self) -> float:
-        return NS_PER_S / self.interval_ns
-
 
 def interval_for(refill_rate: float) -> int:
     """The integer emission interval for a rate in tokens per second (at least 1 ns)."""
     if not refill_rate > 0:
         raise ValueError(f"refill rate must be > 0, got {refill_rate}")
     return max(1, round(NS_PER_S / refill_rate))
-
-
-class Decision(msgspec.Struct, frozen=True, gc=False):
-    """The answer to one acquire or peek; times in seconds (floats, ns precision)."""
-
-    allowed: bool
-    key: str
-    tokens_remaining: int
-    capacity: int
-    refill_rate: float
-    retry_after: float
-    reset_after: float
-    mode: str
-    rule: str
-
-
-class BucketDelta(msgspec.Struct, array_like=True, gc=False):
-    """What replicas exchange: absolute values, so merging one twice is harmless.
-
-    ``used`` carries the sender's own entry (a delta) or every entry it knows
-    (a full-state transfer); merge treats both alike. ``anchor_*`` and ``marks``
-    hold, per replica, its records (see "History" in the module docstring): its
-    anchor ``anchor_at[r]`` with ``anchor_used[r]`` used then and
-    ``anchor_begun[r]`` used when that slice began (three flat maps of integers:
-    no container the garbage collector must track), ``marks[r] = [first grant's instant in a
-    slice, used before it, ...]`` sorted by instant. ``base_time``/``base_used`` are the base
-    (version ``base_version``): full at ``base_time`` with ``base_used`` spent.
-    """
-
-    key: str
-    epoch: int
-    config: BucketConfig
-    base_version: Version
-    base_time: int
-    used: dict[str, int]
-    rule: str = ""
-    base_used: int = 0
-    anchor_at: dict[str, int] = {}
-    anchor_used: dict[str, int] = {}
-    anchor_begun: dict[str, int] = {}
-    marks: dict[str, tuple[int, ...]] = {}
-    #: node (``region/node``) -> (W, F): its incarnations below W are folded into F
-    #: tokens (see "Retired incarnations" in the module docstring); older readers
-    #: ignore this trailing field
-    folds: dict[str, tuple[int, int]] = {}
-    #: a strict key's rights ledger (core/shares.py), on its config-only deltas
-    shares: ShareState | None = None
-
-    @property
-    def anchors(self) -> dict[str, tuple[int, int, int]]:
-        """Each replica's anchor as (time, used then, used when its slice began)."""
-        used, begun = self.anchor_used, self.anchor_begun
-        return {
-            rid: (at, used.get(rid, 0), begun.get(rid, 0)) for rid, at in self.anchor_at.items()
-        }
 
 
 class Hlc:
@@ -383,20 +307,23 @@ class Bucket:
     """
 
     __slots__ = (
+        "_config",
         "anchor",
         "anchor_slice",
         "anchor_used",
         "base_time",
         "base_used",
         "base_version",
-        "config",
+        "capacity",
         "edge",
         "entries",
         "epoch",
         "folds",
         "g",
+        "interval",
         "marks",
         "mine",
+        "mode",
         "rule",
         "total",
         "unc",
@@ -420,6 +347,20 @@ class Bucket:
         self.g = self.epoch
         self.unc: int | None = None
         self.folds: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def config(self) -> BucketConfig:
+        """This generation's limits. Setting it also sets ``capacity``, ``interval`` and
+        ``mode``, its fields a decision reads (plain attributes: in the compiled build a
+        read of a msgspec field is a generic attribute lookup, ~200 instructions)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: BucketConfig) -> None:
+        self._config = config
+        self.capacity = config.capacity
+        self.interval = config.interval_ns
+        self.mode = config.mode
 
     # -- reading -------------------------------------------------------------
 
@@ -577,16 +518,17 @@ class Bucket:
         slice, so a denied request or a peek never changes the replicated state.
         This is the hot path: integer math, one allocation (the Decision).
         """
-        cfg = self.config
-        interval = cfg.interval_ns
-        capacity = cfg.capacity
+        interval = self.interval
+        capacity = self.capacity
         tat = self.g + self.total * interval
         unc = self.unc
         if unc is not None and unc > tat:
             tat = unc
         backlog = tat - now_ns  # TAT − t; negative: full since then
         need = tokens * interval
-        if (backlog if backlog > 0 else 0) + need > capacity * interval:
+        # backlog⁺ + n·T > C·T, as a floor division (x > C·T ⇔ (x − 1) // T ≥ C): the
+        # compiled build multiplies ints of 2^30 and more, a large C, on a slow path
+        if ((backlog if backlog > 0 else 0) + need - 1) // interval >= capacity:
             return Decision(
                 False,
                 key,
@@ -595,7 +537,7 @@ class Bucket:
                 NS_PER_S / interval,
                 ((backlog if backlog > 0 else 0) + need - capacity * interval) / NS_PER_S,
                 backlog / NS_PER_S if backlog > 0 else 0.0,
-                cfg.mode,
+                self.mode,
                 self.rule,
             )
         if tokens > 0:
@@ -640,7 +582,7 @@ class Bucket:
             NS_PER_S / interval,
             0.0,
             backlog / NS_PER_S if backlog > 0 else 0.0,
-            cfg.mode,
+            self.mode,
             self.rule,
         )
 
@@ -660,13 +602,12 @@ class Bucket:
         if not first.allowed or tokens <= 0:
             out *= count
             return out
-        cfg = self.config
-        interval = cfg.interval_ns
-        capacity = cfg.capacity
+        interval = self.interval
+        capacity = self.capacity
         limit = capacity * interval
         need = tokens * interval
         rate = NS_PER_S / interval
-        mode = cfg.mode
+        mode = self.mode
         rule = self.rule
         keep = out.append
         for _ in range(count - 1):
@@ -1020,10 +961,14 @@ class Bucket:
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
-        bucket = cls.__new__(cls)
-        bucket.rule = delta.rule
+        bucket = cls(_BLANK, 0, delta.rule)  # every field is set again by _replace
         bucket._replace(delta, replica_id)
         return bucket
+
+
+_BLANK: Final = BucketConfig(1, 1, 1, SHARED, (0, ""))
+"""A placeholder config for ``from_delta``'s constructor call (a compiled class has
+no bare ``__new__``)."""
 
 
 def incarnation_of(rid: str) -> tuple[str, int | None]:

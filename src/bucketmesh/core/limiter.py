@@ -61,7 +61,7 @@ import hashlib
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -91,42 +91,14 @@ from bucketmesh.core.shares import (
     plan,
     share_limits,
 )
+from bucketmesh.core.structs import DeltaBatch as DeltaBatch
+from bucketmesh.core.structs import Snapshot as Snapshot
 
 SNAPSHOT_FORMAT: Final = 1
 EVICTED_SLOTS: Final = 4096  # slots per epoch for the counts of tombstones evicted early
 TOMBSTONE_NS: Final = 600 * NS_PER_S  # how long a dropped bucket's own count is kept, at least
 DEMAND_ALPHA: Final = 0.25  # the weight of the last period in a strict key's demand
 HEADROOM: Final = 1.05  # a strict region's need is its recent demand and 5 % (rebalancer)
-
-
-class DeltaBatch(msgspec.Struct, array_like=True, gc=False):
-    """One message's worth of replication: bucket deltas and rule-level config."""
-
-    origin: str
-    deltas: list[BucketDelta]
-    rules: dict[str, BucketConfig] = {}
-
-
-class Snapshot(msgspec.Struct, array_like=True):
-    format: int
-    replica_id: str
-    hlc: int
-    rules: dict[str, BucketConfig]
-    buckets: list[BucketDelta]
-    #: rule name -> the version this node gave its file's limits (``stamp_file_rules``)
-    files: dict[str, Version] = {}
-    #: per-key configs of strict keys, whole (``Limiter.key_configs``)
-    keys: dict[str, BucketConfig] = {}
-    #: strict keys' rights ledgers (core/shares.py)
-    shares: dict[str, ShareState] = {}
-    #: a blind replica (started without its previous life's state; core/shares.py)
-    #: stays blind across snapshots
-    blind: bool = False
-    #: (unknown_since, recovery_until) of a replica that started without its previous
-    #: life's state, while its strict buckets still start empty (``begin_recovery``)
-    recovery: tuple[int, int] | None = None
-    #: region/node -> the newest incarnation seen (older ones' strict gifts are frozen)
-    newest: dict[str, int] = {}
 
 
 class Journal:
@@ -249,6 +221,42 @@ def share_of(config: BucketConfig, regions: int) -> BucketConfig:
     )
 
 
+# -- batches: the per-item work of a batch request, compiled with the core -------------
+
+
+def batch_asks(items: Sequence[Any], rules: Container[str]) -> list[Ask] | None:
+    """The asks of a batch's items (objects with ``key``, ``tokens`` and ``rule``), or
+    None when an item's key is missing, its tokens are negative or its rule is not in
+    ``rules``: the caller then takes each item in turn (and names the bad one)."""
+    out: list[Ask] = []
+    keep = out.append
+    make = tuple.__new__  # Ask(...) runs a Python-level __new__
+    for item in items:
+        key = item.key
+        tokens = item.tokens
+        rule = item.rule
+        if key is None or tokens < 0 or (rule is not None and rule not in rules):
+            return None
+        keep(make(Ask, (key, tokens, rule)))
+    return out
+
+
+def tally(decisions: Sequence[Decision], near_share: float) -> tuple[int, int, str | None]:
+    """(allowed, allowed with fewer than ``near_share`` × capacity tokens left, the rule
+    every decision is under or None if several): what a batch's metrics count."""
+    allowed = 0
+    near = 0
+    rule: str | None = decisions[0].rule if decisions else None
+    for decision in decisions:
+        if decision.allowed:
+            allowed += 1
+            if decision.tokens_remaining < decision.capacity * near_share:
+                near += 1
+        if rule is not None and decision.rule != rule:
+            rule = None
+    return allowed, near, rule
+
+
 class Limiter:
     """Token buckets for one replica (region/node/incarnation), replicated by deltas."""
 
@@ -351,16 +359,20 @@ class Limiter:
         (a new key, a bad ``tokens``) is checked off it.
         """
         bucket = self.buckets.get(key)
-        if bucket is None or tokens < 0:
+        if bucket is None or tokens < 0 or self.gates is not None:
             return self._acquire_cold(key, tokens, rule, now)
-        decision = bucket.acquire(key, tokens, self.clock() if now is None else now)
-        if self.share_region is not None and bucket.config.mode == STRICT:
+        return self._decide(key, bucket, tokens, self.clock() if now is None else now)
+
+    def _decide(self, key: str, bucket: Bucket, tokens: int, now: int) -> Decision:
+        """``acquire`` on a live bucket, ``tokens`` ≥ 0: its decision and the bookkeeping."""
+        decision = bucket.acquire(key, tokens, now)
+        if self.share_region is not None and bucket.mode == STRICT:
             self.share_asked[key] = self.share_asked.get(key, 0) + tokens
             if tokens and not decision.allowed:
                 self.share_denied.add(key)
         if decision.allowed:
             if tokens:
-                if bucket.config.mode == SHARED:
+                if bucket.mode == SHARED:
                     self.dirty.add(key)
                 journal = self.journal
                 if journal is not None:
@@ -372,9 +384,22 @@ class Limiter:
             )
         return decision
 
+    def _acquire_open(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
+        """``acquire`` past the recovery gate (what the gate itself decides with)."""
+        bucket = self.buckets.get(key)
+        if bucket is None or tokens < 0:
+            return self._acquire_new(key, tokens, rule, now)
+        return self._decide(key, bucket, tokens, now)
+
     def _acquire_cold(self, key: str, tokens: int, rule: str | None, now: int | None) -> Decision:
         if now is None:
             now = self.clock()
+        if self.gates is not None:
+            return self._acquire_gated(key, tokens, rule, now)
+        return self._acquire_new(key, tokens, rule, now)
+
+    def _acquire_new(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
+        """``acquire`` of a key without a live bucket, or of a bad ``tokens``."""
         if tokens < 0:
             capacity = self.inspect(key, rule=rule, now=now).config.capacity
             raise InvalidTokens(
@@ -390,8 +415,8 @@ class Limiter:
                 f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
             )
         self._create(key, rule, now)
-        # the plain acquire, also while ``acquire`` is the recovery gate's (which called it)
-        return Limiter.acquire(self, key, tokens, now=now)
+        # the plain acquire, also while the recovery gate is up (which called it)
+        return self._acquire_open(key, tokens, None, now)
 
     def peek(self, key: str, *, rule: str | None = None, now: int | None = None) -> Decision:
         return self.acquire(key, 0, rule=rule, now=now)
@@ -494,7 +519,7 @@ class Limiter:
             if (
                 bucket is None
                 or tokens < 0
-                or tokens > bucket.config.capacity
+                or tokens > bucket.capacity
                 or (rule is not None and rule != bucket.rule)
             ):
                 return None
@@ -506,21 +531,21 @@ class Limiter:
         extend = out.extend
         granted: dict[str, Bucket] = {}
         for (key, tokens, bucket), count in zip(runs, counts, strict=True):
-            if self.share_region is not None and bucket.config.mode == STRICT:
+            if self.share_region is not None and bucket.mode == STRICT:
                 self.share_asked[key] = self.share_asked.get(key, 0) + tokens * count
             if count == 1:
                 decision = bucket.acquire(key, tokens, now)
                 keep(decision)
                 if tokens and decision.allowed:
                     granted[key] = bucket
-                elif tokens and self.share_region is not None and bucket.config.mode == STRICT:
+                elif tokens and self.share_region is not None and bucket.mode == STRICT:
                     self.share_denied.add(key)
             else:
                 run = bucket.acquire_run(key, tokens, count, now)
                 if (
                     tokens
                     and self.share_region is not None
-                    and bucket.config.mode == STRICT
+                    and bucket.mode == STRICT
                     and not run[-1].allowed
                 ):
                     self.share_denied.add(key)
@@ -530,7 +555,7 @@ class Limiter:
         if granted:
             dirty = self.dirty
             for key, bucket in granted.items():
-                if bucket.config.mode == SHARED:
+                if bucket.mode == SHARED:
                     dirty.add(key)
             journal = self.journal
             if journal is not None:
@@ -638,8 +663,7 @@ class Limiter:
         horizon = max((c.capacity * c.interval_ns for c in self.rule_configs.values()), default=0)
         self.recovery_until = since + horizon
         if shared and horizon:
-            self.gates = {}
-            self.acquire = self._acquire_gated  # type: ignore[method-assign]
+            self.gates = {}  # ``acquire`` goes through ``_acquire_gated`` while set
             if self.on_acquire_changed is not None:
                 self.on_acquire_changed()
 
@@ -649,7 +673,6 @@ class Limiter:
         if self.gates is None:
             return
         self.gates = None
-        del self.acquire
         if self.on_acquire_changed is not None:
             self.on_acquire_changed()
 
@@ -666,27 +689,23 @@ class Limiter:
             gate.reconfigure(config, now)
         return gate
 
-    def _acquire_gated(
-        self, key: str, tokens: int = 1, *, rule: str | None = None, now: int | None = None
-    ) -> Decision:
+    def _acquire_gated(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
         """``acquire`` while shared buckets are gated: a grant needs the bucket and the
         key's gate (the same limits, empty at ``unknown_since``, never replicated)."""
-        if now is None:
-            now = self.clock()
         gates = self.gates
         if gates is None or now >= self.recovery_until:
             self.end_shared_recovery()
-            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+            return self._acquire_open(key, tokens, rule, now)
         if tokens <= 0:
-            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
-        peek = Limiter.acquire(self, key, 0, rule=rule, now=now)
+            return self._acquire_open(key, tokens, rule, now)
+        peek = self._acquire_open(key, 0, rule, now)
         if peek.mode != SHARED or tokens > peek.capacity or peek.tokens_remaining < tokens:
-            return Limiter.acquire(self, key, tokens, rule=rule, now=now)
+            return self._acquire_open(key, tokens, rule, now)
         gate = self._gate(key, self.inspect(key, rule=rule, now=now), now)
         gated = gate.acquire(key, tokens, now)
         if not gated.allowed:
             return gated
-        decision = Limiter.acquire(self, key, tokens, rule=rule, now=now)
+        decision = self._acquire_open(key, tokens, rule, now)
         if gated.tokens_remaining < decision.tokens_remaining:
             decision = msgspec.structs.replace(decision, tokens_remaining=gated.tokens_remaining)
         return decision

@@ -1,0 +1,76 @@
+"""The build: the package as pyproject.toml declares it, plus the decision core
+compiled with mypyc where a compiler is at hand (docs/build.md).
+
+mypyc compiles the modules listed in ``src/bucketmesh/_native.py`` (COMPILED)
+together, from the same sources the pure-Python build runs, into extension modules
+beside them. Without mypyc (an isolated build, where pyproject.toml's build
+requirements do not include mypy), with ``BUCKETMESH_PURE=1``, or when the C
+compiler fails, the pure-Python core is installed alone and a message says so.
+``make install`` builds it compiled: it installs mypy (a dev dependency) first, then
+builds without isolation.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+
+
+def _say(message: str) -> None:
+    print(f"bucketmesh build: {message}", file=sys.stderr, flush=True)
+
+
+def _compiled_sources() -> list[str]:
+    """COMPILED from src/bucketmesh/_native.py, read without importing the package."""
+    tree = ast.parse((HERE / "src/bucketmesh/_native.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "COMPILED":
+            return [f"src/{path}" for path in ast.literal_eval(node.value)]  # type: ignore[arg-type]
+    raise RuntimeError("src/bucketmesh/_native.py has no COMPILED list")
+
+
+def _extensions() -> list[Any]:
+    if os.environ.get("BUCKETMESH_PURE", "") not in ("", "0"):
+        _say("BUCKETMESH_PURE is set: installing the pure-Python core")
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        _say(
+            "mypyc (part of mypy) is not installed here: installing the pure-Python core; "
+            "`make install` (or `pip install mypy` and a build with --no-build-isolation) "
+            "compiles it"
+        )
+        return []
+    try:
+        return list(mypycify(_compiled_sources(), opt_level="3"))
+    except (Exception, SystemExit) as error:  # mypy refused the sources
+        _say(f"mypyc could not compile the core ({error!r}): installing the pure-Python core")
+        return []
+
+
+class OptionalBuildExt(build_ext):
+    """Compiles the core; when the C compiler is missing or fails, installs the pure one."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as error:
+            # all or nothing: a module compiled without the shared library would not import
+            _say(f"compiling the core failed ({error}): installing the pure-Python core")
+            for ext in self.extensions:
+                built = self.get_ext_fullpath(ext.name)
+                if os.path.exists(built):
+                    os.remove(built)
+            self.extensions = []
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
