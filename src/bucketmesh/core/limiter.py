@@ -87,8 +87,10 @@ from bucketmesh.core.shares import (
     Ledger,
     ShareReport,
     ShareState,
+    burnt_limits,
     floor_parts,
     plan,
+    region_of,
     share_limits,
 )
 
@@ -900,6 +902,36 @@ class Limiter:
                 interval = max(interval, report.prev_interval_ns)
         return capacity, interval
 
+    def _ceiling(self, key: str, whole: BucketConfig) -> tuple[int, int] | None:
+        """The highest limit another region may still run on for ``key`` (its report,
+        or, while a region has not reported, the limits any region ran on before),
+        when above the one this region divides: a lowering not yet adopted
+        everywhere. None otherwise."""
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            return None
+        low = self._effective(key, whole)
+        capacity, interval = low
+        reports = ledger.reports
+        me = self.share_region
+        members = ledger.regions() | set(self.share_founders)
+        missing = any(region not in reports for region in members if region != me)
+        for region, report in reports.items():
+            if region != me:
+                capacity = max(capacity, report.capacity)
+                interval = min(interval, report.interval_ns)
+            if missing:
+                capacity = max(capacity, report.prev_capacity)
+                interval = min(interval, report.prev_interval_ns)
+        if (capacity, interval) == low:
+            return None
+        return capacity, interval
+
+    def _burner(self, whole: BucketConfig) -> bool:
+        """This region made the change (``whole``'s version is its own): it burns the
+        excess of a lowering until every region runs on it (docs/sync.md)."""
+        return region_of(whole.version[1]) == self.share_region
+
     def _share(self, key: str, config: BucketConfig) -> BucketConfig:
         """The config of this region's bucket for ``key`` under the whole ``config``."""
         if self.share_region is None or config.mode != STRICT:
@@ -907,7 +939,11 @@ class Limiter:
         self.share_running[key] = (config.capacity, config.interval_ns)
         capacity, interval = self._effective(key, config)
         parts = self.spendable(key, capacity)
-        capacity, interval = share_limits(capacity, interval, parts)
+        high = self._ceiling(key, config) if self._burner(config) else None
+        if high is None:
+            capacity, interval = share_limits(capacity, interval, parts)
+        else:
+            capacity, interval = burnt_limits(capacity, interval, parts, *high)
         return msgspec.structs.replace(config, capacity=capacity, interval_ns=interval)
 
     def _ledger(self, key: str) -> Ledger:
@@ -1071,8 +1107,10 @@ class Limiter:
                 continue  # an idle key with nothing moved: the static split is its ledger
             ledger = self._ledger(key)
             changed = self._report(key, ledger, whole, now)
-            # a region that had to deny is short itself: it gives nothing this round
-            if connected and key not in denied:
+            # a region that had to deny is short itself: it gives nothing this round;
+            # nor while a lowering is not adopted everywhere (a gift would move rights
+            # from a region on the new limit to one still on the old: docs/sync.md)
+            if connected and key not in denied and self._ceiling(key, whole) is None:
                 gifts += self._give(key, bucket, ledger, whole, now)
                 changed = changed or gifts > 0
             if changed:
@@ -1167,6 +1205,14 @@ class Limiter:
                 "rights": held / SCALE,
                 "demand": (report.demand_milli / 1000) if report is not None else 0.0,
                 "reported": report is not None,
+                # the whole limit the region last said it runs on: a PATCH is adopted
+                # everywhere once every region's is the new one (docs/sync.md)
+                "limit": None
+                if report is None
+                else {
+                    "capacity": report.capacity,
+                    "refill_rate": NS_PER_S / report.interval_ns,
+                },
             }
         return out
 

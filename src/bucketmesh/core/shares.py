@@ -333,6 +333,47 @@ def share_limits(capacity: int, interval_ns: int, parts: int) -> tuple[int, int]
     return capacity * parts // SCALE, -(-interval_ns * SCALE // parts)
 
 
+def burnt_limits(
+    capacity: int, interval_ns: int, parts: int, high_capacity: int, high_interval_ns: int
+) -> tuple[int, int]:
+    """(capacity, emission interval) of the region that PATCHed a strict limit lower,
+    holding ``parts``, while another region may still run on the higher limit
+    (``high_*``): its share of the high limit less the whole difference (it burns
+    the excess the others may still spend), never more than its share of the new
+    one. Every other region runs at most its share of the high limit, so the regions
+    together stay within the new limit whoever holds what (the burn is linear in
+    ``parts``). When its share cannot cover the difference in either dimension it
+    spends nothing (capacity 0)."""
+    cap, interval = share_limits(capacity, interval_ns, parts)
+    parts = max(0, min(parts, SCALE))
+    if high_capacity > capacity:
+        cap = min(cap, high_capacity * parts // SCALE - (high_capacity - capacity))
+    if high_interval_ns < interval_ns:
+        # r_hi·p/S − (r_hi − r) = (S·T_hi − (S − p)·T) / (S·T_hi·T) tokens per ns
+        room = SCALE * high_interval_ns - (SCALE - parts) * interval_ns
+        if room <= 0:
+            cap = 0
+        else:
+            interval = max(interval, -(-SCALE * high_interval_ns * interval_ns // room))
+    if cap <= 0:
+        return 0, interval_ns * SCALE
+    return cap, interval
+
+
+def burn_covered(
+    capacity: int, interval_ns: int, parts: int, high_capacity: int, high_interval_ns: int
+) -> bool:
+    """Whether ``parts`` of the high limit cover its excess over the new one in both
+    dimensions (``burnt_limits`` then spends a positive share)."""
+    cap_ok = (
+        high_capacity <= capacity or high_capacity * parts >= (high_capacity - capacity) * SCALE
+    )
+    rate_ok = high_interval_ns >= interval_ns or parts * interval_ns >= SCALE * (
+        interval_ns - high_interval_ns
+    )
+    return cap_ok and rate_ok
+
+
 __all__ = [
     "DAMPING",
     "FLOOR_FRACTION",
@@ -341,6 +382,8 @@ __all__ = [
     "Ledger",
     "ShareReport",
     "ShareState",
+    "burn_covered",
+    "burnt_limits",
     "floor_parts",
     "plan",
     "region_of",

@@ -6,10 +6,15 @@ messages and partitions regions; regions restart with a snapshot (exact, as the
 write-ahead log makes it) or without one (a new, blind incarnation that pulls its
 peers later), a region may be added (not a founder: it starts with no rights),
 a region may be removed (its node stops; its rights stay stranded), and one
-strict key may be PATCHed. Demand is skewed and moves. At every step the
-total admitted over every window [t1, t2] is checked against what the global
-limit allows: ``C + (t2 − t1) / T`` (during a PATCH, the old limit until every
-region runs on the new one; the larger capacity over a window that spans it).
+strict key may be PATCHed (raised or lowered, by the region holding most or
+any; in half of them the origin is cut off right after, every region quiet until
+its bucket is full, then draining it). Demand is skewed and moves. At every step
+the total admitted over every window [t1, t2] is checked against what the global
+limit allows: ``C + (t2 − t1) / T``. During a PATCH: the lower of the old and new
+limit from the PATCH on when the origin's rights above its floor cover a
+lowering's excess (it burns it: ``shares.burnt_limits``), else the old limit until
+every region runs on the new one (or one divides a raised one); the new limit
+after; the larger capacity over a window that spans a change.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bucketmesh.core.bucket import NS_PER_S, STRICT, interval_for
+from bucketmesh.core.bucket import NS_PER_S, STRICT, BucketConfig, interval_for
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter
 from bucketmesh.core.rules import Rule
+from bucketmesh.core.shares import burn_covered
 
 MS = 1_000_000
 _batch_encode = msgspec.msgpack.Encoder().encode
@@ -102,6 +108,11 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
     sync_every = rng.choice((1, 2, 4))
     rebalance_every = rng.choice((2, 5, 10))
     gifts = 0
+    quiet_until = 0
+    # a PATCH at a planned step in a third of the schedules (else by chance, late)
+    patch_step = rng.randint(steps // 4, steps // 2) if rng.random() < 0.35 else -1
+    drain = False
+    raises = False
 
     def reachable(a: str, b: str) -> bool:
         return frozenset((a, b)) not in cut
@@ -187,20 +198,50 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
             del live[removed]
             pulled.pop(removed, None)
             events.append(f"remove {removed}@{step}")
-        elif roll < 0.06 and not patched:
+        elif (roll < 0.06 or step == patch_step) and not patched:
             patched = True
+            # half of the time the region holding the most (a lowering it can cover)
             region = rng.choice(sorted(live))
+            if rng.random() < 0.5:
+                region = max(sorted(live), key=lambda r: live[r].spendable(key, 1))
             new_cap = rng.randint(n + 1, 80)
             new_rate = round(10 ** rng.uniform(0.3, 2.0), 2)
-            live[region].configure(key, capacity=new_cap, refill_rate=new_rate, now=now)
+            if rng.random() < 0.5:  # a lowering of both, often a small one
+                new_cap = max(n + 1, capacity - rng.randint(0, capacity // 2))
+                new_rate = round(rate * rng.uniform(0.4, 1.0), 2)
+            origin = live[region]
+            origin.configure(key, capacity=new_cap, refill_rate=new_rate, now=now)
             old_cap, old_int = limits[-1][1], limits[-1][2]
             new_int = interval_for(new_rate)
-            # until settled: the old limit where it is lower (a raise waits), the new
-            # one where it is lower (a lowering applies at once in some regions, the
-            # old one elsewhere: the old one bounds)
-            limits.append((now, old_cap, old_int))
+            low = (min(old_cap, new_cap), max(old_int, new_int))
+            # the origin burns the excess of a lowering until every region runs on it
+            # (core/shares.py burnt_limits): when what it holds above its floor (all a
+            # restart without a snapshot may leave it) covers the excess, the lower
+            # of the two limits bounds from this instant on; else the old one until
+            # every region has cut (a raise always waits: the old, lower one bounds)
+            floor = max(origin._floor(old_cap), origin._floor(new_cap))
+            held = origin.spendable(key, old_cap) - floor
+            if burn_covered(low[0], low[1], held, old_cap, old_int):
+                limits.append((now, *low))
+                events.append(f"patch covered by {region}")
+            else:
+                limits.append((now, old_cap, old_int))
             pending_patch = (new_cap, new_int)
+            # a raise in either dimension: a region divides the new limit only once
+            # every region has reported it
+            raises = new_cap > old_cap or new_int < old_int
             events.append(f"patch {old_cap}/{old_int}->{new_cap}/{new_int}@{step}")
+            if rng.random() < 0.5:
+                # the origin is cut off right after its PATCH and every region is busy:
+                # the others spend on the old limit for as long as the cut lasts
+                for other in live:
+                    if other != region:
+                        cut.add(frozenset((region, other)))
+                weights = {r: 3.0 for r in live}
+                drain = True
+                full = old_cap * old_int // step_ns + 1  # steps for an empty bucket to fill
+                quiet_until = step + min(full, (steps - step) // 3)
+                events.append(f"cut {region} off, all busy after {quiet_until}")
         if rng.random() < 0.03:
             hot = rng.choice(sorted(live))
             weights = {r: 0.05 for r in live}
@@ -220,11 +261,14 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
             if got >= set(live) - {region}:
                 live[region].shares_pulled()
                 del pulled[region]
-        # traffic
+        # traffic (after a PATCH that cut its origin off: quiet until the buckets are
+        # full, then every region drains its bucket one token at a time)
         for region, limiter in live.items():
-            for _ in range(rng.randint(0, 3)):
+            if step < quiet_until:
+                break
+            for _ in range(rng.randint(0, 3) if not drain else 2 * capacity):
                 if rng.random() < min(1.0, weights.get(region, 0.1)):
-                    tokens = rng.randint(1, max(1, capacity // 4))
+                    tokens = 1 if drain else rng.randint(1, max(1, capacity // 4))
                     asked += tokens
                     try:
                         decision = limiter.acquire(key, tokens, rule="s", now=now)
@@ -241,16 +285,31 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
         if step % sync_every == 0:
             for region, limiter in live.items():
                 send(region, limiter.collect_deltas())
-        if pending_patch is not None and all(
-            (lambda w: (w.capacity, w.interval_ns))(limiter._whole(key, "s")) == pending_patch
-            or limiter.spendable(key, 1) == 0  # holds nothing: spends nothing
-            for limiter in live.values()
+        # settled: every region runs on the new limit, or one divides it (it has seen
+        # every region report it: a region that forgets it later, restarted without a
+        # snapshot, divides a lower one)
+        if pending_patch is not None and (
+            all(
+                _limit(limiter._whole(key, "s")) == pending_patch
+                or limiter.spendable(key, 1) == 0  # holds nothing: spends nothing
+                for limiter in live.values()
+            )
+            or any(
+                raises
+                and _limit(limiter._whole(key, "s")) == pending_patch
+                and limiter._effective(key, limiter._whole(key, "s")) == pending_patch
+                for limiter in live.values()
+            )
         ):
             limits.append((now, *pending_patch))
             pending_patch = None
             events.append(f"settled@{step}")
         check(step)
     return Outcome(seed, n, sum(t for _, t in grants), asked, capacity, rate, steps, gifts, events)
+
+
+def _limit(config: BucketConfig) -> tuple[int, int]:
+    return config.capacity, config.interval_ns
 
 
 def _describe(live: dict[str, Limiter], key: str) -> str:
