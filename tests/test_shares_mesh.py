@@ -33,10 +33,11 @@ class Driver(threading.Thread):
     counts what each node granted, so that a window's total can be checked against
     the limit (an upper bound: it holds however slow the machine is)."""
 
-    def __init__(self, nodes: list[MeshNode], weights: list[float]) -> None:
+    def __init__(self, nodes: list[MeshNode], weights: list[float], load: float = 1.1) -> None:
         super().__init__(daemon=True)
         self.nodes = nodes
         self.weights = weights
+        self.load = load
         self.granted = [0] * len(nodes)
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -49,7 +50,7 @@ class Driver(threading.Thread):
             with self.lock:
                 weights = list(self.weights)
             for i, client in enumerate(clients):
-                credit[i] += RATE * step * weights[i] * 1.1
+                credit[i] += RATE * step * weights[i] * self.load
                 while credit[i] >= 1:
                     credit[i] -= 1
                     response = client.get("/v1/rate", params={"t": "x"})
@@ -81,7 +82,9 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
     overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
     mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, overrides=overrides).start()
     hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
-    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05])
+    # 90 % of the demand in one region, 130 % of the limit in all (every region asks
+    # for more than its rights, so what is served measures the rights in use)
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
     driver.start()
     try:
         # rebalanced: the busy region holds what its 90 % needs (the others about their
@@ -90,6 +93,20 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         state = hot.state(KEY)
         assert sum(e["rights"] for e in state["shares"].values()) <= 1.0 + 1e-9
         assert state["refill_rate"] >= 0.85 * RATE
+
+        # a measured window: the key serves >= 95 % of what its limit allows over it
+        # (r·W: the buckets run empty under this demand, so the capacity is not
+        # counted), never more than C + r·W, most of it in the busy region
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        last = driver.counts()
+        closed = time.monotonic()
+        served = [a - b for a, b in zip(last, first, strict=True)]
+        span = closed - opened
+        assert sum(served) >= 0.95 * RATE * span, (served, span)
+        assert served[0] >= 0.85 * RATE * span, (served, span)
+        assert sum(served) <= CAPACITY + RATE * span, (served, span)
 
         # partition the busy region: no transfer, and neither side over the limit
         assert len(mesh.cut(hot.name)) == 4
