@@ -139,3 +139,74 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
     finally:
         driver.stop.set()
         driver.join(timeout=30)
+
+
+def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_heard(
+    serve: ServerFactory,
+) -> None:
+    """The busy region (about 90 % of the rights) lowers the key from 40/40 to 10/10
+    while cut off from the others, who keep spending on the old limit: it burns
+    their excess, so the three together stay within the new limit from the PATCH
+    on; healed, every region runs on the new one and the burn stops. Before this
+    change the busy region ran its share of the new limit at once (9/s) while the
+    others ran theirs of the old (2/s each): 13/s against 10/s, and the window
+    check failed."""
+    token = "patch18-admin"
+    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, admin_token=token).start()
+    hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
+    driver.start()
+    try:
+        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
+        assert len(mesh.cut(hot.name)) == 4
+        eventually(lambda: hot.status()["sync"]["local_only"] is True, "the cut is seen")
+        eventually(
+            lambda: cold1.status()["sync"]["peers"][hot.region]["state"] == "down",
+            "the others see it down",
+        )
+        patched = hot.client.patch(
+            f"/v1/buckets/{KEY}",
+            json={"capacity": 10, "refillRate": 10.0},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert patched.status_code == 200, patched.text
+        state = hot.state(KEY)
+        held = state["shares"][hot.region]["rights"]
+        # its share of the old limit less the whole difference, below its share of
+        # the new one; the others still run on the old limit as far as it knows
+        assert state["capacity"] <= 40 * held - 30 < 10 * held, state
+        assert state["refill_rate"] <= 40 * held - 30 + 1e-6, state
+        assert state["shares"][hot.region]["limit"] == {"capacity": 10, "refill_rate": 10.0}
+        assert state["shares"][cold1.region]["limit"]["capacity"] == CAPACITY
+        assert cold1.state(KEY)["capacity"] >= 1  # the others have not heard: old shares
+
+        # every region busy: the three together within C' + r'·W over the window
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 100, "a window", 120)
+        last = driver.counts()
+        closed = time.monotonic()
+        served = [a - b for a, b in zip(last, first, strict=True)]
+        assert sum(served) <= 10 + 10.0 * (closed - opened), (served, closed - opened)
+        assert all(n > 0 for n in served), served  # each side served on its own
+
+        # healed: every region runs on the new limit, and the burn stops
+        mesh.heal()
+        eventually(
+            lambda: all(
+                entry["limit"] == {"capacity": 10, "refill_rate": 10.0}
+                for entry in hot.state(KEY)["shares"].values()
+            ),
+            "every region reports the new limit",
+            90,
+        )
+        eventually(
+            lambda: (
+                hot.state(KEY)["capacity"]
+                == int(10 * hot.state(KEY)["shares"][hot.region]["rights"] + 1e-9)
+            ),
+            "the busy region runs its plain share of the new limit",
+        )
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
