@@ -258,3 +258,48 @@ def test_a_lowering_patch_is_never_above_the_new_limit_while_it_spreads() -> Non
     )
     caps, rates = totals()
     assert caps <= 10 and rates <= 10.0 * (1 + 1e-9), (caps, rates)
+
+
+def test_a_removed_regions_rights_are_handed_over_once_everyone_acknowledged() -> None:
+    """c is removed: a and b drop it from their lists; its rights move only once both
+    have acknowledged (with the same list), every region computes the same handover,
+    the holdings still sum to the limit, and c, hearing of it, spends nothing. A late
+    message from c is not taken by a region that dropped it. Before this change c's
+    rights stayed stranded (a and b held two thirds between them)."""
+    limiters = three_regions()
+    now = 1_700_000_000 * NS_PER_S
+    for lim in limiters.values():
+        lim.acquire("k-1", 1, now=now)
+        lim.rebalance(now, period_s=0.1, connected=True)
+    exchange(limiters, now)
+    a, b, c = limiters["a"], limiters["b"], limiters["c"]
+    # c's last gift, sent before it stopped, still in flight
+    c._ledger("k-1").give(c.replica_id, "a", SCALE // 30)
+    c.dirty.add("k-1")
+    late = msgspec.msgpack.encode(c.collect_deltas())
+    c_snapshot = c.snapshot()
+    del limiters["c"]
+    a.set_share_regions(["a", "b"])
+    a.rebalance(now, period_s=0.1, connected=True)  # a acknowledges; b has not yet
+    assert ("a", "c") in a.ledgers["k-1"].acks
+    assert a.spendable("k-1", 30) == SCALE // 3  # nothing handed over yet
+    a.merge(msgspec.msgpack.decode(late, type=DeltaBatch), now=now)  # dropped c: not taken
+    assert a.spendable("k-1", 30) == SCALE // 3
+    exchange(limiters, now)
+    b.set_share_regions(["a", "b"])
+    for _ in range(3):
+        now += 10_000_000
+        for lim in limiters.values():
+            lim.rebalance(now, period_s=0.1, connected=True)
+        exchange(limiters, now)
+    held = {r: lim.spendable("k-1", 30) for r, lim in limiters.items()}
+    assert sum(held.values()) == SCALE, held
+    assert a.ledgers["k-1"].given == b.ledgers["k-1"].given  # the same handover
+    assert a.ledgers["k-1"].given[("c/handover", "a")] > 0
+    assert a.ledgers["k-1"].holding("c") == 0
+    # c comes back from its snapshot on its old list: it pulls a first, spends nothing
+    back = Limiter.restore(c_snapshot, a.rules, replica_id="c/n/2", regions=3)
+    back.enable_shares("c", FOUNDERS)
+    back.merge(a.full_state(), now=now)
+    assert back.spendable("k-1", 30) == 0
+    assert not back.acquire("k-1", 1, now=now).allowed

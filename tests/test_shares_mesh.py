@@ -210,3 +210,48 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
     finally:
         driver.stop.set()
         driver.join(timeout=30)
+
+
+def test_a_removed_regions_rights_are_handed_over_and_it_spends_nothing_back(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """The busy region (about 90 % of the rights) is removed: it stops, the other two
+    restart without it in their region lists, acknowledge its removal and hand its
+    rights over (they hold the whole limit again); started again on its old list
+    it pulls them first and spends nothing. Before this change its rights stayed
+    stranded: the others held about 10 % between them and the first ``eventually``
+    timed out."""
+    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
+    mesh = Mesh(serve, REGIONS, buckets=[RULE], overrides=overrides).start()
+    hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
+    driver.start()
+    try:
+        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
+    assert hot.server is not None
+    hot.server.stop()
+    for node in (cold1, cold2):
+        assert node.server is not None
+        node.server.stop()
+        node.config["sync"]["peers"] = [r for r in node.config["sync"]["peers"] if r != hot.region]
+        node.config["sync"]["peerUrls"].pop(hot.region)
+        mesh.restart(node)
+
+    def handed_over(node: MeshNode) -> bool:
+        shares = node.state(KEY)["shares"]
+        kept = shares[cold1.region]["rights"] + shares[cold2.region]["rights"]
+        return kept >= 0.999 and shares.get(hot.region, {"rights": 0.0})["rights"] == 0.0
+
+    eventually(lambda: handed_over(cold1) and handed_over(cold2), "the rights are handed over")
+    # the remaining two serve the whole limit between them again
+    state = cold1.state(KEY)
+    assert state["refill_rate"] + cold2.state(KEY)["refill_rate"] >= 0.99 * RATE - 1e-6
+
+    # the removed region comes back on its old list: it pulls first, spends nothing
+    mesh.restart(hot)
+    assert hot.state(KEY)["shares"][hot.region]["rights"] == 0.0
+    codes = [hot.client.get("/v1/rate", params={"t": "x"}).status_code for _ in range(20)]
+    assert codes == [429] * 20, codes

@@ -4,8 +4,11 @@ Each schedule runs real ``Limiter`` replicas (one per region, shares enabled) in
 simulated time over a network that drops, duplicates, delays and reorders
 messages and partitions regions; regions restart with a snapshot (exact, as the
 write-ahead log makes it) or without one (a new, blind incarnation that pulls its
-peers later), a region may be added (not a founder: it starts with no rights),
-a region may be removed (its node stops; its rights stay stranded), and one
+peers later), a region may be added (the others list it first; not a founder:
+it starts with no rights), a region may be removed (its node stops after a last
+gift, maybe big, delivered late; the others drop it from their lists one by one
+and hand its rights over; it may come back on its old list from its snapshot,
+busy, after pulling one region of that list), and one
 strict key may be PATCHed (raised or lowered, by the region holding most or
 any; in half of them the origin is cut off right after, every region quiet until
 its bucket is full, then draining it). Demand is skewed and moves. At every step
@@ -82,8 +85,12 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
         if blind:
             limiter.begin_recovery(now, shared=False)
         limiter.enable_shares(region, founders)
+        limiter.set_share_regions(current)  # the list it is configured with now
+        relist.pop(region, None)
         return limiter
 
+    current = list(founders)  # the region list the operator runs with now
+    relist: dict[str, int] = {}  # region -> the step it drops the removed one
     for region in founders:
         live[region] = fresh(region, False)
     pulled: dict[str, set[str]] = {}  # blind region -> regions pulled since its start
@@ -109,10 +116,16 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
     rebalance_every = rng.choice((2, 5, 10))
     gifts = 0
     quiet_until = 0
+    old_list: list[str] = []
+    left: dict[str, bytes] = {}  # a removed region's snapshot, for its comeback
+    remove_step = rng.randint(10, steps // 2) if rng.random() < 0.3 else -1
+    comeback_step = -1
     # a PATCH at a planned step in a third of the schedules (else by chance, late)
     patch_step = rng.randint(steps // 4, steps // 2) if rng.random() < 0.35 else -1
     drain = False
     raises = False
+    patch_region = ""
+    old_limit = (capacity, interval_for(rate))
 
     def reachable(a: str, b: str) -> bool:
         return frozenset((a, b)) not in cut
@@ -182,22 +195,95 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
                 )
                 incarnation[region] += 1
                 restored.enable_shares(region, founders)
+                restored.set_share_regions(current)
+                relist.pop(region, None)
                 live[region] = restored
                 events.append(f"restart {region} snapshot@{step}")
             else:
+                if (
+                    pending_patch is not None
+                    and region == patch_region
+                    and not any(
+                        _limit(other._whole(key, "s")) == pending_patch
+                        for name, other in live.items()
+                        if name != region
+                    )
+                ):
+                    # the only node that had the PATCH forgets it (no snapshot): the
+                    # old limit is back until every region runs on the new one (a
+                    # copy still in flight may bring it back)
+                    limits.append((now, old_limit[0], old_limit[1]))
+                    events.append(f"patch forgotten@{step}")
                 live[region] = fresh(region, True)
                 pulled[region] = set()
                 events.append(f"restart {region} blind@{step}")
         elif roll < 0.055 and "added" not in live and step < steps // 2:
+            # the others list it first (then it starts; docs/sync.md gives the order)
+            current.append("added")
+            for other in live:
+                live[other].set_share_regions(current)
             live["added"] = fresh("added", False)  # not a founder: starts with nothing
             weights["added"] = rng.random()
             events.append(f"add region@{step}")
-        elif roll < 0.057 and len(live) > 2 and not removed:
-            # a region leaves the list (its node stops): its rights stay stranded
+        elif (roll < 0.057 or step == remove_step) and len(live) > 2 and not removed:
+            # a region leaves the list: its node stops, the others drop it from their
+            # lists one by one and then hand its rights over (docs/sync.md)
             removed = rng.choice(sorted(live))
+            old_list = list(current)
+            current.remove(removed)
+            # its last round (a gift, maybe) reaches the others late, after they
+            # dropped it from their lists: they must not take it (docs/sync.md)
+            gone = live[removed]
+            gifts += gone.rebalance(now, period_s=step_ns / NS_PER_S, connected=True)
+            heirs = [o for o in sorted(live) if o != removed]
+            if rng.random() < 0.5:
+                # a big last gift (half of what it holds) to one of them
+                parts = gone.spendable(key, capacity) // 2
+                if parts > 0:
+                    gone._ledger(key).give(gone.replica_id, rng.choice(heirs), parts)
+                    gone.dirty.add(key)
+                    gifts += 1
+            last = _batch_encode(gone.collect_deltas())
+            for other in heirs:
+                if rng.random() < 0.7:
+                    seq += 1
+                    net.append((now + rng.randint(0, 60) * step_ns, seq, removed, other, last))
+            weights = {r: 3.0 for r in heirs}  # the heirs busy: their rights are used
+            drain = drain or rng.random() < 0.5
+            left[removed] = gone.snapshot()
             del live[removed]
             pulled.pop(removed, None)
+            for other in live:
+                relist[other] = step + rng.randint(0, 30)
+            comeback_step = step + rng.randint(5, 60) if rng.random() < 0.5 else -1
             events.append(f"remove {removed}@{step}")
+        elif (
+            (roll < 0.062 or step >= comeback_step > 0)
+            and removed in left
+            and removed not in live
+            and not relist
+        ):
+            # the removed region comes back from its snapshot, on its old list: it
+            # pulls one region it can reach before it decides anything
+            reachable_now = [o for o in sorted(live) if o in old_list and reachable(removed, o)]
+            if reachable_now:
+                back = Limiter.restore(
+                    left.pop(removed),
+                    rules,
+                    replica_id=f"{removed}/n/{incarnation[removed] + 1}",
+                    regions=len(founders),
+                    clock=clock,
+                )
+                incarnation[removed] += 1
+                back.enable_shares(removed, founders)
+                back.set_share_regions(old_list)  # its old list: it still counts itself in
+                source = live[rng.choice(reachable_now)]
+                source.observe_replica(back.replica_id)
+                back.merge(_batch_decode(_batch_encode(source.full_state())), now=now)
+                live[removed] = back
+                weights[removed] = 3.0  # and busy: it must not spend what was handed over
+                comeback_step = -1
+                events.append(f"{removed} comes back@{step}")
         elif (roll < 0.06 or step == patch_step) and not patched:
             patched = True
             # half of the time the region holding the most (a lowering it can cover)
@@ -210,8 +296,10 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
                 new_cap = max(n + 1, capacity - rng.randint(0, capacity // 2))
                 new_rate = round(rate * rng.uniform(0.4, 1.0), 2)
             origin = live[region]
+            patch_region = region
             origin.configure(key, capacity=new_cap, refill_rate=new_rate, now=now)
             old_cap, old_int = limits[-1][1], limits[-1][2]
+            old_limit = (old_cap, old_int)
             new_int = interval_for(new_rate)
             low = (min(old_cap, new_cap), max(old_int, new_int))
             # the origin burns the excess of a lowering until every region runs on it
@@ -242,6 +330,12 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
                 full = old_cap * old_int // step_ns + 1  # steps for an empty bucket to fill
                 quiet_until = step + min(full, (steps - step) // 3)
                 events.append(f"cut {region} off, all busy after {quiet_until}")
+        for other, at in list(relist.items()):
+            if at <= step:
+                del relist[other]
+                if other in live:
+                    live[other].set_share_regions(current)
+                    events.append(f"{other} drops {removed}@{step}")
         if rng.random() < 0.03:
             hot = rng.choice(sorted(live))
             weights = {r: 0.05 for r in live}
