@@ -303,3 +303,33 @@ def test_a_removed_regions_rights_are_handed_over_once_everyone_acknowledged() -
     back.merge(a.full_state(), now=now)
     assert back.spendable("k-1", 30) == 0
     assert not back.acquire("k-1", 1, now=now).allowed
+
+
+def test_rights_received_arrive_without_tokens_but_a_bucket_that_expired_full_had_them() -> None:
+    """b gives c half of its rights while c has no bucket: c's first bucket is full on
+    its own third only (b's bucket may have been empty: the gift's tokens would be
+    new). Once c's bucket has expired full, it comes back full on all it holds.
+    Before this change c's first bucket started full on everything it held."""
+    rule = Rule.create("k-{{ .Request.ClientIP }}", 30, 30.0, name="s", mode="strict", ttl=1)
+    limiters = {}
+    for region in FOUNDERS:
+        limiter = Limiter([rule], replica_id=f"{region}/n/1", regions=3)
+        limiter.enable_shares(region, FOUNDERS)
+        limiters[region] = limiter
+    now = 1_700_000_000 * NS_PER_S
+    b, c = limiters["b"], limiters["c"]
+    assert b.acquire("k-1", 10, now=now).allowed  # b's bucket is empty
+    b._ledger("k-1").give(b.replica_id, "c", SCALE // 6)
+    b._reshare("k-1", now)
+    b.dirty.add("k-1")
+    exchange(limiters, now)
+    assert c.spendable("k-1", 30) == SCALE // 2
+    bucket = c.inspect("k-1", now=now)
+    assert bucket.config.capacity == 15
+    assert bucket.level(now) == 10  # its own third; the gift's 5 refill
+    # idle: full, then expired; created again it is full on all it holds
+    later = now + 10 * NS_PER_S
+    assert c.acquire("k-1", 1, now=later).allowed
+    c.expire(later + 5 * NS_PER_S)
+    assert "k-1" not in c.buckets
+    assert c.inspect("k-1", now=later + 5 * NS_PER_S).level(later + 5 * NS_PER_S) == 15

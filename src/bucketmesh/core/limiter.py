@@ -328,6 +328,9 @@ class Limiter:
         # the regions this one runs with now (``set_share_regions``); a ledger naming
         # another has that region's rights handed over (``_hand_over``)
         self.share_regions: tuple[str, ...] = ()
+        # key -> the parts this region had received when its strict bucket expired
+        # full: a bucket created again is full on those, empty on later receipts
+        self.share_received_full: dict[str, int] = {}
         self.ledgers: dict[str, Ledger] = {}
         self.share_blind = False  # started without its previous life's state: shares.py
         # region/node -> the newest incarnation seen: older ones' gifts are frozen here
@@ -616,13 +619,15 @@ class Limiter:
 
     def _received_worth(self, key: str, capacity: int) -> int:
         """The part of a strict bucket's ``capacity`` that rights received by this
-        region make up (rounded up)."""
+        region make up (rounded up), less those it held when its bucket last expired
+        full (their tokens were there)."""
         ledger = self.ledgers.get(key)
         region = self.share_region
         if ledger is None or region is None or capacity <= 0:
             return 0
         held = ledger.holding(region)
-        received = min(ledger.received(region), held)
+        received = ledger.received(region) - self.share_received_full.get(key, 0)
+        received = min(received, held)
         if received <= 0:
             return 0
         return min(capacity, -(-capacity * received // held))
@@ -1586,6 +1591,9 @@ class Limiter:
         bucket = self.buckets.pop(key)
         self.dirty.discard(key)
         self.expired_total += 1
+        ledger = self.ledgers.get(key)
+        if ledger is not None and self.share_region is not None and bucket.config.mode == STRICT:
+            self.share_received_full[key] = ledger.received(self.share_region)
         # A strict key's per-key config outlives its bucket (kept in key_configs, applied
         # when the key comes back): its region would otherwise revert to the rule's share
         # while the others keep the patched one.
