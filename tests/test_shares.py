@@ -16,10 +16,19 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketmesh.core.bucket import NS_PER_S
+from bucketmesh.core.bucket import NS_PER_S, interval_for
 from bucketmesh.core.limiter import DeltaBatch, Limiter
 from bucketmesh.core.rules import Rule
-from bucketmesh.core.shares import SCALE, Ledger, floor_parts, plan, share_limits, targets
+from bucketmesh.core.shares import (
+    SCALE,
+    Ledger,
+    burn_covered,
+    burnt_limits,
+    floor_parts,
+    plan,
+    share_limits,
+    targets,
+)
 from bucketmesh.tooling import sim_shares
 
 FOUNDERS = ("a", "b", "c")
@@ -178,3 +187,149 @@ def test_targets_sum_to_the_limit_and_keep_every_floor(demand: dict, capacity: i
         out = plan(me, held, members, goal, demand_parts=demand, floor=floor)
         assert sum(out.values()) <= held - floor
         assert me not in out
+
+
+def test_a_burning_region_keeps_the_regions_within_the_lower_limit() -> None:
+    """Whoever holds what, one region on the new (lower) limit burning the excess and
+    every other on the old one: the capacities and refill rates sum to at most the
+    new limit while the burner's share covers the excess (``burn_covered``)."""
+    rng = random.Random(18)
+    for _ in range(3000):
+        old_cap, new_cap = sorted((rng.randint(3, 500), rng.randint(3, 500)), reverse=True)
+        old_int, new_int = sorted((rng.randint(10**6, 10**9), rng.randint(10**6, 10**9)))
+        cuts = sorted(rng.randint(0, SCALE) for _ in range(2))
+        held = [cuts[0], cuts[1] - cuts[0], SCALE - cuts[1]]
+        burner = rng.randrange(3)
+        caps, rates = 0, 0.0
+        for i, parts in enumerate(held):
+            if i == burner:
+                cap, interval = burnt_limits(new_cap, new_int, parts, old_cap, old_int)
+            else:
+                cap, interval = share_limits(old_cap, old_int, parts)
+            caps += cap
+            rates += NS_PER_S / interval if cap else 0.0
+        if burn_covered(new_cap, new_int, held[burner], old_cap, old_int):
+            assert caps <= new_cap
+            assert rates <= NS_PER_S / new_int * (1 + 1e-9)
+        # never above its share of the new limit, covered or not
+        cap, interval = burnt_limits(new_cap, new_int, held[burner], old_cap, old_int)
+        assert cap <= share_limits(new_cap, new_int, held[burner])[0]
+
+
+def test_a_lowering_patch_is_never_above_the_new_limit_while_it_spreads() -> None:
+    """The region holding most lowers the limit: until the others have heard it, it
+    burns their excess (the three buckets' capacities and rates sum to at most the
+    new limit) and gives nothing; once every region reports the new limit it runs its
+    plain share of it. Before this change it ran its share of the new limit at once
+    while the others still ran theirs of the old: 1.3x the new capacity in all."""
+    limiters = three_regions()
+    now = 1_700_000_000 * NS_PER_S
+    a = limiters["a"]
+    # a holds 80 %: b and c give it most of theirs
+    for region in ("b", "c"):
+        limiters[region].acquire("k-1", 1, now=now)
+        limiters[region]._ledger("k-1").give(limiters[region].replica_id, "a", SCALE // 4)
+        limiters[region].dirty.add("k-1")
+    a.acquire("k-1", 1, now=now)
+    exchange(limiters, now)
+    assert a.spendable("k-1", 30) >= 0.8 * SCALE
+    # the PATCH: 30 -> 10 tokens, 30/s -> 10/s, heard by nobody yet
+    a.configure("k-1", capacity=10, refill_rate=10.0, now=now)
+
+    def totals() -> tuple[int, float]:
+        configs = [lim.buckets["k-1"].config for lim in limiters.values()]
+        caps = sum(c.capacity for c in configs)
+        return caps, sum(NS_PER_S / c.interval_ns for c in configs if c.capacity)
+
+    caps, rates = totals()
+    assert caps <= 10 and rates <= 10.0 * (1 + 1e-9), (caps, rates)
+    assert a.buckets["k-1"].config.capacity > 0  # it still serves
+    assert a.rebalance(now, period_s=0.1, connected=True) == 0  # no gift meanwhile
+    # everyone hears it and reports: a runs its plain share of the new limit
+    for _ in range(3):
+        now += 10_000_000
+        exchange(limiters, now)
+        for lim in limiters.values():
+            lim.rebalance(now, period_s=0.1, connected=True)
+    assert a._ceiling("k-1", a._whole("k-1", "s")) is None
+    assert (
+        a.buckets["k-1"].config.capacity
+        == share_limits(10, interval_for(10.0), a.spendable("k-1", 10))[0]
+    )
+    caps, rates = totals()
+    assert caps <= 10 and rates <= 10.0 * (1 + 1e-9), (caps, rates)
+
+
+def test_a_removed_regions_rights_are_handed_over_once_everyone_acknowledged() -> None:
+    """c is removed: a and b drop it from their lists; its rights move only once both
+    have acknowledged (with the same list), every region computes the same handover,
+    the holdings still sum to the limit, and c, hearing of it, spends nothing. A late
+    message from c is not taken by a region that dropped it. Before this change c's
+    rights stayed stranded (a and b held two thirds between them)."""
+    limiters = three_regions()
+    now = 1_700_000_000 * NS_PER_S
+    for lim in limiters.values():
+        lim.acquire("k-1", 1, now=now)
+        lim.rebalance(now, period_s=0.1, connected=True)
+    exchange(limiters, now)
+    a, b, c = limiters["a"], limiters["b"], limiters["c"]
+    # c's last gift, sent before it stopped, still in flight
+    c._ledger("k-1").give(c.replica_id, "a", SCALE // 30)
+    c.dirty.add("k-1")
+    late = msgspec.msgpack.encode(c.collect_deltas())
+    c_snapshot = c.snapshot()
+    del limiters["c"]
+    a.set_share_regions(["a", "b"])
+    a.rebalance(now, period_s=0.1, connected=True)  # a acknowledges; b has not yet
+    assert ("a", "c") in a.ledgers["k-1"].acks
+    assert a.spendable("k-1", 30) == SCALE // 3  # nothing handed over yet
+    a.merge(msgspec.msgpack.decode(late, type=DeltaBatch), now=now)  # dropped c: not taken
+    assert a.spendable("k-1", 30) == SCALE // 3
+    exchange(limiters, now)
+    b.set_share_regions(["a", "b"])
+    for _ in range(3):
+        now += 10_000_000
+        for lim in limiters.values():
+            lim.rebalance(now, period_s=0.1, connected=True)
+        exchange(limiters, now)
+    held = {r: lim.spendable("k-1", 30) for r, lim in limiters.items()}
+    assert sum(held.values()) == SCALE, held
+    assert a.ledgers["k-1"].given == b.ledgers["k-1"].given  # the same handover
+    assert a.ledgers["k-1"].given[("c/handover", "a")] > 0
+    assert a.ledgers["k-1"].holding("c") == 0
+    # c comes back from its snapshot on its old list: it pulls a first, spends nothing
+    back = Limiter.restore(c_snapshot, a.rules, replica_id="c/n/2", regions=3)
+    back.enable_shares("c", FOUNDERS)
+    back.merge(a.full_state(), now=now)
+    assert back.spendable("k-1", 30) == 0
+    assert not back.acquire("k-1", 1, now=now).allowed
+
+
+def test_rights_received_arrive_without_tokens_but_a_bucket_that_expired_full_had_them() -> None:
+    """b gives c half of its rights while c has no bucket: c's first bucket is full on
+    its own third only (b's bucket may have been empty: the gift's tokens would be
+    new). Once c's bucket has expired full, it comes back full on all it holds.
+    Before this change c's first bucket started full on everything it held."""
+    rule = Rule.create("k-{{ .Request.ClientIP }}", 30, 30.0, name="s", mode="strict", ttl=1)
+    limiters = {}
+    for region in FOUNDERS:
+        limiter = Limiter([rule], replica_id=f"{region}/n/1", regions=3)
+        limiter.enable_shares(region, FOUNDERS)
+        limiters[region] = limiter
+    now = 1_700_000_000 * NS_PER_S
+    b, c = limiters["b"], limiters["c"]
+    assert b.acquire("k-1", 10, now=now).allowed  # b's bucket is empty
+    b._ledger("k-1").give(b.replica_id, "c", SCALE // 6)
+    b._reshare("k-1", now)
+    b.dirty.add("k-1")
+    exchange(limiters, now)
+    assert c.spendable("k-1", 30) == SCALE // 2
+    bucket = c.inspect("k-1", now=now)
+    assert bucket.config.capacity == 15
+    assert bucket.level(now) == 10  # its own third; the gift's 5 refill
+    # idle: full, then expired; created again it is full on all it holds
+    later = now + 10 * NS_PER_S
+    assert c.acquire("k-1", 1, now=later).allowed
+    c.expire(later + 5 * NS_PER_S)
+    assert "k-1" not in c.buckets
+    assert c.inspect("k-1", now=later + 5 * NS_PER_S).level(later + 5 * NS_PER_S) == 15

@@ -33,10 +33,11 @@ class Driver(threading.Thread):
     counts what each node granted, so that a window's total can be checked against
     the limit (an upper bound: it holds however slow the machine is)."""
 
-    def __init__(self, nodes: list[MeshNode], weights: list[float]) -> None:
+    def __init__(self, nodes: list[MeshNode], weights: list[float], load: float = 1.1) -> None:
         super().__init__(daemon=True)
         self.nodes = nodes
         self.weights = weights
+        self.load = load
         self.granted = [0] * len(nodes)
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -49,7 +50,7 @@ class Driver(threading.Thread):
             with self.lock:
                 weights = list(self.weights)
             for i, client in enumerate(clients):
-                credit[i] += RATE * step * weights[i] * 1.1
+                credit[i] += RATE * step * weights[i] * self.load
                 while credit[i] >= 1:
                     credit[i] -= 1
                     response = client.get("/v1/rate", params={"t": "x"})
@@ -81,7 +82,9 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
     overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
     mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, overrides=overrides).start()
     hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
-    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05])
+    # 90 % of the demand in one region, 130 % of the limit in all (every region asks
+    # for more than its rights, so what is served measures the rights in use)
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
     driver.start()
     try:
         # rebalanced: the busy region holds what its 90 % needs (the others about their
@@ -90,6 +93,20 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         state = hot.state(KEY)
         assert sum(e["rights"] for e in state["shares"].values()) <= 1.0 + 1e-9
         assert state["refill_rate"] >= 0.85 * RATE
+
+        # a measured window: the key serves >= 95 % of what its limit allows over it
+        # (r·W: the buckets run empty under this demand, so the capacity is not
+        # counted), never more than C + r·W, most of it in the busy region
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        last = driver.counts()
+        closed = time.monotonic()
+        served = [a - b for a, b in zip(last, first, strict=True)]
+        span = closed - opened
+        assert sum(served) >= 0.95 * RATE * span, (served, span)
+        assert served[0] >= 0.85 * RATE * span, (served, span)
+        assert sum(served) <= CAPACITY + RATE * span, (served, span)
 
         # partition the busy region: no transfer, and neither side over the limit
         assert len(mesh.cut(hot.name)) == 4
@@ -122,3 +139,119 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
     finally:
         driver.stop.set()
         driver.join(timeout=30)
+
+
+def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_heard(
+    serve: ServerFactory,
+) -> None:
+    """The busy region (about 90 % of the rights) lowers the key from 40/40 to 10/10
+    while cut off from the others, who keep spending on the old limit: it burns
+    their excess, so the three together stay within the new limit from the PATCH
+    on; healed, every region runs on the new one and the burn stops. Before this
+    change the busy region ran its share of the new limit at once (9/s) while the
+    others ran theirs of the old (2/s each): 13/s against 10/s, and the window
+    check failed."""
+    token = "patch18-admin"
+    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, admin_token=token).start()
+    hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
+    driver.start()
+    try:
+        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
+        assert len(mesh.cut(hot.name)) == 4
+        eventually(lambda: hot.status()["sync"]["local_only"] is True, "the cut is seen")
+        eventually(
+            lambda: cold1.status()["sync"]["peers"][hot.region]["state"] == "down",
+            "the others see it down",
+        )
+        patched = hot.client.patch(
+            f"/v1/buckets/{KEY}",
+            json={"capacity": 10, "refillRate": 10.0},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert patched.status_code == 200, patched.text
+        state = hot.state(KEY)
+        held = state["shares"][hot.region]["rights"]
+        # its share of the old limit less the whole difference, below its share of
+        # the new one; the others still run on the old limit as far as it knows
+        assert state["capacity"] <= 40 * held - 30 < 10 * held, state
+        assert state["refill_rate"] <= 40 * held - 30 + 1e-6, state
+        assert state["shares"][hot.region]["limit"] == {"capacity": 10, "refill_rate": 10.0}
+        assert state["shares"][cold1.region]["limit"]["capacity"] == CAPACITY
+        assert cold1.state(KEY)["capacity"] >= 1  # the others have not heard: old shares
+
+        # every region busy: the three together within C' + r'·W over the window
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 100, "a window", 120)
+        last = driver.counts()
+        closed = time.monotonic()
+        served = [a - b for a, b in zip(last, first, strict=True)]
+        assert sum(served) <= 10 + 10.0 * (closed - opened), (served, closed - opened)
+        assert all(n > 0 for n in served), served  # each side served on its own
+
+        # healed: every region runs on the new limit, and the burn stops
+        mesh.heal()
+        eventually(
+            lambda: all(
+                entry["limit"] == {"capacity": 10, "refill_rate": 10.0}
+                for entry in hot.state(KEY)["shares"].values()
+            ),
+            "every region reports the new limit",
+            90,
+        )
+        eventually(
+            lambda: (
+                hot.state(KEY)["capacity"]
+                == int(10 * hot.state(KEY)["shares"][hot.region]["rights"] + 1e-9)
+            ),
+            "the busy region runs its plain share of the new limit",
+        )
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
+
+
+def test_a_removed_regions_rights_are_handed_over_and_it_spends_nothing_back(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """The busy region (about 90 % of the rights) is removed: it stops, the other two
+    restart without it in their region lists, acknowledge its removal and hand its
+    rights over (they hold the whole limit again); started again on its old list
+    it pulls them first and spends nothing. Before this change its rights stayed
+    stranded: the others held about 10 % between them and the first ``eventually``
+    timed out."""
+    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
+    mesh = Mesh(serve, REGIONS, buckets=[RULE], overrides=overrides).start()
+    hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
+    driver.start()
+    try:
+        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
+    assert hot.server is not None
+    hot.server.stop()
+    for node in (cold1, cold2):
+        assert node.server is not None
+        node.server.stop()
+        node.config["sync"]["peers"] = [r for r in node.config["sync"]["peers"] if r != hot.region]
+        node.config["sync"]["peerUrls"].pop(hot.region)
+        mesh.restart(node)
+
+    def handed_over(node: MeshNode) -> bool:
+        shares = node.state(KEY)["shares"]
+        kept = shares[cold1.region]["rights"] + shares[cold2.region]["rights"]
+        return kept >= 0.999 and shares.get(hot.region, {"rights": 0.0})["rights"] == 0.0
+
+    eventually(lambda: handed_over(cold1) and handed_over(cold2), "the rights are handed over")
+    # the remaining two serve the whole limit between them again
+    state = cold1.state(KEY)
+    assert state["refill_rate"] + cold2.state(KEY)["refill_rate"] >= 0.99 * RATE - 1e-6
+
+    # the removed region comes back on its old list: it pulls first, spends nothing
+    mesh.restart(hot)
+    assert hot.state(KEY)["shares"][hot.region]["rights"] == 0.0
+    codes = [hot.client.get("/v1/rate", params={"t": "x"}).status_code for _ in range(20)]
+    assert codes == [429] * 20, codes

@@ -706,7 +706,12 @@ class RatingApp:
         if not found:
             return None
         return {
-            region: wire.ShareEntry(e["rights"], e["demand"], e["reported"])
+            region: wire.ShareEntry(
+                e["rights"],
+                e["demand"],
+                e["reported"],
+                None if e.get("limit") is None else wire.ShareLimit(**e["limit"]),
+            )
             for region, e in found.items()
         }
 

@@ -87,8 +87,10 @@ from bucketmesh.core.shares import (
     Ledger,
     ShareReport,
     ShareState,
+    burnt_limits,
     floor_parts,
     plan,
+    region_of,
     share_limits,
 )
 from bucketmesh.core.structs import DeltaBatch as DeltaBatch
@@ -334,6 +336,12 @@ class Limiter:
         # keeps the static 1/regions split.
         self.share_region: str | None = None
         self.share_founders: tuple[str, ...] = ()
+        # the regions this one runs with now (``set_share_regions``); a ledger naming
+        # another has that region's rights handed over (``_hand_over``)
+        self.share_regions: tuple[str, ...] = ()
+        # key -> the parts this region had received when its strict bucket expired
+        # full: a bucket created again is full on those, empty on later receipts
+        self.share_received_full: dict[str, int] = {}
         self.ledgers: dict[str, Ledger] = {}
         self.share_blind = False  # started without its previous life's state: shares.py
         # region/node -> the newest incarnation seen: older ones' gifts are frozen here
@@ -640,7 +648,31 @@ class Limiter:
             and bucket.config.mode != SHARED
         ):
             bucket.base_time = bucket.g = max(bucket.epoch, self._empty_at_start(bucket.config))
+        elif self.share_region is not None and bucket.config.mode == STRICT:
+            # rights received (given or handed over) arrive without tokens: their
+            # giver's bucket may have been empty; what it handed over is credited
+            # apart (``_reshare``). A fresh bucket is full on the rest only.
+            missing = self._received_worth(key, bucket.config.capacity)
+            if missing:
+                bucket.base_time = bucket.g = max(
+                    bucket.base_time, now + missing * bucket.config.interval_ns
+                )
         return bucket
+
+    def _received_worth(self, key: str, capacity: int) -> int:
+        """The part of a strict bucket's ``capacity`` that rights received by this
+        region make up (rounded up), less those it held when its bucket last expired
+        full (their tokens were there)."""
+        ledger = self.ledgers.get(key)
+        region = self.share_region
+        if ledger is None or region is None or capacity <= 0:
+            return 0
+        held = ledger.holding(region)
+        received = ledger.received(region) - self.share_received_full.get(key, 0)
+        received = min(received, held)
+        if received <= 0:
+            return 0
+        return min(capacity, -(-capacity * received // held))
 
     # -- recovery: a start without the previous life's state ---------------------
 
@@ -876,9 +908,15 @@ class Limiter:
         divided over; this region among them unless it joined later)."""
         self.share_region = region
         self.share_founders = tuple(sorted(set(founders)))
+        self.share_regions = tuple(sorted({region, *founders}))
         if self.unknown_since is not None:
             self.share_blind = True
         self.rescale_shares()
+
+    def set_share_regions(self, regions: Sequence[str]) -> None:
+        """The region list changed (this region among them): a region no longer in
+        it has its rights handed over by the rebalancer (``_hand_over``)."""
+        self.share_regions = tuple(sorted(set(regions)))
 
     def _recovery_state(self) -> tuple[int, int] | None:
         if self.unknown_since is None:
@@ -912,6 +950,8 @@ class Limiter:
             if ledger is not None
             else (SCALE // len(self.share_founders) if region in self.share_founders else 0)
         )
+        if ledger is not None and any(gone == region for _, gone in ledger.acks):
+            return 0  # removed from the region list: its rights are handed over
         if self.share_blind:
             # what this life gave counts; what the region received does not (a gift
             # its previous life took may still be in flight to it: docs/sync.md)
@@ -927,9 +967,12 @@ class Limiter:
         ledger = self.ledgers.get(key)
         if ledger is None:
             return capacity, interval
-        reports = ledger.reports
+        retired = self._retired(ledger)
+        reports = {r: report for r, report in ledger.reports.items() if r not in retired}
         missing = any(
-            region not in reports for region in ledger.founders if region != self.share_region
+            region not in reports
+            for region in ledger.founders
+            if region != self.share_region and region not in retired
         )
         for region, report in reports.items():
             if region != self.share_region:
@@ -940,6 +983,37 @@ class Limiter:
                 interval = max(interval, report.prev_interval_ns)
         return capacity, interval
 
+    def _ceiling(self, key: str, whole: BucketConfig) -> tuple[int, int] | None:
+        """The highest limit another region may still run on for ``key`` (its report,
+        or, while a region has not reported, the limits any region ran on before),
+        when above the one this region divides: a lowering not yet adopted
+        everywhere. None otherwise."""
+        ledger = self.ledgers.get(key)
+        if ledger is None:
+            return None
+        low = self._effective(key, whole)
+        capacity, interval = low
+        retired = self._retired(ledger)
+        reports = {r: report for r, report in ledger.reports.items() if r not in retired}
+        me = self.share_region
+        members = (ledger.regions() | set(self.share_regions)) - retired
+        missing = any(region not in reports for region in members if region != me)
+        for region, report in reports.items():
+            if region != me:
+                capacity = max(capacity, report.capacity)
+                interval = min(interval, report.interval_ns)
+            if missing:
+                capacity = max(capacity, report.prev_capacity)
+                interval = min(interval, report.prev_interval_ns)
+        if (capacity, interval) == low:
+            return None
+        return capacity, interval
+
+    def _burner(self, whole: BucketConfig) -> bool:
+        """This region made the change (``whole``'s version is its own): it burns the
+        excess of a lowering until every region runs on it (docs/sync.md)."""
+        return region_of(whole.version[1]) == self.share_region
+
     def _share(self, key: str, config: BucketConfig) -> BucketConfig:
         """The config of this region's bucket for ``key`` under the whole ``config``."""
         if self.share_region is None or config.mode != STRICT:
@@ -947,7 +1021,11 @@ class Limiter:
         self.share_running[key] = (config.capacity, config.interval_ns)
         capacity, interval = self._effective(key, config)
         parts = self.spendable(key, capacity)
-        capacity, interval = share_limits(capacity, interval, parts)
+        high = self._ceiling(key, config) if self._burner(config) else None
+        if high is None:
+            capacity, interval = share_limits(capacity, interval, parts)
+        else:
+            capacity, interval = burnt_limits(capacity, interval, parts, *high)
         return msgspec.structs.replace(config, capacity=capacity, interval_ns=interval)
 
     def _ledger(self, key: str) -> Ledger:
@@ -1087,6 +1165,10 @@ class Limiter:
         denied = self.share_denied
         self.share_denied = set()
         gifts = 0
+        for key, held in self.ledgers.items():
+            if self._hand_over(held):
+                self._reshare(key, now)
+                self.dirty.add(key)
         # the keys asked for in this round and those with a ledger (an idle strict key
         # without one is on the initial split: nothing to do); a region without the
         # key's bucket (no demand here) still gives from its ledger
@@ -1111,20 +1193,57 @@ class Limiter:
                 continue  # an idle key with nothing moved: the static split is its ledger
             ledger = self._ledger(key)
             changed = self._report(key, ledger, whole, now)
-            # a region that had to deny is short itself: it gives nothing this round
-            if connected and key not in denied:
+            # a region that had to deny is short itself: it gives nothing this round;
+            # nor while a lowering is not adopted everywhere (a gift would move rights
+            # from a region on the new limit to one still on the old: docs/sync.md)
+            if connected and key not in denied and self._ceiling(key, whole) is None:
                 gifts += self._give(key, bucket, ledger, whole, now)
                 changed = changed or gifts > 0
             if changed:
                 self.dirty.add(key)
         return gifts
 
+    def _removed(self, ledger: Ledger) -> list[str]:
+        """The regions ``ledger`` names that this region does not run with."""
+        return sorted(ledger.regions() - set(self.share_regions))
+
+    def _retired(self, ledger: Ledger) -> set[str]:
+        """Removed regions whose rights every remaining region agreed to hand over:
+        they hold nothing (docs/sync.md), whatever limit they last reported."""
+        removed = self._removed(ledger)
+        if removed and ledger.handover_ready(removed, self.share_regions):
+            return set(removed)
+        return set()
+
+    def _hand_over(self, ledger: Ledger) -> bool:
+        """Acknowledge the removal of every region this one no longer runs with (it
+        takes nothing more from them: ``merge``), and once every remaining region
+        has acknowledged with the same region list, hand their rights over in equal
+        parts (every remaining region writes the same, by max). Returns whether the
+        ledger changed."""
+        region = self.share_region
+        assert region is not None
+        removed = self._removed(ledger)
+        if not removed:
+            return False
+        members = self.share_regions
+        changed = False
+        for gone in removed:
+            if (region, gone) not in ledger.acks:
+                ledger.acks[(region, gone)] = members
+                changed = True
+        if ledger.handover_ready(removed, members):
+            for gone in removed:
+                changed = ledger.write_handover(gone, ledger.handover(gone, members)) or changed
+        return changed
+
     def _give(
         self, key: str, bucket: Bucket | None, ledger: Ledger, whole: BucketConfig, now: int
     ) -> int:
         region = self.share_region
         assert region is not None
-        members = ledger.regions() | set(self.share_founders)
+        # the regions this one runs with: nothing goes to a removed one
+        members = set(self.share_regions)
         rate = NS_PER_S / whole.interval_ns
         demand_parts = {
             name: min(SCALE, int(report.demand_milli / 1000 / rate * SCALE * HEADROOM))
@@ -1207,6 +1326,14 @@ class Limiter:
                 "rights": held / SCALE,
                 "demand": (report.demand_milli / 1000) if report is not None else 0.0,
                 "reported": report is not None,
+                # the whole limit the region last said it runs on: a PATCH is adopted
+                # everywhere once every region's is the new one (docs/sync.md)
+                "limit": None
+                if report is None
+                else {
+                    "capacity": report.capacity,
+                    "refill_rate": NS_PER_S / report.interval_ns,
+                },
             }
         return out
 
@@ -1292,8 +1419,13 @@ class Limiter:
         if now is None:
             now = self.clock()
         rid = self.replica_id
+        # the ledgers of a region this one does not run with (removed from its list, or
+        # not added yet) are not taken: what it says reaches this region relayed by
+        # the regions that do, and a removed region's counters stop here (handover)
+        foreign = False
         if self.share_region is not None:
             self.observe_replica(batch.origin)
+            foreign = region_of(batch.origin) not in self.share_regions
         for name, config in batch.rules.items():
             self.merge_rule(name, config, now)
         changed = 0
@@ -1305,7 +1437,12 @@ class Limiter:
                 # (and a strict key's rights ledger)
                 if self._merge_strict_config(delta, now):
                     changed += 1
-                if delta.shares is not None and self._merge_ledger(delta.key, delta.shares, now):
+                shares = delta.shares
+                if shares is not None and foreign:
+                    # only its acknowledgements (a removed region learns it is removed
+                    # from whoever it hears)
+                    shares = ShareState((), acks=shares.acks) if shares.acks else None
+                if shares is not None and self._merge_ledger(delta.key, shares, now):
                     changed += 1
                 continue
             bucket = buckets.get(delta.key)
@@ -1494,6 +1631,9 @@ class Limiter:
         bucket = self.buckets.pop(key)
         self.dirty.discard(key)
         self.expired_total += 1
+        ledger = self.ledgers.get(key)
+        if ledger is not None and self.share_region is not None and bucket.config.mode == STRICT:
+            self.share_received_full[key] = ledger.received(self.share_region)
         # A strict key's per-key config outlives its bucket (kept in key_configs, applied
         # when the key comes back): its region would otherwise revert to the rule's share
         # while the others keep the patched one.

@@ -112,10 +112,17 @@ class ShareState(msgspec.Struct, array_like=True, gc=False):
     tokens: dict[str, int] = {}
     reports: dict[str, ShareReport] = {}
     taken: dict[str, int] = {}
+    acks: dict[str, tuple[str, ...]] = {}
 
 
 def region_of(replica_id: str) -> str:
     return replica_id.partition("/")[0]
+
+
+def handover_giver(region: str) -> str:
+    """The giver id under which a removed region's rights are handed over: its own
+    region (its holding goes down), written by the remaining regions, all alike."""
+    return f"{region}/handover"
 
 
 def _pair(text: str) -> tuple[str, str] | None:
@@ -136,6 +143,10 @@ class Ledger:
     #: region -> tokens it has credited to its bucket out of those handed to it
     #: (grow-only, written by that region)
     taken: dict[str, int] = field(default_factory=dict)
+    #: (witness region, removed region) -> the region list the witness runs with,
+    #: written once by the witness when the removed region left its list (it takes
+    #: nothing more from that region from then on): the handover's agreement
+    acks: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
 
     # -- reading -----------------------------------------------------------------
 
@@ -216,6 +227,42 @@ class Ledger:
             if n > self.taken.get(region, 0):
                 self.taken[region] = n
                 changed = True
+        for pair, members in other.acks.items():
+            known = self.acks.get(pair)
+            if known is None or (members != known and members < known):
+                self.acks[pair] = members
+                changed = True
+        return changed
+
+    # -- handing a removed region's rights over ---------------------------------------
+
+    def handover_ready(self, removed: Iterable[str], members: tuple[str, ...]) -> bool:
+        """Every region of ``members`` has acknowledged every ``removed`` region's
+        removal with this same region list."""
+        return all(
+            self.acks.get((witness, gone)) == members for witness in members for gone in removed
+        )
+
+    def handover(self, region: str, members: tuple[str, ...]) -> dict[str, int]:
+        """The handover of removed ``region``'s rights to ``members``: everything it
+        holds apart from earlier handovers, in equal parts (the last the remainder).
+        Deterministic in the ledger, so every member computes the same once the
+        ledger holds the final counters (docs/sync.md); written by max."""
+        giver = handover_giver(region)
+        handed = sum(n for (g, _), n in self.given.items() if g == giver)
+        total = max(0, self.holding(region) + handed)
+        names = sorted(members)
+        out = {name: total // len(names) for name in names}
+        out[names[-1]] += total - sum(out.values())
+        return out
+
+    def write_handover(self, region: str, parts: Mapping[str, int]) -> bool:
+        giver = handover_giver(region)
+        changed = False
+        for name, n in parts.items():
+            if n > self.given.get((giver, name), 0):
+                self.given[(giver, name)] = n
+                changed = True
         return changed
 
     def state(self) -> ShareState:
@@ -225,6 +272,7 @@ class Ledger:
             {f"{g}>{r}": n for (g, r), n in self.tokens.items()},
             dict(self.reports),
             dict(self.taken),
+            {f"{w}>{r}": members for (w, r), members in self.acks.items()},
         )
 
     @classmethod
@@ -240,6 +288,10 @@ class Ledger:
             if report.held >= 0 and report.demand_milli >= 0:
                 ledger.reports[region] = report
         ledger.taken = {region: n for region, n in state.taken.items() if n > 0}
+        for text, members in state.acks.items():
+            pair = _pair(text)
+            if pair is not None and members:
+                ledger.acks[pair] = tuple(members)
         return ledger
 
 
@@ -333,6 +385,47 @@ def share_limits(capacity: int, interval_ns: int, parts: int) -> tuple[int, int]
     return capacity * parts // SCALE, -(-interval_ns * SCALE // parts)
 
 
+def burnt_limits(
+    capacity: int, interval_ns: int, parts: int, high_capacity: int, high_interval_ns: int
+) -> tuple[int, int]:
+    """(capacity, emission interval) of the region that PATCHed a strict limit lower,
+    holding ``parts``, while another region may still run on the higher limit
+    (``high_*``): its share of the high limit less the whole difference (it burns
+    the excess the others may still spend), never more than its share of the new
+    one. Every other region runs at most its share of the high limit, so the regions
+    together stay within the new limit whoever holds what (the burn is linear in
+    ``parts``). When its share cannot cover the difference in either dimension it
+    spends nothing (capacity 0)."""
+    cap, interval = share_limits(capacity, interval_ns, parts)
+    parts = max(0, min(parts, SCALE))
+    if high_capacity > capacity:
+        cap = min(cap, high_capacity * parts // SCALE - (high_capacity - capacity))
+    if high_interval_ns < interval_ns:
+        # r_hi·p/S − (r_hi − r) = (S·T_hi − (S − p)·T) / (S·T_hi·T) tokens per ns
+        room = SCALE * high_interval_ns - (SCALE - parts) * interval_ns
+        if room <= 0:
+            cap = 0
+        else:
+            interval = max(interval, -(-SCALE * high_interval_ns * interval_ns // room))
+    if cap <= 0:
+        return 0, interval_ns * SCALE
+    return cap, interval
+
+
+def burn_covered(
+    capacity: int, interval_ns: int, parts: int, high_capacity: int, high_interval_ns: int
+) -> bool:
+    """Whether ``parts`` of the high limit cover its excess over the new one in both
+    dimensions (``burnt_limits`` then spends a positive share)."""
+    cap_ok = (
+        high_capacity <= capacity or high_capacity * parts >= (high_capacity - capacity) * SCALE
+    )
+    rate_ok = high_interval_ns >= interval_ns or parts * interval_ns >= SCALE * (
+        interval_ns - high_interval_ns
+    )
+    return cap_ok and rate_ok
+
+
 __all__ = [
     "DAMPING",
     "FLOOR_FRACTION",
@@ -341,7 +434,10 @@ __all__ = [
     "Ledger",
     "ShareReport",
     "ShareState",
+    "burn_covered",
+    "burnt_limits",
     "floor_parts",
+    "handover_giver",
     "plan",
     "region_of",
     "share_limits",

@@ -102,6 +102,13 @@ class ReplicaEntry(msgspec.Struct):
     used: int
 
 
+class ShareLimit(msgspec.Struct):
+    """The whole limit a region reports running a strict key on."""
+
+    capacity: int
+    refill_rate: float
+
+
 class ShareEntry(msgspec.Struct):
     """A region's rights over a strict key (a part of the global limit, 0..1) and its
     last reported demand (tokens/s) as this node knows them."""
@@ -109,6 +116,7 @@ class ShareEntry(msgspec.Struct):
     rights: float
     demand: float
     reported: bool
+    limit: ShareLimit | None = None
 
 
 class BucketStateBody(msgspec.Struct):

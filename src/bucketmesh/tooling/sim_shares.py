@@ -4,12 +4,20 @@ Each schedule runs real ``Limiter`` replicas (one per region, shares enabled) in
 simulated time over a network that drops, duplicates, delays and reorders
 messages and partitions regions; regions restart with a snapshot (exact, as the
 write-ahead log makes it) or without one (a new, blind incarnation that pulls its
-peers later), a region may be added (not a founder: it starts with no rights),
-a region may be removed (its node stops; its rights stay stranded), and one
-strict key may be PATCHed. Demand is skewed and moves. At every step the
-total admitted over every window [t1, t2] is checked against what the global
-limit allows: ``C + (t2 − t1) / T`` (during a PATCH, the old limit until every
-region runs on the new one; the larger capacity over a window that spans it).
+peers later), a region may be added (the others list it first; not a founder:
+it starts with no rights), a region may be removed (its node stops after a last
+gift, maybe big, delivered late; the others drop it from their lists one by one
+and hand its rights over; it may come back on its old list from its snapshot,
+busy, after pulling one region of that list), and one
+strict key may be PATCHed (raised or lowered, by the region holding most or
+any; in half of them the origin is cut off right after, every region quiet until
+its bucket is full, then draining it). Demand is skewed and moves. At every step
+the total admitted over every window [t1, t2] is checked against what the global
+limit allows: ``C + (t2 − t1) / T``. During a PATCH: the lower of the old and new
+limit from the PATCH on when the origin's rights above its floor cover a
+lowering's excess (it burns it: ``shares.burnt_limits``), else the old limit until
+every region runs on the new one (or one divides a raised one); the new limit
+after; the larger capacity over a window that spans a change.
 """
 
 from __future__ import annotations
@@ -19,9 +27,10 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from bucketmesh.core.bucket import NS_PER_S, STRICT, interval_for
+from bucketmesh.core.bucket import NS_PER_S, STRICT, BucketConfig, interval_for
 from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter
 from bucketmesh.core.rules import Rule
+from bucketmesh.core.shares import burn_covered
 
 MS = 1_000_000
 _batch_encode = msgspec.msgpack.Encoder().encode
@@ -76,8 +85,12 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
         if blind:
             limiter.begin_recovery(now, shared=False)
         limiter.enable_shares(region, founders)
+        limiter.set_share_regions(current)  # the list it is configured with now
+        relist.pop(region, None)
         return limiter
 
+    current = list(founders)  # the region list the operator runs with now
+    relist: dict[str, int] = {}  # region -> the step it drops the removed one
     for region in founders:
         live[region] = fresh(region, False)
     pulled: dict[str, set[str]] = {}  # blind region -> regions pulled since its start
@@ -102,6 +115,17 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
     sync_every = rng.choice((1, 2, 4))
     rebalance_every = rng.choice((2, 5, 10))
     gifts = 0
+    quiet_until = 0
+    old_list: list[str] = []
+    left: dict[str, bytes] = {}  # a removed region's snapshot, for its comeback
+    remove_step = rng.randint(10, steps // 2) if rng.random() < 0.3 else -1
+    comeback_step = -1
+    # a PATCH at a planned step in a third of the schedules (else by chance, late)
+    patch_step = rng.randint(steps // 4, steps // 2) if rng.random() < 0.35 else -1
+    drain = False
+    raises = False
+    patch_region = ""
+    old_limit = (capacity, interval_for(rate))
 
     def reachable(a: str, b: str) -> bool:
         return frozenset((a, b)) not in cut
@@ -171,36 +195,147 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
                 )
                 incarnation[region] += 1
                 restored.enable_shares(region, founders)
+                restored.set_share_regions(current)
+                relist.pop(region, None)
                 live[region] = restored
                 events.append(f"restart {region} snapshot@{step}")
             else:
+                if (
+                    pending_patch is not None
+                    and region == patch_region
+                    and not any(
+                        _limit(other._whole(key, "s")) == pending_patch
+                        for name, other in live.items()
+                        if name != region
+                    )
+                ):
+                    # the only node that had the PATCH forgets it (no snapshot): the
+                    # old limit is back until every region runs on the new one (a
+                    # copy still in flight may bring it back)
+                    limits.append((now, old_limit[0], old_limit[1]))
+                    events.append(f"patch forgotten@{step}")
                 live[region] = fresh(region, True)
                 pulled[region] = set()
                 events.append(f"restart {region} blind@{step}")
         elif roll < 0.055 and "added" not in live and step < steps // 2:
+            # the others list it first (then it starts; docs/sync.md gives the order)
+            current.append("added")
+            for other in live:
+                live[other].set_share_regions(current)
             live["added"] = fresh("added", False)  # not a founder: starts with nothing
             weights["added"] = rng.random()
             events.append(f"add region@{step}")
-        elif roll < 0.057 and len(live) > 2 and not removed:
-            # a region leaves the list (its node stops): its rights stay stranded
+        elif (roll < 0.057 or step == remove_step) and len(live) > 2 and not removed:
+            # a region leaves the list: its node stops, the others drop it from their
+            # lists one by one and then hand its rights over (docs/sync.md)
             removed = rng.choice(sorted(live))
+            old_list = list(current)
+            current.remove(removed)
+            # its last round (a gift, maybe) reaches the others late, after they
+            # dropped it from their lists: they must not take it (docs/sync.md)
+            gone = live[removed]
+            gifts += gone.rebalance(now, period_s=step_ns / NS_PER_S, connected=True)
+            heirs = [o for o in sorted(live) if o != removed]
+            if rng.random() < 0.5:
+                # a big last gift (half of what it holds) to one of them
+                parts = gone.spendable(key, capacity) // 2
+                if parts > 0:
+                    gone._ledger(key).give(gone.replica_id, rng.choice(heirs), parts)
+                    gone.dirty.add(key)
+                    gifts += 1
+            last = _batch_encode(gone.collect_deltas())
+            for other in heirs:
+                if rng.random() < 0.7:
+                    seq += 1
+                    net.append((now + rng.randint(0, 60) * step_ns, seq, removed, other, last))
+            weights = {r: 3.0 for r in heirs}  # the heirs busy: their rights are used
+            drain = drain or rng.random() < 0.5
+            left[removed] = gone.snapshot()
             del live[removed]
             pulled.pop(removed, None)
+            for other in live:
+                relist[other] = step + rng.randint(0, 30)
+            comeback_step = step + rng.randint(5, 60) if rng.random() < 0.5 else -1
             events.append(f"remove {removed}@{step}")
-        elif roll < 0.06 and not patched:
+        elif (
+            (roll < 0.062 or step >= comeback_step > 0)
+            and removed in left
+            and removed not in live
+            and not relist
+        ):
+            # the removed region comes back from its snapshot, on its old list: it
+            # pulls one region it can reach before it decides anything
+            reachable_now = [o for o in sorted(live) if o in old_list and reachable(removed, o)]
+            if reachable_now:
+                back = Limiter.restore(
+                    left.pop(removed),
+                    rules,
+                    replica_id=f"{removed}/n/{incarnation[removed] + 1}",
+                    regions=len(founders),
+                    clock=clock,
+                )
+                incarnation[removed] += 1
+                back.enable_shares(removed, founders)
+                back.set_share_regions(old_list)  # its old list: it still counts itself in
+                source = live[rng.choice(reachable_now)]
+                source.observe_replica(back.replica_id)
+                back.merge(_batch_decode(_batch_encode(source.full_state())), now=now)
+                live[removed] = back
+                weights[removed] = 3.0  # and busy: it must not spend what was handed over
+                comeback_step = -1
+                events.append(f"{removed} comes back@{step}")
+        elif (roll < 0.06 or step == patch_step) and not patched:
             patched = True
+            # half of the time the region holding the most (a lowering it can cover)
             region = rng.choice(sorted(live))
+            if rng.random() < 0.5:
+                region = max(sorted(live), key=lambda r: live[r].spendable(key, 1))
             new_cap = rng.randint(n + 1, 80)
             new_rate = round(10 ** rng.uniform(0.3, 2.0), 2)
-            live[region].configure(key, capacity=new_cap, refill_rate=new_rate, now=now)
+            if rng.random() < 0.5:  # a lowering of both, often a small one
+                new_cap = max(n + 1, capacity - rng.randint(0, capacity // 2))
+                new_rate = round(rate * rng.uniform(0.4, 1.0), 2)
+            origin = live[region]
+            patch_region = region
+            origin.configure(key, capacity=new_cap, refill_rate=new_rate, now=now)
             old_cap, old_int = limits[-1][1], limits[-1][2]
+            old_limit = (old_cap, old_int)
             new_int = interval_for(new_rate)
-            # until settled: the old limit where it is lower (a raise waits), the new
-            # one where it is lower (a lowering applies at once in some regions, the
-            # old one elsewhere: the old one bounds)
-            limits.append((now, old_cap, old_int))
+            low = (min(old_cap, new_cap), max(old_int, new_int))
+            # the origin burns the excess of a lowering until every region runs on it
+            # (core/shares.py burnt_limits): when what it holds above its floor (all a
+            # restart without a snapshot may leave it) covers the excess, the lower
+            # of the two limits bounds from this instant on; else the old one until
+            # every region has cut (a raise always waits: the old, lower one bounds)
+            floor = max(origin._floor(old_cap), origin._floor(new_cap))
+            held = origin.spendable(key, old_cap) - floor
+            if burn_covered(low[0], low[1], held, old_cap, old_int):
+                limits.append((now, *low))
+                events.append(f"patch covered by {region}")
+            else:
+                limits.append((now, old_cap, old_int))
             pending_patch = (new_cap, new_int)
+            # a raise in either dimension: a region divides the new limit only once
+            # every region has reported it
+            raises = new_cap > old_cap or new_int < old_int
             events.append(f"patch {old_cap}/{old_int}->{new_cap}/{new_int}@{step}")
+            if rng.random() < 0.5:
+                # the origin is cut off right after its PATCH and every region is busy:
+                # the others spend on the old limit for as long as the cut lasts
+                for other in live:
+                    if other != region:
+                        cut.add(frozenset((region, other)))
+                weights = {r: 3.0 for r in live}
+                drain = True
+                full = old_cap * old_int // step_ns + 1  # steps for an empty bucket to fill
+                quiet_until = step + min(full, (steps - step) // 3)
+                events.append(f"cut {region} off, all busy after {quiet_until}")
+        for other, at in list(relist.items()):
+            if at <= step:
+                del relist[other]
+                if other in live:
+                    live[other].set_share_regions(current)
+                    events.append(f"{other} drops {removed}@{step}")
         if rng.random() < 0.03:
             hot = rng.choice(sorted(live))
             weights = {r: 0.05 for r in live}
@@ -220,11 +355,14 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
             if got >= set(live) - {region}:
                 live[region].shares_pulled()
                 del pulled[region]
-        # traffic
+        # traffic (after a PATCH that cut its origin off: quiet until the buckets are
+        # full, then every region drains its bucket one token at a time)
         for region, limiter in live.items():
-            for _ in range(rng.randint(0, 3)):
+            if step < quiet_until:
+                break
+            for _ in range(rng.randint(0, 3) if not drain else 2 * capacity):
                 if rng.random() < min(1.0, weights.get(region, 0.1)):
-                    tokens = rng.randint(1, max(1, capacity // 4))
+                    tokens = 1 if drain else rng.randint(1, max(1, capacity // 4))
                     asked += tokens
                     try:
                         decision = limiter.acquire(key, tokens, rule="s", now=now)
@@ -241,16 +379,31 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
         if step % sync_every == 0:
             for region, limiter in live.items():
                 send(region, limiter.collect_deltas())
-        if pending_patch is not None and all(
-            (lambda w: (w.capacity, w.interval_ns))(limiter._whole(key, "s")) == pending_patch
-            or limiter.spendable(key, 1) == 0  # holds nothing: spends nothing
-            for limiter in live.values()
+        # settled: every region runs on the new limit, or one divides it (it has seen
+        # every region report it: a region that forgets it later, restarted without a
+        # snapshot, divides a lower one)
+        if pending_patch is not None and (
+            all(
+                _limit(limiter._whole(key, "s")) == pending_patch
+                or limiter.spendable(key, 1) == 0  # holds nothing: spends nothing
+                for limiter in live.values()
+            )
+            or any(
+                raises
+                and _limit(limiter._whole(key, "s")) == pending_patch
+                and limiter._effective(key, limiter._whole(key, "s")) == pending_patch
+                for limiter in live.values()
+            )
         ):
             limits.append((now, *pending_patch))
             pending_patch = None
             events.append(f"settled@{step}")
         check(step)
     return Outcome(seed, n, sum(t for _, t in grants), asked, capacity, rate, steps, gifts, events)
+
+
+def _limit(config: BucketConfig) -> tuple[int, int]:
+    return config.capacity, config.interval_ns
 
 
 def _describe(live: dict[str, Limiter], key: str) -> str:
