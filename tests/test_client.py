@@ -83,7 +83,9 @@ def test_rate_by_key_and_by_headers_share_one_bucket(client: Client) -> None:
     assert (first.rule, first.region, first.capacity) == ("agent-api-key", "us-east-1", 5000)
     assert first.tokens_remaining == 4999 and not first.retried and not first.replayed
     second = client.rate({"X-API-Key": "surface"}, tokens=10)
-    assert second.key == "agent-api-key-surface" and second.tokens_remaining == 4989
+    # one bucket: the second call sees the first's token gone (the rule refills 50/s, so a
+    # slow machine may add a token or two between the calls; ``used`` is exact)
+    assert second.key == "agent-api-key-surface" and 4989 <= second.tokens_remaining < 4999
     assert client.state("agent-api-key-surface").used == 11
 
 
