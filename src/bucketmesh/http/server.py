@@ -129,6 +129,18 @@ _LAG_TICK_S: Final = 0.01
 _MIN_ADMIT: Final = 0.05
 # Paths never shed (a prefix each); PATCH is never shed either.
 _RESERVED: Final = ("/v1/sync/", "/v1/admin/", "/healthz", "/readyz", "/metrics", "/v1/status")
+# The same, as the request line holds them (method, one space, target).
+_RESERVED_TARGETS: Final = tuple(prefix.encode() for prefix in _RESERVED)
+# Methods the fast shed path answers 503 (PATCH is reserved; HEAD has no body; the rest are rare).
+_FAST_SHED_METHODS: Final = (b"GET ", b"POST ")
+# A run of complete bodiless requests the fast shed path answers 503 in one match: GET or
+# POST, a target that is not reserved, HTTP/1.1, header lines of visible ASCII without a
+# header that frames a body or changes the answer (those go one by one, or to the parser).
+_SHED_RUN: Final = re.compile(
+    rb"(?:(?:GET|POST) (?!%s)[!-~]+ HTTP/1\.1\r\n"
+    rb"(?:(?!(?i:content-length|transfer-encoding|connection|expect|upgrade))"
+    rb"[!-~][^\r\n]*\r\n)*\r\n)+" % b"|".join(re.escape(target) for target in _RESERVED_TARGETS)
+)
 _NON_ASCII: Final = re.compile(rb"[\x80-\xff]")
 _FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
 _BACKLOG: Final = 2048
@@ -280,6 +292,9 @@ def _overloaded() -> Response:
         "the server is overloaded; retry shortly",
         headers=[("Retry-After", "1")],
     )
+
+
+_SHED: Final = _overloaded()  # the server only reads it
 
 
 def _internal_error() -> Response:
@@ -531,6 +546,7 @@ class _Connection(asyncio.Protocol):
         "_pending",
         "_reading_paused",
         "_server",
+        "_shedding",
         "_timer",
         "_timer_at",
         "_transport",
@@ -582,6 +598,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._shedding = False  # the chunk at hand arrived while the node sheds
 
     # --- transport callbacks -------------------------------------------------
 
@@ -617,6 +634,14 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return  # lingering, or answering what was already read: input is discarded
         self._now = now = self._loop.time()
+        server = self._server
+        self._shedding = shedding = server._shedding_now()
+        if (
+            shedding
+            and not (self._in_message or self._pending or self._deferred or self._write_paused)
+            and server._fast_shed
+        ):
+            data = self._shed_fast(data)
         if not data.isascii() and (self._in_target or not self._in_message):
             data = self._escaped_target(data)
         try:
@@ -647,6 +672,76 @@ class _Connection(asyncio.Protocol):
             deadline = self._deadline = now + self._keepalive
             if self._timer is None or deadline < self._timer_at:
                 self._refresh_deadline(now)
+
+    def _shed_fast(self, data: bytes) -> bytes:
+        """Answer the complete decision requests at the start of ``data`` with the
+        pre-encoded 503, without the parser, a Request or the handler; return the rest
+        for the parser (from the first request it must see: a reserved path, a method
+        or header the fast path does not follow, an incomplete request).
+
+        Called only at a message boundary with nothing pending, so the answers keep
+        the request order. Framing follows Content-Length as llhttp does; a request
+        with anything else that frames or changes its answer (Transfer-Encoding,
+        Connection, Expect, Upgrade, HTTP/1.0, a head or body beyond the limits) is
+        left to the parser, which answers it as usual (shed or not)."""
+        limits = self._limits
+        max_head = limits.max_header_bytes
+        max_body = limits.max_body_bytes
+        size = len(data)
+        start = 0
+        count = 0
+        while start < size:
+            run = _SHED_RUN.match(data, start)
+            if run is not None:  # the usual case: many requests in one C call
+                end = run.end()
+                count += data.count(b"\r\n\r\n", start, end)  # one per request
+                start = end
+                if start == size:
+                    break
+            # one request the run did not take: one with a body, or one for the parser
+            if not data.startswith(_FAST_SHED_METHODS, start):
+                break
+            # (find and endswith without an end index: with one they cost a µs each)
+            line_end = data.find(b"\r\n", start)
+            if line_end - start < 14 or data[line_end - 9 : line_end] != b" HTTP/1.1":
+                break
+            target = start + 4 if data[start] == 71 else start + 5  # b"G": "GET "
+            if data.startswith(_RESERVED_TARGETS, target):
+                break
+            end = data.find(b"\r\n\r\n", line_end)
+            if end < 0 or end - start > max_head:
+                break
+            head = data[line_end:end].lower()
+            length = 0
+            if b"\ncontent-length:" in head:
+                at = head.find(b"\ncontent-length:") + 16
+                if head.find(b"\ncontent-length:", at) >= 0:
+                    break  # repeated: the parser's to refuse
+                line = head[at:].partition(b"\r")[0].strip()
+                if not line.isdigit() or len(line) > 9:
+                    break
+                length = int(line)
+                if length > max_body:
+                    break
+            if (
+                b"\ntransfer-encoding" in head
+                or b"\nconnection" in head
+                or b"\nexpect" in head
+                or b"\nupgrade" in head
+            ):
+                break
+            after = end + 4 + length
+            if after > size:
+                break
+            count += 1
+            start = after
+        if count:
+            server = self._server
+            server.shed["lag"] += count
+            answer = server._shed_answer * count
+            self._out.append(answer)
+            self._out_size += len(answer)
+        return data[start:] if start else data
 
     def _escaped_target(self, data: bytes) -> bytes:
         """``data`` with the raw non-ASCII bytes of the request line it begins with
@@ -865,10 +960,10 @@ class _Connection(asyncio.Protocol):
         head = request.method == "HEAD"
         http10 = request.http_version == "1.0"
         server = self._server
-        if (server._admit < 1.0 or server._in_flight >= server._max_in_flight) and server._sheds(
+        if (self._shedding or server._in_flight >= server._max_in_flight) and server._sheds(
             request
         ):
-            result: object = _overloaded()
+            result: object = _SHED
         else:
             try:
                 result = self._handler(request)
@@ -1215,6 +1310,8 @@ class HttpServer:
         self._lag_timer: asyncio.TimerHandle | None = None
         self._lag_due = 0.0
         self._random = random.Random()
+        self._fast_shed = True  # answer shed requests without the parser (tests compare both)
+        self._shed_answer = b""  # the 503 of the fast shed path, encoded (with the Date)
         #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
         self.shed = {"lag": 0, "in_flight": 0}
         self._shutting_down = False
@@ -1333,21 +1430,29 @@ class HttpServer:
             self._admit = max(_MIN_ADMIT, self._admit * 0.5)
         elif self._admit < 1.0:
             self._admit = min(1.0, self._admit + 0.1)
-        if not self._shutting_down:
-            self._lag_due = now + _LAG_TICK_S
-            self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
+        # on until shutdown() cancels it: a stale due time would read as lag
+        self._lag_due = now + _LAG_TICK_S
+        self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
+
+    def _shedding_now(self) -> bool:
+        """Whether a chunk read now is shed: the loop is ``shed_lag`` late right now
+        (the lag timer overdue by that much: this iteration has run too long), or it
+        was late lately and the chunk is not among the share admitted."""
+        if time.monotonic() - self._lag_due > self._limits.shed_lag:
+            return True
+        admit = self._admit
+        return admit < 1.0 and self._random.random() >= admit
 
     def _sheds(self, request: Request) -> bool:
-        """Whether to answer ``request`` 503 now (called only while overloaded)."""
+        """Whether to answer ``request`` 503 now (called only while its chunk is shed or
+        ``max_in_flight`` answers are awaited): yes unless it is reserved."""
         if request.method == "PATCH" or request.path.startswith(_RESERVED):
             return False
         if self._in_flight >= self._max_in_flight:
             self.shed["in_flight"] += 1
             return True
-        if self._random.random() >= self._admit:
-            self.shed["lag"] += 1
-            return True
-        return False
+        self.shed["lag"] += 1  # the chunk it came in was shed
+        return True
 
     @property
     def admitted_share(self) -> float:
@@ -1360,6 +1465,9 @@ class HttpServer:
             formatdate(now, usegmt=True).encode("ascii"),
             self._server_header,
         )
+        self._shed_answer = _encode_response(_overloaded(), self._date_server, True, False, False)[
+            0
+        ]
 
     def _tick_date(self) -> None:
         self._stamp_date()
