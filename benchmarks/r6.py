@@ -78,6 +78,7 @@ CONNECTIONS = 256
 TIMEOUT_S = 10.0
 ADMIN_TOKEN = "r6-admin-" + secrets.token_hex(8)
 MILLION = 1_000_000
+SETTLE_S = 120.0  # how long the script waits for the flooded node to answer after a flood
 
 
 def free_port() -> int:
@@ -297,32 +298,45 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
             cpu_pct = 100 * (east.cpu_s() - cpu0) / max(span, seconds)
             alive = east.alive()
             # the node may still be working off what the flood left (its sync outbox, a
-            # collection): how long it takes to answer again is a figure of its own
+            # collection): how long it takes to answer again is a figure of its own, and
+            # a node that does not answer within SETTLE_S is reported so, not a crash
             settled = time.monotonic()
-            with httpx.Client(timeout=300) as patient:
-                after = east.metrics(patient)
-            settle_s = time.monotonic() - settled
-            buckets = int(east.status(client)["buckets"])  # type: ignore[call-overload]
+            after: dict[str, float] | None = None
+            buckets = -1
+            with httpx.Client(timeout=SETTLE_S) as patient:
+                try:
+                    after = east.metrics(patient)
+                    buckets = int(east.status(patient)["buckets"])  # type: ignore[call-overload]
+                except httpx.HTTPError as error:
+                    print(f"r6: east did not answer after the flood: {error!r}", flush=True)
+            settle_s = time.monotonic() - settled if after is not None else float("inf")
             rss = east.peak_rss_mb()
     finally:
         pair.stop()
-    shed = _delta(after, before, "bucketmesh_http_shed_lag_requests_total") + _delta(
-        after, before, "bucketmesh_http_shed_in_flight_requests_total"
-    )
+    if after is None:
+        after = {}
+        shed = cap_refused = sync_sent = sync_failed = float("nan")
+    else:
+        shed = _delta(after, before, "bucketmesh_http_shed_lag_requests_total") + _delta(
+            after, before, "bucketmesh_http_shed_in_flight_requests_total"
+        )
+        cap_refused = _delta(after, before, "bucketmesh_bucket_cap_rejections_total")
+        sync_sent = _delta(after, before, "bucketmesh_sync_messages_sent_total{peer=west}")
+        sync_failed = _delta(after, before, "bucketmesh_sync_send_failures_total{peer=west}")
     return Row(
         "on" if shedding else "off",
         f"{multiple}×",
         seconds,
         result,
         shed,
-        _delta(after, before, "bucketmesh_bucket_cap_rejections_total"),
+        cap_refused,
         rss,
         buckets,
         cpu_pct,
         alive,
         prober.seen,
-        _delta(after, before, "bucketmesh_sync_messages_sent_total{peer=west}"),
-        _delta(after, before, "bucketmesh_sync_send_failures_total{peer=west}"),
+        sync_sent,
+        sync_failed,
         settle_s,
     )
 
@@ -335,6 +349,11 @@ def capacity(binary: Path, workdir: Path, probe: float, seconds: float) -> float
         pair.stop()
     served = int(result["ok"]) + int(result["denied"])  # type: ignore[call-overload]
     return served / float(result["span_s"])  # type: ignore[arg-type]
+
+
+def _count(value: float) -> str:
+    """A counter's delta; "—" when the node did not answer after the flood."""
+    return "—" if value != value else f"{value:,.0f}"
 
 
 def _ms(value: object) -> str:
@@ -376,18 +395,19 @@ def main(argv: list[str] | None = None) -> int:
         span = max(float(c["span_s"]), 1e-9)  # type: ignore[arg-type]
         cells.append([
             r.shedding, r.multiple, f"{r.seconds:.0f}", f"{int(c['offered']) / r.seconds:,.0f}",  # type: ignore[call-overload]
-            f"{served / span:,.0f}", f"{r.shed:,.0f}", f"{r.cap_refused:,.0f}",
+            f"{served / span:,.0f}", _count(r.shed), _count(r.cap_refused),
             _ms(c["served_ms"]["p99"]), _ms(c["shed_ms"]["p99"]),  # type: ignore[index]
-            f"{r.rss_mb:,.0f}", f"{r.buckets:,}", f"{r.cpu_pct:.0f}", f"{errors:,}",
+            f"{r.rss_mb:,.0f}", f"{r.buckets:,}" if r.buckets >= 0 else "—",
+            f"{r.cpu_pct:.0f}", f"{errors:,}",
             "yes" if r.alive else "NO",
         ])  # fmt: skip
         s = r.reserved
         worst_patch = max(s.patch_ms) if s.patch_ms else float("nan")
         reserved_cells.append([
             r.shedding, r.multiple, f"{s.patches_ok} / {s.patches}", f"{worst_patch:,.0f}",
-            f"{s.status_ok} / {s.patches}", f"{r.sync_sent:,.0f}", f"{r.sync_failed:,.0f}",
+            f"{s.status_ok} / {s.patches}", _count(r.sync_sent), _count(r.sync_failed),
             f"{s.lag_west_from_east_ms:,.1f}", f"{s.lag_east_from_west_ms:,.1f}",
-            f"{r.settle_s:,.1f}",
+            f"{r.settle_s:,.1f}" if r.settle_s < SETTLE_S else f"no answer in {SETTLE_S:.0f} s",
         ])  # fmt: skip
     reserved_columns = ["shedding", "load", "PATCH 200 / sent", "worst PATCH ms",
                         "status 200 / asked", "sync msgs east→west", "failed sends",

@@ -93,7 +93,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import re
 import socket
 import time
@@ -126,7 +125,6 @@ _log = logging.getLogger(__name__)
 
 _LINGER_SECONDS: Final = 2.0
 _LAG_TICK_S: Final = 0.01
-_MIN_ADMIT: Final = 0.05
 # Paths never shed (a prefix each); PATCH is never shed either.
 _RESERVED: Final = ("/v1/sync/", "/v1/admin/", "/healthz", "/readyz", "/metrics", "/v1/status")
 # The same, as the request line holds them (method, one space, target).
@@ -738,6 +736,7 @@ class _Connection(asyncio.Protocol):
         if count:
             server = self._server
             server.shed["lag"] += count
+            server.shed_unparsed += count
             answer = server._shed_answer * count
             self._out.append(answer)
             self._out_size += len(answer)
@@ -1306,14 +1305,14 @@ class HttpServer:
         self._tls = tls
         self._max_in_flight = self._limits.max_in_flight
         self._in_flight = 0  # awaited handler answers, all connections
-        self._admit = 1.0  # the share of requests admitted (below 1 while the loop lags)
         self._lag_timer: asyncio.TimerHandle | None = None
         self._lag_due = 0.0
-        self._random = random.Random()
         self._fast_shed = True  # answer shed requests without the parser (tests compare both)
         self._shed_answer = b""  # the 503 of the fast shed path, encoded (with the Date)
         #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
         self.shed = {"lag": 0, "in_flight": 0}
+        #: of the requests shed for lag, those answered by the fast path, unparsed
+        self.shed_unparsed = 0
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1425,23 +1424,15 @@ class HttpServer:
 
     def _tick_lag(self) -> None:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        if now - self._lag_due > self._limits.shed_lag:
-            self._admit = max(_MIN_ADMIT, self._admit * 0.5)
-        elif self._admit < 1.0:
-            self._admit = min(1.0, self._admit + 0.1)
         # on until shutdown() cancels it: a stale due time would read as lag
-        self._lag_due = now + _LAG_TICK_S
+        self._lag_due = loop.time() + _LAG_TICK_S
         self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
 
     def _shedding_now(self) -> bool:
-        """Whether a chunk read now is shed: the loop is ``shed_lag`` late right now
-        (the lag timer overdue by that much: this iteration has run too long), or it
-        was late lately and the chunk is not among the share admitted."""
-        if time.monotonic() - self._lag_due > self._limits.shed_lag:
-            return True
-        admit = self._admit
-        return admit < 1.0 and self._random.random() >= admit
+        """Whether a read handled now is shed: the lag timer is overdue by more than
+        ``shed_lag``, so this turn of the event loop has run that long (or the loop
+        has not turned for that long) and what is read now would wait behind it."""
+        return time.monotonic() - self._lag_due > self._limits.shed_lag
 
     def _sheds(self, request: Request) -> bool:
         """Whether to answer ``request`` 503 now (called only while its chunk is shed or
@@ -1453,11 +1444,6 @@ class HttpServer:
             return True
         self.shed["lag"] += 1  # the chunk it came in was shed
         return True
-
-    @property
-    def admitted_share(self) -> float:
-        """The share of requests admitted now (1.0: no shedding)."""
-        return self._admit
 
     def _stamp_date(self) -> None:
         now = time.time()
