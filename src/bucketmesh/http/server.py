@@ -68,16 +68,28 @@ TLS
 
 Shedding (docs/targets.md R6)
     Overload is answered early and cheaply, ``503`` problem+json with
-    ``Retry-After: 1`` and no handler call, in two cases. The event loop lags:
-    a timer due every ``_LAG_TICK_S`` measures how late it runs; while it runs
-    more than ``shed_lag`` late, the share of requests admitted halves on each
-    tick (to at least ``_MIN_ADMIT``) and grows back by a tenth on each punctual
-    one, so a node at several times its capacity answers most requests at once
-    rather than letting every one wait behind the others. Or ``max_in_flight``
-    handler answers (a Redis decision, a durable grant) are already awaited.
+    ``Retry-After: 1`` and no handler call, in two cases. The event loop lags: a
+    timer due every ``_LAG_TICK_S`` marks when the loop last turned, and a read
+    handled while that timer is overdue by more than ``shed_lag`` is shed (this
+    turn has run too long; what is read now waited behind it). Each turn thus
+    serves for about ``shed_lag`` and sheds the rest, and the node keeps reading
+    its sockets at several times its capacity, so what it serves waits about one
+    turn, not a queue in the socket buffers. Or ``max_in_flight`` handler answers
+    (a Redis decision, a durable grant) are already awaited.
     Reserved traffic is never shed: the sync endpoints, the admin and fault
     endpoints, ``PATCH`` and the probes and metrics (``_RESERVED``), so a
     flooded node still replicates, reports and can be reconfigured.
+
+Fast shed path
+    Parsing alone costs a good share of a decision, so a shed read is not parsed
+    when it need not be: at a message boundary with nothing pending, the complete
+    ``GET``/``POST`` HTTP/1.1 requests at its start (``_SHED_RUN``, one regex match
+    for a run of bodiless ones; one by one with a ``Content-Length`` body) get the
+    pre-encoded 503 (``_shed_answer``, re-stamped with the Date every second),
+    counted in ``shed_unparsed``. The first request it does not follow (a reserved
+    path, another method, HTTP/1.0, ``Transfer-Encoding``, ``Connection``,
+    ``Expect``, ``Upgrade``, an incomplete one) and all after it go to the parser,
+    which sheds or serves them as usual: both paths answer byte for byte alike.
 
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
