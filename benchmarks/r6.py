@@ -172,10 +172,12 @@ class Node:
 class Pair:
     """``east`` (flooded) and ``west``, syncing with each other."""
 
-    def __init__(self, workdir: Path, shedding: bool) -> None:
+    def __init__(self, workdir: Path, shedding: bool, shed_lag_ms: int | None = None) -> None:
         ports = {"east": free_port(), "west": free_port()}
         secret = secrets.token_urlsafe(32)
         limits = {} if shedding else {"shedLag": NEVER_MS, "maxInFlight": 10**9}
+        if shedding and shed_lag_ms is not None:
+            limits["shedLag"] = shed_lag_ms
         self.east = Node(workdir, "east", ports["east"], {"west": ports["west"]}, limits, secret)
         self.west = Node(workdir, "west", ports["west"], {"east": ports["east"]}, {}, secret)
         deadline = time.monotonic() + 60
