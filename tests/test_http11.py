@@ -1008,6 +1008,7 @@ def _force_shedding(running: Running, on: bool) -> None:
         if on:
             server._lag_due = float("-inf")  # overdue for ever: every read is shed
         else:
+            server._lag_due = asyncio.get_running_loop().time()
             server._tick_lag()
 
     running.call(switch())

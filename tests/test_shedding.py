@@ -174,6 +174,10 @@ def test_a_flood_of_new_keys_is_shed_unparsed_stays_under_the_cap_and_the_node_r
             lambda: flooded.metric("bucketmesh_bucket_cap_rejections_total") > 0,
             "new keys beyond the cap are refused",
         )
+        eventually(
+            lambda: flooded.metric("bucketmesh_http_loop_lag_seconds") > 0.001,
+            "the loop lag the node sheds on is exported",
+        )
         patched = flooded.client.patch("/v1/buckets/small", json={"capacity": 60}, headers=admin)
         assert patched.status_code == 200, patched.text
         eventually(

@@ -1325,6 +1325,9 @@ class HttpServer:
         self.shed = {"lag": 0, "in_flight": 0}
         #: of the requests shed for lag, those answered by the fast path, unparsed
         self.shed_unparsed = 0
+        #: the worst lateness of the lag timer in the last whole second (seconds)
+        self.loop_lag = 0.0
+        self._lag_worst = 0.0  # in the second under way
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1436,8 +1439,12 @@ class HttpServer:
 
     def _tick_lag(self) -> None:
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        late = now - self._lag_due
+        if late > self._lag_worst:
+            self._lag_worst = late
         # on until shutdown() cancels it: a stale due time would read as lag
-        self._lag_due = loop.time() + _LAG_TICK_S
+        self._lag_due = now + _LAG_TICK_S
         self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
 
     def _shedding_now(self) -> bool:
@@ -1469,6 +1476,8 @@ class HttpServer:
 
     def _tick_date(self) -> None:
         self._stamp_date()
+        self.loop_lag = self._lag_worst
+        self._lag_worst = 0.0
         if not self._shutting_down:
             # wake just after the next whole second
             delay = 1.0005 - time.time() % 1.0

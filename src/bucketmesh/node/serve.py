@@ -256,6 +256,12 @@ class Node:
             "Of the requests shed for loop lag, those answered 503 unparsed (the fast path)",
             lambda: self.server.shed_unparsed,
         )
+        self.metrics.gauge(
+            "bucketmesh_http_loop_lag_seconds",
+            "Worst lateness of the event loop's 10 ms lag timer in the last whole second "
+            "(shedding starts beyond limits.shedLag)",
+            lambda: self.server.loop_lag,
+        )
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()
