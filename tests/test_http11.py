@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Iterator
 import pytest
 import uvloop
 from conftest import eventually
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bucketmesh.http.server import (
     Handler,
@@ -1054,3 +1056,75 @@ def test_while_shedding_pipelined_requests_get_503_in_order_unparsed_or_parsed_a
 
     assert without_date(answers[True]) == without_date(answers[False])
     assert unparsed[True] >= 1 and unparsed[False] == 0, unparsed
+
+
+_SHED_LINES = st.sampled_from(
+    [
+        f"{method} {target} {version}"
+        for method in ("GET", "POST", "HEAD", "PATCH")
+        for target in ("/v1/rate", "/v1/rate?user=a%41", "/v1/status", "/v1/sync/deltas")
+        for version in ("HTTP/1.1", "HTTP/1.0")
+    ]
+)
+_SHED_HEADERS = st.lists(
+    st.sampled_from(
+        [
+            "Host: t",
+            "X-API-Key: k1",
+            "x-tab:\tv ",
+            "Content-Type: application/json",
+            "Connection: close",
+            "Connection: keep-alive",
+            "Expect: 100-continue",
+            "Content-Length: 3",
+            "content-length:  2 ",
+            "Transfer-Encoding: chunked",
+            "Bad Header: x",
+        ]
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def _shed_inputs(draw: st.DrawFn) -> bytes:
+    """Pipelined requests, well formed or not, possibly cut short."""
+    out = b""
+    for _ in range(draw(st.integers(1, 6))):
+        headers = draw(_SHED_HEADERS)
+        head = "\r\n".join([draw(_SHED_LINES), *headers]).encode() + b"\r\n\r\n"
+        lowered = [h.lower() for h in headers]
+        if "transfer-encoding: chunked" in lowered:
+            head += b"3\r\nabc\r\n0\r\n\r\n"
+        elif any(h.startswith("content-length") for h in lowered):
+            lengths = [int(h.split(":")[1]) for h in lowered if h.startswith("content-length")]
+            head += b"abc"[: lengths[-1]]
+        out += head
+    cut = draw(st.integers(0, len(out)))
+    return out[: len(out) - cut] if draw(st.booleans()) else out
+
+
+def _answers(running: Running, data: bytes, fast: bool) -> bytes:
+    """Everything the server sends for ``data`` (then end of input), Date lines removed."""
+
+    async def mode() -> None:
+        running.server._fast_shed = fast
+
+    running.call(mode())
+    with socket.create_connection(("127.0.0.1", running.port), timeout=HANG_S) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return re.sub(rb"Date: [^\r]*\r\n", b"", received)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_shed_inputs())
+def test_the_fast_shed_path_answers_any_input_as_the_parser_does(data: bytes) -> None:
+    """Whatever arrives while the node sheds (well formed, malformed, cut short,
+    reserved or not), the fast path's answers are byte for byte the parser's."""
+    with serving(path_echo) as running:
+        _force_shedding(running, True)
+        assert _answers(running, data, True) == _answers(running, data, False)

@@ -141,16 +141,21 @@ _LAG_TICK_S: Final = 0.01
 _RESERVED: Final = ("/v1/sync/", "/v1/admin/", "/healthz", "/readyz", "/metrics", "/v1/status")
 # The same, as the request line holds them (method, one space, target).
 _RESERVED_TARGETS: Final = tuple(prefix.encode() for prefix in _RESERVED)
-# Methods the fast shed path answers 503 (PATCH is reserved; HEAD has no body; the rest are rare).
-_FAST_SHED_METHODS: Final = (b"GET ", b"POST ")
-# A run of complete bodiless requests the fast shed path answers 503 in one match: GET or
-# POST, a target that is not reserved, HTTP/1.1, header lines of visible ASCII without a
-# header that frames a body or changes the answer (those go one by one, or to the parser).
-_SHED_RUN: Final = re.compile(
-    rb"(?:(?:GET|POST) (?!%s)[!-~]+ HTTP/1\.1\r\n"
-    rb"(?:(?!(?i:content-length|transfer-encoding|connection|expect|upgrade))"
-    rb"[!-~][^\r\n]*\r\n)*\r\n)+" % b"|".join(re.escape(target) for target in _RESERVED_TARGETS)
+# The requests the fast shed path answers 503 unparsed: GET or POST, a target that is not
+# reserved, HTTP/1.1 (PATCH is reserved, HEAD has no body, the other methods are rare) ...
+_SHED_LINE: Final = rb"(?:GET|POST) (?!%s)[!-~]+ HTTP/1\.1\r\n" % b"|".join(
+    re.escape(target) for target in _RESERVED_TARGETS
 )
+# a header line as llhttp takes it: a token, a colon, a value of visible ASCII, blanks
+_SHED_FIELD: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~]*\r\n"
+# ... a run of them in one match: complete, bodiless, without a header that frames a body
+# or changes the answer (those go one by one, _SHED_HEAD, or to the parser)
+_SHED_RUN: Final = re.compile(
+    rb"(?:%s(?:(?!(?i:content-length|transfer-encoding|connection|expect|upgrade):)%s)*\r\n)+"
+    % (_SHED_LINE, _SHED_FIELD)
+)
+# one such head, whatever its headers (a Content-Length body is framed one by one)
+_SHED_HEAD: Final = re.compile(rb"%s(?:%s)*\r\n" % (_SHED_LINE, _SHED_FIELD))
 _NON_ASCII: Final = re.compile(rb"[\x80-\xff]")
 _FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
 _BACKLOG: Final = 2048
@@ -709,39 +714,29 @@ class _Connection(asyncio.Protocol):
                 if start == size:
                     break
             # one request the run did not take: one with a body, or one for the parser
-            if not data.startswith(_FAST_SHED_METHODS, start):
+            head = _SHED_HEAD.match(data, start)
+            if head is None:
                 break
-            # (find and endswith without an end index: with one they cost a µs each)
-            line_end = data.find(b"\r\n", start)
-            if line_end - start < 14 or data[line_end - 9 : line_end] != b" HTTP/1.1":
+            end = head.end()
+            if end - start > max_head:
                 break
-            target = start + 4 if data[start] == 71 else start + 5  # b"G": "GET "
-            if data.startswith(_RESERVED_TARGETS, target):
-                break
-            end = data.find(b"\r\n\r\n", line_end)
-            if end < 0 or end - start > max_head:
-                break
-            head = data[line_end:end].lower()
-            length = 0
-            if b"\ncontent-length:" in head:
-                at = head.find(b"\ncontent-length:") + 16
-                if head.find(b"\ncontent-length:", at) >= 0:
-                    break  # repeated: the parser's to refuse
-                line = head[at:].partition(b"\r")[0].strip()
-                if not line.isdigit() or len(line) > 9:
-                    break
-                length = int(line)
-                if length > max_body:
-                    break
+            lowered = data[start:end].lower()
             if (
-                b"\ntransfer-encoding" in head
-                or b"\nconnection" in head
-                or b"\nexpect" in head
-                or b"\nupgrade" in head
+                b"\ntransfer-encoding:" in lowered
+                or b"\nconnection:" in lowered
+                or b"\nexpect:" in lowered
+                or b"\nupgrade:" in lowered
             ):
                 break
-            after = end + 4 + length
-            if after > size:
+            at = lowered.find(b"\ncontent-length:") + 16
+            if at < 16 or lowered.find(b"\ncontent-length:", at) >= 0:
+                break  # none (a head too long for the run, say), or repeated: the parser's
+            value = lowered[at : lowered.find(b"\r", at)].strip()
+            if not value.isdigit() or len(value) > 9:
+                break
+            length = int(value)
+            after = end + length
+            if length > max_body or after > size:
                 break
             count += 1
             start = after
