@@ -89,7 +89,10 @@ Fast shed path
     counted in ``shed_unparsed``. The first request it does not follow (a reserved
     path, another method, HTTP/1.0, ``Transfer-Encoding``, ``Connection``,
     ``Expect``, ``Upgrade``, an incomplete one) and all after it go to the parser,
-    which sheds or serves them as usual: both paths answer byte for byte alike.
+    which sheds or serves them as usual: both paths answer byte for byte alike
+    (tests/test_http11.py checks it on generated input), except that a request the
+    parser would refuse for its target's percent-escapes (not UTF-8) or for more
+    than ``max_headers`` header lines gets the 503 instead of the 400 or 431.
 
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
