@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Iterator
 import pytest
 import uvloop
 from conftest import eventually
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bucketmesh.http.server import (
     Handler,
@@ -975,3 +977,154 @@ def test_shutdown_does_not_wait_for_a_client_that_keeps_a_closed_connection_open
         running.call(running.server.shutdown(grace=3600))
         assert running.open_connections() == 0
         assert lingering.at_eof()  # the client never closed its end
+
+
+def _shed_mix() -> bytes:
+    """Pipelined requests, in one write: decision requests the fast shed path answers
+    unparsed, reserved ones it leaves to the parser, and requests after those."""
+    body = b'{"key": "k"}'
+    return b"".join(
+        [
+            get("/v1/rate?user=a"),
+            b"POST /v1/rate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body),
+            get("/v1/status"),
+            get("/v1/rate?user=b"),
+            b"POST /v1/rate HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n",
+            b"PATCH /v1/buckets/x HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}",
+            get("/v1/sync/deltas"),
+            get("/v1/rate?user=c", "Connection: close"),
+        ]
+    )
+
+
+def _force_shedding(running: Running, on: bool) -> None:
+    """Make the server shed as a lagging loop does (its lag timer overdue), or stop."""
+
+    async def switch() -> None:
+        server = running.server
+        if server._lag_timer is not None:
+            server._lag_timer.cancel()
+            server._lag_timer = None
+        if on:
+            server._lag_due = float("-inf")  # overdue for ever: every read is shed
+        else:
+            server._lag_due = asyncio.get_running_loop().time()
+            server._tick_lag()
+
+    running.call(switch())
+
+
+def test_while_shedding_pipelined_requests_get_503_in_order_unparsed_or_parsed_alike() -> None:
+    """The fast shed path (503 without the parser) answers exactly what the parsed path
+    answers, in the same order: reserved requests (status, sync, PATCH) still reach the
+    handler, a request it does not follow (chunked) is shed by the parsed path."""
+    answers: dict[bool, list[tuple[str, dict[str, str], bytes]]] = {}
+    unparsed: dict[bool, int] = {}
+    for fast in (True, False):
+        with serving(path_echo) as running:
+            running.server._fast_shed = fast
+            _force_shedding(running, True)
+            client = Client(running.port)
+            client.send(_shed_mix())
+            answers[fast] = [client.response() for _ in range(8)]
+            assert client.at_eof()  # the last one asked to close
+            unparsed[fast] = running.server.shed_unparsed
+            _force_shedding(running, False)
+            again = Client(running.port)
+            again.send(get("/v1/rate"))
+            assert again.response()[2] == b"/v1/rate"  # not shedding any more
+            again.close()
+    statuses = [status.split()[1] for status, _, _ in answers[True]]
+    assert statuses == ["503", "503", "200", "503", "503", "200", "200", "503"], answers[True]
+    for status, headers, body in answers[True]:
+        if status.split()[1] == "503":
+            assert headers["retry-after"] == "1"
+            assert headers["content-type"] == "application/problem+json"
+            assert json.loads(body)["status"] == 503
+    assert [b for _, _, b in answers[True] if b[:1] == b"/"] == [
+        b"/v1/status",
+        b"/v1/buckets/x",
+        b"/v1/sync/deltas",
+    ]
+
+    def without_date(
+        answer: list[tuple[str, dict[str, str], bytes]],
+    ) -> list[tuple[str, dict[str, str], bytes]]:
+        return [(s, {k: v for k, v in h.items() if k != "date"}, b) for s, h, b in answer]
+
+    assert without_date(answers[True]) == without_date(answers[False])
+    assert unparsed[True] >= 1 and unparsed[False] == 0, unparsed
+
+
+_SHED_LINES = st.sampled_from(
+    [
+        f"{method} {target} {version}"
+        for method in ("GET", "POST", "HEAD", "PATCH")
+        for target in ("/v1/rate", "/v1/rate?user=a%41", "/v1/status", "/v1/sync/deltas")
+        for version in ("HTTP/1.1", "HTTP/1.0")
+    ]
+)
+_SHED_HEADERS = st.lists(
+    st.sampled_from(
+        [
+            "Host: t",
+            "X-API-Key: k1",
+            "x-tab:\tv ",
+            "Content-Type: application/json",
+            "Connection: close",
+            "Connection: keep-alive",
+            "Expect: 100-continue",
+            "Content-Length: 3",
+            "content-length:  2 ",
+            "Transfer-Encoding: chunked",
+            "Bad Header: x",
+        ]
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def _shed_inputs(draw: st.DrawFn) -> bytes:
+    """Pipelined requests, well formed or not, possibly cut short."""
+    out = b""
+    for _ in range(draw(st.integers(1, 6))):
+        headers = draw(_SHED_HEADERS)
+        head = "\r\n".join([draw(_SHED_LINES), *headers]).encode() + b"\r\n\r\n"
+        lowered = [h.lower() for h in headers]
+        if "transfer-encoding: chunked" in lowered:
+            head += b"3\r\nabc\r\n0\r\n\r\n"
+        elif any(h.startswith("content-length") for h in lowered):
+            lengths = [int(h.split(":")[1]) for h in lowered if h.startswith("content-length")]
+            head += b"abc"[: lengths[-1]]
+        out += head
+    cut = draw(st.integers(0, len(out)))
+    return out[: len(out) - cut] if draw(st.booleans()) else out
+
+
+def _answers(running: Running, data: bytes, fast: bool) -> bytes:
+    """Everything the server sends for ``data`` (then end of input), Date lines removed."""
+
+    async def mode() -> None:
+        running.server._fast_shed = fast
+
+    running.call(mode())
+    with socket.create_connection(("127.0.0.1", running.port), timeout=HANG_S) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return re.sub(rb"Date: [^\r]*\r\n", b"", received)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_shed_inputs())
+def test_the_fast_shed_path_answers_any_input_as_the_parser_does(data: bytes) -> None:
+    """Whatever arrives while the node sheds (well formed, malformed, cut short,
+    reserved or not), the fast path's answers are byte for byte the parser's."""
+    with serving(path_echo) as running:
+        _force_shedding(running, True)
+        assert _answers(running, data, True) == _answers(running, data, False)

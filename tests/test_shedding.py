@@ -31,10 +31,21 @@ STATUS = re.compile(rb"HTTP/1\.1 (\d{3}) ")
 
 
 class Flood:
-    """Threads that send pipelined bursts of decision requests and read the answers."""
+    """Threads that send pipelined bursts of decision requests and read the answers;
+    with ``fresh_keys`` every request names a key never seen before. Each thread stops
+    when told or after ``max_bursts`` bursts (a flood that ends by itself)."""
 
-    def __init__(self, node: MeshNode, connections: int = 6) -> None:
+    def __init__(
+        self,
+        node: MeshNode,
+        connections: int = 6,
+        *,
+        fresh_keys: bool = False,
+        max_bursts: int = 1_000_000,
+    ) -> None:
         self.address = ("127.0.0.1", node.port)
+        self.fresh_keys = fresh_keys
+        self.max_bursts = max_bursts
         self.statuses: Counter[int] = Counter()
         self.retry_after: Counter[str] = Counter()
         self.errors: list[str] = []
@@ -54,14 +65,22 @@ class Flood:
         for thread in self._threads:
             thread.join()
 
-    def _run(self, n: int) -> None:
-        burst = b"".join(
-            b"GET /v1/rate?user=u%d-%d HTTP/1.1\r\nHost: flood\r\n\r\n" % (n, i)
+    def _burst(self, n: int, round_: int) -> bytes:
+        prefix = b"u%d-%d" % (n, round_) if self.fresh_keys else b"u%d" % n
+        return b"".join(
+            b"GET /v1/rate?user=%s-%d HTTP/1.1\r\nHost: flood\r\n\r\n" % (prefix, i)
             for i in range(BURST)
         )
+
+    def _run(self, n: int) -> None:
+        burst = self._burst(n, 0)
         try:
             with socket.create_connection(self.address, timeout=30) as sock:
-                while not self._stop.is_set():
+                for round_ in range(self.max_bursts):
+                    if self._stop.is_set():
+                        break
+                    if self.fresh_keys and round_:
+                        burst = self._burst(n, round_)
                     sock.sendall(burst)
                     received, answered = b"", 0
                     while answered < BURST:
@@ -124,3 +143,60 @@ def test_a_flooded_node_sheds_decisions_but_still_replicates_and_takes_admin_cha
     assert flood.retry_after == Counter({"1": flood.statuses[503]})
     assert flooded.process.poll() is None
     assert peer.metric("bucketmesh_http_shed_lag_requests_total") == 0
+
+
+def test_a_flood_of_new_keys_is_shed_unparsed_stays_under_the_cap_and_the_node_recovers(
+    serve: ServerFactory,
+) -> None:
+    """R6 with a flood of distinct keys: while its loop lags the node answers decision
+    requests 503 + Retry-After without parsing them (the fast shed path), refuses new
+    keys beyond ``limits.maxBuckets`` (a counted 503), keeps taking admin changes and
+    replicating, and once the flood (bounded: it stops by itself) is over it decides
+    again at once."""
+    cap = 400
+    mesh = Mesh(
+        serve,
+        ["us-east-1", "eu-west-1"],
+        buckets=RULES,
+        admin_token=ADMIN_TOKEN,
+        overrides={"us-east-1": {"limits": {"shedLag": 1, "maxBuckets": cap}}},
+    ).start()
+    flooded, peer = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    known = flooded.client.post("/v1/rate", json={"key": "small-known", "tokens": 1})
+    assert known.status_code == 200, known.text
+    with Flood(flooded, fresh_keys=True, max_bursts=2000) as flood:
+        eventually(
+            lambda: flooded.metric("bucketmesh_http_shed_unparsed_requests_total") > 0,
+            "the flooded node sheds requests unparsed",
+        )
+        eventually(
+            lambda: flooded.metric("bucketmesh_bucket_cap_rejections_total") > 0,
+            "new keys beyond the cap are refused",
+        )
+        eventually(
+            lambda: flooded.metric("bucketmesh_http_loop_lag_seconds") > 0.001,
+            "the loop lag the node sheds on is exported",
+        )
+        patched = flooded.client.patch("/v1/buckets/small", json={"capacity": 60}, headers=admin)
+        assert patched.status_code == 200, patched.text
+        eventually(
+            lambda: peer.client.get("/v1/buckets/small").json()["capacity"] == 60,
+            "the PATCH made on the flooded node reached the other region",
+        )
+        assert flooded.status()["buckets"] <= cap
+    assert flood.errors == [], flood.errors
+    assert set(flood.statuses) <= {200, 503}, flood.statuses
+    assert flood.statuses[503] > 0, flood.statuses
+    assert flood.retry_after == Counter({"1": flood.statuses[503]})
+    assert flooded.process.poll() is None
+    # the flood is over: the node decides again (no shedding left over), under its cap
+    eventually(
+        lambda: flooded.client.post("/v1/rate", json={"key": "small-known"}).status_code == 200,
+        "the node decides again after the flood",
+    )
+    assert flooded.status()["buckets"] <= cap
+    eventually(
+        lambda: sum(e["used"] for e in peer.state("small-known")["replicas"].values()) >= 2,
+        "a grant made after the flood replicated",
+    )

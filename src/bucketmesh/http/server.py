@@ -68,16 +68,31 @@ TLS
 
 Shedding (docs/targets.md R6)
     Overload is answered early and cheaply, ``503`` problem+json with
-    ``Retry-After: 1`` and no handler call, in two cases. The event loop lags:
-    a timer due every ``_LAG_TICK_S`` measures how late it runs; while it runs
-    more than ``shed_lag`` late, the share of requests admitted halves on each
-    tick (to at least ``_MIN_ADMIT``) and grows back by a tenth on each punctual
-    one, so a node at several times its capacity answers most requests at once
-    rather than letting every one wait behind the others. Or ``max_in_flight``
-    handler answers (a Redis decision, a durable grant) are already awaited.
+    ``Retry-After: 1`` and no handler call, in two cases. The event loop lags: a
+    timer due every ``_LAG_TICK_S`` marks when the loop last turned, and a read
+    handled while that timer is overdue by more than ``shed_lag`` is shed (this
+    turn has run too long; what is read now waited behind it). Each turn thus
+    serves for about ``shed_lag`` and sheds the rest, and the node keeps reading
+    its sockets at several times its capacity, so what it serves waits about one
+    turn, not a queue in the socket buffers. Or ``max_in_flight`` handler answers
+    (a Redis decision, a durable grant) are already awaited.
     Reserved traffic is never shed: the sync endpoints, the admin and fault
     endpoints, ``PATCH`` and the probes and metrics (``_RESERVED``), so a
     flooded node still replicates, reports and can be reconfigured.
+
+Fast shed path
+    Parsing alone costs a good share of a decision, so a shed read is not parsed
+    when it need not be: at a message boundary with nothing pending, the complete
+    ``GET``/``POST`` HTTP/1.1 requests at its start (``_SHED_RUN``, one regex match
+    for a run of bodiless ones; one by one with a ``Content-Length`` body) get the
+    pre-encoded 503 (``_shed_answer``, re-stamped with the Date every second),
+    counted in ``shed_unparsed``. The first request it does not follow (a reserved
+    path, another method, HTTP/1.0, ``Transfer-Encoding``, ``Connection``,
+    ``Expect``, ``Upgrade``, an incomplete one) and all after it go to the parser,
+    which sheds or serves them as usual: both paths answer byte for byte alike
+    (tests/test_http11.py checks it on generated input), except that a request the
+    parser would refuse for its target's percent-escapes (not UTF-8) or for more
+    than ``max_headers`` header lines gets the 503 instead of the 400 or 431.
 
 Connection cap
     Beyond ``max_connections`` open connections, a new connection is
@@ -93,7 +108,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import random
 import re
 import socket
 import time
@@ -126,9 +140,25 @@ _log = logging.getLogger(__name__)
 
 _LINGER_SECONDS: Final = 2.0
 _LAG_TICK_S: Final = 0.01
-_MIN_ADMIT: Final = 0.05
 # Paths never shed (a prefix each); PATCH is never shed either.
 _RESERVED: Final = ("/v1/sync/", "/v1/admin/", "/healthz", "/readyz", "/metrics", "/v1/status")
+# The same, as the request line holds them (method, one space, target).
+_RESERVED_TARGETS: Final = tuple(prefix.encode() for prefix in _RESERVED)
+# The requests the fast shed path answers 503 unparsed: GET or POST, a target that is not
+# reserved, HTTP/1.1 (PATCH is reserved, HEAD has no body, the other methods are rare) ...
+_SHED_LINE: Final = rb"(?:GET|POST) (?!%s)[!-~]+ HTTP/1\.1\r\n" % b"|".join(
+    re.escape(target) for target in _RESERVED_TARGETS
+)
+# a header line as llhttp takes it: a token, a colon, a value of visible ASCII, blanks
+_SHED_FIELD: Final = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t -~]*\r\n"
+# ... a run of them in one match: complete, bodiless, without a header that frames a body
+# or changes the answer (those go one by one, _SHED_HEAD, or to the parser)
+_SHED_RUN: Final = re.compile(
+    rb"(?:%s(?:(?!(?i:content-length|transfer-encoding|connection|expect|upgrade):)%s)*\r\n)+"
+    % (_SHED_LINE, _SHED_FIELD)
+)
+# one such head, whatever its headers (a Content-Length body is framed one by one)
+_SHED_HEAD: Final = re.compile(rb"%s(?:%s)*\r\n" % (_SHED_LINE, _SHED_FIELD))
 _NON_ASCII: Final = re.compile(rb"[\x80-\xff]")
 _FLUSH_AT: Final = 65536  # bytes of encoded output that trigger a write mid-chunk
 _BACKLOG: Final = 2048
@@ -280,6 +310,9 @@ def _overloaded() -> Response:
         "the server is overloaded; retry shortly",
         headers=[("Retry-After", "1")],
     )
+
+
+_SHED: Final = _overloaded()  # the server only reads it
 
 
 def _internal_error() -> Response:
@@ -531,6 +564,7 @@ class _Connection(asyncio.Protocol):
         "_pending",
         "_reading_paused",
         "_server",
+        "_shedding",
         "_timer",
         "_timer_at",
         "_transport",
@@ -582,6 +616,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._shedding = False  # the chunk at hand arrived while the node sheds
 
     # --- transport callbacks -------------------------------------------------
 
@@ -617,6 +652,14 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return  # lingering, or answering what was already read: input is discarded
         self._now = now = self._loop.time()
+        server = self._server
+        self._shedding = shedding = server._shedding_now()
+        if (
+            shedding
+            and not (self._in_message or self._pending or self._deferred or self._write_paused)
+            and server._fast_shed
+        ):
+            data = self._shed_fast(data)
         if not data.isascii() and (self._in_target or not self._in_message):
             data = self._escaped_target(data)
         try:
@@ -647,6 +690,67 @@ class _Connection(asyncio.Protocol):
             deadline = self._deadline = now + self._keepalive
             if self._timer is None or deadline < self._timer_at:
                 self._refresh_deadline(now)
+
+    def _shed_fast(self, data: bytes) -> bytes:
+        """Answer the complete decision requests at the start of ``data`` with the
+        pre-encoded 503, without the parser, a Request or the handler; return the rest
+        for the parser (from the first request it must see: a reserved path, a method
+        or header the fast path does not follow, an incomplete request).
+
+        Called only at a message boundary with nothing pending, so the answers keep
+        the request order. Framing follows Content-Length as llhttp does; a request
+        with anything else that frames or changes its answer (Transfer-Encoding,
+        Connection, Expect, Upgrade, HTTP/1.0, a head or body beyond the limits) is
+        left to the parser, which answers it as usual (shed or not)."""
+        limits = self._limits
+        max_head = limits.max_header_bytes
+        max_body = limits.max_body_bytes
+        size = len(data)
+        start = 0
+        count = 0
+        while start < size:
+            run = _SHED_RUN.match(data, start)
+            if run is not None:  # the usual case: many requests in one C call
+                end = run.end()
+                count += data.count(b"\r\n\r\n", start, end)  # one per request
+                start = end
+                if start == size:
+                    break
+            # one request the run did not take: one with a body, or one for the parser
+            head = _SHED_HEAD.match(data, start)
+            if head is None:
+                break
+            end = head.end()
+            if end - start > max_head:
+                break
+            lowered = data[start:end].lower()
+            if (
+                b"\ntransfer-encoding:" in lowered
+                or b"\nconnection:" in lowered
+                or b"\nexpect:" in lowered
+                or b"\nupgrade:" in lowered
+            ):
+                break
+            at = lowered.find(b"\ncontent-length:") + 16
+            if at < 16 or lowered.find(b"\ncontent-length:", at) >= 0:
+                break  # none (a head too long for the run, say), or repeated: the parser's
+            value = lowered[at : lowered.find(b"\r", at)].strip()
+            if not value.isdigit() or len(value) > 9:
+                break
+            length = int(value)
+            after = end + length
+            if length > max_body or after > size:
+                break
+            count += 1
+            start = after
+        if count:
+            server = self._server
+            server.shed["lag"] += count
+            server.shed_unparsed += count
+            answer = server._shed_answer * count
+            self._out.append(answer)
+            self._out_size += len(answer)
+        return data[start:] if start else data
 
     def _escaped_target(self, data: bytes) -> bytes:
         """``data`` with the raw non-ASCII bytes of the request line it begins with
@@ -865,10 +969,10 @@ class _Connection(asyncio.Protocol):
         head = request.method == "HEAD"
         http10 = request.http_version == "1.0"
         server = self._server
-        if (server._admit < 1.0 or server._in_flight >= server._max_in_flight) and server._sheds(
+        if (self._shedding or server._in_flight >= server._max_in_flight) and server._sheds(
             request
         ):
-            result: object = _overloaded()
+            result: object = _SHED
         else:
             try:
                 result = self._handler(request)
@@ -1211,12 +1315,17 @@ class HttpServer:
         self._tls = tls
         self._max_in_flight = self._limits.max_in_flight
         self._in_flight = 0  # awaited handler answers, all connections
-        self._admit = 1.0  # the share of requests admitted (below 1 while the loop lags)
         self._lag_timer: asyncio.TimerHandle | None = None
         self._lag_due = 0.0
-        self._random = random.Random()
+        self._fast_shed = True  # answer shed requests without the parser (tests compare both)
+        self._shed_answer = b""  # the 503 of the fast shed path, encoded (with the Date)
         #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
         self.shed = {"lag": 0, "in_flight": 0}
+        #: of the requests shed for lag, those answered by the fast path, unparsed
+        self.shed_unparsed = 0
+        #: the worst lateness of the lag timer in the last whole second (seconds)
+        self.loop_lag = 0.0
+        self._lag_worst = 0.0  # in the second under way
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1329,30 +1438,29 @@ class HttpServer:
     def _tick_lag(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now - self._lag_due > self._limits.shed_lag:
-            self._admit = max(_MIN_ADMIT, self._admit * 0.5)
-        elif self._admit < 1.0:
-            self._admit = min(1.0, self._admit + 0.1)
-        if not self._shutting_down:
-            self._lag_due = now + _LAG_TICK_S
-            self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
+        late = now - self._lag_due
+        if late > self._lag_worst:
+            self._lag_worst = late
+        # on until shutdown() cancels it: a stale due time would read as lag
+        self._lag_due = now + _LAG_TICK_S
+        self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
+
+    def _shedding_now(self) -> bool:
+        """Whether a read handled now is shed: the lag timer is overdue by more than
+        ``shed_lag``, so this turn of the event loop has run that long (or the loop
+        has not turned for that long) and what is read now would wait behind it."""
+        return time.monotonic() - self._lag_due > self._limits.shed_lag
 
     def _sheds(self, request: Request) -> bool:
-        """Whether to answer ``request`` 503 now (called only while overloaded)."""
+        """Whether to answer ``request`` 503 now (called only while its chunk is shed or
+        ``max_in_flight`` answers are awaited): yes unless it is reserved."""
         if request.method == "PATCH" or request.path.startswith(_RESERVED):
             return False
         if self._in_flight >= self._max_in_flight:
             self.shed["in_flight"] += 1
             return True
-        if self._random.random() >= self._admit:
-            self.shed["lag"] += 1
-            return True
-        return False
-
-    @property
-    def admitted_share(self) -> float:
-        """The share of requests admitted now (1.0: no shedding)."""
-        return self._admit
+        self.shed["lag"] += 1  # the chunk it came in was shed
+        return True
 
     def _stamp_date(self) -> None:
         now = time.time()
@@ -1360,9 +1468,14 @@ class HttpServer:
             formatdate(now, usegmt=True).encode("ascii"),
             self._server_header,
         )
+        self._shed_answer = _encode_response(_overloaded(), self._date_server, True, False, False)[
+            0
+        ]
 
     def _tick_date(self) -> None:
         self._stamp_date()
+        self.loop_lag = self._lag_worst
+        self._lag_worst = 0.0
         if not self._shutting_down:
             # wake just after the next whole second
             delay = 1.0005 - time.time() % 1.0

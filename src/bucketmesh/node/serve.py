@@ -252,6 +252,17 @@ class Node:
                 f"Requests answered 503 + Retry-After by overload shedding ({cause})",
                 functools.partial(self.server.shed.__getitem__, cause),
             )
+        self.metrics.counter(
+            "bucketmesh_http_shed_unparsed_requests",
+            "Of the requests shed for loop lag, those answered 503 unparsed (the fast path)",
+            lambda: self.server.shed_unparsed,
+        )
+        self.metrics.gauge(
+            "bucketmesh_http_loop_lag_seconds",
+            "Worst lateness of the event loop's 10 ms lag timer in the last whole second "
+            "(shedding starts beyond limits.shedLag)",
+            lambda: self.server.loop_lag,
+        )
         self.envoy: EnvoyServer | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stopping = asyncio.Event()

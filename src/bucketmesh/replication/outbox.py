@@ -64,12 +64,14 @@ class Outbox:
         size = 0
         origin: int | None = None
         inflight = self.inflight
-        for key, (data, collected) in list(self.queued.items()):
-            if any(sent[0] is data for sent in inflight.get(key, ())):
+        oversized: list[str] = []
+        # no copy of the queue: after a flood of new keys it holds hundreds of
+        # thousands, and a copy per message made draining it quadratic (R6)
+        for key, (data, collected) in self.queued.items():
+            if key in inflight and any(sent[0] is data for sent in inflight[key]):
                 continue
             if len(data) > budget:
-                del self.queued[key]
-                self.oversized += 1
+                oversized.append(key)
                 continue
             if size + len(data) > budget:
                 break
@@ -78,6 +80,9 @@ class Outbox:
             size += len(data)
             origin = collected if origin is None or collected < origin else origin
             inflight.setdefault(key, []).append((data, collected))
+        for key in oversized:
+            del self.queued[key]
+            self.oversized += 1
         return keys, chunks, origin
 
     def takeable(self) -> bool:
