@@ -34,9 +34,9 @@ Method
        default, 1,000,000: the configured cap). Per row: offered and served (200/429) per
        second, shed (503 from shedding, from the node's counters), refused at the bucket
        cap, p99 of served and of shed (from the due time), peak RSS (VmHWM), live buckets,
-       the node's CPU and the client's over the row, errors (another status, a reset, a timeout of 10 s, an
-       answer never received), alive; and the reserved traffic: PATCHes answered 200 of
-       those sent and their worst latency, sync messages ``east`` sent to ``west`` and
+       the node's CPU and the client's over the row, errors (another status, a reset, a
+       timeout of 10 s, an answer never received), alive; and the reserved traffic:
+       PATCHes answered 200 of those sent and their worst latency, sync messages ``east`` sent to ``west`` and
        failed sends, and the replication lag p99 each way (the nodes' own ``/v1/status``
        windows, worst seen during the row).
 
