@@ -37,8 +37,8 @@ Method
        the node's CPU and the client's over the row, errors (another status, a reset, a
        timeout of 10 s, an answer never received), alive; and the reserved traffic:
        PATCHes answered 200 of those sent and their worst latency, sync messages
-       ``east`` sent to ``west`` and failed sends, and the replication lag p99 each way (the nodes' own ``/v1/status``
-       windows, worst seen during the row).
+       ``east`` sent to ``west`` and failed sends, and the replication lag p99 each way
+       (the nodes' own ``/v1/status`` windows, worst seen during the row).
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/r6.py [--quick] [--append]`` (needs gcc).
 """
