@@ -840,13 +840,7 @@ class RatingApp:
                 config = await self._key_config(key)
         except LimiterError:
             return None
-        return {
-            "capacity": config.capacity,
-            "refill_rate": config.refill_rate,
-            "ttl": config.ttl_ns / NS_PER_S,
-            "mode": config.mode,
-            "shadow": config.shadow,
-        }
+        return config.view()
 
     async def _patch_audited(
         self, request: Request, key: str, patch: ShadowPatch, rate: float | None

@@ -36,6 +36,16 @@ class BucketConfig(msgspec.Struct, frozen=True, array_like=True, gc=False):
     def refill_rate(self) -> float:
         return 1_000_000_000 / self.interval_ns  # NS_PER_S
 
+    def view(self) -> dict[str, object]:
+        """The limits as the API, the audit trail and the sync view show them."""
+        return {
+            "capacity": self.capacity,
+            "refill_rate": self.refill_rate,
+            "ttl": self.ttl_ns / 1_000_000_000,
+            "mode": self.mode,
+            "shadow": self.shadow,
+        }
+
 
 class Decision(msgspec.Struct, frozen=True, gc=False):
     """The answer to one acquire or peek; times in seconds (floats, ns precision)."""

@@ -1035,17 +1035,7 @@ class Mesh:
         configs = self.limiter.rule_configs
         for name in batch.rules:
             config = configs.get(name)
-            view["rule:" + name] = (
-                None
-                if config is None
-                else {
-                    "capacity": config.capacity,
-                    "refill_rate": config.refill_rate,
-                    "ttl": config.ttl_ns / NS_PER_S,
-                    "mode": config.mode,
-                    "shadow": config.shadow,
-                }
-            )
+            view["rule:" + name] = None if config is None else config.view()
         return view
 
     def _record_repair(

@@ -69,6 +69,22 @@ DEFAULT_WINDOW_NS: Final = 30 * NS_PER_S
 RANGES: Final = 256
 _MAC_CONTEXT: Final = b"bucketmesh-sync/1"
 
+
+def _signed_fields(env: Envelope) -> tuple[object, ...]:
+    """What an envelope's MAC covers: every field but the MAC itself, in wire order."""
+    return (
+        env.version,
+        env.cluster_id,
+        env.kind,
+        env.sender,
+        env.region,
+        env.sent_ns,
+        env.nonce,
+        env.reply_to,
+        env.body,
+    )
+
+
 # Kinds, and the path each request kind is posted to.
 DELTAS: Final = "deltas"
 DIGEST: Final = "digest"
@@ -282,19 +298,7 @@ class SyncAuth:
         ``unsigned`` in insecure mode."""
         if self._key is None:
             return "unsigned"
-        encoded = _MAC_CONTEXT + _encode(
-            (
-                env.version,
-                env.cluster_id,
-                env.kind,
-                env.sender,
-                env.region,
-                env.sent_ns,
-                env.nonce,
-                env.reply_to,
-                env.body,
-            )
-        )
+        encoded = _MAC_CONTEXT + _encode(_signed_fields(env))
         for key in self._keys:
             if hmac.compare_digest(env.mac, hmac.new(key, encoded, hashlib.sha256).digest()):
                 return "secret:" + hashlib.sha256(key).hexdigest()[:12]
@@ -355,18 +359,7 @@ class SyncAuth:
         if self._key is not None:
             if not env.mac:
                 raise Rejected("unsigned", 401, "the message carries no signature")
-            fields = (
-                env.version,
-                env.cluster_id,
-                env.kind,
-                env.sender,
-                env.region,
-                env.sent_ns,
-                env.nonce,
-                env.reply_to,
-                env.body,
-            )
-            if not self._verifies(env.mac, fields):
+            if not self._verifies(env.mac, _signed_fields(env)):
                 raise Rejected("bad_signature", 401, "the signature does not verify")
         if env.kind not in kinds:
             raise Rejected("wrong_kind", 400, f"expected {' or '.join(kinds)}, got {env.kind!r}")
