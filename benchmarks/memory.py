@@ -194,9 +194,14 @@ def serve(n: int, workdir: Path, ttl_s: float) -> tuple[list[list[str]], dict[st
         snap_mb = (workdir / "state.snap").stat().st_size / 1e6
         stop_s = node.stop()
         node = Node(config, port, log)
+        # a format-3 snapshot is restored lazily: the node serves at once and builds the
+        # rest of its buckets in the background; measure once every bucket is back
+        restore_deadline = time.monotonic() + 120
+        while (restoring := _live_buckets(port)) < n and time.monotonic() < restore_deadline:
+            time.sleep(0.1)
+        assert restoring == n, f"{restoring:,} of {n:,} buckets restored within 120 s"
         restored = node.rss()
         restored_peak = node.rss("VmHWM")
-        assert _live_buckets(port) == n
         deadline = time.monotonic() + ttl_s + 180
         while _live_buckets(port) and time.monotonic() < deadline:
             time.sleep(0.5)
