@@ -1,6 +1,11 @@
 """A Decision as the API answers it: the JSON body (200, or 429 problem+json of type
 quota-exceeded) and the IETF RateLimit headers. Shared by the Rating API routes and
-the ASGI middleware, so both answer byte for byte alike."""
+the ASGI middleware, so both answer byte for byte alike.
+
+``response`` is the reference: the body is msgspec's encoding of the Decision.
+``granted`` answers a grant the same bytes from a template made once per policy
+(rule, capacity, refill rate, mode): only the key, the level and the two times are
+formatted per answer (tests/test_rate_fast_path.py holds the two alike)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from bucketmesh.http.errors import JSON, PROBLEM
 from bucketmesh.http.server import Response
 
 _POLICY_CACHE_MAX = 10_000
+_UNKNOWN = (b"", b"")  # a policy not seen yet (None: seen, no template)
 
 
 class DecisionRenderer:
@@ -28,6 +34,13 @@ class DecisionRenderer:
         self.last_capacity = -1
         self.last_rate = -1.0
         self.last_prefix = b""
+        # (rule, capacity, refill rate, mode) -> a grant's head and body templates
+        self.grants: dict[tuple[str, int, float, str], tuple[bytes, bytes] | None] = {}
+        # the last grant's policy, its templates, and the last grant's key encoded
+        self.grant_policy: tuple[str, int, float, str] = ("", -1, -1.0, "")
+        self.grant_head = self.grant_body = b""
+        self.grant_key = ""
+        self.grant_key_json = b'""'
 
     def allowed_body(self, decision: Decision) -> bytes:
         return self.encoder.encode(decision)[:-1] + self.region_suffix
@@ -82,6 +95,64 @@ class DecisionRenderer:
             if len(self.heads) < _POLICY_CACHE_MAX:
                 self.heads[signature] = prefix
         return prefix
+
+    def _grant_template(self, decision: Decision) -> tuple[bytes, bytes] | None:
+        """A grant's head and body for ``decision``'s policy as ``%``-templates (head:
+        the level and the wait; body: the key, the level and the two times, each as
+        msgspec encodes it), made the last policy's; None when the rule's name
+        cannot go into a header as it is."""
+        rule = decision.rule
+        signature = (rule, decision.capacity, decision.refill_rate, decision.mode)
+        template = self.grants.get(signature, _UNKNOWN)
+        if template is _UNKNOWN:
+            template = None
+            prefix = self._head_prefix(decision, rule or "bucket")
+            if prefix is not None:
+                encode = self.encoder.encode
+                fixed = (
+                    encode(decision.mode) + b',"rule":' + encode(rule) + self.region_suffix
+                ).replace(b"%", b"%%")
+                template = (
+                    prefix.replace(b"%", b"%%") + b"%d;t=%d\r\nContent-Type: application/json\r\n",
+                    b'{"allowed":true,"key":%s,"tokens_remaining":%d,"capacity":'
+                    + encode(decision.capacity)
+                    + b',"refill_rate":'
+                    + encode(decision.refill_rate)
+                    + b',"retry_after":%s,"reset_after":%s,"mode":'
+                    + fixed,
+                )
+            if len(self.grants) < _POLICY_CACHE_MAX:
+                self.grants[signature] = template
+        if template is not None:
+            self.grant_policy = signature
+            self.grant_head, self.grant_body = template
+        return template
+
+    def granted(self, decision: Decision) -> Response:
+        """``response(decision)`` for a grant (``decision.allowed``), byte for byte,
+        from its policy's templates (the last policy's at hand)."""
+        rule, capacity, rate, mode = self.grant_policy
+        if (
+            decision.rule != rule
+            or decision.capacity != capacity
+            or decision.refill_rate != rate
+            or decision.mode != mode
+        ) and self._grant_template(decision) is None:
+            return self.response(decision)
+        key = decision.key
+        if key != self.grant_key:  # the same client's key again: encoded once
+            self.grant_key, self.grant_key_json = key, self.encoder.encode(key)
+        remaining = decision.tokens_remaining
+        retry_after = decision.retry_after
+        encode = self.encoder.encode
+        return Response(
+            200,
+            self.grant_body
+            % (self.grant_key_json, remaining, encode(retry_after), encode(decision.reset_after)),
+            JSON,
+            None,
+            self.grant_head % (remaining if remaining > 0 else 0, math.ceil(retry_after)),
+        )
 
     def response(self, decision: Decision) -> Response:
         """The whole answer: 200 with the decision, or 429 problem+json; its header

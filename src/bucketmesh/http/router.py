@@ -8,6 +8,7 @@ of them needs to know about the others."""
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
@@ -64,7 +65,19 @@ class Router:
             route, response = self.dispatch(request)
         if type(response) is not Response:
             return self._finish(route, response, started)  # type: ignore[arg-type]
-        self.metrics.count_response(route, response.status, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics = self.metrics
+        histogram = metrics.durations.get(route)
+        if histogram is None:  # the route's first answer: its histogram is made
+            metrics.count_response(route, response.status, elapsed)
+            return response
+        # NodeMetrics.count_response and Histogram.observe, inlined: two calls less
+        responses = metrics.responses
+        label = (route, response.status)
+        responses[label] = responses.get(label, 0) + 1
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.count += 1
+        histogram.total += elapsed
         return response
 
     async def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Response:
