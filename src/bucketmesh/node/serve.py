@@ -49,7 +49,6 @@ full collection no longer walks a million restored buckets (0.4–0.6 s each at
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import os
@@ -78,7 +77,7 @@ from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
 from bucketmesh.telemetry.outcomes import Outcomes
-from bucketmesh.telemetry.tasks import Supervisor
+from bucketmesh.telemetry.tasks import Supervisor, cancel_and_wait
 
 if TYPE_CHECKING:
     from bucketmesh.integrations.envoy import EnvoyServer
@@ -594,11 +593,7 @@ class Node:
             await self.memory.save_snapshot()
 
     async def stop(self, grace: float = 10.0) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.tasks)
         if self.envoy is not None:
             await self.envoy.stop(grace)
         await self.server.shutdown(grace)

@@ -90,7 +90,7 @@ from bucketmesh.replication.outbox import Outbox
 from bucketmesh.telemetry.audit import AuditLog
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import Histogram
-from bucketmesh.telemetry.tasks import Supervisor
+from bucketmesh.telemetry.tasks import Supervisor, cancel_and_wait
 
 log = logger("mesh")
 
@@ -473,11 +473,8 @@ class Mesh:
         if peer is None:
             return
         started = self._peer_tasks.pop(region, [])
+        await cancel_and_wait(started)
         for task in started:
-            task.cancel()
-        for task in started:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             if task in self.tasks:
                 self.tasks.remove(task)
         supervisor = self.supervisor
@@ -494,14 +491,8 @@ class Mesh:
         # The loops also check ``running``: asyncio.wait_for may swallow a cancellation
         # that races with the completion of what it waits for (Python < 3.12).
         self.running = False
-        pending = set(self.tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            done, pending = await asyncio.wait(pending, timeout=0.5)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    self.log(f"sync: a mesh task had failed: {task.exception()!r}")
+        for failure in await cancel_and_wait(self.tasks):
+            self.log(f"sync: a mesh task had failed: {failure!r}")
         self.tasks.clear()
         self.collect()
         flushes = [self._flush(peer, flush_s) for peer in self.peers.values() if peer.state == UP]

@@ -94,7 +94,7 @@ from bucketmesh.storage.redis_store import (
 )
 from bucketmesh.telemetry.log import logger
 from bucketmesh.telemetry.metrics import NodeMetrics
-from bucketmesh.telemetry.tasks import Supervisor
+from bucketmesh.telemetry.tasks import Supervisor, cancel_and_wait
 
 log = logger("redis")
 
@@ -603,11 +603,7 @@ class RedisBackend:
         ]
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.tasks)
         if self.up and (self.remote or self.resync):
             with contextlib.suppress(StoreUnavailable, StaleIncarnation):
                 await self._merge_remote()

@@ -29,12 +29,11 @@ log); the counter counts every one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -252,12 +251,26 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Cancel every task and wait for them."""
-        tasks = list(self._running.values())
-        for task in tasks:
+        await cancel_and_wait(list(self._running.values()))
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> list[BaseException]:
+    """Cancel ``tasks`` and wait until every one has ended; the exceptions the ones
+    that had failed ended with. A task still running half a second after its
+    cancellation is cancelled again: ``asyncio.wait_for`` may swallow a cancellation
+    that races with the completion of what it waits for (Python < 3.12), and a loop
+    around it would then run on, and a graceful stop would hang on it."""
+    failures: list[BaseException] = []
+    pending = set(tasks)
+    while pending:
+        for task in pending:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        done, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in done:
+            error = None if task.cancelled() else task.exception()
+            if error is not None:
+                failures.append(error)
+    return failures
 
 
-__all__ = ["FAILING", "OK", "STOPPED", "Supervisor", "TaskState"]
+__all__ = ["FAILING", "OK", "STOPPED", "Supervisor", "TaskState", "cancel_and_wait"]
