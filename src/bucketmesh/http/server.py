@@ -269,7 +269,7 @@ class ServerLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: int = 10000  # beyond: answered 503 + Retry-After and closed
     max_pipelined: int = 64  # pending responses per connection before reading stops
     max_in_flight: int = 4096  # awaited handler answers, all connections; beyond: 503
-    shed_lag: float = 0.5  # event loop lag beyond which requests are shed (503)
+    shed_lag: float = 0.1  # event loop lag beyond which requests are shed (503)
 
     def __post_init__(self) -> None:
         for name in self.__struct_fields__:
