@@ -13,8 +13,14 @@ import re
 import socket
 import threading
 from collections import Counter
+from pathlib import Path
 
-from conftest import Mesh, MeshNode, ServerFactory, eventually
+import httpx
+import pytest
+import yaml
+from conftest import Mesh, MeshNode, ServerFactory, eventually, free_port, make_config
+
+from bucketmesh.node.config import ConfigError, parse_config
 
 ADMIN_TOKEN = "shed-admin-token"
 RULES = [
@@ -200,3 +206,82 @@ def test_a_flood_of_new_keys_is_shed_unparsed_stays_under_the_cap_and_the_node_r
         lambda: sum(e["used"] for e in peer.state("small-known")["replicas"].values()) >= 2,
         "a grant made after the flood replicated",
     )
+
+
+def test_a_flooded_node_answers_sync_and_admin_on_its_reserved_listener(
+    serve: ServerFactory,
+) -> None:
+    """``adminListen``: a second socket serving only the reserved endpoints. While the
+    main listener sheds a flood, the reserved one takes admin changes and status reads,
+    and the other region sends its sync there (its peer URL names the reserved port),
+    so replication goes on both ways; a decision sent to the reserved port is refused
+    (404), so a flood cannot move there."""
+    admin_port = free_port()
+    reserved_url = f"http://127.0.0.1:{admin_port}"
+    mesh = Mesh(
+        serve,
+        ["us-east-1", "eu-west-1"],
+        buckets=RULES,
+        admin_token=ADMIN_TOKEN,
+        overrides={
+            "us-east-1": {"adminListen": f"127.0.0.1:{admin_port}", "limits": {"shedLag": 1}},
+            "eu-west-1": {"sync": {"peerUrls": {"us-east-1": reserved_url}}},
+        },
+    ).start()
+    flooded, peer = mesh[0], mesh[1]
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=reserved_url, timeout=30) as reserved, Flood(flooded) as flood:
+        eventually(
+            lambda: flooded.metric("bucketmesh_http_shed_lag_requests_total") > 0,
+            "the flooded node sheds",
+        )
+        patched = reserved.patch("/v1/buckets/small", json={"capacity": 40}, headers=admin)
+        assert patched.status_code == 200, patched.text
+        assert reserved.get("/v1/status").status_code == 200
+        assert reserved.get("/readyz").status_code == 200
+        refused = reserved.post("/v1/rate", json={"key": "small-x"})
+        assert refused.status_code == 404, refused.text
+        assert "adminListen" in refused.json()["detail"]
+        eventually(
+            lambda: peer.client.get("/v1/buckets/small").json()["capacity"] == 40,
+            "the PATCH made on the reserved listener reached the other region",
+        )
+        # the other region's sync reaches the flooded node through the reserved port
+        granted = peer.client.post("/v1/rate", json={"key": "small-from-west", "tokens": 2})
+        assert granted.status_code == 200, granted.text
+        eventually(
+            lambda: (
+                reserved.get("/v1/status").json()["sync"]["peers"]["eu-west-1"]["state"] == "up"
+            ),
+            "the flooded node sees the other region up",
+        )
+    assert flood.errors == [], flood.errors
+    assert set(flood.statuses) <= {200, 503}, flood.statuses
+    assert flood.statuses[503] > 0, flood.statuses
+    assert flooded.process.poll() is None
+    eventually(
+        lambda: sum(e["used"] for e in flooded.state("small-from-west")["replicas"].values()) == 2,
+        "a grant made in the other region replicated to the flooded node (sent to its "
+        "reserved port)",
+    )
+
+
+def test_a_bad_admin_listen_is_a_config_error_naming_file_and_field(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    for value in ("nowhere", "127.0.0.1:99999"):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(yaml.safe_dump(make_config(adminListen=value)), file="node.yaml")
+        assert caught.value.field == "adminListen", caught.value
+        assert "node.yaml" in str(caught.value)
+    # the main listener's port again: a real node refuses to start, naming both
+    port = free_port()
+    server = serve(
+        make_config(RULES, listen=f"127.0.0.1:{port}", adminListen=f"127.0.0.1:{port}"),
+        port=port,
+        config_name="same-port.yaml",
+        wait_ready=False,
+    )
+    assert server.wait(timeout=20) != 0
+    assert "adminListen" in server.stderr()
+    assert "same-port.yaml" in server.stderr()

@@ -137,6 +137,7 @@ class Member:
             listen=_listen_of(self.path, slot, url),
             storage=storage,
             envoy_listen=None,
+            admin_listen=None,
         )
 
     async def start(self) -> None:

@@ -133,7 +133,9 @@ __all__ = [
     "ServerLimits",
     "decode_header",
     "decode_query",
+    "is_reserved",
     "problem",
+    "reserved_only",
 ]
 
 _log = logging.getLogger(__name__)
@@ -301,6 +303,30 @@ def problem(
     if extra:
         document.update(extra)
     return Response(status, _json_encode(document), "application/problem+json", headers)
+
+
+def is_reserved(request: Request) -> bool:
+    """Whether ``request`` is reserved traffic, never shed: a ``PATCH``, or a path under
+    one of ``_RESERVED`` (sync, admin and fault endpoints, probes, metrics, status)."""
+    return request.method == "PATCH" or request.path.startswith(_RESERVED)
+
+
+def reserved_only(handler: Handler) -> Handler:
+    """``handler`` for the reserved listener (``adminListen``): it answers the reserved
+    requests only, and any other with 404 problem+json, so a flood of decisions cannot
+    move to the listener whose share is kept for sync and admin."""
+
+    def answer(request: Request) -> Response | Awaitable[Response]:
+        if is_reserved(request):
+            return handler(request)
+        return problem(
+            404,
+            None,
+            "this listener (adminListen) serves only the sync, admin, status, metrics and "
+            "probe endpoints and PATCH; send rate-limit decisions to the main listener",
+        )
+
+    return answer
 
 
 def _overloaded() -> Response:

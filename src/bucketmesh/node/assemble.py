@@ -128,6 +128,7 @@ def node_settings(config: Config) -> NodeSettings:
         redis_url=config.storage.redis_url,
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
         envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
+        admin_listen=parse_listen(config.admin_listen) if config.admin_listen else None,
         discovery=discovery_settings(config),
         forward=config.affinity.forward,
         forward_timeout_s=config.affinity.forward_timeout_ms / 1000,

@@ -314,6 +314,8 @@ class _Settings(_Section, frozen=True):
     node: str = "node-a"
     listen: str = "127.0.0.1:8080"
     envoy_listen: str | None = None
+    # the reserved listener: sync, admin, status, metrics and probes only, never shed
+    admin_listen: str | None = None
     # The bucket a GET /v1/bucket/state without ?key= reads: a key template, rendered
     # from that request like a rule's (literal text is one fixed key).
     default_state_key: str | None = None
@@ -650,10 +652,27 @@ _REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _REGION_RULE: Final = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
+def _check_admin_listen(settings: _Settings) -> None:
+    """``adminListen``: a ``host:port`` of its own (not the main listener's port)."""
+    if settings.admin_listen is None:
+        return
+    try:
+        port = parse_listen(settings.admin_listen)[1]
+    except ValueError as error:
+        raise _Problem("adminListen", str(error)) from None
+    main_port = parse_listen(settings.listen)[1]
+    if port and port == main_port:
+        raise _Problem(
+            "adminListen",
+            f"must be another port than listen ({settings.listen!r}): the reserved "
+            f"listener is a socket of its own, got {settings.admin_listen!r}",
+        )
+
+
 def _settings_from_document(document: dict[str, Any]) -> _Settings:
     """Convert and check everything but the rules; raises _Problem."""
     document = _without_nulls(document)
-    for field in ("listen", "envoyListen"):
+    for field in ("listen", "envoyListen", "adminListen"):
         if isinstance(document.get(field), int) and not isinstance(document[field], bool):
             document[field] = f":{document[field]}"  # a bare port
     sync = document.get("sync")
@@ -679,6 +698,7 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
                 parse_listen(listen)
             except ValueError as error:
                 raise _Problem(field, str(error)) from None
+    _check_admin_listen(settings)
     if settings.default_state_key:
         try:
             KeyTemplate(settings.default_state_key)
@@ -1133,6 +1153,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_NODE": "node",
     "BUCKETMESH_LISTEN": "listen",
     "BUCKETMESH_ENVOY_LISTEN": "envoy_listen",
+    "BUCKETMESH_ADMIN_LISTEN": "admin_listen",
     "BUCKETMESH_DEFAULT_STATE_KEY": "default_state_key",
     "BUCKETMESH_SYNC_ENABLED": "sync.enabled",
     "BUCKETMESH_SYNC_CLUSTER_ID": "sync.sync_cluster_id",

@@ -57,6 +57,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from bucketmesh.api.routes import RatingApp, SyncView
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import Limiter
@@ -65,7 +67,7 @@ from bucketmesh.core.shares import SCALE
 from bucketmesh.http import wire
 from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
-from bucketmesh.http.server import HttpServer, Request
+from bucketmesh.http.server import HttpServer, Request, reserved_only
 from bucketmesh.http.tls import sync_guard
 from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
 SWEEP_INTERVAL_S = 0.25
 REBALANCE_INTERVAL_S = 0.25  # strict shares' rebalancer (core/shares.py, docs/sync.md)
 SWEEP_BUDGET = 20_000
+_NEVER_SHED_S = 10.0**9  # the reserved listener's shed_lag
 
 log = logger("node")
 
@@ -245,6 +248,7 @@ class Node:
             on_error=self._log_error,
             tls=tls if tls is not None and tls.files.serves else None,
         )
+        self.admin_server = self._admin_server(settings)
         for cause in self.server.shed:
             self.metrics.counter(
                 f"bucketmesh_http_shed_{cause}_requests",
@@ -383,6 +387,32 @@ class Node:
             for name, state in sorted(supervisor.tasks.items())
         }
 
+    def _admin_server(self, settings: NodeSettings) -> HttpServer | None:
+        """The reserved listener (``adminListen``): the same routes, the reserved ones
+        only (sync, admin, status, metrics, probes, PATCH), on a socket and connection
+        cap of its own, so a flood of decisions on the main listener neither fills its
+        accept queue nor takes its connections, and it is never shed."""
+        if settings.admin_listen is None:
+            return None
+        tls = settings.tls
+        return HttpServer(
+            reserved_only(self.router),
+            # never shed: what it serves is the traffic the main listener keeps a share for
+            msgspec.structs.replace(settings.limits, shed_lag=_NEVER_SHED_S),
+            on_error=self._log_error,
+            tls=tls if tls is not None and tls.files.serves else None,
+        )
+
+    async def _start_admin(self, host: str, port: int) -> None:
+        assert self.admin_server is not None
+        try:
+            await self.admin_server.start(host, port)
+        except OSError as error:
+            shown = f"[{host}]" if ":" in host else host
+            raise StartError(
+                f"cannot listen on {shown}:{port} (adminListen): {error.strerror or error}"
+            ) from None
+
     @staticmethod
     def _log_error(error: BaseException) -> None:
         log.error("internal error: %r", error)
@@ -403,6 +433,8 @@ class Node:
             raise StartError(
                 f"cannot listen on {shown}:{port}: {error.strerror or error}"
             ) from None
+        if self.settings.admin_listen is not None:
+            await self._start_admin(*self.settings.admin_listen)
         if self.settings.envoy_listen is not None:
             try:
                 await self._start_envoy(*self.settings.envoy_listen)
@@ -597,6 +629,8 @@ class Node:
         if self.envoy is not None:
             await self.envoy.stop(grace)
         await self.server.shutdown(grace)
+        if self.admin_server is not None:
+            await self.admin_server.shutdown(grace)
         self.serving = False
         if self.app.forwarder is not None:
             await self.app.forwarder.close()

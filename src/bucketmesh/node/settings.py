@@ -41,6 +41,8 @@ class NodeSettings:
     redis_connections: int = 4
     # envoyListen: the Envoy rate limit service's gRPC (host, port); off when None
     envoy_listen: tuple[str, int] | None = None
+    # adminListen: the reserved listener's (host, port), sync and admin only; off when None
+    admin_listen: tuple[str, int] | None = None
     # tls: the listener's and the sync client's contexts (http/tls.py); off when None
     tls: TlsContexts | None = None
     # every admin token accepted (rotation); admin_token is the first
