@@ -19,7 +19,10 @@
  * and awaited for up to TIMEOUT seconds. A connection with requests in flight
  * and no answer for TIMEOUT seconds, a reset or a refused connection is an
  * error for each request in flight on it (the connection is reopened); what is
- * still unanswered at the end is counted apart. Prints one JSON object.
+ * still unanswered at the end is counted apart. Prints one JSON object; its
+ * write_late_ms is how late this client itself was (due time to handing a request to its
+ * connection): on a box short of CPU the client is late too, and the latencies it
+ * reports include that.
  *
  * Built by benchmarks/r6.py with `gcc -O2 -o openloop openloop.c`.
  */
@@ -75,6 +78,9 @@ static int ep;
 static double t0;
 static conn_t *conns;
 static samples_t lat[NCLASS];
+/* how late this client itself was: from the due time to handing the request to its
+ * connection (a client starved of CPU is late, and the latencies above include it) */
+static samples_t write_late;
 static uint64_t counts[NCLASS], sent, errors, timeouts, connects, connect_errors;
 static double last_answer;
 
@@ -84,8 +90,7 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static void record(int cls, double latency) {
-    samples_t *s = &lat[cls];
+static void add_sample(samples_t *s, double latency) {
     if (s->n == s->cap) {
         s->cap = s->cap ? s->cap * 2 : 1 << 16;
         s->v = realloc(s->v, s->cap * sizeof *s->v);
@@ -93,6 +98,10 @@ static void record(int cls, double latency) {
     }
     double us = latency * 1e6;
     s->v[s->n++] = us < 0 ? 0 : us > 4e9 ? 4000000000u : (uint32_t)us;
+}
+
+static void record(int cls, double latency) {
+    add_sample(&lat[cls], latency);
     counts[cls]++;
 }
 
@@ -167,6 +176,7 @@ static void maybe_send(conn_t *c, double t) {
         else
             len = snprintf(at, REQ_BUF, "GET %s HTTP/1.1\r\nHost: %s\r\n%s: %s\r\n\r\n", path,
                            host, header, prefix);
+        add_sample(&write_late, t - due_time(c, c->sent_j));
         if (c->sent_j == c->done_j) c->progress_at = t;
         c->out_len += (size_t)len;
         c->sent_j++;
@@ -368,6 +378,7 @@ int main(int argc, char **argv) {
     uint64_t unanswered = 0;
     for (int i = 0; i < nconn; i++) unanswered += conns[i].due_j - conns[i].done_j;
     for (int k = 0; k < NCLASS; k++) qsort(lat[k].v, lat[k].n, sizeof *lat[k].v, cmp_u32);
+    qsort(write_late.v, write_late.n, sizeof *write_late.v, cmp_u32);
     /* served = 200 + 429: merge their samples for the served percentiles */
     samples_t served = {0};
     served.n = lat[SERVED_200].n + lat[SERVED_429].n;
@@ -380,7 +391,7 @@ int main(int argc, char **argv) {
            "\"connects\": %llu, \"connect_errors\": %llu, \"seconds\": %.3f, "
            "\"span_s\": %.3f, \"served_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f, "
            "\"p999\": %.3f, \"max\": %.3f}, \"shed_ms\": {\"p50\": %.3f, \"p99\": %.3f, "
-           "\"max\": %.3f}}\n",
+           "\"max\": %.3f}, \"write_late_ms\": {\"p50\": %.3f, \"p99\": %.3f, \"max\": %.3f}}\n",
            (unsigned long long)total, (unsigned long long)sent,
            (unsigned long long)counts[SERVED_200], (unsigned long long)counts[SERVED_429],
            (unsigned long long)counts[SHED_503], (unsigned long long)counts[OTHER_STATUS],
@@ -389,6 +400,7 @@ int main(int argc, char **argv) {
            (unsigned long long)connect_errors, seconds, (last_answer > 0 ? last_answer : now()) - t0,
            pct(&served, 50), pct(&served, 90), pct(&served, 99), pct(&served, 99.9),
            pct(&served, 100), pct(&lat[SHED_503], 50), pct(&lat[SHED_503], 99),
-           pct(&lat[SHED_503], 100));
+           pct(&lat[SHED_503], 100), pct(&write_late, 50), pct(&write_late, 99),
+           pct(&write_late, 100));
     return 0;
 }

@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                                 not args.no_admin_listen))  # fmt: skip
             print(f"row {rows[-1].shedding} {rows[-1].multiple}: {rows[-1].client}", flush=True)
     columns = ["shedding", "load", "s", "offered/s", "served/s", "shed 503", "cap 503",
-               "p99 served ms", "p99 shed ms", "peak RSS MB", "buckets", "node CPU %",
-               "client CPU %", "errors", "alive"]  # fmt: skip
+               "p99 served ms", "p99 shed ms", "client late p99 ms", "peak RSS MB", "buckets",
+               "node CPU %", "client CPU %", "errors", "alive"]  # fmt: skip
     cells = []
     reserved_cells = []
     for r in rows:
@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             r.shedding, r.multiple, f"{r.seconds:.0f}", f"{int(c['offered']) / r.seconds:,.0f}",  # type: ignore[call-overload]
             f"{served / span:,.0f}", _count(r.shed), _count(r.cap_refused),
             _ms(c["served_ms"]["p99"]), _ms(c["shed_ms"]["p99"]),  # type: ignore[index]
+            _ms(c["write_late_ms"]["p99"]),  # type: ignore[index]
             f"{r.rss_mb:,.0f}", f"{r.buckets:,}" if r.buckets >= 0 else "—",
             f"{r.cpu_pct:.0f}", f"{float(c['client_cpu_pct']):.0f}", f"{errors:,}",  # type: ignore[arg-type]
             "yes" if r.alive else "NO",
@@ -477,7 +478,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             + '; a fresh pair per row. "shed 503" and "cap 503" '
             "are the node's counters (shedding; new keys beyond `limits.maxBuckets`), the "
-            "p99s are the client's, from the due time.\n\n"
+            'p99s are the client\'s, from the due time; "client late" is how late the client '
+            "itself wrote its requests (a client short of CPU is late, and its latencies "
+            "include that).\n\n"
             + _report.markdown_table(columns, cells)
             + "\n\nReserved traffic (sync, admin, status) during the same rows:\n\n"
             + _report.markdown_table(reserved_columns, reserved_cells)
