@@ -9,6 +9,7 @@ enough to shed, whatever the speed of the machine."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 import threading
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from conftest import Mesh, MeshNode, ServerFactory, eventually, free_port, make_config
 
+from bucketmesh.http.server import HttpServer, Response, ServerLimits
 from bucketmesh.node.config import ConfigError, parse_config
 
 ADMIN_TOKEN = "shed-admin-token"
@@ -285,3 +287,27 @@ def test_a_bad_admin_listen_is_a_config_error_naming_file_and_field(
     assert server.wait(timeout=20) != 0
     assert "adminListen" in server.stderr()
     assert "same-port.yaml" in server.stderr()
+
+
+def test_a_turn_after_one_that_ran_past_twice_the_shed_lag_is_shed_whole() -> None:
+    """What the sockets hold after a long turn of the loop (a stall, a node short of CPU)
+    waited through it: the next turn is shed whole, not served for its first
+    ``shed_lag`` (those answers would come after the bound). The lag timer fires at the
+    start of a turn, so its lateness stands for the last turn's length: set here, not
+    waited for. A turn that starts on time serves again."""
+
+    async def check() -> None:
+        server = HttpServer(lambda request: Response(200, b"{}"), ServerLimits(shed_lag=0.1))
+        await server.start("127.0.0.1", 0)
+        try:
+            loop = asyncio.get_running_loop()
+            server._lag_due = loop.time() - 0.5  # the last turn ran half a second
+            server._tick_lag()
+            assert server._shedding_now()
+            server._lag_due = loop.time() - 0.15  # one serving share and some shedding
+            server._tick_lag()
+            assert not server._shedding_now()
+        finally:
+            await server.shutdown()
+
+    asyncio.run(check())

@@ -71,7 +71,9 @@ Shedding (docs/targets.md R6)
     ``Retry-After: 1`` and no handler call, in two cases. The event loop lags: a
     timer due every ``_LAG_TICK_S`` marks when the loop last turned, and a read
     handled while that timer is overdue by more than ``shed_lag`` is shed (this
-    turn has run too long; what is read now waited behind it). Each turn thus
+    turn has run too long; what is read now waited behind it), and so is every read
+    of a turn that follows one that ran past twice ``shed_lag`` (a stall, or a node
+    short of CPU: what the sockets hold waited through it). Each turn thus
     serves for about ``shed_lag`` and sheds the rest, and the node keeps reading
     its sockets at several times its capacity, so what it serves waits about one
     turn, not a queue in the socket buffers. Or ``max_in_flight`` handler answers
@@ -1352,6 +1354,8 @@ class HttpServer:
         #: the worst lateness of the lag timer in the last whole second (seconds)
         self.loop_lag = 0.0
         self._lag_worst = 0.0  # in the second under way
+        # the last turn of the loop ran past twice shed_lag: this one is shed whole
+        self._stale_turn = False
         self._shutting_down = False
         self._all_closed: asyncio.Event | None = None
         self._date_timer: asyncio.TimerHandle | None = None
@@ -1467,6 +1471,11 @@ class HttpServer:
         late = now - self._lag_due
         if late > self._lag_worst:
             self._lag_worst = late
+        # The timer fires at the start of a turn, so ``late`` is about how long the last
+        # turn ran: what the sockets hold now has waited that long. Past twice shed_lag
+        # (one serving share and the shedding of the rest take less), serving it would
+        # answer requests that already waited beyond the bound: shed this turn whole.
+        self._stale_turn = late > 2 * self._limits.shed_lag
         # on until shutdown() cancels it: a stale due time would read as lag
         self._lag_due = now + _LAG_TICK_S
         self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
@@ -1474,8 +1483,9 @@ class HttpServer:
     def _shedding_now(self) -> bool:
         """Whether a read handled now is shed: the lag timer is overdue by more than
         ``shed_lag``, so this turn of the event loop has run that long (or the loop
-        has not turned for that long) and what is read now would wait behind it."""
-        return time.monotonic() - self._lag_due > self._limits.shed_lag
+        has not turned for that long) and what is read now would wait behind it; or
+        the last turn ran past twice ``shed_lag``, so what is read now waited through it."""
+        return self._stale_turn or time.monotonic() - self._lag_due > self._limits.shed_lag
 
     def _sheds(self, request: Request) -> bool:
         """Whether to answer ``request`` 503 now (called only while its chunk is shed or
