@@ -20,9 +20,9 @@
  * and no answer for TIMEOUT seconds, a reset or a refused connection is an
  * error for each request in flight on it (the connection is reopened); what is
  * still unanswered at the end is counted apart. Prints one JSON object; its
- * write_late_ms is how late this client itself was (due time to handing a request to its
- * connection): on a box short of CPU the client is late too, and the latencies it
- * reports include that.
+ * write_late_ms is how late requests were handed to their connection's buffer (from
+ * the due time): late when this client is short of CPU, or when that buffer is full
+ * (OUT_MAX, after the server's receive window): the latencies it reports include that.
  *
  * Built by benchmarks/r6.py with `gcc -O2 -o openloop openloop.c`.
  */

@@ -479,8 +479,9 @@ def main(argv: list[str] | None = None) -> int:
             + '; a fresh pair per row. "shed 503" and "cap 503" '
             "are the node's counters (shedding; new keys beyond `limits.maxBuckets`), the "
             'p99s are the client\'s, from the due time; "client late" is how late the client '
-            "itself wrote its requests (a client short of CPU is late, and its latencies "
-            "include that).\n\n"
+            "handed its requests to their connection's buffer (a client short of CPU is late, "
+            "or one whose 1 MB buffer per connection is full behind the node's receive "
+            "window; its latencies include that).\n\n"
             + _report.markdown_table(columns, cells)
             + "\n\nReserved traffic (sync, admin, status) during the same rows:\n\n"
             + _report.markdown_table(reserved_columns, reserved_cells)
