@@ -137,3 +137,43 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
     finally:
         driver.stop.set()
         driver.join(timeout=30)
+
+
+def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_share(
+    redis_server: Any,
+) -> None:
+    """share.lua refuses a write based on a reading someone wrote after (two nodes
+    that both believe they hold the lease cannot both commit a transfer); lease.lua
+    gives the lease to one node at a time; the acquire script creates a strict-shares
+    bucket on the share hash's config, not on the node's (before this change the
+    scripts did not exist and a bucket took the ask's config)."""
+    import asyncio
+
+    from bucketmesh.core.bucket import BucketConfig
+    from bucketmesh.storage.redis_store import Ask, RedisStore
+
+    async def run() -> None:
+        store = RedisStore(redis_server.url, "eu", timeout_s=5.0)
+        await store.join()
+        try:
+            assert await store.share_lease("node-a", 5_000)
+            assert not await store.share_lease("node-b", 5_000)
+            assert await store.share_lease("node-a", 5_000)  # renewed
+            assert await store.write_share("k", 0, {"c": "3"}) == 1
+            assert await store.write_share("k", 0, {"c": "30"}) == -1  # read before 1
+            assert await store.write_share("k", 1, {"L": "x"}) == 2
+            version = (1_000, "eu/redis/1")
+            await store.write_share(
+                "k", 2, {"c": "3", "i": "1000000000", "vh": "1000", "vo": "eu/redis/1", "w": "1"}
+            )
+            whole = BucketConfig(40, 25_000_000, 3_600_000_000_000, "strict", version)
+            now = 1_763_900_000_123_456_789
+            asks = [Ask("k", "r", whole, 1, shares=True) for _ in range(5)]
+            verdicts = await store.acquire(asks, now)
+            # the share's capacity 3, one token missing (received without tokens)
+            assert [v.status for v in verdicts] == [1, 1, 0, 0, 0]
+            assert {v.capacity for v in verdicts} == {3}
+        finally:
+            await store.close()
+
+    asyncio.run(run())

@@ -439,6 +439,11 @@ class RegionShares:
             self.backend._mark_down(error)
 
     async def _step(self) -> None:
+        limiter = self.limiter
+        if not any(c.mode == STRICT for c in limiter.rule_configs.values()) and not any(
+            c.mode == STRICT for c in limiter.key_configs.values()
+        ):
+            return  # no strict key: nothing to hold (no lease taken, no round)
         asked, denied = self.asked, self.denied
         self.asked, self.denied = {}, set()
         pushed = {
@@ -458,7 +463,6 @@ class RegionShares:
             self.configs_dirty.update(configs)
             raise
         self.writer = await self.store.share_lease(self.node, SHARE_LEASE_MS)
-        limiter = self.limiter
         if not self.writer:
             # only the writer speaks for the region (its reports carry the region's
             # demand); the others forward what they hear
