@@ -542,6 +542,10 @@ class RegionShares:
                     limiter.ledgers.pop(key, None)
                 else:
                     limiter.ledgers[key] = kept
+        if not row:
+            # a key the writer knows from peers only: listed, so the next round reads
+            # its share hash (and its sequence number) back
+            await self.store.push_shares({}, (), {key: ("k", "1")})
         seq = int(row.get("q", "0") or 0)
         same = (
             row.get("c") == str(share.capacity)
