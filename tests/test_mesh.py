@@ -299,7 +299,9 @@ def test_a_patch_of_a_strict_key_gives_every_region_its_share(mesh: Mesh) -> Non
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     hammer(mesh[0], "/v1/rate?tenant=s1", 2)
     response = mesh[1].client.patch("/v1/buckets/fixed-s1", json={"capacity": 9}, headers=admin)
-    assert response.status_code == 200, response.text
+    # 202: a lowering its region's rights cannot cover is pending until every region
+    # has cut (issue 18, docs/api.md); accepted and replicated either way
+    assert response.status_code in (200, 202), response.text
 
     version = mesh[1].state("fixed-s1")["config_version"]
 

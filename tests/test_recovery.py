@@ -123,7 +123,8 @@ def test_a_strict_keys_patch_outlives_its_bucket_going_idle(serve: ServerFactory
     eventually(lambda: granted(a, "/v1/rate?k=p", 1) == 1, "a first grant in us-east-1")
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     patched = a.client.patch("/v1/buckets/s-p", json={"capacity": 10}, headers=admin)
-    assert patched.status_code == 200, patched.text
+    # 202: a lowering not covered at its origin is pending (issue 18, docs/api.md)
+    assert patched.status_code in (200, 202), patched.text
     eventually(lambda: granted(b, "/v1/rate?k=p", 1) == 1, "a first grant in eu-central-1")
     # (issue 18: a region's share of the patched 10 follows demand; the rule's would be
     # a share of 100)
@@ -186,7 +187,8 @@ def test_a_region_restarted_without_a_snapshot_pulls_back_a_strict_keys_patch(
     a, b = mesh[0], mesh[1]
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     patched = a.client.patch("/v1/buckets/s-q", json={"capacity": 10}, headers=admin)
-    assert patched.status_code == 200, patched.text
+    # 202: a lowering not covered at its origin is pending (issue 18, docs/api.md)
+    assert patched.status_code in (200, 202), patched.text
     # (issue 18: a region's share of the patched 10 follows demand, at most 10)
     version = a.state("s-q")["config_version"]
     eventually(

@@ -19,6 +19,7 @@ import difflib
 import functools
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -885,9 +886,29 @@ class RatingApp:
         def body(config: BucketConfig) -> Response:
             rule = rule_name if rule_name is not None else self.decider.rule_of(key)
             applies_to = "key" if rule_name is None else "rule"
-            return self._config_json(self._config_body(key, rule, config, applies_to), config)
+            response = self._config_json(self._config_body(key, rule, config, applies_to), config)
+            pending = None if rule_name is not None else self._pending_lowering(key)
+            return response if pending is None else self._pending_answer(key, response, pending)
 
         return self._answer(changed, body, None)
+
+    def _pending_lowering(self, key: str) -> dict[str, Any] | None:
+        """A strict lowering of ``key`` its origin (this node's region) cannot cover:
+        the new limit is pending until every region has cut (core/limiter.py)."""
+        find = getattr(getattr(self.decider, "limiter", self.decider), "pending_lowering", None)
+        found = find(key) if callable(find) else None
+        return found if isinstance(found, dict) else None
+
+    def _pending_answer(self, key: str, response: Response, pending: dict[str, Any]) -> Response:
+        """202 Accepted: the config body with ``pending`` (the limit that bounds until
+        every region has cut, which regions have, which have not, and where to watch
+        it), and a ``Location`` of the key's state (docs/api.md, PATCH)."""
+        state = "/v1/bucket/state?key=" + urllib.parse.quote(key, safe="")
+        extra = self.encoder.encode({**pending, "state": state})
+        response.status = 202
+        response.body = response.body[:-1] + b',"pending":' + extra + b"}"
+        response.headers = [*(response.headers or []), ("Location", state)]
+        return response
 
     async def _key_config(self, key: str) -> BucketConfig:
         found = self.decider.inspect(key)
@@ -924,7 +945,7 @@ class RatingApp:
         old = await self._settings_of(key)
         answer = self._patch(key, patch, rate)
         response = await answer if isinstance(answer, Awaitable) else answer
-        if self.audit is not None and response.status == 200:
+        if self.audit is not None and response.status in (200, 202):
             authorization = request.headers.get("authorization", "")
             token = authorization[7:].strip() if authorization[:7].lower() == "bearer " else None
             self.audit.change(

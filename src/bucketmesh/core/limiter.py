@@ -87,6 +87,7 @@ from bucketmesh.core.shares import (
     Ledger,
     ShareReport,
     ShareState,
+    burn_covered,
     burnt_limits,
     floor_parts,
     plan,
@@ -1290,6 +1291,53 @@ class Limiter:
         self._report(key, ledger, whole, now)
         return len(gifts)
 
+    def pending_lowering(self, key: str) -> dict[str, Any] | None:
+        """A lowering of strict ``key``'s limit made here that is not in force yet: the
+        rights this region holds above its floor do not cover the excess
+        (``shares.burn_covered``; docs/sync.md, "Runtime changes"), so the old limit
+        bounds the key until every region runs on the new one. Returns the limit that
+        bounds meanwhile, the regions that run on the new limit (``cut``) and those
+        not yet (``waiting``); None when the change is in force (covered, a raise, or
+        every region has cut), when shares are off, or when the key is not strict."""
+        region = self.share_region
+        if region is None:
+            return None
+        bucket = self.buckets.get(key)
+        rule = bucket.rule if bucket is not None else self._rule_name(key)
+        if rule is None:
+            return None
+        whole = self._whole(key, rule)
+        if whole.mode != STRICT or not self._burner(whole):
+            return None
+        high = self._ceiling(key, whole)
+        ledger = self.ledgers.get(key)
+        if high is None or ledger is None:
+            return None
+        capacity, interval = self._effective(key, whole)
+        # as the simulator bounds it: a restart without a snapshot leaves the origin
+        # at least its floor, spent on the old limit until its pull
+        floor = max(self._floor(high[0]), self._floor(whole.capacity))
+        parts = self.spendable(key, high[0]) - floor
+        if burn_covered(capacity, interval, parts, high[0], high[1]):
+            return None
+        members = (ledger.regions() | set(self.share_regions)) - self._retired(ledger)
+        target = (whole.capacity, whole.interval_ns)
+        cut: list[str] = []
+        waiting: list[str] = []
+        for name in sorted(members):
+            report = ledger.reports.get(name)
+            on_new = name == region or (
+                report is not None and (report.capacity, report.interval_ns) == target
+            )
+            (cut if on_new else waiting).append(name)
+        if not waiting:
+            return None
+        return {
+            "bound": {"capacity": high[0], "refill_rate": NS_PER_S / high[1]},
+            "cut": cut,
+            "waiting": waiting,
+        }
+
     def share_utilisation(self) -> float:
         """The mean part of their limits this region holds over its ledgers (0..1)."""
         region = self.share_region
@@ -1304,11 +1352,23 @@ class Limiter:
         if self.share_region is None:
             return None
         ledger = self.ledgers.get(key)
+        # what this region may spend is judged against the whole limit (its floor is a
+        # part of it), not against its bucket's share
+        bucket = self.buckets.get(key)
+        rule = bucket.rule if bucket is not None else self._rule_name(key)
+        capacity = self._whole(key, rule).capacity if rule is not None else 0
         if ledger is None:
             names = set(self.share_founders)
             return {
                 name: {
-                    "rights": SCALE // len(self.share_founders) / SCALE,
+                    # this region's own entry: what it may spend now (a blind replica,
+                    # restarted without a snapshot and not pulled yet, its floor)
+                    "rights": (
+                        self.spendable(key, max(1, capacity))
+                        if name == self.share_region
+                        else SCALE // len(self.share_founders)
+                    )
+                    / SCALE,
                     "demand": 0.0,
                     "reported": False,
                 }
@@ -1319,8 +1379,6 @@ class Limiter:
             report = ledger.reports.get(name)
             held = ledger.holding(name)
             if name == self.share_region:
-                bucket = self.buckets.get(key)
-                capacity = bucket.config.capacity if bucket is not None else 0
                 held = self.spendable(key, max(1, capacity))
             out[name] = {
                 "rights": held / SCALE,

@@ -407,6 +407,11 @@ def openapi_document(version: str) -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json("BucketConfigBody", "The new config and its version"),
+                    "202": _json(
+                        "BucketConfigBody",
+                        "A strict lowering not in force yet: the config, plus `pending` "
+                        "(docs/api.md)",
+                    ),
                     "400": _problem_response("Invalid field"),
                     "401": _problem_response("Admin token required"),
                     "403": _problem_response("Wrong admin token"),

@@ -460,6 +460,10 @@ class Node:
             )
             if self.share_pull_wanted:
                 self.tasks.append(supervisor.every("share-pull", 2.0, self._share_pull_step))
+        if self.backend is not None and self.backend.shares is not None:
+            self.tasks.append(
+                supervisor.every("rebalance", REBALANCE_INTERVAL_S, self.backend.shares.step)
+            )
         if self.secret_files.watched:
             self.tasks.append(
                 supervisor.every("secret-files", CHECK_EVERY_S, self.secret_files.check)
@@ -483,6 +487,11 @@ class Node:
         outcome = await self.mesh.pull_at_start(1.0)
         if set(outcome.pulled) >= set(self.mesh.peers):
             limiter.shares_pulled()
+
+    def _peers_up(self) -> bool:
+        """Every peer region is up: rights may move (never during a partition)."""
+        mesh = self.mesh
+        return mesh is not None and all(p.state == UP for p in mesh.peers.values())
 
     def _rebalance_step(self) -> None:
         """One round of strict mode's rebalancer; rights move only while every peer is
@@ -545,6 +554,13 @@ class Node:
             # strict buckets spend the rights their slot holds (after begin_recovery: a
             # start without a snapshot is blind, core/shares.py); Redis keeps 1/regions
             limiter.enable_shares(self.settings.region, (self.settings.region, *sync.peers))
+        if self.backend is not None and self.mesh is not None and sync is not None:
+            # a Redis region in strict mode's rights ledger: its nodes share the
+            # region's rights in Redis, and the one holding the lease rebalances
+            self.backend.enable_shares(
+                (self.settings.region, *sync.peers), self.backend.local.replica_id, self._peers_up
+            )
+            self._install_share_metrics(self.backend.mirror.limiter)
         if self.mesh is None:
             return
         wait = None

@@ -59,6 +59,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from bucketmesh.core.bucket import (
     NS_PER_S,
     SHARED,
+    STRICT,
     Bucket,
     BucketConfig,
     BucketDelta,
@@ -78,6 +79,7 @@ from bucketmesh.core.limiter import (
     share_of,
 )
 from bucketmesh.core.rules import STORE_FAILURE_POLICIES, Rule
+from bucketmesh.core.shares import Ledger, ShareState
 from bucketmesh.http.idempotency import IDEMPOTENCY_TTL_S, CacheKey, Record, record_of
 from bucketmesh.http.server import Response
 from bucketmesh.storage.memory import install_limiter_metrics
@@ -108,6 +110,7 @@ MAX_REFRESH_KEYS: Final = 5000
 MAX_QUEUED_MERGES: Final = 100_000
 MERGE_CHUNK: Final = 200
 DENY_RETRY_S: Final = 1.0
+REBALANCE_PERIOD_S: Final = 0.25  # RegionShares.step's period (node/serve.py runs it)
 MAX_REFUSED_SHADOW: Final = 4096  # keys whose last refusal's shadow mark is kept
 
 # A queued decision and what to call with its Decision (or its error) once known.
@@ -205,6 +208,7 @@ class RegionMirror:
         )
         self.forward = forward
         self.inexact_skipped = 0  # configs from peers outside the exact range
+        self.shares = False  # strict keys in the region's rights ledger (RegionShares)
 
     # -- what the mesh replicates (replication.mesh.Replica) ----------------------------
 
@@ -312,6 +316,10 @@ class RegionMirror:
     def absorb(self, deltas: Iterable[BucketDelta], now: int) -> None:
         limiter = self.limiter
         for delta in deltas:
+            if self.shares and delta.config.mode == STRICT:
+                # a strict bucket in Redis runs on its region's share (RegionShares),
+                # not on the key's whole limit: never taken for the key's config
+                continue
             changed = limiter.merge(DeltaBatch(limiter.replica_id, [delta]), now=now)
             if changed and delta.config.mode == SHARED:
                 limiter.dirty.add(delta.key)
@@ -327,6 +335,249 @@ class RegionMirror:
         limiter.replica_id = replica_id
         # a tombstone's count was the old id's: the old id's entry carries it now
         limiter.tombstones.clear()
+
+
+SHARE_LEASE_MS: Final = 2_000  # the strict-shares writer's lease (renewed every round)
+_encode_state = msgspec.json.Encoder().encode
+_decode_state = msgspec.json.Decoder(ShareState).decode
+_decode_config = msgspec.json.Decoder(BucketConfig).decode
+
+
+class RegionShares:
+    """Strict mode's rights ledger for a region whose nodes share Redis (docs/sync.md,
+    "Redis regions").
+
+    The region holds, spends, gives and receives rights like an embedded-store region;
+    what would live in one node's memory lives in Redis, per key, in its share hash
+    (``RedisStore.share_key``, hash-tagged with the bucket):
+
+    ``c`` ``i`` ``vh`` ``vo`` ``w``
+        the share config the region's bucket runs on (capacity, interval, version) and
+        the tokens a bucket created now lacks (rights received arrive without tokens):
+        the acquire script creates a strict bucket from them, never from a node's view;
+    ``L``
+        the region's ledger as its writer last committed it (JSON ``ShareState``);
+    ``q``
+        the sequence number of the writer's writes (share.lua: a write based on an
+        older reading is refused);
+    ``a`` ``n`` ``m:<node>``
+        tokens asked and a denial since the writer last read them, from every node,
+        and the ledgers a node heard from peer regions.
+
+    Every node counts its demand and pushes it with what it heard; the node holding
+    the region's lease (the *writer*) merges all of it into its mirror's ledgers and
+    runs the rebalancer there (``Limiter.rebalance``), on the region's replica id
+    ``<region>/redis/<incarnation>``. A gift is computed, then taken back out of the
+    mirror (nothing of it can leave yet), and committed in this order: the smaller
+    share config (new buckets), the existing bucket reconfigured to it (level kept,
+    clamped: what is above the new capacity is destroyed), the ledger ``L``; only then
+    does it go back into the mirror, which the mesh replicates. So no region can
+    spend rights before this region's bucket has stopped spending them, and a writer
+    that dies between two steps leaves the region holding less than its ledger says
+    (the next writer, reading ``L``, puts it right), never more.
+    """
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        region: str,
+        founders: Sequence[str],
+        node: str,
+        connected: Callable[[], bool],
+    ) -> None:
+        self.backend = backend
+        self.store = backend.store
+        self.limiter = backend.mirror.limiter
+        self.region = region
+        self.founders = tuple(founders)
+        self.node = node
+        self.connected = connected
+        self.writer = False
+        self.asked: dict[str, int] = {}
+        self.denied: set[str] = set()
+        self.heard: dict[str, Ledger] = {}  # key -> the join of ledgers peers sent
+        self.heard_dirty: set[str] = set()
+        self.configs: dict[str, BucketConfig] = {}  # key -> its newest whole config heard
+        self.configs_dirty: set[str] = set()
+        #: key -> the whole config a lowering PATCHed here replaced (pending_lowering)
+        self.lowered: dict[str, BucketConfig] = {}
+        self.commits = 0
+        self.conflicts = 0
+
+    # -- every node --------------------------------------------------------------
+
+    def count(self, key: str, tokens: int, allowed: bool) -> None:
+        self.asked[key] = self.asked.get(key, 0) + tokens
+        if tokens and not allowed:
+            self.denied.add(key)
+
+    def heard_config(self, key: str, config: BucketConfig) -> None:
+        """A strict key's own whole config (a PATCH here, or one a peer sent): the
+        writer must divide it, wherever the region heard it."""
+        known = self.configs.get(key)
+        if known is None or config.version > known.version:
+            self.configs[key] = config
+            self.configs_dirty.add(key)
+
+    def heard_from_peer(self, key: str, state: ShareState) -> None:
+        known = self.heard.get(key)
+        other = Ledger.from_state(state)
+        if known is None:
+            self.heard[key] = other
+            self.heard_dirty.add(key)
+        elif known.merge(other):
+            self.heard_dirty.add(key)
+
+    async def step(self) -> None:
+        """One round: push this node's demand and what it heard; the writer then
+        rebalances and commits."""
+        if not self.backend.up:
+            return
+        try:
+            await self._step()
+        except (StoreUnavailable, StaleIncarnation) as error:
+            self.backend._mark_down(error)
+
+    async def _step(self) -> None:
+        limiter = self.limiter
+        if not any(c.mode == STRICT for c in limiter.rule_configs.values()) and not any(
+            c.mode == STRICT for c in limiter.key_configs.values()
+        ):
+            return  # no strict key: nothing to hold (no lease taken, no round)
+        asked, denied = self.asked, self.denied
+        self.asked, self.denied = {}, set()
+        pushed = {
+            key: (f"m:{self.node}", _encode_state(self.heard[key].state()).decode())
+            for key in self.heard_dirty
+        }
+        self.heard_dirty = set()
+        configs = {key: self.configs[key] for key in self.configs_dirty}
+        self.configs_dirty = set()
+        try:
+            await self.store.push_shares(asked, denied, pushed)
+            for key, config in configs.items():
+                # into the share hash for the writer, the newest by version (rule.lua)
+                await self.store.save_key_config(key, config)
+        except BaseException:
+            self.heard_dirty.update(pushed)
+            self.configs_dirty.update(configs)
+            raise
+        self.writer = await self.store.share_lease(self.node, SHARE_LEASE_MS)
+        if not self.writer:
+            # only the writer speaks for the region (its reports carry the region's
+            # demand); the others forward what they hear
+            limiter.share_region = None
+            return
+        if limiter.share_region is None:
+            limiter.enable_shares(self.region, self.founders)
+        await self._write_round()
+
+    # -- the writer ------------------------------------------------------------------
+
+    async def _write_round(self) -> None:
+        limiter = self.limiter
+        rows = await self.store.read_shares()
+        now = limiter.clock()
+        taken: dict[str, tuple[int, bool]] = {}
+        for key, row in rows.items():
+            for field, value in row.items():
+                if field == "L" or field.startswith("m:"):
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        limiter._merge_ledger(key, _decode_state(value.encode()), now)
+                elif field == "c:K":
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        config = _decode_config(value.encode())
+                        rule = limiter._rule_name(key)
+                        if rule is not None and config.mode == STRICT:
+                            delta = BucketDelta(key, 0, config, config.version, 0, {}, rule)
+                            limiter._merge_strict_config(delta, now)
+            tokens = int(row.get("a", "0") or 0)
+            denied = "n" in row
+            if tokens > 0 or denied:
+                taken[key] = (max(0, tokens), denied)
+                limiter.share_asked[key] = limiter.share_asked.get(key, 0) + max(0, tokens)
+                if denied:
+                    limiter.share_denied.add(key)
+        await self.store.take_demand(taken)
+        # the round on the mirror; gifts taken back out of it until committed
+        before = {key: ledger.state() for key, ledger in limiter.ledgers.items()}
+        limiter.rebalance(now, period_s=REBALANCE_PERIOD_S, connected=self.connected())
+        rid = limiter.replica_id
+        gave: dict[str, ShareState] = {}
+        for key, ledger in list(limiter.ledgers.items()):
+            old = before.get(key)
+            own = {p: n for p, n in ledger.given.items() if p[0] == rid}
+            was = {} if old is None else Ledger.from_state(old).given
+            if any(n > was.get(p, 0) for p, n in own.items()):
+                gave[key] = ledger.state()
+                if old is None:
+                    del limiter.ledgers[key]
+                else:
+                    limiter.ledgers[key] = Ledger.from_state(old)
+                limiter.dirty.discard(key)
+        for key in sorted(set(rows) | set(limiter.ledgers) | set(gave)):
+            await self._commit(key, rows.get(key, {}), gave.get(key), now)
+
+    async def _commit(
+        self, key: str, row: dict[str, str], gift: ShareState | None, now: int
+    ) -> None:
+        limiter = self.limiter
+        rule = limiter._rule_name(key)
+        if rule is None:
+            return
+        whole = limiter._whole(key, rule)
+        if whole.mode != STRICT:
+            return
+        kept = limiter.ledgers.get(key)
+        if gift is not None:  # the share as it is once the gift is made
+            limiter.ledgers[key] = Ledger.from_state(gift)
+        try:
+            share = limiter._share(key, whole)
+            missing = limiter._received_worth(key, share.capacity)
+            ledger = limiter.ledgers.get(key)
+            committed = None if ledger is None else _encode_state(ledger.state()).decode()
+        finally:
+            if gift is not None:
+                if kept is None:
+                    limiter.ledgers.pop(key, None)
+                else:
+                    limiter.ledgers[key] = kept
+        if not row:
+            # a key the writer knows from peers only: listed, so the next round reads
+            # its share hash (and its sequence number) back
+            await self.store.push_shares({}, (), {key: ("k", "1")})
+        seq = int(row.get("q", "0") or 0)
+        same = (
+            row.get("c") == str(share.capacity)
+            and row.get("i") == str(share.interval_ns)
+            and row.get("w") == str(missing)
+        )
+        if not same:
+            version = (limiter.hlc.tick(now), limiter.replica_id)
+            config = msgspec.structs.replace(share, version=version)
+            fields = {
+                "c": str(config.capacity),
+                "i": str(config.interval_ns),
+                "vh": str(version[0]),
+                "vo": version[1],
+                "w": str(missing),
+            }
+            seq = await self.store.write_share(key, seq, fields)
+            if seq < 0:
+                self.conflicts += 1
+                return  # another writer wrote since: nothing more this round
+            ask = Ask(key, rule, config, 0, shares=True)
+            await self.backend._reconfigure([ask], now)
+        if committed is not None and committed != row.get("L"):
+            seq = await self.store.write_share(key, seq, {"L": committed})
+            if seq < 0:
+                self.conflicts += 1
+                return
+            self.commits += 1
+        if gift is not None:
+            # committed: the mirror (and the mesh) may have it now
+            limiter._merge_ledger(key, gift, now)
+            limiter.dirty.add(key)
 
 
 class RedisBackend:
@@ -402,6 +653,9 @@ class RedisBackend:
         self.merge_back = False
         self.remote_wake = asyncio.Event()
         self.health_wake = asyncio.Event()
+        #: strict keys in the region's rights ledger (``enable_shares``), else None:
+        #: the static 1/regions split
+        self.shares: RegionShares | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.running: set[asyncio.Task[None]] = set()
         self.groups = itertools.count(1)
@@ -412,6 +666,16 @@ class RedisBackend:
         self.calls = 0
         self.decided = 0
         self.reconfigured = 0
+
+    def enable_shares(
+        self, founders: Sequence[str], node: str, connected: Callable[[], bool]
+    ) -> RegionShares:
+        """Strict keys hold, spend, give and receive rights in the region's ledger
+        (``RegionShares``; ``node``: this process's id for the writer's lease,
+        ``connected``: every peer region is up)."""
+        self.shares = RegionShares(self, self.region, founders, node, connected)
+        self.mirror.shares = True
+        return self.shares
 
     # -- the decision seam: what the front doors see -----------------------------------
 
@@ -559,9 +823,20 @@ class RedisBackend:
         if not is_rule and self.up:
             with contextlib.suppress(StoreUnavailable, StaleIncarnation):
                 await self.refresh([key])
+        old = None
+        if self.shares is not None and not is_rule:
+            limiter = self.mirror.limiter
+            rule_name = limiter._rule_name(key)
+            old = None if rule_name is None else limiter._whole(key, rule_name)
         config = self.mirror.configure(
             key, capacity=capacity, refill_rate=refill_rate, ttl=ttl, mode=mode, shadow=shadow
         )
+        if self.shares is not None and not is_rule and config.mode == STRICT:
+            self.shares.heard_config(key, config)
+            if old is not None and (
+                config.capacity < old.capacity or config.interval_ns > old.interval_ns
+            ):
+                self.shares.lowered[key] = old
         if self.up:
             try:
                 await self.publish(key, is_rule)
@@ -656,7 +931,10 @@ class RedisBackend:
             and len(limiter.buckets) + len(self.unmirrored) >= limiter.max_buckets
         ):
             self._refuse_at_cap()
-        config = share_of(limiter.rule_configs[rule.name], self.regions)
+        whole = limiter.rule_configs[rule.name]
+        config = share_of(whole, self.regions)
+        if self.shares is not None and whole.mode == STRICT:
+            return Ask(key, rule.name, config, tokens, group, request, True)
         return Ask(key, rule.name, config, tokens, group, request)
 
     def _refuse_at_cap(self) -> None:
@@ -771,6 +1049,13 @@ class RedisBackend:
     def _answer(self, waiter: Waiter, verdict: Verdict) -> None:
         ask, outcome = waiter
         self.decided += 1
+        if ask.shares and self.shares is not None:
+            self.shares.count(ask.key, ask.tokens, verdict.status == ALLOWED)
+            if verdict.status == INVALID_TOKENS and ask.tokens <= self._whole_capacity(ask):
+                # above the region's share, not above the key's limit: a denial (the
+                # share may grow), as the embedded store answers it
+                outcome(self._refusal(ask))
+                return
         if verdict.status == INVALID_TOKENS:
             outcome(_invalid(ask.tokens, verdict.capacity))
             return
@@ -828,6 +1113,25 @@ class RedisBackend:
                 continue
             for (_, outcome), decision in zip(items, decisions, strict=True):
                 outcome(decision)
+
+    def pending_lowering(self, key: str) -> dict[str, object] | None:
+        """A lowering PATCHed here of a strict key in the region's rights ledger: never
+        in force at once, the region's writer burns it from its next round (api/routes.py
+        answers 202; docs/sync.md, "Redis regions"). None otherwise."""
+        if self.shares is None:
+            return None
+        old = self.shares.lowered.pop(key, None)
+        if old is None:
+            return None
+        return {
+            "bound": {"capacity": old.capacity, "refill_rate": NS_PER_S / old.interval_ns},
+            "cut": [],
+            "waiting": sorted(set(self.shares.founders)),
+        }
+
+    def _whole_capacity(self, ask: Ask) -> int:
+        limiter = self.mirror.limiter
+        return limiter._whole(ask.key, ask.rule).capacity
 
     @staticmethod
     def _refusal(ask: Ask, config: BucketConfig | None = None) -> Decision:
@@ -1000,6 +1304,13 @@ class RedisBackend:
             known = self.remote_rules.get(name)
             if known is None or config.version > known.version:
                 self.remote_rules[name] = config
+        if self.shares is not None:
+            for delta in batch.deltas:
+                if delta.config.mode == STRICT and delta.epoch == 0:
+                    if delta.shares is not None:
+                        self.shares.heard_from_peer(delta.key, delta.shares)
+                    if delta.config.version[0] > 0:  # a PATCH's, not the file's
+                        self.shares.heard_config(delta.key, delta.config)
         shared = [delta for delta in batch.deltas if delta.config.mode == SHARED]
         if len(self.remote) + len(shared) > MAX_QUEUED_MERGES:
             # The mirror holds all of it: merge the mirror whole instead.

@@ -110,7 +110,8 @@ def _script(name: str) -> str:
 # acquire.lua. KEYS[1] incarnation key, KEYS[2..] the distinct buckets of the call.
 # ARGV: now_s, now_n, replica id, incarnation, rule count, then per rule
 # (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
-# epoch_n: the epoch a bucket created now gets, shadow 1/0), then ONE string holding every
+# epoch_n: the epoch a bucket created now gets, shadow 1/0, strict shares 1/0: KEYS then
+# ends with each bucket's share hash, in the same order), then ONE string holding every
 # decision as "key index, rule index, tokens, group, request;" (few arguments to
 # pack and parse: that is most of the cost of a call). Decisions of one group > 0
 # are all or nothing: the group is judged and settled whole when the loop reaches
@@ -118,7 +119,7 @@ def _script(name: str) -> str:
 # one request > 0 (a batch) are charged nothing if any of them asks more than its
 # bucket's capacity (the batch is refused whole). Answer: 4 values per decision
 # (status, level, retry_after ns, reset_after ns), then 5 per key (capacity,
-# interval, mode, rule, shadow 1/0).
+# interval, mode, rule, shadow 1/0). The last ARGV: how many buckets KEYS names.
 ACQUIRE_LUA: Final = _script("acquire")
 
 # merge.lua. KEYS: one bucket per delta. ARGV: now_s, now_n, the store's replica id,
@@ -133,6 +134,11 @@ MERGE_LUA: Final = _script("merge")
 # place of a given one, and copy the incarnation into one slot's key.
 BUMP_LUA: Final = (resources.files("bucketmesh.storage") / "lua" / "bump.lua").read_text("utf-8")
 SLOT_LUA: Final = (resources.files("bucketmesh.storage") / "lua" / "slot.lua").read_text("utf-8")
+
+# share.lua and lease.lua (plain scripts): a strict key's share hash written by its
+# region's writer when nobody wrote since it read it, and the writer's lease.
+SHARE_LUA: Final = (resources.files("bucketmesh.storage") / "lua" / "share.lua").read_text("utf-8")
+LEASE_LUA: Final = (resources.files("bucketmesh.storage") / "lua" / "lease.lua").read_text("utf-8")
 
 # rule.lua. KEYS[1] the rules hash. ARGV: name, version hlc, version origin, encoded
 # config. Last writer wins by version; answers 1 when the stored config changed.
@@ -301,6 +307,9 @@ class Ask(NamedTuple):
     tokens: int
     group: int = 0
     request: int = 0
+    #: a strict key of a region in the rights ledger: a new bucket takes the share
+    #: its region's writer set (the share hash), and its config is never "stale"
+    shares: bool = False
 
 
 def _split(ns: int) -> tuple[int, int]:
@@ -413,6 +422,10 @@ class RedisStore:
         self._merge = self.redis.register_script(MERGE_LUA)
         self._rule = self.redis.register_script(RULE_LUA)
         self._bump = self.redis.register_script(BUMP_LUA)
+        self._share = self.redis.register_script(SHARE_LUA)
+        self._lease = self.redis.register_script(LEASE_LUA)
+        self.share_keys_key = f"bm:{region}:sh-keys"
+        self.share_lease_key = f"bm:{region}:sh-writer"
         self.slot_calls = asyncio.Semaphore(CLUSTER_CALLS)
         self.incarnation: str | None = None
         self.calls = 0
@@ -444,6 +457,11 @@ class RedisStore:
 
     def bucket_key(self, key: str) -> str:
         return f"{self.prefix}{{{key}}}"
+
+    def share_key(self, key: str) -> str:
+        """The hash of ``key``'s strict rights in this region (hash-tagged like its
+        bucket): the share config its writer set, its ledger, the demand counted."""
+        return f"{self.prefix}sh:{{{key}}}"
 
     def slot_of(self, key: str) -> int:
         """The Cluster slot of ``key``'s bucket (all its state is in that one hash)."""
@@ -677,14 +695,16 @@ class RedisStore:
     ) -> list[Verdict]:
         """One acquire script call; ``incarnation_key``: the store's, or on Cluster the
         copy in the slot of every key of the call."""
-        rules: dict[tuple[str, BucketConfig], int] = {}
+        rules: dict[tuple[str, BucketConfig, bool], int] = {}
         keys: dict[str, int] = {}
         args: list[Any] = []
         wanted = []
+        shares = False
         for ask in asks:
-            rule_index = rules.get((ask.rule, ask.config))
+            rule_index = rules.get((ask.rule, ask.config, ask.shares))
             if rule_index is None:
-                rule_index = rules[(ask.rule, ask.config)] = len(rules) + 1
+                rule_index = rules[(ask.rule, ask.config, ask.shares)] = len(rules) + 1
+                shares = shares or ask.shares
                 cfg = ask.config
                 epoch_s, epoch_n = _split(now_ns - now_ns % cfg.ttl_ns)
                 args += [
@@ -698,6 +718,7 @@ class RedisStore:
                     epoch_s,
                     epoch_n,
                     1 if cfg.shadow else 0,
+                    1 if ask.shares else 0,
                 ]
             key_index = keys.get(ask.key)
             if key_index is None:
@@ -707,7 +728,9 @@ class RedisStore:
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
         names = [incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
-        argv = [*head, *args, "".join(wanted)]
+        if shares:  # each bucket's share hash after the buckets (same slot: its tag)
+            names += [self.share_key(key) for key in keys]
+        argv = [*head, *args, "".join(wanted), len(keys)]
         if self.cluster:
             slot = int(key_slot(incarnation_key.encode()))
             raw = await self._call(self._run_in_slot(self._acquire, slot, names, argv))
@@ -837,6 +860,70 @@ class RedisStore:
             pipe.hgetall(self.bucket_key(key))
         rows = await self._call(pipe.execute())
         return [d for d in (parse_bucket(k, row) for k, row in zip(keys, rows, strict=True)) if d]
+
+    # -- strict shares: the region's rights ledger (redis_backend.RegionShares) ----------
+
+    async def share_lease(self, node: str, lease_ms: int) -> bool:
+        """Take or renew the region's strict-shares writer lease for ``node``."""
+        args = [node, lease_ms]
+        return bool(await self._call(self._lease(keys=[self.share_lease_key], args=args)))
+
+    async def push_shares(
+        self, asked: dict[str, int], denied: Iterable[str], ledgers: dict[str, tuple[str, str]]
+    ) -> None:
+        """Add this node's demand (tokens asked) and denials to each key's share hash,
+        and put the ledgers it heard from peers (field, encoded state) there, for the
+        region's writer."""
+        keys = set(asked) | set(denied) | set(ledgers)
+        if not keys:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, tokens in asked.items():
+            pipe.hincrby(self.share_key(key), "a", tokens)
+        for key in denied:
+            pipe.hset(self.share_key(key), "n", "1")
+        for key, (field, encoded) in ledgers.items():
+            pipe.hset(self.share_key(key), field, encoded)
+        pipe.sadd(self.share_keys_key, *keys)
+        await self._call(pipe.execute())
+
+    async def read_shares(self) -> dict[str, dict[str, str]]:
+        """Every strict key's share hash of the region (the writer's round)."""
+        names = sorted(await self._call(self.redis.smembers(self.share_keys_key)))
+        if not names:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for key in names:
+            pipe.hgetall(self.share_key(key))
+        rows = await self._call(pipe.execute())
+        return dict(zip(names, rows, strict=True))
+
+    async def take_demand(self, taken: dict[str, tuple[int, bool]]) -> None:
+        """Subtract the demand the writer read (increments since stay) and clear the
+        denials it saw."""
+        if not taken:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, (tokens, denied) in taken.items():
+            if tokens:
+                pipe.hincrby(self.share_key(key), "a", -tokens)
+            if denied:
+                pipe.hdel(self.share_key(key), "n")
+        await self._call(pipe.execute())
+
+    async def save_key_config(self, key: str, config: BucketConfig) -> bool:
+        """A strict key's own whole config into its share hash (``v:K`` ``o:K`` ``c:K``),
+        the newest by version (rule.lua), for the region's writer."""
+        encoded = msgspec.json.encode(config).decode()
+        args = ["K", str(config.version[0]), config.version[1], encoded]
+        return bool(await self._call(self._rule(keys=[self.share_key(key)], args=args)))
+
+    async def write_share(self, key: str, seq: int, fields: dict[str, str]) -> int:
+        """share.lua: the new sequence number, or -1 when written since ``seq``."""
+        args: list[Any] = [seq]
+        for name, value in fields.items():
+            args += [name, value]
+        return int(await self._call(self._share(keys=[self.share_key(key)], args=args)))
 
     async def save_rule(self, name: str, config: BucketConfig) -> bool:
         encoded = msgspec.json.encode(config).decode()

@@ -17,7 +17,11 @@ limit allows: ``C + (t2 − t1) / T``. During a PATCH: the lower of the old and 
 limit from the PATCH on when the origin's rights above its floor cover a
 lowering's excess (it burns it: ``shares.burnt_limits``), else the old limit until
 every region runs on the new one (or one divides a raised one); the new limit
-after; the larger capacity over a window that spans a change.
+after; the larger capacity over a window that spans a change. Which of the two
+bounds a lowering gets is what its PATCH answers (``Limiter.pending_lowering``:
+200 in force, 202 pending), checked against the coverage condition; docs/sync.md
+proves that no coordination-free scheme can do better when the origin does not
+cover it.
 """
 
 from __future__ import annotations
@@ -309,7 +313,18 @@ def run(seed: int, *, steps: int | None = None) -> Outcome:
             # every region has cut (a raise always waits: the old, lower one bounds)
             floor = max(origin._floor(old_cap), origin._floor(new_cap))
             held = origin.spendable(key, old_cap) - floor
-            if burn_covered(low[0], low[1], held, old_cap, old_int):
+            covered = burn_covered(low[0], low[1], held, old_cap, old_int)
+            # the PATCH's answer (200 in force, 202 pending: api/routes.py) says the
+            # same, and the bound checked from here on is the one it announces
+            lowering = new_cap < old_cap or new_int > old_int
+            pending = origin.pending_lowering(key)
+            if lowering and (pending is None) != covered:
+                raise Violation(
+                    f"seed {seed}: the PATCH would answer {'202' if pending else '200'} "
+                    f"but the origin {'covers' if covered else 'does not cover'} the "
+                    f"lowering {old_cap}/{old_int}->{new_cap}/{new_int} ({pending})"
+                )
+            if lowering and pending is None:
                 limits.append((now, *low))
                 events.append(f"patch covered by {region}")
             else:

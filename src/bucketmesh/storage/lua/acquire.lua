@@ -4,15 +4,19 @@ local me = ARGV[3]
 local nrules = tonumber(ARGV[5])
 local rules = {}
 for k = 1, nrules do
-  local o = 5 + (k - 1) * 10
+  local o = 5 + (k - 1) * 11
   rules[k] = {name = ARGV[o + 1], c = tonumber(ARGV[o + 2]), i = tonumber(ARGV[o + 3]),
               l = tonumber(ARGV[o + 4]), m = ARGV[o + 5], vh = ARGV[o + 6], vo = ARGV[o + 7],
-              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9]), s = ARGV[o + 10]}
+              es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9]), s = ARGV[o + 10],
+              x = ARGV[o + 11]}
 end
 local asks = {}
-for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 10], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
+for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 11], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
   asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
 end
+-- strict shares (x = 1): KEYS[k + nb] is the share hash of bucket KEYS[k] (the region's
+-- rights ledger: the share config its writer set, storage/redis_backend.py)
+local nb = tonumber(ARGV[7 + nrules * 11]) or (#KEYS - 1)
 local cache, dirty, fresh, shown = {}, {}, {}, {}
 local function bucket(k, rule)
   local b = cache[k]
@@ -23,16 +27,32 @@ local function bucket(k, rule)
   end
   if not b then
     -- a full bucket under the rule's config, stored only when something is taken
-    return {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
+    local fresh_b = {es = rule.es, en = rule.en, c = rule.c, i = rule.i, l = rule.l, m = rule.m,
             vh = rule.vh, vo = rule.vo, s = rule.s, bh = rule.vh, bo = rule.vo, bt = 0, bu = 0,
             t = 0,
             r = rule.name, reps = {}, new = true}
+    if rule.x == '1' then
+      -- strict shares: the share the region's writer set (its rights now), not the
+      -- node's view; full only on the rights it did not receive (they came without
+      -- tokens: the giver's bucket may have been empty)
+      local sh = redis.call('HMGET', KEYS[k + nb], 'c', 'i', 'vh', 'vo', 'w')
+      if sh[1] then
+        fresh_b.c, fresh_b.i = tonumber(sh[1]), tonumber(sh[2])
+        fresh_b.vh, fresh_b.vo, fresh_b.bh, fresh_b.bo = sh[3], sh[4], sh[3], sh[4]
+        local w = tonumber(sh[5]) or 0
+        if w > fresh_b.c then w = fresh_b.c end
+        if w > 0 then fresh_b.bt = rel(fresh_b, now_s, now_n) + w * fresh_b.i end
+      end
+    end
+    return fresh_b
   end
   return b
 end
--- the bucket's config is older than the rule's: it must adopt the rule's first
+-- the bucket's config is older than the rule's: it must adopt the rule's first (a
+-- strict share's config is its region's writer's to set: never)
 local function stale(b, rule)
-  return not b.new and b.r == rule.name and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
+  return rule.x ~= '1' and not b.new and b.r == rule.name
+    and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
 end
 -- the outcome of taking `tokens` at now from b, without changing it
 local function judge(b, tokens, now_rel)
@@ -184,7 +204,7 @@ for k, now_rel in pairs(dirty) do
   save_rep(KEYS[k], me, b.reps[me])
   expire(KEYS[k], b, now_rel, me)
 end
-for k = 2, #KEYS do
+for k = 2, nb + 1 do
   local b = shown[k]
   local n = #out
   if b then

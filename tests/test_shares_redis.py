@@ -1,0 +1,179 @@
+"""A region on Redis in strict mode's rights ledger (issue 18): its two nodes share
+one holding in Redis, the one holding the region's lease rebalances for it, and its
+transfers replicate over the mesh like an embedded region's.
+
+A mixed mesh: us-east-1 is two ``serve`` nodes on one real redis-server, the other
+two regions embedded. With 90 % of the demand in the Redis region (split over its
+two nodes), rights flow to it and the key serves >= 95 % of its limit, never more
+than the limit (the two nodes spend one holding: each spending its own would show
+as up to twice the region's part); cut off, nothing moves and neither side goes
+over; healed, rights flow again. Before this change a Redis region kept a fixed
+third (its rights never moved: the first ``eventually`` timed out)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from conftest import Mesh, ServerFactory, eventually
+from test_shares_mesh import CAPACITY, KEY, RATE, RULE, Driver, rights
+
+REDIS_REGION = "us-east-1"
+TOKEN = "shares-redis-admin"
+
+
+def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    redis = {"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 3000}
+    mesh = Mesh(
+        serve,
+        {
+            "redis-a": REDIS_REGION,
+            "redis-b": REDIS_REGION,
+            "eu": "eu-central-1",
+            "ap": "ap-southeast-2",
+        },
+        buckets=[RULE],
+        proxied=True,
+        cluster_id="shares-redis",
+        admin_token=TOKEN,
+        overrides={
+            "redis-a": {"node": "redis-a", "storage": redis},
+            "redis-b": {"node": "redis-b", "storage": redis},
+            "eu": {"node": "eu"},
+            "ap": {"node": "ap"},
+        },
+    ).start()
+    a, b, eu, ap = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu", "ap"))
+    # 90 % of the demand in the Redis region, half on each of its nodes; 130 % of
+    # the limit in all (every region asks for more than its rights)
+    driver = Driver([a, b, eu, ap], [0.45, 0.45, 0.05, 0.05], load=1.3)
+    driver.start()
+    try:
+        eventually(
+            lambda: rights(eu, REDIS_REGION) >= 0.85 and rights(ap, REDIS_REGION) >= 0.85,
+            "rights flow to the Redis region",
+            120,
+        )
+        state = eu.state(KEY)
+        assert sum(e["rights"] for e in state["shares"].values()) <= 1.0 + 1e-9
+
+        # a measured window: >= 95 % of r·W served, most of it by the two Redis nodes
+        # together, and never more than C + r·W (one holding, spent by both)
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        last = driver.counts()
+        span = time.monotonic() - opened
+        served = [x - y for x, y in zip(last, first, strict=True)]
+        assert sum(served) <= CAPACITY + RATE * span, (served, span)
+        assert sum(served) >= 0.95 * RATE * span, (served, span)
+        assert served[0] + served[1] >= 0.85 * RATE * span, (served, span)
+        assert served[0] > 0 and served[1] > 0, served  # both nodes spend the holding
+
+        # cut the Redis region off: nothing moves, and the total stays within the limit
+        mesh.cut("redis-a", "redis-b")
+        eventually(
+            lambda: (
+                eu.status()["sync"]["peers"][REDIS_REGION]["state"] == "down"
+                and a.status()["sync"]["local_only"] is True
+                and b.status()["sync"]["local_only"] is True
+            ),
+            "the cut is seen on both sides",
+        )
+        transfers = [
+            n.metric("bucketmesh_strict_share_transfers_total") for n in mesh.nodes.values()
+        ]
+        held = rights(eu, REDIS_REGION)
+        before, started = driver.counts(), time.monotonic()
+        driver.shift([0.025, 0.025, 0.9, 0.05])  # the demand moves to the other side
+        eventually(lambda: driver.counts()[2] - before[2] >= 20, "the other side serves")
+        after, elapsed = driver.counts(), time.monotonic() - started
+        window = [x - y for x, y in zip(after, before, strict=True)]
+        assert sum(window) <= CAPACITY + RATE * elapsed, (window, elapsed)
+        assert rights(eu, REDIS_REGION) == held
+        assert [
+            n.metric("bucketmesh_strict_share_transfers_total") for n in mesh.nodes.values()
+        ] == transfers
+
+        # healed: rights flow again, toward where the demand is now
+        mesh.heal()
+        eventually(lambda: rights(eu, eu.region) >= 0.6, "rights flow after healing", 120)
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 4 * RATE, "a window", 120)
+        span = time.monotonic() - opened
+        served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
+        assert sum(served) <= CAPACITY + RATE * span, (served, span)
+
+        # a per-key PATCH on each Redis node in turn (whichever holds the lease) reaches
+        # the region's writer: every region runs on the last one, and the key stays
+        # within it from then on
+        for node, limit in ((a, 30), (b, 20)):
+            patched = node.client.patch(
+                f"/v1/buckets/{KEY}",
+                json={"capacity": limit, "refillRate": float(limit)},
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            # a Redis region's writer burns a lowering from its next round: pending
+            assert patched.status_code == 202, patched.text
+            assert REDIS_REGION in patched.json()["pending"]["waiting"]
+        new = {"capacity": 20, "refill_rate": 20.0}
+        eventually(
+            lambda: (
+                all(e["limit"] == new for e in eu.state(KEY)["shares"].values())
+                and all(e["limit"] == new for e in ap.state(KEY)["shares"].values())
+            ),
+            "every region runs on the new limit",
+            120,
+        )
+        opened = time.monotonic()
+        first = driver.counts()
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 60, "a window", 120)
+        span = time.monotonic() - opened
+        served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
+        assert sum(served) <= 20 + 20.0 * span, (served, span)
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
+
+
+def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_share(
+    redis_server: Any,
+) -> None:
+    """share.lua refuses a write based on a reading someone wrote after (two nodes
+    that both believe they hold the lease cannot both commit a transfer); lease.lua
+    gives the lease to one node at a time; the acquire script creates a strict-shares
+    bucket on the share hash's config, not on the node's (before this change the
+    scripts did not exist and a bucket took the ask's config)."""
+    import asyncio
+
+    from bucketmesh.core.bucket import BucketConfig
+    from bucketmesh.storage.redis_store import Ask, RedisStore
+
+    async def run() -> None:
+        store = RedisStore(redis_server.url, "eu", timeout_s=5.0)
+        await store.join()
+        try:
+            assert await store.share_lease("node-a", 5_000)
+            assert not await store.share_lease("node-b", 5_000)
+            assert await store.share_lease("node-a", 5_000)  # renewed
+            assert await store.write_share("k", 0, {"c": "3"}) == 1
+            assert await store.write_share("k", 0, {"c": "30"}) == -1  # read before 1
+            assert await store.write_share("k", 1, {"L": "x"}) == 2
+            version = (1_000, "eu/redis/1")
+            await store.write_share(
+                "k", 2, {"c": "3", "i": "1000000000", "vh": "1000", "vo": "eu/redis/1", "w": "1"}
+            )
+            whole = BucketConfig(40, 25_000_000, 3_600_000_000_000, "strict", version)
+            now = 1_763_900_000_123_456_789
+            asks = [Ask("k", "r", whole, 1, shares=True) for _ in range(5)]
+            verdicts = await store.acquire(asks, now)
+            # the share's capacity 3, one token missing (received without tokens)
+            assert [v.status for v in verdicts] == [1, 1, 0, 0, 0]
+            assert {v.capacity for v in verdicts} == {3}
+        finally:
+            await store.close()
+
+    asyncio.run(run())
