@@ -579,6 +579,41 @@ def test_an_older_generation_kept_by_a_peer_is_adopted_and_the_tombstone_waits()
     assert "api-1" in a.tombstones
 
 
+def test_a_generation_replaced_while_live_keeps_our_count_when_it_comes_back() -> None:
+    # seed 384 with --expiry and one more PATCH: a spent in E0, then c's later
+    # generation E1 replaced E0 at a (a spent there too) and expired; b kept E0 busy and
+    # sends it back. The key's tombstone holds E1 only: a's entry in E0 must restart at
+    # what a spent in it, or max-merge hides a's next grants in E0 from b.
+    rule = make_rule(5, 1.0, ttl=10.0)
+    a, b, c = (Limiter([rule], replica_id=f"{x}/n/1", clock=lambda: 0) for x in "abc")
+    t = 1_000 * NS_PER_S
+    b.acquire("api-1", now=t)
+    a.merge(b.collect_deltas(), now=t)
+    assert a.acquire("api-1", now=t).allowed  # a = 1 in E0, never sent
+    first = a.bucket("api-1")
+    assert first is not None and first.mine == 1
+    e0 = first.epoch
+    t += 30 * NS_PER_S
+    c.acquire("api-1", now=t)  # c's own bucket: a later generation E1
+    assert a.merge(c.collect_deltas(), now=t) == 1
+    replaced = a.bucket("api-1")
+    assert replaced is not None and replaced.epoch > e0
+    a.acquire("api-1", now=t)
+    t += 30 * NS_PER_S
+    assert a.expire(t) == 1 and a.tombstones["api-1"][0] == replaced.epoch
+    for _ in range(5):  # b's copy of E0 is kept busy
+        b.acquire("api-1", now=t)
+    assert a.merge(b.full_state(), now=t) == 1
+    back = a.bucket("api-1")
+    assert back is not None and back.epoch == e0
+    assert back.mine == 1  # was 0: a's grant in E0 forgotten
+    # a's next grant in E0 reaches b above the 1 it spent before
+    a.acquire("api-1", tokens=0, now=t)
+    b.merge(a.full_state(), now=t)
+    held = b.bucket("api-1")
+    assert held is not None and held.used("b/n/1")["a/n/1"] >= 1
+
+
 def test_tombstones_are_forgotten_after_their_horizon() -> None:
     rule = make_rule(5, 1.0, ttl=10.0)
     a = Limiter([rule], replica_id="a/n/1", clock=lambda: 0, tombstone_ns=60 * NS_PER_S)

@@ -1525,11 +1525,16 @@ class Limiter:
                 bucket = buckets[delta.key] = fresh
                 folds_before = bucket.folds  # a bucket new here: its peers hold the fold
                 changed += 1
-                if self.evicted and delta.key not in self.tombstones:
+                if self.evicted and (
+                    delta.key not in self.tombstones
+                    or self.tombstones[delta.key][0] != bucket.epoch
+                ):
                     self._settle_evicted(delta.key, bucket)
             else:
                 # a fold record this merge changes is logged (below); only then
                 folds_before = dict(bucket.folds) if delta.folds and bucket.folds else None
+                left_epoch, left_mine = bucket.epoch, bucket.mine
+                left_shared = bucket.config.mode == SHARED
                 if delta.config.version > bucket.config.version:
                     # A newer config orders by its version alone, whatever the epochs (a
                     # mode change back to shared must reach a region whose own bucket
@@ -1549,6 +1554,11 @@ class Limiter:
                     continue
                 if bucket.config is delta.config:
                     self._compact(bucket)
+                if bucket.epoch != left_epoch and left_mine and left_shared:
+                    # a later generation replaced one we spent in: if a peer sends that
+                    # one back after the later one expired here, our entry in it must
+                    # restart at what we spent (as a dropped bucket's tombstone does)
+                    self._forgotten(delta.key, left_epoch, left_mine, now, bucket.config.ttl_ns)
             if delta.folds and self.journal is not None and bucket.folds != folds_before:
                 self.journal.folds.add(delta.key)  # the fold is logged: it survives a crash
             if self.tombstones and delta.key in self.tombstones:
@@ -1709,6 +1719,16 @@ class Limiter:
         until the horizon. A generation that comes back for a key with no tombstone then
         restores our entry from its slot (at least what we spent: never hidden)."""
         epoch, mine, forget = self.tombstones.pop(key)
+        self._fold_evicted(key, epoch, mine, forget)
+
+    def _forgotten(self, key: str, epoch: int, mine: int, now: int, ttl_ns: int) -> None:
+        """Remember our count in generation ``epoch`` of ``key``, which a later one
+        replaced while the bucket lived (the key's tombstone slot holds at most one
+        generation: the last one dropped), until the tombstone horizon."""
+        if self.keep_tombstones:
+            self._fold_evicted(key, epoch, mine, now + max(2 * ttl_ns, self.tombstone_ns))
+
+    def _fold_evicted(self, key: str, epoch: int, mine: int, forget: int) -> None:
         slot = (epoch, zlib.crc32(key.encode()) % EVICTED_SLOTS)
         known = self.evicted.get(slot)
         if known is None or known[0] < mine or known[1] < forget:
