@@ -883,9 +883,9 @@ class Bucket:
                     continue
                 if self.folds is not None and self.folded(rid):
                     continue  # a late message of a folded incarnation: already counted
-                self.entries = entries
                 i = len(entries)
-                entries.extend((rid, 0, None, 0, None, 0))
+                # (a concatenation is allocated to size; extend() would over-allocate)
+                entries = self.entries = entries + [rid, 0, None, 0, None, 0]  # noqa: RUF005
                 changed = True
             if value > entries[i + 1]:
                 self.total += value - entries[i + 1]
@@ -958,7 +958,7 @@ class Bucket:
                         dropped += entries[i + 1]
                         recorded = recorded or entries[i + 2] is not None or bool(entries[i + 4])
                     else:
-                        kept.extend(entries[i : i + STRIDE])
+                        kept = kept + entries[i : i + STRIDE]  # allocated to size
                 self.entries = kept or None
             if own is None:
                 own = self.folds = {}
@@ -1002,18 +1002,16 @@ class Bucket:
             value = used.get(rid, 0)
             anchor = anchors.get(rid)
             got = delta.marks.get(rid)
-            if entries is None:
-                entries = []
-            entries.extend(
-                (
-                    rid,
-                    value,
-                    None if anchor is None else anchor[0],
-                    0 if anchor is None else anchor[1],
-                    _join_marks(None, got, self.epoch, slice_len),
-                    0 if anchor is None else anchor[2],
-                )
-            )
+            entry: Entries = [
+                rid,
+                value,
+                None if anchor is None else anchor[0],
+                0 if anchor is None else anchor[1],
+                _join_marks(None, got, self.epoch, slice_len),
+                0 if anchor is None else anchor[2],
+            ]
+            # (a concatenation is allocated to size; extend() would over-allocate)
+            entries = entry if entries is None else entries + entry
             total += value
         self.entries = entries
         self.total = total
