@@ -187,6 +187,10 @@ def epoch_for(now_ns: int, ttl_ns: int) -> int:
     return now_ns - now_ns % ttl_ns
 
 
+ABSENT: Final = -(2**63) - 1
+"""``Bucket._anchor`` and ``Bucket._unc`` when there is none (None to their readers):
+below every int64, so never a time (every stored time fits int64: msgpack)."""
+
 MARKS_KEPT: Final = 64
 """Marks (per replica) a bucket keeps: the oldest (where its history in this
 generation begins) and the newest 63 slices that replica granted in."""
@@ -251,9 +255,24 @@ def _shared_edge(edge: int) -> int:
     return shared
 
 
-Entry = list[Any]
-"""Another replica's entry: [used, anchor time or None, used at the anchor, marks or None,
-used at the start of the anchor's slice]."""
+Entries = list[Any]
+"""The other replicas' entries, flat: for each, ``STRIDE`` items [replica id, used,
+anchor time or None, used at the anchor, marks or None, used at the start of the
+anchor's slice], in the order they were learnt. One list, not a dict of lists: a
+restarted node holds its previous incarnation's entry in every bucket, and a dict of
+one entry (184 B) and its list (104 B) would cost a million buckets ~290 MB where
+this list costs ~105 MB. A bucket holds few entries (one per replica that spent in
+it), so a lookup is a short scan."""
+
+STRIDE: Final = 6
+
+
+def _find(entries: Entries, rid: str) -> int:
+    """The index of ``rid``'s entry in ``entries``, or -1."""
+    for i in range(0, len(entries), STRIDE):
+        if entries[i] == rid:
+            return i
+    return -1
 
 
 def _records(
@@ -301,14 +320,15 @@ class Bucket:
     opens a slice while another replica's records are held. A bucket no other
     replica touched keeps exact GCRA with no sweep at all.
 
-    Memory: other replicas' entries are held in ``entries``: None, or a dict of
-    ``[used, anchor, anchor used, marks]`` lists. A bucket that never leaves its
-    region holds only its anchor (two ints) beyond what it held before.
+    Memory: other replicas' entries are held in ``entries``: None, or one flat list
+    (``Entries``). A bucket that never leaves its region holds only its anchor (two
+    ints, held inline: ``anchor``) beyond what it held before.
     """
 
     __slots__ = (
+        "_anchor",
         "_config",
-        "anchor",
+        "_unc",
         "anchor_slice",
         "anchor_used",
         "base_time",
@@ -326,7 +346,6 @@ class Bucket:
         "mode",
         "rule",
         "total",
-        "unc",
     )
 
     def __init__(self, config: BucketConfig, now_ns: int, rule: str = "") -> None:
@@ -336,16 +355,16 @@ class Bucket:
         self.base_time = self.epoch  # TAT = epoch ≤ now: a new bucket is full
         self.base_used = 0
         self.mine = 0
-        self.entries: dict[str, Entry] | None = None
+        self.entries: Entries | None = None
         self.total = 0
         self.rule = rule
-        self.anchor: int | None = None
+        self._anchor = ABSENT
         self.anchor_used = 0
         self.anchor_slice = 0
         self.marks: tuple[int, ...] | None = None
         self.edge = 0
         self.g = self.epoch
-        self.unc: int | None = None
+        self._unc = ABSENT
         self.folds: dict[str, tuple[int, int]] | None = None
 
     @property
@@ -362,6 +381,26 @@ class Bucket:
         self.interval = config.interval_ns
         self.mode = config.mode
 
+    @property
+    def anchor(self) -> int | None:
+        """The instant of this replica's latest grant on a bucket that was full in its
+        view, or None. Held as a plain int (``ABSENT`` for None): in the compiled
+        build an ``int | None`` attribute is a boxed object, a fresh 32-byte int per
+        bucket, where a native int is held inline (docs/build.md, "Layout")."""
+        anchor = self._anchor
+        return None if anchor == ABSENT else anchor
+
+    @anchor.setter
+    def anchor(self, anchor: int | None) -> None:
+        self._anchor = ABSENT if anchor is None else anchor
+
+    @property
+    def unc(self) -> int | None:
+        """The largest TAT term this replica's own grants no longer raise, or None
+        (held as a plain int, ``ABSENT`` for None, as ``anchor``)."""
+        unc = self._unc
+        return None if unc == ABSENT else unc
+
     # -- reading -------------------------------------------------------------
 
     @property
@@ -370,12 +409,12 @@ class Bucket:
         entries = self.entries
         if entries is None:
             return None
-        return {rid: entry[0] for rid, entry in entries.items()}
+        return {entries[i]: entries[i + 1] for i in range(0, len(entries), STRIDE)}
 
     def tat(self) -> int:
         tat = self.g + self.total * self.config.interval_ns
-        unc = self.unc
-        return unc if unc is not None and unc > tat else tat
+        unc = self._unc
+        return unc if unc != ABSENT and unc > tat else tat
 
     def level(self, now_ns: int) -> int:
         """Whole tokens available at ``now_ns``; negative while in debt after a partition."""
@@ -433,14 +472,22 @@ class Bucket:
                 if term > g:
                     g = term
             self.g = g
-            self.unc = None
+            self._unc = ABSENT
             return
         last = max(own) if own else None
         events: list[tuple[int, int, int]] = [(p, 0, b) for p, b in own.items()]
         current = [self.mine]
-        for index, entry in enumerate(entries.values(), 1):
-            current.append(entry[0])
-            records = _records(epoch, slice_len, entry[1], entry[2], entry[4], entry[3], floor)
+        for index, i in enumerate(range(0, len(entries), STRIDE), 1):
+            current.append(entries[i + 1])
+            records = _records(
+                epoch,
+                slice_len,
+                entries[i + 2],
+                entries[i + 3],
+                entries[i + 5],
+                entries[i + 4],
+                floor,
+            )
             for p, b in records.items():
                 events.append((p, index, b))
         events.sort(reverse=True)
@@ -464,7 +511,7 @@ class Bucket:
                 if unc is None or term > unc:
                     unc = term
         self.g = g
-        self.unc = unc
+        self._unc = ABSENT if unc is None else unc
 
     def _note(self, now_ns: int, rebase: bool) -> None:
         """Record a grant that re-bases (the bucket was full) or opens a new slice."""
@@ -472,9 +519,9 @@ class Bucket:
         epoch = self.epoch
         start = now_ns - (now_ns - epoch) % slice_len
         if rebase:
-            anchor = self.anchor
+            anchor = self._anchor
             begun_with = self.mine
-            if anchor is not None:
+            if anchor != ABSENT:
                 begun = anchor - (anchor - epoch) % slice_len
                 if begun == start:
                     begun_with = self.anchor_slice  # the same slice: its start stays
@@ -487,7 +534,7 @@ class Bucket:
                         self.marks = _join_marks(
                             marks, (begun, self.anchor_slice), epoch, slice_len
                         )
-            self.anchor = now_ns
+            self._anchor = now_ns
             self.anchor_used = self.mine
             self.anchor_slice = begun_with
         else:
@@ -509,6 +556,15 @@ class Bucket:
         slice_len = slice_ns(self.config)
         self.edge = _shared_edge(newest - (newest - self.epoch) % slice_len + slice_len)
 
+    def share_ids(self, shared: dict[Any, Any]) -> None:
+        """Replace the other replicas' ids with the equal ones in ``shared`` (adding
+        those it lacks): decoded buckets share one copy of each id."""
+        entries = self.entries
+        if entries:
+            for i in range(0, len(entries), STRIDE):
+                rid = entries[i]
+                entries[i] = shared.setdefault(rid, rid)
+
     # -- writing -------------------------------------------------------------
 
     def acquire(self, key: str, tokens: int, now_ns: int) -> Decision:
@@ -521,8 +577,8 @@ class Bucket:
         interval = self.interval
         capacity = self.capacity
         tat = self.g + self.total * interval
-        unc = self.unc
-        if unc is not None and unc > tat:
+        unc = self._unc
+        if unc != ABSENT and unc > tat:
             tat = unc
         backlog = tat - now_ns  # TAT − t; negative: full since then
         need = tokens * interval
@@ -543,17 +599,17 @@ class Bucket:
         if tokens > 0:
             if backlog < 0 or now_ns >= self.edge:
                 rebase = backlog < 0
-                anchor = self.anchor
+                anchor = self._anchor
                 marks = self.marks
                 if (
                     rebase
                     and now_ns < self.edge
-                    and anchor is not None
+                    and anchor != ABSENT
                     and (not marks or marks[-2] <= anchor)
                 ):
                     # a re-base in the slice of our newest record, the anchor: the
                     # slice's start count stays (the common case of a lightly used key)
-                    self.anchor = now_ns
+                    self._anchor = now_ns
                     self.anchor_used = self.mine
                 else:
                     self._note(now_ns, rebase)
@@ -612,8 +668,8 @@ class Bucket:
         keep = out.append
         for _ in range(count - 1):
             tat = self.g + self.total * interval
-            unc = self.unc
-            if unc is not None and unc > tat:
+            unc = self._unc
+            if unc != ABSENT and unc > tat:
                 tat = unc
             backlog = tat - now_ns
             if backlog < 0 or now_ns >= self.edge:
@@ -698,11 +754,12 @@ class Bucket:
             marks[replica_id] = self.marks
         entries = self.entries
         if entries is not None:
-            for rid, entry in entries.items():
-                if entry[1] is not None:
-                    at[rid], used[rid], begun[rid] = entry[1], entry[2], entry[4]
-                if entry[3]:
-                    marks[rid] = entry[3]
+            for i in range(0, len(entries), STRIDE):
+                rid = entries[i]
+                if entries[i + 2] is not None:
+                    at[rid], used[rid], begun[rid] = entries[i + 2], entries[i + 3], entries[i + 5]
+                if entries[i + 4]:
+                    marks[rid] = entries[i + 4]
         return self._encoded(key, self.used(replica_id), at, used, begun, marks)
 
     def _encoded(
@@ -818,28 +875,29 @@ class Bucket:
                 self._derive_edge()
                 continue
             entries = self.entries
-            entry = None if entries is None else entries.get(rid)
-            if entry is None:
+            if entries is None:
+                entries = []
+            i = _find(entries, rid)
+            if i < 0:
                 if value <= 0 and anchor is None and not got:
                     continue
                 if self.folds is not None and self.folded(rid):
                     continue  # a late message of a folded incarnation: already counted
-                entry = [0, None, 0, None, 0]
-                if entries is None:
-                    entries = self.entries = {}
-                entries[rid] = entry
+                i = len(entries)
+                # (a concatenation is allocated to size; extend() would over-allocate)
+                entries = self.entries = entries + [rid, 0, None, 0, None, 0]  # noqa: RUF005
                 changed = True
-            if value > entry[0]:
-                self.total += value - entry[0]
-                entry[0] = value
+            if value > entries[i + 1]:
+                self.total += value - entries[i + 1]
+                entries[i + 1] = value
                 changed = True
-            if anchor is not None and (entry[1] is None or anchor[0] > entry[1]):
-                entry[1], entry[2], entry[4] = anchor
+            if anchor is not None and (entries[i + 2] is None or anchor[0] > entries[i + 2]):
+                entries[i + 2], entries[i + 3], entries[i + 5] = anchor
                 changed = True
             if got:
-                joined = _join_marks(entry[3], got, self.epoch, slice_ns(self.config))
-                if joined != entry[3]:
-                    entry[3] = joined
+                joined = _join_marks(entries[i + 4], got, self.epoch, slice_ns(self.config))
+                if joined != entries[i + 4]:
+                    entries[i + 4] = joined
                     changed = True
         if not self.rule and delta.rule:
             self.rule = delta.rule
@@ -894,12 +952,14 @@ class Bucket:
             dropped = 0
             entries = self.entries
             if entries:
-                for rid in [r for r in entries if below_watermark(r, node, watermark)]:
-                    entry = entries.pop(rid)
-                    dropped += entry[0]
-                    recorded = recorded or entry[1] is not None or bool(entry[3])
-                if not entries:
-                    self.entries = None
+                kept: Entries = []
+                for i in range(0, len(entries), STRIDE):
+                    if below_watermark(entries[i], node, watermark):
+                        dropped += entries[i + 1]
+                        recorded = recorded or entries[i + 2] is not None or bool(entries[i + 4])
+                    else:
+                        kept = kept + entries[i : i + STRIDE]  # allocated to size
+                self.entries = kept or None
             if own is None:
                 own = self.folds = {}
             own[node] = (watermark, tokens)
@@ -932,7 +992,7 @@ class Bucket:
         slice_len = slice_ns(self.config)
         self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
         total = mine
-        entries: dict[str, Entry] | None = None
+        entries: Entries | None = None
         folds = self.folds = _own_safe_folds(delta.folds, replica_id) if delta.folds else None
         if folds:
             total += sum(fold[1] for fold in folds.values())
@@ -942,15 +1002,16 @@ class Bucket:
             value = used.get(rid, 0)
             anchor = anchors.get(rid)
             got = delta.marks.get(rid)
-            if entries is None:
-                entries = {}
-            entries[rid] = [
+            entry: Entries = [
+                rid,
                 value,
                 None if anchor is None else anchor[0],
                 0 if anchor is None else anchor[1],
                 _join_marks(None, got, self.epoch, slice_len),
                 0 if anchor is None else anchor[2],
             ]
+            # (a concatenation is allocated to size; extend() would over-allocate)
+            entries = entry if entries is None else entries + entry
             total += value
         self.entries = entries
         self.total = total

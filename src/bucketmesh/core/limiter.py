@@ -1615,9 +1615,7 @@ class Limiter:
         if bucket.g == epoch:
             bucket.g = epoch
         bucket.epoch = epoch
-        entries = bucket.entries
-        if entries:
-            bucket.entries = {shared.setdefault(rid, rid): entry for rid, entry in entries.items()}
+        bucket.share_ids(shared)
         return bucket
 
     # -- write-ahead log ---------------------------------------------------------

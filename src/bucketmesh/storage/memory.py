@@ -127,10 +127,24 @@ def next_incarnation(previous_replica_id: str | None, *others: str) -> str:
 class Restoring:
     """The partitions of a format-3 snapshot not restored yet, with the log's entries
     for their keys: ``ensure(key)`` builds the key's partition's buckets if it is one
-    of them; ``restore_all`` builds the rest."""
+    of them; ``restore_all`` builds the rest.
+
+    Memory: a partition's frame is decoded, its buckets built, and the decoded batch
+    and the frame's view dropped at once; the pages of the mapped file that decoding
+    read are let go every ``RELEASE_EVERY`` partitions (``release``), so the process
+    holds the buckets built and at most a few hundred kB of the file, never the file
+    beside them (``tests/test_restart_memory.py`` counts both)."""
+
+    #: partitions built between two releases of the mapped file's pages (~200 buckets
+    #: and ~50 kB of file each)
+    RELEASE_EVERY = 32
 
     def __init__(
-        self, limiter: Limiter, parts: list[memoryview], log: list[list[DeltaBatch]]
+        self,
+        limiter: Limiter,
+        parts: list[memoryview],
+        log: list[list[DeltaBatch]],
+        release: Callable[[], None] | None = None,
     ) -> None:
         self.limiter = limiter
         self.count = len(parts)
@@ -140,6 +154,9 @@ class Restoring:
         self.left = self.count
         self.next = 0  # the background restore's place
         self.on_done: Callable[[], None] | None = None
+        #: lets go of the mapped file's resident pages (None: nothing mapped)
+        self.release = release
+        self.built_since_release = 0
 
     @property
     def done(self) -> bool:
@@ -178,13 +195,25 @@ class Restoring:
         finally:
             limiter.buckets = everything
         self.left -= 1
+        self.built_since_release += 1
+        if self.built_since_release >= self.RELEASE_EVERY or self.done:
+            self._release_pages()
         if self.done and self.on_done is not None:
             self.on_done()
+
+    def _release_pages(self) -> None:
+        self.built_since_release = 0
+        release = self.release
+        if release is not None:
+            release()
+            if self.done:
+                self.release = None  # the mapping closes with its last view
 
     def restore_all(self) -> None:
         for index in range(self.count):
             self.restore(index)
         self.left = 0
+        self._release_pages()
         if self.on_done is not None:
             self.on_done()
 
@@ -309,7 +338,7 @@ def _read_state(
         limiter.rescale_shares()
         if changed:
             log.info("rules changed in the file since the last start: %s", ", ".join(changed))
-        restoring = Restoring(limiter, partitioned.parts, logged)
+        restoring = Restoring(limiter, partitioned.parts, logged, partitioned.release_pages)
         return limiter, recovered, (None if restoring.done else restoring)
     if snapshot is not None:
         head, slices = snapshot

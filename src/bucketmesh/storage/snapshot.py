@@ -38,6 +38,10 @@ PARTITIONED_MAGIC: Final = b"bucketmesh-snapshot-3\n"
 #: about this many buckets per partition: restoring one on a key's first touch
 #: costs a few milliseconds
 PARTITION_BUCKETS: Final = 200
+#: the most of the mapped file the check (crc32) keeps resident at once: the pages
+#: read are let go every this many bytes, so a restart's peak resident memory never
+#: holds the whole file (a million buckets: ~250 MB) besides what it builds
+RELEASE_BYTES: Final = 8 << 20
 _SLICE_ENCODER: Final = msgspec.msgpack.Encoder()
 _SLICE_DECODER: Final = msgspec.msgpack.Decoder(DeltaBatch)
 
@@ -65,15 +69,46 @@ class Partitioned:
     #: the writer's clock after the last partition: every version in the file is at
     #: most this (the head's clock is read before the partitions are)
     hlc: int
+    #: the mapping the views are of (None: not mapped); ``release_pages`` lets go of
+    #: the pages decoding has read
+    mapped: mmap.mmap | None = None
+
+    def release_pages(self) -> None:
+        """Let go of the mapped file's resident pages (``MADV_DONTNEED``: the page
+        cache keeps them; a later read faults them back in). Decoded partitions read
+        their frames' pages: without this, restoring every partition would leave the
+        whole file resident beside the buckets built from it."""
+        release_pages(self.mapped)
 
 
-def _mapped_frames(data: memoryview, offset: int) -> list[memoryview]:
+def release_pages(mapped: mmap.mmap | None, start: int = 0, length: int = 0) -> None:
+    """``MADV_DONTNEED`` on ``mapped`` (from ``start``, a multiple of the page size, for
+    ``length`` bytes; 0: to the end), where the platform has it."""
+    if mapped is None or mapped.closed:
+        return
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # not on every platform
+        if length:
+            mapped.madvise(mmap.MADV_DONTNEED, start, length)
+        else:
+            mapped.madvise(mmap.MADV_DONTNEED, start)
+
+
+def _mapped_frames(
+    data: memoryview, offset: int, mapped: mmap.mmap | None = None
+) -> list[memoryview]:
     """The payloads of the frames in ``data`` from ``offset`` on, as views, each
-    checked; ValueError on a torn or corrupt frame (as ``wal.unpack_stream``)."""
+    checked; ValueError on a torn or corrupt frame (as ``wal.unpack_stream``). With
+    ``mapped`` (the mapping ``data`` views), the pages checked are let go every
+    ``RELEASE_BYTES``."""
     frames = []
     end = len(data)
     header = _FRAME.size
+    released = 0  # the pages before this offset were let go
     while offset < end:
+        if mapped is not None and offset - released >= RELEASE_BYTES:
+            upto = offset - offset % mmap.PAGESIZE
+            release_pages(mapped, released, upto - released)
+            released = upto
         if end - offset < header:
             raise ValueError("truncated frame header")
         length, crc = _FRAME.unpack_from(data, offset)
@@ -122,7 +157,8 @@ class SnapshotFile:
         The file is mapped, not read: each partition is a view of its frame, checked
         (crc32) here and decoded when it is built. The pages read for the check are
         let go at once (``MADV_DONTNEED``: the page cache keeps them, the process's
-        resident memory does not), and the mapping closes with the last view."""
+        resident memory does not), as they are checked (every ``RELEASE_BYTES``), and
+        the mapping closes with the last view."""
         try:
             stream = self.path.open("rb")
         except FileNotFoundError:
@@ -132,9 +168,8 @@ class SnapshotFile:
                 return self.read()
             mapped = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            frames = _mapped_frames(memoryview(mapped), len(PARTITIONED_MAGIC))
-            with contextlib.suppress(AttributeError, OSError):  # not on every platform
-                mapped.madvise(mmap.MADV_DONTNEED)
+            frames = _mapped_frames(memoryview(mapped), len(PARTITIONED_MAGIC), mapped)
+            release_pages(mapped)
         except BaseException:
             mapped.close()
             raise
@@ -145,7 +180,7 @@ class SnapshotFile:
         if count < 1 or len(parts) != count + 1:
             raise ValueError(f"{len(parts)} frames after the index, which says {count} + 1")
         (hlc,) = msgspec.msgpack.decode(parts.pop(), type=tuple[int])
-        return Partitioned(bytes(head), parts, hlc)
+        return Partitioned(bytes(head), parts, hlc, mapped)
 
     def read(self) -> tuple[bytes, Iterator[DeltaBatch]] | None:
         """The head and the bucket slices, read lazily; None if there is no file.

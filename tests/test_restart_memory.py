@@ -1,0 +1,193 @@
+"""P7's memory, as counts (objects allocated, pages resident), never timings.
+
+* A new bucket after its first grant is one object: in the compiled build an
+  ``int | None`` attribute is a boxed int, so storing the grant's instant as the
+  anchor allocated a second, 32-byte object per bucket.
+* A restored bucket holds its previous incarnation's entry in one flat list, not a
+  dict of lists (``core/bucket.py`` ``Entries``).
+* Restoring a format-3 snapshot never keeps the mapped file resident: the check of
+  its frames and the partitions' decoding let its pages go as they go
+  (``storage/snapshot.py`` ``RELEASE_BYTES``, ``storage/memory.py`` ``Restoring``).
+
+The state files are real files in a temporary directory; the limiter and its store
+run in this process (what ``bucketmesh serve`` runs, without the HTTP front).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from bucketmesh.core.limiter import Limiter
+from bucketmesh.core.rules import Rule
+from bucketmesh.storage.memory import MemoryStore, open_lazily
+from bucketmesh.storage.snapshot import PARTITIONED_MAGIC, RELEASE_BYTES, SnapshotFile
+from bucketmesh.storage.wal import pack
+
+T = TypeVar("T")
+NOW = 1_800_000_000_123_456_789  # a fixed instant (the core reads no clock)
+
+
+def rule() -> Rule:
+    return Rule.create("k-{{ .Request.Header.X-API-Key }}", 5000, 50.0, ttl=600.0, name="mem")
+
+
+def keys(n: int) -> list[str]:
+    return [f"k-{i:016x}" for i in range(n)]
+
+
+def allocated(action: Callable[[], T]) -> tuple[T, int, int]:
+    """``action()``, and the blocks and bytes it left allocated (tracemalloc counts)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        result = action()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    stats = after.compare_to(before, "filename")
+    return result, sum(s.count_diff for s in stats), sum(s.size_diff for s in stats)
+
+
+def test_a_bucket_after_its_first_grant_is_one_object() -> None:
+    limiter = Limiter([rule()], replica_id="t/n/1", max_buckets=100_000)
+    names = keys(20_000)
+
+    def grant() -> None:
+        for name in names:
+            assert limiter.acquire(name, 1, now=NOW).allowed
+        limiter.dirty.clear()  # what the mesh (or serve's sweep) drains
+
+    _, blocks, _ = allocated(grant)
+    assert len(limiter) == len(names)
+    assert limiter.buckets[names[0]].anchor == NOW  # the anchor is there, read back
+    # the Bucket itself, plus the dict's slots (amortised): no second object each
+    assert blocks / len(names) < 1.2, f"{blocks / len(names):.2f} objects per bucket"
+
+
+def snapshot_of(path: Path, n: int) -> None:
+    """A format-3 snapshot of ``n`` buckets granted once, written as serve writes it."""
+    limiter = Limiter([rule()], replica_id="t/n/1", max_buckets=n + 1)
+    limiter.stamp_file_rules(NOW)
+    for name in keys(n):
+        limiter.acquire(name, 1, now=NOW)
+    store = MemoryStore(limiter, SnapshotFile(str(path)))
+    try:
+        asyncio.run(store.save_snapshot())
+    finally:
+        store.close()
+    assert path.read_bytes().startswith(PARTITIONED_MAGIC)
+
+
+def test_a_restored_bucket_holds_its_previous_incarnation_in_one_list(tmp_path: Path) -> None:
+    path = tmp_path / "state.snap"
+    n = 20_000
+    snapshot_of(path, n)
+
+    def restore() -> Limiter:
+        limiter, _, restoring = open_lazily(
+            [rule()], region="t", node="n", snapshot=SnapshotFile(str(path)), max_buckets=n + 1
+        )
+        assert restoring is not None
+        restoring.restore_all()
+        return limiter
+
+    limiter, blocks, size = allocated(restore)
+    # each bucket: its key, the Bucket, one list (object + items) and the previous
+    # incarnation's anchor; a dict of lists was 2 objects and ~180 bytes more, and
+    # the compiled build boxed ``unc`` besides
+    assert blocks / n < 5.5, f"{blocks / n:.2f} objects per restored bucket"
+    assert size / n < 560, f"{size / n:.0f} bytes per restored bucket"
+    bucket = limiter.buckets[keys(1)[0]]
+    assert limiter.replica_id != "t/n/1" and bucket.others == {"t/n/1": 1}
+    assert bucket.entries is not None and bucket.entries[:2] == ["t/n/1", 1]
+
+
+def resident_kb(path: Path) -> int:
+    """The resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total = 0
+    inside = False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                inside = line.rstrip().endswith(str(path))
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def peak_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_checking_a_snapshot_never_holds_the_file_resident(tmp_path: Path) -> None:
+    # 48 MB of partition frames (checked by crc32 when the file is opened; decoded
+    # only when built, which this test does not do)
+    path = tmp_path / "big.snap"
+    frame = os.urandom(1 << 20)
+    count = 48
+    with path.open("wb") as out:
+        out.write(PARTITIONED_MAGIC)
+        out.write(pack(msgspec.msgpack.encode({"fake": "head"})))
+        out.write(pack(msgspec.msgpack.encode((count,))))
+        for _ in range(count):
+            out.write(pack(frame))
+        out.write(pack(msgspec.msgpack.encode((7,))))
+    assert zlib.crc32(frame)  # (the frames are checked against it)
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+        clear.write("5")  # VmHWM := VmRSS now
+    before = rss_kb()
+    read = SnapshotFile(str(path)).read_partitioned()
+    peak = peak_kb() - before
+    assert read is not None and not isinstance(read, tuple) and len(read.parts) == count
+    # the file is 48 MB: at most RELEASE_BYTES of it (and a few pages) is ever resident
+    assert peak < (RELEASE_BYTES >> 10) + 4096, f"peak +{peak} kB while checking 48 MB"
+    assert resident_kb(path) < 1024
+
+
+def test_restoring_lets_go_of_the_file_it_decodes(tmp_path: Path) -> None:
+    path = tmp_path / "state.snap"
+    n = 40_000  # ~200 partitions, ~10 MB
+    snapshot_of(path, n)
+    limiter, _, restoring = open_lazily(
+        [rule()], region="t", node="n", snapshot=SnapshotFile(str(path)), max_buckets=n + 1
+    )
+    assert restoring is not None
+    size_kb = path.stat().st_size >> 10
+    assert size_kb > 4 * 1024
+    # every partition but the last: the mapping is still open (one view left); at
+    # most RELEASE_EVERY partitions' pages (~1.3 MB here) are resident at once
+    most = 0
+    for index in range(restoring.count - 1):
+        restoring.restore(index)
+        most = max(most, resident_kb(path))
+    assert most < size_kb // 3, f"{most} kB of the {size_kb} kB file resident"
+    assert restoring.release is not None
+    restoring.restore(restoring.count - 1)
+    assert restoring.done and restoring.release is None
+    assert len(limiter) == n
+    gc.collect()
+    assert resident_kb(path) == 0  # unmapped with its last view
