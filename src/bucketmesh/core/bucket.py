@@ -641,6 +641,57 @@ class Bucket:
             )
         return out
 
+    def acquire_into(
+        self,
+        key: str,
+        tokens: int,
+        count: int,
+        now_ns: int,
+        allowed: list[bool],
+        remaining: list[int],
+        retry_after: list[float],
+        reset_after: list[float],
+    ) -> None:
+        """``acquire_run`` written as columns: appends, per ask, whether it is allowed,
+        the tokens remaining, retry_after and reset_after (the rest of each decision —
+        key, capacity, refill rate, mode, rule — is the bucket's; the caller writes it).
+
+        Decided alike, step for step: a grant that neither re-bases nor starts a slice
+        only adds to ``mine`` and ``total`` and is written here without a Decision;
+        every other step (a re-base, a new slice, a denial, a peek) is ``acquire``'s
+        own, its Decision copied into the columns, and a denial or a peek, which
+        changes nothing, is repeated for the asks left.
+        """
+        interval = self.interval
+        capacity = self.capacity
+        limit = capacity * interval
+        need = tokens * interval
+        done = 0
+        while done < count:
+            tat = self.g + self.total * interval
+            unc = self.unc
+            if unc is not None and unc > tat:
+                tat = unc
+            backlog = tat - now_ns
+            if tokens > 0 and backlog >= 0 and now_ns < self.edge and backlog + need <= limit:
+                backlog += need
+                self.mine += tokens
+                self.total += tokens
+                allowed.append(True)
+                remaining.append(capacity - (-(-backlog // interval)) if backlog > 0 else capacity)
+                retry_after.append(0.0)
+                reset_after.append(backlog / NS_PER_S if backlog > 0 else 0.0)
+                done += 1
+                continue
+            decision = self.acquire(key, tokens, now_ns)
+            left = 1 if decision.allowed and tokens > 0 else count - done
+            for _ in range(left):
+                allowed.append(decision.allowed)
+                remaining.append(decision.tokens_remaining)
+                retry_after.append(decision.retry_after)
+                reset_after.append(decision.reset_after)
+            done += left
+
     def reconfigure(self, config: BucketConfig, now_ns: int) -> None:
         """Adopt a newer config, proposing the ``base`` that keeps the level at ``now_ns``.
 
