@@ -730,8 +730,8 @@ class RatingApp:
     def _columns_response(self, columns: DecisionColumns) -> Response:
         """``_batch_response`` of the decisions ``columns`` holds, byte for byte, built
         from the columns: each field that differs between rows is encoded as one list
-        and split (numbers and booleans hold no comma; a JSON string list splits at
-        '","', which cannot occur inside a string: its quotes are escaped); a field
+        and split (numbers and booleans hold no comma; a list of strings none of which
+        holds a quote splits at '","', every quote in it delimiting a string); a field
         equal in every row goes into the constant text between them. One join makes
         the body."""
         total = len(columns)
@@ -760,13 +760,16 @@ class RatingApp:
         for name, column, quoted in fields:
             first = column[0]
             # (no float column holds -0.0, equal to 0.0 but encoded apart)
-            if column.count(first) == total:
+            if first == column[-1] and column.count(first) == total:
                 text += name + encode(first)
                 continue
             listed = encode(column)
             if quoted:
                 row += [text + name + b'"', None]
-                cells.append(listed[2:-2].split(b'","'))
+                if b'\\"' in listed:  # a quote inside a string: split string by string
+                    cells.append([encode(value)[1:-1] for value in column])
+                else:  # every quote delimits a string
+                    cells.append(listed[2:-2].split(b'","'))
                 text = b'"'
             else:
                 row += [text + name, None]

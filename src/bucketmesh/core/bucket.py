@@ -656,41 +656,54 @@ class Bucket:
         the tokens remaining, retry_after and reset_after (the rest of each decision —
         key, capacity, refill rate, mode, rule — is the bucket's; the caller writes it).
 
-        Decided alike, step for step: a grant that neither re-bases nor starts a slice
-        only adds to ``mine`` and ``total`` and is written here without a Decision;
-        every other step (a re-base, a new slice, a denial, a peek) is ``acquire``'s
-        own, its Decision copied into the columns, and a denial or a peek, which
-        changes nothing, is repeated for the asks left.
+        Decided alike, step for step, the values computed as ``acquire`` computes
+        them: a grant that neither re-bases nor starts a slice only adds to ``mine``
+        and ``total``; a grant that does is ``acquire``'s own step (the records move
+        there; its Decision is not read); a denial or a peek changes nothing, so its
+        answer is written once for every ask left.
         """
         interval = self.interval
         capacity = self.capacity
-        limit = capacity * interval
         need = tokens * interval
         done = 0
+        granted = 0  # grants of this stretch whose allowed and retry_after are not written
         while done < count:
             tat = self.g + self.total * interval
             unc = self.unc
             if unc is not None and unc > tat:
                 tat = unc
             backlog = tat - now_ns
-            if tokens > 0 and backlog >= 0 and now_ns < self.edge and backlog + need <= limit:
-                backlog += need
+            after = (backlog if backlog > 0 else 0) + need
+            if (after - 1) // interval >= capacity or tokens <= 0:
+                if granted:
+                    _write_grants(granted, allowed, retry_after)
+                left = count - done
+                if tokens > 0 or (after - 1) // interval >= capacity:  # denied
+                    allowed.extend([False] * left)
+                    remaining.extend(
+                        [capacity - (-(-backlog // interval)) if backlog > 0 else capacity] * left
+                    )
+                    retry_after.extend([(after - capacity * interval) / NS_PER_S] * left)
+                    reset_after.extend([backlog / NS_PER_S if backlog > 0 else 0.0] * left)
+                else:  # a peek
+                    allowed.extend([True] * left)
+                    remaining.extend(
+                        [capacity - (-(-after // interval)) if after > 0 else capacity] * left
+                    )
+                    retry_after.extend([0.0] * left)
+                    reset_after.extend([after / NS_PER_S if after > 0 else 0.0] * left)
+                return
+            if backlog < 0 or now_ns >= self.edge:
+                self.acquire(key, tokens, now_ns)  # a re-base or a new slice: the records move
+            else:
                 self.mine += tokens
                 self.total += tokens
-                allowed.append(True)
-                remaining.append(capacity - (-(-backlog // interval)) if backlog > 0 else capacity)
-                retry_after.append(0.0)
-                reset_after.append(backlog / NS_PER_S if backlog > 0 else 0.0)
-                done += 1
-                continue
-            decision = self.acquire(key, tokens, now_ns)
-            left = 1 if decision.allowed and tokens > 0 else count - done
-            for _ in range(left):
-                allowed.append(decision.allowed)
-                remaining.append(decision.tokens_remaining)
-                retry_after.append(decision.retry_after)
-                reset_after.append(decision.reset_after)
-            done += left
+            remaining.append(capacity - (-(-after // interval)))
+            reset_after.append(after / NS_PER_S)
+            granted += 1
+            done += 1
+        if granted:
+            _write_grants(granted, allowed, retry_after)
 
     def reconfigure(self, config: BucketConfig, now_ns: int) -> None:
         """Adopt a newer config, proposing the ``base`` that keeps the level at ``now_ns``.
@@ -1172,3 +1185,13 @@ def delta_tat(delta: BucketDelta) -> int:
         if term > tat:
             tat = term
     return tat
+
+
+def _write_grants(count: int, allowed: list[bool], retry_after: list[float]) -> None:
+    """``Bucket.acquire_into``'s grants: ``count`` rows allowed, with no retry_after."""
+    if count == 1:  # (a list of one to extend with costs more than the append)
+        allowed.append(True)
+        retry_after.append(0.0)
+    else:
+        allowed.extend([True] * count)
+        retry_after.extend([0.0] * count)

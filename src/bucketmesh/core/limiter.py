@@ -657,26 +657,37 @@ class Limiter:
         last_key: str | None = None
         last_tokens = -1
         last_rule = ""
+        last: Any = None
         for item in items:
-            key = item.key
-            tokens = item.tokens
-            rule = item.rule
-            if tokens == last_tokens and key == last_key and (rule is None or rule == last_rule):
+            # an item equal to the last one (a hot key) joins its run unread: three
+            # attribute reads of a decoded item cost several comparisons
+            if last is not None and item == last:
                 counts[-1] += 1
                 continue
-            if key is None:
+            asked: str | None = item.key
+            tokens: int = item.tokens
+            named: str | None = item.rule
+            last = item
+            if (
+                tokens == last_tokens
+                and asked == last_key
+                and (named is None or named == last_rule)
+            ):
+                counts[-1] += 1
+                continue
+            if asked is None:
                 return None
-            bucket = get(key)
+            bucket = get(asked)
             if (
                 bucket is None
                 or tokens < 0
                 or tokens > bucket.capacity
-                or (rule is not None and rule != bucket.rule)
+                or (named is not None and named != bucket.rule)
             ):
                 return None
-            runs.append((key, tokens, bucket))
+            runs.append((asked, tokens, bucket))
             counts.append(1)
-            last_key, last_tokens, last_rule = key, tokens, bucket.rule
+            last_key, last_tokens, last_rule = asked, tokens, bucket.rule
         out = DecisionColumns()
         allowed = out.allowed
         keys, capacities, rates, modes, rules = (
@@ -703,12 +714,18 @@ class Limiter:
             rate = NS_PER_S / bucket.interval
             mode = bucket.mode
             rule = bucket.rule
-            for _ in range(count):
+            if count == 1:
                 keys.append(key)
                 capacities.append(capacity)
                 rates.append(rate)
                 modes.append(mode)
                 rules.append(rule)
+            else:
+                keys.extend([key] * count)
+                capacities.extend([capacity] * count)
+                rates.extend([rate] * count)
+                modes.extend([mode] * count)
+                rules.extend([rule] * count)
         if granted:
             dirty = self.dirty
             for key, bucket in granted.items():
