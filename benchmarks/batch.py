@@ -32,7 +32,8 @@ Method
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/batch.py [--quick]`` (needs nginx, wrk).
 
 The handler alone (``--handler``; no HTTP, no nginx, no wrk): the route's own work
-for one 100-item batch — decode the body, validate, ``acquire_many``, encode the
+for one 100-item batch — decode the body, validate, decide (``acquire_columns``:
+columns, no object per item, when every item names a live bucket), render the
 results — called in a loop in this process on a real ``RatingApp`` over a
 ``MemoryStore`` (journal on, as with a snapshot file), against ``limits``
 MemoryStorage fixed-window ``hit`` called 100 times (one key) in the same
@@ -626,7 +627,8 @@ def handler_main(args: argparse.Namespace) -> int:
         f"Command: `PYTHONPATH=src .venv/bin/python benchmarks/batch.py --handler"
         f"{' --callgrind' if args.callgrind else ''}{' --quick' if args.quick else ''}`",
         "",
-        f"The batch route's handler alone (decode, validate, acquire_many, encode; no HTTP), "
+        f"The batch route's handler alone (decode, validate, decide — as columns, "
+        f"``acquire_columns``, when every item names a live bucket — and render; no HTTP), "
         f"{rounds} alternating rounds of {number} batches of {BATCH}, against `limits` "
         f"MemoryStorage fixed window `hit` × {BATCH} in the same rounds. "
         f"{_report.versions('limits')}. Decision core: {_core()}.",

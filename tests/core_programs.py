@@ -67,6 +67,17 @@ def run(program: list[Any]) -> bytes:
             out.append(decided)
             if isinstance(decided, list) and decided and not isinstance(decided[0], str):
                 out.append(tally(decided, 0.4))
+        elif op == "columns":
+            # a batch decided as columns (Limiter.acquire_columns), or None and then
+            # the general path, as the batch route does
+            items = [SimpleNamespace(key=k, tokens=t, rule=r) for k, t, r in arg]
+            columns = limiter.acquire_columns(items, now)
+            if columns is None:
+                out.append(None)
+                out.append(_answer(limiter.acquire_many, [Ask(*one) for one in arg], now=now))
+            else:
+                out.append(columns.decisions())
+                out.append(columns.tally(0.4))
         elif op == "sync":
             deltas = limiter.collect_deltas()
             out.append(replicas[1 - who].merge(deltas, now=now))

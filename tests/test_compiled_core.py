@@ -3,13 +3,14 @@
 ``make install`` compiles ``bucketmesh/_native.py``'s COMPILED modules with mypyc from
 the same sources the pure build runs. Hypothesis generates programs of core
 operations (acquires on hot and fresh keys, peeks, bad tokens, unknown rules,
-batches atomic or not, deltas and full states exchanged between two replicas,
-expiry, runtime config changes, journal groups); each program runs in this process
-on the compiled build and in a worker process on the pure one (``BUCKETMESH_PURE=1``:
-every module loaded from its ``.py``), and every decision, error, delta and final
-state must encode to the same bytes (floats included: msgpack carries them as
-IEEE doubles). Without a compiled build (no compiler, or ``BUCKETMESH_PURE=1``) the
-comparison skips; the layout checks below run on either build.
+batches atomic or not, batches decided as columns, deltas and full states
+exchanged between two replicas, expiry, runtime config changes, journal groups);
+each program runs in this process on the compiled build and in a worker process
+on the pure one (``BUCKETMESH_PURE=1``: every module loaded from its ``.py``), and
+every decision, error, delta and final state must encode to the same bytes
+(floats included: msgpack carries them as IEEE doubles). Without a compiled build
+(no compiler, or ``BUCKETMESH_PURE=1``) the comparison skips; the layout checks
+below run on either build.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ operation = st.one_of(
                 lambda a: st.integers(1, 30).map(lambda n: a + a[-1:] * n)
             ),
             st.booleans(),
+        ),
+    ),
+    st.tuples(
+        st.just("columns"),
+        who,
+        dt,
+        st.lists(ask, max_size=6).flatmap(
+            lambda a: st.integers(1, 30).map(lambda n: a + a[-1:] * n)
         ),
     ),
     st.tuples(st.sampled_from(["sync", "sync", "full", "expire", "journal"]), who, dt, st.none()),

@@ -29,6 +29,7 @@ from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, Decision
 from bucketmesh.core.decisions import Ask, Decider
 from bucketmesh.core.limiter import (
     BucketCapReached,
+    DecisionColumns,
     InvalidTokens,
     KeyTooLong,
     LimiterError,
@@ -573,6 +574,12 @@ class RatingApp:
             raise bad_request(
                 f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
             )
+        if not batch.atomic and self.audit is None:
+            # the common case (every item names a live bucket): decided by the core as
+            # columns and rendered from them, with no Ask nor Decision per item
+            columns = self.decider.acquire_columns(items)
+            if columns is not None:
+                return self._answer(columns, self._columns_response, cache_key)
         rules_by_name = self.decider.rules_by_name
         # the common case in one call into the (compiled) core; else item by item
         asks = batch_asks(items, rules_by_name)
@@ -681,22 +688,8 @@ class RatingApp:
             results = listed[1:-2].replace(boundary, b'"' + suffix + b',{"allowed":') + suffix
         else:  # not the Decision layout assumed above: one object at a time
             results = b",".join([encode(decision)[:-1] + suffix for decision in decisions])
-        count = self.metrics.count_decision
-        share = self.near_limit
         # one pass in the (compiled) core: allowed, near the limit, the one rule (if so)
-        allowed, near, rule = tally(decisions, share)
-        if rule is not None:  # one rule throughout (as usual)
-            if allowed:
-                count(rule, True, allowed)
-                if share and near:
-                    self.metrics.count_near_limit(rule, near)
-            if allowed < len(decisions):
-                count(rule, False, len(decisions) - allowed)
-        else:
-            for decision in decisions:
-                count(decision.rule, decision.allowed)
-                if decision.allowed and decision.tokens_remaining < decision.capacity * share:
-                    self.metrics.count_near_limit(decision.rule)
+        allowed = self._count_batch(tally(decisions, self.near_limit), decisions)
         if allowed < len(decisions) and self.shadows:
             shadowed = self._shadowed_batch(decisions, allowed)
             if shadowed is not None:
@@ -707,6 +700,92 @@ class RatingApp:
             len(decisions) - allowed,
         )
         return Response(200, body, JSON)
+
+    def _count_batch(
+        self,
+        counts: tuple[int, int, str | None],
+        decisions: list[Decision] | DecisionColumns,
+    ) -> int:
+        """Count a batch's decisions in the metrics from its ``tally`` (allowed, near
+        the limit, the one rule or None); the number allowed."""
+        allowed, near, rule = counts
+        total = len(decisions)
+        count = self.metrics.count_decision
+        share = self.near_limit
+        if rule is not None:  # one rule throughout (as usual)
+            if allowed:
+                count(rule, True, allowed)
+                if share and near:
+                    self.metrics.count_near_limit(rule, near)
+            if allowed < total:
+                count(rule, False, total - allowed)
+            return allowed
+        if isinstance(decisions, DecisionColumns):
+            decisions = decisions.decisions()
+        for decision in decisions:
+            count(decision.rule, decision.allowed)
+            if decision.allowed and decision.tokens_remaining < decision.capacity * share:
+                self.metrics.count_near_limit(decision.rule)
+        return allowed
+
+    def _columns_response(self, columns: DecisionColumns) -> Response:
+        """``_batch_response`` of the decisions ``columns`` holds, byte for byte, built
+        from the columns: each field that differs between rows is encoded as one list
+        and split (numbers and booleans hold no comma; a list of strings none of which
+        holds a quote splits at '","', every quote in it delimiting a string); a field
+        equal in every row goes into the constant text between them. One join makes
+        the body."""
+        total = len(columns)
+        if not total:
+            return Response(200, b'{"results":[],"allowed":0,"denied":0}', JSON)
+        allowed = self._count_batch(columns.tally(self.near_limit), columns)
+        if allowed < total and self.shadows:
+            shadowed = self._shadowed_batch(columns.decisions(), allowed)
+            if shadowed is not None:
+                return shadowed
+        encode = self.encoder.encode
+        fields: tuple[tuple[bytes, list[Any], bool], ...] = (
+            (b',{"allowed":', columns.allowed, False),
+            (b',"key":', columns.keys, True),
+            (b',"tokens_remaining":', columns.remaining, False),
+            (b',"capacity":', columns.capacity, False),
+            (b',"refill_rate":', columns.refill_rate, False),
+            (b',"retry_after":', columns.retry_after, False),
+            (b',"reset_after":', columns.reset_after, False),
+            (b',"mode":', columns.mode, True),
+            (b',"rule":', columns.rule, True),
+        )
+        row: list[bytes | None] = []  # one result: constant text, None where a column goes
+        cells: list[list[bytes]] = []
+        text = b""
+        for name, column, quoted in fields:
+            first = column[0]
+            # (no float column holds -0.0, equal to 0.0 but encoded apart)
+            if first == column[-1] and column.count(first) == total:
+                text += name + encode(first)
+                continue
+            listed = encode(column)
+            if quoted:
+                row += [text + name + b'"', None]
+                if b'\\"' in listed:  # a quote inside a string: split string by string
+                    cells.append([encode(value)[1:-1] for value in column])
+                else:  # every quote delimits a string
+                    cells.append(listed[2:-2].split(b'","'))
+                text = b'"'
+            else:
+                row += [text + name, None]
+                cells.append(listed[1:-1].split(b","))
+                text = b""
+        row.append(text + self.renderer.region_suffix)
+        width = len(row)
+        parts = row * total
+        for index, cell in enumerate(cells):
+            parts[2 * index + 1 :: width] = cell
+        first_text = parts[0]
+        assert first_text is not None
+        parts[0] = b'{"results":[' + first_text[1:]  # no comma before the first result
+        parts.append(b'],"allowed":%d,"denied":%d}' % (allowed, total - allowed))
+        return Response(200, b"".join(parts), JSON)  # type: ignore[arg-type]
 
     def _shadowed_batch(self, decisions: list[Decision], allowed: int) -> Response | None:
         """A batch some of whose refusals a shadow rule or key makes advisory: those

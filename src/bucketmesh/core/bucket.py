@@ -697,6 +697,70 @@ class Bucket:
             )
         return out
 
+    def acquire_into(
+        self,
+        key: str,
+        tokens: int,
+        count: int,
+        now_ns: int,
+        allowed: list[bool],
+        remaining: list[int],
+        retry_after: list[float],
+        reset_after: list[float],
+    ) -> None:
+        """``acquire_run`` written as columns: appends, per ask, whether it is allowed,
+        the tokens remaining, retry_after and reset_after (the rest of each decision —
+        key, capacity, refill rate, mode, rule — is the bucket's; the caller writes it).
+
+        Decided alike, step for step, the values computed as ``acquire`` computes
+        them: a grant that neither re-bases nor starts a slice only adds to ``mine``
+        and ``total``; a grant that does is ``acquire``'s own step (the records move
+        there; its Decision is not read); a denial or a peek changes nothing, so its
+        answer is written once for every ask left.
+        """
+        interval = self.interval
+        capacity = self.capacity
+        need = tokens * interval
+        done = 0
+        granted = 0  # grants of this stretch whose allowed and retry_after are not written
+        while done < count:
+            tat = self.g + self.total * interval
+            unc = self.unc
+            if unc is not None and unc > tat:
+                tat = unc
+            backlog = tat - now_ns
+            after = (backlog if backlog > 0 else 0) + need
+            if (after - 1) // interval >= capacity or tokens <= 0:
+                if granted:
+                    _write_grants(granted, allowed, retry_after)
+                left = count - done
+                if tokens > 0 or (after - 1) // interval >= capacity:  # denied
+                    allowed.extend([False] * left)
+                    remaining.extend(
+                        [capacity - (-(-backlog // interval)) if backlog > 0 else capacity] * left
+                    )
+                    retry_after.extend([(after - capacity * interval) / NS_PER_S] * left)
+                    reset_after.extend([backlog / NS_PER_S if backlog > 0 else 0.0] * left)
+                else:  # a peek
+                    allowed.extend([True] * left)
+                    remaining.extend(
+                        [capacity - (-(-after // interval)) if after > 0 else capacity] * left
+                    )
+                    retry_after.extend([0.0] * left)
+                    reset_after.extend([after / NS_PER_S if after > 0 else 0.0] * left)
+                return
+            if backlog < 0 or now_ns >= self.edge:
+                self.acquire(key, tokens, now_ns)  # a re-base or a new slice: the records move
+            else:
+                self.mine += tokens
+                self.total += tokens
+            remaining.append(capacity - (-(-after // interval)))
+            reset_after.append(after / NS_PER_S)
+            granted += 1
+            done += 1
+        if granted:
+            _write_grants(granted, allowed, retry_after)
+
     def reconfigure(self, config: BucketConfig, now_ns: int) -> None:
         """Adopt a newer config, proposing the ``base`` that keeps the level at ``now_ns``.
 
@@ -1182,3 +1246,13 @@ def delta_tat(delta: BucketDelta) -> int:
         if term > tat:
             tat = term
     return tat
+
+
+def _write_grants(count: int, allowed: list[bool], retry_after: list[float]) -> None:
+    """``Bucket.acquire_into``'s grants: ``count`` rows allowed, with no retry_after."""
+    if count == 1:  # (a list of one to extend with costs more than the append)
+        allowed.append(True)
+        retry_after.append(0.0)
+    else:
+        allowed.extend([True] * count)
+        retry_after.extend([0.0] * count)

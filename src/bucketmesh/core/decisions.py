@@ -22,10 +22,13 @@ tokens stay spent, the client is told to retry).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from bucketmesh.core.bucket import Bucket, BucketConfig, Decision
 from bucketmesh.core.rules import Rule
+
+if TYPE_CHECKING:  # limiter.py imports this module
+    from bucketmesh.core.limiter import DecisionColumns
 
 T = TypeVar("T")
 Later: TypeAlias = T | Awaitable[T]
@@ -65,6 +68,14 @@ class Decider(Protocol):
         """The asks' decisions, in order. Every ask is validated before any is charged
         (a bad one raises and nothing is spent). ``atomic``: all are granted, or none
         is charged and every decision says how long until the whole batch fits."""
+        ...
+
+    def acquire_columns(self, items: Sequence[Any]) -> DecisionColumns | None:
+        """A batch's common case at once, as columns (``Limiter.acquire_columns``):
+        ``acquire_many`` of ``items`` (objects with ``key``, ``tokens``, ``rule``), not
+        atomic, when every item names a live bucket it may ask of; else None, with
+        nothing charged, and the caller takes ``acquire_many``. A store that cannot
+        answer at once (Redis) always says None."""
         ...
 
     def inspect(self, key: str, *, rule: str | None = None) -> Later[Bucket]:

@@ -464,6 +464,7 @@ class MemoryStore:
         self.inspect = limiter.inspect
         self.configure = limiter.configure
         self.rule_config = limiter.rule_config
+        self.acquire_columns = limiter.acquire_columns
         self.holds = limiter.holds
         self.rule_of = limiter.rule_of
         self.live_buckets = limiter.live_buckets
@@ -477,6 +478,7 @@ class MemoryStore:
             # (the mesh's full state) restore everything first
             self.acquire = self._acquire_restoring  # type: ignore[assignment]
             self.acquire_many = self._acquire_many_restoring  # type: ignore[assignment]
+            self.acquire_columns = self._acquire_columns_restoring  # type: ignore[assignment]
             self.inspect = self._inspect_restoring  # type: ignore[assignment]
             self.configure = self._configure_restoring
             self.holds = self._holds_restoring
@@ -501,6 +503,7 @@ class MemoryStore:
         self.inspect = limiter.inspect
         self.configure = limiter.configure
         self.holds = limiter.holds
+        self.acquire_columns = limiter.acquire_columns
         self.rule_of = limiter.rule_of
         log.info("restore finished: %d buckets", len(limiter))
 
@@ -519,6 +522,10 @@ class MemoryStore:
         for ask in asks:
             self._ensure(ask.key)
         return self.limiter.acquire_many(asks, atomic=atomic)
+
+    def _acquire_columns_restoring(self, items: Sequence[Any]) -> None:
+        """While restoring, batches take ``acquire_many`` (which restores their keys)."""
+        return None
 
     def _inspect_restoring(self, key: str, *, rule: str | None = None) -> Bucket:
         self._ensure(key)

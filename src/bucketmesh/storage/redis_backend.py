@@ -51,7 +51,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -732,6 +732,10 @@ class RedisBackend:
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self.enqueue([(ask, _settle(future))])
         return future
+
+    def acquire_columns(self, items: Sequence[Any]) -> None:
+        """Never at once: every batch takes ``acquire_many`` (core/decisions.py)."""
+        return None
 
     def acquire_many(
         self, asks: Sequence[Wanted], *, atomic: bool = False
