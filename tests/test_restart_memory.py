@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import msgspec
 
+from bucketmesh import _native
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Rule
 from bucketmesh.storage.memory import MemoryStore, open_lazily
@@ -106,7 +107,9 @@ def test_a_restored_bucket_holds_its_previous_incarnation_in_one_list(tmp_path: 
     # each bucket: its key, the Bucket, one list (object + items) and the previous
     # incarnation's anchor; a dict of lists was 2 objects and ~180 bytes more, and
     # the compiled build boxed ``unc`` besides
-    assert blocks / n < 5.5, f"{blocks / n:.2f} objects per restored bucket"
+    # the pure core keeps large ints as objects: one more per restored bucket
+    most = 5.5 if _native.compiled() else 6.5
+    assert blocks / n < most, f"{blocks / n:.2f} objects per restored bucket"
     assert size / n < 560, f"{size / n:.0f} bytes per restored bucket"
     bucket = limiter.buckets[keys(1)[0]]
     assert limiter.replica_id != "t/n/1" and bucket.others == {"t/n/1": 1}
