@@ -976,6 +976,8 @@ def wire_feeder(which: str) -> tuple[Callable[[bytes], None], _WireTransport]:
             router=router,
         )
         server = HttpServer(router)
+    # never started: its lag timer would read as overdue and every request as shed (503)
+    server._lag_due = float("inf")
     connection = _Connection(server, asyncio.get_running_loop())
     connection.connection_made(transport)  # type: ignore[arg-type]
     return connection.data_received, transport
@@ -990,6 +992,7 @@ def wire_loop(which: str, requests: int) -> None:
         for _ in range(200 + requests):
             feed(WIRE_REQUEST)
         assert transport.writes == 200 + requests, transport.last[:200]
+        assert transport.last.startswith(b"HTTP/1.1 200 "), transport.last[:200]
 
     uvloop.run(run())
 

@@ -20,10 +20,14 @@ Hot path (docs/targets.md P2)
     The usual request (one per read, keep-alive HTTP/1.1, a plain target, a
     handler answering at once with ``Response.head``: header lines it encoded
     itself) goes through straight-line code: header names lower-cased once
-    (``_NAMES``), the target's path from ``_PATHS``, the response assembled and
-    appended in ``_dispatch`` and written at the end of ``data_received``, the
-    idle deadline moved without re-arming the timer. Everything else takes the
-    general code below; both answer byte for byte alike.
+    (``_NAMES``), the head limits kept as what is left of them, the target's path
+    from ``_PATHS``, the handler called and its answer assembled and appended by
+    ``on_message_complete`` itself (``_dispatch`` inlined, for a keep-alive
+    HTTP/1.1 request that is not HEAD, with nothing pending, not shed: ``_plain``)
+    and written at the end of ``data_received``, the idle deadline moved without
+    re-arming the timer. Everything else takes the general code below
+    (``_dispatch``, ``_deliver``); both answer byte for byte alike
+    (tests/test_http_dispatch_paths.py).
 
 Backpressure
     A connection is *blocked* while the transport's write buffer is above its
@@ -563,12 +567,12 @@ class _Connection(asyncio.Protocol):
         "_deadline",
         "_deferred",
         "_failed",
+        "_fields_left",
         "_handler",
-        "_head_bytes",
         "_head_done",
         "_head_raw",
+        "_head_room",
         "_head_started",
-        "_header_count",
         "_headers",
         "_http_version",
         "_in_message",
@@ -580,6 +584,8 @@ class _Connection(asyncio.Protocol):
         "_lingering",
         "_loop",
         "_lost",
+        "_max_fields",
+        "_max_head",
         "_max_pipelined",
         "_method",
         "_now",
@@ -590,6 +596,7 @@ class _Connection(asyncio.Protocol):
         "_peer_eof",
         "_peer_names",
         "_pending",
+        "_plain",
         "_reading_paused",
         "_server",
         "_shedding",
@@ -605,6 +612,8 @@ class _Connection(asyncio.Protocol):
         self._loop = loop
         self._limits = server._limits
         self._max_pipelined = server._limits.max_pipelined
+        self._max_head = server._limits.max_header_bytes
+        self._max_fields = server._limits.max_headers
         self._keepalive = server._limits.keepalive_timeout
         self._handler = server._handler
         self._transport: asyncio.Transport  # set by connection_made
@@ -621,8 +630,8 @@ class _Connection(asyncio.Protocol):
         self._in_target = False  # a request line with raw non-ASCII bytes goes on
         self._head_done = False
         self._head_raw = 0
-        self._head_bytes = 0
-        self._header_count = 0
+        self._head_room = 0  # bytes of head left within max_header_bytes
+        self._fields_left = 0  # header lines left within max_headers
         self._head_started = 0.0
         self._body_started = 0.0
         self._url = b""
@@ -631,6 +640,7 @@ class _Connection(asyncio.Protocol):
         self._method = "GET"
         self._http_version = "1.1"
         self._keep_alive = True
+        self._plain = True  # not HEAD, HTTP/1.1: answered by on_message_complete's hot path
         # the connection
         self._closing = False  # no more requests are read; close once answered
         self._failed = False
@@ -847,8 +857,8 @@ class _Connection(asyncio.Protocol):
         self._in_message = True
         self._head_done = False
         self._head_raw = -1  # the head began in the chunk at hand
-        self._head_bytes = 0
-        self._header_count = 0
+        self._head_room = self._max_head
+        self._fields_left = self._max_fields
         self._head_started = self._now
         self._url = b""
         self._headers = {}
@@ -856,18 +866,17 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_bytes += len(url)
-        if self._head_bytes > self._limits.max_header_bytes:
+        self._head_room -= len(url)
+        if self._head_room < 0:
             self._fail(self._head_too_large())
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # the hot path: decode_header inlined, header names lower-cased once (_NAMES)
-        size = self._head_bytes + len(name) + len(value) + 4
-        self._head_bytes = size
-        count = self._header_count = self._header_count + 1
-        limits = self._limits
-        if size > limits.max_header_bytes or count > limits.max_headers:
+        # the hot path: decode_header inlined, header names lower-cased once (_NAMES), the
+        # limits as what is left of them (max_header_bytes counts name, value and 4 each)
+        room = self._head_room = self._head_room - len(name) - len(value) - 4
+        left = self._fields_left = self._fields_left - 1
+        if room < 0 or left < 0:
             self._fail(self._head_too_large())
             raise _Stop
         key = _NAMES.get(name)
@@ -877,7 +886,7 @@ class _Connection(asyncio.Protocol):
                 _NAMES[name] = key
         try:
             # UTF-8, as the request target is: one spelling of a key on every path
-            text = value.decode("utf-8").rstrip(" \t")
+            text = value.decode().rstrip(" \t")
         except UnicodeDecodeError:
             error = _not_text_header(name)
             self._fail(problem(400, None, error.detail, field=error.field))
@@ -895,10 +904,12 @@ class _Connection(asyncio.Protocol):
         headers = self._headers
         method = parser.get_method()
         self._method = _METHODS.get(method) or method.decode("latin-1")
-        self._keep_alive = parser.should_keep_alive()
-        if self._keep_alive and "connection" not in headers:
+        keep_alive = self._keep_alive = parser.should_keep_alive()
+        if keep_alive and "connection" not in headers:
             self._http_version = "1.1"  # implied, and get_http_version() is slow
+            self._plain = method != b"HEAD"
         else:
+            self._plain = False
             self._http_version = parser.get_http_version()
             if self._http_version != "1.1" and self._http_version != "1.0":
                 detail = f"HTTP/{self._http_version} is not supported; use HTTP/1.1"
@@ -963,7 +974,48 @@ class _Connection(asyncio.Protocol):
             self._http_version,
             self._peer_names,
         )
-        keep_alive = self._keep_alive and not self._server._shutting_down
+        server = self._server
+        if (
+            self._plain
+            and not (
+                self._pending
+                or self._deferred
+                or self._write_paused
+                or self._closing
+                or self._shedding
+                or server._shutting_down
+            )
+            and server._in_flight < server._max_in_flight
+        ):
+            # the hot path, _dispatch inlined: a keep-alive HTTP/1.1 request (not HEAD)
+            # with nothing before it, answered at once with encoded header lines
+            try:
+                result: object = self._handler(request)
+            except Exception as exc:
+                server._report(exc)
+                result = _internal_error()
+            if type(result) is Response:
+                lines = result.head
+                status_line = _BODY_STATUS_LINES.get(result.status)
+                body = result.body
+                if lines is not None and status_line is not None and body.__class__ is bytes:
+                    data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                        status_line,
+                        server._date_server,
+                        lines,
+                        len(body),
+                        body,
+                    )
+                    self._out.append(data)
+                    self._out_size += len(data)
+                    if self._out_size >= _FLUSH_AT:
+                        self._write_out()
+                    return
+            self._deliver(result, True, False, False)
+            if self._closing:
+                raise _Stop
+            return
+        keep_alive = self._keep_alive and not server._shutting_down
         if not keep_alive:
             self._closing = True
         if not (self._pending or self._deferred or self._write_paused):
@@ -1007,6 +1059,10 @@ class _Connection(asyncio.Protocol):
             except Exception as exc:
                 server._report(exc)
                 result = _internal_error()
+        self._deliver(result, keep_alive, head, http10)
+
+    def _deliver(self, result: object, keep_alive: bool, head: bool, http10: bool) -> None:
+        """Write (or queue behind the pending ones) a handler's answer to a request."""
         if not isinstance(result, Response):
             if inspect.isawaitable(result):
                 self._await_response(result, keep_alive, head, http10)
@@ -1018,14 +1074,14 @@ class _Connection(asyncio.Protocol):
             return
         lines = result.head
         if lines is not None and keep_alive and not (self._closing or head or http10):
-            # the hot path, _write_response and _encode_response inlined: encoded header
-            # lines on a keep-alive HTTP/1.1 connection
+            # _write_response and _encode_response inlined: encoded header lines on a
+            # keep-alive HTTP/1.1 connection
             status_line = _BODY_STATUS_LINES.get(result.status)
             body = result.body
             if status_line is not None and body.__class__ is bytes:
                 data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
                     status_line,
-                    server._date_server,
+                    self._server._date_server,
                     lines,
                     len(body),
                     body,
