@@ -36,7 +36,7 @@ Method
        to the last answer.
     2. Rows: shedding on (the defaults: ``limits.shedLag`` 100 ms, ``maxInFlight`` 4096) at
        1×, 2×, 3× the capacity, shedding off at 3× for contrast, and shedding on with
-       ``shedLag`` at ``--low-lag`` (50 ms) at 2× and 3× (a shorter serving share per
+       ``shedLag`` at ``--low-lag`` (25 ms) at 2× and 3× (a shorter serving share per
        turn of the loop: a lower p99 of served). The 3× shedding-on row
        runs until 1,000,000 distinct keys have arrived (``limits.maxBuckets`` at its
        default, 1,000,000: the configured cap). Per row: offered and served (200/429) per
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-admin-listen", action="store_true",
                         help="no reserved listener: sync and admin calls go to the flooded "
                              "port, as before adminListen existed")  # fmt: skip
-    parser.add_argument("--low-lag", type=int, default=50,
+    parser.add_argument("--low-lag", type=int, default=25,
                         help="limits.shedLag (ms) of the last two rows (2x, 3x)")  # fmt: skip
     args = parser.parse_args(argv)
     seconds = args.seconds or (4.0 if args.quick else 10.0)

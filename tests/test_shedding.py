@@ -4,7 +4,7 @@ while the reserved traffic (sync, admin PATCH, status, metrics) is never shed: a
 flooded node still replicates and can be reconfigured, and it lives.
 
 The flood is pipelined bursts on raw sockets, each burst decided in one read: with
-``limits.shedLag`` at 1 ms (the default is 100 ms) every burst makes the loop late
+``limits.shedLag`` at 1 ms (the default is 50 ms) every burst makes the loop late
 enough to shed, whatever the speed of the machine."""
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ class LimitsConfig(_Section, frozen=True):
     # overload shedding (http/server.py): awaited answers in flight, and the event
     # loop lag in ms beyond which requests get 503 + Retry-After
     max_in_flight: _Count = 4096
-    shed_lag_ms: _Count = 100
+    shed_lag_ms: _Count = 50
 
 
 class AffinityConfig(_Section, frozen=True):
