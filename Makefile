@@ -38,7 +38,7 @@ run: install
 test: install
 	@scripts/ensure-debian-packages.sh redis-server prometheus
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 	@# the pure-Python reference core (BUCKETMESH_PURE=1: no compiled module is loaded),
 	@# on the core and simulator tests (the full suite above ran the compiled build)
 	BUCKETMESH_PURE=1 $(PY) -m pytest -q -p no:cacheprovider $(PURE_TESTS)
