@@ -21,13 +21,13 @@ Hot path (docs/targets.md P2)
     handler answering at once with ``Response.head``: header lines it encoded
     itself) goes through straight-line code: header names lower-cased once
     (``_NAMES``), the head limits kept as what is left of them, the target's path
-    from ``_PATHS``, the handler called and its answer assembled and appended by
-    ``on_message_complete`` itself (``_dispatch`` inlined, for a keep-alive
-    HTTP/1.1 request that is not HEAD, with nothing pending, not shed: ``_plain``)
-    and written at the end of ``data_received``, the idle deadline moved without
-    re-arming the timer. Everything else takes the general code below
-    (``_dispatch``, ``_deliver``); both answer byte for byte alike
-    (tests/test_http_dispatch_paths.py).
+    from ``_PATHS``, the handler called by ``on_message_complete`` itself
+    (``_dispatch`` inlined, for a keep-alive HTTP/1.1 request that is not HEAD,
+    with nothing pending, not shed: ``_plain``), its answer assembled and appended
+    by ``_deliver``'s encoded-lines branch and written at the end of
+    ``data_received``, the idle deadline moved without re-arming the timer.
+    Everything else takes the general code below (``_dispatch``, then
+    ``_deliver``); both answer byte for byte alike (tests/test_http_dispatch_paths.py).
 
 Backpressure
     A connection is *blocked* while the transport's write buffer is above its
@@ -988,29 +988,12 @@ class _Connection(asyncio.Protocol):
             and server._in_flight < server._max_in_flight
         ):
             # the hot path, _dispatch inlined: a keep-alive HTTP/1.1 request (not HEAD)
-            # with nothing before it, answered at once with encoded header lines
+            # with nothing before it, answered at once (_deliver's encoded header lines)
             try:
                 result: object = self._handler(request)
             except Exception as exc:
                 server._report(exc)
                 result = _internal_error()
-            if type(result) is Response:
-                lines = result.head
-                status_line = _BODY_STATUS_LINES.get(result.status)
-                body = result.body
-                if lines is not None and status_line is not None and body.__class__ is bytes:
-                    data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                        status_line,
-                        server._date_server,
-                        lines,
-                        len(body),
-                        body,
-                    )
-                    self._out.append(data)
-                    self._out_size += len(data)
-                    if self._out_size >= _FLUSH_AT:
-                        self._write_out()
-                    return
             self._deliver(result, True, False, False)
             if self._closing:
                 raise _Stop

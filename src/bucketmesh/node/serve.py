@@ -403,14 +403,17 @@ class Node:
             tls=tls if tls is not None and tls.files.serves else None,
         )
 
-    async def _start_admin(self, host: str, port: int) -> None:
-        assert self.admin_server is not None
+    @staticmethod
+    async def _listen(server: HttpServer, host: str, port: int, what: str = "") -> None:
+        """Start ``server`` on host:port; a refusal is a StartError naming the address
+        (and ``what``, the config key of a second listener)."""
         try:
-            await self.admin_server.start(host, port)
+            await server.start(host, port)
         except OSError as error:
             shown = f"[{host}]" if ":" in host else host
+            named = f" ({what})" if what else ""
             raise StartError(
-                f"cannot listen on {shown}:{port} (adminListen): {error.strerror or error}"
+                f"cannot listen on {shown}:{port}{named}: {error.strerror or error}"
             ) from None
 
     @staticmethod
@@ -425,16 +428,10 @@ class Node:
         if self.discovery is not None:
             await self.discovery.step()  # the region's nodes, before the start-up pull
         await self._recover_state()
-        host, port = self.settings.host, self.settings.port
-        try:
-            await self.server.start(host, port)
-        except OSError as error:
-            shown = f"[{host}]" if ":" in host else host
-            raise StartError(
-                f"cannot listen on {shown}:{port}: {error.strerror or error}"
-            ) from None
+        await self._listen(self.server, self.settings.host, self.settings.port)
         if self.settings.admin_listen is not None:
-            await self._start_admin(*self.settings.admin_listen)
+            assert self.admin_server is not None
+            await self._listen(self.admin_server, *self.settings.admin_listen, "adminListen")
         if self.settings.envoy_listen is not None:
             try:
                 await self._start_envoy(*self.settings.envoy_listen)
