@@ -74,7 +74,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 #: http11.ServerLimits defaults, in seconds; see ``Server.timeouts``.
 DEFAULT_TIMEOUTS = {"header_timeout": 10.0, "body_timeout": 30.0, "keepalive_timeout": 5.0}
-#: How the config file would spell them (``limits.headerTimeout`` ...), once it can.
+#: How the config file spells them (``limits.headerTimeout`` ..., in ms).
 TIMEOUT_FILE_NAMES = {
     "header_timeout": "headerTimeout",
     "body_timeout": "bodyTimeout",
@@ -91,10 +91,11 @@ STOP_TIMEOUT_S = 30.0
 
 
 def configurable_timeouts() -> set[str]:
-    """The connection timeouts the config file accepts under ``limits`` (maybe none yet)."""
+    """The connection timeouts the config file accepts under ``limits`` (in ms)."""
     from bucketmesh.node.config import LimitsConfig
 
-    return set(LimitsConfig.__struct_fields__) & set(DEFAULT_TIMEOUTS)
+    fields = set(LimitsConfig.__struct_fields__)
+    return {name for name in DEFAULT_TIMEOUTS if f"{name}_ms" in fields}
 
 
 def make_config(buckets: list[dict[str, Any]] | None = None, **settings: Any) -> dict[str, Any]:
@@ -358,7 +359,7 @@ class ServerFactory:
             limits = config.setdefault("limits", {})
             for name, seconds in timeouts.items():
                 if name in supported:
-                    limits[TIMEOUT_FILE_NAMES[name]] = seconds
+                    limits[TIMEOUT_FILE_NAMES[name]] = round(seconds * 1000)
                     effective[name] = seconds
             if not limits:
                 del config["limits"]

@@ -13,6 +13,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,8 +68,10 @@ def mesh_config(
 
 
 class Uvicorn:
-    def __init__(self, directory: Path, config_path: Path, secret: str, workers: int) -> None:
-        self.port = free_port()
+    def __init__(
+        self, directory: Path, config_path: Path, secret: str, workers: int, port: int
+    ) -> None:
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = directory / f"uvicorn-{config_path.stem}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
@@ -78,11 +81,22 @@ class Uvicorn:
         args += ["--lifespan", "on", "--no-access-log"]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                args, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # kill() reaches the workers too
             )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL to uvicorn and its workers (their own process group)."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -95,14 +109,28 @@ class Uvicorn:
             raise
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` ports free now and different from each other (each socket is held
+    open until all are chosen: ``free_port`` twice in a row may answer the same port)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 @pytest.fixture
 def mesh(serve: ServerFactory, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """Nodes of us-east-1 and eu-central-1, and a uvicorn of 4 embedded workers in
     us-east-1: yields (node, remote node, uvicorn, slot URLs)."""
     interval_ms = getattr(request, "param", 20)
     secret = secrets.token_urlsafe(32)
+    seen: list[str] = []
     for attempt in range(3):
-        node_port, remote_port, *slot_ports = (free_port() for _ in range(2 + WORKERS))
+        node_port, remote_port, app_port, *slot_ports = distinct_free_ports(3 + WORKERS)
         config = mesh_config(node_port, remote_port, slot_ports, interval_ms)
         config_path = tmp_path / f"mesh-{attempt}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -110,21 +138,35 @@ def mesh(serve: ServerFactory, tmp_path: Path, request: pytest.FixtureRequest) -
         remote = serve(
             config, port=remote_port, region="eu-central-1", env={"BUCKETMESH_SYNC_SECRET": secret}
         )
-        app = Uvicorn(tmp_path, config_path, secret, WORKERS)
+        app = Uvicorn(tmp_path, config_path, secret, WORKERS, app_port)
+        peers: dict[str, Any] = {}
 
-        def every_slot_up(app: Uvicorn = app, node: Any = node) -> bool:
-            if app.process.poll() is not None:
+        def every_slot_up(
+            app: Uvicorn = app, node: Any = node, peers: dict[str, Any] = peers
+        ) -> bool:
+            if app.process.poll() is not None or "no free member slot" in app.log():
                 return True  # reported below
-            peers = httpx.get(node.url("/v1/status"), timeout=10).json()["sync"]["peers"]
+            peers.update(httpx.get(node.url("/v1/status"), timeout=10).json()["sync"]["peers"])
             return all(peers[slot]["state"] == "up" for slot in SLOTS)
 
-        eventually(every_slot_up, "every worker joined the mesh", timeout=120)
-        if app.process.poll() is None:
+        try:
+            eventually(every_slot_up, "every worker joined the mesh", timeout=60)
+        except AssertionError as error:
+            joined = False
+            why = f"{error}; the node's peers: {peers}"
+        else:
+            joined = "no free member slot" not in app.log() and app.process.poll() is None
+            why = "a worker found no free member slot (a port chosen as free was taken)"
+        if joined:
             break
+        # Start again on other ports: a port chosen as free can be taken by another
+        # process (an outgoing connection's ephemeral port) before a worker binds it.
+        app.kill()
         node.kill()
         remote.kill()
-        # a port chosen as free was taken by another process before a worker bound it
-        assert "no free member slot" in app.log() and attempt < 2, app.log()
+        seen.append(f"attempt {attempt}: {why}\n{app.log()[-4000:]}")
+    else:
+        raise AssertionError("the embedded workers never all joined:\n" + "\n".join(seen))
     try:
         yield node, remote, app, [f"http://127.0.0.1:{port}" for port in slot_ports]
     finally:

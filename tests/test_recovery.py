@@ -78,7 +78,9 @@ def test_a_node_restarted_without_a_snapshot_behind_a_partition_regrants_nothing
     rule = {"name": "g", "key": "g-{{ .Request.Query.k }}", "capacity": 100,
             "refillRate": 0.001, "ttl": 3600}  # fmt: skip
     regions = ["us-east-1", "eu-central-1"]
-    overrides = {r: {"sync": {"unrecoveredStart": policy}} for r in regions}
+    # a silent peer is waited for 1 s at start (sync.unrecoveredWait), not the default 10 s
+    sync = {"unrecoveredStart": policy, "unrecoveredWait": 1000}
+    overrides = {r: {"sync": sync} for r in regions}
     mesh = Mesh(serve, regions, buckets=[rule], proxied=True, overrides=overrides).start()
     a, b = mesh[0], mesh[1]
     assert granted(b, "/v1/rate?k=x", 30) == 30

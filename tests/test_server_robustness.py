@@ -8,12 +8,11 @@ write, slow clients and a seeded random-bytes fuzz. After every test the process
 must be alive and ``/healthz`` must answer 200; at teardown its stderr must hold
 no internal error (tests/conftest.py).
 
-Slow clients need the server's own timeouts to pass (header 10 s, body 30 s,
-keep-alive 5 s by default), so they all start together when the module starts
+Slow clients need the server's own timeouts to pass, so the server runs with
+short ones (``limits.headerTimeout`` / ``bodyTimeout`` / ``keepaliveTimeout``:
+``SHORT_TIMEOUTS``), and the clients all start together when the module starts
 and run in background threads while the other tests use the server; the tests
-at the end of the module collect their outcomes. When the config file learns
-``limits.headerTimeout`` / ``bodyTimeout`` / ``keepaliveTimeout``, the server is
-started with short ones and the module gets fast by itself.
+at the end of the module collect their outcomes.
 
 Nothing here depends on the machine's speed: a connection counts as hung only when
 it is still open ``HANG_S`` after the server should have closed it, a guard that a

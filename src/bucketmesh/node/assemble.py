@@ -74,6 +74,7 @@ def mesh_settings(config: Config, tls: TlsContexts | None = None) -> MeshSetting
         peer_timeout_s=config.sync.peer_timeout_ms / 1000,
         max_message_bytes=config.limits.max_body_bytes,
         unrecovered_start=config.sync.unrecovered_start,
+        unrecovered_wait_s=config.sync.unrecovered_wait_ms / 1000,
         tls=tls,
     )
 
@@ -120,6 +121,9 @@ def node_settings(config: Config) -> NodeSettings:
             max_header_bytes=config.limits.max_header_bytes,
             max_in_flight=config.limits.max_in_flight,
             shed_lag=config.limits.shed_lag_ms / 1000,
+            header_timeout=config.limits.header_timeout_ms / 1000,
+            body_timeout=config.limits.body_timeout_ms / 1000,
+            keepalive_timeout=config.limits.keepalive_timeout_ms / 1000,
         ),
         version=__version__,
         regions=len(config.regions),

@@ -117,8 +117,12 @@ class _Problem(Exception):
 _FILE_NAMES: Final[Mapping[str, str]] = {
     "interval_ms": "interval",
     "shed_lag_ms": "shedLag",
+    "header_timeout_ms": "headerTimeout",
+    "body_timeout_ms": "bodyTimeout",
+    "keepalive_timeout_ms": "keepaliveTimeout",
     "max_connection_age_ms": "maxConnectionAge",
     "peer_timeout_ms": "peerTimeout",
+    "unrecovered_wait_ms": "unrecoveredWait",
     "forward_timeout_ms": "forwardTimeout",
     "snapshot_interval_ms": "snapshotInterval",
     "refill_rate_alias": "refill_rate",
@@ -188,6 +192,9 @@ class SyncConfig(_Section, frozen=True):
     # a node without a snapshot whose start-up pull reaches no peer: shared buckets it
     # creates refill from zero at its start (refill), or start full (full); docs/sync.md
     unrecovered_start: Literal["refill", "full"] = "refill"
+    # how long such a node waits at start for a silent peer to answer its pull (a
+    # partition, or a peer slow to answer; one that refuses is not waited for)
+    unrecovered_wait_ms: _Count = 10_000
     # this region's other nodes from a headless Service's DNS (docs/scale.md)
     discovery: DiscoveryConfig | None = None
 
@@ -277,6 +284,11 @@ class LimitsConfig(_Section, frozen=True):
     # loop lag in ms beyond which requests get 503 + Retry-After
     max_in_flight: _Count = 4096
     shed_lag_ms: _Count = 50
+    # connection timeouts in ms (http/server.py ServerLimits): a request head, a body
+    # (and a full write buffer's drain), an idle keep-alive connection
+    header_timeout_ms: _Count = 10_000
+    body_timeout_ms: _Count = 30_000
+    keepalive_timeout_ms: _Count = 5_000
 
 
 class AffinityConfig(_Section, frozen=True):
@@ -1163,6 +1175,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_SYNC_SECRET_FILE": "sync.secret_file",
     "BUCKETMESH_SYNC_INTERVAL": "sync.interval_ms",
     "BUCKETMESH_SYNC_PEER_TIMEOUT": "sync.peer_timeout_ms",
+    "BUCKETMESH_SYNC_UNRECOVERED_WAIT": "sync.unrecovered_wait_ms",
     "BUCKETMESH_STORAGE_BACKEND": "storage.backend",
     "BUCKETMESH_STORAGE_SNAPSHOT": "storage.snapshot",
     "BUCKETMESH_STORAGE_REDIS_URL": "storage.redis_url",
@@ -1180,6 +1193,9 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "BUCKETMESH_LIMITS_MAX_HEADER_BYTES": "limits.max_header_bytes",
     "BUCKETMESH_LIMITS_MAX_IN_FLIGHT": "limits.max_in_flight",
     "BUCKETMESH_LIMITS_SHED_LAG": "limits.shed_lag_ms",
+    "BUCKETMESH_LIMITS_HEADER_TIMEOUT": "limits.header_timeout_ms",
+    "BUCKETMESH_LIMITS_BODY_TIMEOUT": "limits.body_timeout_ms",
+    "BUCKETMESH_LIMITS_KEEPALIVE_TIMEOUT": "limits.keepalive_timeout_ms",
     "BUCKETMESH_AUDIT_ENABLED": "audit.enabled",
     "BUCKETMESH_AUDIT_PATH": "audit.path",
     "BUCKETMESH_AUDIT_SAMPLE": "audit.sample",
