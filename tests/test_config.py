@@ -133,7 +133,7 @@ def test_seed_buckets_example_loads() -> None:
     agent, per_ip = load_buckets(EXAMPLES / "buckets.yaml")
     assert (agent.name, agent.key, agent.capacity, agent.refill_rate, agent.ttl) == (
         "agent-api-key",
-        "agent-api-key-{{ .Request.Header.X-API-Key }}",
+        "agent-api-key-{{ .Request.Header.X-API-Key | sha256 }}",  # no API key in a key
         5000,
         50.0,
         3600.0,

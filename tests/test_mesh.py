@@ -37,6 +37,7 @@ from conftest import (
 
 from bucketmesh.core.bucket import NS_PER_S, BucketConfig, BucketDelta
 from bucketmesh.core.limiter import DeltaBatch
+from bucketmesh.core.rules import hashed_value
 from bucketmesh.replication import protocol as sync
 
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
@@ -660,7 +661,7 @@ def test_cluster_up_runs_one_mesh_and_ctrl_c_stops_it(tmp_path: Path) -> None:
                 views = [
                     client.get(
                         f"http://127.0.0.1:{base + i}/v1/bucket/state",
-                        params={"key": "agent-api-key-cluster-up"},
+                        params={"key": "agent-api-key-" + hashed_value("cluster-up")},
                     ).json()["replicas"]
                     for i in range(3)
                 ]

@@ -34,6 +34,8 @@ import pytest
 import yaml
 from conftest import Server, ServerFactory, eventually, free_port
 
+from bucketmesh.core.rules import hashed_value
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 EXAMPLES = ROOT / "src" / "bucketmesh" / "examples"
@@ -175,13 +177,15 @@ def test_verification_script_without_a_default_state_key_names_the_setting(
 
 
 def test_default_state_key_that_needs_a_header_names_it(serve: ServerFactory) -> None:
-    config = example_config(defaultStateKey="agent-api-key-{{ .Request.Header.X-API-Key }}")
+    # the example rule's own template: the state read is the bucket the request spent
+    template = "agent-api-key-{{ .Request.Header.X-API-Key | sha256 }}"
+    config = example_config(defaultStateKey=template)
     server = serve(raw_config=config)
     with server.client() as client:
         client.post("/v1/rate", headers={"X-API-Key": "k1"}, json={"tokens": 7})
         read = client.get("/bucket/state", headers={"X-API-Key": "k1"}).json()
         spent = sum(entry["used"] for entry in read["replicas"].values())
-        assert (read["key"], spent) == ("agent-api-key-k1", 7)
+        assert (read["key"], spent) == ("agent-api-key-" + hashed_value("k1"), 7)
         missing = client.get("/v1/bucket/state")
     assert missing.status_code == 400
     assert missing.json()["field"] == "X-API-Key"

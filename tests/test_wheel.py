@@ -16,6 +16,7 @@ a generous hang guard; nothing sleeps.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import re
@@ -191,7 +192,8 @@ def _decides(url: str) -> None:
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["allowed"] is True and body["key"] == "agent-api-key-wheel-test", body
+    hashed = hashlib.sha256(b"wheel-test").hexdigest()[:32]  # the example rule's | sha256
+    assert body["allowed"] is True and body["key"] == f"agent-api-key-{hashed}", body
     assert body["capacity"] == 5000, body
 
 

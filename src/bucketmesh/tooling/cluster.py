@@ -51,6 +51,7 @@ from typing import IO, Any
 
 import yaml
 
+from bucketmesh.core.rules import hashed_value
 from bucketmesh.telemetry.log import logger
 from bucketmesh.tooling.netproxy import Faults, NetProxy, link_name
 
@@ -129,6 +130,11 @@ def region_config(
     }
 
 
+#: The example rule's bucket for ``X-API-Key: demo``: the key holds the API key's hash
+#: (``| sha256``), so the printed state URL names the hash.
+DEMO_KEY = "agent-api-key-" + hashed_value("demo")
+
+
 def burst_example(nodes: Sequence[RegionNode]) -> str:
     first, second = nodes[0], nodes[1 % len(nodes)]
     ports = " ".join(str(n.port) for n in nodes)
@@ -142,7 +148,7 @@ all at once), then read the one global bucket from every region:
     done; wait; }} | sort | uniq -c
 
   for port in {ports}; do
-    curl -s "http://127.0.0.1:$port/v1/bucket/state?key=agent-api-key-demo"; echo
+    curl -s "http://127.0.0.1:$port/v1/bucket/state?key={DEMO_KEY}"; echo
   done
 
 Every region reports the same tokens_remaining (5000 − 200, plus refill at 50/s since) and

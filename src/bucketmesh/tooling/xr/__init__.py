@@ -18,5 +18,14 @@ Needs the ``xr`` extra (``pip install 'bucketmesh[xr]'``): httpx, hdrhistogram,
 matplotlib, rich. Nothing here is imported by ``bucketmesh serve``.
 """
 
-#: The bucket key for an X-API-Key value under the seed rule.
-DEFAULT_KEY_TEMPLATE = "agent-api-key-{}"
+#: The bucket key for an X-API-Key value under the example rule
+#: (``agent-api-key-{{ .Request.Header.X-API-Key | sha256 }}``): ``{sha256}`` is the
+#: value's hash as ``| sha256`` writes it, ``{}`` the value itself.
+DEFAULT_KEY_TEMPLATE = "agent-api-key-{sha256}"
+
+
+def bucket_key(template: str, api_key: str) -> str:
+    """The bucket key ``template`` names for ``api_key``."""
+    from bucketmesh.core.rules import hashed_value
+
+    return template.format(api_key, sha256=hashed_value(api_key))

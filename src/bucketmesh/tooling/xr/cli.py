@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from bucketmesh.core.limits import MAX_KEY_BYTES
 from bucketmesh.telemetry.log import logger
-from bucketmesh.tooling.xr import DEFAULT_KEY_TEMPLATE
+from bucketmesh.tooling.xr import DEFAULT_KEY_TEMPLATE, bucket_key
 
 T = TypeVar("T")
 log = logger("xr")
@@ -139,14 +139,16 @@ def _bucket_key(value: str) -> str:
 
 
 def _key_template(value: str) -> str:
-    """A bucket key with one ``{}`` where the X-API-Key goes."""
+    """A bucket key with one ``{}`` where the X-API-Key goes, or one ``{sha256}``
+    where its hash goes (a rule written with ``| sha256``)."""
     try:
-        rendered = value.format("k")
+        rendered: str | None = bucket_key(value, "k")
     except (IndexError, KeyError, ValueError):
         rendered = None
-    if rendered is None or value.count("{}") != 1:
+    if rendered is None or value.count("{}") + value.count("{sha256}") != 1:
         raise argparse.ArgumentTypeError(
-            f"must hold one {{}} where the X-API-Key goes (and no other braces), got {value!r}"
+            "must hold one {} where the X-API-Key goes or one {sha256} where its hash goes "
+            f"(and no other braces), got {value!r}"
         )
     return value
 
@@ -408,7 +410,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     check = xr_sub.add_parser("verify", help="do all regions agree on one bucket?")
     check.add_argument("--url", type=_url, action="append", required=True, help=url_help)
     check.add_argument(
-        "--key", type=_bucket_key, required=True, help="the bucket key, e.g. agent-api-key-demo"
+        "--key",
+        type=_bucket_key,
+        required=True,
+        help="the bucket key, e.g. agent-api-key-<the API key's | sha256>",
     )
     check.add_argument(
         "--tolerance",
@@ -432,7 +437,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--key-template",
         type=_key_template,
         default=DEFAULT_KEY_TEMPLATE,
-        help="bucket key for the X-API-Key sent, {} = the key (default %(default)s)",
+        help="bucket key for the X-API-Key sent: {} = the key, {sha256} = its hash as "
+        "| sha256 writes it (default %(default)s)",
     )
     scale = run.add_mutually_exclusive_group()
     scale.add_argument(

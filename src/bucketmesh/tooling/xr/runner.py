@@ -32,7 +32,7 @@ from typing import IO, Any
 import httpx
 import yaml
 
-from bucketmesh.tooling.xr import DEFAULT_KEY_TEMPLATE
+from bucketmesh.tooling.xr import DEFAULT_KEY_TEMPLATE, bucket_key
 from bucketmesh.tooling.xr.load import LoadGenerator, Recorder, Target
 from bucketmesh.tooling.xr.scenario import Scenario
 from bucketmesh.tooling.xr.scrape import MetricsScraper, StateWatcher
@@ -102,7 +102,7 @@ def buckets_file(scenario: Scenario, directory: Path) -> Path:
     path = directory / "buckets.yaml"
     rule = {
         "name": "agent-api-key",
-        "key": "agent-api-key-{{ .Request.Header.X-API-Key }}",
+        "key": "agent-api-key-{{ .Request.Header.X-API-Key | sha256 }}",
         "capacity": scenario.bucket.capacity,
         "refillRate": scenario.bucket.refillRate,
         "ttl": 3600,
@@ -185,7 +185,7 @@ class Runner:
             assert self.remote_urls is not None
             urls = self.remote_urls
         api_key = f"xr-{scenario.name}-{secrets.token_hex(4)}"
-        key = self.key_template.format(api_key)
+        key = bucket_key(self.key_template, api_key)
         self.t0 = time.monotonic()
         recorder = Recorder(self.t0)
         result = RunResult(
