@@ -18,7 +18,7 @@ every region has heard every spend (less the refill since). Over-admission is
 ``admitted − (C + r·W)`` and must stay within the documented bound: the
 connected steady-state term ``(n−1)·(1 + r·d)`` (``d`` = sync interval + one-way
 latency, or the measured lag p99 if longer), plus ``C + r·P`` per partition,
-plus ``r·interval`` per crash.
+plus ``r·d`` per crash (what the dead node granted that no peer had received).
 
 Replication lag is the p99 of ``crdt_sync_duration_seconds`` over the scrape
 intervals outside fault windows (a partition or crash and a few seconds
@@ -181,7 +181,9 @@ def over_admission_bound(result: RunResult) -> float:
     per_region = c if scenario.slo.over_admission_model == "worst" else 1
     bound = (n - 1) * (per_region + r * sync_delay(result))
     bound += sum(c + r * p for p in result.partitions)
-    bound += len(result.restarts) * r * scenario.sync_interval_ms / 1000
+    # a crash loses what the node granted that no peer had received yet: its last
+    # interval's grants and those in flight, r·d (docs/sync.md, "Failure modes")
+    bound += len(result.restarts) * r * sync_delay(result)
     return bound
 
 
@@ -287,7 +289,7 @@ def evaluate(result: RunResult) -> list[SLOResult]:
             f"{over:+.0f} tokens",
             over <= limit if expected > 0 else None,
             f"bound = (n−1)({'C' if result.scenario.slo.over_admission_model == 'worst' else '1'}"
-            " + r·d) + Σ partitions (C + r·P) + crashes · r·interval "
+            " + r·d) + Σ partitions (C + r·P) + crashes · r·d "
             f"= {bound:.0f} with d = {sync_delay(result) * 1000:.0f} ms"
             + (
                 f" × {slo.over_admission_bound_share:g}"
