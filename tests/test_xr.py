@@ -31,10 +31,10 @@ import yaml
 
 from bucketmesh.tooling.cluster import LocalMesh
 from bucketmesh.tooling.xr.load import Recorder
-from bucketmesh.tooling.xr.runner import LoadRun, RunResult
+from bucketmesh.tooling.xr.runner import LoadRun, RunResult, Window
 from bucketmesh.tooling.xr.scenario import parse_scenario
 from bucketmesh.tooling.xr.scrape import MetricsScraper, StatePoint, StateWatcher
-from bucketmesh.tooling.xr.slo import evaluate
+from bucketmesh.tooling.xr.slo import crash_grants, evaluate, over_admission_bound
 from bucketmesh.tooling.xr.verify import RegionView, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -421,3 +421,52 @@ def test_the_verify_slo_shows_the_figure_it_judged() -> None:
     )
     differ = Verdict("k", 0, [RegionView("a", 4899, same), RegionView("b", 4900, {"b/n/1": 1})])
     assert (differ.passed, differ.judged) == (False, "spread 1, replicas differ")
+
+
+def crash_result(grants_per_s: float) -> RunResult:
+    """A node-crash run as the runner records it: region a answers 200s at
+    ``grants_per_s`` until it is killed at 1.5025 s; 40 ms one way and a 20 ms sync
+    interval make d = 60 ms."""
+    scenario = parse_scenario(
+        yaml.safe_dump(
+            {
+                "name": "crash",
+                "regions": ["a", "b", "c"],
+                "network": {"latency_ms": 40},
+                "bucket": {"capacity": 1000, "refillRate": 50},
+                "phases": [{"load": {"duration": 4}}],
+            }
+        )
+    )
+    urls = {r: f"http://{r}" for r in scenario.regions}
+    recorder = Recorder(t0=100.0)
+    for i in range(int(1.5 * grants_per_s)):
+        t = 100.0 + i / grants_per_s
+        recorder.answered("a", "k", t, t, 200, False)
+    recorder.answered("a", "k", 101.0, 101.0, 200, True)  # failed over: b granted it
+    result = RunResult(
+        scenario,
+        urls,
+        "k",
+        1000.0,
+        50.0,
+        recorder,
+        MetricsScraper(urls, 100.0),
+        StateWatcher(urls, "k", 100.0),
+    )
+    result.windows.append(Window("crash", "a", 1.5025, 3.0, 4.0))
+    result.restarts.append(("a", 1.5))
+    return result
+
+
+def test_a_crash_while_the_bucket_drains_is_charged_the_nodes_last_d_of_grants() -> None:
+    # node-crash shortened by --scale: the kill landed while the bucket still drained and
+    # the killed node granted 600/s; what no peer had received was its last d of grants
+    # (30 tokens over, in a test_xr run that failed against a bound charging r·d = 3)
+    d = 0.06
+    draining = crash_result(600.0)
+    assert crash_grants(draining) == 34  # its answers in [1.4425, 1.5625]: i = 866..899
+    bound = over_admission_bound(draining)
+    assert bound == pytest.approx(2 * (1 + 50 * d) + 34)
+    # a bucket already empty: the node grants about its share of the refill, r·d at least
+    assert crash_grants(crash_result(20.0)) == pytest.approx(50 * d)

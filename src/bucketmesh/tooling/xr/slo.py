@@ -18,7 +18,8 @@ every region has heard every spend (less the refill since). Over-admission is
 ``admitted − (C + r·W)`` and must stay within the documented bound: the
 connected steady-state term ``(n−1)·(1 + r·d)`` (``d`` = sync interval + one-way
 latency, or the measured lag p99 if longer), plus ``C + r·P`` per partition,
-plus ``r·d`` per crash (what the dead node granted that no peer had received).
+plus per crash what the dead node granted that no peer had received (its answers
+within ``d`` of the kill, at least ``r·d``).
 
 Replication lag is the p99 of ``crdt_sync_duration_seconds`` over the scrape
 intervals outside fault windows (a partition or crash and a few seconds
@@ -181,10 +182,26 @@ def over_admission_bound(result: RunResult) -> float:
     per_region = c if scenario.slo.over_admission_model == "worst" else 1
     bound = (n - 1) * (per_region + r * sync_delay(result))
     bound += sum(c + r * p for p in result.partitions)
-    # a crash loses what the node granted that no peer had received yet: its last
-    # interval's grants and those in flight, r·d (docs/sync.md, "Failure modes")
-    bound += len(result.restarts) * r * sync_delay(result)
+    bound += crash_grants(result)
     return bound
+
+
+def crash_grants(result: RunResult) -> float:
+    """The over-admission a crash allows: what the killed node granted that no peer
+    had received yet, its last ``d`` of grants (docs/sync.md, "Failure modes"):
+    counted from the answers it gave within ``d`` of its kill, and at least ``r·d``
+    (the steady rate of an empty bucket). A kill while the bucket still drains loses
+    far more than ``r·d``: the node then grants at its request rate."""
+    d = sync_delay(result)
+    total = 0.0
+    for window in result.windows:
+        if window.kind != "crash":
+            continue
+        record = result.recorder.regions.get(window.region)
+        times = record.grant_times if record is not None else []
+        answered = sum(1 for t in times if window.start - d <= t <= window.start + d)
+        total += max(answered, result.refill_rate * d)
+    return total
 
 
 def error_rate_during_failover(result: RunResult) -> tuple[int, int, str]:
@@ -289,7 +306,7 @@ def evaluate(result: RunResult) -> list[SLOResult]:
             f"{over:+.0f} tokens",
             over <= limit if expected > 0 else None,
             f"bound = (n−1)({'C' if result.scenario.slo.over_admission_model == 'worst' else '1'}"
-            " + r·d) + Σ partitions (C + r·P) + crashes · r·d "
+            " + r·d) + Σ partitions (C + r·P) + Σ crashes (grants within d of the kill) "
             f"= {bound:.0f} with d = {sync_delay(result) * 1000:.0f} ms"
             + (
                 f" × {slo.over_admission_bound_share:g}"
