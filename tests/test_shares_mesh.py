@@ -33,8 +33,11 @@ class Driver(threading.Thread):
     counts what each node granted, so that a window's total can be checked against
     the limit (an upper bound: it holds however slow the machine is)."""
 
-    def __init__(self, nodes: list[MeshNode], weights: list[float], load: float = 1.1) -> None:
+    def __init__(
+        self, nodes: list[MeshNode], weights: list[float], load: float = 1.1, tokens: int = 1
+    ) -> None:
         super().__init__(daemon=True)
+        self.tokens = tokens
         self.nodes = nodes
         self.weights = weights
         self.load = load
@@ -53,7 +56,7 @@ class Driver(threading.Thread):
                 credit[i] += RATE * step * weights[i] * self.load
                 while credit[i] >= 1:
                     credit[i] -= 1
-                    response = client.get("/v1/rate", params={"t": "x"})
+                    response = client.get("/v1/rate", params={"t": "x", "tokens": self.tokens})
                     assert response.status_code in (200, 429), response.text
                     with self.lock:
                         self.granted[i] += response.status_code == 200

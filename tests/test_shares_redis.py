@@ -177,3 +177,94 @@ def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_sha
             await store.close()
 
     asyncio.run(run())
+
+
+def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
+    serve: ServerFactory, redis_server: Any
+) -> None:
+    """The Redis region gives almost all its rights away, then Redis loses its data
+    (FLUSHALL) and both Redis nodes are hammered at once: the region spends nothing it
+    no longer holds. A strict bucket without a share hash is not created until the
+    region's writer, blind meanwhile, has pulled every peer region and written every
+    share hash again (and one first written then counts as empty at that instant);
+    `onStoreFailure: local` decides a strict key as `deny` while the store is down.
+    Before this change the fallback and then the fresh bucket ran on the static 1/R
+    split (half the limit here, against the ~3 % the region held): the total went
+    over C + r·W at once.
+
+    Also (the same mesh): an atomic batch asking more than the region's share but no
+    more than the key's limit is a denial (200, ``allowed: false``) on a Redis node as
+    on an embedded one, not a 400; above the whole limit it is a 400 on both."""
+    import redis as redis_client
+
+    capacity, rate = 100, 1.0
+    rule = dict(RULE, capacity=capacity, refillRate=rate)
+    storage = {"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 3000}
+    mesh = Mesh(
+        serve,
+        {"redis-a": REDIS_REGION, "redis-b": REDIS_REGION, "eu": "eu-central-1"},
+        buckets=[rule],
+        overrides={
+            "redis-a": {"node": "redis-a", "storage": storage},
+            "redis-b": {"node": "redis-b", "storage": storage},
+            "eu": {"node": "eu"},
+        },
+    ).start()
+    a, b, eu = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu"))
+
+    # over-size asks in a batch: above the share (the initial half), within the limit
+    for node in (a, eu):
+        batch = {"requests": [{"key": "quota-batch", "tokens": 60}], "atomic": True}
+        answer = node.client.post("/v1/rate/batch", json=batch)
+        assert answer.status_code == 200, (node.name, answer.text)
+        assert answer.json()["results"][0]["allowed"] is False, (node.name, answer.text)
+        batch["requests"][0]["tokens"] = capacity + 1
+        answer = node.client.post("/v1/rate/batch", json=batch)
+        assert answer.status_code == 400, (node.name, answer.text)
+        assert answer.json()["field"] == "requests[0].tokens", answer.text
+
+    # all the demand in eu: asks for the whole limit (denied while the Redis region
+    # holds anything, so eu's bucket stays full) move the rights there
+    # (a live bucket first: a new key's first ask above its share was a 400 before)
+    for node in (eu,):
+        assert node.client.get("/v1/rate", params={"t": "x"}).status_code in (200, 429)
+    driver = Driver([eu], [1.0], load=0.5, tokens=capacity)
+    driver.start()
+    try:
+        eventually(
+            lambda: (
+                (eu.state(KEY)["shares"] or {}).get(REDIS_REGION, {"rights": 1.0})["rights"] <= 0.05
+            ),
+            "rights flow to eu",
+            60,
+        )
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
+    held = rights(eu, REDIS_REGION)
+
+    store = redis_client.Redis.from_url(redis_server.url, decode_responses=True)
+    share_hash = f"bm:{REDIS_REGION}:sh:{{{KEY}}}"
+    granted = by_redis = 0
+    opened = time.monotonic()
+    store.flushall()
+    rounds = 0
+    # hammer both Redis nodes (and eu) until the writer has written the share hash
+    # again, and a while after
+    while rounds < 150 or store.hget(share_hash, "c") is None:
+        for node in (a, b, eu):
+            code = node.client.get("/v1/rate", params={"t": "x"}).status_code
+            assert code in (200, 429), code
+            granted += code == 200
+            by_redis += code == 200 and node is not eu
+        rounds += 1
+        assert time.monotonic() - opened < 60, "the share hash was never written again"
+    span = time.monotonic() - opened
+    assert granted <= capacity + rate * span, (granted, span)
+    # the Redis region within what it held (its share's capacity) and at most the whole
+    # refill since: on main it spent half the limit, the 1/R split
+    assert by_redis <= capacity * held + 1 + rate * span, (by_redis, held, span)
+    # rewritten from the ledger: the region's rights, not the static half
+    share = int(store.hget(share_hash, "c") or 0)
+    assert share <= capacity * held + 1, (share, held)
+    store.close()
