@@ -31,7 +31,9 @@ KEY = "quota-x"
 class Driver(threading.Thread):
     """Sends a paced demand (about the limit in all, ``weights`` of it per node) and
     counts what each node granted, so that a window's total can be checked against
-    the limit (an upper bound: it holds however slow the machine is)."""
+    the limit (an upper bound: it holds however slow the machine is). The demand is
+    paced by the clock, not by the loop: after a stall of the machine it catches up
+    (at most a second's worth), so a short window still sees the whole demand."""
 
     def __init__(
         self, nodes: list[MeshNode], weights: list[float], load: float = 1.1, tokens: int = 1
@@ -49,11 +51,14 @@ class Driver(threading.Thread):
         clients = [httpx.Client(base_url=n.base_url, timeout=10.0) for n in self.nodes]
         credit = [0.0] * len(self.nodes)
         step = 0.02  # ~ RATE requests per second in all
+        last = time.monotonic()
         while not self.stop.is_set():
             with self.lock:
                 weights = list(self.weights)
+            now = time.monotonic()
+            elapsed, last = min(1.0, now - last), now
             for i, client in enumerate(clients):
-                credit[i] += RATE * step * weights[i] * self.load
+                credit[i] += RATE * elapsed * weights[i] * self.load
                 while credit[i] >= 1:
                     credit[i] -= 1
                     response = client.get("/v1/rate", params={"t": "x", "tokens": self.tokens})
@@ -102,7 +107,7 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         # counted), never more than C + r·W, most of it in the busy region
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 5 * RATE, "a window", 120)
         last = driver.counts()
         closed = time.monotonic()
         served = [a - b for a, b in zip(last, first, strict=True)]
@@ -126,7 +131,7 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         held = rights(hot, hot.region)
         before, started = driver.counts(), time.monotonic()
         driver.shift([0.05, 0.9, 0.05])  # demand moves to the other side meanwhile
-        eventually(lambda: driver.counts()[1] - before[1] >= 20, "the other side serves")
+        eventually(lambda: driver.counts()[1] - before[1] >= 8, "the other side serves")
         after, elapsed = driver.counts(), time.monotonic() - started
         assert rights(hot, hot.region) == held
         assert [
@@ -145,7 +150,7 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
 
 
 def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_heard(
-    serve: ServerFactory,
+    serve: ServerFactory, tmp_path: Path
 ) -> None:
     """The busy region (about 90 % of the rights) lowers the key from 40/40 to 10/10
     while cut off from the others, who keep spending on the old limit: it burns
@@ -155,7 +160,11 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
     others ran theirs of the old (2/s each): 13/s against 10/s, and the window
     check failed."""
     token = "patch18-admin"
-    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, admin_token=token).start()
+    # snapshots: a node started without one waits for silent peers at its start
+    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
+    mesh = Mesh(
+        serve, REGIONS, buckets=[RULE], proxied=True, admin_token=token, overrides=overrides
+    ).start()
     hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
     driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
     driver.start()
@@ -186,7 +195,7 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
         # every region busy: the three together within C' + r'·W over the window
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 100, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 60, "a window", 120)
         last = driver.counts()
         closed = time.monotonic()
         served = [a - b for a, b in zip(last, first, strict=True)]

@@ -7,6 +7,7 @@ of the uncovered lowering failed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from conftest import Mesh, ServerFactory, eventually
@@ -26,13 +27,18 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def test_an_uncovered_lowering_answers_202_until_every_region_has_cut(
-    serve: ServerFactory,
+    serve: ServerFactory, tmp_path: Path
 ) -> None:
-    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, admin_token=TOKEN).start()
+    # snapshots: a node started without one waits for silent peers at its start
+    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
+    mesh = Mesh(
+        serve, REGIONS, buckets=[RULE], proxied=True, admin_token=TOKEN, overrides=overrides
+    ).start()
     origin, other1, other2 = mesh[0], mesh[1], mesh[2]
     eventually(mesh.connected, "the mesh is up")
-    # started without a snapshot, a node spends only its floor until it has pulled
-    # every other region (docs/sync.md, "Restarts"): it could cover nothing before
+    # the origin holds its third (a node started without a snapshot would spend only
+    # its floor until it had pulled every other region, docs/sync.md "Restarts", and
+    # could cover nothing before)
     eventually(
         lambda: origin.state("quota-probe")["shares"][origin.region]["rights"] > 0.3,
         "the origin has pulled every region",

@@ -13,6 +13,7 @@ third (its rights never moved: the first ``eventually`` timed out)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from conftest import Mesh, ServerFactory, eventually
@@ -23,7 +24,7 @@ TOKEN = "shares-redis-admin"
 
 
 def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
-    serve: ServerFactory, redis_server: Any
+    serve: ServerFactory, redis_server: Any, tmp_path: Path
 ) -> None:
     redis = {"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 3000}
     mesh = Mesh(
@@ -41,8 +42,9 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         overrides={
             "redis-a": {"node": "redis-a", "storage": redis},
             "redis-b": {"node": "redis-b", "storage": redis},
-            "eu": {"node": "eu"},
-            "ap": {"node": "ap"},
+            # snapshots: a node started without one waits for silent peers at its start
+            "eu": {"node": "eu", "storage": {"snapshot": str(tmp_path / "eu.snap")}},
+            "ap": {"node": "ap", "storage": {"snapshot": str(tmp_path / "ap.snap")}},
         },
     ).start()
     a, b, eu, ap = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu", "ap"))
@@ -63,7 +65,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         # together, and never more than C + r·W (one holding, spent by both)
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 5 * RATE, "a window", 120)
         last = driver.counts()
         span = time.monotonic() - opened
         served = [x - y for x, y in zip(last, first, strict=True)]
@@ -88,7 +90,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         held = rights(eu, REDIS_REGION)
         before, started = driver.counts(), time.monotonic()
         driver.shift([0.025, 0.025, 0.9, 0.05])  # the demand moves to the other side
-        eventually(lambda: driver.counts()[2] - before[2] >= 20, "the other side serves")
+        eventually(lambda: driver.counts()[2] - before[2] >= 8, "the other side serves")
         after, elapsed = driver.counts(), time.monotonic() - started
         window = [x - y for x, y in zip(after, before, strict=True)]
         assert sum(window) <= CAPACITY + RATE * elapsed, (window, elapsed)
@@ -102,7 +104,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         eventually(lambda: rights(eu, eu.region) >= 0.6, "rights flow after healing", 120)
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 4 * RATE, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 2 * RATE, "a window", 120)
         span = time.monotonic() - opened
         served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
         assert sum(served) <= CAPACITY + RATE * span, (served, span)
@@ -130,7 +132,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         )
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 60, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 40, "a window", 120)
         span = time.monotonic() - opened
         served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
         assert sum(served) <= 20 + 20.0 * span, (served, span)
@@ -180,7 +182,7 @@ def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_sha
 
 
 def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
-    serve: ServerFactory, redis_server: Any
+    serve: ServerFactory, redis_server: Any, tmp_path: Path
 ) -> None:
     """The Redis region gives almost all its rights away, then Redis loses its data
     (FLUSHALL) and both Redis nodes are hammered at once: the region spends nothing it
@@ -207,7 +209,7 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
         overrides={
             "redis-a": {"node": "redis-a", "storage": storage},
             "redis-b": {"node": "redis-b", "storage": storage},
-            "eu": {"node": "eu"},
+            "eu": {"node": "eu", "storage": {"snapshot": str(tmp_path / "eu.snap")}},
         },
     ).start()
     a, b, eu = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu"))
