@@ -214,8 +214,10 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     ).start()
     a, b, eu = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu"))
 
-    # over-size asks in a batch: above the share (the initial half), within the limit
+    # over-size asks: above the share (the initial half), within the limit
     for node in (a, eu):
+        single = node.client.post("/v1/rate", json={"key": "quota-single", "tokens": 60})
+        assert single.status_code == 429, (node.name, single.text)
         batch = {"requests": [{"key": "quota-batch", "tokens": 60}], "atomic": True}
         answer = node.client.post("/v1/rate/batch", json=batch)
         assert answer.status_code == 200, (node.name, answer.text)
