@@ -44,10 +44,12 @@ class Driver(threading.Thread):
         load: float = 1.1,
         tokens: int = 1,
         t: str = "x",
+        query: str = "t",
     ) -> None:
         super().__init__(daemon=True)
         self.tokens = tokens
-        self.t = t  # the key is quota-<t>
+        self.t = t  # the key is quota-<t> (with the query parameter t)
+        self.query = query
         self.nodes = nodes
         self.weights = weights
         self.load = load
@@ -69,7 +71,9 @@ class Driver(threading.Thread):
                 credit[i] += RATE * elapsed * weights[i] * self.load
                 while credit[i] >= 1:
                     credit[i] -= 1
-                    response = client.get("/v1/rate", params={"t": self.t, "tokens": self.tokens})
+                    response = client.get(
+                        "/v1/rate", params={self.query: self.t, "tokens": self.tokens}
+                    )
                     assert response.status_code in (200, 429), response.text
                     with self.lock:
                         self.granted[i] += response.status_code == 200

@@ -13,40 +13,66 @@ third (its rights never moved: the first ``eventually`` timed out)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from conftest import Mesh, ServerFactory, eventually
 from test_shares_mesh import CAPACITY, KEY, RATE, RULE, Driver, rights
 
 REDIS_REGION = "us-east-1"
 TOKEN = "shares-redis-admin"
+# a second strict rule (asked with ?h=): a large capacity against a slow refill, so that
+# what a region spends is mostly what it holds, not what refilled
+HARD_CAPACITY, HARD_RATE = 100, 1.0
+HARD: dict[str, Any] = dict(
+    RULE,
+    name="hard",
+    key="hard-{{ .Request.Query.h }}",
+    capacity=HARD_CAPACITY,
+    refillRate=HARD_RATE,
+)
+HARD_KEY = "hard-x"
 
 
-def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
-    serve: ServerFactory, redis_server: Any, tmp_path: Path
-) -> None:
-    redis = {"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 3000}
+@pytest.fixture(scope="module")
+def region_mesh(
+    serve_module: ServerFactory,
+    redis_server_module: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Mesh]:
+    """us-east-1: two nodes on one redis-server; eu-central-1 and ap-southeast-2
+    embedded (with snapshots: a node started without one waits for silent proxied
+    peers at its start). Shared by this module's tests, in order (the last one wipes
+    Redis)."""
+    path = tmp_path_factory.mktemp("region")
+    redis = {"backend": "redis", "redisUrl": redis_server_module.url, "redisTimeoutMs": 3000}
     mesh = Mesh(
-        serve,
+        serve_module,
         {
             "redis-a": REDIS_REGION,
             "redis-b": REDIS_REGION,
             "eu": "eu-central-1",
             "ap": "ap-southeast-2",
         },
-        buckets=[RULE],
+        buckets=[RULE, HARD],
         proxied=True,
         cluster_id="shares-redis",
         admin_token=TOKEN,
         overrides={
             "redis-a": {"node": "redis-a", "storage": redis},
             "redis-b": {"node": "redis-b", "storage": redis},
-            # snapshots: a node started without one waits for silent peers at its start
-            "eu": {"node": "eu", "storage": {"snapshot": str(tmp_path / "eu.snap")}},
-            "ap": {"node": "ap", "storage": {"snapshot": str(tmp_path / "ap.snap")}},
+            "eu": {"node": "eu", "storage": {"snapshot": str(path / "eu.snap")}},
+            "ap": {"node": "ap", "storage": {"snapshot": str(path / "ap.snap")}},
         },
     ).start()
+    yield mesh
+
+
+def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
+    region_mesh: Mesh,
+) -> None:
+    mesh = region_mesh
     a, b, eu, ap = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu", "ap"))
     # 90 % of the demand in the Redis region, half on each of its nodes; 130 % of
     # the limit in all (every region asks for more than its rights)
@@ -137,6 +163,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
         assert sum(served) <= 20 + 20.0 * span, (served, span)
     finally:
+        mesh.heal()
         driver.stop.set()
         driver.join(timeout=30)
 
@@ -182,7 +209,7 @@ def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_sha
 
 
 def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
-    serve: ServerFactory, redis_server: Any, tmp_path: Path
+    region_mesh: Mesh,
 ) -> None:
     """The Redis region gives almost all its rights away, then Redis loses its data
     (FLUSHALL) and both Redis nodes are hammered at once: the region spends nothing it
@@ -191,7 +218,7 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     share hash again (and one first written then counts as empty at that instant);
     `onStoreFailure: local` decides a strict key as `deny` while the store is down.
     Before this change the fallback and then the fresh bucket ran on the static 1/R
-    split (half the limit here, against the ~3 % the region held): the total went
+    split (a third of the limit here, against the ~4 % the region held): the total went
     over C + r·W at once.
 
     Also (the same mesh): an atomic batch asking more than the region's share but no
@@ -199,26 +226,18 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     on an embedded one, not a 400; above the whole limit it is a 400 on both."""
     import redis as redis_client
 
-    capacity, rate = 100, 1.0
-    rule = dict(RULE, capacity=capacity, refillRate=rate)
-    storage = {"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 3000}
-    mesh = Mesh(
-        serve,
-        {"redis-a": REDIS_REGION, "redis-b": REDIS_REGION, "eu": "eu-central-1"},
-        buckets=[rule],
-        overrides={
-            "redis-a": {"node": "redis-a", "storage": storage},
-            "redis-b": {"node": "redis-b", "storage": storage},
-            "eu": {"node": "eu", "storage": {"snapshot": str(tmp_path / "eu.snap")}},
-        },
-    ).start()
+    mesh = region_mesh
+    capacity, rate = HARD_CAPACITY, HARD_RATE
     a, b, eu = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu"))
+    eventually(mesh.connected, "the mesh is up")
 
-    # over-size asks: above the share (the initial half), within the limit
+    # over-size asks: above the share (the initial third), within the limit
     for node in (a, eu):
-        single = node.client.post("/v1/rate", json={"key": "quota-single", "tokens": 60})
+        ask = {"key": "hard-single", "rule": "hard", "tokens": 60}
+        single = node.client.post("/v1/rate", json=ask)
         assert single.status_code == 429, (node.name, single.text)
-        batch = {"requests": [{"key": "quota-batch", "tokens": 60}], "atomic": True}
+        item = {"key": "hard-batch", "rule": "hard", "tokens": 60}
+        batch = {"requests": [item], "atomic": True}
         answer = node.client.post("/v1/rate/batch", json=batch)
         assert answer.status_code == 200, (node.name, answer.text)
         assert answer.json()["results"][0]["allowed"] is False, (node.name, answer.text)
@@ -230,14 +249,14 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     # all the demand in eu: asks for the whole limit (denied while the Redis region
     # holds anything, so eu's bucket stays full) move the rights there
     # (a live bucket first: a new key's first ask above its share was a 400 before)
-    for node in (eu,):
-        assert node.client.get("/v1/rate", params={"t": "x"}).status_code in (200, 429)
-    driver = Driver([eu], [1.0], load=0.5, tokens=capacity)
+    assert eu.client.get("/v1/rate", params={"h": "x"}).status_code in (200, 429)
+    driver = Driver([eu], [1.0], load=0.5, tokens=capacity, query="h")
     driver.start()
     try:
         eventually(
             lambda: (
-                (eu.state(KEY)["shares"] or {}).get(REDIS_REGION, {"rights": 1.0})["rights"] <= 0.05
+                (eu.state(HARD_KEY)["shares"] or {}).get(REDIS_REGION, {"rights": 1.0})["rights"]
+                <= 0.05
             ),
             "rights flow to eu",
             60,
@@ -245,10 +264,12 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     finally:
         driver.stop.set()
         driver.join(timeout=30)
-    held = rights(eu, REDIS_REGION)
+    held = rights(eu, REDIS_REGION, HARD_KEY)
 
-    store = redis_client.Redis.from_url(redis_server.url, decode_responses=True)
-    share_hash = f"bm:{REDIS_REGION}:sh:{{{KEY}}}"
+    store = redis_client.Redis.from_url(
+        mesh.nodes["redis-a"].config["storage"]["redisUrl"], decode_responses=True
+    )
+    share_hash = f"bm:{REDIS_REGION}:sh:{{{HARD_KEY}}}"
     granted = by_redis = 0
     opened = time.monotonic()
     store.flushall()
@@ -257,7 +278,7 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     # again, and a while after
     while rounds < 150 or store.hget(share_hash, "c") is None:
         for node in (a, b, eu):
-            code = node.client.get("/v1/rate", params={"t": "x"}).status_code
+            code = node.client.get("/v1/rate", params={"h": "x"}).status_code
             assert code in (200, 429), code
             granted += code == 200
             by_redis += code == 200 and node is not eu
