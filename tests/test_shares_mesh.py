@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from conftest import Mesh, MeshNode, ServerFactory, eventually
 
 REGIONS = ["us-east-1", "eu-central-1", "ap-southeast-2"]
@@ -31,10 +33,23 @@ KEY = "quota-x"
 class Driver(threading.Thread):
     """Sends a paced demand (about the limit in all, ``weights`` of it per node) and
     counts what each node granted, so that a window's total can be checked against
-    the limit (an upper bound: it holds however slow the machine is)."""
+    the limit (an upper bound: it holds however slow the machine is). The demand is
+    paced by the clock, not by the loop: after a stall of the machine it catches up
+    (at most a second's worth), so a short window still sees the whole demand."""
 
-    def __init__(self, nodes: list[MeshNode], weights: list[float], load: float = 1.1) -> None:
+    def __init__(
+        self,
+        nodes: list[MeshNode],
+        weights: list[float],
+        load: float = 1.1,
+        tokens: int = 1,
+        t: str = "x",
+        query: str = "t",
+    ) -> None:
         super().__init__(daemon=True)
+        self.tokens = tokens
+        self.t = t  # the key is quota-<t> (with the query parameter t)
+        self.query = query
         self.nodes = nodes
         self.weights = weights
         self.load = load
@@ -46,14 +61,19 @@ class Driver(threading.Thread):
         clients = [httpx.Client(base_url=n.base_url, timeout=10.0) for n in self.nodes]
         credit = [0.0] * len(self.nodes)
         step = 0.02  # ~ RATE requests per second in all
+        last = time.monotonic()
         while not self.stop.is_set():
             with self.lock:
                 weights = list(self.weights)
+            now = time.monotonic()
+            elapsed, last = min(1.0, now - last), now
             for i, client in enumerate(clients):
-                credit[i] += RATE * step * weights[i] * self.load
+                credit[i] += RATE * elapsed * weights[i] * self.load
                 while credit[i] >= 1:
                     credit[i] -= 1
-                    response = client.get("/v1/rate", params={"t": "x"})
+                    response = client.get(
+                        "/v1/rate", params={self.query: self.t, "tokens": self.tokens}
+                    )
                     assert response.status_code in (200, 429), response.text
                     with self.lock:
                         self.granted[i] += response.status_code == 200
@@ -70,17 +90,32 @@ class Driver(threading.Thread):
             self.weights = weights
 
 
-def rights(node: MeshNode, region: str) -> float:
-    shares = node.state(KEY)["shares"]
+def rights(node: MeshNode, region: str, key: str = KEY) -> float:
+    shares = node.state(key)["shares"]
     assert shares is not None, "no shares in the state"
     return float(shares[region]["rights"])
 
 
-def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
-    serve: ServerFactory, tmp_path: Path
-) -> None:
-    overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
-    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, overrides=overrides).start()
+TOKEN = "shares-mesh-admin"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def three(serve_module: ServerFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    """Three regions, each link through a proxy (cut and healed by the tests), shared
+    by the tests of this module that start from it: each uses keys of its own and
+    heals what it cut. Snapshots: a node started without one waits up to 10 s for
+    silent (proxied) peers at its start."""
+    path = tmp_path_factory.mktemp("three")
+    overrides = {r: {"storage": {"snapshot": str(path / f"{r}.snap")}} for r in REGIONS}
+    mesh = Mesh(
+        serve_module, REGIONS, buckets=[RULE], proxied=True, admin_token=TOKEN, overrides=overrides
+    ).start()
+    yield mesh
+
+
+def test_rights_follow_demand_stop_during_a_partition_and_flow_again(three: Mesh) -> None:
+    mesh = three
     hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
     # 90 % of the demand in one region, 130 % of the limit in all (every region asks
     # for more than its rights, so what is served measures the rights in use)
@@ -99,7 +134,7 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         # counted), never more than C + r·W, most of it in the busy region
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 5 * RATE, "a window", 120)
         last = driver.counts()
         closed = time.monotonic()
         served = [a - b for a, b in zip(last, first, strict=True)]
@@ -123,7 +158,7 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         held = rights(hot, hot.region)
         before, started = driver.counts(), time.monotonic()
         driver.shift([0.05, 0.9, 0.05])  # demand moves to the other side meanwhile
-        eventually(lambda: driver.counts()[1] - before[1] >= 20, "the other side serves")
+        eventually(lambda: driver.counts()[1] - before[1] >= 8, "the other side serves")
         after, elapsed = driver.counts(), time.monotonic() - started
         assert rights(hot, hot.region) == held
         assert [
@@ -137,12 +172,13 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(
         mesh.heal()
         eventually(lambda: rights(cold1, cold1.region) >= 0.6, "rights flow after healing", 90)
     finally:
+        mesh.heal()
         driver.stop.set()
         driver.join(timeout=30)
 
 
 def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_heard(
-    serve: ServerFactory,
+    three: Mesh,
 ) -> None:
     """The busy region (about 90 % of the rights) lowers the key from 40/40 to 10/10
     while cut off from the others, who keep spending on the old limit: it burns
@@ -151,13 +187,14 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
     change the busy region ran its share of the new limit at once (9/s) while the
     others ran theirs of the old (2/s each): 13/s against 10/s, and the window
     check failed."""
-    token = "patch18-admin"
-    mesh = Mesh(serve, REGIONS, buckets=[RULE], proxied=True, admin_token=token).start()
+    mesh = three
+    key = "quota-low"
     hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
-    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
+    eventually(mesh.connected, "the mesh is up")
+    driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3, t="low")
     driver.start()
     try:
-        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
+        eventually(lambda: rights(hot, hot.region, key) >= 0.85, "rights follow the demand", 90)
         assert len(mesh.cut(hot.name)) == 4
         eventually(lambda: hot.status()["sync"]["local_only"] is True, "the cut is seen")
         eventually(
@@ -165,12 +202,12 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
             "the others see it down",
         )
         patched = hot.client.patch(
-            f"/v1/buckets/{KEY}",
+            f"/v1/buckets/{key}",
             json={"capacity": 10, "refillRate": 10.0},
-            headers={"Authorization": f"Bearer {token}"},
+            headers=AUTH,
         )
         assert patched.status_code == 200, patched.text
-        state = hot.state(KEY)
+        state = hot.state(key)
         held = state["shares"][hot.region]["rights"]
         # its share of the old limit less the whole difference, below its share of
         # the new one; the others still run on the old limit as far as it knows
@@ -178,12 +215,12 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
         assert state["refill_rate"] <= 40 * held - 30 + 1e-6, state
         assert state["shares"][hot.region]["limit"] == {"capacity": 10, "refill_rate": 10.0}
         assert state["shares"][cold1.region]["limit"]["capacity"] == CAPACITY
-        assert cold1.state(KEY)["capacity"] >= 1  # the others have not heard: old shares
+        assert cold1.state(key)["capacity"] >= 1  # the others have not heard: old shares
 
         # every region busy: the three together within C' + r'·W over the window
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 100, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 60, "a window", 120)
         last = driver.counts()
         closed = time.monotonic()
         served = [a - b for a, b in zip(last, first, strict=True)]
@@ -195,21 +232,92 @@ def test_a_lowering_patch_stays_under_the_new_limit_while_the_others_have_not_he
         eventually(
             lambda: all(
                 entry["limit"] == {"capacity": 10, "refill_rate": 10.0}
-                for entry in hot.state(KEY)["shares"].values()
+                for entry in hot.state(key)["shares"].values()
             ),
             "every region reports the new limit",
             90,
         )
         eventually(
             lambda: (
-                hot.state(KEY)["capacity"]
-                == int(10 * hot.state(KEY)["shares"][hot.region]["rights"] + 1e-9)
+                hot.state(key)["capacity"]
+                == int(10 * hot.state(key)["shares"][hot.region]["rights"] + 1e-9)
             ),
             "the busy region runs its plain share of the new limit",
         )
     finally:
+        mesh.heal()
         driver.stop.set()
         driver.join(timeout=30)
+
+
+def test_an_uncovered_lowering_answers_202_until_every_region_has_cut(three: Mesh) -> None:
+    """The answer to a lowering PATCH of a strict key: 200 when the new limit is in
+    force at once (the PATCHing region's rights above its floor cover the excess: it
+    burns it), 202 Accepted with the pending change (the limit that bounds meanwhile,
+    which regions have cut, which have not, and a ``Location`` to watch it) when they
+    do not. Before this change both answered 200, and the first assertion on the
+    status of the uncovered lowering failed. (Was tests/test_shares_patch.py: it
+    shares this module's mesh now.)"""
+    mesh = three
+    origin, other1, other2 = mesh[0], mesh[1], mesh[2]
+    eventually(mesh.connected, "the mesh is up")
+    # the origin holds its third (a node started without a snapshot would spend only
+    # its floor until it had pulled every other region, docs/sync.md "Restarts", and
+    # could cover nothing before)
+    eventually(
+        lambda: origin.state("quota-probe")["shares"][origin.region]["rights"] > 0.3,
+        "the origin has pulled every region",
+    )
+
+    # a small lowering: a third of the limit (the idle split) covers 40 -> 35
+    small = origin.client.patch(
+        "/v1/buckets/quota-small", json={"capacity": 35, "refillRate": 35.0}, headers=AUTH
+    )
+    assert small.status_code == 200, small.text
+    assert "pending" not in small.json()
+    assert small.headers.get("location") is None
+
+    # a deep one while cut off: a third of 40 cannot cover the 30 the others may
+    # still spend on the old limit, so the new limit is pending until every region
+    # runs on it, and the origin spends nothing meanwhile
+    assert len(mesh.cut(origin.name)) == 4
+    eventually(lambda: origin.status()["sync"]["local_only"] is True, "the cut is seen")
+    deep = origin.client.patch(
+        "/v1/buckets/quota-deep", json={"capacity": 10, "refillRate": 10.0}, headers=AUTH
+    )
+    assert deep.status_code == 202, deep.text
+    body = deep.json()
+    assert body["key"] == "quota-deep" and body["applies_to"] == "key"
+    assert (body["capacity"], body["refill_rate"]) == (10, 10.0)
+    pending = body["pending"]
+    assert pending["bound"] == {"capacity": CAPACITY, "refill_rate": RATE}
+    assert pending["cut"] == [origin.region]
+    assert sorted(pending["waiting"]) == sorted([other1.region, other2.region])
+    assert pending["state"] == "/v1/bucket/state?key=quota-deep"
+    assert deep.headers["location"] == pending["state"]
+    codes = [origin.client.get("/v1/rate", params={"t": "deep"}).status_code for _ in range(20)]
+    assert codes == [429] * 20, codes
+    # the others still serve on the old limit's shares
+    assert other1.client.get("/v1/rate", params={"t": "deep"}).status_code == 200
+
+    # healed: every region cuts, and the state (the Location) says so
+    mesh.heal()
+    location = deep.headers["location"]
+
+    def cut_everywhere() -> bool:
+        shares = origin.client.get(location).json()["shares"]
+        return all(e["limit"] == {"capacity": 10, "refill_rate": 10.0} for e in shares.values())
+
+    eventually(cut_everywhere, "every region runs on the new limit", 90)
+    # in force now: the origin spends its share of the new limit again, and a
+    # further PATCH of the key in force at once answers 200
+    eventually(
+        lambda: origin.client.get("/v1/rate", params={"t": "deep"}).status_code == 200,
+        "the origin serves again",
+    )
+    again = origin.client.patch("/v1/buckets/quota-deep", json={"ttl": 1800}, headers=AUTH)
+    assert again.status_code == 200, again.text
+    assert "pending" not in again.json()
 
 
 def test_a_removed_regions_rights_are_handed_over_and_it_spends_nothing_back(

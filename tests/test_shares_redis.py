@@ -13,38 +13,66 @@ third (its rights never moved: the first ``eventually`` timed out)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from conftest import Mesh, ServerFactory, eventually
 from test_shares_mesh import CAPACITY, KEY, RATE, RULE, Driver, rights
 
 REDIS_REGION = "us-east-1"
 TOKEN = "shares-redis-admin"
+# a second strict rule (asked with ?h=): a large capacity against a slow refill, so that
+# what a region spends is mostly what it holds, not what refilled
+HARD_CAPACITY, HARD_RATE = 100, 1.0
+HARD: dict[str, Any] = dict(
+    RULE,
+    name="hard",
+    key="hard-{{ .Request.Query.h }}",
+    capacity=HARD_CAPACITY,
+    refillRate=HARD_RATE,
+)
+HARD_KEY = "hard-x"
 
 
-def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
-    serve: ServerFactory, redis_server: Any
-) -> None:
-    redis = {"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 3000}
+@pytest.fixture(scope="module")
+def region_mesh(
+    serve_module: ServerFactory,
+    redis_server_module: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Mesh]:
+    """us-east-1: two nodes on one redis-server; eu-central-1 and ap-southeast-2
+    embedded (with snapshots: a node started without one waits for silent proxied
+    peers at its start). Shared by this module's tests, in order (the last one wipes
+    Redis)."""
+    path = tmp_path_factory.mktemp("region")
+    redis = {"backend": "redis", "redisUrl": redis_server_module.url, "redisTimeoutMs": 3000}
     mesh = Mesh(
-        serve,
+        serve_module,
         {
             "redis-a": REDIS_REGION,
             "redis-b": REDIS_REGION,
             "eu": "eu-central-1",
             "ap": "ap-southeast-2",
         },
-        buckets=[RULE],
+        buckets=[RULE, HARD],
         proxied=True,
         cluster_id="shares-redis",
         admin_token=TOKEN,
         overrides={
             "redis-a": {"node": "redis-a", "storage": redis},
             "redis-b": {"node": "redis-b", "storage": redis},
-            "eu": {"node": "eu"},
-            "ap": {"node": "ap"},
+            "eu": {"node": "eu", "storage": {"snapshot": str(path / "eu.snap")}},
+            "ap": {"node": "ap", "storage": {"snapshot": str(path / "ap.snap")}},
         },
     ).start()
+    yield mesh
+
+
+def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
+    region_mesh: Mesh,
+) -> None:
+    mesh = region_mesh
     a, b, eu, ap = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu", "ap"))
     # 90 % of the demand in the Redis region, half on each of its nodes; 130 % of
     # the limit in all (every region asks for more than its rights)
@@ -63,7 +91,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         # together, and never more than C + r·W (one holding, spent by both)
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 12 * RATE, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 5 * RATE, "a window", 120)
         last = driver.counts()
         span = time.monotonic() - opened
         served = [x - y for x, y in zip(last, first, strict=True)]
@@ -88,7 +116,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         held = rights(eu, REDIS_REGION)
         before, started = driver.counts(), time.monotonic()
         driver.shift([0.025, 0.025, 0.9, 0.05])  # the demand moves to the other side
-        eventually(lambda: driver.counts()[2] - before[2] >= 20, "the other side serves")
+        eventually(lambda: driver.counts()[2] - before[2] >= 8, "the other side serves")
         after, elapsed = driver.counts(), time.monotonic() - started
         window = [x - y for x, y in zip(after, before, strict=True)]
         assert sum(window) <= CAPACITY + RATE * elapsed, (window, elapsed)
@@ -102,7 +130,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         eventually(lambda: rights(eu, eu.region) >= 0.6, "rights flow after healing", 120)
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 4 * RATE, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 2 * RATE, "a window", 120)
         span = time.monotonic() - opened
         served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
         assert sum(served) <= CAPACITY + RATE * span, (served, span)
@@ -130,11 +158,12 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         )
         opened = time.monotonic()
         first = driver.counts()
-        eventually(lambda: sum(driver.counts()) - sum(first) >= 60, "a window", 120)
+        eventually(lambda: sum(driver.counts()) - sum(first) >= 40, "a window", 120)
         span = time.monotonic() - opened
         served = [x - y for x, y in zip(driver.counts(), first, strict=True)]
         assert sum(served) <= 20 + 20.0 * span, (served, span)
     finally:
+        mesh.heal()
         driver.stop.set()
         driver.join(timeout=30)
 
@@ -177,3 +206,90 @@ def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_sha
             await store.close()
 
     asyncio.run(run())
+
+
+def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
+    region_mesh: Mesh,
+) -> None:
+    """The Redis region gives almost all its rights away, then Redis loses its data
+    (FLUSHALL) and both Redis nodes are hammered at once: the region spends nothing it
+    no longer holds. A strict bucket without a share hash is not created until the
+    region's writer, blind meanwhile, has pulled every peer region and written every
+    share hash again (and one first written then counts as empty at that instant);
+    `onStoreFailure: local` decides a strict key as `deny` while the store is down.
+    Before this change the fallback and then the fresh bucket ran on the static 1/R
+    split (a third of the limit here, against the ~4 % the region held): the total went
+    over C + r·W at once.
+
+    Also (the same mesh): an atomic batch asking more than the region's share but no
+    more than the key's limit is a denial (200, ``allowed: false``) on a Redis node as
+    on an embedded one, not a 400; above the whole limit it is a 400 on both."""
+    import redis as redis_client
+
+    mesh = region_mesh
+    capacity, rate = HARD_CAPACITY, HARD_RATE
+    a, b, eu = (mesh.nodes[name] for name in ("redis-a", "redis-b", "eu"))
+    eventually(mesh.connected, "the mesh is up")
+
+    # over-size asks: above the share (the initial third), within the limit
+    for node in (a, eu):
+        ask = {"key": "hard-single", "rule": "hard", "tokens": 60}
+        single = node.client.post("/v1/rate", json=ask)
+        assert single.status_code == 429, (node.name, single.text)
+        item = {"key": "hard-batch", "rule": "hard", "tokens": 60}
+        batch = {"requests": [item], "atomic": True}
+        answer = node.client.post("/v1/rate/batch", json=batch)
+        assert answer.status_code == 200, (node.name, answer.text)
+        assert answer.json()["results"][0]["allowed"] is False, (node.name, answer.text)
+        batch["requests"][0]["tokens"] = capacity + 1
+        answer = node.client.post("/v1/rate/batch", json=batch)
+        assert answer.status_code == 400, (node.name, answer.text)
+        assert answer.json()["field"] == "requests[0].tokens", answer.text
+
+    # all the demand in eu: asks for the whole limit (denied while the Redis region
+    # holds anything, so eu's bucket stays full) move the rights there
+    # (a live bucket first: a new key's first ask above its share was a 400 before)
+    assert eu.client.get("/v1/rate", params={"h": "x"}).status_code in (200, 429)
+    driver = Driver([eu], [1.0], load=0.5, tokens=capacity, query="h")
+    driver.start()
+    try:
+        eventually(
+            lambda: (
+                (eu.state(HARD_KEY)["shares"] or {}).get(REDIS_REGION, {"rights": 1.0})["rights"]
+                <= 0.05
+            ),
+            "rights flow to eu",
+            60,
+        )
+    finally:
+        driver.stop.set()
+        driver.join(timeout=30)
+    held = rights(eu, REDIS_REGION, HARD_KEY)
+
+    store = redis_client.Redis.from_url(
+        mesh.nodes["redis-a"].config["storage"]["redisUrl"], decode_responses=True
+    )
+    share_hash = f"bm:{REDIS_REGION}:sh:{{{HARD_KEY}}}"
+    granted = by_redis = 0
+    opened = time.monotonic()
+    store.flushall()
+    rounds = 0
+    # hammer both Redis nodes (and eu) until the writer has written the share hash
+    # again, and a while after
+    while rounds < 150 or store.hget(share_hash, "c") is None:
+        for node in (a, b, eu):
+            code = node.client.get("/v1/rate", params={"h": "x"}).status_code
+            assert code in (200, 429), code
+            granted += code == 200
+            by_redis += code == 200 and node is not eu
+        rounds += 1
+        assert time.monotonic() - opened < 60, "the share hash was never written again"
+    span = time.monotonic() - opened
+    assert granted <= capacity + rate * span, (granted, span)
+    # the Redis region within what it held (its share's capacity) and at most the whole
+    # refill since: on main it spent half the limit, the 1/R split
+    assert by_redis <= capacity * held + 1 + rate * span, (by_redis, held, span)
+    # rewritten from the ledger: the region's rights, not the static half
+    share = int(store.hget(share_hash, "c") or 0)
+    assert share <= capacity * held + 1, (share, held)
+    store.close()

@@ -484,8 +484,9 @@ class Limiter:
             # A peek at an unknown key sees a full bucket and creates nothing,
             # so reads cannot fill the bucket cap.
             return self._fresh(key, rule, now).acquire(key, 0, now)
-        capacity = self._fresh(key, rule, now).config.capacity
-        if tokens > capacity:
+        fresh = self._fresh(key, rule, now)
+        capacity = fresh.config.capacity
+        if tokens > capacity and not self._within_whole(key, fresh, tokens):
             raise InvalidTokens(
                 f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
             )
@@ -530,7 +531,9 @@ class Limiter:
                         "a key has one bucket, under one rule"
                     )
                 capacity = bucket.config.capacity
-                if tokens < 0 or tokens > capacity:
+                if tokens < 0 or (
+                    tokens > capacity and not self._within_whole(key, bucket, tokens)
+                ):
                     raise InvalidTokens(
                         f"tokens must be between 0 and the capacity {capacity}, got {tokens}",
                         capacity,

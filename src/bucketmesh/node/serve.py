@@ -485,6 +485,14 @@ class Node:
         if set(outcome.pulled) >= set(self.mesh.peers):
             limiter.shares_pulled()
 
+    async def _pull_peers(self) -> bool:
+        """Pull every peer region's state now (a Redis region's strict-shares writer after
+        Redis lost its data: storage/redis_backend.py); True when every one answered."""
+        if self.mesh is None:
+            return False
+        outcome = await self.mesh.pull_at_start(1.0)
+        return set(outcome.pulled) >= set(self.mesh.peers)
+
     def _peers_up(self) -> bool:
         """Every peer region is up: rights may move (never during a partition)."""
         mesh = self.mesh
@@ -555,7 +563,10 @@ class Node:
             # a Redis region in strict mode's rights ledger: its nodes share the
             # region's rights in Redis, and the one holding the lease rebalances
             self.backend.enable_shares(
-                (self.settings.region, *sync.peers), self.backend.local.replica_id, self._peers_up
+                (self.settings.region, *sync.peers),
+                self.backend.local.replica_id,
+                self._peers_up,
+                self._pull_peers,
             )
             self._install_share_metrics(self.backend.mirror.limiter)
         if self.mesh is None:

@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -338,6 +338,7 @@ class RegionMirror:
 
 
 SHARE_LEASE_MS: Final = 2_000  # the strict-shares writer's lease (renewed every round)
+SHARE_PULL_RETRY_S: Final = 2.0  # a blind writer pulls its peers again this often
 _encode_state = msgspec.json.Encoder().encode
 _decode_state = msgspec.json.Decoder(ShareState).decode
 _decode_config = msgspec.json.Decoder(BucketConfig).decode
@@ -384,6 +385,7 @@ class RegionShares:
         founders: Sequence[str],
         node: str,
         connected: Callable[[], bool],
+        pull: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.backend = backend
         self.store = backend.store
@@ -403,6 +405,13 @@ class RegionShares:
         self.lowered: dict[str, BucketConfig] = {}
         self.commits = 0
         self.conflicts = 0
+        #: pulls every peer region's state (True when every one answered): what a writer
+        #: blind after Redis lost its data learns the region's holdings from
+        self.pull = pull
+        self.pulled_for: str | None = None  # the incarnation a pull completed under
+        self.ready_for: str | None = None  # the incarnation the share hashes are marked in
+        self.next_pull = 0.0
+        self.blind_rounds = 0
 
     # -- every node --------------------------------------------------------------
 
@@ -476,7 +485,17 @@ class RegionShares:
 
     async def _write_round(self) -> None:
         limiter = self.limiter
-        rows = await self.store.read_shares()
+        store = self.store
+        incarnation = store.incarnation
+        if incarnation is None or await store.current_incarnation() != incarnation:
+            # Redis lost its data since this node last looked: nothing is written from a
+            # view of the old incarnation (the store goes down and recovers first)
+            raise StaleIncarnation("Redis holds another incarnation (it lost its data?)")
+        ready = self.ready_for == incarnation
+        if not ready and await store.shares_ready() == incarnation:
+            ready = True
+            self.ready_for = incarnation
+        rows = await store.read_shares()
         now = limiter.clock()
         taken: dict[str, tuple[int, bool]] = {}
         for key, row in rows.items():
@@ -499,9 +518,25 @@ class RegionShares:
                 if denied:
                     limiter.share_denied.add(key)
         await self.store.take_demand(taken)
+        if not ready and self.pulled_for != incarnation:
+            # Redis lost its data (or this region starts): the committed ledgers are
+            # gone and this node's view may lack gifts the region made, so it is blind
+            # (spends its floor less what it gives) until it has pulled every peer
+            # region, each of which froze the older incarnations' gifts first
+            # (core/shares.py), then every share hash is written again from that view
+            limiter.share_blind = True
+            self.blind_rounds += 1
+            if self.pull is not None and time.monotonic() >= self.next_pull:
+                self.next_pull = time.monotonic() + SHARE_PULL_RETRY_S
+                if await self.pull():
+                    self.pulled_for = incarnation
+                    now = limiter.clock()
+        if ready or self.pulled_for == incarnation:
+            limiter.shares_pulled()  # no-op unless blind
         # the round on the mirror; gifts taken back out of it until committed
         before = {key: ledger.state() for key, ledger in limiter.ledgers.items()}
-        limiter.rebalance(now, period_s=REBALANCE_PERIOD_S, connected=self.connected())
+        connected = self.connected() and not limiter.share_blind
+        limiter.rebalance(now, period_s=REBALANCE_PERIOD_S, connected=connected)
         rid = limiter.replica_id
         gave: dict[str, ShareState] = {}
         for key, ledger in list(limiter.ledgers.items()):
@@ -515,19 +550,29 @@ class RegionShares:
                 else:
                     limiter.ledgers[key] = Ledger.from_state(old)
                 limiter.dirty.discard(key)
+        written = True
         for key in sorted(set(rows) | set(limiter.ledgers) | set(gave)):
-            await self._commit(key, rows.get(key, {}), gave.get(key), now)
+            written = (
+                await self._commit(key, rows.get(key, {}), gave.get(key), now, ready) and written
+            )
+        if not ready and not limiter.share_blind and written:
+            # every key with a ledger in this (pulled) view has its share hash: a key
+            # without one is on the initial split again (acquire.lua)
+            await store.mark_shares_ready(incarnation)
+            self.ready_for = incarnation
 
     async def _commit(
-        self, key: str, row: dict[str, str], gift: ShareState | None, now: int
-    ) -> None:
+        self, key: str, row: dict[str, str], gift: ShareState | None, now: int, ready: bool
+    ) -> bool:
+        """Write ``key``'s share hash (and a gift) as the mirror has it now; False when
+        another writer wrote it since this round read it."""
         limiter = self.limiter
         rule = limiter._rule_name(key)
         if rule is None:
-            return
+            return True
         whole = limiter._whole(key, rule)
         if whole.mode != STRICT:
-            return
+            return True
         kept = limiter.ledgers.get(key)
         if gift is not None:  # the share as it is once the gift is made
             limiter.ledgers[key] = Ledger.from_state(gift)
@@ -547,10 +592,21 @@ class RegionShares:
             # its share hash (and its sequence number) back
             await self.store.push_shares({}, (), {key: ("k", "1")})
         seq = int(row.get("q", "0") or 0)
+        # A share hash first written while the region is blind (Redis lost its data,
+        # and with it the bucket and its level): a bucket created from it counts as
+        # empty at that instant and refills from there, as a strict bucket of a node
+        # restarted without a snapshot does, so no lost spending is granted again
+        since = row.get("z")
+        if since is None and not ready:
+            since = str(now)
+        if since is not None and share.capacity > 0:
+            refilled = max(0, now - int(since)) // share.interval_ns
+            missing = max(missing, min(share.capacity, share.capacity - refilled))
         same = (
             row.get("c") == str(share.capacity)
             and row.get("i") == str(share.interval_ns)
             and row.get("w") == str(missing)
+            and row.get("z") == since
         )
         if not same:
             version = (limiter.hlc.tick(now), limiter.replica_id)
@@ -562,22 +618,25 @@ class RegionShares:
                 "vo": version[1],
                 "w": str(missing),
             }
+            if since is not None:
+                fields["z"] = since
             seq = await self.store.write_share(key, seq, fields)
             if seq < 0:
                 self.conflicts += 1
-                return  # another writer wrote since: nothing more this round
+                return False  # another writer wrote since: nothing more this round
             ask = Ask(key, rule, config, 0, shares=True)
             await self.backend._reconfigure([ask], now)
         if committed is not None and committed != row.get("L"):
             seq = await self.store.write_share(key, seq, {"L": committed})
             if seq < 0:
                 self.conflicts += 1
-                return
+                return False
             self.commits += 1
         if gift is not None:
             # committed: the mirror (and the mesh) may have it now
             limiter._merge_ledger(key, gift, now)
             limiter.dirty.add(key)
+        return True
 
 
 class RedisBackend:
@@ -668,12 +727,17 @@ class RedisBackend:
         self.reconfigured = 0
 
     def enable_shares(
-        self, founders: Sequence[str], node: str, connected: Callable[[], bool]
+        self,
+        founders: Sequence[str],
+        node: str,
+        connected: Callable[[], bool],
+        pull: Callable[[], Awaitable[bool]] | None = None,
     ) -> RegionShares:
         """Strict keys hold, spend, give and receive rights in the region's ledger
         (``RegionShares``; ``node``: this process's id for the writer's lease,
-        ``connected``: every peer region is up)."""
-        self.shares = RegionShares(self, self.region, founders, node, connected)
+        ``connected``: every peer region is up, ``pull``: pulls every peer region's
+        state, True when each answered)."""
+        self.shares = RegionShares(self, self.region, founders, node, connected, pull)
         self.mirror.shares = True
         return self.shares
 
@@ -757,7 +821,12 @@ class RedisBackend:
                         f"key {key!r} is asked for under rules {named!r} and {ask.rule!r}; "
                         "a key has one bucket, under one rule"
                     )
-                capacity = self._key_config(ask).capacity
+                # a strict key in the rights ledger: its whole limit (above the region's
+                # share but within it is a denial, the share may grow), as the embedded
+                # store checks it
+                capacity = (
+                    self._whole_capacity(ask) if ask.shares else self._key_config(ask).capacity
+                )
                 if tokens > capacity:
                     raise _invalid(tokens, capacity)
             except LimiterError as error:
@@ -1158,8 +1227,14 @@ class RedisBackend:
     def _fallback(self, ask: Ask) -> Decision:
         """The decision ``onStoreFailure`` gives while Redis is unavailable."""
         policy = self._policy(ask)
+        if policy == "local" and ask.shares:
+            # a strict key in the rights ledger: what the region holds is in Redis, and
+            # a node's own bucket on 1/R (once per node) could spend more than that
+            policy = "deny"
         self.fallbacks[policy] += 1
         config = self._key_config(ask)
+        if ask.shares:
+            config = msgspec.structs.replace(config, capacity=self._whole_capacity(ask))
         if ask.tokens > config.capacity:
             raise _invalid(ask.tokens, config.capacity)
         if policy == "local":

@@ -463,6 +463,14 @@ class RedisStore:
         bucket): the share config its writer set, its ledger, the demand counted."""
         return f"{self.prefix}sh:{{{key}}}"
 
+    @staticmethod
+    def share_ready_key(incarnation_key: str) -> str:
+        """Beside an incarnation key (in its Cluster slot): the incarnation under which
+        the region's strict-shares writer rewrote the share hash of every key with a
+        ledger (``RegionShares``); while it is not the store's, a strict bucket with no
+        share hash is not created (Redis lost its data: docs/sync.md, "Redis regions")."""
+        return f"{incarnation_key}:sh-ready"
+
     def slot_of(self, key: str) -> int:
         """The Cluster slot of ``key``'s bucket (all its state is in that one hash)."""
         return int(key_slot(self.bucket_key(key).encode()))
@@ -730,6 +738,7 @@ class RedisStore:
         names = [incarnation_key, *(f"{prefix}{{{key}}}" for key in keys)]
         if shares:  # each bucket's share hash after the buckets (same slot: its tag)
             names += [self.share_key(key) for key in keys]
+            names.append(self.share_ready_key(incarnation_key))
         argv = [*head, *args, "".join(wanted), len(keys)]
         if self.cluster:
             slot = int(key_slot(incarnation_key.encode()))
@@ -924,6 +933,26 @@ class RedisStore:
         for name, value in fields.items():
             args += [name, value]
         return int(await self._call(self._share(keys=[self.share_key(key)], args=args)))
+
+    async def shares_ready(self) -> str | None:
+        """The incarnation under which the writer last marked every share hash written
+        (``share_ready_key``; on Cluster, slot 0's copy: they are set together)."""
+        key = self.slot_incarnation_key(0) if self.cluster else self.incarnation_key
+        value = await self._call(self.redis.get(self.share_ready_key(key)))
+        return None if value is None else str(value)
+
+    async def mark_shares_ready(self, incarnation: str) -> None:
+        """Every key with a ledger has its share hash under ``incarnation`` (on Cluster,
+        one copy per slot, each read by the acquire script of its slot)."""
+        if not self.cluster:
+            await self._call(
+                self.redis.set(self.share_ready_key(self.incarnation_key), incarnation)
+            )
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for slot in range(SLOTS):
+            pipe.set(self.share_ready_key(self.slot_incarnation_key(slot)), incarnation)
+        await self._call(pipe.execute(), max(10.0, self.timeout_s))
 
     async def save_rule(self, name: str, config: BucketConfig) -> bool:
         encoded = msgspec.json.encode(config).decode()

@@ -42,6 +42,11 @@ local function bucket(k, rule)
         local w = tonumber(sh[5]) or 0
         if w > fresh_b.c then w = fresh_b.c end
         if w > 0 then fresh_b.bt = rel(fresh_b, now_s, now_n) + w * fresh_b.i end
+      elseif KEYS[2 * nb + 2] and redis.call('GET', KEYS[2 * nb + 2]) ~= ARGV[4] then
+        -- no share hash, and the writer has not rewritten every share hash since Redis
+        -- lost its data (share_ready_key): the region may hold less than 1/R, so
+        -- nothing to spend until it has (an ask is refused, never charged)
+        fresh_b.c = 0
       end
     end
     return fresh_b
