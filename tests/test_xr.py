@@ -31,7 +31,7 @@ import yaml
 
 from bucketmesh.tooling.cluster import LocalMesh
 from bucketmesh.tooling.xr.load import Recorder
-from bucketmesh.tooling.xr.runner import LoadRun, RunResult, Window
+from bucketmesh.tooling.xr.runner import Event, LoadRun, RunResult, Window
 from bucketmesh.tooling.xr.scenario import parse_scenario
 from bucketmesh.tooling.xr.scrape import MetricsScraper, StatePoint, StateWatcher
 from bucketmesh.tooling.xr.slo import crash_grants, evaluate, over_admission_bound
@@ -423,10 +423,11 @@ def test_the_verify_slo_shows_the_figure_it_judged() -> None:
     assert (differ.passed, differ.judged) == (False, "spread 1, replicas differ")
 
 
-def crash_result(grants_per_s: float) -> RunResult:
-    """A node-crash run as the runner records it: region a answers 200s at
-    ``grants_per_s`` until it is killed at 1.5025 s; 40 ms one way and a 20 ms sync
-    interval make d = 60 ms."""
+def crash_result(lost: int) -> RunResult:
+    """A node-crash run as the runner records it: region a is killed at 1.5 s and
+    started again at 1.85 s; its replica had granted 800 by the last poll before the
+    kill, the others heard 830 of it before the restart, and its restored log says
+    830 + ``lost`` in the end. 40 ms one way and a 20 ms interval: d = 60 ms."""
     scenario = parse_scenario(
         yaml.safe_dump(
             {
@@ -439,34 +440,32 @@ def crash_result(grants_per_s: float) -> RunResult:
         )
     )
     urls = {r: f"http://{r}" for r in scenario.regions}
-    recorder = Recorder(t0=100.0)
-    for i in range(int(1.5 * grants_per_s)):
-        t = 100.0 + i / grants_per_s
-        recorder.answered("a", "k", t, t, 200, False)
-    recorder.answered("a", "k", 101.0, 101.0, 200, True)  # failed over: b granted it
+    watcher = StateWatcher(urls, "k", 100.0)
+    old, new = "a/n/1", "a/n/2"
+    polls = [
+        (1.4, "a", {old: 800}), (1.4, "b", {old: 790}), (1.4, "c", {old: 780}),
+        (1.6, "b", {old: 830}), (1.6, "c", {old: 825}),
+        (1.8, "b", {old: 830}), (1.8, "c", {old: 830}),
+        (2.1, "b", {old: 830 + lost}),  # the restarted node's log arrived (no new grant yet)
+        (3.0, "a", {old: 830 + lost, new: 5}), (3.0, "b", {old: 830 + lost, new: 5}),
+    ]  # fmt: skip
+    watcher.replicas_seen.extend(polls)
     result = RunResult(
-        scenario,
-        urls,
-        "k",
-        1000.0,
-        50.0,
-        recorder,
-        MetricsScraper(urls, 100.0),
-        StateWatcher(urls, "k", 100.0),
+        scenario, urls, "k", 1000.0, 50.0, Recorder(100.0), MetricsScraper(urls, 100.0), watcher
     )
-    result.windows.append(Window("crash", "a", 1.5025, 3.0, 4.0))
-    result.restarts.append(("a", 1.5))
+    result.events += [Event(1.5, "kill", "a"), Event(1.85, "restart", "a")]
+    result.windows.append(Window("crash", "a", 1.5, 3.0, 4.0))
+    result.restarts.append(("a", 1.15))
     return result
 
 
-def test_a_crash_while_the_bucket_drains_is_charged_the_nodes_last_d_of_grants() -> None:
+def test_a_crash_while_the_bucket_drains_is_charged_what_no_peer_had_heard() -> None:
     # node-crash shortened by --scale: the kill landed while the bucket still drained and
     # the killed node granted 600/s; what no peer had received was its last d of grants
-    # (30 tokens over, in a test_xr run that failed against a bound charging r·d = 3)
+    # (+20..+30 tokens over in test_xr runs that failed against a bound charging r·d = 3)
     d = 0.06
-    draining = crash_result(600.0)
-    assert crash_grants(draining) == 34  # its answers in [1.4425, 1.5625]: i = 866..899
-    bound = over_admission_bound(draining)
-    assert bound == pytest.approx(2 * (1 + 50 * d) + 34)
-    # a bucket already empty: the node grants about its share of the refill, r·d at least
-    assert crash_grants(crash_result(20.0)) == pytest.approx(50 * d)
+    draining = crash_result(lost=34)
+    assert crash_grants(draining) == 34  # 864 in its log, 830 heard before the restart
+    assert over_admission_bound(draining) == pytest.approx(2 * (1 + 50 * d) + 34)
+    # a bucket already empty: the node lost about its share of the refill, r·d at least
+    assert crash_grants(crash_result(lost=1)) == pytest.approx(50 * d)

@@ -70,8 +70,6 @@ class RegionRecord:
     error_kinds: dict[str, int] = field(default_factory=dict)
     latency: HdrHistogram = field(default_factory=new_histogram)
     seconds: dict[int, Second] = field(default_factory=dict)
-    #: when (s since t0) each 200 this region answered itself arrived (not failed over)
-    grant_times: list[float] = field(default_factory=list)
 
 
 class Recorder:
@@ -120,8 +118,6 @@ class Recorder:
         if status == 200:
             record.allowed += 1
             second.allowed += 1
-            if not failed_over:
-                record.grant_times.append(now - self.t0)
             self.allowed_by_key[key] = self.allowed_by_key.get(key, 0) + 1
         elif status == 429:
             record.denied += 1

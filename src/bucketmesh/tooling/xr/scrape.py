@@ -123,6 +123,8 @@ class StateWatcher:
     interval_s: float = 0.25
     points: list[StatePoint] = field(default_factory=list)
     latest: list[RegionView] = field(default_factory=list)
+    #: every poll's per-replica counts: (t, region, {replica id: used})
+    replicas_seen: list[tuple[float, str, dict[str, int]]] = field(default_factory=list)
 
     async def run(self, stop: asyncio.Event) -> None:
         async with httpx.AsyncClient(timeout=1.0) as client:
@@ -142,6 +144,7 @@ class StateWatcher:
                         self.points.append(
                             StatePoint(t, view.region, level, used, len(view.used), unseen)
                         )
+                        self.replicas_seen.append((t, view.region, dict(view.used)))
                 wait = self.interval_s - (time.monotonic() - started)
                 if wait > 0:
                     with contextlib.suppress(asyncio.TimeoutError):

@@ -18,8 +18,8 @@ every region has heard every spend (less the refill since). Over-admission is
 ``admitted − (C + r·W)`` and must stay within the documented bound: the
 connected steady-state term ``(n−1)·(1 + r·d)`` (``d`` = sync interval + one-way
 latency, or the measured lag p99 if longer), plus ``C + r·P`` per partition,
-plus per crash what the dead node granted that no peer had received (its answers
-within ``d`` of the kill, at least ``r·d``).
+plus per crash what the dead node granted that no peer had received (measured
+from the state polls, at least ``r·d``).
 
 Replication lag is the p99 of ``crdt_sync_duration_seconds`` over the scrape
 intervals outside fault windows (a partition or crash and a few seconds
@@ -188,19 +188,41 @@ def over_admission_bound(result: RunResult) -> float:
 
 def crash_grants(result: RunResult) -> float:
     """The over-admission a crash allows: what the killed node granted that no peer
-    had received yet, its last ``d`` of grants (docs/sync.md, "Failure modes"):
-    counted from the answers it gave within ``d`` of its kill, and at least ``r·d``
-    (the steady rate of an empty bucket). A kill while the bucket still drains loses
-    far more than ``r·d``: the node then grants at its request rate."""
+    had received (docs/sync.md, "Failure modes"), at least ``r·d``. Measured from the
+    state polls: for each replica of the killed region seen before the kill, what
+    it had granted in the end (the restarted node restores its log and sends it)
+    less the most any other region had heard of it before the node was started
+    again. A kill while the bucket still drains loses far more than
+    ``r·d``: the node grants at its request rate until it dies."""
     d = sync_delay(result)
+    seen = result.watcher.replicas_seen
     total = 0.0
     for window in result.windows:
         if window.kind != "crash":
             continue
-        record = result.recorder.regions.get(window.region)
-        times = record.grant_times if record is not None else []
-        answered = sum(1 for t in times if window.start - d <= t <= window.start + d)
-        total += max(answered, result.refill_rate * d)
+        prefix = window.region + "/"
+        lives = {
+            rid
+            for t, _region, used in seen
+            if t < window.start
+            for rid in used
+            if rid.startswith(prefix)
+        }
+        # until the node is started again nothing can tell the others of its log
+        restarts = [
+            e.t
+            for e in result.events
+            if e.kind == "restart" and e.region == window.region and e.t >= window.start
+        ]
+        restarted = min(restarts, default=window.end)
+        heard = dict.fromkeys(lives, 0)
+        for t, region, used in seen:
+            if region != window.region and t <= restarted:
+                for rid in lives:
+                    heard[rid] = max(heard[rid], used.get(rid, 0))
+        final = {rid: max((used.get(rid, 0) for _t, _r, used in seen), default=0) for rid in lives}
+        lost = sum(final[rid] - heard[rid] for rid in lives)
+        total += max(lost, result.refill_rate * d)
     return total
 
 
@@ -306,7 +328,7 @@ def evaluate(result: RunResult) -> list[SLOResult]:
             f"{over:+.0f} tokens",
             over <= limit if expected > 0 else None,
             f"bound = (n−1)({'C' if result.scenario.slo.over_admission_model == 'worst' else '1'}"
-            " + r·d) + Σ partitions (C + r·P) + Σ crashes (grants within d of the kill) "
+            " + r·d) + Σ partitions (C + r·P) + Σ crashes (grants no peer had heard of) "
             f"= {bound:.0f} with d = {sync_delay(result) * 1000:.0f} ms"
             + (
                 f" × {slo.over_admission_bound_share:g}"
