@@ -351,8 +351,9 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
         after = {}
         shed = cap_refused = sync_sent = sync_failed = float("nan")
     else:
-        shed = _delta(after, before, "bucketmesh_http_shed_lag_requests_total") + _delta(
-            after, before, "bucketmesh_http_shed_in_flight_requests_total"
+        shed = sum(
+            _delta(after, before, f"bucketmesh_http_shed_{cause}_requests_total")
+            for cause in ("lag", "in_flight", "yield")
         )
         cap_refused = _delta(after, before, "bucketmesh_bucket_cap_rejections_total")
         sync_sent = _delta(after, before, "bucketmesh_sync_messages_sent_total{peer=west}")

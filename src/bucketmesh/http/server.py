@@ -783,7 +783,7 @@ class _Connection(asyncio.Protocol):
             start = after
         if count:
             server = self._server
-            server.shed["lag"] += count
+            server.shed[server._shed_cause] += count
             server.shed_unparsed += count
             answer = server._shed_answer * count
             self._out.append(answer)
@@ -1386,8 +1386,15 @@ class HttpServer:
         self._lag_due = 0.0
         self._fast_shed = True  # answer shed requests without the parser (tests compare both)
         self._shed_answer = b""  # the 503 of the fast shed path, encoded (with the Date)
-        #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
-        self.shed = {"lag": 0, "in_flight": 0}
+        #: requests answered 503 by shedding, by cause: loop lag, max_in_flight, or a turn
+        #: shed whole so that reserved work that is behind (``yield_to``) gets the loop
+        self.shed = {"lag": 0, "in_flight": 0, "yield": 0}
+        #: whether reserved work the node does on this loop is behind (the sync sender:
+        #: more deltas queued for a peer than its pipeline carries in one round); while
+        #: it is and the last turn of the loop ran past half ``shed_lag``, the turn is
+        #: shed whole, so that work gets the loop's next turns (``_tick_lag``)
+        self.yield_to: Callable[[], bool] | None = None
+        self._shed_cause = "lag"  # what the shed reads of this turn are counted as
         #: of the requests shed for lag, those answered by the fast path, unparsed
         self.shed_unparsed = 0
         #: the worst lateness of the lag timer in the last whole second (seconds)
@@ -1514,7 +1521,16 @@ class HttpServer:
         # turn ran: what the sockets hold now has waited that long. Past twice shed_lag
         # (one serving share and the shedding of the rest take less), serving it would
         # answer requests that already waited beyond the bound: shed this turn whole.
-        self._stale_turn = late > 2 * self._limits.shed_lag
+        # Reserved work on this loop that is behind (the sync sender of a flooded node:
+        # each of its messages waits a turn for its ack, and turns of a flooded loop last
+        # tens of milliseconds) gets the next turn: a turn shed whole is short.
+        shed_lag = self._limits.shed_lag
+        stale = late > 2 * shed_lag
+        yielding = (
+            not stale and late > shed_lag / 2 and self.yield_to is not None and self.yield_to()
+        )
+        self._stale_turn = stale or yielding
+        self._shed_cause = "yield" if yielding else "lag"
         # on until shutdown() cancels it: a stale due time would read as lag
         self._lag_due = now + _LAG_TICK_S
         self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
@@ -1534,7 +1550,7 @@ class HttpServer:
         if self._in_flight >= self._max_in_flight:
             self.shed["in_flight"] += 1
             return True
-        self.shed["lag"] += 1  # the chunk it came in was shed
+        self.shed[self._shed_cause] += 1  # the chunk it came in was shed
         return True
 
     def _stamp_date(self) -> None:

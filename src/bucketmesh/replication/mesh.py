@@ -85,7 +85,7 @@ from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
 from bucketmesh.replication.keyindex import RangeIndex
-from bucketmesh.replication.link import HttpLink, LinkError
+from bucketmesh.replication.link import HttpLink, LinkError, within
 from bucketmesh.replication.outbox import Outbox
 from bucketmesh.telemetry.audit import AuditLog
 from bucketmesh.telemetry.log import logger
@@ -181,6 +181,9 @@ _DIGEST_GROUP: Final = 64  # ranges per digest request
 # buckets scanned (~0.5 µs each) or hashed (~4 µs each: encode + blake2b), so a
 # million buckets cost decisions a few ms at a time, never a second at once.
 _SCAN_SLICE: Final = 5000
+# The encoded size of a new bucket's delta (one replica entry, a rule's config: ~300
+# bytes with a 40-byte key), for ``Mesh.backlogged``'s count of keys per message.
+_DELTA_BYTES_ESTIMATE: Final = 256
 _HASH_SLICE: Final = 1000
 
 
@@ -391,6 +394,25 @@ class Mesh:
     def local_only(self) -> bool:
         return not any(peer.state == UP for peer in self.peers.values())
 
+    def backlogged(self) -> bool:
+        """Whether a peer that is up has more deltas queued, and not in flight, than one
+        round of its pipeline carries (``pipeline`` messages): the sender is behind.
+
+        The HTTP server asks this (``HttpServer.yield_to``) when a turn of the event
+        loop ran long: a node flooded with decisions sheds the next turn whole while
+        its sender is behind, so that every message of the sender, which waits a turn
+        for its ack, gets short turns until the backlog is gone. Decisions then yield
+        to replication: the node admits about what it can replicate, and the lag stays
+        bounded (R6; before, the flooded node's own deltas lagged 2-3 s behind). A
+        peer that is not up does not count: a node cut off decides on its own."""
+        settings = self.settings
+        round_keys = settings.pipeline * settings.max_message_bytes // _DELTA_BYTES_ESTIMATE
+        for peer in self.peers.values():
+            box = peer.box
+            if peer.state == UP and len(box.queued) - len(box.inflight) > round_keys:
+                return True
+        return False
+
     # -- wiring ----------------------------------------------------------------
 
     def install(self, router: Router, admin: AdminAuth) -> None:
@@ -590,7 +612,7 @@ class Mesh:
                 if wait > 0:
                     peer.wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(peer.wake.wait(), wait)
+                        await within(peer.wake.wait(), wait)  # no task: no extra turns
                     continue
             if await self._push_outbox(peer):
                 last_sent = self.monotonic()
@@ -605,7 +627,7 @@ class Mesh:
             if peer.state != UP or not peer.takeable():
                 wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.settings.heartbeat_s)
+                    await within(wake.wait(), self.settings.heartbeat_s)
                 continue
             if await self._push_outbox(peer, link=link, require_deltas=True) is False:
                 await asyncio.sleep(self._backoff(peer))
