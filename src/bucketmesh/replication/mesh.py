@@ -222,6 +222,10 @@ class MeshSettings:
     #: one, a delta collected while a message is in flight waits for its ack, so the
     #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
     pipeline: int = 2
+    #: delta messages in flight per peer while more deltas are queued for it, not in
+    #: flight, than ``pipeline`` messages carry (a flood of new keys: each one a bucket
+    #: to replicate, ~300 bytes of delta): the further connections send only then
+    pipeline_burst: int = 8
     #: the client side of TLS to https:// peers (http/tls.py); None: system CAs
     tls: TlsContexts | None = None
 
@@ -245,7 +249,7 @@ class Peer:
         self.url = url
         self.links = [
             HttpLink(url, timeout_s=settings.peer_timeout_s, tls=settings.tls)
-            for _ in range(max(1, settings.pipeline))
+            for _ in range(max(1, settings.pipeline, settings.pipeline_burst))
         ]
         self.link = self.links[0]
         self.wakes = [asyncio.Event() for _ in self.links]
@@ -396,7 +400,8 @@ class Mesh:
 
     def backlogged(self) -> bool:
         """Whether a peer that is up has more deltas queued, and not in flight, than one
-        round of its pipeline carries (``pipeline`` messages): the sender is behind.
+        round of all its connections carries (``pipeline_burst`` messages): the sender
+        is behind.
 
         The HTTP server asks this (``HttpServer.yield_to``) when a turn of the event
         loop ran long: a node flooded with decisions sheds the next turn whole while
@@ -405,13 +410,19 @@ class Mesh:
         to replication: the node admits about what it can replicate, and the lag stays
         bounded (R6; before, the flooded node's own deltas lagged 2-3 s behind). A
         peer that is not up does not count: a node cut off decides on its own."""
-        settings = self.settings
-        round_keys = settings.pipeline * settings.max_message_bytes // _DELTA_BYTES_ESTIMATE
-        for peer in self.peers.values():
-            box = peer.box
-            if peer.state == UP and len(box.queued) - len(box.inflight) > round_keys:
-                return True
-        return False
+        return any(
+            peer.state == UP and self._unsent(peer) > len(peer.links) * self._keys_per_message
+            for peer in self.peers.values()
+        )
+
+    @property
+    def _keys_per_message(self) -> int:
+        return max(1, self.settings.max_message_bytes // _DELTA_BYTES_ESTIMATE)
+
+    @staticmethod
+    def _unsent(peer: Peer) -> int:
+        """About how many deltas are queued for ``peer`` and not in flight."""
+        return len(peer.box.queued) - len(peer.box.inflight)
 
     # -- wiring ----------------------------------------------------------------
 
@@ -621,10 +632,16 @@ class Mesh:
 
     async def _pipeline_loop(self, peer: Peer, index: int) -> None:
         """A further sender on its own connection: only deltas not in flight yet, only
-        while the peer is up (the first sender alone probes a failing peer)."""
+        while the peer is up (the first sender alone probes a failing peer); one beyond
+        ``pipeline`` only while more is queued than ``pipeline`` messages carry."""
         link, wake = peer.links[index], peer.wakes[index]
+        burst = index >= max(1, self.settings.pipeline)
         while self.running:
-            if peer.state != UP or not peer.takeable():
+            if (
+                peer.state != UP
+                or (burst and self._unsent(peer) <= self.settings.pipeline * self._keys_per_message)
+                or not peer.takeable()  # (scans the queue: last)
+            ):
                 wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await within(wake.wait(), self.settings.heartbeat_s)
