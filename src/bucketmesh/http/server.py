@@ -81,7 +81,12 @@ Shedding (docs/targets.md R6)
     serves for about ``shed_lag`` and sheds the rest, and the node keeps reading
     its sockets at several times its capacity, so what it serves waits about one
     turn, not a queue in the socket buffers. Or ``max_in_flight`` handler answers
-    (a Redis decision, a durable grant) are already awaited.
+    (a Redis decision, a durable grant) are already awaited. Or reserved work on
+    the same loop is behind (``yield_to``: the node's sync sender holds more deltas
+    for a peer than one round of its connections carries) and the last turn ran
+    past half ``shed_lag``: the turn is shed whole (counted as ``yield``), so the
+    sender, each of whose messages waits a turn for its ack, gets short turns, and
+    the node admits about what it can replicate.
     Reserved traffic is never shed: the sync endpoints, the admin and fault
     endpoints, ``PATCH`` and the probes and metrics (``_RESERVED``), so a
     flooded node still replicates, reports and can be reconfigured.
