@@ -1400,6 +1400,7 @@ class HttpServer:
         #: shed whole, so that work gets the loop's next turns (``_tick_lag``)
         self.yield_to: Callable[[], bool] | None = None
         self._shed_cause = "lag"  # what the shed reads of this turn are counted as
+        self._busy = False  # the last turn ran past half shed_lag (and yield_to is set)
         #: of the requests shed for lag, those answered by the fast path, unparsed
         self.shed_unparsed = 0
         #: the worst lateness of the lag timer in the last whole second (seconds)
@@ -1528,12 +1529,13 @@ class HttpServer:
         # answer requests that already waited beyond the bound: shed this turn whole.
         # Reserved work on this loop that is behind (the sync sender of a flooded node:
         # each of its messages waits a turn for its ack, and turns of a flooded loop last
-        # tens of milliseconds) gets the next turn: a turn shed whole is short.
+        # tens of milliseconds) gets the next turns: a turn shed whole is short. Asked
+        # again at each read of a busy loop (_shedding_now), since several turns may
+        # serve before the next tick.
         shed_lag = self._limits.shed_lag
         stale = late > 2 * shed_lag
-        yielding = (
-            not stale and late > shed_lag / 2 and self.yield_to is not None and self.yield_to()
-        )
+        self._busy = busy = not stale and late > shed_lag / 2 and self.yield_to is not None
+        yielding = busy and self.yield_to is not None and self.yield_to()
         self._stale_turn = stale or yielding
         self._shed_cause = "yield" if yielding else "lag"
         # on until shutdown() cancels it: a stale due time would read as lag
@@ -1544,8 +1546,17 @@ class HttpServer:
         """Whether a read handled now is shed: the lag timer is overdue by more than
         ``shed_lag``, so this turn of the event loop has run that long (or the loop
         has not turned for that long) and what is read now would wait behind it; or
-        the last turn ran past twice ``shed_lag``, so what is read now waited through it."""
-        return self._stale_turn or time.monotonic() - self._lag_due > self._limits.shed_lag
+        the last turn ran past twice ``shed_lag``, so what is read now waited through it;
+        or the loop is busy and reserved work on it is behind (``yield_to``)."""
+        if self._stale_turn:
+            return True
+        if time.monotonic() - self._lag_due > self._limits.shed_lag:
+            self._shed_cause = "lag"
+            return True
+        if self._busy and self.yield_to is not None and self.yield_to():
+            self._shed_cause = "yield"
+            return True
+        return False
 
     def _sheds(self, request: Request) -> bool:
         """Whether to answer ``request`` 503 now (called only while its chunk is shed or
