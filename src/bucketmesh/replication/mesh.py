@@ -729,7 +729,12 @@ class Mesh:
                     await self._transfer_full(peer)
                     continue
                 if self.monotonic() >= next_digest:
-                    await self._digest_round(peer)
+                    # Not while the sender is behind (a flood of new keys): the ranges
+                    # differ by what is still queued, and the round would swap their full
+                    # state both ways (a merge and an encode of up to every bucket, each
+                    # one long turn of a flooded loop) for what the deltas carry anyway.
+                    if self._unsent(peer) <= self.settings.pipeline * self._keys_per_message:
+                        await self._digest_round(peer)
                     next_digest = self.monotonic() + self._digest_interval()
             except LinkError as error:
                 peer.last_error = str(error)
