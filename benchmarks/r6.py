@@ -144,7 +144,8 @@ class Node:
             config["adminListen"] = f"{HOST}:{admin_port}"
         path = workdir / f"{region}-{port}.yaml"
         path.write_text(yaml.safe_dump(config))
-        self.log = open(workdir / f"{region}-{port}.log", "wb")  # noqa: SIM115
+        self.log_path = workdir / f"{region}-{port}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bucketmesh", "serve", "--config", str(path)],
             stdout=self.log,
@@ -155,6 +156,19 @@ class Node:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    def pulled_its_peer(self) -> bool:
+        """Whether this node has pulled its peer's state. A node started before its peer
+        (``east`` here) pulls no one at start and then, without a snapshot, pulls every
+        peer's full state every 2 s until it has (``share-pull``: strict rights wait for
+        it); a flood started before that pull lands runs into it: a full-state merge on
+        the flooded loop, a stall of seconds on a loaded box."""
+        self.log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return any(
+            "start-up state pulled from" in line and "from no peer" not in line
+            for line in text.splitlines()
+        )
 
     @property
     def admin_url(self) -> str:
@@ -219,7 +233,7 @@ class Pair:
                     if all(
                         all(p["state"] == "up" for p in n.status(client)["sync"]["peers"].values())  # type: ignore[index]
                         for n in (self.east, self.west)
-                    ):
+                    ) and all(n.pulled_its_peer() for n in (self.east, self.west)):
                         return
                 except (httpx.HTTPError, KeyError, ValueError):
                     pass
