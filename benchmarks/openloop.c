@@ -11,7 +11,7 @@
  * request, so on a 2-core box the server, not this client, is what saturates.
  *
  *   openloop -h HOST -p PORT -r RATE -d SECONDS [-c CONNECTIONS] [-P PIPELINE]
- *            [-k KEYS] [-K PREFIX] [-o OFFSET] [-u PATH] [-H HEADER] [-t TIMEOUT]
+ *            [-k KEYS] [-K PREFIX] [-o OFFSET] [-u PATH] [-H HEADER] [-t TIMEOUT] [-v]
  *
  * -k KEYS > 0: request n carries key PREFIX(OFFSET + n) % KEYS in header HEADER
  * (default X-API-Key), so KEYS distinct keys arrive; -k 0: one key, PREFIX.
@@ -23,6 +23,10 @@
  * write_late_ms is how late requests were handed to their connection's buffer (from
  * the due time): late when this client is short of CPU, or when that buffer is full
  * (OUT_MAX, after the server's receive window): the latencies it reports include that.
+ *
+ * -v: a line on stderr for each connection that timed out or broke with requests
+ * in flight (when, which local port, how many, how long since its last answer).
+ * Requests due in one pass of the loop go out in one send per connection at its end.
  *
  * Built by benchmarks/r6.py with `gcc -O2 -o openloop openloop.c`.
  */
@@ -59,6 +63,8 @@ typedef struct {
     double progress_at; /* last answer, or when the connection went from idle to busy */
     char *out;
     size_t out_len, out_off, out_cap;
+    int wants_out; /* EPOLLOUT is asked for (the socket's buffer was full) */
+    int dirty;     /* requests were added to out: flush at the end of this loop pass */
     char buf[READ_BUF];
     size_t buf_len;
 } conn_t;
@@ -76,7 +82,10 @@ static uint64_t nkeys = 0, key_offset = 0;
 static struct sockaddr_in addr;
 static int ep;
 static double t0;
+static double now(void);
 static conn_t *conns;
+static conn_t **dirty; /* connections to flush at the end of this pass of the loop */
+static int ndirty;
 static samples_t lat[NCLASS];
 /* how late this client itself was: from the due time to handing the request to its
  * connection (a client starved of CPU is late, and the latencies above include it) */
@@ -117,6 +126,7 @@ static void open_conn(conn_t *c) {
     c->connected = 0;
     c->buf_len = 0;
     c->out_len = c->out_off = 0;
+    c->wants_out = 1; /* EPOLLOUT tells when the connect completed */
     connects++;
     if (connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0 && errno != EINPROGRESS) {
         connect_errors++;
@@ -126,8 +136,19 @@ static void open_conn(conn_t *c) {
 }
 
 /* Drop the connection (each request in flight on it is an error) and reopen it. */
+static int verbose;
+
 static void reopen(conn_t *c, int timed_out) {
     uint64_t lost = c->sent_j - c->done_j;
+    if (verbose && lost) {
+        struct sockaddr_in local;
+        socklen_t len = sizeof local;
+        getsockname(c->fd, (struct sockaddr *)&local, &len);
+        fprintf(stderr, "openloop: t=%.3f conn %d (port %d) %s with %llu in flight, %zu bytes unsent, "
+                "last answer %.3f s ago\n", now() - t0, c->index, ntohs(local.sin_port),
+                timed_out ? "timed out" : "broke", (unsigned long long)lost, c->out_len - c->out_off,
+                now() - c->progress_at);
+    }
     errors += lost;
     if (timed_out) timeouts += lost;
     c->done_j = c->sent_j; /* lost; later requests are due on their own schedule */
@@ -137,6 +158,8 @@ static void reopen(conn_t *c, int timed_out) {
 }
 
 static void want_write(conn_t *c, int on) {
+    if (c->wants_out == on) return; /* one epoll_ctl per change, not one per write */
+    c->wants_out = on;
     struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.ptr = c};
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
 }
@@ -183,7 +206,23 @@ static void maybe_send(conn_t *c, double t) {
         sent++;
         wrote = 1;
     }
-    if (wrote && c->out_off == 0) flush(c);
+    /* Written at the end of this pass of the loop, once for all that became due in it
+     * (one send per connection per pass, not one per request: on loopback a send
+     * carries the receiver's TCP work too, and the client's CPU, not the server's,
+     * ran out at 3x). A busy pass batches more; an idle one sends at once. */
+    if (wrote && c->out_off == 0 && !c->dirty) {
+        c->dirty = 1;
+        dirty[ndirty++] = c;
+    }
+}
+
+static void flush_dirty(void) {
+    for (int i = 0; i < ndirty; i++) {
+        conn_t *c = dirty[i];
+        c->dirty = 0;
+        if (c->connected && c->out_off == 0 && c->out_len) flush(c);
+    }
+    ndirty = 0;
 }
 
 /* Parse complete responses out of the read buffer; returns -1 on a framing error, 1 after
@@ -293,13 +332,14 @@ static double pct(samples_t *s, double p) {
 
 static void usage(void) {
     fprintf(stderr, "usage: openloop -h HOST -p PORT -r RATE -d SECONDS [-c CONNECTIONS] "
-                    "[-P PIPELINE] [-k KEYS] [-K PREFIX] [-o OFFSET] [-u PATH] [-H HEADER] [-t TIMEOUT]\n");
+                    "[-P PIPELINE] [-k KEYS] [-K PREFIX] [-o OFFSET] [-u PATH] [-H HEADER] [-t TIMEOUT] "
+                    "[-v]\n");
     exit(2);
 }
 
 int main(int argc, char **argv) {
     int opt;
-    while ((opt = getopt(argc, argv, "h:p:r:d:c:P:k:K:o:u:H:t:")) != -1) {
+    while ((opt = getopt(argc, argv, "h:p:r:d:c:P:k:K:o:u:H:t:v")) != -1) {
         switch (opt) {
         case 'h': host = optarg; break;
         case 'p': port = atoi(optarg); break;
@@ -313,6 +353,7 @@ int main(int argc, char **argv) {
         case 'u': path = optarg; break;
         case 'H': header = optarg; break;
         case 't': timeout_s = atof(optarg); break;
+        case 'v': verbose = 1; break;
         default: usage();
         }
     }
@@ -324,7 +365,8 @@ int main(int argc, char **argv) {
     if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) usage();
     ep = epoll_create1(0);
     conns = calloc((size_t)nconn, sizeof *conns);
-    if (!conns) { perror("calloc"); return 2; }
+    dirty = calloc((size_t)nconn, sizeof *dirty);
+    if (!conns || !dirty) { perror("calloc"); return 2; }
     for (int i = 0; i < nconn; i++) {
         conns[i].index = i;
         open_conn(&conns[i]);
@@ -359,6 +401,7 @@ int main(int argc, char **argv) {
             released++;
             maybe_send(c, t);
         }
+        flush_dirty();
         if (t >= next_scan) { /* timeouts, and whether anything is left, every 10 ms */
             next_scan = t + 0.01;
             int outstanding = 0;
@@ -374,6 +417,7 @@ int main(int argc, char **argv) {
         int n = epoll_wait(ep, events, 512, wait_ms);
         t = now();
         for (int i = 0; i < n; i++) on_event(events[i].data.ptr, events[i].events, t);
+        flush_dirty();
     }
     uint64_t unanswered = 0;
     for (int i = 0; i < nconn; i++) unanswered += conns[i].due_j - conns[i].done_j;

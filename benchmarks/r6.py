@@ -29,18 +29,25 @@ Method
     The client reads its answers with one ``memmove`` per read (it used to move the rest of
     its 64 KiB buffer after every answer: once behind, it read full buffers, fell further
     behind, and the queue it measured was its own: 35 MB of answers in its receive queues
-    and 220 MB in the node's send queues at 165,000/s on a loaded box).
+    and 220 MB in the node's send queues at 165,000/s on a loaded box). It writes the
+    requests that became due in one pass of its loop with one send per connection at the
+    end of the pass, and asks epoll for writability only when that changes (it sent
+    each request on its own and switched EPOLLOUT off after each: two system calls per
+    request, 87 % of its CPU in the kernel, and at 3x the answers it could not read in
+    time piled up in the node's send queues, ~1 MB per connection, until requests
+    waited past the 10 s timeout).
 
     1. Capacity, measured in this run: ``east`` with shedding off is offered far more than
        it can serve (``--probe`` requests/s) for a few seconds; capacity = answers / time
        to the last answer.
-    2. Rows: shedding on (the defaults: ``limits.shedLag`` 100 ms, ``maxInFlight`` 4096) at
+    2. Rows: shedding on (the defaults: ``limits.shedLag`` 50 ms, ``maxInFlight`` 4096) at
        1×, 2×, 3× the capacity, shedding off at 3× for contrast, and shedding on with
        ``shedLag`` at ``--low-lag`` (25 ms) at 2× and 3× (a shorter serving share per
        turn of the loop: a lower p99 of served). The 3× shedding-on row
        runs until 1,000,000 distinct keys have arrived (``limits.maxBuckets`` at its
        default, 1,000,000: the configured cap). Per row: offered and served (200/429) per
-       second, shed (503 from shedding, from the node's counters), refused at the bucket
+       second, shed (503 from shedding, from the node's counters: lag, in-flight cap, and
+       turns yielded to the sync sender), refused at the bucket
        cap, p99 of served and of shed (from the due time), peak RSS (VmHWM), live buckets,
        the node's CPU and the client's over the row, errors (another status, a reset, a
        timeout of 10 s, an answer never received), alive; and the reserved traffic:
@@ -137,7 +144,8 @@ class Node:
             config["adminListen"] = f"{HOST}:{admin_port}"
         path = workdir / f"{region}-{port}.yaml"
         path.write_text(yaml.safe_dump(config))
-        self.log = open(workdir / f"{region}-{port}.log", "wb")  # noqa: SIM115
+        self.log_path = workdir / f"{region}-{port}.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bucketmesh", "serve", "--config", str(path)],
             stdout=self.log,
@@ -148,6 +156,19 @@ class Node:
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
+
+    def pulled_its_peer(self) -> bool:
+        """Whether this node has pulled its peer's state. A node started before its peer
+        (``east`` here) pulls no one at start and then, without a snapshot, pulls every
+        peer's full state every 2 s until it has (``share-pull``: strict rights wait for
+        it); a flood started before that pull lands runs into it: a full-state merge on
+        the flooded loop, a stall of seconds on a loaded box."""
+        self.log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return any(
+            "start-up state pulled from" in line and "from no peer" not in line
+            for line in text.splitlines()
+        )
 
     @property
     def admin_url(self) -> str:
@@ -212,7 +233,7 @@ class Pair:
                     if all(
                         all(p["state"] == "up" for p in n.status(client)["sync"]["peers"].values())  # type: ignore[index]
                         for n in (self.east, self.west)
-                    ):
+                    ) and all(n.pulled_its_peer() for n in (self.east, self.west)):
                         return
                 except (httpx.HTTPError, KeyError, ValueError):
                     pass
@@ -299,6 +320,7 @@ class Row:
     seconds: float
     client: dict[str, object]
     shed: float
+    shed_yield: float  # of ``shed``, in turns shed whole for the sync sender
     cap_refused: float
     rss_mb: float
     buckets: int
@@ -349,11 +371,13 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
         pair.stop()
     if after is None:
         after = {}
-        shed = cap_refused = sync_sent = sync_failed = float("nan")
+        shed = shed_yield = cap_refused = sync_sent = sync_failed = float("nan")
     else:
-        shed = _delta(after, before, "bucketmesh_http_shed_lag_requests_total") + _delta(
-            after, before, "bucketmesh_http_shed_in_flight_requests_total"
+        shed = sum(
+            _delta(after, before, f"bucketmesh_http_shed_{cause}_requests_total")
+            for cause in ("lag", "in_flight", "yield")
         )
+        shed_yield = _delta(after, before, "bucketmesh_http_shed_yield_requests_total")
         cap_refused = _delta(after, before, "bucketmesh_bucket_cap_rejections_total")
         sync_sent = _delta(after, before, "bucketmesh_sync_messages_sent_total{peer=west}")
         sync_failed = _delta(after, before, "bucketmesh_sync_send_failures_total{peer=west}")
@@ -363,6 +387,7 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
         seconds,
         result,
         shed,
+        shed_yield,
         cap_refused,
         rss,
         buckets,
@@ -427,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_row(binary, workdir, shedding, multiple, rate, length, shed_lag_ms,
                                 not args.no_admin_listen))  # fmt: skip
             print(f"row {rows[-1].shedding} {rows[-1].multiple}: {rows[-1].client}", flush=True)
-    columns = ["shedding", "load", "s", "offered/s", "served/s", "shed 503", "cap 503",
+    columns = ["shedding", "load", "s", "offered/s", "served/s", "shed 503", "of which yield",
+               "cap 503",
                "p99 served ms", "p99 shed ms", "client late p99 ms", "peak RSS MB", "buckets",
                "node CPU %", "client CPU %", "errors", "alive"]  # fmt: skip
     cells = []
@@ -439,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         span = max(float(c["span_s"]), 1e-9)  # type: ignore[arg-type]
         cells.append([
             r.shedding, r.multiple, f"{r.seconds:.0f}", f"{int(c['offered']) / r.seconds:,.0f}",  # type: ignore[call-overload]
-            f"{served / span:,.0f}", _count(r.shed), _count(r.cap_refused),
+            f"{served / span:,.0f}", _count(r.shed), _count(r.shed_yield), _count(r.cap_refused),
             _ms(c["served_ms"]["p99"]), _ms(c["shed_ms"]["p99"]),  # type: ignore[index]
             _ms(c["write_late_ms"]["p99"]),  # type: ignore[index]
             f"{r.rss_mb:,.0f}", f"{r.buckets:,}" if r.buckets >= 0 else "—",
@@ -477,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                 "reserved listener, `adminListen`)"
             )
             + '; a fresh pair per row. "shed 503" and "cap 503" '
-            "are the node's counters (shedding; new keys beyond `limits.maxBuckets`), the "
+            "are the node's counters (shedding; new keys beyond `limits.maxBuckets`), "
+            '"of which yield" the turns shed whole while `east`\'s sync sender was behind, the '
             'p99s are the client\'s, from the due time; "client late" is how late the client '
             "handed its requests to their connection's buffer (a client short of CPU is late, "
             "or one whose 1 MB buffer per connection is full behind the node's receive "

@@ -23,6 +23,7 @@ from conftest import Mesh, MeshNode, ServerFactory, eventually, free_port, make_
 
 from bucketmesh.http.server import HttpServer, Response, ServerLimits
 from bucketmesh.node.config import ConfigError, parse_config
+from bucketmesh.tooling.netproxy import Faults
 
 ADMIN_TOKEN = "shed-admin-token"
 RULES = [
@@ -311,3 +312,108 @@ def test_a_turn_after_one_that_ran_past_twice_the_shed_lag_is_shed_whole() -> No
             await server.shutdown()
 
     asyncio.run(check())
+
+
+def test_a_turn_after_a_long_one_is_shed_whole_while_reserved_work_is_behind() -> None:
+    """``HttpServer.yield_to`` (a node's sync sender: more deltas queued for a peer than
+    one round of its pipeline carries): after a turn that ran past half ``shed_lag``
+    while it says so, the next turn is shed whole (counted as ``yield``), so that the
+    sender, whose every message waits a turn for its ack, gets short turns. A short
+    last turn, or a sender that is not behind, serves as before."""
+
+    async def check() -> None:
+        behind = [True]
+        asked = []
+
+        def sender_behind() -> bool:
+            asked.append(True)
+            return behind[0]
+
+        server = HttpServer(lambda request: Response(200, b"{}"), ServerLimits(shed_lag=0.1))
+        server.yield_to = sender_behind
+        await server.start("127.0.0.1", 0)
+        try:
+            loop = asyncio.get_running_loop()
+            server._lag_due = loop.time() - 0.07  # the last turn ran 70 ms: past half
+            server._tick_lag()
+            assert server._shedding_now() and server._shed_cause == "yield"
+            behind[0] = False
+            server._lag_due = loop.time() - 0.07
+            server._tick_lag()
+            assert not server._shedding_now()
+            behind[0] = True
+            asked.clear()
+            server._lag_due = loop.time() - 0.02  # a short turn: the sender is not asked
+            server._tick_lag()
+            assert not server._shedding_now() and asked == []
+            server._lag_due = loop.time() - 0.3  # a stall: shed whole for lag, as before
+            server._tick_lag()
+            assert server._shedding_now() and server._shed_cause == "lag"
+        finally:
+            await server.shutdown()
+
+    asyncio.run(check())
+
+
+def test_a_flooded_node_yields_turns_to_its_own_sync_sender_and_answers_every_request(
+    serve: ServerFactory,
+) -> None:
+    """R6, the flooded node's own replication: under a flood of new keys (every decision
+    a new bucket to replicate) its sender falls behind, and the node sheds whole turns
+    for it (``bucketmesh_http_shed_yield_requests_total``) instead of letting its deltas
+    queue for seconds: its sync messages keep going out and succeeding while the flood
+    goes on, a grant made meanwhile reaches the other region before the flood ends, the
+    reserved listener answers, and every flood request gets 200 or 503 (none hangs: the
+    flood's reads time out after 30 s and would be counted). The link between the
+    regions has 200 ms of latency each way, so that the sender falls behind on any
+    machine: 8 messages of ~256 deltas per 400 ms round trip, fewer than the node serves."""
+    admin_port = free_port()
+    reserved_url = f"http://127.0.0.1:{admin_port}"
+    mesh = Mesh(
+        serve,
+        ["us-east-1", "eu-west-1"],
+        buckets=RULES,
+        admin_token=ADMIN_TOKEN,
+        faults=Faults(latency_s=0.2),
+        peer_timeout_ms=3000,
+        overrides={
+            "us-east-1": {"adminListen": f"127.0.0.1:{admin_port}", "limits": {"shedLag": 1}},
+            "eu-west-1": {"sync": {"peerUrls": {"us-east-1": reserved_url}}},
+        },
+    ).start()
+    flooded, peer = mesh[0], mesh[1]
+    sent = 'bucketmesh_sync_messages_sent_total{peer="eu-west-1"}'
+    with httpx.Client(base_url=reserved_url, timeout=30) as reserved:
+
+        def metric(name: str) -> float:
+            match = re.search(rf"^{re.escape(name)} (\S+)$", reserved.get("/metrics").text, re.M)
+            return float(match.group(1)) if match else 0.0
+
+        with Flood(flooded, connections=4, fresh_keys=True) as flood:
+            eventually(
+                lambda: metric("bucketmesh_http_shed_yield_requests_total") > 0,
+                "the flooded node yields a turn to its sync sender",
+            )
+            before = metric(sent)
+            eventually(
+                lambda: metric(sent) >= before + 10,
+                "the flooded node's sync messages keep succeeding during the flood",
+            )
+            granted = 0
+            while granted == 0:
+                answer = flooded.client.post("/v1/rate", json={"key": "small-in-flood"})
+                assert answer.status_code in (200, 503), answer.text
+                granted = answer.status_code == 200
+            eventually(
+                lambda: (
+                    sum(e["used"] for e in peer.state("small-in-flood")["replicas"].values()) >= 1
+                ),
+                "a grant made on the flooded node reaches the other region during the flood",
+            )
+            assert reserved.get("/v1/status").status_code == 200
+            assert not flood._stop.is_set()  # all of the above happened during the flood
+    assert flood.errors == [], flood.errors
+    assert set(flood.statuses) <= {200, 503}, flood.statuses
+    assert flood.statuses[503] > 0 and flood.statuses[200] > 0, flood.statuses
+    assert flood.retry_after == Counter({"1": flood.statuses[503]})
+    assert flooded.process.poll() is None

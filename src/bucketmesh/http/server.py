@@ -81,7 +81,12 @@ Shedding (docs/targets.md R6)
     serves for about ``shed_lag`` and sheds the rest, and the node keeps reading
     its sockets at several times its capacity, so what it serves waits about one
     turn, not a queue in the socket buffers. Or ``max_in_flight`` handler answers
-    (a Redis decision, a durable grant) are already awaited.
+    (a Redis decision, a durable grant) are already awaited. Or reserved work on
+    the same loop is behind (``yield_to``: the node's sync sender holds more deltas
+    for a peer than one round of its connections carries) and the last turn ran
+    past half ``shed_lag``: the turn is shed whole (counted as ``yield``), so the
+    sender, each of whose messages waits a turn for its ack, gets short turns, and
+    the node admits about what it can replicate.
     Reserved traffic is never shed: the sync endpoints, the admin and fault
     endpoints, ``PATCH`` and the probes and metrics (``_RESERVED``), so a
     flooded node still replicates, reports and can be reconfigured.
@@ -783,7 +788,7 @@ class _Connection(asyncio.Protocol):
             start = after
         if count:
             server = self._server
-            server.shed["lag"] += count
+            server.shed[server._shed_cause] += count
             server.shed_unparsed += count
             answer = server._shed_answer * count
             self._out.append(answer)
@@ -1386,8 +1391,16 @@ class HttpServer:
         self._lag_due = 0.0
         self._fast_shed = True  # answer shed requests without the parser (tests compare both)
         self._shed_answer = b""  # the 503 of the fast shed path, encoded (with the Date)
-        #: requests answered 503 by shedding, by cause: loop lag, or max_in_flight
-        self.shed = {"lag": 0, "in_flight": 0}
+        #: requests answered 503 by shedding, by cause: loop lag, max_in_flight, or a turn
+        #: shed whole so that reserved work that is behind (``yield_to``) gets the loop
+        self.shed = {"lag": 0, "in_flight": 0, "yield": 0}
+        #: whether reserved work the node does on this loop is behind (the sync sender:
+        #: more deltas queued for a peer than its pipeline carries in one round); while
+        #: it is and the last turn of the loop ran past half ``shed_lag``, the turn is
+        #: shed whole, so that work gets the loop's next turns (``_tick_lag``)
+        self.yield_to: Callable[[], bool] | None = None
+        self._shed_cause = "lag"  # what the shed reads of this turn are counted as
+        self._busy = False  # the last turn ran past half shed_lag (and yield_to is set)
         #: of the requests shed for lag, those answered by the fast path, unparsed
         self.shed_unparsed = 0
         #: the worst lateness of the lag timer in the last whole second (seconds)
@@ -1514,7 +1527,17 @@ class HttpServer:
         # turn ran: what the sockets hold now has waited that long. Past twice shed_lag
         # (one serving share and the shedding of the rest take less), serving it would
         # answer requests that already waited beyond the bound: shed this turn whole.
-        self._stale_turn = late > 2 * self._limits.shed_lag
+        # Reserved work on this loop that is behind (the sync sender of a flooded node:
+        # each of its messages waits a turn for its ack, and turns of a flooded loop last
+        # tens of milliseconds) gets the next turns: a turn shed whole is short. Asked
+        # again at each read of a busy loop (_shedding_now), since several turns may
+        # serve before the next tick.
+        shed_lag = self._limits.shed_lag
+        stale = late > 2 * shed_lag
+        self._busy = busy = not stale and late > shed_lag / 2 and self.yield_to is not None
+        yielding = busy and self.yield_to is not None and self.yield_to()
+        self._stale_turn = stale or yielding
+        self._shed_cause = "yield" if yielding else "lag"
         # on until shutdown() cancels it: a stale due time would read as lag
         self._lag_due = now + _LAG_TICK_S
         self._lag_timer = loop.call_at(self._lag_due, self._tick_lag)
@@ -1523,8 +1546,17 @@ class HttpServer:
         """Whether a read handled now is shed: the lag timer is overdue by more than
         ``shed_lag``, so this turn of the event loop has run that long (or the loop
         has not turned for that long) and what is read now would wait behind it; or
-        the last turn ran past twice ``shed_lag``, so what is read now waited through it."""
-        return self._stale_turn or time.monotonic() - self._lag_due > self._limits.shed_lag
+        the last turn ran past twice ``shed_lag``, so what is read now waited through it;
+        or the loop is busy and reserved work on it is behind (``yield_to``)."""
+        if self._stale_turn:
+            return True
+        if time.monotonic() - self._lag_due > self._limits.shed_lag:
+            self._shed_cause = "lag"
+            return True
+        if self._busy and self.yield_to is not None and self.yield_to():
+            self._shed_cause = "yield"
+            return True
+        return False
 
     def _sheds(self, request: Request) -> bool:
         """Whether to answer ``request`` 503 now (called only while its chunk is shed or
@@ -1534,7 +1566,7 @@ class HttpServer:
         if self._in_flight >= self._max_in_flight:
             self.shed["in_flight"] += 1
             return True
-        self.shed["lag"] += 1  # the chunk it came in was shed
+        self.shed[self._shed_cause] += 1  # the chunk it came in was shed
         return True
 
     def _stamp_date(self) -> None:

@@ -249,6 +249,9 @@ class Node:
             tls=tls if tls is not None and tls.files.serves else None,
         )
         self.admin_server = self._admin_server(settings)
+        if self.mesh is not None:
+            # a flooded node's sender, behind, gets the loop: decisions yield (R6)
+            self.server.yield_to = self.mesh.backlogged
         for cause in self.server.shed:
             self.metrics.counter(
                 f"bucketmesh_http_shed_{cause}_requests",

@@ -85,7 +85,7 @@ from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
 from bucketmesh.replication.keyindex import RangeIndex
-from bucketmesh.replication.link import HttpLink, LinkError
+from bucketmesh.replication.link import HttpLink, LinkError, within
 from bucketmesh.replication.outbox import Outbox
 from bucketmesh.telemetry.audit import AuditLog
 from bucketmesh.telemetry.log import logger
@@ -181,6 +181,9 @@ _DIGEST_GROUP: Final = 64  # ranges per digest request
 # buckets scanned (~0.5 µs each) or hashed (~4 µs each: encode + blake2b), so a
 # million buckets cost decisions a few ms at a time, never a second at once.
 _SCAN_SLICE: Final = 5000
+# The encoded size of a new bucket's delta (one replica entry, a rule's config: ~300
+# bytes with a 40-byte key), for ``Mesh.backlogged``'s count of keys per message.
+_DELTA_BYTES_ESTIMATE: Final = 256
 _HASH_SLICE: Final = 1000
 
 
@@ -219,6 +222,10 @@ class MeshSettings:
     #: one, a delta collected while a message is in flight waits for its ack, so the
     #: lag of a busy key is about RTT + one way; with p, about RTT/p + one way
     pipeline: int = 2
+    #: delta messages in flight per peer while more deltas are queued for it, not in
+    #: flight, than ``pipeline`` messages carry (a flood of new keys: each one a bucket
+    #: to replicate, ~300 bytes of delta): the further connections send only then
+    pipeline_burst: int = 8
     #: the client side of TLS to https:// peers (http/tls.py); None: system CAs
     tls: TlsContexts | None = None
 
@@ -242,7 +249,7 @@ class Peer:
         self.url = url
         self.links = [
             HttpLink(url, timeout_s=settings.peer_timeout_s, tls=settings.tls)
-            for _ in range(max(1, settings.pipeline))
+            for _ in range(max(1, settings.pipeline, settings.pipeline_burst))
         ]
         self.link = self.links[0]
         self.wakes = [asyncio.Event() for _ in self.links]
@@ -390,6 +397,32 @@ class Mesh:
     @property
     def local_only(self) -> bool:
         return not any(peer.state == UP for peer in self.peers.values())
+
+    def backlogged(self) -> bool:
+        """Whether a peer that is up has more deltas queued, and not in flight, than one
+        round of all its connections carries (``pipeline_burst`` messages): the sender
+        is behind.
+
+        The HTTP server asks this (``HttpServer.yield_to``) when a turn of the event
+        loop ran long: a node flooded with decisions sheds the next turn whole while
+        its sender is behind, so that every message of the sender, which waits a turn
+        for its ack, gets short turns until the backlog is gone. Decisions then yield
+        to replication: the node admits about what it can replicate, and the lag stays
+        bounded (R6; before, the flooded node's own deltas lagged 2-3 s behind). A
+        peer that is not up does not count: a node cut off decides on its own."""
+        return any(
+            peer.state == UP and self._unsent(peer) > len(peer.links) * self._keys_per_message
+            for peer in self.peers.values()
+        )
+
+    @property
+    def _keys_per_message(self) -> int:
+        return max(1, self.settings.max_message_bytes // _DELTA_BYTES_ESTIMATE)
+
+    @staticmethod
+    def _unsent(peer: Peer) -> int:
+        """About how many deltas are queued for ``peer`` and not in flight."""
+        return len(peer.box.queued) - len(peer.box.inflight)
 
     # -- wiring ----------------------------------------------------------------
 
@@ -590,7 +623,7 @@ class Mesh:
                 if wait > 0:
                     peer.wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(peer.wake.wait(), wait)
+                        await within(peer.wake.wait(), wait)  # no task: no extra turns
                     continue
             if await self._push_outbox(peer):
                 last_sent = self.monotonic()
@@ -599,13 +632,19 @@ class Mesh:
 
     async def _pipeline_loop(self, peer: Peer, index: int) -> None:
         """A further sender on its own connection: only deltas not in flight yet, only
-        while the peer is up (the first sender alone probes a failing peer)."""
+        while the peer is up (the first sender alone probes a failing peer); one beyond
+        ``pipeline`` only while more is queued than ``pipeline`` messages carry."""
         link, wake = peer.links[index], peer.wakes[index]
+        burst = index >= max(1, self.settings.pipeline)
         while self.running:
-            if peer.state != UP or not peer.takeable():
+            if (
+                peer.state != UP
+                or (burst and self._unsent(peer) <= self.settings.pipeline * self._keys_per_message)
+                or not peer.takeable()  # (scans the queue: last)
+            ):
                 wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(wake.wait(), self.settings.heartbeat_s)
+                    await within(wake.wait(), self.settings.heartbeat_s)
                 continue
             if await self._push_outbox(peer, link=link, require_deltas=True) is False:
                 await asyncio.sleep(self._backoff(peer))
@@ -690,7 +729,12 @@ class Mesh:
                     await self._transfer_full(peer)
                     continue
                 if self.monotonic() >= next_digest:
-                    await self._digest_round(peer)
+                    # Not while the sender is behind (a flood of new keys): the ranges
+                    # differ by what is still queued, and the round would swap their full
+                    # state both ways (a merge and an encode of up to every bucket, each
+                    # one long turn of a flooded loop) for what the deltas carry anyway.
+                    if self._unsent(peer) <= self.settings.pipeline * self._keys_per_message:
+                        await self._digest_round(peer)
                     next_digest = self.monotonic() + self._digest_interval()
             except LinkError as error:
                 peer.last_error = str(error)
