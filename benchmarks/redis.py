@@ -272,6 +272,19 @@ def store_failures(services: list[object]) -> int:
     return total
 
 
+def decisions_per_call(services: list[object]) -> float:
+    """Decisions per acquire script call of ``services`` so far (their /metrics)."""
+    decided = calls = 0.0
+    for service in services:
+        _, body = bench_http.http_request(service.port, "GET", "/metrics")  # type: ignore[attr-defined]
+        for name, _, value in bench_http.parse_metrics(body.decode()):
+            if name == "bucketmesh_store_decisions_total":
+                decided += float(value)
+            elif name == "bucketmesh_store_script_calls_total":
+                calls += float(value)
+    return decided / max(calls, 1.0)
+
+
 def grants(services: list[object]) -> tuple[int, int]:
     allowed = denied = 0
     for service in services:
@@ -287,7 +300,8 @@ def used_in_redis(service: object) -> int:
 
 # -- the per-request work on the node, in-process (--wire) ---------------------------------
 
-WIRE_CONCURRENCY = 25  # requests in flight per loop turn (one node's share of 50 connections)
+WIRE_CONCURRENCY = int(os.environ.get("BENCH_WIRE_CONCURRENCY", "25"))  # per loop turn: one
+# node's share of 50 connections
 WIRE_CONTENDERS = {
     "http-memory": "POST /v1/rate through _Connection, Router, RatingApp on the memory backend",
     "http-future": "the same on the memory backend answering through a done future (the "
@@ -586,6 +600,7 @@ def main() -> int:
                     if errors:
                         problems.append(f"{name}: {errors} socket errors or non-2xx answers")
             total_grants = grants(services)[0]
+            per_call = decisions_per_call(services)
             used = used_in_redis(a)
             failures = store_failures(services)
             if failures:
@@ -665,6 +680,8 @@ def main() -> int:
         f"(1 node {ratio_1:.2f}×), target ≥ {P6_RATIO:g}×; "
         f"over-admission checks {'passed' if not problems else 'FAILED'}"
     )
+    per_call_line = f"admit: {per_call:.1f} decisions per script call (both nodes, all rounds)"
+    print(per_call_line)
     print(deny_line)
     print(verdict)
     for problem in problems:
@@ -672,6 +689,7 @@ def main() -> int:
     body = "\n\n".join(
         [
             _report.markdown_table(columns, rows),
+            per_call_line,
             deny_line,
             verdict + ("\n\n" + "\n".join(f"- {p}" for p in problems) if problems else ""),
             f"limits: {_report.versions('limits', 'redis')}, "

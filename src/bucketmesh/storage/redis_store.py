@@ -308,11 +308,8 @@ def check_exact(config: BucketConfig) -> str | None:
 
 def _pack(args: Sequence[Any]) -> bytes:
     """One command in RESP."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    parts = [arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
+    return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(p), p) for p in parts])
 
 
 class _Link(asyncio.Protocol):
@@ -540,7 +537,9 @@ class RedisStore:
         """EVALSHA on the raw link; EVAL (which loads it) when Redis answers NOSCRIPT."""
         if not self.raw:
             return await script(keys=keys, args=args)
-        link = await self._open_link()
+        link = self.link
+        if link is None or link.lost:
+            link = await self._open_link()
         reply = await link.send(["EVALSHA", script.sha, len(keys), *keys, *args])
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await link.send(["EVAL", script.script, len(keys), *keys, *args])
