@@ -272,6 +272,19 @@ def store_failures(services: list[object]) -> int:
     return total
 
 
+def decisions_per_call(services: list[object]) -> float:
+    """Decisions per acquire script call of ``services`` so far (their /metrics)."""
+    decided = calls = 0.0
+    for service in services:
+        _, body = bench_http.http_request(service.port, "GET", "/metrics")  # type: ignore[attr-defined]
+        for name, _, value in bench_http.parse_metrics(body.decode()):
+            if name == "bucketmesh_store_decisions_total":
+                decided += float(value)
+            elif name == "bucketmesh_store_script_calls_total":
+                calls += float(value)
+    return decided / max(calls, 1.0)
+
+
 def grants(services: list[object]) -> tuple[int, int]:
     allowed = denied = 0
     for service in services:
@@ -285,6 +298,219 @@ def used_in_redis(service: object) -> int:
     return int(bench_http.used_of(service.port, f"hot-{KEY}")[0])  # type: ignore[attr-defined]
 
 
+# -- the per-request work on the node, in-process (--wire) ---------------------------------
+
+WIRE_CONCURRENCY = int(os.environ.get("BENCH_WIRE_CONCURRENCY", "25"))  # per loop turn: one
+# node's share of 50 connections
+WIRE_CONTENDERS = {
+    "http-memory": "POST /v1/rate through _Connection, Router, RatingApp on the memory backend",
+    "http-future": "the same on the memory backend answering through a done future (the "
+    "HTTP layer's path for a store that answers later, without Redis)",
+    "http-redis": "POST /v1/rate through _Connection, Router, RatingApp on the redis backend",
+    "backend": "RedisBackend.acquire alone (no HTTP): ask, queue, script call, verdict, future",
+    "store": "RedisStore.acquire alone: arguments, EVALSHA on the raw link, hiredis, verdicts",
+    "link": "the raw link alone: the same EVALSHA's RESP encode, send, reply parse",
+}
+
+
+async def _wire_rounds(which: str, rounds: int, url: str) -> None:
+    """``rounds`` turns of WIRE_CONCURRENCY decisions each, after 20 turns of warm-up:
+    what callgrind counts (callgrind_main subtracts two round counts)."""
+    import uvloop  # noqa: F401  (the loop the node runs on)
+
+    from bucketmesh.api.routes import RatingApp
+    from bucketmesh.core.limiter import Limiter
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.http.router import Router
+    from bucketmesh.http.server import HttpServer, _Connection
+    from bucketmesh.storage.memory import MemoryStore
+    from bucketmesh.storage.redis_backend import RedisBackend
+    from bucketmesh.telemetry.metrics import NodeMetrics
+
+    sys.path.append(str(_HERE))
+    from http_rate import WIRE_REQUEST, _WireTransport
+
+    rule = Rule.create(bench_http.TEMPLATE, 10**12, 1e9, name=bench_http.RULE, mode="shared")
+    backend: RedisBackend | None = None
+    if which not in ("http-memory", "http-future"):
+        backend = RedisBackend([rule], region="wire", node="wire-1", url=url, timeout_s=5.0)
+        await backend.start()
+        assert backend.up, backend.last_error
+        # the health and read-back loops run per interval of wall time, which valgrind
+        # stretches ~50×: they would be charged to the decisions; not counted here
+        for task in backend.tasks:
+            task.cancel()
+        await asyncio.gather(*backend.tasks, return_exceptions=True)
+    n = WIRE_CONCURRENCY
+    loop = asyncio.get_running_loop()
+    turn: Any  # one round's work, awaited
+    if which.startswith("http"):
+        router = Router(NodeMetrics())
+        decider: Any = backend or MemoryStore(Limiter([rule], replica_id="wire-1"))
+        if which == "http-future":
+            decide_now = decider.acquire
+
+            def later(*args: Any, **kwargs: Any) -> Any:
+                future = loop.create_future()
+                future.set_result(decide_now(*args, **kwargs))
+                return future
+
+            decider.acquire = later
+        RatingApp(decider, region="wire", node="wire-1", router=router)
+        server = HttpServer(router)
+        server._lag_due = float("inf")  # never started: no lag shedding
+        waiting: list[asyncio.Future[None]] = []
+        written = [0]
+
+        class Transport(_WireTransport):
+            def write(self, data: bytes) -> None:
+                super().write(data)
+                written[0] += 1
+                if written[0] == n and waiting:
+                    waiting.pop().set_result(None)
+
+        feeds = []
+        transports = []
+        for _ in range(n):
+            transport = Transport()
+            connection = _Connection(server, loop)
+            connection.connection_made(transport)  # type: ignore[arg-type]
+            feeds.append(connection.data_received)
+            transports.append(transport)
+
+        async def turn() -> None:
+            written[0] = 0
+            done = loop.create_future()
+            waiting.append(done)
+            for feed in feeds:
+                feed(WIRE_REQUEST)
+            if written[0] < n:
+                await done
+            waiting.clear()
+
+    elif which == "backend":
+        assert backend is not None
+        key = "agent-api-key-wire"
+
+        async def turn() -> None:
+            pending = [backend.acquire(key) for _ in range(n)]
+            for future in pending:
+                decision = await future  # type: ignore[misc]
+                assert decision.allowed
+
+    else:
+        assert backend is not None
+        asks = [backend.ask("agent-api-key-wire", None, 1) for _ in range(n)]
+        store = backend.store
+        if which == "store":
+
+            async def turn() -> None:
+                verdicts = await store.acquire(asks, time.time_ns())
+                assert verdicts[-1].status == 1
+
+        else:
+            from bucketmesh.storage import redis_store
+
+            captured: list[list[Any]] = []
+            real = store._run_script
+
+            async def capture(script: Any, keys: list[str], args: list[Any]) -> Any:
+                captured.append([script, keys, args])
+                return await real(script, keys, args)
+
+            store._run_script = capture  # type: ignore[method-assign]
+            await store.acquire(asks, time.time_ns())
+            store._run_script = real  # type: ignore[method-assign]
+            script, keys, args = captured[0]
+            link = await store._open_link()
+            command = ["EVALSHA", script.sha, len(keys), *keys, *args]
+
+            async def turn() -> None:
+                reply = await link.send(command)
+                assert not isinstance(reply, redis_store.hiredis.ReplyError), reply
+
+    for _ in range(20 + rounds):
+        await turn()
+    if which.startswith("http"):
+        assert all(t.last.startswith(b"HTTP/1.1 200 ") for t in transports), transports[0].last
+    if backend is not None:
+        await backend.stop()
+
+
+def wire_loop(which: str, rounds: int, url: str) -> None:
+    import uvloop
+
+    uvloop.run(_wire_rounds(which, rounds, url))
+
+
+def _wire_instructions(which: str, rounds: int, url: str) -> int:
+    out = subprocess.run(
+        [
+            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+            *(sys.executable, __file__, "--wire-loop", which, str(rounds), url),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    return int(out.stderr.split("Collected : ")[1].split()[0])
+
+
+def _redis_usec(client: Any) -> tuple[int, int]:
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
+def wire_main() -> int:
+    """Instructions per decision on the node (callgrind, (Ir of 120 turns − Ir of 40
+    turns) ÷ 80 turns ÷ WIRE_CONCURRENCY) for each layer of a Redis decision, and
+    redis-server's own time per decision in the script (INFO commandstats)."""
+    if shutil.which("valgrind") is None:
+        print("P6 --wire: valgrind is not installed", file=sys.stderr)
+        return 2
+    machine = _report.machine()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-redis-wire-") as tmp:
+        redis_proc = RedisProcess(Path(tmp))
+        try:
+            for which, what in WIRE_CONTENDERS.items():
+                low = _wire_instructions(which, 40, redis_proc.url)
+                high = _wire_instructions(which, 120, redis_proc.url)
+                per = (high - low) / 80 / WIRE_CONCURRENCY
+                rows.append([which, what, f"{per:,.0f}"])
+                print(f"{which}: {per:,.0f} Ir per decision", flush=True)
+            # redis-server's time in the script, per decision (no valgrind: real speed)
+            calls, usec = _redis_usec(redis_proc.client)
+            wire_loop("store", 400, redis_proc.url)
+            calls2, usec2 = _redis_usec(redis_proc.client)
+            lua_us = (usec2 - usec) / max(calls2 - calls, 1) / WIRE_CONCURRENCY
+        finally:
+            redis_proc.stop()
+    rows.append(
+        [
+            "lua",
+            "redis-server: acquire.lua per decision (INFO commandstats, µs)",
+            f"{lua_us:.2f} µs",
+        ]
+    )
+    columns = ["layer", "what", "per decision"]
+    title = (
+        f"P6 per-decision work on a redis node, in-process ({WIRE_CONCURRENCY} decisions per "
+        "loop turn, one key)"
+    )
+    _report.print_table(title, columns, rows)
+    body = "\n\n".join(
+        [
+            _report.markdown_table(columns, rows),
+            "Instructions per decision (callgrind, the node's process only: redis-server is "
+            "not counted). Command: `PYTHONPATH=src .venv/bin/python benchmarks/redis.py --wire`",
+        ]
+    )
+    _report.append_section(title, body, machine=machine)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -292,7 +518,16 @@ def main() -> int:
         "--cluster", action="store_true", help="on a Redis Cluster (6 processes) instead"
     )
     parser.add_argument("--limits-client", nargs=3, metavar=("URL", "SECONDS", "CONCURRENCY"))
+    parser.add_argument(
+        "--wire", action="store_true", help="callgrind Ir per decision, layer by layer"
+    )
+    parser.add_argument("--wire-loop", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.wire_loop:
+        wire_loop(args.wire_loop[0], int(args.wire_loop[1]), args.wire_loop[2])
+        return 0
+    if args.wire:
+        return wire_main()
     if args.limits_client:
         url, seconds, concurrency = args.limits_client
         import uvloop
@@ -365,6 +600,7 @@ def main() -> int:
                     if errors:
                         problems.append(f"{name}: {errors} socket errors or non-2xx answers")
             total_grants = grants(services)[0]
+            per_call = decisions_per_call(services)
             used = used_in_redis(a)
             failures = store_failures(services)
             if failures:
@@ -444,6 +680,8 @@ def main() -> int:
         f"(1 node {ratio_1:.2f}×), target ≥ {P6_RATIO:g}×; "
         f"over-admission checks {'passed' if not problems else 'FAILED'}"
     )
+    per_call_line = f"admit: {per_call:.1f} decisions per script call (both nodes, all rounds)"
+    print(per_call_line)
     print(deny_line)
     print(verdict)
     for problem in problems:
@@ -451,6 +689,7 @@ def main() -> int:
     body = "\n\n".join(
         [
             _report.markdown_table(columns, rows),
+            per_call_line,
             deny_line,
             verdict + ("\n\n" + "\n".join(f"- {p}" for p in problems) if problems else ""),
             f"limits: {_report.versions('limits', 'redis')}, "

@@ -888,3 +888,54 @@ def test_redis_losing_its_data_hands_no_spent_token_back_under_any_policy(
         state = client.get("/v1/bucket/state", params={"key": "w-a"}).json()
         assert state["tokens_remaining"] == 0, state
         assert client.post("/v1/rate?k=a").status_code == 429
+
+
+def test_concurrent_decisions_on_many_keys_share_script_calls_and_keep_their_answers(
+    redis_server: Any,
+) -> None:
+    """Item 7 of issue 19: the decisions that arrive in one loop turn go to Redis as one
+    script call. 240 decisions at once over 6 keys of two rules (capacities 10 and 7,
+    1 to 3 tokens each, interleaved), hardly any refill: each key grants exactly what
+    fits, no more; Redis holds exactly the grants; and each answer is its own ask's:
+    its key, its rule's capacity, and, in the order asked, the level falling by its
+    tokens with each grant (an answer paired with another ask breaks the sequence)."""
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    rules = [
+        Rule.create("a-{{ .Request.Query.u }}", 10, 0.0001, name="ra", ttl=3600.0),
+        Rule.create("b-{{ .Request.Query.u }}", 7, 0.0001, name="rb", ttl=3600.0),
+    ]
+    keys = {"a-1": 1, "a-2": 2, "a-3": 3, "b-1": 1, "b-2": 2, "b-3": 3}  # key -> tokens
+    capacity = {"a": 10, "b": 7}
+    order = [key for _ in range(40) for key in keys]  # interleaved: a-1 a-2 ... b-3 a-1 ...
+
+    async def run() -> tuple[list[Any], int, dict[str, int]]:
+        backend = RedisBackend(rules, region="r", node="n", url=redis_server.url, timeout_s=5.0)
+        await _joined(backend)
+        try:
+            answers = [backend.acquire(key, keys[key], rule=f"r{key[0]}") for key in order]
+            decisions = await asyncio.wait_for(asyncio.gather(*answers), 30)
+            return decisions, backend.calls, _used(await backend.store.read(list(keys)))
+        finally:
+            await backend.store.close()
+
+    decisions, calls, used = asyncio.run(run())
+    assert calls <= 2  # one call for the loop turn (two if a flush split it)
+    granted = dict.fromkeys(keys, 0)
+    level = {key: capacity[key[0]] for key in keys}
+    for key, decision in zip(order, decisions, strict=True):
+        tokens = keys[key]
+        assert decision.key == key
+        assert decision.rule == f"r{key[0]}"
+        assert decision.capacity == capacity[key[0]]
+        fits = level[key] >= tokens
+        assert decision.allowed == fits, (key, level[key], decision)
+        if fits:
+            level[key] -= tokens
+            granted[key] += tokens
+        # the bucket's level after this decision (refill of 0.0001/s: none to speak of)
+        assert decision.tokens_remaining == level[key], (key, decision)
+    # exactly what fits in each bucket, no more, and Redis holds exactly that
+    assert granted == {key: capacity[key[0]] // t * t for key, t in keys.items()}
+    assert used == granted

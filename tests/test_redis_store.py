@@ -215,3 +215,19 @@ def test_a_flushed_script_cache_is_reloaded(
     redis_server_module.client().script_flush()
     assert run(store.acquire([Ask("flushed", "r", config, 1)], T0))[0].status == ALLOWED
     assert run(store.read(["flushed"]))[0].used == {store.replica_id: 2}
+
+
+def test_replies_are_parsed_by_hiredis(store: RedisStore, loop: asyncio.AbstractEventLoop) -> None:
+    """Decisions go over the raw link, whose replies hiredis parses; redis-py's own
+    connections (reads, merges, the incarnation) use its hiredis parser too, which
+    it picks only when the package is installed (pyproject.toml lists it)."""
+    import hiredis
+    from redis._parsers.hiredis import _AsyncHiredisParser
+
+    config = Limiter([_rule(3, 1.0, 60.0)], replica_id="x").rule_configs["r"]
+    verdicts = loop.run_until_complete(store.acquire([Ask("hiredis", "r", config, 1)] * 2, T0))
+    assert [v.status for v in verdicts] == [ALLOWED, ALLOWED]
+    assert store.raw and store.link is not None
+    assert isinstance(store.link.reader, hiredis.Reader)
+    connection = store.redis.connection_pool.make_connection()
+    assert isinstance(connection._parser, _AsyncHiredisParser)

@@ -115,6 +115,7 @@ MAX_REFUSED_SHADOW: Final = 4096  # keys whose last refusal's shadow mark is kep
 
 # A queued decision and what to call with its Decision (or its error) once known.
 Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
+_tuple_new = tuple.__new__  # an Ask built without NamedTuple.__new__'s Python frame
 
 
 #: A claim's lifetime before its answer is recorded: a node that dies while deciding
@@ -792,9 +793,15 @@ class RedisBackend:
         ask = self.ask(key, rule, tokens)
         if not self.up:
             return self._fallback(ask)
-        # The hot path: a bare future resolved straight from the script's answer.
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self.enqueue([(ask, _settle(future))])
+        # The hot path: a bare future resolved straight from the script's answer
+        # (``enqueue`` and ``_schedule`` inlined).
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        self.pending.append([(ask, _settle(future))])
+        self.pending_count += 1
+        if not self.flush_scheduled and self.inflight < self.max_inflight:
+            self.flush_scheduled = True
+            loop.call_soon(self._flush)
         return future
 
     def acquire_columns(self, items: Sequence[Any]) -> None:
@@ -995,20 +1002,20 @@ class RedisBackend:
     ) -> Ask:
         limiter = self.mirror.limiter
         rule = limiter.resolve_rule(key, rule_name)
-        if key not in limiter.buckets:
+        buckets = limiter.buckets
+        if key not in buckets:
             check_key(key)
-        if (
-            rule.name in self.tracked
-            and key not in limiter.buckets
-            and key not in self.unmirrored
-            and len(limiter.buckets) + len(self.unmirrored) >= limiter.max_buckets
-        ):
-            self._refuse_at_cap()
+            if (
+                rule.name in self.tracked
+                and key not in self.unmirrored
+                and len(buckets) + len(self.unmirrored) >= limiter.max_buckets
+            ):
+                self._refuse_at_cap()
         whole = limiter.rule_configs[rule.name]
-        config = share_of(whole, self.regions)
+        config = whole if self.regions == 1 else share_of(whole, self.regions)
         if self.shares is not None and whole.mode == STRICT:
             return Ask(key, rule.name, config, tokens, group, request, True)
-        return Ask(key, rule.name, config, tokens, group, request)
+        return _tuple_new(Ask, (key, rule.name, config, tokens, group, request, False))
 
     def _refuse_at_cap(self) -> None:
         """A new key while the mirror is full: refused (503 + Retry-After, as the memory
@@ -1046,11 +1053,18 @@ class RedisBackend:
         self.flush_scheduled = False
         if not self.pending or self.inflight >= self.max_inflight:
             return
-        batch: list[Waiter] = []
-        while self.pending and (not batch or len(batch) < MAX_DECISIONS_PER_CALL):
-            unit = self.pending.pop(0)
-            self.pending_count -= len(unit)
-            batch.extend(unit)
+        batch: list[Waiter]
+        if self.pending_count <= MAX_DECISIONS_PER_CALL:
+            # the usual case: everything queued fits in one call
+            batch = [waiter for unit in self.pending for waiter in unit]
+            self.pending = []
+            self.pending_count = 0
+        else:
+            batch = []
+            while self.pending and (not batch or len(batch) < MAX_DECISIONS_PER_CALL):
+                unit = self.pending.pop(0)
+                self.pending_count -= len(unit)
+                batch.extend(unit)
         self.inflight += 1
         task = asyncio.get_running_loop().create_task(self._decide(batch))
         self.running.add(task)
@@ -1122,6 +1136,16 @@ class RedisBackend:
     def _answer(self, waiter: Waiter, verdict: Verdict) -> None:
         ask, outcome = waiter
         self.decided += 1
+        status = verdict[0]
+        if status == ALLOWED and not ask.shares:
+            # the hot path: a grant
+            if ask.tokens and ask.rule in self.tracked:
+                key = ask.key
+                self.touched.add(key)
+                if key not in self.mirror.buckets:
+                    self.unmirrored.add(key)
+            outcome(verdict.decision(ask.key))
+            return
         if ask.shares and self.shares is not None:
             self.shares.count(ask.key, ask.tokens, verdict.status == ALLOWED)
             if verdict.status == INVALID_TOKENS and ask.tokens <= self._whole_capacity(ask):

@@ -243,42 +243,19 @@ def slot_tag(slot: int) -> str:
     return _slot_tags[slot]
 
 
-class Verdict:
-    """One decision as the acquire script answered it."""
+class Verdict(NamedTuple):
+    """One decision as the acquire script answered it. A named tuple: one is made per
+    decision on the hot path, from a slice of the reply and the key's part of it."""
 
-    __slots__ = (
-        "capacity",
-        "interval_ns",
-        "level",
-        "mode",
-        "reset_ns",
-        "retry_ns",
-        "rule",
-        "shadow",
-        "status",
-    )
-
-    def __init__(
-        self,
-        status: int,
-        level: int,
-        retry_ns: int,
-        reset_ns: int,
-        capacity: int,
-        interval_ns: int,
-        mode: str,
-        rule: str,
-        shadow: bool = False,
-    ) -> None:
-        self.status = status
-        self.level = level
-        self.retry_ns = retry_ns
-        self.reset_ns = reset_ns
-        self.capacity = capacity
-        self.interval_ns = interval_ns
-        self.mode = mode
-        self.rule = rule
-        self.shadow = shadow  # the bucket's config is shadow (its ``s`` field)
+    status: int
+    level: int
+    retry_ns: int
+    reset_ns: int
+    capacity: int
+    interval_ns: int
+    mode: str
+    rule: str
+    shadow: bool = False  # the bucket's config is shadow (its ``s`` field)
 
     def decision(self, key: str) -> Decision:
         return Decision(
@@ -292,6 +269,9 @@ class Verdict:
             self.mode,
             self.rule,
         )
+
+
+_tuple_new = tuple.__new__
 
 
 class Ask(NamedTuple):
@@ -328,11 +308,8 @@ def check_exact(config: BucketConfig) -> str | None:
 
 def _pack(args: Sequence[Any]) -> bytes:
     """One command in RESP."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    parts = [arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
+    return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(p), p) for p in parts])
 
 
 class _Link(asyncio.Protocol):
@@ -568,7 +545,9 @@ class RedisStore:
         """EVALSHA on the raw link; EVAL (which loads it) when Redis answers NOSCRIPT."""
         if not self.raw:
             return await script(keys=keys, args=args)
-        link = await self._open_link()
+        link = self.link
+        if link is None or link.lost:
+            link = await self._open_link()
         reply = await link.send(["EVALSHA", script.sha, len(keys), *keys, *args])
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             reply = await link.send(["EVAL", script.script, len(keys), *keys, *args])
@@ -708,26 +687,39 @@ class RedisStore:
         args: list[Any] = []
         wanted = []
         shares = False
+        # consecutive asks of one rule share its config object: its index is kept
+        # without hashing the config again (an equal config in another object only
+        # costs a duplicate rule entry in the call)
+        last: Ask | None = None
+        rule_index = 0
         for ask in asks:
-            rule_index = rules.get((ask.rule, ask.config, ask.shares))
-            if rule_index is None:
-                rule_index = rules[(ask.rule, ask.config, ask.shares)] = len(rules) + 1
-                shares = shares or ask.shares
-                cfg = ask.config
-                epoch_s, epoch_n = _split(now_ns - now_ns % cfg.ttl_ns)
-                args += [
-                    ask.rule,
-                    cfg.capacity,
-                    cfg.interval_ns,
-                    cfg.ttl_ns,
-                    cfg.mode,
-                    str(cfg.version[0]),
-                    cfg.version[1],
-                    epoch_s,
-                    epoch_n,
-                    1 if cfg.shadow else 0,
-                    1 if ask.shares else 0,
-                ]
+            if (
+                last is None
+                or ask.config is not last.config
+                or ask.rule != last.rule
+                or ask.shares != last.shares
+            ):
+                found = rules.get((ask.rule, ask.config, ask.shares))
+                if found is None:
+                    found = rules[(ask.rule, ask.config, ask.shares)] = len(rules) + 1
+                    shares = shares or ask.shares
+                    cfg = ask.config
+                    epoch_s, epoch_n = _split(now_ns - now_ns % cfg.ttl_ns)
+                    args += [
+                        ask.rule,
+                        cfg.capacity,
+                        cfg.interval_ns,
+                        cfg.ttl_ns,
+                        cfg.mode,
+                        str(cfg.version[0]),
+                        cfg.version[1],
+                        epoch_s,
+                        epoch_n,
+                        1 if cfg.shadow else 0,
+                        1 if ask.shares else 0,
+                    ]
+                rule_index = found
+            last = ask
             key_index = keys.get(ask.key)
             if key_index is None:
                 key_index = keys[ask.key] = len(keys) + 1
@@ -749,25 +741,17 @@ class RedisStore:
             if self.cluster:
                 self.slot_lost = True
             raise StaleIncarnation("Redis holds another incarnation (it lost its data?)")
+        # each key's part of the answer (capacity, interval, mode, rule, shadow) once,
+        # then one verdict per decision: its 4 values and its key's part
         base = 4 * len(asks)
-        out = []
-        for j, ask in enumerate(asks):
-            c = base + 5 * (keys[ask.key] - 1)
-            at = 4 * j
-            out.append(
-                Verdict(
-                    raw[at],
-                    raw[at + 1],
-                    raw[at + 2],
-                    raw[at + 3],
-                    raw[c],
-                    raw[c + 1],
-                    raw[c + 2],
-                    raw[c + 3],
-                    raw[c + 4] == 1,
-                )
-            )
-        return out
+        parts = []
+        for k in range(len(keys)):
+            c = base + 5 * k
+            parts.append([raw[c], raw[c + 1], raw[c + 2], raw[c + 3], raw[c + 4] == 1])
+        return [
+            _tuple_new(Verdict, raw[4 * j : 4 * j + 4] + parts[keys[ask.key] - 1])
+            for j, ask in enumerate(asks)
+        ]
 
     # -- replication ---------------------------------------------------------------
 
