@@ -556,8 +556,12 @@ class _Slot:
         self.task: asyncio.Future[Response] | None = None
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: parser callbacks, response order, deadlines, closing."""
+class _Connection:
+    """One client connection: parser callbacks, response order, deadlines, closing.
+
+    An ``asyncio.Protocol`` by its methods (the event loop needs no more; the class
+    has no base so that the Cython build, ``server.pxd``, can make it an extension
+    type whose attributes are C fields: docs/build.md)."""
 
     __slots__ = (
         "_body",
@@ -1417,7 +1421,7 @@ class HttpServer:
         def make_protocol() -> asyncio.Protocol:
             if len(self._connections) >= self._limits.max_connections:
                 return _Refused(self)
-            return _Connection(self, loop)
+            return cast(asyncio.Protocol, _Connection(self, loop))
 
         context = self._tls.listener_context() if self._tls is not None else None
         handshake_timeout = self._limits.header_timeout if context is not None else None
