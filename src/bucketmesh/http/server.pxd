@@ -20,18 +20,18 @@ cdef class _Connection:
     cdef public bint _shedding
 
     @cython.locals(now=double, shedding=bint, out=list, written=bytes)
-    cpdef data_received(self, data)
+    cpdef data_received(self, bytes data)
 
     cpdef on_url(self, bytes url)
 
-    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict)
+    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict)
     cpdef on_header(self, bytes name, bytes value)
 
-    @cython.locals(headers=dict, method=bytes, keep_alive=bint)
+    @cython.locals(headers=dict, method=bytes, keep_alive=bint, methods=dict)
     cpdef on_headers_complete(self)
 
-    @cython.locals(url=bytes, path=str, query=dict)
+    @cython.locals(url=bytes, path=str, query=dict, paths=dict)
     cpdef on_message_complete(self)
 
-    @cython.locals(lines=bytes, status_line=bytes, data=bytes)
+    @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict)
     cpdef _deliver(self, result, bint keep_alive, bint head, bint http10)

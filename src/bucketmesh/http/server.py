@@ -28,6 +28,10 @@ Hot path (docs/targets.md P2)
     ``data_received``, the idle deadline moved without re-arming the timer.
     Everything else takes the general code below (``_dispatch``, then
     ``_deliver``); both answer byte for byte alike (tests/test_http_dispatch_paths.py).
+    ``make install`` compiles this module with Cython (docs/build.md): ``server.pxd``
+    makes ``_Connection`` an extension type with typed fields (hence no base class
+    here) and types a few locals, such as the module dicts read per request through
+    a local; this source stays the reference (tests/test_http_compiled.py).
 
 Backpressure
     A connection is *blocked* while the transport's write buffer is above its
@@ -883,11 +887,12 @@ class _Connection:
         if room < 0 or left < 0:
             self._fail(self._head_too_large())
             raise _Stop
-        key = _NAMES.get(name)
+        names = _NAMES  # a local: typed dict in the compiled build (server.pxd)
+        key = names.get(name)
         if key is None:
             key = name.decode("latin-1").lower()
-            if len(_NAMES) < _NAMES_MAX:
-                _NAMES[name] = key
+            if len(names) < _NAMES_MAX:
+                names[name] = key
         try:
             # UTF-8, as the request target is: one spelling of a key on every path
             text = value.decode().rstrip(" \t")
@@ -907,7 +912,8 @@ class _Connection:
         parser = self._parser
         headers = self._headers
         method = parser.get_method()
-        self._method = _METHODS.get(method) or method.decode("latin-1")
+        methods = _METHODS
+        self._method = methods.get(method) or method.decode("latin-1")
         keep_alive = self._keep_alive = parser.should_keep_alive()
         if keep_alive and "connection" not in headers:
             self._http_version = "1.1"  # implied, and get_http_version() is slow
@@ -963,7 +969,8 @@ class _Connection:
         if body.__class__ is not bytes:
             body = bytes(body)
         url = self._url
-        path = _PATHS.get(url)
+        paths = _PATHS
+        path = paths.get(url)
         if path is not None:
             query: dict[str, str] = {}
         else:
@@ -1063,7 +1070,8 @@ class _Connection:
         if lines is not None and keep_alive and not (self._closing or head or http10):
             # _write_response and _encode_response inlined: encoded header lines on a
             # keep-alive HTTP/1.1 connection
-            status_line = _BODY_STATUS_LINES.get(result.status)
+            status_lines = _BODY_STATUS_LINES
+            status_line = status_lines.get(result.status)
             body = result.body
             if status_line is not None and body.__class__ is bytes:
                 data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
