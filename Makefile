@@ -13,14 +13,16 @@ CHECKOV := $(VENV)/checkov/bin/checkov
 PURE_TESTS := tests/test_bucket_laws.py tests/test_batch_equivalence.py tests/test_limiter.py \
 	tests/test_limits.py tests/test_rules.py tests/test_shares.py tests/test_reference.py \
 	tests/test_guarantees.py tests/test_sim_cases.py tests/test_simulation.py \
-	tests/test_recovery_gate.py tests/test_compiled_core.py tests/test_restart_memory.py
+	tests/test_recovery_gate.py tests/test_compiled_core.py tests/test_restart_memory.py \
+	tests/test_http_compiled.py tests/test_http_dispatch_paths.py
 
 install: $(STAMP)
 
 # The decision core is compiled with mypyc (setup.py; the list is src/bucketmesh/_native.py):
 # the dev dependencies (mypy among them) first, then the package again without build
 # isolation, so that setup.py finds mypyc. Without a compiler it installs the pure core.
-CORE_SOURCES := src/bucketmesh/core/bucket.py src/bucketmesh/core/limiter.py src/bucketmesh/_native.py
+CORE_SOURCES := src/bucketmesh/core/bucket.py src/bucketmesh/core/limiter.py src/bucketmesh/_native.py \
+	src/bucketmesh/http/server.py src/bucketmesh/http/server.pxd
 
 $(STAMP): pyproject.toml setup.py $(CORE_SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +31,7 @@ $(STAMP): pyproject.toml setup.py $(CORE_SOURCES)
 	$(PY) -m pip install -q 'setuptools>=77' wheel
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	@$(PY) -c "from bucketmesh import _native; print('bucketmesh: the decision core is', 'compiled (mypyc)' if _native.compiled() else 'pure Python (no compiler: docs/build.md)')"
+	@$(PY) -c "from bucketmesh import _native; print('bucketmesh: the HTTP server is', 'compiled (Cython)' if _native.compiled_http() else 'pure Python (no Cython or compiler: docs/build.md)')"
 	@test -x $(CHECKOV) || ($(PYTHON) -m venv $(VENV)/checkov && $(VENV)/checkov/bin/pip install -q 'checkov>=3.2,<4')
 	@touch $(STAMP)
 

@@ -8,6 +8,10 @@ requirements do not include mypy), with ``BUCKETMESH_PURE=1``, or when the C
 compiler fails, the pure-Python core is installed alone and a message says so.
 ``make install`` builds it compiled: it installs mypy (a dev dependency) first, then
 builds without isolation.
+
+The HTTP server's module (``CYTHONIZED`` in the same file) is compiled by Cython, from
+its source and the types in ``http/server.pxd``, when Cython is installed (a dev
+dependency too); otherwise it stays pure Python.
 """
 
 from __future__ import annotations
@@ -37,10 +41,64 @@ def _compiled_sources() -> list[str]:
     raise RuntimeError("src/bucketmesh/_native.py has no COMPILED list")
 
 
+def _cythonized_sources() -> list[str]:
+    """CYTHONIZED from src/bucketmesh/_native.py: the HTTP hot path's modules, which
+    Cython compiles one by one from the same sources (docs/build.md)."""
+    tree = ast.parse((HERE / "src/bucketmesh/_native.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CYTHONIZED":
+            return [f"src/{path}" for path in ast.literal_eval(node.value)]  # type: ignore[arg-type]
+    return []
+
+
+def _cython_extensions() -> list[Any]:
+    """The HTTP modules compiled by Cython as plain Python (annotations not used as C
+    types: the compiled module behaves as its source does, without the interpreter's
+    dispatch); none where Cython is missing."""
+    sources = _cythonized_sources()
+    if not sources:
+        return []
+    try:
+        from Cython.Build import cythonize
+        from setuptools import Extension
+    except ImportError:
+        _say(
+            "Cython is not installed here: the HTTP hot path stays pure Python; "
+            "`make install` compiles it"
+        )
+        return []
+    modules = [
+        Extension(source[len("src/") : -len(".py")].replace("/", "."), [source])
+        for source in sources
+    ]
+    try:
+        return list(
+            cythonize(
+                modules,
+                build_dir="build/cython",
+                include_path=["src"],  # http/server.pxd: the types of the build
+                quiet=True,
+                compiler_directives={
+                    "language_level": 3,
+                    "annotation_typing": False,  # Python's semantics, not C types
+                    "binding": True,
+                    "embedsignature": False,
+                },
+            )
+        )
+    except (Exception, SystemExit) as error:
+        _say(f"Cython could not translate the HTTP modules ({error!r}): they stay pure Python")
+        return []
+
+
 def _extensions() -> list[Any]:
     if os.environ.get("BUCKETMESH_PURE", "") not in ("", "0"):
         _say("BUCKETMESH_PURE is set: installing the pure-Python core")
         return []
+    return _mypyc_extensions() + _cython_extensions()
+
+
+def _mypyc_extensions() -> list[Any]:
     try:
         from mypyc.build import mypycify
     except ImportError:

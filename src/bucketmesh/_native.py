@@ -35,6 +35,13 @@ COMPILED: Final = (
     "bucketmesh/core/limiter.py",
 )
 
+#: the HTTP hot path's modules, compiled one by one by Cython from these same sources
+#: as plain Python (no C types: the compiled module does what its source says, without
+#: the interpreter's dispatch per bytecode); setup.py reads this list too. The source
+#: stays the reference: BUCKETMESH_PURE=1 runs it, and tests/test_http_compiled.py
+#: requires both to answer the same bytes (docs/build.md).
+CYTHONIZED: Final = ("bucketmesh/http/server.py",)
+
 PURE_ENV: Final = "BUCKETMESH_PURE"
 _ROOT: Final = os.path.dirname(os.path.abspath(__file__))
 _SRC: Final = os.path.dirname(_ROOT)
@@ -52,7 +59,7 @@ def _extension_of(source: str) -> str | None:
 def stale() -> list[str]:
     """The compiled modules older than their sources (edited since the last build)."""
     out = []
-    for relative in COMPILED:
+    for relative in COMPILED + CYTHONIZED:
         source = os.path.join(_SRC, relative)
         extension = _extension_of(source)
         if extension is not None and os.path.getmtime(source) > os.path.getmtime(extension):
@@ -88,6 +95,13 @@ def select() -> None:
             stacklevel=3,
         )
         force_pure()
+
+
+def compiled_http() -> bool:
+    """Whether the HTTP server running in this process is the Cython build."""
+    from bucketmesh.http import server
+
+    return not (server.__file__ or "").endswith(".py")
 
 
 def compiled() -> bool:

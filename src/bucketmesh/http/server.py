@@ -28,6 +28,10 @@ Hot path (docs/targets.md P2)
     ``data_received``, the idle deadline moved without re-arming the timer.
     Everything else takes the general code below (``_dispatch``, then
     ``_deliver``); both answer byte for byte alike (tests/test_http_dispatch_paths.py).
+    ``make install`` compiles this module with Cython (docs/build.md): ``server.pxd``
+    makes ``_Connection`` an extension type with typed fields (hence no base class
+    here) and types a few locals, such as the module dicts read per request through
+    a local; this source stays the reference (tests/test_http_compiled.py).
 
 Backpressure
     A connection is *blocked* while the transport's write buffer is above its
@@ -561,8 +565,12 @@ class _Slot:
         self.task: asyncio.Future[Response] | None = None
 
 
-class _Connection(asyncio.Protocol):
-    """One client connection: parser callbacks, response order, deadlines, closing."""
+class _Connection:
+    """One client connection: parser callbacks, response order, deadlines, closing.
+
+    An ``asyncio.Protocol`` by its methods (the event loop needs no more; the class
+    has no base so that the Cython build, ``server.pxd``, can make it an extension
+    type whose attributes are C fields: docs/build.md)."""
 
     __slots__ = (
         "_body",
@@ -884,11 +892,12 @@ class _Connection(asyncio.Protocol):
         if room < 0 or left < 0:
             self._fail(self._head_too_large())
             raise _Stop
-        key = _NAMES.get(name)
+        names = _NAMES  # a local: typed dict in the compiled build (server.pxd)
+        key = names.get(name)
         if key is None:
             key = name.decode("latin-1").lower()
-            if len(_NAMES) < _NAMES_MAX:
-                _NAMES[name] = key
+            if len(names) < _NAMES_MAX:
+                names[name] = key
         try:
             # UTF-8, as the request target is: one spelling of a key on every path
             text = value.decode().rstrip(" \t")
@@ -908,7 +917,8 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         headers = self._headers
         method = parser.get_method()
-        self._method = _METHODS.get(method) or method.decode("latin-1")
+        methods = _METHODS
+        self._method = methods.get(method) or method.decode("latin-1")
         keep_alive = self._keep_alive = parser.should_keep_alive()
         if keep_alive and "connection" not in headers:
             self._http_version = "1.1"  # implied, and get_http_version() is slow
@@ -964,7 +974,8 @@ class _Connection(asyncio.Protocol):
         if body.__class__ is not bytes:
             body = bytes(body)
         url = self._url
-        path = _PATHS.get(url)
+        paths = _PATHS
+        path = paths.get(url)
         if path is not None:
             query: dict[str, str] = {}
         else:
@@ -1064,7 +1075,8 @@ class _Connection(asyncio.Protocol):
         if lines is not None and keep_alive and not (self._closing or head or http10):
             # _write_response and _encode_response inlined: encoded header lines on a
             # keep-alive HTTP/1.1 connection
-            status_line = _BODY_STATUS_LINES.get(result.status)
+            status_lines = _BODY_STATUS_LINES
+            status_line = status_lines.get(result.status)
             body = result.body
             if status_line is not None and body.__class__ is bytes:
                 data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
@@ -1430,7 +1442,7 @@ class HttpServer:
         def make_protocol() -> asyncio.Protocol:
             if len(self._connections) >= self._limits.max_connections:
                 return _Refused(self)
-            return _Connection(self, loop)
+            return cast(asyncio.Protocol, _Connection(self, loop))
 
         context = self._tls.listener_context() if self._tls is not None else None
         handshake_timeout = self._limits.header_timeout if context is not None else None
