@@ -21,6 +21,7 @@ run in this process (what ``bucketmesh serve`` runs, without the HTTP front).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import tracemalloc
@@ -38,9 +39,9 @@ from bucketmesh import _native
 from bucketmesh.core.bucket import SHARED, Bucket, BucketConfig, BucketDelta
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Rule
-from bucketmesh.storage.memory import MemoryStore, open_lazily
+from bucketmesh.storage.memory import MemoryStore, open_lazily, open_limiter
 from bucketmesh.storage.snapshot import PARTITIONED_MAGIC, RELEASE_BYTES, SnapshotFile
-from bucketmesh.storage.wal import pack
+from bucketmesh.storage.wal import pack, recover
 
 T = TypeVar("T")
 NOW = 1_800_000_000_123_456_789  # a fixed instant (the core reads no clock)
@@ -296,3 +297,43 @@ def test_a_lone_entry_behaves_as_the_list_it_stands_for(
             lone.raise_own(x)
             twin.raise_own(x)
         assert seen_as(lone) == seen_as(twin)
+
+
+def test_a_stop_that_cancels_a_snapshot_still_leaves_no_log_to_replay(tmp_path: Path) -> None:
+    """A graceful stop cancels the periodic snapshot in progress (at a million buckets
+    one runs longer than its interval) and writes a final one: that final snapshot
+    covers every grant, so the log it leaves holds none. Before, the segment begun by
+    the cancelled snapshot outlived it (kept segments are handed out again without a
+    new rotation), and the next start decoded every grant since then (~1 kB each until
+    its partition was built: 538 MB instead of 375 MB at a million buckets)."""
+    path = tmp_path / "state.snap"
+    limiter = Limiter([rule()], replica_id="t/n/1", max_buckets=10_000)
+    limiter.stamp_file_rules(NOW)
+    store = MemoryStore(limiter, SnapshotFile(str(path)))
+    names = keys(2_000)
+
+    async def run() -> None:
+        for name in names[:1_000]:
+            limiter.acquire(name, 1, now=NOW)
+        store.wal.write_pending()  # (what the end of the event-loop tick does)
+        periodic = asyncio.ensure_future(store.save_snapshot())
+        while not any(p.name.endswith(".wal.2") for p in tmp_path.iterdir()):
+            await asyncio.sleep(0)  # the periodic snapshot has rotated the log
+        for name in names[1_000:]:  # grants go to the segment it began
+            limiter.acquire(name, 1, now=NOW)
+        store.wal.write_pending()
+        periodic.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await periodic
+        await store.save_snapshot()  # the final one
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
+    recovered = recover(path)
+    assert sum(len(batch.deltas) for batch in recovered.batches) == 0
+    restored, _ = open_limiter(
+        [rule()], region="t", node="n", snapshot=SnapshotFile(str(path)), max_buckets=10_000
+    )
+    assert len(restored) == len(names)
