@@ -310,6 +310,7 @@ def test_a_stop_that_cancels_a_snapshot_still_leaves_no_log_to_replay(tmp_path: 
     limiter = Limiter([rule()], replica_id="t/n/1", max_buckets=10_000)
     limiter.stamp_file_rules(NOW)
     store = MemoryStore(limiter, SnapshotFile(str(path)))
+    assert store.wal is not None
     names = keys(2_000)
 
     async def run() -> None:
@@ -318,7 +319,8 @@ def test_a_stop_that_cancels_a_snapshot_still_leaves_no_log_to_replay(tmp_path: 
         store.wal.write_pending()  # (what the end of the event-loop tick does)
         periodic = asyncio.ensure_future(store.save_snapshot())
         while not any(p.name.endswith(".wal.2") for p in tmp_path.iterdir()):
-            await asyncio.sleep(0)  # the periodic snapshot has rotated the log
+            assert not periodic.done()
+            await asyncio.sleep(0)  # until the periodic snapshot has rotated the log
         for name in names[1_000:]:  # grants go to the segment it began
             limiter.acquire(name, 1, now=NOW)
         store.wal.write_pending()
