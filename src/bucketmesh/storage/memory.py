@@ -458,6 +458,8 @@ class MemoryStore:
             WriteAheadLog(snapshot.path, limiter, durability) if snapshot is not None else None
         )
         self._snapshot_lock = asyncio.Lock()
+        #: a snapshot was cancelled (a stop): the next one rotates the log afresh
+        self._rotate_afresh = False
         # The decision seam, straight to the limiter (no call in between on the hot path).
         self.acquire = limiter.acquire
         self.acquire_many = limiter.acquire_many
@@ -650,15 +652,26 @@ class MemoryStore:
             loop = asyncio.get_running_loop()
             limiter = self.limiter
             retiring = self.wal.rotate() if self.wal is not None else []
-            keys = list(limiter.buckets)
-            count = partition_count(len(keys))
-            parts: list[list[str]] = [[] for _ in range(count)]
-            for start in range(0, len(keys), 50_000):  # a million keys: about 0.3 s
-                for key in keys[start : start + 50_000]:
-                    parts[partition_of(key, count)].append(key)
-                await asyncio.sleep(0)
+            if self._rotate_afresh and self.wal is not None:
+                # The segments a cancelled snapshot kept come back without a new
+                # rotation (``rotate``: so a failing disk adds no segment per
+                # interval), which would leave the segment it began, every grant
+                # since, to replay at the next start, decoded (~1 kB a grant) until
+                # its partition is built. A cancellation is no failing disk: this
+                # snapshot covers that segment too.
+                retiring += self.wal.rotate()
+                self._rotate_afresh = False
             writer: SnapshotWriter | None = None
             try:
+                # (inside the try: a cancellation here keeps the segments rotated out,
+                # which otherwise nothing would ever retire)
+                keys = list(limiter.buckets)
+                count = partition_count(len(keys))
+                parts: list[list[str]] = [[] for _ in range(count)]
+                for start in range(0, len(keys), 50_000):  # a million keys: about 0.3 s
+                    for key in keys[start : start + 50_000]:
+                        parts[partition_of(key, count)].append(key)
+                    await asyncio.sleep(0)
                 writer = await loop.run_in_executor(None, self.snapshot.begin)
                 index = msgspec.msgpack.encode((count,))
                 writer.write(PARTITIONED_MAGIC + pack(limiter.snapshot_head()) + pack(index))
@@ -668,11 +681,13 @@ class MemoryStore:
                 # what a version in the partitions may be up to (written after the head)
                 writer.write(pack(msgspec.msgpack.encode((limiter.hlc.last,))))
                 await loop.run_in_executor(None, writer.commit)
-            except BaseException:
+            except BaseException as error:
                 if writer is not None:
                     writer.abandon()
                 if self.wal is not None:
                     self.wal.keep(retiring)
+                    if isinstance(error, asyncio.CancelledError):
+                        self._rotate_afresh = True
                 raise
             if self.wal is not None:
                 self.wal.retire(retiring)
