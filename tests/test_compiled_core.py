@@ -155,10 +155,23 @@ def test_pure_env_loads_every_module_from_source() -> None:
     assert out.stdout.split() == ["False", "True", "True"]
 
 
-@needs_compiled
-def test_a_stale_build_is_never_used(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("source", "built"),
+    [
+        pytest.param("core/bucket.py", "compiled", marks=needs_compiled),
+        pytest.param(
+            "http/server.py",
+            "compiled_http",
+            marks=pytest.mark.skipif(
+                not _native.compiled_http(), reason="the pure HTTP server runs here"
+            ),
+        ),
+    ],
+)
+def test_a_stale_build_is_never_used(tmp_path: Path, source: str, built: str) -> None:
     """A compiled module older than its source (edited since the build) falls back to
-    the pure core, with a warning to rebuild: a stale build never decides."""
+    the pure modules, with a warning to rebuild: a stale build never decides (the
+    mypyc core) nor serves (the Cython HTTP server)."""
     import shutil
 
     src = Path(_native.__file__).resolve().parent.parent
@@ -168,7 +181,7 @@ def test_a_stale_build_is_never_used(tmp_path: Path) -> None:
         shutil.copy2(shared, copy / shared.name)
     code = (
         "import warnings, sys; warnings.simplefilter('always'); import bucketmesh; "
-        "from bucketmesh import _native; print(_native.compiled())"
+        f"from bucketmesh import _native; print(_native.{built}())"
     )
     env = {**os.environ, "PYTHONPATH": str(copy)}
     env.pop(_native.PURE_ENV, None)
@@ -176,12 +189,11 @@ def test_a_stale_build_is_never_used(tmp_path: Path) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert fresh.stdout.split() == ["True"], fresh.stderr
-    source = copy / "bucketmesh" / "core" / "bucket.py"
     later = max(path.stat().st_mtime for path in copy.rglob("*.so")) + 60
-    os.utime(source, (later, later))
+    os.utime(copy / "bucketmesh" / source, (later, later))
     stale = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert stale.stdout.split() == ["False"]
-    assert "older than bucketmesh/core/bucket.py" in stale.stderr
+    assert f"older than bucketmesh/{source}" in stale.stderr
     assert "make install" in stale.stderr

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -209,32 +208,3 @@ def test_the_build_is_what_native_says() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["False"]
-
-
-@needs_compiled
-def test_a_stale_http_build_is_never_used(tmp_path: Path) -> None:
-    """An http/server.py edited after the build falls back to the pure modules, with
-    the warning asking for ``make install``."""
-    src = Path(_native.__file__).resolve().parent.parent
-    copy = tmp_path / "src"
-    shutil.copytree(src / "bucketmesh", copy / "bucketmesh")
-    for shared in src.glob("*__mypyc*"):
-        shutil.copy2(shared, copy / shared.name)
-    code = (
-        "import warnings; warnings.simplefilter('always'); import bucketmesh; "
-        "from bucketmesh import _native; print(_native.compiled_http())"
-    )
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    env.pop(_native.PURE_ENV, None)
-    fresh = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert fresh.stdout.split() == ["True"], fresh.stderr
-    source = copy / "bucketmesh" / "http" / "server.py"
-    later = max(path.stat().st_mtime for path in copy.rglob("*.so")) + 60
-    os.utime(source, (later, later))
-    stale = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
-    assert stale.stdout.split() == ["False"]
-    assert "older than bucketmesh/http/server.py" in stale.stderr
