@@ -469,7 +469,11 @@ class RegionShares:
         """Put every node incarnation this node has seen into Redis (the mesh awaits it
         before answering a pull, so every writer of the region freezes the puller's
         older incarnations' gifts before it can merge one heard after the answer);
-        False when Redis did not take it (the pull is refused, and tried again)."""
+        False when Redis did not take it (the pull is refused, and tried again). With
+        no strict key there is nothing to freeze: True at once (a pull of shared
+        buckets is answered from the mirror while Redis is down, as before)."""
+        if not self._strict():
+            return True
         if not self.backend.up:
             return False
         try:
@@ -498,11 +502,15 @@ class RegionShares:
         except (StoreUnavailable, StaleIncarnation) as error:
             self.backend._mark_down(error)
 
+    def _strict(self) -> bool:
+        limiter = self.limiter
+        return any(c.mode == STRICT for c in limiter.rule_configs.values()) or any(
+            c.mode == STRICT for c in limiter.key_configs.values()
+        )
+
     async def _step(self) -> None:
         limiter = self.limiter
-        if not any(c.mode == STRICT for c in limiter.rule_configs.values()) and not any(
-            c.mode == STRICT for c in limiter.key_configs.values()
-        ):
+        if not self._strict():
             return  # no strict key: nothing to hold (no lease taken, no round)
         asked, denied = self.asked, self.denied
         self.asked, self.denied = {}, set()
