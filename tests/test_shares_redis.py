@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import Mesh, ServerFactory, eventually
 from test_shares_mesh import CAPACITY, KEY, RATE, RULE, Driver, rights
@@ -204,6 +205,95 @@ def test_the_share_hash_is_written_from_one_reading_and_one_bucket_takes_its_sha
             assert {v.capacity for v in verdicts} == {3}
         finally:
             await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_redis_region_freezes_a_restarted_nodes_older_gifts_from_its_pull_on(
+    redis_server: Any,
+) -> None:
+    """Region B on Redis, region A's node restarted (``A/n/1`` -> ``A/n/2``). A gift of
+    ``A/n/1`` counts at B; ``A/n/2`` pulls B (the mesh sees its sender, and awaits the
+    mirror's ``share_freeze`` before answering); then a late or duplicated message of
+    ``A/n/1`` raising its gift arrives: B's holding must not rise (the pull answered
+    the lower gift, which is all ``A/n/2`` counts as given away), neither at the writer
+    nor at a new writer (another process on the same Redis) that heard the late gift
+    itself, and the new writer keeps the gift committed before the freeze. Before this
+    change the Redis mirror saw no incarnation (no ``share_region``): 1.5x the gift."""
+    import asyncio
+
+    from bucketmesh.core.bucket import BucketDelta
+    from bucketmesh.core.limiter import DeltaBatch
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.core.shares import SCALE, ShareState
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    rule = Rule.create("s-{{ .Request.Query.u }}", 100, 1.0, name="s", mode="strict")
+    key, gift = "s-1", SCALE // 10
+    half = SCALE // 2
+
+    def message(sender: str, parts: int, backend: RedisBackend) -> DeltaBatch:
+        config = backend.mirror.limiter.rule_configs["s"]
+        ledger = ShareState(("A", "B"), given={"A/n/1>B": parts})
+        delta = BucketDelta(key, 0, config, config.version, 0, {}, "s", shares=ledger)
+        return DeltaBatch(sender, [delta])
+
+    async def receive(backend: RedisBackend, sender: str, batch: DeltaBatch | None) -> None:
+        # what Mesh._open / receive_pull / _merge do with a sync message from ``sender``
+        mirror = backend.mirror
+        if getattr(mirror, "share_region", None) is not None:
+            mirror.observe_replica(sender)
+        if batch is None:  # a pull request
+            freeze = getattr(mirror, "share_freeze", None)
+            assert freeze is None or await freeze()
+        else:
+            mirror.merge(batch)
+
+    async def pulled() -> bool:
+        return True
+
+    async def node(name: str) -> RedisBackend:
+        backend = RedisBackend([rule], region="B", node=name, url=redis_server.url, timeout_s=5)
+        await backend._rejoin()
+        backend.up = True
+        backend.enable_shares(("A", "B"), name, lambda: False, pulled)
+        return backend
+
+    def holding(backend: RedisBackend) -> int:
+        return backend.mirror.limiter.ledgers[key].holding("B")
+
+    async def committed(backend: RedisBackend) -> int:
+        row = (await backend.store.read_shares())[key]
+        return int(msgspec.json.decode(row["L"])[1].get("A/n/1>B", 0))
+
+    async def run() -> None:
+        first = await node("b1")
+        second: RedisBackend | None = None
+        try:
+            await receive(first, "A/n/1", message("A/n/1", gift, first))
+            await first.shares.step()  # type: ignore[union-attr]
+            assert first.shares.writer  # type: ignore[union-attr]
+            assert holding(first) == half + gift
+            await receive(first, "A/n/2", None)  # the restarted node's pull
+            await receive(first, "A/n/1", message("A/n/1", 2 * gift, first))  # late
+            await first.shares.step()  # type: ignore[union-attr]
+            assert holding(first) == half + gift
+            assert await committed(first) == gift
+            # another node of the region, which heard only the late message, writes next
+            second = await node("b2")
+            await receive(second, "A/n/1", message("A/n/1", 3 * gift, second))
+            deadline = time.monotonic() + 30
+            while not second.shares.writer:  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "b2 never took the lease"
+                await second.shares.step()  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
+            await second.shares.step()  # type: ignore[union-attr]
+            assert holding(second) == half + gift
+            assert await committed(second) == gift
+        finally:
+            for backend in (first, second):
+                if backend is not None:
+                    await backend.store.close()
 
     asyncio.run(run())
 

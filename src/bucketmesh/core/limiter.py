@@ -1291,14 +1291,16 @@ class Limiter:
             ledger.taken[region] = max(ledger.taken.get(region, 0), ledger.tokens_received(region))
         self.rescale_shares()
 
-    def _merge_ledger(self, key: str, state: ShareState, now: int) -> bool:
+    def _merge_ledger(self, key: str, state: ShareState, now: int, frozen: bool = True) -> bool:
+        """Join a ledger in; ``frozen`` False: superseded incarnations' counters are taken
+        too (a Redis region's own committed ledger: each was taken before the freeze)."""
         if self.share_region is None:
             return False
         other = Ledger.from_state(state)
         ledger = self.ledgers.get(key)
         if ledger is None:
             ledger = self.ledgers[key] = Ledger(other.founders or self.share_founders)
-        changed = ledger.merge(other, self._accepts_giver)
+        changed = ledger.merge(other, self._accepts_giver if frozen else None)
         if changed:
             self._reshare(key, now)
             bucket = self.buckets.get(key)

@@ -1175,6 +1175,15 @@ class Mesh:
     async def receive_pull(self, request: Request) -> Response:
         env, payload = self._open(request, sync.PULL)
         assert isinstance(payload, sync.PullRequest)
+        # a Redis region puts the incarnation it froze (in _open) into Redis before it
+        # answers: every writer of the region freezes it too (storage/redis_backend.py)
+        frozen = getattr(self.limiter, "share_freeze", None)
+        if frozen is not None and not await frozen():
+            raise ApiError(
+                503,
+                "the region's store did not take the incarnation this pull comes from",
+                reason="sync_freeze_unavailable",
+            )
         state = await self._state_of_ranges(self._ranges(payload.ranges))
         return self._reply(env, sync.STATE, sync.PullReply(self.replica_id, state))
 

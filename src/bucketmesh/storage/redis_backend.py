@@ -210,6 +210,20 @@ class RegionMirror:
         self.forward = forward
         self.inexact_skipped = 0  # configs from peers outside the exact range
         self.shares = False  # strict keys in the region's rights ledger (RegionShares)
+        #: the region, once its strict keys run on its ledger: the mesh then reports the
+        #: sender of every sync message here (``observe_replica``), a pull first of all
+        self.share_region: str | None = None
+        #: puts what ``observe_replica`` saw into Redis (``RegionShares.freeze``): the mesh
+        #: awaits it before it answers a pull
+        self.share_freeze: Callable[[], Awaitable[bool]] | None = None
+
+    def observe_replica(self, replica_id: str) -> None:
+        """A sync message from ``replica_id`` (region/node/incarnation), seen by the mesh
+        before it merges it or answers a pull: a newer incarnation of a node freezes its
+        older ones' gift counters in this mirror at once, as in an embedded region
+        (core/shares.py), and ``RegionShares`` puts it into Redis for every writer of
+        the region, which freezes them too before it merges what the nodes heard."""
+        self.limiter.observe_replica(replica_id)
 
     # -- what the mesh replicates (replication.mesh.Replica) ----------------------------
 
@@ -240,7 +254,18 @@ class RegionMirror:
         if len(deltas) != len(batch.deltas) or len(rules) != len(batch.rules):
             self.inexact_skipped += len(batch.deltas) - len(deltas) + len(batch.rules) - len(rules)
             batch = DeltaBatch(batch.origin, deltas, rules)
-        changed = self.limiter.merge(batch, now=now)
+        if self.shares and any(d.shares is not None for d in batch.deltas):
+            # a strict key's ledger reaches the region's writer through Redis only (the
+            # heard ledgers, RegionShares), merged there after the writer has read every
+            # incarnation the region's nodes froze: never straight into a writer's mirror,
+            # which may not know yet of a newer incarnation another node saw
+            plain = [
+                d if d.shares is None else msgspec.structs.replace(d, shares=None)
+                for d in batch.deltas
+            ]
+            changed = self.limiter.merge(DeltaBatch(batch.origin, plain, batch.rules), now=now)
+        else:
+            changed = self.limiter.merge(batch, now=now)
         self.forward(batch)
         return changed
 
@@ -413,6 +438,8 @@ class RegionShares:
         self.ready_for: str | None = None  # the incarnation the share hashes are marked in
         self.next_pull = 0.0
         self.blind_rounds = 0
+        #: (store incarnation, node -> newest incarnation) this node last put into Redis
+        self.newest_pushed: tuple[str | None, dict[str, int]] = (None, {})
 
     # -- every node --------------------------------------------------------------
 
@@ -438,6 +465,33 @@ class RegionShares:
         elif known.merge(other):
             self.heard_dirty.add(key)
 
+    async def freeze(self) -> bool:
+        """Put every node incarnation this node has seen into Redis (the mesh awaits it
+        before answering a pull, so every writer of the region freezes the puller's
+        older incarnations' gifts before it can merge one heard after the answer);
+        False when Redis did not take it (the pull is refused, and tried again). With
+        no strict key there is nothing to freeze: True at once (a pull of shared
+        buckets is answered from the mirror while Redis is down, as before)."""
+        if not self._strict():
+            return True
+        if not self.backend.up:
+            return False
+        try:
+            await self._push_newest()
+        except (StoreUnavailable, StaleIncarnation):
+            return False
+        return True
+
+    async def _push_newest(self) -> None:
+        newest = dict(self.limiter.share_newest)
+        if newest and (self.store.incarnation, newest) != self.newest_pushed:
+            await self.store.push_newest(f"{node}/{n}" for node, n in newest.items())
+            self.newest_pushed = (self.store.incarnation, newest)
+
+    async def _read_newest(self) -> None:
+        for replica in await self.store.read_newest():
+            self.limiter.observe_replica(replica)
+
     async def step(self) -> None:
         """One round: push this node's demand and what it heard; the writer then
         rebalances and commits."""
@@ -448,11 +502,15 @@ class RegionShares:
         except (StoreUnavailable, StaleIncarnation) as error:
             self.backend._mark_down(error)
 
+    def _strict(self) -> bool:
+        limiter = self.limiter
+        return any(c.mode == STRICT for c in limiter.rule_configs.values()) or any(
+            c.mode == STRICT for c in limiter.key_configs.values()
+        )
+
     async def _step(self) -> None:
         limiter = self.limiter
-        if not any(c.mode == STRICT for c in limiter.rule_configs.values()) and not any(
-            c.mode == STRICT for c in limiter.key_configs.values()
-        ):
+        if not self._strict():
             return  # no strict key: nothing to hold (no lease taken, no round)
         asked, denied = self.asked, self.denied
         self.asked, self.denied = {}, set()
@@ -464,6 +522,9 @@ class RegionShares:
         configs = {key: self.configs[key] for key in self.configs_dirty}
         self.configs_dirty = set()
         try:
+            # the incarnations this node has seen, before what it heard since: a writer
+            # merging the node's heard ledgers has read them first
+            await self._push_newest()
             await self.store.push_shares(asked, denied, pushed)
             for key, config in configs.items():
                 # into the share hash for the writer, the newest by version (rule.lua)
@@ -479,6 +540,8 @@ class RegionShares:
             limiter.share_region = None
             return
         if limiter.share_region is None:
+            # the incarnations the region froze, before this mirror takes any ledger
+            await self._read_newest()
             limiter.enable_shares(self.region, self.founders)
         await self._write_round()
 
@@ -497,13 +560,22 @@ class RegionShares:
             ready = True
             self.ready_for = incarnation
         rows = await store.read_shares()
+        # Every incarnation a node of the region has seen (read after the rows: one a
+        # node saw before it heard a gift is in Redis before that gift is): an older
+        # incarnation's gift counters are frozen here as in the node that saw the newer
+        # one, a pull it answered first of all, so a gift of a dead life still in flight
+        # when the pull was answered never counts (docs/sync.md, "Redis regions")
+        await self._read_newest()
         now = limiter.clock()
         taken: dict[str, tuple[int, bool]] = {}
         for key, row in rows.items():
             for field, value in row.items():
                 if field == "L" or field.startswith("m:"):
+                    # ``L``, the region's own commits, was taken before any freeze of its
+                    # counters: never frozen out (a new writer would lose those rights)
                     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                        limiter._merge_ledger(key, _decode_state(value.encode()), now)
+                        state = _decode_state(value.encode())
+                        limiter._merge_ledger(key, state, now, frozen=field != "L")
                 elif field == "c:K":
                     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                         config = _decode_config(value.encode())
@@ -532,6 +604,9 @@ class RegionShares:
                 if await self.pull():
                     self.pulled_for = incarnation
                     now = limiter.clock()
+                    # what the pull brought (this node heard it: not in Redis yet)
+                    for key, heard in self.heard.items():
+                        limiter._merge_ledger(key, heard.state(), now)
         if ready or self.pulled_for == incarnation:
             limiter.shares_pulled()  # no-op unless blind
         # the round on the mirror; gifts taken back out of it until committed
@@ -740,6 +815,8 @@ class RedisBackend:
         state, True when each answered)."""
         self.shares = RegionShares(self, self.region, founders, node, connected, pull)
         self.mirror.shares = True
+        self.mirror.share_region = self.region
+        self.mirror.share_freeze = self.shares.freeze
         return self.shares
 
     # -- the decision seam: what the front doors see -----------------------------------

@@ -402,6 +402,9 @@ class RedisStore:
         self._share = self.redis.register_script(SHARE_LUA)
         self._lease = self.redis.register_script(LEASE_LUA)
         self.share_keys_key = f"bm:{region}:sh-keys"
+        #: every node incarnation (``region/node/N``) a node of this region heard from:
+        #: older ones' strict gifts are frozen at the region's writer (RegionShares)
+        self.share_newest_key = f"bm:{region}:sh-newest"
         self.share_lease_key = f"bm:{region}:sh-writer"
         self.slot_calls = asyncio.Semaphore(CLUSTER_CALLS)
         self.incarnation: str | None = None
@@ -879,6 +882,18 @@ class RedisStore:
             pipe.hset(self.share_key(key), field, encoded)
         pipe.sadd(self.share_keys_key, *keys)
         await self._call(pipe.execute())
+
+    async def push_newest(self, replicas: Iterable[str]) -> None:
+        """Add the node incarnations a node heard from (grow-only: a set) for the
+        region's writer, which freezes their older incarnations' gifts."""
+        names = list(replicas)
+        if names:
+            await self._call(self.redis.sadd(self.share_newest_key, *names))
+
+    async def read_newest(self) -> set[str]:
+        """Every node incarnation a node of the region put with ``push_newest``."""
+        names = await self._call(self.redis.smembers(self.share_newest_key))
+        return {str(name) for name in names}
 
     async def read_shares(self) -> dict[str, dict[str, str]]:
         """Every strict key's share hash of the region (the writer's round)."""
