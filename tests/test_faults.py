@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bucketmesh.core.rules import hashed_value
 from bucketmesh.tooling.cluster import LocalMesh
 
 TOKEN = "test-admin-token"
@@ -94,7 +95,7 @@ def test_injected_fault_partitions_both_ways_and_heals_by_itself(mesh: LocalMesh
     assert eventually(lambda: status(r2)["sync"]["peers"]["r1"]["state"] == "down")
     for url in (r1, r2):
         assert httpx.get(f"{url}/v1/rate", headers={"X-API-Key": KEY}).status_code == 200
-    key = f"agent-api-key-{KEY}"
+    key = f"agent-api-key-{hashed_value(KEY)}"  # the example rule keeps | sha256 of it
     # still partitioned: r1 has not seen r2's spend
     assert len(replicas(r1, key)) == 1
     assert [f["peer"] for f in admin(r1, "GET").json()["faults"]] == ["r2"]

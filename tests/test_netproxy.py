@@ -14,6 +14,7 @@ import httpx
 import pytest
 from conftest import eventually
 
+from bucketmesh.core.rules import hashed_value
 from bucketmesh.tooling.cluster import LocalMesh
 from bucketmesh.tooling.netproxy import Faults, NetProxy
 
@@ -107,7 +108,7 @@ def test_partitioned_region_serves_alone_and_converges_after_heal(tmp_path: Path
     try:
         assert mesh.start()
         urls = mesh.urls
-        key = "agent-api-key-netproxy"
+        key = "agent-api-key-" + hashed_value("netproxy")  # the example rule's | sha256
 
         def local_only(region: str) -> bool:
             reply = httpx.get(f"{urls[region]}/v1/status", timeout=5)
