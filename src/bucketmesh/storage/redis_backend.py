@@ -516,7 +516,9 @@ class RegionShares:
         older incarnations' gifts before it can merge one heard after the answer);
         False when Redis did not take it (the pull is refused, and tried again). With
         no strict key there is nothing to freeze: True at once (a pull of shared
-        buckets is answered from the mirror while Redis is down, as before)."""
+        buckets is answered from the mirror while Redis is down, as before). A node
+        that is not the writer then reads the region's ledgers from Redis for the
+        answer (``RegionMirror.pull_ledgers``)."""
         if not self._strict():
             return True
         if not self.backend.up:
