@@ -298,6 +298,75 @@ def test_a_redis_region_freezes_a_restarted_nodes_older_gifts_from_its_pull_on(
     asyncio.run(run())
 
 
+def test_a_pull_answered_by_a_node_that_is_not_the_writer_carries_the_regions_ledger(
+    redis_server: Any,
+) -> None:
+    """Region B on Redis, nodes ``b1`` (the writer) and ``b2``; a gift of region A's
+    node ``A/n/1`` to B is committed in B's ledger ``L`` by ``b1``. ``A/n/1`` restarts
+    without a snapshot as ``A/n/2`` and its pull reaches ``b2``: the answer must carry
+    B's ledger with that gift (and what ``b2``'s peers' messages told the region), or
+    ``A/n/2`` counts the rights it gave away as its own again. ``b2`` answers from Redis
+    (the share hashes' ``L`` and ``m:<node>``), its mirror's ledgers being none or old.
+    Before this change ``b2``'s answer had no ledger for the key at all."""
+    import asyncio
+
+    from bucketmesh.core.bucket import BucketDelta
+    from bucketmesh.core.limiter import DeltaBatch
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.core.shares import SCALE, ShareState
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    rule = Rule.create("s-{{ .Request.Query.u }}", 100, 1.0, name="s", mode="strict")
+    key, gift = "s-1", SCALE // 10
+
+    def message(parts: int, giver: str, backend: RedisBackend) -> DeltaBatch:
+        config = backend.mirror.limiter.rule_configs["s"]
+        ledger = ShareState(("A", "B"), given={f"{giver}>B": parts})
+        delta = BucketDelta(key, 0, config, config.version, 0, {}, "s", shares=ledger)
+        return DeltaBatch(giver, [delta])
+
+    async def pulled() -> bool:
+        return True
+
+    async def node(name: str) -> RedisBackend:
+        backend = RedisBackend([rule], region="B", node=name, url=redis_server.url, timeout_s=5)
+        await backend._rejoin()
+        backend.up = True
+        backend.enable_shares(("A", "B"), name, lambda: False, pulled)
+        return backend
+
+    async def run() -> None:
+        first = await node("b1")
+        second: RedisBackend | None = None
+        try:
+            first.mirror.observe_replica("A/n/1")
+            first.mirror.merge(message(gift, "A/n/1", first))
+            await first.shares.step()  # type: ignore[union-attr]
+            assert first.shares.writer  # type: ignore[union-attr]
+            second = await node("b2")
+            # b2 hears another node's gift (pushed into Redis as m:b2, not committed)
+            second.mirror.merge(message(2 * gift, "A/m/1", second))
+            await second.shares.step()  # type: ignore[union-attr]
+            assert not second.shares.writer  # type: ignore[union-attr]
+            # A/n/2's pull reaches b2 (what Mesh.receive_pull does)
+            second.mirror.observe_replica("A/n/2")
+            freeze = second.mirror.share_freeze
+            assert freeze is not None and await freeze()
+            answer = {d.key: d for d in second.mirror.full_state([key]).deltas}
+            assert key in answer and answer[key].shares is not None, answer
+            given = answer[key].shares.given
+            assert given.get("A/n/1>B") == gift, given
+            assert given.get("A/m/1>B") == 2 * gift, given
+            # the mesh picks the key for the answer (Mesh._with_key_configs)
+            assert key in second.mirror.ledgers
+        finally:
+            for backend in (first, second):
+                if backend is not None:
+                    await backend.store.close()
+
+    asyncio.run(run())
+
+
 def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     region_mesh: Mesh,
 ) -> None:

@@ -216,6 +216,14 @@ class RegionMirror:
         #: puts what ``observe_replica`` saw into Redis (``RegionShares.freeze``): the mesh
         #: awaits it before it answers a pull
         self.share_freeze: Callable[[], Awaitable[bool]] | None = None
+        #: a node that is not the region's writer: the region's ledgers as Redis holds
+        #: them (each share hash's committed ``L`` joined with every node's heard
+        #: ``m:<node>``), read by ``share_freeze`` before it answers a pull, so that the
+        #: answer carries them (its mirror has none, or old ones: only the writer's is
+        #: kept current). Never merged into the mirror (a ledger reaches a writer's
+        #: mirror through Redis only); sent, as every ledger is, as a join of counters
+        #: each written by its owner
+        self.pull_ledgers: dict[str, ShareState] = {}
 
     def observe_replica(self, replica_id: str) -> None:
         """A sync message from ``replica_id`` (region/node/incarnation), seen by the mesh
@@ -243,8 +251,39 @@ class RegionMirror:
     def rule_configs(self) -> dict[str, BucketConfig]:
         return self.limiter.rule_configs
 
+    @property
+    def ledgers(self) -> dict[str, Any]:
+        """The strict keys with a ledger (the mesh sends them in a pull's answer)."""
+        if not self.pull_ledgers:
+            return self.limiter.ledgers
+        return {**self.pull_ledgers, **self.limiter.ledgers}
+
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
-        return self.limiter.full_state(keys)
+        batch = self.limiter.full_state(keys)
+        pulled = self.pull_ledgers
+        if not pulled:
+            return batch
+        limiter = self.limiter
+        seen: set[str] = set()
+        deltas: list[BucketDelta] = []
+        for delta in batch.deltas:
+            state = pulled.get(delta.key)
+            if state is not None:
+                seen.add(delta.key)
+                if delta.shares is not None:
+                    state = _join_states(state, delta.shares)
+                delta = msgspec.structs.replace(delta, shares=state)
+            deltas.append(delta)
+        chosen = pulled.keys() if keys is None else (k for k in keys if k in pulled)
+        for key in chosen:
+            if key in seen:
+                continue
+            rule = limiter._rule_name(key)
+            if rule is None and key not in limiter.key_configs:
+                continue
+            delta = limiter.strict_config_delta(key, rule or "")
+            deltas.append(msgspec.structs.replace(delta, shares=pulled[key]))
+        return DeltaBatch(batch.origin, deltas, batch.rules)
 
     def merge(self, batch: DeltaBatch, *, now: int | None = None) -> int:
         # A config outside the range the scripts compute exactly (a peer region on
@@ -370,6 +409,12 @@ _decode_state = msgspec.json.Decoder(ShareState).decode
 _decode_config = msgspec.json.Decoder(BucketConfig).decode
 
 
+def _join_states(a: ShareState, b: ShareState) -> ShareState:
+    ledger = Ledger.from_state(a)
+    ledger.merge(Ledger.from_state(b))
+    return ledger.state()
+
+
 class RegionShares:
     """Strict mode's rights ledger for a region whose nodes share Redis (docs/sync.md,
     "Redis regions").
@@ -471,16 +516,45 @@ class RegionShares:
         older incarnations' gifts before it can merge one heard after the answer);
         False when Redis did not take it (the pull is refused, and tried again). With
         no strict key there is nothing to freeze: True at once (a pull of shared
-        buckets is answered from the mirror while Redis is down, as before)."""
+        buckets is answered from the mirror while Redis is down, as before). A node
+        that is not the writer then reads the region's ledgers from Redis for the
+        answer (``RegionMirror.pull_ledgers``)."""
         if not self._strict():
             return True
         if not self.backend.up:
             return False
         try:
             await self._push_newest()
+            if self.writer:
+                self.backend.mirror.pull_ledgers = {}
+            else:
+                # not the writer: the answer's ledgers come from Redis (MirrorLimiter.
+                # pull_ledgers), as current as the writer's mirror (docs/sync.md)
+                self.backend.mirror.pull_ledgers = self._redis_ledgers(
+                    await self.store.read_shares()
+                )
         except (StoreUnavailable, StaleIncarnation):
             return False
         return True
+
+    @staticmethod
+    def _redis_ledgers(rows: dict[str, dict[str, str]]) -> dict[str, ShareState]:
+        """Per key, the join of its share hash's committed ``L`` and every node's heard
+        ``m:<node>``: every ledger entry the writer's mirror holds came from one of them
+        (or is a gift of the region's own, which reaches the mirror only after ``L``)."""
+        joined: dict[str, Ledger] = {}
+        for key, row in rows.items():
+            for field, value in row.items():
+                if field != "L" and not field.startswith("m:"):
+                    continue
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    other = Ledger.from_state(_decode_state(value.encode()))
+                    known = joined.get(key)
+                    if known is None:
+                        joined[key] = other
+                    else:
+                        known.merge(other)
+        return {key: ledger.state() for key, ledger in joined.items()}
 
     async def _push_newest(self) -> None:
         newest = dict(self.limiter.share_newest)
@@ -539,6 +613,7 @@ class RegionShares:
             # demand); the others forward what they hear
             limiter.share_region = None
             return
+        self.backend.mirror.pull_ledgers = {}  # the writer answers from its mirror
         if limiter.share_region is None:
             # the incarnations the region froze, before this mirror takes any ledger
             await self._read_newest()
