@@ -159,8 +159,12 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(three: Mesh
         # partition the busy region: no transfer, and neither side over the limit
         assert len(mesh.cut(hot.name)) == 4
         eventually(lambda: hot.status()["sync"]["local_only"] is True, "the cut is seen")
+        # every other region must see it down before the transfers are counted: one
+        # that has not yet (its failing sends take peerTimeout to say so) may still give
         eventually(
-            lambda: cold1.status()["sync"]["peers"][hot.region]["state"] == "down",
+            lambda: all(
+                n.status()["sync"]["peers"][hot.region]["state"] == "down" for n in (cold1, cold2)
+            ),
             "the others see it down",
         )
         transfers = [
