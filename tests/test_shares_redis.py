@@ -106,6 +106,7 @@ def test_a_redis_region_holds_spends_and_gives_rights_like_an_embedded_one(
         eventually(
             lambda: (
                 eu.status()["sync"]["peers"][REDIS_REGION]["state"] == "down"
+                and ap.status()["sync"]["peers"][REDIS_REGION]["state"] == "down"
                 and a.status()["sync"]["local_only"] is True
                 and b.status()["sync"]["local_only"] is True
             ),
