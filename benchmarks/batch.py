@@ -187,10 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print every wrk output too")
     parser.add_argument("--handler", action="store_true", help="the route alone, in-process")
     parser.add_argument("--callgrind", action="store_true", help="with --handler: Ir/decision")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="with --handler --callgrind: instructions per decision of each step",
+    )
     parser.add_argument("--loop", nargs=2, metavar=("KEYS", "BATCHES"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.loop:
         handler_loop(args.loop[0], int(args.loop[1]))
+        return 0
+    if args.phase:
+        phase_loop(args.phase[0], args.phase[1], int(args.phase[2]))
         return 0
     if args.handler:
         return handler_main(args)
@@ -548,7 +557,39 @@ def handler_loop(which: str, batches: int) -> None:
         handle(req)
 
 
-def _instructions(which: str, batches: int) -> int:
+#: the handler's work in cumulative steps (``--phases``): each loop does its step and
+#: every step before it, so the difference of two steps' counts is the later one's cost
+PHASES_STEPS = ("decode", "decide", "render", "handler")
+
+
+def phase_loop(which: str, step: str, batches: int) -> None:
+    """``batches`` runs of the batch handler's work up to ``step`` (PHASES_STEPS): the
+    body decoded (msgspec), the items decided as columns (``acquire_columns``: rule and
+    bucket per item, the decisions, the dirty set and the journal), the answer rendered
+    (``_columns_response``: metrics and the body), or the whole route (``rate_batch``:
+    the checks around it and the commit barrier)."""
+    app, request = handler_app()
+    req = request(HANDLER_KEYS[which])
+    body = req.body
+    decode = app.batch_decoder.decode
+    columns = app.decider.acquire_columns
+    render = app._columns_response
+    handle = app.rate_batch
+    upto = PHASES_STEPS.index(step)
+    handle(req)  # the buckets exist from here on: every later batch takes the columns
+    for _ in range(20 + batches):
+        if upto == 3:
+            handle(req)
+            continue
+        items = decode(body).requests
+        if upto >= 1:
+            decided = columns(items)
+            if upto >= 2:
+                render(decided)
+
+
+def _instructions(which: str, batches: int, step: str | None = None) -> int:
+    loop = ["--loop", which, str(batches)] if step is None else ["--phase", which, step, str(batches)]
     out = subprocess.run(
         [
             "valgrind",
@@ -556,9 +597,7 @@ def _instructions(which: str, batches: int) -> int:
             "--callgrind-out-file=/dev/null",
             sys.executable,
             __file__,
-            "--loop",
-            which,
-            str(batches),
+            *loop,
         ],
         capture_output=True,
         text=True,
@@ -646,6 +685,31 @@ def handler_main(args: argparse.Namespace) -> int:
             "Instructions per decision (callgrind: Ir of 300 batches − Ir of 100, ÷ 20,000):",
             "",
             _report.markdown_table(["contender", "instructions/decision"], ir_rows),
+        ]
+    if args.callgrind and args.phases:
+        step_names = {
+            "decode": "decode the body (msgspec)",
+            "decide": "decide as columns (acquire_columns: rule, bucket, dirty set, journal)",
+            "render": "render the answer (_columns_response: metrics, body)",
+            "handler": "the rest of the route (checks, commit barrier)",
+        }
+        phase_rows = []
+        for which, name in (("hot", "1 hot key"), ("many", "100 keys")):
+            before = 0.0
+            for step in PHASES_STEPS:
+                upto = (
+                    _instructions(which, 300, step) - _instructions(which, 100, step)
+                ) / (200 * BATCH)
+                phase_rows.append([name, step_names[step], f"{upto - before:,.0f}"])
+                before = upto
+            phase_rows.append([name, "total", f"{before:,.0f}"])
+        phase_columns = ["batch", "step", "instructions/decision"]
+        _report.print_table("callgrind, by step", phase_columns, phase_rows)
+        body += [
+            "",
+            "By step (callgrind, each step's loop minus the previous step's, same counts):",
+            "",
+            _report.markdown_table(phase_columns, phase_rows),
         ]
     if not args.no_record:
         _report.append_section(
