@@ -589,7 +589,9 @@ def phase_loop(which: str, step: str, batches: int) -> None:
 
 
 def _instructions(which: str, batches: int, step: str | None = None) -> int:
-    loop = ["--loop", which, str(batches)] if step is None else ["--phase", which, step, str(batches)]
+    loop = (
+        ["--loop", which, str(batches)] if step is None else ["--phase", which, step, str(batches)]
+    )
     out = subprocess.run(
         [
             "valgrind",
@@ -697,9 +699,9 @@ def handler_main(args: argparse.Namespace) -> int:
         for which, name in (("hot", "1 hot key"), ("many", "100 keys")):
             before = 0.0
             for step in PHASES_STEPS:
-                upto = (
-                    _instructions(which, 300, step) - _instructions(which, 100, step)
-                ) / (200 * BATCH)
+                upto = (_instructions(which, 300, step) - _instructions(which, 100, step)) / (
+                    200 * BATCH
+                )
                 phase_rows.append([name, step_names[step], f"{upto - before:,.0f}"])
                 before = upto
             phase_rows.append([name, "total", f"{before:,.0f}"])

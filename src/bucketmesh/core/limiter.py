@@ -655,17 +655,23 @@ class Limiter:
             return None
         if now is None:
             now = self.clock()
-        get = self.buckets.get
-        runs: list[tuple[str, int, Bucket]] = []
+        buckets = self.buckets
+        # runs of one ask repeated (a hot key), as parallel lists: key, tokens, bucket,
+        # and how many asks each holds
+        run_keys: list[str] = []
+        run_tokens: list[int] = []
+        run_buckets: list[Bucket] = []
         counts: list[int] = []
         last_key: str | None = None
         last_tokens = -1
         last_rule = ""
         last: Any = None
+        repeating = False
         for item in items:
-            # an item equal to the last one (a hot key) joins its run unread: three
-            # attribute reads of a decoded item cost several comparisons
-            if last is not None and item == last:
+            # Inside a run (a hot key), an item equal to the last one joins it unread:
+            # three attribute reads of a decoded item cost more than one comparison;
+            # outside one (other keys), the comparison would only cost.
+            if repeating and item == last:
                 counts[-1] += 1
                 continue
             asked: str | None = item.key
@@ -678,10 +684,12 @@ class Limiter:
                 and (named is None or named == last_rule)
             ):
                 counts[-1] += 1
+                repeating = True
                 continue
+            repeating = False
             if asked is None:
                 return None
-            bucket = get(asked)
+            bucket = buckets.get(asked)
             if (
                 bucket is None
                 or tokens < 0
@@ -689,55 +697,66 @@ class Limiter:
                 or (named is not None and named != bucket.rule)
             ):
                 return None
-            runs.append((asked, tokens, bucket))
+            run_keys.append(asked)
+            run_tokens.append(tokens)
+            run_buckets.append(bucket)
             counts.append(1)
             last_key, last_tokens, last_rule = asked, tokens, bucket.rule
         out = DecisionColumns()
         allowed = out.allowed
-        keys, capacities, rates, modes, rules = (
-            out.keys,
-            out.capacity,
-            out.refill_rate,
-            out.mode,
-            out.rule,
-        )
+        remaining, retry_after, reset_after = out.remaining, out.retry_after, out.reset_after
+        keys, modes, rules = out.keys, out.mode, out.rule
+        # capacity and refill rate boxed once for every run of the same limits (the
+        # columns hold Python objects: a native int or float appended is boxed anew)
+        capacities: list[Any] = out.capacity
+        rates: list[Any] = out.refill_rate
+        capacity_box: Any = None
+        rate_box: Any = None
+        last_capacity = -1
+        last_interval = -1
         strict_shares = self.share_region is not None
-        granted: dict[str, Bucket] = {}
-        for (key, tokens, bucket), count in zip(runs, counts, strict=True):
+        # the dirty set and the journal take each granted key once (a set)
+        dirty = self.dirty
+        journal = self.journal
+        journaled = journal.keys if journal is not None else None
+        for index, key in enumerate(run_keys):
+            tokens = run_tokens[index]
+            bucket = run_buckets[index]
+            count = counts[index]
             start = len(allowed)
             bucket.acquire_into(
-                key, tokens, count, now, allowed, out.remaining, out.retry_after, out.reset_after
+                key, tokens, count, now, allowed, remaining, retry_after, reset_after
             )
-            if strict_shares and bucket.mode == STRICT:
+            mode = bucket.mode
+            if strict_shares and mode == STRICT:
                 self.share_asked[key] = self.share_asked.get(key, 0) + tokens * count
                 if tokens and not allowed[-1]:
                     self.share_denied.add(key)
             if tokens and allowed[start]:
-                granted[key] = bucket
+                if mode == SHARED:
+                    dirty.add(key)
+                if journaled is not None:
+                    journaled.add(key)
             capacity = bucket.capacity
-            rate = NS_PER_S / bucket.interval
-            mode = bucket.mode
+            interval = bucket.interval
+            if capacity != last_capacity or interval != last_interval:
+                last_capacity = capacity
+                last_interval = interval
+                capacity_box = capacity
+                rate_box = NS_PER_S / interval
             rule = bucket.rule
             if count == 1:
                 keys.append(key)
-                capacities.append(capacity)
-                rates.append(rate)
+                capacities.append(capacity_box)
+                rates.append(rate_box)
                 modes.append(mode)
                 rules.append(rule)
             else:
                 keys.extend([key] * count)
-                capacities.extend([capacity] * count)
-                rates.extend([rate] * count)
+                capacities.extend([capacity_box] * count)
+                rates.extend([rate_box] * count)
                 modes.extend([mode] * count)
                 rules.extend([rule] * count)
-        if granted:
-            dirty = self.dirty
-            for key, bucket in granted.items():
-                if bucket.mode == SHARED:
-                    dirty.add(key)
-            journal = self.journal
-            if journal is not None:
-                journal.keys.update(granted)
         return out
 
     # -- the decision seam (core/decisions.py) ----------------------------------
