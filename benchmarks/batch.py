@@ -40,8 +40,11 @@ MemoryStorage fixed-window ``hit`` called 100 times (one key) in the same
 alternating rounds; ns per decision, medians, and their ratio. With
 ``--callgrind`` (valgrind installed) it also counts the instructions per decision
 of each handler contender — (Ir of 300 batches − Ir of 100 batches) / 20,000,
-valgrind's own counts, which the machine's load does not move.
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/batch.py --handler [--callgrind]``.
+valgrind's own counts, which the machine's load does not move. With ``--phases`` too, it
+splits those instructions by step: decoding the body, deciding as columns
+(``acquire_columns``), rendering the answer (``_columns_response``) and the rest of the
+route, each counted as the difference of two loops that stop one step apart.
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/batch.py --handler [--callgrind [--phases]]``.
 """
 
 from __future__ import annotations
