@@ -4,6 +4,9 @@
 # without a dictionary or descriptor lookup.
 import cython
 
+cdef class Response:
+    cdef public object status, body, content_type, head, _headers
+
 cdef class _Connection:
     cdef public object _server, _loop, _limits, _handler, _transport, _parser
     cdef public object _peer_names, _body, _timer, _pending, _deferred
@@ -33,5 +36,5 @@ cdef class _Connection:
     @cython.locals(url=bytes, path=str, query=dict, paths=dict)
     cpdef on_message_complete(self)
 
-    @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict)
+    @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict, response=Response)
     cpdef _deliver(self, result, bint keep_alive, bint head, bint http10)

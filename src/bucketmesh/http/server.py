@@ -130,6 +130,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
+from types import FunctionType as _FunctionType
 from typing import TYPE_CHECKING, Final, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -628,7 +629,13 @@ class _Connection:
         self._max_head = server._limits.max_header_bytes
         self._max_fields = server._limits.max_headers
         self._keepalive = server._limits.keepalive_timeout
-        self._handler = server._handler
+        handler = server._handler
+        call = getattr(type(handler), "__call__", None)  # noqa: B004 (the method itself)
+        if call.__class__ is _FunctionType:
+            # an object whose class defines __call__ in Python (the Router): its bound
+            # method, called without the type's call slot (a lookup and an argument tuple)
+            handler = call.__get__(handler)
+        self._handler = handler
         self._transport: asyncio.Transport  # set by connection_made
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
@@ -1071,13 +1078,14 @@ class _Connection:
         if self._pending:
             self._pending.append(_Slot(result, keep_alive, head, http10))
             return
-        lines = result.head
+        response = result  # typed Response in the compiled build: its fields read directly
+        lines = response.head
         if lines is not None and keep_alive and not (self._closing or head or http10):
             # _write_response and _encode_response inlined: encoded header lines on a
             # keep-alive HTTP/1.1 connection
             status_lines = _BODY_STATUS_LINES
-            status_line = status_lines.get(result.status)
-            body = result.body
+            status_line = status_lines.get(response.status)
+            body = response.body
             if status_line is not None and body.__class__ is bytes:
                 data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
                     status_line,
@@ -1091,7 +1099,7 @@ class _Connection:
                 if self._out_size >= _FLUSH_AT:
                     self._write_out()
                 return
-        self._write_response(result, keep_alive, head, http10)
+        self._write_response(response, keep_alive, head, http10)
 
     def _await_response(
         self, result: Awaitable[Response], keep_alive: bool, head: bool, http10: bool
