@@ -12,10 +12,11 @@ cdef class _Connection:
     cdef public object _peer_names, _body, _timer, _pending, _deferred
     cdef public str _client_ip, _method, _http_version
     cdef public bytes _url
-    cdef public dict _headers
+    cdef public dict _headers, _values
+    cdef public str _length_text
     cdef public list _out
     cdef public Py_ssize_t _max_pipelined, _max_head, _max_fields, _out_size
-    cdef public Py_ssize_t _head_raw, _head_room, _fields_left
+    cdef public Py_ssize_t _head_raw, _head_room, _fields_left, _length
     cdef public double _keepalive, _now, _head_started, _body_started, _linger_until
     cdef public double _paused_at, _deadline, _timer_at
     cdef public bint _in_message, _in_target, _head_done, _keep_alive, _plain, _closing
@@ -27,7 +28,7 @@ cdef class _Connection:
 
     cpdef on_url(self, bytes url)
 
-    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict)
+    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict, values=dict, known=tuple)
     cpdef on_header(self, bytes name, bytes value)
 
     @cython.locals(headers=dict, method=bytes, keep_alive=bint, methods=dict)
