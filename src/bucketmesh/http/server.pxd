@@ -7,6 +7,9 @@ import cython
 cdef class Response:
     cdef public object status, body, content_type, head, _headers
 
+cdef class _Slot:
+    cdef public object ready, keep_alive, head, http10, task
+
 cdef class _Connection:
     cdef public object _server, _loop, _limits, _handler, _transport, _parser
     cdef public object _peer_names, _body, _timer, _pending, _deferred
