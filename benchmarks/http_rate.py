@@ -1044,6 +1044,262 @@ def wire_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- the kernel's share per request (--kernel) ---------------------------------------
+
+# what `perf stat` counts on the server's processes during a round (tracepoints: no PMU
+# needed, which this VM lacks); the syscalls a server's request path makes
+KERNEL_EVENTS = (
+    "task-clock",
+    "context-switches",
+    "raw_syscalls:sys_enter",
+    "syscalls:sys_enter_read",
+    "syscalls:sys_enter_recvfrom",
+    "syscalls:sys_enter_write",
+    "syscalls:sys_enter_writev",
+    "syscalls:sys_enter_sendto",
+    "syscalls:sys_enter_epoll_wait",
+    "syscalls:sys_enter_epoll_pwait",
+)
+
+
+def session_pids(leader: int) -> list[int]:
+    """The processes of the session ``leader`` started (nginx: master and worker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == leader:  # field 6, the session id
+            pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class CpuSample:
+    utime: float  # seconds
+    stime: float
+    on_cpu: float  # schedstat: seconds run, seconds waited on the run queue
+    waited: float
+    voluntary: int  # context switches
+    involuntary: int
+
+    @classmethod
+    def read(cls, pids: Sequence[int]) -> CpuSample:
+        hz = os.sysconf("SC_CLK_TCK")
+        total = cls(0.0, 0.0, 0.0, 0.0, 0, 0)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total.utime += int(fields[11]) / hz
+                total.stime += int(fields[12]) / hz
+                run, wait, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+                total.on_cpu += int(run) / 1e9
+                total.waited += int(wait) / 1e9
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total.voluntary += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        total.involuntary += int(line.split()[1])
+        return total
+
+    def minus(self, before: CpuSample) -> CpuSample:
+        return CpuSample(
+            self.utime - before.utime,
+            self.stime - before.stime,
+            self.on_cpu - before.on_cpu,
+            self.waited - before.waited,
+            self.voluntary - before.voluntary,
+            self.involuntary - before.involuntary,
+        )
+
+
+def perf_counts(text: str) -> dict[str, float]:
+    """``perf stat -x,`` output: event name -> count (task-clock in ms)."""
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[0].replace(".", "", 1).isdigit():
+            counts[parts[2]] = float(parts[0])
+    return counts
+
+
+@dataclass
+class KernelRound:
+    requests: int
+    rps: float
+    cpu: CpuSample
+    wrk_user: float
+    wrk_sys: float
+    perf: dict[str, float]
+
+
+def kernel_round(service: Service, url: str, lua: Path, seconds: float) -> KernelRound:
+    """One wrk round on ``service``, its processes' CPU and syscalls counted meanwhile."""
+    import resource
+
+    pids = session_pids(service.pid)
+    perf_out = service.cwd / f"perf-{service.name}.txt"
+    perf = None
+    if shutil.which("perf") is not None:
+        perf = subprocess.Popen(
+            [
+                *("perf", "stat", "-x,", "-o", str(perf_out)),
+                *("-e", ",".join(KERNEL_EVENTS), "-p", ",".join(map(str, pids))),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.3)  # attached before the round starts
+    before = CpuSample.read(pids)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result, _ = run_wrk(url, lua, seconds)
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = CpuSample.read(pids).minus(before)
+    counts: dict[str, float] = {}
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            perf.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            counts = perf_counts(perf_out.read_text())
+    return KernelRound(
+        result.requests,
+        result.rps,
+        cpu,
+        after_children.ru_utime - children.ru_utime,
+        after_children.ru_stime - children.ru_stime,
+        counts,
+    )
+
+
+def kernel_main(args: argparse.Namespace) -> int:
+    """CPU per request in user space and in the kernel, and syscalls per request, of
+    bucketmesh serve and nginx under the admit scenario's wrk load."""
+    if (missing := require_tools()) is not None:
+        print(f"P2 --kernel: {missing}", file=sys.stderr)
+        return 2
+    rounds = args.rounds or 2
+    seconds = args.seconds or 5.0
+    machine = _report.machine()
+    load_before = os.getloadavg()
+    scenario = SCENARIOS[0]
+    with tempfile.TemporaryDirectory(prefix="bucketmesh-p2k-") as tmp:
+        workdir = Path(tmp)
+        os.chmod(workdir, 0o755)
+        bm = bucketmesh_service(workdir, "bucketmesh", rule_yaml(scenario))
+        zone = f"limit_req_zone $http_x_api_key zone=rate:1m rate={scenario.nginx_rate};"
+        locations = (
+            f"location = /v1/rate {{ limit_req zone=rate burst={scenario.nginx_burst} nodelay; "
+            "error_page 429 = @denied; try_files /.none @allowed; }\n"
+            f"    location @allowed {{ return 200 '{NGINX_ALLOWED}'; }}\n"
+            f"    location @denied {{ return 429 '{NGINX_DENIED}'; }}"
+        )
+        ngx = nginx_service(workdir, "nginx", locations, zone)
+        lua = wrk_lua(
+            workdir / "post.lua",
+            body='{"tokens":1}',
+            headers={"Content-Type": "application/json", "X-API-Key": API_KEY},
+        )
+        found: dict[str, list[KernelRound]] = {"bucketmesh serve": [], "nginx limit_req": []}
+        try:
+            bm.start("/healthz")
+            ngx.start("/healthz-none")
+            services = {"bucketmesh serve": bm, "nginx limit_req": ngx}
+            for service in services.values():
+                run_wrk(f"http://{HOST}:{service.port}/v1/rate", lua, 1.0)
+            for number in range(rounds):
+                names = list(services) if number % 2 == 0 else list(reversed(services))
+                for name in names:
+                    service = services[name]
+                    url = f"http://{HOST}:{service.port}/v1/rate"
+                    got = kernel_round(service, url, lua, seconds)
+                    found[name].append(got)
+                    print(
+                        f"  round {number + 1}  {name:<18} {got.rps:>9,.0f} req/s  "
+                        f"{(got.cpu.on_cpu / got.requests) * 1e6:5.2f} µs CPU per request",
+                        flush=True,
+                    )
+        finally:
+            bm.stop()
+            ngx.stop()
+    load_after = os.getloadavg()
+
+    def per(value: float, rounds_: list[KernelRound], scale: float = 1e6) -> str:
+        requests = sum(r.requests for r in rounds_)
+        return f"{value / requests * scale:.2f}" if requests else "—"
+
+    columns = ["per request (sum of rounds)", *found]
+    rows: list[list[str]] = []
+
+    def row(label: str, pick: Callable[[KernelRound], float], scale: float = 1e6) -> None:
+        rows.append([label, *(per(sum(pick(r) for r in rs), rs, scale) for rs in found.values())])
+
+    rows.append(
+        [
+            "requests/s (median)",
+            *(_n(statistics.median([r.rps for r in rs])) for rs in found.values()),
+        ]
+    )
+    row("CPU µs on-CPU (schedstat)", lambda r: r.cpu.on_cpu)
+    row("  user µs (utime)", lambda r: r.cpu.utime)
+    row("  kernel µs (stime)", lambda r: r.cpu.stime)
+    row("µs waited on the run queue", lambda r: r.cpu.waited)
+    row("context switches, voluntary", lambda r: r.cpu.voluntary, 1)
+    row("context switches, involuntary", lambda r: r.cpu.involuntary, 1)
+    if all(r.perf for rs in found.values() for r in rs):
+        row("syscalls, all", lambda r: r.perf.get("raw_syscalls:sys_enter", 0), 1)
+        row(
+            "  read / recvfrom",
+            lambda r: (
+                r.perf.get("syscalls:sys_enter_read", 0)
+                + r.perf.get("syscalls:sys_enter_recvfrom", 0)
+            ),
+            1,
+        )
+        row(
+            "  write / writev / sendto",
+            lambda r: (
+                r.perf.get("syscalls:sys_enter_write", 0)
+                + r.perf.get("syscalls:sys_enter_writev", 0)
+                + r.perf.get("syscalls:sys_enter_sendto", 0)
+            ),
+            1,
+        )
+        row(
+            "  epoll_wait / epoll_pwait (loop turns)",
+            lambda r: (
+                r.perf.get("syscalls:sys_enter_epoll_wait", 0)
+                + r.perf.get("syscalls:sys_enter_epoll_pwait", 0)
+            ),
+            1,
+        )
+    row("wrk's own CPU µs (user + kernel)", lambda r: r.wrk_user + r.wrk_sys)
+    load = f"load {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    _report.print_table(f"CPU and syscalls per request under wrk ({load})", columns, rows)
+    if not args.no_record:
+        body = [
+            "Command: `PYTHONPATH=src .venv/bin/python benchmarks/http_rate.py --kernel` — the "
+            f"admit scenario, wrk -t1 -c{CONNECTIONS}, {rounds} rounds × {seconds:g} s per "
+            f"server, interleaved; {load} (1-minute average). During each round the "
+            "server's processes (nginx: master and worker) are read from /proc (utime and "
+            "stime: user and kernel time; schedstat: time on a CPU and time runnable but "
+            "waiting for one; context switches) and counted by `perf stat` tracepoints "
+            "(syscalls by name, no strace overhead); wrk's own CPU from its rusage. "
+            "Figures per request = totals over the rounds ÷ wrk's requests.",
+            "",
+            _report.markdown_table(columns, rows),
+        ]
+        _report.append_section(
+            "P2 the kernel's share per request (benchmarks/http_rate.py --kernel)",
+            "\n".join(body),
+            machine=machine,
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds × 5 s (a smoke run)")
@@ -1058,6 +1314,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scenario", choices=[s.name for s in SCENARIOS], action="append", help="only these"
     )
     parser.add_argument("--wire", action="store_true", help="callgrind Ir/request in-process")
+    parser.add_argument(
+        "--kernel", action="store_true", help="CPU (user, kernel) and syscalls per request"
+    )
     parser.add_argument("--wire-loop", nargs=2, metavar=("WHICH", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.wire_loop:
@@ -1065,6 +1324,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.wire:
         return wire_main(args)
+    if args.kernel:
+        return kernel_main(args)
     rounds = args.rounds or (2 if args.quick else 3)
     seconds = args.seconds or (5.0 if args.quick else 10.0)
     if (missing := require_tools()) is not None:

@@ -4,15 +4,22 @@
 # without a dictionary or descriptor lookup.
 import cython
 
+cdef class Response:
+    cdef public object status, body, content_type, head, _headers
+
+cdef class _Slot:
+    cdef public object ready, keep_alive, head, http10, task
+
 cdef class _Connection:
     cdef public object _server, _loop, _limits, _handler, _transport, _parser
     cdef public object _peer_names, _body, _timer, _pending, _deferred
     cdef public str _client_ip, _method, _http_version
     cdef public bytes _url
-    cdef public dict _headers
+    cdef public dict _headers, _values
+    cdef public str _length_text
     cdef public list _out
     cdef public Py_ssize_t _max_pipelined, _max_head, _max_fields, _out_size
-    cdef public Py_ssize_t _head_raw, _head_room, _fields_left
+    cdef public Py_ssize_t _head_raw, _head_room, _fields_left, _length
     cdef public double _keepalive, _now, _head_started, _body_started, _linger_until
     cdef public double _paused_at, _deadline, _timer_at
     cdef public bint _in_message, _in_target, _head_done, _keep_alive, _plain, _closing
@@ -24,7 +31,7 @@ cdef class _Connection:
 
     cpdef on_url(self, bytes url)
 
-    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict)
+    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict, values=dict, known=tuple)
     cpdef on_header(self, bytes name, bytes value)
 
     @cython.locals(headers=dict, method=bytes, keep_alive=bint, methods=dict)
@@ -33,5 +40,5 @@ cdef class _Connection:
     @cython.locals(url=bytes, path=str, query=dict, paths=dict)
     cpdef on_message_complete(self)
 
-    @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict)
+    @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict, response=Response)
     cpdef _deliver(self, result, bint keep_alive, bint head, bint http10)

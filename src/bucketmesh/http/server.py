@@ -20,7 +20,9 @@ Hot path (docs/targets.md P2)
     The usual request (one per read, keep-alive HTTP/1.1, a plain target, a
     handler answering at once with ``Response.head``: header lines it encoded
     itself) goes through straight-line code: header names lower-cased once
-    (``_NAMES``), the head limits kept as what is left of them, the target's path
+    (``_NAMES``), a header value decoded once per connection while the client repeats
+    it (``_values``; so is a repeated Content-Length's integer), the head limits kept
+    as what is left of them, the target's path
     from ``_PATHS``, the handler called by ``on_message_complete`` itself
     (``_dispatch`` inlined, for a keep-alive HTTP/1.1 request that is not HEAD,
     with nothing pending, not shed: ``_plain``), its answer assembled and appended
@@ -130,6 +132,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
+from types import FunctionType as _FunctionType
 from typing import TYPE_CHECKING, Final, TypeAlias, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -197,6 +200,8 @@ _content_type_lines: dict[str, bytes] = {}
 # Header names as sent -> lower-cased text, for the names clients send (bounded).
 _NAMES: dict[bytes, str] = {}
 _NAMES_MAX: Final = 512
+# Header values a connection remembers, raw and decoded (``_Connection._values``).
+_VALUES_MAX: Final = 32
 # Request targets without a query, percent-escape or fragment -> their path (bounded).
 _PATHS: dict[bytes, str] = {}
 _PATHS_MAX: Final = 512
@@ -592,6 +597,8 @@ class _Connection:
         "_in_target",
         "_keep_alive",
         "_keepalive",
+        "_length",
+        "_length_text",
         "_limits",
         "_linger_until",
         "_lingering",
@@ -617,6 +624,7 @@ class _Connection:
         "_timer_at",
         "_transport",
         "_url",
+        "_values",
         "_write_paused",
     )
 
@@ -628,7 +636,13 @@ class _Connection:
         self._max_head = server._limits.max_header_bytes
         self._max_fields = server._limits.max_headers
         self._keepalive = server._limits.keepalive_timeout
-        self._handler = server._handler
+        handler = server._handler
+        call = getattr(type(handler), "__call__", None)  # noqa: B004 (the method itself)
+        if call.__class__ is _FunctionType:
+            # an object whose class defines __call__ in Python (the Router): its bound
+            # method, called without the type's call slot (a lookup and an argument tuple)
+            handler = call.__get__(handler)
+        self._handler = handler
         self._transport: asyncio.Transport  # set by connection_made
         self._parser = httptools.HttpRequestParser(self)
         self._client_ip = ""
@@ -649,6 +663,12 @@ class _Connection:
         self._body_started = 0.0
         self._url = b""
         self._headers: dict[str, str] = {}
+        # header key -> (the raw value last received under it, its text): a client's
+        # headers repeat from request to request on a connection, decoded once
+        self._values: dict[str, tuple[bytes, str]] = {}
+        # the last Content-Length value and its int (within max_body_bytes)
+        self._length_text = ""
+        self._length = 0
         self._body: bytes | bytearray = b""
         self._method = "GET"
         self._http_version = "1.1"
@@ -898,13 +918,20 @@ class _Connection:
             key = name.decode("latin-1").lower()
             if len(names) < _NAMES_MAX:
                 names[name] = key
-        try:
-            # UTF-8, as the request target is: one spelling of a key on every path
-            text = value.decode().rstrip(" \t")
-        except UnicodeDecodeError:
-            error = _not_text_header(name)
-            self._fail(problem(400, None, error.detail, field=error.field))
-            raise _Stop from None
+        values = self._values
+        known = values.get(key)
+        if known is not None and known[0] == value:
+            text = known[1]  # the value this connection sent last time under this name
+        else:
+            try:
+                # UTF-8, as the request target is: one spelling of a key on every path
+                text = value.decode().rstrip(" \t")
+            except UnicodeDecodeError:
+                error = _not_text_header(name)
+                self._fail(problem(400, None, error.detail, field=error.field))
+                raise _Stop from None
+            if known is not None or len(values) < _VALUES_MAX:
+                values[key] = (value, text)
         headers = self._headers
         if key in headers:
             headers[key] = f"{headers[key]}, {text}"
@@ -935,14 +962,19 @@ class _Connection:
             raise _Stop
         declared = headers.get("content-length")
         if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
-                self._fail(problem(400, None, "malformed Content-Length"))
-                raise _Stop from None
-            if length > self._limits.max_body_bytes:
-                self._fail(self._body_too_large())
-                raise _Stop
+            if declared == self._length_text:
+                length = self._length  # the same as the last request's (checked then)
+            else:
+                try:
+                    length = int(declared)
+                except ValueError:
+                    self._fail(problem(400, None, "malformed Content-Length"))
+                    raise _Stop from None
+                if length > self._limits.max_body_bytes:
+                    self._fail(self._body_too_large())
+                    raise _Stop
+                self._length_text = declared
+                self._length = length
         else:
             length = 0
         if "expect" in headers:
@@ -1071,13 +1103,14 @@ class _Connection:
         if self._pending:
             self._pending.append(_Slot(result, keep_alive, head, http10))
             return
-        lines = result.head
+        response = result  # typed Response in the compiled build: its fields read directly
+        lines = response.head
         if lines is not None and keep_alive and not (self._closing or head or http10):
             # _write_response and _encode_response inlined: encoded header lines on a
             # keep-alive HTTP/1.1 connection
             status_lines = _BODY_STATUS_LINES
-            status_line = status_lines.get(result.status)
-            body = result.body
+            status_line = status_lines.get(response.status)
+            body = response.body
             if status_line is not None and body.__class__ is bytes:
                 data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
                     status_line,
@@ -1091,7 +1124,7 @@ class _Connection:
                 if self._out_size >= _FLUSH_AT:
                     self._write_out()
                 return
-        self._write_response(result, keep_alive, head, http10)
+        self._write_response(response, keep_alive, head, http10)
 
     def _await_response(
         self, result: Awaitable[Response], keep_alive: bool, head: bool, http10: bool
