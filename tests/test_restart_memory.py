@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_bucket_laws import KEY, START, grow, neutral, ops
 
@@ -217,17 +217,40 @@ def test_restoring_lets_go_of_the_file_it_decodes(tmp_path: Path) -> None:
 ME = "a/n/2"  # the restarted replica: "a/n/1" is its previous incarnation
 ZERO = "z/z/zero"  # an entry of 0 with no records (changes nothing; never folded)
 
+# An instant at one of the state's edges, where a rounding or a floor would show: its
+# TAT, its base, its epoch or its slice edge, a few ns either side.
+EDGES = ("tat", "base", "epoch", "edge")
+near = st.tuples(st.sampled_from(EDGES), st.integers(-2, 2))
+
 lone_ops = st.lists(
     st.one_of(
         st.tuples(st.just("acquire"), st.integers(1, 4), st.integers(0, 3 * 10**9)),
         st.tuples(st.just("acquire"), st.integers(0, 6), st.integers(0, 5)),
+        st.tuples(st.just("acquire_at"), st.integers(0, 6), near),
         st.tuples(st.just("merge"), st.integers(0, 10**6), st.just(0)),
+        # a peer's own delta when that peer spent nothing: a base (and config) alone,
+        # whose count may be ahead of this replica's total (its TAT before its base)
+        st.tuples(st.just("merge_base"), st.integers(0, 10**6), st.just(0)),
         st.tuples(st.just("configure"), st.integers(1, 12), st.integers(1, 10**9)),
+        st.tuples(st.just("configure_at"), st.integers(1, 12), near),
         st.tuples(st.just("fold"), st.integers(0, 12), st.just(0)),
+        # what a real fold takes: the previous incarnation's count, or a little more
+        st.tuples(st.just("fold_count"), st.integers(0, 2), st.just(0)),
         st.tuples(st.just("raise_own"), st.integers(0, 8), st.just(0)),
     ),
     max_size=12,
 )
+
+
+def at_edge(bucket: Bucket, where: tuple[str, int]) -> int:
+    edge, offset = where
+    point = {
+        "tat": bucket.tat(),
+        "base": bucket.base_time,
+        "epoch": bucket.epoch,
+        "edge": bucket.edge,
+    }[edge]
+    return point + offset
 
 
 def only(delta: BucketDelta, rid: str) -> BucketDelta:
@@ -240,6 +263,13 @@ def only(delta: BucketDelta, rid: str) -> BucketDelta:
         anchor_begun={k: v for k, v in delta.anchor_begun.items() if k == rid},
         marks={k: v for k, v in delta.marks.items() if k == rid},
         folds={},
+    )
+
+
+def base_alone(delta: BucketDelta) -> BucketDelta:
+    """``delta``'s base and config, with no entry (a peer that spent nothing's own)."""
+    return msgspec.structs.replace(
+        delta, used={}, anchor_at={}, anchor_used={}, anchor_begun={}, marks={}, folds={}
     )
 
 
@@ -263,14 +293,52 @@ def seen_as(bucket: Bucket) -> tuple[Any, ...]:
     )
 
 
-@settings(max_examples=300, deadline=None)
+def recomputed(bucket: Bucket) -> tuple[int, int, int | None, int]:
+    """The TAT terms and edge of a copy decoded from ``bucket``'s state (a snapshot
+    restored): what the state says, whatever path the live bucket took there."""
+    copy = Bucket.from_delta(bucket.full_state(KEY, ME), ME)
+    return copy.tat(), copy.g, copy.unc, copy.edge
+
+
+def probed(bucket: Bucket) -> list[tuple[Any, ...]]:
+    """A grant of one token, on a copy of ``bucket`` (in its own form: a lone entry
+    decodes as one, the twin's zero entry keeps it a list), at each edge of its state
+    one ns either side, and what each copy holds after it."""
+    out = []
+    for point in {bucket.tat(), bucket.base_time, bucket.epoch}:
+        for at in (point - 1, point, point + 1):
+            copy = Bucket.from_delta(bucket.full_state(KEY, ME), ME)
+            out.append((at, copy.acquire(KEY, 1, at), seen_as(copy)))
+    return sorted(out, key=lambda probe: probe[0])
+
+
+A = ("acquire", 0, 1, 0)
+
+
+# The fresh-clone CI's case (pure build, 1000200000001 against 1000200000000): the fold
+# of a/n/1 left the lone bucket with no entry at all, its twin with the zero entry; the
+# grant 1 ns past the TAT re-based before the fold's base (its floor), which the sweep
+# ignores and the no-entry shortcut in ``acquire`` counted (TAT now + T, 1 ns above the
+# sweep's). The second: the same through a config change's base (compiled, 2026-12-05).
+@example(
+    program=[A, A, A, A, ("merge_full", 0, 0, 0), ("merge_full", 0, 0, 0), ("recreate", 0, 0, 0)],
+    steps=[("fold", 0, 0), ("acquire", 1, 1)],
+    pick=63,
+)
+@example(
+    program=[A, A, A, A, ("configure", 0, 1, 1)],
+    steps=[("merge", 7, 0), ("fold", 0, 0), ("acquire", 1, 0)],
+    pick=0,
+)
+@settings(max_examples=1500, deadline=None)
 @given(program=ops, steps=lone_ops, pick=st.integers(0, 10**6))
 def test_a_lone_entry_behaves_as_the_list_it_stands_for(
-    program: list[tuple[str, int, int, int]], steps: list[tuple[str, int, int]], pick: int
+    program: list[tuple[str, int, int, int]], steps: list[tuple[str, int, Any]], pick: int
 ) -> None:
     """A restored bucket holding its previous incarnation's entry in place, and its
     twin holding the same entry in a list (beside a zero entry, which keeps it a
-    list), decide, merge, fold and report alike through any program."""
+    list), decide, merge, fold and report alike through any program, and each holds
+    the TAT its state recomputes (a snapshot of it restores the same answers)."""
     world = grow(program)
     state = only(world.seen[pick % len(world.seen)], "a/n/1")
     lone = Bucket.from_delta(state, ME)
@@ -278,25 +346,33 @@ def test_a_lone_entry_behaves_as_the_list_it_stands_for(
     assert isinstance(lone._entries, str) and isinstance(twin._entries, list)
     assert seen_as(lone) == seen_as(twin)
     now = START
-    for kind, x, y in steps:
-        if kind == "acquire":
-            now += y
+    for step, (kind, x, y) in enumerate(steps):
+        if kind in ("acquire", "acquire_at"):
+            now = now + y if kind == "acquire" else at_edge(lone, y)
             if x <= lone.config.capacity:
                 assert lone.acquire(KEY, x, now) == twin.acquire(KEY, x, now)
-        elif kind == "merge":
+        elif kind in ("merge", "merge_base"):
             delta = world.seen[x % len(world.seen)]
+            if kind == "merge_base":
+                delta = base_alone(delta)
             assert lone.merge(delta, ME, now) == twin.merge(delta, ME, now)
-        elif kind == "configure":
-            config = BucketConfig(x, y, lone.config.ttl_ns, SHARED, (len(steps) + now, "p"))
-            if config.version > lone.config.version:
-                lone.reconfigure(config, now)
-                twin.reconfigure(config, now)
-        elif kind == "fold":  # a/n/1 (the previous incarnation) folded into x tokens
-            assert lone.fold({"a/n": (2, x)}, ME) == twin.fold({"a/n": (2, x)}, ME)
+        elif kind in ("configure", "configure_at"):
+            if kind == "configure_at":
+                now = at_edge(lone, y)
+                y = lone.config.interval_ns
+            # (newer than every version the world stamps: its HLC counts its steps)
+            config = BucketConfig(x, y, lone.config.ttl_ns, SHARED, (10**6 + step, "p"))
+            lone.reconfigure(config, now)
+            twin.reconfigure(config, now)
+        elif kind in ("fold", "fold_count"):  # a/n/1 (the previous incarnation) folded
+            tokens = x if kind == "fold" else (lone.others or {}).get("a/n/1", 0) + x
+            assert lone.fold({"a/n": (2, tokens)}, ME) == twin.fold({"a/n": (2, tokens)}, ME)
         else:
             lone.raise_own(x)
             twin.raise_own(x)
         assert seen_as(lone) == seen_as(twin)
+        assert recomputed(lone) == recomputed(twin) == seen_as(lone)[:4]
+        assert probed(lone) == probed(twin)
 
 
 def test_a_stop_that_cancels_a_snapshot_still_leaves_no_log_to_replay(tmp_path: Path) -> None:

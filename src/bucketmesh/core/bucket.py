@@ -752,12 +752,21 @@ class Bucket:
                 self.mine += tokens
                 self.total += tokens
                 if self._entries is None:
-                    # Alone: a re-base is exact GCRA (TAT := now + n·T); a new slice's
+                    # Alone: a re-base is exact GCRA (TAT := now + n·T), if the grant
+                    # is at or after ``_recompute``'s floor (the base); a new slice's
                     # mark lies below the TAT already held (docs/design.md section 3).
+                    # A re-base before the floor (a base a peer's config change or a
+                    # fold set ahead of the TAT, or the epoch, after a clock skew) is a
+                    # record that counts for nothing: the sweep decides, so the TAT
+                    # stays a function of the state (a restored copy computes it alike).
                     if rebase:
-                        spent = self.total - tokens
-                        # (the anchor's own int object when nothing was spent before)
-                        self.g = now_ns - spent * interval if spent else now_ns
+                        base_time = self.base_time
+                        if now_ns > base_time or (now_ns == base_time == self.epoch):
+                            spent = self.total - tokens
+                            # (the anchor's own int object when nothing was spent before)
+                            self.g = now_ns - spent * interval if spent else now_ns
+                        else:
+                            self._recompute()
                 else:
                     self._recompute()
             else:
@@ -1045,6 +1054,7 @@ class Bucket:
         self._unpack()  # a lone entry to a list while merging; packed again at the end
         if delta.config.version > self.config.version:
             self.config = delta.config
+            self._derive_edge()  # the new config's slices (a function of the state)
             changed = True
         if self._base_key(delta.base_version, delta.base_time, delta.base_used) > self._base_key(
             self.base_version, self.base_time, self.base_used
