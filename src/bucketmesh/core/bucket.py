@@ -741,10 +741,13 @@ class Bucket:
                     rebase
                     and now_ns < self.edge
                     and anchor != ABSENT
+                    and anchor <= now_ns
                     and (not marks or marks[-2] <= anchor)
                 ):
                     # a re-base in the slice of our newest record, the anchor: the
-                    # slice's start count stays (the common case of a lightly used key)
+                    # slice's start count stays (the common case of a lightly used key;
+                    # not before the anchor: after a clock stepped back, ``_note`` keeps
+                    # the later slice's mark, so the edge stays what the state derives)
                     self._anchor = now_ns
                     self._anchor_used = self.mine
                 else:
