@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bucketmesh.core.bucket import (
@@ -91,14 +91,24 @@ def base_key(delta: BucketDelta) -> tuple[Any, ...]:
 
 replica = st.integers(0, len(REPLICAS) - 1)
 intervals = st.one_of(st.integers(1, 50), st.integers(10**6, 10**9))
-ops = st.lists(
+op = st.one_of(
+    st.tuples(st.just("acquire"), replica, st.integers(1, 4), st.integers(0, 3 * 10**9)),
+    st.tuples(st.just("acquire"), replica, st.integers(1, 4), st.integers(0, 5)),
+    st.tuples(st.just("configure"), replica, st.integers(1, 12), intervals),
+    st.tuples(st.just("merge_full"), replica, replica, st.just(0)),
+    st.tuples(st.just("merge_delta"), replica, replica, st.just(0)),
+    st.tuples(st.just("recreate"), replica, st.just(0), st.just(0)),
+)
+ops = st.lists(op, max_size=40)
+# ... and ops aimed at the edges of a state: the delta of a peer that spent nothing (its
+# base alone, counting spending this replica may not have heard of), and a grant at
+# the replica's TAT or base, a few ns either side (never back in time)
+edge_ops = st.lists(
     st.one_of(
-        st.tuples(st.just("acquire"), replica, st.integers(1, 4), st.integers(0, 3 * 10**9)),
-        st.tuples(st.just("acquire"), replica, st.integers(1, 4), st.integers(0, 5)),
-        st.tuples(st.just("configure"), replica, st.integers(1, 12), intervals),
-        st.tuples(st.just("merge_full"), replica, replica, st.just(0)),
-        st.tuples(st.just("merge_delta"), replica, replica, st.just(0)),
-        st.tuples(st.just("recreate"), replica, st.just(0), st.just(0)),
+        op,
+        st.tuples(st.just("merge_base"), replica, replica, st.just(0)),
+        st.tuples(st.just("acquire_at_tat"), replica, st.integers(1, 4), st.integers(-2, 2)),
+        st.tuples(st.just("acquire_at_base"), replica, st.integers(1, 4), st.integers(-2, 2)),
     ),
     max_size=40,
 )
@@ -131,6 +141,25 @@ class World:
             bucket.merge(self.state(x), REPLICAS[r])
         elif kind == "merge_delta":
             bucket.merge(self.buckets[x].delta(KEY, REPLICAS[x]), REPLICAS[r])
+        elif kind == "merge_base":
+            delta = self.buckets[x].delta(KEY, REPLICAS[x])
+            empty: dict[str, Any] = {}
+            bucket.merge(
+                msgspec.structs.replace(
+                    delta,
+                    used={REPLICAS[x]: 0},
+                    anchor_at=empty,
+                    anchor_used=empty,
+                    anchor_begun=empty,
+                    marks=empty,
+                ),
+                REPLICAS[r],
+            )
+        elif kind.startswith("acquire_at"):
+            point = bucket.tat() if kind == "acquire_at_tat" else bucket.base_time
+            self.now = max(self.now, point + y)
+            if x <= bucket.config.capacity:
+                bucket.acquire(KEY, x, self.now)
         else:  # dropped after its ttl, re-created in a later epoch
             self.now += TTL_NS
             self.buckets[r] = Bucket(bucket.config, self.now, bucket.rule)
@@ -250,6 +279,76 @@ def test_replicas_holding_the_same_state_answer_alike(
     assert neutral(world.state(0)) == neutral(world.state(1))
     t = world.now + offsets[0]
     assert a.acquire(KEY, tokens, t) == b.acquire(KEY, tokens, t)
+
+
+def cached(bucket: Bucket) -> tuple[int, int, int | None, int]:
+    """What a bucket caches besides its state: its TAT's terms and its slice edge."""
+    return bucket.tat(), bucket.g, bucket.unc, bucket.edge
+
+
+# found by this test: a replica alone re-bases 1 ns before its anchor (its clock
+# stepped back) — the shortcut for a re-base in the anchor's slice moved the anchor
+# back a slice and dropped the later one's mark, leaving an edge the state no longer says
+@example(
+    program=[
+        ("acquire", 0, 1, 0),
+        ("acquire", 1, 2, 0),
+        ("merge_full", 2, 1, 0),
+        ("configure", 2, 1, 1_000_000),
+        ("merge_delta", 0, 2, 0),
+    ]
+)
+@settings(max_examples=1000, deadline=None)
+@given(program=edge_ops)
+def test_a_replica_caches_what_its_state_recomputes(
+    program: list[tuple[str, int, int, int]],
+) -> None:
+    """After every op, a replica's cached TAT (``g``, ``unc``) and edge are those a copy
+    decoded from its state computes (what a restart from its snapshot holds): the
+    O(1) shortcuts of ``acquire`` are the sweep's result, never another formula. (A
+    replica alone that re-based a grant before a base a peer's config change had set
+    ahead of its TAT kept the grant's exact GCRA TAT, 1 ns or more above the sweep's,
+    which ignores records before the base.)"""
+    world = grow([])
+    for op in program:
+        world.apply(op)
+        r = op[1]
+        state = world.state(r)
+        assert cached(world.buckets[r]) == cached(Bucket.from_delta(state, REPLICAS[r]))
+        # and a grant at an edge of that state (its TAT, its base, its epoch, ±1 ns)
+        bucket = world.buckets[r]
+        for point in {bucket.tat(), bucket.base_time, bucket.epoch}:
+            for at in (point - 1, point, point + 1):
+                copy = Bucket.from_delta(state, REPLICAS[r])
+                copy.acquire(KEY, 1, at)
+                again = Bucket.from_delta(copy.full_state(KEY, REPLICAS[r]), REPLICAS[r])
+                assert cached(copy) == cached(again)
+
+
+def test_a_grant_alone_before_a_peers_base_counts_as_the_state_says() -> None:
+    """c spends 3; b hears it and changes the config (base: full at t + 3T once 3 were
+    spent); a, which spent nothing and heard of nobody's spending, learns b's base
+    from b's own delta (b's entry is 0): a's TAT is the base's t, 3T before the base.
+    A grant there 1 ns past the TAT re-bases a record the sweep ignores (it lies
+    before the base); a caches what its state recomputes, so its snapshot restores
+    the same TAT (before: ``acquire``'s shortcut for a replica alone kept the grant's
+    exact GCRA TAT, t + 1 + T, against the restored copy's t + T)."""
+    t, interval = START, 200_000_000
+    config = BucketConfig(5, interval, TTL_NS, SHARED, (0, "rule:r:0"))
+    a, b, c = (Bucket(config, t, "r") for _ in REPLICAS)
+    for _ in range(3):
+        assert c.acquire(KEY, 1, t).allowed
+    b.merge(c.full_state(KEY, REPLICAS[2]), REPLICAS[1])
+    b.reconfigure(BucketConfig(5, interval, TTL_NS, SHARED, (1, REPLICAS[1])), t)
+    a.merge(b.delta(KEY, REPLICAS[1]), REPLICAS[0])
+    assert a.entries is None and a.total == 0 and a.base_time == t + 3 * interval
+    assert a.tat() == t
+    assert a.acquire(KEY, 1, t + 1).allowed
+    restored = Bucket.from_delta(a.full_state(KEY, REPLICAS[0]), REPLICAS[0])
+    assert a.tat() == restored.tat() == t + interval
+    # once a hears c's spending, the grant is charged after the base
+    a.merge(c.delta(KEY, REPLICAS[2]), REPLICAS[0])
+    assert a.tat() == t + 4 * interval
 
 
 # -- the wire ------------------------------------------------------------------------

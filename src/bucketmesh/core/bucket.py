@@ -262,7 +262,13 @@ anchor's slice], in the order they were learnt. One list, not a dict of lists: a
 restarted node holds its previous incarnation's entry in every bucket, and a dict of
 one entry (184 B) and its list (104 B) would cost a million buckets ~290 MB where
 this list costs ~105 MB. A bucket holds few entries (one per replica that spent in
-it), so a lookup is a short scan."""
+it), so a lookup is a short scan.
+
+A bucket whose one other entry is all it holds — no records of its own, a single other
+replica's entry (the usual state of a bucket restored under a new incarnation, or
+learnt from a peer and not granted here) — holds no list at all: ``Bucket._entries``
+is that replica's id (a ``str``) and the bucket's own record slots hold that entry's
+records (``Bucket`` "Lone entry")."""
 
 STRIDE: Final = 6
 
@@ -320,28 +326,45 @@ class Bucket:
     opens a slice while another replica's records are held. A bucket no other
     replica touched keeps exact GCRA with no sweep at all.
 
-    Memory: other replicas' entries are held in ``entries``: None, or one flat list
+    Memory: other replicas' entries are held in ``_entries``: None, or one flat list
     (``Entries``). A bucket that never leaves its region holds only its anchor (two
     ints, held inline: ``anchor``) beyond what it held before.
+
+    Lone entry: a bucket with no records of its own (no anchor, no marks) and exactly
+    one other replica's entry holds that entry in place of its own records: its
+    ``_entries`` is the other replica's id (a ``str``), ``_anchor``,
+    ``_anchor_used``, ``_anchor_slice`` and ``_marks`` are that replica's records,
+    and its count is ``total − mine − folded_total()`` (``total`` counts every
+    entry). That is what a restart leaves in every bucket the previous incarnation
+    touched (its entry, nothing of the new one's): held so, it costs no list (104 B)
+    and no boxed anchor (32 B) beside the bucket. It is a representation only: the
+    state is the same as with the list (``entries``, ``others``, ``full_state``
+    and ``delta`` say so), ``g`` and ``unc`` are the same, and ``edge`` is 0 (no
+    records of its own), so the first grant takes the slow path, which unpacks the
+    entry into a list (``_unpack``) before its records move; so does every other
+    write but ``raise_own``. ``_pack`` folds a bucket back into this form after a
+    decode (``_replace``), a merge, a fold or a config change leaves it eligible.
+    The public ``anchor``, ``anchor_used``, ``anchor_slice`` and ``marks`` always
+    read this replica's own records (none here).
     """
 
     __slots__ = (
         "_anchor",
+        "_anchor_slice",
+        "_anchor_used",
         "_config",
+        "_entries",
+        "_marks",
         "_unc",
-        "anchor_slice",
-        "anchor_used",
         "base_time",
         "base_used",
         "base_version",
         "capacity",
         "edge",
-        "entries",
         "epoch",
         "folds",
         "g",
         "interval",
-        "marks",
         "mine",
         "mode",
         "rule",
@@ -355,13 +378,13 @@ class Bucket:
         self.base_time = self.epoch  # TAT = epoch ≤ now: a new bucket is full
         self.base_used = 0
         self.mine = 0
-        self.entries: Entries | None = None
+        self._entries: Entries | str | None = None
         self.total = 0
         self.rule = rule
         self._anchor = ABSENT
-        self.anchor_used = 0
-        self.anchor_slice = 0
-        self.marks: tuple[int, ...] | None = None
+        self._anchor_used = 0
+        self._anchor_slice = 0
+        self._marks: tuple[int, ...] | None = None
         self.edge = 0
         self.g = self.epoch
         self._unc = ABSENT
@@ -388,11 +411,42 @@ class Bucket:
         build an ``int | None`` attribute is a boxed object, a fresh 32-byte int per
         bucket, where a native int is held inline (docs/build.md, "Layout")."""
         anchor = self._anchor
-        return None if anchor == ABSENT else anchor
+        return None if anchor == ABSENT or isinstance(self._entries, str) else anchor
 
     @anchor.setter
     def anchor(self, anchor: int | None) -> None:
+        self._unpack()
         self._anchor = ABSENT if anchor is None else anchor
+
+    @property
+    def anchor_used(self) -> int:
+        """This replica's count at its anchor (0 without one)."""
+        return 0 if isinstance(self._entries, str) else self._anchor_used
+
+    @anchor_used.setter
+    def anchor_used(self, value: int) -> None:
+        self._unpack()
+        self._anchor_used = value
+
+    @property
+    def anchor_slice(self) -> int:
+        """This replica's count when its anchor's slice began (0 without an anchor)."""
+        return 0 if isinstance(self._entries, str) else self._anchor_slice
+
+    @anchor_slice.setter
+    def anchor_slice(self, value: int) -> None:
+        self._unpack()
+        self._anchor_slice = value
+
+    @property
+    def marks(self) -> tuple[int, ...] | None:
+        """This replica's marks (point, count before it, ...), or None."""
+        return None if isinstance(self._entries, str) else self._marks
+
+    @marks.setter
+    def marks(self, marks: tuple[int, ...] | None) -> None:
+        self._unpack()
+        self._marks = marks
 
     @property
     def unc(self) -> int | None:
@@ -401,14 +455,80 @@ class Bucket:
         unc = self._unc
         return None if unc == ABSENT else unc
 
+    # -- the lone entry (see the class's docstring) ------------------------------------
+
+    def _lone_entry(self, rid: str) -> Entries:
+        """The lone entry of ``rid`` as a list (``Entries``) of one entry."""
+        anchor = self._anchor
+        return [
+            rid,
+            self.total - self.mine - self.folded_total(),
+            None if anchor == ABSENT else anchor,
+            self._anchor_used,
+            self._marks,
+            self._anchor_slice,
+        ]
+
+    def _unpack(self) -> None:
+        """A lone entry into a list of one entry, the record slots back to this
+        replica's own (none). The state, ``g``, ``unc`` and ``edge`` (0) are unchanged."""
+        rid = self._entries
+        if not isinstance(rid, str):
+            return
+        self._entries = self._lone_entry(rid)
+        self._anchor = ABSENT
+        self._anchor_used = 0
+        self._anchor_slice = 0
+        self._marks = None
+
+    def _unpacked(self) -> Entries | None:
+        """``_entries`` as a list (a lone entry unpacked first), or None."""
+        self._unpack()
+        entries = self._entries
+        return None if isinstance(entries, str) else entries
+
+    def _pack(self) -> None:
+        """Hold a single other entry as a lone entry, if this replica has no records
+        (and so ``edge`` 0) and the entry's count is what ``total`` leaves for it."""
+        entries = self._entries
+        if (
+            entries is None
+            or isinstance(entries, str)
+            or len(entries) != STRIDE
+            or self._anchor != ABSENT
+            or self._marks
+            or self.edge != 0
+        ):
+            return
+        rid = entries[0]
+        if not isinstance(rid, str) or entries[1] != self.total - self.mine - self.folded_total():
+            return  # (never: ``total`` counts every entry) — keep the list, never a count
+        anchor = entries[2]
+        self._entries = rid
+        self._anchor = ABSENT if anchor is None else anchor
+        self._anchor_used = entries[3]
+        self._marks = entries[4]
+        self._anchor_slice = entries[5]
+
     # -- reading -------------------------------------------------------------
+
+    @property
+    def entries(self) -> Entries | None:
+        """The other replicas' entries, flat (``Entries``), or None. To read only: a
+        lone entry is given as a new list."""
+        entries = self._entries
+        if isinstance(entries, str):
+            return self._lone_entry(entries)
+        return entries
 
     @property
     def others(self) -> dict[str, int] | None:
         """The other replicas' entries of ``used`` (a copy), or None if none is known."""
-        entries = self.entries
+        entries = self._entries
         if entries is None:
             return None
+        if isinstance(entries, str):
+            return {entries: self.total - self.mine - self.folded_total()}
         return {entries[i]: entries[i + 1] for i in range(0, len(entries), STRIDE)}
 
     def tat(self) -> int:
@@ -459,10 +579,21 @@ class Bucket:
         slice_len = slice_ns(cfg)
         total = self.total
         g = self.base_time - self.base_used * interval
-        own = _records(
-            epoch, slice_len, self.anchor, self.anchor_used, self.anchor_slice, self.marks, floor
-        )
-        entries = self.entries
+        stored = self._entries
+        if isinstance(stored, str):  # a lone entry: none of our own records
+            own: dict[int, int] = {}
+            entries: Entries | None = self._lone_entry(stored)
+        else:
+            own = _records(
+                epoch,
+                slice_len,
+                self.anchor,
+                self._anchor_used,
+                self._anchor_slice,
+                self._marks,
+                floor,
+            )
+            entries = stored
         if not entries:
             # Σused − mine: what folded incarnations spent (0 without folds), before
             # every record of ours, as they no longer run
@@ -514,7 +645,8 @@ class Bucket:
         self._unc = ABSENT if unc is None else unc
 
     def _note(self, now_ns: int, rebase: bool) -> None:
-        """Record a grant that re-bases (the bucket was full) or opens a new slice."""
+        """Record a grant that re-bases (the bucket was full) or opens a new slice (never
+        on a lone entry: ``acquire`` unpacks it first)."""
         slice_len = slice_ns(self.config)
         epoch = self.epoch
         start = now_ns - (now_ns - epoch) % slice_len
@@ -524,22 +656,22 @@ class Bucket:
             if anchor != ABSENT:
                 begun = anchor - (anchor - epoch) % slice_len
                 if begun == start:
-                    begun_with = self.anchor_slice  # the same slice: its start stays
+                    begun_with = self._anchor_slice  # the same slice: its start stays
                 else:
                     # The old anchor stood for its slice's mark too: keep that mark.
-                    marks = self.marks
+                    marks = self._marks
                     if not marks or not any(
                         begun <= point < begun + slice_len for point in marks[0::2]
                     ):
-                        self.marks = _join_marks(
-                            marks, (begun, self.anchor_slice), epoch, slice_len
+                        self._marks = _join_marks(
+                            marks, (begun, self._anchor_slice), epoch, slice_len
                         )
             self._anchor = now_ns
-            self.anchor_used = self.mine
-            self.anchor_slice = begun_with
+            self._anchor_used = self.mine
+            self._anchor_slice = begun_with
         else:
             # at the grant's own instant: exact, and tighter than the slice's start
-            self.marks = _join_marks(self.marks, (now_ns, self.mine), epoch, slice_len)
+            self._marks = _join_marks(self._marks, (now_ns, self.mine), epoch, slice_len)
         if start + slice_len > self.edge:
             self.edge = _shared_edge(start + slice_len)
 
@@ -559,8 +691,10 @@ class Bucket:
     def share_ids(self, shared: dict[Any, Any]) -> None:
         """Replace the other replicas' ids with the equal ones in ``shared`` (adding
         those it lacks): decoded buckets share one copy of each id."""
-        entries = self.entries
-        if entries:
+        entries = self._entries
+        if isinstance(entries, str):
+            self._entries = shared.setdefault(entries, entries)
+        elif entries:
             for i in range(0, len(entries), STRIDE):
                 rid = entries[i]
                 entries[i] = shared.setdefault(rid, rid)
@@ -598,30 +732,44 @@ class Bucket:
             )
         if tokens > 0:
             if backlog < 0 or now_ns >= self.edge:
+                if isinstance(self._entries, str):
+                    self._unpack()  # our first record: the lone entry goes to a list
                 rebase = backlog < 0
                 anchor = self._anchor
-                marks = self.marks
+                marks = self._marks
                 if (
                     rebase
                     and now_ns < self.edge
                     and anchor != ABSENT
+                    and anchor <= now_ns
                     and (not marks or marks[-2] <= anchor)
                 ):
                     # a re-base in the slice of our newest record, the anchor: the
-                    # slice's start count stays (the common case of a lightly used key)
+                    # slice's start count stays (the common case of a lightly used key;
+                    # not before the anchor: after a clock stepped back, ``_note`` keeps
+                    # the later slice's mark, so the edge stays what the state derives)
                     self._anchor = now_ns
-                    self.anchor_used = self.mine
+                    self._anchor_used = self.mine
                 else:
                     self._note(now_ns, rebase)
                 self.mine += tokens
                 self.total += tokens
-                if self.entries is None:
-                    # Alone: a re-base is exact GCRA (TAT := now + n·T); a new slice's
+                if self._entries is None:
+                    # Alone: a re-base is exact GCRA (TAT := now + n·T), if the grant
+                    # is at or after ``_recompute``'s floor (the base); a new slice's
                     # mark lies below the TAT already held (docs/design.md section 3).
+                    # A re-base before the floor (a base a peer's config change or a
+                    # fold set ahead of the TAT, or the epoch, after a clock skew) is a
+                    # record that counts for nothing: the sweep decides, so the TAT
+                    # stays a function of the state (a restored copy computes it alike).
                     if rebase:
-                        spent = self.total - tokens
-                        # (the anchor's own int object when nothing was spent before)
-                        self.g = now_ns - spent * interval if spent else now_ns
+                        base_time = self.base_time
+                        if now_ns > base_time or (now_ns == base_time == self.epoch):
+                            spent = self.total - tokens
+                            # (the anchor's own int object when nothing was spent before)
+                            self.g = now_ns - spent * interval if spent else now_ns
+                        else:
+                            self._recompute()
                 else:
                     self._recompute()
             else:
@@ -862,8 +1010,9 @@ class Bucket:
     def charge(self, tokens: int, at_ns: int) -> None:
         """Record ``tokens`` as spent here at ``at_ns`` (a mark exactly there), without a
         level check: a replaced generation's carried debt."""
+        self._unpack()
         slice_len = slice_ns(self.config)
-        self.marks = _join_marks(self.marks, (at_ns, self.mine), self.epoch, slice_len)
+        self._marks = _join_marks(self._marks, (at_ns, self.mine), self.epoch, slice_len)
         edge = at_ns - (at_ns - self.epoch) % slice_len + slice_len
         if edge > self.edge:
             self.edge = edge
@@ -905,8 +1054,10 @@ class Bucket:
         changed = False
         if delta.folds and self.fold(delta.folds, replica_id):
             changed = True
+        self._unpack()  # a lone entry to a list while merging; packed again at the end
         if delta.config.version > self.config.version:
             self.config = delta.config
+            self._derive_edge()  # the new config's slices (a function of the state)
             changed = True
         if self._base_key(delta.base_version, delta.base_time, delta.base_used) > self._base_key(
             self.base_version, self.base_time, self.base_used
@@ -938,7 +1089,7 @@ class Bucket:
                         changed = True
                 self._derive_edge()
                 continue
-            entries = self.entries
+            entries = self._unpacked()
             if entries is None:
                 entries = []
             i = _find(entries, rid)
@@ -949,7 +1100,7 @@ class Bucket:
                     continue  # a late message of a folded incarnation: already counted
                 i = len(entries)
                 # (a concatenation is allocated to size; extend() would over-allocate)
-                entries = self.entries = entries + [rid, 0, None, 0, None, 0]  # noqa: RUF005
+                entries = self._entries = entries + [rid, 0, None, 0, None, 0]  # noqa: RUF005
                 changed = True
             if value > entries[i + 1]:
                 self.total += value - entries[i + 1]
@@ -967,6 +1118,7 @@ class Bucket:
             self.rule = delta.rule
         if changed:
             self._recompute()
+        self._pack()
         return changed
 
     # -- retired incarnations (see "Retired incarnations" above) ---------------------
@@ -1014,7 +1166,7 @@ class Bucket:
             if not changed:
                 tat_before, total_before = self.tat(), self.total
             dropped = 0
-            entries = self.entries
+            entries = self._unpacked()
             if entries:
                 kept: Entries = []
                 for i in range(0, len(entries), STRIDE):
@@ -1023,7 +1175,7 @@ class Bucket:
                         recorded = recorded or entries[i + 2] is not None or bool(entries[i + 4])
                     else:
                         kept = kept + entries[i : i + STRIDE]  # allocated to size
-                self.entries = kept or None
+                self._entries = kept or None
             if own is None:
                 own = self.folds = {}
             own[node] = (watermark, tokens)
@@ -1036,9 +1188,11 @@ class Bucket:
                 self.base_used = total_before
         if changed:
             self._recompute()
+            self._pack()
         return changed
 
     def _replace(self, delta: BucketDelta, replica_id: str) -> None:
+        self._entries = None  # (a lone entry's record slots are this replica's again)
         self.epoch = delta.epoch
         self.config = delta.config
         self.base_version = delta.base_version
@@ -1049,12 +1203,12 @@ class Bucket:
         anchors = delta.anchors
         own_anchor = anchors.get(replica_id)
         if own_anchor is None:
-            self.anchor, self.anchor_used, self.anchor_slice = None, 0, 0
+            self._anchor, self._anchor_used, self._anchor_slice = ABSENT, 0, 0
         else:
-            self.anchor, self.anchor_used, self.anchor_slice = own_anchor
+            self._anchor, self._anchor_used, self._anchor_slice = own_anchor
         own_marks = delta.marks.get(replica_id)
         slice_len = slice_ns(self.config)
-        self.marks = _join_marks(None, own_marks, self.epoch, slice_len)
+        self._marks = _join_marks(None, own_marks, self.epoch, slice_len)
         total = mine
         entries: Entries | None = None
         folds = self.folds = _own_safe_folds(delta.folds, replica_id) if delta.folds else None
@@ -1077,12 +1231,13 @@ class Bucket:
             # (a concatenation is allocated to size; extend() would over-allocate)
             entries = entry if entries is None else entries + entry
             total += value
-        self.entries = entries
+        self._entries = entries
         self.total = total
         if delta.rule:
             self.rule = delta.rule
         self._derive_edge()
         self._recompute()
+        self._pack()  # one other replica's entry and none of ours: held in place
 
     @classmethod
     def from_delta(cls, delta: BucketDelta, replica_id: str) -> Bucket:
