@@ -185,6 +185,11 @@ _SCAN_SLICE: Final = 5000
 # bytes with a 40-byte key), for ``Mesh.backlogged``'s count of keys per message.
 _DELTA_BYTES_ESTIMATE: Final = 256
 _HASH_SLICE: Final = 1000
+# Deltas of a peer's state (a digest reply, a pull reply) merged between two yields to the
+# event loop (~3 µs each): a reply of a quarter of a million buckets merged in one piece
+# stopped its receiver's loop for 1.6-1.8 s (R6: the flooded node's own deltas then waited
+# that long for their acks).
+_MERGE_SLICE: Final = 1000
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,7 @@ class Peer:
         self.failures = 0
         self.full_transfers = 0
         self.repaired_ranges = 0
+        self.digests_deferred = 0  # digest requests from it answered "later" (behind)
 
     # the outbox, as the mesh and its metrics read it
     @property
@@ -414,6 +420,13 @@ class Mesh:
             peer.state == UP and self._unsent(peer) > len(peer.links) * self._keys_per_message
             for peer in self.peers.values()
         )
+
+    def _behind(self, peer: Peer) -> bool:
+        """Whether more deltas are queued for ``peer``, not in flight, than ``pipeline``
+        messages carry (a flood of new keys): our full state then differs from what the
+        peer holds by what is still queued, and comparing or swapping range states is
+        work the deltas do anyway (``_bulk_loop``, ``receive_digest``)."""
+        return self._unsent(peer) > self.settings.pipeline * self._keys_per_message
 
     @property
     def _keys_per_message(self) -> int:
@@ -729,13 +742,15 @@ class Mesh:
                     await self._transfer_full(peer)
                     continue
                 if self.monotonic() >= next_digest:
+                    # (armed first: a round that fails, e.g. refused by a peer that is
+                    # behind on its deltas to us, waits a whole interval as well)
+                    next_digest = self.monotonic() + self._digest_interval()
                     # Not while the sender is behind (a flood of new keys): the ranges
                     # differ by what is still queued, and the round would swap their full
-                    # state both ways (a merge and an encode of up to every bucket, each
-                    # one long turn of a flooded loop) for what the deltas carry anyway.
-                    if self._unsent(peer) <= self.settings.pipeline * self._keys_per_message:
+                    # state both ways (a merge and an encode of up to every bucket) for
+                    # what the deltas carry anyway.
+                    if not self._behind(peer):
                         await self._digest_round(peer)
-                    next_digest = self.monotonic() + self._digest_interval()
             except LinkError as error:
                 peer.last_error = str(error)
                 await asyncio.sleep(self.rng.uniform(0.5, 1.0) * self.settings.backoff_max_s)
@@ -763,18 +778,27 @@ class Mesh:
         peer.full_transfers += 1
         keys = self._with_key_configs(await self._live_keys())
         try:
-            if not keys:
-                await self._push_state(peer, self.limiter.full_state([]))
-            for start in range(0, len(keys), _FULL_CHUNK_KEYS):
-                if peer.full_wanted:
-                    return
-                await self._push_state(
-                    peer, self.limiter.full_state(keys[start : start + _FULL_CHUNK_KEYS])
-                )
-                await asyncio.sleep(0)
+            await self._push_state_of(peer, keys, full_transfer=True)
         except LinkError:
             peer.full_wanted = True
             raise
+
+    async def _push_state_of(
+        self, peer: Peer, keys: Sequence[str], *, full_transfer: bool = False
+    ) -> None:
+        """The full state of ``keys`` to ``peer``, read ``_FULL_CHUNK_KEYS`` buckets at a
+        time (each chunk is read, encoded and sent before the next is read, with the event
+        loop let through between them); at least one message, so that rule configs
+        travel. A full transfer stops early when another one was asked for meanwhile."""
+        if not keys:
+            await self._push_state(peer, self.limiter.full_state([]))
+        for start in range(0, len(keys), _FULL_CHUNK_KEYS):
+            if full_transfer and peer.full_wanted:
+                return
+            await self._push_state(
+                peer, self.limiter.full_state(keys[start : start + _FULL_CHUNK_KEYS])
+            )
+            await asyncio.sleep(0)
 
     async def _push_state(self, peer: Peer, batch: DeltaBatch) -> None:
         """Full-state deltas to ``peer`` over the bulk connection, split to fit messages
@@ -863,10 +887,10 @@ class Mesh:
                 peer, peer.bulk, sync.DIGEST, sync.encode(request), sync.DigestReply
             )
             if reply.differing:
-                self._merge(reply.state)
+                await self._merge_sliced(reply.state)
                 peer.repaired_ranges += len(reply.differing)
                 mine = [key for r in reply.differing if 0 <= r < sync.RANGES for key in by_range[r]]
-                await self._push_state(peer, self.limiter.full_state(mine))
+                await self._push_state_of(peer, mine)
             await asyncio.sleep(0)
 
     # -- start-up ------------------------------------------------------------------
@@ -939,7 +963,7 @@ class Mesh:
                     continue
                 answered = True
                 failures = 0
-                self._merge(reply.state)
+                await self._merge_sliced(reply.state)
                 break
         return PULLED
 
@@ -1025,6 +1049,21 @@ class Mesh:
                 delta.used = kept
         changed = self.limiter.merge(batch, now=self.clock())
         self.merged += changed
+        return changed
+
+    async def _merge_sliced(self, batch: DeltaBatch) -> int:
+        """``_merge`` of a large batch (a peer's state of some ranges), ``_MERGE_SLICE``
+        deltas at a time with the event loop let through between slices; the rule configs
+        with the first. A merge is a join per key, so merging a batch in parts, with
+        anything else merged or decided between them, ends where merging it whole does."""
+        deltas = batch.deltas
+        if len(deltas) <= _MERGE_SLICE:
+            return self._merge(batch)
+        changed = 0
+        for start in range(0, len(deltas), _MERGE_SLICE):
+            part = deltas[start : start + _MERGE_SLICE]
+            changed += self._merge(DeltaBatch(batch.origin, part, batch.rules if not start else {}))
+            await asyncio.sleep(0)
         return changed
 
     def receive_deltas(self, request: Request) -> Response:
@@ -1161,6 +1200,19 @@ class Mesh:
     async def receive_digest(self, request: Request) -> Response:
         env, payload = self._open(request, sync.DIGEST)
         assert isinstance(payload, sync.DigestRequest)
+        peer = self.peers.get(env.region)
+        if peer is not None and peer.state == UP and self._behind(peer):
+            # Our state of its ranges differs from the asker's by the deltas still queued
+            # for it (a flood of new keys here): the reply would carry the full state of
+            # nearly every range (tens of MB, encoded and merged for nothing the deltas do
+            # not deliver anyway). Later, once the sender has caught up.
+            peer.digests_deferred += 1
+            raise ApiError(
+                503,
+                "this node is behind on its deltas to your region; compare digests later",
+                headers=[("Retry-After", str(max(1, math.ceil(self.settings.digest_interval_s))))],
+                reason="sync_behind",
+            )
         ranges = self._ranges(payload.ranges)
         now = self.clock()
         keys = await self._live_keys(set(ranges))
@@ -1273,6 +1325,13 @@ _PEER_METRICS: Final[tuple[tuple[bool, str, str, Callable[[Peer], float]], ...]]
         "bucketmesh_sync_oversized_deltas",
         "Deltas for this peer region dropped because one alone exceeds a message",
         lambda p: p.oversized,
+    ),
+    (
+        False,
+        "bucketmesh_sync_digests_deferred",
+        "Digest requests from this peer region answered 503 (later) because this node was "
+        "behind on its deltas to it",
+        lambda p: p.digests_deferred,
     ),
     (
         False,
