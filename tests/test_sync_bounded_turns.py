@@ -254,3 +254,48 @@ def test_the_range_index_indexes_at_most_a_slice_per_turn_while_a_flood_outruns_
         assert sorted(final) == sorted(buckets)
 
     asyncio.run(scenario())
+
+
+def test_the_collector_queues_a_large_dirty_set_a_slice_per_turn_and_loses_none() -> None:
+    """A dirty set of thousands of keys (a flood's turn, a PATCH of a rule every flood
+    bucket belongs to) was encoded and queued in one turn of the collector."""
+
+    async def scenario() -> None:
+        node = in_process_node(EAST, free_port(), {WEST: f"http://127.0.0.1:{free_port()}"})
+        mesh = node.mesh
+        peer = mesh.peers[WEST]
+        await node.start()  # the peer refuses: everything stays queued
+        try:
+            turns = Turns()
+            offered: Counter[int] = Counter()
+            inner = peer.offer
+
+            def offer(encoded: Any, *args: Any) -> bool:
+                offered[turns.turn] += len(encoded)
+                return bool(inner(encoded, *args))
+
+            peer.offer = offer
+            for n in range(7000):
+                node.limiter.acquire(f"agent-api-key-c{n}", 1)
+
+            def queued() -> None:
+                assert len(peer.outbox) == 7000, len(peer.outbox)
+
+            await eventually_async(queued, "the collector queues every delta")
+            turns.stop()
+            assert max(offered.values()) <= 2000, offered.most_common(3)
+        finally:
+            await node.stop(grace=1.0)
+
+        # cancelled between slices (a stop): what was drained is queued all the same
+        for n in range(5000):
+            node.limiter.acquire(f"agent-api-key-d{n}", 1)
+        task = asyncio.ensure_future(mesh.collect_sliced())
+        await asyncio.sleep(0)  # one slice, then it yields
+        assert 0 < sum(1 for key in peer.outbox if "-d" in key) < 5000
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sum(1 for key in peer.outbox if "-d" in key) == 5000
+
+    asyncio.run(scenario())
