@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import pytest
 from conftest import eventually_async, free_port
 from test_mesh import CLUSTER_ID, SECRET, in_process_node
@@ -166,11 +167,14 @@ def test_a_pull_of_a_peers_state_is_merged_in_slices() -> None:
     asyncio.run(scenario())
 
 
-def digest_request(ranges: list[int], hashes: list[int]) -> Request:
+def digest_request(ranges: list[int], hashes: list[int], *extra: int) -> Request:
+    """A digest request from WEST: ``[settle_ns, ranges, hashes, *extra]`` (``extra``: the
+    asker's instant, ``at_ns``, or nothing as from an older asker)."""
     auth = sync.SyncAuth(CLUSTER_ID, SECRET, window_ns=30 * NS_PER_S)
+    settle = 2 * NS_PER_S
     body = auth.seal(
         sync.DIGEST,
-        sync.encode(sync.DigestRequest(0, ranges, hashes)),
+        msgspec.msgpack.encode([settle, ranges, hashes, *extra]),
         sender=f"{WEST}/node-a/1",
         region=WEST,
         now_ns=time.time_ns(),
@@ -297,5 +301,52 @@ def test_the_collector_queues_a_large_dirty_set_a_slice_per_turn_and_loses_none(
         with pytest.raises(asyncio.CancelledError):
             await task
         assert sum(1 for key in peer.outbox if "-d" in key) == 5000
+
+    asyncio.run(scenario())
+
+
+def test_a_digest_is_hashed_at_the_askers_instant_so_buckets_settling_meanwhile_agree() -> None:
+    """The receiver hashed at its own now: every bucket that settled between the asker's
+    hashing and the receiver's (under a flood, thousands a second) made its range differ,
+    and each round swapped the full state of nearly every range both ways."""
+
+    async def scenario() -> None:
+        node = in_process_node(EAST, free_port(), {WEST: f"http://127.0.0.1:{free_port()}"})
+        config = node.limiter.rule_configs["global"]
+        now = time.time_ns()
+        at = now - NS_PER_S  # the asker hashed a second ago
+        settle = 2 * NS_PER_S
+        epoch = epoch_for(now, config.ttl_ns)
+
+        def ghost(i: int, tat: int) -> BucketDelta:
+            used = {f"{WEST}/ghost/1": 5}
+            probe = BucketDelta(
+                f"agent-api-key-s{i}", epoch, config, config.version, 0, used, "global"
+            )
+            offset = sync.delta_tat(probe)  # the TAT of base time 0
+            return BucketDelta(
+                probe.key, epoch, config, config.version, tat - offset, used, "global"
+            )
+
+        settled_long_ago = [ghost(i, at - 60 * NS_PER_S) for i in range(300)]
+        # at rest since just before the receiver's now, not yet at the asker's instant
+        settling = [ghost(i, at - settle + NS_PER_S // 2) for i in range(300, 600)]
+        node.limiter.merge(DeltaBatch(f"{WEST}/ghost/1", settled_long_ago + settling))
+        ranges = list(range(64))
+        keys = [d.key for d in settled_long_ago + settling]
+        same_state = node.limiter.full_state(keys).deltas  # what the asker holds too
+        hashes = sync.digest(same_state, ranges, at, settle)
+
+        def differing(response: Any) -> list[int]:
+            env = msgspec.msgpack.decode(response.body, type=sync.Envelope)
+            reply = sync.decode_body(env)
+            assert isinstance(reply, sync.DigestReply)
+            return list(reply.differing)
+
+        answer = await node.mesh.receive_digest(digest_request(ranges, hashes, at))
+        assert differing(answer) == []
+        # an older asker (no instant): the receiver's now, and the settling buckets differ
+        older = await node.mesh.receive_digest(digest_request(ranges, hashes))
+        assert differing(older) != []
 
     asyncio.run(scenario())

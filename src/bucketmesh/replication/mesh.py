@@ -930,8 +930,9 @@ class Mesh:
         for start in range(0, sync.RANGES, _DIGEST_GROUP):
             group = list(range(start, min(sync.RANGES, start + _DIGEST_GROUP)))
             keys = [key for r in group for key in by_range[r]]
-            hashes = await self._digest_of(keys, group, self.clock(), settle_ns)
-            request = sync.DigestRequest(settle_ns, group, hashes)
+            at = self.clock()
+            hashes = await self._digest_of(keys, group, at, settle_ns)
+            request = sync.DigestRequest(settle_ns, group, hashes, at)
             reply = await self._request(
                 peer, peer.bulk, sync.DIGEST, sync.encode(request), sync.DigestReply
             )
@@ -1264,8 +1265,13 @@ class Mesh:
             )
         ranges = self._ranges(payload.ranges)
         now = self.clock()
+        # hashed at the asker's instant: which buckets count as settled is then the same
+        # on both sides (an older asker sends 0; one beyond the window: our own now)
+        at = payload.at_ns
+        if not at or abs(at - now) > self.settings.window_s * NS_PER_S:
+            at = now
         keys = await self._live_keys(set(ranges))
-        mine = await self._digest_of(keys, ranges, now, payload.settle_ns)
+        mine = await self._digest_of(keys, ranges, at, payload.settle_ns)
         try:
             differ = sync.differing(ranges, mine, payload.hashes)
         except sync.Rejected as rejected:
