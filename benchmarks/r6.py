@@ -272,6 +272,7 @@ class Reserved:
     grants_on_west: int = 0
     lag_east_from_west_ms: float = 0.0  # worst p99 seen: deltas west → east (east receives)
     lag_west_from_east_ms: float = 0.0  # deltas east → west (east sends)
+    pending: list[tuple[float, list[str]]] = field(default_factory=list)  # --stalls only
 
 
 class Prober(threading.Thread):
@@ -300,6 +301,14 @@ class Prober(threading.Thread):
                     )
                     seen.patch_ms.append((time.perf_counter() - started) * 1000)
                     seen.patches_ok += reply.status_code == 200
+                    if STALLS["dir"] is not None:  # east's sync backlog over time
+                        text = client.get(self.pair.east.admin_url + "/metrics").text
+                        pending = [
+                            line.split()[-1]
+                            for line in text.splitlines()
+                            if line.startswith("bucketmesh_sync_pending_deltas{")
+                        ]
+                        seen.pending.append((time.time(), pending))
                     status = client.get(self.pair.east.admin_url + "/v1/status").json()
                     seen.status_ok += 1
                     lag = status["sync"]["peers"]["west"]["lag_ms_p99"]  # type: ignore[index]
@@ -489,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run_row(binary, workdir, shedding, multiple, rate, length, shed_lag_ms,
                                 not args.no_admin_listen))  # fmt: skip
             print(f"row {rows[-1].shedding} {rows[-1].multiple}: {rows[-1].client}", flush=True)
+            if STALLS["dir"] is not None:
+                samples = rows[-1].reserved.pending
+                backlog = " ".join(f"{t % 100:.1f}:{'/'.join(p)}" for t, p in samples)
+                print(f"east's sync backlog (time: pending deltas): {backlog}", flush=True)
     columns = ["shedding", "load", "s", "offered/s", "served/s", "shed 503", "of which yield",
                "cap 503",
                "p99 served ms", "p99 shed ms", "client late p99 ms", "peak RSS MB", "buckets",
