@@ -392,6 +392,15 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
                 except httpx.HTTPError as error:
                     print(f"r6: east did not answer after the flood: {error!r}", flush=True)
             settle_s = time.monotonic() - settled if after is not None else float("inf")
+            if STALLS["dir"] is not None and after is not None:  # anti-entropy during the row
+                west_after = pair.west.metrics(client)
+                for name, samples in (("east", after), ("west", west_after)):
+                    shown = {
+                        k: v
+                        for k, v in samples.items()
+                        if any(w in k for w in ("repaired_ranges", "deferred", "full_transfers"))
+                    }
+                    print(f"{name}: {shown}", flush=True)
             rss = east.peak_rss_mb()
     finally:
         pair.stop()
