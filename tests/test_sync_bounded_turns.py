@@ -26,7 +26,7 @@ from test_mesh import CLUSTER_ID, SECRET, in_process_node
 from bucketmesh.core.bucket import NS_PER_S, BucketDelta, epoch_for
 from bucketmesh.core.limiter import DeltaBatch
 from bucketmesh.http.errors import ApiError
-from bucketmesh.http.server import Request
+from bucketmesh.http.server import HttpServer, Request
 from bucketmesh.replication import keyindex
 from bucketmesh.replication import mesh as mesh_module
 from bucketmesh.replication import protocol as sync
@@ -348,5 +348,38 @@ def test_a_digest_is_hashed_at_the_askers_instant_so_buckets_settling_meanwhile_
         # an older asker (no instant): the receiver's now, and the settling buckets differ
         older = await node.mesh.receive_digest(digest_request(ranges, hashes))
         assert differing(older) != []
+
+    asyncio.run(scenario())
+
+
+def test_a_sender_several_rounds_behind_says_it_is_far_behind() -> None:
+    """``Mesh.backlogged`` (the server's ``yield_to``): 1 while more deltas are queued for
+    an up peer, not in flight, than one round of its connections carries; ``FAR_BEHIND``
+    beyond four rounds, where decisions yield to the sender whatever a turn's length
+    (at 1x the flooded node's turns stayed short, it admitted 42,000 new keys/s and sent
+    ~30,000 deltas/s, and its backlog reached the cap within seconds)."""
+
+    async def scenario() -> None:
+        node = in_process_node(EAST, free_port(), {WEST: f"http://127.0.0.1:{free_port()}"})
+        mesh = node.mesh
+        peer = mesh.peers[WEST]
+        for n in range(3000):
+            node.limiter.acquire(f"agent-api-key-b{n}", 1)
+        mesh.collect()
+        assert mesh.backlogged() == 0, "a peer that is not up does not count"
+        peer.state = mesh_module.UP
+        assert mesh.backlogged() == 1
+        real = mesh.clock
+        mesh.clock = lambda: real() + NS_PER_S  # its oldest delta waits a second: far
+        assert mesh.backlogged() == HttpServer.FAR_BEHIND
+        mesh.clock = real
+        for n in range(3000, 9000):
+            node.limiter.acquire(f"agent-api-key-b{n}", 1)
+        mesh.collect()
+        assert mesh.backlogged() == HttpServer.FAR_BEHIND
+        keys, chunks, _ = peer.take(len(peer.outbox) * 1000)  # all in flight: not behind
+        assert mesh.backlogged() == 0
+        peer.unsent(keys, chunks)  # the message failed: queued again
+        assert mesh.backlogged() == HttpServer.FAR_BEHIND
 
     asyncio.run(scenario())
