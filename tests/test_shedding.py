@@ -326,8 +326,8 @@ def test_a_turn_after_a_long_one_is_shed_whole_while_reserved_work_is_behind() -
     while it says so, the next turn is shed whole (counted as ``yield``), so that the
     sender, whose every message waits a turn for its ack, gets short turns. A short
     last turn, or a sender that is not behind, serves as before; a sender far behind
-    (``FAR_BEHIND``: its oldest queued delta waits past its bound) gets the turn after
-    one longer than a tenth of ``shed_lag``, not half; never after an idle loop's."""
+    (``FAR_BEHIND``: its oldest queued delta waits past its bound) gets every turn,
+    however short; never with shedding off (a ``shed_lag`` of hours)."""
 
     async def check() -> None:
         behind = [1]
@@ -351,13 +351,10 @@ def test_a_turn_after_a_long_one_is_shed_whole_while_reserved_work_is_behind() -
             server._lag_due = loop.time() - 0.02  # a short turn: served while merely behind
             server._tick_lag()
             assert not server._shedding_now()
-            behind[0] = HttpServer.FAR_BEHIND  # far behind: shed after a short busy turn
-            server._lag_due = loop.time() - 0.02
+            behind[0] = HttpServer.FAR_BEHIND  # far behind: shed whole, however short
+            server._lag_due = loop.time() - 0.002
             server._tick_lag()
             assert server._shedding_now() and server._shed_cause == "yield"
-            server._lag_due = loop.time() - 0.002  # not after an idle loop's turn
-            server._tick_lag()
-            assert not server._shedding_now()
             behind[0] = 1
             server._lag_due = loop.time() - 0.02  # back within reach: served again
             server._tick_lag()
@@ -367,6 +364,15 @@ def test_a_turn_after_a_long_one_is_shed_whole_while_reserved_work_is_behind() -
             assert server._shedding_now() and server._shed_cause == "lag"
         finally:
             await server.shutdown()
+        off = HttpServer(lambda request: Response(200, b"{}"), ServerLimits(shed_lag=3600.0))
+        off.yield_to = lambda: HttpServer.FAR_BEHIND
+        await off.start("127.0.0.1", 0)
+        try:  # shedding off: never shed, however far behind
+            off._lag_due = asyncio.get_running_loop().time() - 0.002
+            off._tick_lag()
+            assert not off._shedding_now()
+        finally:
+            await off.shutdown()
 
     asyncio.run(check())
 

@@ -1377,10 +1377,10 @@ class HttpServer:
     """Serves one handler over HTTP/1.1 on one event loop (uvloop recommended)."""
 
     #: ``yield_to()`` at this level or above: the reserved work is far behind, and
-    #: turns are shed for it after one longer than ``FAR_LATE_SHARE`` of ``shed_lag``
-    #: (not half of it): a node that is flooded at all (``_tick_lag``)
+    #: turns are shed for it whatever the last one's length (``_tick_lag``), unless
+    #: ``shed_lag`` is beyond ``SHEDDING_OFF_S`` (shedding off)
     FAR_BEHIND = 2
-    FAR_LATE_SHARE = 0.1
+    SHEDDING_OFF_S = 10.0
 
     def __init__(
         self,
@@ -1552,22 +1552,15 @@ class HttpServer:
         # again at each read of a busy loop (_shedding_now), since several turns may
         # serve before the next tick.
         # Far behind (``yield_to()`` at ``FAR_BEHIND``: the sync sender's oldest queued
-        # delta waits past its bound) the turn is shed for it after any turn longer than
-        # a tenth of shed_lag: a flooded node whose turns stay short of half shed_lag
-        # still admits more new keys than it replicates, and its lag grew to seconds (R6,
-        # 1x). An idle loop's turns are far shorter; shedding off (a shed_lag of hours)
-        # never yields.
+        # delta waits past its bound) every turn is shed for it, whatever its length: a
+        # flooded node whose turns stay short of half shed_lag, or alternate long and
+        # short, still admits more new keys than it replicates, and its lag grew to
+        # seconds (R6, 1x). Not with shedding off (a shed_lag of hours).
         shed_lag = self._limits.shed_lag
         stale = late > 2 * shed_lag
         behind = self.yield_to() if self.yield_to is not None and not stale else 0
-        self._busy = busy = (
-            not stale
-            and self.yield_to is not None
-            and (
-                late > shed_lag / 2
-                or (behind >= self.FAR_BEHIND and late > shed_lag * self.FAR_LATE_SHARE)
-            )
-        )
+        far = behind >= self.FAR_BEHIND and shed_lag <= self.SHEDDING_OFF_S
+        self._busy = busy = not stale and self.yield_to is not None and (late > shed_lag / 2 or far)
         yielding = busy and bool(behind)
         self._stale_turn = stale or yielding
         self._shed_cause = "yield" if yielding else "lag"
