@@ -97,6 +97,9 @@ TIMEOUT_S = 10.0
 ADMIN_TOKEN = "r6-admin-" + secrets.token_hex(8)
 MILLION = 1_000_000
 SETTLE_S = 120.0  # how long the script waits for the flooded node to answer after a flood
+#: ``--stalls DIR``: every node runs with the loop-stall detector (benchmarks/stallwatch)
+#: writing DIR/<region>-<port>.jsonl, and its log is copied there at its stop
+STALLS: dict[str, Path | None] = {"dir": None}
 
 
 def free_port() -> int:
@@ -146,11 +149,19 @@ class Node:
         path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{region}-{port}.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115
+        env = None
+        stalls = STALLS["dir"]
+        if stalls is not None:
+            env = dict(os.environ)
+            paths = [str(HERE / "stallwatch"), env.get("PYTHONPATH", "")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+            env["BUCKETMESH_STALLWATCH"] = str(stalls / f"{region}-{port}.jsonl")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bucketmesh", "serve", "--config", str(path)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=workdir,
+            env=env,
         )
 
     @property
@@ -208,6 +219,9 @@ class Node:
             self.process.kill()
             self.process.wait()
         self.log.close()
+        stalls = STALLS["dir"]
+        if stalls is not None:
+            shutil.copy(self.log_path, stalls / self.log_path.name)
 
 
 class Pair:
@@ -258,6 +272,7 @@ class Reserved:
     grants_on_west: int = 0
     lag_east_from_west_ms: float = 0.0  # worst p99 seen: deltas west → east (east receives)
     lag_west_from_east_ms: float = 0.0  # deltas east → west (east sends)
+    pending: list[tuple[float, list[str]]] = field(default_factory=list)  # --stalls only
 
 
 class Prober(threading.Thread):
@@ -286,6 +301,14 @@ class Prober(threading.Thread):
                     )
                     seen.patch_ms.append((time.perf_counter() - started) * 1000)
                     seen.patches_ok += reply.status_code == 200
+                    if STALLS["dir"] is not None:  # east's sync backlog over time
+                        text = client.get(self.pair.east.admin_url + "/metrics").text
+                        pending = [
+                            line.split()[-1]
+                            for line in text.splitlines()
+                            if line.startswith("bucketmesh_sync_pending_deltas{")
+                        ]
+                        seen.pending.append((time.time(), pending))
                     status = client.get(self.pair.east.admin_url + "/v1/status").json()
                     seen.status_ok += 1
                     lag = status["sync"]["peers"]["west"]["lag_ms_p99"]  # type: ignore[index]
@@ -347,7 +370,10 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
             cpu0 = east.cpu_s()
             prober = Prober(pair)
             prober.start()
+            flood_start = time.time()
             result = offer(binary, east.port, rate, seconds, offset=secrets.randbelow(10**9))
+            if STALLS["dir"] is not None:
+                print(f"flood {flood_start:.3f} .. {time.time():.3f}", flush=True)
             prober.stopping.set()
             prober.join()
             span = float(result["span_s"])  # type: ignore[arg-type]
@@ -366,6 +392,15 @@ def run_row(binary: Path, workdir: Path, shedding: bool, multiple: int, rate: fl
                 except httpx.HTTPError as error:
                     print(f"r6: east did not answer after the flood: {error!r}", flush=True)
             settle_s = time.monotonic() - settled if after is not None else float("inf")
+            if STALLS["dir"] is not None and after is not None:  # anti-entropy during the row
+                west_after = pair.west.metrics(client)
+                for name, samples in (("east", after), ("west", west_after)):
+                    shown = {
+                        k: v
+                        for k, v in samples.items()
+                        if any(w in k for w in ("repaired_ranges", "deferred", "full_transfers"))
+                    }
+                    print(f"{name}: {shown}", flush=True)
             rss = east.peak_rss_mb()
     finally:
         pair.stop()
@@ -432,7 +467,19 @@ def main(argv: list[str] | None = None) -> int:
                              "port, as before adminListen existed")  # fmt: skip
     parser.add_argument("--low-lag", type=int, default=25,
                         help="limits.shedLag (ms) of the last two rows (2x, 3x)")  # fmt: skip
+    parser.add_argument("--rows", default=None,
+                        help="only these rows, e.g. 'on:2,on:3,off:3,25:3' (on: shedding "
+                             "with the default shedLag, off: none, a number: that shedLag "
+                             "in ms)")  # fmt: skip
+    parser.add_argument("--stalls", type=Path, default=None,
+                        help="run every node with the loop-stall detector "
+                             "(benchmarks/stallwatch): turns of the event loop longer than "
+                             "BUCKETMESH_STALLWATCH_MS (100) with sampled stacks, and the "
+                             "nodes' logs, into this directory")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.stalls is not None:
+        args.stalls.mkdir(parents=True, exist_ok=True)
+        STALLS["dir"] = args.stalls.resolve()
     seconds = args.seconds or (4.0 if args.quick else 10.0)
     with tempfile.TemporaryDirectory(prefix="bucketmesh-r6-") as tmp:
         workdir = Path(tmp)
@@ -444,14 +491,26 @@ def main(argv: list[str] | None = None) -> int:
             (True, 1, None), (True, 2, None), (True, 3, None), (False, 3, None),
             (True, 2, args.low_lag), (True, 3, args.low_lag),
         ]  # fmt: skip
+        if args.rows:
+            plan = []
+            for spec in args.rows.split(","):
+                kind, _, multiple = spec.partition(":")
+                lag = None if kind in ("on", "off") else int(kind)
+                plan.append((kind != "off", int(multiple), lag))
         for shedding, multiple, shed_lag_ms in plan:
             rate = multiple * cap
             length = seconds
             if shedding and multiple == 3 and not args.quick:
                 length = max(seconds, MILLION / rate)  # 1,000,000 distinct keys arrive
+            if STALLS["dir"] is not None:
+                print(f"row start {time.time():.3f}: shedding {shedding} {multiple}x", flush=True)
             rows.append(run_row(binary, workdir, shedding, multiple, rate, length, shed_lag_ms,
                                 not args.no_admin_listen))  # fmt: skip
             print(f"row {rows[-1].shedding} {rows[-1].multiple}: {rows[-1].client}", flush=True)
+            if STALLS["dir"] is not None:
+                samples = rows[-1].reserved.pending
+                backlog = " ".join(f"{t % 100:.1f}:{'/'.join(p)}" for t, p in samples)
+                print(f"east's sync backlog (time: pending deltas): {backlog}", flush=True)
     columns = ["shedding", "load", "s", "offered/s", "served/s", "shed 503", "of which yield",
                "cap 503",
                "p99 served ms", "p99 shed ms", "client late p99 ms", "peak RSS MB", "buckets",

@@ -325,14 +325,14 @@ def test_a_turn_after_a_long_one_is_shed_whole_while_reserved_work_is_behind() -
     one round of its pipeline carries): after a turn that ran past half ``shed_lag``
     while it says so, the next turn is shed whole (counted as ``yield``), so that the
     sender, whose every message waits a turn for its ack, gets short turns. A short
-    last turn, or a sender that is not behind, serves as before."""
+    last turn, or a sender that is not behind, serves as before; a sender far behind
+    (``FAR_BEHIND``: its oldest queued delta waits past its bound) gets every turn,
+    however short; never with shedding off (a ``shed_lag`` of hours)."""
 
     async def check() -> None:
-        behind = [True]
-        asked = []
+        behind = [1]
 
-        def sender_behind() -> bool:
-            asked.append(True)
+        def sender_behind() -> int:
             return behind[0]
 
         server = HttpServer(lambda request: Response(200, b"{}"), ServerLimits(shed_lag=0.1))
@@ -343,20 +343,36 @@ def test_a_turn_after_a_long_one_is_shed_whole_while_reserved_work_is_behind() -
             server._lag_due = loop.time() - 0.07  # the last turn ran 70 ms: past half
             server._tick_lag()
             assert server._shedding_now() and server._shed_cause == "yield"
-            behind[0] = False
+            behind[0] = 0
             server._lag_due = loop.time() - 0.07
             server._tick_lag()
             assert not server._shedding_now()
-            behind[0] = True
-            asked.clear()
-            server._lag_due = loop.time() - 0.02  # a short turn: the sender is not asked
+            behind[0] = 1
+            server._lag_due = loop.time() - 0.02  # a short turn: served while merely behind
             server._tick_lag()
-            assert not server._shedding_now() and asked == []
+            assert not server._shedding_now()
+            behind[0] = HttpServer.FAR_BEHIND  # far behind: shed whole, however short
+            server._lag_due = loop.time() - 0.002
+            server._tick_lag()
+            assert server._shedding_now() and server._shed_cause == "yield"
+            behind[0] = 1
+            server._lag_due = loop.time() - 0.02  # back within reach: served again
+            server._tick_lag()
+            assert not server._shedding_now()
             server._lag_due = loop.time() - 0.3  # a stall: shed whole for lag, as before
             server._tick_lag()
             assert server._shedding_now() and server._shed_cause == "lag"
         finally:
             await server.shutdown()
+        off = HttpServer(lambda request: Response(200, b"{}"), ServerLimits(shed_lag=3600.0))
+        off.yield_to = lambda: HttpServer.FAR_BEHIND
+        await off.start("127.0.0.1", 0)
+        try:  # shedding off: never shed, however far behind
+            off._lag_due = asyncio.get_running_loop().time() - 0.002
+            off._tick_lag()
+            assert not off._shedding_now()
+        finally:
+            await off.shutdown()
 
     asyncio.run(check())
 

@@ -1409,6 +1409,12 @@ class _Refused(asyncio.Protocol):
 class HttpServer:
     """Serves one handler over HTTP/1.1 on one event loop (uvloop recommended)."""
 
+    #: ``yield_to()`` at this level or above: the reserved work is far behind, and
+    #: turns are shed for it whatever the last one's length (``_tick_lag``), unless
+    #: ``shed_lag`` is beyond ``SHEDDING_OFF_S`` (shedding off)
+    FAR_BEHIND = 2
+    SHEDDING_OFF_S = 10.0
+
     def __init__(
         self,
         handler: Handler,
@@ -1442,8 +1448,9 @@ class HttpServer:
         #: whether reserved work the node does on this loop is behind (the sync sender:
         #: more deltas queued for a peer than its pipeline carries in one round); while
         #: it is and the last turn of the loop ran past half ``shed_lag``, the turn is
-        #: shed whole, so that work gets the loop's next turns (``_tick_lag``)
-        self.yield_to: Callable[[], bool] | None = None
+        #: shed whole, so that work gets the loop's next turns (``_tick_lag``); at
+        #: ``FAR_BEHIND`` (or more) whatever the last turn's length
+        self.yield_to: Callable[[], int] | None = None
         self._shed_cause = "lag"  # what the shed reads of this turn are counted as
         self._busy = False  # the last turn ran past half shed_lag (and yield_to is set)
         #: of the requests shed for lag, those answered by the fast path, unparsed
@@ -1577,10 +1584,17 @@ class HttpServer:
         # tens of milliseconds) gets the next turns: a turn shed whole is short. Asked
         # again at each read of a busy loop (_shedding_now), since several turns may
         # serve before the next tick.
+        # Far behind (``yield_to()`` at ``FAR_BEHIND``: the sync sender's oldest queued
+        # delta waits past its bound) every turn is shed for it, whatever its length: a
+        # flooded node whose turns stay short of half shed_lag, or alternate long and
+        # short, still admits more new keys than it replicates, and its lag grew to
+        # seconds (R6, 1x). Not with shedding off (a shed_lag of hours).
         shed_lag = self._limits.shed_lag
         stale = late > 2 * shed_lag
-        self._busy = busy = not stale and late > shed_lag / 2 and self.yield_to is not None
-        yielding = busy and self.yield_to is not None and self.yield_to()
+        behind = self.yield_to() if self.yield_to is not None and not stale else 0
+        far = behind >= self.FAR_BEHIND and shed_lag <= self.SHEDDING_OFF_S
+        self._busy = busy = not stale and self.yield_to is not None and (late > shed_lag / 2 or far)
+        yielding = busy and bool(behind)
         self._stale_turn = stale or yielding
         self._shed_cause = "yield" if yielding else "lag"
         # on until shutdown() cancels it: a stale due time would read as lag

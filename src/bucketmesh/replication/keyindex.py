@@ -8,8 +8,9 @@ key's bucket object. On each use it reads ``reversed(buckets)`` from the newest 
 the mark: those are the keys inserted since, and they are added to their ranges. If the mark
 is gone, or holds another bucket object (it was dropped, and maybe inserted again at the
 end), nothing says where the new keys stop: the index is rebuilt from a full scan, in slices
-that let decisions through. A full scan also happens when the new keys are too many to read
-in one go (``CATCH_UP_LIMIT``: a flood of new keys since the last pull).
+that let decisions through. The keys found since the mark are listed in one pass (cheap) and
+indexed in slices too, however many (a flood of new keys since the last pull): no step of the
+index holds the event loop for more than ``REBUILD_SLICE`` keys.
 
 Keys dropped from the limiter stay in their range until that range is read: ``live`` skips
 and forgets them. So the index may hold dead keys, never miss a live one, and a caller
@@ -23,7 +24,7 @@ a digest.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Final
 
 from bucketmesh.core.bucket import Bucket
@@ -31,9 +32,9 @@ from bucketmesh.replication import protocol as sync
 
 __all__ = ["RangeIndex"]
 
-#: Keys read in one go from the newest back to the mark; beyond, a sliced full rebuild.
+#: Dead keys the index may hold beyond twice the live ones before it is rebuilt.
 CATCH_UP_LIMIT: Final = 20_000
-#: Keys indexed between two yields to the event loop during a rebuild.
+#: Keys indexed between two yields to the event loop (a rebuild, a catch-up).
 REBUILD_SLICE: Final = 5_000
 
 
@@ -53,8 +54,8 @@ class RangeIndex:
     async def live(self, ranges: Collection[int]) -> list[str]:
         """The keys of ``buckets`` in ``ranges`` (ascending range, then insertion order);
         forgets the dead keys it meets there."""
-        async with self._lock:  # one rebuild at a time; catching up never yields
-            if not self._built or not self._catch_up():
+        async with self._lock:  # one catch-up or rebuild at a time
+            if not self._built or not await self._catch_up():
                 await self._rebuild()
         buckets = self.buckets
         keys: list[str] = []
@@ -67,37 +68,60 @@ class RangeIndex:
             keys.extend(held)
         return keys
 
-    def _catch_up(self) -> bool:
-        """Add the keys inserted since the mark; False when a rebuild is needed instead."""
+    def _fresh(self) -> list[str] | None:
+        """The keys inserted since the mark, newest first; None when a rebuild is needed
+        instead (the mark is gone, or dead keys outnumber live ones). Listing them is one
+        synchronous pass of ``reversed(buckets)`` (tens of ns a key); indexing them is
+        not, and is done in slices by the caller."""
         buckets = self.buckets
         if self.size > 2 * len(buckets) + CATCH_UP_LIMIT:
-            return False
+            return None
         if not buckets:
-            return self._mark is None
+            return [] if self._mark is None else None
         if not isinstance(buckets, dict):
-            return False  # no insertion order to rely on
+            return None  # no insertion order to rely on
         mark, mark_bucket = self._mark, self._mark_bucket
         if mark is not None and buckets.get(mark) is not mark_bucket:
-            return False
+            return None
         fresh: list[str] = []
         for key in reversed(buckets):
             if key == mark:
                 break
             fresh.append(key)
-            if len(fresh) > CATCH_UP_LIMIT:
-                return False
         else:
             if mark is not None:
-                return False  # the mark vanished while we read: start again
+                return None  # the mark vanished while we read: start again
+        return fresh
+
+    async def _catch_up(self) -> bool:
+        """Add the keys inserted since the mark, ``REBUILD_SLICE`` at a time with the event
+        loop let through between slices; False when a rebuild is needed instead.
+
+        Under a flood of new keys (R6: 37,000 a second on a node whose turns last tens of
+        milliseconds) a rebuild's slices let hundreds of thousands of keys in meanwhile:
+        catching those up in one piece (as this did, from a full synchronous pass, once
+        they exceeded ``CATCH_UP_LIMIT``) stopped the flooded loop for ~0.45 s. The mark
+        moves to the newest key listed, so keys inserted during the slices are the next
+        catch-up's; a listed key dropped meanwhile is indexed dead, as any dropped key."""
+        fresh = self._fresh()
+        if fresh is None:
+            return False
         if fresh:
-            self._add(reversed(fresh))
             self._set_mark(fresh[0])
+            fresh.reverse()  # insertion order within each range
+            await self._add_sliced(fresh)
         return True
 
-    def _add(self, keys: object) -> None:
+    async def _add_sliced(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), REBUILD_SLICE):
+            self._add(keys[start : start + REBUILD_SLICE])
+            if len(keys) > REBUILD_SLICE:
+                await asyncio.sleep(0)
+
+    def _add(self, keys: Iterable[str]) -> None:
         ranges, range_of = self.ranges, sync.range_of
         added = 0
-        for key in keys:  # type: ignore[attr-defined]
+        for key in keys:
             held = ranges[range_of(key)]
             if key not in held:
                 held[key] = None
@@ -109,20 +133,17 @@ class RangeIndex:
         self._mark_bucket = self.buckets.get(key) if key is not None else None
 
     async def _rebuild(self) -> None:
-        """Index every key, a slice at a time; keys inserted meanwhile are caught up after."""
+        """Index every key, a slice at a time; keys inserted meanwhile are caught up after
+        (in slices too). If the mark was dropped during the slices (rare: the newest key
+        expired), nothing says where the keys inserted since begin: the rebuild starts
+        over, in slices again, until a catch-up succeeds."""
         self.rebuilds += 1
-        self.ranges = [{} for _ in range(sync.RANGES)]
-        self.size = 0
-        keys = list(self.buckets)
-        self._set_mark(keys[-1] if keys else None)
-        for start in range(0, len(keys), REBUILD_SLICE):
-            self._add(keys[start : start + REBUILD_SLICE])
-            if len(keys) > REBUILD_SLICE:
-                await asyncio.sleep(0)
-        self._built = True
-        if not self._catch_up():
-            # The mark was dropped during the slices (rare: the newest key expired): add
-            # whatever was inserted meanwhile from one synchronous pass instead.
+        while True:
+            self.ranges = [{} for _ in range(sync.RANGES)]
+            self.size = 0
             keys = list(self.buckets)
-            self._add(keys)
             self._set_mark(keys[-1] if keys else None)
+            await self._add_sliced(keys)
+            self._built = True
+            if await self._catch_up():
+                return

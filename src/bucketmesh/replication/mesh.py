@@ -185,6 +185,18 @@ _SCAN_SLICE: Final = 5000
 # bytes with a 40-byte key), for ``Mesh.backlogged``'s count of keys per message.
 _DELTA_BYTES_ESTIMATE: Final = 256
 _HASH_SLICE: Final = 1000
+# Deltas of a peer's state (a digest reply, a pull reply) merged between two yields to the
+# event loop (~3 µs each): a reply of a quarter of a million buckets merged in one piece
+# stopped its receiver's loop for 1.6-1.8 s (R6: the flooded node's own deltas then waited
+# that long for their acks).
+_MERGE_SLICE: Final = 1000
+# Dirty deltas encoded and queued between two yields of the collector (~3 µs each).
+_COLLECT_SLICE: Final = 2000
+# ``Mesh.backlogged``: rounds of a peer's connections queued, not in flight, beyond which
+# the sender is far behind (decisions yield to it whatever the length of a turn)
+_FAR_ROUNDS: Final = 4
+#: ``HttpServer.FAR_BEHIND``
+FAR_BEHIND: Final = 2
 
 
 @dataclass(frozen=True)
@@ -226,6 +238,10 @@ class MeshSettings:
     #: flight, than ``pipeline`` messages carry (a flood of new keys: each one a bucket
     #: to replicate, ~300 bytes of delta): the further connections send only then
     pipeline_burst: int = 8
+    #: a sender behind (``pipeline_burst`` messages' worth queued, not in flight) whose
+    #: oldest queued delta is older than this is far behind: decisions yield turns to
+    #: it whatever their length (``Mesh.backlogged``, ``HttpServer.yield_to``)
+    yield_lag_s: float = 0.25
     #: the client side of TLS to https:// peers (http/tls.py); None: system CAs
     tls: TlsContexts | None = None
 
@@ -272,6 +288,7 @@ class Peer:
         self.failures = 0
         self.full_transfers = 0
         self.repaired_ranges = 0
+        self.digests_deferred = 0  # digest requests from it answered "later" (behind)
 
     # the outbox, as the mesh and its metrics read it
     @property
@@ -398,7 +415,7 @@ class Mesh:
     def local_only(self) -> bool:
         return not any(peer.state == UP for peer in self.peers.values())
 
-    def backlogged(self) -> bool:
+    def backlogged(self) -> int:
         """Whether a peer that is up has more deltas queued, and not in flight, than one
         round of all its connections carries (``pipeline_burst`` messages): the sender
         is behind.
@@ -409,11 +426,36 @@ class Mesh:
         for its ack, gets short turns until the backlog is gone. Decisions then yield
         to replication: the node admits about what it can replicate, and the lag stays
         bounded (R6; before, the flooded node's own deltas lagged 2-3 s behind). A
-        peer that is not up does not count: a node cut off decides on its own."""
-        return any(
-            peer.state == UP and self._unsent(peer) > len(peer.links) * self._keys_per_message
-            for peer in self.peers.values()
-        )
+        peer that is not up does not count: a node cut off decides on its own.
+
+        Returns 0 (not behind), 1 (behind), or ``FAR_BEHIND`` (2) when, behind, the
+        oldest delta queued for the peer was collected more than ``yield_lag`` ago (or
+        the backlog not in flight is more than ``_FAR_ROUNDS`` rounds): the server then
+        sheds turns for the sender whatever their length, since a node whose turns stay
+        short still admitted more new keys than it replicated (R6 at 1x: 42,000 new
+        keys/s admitted, ~30,000 deltas/s sent, the backlog at its 100,000-key cap
+        within seconds, the lag p99 2.6-3.7 s)."""
+        level = 0
+        far_ns = self.settings.yield_lag_s * NS_PER_S
+        now = self.clock()
+        for peer in self.peers.values():
+            if peer.state != UP:
+                continue
+            unsent, round_ = self._unsent(peer), len(peer.links) * self._keys_per_message
+            if unsent <= round_:
+                continue
+            oldest = peer.box.oldest()
+            if unsent > _FAR_ROUNDS * round_ or (oldest is not None and now - oldest > far_ns):
+                return FAR_BEHIND
+            level = 1
+        return level
+
+    def _behind(self, peer: Peer) -> bool:
+        """Whether more deltas are queued for ``peer``, not in flight, than ``pipeline``
+        messages carry (a flood of new keys): our full state then differs from what the
+        peer holds by what is still queued, and comparing or swapping range states is
+        work the deltas do anyway (``_bulk_loop``, ``receive_digest``)."""
+        return self._unsent(peer) > self.settings.pipeline * self._keys_per_message
 
     @property
     def _keys_per_message(self) -> int:
@@ -461,7 +503,9 @@ class Mesh:
         self.running = True
         tasks = supervisor or Supervisor(log)
         self.supervisor = tasks  # peers added later (add_peer) run under it too
-        self.tasks.append(tasks.every("sync-collect", self.settings.interval_s, self.collect))
+        self.tasks.append(
+            tasks.every("sync-collect", self.settings.interval_s, self.collect_sliced)
+        )
         for region, peer in self.peers.items():
             self.tasks.append(tasks.run(f"sync-send:{region}", partial(self._send_loop, peer)))
             for index in range(1, len(peer.links)):
@@ -553,28 +597,73 @@ class Mesh:
         batch = self.limiter.collect_deltas()
         if not batch.deltas and not batch.rules:
             return 0
-        now = self.clock()
-        encoded = []
         refused: list[tuple[str, Exception]] = []
-        for delta in batch.deltas:
+        count = self._queue(batch.deltas, batch.rules, self.clock(), refused)
+        self._refused(refused)
+        return count
+
+    async def collect_sliced(self) -> int:
+        """``collect``, encoding and queueing ``_COLLECT_SLICE`` deltas at a time with the
+        event loop let through between slices (the collector task's step): a dirty set of
+        hundreds of thousands of keys (a PATCH of a rule every bucket of a flood belongs
+        to) is not encoded in one turn. Deltas hold absolute values and a key changed
+        meanwhile is the next collect's, so queueing in slices queues the same. Cancelled
+        between slices (the node stops), it queues the rest at once: nothing drained from
+        the dirty set is lost."""
+        batch = self.limiter.collect_deltas()
+        deltas, rules = batch.deltas, batch.rules
+        if not deltas and not rules:
+            return 0
+        now = self.clock()
+        refused: list[tuple[str, Exception]] = []
+        count = done = 0
+        try:
+            while True:
+                part = deltas[done : done + _COLLECT_SLICE]
+                done += len(part)
+                count += self._queue(part, rules, now, refused)
+                rules = {}
+                if done >= len(deltas):
+                    break
+                await asyncio.sleep(0)
+        finally:
+            if done < len(deltas):
+                count += self._queue(deltas[done:], rules, now, refused)
+        self._refused(refused)
+        return count
+
+    def _queue(
+        self,
+        deltas: Sequence[BucketDelta],
+        rules: Mapping[str, BucketConfig],
+        now: int,
+        refused: list[tuple[str, Exception]],
+    ) -> int:
+        """Encode ``deltas`` once and offer them (and ``rules``) to every peer's outbox;
+        those that cannot be encoded go to ``refused``."""
+        encoded = []
+        for delta in deltas:
             try:
                 encoded.append((delta.key, sync.encode_delta(delta)))
             except (msgspec.EncodeError, OverflowError, ValueError) as error:
                 refused.append((delta.key, error))
-        self.unencodable += len(refused)
+        self.unencodable += len(deltas) - len(encoded)
         for peer in self.peers.values():
-            if not peer.offer(encoded, batch.rules, now, self.settings.max_pending):
+            if not peer.offer(encoded, rules, now, self.settings.max_pending):
                 self.log(
                     f"sync: backlog for {peer.region} exceeded {self.settings.max_pending} "
                     "buckets; dropped it, a full-state transfer follows when it is back"
                 )
+        return len(encoded)
+
+    @staticmethod
+    def _refused(refused: list[tuple[str, Exception]]) -> None:
         if refused:
             key, reason = refused[0]
             raise UnencodableDeltas(
                 f"{len(refused)} delta(s) could not be encoded and were not replicated "
                 f"(first: key {key[:80]!r}: {reason!r})"
             )
-        return len(encoded)
 
     def _budget(self, rules: Mapping[str, BucketConfig]) -> int:
         overhead = _ENVELOPE_OVERHEAD + len(self.settings.cluster_id) + len(self.replica_id) * 2
@@ -729,13 +818,15 @@ class Mesh:
                     await self._transfer_full(peer)
                     continue
                 if self.monotonic() >= next_digest:
+                    # (armed first: a round that fails, e.g. refused by a peer that is
+                    # behind on its deltas to us, waits a whole interval as well)
+                    next_digest = self.monotonic() + self._digest_interval()
                     # Not while the sender is behind (a flood of new keys): the ranges
                     # differ by what is still queued, and the round would swap their full
-                    # state both ways (a merge and an encode of up to every bucket, each
-                    # one long turn of a flooded loop) for what the deltas carry anyway.
-                    if self._unsent(peer) <= self.settings.pipeline * self._keys_per_message:
+                    # state both ways (a merge and an encode of up to every bucket) for
+                    # what the deltas carry anyway.
+                    if not self._behind(peer):
                         await self._digest_round(peer)
-                    next_digest = self.monotonic() + self._digest_interval()
             except LinkError as error:
                 peer.last_error = str(error)
                 await asyncio.sleep(self.rng.uniform(0.5, 1.0) * self.settings.backoff_max_s)
@@ -763,18 +854,27 @@ class Mesh:
         peer.full_transfers += 1
         keys = self._with_key_configs(await self._live_keys())
         try:
-            if not keys:
-                await self._push_state(peer, self.limiter.full_state([]))
-            for start in range(0, len(keys), _FULL_CHUNK_KEYS):
-                if peer.full_wanted:
-                    return
-                await self._push_state(
-                    peer, self.limiter.full_state(keys[start : start + _FULL_CHUNK_KEYS])
-                )
-                await asyncio.sleep(0)
+            await self._push_state_of(peer, keys, full_transfer=True)
         except LinkError:
             peer.full_wanted = True
             raise
+
+    async def _push_state_of(
+        self, peer: Peer, keys: Sequence[str], *, full_transfer: bool = False
+    ) -> None:
+        """The full state of ``keys`` to ``peer``, read ``_FULL_CHUNK_KEYS`` buckets at a
+        time (each chunk is read, encoded and sent before the next is read, with the event
+        loop let through between them); at least one message, so that rule configs
+        travel. A full transfer stops early when another one was asked for meanwhile."""
+        if not keys:
+            await self._push_state(peer, self.limiter.full_state([]))
+        for start in range(0, len(keys), _FULL_CHUNK_KEYS):
+            if full_transfer and peer.full_wanted:
+                return
+            await self._push_state(
+                peer, self.limiter.full_state(keys[start : start + _FULL_CHUNK_KEYS])
+            )
+            await asyncio.sleep(0)
 
     async def _push_state(self, peer: Peer, batch: DeltaBatch) -> None:
         """Full-state deltas to ``peer`` over the bulk connection, split to fit messages
@@ -857,16 +957,17 @@ class Mesh:
         for start in range(0, sync.RANGES, _DIGEST_GROUP):
             group = list(range(start, min(sync.RANGES, start + _DIGEST_GROUP)))
             keys = [key for r in group for key in by_range[r]]
-            hashes = await self._digest_of(keys, group, self.clock(), settle_ns)
-            request = sync.DigestRequest(settle_ns, group, hashes)
+            at = self.clock()
+            hashes = await self._digest_of(keys, group, at, settle_ns)
+            request = sync.DigestRequest(settle_ns, group, hashes, at)
             reply = await self._request(
                 peer, peer.bulk, sync.DIGEST, sync.encode(request), sync.DigestReply
             )
             if reply.differing:
-                self._merge(reply.state)
+                await self._merge_sliced(reply.state)
                 peer.repaired_ranges += len(reply.differing)
                 mine = [key for r in reply.differing if 0 <= r < sync.RANGES for key in by_range[r]]
-                await self._push_state(peer, self.limiter.full_state(mine))
+                await self._push_state_of(peer, mine)
             await asyncio.sleep(0)
 
     # -- start-up ------------------------------------------------------------------
@@ -939,7 +1040,7 @@ class Mesh:
                     continue
                 answered = True
                 failures = 0
-                self._merge(reply.state)
+                await self._merge_sliced(reply.state)
                 break
         return PULLED
 
@@ -1025,6 +1126,21 @@ class Mesh:
                 delta.used = kept
         changed = self.limiter.merge(batch, now=self.clock())
         self.merged += changed
+        return changed
+
+    async def _merge_sliced(self, batch: DeltaBatch) -> int:
+        """``_merge`` of a large batch (a peer's state of some ranges), ``_MERGE_SLICE``
+        deltas at a time with the event loop let through between slices; the rule configs
+        with the first. A merge is a join per key, so merging a batch in parts, with
+        anything else merged or decided between them, ends where merging it whole does."""
+        deltas = batch.deltas
+        if len(deltas) <= _MERGE_SLICE:
+            return self._merge(batch)
+        changed = 0
+        for start in range(0, len(deltas), _MERGE_SLICE):
+            part = deltas[start : start + _MERGE_SLICE]
+            changed += self._merge(DeltaBatch(batch.origin, part, batch.rules if not start else {}))
+            await asyncio.sleep(0)
         return changed
 
     def receive_deltas(self, request: Request) -> Response:
@@ -1161,10 +1277,28 @@ class Mesh:
     async def receive_digest(self, request: Request) -> Response:
         env, payload = self._open(request, sync.DIGEST)
         assert isinstance(payload, sync.DigestRequest)
+        peer = self.peers.get(env.region)
+        if peer is not None and peer.state == UP and self._behind(peer):
+            # Our state of its ranges differs from the asker's by the deltas still queued
+            # for it (a flood of new keys here): the reply would carry the full state of
+            # nearly every range (tens of MB, encoded and merged for nothing the deltas do
+            # not deliver anyway). Later, once the sender has caught up.
+            peer.digests_deferred += 1
+            raise ApiError(
+                503,
+                "this node is behind on its deltas to your region; compare digests later",
+                headers=[("Retry-After", str(max(1, math.ceil(self.settings.digest_interval_s))))],
+                reason="sync_behind",
+            )
         ranges = self._ranges(payload.ranges)
         now = self.clock()
+        # hashed at the asker's instant: which buckets count as settled is then the same
+        # on both sides (an older asker sends 0; one beyond the window: our own now)
+        at = payload.at_ns
+        if not at or abs(at - now) > self.settings.window_s * NS_PER_S:
+            at = now
         keys = await self._live_keys(set(ranges))
-        mine = await self._digest_of(keys, ranges, now, payload.settle_ns)
+        mine = await self._digest_of(keys, ranges, at, payload.settle_ns)
         try:
             differ = sync.differing(ranges, mine, payload.hashes)
         except sync.Rejected as rejected:
@@ -1273,6 +1407,13 @@ _PEER_METRICS: Final[tuple[tuple[bool, str, str, Callable[[Peer], float]], ...]]
         "bucketmesh_sync_oversized_deltas",
         "Deltas for this peer region dropped because one alone exceeds a message",
         lambda p: p.oversized,
+    ),
+    (
+        False,
+        "bucketmesh_sync_digests_deferred",
+        "Digest requests from this peer region answered 503 (later) because this node was "
+        "behind on its deltas to it",
+        lambda p: p.digests_deferred,
     ),
     (
         False,

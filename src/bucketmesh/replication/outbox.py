@@ -85,6 +85,13 @@ class Outbox:
             self.oversized += 1
         return keys, chunks, origin
 
+    def oldest(self) -> int | None:
+        """About the oldest collect time queued: the first key's (keys queue in the order
+        they were first offered; a replaced delta keeps its place). None when empty."""
+        for _, collected in self.queued.values():
+            return collected
+        return None
+
     def takeable(self) -> bool:
         """Whether a queued delta is not in flight yet."""
         inflight = self.inflight

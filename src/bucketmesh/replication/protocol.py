@@ -136,11 +136,16 @@ class Ack(msgspec.Struct, array_like=True, gc=False):
 
 class DigestRequest(msgspec.Struct, array_like=True, gc=False):
     """``digest``: the sender's hash of each listed range, over buckets settled for
-    ``settle_ns``; the receiver answers with the ranges whose hash differs."""
+    ``settle_ns`` at the instant ``at_ns`` (the sender's clock when it hashed); the
+    receiver hashes its own buckets at that same instant and answers with the ranges
+    whose hash differs. ``at_ns`` 0 (a sender from before the field; an older receiver
+    ignores it): the receiver's own now, so every bucket that settles between the two
+    instants (under a flood of new keys, thousands a second) makes its range differ."""
 
     settle_ns: int
     ranges: list[int]
     hashes: list[int]
+    at_ns: int = 0
 
 
 class DigestReply(msgspec.Struct, array_like=True, gc=False):
