@@ -11,6 +11,7 @@ The external systems (a forecast feed, the downstream inference service's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -102,11 +103,12 @@ class Controller:
         self.path = tmp_path / "autoscale.yaml"
         self.audit = tmp_path / "audit.jsonl"
         self.decisions = tmp_path / "decisions.json"
-        self.port = free_port()
         config = {
             "audit": str(self.audit),
             "decisions": str(self.decisions),
-            "listen": f"127.0.0.1:{self.port}",
+            # the controller binds a free port itself and logs it: no port chosen here
+            # that another process could take before the controller binds it
+            "listen": "127.0.0.1:0",
             **config,
         }
         self.path.write_text(yaml.safe_dump(config))
@@ -132,6 +134,18 @@ class Controller:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
+
+    @property
+    def port(self) -> int:
+        """The port the controller's /metrics listens on, from its start-up log line."""
+
+        def logged() -> int:
+            assert self.process.poll() is None, self.output()
+            found = re.search(r"metrics on http://[^:]+:(\d+)/metrics", self.output())
+            assert found, "the controller has not logged its metrics address yet"
+            return int(found.group(1))
+
+        return eventually(logged, what="the controller logged its metrics address")
 
     def explain(self) -> str:
         done = subprocess.run(
