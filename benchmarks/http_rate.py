@@ -1251,31 +1251,13 @@ def kernel_main(args: argparse.Namespace) -> int:
     row("context switches, involuntary", lambda r: r.cpu.involuntary, 1)
     if all(r.perf for rs in found.values() for r in rs):
         row("syscalls, all", lambda r: r.perf.get("raw_syscalls:sys_enter", 0), 1)
-        row(
-            "  read / recvfrom",
-            lambda r: (
-                r.perf.get("syscalls:sys_enter_read", 0)
-                + r.perf.get("syscalls:sys_enter_recvfrom", 0)
-            ),
-            1,
-        )
-        row(
-            "  write / writev / sendto",
-            lambda r: (
-                r.perf.get("syscalls:sys_enter_write", 0)
-                + r.perf.get("syscalls:sys_enter_writev", 0)
-                + r.perf.get("syscalls:sys_enter_sendto", 0)
-            ),
-            1,
-        )
-        row(
-            "  epoll_wait / epoll_pwait (loop turns)",
-            lambda r: (
-                r.perf.get("syscalls:sys_enter_epoll_wait", 0)
-                + r.perf.get("syscalls:sys_enter_epoll_pwait", 0)
-            ),
-            1,
-        )
+
+        def syscalls(*names: str) -> Callable[[KernelRound], float]:
+            return lambda r: sum(r.perf.get(f"syscalls:sys_enter_{name}", 0) for name in names)
+
+        row("  read / recvfrom", syscalls("read", "recvfrom"), 1)
+        row("  write / writev / sendto", syscalls("write", "writev", "sendto"), 1)
+        row("  epoll_wait / epoll_pwait (loop turns)", syscalls("epoll_wait", "epoll_pwait"), 1)
     row("wrk's own CPU µs (user + kernel)", lambda r: r.wrk_user + r.wrk_sys)
     load = f"load {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     _report.print_table(f"CPU and syscalls per request under wrk ({load})", columns, rows)
