@@ -80,7 +80,7 @@ from bucketmesh.http import wire as api
 from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import ApiError
 from bucketmesh.http.router import Router
-from bucketmesh.http.server import Request, Response
+from bucketmesh.http.server import HttpServer, Request, Response
 from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication import protocol as sync
 from bucketmesh.replication.faults import FaultEndpoint, SyncFaults
@@ -195,8 +195,8 @@ _COLLECT_SLICE: Final = 2000
 # ``Mesh.backlogged``: rounds of a peer's connections queued, not in flight, beyond which
 # the sender is far behind (decisions yield to it whatever the length of a turn)
 _FAR_ROUNDS: Final = 4
-#: ``HttpServer.FAR_BEHIND``
-FAR_BEHIND: Final = 2
+# the level of ``backlogged()`` at which the server sheds every turn for the sender
+FAR_BEHIND: Final = HttpServer.FAR_BEHIND
 
 
 @dataclass(frozen=True)
