@@ -26,7 +26,10 @@ def _app() -> RatingApp:
 
 
 async def _serve_and_get(app: RatingApp, paths: list[str]) -> list[httpx.Response]:
-    server = HttpServer(app, ServerLimits())
+    # no lag shedding (as tests/test_http11.py's servers and conftest's nodes): the
+    # client runs on the server's loop, and on a loaded machine creating it (its TLS
+    # context) can stall that loop past 2 × shed_lag, so the next read is shed: a 503
+    server = HttpServer(app, ServerLimits(shed_lag=3600.0))
     await server.start("127.0.0.1", 0)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as client:
