@@ -21,10 +21,11 @@ backend, default sync interval, one generated secret) and measures:
   theoretical = capacity + refill_rate × (last request − first request).
   Target: admitted within ±2 % of the theoretical limit.
 
-The nodes' ``bucketmesh_sync_collects_total`` and ``..._leading_collects_total``
-are read after the visibility samples and after the steady load: how many collects a
-grant on a quiet node started at once (the leading edge, docs/sync.md), and that a
-steady load, whose every interval queues deltas, starts (almost) none.
+The nodes' ``bucketmesh_sync_messages_sent_total``, ``..._collects_total`` and
+``..._leading_collects_total`` are read around the visibility samples and the steady
+load: how many collects a grant on a quiet node started at once (the leading edge,
+docs/sync.md), that a steady load, whose every interval queues deltas, starts (almost)
+none, and how many messages each phase sent.
 
 ``--acquire-cost`` counts, with callgrind, the instructions of one hot-key
 ``Limiter.acquire`` (P1's loop: Ir of 40,000 calls − Ir of 20,000, ÷ 20,000) in the
@@ -203,19 +204,34 @@ async def visibility_lags(regions: Sequence[Region], samples: int) -> list[float
     return lags
 
 
-def collect_counts(regions: Sequence[Region]) -> tuple[int, int]:
-    """Σ over the nodes of collects that queued deltas, and of those the leading edge
-    started (0, 0 on a build without the counters)."""
-    collects = leading = 0
+COUNTERS = (
+    "bucketmesh_sync_messages_sent_total",
+    "bucketmesh_sync_collects_total",
+    "bucketmesh_sync_leading_collects_total",
+)
+
+
+def sync_counters(regions: Sequence[Region]) -> Counter[str]:
+    """Σ over the nodes (and peers) of the mesh's message and collect counters; a
+    counter the build does not have is absent."""
+    totals: Counter[str] = Counter()
     for region in regions:
         text = httpx.get(region.url + "/metrics").text
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "bucketmesh_sync_collects_total":
-                    collects += int(sample.value)
-                elif sample.name == "bucketmesh_sync_leading_collects_total":
-                    leading += int(sample.value)
-    return collects, leading
+                if sample.name in COUNTERS:
+                    totals[sample.name] += int(sample.value)
+    return totals
+
+
+def counted(phase: str, before: Counter[str], after: Counter[str]) -> str:
+    messages, collects, leading = (
+        f"{after[name] - before[name]:,}" if name in after else "n/a" for name in COUNTERS
+    )
+    return (
+        f"{phase}: {messages} sync messages sent (heartbeats included), {collects} "
+        f"collects that queued deltas, {leading} of them started by the leading edge"
+    )
 
 
 def histogram_quantiles(regions: Sequence[Region]) -> tuple[float, float, int]:
@@ -453,17 +469,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bucketmesh-repl-") as tmp:
         (Path(tmp) / "p4").mkdir()
         with mesh(Path(tmp) / "p4", 0.0) as nodes:
-            before = collect_counts(nodes)
+            started = sync_counters(nodes)
             lags = asyncio.run(visibility_lags(nodes, samples))
-            sampled = collect_counts(nodes)
-            asyncio.run(steady_load(nodes, 10.0 if not args.quick else 5.0, 200.0))
-            loaded = collect_counts(nodes)
+            sampled = sync_counters(nodes)
+            steady_s = 10.0 if not args.quick else 5.0
+            asyncio.run(steady_load(nodes, steady_s, 200.0))
+            loaded = sync_counters(nodes)
             h50, h99, batches = histogram_quantiles(nodes)
         notes.append(
-            f"Collects that queued deltas (Σ nodes): {sampled[0] - before[0]} during the "
-            f"visibility samples, {sampled[1] - before[1]} of them started by the leading "
-            f"edge; {loaded[0] - sampled[0]} during the steady load, "
-            f"{loaded[1] - sampled[1]} of them leading."
+            "Σ over the nodes (n/a: the build has no such counter). "
+            + counted(f"The {len(lags)} visibility samples", started, sampled)
+            + "; "
+            + counted(f"the {steady_s:g} s steady load (200/s per region)", sampled, loaded)
+            + "."
         )
         q = statistics.quantiles(sorted(lags), n=100)
         p50, p99 = q[49] * 1000, q[98] * 1000
