@@ -57,6 +57,19 @@ def knows(node: Any, key: str, region: str) -> bool:
     )
 
 
+async def settle(nodes: dict[str, Any]) -> None:
+    """Until the two nodes have met and run on the same rule configs: each stamps its
+    rules file at start, and the newer stamp, arriving with the peer's full transfer,
+    is adopted by every bucket of the rule, marking it dirty (not a grant)."""
+    await meet(nodes)
+    east, west = nodes[EAST], nodes[WEST]
+
+    def same_rules() -> None:
+        assert east.limiter.rule_configs == west.limiter.rule_configs
+
+    await eventually_async(same_rules, "both nodes run on the newer stamp of the rules")
+
+
 async def turns_pass(count: int) -> None:
     """Until ``count`` turns of the loop have run (whatever they take)."""
     turns = Turns()
@@ -69,7 +82,7 @@ def test_a_grant_on_a_quiet_node_is_sent_at_once_in_one_message_without_the_tick
     async def scenario() -> None:
         nodes = pair(interval_s=HOUR)
         try:
-            await meet(nodes)
+            await settle(nodes)
             east, west = nodes[EAST], nodes[WEST]
             sent = delta_messages(east.mesh.peers[WEST])
             east.limiter.acquire("agent-api-key-quiet", 1)
@@ -93,7 +106,7 @@ def test_a_burst_after_the_leading_edge_waits_for_the_next_collect_and_goes_in_o
     async def scenario() -> None:
         nodes = pair(interval_s=HOUR)
         try:
-            await meet(nodes)
+            await settle(nodes)
             east, west = nodes[EAST], nodes[WEST]
             peer = east.mesh.peers[WEST]
             sent = delta_messages(peer)
@@ -131,7 +144,7 @@ def test_the_leading_edge_waits_for_an_interval_in_which_no_collect_queued_anyth
     async def scenario() -> None:
         nodes = pair(interval_s=HOUR)
         try:
-            await meet(nodes)
+            await settle(nodes)
             east, west = nodes[EAST], nodes[WEST]
             mesh = east.mesh
             clock = mesh.monotonic = FakeMonotonic()
