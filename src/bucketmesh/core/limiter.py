@@ -399,10 +399,11 @@ class Limiter:
         self.gates: dict[str, Bucket] | None = None
         #: called when ``acquire`` starts or stops being gated (a store rebinds it)
         self.on_acquire_changed: Callable[[], None] | None = None
-        #: called when a grant puts the first key into an empty ``dirty`` set (at most
-        #: once between two ``collect_deltas``): the sync mesh's leading-edge collect
-        #: (replication/mesh.py). Decisions only; what configure and merge mark dirty
-        #: waits for the mesh's periodic collect.
+        #: called when a grant of a shared bucket puts a key into an empty ``dirty``
+        #: set (so once between two ``collect_deltas``, unless an expiry empties the
+        #: set): the sync mesh's leading-edge collect (replication/mesh.py). Grants
+        #: only; what configure, merge and the rebalancer mark dirty waits for the
+        #: mesh's periodic collect.
         self.on_dirty: Callable[[], None] | None = None
         # Strict mode's transferable shares (``enable_shares``; core/shares.py): None
         # keeps the static 1/regions split.
@@ -470,8 +471,9 @@ class Limiter:
         return decision
 
     def _first_dirty(self) -> None:
-        """A grant is about to put the first key into the empty dirty set: tell
-        ``on_dirty`` (off the hot path: once between two collects)."""
+        """A grant is about to put a key into the empty dirty set: tell ``on_dirty``
+        (off the hot path: the set is empty only until the first grant after a
+        collect)."""
         on_dirty = self.on_dirty
         if on_dirty is not None:
             on_dirty()
