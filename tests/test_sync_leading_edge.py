@@ -226,3 +226,37 @@ def test_on_dirty_ignores_denials_and_strict_keys_and_covers_batches() -> None:
     assert lim.acquire_columns([Item("s-a"), Item("s-a")]) is not None
     assert calls == [0, 0, 0]
     assert lim.dirty == {"s-a"}
+
+
+def test_a_failing_collect_is_counted_and_shown_and_the_collector_carries_on() -> None:
+    """The collector is a loop of its own now (it was a ``Supervisor.every`` step): a
+    collect that raises (a delta the wire format cannot carry) still marks the task
+    failing and counts it, the other keys still go, and the next collect recovers."""
+
+    async def scenario() -> None:
+        nodes = pair()  # the default interval
+        try:
+            await settle(nodes)
+            east, west = nodes[EAST], nodes[WEST]
+            state = east.supervisor.tasks["sync-collect"]
+            east.limiter.acquire("agent-api-key-bad", 1)
+            east.limiter.buckets["agent-api-key-bad"].epoch = 2**70  # beyond msgpack's ints
+            east.limiter.acquire("agent-api-key-good", 1)  # (the same turn: one collect)
+            await eventually_async(lambda: state.failures == 1, "the failure is counted")
+            assert "agent-api-key-bad" in (state.last_error or "")
+            await eventually_async(
+                lambda: knows(west, "agent-api-key-good", EAST), "the good key still goes"
+            )
+            east.limiter.acquire("agent-api-key-after", 1)
+            await eventually_async(
+                lambda: knows(west, "agent-api-key-after", EAST), "later grants go too"
+            )
+            await eventually_async(
+                lambda: east.readiness()["tasks"] == "ok", "the collector is ok again"
+            )
+            assert state.failures == 1
+        finally:
+            for node in nodes.values():
+                await node.stop(grace=1.0)
+
+    asyncio.run(scenario())
