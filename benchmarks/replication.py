@@ -21,9 +21,21 @@ backend, default sync interval, one generated secret) and measures:
   theoretical = capacity + refill_rate × (last request − first request).
   Target: admitted within ±2 % of the theoretical limit.
 
+The nodes' ``bucketmesh_sync_messages_sent_total``, ``..._collects_total`` and
+``..._leading_collects_total`` are read around the visibility samples and the steady
+load: how many collects a grant on a quiet node started at once (the leading edge,
+docs/sync.md), that a steady load, whose every interval queues deltas, starts (almost)
+none, and how many messages each phase sent.
+
+``--acquire-cost`` counts, with callgrind, the instructions of one hot-key
+``Limiter.acquire`` (P1's loop: Ir of 40,000 calls − Ir of 20,000, ÷ 20,000) in the
+core on ``PYTHONPATH`` and in each ``--compare-src`` tree (another checkout's ``src``,
+built): the cost of the dirty-set hook on the decision path.
+
 Loopback only; every process this script starts is stopped in ``finally``.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/replication.py [--quick]``.
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/replication.py [--quick]``
+(``--delays ''``: P4 only).
 """
 
 from __future__ import annotations
@@ -31,9 +43,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +61,7 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+import bucketmesh
 from bucketmesh.tooling.cluster import LocalMesh
 from bucketmesh.tooling.netproxy import Faults
 
@@ -189,6 +204,36 @@ async def visibility_lags(regions: Sequence[Region], samples: int) -> list[float
     return lags
 
 
+COUNTERS = (
+    "bucketmesh_sync_messages_sent_total",
+    "bucketmesh_sync_collects_total",
+    "bucketmesh_sync_leading_collects_total",
+)
+
+
+def sync_counters(regions: Sequence[Region]) -> Counter[str]:
+    """Σ over the nodes (and peers) of the mesh's message and collect counters; a
+    counter the build does not have is absent."""
+    totals: Counter[str] = Counter()
+    for region in regions:
+        text = httpx.get(region.url + "/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in COUNTERS:
+                    totals[sample.name] += int(sample.value)
+    return totals
+
+
+def counted(phase: str, before: Counter[str], after: Counter[str]) -> str:
+    messages, collects, leading = (
+        f"{after[name] - before[name]:,}" if name in after else "n/a" for name in COUNTERS
+    )
+    return (
+        f"{phase}: {messages} sync messages sent (heartbeats included), {collects} "
+        f"collects that queued deltas, {leading} of them started by the leading edge"
+    )
+
+
 def histogram_quantiles(regions: Sequence[Region]) -> tuple[float, float, int]:
     """p50 and p99 (bucket upper edges) of crdt_sync_duration_seconds over all nodes."""
     merged: dict[float, float] = {}
@@ -326,6 +371,59 @@ async def saturate(regions: Sequence[Region], seconds: float, delay_ms: float) -
     )
 
 
+# -- the hook's cost on the decision path ---------------------------------------------
+
+ACQUIRE_RUNS = (20_000, 40_000)
+
+
+def acquire_loop(calls: int) -> None:
+    """``calls`` hot-key acquires, as P1 times them (benchmarks/inprocess.py): the dirty
+    set holds the key from the first grant on. With the hook the node sets (a no-op
+    here) where the core has it."""
+    import inprocess
+
+    from bucketmesh.core.rules import Rule
+
+    rule = Rule.create(
+        "bench-{{ .Request.Header.X-API-Key }}",
+        inprocess.HOT_CAPACITY,
+        inprocess.HOT_RATE,
+        name="hot",
+        mode="shared",
+    )
+    _, limiter = inprocess._bucketmesh("hook", rule, [inprocess.HOT_KEY])
+    if hasattr(limiter, "on_dirty"):
+        limiter.on_dirty = lambda: None
+    acquire = limiter.acquire
+    key = inprocess.HOT_KEY
+    for _ in range(calls):
+        acquire(key)
+
+
+def acquire_instructions(src: str) -> tuple[float, str]:
+    """Instructions per hot-key acquire with the core in ``src``, and which core ran."""
+    counts = []
+    for calls in ACQUIRE_RUNS:
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--callgrind-out-file=/dev/null",
+                sys.executable,
+                __file__,
+                "--acquire-loop",
+                str(calls),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": "0"},
+        )
+        counts.append(int(out.stderr.split("Collected : ")[1].split()[0]))
+        core = out.stdout.strip()
+    return (counts[1] - counts[0]) / (ACQUIRE_RUNS[1] - ACQUIRE_RUNS[0]), core
+
+
 # -- main --------------------------------------------------------------------------
 
 
@@ -336,7 +434,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="P4 visibility samples (default 300)")
     parser.add_argument("--delays", default="0,50", help="P5 one-way delays in ms (default 0,50)")
     parser.add_argument("--no-record", action="store_true", help="do not append BENCHMARKS.md")
+    parser.add_argument("--label", default="", help="a line for the record (what ran)")
+    parser.add_argument(
+        "--acquire-cost",
+        action="store_true",
+        help="only callgrind's instructions per hot-key acquire (the dirty-set hook's cost)",
+    )
+    parser.add_argument(
+        "--compare-src",
+        action="append",
+        default=[],
+        help="with --acquire-cost: another built tree's src to count too (repeatable)",
+    )
+    parser.add_argument("--acquire-loop", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.acquire_loop is not None:
+        from bucketmesh import _native
+
+        acquire_loop(args.acquire_loop)
+        print("compiled" if _native.compiled() else "pure")
+        return 0
+    if args.acquire_cost:
+        return acquire_cost_main(args, argv)
     seconds = args.seconds or (15.0 if args.quick else 60.0)
     samples = args.samples or (100 if args.quick else 300)
     delays = [float(d) for d in args.delays.split(",") if d.strip()]
@@ -350,9 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bucketmesh-repl-") as tmp:
         (Path(tmp) / "p4").mkdir()
         with mesh(Path(tmp) / "p4", 0.0) as nodes:
+            started = sync_counters(nodes)
             lags = asyncio.run(visibility_lags(nodes, samples))
-            asyncio.run(steady_load(nodes, 10.0 if not args.quick else 5.0, 200.0))
+            sampled = sync_counters(nodes)
+            steady_s = 10.0 if not args.quick else 5.0
+            asyncio.run(steady_load(nodes, steady_s, 200.0))
+            loaded = sync_counters(nodes)
             h50, h99, batches = histogram_quantiles(nodes)
+        notes.append(
+            "Σ over the nodes (n/a: the build has no such counter). "
+            + counted(f"The {len(lags)} visibility samples", started, sampled)
+            + "; "
+            + counted(f"the {steady_s:g} s steady load (200/s per region)", sampled, loaded)
+            + "."
+        )
         q = statistics.quantiles(sorted(lags), n=100)
         p50, p99 = q[49] * 1000, q[98] * 1000
         ok = p99 <= P4_TARGET_MS
@@ -417,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         "result (±2%)",
     ]
     _report.print_table("P4: replication lag, 3 regions, default interval", p4_cols, rows_p4)
-    _report.print_table("P5: accuracy, 3 regions saturating one key", p5_cols, rows_p5)
+    if rows_p5:
+        _report.print_table("P5: accuracy, 3 regions saturating one key", p5_cols, rows_p5)
     for note in notes:
         print(note)
     if not args.no_record:
@@ -428,16 +559,45 @@ def main(argv: list[str] | None = None) -> int:
             [
                 f"Command: `{command}` — 3 `bucketmesh serve` processes on loopback, sync "
                 f"interval {SYNC_INTERVAL_MS} ms; bucket capacity {CAPACITY}, refill "
-                f"{REFILL:g}/s; P5 load {OVERLOAD:g}× refill per region, open loop.",
+                f"{REFILL:g}/s; P5 load {OVERLOAD:g}× refill per region, open loop. "
+                f"Code: `{Path(bucketmesh.__file__).parent}`.",
+                *(["", args.label] if args.label else []),
                 "",
                 _report.markdown_table(p4_cols, rows_p4),
-                "",
-                _report.markdown_table(p5_cols, rows_p5),
+                *(["", _report.markdown_table(p5_cols, rows_p5)] if rows_p5 else []),
                 *(["", *notes] if notes else []),
             ]
         )
         _report.append_section("P4/P5: replication lag and accuracy", body, machine=machine)
     return 1 if failed else 0
+
+
+def acquire_cost_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    machine = _report.machine()
+    print(f"machine: {machine.describe()}", flush=True)
+    here = str(Path(bucketmesh.__file__).parent.parent)
+    rows = []
+    for src in [here, *args.compare_src]:
+        per_call, core = acquire_instructions(src)
+        rows.append([src, core, f"{per_call:,.0f}"])
+    columns = ["core (PYTHONPATH)", "build", "instructions/acquire"]
+    _report.print_table("Hot-key Limiter.acquire, callgrind", columns, rows)
+    if not args.no_record:
+        command = " ".join(
+            ["benchmarks/replication.py", *(argv if argv is not None else sys.argv[1:])]
+        )
+        body = "\n".join(
+            [
+                f"Command: `{command}` — callgrind Ir of {ACQUIRE_RUNS[1]:,} − "
+                f"{ACQUIRE_RUNS[0]:,} hot-key `Limiter.acquire` calls (P1's loop, the key "
+                "dirty throughout), ÷ their difference; PYTHONHASHSEED=0.",
+                *(["", args.label] if args.label else []),
+                "",
+                _report.markdown_table(columns, rows),
+            ]
+        )
+        _report.append_section("P4: the dirty-set hook on the decision path", body, machine=machine)
+    return 0
 
 
 if __name__ == "__main__":

@@ -399,6 +399,12 @@ class Limiter:
         self.gates: dict[str, Bucket] | None = None
         #: called when ``acquire`` starts or stops being gated (a store rebinds it)
         self.on_acquire_changed: Callable[[], None] | None = None
+        #: called when a grant of a shared bucket puts a key into an empty ``dirty``
+        #: set (so once between two ``collect_deltas``, unless an expiry empties the
+        #: set): the sync mesh's leading-edge collect (replication/mesh.py). Grants
+        #: only; what configure, merge and the rebalancer mark dirty waits for the
+        #: mesh's periodic collect.
+        self.on_dirty: Callable[[], None] | None = None
         # Strict mode's transferable shares (``enable_shares``; core/shares.py): None
         # keeps the static 1/regions split.
         self.share_region: str | None = None
@@ -448,7 +454,12 @@ class Limiter:
         if decision.allowed:
             if tokens:
                 if bucket.mode == SHARED:
-                    self.dirty.add(key)
+                    dirty = self.dirty
+                    # (len: PySet_GET_SIZE when compiled, where `not dirty` calls
+                    # PyObject_IsTrue)
+                    if len(dirty) == 0:
+                        self._first_dirty()
+                    dirty.add(key)
                 journal = self.journal
                 if journal is not None:
                     journal.keys.add(key)
@@ -458,6 +469,14 @@ class Limiter:
                 decision.capacity,
             )
         return decision
+
+    def _first_dirty(self) -> None:
+        """A grant is about to put a key into the empty dirty set: tell ``on_dirty``
+        (off the hot path: the set is empty only until the first grant after a
+        collect)."""
+        on_dirty = self.on_dirty
+        if on_dirty is not None:
+            on_dirty()
 
     def _acquire_open(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
         """``acquire`` past the recovery gate (what the gate itself decides with)."""
@@ -634,6 +653,8 @@ class Limiter:
             dirty = self.dirty
             for key, bucket in granted.items():
                 if bucket.mode == SHARED:
+                    if len(dirty) == 0:
+                        self._first_dirty()
                     dirty.add(key)
             journal = self.journal
             if journal is not None:
@@ -734,6 +755,8 @@ class Limiter:
                     self.share_denied.add(key)
             if tokens and allowed[start]:
                 if mode == SHARED:
+                    if len(dirty) == 0:
+                        self._first_dirty()
                     dirty.add(key)
                 if journaled is not None:
                     journaled.add(key)

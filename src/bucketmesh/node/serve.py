@@ -180,6 +180,9 @@ class Node:
         else:
             idempotency = IdempotencyCache()
         self.mesh = Mesh(replica, settings.sync) if settings.sync is not None else None
+        if self.mesh is not None:
+            # a grant on a quiet node is collected at once, not at the next interval
+            self.limiter.on_dirty = self.mesh.dirtied
         self.discovery: Discovery | None = None
         if self.mesh is not None and settings.discovery is not None:
             # this region's other nodes from a headless Service's DNS (docs/scale.md)

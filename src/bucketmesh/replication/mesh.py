@@ -9,9 +9,17 @@ the event loop.
 
 Theory of operation
 -------------------
+Collecting
+    Every ``interval`` the collector drains ``Limiter.collect_deltas()``. A
+    grant that dirties a key after an interval whose collects queued nothing
+    (``Limiter.on_dirty`` → ``dirtied``) wakes it at once instead — the
+    *leading edge*: on a quiet node a grant reaches the peers after a turn of
+    the loop and the network, not after up to an interval; the keys dirtied
+    next wait for the collect one interval later, so two collects that queue
+    deltas are never less than an interval apart, as before (a burst or a
+    flood sends no more messages than the periodic collector did).
 Outboxes
-    Every ``interval`` the collector drains ``Limiter.collect_deltas()``,
-    encodes each delta once and offers it to every peer's outbox: key →
+    The collector encodes each delta once and offers it to every peer's outbox: key →
     (encoded delta, collect time). A delta holds absolute values, so a newer
     delta of a key replaces the queued one and subsumes it. A sender task per
     peer sends the outbox in messages of at most ``max_message_bytes`` over one
@@ -405,6 +413,13 @@ class Mesh:
         self._peer_tasks: dict[str, list[asyncio.Task[None]]] = {}
         self.supervisor: Supervisor | None = None
         self.running = False
+        # the collector (``_collect_loop``): its wake-up for the leading edge, set while
+        # it waits; the monotonic start of the last collect that queued deltas; how
+        # many collects queued deltas, and how many of those the leading edge started
+        self._collect_wake: asyncio.Event | None = None
+        self._queued_at = -math.inf
+        self.collects = 0
+        self.leading_collects = 0
         self._index: RangeIndex | None = None  # the pull path's keys by range
 
     @property
@@ -503,9 +518,7 @@ class Mesh:
         self.running = True
         tasks = supervisor or Supervisor(log)
         self.supervisor = tasks  # peers added later (add_peer) run under it too
-        self.tasks.append(
-            tasks.every("sync-collect", self.settings.interval_s, self.collect_sliced)
-        )
+        self.tasks.append(tasks.run("sync-collect", partial(self._collect_loop, tasks)))
         for region, peer in self.peers.items():
             self.tasks.append(tasks.run(f"sync-send:{region}", partial(self._send_loop, peer)))
             for index in range(1, len(peer.links)):
@@ -588,6 +601,59 @@ class Mesh:
 
     # -- sending -----------------------------------------------------------------
 
+    def dirtied(self) -> None:
+        """A grant put the first key into the limiter's empty dirty set
+        (``Limiter.on_dirty``, set by the node): the leading edge. When no collect
+        queued deltas for an interval (a quiet node), wake the collector now (it
+        collects on the next turn of the loop); otherwise the key waits for the next
+        periodic collect, which a collect of the last interval scheduled. So a flood,
+        whose every interval queues deltas, never takes this path, and collects that
+        queue deltas stay at least an interval apart. Called on the decision path: a
+        clock read and a comparison, at most once between two collects."""
+        wake = self._collect_wake
+        if wake is not None and self.monotonic() - self._queued_at >= self.settings.interval_s:
+            wake.set()
+
+    async def _collect_loop(self, tasks: Supervisor) -> None:
+        """The collector: ``collect_sliced`` an interval after the last collect, or at
+        once when ``dirtied`` wakes it. A collect that fails (``UnencodableDeltas``) is
+        counted and shown by ``tasks`` and the next one waits a backoff, as a step of
+        ``Supervisor.every`` would."""
+        interval = self.settings.interval_s
+        wake = self._collect_wake = asyncio.Event()
+        delay = interval
+        try:
+            while self.running:
+                # (set only by ``dirtied`` while this waits: a collect in slices queued
+                # deltas, so a wake-up during it is one the interval's rule refuses)
+                wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await within(wake.wait(), delay)
+                leading = wake.is_set()
+                try:
+                    queued = await self.collect_sliced()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as error:  # counted, shown, retried (tasks.every's way)
+                    tasks.failed("sync-collect", error)
+                    delay = max(interval, tasks.backoff(tasks.tasks["sync-collect"]))
+                    continue
+                tasks.succeeded("sync-collect")
+                delay = interval
+                if queued and leading:
+                    self.leading_collects += 1
+        finally:
+            self._collect_wake = None
+
+    def _collected(self, batch: DeltaBatch) -> bool:
+        """Whether ``batch`` (a collect's) holds anything to queue; counts it and
+        remembers when, for the leading edge's interval (``dirtied``)."""
+        if not batch.deltas and not batch.rules:
+            return False
+        self._queued_at = self.monotonic()
+        self.collects += 1
+        return True
+
     def collect(self) -> int:
         """Move the limiter's dirty deltas into every peer's outbox; returns how many.
 
@@ -595,7 +661,7 @@ class Mesh:
         then ``UnencodableDeltas`` names the keys left out (the supervisor logs and
         counts it, and /readyz shows it)."""
         batch = self.limiter.collect_deltas()
-        if not batch.deltas and not batch.rules:
+        if not self._collected(batch):
             return 0
         refused: list[tuple[str, Exception]] = []
         count = self._queue(batch.deltas, batch.rules, self.clock(), refused)
@@ -612,7 +678,7 @@ class Mesh:
         the dirty set is lost."""
         batch = self.limiter.collect_deltas()
         deltas, rules = batch.deltas, batch.rules
-        if not deltas and not rules:
+        if not self._collected(batch):
             return 0
         now = self.clock()
         refused: list[tuple[str, Exception]] = []
@@ -1362,6 +1428,17 @@ class Mesh:
             "bucketmesh_sync_merged_buckets",
             "Buckets changed by merging peers' messages",
             value=self.merged,
+        )
+        yield CounterMetricFamily(
+            "bucketmesh_sync_collects",
+            "Collects of the dirty set that queued deltas for the peers",
+            value=self.collects,
+        )
+        yield CounterMetricFamily(
+            "bucketmesh_sync_leading_collects",
+            "Collects that a grant after a quiet interval started at once (the leading "
+            "edge), of bucketmesh_sync_collects_total",
+            value=self.leading_collects,
         )
 
 
