@@ -11,7 +11,8 @@ Ordering
     A synchronous handler's response is encoded at once into the connection's
     output list, and the whole list goes out in one ``transport.write`` at the
     end of ``data_received``: one write per batch of pipelined requests and no
-    task per request. A handler that returns an awaitable gets a task and a
+    task per request. A handler that returns an awaitable gets a task (a bare
+    future, such as a Redis decision's, is awaited as it is: no task) and a
     slot at the tail of the ``pending`` queue; while that queue is not empty,
     later responses (even synchronous ones) wait in it as ready slots, and the
     queue is written out from the front as its head slots complete.
