@@ -120,6 +120,21 @@ def limiter_error(error: LimiterError, field: str | None = None) -> ApiError:
     )
 
 
+_Future = asyncio.Future
+
+
+def _resolve(answer: asyncio.Future[Response], done: asyncio.Future[Response]) -> None:
+    """Resolve ``answer`` as ``done`` ended (unless ``answer`` was cancelled meanwhile)."""
+    if answer.done():
+        return
+    if done.cancelled():
+        answer.cancel()
+    elif (error := done.exception()) is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(done.result())
+
+
 class RatingApp:
     """Maps HTTP requests onto a ``Decider``; one instance per node."""
 
@@ -249,7 +264,55 @@ class RatingApp:
             if barrier is None:
                 return response
             return self._after_barrier(barrier, response, cache_key)
+        if pending.__class__ is _Future:
+            # a decider's bare future (the Redis backend's): chained by a done callback
+            # that renders and resolves the answer's future (``_rendered``), no task and
+            # no coroutine; any other awaitable is awaited by ``_later``. Both answer
+            # alike (tests/test_later_answers.py).
+            answer: asyncio.Future[Response] = pending.get_loop().create_future()
+            pending.add_done_callback(functools.partial(self._rendered, answer, render, cache_key))
+            return answer
         return self._later(pending, render, cache_key)
+
+    def _rendered(
+        self,
+        answer: asyncio.Future[Response],
+        render: Callable[[Any], Response],
+        cache_key: CacheKey | None,
+        pending: asyncio.Future[Any],
+    ) -> None:
+        """``pending`` is done: resolve ``answer`` as ``_later`` would return or raise."""
+        if answer.done():  # cancelled: the connection was lost
+            return
+        if pending.cancelled():
+            answer.cancel()
+            return
+        error = pending.exception()
+        if error is not None:
+            if isinstance(error, LimiterError):
+                answer.set_exception(limiter_error(error))
+            elif isinstance(error, asyncio.CancelledError):
+                answer.cancel()  # as a coroutine awaiting it would end
+            else:
+                answer.set_exception(error)
+            return
+        try:
+            value = pending.result()
+            if cache_key is None:  # _answer inlined: render, then the commit barrier
+                rendered = render(value)
+                barrier = self.decider.commit()
+                response: Answer = (
+                    rendered if barrier is None else self._after_barrier(barrier, rendered, None)
+                )
+            else:
+                response = self._answer(value, render, cache_key)
+        except Exception as exc:
+            answer.set_exception(exc)
+            return
+        if isinstance(response, Response):
+            answer.set_result(response)
+        else:  # a commit barrier to wait for
+            asyncio.ensure_future(response).add_done_callback(functools.partial(_resolve, answer))
 
     async def _later(
         self, pending: Awaitable[Any], render: Callable[[Any], Response], cache_key: CacheKey | None
@@ -497,7 +560,8 @@ class RatingApp:
         if decision.allowed:
             if decision.tokens_remaining < decision.capacity * self.near_limit:
                 self.metrics.count_near_limit(rule)
-        elif self.shadows and self.shadows.covers(rule, decision.key):
+            return self.renderer.granted(decision)  # response(decision), from its templates
+        if self.shadows and self.shadows.covers(rule, decision.key):
             self.metrics.count_shadow_refused(rule)
             return self._shadow_response(decision)
         return self.renderer.response(decision)

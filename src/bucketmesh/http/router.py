@@ -7,6 +7,7 @@ of them needs to know about the others."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from bucketmesh.telemetry.metrics import NodeMetrics
 Answer: TypeAlias = Response | Awaitable[Response]
 Handler: TypeAlias = Callable[[Request], Answer]
 PrefixHandler: TypeAlias = Callable[[Request, str], Answer]
+_Future = asyncio.Future
 
 
 class Router:
@@ -80,8 +82,55 @@ class Router:
         histogram.total += elapsed
         return response
 
-    async def _finish(self, route: str, pending: Awaitable[Response], started: float) -> Response:
-        """Await an async handler's answer; its ApiError renders like a sync one's."""
+    def _finish(
+        self, route: str, pending: Awaitable[Response], started: float
+    ) -> Awaitable[Response]:
+        """An async handler's answer, awaited; its ApiError renders like a sync one's. A
+        bare future (a store's later decision, api/routes.py) is chained by a done
+        callback into the answer's future, without a task or a coroutine."""
+        if pending.__class__ is not _Future:
+            return self._finish_awaited(route, pending, started)
+        answer: asyncio.Future[Response] = pending.get_loop().create_future()
+        metrics = self.metrics
+
+        def finished(done: asyncio.Future[Response]) -> None:
+            if answer.done():  # cancelled: the connection was lost
+                return
+            if done.cancelled():
+                answer.cancel()
+                return
+            error = done.exception()
+            try:
+                if error is None:
+                    response = done.result()
+                elif isinstance(error, ApiError):
+                    metrics.count_rejection(error.reason)
+                    response = error.response()
+                else:
+                    answer.set_exception(error)
+                    return
+                elapsed = time.perf_counter() - started
+                histogram = metrics.durations.get(route)
+                if histogram is None:  # the route's first answer: its histogram is made
+                    metrics.count_response(route, response.status, elapsed)
+                else:  # count_response and Histogram.observe inlined, as in __call__
+                    responses = metrics.responses
+                    label = (route, response.status)
+                    responses[label] = responses.get(label, 0) + 1
+                    histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+                    histogram.count += 1
+                    histogram.total += elapsed
+            except Exception as exc:  # as awaiting it would raise (a handler's bug)
+                answer.set_exception(exc)
+                return
+            answer.set_result(response)
+
+        pending.add_done_callback(finished)
+        return answer
+
+    async def _finish_awaited(
+        self, route: str, pending: Awaitable[Response], started: float
+    ) -> Response:
         try:
             response = await pending
         except ApiError as error:

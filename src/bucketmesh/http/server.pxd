@@ -42,3 +42,9 @@ cdef class _Connection:
 
     @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict, response=Response)
     cpdef _deliver(self, result, bint keep_alive, bint head, bint http10)
+
+    @cython.locals(slot=_Slot, pending=object)
+    cpdef _await_response(self, result, bint keep_alive, bint head, bint http10)
+
+    @cython.locals(pending=object, lines=bytes, status_line=bytes, data=bytes, status_lines=dict, response=Response, now=double, deadline=double)
+    cpdef _on_response_done(self, _Slot slot, task)

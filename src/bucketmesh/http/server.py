@@ -11,7 +11,8 @@ Ordering
     A synchronous handler's response is encoded at once into the connection's
     output list, and the whole list goes out in one ``transport.write`` at the
     end of ``data_received``: one write per batch of pipelined requests and no
-    task per request. A handler that returns an awaitable gets a task and a
+    task per request. A handler that returns an awaitable gets a task (a bare
+    future, such as a Redis decision's, is awaited as it is: no task) and a
     slot at the tail of the ``pending`` queue; while that queue is not empty,
     later responses (even synchronous ones) wait in it as ready slots, and the
     queue is written out from the front as its head slots complete.
@@ -123,6 +124,7 @@ Connection cap
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import re
@@ -207,6 +209,7 @@ _PATHS: dict[bytes, str] = {}
 _PATHS_MAX: Final = 512
 _NOT_PLAIN: Final = re.compile(rb"[?%#]")
 _json_encode = msgspec.json.Encoder().encode
+_Future = asyncio.Future
 
 
 class Request(msgspec.Struct, eq=False):
@@ -1095,7 +1098,7 @@ class _Connection:
     def _deliver(self, result: object, keep_alive: bool, head: bool, http10: bool) -> None:
         """Write (or queue behind the pending ones) a handler's answer to a request."""
         if not isinstance(result, Response):
-            if inspect.isawaitable(result):
+            if result.__class__ is _Future or inspect.isawaitable(result):
                 self._await_response(result, keep_alive, head, http10)
                 return
             self._server._report(TypeError(f"handler returned {type(result).__name__}"))
@@ -1130,33 +1133,77 @@ class _Connection:
         self, result: Awaitable[Response], keep_alive: bool, head: bool, http10: bool
     ) -> None:
         slot = _Slot(None, keep_alive, head, http10)
-        task = asyncio.ensure_future(result, loop=self._loop)
+        if isinstance(result, _Future):
+            task = result  # a bare future (a store's later decision) or a task: no new task
+        else:
+            task = asyncio.ensure_future(result, loop=self._loop)
         self._server._in_flight += 1
         slot.task = task
-        self._pending.append(slot)
-        task.add_done_callback(lambda done: self._on_response_done(slot, done))
-        if len(self._pending) >= self._limits.max_pipelined:
+        pending = self._pending
+        pending.append(slot)
+        task.add_done_callback(functools.partial(self._on_response_done, slot))
+        if len(pending) >= self._max_pipelined:
             self._update_reading()
 
     def _on_response_done(self, slot: _Slot, task: asyncio.Future[Response]) -> None:
         slot.task = None
-        self._server._in_flight -= 1
+        server = self._server
+        server._in_flight -= 1
         if self._lost:
             return
+        ready: object
         if task.cancelled():
-            slot.ready = _internal_error()
+            ready = _internal_error()
         elif (exc := task.exception()) is not None:
-            self._server._report(exc)
-            slot.ready = _internal_error()
+            server._report(exc)
+            ready = _internal_error()
         else:
-            result: object = task.result()
-            if isinstance(result, Response):
-                slot.ready = result
-            else:
-                self._server._report(TypeError(f"handler returned {type(result).__name__}"))
-                slot.ready = _internal_error()
-        if self._pending and self._pending[0] is slot:
-            self._drain()
+            ready = task.result()
+            if not isinstance(ready, Response):
+                server._report(TypeError(f"handler returned {type(ready).__name__}"))
+                ready = _internal_error()
+        pending = self._pending
+        if not pending or pending[0] is not slot:
+            slot.ready = ready  # written when the slots before it are (_drain)
+            return
+        response: Response = ready
+        lines = response.head
+        if (
+            lines is not None
+            and len(pending) == 1
+            and slot.keep_alive
+            and not (slot.head or slot.http10 or self._closing or self._deferred or self._out)
+        ):
+            # the usual answer (one awaited, nothing behind it, encoded header lines on
+            # a keep-alive HTTP/1.1 connection): _drain, _write_response and
+            # _encode_response inlined as _deliver's encoded-lines branch, and written
+            status_lines = _BODY_STATUS_LINES
+            status_line = status_lines.get(response.status)
+            body = response.body
+            if status_line is not None and body.__class__ is bytes:
+                pending.clear()
+                data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
+                    status_line,
+                    server._date_server,
+                    lines,
+                    len(body),
+                    body,
+                )
+                transport = self._transport
+                if not transport.is_closing():
+                    transport.write(data)
+                if self._reading_paused:
+                    self._update_reading()
+                now = self._loop.time()
+                if self._in_message or self._reading_paused:
+                    self._refresh_deadline(now)
+                else:  # idle again: _refresh_deadline's first branch, inlined
+                    deadline = self._deadline = now + self._keepalive
+                    if self._timer is None or deadline < self._timer_at:
+                        self._refresh_deadline(now)
+                return
+        slot.ready = response
+        self._drain()
 
     def _answer_ready(self, answer: Response | bytes, keep_alive: bool) -> None:
         """Queue a response (or interim bytes) that needs no handler, behind all others."""

@@ -113,8 +113,8 @@ DENY_RETRY_S: Final = 1.0
 REBALANCE_PERIOD_S: Final = 0.25  # RegionShares.step's period (node/serve.py runs it)
 MAX_REFUSED_SHADOW: Final = 4096  # keys whose last refusal's shadow mark is kept
 
-# A queued decision and what to call with its Decision (or its error) once known.
-Waiter = tuple[Ask, Callable[[Decision | BaseException], None]]
+# A queued decision and the future its Decision (or its error) resolves once known.
+Waiter = tuple[Ask, asyncio.Future[Decision]]
 _tuple_new = tuple.__new__  # an Ask built without NamedTuple.__new__'s Python frame
 
 
@@ -949,7 +949,7 @@ class RedisBackend:
         # (``enqueue`` and ``_schedule`` inlined).
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
-        self.pending.append([(ask, _settle(future))])
+        self.pending.append([(ask, future)])
         self.pending_count += 1
         if not self.flush_scheduled and self.inflight < self.max_inflight:
             self.flush_scheduled = True
@@ -1185,11 +1185,11 @@ class RedisBackend:
     async def _submit(self, asks: list[Ask]) -> list[Decision]:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Decision]] = [loop.create_future() for _ in asks]
-        self.enqueue([(ask, _settle(future)) for ask, future in zip(asks, futures, strict=True)])
+        self.enqueue(list(zip(asks, futures, strict=True)))
         return [await future for future in futures]
 
     def enqueue(self, unit: list[Waiter]) -> None:
-        """Queue decisions for the next script call; each ``outcome`` is called with the
+        """Queue decisions for the next script call; each future is resolved with the
         Decision or the error (InvalidTokens, ...) once it is known. A unit never splits."""
         self.pending.append(unit)
         self.pending_count += len(unit)
@@ -1232,15 +1232,15 @@ class RedisBackend:
             self._mark_down(error)
             self._resolve_by_policy(left)
         except BaseException as error:  # never leave a request hanging
-            for _, outcome in left:
-                outcome(error)
+            for _, future in left:
+                _settle(future, error)
             raise
         finally:
             self.inflight -= 1
             # Whatever went wrong above, nothing stays unanswered: a refusal for
-            # anything left (an outcome called twice keeps its first answer).
-            for ask, outcome in left:
-                outcome(self._refusal(ask))
+            # anything left (a future resolved twice keeps its first answer).
+            for ask, future in left:
+                _settle(future, self._refusal(ask))
             self._schedule()
 
     async def _decide_in_store(self, left: list[Waiter]) -> None:
@@ -1272,12 +1272,42 @@ class RedisBackend:
                 raise
             self.calls += 1
             redo: list[Waiter] = []
-            for (ask, outcome), verdict in zip(batch, verdicts, strict=True):
+            tracked = self.tracked
+            touched = self.touched
+            mirrored = self.mirror.limiter.buckets
+            for waiter, verdict in zip(batch, verdicts, strict=True):
                 assert verdict is not None
-                if verdict.status == RECONFIGURE:
-                    redo.append((ask, outcome))
+                ask = waiter[0]
+                status = verdict[0]
+                if status == ALLOWED and not ask.shares:
+                    # the hot path, _answer's first branch inlined: a grant
+                    self.decided += 1
+                    key = ask.key
+                    if ask.tokens and ask.rule in tracked:
+                        touched.add(key)
+                        if key not in mirrored:
+                            self.unmirrored.add(key)
+                    future = waiter[1]
+                    if not future.done():
+                        # Verdict.decision inlined
+                        future.set_result(
+                            Decision(
+                                True,
+                                key,
+                                verdict[1],
+                                verdict[4],
+                                NS_PER_S / verdict[5],
+                                verdict[2] / NS_PER_S,
+                                verdict[3] / NS_PER_S,
+                                verdict[6],
+                                verdict[7],
+                            )
+                        )
                     continue
-                self._answer((ask, outcome), verdict)
+                if status == RECONFIGURE:
+                    redo.append(waiter)
+                    continue
+                self._answer(waiter, verdict)
             left[:] = redo
             if not redo:
                 return
@@ -1286,7 +1316,7 @@ class RedisBackend:
         raise StoreUnavailable("a bucket kept changing its config under this node")
 
     def _answer(self, waiter: Waiter, verdict: Verdict) -> None:
-        ask, outcome = waiter
+        ask, future = waiter
         self.decided += 1
         status = verdict[0]
         if status == ALLOWED and not ask.shares:
@@ -1296,17 +1326,17 @@ class RedisBackend:
                 self.touched.add(key)
                 if key not in self.mirror.buckets:
                     self.unmirrored.add(key)
-            outcome(verdict.decision(ask.key))
+            _settle(future, verdict.decision(ask.key))
             return
         if ask.shares and self.shares is not None:
             self.shares.count(ask.key, ask.tokens, verdict.status == ALLOWED)
             if verdict.status == INVALID_TOKENS and ask.tokens <= self._whole_capacity(ask):
                 # above the region's share, not above the key's limit: a denial (the
                 # share may grow), as the embedded store answers it
-                outcome(self._refusal(ask))
+                _settle(future, self._refusal(ask))
                 return
         if verdict.status == INVALID_TOKENS:
-            outcome(_invalid(ask.tokens, verdict.capacity))
+            _settle(future, _invalid(ask.tokens, verdict.capacity))
             return
         if verdict.status == ALLOWED:
             if ask.tokens and ask.rule in self.tracked:
@@ -1318,7 +1348,7 @@ class RedisBackend:
             if len(shadows) >= MAX_REFUSED_SHADOW:
                 shadows.clear()
             shadows[ask.key] = verdict.shadow
-        outcome(verdict.decision(ask.key))
+        _settle(future, verdict.decision(ask.key))
 
     async def _reconfigure(self, asks: Iterable[Ask], now: int) -> None:
         """Adopt the rule's newer config in Redis: ``bucket.py`` computes the base that
@@ -1344,24 +1374,24 @@ class RedisBackend:
 
     def _resolve_by_policy(self, batch: list[Waiter]) -> None:
         groups: dict[int, list[Waiter]] = {}
-        for ask, outcome in batch:
+        for ask, future in batch:
             if ask.group:
-                groups.setdefault(ask.group, []).append((ask, outcome))
+                groups.setdefault(ask.group, []).append((ask, future))
                 continue
             try:
-                outcome(self._fallback(ask))
+                _settle(future, self._fallback(ask))
             except (InvalidTokens, BucketCapReached) as error:
-                outcome(error)
+                _settle(future, error)
         # Each group on its own: one group's error must not leave the next unanswered.
         for items in groups.values():
             try:
                 decisions = self._fallback_many([ask for ask, _ in items], atomic=True)
             except (InvalidTokens, BucketCapReached) as error:
-                for _, outcome in items:
-                    outcome(error)
+                for _, future in items:
+                    _settle(future, error)
                 continue
-            for (_, outcome), decision in zip(items, decisions, strict=True):
-                outcome(decision)
+            for (_, future), decision in zip(items, decisions, strict=True):
+                _settle(future, decision)
 
     def pending_lowering(self, key: str) -> dict[str, object] | None:
         """A lowering PATCHed here of a strict key in the region's rights ledger: never
@@ -1699,16 +1729,15 @@ class RedisBackend:
         yield family
 
 
-def _settle(future: asyncio.Future[Decision]) -> Callable[[Decision | BaseException], None]:
-    def outcome(result: Decision | BaseException) -> None:
-        if future.done():
-            return
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-    return outcome
+def _settle(future: asyncio.Future[Decision], result: Decision | BaseException) -> None:
+    """Resolve ``future`` with ``result`` (its Decision or its error), unless it is done
+    already: the first answer stands."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _invalid(tokens: int, capacity: int) -> InvalidTokens:
