@@ -6,7 +6,7 @@ machine, the date and the commit beside it; ``machine()`` gathers them once,
 installed, plain text otherwise), ``markdown_table`` renders the same rows for
 the record, and ``append_section`` adds a dated section to ``BENCHMARKS.md`` at
 the repository root, creating the file with its explanatory header the first
-time.
+time; ``instructions`` counts what a command executes, under callgrind.
 """
 
 from __future__ import annotations
@@ -122,6 +122,21 @@ def versions(*distributions: str) -> str:
         except metadata.PackageNotFoundError:
             found.append(f"{name} (not installed)")
     return ", ".join(found)
+
+
+def instructions(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``argv`` under callgrind (``valgrind`` must be installed): the instructions it
+    executed, which the machine's load does not move, and its standard output. The hash
+    seed is fixed (``PYTHONHASHSEED=0``) so two runs hash alike; ``env`` adds to (or
+    overrides) the environment."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "0", **(env or {})},
+    )
+    return int(out.stderr.split("Collected : ")[1].split()[0]), out.stdout
 
 
 def _is_numeric(cell: str) -> bool:

@@ -595,20 +595,7 @@ def _instructions(which: str, batches: int, step: str | None = None) -> int:
     loop = (
         ["--loop", which, str(batches)] if step is None else ["--phase", which, step, str(batches)]
     )
-    out = subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            __file__,
-            *loop,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(out.stderr.split("Collected : ")[1].split()[0])
+    return _report.instructions([sys.executable, __file__, *loop])[0]
 
 
 def _core() -> str:

@@ -43,11 +43,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import secrets
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -404,23 +402,11 @@ def acquire_instructions(src: str) -> tuple[float, str]:
     """Instructions per hot-key acquire with the core in ``src``, and which core ran."""
     counts = []
     for calls in ACQUIRE_RUNS:
-        out = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                sys.executable,
-                __file__,
-                "--acquire-loop",
-                str(calls),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": "0"},
+        count, stdout = _report.instructions(
+            [sys.executable, __file__, "--acquire-loop", str(calls)], env={"PYTHONPATH": src}
         )
-        counts.append(int(out.stderr.split("Collected : ")[1].split()[0]))
-        core = out.stdout.strip()
+        counts.append(count)
+        core = stdout.strip()
     return (counts[1] - counts[0]) / (ACQUIRE_RUNS[1] - ACQUIRE_RUNS[0]), core
 
 
