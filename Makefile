@@ -22,7 +22,8 @@ install: $(STAMP)
 # the dev dependencies (mypy among them) first, then the package again without build
 # isolation, so that setup.py finds mypyc. Without a compiler it installs the pure core.
 CORE_SOURCES := src/bucketmesh/core/bucket.py src/bucketmesh/core/limiter.py src/bucketmesh/_native.py \
-	src/bucketmesh/http/server.py src/bucketmesh/http/server.pxd
+	src/bucketmesh/http/server.py src/bucketmesh/http/server.pxd \
+	src/bucketmesh/api/hot.py src/bucketmesh/api/hot.pxd
 
 $(STAMP): pyproject.toml setup.py $(CORE_SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -40,7 +40,7 @@ COMPILED: Final = (
 #: the interpreter's dispatch per bytecode); setup.py reads this list too. The source
 #: stays the reference: BUCKETMESH_PURE=1 runs it, and tests/test_http_compiled.py
 #: requires both to answer the same bytes (docs/build.md).
-CYTHONIZED: Final = ("bucketmesh/http/server.py",)
+CYTHONIZED: Final = ("bucketmesh/http/server.py", "bucketmesh/api/hot.py")
 
 PURE_ENV: Final = "BUCKETMESH_PURE"
 _ROOT: Final = os.path.dirname(os.path.abspath(__file__))

@@ -637,8 +637,13 @@ class _Connection:
         self._max_fields = server._limits.max_headers
         self._keepalive = server._limits.keepalive_timeout
         handler = server._handler
+        hot = getattr(handler, "hot", None)
         call = getattr(type(handler), "__call__", None)  # noqa: B004 (the method itself)
-        if call.__class__ is _FunctionType:
+        if hot is not None:
+            # a Router's hot entry (api/hot.py): the router's own answers, its hottest route
+            # in one call
+            handler = hot
+        elif call.__class__ is _FunctionType:
             # an object whose class defines __call__ in Python (the Router): its bound
             # method, called without the type's call slot (a lookup and an argument tuple)
             handler = call.__get__(handler)

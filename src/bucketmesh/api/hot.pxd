@@ -1,0 +1,20 @@
+# Types for the Cython build of hot.py (docs/build.md): the .py is the source of the
+# semantics; this file only says which attributes of RateHot are C fields of which type
+# (every value hot.py assigns them has that type) and types a few locals.
+import cython
+
+cdef class RateHot:
+    cdef public object app, handler, router, fallback, metrics, renderer, encode
+    cdef public object capacity, rate
+    cdef public dict routes, guards, decisions, responses, durations
+    cdef public str rule, mode, key
+    cdef public bytes key_json
+    cdef public tuple head, body
+
+    @cython.locals(started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple)
+    cpdef answer(self, request)
+
+    cpdef _counted(self, str route, answer, double started)
+
+    @cython.locals(body=tuple, head=tuple, digits=bytes, wait=bytes)
+    cpdef granted(self, decision, tuple fields)

@@ -1,0 +1,256 @@
+"""The simple ``POST /v1/rate`` in one call: what the HTTP server calls per request
+instead of the ``Router`` (docs/targets.md P2, docs/build.md).
+
+``RateHot.answer`` does, for the request wrk sends, what ``Router.__call__`` followed
+by ``RatingApp.rate_post`` and ``DecisionRenderer.granted`` do: the route lookup, the
+decision, the grant's bytes, the decision, response and duration counts. It takes
+only the simple case: a ``POST`` to a route still served by the app's ``rate_post``,
+without a guard; no audit trail, no forwarder, no ``Idempotency-Key``; the body the
+app decoded last (a client's one body); a JSON or absent ``Content-Type``; the key
+given in the body without a rule, or rendered by the first rule's template; a decider
+answering now. Anything else goes to the ``Router`` (``fallback``) before anything
+is spent, so the ``Router`` and ``rate_post`` stay the reference: both answer byte
+for byte alike and count alike (tests/test_rate_fast_path.py, tests/test_http_compiled.py).
+
+``make install`` compiles this module with Cython from this source (``CYTHONIZED`` in
+``_native.py``; ``hot.pxd`` makes ``RateHot`` an extension type with typed fields and
+locals); ``BUCKETMESH_PURE=1`` or a build without Cython runs it as Python.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any
+
+from msgspec.structs import astuple
+
+from bucketmesh.core.bucket import Decision
+from bucketmesh.core.limiter import LimiterError, NoRuleError
+from bucketmesh.http.errors import JSON
+from bucketmesh.http.server import Request, Response
+
+if TYPE_CHECKING:
+    from bucketmesh.api.routes import RatingApp
+    from bucketmesh.http.router import Answer, Handler
+
+_perf_counter = time.perf_counter
+_ceil = math.ceil
+# a Decision's fields in order: ``astuple`` reads them in one call (nine attribute reads
+# otherwise); a reordering of the struct must be seen here
+_FIELDS = (
+    "allowed",
+    "key",
+    "tokens_remaining",
+    "capacity",
+    "refill_rate",
+    "retry_after",
+    "reset_after",
+    "mode",
+    "rule",
+)
+if Decision.__struct_fields__ != _FIELDS:  # pragma: no cover (a change to core/structs.py)
+    raise ImportError(f"api/hot.py reads Decision as {_FIELDS}, not {Decision.__struct_fields__}")
+_SPEC = re.compile(rb"(%%|%[sd])")
+
+
+def pieces(template: bytes) -> tuple[bytes, ...]:
+    """The literal pieces of a ``%``-template between its ``%s`` and ``%d`` (``%%`` as
+    ``%``): ``b"".join`` of them with the values between gives ``template % values``."""
+    out = [b""]
+    for part in _SPEC.split(template):
+        if part == b"%%":
+            out[-1] += b"%"
+        elif part == b"%s" or part == b"%d":
+            out.append(b"")
+        else:
+            out[-1] += part
+    return tuple(out)
+
+
+class RateHot:
+    """``POST /v1/rate``'s simple case for one ``RatingApp`` (see the module docstring)."""
+
+    __slots__ = (
+        "app",
+        "body",
+        "capacity",
+        "decisions",
+        "durations",
+        "encode",
+        "fallback",
+        "guards",
+        "handler",
+        "head",
+        "key",
+        "key_json",
+        "metrics",
+        "mode",
+        "rate",
+        "renderer",
+        "responses",
+        "router",
+        "routes",
+        "rule",
+    )
+
+    def __init__(self, app: RatingApp, handler: Handler) -> None:
+        """``handler``: what ``app`` registered for ``POST /v1/rate`` (the object, so that
+        a route served by anything else, a test's reference say, goes to the router)."""
+        router = app.router
+        self.app = app
+        self.handler: object = handler
+        self.router = router
+        self.fallback = router.__call__
+        self.routes = router.routes
+        self.guards = router.guards
+        metrics = router.metrics
+        self.metrics = metrics
+        self.decisions = metrics.decisions
+        self.responses = metrics.responses
+        self.durations = metrics.durations
+        self.renderer = app.renderer
+        self.encode = app.renderer.encoder.encode
+        # the last grant's policy and its templates (DecisionRenderer._grant_template's)
+        self.rule = ""
+        self.capacity: object = -1
+        self.rate: object = -1.0
+        self.mode = ""
+        self.head: tuple[bytes, ...] = ()
+        self.body: tuple[bytes, ...] = ()
+        # the last grant's key and its JSON
+        self.key = ""
+        self.key_json = b'""'
+
+    def __call__(self, request: Request) -> Answer:
+        return self.answer(request)
+
+    def answer(self, request: Request) -> Answer:
+        """The answer ``self.router(request)`` gives, counted as it counts it."""
+        started = _perf_counter()
+        if request.method != "POST":
+            return self.fallback(request)
+        found = self.routes.get(("POST", request.path))
+        if found is None or found[1] is not self.handler:
+            return self.fallback(request)
+        route = found[0]
+        guards = self.guards
+        if guards and route in guards:
+            return self.fallback(request)
+        # RatingApp.rate_post, its simple case
+        app = self.app
+        headers = request.headers
+        if app.audit is not None or app.forwarder is not None or "idempotency-key" in headers:
+            return self.fallback(request)
+        if request.body != app._last_body:  # the reference decodes it (and keeps it)
+            return self.fallback(request)
+        content_type = headers.get("content-type")
+        if content_type is not None and content_type != JSON:
+            return self.fallback(request)
+        rate = app._last_rate
+        tokens = rate.tokens
+        if tokens < 0:
+            return self.fallback(request)
+        decider = app.decider
+        key = rate.key
+        rule: str | None
+        if key is None:
+            rules = decider.rules
+            if not rules:
+                return self.fallback(request)
+            first = rules[0]
+            key = first.template.render(headers, request.query, request.client_ip)
+            if key is None:
+                return self.fallback(request)
+            rule = first.name
+        elif rate.rule is None:
+            rule = None
+        else:
+            return self.fallback(request)
+        try:
+            decision = decider.acquire(key, tokens, rule=rule)
+        except LimiterError as error:
+            refusal = app.limiter_error(
+                error, "rule" if rule and isinstance(error, NoRuleError) else None
+            )
+            self.metrics.count_rejection(refusal.reason)
+            return self._counted(route, refusal.response(), started)
+        if decision.__class__ is not Decision:  # an answer to wait for (Redis)
+            return self._counted(
+                route, app._answer(decision, app._decision_response, None), started
+            )
+        fields = astuple(decision)
+        if fields[0]:  # allowed
+            decided = fields[8]
+            decisions = self.decisions
+            label = (decided, "allowed")
+            decisions[label] = decisions.get(label, 0) + 1
+            if fields[2] < fields[3] * app.near_limit:
+                self.metrics.count_near_limit(decided)
+            response = self.granted(decision, fields)
+        else:
+            response = app._decision_response(decision)
+        barrier = decider.commit()
+        if barrier is not None:
+            return self._counted(route, app._after_barrier(barrier, response, None), started)
+        # Router.__call__'s counting: NodeMetrics.count_response and Histogram.observe
+        elapsed = _perf_counter() - started
+        histogram = self.durations.get(route)
+        if histogram is None:  # the route's first answer: its histogram is made
+            self.metrics.count_response(route, response.status, elapsed)
+            return response
+        responses = self.responses
+        answered = (route, response.status)
+        responses[answered] = responses.get(answered, 0) + 1
+        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        histogram.count += 1
+        histogram.total += elapsed
+        return response
+
+    def _counted(self, route: str, answer: Answer, started: float) -> Answer:
+        """Counted as ``Router.__call__`` counts an answer other than the grant's."""
+        if type(answer) is not Response:
+            return self.router._finish(route, answer, started)  # type: ignore[arg-type]
+        self.metrics.count_response(route, answer.status, _perf_counter() - started)
+        return answer
+
+    def granted(self, decision: Decision, fields: tuple[Any, ...]) -> Response:
+        """``DecisionRenderer.granted(decision)`` (``fields``: ``astuple(decision)``): the
+        same bytes, from the same templates (the renderer makes them; the last policy's
+        pieces are kept here)."""
+        _, key, remaining, capacity, rate, retry_after, reset_after, mode, rule = fields
+        if rule != self.rule or capacity != self.capacity or rate != self.rate or mode != self.mode:
+            renderer = self.renderer
+            template = renderer._grant_template(decision)
+            if template is None:  # a rule name no header can hold: the reference's answer
+                return renderer.response(decision)
+            self.head, self.body = pieces(template[0]), pieces(template[1])
+            self.rule, self.capacity, self.rate, self.mode = rule, capacity, rate, mode
+        if key != self.key:  # the same client's key again: encoded once
+            self.key, self.key_json = key, self.encode(key)
+        digits = str(remaining).encode()
+        wait = b"0" if retry_after == 0.0 else str(_ceil(retry_after)).encode()
+        encode = self.encode
+        body = self.body
+        head = self.head
+        return Response(
+            200,
+            b"".join(
+                (
+                    body[0],
+                    self.key_json,
+                    body[1],
+                    digits,
+                    body[2],
+                    encode(retry_after),
+                    body[3],
+                    encode(reset_after),
+                    body[4],
+                )
+            ),
+            JSON,
+            None,
+            b"".join((head[0], digits if remaining > 0 else b"0", head[1], wait, head[2])),
+        )
