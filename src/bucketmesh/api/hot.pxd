@@ -5,14 +5,16 @@ import cython
 
 cdef class RateHot:
     cdef public object app, handler, router, fallback, metrics, renderer, encode
-    cdef public object capacity, rate
+    cdef public object capacity, rate, template, other, value
     cdef public dict routes, guards, decisions, responses, durations
-    cdef public str rule, mode, key
+    cdef public str rule, mode, key, header, rendered
     cdef public bytes key_json
     cdef public tuple head, body
 
-    @cython.locals(started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple)
+    @cython.locals(started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple, index=Py_ssize_t, bound=double)
     cpdef answer(self, request)
+
+    cpdef _remember(self, template, dict headers, str key)
 
     cpdef _counted(self, str route, answer, double started)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import re
 import time
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from msgspec.structs import astuple
@@ -34,6 +33,7 @@ from bucketmesh.http.server import Request, Response
 
 if TYPE_CHECKING:
     from bucketmesh.api.routes import RatingApp
+    from bucketmesh.core.rules import KeyTemplate
     from bucketmesh.http.router import Answer, Handler
 
 _perf_counter = time.perf_counter
@@ -84,16 +84,21 @@ class RateHot:
         "guards",
         "handler",
         "head",
+        "header",
         "key",
         "key_json",
         "metrics",
         "mode",
+        "other",
         "rate",
+        "rendered",
         "renderer",
         "responses",
         "router",
         "routes",
         "rule",
+        "template",
+        "value",
     )
 
     def __init__(self, app: RatingApp, handler: Handler) -> None:
@@ -120,6 +125,12 @@ class RateHot:
         self.mode = ""
         self.head: tuple[bytes, ...] = ()
         self.body: tuple[bytes, ...] = ()
+        # the last key rendered from the first rule's template (when one header makes it)
+        self.template: KeyTemplate | None = None
+        self.other: KeyTemplate | None = None  # the last template that is not so
+        self.header = ""
+        self.value: str | None = None
+        self.rendered = ""
         # the last grant's key and its JSON
         self.key = ""
         self.key_json = b'""'
@@ -161,9 +172,15 @@ class RateHot:
             if not rules:
                 return self.fallback(request)
             first = rules[0]
-            key = first.template.render(headers, request.query, request.client_ip)
-            if key is None:
-                return self.fallback(request)
+            template = first.template
+            if template is self.template and headers.get(self.header) == self.value:
+                key = self.rendered  # the one header the key is made of holds what it held
+            else:
+                key = template.render(headers, request.query, request.client_ip)
+                if key is None:
+                    return self.fallback(request)
+                if template is not self.other:
+                    self._remember(template, headers, key)
             rule = first.name
         elif rate.rule is None:
             rule = None
@@ -204,10 +221,29 @@ class RateHot:
         responses = self.responses
         answered = (route, response.status)
         responses[answered] = responses.get(answered, 0) + 1
-        histogram.counts[bisect_left(histogram.bounds, elapsed)] += 1
+        # bisect_left(histogram.bounds, elapsed), as a loop over C doubles when compiled
+        index = 0
+        for bound in histogram.bounds:
+            if bound >= elapsed:
+                break
+            index += 1
+        histogram.counts[index] += 1
         histogram.count += 1
         histogram.total += elapsed
         return response
+
+    def _remember(self, template: KeyTemplate, headers: dict[str, str], key: str) -> None:
+        """Keep ``key`` as what ``template`` renders while the one header it reads holds
+        what it holds now: a template reading one header and nothing else renders
+        the same key from the same value (a pure function of it). Another template is
+        remembered as such (``other``): its keys are rendered every time."""
+        if template is not self.template:
+            names = template.header_names
+            if len(names) != 1 or template.query_names or template.uses_client_ip:
+                self.other = template
+                return
+            self.template, self.header = template, names[0]
+        self.value, self.rendered = headers[self.header], key
 
     def _counted(self, route: str, answer: Answer, started: float) -> Answer:
         """Counted as ``Router.__call__`` counts an answer other than the grant's."""

@@ -207,6 +207,7 @@ _PATHS: dict[bytes, str] = {}
 _PATHS_MAX: Final = 512
 _NOT_PLAIN: Final = re.compile(rb"[?%#]")
 _json_encode = msgspec.json.Encoder().encode
+_monotonic = time.monotonic  # read per read (_shedding_now): one global, not two lookups
 
 
 class Request(msgspec.Struct, eq=False):
@@ -1117,12 +1118,17 @@ class _Connection:
             status_line = status_lines.get(response.status)
             body = response.body
             if status_line is not None and body.__class__ is bytes:
-                data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                    status_line,
-                    self._server._date_server,
-                    lines,
-                    len(body),
-                    body,
+                # _encode_response's hot-path bytes, joined (a bytes % parses its format)
+                data = b"".join(
+                    (
+                        status_line,
+                        self._server._date_server,
+                        lines,
+                        b"Content-Length: ",
+                        str(len(body)).encode(),
+                        b"\r\n\r\n",
+                        body,
+                    )
                 )
                 self._out.append(data)
                 self._out_size += len(data)
@@ -1442,6 +1448,7 @@ class HttpServer:
         self._refused: set[_Refused] = set()
         self._tls = tls
         self._max_in_flight = self._limits.max_in_flight
+        self._shed_lag = self._limits.shed_lag  # read per read by _shedding_now
         self._in_flight = 0  # awaited handler answers, all connections
         self._lag_timer: asyncio.TimerHandle | None = None
         self._lag_due = 0.0
@@ -1614,7 +1621,7 @@ class HttpServer:
         or the loop is busy and reserved work on it is behind (``yield_to``)."""
         if self._stale_turn:
             return True
-        if time.monotonic() - self._lag_due > self._limits.shed_lag:
+        if _monotonic() - self._lag_due > self._shed_lag:
             self._shed_cause = "lag"
             return True
         if self._busy and self.yield_to is not None and self.yield_to():
