@@ -3,6 +3,9 @@
 # (every value hot.py assigns them has that type) and types a few locals.
 import cython
 
+@cython.locals(small=cython.longlong)
+cpdef bytes ascii_digits(number)
+
 cdef class RateHot:
     cdef public object app, handler, router, fallback, metrics, renderer, encode
     cdef public object capacity, rate, template, other, value

@@ -1125,7 +1125,7 @@ class _Connection:
                         self._server._date_server,
                         lines,
                         b"Content-Length: ",
-                        str(len(body)).encode(),
+                        f"{len(body)}".encode(),  # a C integer's digits when compiled
                         b"\r\n\r\n",
                         body,
                     )
