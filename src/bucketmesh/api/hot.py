@@ -33,8 +33,9 @@ from bucketmesh.http.server import Request, Response
 
 if TYPE_CHECKING:
     from bucketmesh.api.routes import RatingApp
-    from bucketmesh.core.rules import KeyTemplate
+    from bucketmesh.core.rules import KeyTemplate, Rule
     from bucketmesh.http.router import Answer, Handler
+    from bucketmesh.http.wire import RateRequest
 
 _perf_counter = time.perf_counter
 _ceil = math.ceil
@@ -51,6 +52,10 @@ _FIELDS = (
     "mode",
     "rule",
 )
+# and a Request's first six
+_REQUEST = ("method", "path", "query", "headers", "body", "client_ip")
+if Request.__struct_fields__[:6] != _REQUEST:  # pragma: no cover (a change to http/server.py)
+    raise ImportError(f"api/hot.py reads Request as {_REQUEST}, not {Request.__struct_fields__}")
 if Decision.__struct_fields__ != _FIELDS:  # pragma: no cover (a change to core/structs.py)
     raise ImportError(f"api/hot.py reads Decision as {_FIELDS}, not {Decision.__struct_fields__}")
 _SPEC = re.compile(rb"(%%|%[sd])")
@@ -91,6 +96,11 @@ class RateHot:
         "durations",
         "encode",
         "fallback",
+        "first",
+        "first_name",
+        "first_template",
+        "given_key",
+        "given_rule",
         "guards",
         "handler",
         "head",
@@ -103,11 +113,13 @@ class RateHot:
         "rate",
         "rendered",
         "renderer",
+        "request",
         "responses",
         "router",
         "routes",
         "rule",
         "template",
+        "tokens",
         "value",
     )
 
@@ -141,6 +153,14 @@ class RateHot:
         self.header = ""
         self.value: str | None = None
         self.rendered = ""
+        # the last body's request (its fields) and the last first rule (its template, name)
+        self.request: RateRequest | None = None
+        self.tokens = 0
+        self.given_key: str | None = None
+        self.given_rule: str | None = None
+        self.first: Rule | None = None
+        self.first_template: KeyTemplate | None = None
+        self.first_name = ""
         # the last grant's key and its JSON
         self.key = ""
         self.key_json = b'""'
@@ -151,9 +171,10 @@ class RateHot:
     def answer(self, request: Request) -> Answer:
         """The answer ``self.router(request)`` gives, counted as it counts it."""
         started = _perf_counter()
-        if request.method != "POST":
+        method, path, query, headers, body, client_ip = astuple(request)[:6]
+        if method != "POST":
             return self.fallback(request)
-        found = self.routes.get(("POST", request.path))
+        found = self.routes.get(("POST", path))
         if found is None or found[1] is not self.handler:
             return self.fallback(request)
         route = found[0]
@@ -162,37 +183,41 @@ class RateHot:
             return self.fallback(request)
         # RatingApp.rate_post, its simple case
         app = self.app
-        headers = request.headers
         if app.audit is not None or app.forwarder is not None or "idempotency-key" in headers:
             return self.fallback(request)
-        if request.body != app._last_body:  # the reference decodes it (and keeps it)
+        if body != app._last_body:  # the reference decodes it (and keeps it)
             return self.fallback(request)
         content_type = headers.get("content-type")
         if content_type is not None and content_type != JSON:
             return self.fallback(request)
         rate = app._last_rate
-        tokens = rate.tokens
+        if rate is not self.request:  # a body decoded anew: its fields read once
+            self.request = rate
+            self.tokens, self.given_key, self.given_rule = rate.tokens, rate.key, rate.rule
+        tokens = self.tokens
         if tokens < 0:
             return self.fallback(request)
         decider = app.decider
-        key = rate.key
+        key = self.given_key
         rule: str | None
         if key is None:
             rules = decider.rules
             if not rules:
                 return self.fallback(request)
             first = rules[0]
-            template = first.template
+            if first is not self.first:  # Rule is frozen: its template and name read once
+                self.first, self.first_template, self.first_name = first, first.template, first.name
+            template: KeyTemplate = self.first_template  # type: ignore[assignment]  # set above
             if template is self.template and headers.get(self.header) == self.value:
                 key = self.rendered  # the one header the key is made of holds what it held
             else:
-                key = template.render(headers, request.query, request.client_ip)
+                key = template.render(headers, query, client_ip)
                 if key is None:
                     return self.fallback(request)
                 if template is not self.other:
                     self._remember(template, headers, key)
-            rule = first.name
-        elif rate.rule is None:
+            rule = self.first_name
+        elif self.given_rule is None:
             rule = None
         else:
             return self.fallback(request)
