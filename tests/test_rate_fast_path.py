@@ -33,6 +33,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bucketmesh.api.hot import ascii_digits, below
 from bucketmesh.api.routes import RatingApp
 from bucketmesh.core.bucket import NS_PER_S, Decision
 from bucketmesh.core.limiter import Limiter
@@ -272,6 +273,20 @@ def test_the_hot_callback_answers_the_simple_case_itself_and_hands_the_rest_on()
     last = simple()
     hot_answer(app, last)
     assert handed[-1] is last
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    number=st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers(min_value=-(2**54), max_value=2**54),
+    bound=st.floats(allow_nan=False) | st.integers(min_value=-(2**70), max_value=2**70),
+)
+def test_the_callbacks_number_helpers_are_pythons_operators(number: int, bound: float) -> None:
+    """``below`` and ``ascii_digits`` take C paths in the compiled build: they must
+    still be ``<`` and ``b"%d" %``, whatever the numbers."""
+    assert below(number, bound) == (number < bound)
+    assert below(number, float(number)) == (number < float(number))
+    assert ascii_digits(number) == b"%d" % number
 
 
 def test_the_server_calls_the_routers_hot_entry() -> None:

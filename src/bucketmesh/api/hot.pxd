@@ -3,12 +3,16 @@
 # (every value hot.py assigns them has that type) and types a few locals.
 import cython
 
+@cython.locals(small=cython.longlong, exact=double, limit=double)
+cpdef bint below(number, bound)
+
 @cython.locals(small=cython.longlong)
 cpdef bytes ascii_digits(number)
 
 cdef class RateHot:
     cdef public object app, handler, router, fallback, metrics, renderer, encode
     cdef public object capacity, rate, template, other, value
+    cdef public object near, near_capacity, near_level
     cdef public object request, tokens, given_key, given_rule, first, first_template, first_name
     cdef public dict routes, guards, decisions, responses, durations
     cdef public str rule, mode, key, header, rendered

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 _perf_counter = time.perf_counter
 _ceil = math.ceil
+_copysign = math.copysign
+_ZERO = b"0.0"  # msgspec's encoding of 0.0 (a grant's retry_after)
 # a Decision's fields in order: ``astuple`` reads them in one call (nine attribute reads
 # otherwise); a reordering of the struct must be seen here
 _FIELDS = (
@@ -59,13 +61,25 @@ if Request.__struct_fields__[:6] != _REQUEST:  # pragma: no cover (a change to h
 if Decision.__struct_fields__ != _FIELDS:  # pragma: no cover (a change to core/structs.py)
     raise ImportError(f"api/hot.py reads Decision as {_FIELDS}, not {Decision.__struct_fields__}")
 _SPEC = re.compile(rb"(%%|%[sd])")
-_SMALL = 2**62  # ints within this are formatted as C integers in the compiled build
+
+
+def below(number: int, bound: float) -> bool:
+    """``number < bound``; in the compiled build a comparison of C doubles for a float
+    bound and an int that a double holds exactly (Python's int-float comparison takes
+    ~450 instructions)."""
+    # the literals are 2**53 (a module constant would be a global read and a negation)
+    if type(bound) is float and -9007199254740992 < number < 9007199254740992:
+        small = number  # a C long long, then C doubles in the compiled build (hot.pxd)
+        exact = small  # exact below 2**53
+        limit = bound
+        return exact < limit
+    return number < bound
 
 
 def ascii_digits(number: int) -> bytes:
     """``b"%d" % number``; in the compiled build a C conversion for a 64-bit value (a
     Python int's ``str`` takes its general path, ~750 instructions)."""
-    if -_SMALL < number < _SMALL:
+    if -4611686018427387904 < number < 4611686018427387904:  # 2**62
         small = number  # a C long long in the compiled build (hot.pxd)
         return f"{small}".encode()
     return str(number).encode()
@@ -109,6 +123,9 @@ class RateHot:
         "key_json",
         "metrics",
         "mode",
+        "near",
+        "near_capacity",
+        "near_level",
         "other",
         "rate",
         "rendered",
@@ -161,6 +178,10 @@ class RateHot:
         self.first: Rule | None = None
         self.first_template: KeyTemplate | None = None
         self.first_name = ""
+        # near_limit and the capacity of the last grant, and capacity × near_limit
+        self.near: object = None
+        self.near_capacity: object = None
+        self.near_level: float = 0.0
         # the last grant's key and its JSON
         self.key = ""
         self.key_json = b'""'
@@ -239,7 +260,12 @@ class RateHot:
             decisions = self.decisions
             label = (decided, "allowed")
             decisions[label] = decisions.get(label, 0) + 1
-            if fields[2] < fields[3] * app.near_limit:
+            near = app.near_limit
+            capacity = fields[3]
+            if near is not self.near or capacity != self.near_capacity:
+                self.near, self.near_capacity = near, capacity
+                self.near_level = capacity * near
+            if below(fields[2], self.near_level):  # tokens_remaining < capacity * near_limit
                 self.metrics.count_near_limit(decided)
             response = self.granted(decision, fields)
         else:
@@ -315,7 +341,11 @@ class RateHot:
                     body[1],
                     digits,
                     body[2],
-                    encode(retry_after),
+                    _ZERO
+                    if retry_after == 0.0
+                    and type(retry_after) is float
+                    and _copysign(1.0, retry_after) > 0.0
+                    else encode(retry_after),
                     body[3],
                     encode(reset_after),
                     body[4],
