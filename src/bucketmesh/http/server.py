@@ -579,6 +579,7 @@ class _Connection:
     type whose attributes are C fields: docs/build.md)."""
 
     __slots__ = (
+        "_at",
         "_body",
         "_body_started",
         "_client_ip",
@@ -601,6 +602,7 @@ class _Connection:
         "_length",
         "_length_text",
         "_limits",
+        "_lines",
         "_linger_until",
         "_lingering",
         "_loop",
@@ -672,6 +674,10 @@ class _Connection:
         # header key -> (the raw value last received under it, its text): a client's
         # headers repeat from request to request on a connection, decoded once
         self._values: dict[str, tuple[bytes, str]] = {}
+        # the last head's header lines in order, (raw name, key, raw value, text) each, and
+        # the place of the next line in the head at hand: compared before any lookup
+        self._lines: list[tuple[bytes, str, bytes, str]] = []
+        self._at = 0
         # the last Content-Length value and its int (within max_body_bytes)
         self._length_text = ""
         self._length = 0
@@ -898,6 +904,7 @@ class _Connection:
         self._head_raw = -1  # the head began in the chunk at hand
         self._head_room = self._max_head
         self._fields_left = self._max_fields
+        self._at = 0
         self._head_started = self._now
         self._url = b""
         self._headers = {}
@@ -918,26 +925,41 @@ class _Connection:
         if room < 0 or left < 0:
             self._fail(self._head_too_large())
             raise _Stop
-        names = _NAMES  # a local: typed dict in the compiled build (server.pxd)
-        key = names.get(name)
-        if key is None:
-            key = name.decode("latin-1").lower()
-            if len(names) < _NAMES_MAX:
-                names[name] = key
-        values = self._values
-        known = values.get(key)
-        if known is not None and known[0] == value:
-            text = known[1]  # the value this connection sent last time under this name
+        # the header line the client sent at this place in its last head, the same again
+        # (a client's heads repeat): its name and value as they were decoded then
+        at = self._at
+        self._at = at + 1
+        lines = self._lines
+        line = lines[at] if at < len(lines) else None
+        if line is not None and line[0] == name and line[2] == value:
+            key = line[1]
+            text = line[3]
         else:
-            try:
-                # UTF-8, as the request target is: one spelling of a key on every path
-                text = value.decode().rstrip(" \t")
-            except UnicodeDecodeError:
-                error = _not_text_header(name)
-                self._fail(problem(400, None, error.detail, field=error.field))
-                raise _Stop from None
-            if known is not None or len(values) < _VALUES_MAX:
-                values[key] = (value, text)
+            names = _NAMES  # a local: typed dict in the compiled build (server.pxd)
+            lowered = names.get(name)
+            if lowered is None:
+                lowered = name.decode("latin-1").lower()
+                if len(names) < _NAMES_MAX:
+                    names[name] = lowered
+            key = lowered
+            values = self._values
+            known = values.get(key)
+            if known is not None and known[0] == value:
+                text = known[1]  # the value this connection sent last time under this name
+            else:
+                try:
+                    # UTF-8, as the request target is: one spelling of a key on every path
+                    text = value.decode().rstrip(" \t")
+                except UnicodeDecodeError:
+                    error = _not_text_header(name)
+                    self._fail(problem(400, None, error.detail, field=error.field))
+                    raise _Stop from None
+                if known is not None or len(values) < _VALUES_MAX:
+                    values[key] = (value, text)
+            if line is not None:
+                lines[at] = (name, key, value, text)
+            elif at == len(lines) and at < _VALUES_MAX:
+                lines.append((name, key, value, text))
         headers = self._headers
         if key in headers:
             headers[key] = f"{headers[key]}, {text}"
