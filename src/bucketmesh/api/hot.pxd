@@ -17,7 +17,7 @@ cdef class RateHot:
     cdef public dict routes, guards, decisions, responses, durations
     cdef public str rule, mode, key, header, rendered
     cdef public bytes key_json
-    cdef public tuple head, body
+    cdef public tuple head, body, allowed, answered
 
     @cython.locals(method=str, path=str, started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple, index=Py_ssize_t, bound=double)
     cpdef answer(self, request)

@@ -103,6 +103,8 @@ class RateHot:
     """``POST /v1/rate``'s simple case for one ``RatingApp`` (see the module docstring)."""
 
     __slots__ = (
+        "allowed",
+        "answered",
         "app",
         "body",
         "capacity",
@@ -182,6 +184,10 @@ class RateHot:
         self.near: object = None
         self.near_capacity: object = None
         self.near_level: float = 0.0
+        # the last labels counted (decisions, responses): the same tuple again is found
+        # by identity in the metrics' dicts
+        self.allowed: tuple[str, str] = ("", "allowed")
+        self.answered: tuple[str, int] = ("", 0)
         # the last grant's key and its JSON
         self.key = ""
         self.key_json = b'""'
@@ -258,7 +264,9 @@ class RateHot:
         if fields[0]:  # allowed
             decided = fields[8]
             decisions = self.decisions
-            label = (decided, "allowed")
+            label = self.allowed  # the last grant's label, if its rule's name is this one
+            if label[0] is not decided:
+                label = self.allowed = (decided, "allowed")
             decisions[label] = decisions.get(label, 0) + 1
             near = app.near_limit
             capacity = fields[3]
@@ -280,7 +288,10 @@ class RateHot:
             self.metrics.count_response(route, response.status, elapsed)
             return response
         responses = self.responses
-        answered = (route, response.status)
+        status = response.status
+        answered = self.answered  # the last answer's label, if the same route and status
+        if answered[0] is not route or answered[1] is not status:
+            answered = self.answered = (route, status)
         responses[answered] = responses.get(answered, 0) + 1
         # bisect_left(histogram.bounds, elapsed), as a loop over C doubles when compiled
         index = 0

@@ -27,6 +27,7 @@ cdef class _Connection:
     cdef public bint _shedding
     cdef public list _lines
     cdef public Py_ssize_t _at
+    cdef public bytes _method_raw
 
     @cython.locals(now=double, shedding=bint, out=list, written=bytes)
     cpdef data_received(self, bytes data)

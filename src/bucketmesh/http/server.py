@@ -611,6 +611,7 @@ class _Connection:
         "_max_head",
         "_max_pipelined",
         "_method",
+        "_method_raw",
         "_now",
         "_out",
         "_out_size",
@@ -683,6 +684,7 @@ class _Connection:
         self._length = 0
         self._body: bytes | bytearray = b""
         self._method = "GET"
+        self._method_raw = b""  # the bytes the parser gave for _method (the last request's)
         self._http_version = "1.1"
         self._keep_alive = True
         self._plain = True  # not HEAD, HTTP/1.1: answered by on_message_complete's hot path
@@ -972,8 +974,10 @@ class _Connection:
         parser = self._parser
         headers = self._headers
         method = parser.get_method()
-        methods = _METHODS
-        self._method = methods.get(method) or method.decode("latin-1")
+        if method != self._method_raw:  # else the last request's method again: its str
+            methods = _METHODS
+            self._method = methods.get(method) or method.decode("latin-1")
+            self._method_raw = method
         keep_alive = self._keep_alive = parser.should_keep_alive()
         if keep_alive and "connection" not in headers:
             self._http_version = "1.1"  # implied, and get_http_version() is slow
