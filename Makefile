@@ -14,7 +14,7 @@ PURE_TESTS := tests/test_bucket_laws.py tests/test_batch_equivalence.py tests/te
 	tests/test_limits.py tests/test_rules.py tests/test_shares.py tests/test_reference.py \
 	tests/test_guarantees.py tests/test_sim_cases.py tests/test_simulation.py \
 	tests/test_recovery_gate.py tests/test_compiled_core.py tests/test_restart_memory.py \
-	tests/test_http_compiled.py tests/test_http_dispatch_paths.py
+	tests/test_http_compiled.py tests/test_http_dispatch_paths.py tests/test_rate_fast_path.py
 
 install: $(STAMP)
 

@@ -21,11 +21,13 @@ Hot path (docs/targets.md P2)
     handler answering at once with ``Response.head``: header lines it encoded
     itself) goes through straight-line code: header names lower-cased once
     (``_NAMES``), a header value decoded once per connection while the client repeats
-    it (``_values``; so is a repeated Content-Length's integer), the head limits kept
-    as what is left of them, the target's path
+    it (``_values``; so is a repeated Content-Length's integer), a header line equal to
+    the one at its place in the last head taken without either lookup (``_lines``), the
+    head limits kept as what is left of them, the target's path
     from ``_PATHS``, the handler called by ``on_message_complete`` itself
     (``_dispatch`` inlined, for a keep-alive HTTP/1.1 request that is not HEAD,
-    with nothing pending, not shed: ``_plain``), its answer assembled and appended
+    with nothing pending, not shed: ``_plain``; a ``Router``'s ``hot`` entry, when set,
+    is the handler: api/hot.py), its answer assembled and appended
     by ``_deliver``'s encoded-lines branch and written at the end of
     ``data_received``, the idle deadline moved without re-arming the timer.
     Everything else takes the general code below (``_dispatch``, then
