@@ -96,6 +96,31 @@ def test_a_grant_rendered_from_its_templates_is_the_references_bytes(
         assert got == expected
 
 
+@settings(max_examples=400, deadline=None)
+@given(region=st.sampled_from(["eu", "%", 'a"b', "\u00e9"]), decisions=st.lists(grants, max_size=8))
+def test_the_callbacks_grant_is_the_references_bytes(
+    region: str, decisions: list[Decision]
+) -> None:
+    """``RateHot.granted`` (the renderer's templates split into pieces and joined; the
+    compiled build's C integers and zero ``retry_after``) against ``response``."""
+    reference = DecisionRenderer(region)
+    hot = make_app(False, Clock()).router.hot.__self__  # type: ignore[union-attr]
+    hot.renderer = DecisionRenderer(region)
+    hot.encode = hot.renderer.encoder.encode
+    for decision in [*decisions, *decisions]:  # the second time from the kept pieces
+        try:
+            expected: bytes | type[BaseException] = wire(reference.response(decision))
+        except (ValueError, OverflowError) as error:  # a header the server refuses
+            expected = type(error)
+        try:
+            got: bytes | type[BaseException] = wire(
+                hot.granted(decision, msgspec.structs.astuple(decision))
+            )
+        except (ValueError, OverflowError) as error:
+            got = type(error)
+        assert got == expected
+
+
 # -- the two paths of POST /v1/rate -------------------------------------------------
 
 
