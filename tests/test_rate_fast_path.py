@@ -293,6 +293,18 @@ def test_the_hot_callback_answers_the_simple_case_itself_and_hands_the_rest_on()
     for request in rest:
         hot(request)
     assert handed == [first, *rest]
+    # an audit trail or a forwarder set on the app later: the router's from then on
+    app.audit = object()  # type: ignore[assignment]  # only its presence is read first
+    app.rate_post_full = lambda request: Response(204)  # type: ignore[method-assign]
+    audited = simple()
+    assert hot(audited).status == 204  # type: ignore[union-attr]
+    app.audit = None
+    app.forwarder = object()  # type: ignore[assignment]
+    forwarded = simple()
+    assert hot(forwarded).status == 204  # type: ignore[union-attr]
+    app.forwarder = None
+    assert handed[-2:] == [audited, forwarded]
+    del app.rate_post_full
     # a route served by something else than the app's rate_post: the router's
     app.router.add_route("POST", "/v1/rate", "rate", app.rate_post_full)
     last = simple()

@@ -14,12 +14,12 @@ cdef class RateHot:
     cdef public object capacity, rate, template, other, value
     cdef public object near, near_capacity, near_level
     cdef public object request, tokens, given_key, given_rule, first, first_template, first_name
-    cdef public dict routes, guards, decisions, responses, durations
+    cdef public dict routes, guards, decisions, responses, durations, state
     cdef public str rule, mode, key, header, rendered
     cdef public bytes key_json
     cdef public tuple head, body, allowed, answered
 
-    @cython.locals(method=str, path=str, started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple, index=Py_ssize_t, bound=double)
+    @cython.locals(state=dict, method=str, path=str, started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple, index=Py_ssize_t, bound=double)
     cpdef answer(self, request)
 
     cpdef _remember(self, template, dict headers, str key)

@@ -137,6 +137,7 @@ class RateHot:
         "router",
         "routes",
         "rule",
+        "state",
         "template",
         "tokens",
         "value",
@@ -147,6 +148,10 @@ class RateHot:
         a route served by anything else, a test's reference say, goes to the router)."""
         router = app.router
         self.app = app
+        # read per request instead of getattr: RatingApp has no descriptor for the names
+        # read here (audit, forwarder, _last_body, _last_rate, decider, near_limit), so
+        # its instance dict is where they are, as set or patched
+        self.state = app.__dict__
         self.handler: object = handler
         self.router = router
         self.fallback = router.__call__
@@ -210,21 +215,26 @@ class RateHot:
             return self.fallback(request)
         # RatingApp.rate_post, its simple case
         app = self.app
-        if app.audit is not None or app.forwarder is not None or "idempotency-key" in headers:
+        state = self.state  # the app's attributes (its __dict__: a lookup, not getattr)
+        if (
+            state["audit"] is not None
+            or state["forwarder"] is not None
+            or "idempotency-key" in headers
+        ):
             return self.fallback(request)
-        if body != app._last_body:  # the reference decodes it (and keeps it)
+        if body != state["_last_body"]:  # the reference decodes it (and keeps it)
             return self.fallback(request)
         content_type = headers.get("content-type")
         if content_type is not None and content_type != JSON:
             return self.fallback(request)
-        rate = app._last_rate
+        rate = state["_last_rate"]
         if rate is not self.request:  # a body decoded anew: its fields read once
             self.request = rate
             self.tokens, self.given_key, self.given_rule = rate.tokens, rate.key, rate.rule
         tokens = self.tokens
         if tokens < 0:
             return self.fallback(request)
-        decider = app.decider
+        decider = state["decider"]
         key = self.given_key
         rule: str | None
         if key is None:
@@ -268,7 +278,7 @@ class RateHot:
             if label[0] is not decided:
                 label = self.allowed = (decided, "allowed")
             decisions[label] = decisions.get(label, 0) + 1
-            near = app.near_limit
+            near = state["near_limit"]
             capacity = fields[3]
             if near is not self.near or capacity != self.near_capacity:
                 self.near, self.near_capacity = near, capacity
