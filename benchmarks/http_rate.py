@@ -900,7 +900,7 @@ WIRE_REQUEST = (
     b"Content-Type: application/json\r\nContent-Length: 12\r\n\r\n" + b'{"tokens":1}'
 )
 WIRE_CONTENDERS = {
-    "server": "bucketmesh: POST /v1/rate through _Connection, Router, RatingApp",
+    "server": "bucketmesh: POST /v1/rate through _Connection, Router.hot (api/hot.py), RatingApp",
     "constant": "bucketmesh server alone: _Connection, a handler answering a constant",
     "bare": "floor: a bare httptools protocol answering a constant",
 }

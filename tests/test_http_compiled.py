@@ -174,6 +174,18 @@ def test_the_server_is_compiled_with_its_fields_typed() -> None:
 
 
 @needs_compiled
+def test_the_rate_callback_is_compiled_with_its_fields_typed() -> None:
+    """api/hot.py (POST /v1/rate's simple case in one call) is built too: an extension
+    module, RateHot an extension type with typed fields. That it answers as the pure
+    path does: tests/test_rate_fast_path.py."""
+    from bucketmesh.api import hot
+
+    assert not (hot.__file__ or "").endswith(".py")
+    assert hot.RateHot.__flags__ & (1 << 9) == 0  # a static type, made by the build
+    assert _native.stale() == []
+
+
+@needs_compiled
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=_inputs())
 def test_the_compiled_server_answers_any_input_as_the_pure_one(

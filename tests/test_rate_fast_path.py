@@ -9,6 +9,13 @@ malformed bodies and content types, unknown rules and keys, Idempotency-Key
 retries): every answer must be the same bytes on the wire, and the decision,
 near-limit, shadow, response and rejection counts the same.
 
+The HTTP server does not call the ``Router`` itself but its hot entry, ``RateHot.answer``
+(``api/hot.py``, compiled by Cython in the compiled build): the simple case in one
+call, everything else handed to the router. The same programs go to it, and its answers
+and counts must be the reference's too; in the compiled build that compares the compiled
+callback with the pure-Python path (``Router`` and ``RatingApp`` are never compiled), and
+``make test`` runs this file on the pure build as well.
+
 A grant's answer is rendered from per-policy byte templates
 (``DecisionRenderer.granted``); the reference is ``DecisionRenderer.response``
 (msgspec's encoding of the Decision): the two must be the same bytes whatever the
@@ -26,13 +33,14 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bucketmesh.api.hot import ascii_digits, below
 from bucketmesh.api.routes import RatingApp
 from bucketmesh.core.bucket import NS_PER_S, Decision
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Rule
 from bucketmesh.http.render import DecisionRenderer
 from bucketmesh.http.router import Router
-from bucketmesh.http.server import Request, Response, _encode_response
+from bucketmesh.http.server import HttpServer, Request, Response, _Connection, _encode_response
 from bucketmesh.storage.memory import MemoryStore
 from bucketmesh.telemetry.audit import AuditLog
 from bucketmesh.telemetry.metrics import NodeMetrics
@@ -83,6 +91,31 @@ def test_a_grant_rendered_from_its_templates_is_the_references_bytes(
             expected = type(error)
         try:
             got: bytes | type[BaseException] = wire(fast.granted(decision))
+        except (ValueError, OverflowError) as error:
+            got = type(error)
+        assert got == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(region=st.sampled_from(["eu", "%", 'a"b', "\u00e9"]), decisions=st.lists(grants, max_size=8))
+def test_the_callbacks_grant_is_the_references_bytes(
+    region: str, decisions: list[Decision]
+) -> None:
+    """``RateHot.granted`` (the renderer's templates split into pieces and joined; the
+    compiled build's C integers and zero ``retry_after``) against ``response``."""
+    reference = DecisionRenderer(region)
+    hot = make_app(False, Clock()).router.hot.__self__  # type: ignore[union-attr]
+    hot.renderer = DecisionRenderer(region)
+    hot.encode = hot.renderer.encoder.encode
+    for decision in [*decisions, *decisions]:  # the second time from the kept pieces
+        try:
+            expected: bytes | type[BaseException] = wire(reference.response(decision))
+        except (ValueError, OverflowError) as error:  # a header the server refuses
+            expected = type(error)
+        try:
+            got: bytes | type[BaseException] = wire(
+                hot.granted(decision, msgspec.structs.astuple(decision))
+            )
         except (ValueError, OverflowError) as error:
             got = type(error)
         assert got == expected
@@ -196,6 +229,108 @@ def test_the_fast_and_the_full_path_answer_and_count_alike(
         full_clock.now += step
         assert answer(fast, request) == answer(full, request)
     assert counts(fast) == counts(full)
+
+
+def hot_answer(app: RatingApp, request: Request) -> bytes:
+    hot = app.router.hot
+    assert hot is not None
+    response = hot(request)
+    assert isinstance(response, Response)
+    return wire(response)
+
+
+@settings(max_examples=300, deadline=None)
+@given(program=st.lists(requests, max_size=30), repeats=st.integers(min_value=1, max_value=3))
+def test_the_hot_callback_answers_and_counts_as_the_full_path(
+    program: list[tuple[int, Request]], repeats: int
+) -> None:
+    """Each request ``repeats`` times in a row: the first of a body goes through the
+    router (which decodes it), the next ones through the callback's own path."""
+    hot_clock, full_clock = Clock(), Clock()
+    hot, full = make_app(False, hot_clock), make_app(True, full_clock)
+    for step, request in program:
+        for _ in range(repeats):
+            hot_clock.now += step
+            full_clock.now += step
+            assert hot_answer(hot, request) == answer(full, request)
+    assert counts(hot) == counts(full)
+
+
+def test_the_hot_callback_answers_the_simple_case_itself_and_hands_the_rest_on() -> None:
+    app = make_app(False, Clock())
+    hot = app.router.hot
+    assert hot is not None
+    callback = hot.__self__  # type: ignore[attr-defined]  # RateHot, answer bound to it
+    handed: list[Request] = []
+    router = callback.fallback
+
+    def recorded(request: Request) -> Any:
+        handed.append(request)
+        return router(request)
+
+    callback.fallback = recorded
+    first = simple()
+    hot_answer(app, first)  # a body not decoded yet: the router decodes it
+    assert handed == [first]
+    decided = [
+        simple(),  # a grant, the key from the template
+        simple(**{"x-api-key": "b"}),  # another key
+        simple(**{"x-api-key": "a", "content-type": "application/json"}),
+        simple(**{"x-api-key": "marked"}),  # refused, the shadowed key: 200
+        simple(**{"x-team": "x"}),  # the first rule's key still
+    ]
+    for request in decided:
+        hot_answer(app, request)
+    assert handed == [first]
+    rest = [
+        simple(**{"idempotency-key": "i1"}),
+        simple(b'{"tokens":2}'),  # another body: the router decodes it
+        simple(**{"content-type": "text/plain"}),
+        simple(**{"x-api-key": ""}),  # no key from the first rule
+        Request("GET", "/v1/rate", {}, {}, b"", "10.0.0.1", "1.1"),
+        Request("POST", "/healthz", {}, {}, b"", "10.0.0.1", "1.1"),
+    ]
+    for request in rest:
+        hot(request)
+    assert handed == [first, *rest]
+    # an audit trail or a forwarder set on the app later: the router's from then on
+    app.audit = object()  # type: ignore[assignment]  # only its presence is read first
+    app.rate_post_full = lambda request: Response(204)  # type: ignore[method-assign]
+    audited = simple()
+    assert hot(audited).status == 204  # type: ignore[union-attr]
+    app.audit = None
+    app.forwarder = object()  # type: ignore[assignment]
+    forwarded = simple()
+    assert hot(forwarded).status == 204  # type: ignore[union-attr]
+    app.forwarder = None
+    assert handed[-2:] == [audited, forwarded]
+    del app.rate_post_full
+    # a route served by something else than the app's rate_post: the router's
+    app.router.add_route("POST", "/v1/rate", "rate", app.rate_post_full)
+    last = simple()
+    hot_answer(app, last)
+    assert handed[-1] is last
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    number=st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers(min_value=-(2**54), max_value=2**54),
+    bound=st.floats(allow_nan=False) | st.integers(min_value=-(2**70), max_value=2**70),
+)
+def test_the_callbacks_number_helpers_are_pythons_operators(number: int, bound: float) -> None:
+    """``below`` and ``ascii_digits`` take C paths in the compiled build: they must
+    still be ``<`` and ``b"%d" %``, whatever the numbers."""
+    assert below(number, bound) == (number < bound)
+    assert below(number, float(number)) == (number < float(number))
+    assert ascii_digits(number) == b"%d" % number
+
+
+def test_the_server_calls_the_routers_hot_entry() -> None:
+    app = make_app(False, Clock())
+    server = HttpServer(app.router)
+    connection = _Connection(server, None)  # type: ignore[arg-type]
+    assert connection._handler == app.router.hot
 
 
 def simple(body: bytes = b'{"tokens":1}', **headers: str) -> Request:

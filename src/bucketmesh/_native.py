@@ -35,12 +35,13 @@ COMPILED: Final = (
     "bucketmesh/core/limiter.py",
 )
 
-#: the HTTP hot path's modules, compiled one by one by Cython from these same sources
+#: the HTTP hot path's modules (the server, and the POST /v1/rate callback the server
+#: calls instead of the router), compiled one by one by Cython from these same sources
 #: as plain Python (no C types: the compiled module does what its source says, without
 #: the interpreter's dispatch per bytecode); setup.py reads this list too. The source
 #: stays the reference: BUCKETMESH_PURE=1 runs it, and tests/test_http_compiled.py
 #: requires both to answer the same bytes (docs/build.md).
-CYTHONIZED: Final = ("bucketmesh/http/server.py",)
+CYTHONIZED: Final = ("bucketmesh/http/server.py", "bucketmesh/api/hot.py")
 
 PURE_ENV: Final = "BUCKETMESH_PURE"
 _ROOT: Final = os.path.dirname(os.path.abspath(__file__))

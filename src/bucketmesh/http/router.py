@@ -34,6 +34,10 @@ class Router:
         self.prefix_routes: list[tuple[str, str, str, PrefixHandler]] = []
         #: route label -> a check run before each handler of that route (raises ApiError)
         self.guards: dict[str, Callable[[Request], None]] = {}
+        #: what the HTTP server calls instead of this router, if set: a handler that answers
+        #: some requests itself exactly as the router would and hands it the rest
+        #: (``api/hot.py``: POST /v1/rate's simple case in one compiled call)
+        self.hot: Handler | None = None
 
     def add_route(self, method: str, path: str, route: str, handler: Handler) -> None:
         """Serve ``method path`` with ``handler``; ``route`` is the bounded metrics

@@ -25,13 +25,16 @@ cdef class _Connection:
     cdef public bint _in_message, _in_target, _head_done, _keep_alive, _plain, _closing
     cdef public bint _failed, _lingering, _lost, _peer_eof, _write_paused, _reading_paused
     cdef public bint _shedding
+    cdef public list _lines
+    cdef public Py_ssize_t _at
+    cdef public bytes _method_raw
 
     @cython.locals(now=double, shedding=bint, out=list, written=bytes)
     cpdef data_received(self, bytes data)
 
     cpdef on_url(self, bytes url)
 
-    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict, values=dict, known=tuple)
+    @cython.locals(room=Py_ssize_t, left=Py_ssize_t, key=str, text=str, headers=dict, names=dict, values=dict, known=tuple, at=Py_ssize_t, lines=list, line=tuple)
     cpdef on_header(self, bytes name, bytes value)
 
     @cython.locals(headers=dict, method=bytes, keep_alive=bint, methods=dict)

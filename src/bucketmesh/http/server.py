@@ -22,11 +22,13 @@ Hot path (docs/targets.md P2)
     handler answering at once with ``Response.head``: header lines it encoded
     itself) goes through straight-line code: header names lower-cased once
     (``_NAMES``), a header value decoded once per connection while the client repeats
-    it (``_values``; so is a repeated Content-Length's integer), the head limits kept
-    as what is left of them, the target's path
+    it (``_values``; so is a repeated Content-Length's integer), a header line equal to
+    the one at its place in the last head taken without either lookup (``_lines``), the
+    head limits kept as what is left of them, the target's path
     from ``_PATHS``, the handler called by ``on_message_complete`` itself
     (``_dispatch`` inlined, for a keep-alive HTTP/1.1 request that is not HEAD,
-    with nothing pending, not shed: ``_plain``), its answer assembled and appended
+    with nothing pending, not shed: ``_plain``; a ``Router``'s ``hot`` entry, when set,
+    is the handler: api/hot.py), its answer assembled and appended
     by ``_deliver``'s encoded-lines branch and written at the end of
     ``data_received``, the idle deadline moved without re-arming the timer.
     Everything else takes the general code below (``_dispatch``, then
@@ -210,6 +212,7 @@ _PATHS_MAX: Final = 512
 _NOT_PLAIN: Final = re.compile(rb"[?%#]")
 _json_encode = msgspec.json.Encoder().encode
 _Future = asyncio.Future
+_monotonic = time.monotonic  # read per read (_shedding_now): one global, not two lookups
 
 
 class Request(msgspec.Struct, eq=False):
@@ -581,6 +584,7 @@ class _Connection:
     type whose attributes are C fields: docs/build.md)."""
 
     __slots__ = (
+        "_at",
         "_body",
         "_body_started",
         "_client_ip",
@@ -603,6 +607,7 @@ class _Connection:
         "_length",
         "_length_text",
         "_limits",
+        "_lines",
         "_linger_until",
         "_lingering",
         "_loop",
@@ -611,6 +616,7 @@ class _Connection:
         "_max_head",
         "_max_pipelined",
         "_method",
+        "_method_raw",
         "_now",
         "_out",
         "_out_size",
@@ -640,8 +646,13 @@ class _Connection:
         self._max_fields = server._limits.max_headers
         self._keepalive = server._limits.keepalive_timeout
         handler = server._handler
+        hot = getattr(handler, "hot", None)
         call = getattr(type(handler), "__call__", None)  # noqa: B004 (the method itself)
-        if call.__class__ is _FunctionType:
+        if hot is not None:
+            # a Router's hot entry (api/hot.py): the router's own answers, its hottest route
+            # in one call
+            handler = hot
+        elif call.__class__ is _FunctionType:
             # an object whose class defines __call__ in Python (the Router): its bound
             # method, called without the type's call slot (a lookup and an argument tuple)
             handler = call.__get__(handler)
@@ -669,11 +680,16 @@ class _Connection:
         # header key -> (the raw value last received under it, its text): a client's
         # headers repeat from request to request on a connection, decoded once
         self._values: dict[str, tuple[bytes, str]] = {}
+        # the last head's header lines in order, (raw name, key, raw value, text) each, and
+        # the place of the next line in the head at hand: compared before any lookup
+        self._lines: list[tuple[bytes, str, bytes, str]] = []
+        self._at = 0
         # the last Content-Length value and its int (within max_body_bytes)
         self._length_text = ""
         self._length = 0
         self._body: bytes | bytearray = b""
         self._method = "GET"
+        self._method_raw = b""  # the bytes the parser gave for _method (the last request's)
         self._http_version = "1.1"
         self._keep_alive = True
         self._plain = True  # not HEAD, HTTP/1.1: answered by on_message_complete's hot path
@@ -895,6 +911,7 @@ class _Connection:
         self._head_raw = -1  # the head began in the chunk at hand
         self._head_room = self._max_head
         self._fields_left = self._max_fields
+        self._at = 0
         self._head_started = self._now
         self._url = b""
         self._headers = {}
@@ -915,26 +932,41 @@ class _Connection:
         if room < 0 or left < 0:
             self._fail(self._head_too_large())
             raise _Stop
-        names = _NAMES  # a local: typed dict in the compiled build (server.pxd)
-        key = names.get(name)
-        if key is None:
-            key = name.decode("latin-1").lower()
-            if len(names) < _NAMES_MAX:
-                names[name] = key
-        values = self._values
-        known = values.get(key)
-        if known is not None and known[0] == value:
-            text = known[1]  # the value this connection sent last time under this name
+        # the header line the client sent at this place in its last head, the same again
+        # (a client's heads repeat): its name and value as they were decoded then
+        at = self._at
+        self._at = at + 1
+        lines = self._lines
+        line = lines[at] if at < len(lines) else None
+        if line is not None and line[0] == name and line[2] == value:
+            key = line[1]
+            text = line[3]
         else:
-            try:
-                # UTF-8, as the request target is: one spelling of a key on every path
-                text = value.decode().rstrip(" \t")
-            except UnicodeDecodeError:
-                error = _not_text_header(name)
-                self._fail(problem(400, None, error.detail, field=error.field))
-                raise _Stop from None
-            if known is not None or len(values) < _VALUES_MAX:
-                values[key] = (value, text)
+            names = _NAMES  # a local: typed dict in the compiled build (server.pxd)
+            lowered = names.get(name)
+            if lowered is None:
+                lowered = name.decode("latin-1").lower()
+                if len(names) < _NAMES_MAX:
+                    names[name] = lowered
+            key = lowered
+            values = self._values
+            known = values.get(key)
+            if known is not None and known[0] == value:
+                text = known[1]  # the value this connection sent last time under this name
+            else:
+                try:
+                    # UTF-8, as the request target is: one spelling of a key on every path
+                    text = value.decode().rstrip(" \t")
+                except UnicodeDecodeError:
+                    error = _not_text_header(name)
+                    self._fail(problem(400, None, error.detail, field=error.field))
+                    raise _Stop from None
+                if known is not None or len(values) < _VALUES_MAX:
+                    values[key] = (value, text)
+            if line is not None:
+                lines[at] = (name, key, value, text)
+            elif at == len(lines) and at < _VALUES_MAX:
+                lines.append((name, key, value, text))
         headers = self._headers
         if key in headers:
             headers[key] = f"{headers[key]}, {text}"
@@ -947,8 +979,10 @@ class _Connection:
         parser = self._parser
         headers = self._headers
         method = parser.get_method()
-        methods = _METHODS
-        self._method = methods.get(method) or method.decode("latin-1")
+        if method != self._method_raw:  # else the last request's method again: its str
+            methods = _METHODS
+            self._method = methods.get(method) or method.decode("latin-1")
+            self._method_raw = method
         keep_alive = self._keep_alive = parser.should_keep_alive()
         if keep_alive and "connection" not in headers:
             self._http_version = "1.1"  # implied, and get_http_version() is slow
@@ -1115,12 +1149,17 @@ class _Connection:
             status_line = status_lines.get(response.status)
             body = response.body
             if status_line is not None and body.__class__ is bytes:
-                data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                    status_line,
-                    self._server._date_server,
-                    lines,
-                    len(body),
-                    body,
+                # _encode_response's hot-path bytes, joined (a bytes % parses its format)
+                data = b"".join(
+                    (
+                        status_line,
+                        self._server._date_server,
+                        lines,
+                        b"Content-Length: ",
+                        f"{len(body)}".encode(),  # a C integer's digits when compiled
+                        b"\r\n\r\n",
+                        body,
+                    )
                 )
                 self._out.append(data)
                 self._out_size += len(data)
@@ -1484,6 +1523,7 @@ class HttpServer:
         self._refused: set[_Refused] = set()
         self._tls = tls
         self._max_in_flight = self._limits.max_in_flight
+        self._shed_lag = self._limits.shed_lag  # read per read by _shedding_now
         self._in_flight = 0  # awaited handler answers, all connections
         self._lag_timer: asyncio.TimerHandle | None = None
         self._lag_due = 0.0
@@ -1656,7 +1696,7 @@ class HttpServer:
         or the loop is busy and reserved work on it is behind (``yield_to``)."""
         if self._stale_turn:
             return True
-        if time.monotonic() - self._lag_due > self._limits.shed_lag:
+        if _monotonic() - self._lag_due > self._shed_lag:
             self._shed_cause = "lag"
             return True
         if self._busy and self.yield_to is not None and self.yield_to():
