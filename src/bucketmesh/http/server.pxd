@@ -43,11 +43,14 @@ cdef class _Connection:
     @cython.locals(url=bytes, path=str, query=dict, paths=dict)
     cpdef on_message_complete(self)
 
-    @cython.locals(lines=bytes, status_line=bytes, data=bytes, status_lines=dict, response=Response)
+    @cython.locals(data=bytes, response=Response)
     cpdef _deliver(self, result, bint keep_alive, bint head, bint http10)
+
+    @cython.locals(lines=bytes, status_line=bytes, status_lines=dict)
+    cdef bytes _encoded(self, Response response)
 
     @cython.locals(slot=_Slot, pending=object)
     cpdef _await_response(self, result, bint keep_alive, bint head, bint http10)
 
-    @cython.locals(pending=object, lines=bytes, status_line=bytes, data=bytes, status_lines=dict, response=Response, now=double, deadline=double)
+    @cython.locals(pending=object, data=bytes, response=Response, now=double, deadline=double)
     cpdef _on_response_done(self, _Slot slot, task)

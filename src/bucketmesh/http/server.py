@@ -1141,32 +1141,42 @@ class _Connection:
             self._pending.append(_Slot(result, keep_alive, head, http10))
             return
         response = result  # typed Response in the compiled build: its fields read directly
-        lines = response.head
-        if lines is not None and keep_alive and not (self._closing or head or http10):
-            # _write_response and _encode_response inlined: encoded header lines on a
-            # keep-alive HTTP/1.1 connection
-            status_lines = _BODY_STATUS_LINES
-            status_line = status_lines.get(response.status)
-            body = response.body
-            if status_line is not None and body.__class__ is bytes:
-                # _encode_response's hot-path bytes, joined (a bytes % parses its format)
-                data = b"".join(
-                    (
-                        status_line,
-                        self._server._date_server,
-                        lines,
-                        b"Content-Length: ",
-                        f"{len(body)}".encode(),  # a C integer's digits when compiled
-                        b"\r\n\r\n",
-                        body,
-                    )
-                )
+        if keep_alive and not (self._closing or head or http10):
+            # _write_response inlined for encoded header lines on a keep-alive HTTP/1.1
+            # connection
+            data = self._encoded(response)
+            if data is not None:
                 self._out.append(data)
                 self._out_size += len(data)
                 if self._out_size >= _FLUSH_AT:
                     self._write_out()
                 return
         self._write_response(response, keep_alive, head, http10)
+
+    def _encoded(self, response: Response) -> bytes | None:
+        """A response with encoded header lines (``Response.head``) and a body its status
+        allows, as the bytes a keep-alive HTTP/1.1 connection writes (what
+        ``_encode_response`` gives, joined: a bytes ``%`` parses its format); None for
+        any other (``_write_response`` encodes it)."""
+        lines = response.head
+        if lines is None:
+            return None
+        status_lines = _BODY_STATUS_LINES  # (a typed dict when compiled: PyDict_GetItem)
+        status_line = status_lines.get(response.status)
+        body = response.body
+        if status_line is None or body.__class__ is not bytes:
+            return None
+        return b"".join(
+            (
+                status_line,
+                self._server._date_server,
+                lines,
+                b"Content-Length: ",
+                f"{len(body)}".encode(),  # a C integer's digits when compiled
+                b"\r\n\r\n",
+                body,
+            )
+        )
 
     def _await_response(
         self, result: Awaitable[Response], keep_alive: bool, head: bool, http10: bool
@@ -1206,41 +1216,31 @@ class _Connection:
             slot.ready = ready  # written when the slots before it are (_drain)
             return
         response: Response = ready
-        lines = response.head
+        data = None
         if (
-            lines is not None
-            and len(pending) == 1
+            len(pending) == 1
             and slot.keep_alive
             and not (slot.head or slot.http10 or self._closing or self._deferred or self._out)
         ):
-            # the usual answer (one awaited, nothing behind it, encoded header lines on
-            # a keep-alive HTTP/1.1 connection): _drain, _write_response and
-            # _encode_response inlined as _deliver's encoded-lines branch, and written
-            status_lines = _BODY_STATUS_LINES
-            status_line = status_lines.get(response.status)
-            body = response.body
-            if status_line is not None and body.__class__ is bytes:
-                pending.clear()
-                data = b"%s%s%sContent-Length: %d\r\n\r\n%s" % (
-                    status_line,
-                    server._date_server,
-                    lines,
-                    len(body),
-                    body,
-                )
-                transport = self._transport
-                if not transport.is_closing():
-                    transport.write(data)
-                if self._reading_paused:
-                    self._update_reading()
-                now = self._loop.time()
-                if self._in_message or self._reading_paused:
+            data = self._encoded(response)
+        if data is not None:
+            # the usual answer (one awaited, nothing behind it, encoded header lines on a
+            # keep-alive HTTP/1.1 connection): _drain and _write_response inlined as in
+            # _deliver, and written
+            pending.clear()
+            transport = self._transport
+            if not transport.is_closing():
+                transport.write(data)
+            if self._reading_paused:
+                self._update_reading()
+            now = self._loop.time()
+            if self._in_message or self._reading_paused:
+                self._refresh_deadline(now)
+            else:  # idle again: _refresh_deadline's first branch, inlined
+                deadline = self._deadline = now + self._keepalive
+                if self._timer is None or deadline < self._timer_at:
                     self._refresh_deadline(now)
-                else:  # idle again: _refresh_deadline's first branch, inlined
-                    deadline = self._deadline = now + self._keepalive
-                    if self._timer is None or deadline < self._timer_at:
-                        self._refresh_deadline(now)
-                return
+            return
         slot.ready = response
         self._drain()
 
