@@ -998,17 +998,7 @@ def wire_loop(which: str, requests: int) -> None:
 
 
 def _wire_instructions(which: str, requests: int) -> int:
-    out = subprocess.run(
-        [
-            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
-            *(sys.executable, __file__, "--wire-loop", which, str(requests)),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    return int(out.stderr.split("Collected : ")[1].split()[0])
+    return _report.instructions([sys.executable, __file__, "--wire-loop", which, str(requests)])[0]
 
 
 def wire_main(args: argparse.Namespace) -> int:
