@@ -953,12 +953,13 @@ class RedisBackend:
         if tokens < 0:
             raise self._invalid_ask(key, rule, tokens)
         ask = self.asks.get(key)
+        limiter = self.mirror.limiter
         if (
             ask is None
             or ask[3] != tokens
             or (rule is not None and rule != ask[1])
-            or ask[2] is not self.mirror.limiter.rule_configs[ask[1]]
-            or (key not in self.mirror.limiter.buckets and key not in self.unmirrored)
+            or ask[2] is not limiter.rule_configs[ask[1]]
+            or (key not in limiter.buckets and key not in self.unmirrored)
         ):
             # ``ask`` does it all; the Ask it made is what it would make again while
             # none of the above changes (the rules, and so a key's rule, are fixed; a
@@ -1300,32 +1301,43 @@ class RedisBackend:
             key_parts = [raw[base + 5 * k : base + 5 * k + 5] for k in range(len(keys))]
             rates = [NS_PER_S / part[1] for part in key_parts]
             j = 0
+            granted = 0
+            last: Ask | None = None  # the Ask the grant below last looked up
+            key = mode = rule = ""
+            capacity = 0
+            rate = 0.0
             for waiter in batch:
                 ask = waiter[0]
                 status = raw[j]
                 if status == ALLOWED and not ask.shares:
-                    # the hot path (_answer's first branch, Verdict.decision inlined)
-                    self.decided += 1
-                    key = ask.key
-                    if ask.tokens and ask.rule in tracked:
-                        touched.add(key)
-                        if key not in mirrored:
-                            self.unmirrored.add(key)
-                    future = waiter[1]
-                    if not future.done():
+                    # the hot path (_answer's first branch, Verdict.decision inlined);
+                    # a key's Ask is reused (acquire), so a run of one key's grants
+                    # looks its key up once
+                    granted += 1
+                    if ask is not last:
+                        last = ask
+                        key = ask.key
+                        if ask.tokens and ask.rule in tracked:
+                            touched.add(key)
+                            if key not in mirrored:
+                                self.unmirrored.add(key)
                         k = keys[key] - 1
                         part = key_parts[k]
+                        capacity, mode, rule = part[0], part[2], part[3]
+                        rate = rates[k]
+                    future = waiter[1]
+                    if not future.done():
                         future.set_result(
                             Decision(
                                 True,
                                 key,
                                 raw[j + 1],
-                                part[0],
-                                rates[k],
+                                capacity,
+                                rate,
                                 raw[j + 2] / NS_PER_S,
                                 raw[j + 3] / NS_PER_S,
-                                part[2],
-                                part[3],
+                                mode,
+                                rule,
                             )
                         )
                 elif status == RECONFIGURE:
@@ -1345,6 +1357,7 @@ class RedisBackend:
                     )
                     self._answer(waiter, verdict)
                 j += 4
+            self.decided += granted
             left = []
             if redo:
                 # adopt the newer config first, then decide those again: a task

@@ -780,7 +780,12 @@ class RedisStore:
         # costs a duplicate rule entry in the call)
         last: Ask | None = None
         rule_index = 0
+        item = ""
         for ask in asks:
+            if ask is last:
+                # the same Ask again (RedisBackend reuses a key's): the same item
+                wanted.append(item)
+                continue
             if (
                 last is None
                 or ask.config is not last.config
@@ -811,7 +816,8 @@ class RedisStore:
             key_index = keys.get(ask.key)
             if key_index is None:
                 key_index = keys[ask.key] = len(keys) + 1
-            wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};")
+            item = f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};"
+            wanted.append(item)
         now_s, now_n = _split(now_ns)
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
