@@ -1073,3 +1073,29 @@ def test_a_queue_above_one_calls_limit_splits_between_units_never_inside_one(
     assert all(allowed) and len(allowed) == MAX_DECISIONS_PER_CALL - 2 + 10 + 5
     assert inflight == 0
     assert used == {"A": 1 + MAX_DECISIONS_PER_CALL - 2 + 10, "B": 5}
+
+
+def test_a_key_asked_under_a_named_rule_then_under_its_own_gets_each_rule() -> None:
+    """The Ask a backend reuses for a key is the one made for the same ``rule``
+    argument: a key asked for under another rule by name, then without a rule, is
+    decided under its own rule the second time (here by the `allow` policy: Redis is
+    not up, and the key is being read back, as after a grant)."""
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    own = Rule.create("k-{{ .Request.Query.u }}", 10, 1.0, name="own", on_store_failure="allow")
+    other = Rule.create("z-{{ .Request.Query.u }}", 5, 1.0, name="other", on_store_failure="allow")
+    backend = RedisBackend([own, other], region="eu", node="n1", url="redis://127.0.0.1:1")
+    backend.unmirrored.add("k-1")
+    answers = [
+        backend.acquire("k-1", 1, rule="other"),
+        backend.acquire("k-1", 1),
+        backend.acquire("k-1", 1),
+        backend.acquire("k-1", 1, rule="other"),
+    ]
+    assert [(a.rule, a.capacity) for a in answers] == [  # type: ignore[union-attr]
+        ("other", 5),
+        ("own", 10),
+        ("own", 10),
+        ("other", 5),
+    ]

@@ -850,9 +850,10 @@ class RedisBackend:
         #: of more than one decision (a batch: it never splits across calls) lies in it
         self.pending: list[Waiter] = []
         self.pending_units: list[tuple[int, int]] = []
-        #: key -> the last Ask made for it (immutable: reused while the rule's config
-        #: object, the tokens and the key's place in the mirror are the same)
-        self.asks: dict[str, Ask] = {}
+        #: key -> the last Ask made for it and the rule it was asked under (None: the
+        #: key's own); immutable, reused while the rule's config object, the tokens
+        #: and the key's place in the mirror are the same
+        self.asks: dict[str, tuple[Ask, str | None]] = {}
         self.inflight = 0
         self.flush_scheduled = False
         self.touched: set[str] = set()
@@ -952,23 +953,26 @@ class RedisBackend:
         at once by the rule's ``onStoreFailure`` policy while Redis is down."""
         if tokens < 0:
             raise self._invalid_ask(key, rule, tokens)
-        ask = self.asks.get(key)
+        made = self.asks.get(key)
         limiter = self.mirror.limiter
         if (
-            ask is None
-            or ask[3] != tokens
-            or (rule is not None and rule != ask[1])
-            or ask[2] is not limiter.rule_configs[ask[1]]
+            made is None
+            or made[1] != rule
+            or made[0][3] != tokens
+            or made[0][2] is not limiter.rule_configs[made[0][1]]
             or (key not in limiter.buckets and key not in self.unmirrored)
         ):
-            # ``ask`` does it all; the Ask it made is what it would make again while
-            # none of the above changes (the rules, and so a key's rule, are fixed; a
-            # key in the mirror or being read back into it passes the cap's check)
+            # ``ask`` does it all; the Ask it made for the same ``rule`` argument is
+            # what it would make again while none of the above changes (the rules,
+            # and so the rule a key resolves to, are fixed; a key in the mirror or
+            # being read back into it passes the cap's check)
             ask = self.ask(key, rule, tokens)
             asks = self.asks
             if len(asks) >= MAX_CACHED_ASKS:
                 asks.clear()
-            asks[key] = ask
+            asks[key] = (ask, rule)
+        else:
+            ask = made[0]
         if not self.up:
             return self._fallback(ask)
         # The hot path: a bare future resolved straight from the script's answer
