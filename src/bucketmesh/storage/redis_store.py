@@ -306,10 +306,25 @@ def check_exact(config: BucketConfig) -> str | None:
     return None
 
 
-def _pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP."""
+def _pack_python(args: Sequence[Any]) -> bytes:
+    """One command in RESP: the reference (every argument as ``str()`` gives it)."""
     parts = [arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
     return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(p), p) for p in parts])
+
+
+_pack_command: Any = getattr(hiredis, "pack_command", None)  # hiredis >= 2.1: C
+
+
+def _pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP; hiredis packs it in C where it can (str, int and bytes
+    arguments, the only kinds the link sends: the same bytes as ``_pack_python``,
+    tests/test_redis_store.py), anything else (a bool) takes the reference."""
+    if _pack_command is not None:
+        try:
+            return _pack_command(tuple(args))  # type: ignore[no-any-return]
+        except TypeError:
+            pass
+    return _pack_python(args)
 
 
 class _Link(asyncio.Protocol):
