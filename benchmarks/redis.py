@@ -325,8 +325,10 @@ WIRE_CONTENDERS = {
     "http-future": "the same on the memory backend answering through a done future (the "
     "HTTP layer's path for a store that answers later, without Redis)",
     "http-redis": "POST /v1/rate through _Connection, Router, RatingApp on the redis backend",
-    "backend": "RedisBackend.acquire alone (no HTTP): ask, queue, script call, verdict, future",
-    "store": "RedisStore.acquire alone: arguments, EVALSHA on the raw link, hiredis, verdicts",
+    "backend": "RedisBackend.acquire alone (no HTTP): ask, queue, the script call written at "
+    "once, the reply read by a done callback, futures",
+    "store": "RedisStore.acquire alone (the coroutine path a task takes: Cluster, TLS, a "
+    "reconfiguration), 25 distinct Asks: arguments, EVALSHA on the raw link, hiredis, verdicts",
     "link": "the raw link alone: the same EVALSHA's RESP encode, send, reply parse",
 }
 

@@ -939,3 +939,163 @@ def test_concurrent_decisions_on_many_keys_share_script_calls_and_keep_their_ans
     # exactly what fits in each bucket, no more, and Redis holds exactly that
     assert granted == {key: capacity[key[0]] // t * t for key, t in keys.items()}
     assert used == granted
+
+
+def test_a_decision_call_on_the_open_link_runs_no_task_and_keeps_its_answers(
+    redis_server: Any,
+) -> None:
+    """The usual script call is written at once and answered by a done callback: no
+    task per call (on main a ``_decide`` task ran each one); grants, the refusal that
+    follows them and the counts are what the task's path gave."""
+
+    async def run() -> tuple[list[bool], int, int, dict[str, int]]:
+        backend = await _joined(_backend(redis_server.url, capacity=5))
+        try:
+            assert (await settle(backend.acquire("A", 1, rule="r"))).allowed  # opens the link
+            answers = [backend.acquire("A", 1, rule="r") for _ in range(6)]
+            await asyncio.sleep(0)  # the flush: one call in flight
+            in_flight, tasks = backend.inflight, len(backend.running)
+            decisions = [await settle(a) for a in answers]
+            assert backend.inflight == 0
+            return (
+                [d.allowed for d in decisions],
+                in_flight,
+                tasks,
+                _used(await backend.store.read(["A"])),
+            )
+        finally:
+            await backend.store.close()
+
+    allowed, in_flight, tasks, used = asyncio.run(run())
+    assert allowed == [True, True, True, True, False, False]
+    assert (in_flight, tasks) == (1, 0)
+    assert used == {"A": 5}
+
+
+def test_a_script_flushed_from_redis_is_loaded_again_on_the_direct_path(
+    redis_server: Any,
+) -> None:
+    """SCRIPT FLUSH (or a restarted Redis): the call written at once gets NOSCRIPT (the
+    script did not run); it is sent again with EVAL, decided once, the store stays up."""
+
+    async def run() -> tuple[list[bool], bool, dict[str, int]]:
+        backend = await _joined(_backend(redis_server.url))
+        try:
+            assert (await settle(backend.acquire("A", 1, rule="r"))).allowed
+            redis_server.client().execute_command("SCRIPT", "FLUSH")
+            answers = [backend.acquire("A", 2, rule="r") for _ in range(3)]
+            decisions = [await asyncio.wait_for(settle(a), 10) for a in answers]
+            return (
+                [d.allowed for d in decisions],
+                backend.up,
+                _used(await backend.store.read(["A"])),
+            )
+        finally:
+            await backend.store.close()
+
+    allowed, up, used = asyncio.run(run())
+    assert allowed == [True, True, True]
+    assert up
+    assert used == {"A": 7}
+
+
+def test_a_paused_redis_times_out_a_direct_call_and_the_policy_answers(
+    redis_server: Any,
+) -> None:
+    """A call written at once on the link and never answered (scripts paused): within
+    the store's timeout (the link's watch, no timer per call) the link fails, the store
+    is marked down with a TimeoutError, and the policy answers every waiting decision."""
+
+    async def run() -> tuple[list[bool], bool, str, int, bool]:
+        backend = await _joined(_backend(redis_server.url, on_store_failure="deny"))
+        try:
+            assert (await settle(backend.acquire("A", 1, rule="r"))).allowed
+            link = backend.store.link
+            backend.store.timeout_s = 0.3
+            redis_server.client().execute_command("CLIENT", "PAUSE", "120000", "WRITE")
+            answers = [backend.acquire("A", 1, rule="r") for _ in range(3)]
+            decisions = [await asyncio.wait_for(settle(a), 10) for a in answers]
+            return (
+                [d.allowed for d in decisions],
+                backend.up,
+                backend.last_error,
+                backend.store.failures,
+                link.lost,
+            )
+        finally:
+            redis_server.client().execute_command("CLIENT", "UNPAUSE")
+            await backend.store.close()
+
+    allowed, up, error, failures, lost = asyncio.run(run())
+    assert allowed == [False, False, False]  # `deny`
+    assert not up
+    assert "TimeoutError" in error
+    assert failures == 1  # one call failed
+    assert lost
+
+
+def test_a_queue_above_one_calls_limit_splits_between_units_never_inside_one(
+    redis_server: Any,
+) -> None:
+    """More than MAX_DECISIONS_PER_CALL queued: the first call takes that many, and the
+    whole of an atomic batch the limit cuts into (a unit never splits); the rest goes
+    in the next call. Every decision is answered once, in Redis."""
+    from bucketmesh.storage.redis_backend import MAX_DECISIONS_PER_CALL
+
+    async def run() -> tuple[list[int], list[bool], int, dict[str, int]]:
+        backend = await _joined(_backend(redis_server.url, capacity=100_000, refill_rate=100.0))
+        sizes: list[int] = []
+        real = backend.store.acquire_args
+
+        def spy(asks: Any, now_ns: int, incarnation_key: str) -> Any:
+            sizes.append(len(asks))
+            return real(asks, now_ns, incarnation_key)
+
+        try:
+            assert (await settle(backend.acquire("A", 1, rule="r"))).allowed
+            backend.store.acquire_args = spy
+            backend.inflight = backend.max_inflight  # hold the queue
+            singles = [backend.acquire("A", 1, rule="r") for _ in range(MAX_DECISIONS_PER_CALL - 2)]
+            batch = asyncio.ensure_future(backend.acquire_many([Ask("B", 1, "r")] * 5, atomic=True))
+            await asyncio.sleep(0)  # the batch is queued
+            later = [backend.acquire("A", 1, rule="r") for _ in range(10)]
+            backend.inflight = 0
+            backend._schedule()
+            decisions = [await asyncio.wait_for(settle(a), 10) for a in singles + later]
+            grouped = await asyncio.wait_for(batch, 10)
+            allowed = [d.allowed for d in decisions + grouped]
+            return sizes, allowed, backend.inflight, _used(await backend.store.read(["A", "B"]))
+        finally:
+            await backend.store.close()
+
+    sizes, allowed, inflight, used = asyncio.run(run())
+    assert sizes == [MAX_DECISIONS_PER_CALL + 3, 10]
+    assert all(allowed) and len(allowed) == MAX_DECISIONS_PER_CALL - 2 + 10 + 5
+    assert inflight == 0
+    assert used == {"A": 1 + MAX_DECISIONS_PER_CALL - 2 + 10, "B": 5}
+
+
+def test_a_key_asked_under_a_named_rule_then_under_its_own_gets_each_rule() -> None:
+    """The Ask a backend reuses for a key is the one made for the same ``rule``
+    argument: a key asked for under another rule by name, then without a rule, is
+    decided under its own rule the second time (here by the `allow` policy: Redis is
+    not up, and the key is being read back, as after a grant)."""
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    own = Rule.create("k-{{ .Request.Query.u }}", 10, 1.0, name="own", on_store_failure="allow")
+    other = Rule.create("z-{{ .Request.Query.u }}", 5, 1.0, name="other", on_store_failure="allow")
+    backend = RedisBackend([own, other], region="eu", node="n1", url="redis://127.0.0.1:1")
+    backend.unmirrored.add("k-1")
+    answers = [
+        backend.acquire("k-1", 1, rule="other"),
+        backend.acquire("k-1", 1),
+        backend.acquire("k-1", 1),
+        backend.acquire("k-1", 1, rule="other"),
+    ]
+    assert [(a.rule, a.capacity) for a in answers] == [  # type: ignore[union-attr]
+        ("other", 5),
+        ("own", 10),
+        ("own", 10),
+        ("other", 5),
+    ]

@@ -231,3 +231,27 @@ def test_replies_are_parsed_by_hiredis(store: RedisStore, loop: asyncio.Abstract
     assert isinstance(store.link.reader, hiredis.Reader)
     connection = store.redis.connection_pool.make_connection()
     assert isinstance(connection._parser, _AsyncHiredisParser)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    keys=st.lists(st.text(max_size=12), min_size=1, max_size=4),
+    tokens=st.lists(st.integers(0, 2**40), min_size=1, max_size=6),
+    now=st.integers(0, 2**62),
+)
+def test_the_link_packs_an_acquire_call_byte_for_byte_as_the_reference(
+    keys: list[str], tokens: list[int], now: int
+) -> None:
+    """The raw link packs a command with hiredis's C packer where it can: the bytes must
+    be those of the Python reference (``str()`` of every argument, UTF-8), for the acquire
+    call of any keys (non-ASCII, empty) and any numbers; a bool goes to the reference."""
+    from bucketmesh.storage import redis_store
+
+    store = RedisStore("redis://127.0.0.1:1", "eu")
+    store.incarnation = "1733440000000"
+    config = BucketConfig(10, interval_for(1.0), 3_600_000_000_000, "shared", (7, "eu/n1"))
+    asks = [Ask(keys[j % len(keys)], "r", config, n, j % 2, j % 3) for j, n in enumerate(tokens)]
+    names, argv, _ = store.acquire_args(asks, now, store.incarnation_key)
+    command = ["EVALSHA", "0" * 40, len(names), *names, *argv]
+    assert redis_store._pack(command) == redis_store._pack_python(command)
+    assert redis_store._pack(["SELECT", True]) == b"*2\r\n$6\r\nSELECT\r\n$4\r\nTrue\r\n"

@@ -51,10 +51,13 @@ import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any, Final
 
+import hiredis
 import msgspec
 from prometheus_client.core import CounterMetricFamily, Metric
+from redis.exceptions import RedisError
 
 from bucketmesh.core.bucket import (
     NS_PER_S,
@@ -102,6 +105,7 @@ log = logger("redis")
 
 POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
+MAX_CACHED_ASKS: Final = 65_536  # RedisBackend.asks: emptied when full
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
 EVICTION_CHECK_EVERY: Final = 20  # health checks between reads of maxmemory-policy (10 s)
@@ -842,8 +846,14 @@ class RedisBackend:
         self.last_error = "not connected yet"
         self.eviction_warning: str | None = None
         self.checks = 0
-        self.pending: list[list[Waiter]] = []
-        self.pending_count = 0
+        #: the decisions queued for the next script call, in order, and where each unit
+        #: of more than one decision (a batch: it never splits across calls) lies in it
+        self.pending: list[Waiter] = []
+        self.pending_units: list[tuple[int, int]] = []
+        #: key -> the last Ask made for it and the rule it was asked under (None: the
+        #: key's own); immutable, reused while the rule's config object, the tokens
+        #: and the key's place in the mirror are the same
+        self.asks: dict[str, tuple[Ask, str | None]] = {}
         self.inflight = 0
         self.flush_scheduled = False
         self.touched: set[str] = set()
@@ -889,6 +899,7 @@ class RedisBackend:
         ``connected``: every peer region is up, ``pull``: pulls every peer region's
         state, True when each answered)."""
         self.shares = RegionShares(self, self.region, founders, node, connected, pull)
+        self.asks.clear()  # a strict key's Ask says it runs on the ledger now
         self.mirror.shares = True
         self.mirror.share_region = self.region
         self.mirror.share_freeze = self.shares.freeze
@@ -942,15 +953,33 @@ class RedisBackend:
         at once by the rule's ``onStoreFailure`` policy while Redis is down."""
         if tokens < 0:
             raise self._invalid_ask(key, rule, tokens)
-        ask = self.ask(key, rule, tokens)
+        made = self.asks.get(key)
+        limiter = self.mirror.limiter
+        if (
+            made is None
+            or made[1] != rule
+            or made[0][3] != tokens
+            or made[0][2] is not limiter.rule_configs[made[0][1]]
+            or (key not in limiter.buckets and key not in self.unmirrored)
+        ):
+            # ``ask`` does it all; the Ask it made for the same ``rule`` argument is
+            # what it would make again while none of the above changes (the rules,
+            # and so the rule a key resolves to, are fixed; a key in the mirror or
+            # being read back into it passes the cap's check)
+            ask = self.ask(key, rule, tokens)
+            asks = self.asks
+            if len(asks) >= MAX_CACHED_ASKS:
+                asks.clear()
+            asks[key] = (ask, rule)
+        else:
+            ask = made[0]
         if not self.up:
             return self._fallback(ask)
         # The hot path: a bare future resolved straight from the script's answer
         # (``enqueue`` and ``_schedule`` inlined).
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
-        self.pending.append([(ask, future)])
-        self.pending_count += 1
+        self.pending.append((ask, future))
         if not self.flush_scheduled and self.inflight < self.max_inflight:
             self.flush_scheduled = True
             loop.call_soon(self._flush)
@@ -1191,8 +1220,10 @@ class RedisBackend:
     def enqueue(self, unit: list[Waiter]) -> None:
         """Queue decisions for the next script call; each future is resolved with the
         Decision or the error (InvalidTokens, ...) once it is known. A unit never splits."""
-        self.pending.append(unit)
-        self.pending_count += len(unit)
+        if len(unit) > 1:
+            start = len(self.pending)
+            self.pending_units.append((start, start + len(unit)))
+        self.pending.extend(unit)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -1205,29 +1236,137 @@ class RedisBackend:
         self.flush_scheduled = False
         if not self.pending or self.inflight >= self.max_inflight:
             return
-        batch: list[Waiter]
-        if self.pending_count <= MAX_DECISIONS_PER_CALL:
+        batch = self.pending
+        if len(batch) <= MAX_DECISIONS_PER_CALL:
             # the usual case: everything queued fits in one call
-            batch = [waiter for unit in self.pending for waiter in unit]
             self.pending = []
-            self.pending_count = 0
+            if self.pending_units:
+                self.pending_units = []
         else:
-            batch = []
-            while self.pending and (not batch or len(batch) < MAX_DECISIONS_PER_CALL):
-                unit = self.pending.pop(0)
-                self.pending_count -= len(unit)
-                batch.extend(unit)
+            # the first MAX_DECISIONS_PER_CALL, and the rest of a unit they cut into
+            cut = MAX_DECISIONS_PER_CALL
+            for start, end in self.pending_units:
+                if start < cut < end:
+                    cut = end
+                    break
+            batch, self.pending = batch[:cut], batch[cut:]
+            self.pending_units = [(s - cut, e - cut) for s, e in self.pending_units if s >= cut]
         self.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._decide(batch))
+        if self.up:
+            # the usual case: the call written at once on the open raw link, its reply
+            # answered by a done callback (no task, no coroutine, no timer per call)
+            now = time.time_ns()
+            sent = self.store.send_acquire([waiter[0] for waiter in batch], now)
+            if sent is not None:
+                reply, keys = sent
+                reply.add_done_callback(partial(self._replied, batch, keys, now))
+                return
+        self._start(batch)
+
+    def _start(self, batch: list[Waiter], reconfigure_at: int | None = None) -> None:
+        """Decide ``batch`` in a task (the store's coroutines: opening the link, Cluster,
+        TLS, a NOSCRIPT, a reconfiguration); it ends the call ``_flush`` counted."""
+        task = asyncio.get_running_loop().create_task(self._decide(batch, reconfigure_at))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
 
-    async def _decide(self, batch: list[Waiter]) -> None:
-        # `left`: the decisions not answered yet (the store answers some, then may
-        # fail while redoing the others: only those go to the policy, no double charge)
-        left = list(batch)
+    def _replied(
+        self, batch: list[Waiter], keys: dict[str, int], now: int, reply: asyncio.Future[Any]
+    ) -> None:
+        """The reply to a call ``send_acquire`` wrote: ``_decide`` without its task, for
+        the usual case; the same answers and the same failures."""
+        store = self.store
+        left = batch  # the decisions not answered yet (see _decide)
+        handed = False  # to a task, which ends the call
         try:
-            await self._decide_in_store(left)
+            try:
+                raw = reply.result()
+                if isinstance(raw, hiredis.ReplyError):
+                    if str(raw).startswith("NOSCRIPT"):
+                        # the script did not run (Redis restarted, SCRIPT FLUSH): the
+                        # task's path loads it
+                        handed = True
+                        self._start(batch)
+                        return
+                    raise RedisError(str(raw))
+            except (RedisError, OSError) as error:  # OSError: TimeoutError, ConnectionError
+                store.failures += 1
+                store.drop_link()
+                raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+            if len(raw) == 1:
+                store.verdicts(raw, [waiter[0] for waiter in batch], keys)  # raises if stale
+            self.calls += 1
+            redo: list[Waiter] = []
+            tracked = self.tracked
+            touched = self.touched
+            mirrored = self.mirror.limiter.buckets
+            # each key's part of the reply (capacity, interval, mode, rule, shadow) once
+            base = 4 * len(batch)
+            key_parts = [raw[base + 5 * k : base + 5 * k + 5] for k in range(len(keys))]
+            rates = [NS_PER_S / part[1] for part in key_parts]
+            j = 0
+            granted = 0
+            last: Ask | None = None  # the Ask the grant below last looked up
+            key = mode = rule = ""
+            capacity = 0
+            rate = 0.0
+            for waiter in batch:
+                ask = waiter[0]
+                status = raw[j]
+                if status == ALLOWED and not ask.shares:
+                    # the hot path (_answer's first branch, Verdict.decision inlined);
+                    # a key's Ask is reused (acquire), so a run of one key's grants
+                    # looks its key up once
+                    granted += 1
+                    if ask is not last:
+                        last = ask
+                        key = ask.key
+                        if ask.tokens and ask.rule in tracked:
+                            touched.add(key)
+                            if key not in mirrored:
+                                self.unmirrored.add(key)
+                        k = keys[key] - 1
+                        part = key_parts[k]
+                        capacity, mode, rule = part[0], part[2], part[3]
+                        rate = rates[k]
+                    future = waiter[1]
+                    if not future.done():
+                        future.set_result(
+                            Decision(
+                                True,
+                                key,
+                                raw[j + 1],
+                                capacity,
+                                rate,
+                                raw[j + 2] / NS_PER_S,
+                                raw[j + 3] / NS_PER_S,
+                                mode,
+                                rule,
+                            )
+                        )
+                elif status == RECONFIGURE:
+                    redo.append(waiter)
+                else:
+                    part = key_parts[keys[ask.key] - 1]
+                    verdict = Verdict(
+                        raw[j],
+                        raw[j + 1],
+                        raw[j + 2],
+                        raw[j + 3],
+                        part[0],
+                        part[1],
+                        part[2],
+                        part[3],
+                        part[4] == 1,
+                    )
+                    self._answer(waiter, verdict)
+                j += 4
+            self.decided += granted
+            left = []
+            if redo:
+                # adopt the newer config first, then decide those again: a task
+                handed = True
+                self._start(redo, now)
         except (StoreUnavailable, StaleIncarnation) as error:
             self._mark_down(error)
             self._resolve_by_policy(left)
@@ -1236,17 +1375,44 @@ class RedisBackend:
                 _settle(future, error)
             raise
         finally:
-            self.inflight -= 1
+            if not handed:
+                self._end_call(left)
+
+    def _end_call(self, left: list[Waiter]) -> None:
+        """A call is over: refusals for anything still unanswered, the next call."""
+        self.inflight -= 1
+        for ask, future in left:
+            _settle(future, self._refusal(ask))
+        self._schedule()
+
+    async def _decide(self, batch: list[Waiter], reconfigure_at: int | None = None) -> None:
+        # `left`: the decisions not answered yet (the store answers some, then may
+        # fail while redoing the others: only those go to the policy, no double charge)
+        left = list(batch)
+        try:
+            await self._decide_in_store(left, reconfigure_at)
+        except (StoreUnavailable, StaleIncarnation) as error:
+            self._mark_down(error)
+            self._resolve_by_policy(left)
+        except BaseException as error:  # never leave a request hanging
+            for _, future in left:
+                _settle(future, error)
+            raise
+        finally:
             # Whatever went wrong above, nothing stays unanswered: a refusal for
             # anything left (a future resolved twice keeps its first answer).
-            for ask, future in left:
-                _settle(future, self._refusal(ask))
-            self._schedule()
+            self._end_call(left)
 
-    async def _decide_in_store(self, left: list[Waiter]) -> None:
-        """Decide ``left`` in the store; what is answered is removed from it."""
+    async def _decide_in_store(self, left: list[Waiter], reconfigure_at: int | None) -> None:
+        """Decide ``left`` in the store; what is answered is removed from it.
+        ``reconfigure_at``: the script answered RECONFIGURE for all of them at that time
+        (``_replied``): adopt the newer configs before the first try."""
         batch = list(left)
-        for _ in range(4):
+        tries = 4
+        if reconfigure_at is not None:
+            await self._reconfigure({ask.key: ask for ask, _ in batch}.values(), reconfigure_at)
+            tries = 3
+        for _ in range(tries):
             if not self.up:
                 raise StoreUnavailable(self.last_error)
             now = time.time_ns()

@@ -306,10 +306,25 @@ def check_exact(config: BucketConfig) -> str | None:
     return None
 
 
-def _pack(args: Sequence[Any]) -> bytes:
-    """One command in RESP."""
+def _pack_python(args: Sequence[Any]) -> bytes:
+    """One command in RESP: the reference (every argument as ``str()`` gives it)."""
     parts = [arg if isinstance(arg, bytes) else str(arg).encode() for arg in args]
     return b"*%d\r\n" % len(parts) + b"".join([b"$%d\r\n%s\r\n" % (len(p), p) for p in parts])
+
+
+_pack_command: Any = getattr(hiredis, "pack_command", None)  # hiredis >= 2.1: C
+
+
+def _pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP; hiredis packs it in C where it can (str, int and bytes
+    arguments, the only kinds the link sends: the same bytes as ``_pack_python``,
+    tests/test_redis_store.py), anything else (a bool) takes the reference."""
+    if _pack_command is not None:
+        try:
+            return _pack_command(tuple(args))  # type: ignore[no-any-return]
+        except TypeError:
+            pass
+    return _pack_python(args)
 
 
 class _Link(asyncio.Protocol):
@@ -318,36 +333,77 @@ class _Link(asyncio.Protocol):
     redis-py costs ~150 µs of CPU per command in its asyncio client (pool, locks,
     retries); the hot path needs one write and one hiredis parse per call."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout_s: float | None = None) -> None:
         self.reader = hiredis.Reader(encoding="utf-8")
         self.waiters: deque[asyncio.Future[Any]] = deque()
         self.transport: Any = None  # an asyncio or uvloop transport
         self.lost = False
+        #: every command must be answered within this (None: no watch), else the link
+        #: fails whole: one timer per link, not one per call (``_watch``)
+        self.timeout_s = timeout_s
+        self.deadlines: deque[float] = deque()  # per waiter, in order
+        self.watch: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        waiters = self.waiters
+        timed = self.timeout_s is not None
         while (reply := self.reader.gets()) is not False:
-            waiter = self.waiters.popleft()
+            waiter = waiters.popleft()
+            if timed:
+                self.deadlines.popleft()
             if not waiter.done():
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError(f"connection to Redis lost ({exc})"))
+
+    def fail(self, error: Exception) -> None:
+        """The link is unusable from now on: every waiter gets ``error``."""
         self.lost = True
+        if self.watch is not None:
+            self.watch.cancel()
+            self.watch = None
+        self.deadlines.clear()
         while self.waiters:
             waiter = self.waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(ConnectionError(f"connection to Redis lost ({exc})"))
+                waiter.set_exception(error)
 
     def send(self, args: Sequence[Any]) -> asyncio.Future[Any]:
         if self.lost or self.transport is None:
             raise ConnectionError("connection to Redis lost")
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self.waiters.append(waiter)
+        timeout_s = self.timeout_s
+        if timeout_s is not None:
+            deadline = loop.time() + timeout_s
+            self.deadlines.append(deadline)
+            if self.watch is None:
+                self.watch = loop.call_at(deadline, self._watch)
         self.transport.write(_pack(args))
         return waiter
+
+    def _watch(self) -> None:
+        """The oldest unanswered command's deadline: past it, the link fails (its
+        replies may never come; a later one would be taken for an earlier one's);
+        else the watch waits for it. Replies come in order, so the oldest waiter has
+        the earliest deadline."""
+        self.watch = None
+        if not self.deadlines or self.lost:
+            return
+        loop = asyncio.get_running_loop()
+        first = self.deadlines[0]
+        if first <= loop.time():
+            assert self.timeout_s is not None
+            self.close()
+            self.fail(TimeoutError(f"no reply from Redis within {self.timeout_s * 1000:g} ms"))
+            return
+        self.watch = loop.call_at(first, self._watch)
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
@@ -434,6 +490,18 @@ class RedisStore:
     @property
     def replica_id(self) -> str | None:
         return None if self.incarnation is None else f"{self.region}/redis/{self.incarnation}"
+
+    @property
+    def timeout_s(self) -> float:
+        """Every call's timeout; the raw link's watch takes a change at once."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, value: float) -> None:
+        self._timeout_s = value
+        link = getattr(self, "link", None)
+        if link is not None:
+            link.timeout_s = value
 
     def bucket_key(self, key: str) -> str:
         return f"{self.prefix}{{{key}}}"
@@ -528,11 +596,15 @@ class RedisStore:
                 return self.link
             loop = asyncio.get_running_loop()
             params = self.params
+
+            def timed() -> _Link:
+                return _Link(self.timeout_s)
+
             if "path" in params:
-                _, link = await loop.create_unix_connection(_Link, params["path"])
+                _, link = await loop.create_unix_connection(timed, params["path"])
             else:
                 _, link = await loop.create_connection(
-                    _Link, params.get("host", "localhost"), params.get("port", 6379)
+                    timed, params.get("host", "localhost"), params.get("port", 6379)
                 )
             if params.get("password"):
                 auth = [params["password"]]
@@ -685,6 +757,34 @@ class RedisStore:
     ) -> list[Verdict]:
         """One acquire script call; ``incarnation_key``: the store's, or on Cluster the
         copy in the slot of every key of the call."""
+        names, argv, keys = self.acquire_args(asks, now_ns, incarnation_key)
+        if self.cluster:
+            slot = int(key_slot(incarnation_key.encode()))
+            raw = await self._call(self._run_in_slot(self._acquire, slot, names, argv))
+        else:
+            raw = await self._call(self._run_script(self._acquire, names, argv))
+        return self.verdicts(raw, asks, keys)
+
+    def send_acquire(
+        self, asks: Sequence[Ask], now_ns: int
+    ) -> tuple[asyncio.Future[Any], dict[str, int]] | None:
+        """The acquire script call written at once on the open raw link (plain Redis),
+        without a coroutine: its reply's future (answered within ``timeout_s``, else
+        failed with TimeoutError: the link's watch) and the call's key indexes, for
+        ``verdicts`` or a caller reading the reply itself. None where this cannot be
+        (Cluster, TLS, the link not open yet or lost, no incarnation): ``acquire``
+        then. The reply may be an error reply (NOSCRIPT: the script did not run)."""
+        link = self.link
+        if link is None or link.lost or not self.raw or self.incarnation is None:
+            return None
+        names, argv, keys = self.acquire_args(asks, now_ns, self.incarnation_key)
+        self.calls += 1
+        return link.send(["EVALSHA", self._acquire.sha, len(names), *names, *argv]), keys
+
+    def acquire_args(
+        self, asks: Sequence[Ask], now_ns: int, incarnation_key: str
+    ) -> tuple[list[str], list[Any], dict[str, int]]:
+        """The acquire script's KEYS and ARGV for ``asks``, and each key's index (from 1)."""
         rules: dict[tuple[str, BucketConfig, bool], int] = {}
         keys: dict[str, int] = {}
         args: list[Any] = []
@@ -695,7 +795,12 @@ class RedisStore:
         # costs a duplicate rule entry in the call)
         last: Ask | None = None
         rule_index = 0
+        item = ""
         for ask in asks:
+            if ask is last:
+                # the same Ask again (RedisBackend reuses a key's): the same item
+                wanted.append(item)
+                continue
             if (
                 last is None
                 or ask.config is not last.config
@@ -726,7 +831,8 @@ class RedisStore:
             key_index = keys.get(ask.key)
             if key_index is None:
                 key_index = keys[ask.key] = len(keys) + 1
-            wanted.append(f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};")
+            item = f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};"
+            wanted.append(item)
         now_s, now_n = _split(now_ns)
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
@@ -734,12 +840,11 @@ class RedisStore:
         if shares:  # each bucket's share hash after the buckets (same slot: its tag)
             names += [self.share_key(key) for key in keys]
             names.append(self.share_ready_key(incarnation_key))
-        argv = [*head, *args, "".join(wanted), len(keys)]
-        if self.cluster:
-            slot = int(key_slot(incarnation_key.encode()))
-            raw = await self._call(self._run_in_slot(self._acquire, slot, names, argv))
-        else:
-            raw = await self._call(self._run_script(self._acquire, names, argv))
+        return names, [*head, *args, "".join(wanted), len(keys)], keys
+
+    def verdicts(self, raw: Any, asks: Sequence[Ask], keys: dict[str, int]) -> list[Verdict]:
+        """The acquire script's reply for ``asks`` as one Verdict each; StaleIncarnation
+        when the script refused to run under this incarnation."""
         if len(raw) == 1 and raw[0] == STALE_INCARNATION:
             if self.cluster:
                 self.slot_lost = True
