@@ -464,17 +464,9 @@ def wire_loop(which: str, rounds: int, url: str) -> None:
 
 
 def _wire_instructions(which: str, rounds: int, url: str) -> int:
-    out = subprocess.run(
-        [
-            *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
-            *(sys.executable, __file__, "--wire-loop", which, str(rounds), url),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    return int(out.stderr.split("Collected : ")[1].split()[0])
+    return _report.instructions([sys.executable, __file__, "--wire-loop", which, str(rounds), url])[
+        0
+    ]
 
 
 def _redis_usec(client: Any) -> tuple[int, int]:
