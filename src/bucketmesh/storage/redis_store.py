@@ -803,8 +803,8 @@ class RedisStore:
                 # the same Ask again (RedisBackend reuses a key's): the same run
                 run += 1
                 continue
-            if run:
-                wanted.append(f"{item}{run};")
+            if run > 1:
+                wanted[-1] = f"{item[:-2]}{run};"  # the item ends in its count, 1
             if (
                 last is None
                 or ask.config is not last.config
@@ -835,10 +835,11 @@ class RedisStore:
             key_index = keys.get(ask.key)
             if key_index is None:
                 key_index = keys[ask.key] = len(keys) + 1
-            item = f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request},"
+            item = f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request},1;"
+            wanted.append(item)
             run = 1
-        if run:
-            wanted.append(f"{item}{run};")
+        if run > 1:
+            wanted[-1] = f"{item[:-2]}{run};"
         now_s, now_n = _split(now_ns)
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix
