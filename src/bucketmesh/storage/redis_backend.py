@@ -9,9 +9,10 @@ Theory of operation
 Decisions
     A request's decision is queued; one flush per event-loop turn sends every
     queued decision of this node in ONE script call (``RedisStore.acquire``),
-    which decides them in order, atomically. While ``connections`` calls are
-    in flight, new decisions wait and go together in the next call, so 50
-    concurrent connections cost a handful of round trips, not 50.
+    which decides them in order, atomically. While ``calls_in_flight`` calls
+    (``storage.redisCallsInFlight``, default 1) are in flight, new decisions wait
+    and go together in the next call, so 50 concurrent connections cost a
+    handful of round trips, not 50.
 The region's replica
     Every node of the region writes the same ``used`` entry, the store's
     replica id ``<region>/redis/<incarnation>``; Redis serialises them.
@@ -105,11 +106,10 @@ log = logger("redis")
 
 POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
-#: storage.redisCallsInFlight's default (node/settings.py holds the same), and the
-#: queue that starts a call beside those in flight (below it, the queue waits for the
-#: next reply): measured under wrk, benchmarks/redis.py (docs/storage-redis.md, "Batching")
-CALLS_IN_FLIGHT: Final = 2
-CALL_FILL: Final = 1
+#: storage.redisCallsInFlight's default (node/settings.py holds the same): one call in
+#: flight, the next one takes everything that arrived meanwhile; measured best under
+#: wrk, benchmarks/redis.py (docs/storage-redis.md, "Batching")
+CALLS_IN_FLIGHT: Final = 1
 MAX_CACHED_ASKS: Final = 65_536  # RedisBackend.asks: emptied when full
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
@@ -821,10 +821,9 @@ class RedisBackend:
         self.regions = regions
         self.store = RedisStore(url, region, timeout_s=timeout_s, connections=connections)
         self.idempotency = RegionIdempotency(self.store)
-        #: at most this many acquire calls in flight (storage.redisCallsInFlight); a
-        #: call beside others only once ``fill`` decisions wait (``_due``)
+        #: at most this many acquire calls in flight (storage.redisCallsInFlight): what
+        #: arrives meanwhile waits and goes in the next call
         self.max_inflight = calls_in_flight
-        self.fill = CALL_FILL
         self.rules_named = {rule.name: rule for rule in rules}
         started_ms = time.time_ns() // 1_000_000
         self.mirror = RegionMirror(
@@ -989,10 +988,7 @@ class RedisBackend:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Decision] = loop.create_future()
         self.pending.append((ask, future))
-        if not self.flush_scheduled and (
-            self.inflight == 0
-            or (self.inflight < self.max_inflight and len(self.pending) >= self.fill)
-        ):
+        if not self.flush_scheduled and self.inflight < self.max_inflight:
             self.flush_scheduled = True
             loop.call_soon(self._flush)
         return future
@@ -1239,24 +1235,14 @@ class RedisBackend:
         self._schedule()
 
     def _schedule(self) -> None:
-        if not self.flush_scheduled and self._due():
+        if not self.flush_scheduled and self.inflight < self.max_inflight and self.pending:
             self.flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-
-    def _due(self) -> bool:
-        """Whether the queue goes to Redis now: always when no call is in flight; beside
-        calls in flight only a full call's worth (``fill``), else it waits for the next
-        reply and goes with what joins it meanwhile: fewer, fuller calls cost Redis and
-        this node less per decision."""
-        inflight = self.inflight
-        if inflight == 0:
-            return bool(self.pending)
-        return inflight < self.max_inflight and len(self.pending) >= self.fill
 
     def _flush(self) -> None:
         """Send what is queued, as one script call (a group never splits across two)."""
         self.flush_scheduled = False
-        if not self._due():
+        if not self.pending or self.inflight >= self.max_inflight:
             return
         batch = self.pending
         if len(batch) <= MAX_DECISIONS_PER_CALL:
