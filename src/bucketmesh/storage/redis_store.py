@@ -789,7 +789,7 @@ class RedisStore:
         rules: dict[tuple[str, BucketConfig, bool], int] = {}
         keys: dict[str, int] = {}
         args: list[Any] = []
-        wanted = []
+        wanted: list[str] = []
         shares = False
         # consecutive asks of one rule share its config object: its index is kept
         # without hashing the config again (an equal config in another object only
