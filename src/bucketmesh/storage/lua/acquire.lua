@@ -170,6 +170,7 @@ for q, js in pairs(reqs) do
   end
 end
 local settled = {}
+local granted = 0 -- the last decision the usual path granted (tokens > 0)
 for j, a in ipairs(asks) do
   if not settled[j] then
     local k, rule, tokens, g, q = a[1], a[2], a[3], a[4], a[5]
@@ -219,11 +220,30 @@ for j, a in ipairs(asks) do
       for _, i in ipairs(js) do settled[i] = true end
     else
       local b = cache[k] or bucket(k, rule)
-      if stale_once(b, rule) then
+      -- the next decision of a run whose last one was a grant (the same bucket and
+      -- rule, so not stale): while its TAT is cached, now is before the slice edge
+      -- and the bucket is not full (no record to write), take's steps in short
+      local tat, after = nil, nil
+      if granted == j - 1 and a == asks[j - 1] and b.tc and b.eg and b.nr < b.eg then
+        tat = b.tg + b.t * b.i
+        if b.tu ~= nil and b.tu > tat then tat = b.tu end
+        after = tat - b.nr + tokens * b.i
+        if tat < b.nr or after > b.c * b.i then after = nil end
+      end
+      if after ~= nil then
+        local own = b.reps[me]
+        own.u = own.u + tokens
+        b.t = b.t + tokens
+        local n = 4 * (j - 1)
+        out[n + 1] = 1
+        out[n + 2] = b.c - cdiv(after, b.i)
+        out[n + 3] = 0
+        out[n + 4] = after
+        granted = j
+      elseif stale_once(b, rule) then
         answer(j, k, 2, b, 0, 0, 0)
       else
         -- judge(b, tokens, now_of(b)), inlined: the usual decision
-        local tat
         if b.tc then
           tat = b.tg + b.t * b.i
           if b.tu ~= nil and b.tu > tat then tat = b.tu end
@@ -236,6 +256,7 @@ for j, a in ipairs(asks) do
         local ok = pos + tokens * b.i <= b.c * b.i
         if ok then
           take(j, k, b, tokens, backlog)
+          if tokens > 0 then granted = j end
         else
           local status = 0
           if tokens > b.c then status = 3 end
