@@ -14,7 +14,7 @@ from bucketmesh.replication.mesh import MeshSettings
 
 #: storage.redisCallsInFlight's default: measured best under wrk, benchmarks/redis.py
 #: (docs/storage-redis.md, "Batching")
-REDIS_CALLS_IN_FLIGHT = 1
+REDIS_CALLS_IN_FLIGHT = 2
 
 
 @dataclass

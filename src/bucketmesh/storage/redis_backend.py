@@ -10,7 +10,7 @@ Decisions
     A request's decision is queued; one flush per event-loop turn sends every
     queued decision of this node in ONE script call (``RedisStore.acquire``),
     which decides them in order, atomically. While ``calls_in_flight`` calls
-    (``storage.redisCallsInFlight``, default 1) are in flight, new decisions wait
+    (``storage.redisCallsInFlight``, default 2) are in flight, new decisions wait
     and go together in the next call, so 50 concurrent connections cost a
     handful of round trips, not 50.
 The region's replica
@@ -106,10 +106,9 @@ log = logger("redis")
 
 POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
-#: storage.redisCallsInFlight's default (node/settings.py holds the same): one call in
-#: flight, the next one takes everything that arrived meanwhile; measured best under
-#: wrk, benchmarks/redis.py (docs/storage-redis.md, "Batching")
-CALLS_IN_FLIGHT: Final = 1
+#: storage.redisCallsInFlight's default (node/settings.py holds the same): measured
+#: best under wrk, benchmarks/redis.py (docs/storage-redis.md, "Batching")
+CALLS_IN_FLIGHT: Final = 2
 MAX_CACHED_ASKS: Final = 65_536  # RedisBackend.asks: emptied when full
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
