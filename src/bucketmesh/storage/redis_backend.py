@@ -997,13 +997,26 @@ class RedisBackend:
         grant goes from the reply's done callback to the sink without a future or a
         loop turn (api/hot.py's later answer: p6g, issue 19 P6). ``sink`` must not
         raise: the decisions answered after it in the same reply would get its error."""
-        made = self.acquire(key, tokens, rule=rule)
+        made: Any = self.acquire(key, tokens, rule=rule)
         if made.__class__ is Decision:
             return made
-        # the decision queued last is this one's (acquire appends it): its future is
-        # never seen by anyone else, the sink answers instead
         pending = self.pending
-        pending[-1] = (pending[-1][0], sink)
+        if pending and pending[-1][1] is made:
+            # the decision queued last is this one's (acquire appends it): its future is
+            # never seen by anyone else, the sink answers instead
+            pending[-1] = (pending[-1][0], sink)
+            return None
+
+        # an answer to wait for that is not queued here (an acquire standing in for this
+        # one): the sink takes it once done
+        def forward(done: asyncio.Future[Decision]) -> None:
+            if done.cancelled():
+                _settle(sink, asyncio.CancelledError())
+            else:
+                error = done.exception()
+                _settle(sink, done.result() if error is None else error)
+
+        asyncio.ensure_future(made).add_done_callback(forward)
         return None
 
     def acquire_columns(self, items: Sequence[Any]) -> None:
