@@ -306,6 +306,11 @@ def _closing(key: str, http10: bool) -> bytes:
     return _request("POST /v1/rate HTTP/1.1", key, None, "Connection: close\r\n")
 
 
+async def _barrier(durable: bool) -> bool:
+    await asyncio.sleep(0)
+    return durable
+
+
 @pytest.fixture(scope="module")
 def switched() -> Iterator[tuple[Switch, Running]]:
     switch = Switch()
@@ -322,18 +327,27 @@ def switched() -> Iterator[tuple[Switch, Running]]:
     program=st.lists(requests_of(["a", "b", "c", BOOM, CANCEL]), min_size=1, max_size=14),
     last=st.sampled_from(["a", "b", BOOM, CANCEL]),
     http10=st.booleans(),
+    durable=st.sampled_from([None, None, True, False]),
 )
 def test_the_compiled_later_answer_is_the_routers_chain_in_memory(
-    switched: tuple[Switch, Running], program: list[bytes], last: str, http10: bool
+    switched: tuple[Switch, Running],
+    program: list[bytes],
+    last: str,
+    http10: bool,
+    durable: bool | None,
 ) -> None:
     """A store answering later (a bare future, resolved on the next loop turn): the
     compiled path (``RateHot`` -> ``LaterRate`` -> ``Later``) against the Router's chain,
-    the same bytes and counts for every program; the store's failures reported alike."""
+    the same bytes and counts for every program; the store's failures reported alike.
+    ``durable``: the store's commit barrier after each decision (None: none; True: the
+    answer leaves once it resolves; False: a 503 instead)."""
     switch, running = switched
     data = b"".join(program) + _closing(last, http10)
     answers = []
     for hot in (True, False):
         app, _ = later_app(awaited=False)
+        if durable is not None:
+            app.decider.commit = lambda: _barrier(durable)  # type: ignore[assignment,method-assign]
         switch.use(app, hot)
         del running.errors[:]
         got = _received(running.server.port, data)
