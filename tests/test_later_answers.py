@@ -580,3 +580,31 @@ def test_a_store_that_dies_mid_program_answers_as_the_routers_chain(
     assert all(not backend.up for _, backend in apps)
     statuses = re.findall(rb"HTTP/1\.[01] (\d+) ", answers[0][0])
     assert len(statuses) == 9
+
+
+def test_a_connection_lost_before_a_later_answer_counts_as_the_routers_chain() -> None:
+    """The client is gone before the store answers (two pipelined requests: the first
+    through the router, which decodes the body, the second through the callback): nothing
+    is written, both decisions are counted (their tokens are spent), no response is,
+    nothing stays in flight — on the compiled path as on the Router's chain."""
+
+    async def run(hot: bool) -> tuple[Any, ...]:
+        app, _ = later_app(awaited=False)
+        if not hot:
+            app.router.hot = None
+        server = HttpServer(app.router)
+        server._lag_due = float("inf")  # never started: no lag shedding
+        transport = _Transport([False])
+        connection = _Connection(server, asyncio.get_running_loop())
+        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection.data_received(_rate("a", 1) * 2)
+        in_flight = server._in_flight
+        connection.connection_lost(None)
+        for _ in range(10):  # the store's answer, then every chained callback
+            await asyncio.sleep(0)
+        return counts(app), transport.writes, in_flight, server._in_flight
+
+    got, expected = asyncio.run(run(True)), asyncio.run(run(False))
+    assert got == expected
+    assert got[1:] == ([], 2, 0)
+    assert got[0][0] == {("k", "allowed"): 2} and got[0][3] == {}
