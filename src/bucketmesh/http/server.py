@@ -149,6 +149,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Handler",
     "HttpServer",
+    "Later",
     "NotText",
     "Request",
     "Response",
