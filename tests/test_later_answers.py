@@ -608,3 +608,52 @@ def test_a_connection_lost_before_a_later_answer_counts_as_the_routers_chain() -
     assert got == expected
     assert got[1:] == ([], 2, 0)
     assert got[0][0] == {("k", "allowed"): 2} and got[0][3] == {}
+
+
+class _Sink:
+    """A future's done / set_result / set_exception, recorded."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    def done(self) -> bool:
+        return bool(self.got)
+
+    def set_result(self, value: Any) -> None:
+        self.got.append(("result", value))
+
+    def set_exception(self, error: BaseException) -> None:
+        self.got.append(("error", type(error).__name__))
+
+
+def test_acquire_into_forwards_an_answer_it_did_not_queue() -> None:
+    """``acquire`` standing in with an awaitable of its own (a test's, a wrapper's): the
+    sink gets what it gives once done — its result, its error, or its cancellation as a
+    CancelledError — and nothing is left in the queue."""
+
+    async def run() -> list[Any]:
+        backend = RedisBackend(REDIS_RULES, region="f", node="n1", url="redis://127.0.0.1:1/0")
+        loop = asyncio.get_running_loop()
+        outcomes: list[Any] = []
+        for outcome in ("result", "error", "cancel"):
+            future: asyncio.Future[Any] = loop.create_future()
+            backend.acquire = lambda *a, future=future, **k: future  # type: ignore[method-assign]
+            sink = _Sink()
+            assert backend.acquire_into("k-a", 1, sink) is None
+            if outcome == "result":
+                future.set_result("decided")
+            elif outcome == "error":
+                future.set_exception(RuntimeError("store failure (expected)"))
+            else:
+                future.cancel()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            outcomes.append(sink.got)
+        assert backend.pending == []
+        return outcomes
+
+    assert asyncio.run(run()) == [
+        [("result", "decided")],
+        [("error", "RuntimeError")],
+        [("error", "CancelledError")],
+    ]
