@@ -19,6 +19,8 @@ locals); ``BUCKETMESH_PURE=1`` or a build without Cython runs it as Python.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import re
 import time
@@ -29,7 +31,7 @@ from msgspec.structs import astuple
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.limiter import LimiterError, NoRuleError
 from bucketmesh.http.errors import JSON
-from bucketmesh.http.server import Request, Response
+from bucketmesh.http.server import Later, Request, Response
 
 if TYPE_CHECKING:
     from bucketmesh.api.routes import RatingApp
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from bucketmesh.http.wire import RateRequest
 
 _perf_counter = time.perf_counter
+_Future = asyncio.Future
 _ceil = math.ceil
 _copysign = math.copysign
 _ZERO = b"0.0"  # msgspec's encoding of 0.0 (a grant's retry_after)
@@ -108,6 +111,7 @@ class RateHot:
         "app",
         "body",
         "capacity",
+        "decider",
         "decisions",
         "durations",
         "encode",
@@ -121,6 +125,7 @@ class RateHot:
         "handler",
         "head",
         "header",
+        "into",
         "key",
         "key_json",
         "metrics",
@@ -196,11 +201,15 @@ class RateHot:
         # the last grant's key and its JSON
         self.key = ""
         self.key_json = b'""'
+        # the last decider and its ``acquire_into`` (a store answering later through a
+        # sink instead of a future: the Redis backend's), None without one
+        self.decider: object = None
+        self.into: Any = None
 
-    def __call__(self, request: Request) -> Answer:
+    def __call__(self, request: Request) -> Answer | Later:
         return self.answer(request)
 
-    def answer(self, request: Request) -> Answer:
+    def answer(self, request: Request) -> Answer | Later:
         """The answer ``self.router(request)`` gives, counted as it counts it."""
         started = _perf_counter()
         method, path, query, headers, body, client_ip = astuple(request)[:6]
@@ -258,15 +267,28 @@ class RateHot:
             rule = None
         else:
             return self.fallback(request)
+        if decider is not self.decider:
+            self.decider, self.into = decider, getattr(decider, "acquire_into", None)
+        into = self.into
         try:
-            decision = decider.acquire(key, tokens, rule=rule)
+            if into is None:
+                decision = decider.acquire(key, tokens, rule=rule)
+            else:  # a store answering later through a sink: no future (LaterRate)
+                later = Later()
+                decision = into(key, tokens, LaterRate(self, later, route, started), rule=rule)
+                if decision is None:
+                    return later
         except LimiterError as error:
             refusal = app.limiter_error(
                 error, "rule" if rule and isinstance(error, NoRuleError) else None
             )
             self.metrics.count_rejection(refusal.reason)
             return self._counted(route, refusal.response(), started)
-        if decision.__class__ is not Decision:  # an answer to wait for (Redis)
+        if decision.__class__ is not Decision:  # an answer to wait for
+            if decision.__class__ is _Future:  # a bare future: one done callback (LaterRate)
+                later = Later()
+                decision.add_done_callback(LaterRate(self, later, route, started))
+                return later
             return self._counted(
                 route, app._answer(decision, app._decision_response, None), started
             )
@@ -334,6 +356,29 @@ class RateHot:
         self.metrics.count_response(route, answer.status, _perf_counter() - started)
         return answer
 
+    def _observed(self, route: str, response: Response, started: float) -> None:
+        """``Router._finish``'s count of a later answer (``NodeMetrics.count_response``
+        and ``Histogram.observe``), as ``answer`` counts one given now."""
+        elapsed = _perf_counter() - started
+        histogram = self.durations.get(route)
+        if histogram is None:  # the route's first answer: its histogram is made
+            self.metrics.count_response(route, response.status, elapsed)
+            return
+        responses = self.responses
+        status = response.status
+        answered = self.answered
+        if answered[0] is not route or answered[1] is not status:
+            answered = self.answered = (route, status)
+        responses[answered] = responses.get(answered, 0) + 1
+        index = 0
+        for bound in histogram.bounds:
+            if bound >= elapsed:
+                break
+            index += 1
+        histogram.counts[index] += 1
+        histogram.count += 1
+        histogram.total += elapsed
+
     def granted(self, decision: Decision, fields: tuple[Any, ...]) -> Response:
         """``DecisionRenderer.granted(decision)`` (``fields``: ``astuple(decision)``): the
         same bytes, from the same templates (the renderer makes them; the last policy's
@@ -376,3 +421,160 @@ class RateHot:
             None,
             b"".join((head[0], digits if remaining > 0 else b"0", head[1], wait, head[2])),
         )
+
+
+class LaterRate:
+    """A later decision of ``RateHot.answer`` (a store that answers later: Redis),
+    answered in one call: what ``RatingApp._answer``'s done callback (``_rendered``:
+    render, count, the commit barrier), the ``Router``'s (``_finish``: count the
+    response) and the server's (``_on_response_done``: write) do, one after the other
+    and a loop turn apart, for a grant or a refusal. The server's ``Later`` takes the
+    Response; no future is made.
+
+    It is the store's sink (``acquire_into``: ``done``, ``set_result``,
+    ``set_exception``, called straight from the reply's done callback) or a bare
+    future's done callback (``__call__``). What it does not cover — an error, a
+    cancelled future, a commit barrier, anything but a ``Decision`` — takes the
+    reference path from there, through ``RatingApp._answer`` and ``Router._finish``,
+    the server following their future (``Later.follow``). It never raises: the store
+    calls it among the other decisions of a reply."""
+
+    __slots__ = ("finished", "hot", "later", "route", "started")
+
+    def __init__(self, hot: RateHot, later: Later, route: str, started: float) -> None:
+        self.hot = hot
+        self.later = later
+        self.route = route
+        self.started = started
+        self.finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+    def __call__(self, future: asyncio.Future[Any]) -> None:
+        """A bare future's done callback: its Decision, or the reference path with it."""
+        if self.finished:
+            return
+        if future.cancelled() or future.exception() is not None:
+            self.finished = True
+            self._reference(future)
+            return
+        self.set_result(future.result())
+
+    def set_exception(self, error: BaseException) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        try:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(error)
+        except BaseException as exc:
+            self._failed(exc)
+            return
+        self._reference(future)
+
+    def set_result(self, decision: Any) -> None:
+        """The store's Decision: rendered, counted and written, as the reference does."""
+        if self.finished:
+            return
+        self.finished = True
+        hot = self.hot
+        if decision.__class__ is not Decision:
+            try:
+                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                future.set_result(decision)
+            except Exception as exc:
+                self._failed(exc)
+                return
+            self._reference(future)
+            return
+        later = self.later
+        state = hot.state
+        app = hot.app
+        try:
+            # RatingApp._rendered: _decision_response (its grant branch inline, as
+            # RateHot.answer's), then the commit barrier
+            fields = astuple(decision)
+            if fields[0]:  # allowed
+                decided = fields[8]
+                decisions = hot.decisions
+                label = hot.allowed
+                if label[0] is not decided:
+                    label = hot.allowed = (decided, "allowed")
+                decisions[label] = decisions.get(label, 0) + 1
+                near = state["near_limit"]
+                capacity = fields[3]
+                if near is not hot.near or capacity != hot.near_capacity:
+                    hot.near, hot.near_capacity = near, capacity
+                    hot.near_level = capacity * near
+                if below(fields[2], hot.near_level):
+                    hot.metrics.count_near_limit(decided)
+                response = hot.granted(decision, fields)
+            else:
+                response = app._decision_response(decision)
+            barrier = state["decider"].commit()
+        except Exception as exc:  # the reference's answer: 500, reported (_failed)
+            self._failed(exc)
+            return
+        if barrier is not None:
+            self._after_barrier(barrier, response)
+            return
+        if later.cancelled:  # the connection is gone: Router._finish counts nothing
+            return
+        try:
+            hot._observed(self.route, response, self.started)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        try:
+            later.resolve(response)
+        except Exception as exc:  # the server's bug: as a failing done callback's
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "Exception in a later answer's write", "exception": exc}
+            )
+
+    def _reference(self, future: asyncio.Future[Any]) -> None:
+        """The store's answer in ``future`` (done), answered by the reference path:
+        ``RatingApp._answer``, ``Router._finish``, the server following their future."""
+        hot = self.hot
+        later = self.later
+        try:
+            app = hot.app
+            answer = app._answer(future, app._decision_response, None)
+            counted: Any = hot.router._finish(self.route, answer, self.started)  # type: ignore[arg-type]
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if later.cancelled:
+            counted.cancel()  # the connection cancelled it (Router._finish counts nothing)
+        later.follow(counted)
+
+    def _after_barrier(self, barrier: Any, response: Response) -> None:
+        """A commit barrier to wait for: ``RatingApp._rendered``'s, then as above."""
+        from bucketmesh.api.routes import _resolve
+
+        hot = self.hot
+        try:
+            answer: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            waited = asyncio.ensure_future(hot.app._after_barrier(barrier, response, None))
+            waited.add_done_callback(functools.partial(_resolve, answer))
+            counted: Any = hot.router._finish(self.route, answer, self.started)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self.later.cancelled:
+            counted.cancel()
+        self.later.follow(counted)
+
+    def _failed(self, error: BaseException) -> None:
+        """A bug on the way (rendering, counting): the reference's answer to it, a
+        future failing with it (the server reports it and answers 500); nothing once the
+        connection is gone (the Router drops it then)."""
+        if self.later.cancelled:
+            return
+        try:
+            future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+            future.set_exception(error)
+        except BaseException:
+            return
+        self.later.follow(future)

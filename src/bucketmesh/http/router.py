@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeAlias
 
 from bucketmesh.http.errors import ApiError
-from bucketmesh.http.server import Request, Response, problem
+from bucketmesh.http.server import Later, Request, Response, problem
 from bucketmesh.telemetry.metrics import NodeMetrics
 
 # What a route handler answers: a Response at once, or an awaitable of one (a handler
@@ -37,7 +37,8 @@ class Router:
         #: what the HTTP server calls instead of this router, if set: a handler that answers
         #: some requests itself exactly as the router would and hands it the rest
         #: (``api/hot.py``: POST /v1/rate's simple case in one compiled call)
-        self.hot: Handler | None = None
+        #: (a ``Later`` for an answer it gives later itself)
+        self.hot: Callable[[Request], Answer | Later] | None = None
 
     def add_route(self, method: str, path: str, route: str, handler: Handler) -> None:
         """Serve ``method path`` with ``handler``; ``route`` is the bounded metrics

@@ -52,5 +52,27 @@ cdef class _Connection:
     @cython.locals(slot=_Slot, pending=object)
     cpdef _await_response(self, result, bint keep_alive, bint head, bint http10)
 
-    @cython.locals(pending=object, data=bytes, response=Response, now=double, deadline=double)
     cpdef _on_response_done(self, _Slot slot, task)
+
+    @cython.locals(slot=_Slot, pending=object)
+    cpdef _await_later(self, Later later, bint keep_alive, bint head, bint http10)
+
+    cpdef _on_later(self, _Slot slot, ready)
+
+    @cython.locals(pending=object, data=bytes, response=Response, now=double, deadline=double)
+    cpdef _answered(self, _Slot slot, Response ready)
+
+cdef class Later:
+    cdef public _Connection _connection
+    cdef public _Slot _slot
+    cdef public object _ready
+    cdef public bint cancelled
+
+    @cython.locals(connection=_Connection)
+    cpdef resolve(self, response)
+
+    @cython.locals(connection=_Connection, slot=_Slot)
+    cpdef follow(self, answer)
+
+    @cython.locals(connection=_Connection, slot=_Slot)
+    cpdef bint cancel(self)

@@ -149,6 +149,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Handler",
     "HttpServer",
+    "Later",
     "NotText",
     "Request",
     "Response",
@@ -573,7 +574,74 @@ class _Slot:
         self.keep_alive = keep_alive
         self.head = head
         self.http10 = http10
-        self.task: asyncio.Future[Response] | None = None
+        self.task: asyncio.Future[Response] | Later | None = None
+
+
+class Later:
+    """An answer a handler gives later without a future (``api/hot.py``'s later grant).
+
+    A handler returns a fresh ``Later``; the server gives it the request's place in the
+    connection's answer order, and ``resolve(response)`` writes the answer as
+    ``_on_response_done`` writes a future's result (in order behind the answers before
+    it, through the encoded-head fast path when it can), at once: without a future, a
+    done callback or a loop turn. ``follow(future)`` hands the answer to an awaitable
+    after all (the reference path, for what the handler's own path does not cover),
+    answered as any awaitable a handler returns. ``cancelled`` turns true when the
+    connection stops waiting for it (lost, or closing after an earlier answer's
+    ``Connection: close``): where a future's answer is cancelled; a later ``resolve``
+    or ``follow`` is then dropped (a followed future is cancelled), as a cancelled
+    future's result is. Each is answered once: a second ``resolve`` or ``follow`` is
+    dropped too."""
+
+    __slots__ = ("_connection", "_ready", "_slot", "cancelled")
+
+    def __init__(self) -> None:
+        self._connection: _Connection | None = None
+        self._slot: _Slot | None = None
+        # resolved or followed before the server took it (a Response or an awaitable)
+        self._ready: object = None
+        self.cancelled = False
+
+    def resolve(self, response: Response) -> None:
+        """The answer is ``response``: written now, or in its turn behind those before it."""
+        connection = self._connection
+        if connection is None:  # not taken yet (or answered, or cancelled)
+            if self._slot is None and not self.cancelled and self._ready is None:
+                self._ready = response
+            return
+        self._connection = None
+        connection._on_later(self._slot, response)  # type: ignore[arg-type]  # set with it
+
+    def follow(self, answer: Awaitable[Response]) -> None:
+        """The answer is what ``answer`` (a future, a task, a coroutine) gives."""
+        connection = self._connection
+        if connection is None:
+            if self._slot is None and not self.cancelled and self._ready is None:
+                self._ready = answer
+            elif isinstance(answer, _Future):
+                answer.cancel()  # as the connection would have cancelled it
+            elif inspect.iscoroutine(answer):
+                answer.close()
+            return
+        self._connection = None
+        slot = self._slot
+        task = answer if isinstance(answer, _Future) else asyncio.ensure_future(answer)
+        slot.task = task  # type: ignore[union-attr]  # set with _connection
+        task.add_done_callback(
+            functools.partial(connection._on_response_done, slot)  # type: ignore[arg-type]
+        )
+
+    def cancel(self) -> bool:
+        """The connection no longer waits for the answer (``Future.cancel`` for a slot)."""
+        connection = self._connection
+        if connection is None:
+            return False
+        self._connection = None
+        self.cancelled = True
+        slot = self._slot
+        slot.task = None  # type: ignore[union-attr]  # set with _connection
+        connection._server._in_flight -= 1
+        return True
 
 
 class _Connection:
@@ -1132,6 +1200,9 @@ class _Connection:
     def _deliver(self, result: object, keep_alive: bool, head: bool, http10: bool) -> None:
         """Write (or queue behind the pending ones) a handler's answer to a request."""
         if not isinstance(result, Response):
+            if result.__class__ is Later:
+                self._await_later(result, keep_alive, head, http10)
+                return
             if result.__class__ is _Future or inspect.isawaitable(result):
                 self._await_response(result, keep_alive, head, http10)
                 return
@@ -1194,6 +1265,29 @@ class _Connection:
         if len(pending) >= self._max_pipelined:
             self._update_reading()
 
+    def _await_later(self, later: Later, keep_alive: bool, head: bool, http10: bool) -> None:
+        """A ``Later``: its place in the answer order, as ``_await_response`` gives a
+        future's (and counted in flight alike), answered by its ``resolve``."""
+        if later._slot is not None or later.cancelled:  # a handler's bug
+            self._server._report(RuntimeError("a Later was returned twice"))
+            self._deliver(_internal_error(), keep_alive, head, http10)
+            return
+        ready = later._ready
+        if ready is not None:  # answered before it got here: as given, once
+            later._ready = None
+            later.cancelled = True
+            self._deliver(ready, keep_alive, head, http10)
+            return
+        slot = _Slot(None, keep_alive, head, http10)
+        self._server._in_flight += 1
+        slot.task = later
+        later._slot = slot
+        later._connection = self
+        pending = self._pending
+        pending.append(slot)
+        if len(pending) >= self._max_pipelined:
+            self._update_reading()
+
     def _on_response_done(self, slot: _Slot, task: asyncio.Future[Response]) -> None:
         slot.task = None
         server = self._server
@@ -1211,6 +1305,23 @@ class _Connection:
             if not isinstance(ready, Response):
                 server._report(TypeError(f"handler returned {type(ready).__name__}"))
                 ready = _internal_error()
+        self._answered(slot, ready)
+
+    def _on_later(self, slot: _Slot, ready: object) -> None:
+        """A ``Later``'s ``resolve``: ``_on_response_done`` for an answer at hand."""
+        slot.task = None
+        server = self._server
+        server._in_flight -= 1
+        if self._lost:
+            return
+        if not isinstance(ready, Response):
+            server._report(TypeError(f"handler returned {type(ready).__name__}"))
+            ready = _internal_error()
+        self._answered(slot, ready)
+
+    def _answered(self, slot: _Slot, ready: Response) -> None:
+        """``slot``'s answer is ``ready``: written now if it is first in line (and the
+        ready ones behind it), else when those before it are."""
         pending = self._pending
         if not pending or pending[0] is not slot:
             slot.ready = ready  # written when the slots before it are (_drain)
