@@ -60,6 +60,7 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -212,7 +213,9 @@ class ClusterProcesses:
         self.cluster.stop()
 
 
-def node(workdir: Path, name: str, redis_url: str, capacity: int, rate: float) -> object:
+def node(
+    workdir: Path, name: str, redis_url: str, capacity: int, rate: float, calls: int | None
+) -> object:
     port = bench_http.free_port()
     config = workdir / f"{name}.yaml"
     config.write_text(
@@ -221,7 +224,8 @@ def node(workdir: Path, name: str, redis_url: str, capacity: int, rate: float) -
         # generous: a loaded machine must not look like a store failure (then the
         # failure policy would decide, and a timed-out call may still be charged)
         "  redisTimeoutMs: 2000\n"
-        f"buckets:\n  - name: {RULE}\n    key: 'hot-{{{{ .Request.Header.X-K }}}}'\n"
+        + (f"  redisCallsInFlight: {calls}\n" if calls is not None else "")
+        + f"buckets:\n  - name: {RULE}\n    key: 'hot-{{{{ .Request.Header.X-K }}}}'\n"
         f"    capacity: {capacity}\n    refillRate: {rate}\n",
         encoding="utf-8",
     )
@@ -292,6 +296,12 @@ def sheds(services: list[object]) -> int:
 
 def decisions_per_call(services: list[object]) -> float:
     """Decisions per acquire script call of ``services`` so far (their /metrics)."""
+    decided, calls = decisions_and_calls(services)
+    return decided / max(calls, 1.0)
+
+
+def decisions_and_calls(services: list[object]) -> tuple[float, float]:
+    """Decisions and acquire script calls of ``services`` so far (their /metrics)."""
     decided = calls = 0.0
     for service in services:
         _, body = bench_http.http_request(service.port, "GET", "/metrics")  # type: ignore[attr-defined]
@@ -300,7 +310,13 @@ def decisions_per_call(services: list[object]) -> float:
                 decided += float(value)
             elif name == "bucketmesh_store_script_calls_total":
                 calls += float(value)
-    return decided / max(calls, 1.0)
+    return decided, calls
+
+
+def children_cpu() -> float:
+    """User + system CPU of this process's reaped children so far (wrk's, once waited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def grants(services: list[object]) -> tuple[int, int]:
@@ -497,13 +513,25 @@ def wire_main() -> int:
             wire_loop("store", 400, redis_proc.url)
             calls2, usec2 = _redis_usec(redis_proc.client)
             lua_us = (usec2 - usec) / max(calls2 - calls, 1) / WIRE_CONCURRENCY
+            # the backend's own calls: a key's Ask reused, so one run of 25 per call
+            wire_loop("backend", 400, redis_proc.url)
+            calls3, usec3 = _redis_usec(redis_proc.client)
+            lua_run_us = (usec3 - usec2) / max(calls3 - calls2, 1) / WIRE_CONCURRENCY
         finally:
             redis_proc.stop()
     rows.append(
         [
             "lua",
-            "redis-server: acquire.lua per decision (INFO commandstats, µs)",
+            "redis-server: acquire.lua per decision (INFO commandstats, µs), the store's "
+            "25 distinct Asks of one key per call",
             f"{lua_us:.2f} µs",
+        ]
+    )
+    rows.append(
+        [
+            "lua-run",
+            "the same for the backend's calls: one key's Ask reused, one run of 25 per call",
+            f"{lua_run_us:.2f} µs",
         ]
     )
     columns = ["layer", "what", "per decision"]
@@ -534,6 +562,12 @@ def main() -> int:
         "--wire", action="store_true", help="callgrind Ir per decision, layer by layer"
     )
     parser.add_argument("--wire-loop", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--calls-in-flight",
+        type=int,
+        default=None,
+        help="the nodes' storage.redisCallsInFlight (default: the node's default)",
+    )
     args = parser.parse_args()
     if args.wire_loop:
         wire_loop(args.wire_loop[0], int(args.wire_loop[1]), args.wire_loop[2])
@@ -569,6 +603,11 @@ def main() -> int:
     # an oversubscribed machine moves far less than throughput (context, not judged)
     cpu_us: dict[str, list[float]] = {name: [] for name in results}
     redis_us: dict[str, list[float]] = {name: [] for name in results}
+    # bucketmesh only: wrk's CPU, redis-server's time inside the script (INFO
+    # commandstats; not on Cluster), decisions per script call
+    wrk_us: dict[str, list[float]] = {name: [] for name in results if name != "limits"}
+    lua_us: dict[str, list[float]] = {name: [] for name in wrk_us}
+    per_call_of: dict[str, list[float]] = {name: [] for name in wrk_us}
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
         workdir = Path(tmp)
         lua = bench_http.wrk_lua(
@@ -579,8 +618,9 @@ def main() -> int:
         redis_proc: Any = ClusterProcesses(workdir) if args.cluster else RedisProcess(workdir)
         services: list[object] = []
         try:
-            a = node(workdir, "node-a", redis_proc.url, 10**12, 1e9)
-            b = node(workdir, "node-b", redis_proc.url, 10**12, 1e9)
+            calls = args.calls_in_flight
+            a = node(workdir, "node-a", redis_proc.url, 10**12, 1e9, calls)
+            b = node(workdir, "node-b", redis_proc.url, 10**12, 1e9, calls)
             services = [a, b]
             # warm-up
             run_limits(redis_proc.url, 1.0)
@@ -601,12 +641,24 @@ def main() -> int:
                         )
                         continue
                     chosen = [a] if name == "bucketmesh x1" else [a, b]
+                    counted = decisions_and_calls(chosen)
+                    script = None if args.cluster else _redis_usec(redis_proc.client)
+                    wrk_cpu = children_cpu()
                     node_cpu = sum(cpu_seconds(s.pid) for s in chosen)  # type: ignore[attr-defined]
                     runs = wrk_together(chosen, lua, seconds)
                     node_cpu = sum(cpu_seconds(s.pid) for s in chosen) - node_cpu  # type: ignore[attr-defined]
+                    wrk_cpu = children_cpu() - wrk_cpu
                     decided = grants(services)[0] - before[0]
                     cpu_us[name].append(node_cpu / max(decided, 1) * 1e6)
                     redis_us[name].append((redis_proc.cpu() - redis_cpu) / max(decided, 1) * 1e6)
+                    wrk_us[name].append(wrk_cpu / max(decided, 1) * 1e6)
+                    if script is not None:
+                        usec = _redis_usec(redis_proc.client)[1] - script[1]
+                        lua_us[name].append(usec / max(decided, 1))
+                    after_count = decisions_and_calls(chosen)
+                    per_call_of[name].append(
+                        (after_count[0] - counted[0]) / max(after_count[1] - counted[1], 1)
+                    )
                     # decisions/s: the grants the nodes counted (every admit decision is
                     # one), not wrk's responses/s, which would count a shed 503 too
                     results[name].append(decided / max(r.seconds for r in runs))
@@ -642,8 +694,8 @@ def main() -> int:
             for service in services:
                 service.stop()  # type: ignore[attr-defined]
             redis_proc.flush()
-            a = node(workdir, "deny-a", redis_proc.url, 1000, 1000)
-            b = node(workdir, "deny-b", redis_proc.url, 1000, 1000)
+            a = node(workdir, "deny-a", redis_proc.url, 1000, 1000, calls)
+            b = node(workdir, "deny-b", redis_proc.url, 1000, 1000, calls)
             services = [a, b]
             started = time.monotonic()
             deny_runs = wrk_together([a, b], lua, seconds)
@@ -680,6 +732,9 @@ def main() -> int:
                 f"{ratio:.2f}×",
                 f"{statistics.median(cpu_us[name]):.0f}",
                 f"{statistics.median(redis_us[name]):.1f}",
+                f"{statistics.median(lua_us[name]):.1f}" if lua_us.get(name) else "-",
+                f"{statistics.median(wrk_us[name]):.1f}" if name in wrk_us else "-",
+                (f"{statistics.median(per_call_of[name]):.1f}" if per_call_of.get(name) else "-"),
             ]
         )
     ratio_2 = statistics.median(results["bucketmesh x2"]) / limits_median
@@ -693,11 +748,15 @@ def main() -> int:
         "vs limits",
         "client/node CPU µs per decision",
         "redis CPU µs per decision",
+        "of it in the script (µs)",
+        "wrk CPU µs per decision",
+        "decisions per call",
     ]
     title = (
         f"P6 redis backend{' on Redis Cluster (3 masters, 3 replicas)' if args.cluster else ''}, "
         f"admit, {CONNECTIONS} concurrent clients, "
         f"{rounds} rounds × {seconds:g} s"
+        + (f", redisCallsInFlight {args.calls_in_flight}" if args.calls_in_flight else "")
     )
     _report.print_table(title, columns, rows)
     deny_line = (
@@ -739,6 +798,7 @@ def main() -> int:
             )
             + "Command: `PYTHONPATH=src .venv/bin/python benchmarks/redis.py"
             + (" --cluster" if args.cluster else "")
+            + (f" --calls-in-flight {args.calls_in_flight}" if args.calls_in_flight else "")
             + (" --quick`" if args.quick else "`"),
         ]
     )

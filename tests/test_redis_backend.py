@@ -155,7 +155,7 @@ def test_decisions_are_batched_into_few_script_calls(
         storage={"backend": "redis", "redisUrl": redis_server.url, "redisTimeoutMs": 120_000},
     )
     node = serve(config)
-    connections = NodeSettings.__dataclass_fields__["redis_connections"].default
+    connections = NodeSettings.__dataclass_fields__["redis_calls_in_flight"].default
     admin = redis_server.client()
     request = (
         b"POST /v1/rate?k=x HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n"
@@ -391,6 +391,51 @@ def test_a_bad_redis_timeout_names_file_and_field(tmp_path: Path, value: str, me
         load_config(str(path))
     assert str(caught.value) == f"{path}: {message}"
     assert caught.value.field == "storage.redisTimeoutMs"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "storage.redisCallsInFlight must be >= 1, got 0"),
+        ("many", "storage.redisCallsInFlight: expected an integer, got 'many'"),
+    ],
+)
+def test_a_bad_redis_calls_in_flight_names_file_and_field(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    from bucketmesh.node.config import ConfigError, load_config
+
+    path = tmp_path / "bucketmesh.yaml"
+    path.write_text(f"storage:\n  backend: redis\n  redisCallsInFlight: {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{path}: {message}"
+    assert caught.value.field == "storage.redisCallsInFlight"
+
+
+def test_redis_calls_in_flight_reaches_the_backend_from_the_file(tmp_path: Path) -> None:
+    """storage.redisCallsInFlight bounds the node's decision calls in flight; unset, the
+    node's default is the backend's own."""
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.node.assemble import node_settings
+    from bucketmesh.node.config import load_config
+    from bucketmesh.node.settings import NodeSettings
+    from bucketmesh.storage.redis_backend import CALLS_IN_FLIGHT, RedisBackend
+
+    path = tmp_path / "bucketmesh.yaml"
+    path.write_text("storage:\n  backend: redis\n  redisCallsInFlight: 3\n")
+    assert node_settings(load_config(str(path))).redis_calls_in_flight == 3
+    path.write_text("storage:\n  backend: redis\n")
+    assert node_settings(load_config(str(path))).redis_calls_in_flight == CALLS_IN_FLIGHT
+    assert NodeSettings.__dataclass_fields__["redis_calls_in_flight"].default == CALLS_IN_FLIGHT
+    backend = RedisBackend(
+        [Rule.create("k-{{ .Request.Query.u }}", 5, 1.0, name="r")],
+        region="eu",
+        node="n1",
+        url="redis://127.0.0.1:1/0",
+        calls_in_flight=3,
+    )
+    assert backend.max_inflight == 3
 
 
 def test_a_frozen_redis_times_out_and_the_node_recovers_when_it_thaws(

@@ -255,3 +255,93 @@ def test_the_link_packs_an_acquire_call_byte_for_byte_as_the_reference(
     command = ["EVALSHA", "0" * 40, len(names), *names, *argv]
     assert redis_store._pack(command) == redis_store._pack_python(command)
     assert redis_store._pack(["SELECT", True]) == b"*2\r\n$6\r\nSELECT\r\n$4\r\nTrue\r\n"
+
+
+# one script call of many decisions: runs of one key's Ask (the object RedisBackend
+# reuses), several keys interleaved, another replica's entries on one key
+call = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 4), st.integers(1, 12)), min_size=1, max_size=6
+)
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    capacity=st.integers(1, 40),
+    rate=st.sampled_from([0.3, 2.5, 50.0, 1000.0, 1e9]),
+    ttl=st.sampled_from([0.5, 3600.0]),
+    calls=st.lists(
+        st.tuples(call, st.integers(0, 2_000_000_000), st.one_of(st.none(), st.integers(0, 9))),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_a_call_of_many_runs_decides_in_order_exactly_like_bucket_py(
+    store: RedisStore,
+    loop: asyncio.AbstractEventLoop,
+    capacity: int,
+    rate: float,
+    ttl: float,
+    calls: list[tuple[list[tuple[int, int, int]], int, int | None]],
+) -> None:
+    """The script decides a call's asks in order, a run of one Ask (sent as one item
+    with its count) as that many decisions: each decision and every bucket's state
+    afterwards are those of ``bucket.py`` deciding them one by one at the call's time."""
+    run = loop.run_until_complete
+    names = [f"many-{next(_names)}" for _ in range(3)]
+    rule = _rule(capacity, rate, ttl)
+    assert store.replica_id is not None
+    memory = Limiter([rule], replica_id=store.replica_id)
+    now = T0
+    peer = 0
+    for runs, dt, peer_spent in calls:
+        now += dt
+        config = memory.rule_configs["r"]
+        asks: list[Ask] = []
+        for which, tokens, count in runs:
+            ask = Ask(names[which], "r", config, tokens)
+            asks += [ask] * count
+        verdicts = run(store.acquire(asks, now))
+        assert len(verdicts) == len(asks)
+        for ask, verdict in zip(asks, verdicts, strict=True):
+            if ask.tokens > config.capacity:
+                assert verdict.status == INVALID_TOKENS
+                continue
+            assert verdict.decision(ask.key) == memory.acquire(
+                ask.key, ask.tokens, rule="r", now=now
+            )
+        bucket = memory.bucket(names[0])
+        if peer_spent is not None and bucket is not None:
+            # another replica spent on the first key: its count joins the bucket
+            peer += peer_spent
+            delta = BucketDelta(
+                names[0],
+                bucket.epoch,
+                bucket.config,
+                bucket.base_version,
+                bucket.base_time,
+                {"eu/n/1": peer},
+                "r",
+                bucket.base_used,
+            )
+            memory.merge(DeltaBatch("eu/n/1", [delta]), now=now)
+            run(store.merge([delta], now))
+        for name in names:
+            stored = run(store.read([name]))
+            held = memory.bucket(name)
+            assert stored == ([] if held is None else [held.full_state(name, store.replica_id)])
+
+
+def test_a_run_of_one_ask_is_one_item_of_the_call() -> None:
+    """RedisBackend asks a hot key with the same Ask object: a run of it is packed as
+    one item with its count, so the script parses one item, not one per decision."""
+    store = RedisStore("redis://127.0.0.1:1", "eu")
+    store.incarnation = "1733440000000"
+    config = BucketConfig(10, interval_for(1.0), 3_600_000_000_000, "shared", (7, "eu/n1"))
+    hot, other = Ask("hot", "r", config, 1), Ask("other", "r", config, 2)
+    _, argv, keys = store.acquire_args([hot] * 7 + [other, hot, hot], T0, store.incarnation_key)
+    assert keys == {"hot": 1, "other": 2}
+    assert argv[-2] == "1,1,1,0,0,7;2,1,2,0,0,1;1,1,1,0,0,2;"

@@ -131,6 +131,7 @@ def node_settings(config: Config) -> NodeSettings:
         storage=config.storage.backend,
         redis_url=config.storage.redis_url,
         redis_timeout_s=config.storage.redis_timeout_ms / 1000,
+        redis_calls_in_flight=config.storage.redis_calls_in_flight,
         envoy_listen=parse_listen(config.envoy_listen) if config.envoy_listen else None,
         admin_listen=parse_listen(config.admin_listen) if config.admin_listen else None,
         discovery=discovery_settings(config),

@@ -35,6 +35,7 @@ from bucketmesh.core.rules import (
     StoreFailurePolicy,
     parse_rate,
 )
+from bucketmesh.node.settings import REDIS_CALLS_IN_FLIGHT
 from bucketmesh.storage.wal import Durability
 
 __all__ = [
@@ -225,6 +226,9 @@ class StorageConfig(_Section, frozen=True):
     snapshot_interval_ms: _Count = 5000
     # How long a decision waits on Redis before the rule's onStoreFailure decides.
     redis_timeout_ms: _Count = 100
+    # At most this many decision script calls in flight per node (fewer, fuller calls
+    # cost Redis and the node less per decision; docs/storage-redis.md, "Batching").
+    redis_calls_in_flight: _Count = REDIS_CALLS_IN_FLIGHT
 
 
 class AdminConfig(_Section, frozen=True):

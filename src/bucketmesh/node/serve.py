@@ -138,6 +138,7 @@ class Node:
                 url=settings.redis_url,
                 timeout_s=settings.redis_timeout_s,
                 connections=settings.redis_connections,
+                calls_in_flight=settings.redis_calls_in_flight,
                 max_buckets=settings.max_buckets,
                 regions=settings.regions,
                 sync_interval_s=settings.sync.interval_s if settings.sync is not None else None,

@@ -12,6 +12,10 @@ from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication.discovery import DiscoverySettings
 from bucketmesh.replication.mesh import MeshSettings
 
+#: storage.redisCallsInFlight's default: measured best under wrk, benchmarks/redis.py
+#: (docs/storage-redis.md, "Batching")
+REDIS_CALLS_IN_FLIGHT = 2
+
 
 @dataclass
 class NodeSettings:
@@ -39,6 +43,8 @@ class NodeSettings:
     redis_url: str = "redis://localhost:6379/0"
     redis_timeout_s: float = 0.1
     redis_connections: int = 4
+    # storage.redisCallsInFlight: decision script calls in flight per node
+    redis_calls_in_flight: int = REDIS_CALLS_IN_FLIGHT
     # envoyListen: the Envoy rate limit service's gRPC (host, port); off when None
     envoy_listen: tuple[str, int] | None = None
     # adminListen: the reserved listener's (host, port), sync and admin only; off when None

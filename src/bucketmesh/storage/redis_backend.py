@@ -9,9 +9,10 @@ Theory of operation
 Decisions
     A request's decision is queued; one flush per event-loop turn sends every
     queued decision of this node in ONE script call (``RedisStore.acquire``),
-    which decides them in order, atomically. While ``connections`` calls are
-    in flight, new decisions wait and go together in the next call, so 50
-    concurrent connections cost a handful of round trips, not 50.
+    which decides them in order, atomically. While ``calls_in_flight`` calls
+    (``storage.redisCallsInFlight``, default 2) are in flight, new decisions wait
+    and go together in the next call, so 50 concurrent connections cost a
+    handful of round trips, not 50.
 The region's replica
     Every node of the region writes the same ``used`` entry, the store's
     replica id ``<region>/redis/<incarnation>``; Redis serialises them.
@@ -105,6 +106,9 @@ log = logger("redis")
 
 POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
+#: storage.redisCallsInFlight's default (node/settings.py holds the same): measured
+#: best under wrk, benchmarks/redis.py (docs/storage-redis.md, "Batching")
+CALLS_IN_FLIGHT: Final = 2
 MAX_CACHED_ASKS: Final = 65_536  # RedisBackend.asks: emptied when full
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
@@ -807,6 +811,7 @@ class RedisBackend:
         url: str,
         timeout_s: float = 0.1,
         connections: int = 4,
+        calls_in_flight: int = CALLS_IN_FLIGHT,
         max_buckets: int = 1_000_000,
         regions: int = 1,
         sync_interval_s: float | None = None,
@@ -815,7 +820,9 @@ class RedisBackend:
         self.regions = regions
         self.store = RedisStore(url, region, timeout_s=timeout_s, connections=connections)
         self.idempotency = RegionIdempotency(self.store)
-        self.max_inflight = connections
+        #: at most this many acquire calls in flight (storage.redisCallsInFlight): what
+        #: arrives meanwhile waits and goes in the next call
+        self.max_inflight = calls_in_flight
         self.rules_named = {rule.name: rule for rule in rules}
         started_ms = time.time_ns() // 1_000_000
         self.mirror = RegionMirror(

@@ -112,8 +112,9 @@ def _script(name: str) -> str:
 # (name, capacity, interval, ttl, mode, version hlc, version origin, epoch_s,
 # epoch_n: the epoch a bucket created now gets, shadow 1/0, strict shares 1/0: KEYS then
 # ends with each bucket's share hash, in the same order), then ONE string holding every
-# decision as "key index, rule index, tokens, group, request;" (few arguments to
-# pack and parse: that is most of the cost of a call). Decisions of one group > 0
+# decision as "key index, rule index, tokens, group, request, n;": n decisions in a
+# row asking the same (few arguments to pack and parse: that is most of the cost of a
+# call; a run of one key's asks is one item). Decisions of one group > 0
 # are all or nothing: the group is judged and settled whole when the loop reaches
 # its first item, against the state the decisions before it left. Decisions of
 # one request > 0 (a batch) are charged nothing if any of them asks more than its
@@ -788,7 +789,7 @@ class RedisStore:
         rules: dict[tuple[str, BucketConfig, bool], int] = {}
         keys: dict[str, int] = {}
         args: list[Any] = []
-        wanted = []
+        wanted: list[str] = []
         shares = False
         # consecutive asks of one rule share its config object: its index is kept
         # without hashing the config again (an equal config in another object only
@@ -796,11 +797,14 @@ class RedisStore:
         last: Ask | None = None
         rule_index = 0
         item = ""
+        run = 0  # how many times in a row ``last`` was asked: one item for the run
         for ask in asks:
             if ask is last:
-                # the same Ask again (RedisBackend reuses a key's): the same item
-                wanted.append(item)
+                # the same Ask again (RedisBackend reuses a key's): the same run
+                run += 1
                 continue
+            if run > 1:
+                wanted[-1] = f"{item[:-2]}{run};"  # the item ends in its count, 1
             if (
                 last is None
                 or ask.config is not last.config
@@ -831,8 +835,11 @@ class RedisStore:
             key_index = keys.get(ask.key)
             if key_index is None:
                 key_index = keys[ask.key] = len(keys) + 1
-            item = f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request};"
+            item = f"{key_index},{rule_index},{ask.tokens},{ask.group},{ask.request},1;"
             wanted.append(item)
+            run = 1
+        if run > 1:
+            wanted[-1] = f"{item[:-2]}{run};"
         now_s, now_n = _split(now_ns)
         head: list[Any] = [now_s, now_n, self.replica_id, self.incarnation, len(rules)]
         prefix = self.prefix

@@ -10,9 +10,13 @@ for k = 1, nrules do
               es = tonumber(ARGV[o + 8]), en = tonumber(ARGV[o + 9]), s = ARGV[o + 10],
               x = ARGV[o + 11]}
 end
+-- one item per run of decisions asking the same: every decision of the run is
+-- its own ask (position j), sharing the run's table
 local asks = {}
-for ki, ri, tok, g, q in string.gmatch(ARGV[6 + nrules * 11], '(%d+),(%d+),(%d+),(%d+),(%d+);') do
-  asks[#asks + 1] = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
+local pattern = '(%d+),(%d+),(%d+),(%d+),(%d+),(%d+);'
+for ki, ri, tok, g, q, n in string.gmatch(ARGV[6 + nrules * 11], pattern) do
+  local a = {tonumber(ki) + 1, rules[tonumber(ri)], tonumber(tok), tonumber(g), tonumber(q)}
+  for _ = 1, tonumber(n) do asks[#asks + 1] = a end
 end
 -- strict shares (x = 1): KEYS[k + nb] is the share hash of bucket KEYS[k] (the region's
 -- rights ledger: the share config its writer set, storage/redis_backend.py)
@@ -21,7 +25,7 @@ local cache, dirty, fresh, shown = {}, {}, {}, {}
 local function bucket(k, rule)
   local b = cache[k]
   if b == nil then
-    b = load(KEYS[k])
+    b = load_own(KEYS[k], me)
     if not b then b = false end
     cache[k] = b
   end
@@ -59,6 +63,24 @@ local function stale(b, rule)
   return rule.x ~= '1' and not b.new and b.r == rule.name
     and vcmp(rule.vh, rule.vo, b.vh, b.vo) > 0
 end
+-- now relative to b's epoch, worked out once per bucket (the epoch never changes here)
+local function now_of(b)
+  local now_rel = b.nr
+  if now_rel == nil then
+    now_rel = rel(b, now_s, now_n)
+    b.nr = now_rel
+  end
+  return now_rel
+end
+-- stale(b, rule), worked out once per bucket and rule: b's config only changes when
+-- it is saved, and a fresh bucket, once taken from, holds the rule's own config
+local function stale_once(b, rule)
+  if b.sr ~= rule then
+    b.sr = rule
+    b.sv = stale(b, rule)
+  end
+  return b.sv
+end
 -- the outcome of taking `tokens` at now from b, without changing it
 local function judge(b, tokens, now_rel)
   local backlog = tat_of(b, me) - now_rel
@@ -77,16 +99,26 @@ local function answer(j, k, status, b, lvl, retry, reset)
   out[n + 1] = status; out[n + 2] = lvl; out[n + 3] = retry; out[n + 4] = reset
   shown[k] = b
 end
--- take `tokens` (known to fit) and answer ALLOWED
-local function take(j, k, b, tokens)
-  local now_rel = rel(b, now_s, now_n)
-  local _, backlog = judge(b, tokens, now_rel)
+-- take `tokens` (known to fit) and answer ALLOWED; `backlog`: judge's, if known
+local function take(j, k, b, tokens, backlog)
+  local now_rel = now_of(b)
+  if backlog == nil then
+    local _
+    _, backlog = judge(b, tokens, now_rel)
+  end
   if tokens > 0 then
-    local edge = edge_of(b, me)
-    if backlog < 0 or edge == nil or now_rel >= edge then
-      note(b, me, now_rel, backlog < 0)
+    -- the edge (edge_of) kept on b until a grant writes a record (eg: false = none)
+    local edge = b.eg
+    if edge == nil then
+      edge = edge_of(b, me) or false
+      b.eg = edge
     end
-    local own = rep_of(b, me)
+    if backlog < 0 or not edge or now_rel >= edge then
+      note(b, me, now_rel, backlog < 0)
+      b.eg = nil
+      b.noted = true
+    end
+    local own = b.reps[me] or rep_of(b, me)
     own.u = own.u + tokens
     b.t = b.t + tokens
     if backlog < 0 then backlog = 0 end
@@ -98,9 +130,13 @@ local function take(j, k, b, tokens)
     end
     dirty[k] = now_rel
   end
-  local reset = backlog
-  if reset < 0 then reset = 0 end
-  answer(j, k, 1, b, level(b, backlog), 0, reset)
+  -- answer(j, k, 1, b, level(b, backlog), 0, reset), inlined: the usual decision
+  local n = 4 * (j - 1)
+  out[n + 1] = 1
+  if backlog > 0 then out[n + 2] = b.c - cdiv(backlog, b.i) else out[n + 2] = b.c end
+  out[n + 3] = 0
+  if backlog > 0 then out[n + 4] = backlog else out[n + 4] = 0 end
+  shown[k] = b
 end
 -- answer without taking: status 3 when tokens exceed the capacity, else `status`;
 -- `want` (if any) is what the caller needed from this bucket, for retry_after
@@ -134,6 +170,7 @@ for q, js in pairs(reqs) do
   end
 end
 local settled = {}
+local granted = 0 -- the last decision the usual path granted (tokens > 0)
 for j, a in ipairs(asks) do
   if not settled[j] then
     local k, rule, tokens, g, q = a[1], a[2], a[3], a[4], a[5]
@@ -182,15 +219,45 @@ for j, a in ipairs(asks) do
       end
       for _, i in ipairs(js) do settled[i] = true end
     else
-      local b = bucket(k, rule)
-      if stale(b, rule) then
+      local b = cache[k] or bucket(k, rule)
+      -- the next decision of a run whose last one was a grant (the same bucket and
+      -- rule, so not stale): while its TAT is cached, now is before the slice edge
+      -- and the bucket is not full (no record to write), take's steps in short
+      local tat, after = nil, nil
+      if granted == j - 1 and a == asks[j - 1] and b.tc and b.eg and b.nr < b.eg then
+        tat = b.tg + b.t * b.i
+        if b.tu ~= nil and b.tu > tat then tat = b.tu end
+        after = tat - b.nr + tokens * b.i
+        if tat < b.nr or after > b.c * b.i then after = nil end
+      end
+      if after ~= nil then
+        local own = b.reps[me]
+        own.u = own.u + tokens
+        b.t = b.t + tokens
+        local n = 4 * (j - 1)
+        out[n + 1] = 1
+        out[n + 2] = b.c - cdiv(after, b.i)
+        out[n + 3] = 0
+        out[n + 4] = after
+        granted = j
+      elseif stale_once(b, rule) then
         answer(j, k, 2, b, 0, 0, 0)
       else
-        local ok = judge(b, tokens, rel(b, now_s, now_n))
-        if ok then
-          take(j, k, b, tokens)
+        -- judge(b, tokens, now_of(b)), inlined: the usual decision
+        if b.tc then
+          tat = b.tg + b.t * b.i
+          if b.tu ~= nil and b.tu > tat then tat = b.tu end
         else
-          local _, backlog, pos = judge(b, tokens, rel(b, now_s, now_n))
+          tat = tat_of(b, me)
+        end
+        local backlog = tat - (b.nr or now_of(b))
+        local pos = backlog
+        if pos < 0 then pos = 0 end
+        local ok = pos + tokens * b.i <= b.c * b.i
+        if ok then
+          take(j, k, b, tokens, backlog)
+          if tokens > 0 then granted = j end
+        else
           local status = 0
           if tokens > b.c then status = 3 end
           answer(j, k, status, b, level(b, backlog), pos + tokens * b.i - b.c * b.i, pos)
@@ -201,12 +268,26 @@ for j, a in ipairs(asks) do
 end
 for k, now_rel in pairs(dirty) do
   local b = cache[k]
+  local rep = b.reps[me]
   if fresh[k] then
     save_all(KEYS[k], b)
+    save_rep(KEYS[k], me, rep)
   else
-    redis.call('HSET', KEYS[k], 't', fmt(b.t))
+    -- one write: the total, this replica's count, and its records if a grant of
+    -- this call wrote one (else they are as loaded)
+    local f = {'t', fmt(b.t), 'u:' .. me, fmt(rep.u)}
+    if b.noted then
+      if rep.a ~= nil then
+        f[5] = 'a:' .. me
+        f[6] = fmt(rep.a) .. ',' .. fmt(rep.au) .. ',' .. fmt(rep.as)
+      end
+      if #rep.k > 0 then
+        f[#f + 1] = 'k:' .. me
+        f[#f + 1] = joined(rep.k)
+      end
+    end
+    redis.call('HSET', KEYS[k], unpack(f))
   end
-  save_rep(KEYS[k], me, b.reps[me])
   expire(KEYS[k], b, now_rel, me)
 end
 for k = 2, nb + 1 do

@@ -44,12 +44,11 @@ local function rep_of(b, rid)
 end
 local SCALARS = {es = 1, en = 1, c = 1, i = 1, l = 1, bt = 1, t = 1, bu = 1}
 local function load(key)
-  local names = redis.call('HKEYS', key)
-  if #names == 0 then return nil end
-  local v = redis.call('HMGET', key, unpack(names))
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil end
   local b = {reps = {}, bu = 0}
-  for j = 1, #names do
-    local f, x = names[j], v[j]
+  for j = 1, #flat - 1, 2 do
+    local f, x = flat[j], flat[j + 1]
     local kind = string.sub(f, 1, 2)
     if kind == 'u:' then
       rep_of(b, string.sub(f, 3)).u = tonumber(x)
@@ -70,6 +69,35 @@ local function load(key)
     end
   end
   if b.es == nil then return nil end
+  return b
+end
+-- load(key) where the bucket may hold only `me`'s records (the usual bucket of a
+-- region that is alone, or whose peers have not spent on it): its known fields in one
+-- HMGET, read as load reads them; if the hash holds any other field (another
+-- replica's, a fold record), load(key)
+local function load_own(key, me)
+  local v = redis.call('HMGET', key, 'es', 'en', 'c', 'i', 'l', 'm', 'vh', 'vo', 'bh', 'bo',
+    'bt', 'bu', 't', 'r', 's', 'u:' .. me, 'a:' .. me, 'k:' .. me)
+  if not v[1] then
+    if redis.call('EXISTS', key) == 0 then return nil end
+    return load(key)
+  end
+  local found = 0
+  for j = 1, 18 do if v[j] then found = found + 1 end end
+  if redis.call('HLEN', key) ~= found then return load(key) end
+  local b = {es = tonumber(v[1]), en = tonumber(v[2]), c = tonumber(v[3]), i = tonumber(v[4]),
+    l = tonumber(v[5]), m = v[6] or nil, vh = v[7] or nil, vo = v[8] or nil, bh = v[9] or nil,
+    bo = v[10] or nil, bt = tonumber(v[11]) or nil, bu = tonumber(v[12]) or 0,
+    t = tonumber(v[13]) or nil, r = v[14] or nil, s = v[15] or nil, reps = {}}
+  if v[16] or v[17] or v[18] then
+    local rep = rep_of(b, me)
+    if v[16] then rep.u = tonumber(v[16]) end
+    if v[17] then
+      local triple = nums(v[17])
+      rep.a, rep.au, rep.as = triple[1], triple[2], triple[3]
+    end
+    if v[18] then rep.k = nums(v[18]) end
+  end
   return b
 end
 local function rel(b, now_s, now_n) return (now_s - b.es) * 1000000000 + (now_n - b.en) end
