@@ -275,8 +275,9 @@ class RateHot:
                 decision = decider.acquire(key, tokens, rule=rule)
             else:  # a store answering later through a sink: no future (LaterRate)
                 later = Later()
-                decision = into(key, tokens, LaterRate(self, later, route, started), rule=rule)
-                if decision is None:
+                sink = LaterRate(self, later, route, started)
+                decision = into(key, tokens, sink, rule=rule)
+                if decision is sink:
                     return later
         except LimiterError as error:
             refusal = app.limiter_error(

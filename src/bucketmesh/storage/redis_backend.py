@@ -958,6 +958,19 @@ class RedisBackend:
     ) -> Decision | asyncio.Future[Decision]:
         """One decision, made in Redis with the others of this loop turn (a future), or
         at once by the rule's ``onStoreFailure`` policy while Redis is down."""
+        made: Decision | asyncio.Future[Decision] = self.acquire_into(key, tokens, None, rule=rule)
+        return made
+
+    def acquire_into(self, key: str, tokens: int, sink: Any, *, rule: str | None = None) -> Any:
+        """``acquire``, answered through ``sink``: the Decision now (the store is down:
+        the rule's policy answers), or ``sink`` itself, waiting in the queue for the
+        decision (or its error). ``sink`` has a future's ``done()``,
+        ``set_result(decision)`` and ``set_exception(error)``, or is None for a new
+        future (``acquire``); every path that answers a queued decision (``_replied``,
+        the task's, the policy's) calls them at once, so a grant goes from the reply's
+        done callback to the sink without a future or a loop turn (api/hot.py's later
+        answer, issue 19 P6). ``sink`` must not raise: the decisions answered after it
+        in the same reply would get its error."""
         if tokens < 0:
             raise self._invalid_ask(key, rule, tokens)
         made = self.asks.get(key)
@@ -982,49 +995,16 @@ class RedisBackend:
             ask = made[0]
         if not self.up:
             return self._fallback(ask)
-        # The hot path: a bare future resolved straight from the script's answer
+        # The hot path: the sink answered straight from the script's answer
         # (``enqueue`` and ``_schedule`` inlined).
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Decision] = loop.create_future()
-        self.pending.append((ask, future))
+        if sink is None:
+            sink = loop.create_future()
+        self.pending.append((ask, sink))
         if not self.flush_scheduled and self.inflight < self.max_inflight:
             self.flush_scheduled = True
             loop.call_soon(self._flush)
-        return future
-
-    def acquire_into(
-        self, key: str, tokens: int, sink: Any, *, rule: str | None = None
-    ) -> Decision | None:
-        """``acquire``, answered through ``sink`` instead of a future: the Decision now
-        (the store is down: the rule's policy answers), or None and the decision (or its
-        error) goes to ``sink`` once known. ``sink`` has a future's ``done()``,
-        ``set_result(decision)`` and ``set_exception(error)``, and takes the future's
-        place in the queue: every path that answers a queued decision (``_replied``,
-        the task's, the policy's) calls them as it would the future's, at once, so a
-        grant goes from the reply's done callback to the sink without a future or a
-        loop turn (api/hot.py's later answer: p6g, issue 19 P6). ``sink`` must not
-        raise: the decisions answered after it in the same reply would get its error."""
-        made: Any = self.acquire(key, tokens, rule=rule)
-        if made.__class__ is Decision:
-            return made
-        pending = self.pending
-        if pending and pending[-1][1] is made:
-            # the decision queued last is this one's (acquire appends it): its future is
-            # never seen by anyone else, the sink answers instead
-            pending[-1] = (pending[-1][0], sink)
-            return None
-
-        # an answer to wait for that is not queued here (an acquire standing in for this
-        # one): the sink takes it once done
-        def forward(done: asyncio.Future[Decision]) -> None:
-            if done.cancelled():
-                _settle(sink, asyncio.CancelledError())
-            else:
-                error = done.exception()
-                _settle(sink, done.result() if error is None else error)
-
-        asyncio.ensure_future(made).add_done_callback(forward)
-        return None
+        return sink
 
     def acquire_columns(self, items: Sequence[Any]) -> None:
         """Never at once: every batch takes ``acquire_many`` (core/decisions.py)."""
