@@ -20,7 +20,7 @@ cdef class RateHot:
     cdef public bytes key_json
     cdef public tuple head, body, allowed, answered
 
-    @cython.locals(state=dict, method=str, path=str, started=double, elapsed=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, responses=dict, fields=tuple, label=tuple, answered=tuple, index=Py_ssize_t, bound=double, later=Later)
+    @cython.locals(state=dict, method=str, path=str, started=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, fields=tuple, label=tuple, later=Later)
     cpdef answer(self, request)
 
     cpdef _remember(self, template, dict headers, str key)

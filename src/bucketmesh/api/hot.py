@@ -314,27 +314,7 @@ class RateHot:
         barrier = decider.commit()
         if barrier is not None:
             return self._counted(route, app._after_barrier(barrier, response, None), started)
-        # Router.__call__'s counting: NodeMetrics.count_response and Histogram.observe
-        elapsed = _perf_counter() - started
-        histogram = self.durations.get(route)
-        if histogram is None:  # the route's first answer: its histogram is made
-            self.metrics.count_response(route, response.status, elapsed)
-            return response
-        responses = self.responses
-        status = response.status
-        answered = self.answered  # the last answer's label, if the same route and status
-        if answered[0] is not route or answered[1] is not status:
-            answered = self.answered = (route, status)
-        responses[answered] = responses.get(answered, 0) + 1
-        # bisect_left(histogram.bounds, elapsed), as a loop over C doubles when compiled
-        index = 0
-        for bound in histogram.bounds:
-            if bound >= elapsed:
-                break
-            index += 1
-        histogram.counts[index] += 1
-        histogram.count += 1
-        histogram.total += elapsed
+        self._observed(route, response, started)  # Router.__call__'s counting
         return response
 
     def _remember(self, template: KeyTemplate, headers: dict[str, str], key: str) -> None:
@@ -358,8 +338,9 @@ class RateHot:
         return answer
 
     def _observed(self, route: str, response: Response, started: float) -> None:
-        """``Router._finish``'s count of a later answer (``NodeMetrics.count_response``
-        and ``Histogram.observe``), as ``answer`` counts one given now."""
+        """The Router's count of an answer (``NodeMetrics.count_response`` and
+        ``Histogram.observe``): ``Router.__call__``'s for one given now, ``_finish``'s
+        for a later one."""
         elapsed = _perf_counter() - started
         histogram = self.durations.get(route)
         if histogram is None:  # the route's first answer: its histogram is made
@@ -367,10 +348,11 @@ class RateHot:
             return
         responses = self.responses
         status = response.status
-        answered = self.answered
+        answered = self.answered  # the last answer's label, if the same route and status
         if answered[0] is not route or answered[1] is not status:
             answered = self.answered = (route, status)
         responses[answered] = responses.get(answered, 0) + 1
+        # bisect_left(histogram.bounds, elapsed), as a loop over C doubles when compiled
         index = 0
         for bound in histogram.bounds:
             if bound >= elapsed:
