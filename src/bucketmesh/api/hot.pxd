@@ -20,8 +20,11 @@ cdef class RateHot:
     cdef public bytes key_json
     cdef public tuple head, body, allowed, answered
 
-    @cython.locals(state=dict, method=str, path=str, started=double, headers=dict, found=tuple, route=str, guards=dict, decisions=dict, fields=tuple, label=tuple, later=Later)
+    @cython.locals(state=dict, method=str, path=str, started=double, headers=dict, found=tuple, route=str, guards=dict, later=Later)
     cpdef answer(self, request)
+
+    @cython.locals(fields=tuple, decisions=dict, label=tuple)
+    cpdef respond(self, decision, dict state)
 
     cpdef _remember(self, template, dict headers, str key)
 
@@ -42,7 +45,7 @@ cdef class LaterRate:
 
     cpdef bint done(self)
 
-    @cython.locals(hot=RateHot, later=Later, state=dict, fields=tuple, decisions=dict, label=tuple)
+    @cython.locals(hot=RateHot, later=Later, state=dict)
     cpdef set_result(self, decision)
 
     cpdef set_exception(self, error)

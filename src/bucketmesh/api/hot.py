@@ -293,29 +293,34 @@ class RateHot:
             return self._counted(
                 route, app._answer(decision, app._decision_response, None), started
             )
-        fields = astuple(decision)
-        if fields[0]:  # allowed
-            decided = fields[8]
-            decisions = self.decisions
-            label = self.allowed  # the last grant's label, if its rule's name is this one
-            if label[0] is not decided:
-                label = self.allowed = (decided, "allowed")
-            decisions[label] = decisions.get(label, 0) + 1
-            near = state["near_limit"]
-            capacity = fields[3]
-            if near is not self.near or capacity != self.near_capacity:
-                self.near, self.near_capacity = near, capacity
-                self.near_level = capacity * near
-            if below(fields[2], self.near_level):  # tokens_remaining < capacity * near_limit
-                self.metrics.count_near_limit(decided)
-            response = self.granted(decision, fields)
-        else:
-            response = app._decision_response(decision)
+        response = self.respond(decision, state)
         barrier = decider.commit()
         if barrier is not None:
             return self._counted(route, app._after_barrier(barrier, response, None), started)
         self._observed(route, response, started)  # Router.__call__'s counting
         return response
+
+    def respond(self, decision: Decision, state: dict[str, Any]) -> Response:
+        """``RatingApp._decision_response(decision)`` (``state``: the app's attributes):
+        a grant counted (decisions, near-limit) and rendered from the kept templates, a
+        refusal by the reference itself."""
+        fields = astuple(decision)
+        if not fields[0]:  # refused
+            return self.app._decision_response(decision)
+        decided = fields[8]
+        decisions = self.decisions
+        label = self.allowed  # the last grant's label, if its rule's name is this one
+        if label[0] is not decided:
+            label = self.allowed = (decided, "allowed")
+        decisions[label] = decisions.get(label, 0) + 1
+        near = state["near_limit"]
+        capacity = fields[3]
+        if near is not self.near or capacity != self.near_capacity:
+            self.near, self.near_capacity = near, capacity
+            self.near_level = capacity * near
+        if below(fields[2], self.near_level):  # tokens_remaining < capacity * near_limit
+            self.metrics.count_near_limit(decided)
+        return self.granted(decision, fields)
 
     def _remember(self, template: KeyTemplate, headers: dict[str, str], key: str) -> None:
         """Keep ``key`` as what ``template`` renders while the one header it reads holds
@@ -473,28 +478,10 @@ class LaterRate:
             return
         later = self.later
         state = hot.state
-        app = hot.app
         try:
-            # RatingApp._rendered: _decision_response (its grant branch inline, as
-            # RateHot.answer's), then the commit barrier
-            fields = astuple(decision)
-            if fields[0]:  # allowed
-                decided = fields[8]
-                decisions = hot.decisions
-                label = hot.allowed
-                if label[0] is not decided:
-                    label = hot.allowed = (decided, "allowed")
-                decisions[label] = decisions.get(label, 0) + 1
-                near = state["near_limit"]
-                capacity = fields[3]
-                if near is not hot.near or capacity != hot.near_capacity:
-                    hot.near, hot.near_capacity = near, capacity
-                    hot.near_level = capacity * near
-                if below(fields[2], hot.near_level):
-                    hot.metrics.count_near_limit(decided)
-                response = hot.granted(decision, fields)
-            else:
-                response = app._decision_response(decision)
+            # RatingApp._rendered: _decision_response (RateHot.respond), then the
+            # commit barrier
+            response = hot.respond(decision, state)
             barrier = state["decider"].commit()
         except Exception as exc:  # the reference's answer: 500, reported (_failed)
             self._failed(exc)
