@@ -50,6 +50,8 @@ cdef class LaterRate:
 
     cpdef set_exception(self, error)
 
+    cpdef _handed(self, outcome, bint failed)
+
     @cython.locals(hot=RateHot, later=Later)
     cpdef _reference(self, future)
 

@@ -453,10 +453,18 @@ class LaterRate:
         if self.finished:
             return
         self.finished = True
+        self._handed(error, True)
+
+    def _handed(self, outcome: Any, failed: bool) -> None:
+        """``outcome`` (the store's error when ``failed``, else an answer other than a
+        Decision) answered by the reference path, as its future's."""
         try:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            future.set_exception(error)
-        except BaseException as exc:
+            if failed:
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        except Exception as exc:
             self._failed(exc)
             return
         self._reference(future)
@@ -468,13 +476,7 @@ class LaterRate:
         self.finished = True
         hot = self.hot
         if decision.__class__ is not Decision:
-            try:
-                future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                future.set_result(decision)
-            except Exception as exc:
-                self._failed(exc)
-                return
-            self._reference(future)
+            self._handed(decision, False)
             return
         later = self.later
         state = hot.state
