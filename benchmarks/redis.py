@@ -551,6 +551,118 @@ def wire_main() -> int:
     return 0
 
 
+# --lua-parts: where a call's time in acquire.lua goes. The script is cut short (``return
+# 1``) before the first top-level line holding each marker; each cut's µs per call, less
+# the one before it, is that part's cost.
+LUA_PARTS = (
+    ("local nrules", "the incarnation check"),
+    ("local cache, dirty", "ARGV's rules and asks parsed"),
+    ("local settled = {}", "the script's helpers defined, groups indexed"),
+    ("for k, now_rel in pairs(dirty)", "the decisions: the bucket's read, the first, the run"),
+    ("for k = 2, nb + 1", "the save"),
+    (None, "the reply"),
+)
+
+
+async def _captured_call(url: str, run: int) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the backend's usual call: one run of ``run`` asks of one key."""
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    rule = Rule.create(bench_http.TEMPLATE, 10**12, 1e9, name=bench_http.RULE, mode="shared")
+    backend = RedisBackend([rule], region="parts", node="parts-1", url=url, timeout_s=5.0)
+    await backend.start()
+    try:
+        assert backend.up, backend.last_error
+        store = backend.store
+        captured: list[tuple[list[str], list[Any]]] = []
+        real = store._run_script
+
+        async def capture(script: Any, keys: list[str], args: list[Any]) -> Any:
+            captured.append((keys, args))
+            return await real(script, keys, args)
+
+        store._run_script = capture  # type: ignore[method-assign]
+        ask = backend.ask("agent-api-key-parts", None, 1)
+        await store.acquire([ask] * run, time.time_ns())  # the bucket made
+        await store.acquire([ask] * run, time.time_ns())
+        store._run_script = real  # type: ignore[method-assign]
+        return captured[-1]
+    finally:
+        await backend.stop()
+
+
+def lua_parts_main(runs: list[int], calls: int) -> int:
+    """redis-server's µs per acquire.lua call (INFO commandstats), by part, for the
+    backend's call of one run of N asks of one key, at each N of ``runs``."""
+    from importlib import resources
+
+    import uvloop
+
+    from bucketmesh.storage import redis_store
+
+    machine = _report.machine()
+    source = redis_store._script("acquire")
+    lines = source.split("\n")
+    own = resources.files("bucketmesh.storage") / "lua" / "acquire.lua"
+    body = len(lines) - len(own.read_text("utf-8").split("\n"))
+    cuts: list[tuple[str, str]] = [
+        ("return 1", "EVALSHA of a script answering 1"),
+        ("\n".join(lines[:body]) + "\nreturn 1", "common.lua's definitions"),
+    ]
+    for marker, what in LUA_PARTS:
+        if marker is None:
+            cuts.append((source, what))
+            continue
+        at = next(i for i in range(body, len(lines)) if lines[i].startswith(marker))
+        cuts.append(("\n".join(lines[:at]) + "\nreturn 1", what))
+    table: dict[int, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-redis-parts-") as tmp:
+        redis_proc = RedisProcess(Path(tmp))
+        try:
+            client = redis_proc.client
+            for run in runs:
+                keys, args = uvloop.run(_captured_call(redis_proc.url, run))
+                totals = []
+                for script, _ in cuts:
+                    sha = client.script_load(script)
+                    client.config_resetstat()
+                    for _ in range(calls):
+                        client.evalsha(sha, len(keys), *keys, *args)
+                    totals.append(
+                        float(client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
+                    )
+                table[run] = totals
+        finally:
+            redis_proc.stop()
+    columns = ["part", *(f"run of {run}: µs per call" for run in runs)]
+    rows = []
+    for index, (_, what) in enumerate(cuts):
+        label = what if index == 0 else f"+ {what}"
+        cells = []
+        for run in runs:
+            totals = table[run]
+            part = totals[index] - (totals[index - 1] if index else 0.0)
+            cells.append(f"{part:.2f}")
+        rows.append([label, *cells])
+    rows.append(["whole call", *(f"{table[run][-1]:.2f}" for run in runs)])
+    title = "P6 acquire.lua: where a call's time goes (one key, one run per call)"
+    _report.print_table(title, columns, rows)
+    command = " ".join(str(run) for run in runs)
+    text = "\n\n".join(
+        [
+            _report.markdown_table(columns, rows),
+            f"redis-server's µs per call (INFO commandstats, {calls:,} calls per cut, idle "
+            "Redis, no persistence): the backend's real call for one run of N asks of one "
+            "key, replayed with the script cut short before each part (a cut that saves "
+            "nothing leaves the bucket as it was). Command: `PYTHONPATH=src "
+            f".venv/bin/python benchmarks/redis.py --lua-parts {command}`",
+        ]
+    )
+    _report.append_section(title, text, machine=machine)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -563,6 +675,13 @@ def main() -> int:
     )
     parser.add_argument("--wire-loop", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument(
+        "--lua-parts",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="redis-server's µs per acquire.lua call by part, for one run of N asks",
+    )
+    parser.add_argument(
         "--calls-in-flight",
         type=int,
         default=None,
@@ -574,6 +693,8 @@ def main() -> int:
         return 0
     if args.wire:
         return wire_main()
+    if args.lua_parts:
+        return lua_parts_main(args.lua_parts, 1000 if args.quick else 3000)
     if args.limits_client:
         url, seconds, concurrency = args.limits_client
         import uvloop
