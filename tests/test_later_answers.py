@@ -451,12 +451,15 @@ class _Transport:
     """What an in-process ``_Connection`` writes to: the writes, and whether each was
     made inside the Redis backend's reply callback (``inside``)."""
 
-    def __init__(self, inside: list[bool]) -> None:
+    def __init__(self, inside: list[bool], wrote: asyncio.Event | None = None) -> None:
         self.inside = inside
+        self.wrote = wrote  # set at each write
         self.writes: list[tuple[bytes, bool]] = []
 
     def write(self, data: bytes) -> None:
         self.writes.append((data, self.inside[0]))
+        if self.wrote is not None:
+            self.wrote.set()
 
     def is_closing(self) -> bool:
         return False
@@ -502,19 +505,22 @@ def test_a_redis_grant_is_written_from_the_stores_reply_callback(redis_server: A
             loop = asyncio.get_running_loop()
             request = _request("POST /v1/rate HTTP/1.1", "u", 1)
 
+            wrote = asyncio.Event()
+
             def connect() -> tuple[_Connection, _Transport]:
-                transport = _Transport(inside)
+                transport = _Transport(inside, wrote)
                 connection = _Connection(server, loop)
                 connection.connection_made(transport)  # type: ignore[arg-type]
                 return connection, transport
 
             async def answered(transports: list[_Transport], n: int) -> list[bytes]:
-                for _ in range(3000):
+                """The writes, once they hold ``n`` answers (woken by each write)."""
+                while True:
                     writes = [data for t in transports for data, _ in t.writes]
                     if b"".join(writes).count(b"HTTP/1.1 ") >= n:
                         return writes
-                    await asyncio.sleep(0.01)
-                raise AssertionError("not answered")
+                    wrote.clear()
+                    await asyncio.wait_for(wrote.wait(), 30)  # a bound, never reached
 
             # the first body goes through the router (it decodes it), the rest through
             # the callback
