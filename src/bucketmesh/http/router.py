@@ -35,9 +35,9 @@ class Router:
         #: route label -> a check run before each handler of that route (raises ApiError)
         self.guards: dict[str, Callable[[Request], None]] = {}
         #: what the HTTP server calls instead of this router, if set: a handler that answers
-        #: some requests itself exactly as the router would and hands it the rest
-        #: (``api/hot.py``: POST /v1/rate's simple case in one compiled call)
-        #: (a ``Later`` for an answer it gives later itself)
+        #: some requests itself exactly as the router would (a ``Later`` for an answer it
+        #: gives later) and hands it the rest (``api/hot.py``: POST /v1/rate's simple
+        #: case in one compiled call)
         self.hot: Callable[[Request], Answer | Later] | None = None
 
     def add_route(self, method: str, path: str, route: str, handler: Handler) -> None:

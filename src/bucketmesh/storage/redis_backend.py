@@ -1311,9 +1311,7 @@ class RedisBackend:
                         return
                     raise RedisError(str(raw))
             except (RedisError, OSError) as error:  # OSError: TimeoutError, ConnectionError
-                store.failures += 1
-                store.drop_link()
-                raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+                raise store.unavailable(error) from None
             if len(raw) == 1:
                 store.verdicts(raw, [waiter[0] for waiter in batch], keys)  # raises if stale
             self.calls += 1
@@ -1388,16 +1386,25 @@ class RedisBackend:
                 # adopt the newer config first, then decide those again: a task
                 handed = True
                 self._start(redo, now)
-        except (StoreUnavailable, StaleIncarnation) as error:
-            self._mark_down(error)
-            self._resolve_by_policy(left)
-        except BaseException as error:  # never leave a request hanging
-            for _, future in left:
-                _settle(future, error)
-            raise
+        except BaseException as error:
+            if not self._call_failed(left, error):
+                raise
         finally:
             if not handed:
                 self._end_call(left)
+
+    def _call_failed(self, left: list[Waiter], error: BaseException) -> bool:
+        """A script call failed with ``error``, ``left`` unanswered: a store failure
+        marks the store down and sends them to the rules' policies (True: handled);
+        anything else answers each with ``error``, never leaving a request hanging
+        (False: the caller raises it)."""
+        if isinstance(error, (StoreUnavailable, StaleIncarnation)):
+            self._mark_down(error)
+            self._resolve_by_policy(left)
+            return True
+        for _, future in left:
+            _settle(future, error)
+        return False
 
     def _end_call(self, left: list[Waiter]) -> None:
         """A call is over: refusals for anything still unanswered, the next call."""
@@ -1412,13 +1419,9 @@ class RedisBackend:
         left = list(batch)
         try:
             await self._decide_in_store(left, reconfigure_at)
-        except (StoreUnavailable, StaleIncarnation) as error:
-            self._mark_down(error)
-            self._resolve_by_policy(left)
-        except BaseException as error:  # never leave a request hanging
-            for _, future in left:
-                _settle(future, error)
-            raise
+        except BaseException as error:
+            if not self._call_failed(left, error):
+                raise
         finally:
             # Whatever went wrong above, nothing stays unanswered: a refusal for
             # anything left (a future resolved twice keeps its first answer).

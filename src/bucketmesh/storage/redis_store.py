@@ -534,9 +534,14 @@ class RedisStore:
             async with _timeout(timeout_s or self.timeout_s):
                 return await awaitable
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as error:
-            self.failures += 1
-            self.drop_link()
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+            raise self.unavailable(error) from None
+
+    def unavailable(self, error: BaseException) -> StoreUnavailable:
+        """A call failed with ``error``: counted, the raw link(s) dropped (their replies
+        may never come), and the StoreUnavailable to raise for it."""
+        self.failures += 1
+        self.drop_link()
+        return StoreUnavailable(f"{type(error).__name__}: {error}")
 
     async def close(self) -> None:
         self.drop_link()
