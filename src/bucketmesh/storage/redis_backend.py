@@ -1462,42 +1462,12 @@ class RedisBackend:
                 raise
             self.calls += 1
             redo: list[Waiter] = []
-            tracked = self.tracked
-            touched = self.touched
-            mirrored = self.mirror.limiter.buckets
             for waiter, verdict in zip(batch, verdicts, strict=True):
                 assert verdict is not None
-                ask = waiter[0]
-                status = verdict[0]
-                if status == ALLOWED and not ask.shares:
-                    # the hot path, _answer's first branch inlined: a grant
-                    self.decided += 1
-                    key = ask.key
-                    if ask.tokens and ask.rule in tracked:
-                        touched.add(key)
-                        if key not in mirrored:
-                            self.unmirrored.add(key)
-                    future = waiter[1]
-                    if not future.done():
-                        # Verdict.decision inlined
-                        future.set_result(
-                            Decision(
-                                True,
-                                key,
-                                verdict[1],
-                                verdict[4],
-                                NS_PER_S / verdict[5],
-                                verdict[2] / NS_PER_S,
-                                verdict[3] / NS_PER_S,
-                                verdict[6],
-                                verdict[7],
-                            )
-                        )
-                    continue
-                if status == RECONFIGURE:
+                if verdict[0] == RECONFIGURE:
                     redo.append(waiter)
-                    continue
-                self._answer(waiter, verdict)
+                else:
+                    self._answer(waiter, verdict)
             left[:] = redo
             if not redo:
                 return
