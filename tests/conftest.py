@@ -247,12 +247,28 @@ class Server:
         return re.search(rf"\b{re.escape(self.host)}:{self.port}\b", self.stdout()) is not None
 
     def internal_errors(self) -> list[str]:
-        """Lines of stderr that say the server hit a bug (never expected)."""
-        return [
-            line
-            for line in self.stderr().splitlines()
-            if "internal error" in line or "Traceback" in line
-        ]
+        """What stderr says of a bug the server hit (never expected): each line
+        naming an internal error, and each traceback whole, so a failure names its
+        cause rather than only that there was one."""
+        found: list[str] = []
+        lines = self.stderr().splitlines()
+        index = 0
+        while index < len(lines):
+            line = lines[index]
+            index += 1
+            if "Traceback" in line:
+                block = [line]
+                # a traceback's frames are indented; its last line (the exception) is not
+                while index < len(lines) and lines[index].startswith((" ", "\t")):
+                    block.append(lines[index])
+                    index += 1
+                if index < len(lines):
+                    block.append(lines[index])
+                    index += 1
+                found.append("\n".join(block))
+            elif "internal error" in line:
+                found.append(line)
+        return found
 
     # -- lifecycle --------------------------------------------------------------
 
