@@ -32,7 +32,10 @@ Method
     limits client; the bucketmesh node(s), HTTP included) and of redis-server,
     from /proc — on an oversubscribed machine throughput follows the scheduler's
     share of each contender (wrk + nodes vs one client process), CPU per decision
-    much less.
+    much less; the nodes' kernel share of it (their HTTP and Redis syscalls); and
+    the machine's idle CPU during each run (/proc/stat): what the contender left
+    unused of the cores, its request-reply chain waiting (a node on Redis, wrk on
+    a node) with nothing else runnable.
     Scenario "deny" (over-admission, counted): capacity 1000, refill 1000/s, both
     nodes under wrk; grants must stay within capacity + refill × elapsed (elapsed
     measured around the whole run, so the bound is generous only by the time the
@@ -264,6 +267,26 @@ def wrk_together(services: list[object], lua: Path, seconds: float) -> list[obje
             raise RuntimeError(f"wrk failed: {err or out}")
         results.append(bench_http.parse_wrk(out))
     return results
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's (all, idle) CPU time so far, in clock ticks (/proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    return sum(values), values[3] + values[4]  # idle + iowait
+
+
+def idle_share(before: tuple[int, int]) -> float:
+    """Percent of the machine's CPU time left idle since ``before`` (``cpu_ticks``)."""
+    after = cpu_ticks()
+    return 100.0 * (after[1] - before[1]) / max(after[0] - before[0], 1)
+
+
+def kernel_seconds(pid: int) -> float:
+    """System (kernel) CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -729,6 +752,10 @@ def main() -> int:
     wrk_us: dict[str, list[float]] = {name: [] for name in results if name != "limits"}
     lua_us: dict[str, list[float]] = {name: [] for name in wrk_us}
     per_call_of: dict[str, list[float]] = {name: [] for name in wrk_us}
+    # context for the figures: the machine's idle CPU during each run (what the
+    # contender's processes left unused of the cores), and the nodes' kernel share
+    idle_pct: dict[str, list[float]] = {name: [] for name in results}
+    kernel_us: dict[str, list[float]] = {name: [] for name in wrk_us}
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
         workdir = Path(tmp)
         lua = bench_http.wrk_lua(
@@ -753,8 +780,10 @@ def main() -> int:
                     before = grants(services)
                     shed_before = sheds(services)
                     redis_cpu = redis_proc.cpu()
+                    ticks = cpu_ticks()
                     if name == "limits":
                         figures = run_limits(redis_proc.url, seconds)
+                        idle_pct[name].append(idle_share(ticks))
                         results[name].append(figures["rps"])
                         cpu_us[name].append(figures["cpu_us"])
                         redis_us[name].append(
@@ -766,11 +795,16 @@ def main() -> int:
                     script = None if args.cluster else _redis_usec(redis_proc.client)
                     wrk_cpu = children_cpu()
                     node_cpu = sum(cpu_seconds(s.pid) for s in chosen)  # type: ignore[attr-defined]
+                    node_kernel = sum(kernel_seconds(s.pid) for s in chosen)  # type: ignore[attr-defined]
+                    ticks = cpu_ticks()
                     runs = wrk_together(chosen, lua, seconds)
+                    idle_pct[name].append(idle_share(ticks))
                     node_cpu = sum(cpu_seconds(s.pid) for s in chosen) - node_cpu  # type: ignore[attr-defined]
+                    node_kernel = sum(kernel_seconds(s.pid) for s in chosen) - node_kernel  # type: ignore[attr-defined]
                     wrk_cpu = children_cpu() - wrk_cpu
                     decided = grants(services)[0] - before[0]
                     cpu_us[name].append(node_cpu / max(decided, 1) * 1e6)
+                    kernel_us[name].append(node_kernel / max(decided, 1) * 1e6)
                     redis_us[name].append((redis_proc.cpu() - redis_cpu) / max(decided, 1) * 1e6)
                     wrk_us[name].append(wrk_cpu / max(decided, 1) * 1e6)
                     if script is not None:
@@ -852,10 +886,12 @@ def main() -> int:
                 f"{statistics.median(p99[name]):.1f}" if name in p99 else "-",
                 f"{ratio:.2f}×",
                 f"{statistics.median(cpu_us[name]):.0f}",
+                f"{statistics.median(kernel_us[name]):.1f}" if kernel_us.get(name) else "-",
                 f"{statistics.median(redis_us[name]):.1f}",
                 f"{statistics.median(lua_us[name]):.1f}" if lua_us.get(name) else "-",
                 f"{statistics.median(wrk_us[name]):.1f}" if name in wrk_us else "-",
                 (f"{statistics.median(per_call_of[name]):.1f}" if per_call_of.get(name) else "-"),
+                f"{statistics.median(idle_pct[name]):.0f}",
             ]
         )
     ratio_2 = statistics.median(results["bucketmesh x2"]) / limits_median
@@ -868,10 +904,12 @@ def main() -> int:
         "p99 ms",
         "vs limits",
         "client/node CPU µs per decision",
+        "of it in the kernel (µs)",
         "redis CPU µs per decision",
         "of it in the script (µs)",
         "wrk CPU µs per decision",
         "decisions per call",
+        "machine idle %",
     ]
     title = (
         f"P6 redis backend{' on Redis Cluster (3 masters, 3 replicas)' if args.cluster else ''}, "

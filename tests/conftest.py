@@ -257,7 +257,8 @@ class Server:
             line = lines[index]
             index += 1
             if "Traceback" in line:
-                block = [line]
+                # the line before says what failed (a log record's message)
+                block = [lines[index - 2], line] if index >= 2 else [line]
                 # a traceback's frames are indented; its last line (the exception) is not
                 while index < len(lines) and lines[index].startswith((" ", "\t")):
                     block.append(lines[index])
