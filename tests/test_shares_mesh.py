@@ -137,10 +137,18 @@ def test_rights_follow_demand_stop_during_a_partition_and_flow_again(three: Mesh
     try:
         # rebalanced: the busy region holds what its 90 % needs (the others about their
         # 5 % each), so the key serves at least 95 % of its limit
-        eventually(lambda: rights(hot, hot.region) >= 0.85, "rights follow the demand", 90)
-        state = hot.state(KEY)
+        def holding_most() -> dict[str, Any]:
+            # one read for the rights and the refill rate: the rebalancer may move
+            # rights between two reads
+            state = hot.state(KEY)
+            shares = state["shares"]
+            assert shares is not None and hot.region in shares, "no shares in the state"
+            assert shares[hot.region]["rights"] >= 0.85, shares
+            return state
+
+        state = eventually(holding_most, "rights follow the demand", 90)
         assert sum(e["rights"] for e in state["shares"].values()) <= 1.0 + 1e-9
-        assert state["refill_rate"] >= 0.85 * RATE
+        assert state["refill_rate"] >= 0.85 * RATE - 1e-6
 
         # a measured window: the key serves >= 95 % of what its limit allows over it
         # (r·W: the buckets run empty under this demand, so the capacity is not
