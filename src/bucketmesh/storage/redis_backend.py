@@ -996,14 +996,14 @@ class RedisBackend:
         if not self.up:
             return self._fallback(ask)
         # The hot path: the sink answered straight from the script's answer
-        # (``enqueue`` and ``_schedule`` inlined).
-        loop = asyncio.get_running_loop()
+        # (``enqueue`` and ``_schedule`` inlined). The loop is looked up only when
+        # needed: on Python 3.11 ``get_running_loop`` is a getpid(2) system call.
         if sink is None:
-            sink = loop.create_future()
+            sink = asyncio.get_running_loop().create_future()
         self.pending.append((ask, sink))
         if not self.flush_scheduled and self.inflight < self.max_inflight:
             self.flush_scheduled = True
-            loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
         return sink
 
     def acquire_columns(self, items: Sequence[Any]) -> None:
