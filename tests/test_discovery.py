@@ -221,7 +221,10 @@ def test_a_silent_dns_server_keeps_the_peers_and_the_node_ready(
             "a failed resolution is counted",
         )
         assert client.get("/readyz").status_code == 200
-    assert peers_up(a) == {"us-east-1.bucketmesh-1"}
+    assert peers(a) == {"us-east-1.bucketmesh-1"}  # kept
+    # (and up: waited for, since a heartbeat late on a loaded machine marks it down
+    # for a moment)
+    eventually(lambda: peers_up(a) == {"us-east-1.bucketmesh-1"}, "still meshed")
     assert b.alive()
 
 

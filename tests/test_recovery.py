@@ -108,17 +108,30 @@ def test_strict_shares_follow_a_region_joining(serve: ServerFactory, tmp_path: P
     snap = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in two}
     mesh = Mesh(serve, two, buckets=[strict_rule(12)], overrides=snap).start()
     total = sum(granted(node, "/v1/rate?k=x", 8) for node in mesh.nodes.values())
-    assert total == 12
+    # not exactly 12: the first region's demand may draw a right from the second
+    # before the second is asked, and a moved right arrives without its token
+    # (docs/sync.md), as in the first test; never more than the limit
+    assert 6 <= total <= 12, total
     for node in mesh.nodes.values():
         assert node.server is not None and node.server.stop(signal.SIGTERM) == 0
 
     three = Mesh(serve, [*two, "ap-southeast-2"], buckets=[strict_rule(12)], overrides=snap)
     three.start()
+
     # issue 18: the key's rights ledger (founded by the two first regions) came back
     # with their snapshots: the added region starts from what it is given (its floor),
     # and the capacities together never exceed the limit
-    capacities = [node.state("s-x")["capacity"] for node in three.nodes.values()]
-    assert sum(capacities) <= 12, capacities
+    # (waited for, not read once: the three are read at three instants while the two
+    # give the added region its floor, and a gift counts at its giver first, so a
+    # giver read before it gave and a receiver read after it received sum over the
+    # limit for a moment; the defect this guards against, restored half shares beside
+    # the new region's, holds at every instant)
+    def capacities() -> list[int]:
+        found = [node.state("s-x")["capacity"] for node in three.nodes.values()]
+        assert sum(found) <= 12, found
+        return found
+
+    eventually(capacities, "the capacities together within the limit")
     total += sum(granted(node, "/v1/rate?k=x", 8) for node in three.nodes.values())
     assert total <= 12, f"{total} granted against a strict limit of 12"
 

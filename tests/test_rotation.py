@@ -83,6 +83,9 @@ def test_three_step_sync_secret_rotation_under_load_fails_no_sync_round(
         REGIONS,
         buckets=RULES,
         overrides={r: {"sync": {"secret": None, "secretFile": str(files[r])}} for r in REGIONS},
+        # what is counted is a refused message; a send that takes over the default
+        # 0.5 s on a loaded machine would count as a failed send too
+        peer_timeout_ms=10_000,
     )
     del mesh.env["BUCKETMESH_SYNC_SECRET"]  # the files give it
     mesh.start()

@@ -445,6 +445,10 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
         rounds += 1
         assert time.monotonic() - opened < 60, "the share hash was never written again"
     span = time.monotonic() - opened
+    # rights may still move in this phase (eu, asked too, may give some back): the
+    # larger of the region's holdings before and after it bounds what it spent on
+    # (eu's view counts eu's own gifts at once)
+    held = max(held, rights(eu, REDIS_REGION, HARD_KEY))
     assert granted <= capacity + rate * span, (granted, span)
     # the Redis region within what it held (its share's capacity) and at most the whole
     # refill since: on main it spent half the limit, the 1/R split
