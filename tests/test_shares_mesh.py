@@ -355,7 +355,9 @@ def test_a_removed_regions_rights_are_handed_over_and_it_spends_nothing_back(
     stranded: the others held about 10 % between them and the first ``eventually``
     timed out."""
     overrides = {r: {"storage": {"snapshot": str(tmp_path / f"{r}.snap")}} for r in REGIONS}
-    mesh = Mesh(serve, REGIONS, buckets=[RULE], overrides=overrides).start()
+    # a node with a snapshot waits a peer timeout for its start-up pull; the removed
+    # region's must be answered (the default 0.5 s is short on a loaded machine)
+    mesh = Mesh(serve, REGIONS, buckets=[RULE], overrides=overrides, peer_timeout_ms=5_000).start()
     hot, cold1, cold2 = mesh[0], mesh[1], mesh[2]
     driver = Driver([hot, cold1, cold2], [0.9, 0.05, 0.05], load=1.3)
     driver.start()
