@@ -282,17 +282,21 @@ def idle_share(before: tuple[int, int]) -> float:
     return 100.0 * (after[1] - before[1]) / max(after[0] - before[0], 1)
 
 
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time of a process so far, in seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def kernel_seconds(pid: int) -> float:
-    """System (kernel) CPU time of a process so far (Linux /proc)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+    """System (kernel) CPU time of a process so far."""
+    return cpu_times(pid)[1]
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process so far."""
+    return sum(cpu_times(pid))
 
 
 def store_failures(services: list[object]) -> int:

@@ -376,41 +376,29 @@ def test_a_redis_region_and_a_memory_region_converge_through_the_mesh(
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
+    ("name", "value", "message"),
     [
-        ("0", "storage.redisTimeoutMs must be >= 1, got 0"),
-        ("soon", "storage.redisTimeoutMs: expected an integer, got 'soon'"),
+        ("redisTimeoutMs", "0", "storage.redisTimeoutMs must be >= 1, got 0"),
+        ("redisTimeoutMs", "soon", "storage.redisTimeoutMs: expected an integer, got 'soon'"),
+        ("redisCallsInFlight", "0", "storage.redisCallsInFlight must be >= 1, got 0"),
+        (
+            "redisCallsInFlight",
+            "many",
+            "storage.redisCallsInFlight: expected an integer, got 'many'",
+        ),
     ],
 )
-def test_a_bad_redis_timeout_names_file_and_field(tmp_path: Path, value: str, message: str) -> None:
-    from bucketmesh.node.config import ConfigError, load_config
-
-    path = tmp_path / "bucketmesh.yaml"
-    path.write_text(f"storage:\n  backend: redis\n  redisTimeoutMs: {value}\n")
-    with pytest.raises(ConfigError) as caught:
-        load_config(str(path))
-    assert str(caught.value) == f"{path}: {message}"
-    assert caught.value.field == "storage.redisTimeoutMs"
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("0", "storage.redisCallsInFlight must be >= 1, got 0"),
-        ("many", "storage.redisCallsInFlight: expected an integer, got 'many'"),
-    ],
-)
-def test_a_bad_redis_calls_in_flight_names_file_and_field(
-    tmp_path: Path, value: str, message: str
+def test_a_bad_redis_setting_names_file_and_field(
+    tmp_path: Path, name: str, value: str, message: str
 ) -> None:
     from bucketmesh.node.config import ConfigError, load_config
 
     path = tmp_path / "bucketmesh.yaml"
-    path.write_text(f"storage:\n  backend: redis\n  redisCallsInFlight: {value}\n")
+    path.write_text(f"storage:\n  backend: redis\n  {name}: {value}\n")
     with pytest.raises(ConfigError) as caught:
         load_config(str(path))
     assert str(caught.value) == f"{path}: {message}"
-    assert caught.value.field == "storage.redisCallsInFlight"
+    assert caught.value.field == f"storage.{name}"
 
 
 def test_redis_calls_in_flight_reaches_the_backend_from_the_file(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from bucketmesh.core.rules import (
     StoreFailurePolicy,
     parse_rate,
 )
-from bucketmesh.node.settings import REDIS_CALLS_IN_FLIGHT
+from bucketmesh.storage import REDIS_CALLS_IN_FLIGHT
 from bucketmesh.storage.wal import Durability
 
 __all__ = [

@@ -11,10 +11,7 @@ from bucketmesh.http.server import ServerLimits
 from bucketmesh.http.tls import TlsContexts
 from bucketmesh.replication.discovery import DiscoverySettings
 from bucketmesh.replication.mesh import MeshSettings
-
-#: storage.redisCallsInFlight's default: measured best under wrk, benchmarks/redis.py
-#: (docs/storage-redis.md, "Batching")
-REDIS_CALLS_IN_FLIGHT = 2
+from bucketmesh.storage import REDIS_CALLS_IN_FLIGHT
 
 
 @dataclass

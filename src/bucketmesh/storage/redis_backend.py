@@ -86,6 +86,7 @@ from bucketmesh.core.rules import STORE_FAILURE_POLICIES, Rule
 from bucketmesh.core.shares import Ledger, ShareState
 from bucketmesh.http.idempotency import IDEMPOTENCY_TTL_S, CacheKey, Record, record_of
 from bucketmesh.http.server import Response
+from bucketmesh.storage import REDIS_CALLS_IN_FLIGHT
 from bucketmesh.storage.memory import install_limiter_metrics
 from bucketmesh.storage.redis_store import (
     ALLOWED,
@@ -106,9 +107,7 @@ log = logger("redis")
 
 POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
-#: storage.redisCallsInFlight's default (node/settings.py holds the same): measured
-#: best under wrk, benchmarks/redis.py (docs/storage-redis.md, "Batching")
-CALLS_IN_FLIGHT: Final = 2
+CALLS_IN_FLIGHT: Final = REDIS_CALLS_IN_FLIGHT  # storage.redisCallsInFlight's default
 MAX_CACHED_ASKS: Final = 65_536  # RedisBackend.asks: emptied when full
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5

@@ -78,10 +78,7 @@ end
 local function load_own(key, me)
   local v = redis.call('HMGET', key, 'es', 'en', 'c', 'i', 'l', 'm', 'vh', 'vo', 'bh', 'bo',
     'bt', 'bu', 't', 'r', 's', 'u:' .. me, 'a:' .. me, 'k:' .. me)
-  if not v[1] then
-    if redis.call('EXISTS', key) == 0 then return nil end
-    return load(key)
-  end
+  if not v[1] then return nil end -- no epoch: no bucket, as load finds (its last check)
   local found = 0
   for j = 1, 18 do if v[j] then found = found + 1 end end
   if redis.call('HLEN', key) ~= found then return load(key) end
