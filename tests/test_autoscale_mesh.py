@@ -123,7 +123,10 @@ class Controller:
         assert self.process.poll() is None, self.output()
         if not self.audit.exists():
             return []
-        return [json.loads(line) for line in self.audit.read_text().splitlines() if line]
+        # the lines written whole: a line still being appended has no newline yet
+        text = self.audit.read_text()
+        whole = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in whole.splitlines() if line]
 
     def events_of(self, kind: str) -> list[dict[str, Any]]:
         """The audit events of ``kind``: at least one (an AssertionError until then)."""
