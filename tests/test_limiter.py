@@ -62,6 +62,30 @@ def test_denied_request_and_peek_do_not_mark_the_bucket_dirty() -> None:
     assert limiter.collect_deltas().deltas == []
 
 
+def test_collect_deltas_with_a_limit_takes_a_slice_and_leaves_the_rest_dirty() -> None:
+    """A collector takes a large dirty set a slice at a time: each key's delta once, the
+    same deltas as one whole collect, and the changed rule configs with the first slice."""
+    limiter = Limiter(rules(), replica_id="a")
+    whole = Limiter(rules(), replica_id="a")
+    for n in range(10):
+        limiter.acquire(f"api-{n}", now=T0)
+        whole.acquire(f"api-{n}", now=T0)
+    name = limiter.rules[0].name
+    limiter.configure(name, capacity=20, now=T0 + 1)
+    whole.configure(name, capacity=20, now=T0 + 1)
+    slices = [limiter.collect_deltas(4) for _ in range(4)]
+    assert [len(s.deltas) for s in slices] == [4, 4, 2, 0]
+    assert [sorted(s.rules) for s in slices] == [[name], [], [], []]
+    taken = [d for s in slices for d in s.deltas]
+    assert sorted((d.key, d.config, d.used) for d in taken) == sorted(
+        (d.key, d.config, d.used) for d in whole.collect_deltas().deltas
+    )
+    # a key changed again after its slice was taken is dirty again, once
+    limiter.acquire("api-3", now=T0 + 2)
+    assert [d.key for d in limiter.collect_deltas(4).deltas] == ["api-3"]
+    assert limiter.collect_deltas(None).deltas == []
+
+
 def test_local_mode_never_produces_deltas() -> None:
     limiter = Limiter(rules(), replica_id="a")
     limiter.acquire("ip-1.2.3.4", now=T0)

@@ -1610,12 +1610,20 @@ class Limiter:
 
     # -- replication ---------------------------------------------------------
 
-    def collect_deltas(self) -> DeltaBatch:
-        """The deltas of every bucket changed since the last call (and clears the set)."""
+    def collect_deltas(self, limit: int | None = None) -> DeltaBatch:
+        """The deltas of every bucket changed since the last call (and clears the set).
+        With ``limit``, of at most that many of them: the rest stay dirty for the next
+        call (a caller with a million dirty keys, a PATCH of a rule every bucket belongs
+        to, takes them a slice per event-loop turn instead of building them all in one).
+        The changed rule configs come with the first call that finds them."""
         deltas = []
         buckets = self.buckets
         rid = self.replica_id
-        for key in self.dirty:
+        dirty = self.dirty
+        chosen: Iterable[str] = dirty
+        if limit is not None and len(dirty) > limit:
+            chosen = [dirty.pop() for _ in range(max(limit, 0))]
+        for key in chosen:
             bucket = buckets.get(key)
             if bucket is None and key in self.ledgers:
                 # a strict key's ledger changed where the key has no bucket
@@ -1627,7 +1635,8 @@ class Limiter:
                     deltas.append(self.strict_config_delta(key, bucket.rule))
                 else:
                     deltas.append(bucket.delta(key, rid))
-        self.dirty.clear()
+        if chosen is dirty:
+            dirty.clear()
         rules = {name: self.rule_configs[name] for name in self.dirty_rules}
         self.dirty_rules.clear()
         return DeltaBatch(rid, deltas, rules)

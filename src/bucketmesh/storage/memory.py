@@ -426,8 +426,8 @@ class RestoringReplica:
     def key_configs(self) -> Mapping[str, BucketConfig]:
         return self.limiter.key_configs
 
-    def collect_deltas(self) -> DeltaBatch:
-        return self.limiter.collect_deltas()
+    def collect_deltas(self, limit: int | None = None) -> DeltaBatch:
+        return self.limiter.collect_deltas(limit)
 
     def full_state(self, keys: Iterable[str] | None = None) -> DeltaBatch:
         self.store.finish_restore_now()

@@ -315,13 +315,13 @@ class RegionMirror:
         self.forward(batch)
         return changed
 
-    def collect_deltas(self) -> DeltaBatch:
-        """Like ``Limiter.collect_deltas``, but each delta carries every entry of this
-        region (``<region>/...``): besides the store's own, what ``local`` fallbacks
-        spent (merged into Redis under node-local ids) and an older incarnation's
-        counts. Only this region can send them, and max-merge makes resending them
+    def collect_deltas(self, limit: int | None = None) -> DeltaBatch:
+        """Like ``Limiter.collect_deltas`` (``limit`` as there), but each delta carries
+        every entry of this region (``<region>/...``): besides the store's own, what
+        ``local`` fallbacks spent (merged into Redis under node-local ids) and an older
+        incarnation's counts. Only this region can send them, and max-merge makes resending them
         harmless; a peer region's entries stay that region's to send."""
-        batch = self.limiter.collect_deltas()
+        batch = self.limiter.collect_deltas(limit)
         prefix = self.replica_id.split("/", 1)[0] + "/"
         for delta in batch.deltas:
             bucket = self.limiter.buckets.get(delta.key)
