@@ -306,6 +306,11 @@ class Simulation:
         #: how to reproduce this run, for violation messages
         self.replay = f"Simulation(seed={seed}, ...)"
         self.rng = random.Random(seed)
+        #: how many dirty keys a sync tick collects (None: all), drawn per tick from a
+        #: stream of its own, so the schedules of the main stream stay what they were:
+        #: a collector takes a large dirty set in slices (Mesh.collect_sliced), and keys
+        #: left dirty for the next tick must converge all the same
+        self.slices = random.Random(f"collect-{seed}")
         self.n = replicas
         self.rules = list(rules)
         #: the rules file each replica runs with (``reload`` gives one a new file)
@@ -911,7 +916,7 @@ class Simulation:
     def _on_sync(self, i: int) -> None:
         if not self.ticking:
             return
-        batch = self.limiters[i].collect_deltas()
+        batch = self.limiters[i].collect_deltas(self.slices.choice((None, None, 1, 2)))
         if batch.deltas or batch.rules:
             self._broadcast(i, batch, range(self.n))
         self._push(self.now + self.sync_interval_ns, self._on_sync, (i,))
