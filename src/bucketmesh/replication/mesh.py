@@ -674,7 +674,7 @@ class Mesh:
         of keys (a PATCH of a rule every bucket of a flood belongs to) is neither built
         (``collect_deltas(limit)``: ~1.5-3.5 s for a million) nor encoded in one turn.
         Deltas hold absolute values, so collecting in slices queues the same; a key
-        changed meanwhile is collected once, by the slice that takes it. It takes at
+        changed again after its slice goes with a later slice or collect. It takes at
         most the slices the buckets held when it began: a flood dirtying keys as fast as
         they are taken leaves the rest to the next collect. Cancelled between slices
         (the node stops), it collects and queues the rest at once: nothing dirty is
