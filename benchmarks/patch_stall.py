@@ -1,7 +1,7 @@
 """A rule PATCH over a million buckets: how long the nodes' event loops stop.
 
-Two regions on loopback, ``east`` and ``west``, syncing (r6.py's nodes, memory backend,
-no lag shedding), each with the loop-stall detector of ``benchmarks/stallwatch`` (a
+Two regions on loopback, ``east`` and ``west``, syncing (r6.py's pair, memory backend,
+``east`` without lag shedding), each with the loop-stall detector of ``benchmarks/stallwatch`` (a
 heartbeat every 5 ms; a turn of the loop later than 100 ms is written down with the
 stacks sampled meanwhile). ``east`` is filled with N buckets of the ``flood`` rule
 through ``POST /v1/rate/batch`` (500 per request) and ``west`` gets them by sync. Then
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import _report
 import httpx
@@ -33,45 +33,33 @@ import r6
 
 BATCH = 500
 SETTLE_S = 15.0
-READY_S = 60.0
+SYNCED_S = 300.0
 
 
-def _wait(check: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if check():  # type: ignore[operator]
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"patch_stall: {what} within {seconds:g} s")
-
-
-def _stalls(path: Path) -> list[dict[str, object]]:
+def _stalls(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _row(region: str, answered: str, found: list[dict[str, Any]]) -> list[str]:
+    """A node's stalls: how many, the longest, and its most frequent sampled stack."""
+    longest = max(found, key=lambda stall: float(stall["gap_ms"]), default=None)
+    if longest is None:
+        return [region, answered, "0", "-", "-"]
+    where = " ← ".join(longest["stacks"][0][1][:2]) if longest["stacks"] else "-"
+    return [region, answered, str(len(found)), f"{float(longest['gap_ms']):,.0f}", where]
 
 
 def run(n: int, workdir: Path) -> list[list[str]]:
     stalls = workdir / "stalls"
     stalls.mkdir()
     r6.STALLS["dir"] = stalls
-    east_port, west_port = r6.free_port(), r6.free_port()
-    secret = secrets.token_urlsafe(32)
-    limits = {"maxBuckets": n + 1000, "shedLag": r6.NEVER_MS}
-    east = r6.Node(workdir, "east", east_port, {"west": west_port}, limits, secret)
-    west = r6.Node(workdir, "west", west_port, {"east": east_port}, limits, secret)
-    nodes = {"east": east, "west": west}
+    # r6's pair: east without lag shedding, both up and pulled before it returns
+    pair = r6.Pair(workdir, shedding=False, reserved_listener=False, max_buckets=n + 1000)
+    east, west = pair.east, pair.west
     try:
         with httpx.Client(timeout=120) as client:
-            for node in nodes.values():
-                _wait(
-                    lambda node=node: client.get(node.url + "/readyz").status_code == 200,
-                    READY_S,
-                    f"{node.region} was not ready",
-                )
             for first in range(0, n, BATCH):
                 items = [
                     {"key": f"agent-api-key-{i:016x}", "rule": "flood", "tokens": 1}
@@ -80,44 +68,29 @@ def run(n: int, workdir: Path) -> list[list[str]]:
                 answer = client.post(east.url + "/v1/rate/batch", json={"requests": items})
                 if answer.status_code != 200:
                     raise SystemExit(f"patch_stall: the fill got {answer.status_code}")
-            _wait(
-                lambda: client.get(west.url + "/v1/status").json()["buckets"] >= n,
-                300.0,
-                f"west did not get the {n:,} buckets by sync",
-            )
-            for node in nodes.values():  # what the fill stalled is not the PATCH's
+            deadline = time.monotonic() + SYNCED_S
+            while client.get(west.url + "/v1/status").json()["buckets"] < n:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"patch_stall: west did not get the {n:,} buckets by sync")
+                time.sleep(0.1)
+            for node in (east, west):  # what the fill stalled is not the PATCH's
                 (stalls / f"{node.region}-{node.port}.jsonl").write_text("")
             started = time.monotonic()
             patched = client.patch(
                 east.url + "/v1/buckets/flood",
-                json={"capacity": 2 * r6.RULE["capacity"]},  # type: ignore[operator]
+                json={"capacity": 2 * int(r6.RULE["capacity"])},
                 headers={"Authorization": f"Bearer {r6.ADMIN_TOKEN}"},
             )
             answered = time.monotonic() - started
             if patched.status_code != 200:
                 raise SystemExit(f"patch_stall: the PATCH got {patched.status_code}")
             time.sleep(SETTLE_S)  # a benchmark's fixed observation window, not a test's wait
-        rows = []
-        for region, node in nodes.items():
-            found = _stalls(stalls / f"{region}-{node.port}.jsonl")
-            longest = max(found, key=lambda s: float(s["gap_ms"]), default=None)  # type: ignore[arg-type]
-            where = "-"
-            if longest is not None and longest["stacks"]:
-                frames = longest["stacks"][0][1]  # type: ignore[index]
-                where = " ← ".join(frames[:2])
-            rows.append(
-                [
-                    region,
-                    f"{answered:.2f}" if region == "east" else "-",
-                    str(len(found)),
-                    "-" if longest is None else f"{float(longest['gap_ms']):,.0f}",  # type: ignore[arg-type]
-                    where,
-                ]
-            )
-        return rows
     finally:
-        for node in nodes.values():
-            node.stop()
+        pair.stop()
+    return [
+        _row("east", f"{answered:.2f}", _stalls(stalls / f"east-{east.port}.jsonl")),
+        _row("west", "-", _stalls(stalls / f"west-{west.port}.jsonl")),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

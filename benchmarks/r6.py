@@ -228,7 +228,8 @@ class Pair:
     """``east`` (flooded) and ``west``, syncing with each other."""
 
     def __init__(self, workdir: Path, shedding: bool, shed_lag_ms: int | None = None,
-                 reserved_listener: bool = True) -> None:  # fmt: skip
+                 reserved_listener: bool = True,
+                 max_buckets: int | None = None) -> None:  # fmt: skip
         ports = {"east": free_port(), "west": free_port()}
         # east's reserved listener: west sends its sync there, the prober its admin calls
         admin_port = free_port() if reserved_listener else None
@@ -236,10 +237,12 @@ class Pair:
         limits = {} if shedding else {"shedLag": NEVER_MS, "maxInFlight": 10**9}
         if shedding and shed_lag_ms is not None:
             limits["shedLag"] = shed_lag_ms
-        self.east = Node(workdir, "east", ports["east"], {"west": ports["west"]}, limits, secret,
-                         admin_port)  # fmt: skip
+        # both nodes' bucket cap (limits.maxBuckets), when the default is not enough
+        cap = {} if max_buckets is None else {"maxBuckets": max_buckets}
+        self.east = Node(workdir, "east", ports["east"], {"west": ports["west"]},
+                         {**limits, **cap}, secret, admin_port)  # fmt: skip
         to_east = admin_port if admin_port is not None else ports["east"]
-        self.west = Node(workdir, "west", ports["west"], {"east": to_east}, {}, secret)
+        self.west = Node(workdir, "west", ports["west"], {"east": to_east}, cap, secret)
         deadline = time.monotonic() + 60
         with httpx.Client(timeout=2) as client:
             while True:

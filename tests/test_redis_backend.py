@@ -408,7 +408,8 @@ def test_redis_calls_in_flight_reaches_the_backend_from_the_file(tmp_path: Path)
     from bucketmesh.node.assemble import node_settings
     from bucketmesh.node.config import load_config
     from bucketmesh.node.settings import NodeSettings
-    from bucketmesh.storage.redis_backend import CALLS_IN_FLIGHT, RedisBackend
+    from bucketmesh.storage import REDIS_CALLS_IN_FLIGHT as CALLS_IN_FLIGHT
+    from bucketmesh.storage.redis_backend import RedisBackend
 
     path = tmp_path / "bucketmesh.yaml"
     path.write_text("storage:\n  backend: redis\n  redisCallsInFlight: 3\n")

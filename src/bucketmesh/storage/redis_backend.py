@@ -107,7 +107,6 @@ log = logger("redis")
 
 POLICIES: Final = STORE_FAILURE_POLICIES
 MAX_DECISIONS_PER_CALL: Final = 500
-CALLS_IN_FLIGHT: Final = REDIS_CALLS_IN_FLIGHT  # storage.redisCallsInFlight's default
 MAX_CACHED_ASKS: Final = 65_536  # RedisBackend.asks: emptied when full
 PROBE_INTERVAL_S: Final = 0.1
 CHECK_INTERVAL_S: Final = 0.5
@@ -319,8 +318,8 @@ class RegionMirror:
         """Like ``Limiter.collect_deltas`` (``limit`` as there), but each delta carries
         every entry of this region (``<region>/...``): besides the store's own, what
         ``local`` fallbacks spent (merged into Redis under node-local ids) and an older
-        incarnation's counts. Only this region can send them, and max-merge makes resending them
-        harmless; a peer region's entries stay that region's to send."""
+        incarnation's counts. Only this region can send them, and max-merge makes
+        resending them harmless; a peer region's entries stay that region's to send."""
         batch = self.limiter.collect_deltas(limit)
         prefix = self.replica_id.split("/", 1)[0] + "/"
         for delta in batch.deltas:
@@ -810,7 +809,7 @@ class RedisBackend:
         url: str,
         timeout_s: float = 0.1,
         connections: int = 4,
-        calls_in_flight: int = CALLS_IN_FLIGHT,
+        calls_in_flight: int = REDIS_CALLS_IN_FLIGHT,
         max_buckets: int = 1_000_000,
         regions: int = 1,
         sync_interval_s: float | None = None,
