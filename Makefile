@@ -15,7 +15,7 @@ PURE_TESTS := tests/test_bucket_laws.py tests/test_batch_equivalence.py tests/te
 	tests/test_guarantees.py tests/test_sim_cases.py tests/test_simulation.py \
 	tests/test_recovery_gate.py tests/test_compiled_core.py tests/test_restart_memory.py \
 	tests/test_http_compiled.py tests/test_http_dispatch_paths.py tests/test_sync_leading_edge.py \
-	tests/test_rate_fast_path.py
+	tests/test_rate_fast_path.py tests/test_heap.py
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ install: $(STAMP)
 # the dev dependencies (mypy among them) first, then the package again without build
 # isolation, so that setup.py finds mypyc. Without a compiler it installs the pure core.
 CORE_SOURCES := src/bucketmesh/core/bucket.py src/bucketmesh/core/limiter.py src/bucketmesh/_native.py \
-	src/bucketmesh/http/server.py src/bucketmesh/http/server.pxd \
+	src/bucketmesh/core/heap.c src/bucketmesh/http/server.py src/bucketmesh/http/server.pxd \
 	src/bucketmesh/api/hot.py src/bucketmesh/api/hot.pxd
 
 $(STAMP): pyproject.toml setup.py $(CORE_SOURCES)

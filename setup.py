@@ -11,7 +11,9 @@ builds without isolation.
 
 The HTTP server's module (``CYTHONIZED`` in the same file) is compiled by Cython, from
 its source and the types in ``http/server.pxd``, when Cython is installed (a dev
-dependency too); otherwise it stays pure Python.
+dependency too); otherwise it stays pure Python. The modules written in C
+(``C_MODULES``: core/heap.c) are built with the rest; each has a pure module of the
+same name that runs where it is not.
 """
 
 from __future__ import annotations
@@ -32,30 +34,31 @@ def _say(message: str) -> None:
     print(f"bucketmesh build: {message}", file=sys.stderr, flush=True)
 
 
+def _native_list(name: str) -> list[str] | None:
+    """The list ``name`` of src/bucketmesh/_native.py as paths under the checkout, read
+    without importing the package; None where it has none."""
+    tree = ast.parse((HERE / "src/bucketmesh/_native.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == name:
+            return [f"src/{path}" for path in ast.literal_eval(node.value)]  # type: ignore[arg-type]
+    return None
+
+
 def _compiled_sources() -> list[str]:
-    """COMPILED from src/bucketmesh/_native.py, read without importing the package."""
-    tree = ast.parse((HERE / "src/bucketmesh/_native.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "COMPILED":
-            return [f"src/{path}" for path in ast.literal_eval(node.value)]  # type: ignore[arg-type]
-    raise RuntimeError("src/bucketmesh/_native.py has no COMPILED list")
-
-
-def _cythonized_sources() -> list[str]:
-    """CYTHONIZED from src/bucketmesh/_native.py: the HTTP hot path's modules, which
-    Cython compiles one by one from the same sources (docs/build.md)."""
-    tree = ast.parse((HERE / "src/bucketmesh/_native.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "CYTHONIZED":
-            return [f"src/{path}" for path in ast.literal_eval(node.value)]  # type: ignore[arg-type]
-    return []
+    """COMPILED: the modules mypyc compiles together."""
+    sources = _native_list("COMPILED")
+    if sources is None:
+        raise RuntimeError("src/bucketmesh/_native.py has no COMPILED list")
+    return sources
 
 
 def _cython_extensions() -> list[Any]:
     """The HTTP modules compiled by Cython as plain Python (annotations not used as C
     types: the compiled module behaves as its source does, without the interpreter's
     dispatch); none where Cython is missing."""
-    sources = _cythonized_sources()
+    # CYTHONIZED: the HTTP hot path's modules, which Cython compiles one by one from
+    # the same sources (docs/build.md)
+    sources = _native_list("CYTHONIZED")
     if not sources:
         return []
     try:
@@ -91,11 +94,22 @@ def _cython_extensions() -> list[Any]:
         return []
 
 
+def _c_extensions() -> list[Any]:
+    """C_MODULES from src/bucketmesh/_native.py: modules written in C beside a pure
+    module of the same name (core/heap.c beside core/heap.py)."""
+    from setuptools import Extension
+
+    return [
+        Extension(source[len("src/") : -len(".c")].replace("/", "."), [source])
+        for source in _native_list("C_MODULES") or []
+    ]
+
+
 def _extensions() -> list[Any]:
     if os.environ.get("BUCKETMESH_PURE", "") not in ("", "0"):
         _say("BUCKETMESH_PURE is set: installing the pure-Python core")
         return []
-    return _mypyc_extensions() + _cython_extensions()
+    return _mypyc_extensions() + _cython_extensions() + _c_extensions()
 
 
 def _mypyc_extensions() -> list[Any]:

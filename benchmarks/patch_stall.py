@@ -10,7 +10,9 @@ for SETTLE_S seconds the nodes adopt it, collect a delta for every bucket, send,
 The table gives each node's stalls over 100 ms after the PATCH: how many, the longest,
 and where the longest's most frequent sampled stack was (a sample is taken when the
 watchdog gets the GIL, so a full garbage collection shows as whatever Python line it
-interrupted). Context for docs/sync.md ("Outboxes"), not a target: stall lengths are
+interrupted); and the full garbage collections the node ran in that time, with their
+summed pause (its ``bucketmesh_gc_pause_seconds{generation="2"}``; "-" on a tree
+that does not export it). Context for docs/sync.md ("Outboxes"), not a target: stall lengths are
 timings of one machine.
 
 Run: ``PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py [--quick]``
@@ -51,6 +53,24 @@ def _row(region: str, answered: str, found: list[dict[str, Any]]) -> list[str]:
     return [region, answered, str(len(found)), f"{float(longest['gap_ms']):,.0f}", where]
 
 
+def _full_collections(client: httpx.Client, url: str) -> tuple[float, float] | None:
+    """A node's full collections so far and their summed pause (s), from /metrics."""
+    found: dict[str, float] = {}
+    for line in client.get(url + "/metrics").text.splitlines():
+        for part in ("count", "sum"):
+            if line.startswith(f'bucketmesh_gc_pause_seconds_{part}{{generation="2"}}'):
+                found[part] = float(line.split()[-1])
+    return (found["count"], found["sum"]) if len(found) == 2 else None
+
+
+def _collections_between(
+    before: tuple[float, float] | None, after: tuple[float, float] | None
+) -> list[str]:
+    if before is None or after is None:
+        return ["-", "-"]
+    return [f"{after[0] - before[0]:.0f}", f"{(after[1] - before[1]) * 1e3:,.0f}"]
+
+
 def run(n: int, workdir: Path) -> list[list[str]]:
     stalls = workdir / "stalls"
     stalls.mkdir()
@@ -75,6 +95,7 @@ def run(n: int, workdir: Path) -> list[list[str]]:
                 time.sleep(0.1)
             for node in (east, west):  # what the fill stalled is not the PATCH's
                 (stalls / f"{node.region}-{node.port}.jsonl").write_text("")
+            collected = [_full_collections(client, node.url) for node in (east, west)]
             started = time.monotonic()
             patched = client.patch(
                 east.url + "/v1/buckets/flood",
@@ -85,11 +106,14 @@ def run(n: int, workdir: Path) -> list[list[str]]:
             if patched.status_code != 200:
                 raise SystemExit(f"patch_stall: the PATCH got {patched.status_code}")
             time.sleep(SETTLE_S)  # a benchmark's fixed observation window, not a test's wait
+            after = [_full_collections(client, node.url) for node in (east, west)]
     finally:
         pair.stop()
     return [
-        _row("east", f"{answered:.2f}", _stalls(stalls / f"east-{east.port}.jsonl")),
-        _row("west", "-", _stalls(stalls / f"west-{west.port}.jsonl")),
+        _row("east", f"{answered:.2f}", _stalls(stalls / f"east-{east.port}.jsonl"))
+        + _collections_between(collected[0], after[0]),
+        _row("west", "-", _stalls(stalls / f"west-{west.port}.jsonl"))
+        + _collections_between(collected[1], after[1]),
     ]
 
 
@@ -102,7 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = _report.machine()
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
         rows = run(n, Path(tmp))
-    columns = ["node", "PATCH answered (s)", "stalls > 100 ms", "longest (ms)", "where"]
+    columns = [
+        "node",
+        "PATCH answered (s)",
+        "stalls > 100 ms",
+        "longest (ms)",
+        "where",
+        "full collections",
+        "their pause (ms)",
+    ]
     title = f"A rule PATCH over {n:,} buckets, 2 regions: event-loop stalls"
     _report.print_table(title, columns, rows)
     body = "\n\n".join(

@@ -43,6 +43,11 @@ COMPILED: Final = (
 #: requires both to answer the same bytes (docs/build.md).
 CYTHONIZED: Final = ("bucketmesh/http/server.py", "bucketmesh/api/hot.py")
 
+#: modules written in C beside a pure-Python module of the same name and behaviour
+#: (the reference, and what runs where they are not built); setup.py reads this list
+#: too. core/heap.c keeps buckets out of the cyclic garbage collector (core/heap.py).
+C_MODULES: Final = ("bucketmesh/core/heap.c",)
+
 PURE_ENV: Final = "BUCKETMESH_PURE"
 _ROOT: Final = os.path.dirname(os.path.abspath(__file__))
 _SRC: Final = os.path.dirname(_ROOT)
@@ -60,9 +65,9 @@ def _extension_of(source: str) -> str | None:
 def stale() -> list[str]:
     """The compiled modules older than their sources (edited since the last build)."""
     out = []
-    for relative in COMPILED + CYTHONIZED:
+    for relative in COMPILED + CYTHONIZED + C_MODULES:
         source = os.path.join(_SRC, relative)
-        extension = _extension_of(source)
+        extension = _extension_of(os.path.splitext(source)[0] + ".py")
         if extension is not None and os.path.getmtime(source) > os.path.getmtime(extension):
             out.append(relative)
     return out

@@ -143,6 +143,7 @@ from typing import Any, Final, Literal, get_args
 
 # The structs (config, decision, delta) live in ``structs.py``, which is never compiled:
 # mypyc would build them without their msgspec options (frozen, array_like, gc).
+from bucketmesh.core.heap import untrack
 from bucketmesh.core.structs import BucketConfig as BucketConfig
 from bucketmesh.core.structs import BucketDelta as BucketDelta
 from bucketmesh.core.structs import Decision as Decision
@@ -372,6 +373,9 @@ class Bucket:
     )
 
     def __init__(self, config: BucketConfig, now_ns: int, rule: str = "") -> None:
+        # lives as long as its key and is in no reference cycle: out of the cyclic
+        # collector's walks where compiled (core/heap.py); so is its entries list
+        untrack(self)
         self.config = config
         self.epoch = epoch_for(now_ns, config.ttl_ns)
         self.base_version = config.version
@@ -475,7 +479,7 @@ class Bucket:
         rid = self._entries
         if not isinstance(rid, str):
             return
-        self._entries = self._lone_entry(rid)
+        self._entries = untrack(self._lone_entry(rid))
         self._anchor = ABSENT
         self._anchor_used = 0
         self._anchor_slice = 0
@@ -1100,7 +1104,7 @@ class Bucket:
                     continue  # a late message of a folded incarnation: already counted
                 i = len(entries)
                 # (a concatenation is allocated to size; extend() would over-allocate)
-                entries = self._entries = entries + [rid, 0, None, 0, None, 0]  # noqa: RUF005
+                entries = self._entries = untrack(entries + [rid, 0, None, 0, None, 0])  # noqa: RUF005
                 changed = True
             if value > entries[i + 1]:
                 self.total += value - entries[i + 1]
@@ -1175,7 +1179,7 @@ class Bucket:
                         recorded = recorded or entries[i + 2] is not None or bool(entries[i + 4])
                     else:
                         kept = kept + entries[i : i + STRIDE]  # allocated to size
-                self._entries = kept or None
+                self._entries = untrack(kept) if kept else None
             if own is None:
                 own = self.folds = {}
             own[node] = (watermark, tokens)
@@ -1231,7 +1235,7 @@ class Bucket:
             # (a concatenation is allocated to size; extend() would over-allocate)
             entries = entry if entries is None else entries + entry
             total += value
-        self._entries = entries
+        self._entries = None if entries is None else untrack(entries)
         self.total = total
         if delta.rule:
             self.rule = delta.rule

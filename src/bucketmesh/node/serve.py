@@ -43,7 +43,9 @@ What those two steps loaded lives as long as the node, so a ``serve`` process th
 moves it out of the garbage collector's generations (``gc.freeze``, in
 :meth:`Node.run`; an embedded member leaves its host application's heap alone): a
 full collection no longer walks a million restored buckets (0.4–0.6 s each at
-1,000,000, docs/operations.md).
+1,000,000, docs/operations.md). Buckets made later (new keys, peers' deltas) are kept
+out of the collector by the compiled core itself (core/heap.py); a ``serve`` process
+reports the collector's pauses as ``bucketmesh_gc_pause_seconds``.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.audit import AuditLog, token_identity
 from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
-from bucketmesh.telemetry.metrics import NodeMetrics
+from bucketmesh.telemetry.metrics import GcPauses, NodeMetrics
 from bucketmesh.telemetry.outcomes import Outcomes
 from bucketmesh.telemetry.tasks import Supervisor, cancel_and_wait
 
@@ -727,10 +729,17 @@ class Node:
         # The bulk load is long-lived: full collections skip it (module doc). Here, not
         # in start(): an embedded member (embed.py) runs in an application's heap.
         gc.freeze()
-        if on_ready is not None:
-            on_ready(self)
-        await self.stopping.wait()
-        await self.stop()
+        # the collector's pauses are the process's, so only a serve process reports them
+        pauses = GcPauses()
+        pauses.install()
+        self.metrics.labelled.append(pauses.metrics)
+        try:
+            if on_ready is not None:
+                on_ready(self)
+            await self.stopping.wait()
+            await self.stop()
+        finally:
+            pauses.remove()
 
 
 def run_node(

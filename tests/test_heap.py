@@ -1,0 +1,142 @@
+"""Buckets kept out of the cyclic garbage collector (core/heap.py), and the collector's
+pauses as a metric of a serve process.
+
+A full collection walks every tracked container; a node holds one bucket per live key,
+and one entries list in each bucket another replica touched. In the compiled build
+every bucket and every such list is untracked when it is made, whichever way it is
+made (a decision on a new key, a peer's delta, a snapshot restored), so a full
+collection no longer walks them. The pure build (BUCKETMESH_PURE=1) keeps them tracked:
+``untrack`` is the identity there, and nothing a decision sees differs.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+
+import pytest
+from conftest import ServerFactory, eventually, make_config
+
+from bucketmesh import _native
+from bucketmesh.core import heap
+from bucketmesh.core.limiter import Limiter
+from bucketmesh.core.rules import Rule
+from bucketmesh.telemetry.metrics import GcPauses, NodeMetrics
+
+NOW = 1_700_000_000 * 10**9
+KEYS = [f"agent-{i}" for i in range(40)]
+
+compiled_only = pytest.mark.skipif(
+    not heap.COMPILED, reason="the pure build keeps every object tracked (core/heap.py)"
+)
+
+
+def rule() -> Rule:
+    return Rule.create("{{ .Request.Header.X-K }}", 100, 10.0, name="r", mode="shared")
+
+
+def tracked(limiter: Limiter) -> list[object]:
+    """The buckets of ``limiter``, and their entries lists, that the collector walks."""
+    out: list[object] = []
+    for bucket in limiter.buckets.values():
+        out += [held for held in (bucket, bucket._entries) if gc.is_tracked(held)]
+    return out
+
+
+def lists(limiter: Limiter) -> int:
+    return sum(isinstance(bucket._entries, list) for bucket in limiter.buckets.values())
+
+
+def test_the_compiled_helper_is_built_with_the_core() -> None:
+    """``make install`` builds heap.c with the mypyc core (all or nothing, setup.py)."""
+    assert _native.compiled() == heap.COMPILED
+
+
+def test_untrack_is_the_identity_that_leaves_pure_objects_tracked() -> None:
+    held = [1, "a"]
+    assert heap.untrack(held) is held
+    assert gc.is_tracked(held) is not heap.COMPILED
+    assert heap.untrack(7) == 7  # not a container: returned as it is
+
+
+@compiled_only
+def test_every_way_a_bucket_is_made_leaves_it_and_its_entries_out_of_the_collector() -> None:
+    east = Limiter([rule()], replica_id="east")
+    west = Limiter([rule()], replica_id="west")
+    for i, key in enumerate(KEYS):  # new keys: Limiter._fresh
+        assert east.acquire(key, 1, rule="r", now=NOW + i).allowed
+    assert len(east.buckets) == len(KEYS) and tracked(east) == []
+
+    west.merge(east.collect_deltas(), now=NOW + 100)  # Bucket.from_delta: a lone entry
+    assert len(west.buckets) == len(KEYS) and tracked(west) == []
+    for i, key in enumerate(KEYS):  # a grant beside the lone entry unpacks it to a list
+        assert west.acquire(key, 1, rule="r", now=NOW + 200 + i).allowed
+    assert lists(west) == len(KEYS) and tracked(west) == []
+
+    east.merge(west.collect_deltas(), now=NOW + 300)  # a new replica's entry appended
+    assert lists(east) == len(KEYS) and tracked(east) == []
+
+    restored = Limiter.restore(east.snapshot(), [rule()], replica_id="east/2")
+    assert len(restored.buckets) == len(KEYS) and lists(restored) == len(KEYS)
+    assert tracked(restored) == []
+
+    # nothing the collector skipped is lost: a full collection, then every bucket still
+    # holds both replicas' grants (100 capacity, 2 spent) and decides
+    gc.collect()
+    for i, key in enumerate(KEYS):
+        decision = restored.acquire(key, 0, rule="r", now=NOW + 300 + i)
+        assert decision.allowed and decision.tokens_remaining == 98, (key, decision)
+
+
+@compiled_only
+def test_a_bucket_is_freed_by_reference_counting_alone() -> None:
+    """Untracked, a bucket its limiter drops is still freed at once: it is in no cycle,
+    so reference counting frees it (and lets go of its config)."""
+    limiter = Limiter([rule()], replica_id="east")
+    limiter.acquire("gone", 1, rule="r", now=NOW)
+    config = limiter.buckets["gone"].config
+    held = sys.getrefcount(config)
+    del limiter.buckets["gone"]
+    assert sys.getrefcount(config) == held - 1
+
+
+def test_the_collector_pauses_are_counted_by_generation() -> None:
+    pauses = GcPauses()
+    pauses.install()
+    pauses.install()  # once only
+    try:
+        gc.collect()
+        gc.collect(0)
+    finally:
+        pauses.remove()
+    full, young = pauses.by_generation[2].count, pauses.by_generation[0].count
+    assert full >= 1 and young >= 1
+    gc.collect()  # removed: no longer counted
+    assert pauses.by_generation[2].count == full
+    metrics = NodeMetrics()
+    metrics.labelled.append(pauses.metrics)
+    text = metrics.exposition().decode()
+    assert f'bucketmesh_gc_pause_seconds_count{{generation="2"}} {float(full)}' in text
+    assert 'bucketmesh_gc_pause_seconds_bucket{generation="2",le="+Inf"}' in text
+
+
+def test_a_serve_process_reports_its_collections(serve: ServerFactory) -> None:
+    node = serve(make_config())
+    with node.client() as client:
+
+        def collected() -> bool:
+            for i in range(200):
+                client.post("/v1/rate", headers={"X-API-Key": f"gc-{i}"})
+            text = client.get("/metrics").text
+            line = next(
+                (
+                    line
+                    for line in text.splitlines()
+                    if line.startswith('bucketmesh_gc_pause_seconds_count{generation="0"}')
+                ),
+                None,
+            )
+            assert line is not None, "a serve process exports bucketmesh_gc_pause_seconds"
+            return float(line.split()[-1]) > 0
+
+        eventually(collected, "a young collection of the serve process is counted")
