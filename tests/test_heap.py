@@ -21,7 +21,9 @@ from bucketmesh import _native
 from bucketmesh.core import heap
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Rule
-from bucketmesh.telemetry.metrics import GcPauses, NodeMetrics
+from bucketmesh.node import gcpacing
+from bucketmesh.node.gcpacing import GcPacer
+from bucketmesh.telemetry.metrics import NodeMetrics
 
 NOW = 1_700_000_000 * 10**9
 KEYS = [f"agent-{i}" for i in range(40)]
@@ -36,8 +38,9 @@ def rule() -> Rule:
 
 
 def tracked(limiter: Limiter) -> list[object]:
-    """The buckets of ``limiter``, and their entries lists, that the collector walks."""
-    out: list[object] = []
+    """The buckets of ``limiter``, their entries lists and the map holding them, that the
+    collector walks."""
+    out: list[object] = [limiter.buckets] if gc.is_tracked(limiter.buckets) else []
     for bucket in limiter.buckets.values():
         out += [held for held in (bucket, bucket._entries) if gc.is_tracked(held)]
     return out
@@ -101,23 +104,47 @@ def test_a_bucket_is_freed_by_reference_counting_alone() -> None:
 
 
 def test_the_collector_pauses_are_counted_by_generation() -> None:
-    pauses = GcPauses()
-    pauses.install()
-    pauses.install()  # once only
+    pacer = GcPacer()
+    pacer.install()
+    pacer.install()  # once only
     try:
         gc.collect()
         gc.collect(0)
     finally:
-        pauses.remove()
-    full, young = pauses.by_generation[2].count, pauses.by_generation[0].count
+        pacer.remove()
+    full, young = pacer.by_generation[2].count, pacer.by_generation[0].count
     assert full >= 1 and young >= 1
     gc.collect()  # removed: no longer counted
-    assert pauses.by_generation[2].count == full
+    assert pacer.by_generation[2].count == full
     metrics = NodeMetrics()
-    metrics.labelled.append(pauses.metrics)
+    metrics.labelled.append(pacer.metrics)
     text = metrics.exposition().decode()
     assert f'bucketmesh_gc_pause_seconds_count{{generation="2"}} {float(full)}' in text
     assert 'bucketmesh_gc_pause_seconds_bucket{generation="2",le="+Inf"}' in text
+    assert f"bucketmesh_gc_full_threshold {float(pacer.floor)}" in text
+
+
+def test_full_collections_are_spaced_out_past_the_budget_and_back_after_it() -> None:
+    """Full collections taking more than BUDGET of the time double the young
+    collections before the next one, up to MOST; cheap ones halve it back to the
+    interpreter's own threshold. Fed pauses, not timed: no test asserts a timing."""
+    young, older, full = gc.get_threshold()
+    pacer = GcPacer()
+    try:
+        pacer.pace(0.040, 0.200)  # 20 %: spaced out
+        assert pacer.threshold == 2 * full and gc.get_threshold() == (young, older, 2 * full)
+        for _ in range(20):
+            pacer.pace(0.040, 0.200)
+        assert pacer.threshold == gcpacing.MOST
+        pacer.pace(0.001, 0.100)  # 1 %: within the budget, left as it is
+        assert pacer.threshold == gcpacing.MOST
+        for _ in range(20):
+            pacer.pace(0.001, 10.0)  # 0.01 %: back
+        assert pacer.threshold == full and gc.get_threshold() == (young, older, full)
+        pacer.pace(0.040, 0.200)
+    finally:
+        pacer.remove()
+    assert gc.get_threshold() == (young, older, full)  # removed: as it was
 
 
 def test_a_serve_process_reports_its_collections(serve: ServerFactory) -> None:

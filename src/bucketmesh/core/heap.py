@@ -10,11 +10,14 @@ holds a peer's entries (idle, in-process: ``benchmarks/gc_pause.py``), during wh
 the node answers nothing. ``gc.freeze()`` at start-up (node/serve.py) moves only what
 was restored then.
 
-Neither object can be part of a reference cycle: a bucket refers to its config (a
+None of these can be part of a reference cycle: a bucket refers to its config (a
 msgspec struct of numbers and strings), strings, numbers, tuples of numbers and the
-entries list, and the list to strings, numbers and tuples of numbers; nothing refers
-back. So reference counting alone frees them, and ``untrack`` takes them out of the
-collector's walks when they are made (``core/bucket.py``).
+entries list, the list to strings, numbers and tuples of numbers, and the limiter's map
+of buckets to keys and buckets; nothing refers back. So reference counting alone frees
+them, and ``untrack`` takes them out of the collector's walks when they are made
+(``core/bucket.py``), and the map after every store into it (``core/limiter.py``: a
+dict tracks itself again then). With them out, CPython's trigger for a full collection
+fires far more often: a ``serve`` process paces it (``node/gcpacing.py``).
 
 This file is the reference and the fallback: ``untrack`` returns its argument and
 does nothing else. ``make install`` compiles ``heap.c`` beside it (setup.py), which

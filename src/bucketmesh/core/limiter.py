@@ -80,6 +80,7 @@ from bucketmesh.core.bucket import (
     interval_for,
 )
 from bucketmesh.core.decisions import Ask
+from bucketmesh.core.heap import untrack
 from bucketmesh.core.limits import MAX_KEY_BYTES, LimitError, check_burst, check_limits
 from bucketmesh.core.rules import QUALIFIER, Rule
 from bucketmesh.core.shares import (
@@ -361,6 +362,10 @@ class Limiter:
         # rule name -> the file version this node gave the limits its file holds for it
         # (stamp_file_rules); persisted in snapshots so an unchanged file keeps its age
         self.file_versions: dict[str, Version] = {}
+        # key -> its bucket. Kept out of the cyclic collector where compiled, as the
+        # buckets are (core/heap.py): a full collection would walk every entry. A dict
+        # tracks itself again when a bucket is stored in it, so every store is followed by
+        # ``untrack``; keys and buckets cannot hold the map in a cycle.
         self.buckets: dict[str, Bucket] = {}
         self.dirty: set[str] = set()
         self.dirty_rules: set[str] = set()
@@ -964,6 +969,7 @@ class Limiter:
                     f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
                 )
         bucket = self.buckets[key] = self._fresh(key, rule_name, now)
+        untrack(self.buckets)  # an insert tracks the map again (__init__)
         if self.tombstones and key in self.tombstones:
             self._settle_tombstone(key, bucket)  # a newer epoch, unless the ttl grew meanwhile
         return bucket
@@ -1745,6 +1751,7 @@ class Limiter:
                         self.cap_rejections += 1
                         continue
                 bucket = buckets[delta.key] = fresh
+                untrack(buckets)  # an insert tracks the map again (__init__)
                 folds_before = bucket.folds  # a bucket new here: its peers hold the fold
                 changed += 1
                 if self.evicted and (
@@ -1899,6 +1906,7 @@ class Limiter:
             bucket = buckets.get(delta.key)
             if bucket is None:
                 buckets[delta.key] = self._compact(Bucket.from_delta(delta, rid))
+                untrack(buckets)  # an insert tracks the map again (__init__)
             elif bucket.merge(delta, rid):
                 self._compact(bucket)
 
@@ -2128,6 +2136,7 @@ class Limiter:
             # a snapshot written in slices may hold configs newer than its head's hlc
             limiter.hlc.observe(delta.config.version[0])
             limiter.buckets[delta.key] = limiter._compact(Bucket.from_delta(delta, rid))
+        untrack(limiter.buckets)  # inserts track the map again (__init__)
         return limiter
 
 

@@ -45,7 +45,7 @@ moves it out of the garbage collector's generations (``gc.freeze``, in
 full collection no longer walks a million restored buckets (0.4–0.6 s each at
 1,000,000, docs/operations.md). Buckets made later (new keys, peers' deltas) are kept
 out of the collector by the compiled core itself (core/heap.py); a ``serve`` process
-reports the collector's pauses as ``bucketmesh_gc_pause_seconds``.
+measures the collector's pauses and paces its full collections (node/gcpacing.py).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from bucketmesh.http.idempotency import IdempotencyCache, IdempotencyLog
 from bucketmesh.http.router import Router
 from bucketmesh.http.server import HttpServer, Request, reserved_only
 from bucketmesh.http.tls import sync_guard
+from bucketmesh.node.gcpacing import GcPacer
 from bucketmesh.node.reload import CHECK_EVERY_S, SecretFiles
 from bucketmesh.node.settings import NodeSettings
 from bucketmesh.replication.discovery import Discovery
@@ -79,7 +80,7 @@ from bucketmesh.storage.memory import MemoryStore, UnreadableState
 from bucketmesh.telemetry.audit import AuditLog, token_identity
 from bucketmesh.telemetry.log import configure as configure_logging
 from bucketmesh.telemetry.log import logger
-from bucketmesh.telemetry.metrics import GcPauses, NodeMetrics
+from bucketmesh.telemetry.metrics import NodeMetrics
 from bucketmesh.telemetry.outcomes import Outcomes
 from bucketmesh.telemetry.tasks import Supervisor, cancel_and_wait
 
@@ -729,17 +730,17 @@ class Node:
         # The bulk load is long-lived: full collections skip it (module doc). Here, not
         # in start(): an embedded member (embed.py) runs in an application's heap.
         gc.freeze()
-        # the collector's pauses are the process's, so only a serve process reports them
-        pauses = GcPauses()
-        pauses.install()
-        self.metrics.labelled.append(pauses.metrics)
+        # the collector is the whole process's: only a serve process measures and paces it
+        pacer = GcPacer()
+        pacer.install()
+        self.metrics.labelled.append(pacer.metrics)
         try:
             if on_ready is not None:
                 on_ready(self)
             await self.stopping.wait()
             await self.stop()
         finally:
-            pauses.remove()
+            pacer.remove()
 
 
 def run_node(

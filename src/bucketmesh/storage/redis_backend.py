@@ -71,6 +71,7 @@ from bucketmesh.core.bucket import (
     interval_for,
 )
 from bucketmesh.core.decisions import Ask as Wanted
+from bucketmesh.core.heap import untrack
 from bucketmesh.core.limiter import (
     BucketCapReached,
     DeltaBatch,
@@ -403,6 +404,7 @@ class RegionMirror:
             state = bucket.full_state(key, old)
             state.used = {rid: n for rid, n in state.used.items() if n}
             limiter.buckets[key] = Bucket.from_delta(state, replica_id)
+        untrack(limiter.buckets)  # every store into a dict tracks it again (Limiter.__init__)
         limiter.replica_id = replica_id
         # a tombstone's count was the old id's: the old id's entry carries it now
         limiter.tombstones.clear()

@@ -11,10 +11,7 @@ statuses from fixed sets; there is never a per-key label.
 from __future__ import annotations
 
 import bisect
-import gc
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -87,48 +84,6 @@ class Histogram:
             if running >= rank:
                 return bound
         return float("inf")
-
-
-class GcPauses:
-    """The cyclic garbage collector's pauses in this process, by generation.
-
-    While a collection runs, the process answers nothing: a full (generation 2)
-    collection walks every tracked container, so its pause grows with the heap
-    (core/heap.py keeps buckets out of it). Installed by a ``serve`` process
-    (``gc.callbacks``: two calls per collection, a few hundred nanoseconds); exported as
-    ``bucketmesh_gc_pause_seconds{generation}``.
-    """
-
-    __slots__ = ("by_generation", "started")
-
-    def __init__(self) -> None:
-        self.by_generation = tuple(Histogram(GC_PAUSE_BOUNDS) for _ in range(3))
-        self.started = 0.0
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self.started = time.perf_counter()
-        else:
-            self.by_generation[info["generation"]].observe(time.perf_counter() - self.started)
-
-    def install(self) -> None:
-        if self not in gc.callbacks:
-            gc.callbacks.append(self)
-
-    def remove(self) -> None:
-        if self in gc.callbacks:
-            gc.callbacks.remove(self)
-
-    def metrics(self) -> Iterator[Metric]:
-        pauses = HistogramMetricFamily(
-            "bucketmesh_gc_pause_seconds",
-            "Pauses of the cyclic garbage collector (nothing is answered meanwhile), by "
-            "generation (2: a full collection)",
-            labels=["generation"],
-        )
-        for generation, histogram in enumerate(self.by_generation):
-            pauses.add_metric([str(generation)], histogram.buckets(), histogram.total)
-        yield pauses
 
 
 class NodeMetrics(Collector):
