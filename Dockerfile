@@ -1,9 +1,12 @@
 # syntax=docker/dockerfile:1
 # The bucketmesh node image: `docker build -t bucketmesh .` (docs/deploy.md).
 #
-# Stage 1 builds the wheel from this checkout and installs it, with its
-# dependencies, into a virtualenv; stage 2 is a slim Python with only that
-# virtualenv: no checkout, no compiler, no pip cache. The node runs as an
+# Stage 1 builds the wheel from this checkout, with the decision core, the HTTP
+# hot path and the heap helper compiled (mypyc, Cython, C: docs/build.md), and
+# installs it, with its dependencies, into a virtualenv; it runs on the full
+# Python image, which has gcc and the headers. Stage 2 is the slim image of the
+# same Python and Debian with only that virtualenv: no checkout, no compiler, no
+# pip cache. The node runs as an
 # unprivileged user with its state (snapshot + write-ahead log) on a volume, and
 # SIGTERM stops it gracefully: it stops accepting, finishes the requests in
 # flight, sends the deltas still queued and writes a final snapshot.
@@ -11,17 +14,24 @@
 # fresh venv against the Helm chart's rendered config; hadolint lints this file.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+# the same Python and Debian as PYTHON_IMAGE, with a C compiler (change them together)
+ARG BUILD_IMAGE=python:3.12-bookworm
 
-FROM ${PYTHON_IMAGE} AS build
+FROM ${BUILD_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md setup.py ./
 COPY src ./src
-RUN python -m pip wheel --no-deps --wheel-dir /dist . \
+# Built without isolation, so that setup.py finds mypyc and Cython (the versions the
+# project is tested with); the build fails rather than ship the pure-Python core,
+# which setup.py would fall back to without them or without a compiler.
+RUN python -m pip install 'setuptools==84.2.1' 'wheel==0.48.0' 'mypy==2.4.1' 'Cython==3.3.1' \
+ && python -m pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
  && python -m venv /opt/bucketmesh \
  && /opt/bucketmesh/bin/pip install /dist/bucketmesh-*.whl \
+ && /opt/bucketmesh/bin/python -c "from bucketmesh import _native; from bucketmesh.core import heap; assert _native.compiled() and _native.compiled_http() and heap.COMPILED, 'the core was not compiled'" \
  && /opt/bucketmesh/bin/python -m compileall -q /opt/bucketmesh/lib
 
 FROM ${PYTHON_IMAGE}

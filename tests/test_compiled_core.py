@@ -169,9 +169,11 @@ def test_pure_env_loads_every_module_from_source() -> None:
     ],
 )
 def test_a_stale_build_is_never_used(tmp_path: Path, source: str, built: str) -> None:
-    """A compiled module older than its source (edited since the build) falls back to
-    the pure modules, with a warning to rebuild: a stale build never decides (the
-    mypyc core) nor serves (the Cython HTTP server)."""
+    """In a checkout, a compiled module older than its source (edited since the build)
+    falls back to the pure modules, with a warning to rebuild: a stale build never
+    decides (the mypyc core) nor serves (the Cython HTTP server). Installed (no
+    setup.py beside src/: a wheel, whose files pip writes in any order), it is not
+    checked."""
     import shutil
 
     src = Path(_native.__file__).resolve().parent.parent
@@ -179,6 +181,7 @@ def test_a_stale_build_is_never_used(tmp_path: Path, source: str, built: str) ->
     shutil.copytree(src / "bucketmesh", copy / "bucketmesh")
     for shared in src.glob("*__mypyc*"):
         shutil.copy2(shared, copy / shared.name)
+    shutil.copy2(src.parent / "setup.py", tmp_path / "setup.py")  # a checkout
     code = (
         "import warnings, sys; warnings.simplefilter('always'); import bucketmesh; "
         f"from bucketmesh import _native; print(_native.{built}())"
@@ -197,3 +200,8 @@ def test_a_stale_build_is_never_used(tmp_path: Path, source: str, built: str) ->
     assert stale.stdout.split() == ["False"]
     assert f"older than bucketmesh/{source}" in stale.stderr
     assert "make install" in stale.stderr
+    (tmp_path / "setup.py").unlink()  # installed, as from a wheel
+    installed = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert installed.stdout.split() == ["True"], installed.stderr

@@ -147,10 +147,14 @@ def test_hadolint_would_fail_a_dockerfile_that_breaks_its_rules(tmp_path: Path) 
 def test_the_image_runs_the_wheel_as_a_non_root_user_with_its_state_on_a_volume() -> None:
     build, final = dockerfile_stages()
     assert re.fullmatch(r"python:3\.\d+-slim(-\w+)?", final.base), final.base
-    assert build.base == final.base
-    # the build stage makes a wheel and installs it into the venv the final stage copies
+    # the build stage is the full image of the same Python and Debian (it has gcc)
+    assert build.base == final.base.replace("-slim", ""), (build.base, final.base)
+    # the build stage makes a wheel, compiled (no build isolation: setup.py finds mypyc
+    # and Cython) and checked so, and installs it into the venv the final stage copies
     build_steps = " ".join(build.all("RUN"))
     assert "pip wheel" in build_steps and "/dist/bucketmesh-*.whl" in build_steps
+    assert "--no-build-isolation" in build_steps and "_native.compiled()" in build_steps
+    assert "setup.py" in " ".join(build.all("COPY"))
     copies = final.all("COPY")
     assert "--from=build /opt/bucketmesh /opt/bucketmesh" in copies
     assert not [c for c in copies if not c.startswith("--from=") and " src" in f" {c}"]
@@ -173,20 +177,47 @@ def test_the_image_runs_the_wheel_as_a_non_root_user_with_its_state_on_a_volume(
 # -- the wheel, where the image puts it ---------------------------------------------------
 
 
+def _not_in_the_image_context(directory: str, names: list[str]) -> set[str]:
+    """What the wheel's copy of the checkout leaves out: test_wheel's list, and a local
+    build's compiled modules (.dockerignore keeps them out of the image's context)."""
+    return set(NOT_COPIED(directory, names)) | {name for name in names if name.endswith(".so")}
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
-    """The wheel of this checkout in a fresh venv (as tests/test_wheel.py builds it)."""
+    """The wheel of this checkout in a fresh venv, built as the image's build stage builds
+    it: without isolation, by this interpreter, which has mypyc and Cython (make
+    install), so compiled."""
     work = tmp_path_factory.mktemp("image")
     source = work / "source"
-    shutil.copytree(ROOT, source, ignore=NOT_COPIED)
+    shutil.copytree(ROOT, source, ignore=_not_in_the_image_context)
     dist = work / "dist"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    run([*pip, "wheel", "--no-deps", "--quiet", "-w", str(dist), str(source)])
+    build = ["wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(dist)]
+    run([*pip, *build, str(source)])
     (wheel,) = dist.glob("bucketmesh-*.whl")
     env = Venv(work / "opt-bucketmesh")
     run([sys.executable, "-m", "venv", "--without-pip", str(env.path)])
     run([*pip, "--python", str(env.python), "install", "--quiet", str(wheel)])
     return env
+
+
+def test_the_image_runs_the_compiled_core(venv: Venv) -> None:
+    """The build stage compiles the core, the HTTP hot path and the heap helper
+    (docs/build.md): the image does not ship the pure-Python core."""
+    done = subprocess.run(
+        [
+            str(venv.python),
+            "-c",
+            "from bucketmesh import _native; from bucketmesh.core import heap; "
+            "print(_native.compiled(), _native.compiled_http(), heap.COMPILED)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=READY_TIMEOUT_S,
+        check=True,
+    )
+    assert done.stdout.split() == ["True", "True", "True"], done.stdout + done.stderr
 
 
 def run(args: list[str]) -> None:

@@ -9,9 +9,9 @@ whenever it is there, except:
 * ``BUCKETMESH_PURE=1`` in the environment: every ``bucketmesh`` module is loaded
   from its ``.py`` source (the reference; what the equivalence test compares the
   compiled build with, and what CI runs the core and simulator tests on);
-* a compiled module older than its source (the source was edited after the last
-  build): the pure core is loaded instead, with a warning to rebuild, so a stale
-  build never decides.
+* in a checkout, a compiled module older than its source (the source was edited
+  after the last build): the pure core is loaded instead, with a warning to rebuild,
+  so a stale build never decides.
 
 ``bucketmesh/__init__.py`` calls ``select()`` before it imports anything else.
 This module imports nothing of bucketmesh and does nothing when imported.
@@ -63,7 +63,11 @@ def _extension_of(source: str) -> str | None:
 
 
 def stale() -> list[str]:
-    """The compiled modules older than their sources (edited since the last build)."""
+    """The compiled modules older than their sources (edited since the last build), in a
+    checkout. An installed wheel is never stale: pip writes its files in the wheel's
+    order, so a source may be written after its compiled module."""
+    if not os.path.exists(os.path.join(os.path.dirname(_SRC), "setup.py")):
+        return []
     out = []
     for relative in COMPILED + CYTHONIZED + C_MODULES:
         source = os.path.join(_SRC, relative)
