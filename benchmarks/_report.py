@@ -11,6 +11,7 @@ time; ``instructions`` counts what a command executes, under callgrind.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -209,3 +210,27 @@ def append_section(title: str, body: str, *, machine: Machine, path: Path = BENC
     with path.open("a", encoding="utf-8") as out:
         out.write(section)
     return path
+
+
+def record_table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    note: str,
+    *,
+    machine: Machine,
+) -> Path:
+    """One table on the terminal, then appended to BENCHMARKS.md with ``note`` below it."""
+    print_table(title, columns, rows)
+    body = f"{markdown_table(columns, rows)}\n\n{note}"
+    return append_section(title, body, machine=machine)
+
+
+def bucket_count(argv: list[str] | None, doc: str, *, quick: int = 200_000) -> int:
+    """How many buckets a script's run holds: ``--buckets N``, or ``quick`` with
+    ``--quick``, or 1,000,000 (what P7 and R3 are stated for)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"{quick:,} buckets")
+    parser.add_argument("--buckets", type=int, help="how many buckets (default 1,000,000)")
+    args = parser.parse_args(argv)
+    return int(args.buckets or (quick if args.quick else 1_000_000))

@@ -24,7 +24,6 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/gc_pause.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -100,25 +99,17 @@ def run(n: int) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200,000 buckets")
-    parser.add_argument("--buckets", type=int, help="how many buckets (default 1,000,000)")
-    args = parser.parse_args(argv)
-    n = args.buckets or (200_000 if args.quick else 1_000_000)
+    n = _report.bucket_count(argv, __doc__ or "")
     machine = _report.machine()
     build = "compiled (mypyc)" if _native.compiled() else "pure Python"
     rows = run(n)
     columns = ["heap", "made in (s)", "tracked containers", "full collection (ms, median)"]
     title = f"A full garbage collection over {n:,} runtime buckets ({build} core)"
-    _report.print_table(title, columns, rows)
-    body = "\n\n".join(
-        [
-            _report.markdown_table(columns, rows),
-            f"Median of {ROUNDS} `gc.collect()` after each step, in one process. "
-            "Command: `PYTHONPATH=src .venv/bin/python benchmarks/gc_pause.py`",
-        ]
+    note = (
+        f"Median of {ROUNDS} `gc.collect()` after each step, in one process. "
+        "Command: `PYTHONPATH=src .venv/bin/python benchmarks/gc_pause.py`"
     )
-    _report.append_section(title, body, machine=machine)
+    _report.record_table(title, columns, rows, note, machine=machine)
     return 0
 
 

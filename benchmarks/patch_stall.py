@@ -21,7 +21,6 @@ Run: ``PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -118,11 +117,7 @@ def run(n: int, workdir: Path) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="200,000 buckets")
-    parser.add_argument("--buckets", type=int, help="how many buckets (default 1,000,000)")
-    args = parser.parse_args(argv)
-    n = args.buckets or (200_000 if args.quick else 1_000_000)
+    n = _report.bucket_count(argv, __doc__ or "")
     machine = _report.machine()
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
         rows = run(n, Path(tmp))
@@ -136,15 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "their pause (ms)",
     ]
     title = f"A rule PATCH over {n:,} buckets, 2 regions: event-loop stalls"
-    _report.print_table(title, columns, rows)
-    body = "\n\n".join(
-        [
-            _report.markdown_table(columns, rows),
-            f"Stalls over 100 ms in the {SETTLE_S:g} s after the PATCH (benchmarks/stallwatch). "
-            "Command: `PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py`",
-        ]
+    note = (
+        f"Stalls over 100 ms in the {SETTLE_S:g} s after the PATCH (benchmarks/stallwatch). "
+        "Command: `PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py`"
     )
-    _report.append_section(title, body, machine=machine)
+    _report.record_table(title, columns, rows, note, machine=machine)
     return 0
 
 
