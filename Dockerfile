@@ -24,11 +24,17 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 COPY pyproject.toml README.md setup.py ./
 COPY src ./src
-# Built without isolation, so that setup.py finds mypyc and Cython (the versions the
-# project is tested with); the build fails rather than ship the pure-Python core,
-# which setup.py would fall back to without them or without a compiler.
-RUN python -m pip install 'setuptools==84.2.1' 'wheel==0.48.0' 'mypy==2.4.1' 'Cython==3.3.1' \
- && python -m pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
+# The wheel is built without isolation in a build venv (/build) holding the pinned
+# build tools (mypyc type-checks what the core imports: PyYAML's stubs too) and the
+# package's runtime dependencies (from a first, pure install of the checkout), so that
+# setup.py finds mypyc and Cython and mypyc can type-check the core against msgspec
+# and the rest. The build fails rather than ship the pure-Python
+# core, which setup.py falls back to without them or without a compiler.
+RUN python -m venv /build \
+ && /build/bin/pip install 'setuptools==84.2.1' 'wheel==0.48.0' 'mypy==2.4.1' 'Cython==3.3.1' \
+      'types-PyYAML==6.0.12.20261122' \
+ && /build/bin/pip install . \
+ && /build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
  && python -m venv /opt/bucketmesh \
  && /opt/bucketmesh/bin/pip install /dist/bucketmesh-*.whl \
  && /opt/bucketmesh/bin/python -c "from bucketmesh import _native; from bucketmesh.core import heap; assert _native.compiled() and _native.compiled_http() and heap.COMPILED, 'the core was not compiled'" \

@@ -183,18 +183,32 @@ def _not_in_the_image_context(directory: str, names: list[str]) -> set[str]:
     return set(NOT_COPIED(directory, names)) | {name for name in names if name.endswith(".so")}
 
 
+def build_pins() -> list[str]:
+    """The build tools the image's build stage pins (``'name==version'``)."""
+    build, _ = dockerfile_stages()
+    return re.findall(r"'([A-Za-z0-9_.\-]+==[^']+)'", " ".join(build.all("RUN")))
+
+
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     """The wheel of this checkout in a fresh venv, built as the image's build stage builds
-    it: without isolation, by this interpreter, which has mypyc and Cython (make
-    install), so compiled."""
+    it: in a build venv holding only the stage's pinned build tools and the package's
+    runtime dependencies (a first, pure install of the checkout), without isolation,
+    so compiled."""
     work = tmp_path_factory.mktemp("image")
     source = work / "source"
     shutil.copytree(ROOT, source, ignore=_not_in_the_image_context)
     dist = work / "dist"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    builder = Venv(work / "build")
+    run([sys.executable, "-m", "venv", "--without-pip", str(builder.path)])
+    in_builder = [*pip, "--python", str(builder.python)]
+    pins = build_pins()
+    assert {pin.split("==")[0].lower() for pin in pins} >= {"mypy", "cython", "setuptools"}
+    run([*in_builder, "install", "--quiet", *pins])
+    run([*in_builder, "install", "--quiet", str(source)])
     build = ["wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(dist)]
-    run([*pip, *build, str(source)])
+    run([*in_builder, *build, str(source)])
     (wheel,) = dist.glob("bucketmesh-*.whl")
     env = Venv(work / "opt-bucketmesh")
     run([sys.executable, "-m", "venv", "--without-pip", str(env.path)])

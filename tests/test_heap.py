@@ -12,6 +12,7 @@ collection no longer walks them. The pure build (BUCKETMESH_PURE=1) keeps them t
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 import pytest
@@ -19,6 +20,7 @@ from conftest import ServerFactory, eventually, make_config
 
 from bucketmesh import _native
 from bucketmesh.core import heap
+from bucketmesh.core.bucket import Bucket
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.rules import Rule
 from bucketmesh.node import gcpacing
@@ -51,9 +53,12 @@ def lists(limiter: Limiter) -> int:
 
 
 def test_the_compiled_helper_is_built_with_the_core() -> None:
-    """``make install`` builds heap.c with the mypyc core; BUCKETMESH_PURE=1 loads
-    neither."""
-    assert _native.compiled() == heap.COMPILED
+    """``make install`` builds heap.c with the mypyc core (and where mypyc is missing,
+    heap.c alone); BUCKETMESH_PURE=1 loads neither."""
+    if _native.compiled():
+        assert heap.COMPILED
+    if os.environ.get(_native.PURE_ENV, "") not in ("", "0"):
+        assert not heap.COMPILED
 
 
 def test_untrack_is_the_identity_that_leaves_pure_objects_tracked() -> None:
@@ -92,6 +97,41 @@ def test_every_way_a_bucket_is_made_leaves_it_and_its_entries_out_of_the_collect
         assert decision.allowed and decision.tokens_remaining == 98, (key, decision)
 
 
+def test_no_bucket_is_ever_in_a_reference_cycle() -> None:
+    """What makes untracking safe: buckets, their entries lists and the map are freed by
+    reference counting alone, on every path that makes or changes them. On the pure
+    build (tracked, PURE_TESTS) a cycle through any of them would show up here as
+    garbage the collector had to find; on the compiled one the same paths must run."""
+    gc.collect()
+    was = gc.get_debug()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        east = Limiter([rule()], replica_id="east/n/1")
+        later = Limiter([rule()], replica_id="east/n/2")
+        eu = Limiter([rule()], replica_id="eu/n/1")
+        west = Limiter([rule()], replica_id="west/n/1")
+        for i, key in enumerate(KEYS):
+            for limiter in (east, later, eu, west):
+                limiter.acquire(key, 1, rule="r", now=NOW + i)
+        for peer in (east, later, eu):
+            west.merge(peer.collect_deltas(), now=NOW + 100)
+        west.configure("r", capacity=200, now=NOW + 200)
+        west.configure(KEYS[0], capacity=50, now=NOW + 201)
+        for bucket in west.buckets.values():  # east/n/1 retired into 1 token
+            assert bucket.fold({"east/n": (2, 1)}, "west/n/1")
+            if heap.COMPILED:
+                assert not gc.is_tracked(bucket._entries)
+        restored = Limiter.restore(west.snapshot(), [rule()], replica_id="west/n/2")
+        assert restored.expire(NOW + 10**15) == len(KEYS)
+        del east, later, eu, west, restored, bucket
+        gc.collect()
+        found = [held for held in gc.garbage if isinstance(held, (Bucket, Limiter))]
+    finally:
+        gc.set_debug(was)
+        gc.garbage.clear()
+    assert found == []
+
+
 @compiled_only
 def test_a_bucket_is_freed_by_reference_counting_alone() -> None:
     """Untracked, a bucket its limiter drops is still freed at once: it is in no cycle,
@@ -111,26 +151,45 @@ def test_the_collector_pauses_are_counted_by_generation() -> None:
     try:
         gc.collect()
         gc.collect(0)
+        metrics = NodeMetrics()
+        metrics.labelled.append(pacer.metrics)
+        text = metrics.exposition().decode()
+        shown = pacer.threshold
     finally:
         pacer.remove()
     full, young = pacer.by_generation[2].count, pacer.by_generation[0].count
     assert full >= 1 and young >= 1
     gc.collect()  # removed: no longer counted
     assert pacer.by_generation[2].count == full
-    metrics = NodeMetrics()
-    metrics.labelled.append(pacer.metrics)
-    text = metrics.exposition().decode()
     assert f'bucketmesh_gc_pause_seconds_count{{generation="2"}} {float(full)}' in text
     assert 'bucketmesh_gc_pause_seconds_bucket{generation="2",le="+Inf"}' in text
-    assert f"bucketmesh_gc_full_threshold {float(pacer.floor)}" in text
+    assert f"bucketmesh_gc_full_threshold {float(shown)}" in text
+
+
+def test_removing_the_pacer_leaves_a_threshold_someone_else_set() -> None:
+    young, older, full = gc.get_threshold()
+    pacer = GcPacer()
+    pacer.install()
+    try:
+        pacer.pace(0.040, 0.200)
+        assert gc.get_threshold()[2] >= 2 * full  # (more if a full collection came too)
+        pacer.remove()
+        assert gc.get_threshold() == (young, older, full)  # removed: as it was
+        pacer.install()
+        gc.set_threshold(young, older, 77)  # an operator's own choice meanwhile
+        pacer.remove()
+        assert gc.get_threshold() == (young, older, 77)
+    finally:
+        pacer.remove()
+        gc.set_threshold(young, older, full)
 
 
 def test_full_collections_are_spaced_out_past_the_budget_and_back_after_it() -> None:
-    """Full collections taking more than BUDGET of the time double the young
+    """Full collections taking more than BUDGET of the time double the generation-1
     collections before the next one, up to MOST; cheap ones halve it back to the
     interpreter's own threshold. Fed pauses, not timed: no test asserts a timing."""
     young, older, full = gc.get_threshold()
-    pacer = GcPacer()
+    pacer = GcPacer()  # not installed: only the pauses fed here move it
     try:
         pacer.pace(0.040, 0.200)  # 20 %: spaced out
         assert pacer.threshold == 2 * full and gc.get_threshold() == (young, older, 2 * full)
@@ -142,10 +201,8 @@ def test_full_collections_are_spaced_out_past_the_budget_and_back_after_it() -> 
         for _ in range(20):
             pacer.pace(0.001, 10.0)  # 0.01 %: back
         assert pacer.threshold == full and gc.get_threshold() == (young, older, full)
-        pacer.pace(0.040, 0.200)
     finally:
-        pacer.remove()
-    assert gc.get_threshold() == (young, older, full)  # removed: as it was
+        gc.set_threshold(young, older, full)
 
 
 def test_a_serve_process_reports_its_collections(serve: ServerFactory) -> None:

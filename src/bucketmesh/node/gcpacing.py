@@ -3,8 +3,9 @@ collections paced.
 
 While a collection runs the process answers nothing, and a full (generation 2) one
 walks every container in generation 2. CPython starts one when the objects that
-survived into generation 2 have grown by a quarter since the last (and ten young
-collections have passed): the count stands in for the work. On a node it does not.
+survived into generation 2 have grown by a quarter since the last, and at least ten
+generation-1 collections (each after ten young ones) have passed: the count stands in
+for the work. On a node it does not.
 The buckets, their entries lists and the map of them are kept out of the collector
 (core/heap.py), so what generation 2 counts is small, and a full collection starts
 after a few thousand objects survive; but what it walks includes a node's big
@@ -16,13 +17,18 @@ pauses per node, against 20–29 and 1.1–1.5 s when the buckets were tracked (
 of those walked them all, up to 0.27 s); paced, 20–43 and ~0.3 s, the longest 23–39 ms.
 
 So the process paces them: after each full collection, the share of time since the
-previous one that it took is compared with ``BUDGET``. Above it, the number of young
-collections before the next full one (the collector's third threshold) doubles, up to
-``MOST``; below a quarter of it, it halves, down to what it was at start. Nothing is
-skipped: every cyclic garbage is still collected, later by at most ``MOST`` young
-collections. Each collection's pause is exported as
-``bucketmesh_gc_pause_seconds{generation}``, and the third threshold as
-``bucketmesh_gc_full_threshold``.
+previous one that it took is compared with ``BUDGET``. Above it, the number of
+generation-1 collections before the next full one (the collector's third threshold)
+doubles, up to ``MOST``; below a quarter of it, it halves, down to what it was when
+the pacer was installed. Nothing is skipped: cyclic garbage among young objects is
+collected by the young collections as before, and garbage that had lived into
+generation 2 waits at most ``MOST`` generation-1 collections (~10 × ``MOST`` young
+ones, about 9,000,000 container allocations). The threshold moves only at a full
+collection, so a node left idle after a burst keeps the raised one until its next; an
+idle node promotes little into generation 2. On Python 3.14 and later (the
+incremental collector) the third threshold is not used: the pacer then only measures.
+Each collection's pause is exported as ``bucketmesh_gc_pause_seconds{generation}``,
+and the third threshold as ``bucketmesh_gc_full_threshold``.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from bucketmesh.telemetry.metrics import LATENCY_BOUNDS, Histogram
 PAUSE_BOUNDS = (*LATENCY_BOUNDS, 2.5, 5.0)
 #: the share of time full collections may take before they are spaced out
 BUDGET = 0.02
-#: the most young collections between two full ones (Python's default is 10)
+#: the most generation-1 collections between two full ones (Python's default is 10)
 MOST = 1280
 
 
@@ -54,6 +60,7 @@ class GcPacer:
         self.by_generation = tuple(Histogram(PAUSE_BOUNDS) for _ in range(3))
         self.started = 0.0
         self.last_full = time.perf_counter()
+        #: the third threshold when installed: never paced below it, restored on remove
         self.floor = self.threshold = gc.get_threshold()[2]
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
@@ -83,14 +90,19 @@ class GcPacer:
 
     def install(self) -> None:
         if self not in gc.callbacks:
+            self.floor = self.threshold = gc.get_threshold()[2]
+            self.last_full = time.perf_counter()
             gc.callbacks.append(self)
 
     def remove(self) -> None:
-        """Stop measuring and pacing; the collector's thresholds as they were."""
-        if self in gc.callbacks:
-            gc.callbacks.remove(self)
-        young, older, _ = gc.get_threshold()
-        gc.set_threshold(young, older, self.floor)
+        """Stop measuring and pacing; the third threshold back to what it was when
+        installed, unless someone else has set it since."""
+        if self not in gc.callbacks:
+            return
+        gc.callbacks.remove(self)
+        young, older, full = gc.get_threshold()
+        if full == self.threshold:
+            gc.set_threshold(young, older, self.floor)
         self.threshold = self.floor
 
     def metrics(self) -> Iterator[Metric]:
@@ -105,7 +117,7 @@ class GcPacer:
         yield pauses
         yield GaugeMetricFamily(
             "bucketmesh_gc_full_threshold",
-            "Young collections before the next full one (paced: at most "
-            f"{BUDGET:.0%} of the time in full collections)",
+            "Generation-1 collections before the next full one (paced: about "
+            f"{BUDGET:.0%} of the time at most in full collections)",
             value=self.threshold,
         )

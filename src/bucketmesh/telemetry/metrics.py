@@ -44,10 +44,6 @@ LATENCY_BOUNDS = (
 )
 
 
-#: a collection's pause can pass a second: a full one walks every tracked container
-GC_PAUSE_BOUNDS = (*LATENCY_BOUNDS, 2.5, 5.0)
-
-
 class Histogram:
     """A fixed-bucket histogram of seconds, cheap to observe."""
 
