@@ -345,3 +345,21 @@ def test_a_run_of_one_ask_is_one_item_of_the_call() -> None:
     _, argv, keys = store.acquire_args([hot] * 7 + [other, hot, hot], T0, store.incarnation_key)
     assert keys == {"hot": 1, "other": 2}
     assert argv[-2] == "1,1,1,0,0,7;2,1,2,0,0,1;1,1,1,0,0,2;"
+
+
+def test_a_failed_eviction_check_counts_as_a_store_failure() -> None:
+    """The maxmemory-policy check is a Redis call like the others: its failure is a
+    StoreUnavailable counted in ``failures`` (bucketmesh_store_failures_total); a
+    refused CONFIG (a managed Redis) is not a failure and answers None."""
+    from bucketmesh.storage.redis_store import StoreUnavailable
+
+    async def check() -> int:
+        store = RedisStore("redis://127.0.0.1:1", "eu", timeout_s=5.0)  # nothing listens
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.eviction_policy()
+            return store.failures
+        finally:
+            await store.close()
+
+    assert asyncio.run(check()) == 1

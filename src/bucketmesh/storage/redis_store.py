@@ -708,7 +708,7 @@ class RedisStore:
         except ResponseError:
             return None
         except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as error:
-            raise StoreUnavailable(f"{type(error).__name__}: {error}") from None
+            raise self.unavailable(error) from None  # counted, as every failed call is
         if isinstance(found, dict) and found and all(isinstance(v, dict) for v in found.values()):
             # one answer per master (Cluster): the first one that is not noeviction
             policies = [str(v.get("maxmemory-policy")) for v in found.values()]
