@@ -364,8 +364,9 @@ class Limiter:
         self.file_versions: dict[str, Version] = {}
         # key -> its bucket. Kept out of the cyclic collector where compiled, as the
         # buckets are (core/heap.py): a full collection would walk every entry. A dict
-        # tracks itself again when a bucket is stored in it, so every store is followed by
-        # ``untrack``; keys and buckets cannot hold the map in a cycle.
+        # tracks itself again when a bucket is stored in it, so stores go through
+        # ``_store`` (a bulk load untracks once after it); keys and buckets cannot hold
+        # the map in a cycle.
         self.buckets: dict[str, Bucket] = {}
         self.dirty: set[str] = set()
         self.dirty_rules: set[str] = set()
@@ -842,6 +843,13 @@ class Limiter:
             raise NoRuleError(f"unknown rule {rule_name!r}")
         return found
 
+    def _store(self, key: str, bucket: Bucket) -> Bucket:
+        """``bucket`` stored as ``key``'s, the map kept out of the collector (__init__)."""
+        buckets = self.buckets
+        buckets[key] = bucket
+        untrack(buckets)
+        return bucket
+
     def _fresh(self, key: str, rule_name: str | None, now: int) -> Bucket:
         """A full bucket for ``key`` under its rule, not (yet) stored."""
         rule = self.resolve_rule(key, rule_name)
@@ -968,8 +976,7 @@ class Limiter:
                 raise BucketCapReached(
                     f"{len(self.buckets)} live buckets: the cap (max_buckets) is reached"
                 )
-        bucket = self.buckets[key] = self._fresh(key, rule_name, now)
-        untrack(self.buckets)  # an insert tracks the map again (__init__)
+        bucket = self._store(key, self._fresh(key, rule_name, now))
         if self.tombstones and key in self.tombstones:
             self._settle_tombstone(key, bucket)  # a newer epoch, unless the ttl grew meanwhile
         return bucket
@@ -1750,8 +1757,7 @@ class Limiter:
                     if len(buckets) >= self.max_buckets:
                         self.cap_rejections += 1
                         continue
-                bucket = buckets[delta.key] = fresh
-                untrack(buckets)  # an insert tracks the map again (__init__)
+                bucket = self._store(delta.key, fresh)
                 folds_before = bucket.folds  # a bucket new here: its peers hold the fold
                 changed += 1
                 if self.evicted and (
@@ -1905,8 +1911,7 @@ class Limiter:
                 self._replay_ledger(delta.key, delta.shares)
             bucket = buckets.get(delta.key)
             if bucket is None:
-                buckets[delta.key] = self._compact(Bucket.from_delta(delta, rid))
-                untrack(buckets)  # an insert tracks the map again (__init__)
+                self._store(delta.key, self._compact(Bucket.from_delta(delta, rid)))
             elif bucket.merge(delta, rid):
                 self._compact(bucket)
 
@@ -2136,7 +2141,7 @@ class Limiter:
             # a snapshot written in slices may hold configs newer than its head's hlc
             limiter.hlc.observe(delta.config.version[0])
             limiter.buckets[delta.key] = limiter._compact(Bucket.from_delta(delta, rid))
-        untrack(limiter.buckets)  # inserts track the map again (__init__)
+        untrack(limiter.buckets)  # once for the whole load (``_store``)
         return limiter
 
 
