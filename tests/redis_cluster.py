@@ -42,26 +42,29 @@ def _cli() -> str:
     return found
 
 
-def _free_cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too."""
+def _free_cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (+10000) is free too, neither of them in
+    ``taken`` (the ports and bus ports of the cluster's other nodes: the kernel may hand
+    out a port again once the probing socket is closed); both are added to it."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        if port + 10000 >= 65536:
+        if port + 10000 >= 65536 or port in taken or port + 10000 in taken:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
             try:
                 bus.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        taken.update((port, port + 10000))
         return port
     raise RuntimeError("no free port pair for a cluster node")
 
 
 class ClusterNodeProcess:
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_cluster_port()
+    def __init__(self, directory: Path, taken: set[int]) -> None:
+        self.port = _free_cluster_port(taken)
         self.directory = directory / f"node-{self.port}"
         self.directory.mkdir(parents=True)
         self.process: subprocess.Popen[bytes] | None = None
@@ -114,7 +117,8 @@ class RedisClusterProcesses:
     """Six cluster nodes; ``url`` is the bucketmesh form (redis-cluster://h:p,h:p)."""
 
     def __init__(self, directory: Path, size: int = 6) -> None:
-        self.nodes = [ClusterNodeProcess(directory) for _ in range(size)]
+        taken: set[int] = set()
+        self.nodes = [ClusterNodeProcess(directory, taken) for _ in range(size)]
         self.url = "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> None:
