@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -1105,3 +1107,60 @@ def test_default_state_key_is_a_setting_with_a_variable() -> None:
         config, env_overrides({"BUCKETMESH_DEFAULT_STATE_KEY": "anonymous"})
     )
     assert overridden.default_state_key == "anonymous"
+
+
+# -- strict mode's shares need one token per region ----------------------------------
+
+STRICT_MESH = """\
+region: a
+sync:
+  enabled: true
+  syncClusterId: c
+  peers: [a, b, c]
+  peerUrlTemplate: "http://bucketmesh-{region}:8080"
+  secret: s
+"""
+STRICT_RULE = '  - {key: "k-{{ .Request.ClientIP }}", capacity: 2, refillRate: 1, mode: strict}\n'
+
+
+def test_a_strict_rule_below_one_token_per_region_is_a_config_error() -> None:
+    error = config_error(STRICT_MESH + "buckets:\n" + STRICT_RULE)
+    assert str(error) == (
+        "bucketmesh.yaml: rule 1 (k): capacity must be >= the number of regions "
+        "(3: a, b, c) in strict mode, got 2: each region holds a share of at least one token"
+    )
+    # one region fewer (or no mesh) and the same rule is fine
+    two = STRICT_MESH.replace("[a, b, c]", "[a, b]") + "buckets:\n" + STRICT_RULE
+    assert parse_config(two, environ={}).buckets[0].capacity == 2
+    alone = "region: a\nbuckets:\n" + STRICT_RULE
+    assert parse_config(alone, environ={}).regions == ("a",)
+
+
+def test_the_strict_capacity_error_names_the_buckets_file_and_counts_late_peers(
+    tmp_path: Path,
+) -> None:
+    rules = write(
+        tmp_path, "rules.yaml", "- {key: x, capacity: 5, refillRate: 1}\n" + STRICT_RULE[2:]
+    )
+    path = write(tmp_path, "c.yaml", STRICT_MESH.replace("[a, b, c]", "[a, b]"))
+    config = apply_overrides(load_config(path, complete=False), {"buckets": rules})
+    assert config.buckets[1].mode == "strict"  # 2 regions: 1 token each
+    with pytest.raises(ConfigError) as raised:  # the third region comes from a flag
+        apply_overrides(config, {"sync.peers": "a,b,c"}, origin={"sync.peers": "--peers"})
+    assert (raised.value.file, raised.value.rule, raised.value.field) == (rules, 2, "capacity")
+
+
+def test_serve_exits_2_naming_the_rule_not_the_state(tmp_path: Path) -> None:
+    """Before, the limiter's ValueError surfaced while opening the state and serve
+    printed "unreadable snapshot or write-ahead log"."""
+    path = write(tmp_path, "c.yaml", STRICT_MESH + "buckets:\n" + STRICT_RULE)
+    done = subprocess.run(
+        [sys.executable, "-m", "bucketmesh", "serve", "--config", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"config error: {path}: rule 1 (k): capacity must be >= " in done.stderr
+    assert "snapshot" not in done.stderr

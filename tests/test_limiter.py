@@ -6,6 +6,7 @@ import pytest
 
 from bucketmesh import BucketCapReached, InvalidTokens, Limiter, NoRuleError, Rule, load_limiter
 from bucketmesh.core.bucket import Bucket, BucketConfig
+from bucketmesh.core.limits import LimitError
 from bucketmesh.tooling.demo import demonstrate
 
 S = 1_000_000_000
@@ -199,6 +200,17 @@ def test_strict_mode_gives_each_region_an_equal_share() -> None:
             replica_id="a",
             regions=3,
         )
+    # a PATCH to a strict capacity below one token per region, or to strict mode with
+    # one, is refused naming capacity (400), and the rule keeps its limits
+    for change in ({"capacity": 2, "refill_rate": 1.0}, {"mode": "strict"}):
+        shared = Rule.create("u-{{ .Request.ClientIP }}", 2, 1.0, name="u")
+        patched = Limiter([rule, shared], replica_id="a", regions=3)
+        name = "u" if "mode" in change else "s"
+        before = patched.rule_configs[name]
+        with pytest.raises(LimitError) as raised:
+            patched.configure(name, now=T0, **change)  # type: ignore[arg-type]
+        assert raised.value.field == "capacity"
+        assert patched.rule_configs[name] == before
 
 
 def test_load_limiter_loads_the_example(tmp_path: object) -> None:

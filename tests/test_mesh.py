@@ -613,6 +613,72 @@ def test_the_digest_exchange_repairs_state_that_no_delta_carried() -> None:
     asyncio.run(scenario())
 
 
+def test_a_bucket_whose_state_outgrows_a_message_is_repaired_by_the_digest_reply() -> None:
+    """R9's long histories: a bucket holding the entries of thousands of incarnations
+    (a node restarting in a loop between reconcile runs) has a full state larger than a
+    64 KiB sync message. A push (a full transfer, a digest repair) drops it and counts
+    it (bucketmesh_sync_oversized_deltas); a reply is not bounded by a message, so the
+    peer's own digest request (like a start-up pull) gets it whole (docs/sync.md)."""
+    from bucketmesh.core.bucket import epoch_for
+
+    async def scenario() -> None:
+        ports = {"us-east-1": free_port(), "eu-central-1": free_port()}
+        nodes = {
+            region: in_process_node(
+                region,
+                port,
+                {r: f"http://127.0.0.1:{p}" for r, p in ports.items() if r != region},
+                # only eu-central-1 compares digests: us-east-1's answer must carry it
+                digest_interval_s=0.2 if region == "eu-central-1" else 3600.0,
+                settle_s=0.5,
+            )
+            for region, port in ports.items()
+        }
+        for node in nodes.values():
+            await node.start()
+        try:
+            source, target = nodes["us-east-1"], nodes["eu-central-1"]
+            links = [source.mesh.peers["eu-central-1"], target.mesh.peers["us-east-1"]]
+            await eventually_async(
+                lambda: all(p.full_transfers and not p.full_wanted for p in links),
+                "the peers meet",
+            )
+            config = source.limiter.rule_configs["global"]
+            now = time.time_ns()
+            entries = {f"us-east-1/node-{n:04d}/{n}": 1 + n % 3 for n in range(4000)}
+            history = BucketDelta(
+                "agent-api-key-history",
+                epoch_for(now, config.ttl_ns),
+                config,
+                config.version,
+                now - 600 * NS_PER_S,
+                entries,
+                "global",
+                sum(entries.values()),  # the base counts them all: at rest, in the digest
+            )
+            assert len(sync.encode_delta(history)) > source.mesh.settings.max_message_bytes
+            # merged without marking it dirty: no delta carries it, only the digest
+            source.limiter.merge(DeltaBatch("us-east-1/node-0000/0", [history]))
+
+            def repaired() -> dict[str, int]:
+                bucket = target.limiter.bucket("agent-api-key-history")
+                assert bucket is not None, "not in eu-central-1 yet"
+                used = bucket.used(target.limiter.replica_id)
+                assert len(used) == len(entries), f"{len(used)} of {len(entries)} entries"
+                return used
+
+            used = await eventually_async(repaired, "the digest repairs the whole bucket")
+            assert used == entries
+            assert target.limiter.bucket("agent-api-key-history").level(now) == (
+                source.limiter.bucket("agent-api-key-history").level(now)
+            )
+        finally:
+            for node in nodes.values():
+                await node.stop(grace=1.0)
+
+    asyncio.run(scenario())
+
+
 # -- the command line ----------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import msgspec
 import yaml
 from msgspec import Meta
 
-from bucketmesh.core.bucket import SHARED
+from bucketmesh.core.bucket import SHARED, STRICT
 from bucketmesh.core.limiter import Limiter
 from bucketmesh.core.limits import ErrorLocation, LimitError, check_limits, error_location
 from bucketmesh.core.rules import (
@@ -481,9 +481,12 @@ def parse_config(
             "buckets",
             f"expected a list of rules or the path of a buckets file, got {_show(buckets)}",
         )
-    return Config(
+    config = Config(
         **msgspec.structs.asdict(settings), buckets=tuple(rules), buckets_path=buckets_path
     )
+    if complete:
+        _check_strict_capacity(config, file)
+    return config
 
 
 def load_buckets(
@@ -1281,12 +1284,33 @@ def apply_overrides(
             config.path or "<config>",
         )
         raise ConfigError(label, problem.field, problem.message) from None
-    return Config(
+    completed = Config(
         **msgspec.structs.asdict(settings),
         buckets=rules,
         path=config.path,
         buckets_path=buckets_path,
     )
+    _check_strict_capacity(completed, config.path or "<config>")
+    return completed
+
+
+def _check_strict_capacity(config: Config, file: str) -> None:
+    """A strict rule splits its capacity into one share per region of the mesh, so it
+    needs at least one token per region; a ConfigError naming the rule's file (the
+    buckets file, if the rules come from one) and its ``capacity`` otherwise. Checked
+    once the regions are known: ``sync.peers`` may come from a flag or variable."""
+    regions = config.regions
+    for number, rule in enumerate(config.buckets, 1):
+        if rule.mode == STRICT and rule.capacity < len(regions):
+            raise ConfigError(
+                config.buckets_path or file,
+                "capacity",
+                f"must be >= the number of regions ({len(regions)}: {', '.join(regions)}) "
+                f"in strict mode, got {rule.capacity}: each region holds a share of at "
+                "least one token",
+                rule=number,
+                rule_name=rule.name,
+            )
 
 
 def _setting(key: str) -> tuple[str | None, str, Any]:
