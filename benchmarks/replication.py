@@ -13,13 +13,13 @@ backend, default sync interval, one generated secret) and measures:
     after a steady load on many keys; its quantiles are bucket upper edges.
   Target: p99 ≤ sync interval + 10 ms.
 * **P5, accuracy**: all three regions saturate one shared key (open loop,
-  each region at 1.5× the refill rate) for the whole window, with 0 ms and
-  with 50 ms one-way delay injected on every inter-region link (the mesh is
+  each region at 1.5× the refill rate) for the whole window, with 0, 50 and
+  150 ms one-way delay injected on every inter-region link (the mesh is
   ``bucketmesh.tooling.cluster.LocalMesh``, with a ``bucketmesh.tooling.netproxy`` proxy per
   directed link when there is a delay). Admitted = the 200s
   counted by the clients, checked against Σ used in every region's state;
   theoretical = capacity + refill_rate × (last request − first request).
-  Target: admitted within ±2 % of the theoretical limit.
+  Target: admitted within ±1 % of the theoretical limit (docs/targets.md P5).
 
 The nodes' ``bucketmesh_sync_messages_sent_total``, ``..._collects_total`` and
 ``..._leading_collects_total`` are read around the visibility samples and the steady
@@ -67,7 +67,7 @@ HOST = "127.0.0.1"
 REGIONS = ("us-east-1", "eu-central-1", "ap-southeast-2")
 SYNC_INTERVAL_MS = 20  # the default; stated here so the target below is explicit
 P4_TARGET_MS = SYNC_INTERVAL_MS + 10
-P5_TOLERANCE = 0.02
+P5_TOLERANCE = 0.01
 CAPACITY = 100
 REFILL = 100.0  # tokens/s
 OVERLOAD = 1.5  # each region asks for 1.5× the refill rate: the key is saturated
@@ -418,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (15 s windows)")
     parser.add_argument("--seconds", type=float, help="P5 window per delay (default 60)")
     parser.add_argument("--samples", type=int, help="P4 visibility samples (default 300)")
-    parser.add_argument("--delays", default="0,50", help="P5 one-way delays in ms (default 0,50)")
+    parser.add_argument(
+        "--delays", default="0,50,150", help="P5 one-way delays in ms (default 0,50,150)"
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append BENCHMARKS.md")
     parser.add_argument("--label", default="", help="a line for the record (what ran)")
     parser.add_argument(
@@ -530,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         "error",
         "Σ used per region",
         "errors",
-        "result (±2%)",
+        "result (±1%)",
     ]
     _report.print_table("P4: replication lag, 3 regions, default interval", p4_cols, rows_p4)
     if rows_p5:

@@ -1164,3 +1164,75 @@ def test_serve_exits_2_naming_the_rule_not_the_state(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert f"config error: {path}: rule 1 (k): capacity must be >= " in done.stderr
     assert "snapshot" not in done.stderr
+
+
+# -- settings that each look valid but cannot work together ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "other"),
+    [
+        ("listen: 127.0.0.1:8080\nenvoyListen: 0.0.0.0:8080\n", "envoyListen", "listen"),
+        ("listen: :8080\nadminListen: 127.0.0.1:8080\n", "adminListen", "listen"),
+        (
+            "listen: :8080\nadminListen: :9000\nenvoyListen: 127.0.0.1:9000\n",
+            "envoyListen",
+            "adminListen",
+        ),
+    ],
+)
+def test_two_listeners_on_one_port_are_a_config_error(text: str, field: str, other: str) -> None:
+    """Before, envoyListen on the API's port got past the config and serve exited 1
+    with "address already in use" after the main listener was already up."""
+    error = config_error(text)
+    assert error.field == field
+    assert f"must be another port than {other} " in str(error)
+    # port 0 (a free port) may repeat
+    parse_config("listen: :0\nenvoyListen: :0\nadminListen: :0\n", environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('admin: {tokenFile: "a\\0b"}\n', "admin.tokenFile"),
+        ('storage: {snapshot: "/tmp/x\\0y"}\n', "storage.snapshot"),
+        ('buckets: "a\\0b"\n', "buckets"),
+        ('audit: {enabled: true, path: "/tmp/a\\0b"}\n', "audit.path"),
+    ],
+)
+def test_a_nul_byte_in_a_setting_is_a_config_error_naming_it(text: str, field: str) -> None:
+    """Before, a path holding NUL raised ValueError ("embedded null byte") from deep in
+    start-up: a traceback and exit 1."""
+    error = config_error(text)
+    assert "contains a NUL byte" in str(error)
+    assert error.field == field
+
+
+def test_an_audit_trail_over_the_state_files_is_a_config_error(tmp_path: Path) -> None:
+    """Before, audit.path equal to storage.snapshot was accepted: the trail rotated the
+    snapshot away and the next start failed with "unreadable snapshot"."""
+    snap = tmp_path / "state.snap"
+    for path in (snap, f"{snap}.wal.1", f"{snap}.idempotency"):
+        error = config_error(
+            f"storage: {{snapshot: {snap}}}\naudit: {{enabled: true, path: {path}}}\n"
+        )
+        assert error.field == "audit.path" and "must not be storage.snapshot" in str(error)
+    # the trail's rotations (audit.path.1, ...) must not be the snapshot either
+    error = config_error(
+        f"storage: {{snapshot: {snap}.1}}\naudit: {{enabled: true, path: {snap}}}\n"
+    )
+    assert error.field == "audit.path"
+    fine = parse_config(
+        f"storage: {{snapshot: {snap}}}\naudit: {{enabled: true, path: {tmp_path}/audit.log}}\n",
+        environ={},
+    )
+    assert fine.audit.path == f"{tmp_path}/audit.log"
+
+
+def test_an_empty_buckets_variable_is_named() -> None:
+    """Before: 'config error: : cannot read the file', naming neither file nor variable."""
+    with pytest.raises(ConfigError) as raised:
+        apply_overrides(Config(), {"buckets": ""}, origin={"buckets": "BUCKETMESH_BUCKETS"})
+    assert str(raised.value) == (
+        "BUCKETMESH_BUCKETS: buckets is empty: give the path of a buckets file, or unset it"
+    )

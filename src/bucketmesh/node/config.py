@@ -469,6 +469,7 @@ def parse_config(
     if isinstance(buckets, str):
         try:
             relative = _substituted(buckets, "buckets", env)
+            _check_no_nul(relative, "buckets")
         except _Problem as problem:
             raise ConfigError(file, problem.field, problem.message) from None
         buckets_path = os.path.join(base_dir or "", relative)
@@ -671,26 +672,63 @@ _REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _REGION_RULE: Final = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
-def _check_admin_listen(settings: _Settings) -> None:
-    """``adminListen``: a ``host:port`` of its own (not the main listener's port)."""
-    if settings.admin_listen is None:
+def _check_listeners(settings: _Settings) -> None:
+    """``adminListen`` and ``envoyListen``: a ``host:port`` each, every one on a port of
+    its own (port 0, a free port, excepted): two listeners on one port would fail to
+    start, the second after the first already serves."""
+    taken = [("listen", settings.listen, parse_listen(settings.listen)[1])]
+    for field, listen in (
+        ("adminListen", settings.admin_listen),
+        ("envoyListen", settings.envoy_listen),
+    ):
+        if listen is None:
+            continue
+        try:
+            port = parse_listen(listen)[1]
+        except ValueError as error:
+            raise _Problem(field, str(error)) from None
+        for other, other_listen, other_port in taken:
+            if port and port == other_port:
+                raise _Problem(
+                    field,
+                    f"must be another port than {other} ({other_listen!r}): each listener "
+                    f"is a socket of its own, got {listen!r}",
+                )
+        taken.append((field, listen, port))
+
+
+def _check_no_nul(value: Any, field: str) -> None:
+    """No setting holds a NUL byte: none is a valid file name, URL or address."""
+    if isinstance(value, str):
+        if "\0" in value:
+            raise _Problem(field, f"contains a NUL byte (\\0), got {value!r}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_no_nul(item, _join(field, str(key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_no_nul(item, f"{field}[{index}]")
+
+
+def _check_audit_path(settings: _Settings) -> None:
+    """The audit trail and its rotations must not overwrite the state files: the
+    snapshot and what lives beside it (``.wal.N``, ``.lock``, ``.idempotency``)."""
+    audit, snapshot = settings.audit, settings.storage.snapshot
+    if not audit.enabled or audit.path == "-" or not snapshot or "://" in snapshot:
         return
-    try:
-        port = parse_listen(settings.admin_listen)[1]
-    except ValueError as error:
-        raise _Problem("adminListen", str(error)) from None
-    main_port = parse_listen(settings.listen)[1]
-    if port and port == main_port:
+    trail, state = os.path.abspath(audit.path), os.path.abspath(snapshot)
+    if trail == state or trail.startswith(state + ".") or state.startswith(trail + "."):
         raise _Problem(
-            "adminListen",
-            f"must be another port than listen ({settings.listen!r}): the reserved "
-            f"listener is a socket of its own, got {settings.admin_listen!r}",
+            "audit.path",
+            f"must not be storage.snapshot ({snapshot!r}) or a file beside it that "
+            f"either one writes (its log, lock and rotations), got {audit.path!r}",
         )
 
 
 def _settings_from_document(document: dict[str, Any]) -> _Settings:
     """Convert and check everything but the rules; raises _Problem."""
     document = _without_nulls(document)
+    _check_no_nul(document, "")
     for field in ("listen", "envoyListen", "adminListen"):
         if isinstance(document.get(field), int) and not isinstance(document[field], bool):
             document[field] = f":{document[field]}"  # a bare port
@@ -717,7 +755,7 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
                 parse_listen(listen)
             except ValueError as error:
                 raise _Problem(field, str(error)) from None
-    _check_admin_listen(settings)
+    _check_listeners(settings)
     if settings.default_state_key:
         try:
             KeyTemplate(settings.default_state_key)
@@ -728,7 +766,7 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
             "nearLimit",
             f"must be a share of capacity from 0 to 1 (0.2 is 20 %), got {settings.near_limit!r}",
         )
-    return msgspec.structs.replace(
+    checked = msgspec.structs.replace(
         settings,
         default_state_key=settings.default_state_key or None,
         audit=_checked_audit(settings.audit),
@@ -737,6 +775,8 @@ def _settings_from_document(document: dict[str, Any]) -> _Settings:
         admin=_checked_admin(settings.admin),
         tls=_checked_tls(settings.tls),
     )
+    _check_audit_path(checked)
+    return checked
 
 
 def _checked_secrets(
@@ -1253,6 +1293,10 @@ def apply_overrides(
     for key, value in overrides.items():
         label = (origin or {}).get(key, f"override {key}")
         if key == "buckets":
+            if not value:
+                raise ConfigError(
+                    label, "buckets", "is empty: give the path of a buckets file, or unset it"
+                )
             buckets_path, rules = value, tuple(load_buckets(value))
             continue
         try:
