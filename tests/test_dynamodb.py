@@ -202,6 +202,20 @@ def test_a_missing_table_stops_the_node_with_its_name(
     assert "Traceback" not in server.stderr()
 
 
+def test_no_region_anywhere_stops_the_node_with_a_hint_not_a_traceback(
+    serve: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, botocore's NoRegionError escaped start-up as a traceback."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    config = make_config(RULES, storage={"snapshot": f"dynamodb://tbl?dir={tmp_path / 's'}"})
+    keys = {k: v for k, v in CREDENTIALS.items() if k != "AWS_DEFAULT_REGION"}
+    server = serve(config, env=keys, wait_ready=False)
+    assert server.wait() != 0
+    assert "give ?region= in the URI or set AWS_REGION" in server.stderr()
+    assert "Traceback" not in server.stderr()
+
+
 @pytest.mark.parametrize(
     ("snapshot", "problem"),
     [
@@ -209,6 +223,9 @@ def test_a_missing_table_stops_the_node_with_its_name(
         ("dynamodb://tbl?regoin=us-east-1", "unknown parameter 'regoin'"),
         ("dynamodb://tbl?interval=0", "interval must be"),
         ("dynamodb://tbl?endpoint=localhost:4566", "endpoint must be"),
+        # these two were tracebacks from botocore at start-up (exit 1)
+        ("dynamodb://tbl?region=us-east-1&endpoint=http://", "with a host"),
+        ("dynamodb://tbl?region=not%20a%20region", "region must be an AWS region name"),
     ],
 )
 def test_a_bad_dynamodb_uri_is_a_config_error_naming_the_field(snapshot: str, problem: str) -> None:

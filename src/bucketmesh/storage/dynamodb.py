@@ -64,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import tempfile
 import threading
 import time
@@ -82,6 +83,8 @@ from bucketmesh.telemetry.metrics import NodeMetrics
 log = logger("dynamodb")
 
 SCHEME: Final = "dynamodb://"
+#: An AWS region name as botocore accepts it (botocore.utils.validate_region_name).
+_AWS_REGION: Final = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9\-]{0,61}[a-zA-Z0-9])?")
 #: Bytes of one item's payload: under DynamoDB's 400 KB item limit with room for keys.
 CHUNK_BYTES: Final = 350_000
 DEFAULT_INTERVAL_MS: Final = 1000
@@ -137,8 +140,15 @@ def parse_uri(uri: str) -> Target:
         if len(values) != 1 or not values[0]:
             raise ValueError(f"needs one non-empty value for {name!r}")
     endpoint = query.get("endpoint", [None])[0]
-    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
-        raise ValueError(f"endpoint must be an http:// or https:// URL, got {endpoint!r}")
+    if endpoint is not None and (
+        urlsplit(endpoint).scheme not in ("http", "https") or not urlsplit(endpoint).hostname
+    ):
+        raise ValueError(
+            f"endpoint must be an http:// or https:// URL with a host, got {endpoint!r}"
+        )
+    region = query.get("region", [None])[0]
+    if region is not None and _AWS_REGION.fullmatch(region) is None:
+        raise ValueError(f"region must be an AWS region name such as us-east-1, got {region!r}")
     interval_ms = DEFAULT_INTERVAL_MS
     if "interval" in query:
         text = query["interval"][0]
@@ -147,7 +157,7 @@ def parse_uri(uri: str) -> Target:
         interval_ms = int(text)
     return Target(
         table=table,
-        region=query.get("region", [None])[0],
+        region=region,
         endpoint=endpoint,
         interval_s=interval_ms / 1000,
         directory=query.get("dir", [None])[0],
@@ -163,14 +173,25 @@ def _client(target: Target) -> Any:
             "pip install 'bucketmesh[dynamodb]'"
         ) from None
     from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
 
     session = boto3.session.Session()
-    return session.client(
-        "dynamodb",
-        region_name=target.region,
-        endpoint_url=target.endpoint,
-        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=2),
-    )
+    try:
+        return session.client(
+            "dynamodb",
+            region_name=target.region,
+            endpoint_url=target.endpoint,
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=2),
+        )
+    except (BotoCoreError, ValueError) as error:
+        # NoRegionError above all: no ?region= and no AWS_REGION / AWS_DEFAULT_REGION
+        hint = (
+            "; give ?region= in the URI or set AWS_REGION"
+            if type(error).__name__ == "NoRegionError"
+            else ""
+        )
+        reason = str(error).rstrip(".")
+        raise DynamoError(f"storage.snapshot dynamodb://{target.table}: {reason}{hint}") from None
 
 
 def create_table(client: Any, table: str) -> None:
