@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Mesh, MeshNode, ServerFactory, eventually
+from conftest import Mesh, MeshNode, ServerFactory, eventually, make_config
 
 ADMIN_TOKEN = "admin-token"
 
@@ -225,3 +225,46 @@ def test_a_region_restarted_without_a_snapshot_pulls_back_a_strict_keys_patch(
     mesh.restart(b)
     assert "start-up state pulled from us-east-1" in b.log(), b.log()
     assert 0 < b.state("s-q")["capacity"] <= 10  # not a share of the rule's 100
+
+
+def test_a_strict_patch_below_a_grown_mesh_stops_the_start_naming_it(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """A PATCH made strict limit 3 over 3 regions; the mesh then grew to 4 and the node
+    restarted from its snapshot: every region's share held 0 tokens and every request of
+    the rule got 429, with no warning. Now the start stops naming the rule."""
+
+    def config(regions: list[str]) -> dict[str, Any]:
+        return make_config(
+            [
+                {
+                    "name": "per-ip",
+                    "key": "ip-{{ .Request.ClientIP }}",
+                    "capacity": 10,
+                    "refillRate": 1,
+                }
+            ],
+            sync={
+                "enabled": True,
+                "secret": "s" * 32,
+                "peers": regions,
+                "peerUrls": "http://{region}.invalid:18990",
+            },
+        )
+
+    snapshot = tmp_path / "state.snap"
+    three = ["us-east-1", "r2", "r3"]
+    node = serve(config(three), snapshot=snapshot)
+    with node.client() as client:
+        patched = client.patch("/v1/buckets/per-ip", json={"mode": "strict", "capacity": 3})
+        assert patched.status_code == 200, patched.text
+    assert node.stop(signal.SIGTERM) == 0
+
+    grown = serve(config([*three, "r4"]), snapshot=snapshot, wait_ready=False)
+    assert grown.wait() != 0
+    assert "'per-ip' (capacity 3)" in grown.stderr()
+    assert "at least 4" in grown.stderr()
+    # the same snapshot in the mesh it was made for serves as before
+    again = serve(config(three), snapshot=snapshot)
+    with again.client() as client:
+        assert client.post("/v1/rate").status_code == 200

@@ -1138,6 +1138,20 @@ class Limiter:
             self.share_blind = True
         self.rescale_shares()
 
+    def strict_below_regions(self) -> list[tuple[str, int]]:
+        """(rule or key, capacity) of every strict limit held here whose capacity is
+        below one token per region: limits a PATCH set while the mesh had fewer regions,
+        restored from a snapshot or the store. Each region's share of one would be 0
+        tokens, so every request under it would be refused (``configure`` and the
+        config file refuse such limits; these came in around them)."""
+        regions = self.regions
+        return [
+            (name, config.capacity)
+            for configs in (self.rule_configs, self.key_configs)
+            for name, config in sorted(configs.items())
+            if config.mode == STRICT and config.capacity < regions
+        ]
+
     def set_share_regions(self, regions: Sequence[str]) -> None:
         """The region list changed (this region among them): a region no longer in
         it has its rights handed over by the rebalancer (``_hand_over``)."""

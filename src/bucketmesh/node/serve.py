@@ -171,6 +171,7 @@ class Node:
             decider = self.memory
             replica = self.memory.replica()  # restores what the mesh reads first
         self.decider = decider
+        self._check_strict_limits(settings)
         # Idempotency-Key answers: in Redis for every node of the region, or beside the
         # snapshot so that a retry after a crash is not charged again (http/idempotency.py).
         if self.backend is not None:
@@ -283,6 +284,25 @@ class Node:
         #: Why the node stops (a STOP_SIGNALS text, or the lifeline's), once it does.
         self.stop_reason: str | None = None
         self.serving = False
+
+    def _check_strict_limits(self, settings: NodeSettings) -> None:
+        """A StartError naming every strict limit restored here (set by PATCH while the
+        mesh had fewer regions) that cannot give each region one token: served, every
+        request under it would be refused."""
+        short = self.limiter.strict_below_regions()
+        if not short:
+            return
+        where = settings.snapshot if settings.storage == "memory" else settings.redis_url
+        listed = ", ".join(f"{name!r} (capacity {capacity})" for name, capacity in short)
+        if self.memory is not None:
+            self.memory.close()  # its lock: nothing was served or written
+        raise StartError(
+            f"strict limits restored from {where} are below one token for each of the "
+            f"{settings.regions} regions of sync.peers: {listed}; each region's share would "
+            "hold 0 tokens and refuse every request. Raise their capacity to at least "
+            f"{settings.regions} (PATCH /v1/buckets/<name> on a node of the current mesh) "
+            "or make them shared before adding a region"
+        )
 
     def _restore_from_dynamodb(self, settings: NodeSettings) -> str | None:
         """The snapshot path the store opens: the table's copy of the state files in a
