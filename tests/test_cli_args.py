@@ -210,3 +210,26 @@ def test_run_single_keeps_its_state_in_a_documented_directory(tmp_path: Path) ->
     assert state_dir({"BUCKETMESH_STATE_DIR": str(tmp_path)}) == tmp_path
     assert state_dir({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "bucketmesh"
     assert state_dir({}) == Path.home() / ".local" / "state" / "bucketmesh"
+
+
+@pytest.mark.parametrize("variable", ["BUCKETMESH_STATE_DIR", "XDG_STATE_HOME"])
+def test_run_single_names_the_variable_that_chose_an_unusable_state_directory(
+    variable: str, tmp_path: Path
+) -> None:
+    """Before, it blamed --snapshot, a flag the user never gave."""
+    blocker = tmp_path / "a-file"
+    blocker.touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
+    env.pop("XDG_STATE_HOME", None)
+    env[variable] = str(blocker)
+    done = subprocess.run(
+        [sys.executable, "-m", "bucketmesh", "run", "--single"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"config error: {variable}: storage.snapshot cannot be created" in done.stderr

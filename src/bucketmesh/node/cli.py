@@ -156,8 +156,9 @@ def _snapshot_problem(path: str) -> str | None:
     return None
 
 
-def _check_snapshot(config: Config, flags: dict[str, str]) -> None:
-    """A ConfigError naming where the snapshot path came from, if it cannot work."""
+def _check_snapshot(config: Config, flags: dict[str, str], origin: str | None = None) -> None:
+    """A ConfigError naming where the snapshot path came from, if it cannot work
+    (``origin``: what chose a path given as the flag, e.g. ``BUCKETMESH_STATE_DIR``)."""
     path = config.storage.snapshot
     if path is None or config.storage.backend != "memory" or path.startswith("dynamodb://"):
         return  # (a dynamodb:// URI is checked by the config, its table at start-up)
@@ -165,7 +166,7 @@ def _check_snapshot(config: Config, flags: dict[str, str]) -> None:
     if problem is None:
         return
     if "storage.snapshot" in flags:
-        where = FLAG_NAMES["storage.snapshot"]
+        where = origin or FLAG_NAMES["storage.snapshot"]
     elif "BUCKETMESH_STORAGE_SNAPSHOT" in os.environ:
         where = "BUCKETMESH_STORAGE_SNAPSHOT"
     else:
@@ -184,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     insecure = bool(getattr(args, "insecure_sync", False))
     try:
         config = load(args.config, flags, insecure_sync=insecure)
-        _check_snapshot(config, flags)
+        _check_snapshot(config, flags, getattr(args, "snapshot_origin", None))
     except ConfigError as error:
         log.error("config error: %s", error)
         if error.field == "sync.secret":
@@ -244,6 +245,16 @@ def state_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "bucketmesh"
 
 
+def state_dir_origin(environ: Mapping[str, str] | None = None) -> str:
+    """What chose ``state_dir()``, as an error about it names it."""
+    env = os.environ if environ is None else environ
+    if env.get("BUCKETMESH_STATE_DIR"):
+        return "BUCKETMESH_STATE_DIR"
+    if env.get("XDG_STATE_HOME"):
+        return "XDG_STATE_HOME"
+    return "run --single's state directory (~/.local/state/bucketmesh)"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The quick start: a three-region mesh on loopback (``cluster up``), or with
     ``--single`` (or ``--config``) one node serving the example config. The
@@ -256,6 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.quick_start = True
         if args.snapshot is None and "BUCKETMESH_STORAGE_SNAPSHOT" not in os.environ:
             args.snapshot = str(state_dir() / "state.snap")
+            args.snapshot_origin = state_dir_origin()
         with resources.as_file(EXAMPLE_CONFIG) as path:
             args.config = str(path)
             return cmd_serve(args)
