@@ -171,7 +171,6 @@ class Node:
             decider = self.memory
             replica = self.memory.replica()  # restores what the mesh reads first
         self.decider = decider
-        self._check_strict_limits(settings)
         # Idempotency-Key answers: in Redis for every node of the region, or beside the
         # snapshot so that a retry after a crash is not charged again (http/idempotency.py).
         if self.backend is not None:
@@ -286,18 +285,22 @@ class Node:
         self.serving = False
 
     def _check_strict_limits(self, settings: NodeSettings) -> None:
-        """A StartError naming every strict limit restored here (set by PATCH while the
-        mesh had fewer regions) that cannot give each region one token: served, every
-        request under it would be refused."""
+        """A StartError naming every strict limit recovered here (restored from the
+        snapshot or the store, or pulled from a peer at start-up: set by a PATCH while
+        the mesh had fewer regions) that cannot give each region one token: served,
+        every request under it would be refused. Before the node listens."""
         short = self.limiter.strict_below_regions()
         if not short:
             return
-        where = settings.snapshot if settings.storage == "memory" else settings.redis_url
+        if settings.storage == "redis":
+            where = "the region's Redis or a peer"
+        elif settings.snapshot:
+            where = f"{settings.snapshot} or a peer"
+        else:
+            where = "a peer's state at start-up"
         listed = ", ".join(f"{name!r} (capacity {capacity})" for name, capacity in short)
-        if self.memory is not None:
-            self.memory.close()  # its lock: nothing was served or written
         raise StartError(
-            f"strict limits restored from {where} are below one token for each of the "
+            f"strict limits recovered from {where} are below one token for each of the "
             f"{settings.regions} regions of sync.peers: {listed}; each region's share would "
             "hold 0 tokens and refuse every request. Raise their capacity to at least "
             f"{settings.regions} (PATCH /v1/buckets/<name> on a node of the current mesh) "
@@ -458,6 +461,7 @@ class Node:
         if self.discovery is not None:
             await self.discovery.step()  # the region's nodes, before the start-up pull
         await self._recover_state()
+        self._check_strict_limits(self.settings)
         await self._listen(self.server, self.settings.host, self.settings.port)
         if self.settings.admin_listen is not None:
             assert self.admin_server is not None
