@@ -149,6 +149,77 @@ def test_configure_rule_applies_to_existing_and_future_keys() -> None:
     assert limiter.peek("api-new", now=T0).tokens_remaining == 20
 
 
+def spent_limiter(defer: int | None) -> tuple[Limiter, list[int]]:
+    """A limiter with 7 keys of rule ``api`` spent to different levels (and one key
+    of the other rule), deferring rule changes above ``defer`` live buckets."""
+    limiter = Limiter(rules(), replica_id="a")
+    limiter.defer_adoption_above = defer
+    calls: list[int] = []
+    limiter.on_adoption = lambda: calls.append(len(limiter.pending_adoption))
+    for n in range(7):
+        limiter.acquire(f"api-{n}", n % 4 + 1, now=T0)
+    limiter.acquire("ip-1", now=T0)
+    return limiter, calls
+
+
+def test_a_deferred_rule_change_moves_the_buckets_in_slices_as_at_once() -> None:
+    """Above ``defer_adoption_above`` live buckets a rule change only queues its keys
+    (a serving node adopts them a slice per turn of its loop): each bucket ends where
+    adopting it at once at the same instant would put it."""
+    eager, _ = spent_limiter(None)
+    deferred, calls = spent_limiter(3)
+    for limiter in (eager, deferred):
+        limiter.configure("api", capacity=30, refill_rate=3.0, now=T0 + S)
+    assert calls == [1] and not eager.pending_adoption
+    # not moved yet: they decide on the previous limits, as a region the change has
+    # not reached yet does; a new key takes the new ones
+    assert deferred.peek("api-0", now=T0 + S).capacity == 10
+    assert deferred.peek("api-new", now=T0 + S).capacity == 30
+    slices = 0
+    while not deferred.adopt_pending(2, now=T0 + S):
+        slices += 1
+    assert slices == 3  # 8 keys, 2 a slice: the last slice empties the queue
+    for n in range(7):
+        key = f"api-{n}"
+        assert deferred.peek(key, now=T0 + 2 * S) == eager.peek(key, now=T0 + 2 * S)
+        assert deferred.buckets[key].full_state(key, "a") == eager.buckets[key].full_state(key, "a")
+    assert deferred.peek("ip-1", now=T0 + S).capacity == 100  # another rule: untouched
+    assert {f"api-{n}" for n in range(7)} <= deferred.dirty  # replicated as they move
+
+
+def test_a_newer_change_while_one_is_deferred_ends_on_the_newest() -> None:
+    limiter, _ = spent_limiter(0)
+    limiter.configure("api", capacity=30, now=T0 + S)
+    limiter.adopt_pending(3, now=T0 + S)
+    newest = limiter.configure("api", capacity=40, refill_rate=4.0, now=T0 + 2 * S)
+    while not limiter.adopt_pending(1, now=T0 + 2 * S):
+        pass
+    assert all(limiter.buckets[f"api-{n}"].config == newest for n in range(7))
+    # a change the limiter adopts at once (below the threshold) drops the queue
+    limiter.defer_adoption_above = None
+    limiter.configure("api", capacity=35, refill_rate=4.0, now=T0 + 3 * S)
+    assert not limiter.pending_adoption
+
+
+def test_a_rule_change_to_or_from_strict_mode_is_never_deferred() -> None:
+    limiter, calls = spent_limiter(0)
+    limiter.configure("api", mode="strict", capacity=30, now=T0 + S)
+    assert not calls and limiter.buckets["api-0"].config.mode == "strict"
+    limiter.configure("api", mode="shared", now=T0 + 2 * S)
+    assert not calls and limiter.buckets["api-0"].config.mode == "shared"
+
+
+def test_a_rule_change_merged_from_a_peer_is_deferred_too() -> None:
+    peer = Limiter(rules(), replica_id="b")
+    peer.configure("api", capacity=50, now=T0 + S)
+    limiter, calls = spent_limiter(0)
+    limiter.merge(peer.collect_deltas(), now=T0 + S)
+    assert calls == [1] and limiter.rule_configs["api"].capacity == 50
+    assert limiter.buckets["api-0"].config.capacity == 10
+    assert limiter.adopt_pending(100, now=T0 + S)
+    assert all(limiter.buckets[f"api-{n}"].config.capacity == 50 for n in range(7))
+
+
 def test_configure_lowering_capacity_clamps_the_level() -> None:
     limiter = Limiter(rules(), replica_id="a")
     limiter.acquire("api-k", 2, now=T0)

@@ -411,6 +411,18 @@ class Limiter:
         #: only; what configure, merge and the rebalancer mark dirty waits for the
         #: mesh's periodic collect.
         self.on_dirty: Callable[[], None] | None = None
+        # A rule change (``configure`` of a rule, ``merge_rule``) moves every live
+        # bucket of the rule onto the new config. Above ``defer_adoption_above`` live
+        # buckets (None: never, the library's default), it only queues the keys here
+        # (rule name -> keys still to visit, taken from the end) and calls
+        # ``on_adoption``; ``adopt_pending`` moves them a slice at a time, so that a
+        # serving node is not stopped for the whole of it (0.6 s at a million buckets).
+        # A bucket not moved yet decides on its previous config, as a region the
+        # change has not reached yet does; a snapshot taken meanwhile is moved at
+        # restore (``stamp_file_rules``: every bucket on an older config than its rule).
+        self.defer_adoption_above: int | None = None
+        self.pending_adoption: dict[str, list[str]] = {}
+        self.on_adoption: Callable[[], None] | None = None
         # Strict mode's transferable shares (``enable_shares``; core/shares.py): None
         # keeps the static 1/regions split.
         self.share_region: str | None = None
@@ -1036,9 +1048,7 @@ class Limiter:
             self.dirty_rules.add(rule.name)
             if self.journal is not None:
                 self.journal.rules.add(rule.name)
-            for key, bucket in self.buckets.items():
-                if bucket.rule == rule.name:
-                    self._adopt(key, bucket, new, now)
+            self._adopt_rule(rule.name, current, new, now)
         else:
             bucket = self.buckets[key_or_rule]
             if new.mode != SHARED or bucket.config.mode != SHARED:
@@ -1047,6 +1057,58 @@ class Limiter:
             if new.mode != SHARED:
                 self.dirty.add(key_or_rule)
         return new
+
+    def _adopt_rule(
+        self, name: str, previous: BucketConfig, config: BucketConfig, now: int
+    ) -> None:
+        """Move every live bucket of rule ``name`` on an older config onto ``config``:
+        at once, or queued for ``adopt_pending`` (``defer_adoption_above``). Changes to
+        or from strict mode are never queued: they move rights between regions."""
+        above = self.defer_adoption_above
+        if (
+            above is not None
+            and len(self.buckets) > above
+            and config.mode != STRICT
+            and previous.mode != STRICT
+        ):
+            # every key, not only the rule's: filtering a million here would be the
+            # stall this avoids; ``adopt_pending`` skips the others cheaply
+            self.pending_adoption[name] = list(self.buckets)
+            on_adoption = self.on_adoption
+            if on_adoption is not None:
+                on_adoption()
+            return
+        self.pending_adoption.pop(name, None)
+        for key, bucket in self.buckets.items():
+            if bucket.rule == name and bucket.config.version < config.version:
+                self._adopt(key, bucket, config, now)
+
+    def adopt_pending(self, budget: int, now: int | None = None) -> bool:
+        """Visit up to ``budget`` queued keys of deferred rule changes, moving each
+        live bucket still on an older config than its rule's onto it, keeping its level
+        at ``now``; True when nothing is left queued."""
+        if now is None:
+            now = self.clock()
+        pending = self.pending_adoption
+        buckets = self.buckets
+        rule_configs = self.rule_configs
+        while pending and budget > 0:
+            name = next(iter(pending))
+            keys = pending[name]
+            take = keys[-budget:]
+            del keys[-budget:]
+            if not keys:
+                del pending[name]
+            budget -= len(take)
+            config = rule_configs.get(name)
+            if config is None:
+                continue
+            version = config.version
+            for key in take:
+                bucket = buckets.get(key)
+                if bucket is not None and bucket.rule == name and bucket.config.version < version:
+                    self._adopt(key, bucket, config, now)
+        return not pending
 
     def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
         was_shared = bucket.config.mode == SHARED
@@ -1825,9 +1887,7 @@ class Limiter:
             return
         self.hlc.observe(config.version[0])
         self.rule_configs[name] = config
-        for key, bucket in self.buckets.items():
-            if bucket.rule == name and bucket.config.version < config.version:
-                self._adopt(key, bucket, config, now)
+        self._adopt_rule(name, current, config, now)
 
     def _compact(self, bucket: Bucket) -> Bucket:
         """Make a decoded bucket share what equal buckets hold alike.

@@ -92,6 +92,10 @@ if TYPE_CHECKING:
 SWEEP_INTERVAL_S = 0.25
 REBALANCE_INTERVAL_S = 0.25  # strict shares' rebalancer (core/shares.py, docs/sync.md)
 SWEEP_BUDGET = 20_000
+#: A rule change over more live buckets than this moves them this many at a time, a
+#: slice per turn of the loop (``Limiter.adopt_pending``): ~12 ms each, well under
+#: ``limits.shedLag``, where a million at once stopped the node for 0.6 s.
+ADOPTION_SLICE = 20_000
 _NEVER_SHED_S = 10.0**9  # the reserved listener's shed_lag
 
 log = logger("node")
@@ -123,6 +127,7 @@ class Node:
         self.memory: MemoryStore | None = None
         # storage.snapshot: dynamodb://...: the state files mirrored in DynamoDB
         self.dynamo: DynamoState | None = None
+        self.adoption_wake = asyncio.Event()  # rule changes queued (_adoption_loop)
         self.metrics = NodeMetrics()
         self.share_pull_wanted = False  # a blind node's strict rights wait for a pull
         # Every background task runs under it: none can die silently (telemetry/tasks.py).
@@ -168,6 +173,7 @@ class Node:
             self._claim_in_dynamodb()
             self.memory.install(self.metrics)
             self._install_share_metrics(self.memory.limiter)
+            self._defer_rule_adoption(self.memory.limiter)
             decider = self.memory
             replica = self.memory.replica()  # restores what the mesh reads first
         self.decider = decider
@@ -482,6 +488,8 @@ class Node:
                 supervisor.every("sync-discovery", discovery.settings.interval_s, discovery.step)
             )
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
+        if self.memory is not None:
+            self.tasks.append(supervisor.run("rule-adoption", self._adoption_loop))
         if self.memory is not None and self.memory.restoring is not None:
             # the snapshot's partitions no request has asked for yet (storage/memory.py)
             self.tasks.append(supervisor.run("restore", self.memory.finish_restore))
@@ -508,6 +516,30 @@ class Node:
             self.tasks.append(
                 supervisor.every("dynamodb", self.dynamo.interval_s, self.dynamo.checkpoint)
             )
+
+    def _defer_rule_adoption(self, limiter: Limiter) -> None:
+        """Rule changes (a PATCH here, one merged from a peer) over many buckets are
+        adopted in slices by ``_adoption_loop`` instead of in one stop of the loop."""
+        limiter.defer_adoption_above = ADOPTION_SLICE
+        limiter.on_adoption = self.adoption_wake.set
+        self.metrics.gauge(
+            "bucketmesh_rule_adoption_pending",
+            "Keys still to visit for rule changes being adopted in slices (live buckets "
+            "not yet on their rule's newest limits are among them)",
+            lambda: sum(len(keys) for keys in limiter.pending_adoption.values()),
+        )
+
+    async def _adoption_loop(self) -> None:
+        """Moves the buckets of changed rules onto their new limits, ``ADOPTION_SLICE``
+        keys per turn of the loop, whenever the limiter queued some."""
+        assert self.memory is not None
+        limiter = self.memory.limiter
+        wake = self.adoption_wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            while not limiter.adopt_pending(ADOPTION_SLICE):
+                await asyncio.sleep(0)
 
     async def _share_pull_step(self) -> None:
         """A blind node (no snapshot) that could not pull every region at start-up pulls

@@ -223,6 +223,8 @@ class SimResult:
     #: the largest (G − (C + r·D)) / (bound B − (C + r·D)): share of the error budget used
     worst_excess: float = 0.0
     events: int = 0
+    #: buckets a deferred rule change moved after the change (``Limiter.adopt_pending``)
+    late_adoptions: int = 0
 
 
 class _Limits:
@@ -311,6 +313,11 @@ class Simulation:
         #: a collector takes a large dirty set in slices (Mesh.collect_sliced), and keys
         #: left dirty for the next tick must converge all the same
         self.slices = random.Random(f"collect-{seed}")
+        #: whether each replica adopts rule changes in slices (a serving node's
+        #: ``Limiter.defer_adoption_above``), and the slices' sizes and delays: a stream
+        #: of its own too. A bucket not moved yet decides on its previous config.
+        self.adoption = random.Random(f"adopt-{seed}")
+        self.deferring = [self.adoption.random() < 0.5 for _ in range(replicas)]
         self.n = replicas
         self.rules = list(rules)
         #: the rules file each replica runs with (``reload`` gives one a new file)
@@ -378,12 +385,30 @@ class Simulation:
                 self._push(start_ns + expire_interval_ns, self._on_expire, (i,))
 
     def _limiter(self, i: int, replica_id: str) -> Limiter:
-        return Limiter(
+        limiter = Limiter(
             self.replica_rules[i],
             replica_id=replica_id,
             clock=lambda: self.now + self.skews[i],
             regions=self.n,
         )
+        if self.deferring[i]:
+            limiter.defer_adoption_above = 0
+            limiter.on_adoption = partial(self._adopt_later, i)
+        return limiter
+
+    def _adopt_later(self, i: int) -> None:
+        self._push(self.now + self.adoption.randint(0, 5 * MS), self._on_adopt, (i,))
+
+    def _on_adopt(self, i: int) -> None:
+        """A slice of ``i``'s deferred rule changes (node/serve.py's adoption loop)."""
+        limiter = self.limiters[i]
+        before = {key: bucket.config.version for key, bucket in limiter.buckets.items()}
+        done = limiter.adopt_pending(self.adoption.randint(1, 3))
+        self.result.late_adoptions += sum(
+            before.get(key) != bucket.config.version for key, bucket in limiter.buckets.items()
+        )
+        if not done:
+            self._adopt_later(i)
 
     # -- scheduling ------------------------------------------------------------
 
@@ -614,6 +639,9 @@ class Simulation:
         for _ in range(QUIESCENCE_ROUNDS):
             self.now += 1 * MS
             changed = 0
+            # deferred rule adoptions go on (a node's adoption loop): their slices
+            while self.queue:
+                self.run(self.queue[0][0])
             for i, limiter in enumerate(self.limiters):
                 deltas = limiter.collect_deltas()
                 full = limiter.full_state()
@@ -624,7 +652,9 @@ class Simulation:
                             data = self._encodable(i, "batch", partial(_encode, batch))
                             changed += self._deliver(j, i, data, self.sent_seq)
             # adopting a newer rule config is not counted by merge(): it shows as dirty
-            if not changed and not any(lim.dirty or lim.dirty_rules for lim in self.limiters):
+            if not changed and not any(
+                lim.dirty or lim.dirty_rules or lim.pending_adoption for lim in self.limiters
+            ):
                 self._check_join_all()
                 return
         self._fail("convergence", f"still changing after {QUIESCENCE_ROUNDS} rounds")
