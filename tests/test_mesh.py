@@ -9,6 +9,7 @@ holds or a generous deadline passes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -551,35 +553,47 @@ def test_a_newer_delta_replaces_the_queued_one_and_survives_a_stale_ack() -> Non
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def met_pair(
+    digest_interval_s: dict[str, float],
+) -> AsyncIterator[tuple[Any, Any, list[Any]]]:
+    """us-east-1 (the source) and eu-central-1 (the target) in this process, started
+    and met: each side has begun sending its full state once (a transfer is counted as
+    it reads the keys it will carry). Yields them and their links to each other."""
+    ports = {"us-east-1": free_port(), "eu-central-1": free_port()}
+    nodes = {
+        region: in_process_node(
+            region,
+            port,
+            {r: f"http://127.0.0.1:{p}" for r, p in ports.items() if r != region},
+            digest_interval_s=digest_interval_s[region],
+            settle_s=0.5,
+        )
+        for region, port in ports.items()
+    }
+    for node in nodes.values():
+        await node.start()
+    try:
+        source, target = nodes["us-east-1"], nodes["eu-central-1"]
+        links = [source.mesh.peers["eu-central-1"], target.mesh.peers["us-east-1"]]
+
+        def met() -> None:
+            assert all(p.full_transfers and not p.full_wanted for p in links), [
+                (p.full_transfers, p.full_wanted) for p in links
+            ]
+
+        await eventually_async(met, "the peers meet")
+        yield source, target, links
+    finally:
+        for node in nodes.values():
+            await node.stop(grace=1.0)
+
+
 def test_the_digest_exchange_repairs_state_that_no_delta_carried() -> None:
     from bucketmesh.core.bucket import epoch_for
 
     async def scenario() -> None:
-        ports = {"us-east-1": free_port(), "eu-central-1": free_port()}
-        nodes = {
-            region: in_process_node(
-                region,
-                port,
-                {r: f"http://127.0.0.1:{p}" for r, p in ports.items() if r != region},
-                digest_interval_s=0.2,
-                settle_s=0.5,
-            )
-            for region, port in ports.items()
-        }
-        for node in nodes.values():
-            await node.start()
-        try:
-            source, target = nodes["us-east-1"], nodes["eu-central-1"]
-            links = [source.mesh.peers["eu-central-1"], target.mesh.peers["us-east-1"]]
-
-            def met() -> None:
-                # first contact: each side has begun sending its full state once (a
-                # transfer is counted as it reads the keys it will carry)
-                assert all(p.full_transfers and not p.full_wanted for p in links), [
-                    (p.full_transfers, p.full_wanted) for p in links
-                ]
-
-            await eventually_async(met, "the peers meet")
+        async with met_pair({"us-east-1": 0.2, "eu-central-1": 0.2}) as (source, target, links):
             config = source.limiter.rule_configs["global"]
             now = time.time_ns()
             # A bucket at rest that only us-east-1 knows, merged without marking it dirty:
@@ -606,9 +620,6 @@ def test_the_digest_exchange_repairs_state_that_no_delta_carried() -> None:
             assert bucket.used(target.limiter.replica_id) == {"us-east-1/ghost/1": 5}
             assert sum(p.repaired_ranges for p in links) >= 1
             assert [p.full_transfers for p in links] == [1, 1]
-        finally:
-            for node in nodes.values():
-                await node.stop(grace=1.0)
 
     asyncio.run(scenario())
 
@@ -622,27 +633,9 @@ def test_a_bucket_whose_state_outgrows_a_message_is_repaired_by_the_digest_reply
     from bucketmesh.core.bucket import epoch_for
 
     async def scenario() -> None:
-        ports = {"us-east-1": free_port(), "eu-central-1": free_port()}
-        nodes = {
-            region: in_process_node(
-                region,
-                port,
-                {r: f"http://127.0.0.1:{p}" for r, p in ports.items() if r != region},
-                # only eu-central-1 compares digests: us-east-1's answer must carry it
-                digest_interval_s=0.2 if region == "eu-central-1" else 3600.0,
-                settle_s=0.5,
-            )
-            for region, port in ports.items()
-        }
-        for node in nodes.values():
-            await node.start()
-        try:
-            source, target = nodes["us-east-1"], nodes["eu-central-1"]
-            links = [source.mesh.peers["eu-central-1"], target.mesh.peers["us-east-1"]]
-            await eventually_async(
-                lambda: all(p.full_transfers and not p.full_wanted for p in links),
-                "the peers meet",
-            )
+        # only eu-central-1 compares digests: us-east-1's answer must carry the bucket
+        digests = {"us-east-1": 3600.0, "eu-central-1": 0.2}
+        async with met_pair(digests) as (source, target, _links):
             config = source.limiter.rule_configs["global"]
             now = time.time_ns()
             entries = {f"us-east-1/node-{n:04d}/{n}": 1 + n % 3 for n in range(4000)}
@@ -672,9 +665,6 @@ def test_a_bucket_whose_state_outgrows_a_message_is_repaired_by_the_digest_reply
             assert target.limiter.bucket("agent-api-key-history").level(now) == (
                 source.limiter.bucket("agent-api-key-history").level(now)
             )
-        finally:
-            for node in nodes.values():
-                await node.stop(grace=1.0)
 
     asyncio.run(scenario())
 
