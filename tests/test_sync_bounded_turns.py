@@ -143,6 +143,72 @@ def test_a_digest_reply_is_merged_in_slices_never_a_whole_range_group_per_turn()
     asyncio.run(scenario())
 
 
+def test_digest_requests_group_ranges_by_the_askers_buckets() -> None:
+    groups = mesh_module._digest_groups
+    # few buckets: 64 ranges a request, every range once
+    assert groups([10] * sync.RANGES) == [list(range(s, s + 64)) for s in range(0, 256, 64)]
+    # a million buckets (~3,900 a range): 5 ranges a request, within _DIGEST_KEYS
+    many = groups([3_900] * sync.RANGES)
+    assert [r for group in many for r in group] == list(range(sync.RANGES))
+    assert {len(group) for group in many[:-1]} == {5}
+    # a range alone above the limit still gets a request of its own
+    assert groups([0, 50_000, 0]) == [[0], [1], [2]]
+
+
+def test_a_digest_reply_carries_the_state_of_a_bounded_number_of_buckets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node answering a digest sends the full state of every differing range in one
+    reply, encoded and signed in one piece: 64 ranges of a million buckets, all
+    differing after a rule PATCH, stopped it for 0.5-0.6 s (benchmarks/patch_stall.py).
+    Now a reply stops at ``_DIGEST_KEYS`` buckets; the rest differs again at the asker's
+    next round, until every bucket is repaired. Here the asker holds none of them (so
+    its own grouping does not bound the reply) and the limit is lowered to 1,000."""
+    monkeypatch.setattr(mesh_module, "_DIGEST_KEYS", 1_000)
+    ghost_count = 6_000
+
+    async def scenario() -> None:
+        ports = {EAST: free_port(), WEST: free_port()}
+        nodes = {
+            region: in_process_node(
+                region,
+                port,
+                {r: f"http://127.0.0.1:{p}" for r, p in ports.items() if r != region},
+                # only the empty side asks
+                digest_interval_s=0.2 if region == WEST else 3600.0,
+                settle_s=0.5,
+            )
+            for region, port in ports.items()
+        }
+        try:
+            await meet(nodes)
+            east, west = nodes[EAST], nodes[WEST]
+            replies: list[int] = []
+            inner = east.mesh._state_of_ranges
+
+            async def state_of_ranges(ranges: Any) -> DeltaBatch:
+                batch: DeltaBatch = await inner(ranges)
+                replies.append(len(batch.deltas))
+                return batch
+
+            east.mesh._state_of_ranges = state_of_ranges
+            ghosts(east, ghost_count, "capped")
+
+            def repaired() -> None:
+                have = sum(1 for key in west.limiter.buckets if "-capped-" in key)
+                assert have == ghost_count, f"{have} of {ghost_count} repaired"
+
+            await eventually_async(repaired, "the digest repairs every bucket", timeout=120)
+            largest_range = max(len(r) for r in east.mesh._range_index().ranges)
+            assert max(replies) <= 1_000 + largest_range, replies
+            assert sum(replies) >= ghost_count
+        finally:
+            for node in nodes.values():
+                await node.stop(grace=1.0)
+
+    asyncio.run(scenario())
+
+
 def test_a_pull_of_a_peers_state_is_merged_in_slices() -> None:
     """What a blind node's ``share-pull`` does every 2 s until it has pulled every peer:
     on a flooded node, each reply (a peer's state of 32 ranges) was one merge."""

@@ -184,7 +184,13 @@ _ENVELOPE_OVERHEAD: Final = 512  # bytes around the body: framing, nonces, MAC, 
 _FULL_CHUNK_KEYS: Final = 2000  # buckets read per step of a full-state transfer
 _PULL_GROUP: Final = 32  # ranges per pull request
 _PULL_RETRIES: Final = 5  # failed requests in a row before a start-up pull gives up
-_DIGEST_GROUP: Final = 64  # ranges per digest request
+_DIGEST_GROUP: Final = 64  # ranges per digest request, at most
+# ... and at most this many of this node's buckets in them (one range at least): the
+# peer answers the full state of every range that differs in one reply, encoded and
+# signed in one piece. 64 ranges of a million buckets are ~250,000: when all differ (a
+# rule PATCH adopted on one side first, a long partition healed) that reply stopped
+# the answering node for 0.5-0.6 s; ~20,000 take it ~30 ms.
+_DIGEST_KEYS: Final = 20_000
 # Anti-entropy reads every bucket: it yields to the event loop after this many
 # buckets scanned (~0.5 µs each) or hashed (~4 µs each: encode + blake2b), so a
 # million buckets cost decisions a few ms at a time, never a second at once.
@@ -198,6 +204,23 @@ _HASH_SLICE: Final = 1000
 # stopped its receiver's loop for 1.6-1.8 s (R6: the flooded node's own deltas then waited
 # that long for their acks).
 _MERGE_SLICE: Final = 1000
+
+
+def _digest_groups(sizes: Sequence[int]) -> list[list[int]]:
+    """Consecutive ranges, ``_DIGEST_GROUP`` at most a request, fewer when their
+    buckets (``sizes[r]``, this node's) pass ``_DIGEST_KEYS``; every range once."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    held = 0
+    for r, size in enumerate(sizes):
+        if group and (len(group) == _DIGEST_GROUP or held + size > _DIGEST_KEYS):
+            groups.append(group)
+            group, held = [], 0
+        group.append(r)
+        held += size
+    if group:
+        groups.append(group)
+    return groups
 # Dirty deltas encoded and queued between two yields of the collector (~3 µs each).
 _COLLECT_SLICE: Final = 2000
 # ``Mesh.backlogged``: rounds of a peer's connections queued, not in flight, beyond which
@@ -1029,8 +1052,7 @@ class Mesh:
         """Compare range hashes with ``peer``; swap full state of the ranges that differ."""
         settle_ns = int(self.settings.settle_s * NS_PER_S)
         by_range = await self._keys_by_range()
-        for start in range(0, sync.RANGES, _DIGEST_GROUP):
-            group = list(range(start, min(sync.RANGES, start + _DIGEST_GROUP)))
+        for group in _digest_groups([len(keys) for keys in by_range]):
             keys = [key for r in group for key in by_range[r]]
             at = self.clock()
             hashes = await self._digest_of(keys, group, at, settle_ns)
@@ -1378,8 +1400,27 @@ class Mesh:
             differ = sync.differing(ranges, mine, payload.hashes)
         except sync.Rejected as rejected:
             raise ApiError(400, rejected.detail, field="hashes", reason="sync_malformed") from None
+        differ = self._within_one_reply(differ)
         state = await self._state_of_ranges(differ) if differ else DeltaBatch(self.replica_id, [])
         return self._reply(env, sync.DIGEST_REPLY, sync.DigestReply(self.replica_id, differ, state))
+
+    def _within_one_reply(self, differ: list[int]) -> list[int]:
+        """The first of the differing ranges whose buckets here stay within
+        ``_DIGEST_KEYS`` (one range at least): the reply carries their state, encoded
+        and signed in one piece. The asker merges them and sends its own state of the
+        same ranges; the others still differ at its next digest round. An asker groups
+        ranges by its own buckets (``_digest_groups``), so this bites only when this
+        node holds far more of them than the asker does."""
+        ranges = self._range_index().ranges
+        chosen: list[int] = []
+        held = 0
+        for r in differ:
+            size = len(ranges[r])  # (dead keys included: an upper bound)
+            if chosen and held + size > _DIGEST_KEYS:
+                break
+            chosen.append(r)
+            held += size
+        return chosen
 
     async def receive_pull(self, request: Request) -> Response:
         env, payload = self._open(request, sync.PULL)
