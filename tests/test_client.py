@@ -155,6 +155,48 @@ def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
             c.rate({"X-API-Key": "a"}, rule="r")
 
 
+def test_a_header_or_key_http_cannot_carry_is_the_callers_error_not_a_dead_node(
+    node: Server,
+) -> None:
+    """Before: a trailing newline in a header value (a key read from a file) failed in
+    httpx like a dead node, was retried, and opened the circuit, so a fail-open client
+    then allowed every caller's request unchecked for the breaker's cooldown."""
+    with Client(node.base_url, retry=FAST, on_unavailable="open") as c:
+        for headers in ({"X-API-Key": "abc\n"}, {"X API Key": "abc"}, {"X-API-Key": "a\x00"}):
+            with pytest.raises(ValueError, match="header"):
+                c.rate(headers)
+        with pytest.raises(ValueError, match="key is not valid UTF-8"):
+            c.rate("agent-api-key-\udcff")  # a byte that was not UTF-8, surrogate-escaped
+        with pytest.raises(ValueError, match="refill_rate must be a finite number"):
+            c.configure("slow", capacity=7, refill_rate=float("nan"))
+        # nothing was sent, the circuit is closed: the next call is a real decision
+        decision = c.rate("agent-api-key-after-bad-headers")
+        assert decision.allowed and decision.fallback is None and decision.attempts == 1
+        # text that is not ASCII goes as UTF-8, as the node reads header values
+        assert c.rate({"X-API-Key": "clé"}).key == "agent-api-key-clé"
+        assert c.rate("agent-api-key-clé").tokens_remaining < 4999
+
+
+def test_the_cli_refuses_a_key_that_is_not_utf8_as_a_usage_error(node: Server) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bucketmesh",
+            "rate",
+            "agent-api-key-\udcff",
+            "--url",
+            node.base_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        errors="surrogateescape",
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not valid UTF-8" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_limit_as_context_manager_and_decorator(client: Client) -> None:
     with client.limit("slow-limited") as decision:
         assert decision.allowed

@@ -5,14 +5,16 @@ clients differ only in how they send and sleep.
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -240,23 +242,87 @@ class Call:
     path: str
     params: dict[str, str] | None = None
     content: bytes | None = None
-    headers: dict[str, str] | None = None
+    headers: dict[str, str | bytes] | None = None
     #: the one bucket key the call decides, for key affinity (``Settings.url_for``)
     route_key: str | None = None
 
     def url(self, endpoint: Endpoint) -> str:
         return endpoint.url + self.path
 
+    def http_headers(self) -> list[tuple[bytes, bytes]] | None:
+        """The headers as bytes (a value that is not ASCII is already its UTF-8)."""
+        if self.headers is None:
+            return None
+        return [
+            (name.encode(), value if isinstance(value, bytes) else value.encode())
+            for name, value in self.headers.items()
+        ]
+
+
+# an HTTP field name (RFC 9110 token); a value holds no control character but tab
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def checked_text(value: str, what: str) -> str:
+    """``value`` if it is text that UTF-8 can carry; a ValueError naming ``what`` when it
+    holds a lone surrogate (bytes that were not UTF-8, decoded with surrogateescape, as
+    a command line or a file read with errors="surrogateescape" gives them)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text, got {value!r}") from None
+    return value
+
+
+def _header_value(name: str, value: object, what: str) -> str | bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} {name!r} must be a str, got {value!r}")
+    if _CONTROL.search(value):
+        raise ValueError(
+            f"{what} {name!r} holds a control character (a line break read with a key "
+            f"from a file?), got {value!r}"
+        )
+    checked_text(value, f"{what} {name!r}")
+    # the nodes read header values as UTF-8: send text that is not ASCII as its bytes
+    return value if value.isascii() else value.encode()
+
+
+def checked_headers(headers: Mapping[str, str], what: str = "header") -> dict[str, str | bytes]:
+    """Request headers for the nodes' rules, checked here: a name that is no HTTP
+    token or a value HTTP cannot carry is the caller's error (ValueError naming it),
+    raised before anything is sent; sent, it failed as if the node were down, the
+    client retried it and opened its circuit for every caller."""
+    checked: dict[str, str | bytes] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{what} name {name!r} is not a valid HTTP header name")
+        checked[name] = _header_value(name, value, what)
+    return checked
+
 
 def _json_headers(
     idempotency_key: str | None, extra: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
+) -> dict[str, str | bytes]:
+    headers: dict[str, str | bytes] = {"Content-Type": "application/json"}
     if idempotency_key is not None:
-        headers["Idempotency-Key"] = idempotency_key
+        headers["Idempotency-Key"] = _header_value("Idempotency-Key", idempotency_key, "header")
     if extra:
-        headers.update(extra)
+        headers.update(checked_headers(extra))
     return headers
+
+
+def checked_limit(name: str, value: float | None) -> float | None:
+    """A limit for ``configure``: None (unchanged) or a finite number. NaN and the
+    infinities have no JSON form (they were sent as null: that field silently
+    unchanged)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return value
 
 
 def checked_tokens(tokens: int) -> int:
@@ -270,7 +336,7 @@ def rate_call(key: KeyOrHeaders, tokens: int, rule: str | None, idempotency_key:
     node's rules render the key from."""
     tokens = checked_tokens(tokens)
     if isinstance(key, str):
-        body = encode(Item(key=key, rule=rule, tokens=tokens))
+        body = encode(Item(key=checked_text(key, "key"), rule=rule, tokens=tokens))
         return Call(
             "POST",
             "/v1/rate",
@@ -322,7 +388,7 @@ def batch_call(items: list[Item], atomic: bool, idempotency_key: str) -> Call:
 
 
 def state_call(key: str, rule: str | None) -> Call:
-    params = {"key": key}
+    params = {"key": checked_text(key, "key")}
     if rule is not None:
         params["rule"] = rule
     return Call("GET", "/v1/bucket/state", params=params)
@@ -342,16 +408,16 @@ def configure_call(
     fields: dict[str, Any] = {
         name: value
         for name, value in (
-            ("capacity", capacity),
-            ("refillRate", refill_rate),
-            ("ttl", ttl),
+            ("capacity", checked_limit("capacity", capacity)),
+            ("refillRate", checked_limit("refill_rate", refill_rate)),
+            ("ttl", checked_limit("ttl", ttl)),
             ("mode", mode),
         )
         if value is not None
     }
     return Call(
         "PATCH",
-        "/v1/buckets/" + quote(key_or_rule, safe=""),
+        "/v1/buckets/" + quote(checked_text(key_or_rule, "key_or_rule"), safe=""),
         content=encode(fields),
         headers=_json_headers(None),
     )

@@ -165,6 +165,8 @@ def _run(args: argparse.Namespace, call: Callable[[Client], Any]) -> int:
     try:
         with _client(args, **getattr(args, "client_options", {})) as client:
             result = call(client)
+    except ValueError as error:  # an argument the client refuses before sending it
+        _usage_error(args, str(error))
     except ApiError as error:
         log.error("%s: %s", args.command, error)
         return EXIT_REFUSED

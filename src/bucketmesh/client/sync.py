@@ -119,7 +119,7 @@ class Client:
                         s.url_for(call, step.endpoint),
                         params=call.params,
                         content=call.content,
-                        headers=call.headers,
+                        headers=call.http_headers(),
                         timeout=step.timeout,
                     )
                     outcome = _calls.outcome_of(response)
