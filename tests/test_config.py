@@ -1150,6 +1150,18 @@ def test_the_strict_capacity_error_names_the_buckets_file_and_counts_late_peers(
     assert (raised.value.file, raised.value.rule, raised.value.field) == (rules, 2, "capacity")
 
 
+def test_load_limiter_leaves_the_mesh_to_the_node(tmp_path: Path) -> None:
+    """``load_limiter`` takes a serving node's config for its rules; the strict check
+    against the mesh's regions is the limiter's, for the ``regions`` it is given."""
+    from bucketmesh.node.config import load_limiter
+
+    path = write(tmp_path, "c.yaml", STRICT_MESH + "buckets:\n" + STRICT_RULE)
+    limiter = load_limiter(path, replica_id="a/n/1", regions=1)
+    assert limiter.rules[0].capacity == 2
+    with pytest.raises(ValueError, match="strict mode needs capacity >= regions"):
+        load_limiter(path, replica_id="a/n/1")
+
+
 def test_serve_exits_2_naming_the_rule_not_the_state(tmp_path: Path) -> None:
     """Before, the limiter's ValueError surfaced while opening the state and serve
     printed "unreadable snapshot or write-ahead log"."""
@@ -1187,8 +1199,9 @@ def test_two_listeners_on_one_port_are_a_config_error(text: str, field: str, oth
     error = config_error(text)
     assert error.field == field
     assert f"must be another port than {other} " in str(error)
-    # port 0 (a free port) may repeat
+    # port 0 (a free port) may repeat, and so may a port on two different addresses
     parse_config("listen: :0\nenvoyListen: :0\nadminListen: :0\n", environ={})
+    parse_config("listen: 10.0.0.5:8080\nenvoyListen: 127.0.0.1:8080\n", environ={})
 
 
 @pytest.mark.parametrize(
@@ -1227,6 +1240,10 @@ def test_an_audit_trail_over_the_state_files_is_a_config_error(tmp_path: Path) -
         environ={},
     )
     assert fine.audit.path == f"{tmp_path}/audit.log"
+    # a trail named like the snapshot's stem writes none of its files (x, x.1, ...)
+    stem = tmp_path / "state"
+    text = f"storage: {{snapshot: {stem}.snap}}\naudit: {{enabled: true, path: {stem}}}\n"
+    assert parse_config(text, environ={}).audit.path == str(stem)
 
 
 def test_an_empty_buckets_variable_is_named() -> None:

@@ -155,7 +155,7 @@ def spent_limiter(defer: int | None) -> tuple[Limiter, list[int]]:
     limiter = Limiter(rules(), replica_id="a")
     limiter.defer_adoption_above = defer
     calls: list[int] = []
-    limiter.on_adoption = lambda: calls.append(len(limiter.pending_adoption))
+    limiter.on_adoption = lambda: calls.append(limiter.adoption_pending())
     for n in range(7):
         limiter.acquire(f"api-{n}", n % 4 + 1, now=T0)
     limiter.acquire("ip-1", now=T0)
@@ -170,7 +170,7 @@ def test_a_deferred_rule_change_moves_the_buckets_in_slices_as_at_once() -> None
     deferred, calls = spent_limiter(3)
     for limiter in (eager, deferred):
         limiter.configure("api", capacity=30, refill_rate=3.0, now=T0 + S)
-    assert calls == [1] and not eager.pending_adoption
+    assert calls == [8] and not eager.adoption_pending()
     # not moved yet: they decide on the previous limits, as a region the change has
     # not reached yet does; a new key takes the new ones
     assert deferred.peek("api-0", now=T0 + S).capacity == 10
@@ -198,7 +198,59 @@ def test_a_newer_change_while_one_is_deferred_ends_on_the_newest() -> None:
     # a change the limiter adopts at once (below the threshold) drops the queue
     limiter.defer_adoption_above = None
     limiter.configure("api", capacity=35, refill_rate=4.0, now=T0 + 3 * S)
-    assert not limiter.pending_adoption
+    assert not limiter.adoption_pending()
+
+
+def test_a_bucket_moved_by_a_later_slice_keeps_its_level_at_that_instant() -> None:
+    """A slice moves a bucket when it reaches it: the level it keeps is the one at
+    that instant under the previous limits, as where the change arrives late."""
+    late, _ = spent_limiter(0)
+    late.configure("api", capacity=30, refill_rate=3.0, now=T0 + S)
+    late.acquire("api-3", 2, now=T0 + 2 * S)  # not moved yet: the previous limits
+    assert late.buckets["api-3"].config.capacity == 10
+    while not late.adopt_pending(2, now=T0 + 3 * S):
+        pass
+    reference, _ = spent_limiter(None)
+    reference.acquire("api-3", 2, now=T0 + 2 * S)
+    reference.configure("api", capacity=30, refill_rate=3.0, now=T0 + 3 * S)
+    for n in range(7):
+        key = f"api-{n}"
+        assert (
+            late.peek(key, now=T0 + 4 * S).tokens_remaining
+            == reference.peek(key, now=T0 + 4 * S).tokens_remaining
+        )
+
+
+def test_a_key_patch_while_its_rule_change_is_deferred_builds_on_the_new_rule() -> None:
+    """Found in review: a per-key PATCH of a bucket not moved yet copied the rule's
+    previous limits into the key's own config, which then outranked the rule's."""
+    limiter, _ = spent_limiter(0)
+    limiter.configure("api", refill_rate=5.0, ttl=7.0, now=T0 + S)
+    key_config = limiter.configure("api-1", capacity=20, now=T0 + S)
+    assert (key_config.capacity, key_config.interval_ns, key_config.ttl_ns) == (
+        20,
+        200_000_000,
+        7 * S,
+    )
+
+
+def test_changes_of_many_rules_during_a_pass_copy_the_keys_once_more_not_once_each() -> None:
+    limiter = Limiter(
+        [
+            Rule.create(f"r{n}-{{{{ .Request.Header.X-K }}}}", 10, 1.0, name=f"r{n}")
+            for n in range(5)
+        ],
+        replica_id="a",
+    )
+    limiter.defer_adoption_above = 0
+    for n in range(5):
+        limiter.acquire(f"r{n}-x", now=T0)
+    for n in range(5):
+        limiter.configure(f"r{n}", capacity=20, now=T0 + S)
+    assert limiter.adoption_pending() == 5 + 5  # this pass, and one more for the rest
+    while not limiter.adopt_pending(1, now=T0 + S):
+        pass
+    assert all(limiter.buckets[f"r{n}-x"].config.capacity == 20 for n in range(5))
 
 
 def test_a_rule_change_to_or_from_strict_mode_is_never_deferred() -> None:
@@ -214,7 +266,7 @@ def test_a_rule_change_merged_from_a_peer_is_deferred_too() -> None:
     peer.configure("api", capacity=50, now=T0 + S)
     limiter, calls = spent_limiter(0)
     limiter.merge(peer.collect_deltas(), now=T0 + S)
-    assert calls == [1] and limiter.rule_configs["api"].capacity == 50
+    assert calls == [8] and limiter.rule_configs["api"].capacity == 50
     assert limiter.buckets["api-0"].config.capacity == 10
     assert limiter.adopt_pending(100, now=T0 + S)
     assert all(limiter.buckets[f"api-{n}"].config.capacity == 50 for n in range(7))

@@ -16,12 +16,16 @@ from bucketmesh.node.serve import ADOPTION_SLICE
 KEYS = ADOPTION_SLICE + 2_000
 
 
-def pending(client: httpx.Client) -> float:
+def metric(client: httpx.Client, name: str) -> float:
     text = client.get("/metrics").text
     for family in text_string_to_metric_families(text):
-        if family.name == "bucketmesh_rule_adoption_pending":
+        if family.name == name:
             return family.samples[0].value
-    raise AssertionError("no bucketmesh_rule_adoption_pending on /metrics")
+    raise AssertionError(f"no {name} on /metrics")
+
+
+def pending(client: httpx.Client) -> float:
+    return metric(client, "bucketmesh_rule_adoption_pending")
 
 
 def test_a_patch_over_more_buckets_than_a_slice_reaches_every_one(
@@ -35,6 +39,7 @@ def test_a_patch_over_more_buckets_than_a_slice_reaches_every_one(
             answer = client.post("/v1/rate/batch", json={"requests": items})
             assert answer.status_code == 200 and answer.json()["allowed"] == len(items)
         assert pending(client) == 0
+        slices = metric(client, "bucketmesh_rule_adoption_slices")
         patched = client.patch("/v1/buckets/slow", json={"capacity": 9})
         assert patched.status_code == 200, patched.text
         # the node keeps deciding while the change is adopted
@@ -48,3 +53,5 @@ def test_a_patch_over_more_buckets_than_a_slice_reaches_every_one(
                 assert (state["capacity"], state["tokens_remaining"]) == (9, 4), state
 
         eventually(adopted, "every bucket on the new limits")
+        # in slices: 22,000 keys (and the few others) at 20,000 a slice
+        assert metric(client, "bucketmesh_rule_adoption_slices") - slices >= 2

@@ -413,15 +413,18 @@ class Limiter:
         self.on_dirty: Callable[[], None] | None = None
         # A rule change (``configure`` of a rule, ``merge_rule``) moves every live
         # bucket of the rule onto the new config. Above ``defer_adoption_above`` live
-        # buckets (None: never, the library's default), it only queues the keys here
-        # (rule name -> keys still to visit, taken from the end) and calls
-        # ``on_adoption``; ``adopt_pending`` moves them a slice at a time, so that a
-        # serving node is not stopped for the whole of it (0.6 s at a million buckets).
-        # A bucket not moved yet decides on its previous config, as a region the
-        # change has not reached yet does; a snapshot taken meanwhile is moved at
-        # restore (``stamp_file_rules``: every bucket on an older config than its rule).
+        # buckets (None: never, the library's default), it only starts a pass over a
+        # copy of the keys (``adoption_keys``, visited from the end; a change during a
+        # pass asks for one more pass, ``adoption_again``, not one copy per rule) and
+        # calls ``on_adoption``; ``adopt_pending`` visits them a slice at a time, moving
+        # each bucket on an older config than its rule's, so that a serving node is not
+        # stopped for the whole of it (0.6 s at a million buckets). A bucket not moved
+        # yet decides on its previous config, as a region the change has not reached
+        # yet does; a snapshot taken meanwhile is moved at restore (``stamp_file_rules``:
+        # every bucket on an older config than its rule).
         self.defer_adoption_above: int | None = None
-        self.pending_adoption: dict[str, list[str]] = {}
+        self.adoption_keys: list[str] = []
+        self.adoption_again = False
         self.on_adoption: Callable[[], None] | None = None
         # Strict mode's transferable shares (``enable_shares``; core/shares.py): None
         # keeps the static 1/regions split.
@@ -1022,6 +1025,16 @@ class Limiter:
             current = self.rule_configs[rule.name]
         else:
             bucket = self.buckets.get(key_or_rule) or self._create(key_or_rule, None, now)
+            if self.adoption_keys or self.adoption_again:
+                # a rule change this bucket has not been moved onto yet: first, so that
+                # the key's own config is built on the rule's newest one
+                newer = self.rule_configs.get(bucket.rule)
+                if (
+                    newer is not None
+                    and newer.mode != STRICT
+                    and bucket.config.version < newer.version
+                ):
+                    self._adopt(key_or_rule, bucket, newer, now)
             current = bucket.config
             if current.mode == STRICT and self.regions > 1:  # a share: start from the whole
                 current = self.key_configs.get(key_or_rule) or self.rule_configs[bucket.rule]
@@ -1062,8 +1075,9 @@ class Limiter:
         self, name: str, previous: BucketConfig, config: BucketConfig, now: int
     ) -> None:
         """Move every live bucket of rule ``name`` on an older config onto ``config``:
-        at once, or queued for ``adopt_pending`` (``defer_adoption_above``). Changes to
-        or from strict mode are never queued: they move rights between regions."""
+        at once, or in ``adopt_pending``'s slices (``defer_adoption_above``). A change
+        of the rule to or from strict mode is adopted at once: it moves rights between
+        regions."""
         above = self.defer_adoption_above
         if (
             above is not None
@@ -1073,42 +1087,56 @@ class Limiter:
         ):
             # every key, not only the rule's: filtering a million here would be the
             # stall this avoids; ``adopt_pending`` skips the others cheaply
-            self.pending_adoption[name] = list(self.buckets)
+            if self.adoption_keys:
+                self.adoption_again = True
+            else:
+                self.adoption_keys = list(self.buckets)
             on_adoption = self.on_adoption
             if on_adoption is not None:
                 on_adoption()
             return
-        self.pending_adoption.pop(name, None)
         for key, bucket in self.buckets.items():
             if bucket.rule == name and bucket.config.version < config.version:
                 self._adopt(key, bucket, config, now)
 
+    def adoption_pending(self) -> int:
+        """Keys a deferred rule change still has to visit (a pass asked for after the
+        current one counts as every live key)."""
+        return len(self.adoption_keys) + (len(self.buckets) if self.adoption_again else 0)
+
     def adopt_pending(self, budget: int, now: int | None = None) -> bool:
-        """Visit up to ``budget`` queued keys of deferred rule changes, moving each
-        live bucket still on an older config than its rule's onto it, keeping its level
-        at ``now``; True when nothing is left queued."""
+        """Visit up to ``budget`` keys of a deferred rule change, moving each live
+        bucket on an older config than its rule's onto the rule's, keeping its level
+        at ``now`` (strict rules are never deferred: their buckets are left to
+        ``configure``); True when no visit is left to do."""
         if now is None:
             now = self.clock()
-        pending = self.pending_adoption
         buckets = self.buckets
         rule_configs = self.rule_configs
-        while pending and budget > 0:
-            name = next(iter(pending))
-            keys = pending[name]
+        while budget > 0:
+            keys = self.adoption_keys
+            if not keys:
+                if not self.adoption_again:
+                    return True
+                self.adoption_again = False
+                keys = self.adoption_keys = list(buckets)
+                if not keys:
+                    return True
             take = keys[-budget:]
             del keys[-budget:]
-            if not keys:
-                del pending[name]
             budget -= len(take)
-            config = rule_configs.get(name)
-            if config is None:
-                continue
-            version = config.version
             for key in take:
                 bucket = buckets.get(key)
-                if bucket is not None and bucket.rule == name and bucket.config.version < version:
+                if bucket is None:
+                    continue
+                config = rule_configs.get(bucket.rule)
+                if (
+                    config is not None
+                    and config.mode != STRICT
+                    and bucket.config.version < config.version
+                ):
                     self._adopt(key, bucket, config, now)
-        return not pending
+        return not self.adoption_keys and not self.adoption_again
 
     def _adopt(self, key: str, bucket: Bucket, config: BucketConfig, now: int) -> None:
         was_shared = bucket.config.mode == SHARED

@@ -676,7 +676,8 @@ def _check_listeners(settings: _Settings) -> None:
     """``adminListen`` and ``envoyListen``: a ``host:port`` each, every one on a port of
     its own (port 0, a free port, excepted): two listeners on one port would fail to
     start, the second after the first already serves."""
-    taken = [("listen", settings.listen, parse_listen(settings.listen)[1])]
+    every = ("0.0.0.0", "::", "")
+    taken = [("listen", settings.listen, *parse_listen(settings.listen))]
     for field, listen in (
         ("adminListen", settings.admin_listen),
         ("envoyListen", settings.envoy_listen),
@@ -684,17 +685,18 @@ def _check_listeners(settings: _Settings) -> None:
         if listen is None:
             continue
         try:
-            port = parse_listen(listen)[1]
+            host, port = parse_listen(listen)
         except ValueError as error:
             raise _Problem(field, str(error)) from None
-        for other, other_listen, other_port in taken:
-            if port and port == other_port:
+        for other, other_listen, other_host, other_port in taken:
+            same_address = host == other_host or host in every or other_host in every
+            if port and port == other_port and same_address:
                 raise _Problem(
                     field,
                     f"must be another port than {other} ({other_listen!r}): each listener "
                     f"is a socket of its own, got {listen!r}",
                 )
-        taken.append((field, listen, port))
+        taken.append((field, listen, host, port))
 
 
 def _check_no_nul(value: Any, field: str) -> None:
@@ -717,7 +719,8 @@ def _check_audit_path(settings: _Settings) -> None:
     if not audit.enabled or audit.path == "-" or not snapshot or "://" in snapshot:
         return
     trail, state = os.path.abspath(audit.path), os.path.abspath(snapshot)
-    if trail == state or trail.startswith(state + ".") or state.startswith(trail + "."):
+    rotation = re.fullmatch(re.escape(trail) + r"\.[0-9]+", state)  # audit.path.N
+    if trail == state or trail.startswith(state + ".") or rotation:
         raise _Problem(
             "audit.path",
             f"must not be storage.snapshot ({snapshot!r}) or a file beside it that "
@@ -1646,9 +1649,11 @@ def load_limiter(
     regions: int | None = None,
 ) -> Limiter:
     """An in-process limiter with the rules (and bucket cap) of a bucketmesh.yaml or
-    a buckets.yaml; ``regions`` defaults to the config's (strict mode's shares)."""
+    a buckets.yaml; ``regions`` defaults to the config's (strict mode's shares). What
+    only a serving node needs (the mesh's secret and peer URLs, strict capacity against
+    the mesh's regions) is not asked of the file: the limiter checks its ``regions``."""
     try:
-        config = load_config(path)
+        config = load_config(path, complete=False)
     except ConfigError:
         rules = load_buckets(path)
         return Limiter(rules, replica_id=replica_id, clock=clock, regions=regions or 1)

@@ -128,6 +128,7 @@ class Node:
         # storage.snapshot: dynamodb://...: the state files mirrored in DynamoDB
         self.dynamo: DynamoState | None = None
         self.adoption_wake = asyncio.Event()  # rule changes queued (_adoption_loop)
+        self.adoption_slices = 0
         self.metrics = NodeMetrics()
         self.share_pull_wanted = False  # a blind node's strict rights wait for a pull
         # Every background task runs under it: none can die silently (telemetry/tasks.py).
@@ -526,7 +527,12 @@ class Node:
             "bucketmesh_rule_adoption_pending",
             "Keys still to visit for rule changes being adopted in slices (live buckets "
             "not yet on their rule's newest limits are among them)",
-            lambda: sum(len(keys) for keys in limiter.pending_adoption.values()),
+            limiter.adoption_pending,
+        )
+        self.metrics.counter(
+            "bucketmesh_rule_adoption_slices",
+            "Slices of rule changes adopted between turns of the event loop",
+            lambda: self.adoption_slices,
         )
 
     async def _adoption_loop(self) -> None:
@@ -535,10 +541,16 @@ class Node:
         assert self.memory is not None
         limiter = self.memory.limiter
         wake = self.adoption_wake
+        if limiter.adoption_pending():
+            wake.set()  # restarted by the supervisor with work queued
         while True:
             await wake.wait()
             wake.clear()
-            while not limiter.adopt_pending(ADOPTION_SLICE):
+            while True:
+                done = limiter.adopt_pending(ADOPTION_SLICE)
+                self.adoption_slices += 1
+                if done:
+                    break
                 await asyncio.sleep(0)
 
     async def _share_pull_step(self) -> None:

@@ -256,6 +256,9 @@ class MeshSettings:
     #: within it (R2: converged within 1 s of healing). Probing a down peer 4 times a
     #: second costs nothing; a black-holed send still waits its peer timeout first.
     backoff_max_s: float = 0.25
+    #: the wait after a failed full transfer or digest round (a peer shedding or slow):
+    #: they are large, and the delta senders already notice a healed link
+    bulk_backoff_s: float = 1.0
     bulk_timeout_s: float = 10.0
     #: a node that starts without a snapshot and reaches no peer: ``refill`` (shared
     #: buckets it creates refill from zero at its start until a peer is pulled) or
@@ -447,6 +450,7 @@ class Mesh:
         self.collects = 0
         self.leading_collects = 0
         self._index: RangeIndex | None = None  # the pull path's keys by range
+        self._reply_from = 0  # the range a capped digest answer starts from (rotating)
 
     @property
     def replica_id(self) -> str:
@@ -927,7 +931,7 @@ class Mesh:
                         await self._digest_round(peer)
             except LinkError as error:
                 peer.last_error = str(error)
-                await asyncio.sleep(self.rng.uniform(0.5, 1.0) * self.settings.backoff_max_s)
+                await asyncio.sleep(self.rng.uniform(0.5, 1.0) * self.settings.bulk_backoff_s)
                 continue
             peer.bulk_wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -1412,15 +1416,20 @@ class Mesh:
         ranges by its own buckets (``_digest_groups``), so this bites only when this
         node holds far more of them than the asker does."""
         ranges = self._range_index().ranges
+        # from where the last capped answer stopped, so that ranges that keep differing
+        # (a peer at its bucket cap) cannot hold the later ones off for good
+        start = self._reply_from
+        order = sorted(differ, key=lambda r: (r - start) % sync.RANGES)
         chosen: list[int] = []
         held = 0
-        for r in differ:
-            size = len(ranges[r])  # (dead keys included: an upper bound)
+        for r in order:
+            size = len(ranges[r])  # (dead, strict and local keys too: an upper bound)
             if chosen and held + size > _DIGEST_KEYS:
+                self._reply_from = r
                 break
             chosen.append(r)
             held += size
-        return chosen
+        return sorted(chosen)
 
     async def receive_pull(self, request: Request) -> Response:
         env, payload = self._open(request, sync.PULL)

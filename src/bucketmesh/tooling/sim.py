@@ -391,10 +391,13 @@ class Simulation:
             clock=lambda: self.now + self.skews[i],
             regions=self.n,
         )
+        self._defer(i, limiter)
+        return limiter
+
+    def _defer(self, i: int, limiter: Limiter) -> None:
         if self.deferring[i]:
             limiter.defer_adoption_above = 0
             limiter.on_adoption = partial(self._adopt_later, i)
-        return limiter
 
     def _adopt_later(self, i: int) -> None:
         self._push(self.now + self.adoption.randint(0, 5 * MS), self._on_adopt, (i,))
@@ -503,6 +506,10 @@ class Simulation:
                 clock=clock,
                 regions=self.n,
             )
+            # as storage/memory.py restores: buckets a deferred rule change had not
+            # moved yet when the snapshot was taken are moved now
+            limiter.stamp_file_rules(clock())
+            self._defer(replica, limiter)
         self.limiters[replica] = limiter
         known: Knowledge = {}
         for key, bucket in limiter.buckets.items():
@@ -653,7 +660,7 @@ class Simulation:
                             changed += self._deliver(j, i, data, self.sent_seq)
             # adopting a newer rule config is not counted by merge(): it shows as dirty
             if not changed and not any(
-                lim.dirty or lim.dirty_rules or lim.pending_adoption for lim in self.limiters
+                lim.dirty or lim.dirty_rules or lim.adoption_pending() for lim in self.limiters
             ):
                 self._check_join_all()
                 return
