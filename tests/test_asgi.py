@@ -15,7 +15,13 @@ import pytest
 
 from bucketmesh import Limiter, Rule
 from bucketmesh.api.routes import limiter_error
-from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
+from bucketmesh.core.limiter import (
+    BucketCapReached,
+    InvalidTokens,
+    KeyTooLong,
+    LimiterError,
+    NoRuleError,
+)
 from bucketmesh.integrations.asgi import (
     Message,
     RateLimitMiddleware,
@@ -170,6 +176,9 @@ def test_two_apps_in_two_regions_share_one_bucket_through_deltas() -> None:
 def test_tokens_must_be_positive() -> None:
     with pytest.raises(ValueError, match="tokens must be >= 1"):
         RateLimitMiddleware(Upstream(), limiter(), tokens=0)
+    # before: accepted, then every request raised TypeError (a 500 under uvicorn)
+    with pytest.raises(TypeError, match="tokens must be an integer"):
+        RateLimitMiddleware(Upstream(), limiter(), tokens=1.5)  # type: ignore[arg-type]
 
 
 def test_tokens_above_the_capacity_are_a_400_not_an_exception() -> None:
@@ -193,6 +202,8 @@ def test_tokens_above_the_capacity_are_a_400_not_an_exception() -> None:
         (InvalidTokens("tokens must be between 0 and the capacity 3, got 5", 3), None),
         (NoRuleError("unknown rule 'gone'"), "rule"),
         (BucketCapReached("1 live buckets: the cap (max_buckets) is reached"), None),
+        # was a 503 with Retry-After here (an endless retry), a 400 naming key there
+        (KeyTooLong("the key is 9004 bytes; at most 8192 can be replicated"), None),
     ],
 )
 def test_every_limiter_error_is_answered_as_the_rating_api_answers_it(

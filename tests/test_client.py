@@ -22,6 +22,7 @@ import pytest
 from conftest import SEED_RULE, Mesh, Server, ServerFactory, eventually, make_config
 
 from bucketmesh.client import (
+    ApiError,
     AsyncClient,
     BadRequest,
     BreakerPolicy,
@@ -175,6 +176,35 @@ def test_a_header_or_key_http_cannot_carry_is_the_callers_error_not_a_dead_node(
         # text that is not ASCII goes as UTF-8, as the node reads header values
         assert c.rate({"X-API-Key": "clé"}).key == "agent-api-key-clé"
         assert c.rate("agent-api-key-clé").tokens_remaining < 4999
+
+
+def test_a_new_key_at_the_bucket_cap_is_that_callers_answer_not_a_dead_node(
+    serve: ServerFactory,
+) -> None:
+    """Before: the node's 503 for one new key at its bucket cap opened the client's
+    circuit (every caller then failed, or was let through fail-open), and a coalesced
+    batch holding that key failed every caller in it."""
+    capped = serve(make_config(BUCKETS, limits={"maxBuckets": 2}))
+    with Client(capped.base_url, retry=FAST, on_unavailable="open") as c:
+        assert c.rate("agent-api-key-one").allowed and c.rate("agent-api-key-two").allowed
+        with pytest.raises(ApiError) as refused:
+            c.rate("agent-api-key-three")
+        assert (refused.value.status, refused.value.field) == (503, "key")
+        assert refused.value.type == "urn:bucketmesh:problem:bucket-cap"
+        after = c.rate("agent-api-key-one")
+        assert after.allowed and after.fallback is None and after.attempts == 1
+
+    async def coalesced() -> None:
+        async with AsyncClient(capped.base_url, retry=FAST, coalesce=True) as ac:
+            known, new = await asyncio.gather(
+                ac.rate("agent-api-key-two"),
+                ac.rate("agent-api-key-four"),
+                return_exceptions=True,
+            )
+            assert isinstance(known, client_results.Decision) and known.allowed, known
+            assert isinstance(new, ApiError) and new.status == 503, new
+
+    asyncio.run(coalesced())
 
 
 def test_the_cli_refuses_a_key_that_is_not_utf8_as_a_usage_error(node: Server) -> None:
@@ -455,12 +485,15 @@ def test_no_region_answering_raises_by_default(serve: ServerFactory) -> None:
     assert error.value.attempts >= 1 and server.base_url in error.value.errors
 
 
-def test_a_503_with_a_retry_after_past_the_budget_is_not_waited_for(serve: ServerFactory) -> None:
+def test_a_bucket_cap_503_is_answered_at_once_not_waited_for(serve: ServerFactory) -> None:
+    """The cap's 503 carries Retry-After: 1, past a 0.5 s budget; it is the answer for
+    that key (a ``final`` reply), so it is neither waited for nor retried. The plan's
+    handling of a Retry-After past the budget: tests/test_client_retry.py."""
     server = serve(make_config(BUCKETS), max_buckets=1)
     with Client(server.base_url, retry=RetryPolicy(total_timeout=0.5)) as c:
         assert c.rate("slow-first").allowed  # the one bucket the cap allows
-        with pytest.raises(Unavailable, match="Retry-After"):
-            c.rate("slow-second")  # 503 + Retry-After: 1, past a 0.5 s budget
+        with pytest.raises(ApiError, match=r"the cap \(max_buckets\) is reached"):
+            c.rate("slow-second")
     assert responses(server.base_url, "rate", 503) == 1
 
 

@@ -296,3 +296,94 @@ def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> 
             await first.stop()
 
     asyncio.run(main())
+
+
+def one_slot_config(tmp_path: Path) -> Path:
+    config = make_config(
+        BUCKETS,
+        sync={
+            "enabled": True,
+            "peers": ["us-east-1", "us-east-1.w0"],
+            "peerUrls": {
+                "us-east-1": f"http://127.0.0.1:{free_port()}",
+                "us-east-1.w0": f"http://127.0.0.1:{free_port()}",
+            },
+            "secret": "s",
+        },
+    )
+    path = tmp_path / "one-slot.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def lifespan(app: Any, *messages: str) -> list[dict[str, Any]]:
+    """Drive ``app``'s lifespan as an ASGI server does; the answers it sends."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    for message in messages:
+        inbox.put_nowait({"type": f"lifespan.{message}"})
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send)
+    return sent
+
+
+def test_a_members_asgi_app_runs_the_apps_own_lifespan_inside_the_members(
+    tmp_path: Path,
+) -> None:
+    """Before, the wrapped app's lifespan never ran: an app opening its database pool
+    at startup served without it."""
+    path = one_slot_config(tmp_path)
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+
+    async def main() -> None:
+        member = Member(str(path))
+        sent = await lifespan(member.asgi(app), "startup", "shutdown")
+        assert seen == ["lifespan.startup", "lifespan.shutdown"]
+        assert [m["type"] for m in sent] == [
+            "lifespan.startup.complete",
+            "lifespan.shutdown.complete",
+        ]
+        # the member was stopped at shutdown: its slot is free for another one
+        again = Member(str(path))
+        await again.start()
+        await again.stop()
+
+    asyncio.run(main())
+
+
+def test_a_bad_middleware_option_fails_the_startup_and_leaves_the_member_stopped(
+    tmp_path: Path,
+) -> None:
+    """Before, the ValueError was swallowed (uvicorn: "lifespan unsupported"), every
+    request then got a 500 naming the wrong cause, and the member kept its slot."""
+    path = one_slot_config(tmp_path)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("not reached")
+
+    async def main() -> None:
+        member = Member(str(path))
+        sent = await lifespan(member.asgi(app, unmatched="block"), "startup")
+        assert sent == [
+            {
+                "type": "lifespan.startup.failed",
+                "message": "RateLimitMiddleware: unmatched must be 'allow' or 'deny', got 'block'",
+            }
+        ]
+        again = Member(str(path))  # the slot was given back
+        await again.start()
+        await again.stop()
+
+    asyncio.run(main())

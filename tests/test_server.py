@@ -702,6 +702,12 @@ def test_batch_of_more_than_1000_items_is_400_and_charges_nothing(client: httpx.
     assert used(state(client, agent_key)) == 0
 
 
+def test_an_empty_batch_is_400_naming_requests(client: httpx.Client) -> None:
+    """docs/api.md: ``requests`` needs 1 item or more (it answered 200 with no result)."""
+    response = client.post("/v1/rate/batch", json={"requests": []})
+    assert_problem(response, 400, field="requests")
+
+
 @pytest.mark.parametrize("atomic", [False, True])
 def test_batch_with_an_invalid_item_is_400_and_charges_nothing(
     client: httpx.Client, atomic: bool
@@ -1113,7 +1119,12 @@ def test_bucket_state_without_key_is_400(client: httpx.Client) -> None:
 
 
 def test_bucket_state_of_a_key_no_rule_matches_is_404(client: httpx.Client) -> None:
-    assert_problem(client.get("/v1/bucket/state", params={"key": "matches-nothing"}), 404)
+    assert_problem(
+        client.get("/v1/bucket/state", params={"key": "matches-nothing"}), 404, field="key"
+    )
+    # a ?rule= that names no rule is that parameter's fault (it said "key")
+    unknown = client.get("/v1/bucket/state", params={"key": "anything", "rule": "nope"})
+    assert_problem(unknown, 404, field="rule")
 
 
 def test_region_and_node_flags_name_the_replicas(serve: ServerFactory) -> None:

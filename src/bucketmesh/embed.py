@@ -31,6 +31,8 @@ default) to share limits across workers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
@@ -178,31 +180,52 @@ class Member:
 
     def asgi(self, app: ASGIApp, **middleware: Any) -> ASGIApp:
         """``app`` behind ``RateLimitMiddleware`` deciding on this member, with the
-        member started at lifespan startup and stopped (flushed) at shutdown.
-        ``middleware`` are ``RateLimitMiddleware``'s keyword arguments."""
+        member started at lifespan startup, before the app's own startup, and stopped
+        (flushed) at shutdown, after the app's own shutdown: the lifespan messages go on
+        to ``app`` (an app that does not speak the lifespan protocol is left out of it).
+        ``middleware`` are ``RateLimitMiddleware``'s keyword arguments; a bad one fails
+        the startup with its message and leaves the member stopped."""
         member = self
         middleware.setdefault("region", self.config.region)  # the region, not the slot
         limited: list[ASGIApp] = []
 
-        async def lifespan(receive: Receive, send: Send) -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    try:
-                        await member.start()
-                    except (NoFreeSlot, ConfigError) as error:
-                        await send({"type": "lifespan.startup.failed", "message": str(error)})
-                        return
-                    limited.append(RateLimitMiddleware(app, member.decider, **middleware))
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await member.stop()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+        async def start() -> str | None:
+            """Start the member and the middleware; why not, or None."""
+            try:
+                await member.start()
+            except (NoFreeSlot, ConfigError) as error:
+                return str(error)
+            try:
+                limited.append(RateLimitMiddleware(app, member.decider, **middleware))
+            except (TypeError, ValueError) as error:
+                await member.stop()
+                return f"RateLimitMiddleware: {error}"
+            return None
+
+        async def lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+            startup = await receive()
+            failed = await start()
+            if failed is not None:
+                await send({"type": "lifespan.startup.failed", "message": failed})
+                return
+            app_lifespan = _AppLifespan(app, scope)
+            answer = await app_lifespan.ask(startup)
+            if answer is not None and answer["type"] == "lifespan.startup.failed":
+                await member.stop()
+                await send(answer)
+                return
+            await send({"type": "lifespan.startup.complete"})
+            shutdown = await receive()
+            answer = await app_lifespan.ask(shutdown)
+            await member.stop()
+            if answer is not None and answer["type"] == "lifespan.shutdown.failed":
+                await send(answer)
+            else:
+                await send({"type": "lifespan.shutdown.complete"})
 
         async def serve(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":
-                await lifespan(receive, send)
+                await lifespan(scope, receive, send)
             elif limited:
                 await limited[0](scope, receive, send)
             else:  # served without lifespan: the member cannot have started
@@ -211,6 +234,43 @@ class Member:
                 )
 
         return serve
+
+
+class _AppLifespan:
+    """The wrapped app's own lifespan, run as a task and fed one message at a time.
+    An app that raises on a lifespan scope, or returns, before answering does not speak
+    the protocol (as ASGI servers treat it): it is left out, its answers taken as given."""
+
+    def __init__(self, app: ASGIApp, scope: Scope) -> None:
+        self.inbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.app = app
+        self.scope = scope
+
+    async def ask(self, message: MutableMapping[str, Any]) -> MutableMapping[str, Any] | None:
+        """Give ``message`` to the app; its answer, or None once it is out of it."""
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._run())
+        elif self.task.done():
+            return None
+        await self.inbox.put(message)
+        answer = asyncio.ensure_future(self.outbox.get())
+        await asyncio.wait({answer, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            return answer.result()
+        answer.cancel()
+        return None
+
+    async def _run(self) -> None:
+        async def receive() -> MutableMapping[str, Any]:
+            return await self.inbox.get()
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            await self.outbox.put(message)
+
+        with contextlib.suppress(Exception):  # an app without lifespan support
+            await self.app(dict(self.scope), receive, send)
 
 
 __all__ = ["Member", "NoFreeSlot", "slots_of"]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from bucketmesh.core.bucket import NS_PER_S, Bucket, BucketConfig, Decision
-from bucketmesh.core.decisions import Ask, Decider
+from bucketmesh.core.decisions import BUCKET_CAP_PROBLEM, Ask, Decider
 from bucketmesh.core.limiter import (
     BucketCapReached,
     DecisionColumns,
@@ -115,6 +115,8 @@ def limiter_error(error: LimiterError, field: str | None = None) -> ApiError:
     return ApiError(
         503,
         f"{error}; new keys are refused until idle buckets expire",
+        field=field or "key",
+        type_=BUCKET_CAP_PROBLEM,
         headers=[("Retry-After", "1")],
         reason="bucket_cap",
     )
@@ -642,6 +644,8 @@ class RatingApp:
         except (msgspec.ValidationError, msgspec.DecodeError) as error:
             raise body_error(error, request.body) from None
         items = batch.requests
+        if not items:
+            raise bad_request("at least 1 request per batch, got none", "requests")
         if len(items) > MAX_BATCH:
             raise bad_request(
                 f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
@@ -893,7 +897,9 @@ class RatingApp:
         try:
             found = self.decider.inspect(key, rule=rule)
         except NoRuleError as error:
-            raise ApiError(404, str(error), field="key") from None
+            # ``?rule=`` naming no rule is that parameter's fault; else no rule fits the key
+            unknown = rule is not None and rule not in self.decider.rules_by_name
+            raise ApiError(404, str(error), field="rule" if unknown else "key") from None
         return self._answer(
             found,
             lambda bucket: self._config_json(self._state_of(key, bucket), bucket.config),

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import msgspec
 
-from bucketmesh.client.errors import ApiError, BadRequest, Unavailable, api_error
+from bucketmesh.client.errors import ApiError, Unavailable, api_error
 from bucketmesh.client.results import (
     BatchResult,
     BucketState,
@@ -40,6 +40,7 @@ from bucketmesh.client.retry import (
     retry_after_seconds,
 )
 from bucketmesh.core.affinity import Ring
+from bucketmesh.core.decisions import BUCKET_CAP_PROBLEM
 
 #: Where a client goes when given no URL and ``BUCKETMESH_URL`` is unset.
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -379,6 +380,8 @@ def batch_items(items: Iterable[BatchItem]) -> list[Item]:
             raise TypeError(
                 f"items[{index}]: expected a key, (key, tokens[, rule]) or a mapping, got {item!r}"
             )
+    if not found:
+        raise ValueError("a batch needs at least one item (the API refuses an empty one)")
     return found
 
 
@@ -427,9 +430,25 @@ def configure_call(
 
 
 def outcome_of(response: httpx.Response) -> Replied:
+    status = response.status_code
     return Replied(
-        response.status_code, retry_after_seconds(response.headers.get("retry-after")), response
+        status,
+        retry_after_seconds(response.headers.get("retry-after")),
+        response,
+        final=status == 503 and _problem_type(response) == BUCKET_CAP_PROBLEM,
     )
+
+
+def _problem_type(response: httpx.Response) -> str | None:
+    """A problem+json answer's ``type`` (None for anything else)."""
+    if not response.headers.get("content-type", "").startswith("application/problem+json"):
+        return None
+    try:
+        body = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        return None
+    kind = body.get("type") if isinstance(body, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def failure_of(error: httpx.TransportError) -> Failed:
@@ -558,8 +577,9 @@ def batch_fallback(
     )
 
 
-def bad_item_index(error: BadRequest, count: int) -> int | None:
-    """The item a batch's 400 names (``requests[3].tokens`` → 3), if it names one."""
+def bad_item_index(error: ApiError, count: int) -> int | None:
+    """The item a batch's refusal names (``requests[3].tokens`` → 3: a 400, or a new key
+    at the bucket cap), if it names one."""
     field = error.field or ""
     if not field.startswith("requests["):
         return None
@@ -570,10 +590,10 @@ def bad_item_index(error: BadRequest, count: int) -> int | None:
     return index if index < count else None
 
 
-def item_error(error: BadRequest, index: int) -> BadRequest:
-    """A batch's 400 about item ``index`` as the 400 of that item's own ``rate()``."""
+def item_error(error: ApiError, index: int) -> ApiError:
+    """A batch's refusal of item ``index`` as that item's own ``rate()`` gets it."""
     _, _, rest = (error.field or "").partition("].")
-    return BadRequest(
+    return type(error)(
         error.status,
         error.detail,
         field=rest or None,

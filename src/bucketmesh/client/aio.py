@@ -28,7 +28,7 @@ import httpx
 
 from bucketmesh.client import _calls
 from bucketmesh.client._calls import KeyOrHeaders, NodesSpec, OnUnavailable, UrlSpec
-from bucketmesh.client.errors import BadRequest, RateLimited, Unavailable
+from bucketmesh.client.errors import ApiError, RateLimited, Unavailable
 from bucketmesh.client.results import BatchResult, BucketState, Decision, RuleConfig, Status
 from bucketmesh.client.retry import (
     Answered,
@@ -325,7 +325,7 @@ class _Coalescer:
         while batch:
             try:
                 result = await self.client._batch([item for item, _ in batch], False)
-            except BadRequest as error:
+            except ApiError as error:  # a 400, or a new key refused at the bucket cap
                 index = _calls.bad_item_index(error, len(batch))
                 if index is None:
                     _fail(batch, error)

@@ -221,6 +221,10 @@ class Replied:
     status: int
     retry_after: float | None
     response: Any
+    #: a 502/503/504 that is the node's answer about the request, not its failure (a
+    #: new key refused at the bucket cap): returned as it is, not retried elsewhere,
+    #: and not counted against the node's circuit
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -306,7 +310,7 @@ def attempts(
         now = clock()
         retry_after = 0.0
         if isinstance(outcome, Replied):
-            if outcome.status not in RETRY_STATUSES:
+            if outcome.status not in RETRY_STATUSES or outcome.final:
                 endpoint.succeeded()
                 return Answered(outcome.response, endpoint, made)
             errors[endpoint.url] = f"HTTP {outcome.status}"

@@ -27,6 +27,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, TypeVar
 from bucketmesh.core.bucket import Bucket, BucketConfig, Decision
 from bucketmesh.core.rules import Rule
 
+#: The problem+json ``type`` of a refusal at the bucket cap (``BucketCapReached``): a
+#: 503 that answers for the new key it names, not a node that is down, so a client
+#: neither retries it elsewhere nor counts it against the node (client/retry.py).
+BUCKET_CAP_PROBLEM = "urn:bucketmesh:problem:bucket-cap"
+
 if TYPE_CHECKING:  # limiter.py imports this module
     from bucketmesh.core.limiter import DecisionColumns
 

@@ -49,8 +49,14 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Literal, TypeAlias
 
 from bucketmesh.core.bucket import Decision
-from bucketmesh.core.decisions import Decider
-from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, LimiterError, NoRuleError
+from bucketmesh.core.decisions import BUCKET_CAP_PROBLEM, Decider
+from bucketmesh.core.limiter import (
+    BucketCapReached,
+    InvalidTokens,
+    KeyTooLong,
+    LimiterError,
+    NoRuleError,
+)
 from bucketmesh.core.rules import Shadows, first_match
 from bucketmesh.http.errors import PROBLEM, ApiError, bad_request
 from bucketmesh.http.render import DecisionRenderer
@@ -86,11 +92,19 @@ def limiter_problem(error: LimiterError) -> Response:
         return bad_request(str(error), "tokens").response()
     if isinstance(error, NoRuleError):
         return bad_request(str(error), "rule").response()
+    if isinstance(error, KeyTooLong):  # a key over 8 KiB: 400 naming it, as the API
+        return bad_request(str(error), "key").response()
     if isinstance(error, BucketCapReached):
         detail = f"{error}; new keys are refused until idle buckets expire"
-    else:  # a LimiterError of a kind this module does not know yet: refused, retryable
-        detail = str(error)
-    return ApiError(503, detail, headers=[("Retry-After", "1")]).response()
+        return ApiError(
+            503,
+            detail,
+            field="key",
+            type_=BUCKET_CAP_PROBLEM,
+            headers=[("Retry-After", "1")],
+        ).response()
+    # a LimiterError of a kind this module does not know yet: refused, retryable
+    return ApiError(503, str(error), headers=[("Retry-After", "1")]).response()
 
 
 class TrustedProxies:
@@ -240,6 +254,8 @@ class RateLimitMiddleware:
         near_limit: float = DEFAULT_NEAR_LIMIT,
         audit: AuditLog | None = None,
     ) -> None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise TypeError(f"tokens must be an integer, got {tokens!r}")
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
         if unmatched not in ("allow", "deny"):
