@@ -259,7 +259,9 @@ def test_a_member_needs_slots_in_the_config(tmp_path: Path) -> None:
         Member(str(path))
 
 
-def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> None:
+def one_slot_config(tmp_path: Path) -> tuple[Path, int]:
+    """A config with one slot (``us-east-1.w0``) and its port; no node of the region
+    runs (no peer is up)."""
     slot_port = free_port()
     config = make_config(
         BUCKETS,
@@ -267,7 +269,7 @@ def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> 
             "enabled": True,
             "peers": ["us-east-1", "us-east-1.w0"],
             "peerUrls": {
-                "us-east-1": f"http://127.0.0.1:{free_port()}",  # no node running: no peer up
+                "us-east-1": f"http://127.0.0.1:{free_port()}",
                 "us-east-1.w0": f"http://127.0.0.1:{slot_port}",
             },
             "secret": "s",
@@ -275,6 +277,11 @@ def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> 
     )
     path = tmp_path / "one-slot.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path, slot_port
+
+
+def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> None:
+    path, slot_port = one_slot_config(tmp_path)
 
     async def main() -> None:
         first, second = Member(str(path)), Member(str(path))
@@ -298,24 +305,6 @@ def test_a_member_decides_in_process_and_the_slot_is_its_own(tmp_path: Path) -> 
     asyncio.run(main())
 
 
-def one_slot_config(tmp_path: Path) -> Path:
-    config = make_config(
-        BUCKETS,
-        sync={
-            "enabled": True,
-            "peers": ["us-east-1", "us-east-1.w0"],
-            "peerUrls": {
-                "us-east-1": f"http://127.0.0.1:{free_port()}",
-                "us-east-1.w0": f"http://127.0.0.1:{free_port()}",
-            },
-            "secret": "s",
-        },
-    )
-    path = tmp_path / "one-slot.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 async def lifespan(app: Any, *messages: str) -> list[dict[str, Any]]:
     """Drive ``app``'s lifespan as an ASGI server does; the answers it sends."""
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -335,7 +324,7 @@ def test_a_members_asgi_app_runs_the_apps_own_lifespan_inside_the_members(
 ) -> None:
     """Before, the wrapped app's lifespan never ran: an app opening its database pool
     at startup served without it."""
-    path = one_slot_config(tmp_path)
+    path, _ = one_slot_config(tmp_path)
     seen: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -368,7 +357,7 @@ def test_a_bad_middleware_option_fails_the_startup_and_leaves_the_member_stopped
 ) -> None:
     """Before, the ValueError was swallowed (uvicorn: "lifespan unsupported"), every
     request then got a 500 naming the wrong cause, and the member kept its slot."""
-    path = one_slot_config(tmp_path)
+    path, _ = one_slot_config(tmp_path)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("not reached")
