@@ -437,3 +437,36 @@ def test_explain_without_a_decisions_file_says_so(tmp_path: Path) -> None:
     done = run_cli("explain", "--config", str(path))
     assert done.returncode == 2
     assert "decisions: not set" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("field", ["audit", "decisions"])
+def test_an_output_it_cannot_write_stops_the_command_before_any_change(
+    tmp_path: Path, field: str
+) -> None:
+    """Before: the controller applied its first change, then died writing it down
+    (FileNotFoundError, exit 1), the example of docs/autoscale.md included."""
+    data = good()
+    data[field] = str(tmp_path / "missing" / "out.json")
+    done = run_cli("--config", str(write(tmp_path, data)), "--ticks", "1")
+    assert done.returncode == 2, done.stderr
+    assert f"{field}: is in a directory that does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_listen_port_out_of_range_is_a_config_error(tmp_path: Path) -> None:
+    data = good()
+    data["listen"] = "127.0.0.1:99999"
+    with pytest.raises(PolicyError, match="the port must be 0 to 65535"):
+        load(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"policies": 5}', '{"policies": {"p": [{}]}}'])
+def test_explain_on_a_file_of_another_shape_says_so(tmp_path: Path, text: str) -> None:
+    decisions = tmp_path / "decisions.json"
+    decisions.write_text(text)
+    data = good()
+    data["decisions"] = str(decisions)
+    done = run_cli("explain", "--config", str(write(tmp_path, data)))
+    assert done.returncode == 2, done.stderr
+    assert "not a decisions file of the controller" in done.stderr
+    assert "Traceback" not in done.stderr

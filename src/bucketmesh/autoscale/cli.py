@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from bucketmesh.autoscale.policy import PolicyError, load
+from bucketmesh.autoscale.policy import PolicyError, check_outputs, load
 from bucketmesh.telemetry.log import logger
 
 log = logger("autoscale")
@@ -56,6 +56,11 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
         return 2
     if args.what == "explain":
         return explain(config.decisions, config.file, args.last)
+    try:
+        check_outputs(config)
+    except PolicyError as error:
+        log.error("autoscale: %s", error)
+        return 2
     from bucketmesh.autoscale.runner import Runner
 
     stop = threading.Event()
@@ -99,6 +104,20 @@ def explain(path: str | None, config_file: str, last: int) -> int:
     except (OSError, ValueError) as error:
         log.error("autoscale explain: %s: %s", path, error)
         return 2
+    try:
+        return _explain(record, last)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        # a file of another shape (not what the controller writes): say so, no traceback
+        log.error(
+            "autoscale explain: %s: not a decisions file of the controller (%s: %s)",
+            path,
+            type(error).__name__,
+            error,
+        )
+        return 2
+
+
+def _explain(record: Any, last: int) -> int:
     if record.get("dry_run"):
         print("dry run: nothing below was applied")
     changes = record.get("changes", {})

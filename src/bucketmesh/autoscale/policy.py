@@ -404,6 +404,8 @@ def parse(data: Any, file: str) -> Config:
     listen = top.raw("listen")
     if listen is not None and not (isinstance(listen, str) and re.match(r"^[^:]*:\d+$", listen)):
         raise top.fail("listen", f"expected host:port, got {listen!r}")
+    if listen is not None and not 0 <= int(listen.rsplit(":", 1)[1]) <= 65535:
+        raise top.fail("listen", f"the port must be 0 to 65535, got {listen!r}")
     config = Config(
         file=file,
         interval=interval,
@@ -422,6 +424,29 @@ def parse(data: Any, file: str) -> Config:
         raise top.fail("decisions", "expected a file path")
     top.done()
     return config
+
+
+def check_outputs(config: Config) -> None:
+    """A PolicyError naming ``audit`` or ``decisions`` when its file cannot be written:
+    the controller writes them after it applied a change, and died there (a command
+    that runs the controller checks this before its first interval)."""
+    for name, target in (("audit", config.audit), ("decisions", config.decisions)):
+        if target is not None and target != "-":
+            problem = _unwritable(target)
+            if problem is not None:
+                raise PolicyError(config.file, name, problem)
+
+
+def _unwritable(path: str) -> str | None:
+    """Why a file at ``path`` cannot be written (created or appended), or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"names a directory, {path!r}; give a file"
+    if not os.path.isdir(directory):
+        return f"is in a directory that does not exist, {directory!r}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"is in a directory this process cannot write, {directory!r}"
+    return None
 
 
 def load(path: str | os.PathLike[str]) -> Config:
