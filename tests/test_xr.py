@@ -19,6 +19,7 @@ identical replicas — stays as shipped.
 from __future__ import annotations
 
 import csv
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import free_port
 
 from bucketmesh.tooling.cluster import LocalMesh
 from bucketmesh.tooling.xr.load import Recorder
@@ -299,6 +301,76 @@ def test_run_against_urls_partitions_through_the_fault_endpoint(
     assert "partition: r2 cut off from r1" in output
     metrics = httpx.get(f"{mesh.urls['r2']}/metrics").text
     assert 'bucketmesh_sync_fault_dropped_total{direction="outbound",peer="r1"}' in metrics
+
+
+def test_an_interrupted_run_against_urls_lifts_its_partition(
+    mesh: LocalMesh, tmp_path: Path
+) -> None:
+    """Before: Ctrl-C during a partition phase left the real region cut off for the
+    rest of the phase (and printed a traceback)."""
+    scenario = tmp_path / "interrupted.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "interrupted",
+                "regions": ["r1", "r2"],
+                "phases": [{"partition": {"region": "r2", "duration": 600}}],
+            }
+        )
+    )
+    report = ["--out", str(tmp_path / "report"), "--no-live"]
+    command = [sys.executable, "-m", "bucketmesh", "xr", "run", str(scenario)]
+    run = subprocess.Popen(
+        [*command, *url_args(mesh), "--admin-token", "xr-test", *report],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    faults = f"{mesh.urls['r2']}/v1/admin/faults"
+    auth = {"Authorization": "Bearer xr-test"}
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S  # a hang guard: waits for the event
+        while not httpx.get(faults, headers=auth).json()["faults"]:
+            assert run.poll() is None and time.monotonic() < deadline, "no partition began"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert httpx.get(faults, headers=auth).json()["faults"] == []
+
+
+def test_a_region_that_is_down_ends_the_run_with_its_name(tmp_path: Path) -> None:
+    """Before: httpx.ConnectError as a traceback from the partition phase."""
+    scenario = tmp_path / "down.yaml"
+    scenario.write_text(
+        yaml.safe_dump(
+            {
+                "name": "down",
+                "regions": ["r1", "r2"],
+                "phases": [{"partition": {"region": "r2", "duration": 1}}],
+            }
+        )
+    )
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    done = xr(
+        "run",
+        str(scenario),
+        "--url",
+        f"r1={dead[0]}",
+        "--url",
+        f"r2={dead[1]}",
+        "--out",
+        str(tmp_path / "report"),
+        "--no-live",
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"POST {dead[1]}/v1/admin/faults (r2): ConnectError" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- against a real deployment whose names are not the scenario's (issue 13) --------

@@ -348,6 +348,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunError as error:
         log.error("xr: %s", error)
         return 1
+    except KeyboardInterrupt:  # the run's cleanup (faults lifted, nodes stopped) ran
+        log.error("xr: interrupted; no report written")
+        return 130
     except OSError as error:  # the machine failed the run (a port, the disk): no traceback
         log.error("xr: the run failed: %s", error)
         return 1

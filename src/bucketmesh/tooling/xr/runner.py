@@ -222,6 +222,9 @@ class Runner:
         finally:
             for task in self.load_tasks:
                 task.cancel()
+            # a run stopped mid-partition (Ctrl-C, an error) must not leave a real
+            # region cut off: its fault would otherwise last the phase's duration
+            await self._lift_faults()
             stop.set()
             for task in (*watchers, progress):
                 with contextlib.suppress(asyncio.CancelledError):
@@ -315,15 +318,34 @@ class Runner:
             Window("partition", region, start, healed, healed + SETTLE_AFTER_FAULT_S)
         )
 
+    async def _lift_faults(self) -> None:
+        """Remove the partitions still in force on the regions given by ``--url``."""
+        if self.remote_urls is None:
+            return
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        regions = [region for kind, region in self.active_faults if kind == "partition"]
+        async with httpx.AsyncClient(timeout=5) as client:
+            for region in regions:
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.delete(
+                        f"{self.result.urls[region]}/v1/admin/faults", headers=headers
+                    )
+                self.active_faults.discard(("partition", region))
+
     async def _admin_fault(self, region: str, peers: list[str], seconds: float) -> None:
         url = self.result.urls[region]
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
         async with httpx.AsyncClient(timeout=5) as client:
-            reply = await client.post(
-                f"{url}/v1/admin/faults",
-                json={"peers": peers, "seconds": seconds},
-                headers=headers,
-            )
+            try:
+                reply = await client.post(
+                    f"{url}/v1/admin/faults",
+                    json={"peers": peers, "seconds": seconds},
+                    headers=headers,
+                )
+            except httpx.HTTPError as error:  # the region is down or unreachable
+                raise RunError(
+                    f"POST {url}/v1/admin/faults ({region}): {type(error).__name__}: {error}"
+                ) from None
         if reply.status_code != 200:
             raise RunError(
                 f"POST {url}/v1/admin/faults answered {reply.status_code}: {reply.text[:300]}"
