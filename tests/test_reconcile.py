@@ -259,3 +259,21 @@ def test_a_region_that_is_down_exits_2(mesh: Mesh) -> None:
     assert found["unreachable"] == ["eu-central-1"]
     assert found["regions"]["us-east-1"]["reachable"] and found["regions"]["us-west-2"]["reachable"]
     assert found["keys_compared"] >= 4  # the two regions that answered were still compared
+
+
+def test_an_audit_trail_it_cannot_write_stops_it_before_any_repair(tmp_path: Path) -> None:
+    """Before: the repairs were pushed and only a warning said the trail missed them."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
+    environment["BUCKETMESH_SYNC_SECRET"] = "s" * 32
+    regions = [f"--url=r{n}=http://127.0.0.1:{free_port()}" for n in (1, 2)]
+    audit = ["--audit", str(tmp_path / "missing" / "audit.jsonl")]
+    done = subprocess.run(
+        [sys.executable, "-m", "bucketmesh", "reconcile", "--cluster", "c", *regions, *audit],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--audit is in a directory that does not exist" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from bucketmesh.autoscale.forecast import ForecastSettings
+from bucketmesh.telemetry.audit import why_unwritable
 
 SignalKind = Literal["demand", "prometheus", "json"]
 SIGNAL_KINDS: tuple[SignalKind, ...] = ("demand", "prometheus", "json")
@@ -432,21 +433,9 @@ def check_outputs(config: Config) -> None:
     that runs the controller checks this before its first interval)."""
     for name, target in (("audit", config.audit), ("decisions", config.decisions)):
         if target is not None and target != "-":
-            problem = _unwritable(target)
+            problem = why_unwritable(target)
             if problem is not None:
                 raise PolicyError(config.file, name, problem)
-
-
-def _unwritable(path: str) -> str | None:
-    """Why a file at ``path`` cannot be written (created or appended), or None."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"names a directory, {path!r}; give a file"
-    if not os.path.isdir(directory):
-        return f"is in a directory that does not exist, {directory!r}"
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"is in a directory this process cannot write, {directory!r}"
-    return None
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -403,6 +403,19 @@ class _TextOut:
         """stdout is not this writer's to close."""
 
 
+def why_unwritable(path: str) -> str | None:
+    """Why a file at ``path`` cannot be appended to (created), or None: checked before
+    a command acts, so that what it does is not left out of its own record."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"names a directory, {path!r}; give a file"
+    if not os.path.isdir(directory):
+        return f"is in a directory that does not exist, {directory!r}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"is in a directory this process cannot write, {directory!r}"
+    return None
+
+
 def _encode(event: Event) -> bytes:
     """One event's JSON (msgspec: a few times faster than json, in the writer thread);
     anything msgspec cannot encode is written as its ``str``."""

@@ -55,7 +55,7 @@ from typing import Any, Final, Protocol, TextIO
 from bucketmesh.core.bucket import Bucket, BucketConfig, BucketDelta, below_watermark, plan_folds
 from bucketmesh.core.limiter import DeltaBatch
 from bucketmesh.replication import protocol as sync
-from bucketmesh.telemetry.audit import AuditLog
+from bucketmesh.telemetry.audit import AuditLog, why_unwritable
 from bucketmesh.telemetry.log import logger
 from bucketmesh.tooling.ops.syncclient import RegionClient, RegionError, tool_replica_id
 
@@ -979,6 +979,11 @@ def cmd_reconcile(
     except UsageError as error:
         log.error("reconcile: error: %s", error)
         return FAILED
+    if args.audit and args.audit != "-":
+        problem = why_unwritable(args.audit)
+        if problem is not None:  # before any repair: every one must be in the trail
+            log.error("reconcile: error: --audit %s", problem)
+            return FAILED
     audit = AuditLog(args.audit) if args.audit else None
     progress, stop = _progress_printer(not args.quiet and sys.stderr.isatty())
     try:
