@@ -172,6 +172,28 @@ def test_the_planted_duplicates_are_found_and_only_them(tmp_path: Path) -> None:
 def test_an_unreadable_file_exits_2(tmp_path: Path) -> None:
     done = duplicates(str(tmp_path / "missing.jsonl"))
     assert done.returncode == 2 and "missing.jsonl" in done.stderr
+    # not gzip, or cut short: the file is named (it was not), no traceback
+    fake = tmp_path / "fake.jsonl.gz"
+    fake.write_bytes(b"garbage that is not gzip\n")
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(b'{"event": "consume"}\n' * 100)[:40])
+    for broken in (fake, cut):
+        done = duplicates(str(broken))
+        assert done.returncode == 2 and f"error: {broken}: " in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_line_that_is_not_utf8_is_a_malformed_line_not_a_fatal_error(
+    tmp_path: Path,
+) -> None:
+    """docs: a bad line is never fatal; a byte that was not UTF-8 aborted the file."""
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"event": "consume", "allowed": True, "tokens": 1, "request_id": "a"})
+    path.write_bytes(good.encode() + b'\n{"event":"consume","key":"caf\xe9"}\n' + good.encode())
+    done = duplicates(str(path), "--format", "json")
+    found = json.loads(done.stdout)
+    assert found["malformed_lines"] == [f"{path}:2"]
+    assert done.returncode == 1  # the two good lines are one request charged twice
 
 
 def test_dash_writes_json_lines_to_stdout(capfd: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ file that cannot be read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import sys
@@ -71,58 +72,76 @@ class Duplicates:
         }
 
 
-def _lines(path: str) -> Iterator[str]:
-    stream: IO[str]
+class UnreadableTrail(Exception):
+    """A file of the trail that cannot be read at all; the message names it."""
+
+
+def _lines(path: str) -> Iterator[str | None]:
+    """The file's lines as text; None for a line that is not UTF-8 (a malformed line,
+    never fatal)."""
+    stream: IO[bytes] | gzip.GzipFile
     if path == "-":
-        yield from sys.stdin
-        return
-    if path.endswith(".gz"):
-        stream = gzip.open(path, "rt", encoding="utf-8")  # noqa: SIM115
+        stream = sys.stdin.buffer
+    elif path.endswith(".gz"):
+        stream = gzip.open(path, "rb")  # noqa: SIM115
     else:
-        stream = open(path, encoding="utf-8")  # noqa: SIM115
-    with stream:
-        yield from stream
+        stream = open(path, "rb")  # noqa: SIM115
+    with contextlib.nullcontext(stream) if path == "-" else stream:
+        for raw in stream:
+            try:
+                yield raw.decode()
+            except UnicodeDecodeError:
+                yield None
 
 
 def find_duplicates(paths: Iterable[str]) -> Duplicates:
-    """Raises OSError / UnicodeDecodeError / EOFError for a file that cannot be read."""
+    """Raises UnreadableTrail naming a file that cannot be read (missing, not gzip,
+    cut short)."""
     found = Duplicates()
     seen: dict[tuple[str, str], list[Charge]] = {}
     for path in paths:
-        for number, line in enumerate(_lines(path), 1):
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = None
-            if not isinstance(event, dict):
-                found.malformed.append(f"{path}:{number}")
-                continue
-            found.events += 1
-            if event.get("event") != CONSUME or event.get("allowed") is not True:
-                continue
-            tokens = event.get("tokens")
-            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
-                continue
-            found.charges += 1
-            charge = Charge(
-                f"{path}:{number}",
-                str(event.get("time", "")),
-                str(event.get("region", "")),
-                str(event.get("rule", "")),
-                str(event.get("key", "")),
-                tokens,
-            )
-            # one identity per charge (the Idempotency-Key, else the request id), so a
-            # request is counted once however many ids it carries
-            for by in ("idempotency_key", "request_id"):
-                value = event.get(by)
-                if isinstance(value, str) and value:
-                    seen.setdefault((by, value), []).append(charge)
-                    break
+        try:
+            _scan(path, found, seen)
+        except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise UnreadableTrail(f"{path}: {reason}") from None
     found.groups = {ident: charges for ident, charges in seen.items() if len(charges) > 1}
     return found
+
+
+def _scan(path: str, found: Duplicates, seen: dict[tuple[str, str], list[Charge]]) -> None:
+    for number, line in enumerate(_lines(path), 1):
+        if line is not None and not line.strip():
+            continue
+        try:
+            event = json.loads(line) if line is not None else None
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict):
+            found.malformed.append(f"{path}:{number}")
+            continue
+        found.events += 1
+        if event.get("event") != CONSUME or event.get("allowed") is not True:
+            continue
+        tokens = event.get("tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+            continue
+        found.charges += 1
+        charge = Charge(
+            f"{path}:{number}",
+            str(event.get("time", "")),
+            str(event.get("region", "")),
+            str(event.get("rule", "")),
+            str(event.get("key", "")),
+            tokens,
+        )
+        # one identity per charge (the Idempotency-Key, else the request id), so a
+        # request is counted once however many ids it carries
+        for by in ("idempotency_key", "request_id"):
+            value = event.get(by)
+            if isinstance(value, str) and value:
+                seen.setdefault((by, value), []).append(charge)
+                break
 
 
 def render_table(found: Duplicates, out: TextIO) -> None:
@@ -144,7 +163,7 @@ def render_table(found: Duplicates, out: TextIO) -> None:
 def cmd_duplicates(args: argparse.Namespace) -> int:
     try:
         found = find_duplicates(args.files)
-    except (OSError, UnicodeDecodeError, EOFError) as error:
+    except UnreadableTrail as error:
         log.error("audit duplicates: error: %s", error)
         return 2
     if args.format == "json":
