@@ -186,6 +186,12 @@ def test_impossible_threshold_fails_and_names_the_slo(tmp_path: Path) -> None:
         ({"phases": [{"load": {"duration": "long"}}]}, "phases[0].load.duration"),
         ({"phases": [{"teleport": {}}]}, "phases[0]"),
         ({"slo": {"latency_p50": 1}}, "slo.latency_p50"),
+        # a NaN duration ran until killed; the others failed deep inside the run
+        ({"phases": [{"load": {"duration": float("nan")}}]}, "phases[0].load.duration"),
+        ({"phases": [{"wait": float("nan")}]}, "phases[0].wait"),
+        ({"phases": [{"verify": {"settle": float("inf")}}]}, "phases[0].verify.settle"),
+        ({"phases": [{"verify": {"tolerance": -5}}]}, "phases[0].verify.tolerance"),
+        ({"phases": []}, "phases"),
     ],
 )
 def test_scenario_errors_name_file_and_field(

@@ -221,6 +221,8 @@ def _digest_groups(sizes: Sequence[int]) -> list[list[int]]:
     if group:
         groups.append(group)
     return groups
+
+
 # Dirty deltas encoded and queued between two yields of the collector (~3 µs each).
 _COLLECT_SLICE: Final = 2000
 # ``Mesh.backlogged``: rounds of a peer's connections queued, not in flight, beyond which

@@ -25,6 +25,7 @@ scenario in a tenth of its time. A malformed scenario raises
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -238,6 +239,7 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         raise ScenarioError(file, "", f"not YAML: {error}") from None
     if not isinstance(document, dict):
         raise ScenarioError(file, "", "expected a mapping with name and phases")
+    _check_finite(file, document, "")
     try:
         raw = msgspec.convert(document, ScenarioFile)
     except msgspec.ValidationError as error:
@@ -245,6 +247,8 @@ def parse_scenario(text: str, file: str = "<scenario>") -> Scenario:
         raise ScenarioError(file, field, message) from None
     if len(set(raw.regions)) != len(raw.regions) or len(raw.regions) < 2:
         raise ScenarioError(file, "regions", "name at least two distinct regions")
+    if not raw.phases:
+        raise ScenarioError(file, "phases", "list at least one phase")
     phases = []
     for i, item in enumerate(raw.phases):
         where = f"phases[{i}]"
@@ -301,6 +305,25 @@ def _check(file: str, where: str, kind: str, spec: Any, regions: list[str]) -> N
             raise ScenarioError(file, f"{where}.duration", "must be > 0")
     if kind == "crash" and spec.region != "busiest":
         region_known(spec.region, f"{where}.region")
+    if kind == "crash" and spec.down < 0:
+        raise ScenarioError(file, f"{where}.down", "must be >= 0")
+    if kind == "verify":
+        for name in ("tolerance", "settle", "within"):
+            if getattr(spec, name) < 0:
+                raise ScenarioError(file, f"{where}.{name}", "must be >= 0")
+
+
+def _check_finite(file: str, value: Any, field: str) -> None:
+    """No number in the file is NaN or infinite (YAML's .nan and .inf): a duration of
+    NaN ran until killed, others failed deep inside the run."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ScenarioError(file, field, f"must be a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(file, item, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(file, item, f"{field}[{index}]")
 
 
 def load_scenario(path: str) -> Scenario:
