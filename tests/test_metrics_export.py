@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -91,6 +93,58 @@ def test_a_node_that_does_not_answer_is_named_and_no_answer_at_all_fails(
     assert not (tmp_path / "b").exists()
 
 
+def scrapes_served(base_url: str) -> float:
+    """How many /metrics answers the node has given (this read not yet counted)."""
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    found = re.findall(
+        r'^bucketmesh_http_responses_total\{route="metrics",status="200"\} (\S+)$', text, re.M
+    )
+    return float(found[0]) if found else 0.0
+
+
+def test_ctrl_c_during_a_series_writes_what_was_scraped(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """Before: a KeyboardInterrupt traceback, exit 130, and nothing written."""
+    node = serve(make_config(region="us-east-1"))
+    out = tmp_path / "series"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
+    command = [sys.executable, "-m", "bucketmesh", "metrics", "export", "--out", str(out)]
+    run = subprocess.Popen(
+        [
+            *command,
+            "--url",
+            f"us-east-1={node.base_url}",
+            "--interval",
+            "0.1",
+            "--duration",
+            "3600",
+        ],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        before = scrapes_served(node.base_url)
+        ours = 1
+        # waits for the event (the exporter scraped twice), with a hang guard
+        deadline = time.monotonic() + 60
+        while scrapes_served(node.base_url) - before - ours < 2:
+            ours += 1
+            assert run.poll() is None and time.monotonic() < deadline, "no scrape"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    assert "Traceback" not in err
+    times = {row["t_s"] for row in rows(out / "process_cpu_seconds.csv")}
+    assert len(times) >= 2, times
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert export("--out", str(tmp_path)).returncode == 2  # --url (or --prometheus) is required
     bad = export("--url", "nourl", "--out", str(tmp_path))
@@ -101,6 +155,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     a_file.write_text("")
     not_dir = export("--url", "a=http://127.0.0.1:1", "--out", str(a_file))
     assert not_dir.returncode == 2 and "not a directory" in not_dir.stderr
+    twice = export(
+        "--url", "a=http://127.0.0.1:1", "--url", "a=http://127.0.0.1:2", "--out", str(tmp_path)
+    )
+    assert twice.returncode == 2 and "region 'a' is given twice" in twice.stderr
 
 
 PROMETHEUS = shutil.which("prometheus")

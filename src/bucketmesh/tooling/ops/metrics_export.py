@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import math
 import re
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,7 +70,14 @@ async def export(
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.call_later(duration_s, stop.set)
-        await scraper.run(stop)
+        # Ctrl-C (or a TERM) ends the series early: what was scraped is still written
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await scraper.run(stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
     return scraper
 
 
@@ -280,7 +288,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         urls: dict[str, str] = {}
         for text in args.url:
-            urls.update(parse_urls(text, "--url"))
+            for region, url in parse_urls(text, "--url").items():
+                if region in urls:  # two nodes' samples would be mixed under one name
+                    raise UsageError(f"--url: region {region!r} is given twice")
+                urls[region] = url
     except UsageError as error:
         log.error("metrics export: error: %s", error)
         return 2

@@ -155,6 +155,8 @@ def parse_urls(text: str, source: str) -> dict[str, str]:
             raise UsageError(f"{source}: expected REGION=http(s)://host:port, got {item!r}")
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url):
             raise UsageError(f"{source}: {region}'s URL must be http(s)://host[:port], got {url!r}")
+        if region in urls:
+            raise UsageError(f"{source}: region {region!r} is given twice")
         urls[region] = url
     return urls
 
