@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -277,3 +279,35 @@ def test_an_audit_trail_it_cannot_write_stops_it_before_any_repair(tmp_path: Pat
     assert done.returncode == 2, done.stderr
     assert "--audit is in a directory that does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_reports_what_it_did_without_a_traceback(sig: signal.Signals) -> None:
+    """Before: Ctrl-C gave a CancelledError traceback and empty output; a CronJob's
+    deadline (TERM) ended it with no report either."""
+    hung = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    port = hung.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("BUCKETMESH_")}
+    environment["BUCKETMESH_SYNC_SECRET"] = "s" * 32
+    regions = [f"--url=r1=http://127.0.0.1:{port}", f"--url=r2=http://127.0.0.1:{port}"]
+    command = [sys.executable, "-m", "bucketmesh", "reconcile", "--cluster", "c", *regions]
+    run = subprocess.Popen(
+        [*command, "--timeout", "600", "--format", "json"],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        hung.settimeout(60)  # a hang guard: waits for the event (it connected)
+        connection, _ = hung.accept()
+        run.send_signal(sig)
+        out, err = run.communicate(timeout=60)
+        connection.close()
+    finally:
+        hung.close()
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 128 + sig, err
+    assert f"stopped by {sig.name}" in err and "Traceback" not in err
+    assert json.loads(out)["cluster"] == "c"

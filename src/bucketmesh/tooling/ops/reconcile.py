@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import unicodedata
@@ -988,19 +989,19 @@ def cmd_reconcile(
             return FAILED
     audit = AuditLog(args.audit) if args.audit else None
     progress, stop = _progress_printer(not args.quiet and sys.stderr.isatty())
+    reconciler = Reconciler(
+        targets,
+        repair=args.repair,
+        page_keys=args.page_keys,
+        timeout_s=args.timeout,
+        progress=progress,
+        audit=audit,
+        fold=args.fold,
+        fold_wait_s=args.fold_wait,
+    )
+    stopped_by: list[signal.Signals] = []
     try:
-        report = asyncio.run(
-            Reconciler(
-                targets,
-                repair=args.repair,
-                page_keys=args.page_keys,
-                timeout_s=args.timeout,
-                progress=progress,
-                audit=audit,
-                fold=args.fold,
-                fold_wait_s=args.fold_wait,
-            ).run()
-        )
+        report = asyncio.run(_run_until_signalled(reconciler, stopped_by))
     finally:
         stop()
         if audit is not None:
@@ -1011,9 +1012,44 @@ def cmd_reconcile(
                     args.audit,
                     audit.dropped + audit.write_errors,
                 )
+    if stopped_by:
+        # a Ctrl-C, or a CronJob's deadline (TERM): what was compared and pushed stands
+        log.error(
+            "reconcile: stopped by %s after %d of %d ranges; the repairs pushed so far "
+            "stand, run it again to finish",
+            stopped_by[0].name,
+            report.ranges_done,
+            sync.RANGES,
+        )
     if args.format == "json":
         out.write(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     else:
         render_table(report, out)
     out.flush()
-    return report.status
+    return 128 + stopped_by[0] if stopped_by else report.status
+
+
+async def _run_until_signalled(
+    reconciler: Reconciler, stopped_by: list[signal.Signals]
+) -> Report:
+    """``reconciler.run()``; SIGINT and SIGTERM cancel it, and its report so far is
+    returned (``stopped_by`` says which signal)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await reconciler.run()
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        return reconciler.report
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
