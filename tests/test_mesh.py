@@ -735,6 +735,22 @@ def test_cluster_up_runs_one_mesh_and_ctrl_c_stops_it(tmp_path: Path) -> None:
             process.wait()
 
 
+def test_cluster_up_on_a_port_in_use_says_so_before_any_banner() -> None:
+    """Before: it printed the banner with the other process's address, then failed."""
+    base = consecutive_free_ports(3)
+    with socket.create_server(("127.0.0.1", base + 1)):  # something already there
+        done = subprocess.run(
+            [sys.executable, "-m", "bucketmesh", "cluster", "up", "--base-port", str(base)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+    assert done.returncode == 2, done.stderr
+    assert f"port {base + 1} already in use" in done.stderr
+    assert "one mesh of" not in done.stdout
+
+
 def unsigned_sync_config() -> dict[str, Any]:
     """Sync on, peers that never answer, and no secret."""
     return make_config(

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -449,6 +449,20 @@ class JanitorDirectory:
             self._janitor.wait(STOP_TIMEOUT_S)
 
 
+def _taken_ports(ports: Iterable[int]) -> list[int]:
+    """The ports of ``ports`` something already listens on (on 127.0.0.1)."""
+    taken = []
+    for port in ports:
+        with socket.socket() as probe:
+            # as the nodes bind: a port a stopped mesh left in TIME_WAIT is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                taken.append(port)
+    return taken
+
+
 def up(
     regions: Sequence[str] = DEFAULT_REGIONS,
     *,
@@ -468,6 +482,16 @@ def up(
     directory: JanitorDirectory | None = None
     mesh: LocalMesh | None = None
     try:
+        taken = _taken_ports(range(base_port, base_port + len(regions))) if base_port else []
+        if taken:
+            # another process (a mesh started before?) would answer for the region:
+            # the banner would announce it as this one's
+            log.error(
+                "cluster: port %s already in use on 127.0.0.1 (another mesh still "
+                "running?); stop it or give --base-port",
+                ", ".join(str(port) for port in taken),
+            )
+            return 2
         try:
             directory = JanitorDirectory("bucketmesh-cluster-")
         except OSError as error:
