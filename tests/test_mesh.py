@@ -838,3 +838,21 @@ def test_a_restart_pulls_the_whole_state_however_long_the_pull_takes(serve: Serv
     assert "start-up state pulled from eu-central-1" in a.log(), a.log()
     again = a.client.post("/v1/rate/batch", json={**batch, "atomic": False}).json()
     assert again["allowed"] == 0, f"{again['allowed']} drained keys granted again"
+
+
+def test_a_strict_limit_below_the_regions_merged_at_runtime_shows_in_readiness() -> None:
+    """A region of a smaller mesh (a rollout adding a region) can send a strict limit
+    below one token per region of this one; the start-up check cannot see it. The
+    node stays ready but says so, naming the rule."""
+    import msgspec.structs
+
+    node = in_process_node("us-east-1", free_port(), {"eu-central-1": "http://127.0.0.1:1"})
+    assert node.readiness()["config"] == "ok"
+    config = node.limiter.rule_configs["global"]
+    strict = msgspec.structs.replace(
+        config, mode="strict", capacity=1, version=(time.time_ns(), "eu-central-1/node-a/1")
+    )
+    node.limiter.merge_rule("global", strict, time.time_ns())
+    readiness = node.readiness()["config"]
+    assert readiness.startswith("ok; warning: strict limits below one token for each of the 2")
+    assert "'global' (capacity 1)" in readiness

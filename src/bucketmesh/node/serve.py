@@ -412,8 +412,18 @@ class Node:
             store = self.backend.readiness()
         elif self.memory is not None and self.memory.wal is not None:
             store = self.memory.wal.readiness()
+        config = "ok"
+        short = self.limiter.strict_below_regions()
+        if short:
+            # arrived at runtime from a region of a smaller mesh (the start-up check
+            # stops a node that holds one): every request under it is refused
+            listed = ", ".join(f"{name!r} (capacity {capacity})" for name, capacity in short)
+            config = (
+                f"ok; warning: strict limits below one token for each of the "
+                f"{self.settings.regions} regions, every request under them refused: {listed}"
+            )
         return {
-            "config": "ok",
+            "config": config,
             "store": store,
             "listener": "ok" if self.serving else "not listening",
             "tasks": self.supervisor.readiness(),
