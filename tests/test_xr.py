@@ -489,6 +489,11 @@ def test_consumption_counts_the_partition_debt_a_shortened_run_has_not_repaid() 
     assert consumption.passed and "debt" not in consumption.note, consumption
 
 
+def test_an_unreadable_verify_names_the_region_and_why() -> None:
+    views = [RegionView("r1", 5.0, {"r1/a/1": 1}), RegionView("r2", error="HTTP 404: nope")]
+    assert Verdict("k", 0, views).judged == "unreadable: r2: HTTP 404: nope"
+
+
 def test_the_verify_slo_shows_the_figure_it_judged() -> None:
     same = {"a/n/1": 40, "b/n/1": 60}
     verdict = Verdict("k", 0, [RegionView("a", 4899, same), RegionView("b", 4900, same)])

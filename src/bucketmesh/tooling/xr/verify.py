@@ -71,8 +71,8 @@ class Verdict:
         else whether the replicas are identical (levels read a few ms apart differ by
         the refill between the reads, and ``spread 1`` beside PASS read as a contradiction)."""
         spread = self.spread
-        if spread is None:
-            return "unreadable"
+        if spread is None:  # say which region could not be read, and why
+            return "unreadable: " + "; ".join(self.errors) if self.errors else "unreadable"
         if spread <= self.tolerance:
             return f"spread {spread:g}"
         if self.replicas_identical:
