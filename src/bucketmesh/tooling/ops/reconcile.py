@@ -1029,9 +1029,7 @@ def cmd_reconcile(
     return 128 + stopped_by[0] if stopped_by else report.status
 
 
-async def _run_until_signalled(
-    reconciler: Reconciler, stopped_by: list[signal.Signals]
-) -> Report:
+async def _run_until_signalled(reconciler: Reconciler, stopped_by: list[signal.Signals]) -> Report:
     """``reconciler.run()``; SIGINT and SIGTERM cancel it, and its report so far is
     returned (``stopped_by`` says which signal)."""
     loop = asyncio.get_running_loop()
