@@ -311,3 +311,17 @@ def test_a_stopped_run_reports_what_it_did_without_a_traceback(sig: signal.Signa
     assert run.returncode == 128 + sig, err
     assert f"stopped by {sig.name}" in err and "Traceback" not in err
     assert json.loads(out)["cluster"] == "c"
+
+
+def test_a_region_of_several_pods_is_reconciled_through_one_of_them(
+    serve: ServerFactory,
+) -> None:
+    """The chart runs a region's pods on the memory store as ``<region>.<pod>``
+    (BUCKETMESH_REGION); reconcile, pointed at the region's Service, refused the pod
+    that answered ("not a node of us-east-1") and exited 2 every night."""
+    pods = Mesh(serve, ["us-east-1.bucketmesh-0", "us-west-2"], buckets=[RULE]).start()
+    by_region = {"us-east-1": pods.nodes["us-east-1.bucketmesh-0"], "us-west-2": pods[1]}
+    flags = [arg for r, n in by_region.items() for arg in ("--url", f"{r}={n.base_url}")]
+    status, out, err = reconcile(pods, "--cluster", MESH_CLUSTER_ID, *flags, "--format", "json")
+    assert status == 0, out + err
+    assert json.loads(out)["regions"]["us-east-1"]["reachable"]

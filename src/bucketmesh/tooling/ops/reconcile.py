@@ -499,7 +499,9 @@ class Reconciler:
                     continue
                 self._fail(region, error)
                 return
-            if not replica_id.startswith(f"{region}/"):
+            # a node of the region: ``region/...``, or one of its pods on the memory
+            # store, whose replicas are named ``region.<pod>/...`` (docs/scale.md)
+            if not replica_id.startswith((f"{region}/", f"{region}.")):
                 client.close()
                 self._fail(
                     region,
