@@ -10,7 +10,7 @@
 # unprivileged user with its state (snapshot + write-ahead log) on a volume, and
 # SIGTERM stops it gracefully: it stops accepting, finishes the requests in
 # flight, sends the deltas still queued and writes a final snapshot.
-# tests/test_deploy_image.py runs this image's ENTRYPOINT + CMD from a wheel in a
+# tests/test_deploy_pods.py runs this image's ENTRYPOINT + CMD from a wheel in a
 # fresh venv against the Helm chart's rendered config; hadolint lints this file.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm

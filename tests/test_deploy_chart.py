@@ -319,6 +319,27 @@ def test_redis_without_a_url_fails_naming_the_value() -> None:
     assert "storage.redisUrl" in message, message
 
 
+def test_a_redis_url_beside_an_existing_secret_fails_naming_where_it_goes() -> None:
+    """Before: no Secret was rendered to hold it, the URL was dropped, and the pod
+    waited for a redis-url key the existing Secret (Terraform's) did not have."""
+    values = seed_region(
+        "us-east-1",
+        storage={"backend": "redis", "redisUrl": "redis://r:6379"},
+        secret={"existingSecret": "bucketmesh-secrets"},
+    )
+    message = render_error(values)
+    assert "storage.redisUrl is not used with secret.existingSecret" in message, message
+    assert '"redis-url"' in message
+
+
+def test_a_numeric_image_tag_renders_as_the_tag() -> None:
+    """``--set image.tag=20261206`` parses as a number: it rendered
+    ``bucketmesh:%!s(float64=2.0261206e+07)``, an invalid image."""
+    (tag,) = values_from_sets("image.tag=20261206")["image"].values()
+    rendering = render(seed_region("us-east-1", image={"tag": tag}))
+    assert rendering.container["image"].endswith(":20261206"), rendering.container["image"]
+
+
 # -- the seed's values, and --set ---------------------------------------------------------
 
 

@@ -52,6 +52,7 @@ module "us_east_1" {
   sync_cluster_id   = var.sync_cluster_id
   sync_secret       = random_password.sync_secret.result
   admin_token       = random_password.admin_token.result
+  redis_url         = lookup(var.redis_urls, "us-east-1", "")
   namespace         = var.namespace
   release_name      = var.release_name
   chart             = local.chart
@@ -89,6 +90,7 @@ module "us_west_2" {
   sync_cluster_id   = var.sync_cluster_id
   sync_secret       = random_password.sync_secret.result
   admin_token       = random_password.admin_token.result
+  redis_url         = lookup(var.redis_urls, "us-west-2", "")
   namespace         = var.namespace
   release_name      = var.release_name
   chart             = local.chart
@@ -126,6 +128,7 @@ module "eu_central_1" {
   sync_cluster_id   = var.sync_cluster_id
   sync_secret       = random_password.sync_secret.result
   admin_token       = random_password.admin_token.result
+  redis_url         = lookup(var.redis_urls, "eu-central-1", "")
   namespace         = var.namespace
   release_name      = var.release_name
   chart             = local.chart

@@ -12,15 +12,15 @@ variable "regions" {
   default = {
     "us-east-1" = {
       kube_context = "us-east-1"
-      sync_url     = "https://bucketmesh-sync.us-east-1.example.com"
+      sync_url     = "http://bucketmesh-sync.us-east-1.example.com:8080"
     }
     "us-west-2" = {
       kube_context = "us-west-2"
-      sync_url     = "https://bucketmesh-sync.us-west-2.example.com"
+      sync_url     = "http://bucketmesh-sync.us-west-2.example.com:8080"
     }
     "eu-central-1" = {
       kube_context = "eu-central-1"
-      sync_url     = "https://bucketmesh-sync.eu-central-1.example.com"
+      sync_url     = "http://bucketmesh-sync.eu-central-1.example.com:8080"
     }
   }
   validation {
@@ -85,4 +85,11 @@ variable "values" {
   description = "More chart values for every region (buckets, storage, resources, serviceMonitor, ...)."
   type        = any
   default     = {}
+}
+
+variable "redis_urls" {
+  description = "Region -> its Redis URL, for the regions whose values set storage.backend = \"redis\"; kept in each region's Secret (it may hold a password)."
+  type        = map(string)
+  default     = {}
+  sensitive   = true
 }

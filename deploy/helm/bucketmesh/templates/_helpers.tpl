@@ -44,7 +44,12 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- end -}}
 
 {{- define "bucketmesh.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- /* --set image.tag=42 (or a date tag) parses as a number: a whole one is its digits */ -}}
+{{- $raw := default .Chart.AppVersion .Values.image.tag -}}
+{{- $tag := toString $raw -}}
+{{- if and (kindIs "float64" $raw) (eq $raw (float64 (int64 $raw))) -}}
+{{- $tag = toString (int64 $raw) -}}
+{{- end -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
 {{- else -}}
@@ -62,7 +67,7 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- end -}}
 
 {{/* sync.peers as a list: a YAML list, or one comma-separated string
-     (`--set sync.peers=a\,b`, or a values file that says `peers: "a,b"`). */}}
+     (`--set 'sync.peers=a\,b'` quoted for the shell, or a values file that says `peers: "a,b"`). */}}
 {{- define "bucketmesh.peers" -}}
 {{- $peers := .Values.sync.peers -}}
 {{- if kindIs "string" $peers -}}
@@ -98,6 +103,9 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- end -}}
 {{- if and (eq .Values.storage.backend "redis") (not .Values.storage.redisUrl) (not .Values.secret.existingSecret) -}}
 {{- fail "storage.backend=redis needs storage.redisUrl (or secret.existingSecret holding it under secret.redisUrlKey)" -}}
+{{- end -}}
+{{- if and .Values.storage.redisUrl .Values.secret.existingSecret -}}
+{{- fail (printf "storage.redisUrl is not used with secret.existingSecret (no Secret is rendered to hold it): put the URL in the existing Secret %q under the key %q (Terraform: its redis_url variable) and leave storage.redisUrl empty" .Values.secret.existingSecret .Values.secret.redisUrlKey) -}}
 {{- end -}}
 {{- if .Values.sync.enabled -}}
 {{- if not .Values.sync.syncClusterId -}}

@@ -24,10 +24,15 @@ resource "kubernetes_secret_v1" "this" {
     }
   }
   type = "Opaque"
-  data = {
-    "sync-secret" = var.sync_secret
-    "admin-token" = var.admin_token
-  }
+  # the Redis URL (it may hold a password) only for a region on the redis backend:
+  # the chart reads it from here under the key redis-url (secret.redisUrlKey)
+  data = merge(
+    {
+      "sync-secret" = var.sync_secret
+      "admin-token" = var.admin_token
+    },
+    var.redis_url == "" ? {} : { "redis-url" = var.redis_url }
+  )
 }
 
 resource "helm_release" "this" {

@@ -34,6 +34,13 @@ variable "admin_token" {
   sensitive   = true
 }
 
+variable "redis_url" {
+  description = "The region's Redis URL, for values.storage.backend = \"redis\" (kept in the Secret, never in values: the chart refuses storage.redisUrl beside an existing Secret)."
+  type        = string
+  default     = ""
+  sensitive   = true
+}
+
 variable "namespace" {
   description = "The namespace created for bucketmesh in this cluster."
   type        = string
