@@ -164,6 +164,7 @@ def everything_on(values: dict[str, Any]) -> dict[str, Any]:
                 "syncCIDRs": ["203.0.113.0/24"],
                 "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
                 "apiFrom": [{"namespaceSelector": {"matchLabels": {"name": "gateway"}}}],
+                "egressCIDRs": ["198.51.100.0/24"],
             },
             "sync": {
                 "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/24"]}
@@ -317,6 +318,17 @@ def test_redis_is_a_deployment_of_replica_count_pods_with_the_url_from_the_secre
 def test_redis_without_a_url_fails_naming_the_value() -> None:
     message = render_error(seed_region("us-east-1", storage={"backend": "redis"}))
     assert "storage.redisUrl" in message, message
+
+
+def test_restricted_egress_still_lets_a_regions_pods_sync_with_each_other() -> None:
+    """Before: with egressCIDRs, only DNS and those CIDRs were allowed out, so the pods of
+    a memory region (replicaCount > 1) could not reach each other's sync port."""
+    values = everything_on(seed_region("us-east-1", replicaCount=3))
+    rendering = render(values)
+    egress = rendering.one("NetworkPolicy")["spec"]["egress"]
+    selector = rendering.workload["spec"]["selector"]["matchLabels"]
+    own = [rule for rule in egress if any("podSelector" in to for to in rule.get("to", []))]
+    assert own and own[0]["to"][0]["podSelector"]["matchLabels"] == selector, egress
 
 
 def test_a_redis_url_beside_an_existing_secret_fails_naming_where_it_goes() -> None:
