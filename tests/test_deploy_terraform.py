@@ -143,6 +143,19 @@ def test_each_module_call_gives_exactly_the_region_module_s_inputs() -> None:
         assert given == inputs, (name, sorted(given ^ inputs))
 
 
+def test_each_region_takes_values_of_its_own_merged_last() -> None:
+    """Found in review: ``values`` went to every region, so the reconcile CronJob or the
+    autoscale controller could not be switched on in one region only."""
+    modules = named(parsed(TERRAFORM), "module")
+    for region in REGIONS:
+        call = modules[region.replace("-", "_")]
+        assert call["region_values"] == f'${{lookup(var.region_values, "{region}", {{}})}}'
+    region_module = (REGION_MODULE / "main.tf").read_text()
+    assert region_module.index("yamlencode(var.values)") < region_module.index(
+        "yamlencode(var.region_values)"
+    )
+
+
 def test_each_region_has_its_providers_and_its_module_wired_from_var_regions() -> None:
     blocks = parsed(TERRAFORM)
     regions = named(blocks, "variable")["regions"]

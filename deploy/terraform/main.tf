@@ -60,6 +60,7 @@ module "us_east_1" {
   image_tag         = var.image_tag
   sync_service_type = var.sync_service_type
   values            = var.values
+  region_values     = lookup(var.region_values, "us-east-1", {})
 }
 
 # -- us-west-2 -------------------------------------------------------------------
@@ -98,6 +99,7 @@ module "us_west_2" {
   image_tag         = var.image_tag
   sync_service_type = var.sync_service_type
   values            = var.values
+  region_values     = lookup(var.region_values, "us-west-2", {})
 }
 
 # -- eu-central-1 ----------------------------------------------------------------
@@ -136,4 +138,5 @@ module "eu_central_1" {
   image_tag         = var.image_tag
   sync_service_type = var.sync_service_type
   values            = var.values
+  region_values     = lookup(var.region_values, "eu-central-1", {})
 }

@@ -87,6 +87,12 @@ variable "values" {
   default     = {}
 }
 
+variable "region_values" {
+  description = "Region -> chart values for that region alone, merged after values (e.g. { \"us-east-1\" = { reconcile = { enabled = true } } }: the reconcile CronJob and the autoscale controller run in one region)."
+  type        = any
+  default     = {}
+}
+
 variable "redis_urls" {
   description = "Region -> its Redis URL, for the regions whose values set storage.backend = \"redis\"; kept in each region's Secret (it may hold a password)."
   type        = map(string)

@@ -67,5 +67,6 @@ resource "helm_release" "this" {
       }
     }),
     yamlencode(var.values),
+    yamlencode(var.region_values),
   ]
 }

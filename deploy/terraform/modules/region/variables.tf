@@ -72,6 +72,12 @@ variable "sync_service_type" {
 }
 
 variable "values" {
-  description = "More chart values (buckets, storage, resources, ...), merged last."
+  description = "More chart values (buckets, storage, resources, ...), merged after the module's own."
   type        = any
+}
+
+variable "region_values" {
+  description = "Chart values for this region alone (e.g. reconcile.enabled in one region), merged last."
+  type        = any
+  default     = {}
 }
