@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import eventually_async, free_port
-from test_mesh import CLUSTER_ID, SECRET, in_process_node
+from test_mesh import CLUSTER_ID, SECRET, in_process_node, met_pair
 
 from bucketmesh.core.bucket import NS_PER_S, BucketDelta, epoch_for
 from bucketmesh.core.limiter import DeltaBatch
@@ -168,21 +168,8 @@ def test_a_digest_reply_carries_the_state_of_a_bounded_number_of_buckets(
     ghost_count = 6_000
 
     async def scenario() -> None:
-        ports = {EAST: free_port(), WEST: free_port()}
-        nodes = {
-            region: in_process_node(
-                region,
-                port,
-                {r: f"http://127.0.0.1:{p}" for r, p in ports.items() if r != region},
-                # only the empty side asks
-                digest_interval_s=0.2 if region == WEST else 3600.0,
-                settle_s=0.5,
-            )
-            for region, port in ports.items()
-        }
-        try:
-            await meet(nodes)
-            east, west = nodes[EAST], nodes[WEST]
+        # only the empty side (west) asks for digests
+        async with met_pair({EAST: 3600.0, WEST: 0.2}) as (east, west, _links):
             replies: list[int] = []
             inner = east.mesh._state_of_ranges
 
@@ -202,9 +189,6 @@ def test_a_digest_reply_carries_the_state_of_a_bounded_number_of_buckets(
             largest_range = max(len(r) for r in east.mesh._range_index().ranges)
             assert max(replies) <= 1_000 + largest_range, replies
             assert sum(replies) >= ghost_count
-        finally:
-            for node in nodes.values():
-                await node.stop(grace=1.0)
 
     asyncio.run(scenario())
 

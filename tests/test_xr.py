@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import free_port
+from conftest import eventually, free_port
 
 from bucketmesh.tooling.cluster import LocalMesh
 from bucketmesh.tooling.xr.load import Recorder
@@ -336,10 +336,12 @@ def test_an_interrupted_run_against_urls_lifts_its_partition(
     faults = f"{mesh.urls['r2']}/v1/admin/faults"
     auth = {"Authorization": "Bearer xr-test"}
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S  # a hang guard: waits for the event
-        while not httpx.get(faults, headers=auth).json()["faults"]:
-            assert run.poll() is None and time.monotonic() < deadline, "no partition began"
-            time.sleep(0.05)
+
+        def partitioned() -> None:
+            assert run.poll() is None, "the run ended on its own"
+            assert httpx.get(faults, headers=auth).json()["faults"], "no partition yet"
+
+        eventually(partitioned, "the run partitioned r2")
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=RUN_TIMEOUT_S)
     finally:

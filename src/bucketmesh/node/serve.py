@@ -305,7 +305,7 @@ class Node:
             where = f"{settings.snapshot} or a peer"
         else:
             where = "a peer's state at start-up"
-        listed = ", ".join(f"{name!r} (capacity {capacity})" for name, capacity in short)
+        listed = _listed(short)
         raise StartError(
             f"strict limits recovered from {where} are below one token for each of the "
             f"{settings.regions} regions of sync.peers: {listed}; each region's share would "
@@ -417,7 +417,7 @@ class Node:
         if short:
             # arrived at runtime from a region of a smaller mesh (the start-up check
             # stops a node that holds one): every request under it is refused
-            listed = ", ".join(f"{name!r} (capacity {capacity})" for name, capacity in short)
+            listed = _listed(short)
             config = (
                 f"ok; warning: strict limits below one token for each of the "
                 f"{self.settings.regions} regions, every request under them refused: {listed}"
@@ -819,6 +819,12 @@ class Node:
             await self.stop()
         finally:
             pacer.remove()
+
+
+def _listed(short: list[tuple[str, int]]) -> str:
+    """Strict limits below one token per region, as the start-up error and readiness
+    name them."""
+    return ", ".join(f"{name!r} (capacity {capacity})" for name, capacity in short)
 
 
 def run_node(
