@@ -15,13 +15,17 @@ summed pause (its ``bucketmesh_gc_pause_seconds{generation="2"}``; "-" on a tree
 that does not export it). Context for docs/sync.md ("Outboxes"), not a target: stall lengths are
 timings of one machine.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py [--quick]``
-(``--quick``: 200,000 buckets instead of 1,000,000).
+Run: ``PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py [--quick] [--redis]``
+(``--quick``: 200,000 buckets instead of 1,000,000; ``--redis``: ``east`` is a Redis
+node, on a redis-server of its own, and the stalls are those of its mirror, which holds
+every key it granted).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,12 +74,36 @@ def _collections_between(
     return [f"{after[0] - before[0]:.0f}", f"{(after[1] - before[1]) * 1e3:,.0f}"]
 
 
-def run(n: int, workdir: Path) -> list[list[str]]:
+def _redis_server(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of east's own on a free loopback port, no persistence."""
+    port = r6.free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", r6.HOST, "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return process, f"redis://{r6.HOST}:{port}/0"
+
+
+def run(n: int, workdir: Path, on_redis: bool = False) -> list[list[str]]:
     stalls = workdir / "stalls"
     stalls.mkdir()
     r6.STALLS["dir"] = stalls
-    # r6's pair: east without lag shedding, both up and pulled before it returns
-    pair = r6.Pair(workdir, shedding=False, reserved_listener=False, max_buckets=n + 1000)
+    redis_process = None
+    storage = None
+    if on_redis:
+        redis_process, url = _redis_server(workdir)
+        storage = {"backend": "redis", "redisUrl": url, "redisTimeoutMs": 5000}
+    # r6's pair: east without lag shedding, both up and pulled before it returns (the
+    # Redis node waits for its redis-server to answer before it is ready)
+    try:
+        pair = r6.Pair(workdir, shedding=False, reserved_listener=False, max_buckets=n + 1000,
+                       east_storage=storage)  # fmt: skip
+    except BaseException:
+        if redis_process is not None:
+            redis_process.kill()
+        raise
     east, west = pair.east, pair.west
     try:
         with httpx.Client(timeout=120) as client:
@@ -88,10 +116,12 @@ def run(n: int, workdir: Path) -> list[list[str]]:
                 if answer.status_code != 200:
                     raise SystemExit(f"patch_stall: the fill got {answer.status_code}")
             deadline = time.monotonic() + SYNCED_S
-            while client.get(west.url + "/v1/status").json()["buckets"] < n:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"patch_stall: west did not get the {n:,} buckets by sync")
-                time.sleep(0.1)
+            # west gets them by sync; a Redis east reads them back into its mirror
+            for node in (east, west):
+                while client.get(node.url + "/v1/status").json()["buckets"] < n:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"patch_stall: {node.region} lacks the {n:,} buckets")
+                    time.sleep(0.1)
             for node in (east, west):  # what the fill stalled is not the PATCH's
                 (stalls / f"{node.region}-{node.port}.jsonl").write_text("")
             collected = [_full_collections(client, node.url) for node in (east, west)]
@@ -108,6 +138,9 @@ def run(n: int, workdir: Path) -> list[list[str]]:
             after = [_full_collections(client, node.url) for node in (east, west)]
     finally:
         pair.stop()
+        if redis_process is not None:
+            redis_process.kill()
+            redis_process.wait()
     return [
         _row("east", f"{answered:.2f}", _stalls(stalls / f"east-{east.port}.jsonl"))
         + _collections_between(collected[0], after[0]),
@@ -117,10 +150,14 @@ def run(n: int, workdir: Path) -> list[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    on_redis = "--redis" in argv
+    if on_redis:
+        argv.remove("--redis")
     n = _report.bucket_count(argv, __doc__ or "")
     machine = _report.machine()
     with tempfile.TemporaryDirectory(prefix="bench-patch-") as tmp:
-        rows = run(n, Path(tmp))
+        rows = run(n, Path(tmp), on_redis)
     columns = [
         "node",
         "PATCH answered (s)",
@@ -131,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         "their pause (ms)",
     ]
     title = f"A rule PATCH over {n:,} buckets, 2 regions: event-loop stalls"
+    if on_redis:
+        title += " (east on Redis)"
     note = (
         f"Stalls over 100 ms in the {SETTLE_S:g} s after the PATCH (benchmarks/stallwatch). "
         "Command: `PYTHONPATH=src .venv/bin/python benchmarks/patch_stall.py`"

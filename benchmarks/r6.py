@@ -123,7 +123,8 @@ def build_client(workdir: Path) -> Path:
 class Node:
     def __init__(self, workdir: Path, region: str, port: int, peers: dict[str, int],
                  limits: dict[str, int], secret: str,
-                 admin_port: int | None = None) -> None:  # fmt: skip
+                 admin_port: int | None = None,
+                 storage: dict[str, object] | None = None) -> None:  # fmt: skip
         self.region = region
         self.port = port
         self.admin_port = admin_port if admin_port is not None else port
@@ -138,7 +139,7 @@ class Node:
                 "peerUrls": {r: f"http://{HOST}:{p}" for r, p in peers.items()},
                 "secret": secret,
             },
-            "storage": {"backend": "memory"},
+            "storage": storage or {"backend": "memory"},
             "admin": {"token": ADMIN_TOKEN},
             "buckets": [RULE, PROBE_RULE],
             "limits": limits,
@@ -229,7 +230,8 @@ class Pair:
 
     def __init__(self, workdir: Path, shedding: bool, shed_lag_ms: int | None = None,
                  reserved_listener: bool = True,
-                 max_buckets: int | None = None) -> None:  # fmt: skip
+                 max_buckets: int | None = None,
+                 east_storage: dict[str, object] | None = None) -> None:  # fmt: skip
         ports = {"east": free_port(), "west": free_port()}
         # east's reserved listener: west sends its sync there, the prober its admin calls
         admin_port = free_port() if reserved_listener else None
@@ -240,7 +242,7 @@ class Pair:
         # both nodes' bucket cap (limits.maxBuckets), when the default is not enough
         cap = {} if max_buckets is None else {"maxBuckets": max_buckets}
         self.east = Node(workdir, "east", ports["east"], {"west": ports["west"]},
-                         {**limits, **cap}, secret, admin_port)  # fmt: skip
+                         {**limits, **cap}, secret, admin_port, east_storage)  # fmt: skip
         to_east = admin_port if admin_port is not None else ports["east"]
         self.west = Node(workdir, "west", ports["west"], {"east": to_east}, cap, secret)
         deadline = time.monotonic() + 60

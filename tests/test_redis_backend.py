@@ -756,6 +756,30 @@ def test_the_mirror_sends_every_entry_of_its_region_to_the_mesh() -> None:
     assert delta.used == {"eu/redis/2": 50, "eu/n1-local/111": 60, "eu/redis/1": 7}
 
 
+def test_the_mirror_taken_in_slices_is_the_whole_mirror() -> None:
+    """Merging the mirror into Redis whole (after Redis lost its data, or a flood of a
+    peer's deltas) takes it ``MIRROR_SLICE`` keys at a time: the slices of
+    ``state_keys`` hold exactly what ``full_state()`` holds in one piece, buckets and
+    per-key configs of keys without a bucket alike."""
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RegionMirror
+
+    rule = Rule.create("k-{{ .Request.Query.user }}", 100, 1.0, name="r", ttl=3600)
+    mirror = RegionMirror([rule], forward=lambda batch: None, replica_id="eu/redis/2")
+    now = time.time_ns()
+    for n in range(25):
+        mirror.limiter.acquire(f"k-{n}", 1 + n % 3, now=now)
+    mirror.configure("k-3", capacity=50)  # a live bucket's own config
+    mirror.configure("k-idle", capacity=7)  # a key's config, no bucket
+    whole = sorted(mirror.full_state().deltas, key=lambda d: d.key)
+    keys = mirror.state_keys()
+    assert len(keys) == len(set(keys)) == 26
+    sliced = [
+        d for first in range(0, 26, 4) for d in mirror.full_state(keys[first : first + 4]).deltas
+    ]
+    assert sorted(sliced, key=lambda d: d.key) == whole
+
+
 def test_after_redis_lost_its_data_a_drained_bucket_stays_drained(redis_server: Any) -> None:
     """A4: Redis restarts empty in a later epoch window: the node must merge its mirror
     back (older epoch) before deciding again, or A would be re-created full."""

@@ -129,6 +129,9 @@ class Node:
         self.dynamo: DynamoState | None = None
         self.adoption_wake = asyncio.Event()  # rule changes queued (_adoption_loop)
         self.adoption_slices = 0
+        #: the limiters whose rule changes ``_adoption_loop`` adopts in slices: the
+        #: memory store's, or a Redis node's mirror and its ``local`` policy's buckets
+        self.adopting: list[Limiter] = []
         self.metrics = NodeMetrics()
         self.share_pull_wanted = False  # a blind node's strict rights wait for a pull
         # Every background task runs under it: none can die silently (telemetry/tasks.py).
@@ -153,6 +156,7 @@ class Node:
                 sync_interval_s=settings.sync.interval_s if settings.sync is not None else None,
             )
             self.backend.install(self.metrics)
+            self._defer_rule_adoption(self.backend.mirror.limiter, self.backend.local)
             decider = self.backend
             replica = self.backend.mirror
         else:
@@ -499,7 +503,7 @@ class Node:
                 supervisor.every("sync-discovery", discovery.settings.interval_s, discovery.step)
             )
         self.tasks.append(supervisor.every("sweep", SWEEP_INTERVAL_S, self._sweep))
-        if self.memory is not None:
+        if self.adopting:
             self.tasks.append(supervisor.run("rule-adoption", self._adoption_loop))
         if self.memory is not None and self.memory.restoring is not None:
             # the snapshot's partitions no request has asked for yet (storage/memory.py)
@@ -528,16 +532,19 @@ class Node:
                 supervisor.every("dynamodb", self.dynamo.interval_s, self.dynamo.checkpoint)
             )
 
-    def _defer_rule_adoption(self, limiter: Limiter) -> None:
-        """Rule changes (a PATCH here, one merged from a peer) over many buckets are
-        adopted in slices by ``_adoption_loop`` instead of in one stop of the loop."""
-        limiter.defer_adoption_above = ADOPTION_SLICE
-        limiter.on_adoption = self.adoption_wake.set
+    def _defer_rule_adoption(self, *limiters: Limiter) -> None:
+        """Rule changes (a PATCH here, one merged from a peer, one another node of a
+        Redis region put into Redis) over many buckets are adopted in slices by
+        ``_adoption_loop`` instead of in one stop of the loop."""
+        for limiter in limiters:
+            limiter.defer_adoption_above = ADOPTION_SLICE
+            limiter.on_adoption = self.adoption_wake.set
+        self.adopting = list(limiters)
         self.metrics.gauge(
             "bucketmesh_rule_adoption_pending",
             "Keys still to visit for rule changes being adopted in slices (live buckets "
             "not yet on their rule's newest limits are among them)",
-            limiter.adoption_pending,
+            lambda: sum(limiter.adoption_pending() for limiter in self.adopting),
         )
         self.metrics.counter(
             "bucketmesh_rule_adoption_slices",
@@ -547,21 +554,18 @@ class Node:
 
     async def _adoption_loop(self) -> None:
         """Moves the buckets of changed rules onto their new limits, ``ADOPTION_SLICE``
-        keys per turn of the loop, whenever the limiter queued some."""
-        assert self.memory is not None
-        limiter = self.memory.limiter
+        keys per turn of the loop, whenever a limiter queued some."""
         wake = self.adoption_wake
-        if limiter.adoption_pending():
+        if any(limiter.adoption_pending() for limiter in self.adopting):
             wake.set()  # restarted by the supervisor with work queued
         while True:
             await wake.wait()
             wake.clear()
-            while True:
-                done = limiter.adopt_pending(ADOPTION_SLICE)
-                self.adoption_slices += 1
-                if done:
-                    break
-                await asyncio.sleep(0)
+            for limiter in self.adopting:
+                while limiter.adoption_pending():
+                    limiter.adopt_pending(ADOPTION_SLICE)
+                    self.adoption_slices += 1
+                    await asyncio.sleep(0)
 
     async def _share_pull_step(self) -> None:
         """A blind node (no snapshot) that could not pull every region at start-up pulls
