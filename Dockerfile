@@ -58,9 +58,11 @@ ENV PATH=/opt/bucketmesh/bin:$PATH \
 USER 10001:10001
 WORKDIR /var/lib/bucketmesh
 VOLUME ["/var/lib/bucketmesh"]
-# 8080: the Rating API, /v1/sync/* (the peers), /healthz, /readyz and /metrics;
-# 8081: the Envoy rate limit service (gRPC), when envoyListen is set
-EXPOSE 8080 8081
+# 8080: the Rating API, /v1/sync/*, /healthz, /readyz and /metrics;
+# 8081: the Envoy rate limit service (gRPC), when envoyListen is set;
+# 8090: the reserved listener (sync and admin only, never shed), when adminListen is
+# set (the Helm chart sets it with sync enabled and points the sync Service at it)
+EXPOSE 8080 8081 8090
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]

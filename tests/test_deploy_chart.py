@@ -470,9 +470,10 @@ def test_the_pod_is_restricted_and_probed() -> None:
     assert pod["terminationGracePeriodSeconds"] >= 30
     assert {"requests", "limits"} <= set(container["resources"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8080, "grpc-envoy": 8081}
+    assert ports == {"http": 8080, "sync": 8090, "grpc-envoy": 8081}
     config = yaml.safe_load(rendering.config_files()["bucketmesh.yaml"])
     assert config["envoyListen"] == "0.0.0.0:8081"
+    assert config["adminListen"] == "0.0.0.0:8090"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/bucketmesh"]["readOnly"] is True
     assert "/tmp" in mounts  # the only writable places: the state volume and /tmp
@@ -487,7 +488,30 @@ def test_a_service_for_the_api_and_one_for_sync() -> None:
     assert {p["name"] for p in api["spec"]["ports"]} == {"http", "grpc-envoy"}
     assert sync["spec"]["type"] == "LoadBalancer"
     assert sync["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    # the nodes' reserved listener: deltas and admin calls only, never shed
+    assert [p["targetPort"] for p in sync["spec"]["ports"]] == ["sync"]
+    policy = rendering.one("NetworkPolicy", "bucketmesh")
+    from_peers = [rule for rule in policy["spec"]["ingress"] if "ipBlock" in rule["from"][0]]
+    assert [rule["ports"] for rule in from_peers] == [[{"port": "sync", "protocol": "TCP"}]]
+
+
+def test_without_a_reserved_port_the_sync_service_targets_the_http_port() -> None:
+    rendering = render(values_from_sets(*region_sets("us-east-1"), "containerPorts.sync=0"))
+    sync = rendering.one("Service", "bucketmesh-sync")
     assert [p["targetPort"] for p in sync["spec"]["ports"]] == ["http"]
+    assert "adminListen" not in yaml.safe_load(rendering.config_files()["bucketmesh.yaml"])
+    assert {p["name"] for p in rendering.container["ports"]} == {"http"}
+    # without sync there is nothing for the reserved listener to take
+    alone = render(values_from_sets("region=us-east-1"))
+    assert "adminListen" not in yaml.safe_load(alone.config_files()["bucketmesh.yaml"])
+
+
+@pytest.mark.parametrize(
+    "clash", ["containerPorts.http=8090", "envoy.enabled=true,envoy.port=8090"]
+)
+def test_a_reserved_port_shared_with_another_fails_naming_it(clash: str) -> None:
+    message = render_error(values_from_sets(*region_sets("us-east-1"), clash))
+    assert "containerPorts.sync 8090 is" in message, message
 
 
 def test_an_existing_secret_is_used_and_none_is_created() -> None:

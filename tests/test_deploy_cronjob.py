@@ -197,13 +197,17 @@ def test_the_seed_cronjob_line_reconciles_three_regions_booted_from_the_chart(
     _, image = dockerfile_stages()
     venv = Venv(Path(sys.prefix))  # this checkout's venv stands where the image installs
     ports = {region: free_port() for region in REGIONS}
+    # each region's sync Service: its pod's reserved listener, where the job reaches it too
+    sync_ports = {region: free_port() for region in REGIONS}
     renderings: dict[str, Rendering] = {}
     pods: dict[str, Pod] = {}
     try:
         for region in REGIONS:
-            others = {p: f"http://127.0.0.1:{ports[p]}" for p in REGIONS if p != region}
+            others = {p: f"http://127.0.0.1:{sync_ports[p]}" for p in REGIONS if p != region}
             values = values_from_sets(
-                *region_sets(region, peer_urls=others), f"containerPorts.http={ports[region]}"
+                *region_sets(region, peer_urls=others),
+                f"containerPorts.http={ports[region]}",
+                f"containerPorts.sync={sync_ports[region]}",
             )
             values = with_reconcile(values, clusterId="global\u2011rate\u2011limit\u2011cluster")
             renderings[region] = render(values, namespace="bm")

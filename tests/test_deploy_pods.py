@@ -166,8 +166,8 @@ def test_the_image_runs_the_wheel_as_a_non_root_user_with_its_state_on_a_volume(
     mounts = {m["name"]: m["mountPath"] for m in chart.container["volumeMounts"]}
     assert json.loads(final.last("VOLUME")) == [mounts["state"]]
     assert final.last("WORKDIR") == mounts["state"]
-    # the HTTP (API, sync, probes, metrics) and Envoy ports, as the chart uses them
-    assert {int(p) for p in final.last("EXPOSE").split()} == {8080, 8081}
+    # the HTTP (API, sync, probes, metrics), Envoy and reserved ports, as the chart uses them
+    assert {int(p) for p in final.last("EXPOSE").split()} == {8080, 8081, 8090}
     assert final.last("STOPSIGNAL") == "SIGTERM"
     assert final.exec_form("ENTRYPOINT") == ["bucketmesh"]
     assert final.exec_form("CMD") == chart.container["args"]
@@ -481,12 +481,18 @@ def test_the_rendering_of_three_regions_boots_a_mesh_that_shares_one_bucket(
 ) -> None:
     _, image = dockerfile_stages()
     ports = {region: free_port() for region in REGIONS}
+    # each region's sync Service: its pod's reserved listener (containerPorts.sync)
+    sync_ports = {region: free_port() for region in REGIONS}
     by_region: dict[str, Pod] = {}
     for region in REGIONS:
-        others = {peer: f"http://127.0.0.1:{ports[peer]}" for peer in REGIONS if peer != region}
+        others = {
+            peer: f"http://127.0.0.1:{sync_ports[peer]}" for peer in REGIONS if peer != region
+        }
         # the --set flags of docs/deploy.md, parsed by Helm, with loopback URLs
         values = values_from_sets(
-            *region_sets(region, peer_urls=others), f"containerPorts.http={ports[region]}"
+            *region_sets(region, peer_urls=others),
+            f"containerPorts.http={ports[region]}",
+            f"containerPorts.sync={sync_ports[region]}",
         )
         rendering = render(values, namespace=f"bucketmesh-{region}")
         pod = start_pod(rendering, image, venv, tmp_path / region, region)
@@ -495,6 +501,7 @@ def test_the_rendering_of_three_regions_boots_a_mesh_that_shares_one_bucket(
     for pod in by_region.values():
         pod.wait_ready()
         assert pod.ports["http"] == ports[pod.region]
+        assert pod.ports["sync"] == sync_ports[pod.region]
     for pod in by_region.values():
         eventually(lambda pod=pod: meshed(pod), f"{pod.name} sees every peer up", MESH_TIMEOUT_S)
 
@@ -521,6 +528,9 @@ def test_the_rendering_of_three_regions_boots_a_mesh_that_shares_one_bucket(
 
     metrics = httpx.get(central.url("/metrics"), timeout=10.0)
     assert 'bucketmesh_sync_peer_up{peer="us-east-1"} 1.0' in metrics.text
+    # the sync Service's port takes deltas and admin calls, and makes no decision
+    decision = httpx.post(central.url("/v1/rate", port="sync"), timeout=10.0)
+    assert decision.status_code == 404 and "adminListen" in decision.text, decision.text
 
     # the admin token of the Secret guards PATCH
     refused = httpx.patch(central.url("/v1/buckets/per-ip"), json={"capacity": 200}, timeout=10.0)

@@ -108,6 +108,13 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 {{- fail (printf "storage.redisUrl is not used with secret.existingSecret (no Secret is rendered to hold it): put the URL in the existing Secret %q under the key %q (Terraform: its redis_url variable) and leave storage.redisUrl empty" .Values.secret.existingSecret .Values.secret.redisUrlKey) -}}
 {{- end -}}
 {{- if .Values.sync.enabled -}}
+{{- $reserved := int (include "bucketmesh.syncPort" .) -}}
+{{- if and $reserved (eq $reserved (int .Values.containerPorts.http)) -}}
+{{- fail (printf "containerPorts.sync %d is containerPorts.http: the reserved listener needs a port of its own (0: none)" $reserved) -}}
+{{- end -}}
+{{- if and $reserved .Values.envoy.enabled (eq $reserved (int .Values.envoy.port)) -}}
+{{- fail (printf "containerPorts.sync %d is envoy.port: the reserved listener needs a port of its own (0: none)" $reserved) -}}
+{{- end -}}
 {{- if not .Values.sync.syncClusterId -}}
 {{- fail "sync.syncClusterId must not be empty: every region of the mesh uses the same one" -}}
 {{- end -}}
@@ -151,3 +158,15 @@ bucketmesh.io/region: {{ include "bucketmesh.region" . }}
 
 {{- define "bucketmesh.configDir" -}}/etc/bucketmesh{{- end -}}
 {{- define "bucketmesh.stateDir" -}}/var/lib/bucketmesh{{- end -}}
+
+{{/*
+The reserved listener's port (adminListen) with sync.enabled, else 0: the sync
+Service's target.
+*/}}
+{{- define "bucketmesh.syncPort" -}}
+{{- if and .Values.sync.enabled .Values.containerPorts.sync -}}
+{{- int .Values.containerPorts.sync -}}
+{{- else -}}
+0
+{{- end -}}
+{{- end -}}
