@@ -68,6 +68,13 @@ RULES: list[dict[str, Any]] = [
         "capacity": 1000,
         "refillRate": 0.001,
     },
+    # domain "huge": more tokens than limit_remaining (a uint32) can say
+    {
+        "name": "huge",
+        "key": "unused7-{{ .Request.Query.g }}",
+        "capacity": 10**10,
+        "refillRate": 1000,
+    },
 ]
 
 
@@ -586,3 +593,63 @@ def test_status_trailers_deadlines_and_unknown_methods(node: tuple[Any, str], st
     assert compressed["headers"][b"grpc-status"] == b"12"
     assert compressed["headers"][b"grpc-accept-encoding"] == b"identity"
     assert node[0].alive()
+
+
+def test_a_descriptor_key_too_long_is_invalid_and_charges_nothing(
+    stub: Any, node: tuple[Any, str]
+) -> None:
+    """A limited descriptor whose bucket key could never be replicated (over 8 KiB) is
+    INVALID_ARGUMENT naming it, as the HTTP API's 400 naming ``key``: not UNKNOWN (which
+    Envoy's default failure mode lets through), and the descriptors before it in the
+    call are not charged."""
+    fine = ("remote_address", "10.9.9.77")
+    request = _request("api", [fine], [("remote_address", "x" * 9000)])
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.ShouldRateLimit(request, timeout=5)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "descriptors[1]" in failure.value.details()
+    answer = stub.ShouldRateLimit(_request("api", [fine]), timeout=5)
+    assert answer.statuses[0].limit_remaining == 2  # 3 − this call: the failed one took none
+    assert "Traceback" not in node[0].stderr()
+
+
+def test_a_limit_above_what_limit_remaining_holds_reads_as_its_maximum(stub: Any) -> None:
+    answer = stub.ShouldRateLimit(_request("huge", [("user", "u")]), timeout=5)
+    assert answer.overall_code == RESPONSE.OK
+    assert answer.statuses[0].limit_remaining == 2**32 - 1
+
+
+def test_a_call_reset_in_the_same_read_as_its_end_leaves_the_connection_serving(
+    node: tuple[Any, str],
+) -> None:
+    """A client that cancels a call right after sending it (its RST_STREAM arriving in
+    the same read as the request's end): the node answers nothing on that stream and
+    keeps the connection, so the next call on it is answered."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    host, port = node[1].rsplit(":", 1)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    conn.initiate_connection()
+    body = _framed(_request("api", [("remote_address", "10.7.7.7")]))
+    for stream in (1, 3):
+        conn.send_headers(stream, _grpc_headers())
+        conn.send_data(stream, body, end_stream=True)
+        if stream == 1:
+            conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    answered: dict[bytes, bytes] = {}
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())  # all of it in one write
+        while b"grpc-status" not in answered:
+            data = sock.recv(65536)
+            assert data, "the node closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.TrailersReceived) and event.stream_id == 3:
+                    answered = dict(event.headers)
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            sock.sendall(conn.data_to_send())
+    assert answered[b"grpc-status"] == b"0"
+    assert "Fatal error" not in node[0].stderr()

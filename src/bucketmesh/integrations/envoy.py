@@ -35,7 +35,7 @@ import socket
 import ssl
 import types
 from collections.abc import Coroutine, Generator, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import h2.config
 import h2.connection
@@ -49,7 +49,7 @@ from google.protobuf.message import DecodeError
 
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
-from bucketmesh.core.limiter import BucketCapReached, InvalidTokens
+from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, KeyTooLong, check_key
 from bucketmesh.core.rules import Rule, escaper, own_key
 from bucketmesh.http.tls import TlsContexts
 from bucketmesh.integrations.proto import rls_pb2
@@ -103,6 +103,15 @@ def _current_limit(decision: Decision) -> Any:
     return _Limit(name=decision.rule, requests_per_unit=round(per_unit), unit=unit)
 
 
+#: ``limit_remaining`` is a uint32 in the proto; a bucket may hold more (capacity up
+#: to 2^53 - 1): it reads as the most the field holds
+_MAX_REMAINING: Final = 2**32 - 1
+
+
+def _remaining(decision: Decision) -> int:
+    return min(max(0, decision.tokens_remaining), _MAX_REMAINING)
+
+
 def _status(decision: Decision) -> Any:
     # Until reset: when denied, how long until the request could pass; when
     # allowed, how long until the bucket is full again.
@@ -111,7 +120,7 @@ def _status(decision: Decision) -> Any:
     return rls_pb2.RateLimitResponse.DescriptorStatus(
         code=OK if decision.allowed else OVER_LIMIT,
         current_limit=_current_limit(decision),
-        limit_remaining=max(0, decision.tokens_remaining),
+        limit_remaining=_remaining(decision),
         duration_until_reset=Duration(seconds=whole, nanos=round((wait - whole) * 1e9) % 10**9),
     )
 
@@ -121,7 +130,8 @@ def parse(
 ) -> list[tuple[str, str | None]]:
     """Each descriptor's bucket key and the rule that limits it (None: unlimited).
 
-    Raises BadRequest for an empty domain, no descriptors or an empty entry list.
+    Raises BadRequest for an empty domain, no descriptors, an empty entry list or a
+    limited descriptor whose bucket key is too long to replicate (before any is charged).
     """
     domain: str = request.domain
     if not domain:
@@ -139,7 +149,13 @@ def parse(
             raise BadRequest(f"descriptors[{index}].entries: a key must not be empty")
         rule = next((n for n in rule_names(domain, entries) if n in rules_by_name), None)
         key = descriptor_key(domain, entries)
-        parsed.append((key if rule is None else own_key(rules, key, rule), rule))
+        if rule is not None:
+            key = own_key(rules, key, rule)
+            try:
+                check_key(key)
+            except KeyTooLong as error:
+                raise BadRequest(f"descriptors[{index}]: {error}") from None
+        parsed.append((key, rule))
     return parsed
 
 
@@ -183,7 +199,7 @@ async def decide(
             status = rls_pb2.RateLimitResponse.DescriptorStatus(
                 code=OK if decision.allowed else OVER_LIMIT,  # OK: shadow
                 current_limit=_current_limit(decision),
-                limit_remaining=max(0, decision.tokens_remaining),
+                limit_remaining=_remaining(decision),
             )
         statuses.append(status)
     return rls_pb2.RateLimitResponse(overall_code=overall, statuses=statuses)
@@ -568,8 +584,8 @@ class GrpcConnection(asyncio.Protocol):
             else:  # the client's window is shut: wait for its WINDOW_UPDATE
                 stream.outbox = (data, _OK_TRAILERS)
                 self.streams[stream_id] = stream
-        except h2.exceptions.StreamClosedError:
-            pass  # the client reset it meanwhile
+        except h2.exceptions.ProtocolError:
+            pass  # the client reset it meanwhile (h2 may have forgotten it already)
 
     def _window_opened(self, stream_id: int) -> None:
         waiting = (
@@ -594,8 +610,8 @@ class GrpcConnection(asyncio.Protocol):
                     stream.outbox = (data, trailers)
                     continue
                 conn.send_headers(sid, trailers, end_stream=True)
-            except h2.exceptions.StreamClosedError:
-                pass
+            except h2.exceptions.ProtocolError:
+                pass  # reset by the client meanwhile
             self.streams.pop(sid, None)
         self._maybe_close()
 
@@ -613,12 +629,12 @@ class GrpcConnection(asyncio.Protocol):
             (b"grpc-message", encode_message(message)),
             *extra,
         ]
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # reset meanwhile
             self.conn.send_headers(stream_id, headers, end_stream=True)
 
     def _refuse_http(self, stream_id: int, status: bytes) -> None:
         """Not a gRPC request: an HTTP status (as gRPC servers answer them)."""
-        with contextlib.suppress(h2.exceptions.StreamClosedError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # reset meanwhile
             self.conn.send_headers(stream_id, ((b":status", status),), end_stream=True)
 
     def _reset(self, stream_id: int) -> None:
