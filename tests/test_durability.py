@@ -433,6 +433,7 @@ def _frame_size(replica_id: str, key: str) -> int:
     """The bytes the log takes for a group of one grant (3 tokens) of a fresh ``key``."""
     limiter = Limiter(_rules(), replica_id=replica_id)
     limiter.enable_journal()
+    limiter.collect_journal()  # the group that opens the log: the rules in effect
     limiter.acquire(key, 3)
     batch = limiter.collect_journal()
     assert batch is not None
@@ -445,6 +446,9 @@ async def _pad_log(node: Node, room: int, page: int) -> None:
     assert node.memory is not None
     ((_, segment),) = segments(Path(node.settings.snapshot or ""))
     replica = node.memory.replica_id
+    # the group that opens the log (the rules in effect) goes out with the first grant
+    opened = await node.app(_grant(PAD + "open"))  # type: ignore[misc]
+    assert opened.status == 200, opened.body
     sizes = {_frame_size(replica, PAD + "x" * n): n for n in range(4, 600)}  # frame: n
     for turn in range(100):
         need = (-segment.stat().st_size - room) % page  # bytes to write still

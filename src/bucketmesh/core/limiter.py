@@ -184,6 +184,17 @@ def file_version(rule: Rule, stamp: int = 0) -> Version:
 _STAMPED: Final = re.compile(r":[0-9]{20}:[0-9a-f]{12}\Z")
 
 
+def _loaded_file_version(version: Version, rule: Rule) -> Version | None:
+    """``version`` if it is a stamped file version of ``rule`` with its limits
+    (``file_version`` at a stamp above 0: some node loaded them), else None."""
+    if version[0] != 0 or not _STAMPED.search(version[1]):
+        return None
+    head, stamp, digest = version[1].rsplit(":", 2)
+    if head != f"rule:{rule.name}" or int(stamp) == 0 or digest != rule_digest(rule):
+        return None
+    return version
+
+
 def legacy_file_version(version: Version) -> bool:
     """A file version written before file versions carried a stamp
     (``rule:<name>:<digest>``): older than any stamped one, whatever its digest."""
@@ -1170,6 +1181,13 @@ class Limiter:
         restamped = []
         for rule in self.rules:
             known = self.file_versions.get(rule.name)
+            if known is None:
+                # no snapshot record (a node killed before its first snapshot, replayed
+                # from its write-ahead log): the file config in effect, logged or heard
+                # from a peer, is a load of these very limits if its digest says so
+                known = _loaded_file_version(self.rule_configs[rule.name].version, rule)
+                if known is not None:
+                    self.file_versions[rule.name] = known
             if known is None or not known[1].endswith(":" + rule_digest(rule)):
                 known = file_version(rule, self.hlc.tick(now))
                 self.file_versions[rule.name] = known
@@ -1961,6 +1979,10 @@ class Limiter:
         """Start recording grants and config changes for a write-ahead log."""
         if self.journal is None:
             self.journal = Journal()
+            # the rules in effect open the log: a node killed before its first snapshot
+            # replays them and keeps the file versions it loaded (``stamp_file_rules``)
+            # instead of loading its file anew, which every peer would adopt again
+            self.journal.rules.update(self.rule_configs)
         return self.journal
 
     def collect_journal(self) -> DeltaBatch | None:

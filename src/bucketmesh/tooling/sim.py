@@ -153,6 +153,7 @@ from bucketmesh.core.limiter import (
 )
 from bucketmesh.core.limits import LimitError, check_burst
 from bucketmesh.core.rules import Rule
+from bucketmesh.core.structs import Snapshot
 from bucketmesh.telemetry.log import logger
 
 log = logger("sim")
@@ -168,6 +169,7 @@ QUIESCENCE_ROUNDS: Final = 8
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_batch = msgspec.msgpack.Decoder(DeltaBatch).decode
+_decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
 
 
 class InvariantViolation(AssertionError):
@@ -209,6 +211,8 @@ class SimResult:
     refused: int = 0
     #: replicas restarted (with the rules file of that moment, with or without snapshot)
     restarts: int = 0
+    #: restarts from the write-ahead log alone (kill -9 before the first snapshot)
+    log_restarts: int = 0
     #: tokens a restart without a snapshot forgot (no reachable peer had heard of them)
     forgotten: int = 0
     max_lag_ns: int = 0
@@ -524,10 +528,21 @@ class Simulation:
             for key in self.rule_of:
                 self.strict_seen.pop((replica, key), None)
 
-    def reload(self, at: int, replica: int, rules: Sequence[Rule], *, snapshot: bool) -> None:
+    def reload(
+        self,
+        at: int,
+        replica: int,
+        rules: Sequence[Rule],
+        *,
+        snapshot: bool,
+        log_only: bool = False,
+    ) -> None:
         """At true time ``at``, ``replica`` is restarted (SIGTERM, then a new process)
         with the rules file ``rules``: its last deltas are pushed, then the new process
         resumes its snapshot or starts empty, and follows the node's start-up path
+        (``log_only``: kill -9 before the node's first snapshot: nothing is pushed, and
+        the new process replays its write-ahead log, which holds the state but not the
+        snapshot's record of the file versions this node loaded)
         (storage/memory.py, node/serve.py): ``stamp_file_rules``, ``rescale_shares``;
         without a snapshot ``begin_recovery`` and the start-up pull from every peer
         it can reach. The invariant (checked by ``check``): after quiescence every
@@ -543,7 +558,7 @@ class Simulation:
                 key_limits.longest_ns = max(key_limits.longest_ns, interval)
                 span = key_limits.capacity * key_limits.longest_ns // 8
                 key_limits.slice_ns = max(key_limits.slice_ns, span)
-        self._push(at, self._on_reload, (replica, tuple(rules), snapshot))
+        self._push(at, self._on_reload, (replica, tuple(rules), snapshot, log_only))
 
     def _forget(self, replica: int) -> None:
         """A restart without a snapshot: what the old process knew and no other replica
@@ -580,23 +595,29 @@ class Simulation:
     def _limits_of_rule(self, name: str) -> list[_Limits]:
         return [self.limits[key] for key in self.keys_of_rule.get(name, [])]
 
-    def _on_reload(self, replica: int, rules: tuple[Rule, ...], snapshot: bool) -> None:
+    def _on_reload(
+        self, replica: int, rules: tuple[Rule, ...], snapshot: bool, log_only: bool = False
+    ) -> None:
         old = self.limiters[replica]
         self.result.restarts += 1
-        # SIGTERM: the node flushes what no peer acknowledged yet to the peers it can
-        # reach (the mesh's outbox keeps a delta until acknowledged: its full state
-        # here, since the simulated network forgets what it drops)
-        final = old.collect_deltas()
-        full = old.full_state()
-        full.rules.update(final.rules)
-        data = self._encodable(replica, "full state", lambda: _encode(full))
-        for peer in range(self.n):
-            if peer != replica and not self._cut(peer, replica):
-                self.sent_seq += 1
-                self._deliver(peer, replica, data, self.sent_seq)
+        if not log_only:
+            # SIGTERM: the node flushes what no peer acknowledged yet to the peers it
+            # can reach (the mesh's outbox keeps a delta until acknowledged: its full
+            # state here, since the simulated network forgets what it drops)
+            final = old.collect_deltas()
+            full = old.full_state()
+            full.rules.update(final.rules)
+            data = self._encodable(replica, "full state", lambda: _encode(full))
+            for peer in range(self.n):
+                if peer != replica and not self._cut(peer, replica):
+                    self.sent_seq += 1
+                    self._deliver(peer, replica, data, self.sent_seq)
         if not snapshot:
             self._forget(replica)
         saved = self._encodable(replica, "snapshot", old.snapshot) if snapshot else None
+        if saved is not None and log_only:
+            self.result.log_restarts += 1
+            saved = _encode(msgspec.structs.replace(_decode_snapshot(saved), files={}))
         self.replica_rules[replica] = list(rules)
         self.restart(replica, saved)
         limiter = self.limiters[replica]
@@ -1754,7 +1775,8 @@ def files_simulation(seed: int, *, replicas: int | None = None) -> tuple[Simulat
     order += [rng.randrange(n) for _ in range(rng.choice((0, 0, 1)))]  # one restarted twice
     times = sorted(start + rng.randrange(duration) for _ in order)
     for at, replica in zip(times, order, strict=True):
-        sim.reload(at, replica, new_rules, snapshot=rng.random() < 0.6)
+        state = rng.random()  # a snapshot, only the write-ahead log, nothing
+        sim.reload(at, replica, new_rules, snapshot=state < 0.6, log_only=state < 0.25)
     for _ in range(rng.choice((0, 0, 0, 1))):
         rule = rng.choice(new_rules)
         target = rule.name if rng.random() < 0.5 else rng.choice(keys_of(keys, rule))
