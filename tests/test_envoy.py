@@ -653,3 +653,74 @@ def test_a_call_reset_in_the_same_read_as_its_end_leaves_the_connection_serving(
             sock.sendall(conn.data_to_send())
     assert answered[b"grpc-status"] == b"0"
     assert "Fatal error" not in node[0].stderr()
+
+
+def test_a_key_named_under_another_rule_gets_a_bucket_of_its_own(serve: Any) -> None:
+    """A caller naming a looser rule for a key the config gives to a stricter one (a
+    template's key, an Envoy descriptor's) is decided on that rule's own bucket
+    (``key%@<rule>``), never on the owner's under other limits. Before, the first rule
+    to create the bucket kept it: 7 × 200 for a rule of capacity 5 over HTTP, 8 × OK
+    over Envoy (hostile test)."""
+    port = free_port()
+    rules = [
+        {"name": "edge", "key": "unused3-{{ .Request.Query.c }}", "capacity": 5,
+         "refillRate": 0.001},
+        {"name": "big", "key": "bigk-{{ .Request.Query.c }}", "capacity": 10**6,
+         "refillRate": 0.001},
+        {"name": "small", "key": "small-{{ .Request.Header.X-User }}", "capacity": 5,
+         "refillRate": 0.001},
+    ]  # fmt: skip
+    server = serve(make_config(rules, envoyListen=f"127.0.0.1:{port}"))
+    with server.client() as client:
+        for key in ("small-victim", "edge:user=alice"):
+            taken = client.post("/v1/rate", json={"key": key, "rule": "big"})
+            assert taken.status_code == 200, taken.text
+            assert (taken.json()["key"], taken.json()["rule"]) == (key + "%@big", "big")
+        batch = client.post(
+            "/v1/rate/batch", json={"requests": [{"key": "small-victim", "rule": "big"}]}
+        )
+        assert batch.json()["results"][0]["key"] == "small-victim%@big", batch.text
+        codes = [
+            client.post("/v1/rate", headers={"X-User": "victim"}).status_code for _ in range(6)
+        ]
+        assert codes == [200] * 5 + [429]
+        # naming the owner is the owner's bucket (its 6th request: refused)
+        owner = client.post("/v1/rate", json={"key": "small-victim", "rule": "small"})
+        assert (owner.status_code, owner.json()["key"]) == (429, "small-victim")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)
+        stub = rls_pb2_grpc.RateLimitServiceStub(channel)
+        calls = [
+            stub.ShouldRateLimit(_request("edge", [("user", "alice")]), timeout=5) for _ in range(6)
+        ]
+    assert [c.overall_code for c in calls] == [RESPONSE.OK] * 5 + [RESPONSE.OVER_LIMIT]
+
+
+def test_a_rule_named_without_a_key_renders_it_or_is_refused(serve: Any) -> None:
+    """Without "key", "rule" names the rule whose template renders it (before, it was
+    ignored: the first rule matching rendered the key, and an unknown rule was not
+    refused)."""
+    rules = [
+        {"name": "small", "key": "small-{{ .Request.Query.user }}", "capacity": 5,
+         "refillRate": 0.001},
+        {"name": "per-ip", "key": "ip-{{ .Request.ClientIP }}", "capacity": 100,
+         "refillRate": 0.001},
+    ]  # fmt: skip
+    server = serve(make_config(rules))
+    with server.client() as client:
+        unknown = client.post("/v1/rate?user=x", json={"rule": "nope"})
+        assert (unknown.status_code, unknown.json()["field"]) == (400, "rule"), unknown.text
+        unknown = client.get("/v1/rate", params={"rule": "nope", "user": "x"})
+        assert (unknown.status_code, unknown.json()["field"]) == (400, "rule"), unknown.text
+        batch = client.post("/v1/rate/batch?user=x", json={"requests": [{"rule": "nope"}]})
+        assert batch.status_code == 400 and batch.json()["field"] == "requests[0].rule"
+        chosen = client.get("/v1/rate", params={"rule": "per-ip", "user": "x"})
+        assert (chosen.status_code, chosen.json()["rule"]) == (200, "per-ip"), chosen.text
+        assert chosen.json()["key"] == "ip-127.0.0.1"
+        body = client.post("/v1/rate?user=x", json={"rule": "per-ip"})
+        assert (body.json()["rule"], body.json()["key"]) == ("per-ip", "ip-127.0.0.1")
+        items = client.post("/v1/rate/batch?user=x", json={"requests": [{"rule": "per-ip"}, {}]})
+        keys = [r["key"] for r in items.json()["results"]]
+        assert keys == ["ip-127.0.0.1", "small-x"], items.text
+        first = client.post("/v1/rate", json={"rule": "small"})  # no ?user: small cannot
+        assert (first.status_code, first.json()["field"]) == (400, "user"), first.text

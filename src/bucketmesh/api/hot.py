@@ -244,6 +244,8 @@ class RateHot:
         if tokens < 0:
             return self.fallback(request)
         decider = state["decider"]
+        if self.given_rule is not None:  # the rule named renders or owns the key
+            return self.fallback(request)
         key = self.given_key
         rule: str | None
         if key is None:
@@ -263,10 +265,8 @@ class RateHot:
                 if template is not self.other:
                     self._remember(template, headers, key)
             rule = self.first_name
-        elif self.given_rule is None:
-            rule = None
         else:
-            return self.fallback(request)
+            rule = None
         if decider is not self.decider:
             self.decider, self.into = decider, getattr(decider, "acquire_into", None)
         into = self.into

@@ -39,7 +39,7 @@ from bucketmesh.core.limiter import (
     tally,
 )
 from bucketmesh.core.limits import LimitError, check_limits
-from bucketmesh.core.rules import KeyTemplate, Shadows, first_match
+from bucketmesh.core.rules import KeyTemplate, Shadows, first_match, key_of_rule, own_key
 from bucketmesh.http import wire
 from bucketmesh.http.auth import AdminAuth
 from bucketmesh.http.errors import JSON, ApiError, bad_request, body_error, require_json
@@ -452,6 +452,8 @@ class RatingApp:
         if tokens < 0:
             return self.rate_post_full(request)
         key = rate.key
+        if rate.rule is not None:  # the rule named renders or owns the key
+            return self.rate_post_full(request)
         if key is None:
             rules = self.decider.rules  # first_match inlined for the first rule
             key = (
@@ -463,10 +465,8 @@ class RatingApp:
                 rule = rules[0].name
             else:
                 key, rule = self._render_key(request)
-        elif rate.rule is None:
-            rule = None
         else:
-            return self.rate_post_full(request)
+            rule = None
         try:
             decision = self.decider.acquire(key, tokens, rule=rule)
         except LimiterError as error:
@@ -540,9 +540,9 @@ class RatingApp:
         if tokens < 0:
             raise bad_request(f"tokens must be >= 0, got {tokens}", "tokens")
         if key is None:
-            key, rule = self._render_key(request)
-        elif rule is not None and rule not in self.decider.rules_by_name:
-            raise bad_request(f"unknown rule {rule!r}", "rule")
+            key, rule = self._render_key(request, rule)
+        elif rule is not None:
+            key = self._key_of_rule(key, rule, "rule")
         if forward and self.forwarder is not None:  # to the key's owner, if another node
             owners_answer = self.forwarder.forward(request, key, rule, tokens, cache_key)
             if owners_answer is not None:
@@ -610,9 +610,31 @@ class RatingApp:
         response.headers = [*(response.headers or ()), ("X-Request-Id", request_id)]
         return response
 
-    def _render_key(self, request: Request) -> tuple[str, str]:
+    def _key_of_rule(self, key: str, rule: str, field: str) -> str:
+        """The bucket key of a key given with a rule named (``key_of_rule``: its own
+        bucket when another rule owns that text); 400 naming ``field`` for no rule."""
+        decider = self.decider
+        if rule not in decider.rules_by_name:
+            raise bad_request(f"unknown rule {rule!r}", field)
+        return key_of_rule(decider.rules, decider.rules_by_name, key, rule)
+
+    def _render_key(self, request: Request, rule: str | None = None) -> tuple[str, str]:
+        """The key of a request that gives none: rendered by the rule ``rule`` names,
+        else by the first rule whose template the request satisfies."""
         rules = self.decider.rules
         headers, query, client_ip = request.headers, request.query, request.client_ip
+        if rule is not None:
+            named = self.decider.rules_by_name.get(rule)
+            if named is None:
+                raise bad_request(f"unknown rule {rule!r}", "rule")
+            rendered = named.template.render(headers, query, client_ip)
+            if rendered is None:
+                missing = named.template.missing(headers, query, client_ip)
+                raise bad_request(
+                    f'rule {rule!r} needs {missing.detail}, and no "key" was given',
+                    missing.field or "key",
+                )
+            return own_key(rules, rendered, rule), rule
         found = first_match(rules, headers, query, client_ip)
         if found is not None:
             return found
@@ -668,6 +690,14 @@ class RatingApp:
                 if key is None or tokens < 0 or (rule is not None and rule not in rules_by_name):
                     key, rule = self._batch_item(request, index, item)
                 append(make(Ask, (key, tokens, rule)))
+        # a key given with a rule named that another rule owns: the named rule's own
+        # bucket (key_of_rule), as for one request; unchanged keys stay the same object
+        rules = self.decider.rules
+        for index, ask in enumerate(asks):
+            if ask[2] is not None:
+                mapped = key_of_rule(rules, rules_by_name, ask[0], ask[2])
+                if mapped is not ask[0]:
+                    asks[index] = tuple.__new__(Ask, (mapped, ask[1], ask[2]))
         # The decider checks every item before charging any: a bad item fails the
         # whole batch with nothing spent, atomic or not.
         try:
@@ -727,13 +757,15 @@ class RatingApp:
             raise bad_request(
                 f"tokens must be >= 0, got {item.tokens}", f"requests[{index}].tokens"
             )
+        if item.rule is not None and item.rule not in self.decider.rules_by_name:
+            raise bad_request(f"unknown rule {item.rule!r}", f"requests[{index}].rule")
         if item.key is None:
             try:
-                return self._render_key(request)
+                return self._render_key(request, item.rule)
             except ApiError as error:
                 error.field = f"requests[{index}].key"
                 raise
-        raise bad_request(f"unknown rule {item.rule!r}", f"requests[{index}].rule")
+        return item.key, item.rule
 
     @staticmethod
     def _batch_error(error: LimiterError) -> ApiError:

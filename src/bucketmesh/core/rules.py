@@ -22,6 +22,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal, Protocol, TypeAlias, get_args
+from urllib.parse import unquote
 
 import msgspec
 
@@ -40,10 +41,14 @@ __all__ = [
     "RuleError",
     "Shadows",
     "StoreFailurePolicy",
+    "descriptor_key",
+    "descriptor_rule_names",
     "escaper",
     "first_match",
     "hashed_value",
+    "key_of_rule",
     "own_key",
+    "owner_of",
     "parse_rate",
 ]
 
@@ -649,6 +654,73 @@ def first_match(
             return key, rule.name
         index += 1  # noqa: SIM113 - enumerate costs more on the hot path
     return None
+
+
+_escape_domain = escaper(":")
+_escape_entry = escaper(",=")
+
+
+def descriptor_key(domain: str, entries: Sequence[tuple[str, str]]) -> str:
+    """The bucket text of one Envoy descriptor: ``domain:k1=v1,k2=v2``, injective:
+    ``%`` and the separators are percent-escaped where they occur in the parts."""
+    return (
+        _escape_domain(domain)
+        + ":"
+        + ",".join(f"{_escape_entry(k)}={_escape_entry(v)}" for k, v in entries)
+    )
+
+
+def descriptor_rule_names(domain: str, keys: Sequence[str]) -> tuple[str, str]:
+    """The rule names that give a descriptor its limits, most specific first:
+    ``<domain>.<k1>.<k2>`` (its entry keys), then ``<domain>``."""
+    return domain + "." + ".".join(keys), domain
+
+
+def _descriptor_owner(key: str, rules_by_name: Mapping[str, Rule]) -> str | None:
+    """The rule an Envoy descriptor's bucket text ``key`` would be decided under (the
+    inverse of ``descriptor_key``), or None when ``key`` is no descriptor's text or no
+    rule names its descriptor."""
+    domain, colon, rest = key.partition(":")
+    if not colon or not domain or not rest:
+        return None
+    keys = []
+    for entry in rest.split(","):
+        name, equals, value = entry.partition("=")
+        if not equals or not name or "=" in value:
+            return None
+        keys.append(unquote(name, errors="surrogateescape"))
+    for candidate in descriptor_rule_names(unquote(domain, errors="surrogateescape"), keys):
+        if candidate in rules_by_name:
+            return candidate
+    return None
+
+
+def owner_of(rules: Sequence[Rule], rules_by_name: Mapping[str, Rule], key: str) -> str | None:
+    """The rule that owns the text ``key``, or None when none does: the rule a
+    ``%@<rule>`` suffix names (``QUALIFIER``), else the first rule whose template could
+    have produced it, else the rule an Envoy descriptor of that text is decided under
+    (``descriptor_key``). A request that names another rule for ``key`` is decided on
+    its own bucket (``key_of_rule``), never on the owner's."""
+    if QUALIFIER in key:
+        named = key.rpartition(QUALIFIER)[2]
+        if named in rules_by_name:
+            return named
+    for rule in rules:
+        if _claims(rule.template, key):
+            return rule.name
+    return _descriptor_owner(key, rules_by_name)
+
+
+def key_of_rule(
+    rules: Sequence[Rule], rules_by_name: Mapping[str, Rule], key: str, rule: str
+) -> str:
+    """The bucket key of rule ``rule`` for a key given as text (the API's ``"key"``
+    with ``"rule"``): ``key`` itself when no other rule owns that text (``owner_of``),
+    else ``key`` + QUALIFIER + ``rule``: a caller naming a looser rule for a key the
+    config gives to a stricter one (a template's, an Envoy descriptor's) gets a bucket
+    of its own, never the owner's under other limits."""
+    owner = owner_of(rules, rules_by_name, key)
+    return key if owner is None or owner == rule else key + QUALIFIER + rule
 
 
 def own_key(rules: Sequence[Rule], key: str, rule: str) -> str:

@@ -50,7 +50,7 @@ from google.protobuf.message import DecodeError
 from bucketmesh.core.bucket import Decision
 from bucketmesh.core.decisions import Decider
 from bucketmesh.core.limiter import BucketCapReached, InvalidTokens, KeyTooLong, check_key
-from bucketmesh.core.rules import Rule, escaper, own_key
+from bucketmesh.core.rules import Rule, descriptor_key, descriptor_rule_names, own_key
 from bucketmesh.http.tls import TlsContexts
 from bucketmesh.integrations.proto import rls_pb2
 from bucketmesh.telemetry.log import logger
@@ -70,25 +70,6 @@ MAX_DESCRIPTORS = 64
 
 class BadRequest(ValueError):
     """A request Envoy would never send; answered INVALID_ARGUMENT naming the field."""
-
-
-_escape_domain = escaper(":")
-_escape_entry = escaper(",=")
-
-
-def descriptor_key(domain: str, entries: list[tuple[str, str]]) -> str:
-    """The bucket text of one descriptor: ``domain:k1=v1,k2=v2``, injective: ``%``
-    and the separators are percent-escaped where they occur in the parts."""
-    return (
-        _escape_domain(domain)
-        + ":"
-        + ",".join(f"{_escape_entry(k)}={_escape_entry(v)}" for k, v in entries)
-    )
-
-
-def rule_names(domain: str, entries: list[tuple[str, str]]) -> tuple[str, str]:
-    """The rule names that give a descriptor its limits, most specific first."""
-    return domain + "." + ".".join(k for k, _ in entries), domain
 
 
 def _current_limit(decision: Decision) -> Any:
@@ -147,7 +128,8 @@ def parse(
             raise BadRequest(f"descriptors[{index}].entries must not be empty")
         if any(not k for k, _ in entries):
             raise BadRequest(f"descriptors[{index}].entries: a key must not be empty")
-        rule = next((n for n in rule_names(domain, entries) if n in rules_by_name), None)
+        names = descriptor_rule_names(domain, [k for k, _ in entries])
+        rule = next((n for n in names if n in rules_by_name), None)
         key = descriptor_key(domain, entries)
         if rule is not None:
             key = own_key(rules, key, rule)
