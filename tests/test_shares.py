@@ -13,11 +13,13 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bucketmesh.core.bucket import NS_PER_S, interval_for
-from bucketmesh.core.limiter import DeltaBatch, Limiter
+from bucketmesh.core.decisions import Ask
+from bucketmesh.core.limiter import DeltaBatch, InvalidTokens, Limiter
 from bucketmesh.core.rules import Rule
 from bucketmesh.core.shares import (
     SCALE,
@@ -333,3 +335,20 @@ def test_rights_received_arrive_without_tokens_but_a_bucket_that_expired_full_ha
     c.expire(later + 5 * NS_PER_S)
     assert "k-1" not in c.buckets
     assert c.inspect("k-1", now=later + 5 * NS_PER_S).level(later + 5 * NS_PER_S) == 15
+
+
+def test_tokens_above_a_strict_keys_whole_limit_are_refused_naming_that_limit() -> None:
+    """A region's share (here 10 of 30) grows toward demand up to the whole limit: an
+    ask between the two is a denial, and one above the whole limit is a bad request
+    whose message names the whole limit (it named the share)."""
+    limiter = three_regions(capacity=30)["a"]
+    denied = limiter.acquire("k-1", 20)
+    assert not denied.allowed and denied.capacity == 10
+    for ask in (limiter.acquire, lambda key, tokens: limiter.acquire_many([Ask(key, tokens)])):
+        with pytest.raises(InvalidTokens, match="the capacity 30, got 31") as refused:
+            ask("k-1", 31)
+        assert refused.value.capacity == 30
+    with pytest.raises(InvalidTokens, match="the capacity 30, got -1"):
+        limiter.acquire("k-2", -1)
+    with pytest.raises(InvalidTokens, match="the capacity 30, got 31"):
+        limiter.acquire("k-3", 31)  # a key without a bucket yet

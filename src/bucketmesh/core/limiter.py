@@ -496,10 +496,7 @@ class Limiter:
                 if journal is not None:
                     journal.keys.add(key)
         elif tokens > decision.capacity and not self._within_whole(key, bucket, tokens):
-            raise InvalidTokens(
-                f"tokens must be between 0 and the capacity {decision.capacity}, got {tokens}",
-                decision.capacity,
-            )
+            raise self._too_many(key, bucket, tokens)
         return decision
 
     def _first_dirty(self) -> None:
@@ -527,20 +524,14 @@ class Limiter:
     def _acquire_new(self, key: str, tokens: int, rule: str | None, now: int) -> Decision:
         """``acquire`` of a key without a live bucket, or of a bad ``tokens``."""
         if tokens < 0:
-            capacity = self.inspect(key, rule=rule, now=now).config.capacity
-            raise InvalidTokens(
-                f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
-            )
+            raise self._too_many(key, self.inspect(key, rule=rule, now=now), tokens)
         if not tokens:
             # A peek at an unknown key sees a full bucket and creates nothing,
             # so reads cannot fill the bucket cap.
             return self._fresh(key, rule, now).acquire(key, 0, now)
         fresh = self._fresh(key, rule, now)
-        capacity = fresh.config.capacity
-        if tokens > capacity and not self._within_whole(key, fresh, tokens):
-            raise InvalidTokens(
-                f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
-            )
+        if tokens > fresh.config.capacity and not self._within_whole(key, fresh, tokens):
+            raise self._too_many(key, fresh, tokens)
         self._create(key, rule, now)
         # the plain acquire, also while the recovery gate is up (which called it)
         return self._acquire_open(key, tokens, None, now)
@@ -581,14 +572,11 @@ class Limiter:
                         f"key {key!r} is asked for under rules {named!r} and {bucket.rule!r}; "
                         "a key has one bucket, under one rule"
                     )
-                capacity = bucket.config.capacity
                 if tokens < 0 or (
-                    tokens > capacity and not self._within_whole(key, bucket, tokens)
+                    tokens > bucket.config.capacity
+                    and not self._within_whole(key, bucket, tokens)
                 ):
-                    raise InvalidTokens(
-                        f"tokens must be between 0 and the capacity {capacity}, got {tokens}",
-                        capacity,
-                    )
+                    raise self._too_many(key, bucket, tokens)
             except LimiterError as error:
                 raise error.at(index) from None
             previous = wanted.get(key)
@@ -1275,6 +1263,17 @@ class Limiter:
         config = self.rule_configs[rule]
         own = self.key_configs.get(key)
         return own if own is not None and own.version > config.version else config
+
+    def _too_many(self, key: str, bucket: Bucket, tokens: int) -> InvalidTokens:
+        """The refusal of ``tokens`` beyond what ``key`` can ever take, naming that bound:
+        a strict key's whole limit when its rights move between regions (its share
+        grows toward demand, up to the whole), else its bucket's capacity."""
+        capacity = bucket.config.capacity
+        if self.share_region is not None and bucket.config.mode == STRICT:
+            capacity = self._whole(key, bucket.rule).capacity
+        return InvalidTokens(
+            f"tokens must be between 0 and the capacity {capacity}, got {tokens}", capacity
+        )
 
     def _within_whole(self, key: str, bucket: Bucket, tokens: int) -> bool:
         """A strict key's share is below ``tokens`` but its whole limit is not: a
