@@ -680,6 +680,12 @@ def test_a_key_named_under_another_rule_gets_a_bucket_of_its_own(serve: Any) -> 
             "/v1/rate/batch", json={"requests": [{"key": "small-victim", "rule": "big"}]}
         )
         assert batch.json()["results"][0]["key"] == "small-victim%@big", batch.text
+        # the state of that key and rule is the bucket those decisions spent
+        read = client.get("/v1/bucket/state", params={"key": "small-victim", "rule": "big"})
+        assert (read.json()["key"], read.json()["tokens_remaining"]) == (
+            "small-victim%@big",
+            10**6 - 2,
+        )
         codes = [
             client.post("/v1/rate", headers={"X-User": "victim"}).status_code for _ in range(6)
         ]

@@ -981,7 +981,12 @@ class RatingApp:
 
     def bucket_state(self, request: Request) -> Answer:
         key = request.query.get("key") or self._default_state_key(request)
-        return self._bucket_answer(key, request.query.get("rule") or None)
+        rule = request.query.get("rule") or None
+        decider = self.decider
+        if rule is not None and rule in decider.rules_by_name:
+            # the bucket POST /v1/rate decides for this key and rule (key_of_rule)
+            key = key_of_rule(decider.rules, decider.rules_by_name, key, rule)
+        return self._bucket_answer(key, rule)
 
     def _default_state_key(self, request: Request) -> str:
         """The key a bare GET /v1/bucket/state reads: defaultStateKey rendered from it."""
