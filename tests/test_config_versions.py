@@ -113,3 +113,22 @@ def test_a_node_killed_before_its_first_snapshot_keeps_its_file_versions(
         state = client.get("/v1/bucket/state", params={"key": "k", "rule": "r"}).json()
         # the level kept (97), capped at the new capacity
         assert (state["capacity"], state["tokens_remaining"]) == (50, 50), state
+
+
+def test_an_edited_file_killed_before_its_next_snapshot_keeps_the_new_version(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    """The snapshot records the old limits; the edited file's load is in the log only:
+    a restart with the edited file keeps the version of that load (it restamped it)."""
+    storage = {"snapshot": str(tmp_path / "state.snap"), "snapshotInterval": 3_600_000}
+    node = serve(make_config([rule(100)], storage=storage))
+    assert node.stop(signal.SIGTERM) == 0  # a snapshot of the old limits
+    assert (tmp_path / "state.snap").exists()
+    node = serve(make_config([rule(50)], storage=storage))
+    with node.client() as client:
+        edited = client.get("/v1/buckets/r").json()["version"]
+        assert grants(client, "k", 1) == 1  # the log's opening group goes out with it
+    assert node.stop(signal.SIGKILL) != 0
+    node = serve(make_config([rule(50)], storage=storage))
+    with node.client() as client:
+        assert client.get("/v1/buckets/r").json()["version"] == edited

@@ -306,6 +306,8 @@ def test_the_charts_memory_pods_find_each_other_in_the_headless_services_dns(
         config = yaml.safe_load(files["bucketmesh.yaml"])
         config["buckets"] = yaml.safe_load(files["buckets.yaml"])["buckets"]
         config["storage"]["snapshot"] = str(tmp_path / f"{pod}.snap")
+        # the reserved listener: a port of each pod's own (each pod has its own address)
+        config["adminListen"] = f"127.0.0.1:{free_port()}"
         config["sync"]["discovery"]["resolver"] = f"127.0.0.1:{dns_port}"  # the cluster's DNS
         env = {
             "BUCKETMESH_NODE": pod,

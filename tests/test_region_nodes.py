@@ -135,6 +135,10 @@ def test_the_charts_memory_rendering_of_two_pods_per_region_boots_one_mesh(
             config = yaml.safe_load(files["bucketmesh.yaml"])
             config["buckets"] = yaml.safe_load(files["buckets.yaml"])["buckets"]
             config["storage"]["snapshot"] = str(tmp_path / f"{region}.{pod}.snap")
+            # the reserved listener (the sync Service's target): a port of each pod's
+            # own here, as each pod has an address of its own in a cluster
+            assert config["adminListen"] == "0.0.0.0:8090"
+            config["adminListen"] = f"127.0.0.1:{free_port()}"
             dns = {  # the headless Service's names → loopback
                 f"http://{p}.bucketmesh-headless.bm.svc:8080": f"http://127.0.0.1:{ports[f'{region}.{p}']}"
                 for p in pods

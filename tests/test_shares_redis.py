@@ -457,3 +457,37 @@ def test_redis_losing_its_data_never_lets_the_region_spend_rights_it_gave_away(
     share = int(store.hget(share_hash, "c") or 0)
     assert share <= capacity * held + 1, (share, held)
     store.close()
+
+
+def test_tokens_above_a_strict_keys_whole_limit_are_refused_naming_it_on_redis(
+    redis_server: Any,
+) -> None:
+    """As on the embedded store: a Redis region's share (50 of 100) may grow to the
+    whole limit, so an ask above the share is a denial and one above the limit a bad
+    request naming the limit (it named the share)."""
+    import asyncio
+
+    from bucketmesh.core.limiter import InvalidTokens
+    from bucketmesh.core.rules import Rule
+    from bucketmesh.storage.redis_backend import RedisBackend
+
+    rule = Rule.create("s-{{ .Request.Query.u }}", 100, 1.0, name="s", mode="strict")
+
+    async def pulled() -> bool:
+        return True
+
+    async def run() -> None:
+        backend = RedisBackend([rule], region="B", node="b1", url=redis_server.url, timeout_s=5)
+        await backend._rejoin()
+        backend.up = True
+        backend.enable_shares(("A", "B"), "b1", lambda: False, pulled)
+        try:
+            denied = await backend.acquire("s-1", 60)
+            assert not denied.allowed
+            with pytest.raises(InvalidTokens, match="the capacity 100, got 101") as refused:
+                await backend.acquire("s-1", 101)
+            assert refused.value.capacity == 100
+        finally:
+            await backend.stop()
+
+    asyncio.run(run())

@@ -20,7 +20,7 @@ import functools
 import re
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
     from bucketmesh.api.forward import Forwarder
 
 MAX_BATCH = 1000
+#: (key, rule) pairs remembered per rule by ``RatingApp._owned_key`` before a clear
+MAX_OWNED_KEYS = 100_000
 #: How long a retry waits for another node of the region to answer the first copy.
 IDEMPOTENCY_WAIT_S = 10.0
 _SHADOW_FIELD = b',"shadow":"' + SHADOW_VALUE.encode() + b'"'
@@ -170,6 +172,8 @@ class RatingApp:
         # an unnamed rule by the name its template shows, where making that ASCII changed
         # it: "agent\u2011api\u2011key" for agent-api-key of "agent\u2011api\u2011key-{{…}}"
         names = decider.rules_by_name
+        #: rule -> key -> its bucket key under that rule (``_owned_key``)
+        self._owned: dict[str, dict[str, str]] = {}
         self.rule_aliases = {
             rule.template.shown_name: rule.name
             for rule in decider.rules
@@ -613,10 +617,42 @@ class RatingApp:
     def _key_of_rule(self, key: str, rule: str, field: str) -> str:
         """The bucket key of a key given with a rule named (``key_of_rule``: its own
         bucket when another rule owns that text); 400 naming ``field`` for no rule."""
-        decider = self.decider
-        if rule not in decider.rules_by_name:
+        if rule not in self.decider.rules_by_name:
             raise bad_request(f"unknown rule {rule!r}", field)
-        return key_of_rule(decider.rules, decider.rules_by_name, key, rule)
+        return self._owned_key(key, rule)
+
+    def _owned_key(self, key: str, rule: str) -> str:
+        """``key_of_rule`` of a known ``rule``, remembered per rule (the rules' templates
+        are fixed for the process: the answer never changes)."""
+        known = self._owned.get(rule)
+        if known is None:
+            known = self._owned[rule] = {}
+        found = known.get(key)
+        if found is None:
+            decider = self.decider
+            found = key_of_rule(decider.rules, decider.rules_by_name, key, rule)
+            if len(known) >= MAX_OWNED_KEYS:
+                known.clear()
+            known[key] = found
+        return found
+
+    def _keys_stay(self, items: Sequence[wire.RateRequest]) -> bool:
+        """Whether every item's key is its bucket key (``_owned_key``): the columns path
+        decides the keys as given."""
+        owned = self._owned
+        for item in items:
+            rule = item.rule
+            key = item.key
+            if rule is not None and key is not None:
+                known = owned.get(rule)
+                found = known.get(key) if known is not None else None
+                if found is None:
+                    if rule not in self.decider.rules_by_name:
+                        return False  # refused by the general path, naming the item
+                    found = self._owned_key(key, rule)
+                if found != key:
+                    return False
+        return True
 
     def _render_key(self, request: Request, rule: str | None = None) -> tuple[str, str]:
         """The key of a request that gives none: rendered by the rule ``rule`` names,
@@ -672,7 +708,7 @@ class RatingApp:
             raise bad_request(
                 f"at most {MAX_BATCH} requests per batch, got {len(items)}", "requests"
             )
-        if not batch.atomic and self.audit is None:
+        if not batch.atomic and self.audit is None and self._keys_stay(items):
             # the common case (every item names a live bucket): decided by the core as
             # columns and rendered from them, with no Ask nor Decision per item
             columns = self.decider.acquire_columns(items)
@@ -691,12 +727,11 @@ class RatingApp:
                     key, rule = self._batch_item(request, index, item)
                 append(make(Ask, (key, tokens, rule)))
         # a key given with a rule named that another rule owns: the named rule's own
-        # bucket (key_of_rule), as for one request; unchanged keys stay the same object
-        rules = self.decider.rules
+        # bucket (key_of_rule), as for one request
         for index, ask in enumerate(asks):
             if ask[2] is not None:
-                mapped = key_of_rule(rules, rules_by_name, ask[0], ask[2])
-                if mapped is not ask[0]:
+                mapped = self._owned_key(ask[0], ask[2])
+                if mapped != ask[0]:
                     asks[index] = tuple.__new__(Ask, (mapped, ask[1], ask[2]))
         # The decider checks every item before charging any: a bad item fails the
         # whole batch with nothing spent, atomic or not.
@@ -985,7 +1020,7 @@ class RatingApp:
         decider = self.decider
         if rule is not None and rule in decider.rules_by_name:
             # the bucket POST /v1/rate decides for this key and rule (key_of_rule)
-            key = key_of_rule(decider.rules, decider.rules_by_name, key, rule)
+            key = self._owned_key(key, rule)
         return self._bucket_answer(key, rule)
 
     def _default_state_key(self, request: Request) -> str:

@@ -573,8 +573,7 @@ class Limiter:
                         "a key has one bucket, under one rule"
                     )
                 if tokens < 0 or (
-                    tokens > bucket.config.capacity
-                    and not self._within_whole(key, bucket, tokens)
+                    tokens > bucket.config.capacity and not self._within_whole(key, bucket, tokens)
                 ):
                     raise self._too_many(key, bucket, tokens)
             except LimiterError as error:
@@ -1169,13 +1168,14 @@ class Limiter:
         restamped = []
         for rule in self.rules:
             known = self.file_versions.get(rule.name)
-            if known is None:
-                # no snapshot record (a node killed before its first snapshot, replayed
-                # from its write-ahead log): the file config in effect, logged or heard
-                # from a peer, is a load of these very limits if its digest says so
-                known = _loaded_file_version(self.rule_configs[rule.name].version, rule)
-                if known is not None:
-                    self.file_versions[rule.name] = known
+            if known is None or not known[1].endswith(":" + rule_digest(rule)):
+                # no snapshot record of these limits (a node killed before its first
+                # snapshot, or before the first one after an edit, replayed from its
+                # write-ahead log): the file config in effect, logged or heard from a
+                # peer, is a load of these very limits if its digest says so
+                loaded = _loaded_file_version(self.rule_configs[rule.name].version, rule)
+                if loaded is not None:
+                    known = self.file_versions[rule.name] = loaded
             if known is None or not known[1].endswith(":" + rule_digest(rule)):
                 known = file_version(rule, self.hlc.tick(now))
                 self.file_versions[rule.name] = known
@@ -1932,6 +1932,10 @@ class Limiter:
             return
         self.hlc.observe(config.version[0])
         self.rule_configs[name] = config
+        if self.journal is not None:
+            # logged as a PATCH here is: a node restarted from its log alone knows the
+            # newest file load of these limits and keeps it (``stamp_file_rules``)
+            self.journal.rules.add(name)
         self._adopt_rule(name, current, config, now)
 
     def _compact(self, bucket: Bucket) -> Bucket:

@@ -84,6 +84,15 @@ def _current_limit(decision: Decision) -> Any:
     return _Limit(name=decision.rule, requests_per_unit=round(per_unit), unit=unit)
 
 
+#: What h2 raises when an answer goes to a stream the client reset: a stream it still
+#: knows as closed, or one it already forgot (a reset read with the request's end, then
+#: answered: h2 takes the answer for a new stream). Other protocol errors are bugs.
+_GONE: Final = (
+    h2.exceptions.NoSuchStreamError,
+    h2.exceptions.StreamIDTooLowError,
+    h2.exceptions.TooManyStreamsError,
+)
+
 #: ``limit_remaining`` is a uint32 in the proto; a bucket may hold more (capacity up
 #: to 2^53 - 1): it reads as the most the field holds
 _MAX_REMAINING: Final = 2**32 - 1
@@ -566,7 +575,7 @@ class GrpcConnection(asyncio.Protocol):
             else:  # the client's window is shut: wait for its WINDOW_UPDATE
                 stream.outbox = (data, _OK_TRAILERS)
                 self.streams[stream_id] = stream
-        except h2.exceptions.ProtocolError:
+        except _GONE:
             pass  # the client reset it meanwhile (h2 may have forgotten it already)
 
     def _window_opened(self, stream_id: int) -> None:
@@ -592,7 +601,7 @@ class GrpcConnection(asyncio.Protocol):
                     stream.outbox = (data, trailers)
                     continue
                 conn.send_headers(sid, trailers, end_stream=True)
-            except h2.exceptions.ProtocolError:
+            except _GONE:
                 pass  # reset by the client meanwhile
             self.streams.pop(sid, None)
         self._maybe_close()
@@ -611,12 +620,12 @@ class GrpcConnection(asyncio.Protocol):
             (b"grpc-message", encode_message(message)),
             *extra,
         ]
-        with contextlib.suppress(h2.exceptions.ProtocolError):  # reset meanwhile
+        with contextlib.suppress(*_GONE):  # reset meanwhile
             self.conn.send_headers(stream_id, headers, end_stream=True)
 
     def _refuse_http(self, stream_id: int, status: bytes) -> None:
         """Not a gRPC request: an HTTP status (as gRPC servers answer them)."""
-        with contextlib.suppress(h2.exceptions.ProtocolError):  # reset meanwhile
+        with contextlib.suppress(*_GONE):  # reset meanwhile
             self.conn.send_headers(stream_id, ((b":status", status),), end_stream=True)
 
     def _reset(self, stream_id: int) -> None:

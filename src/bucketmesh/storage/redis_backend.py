@@ -1507,7 +1507,11 @@ class RedisBackend:
                 _settle(future, self._refusal(ask))
                 return
         if verdict.status == INVALID_TOKENS:
-            _settle(future, _invalid(ask.tokens, verdict.capacity))
+            # above what the key can ever take: its whole limit when its rights move
+            # between regions (as the embedded store names it), else its capacity here
+            whole = ask.shares and self.shares is not None
+            capacity = self._whole_capacity(ask) if whole else verdict.capacity
+            _settle(future, _invalid(ask.tokens, capacity))
             return
         if verdict.status == ALLOWED:
             if ask.tokens and ask.rule in self.tracked:

@@ -615,15 +615,37 @@ class Simulation:
         if not snapshot:
             self._forget(replica)
         saved = self._encodable(replica, "snapshot", old.snapshot) if snapshot else None
+        restored: dict[str, BucketConfig] = {}
         if saved is not None and log_only:
             self.result.log_restarts += 1
-            saved = _encode(msgspec.structs.replace(_decode_snapshot(saved), files={}))
+            image = _decode_snapshot(saved)
+            saved = _encode(msgspec.structs.replace(image, files={}))
+            restored = image.rules
+        before = {rule.name: rule_digest(rule) for rule in self.replica_rules[replica]}
         self.replica_rules[replica] = list(rules)
         self.restart(replica, saved)
         limiter = self.limiters[replica]
         local = self.local_time(replica)
         limiter.stamp_file_rules(local)
         limiter.rescale_shares(local)
+        for rule in rules:
+            # a restart from the log alone with the limits this node ran, whose config
+            # in effect is a load of those limits, keeps it (no adoption anywhere)
+            config = restored.get(rule.name)
+            digest = rule_digest(rule)
+            if (
+                config is not None
+                and before.get(rule.name) == digest
+                and config.version[0] == 0
+                and config.version[1].endswith(":" + digest)
+                and ":" + "0" * 20 + ":" not in config.version[1]
+                and limiter.rule_configs[rule.name] != config
+            ):
+                self._fail(
+                    "a restart with unchanged limits keeps their version",
+                    f"r{replica} restarted from its log with rule {rule.name!r} unchanged: "
+                    f"{config.version} became {limiter.rule_configs[rule.name].version}",
+                )
         if saved is None:
             limiter.begin_recovery(local, shared=True)
         pulled = False
