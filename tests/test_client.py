@@ -149,11 +149,8 @@ def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
         Client("ftp://example.com")
     with pytest.raises(ValueError, match="on_unavailable"):
         Client("http://127.0.0.1:1", on_unavailable="maybe")  # type: ignore[arg-type]
-    with Client("http://127.0.0.1:1") as c:
-        with pytest.raises(TypeError, match="tokens"):
-            c.rate("k", tokens=1.5)  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="rule"):
-            c.rate({"X-API-Key": "a"}, rule="r")
+    with Client("http://127.0.0.1:1") as c, pytest.raises(TypeError, match="tokens"):
+        c.rate("k", tokens=1.5)  # type: ignore[arg-type]
 
 
 def test_a_header_or_key_http_cannot_carry_is_the_callers_error_not_a_dead_node(
@@ -589,3 +586,13 @@ def test_coalesced_batches_stay_under_the_nodes_body_limit(node: Server) -> None
     decisions, c = asyncio.run(main())
     assert [d.key for d in decisions] == keys and all(d.allowed for d in decisions)
     assert c.stats.coalesced == 300 and c.stats.batches >= 5
+
+
+def test_headers_with_a_rule_are_rendered_by_that_rule(client: Client) -> None:
+    """Headers that satisfy several rules: without ``rule`` the first renders the key,
+    with it the rule named does (before, the client refused the pair)."""
+    headers = {"X-API-Key": "client-rule-test", "X-User": "client-rule-test"}
+    first = client.rate(headers)
+    assert first.rule == "agent-api-key"  # the seed rule, first
+    named = client.rate(headers, rule="slow")
+    assert (named.rule, named.key) == ("slow", "slow-client-rule-test")

@@ -5,7 +5,7 @@
     from bucketmesh.client import Client
 
     with Client("http://127.0.0.1:8080") as client:
-        decision = client.rate("agent-api-key-my-agent-key")
+        decision = client.rate({"X-API-Key": "my-agent-key"})  # the node renders the key
         if decision.allowed:
             ...
 

@@ -333,8 +333,9 @@ def checked_tokens(tokens: int) -> int:
 
 
 def rate_call(key: KeyOrHeaders, tokens: int, rule: str | None, idempotency_key: str) -> Call:
-    """``POST /v1/rate``: a bucket key (with its rule), or the request headers the
-    node's rules render the key from."""
+    """``POST /v1/rate``: a bucket key (with the rule whose limits apply), or the
+    request headers the node's rules render the key from (with the rule that renders
+    it; by default the first whose template the headers satisfy)."""
     tokens = checked_tokens(tokens)
     if isinstance(key, str):
         body = encode(Item(key=checked_text(key, "key"), rule=rule, tokens=tokens))
@@ -347,9 +348,8 @@ def rate_call(key: KeyOrHeaders, tokens: int, rule: str | None, idempotency_key:
         )
     if not isinstance(key, Mapping):
         raise TypeError(f"rate() takes a bucket key (str) or request headers, got {key!r}")
-    if rule is not None:
-        raise TypeError("rule= goes with a bucket key; with headers the node's rules choose")
-    body = encode(Item(tokens=tokens))
+    # with headers, ``rule`` names the rule whose template renders the key from them
+    body = encode(Item(rule=rule, tokens=tokens))
     return Call("POST", "/v1/rate", content=body, headers=_json_headers(idempotency_key, key))
 
 

@@ -89,7 +89,11 @@ def add_parsers(sub: Any) -> None:
     )
     rate.add_argument("key", help="the bucket key")
     rate.add_argument("--tokens", type=_positive_int, default=1)
-    rate.add_argument("--rule", help="the rule whose limits apply (when no template makes KEY)")
+    rate.add_argument(
+        "--rule",
+        help="the rule whose limits apply (when no template makes KEY; another rule than "
+        "the one that owns KEY decides on its own bucket, KEY%%@RULE)",
+    )
     rate.add_argument(
         "--wait",
         type=_seconds,

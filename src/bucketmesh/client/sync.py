@@ -144,8 +144,10 @@ class Client:
         idempotency_key: str | None = None,
     ) -> Decision:
         """Take ``tokens`` from a bucket: ``key`` is the bucket key (``rule`` names its
-        rule when no template produces it), or a mapping of request headers the node's
-        rules render the key from. Retried safely (one Idempotency-Key for every
+        rule when no template produces it; naming another rule than the one that owns
+        the key's text decides on that rule's own bucket, ``<key>%@<rule>``), or a
+        mapping of request headers the node's rules render the key from (``rule``: the
+        rule that renders it). Retried safely (one Idempotency-Key for every
         attempt). A denial is a ``Decision`` with ``allowed=False``; with ``wait=True``
         the client sleeps ``retry_after`` and asks again until ``timeout`` seconds
         (default: the retry budget) have passed.

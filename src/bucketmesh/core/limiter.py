@@ -1785,8 +1785,11 @@ class Limiter:
             bucket = buckets.get(key)
             if bucket is not None and bucket.config.mode == SHARED:
                 deltas.append(bucket.full_state(key, rid))
-        known = self.key_configs.keys() | self.ledgers.keys()
-        strict = known if keys is None else set(keys) & known
+        key_configs, ledgers = self.key_configs, self.ledgers
+        if keys is None:
+            strict: Iterable[str] = key_configs.keys() | ledgers.keys()
+        else:  # per key of the slice: a slice costs its own size, not every strict key's
+            strict = {key for key in keys if key in key_configs or key in ledgers}
         for key in strict:
             held = buckets.get(key)
             rule = held.rule if held else self._rule_name(key)
