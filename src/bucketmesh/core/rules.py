@@ -705,10 +705,15 @@ def owner_of(rules: Sequence[Rule], rules_by_name: Mapping[str, Rule], key: str)
         named = key.rpartition(QUALIFIER)[2]
         if named in rules_by_name:
             return named
+    return _template_owner(rules, key) or _descriptor_owner(key, rules_by_name)
+
+
+def _template_owner(rules: Sequence[Rule], key: str) -> str | None:
+    """The first rule whose template could have produced ``key``, or None."""
     for rule in rules:
         if _claims(rule.template, key):
             return rule.name
-    return _descriptor_owner(key, rules_by_name)
+    return None
 
 
 def key_of_rule(
@@ -728,10 +733,8 @@ def own_key(rules: Sequence[Rule], key: str, rule: str) -> str:
     Envoy descriptor): as it is, unless the template of another rule could have
     produced it (the first such rule owns that text), then key + QUALIFIER + ``rule``.
     ``key`` must hold no QUALIFIER (escape ``%`` in what it is built from)."""
-    for candidate in rules:
-        if _claims(candidate.template, key):
-            return key if candidate.name == rule else key + QUALIFIER + rule
-    return key
+    owner = _template_owner(rules, key)
+    return key if owner is None or owner == rule else key + QUALIFIER + rule
 
 
 class Shadows:
