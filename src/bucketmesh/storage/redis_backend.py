@@ -1684,7 +1684,7 @@ class RedisBackend:
     async def _merge_mirror(self) -> None:
         """Join the mirror's copy of the region state into Redis, ``MIRROR_SLICE`` keys
         at a time: the whole mirror encoded in one piece stopped the node for as long as
-        its size (1.15 s for 200,000 keys, benchmarks/patch_stall.py --redis)."""
+        its size (3.7 s for 1,000,000 keys, benchmarks/patch_stall.py --redis)."""
         keys = self.mirror.state_keys()
         for first in range(0, len(keys), MIRROR_SLICE):
             state = self.mirror.full_state(keys[first : first + MIRROR_SLICE]).deltas
