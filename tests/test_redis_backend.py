@@ -1157,3 +1157,23 @@ def test_a_key_asked_under_a_named_rule_then_under_its_own_gets_each_rule() -> N
         ("own", 10),
         ("other", 5),
     ]
+
+
+def test_a_live_key_no_template_makes_is_decided_under_its_rule_without_one(
+    redis_server: Any,
+) -> None:
+    """A key no template produces, created under a rule named then: a later request
+    giving only the key is decided under its bucket's rule, as on the embedded store
+    (a Redis node answered 400 "no rule matches key" while a memory node decided)."""
+
+    async def run() -> list[tuple[str, int]]:
+        backend = await _joined(_backend(redis_server.url, capacity=10))
+        try:
+            first = await settle(backend.acquire("zz4", 1, rule="r"))
+            await backend.refresh(["zz4"])  # read back into the mirror, as after a grant
+            second = await settle(backend.acquire("zz4", 1))
+            return [(first.rule, first.tokens_remaining), (second.rule, second.tokens_remaining)]
+        finally:
+            await backend.stop()
+
+    assert asyncio.run(run()) == [("r", 9), ("r", 8)]

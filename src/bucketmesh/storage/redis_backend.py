@@ -1214,8 +1214,14 @@ class RedisBackend:
         self, key: str, rule_name: str | None, tokens: int, group: int = 0, request: int = 0
     ) -> Ask:
         limiter = self.mirror.limiter
-        rule = limiter.resolve_rule(key, rule_name)
         buckets = limiter.buckets
+        held = buckets.get(key) if rule_name is None else None
+        if held is not None and held.rule in limiter.rules_by_name:
+            # a live bucket decides under its rule, as the embedded store's does (a key
+            # no template produces, created under a rule named then)
+            rule = limiter.rules_by_name[held.rule]
+        else:
+            rule = limiter.resolve_rule(key, rule_name)
         if key not in buckets:
             check_key(key)
             if (
