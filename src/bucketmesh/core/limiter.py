@@ -1172,14 +1172,13 @@ class Limiter:
                 # no snapshot record of these limits (a node killed before its first
                 # snapshot, or before the first one after an edit, replayed from its
                 # write-ahead log): the file config in effect, logged or heard from a
-                # peer, is a load of these very limits if its digest says so
-                loaded = _loaded_file_version(self.rule_configs[rule.name].version, rule)
-                if loaded is not None:
-                    known = self.file_versions[rule.name] = loaded
-            if known is None or not known[1].endswith(":" + rule_digest(rule)):
-                known = file_version(rule, self.hlc.tick(now))
+                # peer, is a load of these very limits if its digest says so; else
+                # this is a new load
+                known = _loaded_file_version(self.rule_configs[rule.name].version, rule)
+                if known is None:
+                    known = file_version(rule, self.hlc.tick(now))
+                    restamped.append(rule.name)
                 self.file_versions[rule.name] = known
-                restamped.append(rule.name)
             config = msgspec.structs.replace(rule_config(rule), version=known)
             if config.version > self.rule_configs[rule.name].version:
                 self.rule_configs[rule.name] = config
